@@ -1,0 +1,26 @@
+"""Where the bundled Shapes-world models live, and the defaults that point at them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS_DIR = Path(os.environ.get("NPEDIT_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+SHAPES_DIR = ASSETS_DIR / "shapes"
+DEFAULT_MODEL = SHAPES_DIR / "editor"  # NPEditPipeline layout
+DEFAULT_JUDGE = SHAPES_DIR / "judge"
+DEFAULT_TEACHER = SHAPES_DIR / "teacher"  # text-to-image base: teacher transformer, VAE, text encoder
+
+
+def default_path(kind: str, given: str | None) -> str:
+    """`given`, else the bundled default of `kind` ("model" or "judge"), else a one-line error saying what to pass."""
+    if given:
+        return given
+    path = {"model": DEFAULT_MODEL, "judge": DEFAULT_JUDGE}[kind]
+    if (path / ("model_index.json" if kind == "model" else "config.json")).is_file():
+        return str(path)
+    flag = "--model" if kind == "model" else "--judge"
+    raise SystemExit(
+        f"error: no {kind} given and the bundled Shapes-world {kind} is not in {path}; "
+        f"pass {flag} DIR_OR_ID (a folder saved by save_pretrained, e.g. runs/<name>/pipeline)"
+    )

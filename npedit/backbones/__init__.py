@@ -1,0 +1,66 @@
+"""Backbone families, picked by the transformer class named in a checkpoint's config."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+from .base import Backbone, resolve_subfolder
+
+# family -> (module, Backbone class, transformer class names it drives)
+FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "zimage": ("npedit.backbones.zimage", "ZImageBackbone", ("ZImageTransformer2DModel",)),
+    "sd3": ("npedit.backbones.sd3", "SD3Backbone", ("SD3Transformer2DModel", "NPEditSD3Transformer2DModel")),
+}
+
+
+def backbone_class(family: str) -> type[Backbone]:
+    """The Backbone subclass of a family name."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown backbone family {family!r}; supported: {', '.join(FAMILIES)}")
+    module, name, _ = FAMILIES[family]
+    return getattr(importlib.import_module(module), name)
+
+
+def family_of_class_name(class_name: str) -> str:
+    """The family whose transformer class is `class_name`."""
+    for family, (_, _, classes) in FAMILIES.items():
+        if class_name in classes:
+            return family
+    supported = sorted(c for _, _, cs in FAMILIES.values() for c in cs)
+    raise ValueError(f"unsupported transformer class {class_name!r}; supported: {', '.join(supported)}")
+
+
+def detect_family(path: str | os.PathLike) -> str:
+    """Read `transformer/config.json` (or `config.json`) of a local folder or hub id to find its family."""
+    local = Path(str(path))
+    if local.is_dir():
+        for cfg in (local / "transformer" / "config.json", local / "config.json"):
+            if cfg.is_file():
+                return family_of_class_name(json.loads(cfg.read_text()).get("_class_name", ""))
+        raise FileNotFoundError(
+            f"{local} holds no transformer/config.json: not a diffusers-layout checkpoint of a supported backbone"
+        )
+    if str(path).startswith(("/", ".", "~")) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        cfg = hf_hub_download(str(path), "transformer/config.json")
+    except Exception as exc:  # offline, missing repo, ...: say what to pass instead
+        raise FileNotFoundError(
+            f"cannot find {path!r} locally or on the hub ({type(exc).__name__}); pass a local folder"
+        ) from None
+    return family_of_class_name(json.loads(Path(cfg).read_text()).get("_class_name", ""))
+
+
+def load_backbone(path: str | os.PathLike, *, family: str | None = None, **kwargs) -> Backbone:
+    """Load the frozen parts (text encoder, tokenizer, VAE) of the checkpoint at `path`."""
+    family = family or detect_family(path)
+    return backbone_class(family).from_pretrained(path, **kwargs)
+
+
+__all__ = ["Backbone", "FAMILIES", "backbone_class", "detect_family", "family_of_class_name", "load_backbone",
+           "resolve_subfolder"]

@@ -1,0 +1,88 @@
+"""The backbone protocol: text encoder + VAE + a way to call a transformer in our flow convention.
+
+One `Backbone` holds the frozen parts shared by the student, the teacher and the critic (text
+encoder, tokenizer, VAE). The three transformers are plain diffusers modules; the backbone's
+`velocity` calls any of them, with or without reference tokens, and converts the family's
+native time/output convention to npedit.flow's (t = 1 is noise, v = eps - x0).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def resolve_subfolder(path: str | os.PathLike, subfolder: str | None) -> str | None:
+    """`subfolder` unless `path` is a local folder that holds the model itself (config.json at its top)."""
+    local = Path(str(path))
+    if subfolder and local.is_dir() and not (local / subfolder).is_dir() and (local / "config.json").is_file():
+        return None
+    return subfolder
+
+
+class Backbone(nn.Module):
+    """Base class of backbone families (Z-Image, SD3, ...). Subclasses live one per file."""
+
+    family: str = ""
+    # The diffusers transformer classes this family drives (used to pick the family of a checkpoint).
+    transformer_classes: tuple[type, ...] = ()
+
+    @classmethod
+    def from_components(cls, **components) -> "Backbone":
+        """Build from already-loaded frozen parts named as in `pipeline_components()`."""
+        return cls(**components)
+
+    # ---- text -----------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], *, with_reference: bool) -> Any:
+        """Encode prompts (no gradient); `with_reference` selects the student's editing layout."""
+        raise NotImplementedError
+
+    # ---- latents --------------------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w) (posterior mode)."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> pixels (B, 3, H, W) in about [-1, 1]; differentiable."""
+        raise NotImplementedError
+
+    @property
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be a multiple of this (VAE downsampling x transformer patch)."""
+        raise NotImplementedError
+
+    # ---- transformers ---------------------------------------------------------------------
+    def velocity(
+        self,
+        transformer: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: Any,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """v = eps - x0 predicted by `transformer` at (x_t, t); `reference` latents join as clean tokens."""
+        raise NotImplementedError
+
+    def load_transformer(self, path: str | os.PathLike, *, subfolder: str | None = None, for_student: bool = False) -> nn.Module:
+        """Load a transformer of this family from a hub id or folder (student: with reference support)."""
+        raise NotImplementedError
+
+    def prepare_student(self, transformer: nn.Module) -> nn.Module:
+        """Return a student transformer initialised from `transformer` (a deep copy, plus any reference parameters)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the frozen components (text encoder, tokenizer, VAE) in diffusers layout."""
+        raise NotImplementedError
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """The frozen components under their pipeline names (e.g. vae, text_encoder, tokenizer)."""
+        raise NotImplementedError

@@ -1,0 +1,168 @@
+"""`python -m npedit {edit,judge,train}`: one parser, thin commands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .assets import default_path
+from .images import ImageError
+
+
+def _device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
+    """JSON lines with the `required` keys; relative image paths resolve against the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: {p} not found")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: {p}:{n}: not valid JSON ({exc})") from None
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise SystemExit(f"error: {p}:{n}: missing {', '.join(missing)}")
+        for key in ("image", "reference", "edited"):
+            if key in row and not Path(row[key]).is_absolute():
+                row[key] = str(p.parent / row[key])
+        rows.append(row)
+    return rows
+
+
+def cmd_edit(args) -> int:
+    """Edit one image, or every line of a cases.jsonl, with an NPEditPipeline."""
+    import torch
+
+    from .pipeline import NPEditPipeline
+
+    if bool(args.image) == bool(args.batch):
+        raise SystemExit("error: give either --image/--instruction/--output or --batch/--output-dir")
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(_device())
+    pipe.set_progress_bar_config(disable=True)
+    if args.image:
+        if not args.instruction or not args.output:
+            raise SystemExit("error: --image needs --instruction and --output")
+        jobs = [{"id": Path(args.output).stem, "image": args.image, "instruction": args.instruction,
+                 "out": Path(args.output)}]
+    else:
+        if not args.output_dir:
+            raise SystemExit("error: --batch needs --output-dir")
+        rows = _read_jsonl(args.batch, ("id", "image", "instruction"))
+        jobs = [{**r, "out": Path(args.output_dir) / f"{r['id']}.png"} for r in rows]
+    failures = 0
+    for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
+        gen = torch.Generator().manual_seed(args.seed)
+        try:
+            img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
+                       generator=gen, max_side=args.max_side).images[0]
+        except (ImageError, ValueError) as exc:
+            failures += 1
+            print(f"error: {job['id']}: {exc}", file=sys.stderr)
+            continue
+        job["out"].parent.mkdir(parents=True, exist_ok=True)
+        img.save(job["out"], format="PNG")
+    if len(jobs) == 1 and not failures:
+        print(jobs[0]["out"])
+    return 1 if failures else 0
+
+
+def cmd_judge(args) -> int:
+    """Print the judge's verdict on one pair as JSON, or write one line per pair of a PAIRS.jsonl."""
+    from .judges import load_judge
+    from .verdicts import judge_edit
+
+    judge = load_judge(default_path("judge", args.judge), device=_device())
+
+    def verdict(ref, edited, instruction, edit_type, obj):
+        v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None)
+        return {"p_edit": v.p_edit, "p_identity": v.p_identity, "questions": v.questions}
+
+    try:
+        if args.batch:
+            if not args.output:
+                raise SystemExit("error: --batch needs --output")
+            rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction"))
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.output, "w") as f:
+                for r in tqdm(rows, desc="judge"):
+                    v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"), r.get("object"))
+                    f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"]}) + "\n")
+            return 0
+        if not (args.reference and args.edited and args.instruction):
+            raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
+        print(json.dumps({"instruction": args.instruction,
+                          **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object)}))
+    except (ImageError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train one stage from a config file plus dotted overrides."""
+    from .config import load_config
+    from .training.trainer import Trainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    trainer = Trainer(cfg)
+    if args.resume and not trainer.resume():
+        print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
+    out = trainer.train()
+    if trainer.acc.is_main_process:
+        print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m npedit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("edit", help="edit images with a trained editor")
+    e.add_argument("--image", help="input image")
+    e.add_argument("--instruction", help="what to change")
+    e.add_argument("--output", help="output PNG path")
+    e.add_argument("--batch", help="cases.jsonl with {id, image, instruction} per line")
+    e.add_argument("--output-dir", help="where --batch writes <id>.png")
+    e.add_argument("--model", help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
+    e.add_argument("--steps", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-side", type=int, default=1024, help="longest side the editor works at")
+    e.set_defaults(func=cmd_edit)
+
+    j = sub.add_parser("judge", help="ask the judge about an edit")
+    j.add_argument("--reference")
+    j.add_argument("--edited")
+    j.add_argument("--instruction")
+    j.add_argument("--edit-type", default="edit", help="e.g. add, remove, replace, recolor, background, resize")
+    j.add_argument("--object", help="the removed object's name (for --edit-type remove)")
+    j.add_argument("--judge", help="judge folder or hub id (default: the bundled Shapes-world judge)")
+    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object]}")
+    j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity} lines")
+    j.set_defaults(func=cmd_judge)
+
+    t = sub.add_parser("train", help="train a stage (warmup, npedit, sft)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=100 optim.lr=1e-4")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

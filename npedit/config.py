@@ -1,0 +1,227 @@
+"""Frozen, validated training configuration with one loader and dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("warmup", "npedit", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+VLM_LOSSES = ("yes_no", "full_vocab")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def _check(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the networks come from."""
+
+    base: str = ""  # folder or hub id of the text-to-image model: teacher, critic init, VAE, text encoder
+    student: str = ""  # optional student init: a pipeline folder, a transformer folder, or "" (= teacher)
+    dtype: str = "float32"  # weights of the frozen parts (teacher, VAE, text encoder)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _check(self.dtype, DTYPES, "model.dtype")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The frozen VLM and how its answers become a loss."""
+
+    path: str = ""  # folder or hub id; required for stage npedit when loss.lambda_vlm > 0
+    dtype: str = "float32"
+    identity_question: bool = True  # ablation: False drops the identity check
+    loss: str = "yes_no"  # "yes_no" (logit-difference BCE) or "full_vocab" (ablation)
+    temperature_start: float = 0.1  # logit temperature ramps linearly to 1 ...
+    temperature_warmup_steps: int = 2000  # ... over this many steps (0 = always 1)
+
+    def __post_init__(self):
+        _check(self.dtype, DTYPES, "judge.dtype")
+        _check(self.loss, VLM_LOSSES, "judge.loss")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training samples: a cases.jsonl manifest (see npedit.data) or a generated domain."""
+
+    train: str = ""  # path to a cases.jsonl, or "shapes" for the built-in Shapes world
+    resolution: int = 64  # images are fitted to resolution x resolution
+    batch_size: int = 1
+    fraction: float = 1.0  # ablation: use this share of the data
+    num_workers: int = 0
+    do_nothing_prob: float = 0.01
+
+    def __post_init__(self):
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"data.fraction must be in (0, 1]; got {self.fraction}")
+        if self.batch_size < 1 or self.resolution < 8:
+            raise ValueError("data.batch_size must be >= 1 and data.resolution >= 8")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings, shared by the student and the critic."""
+
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.0, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear lr warm-up
+    grad_clip: float = 2.0
+    skip_grad_norm: float = 300.0  # a step whose gradient norm exceeds this (or is not finite) is skipped
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and DMD settings (method.md section 5)."""
+
+    lambda_dmd: float = 1.0  # 0 = VLM-only ablation
+    lambda_vlm: float = 0.02  # 0 = DMD-only ablation
+    dmd_t_min: float = 0.02
+    dmd_t_max: float = 0.98
+    cfg_scale: float = 3.5
+    cfg_scale_strong: float = 7.5
+    strong_cfg_edit_types: tuple[str, ...] = ("remove", "replace", "shape", "style", "action")
+    negative_prompt: str = "low quality, artifacts"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The few-step schedule shared by training and inference."""
+
+    num_steps: int = 4
+    shift: float = 6.0
+    two_step_prob: float = 0.75  # 0 = one-step unroll only (ablation)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one `python -m npedit train` run needs."""
+
+    stage: str = "npedit"  # "warmup" (identity), "npedit" (judge + DMD, no pairs) or "sft" (paired baseline)
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    critic_steps: int = 5  # critic updates per student update (N_aux)
+    seed: int = 0
+    mixed_precision: str = "no"
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self):
+        _check(self.stage, STAGES, "stage")
+        _check(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
+        if self.max_steps < 0 or self.critic_steps < 0:
+            raise ValueError("max_steps and critic_steps must be >= 0")
+        if not self.model.base:
+            raise ValueError("model.base is required: a folder or hub id of the text-to-image backbone")
+        if not self.data.train:
+            raise ValueError("data.train is required: a cases.jsonl path or 'shapes'")
+        if self.stage == "npedit" and self.loss.lambda_vlm > 0 and not self.judge.path:
+            raise ValueError("judge.path is required for stage 'npedit' unless loss.lambda_vlm=0")
+
+
+# ---- loading, overrides, saving ------------------------------------------------------------
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML-parsed value to the field's annotated type, with a clear error."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in items)
+        if len(items) != len(args):
+            raise ValueError(f"{key} needs {len(args)} values, got {items!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number ({tp.__name__}), got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return out
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+                         f"valid keys here: {', '.join(prefix + n for n in names)}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain nested dicts/lists (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a nested dict."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML/JSON config file (optional), apply dotted overrides and validate."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p} must hold a mapping of config keys")
+    return _build(TrainConfig, apply_overrides(data, list(overrides)))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,146 @@
+"""Training samples: reference image + instruction + captions; never an edited image (except for SFT).
+
+A manifest is a JSON-lines file, one sample a line:
+    {"id": "0001", "image": "images/0001.png", "instruction": "make the car red",
+     "caption_reference": "a blue car on a street",      # c^y, optional (default: "")
+     "caption_target": "a red car on a street",           # c^x, optional (default: the instruction)
+     "edit_type": "recolor",                              # optional (default: "edit")
+     "object_name": "car",                                # required when edit_type is "remove"
+     "target": "targets/0001.png"}                        # only for the paired-SFT baseline
+Relative paths are resolved against the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import fit_image, load_image, pil_to_tensor
+
+DO_NOTHING = "do nothing"
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One training sample as described in a manifest line."""
+
+    id: str
+    image: str
+    instruction: str
+    caption_reference: str = ""
+    caption_target: str = ""
+    edit_type: str = "edit"
+    object_name: str = ""
+    target: str = ""
+
+    def __post_init__(self):
+        if not self.instruction.strip():
+            raise ValueError(f"sample {self.id}: empty instruction")
+        if self.edit_type == "remove" and not self.object_name:
+            raise ValueError(f"sample {self.id}: edit_type 'remove' needs object_name (what is removed)")
+
+    @property
+    def target_caption(self) -> str:
+        """c^x, falling back to the instruction when no target caption was given."""
+        return self.caption_target or self.instruction
+
+
+def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
+    """Parse a cases.jsonl manifest, resolving relative paths; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    records = []
+    fields = set(EditRecord.__dataclass_fields__)
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict) or "image" not in raw or "instruction" not in raw:
+            raise ValueError(f"{path}:{n}: each line needs at least 'image' and 'instruction'")
+        raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
+        raw.setdefault("id", f"{n:06d}")
+        for key in ("image", "target"):
+            if raw.get(key) and not Path(raw[key]).is_absolute():
+                raw[key] = str(path.parent / raw[key])
+        try:
+            records.append(EditRecord(**raw))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: {exc}") from None
+    if not records:
+        raise ValueError(f"{path}: no samples")
+    return records
+
+
+class EditDataset(Dataset):
+    """Manifest samples as tensors in [-1, 1] at `resolution`, plus their text fields."""
+
+    def __init__(self, records: list[EditRecord], resolution: int, *, need_target: bool = False):
+        if need_target and any(not r.target for r in records):
+            raise ValueError("paired SFT needs a 'target' image in every manifest line")
+        self.records = records
+        self.resolution = resolution
+        self.need_target = need_target
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image(self, path: str) -> torch.Tensor:
+        return pil_to_tensor(fit_image(load_image(path), (self.resolution, self.resolution)))
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        item = {
+            "id": r.id,
+            "reference": self._image(r.image),
+            "instruction": r.instruction,
+            "caption_reference": r.caption_reference,
+            "caption_target": r.target_caption,
+            "edit_type": r.edit_type,
+            "object_name": r.object_name,
+        }
+        if self.need_target:
+            item["target"] = self._image(r.target)
+        return item
+
+
+def subset(records: list, fraction: float, seed: int) -> list:
+    """A deterministic random share of the records (at least one)."""
+    if fraction >= 1:
+        return list(records)
+    rng = random.Random(seed)
+    k = max(1, int(round(len(records) * fraction)))
+    return rng.sample(list(records), k)
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, keep strings as lists."""
+    out = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+def apply_do_nothing(batch: dict, prob: float, generator: torch.Generator) -> dict:
+    """With probability `prob` per sample, turn the instruction into "do nothing" (target = reference)."""
+    n = len(batch["instruction"])
+    mask = torch.rand(n, generator=generator) < prob
+    out = dict(batch)
+    out["do_nothing"] = mask
+    if mask.any():
+        out["instruction"] = [DO_NOTHING if m else s for m, s in zip(mask.tolist(), batch["instruction"])]
+        out["caption_target"] = [
+            (cy or ct) if m else ct
+            for m, cy, ct in zip(mask.tolist(), batch["caption_reference"], batch["caption_target"])
+        ]
+    return out

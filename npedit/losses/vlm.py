@@ -1,0 +1,41 @@
+"""The judge loss on Yes/No answers (method.md section 5.4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def vlm_loss(
+    logits: torch.Tensor,
+    vocab_logprobs: torch.Tensor,
+    expected_yes: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    mode: Literal["yes_no", "full_vocab"] = "yes_no",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
+    """Mean over questions of -log sigmoid(T (l_expected - l_other)) ("yes_no", binary CE on the
+    Yes-minus-No logit difference) or of -log p_vocab(expected) ("full_vocab", the ablation).
+
+    logits, vocab_logprobs: (B, Q, 2) with index 0 = No, 1 = Yes; expected_yes: (B, Q) bool;
+    weight: optional (B,) per-sample weight (0 drops a sample, e.g. "do nothing" samples).
+    """
+    sign = expected_yes.to(logits.dtype) * 2 - 1  # +1 expects Yes, -1 expects No
+    margin = (logits[..., 1] - logits[..., 0]).float() * sign  # (B, Q)
+    if mode == "yes_no":
+        per_q = -F.logsigmoid(temperature * margin)
+    elif mode == "full_vocab":
+        per_q = -torch.where(expected_yes, vocab_logprobs[..., 1], vocab_logprobs[..., 0]).float()
+    else:
+        raise ValueError(f"mode must be 'yes_no' or 'full_vocab', got {mode!r}")
+    per_sample = per_q.mean(dim=1)  # (B,)
+    if weight is None:
+        loss = per_sample.mean()
+    else:
+        loss = (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+    p_expected = torch.sigmoid(margin.detach())
+    metrics = {"vlm_loss": loss.detach(), "vlm_p_expected": p_expected.mean()}
+    return loss, metrics

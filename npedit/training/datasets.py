@@ -1,0 +1,22 @@
+"""Pick the training dataset named by `data.train`: a cases.jsonl manifest or a generated domain."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from ..data import EditDataset, load_manifest, subset
+
+# Generated domains: name -> "module:factory"; factory(data_cfg, stage=..., seed=...) -> Dataset.
+GENERATED = {"shapes": "npedit.shapes.training:training_dataset"}
+
+
+def build_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
+    """The dataset for `stage` ("sft" needs target images)."""
+    if cfg.train in GENERATED:
+        module, name = GENERATED[cfg.train].split(":")
+        return getattr(importlib.import_module(module), name)(cfg, stage=stage, seed=seed)
+    records = subset(load_manifest(cfg.train), cfg.fraction, seed)
+    return EditDataset(records, cfg.resolution, need_target=(stage == "sft"))

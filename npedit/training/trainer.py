@@ -1,0 +1,383 @@
+"""The NP-Edit trainer on `accelerate`: identity warm-up, NP-Edit (judge + DMD, no pairs), paired SFT.
+
+The loop reads like the algorithm box of method.md section 5: per iteration, `critic_step`
+runs `critic_steps` times, then one `student_step`. Checkpointing, logging and sample grids
+are small helpers called at intervals.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import flow
+from ..backbones import load_backbone
+from ..config import TrainConfig, save_config, to_dict
+from ..data import apply_do_nothing, collate
+from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, vlm_loss
+from ..pipeline import NPEditPipeline
+from ..sampler import sample, unroll_times
+from . import checkpoint as ckpt
+from .datasets import build_dataset
+from .logging import MetricsLogger, image_grid
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """All-reduce (mean) the gradients of `params` across processes, in one flat buffer.
+
+    Done by hand rather than through DDP because the student runs several forward passes
+    (the unroll) before one backward, and only some of its parameters get gradients.
+    """
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).clone()
+        offset += n
+
+
+def _infinite(loader: DataLoader):
+    """Yield batches forever, one epoch after another."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class Trainer:
+    """Holds the networks, optimisers and state of one run; `train()` runs it to `max_steps`."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.run_dir = Path(cfg.output_dir)
+        set_seed(cfg.seed, device_specific=True)
+        # All training randomness (noise, times, unroll length, "do nothing") comes from here.
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.acc.process_index)
+        self.step = 0
+        self.skipped = {"student": 0, "critic": 0}
+        device = self.acc.device
+        dtype = DTYPES[cfg.model.dtype]
+        self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
+        self.teacher = self.backbone.load_transformer(cfg.model.base, torch_dtype=dtype).requires_grad_(False).eval()
+        self.teacher.to(device)
+        if cfg.model.student:
+            student = self.backbone.load_transformer(cfg.model.student, for_student=True, torch_dtype=torch.float32)
+        else:
+            student = self.backbone.prepare_student(self.teacher)
+        self.student = student.float().requires_grad_(True).train().to(device)
+        self.critic = None
+        self.judge = None
+        if cfg.stage == "npedit":
+            self.critic = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
+            if cfg.loss.lambda_vlm > 0:
+                from ..judges import load_judge
+
+                self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device)
+        for net in (self.student, self.critic):
+            if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+                net.enable_gradient_checkpointing()
+        self.opt_student, self.sched_student = self._optimizer(self.student)
+        self.opt_critic, self.sched_critic = self._optimizer(self.critic) if self.critic is not None else (None, None)
+        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed)
+        self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
+        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate,
+                            num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.data.batch_size,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        self.loader = self.acc.prepare(loader)
+        self.batches = _infinite(self.loader)
+        self.schedule = flow.few_step_times(cfg.sampler.num_steps, cfg.sampler.shift)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _optimizer(self, net):
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        warm = max(1, o.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return opt, sched
+
+    def _randn(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.gen).to(like.device, like.dtype)
+
+    def _times(self, batch: int, low: float, high: float) -> torch.Tensor:
+        return flow.sample_times(batch, low, high, generator=self.gen).to(self.acc.device)
+
+    @torch.no_grad()
+    def _reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference pixels (B, 3, H, W) in [-1, 1] and their latents (detached)."""
+        pixels = batch["reference"].to(self.acc.device)
+        return pixels, self.backbone.encode_image(pixels).float()
+
+    def velocity(self, net, x_t, t, cond, reference=None):
+        """Velocity of any of the three networks, under the run's autocast."""
+        with self.acc.autocast():
+            return self.backbone.velocity(net, x_t, t, cond, reference=reference).float()
+
+    def generate(self, reference: torch.Tensor, cond, *, times: list[float]) -> torch.Tensor:
+        """The student's unroll from pure noise over `times` (gradients follow the caller's grad mode)."""
+        noise = self._randn(reference)
+        return sample(lambda x, t: self.velocity(self.student, x, t, cond, reference=reference),
+                      noise, times, generator=self.gen)
+
+    def _update(self, net, opt, sched, loss: torch.Tensor, name: str) -> dict:
+        """Backward, average across processes, clip, and step unless the gradient is not finite or explodes."""
+        opt.zero_grad(set_to_none=True)
+        params = [p for p in net.parameters() if p.requires_grad]
+        if not torch.isfinite(loss):
+            self.skipped[name] += 1
+            return {f"{name}_skipped": 1.0}
+        self.acc.backward(loss)
+        average_gradients(params, self.acc)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        if not torch.isfinite(norm) or norm > self.cfg.optim.skip_grad_norm:
+            opt.zero_grad(set_to_none=True)
+            self.skipped[name] += 1
+            return {f"{name}_grad_norm": float(norm), f"{name}_skipped": 1.0}
+        opt.step()
+        sched.step()
+        return {f"{name}_grad_norm": float(norm), f"{name}_skipped": 0.0}
+
+    def temperature(self) -> float:
+        """Judge logit temperature, ramped linearly from `temperature_start` to 1."""
+        j = self.cfg.judge
+        if j.temperature_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, j.temperature_start + (1 - j.temperature_start) * self.step / j.temperature_warmup_steps)
+
+    def cfg_scales(self, edit_types: list[str]) -> torch.Tensor:
+        """Per-sample teacher CFG scale: strong for the edit types listed in the config."""
+        lc = self.cfg.loss
+        return torch.tensor([lc.cfg_scale_strong if e in lc.strong_cfg_edit_types else lc.cfg_scale
+                             for e in edit_types], device=self.acc.device)
+
+    # ---- the four kinds of step -------------------------------------------------------------
+    def warmup_step(self, batch: dict) -> dict:
+        """Stage 1: flow matching with the reference itself as the target, prompt c^y."""
+        _, ref = self._reference(batch)
+        cond = self.backbone.encode_prompt(batch["caption_reference"], with_reference=True)
+        eps, t = self._randn(ref), self._times(ref.shape[0], 0.0, 1.0)
+        v = self.velocity(self.student, flow.add_noise(ref, eps, t), t, cond, reference=ref)
+        loss, m = flow_matching_loss(v, ref, eps)
+        return {**m, **self._update(self.student, self.opt_student, self.sched_student, loss, "student")}
+
+    def sft_step(self, batch: dict) -> dict:
+        """Paired baseline: flow matching toward the true edited image, conditioned on the instruction."""
+        _, ref = self._reference(batch)
+        with torch.no_grad():
+            target = self.backbone.encode_image(batch["target"].to(self.acc.device)).float()
+        cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
+        eps, t = self._randn(target), self._times(target.shape[0], 0.0, 1.0)
+        v = self.velocity(self.student, flow.add_noise(target, eps, t), t, cond, reference=ref)
+        loss, m = flow_matching_loss(v, target, eps)
+        return {**m, **self._update(self.student, self.opt_student, self.sched_student, loss, "student")}
+
+    def critic_step(self, batch: dict) -> dict:
+        """Fit the critic (fake score) to the student's current outputs, conditioned on c^x only."""
+        _, ref = self._reference(batch)
+        with torch.no_grad():
+            cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
+            x = self.generate(ref, cond, times=unroll_times(self.schedule, self.cfg.sampler.two_step_prob, self.gen))
+        cond_x = self.backbone.encode_prompt(batch["caption_target"], with_reference=False)
+        eps, t = self._randn(x), self._times(x.shape[0], 0.0, 1.0)
+        v = self.velocity(self.critic, flow.add_noise(x, eps, t), t, cond_x)
+        loss, m = flow_matching_loss(v, x, eps)
+        m = {"critic_" + k: val for k, val in m.items()}
+        return {**m, **self._update(self.critic, self.opt_critic, self.sched_critic, loss, "critic")}
+
+    def student_step(self, batch: dict) -> dict:
+        """One NP-Edit student update: unroll, then DMD + judge + "do nothing" losses (no target image)."""
+        lc = self.cfg.loss
+        batch = apply_do_nothing(batch, self.cfg.data.do_nothing_prob, self.gen)
+        ref_pixels, ref = self._reference(batch)
+        cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
+        x = self.generate(ref, cond, times=unroll_times(self.schedule, self.cfg.sampler.two_step_prob, self.gen))
+        total = torch.zeros((), device=x.device)
+        metrics: dict = {}
+        if lc.lambda_dmd > 0:
+            loss, m = dmd_loss(x, *self._dmd_predictions(x, batch))
+            total, metrics = total + lc.lambda_dmd * loss, {**metrics, **m}
+        if self.judge is not None:
+            loss, m = self._judge_loss(ref_pixels, x, batch)
+            total, metrics = total + lc.lambda_vlm * loss, {**metrics, **m}
+        mask = batch["do_nothing"].to(x.device)
+        if mask.any():
+            loss, m = do_nothing_loss(x, ref, mask)
+            total, metrics = total + loss, {**metrics, **m}
+        metrics["student_loss"] = total.detach()
+        return {**metrics, **self._update(self.student, self.opt_student, self.sched_student, total, "student")}
+
+    @torch.no_grad()
+    def _dmd_predictions(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 of the teacher (with CFG) and of the critic at a random noisy version of x."""
+        lc = self.cfg.loss
+        x = x.detach()
+        t = self._times(x.shape[0], lc.dmd_t_min, lc.dmd_t_max)
+        x_t = flow.add_noise(x, self._randn(x), t)
+        cond_x = self.backbone.encode_prompt(batch["caption_target"], with_reference=False)
+        cond_neg = self.backbone.encode_prompt([lc.negative_prompt] * x.shape[0], with_reference=False)
+        v_real = flow.guided(self.velocity(self.teacher, x_t, t, cond_x), self.velocity(self.teacher, x_t, t, cond_neg),
+                             self.cfg_scales(batch["edit_type"]))
+        v_fake = self.velocity(self.critic, x_t, t, cond_x)
+        return flow.x0_from_velocity(x_t, t, v_real), flow.x0_from_velocity(x_t, t, v_fake)
+
+    def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Decode the edit and ask the judge the edit and identity questions (one forward pass)."""
+        from ..judges import training_questions
+
+        edited = (self.backbone.decode_latents(x).float() + 1) / 2  # (B, 3, H, W), ~[0, 1]
+        questions = [
+            training_questions(ins, et, obj or None, identity=self.cfg.judge.identity_question)
+            for ins, et, obj in zip(batch["instruction"], batch["edit_type"], batch["object_name"])
+        ]
+        out = self.judge.answer((ref_pixels + 1) / 2, edited, questions)
+        expected = torch.tensor([[q.expected == "Yes" for q in qs] for qs in questions], device=x.device)
+        weight = (~batch["do_nothing"]).float().to(x.device)
+        return vlm_loss(out.logits, out.vocab_logprobs, expected, weight=weight,
+                        mode=self.cfg.judge.loss, temperature=self.temperature())
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Run to `max_steps`, logging, sampling and checkpointing at intervals; returns the exported pipeline."""
+        cfg = self.cfg
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process, desc=cfg.stage)
+        while self.step < cfg.max_steps:
+            metrics = self.iteration()
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                metrics.update({"lr": self.sched_student.get_last_lr()[0], "skipped_student": self.skipped["student"],
+                                "skipped_critic": self.skipped["critic"]})
+                self.metrics.log(self.step, metrics)
+                bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items() if k.endswith("loss")})
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.save_samples()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.metrics.close()
+        return self.export()
+
+    def iteration(self) -> dict:
+        """One training iteration of the configured stage."""
+        stage = self.cfg.stage
+        if stage == "warmup":
+            return self.warmup_step(next(self.batches))
+        if stage == "sft":
+            return self.sft_step(next(self.batches))
+        metrics: dict = {}
+        for _ in range(self.cfg.critic_steps):
+            metrics.update(self.critic_step(next(self.batches)))
+        metrics.update(self.student_step(next(self.batches)))
+        return metrics
+
+    @torch.no_grad()
+    def edit_batch(self, batch: dict) -> torch.Tensor:
+        """Edit a batch with the full few-step sampler; pixels (B, 3, H, W) in [-1, 1]."""
+        self.student.eval()
+        _, ref = self._reference(batch)
+        cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
+        x = self.generate(ref, cond, times=self.schedule)
+        self.student.train()
+        return self.backbone.decode_latents(x).float().clamp(-1, 1)
+
+    def save_samples(self) -> None:
+        """Write samples/step_N.png: reference and edit side by side, one row per fixed sample."""
+        edited = self.edit_batch(self.sample_batch)
+        if not self.acc.is_main_process:
+            return
+        rows = [[r, e] for r, e in zip(self.sample_batch["reference"], edited.cpu())]
+        out = self.run_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        image_grid(rows, self.sample_batch["instruction"], scale=max(1, 128 // rows[0][0].shape[-1])).save(
+            out / f"step_{self.step:06d}.png")
+
+    # ---- state ------------------------------------------------------------------------------
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"train": self.gen}
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoints/step_N atomically: weights, optimisers, schedulers, RNG, step, config."""
+        root = self.run_dir / "checkpoints"
+        final = root / f"{ckpt.STEP_PREFIX}{self.step:06d}"
+        tmp = root / f".tmp_{final.name}"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+            self.student.save_pretrained(tmp / "student", safe_serialization=True)
+            ckpt.optimizer_state_to_files(self.opt_student, tmp / "optimizer_student")
+            if self.critic is not None:
+                self.critic.save_pretrained(tmp / "critic", safe_serialization=True)
+                ckpt.optimizer_state_to_files(self.opt_critic, tmp / "optimizer_critic")
+            save_config(self.cfg, tmp / "config.yaml")
+        self.acc.wait_for_everyone()
+        ckpt.rng_state_to_files(tmp / f"rng_{self.acc.process_index}", self._generators())
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            state = {"step": self.step, "skipped": self.skipped, "stage": self.cfg.stage,
+                     "sched_student": self.sched_student.state_dict()["last_epoch"],
+                     "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint of this run, if any; returns whether one was found."""
+        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("stage") != self.cfg.stage:
+            raise ValueError(f"{path} is a '{state.get('stage')}' checkpoint; this run's stage is '{self.cfg.stage}'")
+        ckpt.load_module_weights(self.student, path / "student")
+        ckpt.optimizer_state_from_files(self.opt_student, path / "optimizer_student")
+        self.sched_student.last_epoch = state["sched_student"]
+        if self.critic is not None:
+            ckpt.load_module_weights(self.critic, path / "critic")
+            ckpt.optimizer_state_from_files(self.opt_critic, path / "optimizer_critic")
+            self.sched_critic.last_epoch = state["sched_critic"]
+        for sched in (self.sched_student, self.sched_critic):
+            if sched is not None:
+                for g, lr in zip(sched.optimizer.param_groups, [f(sched.last_epoch) * b for f, b in
+                                                                 zip(sched.lr_lambdas, sched.base_lrs)]):
+                    g["lr"] = lr
+        rng = path / f"rng_{self.acc.process_index}"
+        if Path(str(rng) + ".json").is_file():
+            ckpt.rng_state_from_files(rng, self._generators())
+        self.step = int(state["step"])
+        self.skipped = dict(state["skipped"])
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def export(self) -> Path:
+        """Save the student as an `NPEditPipeline` under <output_dir>/pipeline."""
+        out = self.run_dir / "pipeline"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            pipe = NPEditPipeline.from_parts(self.student, self.backbone, shift=self.cfg.sampler.shift)
+            pipe.save_pretrained(out)
+            (out / "training_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        self.acc.wait_for_everyone()
+        return out
