@@ -1,0 +1,83 @@
+"""Scoring edited Shapes images against their cases (spec/shapes-world.md, "Scoring an edit").
+
+With the edited cell c and the edit's named attributes (edits.EDIT_FIELDS):
+- followed: background: the new background; remove: c is empty; add / replace / recolor /
+  resize: an object sits at c and has every named attribute's new value.
+- preserved: every cell other than c is as in the reference (same object or still empty), the
+  background is unchanged (except for the background edit, where all cells are compared),
+  and for replace / recolor / resize the object at c keeps its unnamed attributes
+  (replace: size; recolor: shape and size; resize: shape and colour).
+So exact == followed and preserved. An output that does not parse to a valid scene (wrong size,
+no background colour on the border, 0 or more than 3 objects) scores 0 on all three.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from .edits import CATEGORIES, MUST_CHANGE, OBJ_ATTRS, Edit, EditCase, edit_between, named_attributes
+from .world import CANVAS, CELLS, Scene, clean_fraction, parse
+
+METRICS = ("exact", "followed", "preserved", "clean")
+
+
+def followed(parsed: Scene, edit: Edit) -> bool:
+    """Whether the change `edit` asks for is present in the parsed output."""
+    if edit.category == "background":
+        return parsed.background == edit.background
+    got = parsed.at(edit.cell)
+    if edit.category == "remove":
+        return got is None
+    return got is not None and all(getattr(got, a) == getattr(edit, a) for a in named_attributes(edit.category))
+
+
+def preserved(parsed: Scene, reference: Scene, edit: Edit) -> bool:
+    """Whether everything `edit` does not name is as in `reference`."""
+    if edit.category != "background" and parsed.background != reference.background:
+        return False
+    if any(parsed.at(c) != reference.at(c) for c in CELLS if c != edit.cell):
+        return False
+    if edit.category not in MUST_CHANGE:
+        return True
+    got, old = parsed.at(edit.cell), reference.at(edit.cell)
+    unnamed = [a for a in OBJ_ATTRS if a not in named_attributes(edit.category)]
+    return got is not None and all(getattr(got, a) == getattr(old, a) for a in unnamed)
+
+
+def _parse_or_none(image: np.ndarray) -> Scene | None:
+    """parse(image), or None when the image is not 64 x 64 x 3."""
+    return parse(image) if image.shape == (CANVAS, CANVAS, 3) else None
+
+
+def score_edit(output_image, case: EditCase) -> dict:
+    """Score one edited uint8 image: exact, followed, preserved (0 or 1) and clean (pixel share)."""
+    image = np.asarray(output_image)
+    parsed = _parse_or_none(image)
+    edit = edit_between(case.reference, case.expected, case.category)
+    ok = parsed is not None
+    return {
+        "id": case.id,
+        "category": case.category,
+        "exact": float(ok and parsed == case.expected),
+        "followed": float(ok and followed(parsed, edit)),
+        "preserved": float(ok and preserved(parsed, case.reference, edit)),
+        "clean": clean_fraction(image) if image.ndim == 3 and image.shape[-1] == 3 else 0.0,
+    }
+
+
+def _means(rows: list[dict]) -> dict:
+    """Mean of each metric over `rows` (NaN when empty) and their count."""
+    means = {m: float(np.mean([r[m] for r in rows])) if rows else float("nan") for m in METRICS}
+    return {**means, "count": len(rows)}
+
+
+def summarize(rows: Iterable[dict]) -> dict:
+    """Per-category and overall (over all rows) means of the four metrics, with counts."""
+    rows = list(rows)
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    categories = sorted({r["category"] for r in rows}, key=lambda c: (order.get(c, len(order)), c))
+    summary = {c: _means([r for r in rows if r["category"] == c]) for c in categories}
+    summary["overall"] = _means(rows)
+    return summary
