@@ -1,0 +1,63 @@
+"""Frozen VLM judges: the protocol, the questions, and `load_judge` picking the adapter of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+from npedit.judges.base import Judge, JudgeOutput, Question
+from npedit.judges.llava_onevision import LlavaOnevisionJudge
+from npedit.judges.questions import (
+    contains_question,
+    edit_question,
+    free_question,
+    identity_question,
+    removal_identity_question,
+    training_questions,
+)
+
+# config.json model_type -> adapter class; one entry per VLM family.
+JUDGES: dict[str, type[Judge]] = {"llava_onevision": LlavaOnevisionJudge}
+
+
+def read_model_type(path_or_id: str | os.PathLike) -> str | None:
+    """model_type from a folder's config.json (or a cached hub id's); None when there is none to read."""
+    local = Path(path_or_id)
+    if local.is_dir():
+        file = local / "config.json"
+        return json.loads(file.read_text()).get("model_type") if file.is_file() else None
+    try:
+        config, _ = PretrainedConfig.get_config_dict(str(path_or_id))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type")
+
+
+def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
+    """Load a judge from a folder or hub id, choosing the adapter from its config's model_type."""
+    model_type = read_model_type(path_or_id)
+    if model_type not in JUDGES:
+        found = "no readable config.json" if model_type is None else f"model_type {model_type!r}"
+        supported = ", ".join(sorted(JUDGES))
+        raise ValueError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: {supported}")
+    return JUDGES[model_type].from_pretrained(path_or_id, **kwargs)
+
+
+__all__ = [
+    "JUDGES",
+    "Judge",
+    "JudgeOutput",
+    "LlavaOnevisionJudge",
+    "Question",
+    "contains_question",
+    "edit_question",
+    "free_question",
+    "identity_question",
+    "load_judge",
+    "read_model_type",
+    "removal_identity_question",
+    "training_questions",
+]

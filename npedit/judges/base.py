@@ -1,0 +1,64 @@
+"""The judge protocol: a frozen VLM answering Yes/No questions about (reference, edited) pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+ImageRole = Literal["reference", "edited"]
+Answer = Literal["Yes", "No"]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One Yes/No question: its text, which images it shows (in order) and the answer we train toward."""
+
+    text: str
+    images: tuple[ImageRole, ...]
+    expected: Answer
+    kind: str  # "edit", "identity", "contains" or "extra" (free-form, from the app)
+
+    def __post_init__(self):
+        if not self.images or any(r not in ("reference", "edited") for r in self.images):
+            raise ValueError(f"images must be a non-empty tuple of 'reference'/'edited', got {self.images!r}")
+        if self.expected not in ("Yes", "No"):
+            raise ValueError(f"expected must be 'Yes' or 'No', got {self.expected!r}")
+
+
+@dataclass
+class JudgeOutput:
+    """Answer-position scores for a (B, Q) grid of questions; index 0 is "No", index 1 is "Yes"."""
+
+    logits: torch.Tensor  # (B, Q, 2) raw logits of the No and Yes tokens
+    vocab_logprobs: torch.Tensor  # (B, Q, 2) log-softmax over the full vocabulary, at No and Yes
+
+    @property
+    def p_yes(self) -> torch.Tensor:
+        """P(Yes) restricted to the two answers, (B, Q)."""
+        return torch.softmax(self.logits.float(), dim=-1)[..., 1]
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """Yes-minus-No logit margin, (B, Q)."""
+        return (self.logits[..., 1] - self.logits[..., 0]).float()
+
+
+class Judge(nn.Module):
+    """Base class of judge adapters (one file per VLM family).
+
+    Images are float tensors (B, 3, H, W) in [0, 1]; the adapter resizes and normalises them
+    with differentiable torch ops. All B x Q questions run in one forward pass; the reference
+    image's vision features are computed without gradient.
+    """
+
+    def answer(
+        self,
+        reference: torch.Tensor,
+        edited: torch.Tensor,
+        questions: Sequence[Sequence[Question]],
+    ) -> JudgeOutput:
+        """Score `questions[b][q]` on the pair (reference[b], edited[b]); every row has the same length Q."""
+        raise NotImplementedError

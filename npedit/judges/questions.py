@@ -1,0 +1,74 @@
+"""The Yes/No questions the judge is asked about each edit (method.md section 5.4), in our own words."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from npedit.judges.base import Answer, ImageRole, Question
+
+PAIR = ("reference", "edited")
+ANSWER_FORMAT = "Answer with Yes or No."
+# Every two-image question opens by saying which image is which.
+PAIR_INTRO = (
+    "You are reviewing an image edit. The first image is the original and the second image is the edited version."
+)
+
+
+def edit_question(instruction: str) -> Question:
+    """Was `instruction` carried out in the edited image? Identical images must be answered No."""
+    text = (
+        f'{PAIR_INTRO} The instruction was: "{instruction}". '
+        "Has this instruction been carried out in the second image? "
+        f"If the two images are identical, the answer is No. {ANSWER_FORMAT}"
+    )
+    return Question(text, PAIR, "Yes", "edit")
+
+
+def identity_question(instruction: str) -> Question:
+    """Apart from what `instruction` asks to change, is the edited image the same as the reference?"""
+    text = (
+        f'{PAIR_INTRO} The instruction was: "{instruction}". '
+        "Leaving aside only what the instruction asks to change, is the second image the same as the first: "
+        f"every other object, colour, size, position and the background? {ANSWER_FORMAT}"
+    )
+    return Question(text, PAIR, "Yes", "identity")
+
+
+def removal_identity_question(object_name: str) -> Question:
+    """Ignoring the removed object, does everything else, layout included, match exactly?"""
+    text = (
+        f"{PAIR_INTRO} The edit removed this object: {object_name}. "
+        "Ignoring that object, does everything else in the second image match the first exactly, "
+        f"including the layout and the positions of all remaining objects? {ANSWER_FORMAT}"
+    )
+    return Question(text, PAIR, "Yes", "identity")
+
+
+def contains_question(object_name: str) -> Question:
+    """One-image question on the edited image: does it contain `object_name`? (a removal expects No)."""
+    text = f"Does this image contain the following object: {object_name}? {ANSWER_FORMAT}"
+    return Question(text, ("edited",), "No", "contains")
+
+
+def free_question(text: str, images: Sequence[ImageRole] = PAIR, expected: Answer = "Yes") -> Question:
+    """A free-form Yes/No question (e.g. typed in the app), asked verbatim."""
+    return Question(text, tuple(images), expected, "extra")
+
+
+def training_questions(
+    instruction: str, edit_type: str, object_name: str | None = None, *, identity: bool = True
+) -> list[Question]:
+    """The questions of one training sample: edit check (contains-check for removals), then identity.
+
+    The count depends only on `identity` (2 or 1), so a batch forms a rectangular (B, Q) grid.
+    """
+    if edit_type == "remove":
+        if not object_name:
+            raise ValueError(
+                f"edit_type 'remove' needs object_name (the removed object's name), got {object_name!r} "
+                f"for instruction {instruction!r}"
+            )
+        check, keep = contains_question(object_name), removal_identity_question(object_name)
+    else:
+        check, keep = edit_question(instruction), identity_question(instruction)
+    return [check, keep] if identity else [check]
