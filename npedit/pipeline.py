@@ -72,7 +72,7 @@ class NPEditPipeline(DiffusionPipeline):
             names = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
             parts = {n: getattr(self, n, None) for n in names}
             parts = {n: m for n, m in parts.items() if m is not None}
-            self._backbone = backbone_class(self.family).from_components(**parts)
+            self._backbone = backbone_class(self.family).from_components(transformer=self.transformer, **parts)
         return self._backbone
 
     def times(self, num_inference_steps: int) -> list[float]:

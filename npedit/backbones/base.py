@@ -32,8 +32,8 @@ class Backbone(nn.Module):
     transformer_classes: tuple[type, ...] = ()
 
     @classmethod
-    def from_components(cls, **components) -> "Backbone":
-        """Build from already-loaded frozen parts named as in `pipeline_components()`."""
+    def from_components(cls, transformer=None, **components) -> "Backbone":
+        """Build from already-loaded frozen parts named as in `pipeline_components()` (the transformer may size them)."""
         return cls(**components)
 
     # ---- text -----------------------------------------------------------------------------

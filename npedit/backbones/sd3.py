@@ -1,0 +1,367 @@
+"""SD3 family: `SD3Transformer2DModel` (MMDiT), one or two CLIPs (+ optional T5), AutoencoderKL.
+
+Native convention. The diffusers SD3 pipeline passes `timestep = sigma * 1000` to the transformer
+and hands its output to `FlowMatchEulerDiscreteScheduler.step`, which computes
+`prev = x + (sigma_next - sigma) * out` on states noised by `scale_noise` as
+`x_sigma = sigma * eps + (1 - sigma) * x0`. The exact ODE of that path is
+`dx/dsigma = eps - x0`, so `out` is v = eps - x0 at t = sigma: our convention, with the time
+scaled by 1000 and no sign change (its stochastic step `x0 = x - sigma * out` agrees).
+
+The student sees the reference latent as extra tokens: `NPEditSD3Transformer2DModel` patchifies
+it with the same patch embedding (same sin-cos positions as the target), adds a zero-initialised
+learned reference-type embedding and runs it in ONE sequence with the noisy target tokens; only
+target tokens are read out. All tokens share the time embedding of t (Kontext-style).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+# ModelMixin is unused here on purpose: DiffusionPipeline decides how to load a component named
+# ["npedit.backbones.sd3", "NPEditSD3Transformer2DModel"] by looking up base-class names in this module.
+from diffusers import AutoencoderKL, ModelMixin, SD3Transformer2DModel  # noqa: F401
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+from .base import Backbone, resolve_subfolder
+from .vae import LatentCodec
+
+T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
+
+
+@dataclass(frozen=True)
+class SD3Cond:
+    """Text conditioning of an SD3 transformer."""
+
+    prompt_embeds: torch.Tensor  # (B, L_clip + L_t5, joint_attention_dim)
+    pooled: torch.Tensor  # (B, pooled_projection_dim)
+
+
+class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
+    """`SD3Transformer2DModel` plus a reference-type embedding; `forward(..., reference=latents)` edits.
+
+    Without `reference` it is the plain SD3 forward, so diffusers pipelines can run it (load it
+    from model_index.json as ["npedit.backbones.sd3", "NPEditSD3Transformer2DModel"]).
+    """
+
+    # The signature repeats SD3Transformer2DModel's: diffusers builds models from config keys it reads here.
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        in_channels: int = 16,
+        num_layers: int = 18,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 18,
+        joint_attention_dim: int = 4096,
+        caption_projection_dim: int = 1152,
+        pooled_projection_dim: int = 2048,
+        out_channels: int = 16,
+        pos_embed_max_size: int = 96,
+        dual_attention_layers: tuple[int, ...] = (),
+        qk_norm: str | None = None,
+    ):
+        super().__init__(
+            sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
+            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim, caption_projection_dim=caption_projection_dim,
+            pooled_projection_dim=pooled_projection_dim, out_channels=out_channels,
+            pos_embed_max_size=pos_embed_max_size, dual_attention_layers=dual_attention_layers, qk_norm=qk_norm,
+        )
+        # Zero at init: the student starts as the teacher with the reference tokens merely visible.
+        self.ref_embed = nn.Parameter(torch.zeros(self.inner_dim))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        *args,
+        reference: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Plain SD3 forward, or with `reference` (B, C, h', w') clean latents joined as extra tokens."""
+        if reference is None:
+            return super().forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, *args, **kwargs)
+        return_dict = kwargs.pop("return_dict", True)
+        if args or kwargs:
+            raise ValueError(f"forward with a reference takes no other options, got {len(args)} args, {sorted(kwargs)}")
+        return _forward_with_reference(self, hidden_states, reference, encoder_hidden_states, pooled_projections,
+                                       timestep, return_dict)
+
+
+def _forward_with_reference(model, x, reference, context, pooled, timestep, return_dict):
+    """SD3 forward over [target tokens; reference tokens + ref_embed]; reads out the target only."""
+    if reference.shape[:2] != x.shape[:2]:
+        raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in batch and channels")
+    patch = model.config.patch_size
+    height, width = x.shape[-2:]
+    target = model.pos_embed(x)  # (B, N, D) patchified + sin-cos positions
+    ref = model.pos_embed(reference) + model.ref_embed  # (B, M, D) the same positions, marked by the type embedding
+    n_target = target.shape[1]
+    hidden = torch.cat([target, ref], dim=1).contiguous()  # (B, N + M, D)
+    temb = model.time_text_embed(timestep, pooled)  # (B, D)
+    context = model.context_embedder(context)  # (B, L, D)
+    for block in model.transformer_blocks:
+        # Dual-attention (SD3.5) blocks self-attend over `hidden`, so reference tokens join there too.
+        if torch.is_grad_enabled() and model.gradient_checkpointing:
+            context, hidden = model._gradient_checkpointing_func(block, hidden, context, temb, None)
+        else:
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+    out = model.proj_out(model.norm_out(hidden[:, :n_target], temb))  # (B, N, p*p*C); the norm is per token
+    out = _unpatchify(out, height // patch, width // patch, patch, model.out_channels)
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def _unpatchify(tokens: torch.Tensor, rows: int, cols: int, patch: int, channels: int) -> torch.Tensor:
+    """(B, rows*cols, p*p*C) in SD3's (p, q, c) order -> (B, C, rows*p, cols*p)."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, rows, cols, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, rows * patch, cols * patch)
+
+
+def _zero_ref_embed(model: NPEditSD3Transformer2DModel) -> None:
+    """Give `ref_embed` real zeros: diffusers' low-memory loading leaves missing parameters on the meta device."""
+    anchor = model.proj_out.weight
+    model.ref_embed = nn.Parameter(torch.zeros(model.inner_dim, dtype=anchor.dtype, device=anchor.device))
+
+
+class SD3Backbone(Backbone):
+    """Text encoders + VAE of an SD3 checkpoint and the calling convention of its transformer."""
+
+    family = "sd3"
+    transformer_classes = (SD3Transformer2DModel,)
+
+    def __init__(
+        self,
+        tokenizers: list,
+        text_encoders: list[nn.Module],
+        vae: nn.Module,
+        *,
+        tokenizer_3=None,
+        text_encoder_3: nn.Module | None = None,
+        joint_attention_dim: int | None = None,
+        pooled_projection_dim: int | None = None,
+        patch_size: int = 2,
+        max_sequence_length: int = 256,
+    ):
+        """`tokenizers`/`text_encoders`: the 1 or 2 CLIPs in pipeline order; T5 optional.
+
+        `joint_attention_dim` (from the transformer config) sets the width the CLIP states are
+        padded to when there is no T5; `max_sequence_length` is the T5 length, or the number of
+        zero T5 tokens appended without a T5, as diffusers' SD3 pipeline does (0: none).
+        """
+        super().__init__()
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+            raise ValueError(f"need 1 or 2 CLIP tokenizer/text encoder pairs, got {len(tokenizers)}/{len(text_encoders)}")
+        if (tokenizer_3 is None) != (text_encoder_3 is None):
+            raise ValueError("tokenizer_3 and text_encoder_3 come together")
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = nn.ModuleList(e.requires_grad_(False).eval() for e in text_encoders)
+        self.tokenizer_3 = tokenizer_3
+        self.text_encoder_3 = text_encoder_3.requires_grad_(False).eval() if text_encoder_3 is not None else None
+        self.codec = LatentCodec(vae.requires_grad_(False).eval())
+        self.patch_size = int(patch_size)
+        self.max_sequence_length = int(max_sequence_length)
+        clip_width = sum(e.config.hidden_size for e in text_encoders)
+        t5_width = text_encoder_3.config.d_model if text_encoder_3 is not None else None
+        self.joint_attention_dim = int(t5_width or joint_attention_dim or clip_width)
+        if clip_width > self.joint_attention_dim:
+            raise ValueError(f"CLIP width {clip_width} exceeds the joint attention width {self.joint_attention_dim}")
+        pooled_width = sum(e.config.projection_dim for e in text_encoders)
+        if pooled_projection_dim is not None and pooled_projection_dim != pooled_width:
+            raise ValueError(f"CLIP pooled width {pooled_width} != pooled_projection_dim {pooled_projection_dim}")
+
+    @classmethod
+    def from_components(cls, transformer=None, **parts) -> "SD3Backbone":
+        """Build from pipeline components (names as in `pipeline_components()`), sizing from `transformer`."""
+        clips = [(parts.get(f"tokenizer{s}"), parts.get(f"text_encoder{s}")) for s in ("", "_2")]
+        clips = [c for c in clips if c[0] is not None]
+        cfg = transformer.config if transformer is not None else None
+        return cls(
+            [t for t, _ in clips], [e for _, e in clips], parts["vae"],
+            tokenizer_3=parts.get("tokenizer_3"), text_encoder_3=parts.get("text_encoder_3"),
+            joint_attention_dim=cfg.joint_attention_dim if cfg else None,
+            pooled_projection_dim=cfg.pooled_projection_dim if cfg else None,
+            patch_size=cfg.patch_size if cfg else 2,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32, max_sequence_length: int = 256,
+    ) -> "SD3Backbone":
+        """Load tokenizer(s), CLIP(s), optional T5 and VAE from a diffusers-layout folder or hub id."""
+        path = str(path)
+        parts = {}
+        for name, loader in (
+            ("tokenizer", AutoTokenizer), ("text_encoder", CLIPTextModelWithProjection),
+            ("tokenizer_2", AutoTokenizer), ("text_encoder_2", CLIPTextModelWithProjection),
+            ("tokenizer_3", AutoTokenizer), ("text_encoder_3", T5EncoderModel), ("vae", AutoencoderKL),
+        ):
+            kwargs = {} if name.startswith("tokenizer") else {"torch_dtype": torch_dtype}
+            required = name in ("tokenizer", "text_encoder", "vae")
+            parts[name] = _load_component(loader, path, name, required=required, **kwargs)
+        try:
+            tcfg = SD3Transformer2DModel.load_config(path, subfolder="transformer")
+        except (OSError, ValueError):
+            tcfg = {}
+        clips = [(parts[t], parts[e]) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+                 if parts[t] is not None and parts[e] is not None]
+        has_t5 = parts["tokenizer_3"] is not None and parts["text_encoder_3"] is not None
+        return cls(
+            [t for t, _ in clips], [e for _, e in clips], parts["vae"],
+            tokenizer_3=parts["tokenizer_3"] if has_t5 else None,
+            text_encoder_3=parts["text_encoder_3"] if has_t5 else None,
+            joint_attention_dim=tcfg.get("joint_attention_dim"), pooled_projection_dim=tcfg.get("pooled_projection_dim"),
+            patch_size=tcfg.get("patch_size", 2), max_sequence_length=max_sequence_length,
+        )
+
+    # ---- text ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _clip(self, tokenizer, encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate hidden states (B, L, D) and projected pooled output (B, P) of one CLIP."""
+        length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    @torch.no_grad()
+    def _t5(self, prompts: list[str], like: torch.Tensor) -> torch.Tensor:
+        """T5 states (B, L5, D5), or zeros of the joint width without a T5 (the SD3 pipeline's fallback)."""
+        if self.text_encoder_3 is None:
+            return like.new_zeros(len(prompts), self.max_sequence_length, self.joint_attention_dim)
+        ids = self.tokenizer_3(
+            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt",
+        ).input_ids
+        return self.text_encoder_3(ids.to(self.text_encoder_3.device))[0]
+
+    def encode_prompt(self, prompts: list[str], *, with_reference: bool) -> SD3Cond:
+        """SD3 text conditioning; the same for the student (`with_reference`) as for T2I: SD3 has no edit template.
+
+        prompt_embeds = [CLIP states concatenated on channels, zero-padded to the joint width ; T5 states]
+        on the sequence axis; pooled = the CLIP pooled projections concatenated.
+        """
+        clips = [self._clip(tok, enc, list(prompts)) for tok, enc in zip(self.tokenizers, self.text_encoders)]
+        device = clips[0][0].device
+        clip_states = torch.cat([h.to(device) for h, _ in clips], dim=-1)  # (B, 77, sum D_clip)
+        pooled = torch.cat([p.to(device) for _, p in clips], dim=-1)  # (B, sum P)
+        t5 = self._t5(list(prompts), clip_states).to(device=device, dtype=clip_states.dtype)  # (B, L5, D_joint)
+        clip_states = nn.functional.pad(clip_states, (0, t5.shape[-1] - clip_states.shape[-1]))
+        return SD3Cond(prompt_embeds=torch.cat([clip_states, t5], dim=1), pooled=pooled)
+
+    # ---- latents ---------------------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(pixels)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.codec.channels
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.codec.downsample * self.patch_size
+
+    # ---- transformers ----------------------------------------------------------------------
+    def velocity(self, transformer, x_t, t, cond: SD3Cond, reference=None):
+        """v = eps - x0: SD3's output at timestep 1000 t as is (see the module docstring); x_t (B, C, h, w), t (B,)."""
+        _check_cond(transformer.config, cond)
+        dtype = next(transformer.parameters()).dtype
+        batch = x_t.shape[0]
+        # Kept in float32: 1000 t in bf16 would round (947.4 -> 948); the time projection casts itself.
+        timestep = (torch.as_tensor(t, device=x_t.device).float() * T_SCALE).expand(batch)
+        kwargs = dict(
+            hidden_states=x_t.to(dtype), encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            pooled_projections=cond.pooled.to(dtype), timestep=timestep, return_dict=False,
+        )
+        if reference is not None:
+            if getattr(transformer, "ref_embed", None) is None:
+                raise TypeError(
+                    f"{type(transformer).__name__} has no ref_embed, so it cannot take a reference: load the student "
+                    "with load_transformer(..., for_student=True) or build it with prepare_student(teacher)"
+                )
+            kwargs["reference"] = reference.to(dtype)
+        return transformer(**kwargs)[0].to(x_t.dtype)
+
+    def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
+        """Teacher/critic: plain `SD3Transformer2DModel`; student: `NPEditSD3Transformer2DModel` (ref_embed 0 if absent)."""
+        subfolder = resolve_subfolder(path, subfolder)
+        if not for_student:
+            return SD3Transformer2DModel.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype)
+        model, info = NPEditSD3Transformer2DModel.from_pretrained(
+            str(path), subfolder=subfolder, torch_dtype=torch_dtype, output_loading_info=True,
+        )
+        if "ref_embed" in info["missing_keys"]:  # a plain SD3 checkpoint
+            _zero_ref_embed(model)
+        return model
+
+    def prepare_student(self, transformer):
+        """An `NPEditSD3Transformer2DModel` with the teacher's config and copied weights, ref_embed 0, trainable."""
+        with torch.device("meta"):  # no random init of a multi-billion-parameter model
+            student = NPEditSD3Transformer2DModel.from_config(transformer.config)
+        state = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+        anchor = state["proj_out.weight"]
+        state["ref_embed"] = torch.zeros(student.inner_dim, dtype=anchor.dtype, device=anchor.device)
+        student.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, p in [*student.named_parameters(), *student.named_buffers()] if p.is_meta]
+        if left:
+            raise RuntimeError(f"prepare_student left tensors uninitialised: {left}")
+        return student.requires_grad_(True).train()
+
+    def save_pretrained(self, directory):
+        """Save the present tokenizer*/, text_encoder*/ and vae/ in diffusers layout."""
+        directory = Path(directory)
+        for name, part in self.pipeline_components().items():
+            if part is not None:
+                part.save_pretrained(directory / name)
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """vae + tokenizer/text_encoder(_2, _3) under StableDiffusion3Pipeline's names; absent ones are None."""
+        parts: dict[str, Any] = {"vae": self.codec.vae}
+        clips = list(zip(self.tokenizers, self.text_encoders)) + [(None, None)] * (2 - len(self.tokenizers))
+        for suffix, (tok, enc) in zip(("", "_2"), clips):
+            parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tok, enc
+        parts["tokenizer_3"], parts["text_encoder_3"] = self.tokenizer_3, self.text_encoder_3
+        return parts
+
+
+def _load_component(loader, path: str, subfolder: str, *, required: bool, **kwargs):
+    """`loader.from_pretrained(path, subfolder=...)`; None when an optional component is absent."""
+    local = Path(path)
+    if local.is_dir():
+        if not (local / subfolder).is_dir():
+            if required:
+                raise FileNotFoundError(f"{path} has no {subfolder}/ folder; an SD3 checkpoint needs one")
+            return None
+        return loader.from_pretrained(str(local / subfolder), **kwargs)
+    if required:
+        return loader.from_pretrained(path, subfolder=subfolder, **kwargs)
+    try:
+        return loader.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError):  # the hub repo has no such subfolder
+        return None
+
+
+def _check_cond(config, cond: SD3Cond) -> None:
+    """Fail early, with the numbers, when the text conditioning does not fit the transformer."""
+    if not isinstance(cond, SD3Cond):
+        raise TypeError(f"SD3 conditioning must be an SD3Cond from SD3Backbone.encode_prompt, got {type(cond).__name__}")
+    if cond.prompt_embeds.shape[-1] != config.joint_attention_dim:
+        raise ValueError(
+            f"prompt_embeds width {cond.prompt_embeds.shape[-1]} != transformer joint_attention_dim "
+            f"{config.joint_attention_dim}: text encoders and transformer come from different checkpoints"
+        )
+    if cond.pooled.shape[-1] != config.pooled_projection_dim:
+        raise ValueError(
+            f"pooled width {cond.pooled.shape[-1]} != transformer pooled_projection_dim {config.pooled_projection_dim}"
+        )

@@ -1,0 +1,46 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory):
+    """A tiny Z-Image-family base model (transformer, VAE, Qwen3 text encoder, tokenizer) on disk."""
+    from npedit.backbones.tiny import build_tiny_zimage
+
+    return build_tiny_zimage(tmp_path_factory.mktemp("zimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory):
+    """A tiny LLaVA-OneVision judge on disk."""
+    from npedit.judges.tiny import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("judge"))
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory):
+    """Four 64x64 samples (two recolors, two removals) with targets, as a cases.jsonl."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(4):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(root / "images" / f"t{i}.png")
+        lines.append(json.dumps({
+            "id": str(i), "image": f"images/{i}.png", "target": f"images/t{i}.png",
+            "instruction": "make the red circle green" if i % 2 == 0 else "remove the red circle",
+            "caption_reference": "a red circle on a gray background",
+            "caption_target": "a green circle on a gray background" if i % 2 == 0 else "a gray background",
+            "edit_type": "recolor" if i % 2 == 0 else "remove", "object_name": "red circle",
+        }))
+    (root / "cases.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "cases.jsonl"

@@ -1,0 +1,50 @@
+import random
+
+import numpy as np
+import torch
+
+from npedit.training import checkpoint as ckpt
+
+
+def test_optimizer_state_round_trip_without_pickle(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ckpt.optimizer_state_to_files(opt, tmp_path / "opt")
+    opt2 = torch.optim.AdamW(net.parameters(), lr=5.0)
+    ckpt.optimizer_state_from_files(opt2, tmp_path / "opt")
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert b["param_groups"][0]["lr"] == 1e-3 and b["param_groups"][0]["betas"] == (0.0, 0.9)
+    for pid in a["state"]:
+        for k in a["state"][pid]:
+            torch.testing.assert_close(b["state"][pid][k], a["state"][pid][k])
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".safetensors"}
+
+
+def test_rng_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    ckpt.rng_state_to_files(tmp_path / "rng", {"train": gen})
+    expect = (torch.rand(2), torch.rand(2, generator=gen), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand(3), torch.rand(3, generator=gen)
+    ckpt.rng_state_from_files(tmp_path / "rng", {"train": gen})
+    got = (torch.rand(2), torch.rand(2, generator=gen), random.random(), np.random.rand())
+    torch.testing.assert_close(got[0], expect[0])
+    torch.testing.assert_close(got[1], expect[1])
+    assert got[2:] == expect[2:]
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, False)):
+        d = root / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (root / ".tmp_step_000015").mkdir()
+    assert ckpt.latest_checkpoint(root).name == "step_000005"
+    tmp = root / ".tmp_step_000020"
+    tmp.mkdir()
+    (tmp / "trainer_state.json").write_text("{}")
+    ckpt.finalize(tmp, root / "step_000020", keep=1)
+    assert [d.name for d in ckpt.checkpoint_dirs(root)] == ["step_000020"]

@@ -1,0 +1,43 @@
+import pytest
+
+from npedit.config import load_config, save_config, to_dict
+
+BASE = ["model.base=/m", "data.train=shapes", "judge.path=/j"]
+
+
+def test_defaults_follow_method():
+    cfg = load_config(None, BASE)
+    assert cfg.optim.betas == (0.0, 0.9) and cfg.optim.lr == 2e-5 and cfg.optim.grad_clip == 2.0
+    assert cfg.loss.lambda_dmd == 1.0 and cfg.loss.lambda_vlm == 0.02 and cfg.critic_steps == 5
+    assert cfg.sampler.num_steps == 4 and cfg.sampler.two_step_prob == 0.75 and cfg.data.do_nothing_prob == 0.01
+
+
+def test_file_then_overrides_and_round_trip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stage: warmup\nmodel: {base: /m}\ndata: {train: shapes, batch_size: 4}\n")
+    cfg = load_config(f, ["data.batch_size=8", "optim.betas=[0.5, 0.99]", "judge.identity_question=false"])
+    assert cfg.stage == "warmup" and cfg.data.batch_size == 8 and cfg.optim.betas == (0.5, 0.99)
+    assert cfg.judge.identity_question is False
+    save_config(cfg, tmp_path / "out.yaml")
+    assert to_dict(load_config(tmp_path / "out.yaml")) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage=foo", "stage must be one of 'warmup', 'npedit', 'sft'"),
+    ("judge.loss=ce", "judge.loss must be one of 'yes_no', 'full_vocab'"),
+    ("optim.lrr=1", "valid keys here: optim.lr"),
+    ("max_steps=ten", "max_steps must be a number"),
+    ("data.fraction=0", "data.fraction must be in"),
+    ("nokey", "must look like key=value"),
+])
+def test_bad_values_are_explained(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_config(None, BASE + [override])
+
+
+def test_requirements_are_checked():
+    with pytest.raises(ValueError, match="judge.path is required"):
+        load_config(None, ["model.base=/m", "data.train=shapes"])
+    load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0"])  # DMD-only needs no judge
+    with pytest.raises(FileNotFoundError):
+        load_config("/nonexistent.yaml")

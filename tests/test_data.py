@@ -1,0 +1,40 @@
+import json
+
+import pytest
+import torch
+
+from npedit.data import DO_NOTHING, EditDataset, apply_do_nothing, collate, load_manifest, subset
+
+
+def test_manifest_parsing(tiny_manifest):
+    records = load_manifest(tiny_manifest)
+    assert len(records) == 4 and records[1].edit_type == "remove" and records[0].image.endswith("images/0.png")
+    ds = EditDataset(records, 32, need_target=True)
+    item = ds[0]
+    assert item["reference"].shape == (3, 32, 32) and item["target"].shape == (3, 32, 32)
+    assert -1 <= item["reference"].min() and item["reference"].max() <= 1
+    assert len(subset(records, 0.5, 0)) == 2 and subset(records, 0.5, 0) == subset(records, 0.5, 0)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{bad json", "not valid JSON"),
+    (json.dumps({"image": "a.png"}), "needs at least"),
+    (json.dumps({"image": "a.png", "instruction": "  "}), "empty instruction"),
+    (json.dumps({"image": "a.png", "instruction": "remove it", "edit_type": "remove"}), "needs object_name"),
+])
+def test_manifest_errors_name_the_line(tmp_path, line, message):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"image": "x.png", "instruction": "ok"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"m.jsonl:2: .*{message}"):
+        load_manifest(f)
+
+
+def test_caption_fallback_and_do_nothing(tiny_manifest, tmp_path):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"image": "x.png", "instruction": "make it red"}) + "\n")
+    assert load_manifest(f)[0].target_caption == "make it red"
+    batch = collate([EditDataset(load_manifest(tiny_manifest), 16)[i] for i in range(2)])
+    out = apply_do_nothing(batch, 1.0, torch.Generator().manual_seed(0))
+    assert out["do_nothing"].all() and out["instruction"] == [DO_NOTHING] * 2
+    assert out["caption_target"] == batch["caption_reference"]
+    assert not apply_do_nothing(batch, 0.0, torch.Generator())["do_nothing"].any()

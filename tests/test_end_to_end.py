@@ -1,0 +1,123 @@
+"""Train-save-load-edit on tiny real-class models, through the CLI, as a user would run it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_zimage, tiny_judge, tiny_manifest):
+    work = tmp_path_factory.mktemp("e2e")
+    common = [f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2", "log_every=1",
+              "optim.skip_grad_norm=1e9", "optim.lr=1e-4"]
+    run("-m", "npedit", "train", "stage=warmup", "output_dir=runs/warmup", "max_steps=2", *common, cwd=work)
+    stage2 = ["stage=npedit", "output_dir=runs/npedit", f"judge.path={tiny_judge}", "critic_steps=2",
+              f"model.student={work}/runs/warmup/pipeline", "sample_every=3", "data.do_nothing_prob=0.25", *common]
+    run("-m", "npedit", "train", "max_steps=3", *stage2, cwd=work)
+    first = (work / "runs/npedit/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors").read_bytes()
+    run("-m", "npedit", "train", "--resume", "max_steps=4", *stage2, cwd=work)
+    return work, first
+
+
+def test_training_runs_and_resumes(trained):
+    work, first_weights = trained
+    run_dir = work / "runs/npedit"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # resumed at 3, one more step
+    for r in rows:
+        assert np.isfinite([r["dmd_loss"], r["vlm_loss"], r["critic_fm_loss"]]).all()
+        assert r["student_skipped"] == 0
+    assert (run_dir / "samples/step_000003.png").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "tensorboard").is_dir()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_000003", "step_000004"]
+    last = (run_dir / "checkpoints/step_000004/student/diffusion_pytorch_model.safetensors").read_bytes()
+    assert last != first_weights  # the resumed step changed the student
+    assert not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pkl"))
+    state = json.loads((run_dir / "checkpoints/step_000004/trainer_state.json").read_text())
+    assert state["step"] == 4 and state["stage"] == "npedit"
+
+
+def test_pipeline_loads_and_edits(trained):
+    from npedit import NPEditPipeline
+
+    work, _ = trained
+    pipe = NPEditPipeline.from_pretrained(work / "runs/npedit/pipeline")
+    assert (work / "runs/npedit/pipeline/README.md").is_file()
+    img = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+    steps = []
+    out = pipe(image=img, prompt="make the red circle green", generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=lambda p, i, t, kw: steps.append((i, t, kw["x0"].shape)))
+    again = pipe(image=img, prompt="make the red circle green", generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (56, 40) and len(steps) == 4 and steps[0][1] == 1.0
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0]))  # seeded = reproducible
+    with pytest.raises(ValueError, match="instruction is empty"):
+        pipe(image=img, prompt="   ")
+
+
+def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest):
+    work, _ = trained
+    src = tiny_manifest.parent / "images/0.png"
+    Image.open(src).resize((48, 80)).save(work / "in.png")
+    run("-m", "npedit", "edit", "--model", "runs/npedit/pipeline", "--image", "in.png",
+        "--instruction", "make the red circle green", "--output", "out/edited.png", cwd=work)
+    assert Image.open(work / "out/edited.png").size == (48, 80)
+    verdict = json.loads(run("-m", "npedit", "judge", "--judge", tiny_judge, "--reference", "in.png", "--edited",
+                             "out/edited.png", "--instruction", "make the red circle green", cwd=work))
+    assert 0 < verdict["p_edit"] < 1 and 0 < verdict["p_identity"] < 1
+    removal = json.loads(run("-m", "npedit", "judge", "--judge", tiny_judge, "--reference", "in.png", "--edited",
+                             "out/edited.png", "--instruction", "remove the red circle", "--edit-type", "remove",
+                             "--object", "red circle", cwd=work))
+    contains = next(q for q in removal["questions"] if q["kind"] == "contains")
+    assert removal["p_edit"] == pytest.approx(1 - contains["p_yes"])
+
+
+def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
+    from npedit.cli import main
+
+    work, _ = trained
+    main(["edit", "--model", str(work / "runs/npedit/pipeline"), "--batch", str(tiny_manifest),
+          "--output-dir", str(work / "batch")])
+    assert sorted(p.name for p in (work / "batch").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    pairs = work / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"id": i, "reference": str(tiny_manifest.parent / f"images/{i}.png"),
+                                           "edited": str(work / f"batch/{i}.png"), "instruction": "remove the red circle",
+                                           "edit_type": "remove", "object": "red circle"}) for i in "01") + "\n")
+    main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(work / "verdicts.jsonl")])
+    rows = [json.loads(line) for line in (work / "verdicts.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["0", "1"] and all(set(r) == {"id", "p_edit", "p_identity"} for r in rows)
+
+
+def test_missing_default_model_is_one_clear_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NPEDIT_ASSETS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", "x.png", "--instruction", "a",
+                          "--output", "y.png"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "pass --model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_manifest):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "npedit", "train", "stage=npedit",
+           f"model.base={tiny_zimage}", f"judge.path={tiny_judge}", f"data.train={tiny_manifest}",
+           f"output_dir={tmp_path}/ddp", "max_steps=2", "critic_steps=1", "optim.skip_grad_norm=1e9"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "ddp/checkpoints").iterdir()] == ["step_000002"]
+    assert (tmp_path / "ddp/pipeline/model_index.json").is_file()

@@ -1,0 +1,51 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from npedit import images
+from npedit.images import ImageError, load_image
+
+
+def test_odd_modes_become_rgb(tmp_path):
+    rgba = Image.new("RGBA", (8, 6), (255, 0, 0, 0))
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent over white
+    assert load_image(Image.new("L", (8, 6), 100)).getpixel((0, 0)) == (100, 100, 100)
+    deep = Image.fromarray(np.arange(48, dtype=np.uint16).reshape(6, 8) * 1000)
+    deep.save(tmp_path / "deep.png")
+    out = load_image(tmp_path / "deep.png")
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((7, 5)) == (255, 255, 255)
+    assert load_image(Image.new("P", (4, 4))).mode == "RGB"
+
+
+def test_exif_rotation_applied(tmp_path):
+    img = Image.new("RGB", (8, 4), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "r.jpg").size == (4, 8)
+
+
+def test_broken_missing_and_huge_inputs(tmp_path, monkeypatch):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="cannot read"):
+        load_image(tmp_path / "bad.png")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:40])
+    with pytest.raises(ImageError):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "nope.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="larger than"):
+        load_image(tmp_path / "big.png")
+
+
+def test_sizes_and_tensor_round_trip():
+    assert images.editable_size(50, 70, 16, 1024) == (48, 64)
+    assert images.editable_size(4000, 3000, 16, 1024) == (1024, 768)
+    img = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(images.tensor_to_pil(images.pil_to_tensor(img))), np.asarray(img))

@@ -1,0 +1,60 @@
+import torch
+
+from npedit.losses import dmd_loss, do_nothing_loss, flow_matching_loss, vlm_loss
+
+
+def test_dmd_gradient_zero_when_teacher_and_critic_agree():
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    real = torch.randn(2, 4, 8, 8)
+    loss, _ = dmd_loss(x, real, real.clone())
+    loss.backward()
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_dmd_gradient_equals_g_over_numel():
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    real, fake = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    loss, _ = dmd_loss(x, real, fake)
+    loss.backward()
+    w = (x.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    g = (fake - real) / w
+    torch.testing.assert_close(x.grad, g / x.numel())
+
+
+def test_flow_matching_zero_at_true_velocity():
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert flow_matching_loss(eps - x0, x0, eps)[0] == 0
+    assert flow_matching_loss(torch.zeros_like(x0), x0, eps)[0] > 0
+
+
+def test_vlm_loss_yes_no_is_bce_on_margin():
+    logits = torch.tensor([[[0.0, 2.0], [1.0, -1.0]]])  # (B=1, Q=2, [No, Yes])
+    expected = torch.tensor([[True, False]])
+    loss, m = vlm_loss(logits, torch.log_softmax(logits, -1), expected)
+    want = (-torch.nn.functional.logsigmoid(torch.tensor(2.0)) - torch.nn.functional.logsigmoid(torch.tensor(2.0))) / 2
+    torch.testing.assert_close(loss, want)
+    hot, _ = vlm_loss(logits, logits, expected, temperature=0.1)
+    assert hot > loss  # a low temperature softens the margin
+
+
+def test_vlm_loss_full_vocab_and_weights():
+    vocab_lp = torch.log(torch.tensor([[[0.2, 0.5]], [[0.3, 0.1]]]))  # (B=2, Q=1, 2)
+    expected = torch.tensor([[True], [False]])
+    loss, _ = vlm_loss(torch.zeros(2, 1, 2), vocab_lp, expected, mode="full_vocab")
+    torch.testing.assert_close(loss, -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.3))) / 2)
+    only_first, _ = vlm_loss(torch.zeros(2, 1, 2), vocab_lp, expected, mode="full_vocab", weight=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(only_first, -torch.log(torch.tensor(0.5)))
+
+
+def test_vlm_loss_gradient_raises_expected_answer():
+    logits = torch.zeros(1, 2, 2, requires_grad=True)
+    loss, _ = vlm_loss(logits, logits, torch.tensor([[True, False]]))
+    loss.backward()
+    assert logits.grad[0, 0, 1] < 0 < logits.grad[0, 0, 0]  # push Yes up for the first question
+    assert logits.grad[0, 1, 0] < 0 < logits.grad[0, 1, 1]  # and No up for the second
+
+
+def test_do_nothing_masked():
+    x, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    assert do_nothing_loss(x, ref, torch.tensor([False, False]))[0] == 0
+    torch.testing.assert_close(do_nothing_loss(x, ref, torch.tensor([True, False]))[0], torch.tensor(0.5))
