@@ -10,6 +10,8 @@ SHAPES_DIR = ASSETS_DIR / "shapes"
 DEFAULT_MODEL = SHAPES_DIR / "editor"  # NPEditPipeline layout
 DEFAULT_JUDGE = SHAPES_DIR / "judge"
 DEFAULT_TEACHER = SHAPES_DIR / "teacher"  # text-to-image base: teacher transformer, VAE, text encoder
+DEFAULT_CRITIC = SHAPES_DIR / "critic"  # the critic (fake score) transformer trained with the editor
+EXAMPLES_DIR = ASSETS_DIR / "examples"
 
 
 def default_path(kind: str, given: str | None) -> str:

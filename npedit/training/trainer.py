@@ -372,12 +372,14 @@ class Trainer:
         return True
 
     def export(self) -> Path:
-        """Save the student as an `NPEditPipeline` under <output_dir>/pipeline."""
+        """Save the student as an `NPEditPipeline` under <output_dir>/pipeline (and the critic under critic/)."""
         out = self.run_dir / "pipeline"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             pipe = NPEditPipeline.from_parts(self.student, self.backbone, shift=self.cfg.sampler.shift)
             pipe.save_pretrained(out)
             (out / "training_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            if self.critic is not None:
+                self.critic.save_pretrained(self.run_dir / "critic", safe_serialization=True)
         self.acc.wait_for_everyone()
         return out
