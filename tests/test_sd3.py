@@ -241,3 +241,12 @@ def test_sd3_trains_and_edits_through_the_same_trainer(tmp_path, tiny_judge, tin
     assert type(pipe.transformer).__name__ == "NPEditSD3Transformer2DModel" and pipe.family == "sd3"
     img = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     assert pipe(image=img, prompt="make it red", generator=torch.Generator().manual_seed(0)).images[0].size == (64, 64)
+
+
+def test_empty_t5_token_count_travels_with_the_checkpoint(tmp_path):
+    from npedit.backbones.tiny import build_tiny_sd3
+
+    base = build_tiny_sd3(tmp_path / "m", empty_t5_tokens=0)
+    bb = SD3Backbone.from_pretrained(base)
+    cond = bb.encode_prompt(["a red circle"], with_reference=False)
+    assert bb.max_sequence_length == 0 and cond.prompt_embeds.shape[1] == 77

@@ -151,7 +151,7 @@ class SD3Backbone(Backbone):
         joint_attention_dim: int | None = None,
         pooled_projection_dim: int | None = None,
         patch_size: int = 2,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ):
         """`tokenizers`/`text_encoders`: the 1 or 2 CLIPs in pipeline order; T5 optional.
 
@@ -170,6 +170,11 @@ class SD3Backbone(Backbone):
         self.text_encoder_3 = text_encoder_3.requires_grad_(False).eval() if text_encoder_3 is not None else None
         self.codec = LatentCodec(vae.requires_grad_(False).eval())
         self.patch_size = int(patch_size)
+        if max_sequence_length is None:
+            # Without a T5, a checkpoint may say how many zero T5 tokens it was trained with (a key
+            # kept in the first CLIP's config); diffusers' SD3 pipeline appends 256.
+            default = getattr(text_encoders[0].config, "npedit_empty_t5_tokens", 256) if text_encoder_3 is None else 256
+            max_sequence_length = default
         self.max_sequence_length = int(max_sequence_length)
         clip_width = sum(e.config.hidden_size for e in text_encoders)
         t5_width = text_encoder_3.config.d_model if text_encoder_3 is not None else None
@@ -196,7 +201,7 @@ class SD3Backbone(Backbone):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32, max_sequence_length: int = 256,
+        cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None,
     ) -> "SD3Backbone":
         """Load tokenizer(s), CLIP(s), optional T5 and VAE from a diffusers-layout folder or hub id."""
         path = str(path)

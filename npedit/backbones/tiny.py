@@ -168,6 +168,7 @@ def build_tiny_sd3(
     num_clips: int = 1,
     t5_hidden: int = 0,
     dual_attention_layers: tuple[int, ...] = (),
+    empty_t5_tokens: int | None = None,
     seed: int = 0,
 ) -> str:
     """Save tokenizer*/, text_encoder*/ (1-2 CLIPs, optional T5), vae/ and transformer/ of a tiny SD3-family model.
@@ -182,6 +183,8 @@ def build_tiny_sd3(
     suffixes = ["", "_2"][:num_clips]
     for i, suffix in enumerate(suffixes):
         clip = tiny_clip(tokenizer, hidden=text_hidden, projection_dim=projection_dim, seed=seed + i)
+        if empty_t5_tokens is not None:  # recorded for SD3Backbone: zero T5 tokens used without a T5
+            clip.config.npedit_empty_t5_tokens = int(empty_t5_tokens)
         tokenizer.save_pretrained(directory / f"tokenizer{suffix}")
         clip.save_pretrained(directory / f"text_encoder{suffix}")
     joint_dim = text_hidden * num_clips
