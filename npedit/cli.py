@@ -128,6 +128,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_shapes(args) -> int:
+    """Train a Shapes-world base-model stage (vae, teacher, judge) or evaluate the judge."""
+    if args.stage == "judge":
+        from .shapes.judge_training import run
+    elif args.stage == "judge-eval":
+        from .shapes.judge_training import eval_main
+
+        return eval_main(args.overrides) or 0
+    else:
+        from functools import partial
+
+        from .shapes.recipes import run as run_stage
+
+        run = partial(run_stage, args.stage)
+    try:
+        print(run(args.overrides))
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m npedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=100 optim.lr=1e-4")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge")
+    s.add_argument("stage", choices=["vae", "teacher", "judge", "judge-eval"])
+    s.add_argument("overrides", nargs="*", help="preset=NAME and dotted key=value overrides")
+    s.set_defaults(func=cmd_shapes)
     return parser
 
 

@@ -147,7 +147,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{key} must be a mapping")
-        return _build(tp, value, key + ".")
+        return build_config(tp, value, key + ".")
     if origin is tuple:
         args = typing.get_args(tp)
         items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -177,7 +177,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_config(cls, data: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from nested dicts, coercing types; unknown keys are listed in the error."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -219,7 +220,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{p} must hold a mapping of config keys")
-    return _build(TrainConfig, apply_overrides(data, list(overrides)))
+    return build_config(TrainConfig, apply_overrides(data, list(overrides)))
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -86,7 +86,7 @@ def build_tiny_zimage(
 # ---- SD3 family ------------------------------------------------------------------------------
 
 
-def _add_bos_eos(tokenizer, bos: str = "<|im_start|>", eos: str = "<|endoftext|>"):
+def add_bos_eos(tokenizer, bos: str = "<|im_start|>", eos: str = "<|endoftext|>"):
     """Make a BPE tokenizer wrap every text as `bos text eos`, the layout CLIP's pooled read-out expects.
 
     As in CLIP-L, eos is also the pad token: CLIP pools at the first eos. Its id must not be 2,
@@ -179,7 +179,7 @@ def build_tiny_sd3(
     if num_clips not in (1, 2):
         raise ValueError(f"num_clips must be 1 or 2, got {num_clips}")
     directory = Path(directory)
-    tokenizer = _add_bos_eos(build_bpe_tokenizer(corpus, vocab_size=512, model_max_length=max_text_tokens))
+    tokenizer = add_bos_eos(build_bpe_tokenizer(corpus, vocab_size=512, model_max_length=max_text_tokens))
     suffixes = ["", "_2"][:num_clips]
     for i, suffix in enumerate(suffixes):
         clip = tiny_clip(tokenizer, hidden=text_hidden, projection_dim=projection_dim, seed=seed + i)

@@ -1,0 +1,797 @@
+"""Training the Shapes-world judge: a small LLaVA-OneVision that answers the NP-Edit questions.
+
+The judge is asked exactly the questions the NP-Edit trainer asks (`npedit.judges.training_questions`),
+through the same adapter (`LlavaOnevisionJudge.answer`), and its truth comes from the grammar:
+- edit check: Yes iff `scoring.followed(candidate, edit)` (so identical images are No);
+- contains check (removals, candidate only): Yes iff an object of that colour and shape is present;
+- identity check (also the removal one): Yes iff `scoring.preserved(candidate, reference, edit)`.
+
+Architecture choice: 64 x 64 views cut into 21 x 21 patches give a 3 x 3 grid of vision tokens
+whose patches hold exactly one grid cell each (every object spans centre +- 9, i.e. pixels
+2..20, 23..41, 44..62; the last row and column, always background, fall off the strided conv).
+Nine tokens per image keep the language model's sequences short, which is what makes CPU
+training fast enough.
+
+Recipe (staged, dense supervision first):
+1. vision: the vision tower and projector learn per-cell colour / shape / size and the background
+   from a temporary linear head on the projected features (the tokens the language model reads).
+2. checks: the Yes/No checks, 2-way cross-entropy on the [No, Yes] logits of `judge.answer`
+   (exactly what NP-Edit reads), with two dense auxiliaries kept on: the vision head on both
+   images, and temporary linear probes on a middle language-model layer (each edited-image cell
+   token predicts the reference's object in that cell and whether the cell changed; the answer
+   position predicts the instruction's category and target cell). The probes are discarded.
+
+Candidates and their labels (balanced 1:1:1:1 over (edit done?, rest preserved?) per category):
+true edit (Yes, Yes); identical or wrong value at the right cell (No, Yes); the edit plus an
+extra change or a changed unnamed attribute (Yes, No); wrong object, wrong category, moved
+object, or a wrong edit plus an extra change (No, No). For removals "edit done" means the
+contains check answers No.
+
+Degradations (the student's decoded outputs are imperfect): the candidate may be blurred
+(Gaussian sigma 0.3-1.0 px), colour-jittered (gain 0.92-1.08, offset +-0.04 per channel) and
+noised (sigma up to 0.08); such a candidate keeps its label only when `world.parse` still reads
+the candidate scene from it, otherwise the clean render is used. So labels always follow the
+benchmark's own reading of the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from npedit import config as config_lib
+from npedit.judges import Question, training_questions
+from npedit.judges.llava_onevision import LlavaOnevisionJudge
+from npedit.judges.tiny import build_tiny_llava_onevision
+from npedit.shapes.edits import (
+    CATEGORIES,
+    MUST_CHANGE,
+    OBJ_ATTRS,
+    TEMPLATES,
+    Edit,
+    EditCase,
+    apply_edit,
+    case_from_edit,
+    edit_between,
+    edit_problem,
+    held_out_cases,
+    named_attributes,
+    sample_case,
+    sample_edit,
+)
+from npedit.shapes.scoring import followed, preserved
+from npedit.shapes.world import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Obj, Scene, caption, parse, pick, render
+from npedit.training.logging import MetricsLogger
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Sizes of the judge built from scratch (SigLIP tower + Qwen2 language model)."""
+
+    image_size: int = 64
+    patch_size: int = 21  # 3 x 3 tokens, one per grid cell
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vocab_size: int = 1024
+    corpus_cases: int = 3000  # random cases whose questions train the tokenizer
+
+    def __post_init__(self):
+        if self.image_size // self.patch_size < 1:
+            raise ValueError(f"arch.patch_size {self.patch_size} is larger than arch.image_size {self.image_size}")
+        if self.hidden_size % self.num_heads or self.vision_width % self.vision_heads:
+            raise ValueError("arch.hidden_size / vision_width must be divisible by num_heads / vision_heads")
+
+
+@dataclass(frozen=True)
+class JudgeTrainConfig:
+    """One judge-training run: the two stages, the data mix and the bookkeeping."""
+
+    preset: str = "default"
+    output_dir: str = ""  # "" = runs/shapes/judge-<preset>-<time>
+    seed: int = 0
+    threads: int = 1  # torch CPU threads
+    device: str = "cpu"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    init: str = ""  # start from this judge folder instead of building a new model (skips nothing else)
+    # stage 1: vision tower on the dense per-cell head
+    vision_steps: int = 400
+    vision_batch: int = 64
+    vision_lr: float = 2e-3
+    # stage 2: Yes/No checks with the dense auxiliaries
+    check_steps: int = 4000
+    batch_size: int = 32  # (reference, candidate) pairs per step, two questions each
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decay to lr * this
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    dense_weight: float = 0.2  # vision head on both images during stage 2
+    probe_weight: float = 0.3  # language-model probes during stage 2
+    probe_layer: int = -1  # decoder layer whose output the probes read; -1 = num_layers // 2 - 1
+    paraphrase_prob: float = 0.5
+    degrade_prob: float = 0.4
+    max_minutes: float = 0.0  # stop stage 2 early after this much wall-clock (0 = no limit)
+    # bookkeeping
+    log_every: int = 25
+    eval_every: int = 250
+    eval_cases: int = 120  # held-out cases; 4 candidates and 8 questions each
+    eval_seed: int = 1000
+    save_every: int = 0  # extra checkpoints under checkpoints/ (0 = only the best and the last)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
+        if self.vision_steps < 0 or self.check_steps < 0 or self.batch_size < 1 or self.vision_batch < 1:
+            raise ValueError("vision_steps and check_steps must be >= 0, batch sizes >= 1")
+        if not 0 <= self.paraphrase_prob <= 1 or not 0 <= self.degrade_prob <= 1:
+            raise ValueError("paraphrase_prob and degrade_prob must be in [0, 1]")
+        if self.probe_layer >= self.arch.num_layers:
+            raise ValueError(f"probe_layer must be < arch.num_layers ({self.arch.num_layers})")
+
+
+# Named presets: overrides applied on top of the dataclass defaults, before the user's.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "quick": {
+        "arch": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "vision_width": 32, "vision_layers": 1,
+                 "vision_heads": 2, "vocab_size": 600, "corpus_cases": 200},
+        "vision_steps": 3, "vision_batch": 8, "check_steps": 4, "batch_size": 4, "warmup_steps": 1,
+        "log_every": 2, "eval_every": 2, "eval_cases": 6, "save_every": 2,
+    },
+}
+
+
+def build_config(overrides: Sequence[str] = ()) -> JudgeTrainConfig:
+    """The config of `preset=<name>` (default "default") with the dotted `key=value` overrides applied."""
+    overrides = list(overrides)
+    preset = "default"
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "preset":
+            preset = str(yaml.safe_load(item.split("=", 1)[1]))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    data = config_lib.apply_overrides({"preset": preset, **PRESETS[preset]}, overrides)
+    return config_lib.build_config(JudgeTrainConfig, data)
+
+
+# ---- truth from the grammar ------------------------------------------------------------------
+
+
+def true_answers(case: EditCase, candidate: Scene) -> tuple[bool, bool]:
+    """Truth of (edit check or, for removals, contains check; identity check) for `candidate`."""
+    edit = edit_between(case.reference, case.expected, case.category)
+    if case.category == "remove":
+        check = any(o.name == case.object_name for o in candidate.objects)
+    else:
+        check = followed(candidate, edit)
+    return check, preserved(candidate, case.reference, edit)
+
+
+def edit_done(case: EditCase, check: bool) -> bool:
+    """Whether the requested change is present, from the first check's truth (removals: not contained)."""
+    return not check if case.category == "remove" else check
+
+
+@dataclass(frozen=True)
+class JudgeSample:
+    """A case, one candidate result and the true answers to its two questions."""
+
+    case: EditCase
+    candidate: Scene
+    kind: str  # how the candidate was made (see CANDIDATE_MAKERS)
+    answers: tuple[bool, bool]  # truth of (edit / contains check, identity check)
+
+    @property
+    def questions(self) -> list[Question]:
+        """The two questions NP-Edit asks about this case, in training order."""
+        return training_questions(self.case.instruction, self.case.edit_type, self.case.object_name)
+
+
+# ---- candidate results -----------------------------------------------------------------------
+# Each maker turns (rng, case, edit) into a candidate scene, or None when it does not apply.
+
+
+def _random_edit(rng: np.random.Generator, scene: Scene, categories: Sequence[str],
+                 accept: Callable[[Edit], bool], tries: int = 40) -> Edit | None:
+    """A random feasible edit of one of `categories` on `scene` that `accept` takes, or None."""
+    for _ in range(tries):
+        edit = sample_edit(scene, pick(rng, categories), rng)
+        if edit is not None and accept(edit):
+            return edit
+    return None
+
+
+def _apply(scene: Scene, edit: Edit | None) -> Scene | None:
+    return None if edit is None else apply_edit(scene, edit)
+
+
+def _wrong_value(rng, case, edit):
+    """Same category at the same cell, other values (e.g. recolor to the wrong colour)."""
+    return _apply(case.reference, _random_edit(rng, case.reference, [edit.category],
+                                               lambda e: e.cell == edit.cell and e != edit))
+
+
+def _wrong_object(rng, case, edit):
+    """The same kind of change at another cell (with the instruction's values when possible)."""
+    if edit.category == "background":
+        return None
+    scene = case.reference
+    if rng.random() < 0.5:
+        cells = [c for c in CELLS if c != edit.cell]
+        rng.shuffle(cells)
+        for cell in cells:
+            moved = replace(edit, cell=cell)
+            if edit_problem(scene, moved) is None:
+                return apply_edit(scene, moved)
+    return _apply(scene, _random_edit(rng, scene, [edit.category], lambda e: e.cell != edit.cell))
+
+
+def _wrong_category(rng, case, edit):
+    """An edit of another category, at the target cell when that is possible."""
+    scene = case.reference
+    at_target = edit.cell is not None and scene.at(edit.cell) is not None
+    others = [c for c in CATEGORIES if c != edit.category]
+    return _apply(scene, _random_edit(rng, scene, others, lambda e: not at_target or e.cell == edit.cell))
+
+
+def _plus_extra(rng, scene: Scene | None, edit: Edit) -> Scene | None:
+    """`scene` with one more change somewhere the instruction does not name."""
+    if scene is None:
+        return None
+    return _apply(scene, _random_edit(rng, scene, CATEGORIES,
+                                      lambda e: e.cell != edit.cell and not (e.cell is None and edit.cell is None)))
+
+
+def _extra(rng, case, edit):
+    """The right edit plus an extra change (another object altered, added or removed, or the background)."""
+    return _plus_extra(rng, case.expected, edit)
+
+
+def _unnamed(rng, case, edit):
+    """The right edit, but an attribute the instruction does not name changed too (e.g. recolor also resized)."""
+    if edit.category not in MUST_CHANGE:
+        return None
+    target = case.expected.at(edit.cell)
+    attr = pick(rng, [a for a in OBJ_ATTRS if a not in named_attributes(edit.category)])
+    allowed = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}[attr]
+    changed = replace(target, **{attr: pick(rng, [v for v in allowed if v != getattr(target, attr)])})
+    return Scene(case.expected.background, tuple(o for o in case.expected.objects if o.cell != edit.cell) + (changed,))
+
+
+def _moved(rng, case, edit):
+    """The (edited) object ends up in another, empty cell."""
+    scene = case.expected if edit.category != "remove" else case.reference
+    obj = scene.at(edit.cell) if edit.cell is not None else None
+    if obj is None or not scene.empty_cells:
+        return None
+    cell = pick(rng, [c for c in scene.empty_cells if c != edit.cell])
+    return Scene(scene.background, tuple(o for o in scene.objects if o.cell != edit.cell) + (replace(obj, cell=cell),))
+
+
+def _compound(rng, case, edit):
+    """A wrong edit (value or object) plus an extra change."""
+    wrong = _wrong_value(rng, case, edit) if rng.random() < 0.5 else _wrong_object(rng, case, edit)
+    return _plus_extra(rng, wrong, edit)
+
+
+CANDIDATE_MAKERS: dict[str, Callable] = {
+    "true": lambda rng, case, edit: case.expected,
+    "identical": lambda rng, case, edit: case.reference,
+    "wrong_value": _wrong_value,
+    "wrong_object": _wrong_object,
+    "wrong_category": _wrong_category,
+    "extra": _extra,
+    "unnamed": _unnamed,
+    "moved": _moved,
+    "compound": _compound,
+}
+# (edit done?, rest preserved?) -> makers likely to produce it, with weights.
+COMBOS: dict[tuple[bool, bool], dict[str, float]] = {
+    (True, True): {"true": 1.0},
+    (False, True): {"identical": 0.5, "wrong_value": 0.5},
+    (True, False): {"extra": 0.6, "unnamed": 0.4},
+    (False, False): {"wrong_object": 0.3, "wrong_category": 0.3, "moved": 0.2, "compound": 0.2},
+}
+
+
+def make_candidate(rng: np.random.Generator, case: EditCase, combo: tuple[bool, bool], tries: int = 50) -> JudgeSample:
+    """A candidate for `case` whose true (edit done, preserved) is `combo` (any candidate if none is found)."""
+    edit = edit_between(case.reference, case.expected, case.category)
+    makers = COMBOS[combo]
+    names, weights = list(makers), np.array(list(makers.values()))
+    sample = None
+    for _ in range(tries):
+        kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        candidate = CANDIDATE_MAKERS[kind](rng, case, edit)
+        if candidate is None:
+            continue
+        answers = true_answers(case, candidate)
+        sample = JudgeSample(case, candidate, kind, answers)
+        if (edit_done(case, answers[0]), answers[1]) == combo:
+            return sample
+    if sample is None:  # nothing applied: fall back to the true edit
+        return JudgeSample(case, case.expected, "true", true_answers(case, case.expected))
+    return sample
+
+
+def sample_training(rng: np.random.Generator, paraphrase_prob: float = 0.5) -> JudgeSample:
+    """One training sample: uniform category, uniform (edit done, preserved) combination."""
+    case = sample_case(rng, paraphrase_prob=paraphrase_prob)
+    combos = list(COMBOS)
+    return make_candidate(rng, case, combos[int(rng.integers(len(combos)))])
+
+
+def evaluation_samples(n: int, seed: int = 1000) -> list[JudgeSample]:
+    """Held-out benchmark for the judge: `n` canonical cases (`held_out_cases`), one candidate per combination."""
+    samples = []
+    for i, case in enumerate(held_out_cases(n, seed)):
+        rng = np.random.default_rng([seed, 7, i])
+        samples += [make_candidate(rng, case, combo) for combo in COMBOS]
+    return samples
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(64, 64, 3) uint8 -> (3, 64, 64) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(3, H, W) blurred with a separable Gaussian (reflect padding)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, -1)
+    y = F.pad(x[:, None], (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y.flatten(0, 1)[:, None], k.view(1, 1, 1, -1)).view(3, 1, x.shape[1], x.shape[2])
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(1, 1, -1, 1)).view_as(x)
+
+
+def degrade(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Blur, colour jitter and/or Gaussian noise on a (3, H, W) image in [0, 1] (each drawn independently)."""
+    x = image
+    if rng.random() < 0.5:
+        x = _gaussian_blur(x, float(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.5:
+        gain = torch.from_numpy(rng.uniform(0.92, 1.08, 3)).float().view(3, 1, 1)
+        offset = torch.from_numpy(rng.uniform(-0.04, 0.04, 3)).float().view(3, 1, 1)
+        x = x * gain + offset
+    if rng.random() < 0.6 or x is image:
+        x = x + float(rng.uniform(0.01, 0.08)) * torch.from_numpy(rng.standard_normal(x.shape)).float()
+    return x.clamp(0, 1)
+
+
+def candidate_image(scene: Scene, rng: np.random.Generator, degrade_prob: float) -> tuple[torch.Tensor, bool]:
+    """The candidate's render, degraded with probability `degrade_prob` when the parse still reads `scene`."""
+    clean = to_tensor(render(scene))
+    if rng.random() >= degrade_prob:
+        return clean, False
+    noisy = degrade(clean, rng)
+    if parse((noisy * 255).round().byte().permute(1, 2, 0).numpy()) == scene:
+        return noisy, True
+    return clean, False
+
+
+# ---- dense targets and heads -----------------------------------------------------------------
+
+N_COLOUR, N_SHAPE, N_SIZE, N_BG = len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(BACKGROUNDS)
+
+
+def cell_targets(scene: Scene) -> torch.Tensor:
+    """(9, 3) per-cell (colour, shape, size) class ids in reading order; 0 = empty cell."""
+    rows = []
+    for cell in CELLS:
+        o = scene.at(cell)
+        rows.append([0, 0, 0] if o is None else [
+            1 + list(COLOURS).index(o.colour), 1 + SHAPES.index(o.shape), 1 + list(SIZES).index(o.size)])
+    return torch.tensor(rows)
+
+
+def _cell_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of (..., 7 + 4 + 3) per-cell logits against (..., 3) colour/shape/size targets."""
+    parts = logits.split([N_COLOUR, N_SHAPE, N_SIZE], dim=-1)
+    return sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), targets[..., i].reshape(-1)) for i, p in enumerate(parts)) / 3
+
+
+class DenseHead(nn.Module):
+    """Temporary head on the 3 x 3 projected vision tokens: per-cell colour/shape/size and the background."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cells = nn.Linear(dim, N_COLOUR + N_SHAPE + N_SIZE)
+        self.background = nn.Linear(dim, N_BG)
+
+    def loss(self, feats: torch.Tensor, scenes: Sequence[Scene]) -> tuple[torch.Tensor, dict]:
+        """CE on (N, 9, D) features; metrics: scene-exact accuracy of the head's reading."""
+        targets = torch.stack([cell_targets(s) for s in scenes]).to(feats.device)  # (N, 9, 3)
+        bg = torch.tensor([list(BACKGROUNDS).index(s.background) for s in scenes], device=feats.device)
+        cell_logits = self.cells(feats)  # (N, 9, 14)
+        bg_logits = self.background(feats.mean(1))  # (N, 5)
+        loss = _cell_ce(cell_logits, targets) + F.cross_entropy(bg_logits, bg)
+        with torch.no_grad():
+            pred = torch.stack([p.argmax(-1) for p in cell_logits.split([N_COLOUR, N_SHAPE, N_SIZE], -1)], -1)
+            exact = (pred == targets).all(-1).all(-1) & (bg_logits.argmax(-1) == bg)
+        return loss, {"scene_exact": exact.float().mean()}
+
+
+class Probes(nn.Module):
+    """Temporary linear probes on a middle language-model layer (dense supervision of the comparison).
+
+    - each edited-image cell token of a two-image question: the reference's object in that cell
+      (colour, shape, size) and whether the cell changed;
+    - the answer position of a two-image question: the instruction's category and target cell
+      (9 cells, or "none" for the background).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cells = nn.Linear(dim, N_COLOUR + N_SHAPE + N_SIZE + 2)
+        self.answer = nn.Linear(dim, len(CATEGORIES) + len(CELLS) + 1)
+
+    def loss(self, hidden, ids, last, image_token_id, samples: Sequence[JudgeSample], num_q: int):
+        """Probe CE on the captured (N, L, D) hidden states of the row-major (B * Q) conversations."""
+        cell_rows, cell_targets_, answer_rows, answer_targets = [], [], [], []
+        for i in range(ids.shape[0]):
+            s = samples[i // num_q]
+            slots = (ids[i] == image_token_id).nonzero().squeeze(-1)
+            if len(slots) != 20:  # one-image (contains) question: nothing to compare
+                continue
+            edit = edit_between(s.case.reference, s.case.expected, s.case.category)
+            ref = cell_targets(s.case.reference)  # (9, 3)
+            changed = torch.tensor([s.candidate.at(c) != s.case.reference.at(c) for c in CELLS]).long()
+            cell_rows.append(hidden[i, slots[10:19]])
+            cell_targets_.append(torch.cat([ref, changed[:, None]], -1))
+            answer_rows.append(hidden[i, last[i]])
+            target_cell = len(CELLS) if edit.cell is None else CELLS.index(edit.cell)
+            answer_targets.append([CATEGORIES.index(s.case.category), target_cell])
+        if not cell_rows:
+            return hidden.sum() * 0, {}
+        device = hidden.device
+        cells = self.cells(torch.stack(cell_rows))  # (R, 9, 16)
+        targets = torch.stack(cell_targets_).to(device)  # (R, 9, 4)
+        attr_loss = _cell_ce(cells[..., :-2], targets[..., :3])
+        change_loss = F.cross_entropy(cells[..., -2:].reshape(-1, 2), targets[..., 3].reshape(-1))
+        answer = self.answer(torch.stack(answer_rows))  # (R, 16)
+        answer_targets = torch.tensor(answer_targets, device=device)
+        cat_logits, cell_logits = answer.split([len(CATEGORIES), len(CELLS) + 1], -1)
+        answer_loss = F.cross_entropy(cat_logits, answer_targets[:, 0]) + F.cross_entropy(cell_logits, answer_targets[:, 1])
+        with torch.no_grad():
+            change_acc = (cells[..., -2:].argmax(-1) == targets[..., 3]).float().mean()
+            target_acc = (cell_logits.argmax(-1) == answer_targets[:, 1]).float().mean()
+        metrics = {"probe_change_acc": change_acc, "probe_target_acc": target_acc}
+        return attr_loss + change_loss + answer_loss, metrics
+
+
+# ---- the judge under training ----------------------------------------------------------------
+
+
+class TrainableJudge(LlavaOnevisionJudge):
+    """The LLaVA-OneVision adapter with every weight trainable and gradients through both images.
+
+    Reuses the adapter's prompt layout, preprocessing and one-pass scoring unchanged; only the
+    freezing and the no-grad reference features are lifted, because here the judge itself learns.
+    """
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        self.model.requires_grad_(True)
+
+    def _image_features(self, images, layouts, grad):
+        return super()._image_features(images, layouts, True)
+
+
+def tokenizer_corpus(n_cases: int, seed: int = 0) -> list[str]:
+    """Texts the judge's tokenizer is trained on: questions of random cases (all templates), captions, chat words."""
+    rng = np.random.default_rng([seed, 99])
+    texts = ["user", "assistant", "system", "Yes", "No"]
+    for _ in range(n_cases):
+        case = sample_case(rng, paraphrase_prob=0.5)
+        texts += [case.instruction, case.caption_reference]
+        texts += [q.text for q in training_questions(case.instruction, case.edit_type, case.object_name)]
+    return texts
+
+
+def build_judge_model(directory: Path, arch: ArchConfig, seed: int) -> Path:
+    """A fresh random judge (model + processor) of `arch` saved to `directory`."""
+    build_tiny_llava_onevision(
+        directory, corpus=tokenizer_corpus(arch.corpus_cases, seed), image_size=arch.image_size,
+        patch_size=arch.patch_size, hidden_size=arch.hidden_size, num_layers=arch.num_layers,
+        num_heads=arch.num_heads, vision_width=arch.vision_width, vision_layers=arch.vision_layers,
+        vision_heads=arch.vision_heads, vocab_size=arch.vocab_size, seed=seed,
+    )
+    return directory
+
+
+def save_judge(judge: LlavaOnevisionJudge, directory: Path) -> Path:
+    """Write the judge's model (safetensors) and processor files to `directory`, replacing what was there."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    judge.model.save_pretrained(directory, safe_serialization=True)
+    judge.processor.save_pretrained(directory)
+    return directory
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def judge_probabilities(judge, samples: Sequence[JudgeSample], degrade_prob: float = 0.0, seed: int = 0,
+                        batch_size: int = 64) -> np.ndarray:
+    """P(Yes) of each sample's two questions, (N, 2)."""
+    rng = np.random.default_rng(seed)
+    device = next(judge.parameters()).device
+    out = []
+    for chunk in _batches(list(samples), batch_size):
+        ref = torch.stack([to_tensor(render(s.case.reference)) for s in chunk]).to(device)
+        cand = torch.stack([candidate_image(s.candidate, rng, degrade_prob)[0] for s in chunk]).to(device)
+        out.append(judge.answer(ref, cand, [s.questions for s in chunk]).p_yes.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _accuracy_table(samples: Sequence[JudgeSample], p_yes: np.ndarray) -> dict:
+    """Accuracy (P(Yes) >= 0.5 against the truth) overall and per kind, category, candidate and category/kind."""
+    rows = []  # (category, question kind, candidate kind, correct)
+    for s, p in zip(samples, p_yes):
+        for q, prob, truth in zip(s.questions, p, s.answers):
+            rows.append((s.case.category, q.kind, s.kind, bool((prob >= 0.5) == truth)))
+
+    def acc(keep) -> dict:
+        hits = [r[3] for r in rows if keep(r)]
+        return {"accuracy": float(np.mean(hits)) if hits else float("nan"), "count": len(hits)}
+
+    kinds = sorted({r[1] for r in rows})
+    return {
+        "overall": acc(lambda r: True),
+        "by_kind": {k: acc(lambda r, k=k: r[1] == k) for k in kinds},
+        "by_category": {c: acc(lambda r, c=c: r[0] == c) for c in CATEGORIES},
+        "by_candidate": {k: acc(lambda r, k=k: r[2] == k) for k in CANDIDATE_MAKERS if any(r[2] == k for r in rows)},
+        "by_category_kind": {f"{c}/{k}": acc(lambda r, c=c, k=k: r[0] == c and r[1] == k)
+                             for c in CATEGORIES for k in kinds if any(r[0] == c and r[1] == k for r in rows)},
+    }
+
+
+def evaluate_judge(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0.0, batch_size: int = 64) -> dict:
+    """Accuracy of `judge` on held-out true vs wrong edits of `n` canonical cases (4 candidates, 8 questions each).
+
+    Threshold P(Yes) = 0.5; truth from the grammar (scoring.followed / preserved, contains by name).
+    Returns {"overall", "by_kind", "by_category", "by_candidate", "by_category_kind"} of
+    {"accuracy", "count"}, plus the settings.
+    """
+    samples = evaluation_samples(n, seed)
+    p_yes = judge_probabilities(judge, samples, degrade_prob, seed, batch_size)
+    return {**_accuracy_table(samples, p_yes), "n_cases": n, "seed": seed, "degrade_prob": degrade_prob}
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of an `evaluate_judge` result."""
+    lines = ["| group | accuracy | count |", "|---|---|---|"]
+    lines.append(f"| **overall** | {result['overall']['accuracy']:.3f} | {result['overall']['count']} |")
+    for section in ("by_kind", "by_category", "by_candidate", "by_category_kind"):
+        for name, row in result[section].items():
+            lines.append(f"| {section[3:]}: {name} | {row['accuracy']:.3f} | {row['count']} |")
+    return "\n".join(lines)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m npedit shapes judge-eval`: accuracy table of a judge; writes JSON and Markdown."""
+    from npedit.assets import default_path
+    from npedit.judges import load_judge
+
+    parser = argparse.ArgumentParser(prog="npedit shapes judge-eval", description=eval_main.__doc__)
+    parser.add_argument("--judge", help="judge folder (default: the bundled Shapes-world judge)")
+    parser.add_argument("--n", type=int, default=300, help="held-out cases (4 candidates, 8 questions each)")
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--degrade", type=float, default=0.0, help="probability of a degraded candidate")
+    parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent)")
+    args = parser.parse_args(argv)
+    path = default_path("judge", args.judge)
+    torch.set_num_threads(1)
+    result = {"judge": str(path), **evaluate_judge(load_judge(path), n=args.n, seed=args.seed, degrade_prob=args.degrade)}
+    table = format_table(result)
+    print(table)
+    out = Path(args.out) if args.out else Path(path).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "judge_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    header = f"# Judge evaluation\n\njudge: `{path}`, {args.n} cases, seed {args.seed}, degrade {args.degrade}\n\n"
+    (out / "judge_eval.md").write_text(header + table + "\n")
+    print(f"wrote {out / 'judge_eval.json'} and {out / 'judge_eval.md'}")
+    return 0
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, cfg: JudgeTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio over stage 2."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.check_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def vision_step(judge, head: DenseHead, rng, cfg: JudgeTrainConfig) -> tuple[torch.Tensor, dict]:
+    """Stage 1 loss: random scenes and edited scenes, some degraded, read by the dense head."""
+    scenes, images = [], []
+    for _ in range(cfg.vision_batch):
+        case = sample_case(rng)
+        scene = case.reference if rng.random() < 0.5 else case.expected
+        scenes.append(scene)
+        images.append(candidate_image(scene, rng, cfg.degrade_prob)[0])
+    feats = judge._patch_features(torch.stack(images).to(judge.model.device))  # (N, 9, D)
+    return head.loss(feats, scenes)
+
+
+class _Capture:
+    """Forward hooks keeping the outputs of the projector (per image batch) and of one decoder layer."""
+
+    def __init__(self, judge, layer: int):
+        self.projected: list[torch.Tensor] = []
+        self.hidden: torch.Tensor | None = None
+        self.handles = [
+            judge.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: self.projected.append(o)),
+            judge.model.model.language_model.layers[layer].register_forward_hook(self._keep_hidden),
+        ]
+
+    def _keep_hidden(self, module, inputs, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def clear(self):
+        self.projected, self.hidden = [], None
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, cfg: JudgeTrainConfig):
+    """Stage 2 loss: Yes/No CE of both questions (+ dense head on both images + language-model probes)."""
+    samples = [sample_training(rng, cfg.paraphrase_prob) for _ in range(cfg.batch_size)]
+    device = judge.model.device
+    ref = torch.stack([to_tensor(render(s.case.reference)) for s in samples]).to(device)
+    cand = torch.stack([candidate_image(s.candidate, rng, cfg.degrade_prob)[0] for s in samples]).to(device)
+    questions = [s.questions for s in samples]
+    capture.clear()
+    out = judge.answer(ref, cand, questions)
+    labels = torch.tensor([s.answers for s in samples], device=device).long()  # (B, 2), 1 = Yes
+    answer_loss = F.cross_entropy(out.logits.reshape(-1, 2), labels.reshape(-1))
+    loss, metrics = answer_loss, {"answer_loss": answer_loss.detach()}
+    with torch.no_grad():
+        right = (out.logits.argmax(-1) == labels).float()
+        metrics |= {"train_acc_check": right[:, 0].mean(), "train_acc_identity": right[:, 1].mean()}
+    if cfg.dense_weight > 0 and len(capture.projected) == 2:  # reference batch, then candidate batch
+        dense, m = head.loss(torch.cat(capture.projected), [s.case.reference for s in samples] + [s.candidate for s in samples])
+        loss = loss + cfg.dense_weight * dense
+        metrics |= {"dense_loss": dense.detach(), **m}
+    if cfg.probe_weight > 0:
+        rows = [q for row in questions for q in row]
+        ids, _, last = judge._prompts(rows)
+        probe, m = probes.loss(capture.hidden, ids.to(device), last.to(device), judge.image_token_id, samples, len(questions[0]))
+        loss = loss + cfg.probe_weight * probe
+        metrics |= {"probe_loss": probe.detach(), **m}
+    return loss, metrics
+
+
+def _run_dir(cfg: JudgeTrainConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return Path("runs/shapes") / f"judge-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+
+
+def run(overrides: Sequence[str] = ()) -> Path:
+    """Train a Shapes-world judge per the config (preset + dotted overrides); return the saved judge folder.
+
+    The run folder holds config.yaml, metrics.jsonl (+ TensorBoard), checkpoints/ and judge/
+    (the checkpoint with the best held-out accuracy, with its eval.json).
+    """
+    cfg = build_config(overrides)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    init = Path(cfg.init) if cfg.init else build_judge_model(run_dir / "init", cfg.arch, cfg.seed)
+    judge = TrainableJudge.from_pretrained(init, device=cfg.device)
+    dim = judge.model.config.text_config.hidden_size
+    head, probes = DenseHead(dim).to(cfg.device), Probes(dim).to(cfg.device)
+    logger = MetricsLogger(run_dir)
+    start = time.time()
+
+    # Stage 1: the vision tower learns to read every cell and the background.
+    params = [*judge.model.model.vision_tower.parameters(), *judge.model.model.multi_modal_projector.parameters(),
+              *head.parameters()]
+    opt = _optimizer(params, cfg.vision_lr, 0.0)
+    for step in tqdm(range(cfg.vision_steps), desc="judge vision", mininterval=10):
+        for group in opt.param_groups:
+            group["lr"] = cfg.vision_lr * min(1.0, (step + 1) / 50)
+        loss, metrics = vision_step(judge, head, rng, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.vision_steps - 1:
+            logger.log(step, {"stage": 1, "vision_loss": loss.detach(), **metrics, "minutes": (time.time() - start) / 60})
+
+    # Stage 2: the Yes/No checks, with the dense head and the probes as auxiliaries.
+    layer = cfg.probe_layer if cfg.probe_layer >= 0 else max(0, cfg.arch.num_layers // 2 - 1)
+    capture = _Capture(judge, layer)
+    params = [*judge.model.parameters(), *head.parameters(), *probes.parameters()]
+    opt = _optimizer(params, cfg.lr, cfg.weight_decay)
+    best, best_step, offset = -1.0, -1, cfg.vision_steps
+    stage_start = time.time()
+
+    def evaluate_and_keep(step: int):
+        nonlocal best, best_step
+        result = evaluate_judge(judge, n=cfg.eval_cases, seed=cfg.eval_seed)
+        acc = result["overall"]["accuracy"]
+        logger.log(offset + step, {"stage": 2, "eval_acc": acc, "minutes": (time.time() - start) / 60,
+                                   **{f"eval_{k}": v["accuracy"] for k, v in result["by_kind"].items()},
+                                   **{f"eval_{c}": v["accuracy"] for c, v in result["by_category"].items()}})
+        if acc > best:
+            best, best_step = acc, step
+            save_judge(judge, run_dir / "judge")
+            (run_dir / "judge" / "eval.json").write_text(json.dumps({"step": offset + step, **result}, indent=2))
+        return acc
+
+    bar = tqdm(range(cfg.check_steps), desc="judge checks", mininterval=10)
+    last_step = -1
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        loss, metrics = check_step(judge, head, probes, capture, rng, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        last_step = step
+        if step % cfg.log_every == 0:
+            logger.log(offset + step, {"stage": 2, "loss": loss.detach(), "grad_norm": grad_norm, **metrics,
+                                       "lr": opt.param_groups[0]["lr"], "minutes": (time.time() - start) / 60})
+        if cfg.save_every and step and step % cfg.save_every == 0:
+            save_judge(judge, run_dir / "checkpoints" / f"step-{offset + step:06d}")
+        if (step + 1) % cfg.eval_every == 0:
+            bar.set_postfix(eval_acc=f"{evaluate_and_keep(step):.3f}")
+        if cfg.max_minutes and (time.time() - stage_start) / 60 > cfg.max_minutes:
+            break
+    if last_step < 0 or (last_step + 1) % cfg.eval_every != 0 or best < 0:
+        evaluate_and_keep(last_step)
+    capture.remove()
+    save_judge(judge, run_dir / "checkpoints" / "last")
+    logger.log(offset + last_step + 1, {"best_eval_acc": best, "best_step": offset + best_step,
+                                        "minutes": (time.time() - start) / 60})
+    logger.close()
+    return run_dir / "judge"

@@ -1,0 +1,245 @@
+"""Training recipes of the Shapes-world base model: the small VAE, then text encoder + teacher.
+
+Each stage is a frozen config with named presets, one command (`python -m npedit shapes STAGE
+[preset=NAME] [key=value ...]`), a progress bar and a run folder (config.yaml, metrics.jsonl,
+samples/, the trained model). The editor itself is trained by the NP-Edit trainer
+(`python -m npedit train --config configs/shapes/*.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .. import flow
+from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
+from ..config import apply_overrides, build_config, to_dict
+from ..sampler import sample
+from ..tokenization import build_bpe_tokenizer
+from ..training.logging import MetricsLogger, image_grid
+from .training import corpus, render_tensor
+from .world import caption, clean_fraction, parse, random_scene
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The small AutoencoderKL for 64x64 scenes (downsample 4: 16x16 latents)."""
+
+    output_dir: str = "runs/shapes/vae"
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    width: int = 16
+    latent_channels: int = 4
+    downsample: int = 4
+    kl_weight: float = 1e-6
+    seed: int = 0
+    log_every: int = 50
+    threads: int = 0  # torch threads (0: leave as is)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Text-to-image flow matching on coarse captions: SD3-class MMDiT + small CLIP text encoder."""
+
+    output_dir: str = "runs/shapes/teacher"
+    vae: str = "runs/shapes/vae/vae"
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 5e-4
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    max_text_tokens: int = 32
+    caption_dropout: float = 0.1  # trains the unconditional branch CFG needs
+    sample_steps: int = 16
+    cfg_scale: float = 3.5
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    threads: int = 0
+
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "vae": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "width": 8, "log_every": 1}},
+    "teacher": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "dim": 32, "layers": 1, "heads": 2,
+                                         "text_hidden": 32, "log_every": 1, "sample_every": 3, "sample_steps": 2}},
+}
+CONFIGS = {"vae": VAEConfig, "teacher": TeacherConfig}
+
+
+def make_config(stage: str, overrides: list[str]):
+    """The stage's config: `preset=NAME` picks a preset, other `key=value` items override it."""
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("preset=")), "default")
+    if preset not in PRESETS[stage]:
+        raise ValueError(f"unknown preset {preset!r} for {stage}; presets: {', '.join(PRESETS[stage])}")
+    rest = [o for o in overrides if not o.startswith("preset=")]
+    return build_config(CONFIGS[stage], apply_overrides(PRESETS[stage][preset], rest))
+
+
+def _start(cfg) -> tuple[Path, MetricsLogger, np.random.Generator]:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return out, MetricsLogger(out), np.random.default_rng([cfg.seed, 4242])
+
+
+def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    """n random scenes as (n, 3, 64, 64) in [-1, 1] and their captions."""
+    scenes = [random_scene(rng) for _ in range(n)]
+    return torch.stack([render_tensor(s) for s in scenes]), [caption(s) for s in scenes]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def train_vae(cfg: VAEConfig) -> Path:
+    """Train the VAE on random renders; writes <output_dir>/vae with latent scale/shift in its config."""
+    out, log, rng = _start(cfg)
+    vae = tiny_vae(cfg.latent_channels, cfg.downsample, width=cfg.width, seed=cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
+    for step in tqdm(range(1, cfg.steps + 1), desc="vae"):
+        x, _ = scene_batch(rng, cfg.batch_size)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        recon = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        kl = post.kl().mean()
+        loss = recon + cfg.kl_weight * kl
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.log(step, {"recon_loss": recon.detach(), "kl": kl.detach()})
+    vae.eval()
+    with torch.no_grad():
+        x, _ = scene_batch(rng, 256)
+        z = vae.encode(x).latent_dist.mode()
+        shift, scale = float(z.mean()), float(1.0 / z.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        rec = vae.decode(z).sample
+    parsed = float(np.mean([parse(to_uint8(r)) == parse(to_uint8(o)) for r, o in zip(rec, x)]))
+    clean = float(np.mean([clean_fraction(to_uint8(r)) for r in rec]))
+    report = {"reconstruction_exact": parsed, "clean": clean, "scaling_factor": scale, "shift_factor": shift,
+              "params": sum(p.numel() for p in vae.parameters())}
+    log.log(cfg.steps, {"eval_reconstruction_exact": parsed, "eval_clean": clean})
+    vae.save_pretrained(out / "vae")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    image_grid([[a, b] for a, b in zip(x[:8], rec[:8])], scale=2).save(out / "reconstructions.png")
+    log.close()
+    return out / "vae"
+
+
+def build_base(out: Path, cfg: TeacherConfig):
+    """Tokenizer + frozen CLIP text encoder + trained VAE + a fresh SD3 transformer, saved as a base folder."""
+    from diffusers import AutoencoderKL
+
+    tokenizer = add_bos_eos(build_bpe_tokenizer(corpus(seed=cfg.seed), vocab_size=768,
+                                                model_max_length=cfg.max_text_tokens))
+    clip = tiny_clip(tokenizer, hidden=cfg.text_hidden, projection_dim=cfg.text_hidden, layers=cfg.text_layers,
+                     seed=cfg.seed)
+    clip.config.npedit_empty_t5_tokens = 0  # no T5 and no zero T5 tokens: short sequences on a CPU
+    vae = AutoencoderKL.from_pretrained(cfg.vae)
+    latent = 64 // (2 ** (len(vae.config.block_out_channels) - 1))
+    transformer = tiny_sd3_transformer(vae.config.latent_channels, cfg.text_hidden, cfg.text_hidden, dim=cfg.dim,
+                                       layers=cfg.layers, heads=cfg.heads, sample_size=latent,
+                                       pos_embed_max_size=latent, seed=cfg.seed)
+    tokenizer.save_pretrained(out / "tokenizer")
+    clip.save_pretrained(out / "text_encoder")
+    vae.save_pretrained(out / "vae")
+    transformer.save_pretrained(out / "transformer")
+    return out
+
+
+@torch.no_grad()
+def sample_teacher(backbone, teacher, captions: list[str], steps: int, cfg_scale: float, seed: int) -> torch.Tensor:
+    """Text-to-image samples (pixels in [-1, 1]) with an Euler ODE sampler and CFG."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = backbone.encode_prompt(captions, with_reference=False)
+    uncond = backbone.encode_prompt([""] * len(captions), with_reference=False)
+    side = 64 // backbone.codec.downsample
+    noise = torch.randn(len(captions), backbone.latent_channels, side, side, generator=gen)
+
+    def denoise(x, t):
+        return flow.guided(backbone.velocity(teacher, x, t, cond), backbone.velocity(teacher, x, t, uncond), cfg_scale)
+
+    times = flow.few_step_times(steps, 3.0)
+    return backbone.decode_latents(sample(denoise, noise, times, renoise="ode")).clamp(-1, 1)
+
+
+def teacher_quality(images: torch.Tensor, captions: list[str]) -> dict:
+    """Share of samples that parse as a scene, match their caption exactly, and the clean-pixel share."""
+    arrays = [to_uint8(x) for x in images]
+    parsed = [parse(a) for a in arrays]
+    return {"parsed": float(np.mean([p is not None for p in parsed])),
+            "caption_match": float(np.mean([p is not None and caption(p) == c for p, c in zip(parsed, captions)])),
+            "clean": float(np.mean([clean_fraction(a) for a in arrays]))}
+
+
+def train_teacher(cfg: TeacherConfig) -> Path:
+    """Train the teacher on (render, caption) pairs; writes <output_dir>/base (a `model.base` folder)."""
+    from ..backbones.sd3 import SD3Backbone
+
+    out, log, rng = _start(cfg)
+    base = build_base(out / "base", cfg)
+    backbone = SD3Backbone.from_pretrained(base)
+    teacher = backbone.load_transformer(base).train().requires_grad_(True)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * max(0.05, 1 - s / cfg.steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_captions = scene_batch(np.random.default_rng([cfg.seed, 99]), 64)[1]
+    start = time.time()
+    for step in tqdm(range(1, cfg.steps + 1), desc="teacher"):
+        pixels, captions = scene_batch(rng, cfg.batch_size)
+        captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
+        with torch.no_grad():
+            x0 = backbone.encode_image(pixels)
+        cond = backbone.encode_prompt(captions, with_reference=False)
+        eps = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))  # logit-normal times, as SD3 trains
+        v = backbone.velocity(teacher, flow.add_noise(x0, eps, t), t, cond)
+        loss = (v - flow.velocity_target(x0, eps)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.log(step, {"fm_loss": loss.detach(), "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - start})
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            teacher.eval()
+            imgs = sample_teacher(backbone, teacher, eval_captions, cfg.sample_steps, cfg.cfg_scale, cfg.seed)
+            teacher.train()
+            log.log(step, {f"eval_{k}": v for k, v in teacher_quality(imgs, eval_captions).items()})
+            (out / "samples").mkdir(exist_ok=True)
+            image_grid([list(imgs[i:i + 8]) for i in range(0, 32, 8)], scale=2).save(out / f"samples/step_{step:06d}.png")
+            teacher.save_pretrained(base / "transformer")
+    log.close()
+    return base
+
+
+def run(stage: str, overrides: list[str]) -> Path:
+    """Entry point of `python -m npedit shapes STAGE`."""
+    cfg = make_config(stage, overrides)
+    return {"vae": train_vae, "teacher": train_teacher}[stage](cfg)
+
+
+def config_fields(stage: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(CONFIGS[stage])]

@@ -1,0 +1,69 @@
+"""Shapes-world training data for the NP-Edit trainer (`data.train=shapes`) and the text corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from .edits import CATEGORIES, TEMPLATES, sample_case
+from .world import caption, random_scene, render
+
+POOL = 50_000  # distinct training cases at data.fraction = 1
+PARAPHRASE_PROB = 0.3
+_STREAM = 7919  # keeps training draws apart from held_out_cases' streams
+
+
+def render_tensor(scene) -> torch.Tensor:
+    """Render a scene as (3, 64, 64) in [-1, 1]."""
+    return torch.from_numpy(render(scene)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ShapesEditData(Dataset):
+    """Deterministic random edit cases: sample i is always the same case; the target is rendered for SFT."""
+
+    def __init__(self, size: int = POOL, *, seed: int = 0, paraphrase_prob: float = PARAPHRASE_PROB):
+        self.size, self.seed, self.paraphrase_prob = size, seed, paraphrase_prob
+
+    def __len__(self) -> int:
+        return self.size
+
+    def case(self, i: int):
+        rng = np.random.default_rng([_STREAM, self.seed, i])
+        return sample_case(rng, paraphrase_prob=self.paraphrase_prob, id=f"train-{i:06d}")
+
+    def __getitem__(self, i: int) -> dict:
+        c = self.case(i)
+        return {
+            "id": c.id,
+            "reference": render_tensor(c.reference),
+            "target": render_tensor(c.expected),
+            "instruction": c.instruction,
+            "caption_reference": c.caption_reference,
+            "caption_target": c.caption_target,
+            "edit_type": c.edit_type,
+            "object_name": c.object_name or "",
+        }
+
+
+def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
+    """The `data.train=shapes` dataset; `data.fraction` shrinks the pool of distinct cases."""
+    if cfg.resolution != 64:
+        raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
+    return ShapesEditData(max(1, int(POOL * cfg.fraction)), seed=seed)
+
+
+def corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Captions, instructions (every template) and the judge's questions, for training tokenizers."""
+    from ..judges.questions import training_questions
+
+    rng = np.random.default_rng([_STREAM, seed, 10**9])
+    texts: list[str] = [t for temps in TEMPLATES.values() for t in temps]
+    for _ in range(n):
+        c = sample_case(rng, paraphrase_prob=0.5)
+        texts += [c.caption_reference, c.caption_target, c.instruction]
+        texts += [q.text for q in training_questions(c.instruction, c.edit_type, c.object_name or None)]
+    texts += [caption(random_scene(rng)) for _ in range(n // 4)]
+    texts += ["do nothing", "low quality, artifacts"] + list(CATEGORIES)
+    return texts
