@@ -149,6 +149,20 @@ def cmd_shapes(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Exact Shapes-world benchmark of an editor or the zero-shot teacher baseline."""
+    from .shapes.evaluate import eval_main
+
+    return eval_main(args)
+
+
+def cmd_bench(args) -> int:
+    """Latency, throughput and pipeline overhead of an editor on this machine."""
+    from .bench import bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m npedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("stage", choices=["vae", "teacher", "judge", "judge-eval"])
     s.add_argument("overrides", nargs="*", help="preset=NAME and dotted key=value overrides")
     s.set_defaults(func=cmd_shapes)
+
+    v = sub.add_parser("eval", help="exact Shapes-world benchmark (per-category table, JSON + Markdown)")
+    v.add_argument("domain", choices=["shapes"])
+    v.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")
+    v.add_argument("--baseline", choices=["teacher"], help="evaluate the zero-shot teacher (SDEdit with c^x) instead")
+    v.add_argument("--teacher", help="teacher base folder for --baseline teacher (default: bundled)")
+    v.add_argument("--strength", type=float, default=0.6, help="SDEdit noise level for --baseline teacher")
+    v.add_argument("--teacher-steps", type=int, default=16)
+    v.add_argument("--n", type=int, default=300)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--steps", type=int, default=4)
+    v.add_argument("--name", help="report name (default: the model folder's name)")
+    v.add_argument("--out", default="runs/eval", help="where <name>.json and <name>.md go")
+    v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="measure edit latency, throughput and pipeline overhead on this machine")
+    b.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")
+    b.add_argument("--teacher", help="teacher base folder for the zero-shot baseline (default: bundled)")
+    b.add_argument("--teacher-steps", type=int, default=16)
+    b.add_argument("--size", type=int, default=64)
+    b.add_argument("--steps", type=int, default=4)
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--instruction", default="make the circle blue")
+    b.add_argument("--json", action="store_true", help="also print one JSON line")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,77 @@
+"""`python -m npedit bench`: latency and throughput of the editor on this machine (prints measured figures)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_main(args) -> int:
+    """Measure: one 4-step edit, batch throughput, the bare transformer evaluations inside an edit, the teacher baseline."""
+    from .assets import DEFAULT_TEACHER, default_path
+    from .pipeline import NPEditPipeline
+
+    torch.set_grad_enabled(False)
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model))
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    size = args.size
+    image = Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
+    instruction = args.instruction
+    gen = torch.Generator().manual_seed(0)
+    steps = args.steps
+    res = {"torch_threads": torch.get_num_threads(), "image_size": size, "steps": steps}
+    res["edit_latency_ms"] = 1000 * _median_time(
+        lambda: pipe(image=image, prompt=instruction, num_inference_steps=steps, generator=gen), args.repeats)
+
+    bb = pipe.backbone
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ref = bb.encode_image(pixels)
+    cond = bb.encode_prompt([instruction], with_reference=True)
+    times = pipe.times(steps)
+
+    def bare():
+        x = torch.randn(ref.shape, generator=gen)
+        for t in times:
+            bb.velocity(pipe.transformer, x, torch.full((1,), t), cond, reference=ref)
+
+    res["bare_transformer_ms"] = 1000 * _median_time(bare, args.repeats)
+    res["pipeline_overhead"] = res["edit_latency_ms"] / res["bare_transformer_ms"] - 1
+    batch = [image] * args.batch
+    sec = _median_time(lambda: pipe(image=batch, prompt=[instruction] * args.batch, num_inference_steps=steps,
+                                    generator=gen), max(1, args.repeats // 4))
+    res["batch"] = args.batch
+    res["batch_throughput_img_per_s"] = args.batch / sec
+    teacher_dir = args.teacher or str(DEFAULT_TEACHER)
+    if (DEFAULT_TEACHER / "transformer").exists() or args.teacher:
+        from .backbones import load_backbone
+        from .shapes.evaluate import sdedit_editor
+
+        tb = load_backbone(teacher_dir)
+        teacher = tb.load_transformer(teacher_dir).eval()
+        editor = sdedit_editor(tb, teacher, steps=args.teacher_steps)
+        arr = np.asarray(image)
+        res["teacher_sdedit_steps"] = args.teacher_steps
+        res["teacher_sdedit_latency_ms"] = 1000 * _median_time(lambda: editor([arr], [instruction], [instruction]),
+                                                               args.repeats)
+        res["speedup_vs_teacher"] = res["teacher_sdedit_latency_ms"] / res["edit_latency_ms"]
+    for k, v in res.items():
+        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
