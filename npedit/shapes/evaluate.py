@@ -43,7 +43,7 @@ def sdedit_editor(backbone, teacher, *, strength: float = 0.6, steps: int = 16, 
     @torch.no_grad()
     def edit(images, instructions, captions):
         gen = torch.Generator().manual_seed(seed)
-        pixels = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1 for a in images])
+        pixels = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 127.5 - 1 for a in images])
         ref = backbone.encode_image(pixels)
         cond = backbone.encode_prompt(list(captions), with_reference=False)
         uncond = backbone.encode_prompt([""] * len(captions), with_reference=False)

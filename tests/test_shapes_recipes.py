@@ -1,0 +1,72 @@
+"""The Shapes-world recipes run end to end at toy size: VAE -> teacher -> editor stages -> benchmark."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from npedit.shapes.recipes import make_config, run
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    vae = run("vae", ["preset=quick", f"output_dir={root}/vae"])
+    assert (root / "vae/report.json").is_file() and (root / "vae/reconstructions.png").is_file()
+    out = run("teacher", ["preset=quick", f"output_dir={root}/teacher", f"vae={vae}"])
+    assert (root / "teacher/samples/step_000003.png").is_file()
+    return out
+
+
+def test_presets_and_overrides():
+    cfg = make_config("teacher", ["preset=quick", "steps=7"])
+    assert cfg.steps == 7 and cfg.dim == 32
+    with pytest.raises(ValueError, match="presets: default, quick"):
+        make_config("vae", ["preset=huge"])
+
+
+def test_base_folder_is_a_model_base(base):
+    from npedit.backbones import load_backbone
+
+    bb = load_backbone(base)
+    assert bb.family == "sd3" and bb.max_sequence_length == 0
+    cond = bb.encode_prompt(["a red circle on a gray background"], with_reference=False)
+    assert cond.prompt_embeds.shape[1] == 32  # short CLIP context, no T5 tokens
+
+
+def test_shapes_dataset_and_editor_stages(base, tmp_path):
+    from npedit.config import load_config
+    from npedit.shapes.training import ShapesEditData
+    from npedit.training.trainer import Trainer
+
+    data = ShapesEditData(10)
+    assert data[3]["instruction"] == data[3]["instruction"] and data[3]["target"].shape == (3, 64, 64)
+    common = [f"model.base={base}", "data.train=shapes", "data.batch_size=4", "optim.skip_grad_norm=1e9"]
+    out = Trainer(load_config(None, ["stage=sft", f"output_dir={tmp_path}/sft", "max_steps=2", *common])).train()
+    assert (out / "model_index.json").is_file()
+    Trainer(load_config(None, ["stage=npedit", f"output_dir={tmp_path}/dmd", "max_steps=1", "critic_steps=1",
+                               "loss.lambda_vlm=0", f"model.student={out}", *common])).train()
+    rows = [json.loads(line) for line in (tmp_path / "dmd/metrics.jsonl").read_text().splitlines()]
+    assert "dmd_loss" in rows[-1] and "vlm_loss" not in rows[-1]  # DMD-only ablation: no judge loaded
+
+
+def test_eval_and_bench_commands(base, tmp_path, capsys):
+    from npedit.cli import main
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    out = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/w", "max_steps=1", f"model.base={base}",
+                                     "data.train=shapes", "data.batch_size=2"])).train()
+    main(["eval", "shapes", "--model", str(out), "--n", "6", "--out", str(tmp_path / "ev"), "--name", "tiny"])
+    report = json.loads((tmp_path / "ev/tiny.json").read_text())
+    assert report["summary"]["overall"]["count"] == 6 and len(report["rows"]) == 6
+    assert "| overall |" in (tmp_path / "ev/tiny.md").read_text()
+    main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--teacher-steps", "2", "--n", "6",
+          "--out", str(tmp_path / "ev")])
+    assert (tmp_path / "ev/teacher-sdedit.json").is_file()
+    capsys.readouterr()
+    main(["bench", "--model", str(out), "--teacher", str(base), "--teacher-steps", "2", "--repeats", "1",
+          "--batch", "2", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["edit_latency_ms"] > 0 and res["bare_transformer_ms"] > 0 and "speedup_vs_teacher" in res
