@@ -437,52 +437,95 @@ class DenseHead(nn.Module):
         return loss, {"scene_exact": exact.float().mean()}
 
 
-class Probes(nn.Module):
-    """Temporary linear probes on a middle language-model layer (dense supervision of the comparison).
+def _one_hot_name(value: str | None, names: Sequence[str]) -> int:
+    """1 + index of `value` in `names`, or 0 when it is None."""
+    return 0 if value is None else 1 + list(names).index(value)
 
-    - each edited-image cell token of a two-image question: the reference's object in that cell
-      (colour, shape, size) and whether the cell changed;
-    - the answer position of a two-image question: the instruction's category and target cell
-      (9 cells, or "none" for the background).
+
+def answer_targets(sample: "JudgeSample") -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids the answer position is probed for, the facts its Yes/No rests on: (two-image row, contains row).
+
+    Two-image questions: per cell whether it changed, whether the background changed, the
+    instruction's category and target cell (9 = background), the candidate's object at the target
+    cell, and the values the edit names (0 = not named). The one-image contains question: per
+    cell whether it holds the named object; the rest are -100 (ignored).
+    """
+    case, cand = sample.case, sample.candidate
+    edit = edit_between(case.reference, case.expected, case.category)
+    changed = [int(cand.at(c) != case.reference.at(c)) for c in CELLS]
+    target = cand.at(edit.cell) if edit.cell is not None else None
+    got = [0, 0, 0] if target is None else [
+        _one_hot_name(target.colour, tuple(COLOURS)), _one_hot_name(target.shape, SHAPES),
+        _one_hot_name(target.size, tuple(SIZES))]
+    named = [_one_hot_name(edit.colour, tuple(COLOURS)), _one_hot_name(edit.shape, SHAPES),
+             _one_hot_name(edit.size, tuple(SIZES)), _one_hot_name(edit.background, tuple(BACKGROUNDS))]
+    pair = changed + [int(cand.background != case.reference.background), CATEGORIES.index(case.category),
+                      len(CELLS) if edit.cell is None else CELLS.index(edit.cell)] + got + named
+    holds = [int(cand.at(c) is not None and cand.at(c).name == case.object_name) for c in CELLS]
+    return torch.tensor(pair), torch.tensor(holds + [-100] * (len(pair) - len(CELLS)))
+
+
+# Class counts of the answer-position targets, in answer_targets' order.
+ANSWER_CLASSES = [2] * len(CELLS) + [2, len(CATEGORIES), len(CELLS) + 1, N_COLOUR, N_SHAPE, N_SIZE,
+                                      N_COLOUR, N_SHAPE, N_SIZE, N_BG + 1]
+SUFFIX = 16  # the answer probes read this many last positions (all after the instruction / object name)
+ANSWER_TARGETS = len(ANSWER_CLASSES)
+
+
+class Probes(nn.Module):
+    """Temporary linear probes on the language model (dense supervision of the comparison); discarded after.
+
+    - middle layer, each edited-image cell token of a two-image question: the reference's object
+      in that cell (colour, shape, size) and whether the cell changed;
+    - last layer, the answer position and the SUFFIX - 1 positions before it (deep supervision: every
+      one of them must gather the same facts, which multiplies the signal that teaches attention to
+      read the images): the facts of `answer_targets` and the true answer itself.
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.cells = nn.Linear(dim, N_COLOUR + N_SHAPE + N_SIZE + 2)
-        self.answer = nn.Linear(dim, len(CATEGORIES) + len(CELLS) + 1)
+        self.answer = nn.Linear(dim, sum(ANSWER_CLASSES) + 2)  # + the true answer
 
-    def loss(self, hidden, ids, last, image_token_id, samples: Sequence[JudgeSample], num_q: int):
-        """Probe CE on the captured (N, L, D) hidden states of the row-major (B * Q) conversations."""
-        cell_rows, cell_targets_, answer_rows, answer_targets = [], [], [], []
+    def loss(self, middle, final, ids, last, image_token_id, samples: Sequence[JudgeSample], num_q: int):
+        """Probe CE on captured (N, L, D) hidden states of the row-major (B * Q) conversations."""
+        device = middle.device
+        cell_rows, cell_targets_, answer_rows, answer_rows_targets = [], [], [], []
         for i in range(ids.shape[0]):
             s = samples[i // num_q]
+            pair_targets, contains_targets = answer_targets(s)
             slots = (ids[i] == image_token_id).nonzero().squeeze(-1)
-            if len(slots) != 20:  # one-image (contains) question: nothing to compare
+            answer_rows.append(final[i, last[i] - SUFFIX + 1 : last[i] + 1])  # (SUFFIX, D)
+            truth = torch.tensor([int(s.answers[i % num_q])])
+            if len(slots) != 20:  # one-image (contains) question
+                answer_rows_targets.append(torch.cat([contains_targets, truth]))
                 continue
-            edit = edit_between(s.case.reference, s.case.expected, s.case.category)
+            answer_rows_targets.append(torch.cat([pair_targets, truth]))
             ref = cell_targets(s.case.reference)  # (9, 3)
             changed = torch.tensor([s.candidate.at(c) != s.case.reference.at(c) for c in CELLS]).long()
-            cell_rows.append(hidden[i, slots[10:19]])
+            cell_rows.append(middle[i, slots[10:19]])
             cell_targets_.append(torch.cat([ref, changed[:, None]], -1))
-            answer_rows.append(hidden[i, last[i]])
-            target_cell = len(CELLS) if edit.cell is None else CELLS.index(edit.cell)
-            answer_targets.append([CATEGORIES.index(s.case.category), target_cell])
-        if not cell_rows:
-            return hidden.sum() * 0, {}
-        device = hidden.device
         cells = self.cells(torch.stack(cell_rows))  # (R, 9, 16)
         targets = torch.stack(cell_targets_).to(device)  # (R, 9, 4)
-        attr_loss = _cell_ce(cells[..., :-2], targets[..., :3])
-        change_loss = F.cross_entropy(cells[..., -2:].reshape(-1, 2), targets[..., 3].reshape(-1))
-        answer = self.answer(torch.stack(answer_rows))  # (R, 16)
-        answer_targets = torch.tensor(answer_targets, device=device)
-        cat_logits, cell_logits = answer.split([len(CATEGORIES), len(CELLS) + 1], -1)
-        answer_loss = F.cross_entropy(cat_logits, answer_targets[:, 0]) + F.cross_entropy(cell_logits, answer_targets[:, 1])
+        cell_loss = _cell_ce(cells[..., :-2], targets[..., :3])
+        cell_loss = cell_loss + F.cross_entropy(cells[..., -2:].reshape(-1, 2), targets[..., 3].reshape(-1))
+        suffix_logits = self.answer(torch.stack(answer_rows)).split(ANSWER_CLASSES + [2], -1)  # each (N, S, classes)
+        answer_t = torch.stack(answer_rows_targets).to(device)  # (N, ANSWER_TARGETS + 1)
+        losses = [F.cross_entropy(lg.flatten(0, 1), answer_t[:, k].repeat_interleave(SUFFIX), ignore_index=-100)
+                  for k, lg in enumerate(suffix_logits) if (answer_t[:, k] != -100).any()]
+        logits = [lg[:, -1] for lg in suffix_logits]  # at the answer position
+        answer_loss = torch.stack(losses).sum() / 4
         with torch.no_grad():
             change_acc = (cells[..., -2:].argmax(-1) == targets[..., 3]).float().mean()
-            target_acc = (cell_logits.argmax(-1) == answer_targets[:, 1]).float().mean()
-        metrics = {"probe_change_acc": change_acc, "probe_target_acc": target_acc}
-        return attr_loss + change_loss + answer_loss, metrics
+            flags = torch.stack([lg.argmax(-1) for lg in logits[: len(CELLS)]], -1)  # (N, 9)
+            flag_acc = (flags == answer_t[:, : len(CELLS)]).all(-1).float().mean()
+            k = len(CELLS) + 2
+            keep = answer_t[:, k] != -100
+            target_acc = (logits[k].argmax(-1) == answer_t[:, k])[keep].float().mean()
+            truth_acc = (logits[-1].argmax(-1) == answer_t[:, -1]).float().mean()
+        metrics = {"probe_change_acc": change_acc, "probe_flags_exact": flag_acc, "probe_target_acc": target_acc,
+                   "probe_answer_acc": truth_acc}
+        return cell_loss + answer_loss, metrics
 
 
 # ---- the judge under training ----------------------------------------------------------------
@@ -613,6 +656,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--degrade", type=float, default=0.0, help="probability of a degraded candidate")
     parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent)")
+    # `key=value` words (the `python -m npedit shapes ...` override style) are read as `--key value`.
+    argv = [w for item in (argv or []) for w in
+            ((f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]) if "=" in item and not item.startswith("-") else (item,))]
     args = parser.parse_args(argv)
     path = default_path("judge", args.judge)
     torch.set_num_threads(1)
@@ -652,21 +698,25 @@ def vision_step(judge, head: DenseHead, rng, cfg: JudgeTrainConfig) -> tuple[tor
 
 
 class _Capture:
-    """Forward hooks keeping the outputs of the projector (per image batch) and of one decoder layer."""
+    """Forward hooks keeping the projector's outputs (per image batch) and a middle and the last decoder layer's."""
 
     def __init__(self, judge, layer: int):
         self.projected: list[torch.Tensor] = []
-        self.hidden: torch.Tensor | None = None
+        self.hidden: dict[str, torch.Tensor] = {}
+        layers = judge.model.model.language_model.layers
         self.handles = [
             judge.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: self.projected.append(o)),
-            judge.model.model.language_model.layers[layer].register_forward_hook(self._keep_hidden),
+            layers[layer].register_forward_hook(self._keeper("middle")),
+            layers[len(layers) - 1].register_forward_hook(self._keeper("final")),
         ]
 
-    def _keep_hidden(self, module, inputs, output):
-        self.hidden = output[0] if isinstance(output, tuple) else output
+    def _keeper(self, name: str):
+        def keep(module, inputs, output):
+            self.hidden[name] = output[0] if isinstance(output, tuple) else output
+        return keep
 
     def clear(self):
-        self.projected, self.hidden = [], None
+        self.projected, self.hidden = [], {}
 
     def remove(self):
         for h in self.handles:
@@ -695,7 +745,7 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
     if cfg.probe_weight > 0:
         rows = [q for row in questions for q in row]
         ids, _, last = judge._prompts(rows)
-        probe, m = probes.loss(capture.hidden, ids.to(device), last.to(device), judge.image_token_id, samples, len(questions[0]))
+        probe, m = probes.loss(capture.hidden["middle"], capture.hidden["final"], ids.to(device), last.to(device), judge.image_token_id, samples, len(questions[0]))
         loss = loss + cfg.probe_weight * probe
         metrics |= {"probe_loss": probe.detach(), **m}
     return loss, metrics

@@ -87,7 +87,9 @@ class Trainer:
         self.student = student.float().requires_grad_(True).train().to(device)
         self.critic = None
         self.judge = None
-        if cfg.stage == "npedit":
+        if cfg.stage != "npedit":
+            self.teacher = None  # only NP-Edit needs the teacher after the student is initialised
+        else:
             self.critic = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
             if cfg.loss.lambda_vlm > 0:
                 from ..judges import load_judge

@@ -1,0 +1,68 @@
+"""Copy the trained Shapes-world models into assets/ (the CLI's and app's defaults) and render examples.
+
+    python scripts/bundle_shapes_assets.py --editor runs/shapes/npedit/pipeline --critic runs/shapes/npedit/critic \
+        --teacher runs/shapes/teacher/base --judge runs/shapes/judge/final
+Only safetensors weights and small config/tokenizer files are copied; the total size is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from npedit.assets import ASSETS_DIR
+from npedit.shapes import held_out_cases, render
+
+KEEP = {".json", ".safetensors", ".txt", ".jinja", ".model", ".md"}
+
+
+def copy_model(src: Path, dst: Path) -> None:
+    """Copy a model folder keeping only weights (safetensors) and small text files."""
+    if not src.is_dir():
+        raise SystemExit(f"error: {src} not found")
+    if dst.exists():
+        shutil.rmtree(dst)
+    for f in src.rglob("*"):
+        if f.is_file() and f.suffix in KEEP:
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / f.relative_to(src))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--editor", type=Path, required=True)
+    ap.add_argument("--critic", type=Path)
+    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--judge", type=Path)
+    ap.add_argument("--out", type=Path, default=ASSETS_DIR)
+    args = ap.parse_args()
+    shapes = args.out / "shapes"
+    copy_model(args.editor, shapes / "editor")
+    (shapes / "editor" / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}))
+    copy_model(args.teacher, shapes / "teacher")
+    if args.critic:
+        copy_model(args.critic, shapes / "critic")
+    if args.judge:
+        copy_model(args.judge, shapes / "judge")
+    examples = args.out / "examples"
+    examples.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in held_out_cases(12, seed=12345):
+        path = examples / f"{case.id}.png"
+        Image.fromarray(render(case.reference)).save(path)
+        rows.append({"image": path.name, "instruction": case.instruction, "caption_target": case.caption_target,
+                     "edit_type": case.edit_type, "object_name": case.object_name or ""})
+    (examples / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"assets: {total / 2**20:.1f} MiB in {args.out}")
+    for sub in sorted(shapes.iterdir()):
+        size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
+        print(f"  {sub.name:8s} {size / 2**20:6.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
