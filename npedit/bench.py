@@ -21,12 +21,12 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
 def bench_main(args) -> int:
     """Measure: one 4-step edit, batch throughput, the bare transformer evaluations inside an edit, the teacher baseline."""
     from .assets import DEFAULT_TEACHER, default_path
     from .pipeline import NPEditPipeline
 
-    torch.set_grad_enabled(False)
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model))
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)

@@ -12,14 +12,15 @@ whose patches hold exactly one grid cell each (every object spans centre +- 9, i
 Nine tokens per image keep the language model's sequences short, which is what makes CPU
 training fast enough.
 
-Recipe (staged, dense supervision first):
-1. vision: the vision tower and projector learn per-cell colour / shape / size and the background
-   from a temporary linear head on the projected features (the tokens the language model reads).
+Recipe (staged, dense supervision first; every head and probe is temporary and discarded):
+1. vision: the vision tower and projector learn, from linear heads on the projected features (the
+   tokens the language model reads), per-cell colour / shape / size, the background, which cell
+   each token is, and every cell's object from the mean token (see `DenseHead` for why).
 2. checks: the Yes/No checks, 2-way cross-entropy on the [No, Yes] logits of `judge.answer`
-   (exactly what NP-Edit reads), with two dense auxiliaries kept on: the vision head on both
-   images, and temporary linear probes on a middle language-model layer (each edited-image cell
-   token predicts the reference's object in that cell and whether the cell changed; the answer
-   position predicts the instruction's category and target cell). The probes are discarded.
+   (exactly what NP-Edit reads), with dense auxiliaries kept on: the vision head on both images,
+   and linear probes on the language model (`Probes`): edited-image cell tokens (reference object,
+   changed?), every text position (which cells changed, the candidate's objects) and the last
+   positions (target cell, category, named values, the true answer).
 
 Candidates and their labels (balanced 1:1:1:1 over (edit done?, rest preserved?) per category):
 true edit (Yes, Yes); identical or wrong value at the right cell (No, Yes); the edit plus an
@@ -37,10 +38,10 @@ benchmark's own reading of the image.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,11 +62,9 @@ from npedit.shapes.edits import (
     CATEGORIES,
     MUST_CHANGE,
     OBJ_ATTRS,
-    TEMPLATES,
     Edit,
     EditCase,
     apply_edit,
-    case_from_edit,
     edit_between,
     edit_problem,
     held_out_cases,
@@ -74,7 +73,7 @@ from npedit.shapes.edits import (
     sample_edit,
 )
 from npedit.shapes.scoring import followed, preserved
-from npedit.shapes.world import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Obj, Scene, caption, parse, pick, render
+from npedit.shapes.world import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Scene, parse, pick, render
 from npedit.training.logging import MetricsLogger
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -114,13 +113,13 @@ class JudgeTrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     init: str = ""  # start from this judge folder instead of building a new model (skips nothing else)
     # stage 1: vision tower on the dense per-cell head
-    vision_steps: int = 400
+    vision_steps: int = 800
     vision_batch: int = 64
     vision_lr: float = 2e-3
     # stage 2: Yes/No checks with the dense auxiliaries
-    check_steps: int = 4000
+    check_steps: int = 2500
     batch_size: int = 32  # (reference, candidate) pairs per step, two questions each
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     min_lr_ratio: float = 0.05  # cosine decay to lr * this
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -130,7 +129,7 @@ class JudgeTrainConfig:
     probe_layer: int = -1  # decoder layer whose output the probes read; -1 = num_layers // 2 - 1
     paraphrase_prob: float = 0.5
     degrade_prob: float = 0.4
-    max_minutes: float = 0.0  # stop stage 2 early after this much wall-clock (0 = no limit)
+    max_minutes: float = 40.0  # stop stage 2 early after this much wall-clock (0 = no limit)
     # bookkeeping
     log_every: int = 25
     eval_every: int = 250
@@ -416,25 +415,46 @@ def _cell_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), targets[..., i].reshape(-1)) for i, p in enumerate(parts)) / 3
 
 
+def _unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """x scaled to unit root-mean-square over the last axis."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
+
+
 class DenseHead(nn.Module):
-    """Temporary head on the 3 x 3 projected vision tokens: per-cell colour/shape/size and the background."""
+    """Temporary head on the 3 x 3 projected vision tokens: per-cell colour/shape/size, the background, and
+    which cell each token is, and every cell's object from the MEAN token. The last one makes the
+    features conjunctive (each cell writes its object into its own directions), so a uniform
+    attention over an image's tokens hands the language model the whole scene, bound to cells;
+    with separate cell and attribute directions, sums lose which object sits where (measured:
+    the answer position's per-cell readout then stayed at chance)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.cells = nn.Linear(dim, N_COLOUR + N_SHAPE + N_SIZE)
         self.background = nn.Linear(dim, N_BG)
+        self.where = nn.Linear(dim, len(CELLS))  # which cell the token is: the language model needs it to localise
+        self.pooled = nn.Linear(dim, len(CELLS) * (N_COLOUR + N_SHAPE + N_SIZE))  # the whole scene from the mean token
 
     def loss(self, feats: torch.Tensor, scenes: Sequence[Scene]) -> tuple[torch.Tensor, dict]:
         """CE on (N, 9, D) features; metrics: scene-exact accuracy of the head's reading."""
+        feats = _unit_rms(feats)  # the head reads directions, so it does not inflate the features' scale
         targets = torch.stack([cell_targets(s) for s in scenes]).to(feats.device)  # (N, 9, 3)
         bg = torch.tensor([list(BACKGROUNDS).index(s.background) for s in scenes], device=feats.device)
         cell_logits = self.cells(feats)  # (N, 9, 14)
         bg_logits = self.background(feats.mean(1))  # (N, 5)
+        where_logits = self.where(feats)  # (N, 9, 9)
+        where = torch.arange(len(CELLS), device=feats.device).expand(len(scenes), -1)
         loss = _cell_ce(cell_logits, targets) + F.cross_entropy(bg_logits, bg)
+        loss = loss + F.cross_entropy(where_logits.reshape(-1, len(CELLS)), where.reshape(-1))
+        pooled_logits = self.pooled(feats.mean(1)).view(len(scenes), len(CELLS), -1)  # (N, 9, 14)
+        loss = loss + _cell_ce(pooled_logits, targets)
         with torch.no_grad():
             pred = torch.stack([p.argmax(-1) for p in cell_logits.split([N_COLOUR, N_SHAPE, N_SIZE], -1)], -1)
             exact = (pred == targets).all(-1).all(-1) & (bg_logits.argmax(-1) == bg)
-        return loss, {"scene_exact": exact.float().mean()}
+            where_acc = (where_logits.argmax(-1) == where).float().mean()
+            pooled = torch.stack([p.argmax(-1) for p in pooled_logits.split([N_COLOUR, N_SHAPE, N_SIZE], -1)], -1)
+            pooled_exact = (pooled == targets).all(-1).all(-1).float().mean()
+        return loss, {"scene_exact": exact.float().mean(), "where_acc": where_acc, "pooled_exact": pooled_exact}
 
 
 def _one_hot_name(value: str | None, names: Sequence[str]) -> int:
@@ -472,11 +492,28 @@ SUFFIX = 16  # the answer probes read this many last positions (all after the in
 ANSWER_TARGETS = len(ANSWER_CLASSES)
 
 
+# Per-cell changed flags, background changed, then the candidate's colour, shape and size per cell.
+SCENE_CLASSES = [2] * len(CELLS) + [2] + [N_COLOUR] * len(CELLS) + [N_SHAPE] * len(CELLS) + [N_SIZE] * len(CELLS)
+
+
+def scene_targets(sample: "JudgeSample", two_images: bool) -> torch.Tensor:
+    """(1, len(SCENE_CLASSES)) image-only facts every text position is probed for; change flags -100 on one image."""
+    ref, cand = sample.case.reference, sample.candidate
+    changed = [int(cand.at(c) != ref.at(c)) for c in CELLS] + [int(cand.background != ref.background)]
+    if not two_images:
+        changed = [-100] * len(changed)
+    attrs = cell_targets(cand)  # (9, 3)
+    return torch.tensor(changed + attrs[:, 0].tolist() + attrs[:, 1].tolist() + attrs[:, 2].tolist())[None]
+
+
 class Probes(nn.Module):
     """Temporary linear probes on the language model (dense supervision of the comparison); discarded after.
 
     - middle layer, each edited-image cell token of a two-image question: the reference's object
       in that cell (colour, shape, size) and whether the cell changed;
+    - middle and last layer, every text position (after the images): image-only facts (which cells
+      changed, the candidate's object per cell); near positions learn to read the images first, and
+      the same heads then reach the far answer position;
     - last layer, the answer position and the SUFFIX - 1 positions before it (deep supervision: every
       one of them must gather the same facts, which multiplies the signal that teaches attention to
       read the images): the facts of `answer_targets` and the true answer itself.
@@ -486,15 +523,20 @@ class Probes(nn.Module):
         super().__init__()
         self.cells = nn.Linear(dim, N_COLOUR + N_SHAPE + N_SIZE + 2)
         self.answer = nn.Linear(dim, sum(ANSWER_CLASSES) + 2)  # + the true answer
+        self.scene = nn.ModuleList([nn.Linear(dim, sum(SCENE_CLASSES)) for _ in range(2)])  # middle, final
 
     def loss(self, middle, final, ids, last, image_token_id, samples: Sequence[JudgeSample], num_q: int):
         """Probe CE on captured (N, L, D) hidden states of the row-major (B * Q) conversations."""
         device = middle.device
         cell_rows, cell_targets_, answer_rows, answer_rows_targets = [], [], [], []
+        text_index, text_targets = [], []
         for i in range(ids.shape[0]):
             s = samples[i // num_q]
             pair_targets, contains_targets = answer_targets(s)
             slots = (ids[i] == image_token_id).nonzero().squeeze(-1)
+            positions = torch.arange(int(slots[-1]) + 1, int(last[i]) + 1)
+            text_index.append(i * ids.shape[1] + positions)
+            text_targets.append(scene_targets(s, two_images=len(slots) == 20).expand(len(positions), -1))
             answer_rows.append(final[i, last[i] - SUFFIX + 1 : last[i] + 1])  # (SUFFIX, D)
             truth = torch.tensor([int(s.answers[i % num_q])])
             if len(slots) != 20:  # one-image (contains) question
@@ -515,6 +557,13 @@ class Probes(nn.Module):
                   for k, lg in enumerate(suffix_logits) if (answer_t[:, k] != -100).any()]
         logits = [lg[:, -1] for lg in suffix_logits]  # at the answer position
         answer_loss = torch.stack(losses).sum() / 4
+        text_index = torch.cat(text_index).to(device)
+        text_t = torch.cat(text_targets).to(device)  # (P, SCENE_TARGETS)
+        scene_loss = 0
+        for layer, hidden in enumerate((middle, final)):
+            scene_logits = self.scene[layer](hidden.flatten(0, 1)[text_index]).split(SCENE_CLASSES, -1)
+            scene_loss = scene_loss + sum(F.cross_entropy(lg, text_t[:, k], ignore_index=-100)
+                                          for k, lg in enumerate(scene_logits)) / 8
         with torch.no_grad():
             change_acc = (cells[..., -2:].argmax(-1) == targets[..., 3]).float().mean()
             flags = torch.stack([lg.argmax(-1) for lg in logits[: len(CELLS)]], -1)  # (N, 9)
@@ -523,9 +572,12 @@ class Probes(nn.Module):
             keep = answer_t[:, k] != -100
             target_acc = (logits[k].argmax(-1) == answer_t[:, k])[keep].float().mean()
             truth_acc = (logits[-1].argmax(-1) == answer_t[:, -1]).float().mean()
+            scene_flags = torch.stack([lg.argmax(-1) for lg in scene_logits[: len(CELLS)]], -1)
+            two = text_t[:, 0] != -100
+            text_flags_acc = (scene_flags == text_t[:, : len(CELLS)]).all(-1)[two].float().mean()
         metrics = {"probe_change_acc": change_acc, "probe_flags_exact": flag_acc, "probe_target_acc": target_acc,
-                   "probe_answer_acc": truth_acc}
-        return cell_loss + answer_loss, metrics
+                   "probe_answer_acc": truth_acc, "probe_text_flags_exact": text_flags_acc}
+        return cell_loss + answer_loss + scene_loss, metrics
 
 
 # ---- the judge under training ----------------------------------------------------------------
@@ -657,7 +709,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--degrade", type=float, default=0.0, help="probability of a degraded candidate")
     parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent)")
     # `key=value` words (the `python -m npedit shapes ...` override style) are read as `--key value`.
-    argv = [w for item in (argv or []) for w in
+    argv = [w for item in (sys.argv[1:] if argv is None else argv) for w in
             ((f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]) if "=" in item and not item.startswith("-") else (item,))]
     args = parser.parse_args(argv)
     path = default_path("judge", args.judge)
@@ -741,7 +793,7 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
     if cfg.dense_weight > 0 and len(capture.projected) == 2:  # reference batch, then candidate batch
         dense, m = head.loss(torch.cat(capture.projected), [s.case.reference for s in samples] + [s.candidate for s in samples])
         loss = loss + cfg.dense_weight * dense
-        metrics |= {"dense_loss": dense.detach(), **m}
+        metrics |= {"dense_loss": dense.detach(), "feature_rms": capture.projected[0].detach().pow(2).mean().sqrt(), **m}
     if cfg.probe_weight > 0:
         rows = [q for row in questions for q in row]
         ids, _, last = judge._prompts(rows)

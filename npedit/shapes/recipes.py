@@ -42,6 +42,8 @@ class VAEConfig:
     latent_channels: int = 4
     downsample: int = 4
     kl_weight: float = 1e-6
+    init: str = ""  # continue from a trained VAE folder
+    decoder_only: bool = False  # with `init`: refine the decoder, keeping the latent space (and the teacher) valid
     seed: int = 0
     log_every: int = 50
     threads: int = 0  # torch threads (0: leave as is)
@@ -120,8 +122,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def train_vae(cfg: VAEConfig) -> Path:
     """Train the VAE on random renders; writes <output_dir>/vae with latent scale/shift in its config."""
     out, log, rng = _start(cfg)
-    vae = tiny_vae(cfg.latent_channels, cfg.downsample, width=cfg.width, seed=cfg.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    if cfg.init:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(cfg.init)
+    else:
+        vae = tiny_vae(cfg.latent_channels, cfg.downsample, width=cfg.width, seed=cfg.seed)
+    if cfg.decoder_only:
+        if not cfg.init:
+            raise ValueError("decoder_only=true needs init=<a trained VAE folder>")
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - s / cfg.steps))
     for step in tqdm(range(1, cfg.steps + 1), desc="vae"):
         x = random_crops(scene_batch(rng, cfg.batch_size)[0], cfg.crop, cfg.downsample, rng)
@@ -142,8 +154,9 @@ def train_vae(cfg: VAEConfig) -> Path:
     with torch.no_grad():
         x, _ = scene_batch(rng, 256)
         z = vae.encode(x).latent_dist.mode()
-        shift, scale = float(z.mean()), float(1.0 / z.std())
-        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        if not cfg.decoder_only:  # a refined decoder keeps the latent statistics of its init
+            vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+        shift, scale = vae.config.shift_factor, vae.config.scaling_factor
         rec = vae.decode(z).sample
     parsed = float(np.mean([parse(to_uint8(r)) == parse(to_uint8(o)) for r, o in zip(rec, x)]))
     clean = float(np.mean([clean_fraction(to_uint8(r)) for r in rec]))

@@ -1,0 +1,525 @@
+"""NP-Edit app: edit images, look inside each sampling step, question the judge, train and compare runs.
+
+    python app.py [--model DIR_OR_ID] [--judge DIR_OR_ID] [--teacher DIR] [--critic DIR] [--port N] [--runs DIR]
+
+Thin UI wiring over `workbench` (loading, inspection, jobs, runs, plots) and `npedit`. Models load on
+first use, so the app starts (and says what to pass) even when no model is there. The same file runs
+as a Hugging Face Space; models can also be chosen with NPEDIT_MODEL / NPEDIT_JUDGE / NPEDIT_TEACHER /
+NPEDIT_CRITIC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from npedit import assets
+from npedit.images import ImageError, load_image
+from npedit.verdicts import judge_edit
+from workbench import datasets, jobs, judging, models, plots, presets, runs
+from workbench.inspect import edit_once, trace_edit
+
+try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
+    import spaces
+
+    GPU = spaces.GPU(duration=120)
+except ImportError:
+    spaces = None
+
+    def GPU(fn):
+        return fn
+
+MAX_SEED = 2**31 - 1
+MAX_STEPS = 8
+ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU") == "true"
+CSS = """
+.pixelated img, .pixelated canvas { image-rendering: pixelated; }
+.fill-image img { width: 100%; height: 100%; object-fit: contain; }
+#title { margin-bottom: 0; }
+"""
+INTRO = """# NP-Edit
+Instruction-based image editing trained **without before/after pairs**: a few-step *student* edits; a frozen
+vision-language *judge* answers Yes/No questions about each edit; distribution matching (DMD) against a frozen
+text-to-image *teacher*, with a learned *critic*, keeps the results realistic."""
+CAPTION_HELP = ("Target caption c^x (optional): what the edited image should show. It conditions the teacher and the "
+                "critic for the DMD maps. Left empty, the instruction itself is used (the library's fallback).")
+TABLE_HELP = ("One row per training image. **instruction** is required. **caption_target** (c^x) conditions the "
+              "teacher and critic for DMD; empty means the instruction is used. **caption_reference** (c^y) is the "
+              "warm-up prompt; empty means an empty prompt (and \"do nothing\" samples then use c^x). "
+              "**edit_type** `remove` needs **object_name** (what is removed).")
+
+
+@dataclass
+class App:
+    """What the UI works on: the models, the runs folder and where generated examples go."""
+
+    models: models.ModelSet
+    runs_root: Path
+    examples_dir: Path
+
+    def editor_choices(self) -> list[tuple[str, str]]:
+        """(label, path) of the app's editor and of every finished run's editor."""
+        out = []
+        if self.models.paths.model:
+            label = "bundled Shapes editor" if Path(self.models.paths.model) == assets.DEFAULT_MODEL else "started with"
+            out.append((f"{label}: {self.models.paths.model}", self.models.paths.model))
+        return out + [c for c in runs.finished_editors(self.runs_root) if c[1] != self.models.paths.model]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (flags override the NPEDIT_* environment variables)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="NPEditPipeline folder or hub id (default: $NPEDIT_MODEL, else the bundled editor)")
+    p.add_argument("--judge", help="judge (LLaVA-OneVision) folder or hub id (default: $NPEDIT_JUDGE, else bundled)")
+    p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER)")
+    p.add_argument("--critic", help="critic transformer folder, for DMD maps (default: $NPEDIT_CRITIC)")
+    p.add_argument("--runs", default=os.environ.get("NPEDIT_RUNS", "runs"), help="folder of training runs")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--preload", action="store_true", default=spaces is not None,
+                   help="load the editor and judge before serving (default on a Space)")
+    return p.parse_args(argv)
+
+
+def make_app(args: argparse.Namespace) -> App:
+    """The models (not loaded yet), runs folder and examples folder the UI works on."""
+    paths = models.resolve_paths(args.model, args.judge, args.teacher, args.critic)
+    examples_dir = Path(tempfile.gettempdir()) / "npedit-app-examples"
+    return App(models.ModelSet(paths, device=args.device, dtype=args.dtype), Path(args.runs).resolve(), examples_dir)
+
+
+def _error(exc: Exception) -> gr.Error:
+    return gr.Error(str(exc), print_exception=False)
+
+
+# ---- Edit tab --------------------------------------------------------------------------------
+
+def edit_handler(app: App):
+    """The /edit function of `app` (also callable directly, e.g. in tests)."""
+    @GPU
+    def edit(image, instruction, steps=4, seed=0, randomize_seed=False, caption_target="", edit_type="edit",
+             object_name="", inspect_steps=True, editor=None, progress=gr.Progress()):
+        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel."""
+        if image is None:
+            raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
+        if not (instruction or "").strip():
+            raise gr.Error("Type an instruction, e.g. \"make the red circle blue\".")
+        seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
+        editor = editor or app.models.paths.model
+        try:
+            progress(0.0, desc="loading the editor")
+            pipe = app.models.editor(editor)
+            picture, notice = models.fit_to_domain(load_image(image), models.read_domain(editor))
+            if inspect_steps:
+                progress(0.05, desc="loading the judge, teacher and critic")
+                judge, teacher, critic, loss, judge_note, dmd_note = app.models.inspectors(editor, pipe)
+                trace = trace_edit(pipe, judge, teacher, critic, picture, instruction, caption_target,
+                                   steps=int(steps), seed=seed, edit_type=edit_type or "edit",
+                                   object_name=(object_name or "").strip() or None, loss=loss, judge_note=judge_note,
+                                   dmd_note=dmd_note, progress=lambda f, d: progress(0.1 + 0.9 * f, desc=d))
+                edited, panel, table = trace.image, plots.steps_figure(trace), pd.DataFrame(trace.table())
+                source = "given" if trace.caption_from == "given" else "none given, so the instruction is used"
+                info = [f"Seed **{seed}** · {len(trace.steps)} steps · sampling {trace.timings['sample_s']:.2f} s, "
+                        f"total {trace.timings['total_s']:.2f} s · target caption c^x: “{trace.caption_target}” "
+                        f"({source})"]
+            else:
+                edited, seconds = edit_once(pipe, picture, instruction, int(steps), seed)
+                panel, table = None, None
+                info = [f"Seed **{seed}** · {int(steps)} steps · {seconds:.2f} s · per-step analysis off"]
+        except (models.ModelError, ImageError, ValueError) as exc:
+            raise _error(exc) from None
+        if notice:
+            gr.Warning(notice)
+            info.insert(0, f"⚠️ {notice}")
+        last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type or "edit",
+                "object_name": object_name or ""}
+        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, last
+
+    return edit
+
+
+def build_edit_tab(app: App, last_edit: gr.State):
+    """Edit tab: input, instruction, settings, result, before/after, per-step panel, examples."""
+    choices = app.editor_choices()
+    with gr.Row():
+        editor = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label="Editor",
+                             allow_custom_value=True, scale=4)
+        refresh = gr.Button("↻ Refresh list", size="sm", scale=0, min_width=120)
+    status = gr.Markdown(app.models.status(choices[0][1] if choices else None))
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(type="filepath", image_mode=None, label="Input image", height=320,
+                             elem_classes=["pixelated", "fill-image"], sources=["upload", "clipboard"])
+            with gr.Row():
+                instruction = gr.Textbox(label="Instruction", placeholder="make the red circle blue", scale=4)
+                run = gr.Button("Run", variant="primary", scale=0, min_width=90)
+            random_scene = gr.Button("Random Shapes scene (for the Shapes-world editor)", size="sm")
+            with gr.Accordion("Advanced settings", open=False):
+                steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="Sampling steps")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, maximum=MAX_SEED)
+                    randomize = gr.Checkbox(value=False, label="Randomise seed")
+                caption = gr.Textbox(value="", label="Target caption c^x (optional)", info=CAPTION_HELP)
+                with gr.Row():
+                    edit_type = gr.Dropdown(list(datasets.EDIT_TYPES), value="edit",
+                                            label="Edit type (judge questions)")
+                    object_name = gr.Textbox(value="", label="Removed object (for edit type 'remove')")
+                inspect = gr.Checkbox(value=True, label="Per-step analysis (judge P(Yes) and DMD map for every step)")
+        with gr.Column():
+            result = gr.Image(type="pil", format="png", label="Edited (PNG)", height=320, interactive=False,
+                              buttons=["download", "fullscreen"], elem_classes=["pixelated", "fill-image"])
+            reuse = gr.Button("↺ Use the result as the next input", size="sm")
+            slider = gr.ImageSlider(type="pil", format="png", label="Before / after", max_height=320,
+                                    elem_classes="pixelated")
+            info = gr.Markdown()
+    gr.Markdown("### Inside the sampler: one column per step\nPredicted clean image x0 of each step, the judge's "
+                "P(Yes) for the edit and identity checks on that x0, and the DMD map: where the teacher's "
+                "(with CFG, as in training) and the critic's x0-predictions disagree at that step's noisy state x_t.")
+    step_plot = gr.Plot(label="Per-step panel", format="png", elem_id="step-panel")
+    step_table = gr.Dataframe(label="Per-step numbers", interactive=False, elem_id="step-table")
+    examples = datasets.bundled_examples(assets.EXAMPLES_DIR) + datasets.shapes_examples(app.examples_dir)
+    gr.Examples(examples, inputs=[image, instruction, caption, edit_type, object_name],
+                label="Examples (assets/examples, then generated Shapes-world cases)", examples_per_page=12)
+
+    inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor]
+    outputs = [result, slider, seed, info, step_plot, step_table, last_edit]
+    gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
+          concurrency_id="models", concurrency_limit=1)
+    reuse.click(lambda im: im, result, image, api_visibility="private")
+    random_scene.click(lambda: datasets.random_shapes_case(random.randint(0, MAX_SEED)), None,
+                       [image, instruction, caption, edit_type, object_name], api_visibility="private")
+    editor.change(app.models.status, editor, status, api_visibility="private")
+
+    def refresh_list(current):
+        choices = app.editor_choices()
+        return gr.Dropdown(choices=choices, value=current or (choices[0][1] if choices else None))
+
+    refresh.click(refresh_list, editor, editor, api_visibility="private")
+    return editor, refresh_list
+
+
+# ---- Judge tab -------------------------------------------------------------------------------
+
+def build_judge_tab(app: App, last_edit: gr.State):
+    """Judge inspector tab: one pair question by question, or many pairs from a list."""
+    gr.Markdown("Ask the judge about any (reference, edited) pair: the edit check and the identity check it answers "
+                "in training, plus your own Yes/No questions.")
+    with gr.Row():
+        reference = gr.Image(type="filepath", image_mode=None, label="Reference", height=256,
+                             elem_classes=["pixelated", "fill-image"])
+        edited = gr.Image(type="filepath", image_mode=None, label="Edited", height=256,
+                          elem_classes=["pixelated", "fill-image"])
+    take = gr.Button("Take the pair from the last edit", size="sm")
+    instruction = gr.Textbox(label="Instruction")
+    with gr.Row():
+        edit_type = gr.Dropdown(list(datasets.EDIT_TYPES), value="edit", label="Edit type")
+        object_name = gr.Textbox(value="", label="Removed object (for 'remove')")
+    extra = gr.Textbox(value="", label="Extra questions (one per line; asked about both images)", lines=2,
+                       placeholder="Is the second image sharp and free of artifacts? Answer with Yes or No.")
+    ask = gr.Button("Ask the judge", variant="primary")
+    summary = gr.JSON(label="Verdict")
+    table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True)
+
+    @GPU
+    def judge(reference, edited, instruction, edit_type="edit", object_name="", extra=""):
+        """P(Yes) and logit margin of every question about (reference, edited) for `instruction`."""
+        if reference is None or edited is None:
+            raise gr.Error("Give both a reference and an edited image.")
+        try:
+            v = judge_edit(app.models.judge(), reference, edited, instruction or "", edit_type=edit_type or "edit",
+                           object_name=(object_name or "").strip() or None, extra=judging.extra_questions(extra))
+        except (models.ModelError, ImageError, ValueError) as exc:
+            raise _error(exc) from None
+        return {"p_edit": v.p_edit, "p_identity": v.p_identity}, judging.verdict_table(v)
+
+    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra], [summary, table],
+              api_name="judge", concurrency_id="models", concurrency_limit=1)
+
+    def take_last(last):
+        if not last:
+            raise gr.Error("No edit yet: run one in the Edit tab first.")
+        return last["reference"], last["edited"], last["instruction"], last["edit_type"], last["object_name"]
+
+    take.click(take_last, last_edit, [reference, edited, instruction, edit_type, object_name],
+               api_visibility="private")
+
+    with gr.Accordion("Batch: many pairs at once", open=False):
+        gr.Markdown("Upload one **.csv** or **.jsonl** list with columns `reference`, `edited`, `instruction` "
+                    "(optional `id`, `edit_type`, `object_name`) **and the images it names** (matched by file name).")
+        files = gr.File(file_count="multiple", file_types=[".csv", ".jsonl", "image"], label="List + images")
+        run_batch = gr.Button("Judge all pairs", variant="primary")
+        batch_table = gr.Dataframe(label="Verdicts", interactive=False)
+        batch_csv = gr.File(label="Download (CSV)", interactive=False)
+
+        @GPU
+        def judge_batch(files, progress=gr.Progress()):
+            try:
+                pairs = judging.read_pairs(files or [])
+                out = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d))
+            except (models.ModelError, ValueError) as exc:
+                raise _error(exc) from None
+            path = Path(tempfile.mkdtemp(prefix="npedit-verdicts-")) / "verdicts.csv"
+            out.to_csv(path, index=False)
+            return out, str(path)
+
+        run_batch.click(judge_batch, files, [batch_table, batch_csv], api_name="judge_batch",
+                        concurrency_id="models", concurrency_limit=1)
+
+
+# ---- Train tab -------------------------------------------------------------------------------
+
+def _status_markdown(st: jobs.JobStatus | None, device: str) -> str:
+    if st is None:
+        return f"No job yet. Jobs train on **{device}**, one at a time, in a separate process (closing this tab " \
+               "does not stop them)."
+    eta = f" · ETA {st.eta_s:.0f} s" if st.eta_s is not None else ""
+    elapsed = f" · elapsed {st.elapsed_s:.0f} s" if st.elapsed_s is not None else ""
+    progress = f" · step {st.step}/{st.max_steps}" if st.max_steps else ""
+    lines = [f"**{Path(st.run_dir).name}**: **{st.state}**{progress}{eta}{elapsed}", st.message]
+    if st.pipeline and st.state == "finished":
+        lines.append(f"The editor is in the Edit tab's list: `{st.pipeline}`")
+    return "\n\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", (text or "").strip()).strip("-.")
+
+
+def build_train_tab(app: App, editor_dropdown, refresh_list):
+    """Train tab: data table, models, preset knobs, Start/Cancel and live status (polled)."""
+    device = jobs.device_name()
+    paths = app.models.paths
+    gr.Markdown(f"Train an editor in the background on **{device}**"
+                f"{' (no GPU found: expect minutes for the quick preset only)' if device == 'cpu' else ''}. "
+                f"{presets.LORA_NOTE}")
+    if ON_ZEROGPU:
+        gr.Markdown("⚠️ This Space runs on ZeroGPU, where a GPU exists only inside a short call: training is off. "
+                    "Duplicate it on dedicated GPU hardware, or run `python app.py` locally.")
+    uploads = gr.State({})
+    with gr.Tab("Generate Shapes cases"):
+        with gr.Row():
+            n_cases = gr.Slider(6, 1000, value=60, step=6, label="Number of cases (all six edit categories)")
+            data_seed = gr.Number(value=0, precision=0, label="Seed")
+            generate = gr.Button("Generate", scale=0, min_width=120)
+        stream = gr.Checkbox(False, label="Train on the Shapes stream instead of the table (data.train=shapes: "
+                                          "50,000 generated cases with paraphrases and target images; the table is "
+                                          "then only a preview)")
+    with gr.Tab("Upload my images"):
+        files = gr.File(file_count="multiple", file_types=["image"], label="Images (then type an instruction per row)")
+    gr.Markdown(TABLE_HELP)
+    table = gr.Dataframe(value=datasets.empty_table(), headers=datasets.TABLE_COLUMNS, interactive=True,
+                         label="Training data", max_height=280, wrap=True, elem_id="train-table")
+    with gr.Row():
+        base = gr.Textbox(value=paths.teacher or str(assets.DEFAULT_TEACHER), label="Teacher (base model: model.base)")
+        judge = gr.Textbox(value=paths.judge or str(assets.DEFAULT_JUDGE), label="Judge (judge.path)")
+        student = gr.Textbox(value=paths.model or str(assets.DEFAULT_MODEL),
+                             label="Start the student from (model.student; empty = the teacher)")
+    first = next(iter(presets.PRESETS))
+    preset = gr.Dropdown(list(presets.PRESETS), value=first, label="Preset")
+    preset_note = gr.Markdown(presets.PRESETS[first].note)
+    knobs = {}
+    p0 = presets.PRESETS[first]
+    with gr.Row():
+        knobs["stage"] = gr.Dropdown(["npedit", "warmup", "sft"], value=p0.stage, label="stage")
+        for name in ("max_steps", "critic_steps", "batch_size", "resolution"):
+            knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
+    with gr.Row():
+        for name in ("lr", "lambda_dmd", "lambda_vlm"):
+            knobs[name] = gr.Number(value=getattr(p0, name), label=name)
+        for name in ("log_every", "sample_every", "save_every"):
+            knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
+    knobs["negative_prompt"] = gr.Textbox(value=p0.negative_prompt, label="negative_prompt (the teacher's CFG "
+                                          "negative; the Shapes teacher learnt \"\" as its unconditional prompt)")
+    with gr.Row():
+        run_name = gr.Textbox(label="Run name (empty: a timestamp)", scale=3)
+        start = gr.Button("Start", variant="primary", interactive=not ON_ZEROGPU, scale=1)
+        cancel = gr.Button("Cancel", variant="stop", scale=1)
+    current = gr.State(None)
+    status = gr.Markdown(_status_markdown(None, device), elem_id="train-status")
+    with gr.Row():
+        curves = gr.Plot(label="Loss curves", format="png")
+        sample = gr.Image(label="Latest samples (reference | edit)", interactive=False, elem_classes="pixelated")
+    log = gr.Textbox(label="Log (tail)", lines=6, max_lines=12, autoscroll=True)
+    timer = gr.Timer(2.0, active=False)
+
+    def on_preset(name):
+        p = presets.PRESETS[name]
+        return [p.note] + [getattr(p, k) for k in knobs]
+
+    preset.change(on_preset, preset, [preset_note, *knobs.values()], api_visibility="private")
+
+    def on_generate(n, seed):
+        folder = app.runs_root / ".staging" / f"shapes-{int(seed)}-{int(n)}"
+        return datasets.shapes_table(int(n), folder, seed=int(seed))
+
+    generate.click(on_generate, [n_cases, data_seed], table, api_visibility="private")
+    files.upload(lambda fs: (datasets.table_for_images(fs), {Path(f).name: f for f in fs}), files, [table, uploads],
+                 api_visibility="private")
+
+    def on_start(table, uploads, use_stream, preset_name, name, base, judge, student, *values):
+        values = dict(zip(knobs, values))
+        run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
+        busy = jobs.active_job(app.runs_root, device)
+        if busy is not None:
+            raise gr.Error(f"{device} is busy with run '{busy.name}': one job per device. Wait for it or cancel it.")
+        if runs.is_run(run_dir):
+            raise gr.Error(f"a run named '{run_dir.name}' exists already: pick another name.")
+        try:
+            data = presets.SHAPES_STREAM if use_stream else \
+                datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table))
+            args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),
+                                      data=str(data), config_file=presets.PRESETS[preset_name].config_file)
+            presets.check_train_args(args)
+            st = jobs.start_job(run_dir, args, runs_root=app.runs_root, device=device)
+        except (ValueError, jobs.JobBusy) as exc:
+            if not (run_dir / "job.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise _error(exc) from None
+        return str(run_dir), _status_markdown(st, device), gr.Timer(active=True)
+
+    start.click(on_start, [table, uploads, stream, preset, run_name, base, judge, student, *knobs.values()],
+                [current, status, timer], api_visibility="private")
+
+    def on_tick(run_dir, editor_value):
+        if not run_dir:
+            return _status_markdown(None, device), None, None, "", gr.Timer(active=False), gr.Dropdown()
+        st = jobs.job_status(run_dir)
+        metrics = runs.read_metrics(run_dir)
+        keys = [k for k in runs.metric_keys({"run": metrics}) if k.endswith("loss")][:4]  # main losses first
+        figure = plots.loss_curves({Path(run_dir).name: metrics}, keys) if not metrics.empty else None
+        dropdown = gr.Dropdown() if st.active else refresh_list(editor_value)
+        return (_status_markdown(st, device), figure, st.latest_sample, jobs.log_tail(run_dir),
+                gr.Timer(active=st.active), dropdown)
+
+    timer.tick(on_tick, [current, editor_dropdown], [status, curves, sample, log, timer, editor_dropdown],
+               api_visibility="private", show_progress="hidden", concurrency_limit=None)
+
+    def on_cancel(run_dir):
+        if not run_dir:
+            raise gr.Error("No job to cancel.")
+        return _status_markdown(jobs.cancel_job(run_dir), device)
+
+    cancel.click(on_cancel, current, status, api_visibility="private")
+
+    def on_load():
+        """Reattach to the job running on this device (e.g. after the tab was closed), else show the last one."""
+        active = jobs.active_job(app.runs_root, device)
+        listed = jobs.list_jobs(app.runs_root) if active is None else []
+        run_dir = str(active) if active else (listed[0].run_dir if listed else None)
+        st = jobs.job_status(run_dir) if run_dir else None
+        return run_dir, _status_markdown(st, device), gr.Timer(active=bool(st and st.active))
+
+    return on_load, (current, status, timer)
+
+
+# ---- Runs tab --------------------------------------------------------------------------------
+
+def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
+    """Runs tab: the runs table, overlaid curves, config differences, a run's samples, resume."""
+    gr.Markdown(f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/.")
+    refresh = gr.Button("↻ Refresh", size="sm")
+    table = gr.Dataframe(label="Runs", interactive=False, wrap=True, max_height=300)
+    with gr.Row():
+        selected = gr.Dropdown([], multiselect=True, label="Compare runs")
+        keys = gr.Dropdown([], multiselect=True, label="Metrics")
+    curves = gr.Plot(label="Curves", format="png")
+    with gr.Row():
+        bars = gr.Plot(label="Last value of the first metric", format="png")
+        comparison = gr.Dataframe(label="Config differences and last metrics", interactive=False, wrap=True)
+    with gr.Row():
+        one = gr.Dropdown([], label="Run")
+        resume = gr.Button("Resume this run", size="sm", scale=0)
+    resume_msg = gr.Markdown()
+    gallery = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_classes="pixelated")
+
+    def on_refresh(selected_now):
+        df = runs.runs_table(app.runs_root)
+        names = list(df["run"]) if not df.empty else []
+        frames = {n: runs.read_metrics(app.runs_root / n) for n in names}
+        metric_names = runs.metric_keys(frames)
+        keep = [s for s in (selected_now or []) if s in names] or names[:3]
+        return (df, gr.Dropdown(choices=names, value=keep), gr.Dropdown(choices=metric_names, value=metric_names[:2]),
+                gr.Dropdown(choices=names, value=names[0] if names else None))
+
+    def on_compare(names, metric_names):
+        if not names:
+            return plots.message_figure("Pick runs to compare."), None, None
+        frames = {n: runs.read_metrics(app.runs_root / n) for n in names}
+        metric_names = metric_names or runs.metric_keys(frames)[:2]
+        last = {n: (df[metric_names[0]].dropna().iloc[-1] if metric_names and metric_names[0] in df
+                    and df[metric_names[0]].notna().any() else None) for n, df in frames.items()}
+        return (plots.loss_curves(frames, metric_names),
+                plots.bar_chart(last, f"last {metric_names[0]}" if metric_names else "no metric"),
+                runs.compare([app.runs_root / n for n in names], app.runs_root))
+
+    def on_resume(name):
+        if not name:
+            raise gr.Error("Pick a run.")
+        try:
+            st = jobs.start_job(app.runs_root / name, resume=True, runs_root=app.runs_root)
+        except (ValueError, jobs.JobBusy) as exc:
+            raise _error(exc) from None
+        return (f"Resumed **{name}**: {st.state}. Its progress shows in the Train tab.", st.run_dir,
+                gr.Timer(active=True))
+
+    refresh.click(on_refresh, selected, [table, selected, keys, one], api_visibility="private")
+    gr.on([selected.change, keys.change], on_compare, [selected, keys], [curves, bars, comparison],
+          api_visibility="private")
+    one.change(lambda n: runs.samples(app.runs_root / n) if n else [], one, gallery, api_visibility="private")
+    resume.click(on_resume, one, [resume_msg, train_run, train_timer], api_visibility="private")
+    return on_refresh, [selected], [table, selected, keys, one]
+
+
+def build_demo(app: App) -> gr.Blocks:
+    """The whole UI (nothing is loaded or launched here)."""
+    with gr.Blocks(title="NP-Edit") as demo:
+        gr.Markdown(INTRO, elem_id="title")
+        last_edit = gr.State(None)
+        with gr.Tab("Edit"):
+            editor, refresh_list = build_edit_tab(app, last_edit)
+        with gr.Tab("Judge inspector"):
+            build_judge_tab(app, last_edit)
+        with gr.Tab("Train"):
+            train_load, (train_run, train_status, train_timer) = build_train_tab(app, editor, refresh_list)
+        with gr.Tab("Runs"):
+            runs_refresh, runs_inputs, runs_outputs = build_runs_tab(app, train_run, train_timer)
+        demo.load(train_load, None, [train_run, train_status, train_timer], api_visibility="private")
+        demo.load(runs_refresh, runs_inputs, runs_outputs, api_visibility="private")
+    return demo
+
+
+def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
+    """Queue and serve `demo` (returns what gr.Blocks.launch returns)."""
+    app.runs_root.mkdir(parents=True, exist_ok=True)
+    return demo.queue(max_size=32).launch(
+        server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
+        allowed_paths=[str(app.runs_root), str(app.examples_dir), str(assets.ASSETS_DIR)], **kwargs)
+
+
+def main(argv=None):
+    """Parse flags, build the UI and serve it."""
+    args = parse_args(argv)
+    app = make_app(args)
+    if args.preload:
+        for load in (app.models.editor, app.models.judge):
+            try:
+                load()
+            except models.ModelError as exc:
+                print(f"warning: {exc}")
+    launch(build_demo(app), app, args)
+
+
+if __name__ == "__main__":
+    main()

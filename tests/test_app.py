@@ -1,0 +1,154 @@
+"""The Gradio app: builds without launching, serves /edit and /judge to gradio_client, starts with no models."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from workbench.tiny import build_tiny_set
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import app as npedit_app  # noqa: E402  (app.py lives at the repository root)
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
+    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_flags(tiny_set, runs):
+    return ["--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher", tiny_set["teacher"],
+            "--critic", tiny_set["critic"], "--runs", str(runs)]
+
+
+@pytest.fixture
+def shapes_png(tmp_path):
+    from workbench.datasets import random_shapes_case
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(random_shapes_case(0)[0]).save(path)
+    return path
+
+
+def test_ui_builds_without_launching(tiny_set, tmp_path):
+    args = npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs"))
+    demo = npedit_app.build_demo(npedit_app.make_app(args))
+    api = demo.get_api_info()["named_endpoints"]
+    assert {"/edit", "/judge", "/judge_batch"} <= set(api)
+    edit = api["/edit"]["parameters"]
+    assert [p["parameter_name"] for p in edit[:2]] == ["image", "instruction"]
+    assert all(p["parameter_has_default"] for p in edit[2:])
+    judge = api["/judge"]["parameters"]
+    assert [p["parameter_name"] for p in judge[:3]] == ["reference", "edited", "instruction"]
+    assert all(p["parameter_has_default"] for p in judge[3:])
+    assert not any(name.startswith("/on_") or name == "/lambda" for name in api)  # UI helpers stay private
+
+
+def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
+    from npedit import assets
+
+    for kind in ("DEFAULT_MODEL", "DEFAULT_JUDGE", "DEFAULT_TEACHER", "DEFAULT_CRITIC"):
+        monkeypatch.setattr(assets, kind, tmp_path / "no-assets" / kind)
+    for var in ("NPEDIT_MODEL", "NPEDIT_JUDGE", "NPEDIT_TEACHER", "NPEDIT_CRITIC"):
+        monkeypatch.delenv(var, raising=False)
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    npedit_app.build_demo(app)
+    assert "No editor" in app.models.status() and "--model" in app.models.status()
+    with pytest.raises(gr.Error, match="--model"):
+        npedit_app.edit_handler(app)(str(shapes_png), "remove the circle")
+    with pytest.raises(gr.Error, match="instruction"):
+        npedit_app.edit_handler(app)(str(shapes_png), "  ")
+
+
+def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
+    from gradio_client import Client, handle_file
+
+    args = npedit_app.parse_args([*tiny_flags(tiny_set, tmp_path / "runs"), "--port", str(free_port())])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        edited, before_after, seed, info, panel, table = client.predict(handle_file(str(shapes_png)),
+                                                                        "remove the circle", api_name="/edit")
+        out = Image.open(edited)
+        assert out.format == "PNG" and out.size == (64, 64) and seed == 0
+        assert "c^x" in info and len(table["data"]) == 4 and panel is not None
+        again = client.predict(handle_file(str(shapes_png)), "remove the circle", api_name="/edit")
+        assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(out))  # same default seed, same edit
+        plain = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "edit", "", False,
+                               api_name="/edit")  # per-step analysis off: a plain pipeline call, same sampler and seed
+        assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(out)) and "off" in plain[3]
+        randomized = client.predict(handle_file(str(shapes_png)), "remove the circle", 2, 0, True, api_name="/edit")
+        assert isinstance(randomized[2], (int, float)) and len(randomized[5]["data"]) == 2
+        verdict, questions = client.predict(handle_file(str(shapes_png)), handle_file(edited), "remove the circle",
+                                            api_name="/judge")
+        assert 0 < verdict["p_edit"] < 1 and 0 < verdict["p_identity"] < 1
+        assert [row[0] for row in questions["data"]] == ["edit", "identity"]
+        removal = client.predict(handle_file(str(shapes_png)), handle_file(edited), "remove the circle", "remove",
+                                 "red circle", "Is the second image sharp? Answer with Yes or No.", api_name="/judge")
+        assert [row[0] for row in removal[1]["data"]] == ["contains", "identity", "extra"]
+        listing = tmp_path / "pairs.csv"
+        listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{Path(edited).name},remove the circle\n")
+        table, csv = client.predict([handle_file(str(listing)), handle_file(str(shapes_png)), handle_file(edited)],
+                                    api_name="/judge_batch")
+        assert len(table["data"]) == 1 and table["data"][0][-1] == "" and "p_edit" in Path(csv).read_text()
+    finally:
+        demo.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"app exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.time() - start
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def test_app_script_starts_offline_within_60s(tiny_set, tmp_path, shapes_png):
+    """`python app.py` with no models at all answers and explains; with tiny models by flag it edits."""
+    from gradio_client import Client, handle_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NPEDIT_ASSETS": str(tmp_path / "no-assets"),
+           "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    for var in ("NPEDIT_MODEL", "NPEDIT_JUDGE", "NPEDIT_TEACHER", "NPEDIT_CRITIC"):
+        env.pop(var, None)
+    ports = free_port(), free_port()
+    cmds = [[sys.executable, "app.py", "--port", str(ports[0]), "--runs", str(tmp_path / "runs0")],
+            [sys.executable, "app.py", "--port", str(ports[1]), *tiny_flags(tiny_set, tmp_path / "runs1")]]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in cmds]
+    try:
+        for port, proc in zip(ports, procs):
+            assert _wait_http(f"http://127.0.0.1:{port}/", proc, timeout=60) < 60
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/config", timeout=10) as r:
+            config = r.read().decode()
+        assert "No editor" in config and "--model" in config
+        out = Client(f"http://127.0.0.1:{ports[1]}/", verbose=False).predict(
+            handle_file(str(shapes_png)), "make the circle blue", api_name="/edit")
+        assert Image.open(out[0]).size == (64, 64)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=20)

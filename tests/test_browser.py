@@ -1,0 +1,109 @@
+"""The app in a real browser (Debian's Chromium through Playwright): edit with the per-step panel, train a tiny job.
+
+Screenshots go to the test's tmp dir; docs/screenshots/ gets a copy when it has none yet or when
+NPEDIT_UPDATE_SCREENSHOTS=1.
+"""
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if not CHROMIUM.exists():
+    pytest.skip("browser tests need Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip)")
+
+sys.path.insert(0, str(ROOT))
+import app as npedit_app  # noqa: E402
+from workbench.tiny import build_tiny_set  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
+    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_set, tmp_path_factory):
+    """The app on a free localhost port, in this process, with the tiny models."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = tmp_path_factory.mktemp("browser-runs")
+    args = npedit_app.parse_args(["--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher",
+                                  tiny_set["teacher"], "--critic", tiny_set["critic"], "--runs", str(runs),
+                                  "--port", str(port)])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(served)
+        yield page
+        browser.close()
+
+
+def keep(shot: Path, name: str) -> None:
+    target = ROOT / "docs" / "screenshots" / name
+    if not target.exists() or os.environ.get("NPEDIT_UPDATE_SCREENSHOTS") == "1":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
+
+
+def test_upload_edit_and_see_every_step(page, tmp_path):
+    from workbench.datasets import random_shapes_case
+
+    scene, instruction, *_ = random_shapes_case(7)
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    page.locator("input[type=file]").first.set_input_files(str(tmp_path / "scene.png"))
+    page.get_by_label("Instruction").first.fill(instruction)
+    page.get_by_role("button", name="Run", exact=True).click()
+    panel = page.locator("#step-panel img")
+    panel.wait_for(state="visible")
+    assert panel.bounding_box()["width"] > 300
+    table = page.locator("#step-table")
+    table.get_by_text("0.6667").filter(visible=True).first.wait_for()  # t of the 4th step (uniform grid, shift 6)
+    assert table.get_by_text("P(Yes) edit").first.is_visible()
+    assert page.get_by_text("Seed").first.is_visible()
+    page.wait_for_timeout(500)
+    shot = tmp_path / "app-edit.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert Image.open(shot).size[0] >= 1400
+    keep(shot, "app-edit.png")
+
+
+def test_train_tab_runs_a_tiny_job(page, tmp_path):
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#train-table").get_by_text("shapes-0-00000.png").filter(visible=True).first.wait_for()
+    for name, value in (("max_steps", "2"), ("sample_every", "2"), ("critic_steps", "1")):
+        box = page.get_by_label(name, exact=True)
+        box.fill(value)
+        box.press("Tab")
+    page.get_by_label("Run name (empty: a timestamp)").fill("tiny-job")
+    page.get_by_role("button", name="Start", exact=True).click()
+    status = page.locator("#train-status")
+    status.get_by_text("tiny-job").first.wait_for()
+    status.get_by_text("finished 2 steps").wait_for(timeout=180_000)
+    page.wait_for_timeout(2500)  # the last poll draws the curves and the sample grid
+    shot = tmp_path / "app-train.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep(shot, "app-train.png")

@@ -1,0 +1,139 @@
+"""Shapes-world judge training: labels from the grammar, a quick run end to end, the evaluation's shape."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from npedit.judges import load_judge, training_questions
+from npedit.shapes import Edit, Obj, Scene, case_from_edit, parse, render
+from npedit.shapes import judge_training as jt
+
+
+def recolor_case():
+    scene = Scene("gray", (Obj("circle", "red", "large", "top left"), Obj("square", "blue", "small", "center")))
+    return case_from_edit(scene, Edit("recolor", "top left", colour="green"))
+
+
+def remove_case():
+    scene = Scene("white", (Obj("triangle", "yellow", "small", "top"), Obj("circle", "red", "large", "bottom")))
+    return case_from_edit(scene, Edit("remove", "top"))
+
+
+def with_object(scene, obj):
+    return Scene(scene.background, tuple(o for o in scene.objects if o.cell != obj.cell) + (obj,))
+
+
+def test_labels_follow_the_grammar():
+    case = recolor_case()
+    assert jt.true_answers(case, case.expected) == (True, True)  # the true edit: Yes / Yes
+    assert jt.true_answers(case, case.reference) == (False, True)  # identical: edit check No
+    wrong_colour = with_object(case.reference, Obj("circle", "orange", "large", "top left"))
+    assert jt.true_answers(case, wrong_colour) == (False, True)
+    extra = with_object(case.expected, Obj("square", "blue", "large", "center"))  # the other object grew
+    assert jt.true_answers(case, extra) == (True, False)
+    also_resized = with_object(case.expected, Obj("circle", "green", "small", "top left"))  # unnamed attribute
+    assert jt.true_answers(case, also_resized) == (True, False)
+    new_background = Scene("black", case.expected.objects)
+    assert jt.true_answers(case, new_background) == (True, False)
+    wrong_object = with_object(case.reference, Obj("square", "green", "small", "center"))
+    assert jt.true_answers(case, wrong_object) == (False, False)
+
+
+def test_removal_labels_use_the_contains_check():
+    case = remove_case()
+    questions = training_questions(case.instruction, case.edit_type, case.object_name)
+    assert [q.kind for q in questions] == ["contains", "identity"]
+    assert jt.true_answers(case, case.expected) == (False, True)  # gone: contains No, rest kept
+    assert jt.true_answers(case, case.reference) == (True, True)
+    other_removed = Scene("white", (Obj("triangle", "yellow", "small", "top"),))
+    assert jt.true_answers(case, other_removed) == (True, False)
+    assert jt.edit_done(case, False) and not jt.edit_done(case, True)
+
+
+def test_candidates_are_balanced_and_labelled_by_the_grammar():
+    rng = np.random.default_rng(0)
+    samples = [jt.sample_training(rng, paraphrase_prob=0.5) for _ in range(600)]
+    for s in samples:
+        assert s.answers == jt.true_answers(s.case, s.candidate)
+        if s.kind == "identical":
+            assert s.candidate == s.case.reference and not jt.edit_done(s.case, s.answers[0])
+        if s.kind == "true":  # (a removal leaves a same-named twin in view: contains stays Yes, truly)
+            twin = sum(o.name == s.case.object_name for o in s.case.reference.objects) > 1
+            assert s.answers[1] and (jt.edit_done(s.case, s.answers[0]) or (s.case.category == "remove" and twin))
+    done = np.mean([jt.edit_done(s.case, s.answers[0]) for s in samples])
+    kept = np.mean([s.answers[1] for s in samples])
+    assert 0.42 < done < 0.58 and 0.42 < kept < 0.58
+    assert {s.case.category for s in samples} == set(jt.CATEGORIES)
+    assert any(s.case.instruction != case_from_edit(s.case.reference, jt.edit_between(
+        s.case.reference, s.case.expected, s.case.category)).instruction for s in samples)  # paraphrases used
+
+
+def test_degraded_candidates_keep_the_scene():
+    rng = np.random.default_rng(1)
+    scene = recolor_case().expected
+    kept = 0
+    for _ in range(20):
+        image, degraded = jt.candidate_image(scene, rng, degrade_prob=1.0)
+        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+        assert parse((image * 255).round().byte().permute(1, 2, 0).numpy()) == scene
+        kept += degraded
+    assert kept >= 15
+    clean, degraded = jt.candidate_image(scene, rng, degrade_prob=0.0)
+    assert not degraded and torch.equal(clean, jt.to_tensor(render(scene)))
+
+
+def test_config_presets_and_overrides():
+    cfg = jt.build_config(["preset=quick", "lr=0.01", "arch.hidden_size=48"])
+    assert cfg.preset == "quick" and cfg.lr == 0.01 and cfg.arch.hidden_size == 48 and cfg.check_steps == 4
+    assert jt.build_config().arch.patch_size == 21
+    with pytest.raises(ValueError, match="allowed: default, quick"):
+        jt.build_config(["preset=huge"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        jt.build_config(["preset=quick", "learning_rate=1"])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("judge-run")
+    threads = torch.get_num_threads()
+    try:
+        judge_dir = jt.run(["preset=quick", f"output_dir={out}"])
+    finally:
+        torch.set_num_threads(threads)
+    return out, judge_dir
+
+
+def test_quick_run_writes_a_loadable_judge(quick_run):
+    out, judge_dir = quick_run
+    assert (out / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_acc" in r for r in rows) and any("answer_loss" in r for r in rows)
+    assert (judge_dir / "model.safetensors").is_file() and not list(judge_dir.glob("*optim*"))
+    assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
+    judge = load_judge(judge_dir)
+    case = recolor_case()
+    ref = jt.to_tensor(render(case.reference))[None]
+    out_ = judge.answer(ref, ref.clone(), [training_questions(case.instruction, case.edit_type, case.object_name)])
+    assert out_.logits.shape == (1, 2, 2) and torch.isfinite(out_.logits).all()
+
+
+def test_evaluate_judge_structure(quick_run):
+    _, judge_dir = quick_run
+    result = jt.evaluate_judge(load_judge(judge_dir), n=6, seed=3)
+    assert result["overall"]["count"] == 6 * 4 * 2
+    assert set(result["by_category"]) == set(jt.CATEGORIES)
+    assert set(result["by_kind"]) == {"edit", "contains", "identity"}
+    assert all(0 <= v["accuracy"] <= 1 for v in result["by_category"].values())
+    assert "true" in result["by_candidate"] and "add/edit" in result["by_category_kind"]
+    assert "overall" in jt.format_table(result)
+
+
+def test_eval_main_writes_json_and_markdown(quick_run, tmp_path, capsys):
+    _, judge_dir = quick_run
+    assert jt.eval_main(["--judge", str(judge_dir), "--n", "6", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "judge_eval.json").read_text())["overall"]["count"] == 48
+    assert "| **overall** |" in (tmp_path / "judge_eval.md").read_text()
+    assert "overall" in capsys.readouterr().out

@@ -1,0 +1,327 @@
+"""The workbench on tiny models: per-step tracing, model checks, data tables, batch judging, runs, plots, jobs."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from npedit.config import LossConfig
+from workbench import datasets, jobs, judging, models, plots, presets, runs
+from workbench.inspect import trace_edit
+from workbench.tiny import build_tiny_set
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
+    """Editor, judge, teacher and critic paths of one tiny model set, shared by the app tests."""
+    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_set):
+    ms = models.ModelSet(models.resolve_paths(**{k: tiny_set[k] for k in ("model", "judge", "teacher", "critic")},
+                                              env={}), device="cpu")
+    pipe = ms.editor()
+    return ms, pipe
+
+
+def shapes_image(seed=0):
+    return datasets.random_shapes_case(seed)
+
+
+def test_trace_edit_records_every_step(loaded):
+    ms, pipe = loaded
+    judge, teacher, critic, loss, judge_note, dmd_note = ms.inspectors(None, pipe)
+    assert judge_note is None and dmd_note is None
+    image, instruction, caption, edit_type, obj = shapes_image(1)
+    calls = []
+    trace = trace_edit(pipe, judge, teacher, critic, image, instruction, caption, steps=3, seed=5,
+                       edit_type=edit_type, object_name=obj or None, loss=loss, progress=lambda f, d: calls.append(f))
+    assert [s.step for s in trace.steps] == [0, 1, 2] and trace.steps[0].t == 1.0
+    assert trace.image.size == (64, 64) and trace.caption_target == caption and trace.caption_from == "given"
+    for s in trace.steps:
+        assert s.x0.size == (64, 64)
+        assert 0 < s.p_edit < 1 and 0 < s.p_identity < 1
+        assert s.dmd_map.shape == (8, 8) and np.isfinite(s.dmd_map).all() and s.dmd_mean > 0
+    assert calls == sorted(calls) and calls[-1] == pytest.approx(1.0)
+    # The last step's x0 is the pipeline's output: tracing runs the same sampler.
+    plain = pipe(image=image, prompt=instruction, num_inference_steps=3,
+                 generator=__import__("torch").Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(trace.steps[-1].x0))
+    rows = trace.table()
+    assert len(rows) == 3 and rows[0]["step"] == 1
+    fig = plots.steps_figure(trace)
+    assert len(fig.axes) == 2 * 3 + 1  # x0 row, DMD row, one shared colour bar
+
+
+def test_dmd_map_is_zero_when_teacher_and_critic_agree(loaded):
+    ms, pipe = loaded
+    teacher = ms.transformer("teacher", ms.paths.teacher, pipe)
+    trace = trace_edit(pipe, None, teacher, teacher, shapes_image(2)[0], "make the circle blue", steps=2,
+                       loss=LossConfig(cfg_scale=1.0))  # CFG 1 = conditional teacher = critic
+    assert all(np.abs(s.dmd_map).max() < 1e-5 for s in trace.steps)  # uncond + 1 (cond - uncond): rounding only
+    assert trace.caption_target == "make the circle blue" and trace.caption_from == "instruction"
+    assert trace.judge_note == "no judge loaded" and trace.steps[0].p_edit is None
+
+
+def test_trace_without_teacher_says_why(loaded, tmp_path):
+    ms, pipe = loaded
+    paths = models.resolve_paths(model=ms.paths.model, judge=ms.paths.judge, env={})
+    missing = models.ModelSet(models.ModelPaths(model=paths.model, judge=paths.judge, given=("model", "judge")))
+    _, teacher, critic, _, _, dmd_note = missing.inspectors(None, pipe)
+    assert teacher is None and "--teacher" in dmd_note and "--critic" in dmd_note
+    trace = trace_edit(pipe, None, None, None, shapes_image(3)[0], "remove the square", steps=1, dmd_note=dmd_note)
+    assert trace.steps[0].dmd_map is None and "--teacher" in trace.dmd_note
+    fig = plots.steps_figure(trace)
+    assert "--teacher" in fig.get_suptitle()
+
+
+def test_model_checks_say_what_to_pass(tiny_set, tmp_path, monkeypatch):
+    with pytest.raises(models.ModelError, match="--model"):
+        models.check_editor(None)
+    with pytest.raises(models.ModelError, match="judge"):
+        models.check_editor(tiny_set["judge"])
+    with pytest.raises(models.ModelError, match="teacher"):
+        models.check_editor(tiny_set["teacher"])
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.check_editor(str(tmp_path / "nope"))
+    with pytest.raises(models.ModelError, match="llava_onevision"):
+        models.check_judge(tiny_set["critic"])
+    assert models.check_judge(tiny_set["judge"]) == tiny_set["judge"]
+    editor = models.ModelSet(models.ModelPaths(model=tiny_set["judge"])).editor
+    with pytest.raises(models.ModelError, match="not an editor"):
+        editor()
+    # Environment variables choose models; flags win over them.
+    paths = models.resolve_paths(judge="flag", env={"NPEDIT_MODEL": "from-env", "NPEDIT_JUDGE": "env"})
+    assert paths.model == "from-env" and paths.judge == "flag" and set(paths.given) == {"model", "judge"}
+    # With the bundled assets missing, nothing is chosen and the status says what to pass.
+    monkeypatch.setattr(models.assets, "DEFAULT_MODEL", tmp_path / "missing" / "editor")
+    for kind in ("DEFAULT_JUDGE", "DEFAULT_TEACHER", "DEFAULT_CRITIC"):
+        monkeypatch.setattr(models.assets, kind, tmp_path / "missing" / kind)
+    none = models.ModelSet(models.resolve_paths(env={}))
+    assert none.paths.model is None
+    status = none.status()
+    assert "No editor" in status and "--model" in status and "--judge" in status
+
+
+def test_companions_of_a_bundled_or_run_editor(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve here, not in a checkout that may hold runs/
+    editor = tmp_path / "run" / "pipeline"
+    editor.mkdir(parents=True)
+    (editor / "training_config.json").write_text(json.dumps(
+        {"model": {"base": "runs/shapes/teacher/base"}, "loss": {"negative_prompt": "", "cfg_scale": 2.0}}))
+    defaults = models.ModelPaths(model=str(editor), teacher="bundled-teacher", critic="bundled-critic")
+    comp = models.companions(str(editor), defaults)
+    # The training machine's relative teacher path is not here: the app's teacher is used; the loss settings
+    # follow the run.
+    assert comp.teacher == "bundled-teacher" and comp.critic == "bundled-critic" and comp.missing is None
+    assert comp.loss.negative_prompt == "" and comp.loss.cfg_scale == 2.0
+    (tmp_path / "run" / "critic").mkdir()
+    (tmp_path / "run" / "critic" / "config.json").write_text("{}")
+    other = models.companions(str(editor), models.ModelPaths(model="elsewhere", critic="flag", given=("critic",)))
+    assert other.critic == str(tmp_path / "run" / "critic")  # a run's own critic wins for editors picked in the list
+    flagged = models.companions(str(editor), models.ModelPaths(model=str(editor), critic="flag", given=("critic",)))
+    assert flagged.critic == "flag" and "--teacher" in flagged.missing  # flags win for the editor the app started with
+
+
+def test_domain_file_and_fitting(tmp_path):
+    assert models.read_domain(tmp_path) == models.Domain()
+    models.write_domain(tmp_path, models.SHAPES_DOMAIN)
+    assert models.read_domain(tmp_path).is_shapes and models.read_domain(tmp_path).resolution == 64
+    photo = Image.fromarray(np.zeros((480, 640, 3), np.uint8))
+    fitted, notice = models.fit_to_domain(photo, models.SHAPES_DOMAIN)
+    assert fitted.size == (64, 64) and "640x480" in notice and "64x64" in notice
+    same, none = models.fit_to_domain(fitted, models.SHAPES_DOMAIN)
+    assert same is fitted and none is None
+    assert models.fit_to_domain(photo, models.Domain())[1] is None
+
+
+def test_training_table_to_manifest(tmp_path):
+    from npedit.data import load_manifest
+
+    table = datasets.shapes_table(6, tmp_path / "cases", seed=1)
+    assert list(table.columns) == datasets.TABLE_COLUMNS and len(table) == 6
+    assert set(table["edit_type"]) == {"add", "remove", "replace", "recolor", "resize", "background"}
+    assert datasets.table_domain(table) == models.SHAPES_DOMAIN
+    manifest = datasets.write_manifest(table, tmp_path / "run" / "data", domain=datasets.table_domain(table))
+    records = load_manifest(manifest)
+    assert len(records) == 6 and all(Path(r.image).is_file() for r in records)
+    assert models.read_domain(manifest.parent).is_shapes
+    # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
+    uploaded = datasets.table_for_images([str(tmp_path / "cat.png"), str(tmp_path / "notes.txt")])
+    assert len(uploaded) == 1
+    uploaded.loc[0, "image"] = "cat.png"
+    with pytest.raises(ValueError, match="row 1: .*empty instruction"):
+        datasets.write_manifest(uploaded, tmp_path / "u1", {"cat.png": str(tmp_path / "cat.png")})
+    uploaded.loc[0, ["instruction", "edit_type"]] = ["remove the cat", "remove"]
+    with pytest.raises(ValueError, match="row 1: .*object_name"):
+        datasets.write_manifest(uploaded, tmp_path / "u2", {"cat.png": str(tmp_path / "cat.png")})
+    uploaded.loc[0, "object_name"] = "cat"
+    out = datasets.write_manifest(uploaded, tmp_path / "u3", {"cat.png": str(tmp_path / "cat.png")})
+    assert load_manifest(out)[0].target_caption == "remove the cat"
+    with pytest.raises(ValueError, match="empty"):
+        datasets.write_manifest(datasets.empty_table(), tmp_path / "u4")
+
+
+def test_examples(tmp_path):
+    rows = datasets.shapes_examples(tmp_path / "ex")
+    assert len(rows) == 6 and all(Path(r[0]).is_file() and r[1] for r in rows)
+    assert [r[4] != "" for r in rows] == [r[3] == "remove" for r in rows]  # the removed object only for removals
+    (tmp_path / "bundled").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "bundled" / "a.png")
+    (tmp_path / "bundled" / "a.txt").write_text("make it red\n")
+    first = datasets.bundled_examples(tmp_path / "bundled")[0]
+    assert first[:2] == [str(tmp_path / "bundled" / "a.png"), "make it red"]
+    assert datasets.bundled_examples(tmp_path / "absent") == []
+    (tmp_path / "bundled" / "examples.jsonl").write_text(json.dumps(
+        {"image": "a.png", "instruction": "remove the dot", "caption_target": "nothing", "edit_type": "remove",
+         "object_name": "dot"}) + "\n")  # the layout scripts/bundle_shapes_assets.py writes
+    assert datasets.bundled_examples(tmp_path / "bundled") == [
+        [str(tmp_path / "bundled" / "a.png"), "remove the dot", "nothing", "remove", "dot"]]
+
+
+def test_batch_judging(loaded, tmp_path):
+    ms, _ = loaded
+    ref, ins, _, _, _ = datasets.random_shapes_case(4)
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    Image.fromarray(ref[::-1].copy()).save(tmp_path / "out.png")
+    listing = tmp_path / "pairs.csv"
+    pd.DataFrame([{"reference": "ref.png", "edited": "out.png", "instruction": ins},
+                  {"id": "r", "reference": "ref.png", "edited": "out.png", "instruction": "remove the square",
+                   "edit_type": "remove", "object": "red square"},
+                  {"reference": "ref.png", "edited": "missing.png", "instruction": ins}]).to_csv(listing, index=False)
+    uploads = [str(listing), str(tmp_path / "ref.png"), str(tmp_path / "out.png")]
+    pairs = judging.read_pairs(uploads)
+    assert list(pairs["id"]) == ["1", "r", "3"] and pairs.loc[1, "object_name"] == "red square"
+    out = judging.judge_pairs(ms.judge(), pairs)
+    assert list(out.columns) == judging.RESULT_COLUMNS
+    assert 0 < out.loc[0, "p_edit"] < 1 and out.loc[0, "error"] == ""
+    assert out.loc[2, "error"] and "missing.png" in out.loc[2, "error"]
+    with pytest.raises(ValueError, match="exactly one"):
+        judging.read_pairs([str(tmp_path / "ref.png")])
+    assert judging.extra_questions("a?\n\n b? ") == ["a?", "b?"]
+
+
+def _fake_run(root: Path, name: str, lr: float, losses: list[float]):
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"stage": "npedit", "max_steps": len(losses), "optim": {"lr": lr},
+              "loss": {"lambda_dmd": 1.0, "lambda_vlm": 0.02}, "data": {"train": "shapes"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))  # as npedit.config.save_config writes it
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "time": 100.0 + i, "student_loss": v,
+                                                           "dmd_loss": v / 2}) + "\n" for i, v in enumerate(losses))
+                                       + '{"step": 9, "tim')  # a line still being written is skipped
+    (run / "samples").mkdir()
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(run / "samples" / "step_000002.png")
+    return run
+
+
+def test_runs_table_compare_and_plots(tmp_path):
+    a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5, 0.25])
+    b = _fake_run(tmp_path, "b", 2e-5, [1.0, 0.8])
+    _fake_run(tmp_path / "group", "c", 1e-3, [2.0])  # runs may sit one level down (runs/shapes/npedit)
+    (tmp_path / ".locks").mkdir()
+    table = runs.runs_table(tmp_path)
+    assert set(table["run"]) == {"a", "b", "group/c"} and set(table["lr"]) == {1e-4, 2e-5, 1e-3}
+    assert set(table["status"]) == {"external"}  # not started from the workbench
+    assert dict(zip(table["run"], table["student_loss"])) == {"a": 0.25, "b": 0.8, "group/c": 2.0}
+    diff = runs.compare([a, b])
+    assert "optim.lr" in list(diff["key"]) and "stage" not in list(diff["key"])
+    frames = {r.name: runs.read_metrics(r) for r in (a, b)}
+    assert runs.metric_keys(frames) == ["student_loss", "dmd_loss"]
+    fig = plots.loss_curves(frames, ["student_loss", "dmd_loss"])
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+    assert len(plots.bar_chart({"a": 0.25, "b": 0.8}, "last").axes[0].patches) == 2
+    assert runs.samples(a) == [(str(a / "samples" / "step_000002.png"), "step 2")]
+    assert runs.finished_editors(tmp_path) == []
+
+
+def test_presets_build_valid_configs(tiny_set, tmp_path):
+    quick = presets.PRESETS["Quick check (CPU, minutes)"]
+    args = presets.train_args(quick.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
+                              student=tiny_set["model"], data="shapes", config_file=quick.config_file)
+    cfg = presets.check_train_args(args)
+    assert cfg.judge.path == tiny_set["judge"] and cfg.model.student == tiny_set["model"] and cfg.max_steps == 30
+    if quick.config_file:  # the Shapes recipe supplies what the tab does not show
+        assert args[:2] == ["--config", quick.config_file] and cfg.loss.negative_prompt == ""
+    warm = presets.PRESETS["Shapes identity warm-up"]
+    cfg = presets.check_train_args(presets.train_args(warm.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
+                                                      student="", data="shapes", config_file=warm.config_file))
+    assert cfg.stage == "warmup" and cfg.judge.path == "" and cfg.model.student == ""
+    quoted = presets.train_args({"negative_prompt": "it's low quality, artifacts"}, base=tiny_set["teacher"],
+                                judge=tiny_set["judge"], student="", data="shapes")
+    assert presets.check_train_args(quoted).loss.negative_prompt == "it's low quality, artifacts"
+    with pytest.raises(ValueError, match="--teacher"):
+        presets.check_train_args(presets.train_args({}, base=str(tmp_path / "no-teacher"), judge=tiny_set["judge"],
+                                                    student="", data="shapes"))
+    with pytest.raises(ValueError, match="stage"):
+        presets.check_train_args(presets.train_args({"stage": "dance"}, base=tiny_set["teacher"], judge="",
+                                                    student="", data="shapes"))
+    with pytest.raises(ValueError, match="Shapes stream"):
+        presets.check_train_args(presets.train_args({"stage": "sft"}, base=tiny_set["teacher"], judge="",
+                                                    student="", data=str(tmp_path / "cases.jsonl")))
+
+
+def _wait(run, until, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = jobs.job_status(run)
+        if until(st):
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"timed out; last status {st}\n{jobs.log_tail(run, 30)}")
+
+
+def test_jobs_start_progress_busy_kill_resume_cancel_and_finish(tiny_set, tmp_path):
+    root = tmp_path / "runs"
+    data = datasets.write_manifest(datasets.shapes_table(4, tmp_path / "cases"), tmp_path / "data",
+                                   domain=models.SHAPES_DOMAIN)
+    common = dict(base=tiny_set["teacher"], judge=tiny_set["judge"], student=tiny_set["model"], data=str(data))
+    warmup = presets.PRESETS["Shapes identity warm-up"].values()  # cheap steps
+    long = presets.train_args({**warmup, "max_steps": 10000, "batch_size": 1, "log_every": 1, "sample_every": 0,
+                               "save_every": 1}, **common)
+    st = jobs.start_job(root / "long", long, runs_root=root, device="cpu")
+    assert st.active and st.device == "cpu" and (root / "long" / "job.json").is_file()
+    with pytest.raises(jobs.JobBusy, match="busy with run 'long'"):
+        jobs.start_job(root / "other", long, runs_root=root, device="cpu")
+    assert not (root / "other").exists()
+    assert jobs.active_job(root, "cpu") == (root / "long").resolve()
+    st = _wait(root / "long", lambda s: s.step >= 2 and s.checkpoint)
+    assert st.state == "running" and st.eta_s > 0 and st.max_steps == 10000 and "step" in st.message
+
+    # A crash (the whole process group killed, no exit code) reads as failed and resumable.
+    os.killpg(st.pid, signal.SIGKILL)
+    st = _wait(root / "long", lambda s: not s.active, timeout=20)
+    assert st.state == "failed" and "killed halfway" in st.message and st.resumable
+    assert jobs.active_job(root, "cpu") is None
+    assert json.loads((root / "long/status.json").read_text())["state"] == "failed"
+
+    st = jobs.start_job(root / "long", resume=True, runs_root=root, device="cpu")
+    assert "--resume" in json.loads((root / "long/job.json").read_text())["command"]
+    resumed_from = st.step
+    st = _wait(root / "long", lambda s: s.step > resumed_from)
+    st = jobs.cancel_job(root / "long", timeout=10)
+    assert st.state == "cancelled" and not st.active and jobs.active_job(root, "cpu") is None
+
+    short = presets.train_args({"max_steps": 2, "critic_steps": 1, "batch_size": 2, "log_every": 1,
+                                "sample_every": 2, "save_every": 2}, **common)
+    jobs.start_job(root / "short", short, runs_root=root, device="cpu")
+    st = _wait(root / "short", lambda s: not s.active)
+    assert st.state == "finished", jobs.log_tail(root / "short", 30)
+    assert st.step == 2 and st.pipeline and st.latest_sample and st.elapsed_s > 0
+    assert [s.state for s in jobs.list_jobs(root)] == ["finished", "cancelled"]
+    # The finished editor is listed, is recognised as a Shapes editor, loads and edits.
+    assert runs.finished_editors(root) == [("run: short", st.pipeline)]
+    assert models.read_domain(st.pipeline).is_shapes
+    comp = models.companions(st.pipeline, models.ModelPaths())
+    assert comp.teacher == tiny_set["teacher"] and comp.critic == str(root / "short" / "critic")
+    pipe = models.ModelSet(models.ModelPaths(), device="cpu").editor(st.pipeline)
+    assert pipe(image=datasets.random_shapes_case(0)[0], prompt="remove the circle").images[0].size == (64, 64)

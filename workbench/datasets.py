@@ -1,0 +1,174 @@
+"""Training data and examples for the app: tables of (image, instruction, captions) <-> cases.jsonl manifests.
+
+The manifest format is npedit.data's; a `npedit_domain.json` next to a manifest of generated
+Shapes cases lets the editor trained on it be recognised as a Shapes-world editor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from npedit.data import EditRecord
+from npedit.images import ImageError, load_image
+
+from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
+
+TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name"]
+EDIT_TYPES = ("edit", "add", "remove", "replace", "recolor", "resize", "background", "style", "shape", "action")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def empty_table() -> pd.DataFrame:
+    """A training table with its columns and no rows."""
+    return pd.DataFrame(columns=TABLE_COLUMNS)
+
+
+def table_for_images(paths: list[str]) -> pd.DataFrame:
+    """One row per uploaded image, with the text columns left for the user to fill."""
+    rows = [{"image": str(p), "instruction": "", "caption_reference": "", "caption_target": "", "edit_type": "edit",
+             "object_name": ""} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def shapes_cases(n: int, seed: int = 0, paraphrase_prob: float = 0.0, cycle: bool = True) -> list:
+    """`n` random Shapes-world edit cases: the six categories in turn (`cycle`) or drawn at random."""
+    from npedit.shapes import CATEGORIES, sample_case
+
+    rng = np.random.default_rng(seed)
+    return [sample_case(rng, CATEGORIES[i % len(CATEGORIES)] if cycle else None, paraphrase_prob,
+                        id=f"shapes-{seed}-{i:05d}") for i in range(n)]
+
+
+def shapes_table(n: int, directory: str | os.PathLike, seed: int = 0, paraphrase_prob: float = 0.0) -> pd.DataFrame:
+    """Render `n` Shapes cases into `directory` (cases.jsonl + images/) and return them as a table."""
+    from npedit.shapes import write_cases_jsonl
+
+    directory = Path(directory)
+    cases = shapes_cases(n, seed, paraphrase_prob)
+    write_cases_jsonl(cases, directory)
+    write_domain(directory, SHAPES_DOMAIN)
+    rows = [{"image": str(directory / "images" / f"{c.id}.png"), "instruction": c.instruction,
+             "caption_reference": c.caption_reference, "caption_target": c.caption_target, "edit_type": c.edit_type,
+             "object_name": c.object_name or ""} for c in cases]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def resolve_image(name: str, uploads: dict[str, str]) -> Path:
+    """An uploaded file of that base name, else the path itself."""
+    if Path(name).name in uploads:
+        return Path(uploads[Path(name).name])
+    return Path(name).expanduser()
+
+
+def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: dict[str, str] | None = None,
+                   domain: Domain | None = None) -> Path:
+    """Validate the table, copy its images into `directory`/images and write `directory`/cases.jsonl.
+
+    Empty caption_target means the instruction is used as c^x; empty caption_reference means an
+    empty c^y (warm-up prompt; "do nothing" samples then use c^x). Errors name the row.
+    """
+    uploads = uploads or {}
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    table = table.reindex(columns=TABLE_COLUMNS)
+    for i, row in enumerate(table.itertuples(index=False), 1):
+        values = {c: _cell(getattr(row, c)) for c in TABLE_COLUMNS}
+        if not any(values.values()):
+            continue
+        if not values["image"]:
+            raise ValueError(f"row {i}: no image")
+        src = resolve_image(values["image"], uploads)
+        try:
+            load_image(src)
+        except ImageError as exc:
+            raise ValueError(f"row {i}: {exc}") from None
+        name = f"{i:05d}_{src.name}"
+        shutil.copyfile(src, directory / "images" / name)
+        record = {"id": f"{i:05d}", "image": f"images/{name}", "instruction": values["instruction"],
+                  "caption_reference": values["caption_reference"], "caption_target": values["caption_target"],
+                  "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"]}
+        try:
+            EditRecord(**record)
+        except ValueError as exc:
+            raise ValueError(f"row {i}: {exc}") from None
+        lines.append(json.dumps(record))
+    if not lines:
+        raise ValueError("the training table is empty: upload images and give each an instruction, "
+                         "or generate Shapes cases")
+    path = directory / "cases.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    if domain is not None:
+        write_domain(directory, domain)
+    return path
+
+
+def table_domain(table: pd.DataFrame) -> Domain | None:
+    """Shapes when every image of the table lies in a folder marked as Shapes cases."""
+    images = [_cell(x) for x in table.get("image", [])]
+    folders = {Path(x).parent.parent for x in images if x}
+    if folders and all((f / DOMAIN_FILE).is_file() for f in folders):
+        return SHAPES_DOMAIN
+    return None
+
+
+# ---- examples for the Edit tab ---------------------------------------------------------------
+
+def _example(image: str, instruction: str, caption_target: str = "", edit_type: str = "edit",
+             object_name: str = "") -> list:
+    edit_type = edit_type or "edit"
+    return [image, instruction, caption_target, edit_type, (object_name or "") if edit_type == "remove" else ""]
+
+
+def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
+    """Examples from a folder: examples.jsonl or cases.jsonl ({image, instruction[, caption_target, edit_type,
+    object_name]} per line, images relative to the folder), else images with a same-named .txt instruction."""
+    root = Path(examples_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    manifest = next((root / n for n in ("examples.jsonl", "cases.jsonl") if (root / n).is_file()), None)
+    if manifest is not None:
+        for line in manifest.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                image = root / row["image"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if image.is_file() and row.get("instruction"):
+                out.append(_example(str(image), row["instruction"], row.get("caption_target") or "",
+                                    row.get("edit_type") or "edit", row.get("object_name") or ""))
+        return out
+    for image in sorted(root.iterdir()):
+        text = image.with_suffix(".txt")
+        if image.suffix.lower() in IMAGE_SUFFIXES and text.is_file() and text.read_text().strip():
+            out.append(_example(str(image), text.read_text().strip().splitlines()[0]))
+    return out
+
+
+def shapes_examples(directory: str | os.PathLike, n: int = 6, seed: int = 0) -> list[list]:
+    """`n` generated Shapes cases (one per category first) rendered into `directory`, as example rows."""
+    table = shapes_table(n, directory, seed=seed)
+    return [_example(r.image, r.instruction, r.caption_target, r.edit_type, r.object_name)
+            for r in table.itertuples(index=False)]
+
+
+def random_shapes_case(seed: int) -> tuple[np.ndarray, str, str, str, str]:
+    """(64x64 render, instruction, caption_target, edit_type, object_name) of one random Shapes case."""
+    from npedit.shapes import render
+
+    case = shapes_cases(1, seed, paraphrase_prob=0.3, cycle=False)[0]
+    removed = case.object_name or "" if case.edit_type == "remove" else ""
+    return render(case.reference), case.instruction, case.caption_target, case.edit_type, removed

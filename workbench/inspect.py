@@ -1,0 +1,163 @@
+"""Look inside one edit, step by step: x0 of each sampling step, the judge's verdict on it, and its DMD map.
+
+`trace_edit` runs the pipeline itself (so the one sampler of npedit.sampler) and records each
+step through `callback_on_step_end`; the judge, teacher and critic then look at what it recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from npedit import flow
+from npedit.config import LossConfig
+from npedit.images import load_image, tensor_to_pil
+from npedit.verdicts import judge_edit
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class StepTrace:
+    """What one sampling step produced and what the judge and the DMD pair think of it."""
+
+    step: int
+    t: float
+    x0: Image.Image  # the step's predicted clean image, decoded
+    sample_s: float  # time of the sampler step (student forward)
+    p_edit: float | None = None
+    p_identity: float | None = None
+    dmd_map: np.ndarray | None = None  # (h, w) mean over latent channels of |x0_critic - x0_teacher|
+    dmd_mean: float | None = None
+    judge_s: float = 0.0
+    dmd_s: float = 0.0
+
+
+@dataclass
+class EditTrace:
+    """A whole traced edit: the result, the per-step records, and why any part is missing."""
+
+    reference: Image.Image
+    image: Image.Image  # the edited image as the pipeline returns it (input size)
+    instruction: str
+    caption_target: str  # c^x used for the DMD maps
+    caption_from: str  # "given" or "instruction" (the library's fallback when none is given)
+    seed: int
+    cfg_scale: float
+    steps: list[StepTrace] = field(default_factory=list)
+    judge_note: str | None = None  # why there are no P(Yes) values
+    dmd_note: str | None = None  # why there are no DMD maps
+    timings: dict = field(default_factory=dict)
+
+    def table(self) -> list[dict]:
+        """One row per step: t, P(Yes) of the edit and identity checks, mean DMD disagreement, timings."""
+        return [{"step": s.step + 1, "t": round(s.t, 4), "P(Yes) edit": _round(s.p_edit),
+                 "P(Yes) identity": _round(s.p_identity), "DMD mean |x0_critic - x0_teacher|": _round(s.dmd_mean),
+                 "sampler s": round(s.sample_s, 3), "judge s": round(s.judge_s, 3), "DMD s": round(s.dmd_s, 3)}
+                for s in self.steps]
+
+
+def _round(x: float | None, n: int = 4) -> float | None:
+    return None if x is None else round(float(x), n)
+
+
+def cfg_scale_for(loss: LossConfig, edit_type: str) -> float:
+    """The teacher's CFG scale in training for this edit type (strong for the types the config lists)."""
+    return loss.cfg_scale_strong if edit_type in loss.strong_cfg_edit_types else loss.cfg_scale
+
+
+@torch.no_grad()
+def dmd_predictions(backbone, teacher, critic, x_t: torch.Tensor, t: torch.Tensor, cond_x, cond_neg,
+                    cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 of the teacher (CFG with the negative prompt, as in training) and of the critic at (x_t, t), both on c^x."""
+    v_real = flow.guided(backbone.velocity(teacher, x_t, t, cond_x), backbone.velocity(teacher, x_t, t, cond_neg),
+                         cfg_scale)
+    v_fake = backbone.velocity(critic, x_t, t, cond_x)
+    return flow.x0_from_velocity(x_t, t, v_real), flow.x0_from_velocity(x_t, t, v_fake)
+
+
+def dmd_map(x0_real: torch.Tensor, x0_fake: torch.Tensor) -> np.ndarray:
+    """Per-position disagreement |x0_fake - x0_real| averaged over channels: (B, C, h, w) -> (h, w) of sample 0."""
+    return (x0_fake - x0_real).abs().float().mean(1)[0].cpu().numpy()
+
+
+@torch.no_grad()
+def edit_once(pipe, image, instruction: str, steps: int = 4, seed: int = 0,
+              max_side: int = 1024) -> tuple[Image.Image, float]:
+    """A plain edit (no per-step records) with the same seeding as `trace_edit`; returns the image and its time."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(int(seed))
+    out = pipe(image=load_image(image), prompt=instruction, num_inference_steps=steps, generator=generator,
+               max_side=max_side).images[0]
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_target: str | None = None,
+               steps: int = 4, seed: int = 0, *, edit_type: str = "edit", object_name: str | None = None,
+               max_side: int = 1024, loss: LossConfig | None = None, judge_note: str | None = None,
+               dmd_note: str | None = None, progress: Progress | None = None) -> EditTrace:
+    """Edit `image` with `pipe` and record, for every sampling step, x0, the judge's P(Yes) and the DMD map.
+
+    `judge`, `teacher` and `critic` may be None (then `judge_note` / `dmd_note` say why). The DMD map
+    of a step compares the teacher's CFG x0-prediction with the critic's at that step's noisy state
+    x_t, conditioned on the target caption c^x (default: the instruction, as npedit.data does).
+    """
+    loss = loss or LossConfig()
+    report = progress or (lambda frac, desc: None)
+    reference = load_image(image)
+    caption = (caption_target or "").strip()
+    caption_from = "given" if caption else "instruction"
+    caption = caption or instruction.strip()
+    records: list[dict] = []
+    clock = [time.perf_counter()]
+
+    def on_step(_pipe, step, t, tensors):
+        now = time.perf_counter()
+        records.append({"step": step, "t": float(t), "x_t": tensors["latents"].detach().clone(),
+                        "x0": tensors["x0"].detach().clone(), "sample_s": now - clock[0]})
+        clock[0] = now
+        report((step + 1) / (2 * steps), f"sampling step {step + 1}/{steps}")
+
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(int(seed))
+    edited = pipe(image=reference, prompt=instruction, num_inference_steps=steps, generator=generator,
+                  callback_on_step_end=on_step, max_side=max_side).images[0]
+    sample_s = time.perf_counter() - start
+
+    bb = pipe.backbone
+    scale = cfg_scale_for(loss, edit_type)
+    if teacher is None or critic is None:
+        dmd_note = dmd_note or "no teacher/critic loaded"
+    else:
+        cond_x = bb.encode_prompt([caption], with_reference=False)
+        cond_neg = bb.encode_prompt([loss.negative_prompt], with_reference=False)
+    if judge is None:
+        judge_note = judge_note or "no judge loaded"
+    trace = EditTrace(reference, edited, instruction, caption, caption_from, int(seed), scale,
+                      judge_note=judge_note if judge is None else None,
+                      dmd_note=dmd_note if teacher is None or critic is None else None)
+    for r in records:
+        x0_img = tensor_to_pil(bb.decode_latents(r["x0"]).clamp(-1, 1)[0])
+        st = StepTrace(step=r["step"], t=r["t"], x0=x0_img, sample_s=r["sample_s"])
+        if judge is not None:
+            t0 = time.perf_counter()
+            verdict = judge_edit(judge, reference, x0_img, instruction, edit_type=edit_type, object_name=object_name)
+            st.p_edit, st.p_identity, st.judge_s = verdict.p_edit, verdict.p_identity, time.perf_counter() - t0
+        if teacher is not None and critic is not None:
+            t0 = time.perf_counter()
+            x_t = r["x_t"]
+            t_vec = torch.full((x_t.shape[0],), r["t"], device=x_t.device, dtype=x_t.dtype)
+            x0_real, x0_fake = dmd_predictions(bb, teacher, critic, x_t, t_vec, cond_x, cond_neg, scale)
+            st.dmd_map = dmd_map(x0_real, x0_fake)
+            st.dmd_mean, st.dmd_s = float(st.dmd_map.mean()), time.perf_counter() - t0
+        trace.steps.append(st)
+        report(0.5 + (r["step"] + 1) / (2 * steps), f"judging and DMD for step {r['step'] + 1}/{steps}")
+    trace.timings = {"sample_s": sample_s, "judge_s": sum(s.judge_s for s in trace.steps),
+                     "dmd_s": sum(s.dmd_s for s in trace.steps), "total_s": time.perf_counter() - start}
+    return trace

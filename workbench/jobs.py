@@ -1,0 +1,349 @@
+"""Background training jobs: `python -m npedit train ...` in its own session, tracked through files.
+
+A job lives in its run folder:
+    job.json      how it was started (pid, device, arguments, start time)
+    train.log     its stdout and stderr
+    exit_code     written by the wrapper shell when training exits (absent: still running, or killed)
+    cancelled     written when the user cancels it
+    status.json   the last state observed (for readers that do not poll the process)
+and the trainer's own config.yaml, metrics.jsonl, samples/, checkpoints/, pipeline/ and critic/.
+One job at a time per device: `<runs_root>/.locks/<device>.lock` names the run that holds it.
+The process is never a child of a Gradio event: closing the browser (or the app) leaves it running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from npedit.training.checkpoint import latest_checkpoint
+
+LOCK_DIR = ".locks"
+STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
+_WRAPPER = '"$@"; echo $? > "$NPEDIT_EXIT_FILE"'  # records the exit status even when the app is gone
+_TQDM = re.compile(r"(?:warmup|npedit|sft):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
+_CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (polled to reap them)
+
+
+class JobBusy(RuntimeError):
+    """The device already runs a job; the message names it and says what to do."""
+
+
+@dataclass
+class JobStatus:
+    """What a run folder says about its job right now."""
+
+    run_dir: str
+    state: str  # "not started", "running", "cancelling", "finished", "failed", "cancelled", "external"
+    message: str = ""
+    step: int = 0
+    max_steps: int | None = None
+    eta_s: float | None = None
+    elapsed_s: float | None = None
+    resumable: bool = False
+    checkpoint: str | None = None
+    pipeline: str | None = None
+    latest_sample: str | None = None
+    last_metrics: dict = field(default_factory=dict)
+    device: str | None = None
+    pid: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the job's process still runs."""
+        return self.state in ("running", "cancelling")
+
+    def to_dict(self) -> dict:
+        """The status as JSON-ready data."""
+        return asdict(self)
+
+
+def device_name() -> str:
+    """The device a new job trains on: the first GPU when there is one, else the CPU."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _alive(pid: int | None, run_dir: Path) -> bool:
+    """Whether the job's process group (wrapper shell + trainer) still has a live member."""
+    if not pid:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is None:  # started here and not exited (poll also reaps it)
+        return True
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.is_file():  # the leader still exists: make sure the pid was not reused by another program
+        try:
+            return str(run_dir) in cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            return True
+    return True
+
+
+# ---- the device lock -------------------------------------------------------------------------
+
+def _lock_path(runs_root: Path, device: str) -> Path:
+    return runs_root / LOCK_DIR / (device.replace(":", "_") + ".lock")
+
+
+def active_job(runs_root: str | os.PathLike, device: str | None = None) -> Path | None:
+    """The run folder whose job holds `device` (default: this machine's training device), or None."""
+    lock = _lock_path(Path(runs_root), device or device_name())
+    data = _read_json(lock)
+    if not data:
+        return None
+    run = Path(data["run_dir"])
+    job = _read_json(run / "job.json")
+    if job is None:
+        starting = time.time() - data.get("time", 0) < STARTING_GRACE_S
+        return run if starting else None
+    return run if _alive(job.get("pid"), run) else None
+
+
+def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
+    lock = _lock_path(runs_root, device)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = active_job(runs_root, device)
+            if holder is not None and holder != run_dir:
+                raise JobBusy(f"{device} is busy with run '{holder.name}' ({holder}). One job runs per device: "
+                              "wait for it to finish or cancel it, then start again.") from None
+            lock.unlink(missing_ok=True)  # stale: its job has ended
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"run_dir": str(run_dir), "time": time.time()}, f)
+        return lock
+    raise JobBusy(f"could not take the lock {lock}; another start is in progress")
+
+
+def _release(runs_root: Path, device: str, run_dir: Path) -> None:
+    lock = _lock_path(runs_root, device)
+    data = _read_json(lock)
+    if data and Path(data["run_dir"]) == run_dir:
+        lock.unlink(missing_ok=True)
+
+
+# ---- start, status, cancel -------------------------------------------------------------------
+
+def _repo_root() -> str:
+    import npedit
+
+    return str(Path(npedit.__file__).resolve().parent.parent)
+
+
+def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_root: str | os.PathLike | None = None,
+              device: str | None = None, resume: bool = False) -> JobStatus:
+    """Launch `python -m npedit train ARGS output_dir=RUN_DIR` in the background; returns its first status.
+
+    With `resume=True` the run's previous arguments are reused with `--resume` (continue from its
+    newest checkpoint). Raises JobBusy when the device already runs a job, ValueError for a used folder.
+    """
+    run_dir = Path(run_dir).resolve()
+    runs_root = Path(runs_root).resolve() if runs_root else run_dir.parent
+    device = device or device_name()
+    previous = _read_json(run_dir / "job.json")
+    if previous and _alive(previous.get("pid"), run_dir):
+        raise JobBusy(f"run '{run_dir.name}' is already running")
+    if resume:
+        if previous is None:
+            raise ValueError(f"{run_dir} was not started by the workbench; nothing to resume")
+        train_args = previous["args"]
+    elif previous is not None or (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"run folder {run_dir} is already used: pick another run name (or resume it)")
+    args = [a for a in train_args if not a.startswith("output_dir=")] + [f"output_dir={run_dir}"]
+    _acquire(runs_root, device, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("exit_code", "cancelled"):
+            (run_dir / name).unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"),
+               "PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p),
+               "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
+        command = [sys.executable, "-m", "npedit", "train", *args, *(["--resume"] if resume else [])]
+        with open(run_dir / "train.log", "ab") as log:
+            log.write(f"\n$ {' '.join(command)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "npedit-job", *command], cwd=run_dir, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    except Exception:
+        _release(runs_root, device, run_dir)
+        raise
+    _CHILDREN[proc.pid] = proc
+    _write_json(run_dir / "job.json", {"pid": proc.pid, "device": device, "args": list(args), "command": command,
+                                       "started": time.time(), "resume": resume, "runs_root": str(runs_root)})
+    status = job_status(run_dir)
+    _write_json(run_dir / "status.json", status.to_dict())
+    return status
+
+
+def _max_steps(run_dir: Path, job: dict) -> int | None:
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        try:
+            return int(yaml.safe_load(cfg.read_text()).get("max_steps"))
+        except (ValueError, TypeError, AttributeError, yaml.YAMLError):
+            pass
+    for arg in reversed(job.get("args", [])):
+        if arg.startswith("max_steps="):
+            try:
+                return int(arg.split("=", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def read_metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl, skipping a line still being written."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def log_tail(run_dir: str | os.PathLike, lines: int = 20, max_bytes: int = 65536) -> str:
+    """The last lines of the job's log, progress-bar redraws collapsed."""
+    path = Path(run_dir) / "train.log"
+    if not path.is_file():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - max_bytes))
+        text = f.read().decode(errors="replace")
+    kept = [seg.split("\r")[-1] for seg in text.split("\n")]
+    kept = [line for line in kept if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _last_error(run_dir: Path) -> str:
+    tail = log_tail(run_dir, lines=40).splitlines()
+    errors = [line for line in tail if "Error" in line or line.startswith("error:")]
+    return errors[-1].strip() if errors else (tail[-1].strip() if tail else "")
+
+
+def job_status(run_dir: str | os.PathLike) -> JobStatus:
+    """Read the run folder (and the process table) to say where its job stands."""
+    run_dir = Path(run_dir).resolve()
+    job = _read_json(run_dir / "job.json") or {}
+    rows = read_metrics_rows(run_dir)
+    last = rows[-1] if rows else {}
+    step = int(last.get("step", 0))
+    log = log_tail(run_dir, lines=3)
+    bars = _TQDM.findall(log)
+    if bars:
+        step = max(step, int(bars[-1][0]))
+    pipeline = run_dir / "pipeline"
+    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    st = JobStatus(run_dir=str(run_dir), state="not started", step=step, max_steps=_max_steps(run_dir, job),
+                   last_metrics={k: v for k, v in last.items() if k not in ("step", "time")},
+                   pipeline=str(pipeline) if (pipeline / "model_index.json").is_file() else None,
+                   latest_sample=str(samples[-1]) if samples else None, checkpoint=str(ckpt) if ckpt else None,
+                   device=job.get("device"), pid=job.get("pid"))
+    started = job.get("started")
+    exit_text = (run_dir / "exit_code").read_text().strip() if (run_dir / "exit_code").is_file() else ""
+    cancelled = (run_dir / "cancelled").is_file()
+    if not job:
+        if st.pipeline:
+            st.state, st.message = "finished", "finished (not started from the workbench)"
+        elif rows or (run_dir / "config.yaml").is_file():
+            st.state, st.message = "external", "not started from the workbench; no exported editor (yet)"
+        return st
+    if _alive(job.get("pid"), run_dir):
+        st.state = "cancelling" if cancelled else "running"
+        st.message = f"step {step}/{st.max_steps}" if step else "loading models and data…"
+    elif cancelled:
+        st.state, st.message = "cancelled", f"cancelled at step {step}"
+    elif exit_text == "0" and st.pipeline:
+        st.state, st.message = "finished", f"finished {step} steps; editor saved to {st.pipeline}"
+    elif exit_text:
+        st.state, st.message = "failed", f"exited with code {exit_text}: {_last_error(run_dir)}"
+    else:
+        st.state, st.message = "failed", f"killed halfway at step {step} (the process is gone and left no exit code)"
+    if started:
+        ends = [p.stat().st_mtime for p in (run_dir / "exit_code", run_dir / "cancelled", run_dir / "train.log")
+                if p.is_file()]
+        end = time.time() if st.active or not ends else max(ends)
+        st.elapsed_s = max(0.0, end - started)
+    if st.active and step and st.max_steps:
+        timed = [r for r in rows if "time" in r]
+        if len(timed) >= 2 and timed[-1]["step"] > timed[0]["step"]:
+            per_step = (timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"])
+        else:
+            per_step = (time.time() - started) / step if started else None
+        st.eta_s = None if per_step is None else max(0.0, per_step * (st.max_steps - step))
+    if st.state in ("failed", "cancelled") and ckpt is not None:
+        st.resumable = True
+        st.message += f"; resumable from {ckpt.name}"
+    saved = _read_json(run_dir / "status.json") or {}
+    if not st.active and saved.get("state") != st.state:
+        _write_json(run_dir / "status.json", st.to_dict())
+        _release(Path(job.get("runs_root", run_dir.parent)), job.get("device", ""), run_dir)
+    return st
+
+
+def cancel_job(run_dir: str | os.PathLike, timeout: float = 15.0) -> JobStatus:
+    """Stop a running job (SIGTERM to its process group, SIGKILL after `timeout` s) and mark it cancelled."""
+    run_dir = Path(run_dir).resolve()
+    job = _read_json(run_dir / "job.json")
+    if job is None or not _alive(job.get("pid"), run_dir):
+        return job_status(run_dir)
+    (run_dir / "cancelled").write_text(json.dumps({"time": time.time()}))
+    pid = job["pid"]
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline and _alive(pid, run_dir):
+            time.sleep(0.1)
+        if not _alive(pid, run_dir):
+            break
+    _CHILDREN.pop(pid, None)
+    return job_status(run_dir)
+
+
+def list_jobs(runs_root: str | os.PathLike) -> list[JobStatus]:
+    """The status of every workbench job under `runs_root`, newest first."""
+    root = Path(runs_root)
+    runs = [p.parent for p in root.glob("*/job.json")] if root.is_dir() else []
+    runs.sort(key=lambda p: (_read_json(p / "job.json") or {}).get("started", 0), reverse=True)
+    return [job_status(p) for p in runs]

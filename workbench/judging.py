@@ -1,0 +1,92 @@
+"""The judge inspector's tables: one verdict question by question, and many (reference, edited) pairs at once."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from npedit.images import ImageError
+from npedit.verdicts import Verdict, judge_edit
+
+from .datasets import IMAGE_SUFFIXES, resolve_image
+
+PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name"]
+RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "error"]
+
+
+def verdict_table(verdict: Verdict) -> pd.DataFrame:
+    """One row per question: kind, what it shows, expected answer, P(Yes) and the Yes-minus-No logit margin."""
+    rows = [{"kind": q["kind"], "P(Yes)": round(q["p_yes"], 4), "margin (logit Yes − No)": round(q["margin"], 4),
+             "expected": q["expected"], "images": " + ".join(q["images"]), "question": q["text"]}
+            for q in verdict.questions]
+    return pd.DataFrame(rows)
+
+
+def extra_questions(text: str | None) -> list[str]:
+    """Free-form questions, one per line (blank lines ignored)."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path.name}:{n}: not valid JSON ({exc})") from None
+    return rows
+
+
+def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
+    """The pairs listed in the one .csv/.jsonl among `files`; image names resolve to the other uploaded files.
+
+    Columns: reference, edited, instruction (required); id, edit_type, object_name (or object) optional.
+    Relative paths that match no upload resolve against the list file's folder.
+    """
+    files = [Path(f) for f in files or []]
+    lists = [f for f in files if f.suffix.lower() in (".csv", ".jsonl", ".json")]
+    if len(lists) != 1:
+        raise ValueError("upload exactly one .csv or .jsonl list of pairs (columns reference, edited, instruction; "
+                         "optional id, edit_type, object_name) together with the images it names")
+    uploads = {f.name: str(f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
+    listing = lists[0]
+    out = []
+    for i, row in enumerate(_read_rows(listing), 1):
+        missing = [k for k in ("reference", "edited", "instruction") if not str(row.get(k) or "").strip()]
+        if missing:
+            raise ValueError(f"{listing.name} row {i}: missing {', '.join(missing)}")
+        paths = {}
+        for key in ("reference", "edited"):
+            p = resolve_image(str(row[key]), uploads)
+            paths[key] = str(p if p.is_absolute() or p.exists() else listing.parent / p)
+        out.append({"id": str(row.get("id") or i), **paths, "instruction": str(row["instruction"]),
+                    "edit_type": str(row.get("edit_type") or "edit"),
+                    "object_name": str(row.get("object_name") or row.get("object") or "")})
+    if not out:
+        raise ValueError(f"{listing.name} lists no pairs")
+    return pd.DataFrame(out, columns=PAIR_COLUMNS)
+
+
+def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
+    """P(edit done) and P(identity kept) for every pair; a pair that cannot be judged gets its error instead."""
+    rows = []
+    for i, p in enumerate(pairs.itertuples(index=False)):
+        if progress:
+            progress(i / len(pairs), f"judging pair {i + 1}/{len(pairs)}")
+        row = {"id": p.id, "instruction": p.instruction, "edit_type": p.edit_type, "p_edit": None,
+               "p_identity": None, "error": ""}
+        try:
+            v = judge_edit(judge, p.reference, p.edited, p.instruction, edit_type=p.edit_type,
+                           object_name=p.object_name or None)
+            row.update(p_edit=round(v.p_edit, 4), p_identity=None if v.p_identity is None else round(v.p_identity, 4))
+        except (ImageError, ValueError) as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)

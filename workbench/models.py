@@ -1,0 +1,409 @@
+"""Which editor, judge, teacher and critic to use; load them once; say clearly what is missing or wrong.
+
+Paths come from flags, else the NPEDIT_MODEL / NPEDIT_JUDGE / NPEDIT_TEACHER / NPEDIT_CRITIC
+environment variables, else the bundled Shapes-world defaults of `npedit.assets`. Nothing here
+loads weights at import or construction time: the app must start even when every model is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from npedit import assets
+from npedit.config import LossConfig
+from npedit.images import fit_image
+
+DOMAIN_FILE = "npedit_domain.json"  # {"domain": "shapes", "resolution": 64} next to model_index.json
+ENV = {"model": "NPEDIT_MODEL", "judge": "NPEDIT_JUDGE", "teacher": "NPEDIT_TEACHER", "critic": "NPEDIT_CRITIC"}
+FLAGS = {"model": "--model", "judge": "--judge", "teacher": "--teacher", "critic": "--critic"}
+SHAPES_ABILITIES = ("add, remove, replace, recolor or resize a circle, square or triangle, or change the background "
+                    "(e.g. \"make the red circle blue\", \"add a small green square at the top left\")")
+
+
+EDITOR_KIND = "an NPEditPipeline (editor) folder"
+
+
+class ModelError(ValueError):
+    """A model that is missing, of the wrong kind or unloadable; the message says what to pass instead."""
+
+
+def _bundled(kind: str) -> Path:
+    return {"model": assets.DEFAULT_MODEL, "judge": assets.DEFAULT_JUDGE, "teacher": assets.DEFAULT_TEACHER,
+            "critic": assets.DEFAULT_CRITIC}[kind]
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
+
+
+# ---- what a folder is -----------------------------------------------------------------------
+
+def what_is(path: str | os.PathLike) -> str:
+    """A short description of what kind of checkpoint a local folder holds (for error messages)."""
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    if not p.is_dir():
+        return "is a file, not a folder"
+    if (p / "model_index.json").is_file():
+        cls = json.loads((p / "model_index.json").read_text()).get("_class_name")
+        return EDITOR_KIND if cls == "NPEditPipeline" else f"a diffusers pipeline of class {cls}"
+    if (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text())
+        if "model_type" in cfg:
+            return f"a transformers model of type {cfg['model_type']!r} (a judge/VLM, not an editor)"
+        if "_class_name" in cfg:
+            return f"a bare transformer ({cfg['_class_name']}), e.g. a critic: not a full editor"
+    if (p / "transformer" / "config.json").is_file():
+        return "a text-to-image base model (a teacher: transformer/, vae/, text_encoder/), not an editor"
+    if (p / "config.yaml").is_file() or (p / "job.json").is_file():
+        hint = f"; its editor is {p / 'pipeline'}" if (p / "pipeline" / "model_index.json").is_file() else \
+            " that has not exported an editor yet"
+        return f"a training run folder{hint}"
+    return "a folder without model files"
+
+
+def check_editor(path: str | None) -> str:
+    """The editor path if it can be an NPEditPipeline, else ModelError saying what to pass."""
+    if not path:
+        raise ModelError(
+            f"No editor: the bundled Shapes-world editor is not in {assets.DEFAULT_MODEL} (it may not be trained yet). "
+            f"Start the app with --model DIR_OR_ID (an NPEditPipeline folder such as runs/<name>/pipeline, "
+            f"or a hub id) "
+            f"or set {ENV['model']}; or train one in the Train tab.")
+    if _looks_like_hub_id(str(path)):
+        return str(path)
+    kind = what_is(path)
+    if kind != EDITOR_KIND:
+        raise ModelError(f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}: "
+                         f"pass {FLAGS['model']} an NPEditPipeline folder (it holds model_index.json).")
+    return str(path)
+
+
+def check_judge(path: str | None) -> str:
+    """The judge path if its config names a supported VLM family, else ModelError saying what to pass."""
+    from npedit.judges import JUDGES, read_model_type
+
+    if not path:
+        raise ModelError(f"No judge: the bundled Shapes-world judge is not in {assets.DEFAULT_JUDGE}. "
+                         f"Start the app with {FLAGS['judge']} DIR_OR_ID (a LLaVA-OneVision folder or hub id) "
+                         f"or set {ENV['judge']}.")
+    if not _looks_like_hub_id(str(path)) and not Path(path).is_dir():
+        raise ModelError(f"judge folder not found: {path}; pass {FLAGS['judge']} DIR_OR_ID")
+    model_type = read_model_type(path)
+    if model_type not in JUDGES:
+        kind = what_is(path) if Path(path).is_dir() else "not readable offline"
+        raise ModelError(f"{path} is {kind}: a judge must be one of these VLM families: {', '.join(sorted(JUDGES))} "
+                         f"(pass {FLAGS['judge']}).")
+    return str(path)
+
+
+# ---- domain: what an editor can edit ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Domain:
+    """The image domain an editor was trained on: "shapes" (fixed resolution) or "general"."""
+
+    name: str = "general"
+    resolution: int | None = None
+
+    @property
+    def is_shapes(self) -> bool:
+        """Whether this is the Shapes world."""
+        return self.name == "shapes"
+
+
+SHAPES_DOMAIN = Domain("shapes", 64)
+
+
+def read_domain(path: str | os.PathLike | None) -> Domain:
+    """The domain file of an editor folder; without one, the bundled editor is Shapes and others are general."""
+    if not path:
+        return Domain()
+    p = Path(path)
+    file = p / DOMAIN_FILE
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text())
+            return Domain(str(data.get("domain", "general")), data.get("resolution"))
+        except (ValueError, TypeError, AttributeError):
+            return Domain()
+    if p.resolve() == assets.DEFAULT_MODEL.resolve():
+        return SHAPES_DOMAIN
+    cfg = p / "training_config.json"  # an editor trained on marked data (workbench.datasets) inherits its domain
+    if cfg.is_file():
+        try:
+            train = str(json.loads(cfg.read_text()).get("data", {}).get("train", ""))
+        except (ValueError, AttributeError):
+            train = ""
+        if train == "shapes":
+            return SHAPES_DOMAIN
+        if train and (Path(train).parent / DOMAIN_FILE).is_file():
+            return read_domain(Path(train).parent)
+    return Domain()
+
+
+def write_domain(path: str | os.PathLike, domain: Domain) -> None:
+    """Record an editor's domain next to its model_index.json."""
+    Path(path, DOMAIN_FILE).write_text(json.dumps({"domain": domain.name, "resolution": domain.resolution}) + "\n")
+
+
+def fit_to_domain(image: Image.Image, domain: Domain) -> tuple[Image.Image, str | None]:
+    """Fit an input to a fixed-resolution domain; returns the image and a notice when it was changed."""
+    if not domain.resolution or image.size == (domain.resolution, domain.resolution):
+        return image, None
+    r = domain.resolution
+    notice = (f"This editor works on {r}x{r} {domain.name}-world images: your {image.width}x{image.height} image was "
+              f"centre-cropped and resized to {r}x{r}.")
+    if domain.is_shapes:
+        notice += " It knows only simple shapes on plain backgrounds, so expect a photo to come back as shapes."
+    return fit_image(image, (r, r)), notice
+
+
+def _transformer_summary(path: Path) -> str:
+    """`ClassName, N parameters` of a saved transformer, read from file headers only."""
+    cfg_file = path / "transformer" / "config.json"
+    if not cfg_file.is_file():
+        return ""
+    name = json.loads(cfg_file.read_text()).get("_class_name", "transformer")
+    try:
+        from safetensors import safe_open
+
+        n = 0
+        for f in (path / "transformer").glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as st:
+                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+        return f"{name}, {n / 1e6:.1f}M parameters" if n else name
+    except Exception:  # a summary is best effort; loading reports real problems
+        return name
+
+
+def describe_editor(path: str | None) -> str:
+    """Markdown: which editor this is and what it can edit (from files only, nothing is loaded)."""
+    try:
+        path = check_editor(path)
+    except ModelError as exc:
+        return f"**No editor loaded.** {exc}"
+    domain = read_domain(path)
+    local = Path(path)
+    parts = [f"**Editor:** `{path}`"]
+    summary = _transformer_summary(local) if local.is_dir() else "hub id"
+    if summary:
+        parts.append(f"({summary})")
+    if domain.is_shapes:
+        parts.append(f"— Shapes-world editor, {domain.resolution}x{domain.resolution}: it can {SHAPES_ABILITIES}. "
+                     "Other images are fitted to its canvas.")
+    else:
+        parts.append("— general instruction-based editor: describe the change in words (e.g. \"make the sky pink\").")
+    if (local / "training_config.json").is_file():
+        cfg = json.loads((local / "training_config.json").read_text())
+        data = cfg.get("data", {}).get("train")
+        parts.append(f"Trained: stage `{cfg.get('stage')}`, {cfg.get('max_steps')} steps on `{data}`.")
+    return " ".join(parts)
+
+
+# ---- choosing paths --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The models the app was started with; None where none was given and no bundled default exists."""
+
+    model: str | None = None
+    judge: str | None = None
+    teacher: str | None = None
+    critic: str | None = None
+    given: tuple[str, ...] = ()  # which of them came from a flag or the environment
+
+
+def resolve_paths(model=None, judge=None, teacher=None, critic=None, env=None) -> ModelPaths:
+    """Flags, else NPEDIT_* environment variables, else the bundled defaults when they exist."""
+    env = os.environ if env is None else env
+    flags = {"model": model, "judge": judge, "teacher": teacher, "critic": critic}
+    out, given = {}, []
+    for kind, value in flags.items():
+        value = value or env.get(ENV[kind]) or None
+        if value:
+            given.append(kind)
+        elif _bundled(kind).exists():
+            value = str(_bundled(kind))
+        out[kind] = value
+    return ModelPaths(**out, given=tuple(given))
+
+
+@dataclass(frozen=True)
+class Companions:
+    """The teacher and critic that belong with an editor (for DMD maps), the loss settings, and why any is missing."""
+
+    teacher: str | None
+    critic: str | None
+    loss: LossConfig = field(default_factory=LossConfig)
+    missing: str | None = None
+
+
+def companions(editor: str | None, paths: ModelPaths) -> Companions:
+    """Teacher and critic for `editor`: a run's own (its training config and critic/) or the app's."""
+    teacher, critic, loss = None, None, LossConfig()
+    local = Path(editor) if editor else None
+    if local is not None and (local / "training_config.json").is_file():
+        cfg = json.loads((local / "training_config.json").read_text())
+        teacher = cfg.get("model", {}).get("base") or None
+        if teacher and not (Path(teacher).is_dir() or _looks_like_hub_id(teacher)):
+            teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
+        critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
+        try:
+            loss = LossConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("loss", {}).items()})
+        except TypeError:
+            loss = LossConfig()
+
+    def pick(kind: str, own: str | None) -> str | None:
+        given = getattr(paths, kind) if kind in paths.given else None
+        default = getattr(paths, kind) if kind not in paths.given else None
+        # Flags win for the editor the app was started with; a run's own teacher/critic win for the others.
+        first = (given, own) if editor == paths.model else (own, given)
+        return first[0] or first[1] or default
+
+    teacher, critic = pick("teacher", teacher), pick("critic", critic)
+    missing = []
+    if not teacher:
+        missing.append(f"no teacher (pass {FLAGS['teacher']} BASE_DIR or set {ENV['teacher']})")
+    if not critic:
+        missing.append(f"no critic (pass {FLAGS['critic']} DIR, the critic/ folder saved next to a run's pipeline/, "
+                       f"or set {ENV['critic']})")
+    return Companions(teacher, critic, loss, "; ".join(missing) or None)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """bfloat16 on GPU, float32 on CPU."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+class ModelSet:
+    """Loads the editor, judge, teacher and critic on first use and keeps them (thread-safe)."""
+
+    def __init__(self, paths: ModelPaths, device: str | None = None, dtype: str | None = None, keep: int = 2):
+        self.paths = paths
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.keep = keep
+        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def _torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    def _cached(self, key: tuple[str, str], load):
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            value = load()
+            self._cache[key] = value
+            same_kind = [k for k in self._cache if k[0] == key[0]]
+            for old in same_kind[:-self.keep]:
+                del self._cache[old]
+            return value
+
+    def editor(self, path: str | None = None):
+        """The NPEditPipeline at `path` (default: the app's editor)."""
+        path = check_editor(path or self.paths.model)
+
+        def load():
+            from npedit.pipeline import NPEditPipeline
+
+            try:
+                pipe = NPEditPipeline.from_pretrained(path, dtype=self._torch_dtype())
+            except Exception as exc:  # diffusers raises many types; the user needs one clear line
+                raise ModelError(f"cannot load the editor {path}: {type(exc).__name__}: {exc}") from exc
+            pipe.set_progress_bar_config(disable=True)
+            return pipe.to(self.device)
+
+        return self._cached(("editor", path), load)
+
+    def judge(self, path: str | None = None):
+        """The judge at `path` (default: the app's judge)."""
+        path = check_judge(path or self.paths.judge)
+
+        def load():
+            from npedit.judges import load_judge
+
+            try:
+                return load_judge(path, torch_dtype=self._torch_dtype(), device=self.device)
+            except Exception as exc:
+                raise ModelError(f"cannot load the judge {path}: {type(exc).__name__}: {exc}") from exc
+
+        return self._cached(("judge", path), load)
+
+    def transformer(self, role: str, path: str, pipe):
+        """A teacher or critic transformer of the editor's family (sharing the editor's text encoder and VAE)."""
+        from npedit.backbones import detect_family
+
+        def load():
+            try:
+                family = detect_family(path)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ModelError(f"the {role} {path} is {what_is(path)}: {exc}") from None
+            if family != pipe.family:
+                raise ModelError(f"the {role} {path} is a {family} model but the editor is {pipe.family}; "
+                                 f"pass {FLAGS[role]} a {pipe.family} checkpoint")
+            try:
+                net = pipe.backbone.load_transformer(path, torch_dtype=self._torch_dtype())
+            except Exception as exc:
+                raise ModelError(f"cannot load the {role} {path}: {type(exc).__name__}: {exc}") from exc
+            return net.requires_grad_(False).eval().to(self.device)
+
+        return self._cached((role, f"{path}|{pipe.family}"), load)
+
+    def inspectors(self, editor: str | None, pipe) -> tuple:
+        """(judge, teacher, critic, loss, judge_note, dmd_note) for tracing an edit; a missing one comes with why."""
+        judge = teacher = critic = None
+        judge_note = dmd_note = None
+        try:
+            judge = self.judge()
+        except ModelError as exc:
+            judge_note = str(exc)
+        comp = companions(editor or self.paths.model, self.paths)
+        if comp.missing:
+            dmd_note = comp.missing
+        else:
+            try:
+                teacher = self.transformer("teacher", comp.teacher, pipe)
+                critic = self.transformer("critic", comp.critic, pipe)
+            except ModelError as exc:
+                teacher = critic = None
+                dmd_note = str(exc)
+        return judge, teacher, critic, comp.loss, judge_note, dmd_note
+
+    def status(self, editor: str | None = None) -> str:
+        """Markdown lines: the editor and what it can edit, then the judge, teacher and critic in use (or missing)."""
+        editor = editor or self.paths.model
+        lines = [describe_editor(editor)]
+        try:
+            lines.append(f"**Judge:** `{check_judge(self.paths.judge)}`")
+        except ModelError as exc:
+            lines.append(f"**Judge:** none. {exc}")
+        comp = companions(editor, self.paths)
+        if comp.missing:
+            lines.append(f"**DMD maps:** off: {comp.missing}.")
+        else:
+            lines.append(f"**Teacher:** `{comp.teacher}` · **Critic:** `{comp.critic}`")
+        lines.append(f"Device: {self.device} ({self.dtype}); models load on first use.")
+        return "\n\n".join(lines)

@@ -1,0 +1,137 @@
+"""Training presets for the Train tab: the Shapes recipes of configs/shapes/ plus a few variations.
+
+A preset is a recipe file (its values fill every knob the tab does not show) and the knobs the tab
+shows. `train_args` turns it into `python -m npedit train --config FILE key=value ...` arguments,
+with the chosen teacher, judge, student and data; `check_train_args` validates them before launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from npedit.config import TrainConfig, load_config
+
+from .models import what_is
+
+LORA_NOTE = ("LoRA is not implemented in npedit: every preset fine-tunes the whole student transformer "
+             "(there is no LoRA rank to pick).")
+RECIPES = Path(__file__).resolve().parent.parent / "configs" / "shapes"
+SHAPES_STREAM = "shapes"  # data.train value of the library's generated Shapes dataset (targets included)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The knobs the Train tab shows, and the recipe file that supplies everything else."""
+
+    note: str
+    config_file: str | None = None
+    stage: str = "npedit"
+    max_steps: int = 200
+    critic_steps: int = 5
+    lr: float = 2e-5
+    lambda_dmd: float = 1.0
+    lambda_vlm: float = 0.02
+    negative_prompt: str = ""
+    batch_size: int = 4
+    resolution: int = 64
+    log_every: int = 5
+    sample_every: int = 50
+    save_every: int = 50
+
+    def values(self) -> dict:
+        """The knob values by name (what the tab's inputs are filled with)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("note", "config_file")}
+
+
+KNOBS = tuple(Preset("").values())
+
+
+def from_config(cfg: TrainConfig, note: str, config_file: str | None) -> Preset:
+    """The preset whose knobs are those of a loaded config."""
+    return Preset(note, config_file, cfg.stage, cfg.max_steps, cfg.critic_steps, cfg.optim.lr, cfg.loss.lambda_dmd,
+                  cfg.loss.lambda_vlm, cfg.loss.negative_prompt, cfg.data.batch_size, cfg.data.resolution,
+                  cfg.log_every, cfg.sample_every, cfg.save_every)
+
+
+def _recipe(name: str, note: str) -> Preset | None:
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return from_config(load_config(path), note, str(path))
+    except (ValueError, OSError):  # a recipe being edited must not break the app
+        return None
+
+
+def build_presets() -> dict[str, Preset]:
+    """The presets: the Shapes recipes when configs/shapes/ is there, else built-in stand-ins."""
+    npedit = _recipe("npedit", "The Shapes NP-Edit recipe (configs/shapes/npedit.yaml): judge + DMD, no pairs.") or \
+        Preset("NP-Edit stage: judge questions + DMD against the teacher.", max_steps=1000, critic_steps=2, lr=1e-4,
+               batch_size=16, log_every=10, sample_every=100, save_every=100)
+    warmup = _recipe("warmup", "The Shapes identity warm-up recipe (configs/shapes/warmup.yaml): the student learns "
+                               "to reproduce its input (no judge, no critic).") or \
+        Preset("Identity warm-up: the student learns to reproduce its input.", stage="warmup", max_steps=400,
+               critic_steps=0, lr=3e-4, lambda_dmd=0.0, lambda_vlm=0.0, batch_size=16, sample_every=200, save_every=200)
+    presets = {
+        "Quick check (CPU, minutes)": replace(
+            npedit, note="The NP-Edit recipe cut to 30 steps of batch 2: checks the whole loop on a CPU.",
+            max_steps=30, critic_steps=min(npedit.critic_steps, 2), batch_size=2, log_every=1, sample_every=10,
+            save_every=10),
+        "Shapes NP-Edit": npedit,
+        "Judge only (λ_DMD = 0)": replace(npedit, note="Ablation of the NP-Edit recipe: the judge's Yes/No loss only.",
+                                          lambda_dmd=0.0),
+        "DMD only (λ_VLM = 0)": replace(npedit, note="Ablation of the NP-Edit recipe: distribution matching only.",
+                                        lambda_vlm=0.0),
+        "Shapes identity warm-up": warmup,
+    }
+    sft = _recipe("sft", "Baseline: paired SFT on true rendered edits (configs/shapes/sft.yaml); needs the Shapes "
+                         "stream, which has the target images.")
+    if sft is not None:
+        presets["Shapes paired SFT (baseline)"] = sft
+    return presets
+
+
+PRESETS = build_presets()
+
+
+def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
+               config_file: str | None = None) -> list[str]:
+    """`python -m npedit train` arguments: the recipe file, the knobs, the models and the data."""
+    v = {**Preset("").values(), **{k: x for k, x in values.items() if x is not None}}
+    args = ["--config", config_file] if config_file else []
+    args += [f"stage={v['stage']}", f"max_steps={int(v['max_steps'])}", f"critic_steps={int(v['critic_steps'])}",
+             f"optim.lr={float(v['lr'])}", f"loss.lambda_dmd={float(v['lambda_dmd'])}",
+             f"loss.lambda_vlm={float(v['lambda_vlm'])}", f"loss.negative_prompt={_yaml_str(v['negative_prompt'])}",
+             f"data.batch_size={int(v['batch_size'])}", f"data.resolution={int(v['resolution'])}",
+             f"log_every={int(v['log_every'])}", f"sample_every={int(v['sample_every'])}",
+             f"save_every={int(v['save_every'])}", f"model.base={base}", f"data.train={data}",
+             f"model.student={student}"]
+    uses_judge = v["stage"] == "npedit" and float(v["lambda_vlm"]) > 0
+    args.append(f"judge.path={judge if uses_judge else ''}")
+    return args
+
+
+def _yaml_str(text: str) -> str:
+    """A string as a YAML scalar for a dotted override (npedit.config parses override values as YAML)."""
+    return '""' if not text else "'" + str(text).replace("'", "''") + "'"
+
+
+def parse_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(config file, dotted overrides) of a `train_args` list."""
+    if args[:1] == ["--config"]:
+        return args[1], list(args[2:])
+    return None, list(args)
+
+
+def check_train_args(args: list[str]) -> TrainConfig:
+    """The validated config, or ValueError with one clear message (invalid value, missing model folder, ...)."""
+    config_file, overrides = parse_args(args)
+    cfg = load_config(config_file, [*overrides, "output_dir=check"])
+    for role, path, flag in (("teacher (base model)", cfg.model.base, "--teacher"),
+                             ("judge", cfg.judge.path, "--judge"), ("student init", cfg.model.student, "--model")):
+        if path and not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+            raise ValueError(f"the {role} {path} {what_is(path)}; type another folder or start the app with {flag}")
+    if cfg.stage == "sft" and cfg.data.train != SHAPES_STREAM:
+        raise ValueError("paired SFT needs target images: tick 'Train on the Shapes stream' (data.train=shapes)")
+    return cfg

@@ -1,0 +1,129 @@
+"""Scan run folders (the trainer's config.yaml, metrics.jsonl, samples/, pipeline/) into pandas tables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .jobs import job_status, read_metrics_rows
+
+# Config entries shown in the runs table, as (column, dotted key).
+CONFIG_COLUMNS = (("stage", "stage"), ("max_steps", "max_steps"), ("lr", "optim.lr"), ("λ_dmd", "loss.lambda_dmd"),
+                  ("λ_vlm", "loss.lambda_vlm"), ("critic_steps", "critic_steps"), ("batch", "data.batch_size"),
+                  ("data", "data.train"))
+# Final metrics shown when a run logged them.
+METRIC_COLUMNS = ("student_loss", "dmd_loss", "vlm_loss", "vlm_p_expected", "critic_fm_loss", "fm_loss")
+
+
+def _short(x):
+    """A metric rounded to 4 significant digits for tables (None stays None)."""
+    return None if x is None else float(f"{x:.4g}")
+
+
+def is_run(path: Path) -> bool:
+    """A folder the trainer or the workbench wrote a run into."""
+    return path.is_dir() and any((path / f).exists() for f in ("config.yaml", "job.json", "metrics.jsonl"))
+
+
+def find_runs(root: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Run folders under `root`, also one level down (e.g. runs/shapes/npedit); hidden folders skipped; newest first."""
+    root = Path(root)
+    found, level = [], [root] if root.is_dir() else []
+    for _ in range(depth):
+        children = [c for p in level for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")]
+        found += [c for c in children if is_run(c)]
+        level = [c for c in children if not is_run(c)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def run_name(run: Path, root: str | os.PathLike) -> str:
+    """The run's path relative to the runs folder (its name in tables and menus)."""
+    return str(Path(run).relative_to(root)) if Path(run).is_relative_to(root) else Path(run).name
+
+
+def read_config(run: str | os.PathLike) -> dict:
+    """The run's resolved config (config.yaml), or {} when the trainer has not written it yet."""
+    path = Path(run) / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_metrics(run: str | os.PathLike) -> pd.DataFrame:
+    """metrics.jsonl as a DataFrame (one row per logged step; empty when none yet)."""
+    return pd.DataFrame(read_metrics_rows(Path(run)))
+
+
+def metric_keys(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """The metric columns found in any of `frames`: the main losses first, then other losses, then the rest."""
+    keys = {c for df in frames.values() for c in df.columns if c not in ("step", "time")}
+    rank = {k: i for i, k in enumerate(METRIC_COLUMNS)}
+    return sorted(keys, key=lambda k: (rank.get(k, len(rank)), not k.endswith("loss"), k))
+
+
+def runs_table(root: str | os.PathLike) -> pd.DataFrame:
+    """One row per run: name, status, progress, the main config entries and the last logged metrics."""
+    rows = []
+    for run in find_runs(root):
+        cfg = flatten(read_config(run))
+        st = job_status(run)
+        row = {"run": run_name(run, root), "status": st.state, "step": st.step}
+        row.update({col: cfg.get(key) for col, key in CONFIG_COLUMNS})
+        if row["max_steps"] is None:
+            row["max_steps"] = st.max_steps
+        row.update({m: _short(st.last_metrics.get(m)) for m in METRIC_COLUMNS})
+        row["editor"] = st.pipeline or ""
+        row["path"] = str(run)
+        rows.append(row)
+    columns = ["run", "status", "step", *[c for c, _ in CONFIG_COLUMNS], *METRIC_COLUMNS, "editor", "path"]
+    df = pd.DataFrame(rows, columns=columns)
+    return df.dropna(axis=1, how="all") if not df.empty else df
+
+
+def compare(runs: list[str | os.PathLike], root: str | os.PathLike = "/") -> pd.DataFrame:
+    """Config entries that differ between `runs` plus their last metrics; one column per run (named from `root`)."""
+    runs = [Path(r) for r in runs]
+    names = {r: run_name(r, root) for r in runs}
+    configs = {names[r]: flatten(read_config(r)) for r in runs}
+    keys = sorted({k for c in configs.values() for k in c})
+    differing = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1 and k != "output_dir"]
+    table = {name: {k: c.get(k) for k in differing} for name, c in configs.items()}
+    for r in runs:
+        st = job_status(r)
+        table[names[r]].update({"status": st.state, "step": st.step})
+        table[names[r]].update({m: _short(st.last_metrics[m]) for m in METRIC_COLUMNS if m in st.last_metrics})
+    df = pd.DataFrame(table)
+    df.index.name = "key"
+    return df.reset_index()
+
+
+def samples(run: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, caption) of the run's sample grids, newest first."""
+    files = sorted((Path(run) / "samples").glob("step_*.png"), reverse=True)
+    return [(str(f), f"step {int(f.stem.split('_')[-1])}") for f in files]
+
+
+def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(label, path) of every exported editor (run/pipeline) under `root`, newest first."""
+    out = []
+    for run in find_runs(root):
+        pipe = run / "pipeline"
+        if (pipe / "model_index.json").is_file():
+            out.append((f"run: {run_name(run, root)}", str(pipe)))
+    return out

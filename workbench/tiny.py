@@ -1,0 +1,38 @@
+"""A complete set of tiny random models (editor, judge, teacher, critic) for tests and for trying the app offline.
+
+Their edits are noise: they exercise every code path in seconds, they do not edit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def build_tiny_set(directory: str | os.PathLike, base: str | None = None, judge: str | None = None) -> dict[str, str]:
+    """Save (or reuse) base/, judge/, editor/ and critic/ under `directory`; returns their paths by role."""
+    from npedit.backbones import load_backbone
+    from npedit.backbones.tiny import build_tiny_zimage
+    from npedit.judges.tiny import build_tiny_llava_onevision
+    from npedit.pipeline import NPEditPipeline
+
+    root = Path(directory)
+    paths = {"teacher": base or str(root / "base"), "judge": judge or str(root / "judge"),
+             "model": str(root / "editor"), "critic": str(root / "critic")}
+    if not Path(paths["teacher"], "transformer", "config.json").is_file():
+        build_tiny_zimage(paths["teacher"])
+    if not Path(paths["judge"], "config.json").is_file():
+        build_tiny_llava_onevision(paths["judge"])
+    if not Path(paths["model"], "model_index.json").is_file() or not Path(paths["critic"], "config.json").is_file():
+        backbone = load_backbone(paths["teacher"])
+        teacher = backbone.load_transformer(paths["teacher"])
+        NPEditPipeline.from_parts(backbone.prepare_student(teacher), backbone).save_pretrained(paths["model"])
+        teacher.save_pretrained(paths["critic"], safe_serialization=True)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = build_tiny_set(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
+    print(" ".join(f"--{role} {path}" for role, path in out.items()))
