@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npedit import flow
 from npedit.config import LossConfig
+from npedit.guidance import teacher_critic_x0
 from npedit.images import load_image, tensor_to_pil
 from npedit.verdicts import judge_edit
 
@@ -72,15 +72,6 @@ def cfg_scale_for(loss: LossConfig, edit_type: str) -> float:
 
 
 @torch.no_grad()
-def dmd_predictions(backbone, teacher, critic, x_t: torch.Tensor, t: torch.Tensor, cond_x, cond_neg,
-                    cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 of the teacher (CFG with the negative prompt, as in training) and of the critic at (x_t, t), both on c^x."""
-    v_real = flow.guided(backbone.velocity(teacher, x_t, t, cond_x), backbone.velocity(teacher, x_t, t, cond_neg),
-                         cfg_scale)
-    v_fake = backbone.velocity(critic, x_t, t, cond_x)
-    return flow.x0_from_velocity(x_t, t, v_real), flow.x0_from_velocity(x_t, t, v_fake)
-
-
 def dmd_map(x0_real: torch.Tensor, x0_fake: torch.Tensor) -> np.ndarray:
     """Per-position disagreement |x0_fake - x0_real| averaged over channels: (B, C, h, w) -> (h, w) of sample 0."""
     return (x0_fake - x0_real).abs().float().mean(1)[0].cpu().numpy()
@@ -153,7 +144,7 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
             t0 = time.perf_counter()
             x_t = r["x_t"]
             t_vec = torch.full((x_t.shape[0],), r["t"], device=x_t.device, dtype=x_t.dtype)
-            x0_real, x0_fake = dmd_predictions(bb, teacher, critic, x_t, t_vec, cond_x, cond_neg, scale)
+            x0_real, x0_fake = teacher_critic_x0(bb, teacher, critic, x_t, t_vec, cond_x, cond_neg, scale)
             st.dmd_map = dmd_map(x0_real, x0_fake)
             st.dmd_mean, st.dmd_s = float(st.dmd_map.mean()), time.perf_counter() - t0
         trace.steps.append(st)

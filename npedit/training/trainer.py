@@ -22,6 +22,7 @@ from .. import flow
 from ..backbones import load_backbone
 from ..config import TrainConfig, save_config, to_dict
 from ..data import apply_do_nothing, collate
+from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, vlm_loss
 from ..pipeline import NPEditPipeline
 from ..sampler import sample, unroll_times
@@ -237,10 +238,10 @@ class Trainer:
         x_t = flow.add_noise(x, self._randn(x), t)
         cond_x = self.backbone.encode_prompt(batch["caption_target"], with_reference=False)
         cond_neg = self.backbone.encode_prompt([lc.negative_prompt] * x.shape[0], with_reference=False)
-        v_real = flow.guided(self.velocity(self.teacher, x_t, t, cond_x), self.velocity(self.teacher, x_t, t, cond_neg),
-                             self.cfg_scales(batch["edit_type"]))
-        v_fake = self.velocity(self.critic, x_t, t, cond_x)
-        return flow.x0_from_velocity(x_t, t, v_real), flow.x0_from_velocity(x_t, t, v_fake)
+        with self.acc.autocast():
+            x0_real, x0_fake = teacher_critic_x0(self.backbone, self.teacher, self.critic, x_t, t, cond_x, cond_neg,
+                                                 self.cfg_scales(batch["edit_type"]))
+        return x0_real.float(), x0_fake.float()
 
     def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """Decode the edit and ask the judge the edit and identity questions (one forward pass)."""
