@@ -13,7 +13,7 @@ from diffusers.utils import BaseOutput
 from dataclasses import dataclass
 
 from . import flow
-from .backbones import backbone_class, family_of_class_name
+from .backbones import backbone_class, family_of_class_name, import_families
 from .images import editable_size, load_image, pil_to_tensor, tensor_to_pil
 from .sampler import StepState, sample
 
@@ -54,6 +54,12 @@ class NPEditPipeline(DiffusionPipeline):
             text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         )
         self._backbone = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NPEditPipeline":
+        """`DiffusionPipeline.from_pretrained`, with our backbone modules imported first (their student classes)."""
+        import_families()
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_parts(cls, transformer, backbone, *, shift: float = flow.DEFAULT_SHIFT) -> "NPEditPipeline":

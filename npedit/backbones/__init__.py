@@ -24,6 +24,12 @@ def backbone_class(family: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), name)
 
 
+def import_families() -> None:
+    """Import every family module, so diffusers can resolve their classes named in model_index.json."""
+    for module, _, _ in FAMILIES.values():
+        importlib.import_module(module)
+
+
 def family_of_class_name(class_name: str) -> str:
     """The family whose transformer class is `class_name`."""
     for family, (_, _, classes) in FAMILIES.items():
@@ -62,5 +68,5 @@ def load_backbone(path: str | os.PathLike, *, family: str | None = None, **kwarg
     return backbone_class(family).from_pretrained(path, **kwargs)
 
 
-__all__ = ["Backbone", "FAMILIES", "backbone_class", "detect_family", "family_of_class_name", "load_backbone",
+__all__ = ["Backbone", "FAMILIES", "backbone_class", "detect_family", "import_families", "family_of_class_name", "load_backbone",
            "resolve_subfolder"]
