@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge")
     s.add_argument("stage", choices=["vae", "teacher", "judge", "judge-eval"])
-    s.add_argument("overrides", nargs="*", help="preset=NAME and dotted key=value overrides")
+    s.add_argument("overrides", nargs=argparse.REMAINDER, help="preset=NAME and dotted key=value overrides")
     s.set_defaults(func=cmd_shapes)
 
     v = sub.add_parser("eval", help="exact Shapes-world benchmark (per-category table, JSON + Markdown)")

@@ -325,3 +325,21 @@ def test_jobs_start_progress_busy_kill_resume_cancel_and_finish(tiny_set, tmp_pa
     assert comp.teacher == tiny_set["teacher"] and comp.critic == str(root / "short" / "critic")
     pipe = models.ModelSet(models.ModelPaths(), device="cpu").editor(st.pipeline)
     assert pipe(image=datasets.random_shapes_case(0)[0], prompt="remove the circle").images[0].size == (64, 64)
+
+
+def test_benchmark_comparison_table_and_chart(tmp_path):
+    import json
+
+    from npedit.shapes import CATEGORIES
+    from workbench.benchmarks import comparison_chart, load_reports, main, to_markdown
+
+    for name, exact in (("a", 0.5), ("b", 0.25)):
+        summary = {c: {"exact": exact, "followed": 1.0, "preserved": 1.0, "clean": 1.0, "count": 1}
+                   for c in [*CATEGORIES, "overall"]}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"seed": 0}, "summary": summary, "rows": []}))
+    table = load_reports(tmp_path)
+    assert list(table.index) == ["a", "b"] and table.loc["b", "exact"] == 0.25
+    assert "| a | 0.500 |" in to_markdown(table)
+    comparison_chart(table)
+    main([str(tmp_path), "--chart", str(tmp_path / "c.png"), "--table", str(tmp_path / "t.md")])
+    assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "t.md").is_file()

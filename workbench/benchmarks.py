@@ -1,0 +1,83 @@
+"""Compare Shapes-world benchmark reports (`python -m npedit eval shapes` JSON files) across variants.
+
+    python -m workbench.benchmarks runs/shapes/eval --chart docs/shapes_benchmark.png --table docs/shapes_benchmark.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from npedit.shapes import CATEGORIES, METRICS  # noqa: E402
+
+
+def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
+    """One row per report: overall metrics, per-category exact, n and seed."""
+    rows = []
+    for f in sorted(Path(directory).glob("*.json")):
+        data = json.loads(f.read_text())
+        if "summary" not in data:
+            continue
+        s = data["summary"]
+        row = {"variant": f.stem, **{m: s["overall"][m] for m in METRICS}, "n": s["overall"]["count"],
+               "seed": data.get("meta", {}).get("seed")}
+        row.update({f"exact_{c}": s[c]["exact"] for c in CATEGORIES if c in s})
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no benchmark reports (*.json from `python -m npedit eval shapes`) in {directory}")
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table as a Markdown pipe table (3 decimals)."""
+    cols = [table.index.name or "variant", *table.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, row in table.iterrows():
+        cells = [str(int(v)) if c in ("n", "seed") and v == v else f"{v:.3f}" for c, v in row.items()]
+        lines.append("| " + " | ".join([str(name), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def comparison_chart(table: pd.DataFrame, metrics=METRICS) -> plt.Figure:
+    """Grouped bars: one group per variant, one bar per metric."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(table)), 3.6))
+    width = 0.8 / len(metrics)
+    x = np.arange(len(table))
+    for i, m in enumerate(metrics):
+        ax.bar(x + i * width - 0.4 + width / 2, table[m].values, width, label=m)
+    ax.set_xticks(x, table.index, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of held-out edits")
+    ax.legend(ncols=len(metrics), fontsize=8, loc="upper left")
+    ax.set_title("Shapes-world benchmark (exact scoring, no judge)")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reports", help="folder of eval JSON reports")
+    ap.add_argument("--chart", help="write the bar chart (PNG)")
+    ap.add_argument("--table", help="write the comparison table (Markdown)")
+    args = ap.parse_args(argv)
+    table = load_reports(args.reports)
+    md = to_markdown(table)
+    print(md)
+    if args.table:
+        Path(args.table).write_text(md + "\n")
+    if args.chart:
+        comparison_chart(table).savefig(args.chart, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
