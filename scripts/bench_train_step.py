@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import tempfile
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from npedit.backbones.tiny import build_tiny_sd3, build_tiny_zimage
 from npedit.config import load_config
