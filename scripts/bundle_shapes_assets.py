@@ -46,6 +46,11 @@ def main() -> None:
     shapes = args.out / "shapes"
     copy_model(args.editor, shapes / "editor")
     (shapes / "editor" / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}))
+    cfg_file = shapes / "editor" / "training_config.json"
+    if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
+        cfg = json.loads(cfg_file.read_text())
+        cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher", "trained_from": cfg["model"]["base"]}
+        cfg_file.write_text(json.dumps(cfg, indent=2))
     copy_model(args.teacher, shapes / "teacher")
     if args.critic:
         copy_model(args.critic, shapes / "critic")
