@@ -41,18 +41,18 @@ class Backbone(nn.Module):
         """Encode prompts (no gradient); `with_reference` selects the student's editing layout."""
         raise NotImplementedError
 
-    # ---- latents --------------------------------------------------------------------------
+    # ---- latents (every family keeps its VAE in `self.codec`, a LatentCodec) ------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w) (posterior mode)."""
-        raise NotImplementedError
+        return self.codec.encode(pixels)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> pixels (B, 3, H, W) in about [-1, 1]; differentiable."""
-        raise NotImplementedError
+        return self.codec.decode(latents)
 
     @property
     def latent_channels(self) -> int:
-        raise NotImplementedError
+        return self.codec.channels
 
     @property
     def pixel_multiple(self) -> int:

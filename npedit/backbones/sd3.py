@@ -263,16 +263,6 @@ class SD3Backbone(Backbone):
         return SD3Cond(prompt_embeds=torch.cat([clip_states, t5], dim=1), pooled=pooled)
 
     # ---- latents ---------------------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(pixels)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latents)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.codec.channels
-
     @property
     def pixel_multiple(self) -> int:
         return self.codec.downsample * self.patch_size

@@ -73,16 +73,6 @@ class ZImageBackbone(Backbone):
         return [emb[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     # ---- latents ---------------------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(pixels)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latents)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.codec.channels
-
     @property
     def pixel_multiple(self) -> int:
         return self.codec.downsample * 2  # patch size 2
