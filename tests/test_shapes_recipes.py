@@ -70,3 +70,14 @@ def test_eval_and_bench_commands(base, tmp_path, capsys):
           "--batch", "2", "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["edit_latency_ms"] > 0 and res["bare_transformer_ms"] > 0 and "speedup_vs_teacher" in res
+
+
+def test_vlm_only_ablation_skips_the_critic(base, tmp_path, tiny_judge):
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    tr = Trainer(load_config(None, ["stage=npedit", f"output_dir={tmp_path}/v", "max_steps=1", f"model.base={base}",
+                                    "data.train=shapes", "data.batch_size=2", "loss.lambda_dmd=0",
+                                    f"judge.path={tiny_judge}"]))
+    metrics = tr.iteration()
+    assert "vlm_loss" in metrics and "dmd_loss" not in metrics and "critic_fm_loss" not in metrics

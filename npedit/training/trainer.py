@@ -291,7 +291,8 @@ class Trainer:
         if stage == "sft":
             return self.sft_step(next(self.batches))
         metrics: dict = {}
-        for _ in range(self.cfg.critic_steps):
+        critic_steps = self.cfg.critic_steps if self.cfg.loss.lambda_dmd > 0 else 0  # VLM-only needs no critic
+        for _ in range(critic_steps):
             metrics.update(self.critic_step(next(self.batches)))
         metrics.update(self.student_step(next(self.batches)))
         return metrics
