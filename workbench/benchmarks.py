@@ -55,7 +55,7 @@ def comparison_chart(table: pd.DataFrame, metrics=METRICS) -> plt.Figure:
     for i, m in enumerate(metrics):
         ax.bar(x + i * width - 0.4 + width / 2, table[m].values, width, label=m)
     ax.set_xticks(x, table.index, rotation=20, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)  # room for the legend above the bars
     ax.set_ylabel("share of held-out edits")
     ax.legend(ncols=len(metrics), fontsize=8, loc="upper left")
     ax.set_title("Shapes-world benchmark (exact scoring, no judge)")
