@@ -55,7 +55,7 @@ class TeacherConfig:
 
     output_dir: str = "runs/shapes/teacher"
     vae: str = "runs/shapes/vae/vae"
-    steps: int = 6000
+    steps: int = 3000  # the bundled teacher
     batch_size: int = 32
     lr: float = 5e-4
     dim: int = 128
