@@ -112,6 +112,7 @@ class TrainConfig:
     stage: str = "npedit"  # "warmup" (identity), "npedit" (judge + DMD, no pairs) or "sft" (paired baseline)
     output_dir: str = "runs/default"
     max_steps: int = 1000
+    max_minutes: float = 0.0  # also stop (checkpoint and export) after this much wall-clock; 0 = no limit
     critic_steps: int = 5  # critic updates per student update (N_aux)
     seed: int = 0
     mixed_precision: str = "no"
@@ -129,8 +130,8 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.stage, STAGES, "stage")
         _check(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
-        if self.max_steps < 0 or self.critic_steps < 0:
-            raise ValueError("max_steps and critic_steps must be >= 0")
+        if self.max_steps < 0 or self.critic_steps < 0 or self.max_minutes < 0:
+            raise ValueError("max_steps, max_minutes and critic_steps must be >= 0")
         if not self.model.base:
             raise ValueError("model.base is required: a folder or hub id of the text-to-image backbone")
         if not self.data.train:

@@ -53,7 +53,9 @@ def sample(
             callback(StepState(step=i, t=float(t), x_t=x_t, x0=x0, velocity=v))
         if i + 1 < len(times):
             if renoise == "fresh":
-                eps = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+                # Drawn where the generator lives (a CPU generator may drive a CUDA run), then moved.
+                gen_device = generator.device if generator is not None else noise.device
+                eps = torch.randn(noise.shape, generator=generator, device=gen_device).to(noise.device, noise.dtype)
             elif renoise == "ode":
                 eps = flow.eps_from_velocity(x_t, t, v)
             else:

@@ -20,7 +20,7 @@ class LatentCodec(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f)."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return (dist.mode() - self.shift) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

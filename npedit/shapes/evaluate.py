@@ -48,12 +48,12 @@ def sdedit_editor(backbone, teacher, *, strength: float = 0.6, steps: int = 16, 
         cond = backbone.encode_prompt(list(captions), with_reference=False)
         uncond = backbone.encode_prompt([""] * len(captions), with_reference=False)
         times = [strength * (1 - i / steps) for i in range(steps)]
-        x_t = flow.add_noise(ref, torch.randn(ref.shape, generator=gen), strength)
+        x_t = flow.add_noise(ref, torch.randn(ref.shape, generator=gen).to(ref.device), strength)
 
         def denoise(x, t):
             return flow.guided(backbone.velocity(teacher, x, t, cond), backbone.velocity(teacher, x, t, uncond), cfg_scale)
 
-        out = backbone.decode_latents(sample(denoise, x_t, times, renoise="ode")).clamp(-1, 1)
+        out = backbone.decode_latents(sample(denoise, x_t, times, renoise="ode")).clamp(-1, 1).cpu()
         return [((o + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for o in out]
 
     return edit

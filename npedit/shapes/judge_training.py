@@ -109,7 +109,7 @@ class JudgeTrainConfig:
     output_dir: str = ""  # "" = runs/shapes/judge-<preset>-<time>
     seed: int = 0
     threads: int = 1  # torch CPU threads
-    device: str = "cpu"
+    device: str = "cpu"  # "auto" = CUDA when available
     arch: ArchConfig = field(default_factory=ArchConfig)
     init: str = ""  # start from this judge folder instead of building a new model (skips nothing else)
     # stage 1: vision tower on the dense per-cell head
@@ -714,7 +714,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = default_path("judge", args.judge)
     torch.set_num_threads(1)
-    result = {"judge": str(path), **evaluate_judge(load_judge(path), n=args.n, seed=args.seed, degrade_prob=args.degrade)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {"judge": str(path), **evaluate_judge(load_judge(path, device=device), n=args.n, seed=args.seed, degrade_prob=args.degrade)}
     table = format_table(result)
     print(table)
     out = Path(args.out) if args.out else Path(path).resolve().parent
@@ -820,6 +821,8 @@ def run(overrides: Sequence[str] = ()) -> Path:
     (the checkpoint with the best held-out accuracy, with its eval.json).
     """
     cfg = build_config(overrides)
+    if cfg.device == "auto":
+        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -47,6 +47,8 @@ class VAEConfig:
     seed: int = 0
     log_every: int = 50
     threads: int = 0  # torch threads (0: leave as is)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    max_minutes: float = 0.0  # also stop after this much wall-clock (the lr decay follows whichever limit is nearer)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class TeacherConfig:
     log_every: int = 50
     sample_every: int = 1000
     threads: int = 0
+    device: str = "auto"
+    max_minutes: float = 0.0
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -88,6 +92,30 @@ def make_config(stage: str, overrides: list[str]):
         raise ValueError(f"unknown preset {preset!r} for {stage}; presets: {', '.join(PRESETS[stage])}")
     rest = [o for o in overrides if not o.startswith("preset=")]
     return build_config(CONFIGS[stage], apply_overrides(PRESETS[stage][preset], rest))
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Budget:
+    """Progress of a run limited by a step count and, optionally, by wall-clock minutes."""
+
+    def __init__(self, steps: int, max_minutes: float):
+        self.steps, self.seconds, self.start = steps, 60 * max_minutes, time.monotonic()
+
+    def progress(self, step: int) -> float:
+        """Fraction of the run done: the larger of the step and the time fractions."""
+        done = step / max(1, self.steps)
+        if self.seconds:
+            done = max(done, (time.monotonic() - self.start) / self.seconds)
+        return min(1.0, done)
+
+    def over(self, step: int) -> bool:
+        return step >= self.steps or (self.seconds and time.monotonic() - self.start >= self.seconds)
 
 
 def _start(cfg) -> tuple[Path, MetricsLogger, np.random.Generator]:
@@ -133,10 +161,16 @@ def train_vae(cfg: VAEConfig) -> Path:
             raise ValueError("decoder_only=true needs init=<a trained VAE folder>")
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
+    device = resolve_device(cfg.device)
+    vae.to(device)
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - s / cfg.steps))
-    for step in tqdm(range(1, cfg.steps + 1), desc="vae"):
-        x = random_crops(scene_batch(rng, cfg.batch_size)[0], cfg.crop, cfg.downsample, rng)
+    budget = Budget(cfg.steps, cfg.max_minutes)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
+    bar = tqdm(total=cfg.steps, desc="vae")
+    step = 0
+    while not budget.over(step):
+        step += 1
+        x = random_crops(scene_batch(rng, cfg.batch_size)[0], cfg.crop, cfg.downsample, rng).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mode()).sample  # the editor only ever uses the posterior mode
         recon = (rec - x).abs().mean() + (rec - x).pow(2).mean()
@@ -147,23 +181,29 @@ def train_vae(cfg: VAEConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        bar.update(1)
+        if step % cfg.log_every == 0 or budget.over(step):
             pixel_ok = ((rec.detach() - x).abs().amax(dim=1) < 0.25).float().mean()  # within ~32 of 255 per channel
-            log.log(step, {"recon_loss": recon.detach(), "kl": kl.detach(), "pixel_accuracy": pixel_ok})
+            log.log(step, {"recon_loss": recon.detach(), "kl": kl.detach(), "pixel_accuracy": pixel_ok,
+                           "elapsed_s": time.monotonic() - budget.start})
+    bar.close()
     vae.eval()
     with torch.no_grad():
         x, _ = scene_batch(rng, 256)
+        x = x.to(device)
         z = vae.encode(x).latent_dist.mode()
         if not cfg.decoder_only:  # a refined decoder keeps the latent statistics of its init
             vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
         shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-        rec = vae.decode(z).sample
+        rec = vae.decode(z).sample.cpu()
+        x = x.cpu()
     parsed = float(np.mean([parse(to_uint8(r)) == parse(to_uint8(o)) for r, o in zip(rec, x)]))
     clean = float(np.mean([clean_fraction(to_uint8(r)) for r in rec]))
     report = {"reconstruction_exact": parsed, "clean": clean, "scaling_factor": scale, "shift_factor": shift,
-              "params": sum(p.numel() for p in vae.parameters())}
-    log.log(cfg.steps, {"eval_reconstruction_exact": parsed, "eval_clean": clean})
-    vae.save_pretrained(out / "vae")
+              "params": sum(p.numel() for p in vae.parameters()), "steps": step,
+              "minutes": (time.monotonic() - budget.start) / 60}
+    log.log(step, {"eval_reconstruction_exact": parsed, "eval_clean": clean})
+    vae.cpu().save_pretrained(out / "vae")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     image_grid([[a, b] for a, b in zip(x[:8], rec[:8])], scale=2).save(out / "reconstructions.png")
     log.close()
@@ -198,13 +238,14 @@ def sample_teacher(backbone, teacher, captions: list[str], steps: int, cfg_scale
     cond = backbone.encode_prompt(captions, with_reference=False)
     uncond = backbone.encode_prompt([""] * len(captions), with_reference=False)
     side = 64 // backbone.codec.downsample
-    noise = torch.randn(len(captions), backbone.latent_channels, side, side, generator=gen)
+    device = next(teacher.parameters()).device
+    noise = torch.randn(len(captions), backbone.latent_channels, side, side, generator=gen).to(device)
 
     def denoise(x, t):
         return flow.guided(backbone.velocity(teacher, x, t, cond), backbone.velocity(teacher, x, t, uncond), cfg_scale)
 
     times = flow.few_step_times(steps, 3.0)
-    return backbone.decode_latents(sample(denoise, noise, times, renoise="ode")).clamp(-1, 1)
+    return backbone.decode_latents(sample(denoise, noise, times, renoise="ode")).clamp(-1, 1).cpu()
 
 
 def teacher_quality(images: torch.Tensor, captions: list[str]) -> dict:
@@ -222,21 +263,25 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
     out, log, rng = _start(cfg)
     base = build_base(out / "base", cfg)
-    backbone = SD3Backbone.from_pretrained(base)
-    teacher = backbone.load_transformer(base).train().requires_grad_(True)
+    device = resolve_device(cfg.device)
+    backbone = SD3Backbone.from_pretrained(base).to(device)
+    teacher = backbone.load_transformer(base).to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * max(0.05, 1 - s / cfg.steps))
+    budget = Budget(cfg.steps, cfg.max_minutes)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * max(0.05, 1 - budget.progress(s)))
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_captions = scene_batch(np.random.default_rng([cfg.seed, 99]), 64)[1]
-    start = time.time()
-    for step in tqdm(range(1, cfg.steps + 1), desc="teacher"):
+    bar = tqdm(total=cfg.steps, desc="teacher")
+    step = 0
+    while not budget.over(step):
+        step += 1
         pixels, captions = scene_batch(rng, cfg.batch_size)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         with torch.no_grad():
-            x0 = backbone.encode_image(pixels)
+            x0 = backbone.encode_image(pixels.to(device))
         cond = backbone.encode_prompt(captions, with_reference=False)
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))  # logit-normal times, as SD3 trains
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(device)  # logit-normal times, as SD3 trains
         v = backbone.velocity(teacher, flow.add_noise(x0, eps, t), t, cond)
         loss = (v - flow.velocity_target(x0, eps)).pow(2).mean()
         opt.zero_grad()
@@ -244,16 +289,23 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.log(step, {"fm_loss": loss.detach(), "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - start})
-        if step % cfg.sample_every == 0 or step == cfg.steps:
+        bar.update(1)
+        last = budget.over(step)
+        if step % cfg.log_every == 0 or last:
+            log.log(step, {"fm_loss": loss.detach(), "lr": sched.get_last_lr()[0],
+                           "elapsed_s": time.monotonic() - budget.start})
+        if step % cfg.sample_every == 0 or last:
             teacher.eval()
             imgs = sample_teacher(backbone, teacher, eval_captions, cfg.sample_steps, cfg.cfg_scale, cfg.seed)
             teacher.train()
-            log.log(step, {f"eval_{k}": v for k, v in teacher_quality(imgs, eval_captions).items()})
+            quality = teacher_quality(imgs, eval_captions)
+            log.log(step, {f"eval_{k}": v for k, v in quality.items()})
             (out / "samples").mkdir(exist_ok=True)
             image_grid([list(imgs[i:i + 8]) for i in range(0, 32, 8)], scale=2).save(out / f"samples/step_{step:06d}.png")
             teacher.save_pretrained(base / "transformer")
+            (out / "report.json").write_text(json.dumps({**quality, "steps": step, "eval_captions": len(eval_captions),
+                                                         "minutes": (time.monotonic() - budget.start) / 60}, indent=2))
+    bar.close()
     log.close()
     return base
 

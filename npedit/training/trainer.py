@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -260,28 +261,44 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> Path:
-        """Run to `max_steps`, logging, sampling and checkpointing at intervals; returns the exported pipeline."""
+        """Run to `max_steps` (or until `max_minutes` of wall-clock), logging, sampling and checkpointing at
+        intervals; returns the exported pipeline."""
         cfg = self.cfg
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        start = time.monotonic()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process, desc=cfg.stage)
         while self.step < cfg.max_steps:
             metrics = self.iteration()
             self.step += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            out_of_time = self._out_of_time(start)
+            last = self.step == cfg.max_steps or out_of_time
+            if self.step % cfg.log_every == 0 or last:
                 metrics.update({"lr": self.sched_student.get_last_lr()[0], "skipped_student": self.skipped["student"],
-                                "skipped_critic": self.skipped["critic"]})
+                                "skipped_critic": self.skipped["critic"], "elapsed_s": time.monotonic() - start})
                 self.metrics.log(self.step, metrics)
                 bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items() if k.endswith("loss")})
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.save_samples()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                 self.save_checkpoint()
+            if out_of_time:
+                self.acc.print(f"max_minutes={cfg.max_minutes} reached at step {self.step}/{cfg.max_steps}; exporting")
+                break
         bar.close()
         self.metrics.close()
         return self.export()
+
+    def _out_of_time(self, start: float) -> bool:
+        """True once `max_minutes` have passed; every process takes the main process's answer."""
+        if not self.cfg.max_minutes:
+            return False
+        flag = torch.tensor([float(time.monotonic() - start > 60 * self.cfg.max_minutes)], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = broadcast(flag, from_process=0)
+        return bool(flag.item())
 
     def iteration(self) -> dict:
         """One training iteration of the configured stage."""
