@@ -27,7 +27,9 @@ def bench_main(args) -> int:
     from .assets import DEFAULT_TEACHER, default_path
     from .pipeline import NPEditPipeline
 
-    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     size = args.size
@@ -35,20 +37,21 @@ def bench_main(args) -> int:
     instruction = args.instruction
     gen = torch.Generator().manual_seed(0)
     steps = args.steps
-    res = {"torch_threads": torch.get_num_threads(), "image_size": size, "steps": steps}
+    res = {"device": str(device), "torch_threads": torch.get_num_threads(), "image_size": size, "steps": steps}
     res["edit_latency_ms"] = 1000 * _median_time(
         lambda: pipe(image=image, prompt=instruction, num_inference_steps=steps, generator=gen), args.repeats)
 
     bb = pipe.backbone
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    ref = bb.encode_image(pixels)
+    ref = bb.encode_image(pixels.to(device))
     cond = bb.encode_prompt([instruction], with_reference=True)
     times = pipe.times(steps)
 
     def bare():
-        x = torch.randn(ref.shape, generator=gen)
+        x = torch.randn(ref.shape, generator=gen).to(device)
         for t in times:
-            bb.velocity(pipe.transformer, x, torch.full((1,), t), cond, reference=ref)
+            bb.velocity(pipe.transformer, x, torch.full((1,), t, device=device), cond, reference=ref)
+        sync()
 
     res["bare_transformer_ms"] = 1000 * _median_time(bare, args.repeats)
     res["pipeline_overhead"] = res["edit_latency_ms"] / res["bare_transformer_ms"] - 1
@@ -62,8 +65,8 @@ def bench_main(args) -> int:
         from .backbones import load_backbone
         from .shapes.evaluate import sdedit_editor
 
-        tb = load_backbone(teacher_dir)
-        teacher = tb.load_transformer(teacher_dir).eval()
+        tb = load_backbone(teacher_dir).to(device)
+        teacher = tb.load_transformer(teacher_dir).to(device).eval()
         editor = sdedit_editor(tb, teacher, steps=args.teacher_steps)
         arr = np.asarray(image)
         res["teacher_sdedit_steps"] = args.teacher_steps

@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--repeats", type=int, default=20)
     b.add_argument("--instruction", default="make the circle blue")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     b.add_argument("--json", action="store_true", help="also print one JSON line")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -105,3 +105,13 @@ def test_wall_clock_budget_stops_trainer_and_recipes(base, tmp_path):
     assert budget.progress(5) == 0.5 and not budget.over(9) and budget.over(10)
     with pytest.raises(ValueError, match="max_minutes"):
         load_config(None, ["max_minutes=-1", f"model.base={base}", "data.train=shapes"])
+
+
+def test_background_rendering_gives_scene_batches():
+    from npedit.shapes.recipes import scene_batches
+
+    rng = np.random.default_rng(0)
+    pixels, captions = next(scene_batches(rng, 3, workers=1, seed=5))
+    assert pixels.shape == (3, 3, 64, 64) and len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    again, _ = next(scene_batches(rng, 3, workers=1, seed=5))
+    assert torch.equal(pixels, again)  # each worker's stream is seeded

@@ -49,6 +49,7 @@ class VAEConfig:
     threads: int = 0  # torch threads (0: leave as is)
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     max_minutes: float = 0.0  # also stop after this much wall-clock (the lr decay follows whichever limit is nearer)
+    workers: int = 0  # render scenes in this many background processes (0: in the loop, the bundled recipe)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TeacherConfig:
     threads: int = 0
     device: str = "auto"
     max_minutes: float = 0.0
+    workers: int = 0
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -134,6 +136,30 @@ def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[st
     return torch.stack([render_tensor(s) for s in scenes]), [caption(s) for s in scenes]
 
 
+class _SceneStream(torch.utils.data.IterableDataset):
+    """Endless batches of random scenes; each worker process draws from its own seeded stream."""
+
+    def __init__(self, batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, 4243, info.id if info else 0])
+        while True:
+            yield scene_batch(rng, self.batch_size)
+
+
+def scene_batches(rng: np.random.Generator, batch_size: int, workers: int, seed: int):
+    """Endless (pixels, captions) batches: drawn from `rng` in this process, or rendered by `workers`
+    background processes (a GPU run otherwise waits on the Python renderer)."""
+    if workers <= 0:
+        while True:
+            yield scene_batch(rng, batch_size)
+    loader = torch.utils.data.DataLoader(_SceneStream(batch_size, seed), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=True)
+    yield from loader
+
+
 def random_crops(x: torch.Tensor, size: int, align: int, rng: np.random.Generator) -> torch.Tensor:
     """One random size x size crop per image, its corner on the `align` grid (keeps latents aligned)."""
     if size >= x.shape[-1]:
@@ -167,10 +193,11 @@ def train_vae(cfg: VAEConfig) -> Path:
     budget = Budget(cfg.steps, cfg.max_minutes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
     bar = tqdm(total=cfg.steps, desc="vae")
+    batches = scene_batches(rng, cfg.batch_size, cfg.workers, cfg.seed)
     step = 0
     while not budget.over(step):
         step += 1
-        x = random_crops(scene_batch(rng, cfg.batch_size)[0], cfg.crop, cfg.downsample, rng).to(device)
+        x = random_crops(next(batches)[0], cfg.crop, cfg.downsample, rng).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mode()).sample  # the editor only ever uses the posterior mode
         recon = (rec - x).abs().mean() + (rec - x).pow(2).mean()
@@ -272,10 +299,11 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_captions = scene_batch(np.random.default_rng([cfg.seed, 99]), 64)[1]
     bar = tqdm(total=cfg.steps, desc="teacher")
+    batches = scene_batches(rng, cfg.batch_size, cfg.workers, cfg.seed)
     step = 0
     while not budget.over(step):
         step += 1
-        pixels, captions = scene_batch(rng, cfg.batch_size)
+        pixels, captions = next(batches)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         with torch.no_grad():
             x0 = backbone.encode_image(pixels.to(device))
