@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .devices import resolve_device
+
 
 def _median_time(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -27,7 +29,7 @@ def bench_main(args) -> int:
     from .assets import DEFAULT_TEACHER, default_path
     from .pipeline import NPEditPipeline
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(device)
     pipe.set_progress_bar_config(disable=True)

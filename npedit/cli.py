@@ -14,9 +14,9 @@ from .images import ImageError
 
 
 def _device():
-    import torch
+    from .devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device())
 
 
 def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:

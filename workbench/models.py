@@ -284,9 +284,9 @@ def companions(editor: str | None, paths: ModelPaths) -> Companions:
 
 def default_device() -> str:
     """cuda when a GPU is visible, else cpu."""
-    import torch
+    from npedit.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device())
 
 
 def default_dtype(device: str) -> str:

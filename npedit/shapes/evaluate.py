@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import flow
+from ..devices import resolve_device
 from ..sampler import sample
 from .edits import EditCase, held_out_cases
 from .scoring import METRICS, score_edit, summarize
@@ -91,7 +92,7 @@ def eval_main(args) -> int:
     from ..assets import DEFAULT_TEACHER, default_path
 
     cases = held_out_cases(args.n, seed=args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     if args.baseline == "teacher":
         from ..backbones import load_backbone
 

@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from npedit import config as config_lib
+from npedit.devices import resolve_device
 from npedit.judges import Question, training_questions
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
 from npedit.judges.tiny import build_tiny_llava_onevision
@@ -714,7 +715,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = default_path("judge", args.judge)
     torch.set_num_threads(1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     result = {"judge": str(path), **evaluate_judge(load_judge(path, device=device), n=args.n, seed=args.seed, degrade_prob=args.degrade)}
     table = format_table(result)
     print(table)
@@ -822,7 +823,7 @@ def run(overrides: Sequence[str] = ()) -> Path:
     """
     cfg = build_config(overrides)
     if cfg.device == "auto":
-        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        cfg = replace(cfg, device=str(resolve_device()))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import flow
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
 from ..config import apply_overrides, build_config, to_dict
+from ..devices import resolve_device
 from ..sampler import sample
 from ..tokenization import build_bpe_tokenizer
 from ..training.logging import MetricsLogger, image_grid
@@ -94,13 +95,6 @@ def make_config(stage: str, overrides: list[str]):
         raise ValueError(f"unknown preset {preset!r} for {stage}; presets: {', '.join(PRESETS[stage])}")
     rest = [o for o in overrides if not o.startswith("preset=")]
     return build_config(CONFIGS[stage], apply_overrides(PRESETS[stage][preset], rest))
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Budget:
