@@ -335,6 +335,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         knobs["stage"] = gr.Dropdown(["npedit", "warmup", "sft"], value=p0.stage, label="stage")
         for name in ("max_steps", "critic_steps", "batch_size", "resolution"):
             knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
+        knobs["max_minutes"] = gr.Number(value=p0.max_minutes, minimum=0, label="max_minutes (0 = no time limit)")
     with gr.Row():
         for name in ("lr", "lambda_dmd", "lambda_vlm"):
             knobs[name] = gr.Number(value=getattr(p0, name), label=name)

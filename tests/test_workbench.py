@@ -343,3 +343,20 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     comparison_chart(table)
     main([str(tmp_path), "--chart", str(tmp_path / "c.png"), "--table", str(tmp_path / "t.md")])
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "t.md").is_file()
+
+
+def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path):
+    root = tmp_path / "runs"
+    data = datasets.write_manifest(datasets.shapes_table(2, tmp_path / "cases"), tmp_path / "data",
+                                   domain=models.SHAPES_DOMAIN)
+    warmup = presets.PRESETS["Shapes identity warm-up"].values()
+    args = presets.train_args({**warmup, "max_steps": 1_000_000, "max_minutes": 0.25, "batch_size": 1,
+                               "log_every": 1, "sample_every": 0, "save_every": 0},
+                              base=tiny_set["teacher"], judge=tiny_set["judge"], student=tiny_set["model"],
+                              data=str(data))
+    assert presets.check_train_args(args).max_minutes == 0.25
+    jobs.start_job(root / "timed", args, runs_root=root, device="cpu")
+    st = _wait(root / "timed", lambda s: s.active and s.step >= 3)
+    assert st.eta_s is not None and st.eta_s <= 15  # the time limit, not a million steps
+    st = _wait(root / "timed", lambda s: not s.active, timeout=120)
+    assert st.state == "finished" and 3 <= st.step < 1_000_000 and st.pipeline, jobs.log_tail(root / "timed", 30)

@@ -210,20 +210,25 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     return status
 
 
-def _max_steps(run_dir: Path, job: dict) -> int | None:
+def _config_value(run_dir: Path, job: dict, key: str, cast):
+    """A top-level config value of the run: its saved config.yaml, else the job's `key=value` argument."""
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         try:
-            return int(yaml.safe_load(cfg.read_text()).get("max_steps"))
+            return cast(yaml.safe_load(cfg.read_text()).get(key))
         except (ValueError, TypeError, AttributeError, yaml.YAMLError):
             pass
     for arg in reversed(job.get("args", [])):
-        if arg.startswith("max_steps="):
+        if arg.startswith(f"{key}="):
             try:
-                return int(arg.split("=", 1)[1])
+                return cast(arg.split("=", 1)[1])
             except ValueError:
                 return None
     return None
+
+
+def _max_steps(run_dir: Path, job: dict) -> int | None:
+    return _config_value(run_dir, job, "max_steps", int)
 
 
 def read_metrics_rows(run_dir: Path) -> list[dict]:
@@ -309,6 +314,10 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
         else:
             per_step = (time.time() - started) / step if started else None
         st.eta_s = None if per_step is None else max(0.0, per_step * (st.max_steps - step))
+        minutes = _config_value(run_dir, job, "max_minutes", float)
+        if minutes and started:  # the run also stops at its wall-clock limit (counted from its start here)
+            left = max(0.0, 60 * minutes - (time.time() - started))
+            st.eta_s = left if st.eta_s is None else min(st.eta_s, left)
     if st.state in ("failed", "cancelled") and ckpt is not None:
         st.resumable = True
         st.message += f"; resumable from {ckpt.name}"

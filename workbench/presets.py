@@ -28,6 +28,7 @@ class Preset:
     config_file: str | None = None
     stage: str = "npedit"
     max_steps: int = 200
+    max_minutes: float = 0.0  # wall-clock limit; 0 = none
     critic_steps: int = 5
     lr: float = 2e-5
     lambda_dmd: float = 1.0
@@ -49,9 +50,11 @@ KNOBS = tuple(Preset("").values())
 
 def from_config(cfg: TrainConfig, note: str, config_file: str | None) -> Preset:
     """The preset whose knobs are those of a loaded config."""
-    return Preset(note, config_file, cfg.stage, cfg.max_steps, cfg.critic_steps, cfg.optim.lr, cfg.loss.lambda_dmd,
-                  cfg.loss.lambda_vlm, cfg.loss.negative_prompt, cfg.data.batch_size, cfg.data.resolution,
-                  cfg.log_every, cfg.sample_every, cfg.save_every)
+    return Preset(note, config_file, stage=cfg.stage, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes,
+                  critic_steps=cfg.critic_steps, lr=cfg.optim.lr, lambda_dmd=cfg.loss.lambda_dmd,
+                  lambda_vlm=cfg.loss.lambda_vlm, negative_prompt=cfg.loss.negative_prompt,
+                  batch_size=cfg.data.batch_size, resolution=cfg.data.resolution, log_every=cfg.log_every,
+                  sample_every=cfg.sample_every, save_every=cfg.save_every)
 
 
 def _recipe(name: str, note: str) -> Preset | None:
@@ -100,7 +103,8 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
     """`python -m npedit train` arguments: the recipe file, the knobs, the models and the data."""
     v = {**Preset("").values(), **{k: x for k, x in values.items() if x is not None}}
     args = ["--config", config_file] if config_file else []
-    args += [f"stage={v['stage']}", f"max_steps={int(v['max_steps'])}", f"critic_steps={int(v['critic_steps'])}",
+    args += [f"stage={v['stage']}", f"max_steps={int(v['max_steps'])}", f"max_minutes={float(v['max_minutes'])}",
+             f"critic_steps={int(v['critic_steps'])}",
              f"optim.lr={float(v['lr'])}", f"loss.lambda_dmd={float(v['lambda_dmd'])}",
              f"loss.lambda_vlm={float(v['lambda_vlm'])}", f"loss.negative_prompt={_yaml_str(v['negative_prompt'])}",
              f"data.batch_size={int(v['batch_size'])}", f"data.resolution={int(v['resolution'])}",
