@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=300)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--steps", type=int, default=4)
+    v.add_argument("--judge", help="also ask this judge (a folder, or 'bundled') about every edit and report how "
+                                   "often its answers match the exact scorer")
     v.add_argument("--name", help="report name (default: the model folder's name)")
     v.add_argument("--out", default="runs/eval", help="where <name>.json and <name>.md go")
     v.set_defaults(func=cmd_eval)

@@ -115,3 +115,27 @@ def test_background_rendering_gives_scene_batches():
     assert pixels.shape == (3, 3, 64, 64) and len(captions) == 3 and all(isinstance(c, str) for c in captions)
     again, _ = next(scene_batches(rng, 3, workers=1, seed=5))
     assert torch.equal(pixels, again)  # each worker's stream is seeded
+
+
+def test_judge_agreement_reads_truth_from_the_parsed_output(tiny_judge, tmp_path):
+    """A perfect editor: every edit is done and nothing else changed, so an agreeing judge says Yes to the
+    identity check, Yes to the edit check and No to "does it still contain" for removals."""
+    from npedit.judges import load_judge
+    from npedit.shapes.edits import held_out_cases
+    from npedit.shapes.evaluate import evaluate, judge_agreement, write_report
+    from npedit.shapes.world import render
+
+    cases = held_out_cases(12, seed=3)
+    targets = [render(c.expected) for c in cases]  # one batch: the editor sees the cases in order
+    rows, summary = evaluate(lambda refs, instructions, caps: targets[:len(refs)], cases, batch_size=len(cases),
+                             judge=load_judge(tiny_judge), progress=False)
+    assert summary["overall"]["exact"] == 1.0
+    for row, case in zip(rows, cases):
+        says_yes = row["judge_check_p"] >= 0.5
+        assert row["judge_check_agrees"] == (not says_yes if case.category == "remove" else says_yes)
+        assert row["judge_identity_agrees"] == (row["judge_identity_p"] >= 0.5)
+    agreement = judge_agreement(rows)
+    assert agreement["overall"]["check"]["count"] == 12
+    write_report(summary, rows, tmp_path, "perfect", {"n": 12}, agreement)
+    assert "judge_agreement" in json.loads((tmp_path / "perfect.json").read_text())
+    assert "Judge agreement" in (tmp_path / "perfect.md").read_text()

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from .. import flow
 from ..devices import resolve_device
 from ..sampler import sample
+from ..judges.questions import training_questions
 from .edits import EditCase, held_out_cases
 from .scoring import METRICS, score_edit, summarize
-from .world import render
+from .world import CANVAS, parse, render
 
 Editor = Callable[[list[np.ndarray], list[str], list[str]], list[np.ndarray]]
 
@@ -60,15 +61,65 @@ def sdedit_editor(backbone, teacher, *, strength: float = 0.6, steps: int = 16, 
     return edit
 
 
-def evaluate(editor: Editor, cases: list[EditCase], *, batch_size: int = 50, progress: bool = True) -> tuple[list[dict], dict]:
-    """Run `editor` on every case and score it exactly; returns per-case rows and the summary table."""
+def evaluate(editor: Editor, cases: list[EditCase], *, batch_size: int = 50, progress: bool = True,
+             judge=None) -> tuple[list[dict], dict]:
+    """Run `editor` on every case and score it exactly; returns per-case rows and the summary table.
+
+    With a `judge`, each row also holds the judge's verdict on the edit (see `judge_verdicts`)."""
     rows = []
     for i in tqdm(range(0, len(cases), batch_size), desc="eval", disable=not progress):
         chunk = cases[i:i + batch_size]
-        outs = editor([render(c.reference) for c in chunk], [c.instruction for c in chunk],
-                      [c.caption_target for c in chunk])
-        rows += [score_edit(o, c) for o, c in zip(outs, chunk)]
+        refs = [render(c.reference) for c in chunk]
+        outs = editor(refs, [c.instruction for c in chunk], [c.caption_target for c in chunk])
+        scored = [score_edit(o, c) for o, c in zip(outs, chunk)]
+        if judge is not None:
+            scored = [{**row, **v} for row, v in zip(scored, judge_verdicts(judge, chunk, refs, outs))]
+        rows += scored
     return rows, summarize(rows)
+
+
+def _unit(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255 for a in images])
+
+
+def judge_verdicts(judge, cases: list[EditCase], references: list[np.ndarray], outputs: list[np.ndarray]) -> list[dict]:
+    """The judge's P(Yes) to the two training questions about each (reference, output) pair, and whether its
+    answer (P >= 0.5) is the truth read from the parsed output (None where the output does not parse)."""
+    from .judge_training import true_answers
+
+    questions = [training_questions(c.instruction, c.edit_type, c.object_name or None) for c in cases]
+    p_yes = judge.score(_unit(references), _unit(outputs), questions)
+    verdicts = []
+    for case, out, (p_check, p_identity) in zip(cases, outputs, p_yes):
+        scene = parse(np.asarray(out)) if np.asarray(out).shape == (CANVAS, CANVAS, 3) else None
+        truth = true_answers(case, scene) if scene is not None else (None, None)
+        verdicts.append({
+            "judge_check_p": p_check, "judge_identity_p": p_identity,
+            "judge_check_agrees": None if truth[0] is None else (p_check >= 0.5) == truth[0],
+            "judge_identity_agrees": None if truth[1] is None else (p_identity >= 0.5) == truth[1],
+        })
+    return verdicts
+
+
+def judge_agreement(rows: list[dict]) -> dict:
+    """Share of parsed outputs on which the judge's answers match the truth: per question, overall and by category."""
+    def share(keep, key):
+        hits = [r[key] for r in rows if keep(r) and r.get(key) is not None]
+        return {"agreement": float(np.mean(hits)) if hits else float("nan"), "count": len(hits)}
+
+    out = {"overall": {q: share(lambda r: True, f"judge_{q}_agrees") for q in ("check", "identity")}}
+    for cat in sorted({r["category"] for r in rows}):
+        out[cat] = {q: share(lambda r, c=cat: r["category"] == c, f"judge_{q}_agrees") for q in ("check", "identity")}
+    return out
+
+
+def agreement_table(agreement: dict) -> str:
+    """The judge-agreement summary as Markdown."""
+    lines = ["| category | edit/contains check | identity check | parsed outputs |", "|---|---|---|---|"]
+    for cat, v in agreement.items():
+        lines.append(f"| {cat} | {v['check']['agreement']:.3f} | {v['identity']['agreement']:.3f} | "
+                     f"{v['check']['count']} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(summary: dict, title: str = "") -> str:
@@ -80,11 +131,17 @@ def markdown_table(summary: dict, title: str = "") -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta: dict) -> None:
-    """Write <name>.json (summary, rows, meta) and <name>.md."""
+def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta: dict,
+                 agreement: dict | None = None) -> None:
+    """Write <name>.json (summary, rows, meta[, judge_agreement]) and <name>.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-    (out_dir / f"{name}.md").write_text(markdown_table(summary, name))
+    report = {"meta": meta, "summary": summary, "rows": rows}
+    md = markdown_table(summary, name)
+    if agreement is not None:
+        report["judge_agreement"] = agreement
+        md += "\nJudge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"{name}.md").write_text(md)
 
 
 def eval_main(args) -> int:
@@ -109,9 +166,18 @@ def eval_main(args) -> int:
         pipe.set_progress_bar_config(disable=True)
         editor = pipeline_editor(pipe, steps=args.steps, seed=args.seed)
         name = args.name or Path(model).name
-    rows, summary = evaluate(editor, cases)
-    meta = {"model": str(model), "n": args.n, "seed": args.seed, "steps": args.steps, "baseline": args.baseline}
-    write_report(summary, rows, Path(args.out), name, meta)
+    judge = None
+    if args.judge:
+        from ..judges import load_judge
+
+        judge = load_judge(default_path("judge", None if args.judge == "bundled" else args.judge), device=device)
+    rows, summary = evaluate(editor, cases, judge=judge)
+    meta = {"model": str(model), "n": args.n, "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
+            "judge": args.judge}
+    agreement = judge_agreement(rows) if judge is not None else None
+    write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
+    if agreement is not None:
+        print("Judge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement))
     print(f"wrote {Path(args.out) / name}.json and .md")
     return 0
