@@ -11,6 +11,8 @@ DEFAULT_MODEL = SHAPES_DIR / "editor"  # NPEditPipeline layout
 DEFAULT_JUDGE = SHAPES_DIR / "judge"
 DEFAULT_TEACHER = SHAPES_DIR / "teacher"  # text-to-image base: teacher transformer, VAE, text encoder
 DEFAULT_CRITIC = SHAPES_DIR / "critic"  # the critic (fake score) transformer trained with the editor
+# A second, opt-in editor: paired SFT then NP-Edit (it has seen before/after pairs; the default has not).
+SFT_NPEDIT_MODEL = SHAPES_DIR / "editor-sft-npedit"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
 
 
