@@ -91,7 +91,8 @@ def judge_verdicts(judge, cases: list[EditCase], references: list[np.ndarray], o
     p_yes = judge.score(_unit(references), _unit(outputs), questions)
     verdicts = []
     for case, out, (p_check, p_identity) in zip(cases, outputs, p_yes):
-        scene = parse(np.asarray(out)) if np.asarray(out).shape == (CANVAS, CANVAS, 3) else None
+        image = np.asarray(out)
+        scene = parse(image) if image.shape == (CANVAS, CANVAS, 3) else None
         truth = true_answers(case, scene) if scene is not None else (None, None)
         verdicts.append({
             "judge_check_p": p_check, "judge_identity_p": p_identity,

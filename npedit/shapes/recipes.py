@@ -111,7 +111,7 @@ class Budget:
         return min(1.0, done)
 
     def over(self, step: int) -> bool:
-        return step >= self.steps or (self.seconds and time.monotonic() - self.start >= self.seconds)
+        return step >= self.steps or bool(self.seconds) and time.monotonic() - self.start >= self.seconds
 
 
 def _start(cfg) -> tuple[Path, MetricsLogger, np.random.Generator]:
