@@ -163,6 +163,28 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_swap_vae(args) -> int:
+    """Write a copy of an editor whose VAE is replaced by one sharing its latent space (e.g. a distilled fast VAE)."""
+    import shutil
+
+    from .backbones.vae import AnyVAE
+    from .pipeline import NPEditPipeline
+
+    src, out = Path(default_path("model", args.model)), Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} exists and is not empty")
+    try:
+        pipe = NPEditPipeline.from_pretrained(str(src)).with_vae(AnyVAE.from_pretrained(args.vae))
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    pipe.save_pretrained(out)
+    for extra in ("npedit_domain.json", "training_config.json"):  # what the trainer's export adds beside the models
+        if (src / extra).is_file():
+            shutil.copy(src / extra, out / extra)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m npedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge")
-    s.add_argument("stage", choices=["vae", "teacher", "judge", "judge-eval"])
+    s.add_argument("stage", choices=["vae", "teacher", "fast-vae", "judge", "judge-eval"])
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="preset=NAME and dotted key=value overrides")
     s.set_defaults(func=cmd_shapes)
 
@@ -216,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--name", help="report name (default: the model folder's name)")
     v.add_argument("--out", default="runs/eval", help="where <name>.json and <name>.md go")
     v.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("swap-vae", help="copy an editor with its VAE replaced (same latent space, e.g. a fast VAE)")
+    w.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")
+    w.add_argument("--vae", required=True, help="the new VAE folder (AutoencoderKL or PatchAutoencoder)")
+    w.add_argument("--out", required=True, help="where the new pipeline is written")
+    w.set_defaults(func=cmd_swap_vae)
 
     b = sub.add_parser("bench", help="measure edit latency, throughput and pipeline overhead on this machine")
     b.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")

@@ -137,3 +137,17 @@ def test_eval_main_writes_json_and_markdown(quick_run, tmp_path, capsys):
     assert json.loads((tmp_path / "judge_eval.json").read_text())["overall"]["count"] == 48
     assert "| **overall** |" in (tmp_path / "judge_eval.md").read_text()
     assert "overall" in capsys.readouterr().out
+
+
+def test_editor_outputs_become_hard_examples_labelled_from_their_parse():
+    from npedit.assets import DEFAULT_MODEL
+
+    samples, counts = jt.editor_samples(str(DEFAULT_MODEL), 6, seed=0, batch_size=4)
+    assert counts["cases"] == 6 and counts["parsed"] == len(samples) > 0
+    rng = np.random.default_rng(0)
+    for s in samples:
+        assert s.kind == "editor" and s.image.shape == (64, 64, 3)
+        assert parse(s.image) == s.candidate and s.answers == jt.true_answers(s.case, s.candidate)
+        assert torch.equal(jt.sample_image(s, rng, degrade_prob=1.0), jt.to_tensor(s.image))  # never re-rendered
+    with pytest.raises(ValueError, match="hard_prob"):
+        jt.build_config(["hard_prob=1.5"])

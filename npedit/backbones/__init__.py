@@ -24,9 +24,14 @@ def backbone_class(family: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), name)
 
 
+# Our own component classes (besides the families' transformers) a saved pipeline may name.
+COMPONENT_MODULES = ("npedit.backbones.fast_vae",)
+
+
 def import_families() -> None:
-    """Import every family module, so diffusers can resolve their classes named in model_index.json."""
-    for module, _, _ in FAMILIES.values():
+    """Import every family module (and our component classes), so diffusers can resolve their classes named in
+    model_index.json."""
+    for module in [m for m, _, _ in FAMILIES.values()] + list(COMPONENT_MODULES):
         importlib.import_module(module)
 
 

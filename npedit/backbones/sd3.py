@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from .base import Backbone, resolve_subfolder
-from .vae import LatentCodec
+from .vae import AnyVAE, LatentCodec
 
 T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
 
@@ -209,7 +209,7 @@ class SD3Backbone(Backbone):
         for name, loader in (
             ("tokenizer", AutoTokenizer), ("text_encoder", CLIPTextModelWithProjection),
             ("tokenizer_2", AutoTokenizer), ("text_encoder_2", CLIPTextModelWithProjection),
-            ("tokenizer_3", AutoTokenizer), ("text_encoder_3", T5EncoderModel), ("vae", AutoencoderKL),
+            ("tokenizer_3", AutoTokenizer), ("text_encoder_3", T5EncoderModel), ("vae", AnyVAE),
         ):
             kwargs = {} if name.startswith("tokenizer") else {"torch_dtype": torch_dtype}
             required = name in ("tokenizer", "text_encoder", "vae")

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
+
+# The VAE classes a checkpoint's vae/config.json may name (no other class is ever imported).
+VAE_CLASSES = {
+    "AutoencoderKL": ("diffusers", "AutoencoderKL"),
+    "PatchAutoencoder": ("npedit.backbones.fast_vae", "PatchAutoencoder"),  # our fast distilled VAE
+}
+
+
+class AnyVAE:
+    """`from_pretrained` for whichever class of `VAE_CLASSES` the folder's config names (AutoencoderKL if none)."""
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
+        kw = {"subfolder": subfolder} if subfolder else {}
+        name = AutoencoderKL.load_config(str(path), **kw).get("_class_name", "AutoencoderKL")
+        if name not in VAE_CLASSES:
+            raise ValueError(f"{path}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
+        module, cls = VAE_CLASSES[name]
+        return getattr(importlib.import_module(module), cls).from_pretrained(str(path), **kw, **kwargs)
 
 
 class LatentCodec(nn.Module):
-    """Wraps a diffusers `AutoencoderKL`: z = (mode(E(x)) - shift) * scale and back."""
+    """Wraps a diffusers `AutoencoderKL` (or a `PatchAutoencoder`): z = (mode(E(x)) - shift) * scale and back."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -16,14 +39,16 @@ class LatentCodec(nn.Module):
         self.scale = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
         self.shift = float(getattr(cfg, "shift_factor", 0.0) or 0.0)
         self.channels = int(cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.downsample = int(getattr(cfg, "downsample", 0) or 2 ** (len(cfg.block_out_channels) - 1))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f)."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        return (dist.mode() - self.shift) * self.scale
+        anchor = next(self.vae.parameters())  # (diffusers' `.device` / `.dtype` walk every module: ~1 ms each)
+        out = self.vae.encode(pixels.to(anchor.device, anchor.dtype))
+        z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+        return (z - self.shift) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, 3, h*f, w*f) in about [-1, 1]; keeps the graph for VLM gradients."""
         z = latents / self.scale + self.shift
-        return self.vae.decode(z.to(self.vae.dtype)).sample
+        return self.vae.decode(z.to(next(self.vae.parameters()).dtype)).sample

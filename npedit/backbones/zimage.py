@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from transformers import AutoModel, AutoTokenizer
 
 from .base import Backbone, resolve_subfolder
-from .vae import LatentCodec
+from .vae import AnyVAE, LatentCodec
 
 MAX_PROMPT_TOKENS = 512
 
@@ -48,7 +48,7 @@ class ZImageBackbone(Backbone):
         path = str(path)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
+        vae = AnyVAE.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
         return cls(text_encoder, tokenizer, vae)
 
     # ---- text ------------------------------------------------------------------------------

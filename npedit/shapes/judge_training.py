@@ -130,6 +130,12 @@ class JudgeTrainConfig:
     probe_layer: int = -1  # decoder layer whose output the probes read; -1 = num_layers // 2 - 1
     paraphrase_prob: float = 0.5
     degrade_prob: float = 0.4
+    # Hard examples from editors' own outputs (blurry, half-edited): each editor folder edits `hard_cases`
+    # training cases before stage 2; outputs that parse are labelled from the parse, and each stage-2
+    # pair is drawn from that pool with probability `hard_prob`.
+    hard_editors: tuple[str, ...] = ()
+    hard_cases: int = 2000
+    hard_prob: float = 0.25
     max_minutes: float = 40.0  # stop stage 2 early after this much wall-clock (0 = no limit)
     # bookkeeping
     log_every: int = 25
@@ -145,6 +151,8 @@ class JudgeTrainConfig:
             raise ValueError("vision_steps and check_steps must be >= 0, batch sizes >= 1")
         if not 0 <= self.paraphrase_prob <= 1 or not 0 <= self.degrade_prob <= 1:
             raise ValueError("paraphrase_prob and degrade_prob must be in [0, 1]")
+        if not 0 <= self.hard_prob <= 1 or self.hard_cases < 0:
+            raise ValueError("hard_prob must be in [0, 1] and hard_cases >= 0")
         if self.probe_layer >= self.arch.num_layers:
             raise ValueError(f"probe_layer must be < arch.num_layers ({self.arch.num_layers})")
 
@@ -198,8 +206,10 @@ class JudgeSample:
 
     case: EditCase
     candidate: Scene
-    kind: str  # how the candidate was made (see CANDIDATE_MAKERS)
+    kind: str  # how the candidate was made (see CANDIDATE_MAKERS; "editor" = an editor's output)
     answers: tuple[bool, bool]  # truth of (edit / contains check, identity check)
+    # The candidate's pixels when they are not render(candidate): an editor's output, which parses as `candidate`.
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def questions(self) -> list[Question]:
@@ -393,6 +403,42 @@ def candidate_image(scene: Scene, rng: np.random.Generator, degrade_prob: float)
     if parse((noisy * 255).round().byte().permute(1, 2, 0).numpy()) == scene:
         return noisy, True
     return clean, False
+
+
+def sample_image(sample: JudgeSample, rng: np.random.Generator, degrade_prob: float) -> torch.Tensor:
+    """The candidate pixels of `sample`: its stored editor output, else its (maybe degraded) render."""
+    if sample.image is not None:
+        return to_tensor(sample.image)
+    return candidate_image(sample.candidate, rng, degrade_prob)[0]
+
+
+@torch.no_grad()
+def editor_samples(editor_dir: str, n: int, seed: int, paraphrase_prob: float = 0.5, device: str = "cpu",
+                   batch_size: int = 64, steps: int = 4) -> tuple[list[JudgeSample], dict]:
+    """`n` training cases edited by the NPEditPipeline in `editor_dir`; the outputs that parse, labelled from the parse.
+
+    Returns the samples and counts {"cases", "parsed", "edit_yes", "identity_yes"}."""
+    from npedit.pipeline import NPEditPipeline
+    from PIL import Image
+
+    pipe = NPEditPipeline.from_pretrained(editor_dir).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng([seed, 11])
+    cases = [sample_case(rng, paraphrase_prob=paraphrase_prob) for _ in range(n)]
+    samples = []
+    for start in tqdm(range(0, n, batch_size), desc=f"editor pool {Path(editor_dir).name}", mininterval=10):
+        chunk = cases[start : start + batch_size]
+        gen = torch.Generator().manual_seed(seed * 100003 + start)
+        outs = pipe(image=[Image.fromarray(render(c.reference)) for c in chunk], prompt=[c.instruction for c in chunk],
+                    num_inference_steps=steps, generator=gen, output_type="pil").images
+        for case, out in zip(chunk, outs):
+            image = np.array(out.convert("RGB"))
+            scene = parse(image) if image.shape == (64, 64, 3) else None
+            if scene is not None:
+                samples.append(JudgeSample(case, scene, "editor", true_answers(case, scene), image=image))
+    counts = {"cases": n, "parsed": len(samples), "edit_yes": sum(s.answers[0] for s in samples),
+              "identity_yes": sum(s.answers[1] for s in samples)}
+    return samples, counts
 
 
 # ---- dense targets and heads -----------------------------------------------------------------
@@ -777,12 +823,16 @@ class _Capture:
             h.remove()
 
 
-def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, cfg: JudgeTrainConfig):
-    """Stage 2 loss: Yes/No CE of both questions (+ dense head on both images + language-model probes)."""
-    samples = [sample_training(rng, cfg.paraphrase_prob) for _ in range(cfg.batch_size)]
+def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, cfg: JudgeTrainConfig,
+               pool: Sequence[JudgeSample] = ()):
+    """Stage 2 loss: Yes/No CE of both questions (+ dense head on both images + language-model probes).
+
+    With a `pool` of editor outputs, each pair is drawn from it with probability `cfg.hard_prob`."""
+    samples = [pool[int(rng.integers(len(pool)))] if pool and rng.random() < cfg.hard_prob
+               else sample_training(rng, cfg.paraphrase_prob) for _ in range(cfg.batch_size)]
     device = judge.model.device
     ref = torch.stack([to_tensor(render(s.case.reference)) for s in samples]).to(device)
-    cand = torch.stack([candidate_image(s.candidate, rng, cfg.degrade_prob)[0] for s in samples]).to(device)
+    cand = torch.stack([sample_image(s, rng, cfg.degrade_prob) for s in samples]).to(device)
     questions = [s.questions for s in samples]
     capture.clear()
     out = judge.answer(ref, cand, questions)
@@ -852,6 +902,16 @@ def run(overrides: Sequence[str] = ()) -> Path:
         if step % cfg.log_every == 0 or step == cfg.vision_steps - 1:
             logger.log(step, {"stage": 1, "vision_loss": loss.detach(), **metrics, "minutes": (time.time() - start) / 60})
 
+    # Hard examples: the editors' own outputs on training cases.
+    pool: list[JudgeSample] = []
+    for k, editor in enumerate(cfg.hard_editors):
+        found, counts = editor_samples(editor, cfg.hard_cases, seed=cfg.seed + k, paraphrase_prob=cfg.paraphrase_prob,
+                                       device=cfg.device)
+        pool += found
+        logger.log(cfg.vision_steps, {"stage": 2, **{f"pool{k}_{key}": v for key, v in counts.items()}})
+    if cfg.hard_editors and not pool:
+        raise RuntimeError(f"none of the outputs of {list(cfg.hard_editors)} parses as a scene: no hard examples")
+
     # Stage 2: the Yes/No checks, with the dense head and the probes as auxiliaries.
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else max(0, cfg.arch.num_layers // 2 - 1)
     capture = _Capture(judge, layer)
@@ -878,7 +938,7 @@ def run(overrides: Sequence[str] = ()) -> Path:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        loss, metrics = check_step(judge, head, probes, capture, rng, cfg)
+        loss, metrics = check_step(judge, head, probes, capture, rng, cfg, pool)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -80,12 +80,36 @@ class TeacherConfig:
     workers: int = 0
 
 
+@dataclass(frozen=True)
+class FastVAEConfig:
+    """A `PatchAutoencoder` distilled into a trained VAE's latent space (a drop-in, faster VAE for pipelines)."""
+
+    output_dir: str = "runs/shapes/fast-vae"
+    source: str = "assets/shapes/editor/vae"  # the VAE whose scaled latents it must reproduce (a vae/ folder)
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-3
+    width: int = 64
+    depth: int = 3
+    latent_noise: float = 0.1  # decoder inputs: the source's latents + this much Gaussian noise (editors' latents are imperfect)
+    latent_weight: float = 10.0  # encoder loss weight (MSE to the source's scaled latents)
+    eval_scenes: int = 500
+    seed: int = 0
+    log_every: int = 50
+    threads: int = 0
+    device: str = "auto"
+    max_minutes: float = 0.0
+    workers: int = 0
+
+
 PRESETS: dict[str, dict[str, dict]] = {
     "vae": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "width": 8, "log_every": 1, "crop": 64}},
+    "fast-vae": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "width": 8, "depth": 1, "log_every": 1,
+                                          "eval_scenes": 8}},
     "teacher": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "dim": 32, "layers": 1, "heads": 2,
                                          "text_hidden": 32, "log_every": 1, "sample_every": 3, "sample_steps": 2}},
 }
-CONFIGS = {"vae": VAEConfig, "teacher": TeacherConfig}
+CONFIGS = {"vae": VAEConfig, "teacher": TeacherConfig, "fast-vae": FastVAEConfig}
 
 
 def make_config(stage: str, overrides: list[str]):
@@ -231,6 +255,82 @@ def train_vae(cfg: VAEConfig) -> Path:
     return out / "vae"
 
 
+@torch.no_grad()
+def reconstruction_report(source, fast, n: int, rng: np.random.Generator, device) -> dict:
+    """Exact-scene reconstruction rates of source->source, source->fast and fast->fast (encoder->decoder) on
+    `n` random scenes, plus the fast encoder's latent error relative to the source latents' variance."""
+    from ..backbones.vae import LatentCodec
+
+    src, fst = LatentCodec(source), LatentCodec(fast)
+    hits = {"source": [], "source_to_fast": [], "fast": []}
+    err, var = 0.0, 0.0
+    for start in range(0, n, 100):
+        x, _ = scene_batch(rng, min(100, n - start))
+        x = x.to(device)
+        z_src, z_fast = src.encode(x), fst.encode(x)
+        err += float((z_fast - z_src).pow(2).sum())
+        var += float((z_src - z_src.mean()).pow(2).sum())
+        truth = [parse(to_uint8(o)) for o in x.cpu()]
+        for key, rec in (("source", src.decode(z_src)), ("source_to_fast", fst.decode(z_src)), ("fast", fst.decode(z_fast))):
+            hits[key] += [parse(to_uint8(r)) == t for r, t in zip(rec.cpu(), truth)]
+    return {**{f"exact_{k}": float(np.mean(v)) for k, v in hits.items()}, "latent_rel_mse": err / max(var, 1e-12)}
+
+
+def train_fast_vae(cfg: FastVAEConfig) -> Path:
+    """Distil a `PatchAutoencoder` into `cfg.source`'s latent space; writes <output_dir>/vae and report.json."""
+    from ..backbones.fast_vae import PatchAutoencoder
+    from ..backbones.vae import AnyVAE, LatentCodec
+
+    out, log, rng = _start(cfg)
+    device = resolve_device(cfg.device)
+    source = AnyVAE.from_pretrained(cfg.source).to(device).eval().requires_grad_(False)
+    codec = LatentCodec(source)
+    fast = PatchAutoencoder(latent_channels=codec.channels, downsample=codec.downsample, width=cfg.width,
+                            depth=cfg.depth).to(device)
+    opt = torch.optim.AdamW(fast.parameters(), lr=cfg.lr, weight_decay=0.0)
+    budget = Budget(cfg.steps, cfg.max_minutes)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
+    bar = tqdm(total=cfg.steps, desc="fast-vae")
+    batches = scene_batches(rng, cfg.batch_size, cfg.workers, cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    step = 0
+    while not budget.over(step):
+        step += 1
+        x = next(batches)[0].to(device)
+        with torch.no_grad():
+            z = codec.encode(x)  # the source's scaled latents: what the transformer reads and writes
+        z_fast = fast.encode(x).latents
+        noisy = z + cfg.latent_noise * torch.randn(z.shape, generator=gen).to(device)
+        rec = fast.decode(torch.cat([noisy, z_fast.detach()])).sample
+        target = torch.cat([x, x])
+        recon = (rec - target).abs().mean() + (rec - target).pow(2).mean()
+        latent = (z_fast - z).pow(2).mean()
+        loss = recon + cfg.latent_weight * latent
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fast.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        if step % cfg.log_every == 0 or budget.over(step):
+            log.log(step, {"recon_loss": recon.detach(), "latent_mse": latent.detach(), "lr": sched.get_last_lr()[0],
+                           "elapsed_s": time.monotonic() - budget.start})
+    bar.close()
+    fast.eval()
+    report = reconstruction_report(source, fast, cfg.eval_scenes, np.random.default_rng([cfg.seed, 999]), device)
+    report |= {"params": sum(p.numel() for p in fast.parameters()), "steps": step,
+               "minutes": (time.monotonic() - budget.start) / 60, "source": cfg.source}
+    log.log(step, {f"eval_{k}": v for k, v in report.items() if isinstance(v, float)})
+    fast.cpu().save_pretrained(out / "vae")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    with torch.no_grad():
+        x, _ = scene_batch(rng, 8)
+        rec = fast.decode(fast.encode(x).latents).sample
+    image_grid([[a, b] for a, b in zip(x, rec)], scale=2).save(out / "reconstructions.png")
+    log.close()
+    return out / "vae"
+
+
 def build_base(out: Path, cfg: TeacherConfig):
     """Tokenizer + frozen CLIP text encoder + trained VAE + a fresh SD3 transformer, saved as a base folder."""
     from diffusers import AutoencoderKL
@@ -335,7 +435,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 def run(stage: str, overrides: list[str]) -> Path:
     """Entry point of `python -m npedit shapes STAGE`."""
     cfg = make_config(stage, overrides)
-    return {"vae": train_vae, "teacher": train_teacher}[stage](cfg)
+    return {"vae": train_vae, "teacher": train_teacher, "fast-vae": train_fast_vae}[stage](cfg)
 
 
 def config_fields(stage: str) -> list[str]:
