@@ -13,7 +13,7 @@ from npedit.backbones.vae import AnyVAE, LatentCodec
 
 
 def test_patch_autoencoder_shapes_gradients_and_round_trip(tmp_path):
-    vae = PatchAutoencoder(latent_channels=4, downsample=4, width=8, depth=1)
+    vae = PatchAutoencoder(latent_channels=4, downsample=4, width=8, depth=1, head=8, refine=4)
     x = torch.rand(2, 3, 64, 48) * 2 - 1
     z = vae.encode(x).latents
     assert z.shape == (2, 4, 16, 12)

@@ -1,8 +1,11 @@
 """A fast autoencoder that works at latent resolution only, distilled into an existing VAE's latent space.
 
 `PatchAutoencoder` folds each f x f pixel patch into channels (pixel unshuffle), runs a few 3x3
-convolutions on the latent grid and unfolds back (pixel shuffle): no layer ever runs at pixel
-resolution, so encoding and decoding cost a fraction of an `AutoencoderKL`'s. It is trained
+convolutions on the latent grid and unfolds back (pixel shuffle): apart from one thin layer at half
+resolution, no layer runs above latent resolution, so encoding and decoding cost a fraction of an
+`AutoencoderKL`'s. The decoder ends in a per-position head (1x1 convolutions, `head` wide) and, with
+`refine` > 0, unfolds in two steps with a thin 3x3 convolution in between, which smooths the seams
+between neighbouring patches (edges of shapes crossing a patch border). It is trained
 (`python -m npedit shapes fast-vae`) to reproduce a given VAE's *scaled* latents and to decode
 them to the true images, so a pipeline can swap its VAE for it without retraining anything else
 (`python -m npedit swap-vae`). Its config therefore carries scaling_factor 1 and shift_factor 0.
@@ -34,18 +37,30 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, in_channels: int = 3, out_channels: int = 3, latent_channels: int = 4, downsample: int = 4,
-                 width: int = 64, depth: int = 3, scaling_factor: float = 1.0, shift_factor: float = 0.0,
-                 sample_size: int = 64):
+                 width: int = 64, depth: int = 3, head: int = 0, refine: int = 0, scaling_factor: float = 1.0,
+                 shift_factor: float = 0.0, sample_size: int = 64):
         super().__init__()
-        if downsample < 1 or width < 1 or depth < 0:
-            raise ValueError(f"downsample and width must be >= 1 and depth >= 0, got {downsample}, {width}, {depth}")
+        if downsample < 1 or width < 1 or depth < 0 or head < 0 or refine < 0:
+            raise ValueError(f"downsample and width must be >= 1, depth, head and refine >= 0; got {downsample}, "
+                             f"{width}, {depth}, {head}, {refine}")
+        if refine and downsample % 2:
+            raise ValueError(f"refine needs an even downsample, got {downsample}")
         patch = downsample * downsample
         self.encoder = nn.Sequential(
             nn.PixelUnshuffle(downsample), nn.Conv2d(in_channels * patch, width, 1), nn.ReLU(),
             *[_Residual(width) for _ in range(depth)], nn.Conv2d(width, latent_channels, 3, padding=1))
-        self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU(), *[_Residual(width) for _ in range(depth)],
-            nn.Conv2d(width, out_channels * patch, 1), nn.PixelShuffle(downsample))
+        layers = [nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU(), *[_Residual(width) for _ in range(depth)]]
+        if head:
+            layers += [nn.Conv2d(width, head, 1), nn.ReLU()]
+        feat = head or width
+        if refine:  # unfold to half resolution, one thin 3x3 layer across patch seams, then the rest
+            rest = downsample // 2
+            layers += [nn.Conv2d(feat, refine * 4, 1), nn.PixelShuffle(2), nn.ReLU(),
+                       nn.Conv2d(refine, refine, 3, padding=1), nn.ReLU(),
+                       nn.Conv2d(refine, out_channels * rest * rest, 1), nn.PixelShuffle(rest)]
+        else:
+            layers += [nn.Conv2d(feat, out_channels * patch, 1), nn.PixelShuffle(downsample)]
+        self.decoder = nn.Sequential(*layers)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.ndim != 4 or x.shape[1] != channels:

@@ -91,7 +91,9 @@ class FastVAEConfig:
     lr: float = 1e-3
     width: int = 64
     depth: int = 3
-    latent_noise: float = 0.1  # decoder inputs: the source's latents + this much Gaussian noise (editors' latents are imperfect)
+    head: int = 128  # the decoder's per-position head (0: none)
+    refine: int = 16  # channels of the decoder's half-resolution seam layer (0: unfold in one step)
+    latent_noise: float = 0.05  # decoder inputs: the source's latents + this much Gaussian noise (editors' latents are imperfect)
     latent_weight: float = 10.0  # encoder loss weight (MSE to the source's scaled latents)
     eval_scenes: int = 500
     seed: int = 0
@@ -104,8 +106,8 @@ class FastVAEConfig:
 
 PRESETS: dict[str, dict[str, dict]] = {
     "vae": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "width": 8, "log_every": 1, "crop": 64}},
-    "fast-vae": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "width": 8, "depth": 1, "log_every": 1,
-                                          "eval_scenes": 8}},
+    "fast-vae": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "width": 8, "depth": 1, "head": 8, "refine": 4,
+                                          "log_every": 1, "eval_scenes": 8}},
     "teacher": {"default": {}, "quick": {"steps": 3, "batch_size": 4, "dim": 32, "layers": 1, "heads": 2,
                                          "text_hidden": 32, "log_every": 1, "sample_every": 3, "sample_steps": 2}},
 }
@@ -286,7 +288,7 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     source = AnyVAE.from_pretrained(cfg.source).to(device).eval().requires_grad_(False)
     codec = LatentCodec(source)
     fast = PatchAutoencoder(latent_channels=codec.channels, downsample=codec.downsample, width=cfg.width,
-                            depth=cfg.depth).to(device)
+                            depth=cfg.depth, head=cfg.head, refine=cfg.refine).to(device)
     opt = torch.optim.AdamW(fast.parameters(), lr=cfg.lr, weight_decay=0.0)
     budget = Budget(cfg.steps, cfg.max_minutes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
