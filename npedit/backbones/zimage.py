@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ZImageTransformer2DModel
+from diffusers import ZImageTransformer2DModel
 from transformers import AutoModel, AutoTokenizer
 
 from .base import Backbone, resolve_subfolder
