@@ -61,6 +61,18 @@ def test_distillation_recipe_writes_a_loadable_vae_and_a_report(quick_fast_vae):
     assert isinstance(vae, PatchAutoencoder) and vae.config.latent_channels == 4 and vae.config.downsample == 4
 
 
+def test_distillation_continues_from_a_trained_fast_vae(quick_fast_vae, tmp_path):
+    from npedit.shapes.recipes import run
+
+    out = run("fast-vae", ["preset=quick", f"output_dir={tmp_path}", f"source={DEFAULT_MODEL / 'vae'}", "device=cpu",
+                           f"init={quick_fast_vae}", "steps=1", "width=32"])
+    assert PatchAutoencoder.from_pretrained(out).config.width == 8  # the init's architecture, not the override
+    PatchAutoencoder(latent_channels=8, width=4, depth=0).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="8 latent channels"):
+        run("fast-vae", ["preset=quick", f"output_dir={tmp_path}/x", f"source={DEFAULT_MODEL / 'vae'}", "device=cpu",
+                         f"init={tmp_path / 'other'}"])
+
+
 def test_swap_vae_writes_an_editor_that_edits(quick_fast_vae, tmp_path):
     from npedit.cli import main
     from npedit.pipeline import NPEditPipeline

@@ -94,6 +94,7 @@ class FastVAEConfig:
     head: int = 128  # the decoder's per-position head (0: none)
     refine: int = 16  # channels of the decoder's half-resolution seam layer (0: unfold in one step)
     latent_noise: float = 0.05  # decoder inputs: the source's latents + this much Gaussian noise (editors' latents are imperfect)
+    init: str = ""  # continue from a PatchAutoencoder folder (its own width/depth/head/refine are kept)
     latent_weight: float = 10.0  # encoder loss weight (MSE to the source's scaled latents)
     eval_scenes: int = 500
     seed: int = 0
@@ -287,8 +288,15 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     device = resolve_device(cfg.device)
     source = AnyVAE.from_pretrained(cfg.source).to(device).eval().requires_grad_(False)
     codec = LatentCodec(source)
-    fast = PatchAutoencoder(latent_channels=codec.channels, downsample=codec.downsample, width=cfg.width,
-                            depth=cfg.depth, head=cfg.head, refine=cfg.refine).to(device)
+    if cfg.init:
+        fast = PatchAutoencoder.from_pretrained(cfg.init)
+        if (fast.config.latent_channels, fast.config.downsample) != (codec.channels, codec.downsample):
+            raise ValueError(f"init {cfg.init} has {fast.config.latent_channels} latent channels and downsample "
+                             f"{fast.config.downsample}; the source has {codec.channels} and {codec.downsample}")
+    else:
+        fast = PatchAutoencoder(latent_channels=codec.channels, downsample=codec.downsample, width=cfg.width,
+                                depth=cfg.depth, head=cfg.head, refine=cfg.refine)
+    fast.to(device).train()
     opt = torch.optim.AdamW(fast.parameters(), lr=cfg.lr, weight_decay=0.0)
     budget = Budget(cfg.steps, cfg.max_minutes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
