@@ -65,8 +65,11 @@ def test_distillation_continues_from_a_trained_fast_vae(quick_fast_vae, tmp_path
     from npedit.shapes.recipes import run
 
     out = run("fast-vae", ["preset=quick", f"output_dir={tmp_path}", f"source={DEFAULT_MODEL / 'vae'}", "device=cpu",
-                           f"init={quick_fast_vae}", "steps=1", "width=32"])
+                           f"init={quick_fast_vae}", "steps=1", "width=32", f"editors=[{DEFAULT_MODEL}]",
+                           "editor_cases=3", "editor_batch=2"])
     assert PatchAutoencoder.from_pretrained(out).config.width == 8  # the init's architecture, not the override
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0 <= report["editor_latents_mae_vs_source"] <= 2  # decoded the editor's own latents
     PatchAutoencoder(latent_channels=8, width=4, depth=0).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="8 latent channels"):
         run("fast-vae", ["preset=quick", f"output_dir={tmp_path}/x", f"source={DEFAULT_MODEL / 'vae'}", "device=cpu",

@@ -95,6 +95,12 @@ class FastVAEConfig:
     refine: int = 16  # channels of the decoder's half-resolution seam layer (0: unfold in one step)
     latent_noise: float = 0.05  # decoder inputs: the source's latents + this much Gaussian noise (editors' latents are imperfect)
     init: str = ""  # continue from a PatchAutoencoder folder (its own width/depth/head/refine are kept)
+    # Editors' latents (off the VAE's manifold: blurry, half-edited): each editor pipeline (whose VAE must be the
+    # source) edits `editor_cases` random cases; the fast decoder also learns to decode those latents as the
+    # source decoder does, on `editor_batch` of them per step, so it is a drop-in for those editors' outputs too.
+    editors: tuple[str, ...] = ()
+    editor_cases: int = 1000
+    editor_batch: int = 16
     latent_weight: float = 10.0  # encoder loss weight (MSE to the source's scaled latents)
     eval_scenes: int = 500
     seed: int = 0
@@ -279,6 +285,30 @@ def reconstruction_report(source, fast, n: int, rng: np.random.Generator, device
     return {**{f"exact_{k}": float(np.mean(v)) for k, v in hits.items()}, "latent_rel_mse": err / max(var, 1e-12)}
 
 
+@torch.no_grad()
+def editor_latents(editor: str, codec, n: int, seed: int, device, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents the editor pipeline in `editor` writes for `n` random Shapes cases, and the source decoder's
+    images of them: ((n, C, h, w), (n, 3, H, W) in [-1, 1])."""
+    from PIL import Image
+
+    from ..pipeline import NPEditPipeline
+    from .edits import sample_case
+    from .world import render
+
+    pipe = NPEditPipeline.from_pretrained(editor).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng([seed, 77])
+    cases = [sample_case(rng) for _ in range(n)]
+    latents, images = [], []
+    for start in tqdm(range(0, n, batch_size), desc=f"editor latents {Path(editor).name}", mininterval=10):
+        chunk = cases[start:start + batch_size]
+        z = pipe(image=[Image.fromarray(render(c.reference)) for c in chunk], prompt=[c.instruction for c in chunk],
+                 generator=torch.Generator().manual_seed(seed * 1000 + start), output_type="latent").images
+        latents.append(z)
+        images.append(codec.decode(z.to(device)).clamp(-1, 1))
+    return torch.cat(latents).to(device), torch.cat(images)
+
+
 def train_fast_vae(cfg: FastVAEConfig) -> Path:
     """Distil a `PatchAutoencoder` into `cfg.source`'s latent space; writes <output_dir>/vae and report.json."""
     from ..backbones.fast_vae import PatchAutoencoder
@@ -297,6 +327,14 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
         fast = PatchAutoencoder(latent_channels=codec.channels, downsample=codec.downsample, width=cfg.width,
                                 depth=cfg.depth, head=cfg.head, refine=cfg.refine)
     fast.to(device).train()
+    pool_z, pool_x = [], []
+    for k, editor in enumerate(cfg.editors):
+        z, x = editor_latents(editor, codec, cfg.editor_cases, cfg.seed + k, device)
+        if z.shape[1:] != (codec.channels, 64 // codec.downsample, 64 // codec.downsample):
+            raise ValueError(f"{editor} writes latents of shape {tuple(z.shape[1:])}, not the source VAE's")
+        pool_z.append(z)
+        pool_x.append(x)
+    pool = (torch.cat(pool_z), torch.cat(pool_x)) if pool_z else None
     opt = torch.optim.AdamW(fast.parameters(), lr=cfg.lr, weight_decay=0.0)
     budget = Budget(cfg.steps, cfg.max_minutes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
@@ -311,8 +349,13 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
             z = codec.encode(x)  # the source's scaled latents: what the transformer reads and writes
         z_fast = fast.encode(x).latents
         noisy = z + cfg.latent_noise * torch.randn(z.shape, generator=gen).to(device)
-        rec = fast.decode(torch.cat([noisy, z_fast.detach()])).sample
-        target = torch.cat([x, x])
+        inputs, target = [noisy, z_fast.detach()], [x, x]
+        if pool is not None:
+            pick = torch.from_numpy(rng.integers(0, len(pool[0]), cfg.editor_batch)).to(device)
+            inputs.append(pool[0][pick])
+            target.append(pool[1][pick])
+        rec = fast.decode(torch.cat(inputs)).sample
+        target = torch.cat(target)
         recon = (rec - target).abs().mean() + (rec - target).pow(2).mean()
         latent = (z_fast - z).pow(2).mean()
         loss = recon + cfg.latent_weight * latent
@@ -328,6 +371,10 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     bar.close()
     fast.eval()
     report = reconstruction_report(source, fast, cfg.eval_scenes, np.random.default_rng([cfg.seed, 999]), device)
+    if pool is not None:  # agreement with the source decoder on editors' latents (training pool: a fit check)
+        with torch.no_grad():
+            mine = fast.decode(pool[0][:500]).sample.clamp(-1, 1)
+        report["editor_latents_mae_vs_source"] = float((mine - pool[1][:500]).abs().mean())
     report |= {"params": sum(p.numel() for p in fast.parameters()), "steps": step,
                "minutes": (time.monotonic() - budget.start) / 60, "source": cfg.source}
     log.log(step, {f"eval_{k}": v for k, v in report.items() if isinstance(v, float)})
