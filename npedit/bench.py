@@ -14,13 +14,21 @@ from .devices import resolve_device
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+    return _median_times([fn], repeats)[0]
+
+
+def _median_times(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, timed in alternation (one call of each per round), so a machine whose
+    speed drifts during the measurement shifts them all alike and their ratios stay meaningful."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()
@@ -40,9 +48,6 @@ def bench_main(args) -> int:
     gen = torch.Generator().manual_seed(0)
     steps = args.steps
     res = {"device": str(device), "torch_threads": torch.get_num_threads(), "image_size": size, "steps": steps}
-    res["edit_latency_ms"] = 1000 * _median_time(
-        lambda: pipe(image=image, prompt=instruction, num_inference_steps=steps, generator=gen), args.repeats)
-
     bb = pipe.backbone
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
     ref = bb.encode_image(pixels.to(device))
@@ -55,13 +60,11 @@ def bench_main(args) -> int:
             bb.velocity(pipe.transformer, x, torch.full((1,), t, device=device), cond, reference=ref)
         sync()
 
-    res["bare_transformer_ms"] = 1000 * _median_time(bare, args.repeats)
-    res["pipeline_overhead"] = res["edit_latency_ms"] / res["bare_transformer_ms"] - 1
-    batch = [image] * args.batch
-    sec = _median_time(lambda: pipe(image=batch, prompt=[instruction] * args.batch, num_inference_steps=steps,
-                                    generator=gen), max(1, args.repeats // 4))
-    res["batch"] = args.batch
-    res["batch_throughput_img_per_s"] = args.batch / sec
+    def edit():
+        pipe(image=image, prompt=instruction, num_inference_steps=steps, generator=gen)
+        sync()
+
+    fns = [edit, bare]
     teacher_dir = args.teacher or str(DEFAULT_TEACHER)
     if (DEFAULT_TEACHER / "transformer").exists() or args.teacher:
         from .backbones import load_backbone
@@ -71,10 +74,25 @@ def bench_main(args) -> int:
         teacher = tb.load_transformer(teacher_dir).to(device).eval()
         editor = sdedit_editor(tb, teacher, steps=args.teacher_steps)
         arr = np.asarray(image)
+
+        def baseline():
+            editor([arr], [instruction], [instruction])
+            sync()
+
+        fns.append(baseline)
+    # edit, bare transformer and baseline in alternation: their ratios are what the figures are about
+    medians = _median_times(fns, args.repeats)
+    res["edit_latency_ms"], res["bare_transformer_ms"] = 1000 * medians[0], 1000 * medians[1]
+    res["pipeline_overhead"] = res["edit_latency_ms"] / res["bare_transformer_ms"] - 1
+    if len(medians) > 2:
         res["teacher_sdedit_steps"] = args.teacher_steps
-        res["teacher_sdedit_latency_ms"] = 1000 * _median_time(lambda: editor([arr], [instruction], [instruction]),
-                                                               args.repeats)
+        res["teacher_sdedit_latency_ms"] = 1000 * medians[2]
         res["speedup_vs_teacher"] = res["teacher_sdedit_latency_ms"] / res["edit_latency_ms"]
+    batch = [image] * args.batch
+    sec = _median_time(lambda: pipe(image=batch, prompt=[instruction] * args.batch, num_inference_steps=steps,
+                                    generator=gen), max(1, args.repeats // 4))
+    res["batch"] = args.batch
+    res["batch_throughput_img_per_s"] = args.batch / sec
     for k, v in res.items():
         print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
     if args.json:

@@ -104,3 +104,19 @@ def test_with_vae_refuses_another_latent_space():
     pipe = NPEditPipeline.from_pretrained(str(DEFAULT_MODEL))
     with pytest.raises(ValueError, match="do not match"):
         pipe.with_vae(PatchAutoencoder(latent_channels=8, downsample=4, width=4, depth=0))
+
+
+def test_bundled_fast_vae_shares_the_editors_latent_space():
+    from npedit.shapes import parse, random_scene, render
+
+    fast, source = LatentCodec(AnyVAE.from_pretrained(DEFAULT_MODEL.parent / "fast-vae")), LatentCodec(
+        AnyVAE.from_pretrained(DEFAULT_MODEL / "vae"))
+    rng = np.random.default_rng(5)
+    scenes = [random_scene(rng) for _ in range(20)]
+    x = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    with torch.no_grad():
+        z_fast, z_src = fast.encode(x), source.encode(x)
+        rel = float((z_fast - z_src).pow(2).mean() / z_src.var())
+        out = ((fast.decode(z_src).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert rel < 0.02  # the same latents as the editors' VAE, to within 2% of their variance
+    assert np.mean([parse(o) == s for o, s in zip(out, scenes)]) >= 0.5  # decodes the editors' latents to scenes
