@@ -28,6 +28,10 @@ extra change or a changed unnamed attribute (Yes, No); wrong object, wrong categ
 object, or a wrong edit plus an extra change (No, No). For removals "edit done" means the
 contains check answers No.
 
+Editors' own outputs (`hard_editors=`): optionally, each named editor edits training cases before
+stage 2, and a share (`hard_prob`) of the stage-2 pairs are those outputs as they are (blurry,
+half-edited), labelled from what `world.parse` reads in them; outputs that do not parse are dropped.
+
 Degradations (the student's decoded outputs are imperfect): the candidate may be blurred
 (Gaussian sigma 0.3-1.0 px), colour-jittered (gain 0.92-1.08, offset +-0.04 per channel) and
 noised (sigma up to 0.08); such a candidate keeps its label only when `world.parse` still reads
@@ -910,7 +914,7 @@ def run(overrides: Sequence[str] = ()) -> Path:
         pool += found
         logger.log(cfg.vision_steps, {"stage": 2, **{f"pool{k}_{key}": v for key, v in counts.items()}})
     if cfg.hard_editors and not pool:
-        raise RuntimeError(f"none of the outputs of {list(cfg.hard_editors)} parses as a scene: no hard examples")
+        raise ValueError(f"none of the outputs of {list(cfg.hard_editors)} parses as a scene: no hard examples")
 
     # Stage 2: the Yes/No checks, with the dense head and the probes as auxiliaries.
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else max(0, cfg.arch.num_layers // 2 - 1)
