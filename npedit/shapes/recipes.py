@@ -31,7 +31,19 @@ from .world import caption, clean_fraction, parse, random_scene
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class RunSettings:
+    """What every recipe stage shares: seed, logging, threads, device, wall-clock limit, render workers."""
+
+    seed: int = 0
+    log_every: int = 50
+    threads: int = 0  # torch threads (0: leave as is)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    max_minutes: float = 0.0  # also stop after this much wall-clock (the lr decay follows whichever limit is nearer)
+    workers: int = 0  # render scenes in this many background processes (0: in the loop, the bundled recipe)
+
+
+@dataclass(frozen=True)
+class VAEConfig(RunSettings):
     """The small AutoencoderKL for 64x64 scenes (downsample 4: 16x16 latents)."""
 
     output_dir: str = "runs/shapes/vae"
@@ -45,16 +57,10 @@ class VAEConfig:
     kl_weight: float = 1e-6
     init: str = ""  # continue from a trained VAE folder
     decoder_only: bool = False  # with `init`: refine the decoder, keeping the latent space (and the teacher) valid
-    seed: int = 0
-    log_every: int = 50
-    threads: int = 0  # torch threads (0: leave as is)
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    max_minutes: float = 0.0  # also stop after this much wall-clock (the lr decay follows whichever limit is nearer)
-    workers: int = 0  # render scenes in this many background processes (0: in the loop, the bundled recipe)
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(RunSettings):
     """Text-to-image flow matching on coarse captions: SD3-class MMDiT + small CLIP text encoder."""
 
     output_dir: str = "runs/shapes/teacher"
@@ -71,17 +77,11 @@ class TeacherConfig:
     caption_dropout: float = 0.1  # trains the unconditional branch CFG needs
     sample_steps: int = 16
     cfg_scale: float = 3.5
-    seed: int = 0
-    log_every: int = 50
     sample_every: int = 1000
-    threads: int = 0
-    device: str = "auto"
-    max_minutes: float = 0.0
-    workers: int = 0
 
 
 @dataclass(frozen=True)
-class FastVAEConfig:
+class FastVAEConfig(RunSettings):
     """A `PatchAutoencoder` distilled into a trained VAE's latent space (a drop-in, faster VAE for pipelines)."""
 
     output_dir: str = "runs/shapes/fast-vae"
@@ -103,12 +103,6 @@ class FastVAEConfig:
     editor_batch: int = 16
     latent_weight: float = 10.0  # encoder loss weight (MSE to the source's scaled latents)
     eval_scenes: int = 500
-    seed: int = 0
-    log_every: int = 50
-    threads: int = 0
-    device: str = "auto"
-    max_minutes: float = 0.0
-    workers: int = 0
 
 
 PRESETS: dict[str, dict[str, dict]] = {
