@@ -139,3 +139,36 @@ def test_judge_agreement_reads_truth_from_the_parsed_output(tiny_judge, tmp_path
     write_report(summary, rows, tmp_path, "perfect", {"n": 12}, agreement)
     assert "judge_agreement" in json.loads((tmp_path / "perfect.json").read_text())
     assert "Judge agreement" in (tmp_path / "perfect.md").read_text()
+
+
+def test_palette_loss_rewards_the_true_palette_colour():
+    from npedit.shapes.recipes import palette_loss, scene_batch
+
+    x, _ = scene_batch(np.random.default_rng(3), 2)
+    exact = palette_loss(x, x, 0.05)
+    assert float(exact) < 1e-3  # every pixel sits on its own colour
+    # Moving a pixel halfway toward another palette colour costs more than moving it a little.
+    near, far = x.clone(), x.clone()
+    other = torch.tensor([215, 45, 45]) / 127.5 - 1 if x[0, 0, 0, 0] > 0.5 else torch.tensor([240, 240, 240]) / 127.5 - 1
+    near[0, :, 0, 0] = x[0, :, 0, 0] + 0.1 * (other - x[0, :, 0, 0])
+    far[0, :, 0, 0] = x[0, :, 0, 0] + 0.6 * (other - x[0, :, 0, 0])
+    assert palette_loss(far, x, 0.05) > palette_loss(near, x, 0.05) > exact
+    rec = x.clone().requires_grad_(True)
+    palette_loss(rec + 0.3 * (other.view(1, 3, 1, 1) - x), x, 0.05).backward()
+    assert rec.grad.abs().sum() > 0
+
+
+def test_decoder_only_refinement_keeps_the_latent_space(base, tmp_path):
+    from diffusers import AutoencoderKL
+
+    src = AutoencoderKL.from_pretrained(f"{base}/vae")
+    out = run("vae", ["preset=quick", f"output_dir={tmp_path}/dec", f"init={base}/vae", "decoder_only=true",
+                      "palette_weight=0.1"])
+    new = AutoencoderKL.from_pretrained(out)
+    for name, p in src.encoder.state_dict().items():
+        assert torch.equal(p, new.encoder.state_dict()[name])
+    assert (new.config.scaling_factor, new.config.shift_factor) == (src.config.scaling_factor, src.config.shift_factor)
+    changed = any(not torch.equal(p, new.decoder.state_dict()[n]) for n, p in src.decoder.state_dict().items())
+    assert changed
+    with pytest.raises(ValueError, match="decoder_only"):
+        run("vae", ["preset=quick", f"output_dir={tmp_path}/bad", "decoder_only=true"])

@@ -57,6 +57,11 @@ class VAEConfig(RunSettings):
     kl_weight: float = 1e-6
     init: str = ""  # continue from a trained VAE folder
     decoder_only: bool = False  # with `init`: refine the decoder, keeping the latent space (and the teacher) valid
+    # Weight of a per-pixel palette classification loss (cross-entropy of -distance / palette_temperature
+    # to the 11 palette colours): it pushes every pixel to the side of its true colour, as the parser
+    # quantises; plain L1/L2 leaves the few pixels that tell a small circle from a small square blurred.
+    palette_weight: float = 0.0
+    palette_temperature: float = 0.05  # in squared [-1, 1] units; neighbouring palette colours lie ~0.5 apart
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ class FastVAEConfig(RunSettings):
     editor_cases: int = 1000
     editor_batch: int = 16
     latent_weight: float = 10.0  # encoder loss weight (MSE to the source's scaled latents)
+    palette_weight: float = 0.0  # palette classification loss on decodes of true scenes (see VAEConfig)
+    palette_temperature: float = 0.05
     eval_scenes: int = 500
 
 
@@ -194,6 +201,22 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
+def palette_tensor(device=None) -> torch.Tensor:
+    """The 11 palette colours in [-1, 1], (11, 3), in PALETTE_NAMES order."""
+    from .world import BACKGROUNDS, COLOURS
+
+    return torch.tensor([*BACKGROUNDS.values(), *COLOURS.values()], dtype=torch.float32, device=device) / 127.5 - 1
+
+
+def palette_loss(rec: torch.Tensor, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each reconstructed pixel's palette class (logits -|rec - colour|^2 / temperature)
+    against the true pixel's colour; `rec`, `x` (B, 3, H, W) in [-1, 1], `x` made of palette colours."""
+    pal = palette_tensor(x.device)  # (11, 3)
+    labels = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, 3), pal).argmin(-1)  # exact colours: distance 0
+    logits = -torch.cdist(rec.permute(0, 2, 3, 1).reshape(-1, 3), pal).pow(2) / temperature
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
 def train_vae(cfg: VAEConfig) -> Path:
     """Train the VAE on random renders; writes <output_dir>/vae with latent scale/shift in its config."""
     out, log, rng = _start(cfg)
@@ -224,6 +247,8 @@ def train_vae(cfg: VAEConfig) -> Path:
         recon = (rec - x).abs().mean() + (rec - x).pow(2).mean()
         kl = post.kl().mean()
         loss = recon + cfg.kl_weight * kl
+        if cfg.palette_weight > 0:
+            loss = loss + cfg.palette_weight * palette_loss(rec, x, cfg.palette_temperature)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -353,6 +378,9 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
         recon = (rec - target).abs().mean() + (rec - target).pow(2).mean()
         latent = (z_fast - z).pow(2).mean()
         loss = recon + cfg.latent_weight * latent
+        if cfg.palette_weight > 0:  # only the decodes of true scenes (editor-pool targets are not palette-exact)
+            loss = loss + cfg.palette_weight * palette_loss(rec[:2 * len(x)], target[:2 * len(x)],
+                                                            cfg.palette_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(fast.parameters(), 1.0)
