@@ -1,13 +1,14 @@
 """Train, evaluate and package the whole Shapes-world chain in one command, sized by wall-clock.
 
-    python scripts/shapes_chain.py --out runs/chain                # ~9 minutes on one H100
+    python scripts/shapes_chain.py --out runs/chain                # ~10 minutes on one H100
     python scripts/shapes_chain.py --out runs/chain-smoke --smoke  # every stage for a few steps (~2 min)
     python scripts/shapes_chain.py --out runs/chain --check-first  # the smoke pass, then the chain
     python scripts/shapes_chain.py --out runs/chain --pack DIR     # also write DIR/*.tar.gz for assets/
 
 Stages (each one is the project's own command, `python -m npedit ...`, run as a subprocess with
 its log under OUT/logs/):
-  A. small VAE                 | judge fine-tuning (from assets/shapes/judge), beside A-C
+  A. small VAE, then its decoder sharpened with the palette loss | judge fine-tuning (from
+     assets/shapes/judge), beside A-C
   B. text encoder + teacher    |
   C. identity warm-up of the student
   D. NP-Edit (two learning rates) and the ablations DMD-only, VLM-only, no identity question,
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_JUDGE = ROOT / "assets" / "shapes" / "judge"
 
 # Wall-clock budgets of the full chain, in minutes (times --scale).
-BUDGET = {"vae": 1.0, "judge": 2.8, "teacher": 1.8, "warmup": 0.5, "npedit": 2.2, "sft": 0.5}
+BUDGET = {"vae": 1.0, "vae-decoder": 1.0, "judge": 2.8, "teacher": 1.8, "warmup": 0.5, "npedit": 2.2, "sft": 0.5}
 # Seconds a stage may take beyond its budget (imports, loading, evaluation, export) before it is killed.
 GRACE_S = 75
 
@@ -125,6 +126,15 @@ class Chain:
         return ["shapes", "vae", f"output_dir={self.p('vae')}", "steps=1000000", f"max_minutes={self.minutes('vae')}",
                 "batch_size=256", "crop=64", "lr=2e-3", "log_every=100", "workers=3"]
 
+    def vae_decoder(self):
+        """Sharpen the decoder with the palette loss, keeping the encoder (the latent space) as trained."""
+        args = ["shapes", "vae", f"output_dir={self.p('vae-decoder')}", f"init={self.p('vae', 'vae')}",
+                "decoder_only=true", "palette_weight=0.5"]
+        if self.smoke:
+            return [*args, "preset=quick"]
+        return [*args, "steps=1000000", f"max_minutes={self.minutes('vae-decoder')}", "batch_size=256", "lr=5e-4",
+                "log_every=100", "workers=3"]
+
     def judge(self):
         common = [f"init={BUNDLED_JUDGE}", "vision_steps=0", "device=auto", f"threads={self.threads}",
                   f"output_dir={self.p('judge')}", "eval_seed=2000"]  # selection on seed 2000; the report uses 1000
@@ -135,7 +145,7 @@ class Chain:
                 "batch_size=64", "warmup_steps=50", "eval_every=250", "eval_cases=120", "log_every=50"]
 
     def teacher(self):
-        base = [f"output_dir={self.p('teacher')}", f"vae={self.p('vae', 'vae')}"]
+        base = [f"output_dir={self.p('teacher')}", f"vae={self.p('vae-decoder', 'vae')}"]
         if self.smoke:
             return ["shapes", "teacher", "preset=quick", *base]
         return ["shapes", "teacher", *base, "steps=1000000", f"max_minutes={self.minutes('teacher')}",
@@ -161,6 +171,8 @@ class Chain:
     def go(self) -> bool:
         judge_job = self.start("judge", self.judge(), self.minutes("judge"))
         if not self.run("vae", self.vae(), self.minutes("vae")):
+            return False
+        if not self.run("vae-decoder", self.vae_decoder(), self.minutes("vae-decoder")):
             return False
         if not self.run("teacher", self.teacher(), self.minutes("teacher")):
             return False

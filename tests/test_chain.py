@@ -34,7 +34,7 @@ def _check(args: list[str]) -> None:
 def test_every_stage_command_is_valid(tmp_path, smoke):
     sc = _chain_module()
     chain = sc.Chain(tmp_path / "chain", smoke=smoke, scale=1.0, threads=1)
-    commands = [chain.vae(), chain.judge(), chain.teacher(), chain.train("warmup", "warmup", 0.5, []),
+    commands = [chain.vae(), chain.vae_decoder(), chain.judge(), chain.teacher(), chain.train("warmup", "warmup", 0.5, []),
                 chain.train("sft", "sft", 0.5, [], max_steps=10), chain.evaluate("x", "some/pipeline"),
                 chain.evaluate("teacher-sdedit", baseline=True)]
     commands += [chain.train("npedit", name, 1.0, ["model.student=s", "judge.path=j", *extra])
