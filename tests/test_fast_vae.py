@@ -107,13 +107,14 @@ def test_with_vae_refuses_another_latent_space():
 
 
 def test_bundled_fast_vae_shares_the_editors_latent_space():
-    from npedit.shapes import parse, random_scene, render
+    from npedit.shapes import parse, random_scene
+    from npedit.shapes.training import render_tensor
 
     fast, source = LatentCodec(AnyVAE.from_pretrained(DEFAULT_MODEL.parent / "fast-vae")), LatentCodec(
         AnyVAE.from_pretrained(DEFAULT_MODEL / "vae"))
     rng = np.random.default_rng(5)
     scenes = [random_scene(rng) for _ in range(20)]
-    x = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    x = torch.stack([render_tensor(s) for s in scenes])
     with torch.no_grad():
         z_fast, z_src = fast.encode(x), source.encode(x)
         rel = float((z_fast - z_src).pow(2).mean() / z_src.var())
