@@ -31,9 +31,13 @@ class ModelConfig:
     student: str = ""  # optional student init: a pipeline folder, a transformer folder, or "" (= teacher)
     dtype: str = "float32"  # weights of the frozen parts (teacher, VAE, text encoder)
     gradient_checkpointing: bool = False
+    # How a student built from the teacher sees the reference (SD3 family): "tokens" (extra tokens in the
+    # sequence) or "channels" (added per patch; half the sequence). A `student` checkpoint keeps its own mode.
+    reference_mode: str = "tokens"
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")
+        _check(self.reference_mode, ("tokens", "channels"), "model.reference_mode")
 
 
 @dataclass(frozen=True)

@@ -250,3 +250,94 @@ def test_empty_t5_token_count_travels_with_the_checkpoint(tmp_path):
     bb = SD3Backbone.from_pretrained(base)
     cond = bb.encode_prompt(["a red circle"], with_reference=False)
     assert bb.max_sequence_length == 0 and cond.prompt_embeds.shape[1] == 77
+
+
+# ---- reference_mode="channels": the reference added per patch --------------------------------------------
+
+
+def _channel_student(backbone, teacher):
+    return backbone.prepare_student(teacher, reference_mode="channels").eval()
+
+
+def test_channel_student_starts_as_the_teacher_and_learns_to_see_the_reference(backbone, teacher, cond):
+    student = _channel_student(backbone, teacher)
+    assert student.config.reference_mode == "channels" and not hasattr(student, "ref_embed")
+    x_t, ref, t = _latents(10), _latents(11), torch.tensor([0.5, 0.8])
+    with torch.no_grad():
+        v_teacher = backbone.velocity(teacher, x_t, t, cond)
+        v_ref = backbone.velocity(student, x_t, t, cond, reference=ref)
+    torch.testing.assert_close(v_ref, v_teacher, atol=1e-6, rtol=0)  # ref_proj = 0: blind to the reference at init
+    student.train()
+    v = backbone.velocity(student, x_t, t, cond, reference=ref)
+    v.square().mean().backward()
+    assert student.ref_proj.weight.grad.abs().sum() > 0 and student.ref_proj.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        student.ref_proj.weight.normal_(std=0.1)
+        a = backbone.velocity(student, x_t, t, cond, reference=ref)
+        b = backbone.velocity(student, x_t, t, cond, reference=_latents(12))
+        each = [backbone.velocity(student, x_t[i:i + 1], t[i:i + 1], _row(cond, i), reference=ref[i:i + 1])
+                for i in range(2)]
+    assert (a - b).abs().max() > 1e-3  # the output now depends on the reference
+    torch.testing.assert_close(a, torch.cat(each), atol=1e-4, rtol=0)
+
+
+def test_channel_student_is_local_where_tokens_are_global(backbone, teacher, cond):
+    """Changing one reference patch moves the channel student's output there first (before attention mixes it)."""
+    student = _channel_student(backbone, teacher)
+    with torch.no_grad():
+        student.ref_proj.weight.normal_(std=0.1)
+        x_t, ref, t = _latents(13), _latents(14), torch.tensor([0.5, 0.5])
+        v = backbone.velocity(student, x_t, t, cond, reference=ref)
+        ref2 = ref.clone()
+        ref2[:, :, :2, :2] += 1.0  # one 2x2 patch
+        v2 = backbone.velocity(student, x_t, t, cond, reference=ref2)
+    assert (v2 - v)[:, :, :2, :2].abs().mean() > (v2 - v)[:, :, 4:, 4:].abs().mean()
+
+
+def test_channel_student_checks_reference_size(backbone, teacher, cond):
+    student = _channel_student(backbone, teacher)
+    with pytest.raises(ValueError, match="channels"):
+        backbone.velocity(student, _latents(0), torch.tensor([0.5, 0.5]), cond, reference=_latents(1, size=4))
+
+
+def test_channel_student_save_load_and_pipeline(backbone, teacher, tmp_path):
+    from npedit import NPEditPipeline
+
+    student = _channel_student(backbone, teacher)
+    with torch.no_grad():
+        student.ref_proj.weight.copy_(torch.linspace(-1, 1, student.ref_proj.weight.numel()).view_as(student.ref_proj.weight))
+    NPEditPipeline.from_parts(student, backbone).save_pretrained(tmp_path / "pipe")
+    loaded = backbone.load_transformer(tmp_path / "pipe", for_student=True)
+    assert loaded.config.reference_mode == "channels"
+    assert torch.equal(loaded.ref_proj.weight, student.ref_proj.weight)
+    pipe = NPEditPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.transformer.config.reference_mode == "channels"
+    out = pipe(image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), prompt="make it red",
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.size == (32, 32)
+
+
+def test_unknown_reference_mode_is_refused(backbone, teacher):
+    with pytest.raises(ValueError, match="reference_mode"):
+        backbone.prepare_student(teacher, reference_mode="pixels")
+    from npedit.config import load_config
+
+    with pytest.raises(Exception, match="reference_mode"):
+        load_config(None, ["stage=warmup", "model.reference_mode=pixels"])
+
+
+def test_trainer_builds_a_channel_student(tmp_path, tiny_manifest):
+    from npedit.backbones.tiny import build_tiny_sd3
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    base = build_tiny_sd3(tmp_path / "sd3")
+    cfg = load_config(None, ["stage=warmup", f"output_dir={tmp_path}/w", "max_steps=2", f"model.base={base}",
+                             "model.reference_mode=channels", f"data.train={tiny_manifest}", "data.batch_size=2"])
+    trainer = Trainer(cfg)
+    assert trainer.student.config.reference_mode == "channels"
+    before = trainer.student.ref_proj.weight.detach().clone()
+    out = trainer.train()
+    after = SD3Backbone.from_pretrained(base).load_transformer(out, for_student=True)
+    assert after.config.reference_mode == "channels"
+    assert not torch.equal(after.ref_proj.weight, before)  # the warm-up trained the reference path

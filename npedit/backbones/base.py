@@ -75,8 +75,9 @@ class Backbone(nn.Module):
         """Load a transformer of this family from a hub id or folder (student: with reference support)."""
         raise NotImplementedError
 
-    def prepare_student(self, transformer: nn.Module) -> nn.Module:
-        """Return a student transformer initialised from `transformer` (a deep copy, plus any reference parameters)."""
+    def prepare_student(self, transformer: nn.Module, reference_mode: str = "tokens") -> nn.Module:
+        """Return a student transformer initialised from `transformer` (a deep copy, plus any reference parameters);
+        `reference_mode` says how it sees the reference where the family offers a choice."""
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -7,10 +7,16 @@ and hands its output to `FlowMatchEulerDiscreteScheduler.step`, which computes
 `dx/dsigma = eps - x0`, so `out` is v = eps - x0 at t = sigma: our convention, with the time
 scaled by 1000 and no sign change (its stochastic step `x0 = x - sigma * out` agrees).
 
-The student sees the reference latent as extra tokens: `NPEditSD3Transformer2DModel` patchifies
-it with the same patch embedding (same sin-cos positions as the target), adds a zero-initialised
-learned reference-type embedding and runs it in ONE sequence with the noisy target tokens; only
-target tokens are read out. All tokens share the time embedding of t (Kontext-style).
+The student sees the reference latent in one of two ways (`reference_mode` in its config):
+- "tokens" (default): `NPEditSD3Transformer2DModel` patchifies it with the same patch embedding
+  (same sin-cos positions as the target), adds a zero-initialised learned reference-type embedding
+  and runs it in ONE sequence with the noisy target tokens; only target tokens are read out. All
+  tokens share the time embedding of t (Kontext-style). Copying must be learned through attention.
+- "channels": a second, zero-initialised patch projection of the reference is ADDED to each target
+  token at the same position (the same as concatenating the reference to the input channels of the
+  patch embedding, InstructPix2Pix-style). The sequence stays as long as the teacher's, so an edit
+  costs about half as much, and copying a patch is a local path, not an attention look-up.
+Both start exactly as the teacher (the reference has no effect until trained).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .base import Backbone, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
 T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
+REFERENCE_MODES = ("tokens", "channels")  # how the student sees the reference: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,10 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
         pos_embed_max_size: int = 96,
         dual_attention_layers: tuple[int, ...] = (),
         qk_norm: str | None = None,
+        reference_mode: str = "tokens",
     ):
+        if reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {reference_mode!r}")
         super().__init__(
             sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
             attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
@@ -75,8 +85,18 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
             pooled_projection_dim=pooled_projection_dim, out_channels=out_channels,
             pos_embed_max_size=pos_embed_max_size, dual_attention_layers=dual_attention_layers, qk_norm=qk_norm,
         )
-        # Zero at init: the student starts as the teacher with the reference tokens merely visible.
-        self.ref_embed = nn.Parameter(torch.zeros(self.inner_dim))
+        if reference_mode == "tokens":
+            # Zero at init: the student starts as the teacher with the reference tokens merely visible.
+            self.ref_embed = nn.Parameter(torch.zeros(self.inner_dim))
+        else:
+            # Zero at init: the student starts as the teacher, blind to the reference.
+            self.ref_proj = nn.Conv2d(in_channels, self.inner_dim, kernel_size=patch_size, stride=patch_size)
+            nn.init.zeros_(self.ref_proj.weight)
+            nn.init.zeros_(self.ref_proj.bias)
+
+    @property
+    def takes_reference(self) -> bool:
+        return True
 
     def forward(
         self,
@@ -99,15 +119,22 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
 
 
 def _forward_with_reference(model, x, reference, context, pooled, timestep, return_dict):
-    """SD3 forward over [target tokens; reference tokens + ref_embed]; reads out the target only."""
+    """SD3 forward with the reference joined as tokens or added per patch (`reference_mode`); reads out the target."""
     if reference.shape[:2] != x.shape[:2]:
         raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in batch and channels")
     patch = model.config.patch_size
     height, width = x.shape[-2:]
     target = model.pos_embed(x)  # (B, N, D) patchified + sin-cos positions
-    ref = model.pos_embed(reference) + model.ref_embed  # (B, M, D) the same positions, marked by the type embedding
     n_target = target.shape[1]
-    hidden = torch.cat([target, ref], dim=1).contiguous()  # (B, N + M, D)
+    if model.config.reference_mode == "channels":
+        if reference.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in size "
+                             "(reference_mode='channels' adds it patch by patch)")
+        ref = model.ref_proj(reference.to(model.ref_proj.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        hidden = target + ref
+    else:
+        ref = model.pos_embed(reference) + model.ref_embed  # (B, M, D) the same positions, marked by the type embedding
+        hidden = torch.cat([target, ref], dim=1).contiguous()  # (B, N + M, D)
     temb = model.time_text_embed(timestep, pooled)  # (B, D)
     context = model.context_embedder(context)  # (B, L, D)
     for block in model.transformer_blocks:
@@ -280,9 +307,9 @@ class SD3Backbone(Backbone):
             pooled_projections=cond.pooled.to(dtype), timestep=timestep, return_dict=False,
         )
         if reference is not None:
-            if getattr(transformer, "ref_embed", None) is None:
+            if not getattr(transformer, "takes_reference", False):
                 raise TypeError(
-                    f"{type(transformer).__name__} has no ref_embed, so it cannot take a reference: load the student "
+                    f"{type(transformer).__name__} cannot take a reference: load the student "
                     "with load_transformer(..., for_student=True) or build it with prepare_student(teacher)"
                 )
             kwargs["reference"] = reference.to(dtype)
@@ -300,13 +327,19 @@ class SD3Backbone(Backbone):
             _zero_ref_embed(model)
         return model
 
-    def prepare_student(self, transformer):
-        """An `NPEditSD3Transformer2DModel` with the teacher's config and copied weights, ref_embed 0, trainable."""
+    def prepare_student(self, transformer, reference_mode: str = "tokens"):
+        """An `NPEditSD3Transformer2DModel` with the teacher's config and copied weights, its reference parameters
+        zero (`ref_embed` or `ref_proj`, by `reference_mode`), trainable."""
         with torch.device("meta"):  # no random init of a multi-billion-parameter model
-            student = NPEditSD3Transformer2DModel.from_config(transformer.config)
+            student = NPEditSD3Transformer2DModel.from_config({**transformer.config, "reference_mode": reference_mode})
         state = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
         anchor = state["proj_out.weight"]
-        state["ref_embed"] = torch.zeros(student.inner_dim, dtype=anchor.dtype, device=anchor.device)
+        zeros = dict(dtype=anchor.dtype, device=anchor.device)
+        if reference_mode == "tokens":
+            state["ref_embed"] = torch.zeros(student.inner_dim, **zeros)
+        else:
+            state["ref_proj.weight"] = torch.zeros(student.ref_proj.weight.shape, **zeros)
+            state["ref_proj.bias"] = torch.zeros(student.inner_dim, **zeros)
         student.load_state_dict(state, strict=True, assign=True)
         left = [n for n, p in [*student.named_parameters(), *student.named_buffers()] if p.is_meta]
         if left:

@@ -100,7 +100,9 @@ class ZImageBackbone(Backbone):
             str(path), subfolder=resolve_subfolder(path, subfolder), torch_dtype=torch_dtype
         )
 
-    def prepare_student(self, transformer):
+    def prepare_student(self, transformer, reference_mode="tokens"):
+        if reference_mode != "tokens":  # Z-Image's omni mode sees the reference as tokens, as it was trained
+            raise ValueError(f"the Z-Image family sees the reference as tokens only, not {reference_mode!r}")
         return copy.deepcopy(transformer).requires_grad_(True).train()
 
     def save_pretrained(self, directory):

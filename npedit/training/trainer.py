@@ -85,7 +85,7 @@ class Trainer:
         if cfg.model.student:
             student = self.backbone.load_transformer(cfg.model.student, for_student=True, torch_dtype=torch.float32)
         else:
-            student = self.backbone.prepare_student(self.teacher)
+            student = self.backbone.prepare_student(self.teacher, reference_mode=cfg.model.reference_mode)
         self.student = student.float().requires_grad_(True).train().to(device)
         self.critic = None
         self.judge = None
