@@ -180,6 +180,8 @@ class NPEditPipeline(DiffusionPipeline):
 def model_card(pipe: NPEditPipeline) -> str:
     """A short model card for a saved pipeline."""
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    mode = getattr(pipe.transformer.config, "reference_mode", None)
+    seen = f" It sees the reference as {mode} (`reference_mode`)." if mode else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: image-to-image
@@ -190,7 +192,7 @@ tags: [image-editing, npedit, few-step]
 An instruction-based image editor trained with NP-Edit: no before/after pairs; a frozen
 vision-language judge scores each edit and distribution matching against a text-to-image
 teacher keeps outputs realistic. Student transformer: {type(pipe.transformer).__name__},
-{n_params:,} parameters. Sampling: {len(pipe.times(4))} steps, time shift {pipe.scheduler.config.shift}.
+{n_params:,} parameters.{seen} Sampling: {len(pipe.times(4))} steps, time shift {pipe.scheduler.config.shift}.
 
 ```python
 from npedit import NPEditPipeline

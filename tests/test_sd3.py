@@ -307,6 +307,7 @@ def test_channel_student_save_load_and_pipeline(backbone, teacher, tmp_path):
     with torch.no_grad():
         student.ref_proj.weight.copy_(torch.linspace(-1, 1, student.ref_proj.weight.numel()).view_as(student.ref_proj.weight))
     NPEditPipeline.from_parts(student, backbone).save_pretrained(tmp_path / "pipe")
+    assert "sees the reference as channels" in (tmp_path / "pipe" / "README.md").read_text()
     loaded = backbone.load_transformer(tmp_path / "pipe", for_student=True)
     assert loaded.config.reference_mode == "channels"
     assert torch.equal(loaded.ref_proj.weight, student.ref_proj.weight)
