@@ -20,7 +20,7 @@ from ..devices import resolve_device
 from ..sampler import sample
 from ..judges.questions import training_questions
 from .edits import EditCase, held_out_cases
-from .scoring import METRICS, score_edit, summarize
+from .scoring import METRICS, error_counts, score_edit, summarize
 from .world import CANVAS, parse, render
 
 Editor = Callable[[list[np.ndarray], list[str], list[str]], list[np.ndarray]]
@@ -132,12 +132,26 @@ def markdown_table(summary: dict, title: str = "") -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def errors_table(rows: list[dict], top: int = 12) -> str:
+    """The most frequent mistakes (`scoring.error_kinds`) as Markdown: count and share of cases showing each."""
+    counts = error_counts(rows)
+    if not counts:
+        return "No mistakes: every output is exact.\n"
+    lines = ["| mistake | count | share of cases |", "|---|---|---|"]
+    for kind, n in counts[:top]:
+        share = sum(kind in r.get("errors", []) for r in rows) / max(len(rows), 1)
+        lines.append(f"| {kind} | {n} | {share:.3f} |")
+    if len(counts) > top:
+        lines.append(f"| ({len(counts) - top} rarer kinds) | {sum(n for _, n in counts[top:])} | |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta: dict,
                  agreement: dict | None = None) -> None:
-    """Write <name>.json (summary, rows, meta[, judge_agreement]) and <name>.md."""
+    """Write <name>.json (summary, rows, mistakes, meta[, judge_agreement]) and <name>.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "summary": summary, "rows": rows}
-    md = markdown_table(summary, name)
+    report = {"meta": meta, "summary": summary, "errors": dict(error_counts(rows)), "rows": rows}
+    md = markdown_table(summary, name) + "\nMost frequent mistakes (against the expected scene):\n\n" + errors_table(rows)
     if agreement is not None:
         report["judge_agreement"] = agreement
         md += "\nJudge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement)
@@ -178,6 +192,7 @@ def eval_main(args) -> int:
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
+    print("Most frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         print("Judge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement))
     print(f"wrote {Path(args.out) / name}.json and .md")

@@ -51,8 +51,36 @@ def _parse_or_none(image: np.ndarray) -> Scene | None:
     return parse(image) if image.shape == (CANVAS, CANVAS, 3) else None
 
 
+def error_kinds(parsed: Scene | None, case: EditCase) -> list[str]:
+    """What differs between a parsed output and the expected scene, one entry per mistake (empty if exact).
+
+    Kinds: "unparseable"; "background"; then, for the edited cell or any other cell, "missing object",
+    "extra object", "shape <expected>-><got>", "size <expected>-><got>", "colour" (and "colour from the
+    instruction" when the wrong colour is one the instruction names: an edit bleeding onto other objects).
+    """
+    if parsed is None:
+        return ["unparseable"]
+    edit = edit_between(case.reference, case.expected, case.category)
+    kinds = ["background"] if parsed.background != case.expected.background else []
+    words = set(case.instruction.lower().replace(",", " ").split())
+    for cell in CELLS:
+        want, got = case.expected.at(cell), parsed.at(cell)
+        if want == got:
+            continue
+        where = "edited cell" if cell == edit.cell else "other cell"
+        if want is None or got is None:
+            kinds.append(f"{where}: {'extra' if want is None else 'missing'} object")
+            continue
+        for attr in ("shape", "size"):
+            if getattr(want, attr) != getattr(got, attr):
+                kinds.append(f"{where}: {attr} {getattr(want, attr)}->{getattr(got, attr)}")
+        if want.colour != got.colour:
+            kinds.append(f"{where}: colour" + (" from the instruction" if got.colour in words else ""))
+    return kinds
+
+
 def score_edit(output_image, case: EditCase) -> dict:
-    """Score one edited uint8 image: exact, followed, preserved (0 or 1) and clean (pixel share)."""
+    """Score one edited uint8 image: exact, followed, preserved (0 or 1), clean (pixel share) and its mistakes."""
     image = np.asarray(output_image)
     parsed = _parse_or_none(image)
     edit = edit_between(case.reference, case.expected, case.category)
@@ -64,7 +92,17 @@ def score_edit(output_image, case: EditCase) -> dict:
         "followed": float(ok and followed(parsed, edit)),
         "preserved": float(ok and preserved(parsed, case.reference, edit)),
         "clean": clean_fraction(image) if image.ndim == 3 and image.shape[-1] == 3 else 0.0,
+        "errors": error_kinds(parsed, case),
     }
+
+
+def error_counts(rows: Iterable[dict]) -> list[tuple[str, int]]:
+    """How often each kind of mistake occurs over scored rows, most frequent first."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for kind in row.get("errors", []):
+            counts[kind] = counts.get(kind, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def _means(rows: list[dict]) -> dict:
