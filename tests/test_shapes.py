@@ -297,21 +297,23 @@ def test_error_kinds_name_each_mistake():
     scene = Scene("gray", (Obj("circle", "red", "small", "top left"), Obj("square", "blue", "large", "center")))
     case = case_from_edit(scene, Edit("recolor", "top left", colour="green"))
     assert score_edit(render(case.expected), case)["errors"] == []
-    assert score_edit(render(case.reference), case)["errors"] == ["edited cell: colour"]
+    assert score_edit(render(case.reference), case)["errors"] == ["edited cell: colour unchanged"]
+    purple = apply_edit(case.expected, Edit("recolor", "top left", colour="purple"))
+    assert score_edit(render(purple), case)["errors"] == ["edited cell: colour"]
     # The edit bled onto the other object, which also shrank and became a circle; the background moved.
     bled = Scene("sand", (Obj("circle", "green", "small", "top left"), Obj("circle", "green", "small", "center")))
     kinds = score_edit(render(bled), case)["errors"]
     assert kinds == ["background", "other cell: shape square->circle", "other cell: size large->small",
-                     "other cell: colour from the instruction"]
+                     "other cell: colour of the edit"]
     extra = Scene("gray", (*case.expected.objects, Obj("triangle", "yellow", "small", "bottom")))
     assert score_edit(render(extra), case)["errors"] == ["other cell: extra object"]
     gone = Scene("gray", (Obj("square", "blue", "large", "center"),))
     assert score_edit(render(gone), case)["errors"] == ["edited cell: missing object"]
     assert score_edit(np.full((64, 64, 3), 128, np.uint8), case)["errors"] == ["unparseable"]
     rows = [score_edit(render(x), case) for x in (case.expected, case.reference, case.reference, gone)]
-    assert error_counts(rows) == [("edited cell: colour", 2), ("edited cell: missing object", 1)]
+    assert error_counts(rows) == [("edited cell: colour unchanged", 2), ("edited cell: missing object", 1)]
     table = errors_table(rows)
-    assert "| edited cell: colour | 2 | 0.500 |" in table and "missing object | 1 | 0.250 |" in table
+    assert "| edited cell: colour unchanged | 2 | 0.500 |" in table and "missing object | 1 | 0.250 |" in table
     assert "every output is exact" in errors_table(rows[:1])
 
 

@@ -55,14 +55,14 @@ def error_kinds(parsed: Scene | None, case: EditCase) -> list[str]:
     """What differs between a parsed output and the expected scene, one entry per mistake (empty if exact).
 
     Kinds: "unparseable"; "background"; then, for the edited cell or any other cell, "missing object",
-    "extra object", "shape <expected>-><got>", "size <expected>-><got>", "colour" (and "colour from the
-    instruction" when the wrong colour is one the instruction names: an edit bleeding onto other objects).
+    "extra object", "shape <expected>-><got>", "size <expected>-><got>" and "colour", which becomes
+    "other cell: colour of the edit" when an untouched object took the colour the edit asks for (the edit
+    bleeding onto it) and "edited cell: colour unchanged" when the edited object kept its old colour.
     """
     if parsed is None:
         return ["unparseable"]
     edit = edit_between(case.reference, case.expected, case.category)
     kinds = ["background"] if parsed.background != case.expected.background else []
-    words = set(case.instruction.lower().replace(",", " ").split())
     for cell in CELLS:
         want, got = case.expected.at(cell), parsed.at(cell)
         if want == got:
@@ -75,7 +75,13 @@ def error_kinds(parsed: Scene | None, case: EditCase) -> list[str]:
             if getattr(want, attr) != getattr(got, attr):
                 kinds.append(f"{where}: {attr} {getattr(want, attr)}->{getattr(got, attr)}")
         if want.colour != got.colour:
-            kinds.append(f"{where}: colour" + (" from the instruction" if got.colour in words else ""))
+            old = case.reference.at(cell)
+            if cell != edit.cell and got.colour == getattr(edit, "colour", None):
+                kinds.append("other cell: colour of the edit")
+            elif cell == edit.cell and old is not None and got.colour == old.colour:
+                kinds.append("edited cell: colour unchanged")
+            else:
+                kinds.append(f"{where}: colour")
     return kinds
 
 
