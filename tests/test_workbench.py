@@ -340,7 +340,14 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     table = load_reports(tmp_path)
     assert list(table.index) == ["a", "b"] and table.loc["b", "exact"] == 0.25
     assert "| a | 0.500 |" in to_markdown(table)
-    comparison_chart(table)
+    fig = comparison_chart(table)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]  # few variants: columns
+    many = pd.concat([table] * 6)
+    many.index = [f"v{i}" for i in range(12)]
+    fig = comparison_chart(many)  # many variants: one row each, first on top, bars as long as the metric
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(many.index)
+    widths = sorted({round(p.get_width(), 3) for p in fig.axes[0].patches})
+    assert widths == [0.25, 0.5, 1.0]
     main([str(tmp_path), "--chart", str(tmp_path / "c.png"), "--table", str(tmp_path / "t.md")])
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "t.md").is_file()
 

@@ -47,18 +47,33 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def comparison_chart(table: pd.DataFrame, metrics=METRICS) -> plt.Figure:
-    """Grouped bars: one group per variant, one bar per metric."""
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(table)), 3.6))
+def comparison_chart(table: pd.DataFrame, metrics=METRICS, horizontal: bool | None = None) -> plt.Figure:
+    """Grouped bars: one group per variant, one bar per metric. Beyond 10 variants the bars lie
+    horizontally, one row per variant (a wide figure of many columns shrinks to nothing on a page)."""
+    if horizontal is None:
+        horizontal = len(table) > 10
     width = 0.8 / len(metrics)
-    x = np.arange(len(table))
-    for i, m in enumerate(metrics):
-        ax.bar(x + i * width - 0.4 + width / 2, table[m].values, width, label=m)
-    ax.set_xticks(x, table.index, rotation=20, ha="right")
-    ax.set_ylim(0, 1.15)  # room for the legend above the bars
-    ax.set_ylabel("share of held-out edits")
-    ax.legend(ncols=len(metrics), fontsize=8, loc="upper left")
-    ax.set_title("Shapes-world benchmark (exact scoring, no judge)")
+    pos = np.arange(len(table))
+    if horizontal:
+        fig, ax = plt.subplots(figsize=(8, max(3.6, 0.42 * len(table) + 1.2)))
+        for i, m in enumerate(metrics):
+            ax.barh(pos + i * width - 0.4 + width / 2, table[m].values, width, label=m)
+        ax.set_yticks(pos, table.index, fontsize=8)
+        ax.set_ylim(len(table) - 0.5, -0.5)  # first variant on top, as in the table; no empty margins
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of held-out edits")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(ncols=len(metrics), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+        ax.set_title("Shapes-world benchmark (exact scoring, no judge)", pad=22)
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(table)), 3.6))
+        for i, m in enumerate(metrics):
+            ax.bar(pos + i * width - 0.4 + width / 2, table[m].values, width, label=m)
+        ax.set_xticks(pos, table.index, rotation=20, ha="right")
+        ax.set_ylim(0, 1.15)  # room for the legend above the bars
+        ax.set_ylabel("share of held-out edits")
+        ax.legend(ncols=len(metrics), fontsize=8, loc="upper left")
+        ax.set_title("Shapes-world benchmark (exact scoring, no judge)")
     fig.tight_layout()
     return fig
 
