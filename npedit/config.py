@@ -15,6 +15,7 @@ import yaml
 STAGES = ("warmup", "npedit", "sft")
 DTYPES = ("float32", "bfloat16", "float16")
 VLM_LOSSES = ("yes_no", "full_vocab")
+REFERENCE_MODES = ("tokens", "channels")  # how an SD3-family student sees the reference (backbones/sd3.py)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -32,12 +33,12 @@ class ModelConfig:
     dtype: str = "float32"  # weights of the frozen parts (teacher, VAE, text encoder)
     gradient_checkpointing: bool = False
     # How a student built from the teacher sees the reference (SD3 family): "tokens" (extra tokens in the
-    # sequence) or "channels" (added per patch; half the sequence). A `student` checkpoint keeps its own mode.
+    # sequence) or "channels" (added per patch; no extra tokens). A `student` checkpoint keeps its own mode.
     reference_mode: str = "tokens"
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")
-        _check(self.reference_mode, ("tokens", "channels"), "model.reference_mode")
+        _check(self.reference_mode, REFERENCE_MODES, "model.reference_mode")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ The student sees the reference latent in one of two ways (`reference_mode` in it
   tokens share the time embedding of t (Kontext-style). Copying must be learned through attention.
 - "channels": a second, zero-initialised patch projection of the reference is ADDED to each target
   token at the same position (the same as concatenating the reference to the input channels of the
-  patch embedding, InstructPix2Pix-style). The sequence stays as long as the teacher's, so an edit
-  costs about half as much, and copying a patch is a local path, not an attention look-up.
+  patch embedding, InstructPix2Pix-style). The sequence stays as long as the teacher's (no reference
+  tokens), so each evaluation is cheaper, and copying a patch is a local path, not an attention look-up.
 Both start exactly as the teacher (the reference has no effect until trained).
 """
 
@@ -35,11 +35,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
+from ..config import REFERENCE_MODES
 from .base import Backbone, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
 T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
-REFERENCE_MODES = ("tokens", "channels")  # how the student sees the reference: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,7 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
             nn.init.zeros_(self.ref_proj.weight)
             nn.init.zeros_(self.ref_proj.bias)
 
-    @property
-    def takes_reference(self) -> bool:
-        return True
+    takes_reference = True  # SD3Backbone.velocity refuses a reference for models without it (the plain teacher)
 
     def forward(
         self,
