@@ -281,7 +281,7 @@ def test_channel_student_starts_as_the_teacher_and_learns_to_see_the_reference(b
     torch.testing.assert_close(a, torch.cat(each), atol=1e-4, rtol=0)
 
 
-def test_channel_student_is_local_where_tokens_are_global(backbone, teacher, cond):
+def test_channel_student_answers_first_where_the_reference_changed(backbone, teacher, cond):
     """Changing one reference patch moves the channel student's output there first (before attention mixes it)."""
     student = _channel_student(backbone, teacher)
     with torch.no_grad():

@@ -128,7 +128,7 @@ def _forward_with_reference(model, x, reference, context, pooled, timestep, retu
         if reference.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in size "
                              "(reference_mode='channels' adds it patch by patch)")
-        ref = model.ref_proj(reference.to(model.ref_proj.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        ref = model.ref_proj(reference).flatten(2).transpose(1, 2)  # (B, N, D)
         hidden = target + ref
     else:
         ref = model.pos_embed(reference) + model.ref_embed  # (B, M, D) the same positions, marked by the type embedding

@@ -51,17 +51,18 @@ def _parse_or_none(image: np.ndarray) -> Scene | None:
     return parse(image) if image.shape == (CANVAS, CANVAS, 3) else None
 
 
-def error_kinds(parsed: Scene | None, case: EditCase) -> list[str]:
+def error_kinds(parsed: Scene | None, case: EditCase, edit: Edit | None = None) -> list[str]:
     """What differs between a parsed output and the expected scene, one entry per mistake (empty if exact).
 
     Kinds: "unparseable"; "background"; then, for the edited cell or any other cell, "missing object",
     "extra object", "shape <expected>-><got>", "size <expected>-><got>" and "colour", which becomes
     "other cell: colour of the edit" when an untouched object took the colour the edit asks for (the edit
     bleeding onto it) and "edited cell: colour unchanged" when the edited object kept its old colour.
+    `edit` is the case's structured edit, derived from the case when not given.
     """
     if parsed is None:
         return ["unparseable"]
-    edit = edit_between(case.reference, case.expected, case.category)
+    edit = edit or edit_between(case.reference, case.expected, case.category)
     kinds = ["background"] if parsed.background != case.expected.background else []
     for cell in CELLS:
         want, got = case.expected.at(cell), parsed.at(cell)
@@ -76,7 +77,7 @@ def error_kinds(parsed: Scene | None, case: EditCase) -> list[str]:
                 kinds.append(f"{where}: {attr} {getattr(want, attr)}->{getattr(got, attr)}")
         if want.colour != got.colour:
             old = case.reference.at(cell)
-            if cell != edit.cell and got.colour == getattr(edit, "colour", None):
+            if cell != edit.cell and got.colour == edit.colour:
                 kinds.append("other cell: colour of the edit")
             elif cell == edit.cell and old is not None and got.colour == old.colour:
                 kinds.append("edited cell: colour unchanged")
@@ -98,7 +99,7 @@ def score_edit(output_image, case: EditCase) -> dict:
         "followed": float(ok and followed(parsed, edit)),
         "preserved": float(ok and preserved(parsed, case.reference, edit)),
         "clean": clean_fraction(image) if image.ndim == 3 and image.shape[-1] == 3 else 0.0,
-        "errors": error_kinds(parsed, case),
+        "errors": error_kinds(parsed, case, edit),
     }
 
 
