@@ -48,6 +48,9 @@ class JudgeConfig:
     path: str = ""  # folder or hub id; required for stage npedit when loss.lambda_vlm > 0
     dtype: str = "float32"
     identity_question: bool = True  # ablation: False drops the identity check
+    # Extension (not in the paper): up to this many "is <object> still there?" checks per sample, one per
+    # object the sample's `keep` list names (objects the edit must leave alone); 0 = the method as published.
+    keep_questions: int = 0
     loss: str = "yes_no"  # "yes_no" (logit-difference BCE) or "full_vocab" (ablation)
     temperature_start: float = 0.1  # logit temperature ramps linearly to 1 ...
     temperature_warmup_steps: int = 2000  # ... over this many steps (0 = always 1)
@@ -55,6 +58,8 @@ class JudgeConfig:
     def __post_init__(self):
         _check(self.dtype, DTYPES, "judge.dtype")
         _check(self.loss, VLM_LOSSES, "judge.loss")
+        if self.keep_questions < 0:
+            raise ValueError(f"judge.keep_questions must be >= 0, got {self.keep_questions}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ A manifest is a JSON-lines file, one sample a line:
      "caption_target": "a red car on a street",           # c^x, optional (default: the instruction)
      "edit_type": "recolor",                              # optional (default: "edit")
      "object_name": "car",                                # required when edit_type is "remove"
+     "keep": ["tree", "red house"],                       # optional: objects the edit must leave in place
      "target": "targets/0001.png"}                        # only for the paired-SFT baseline
 Relative paths are resolved against the manifest's folder.
 """
@@ -37,6 +38,7 @@ class EditRecord:
     caption_target: str = ""
     edit_type: str = "edit"
     object_name: str = ""
+    keep: str = ""  # names of objects the edit must leave in place, ";"-separated (judge.keep_questions)
     target: str = ""
 
     def __post_init__(self):
@@ -49,6 +51,11 @@ class EditRecord:
     def target_caption(self) -> str:
         """c^x, falling back to the instruction when no target caption was given."""
         return self.caption_target or self.instruction
+
+    @property
+    def keep_names(self) -> list[str]:
+        """The `keep` names as a list (empty entries dropped)."""
+        return [n.strip() for n in self.keep.split(";") if n.strip()]
 
 
 def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
@@ -67,6 +74,8 @@ def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
             raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict) or "image" not in raw or "instruction" not in raw:
             raise ValueError(f"{path}:{n}: each line needs at least 'image' and 'instruction'")
+        if isinstance(raw.get("keep"), list):
+            raw["keep"] = ";".join(str(v) for v in raw["keep"])
         raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
         raw.setdefault("id", f"{n:06d}")
         for key in ("image", "target"):
@@ -107,6 +116,7 @@ class EditDataset(Dataset):
             "caption_target": r.target_caption,
             "edit_type": r.edit_type,
             "object_name": r.object_name,
+            "keep": r.keep_names,
         }
         if self.need_target:
             item["target"] = self._image(r.target)

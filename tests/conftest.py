@@ -41,6 +41,8 @@ def tiny_manifest(tmp_path_factory):
             "caption_reference": "a red circle on a gray background",
             "caption_target": "a green circle on a gray background" if i % 2 == 0 else "a gray background",
             "edit_type": "recolor" if i % 2 == 0 else "remove", "object_name": "red circle",
+            # objects to leave in place (judge.keep_questions): a list, a ";"-separated string, or none
+            **([{"keep": ["blue square", "red circle"]}, {"keep": "red circle; green triangle"}, {}, {}][i]),
         }))
     (root / "cases.jsonl").write_text("\n".join(lines) + "\n")
     return root / "cases.jsonl"

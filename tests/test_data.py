@@ -14,6 +14,8 @@ def test_manifest_parsing(tiny_manifest):
     assert item["reference"].shape == (3, 32, 32) and item["target"].shape == (3, 32, 32)
     assert -1 <= item["reference"].min() and item["reference"].max() <= 1
     assert len(subset(records, 0.5, 0)) == 2 and subset(records, 0.5, 0) == subset(records, 0.5, 0)
+    assert [r.keep_names for r in records] == [["blue square", "red circle"], ["red circle", "green triangle"], [], []]
+    assert collate([ds[0], ds[2]])["keep"] == [["blue square", "red circle"], []]
 
 
 @pytest.mark.parametrize("line, message", [

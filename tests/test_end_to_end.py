@@ -28,7 +28,8 @@ def trained(tmp_path_factory, tiny_zimage, tiny_judge, tiny_manifest):
               "optim.skip_grad_norm=1e9", "optim.lr=1e-4"]
     run("-m", "npedit", "train", "stage=warmup", "output_dir=runs/warmup", "max_steps=2", *common, cwd=work)
     stage2 = ["stage=npedit", "output_dir=runs/npedit", f"judge.path={tiny_judge}", "critic_steps=2",
-              f"model.student={work}/runs/warmup/pipeline", "sample_every=3", "data.do_nothing_prob=0.25", *common]
+              f"model.student={work}/runs/warmup/pipeline", "sample_every=3", "data.do_nothing_prob=0.25",
+              "judge.keep_questions=2", *common]
     run("-m", "npedit", "train", "max_steps=3", *stage2, cwd=work)
     first = (work / "runs/npedit/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors").read_bytes()
     run("-m", "npedit", "train", "--resume", "max_steps=4", *stage2, cwd=work)
@@ -40,6 +41,8 @@ def test_training_runs_and_resumes(trained):
     run_dir = work / "runs/npedit"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # resumed at 3, one more step
+    keep = [r["vlm_keep_p_yes"] for r in rows if "vlm_keep_p_yes" in r]  # batches naming `keep` objects
+    assert keep and all(0 <= p <= 1 for p in keep)
     for r in rows:
         assert np.isfinite([r["dmd_loss"], r["vlm_loss"], r["critic_fm_loss"]]).all()
         assert r["student_skipped"] == 0

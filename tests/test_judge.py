@@ -18,6 +18,7 @@ from npedit.judges import (
     edit_question,
     free_question,
     identity_question,
+    keep_questions,
     load_judge,
     training_questions,
 )
@@ -180,3 +181,15 @@ def test_training_questions():
     assert len(training_questions("remove the dog", "remove", "dog", identity=False)) == 1
     with pytest.raises(ValueError, match="object_name"):
         training_questions("remove the dog", "remove")
+
+
+def test_keep_questions_pad_to_a_fixed_count():
+    qs, used = keep_questions(["blue square", "red circle", "blue square", " "], 3, removed="red circle")
+    assert used == [True, False, False] and len(qs) == 3  # duplicate, removed and empty names dropped
+    assert all(q.kind == "keep" and q.expected == "Yes" and q.images == ("edited",) for q in qs)
+    assert "blue square" in qs[0].text and qs[1] == qs[0]
+    qs, used = keep_questions([], 2)
+    assert len(qs) == 2 and used == [False, False]
+    assert keep_questions(["a", "b", "c"], 2)[1] == [True, True] and keep_questions(["a"], 0) == ([], [])
+    with pytest.raises(ValueError, match="slots"):
+        keep_questions(["a"], -1)

@@ -46,6 +46,19 @@ def test_vlm_loss_full_vocab_and_weights():
     torch.testing.assert_close(only_first, -torch.log(torch.tensor(0.5)))
 
 
+def test_vlm_loss_question_mask_ignores_padding_slots():
+    logits = torch.tensor([[[0.0, 2.0], [1.0, -1.0], [5.0, -5.0]], [[0.0, 1.0], [0.0, 3.0], [0.0, 3.0]]])
+    expected = torch.ones(2, 3, dtype=torch.bool)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    loss, m = vlm_loss(logits, logits, expected, question_mask=mask)
+    per_q = -torch.nn.functional.logsigmoid(logits[..., 1] - logits[..., 0])
+    torch.testing.assert_close(loss, (per_q[0, :2].mean() + per_q[1].mean()) / 2)
+    changed = logits.clone()
+    changed[0, 2] = torch.tensor([-9.0, 9.0])  # only the padding slot moves: nothing changes
+    torch.testing.assert_close(vlm_loss(changed, changed, expected, question_mask=mask)[0], loss)
+    torch.testing.assert_close(m["vlm_p_expected"], torch.sigmoid((logits[..., 1] - logits[..., 0])[mask]).mean())
+
+
 def test_vlm_loss_gradient_raises_expected_answer():
     logits = torch.zeros(1, 2, 2, requires_grad=True)
     loss, _ = vlm_loss(logits, logits, torch.tensor([[True, False]]))

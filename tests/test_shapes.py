@@ -172,6 +172,21 @@ def test_apply_edit_effects():
         Edit("recolor", "top left", shape="square")
 
 
+def test_case_keep_names_the_untouched_objects(tmp_path):
+    from npedit.data import load_manifest
+
+    scene = Scene("gray", (Obj("circle", "red", "small", "top left"), Obj("square", "blue", "large", "center")))
+    keep = {category: case_from_edit(scene, edit).keep for category, edit in [
+        ("recolor", Edit("recolor", "top left", colour="blue")), ("remove", Edit("remove", "top left")),
+        ("resize", Edit("resize", "center", size="small")), ("background", Edit("background", background="sky")),
+        ("add", Edit("add", "bottom", "triangle", "green", "large"))]}
+    assert keep == {"recolor": ["blue square"], "remove": ["blue square"], "resize": ["red circle"],
+                    "background": ["red circle", "blue square"], "add": ["red circle", "blue square"]}
+    cases = held_out_cases(6, seed=0)  # written cases are a training manifest that carries them
+    records = load_manifest(write_cases_jsonl(cases, tmp_path))
+    assert [r.keep_names for r in records] == [c.keep for c in cases]
+
+
 def test_preconditions_return_none():
     rng = np.random.default_rng(0)
     full = Scene("gray", tuple(Obj("circle", "red", "small", c) for c in ("top", "left", "right")))

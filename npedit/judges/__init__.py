@@ -15,6 +15,8 @@ from npedit.judges.questions import (
     edit_question,
     free_question,
     identity_question,
+    keep_questions,
+    kept_question,
     removal_identity_question,
     training_questions,
 )
@@ -56,6 +58,8 @@ __all__ = [
     "edit_question",
     "free_question",
     "identity_question",
+    "keep_questions",
+    "kept_question",
     "load_judge",
     "read_model_type",
     "removal_identity_question",

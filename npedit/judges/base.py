@@ -19,7 +19,7 @@ class Question:
     text: str
     images: tuple[ImageRole, ...]
     expected: Answer
-    kind: str  # "edit", "identity", "contains" or "extra" (free-form, from the app)
+    kind: str  # "edit", "identity", "contains", "keep" (an untouched object still there) or "extra" (free-form)
 
     def __post_init__(self):
         if not self.images or any(r not in ("reference", "edited") for r in self.images):

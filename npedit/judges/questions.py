@@ -50,6 +50,35 @@ def contains_question(object_name: str) -> Question:
     return Question(text, ("edited",), "No", "contains")
 
 
+def kept_question(object_name: str) -> Question:
+    """The contains question about an object the edit must leave alone: expected Yes (kind "keep")."""
+    return Question(contains_question(object_name).text, ("edited",), "Yes", "keep")
+
+
+def keep_questions(names: Sequence[str], slots: int, removed: str | None = None) -> tuple[list[Question], list[bool]]:
+    """Up to `slots` one-image checks that objects the edit must leave alone are still there.
+
+    One `contains_question(name)` (expected Yes) per distinct name in `names`, in order; a name equal to
+    the removed object's is skipped (the removal check asks the opposite). Returns exactly `slots`
+    questions and a mask: unused slots repeat the first question (or a placeholder) with mask False, so a
+    batch stays a rectangular (B, Q) grid and the loss ignores them.
+    """
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
+    kept: list[str] = []
+    for name in names:
+        name = name.strip()
+        if name and name != removed and name not in kept:
+            kept.append(name)
+    questions = [kept_question(name) for name in kept[:slots]]
+    used = [True] * len(questions)
+    filler = questions[0] if questions else kept_question("anything")
+    while len(questions) < slots:
+        questions.append(filler)
+        used.append(False)
+    return questions, used
+
+
 def free_question(text: str, images: Sequence[ImageRole] = PAIR, expected: Answer = "Yes") -> Question:
     """A free-form Yes/No question (e.g. typed in the app), asked verbatim."""
     return Question(text, tuple(images), expected, "extra")

@@ -14,6 +14,7 @@ def vlm_loss(
     expected_yes: torch.Tensor,
     *,
     weight: torch.Tensor | None = None,
+    question_mask: torch.Tensor | None = None,
     mode: Literal["yes_no", "full_vocab"] = "yes_no",
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
@@ -21,7 +22,8 @@ def vlm_loss(
     Yes-minus-No logit difference) or of -log p_vocab(expected) ("full_vocab", the ablation).
 
     logits, vocab_logprobs: (B, Q, 2) with index 0 = No, 1 = Yes; expected_yes: (B, Q) bool;
-    weight: optional (B,) per-sample weight (0 drops a sample, e.g. "do nothing" samples).
+    weight: optional (B,) per-sample weight (0 drops a sample, e.g. "do nothing" samples);
+    question_mask: optional (B, Q) bool, False for padding slots (a sample's mean runs over its own questions).
     """
     sign = expected_yes.to(logits.dtype) * 2 - 1  # +1 expects Yes, -1 expects No
     margin = (logits[..., 1] - logits[..., 0]).float() * sign  # (B, Q)
@@ -31,11 +33,17 @@ def vlm_loss(
         per_q = -torch.where(expected_yes, vocab_logprobs[..., 1], vocab_logprobs[..., 0]).float()
     else:
         raise ValueError(f"mode must be 'yes_no' or 'full_vocab', got {mode!r}")
-    per_sample = per_q.mean(dim=1)  # (B,)
+    if question_mask is None:
+        per_sample = per_q.mean(dim=1)  # (B,)
+    else:
+        used = question_mask.to(per_q.dtype)
+        per_sample = (per_q * used).sum(dim=1) / used.sum(dim=1).clamp_min(1.0)
     if weight is None:
         loss = per_sample.mean()
     else:
         loss = (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
     p_expected = torch.sigmoid(margin.detach())
+    if question_mask is not None:
+        p_expected = p_expected[question_mask.bool()]
     metrics = {"vlm_loss": loss.detach(), "vlm_p_expected": p_expected.mean()}
     return loss, metrics

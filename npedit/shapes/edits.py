@@ -228,6 +228,12 @@ class EditCase:
     def __post_init__(self):
         _check_category(self.category)
 
+    @property
+    def keep(self) -> list[str]:
+        """Names of the reference's objects the instruction leaves alone (neither changed nor removed), in reading
+        order. Which object an instruction is about follows from the instruction and the reference alone."""
+        return [o.name for o in self.reference.objects if o in self.expected.objects]
+
 
 def _object_name(reference: Scene, expected: Scene, edit: Edit) -> str | None:
     """`{colour} {shape}` of the object the edit is about (the added one for add), None for background."""
@@ -298,6 +304,7 @@ def case_to_dict(case: EditCase, image: str) -> dict:
         "caption_target": case.caption_target,
         "edit_type": case.edit_type,
         "object_name": case.object_name,
+        "keep": case.keep,
         "expected": scene_to_dict(case.expected),
         "reference": scene_to_dict(case.reference),
     }

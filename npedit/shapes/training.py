@@ -44,6 +44,7 @@ class ShapesEditData(Dataset):
             "caption_target": c.caption_target,
             "edit_type": c.edit_type,
             "object_name": c.object_name or "",
+            "keep": c.keep,
         }
 
 

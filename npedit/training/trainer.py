@@ -245,19 +245,30 @@ class Trainer:
         return x0_real.float(), x0_fake.float()
 
     def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Decode the edit and ask the judge the edit and identity questions (one forward pass)."""
-        from ..judges import training_questions
+        """Decode the edit and ask the judge the edit and identity questions (one forward pass), plus, with
+        `judge.keep_questions`, whether each object the sample's `keep` list names is still there."""
+        from ..judges import keep_questions, training_questions
 
+        jc = self.cfg.judge
         edited = (self.backbone.decode_latents(x).float() + 1) / 2  # (B, 3, H, W), ~[0, 1]
-        questions = [
-            training_questions(ins, et, obj or None, identity=self.cfg.judge.identity_question)
-            for ins, et, obj in zip(batch["instruction"], batch["edit_type"], batch["object_name"])
-        ]
+        keep = batch.get("keep") or [[]] * len(batch["instruction"])
+        rows = [training_questions(ins, et, obj or None, identity=jc.identity_question)
+                for ins, et, obj in zip(batch["instruction"], batch["edit_type"], batch["object_name"])]
+        extras = [keep_questions(names, jc.keep_questions, removed=obj if et == "remove" else None)
+                  for names, et, obj in zip(keep, batch["edit_type"], batch["object_name"])]
+        width = max((sum(mask) for _, mask in extras), default=0)  # padding only up to the longest list in the batch
+        questions = [row + extra[:width] for row, (extra, _) in zip(rows, extras)]
+        used = [[True] * len(row) + mask[:width] for row, (_, mask) in zip(rows, extras)]
         out = self.judge.answer((ref_pixels + 1) / 2, edited, questions)
         expected = torch.tensor([[q.expected == "Yes" for q in qs] for qs in questions], device=x.device)
+        question_mask = torch.tensor(used, device=x.device)
         weight = (~batch["do_nothing"]).float().to(x.device)
-        return vlm_loss(out.logits, out.vocab_logprobs, expected, weight=weight,
-                        mode=self.cfg.judge.loss, temperature=self.temperature())
+        loss, metrics = vlm_loss(out.logits, out.vocab_logprobs, expected, weight=weight, question_mask=question_mask,
+                                 mode=jc.loss, temperature=self.temperature())
+        if width:
+            kept = question_mask[:, -width:]
+            metrics["vlm_keep_p_yes"] = out.p_yes[:, -width:].detach()[kept].mean()
+        return loss, metrics
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> Path:
