@@ -56,7 +56,9 @@ CAPTION_HELP = ("Target caption c^x (optional): what the edited image should sho
 TABLE_HELP = ("One row per training image. **instruction** is required. **caption_target** (c^x) conditions the "
               "teacher and critic for DMD; empty means the instruction is used. **caption_reference** (c^y) is the "
               "warm-up prompt; empty means an empty prompt (and \"do nothing\" samples then use c^x). "
-              "**edit_type** `remove` needs **object_name** (what is removed).")
+              "**edit_type** `remove` needs **object_name** (what is removed). **keep** (optional): objects the edit "
+              "must leave in place, separated by `;`; with **keep_questions** > 0 the judge is also asked whether "
+              "each is still there (an extension of the method; Shapes cases fill it in).")
 
 
 @dataclass
@@ -342,6 +344,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     with gr.Row():
         for name in ("lr", "lambda_dmd", "lambda_vlm"):
             knobs[name] = gr.Number(value=getattr(p0, name), label=name)
+        knobs["keep_questions"] = gr.Number(value=p0.keep_questions, precision=0, minimum=0,
+                                            label="keep_questions (0 = the paper's questions only)")
         for name in ("log_every", "sample_every", "save_every"):
             knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
     knobs["negative_prompt"] = gr.Textbox(value=p0.negative_prompt, label="negative_prompt (the teacher's CFG "

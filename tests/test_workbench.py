@@ -153,6 +153,8 @@ def test_training_table_to_manifest(tmp_path):
     manifest = datasets.write_manifest(table, tmp_path / "run" / "data", domain=datasets.table_domain(table))
     records = load_manifest(manifest)
     assert len(records) == 6 and all(Path(r.image).is_file() for r in records)
+    assert [r.keep_names for r in records] == [[n.strip() for n in k.split(";") if n.strip()] for k in table["keep"]]
+    assert any(r.keep_names for r in records)  # Shapes cases name the objects the edit leaves alone
     assert models.read_domain(manifest.parent).is_shapes
     # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
@@ -250,6 +252,10 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
                               student=tiny_set["model"], data="shapes", config_file=quick.config_file)
     cfg = presets.check_train_args(args)
     assert cfg.judge.path == tiny_set["judge"] and cfg.model.student == tiny_set["model"] and cfg.max_steps == 30
+    assert cfg.judge.keep_questions == 0
+    keep = presets.train_args({**quick.values(), "keep_questions": 2}, base=tiny_set["teacher"], judge=tiny_set["judge"],
+                              student=tiny_set["model"], data="shapes", config_file=quick.config_file)
+    assert presets.check_train_args(keep).judge.keep_questions == 2
     if quick.config_file:  # the Shapes recipe supplies what the tab does not show
         assert args[:2] == ["--config", quick.config_file] and cfg.loss.negative_prompt == ""
     warm = presets.PRESETS["Shapes identity warm-up"]

@@ -19,7 +19,7 @@ from npedit.images import ImageError, load_image
 
 from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
 
-TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name"]
+TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep"]
 EDIT_TYPES = ("edit", "add", "remove", "replace", "recolor", "resize", "background", "style", "shape", "action")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -32,7 +32,7 @@ def empty_table() -> pd.DataFrame:
 def table_for_images(paths: list[str]) -> pd.DataFrame:
     """One row per uploaded image, with the text columns left for the user to fill."""
     rows = [{"image": str(p), "instruction": "", "caption_reference": "", "caption_target": "", "edit_type": "edit",
-             "object_name": ""} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+             "object_name": "", "keep": ""} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -55,7 +55,7 @@ def shapes_table(n: int, directory: str | os.PathLike, seed: int = 0, paraphrase
     write_domain(directory, SHAPES_DOMAIN)
     rows = [{"image": str(directory / "images" / f"{c.id}.png"), "instruction": c.instruction,
              "caption_reference": c.caption_reference, "caption_target": c.caption_target, "edit_type": c.edit_type,
-             "object_name": c.object_name or ""} for c in cases]
+             "object_name": c.object_name or "", "keep": "; ".join(c.keep)} for c in cases]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -99,7 +99,8 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
         shutil.copyfile(src, directory / "images" / name)
         record = {"id": f"{i:05d}", "image": f"images/{name}", "instruction": values["instruction"],
                   "caption_reference": values["caption_reference"], "caption_target": values["caption_target"],
-                  "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"]}
+                  "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"],
+                  "keep": values["keep"]}
         try:
             EditRecord(**record)
         except ValueError as exc:
