@@ -131,11 +131,23 @@ def test_evaluate_judge_structure(quick_run):
     assert "overall" in jt.format_table(result)
 
 
+def test_keep_samples_follow_the_grammar():
+    items = jt.keep_samples(24, seed=3)
+    assert {kind for *_, kind in items} == set(jt.KEEP_CANDIDATES)
+    for case, scene, name, kind in items:
+        has = any(o.name == name for o in scene.objects)
+        assert has == (kind == "kept")  # the truth of "does it contain <name>?"
+        assert name in case.keep and scene.background == case.expected.background
+
+
 def test_eval_main_writes_json_and_markdown(quick_run, tmp_path, capsys):
     _, judge_dir = quick_run
     assert jt.eval_main(["--judge", str(judge_dir), "--n", "6", "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "judge_eval.json").read_text())["overall"]["count"] == 48
+    result = json.loads((tmp_path / "judge_eval.json").read_text())
+    assert result["overall"]["count"] == 48
+    assert 0 < result["keep"]["overall"]["count"] == sum(v["count"] for v in result["keep"]["by_candidate"].values())
     assert "| **overall** |" in (tmp_path / "judge_eval.md").read_text()
+    assert "keep check: kept" in (tmp_path / "judge_eval.md").read_text()
     assert "overall" in capsys.readouterr().out
 
 

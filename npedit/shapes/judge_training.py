@@ -738,6 +738,52 @@ def evaluate_judge(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 
     return {**_accuracy_table(samples, p_yes), "n_cases": n, "seed": seed, "degrade_prob": degrade_prob}
 
 
+KEEP_CANDIDATES = ("kept", "recoloured", "reshaped", "removed")
+
+
+def keep_samples(n: int, seed: int = 1000) -> list[tuple[EditCase, Scene, str, str]]:
+    """Held-out keep checks: per canonical case with an untouched object, that object's name and candidates in which
+    it is kept (truth Yes), or recoloured, reshaped or removed (No), as (case, candidate, object name, candidate kind).
+    A changed candidate is skipped when another object already carries the name (the answer would still be Yes)."""
+    out = []
+    for i, case in enumerate(held_out_cases(n, seed)):
+        untouched = [o for o in case.expected.objects if o in case.reference.objects]
+        if not untouched:
+            continue
+        rng = np.random.default_rng([seed, 11, i])
+        obj = pick(rng, untouched)
+        others = tuple(o for o in case.expected.objects if o != obj)
+        variants = {"kept": obj, "recoloured": replace(obj, colour=pick(rng, [c for c in COLOURS if c != obj.colour])),
+                    "reshaped": replace(obj, shape=pick(rng, [s for s in SHAPES if s != obj.shape])), "removed": None}
+        for kind, new in variants.items():
+            objects = others + ((new,) if new is not None else ())
+            if not objects or (kind != "kept" and any(o.name == obj.name for o in objects)):
+                continue
+            out.append((case, Scene(case.expected.background, objects), obj.name, kind))
+    return out
+
+
+@torch.no_grad()
+def evaluate_keep(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0.0, batch_size: int = 64) -> dict:
+    """Accuracy of `judge` on the keep check ("does the edited image contain <untouched object>?", asked by
+    `judge.keep_questions`) over `keep_samples`: overall and per candidate kind."""
+    from npedit.judges import kept_question
+
+    items = keep_samples(n, seed)
+    rng = np.random.default_rng(seed)
+    device = next(judge.parameters()).device
+    hits: dict[str, list[bool]] = {k: [] for k in KEEP_CANDIDATES}
+    for chunk in _batches(items, batch_size):
+        ref = torch.stack([to_tensor(render(case.reference)) for case, *_ in chunk]).to(device)
+        cand = torch.stack([candidate_image(scene, rng, degrade_prob)[0] for _, scene, _, _ in chunk]).to(device)
+        p = judge.answer(ref, cand, [[kept_question(name)] for _, _, name, _ in chunk]).p_yes[:, 0].cpu().numpy()
+        for (_, _, _, kind), prob in zip(chunk, p):
+            hits[kind].append(bool((prob >= 0.5) == (kind == "kept")))
+    every = [h for v in hits.values() for h in v]
+    return {"overall": {"accuracy": float(np.mean(every)), "count": len(every)},
+            "by_candidate": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in hits.items() if v}}
+
+
 def format_table(result: dict) -> str:
     """A Markdown table of an `evaluate_judge` result."""
     lines = ["| group | accuracy | count |", "|---|---|---|"]
@@ -745,6 +791,11 @@ def format_table(result: dict) -> str:
     for section in ("by_kind", "by_category", "by_candidate", "by_category_kind"):
         for name, row in result[section].items():
             lines.append(f"| {section[3:]}: {name} | {row['accuracy']:.3f} | {row['count']} |")
+    if "keep" in result:  # the per-object keep check (judge.keep_questions), asked of an untouched object
+        keep = result["keep"]
+        lines.append(f"| keep check: overall | {keep['overall']['accuracy']:.3f} | {keep['overall']['count']} |")
+        for name, row in keep["by_candidate"].items():
+            lines.append(f"| keep check: {name} | {row['accuracy']:.3f} | {row['count']} |")
     return "\n".join(lines)
 
 
@@ -766,7 +817,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     path = default_path("judge", args.judge)
     torch.set_num_threads(1)
     device = resolve_device()
-    result = {"judge": str(path), **evaluate_judge(load_judge(path, device=device), n=args.n, seed=args.seed, degrade_prob=args.degrade)}
+    judge = load_judge(path, device=device)
+    result = {"judge": str(path), **evaluate_judge(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade),
+              "keep": evaluate_keep(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade)}
     table = format_table(result)
     print(table)
     out = Path(args.out) if args.out else Path(path).resolve().parent
