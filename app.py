@@ -25,6 +25,7 @@ import pandas as pd
 
 from npedit import assets
 from npedit.images import ImageError, load_image
+from npedit.data import object_names
 from npedit.verdicts import judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import edit_once, trace_edit
@@ -231,6 +232,8 @@ def build_judge_tab(app: App, last_edit: gr.State):
     with gr.Row():
         edit_type = gr.Dropdown(list(datasets.EDIT_TYPES), value="edit", label="Edit type")
         object_name = gr.Textbox(value="", label="Removed object (for 'remove')")
+    keep = gr.Textbox(value="", label="Objects to keep (separated by ;): one keep check each, \"does the edited image "
+                      "contain ...?\" (asked in training with judge.keep_questions)")
     extra = gr.Textbox(value="", label="Extra questions (one per line; asked about both images)", lines=2,
                        placeholder="Is the second image sharp and free of artifacts? Answer with Yes or No.")
     ask = gr.Button("Ask the judge", variant="primary")
@@ -238,18 +241,22 @@ def build_judge_tab(app: App, last_edit: gr.State):
     table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True)
 
     @GPU
-    def judge(reference, edited, instruction, edit_type="edit", object_name="", extra=""):
+    def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep=""):
         """P(Yes) and logit margin of every question about (reference, edited) for `instruction`."""
         if reference is None or edited is None:
             raise gr.Error("Give both a reference and an edited image.")
         try:
             v = judge_edit(app.models.judge(), reference, edited, instruction or "", edit_type=edit_type or "edit",
-                           object_name=(object_name or "").strip() or None, extra=judging.extra_questions(extra))
+                           object_name=(object_name or "").strip() or None, extra=judging.extra_questions(extra),
+                           keep=object_names(keep))
         except (models.ModelError, ImageError, ValueError) as exc:
             raise _error(exc) from None
-        return {"p_edit": v.p_edit, "p_identity": v.p_identity}, judging.verdict_table(v)
+        headline = {"p_edit": v.p_edit, "p_identity": v.p_identity}
+        if v.p_keep is not None:
+            headline["p_keep"] = v.p_keep
+        return headline, judging.verdict_table(v)
 
-    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra], [summary, table],
+    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep], [summary, table],
               api_name="judge", concurrency_id="models", concurrency_limit=1)
 
     def take_last(last):

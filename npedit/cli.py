@@ -81,14 +81,16 @@ def cmd_edit(args) -> int:
 
 def cmd_judge(args) -> int:
     """Print the judge's verdict on one pair as JSON, or write one line per pair of a PAIRS.jsonl."""
+    from .data import object_names
     from .judges import load_judge
     from .verdicts import judge_edit
 
     judge = load_judge(default_path("judge", args.judge), device=_device())
 
-    def verdict(ref, edited, instruction, edit_type, obj):
-        v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None)
-        return {"p_edit": v.p_edit, "p_identity": v.p_identity, "questions": v.questions}
+    def verdict(ref, edited, instruction, edit_type, obj, keep=None):
+        v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None,
+                       keep=object_names(keep))
+        return {"p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "questions": v.questions}
 
     try:
         if args.batch:
@@ -98,13 +100,16 @@ def cmd_judge(args) -> int:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             with open(args.output, "w") as f:
                 for r in tqdm(rows, desc="judge"):
-                    v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"), r.get("object"))
-                    f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"]}) + "\n")
+                    v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"), r.get("object"),
+                                r.get("keep"))
+                    f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"],
+                                        "p_keep": v["p_keep"]}) + "\n")
             return 0
         if not (args.reference and args.edited and args.instruction):
             raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
         print(json.dumps({"instruction": args.instruction,
-                          **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object)}))
+                          **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
+                                    args.keep)}))
     except (ImageError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
@@ -207,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--instruction")
     j.add_argument("--edit-type", default="edit", help="e.g. add, remove, replace, recolor, background, resize")
     j.add_argument("--object", help="the removed object's name (for --edit-type remove)")
+    j.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
+                                  "p_keep = the lowest of their P(Yes))")
     j.add_argument("--judge", help="judge folder or hub id (default: the bundled Shapes-world judge)")
-    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object]}")
-    j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity} lines")
+    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep]}")
+    j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep} lines")
     j.set_defaults(func=cmd_judge)
 
     t = sub.add_parser("train", help="train a stage (warmup, npedit, sft)")

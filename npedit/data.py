@@ -27,6 +27,14 @@ from .images import fit_image, load_image, pil_to_tensor
 DO_NOTHING = "do nothing"
 
 
+def object_names(value) -> list[str]:
+    """Object names given as a list or as one string separated by ';' (blank entries dropped)."""
+    if not value:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(";")
+    return [str(n).strip() for n in items if str(n).strip()]
+
+
 @dataclass(frozen=True)
 class EditRecord:
     """One training sample as described in a manifest line."""
@@ -55,7 +63,7 @@ class EditRecord:
     @property
     def keep_names(self) -> list[str]:
         """The `keep` names as a list (empty entries dropped)."""
-        return [n.strip() for n in self.keep.split(";") if n.strip()]
+        return object_names(self.keep)
 
 
 def load_manifest(path: str | os.PathLike) -> list[EditRecord]:

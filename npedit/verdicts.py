@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 
 from .images import load_image, pil_to_tensor
-from .judges import Judge, Question, free_question, training_questions
+from .judges import Judge, Question, free_question, keep_questions, training_questions
 
 
 @dataclass
@@ -17,6 +18,7 @@ class Verdict:
     p_edit: float  # P(edit done); for removals 1 - P(object still present)
     p_identity: float | None  # P(Yes) of the identity check
     questions: list[dict]  # {"kind", "text", "images", "expected", "p_yes", "margin"}
+    p_keep: float | None = None  # the lowest P(Yes) of the keep checks (the object most likely lost); None: none asked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -29,9 +31,12 @@ def _pixels01(image) -> torch.Tensor:
 
 @torch.no_grad()
 def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: str = "edit",
-               object_name: str | None = None, extra: list[str] = ()) -> Verdict:
-    """Ask the edit and identity checks (plus free-form `extra` questions) about one (reference, edited) pair."""
+               object_name: str | None = None, extra: list[str] = (), keep: Sequence[str] = ()) -> Verdict:
+    """Ask the edit and identity checks (plus a keep check per object named in `keep`, and free-form `extra`
+    questions) about one (reference, edited) pair."""
     questions: list[Question] = training_questions(instruction, edit_type, object_name, identity=True)
+    kept, used = keep_questions(keep, len(keep), removed=object_name if edit_type == "remove" else None)
+    questions += [q for q, u in zip(kept, used) if u]
     questions += [free_question(text) for text in extra if text.strip()]
     device = next(judge.parameters()).device
     out = judge.answer(_pixels01(reference).to(device), _pixels01(edited).to(device), [questions])
@@ -41,4 +46,6 @@ def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: 
     edit_row = next(r for r in rows if r["kind"] in ("edit", "contains"))
     p_edit = 1.0 - edit_row["p_yes"] if edit_row["kind"] == "contains" else edit_row["p_yes"]
     identity = [r["p_yes"] for r in rows if r["kind"] == "identity"]
-    return Verdict(p_edit=p_edit, p_identity=identity[0] if identity else None, questions=rows)
+    keep_p = [r["p_yes"] for r in rows if r["kind"] == "keep"]
+    return Verdict(p_edit=p_edit, p_identity=identity[0] if identity else None, questions=rows,
+                   p_keep=min(keep_p) if keep_p else None)

@@ -88,7 +88,13 @@ def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest):
                              "out/edited.png", "--instruction", "remove the red circle", "--edit-type", "remove",
                              "--object", "red circle", cwd=work))
     contains = next(q for q in removal["questions"] if q["kind"] == "contains")
-    assert removal["p_edit"] == pytest.approx(1 - contains["p_yes"])
+    assert removal["p_edit"] == pytest.approx(1 - contains["p_yes"]) and removal["p_keep"] is None
+    kept = json.loads(run("-m", "npedit", "judge", "--judge", tiny_judge, "--reference", "in.png", "--edited",
+                          "out/edited.png", "--instruction", "remove the red circle", "--edit-type", "remove",
+                          "--object", "red circle", "--keep", "blue square; red circle; green dot", cwd=work))
+    keeps = [q for q in kept["questions"] if q["kind"] == "keep"]  # the removed object is not a keep check
+    assert [("blue square" in q["text"], "green dot" in q["text"]) for q in keeps] == [(True, False), (False, True)]
+    assert kept["p_keep"] == pytest.approx(min(q["p_yes"] for q in keeps))
 
 
 def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
@@ -101,10 +107,12 @@ def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
     pairs = work / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"id": i, "reference": str(tiny_manifest.parent / f"images/{i}.png"),
                                            "edited": str(work / f"batch/{i}.png"), "instruction": "remove the red circle",
-                                           "edit_type": "remove", "object": "red circle"}) for i in "01") + "\n")
+                                           "edit_type": "remove", "object": "red circle",
+                                           **({"keep": ["blue square"]} if i == "1" else {})}) for i in "01") + "\n")
     main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(work / "verdicts.jsonl")])
     rows = [json.loads(line) for line in (work / "verdicts.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["0", "1"] and all(set(r) == {"id", "p_edit", "p_identity"} for r in rows)
+    assert [r["id"] for r in rows] == ["0", "1"] and all(set(r) == {"id", "p_edit", "p_identity", "p_keep"} for r in rows)
+    assert rows[0]["p_keep"] is None and 0 < rows[1]["p_keep"] < 1
 
 
 def test_missing_default_model_is_one_clear_line(tmp_path):

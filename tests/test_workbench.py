@@ -198,7 +198,7 @@ def test_batch_judging(loaded, tmp_path):
     listing = tmp_path / "pairs.csv"
     pd.DataFrame([{"reference": "ref.png", "edited": "out.png", "instruction": ins},
                   {"id": "r", "reference": "ref.png", "edited": "out.png", "instruction": "remove the square",
-                   "edit_type": "remove", "object": "red square"},
+                   "edit_type": "remove", "object": "red square", "keep": "blue circle;green triangle"},
                   {"reference": "ref.png", "edited": "missing.png", "instruction": ins}]).to_csv(listing, index=False)
     uploads = [str(listing), str(tmp_path / "ref.png"), str(tmp_path / "out.png")]
     pairs = judging.read_pairs(uploads)
@@ -206,6 +206,7 @@ def test_batch_judging(loaded, tmp_path):
     out = judging.judge_pairs(ms.judge(), pairs)
     assert list(out.columns) == judging.RESULT_COLUMNS
     assert 0 < out.loc[0, "p_edit"] < 1 and out.loc[0, "error"] == ""
+    assert pd.isna(out.loc[0, "p_keep"]) and 0 < out.loc[1, "p_keep"] < 1  # keep checks only where a row names some
     assert out.loc[2, "error"] and "missing.png" in out.loc[2, "error"]
     with pytest.raises(ValueError, match="exactly one"):
         judging.read_pairs([str(tmp_path / "ref.png")])

@@ -9,13 +9,14 @@ from typing import Callable
 
 import pandas as pd
 
+from npedit.data import object_names
 from npedit.images import ImageError
 from npedit.verdicts import Verdict, judge_edit
 
 from .datasets import IMAGE_SUFFIXES, resolve_image
 
-PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name"]
-RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "error"]
+PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep"]
+RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "error"]
 
 
 def verdict_table(verdict: Verdict) -> pd.DataFrame:
@@ -47,7 +48,8 @@ def _read_rows(path: Path) -> list[dict]:
 def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
     """The pairs listed in the one .csv/.jsonl among `files`; image names resolve to the other uploaded files.
 
-    Columns: reference, edited, instruction (required); id, edit_type, object_name (or object) optional.
+    Columns: reference, edited, instruction (required); id, edit_type, object_name (or object), keep (objects to
+    leave in place, separated by ';') optional.
     Relative paths that match no upload resolve against the list file's folder.
     """
     files = [Path(f) for f in files or []]
@@ -68,7 +70,8 @@ def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
             paths[key] = str(p if p.is_absolute() or p.exists() else listing.parent / p)
         out.append({"id": str(row.get("id") or i), **paths, "instruction": str(row["instruction"]),
                     "edit_type": str(row.get("edit_type") or "edit"),
-                    "object_name": str(row.get("object_name") or row.get("object") or "")})
+                    "object_name": str(row.get("object_name") or row.get("object") or ""),
+                    "keep": "; ".join(object_names(row.get("keep")))})
     if not out:
         raise ValueError(f"{listing.name} lists no pairs")
     return pd.DataFrame(out, columns=PAIR_COLUMNS)
@@ -81,11 +84,12 @@ def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], Non
         if progress:
             progress(i / len(pairs), f"judging pair {i + 1}/{len(pairs)}")
         row = {"id": p.id, "instruction": p.instruction, "edit_type": p.edit_type, "p_edit": None,
-               "p_identity": None, "error": ""}
+               "p_identity": None, "p_keep": None, "error": ""}
         try:
             v = judge_edit(judge, p.reference, p.edited, p.instruction, edit_type=p.edit_type,
-                           object_name=p.object_name or None)
-            row.update(p_edit=round(v.p_edit, 4), p_identity=None if v.p_identity is None else round(v.p_identity, 4))
+                           object_name=p.object_name or None, keep=object_names(p.keep))
+            row.update(p_edit=round(v.p_edit, 4), p_identity=None if v.p_identity is None else round(v.p_identity, 4),
+                       p_keep=None if v.p_keep is None else round(v.p_keep, 4))
         except (ImageError, ValueError) as exc:
             row["error"] = str(exc)
         rows.append(row)
