@@ -83,7 +83,7 @@ def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
         if not isinstance(raw, dict) or "image" not in raw or "instruction" not in raw:
             raise ValueError(f"{path}:{n}: each line needs at least 'image' and 'instruction'")
         if isinstance(raw.get("keep"), list):
-            raw["keep"] = ";".join(str(v) for v in raw["keep"])
+            raw["keep"] = ";".join(object_names(raw["keep"]))
         raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
         raw.setdefault("id", f"{n:06d}")
         for key in ("image", "target"):

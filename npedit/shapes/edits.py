@@ -229,10 +229,15 @@ class EditCase:
         _check_category(self.category)
 
     @property
+    def untouched(self) -> tuple[Obj, ...]:
+        """The reference's objects the instruction leaves alone (neither changed nor removed), in reading order.
+        Which object an instruction is about follows from the instruction and the reference alone."""
+        return tuple(o for o in self.reference.objects if o in self.expected.objects)
+
+    @property
     def keep(self) -> list[str]:
-        """Names of the reference's objects the instruction leaves alone (neither changed nor removed), in reading
-        order. Which object an instruction is about follows from the instruction and the reference alone."""
-        return [o.name for o in self.reference.objects if o in self.expected.objects]
+        """Names of the untouched objects (a training sample's `keep` list)."""
+        return [o.name for o in self.untouched]
 
 
 def _object_name(reference: Scene, expected: Scene, edit: Edit) -> str | None:

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from npedit import config as config_lib
 from npedit.devices import resolve_device
-from npedit.judges import Question, training_questions
+from npedit.judges import Question, kept_question, training_questions
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
 from npedit.judges.tiny import build_tiny_llava_onevision
 from npedit.shapes.edits import (
@@ -747,11 +747,10 @@ def keep_samples(n: int, seed: int = 1000) -> list[tuple[EditCase, Scene, str, s
     A changed candidate is skipped when another object already carries the name (the answer would still be Yes)."""
     out = []
     for i, case in enumerate(held_out_cases(n, seed)):
-        untouched = [o for o in case.expected.objects if o in case.reference.objects]
-        if not untouched:
+        if not case.untouched:
             continue
         rng = np.random.default_rng([seed, 11, i])
-        obj = pick(rng, untouched)
+        obj = pick(rng, case.untouched)
         others = tuple(o for o in case.expected.objects if o != obj)
         variants = {"kept": obj, "recoloured": replace(obj, colour=pick(rng, [c for c in COLOURS if c != obj.colour])),
                     "reshaped": replace(obj, shape=pick(rng, [s for s in SHAPES if s != obj.shape])), "removed": None}
@@ -767,8 +766,6 @@ def keep_samples(n: int, seed: int = 1000) -> list[tuple[EditCase, Scene, str, s
 def evaluate_keep(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0.0, batch_size: int = 64) -> dict:
     """Accuracy of `judge` on the keep check ("does the edited image contain <untouched object>?", asked by
     `judge.keep_questions`) over `keep_samples`: overall and per candidate kind."""
-    from npedit.judges import kept_question
-
     items = keep_samples(n, seed)
     rng = np.random.default_rng(seed)
     device = next(judge.parameters()).device
