@@ -191,5 +191,10 @@ def test_keep_questions_pad_to_a_fixed_count():
     qs, used = keep_questions([], 2)
     assert len(qs) == 2 and used == [False, False]
     assert keep_questions(["a", "b", "c"], 2)[1] == [True, True] and keep_questions(["a"], 0) == ([], [])
+    names = ["red circle", "blue square", "green triangle"]
+    assert ["red circle" in q.text for q in keep_questions(names, 2)[0]] == [True, False]  # the first ones
+    gen = torch.Generator().manual_seed(0)
+    picks = {tuple(q.text for q in keep_questions(names, 1, generator=gen)[0]) for _ in range(30)}
+    assert len(picks) == 3  # with a generator, a random choice among all three
     with pytest.raises(ValueError, match="slots"):
         keep_questions(["a"], -1)

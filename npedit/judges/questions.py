@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from npedit.judges.base import Answer, ImageRole, Question
 
 PAIR = ("reference", "edited")
@@ -55,11 +57,13 @@ def kept_question(object_name: str) -> Question:
     return Question(contains_question(object_name).text, ("edited",), "Yes", "keep")
 
 
-def keep_questions(names: Sequence[str], slots: int, removed: str | None = None) -> tuple[list[Question], list[bool]]:
+def keep_questions(names: Sequence[str], slots: int, removed: str | None = None,
+                   generator: torch.Generator | None = None) -> tuple[list[Question], list[bool]]:
     """Up to `slots` one-image checks that objects the edit must leave alone are still there.
 
     One `contains_question(name)` (expected Yes) per distinct name in `names`, in order; a name equal to
-    the removed object's is skipped (the removal check asks the opposite). Returns exactly `slots`
+    the removed object's is skipped (the removal check asks the opposite). With more names than slots, the
+    first `slots` are asked, or, given a `generator`, a random choice of them. Returns exactly `slots`
     questions and a mask: unused slots repeat the first question (or a placeholder) with mask False, so a
     batch stays a rectangular (B, Q) grid and the loss ignores them.
     """
@@ -70,6 +74,9 @@ def keep_questions(names: Sequence[str], slots: int, removed: str | None = None)
         name = name.strip()
         if name and name != removed and name not in kept:
             kept.append(name)
+    if generator is not None and len(kept) > slots:
+        chosen = sorted(torch.randperm(len(kept), generator=generator)[:slots].tolist())
+        kept = [kept[i] for i in chosen]
     questions = [kept_question(name) for name in kept[:slots]]
     used = [True] * len(questions)
     filler = questions[0] if questions else kept_question("anything")

@@ -254,7 +254,7 @@ class Trainer:
         keep = batch.get("keep") or [[]] * len(batch["instruction"])
         rows = [training_questions(ins, et, obj or None, identity=jc.identity_question)
                 for ins, et, obj in zip(batch["instruction"], batch["edit_type"], batch["object_name"])]
-        extras = [keep_questions(names, jc.keep_questions, removed=obj if et == "remove" else None)
+        extras = [keep_questions(names, jc.keep_questions, removed=obj if et == "remove" else None, generator=self.gen)
                   for names, et, obj in zip(keep, batch["edit_type"], batch["object_name"])]
         width = max((sum(mask) for _, mask in extras), default=0)  # padding only up to the longest list in the batch
         questions = [row + extra[:width] for row, (extra, _) in zip(rows, extras)]
