@@ -24,8 +24,8 @@ import gradio as gr
 import pandas as pd
 
 from npedit import assets
-from npedit.images import ImageError, load_image
 from npedit.data import object_names
+from npedit.images import ImageError, load_image
 from npedit.verdicts import judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import edit_once, trace_edit

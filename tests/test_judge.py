@@ -196,5 +196,8 @@ def test_keep_questions_pad_to_a_fixed_count():
     gen = torch.Generator().manual_seed(0)
     picks = {tuple(q.text for q in keep_questions(names, 1, generator=gen)[0]) for _ in range(30)}
     assert len(picks) == 3  # with a generator, a random choice among all three
+    state = gen.get_state()
+    keep_questions(names, 0, generator=gen)  # nothing asked: the training RNG stream is untouched
+    assert torch.equal(gen.get_state(), state)
     with pytest.raises(ValueError, match="slots"):
         keep_questions(["a"], -1)

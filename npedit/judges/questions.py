@@ -74,7 +74,7 @@ def keep_questions(names: Sequence[str], slots: int, removed: str | None = None,
         name = name.strip()
         if name and name != removed and name not in kept:
             kept.append(name)
-    if generator is not None and len(kept) > slots:
+    if generator is not None and 0 < slots < len(kept):  # (no draw when nothing is asked: same RNG stream)
         chosen = sorted(torch.randperm(len(kept), generator=generator)[:slots].tolist())
         kept = [kept[i] for i in chosen]
     questions = [kept_question(name) for name in kept[:slots]]
