@@ -59,7 +59,9 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "warm-up prompt; empty means an empty prompt (and \"do nothing\" samples then use c^x). "
               "**edit_type** `remove` needs **object_name** (what is removed). **keep** (optional): objects the edit "
               "must leave in place, separated by `;`; with **keep_questions** > 0 the judge is also asked whether "
-              "each is still there (an extension of the method; Shapes cases fill it in).")
+              "each is still there; **new** / **gone** (optional, `;`-separated): objects the edit creates / must "
+              "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
+              "Yes / No). Both are extensions of the method; Shapes cases fill them in.")
 
 
 @dataclass
@@ -234,6 +236,10 @@ def build_judge_tab(app: App, last_edit: gr.State):
         object_name = gr.Textbox(value="", label="Removed object (for 'remove')")
     keep = gr.Textbox(value="", label="Objects to keep (separated by ;): one keep check each, \"does the edited image "
                       "contain ...?\" (asked in training with judge.keep_questions)")
+    with gr.Row():
+        new = gr.Textbox(value="", label="Objects the edit creates (separated by ;): a change check each, expected Yes")
+        gone = gr.Textbox(value="", label="Objects the edit must make disappear (separated by ;): expected No "
+                          "(both asked in training with judge.change_questions)")
     extra = gr.Textbox(value="", label="Extra questions (one per line; asked about both images)", lines=2,
                        placeholder="Is the second image sharp and free of artifacts? Answer with Yes or No.")
     ask = gr.Button("Ask the judge", variant="primary")
@@ -241,22 +247,24 @@ def build_judge_tab(app: App, last_edit: gr.State):
     table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True)
 
     @GPU
-    def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep=""):
+    def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep="", new="", gone=""):
         """P(Yes) and logit margin of every question about (reference, edited) for `instruction`."""
         if reference is None or edited is None:
             raise gr.Error("Give both a reference and an edited image.")
         try:
             v = judge_edit(app.models.judge(), reference, edited, instruction or "", edit_type=edit_type or "edit",
                            object_name=(object_name or "").strip() or None, extra=judging.extra_questions(extra),
-                           keep=object_names(keep))
+                           keep=object_names(keep), new=object_names(new), gone=object_names(gone))
         except (models.ModelError, ImageError, ValueError) as exc:
             raise _error(exc) from None
         headline = {"p_edit": v.p_edit, "p_identity": v.p_identity}
         if v.p_keep is not None:
             headline["p_keep"] = v.p_keep
+        if v.p_change is not None:
+            headline["p_change"] = v.p_change
         return headline, judging.verdict_table(v)
 
-    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep], [summary, table],
+    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone], [summary, table],
               api_name="judge", concurrency_id="models", concurrency_limit=1)
 
     def take_last(last):
@@ -353,6 +361,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             knobs[name] = gr.Number(value=getattr(p0, name), label=name)
         knobs["keep_questions"] = gr.Number(value=p0.keep_questions, precision=0, minimum=0,
                                             label="keep_questions (0 = the paper's questions only)")
+        knobs["change_questions"] = gr.Number(value=p0.change_questions, precision=0, minimum=0,
+                                              label="change_questions (checks of new / gone; 0 = off)")
         for name in ("log_every", "sample_every", "save_every"):
             knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
     knobs["negative_prompt"] = gr.Textbox(value=p0.negative_prompt, label="negative_prompt (the teacher's CFG "

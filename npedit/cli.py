@@ -87,10 +87,11 @@ def cmd_judge(args) -> int:
 
     judge = load_judge(default_path("judge", args.judge), device=_device())
 
-    def verdict(ref, edited, instruction, edit_type, obj, keep=None):
+    def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
         v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None,
-                       keep=object_names(keep))
-        return {"p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "questions": v.questions}
+                       keep=object_names(keep), new=object_names(new), gone=object_names(gone))
+        return {"p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "p_change": v.p_change,
+                "questions": v.questions}
 
     try:
         if args.batch:
@@ -101,15 +102,15 @@ def cmd_judge(args) -> int:
             with open(args.output, "w") as f:
                 for r in tqdm(rows, desc="judge"):
                     v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"), r.get("object"),
-                                r.get("keep"))
+                                r.get("keep"), r.get("new"), r.get("gone"))
                     f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"],
-                                        "p_keep": v["p_keep"]}) + "\n")
+                                        "p_keep": v["p_keep"], "p_change": v["p_change"]}) + "\n")
             return 0
         if not (args.reference and args.edited and args.instruction):
             raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
         print(json.dumps({"instruction": args.instruction,
                           **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
-                                    args.keep)}))
+                                    args.keep, args.new, args.gone)}))
     except (ImageError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
@@ -214,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--object", help="the removed object's name (for --edit-type remove)")
     j.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
                                   "p_keep = the lowest of their P(Yes))")
+    j.add_argument("--new", help="objects the edit creates, separated by ';' (a change check each, expected Yes)")
+    j.add_argument("--gone", help="objects the edit must make disappear, separated by ';' (a change check each, "
+                                  "expected No; p_change = the lowest P(expected answer) of the change checks)")
     j.add_argument("--judge", help="judge folder or hub id (default: the bundled Shapes-world judge)")
-    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep]}")
-    j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep} lines")
+    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep, "
+                                   "new, gone]}")
+    j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep, p_change} lines")
     j.set_defaults(func=cmd_judge)
 
     t = sub.add_parser("train", help="train a stage (warmup, npedit, sft)")

@@ -51,6 +51,9 @@ class JudgeConfig:
     # Extension (not in the paper): up to this many "is <object> still there?" checks per sample, one per
     # object the sample's `keep` list names (objects the edit must leave alone); 0 = the method as published.
     keep_questions: int = 0
+    # Extension: up to this many checks of the edit's own result per sample, "is <object> there?" expected Yes
+    # for each object the sample's `new` list names and No for each one its `gone` list names; 0 = off.
+    change_questions: int = 0
     loss: str = "yes_no"  # "yes_no" (logit-difference BCE) or "full_vocab" (ablation)
     temperature_start: float = 0.1  # logit temperature ramps linearly to 1 ...
     temperature_warmup_steps: int = 2000  # ... over this many steps (0 = always 1)
@@ -60,6 +63,8 @@ class JudgeConfig:
         _check(self.loss, VLM_LOSSES, "judge.loss")
         if self.keep_questions < 0:
             raise ValueError(f"judge.keep_questions must be >= 0, got {self.keep_questions}")
+        if self.change_questions < 0:
+            raise ValueError(f"judge.change_questions must be >= 0, got {self.change_questions}")
 
 
 @dataclass(frozen=True)

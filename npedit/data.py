@@ -7,6 +7,8 @@ A manifest is a JSON-lines file, one sample a line:
      "edit_type": "recolor",                              # optional (default: "edit")
      "object_name": "car",                                # required when edit_type is "remove"
      "keep": ["tree", "red house"],                       # optional: objects the edit must leave in place
+     "new": ["red car"],                                  # optional: objects the edit creates (judge.change_questions)
+     "gone": ["blue car"],                                # optional: objects the edit must make disappear
      "target": "targets/0001.png"}                        # only for the paired-SFT baseline
 Relative paths are resolved against the manifest's folder.
 """
@@ -47,6 +49,8 @@ class EditRecord:
     edit_type: str = "edit"
     object_name: str = ""
     keep: str = ""  # names of objects the edit must leave in place, ";"-separated (judge.keep_questions)
+    new: str = ""  # names of objects the edit creates, ";"-separated (judge.change_questions, expected Yes)
+    gone: str = ""  # names of objects the edit must make disappear, ";"-separated (expected No)
     target: str = ""
 
     def __post_init__(self):
@@ -65,6 +69,16 @@ class EditRecord:
         """The `keep` names as a list (empty entries dropped)."""
         return object_names(self.keep)
 
+    @property
+    def new_names(self) -> list[str]:
+        """The `new` names as a list."""
+        return object_names(self.new)
+
+    @property
+    def gone_names(self) -> list[str]:
+        """The `gone` names as a list."""
+        return object_names(self.gone)
+
 
 def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
     """Parse a cases.jsonl manifest, resolving relative paths; errors name the line."""
@@ -82,8 +96,9 @@ def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
             raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict) or "image" not in raw or "instruction" not in raw:
             raise ValueError(f"{path}:{n}: each line needs at least 'image' and 'instruction'")
-        if isinstance(raw.get("keep"), list):
-            raw["keep"] = ";".join(object_names(raw["keep"]))
+        for key in ("keep", "new", "gone"):
+            if isinstance(raw.get(key), list):
+                raw[key] = ";".join(object_names(raw[key]))
         raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
         raw.setdefault("id", f"{n:06d}")
         for key in ("image", "target"):
@@ -125,6 +140,8 @@ class EditDataset(Dataset):
             "edit_type": r.edit_type,
             "object_name": r.object_name,
             "keep": r.keep_names,
+            "new": r.new_names,
+            "gone": r.gone_names,
         }
         if self.need_target:
             item["target"] = self._image(r.target)

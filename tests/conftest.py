@@ -43,6 +43,8 @@ def tiny_manifest(tmp_path_factory):
             "edit_type": "recolor" if i % 2 == 0 else "remove", "object_name": "red circle",
             # objects to leave in place (judge.keep_questions): a list, a ";"-separated string, or none
             **([{"keep": ["blue square", "red circle"]}, {"keep": "red circle; green triangle"}, {}, {}][i]),
+            # the edit's own result (judge.change_questions): objects it creates / makes disappear
+            **([{"new": ["green circle"]}, {}, {"new": "green circle", "gone": "red circle"}, {}][i]),
         }))
     (root / "cases.jsonl").write_text("\n".join(lines) + "\n")
     return root / "cases.jsonl"

@@ -115,8 +115,9 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
                                  "red circle", "Is the second image sharp? Answer with Yes or No.", api_name="/judge")
         assert [row[0] for row in removal[1]["data"]] == ["contains", "identity", "extra"]
         kept = client.predict(handle_file(str(shapes_png)), handle_file(edited), "remove the circle", "remove",
-                              "red circle", "", "blue square; red circle", api_name="/judge")
-        assert [row[0] for row in kept[1]["data"]] == ["contains", "identity", "keep"] and 0 < kept[0]["p_keep"] < 1
+                              "red circle", "", "blue square", "", "green triangle", api_name="/judge")
+        assert [row[0] for row in kept[1]["data"]] == ["contains", "identity", "keep", "change"]
+        assert 0 < kept[0]["p_keep"] < 1 and 0 < kept[0]["p_change"] < 1
         listing = tmp_path / "pairs.csv"
         listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{Path(edited).name},remove the circle\n")
         table, csv = client.predict([handle_file(str(listing)), handle_file(str(shapes_png)), handle_file(edited)],

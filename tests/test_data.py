@@ -16,6 +16,9 @@ def test_manifest_parsing(tiny_manifest):
     assert len(subset(records, 0.5, 0)) == 2 and subset(records, 0.5, 0) == subset(records, 0.5, 0)
     assert [r.keep_names for r in records] == [["blue square", "red circle"], ["red circle", "green triangle"], [], []]
     assert collate([ds[0], ds[2]])["keep"] == [["blue square", "red circle"], []]
+    assert [(r.new_names, r.gone_names) for r in records] == [
+        (["green circle"], []), ([], []), (["green circle"], ["red circle"]), ([], [])]
+    assert collate([ds[0], ds[2]])["gone"] == [[], ["red circle"]]
 
 
 @pytest.mark.parametrize("line, message", [

@@ -29,7 +29,7 @@ def trained(tmp_path_factory, tiny_zimage, tiny_judge, tiny_manifest):
     run("-m", "npedit", "train", "stage=warmup", "output_dir=runs/warmup", "max_steps=2", *common, cwd=work)
     stage2 = ["stage=npedit", "output_dir=runs/npedit", f"judge.path={tiny_judge}", "critic_steps=2",
               f"model.student={work}/runs/warmup/pipeline", "sample_every=3", "data.do_nothing_prob=0.25",
-              "judge.keep_questions=2", *common]
+              "judge.keep_questions=2", "judge.change_questions=2", *common]
     run("-m", "npedit", "train", "max_steps=3", *stage2, cwd=work)
     first = (work / "runs/npedit/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors").read_bytes()
     run("-m", "npedit", "train", "--resume", "max_steps=4", *stage2, cwd=work)
@@ -43,6 +43,8 @@ def test_training_runs_and_resumes(trained):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # resumed at 3, one more step
     keep = [r["vlm_keep_p_yes"] for r in rows if "vlm_keep_p_yes" in r]  # batches naming `keep` objects
     assert keep and all(0 <= p <= 1 for p in keep)
+    change = [r["vlm_change_p_expected"] for r in rows if "vlm_change_p_expected" in r]  # batches naming new/gone
+    assert change and all(0 <= p <= 1 for p in change)
     for r in rows:
         assert np.isfinite([r["dmd_loss"], r["vlm_loss"], r["critic_fm_loss"]]).all()
         assert r["student_skipped"] == 0
@@ -95,6 +97,15 @@ def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest):
     keeps = [q for q in kept["questions"] if q["kind"] == "keep"]  # the removed object is not a keep check
     assert [("blue square" in q["text"], "green dot" in q["text"]) for q in keeps] == [(True, False), (False, True)]
     assert kept["p_keep"] == pytest.approx(min(q["p_yes"] for q in keeps))
+    # another red circle stays: "does it contain a red circle?" cannot tell, so the edit check is asked instead
+    assert [q["kind"] for q in kept["questions"][:2]] == ["edit", "identity"] and kept["p_change"] is None
+    changed = json.loads(run("-m", "npedit", "judge", "--judge", tiny_judge, "--reference", "in.png", "--edited",
+                             "out/edited.png", "--instruction", "make the red circle green", "--new", "green circle",
+                             "--gone", "red circle", cwd=work))
+    checks = [q for q in changed["questions"] if q["kind"] == "change"]
+    assert [(q["expected"], "green circle" in q["text"]) for q in checks] == [("Yes", True), ("No", False)]
+    p_expected = [q["p_yes"] if q["expected"] == "Yes" else 1 - q["p_yes"] for q in checks]
+    assert changed["p_change"] == pytest.approx(min(p_expected))
 
 
 def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
@@ -108,11 +119,14 @@ def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
     pairs.write_text("\n".join(json.dumps({"id": i, "reference": str(tiny_manifest.parent / f"images/{i}.png"),
                                            "edited": str(work / f"batch/{i}.png"), "instruction": "remove the red circle",
                                            "edit_type": "remove", "object": "red circle",
-                                           **({"keep": ["blue square"]} if i == "1" else {})}) for i in "01") + "\n")
+                                           **({"keep": ["blue square"], "gone": "red circle; blue dot"}
+                                              if i == "1" else {})}) for i in "01") + "\n")
     main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(work / "verdicts.jsonl")])
     rows = [json.loads(line) for line in (work / "verdicts.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["0", "1"] and all(set(r) == {"id", "p_edit", "p_identity", "p_keep"} for r in rows)
+    assert [r["id"] for r in rows] == ["0", "1"] and all(
+        set(r) == {"id", "p_edit", "p_identity", "p_keep", "p_change"} for r in rows)
     assert rows[0]["p_keep"] is None and 0 < rows[1]["p_keep"] < 1
+    assert rows[0]["p_change"] is None and 0 < rows[1]["p_change"] < 1  # "blue dot" (the removed one is asked already)
 
 
 def test_missing_default_model_is_one_clear_line(tmp_path):

@@ -14,6 +14,7 @@ from transformers import LlavaOnevisionImageProcessor
 
 from npedit.judges import (
     LlavaOnevisionJudge,
+    change_questions,
     contains_question,
     edit_question,
     free_question,
@@ -181,6 +182,30 @@ def test_training_questions():
     assert len(training_questions("remove the dog", "remove", "dog", identity=False)) == 1
     with pytest.raises(ValueError, match="object_name"):
         training_questions("remove the dog", "remove")
+
+
+def test_change_questions_ask_for_new_objects_and_against_gone_ones():
+    qs, used = change_questions(["green circle", "green circle"], ["red circle", "green circle", "blue square"], 4,
+                                removed="blue square")
+    assert [(q.expected, q.kind) for q in qs[:2]] == [("Yes", "change"), ("No", "change")]
+    assert "green circle" in qs[0].text and "red circle" in qs[1].text and qs[0].images == ("edited",)
+    assert used == [True, True, False, False]  # duplicates, a name on both sides and the removed object dropped
+    assert change_questions([], [], 2)[1] == [False, False] and change_questions(["a"], ["b"], 0) == ([], [])
+    assert [q.expected for q in change_questions(["a"], ["b"], 1)[0]] == ["Yes"]  # new objects first
+    gen = torch.Generator().manual_seed(0)
+    picks = {change_questions(["a"], ["b"], 1, generator=gen)[0][0].expected for _ in range(30)}
+    assert picks == {"Yes", "No"}
+    with pytest.raises(ValueError, match="slots"):
+        change_questions(["a"], [], -1)
+
+
+def test_removal_of_a_shared_name_asks_the_edit_question():
+    plain = training_questions("remove the red circle on the left", "remove", "red circle")
+    assert plain[0].kind == "contains" and plain[0].expected == "No"
+    shared = training_questions("remove the red circle on the left", "remove", "red circle",
+                                kept=["blue square", " red circle"])
+    assert [q.kind for q in shared] == ["edit", "identity"] and shared[0].expected == "Yes"
+    assert training_questions("remove the dog", "remove", "dog", kept=["cat"])[0].kind == "contains"
 
 
 def test_keep_questions_pad_to_a_fixed_count():

@@ -19,6 +19,7 @@ from npedit.shapes import (
     apply_edit,
     caption,
     case_from_edit,
+    case_to_dict,
     clean_fraction,
     edit_between,
     held_out_cases,
@@ -185,6 +186,27 @@ def test_case_keep_names_the_untouched_objects(tmp_path):
     cases = held_out_cases(6, seed=0)  # written cases are a training manifest that carries them
     records = load_manifest(write_cases_jsonl(cases, tmp_path))
     assert [r.keep_names for r in records] == [c.keep for c in cases]
+
+
+def test_case_new_and_gone_name_the_edits_own_result():
+    red, blue = Obj("circle", "red", "small", "top left"), Obj("square", "blue", "large", "center")
+    scene = Scene("gray", (red, blue))
+    cases = {category: case_from_edit(scene, edit) for category, edit in [
+        ("recolor", Edit("recolor", "top left", colour="green")), ("remove", Edit("remove", "top left")),
+        ("replace", Edit("replace", "center", shape="triangle", colour="red")),
+        ("resize", Edit("resize", "center", size="small")), ("background", Edit("background", background="sky")),
+        ("add", Edit("add", "bottom", "triangle", "green", "large"))]}
+    assert {k: (c.new, c.gone) for k, c in cases.items()} == {
+        "recolor": (["green circle"], ["red circle"]), "remove": ([], ["red circle"]),
+        "replace": (["red triangle"], ["blue square"]), "resize": (["blue square"], []),
+        "background": ([], []), "add": (["green triangle"], [])}
+    # a name another object still carries is neither gone nor new: the keep check asks it
+    twin = Scene("gray", (red, Obj("circle", "red", "large", "center")))
+    case = case_from_edit(twin, Edit("recolor", "top left", colour="blue"))
+    assert (case.new, case.gone, case.keep) == (["blue circle"], [], ["red circle"])
+    case = case_from_edit(scene, Edit("replace", "top left", shape="square", colour="blue"))
+    assert (case.new, case.gone) == ([], ["red circle"])  # the blue square exists already (kept)
+    assert case_to_dict(case, "x.png")["new"] == [] and case_to_dict(case, "x.png")["gone"] == ["red circle"]
 
 
 def test_preconditions_return_none():

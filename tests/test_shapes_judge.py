@@ -140,6 +140,17 @@ def test_keep_samples_follow_the_grammar():
         assert name in case.keep and scene.background == case.expected.background
 
 
+def test_change_samples_follow_the_grammar():
+    items = jt.change_samples(24, seed=3)
+    assert {kind for *_, kind in items} == set(jt.CHANGE_CANDIDATES)
+    for case, scene, name, truth, kind in items:
+        assert name in case.new + case.gone and truth == any(o.name == name for o in scene.objects)
+        if kind == "edited":  # the true result: created objects there, vanished ones not
+            assert truth == (name in case.new)
+        if kind == "unchanged" and name in case.gone:
+            assert truth  # the copier still shows the object the edit had to change
+
+
 def test_eval_main_writes_json_and_markdown(quick_run, tmp_path, capsys):
     _, judge_dir = quick_run
     assert jt.eval_main(["--judge", str(judge_dir), "--n", "6", "--out", str(tmp_path)]) == 0
@@ -148,6 +159,8 @@ def test_eval_main_writes_json_and_markdown(quick_run, tmp_path, capsys):
     assert 0 < result["keep"]["overall"]["count"] == sum(v["count"] for v in result["keep"]["by_candidate"].values())
     assert "| **overall** |" in (tmp_path / "judge_eval.md").read_text()
     assert "keep check: kept" in (tmp_path / "judge_eval.md").read_text()
+    assert 0 < result["change"]["overall"]["count"] == sum(v["count"] for v in result["change"]["by_side"].values())
+    assert "change check: edited" in (tmp_path / "judge_eval.md").read_text()
     assert "overall" in capsys.readouterr().out
 
 

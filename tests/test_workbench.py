@@ -155,6 +155,9 @@ def test_training_table_to_manifest(tmp_path):
     assert len(records) == 6 and all(Path(r.image).is_file() for r in records)
     assert [r.keep_names for r in records] == [[n.strip() for n in k.split(";") if n.strip()] for k in table["keep"]]
     assert any(r.keep_names for r in records)  # Shapes cases name the objects the edit leaves alone
+    assert [r.new_names for r in records] == [[n.strip() for n in k.split(";") if n.strip()] for k in table["new"]]
+    assert [r.gone_names for r in records] == [[n.strip() for n in k.split(";") if n.strip()] for k in table["gone"]]
+    assert any(r.new_names for r in records) and any(r.gone_names for r in records)  # and the edit's own result
     assert models.read_domain(manifest.parent).is_shapes
     # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
@@ -198,7 +201,8 @@ def test_batch_judging(loaded, tmp_path):
     listing = tmp_path / "pairs.csv"
     pd.DataFrame([{"reference": "ref.png", "edited": "out.png", "instruction": ins},
                   {"id": "r", "reference": "ref.png", "edited": "out.png", "instruction": "remove the square",
-                   "edit_type": "remove", "object": "red square", "keep": "blue circle;green triangle"},
+                   "edit_type": "remove", "object": "red square", "keep": "blue circle;green triangle",
+                   "gone": "red square; blue square"},
                   {"reference": "ref.png", "edited": "missing.png", "instruction": ins}]).to_csv(listing, index=False)
     uploads = [str(listing), str(tmp_path / "ref.png"), str(tmp_path / "out.png")]
     pairs = judging.read_pairs(uploads)
@@ -207,6 +211,8 @@ def test_batch_judging(loaded, tmp_path):
     assert list(out.columns) == judging.RESULT_COLUMNS
     assert 0 < out.loc[0, "p_edit"] < 1 and out.loc[0, "error"] == ""
     assert pd.isna(out.loc[0, "p_keep"]) and 0 < out.loc[1, "p_keep"] < 1  # keep checks only where a row names some
+    assert pairs.loc[1, "gone"] == "red square; blue square" and pd.isna(out.loc[0, "p_change"])
+    assert 0 < out.loc[1, "p_change"] < 1
     assert out.loc[2, "error"] and "missing.png" in out.loc[2, "error"]
     with pytest.raises(ValueError, match="exactly one"):
         judging.read_pairs([str(tmp_path / "ref.png")])
@@ -254,9 +260,12 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     cfg = presets.check_train_args(args)
     assert cfg.judge.path == tiny_set["judge"] and cfg.model.student == tiny_set["model"] and cfg.max_steps == 30
     assert cfg.judge.keep_questions == 0
-    keep = presets.train_args({**quick.values(), "keep_questions": 2}, base=tiny_set["teacher"], judge=tiny_set["judge"],
-                              student=tiny_set["model"], data="shapes", config_file=quick.config_file)
+    assert cfg.judge.change_questions == 0
+    keep = presets.train_args({**quick.values(), "keep_questions": 2, "change_questions": 1}, base=tiny_set["teacher"],
+                              judge=tiny_set["judge"], student=tiny_set["model"], data="shapes",
+                              config_file=quick.config_file)
     assert presets.check_train_args(keep).judge.keep_questions == 2
+    assert presets.check_train_args(keep).judge.change_questions == 1
     if quick.config_file:  # the Shapes recipe supplies what the tab does not show
         assert args[:2] == ["--config", quick.config_file] and cfg.loss.negative_prompt == ""
     warm = presets.PRESETS["Shapes identity warm-up"]

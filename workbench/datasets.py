@@ -19,7 +19,8 @@ from npedit.images import ImageError, load_image
 
 from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
 
-TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep"]
+TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep",
+                 "new", "gone"]
 EDIT_TYPES = ("edit", "add", "remove", "replace", "recolor", "resize", "background", "style", "shape", "action")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -32,7 +33,7 @@ def empty_table() -> pd.DataFrame:
 def table_for_images(paths: list[str]) -> pd.DataFrame:
     """One row per uploaded image, with the text columns left for the user to fill."""
     rows = [{"image": str(p), "instruction": "", "caption_reference": "", "caption_target": "", "edit_type": "edit",
-             "object_name": "", "keep": ""} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+             "object_name": "", "keep": "", "new": "", "gone": ""} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -55,7 +56,8 @@ def shapes_table(n: int, directory: str | os.PathLike, seed: int = 0, paraphrase
     write_domain(directory, SHAPES_DOMAIN)
     rows = [{"image": str(directory / "images" / f"{c.id}.png"), "instruction": c.instruction,
              "caption_reference": c.caption_reference, "caption_target": c.caption_target, "edit_type": c.edit_type,
-             "object_name": c.object_name or "", "keep": "; ".join(c.keep)} for c in cases]
+             "object_name": c.object_name or "", "keep": "; ".join(c.keep), "new": "; ".join(c.new),
+             "gone": "; ".join(c.gone)} for c in cases]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -100,7 +102,7 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
         record = {"id": f"{i:05d}", "image": f"images/{name}", "instruction": values["instruction"],
                   "caption_reference": values["caption_reference"], "caption_target": values["caption_target"],
                   "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"],
-                  "keep": values["keep"]}
+                  "keep": values["keep"], "new": values["new"], "gone": values["gone"]}
         try:
             EditRecord(**record)
         except ValueError as exc:

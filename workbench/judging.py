@@ -15,8 +15,8 @@ from npedit.verdicts import Verdict, judge_edit
 
 from .datasets import IMAGE_SUFFIXES, resolve_image
 
-PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep"]
-RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "error"]
+PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep", "new", "gone"]
+RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "p_change", "error"]
 
 
 def verdict_table(verdict: Verdict) -> pd.DataFrame:
@@ -49,7 +49,7 @@ def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
     """The pairs listed in the one .csv/.jsonl among `files`; image names resolve to the other uploaded files.
 
     Columns: reference, edited, instruction (required); id, edit_type, object_name (or object), keep (objects to
-    leave in place, separated by ';') optional.
+    leave in place, separated by ';'), new and gone (objects the edit creates / must make disappear) optional.
     Relative paths that match no upload resolve against the list file's folder.
     """
     files = [Path(f) for f in files or []]
@@ -71,7 +71,7 @@ def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
         out.append({"id": str(row.get("id") or i), **paths, "instruction": str(row["instruction"]),
                     "edit_type": str(row.get("edit_type") or "edit"),
                     "object_name": str(row.get("object_name") or row.get("object") or ""),
-                    "keep": "; ".join(object_names(row.get("keep")))})
+                    **{k: "; ".join(object_names(row.get(k))) for k in ("keep", "new", "gone")}})
     if not out:
         raise ValueError(f"{listing.name} lists no pairs")
     return pd.DataFrame(out, columns=PAIR_COLUMNS)
@@ -84,12 +84,14 @@ def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], Non
         if progress:
             progress(i / len(pairs), f"judging pair {i + 1}/{len(pairs)}")
         row = {"id": p.id, "instruction": p.instruction, "edit_type": p.edit_type, "p_edit": None,
-               "p_identity": None, "p_keep": None, "error": ""}
+               "p_identity": None, "p_keep": None, "p_change": None, "error": ""}
         try:
             v = judge_edit(judge, p.reference, p.edited, p.instruction, edit_type=p.edit_type,
-                           object_name=p.object_name or None, keep=object_names(p.keep))
+                           object_name=p.object_name or None, keep=object_names(p.keep), new=object_names(p.new),
+                           gone=object_names(p.gone))
             row.update(p_edit=round(v.p_edit, 4), p_identity=None if v.p_identity is None else round(v.p_identity, 4),
-                       p_keep=None if v.p_keep is None else round(v.p_keep, 4))
+                       p_keep=None if v.p_keep is None else round(v.p_keep, 4),
+                       p_change=None if v.p_change is None else round(v.p_change, 4))
         except (ImageError, ValueError) as exc:
             row["error"] = str(exc)
         rows.append(row)

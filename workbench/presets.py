@@ -35,6 +35,7 @@ class Preset:
     lambda_vlm: float = 0.02
     negative_prompt: str = ""
     keep_questions: int = 0  # judge.keep_questions: "is <object> still there?" checks per sample (the table's keep)
+    change_questions: int = 0  # judge.change_questions: checks of the table's new (there) and gone (not there) objects
     batch_size: int = 4
     resolution: int = 64
     log_every: int = 5
@@ -54,7 +55,8 @@ def from_config(cfg: TrainConfig, note: str, config_file: str | None) -> Preset:
     return Preset(note, config_file, stage=cfg.stage, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes,
                   critic_steps=cfg.critic_steps, lr=cfg.optim.lr, lambda_dmd=cfg.loss.lambda_dmd,
                   lambda_vlm=cfg.loss.lambda_vlm, negative_prompt=cfg.loss.negative_prompt,
-                  keep_questions=cfg.judge.keep_questions, batch_size=cfg.data.batch_size, resolution=cfg.data.resolution, log_every=cfg.log_every,
+                  keep_questions=cfg.judge.keep_questions, change_questions=cfg.judge.change_questions,
+                  batch_size=cfg.data.batch_size, resolution=cfg.data.resolution, log_every=cfg.log_every,
                   sample_every=cfg.sample_every, save_every=cfg.save_every)
 
 
@@ -108,7 +110,7 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
              f"critic_steps={int(v['critic_steps'])}",
              f"optim.lr={float(v['lr'])}", f"loss.lambda_dmd={float(v['lambda_dmd'])}",
              f"loss.lambda_vlm={float(v['lambda_vlm'])}", f"loss.negative_prompt={_yaml_str(v['negative_prompt'])}",
-             f"judge.keep_questions={int(v['keep_questions'])}",
+             f"judge.keep_questions={int(v['keep_questions'])}", f"judge.change_questions={int(v['change_questions'])}",
              f"data.batch_size={int(v['batch_size'])}", f"data.resolution={int(v['resolution'])}",
              f"log_every={int(v['log_every'])}", f"sample_every={int(v['sample_every'])}",
              f"save_every={int(v['save_every'])}", f"model.base={base}", f"data.train={data}",

@@ -11,6 +11,8 @@ from transformers import PretrainedConfig
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
 from npedit.judges.questions import (
+    change_question,
+    change_questions,
     contains_question,
     edit_question,
     free_question,
@@ -49,6 +51,8 @@ def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
 
 
 __all__ = [
+    "change_question",
+    "change_questions",
     "JUDGES",
     "Judge",
     "JudgeOutput",

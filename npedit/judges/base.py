@@ -19,7 +19,8 @@ class Question:
     text: str
     images: tuple[ImageRole, ...]
     expected: Answer
-    kind: str  # "edit", "identity", "contains", "keep" (an untouched object still there) or "extra" (free-form)
+    kind: str  # "edit", "identity", "contains", "keep" (an untouched object still there),
+    # "change" (the edit's own result: a created object there, a replaced one gone) or "extra" (free-form)
 
     def __post_init__(self):
         if not self.images or any(r not in ("reference", "edited") for r in self.images):

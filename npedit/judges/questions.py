@@ -57,6 +57,33 @@ def kept_question(object_name: str) -> Question:
     return Question(contains_question(object_name).text, ("edited",), "Yes", "keep")
 
 
+def _slots(questions: list[Question], slots: int, generator: torch.Generator | None,
+           filler: Question) -> tuple[list[Question], list[bool]]:
+    """Exactly `slots` questions and their mask: with more questions than slots, the first `slots` (or, given a
+    `generator`, a random choice kept in order); unused slots repeat the first question (or `filler`), masked out."""
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
+    if generator is not None and 0 < slots < len(questions):  # (no draw when nothing is asked: same RNG stream)
+        chosen = sorted(torch.randperm(len(questions), generator=generator)[:slots].tolist())
+        questions = [questions[i] for i in chosen]
+    questions = questions[:slots]
+    used = [True] * len(questions)
+    pad = questions[0] if questions else filler
+    while len(questions) < slots:
+        questions.append(pad)
+        used.append(False)
+    return questions, used
+
+
+def _distinct(names: Sequence[str], skip: str | None = None) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        name = name.strip()
+        if name and name != skip and name not in out:
+            out.append(name)
+    return out
+
+
 def keep_questions(names: Sequence[str], slots: int, removed: str | None = None,
                    generator: torch.Generator | None = None) -> tuple[list[Question], list[bool]]:
     """Up to `slots` one-image checks that objects the edit must leave alone are still there.
@@ -67,23 +94,29 @@ def keep_questions(names: Sequence[str], slots: int, removed: str | None = None,
     questions and a mask: unused slots repeat the first question (or a placeholder) with mask False, so a
     batch stays a rectangular (B, Q) grid and the loss ignores them.
     """
-    if slots < 0:
-        raise ValueError(f"slots must be >= 0, got {slots}")
-    kept: list[str] = []
-    for name in names:
-        name = name.strip()
-        if name and name != removed and name not in kept:
-            kept.append(name)
-    if generator is not None and 0 < slots < len(kept):  # (no draw when nothing is asked: same RNG stream)
-        chosen = sorted(torch.randperm(len(kept), generator=generator)[:slots].tolist())
-        kept = [kept[i] for i in chosen]
-    questions = [kept_question(name) for name in kept[:slots]]
-    used = [True] * len(questions)
-    filler = questions[0] if questions else kept_question("anything")
-    while len(questions) < slots:
-        questions.append(filler)
-        used.append(False)
-    return questions, used
+    questions = [kept_question(name) for name in _distinct(names, skip=removed)]
+    return _slots(questions, slots, generator, kept_question("anything"))
+
+
+def change_question(object_name: str, present: bool) -> Question:
+    """The contains question about an object the edit itself creates (expected Yes) or must make disappear
+    (expected No), kind "change"."""
+    return Question(contains_question(object_name).text, ("edited",), "Yes" if present else "No", "change")
+
+
+def change_questions(new: Sequence[str], gone: Sequence[str], slots: int, removed: str | None = None,
+                     generator: torch.Generator | None = None) -> tuple[list[Question], list[bool]]:
+    """Up to `slots` one-image checks of the edit's own result: "does the edited image contain <name>?",
+    expected Yes for each distinct object name the edit creates (`new`: the recoloured, replaced, resized or
+    added object) and No for each one it must make disappear (`gone`: the old name of a recoloured or replaced
+    object, when no other object keeps it). A `gone` name equal to the removed object's is skipped (the
+    removal check already asks it), as is a name listed on both sides. Slots, random choice and mask as in
+    `keep_questions`.
+    """
+    yes = _distinct(new)
+    no = [n for n in _distinct(gone, skip=removed) if n not in yes]
+    questions = [change_question(n, True) for n in yes] + [change_question(n, False) for n in no]
+    return _slots(questions, slots, generator, change_question("anything", True))
 
 
 def free_question(text: str, images: Sequence[ImageRole] = PAIR, expected: Answer = "Yes") -> Question:
@@ -92,11 +125,15 @@ def free_question(text: str, images: Sequence[ImageRole] = PAIR, expected: Answe
 
 
 def training_questions(
-    instruction: str, edit_type: str, object_name: str | None = None, *, identity: bool = True
+    instruction: str, edit_type: str, object_name: str | None = None, *, identity: bool = True,
+    kept: Sequence[str] = (),
 ) -> list[Question]:
     """The questions of one training sample: edit check (contains-check for removals), then identity.
 
-    The count depends only on `identity` (2 or 1), so a batch forms a rectangular (B, Q) grid.
+    A removal is checked with "does the edited image contain <object_name>?" (expected No), unless `kept`
+    (names of objects the edit leaves in place) holds the same name: then another object answers that
+    question Yes whatever the edit does, so the instruction's edit check and identity question are asked
+    instead. The count depends only on `identity` (2 or 1), so a batch forms a rectangular (B, Q) grid.
     """
     if edit_type == "remove":
         if not object_name:
@@ -104,6 +141,7 @@ def training_questions(
                 f"edit_type 'remove' needs object_name (the removed object's name), got {object_name!r} "
                 f"for instruction {instruction!r}"
             )
+    if edit_type == "remove" and object_name.strip() not in _distinct(kept):
         check, keep = contains_question(object_name), removal_identity_question(object_name)
     else:
         check, keep = edit_question(instruction), identity_question(instruction)

@@ -239,6 +239,20 @@ class EditCase:
         """Names of the untouched objects (a training sample's `keep` list)."""
         return [o.name for o in self.untouched]
 
+    @property
+    def new(self) -> list[str]:
+        """Names of the objects the edit creates (added, recoloured, replaced or resized), except a name an untouched
+        object already carries (its keep check asks it). Known from the instruction alone."""
+        kept = set(self.keep)
+        return [o.name for o in self.expected.objects if o not in self.reference.objects and o.name not in kept]
+
+    @property
+    def gone(self) -> list[str]:
+        """Names of the reference's objects the edit changes or removes that no object of the result carries any
+        more (the old name of a recoloured or replaced object, the removed object's), from reference + instruction."""
+        after = {o.name for o in self.expected.objects}
+        return [o.name for o in self.reference.objects if o not in self.expected.objects and o.name not in after]
+
 
 def _object_name(reference: Scene, expected: Scene, edit: Edit) -> str | None:
     """`{colour} {shape}` of the object the edit is about (the added one for add), None for background."""
@@ -310,6 +324,8 @@ def case_to_dict(case: EditCase, image: str) -> dict:
         "edit_type": case.edit_type,
         "object_name": case.object_name,
         "keep": case.keep,
+        "new": case.new,
+        "gone": case.gone,
         "expected": scene_to_dict(case.expected),
         "reference": scene_to_dict(case.reference),
     }

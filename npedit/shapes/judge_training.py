@@ -781,6 +781,54 @@ def evaluate_keep(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0
             "by_candidate": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in hits.items() if v}}
 
 
+CHANGE_CANDIDATES = ("edited", "unchanged", "wrong value", "wrong object")
+
+
+def change_samples(n: int, seed: int = 1000) -> list[tuple[EditCase, Scene, str, bool, str]]:
+    """Held-out change checks (`judge.change_questions`): per canonical case and each name of its `new` and `gone`
+    lists, the contains question asked of the true result, of the unchanged reference, of the same edit with other
+    values and of the same edit on another object, as (case, candidate, name, truth, candidate kind); the truth is
+    whether the candidate contains an object of that name."""
+    out = []
+    for i, case in enumerate(held_out_cases(n, seed)):
+        names = case.new + case.gone
+        if not names:
+            continue
+        rng = np.random.default_rng([seed, 13, i])
+        edit = edit_between(case.reference, case.expected, case.category)
+        candidates = {"edited": case.expected, "unchanged": case.reference,
+                      "wrong value": _wrong_value(rng, case, edit), "wrong object": _wrong_object(rng, case, edit)}
+        for kind, scene in candidates.items():
+            if scene is None or not scene.objects:
+                continue
+            for name in names:
+                out.append((case, scene, name, any(o.name == name for o in scene.objects), kind))
+    return out
+
+
+@torch.no_grad()
+def evaluate_change(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0.0, batch_size: int = 64) -> dict:
+    """Accuracy of `judge` on the change checks over `change_samples`: overall, per candidate kind and per side
+    (a `new` name, whose training answer is Yes; a `gone` name, No)."""
+    items = change_samples(n, seed)
+    rng = np.random.default_rng(seed)
+    device = next(judge.parameters()).device
+    hits: dict[str, list[bool]] = {k: [] for k in CHANGE_CANDIDATES}
+    sides: dict[str, list[bool]] = {"new": [], "gone": []}
+    for chunk in _batches(items, batch_size):
+        ref = torch.stack([to_tensor(render(case.reference)) for case, *_ in chunk]).to(device)
+        cand = torch.stack([candidate_image(scene, rng, degrade_prob)[0] for _, scene, *_ in chunk]).to(device)
+        p = judge.answer(ref, cand, [[kept_question(name)] for _, _, name, _, _ in chunk]).p_yes[:, 0].cpu().numpy()
+        for (case, _, name, truth, kind), prob in zip(chunk, p):
+            hit = bool((prob >= 0.5) == truth)
+            hits[kind].append(hit)
+            sides["new" if name in case.new else "gone"].append(hit)
+    every = [h for v in hits.values() for h in v]
+    return {"overall": {"accuracy": float(np.mean(every)), "count": len(every)},
+            "by_candidate": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in hits.items() if v},
+            "by_side": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in sides.items() if v}}
+
+
 def format_table(result: dict) -> str:
     """A Markdown table of an `evaluate_judge` result."""
     lines = ["| group | accuracy | count |", "|---|---|---|"]
@@ -793,6 +841,12 @@ def format_table(result: dict) -> str:
         lines.append(f"| keep check: overall | {keep['overall']['accuracy']:.3f} | {keep['overall']['count']} |")
         for name, row in keep["by_candidate"].items():
             lines.append(f"| keep check: {name} | {row['accuracy']:.3f} | {row['count']} |")
+    if "change" in result:  # the change checks (judge.change_questions), asked of created and vanished objects
+        change = result["change"]
+        lines.append(f"| change check: overall | {change['overall']['accuracy']:.3f} | {change['overall']['count']} |")
+        for section in ("by_side", "by_candidate"):
+            for name, row in change[section].items():
+                lines.append(f"| change check: {name} | {row['accuracy']:.3f} | {row['count']} |")
     return "\n".join(lines)
 
 
@@ -816,7 +870,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device()
     judge = load_judge(path, device=device)
     result = {"judge": str(path), **evaluate_judge(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade),
-              "keep": evaluate_keep(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade)}
+              "keep": evaluate_keep(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade),
+              "change": evaluate_change(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade)}
     table = format_table(result)
     print(table)
     out = Path(args.out) if args.out else Path(path).resolve().parent

@@ -45,6 +45,8 @@ class ShapesEditData(Dataset):
             "edit_type": c.edit_type,
             "object_name": c.object_name or "",
             "keep": c.keep,
+            "new": c.new,
+            "gone": c.gone,
         }
 
 

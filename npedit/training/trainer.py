@@ -246,28 +246,44 @@ class Trainer:
 
     def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """Decode the edit and ask the judge the edit and identity questions (one forward pass), plus, with
-        `judge.keep_questions`, whether each object the sample's `keep` list names is still there."""
-        from ..judges import keep_questions, training_questions
+        `judge.keep_questions`, whether each object the sample's `keep` list names is still there and, with
+        `judge.change_questions`, whether the objects its `new` list names are there and its `gone` ones are not."""
+        from ..judges import change_questions, keep_questions, training_questions
 
         jc = self.cfg.judge
         edited = (self.backbone.decode_latents(x).float() + 1) / 2  # (B, 3, H, W), ~[0, 1]
-        keep = batch.get("keep") or [[]] * len(batch["instruction"])
-        rows = [training_questions(ins, et, obj or None, identity=jc.identity_question)
-                for ins, et, obj in zip(batch["instruction"], batch["edit_type"], batch["object_name"])]
-        extras = [keep_questions(names, jc.keep_questions, removed=obj if et == "remove" else None, generator=self.gen)
-                  for names, et, obj in zip(keep, batch["edit_type"], batch["object_name"])]
-        width = max((sum(mask) for _, mask in extras), default=0)  # padding only up to the longest list in the batch
-        questions = [row + extra[:width] for row, (extra, _) in zip(rows, extras)]
-        used = [[True] * len(row) + mask[:width] for row, (_, mask) in zip(rows, extras)]
+        n = len(batch["instruction"])
+        keep, new, gone = ((batch.get(key) or [[]] * n) for key in ("keep", "new", "gone"))
+        rows = [training_questions(ins, et, obj or None, identity=jc.identity_question, kept=names)
+                for ins, et, obj, names in zip(batch["instruction"], batch["edit_type"], batch["object_name"], keep)]
+        removed = [obj if et == "remove" else None for et, obj in zip(batch["edit_type"], batch["object_name"])]
+        groups = {}  # name -> per-sample (questions, mask), padded to the longest list of the batch
+        if jc.keep_questions:
+            groups["keep"] = [keep_questions(k, jc.keep_questions, removed=r, generator=self.gen)
+                              for k, r in zip(keep, removed)]
+        if jc.change_questions:
+            groups["change"] = [change_questions(a, g, jc.change_questions, removed=r, generator=self.gen)
+                                for a, g, r in zip(new, gone, removed)]
+        questions, used = [list(r) for r in rows], [[True] * len(r) for r in rows]
+        spans = {}
+        for name, extras in groups.items():
+            width = max(sum(mask) for _, mask in extras)
+            if not width:
+                continue
+            spans[name] = (len(questions[0]), len(questions[0]) + width)
+            for qs, us, (extra, mask) in zip(questions, used, extras):
+                qs += extra[:width]
+                us += mask[:width]
         out = self.judge.answer((ref_pixels + 1) / 2, edited, questions)
         expected = torch.tensor([[q.expected == "Yes" for q in qs] for qs in questions], device=x.device)
         question_mask = torch.tensor(used, device=x.device)
         weight = (~batch["do_nothing"]).float().to(x.device)
         loss, metrics = vlm_loss(out.logits, out.vocab_logprobs, expected, weight=weight, question_mask=question_mask,
                                  mode=jc.loss, temperature=self.temperature())
-        if width:
-            kept = question_mask[:, -width:]
-            metrics["vlm_keep_p_yes"] = out.p_yes[:, -width:].detach()[kept].mean()
+        for name, (a, b) in spans.items():
+            asked = question_mask[:, a:b]
+            p_expected = torch.where(expected[:, a:b], out.p_yes[:, a:b], 1 - out.p_yes[:, a:b]).detach()
+            metrics[f"vlm_{name}_p_expected" if name == "change" else "vlm_keep_p_yes"] = p_expected[asked].mean()
         return loss, metrics
 
     # ---- the loop ---------------------------------------------------------------------------
