@@ -363,6 +363,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                                             label="keep_questions (0 = the paper's questions only)")
         knobs["change_questions"] = gr.Number(value=p0.change_questions, precision=0, minimum=0,
                                               label="change_questions (checks of new / gone; 0 = off)")
+    with gr.Row():
         for name in ("log_every", "sample_every", "save_every"):
             knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
     knobs["negative_prompt"] = gr.Textbox(value=p0.negative_prompt, label="negative_prompt (the teacher's CFG "
