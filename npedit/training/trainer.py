@@ -244,6 +244,9 @@ class Trainer:
                                                  self.cfg_scales(batch["edit_type"]))
         return x0_real.float(), x0_fake.float()
 
+    # the logged mean P(expected answer) of each group of extra checks (a keep check expects Yes)
+    _CHECK_METRICS = {"keep": "vlm_keep_p_yes", "change": "vlm_change_p_expected"}
+
     def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """Decode the edit and ask the judge the edit and identity questions (one forward pass), plus, with
         `judge.keep_questions`, whether each object the sample's `keep` list names is still there and, with
@@ -283,7 +286,7 @@ class Trainer:
         for name, (a, b) in spans.items():
             asked = question_mask[:, a:b]
             p_expected = torch.where(expected[:, a:b], out.p_yes[:, a:b], 1 - out.p_yes[:, a:b]).detach()
-            metrics[f"vlm_{name}_p_expected" if name == "change" else "vlm_keep_p_yes"] = p_expected[asked].mean()
+            metrics[self._CHECK_METRICS[name]] = p_expected[asked].mean()
         return loss, metrics
 
     # ---- the loop ---------------------------------------------------------------------------
