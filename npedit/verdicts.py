@@ -39,11 +39,10 @@ def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: 
     named in `new` (expected there) or `gone` (expected not there), and free-form `extra` questions) about one
     (reference, edited) pair."""
     questions: list[Question] = training_questions(instruction, edit_type, object_name, identity=True, kept=keep)
-    kept, used = keep_questions(keep, len(keep), removed=object_name if edit_type == "remove" else None)
-    questions += [q for q, u in zip(kept, used) if u]
     removed = object_name if edit_type == "remove" else None
-    changes, used = change_questions(new, gone, len(new) + len(gone), removed=removed)
-    questions += [q for q, u in zip(changes, used) if u]
+    for checks, used in (keep_questions(keep, len(keep), removed=removed),
+                         change_questions(new, gone, len(new) + len(gone), removed=removed)):
+        questions += [q for q, u in zip(checks, used) if u]
     questions += [free_question(text) for text in extra if text.strip()]
     device = next(judge.parameters()).device
     out = judge.answer(_pixels01(reference).to(device), _pixels01(edited).to(device), [questions])

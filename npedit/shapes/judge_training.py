@@ -762,23 +762,36 @@ def keep_samples(n: int, seed: int = 1000) -> list[tuple[EditCase, Scene, str, s
     return out
 
 
+def _rates(groups: dict[str, list[bool]]) -> dict:
+    return {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in groups.items() if v}
+
+
 @torch.no_grad()
+def _contains_hits(judge, items: Sequence[tuple[EditCase, Scene, str, bool]], seed: int, degrade_prob: float,
+                   batch_size: int) -> list[bool]:
+    """Whether `judge` answers "does the edited image contain <name>?" right for each (case, candidate, name,
+    truth): one question per pair, the candidate rendered (and degraded with `degrade_prob`) in order."""
+    rng = np.random.default_rng(seed)
+    device = next(judge.parameters()).device
+    hits = []
+    for chunk in _batches(items, batch_size):
+        ref = torch.stack([to_tensor(render(case.reference)) for case, *_ in chunk]).to(device)
+        cand = torch.stack([candidate_image(scene, rng, degrade_prob)[0] for _, scene, *_ in chunk]).to(device)
+        p = judge.answer(ref, cand, [[kept_question(name)] for _, _, name, _ in chunk]).p_yes[:, 0].cpu().numpy()
+        hits += [bool((prob >= 0.5) == truth) for (*_, truth), prob in zip(chunk, p)]
+    return hits
+
+
 def evaluate_keep(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0.0, batch_size: int = 64) -> dict:
     """Accuracy of `judge` on the keep check ("does the edited image contain <untouched object>?", asked by
     `judge.keep_questions`) over `keep_samples`: overall and per candidate kind."""
     items = keep_samples(n, seed)
-    rng = np.random.default_rng(seed)
-    device = next(judge.parameters()).device
-    hits: dict[str, list[bool]] = {k: [] for k in KEEP_CANDIDATES}
-    for chunk in _batches(items, batch_size):
-        ref = torch.stack([to_tensor(render(case.reference)) for case, *_ in chunk]).to(device)
-        cand = torch.stack([candidate_image(scene, rng, degrade_prob)[0] for _, scene, _, _ in chunk]).to(device)
-        p = judge.answer(ref, cand, [[kept_question(name)] for _, _, name, _ in chunk]).p_yes[:, 0].cpu().numpy()
-        for (_, _, _, kind), prob in zip(chunk, p):
-            hits[kind].append(bool((prob >= 0.5) == (kind == "kept")))
-    every = [h for v in hits.values() for h in v]
-    return {"overall": {"accuracy": float(np.mean(every)), "count": len(every)},
-            "by_candidate": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in hits.items() if v}}
+    hits = _contains_hits(judge, [(c, s, name, kind == "kept") for c, s, name, kind in items], seed, degrade_prob,
+                          batch_size)
+    by_kind: dict[str, list[bool]] = {k: [] for k in KEEP_CANDIDATES}
+    for (*_, kind), hit in zip(items, hits):
+        by_kind[kind].append(hit)
+    return {"overall": _rates({"all": hits})["all"], "by_candidate": _rates(by_kind)}
 
 
 CHANGE_CANDIDATES = ("edited", "unchanged", "wrong value", "wrong object")
@@ -806,27 +819,17 @@ def change_samples(n: int, seed: int = 1000) -> list[tuple[EditCase, Scene, str,
     return out
 
 
-@torch.no_grad()
 def evaluate_change(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 0.0, batch_size: int = 64) -> dict:
     """Accuracy of `judge` on the change checks over `change_samples`: overall, per candidate kind and per side
     (a `new` name, whose training answer is Yes; a `gone` name, No)."""
     items = change_samples(n, seed)
-    rng = np.random.default_rng(seed)
-    device = next(judge.parameters()).device
-    hits: dict[str, list[bool]] = {k: [] for k in CHANGE_CANDIDATES}
+    hits = _contains_hits(judge, [item[:4] for item in items], seed, degrade_prob, batch_size)
+    by_kind: dict[str, list[bool]] = {k: [] for k in CHANGE_CANDIDATES}
     sides: dict[str, list[bool]] = {"new": [], "gone": []}
-    for chunk in _batches(items, batch_size):
-        ref = torch.stack([to_tensor(render(case.reference)) for case, *_ in chunk]).to(device)
-        cand = torch.stack([candidate_image(scene, rng, degrade_prob)[0] for _, scene, *_ in chunk]).to(device)
-        p = judge.answer(ref, cand, [[kept_question(name)] for _, _, name, _, _ in chunk]).p_yes[:, 0].cpu().numpy()
-        for (case, _, name, truth, kind), prob in zip(chunk, p):
-            hit = bool((prob >= 0.5) == truth)
-            hits[kind].append(hit)
-            sides["new" if name in case.new else "gone"].append(hit)
-    every = [h for v in hits.values() for h in v]
-    return {"overall": {"accuracy": float(np.mean(every)), "count": len(every)},
-            "by_candidate": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in hits.items() if v},
-            "by_side": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in sides.items() if v}}
+    for (case, _, name, _, kind), hit in zip(items, hits):
+        by_kind[kind].append(hit)
+        sides["new" if name in case.new else "gone"].append(hit)
+    return {"overall": _rates({"all": hits})["all"], "by_candidate": _rates(by_kind), "by_side": _rates(sides)}
 
 
 def format_table(result: dict) -> str:
@@ -836,17 +839,15 @@ def format_table(result: dict) -> str:
     for section in ("by_kind", "by_category", "by_candidate", "by_category_kind"):
         for name, row in result[section].items():
             lines.append(f"| {section[3:]}: {name} | {row['accuracy']:.3f} | {row['count']} |")
-    if "keep" in result:  # the per-object keep check (judge.keep_questions), asked of an untouched object
-        keep = result["keep"]
-        lines.append(f"| keep check: overall | {keep['overall']['accuracy']:.3f} | {keep['overall']['count']} |")
-        for name, row in keep["by_candidate"].items():
-            lines.append(f"| keep check: {name} | {row['accuracy']:.3f} | {row['count']} |")
-    if "change" in result:  # the change checks (judge.change_questions), asked of created and vanished objects
-        change = result["change"]
-        lines.append(f"| change check: overall | {change['overall']['accuracy']:.3f} | {change['overall']['count']} |")
-        for section in ("by_side", "by_candidate"):
-            for name, row in change[section].items():
-                lines.append(f"| change check: {name} | {row['accuracy']:.3f} | {row['count']} |")
+    # the one-image checks of judge.keep_questions (an untouched object) and judge.change_questions (created and
+    # vanished objects)
+    for key, sections in (("keep", ("by_candidate",)), ("change", ("by_side", "by_candidate"))):
+        if key in result:
+            block = result[key]
+            lines.append(f"| {key} check: overall | {block['overall']['accuracy']:.3f} | {block['overall']['count']} |")
+            for section in sections:
+                for name, row in block[section].items():
+                    lines.append(f"| {key} check: {name} | {row['accuracy']:.3f} | {row['count']} |")
     return "\n".join(lines)
 
 
