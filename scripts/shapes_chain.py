@@ -60,6 +60,7 @@ class Chain:
     def __init__(self, out: Path, *, smoke: bool, scale: float, threads: int, deadline: float = float("inf")):
         self.out, self.smoke, self.scale, self.threads = out, smoke, scale, threads
         self.deadline = deadline  # time.monotonic() after which running stages are stopped
+        self.base = str(out / "teacher" / "base")  # the teacher (model.base) of the student stages
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.record: dict = {"smoke": smoke, "scale": scale, "stages": {}, "eval": {}}
         self.t0 = time.monotonic()
@@ -153,7 +154,7 @@ class Chain:
 
     def train(self, config: str, name: str, minutes: float, extra: list[str], max_steps: int = 1_000_000):
         args = ["train", "--config", f"configs/shapes/{config}.yaml", f"output_dir={self.p(name)}",
-                f"model.base={self.p('teacher', 'base')}"]
+                f"model.base={self.base}"]
         if self.smoke:
             return args + [*extra, "max_steps=2", "data.batch_size=2", "log_every=1", "sample_every=2",
                            "save_every=2", "critic_steps=1"]
@@ -164,7 +165,7 @@ class Chain:
         n = "10" if self.smoke else "300"
         args = ["eval", "shapes", "--n", n, "--seed", "0", "--out", self.p("eval"), "--name", name]
         if baseline:
-            return args + ["--baseline", "teacher", "--teacher", self.p("teacher", "base")]
+            return args + ["--baseline", "teacher", "--teacher", self.base]
         return args + ["--model", model]
 
     # ---- the chain ------------------------------------------------------------------------
@@ -278,15 +279,21 @@ def main() -> int:
         if not ok or args.smoke:
             return 0 if ok else 1
     chain = Chain(out, smoke=False, scale=args.scale, threads=args.threads, deadline=deadline)
+    ok = go_then_pack(chain, "chain", (lambda: pack(chain, Path(args.pack))) if args.pack else None)
+    return 0 if ok else 1
+
+
+def go_then_pack(chain: Chain, label: str, pack_it=None) -> bool:
+    """Run the chain; pack whatever finished even if it stopped with an error; print the outcome."""
     try:
         ok = chain.go()
-    except Exception as exc:  # still pack whatever finished
-        print(f"chain stopped: {exc!r}", flush=True)
+    except Exception as exc:
+        print(f"{label} stopped: {exc!r}", flush=True)
         ok = False
-    if args.pack:
-        pack(chain, Path(args.pack))
-    print(f"chain: {'ok' if ok else 'finished with failures'} in {chain.record['elapsed_s']:.0f} s", flush=True)
-    return 0 if ok else 1
+    if pack_it:
+        pack_it()
+    print(f"{label}: {'ok' if ok else 'finished with failures'} in {chain.record['elapsed_s']:.0f} s", flush=True)
+    return ok
 
 
 if __name__ == "__main__":

@@ -54,3 +54,69 @@ def test_best_editor_ranks_full_recipes_by_exact_then_followed(tmp_path):
         "ablation-vlm-only": {"summary": {"exact": 0.9, "followed": 0.9, "preserved": 0.9}},
     }
     assert chain.best_editor() == "npedit-lr2e-4"
+
+
+def _editors_module():
+    spec = importlib.util.spec_from_file_location("shapes_gpu_editors", ROOT / "scripts" / "shapes_gpu_editors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_editor_stage_commands_are_valid(tmp_path, smoke):
+    se = _editors_module()
+    run = se.Editors(tmp_path / "ed", smoke=smoke, minutes=5, batch=128, workers=2, threads=1,
+                     teacher="teacher/base", judge="the/judge", sft_student="sft/pipeline")
+    commands = [run.run_args(config, name, "sft/pipeline", run.left(), extra)
+                for name, (config, extra) in se.FROM_SFT.items()]
+    commands += [run.train("warmup", "warmup", 0.8, run.data()),
+                 run.run_args("sft", "sft-equal", "sft/pipeline", 1.5, [], max_steps=379)]
+    for args in commands:
+        _check(args)
+        assert "model.base=teacher/base" in args
+    npedit = commands[0]
+    assert "judge.path=the/judge" in npedit and "model.student=sft/pipeline" in npedit
+    assert not any(a.startswith("judge.path") for a in commands[3])  # paired SFT asks no judge
+    if not smoke:
+        assert "data.batch_size=128" in npedit and "max_steps=379" in commands[-1]
+        assert 4.0 < run.left() <= 5.0  # runs started now end with the phase
+
+
+def test_editor_stage_stops_everything_when_a_run_fails_early(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    se = _editors_module()
+    run = se.Editors(tmp_path / "ed", smoke=True, minutes=5, batch=8, workers=0, threads=1,
+                     teacher="t", judge="j", sft_student=None)
+    jobs = []
+    for name, code in (("broken", "import sys; sys.exit(3)"), ("long", "import time; time.sleep(60)")):
+        run.record["stages"][name] = {}
+        (run.out / "logs" / f"{name}.log").write_text(code)
+        jobs.append((name, subprocess.Popen([sys.executable, "-c", code]), time.monotonic(), 120))
+    assert run.stop_if_failed_early(jobs) is False
+    assert run.record["stopped_early"] == ["broken"]
+    assert run.record["stages"]["broken"]["rc"] == 3
+    assert run.record["stages"]["long"]["killed"] is True
+
+
+def test_editor_stage_ranks_trained_runs_and_packs_their_transformers(tmp_path):
+    se = _editors_module()
+    run = se.Editors(tmp_path / "ed", smoke=True, minutes=5, batch=8, workers=0, threads=1,
+                     teacher="t", judge="j", sft_student="s")
+    for name in ("sft-npedit", "sft-more"):
+        folder = run.out / name / "pipeline" / "transformer"
+        folder.mkdir(parents=True)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(name.encode())
+    run.record["eval"] = {
+        "sft-npedit": {"summary": {"exact": 0.30, "followed": 0.5, "preserved": 0.5}},
+        "sft-more": {"summary": {"exact": 0.33, "followed": 0.4, "preserved": 0.6}},
+        "sft-student": {"summary": {"exact": 0.9, "followed": 0.9, "preserved": 0.9}},  # not trained here
+    }
+    assert run.ranked() == ["sft-more", "sft-npedit"]
+    se.pack(run, tmp_path / "pack", keep=1)
+    assert (tmp_path / "pack" / "sft-more.safetensors").read_bytes() == b"sft-more"
+    assert not (tmp_path / "pack" / "sft-npedit.safetensors").exists()
+    assert (tmp_path / "pack" / "reports.tar.gz").stat().st_size > 0

@@ -1,0 +1,177 @@
+"""The Shapes editor stage alone, from the bundled teacher and judge, sized by wall-clock (for a GPU).
+
+    python scripts/shapes_gpu_editors.py --out runs/editors --sft-student runs/shapes/sft-long/pipeline --minutes 5
+    python scripts/shapes_gpu_editors.py --out runs/editors-smoke --sft-student PIPELINE --smoke   # a few steps each
+
+What `scripts/shapes_chain.py` does for the editors, without retraining the VAE, teacher and judge (the bundled
+ones are better than what a short chain makes). Side by side, every run `python -m npedit train ...`:
+  from the given paired-SFT student: NP-Edit (the recipe), NP-Edit at lr 1e-4, NP-Edit with change checks
+  (`judge.change_questions=2`), and paired SFT continued for the same wall-clock;
+  pair-free: an identity warm-up from the teacher, then NP-Edit from it for the rest of the time.
+Then paired SFT from each start for as many steps as its NP-Edit run reached (the equal-step baseline), and the
+exact benchmark (300 cases, seed 0) of every model, the starting SFT student included.
+`--pack DIR` writes DIR/reports.tar.gz (logs, metrics, benchmark reports, editors.json) and DIR/<run>.safetensors,
+the transformers of the best runs by exact score (at most --keep), to rebuild their pipelines elsewhere.
+If any run fails in its first minute, everything stops at once (exit code 2), so that a fixed rerun still fits a lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("shapes_chain", ROOT / "scripts" / "shapes_chain.py")
+shapes_chain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(shapes_chain)
+
+FROM_SFT = {  # runs from the SFT student: name -> (config, extra overrides)
+    "sft-npedit": ("npedit", []),
+    "sft-npedit-lr1e-4": ("npedit", ["optim.lr=1e-4"]),
+    "sft-npedit-change": ("npedit", ["judge.change_questions=2"]),
+    "sft-more": ("sft", []),
+}
+WARMUP_MINUTES = 0.8
+LOAD_MINUTES = 0.4  # loading and exporting around a run's max_minutes, so runs end together
+
+
+class Editors(shapes_chain.Chain):
+    def __init__(self, out: Path, *, smoke: bool, minutes: float, batch: int, workers: int, threads: int,
+                 teacher: str, judge: str, sft_student: str | None):
+        # whatever still runs 3 minutes after the training phase is stopped, so that --pack always happens
+        super().__init__(out, smoke=smoke, scale=1.0, threads=threads,
+                         deadline=float("inf") if smoke else time.monotonic() + 60 * (minutes + 3.0))
+        self.base, self.judge_path, self.sft_student = teacher, judge, sft_student
+        self.total, self.batch, self.workers = minutes, batch, workers
+        self.record.update(teacher=teacher, judge=judge, sft_student=sft_student, minutes=minutes, batch=batch)
+
+    def left(self) -> float:
+        """Training minutes a run started now may take so that it ends with the others."""
+        return 0.0 if self.smoke else max(0.5, self.total - (time.monotonic() - self.t0) / 60 - LOAD_MINUTES)
+
+    def data(self) -> list[str]:
+        return [] if self.smoke else [f"data.batch_size={self.batch}", f"data.num_workers={self.workers}"]
+
+    def run_args(self, config: str, name: str, student: str, minutes: float, extra: list[str],
+                 max_steps: int = 1_000_000) -> list[str]:
+        judge = [f"judge.path={self.judge_path}"] if config == "npedit" else []
+        return self.train(config, name, minutes, [f"model.student={student}", *judge, *self.data(), *extra],
+                          max_steps=max_steps)
+
+    def stop_if_failed_early(self, jobs: list, seconds: float = 60) -> bool:
+        """Watch the first `seconds`; if a run exits with an error, stop all of them. True when all are alive."""
+        end = time.monotonic() + (5 if self.smoke else seconds)
+        while time.monotonic() < end:
+            failed = [name for name, proc, *_ in jobs if proc.poll() not in (None, 0)]
+            if failed:
+                for name, proc, *_ in jobs:
+                    if proc.poll() is None:
+                        proc.kill()
+                        self.record["stages"][name]["killed"] = True
+                self.wait(*jobs)
+                self.record["stopped_early"] = failed
+                self.save()
+                return False
+            time.sleep(1)
+        return True
+
+    def go(self) -> bool:
+        jobs = []
+        if self.sft_student:
+            jobs += [self.start(name, self.run_args(config, name, self.sft_student, self.left(), extra), self.left())
+                     for name, (config, extra) in FROM_SFT.items()]
+        warmup_minutes = 0.0 if self.smoke else WARMUP_MINUTES
+        warmup = self.start("warmup", self.train("warmup", "warmup", warmup_minutes, self.data()), warmup_minutes)
+        if not self.stop_if_failed_early([*jobs, warmup]):
+            return False
+        if self.wait(warmup)["warmup"]:
+            pairfree = self.start("npedit", self.run_args("npedit", "npedit", self.p("warmup", "pipeline"),
+                                                          self.left(), []), self.left())
+            if not self.stop_if_failed_early([*jobs, pairfree], seconds=30):
+                return False
+            jobs.append(pairfree)
+        trained = self.wait(*jobs)
+
+        # equal-step paired SFT baselines, beside the benchmark of what is already trained
+        baselines = []
+        starts = {"sft-npedit": ("sft-equal", self.sft_student), "npedit": ("warmup-sft-equal", self.p("warmup", "pipeline"))}
+        for run, (name, student) in starts.items():
+            if trained.get(run) and student:
+                steps = self.steps_reached(run)
+                self.record[f"{run}_steps"] = steps
+                baselines.append(self.start(name, self.run_args("sft", name, student, 0.0 if self.smoke else 1.5, [],
+                                                                max_steps=max(steps, 1)), 1.5))
+        evals = [self.start(f"eval-{name}", self.evaluate(name, self.p(name, "pipeline")), 1.5)
+                 for name, ok in trained.items() if ok and name != "warmup"]
+        if self.sft_student:
+            evals.append(self.start("eval-sft-student", self.evaluate("sft-student", self.sft_student), 1.5))
+        done = self.wait(*baselines, *evals)
+        last = [self.start(f"eval-{name}", self.evaluate(name, self.p(name, "pipeline")), 1.5)
+                for name, *_ in baselines if done.get(name)]
+        if last:
+            self.wait(*last)
+        self.collect()
+        return all(stage.get("rc") == 0 for stage in self.record["stages"].values())
+
+    def ranked(self) -> list[str]:
+        """Trained runs, best (exact, followed, preserved) first."""
+        def key(name):
+            s = self.record["eval"][name]["summary"]
+            return (s.get("exact", -1), s.get("followed", -1), s.get("preserved", -1))
+        return sorted((n for n in self.record["eval"] if (self.out / n / "pipeline").is_dir()), key=key, reverse=True)
+
+
+def pack(run: Editors, dest: Path, keep: int) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = run.ranked()[:keep]
+    run.record["packed"] = kept
+    run.save()
+    (run.out / "editors.json").write_text(json.dumps(run.record, indent=2))
+    for name in kept:
+        shutil.copy(run.out / name / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors",
+                    dest / f"{name}.safetensors")
+    skip = {"checkpoints", "pipeline", "critic", "tensorboard", "samples"}
+    with tarfile.open(dest / "reports.tar.gz", "w:gz") as tar:
+        for path in sorted(run.out.rglob("*")):
+            rel = path.relative_to(run.out)
+            if path.is_file() and not skip.intersection(rel.parts) and path.stat().st_size < 2_000_000:
+                tar.add(path, arcname=str(Path("reports") / rel))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/editors", help="run folder")
+    ap.add_argument("--sft-student", help="a paired-SFT NPEditPipeline folder to continue from (optional)")
+    ap.add_argument("--teacher", default=str(ROOT / "assets" / "shapes" / "teacher"), help="teacher base folder")
+    ap.add_argument("--judge", default=str(ROOT / "assets" / "shapes" / "judge"), help="judge folder")
+    ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock of the side-by-side training phase")
+    ap.add_argument("--batch", type=int, default=128, help="training batch of every run")
+    ap.add_argument("--workers", type=int, default=2, help="scene-rendering workers per run")
+    ap.add_argument("--threads", type=int, default=2, help="OMP threads per run")
+    ap.add_argument("--smoke", action="store_true", help="a few steps of every run (checks the commands)")
+    ap.add_argument("--pack", help="write reports.tar.gz and the best runs' transformers here")
+    ap.add_argument("--keep", type=int, default=6, help="how many transformers --pack writes")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if out.exists() and args.smoke:
+        shutil.rmtree(out)
+    run = Editors(out, smoke=args.smoke, minutes=args.minutes, batch=args.batch, workers=args.workers,
+                  threads=args.threads, teacher=args.teacher, judge=args.judge, sft_student=args.sft_student)
+
+    def pack_it():
+        if not run.record["eval"]:  # go() stopped before collecting the reports
+            run.collect()
+        pack(run, Path(args.pack), args.keep)
+
+    ok = shapes_chain.go_then_pack(run, "editors", pack_it if args.pack else None)
+    return 0 if ok else (2 if run.record.get("stopped_early") else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
