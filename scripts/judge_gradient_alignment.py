@@ -1,0 +1,155 @@
+"""How well does the judge's gradient point toward the true edit? Measured on Shapes cases, per question kind.
+
+    python scripts/judge_gradient_alignment.py                      # bundled judge and VAE, 300 cases, seed 0
+    python scripts/judge_gradient_alignment.py --n 60 --at 0 0.5 --out runs/alignment.json
+
+For each held-out case, the "edited" image starts at the reference (what a copier, e.g. the identity-warmed-up
+student, outputs) or, with --at a, at reference + a * (true result - reference). The judge is asked the
+questions training asks, one kind at a time: the edit check (for a removal, "does it contain <object>?"),
+the identity question, the change checks (`judge.change_questions`: the created object there, the replaced
+one gone) and the training losses combining them. Each kind's loss (-log P(expected answer), as
+`npedit.losses.vlm_loss` with temperature 1) is differentiated with respect to the edited image, in pixel
+space and, through the VAE decoder, in latent space (where the student acts). Reported: the mean cosine
+between the descent direction and (true result - current image), per category and overall, and the share
+of cases where it is positive. A cosine near 0 means the judge's gradient does not say which way the edit
+goes; 1 would point straight at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from npedit.backbones import load_backbone  # noqa: E402
+from npedit.judges import change_questions, load_judge, training_questions  # noqa: E402
+from npedit.shapes.edits import CATEGORIES, held_out_cases  # noqa: E402
+from npedit.shapes.world import render  # noqa: E402
+
+# kind -> which of a case's questions its loss averages
+KINDS = ("edit", "identity", "change", "edit+identity", "edit+identity+change")
+
+
+def case_questions(case, change_slots: int = 2) -> dict[str, tuple[list, list[bool]]]:
+    """The questions of each kind for one case, with a mask (False marks padding)."""
+    edit, identity = training_questions(case.instruction, case.edit_type, case.object_name, kept=case.keep)
+    removed = case.object_name if case.edit_type == "remove" else None
+    change, mask = change_questions(case.new, case.gone, change_slots, removed=removed)
+    return {
+        "edit": ([edit], [True]),
+        "identity": ([identity], [True]),
+        "change": (change, mask),
+        "edit+identity": ([edit, identity], [True, True]),
+        "edit+identity+change": ([edit, identity, *change], [True, True, *mask]),
+    }
+
+
+def judge_loss(judge, reference: torch.Tensor, edited: torch.Tensor, rows: list[tuple[list, list[bool]]]) -> torch.Tensor:
+    """Sum over samples of each sample's mean -log P(expected) over its asked questions (samples stay independent)."""
+    questions = [q for q, _ in rows]
+    mask = torch.tensor([m for _, m in rows], dtype=torch.float32)
+    out = judge.answer(reference, edited, questions)
+    sign = torch.tensor([[1.0 if q.expected == "Yes" else -1.0 for q in qs] for qs in questions])
+    per_q = -F.logsigmoid((out.logits[..., 1] - out.logits[..., 0]).float() * sign)
+    return ((per_q * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()
+
+
+def cosines(grad: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine between the descent direction (-grad) and `toward`."""
+    return F.cosine_similarity(-grad.flatten(1), toward.flatten(1), dim=1)
+
+
+def measure(judge, backbone, cases, at: float, batch: int) -> dict:
+    """{space: {kind: {category: [cosine per case]}}} for edited images at reference + at * (target - reference)."""
+    result = {space: {kind: defaultdict(list) for kind in KINDS} for space in ("pixel", "latent")}
+    for start in tqdm(range(0, len(cases), batch), desc=f"alignment at {at:g}"):
+        chunk = cases[start:start + batch]
+        ref = torch.from_numpy(np.stack([render(c.reference) for c in chunk])).permute(0, 3, 1, 2).float() / 255
+        tgt = torch.from_numpy(np.stack([render(c.expected) for c in chunk])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            z_ref, z_tgt = backbone.encode_image(ref * 2 - 1), backbone.encode_image(tgt * 2 - 1)
+        questions = [case_questions(c) for c in chunk]
+        for kind in KINDS:
+            rows = [q[kind] for q in questions]
+            if not any(any(m) for _, m in rows):
+                continue
+            asked = torch.tensor([any(m) for _, m in rows])
+            pixels = (ref + at * (tgt - ref)).requires_grad_(True)
+            judge_loss(judge, ref, pixels, rows).backward()
+            cos_pixel = cosines(pixels.grad, tgt - pixels.detach())
+            latents = (z_ref + at * (z_tgt - z_ref)).requires_grad_(True)
+            decoded = ((backbone.decode_latents(latents) + 1) / 2).float()
+            judge_loss(judge, ref, decoded, rows).backward()
+            cos_latent = cosines(latents.grad, z_tgt - latents.detach())
+            for i, case in enumerate(chunk):
+                if asked[i]:
+                    result["pixel"][kind][case.category].append(float(cos_pixel[i]))
+                    result["latent"][kind][case.category].append(float(cos_latent[i]))
+    return result
+
+
+def summarise(values: dict[str, list[float]]) -> dict:
+    every = [v for vs in values.values() for v in vs]
+    row = {cat: round(float(np.mean(values[cat])), 3) if values.get(cat) else None for cat in CATEGORIES}
+    row["overall"] = round(float(np.mean(every)), 3) if every else None
+    row["positive"] = round(float(np.mean([v > 0 for v in every])), 3) if every else None
+    row["count"] = len(every)
+    return row
+
+
+def markdown(table: dict) -> str:
+    head = ["kind", *CATEGORIES, "overall", "share > 0", "cases"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kind, row in table.items():
+        cells = [row[c] for c in (*CATEGORIES, "overall", "positive", "count")]
+        lines.append("| " + " | ".join([kind, *("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+                                                  for v in cells)]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--judge", default=str(ROOT / "assets" / "shapes" / "judge"))
+    ap.add_argument("--vae-from", default=str(ROOT / "assets" / "shapes" / "editor"),
+                    help="an editor or teacher folder whose VAE maps latents to pixels")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--at", type=float, nargs="+", default=[0.0],
+                    help="how far along (reference -> true result) the edited image starts")
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--out", help="write the tables as JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    judge = load_judge(args.judge)
+    judge.model.requires_grad_(False)
+    judge.train(False)
+    backbone = load_backbone(args.vae_from)
+    cases = held_out_cases(args.n, seed=args.seed)
+    report = {"judge": args.judge, "vae_from": args.vae_from, "n": args.n, "seed": args.seed, "tables": {}}
+    for at in args.at:
+        measured = measure(judge, backbone, cases, at, args.batch)
+        for space, kinds in measured.items():
+            table = {kind: summarise(values) for kind, values in kinds.items()}
+            report["tables"][f"{space}, at {at:g}"] = table
+            print(f"\n### cosine(descent direction, true result - image): {space} space, "
+                  f"edited image at reference + {at:g} x (true result - reference)\n")
+            print(markdown(table))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""scripts/judge_gradient_alignment.py: the questions per kind, the cosine's sign, a small real measurement."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ga():
+    spec = importlib.util.spec_from_file_location("judge_gradient_alignment", ROOT / "scripts" / "judge_gradient_alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_questions_per_kind_follow_training(ga):
+    from npedit.shapes.edits import held_out_cases
+
+    cases = {c.category: c for c in held_out_cases(12, seed=3)}
+    remove = ga.case_questions(cases["remove"])
+    assert remove["edit"][0][0].kind == "contains" and remove["edit"][0][0].expected == "No"
+    assert not any(remove["change"][1])  # the removal check already asks the removed object's name
+    recolor = ga.case_questions(cases["recolor"])
+    asked = [q for q, m in zip(*recolor["change"]) if m]
+    assert {q.expected for q in asked} == {"Yes", "No"}  # the new colour there, the old one gone
+    assert len(recolor["edit+identity+change"][0]) == 2 + len(recolor["change"][0])
+    assert not any(ga.case_questions(cases["background"])["change"][1])
+
+
+def test_cosine_is_taken_against_the_descent_direction(ga):
+    toward = torch.randn(3, 3, 8, 8)
+    assert torch.allclose(ga.cosines(-toward, toward), torch.ones(3))
+    assert torch.allclose(ga.cosines(toward, toward), -torch.ones(3))
+
+
+def test_measure_on_bundled_judge_and_vae(ga):
+    from npedit.backbones import load_backbone
+    from npedit.judges import load_judge
+    from npedit.shapes.edits import held_out_cases
+
+    judge = load_judge(ROOT / "assets" / "shapes" / "judge")
+    judge.model.requires_grad_(False)
+    backbone = load_backbone(ROOT / "assets" / "shapes" / "editor")
+    cases = held_out_cases(6, seed=0)  # one per category
+    result = ga.measure(judge, backbone, cases, at=0.0, batch=3)
+    for space in ("pixel", "latent"):
+        assert sum(len(v) for v in result[space]["edit"].values()) == 6
+        values = [v for kind in result[space].values() for vs in kind.values() for v in vs]
+        assert all(-1.0 <= v <= 1.0 for v in values) and any(abs(v) > 1e-4 for v in values)
+        # change checks exist for add, replace, recolor and resize, not for remove and background
+        assert set(result[space]["change"]) <= {"add", "replace", "recolor", "resize"}
+    table = ga.summarise(result["pixel"]["edit"])
+    assert table["count"] == 6 and 0.0 <= table["positive"] <= 1.0
+    assert "| edit |" in ga.markdown({"edit": table})
