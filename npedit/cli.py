@@ -187,6 +187,9 @@ def cmd_swap_vae(args) -> int:
     for extra in ("npedit_domain.json", "training_config.json"):  # what the trainer's export adds beside the models
         if (src / extra).is_file():
             shutil.copy(src / extra, out / extra)
+    if (src / "README.md").is_file():  # keep the source's model card (how it was trained), noting the swap
+        note = f"\nIts VAE was replaced by `{args.vae}` (`python -m npedit swap-vae`; same latent space).\n"
+        (out / "README.md").write_text((src / "README.md").read_text() + note)
     print(out)
     return 0
 

@@ -170,18 +170,34 @@ class NPEditPipeline(DiffusionPipeline):
         parts = {name: getattr(self, name) for name in self.components}
         return type(self)(**{**parts, "vae": vae})
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """Save every component as safetensors plus a model card (README.md)."""
+    def save_pretrained(self, save_directory, *, training: str | None = None, **kwargs):
+        """Save every component as safetensors plus a model card (README.md); `training` says how it was trained
+        (the trainer passes its stage; see `training_summary`)."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
-        Path(save_directory, "README.md").write_text(model_card(self))
+        Path(save_directory, "README.md").write_text(model_card(self, training))
 
 
-def model_card(pipe: NPEditPipeline) -> str:
-    """A short model card for a saved pipeline."""
+STAGE_SUMMARIES = {
+    "npedit": "trained with NP-Edit: no before/after pairs in this stage; a frozen vision-language judge scores "
+              "each edit and distribution matching against a text-to-image teacher keeps outputs realistic",
+    "sft": "trained with paired SFT: flow matching on before/after pairs (the supervised baseline, not NP-Edit)",
+    "warmup": "after the identity warm-up only: it reproduces its input image and does not edit yet",
+}
+
+
+def training_summary(stage: str, student: str | None = None) -> str:
+    """One sentence on how a stage's export was trained, naming the checkpoint it continued from."""
+    summary = STAGE_SUMMARIES.get(stage, f"trained by the {stage!r} stage")
+    return summary + (f" (its student started from `{student}`)" if student else "")
+
+
+def model_card(pipe: NPEditPipeline, training: str | None = None) -> str:
+    """A short model card for a saved pipeline; `training` (a sentence fragment) says how it was trained."""
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     mode = getattr(pipe.transformer.config, "reference_mode", None)
     seen = f" It sees the reference as {mode} (`reference_mode`)." if mode else ""
+    how = training or "for few-step editing; how it was trained is not recorded here (see training_config.json if present)"
     return f"""---
 library_name: diffusers
 pipeline_tag: image-to-image
@@ -189,9 +205,7 @@ tags: [image-editing, npedit, few-step]
 ---
 # NP-Edit editor ({pipe.family})
 
-An instruction-based image editor trained with NP-Edit: no before/after pairs; a frozen
-vision-language judge scores each edit and distribution matching against a text-to-image
-teacher keeps outputs realistic. Student transformer: {type(pipe.transformer).__name__},
+An instruction-based image editor {how}. Student transformer: {type(pipe.transformer).__name__},
 {n_params:,} parameters.{seen} Sampling: {len(pipe.times(4))} steps, time shift {pipe.scheduler.config.shift}.
 
 ```python

@@ -48,3 +48,12 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     (tmp / "trainer_state.json").write_text("{}")
     ckpt.finalize(tmp, root / "step_000020", keep=1)
     assert [d.name for d in ckpt.checkpoint_dirs(root)] == ["step_000020"]
+
+
+def test_model_card_says_how_each_stage_trained():
+    from npedit.pipeline import training_summary
+
+    assert "paired SFT" in training_summary("sft") and "no before/after pairs" not in training_summary("sft")
+    assert "no before/after pairs" in training_summary("npedit", "runs/sft/pipeline")
+    assert "`runs/sft/pipeline`" in training_summary("npedit", "runs/sft/pipeline")
+    assert "started from" not in training_summary("warmup")

@@ -64,7 +64,10 @@ def test_pipeline_loads_and_edits(trained):
 
     work, _ = trained
     pipe = NPEditPipeline.from_pretrained(work / "runs/npedit/pipeline")
-    assert (work / "runs/npedit/pipeline/README.md").is_file()
+    card = (work / "runs/npedit/pipeline/README.md").read_text()
+    assert "NP-Edit: no before/after pairs" in card and "runs/warmup/pipeline" in card  # says how it was trained
+    warmup_card = (work / "runs/warmup/pipeline/README.md").read_text()
+    assert "identity warm-up only" in warmup_card and "no before/after pairs" not in warmup_card
     img = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
     steps = []
     out = pipe(image=img, prompt="make the red circle green", generator=torch.Generator().manual_seed(0),

@@ -85,6 +85,8 @@ def test_swap_vae_writes_an_editor_that_edits(quick_fast_vae, tmp_path):
     index = json.loads((out / "model_index.json").read_text())
     assert index["vae"] == ["npedit.backbones.fast_vae", "PatchAutoencoder"]
     assert (out / "npedit_domain.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "never shown a pair" in card and "VAE was replaced" in card  # the source's card, plus the swap
     pipe = NPEditPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))

@@ -25,7 +25,7 @@ from ..config import TrainConfig, save_config, to_dict
 from ..data import apply_do_nothing, collate
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, vlm_loss
-from ..pipeline import NPEditPipeline
+from ..pipeline import NPEditPipeline, training_summary
 from ..sampler import sample, unroll_times
 from . import checkpoint as ckpt
 from .datasets import build_dataset
@@ -428,7 +428,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             pipe = NPEditPipeline.from_parts(self.student, self.backbone, shift=self.cfg.sampler.shift)
-            pipe.save_pretrained(out)
+            pipe.save_pretrained(out, training=training_summary(self.cfg.stage, self.cfg.model.student or None))
             (out / "training_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
             if self.critic is not None:
                 self.critic.save_pretrained(self.run_dir / "critic", safe_serialization=True)
