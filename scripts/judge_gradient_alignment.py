@@ -2,9 +2,11 @@
 
     python scripts/judge_gradient_alignment.py                      # bundled judge and VAE, 300 cases, seed 0
     python scripts/judge_gradient_alignment.py --n 60 --at 0 0.5 --out runs/alignment.json
+    python scripts/judge_gradient_alignment.py --at --editor assets/shapes/editor assets/shapes/editor-sft-npedit
 
 For each held-out case, the "edited" image starts at the reference (what a copier, e.g. the identity-warmed-up
-student, outputs) or, with --at a, at reference + a * (true result - reference). The judge is asked the
+student, outputs), with --at a at reference + a * (true result - reference), and with --editor where that
+editor's own output lands (the point NP-Edit training differentiates at). The judge is asked the
 questions training asks, one kind at a time: the edit check (for a removal, "does it contain <object>?"),
 the identity question, the change checks (`judge.change_questions`: the created object there, the replaced
 one gone) and the training losses combining them. Each kind's loss (-log P(expected answer), as
@@ -69,25 +71,51 @@ def cosines(grad: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(-grad.flatten(1), toward.flatten(1), dim=1)
 
 
-def measure(judge, backbone, cases, at: float, batch: int) -> dict:
-    """{space: {kind: {category: [cosine per case]}}} for edited images at reference + at * (target - reference)."""
+def editor_start(pipe, backbone, seed: int = 0):
+    """Start where an editor's 4-step output lands: its latents, and their decode (by `backbone`'s VAE, the one
+    the judge loss differentiates through) as the pixel-space image."""
+    from PIL import Image
+
+    def start(chunk, ref, tgt, z_ref, z_tgt):
+        images = [Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for r in ref]
+        with torch.no_grad():
+            z = pipe(image=images, prompt=[c.instruction for c in chunk], num_inference_steps=4,
+                     generator=torch.Generator().manual_seed(seed), output_type="latent").images.float()
+            pixels = ((backbone.decode_latents(z) + 1) / 2).clamp(0, 1)
+        return pixels, z
+
+    return start
+
+
+def blend_start(at: float):
+    """Start at reference + at * (true result - reference), in pixel and in latent space."""
+    def start(chunk, ref, tgt, z_ref, z_tgt):
+        return ref + at * (tgt - ref), z_ref + at * (z_tgt - z_ref)
+    return start
+
+
+def measure(judge, backbone, cases, at: float, batch: int, start=None) -> dict:
+    """{space: {kind: {category: [cosine per case]}}} for edited images at reference + at * (target - reference),
+    or where `start(chunk, ref, tgt, z_ref, z_tgt) -> (pixels, latents)` puts them (e.g. an editor's output)."""
+    start = start or blend_start(at)
     result = {space: {kind: defaultdict(list) for kind in KINDS} for space in ("pixel", "latent")}
-    for start in tqdm(range(0, len(cases), batch), desc=f"alignment at {at:g}"):
-        chunk = cases[start:start + batch]
+    for first in tqdm(range(0, len(cases), batch), desc="alignment"):
+        chunk = cases[first:first + batch]
         ref = torch.from_numpy(np.stack([render(c.reference) for c in chunk])).permute(0, 3, 1, 2).float() / 255
         tgt = torch.from_numpy(np.stack([render(c.expected) for c in chunk])).permute(0, 3, 1, 2).float() / 255
         with torch.no_grad():
             z_ref, z_tgt = backbone.encode_image(ref * 2 - 1), backbone.encode_image(tgt * 2 - 1)
+        pixels0, latents0 = start(chunk, ref, tgt, z_ref, z_tgt)
         questions = [case_questions(c) for c in chunk]
         for kind in KINDS:
             rows = [q[kind] for q in questions]
             if not any(any(m) for _, m in rows):
                 continue
             asked = torch.tensor([any(m) for _, m in rows])
-            pixels = (ref + at * (tgt - ref)).requires_grad_(True)
+            pixels = pixels0.clone().requires_grad_(True)
             judge_loss(judge, ref, pixels, rows).backward()
             cos_pixel = cosines(pixels.grad, tgt - pixels.detach())
-            latents = (z_ref + at * (z_tgt - z_ref)).requires_grad_(True)
+            latents = latents0.clone().requires_grad_(True)
             decoded = ((backbone.decode_latents(latents) + 1) / 2).float()
             judge_loss(judge, ref, decoded, rows).backward()
             cos_latent = cosines(latents.grad, z_tgt - latents.detach())
@@ -124,8 +152,10 @@ def main() -> int:
                     help="an editor or teacher folder whose VAE maps latents to pixels")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--at", type=float, nargs="+", default=[0.0],
+    ap.add_argument("--at", type=float, nargs="*", default=[0.0],
                     help="how far along (reference -> true result) the edited image starts")
+    ap.add_argument("--editor", nargs="*", default=[],
+                    help="also measure at these editors' own 4-step outputs (NPEditPipeline folders)")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--out", help="write the tables as JSON here")
     args = ap.parse_args()
@@ -136,13 +166,20 @@ def main() -> int:
     backbone = load_backbone(args.vae_from)
     cases = held_out_cases(args.n, seed=args.seed)
     report = {"judge": args.judge, "vae_from": args.vae_from, "n": args.n, "seed": args.seed, "tables": {}}
-    for at in args.at:
-        measured = measure(judge, backbone, cases, at, args.batch)
+    starts = [(f"at {at:g}", f"edited image at reference + {at:g} x (true result - reference)", blend_start(at))
+              for at in args.at]
+    for folder in args.editor:
+        from npedit import NPEditPipeline
+
+        pipe = NPEditPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        starts.append((f"editor {folder}", f"edited image = the output of {folder}", editor_start(pipe, backbone)))
+    for key, title, start in starts:
+        measured = measure(judge, backbone, cases, 0.0, args.batch, start=start)
         for space, kinds in measured.items():
             table = {kind: summarise(values) for kind, values in kinds.items()}
-            report["tables"][f"{space}, at {at:g}"] = table
-            print(f"\n### cosine(descent direction, true result - image): {space} space, "
-                  f"edited image at reference + {at:g} x (true result - reference)\n")
+            report["tables"][f"{space}, {key}"] = table
+            print(f"\n### cosine(descent direction, true result - image): {space} space, {title}\n")
             print(markdown(table))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

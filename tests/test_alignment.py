@@ -56,3 +56,25 @@ def test_measure_on_bundled_judge_and_vae(ga):
     table = ga.summarise(result["pixel"]["edit"])
     assert table["count"] == 6 and 0.0 <= table["positive"] <= 1.0
     assert "| edit |" in ga.markdown({"edit": table})
+
+
+def test_editor_start_is_the_editors_own_output(ga):
+    from npedit import NPEditPipeline
+    from npedit.backbones import load_backbone
+    from npedit.judges import load_judge
+    from npedit.shapes.edits import held_out_cases
+
+    pipe = NPEditPipeline.from_pretrained(ROOT / "assets" / "shapes" / "editor")
+    pipe.set_progress_bar_config(disable=True)
+    backbone = load_backbone(ROOT / "assets" / "shapes" / "editor")
+    cases = held_out_cases(6, seed=0)[:2]
+    ref = torch.stack([torch.from_numpy(ga.render(c.reference)).permute(2, 0, 1).float() / 255 for c in cases])
+    z_ref = backbone.encode_image(ref * 2 - 1)
+    pixels, z = ga.editor_start(pipe, backbone)(cases, ref, ref, z_ref, z_ref)
+    assert z.shape == z_ref.shape and pixels.shape == ref.shape
+    assert 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+    assert not torch.equal(z, z_ref)  # the editor's latents, not the encoded reference
+    judge = load_judge(ROOT / "assets" / "shapes" / "judge")
+    judge.model.requires_grad_(False)
+    result = ga.measure(judge, backbone, cases, 0.0, batch=2, start=ga.editor_start(pipe, backbone))
+    assert sum(len(v) for v in result["latent"]["edit"].values()) == 2
