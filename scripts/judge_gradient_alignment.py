@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from npedit.backbones import load_backbone  # noqa: E402
 from npedit.judges import change_questions, load_judge, training_questions  # noqa: E402
+from npedit.losses import vlm_loss  # noqa: E402
 from npedit.shapes.edits import CATEGORIES, held_out_cases  # noqa: E402
+from npedit.shapes.judge_training import to_tensor  # noqa: E402
 from npedit.shapes.world import render  # noqa: E402
 
 # kind -> which of a case's questions its loss averages
@@ -57,13 +59,13 @@ def case_questions(case, change_slots: int = 2) -> dict[str, tuple[list, list[bo
 
 
 def judge_loss(judge, reference: torch.Tensor, edited: torch.Tensor, rows: list[tuple[list, list[bool]]]) -> torch.Tensor:
-    """Sum over samples of each sample's mean -log P(expected) over its asked questions (samples stay independent)."""
+    """The training loss (`vlm_loss`, temperature 1) over each sample's asked questions. Samples stay independent,
+    so each image's gradient is its own loss's (scaled by 1/batch, which no cosine sees)."""
     questions = [q for q, _ in rows]
-    mask = torch.tensor([m for _, m in rows], dtype=torch.float32)
     out = judge.answer(reference, edited, questions)
-    sign = torch.tensor([[1.0 if q.expected == "Yes" else -1.0 for q in qs] for qs in questions])
-    per_q = -F.logsigmoid((out.logits[..., 1] - out.logits[..., 0]).float() * sign)
-    return ((per_q * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()
+    expected = torch.tensor([[q.expected == "Yes" for q in qs] for qs in questions])
+    mask = torch.tensor([m for _, m in rows])
+    return vlm_loss(out.logits, out.vocab_logprobs, expected, question_mask=mask)[0]
 
 
 def cosines(grad: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
@@ -94,15 +96,14 @@ def blend_start(at: float):
     return start
 
 
-def measure(judge, backbone, cases, at: float, batch: int, start=None) -> dict:
-    """{space: {kind: {category: [cosine per case]}}} for edited images at reference + at * (target - reference),
-    or where `start(chunk, ref, tgt, z_ref, z_tgt) -> (pixels, latents)` puts them (e.g. an editor's output)."""
-    start = start or blend_start(at)
+def measure(judge, backbone, cases, start, batch: int) -> dict:
+    """{space: {kind: {category: [cosine per case]}}} for edited images where `start(chunk, ref, tgt, z_ref, z_tgt)
+    -> (pixels, latents)` puts them (`blend_start(a)`, `editor_start(pipe, backbone)`)."""
     result = {space: {kind: defaultdict(list) for kind in KINDS} for space in ("pixel", "latent")}
     for first in tqdm(range(0, len(cases), batch), desc="alignment"):
         chunk = cases[first:first + batch]
-        ref = torch.from_numpy(np.stack([render(c.reference) for c in chunk])).permute(0, 3, 1, 2).float() / 255
-        tgt = torch.from_numpy(np.stack([render(c.expected) for c in chunk])).permute(0, 3, 1, 2).float() / 255
+        ref = torch.stack([to_tensor(render(c.reference)) for c in chunk])
+        tgt = torch.stack([to_tensor(render(c.expected)) for c in chunk])
         with torch.no_grad():
             z_ref, z_tgt = backbone.encode_image(ref * 2 - 1), backbone.encode_image(tgt * 2 - 1)
         pixels0, latents0 = start(chunk, ref, tgt, z_ref, z_tgt)
@@ -175,7 +176,7 @@ def main() -> int:
         pipe.set_progress_bar_config(disable=True)
         starts.append((f"editor {folder}", f"edited image = the output of {folder}", editor_start(pipe, backbone)))
     for key, title, start in starts:
-        measured = measure(judge, backbone, cases, 0.0, args.batch, start=start)
+        measured = measure(judge, backbone, cases, start, args.batch)
         for space, kinds in measured.items():
             table = {kind: summarise(values) for kind, values in kinds.items()}
             report["tables"][f"{space}, {key}"] = table

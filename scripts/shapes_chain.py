@@ -226,12 +226,16 @@ class Chain:
         self.save()
         print(json.dumps({k: v for k, v in self.record.items() if k != "stages"}, indent=1), flush=True)
 
+    def rank(self, names) -> list[str]:
+        """The benchmarked ones of `names`, best (exact, followed, preserved) first."""
+        def key(name):
+            s = self.record["eval"][name].get("summary", {})
+            return (s.get("exact", -1), s.get("followed", -1), s.get("preserved", -1))
+        return sorted((n for n in names if n in self.record["eval"]), key=key, reverse=True)
+
     def best_editor(self) -> str | None:
         """The full recipe with the highest (exact, followed, preserved) on the benchmark."""
-        def key(name):
-            s = self.record["eval"].get(name, {}).get("summary", {})
-            return (s.get("exact", -1), s.get("followed", -1), s.get("preserved", -1))
-        ranked = sorted((n for n in FULL_RECIPES if n in self.record["eval"]), key=key, reverse=True)
+        ranked = self.rank(FULL_RECIPES)
         return ranked[0] if ranked else None
 
 

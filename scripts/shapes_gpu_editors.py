@@ -120,11 +120,8 @@ class Editors(shapes_chain.Chain):
         return all(stage.get("rc") == 0 for stage in self.record["stages"].values())
 
     def ranked(self) -> list[str]:
-        """Trained runs, best (exact, followed, preserved) first."""
-        def key(name):
-            s = self.record["eval"][name]["summary"]
-            return (s.get("exact", -1), s.get("followed", -1), s.get("preserved", -1))
-        return sorted((n for n in self.record["eval"] if (self.out / n / "pipeline").is_dir()), key=key, reverse=True)
+        """Runs trained here (with a pipeline), best (exact, followed, preserved) first."""
+        return self.rank(n for n in self.record["eval"] if (self.out / n / "pipeline").is_dir())
 
 
 def pack(run: Editors, dest: Path, keep: int) -> None:

@@ -46,7 +46,7 @@ def test_measure_on_bundled_judge_and_vae(ga):
     judge.model.requires_grad_(False)
     backbone = load_backbone(ROOT / "assets" / "shapes" / "editor")
     cases = held_out_cases(6, seed=0)  # one per category
-    result = ga.measure(judge, backbone, cases, at=0.0, batch=3)
+    result = ga.measure(judge, backbone, cases, ga.blend_start(0.0), batch=3)
     for space in ("pixel", "latent"):
         assert sum(len(v) for v in result[space]["edit"].values()) == 6
         values = [v for kind in result[space].values() for vs in kind.values() for v in vs]
@@ -68,7 +68,7 @@ def test_editor_start_is_the_editors_own_output(ga):
     pipe.set_progress_bar_config(disable=True)
     backbone = load_backbone(ROOT / "assets" / "shapes" / "editor")
     cases = held_out_cases(6, seed=0)[:2]
-    ref = torch.stack([torch.from_numpy(ga.render(c.reference)).permute(2, 0, 1).float() / 255 for c in cases])
+    ref = torch.stack([ga.to_tensor(ga.render(c.reference)) for c in cases])
     z_ref = backbone.encode_image(ref * 2 - 1)
     pixels, z = ga.editor_start(pipe, backbone)(cases, ref, ref, z_ref, z_ref)
     assert z.shape == z_ref.shape and pixels.shape == ref.shape
@@ -76,5 +76,5 @@ def test_editor_start_is_the_editors_own_output(ga):
     assert not torch.equal(z, z_ref)  # the editor's latents, not the encoded reference
     judge = load_judge(ROOT / "assets" / "shapes" / "judge")
     judge.model.requires_grad_(False)
-    result = ga.measure(judge, backbone, cases, 0.0, batch=2, start=ga.editor_start(pipe, backbone))
+    result = ga.measure(judge, backbone, cases, ga.editor_start(pipe, backbone), batch=2)
     assert sum(len(v) for v in result["latent"]["edit"].values()) == 2
