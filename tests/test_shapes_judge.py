@@ -100,7 +100,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("judge-run")
     threads = torch.get_num_threads()
     try:
-        judge_dir = jt.run(["preset=quick", f"output_dir={out}"])
+        judge_dir = jt.run(["preset=quick", "ramp_batch=2", "align_batch=2", f"output_dir={out}"])
     finally:
         torch.set_num_threads(threads)
     return out, judge_dir
@@ -111,6 +111,7 @@ def test_quick_run_writes_a_loadable_judge(quick_run):
     assert (out / "config.yaml").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_acc" in r for r in rows) and any("answer_loss" in r for r in rows)
+    assert any("ramp_loss" in r for r in rows) and any("align_cos" in r for r in rows)  # ramp and alignment pairs
     assert (judge_dir / "model.safetensors").is_file() and not list(judge_dir.glob("*optim*"))
     assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
     judge = load_judge(judge_dir)
@@ -176,3 +177,44 @@ def test_editor_outputs_become_hard_examples_labelled_from_their_parse():
         assert torch.equal(jt.sample_image(s, rng, degrade_prob=1.0), jt.to_tensor(s.image))  # never re-rendered
     with pytest.raises(ValueError, match="hard_prob"):
         jt.build_config(["hard_prob=1.5"])
+
+
+def test_ramp_pairs_lie_on_the_path_with_soft_targets():
+    rng = np.random.default_rng(5)
+    questions, ref, cand, soft = jt.ramp_pairs(rng, 40)
+    assert ref.shape == cand.shape == (40, 3, 64, 64) and soft.shape == (40, 2, 2)
+    assert torch.allclose(soft.sum(-1), torch.ones(40, 2)) and torch.all(soft[:, 1, 1] == 1)  # identity: Yes
+    rng = np.random.default_rng(5)  # the same draws again, to recover each case and its blend weight
+    cases = [jt.sample_case(rng, paraphrase_prob=0.5) for _ in range(40)]
+    a = rng.uniform(0.0, 1.0, 40)
+    kinds = set()
+    for i, (case, q) in enumerate(zip(cases, questions)):
+        true = jt.to_tensor(render(case.expected))
+        assert torch.allclose(cand[i], ref[i] + float(a[i]) * (true - ref[i]), atol=1e-6)
+        expected_yes = a[i] if q[0].expected == "Yes" else 1 - a[i]  # a removal's contains check expects No
+        assert soft[i, 0, 1].item() == pytest.approx(expected_yes, abs=1e-6)
+        kinds.add(q[0].kind)
+    assert "contains" in kinds and len(kinds) > 1
+    with pytest.raises(ValueError, match="ramp_batch"):
+        jt.build_config(["ramp_batch=-1"])
+
+
+def test_gradient_alignment_is_a_cosine_that_training_raises(quick_run):
+    _, judge_dir = quick_run
+    torch.manual_seed(0)
+    judge = jt.TrainableJudge.from_pretrained(judge_dir, device="cpu")
+    batch = jt.ramp_pairs(np.random.default_rng(1), 4, high=0.5, soft=False)
+    questions, ref, cand, true = batch
+    assert torch.equal(jt.ramp_pairs(np.random.default_rng(1), 4, high=0.5, soft=False)[2], cand)  # reproducible
+    before = jt.gradient_alignment(judge, *batch)
+    assert before.shape == (4,) and torch.all(before.abs() <= 1)
+    opt = torch.optim.Adam(judge.model.parameters(), lr=3e-3)
+    for _ in range(15):  # double backpropagation: the cosine itself is trained
+        loss = (1 - jt.gradient_alignment(judge, *batch, create_graph=True)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = jt.gradient_alignment(judge, *batch)
+    assert after.mean() > before.mean() + 0.1, (before, after)
+    with pytest.raises(ValueError, match="align_max"):
+        jt.build_config(["align_max=2"])

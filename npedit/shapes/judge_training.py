@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from npedit import config as config_lib
@@ -140,6 +141,21 @@ class JudgeTrainConfig:
     hard_editors: tuple[str, ...] = ()
     hard_cases: int = 2000
     hard_prob: float = 0.25
+    # Ramp supervision: each stage-2 step also scores `ramp_batch` pairs whose candidate is the pixel blend
+    # reference + a * (true result - reference), a ~ U(0, 1), with soft targets P(Yes) = a for the edit check
+    # (1 - a for a removal's contains check) and 1 for the identity check (nothing else differs); loss weight
+    # `ramp_weight`. It shapes the judge's logit along the path from a copy to the edit, so that its gradient
+    # at a copier's output points toward the edit (see scripts/judge_gradient_alignment.py).
+    ramp_batch: int = 0
+    ramp_weight: float = 1.0
+    # Gradient alignment: each stage-2 step also takes `align_batch` pairs at reference + a * (true result -
+    # reference), a ~ U(0, align_max), and penalises 1 - cosine between the descent direction of the NP-Edit
+    # training loss (edit check + identity check, expected answers of the true result) with respect to the
+    # candidate's pixels and (true result - candidate), weight `align_weight` (double backpropagation). This
+    # is what a copier's student receives from the judge; the student still never sees a pair.
+    align_batch: int = 0
+    align_weight: float = 0.5
+    align_max: float = 0.5
     max_minutes: float = 40.0  # stop stage 2 early after this much wall-clock (0 = no limit)
     # bookkeeping
     log_every: int = 25
@@ -157,6 +173,10 @@ class JudgeTrainConfig:
             raise ValueError("paraphrase_prob and degrade_prob must be in [0, 1]")
         if not 0 <= self.hard_prob <= 1 or self.hard_cases < 0:
             raise ValueError("hard_prob must be in [0, 1] and hard_cases >= 0")
+        if self.ramp_batch < 0 or self.ramp_weight < 0:
+            raise ValueError("ramp_batch and ramp_weight must be >= 0")
+        if self.align_batch < 0 or self.align_weight < 0 or not 0 <= self.align_max <= 1:
+            raise ValueError("align_batch and align_weight must be >= 0, align_max in [0, 1]")
         if self.probe_layer >= self.arch.num_layers:
             raise ValueError(f"probe_layer must be < arch.num_layers ({self.arch.num_layers})")
 
@@ -443,6 +463,28 @@ def editor_samples(editor_dir: str, n: int, seed: int, paraphrase_prob: float = 
     counts = {"cases": n, "parsed": len(samples), "edit_yes": sum(s.answers[0] for s in samples),
               "identity_yes": sum(s.answers[1] for s in samples)}
     return samples, counts
+
+
+def ramp_pairs(rng: np.random.Generator, n: int, paraphrase_prob: float = 0.5, high: float = 1.0,
+               soft: bool = True):
+    """`n` training cases with candidates on the straight pixel path from the reference to the true result.
+
+    Returns (questions (n rows of the trainer's two), references (n, 3, 64, 64), candidates, soft targets
+    (n, 2, 2) over [No, Yes]). The candidate is reference + a * (true result - reference), a ~ U(0, 1); a
+    question whose answer on the true result is Yes (the edit check) gets P(Yes) = a, one expecting No (a
+    removal's "does it contain <object>?") 1 - a, and the identity check P(Yes) = 1 (nothing else differs).
+    With a ~ U(0, `high`); `soft=False` returns the true results in place of the soft targets."""
+    cases = [sample_case(rng, paraphrase_prob=paraphrase_prob) for _ in range(n)]
+    questions = [training_questions(c.instruction, c.edit_type, c.object_name, kept=c.keep) for c in cases]
+    ref = torch.stack([to_tensor(render(c.reference)) for c in cases])
+    true = torch.stack([to_tensor(render(c.expected)) for c in cases])
+    a = torch.from_numpy(rng.uniform(0.0, high, n)).float()
+    cand = ref + a.view(-1, 1, 1, 1) * (true - ref)
+    if soft is False:
+        return questions, ref, cand, true
+    check = torch.stack([w if q[0].expected == "Yes" else 1 - w for q, w in zip(questions, a)])
+    yes = torch.stack([check, torch.ones(n)], 1)  # (n, 2)
+    return questions, ref, cand, torch.stack([1 - yes, yes], -1)
 
 
 # ---- dense targets and heads -----------------------------------------------------------------
@@ -962,7 +1004,37 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
         probe, m = probes.loss(capture.hidden["middle"], capture.hidden["final"], ids.to(device), last.to(device), judge.image_token_id, samples, len(questions[0]))
         loss = loss + cfg.probe_weight * probe
         metrics |= {"probe_loss": probe.detach(), **m}
+    if cfg.ramp_batch > 0 and cfg.ramp_weight > 0:  # after the probes: this forward overwrites the captures
+        r_questions, r_ref, r_cand, soft = ramp_pairs(rng, cfg.ramp_batch, cfg.paraphrase_prob)
+        r_out = judge.answer(r_ref.to(device), r_cand.to(device), r_questions)
+        soft = soft.to(device)
+        ramp = F.cross_entropy(r_out.logits.reshape(-1, 2), soft.reshape(-1, 2))
+        loss = loss + cfg.ramp_weight * ramp
+        with torch.no_grad():
+            p_yes = r_out.logits.softmax(-1)[..., 1]
+            metrics |= {"ramp_loss": ramp.detach(), "ramp_mae_check": (p_yes[:, 0] - soft[:, 0, 1]).abs().mean()}
+    if cfg.align_batch > 0 and cfg.align_weight > 0:
+        cos = gradient_alignment(judge, *ramp_pairs(rng, cfg.align_batch, cfg.paraphrase_prob, cfg.align_max, soft=False),
+                                 create_graph=True)
+        align = (1 - cos).mean()
+        loss = loss + cfg.align_weight * align
+        metrics |= {"align_loss": align.detach(), "align_cos": cos.detach().mean()}
     return loss, metrics
+
+
+def gradient_alignment(judge, questions, ref: torch.Tensor, cand: torch.Tensor, true: torch.Tensor,
+                       create_graph: bool = False) -> torch.Tensor:
+    """Per pair, the cosine between the descent direction of the NP-Edit judge loss (-log P(expected answer on
+    the true result), summed over the pair's questions) with respect to `cand`'s pixels and (true - cand)."""
+    device = judge.model.device
+    cand = cand.to(device).detach().requires_grad_(True)
+    # The fused attention kernels have no double backward; the math path does (and gives the same values).
+    with sdpa_kernel(SDPBackend.MATH):
+        out = judge.answer(ref.to(device), cand, questions)
+    expected = torch.tensor([[q.expected == "Yes" for q in row] for row in questions], device=device).long()
+    nll = F.cross_entropy(out.logits.reshape(-1, 2), expected.reshape(-1), reduction="sum")
+    (grad,) = torch.autograd.grad(nll, cand, create_graph=create_graph)
+    return F.cosine_similarity(-grad.flatten(1), (true.to(device) - cand.detach()).flatten(1), dim=1)
 
 
 def _run_dir(cfg: JudgeTrainConfig) -> Path:
