@@ -179,9 +179,10 @@ def test_editor_outputs_become_hard_examples_labelled_from_their_parse():
         jt.build_config(["hard_prob=1.5"])
 
 
-def test_ramp_pairs_lie_on_the_path_with_soft_targets():
+def test_path_pairs_lie_on_the_path_with_soft_ramp_targets():
     rng = np.random.default_rng(5)
-    questions, ref, cand, soft = jt.ramp_pairs(rng, 40)
+    questions, ref, cand, _, a_drawn = jt.path_pairs(rng, 40)
+    soft = jt.ramp_targets(questions, a_drawn)
     assert ref.shape == cand.shape == (40, 3, 64, 64) and soft.shape == (40, 2, 2)
     assert torch.allclose(soft.sum(-1), torch.ones(40, 2)) and torch.all(soft[:, 1, 1] == 1)  # identity: Yes
     rng = np.random.default_rng(5)  # the same draws again, to recover each case and its blend weight
@@ -203,9 +204,9 @@ def test_gradient_alignment_is_a_cosine_that_training_raises(quick_run):
     _, judge_dir = quick_run
     torch.manual_seed(0)
     judge = jt.TrainableJudge.from_pretrained(judge_dir, device="cpu")
-    batch = jt.ramp_pairs(np.random.default_rng(1), 4, high=0.5, soft=False)
-    questions, ref, cand, true = batch
-    assert torch.equal(jt.ramp_pairs(np.random.default_rng(1), 4, high=0.5, soft=False)[2], cand)  # reproducible
+    questions, ref, cand, true, a = jt.path_pairs(np.random.default_rng(1), 4, high=0.5)
+    assert torch.all(a <= 0.5) and torch.equal(jt.path_pairs(np.random.default_rng(1), 4, high=0.5)[2], cand)
+    batch = (questions, ref, cand, true)
     before = jt.gradient_alignment(judge, *batch)
     assert before.shape == (4,) and torch.all(before.abs() <= 1)
     opt = torch.optim.Adam(judge.model.parameters(), lr=3e-3)

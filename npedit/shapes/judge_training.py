@@ -465,26 +465,26 @@ def editor_samples(editor_dir: str, n: int, seed: int, paraphrase_prob: float = 
     return samples, counts
 
 
-def ramp_pairs(rng: np.random.Generator, n: int, paraphrase_prob: float = 0.5, high: float = 1.0,
-               soft: bool = True):
+def path_pairs(rng: np.random.Generator, n: int, paraphrase_prob: float = 0.5, high: float = 1.0):
     """`n` training cases with candidates on the straight pixel path from the reference to the true result.
 
-    Returns (questions (n rows of the trainer's two), references (n, 3, 64, 64), candidates, soft targets
-    (n, 2, 2) over [No, Yes]). The candidate is reference + a * (true result - reference), a ~ U(0, 1); a
-    question whose answer on the true result is Yes (the edit check) gets P(Yes) = a, one expecting No (a
-    removal's "does it contain <object>?") 1 - a, and the identity check P(Yes) = 1 (nothing else differs).
-    With a ~ U(0, `high`); `soft=False` returns the true results in place of the soft targets."""
+    Returns (questions: n rows of the trainer's two, references (n, 3, 64, 64), candidates, true results,
+    a (n,)): each candidate is reference + a * (true result - reference) with a ~ U(0, `high`)."""
     cases = [sample_case(rng, paraphrase_prob=paraphrase_prob) for _ in range(n)]
     questions = [training_questions(c.instruction, c.edit_type, c.object_name, kept=c.keep) for c in cases]
     ref = torch.stack([to_tensor(render(c.reference)) for c in cases])
     true = torch.stack([to_tensor(render(c.expected)) for c in cases])
     a = torch.from_numpy(rng.uniform(0.0, high, n)).float()
-    cand = ref + a.view(-1, 1, 1, 1) * (true - ref)
-    if soft is False:
-        return questions, ref, cand, true
-    check = torch.stack([w if q[0].expected == "Yes" else 1 - w for q, w in zip(questions, a)])
-    yes = torch.stack([check, torch.ones(n)], 1)  # (n, 2)
-    return questions, ref, cand, torch.stack([1 - yes, yes], -1)
+    return questions, ref, ref + a.view(-1, 1, 1, 1) * (true - ref), true, a
+
+
+def ramp_targets(questions, a: torch.Tensor) -> torch.Tensor:
+    """(n, 2, 2) soft targets over [No, Yes] for candidates a of the way to the true result: a question whose
+    answer on the true result is Yes (the edit check) gets P(Yes) = a, one expecting No (a removal's "does it
+    contain <object>?") 1 - a, and the identity check P(Yes) = 1 (nothing else differs)."""
+    check = torch.stack([w if row[0].expected == "Yes" else 1 - w for row, w in zip(questions, a)])
+    yes = torch.stack([check, torch.ones(len(questions))], 1)  # (n, 2)
+    return torch.stack([1 - yes, yes], -1)
 
 
 # ---- dense targets and heads -----------------------------------------------------------------
@@ -1005,17 +1005,17 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
         loss = loss + cfg.probe_weight * probe
         metrics |= {"probe_loss": probe.detach(), **m}
     if cfg.ramp_batch > 0 and cfg.ramp_weight > 0:  # after the probes: this forward overwrites the captures
-        r_questions, r_ref, r_cand, soft = ramp_pairs(rng, cfg.ramp_batch, cfg.paraphrase_prob)
+        r_questions, r_ref, r_cand, _, a = path_pairs(rng, cfg.ramp_batch, cfg.paraphrase_prob)
         r_out = judge.answer(r_ref.to(device), r_cand.to(device), r_questions)
-        soft = soft.to(device)
+        soft = ramp_targets(r_questions, a).to(device)
         ramp = F.cross_entropy(r_out.logits.reshape(-1, 2), soft.reshape(-1, 2))
         loss = loss + cfg.ramp_weight * ramp
         with torch.no_grad():
             p_yes = r_out.logits.softmax(-1)[..., 1]
             metrics |= {"ramp_loss": ramp.detach(), "ramp_mae_check": (p_yes[:, 0] - soft[:, 0, 1]).abs().mean()}
     if cfg.align_batch > 0 and cfg.align_weight > 0:
-        cos = gradient_alignment(judge, *ramp_pairs(rng, cfg.align_batch, cfg.paraphrase_prob, cfg.align_max, soft=False),
-                                 create_graph=True)
+        pairs = path_pairs(rng, cfg.align_batch, cfg.paraphrase_prob, cfg.align_max)[:4]  # without a
+        cos = gradient_alignment(judge, *pairs, create_graph=True)
         align = (1 - cos).mean()
         loss = loss + cfg.align_weight * align
         metrics |= {"align_loss": align.detach(), "align_cos": cos.detach().mean()}
