@@ -75,12 +75,15 @@ class DataConfig:
     resolution: int = 64  # images are fitted to resolution x resolution
     batch_size: int = 1
     fraction: float = 1.0  # ablation: use this share of the data
+    pool: int = 0  # generated domains: distinct cases to draw from (0: the domain's default)
     num_workers: int = 0
     do_nothing_prob: float = 0.01
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
             raise ValueError(f"data.fraction must be in (0, 1]; got {self.fraction}")
+        if self.pool < 0:
+            raise ValueError(f"data.pool must be >= 0 (0: the generated domain's default); got {self.pool}")
         if self.batch_size < 1 or self.resolution < 8:
             raise ValueError("data.batch_size must be >= 1 and data.resolution >= 8")
 

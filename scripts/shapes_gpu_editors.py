@@ -5,11 +5,14 @@
 
 What `scripts/shapes_chain.py` does for the editors, without retraining the VAE, teacher and judge (the bundled
 ones are better than what a short chain makes). Side by side, every run `python -m npedit train ...`:
-  from the given paired-SFT student: NP-Edit (the recipe), NP-Edit at lr 1e-4, NP-Edit with change checks
-  (`judge.change_questions=2`), and paired SFT continued for the same wall-clock;
-  pair-free: an identity warm-up from the teacher, then NP-Edit from it for the rest of the time.
-Then paired SFT from each start for as many steps as its NP-Edit run reached (the equal-step baseline), and the
-exact benchmark (300 cases, seed 0) of every model, the starting SFT student included.
+  from the given paired-SFT student, by default: NP-Edit (the recipe), NP-Edit at lr 1e-4, NP-Edit with change checks
+  (`judge.change_questions=2`), and paired SFT continued for the same wall-clock (`--runs` picks others from RUNS,
+  e.g. the `-b512` ones: 4x the batch and a pool of 2M distinct cases, so that no sample repeats);
+  pair-free: an identity warm-up from the teacher, then NP-Edit from it for the rest of the time
+  (`--pairfree-judge` gives it another judge; `--no-pairfree` skips it).
+Then paired SFT from each start for as many steps as its NP-Edit run reached (the equal-step baseline, at that run's
+batch and pool; `--equal-steps` names the runs), and the exact benchmark (300 cases, seed 0) of every model, the
+starting SFT student included.
 `--pack DIR` writes DIR/reports.tar.gz (logs, metrics, benchmark reports, editors.json) and DIR/<run>.safetensors,
 the transformers of the best runs by exact score (at most --keep), to rebuild their pipelines elsewhere.
 If any run fails in its first minute, everything stops at once (exit code 2), so that a fixed rerun still fits a lease.
@@ -31,25 +34,41 @@ _spec = importlib.util.spec_from_file_location("shapes_chain", ROOT / "scripts" 
 shapes_chain = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(shapes_chain)
 
-FROM_SFT = {  # runs from the SFT student: name -> (config, extra overrides)
+BIG = ["data.batch_size=512", "data.pool=2000000"]  # 4x the batch, and a pool that no run exhausts
+RUNS = {  # runs from the SFT student: name -> (config, extra overrides)
     "sft-npedit": ("npedit", []),
     "sft-npedit-lr1e-4": ("npedit", ["optim.lr=1e-4"]),
     "sft-npedit-change": ("npedit", ["judge.change_questions=2"]),
     "sft-more": ("sft", []),
+    "sft-npedit-change-b512": ("npedit", ["judge.change_questions=2", *BIG]),
+    "sft-more-b512": ("sft", [*BIG, "optim.lr=1e-4"]),
 }
+FROM_SFT = ("sft-npedit", "sft-npedit-lr1e-4", "sft-npedit-change", "sft-more")  # the default selection
+EQUAL_STEPS = ("sft-npedit",)  # NP-Edit runs that get an equal-step paired-SFT baseline by default
 WARMUP_MINUTES = 0.8
 LOAD_MINUTES = 0.4  # loading and exporting around a run's max_minutes, so runs end together
 
 
 class Editors(shapes_chain.Chain):
     def __init__(self, out: Path, *, smoke: bool, minutes: float, batch: int, workers: int, threads: int,
-                 teacher: str, judge: str, sft_student: str | None):
-        # whatever still runs 3 minutes after the training phase is stopped, so that --pack always happens
+                 teacher: str, judge: str, sft_student: str | None, runs: tuple[str, ...] = FROM_SFT,
+                 equal_steps: tuple[str, ...] = EQUAL_STEPS, pairfree_judge: str | None = None,
+                 pairfree: bool = True, grace: float = 3.0):
+        # whatever still runs `grace` minutes after the training phase is stopped, so that --pack always happens
         super().__init__(out, smoke=smoke, scale=1.0, threads=threads,
-                         deadline=float("inf") if smoke else time.monotonic() + 60 * (minutes + 3.0))
+                         deadline=float("inf") if smoke else time.monotonic() + 60 * (minutes + grace))
         self.base, self.judge_path, self.sft_student = teacher, judge, sft_student
         self.total, self.batch, self.workers = minutes, batch, workers
-        self.record.update(teacher=teacher, judge=judge, sft_student=sft_student, minutes=minutes, batch=batch)
+        unknown = sorted(set(runs) - set(RUNS))
+        if unknown:
+            raise ValueError(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
+        not_npedit = sorted(set(equal_steps) - {r for r in runs if RUNS[r][0] == "npedit"})
+        if not_npedit:
+            raise ValueError(f"equal-step baselines {not_npedit} must name NP-Edit runs among {list(runs)}")
+        self.runs, self.equal_steps, self.pairfree = tuple(runs), tuple(equal_steps), pairfree
+        self.pairfree_judge = pairfree_judge or judge
+        self.record.update(teacher=teacher, judge=judge, sft_student=sft_student, minutes=minutes, batch=batch,
+                           runs=list(runs), pairfree_judge=self.pairfree_judge if pairfree else None)
 
     def left(self) -> float:
         """Training minutes a run started now may take so that it ends with the others."""
@@ -59,8 +78,8 @@ class Editors(shapes_chain.Chain):
         return [] if self.smoke else [f"data.batch_size={self.batch}", f"data.num_workers={self.workers}"]
 
     def run_args(self, config: str, name: str, student: str, minutes: float, extra: list[str],
-                 max_steps: int = 1_000_000) -> list[str]:
-        judge = [f"judge.path={self.judge_path}"] if config == "npedit" else []
+                 max_steps: int = 1_000_000, judge_path: str | None = None) -> list[str]:
+        judge = [f"judge.path={judge_path or self.judge_path}"] if config == "npedit" else []
         return self.train(config, name, minutes, [f"model.student={student}", *judge, *self.data(), *extra],
                           max_steps=max_steps)
 
@@ -84,29 +103,35 @@ class Editors(shapes_chain.Chain):
     def go(self) -> bool:
         jobs = []
         if self.sft_student:
-            jobs += [self.start(name, self.run_args(config, name, self.sft_student, self.left(), extra), self.left())
-                     for name, (config, extra) in FROM_SFT.items()]
-        warmup_minutes = 0.0 if self.smoke else WARMUP_MINUTES
-        warmup = self.start("warmup", self.train("warmup", "warmup", warmup_minutes, self.data()), warmup_minutes)
-        if not self.stop_if_failed_early([*jobs, warmup]):
-            return False
-        if self.wait(warmup)["warmup"]:
-            pairfree = self.start("npedit", self.run_args("npedit", "npedit", self.p("warmup", "pipeline"),
-                                                          self.left(), []), self.left())
-            if not self.stop_if_failed_early([*jobs, pairfree], seconds=30):
+            jobs += [self.start(name, self.run_args(RUNS[name][0], name, self.sft_student, self.left(), RUNS[name][1]),
+                                self.left()) for name in self.runs]
+        if self.pairfree:
+            warmup_minutes = 0.0 if self.smoke else WARMUP_MINUTES
+            warmup = self.start("warmup", self.train("warmup", "warmup", warmup_minutes, self.data()), warmup_minutes)
+            if not self.stop_if_failed_early([*jobs, warmup]):
                 return False
-            jobs.append(pairfree)
+            if self.wait(warmup)["warmup"]:
+                pairfree = self.start("npedit", self.run_args("npedit", "npedit", self.p("warmup", "pipeline"),
+                                                              self.left(), [], judge_path=self.pairfree_judge),
+                                      self.left())
+                if not self.stop_if_failed_early([*jobs, pairfree], seconds=30):
+                    return False
+                jobs.append(pairfree)
+        elif not self.stop_if_failed_early(jobs):
+            return False
         trained = self.wait(*jobs)
 
-        # equal-step paired SFT baselines, beside the benchmark of what is already trained
+        # equal-step paired SFT baselines (same batch and pool), beside the benchmark of what is already trained
         baselines = []
-        starts = {"sft-npedit": ("sft-equal", self.sft_student), "npedit": ("warmup-sft-equal", self.p("warmup", "pipeline"))}
-        for run, (name, student) in starts.items():
+        starts = {run: (self.equal_name(run), self.sft_student, [o for o in RUNS[run][1] if o.startswith("data.")])
+                  for run in self.equal_steps if self.sft_student}
+        starts["npedit"] = ("warmup-sft-equal", self.p("warmup", "pipeline"), [])
+        for run, (name, student, extra) in starts.items():
             if trained.get(run) and student:
                 steps = self.steps_reached(run)
                 self.record[f"{run}_steps"] = steps
-                baselines.append(self.start(name, self.run_args("sft", name, student, 0.0 if self.smoke else 1.5, [],
-                                                                max_steps=max(steps, 1)), 1.5))
+                baselines.append(self.start(name, self.run_args("sft", name, student, 0.0 if self.smoke else 1.5,
+                                                                extra, max_steps=max(steps, 1)), 1.5))
         evals = [self.start(f"eval-{name}", self.evaluate(name, self.p(name, "pipeline")), 1.5)
                  for name, ok in trained.items() if ok and name != "warmup"]
         if self.sft_student:
@@ -118,6 +143,11 @@ class Editors(shapes_chain.Chain):
             self.wait(*last)
         self.collect()
         return all(stage.get("rc") == 0 for stage in self.record["stages"].values())
+
+    @staticmethod
+    def equal_name(run: str) -> str:
+        """The equal-step paired-SFT baseline of an NP-Edit run ("sft-equal" for the recipe, as before)."""
+        return "sft-equal" if run == "sft-npedit" else f"{run}-sft-equal"
 
     def ranked(self) -> list[str]:
         """Runs trained here (with a pipeline), best (exact, followed, preserved) first."""
@@ -151,6 +181,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=128, help="training batch of every run")
     ap.add_argument("--workers", type=int, default=2, help="scene-rendering workers per run")
     ap.add_argument("--threads", type=int, default=2, help="OMP threads per run")
+    ap.add_argument("--runs", nargs="+", default=list(FROM_SFT), choices=sorted(RUNS),
+                    help="runs from the SFT student, side by side (default: %(default)s)")
+    ap.add_argument("--equal-steps", nargs="*", default=list(EQUAL_STEPS),
+                    help="NP-Edit runs that get a paired-SFT baseline at their step count (default: %(default)s)")
+    ap.add_argument("--pairfree-judge", help="judge of the pair-free NP-Edit run (default: --judge)")
+    ap.add_argument("--no-pairfree", action="store_true", help="skip the pair-free warm-up and NP-Edit run")
+    ap.add_argument("--grace", type=float, default=3.0,
+                    help="minutes after the training phase at which whatever still runs is stopped and packing begins")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every run (checks the commands)")
     ap.add_argument("--pack", help="write reports.tar.gz and the best runs' transformers here")
     ap.add_argument("--keep", type=int, default=6, help="how many transformers --pack writes")
@@ -159,7 +197,9 @@ def main() -> int:
     if out.exists() and args.smoke:
         shutil.rmtree(out)
     run = Editors(out, smoke=args.smoke, minutes=args.minutes, batch=args.batch, workers=args.workers,
-                  threads=args.threads, teacher=args.teacher, judge=args.judge, sft_student=args.sft_student)
+                  threads=args.threads, teacher=args.teacher, judge=args.judge, sft_student=args.sft_student,
+                  runs=tuple(args.runs), equal_steps=tuple(args.equal_steps), pairfree_judge=args.pairfree_judge,
+                  pairfree=not args.no_pairfree, grace=args.grace)
 
     def pack_it():
         if not run.record["eval"]:  # go() stopped before collecting the reports

@@ -15,7 +15,8 @@ def _chain_module():
     return module
 
 
-def _check(args: list[str]) -> None:
+def _check(args: list[str]):
+    """Parse a stage command as its entry point would; the training config for `train` commands."""
     from npedit.cli import build_parser
     from npedit.config import load_config
     from npedit.shapes import judge_training
@@ -23,11 +24,12 @@ def _check(args: list[str]) -> None:
 
     parsed = build_parser().parse_args(args)
     if parsed.command == "shapes" and parsed.stage in ("vae", "teacher"):
-        make_config(parsed.stage, parsed.overrides)
-    elif parsed.command == "shapes" and parsed.stage == "judge":
-        judge_training.build_config(parsed.overrides)
-    elif parsed.command == "train":
-        load_config(str(ROOT / parsed.config), parsed.overrides)
+        return make_config(parsed.stage, parsed.overrides)
+    if parsed.command == "shapes" and parsed.stage == "judge":
+        return judge_training.build_config(parsed.overrides)
+    if parsed.command == "train":
+        return load_config(str(ROOT / parsed.config), parsed.overrides)
+    return parsed
 
 
 @pytest.mark.parametrize("smoke", [True, False])
@@ -68,8 +70,8 @@ def test_editor_stage_commands_are_valid(tmp_path, smoke):
     se = _editors_module()
     run = se.Editors(tmp_path / "ed", smoke=smoke, minutes=5, batch=128, workers=2, threads=1,
                      teacher="teacher/base", judge="the/judge", sft_student="sft/pipeline")
-    commands = [run.run_args(config, name, "sft/pipeline", run.left(), extra)
-                for name, (config, extra) in se.FROM_SFT.items()]
+    commands = [run.run_args(se.RUNS[name][0], name, "sft/pipeline", run.left(), se.RUNS[name][1])
+                for name in se.FROM_SFT]
     commands += [run.train("warmup", "warmup", 0.8, run.data()),
                  run.run_args("sft", "sft-equal", "sft/pipeline", 1.5, [], max_steps=379)]
     for args in commands:
@@ -81,6 +83,27 @@ def test_editor_stage_commands_are_valid(tmp_path, smoke):
     if not smoke:
         assert "data.batch_size=128" in npedit and "max_steps=379" in commands[-1]
         assert 4.0 < run.left() <= 5.0  # runs started now end with the phase
+
+
+def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
+    se = _editors_module()
+    run = se.Editors(tmp_path / "ed", smoke=False, minutes=5, batch=128, workers=2, threads=1, teacher="t",
+                     judge="the/judge", sft_student="s", runs=("sft-npedit-change-b512", "sft-more-b512"),
+                     equal_steps=("sft-npedit-change-b512",), pairfree_judge="other/judge")
+    big = run.run_args("npedit", "x", "s", 5, se.RUNS["sft-npedit-change-b512"][1])
+    cfg = _check(big)
+    assert cfg.data.batch_size == 512 and cfg.data.pool == 2_000_000 and cfg.judge.change_questions == 2
+    assert _check(run.run_args("sft", "y", "s", 5, se.RUNS["sft-more-b512"][1])).optim.lr == 1e-4
+    pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
+    assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
+    assert run.equal_name("sft-npedit") == "sft-equal"
+    assert run.equal_name("sft-npedit-change-b512") == "sft-npedit-change-b512-sft-equal"
+    with pytest.raises(ValueError, match="unknown runs"):
+        se.Editors(tmp_path / "e2", smoke=True, minutes=1, batch=8, workers=0, threads=1, teacher="t", judge="j",
+                   sft_student="s", runs=("sft-bogus",))
+    with pytest.raises(ValueError, match="must name NP-Edit runs"):
+        se.Editors(tmp_path / "e3", smoke=True, minutes=1, batch=8, workers=0, threads=1, teacher="t", judge="j",
+                   sft_student="s", runs=("sft-more",), equal_steps=("sft-more",))
 
 
 def test_editor_stage_stops_everything_when_a_run_fails_early(tmp_path):

@@ -28,6 +28,7 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     ("optim.lrr=1", "valid keys here: optim.lr"),
     ("max_steps=ten", "max_steps must be a number"),
     ("data.fraction=0", "data.fraction must be in"),
+    ("data.pool=-5", "data.pool must be >= 0"),
     ("nokey", "must look like key=value"),
 ])
 def test_bad_values_are_explained(override, message):
@@ -41,3 +42,16 @@ def test_requirements_are_checked():
     load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0"])  # DMD-only needs no judge
     with pytest.raises(FileNotFoundError):
         load_config("/nonexistent.yaml")
+
+
+def test_data_pool_sizes_a_generated_domain_and_is_refused_for_a_manifest(tmp_path):
+    from npedit.training.datasets import build_dataset
+
+    data = lambda *o: load_config(None, BASE + list(o)).data  # noqa: E731
+    assert len(build_dataset(data(), stage="sft", seed=0)) == 50_000
+    big = build_dataset(data("data.pool=2000000", "data.fraction=0.5"), stage="sft", seed=0)
+    assert len(big) == 1_000_000 and big[999_999]["target"].shape == (3, 64, 64)
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ValueError, match="data.pool=10 sizes a generated domain"):
+        build_dataset(data(f"data.train={manifest}", "data.pool=10"), stage="sft", seed=0)

@@ -10,7 +10,7 @@ from ..config import DataConfig
 from .edits import CATEGORIES, TEMPLATES, sample_case
 from .world import caption, random_scene, render
 
-POOL = 50_000  # distinct training cases at data.fraction = 1
+POOL = 50_000  # distinct training cases at data.fraction = 1 (data.pool replaces it)
 PARAPHRASE_PROB = 0.3
 _STREAM = 7919  # keeps training draws apart from held_out_cases' streams
 
@@ -51,10 +51,13 @@ class ShapesEditData(Dataset):
 
 
 def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
-    """The `data.train=shapes` dataset; `data.fraction` shrinks the pool of distinct cases."""
+    """The `data.train=shapes` dataset: `data.pool` distinct cases (default POOL), shrunk by `data.fraction`.
+
+    Long runs on a GPU see the default pool dozens of times; a larger pool (cases are drawn, not stored) keeps
+    every sample new."""
     if cfg.resolution != 64:
         raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
-    return ShapesEditData(max(1, int(POOL * cfg.fraction)), seed=seed)
+    return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed)
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:

@@ -18,5 +18,8 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
     if cfg.train in GENERATED:
         module, name = GENERATED[cfg.train].split(":")
         return getattr(importlib.import_module(module), name)(cfg, stage=stage, seed=seed)
+    if cfg.pool:
+        raise ValueError(f"data.pool={cfg.pool} sizes a generated domain ({', '.join(GENERATED)}); "
+                         f"a manifest ({cfg.train}) has its own cases: use data.fraction to take a share of them")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=(stage == "sft"))
