@@ -347,7 +347,7 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     import json
 
     from npedit.shapes import CATEGORIES
-    from workbench.benchmarks import comparison_chart, load_reports, main, to_markdown
+    from workbench.benchmarks import comparison_chart, load_reports, main, select, to_markdown
 
     for name, exact in (("a", 0.5), ("b", 0.25)):
         summary = {c: {"exact": exact, "followed": 1.0, "preserved": 1.0, "clean": 1.0, "count": 1}
@@ -366,6 +366,11 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     assert widths == [0.25, 0.5, 1.0]
     main([str(tmp_path), "--chart", str(tmp_path / "c.png"), "--table", str(tmp_path / "t.md")])
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "t.md").is_file()
+    assert list(select(many, ["v1*", "v0", "v1"]).index) == ["v1", "v10", "v11", "v0"]  # pattern order, no repeats
+    with pytest.raises(ValueError, match="no variant matches 'zz'"):
+        select(many, ["zz"])
+    main([str(tmp_path), "--only", "b", "a", "--table", str(tmp_path / "only.md")])
+    assert (tmp_path / "only.md").read_text().splitlines()[2].startswith("| b |")
 
 
 def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path):

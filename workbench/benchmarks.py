@@ -1,11 +1,15 @@
 """Compare Shapes-world benchmark reports (`python -m npedit eval shapes` JSON files) across variants.
 
     python -m workbench.benchmarks runs/shapes/eval --chart docs/shapes_benchmark.png --table docs/shapes_benchmark.md
+    python -m workbench.benchmarks runs/shapes/eval --only npedit-1000 "gpu-*-b512" --chart docs/headline.png
+
+`--only` keeps the variants whose names match the given names or shell patterns, in the order given.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -37,6 +41,17 @@ def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("variant")
 
 
+def select(table: pd.DataFrame, patterns: list[str]) -> pd.DataFrame:
+    """The rows whose variant name matches one of `patterns` (names or shell patterns), in pattern order."""
+    names: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in table.index if fnmatch.fnmatchcase(n, pattern) and n not in names]
+        if not hits and not any(fnmatch.fnmatchcase(n, pattern) for n in table.index):
+            raise ValueError(f"no variant matches {pattern!r}; variants: {', '.join(table.index)}")
+        names += hits
+    return table.loc[names]
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """The table as a Markdown pipe table (3 decimals)."""
     cols = [table.index.name or "variant", *table.columns]
@@ -48,10 +63,11 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def comparison_chart(table: pd.DataFrame, metrics=METRICS, horizontal: bool | None = None) -> plt.Figure:
-    """Grouped bars: one group per variant, one bar per metric. Beyond 10 variants the bars lie
-    horizontally, one row per variant (a wide figure of many columns shrinks to nothing on a page)."""
+    """Grouped bars: one group per variant, one bar per metric. Beyond 10 variants, or with long names,
+    the bars lie horizontally, one row per variant (a wide figure of many columns shrinks to nothing on a
+    page, and long names under columns collide)."""
     if horizontal is None:
-        horizontal = len(table) > 10
+        horizontal = len(table) > 10 or max(len(str(n)) for n in table.index) > 24
     width = 0.8 / len(metrics)
     pos = np.arange(len(table))
     if horizontal:
@@ -83,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("reports", help="folder of eval JSON reports")
     ap.add_argument("--chart", help="write the bar chart (PNG)")
     ap.add_argument("--table", help="write the comparison table (Markdown)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="only these variants (names or shell patterns), in this order")
     args = ap.parse_args(argv)
     table = load_reports(args.reports)
+    if args.only:
+        try:
+            table = select(table, args.only)
+        except ValueError as exc:
+            ap.error(str(exc))
     md = to_markdown(table)
     print(md)
     if args.table:
