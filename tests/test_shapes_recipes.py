@@ -26,6 +26,21 @@ def test_presets_and_overrides():
         make_config("vae", ["preset=huge"])
 
 
+def test_teacher_continues_a_trained_base(base, tmp_path):
+    from safetensors.torch import load_file
+
+    before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
+    out = run("teacher", ["preset=quick", "steps=2", "sample_every=2", "seed=5", f"output_dir={tmp_path}/more",
+                          f"init={base}"])  # another seed: a fresh start would draw other weights
+    after = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3  # two small steps on, not a fresh start
+    for part in ("tokenizer", "text_encoder", "vae"):  # everything but the transformer is the init's
+        assert sorted(p.name for p in (out / part).iterdir()) == sorted(p.name for p in (base / part).iterdir())
+    with pytest.raises(FileNotFoundError, match="is not a teacher base folder"):
+        run("teacher", ["preset=quick", f"output_dir={tmp_path}/bad", f"init={tmp_path}"])
+
+
 def test_base_folder_is_a_model_base(base):
     from npedit.backbones import load_backbone
 

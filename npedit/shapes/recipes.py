@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ class TeacherConfig(RunSettings):
 
     output_dir: str = "runs/shapes/teacher"
     vae: str = "runs/shapes/vae/vae"
+    init: str = ""  # continue a trained teacher base folder (its tokenizer, text encoder, VAE and weights; `vae` unused)
     steps: int = 3000  # the bundled teacher
     batch_size: int = 32
     lr: float = 5e-4
@@ -431,6 +433,20 @@ def build_base(out: Path, cfg: TeacherConfig):
     return out
 
 
+def continue_base(init: Path, out: Path) -> Path:
+    """Copy a trained teacher base folder to `out` (the run continues its transformer; the rest stays as it is)."""
+    missing = [p for p in ("tokenizer", "text_encoder", "vae", "transformer") if not (init / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"init={init} is not a teacher base folder (no {', '.join(missing)}); "
+                                f"pass the `base` folder a teacher run wrote, e.g. assets/shapes/teacher")
+    if init.resolve() == out.resolve():
+        raise ValueError(f"init={init} is this run's own base folder; choose another output_dir")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(init, out)
+    return out
+
+
 @torch.no_grad()
 def sample_teacher(backbone, teacher, captions: list[str], steps: int, cfg_scale: float, seed: int) -> torch.Tensor:
     """Text-to-image samples (pixels in [-1, 1]) with an Euler ODE sampler and CFG."""
@@ -462,7 +478,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     from ..backbones.sd3 import SD3Backbone
 
     out, log, rng = _start(cfg)
-    base = build_base(out / "base", cfg)
+    if cfg.init:
+        base = continue_base(Path(cfg.init), out / "base")
+    else:
+        base = build_base(out / "base", cfg)
     device = resolve_device(cfg.device)
     backbone = SD3Backbone.from_pretrained(base).to(device)
     teacher = backbone.load_transformer(base).to(device).train().requires_grad_(True)
