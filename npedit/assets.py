@@ -17,13 +17,15 @@ EXAMPLES_DIR = ASSETS_DIR / "examples"
 
 
 def default_path(kind: str, given: str | None) -> str:
-    """`given`, else the bundled default of `kind` ("model" or "judge"), else a one-line error saying what to pass."""
+    """`given`, else the bundled default of `kind` ("model", "judge" or "teacher"), else a one-line error saying
+    what to pass."""
     if given:
         return given
-    path = {"model": DEFAULT_MODEL, "judge": DEFAULT_JUDGE}[kind]
-    if (path / ("model_index.json" if kind == "model" else "config.json")).is_file():
+    path = {"model": DEFAULT_MODEL, "judge": DEFAULT_JUDGE, "teacher": DEFAULT_TEACHER}[kind]
+    marker = {"model": "model_index.json", "judge": "config.json", "teacher": "transformer/config.json"}[kind]
+    if (path / marker).is_file():
         return str(path)
-    flag = "--model" if kind == "model" else "--judge"
+    flag = f"--{kind}"
     raise SystemExit(
         f"error: no {kind} given and the bundled Shapes-world {kind} is not in {path}; "
         f"pass {flag} DIR_OR_ID (a folder saved by save_pretrained, e.g. runs/<name>/pipeline)"

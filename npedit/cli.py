@@ -142,6 +142,13 @@ def cmd_shapes(args) -> int:
         from .shapes.judge_training import eval_main
 
         return eval_main(args.overrides) or 0
+    elif args.stage == "teacher-eval":
+        from .shapes.recipes import teacher_eval_main
+
+        try:
+            return teacher_eval_main(args.overrides) or 0
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise SystemExit(f"error: {exc}") from None
     else:
         from functools import partial
 
@@ -233,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=100 optim.lr=1e-4")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge")
-    s.add_argument("stage", choices=["vae", "teacher", "fast-vae", "judge", "judge-eval"])
+    s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "
+                                      "or the teacher")
+    s.add_argument("stage", choices=["vae", "teacher", "fast-vae", "judge", "judge-eval", "teacher-eval"])
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="preset=NAME and dotted key=value overrides")
     s.set_defaults(func=cmd_shapes)
 

@@ -41,6 +41,18 @@ def test_teacher_continues_a_trained_base(base, tmp_path):
         run("teacher", ["preset=quick", f"output_dir={tmp_path}/bad", f"init={tmp_path}"])
 
 
+def test_teacher_eval_reports_caption_match(base, tmp_path, capsys):
+    from npedit.cli import main
+
+    assert main(["shapes", "teacher-eval", "--teacher", str(base), "--n", "5", "--steps", "1",
+                 "--out", str(tmp_path / "te")]) == 0
+    report = json.loads((tmp_path / "te" / "teacher_eval.json").read_text())
+    assert report["n"] == 5 and 0 <= report["caption_match"] <= report["parsed"] <= 1
+    assert sum(1 for _ in report["caption_match_by_objects"]) >= 1 and (tmp_path / "te" / "teacher_eval.png").is_file()
+    with pytest.raises(SystemExit, match="is not a teacher base folder|transformer"):
+        main(["shapes", "teacher-eval", "--teacher", str(tmp_path / "nowhere"), "--n", "2"])
+
+
 def test_base_folder_is_a_model_base(base):
     from npedit.backbones import load_backbone
 

@@ -433,12 +433,19 @@ def build_base(out: Path, cfg: TeacherConfig):
     return out
 
 
+def check_teacher_base(path: str | Path, what: str = "teacher") -> Path:
+    """`path` as a Path if it is a Shapes teacher base folder, else a FileNotFoundError saying what to pass."""
+    path = Path(path)
+    missing = [p for p in ("tokenizer", "text_encoder", "vae", "transformer") if not (path / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{what}={path} is not a teacher base folder (no {', '.join(missing)}); "
+                                f"pass the `base` folder a teacher run wrote, e.g. assets/shapes/teacher")
+    return path
+
+
 def continue_base(init: Path, out: Path) -> Path:
     """Copy a trained teacher base folder to `out` (the run continues its transformer; the rest stays as it is)."""
-    missing = [p for p in ("tokenizer", "text_encoder", "vae", "transformer") if not (init / p).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"init={init} is not a teacher base folder (no {', '.join(missing)}); "
-                                f"pass the `base` folder a teacher run wrote, e.g. assets/shapes/teacher")
+    check_teacher_base(init, "init")
     if init.resolve() == out.resolve():
         raise ValueError(f"init={init} is this run's own base folder; choose another output_dir")
     if out.exists():
@@ -471,6 +478,63 @@ def teacher_quality(images: torch.Tensor, captions: list[str]) -> dict:
     return {"parsed": float(np.mean([p is not None for p in parsed])),
             "caption_match": float(np.mean([p is not None and caption(p) == c for p, c in zip(parsed, captions)])),
             "clean": float(np.mean([clean_fraction(a) for a in arrays]))}
+
+
+def evaluate_teacher(base: str | Path, n: int = 300, seed: int = 0, steps: int = 16, cfg_scale: float = 3.5,
+                     batch_size: int = 50, device: str = "auto") -> tuple[dict, torch.Tensor]:
+    """Sample a teacher on `n` held-out random captions: parsed / caption-match / clean shares, and the images."""
+    from ..backbones.sd3 import SD3Backbone
+
+    base = check_teacher_base(base)
+    dev = resolve_device(device)
+    backbone = SD3Backbone.from_pretrained(base).to(dev)
+    teacher = backbone.load_transformer(base).to(dev).eval()
+    captions = scene_batch(np.random.default_rng([seed, 4242]), n)[1]
+    images = [sample_teacher(backbone, teacher, captions[i:i + batch_size], steps, cfg_scale, seed + i)
+              for i in tqdm(range(0, n, batch_size), desc="teacher samples")]
+    images = torch.cat(images)
+    quality = teacher_quality(images, captions)
+    by_count: dict[str, list[bool]] = {}
+    for img, cap in zip(images, captions):
+        parsed = parse(to_uint8(img))
+        by_count.setdefault(str(cap.count(", ") + 1), []).append(parsed is not None and caption(parsed) == cap)
+    quality["caption_match_by_objects"] = {k: float(np.mean(v)) for k, v in sorted(by_count.items())}
+    return {"teacher": str(base), "n": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, **quality}, images
+
+
+def teacher_eval_main(argv=None) -> int:
+    """`python -m npedit shapes teacher-eval`: how often a teacher's samples parse and match their caption."""
+    import argparse
+    import sys
+
+    from ..assets import default_path
+
+    ap = argparse.ArgumentParser(prog="npedit shapes teacher-eval", description=teacher_eval_main.__doc__)
+    ap.add_argument("--teacher", help="teacher base folder (default: the bundled Shapes-world teacher)")
+    ap.add_argument("--n", type=int, default=300, help="held-out random captions")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=16, help="sampling steps (Euler ODE)")
+    ap.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--out", help="write teacher_eval.json and teacher_eval.png (32 samples) here")
+    argv = [w for item in (sys.argv[1:] if argv is None else argv) for w in
+            ((f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]) if "=" in item and not item.startswith("-") else (item,))]
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.steps < 1:
+        ap.error("--n and --steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = default_path("teacher", args.teacher)
+    result, images = evaluate_teacher(base, n=args.n, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "teacher_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        k = min(32, len(images))
+        image_grid([list(images[i:i + 8]) for i in range(0, k, 8)], scale=2).save(out / "teacher_eval.png")
+        print(f"wrote {out / 'teacher_eval.json'} and {out / 'teacher_eval.png'}")
+    return 0
 
 
 def train_teacher(cfg: TeacherConfig) -> Path:
