@@ -28,5 +28,6 @@ def default_path(kind: str, given: str | None) -> str:
     flag = f"--{kind}"
     raise SystemExit(
         f"error: no {kind} given and the bundled Shapes-world {kind} is not in {path}; "
-        f"pass {flag} DIR_OR_ID (a folder saved by save_pretrained, e.g. runs/<name>/pipeline)"
+        f"pass {flag} DIR_OR_ID (a folder saved by save_pretrained, e.g. "
+        f"{'runs/<name>/base' if kind == 'teacher' else 'runs/<name>/pipeline'})"
     )

@@ -229,6 +229,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def overrides_as_flags(words) -> list[str]:
+    """`key=value` words (the `python -m npedit shapes ...` override style) as `--key value` for argparse."""
+    return [w for item in words for w in
+            ((f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]) if "=" in item and not item.startswith("-") else (item,))]
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML/JSON config file (optional), apply dotted overrides and validate."""
     data: dict = {}

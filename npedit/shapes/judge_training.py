@@ -904,9 +904,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--degrade", type=float, default=0.0, help="probability of a degraded candidate")
     parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent)")
-    # `key=value` words (the `python -m npedit shapes ...` override style) are read as `--key value`.
-    argv = [w for item in (sys.argv[1:] if argv is None else argv) for w in
-            ((f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]) if "=" in item and not item.startswith("-") else (item,))]
+    argv = config_lib.overrides_as_flags(sys.argv[1:] if argv is None else argv)  # `key=value` words as `--key value`
     args = parser.parse_args(argv)
     path = default_path("judge", args.judge)
     torch.set_num_threads(1)

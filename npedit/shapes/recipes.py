@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import flow
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
-from ..config import apply_overrides, build_config, to_dict
+from ..config import apply_overrides, build_config, overrides_as_flags, to_dict
 from ..devices import resolve_device
 from ..sampler import sample
 from ..tokenization import build_bpe_tokenizer
@@ -517,8 +517,7 @@ def teacher_eval_main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", help="write teacher_eval.json and teacher_eval.png (32 samples) here")
-    argv = [w for item in (sys.argv[1:] if argv is None else argv) for w in
-            ((f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]) if "=" in item and not item.startswith("-") else (item,))]
+    argv = overrides_as_flags(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         ap.error("--n and --steps must be >= 1")
