@@ -471,13 +471,20 @@ def sample_teacher(backbone, teacher, captions: list[str], steps: int, cfg_scale
     return backbone.decode_latents(sample(denoise, noise, times, renoise="ode")).clamp(-1, 1).cpu()
 
 
-def teacher_quality(images: torch.Tensor, captions: list[str]) -> dict:
-    """Share of samples that parse as a scene, match their caption exactly, and the clean-pixel share."""
+def teacher_quality(images: torch.Tensor, captions: list[str], by_objects: bool = False) -> dict:
+    """Share of samples that parse as a scene, match their caption exactly, and the clean-pixel share;
+    with `by_objects`, the caption match per number of objects the caption names."""
     arrays = [to_uint8(x) for x in images]
     parsed = [parse(a) for a in arrays]
-    return {"parsed": float(np.mean([p is not None for p in parsed])),
-            "caption_match": float(np.mean([p is not None and caption(p) == c for p, c in zip(parsed, captions)])),
-            "clean": float(np.mean([clean_fraction(a) for a in arrays]))}
+    matches = [p is not None and caption(p) == c for p, c in zip(parsed, captions)]
+    out = {"parsed": float(np.mean([p is not None for p in parsed])), "caption_match": float(np.mean(matches)),
+           "clean": float(np.mean([clean_fraction(a) for a in arrays]))}
+    if by_objects:
+        groups: dict[str, list[bool]] = {}
+        for c, m in zip(captions, matches):
+            groups.setdefault(str(c.count(", ") + 1), []).append(m)
+        out["caption_match_by_objects"] = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+    return out
 
 
 def evaluate_teacher(base: str | Path, n: int = 300, seed: int = 0, steps: int = 16, cfg_scale: float = 3.5,
@@ -493,12 +500,7 @@ def evaluate_teacher(base: str | Path, n: int = 300, seed: int = 0, steps: int =
     images = [sample_teacher(backbone, teacher, captions[i:i + batch_size], steps, cfg_scale, seed + i)
               for i in tqdm(range(0, n, batch_size), desc="teacher samples")]
     images = torch.cat(images)
-    quality = teacher_quality(images, captions)
-    by_count: dict[str, list[bool]] = {}
-    for img, cap in zip(images, captions):
-        parsed = parse(to_uint8(img))
-        by_count.setdefault(str(cap.count(", ") + 1), []).append(parsed is not None and caption(parsed) == cap)
-    quality["caption_match_by_objects"] = {k: float(np.mean(v)) for k, v in sorted(by_count.items())}
+    quality = teacher_quality(images, captions, by_objects=True)
     return {"teacher": str(base), "n": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, **quality}, images
 
 
