@@ -28,7 +28,7 @@ from npedit.data import object_names
 from npedit.images import ImageError, load_image
 from npedit.verdicts import judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
-from workbench.inspect import edit_once, trace_edit
+from workbench.inspect import edit_best_of, edit_once, trace_edit
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
     import spaces
@@ -42,6 +42,7 @@ except ImportError:
 
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
+MAX_CANDIDATES = 16
 ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU") == "true"
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
@@ -118,8 +119,9 @@ def edit_handler(app: App):
     """The /edit function of `app` (also callable directly, e.g. in tests)."""
     @GPU
     def edit(image, instruction, steps=4, seed=0, randomize_seed=False, caption_target="", edit_type="edit",
-             object_name="", inspect_steps=True, editor=None, progress=gr.Progress()):
-        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel."""
+             object_name="", inspect_steps=True, editor=None, candidates=1, progress=gr.Progress()):
+        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel; with
+        `candidates` > 1, that many edits, the judge's verdict on each, and the one it rates highest."""
         if image is None:
             raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
@@ -130,7 +132,21 @@ def edit_handler(app: App):
             progress(0.0, desc="loading the editor")
             pipe = app.models.editor(editor)
             picture, notice = models.fit_to_domain(load_image(image), models.read_domain(editor))
-            if inspect_steps:
+            gallery = []
+            if int(candidates or 1) > 1:
+                progress(0.05, desc="loading the judge")
+                judge = app.models.judge()
+                progress(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
+                picked, seconds = edit_best_of(pipe, judge, picture, instruction, int(candidates), int(steps), seed,
+                                               edit_type=edit_type or "edit",
+                                               object_name=(object_name or "").strip() or None)
+                edited, panel, table = picked.image, None, None
+                gallery = [(im, f"#{k} · {v.score:.2f}" + (" ✓" if k == picked.best else ""))
+                           for k, (im, v) in enumerate(zip(picked.images, picked.verdicts))]
+                info = [f"Seed **{seed}** · best of {len(picked.images)} by the judge: candidate #{picked.best} · "
+                        f"{int(steps)} steps · {seconds:.2f} s · the per-step analysis covers single edits only",
+                        candidates_markdown(picked)]
+            elif inspect_steps:
                 progress(0.05, desc="loading the judge, teacher and critic")
                 judge, teacher, critic, loss, judge_note, dmd_note = app.models.inspectors(editor, pipe)
                 trace = trace_edit(pipe, judge, teacher, critic, picture, instruction, caption_target,
@@ -153,9 +169,18 @@ def edit_handler(app: App):
             info.insert(0, f"⚠️ {notice}")
         last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type or "edit",
                 "object_name": object_name or ""}
-        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, last
+        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last
 
     return edit
+
+
+def candidates_markdown(picked) -> str:
+    """The judge's numbers for each best-of-N candidate as a Markdown table (score: sum of log P(expected))."""
+    rows = ["| candidate | score | P(edit) | P(identity) |", "|---|---|---|---|"]
+    for k, v in enumerate(picked.verdicts):
+        name = f"**#{k} ✓**" if k == picked.best else f"#{k}"
+        rows.append(f"| {name} | {v.score:.2f} | {v.p_edit:.3f} | {v.p_identity:.3f} |")
+    return "Score: the sum over the judge's questions of log P(the expected answer).\n\n" + "\n".join(rows)
 
 
 def build_edit_tab(app: App, last_edit: gr.State):
@@ -185,6 +210,9 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                             label="Edit type (judge questions)")
                     object_name = gr.Textbox(value="", label="Removed object (for edit type 'remove')")
                 inspect = gr.Checkbox(value=True, label="Per-step analysis (judge P(Yes) and DMD map for every step)")
+                candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1, label="Candidates (best of N)",
+                                       info="Sample this many edits; the judge asks its training questions about "
+                                            "each (edit type and removed object above) and keeps the best")
         with gr.Column():
             result = gr.Image(type="pil", format="png", label="Edited (PNG)", height=320, interactive=False,
                               buttons=["download", "fullscreen"], elem_classes=["pixelated", "fill-image"])
@@ -192,6 +220,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
             slider = gr.ImageSlider(type="pil", format="png", label="Before / after", max_height=320,
                                     elem_classes="pixelated")
             info = gr.Markdown()
+            gallery = gr.Gallery(label="Candidates (best of N): #, the judge's score, ✓ kept", columns=4,
+                                 height="auto", format="png", elem_classes="pixelated", elem_id="candidates")
     gr.Markdown("### Inside the sampler: one column per step\nPredicted clean image x0 of each step, the judge's "
                 "P(Yes) for the edit and identity checks on that x0, and the DMD map: where the teacher's "
                 "(with CFG, as in training) and the critic's x0-predictions disagree at that step's noisy state x_t.")
@@ -201,8 +231,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
     gr.Examples(examples, inputs=[image, instruction, caption, edit_type, object_name],
                 label="Examples (assets/examples, then generated Shapes-world cases)", examples_per_page=12)
 
-    inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor]
-    outputs = [result, slider, seed, info, step_plot, step_table, last_edit]
+    inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor, candidates]
+    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit]
     gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
           concurrency_id="models", concurrency_limit=1)
     reuse.click(lambda im: im, result, image, api_visibility="private")

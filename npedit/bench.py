@@ -68,15 +68,15 @@ def bench_main(args) -> int:
     teacher_dir = args.teacher or str(DEFAULT_TEACHER)
     if (DEFAULT_TEACHER / "transformer").exists() or args.teacher:
         from .backbones import load_backbone
-        from .shapes.evaluate import sdedit_editor
+        from .shapes.evaluate import sdedit_sampler
 
         tb = load_backbone(teacher_dir).to(device)
         teacher = tb.load_transformer(teacher_dir).to(device).eval()
-        editor = sdedit_editor(tb, teacher, steps=args.teacher_steps)
+        sdedit = sdedit_sampler(tb, teacher, steps=args.teacher_steps)
         arr = np.asarray(image)
 
         def baseline():
-            editor([arr], [instruction], [instruction])
+            sdedit([arr], [instruction])
             sync()
 
         fns.append(baseline)

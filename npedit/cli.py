@@ -50,13 +50,20 @@ def cmd_edit(args) -> int:
 
     if bool(args.image) == bool(args.batch):
         raise SystemExit("error: give either --image/--instruction/--output or --batch/--output-dir")
+    if args.candidates < 1:
+        raise SystemExit("error: --candidates must be >= 1")
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(_device())
     pipe.set_progress_bar_config(disable=True)
+    judge = None
+    if args.candidates > 1:
+        from .judges import load_judge
+
+        judge = load_judge(default_path("judge", args.judge), device=_device())
     if args.image:
         if not args.instruction or not args.output:
             raise SystemExit("error: --image needs --instruction and --output")
         jobs = [{"id": Path(args.output).stem, "image": args.image, "instruction": args.instruction,
-                 "out": Path(args.output)}]
+                 "edit_type": args.edit_type, "object_name": args.object, "keep": args.keep, "out": Path(args.output)}]
     else:
         if not args.output_dir:
             raise SystemExit("error: --batch needs --output-dir")
@@ -66,8 +73,11 @@ def cmd_edit(args) -> int:
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
         try:
-            img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
-                       generator=gen, max_side=args.max_side).images[0]
+            if judge is None:
+                img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
+                           generator=gen, max_side=args.max_side).images[0]
+            else:
+                img = _best_of(pipe, judge, job, args, gen, verbose=len(jobs) == 1)
         except (ImageError, ValueError) as exc:
             failures += 1
             print(f"error: {job['id']}: {exc}", file=sys.stderr)
@@ -77,6 +87,22 @@ def cmd_edit(args) -> int:
     if len(jobs) == 1 and not failures:
         print(jobs[0]["out"])
     return 1 if failures else 0
+
+
+def _best_of(pipe, judge, job: dict, args, gen, verbose: bool):
+    """The judge's pick of `args.candidates` edits of one job; with `verbose`, each candidate's verdict on stderr."""
+    from .best_of import best_of
+    from .data import object_names
+
+    picked = best_of(pipe, judge, job["image"], job["instruction"], candidates=args.candidates, steps=args.steps,
+                     generator=gen, max_side=args.max_side, edit_type=job.get("edit_type") or "edit",
+                     object_name=job.get("object_name") or None, keep=object_names(job.get("keep")))
+    if verbose:
+        for k, v in enumerate(picked.verdicts):
+            mark = "  <- kept" if k == picked.best else ""
+            print(f"candidate {k}: score {v.score:.3f}, P(edit) {v.p_edit:.3f}, P(identity) {v.p_identity:.3f}{mark}",
+                  file=sys.stderr)
+    return picked.image
 
 
 def cmd_judge(args) -> int:
@@ -209,12 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image", help="input image")
     e.add_argument("--instruction", help="what to change")
     e.add_argument("--output", help="output PNG path")
-    e.add_argument("--batch", help="cases.jsonl with {id, image, instruction} per line")
+    e.add_argument("--batch", help="cases.jsonl with {id, image, instruction[, edit_type, object_name, keep]} per line "
+                   "(the last three: the judge's questions for --candidates)")
     e.add_argument("--output-dir", help="where --batch writes <id>.png")
     e.add_argument("--model", help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
     e.add_argument("--steps", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-side", type=int, default=1024, help="longest side the editor works at")
+    e.add_argument("--candidates", type=int, default=1, help="sample this many edits and keep the one the judge "
+                   "rates highest (best-of-N; 1: a single edit)")
+    e.add_argument("--judge", help="judge for --candidates (default: the bundled Shapes-world judge)")
+    e.add_argument("--edit-type", default="edit", help="for the judge's questions: e.g. add, remove, replace, "
+                   "recolor, background, resize (--batch lines: edit_type)")
+    e.add_argument("--object", help="the removed object's name, for --edit-type remove (--batch lines: object_name)")
+    e.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
+                   "--batch lines: keep)")
     e.set_defaults(func=cmd_edit)
 
     j = sub.add_parser("judge", help="ask the judge about an edit")
@@ -256,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=300)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--steps", type=int, default=4)
+    v.add_argument("--candidates", type=int, default=1, help="sample this many edits per case and keep the one the "
+                   "judge (--judge, default the bundled one) rates highest (best-of-N; 1: a single edit)")
     v.add_argument("--judge", help="also ask this judge (a folder, or 'bundled') about every edit and report how "
                                    "often its answers match the exact scorer")
     v.add_argument("--name", help="report name (default: the model folder's name)")

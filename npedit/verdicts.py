@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -22,8 +23,18 @@ class Verdict:
     # the lowest P(expected answer) of the change checks (Yes for a `new` object, No for a `gone` one); None: none asked
     p_change: float | None = None
 
+    @property
+    def score(self) -> float:
+        """Sum over the questions of log P(the expected answer), from the margins (how best-of-N ranks edits)."""
+        return sum(_log_sigmoid(q["margin"] if q["expected"] == "Yes" else -q["margin"]) for q in self.questions)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _log_sigmoid(x: float) -> float:
+    """log(1 / (1 + e^-x)), stable for large |x|: log P(Yes) for a Yes-minus-No margin x."""
+    return -(max(-x, 0.0) + math.log1p(math.exp(-abs(x))))
 
 
 def _pixels01(image) -> torch.Tensor:
@@ -31,22 +42,21 @@ def _pixels01(image) -> torch.Tensor:
     return (pil_to_tensor(load_image(image)).unsqueeze(0) + 1) / 2
 
 
-@torch.no_grad()
-def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: str = "edit",
-               object_name: str | None = None, extra: list[str] = (), keep: Sequence[str] = (),
-               new: Sequence[str] = (), gone: Sequence[str] = ()) -> Verdict:
-    """Ask the edit and identity checks (plus a keep check per object named in `keep`, a change check per object
-    named in `new` (expected there) or `gone` (expected not there), and free-form `extra` questions) about one
-    (reference, edited) pair."""
+def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: str | None = None,
+                   extra: Sequence[str] = (), keep: Sequence[str] = (), new: Sequence[str] = (),
+                   gone: Sequence[str] = ()) -> list[Question]:
+    """The questions asked about one edit: the edit and identity checks (a contains check for a removal), a keep
+    check per object named in `keep`, a change check per object named in `new` (expected there) or `gone`
+    (expected not there), and the free-form `extra` questions (expected Yes)."""
     questions: list[Question] = training_questions(instruction, edit_type, object_name, identity=True, kept=keep)
     removed = object_name if edit_type == "remove" else None
     for checks, used in (keep_questions(keep, len(keep), removed=removed),
                          change_questions(new, gone, len(new) + len(gone), removed=removed)):
         questions += [q for q, u in zip(checks, used) if u]
-    questions += [free_question(text) for text in extra if text.strip()]
-    device = next(judge.parameters()).device
-    out = judge.answer(_pixels01(reference).to(device), _pixels01(edited).to(device), [questions])
-    p_yes, margin = out.p_yes[0].tolist(), out.margin[0].tolist()
+    return questions + [free_question(text) for text in extra if text.strip()]
+
+
+def _verdict(questions: list[Question], p_yes: list[float], margin: list[float]) -> Verdict:
     rows = [{"kind": q.kind, "text": q.text, "images": list(q.images), "expected": q.expected,
              "p_yes": p, "margin": m} for q, p, m in zip(questions, p_yes, margin)]
     edit_row = next(r for r in rows if r["kind"] in ("edit", "contains"))
@@ -56,3 +66,26 @@ def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: 
     change_p = [r["p_yes"] if r["expected"] == "Yes" else 1 - r["p_yes"] for r in rows if r["kind"] == "change"]
     return Verdict(p_edit=p_edit, p_identity=identity[0] if identity else None, questions=rows,
                    p_keep=min(keep_p) if keep_p else None, p_change=min(change_p) if change_p else None)
+
+
+@torch.no_grad()
+def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: str = "edit",
+               object_name: str | None = None, extra: list[str] = (), keep: Sequence[str] = (),
+               new: Sequence[str] = (), gone: Sequence[str] = ()) -> Verdict:
+    """Ask `edit_questions` about one (reference, edited) pair."""
+    return judge_candidates(judge, reference, [edited], instruction, edit_type=edit_type, object_name=object_name,
+                            extra=extra, keep=keep, new=new, gone=gone)[0]
+
+
+@torch.no_grad()
+def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction: str, **questions) -> list[Verdict]:
+    """Ask `edit_questions(instruction, **questions)` about each of several edits of one reference, in one judge
+    pass; the candidates must share one size."""
+    asked = edit_questions(instruction, **questions)
+    device = next(judge.parameters()).device
+    edited = [_pixels01(c) for c in candidates]
+    if not edited or len({tuple(e.shape) for e in edited}) != 1:
+        raise ValueError(f"give one or more candidates of one size, got sizes {[tuple(e.shape[-2:]) for e in edited]}")
+    ref = _pixels01(reference).to(device)
+    out = judge.answer(ref.expand(len(edited), -1, -1, -1), torch.cat(edited).to(device), [asked] * len(edited))
+    return [_verdict(asked, p, m) for p, m in zip(out.p_yes.tolist(), out.margin.tolist())]

@@ -95,8 +95,8 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
     _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)
-        edited, before_after, seed, info, panel, table = client.predict(handle_file(str(shapes_png)),
-                                                                        "remove the circle", api_name="/edit")
+        edited, before_after, seed, info, panel, table, gallery = client.predict(
+            handle_file(str(shapes_png)), "remove the circle", api_name="/edit")
         out = Image.open(edited)
         assert out.format == "PNG" and out.size == (64, 64) and seed == 0
         assert "c^x" in info and len(table["data"]) == 4 and panel is not None
@@ -105,6 +105,14 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
         plain = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "edit", "", False,
                                api_name="/edit")  # per-step analysis off: a plain pipeline call, same sampler and seed
         assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(out)) and "off" in plain[3]
+        assert gallery == []
+        best = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "remove",
+                              "red circle", True, None, 3, api_name="/edit")  # best of 3 by the judge
+        shown = [np.asarray(Image.open(item["image"])) for item in best[6]]
+        kept = [item for item in best[6] if "✓" in item["caption"]]
+        assert len(shown) == 3 and len(kept) == 1 and "best of 3" in best[3] and best[4] is None
+        assert np.array_equal(np.asarray(Image.open(kept[0]["image"])), np.asarray(Image.open(best[0])))
+        assert any(not np.array_equal(shown[0], other) for other in shown[1:])  # different noise per candidate
         randomized = client.predict(handle_file(str(shapes_png)), "remove the circle", 2, 0, True, api_name="/edit")
         assert isinstance(randomized[2], (int, float)) and len(randomized[5]["data"]) == 2
         verdict, questions = client.predict(handle_file(str(shapes_png)), handle_file(edited), "remove the circle",

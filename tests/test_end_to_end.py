@@ -132,6 +132,56 @@ def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
     assert rows[0]["p_change"] is None and 0 < rows[1]["p_change"] < 1  # "blue dot" (the removed one is asked already)
 
 
+def test_best_of_keeps_the_candidate_the_judge_rates_highest(trained, tiny_judge):
+    from npedit import NPEditPipeline
+    from npedit.best_of import best_of
+    from npedit.judges import load_judge
+    from npedit.verdicts import judge_edit
+
+    work, _ = trained
+    pipe = NPEditPipeline.from_pretrained(work / "runs/npedit/pipeline")
+    judge = load_judge(tiny_judge)
+    img = Image.fromarray((np.random.default_rng(2).random((40, 56, 3)) * 255).astype(np.uint8))
+    asked = dict(edit_type="remove", object_name="red circle", keep=["blue square"])
+    picked = best_of(pipe, judge, img, "remove the red circle", candidates=3, chunk=2,
+                     generator=torch.Generator().manual_seed(0), **asked)
+    assert len(picked.images) == 3 and all(im.size == (56, 40) for im in picked.images)
+    alone = [judge_edit(judge, img, im, "remove the red circle", **asked) for im in picked.images]
+    assert [q["kind"] for q in alone[0].questions] == ["contains", "identity", "keep"]
+    for v, a in zip(picked.verdicts, alone):  # one batched judge pass = each candidate asked alone
+        assert v.score == pytest.approx(a.score, abs=1e-4)
+        expected = sum(np.log(q["p_yes"] if q["expected"] == "Yes" else 1 - q["p_yes"]) for q in a.questions)
+        assert a.score == pytest.approx(expected, abs=1e-4)
+    scores = [v.score for v in picked.verdicts]
+    assert picked.best == int(np.argmax(scores)) and picked.image is picked.images[picked.best]
+    one = best_of(pipe, judge, img, "remove the red circle", candidates=1, generator=torch.Generator().manual_seed(0))
+    plain = pipe(image=img, prompt="remove the red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(one.image), np.asarray(plain))  # one candidate: the plain edit
+    with pytest.raises(ValueError, match="candidates"):
+        best_of(pipe, judge, img, "remove the red circle", candidates=0)
+
+
+def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
+    work, _ = trained
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--model", "runs/npedit/pipeline", "--image",
+                          str(tiny_manifest.parent / "images/1.png"), "--instruction", "remove the red circle",
+                          "--output", "best/edited.png", "--candidates", "3", "--judge", tiny_judge, "--edit-type",
+                          "remove", "--object", "red circle"], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("candidate ")]
+    assert len(lines) == 3 and sum("<- kept" in line for line in lines) == 1
+    assert Image.open(work / "best/edited.png").size == (64, 64)
+    from npedit.cli import main
+
+    main(["edit", "--model", str(work / "runs/npedit/pipeline"), "--batch", str(tiny_manifest), "--output-dir",
+          str(work / "best-batch"), "--candidates", "2", "--judge", tiny_judge])  # edit_type/object_name per line
+    assert sorted(p.name for p in (work / "best-batch").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    with pytest.raises(SystemExit, match="candidates"):
+        main(["edit", "--image", "x.png", "--instruction", "a", "--output", "y.png", "--candidates", "0"])
+
+
 def test_missing_default_model_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NPEDIT_ASSETS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", "x.png", "--instruction", "a",

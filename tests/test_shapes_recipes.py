@@ -78,7 +78,7 @@ def test_shapes_dataset_and_editor_stages(base, tmp_path):
     assert "dmd_loss" in rows[-1] and "vlm_loss" not in rows[-1]  # DMD-only ablation: no judge loaded
 
 
-def test_eval_and_bench_commands(base, tmp_path, capsys):
+def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
     from npedit.cli import main
     from npedit.config import load_config
     from npedit.training.trainer import Trainer
@@ -92,6 +92,12 @@ def test_eval_and_bench_commands(base, tmp_path, capsys):
     main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--teacher-steps", "2", "--n", "6",
           "--out", str(tmp_path / "ev")])
     assert (tmp_path / "ev/teacher-sdedit.json").is_file()
+    main(["eval", "shapes", "--model", str(out), "--n", "6", "--out", str(tmp_path / "ev"), "--candidates", "2",
+          "--judge", tiny_judge])  # best of 2 by the judge; its agreement with the scorer reported as well
+    best = json.loads((tmp_path / "ev/pipeline-best-of-2.json").read_text())
+    assert best["meta"]["candidates"] == 2 and len(best["rows"]) == 6 and "judge_agreement" in best
+    with pytest.raises(SystemExit, match="candidates"):
+        main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--n", "2", "--candidates", "2"])
     capsys.readouterr()
     main(["bench", "--model", str(out), "--teacher", str(base), "--teacher-steps", "2", "--repeats", "1",
           "--batch", "2", "--json"])
@@ -154,7 +160,7 @@ def test_judge_agreement_reads_truth_from_the_parsed_output(tiny_judge, tmp_path
 
     cases = held_out_cases(12, seed=3)
     targets = [render(c.expected) for c in cases]  # one batch: the editor sees the cases in order
-    rows, summary = evaluate(lambda refs, instructions, caps: targets[:len(refs)], cases, batch_size=len(cases),
+    rows, summary = evaluate(lambda refs, cases_: targets[:len(refs)], cases, batch_size=len(cases),
                              judge=load_judge(tiny_judge), progress=False)
     assert summary["overall"]["exact"] == 1.0
     for row, case in zip(rows, cases):

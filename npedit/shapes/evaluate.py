@@ -1,7 +1,8 @@
 """Exact Shapes-world benchmark of an editor: `python -m npedit eval shapes [--model DIR] [--n 300] [--seed 0]`.
 
-Editors are functions (list of uint8 (64, 64, 3) references, list of instructions, list of
-target captions) -> list of uint8 outputs; the scorer is the spec's parser, no judge involved.
+Editors are functions (list of uint8 (64, 64, 3) references, list of their `EditCase`s) -> list of uint8
+outputs; an editor reads only what a user would give (the instruction; a baseline, the target caption; the
+best-of-N editor, the questions a user could ask the judge); the scorer is the spec's parser, no judge involved.
 """
 
 from __future__ import annotations
@@ -23,17 +24,36 @@ from .edits import EditCase, held_out_cases
 from .scoring import METRICS, error_counts, score_edit, summarize
 from .world import CANVAS, parse, render
 
-Editor = Callable[[list[np.ndarray], list[str], list[str]], list[np.ndarray]]
+Editor = Callable[[list[np.ndarray], list[EditCase]], list[np.ndarray]]
 
 
 def pipeline_editor(pipe, *, steps: int = 4, seed: int = 0) -> Editor:
     """An NPEditPipeline as an editor (a seeded generator per batch)."""
 
-    def edit(images, instructions, captions):
+    def edit(images, cases):
         gen = torch.Generator().manual_seed(seed)
-        out = pipe(image=[Image.fromarray(a) for a in images], prompt=instructions, num_inference_steps=steps,
-                   generator=gen, output_type="pil").images
+        out = pipe(image=[Image.fromarray(a) for a in images], prompt=[c.instruction for c in cases],
+                   num_inference_steps=steps, generator=gen, output_type="pil").images
         return [np.asarray(o) for o in out]
+
+    return edit
+
+
+def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 0) -> Editor:
+    """An NPEditPipeline sampled `candidates` times per case, the judge keeping the best (`npedit.best_of`). The
+    judge is asked what a user could ask from the instruction and the reference alone: the edit (or, for a
+    removal, contains) and identity checks and a keep check per untouched object."""
+    from ..best_of import best_of
+
+    def edit(images, cases):
+        outs = []
+        for image, case in zip(images, cases):
+            gen = torch.Generator().manual_seed(seed)
+            picked = best_of(pipe, judge, image, case.instruction, candidates=candidates, steps=steps,
+                             generator=gen, edit_type=case.edit_type, object_name=case.object_name or None,
+                             keep=case.keep)
+            outs.append(np.asarray(picked.image))
+        return outs
 
     return edit
 
@@ -41,9 +61,16 @@ def pipeline_editor(pipe, *, steps: int = 4, seed: int = 0) -> Editor:
 def sdedit_editor(backbone, teacher, *, strength: float = 0.6, steps: int = 16, cfg_scale: float = 3.5,
                   seed: int = 0) -> Editor:
     """Zero-shot teacher baseline (SDEdit): noise the reference to t = `strength`, then sample with c^x and CFG."""
+    sdedit = sdedit_sampler(backbone, teacher, strength=strength, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    return lambda images, cases: sdedit(images, [c.caption_target for c in cases])
+
+
+def sdedit_sampler(backbone, teacher, *, strength: float = 0.6, steps: int = 16, cfg_scale: float = 3.5,
+                   seed: int = 0) -> Callable[[list[np.ndarray], list[str]], list[np.ndarray]]:
+    """SDEdit as a function (uint8 references, captions) -> uint8 outputs (see `sdedit_editor`)."""
 
     @torch.no_grad()
-    def edit(images, instructions, captions):
+    def edit(images, captions):
         gen = torch.Generator().manual_seed(seed)
         pixels = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 127.5 - 1 for a in images])
         ref = backbone.encode_image(pixels)
@@ -70,7 +97,7 @@ def evaluate(editor: Editor, cases: list[EditCase], *, batch_size: int = 50, pro
     for i in tqdm(range(0, len(cases), batch_size), desc="eval", disable=not progress):
         chunk = cases[i:i + batch_size]
         refs = [render(c.reference) for c in chunk]
-        outs = editor(refs, [c.instruction for c in chunk], [c.caption_target for c in chunk])
+        outs = editor(refs, chunk)
         scored = [score_edit(o, c) for o, c in zip(outs, chunk)]
         if judge is not None:
             scored = [{**row, **v} for row, v in zip(scored, judge_verdicts(judge, chunk, refs, outs))]
@@ -79,7 +106,7 @@ def evaluate(editor: Editor, cases: list[EditCase], *, batch_size: int = 50, pro
 
 
 def _unit(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255 for a in images])
+    return torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 255 for a in images])  # a copy: writable
 
 
 def judge_verdicts(judge, cases: list[EditCase], references: list[np.ndarray], outputs: list[np.ndarray]) -> list[dict]:
@@ -163,6 +190,8 @@ def eval_main(args) -> int:
     """`python -m npedit eval shapes`: benchmark an editor (or the zero-shot teacher) and print the table."""
     from ..assets import DEFAULT_TEACHER, default_path
 
+    if args.candidates < 1 or (args.candidates > 1 and args.baseline):
+        raise SystemExit("error: --candidates must be >= 1 and applies to an editor, not to --baseline teacher")
     cases = held_out_cases(args.n, seed=args.seed)
     device = resolve_device()
     if args.baseline == "teacher":
@@ -180,15 +209,19 @@ def eval_main(args) -> int:
         pipe = NPEditPipeline.from_pretrained(model).to(device)
         pipe.set_progress_bar_config(disable=True)
         editor = pipeline_editor(pipe, steps=args.steps, seed=args.seed)
-        name = args.name or Path(model).name
+        name = args.name or Path(model).name + (f"-best-of-{args.candidates}" if args.candidates > 1 else "")
     judge = None
-    if args.judge:
+    if args.judge or args.candidates > 1:
         from ..judges import load_judge
 
-        judge = load_judge(default_path("judge", None if args.judge == "bundled" else args.judge), device=device)
+        judge_dir = default_path("judge", None if args.judge in (None, "bundled") else args.judge)
+        judge = load_judge(judge_dir, device=device)
+        if args.candidates > 1:
+            editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed)
+            judge = judge if args.judge else None  # agreement figures only when asked for
     rows, summary = evaluate(editor, cases, judge=judge)
     meta = {"model": str(model), "n": args.n, "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
-            "judge": args.judge}
+            "judge": args.judge, "candidates": args.candidates}
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
