@@ -52,10 +52,12 @@ def cmd_edit(args) -> int:
         raise SystemExit("error: give either --image/--instruction/--output or --batch/--output-dir")
     if args.candidates < 1:
         raise SystemExit("error: --candidates must be >= 1")
+    if args.min_score is not None and not args.verdicts:
+        raise SystemExit("error: --min-score filters the --verdicts file; give --verdicts too")
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(_device())
     pipe.set_progress_bar_config(disable=True)
     judge = None
-    if args.candidates > 1:
+    if args.candidates > 1 or args.verdicts:
         from .judges import load_judge
 
         judge = load_judge(default_path("judge", args.judge), device=_device())
@@ -69,7 +71,10 @@ def cmd_edit(args) -> int:
             raise SystemExit("error: --batch needs --output-dir")
         rows = _read_jsonl(args.batch, ("id", "image", "instruction"))
         jobs = [{**r, "out": Path(args.output_dir) / f"{r['id']}.png"} for r in rows]
-    failures = 0
+    failures, verdicts = 0, None
+    if args.verdicts:
+        Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
+        verdicts = open(args.verdicts, "w")
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
         try:
@@ -77,16 +82,35 @@ def cmd_edit(args) -> int:
                 img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
                            generator=gen, max_side=args.max_side).images[0]
             else:
-                img = _best_of(pipe, judge, job, args, gen, verbose=len(jobs) == 1)
+                picked = _best_of(pipe, judge, job, args, gen, verbose=len(jobs) == 1)
+                img = picked.image
         except (ImageError, ValueError) as exc:
             failures += 1
             print(f"error: {job['id']}: {exc}", file=sys.stderr)
             continue
         job["out"].parent.mkdir(parents=True, exist_ok=True)
         img.save(job["out"], format="PNG")
+        if verdicts is not None:
+            _write_verdict(verdicts, job, picked, args.min_score)
+    if verdicts is not None:
+        verdicts.close()
     if len(jobs) == 1 and not failures:
         print(jobs[0]["out"])
     return 1 if failures else 0
+
+
+def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
+    """One --verdicts line: the job's own fields, its result as `target` and the judge's numbers on it (a training
+    manifest line: paired SFT on these learns the judge's accepted edits); none below `min_score`."""
+    v = picked.verdicts[picked.best]
+    if min_score is not None and v.score < min_score:
+        return
+    row = {k: val for k, val in job.items() if k != "out"}
+    row |= {"image": str(Path(job["image"]).resolve()), "target": str(job["out"].resolve()), "score": v.score,
+            "p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "candidate": picked.best,
+            "candidates": len(picked.images)}
+    file.write(json.dumps(row) + "\n")
+    file.flush()
 
 
 def _best_of(pipe, judge, job: dict, args, gen, verbose: bool):
@@ -102,7 +126,7 @@ def _best_of(pipe, judge, job: dict, args, gen, verbose: bool):
             mark = "  <- kept" if k == picked.best else ""
             print(f"candidate {k}: score {v.score:.3f}, P(edit) {v.p_edit:.3f}, P(identity) {v.p_identity:.3f}{mark}",
                   file=sys.stderr)
-    return picked.image
+    return picked
 
 
 def cmd_judge(args) -> int:
@@ -250,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--object", help="the removed object's name, for --edit-type remove (--batch lines: object_name)")
     e.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
                    "--batch lines: keep)")
+    e.add_argument("--verdicts", help="judge each result and write one JSON line per edit: the input line's fields, "
+                   "the result as 'target', the judge's score, p_edit, p_identity, p_keep (a training manifest)")
+    e.add_argument("--min-score", type=float, help="leave edits the judge scores below this out of --verdicts "
+                   "(score: the sum of log P(expected answer); e.g. -0.5)")
     e.set_defaults(func=cmd_edit)
 
     j = sub.add_parser("judge", help="ask the judge about an edit")

@@ -175,9 +175,25 @@ def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
     assert Image.open(work / "best/edited.png").size == (64, 64)
     from npedit.cli import main
 
-    main(["edit", "--model", str(work / "runs/npedit/pipeline"), "--batch", str(tiny_manifest), "--output-dir",
-          str(work / "best-batch"), "--candidates", "2", "--judge", tiny_judge])  # edit_type/object_name per line
+    batch = ["edit", "--model", str(work / "runs/npedit/pipeline"), "--batch", str(tiny_manifest), "--candidates", "2",
+             "--judge", tiny_judge]  # the judge's questions from each line's edit_type, object_name and keep
+    main([*batch, "--output-dir", str(work / "best-batch"), "--verdicts", str(work / "verdicts/all.jsonl")])
     assert sorted(p.name for p in (work / "best-batch").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    from npedit.data import load_manifest
+
+    lines = [json.loads(line) for line in (work / "verdicts/all.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["0", "1", "2", "3"] and all(r["score"] < 0 and r["candidates"] == 2
+                                                                    for r in lines)
+    records = load_manifest(work / "verdicts/all.jsonl")  # a training manifest: the accepted edits as targets
+    assert [Path(r.target).name for r in records] == ["0.png", "1.png", "2.png", "3.png"]
+    assert records[1].edit_type == "remove" and records[1].object_name == "red circle" and Path(records[1].image).is_file()
+    top = max(r["score"] for r in lines)
+    main([*batch, "--output-dir", str(work / "best-batch2"), "--verdicts", str(work / "verdicts/top.jsonl"),
+          "--min-score", str(top - 1e-9)])
+    kept = [json.loads(line)["id"] for line in (work / "verdicts/top.jsonl").read_text().splitlines()]
+    assert kept == [r["id"] for r in lines if r["score"] >= top - 1e-9] and len(kept) >= 1
+    with pytest.raises(SystemExit, match="--verdicts"):
+        main([*batch, "--output-dir", str(work / "x"), "--min-score", "-1"])
     with pytest.raises(SystemExit, match="candidates"):
         main(["edit", "--image", "x.png", "--instruction", "a", "--output", "y.png", "--candidates", "0"])
 
