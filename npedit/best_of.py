@@ -36,9 +36,9 @@ class Candidates:
 def best_of(pipe, judge, image, instruction: str, *, candidates: int = 4, steps: int = 4,
             generator: torch.Generator | None = None, max_side: int = 1024, chunk: int = 8,
             **questions) -> Candidates:
-    """Edit `image` `candidates` times (pipeline batches of at most `chunk`, noise drawn from `generator`) and
-    judge every result with `edit_questions(instruction, **questions)` (edit_type, object_name, keep, new,
-    gone, extra)."""
+    """Edit `image` `candidates` times (pipeline and judge batches of at most `chunk`, noise drawn from
+    `generator`) and judge every result with `edit_questions(instruction, **questions)` (edit_type,
+    object_name, keep, new, gone, extra)."""
     if candidates < 1 or chunk < 1:
         raise ValueError(f"candidates and chunk must be >= 1, got {candidates} and {chunk}")
     picture = load_image(image)
@@ -47,4 +47,4 @@ def best_of(pipe, judge, image, instruction: str, *, candidates: int = 4, steps:
         n = min(chunk, candidates - len(images))
         images += pipe(image=[picture] * n, prompt=instruction, num_inference_steps=steps, generator=generator,
                        max_side=max_side).images
-    return Candidates(images, judge_candidates(judge, picture, images, instruction, **questions))
+    return Candidates(images, judge_candidates(judge, picture, images, instruction, chunk=chunk, **questions))

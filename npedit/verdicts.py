@@ -78,14 +78,19 @@ def judge_edit(judge: Judge, reference, edited, instruction: str, *, edit_type: 
 
 
 @torch.no_grad()
-def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction: str, **questions) -> list[Verdict]:
-    """Ask `edit_questions(instruction, **questions)` about each of several edits of one reference, in one judge
-    pass; the candidates must share one size."""
+def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction: str, *, chunk: int = 8,
+                     **questions) -> list[Verdict]:
+    """Ask `edit_questions(instruction, **questions)` about each of several edits of one reference, `chunk`
+    candidates per judge pass; the candidates must share one size."""
     asked = edit_questions(instruction, **questions)
     device = next(judge.parameters()).device
     edited = [_pixels01(c) for c in candidates]
     if not edited or len({tuple(e.shape) for e in edited}) != 1:
         raise ValueError(f"give one or more candidates of one size, got sizes {[tuple(e.shape[-2:]) for e in edited]}")
     ref = _pixels01(reference).to(device)
-    out = judge.answer(ref.expand(len(edited), -1, -1, -1), torch.cat(edited).to(device), [asked] * len(edited))
-    return [_verdict(asked, p, m) for p, m in zip(out.p_yes.tolist(), out.margin.tolist())]
+    verdicts = []
+    for i in range(0, len(edited), chunk):
+        part = torch.cat(edited[i:i + chunk]).to(device)
+        out = judge.answer(ref.expand(len(part), -1, -1, -1), part, [asked] * len(part))
+        verdicts += [_verdict(asked, p, m) for p, m in zip(out.p_yes.tolist(), out.margin.tolist())]
+    return verdicts
