@@ -106,6 +106,10 @@ class LossConfig:
 
     lambda_dmd: float = 1.0  # 0 = VLM-only ablation
     lambda_vlm: float = 0.02  # 0 = DMD-only ablation
+    # > 0 (an extension, stage npedit): also regress the student's unrolled output to each sample's `target`
+    # (latent mse), e.g. the judge's accepted edits written by `edit --verdicts --min-score`: self-training on
+    # the editor's own judged results, no pairs. With data.train=shapes the targets are the true edits (pairs).
+    lambda_target: float = 0.0
     dmd_t_min: float = 0.02
     dmd_t_max: float = 0.98
     cfg_scale: float = 3.5
@@ -156,6 +160,10 @@ class TrainConfig:
             raise ValueError("data.train is required: a cases.jsonl path or 'shapes'")
         if self.stage == "npedit" and self.loss.lambda_vlm > 0 and not self.judge.path:
             raise ValueError("judge.path is required for stage 'npedit' unless loss.lambda_vlm=0")
+        if min(self.loss.lambda_dmd, self.loss.lambda_vlm, self.loss.lambda_target) < 0:
+            raise ValueError("loss.lambda_dmd, loss.lambda_vlm and loss.lambda_target must be >= 0")
+        if self.loss.lambda_target > 0 and self.stage != "npedit":
+            raise ValueError(f"loss.lambda_target applies to stage 'npedit' (the unrolled student), not {self.stage!r}")
 
 
 # ---- loading, overrides, saving ------------------------------------------------------------

@@ -118,7 +118,9 @@ class EditDataset(Dataset):
 
     def __init__(self, records: list[EditRecord], resolution: int, *, need_target: bool = False):
         if need_target and any(not r.target for r in records):
-            raise ValueError("paired SFT needs a 'target' image in every manifest line")
+            missing = next(r.id for r in records if not r.target)
+            raise ValueError(f"this run needs a 'target' image in every manifest line (paired SFT, or "
+                             f"loss.lambda_target > 0); line id {missing!r} has none")
         self.records = records
         self.resolution = resolution
         self.need_target = need_target

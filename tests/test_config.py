@@ -55,3 +55,11 @@ def test_data_pool_sizes_a_generated_domain_and_is_refused_for_a_manifest(tmp_pa
     manifest.write_text("")
     with pytest.raises(ValueError, match="data.pool=10 sizes a generated domain"):
         build_dataset(data(f"data.train={manifest}", "data.pool=10"), stage="sft", seed=0)
+
+
+def test_target_regression_is_a_stage_npedit_option():
+    load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0", "loss.lambda_target=1"])
+    with pytest.raises(ValueError, match="lambda_target applies to stage 'npedit'"):
+        load_config(None, ["model.base=/m", "data.train=shapes", "stage=sft", "loss.lambda_target=1"])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0", "loss.lambda_target=-1"])

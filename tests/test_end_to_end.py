@@ -198,6 +198,26 @@ def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
         main(["edit", "--image", "x.png", "--instruction", "a", "--output", "y.png", "--candidates", "0"])
 
 
+def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny_zimage, tiny_manifest):
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    common = ["stage=npedit", f"model.base={tiny_zimage}", "data.batch_size=2", "optim.skip_grad_norm=1e9",
+              "loss.lambda_dmd=0", "loss.lambda_vlm=0", "loss.lambda_target=1", "data.do_nothing_prob=0"]
+    trainer = Trainer(load_config(None, [f"output_dir={tmp_path}/t", f"data.train={tiny_manifest}", *common]))
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    metrics = trainer.iteration()
+    assert metrics["target_loss"] > 0 and metrics["student_skipped"] == 0
+    assert not {"dmd_loss", "vlm_loss", "critic_fm_loss"} & set(metrics)  # only the regression was asked for
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    bare = tmp_path / "no-targets.jsonl"
+    bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"
+                            for r in lines))
+    with pytest.raises(ValueError, match="lambda_target > 0"):
+        Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}", *common]))
+
+
 def test_missing_default_model_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NPEDIT_ASSETS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", "x.png", "--instruction", "a",

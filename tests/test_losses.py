@@ -1,6 +1,6 @@
 import torch
 
-from npedit.losses import dmd_loss, do_nothing_loss, flow_matching_loss, vlm_loss
+from npedit.losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
 
 
 def test_dmd_gradient_zero_when_teacher_and_critic_agree():
@@ -71,3 +71,15 @@ def test_do_nothing_masked():
     x, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     assert do_nothing_loss(x, ref, torch.tensor([False, False]))[0] == 0
     torch.testing.assert_close(do_nothing_loss(x, ref, torch.tensor([True, False]))[0], torch.tensor(0.5))
+
+
+def test_target_loss_trains_only_the_samples_with_a_target():
+    target = torch.randn(3, 4, 2, 2)
+    x = target.clone().requires_grad_(True)
+    assert target_loss(x, target, torch.tensor([True, True, True]))[0] == 0  # already there: nothing to learn
+    x = torch.zeros(3, 4, 2, 2, requires_grad=True)
+    loss, metrics = target_loss(x, torch.ones(3, 4, 2, 2), torch.tensor([True, False, True]))
+    torch.testing.assert_close(loss, torch.tensor(2 / 3))
+    torch.testing.assert_close(metrics["target_loss"], loss)
+    loss.backward()
+    assert torch.count_nonzero(x.grad[1]) == 0 and (x.grad[0] < 0).all()  # descent moves x[0] up toward 1

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .target import masked_mse
+
 
 def do_nothing_loss(x: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """mse(x, reference) over the samples where `mask` (B,) is true; zero when none is."""
-    per_sample = (x.float() - reference.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
-    m = mask.to(per_sample.dtype)
-    loss = (per_sample * m).sum() / x.shape[0]
-    return loss, {"do_nothing_loss": loss.detach(), "do_nothing_frac": m.mean()}
+    loss = masked_mse(x, reference, mask)
+    return loss, {"do_nothing_loss": loss.detach(), "do_nothing_frac": mask.float().mean()}

@@ -13,8 +13,8 @@ from ..data import EditDataset, load_manifest, subset
 GENERATED = {"shapes": "npedit.shapes.training:training_dataset"}
 
 
-def build_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
-    """The dataset for `stage` ("sft" needs target images)."""
+def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = False) -> Dataset:
+    """The dataset for `stage`; "sft", or `targets`, needs target images (generated domains always have them)."""
     if cfg.train in GENERATED:
         module, name = GENERATED[cfg.train].split(":")
         return getattr(importlib.import_module(module), name)(cfg, stage=stage, seed=seed)
@@ -22,4 +22,4 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
         raise ValueError(f"data.pool={cfg.pool} sizes a generated domain ({', '.join(GENERATED)}); "
                          f"a manifest ({cfg.train}) has its own cases: use data.fraction to take a share of them")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
-    return EditDataset(records, cfg.resolution, need_target=(stage == "sft"))
+    return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)

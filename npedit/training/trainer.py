@@ -24,7 +24,7 @@ from ..backbones import load_backbone
 from ..config import TrainConfig, save_config, to_dict
 from ..data import apply_do_nothing, collate
 from ..guidance import teacher_critic_x0
-from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, vlm_loss
+from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
 from ..pipeline import NPEditPipeline, training_summary
 from ..sampler import sample, unroll_times
 from . import checkpoint as ckpt
@@ -102,7 +102,7 @@ class Trainer:
                 net.enable_gradient_checkpointing()
         self.opt_student, self.sched_student = self._optimizer(self.student)
         self.opt_critic, self.sched_critic = self._optimizer(self.critic) if self.critic is not None else (None, None)
-        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed)
+        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.lambda_target > 0)
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate,
                             num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.data.batch_size,
@@ -227,6 +227,11 @@ class Trainer:
         if mask.any():
             loss, m = do_nothing_loss(x, ref, mask)
             total, metrics = total + loss, {**metrics, **m}
+        if lc.lambda_target > 0:  # the given results, except where "do nothing" replaced the instruction
+            with torch.no_grad():
+                target = self.backbone.encode_image(batch["target"].to(x.device)).float()
+            loss, m = target_loss(x, target, ~mask)
+            total, metrics = total + lc.lambda_target * loss, {**metrics, **m}
         metrics["student_loss"] = total.detach()
         return {**metrics, **self._update(self.student, self.opt_student, self.sched_student, total, "student")}
 
