@@ -1,12 +1,15 @@
 """The Shapes-world recipes run end to end at toy size: VAE -> teacher -> editor stages -> benchmark."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from npedit.shapes.recipes import make_config, run
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,21 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
     assert best["meta"]["candidates"] == 2 and len(best["rows"]) == 6 and "judge_agreement" in best
     with pytest.raises(SystemExit, match="candidates"):
         main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--n", "2", "--candidates", "2"])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selftrain", ROOT / "scripts/shapes_selftrain_data.py")
+    selftrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selftrain)
+    data = tmp_path / "self"
+    selftrain.main(["--model", str(out), "--judge", tiny_judge, "--n", "4", "--candidates", "2", "--min-score", "-100",
+                    "--out", str(data)])
+    from npedit.data import load_manifest
+
+    rows = [json.loads(line) for line in (data / "rows.jsonl").read_text().splitlines()]
+    accepted = load_manifest(data / "accepted-100.0.jsonl")  # a training manifest: the judge's picks as targets
+    assert len(rows) == 4 and [r.id for r in accepted] == [r["id"] for r in rows if r["score"] >= -100]
+    assert all(Path(r.target).parent.name == "picked" and Path(r.target).is_file() for r in accepted)
+    assert [Path(r.target).parent.name for r in load_manifest(data / "true-100.0.jsonl")] == ["true"] * len(accepted)
     capsys.readouterr()
     main(["bench", "--model", str(out), "--teacher", str(base), "--teacher-steps", "2", "--repeats", "1",
           "--batch", "2", "--json"])
