@@ -119,7 +119,7 @@ def edit_handler(app: App):
     """The /edit function of `app` (also callable directly, e.g. in tests)."""
     @GPU
     def edit(image, instruction, steps=4, seed=0, randomize_seed=False, caption_target="", edit_type="edit",
-             object_name="", inspect_steps=True, editor=None, candidates=1, progress=gr.Progress()):
+             object_name="", inspect_steps=True, editor=None, candidates=1, keep="", progress=gr.Progress()):
         """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel; with
         `candidates` > 1, that many edits, the judge's verdict on each, and the one it rates highest."""
         if image is None:
@@ -139,7 +139,8 @@ def edit_handler(app: App):
                 progress(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
                 picked, seconds = edit_best_of(pipe, judge, picture, instruction, int(candidates), int(steps), seed,
                                                edit_type=edit_type or "edit",
-                                               object_name=(object_name or "").strip() or None)
+                                               object_name=(object_name or "").strip() or None,
+                                               keep=object_names(keep))
                 edited, panel, table = picked.image, None, None
                 gallery = [(im, f"#{k} · {v.score:.2f}" + (" ✓" if k == picked.best else ""))
                            for k, (im, v) in enumerate(zip(picked.images, picked.verdicts))]
@@ -212,7 +213,10 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 inspect = gr.Checkbox(value=True, label="Per-step analysis (judge P(Yes) and DMD map for every step)")
                 candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1, label="Candidates (best of N)",
                                        info="Sample this many edits; the judge asks its training questions about "
-                                            "each (edit type and removed object above) and keeps the best")
+                                            "each (edit type and removed object above, a keep check per object "
+                                            "below) and keeps the best")
+                keep = gr.Textbox(value="", label="Objects to keep (separated by ';'; for Candidates)",
+                                  placeholder="red square; blue triangle")
         with gr.Column():
             result = gr.Image(type="pil", format="png", label="Edited (PNG)", height=320, interactive=False,
                               buttons=["download", "fullscreen"], elem_classes=["pixelated", "fill-image"])
@@ -221,23 +225,25 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                     elem_classes="pixelated")
             info = gr.Markdown()
             gallery = gr.Gallery(label="Candidates (best of N): #, the judge's score, ✓ kept", columns=4,
-                                 height="auto", format="png", elem_classes="pixelated", elem_id="candidates")
+                                 height="auto", format="png", object_fit="contain", elem_classes="pixelated",
+                                 elem_id="candidates")
     gr.Markdown("### Inside the sampler: one column per step\nPredicted clean image x0 of each step, the judge's "
                 "P(Yes) for the edit and identity checks on that x0, and the DMD map: where the teacher's "
                 "(with CFG, as in training) and the critic's x0-predictions disagree at that step's noisy state x_t.")
     step_plot = gr.Plot(label="Per-step panel", format="png", elem_id="step-panel")
     step_table = gr.Dataframe(label="Per-step numbers", interactive=False, elem_id="step-table")
     examples = datasets.bundled_examples(assets.EXAMPLES_DIR) + datasets.shapes_examples(app.examples_dir)
-    gr.Examples(examples, inputs=[image, instruction, caption, edit_type, object_name],
+    gr.Examples(examples, inputs=[image, instruction, caption, edit_type, object_name, keep],
                 label="Examples (assets/examples, then generated Shapes-world cases)", examples_per_page=12)
 
-    inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor, candidates]
+    inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor, candidates,
+              keep]
     outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit]
     gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
           concurrency_id="models", concurrency_limit=1)
     reuse.click(lambda im: im, result, image, api_visibility="private")
     random_scene.click(lambda: datasets.random_shapes_case(random.randint(0, MAX_SEED)), None,
-                       [image, instruction, caption, edit_type, object_name], api_visibility="private")
+                       [image, instruction, caption, edit_type, object_name, keep], api_visibility="private")
     editor.change(app.models.status, editor, status, api_visibility="private")
 
     def refresh_list(current):

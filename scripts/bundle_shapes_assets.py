@@ -63,7 +63,7 @@ def main() -> None:
         path = examples / f"{case.id}.png"
         Image.fromarray(render(case.reference)).save(path)
         rows.append({"image": path.name, "instruction": case.instruction, "caption_target": case.caption_target,
-                     "edit_type": case.edit_type, "object_name": case.object_name or ""})
+                     "edit_type": case.edit_type, "object_name": case.object_name or "", "keep": case.keep})
     (examples / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"assets: {total / 2**20:.1f} MiB in {args.out}")

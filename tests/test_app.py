@@ -107,7 +107,7 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
         assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(out)) and "off" in plain[3]
         assert gallery == []
         best = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "remove",
-                              "red circle", True, None, 3, api_name="/edit")  # best of 3 by the judge
+                              "red circle", True, None, 3, "blue square", api_name="/edit")  # best of 3, a keep check
         shown = [np.asarray(Image.open(item["image"])) for item in best[6]]
         kept = [item for item in best[6] if "✓" in item["caption"]]
         assert len(shown) == 3 and len(kept) == 1 and "best of 3" in best[3] and best[4] is None

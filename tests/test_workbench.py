@@ -40,7 +40,7 @@ def test_trace_edit_records_every_step(loaded):
     ms, pipe = loaded
     judge, teacher, critic, loss, judge_note, dmd_note = ms.inspectors(None, pipe)
     assert judge_note is None and dmd_note is None
-    image, instruction, caption, edit_type, obj = shapes_image(1)
+    image, instruction, caption, edit_type, obj, _ = shapes_image(1)
     calls = []
     trace = trace_edit(pipe, judge, teacher, critic, image, instruction, caption, steps=3, seed=5,
                        edit_type=edit_type, object_name=obj or None, loss=loss, progress=lambda f, d: calls.append(f))
@@ -180,6 +180,8 @@ def test_examples(tmp_path):
     rows = datasets.shapes_examples(tmp_path / "ex")
     assert len(rows) == 6 and all(Path(r[0]).is_file() and r[1] for r in rows)
     assert [r[4] != "" for r in rows] == [r[3] == "remove" for r in rows]  # the removed object only for removals
+    cases = datasets.shapes_cases(6)
+    assert [r[5] for r in rows] == ["; ".join(c.keep) for c in cases] and any(r[5] for r in rows)  # objects to keep
     (tmp_path / "bundled").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "bundled" / "a.png")
     (tmp_path / "bundled" / "a.txt").write_text("make it red\n")
@@ -188,14 +190,14 @@ def test_examples(tmp_path):
     assert datasets.bundled_examples(tmp_path / "absent") == []
     (tmp_path / "bundled" / "examples.jsonl").write_text(json.dumps(
         {"image": "a.png", "instruction": "remove the dot", "caption_target": "nothing", "edit_type": "remove",
-         "object_name": "dot"}) + "\n")  # the layout scripts/bundle_shapes_assets.py writes
+         "object_name": "dot", "keep": ["red square", "blue dot"]}) + "\n")  # as scripts/bundle_shapes_assets.py writes
     assert datasets.bundled_examples(tmp_path / "bundled") == [
-        [str(tmp_path / "bundled" / "a.png"), "remove the dot", "nothing", "remove", "dot"]]
+        [str(tmp_path / "bundled" / "a.png"), "remove the dot", "nothing", "remove", "dot", "red square; blue dot"]]
 
 
 def test_batch_judging(loaded, tmp_path):
     ms, _ = loaded
-    ref, ins, _, _, _ = datasets.random_shapes_case(4)
+    ref, ins, *_ = datasets.random_shapes_case(4)
     Image.fromarray(ref).save(tmp_path / "ref.png")
     Image.fromarray(ref[::-1].copy()).save(tmp_path / "out.png")
     listing = tmp_path / "pairs.csv"

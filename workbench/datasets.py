@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from npedit.data import EditRecord
+from npedit.data import EditRecord, object_names
 from npedit.images import ImageError, load_image
 
 from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
@@ -130,14 +130,16 @@ def table_domain(table: pd.DataFrame) -> Domain | None:
 # ---- examples for the Edit tab ---------------------------------------------------------------
 
 def _example(image: str, instruction: str, caption_target: str = "", edit_type: str = "edit",
-             object_name: str = "") -> list:
+             object_name: str = "", keep="") -> list:
+    """One Edit-tab example row: image, instruction, c^x, edit type, removed object, objects to keep (';')."""
     edit_type = edit_type or "edit"
-    return [image, instruction, caption_target, edit_type, (object_name or "") if edit_type == "remove" else ""]
+    return [image, instruction, caption_target, edit_type, (object_name or "") if edit_type == "remove" else "",
+            "; ".join(object_names(keep))]
 
 
 def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
     """Examples from a folder: examples.jsonl or cases.jsonl ({image, instruction[, caption_target, edit_type,
-    object_name]} per line, images relative to the folder), else images with a same-named .txt instruction."""
+    object_name, keep]} per line, images relative to the folder), else images with a same-named .txt instruction."""
     root = Path(examples_dir)
     if not root.is_dir():
         return []
@@ -152,7 +154,7 @@ def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
                 continue
             if image.is_file() and row.get("instruction"):
                 out.append(_example(str(image), row["instruction"], row.get("caption_target") or "",
-                                    row.get("edit_type") or "edit", row.get("object_name") or ""))
+                                    row.get("edit_type") or "edit", row.get("object_name") or "", row.get("keep")))
         return out
     for image in sorted(root.iterdir()):
         text = image.with_suffix(".txt")
@@ -164,14 +166,15 @@ def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
 def shapes_examples(directory: str | os.PathLike, n: int = 6, seed: int = 0) -> list[list]:
     """`n` generated Shapes cases (one per category first) rendered into `directory`, as example rows."""
     table = shapes_table(n, directory, seed=seed)
-    return [_example(r.image, r.instruction, r.caption_target, r.edit_type, r.object_name)
+    return [_example(r.image, r.instruction, r.caption_target, r.edit_type, r.object_name, r.keep)
             for r in table.itertuples(index=False)]
 
 
-def random_shapes_case(seed: int) -> tuple[np.ndarray, str, str, str, str]:
-    """(64x64 render, instruction, caption_target, edit_type, object_name) of one random Shapes case."""
+def random_shapes_case(seed: int) -> tuple[np.ndarray, str, str, str, str, str]:
+    """(64x64 render, instruction, caption_target, edit_type, object_name, keep) of one random Shapes case; keep:
+    the objects the instruction leaves alone, separated by ';'."""
     from npedit.shapes import render
 
     case = shapes_cases(1, seed, paraphrase_prob=0.3, cycle=False)[0]
     removed = case.object_name or "" if case.edit_type == "remove" else ""
-    return render(case.reference), case.instruction, case.caption_target, case.edit_type, removed
+    return render(case.reference), case.instruction, case.caption_target, case.edit_type, removed, "; ".join(case.keep)
