@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -44,8 +45,6 @@ def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
 
 def cmd_edit(args) -> int:
     """Edit one image, or every line of a cases.jsonl, with an NPEditPipeline."""
-    import torch
-
     from .pipeline import NPEditPipeline
 
     if bool(args.image) == bool(args.batch):
@@ -71,10 +70,23 @@ def cmd_edit(args) -> int:
             raise SystemExit("error: --batch needs --output-dir")
         rows = _read_jsonl(args.batch, ("id", "image", "instruction"))
         jobs = [{**r, "out": Path(args.output_dir) / f"{r['id']}.png"} for r in rows]
-    failures, verdicts = 0, None
-    if args.verdicts:
-        Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
-        verdicts = open(args.verdicts, "w")
+    with ExitStack() as stack:
+        verdicts = None
+        if args.verdicts:
+            Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
+            verdicts = stack.enter_context(open(args.verdicts, "w"))
+        failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
+    if len(jobs) == 1 and not failures:
+        print(jobs[0]["out"])
+    return 1 if failures else 0
+
+
+def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
+    """Edit every job (best of `args.candidates` when there is a judge), save its PNG, write its --verdicts line;
+    returns the number of jobs that failed (each says why on stderr)."""
+    import torch
+
+    failures = 0
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
         try:
@@ -92,11 +104,7 @@ def cmd_edit(args) -> int:
         img.save(job["out"], format="PNG")
         if verdicts is not None:
             _write_verdict(verdicts, job, picked, args.min_score)
-    if verdicts is not None:
-        verdicts.close()
-    if len(jobs) == 1 and not failures:
-        print(jobs[0]["out"])
-    return 1 if failures else 0
+    return failures
 
 
 def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
