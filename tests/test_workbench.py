@@ -349,7 +349,7 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     import json
 
     from npedit.shapes import CATEGORIES
-    from workbench.benchmarks import comparison_chart, load_reports, main, select, to_markdown
+    from workbench.benchmarks import comparison_chart, load_reports, main, read_markdown, select, to_markdown
 
     for name, exact in (("a", 0.5), ("b", 0.25)):
         summary = {c: {"exact": exact, "followed": 1.0, "preserved": 1.0, "clean": 1.0, "count": 1}
@@ -373,6 +373,23 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
         select(many, ["zz"])
     main([str(tmp_path), "--only", "b", "a", "--table", str(tmp_path / "only.md")])
     assert (tmp_path / "only.md").read_text().splitlines()[2].startswith("| b |")
+    # --extend: a table written earlier, whose reports are gone, takes new variants and replaced rows
+    assert to_markdown(read_markdown(tmp_path / "t.md")) + "\n" == (tmp_path / "t.md").read_text()
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    for name, exact in (("b", 0.75), ("c", 0.125)):
+        summary = {c: {"exact": exact, "followed": 1.0, "preserved": 1.0, "clean": 1.0, "count": 1}
+                   for c in [*CATEGORIES, "overall"]}
+        (newer / f"{name}.json").write_text(json.dumps({"meta": {"seed": 1}, "summary": summary, "rows": []}))
+    main([str(newer), "--extend", str(tmp_path / "t.md"), "--table", str(tmp_path / "t2.md")])
+    merged = read_markdown(tmp_path / "t2.md")
+    assert list(merged.index) == ["a", "b", "c"] and merged.loc["b", "exact"] == 0.75
+    assert merged.loc["a", "seed"] == 0 and merged.loc["c", "seed"] == 1 and merged.loc["a", "exact_add"] == 0.5
+    (tmp_path / "bad.md").write_text("| name | score |\n|---|---|\n| a | 1 |\n")
+    with pytest.raises(ValueError, match="expected a benchmark table"):
+        read_markdown(tmp_path / "bad.md")
+    with pytest.raises(SystemExit):
+        main([str(newer), "--extend", str(tmp_path / "bad.md")])
 
 
 def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path):

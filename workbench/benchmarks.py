@@ -3,7 +3,11 @@
     python -m workbench.benchmarks runs/shapes/eval --chart docs/shapes_benchmark.png --table docs/shapes_benchmark.md
     python -m workbench.benchmarks runs/shapes/eval --only npedit-1000 "gpu-*-b512" --chart docs/headline.png
 
+    python -m workbench.benchmarks runs/new-eval --extend docs/shapes_benchmark.md --table docs/shapes_benchmark.md
+
 `--only` keeps the variants whose names match the given names or shell patterns, in the order given.
+`--extend` starts from a table this command wrote earlier (whose reports may be gone, e.g. on another
+machine): the reports' variants are added to it, or replace its rows of the same name.
 """
 
 from __future__ import annotations
@@ -52,12 +56,39 @@ def select(table: pd.DataFrame, patterns: list[str]) -> pd.DataFrame:
     return table.loc[names]
 
 
+def read_markdown(path: str | os.PathLike) -> pd.DataFrame:
+    """A table written by `to_markdown` (or `--table`), back as the frame `load_reports` returns."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip().startswith("|")]
+    if len(lines) < 2 or not set(lines[1].replace("|", "")) <= set("-: "):
+        raise ValueError(f"{path} is not a Markdown table written by --table")
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    if header[0] != "variant" or not set(METRICS) <= set(header):
+        raise ValueError(f"{path}: expected a benchmark table with columns variant, {', '.join(METRICS)}")
+    rows = []
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) != len(header):
+            raise ValueError(f"{path}: row {cells[0]!r} has {len(cells)} cells, the header {len(header)}")
+        rows.append({"variant": cells[0], **{h: float(v) for h, v in zip(header[1:], cells[1:])}})
+    table = pd.DataFrame(rows, columns=header).set_index("variant")
+    for c in ("n", "seed"):
+        if c in table:
+            table[c] = table[c].astype("Int64")
+    return table
+
+
+def extend(table: pd.DataFrame, reports: pd.DataFrame) -> pd.DataFrame:
+    """`table` with the variants of `reports` added (or replacing its rows of the same name), sorted by name."""
+    kept = table.drop(index=[n for n in reports.index if n in table.index])
+    return pd.concat([kept, reports]).sort_index()
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """The table as a Markdown pipe table (3 decimals)."""
     cols = [table.index.name or "variant", *table.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, row in table.iterrows():
-        cells = [str(int(v)) if c in ("n", "seed") and v == v else f"{v:.3f}" for c, v in row.items()]
+        cells = [str(int(v)) if c in ("n", "seed") and pd.notna(v) else f"{v:.3f}" for c, v in row.items()]
         lines.append("| " + " | ".join([str(name), *cells]) + " |")
     return "\n".join(lines)
 
@@ -100,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chart", help="write the bar chart (PNG)")
     ap.add_argument("--table", help="write the comparison table (Markdown)")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these variants (names or shell patterns), in this order")
+    ap.add_argument("--extend", metavar="TABLE",
+                    help="a Markdown table written earlier by --table: add the reports' variants to it (same names replace)")
     args = ap.parse_args(argv)
     table = load_reports(args.reports)
+    if args.extend:
+        try:
+            table = extend(read_markdown(args.extend), table)
+        except (OSError, ValueError) as exc:
+            ap.error(str(exc))
     if args.only:
         try:
             table = select(table, args.only)
