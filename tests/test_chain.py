@@ -94,6 +94,9 @@ def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
     cfg = _check(big)
     assert cfg.data.batch_size == 512 and cfg.data.pool == 2_000_000 and cfg.judge.change_questions == 2
     assert _check(run.run_args("sft", "y", "s", 5, se.RUNS["sft-more-b512"][1])).optim.lr == 1e-4
+    keep = _check(run.run_args("npedit", "k", "s", 5, se.RUNS["sft-npedit-change-keep-b512-lr2e-5"][1]))
+    assert (keep.data.batch_size, keep.judge.keep_questions, keep.judge.change_questions, keep.optim.lr) == \
+        (512, 2, 2, 2e-5)
     pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
     assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
     assert run.equal_name("sft-npedit") == "sft-equal"

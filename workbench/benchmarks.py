@@ -78,9 +78,10 @@ def read_markdown(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def extend(table: pd.DataFrame, reports: pd.DataFrame) -> pd.DataFrame:
-    """`table` with the variants of `reports` added (or replacing its rows of the same name), sorted by name."""
+    """`table` with the variants of `reports` added (or replacing its rows of the same name), in the order
+    `load_reports` lists a folder (by report file name)."""
     kept = table.drop(index=[n for n in reports.index if n in table.index])
-    return pd.concat([kept, reports]).sort_index()
+    return pd.concat([kept, reports]).sort_index(key=lambda names: names.map(lambda n: f"{n}.json"))
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -102,7 +103,8 @@ def comparison_chart(table: pd.DataFrame, metrics=METRICS, horizontal: bool | No
     width = 0.8 / len(metrics)
     pos = np.arange(len(table))
     if horizontal:
-        fig, ax = plt.subplots(figsize=(8, max(3.6, 0.42 * len(table) + 1.2)))
+        longest = max(len(str(n)) for n in table.index)  # the labels' width (8-point text) beside 5.5 in of bars
+        fig, ax = plt.subplots(figsize=(max(8.0, 5.5 + 0.075 * longest), max(3.6, 0.42 * len(table) + 1.2)))
         for i, m in enumerate(metrics):
             ax.barh(pos + i * width - 0.4 + width / 2, table[m].values, width, label=m)
         ax.set_yticks(pos, table.index, fontsize=8)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         Path(args.table).write_text(md + "\n")
     if args.chart:
-        comparison_chart(table).savefig(args.chart, dpi=120)
+        comparison_chart(table).savefig(args.chart, dpi=120, bbox_inches="tight")
     return 0
 
 
