@@ -388,6 +388,9 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     (tmp_path / "bad.md").write_text("| name | score |\n|---|---|\n| a | 1 |\n")
     with pytest.raises(ValueError, match="expected a benchmark table"):
         read_markdown(tmp_path / "bad.md")
+    (tmp_path / "bad2.md").write_text((tmp_path / "t.md").read_text().replace("0.500", "high", 1))
+    with pytest.raises(ValueError, match="row 'a' holds a cell that is not a number"):
+        read_markdown(tmp_path / "bad2.md")
     with pytest.raises(SystemExit):
         main([str(newer), "--extend", str(tmp_path / "bad.md")])
 

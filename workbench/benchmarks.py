@@ -69,7 +69,10 @@ def read_markdown(path: str | os.PathLike) -> pd.DataFrame:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         if len(cells) != len(header):
             raise ValueError(f"{path}: row {cells[0]!r} has {len(cells)} cells, the header {len(header)}")
-        rows.append({"variant": cells[0], **{h: float(v) for h, v in zip(header[1:], cells[1:])}})
+        try:
+            rows.append({"variant": cells[0], **{h: float(v) for h, v in zip(header[1:], cells[1:])}})
+        except ValueError:
+            raise ValueError(f"{path}: row {cells[0]!r} holds a cell that is not a number") from None
     table = pd.DataFrame(rows, columns=header).set_index("variant")
     for c in ("n", "seed"):
         if c in table:
