@@ -391,6 +391,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         knobs["stage"] = gr.Dropdown(["npedit", "warmup", "sft"], value=p0.stage, label="stage")
         for name in ("max_steps", "critic_steps", "batch_size", "resolution"):
             knobs[name] = gr.Number(value=getattr(p0, name), precision=0, label=name)
+        knobs["grad_accum"] = gr.Number(value=p0.grad_accum, precision=0, minimum=1,
+                                        label="grad_accum (micro-batches of batch_size per update)")
         knobs["max_minutes"] = gr.Number(value=p0.max_minutes, minimum=0, label="max_minutes (0 = no time limit)")
     with gr.Row():
         for name in ("lr", "lambda_dmd", "lambda_vlm"):

@@ -136,6 +136,9 @@ class TrainConfig:
     max_steps: int = 1000
     max_minutes: float = 0.0  # also stop (checkpoint and export) after this much wall-clock; 0 = no limit
     critic_steps: int = 5  # critic updates per student update (N_aux)
+    # micro-batches of data.batch_size whose gradients add up before each update (student and critic alike):
+    # each update sees data.batch_size x gradient_accumulation_steps x processes samples at the memory of one
+    gradient_accumulation_steps: int = 1
     seed: int = 0
     mixed_precision: str = "no"
     log_every: int = 10
@@ -154,6 +157,8 @@ class TrainConfig:
         _check(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
         if self.max_steps < 0 or self.critic_steps < 0 or self.max_minutes < 0:
             raise ValueError("max_steps, max_minutes and critic_steps must be >= 0")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if not self.model.base:
             raise ValueError("model.base is required: a folder or hub id of the text-to-image backbone")
         if not self.data.train:

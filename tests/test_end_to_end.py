@@ -29,7 +29,7 @@ def trained(tmp_path_factory, tiny_zimage, tiny_judge, tiny_manifest):
     run("-m", "npedit", "train", "stage=warmup", "output_dir=runs/warmup", "max_steps=2", *common, cwd=work)
     stage2 = ["stage=npedit", "output_dir=runs/npedit", f"judge.path={tiny_judge}", "critic_steps=2",
               f"model.student={work}/runs/warmup/pipeline", "sample_every=3", "data.do_nothing_prob=0.25",
-              "judge.keep_questions=2", "judge.change_questions=2", *common]
+              "judge.keep_questions=2", "judge.change_questions=2", "gradient_accumulation_steps=2", *common]
     run("-m", "npedit", "train", "max_steps=3", *stage2, cwd=work)
     first = (work / "runs/npedit/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors").read_bytes()
     run("-m", "npedit", "train", "--resume", "max_steps=4", *stage2, cwd=work)
@@ -235,3 +235,50 @@ def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_mani
     assert out.returncode == 0, out.stderr[-3000:]
     assert [p.name for p in (tmp_path / "ddp/checkpoints").iterdir()] == ["step_000002"]
     assert (tmp_path / "ddp/pipeline/model_index.json").is_file()
+
+
+def test_gradient_accumulation_adds_up_micro_batches(tmp_path, tiny_zimage, tiny_manifest):
+    """k micro-batches of b samples give the gradient of one batch of k*b (equal-size means), metrics their mean;
+    a non-finite micro-batch loss skips the whole update."""
+    from npedit import flow
+    from npedit.config import load_config
+    from npedit.data import collate
+    from npedit.training.datasets import build_dataset
+    from npedit.training.trainer import Trainer
+
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "optim.lr=0", "optim.grad_clip=1e9", "optim.skip_grad_norm=1e9"]
+    cfg = load_config(None, [f"output_dir={tmp_path}/a", "gradient_accumulation_steps=2", *common])
+    items = build_dataset(cfg.data, stage="warmup", seed=0)
+    batches = {"a": collate([items[0], items[1]]), "b": collate([items[2], items[3]]),
+               "ab": collate([items[i] for i in range(4)])}
+
+    def grads(trainer, names):
+        trainer.batches = iter([batches[n] for n in names])
+
+        def loss_fn(batch):  # deterministic: the student's velocity at the reference latents, t = 0.5
+            _, ref = trainer._reference(batch)
+            cond = trainer.backbone.encode_prompt(batch["caption_reference"], with_reference=True)
+            v = trainer.velocity(trainer.student, flow.add_noise(ref, torch.zeros_like(ref), torch.full(
+                (ref.shape[0],), 0.5)), torch.full((ref.shape[0],), 0.5), cond, reference=ref)
+            loss = v.pow(2).mean()
+            return loss, {"probe": loss.detach()}
+
+        metrics = trainer._optimise("student", loss_fn)
+        return metrics, [p.grad.clone() for p in trainer.student.parameters() if p.grad is not None]
+
+    accumulated = Trainer(cfg)
+    m2, g2 = grads(accumulated, ["a", "b"])
+    m1, g1 = grads(Trainer(load_config(None, [f"output_dir={tmp_path}/b", *common])), ["ab"])
+    assert m2["student_skipped"] == 0 and len(g1) == len(g2) > 0
+    assert all(float((x - y).abs().max()) <= 1e-4 * float(y.abs().max()) for x, y in zip(g1, g2))  # float noise
+    assert abs(float(m2["probe"]) - float(m1["probe"])) < 1e-5 * max(1.0, float(m1["probe"]))
+    assert m2["student_grad_norm"] == pytest.approx(m1["student_grad_norm"], rel=1e-4)
+
+    calls = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(float("nan"))])
+    accumulated.batches = iter([batches["a"], batches["b"]])
+    skipped = accumulated._optimise("student", lambda batch: (next(calls), {}))
+    assert skipped == {"student_skipped": 1.0} and accumulated.skipped["student"] == 1
+    assert all(p.grad is None for p in accumulated.student.parameters())
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        load_config(None, ["gradient_accumulation_steps=0", *common])

@@ -263,11 +263,14 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     assert cfg.judge.path == tiny_set["judge"] and cfg.model.student == tiny_set["model"] and cfg.max_steps == 30
     assert cfg.judge.keep_questions == 0
     assert cfg.judge.change_questions == 0
-    keep = presets.train_args({**quick.values(), "keep_questions": 2, "change_questions": 1}, base=tiny_set["teacher"],
+    assert cfg.gradient_accumulation_steps == 1
+    keep = presets.train_args({**quick.values(), "keep_questions": 2, "change_questions": 1, "grad_accum": 4},
+                              base=tiny_set["teacher"],
                               judge=tiny_set["judge"], student=tiny_set["model"], data="shapes",
                               config_file=quick.config_file)
     assert presets.check_train_args(keep).judge.keep_questions == 2
     assert presets.check_train_args(keep).judge.change_questions == 1
+    assert presets.check_train_args(keep).gradient_accumulation_steps == 4
     if quick.config_file:  # the Shapes recipe supplies what the tab does not show
         assert args[:2] == ["--config", quick.config_file] and cfg.loss.negative_prompt == ""
     warm = presets.PRESETS["Shapes identity warm-up"]

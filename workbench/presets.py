@@ -37,6 +37,7 @@ class Preset:
     keep_questions: int = 0  # judge.keep_questions: "is <object> still there?" checks per sample (the table's keep)
     change_questions: int = 0  # judge.change_questions: checks of the table's new (there) and gone (not there) objects
     batch_size: int = 4
+    grad_accum: int = 1  # gradient_accumulation_steps: micro-batches of batch_size added up per update
     resolution: int = 64
     log_every: int = 5
     sample_every: int = 50
@@ -56,7 +57,8 @@ def from_config(cfg: TrainConfig, note: str, config_file: str | None) -> Preset:
                   critic_steps=cfg.critic_steps, lr=cfg.optim.lr, lambda_dmd=cfg.loss.lambda_dmd,
                   lambda_vlm=cfg.loss.lambda_vlm, negative_prompt=cfg.loss.negative_prompt,
                   keep_questions=cfg.judge.keep_questions, change_questions=cfg.judge.change_questions,
-                  batch_size=cfg.data.batch_size, resolution=cfg.data.resolution, log_every=cfg.log_every,
+                  batch_size=cfg.data.batch_size, grad_accum=cfg.gradient_accumulation_steps,
+                  resolution=cfg.data.resolution, log_every=cfg.log_every,
                   sample_every=cfg.sample_every, save_every=cfg.save_every)
 
 
@@ -111,7 +113,8 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
              f"optim.lr={float(v['lr'])}", f"loss.lambda_dmd={float(v['lambda_dmd'])}",
              f"loss.lambda_vlm={float(v['lambda_vlm'])}", f"loss.negative_prompt={_yaml_str(v['negative_prompt'])}",
              f"judge.keep_questions={int(v['keep_questions'])}", f"judge.change_questions={int(v['change_questions'])}",
-             f"data.batch_size={int(v['batch_size'])}", f"data.resolution={int(v['resolution'])}",
+             f"data.batch_size={int(v['batch_size'])}", f"gradient_accumulation_steps={int(v['grad_accum'])}",
+             f"data.resolution={int(v['resolution'])}",
              f"log_every={int(v['log_every'])}", f"sample_every={int(v['sample_every'])}",
              f"save_every={int(v['save_every'])}", f"model.base={base}", f"data.train={data}",
              f"model.student={student}"]

@@ -13,7 +13,7 @@ from .jobs import job_status, read_metrics_rows
 # Config entries shown in the runs table, as (column, dotted key).
 CONFIG_COLUMNS = (("stage", "stage"), ("max_steps", "max_steps"), ("lr", "optim.lr"), ("λ_dmd", "loss.lambda_dmd"),
                   ("λ_vlm", "loss.lambda_vlm"), ("critic_steps", "critic_steps"), ("batch", "data.batch_size"),
-                  ("data", "data.train"))
+                  ("accum", "gradient_accumulation_steps"), ("data", "data.train"))
 # Final metrics shown when a run logged them.
 METRIC_COLUMNS = ("student_loss", "dmd_loss", "vlm_loss", "vlm_p_expected", "critic_fm_loss", "fm_loss")
 

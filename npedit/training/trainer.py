@@ -1,7 +1,8 @@
 """The NP-Edit trainer on `accelerate`: identity warm-up, NP-Edit (judge + DMD, no pairs), paired SFT.
 
-The loop reads like the algorithm box of method.md section 5: per iteration, `critic_step`
-runs `critic_steps` times, then one `student_step`. Checkpointing, logging and sample grids
+The loop reads like the algorithm box of method.md section 5: per iteration, `critic_steps`
+critic updates (`critic_loss`), then one student update (`student_loss`); each update may add up the
+gradients of several micro-batches (`gradient_accumulation_steps`). Checkpointing, logging and sample grids
 are small helpers called at intervals.
 """
 
@@ -143,23 +144,39 @@ class Trainer:
         return sample(lambda x, t: self.velocity(self.student, x, t, cond, reference=reference),
                       noise, times, generator=self.gen)
 
-    def _update(self, net, opt, sched, loss: torch.Tensor, name: str) -> dict:
-        """Backward, average across processes, clip, and step unless the gradient is not finite or explodes."""
+    def _optimise(self, name: str, loss_fn) -> dict:
+        """One optimiser step of the student or the critic over `gradient_accumulation_steps` micro-batches:
+        `loss_fn(batch) -> (loss, metrics)` runs on each, gradients add up (each loss divided by their
+        number), then average across processes, clip, and step unless a loss or the gradient is not finite
+        or the gradient explodes. Metrics are the micro-batches' means."""
+        net, opt, sched = ((self.student, self.opt_student, self.sched_student) if name == "student"
+                           else (self.critic, self.opt_critic, self.sched_critic))
+        k = self.cfg.gradient_accumulation_steps
         opt.zero_grad(set_to_none=True)
         params = [p for p in net.parameters() if p.requires_grad]
-        if not torch.isfinite(loss):
-            self.skipped[name] += 1
-            return {f"{name}_skipped": 1.0}
-        self.acc.backward(loss)
+        sums: dict = {}
+        counts: dict = {}
+        for _ in range(k):
+            loss, m = loss_fn(next(self.batches))
+            if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                self.skipped[name] += 1
+                return {f"{name}_skipped": 1.0}
+            self.acc.backward(loss / k)
+            for key, value in m.items():
+                value = value.detach() if torch.is_tensor(value) else value
+                sums[key] = sums[key] + value if key in sums else value
+                counts[key] = counts.get(key, 0) + 1
+        metrics = {key: sums[key] / counts[key] for key in sums}
         average_gradients(params, self.acc)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         if not torch.isfinite(norm) or norm > self.cfg.optim.skip_grad_norm:
             opt.zero_grad(set_to_none=True)
             self.skipped[name] += 1
-            return {f"{name}_grad_norm": float(norm), f"{name}_skipped": 1.0}
+            return {**metrics, f"{name}_grad_norm": float(norm), f"{name}_skipped": 1.0}
         opt.step()
         sched.step()
-        return {f"{name}_grad_norm": float(norm), f"{name}_skipped": 0.0}
+        return {**metrics, f"{name}_grad_norm": float(norm), f"{name}_skipped": 0.0}
 
     def temperature(self) -> float:
         """Judge logit temperature, ramped linearly from `temperature_start` to 1."""
@@ -174,17 +191,16 @@ class Trainer:
         return torch.tensor([lc.cfg_scale_strong if e in lc.strong_cfg_edit_types else lc.cfg_scale
                              for e in edit_types], device=self.acc.device)
 
-    # ---- the four kinds of step -------------------------------------------------------------
-    def warmup_step(self, batch: dict) -> dict:
+    # ---- the four losses, one per kind of step (each on one micro-batch) ------------------------
+    def warmup_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Stage 1: flow matching with the reference itself as the target, prompt c^y."""
         _, ref = self._reference(batch)
         cond = self.backbone.encode_prompt(batch["caption_reference"], with_reference=True)
         eps, t = self._randn(ref), self._times(ref.shape[0], 0.0, 1.0)
         v = self.velocity(self.student, flow.add_noise(ref, eps, t), t, cond, reference=ref)
-        loss, m = flow_matching_loss(v, ref, eps)
-        return {**m, **self._update(self.student, self.opt_student, self.sched_student, loss, "student")}
+        return flow_matching_loss(v, ref, eps)
 
-    def sft_step(self, batch: dict) -> dict:
+    def sft_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Paired baseline: flow matching toward the true edited image, conditioned on the instruction."""
         _, ref = self._reference(batch)
         with torch.no_grad():
@@ -192,10 +208,9 @@ class Trainer:
         cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
         eps, t = self._randn(target), self._times(target.shape[0], 0.0, 1.0)
         v = self.velocity(self.student, flow.add_noise(target, eps, t), t, cond, reference=ref)
-        loss, m = flow_matching_loss(v, target, eps)
-        return {**m, **self._update(self.student, self.opt_student, self.sched_student, loss, "student")}
+        return flow_matching_loss(v, target, eps)
 
-    def critic_step(self, batch: dict) -> dict:
+    def critic_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Fit the critic (fake score) to the student's current outputs, conditioned on c^x only."""
         _, ref = self._reference(batch)
         with torch.no_grad():
@@ -205,10 +220,9 @@ class Trainer:
         eps, t = self._randn(x), self._times(x.shape[0], 0.0, 1.0)
         v = self.velocity(self.critic, flow.add_noise(x, eps, t), t, cond_x)
         loss, m = flow_matching_loss(v, x, eps)
-        m = {"critic_" + k: val for k, val in m.items()}
-        return {**m, **self._update(self.critic, self.opt_critic, self.sched_critic, loss, "critic")}
+        return loss, {"critic_" + k: val for k, val in m.items()}
 
-    def student_step(self, batch: dict) -> dict:
+    def student_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """One NP-Edit student update: unroll, then DMD + judge + "do nothing" losses (no target image)."""
         lc = self.cfg.loss
         batch = apply_do_nothing(batch, self.cfg.data.do_nothing_prob, self.gen)
@@ -233,7 +247,7 @@ class Trainer:
             loss, m = target_loss(x, target, ~mask)
             total, metrics = total + lc.lambda_target * loss, {**metrics, **m}
         metrics["student_loss"] = total.detach()
-        return {**metrics, **self._update(self.student, self.opt_student, self.sched_student, total, "student")}
+        return total, metrics
 
     @torch.no_grad()
     def _dmd_predictions(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,14 +353,14 @@ class Trainer:
         """One training iteration of the configured stage."""
         stage = self.cfg.stage
         if stage == "warmup":
-            return self.warmup_step(next(self.batches))
+            return self._optimise("student", self.warmup_loss)
         if stage == "sft":
-            return self.sft_step(next(self.batches))
+            return self._optimise("student", self.sft_loss)
         metrics: dict = {}
         critic_steps = self.cfg.critic_steps if self.cfg.loss.lambda_dmd > 0 else 0  # VLM-only needs no critic
         for _ in range(critic_steps):
-            metrics.update(self.critic_step(next(self.batches)))
-        metrics.update(self.student_step(next(self.batches)))
+            metrics.update(self._optimise("critic", self.critic_loss))
+        metrics.update(self._optimise("student", self.student_loss))
         return metrics
 
     @torch.no_grad()
