@@ -192,6 +192,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Export a run's checkpoint (the newest, or --step) as an NPEditPipeline folder."""
+    from .training.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.run, args.step, args.out)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(out)
+    return 0
+
+
 def cmd_shapes(args) -> int:
     """Train a Shapes-world base-model stage (vae, teacher, judge) or evaluate the judge."""
     if args.stage == "judge":
@@ -310,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=100 optim.lr=1e-4")
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="turn a run's checkpoint into an editor (NPEditPipeline folder), e.g. of a run "
+                                      "killed halfway or an earlier step")
+    x.add_argument("run", help="the run folder (output_dir of `train`)")
+    x.add_argument("--step", type=int, help="the checkpoint's step (default: the newest complete checkpoint)")
+    x.add_argument("--out", help="where the pipeline goes (default: RUN/exports/step_N)")
+    x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "
                                       "or the teacher")

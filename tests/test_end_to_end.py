@@ -79,6 +79,34 @@ def test_pipeline_loads_and_edits(trained):
         pipe(image=img, prompt="   ")
 
 
+def test_export_turns_a_checkpoint_into_an_editor(trained):
+    from safetensors.torch import load_file
+
+    from npedit import NPEditPipeline
+
+    work, first_weights = trained
+    out = run("-m", "npedit", "export", "runs/npedit", "--step", "3", cwd=work).strip()
+    assert Path(work, out) == work / "runs/npedit/exports/step_000003"
+    exported = load_file(str(work / out / "transformer/diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(work / "runs/npedit/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors"))
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    info = json.loads((work / out / "training_config.json").read_text())
+    assert info["step"] == 3 and info["stage"] == "npedit" and info["gradient_accumulation_steps"] == 2
+    assert "step 3" in (work / out / "README.md").read_text()
+    pipe = NPEditPipeline.from_pretrained(work / out)
+    img = Image.fromarray((np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8))
+    assert pipe(image=img, prompt="make the red circle green").images[0].size == (32, 32)
+    newest = run("-m", "npedit", "export", "runs/npedit", "--out", "newest", cwd=work).strip()
+    assert json.loads((work / newest / "training_config.json").read_text())["step"] == 4  # the newest by default
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (work / "runs/empty").mkdir(exist_ok=True)
+    for args, message in ((["runs/npedit", "--step", "7"], "has step(s) 3, 4"), (["runs/empty"], "no complete"),
+                          (["runs/nothing"], "run folder not found")):
+        bad = subprocess.run([sys.executable, "-m", "npedit", "export", *args], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest):
     work, _ = trained
     src = tiny_manifest.parent / "images/0.png"
