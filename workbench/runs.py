@@ -120,10 +120,17 @@ def samples(run: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
-    """(label, path) of every exported editor (run/pipeline) under `root`, newest first."""
+    """(label, path) of every exported editor under `root`, newest run first: run/pipeline (the end of a run),
+    then its checkpoint exports (run/exports/step_N, `python -m npedit export`), latest step first."""
     out = []
     for run in find_runs(root):
         pipe = run / "pipeline"
         if (pipe / "model_index.json").is_file():
             out.append((f"run: {run_name(run, root)}", str(pipe)))
+        exports = run / "exports"
+        steps = [d for d in exports.iterdir() if (d / "model_index.json").is_file()] if exports.is_dir() else []
+        for d in sorted(steps, key=lambda d: d.name, reverse=True):
+            step = d.name.removeprefix("step_")
+            label = f"step {int(step)}" if step.isdigit() else d.name
+            out.append((f"run: {run_name(run, root)} ({label})", str(d)))
     return out
