@@ -97,6 +97,8 @@ def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
     keep = _check(run.run_args("npedit", "k", "s", 5, se.RUNS["sft-npedit-change-keep-b512-lr2e-5"][1]))
     assert (keep.data.batch_size, keep.judge.keep_questions, keep.judge.change_questions, keep.optim.lr) == \
         (512, 2, 2, 2e-5)
+    change = _check(run.run_args("npedit", "c", "s", 5, se.RUNS["sft-npedit-change-b512-lr2e-5"][1]))
+    assert (change.judge.keep_questions, change.judge.change_questions, change.optim.lr) == (0, 2, 2e-5)
     pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
     assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
     assert run.equal_name("sft-npedit") == "sft-equal"
