@@ -491,7 +491,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 # ---- Runs tab --------------------------------------------------------------------------------
 
 def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
-    """Runs tab: the runs table, overlaid curves, config differences, a run's samples, resume."""
+    """Runs tab: the runs table, overlaid curves, config differences, a run's samples, resume, export."""
     gr.Markdown(f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/.")
     refresh = gr.Button("↻ Refresh", size="sm")
     table = gr.Dataframe(label="Runs", interactive=False, wrap=True, max_height=300)
@@ -505,6 +505,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
     with gr.Row():
         one = gr.Dropdown([], label="Run")
         resume = gr.Button("Resume this run", size="sm", scale=0)
+        export = gr.Button("Export its newest checkpoint", size="sm", scale=0)
     resume_msg = gr.Markdown()
     gallery = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_classes="pixelated")
 
@@ -538,7 +539,20 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
         return (f"Resumed **{name}**: {st.state}. Its progress shows in the Train tab.", st.run_dir,
                 gr.Timer(active=True))
 
+    def on_export(name):
+        """The run's newest checkpoint as an editor (RUN/exports/step_N), e.g. of a run killed halfway."""
+        if not name:
+            raise gr.Error("Pick a run.")
+        from npedit.training.export import export_checkpoint
+
+        try:
+            out = export_checkpoint(app.runs_root / name)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise _error(exc) from None
+        return f"Exported **{name}**'s newest checkpoint to `{out}`: pick it in the Edit tab's model list (↻)."
+
     refresh.click(on_refresh, selected, [table, selected, keys, one], api_visibility="private")
+    export.click(on_export, one, resume_msg, api_visibility="private")
     gr.on([selected.change, keys.change], on_compare, [selected, keys], [curves, bars, comparison],
           api_visibility="private")
     one.change(lambda n: runs.samples(app.runs_root / n) if n else [], one, gallery, api_visibility="private")

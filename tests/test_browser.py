@@ -34,12 +34,17 @@ def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_set, tmp_path_factory):
+def served_runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("browser-runs")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_set, served_runs):
     """The app on a free localhost port, in this process, with the tiny models."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runs = tmp_path_factory.mktemp("browser-runs")
+    runs = served_runs
     args = npedit_app.parse_args(["--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher",
                                   tiny_set["teacher"], "--critic", tiny_set["critic"], "--runs", str(runs),
                                   "--port", str(port)])
@@ -90,7 +95,7 @@ def test_upload_edit_and_see_every_step(page, tmp_path):
     keep(shot, "app-edit.png")
 
 
-def test_train_tab_runs_a_tiny_job(page, tmp_path):
+def test_train_tab_runs_a_tiny_job(page, tmp_path, served_runs):
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("button", name="Generate", exact=True).click()
     page.locator("#train-table").get_by_text("shapes-0-00000.png").filter(visible=True).first.wait_for()
@@ -107,3 +112,10 @@ def test_train_tab_runs_a_tiny_job(page, tmp_path):
     shot = tmp_path / "app-train.png"
     page.screenshot(path=str(shot), full_page=True)
     keep(shot, "app-train.png")
+    # Runs tab: the finished job's newest checkpoint becomes an editor
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("button", name="↻ Refresh").click()
+    page.get_by_text("tiny-job").filter(visible=True).first.wait_for()
+    page.get_by_role("button", name="Export its newest checkpoint").click()
+    page.get_by_text("newest checkpoint to").filter(visible=True).first.wait_for()
+    assert list((served_runs / "tiny-job/exports").iterdir())[0].name == "step_000002"
