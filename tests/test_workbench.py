@@ -418,3 +418,34 @@ def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path)
     assert st.eta_s is not None and st.eta_s <= 15  # the time limit, not a million steps
     st = _wait(root / "timed", lambda s: not s.active, timeout=120)
     assert st.state == "finished" and 3 <= st.step < 1_000_000 and st.pipeline, jobs.log_tail(root / "timed", 30)
+
+
+def test_paired_benchmark_comparison(tmp_path, capsys):
+    import json
+
+    from workbench.benchmarks import main, paired
+
+    def report(name, right, seed=0, ids=None):
+        rows = [{"id": i, "category": "add", "exact": float(r), "followed": 1.0, "preserved": float(r), "clean": 1.0}
+                for i, r in zip(ids or [f"c{k}" for k in range(len(right))], right)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"seed": seed}, "summary": {}, "rows": rows}))
+
+    report("old", [1, 1, 0, 0, 0, 0, 0, 1])
+    report("new", [1, 0, 1, 1, 1, 1, 1, 1])  # right where old is wrong 5 times, the reverse once
+    report("old1", [0, 0], seed=1)
+    report("new1", [1, 0], seed=1)
+    table = paired(tmp_path, [("old", "new"), ("old1", "new1")])
+    first, pooled = table.iloc[0], table.iloc[-1]
+    assert (first["n"], first["only_a"], first["only_b"], first["exact_A"], first["exact_B"]) == (8, 1, 5, 0.375, 0.875)
+    assert first["z"] == round(4 / 6 ** 0.5, 2) and first["p"] == round(2 * 7 / 64, 4)  # P(X <= 1), X ~ Bin(6, 1/2)
+    assert pooled["A"] == "pooled" and (pooled["n"], pooled["only_a"], pooled["only_b"]) == (10, 1, 6)
+    assert paired(tmp_path, [("old", "old")]).iloc[0]["p"] == 1.0  # no discordant case
+    assert main([str(tmp_path), "--paired", "old", str(tmp_path / "new.json"), "--metric", "preserved"]) == 0
+    assert "| old | new | 0 | 8 | 0.375 | 0.875 | 1 | 5 |" in capsys.readouterr().out
+    report("other", [1] * 8, ids=[f"d{k}" for k in range(8)])
+    with pytest.raises(ValueError, match="not scored on the same cases"):
+        paired(tmp_path, [("old", "other")])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--paired", "old", "missing"])
+    with pytest.raises(ValueError, match="per-case 0/1"):
+        paired(tmp_path, [("old", "new")], metric="clean")

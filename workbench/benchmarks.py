@@ -5,7 +5,12 @@
 
     python -m workbench.benchmarks runs/new-eval --extend docs/shapes_benchmark.md --table docs/shapes_benchmark.md
 
+    python -m workbench.benchmarks runs/shapes/eval --paired old new --paired old-seed1 new-seed1
+
 `--only` keeps the variants whose names match the given names or shell patterns, in the order given.
+`--paired A B` compares two variants (names, or paths of .json reports) case by case on the same benchmark cases (same n and seed): how often
+each is right where the other is wrong, McNemar's z and the exact two-sided sign-test p; several `--paired`
+(e.g. one per seed) are also pooled.
 `--extend` starts from a table this command wrote earlier (whose reports may be gone, e.g. on another
 machine): the reports' variants are added to it, or replace its rows of the same name.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 from pathlib import Path
 
@@ -130,6 +136,70 @@ def comparison_chart(table: pd.DataFrame, metrics=METRICS, horizontal: bool | No
     return fig
 
 
+PAIRED_METRICS = ("exact", "followed", "preserved")  # the per-case 0/1 metrics
+
+
+def case_rows(directory: str | os.PathLike, variant: str) -> tuple[dict, list[dict]]:
+    """The meta and per-case rows of one report: `<directory>/<variant>.json`, or `variant` itself if it names
+    a .json file (a report kept elsewhere)."""
+    path = Path(variant) if variant.endswith(".json") else Path(directory) / f"{variant}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no report {path} (variants are the *.json names in {directory})")
+    data = json.loads(path.read_text())
+    if not data.get("rows"):
+        raise ValueError(f"{path} has no per-case rows")
+    return data.get("meta", {}), data["rows"]
+
+
+def _sign_test_p(b: int, c: int) -> float:
+    """Exact two-sided p of b successes against c under p = 1/2 (McNemar's exact test)."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(directory: str | os.PathLike, pairs: list[tuple[str, str]], metric: str = "exact") -> pd.DataFrame:
+    """Case-by-case comparison of variant B against variant A on the same cases, one row per pair and, for
+    several pairs, a pooled row: both rates, how often only A or only B is right, McNemar z, sign-test p."""
+    if metric not in PAIRED_METRICS:
+        raise ValueError(f"--metric must be one of {', '.join(PAIRED_METRICS)} (per-case 0/1), got {metric!r}")
+    rows, pooled = [], {"n": 0, "a": 0, "b": 0, "only_a": 0, "only_b": 0}
+    for name_a, name_b in pairs:
+        (meta_a, rows_a), (meta_b, rows_b) = case_rows(directory, name_a), case_rows(directory, name_b)
+        ids_a, ids_b = [r["id"] for r in rows_a], [r["id"] for r in rows_b]
+        if ids_a != ids_b or meta_a.get("seed") != meta_b.get("seed"):
+            raise ValueError(f"{name_a} and {name_b} were not scored on the same cases (n {len(ids_a)} / "
+                             f"{len(ids_b)}, seed {meta_a.get('seed')} / {meta_b.get('seed')})")
+        ra = [r[metric] >= 0.5 for r in rows_a]
+        rb = [r[metric] >= 0.5 for r in rows_b]
+        counts = {"n": len(ra), "a": sum(ra), "b": sum(rb), "only_a": sum(x and not y for x, y in zip(ra, rb)),
+                  "only_b": sum(y and not x for x, y in zip(ra, rb))}
+        rows.append({"A": Path(name_a).stem, "B": Path(name_b).stem, "seed": meta_a.get("seed"), **counts})
+        pooled = {k: pooled[k] + counts[k] for k in pooled}
+    if len(pairs) > 1:
+        rows.append({"A": "pooled", "B": "", "seed": None, **pooled})
+    table = pd.DataFrame(rows)
+    table["seed"] = table["seed"].astype("Int64")
+    table[f"{metric}_A"] = (table["a"] / table["n"]).round(3)
+    table[f"{metric}_B"] = (table["b"] / table["n"]).round(3)
+    disc = table["only_a"] + table["only_b"]
+    table["z"] = ((table["only_b"] - table["only_a"]) / np.sqrt(disc.where(disc > 0, np.nan))).round(2)
+    table["p"] = [round(_sign_test_p(int(x), int(y)), 4) for x, y in zip(table["only_b"], table["only_a"])]
+    return table[["A", "B", "seed", "n", f"{metric}_A", f"{metric}_B", "only_a", "only_b", "z", "p"]]
+
+
+def paired_markdown(table: pd.DataFrame) -> str:
+    """A `paired` table as Markdown (empty cells for what a pooled row does not have)."""
+    def cell(v):
+        return "" if v is None or pd.isna(v) else str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("reports", help="folder of eval JSON reports")
@@ -138,7 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these variants (names or shell patterns), in this order")
     ap.add_argument("--extend", metavar="TABLE",
                     help="a Markdown table written earlier by --table: add the reports' variants to it (same names replace)")
+    ap.add_argument("--paired", nargs=2, action="append", metavar=("A", "B"),
+                    help="compare variant B with A case by case (repeat, e.g. per seed; pooled too)")
+    ap.add_argument("--metric", default="exact", help="for --paired: exact, followed or preserved (default exact)")
     args = ap.parse_args(argv)
+    if args.paired:
+        try:
+            result = paired(args.reports, [tuple(p) for p in args.paired], args.metric)
+        except (OSError, ValueError) as exc:
+            ap.error(str(exc))
+        print(paired_markdown(result))
+        return 0
     table = load_reports(args.reports)
     if args.extend:
         try:
