@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=4)
     v.add_argument("--candidates", type=int, default=1, help="sample this many edits per case and keep the one the "
                    "judge (--judge, default the bundled one) rates highest (best-of-N; 1: a single edit)")
+    v.add_argument("--change-checks", action="store_true", help="with --candidates: the judge's pick also weighs a "
+                   "check per object the instruction creates (expected there) or makes disappear (expected gone)")
     v.add_argument("--judge", help="also ask this judge (a folder, or 'bundled') about every edit and report how "
                                    "often its answers match the exact scorer")
     v.add_argument("--name", help="report name (default: the model folder's name)")

@@ -223,3 +223,28 @@ def test_decoder_only_refinement_keeps_the_latent_space(base, tmp_path):
     assert changed
     with pytest.raises(ValueError, match="decoder_only"):
         run("vae", ["preset=quick", f"output_dir={tmp_path}/bad", "decoder_only=true"])
+
+
+def test_best_of_change_checks_ask_what_the_instruction_creates_and_removes(monkeypatch):
+    from npedit import best_of as best_of_module
+    from npedit.cli import main
+    from npedit.shapes import held_out_cases
+    from npedit.shapes.evaluate import best_of_editor
+
+    seen = []
+
+    class Picked:
+        image = np.zeros((64, 64, 3), np.uint8)
+
+    monkeypatch.setattr(best_of_module, "best_of", lambda pipe, judge, image, instruction, **kw: seen.append(kw)
+                        or Picked())
+    cases = held_out_cases(12, seed=0)
+    images = [np.zeros((64, 64, 3), np.uint8)] * len(cases)
+    best_of_editor(None, None, candidates=2)(images, cases)
+    assert all(kw["keep"] == c.keep and kw["new"] == () and kw["gone"] == () for kw, c in zip(seen, cases))
+    seen.clear()
+    best_of_editor(None, None, candidates=2, change_checks=True)(images, cases)
+    assert all(kw["new"] == c.new and kw["gone"] == c.gone for kw, c in zip(seen, cases))
+    assert any(c.new for c in cases) and any(c.gone for c in cases)
+    with pytest.raises(SystemExit, match="--change-checks"):
+        main(["eval", "shapes", "--n", "2", "--change-checks"])

@@ -39,10 +39,12 @@ def pipeline_editor(pipe, *, steps: int = 4, seed: int = 0) -> Editor:
     return edit
 
 
-def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 0) -> Editor:
+def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 0,
+                   change_checks: bool = False) -> Editor:
     """An NPEditPipeline sampled `candidates` times per case, the judge keeping the best (`npedit.best_of`). The
     judge is asked what a user could ask from the instruction and the reference alone: the edit (or, for a
-    removal, contains) and identity checks and a keep check per untouched object."""
+    removal, contains) and identity checks and a keep check per untouched object; with `change_checks`, also a
+    change check per object the instruction creates (expected there) or makes disappear (expected gone)."""
     from ..best_of import best_of
 
     def edit(images, cases):
@@ -51,7 +53,8 @@ def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 
             gen = torch.Generator().manual_seed(seed)
             picked = best_of(pipe, judge, image, case.instruction, candidates=candidates, steps=steps,
                              generator=gen, edit_type=case.edit_type, object_name=case.object_name or None,
-                             keep=case.keep)
+                             keep=case.keep, new=case.new if change_checks else (),
+                             gone=case.gone if change_checks else ())
             outs.append(np.asarray(picked.image))
         return outs
 
@@ -192,6 +195,9 @@ def eval_main(args) -> int:
 
     if args.candidates < 1 or (args.candidates > 1 and args.baseline):
         raise SystemExit("error: --candidates must be >= 1 and applies to an editor, not to --baseline teacher")
+    change_checks = getattr(args, "change_checks", False)
+    if change_checks and args.candidates < 2:
+        raise SystemExit("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
     cases = held_out_cases(args.n, seed=args.seed)
     device = resolve_device()
     if args.baseline == "teacher":
@@ -217,11 +223,12 @@ def eval_main(args) -> int:
         judge_dir = default_path("judge", None if args.judge in (None, "bundled") else args.judge)
         judge = load_judge(judge_dir, device=device)
         if args.candidates > 1:
-            editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed)
+            editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed,
+                                    change_checks=change_checks)
             judge = judge if args.judge else None  # agreement figures only when asked for
     rows, summary = evaluate(editor, cases, judge=judge)
     meta = {"model": str(model), "n": args.n, "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
-            "judge": args.judge, "candidates": args.candidates}
+            "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks}
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
