@@ -342,3 +342,9 @@ def test_trainer_builds_a_channel_student(tmp_path, tiny_manifest):
     after = SD3Backbone.from_pretrained(base).load_transformer(out, for_student=True)
     assert after.config.reference_mode == "channels"
     assert not torch.equal(after.ref_proj.weight, before)  # the warm-up trained the reference path
+    from npedit import NPEditPipeline
+    from npedit.training.export import export_checkpoint
+
+    exported = NPEditPipeline.from_pretrained(export_checkpoint(tmp_path / "w", step=2))  # the checkpoint as an editor
+    assert exported.transformer.config.reference_mode == "channels"
+    assert torch.equal(exported.transformer.ref_proj.weight, after.ref_proj.weight)
