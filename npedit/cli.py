@@ -197,7 +197,7 @@ def cmd_export(args) -> int:
     from .training.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.run, args.step, args.out)
+        out = export_checkpoint(args.run, args.step, args.out, base=args.base)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(out)
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="the run folder (output_dir of `train`)")
     x.add_argument("--step", type=int, help="the checkpoint's step (default: the newest complete checkpoint)")
     x.add_argument("--out", help="where the pipeline goes (default: RUN/exports/step_N)")
+    x.add_argument("--base", help="the base model whose text encoder and VAE complete it (default: the run's "
+                   "model.base; e.g. when that was a relative path or has moved)")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "

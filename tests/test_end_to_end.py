@@ -79,7 +79,7 @@ def test_pipeline_loads_and_edits(trained):
         pipe(image=img, prompt="   ")
 
 
-def test_export_turns_a_checkpoint_into_an_editor(trained):
+def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage):
     from safetensors.torch import load_file
 
     from npedit import NPEditPipeline
@@ -98,9 +98,12 @@ def test_export_turns_a_checkpoint_into_an_editor(trained):
     assert pipe(image=img, prompt="make the red circle green").images[0].size == (32, 32)
     newest = run("-m", "npedit", "export", "runs/npedit", "--out", "newest", cwd=work).strip()
     assert json.loads((work / newest / "training_config.json").read_text())["step"] == 4  # the newest by default
+    moved = run("-m", "npedit", "export", "runs/npedit", "--base", str(tiny_zimage), "--out", "moved", cwd=work).strip()
+    assert json.loads((work / moved / "training_config.json").read_text())["base"] == str(tiny_zimage)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (work / "runs/empty").mkdir(exist_ok=True)
     for args, message in ((["runs/npedit", "--step", "7"], "has step(s) 3, 4"), (["runs/empty"], "no complete"),
+                          (["runs/npedit", "--base", "moved/base"], "cannot load the run's base model 'moved/base'"),
                           (["runs/nothing"], "run folder not found")):
         bad = subprocess.run([sys.executable, "-m", "npedit", "export", *args], cwd=work, env=env,
                              capture_output=True, text=True, timeout=120)

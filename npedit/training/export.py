@@ -32,8 +32,10 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     raise FileNotFoundError(f"{run_dir} has no complete checkpoint at step {step}; it has step(s) {steps}")
 
 
-def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
-    """Save the student of a checkpoint as an `NPEditPipeline` under `out` (default `<run>/exports/step_N`)."""
+def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
+                      base: str | None = None) -> Path:
+    """Save the student of a checkpoint as an `NPEditPipeline` under `out` (default `<run>/exports/step_N`), with
+    the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same model elsewhere)."""
     from ..backbones import load_backbone
     from ..pipeline import NPEditPipeline, training_summary
 
@@ -43,7 +45,13 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
         raise FileNotFoundError(f"no config.yaml in {path} or {run_dir}: cannot tell which base model it trained on")
     cfg = load_config(config_file)
     state = json.loads((path / "trainer_state.json").read_text())
-    backbone = load_backbone(cfg.model.base)
+    base = base or cfg.model.base
+    try:
+        backbone = load_backbone(base)
+    except (OSError, ValueError) as exc:
+        hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
+                if not Path(base).is_absolute() and base == cfg.model.base else "")
+        raise FileNotFoundError(f"cannot load the run's base model {base!r}{hint}: {exc}") from None
     student = backbone.load_transformer(path / "student", for_student=True)
     ckpt.load_module_weights(student, path / "student")  # strict: the weights must match the architecture exactly
     out = Path(out) if out else Path(run_dir) / "exports" / path.name
@@ -51,5 +59,5 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     summary = training_summary(cfg.stage, cfg.model.student or None)
     pipe.save_pretrained(out, training=f"{summary}; exported from the checkpoint at step {state['step']}")
     (out / "training_config.json").write_text(json.dumps(
-        {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"])}, indent=2))
+        {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base)}, indent=2))
     return out
