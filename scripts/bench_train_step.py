@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import itertools
 import sys
 import statistics
 import tempfile
@@ -78,14 +79,17 @@ def main() -> None:
         return time.perf_counter() - start
 
     rows["backward through judge, VAE and unroll"] = statistics.median(backward() for _ in range(args.repeats))
-    rows["critic_step (unroll + critic fit)"], _ = timed(lambda: tr.critic_step(batch), args.repeats)
-    rows["student_step (all of the above + update)"], _ = timed(lambda: tr.student_step(batch), args.repeats)
+    tr.batches = itertools.repeat(batch)  # every update below sees this batch
+    rows["critic update (unroll + critic fit)"], _ = timed(lambda: tr._optimise("critic", tr.critic_loss), args.repeats)
+    rows["student update (all of the above + step)"], _ = timed(lambda: tr._optimise("student", tr.student_loss),
+                                                                 args.repeats)
     tr.cfg = load_config(None, [f"model.base={base}", f"data.train={root}/cases.jsonl", "stage=warmup",
                                 f"data.batch_size={args.batch}"])
-    rows["warmup_step (identity flow matching)"], _ = timed(lambda: tr.warmup_step(batch), args.repeats)
+    rows["warmup update (identity flow matching)"], _ = timed(lambda: tr._optimise("student", tr.warmup_loss),
+                                                              args.repeats)
     n_aux = cfg.critic_steps
     rows[f"one NP-Edit iteration ({n_aux} critic + 1 student)"] = (
-        n_aux * rows["critic_step (unroll + critic fit)"] + rows["student_step (all of the above + update)"])
+        n_aux * rows["critic update (unroll + critic fit)"] + rows["student update (all of the above + step)"])
     print(f"family={args.family} batch={args.batch} torch_threads={torch.get_num_threads()} "
           f"student_params={sum(p.numel() for p in tr.student.parameters()):,}")
     for name, sec in rows.items():
