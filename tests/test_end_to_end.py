@@ -313,3 +313,14 @@ def test_gradient_accumulation_adds_up_micro_batches(tmp_path, tiny_zimage, tiny
     assert all(p.grad is None for p in accumulated.student.parameters())
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         load_config(None, ["gradient_accumulation_steps=0", *common])
+
+
+def test_train_step_benchmark_script_runs():
+    """The per-component timing script follows the trainer's API (it prints measured figures, not asserted)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/bench_train_step.py"), "--repeats", "1"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {line.rsplit(None, 2)[0].strip(): line for line in out.stdout.splitlines() if line.endswith(" ms")}
+    assert {"critic update (unroll + critic fit)", "student update (all of the above + step)",
+            "one NP-Edit iteration (5 critic + 1 student)"} <= set(lines)
