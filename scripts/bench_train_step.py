@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import itertools
-import sys
+import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
