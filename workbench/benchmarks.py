@@ -93,14 +93,17 @@ def extend(table: pd.DataFrame, reports: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([kept, reports]).sort_index(key=lambda names: names.map(lambda n: f"{n}.json"))
 
 
+def pipe_table(columns: list[str], rows: list[list[str]]) -> str:
+    """Cells already formatted as text -> a Markdown pipe table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """The table as a Markdown pipe table (3 decimals)."""
-    cols = [table.index.name or "variant", *table.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, row in table.iterrows():
-        cells = [str(int(v)) if c in ("n", "seed") and pd.notna(v) else f"{v:.3f}" for c, v in row.items()]
-        lines.append("| " + " | ".join([str(name), *cells]) + " |")
-    return "\n".join(lines)
+    rows = [[str(name), *(str(int(v)) if c in ("n", "seed") and pd.notna(v) else f"{v:.3f}" for c, v in row.items())]
+            for name, row in table.iterrows()]
+    return pipe_table([table.index.name or "variant", *table.columns], rows)
 
 
 def comparison_chart(table: pd.DataFrame, metrics=METRICS, horizontal: bool | None = None) -> plt.Figure:
@@ -192,12 +195,8 @@ def paired(directory: str | os.PathLike, pairs: list[tuple[str, str]], metric: s
 
 def paired_markdown(table: pd.DataFrame) -> str:
     """A `paired` table as Markdown (empty cells for what a pooled row does not have)."""
-    def cell(v):
-        return "" if v is None or pd.isna(v) else str(v)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+    rows = [["" if v is None or pd.isna(v) else str(v) for v in row] for row in table.itertuples(index=False)]
+    return pipe_table(list(table.columns), rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from npedit.training.checkpoint import checkpoint_step
+
 from .jobs import job_status, read_metrics_rows
 
 # Config entries shown in the runs table, as (column, dotted key).
@@ -130,7 +132,6 @@ def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
         exports = run / "exports"
         steps = [d for d in exports.iterdir() if (d / "model_index.json").is_file()] if exports.is_dir() else []
         for d in sorted(steps, key=lambda d: d.name, reverse=True):
-            step = d.name.removeprefix("step_")
-            label = f"step {int(step)}" if step.isdigit() else d.name
-            out.append((f"run: {run_name(run, root)} ({label})", str(d)))
+            step = checkpoint_step(d)
+            out.append((f"run: {run_name(run, root)} ({d.name if step is None else f'step {step}'})", str(d)))
     return out

@@ -195,7 +195,7 @@ def eval_main(args) -> int:
 
     if args.candidates < 1 or (args.candidates > 1 and args.baseline):
         raise SystemExit("error: --candidates must be >= 1 and applies to an editor, not to --baseline teacher")
-    change_checks = getattr(args, "change_checks", False)
+    change_checks = args.change_checks
     if change_checks and args.candidates < 2:
         raise SystemExit("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
     cases = held_out_cases(args.n, seed=args.seed)

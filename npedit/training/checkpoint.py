@@ -88,12 +88,19 @@ def load_module_weights(module: torch.nn.Module, folder: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `step_N` checkpoint folder (or of its export, named alike); None for another name."""
+    digits = Path(path).name.removeprefix(STEP_PREFIX)
+    return int(digits) if Path(path).name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(STEP_PREFIX) and (d / "trainer_state.json").is_file()]
-    return sorted(dirs, key=lambda d: int(d.name[len(STEP_PREFIX):]))
+    dirs = [d for d in root.iterdir() if d.is_dir() and checkpoint_step(d) is not None
+            and (d / "trainer_state.json").is_file()]
+    return sorted(dirs, key=checkpoint_step)
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -26,9 +26,9 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     if step is None:
         return found[-1]
     for path in found:
-        if int(path.name[len(ckpt.STEP_PREFIX):]) == step:
+        if ckpt.checkpoint_step(path) == step:
             return path
-    steps = ", ".join(str(int(p.name[len(ckpt.STEP_PREFIX):])) for p in found)
+    steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in found)
     raise FileNotFoundError(f"{run_dir} has no complete checkpoint at step {step}; it has step(s) {steps}")
 
 
@@ -52,8 +52,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
         hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
                 if not Path(base).is_absolute() and base == cfg.model.base else "")
         raise FileNotFoundError(f"cannot load the run's base model {base!r}{hint}: {exc}") from None
-    student = backbone.load_transformer(path / "student", for_student=True)
-    ckpt.load_module_weights(student, path / "student")  # strict: the weights must match the architecture exactly
+    student = backbone.load_transformer(path / "student", for_student=True)  # saved by the trainer's save_pretrained
     out = Path(out) if out else Path(run_dir) / "exports" / path.name
     pipe = NPEditPipeline.from_parts(student.eval(), backbone, shift=cfg.sampler.shift)
     summary = training_summary(cfg.stage, cfg.model.student or None)
