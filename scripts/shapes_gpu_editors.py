@@ -47,6 +47,9 @@ RUNS = {  # runs from the SFT student: name -> (config, extra overrides)
                                                       "optim.lr=2e-5"]),
     # the lower rate without keep checks: tells the two changes of the run above apart
     "sft-npedit-change-b512-lr2e-5": ("npedit", ["judge.change_questions=2", *BIG, "optim.lr=2e-5"]),
+    # the fifth call's winner again with another training seed: how far two runs of one recipe differ
+    "sft-npedit-change-keep-b512-lr2e-5-seed1": ("npedit", ["judge.change_questions=2", "judge.keep_questions=2", *BIG,
+                                                            "optim.lr=2e-5", "seed=1"]),
 }
 FROM_SFT = ("sft-npedit", "sft-npedit-lr1e-4", "sft-npedit-change", "sft-more")  # the default selection
 EQUAL_STEPS = ("sft-npedit",)  # NP-Edit runs that get an equal-step paired-SFT baseline by default
