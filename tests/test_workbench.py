@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from npedit.config import LossConfig
+from npedit.config import LossConfig, load_config
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import trace_edit
 from workbench.tiny import build_tiny_set
@@ -294,6 +294,24 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="Shapes stream"):
         presets.check_train_args(presets.train_args({"stage": "sft"}, base=tiny_set["teacher"], judge="",
                                                     student="", data=str(tmp_path / "cases.jsonl")))
+
+
+def test_shipped_recipes_load_and_become_presets(tiny_set):
+    """Every configs/shapes recipe validates, and the Train tab offers each one with the recipe's own knobs."""
+    recipes = sorted(presets.RECIPES.glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"warmup", "npedit", "sft", "npedit-from-sft"}
+    for path in recipes:
+        load_config(path)  # raises on an unknown key or a bad value
+    offered = {p.config_file for p in presets.PRESETS.values()}
+    assert {str(p) for p in recipes} <= offered
+    from_sft = presets.PRESETS["Shapes SFT then NP-Edit (bundled editor's recipe)"]
+    assert (from_sft.lr, from_sft.keep_questions, from_sft.change_questions) == (2e-5, 2, 2)
+    assert from_sft.batch_size * from_sft.grad_accum == 512
+    args = presets.train_args(from_sft.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
+                              student=tiny_set["model"], data="shapes", config_file=from_sft.config_file)
+    cfg = presets.check_train_args(args)
+    assert cfg.data.pool == 2_000_000 and cfg.judge.temperature_warmup_steps == 100  # from the file, not the knobs
+    assert cfg.gradient_accumulation_steps == 8 and cfg.model.student == tiny_set["model"]
 
 
 def _wait(run, until, timeout=120.0):
