@@ -376,6 +376,28 @@ def test_summarize():
     assert summary["overall"]["count"] == 3 and summary["overall"]["exact"] == pytest.approx(1 / 3)
 
 
+def test_metrics_split_by_the_number_of_objects_in_the_reference():
+    from npedit.shapes.evaluate import objects_table
+    from npedit.shapes.scoring import by_objects
+
+    one = case_from_edit(Scene("gray", (Obj("circle", "red", "small", "top left"),)),
+                         Edit("recolor", "top left", colour="green"))
+    two = case_from_edit(Scene("gray", (Obj("circle", "red", "small", "top left"), Obj("square", "blue", "large",
+                                                                                        "center"))),
+                         Edit("recolor", "top left", colour="green"))
+    rows = [score_edit(render(one.expected), one), score_edit(render(two.expected), two),
+            score_edit(render(two.reference), two)]
+    assert [r["objects"] for r in rows] == [1, 2, 2]
+    split = by_objects(rows)
+    assert list(split) == ["recolor", "overall"]
+    assert split["recolor"][1]["exact"] == 1.0 and split["recolor"][1]["count"] == 1
+    assert split["recolor"][2]["exact"] == 0.5 and split["overall"][2]["count"] == 2
+    table = objects_table(rows)
+    assert "| category | 1 object | 2 objects |" in table and "| recolor | 1.000 (1) | 0.500 (2) |" in table
+    old = [{k: v for k, v in r.items() if k != "objects"} for r in rows]  # a report written before the split
+    assert by_objects(old) == {} and objects_table(old) == ""
+
+
 def test_held_out_cases_deterministic_and_balanced():
     a, b = held_out_cases(62, seed=3), held_out_cases(62, seed=3)
     assert a == b and len(a) == 62 and a != held_out_cases(62, seed=4)

@@ -188,8 +188,11 @@ def test_judge_agreement_reads_truth_from_the_parsed_output(tiny_judge, tmp_path
     agreement = judge_agreement(rows)
     assert agreement["overall"]["check"]["count"] == 12
     write_report(summary, rows, tmp_path, "perfect", {"n": 12}, agreement)
-    assert "judge_agreement" in json.loads((tmp_path / "perfect.json").read_text())
+    report = json.loads((tmp_path / "perfect.json").read_text())
+    assert "judge_agreement" in report and report["by_objects"]["overall"]  # JSON keys: object counts as strings
+    assert sum(v["count"] for v in report["by_objects"]["overall"].values()) == 12
     assert "Judge agreement" in (tmp_path / "perfect.md").read_text()
+    assert "number of objects in the reference" in (tmp_path / "perfect.md").read_text()
 
 
 def test_palette_loss_rewards_the_true_palette_colour():

@@ -20,7 +20,7 @@ from .edits import (
     sample_edit,
     write_cases_jsonl,
 )
-from .scoring import METRICS, followed, preserved, score_edit, summarize
+from .scoring import METRICS, by_objects, followed, preserved, score_edit, summarize
 from .world import (
     BACKGROUNDS,
     CANVAS,
@@ -51,7 +51,7 @@ __all__ = [
     "BACKGROUNDS", "CANVAS", "CATEGORIES", "CELL_CENTRES", "CELLS", "COLOURS", "GRID", "MAX_OBJECTS",
     "METRICS", "PALETTE_NAMES", "SHAPES", "SIZES", "TEMPLATES",
     "Edit", "EditCase", "Obj", "Scene",
-    "apply_edit", "caption", "case_from_dict", "case_from_edit", "case_to_dict", "clean_fraction",
+    "apply_edit", "by_objects", "caption", "case_from_dict", "case_from_edit", "case_to_dict", "clean_fraction",
     "edit_between", "edit_problem", "followed", "held_out_cases", "instruction", "make_case",
     "named_attributes", "parse", "preserved", "quantise", "random_object", "random_scene",
     "read_cases_jsonl", "referring_expression", "render", "sample_case", "sample_edit",

@@ -21,7 +21,7 @@ from ..devices import resolve_device
 from ..sampler import sample
 from ..judges.questions import training_questions
 from .edits import EditCase, held_out_cases
-from .scoring import METRICS, error_counts, score_edit, summarize
+from .scoring import METRICS, by_objects, error_counts, score_edit, summarize
 from .world import CANVAS, parse, render
 
 Editor = Callable[[list[np.ndarray], list[EditCase]], list[np.ndarray]]
@@ -162,6 +162,23 @@ def markdown_table(summary: dict, title: str = "") -> str:
     return head + "\n".join(lines) + "\n"
 
 
+OBJECTS_TITLE = "Exact by the number of objects in the reference scene (cases in brackets):\n\n"
+
+
+def objects_table(rows: list[dict]) -> str:
+    """Exact per category by the number of objects in the reference scene, as Markdown ("" for old rows)."""
+    split = by_objects(rows)
+    if not split:
+        return ""
+    counts = sorted({k for ks in split.values() for k in ks})
+    lines = ["| category | " + " | ".join(f"{k} object{'s' * (k != 1)}" for k in counts) + " |",
+             "|---" * (len(counts) + 1) + "|"]
+    for cat, ks in split.items():
+        cells = [f"{ks[k]['exact']:.3f} ({ks[k]['count']})" if k in ks else "" for k in counts]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def errors_table(rows: list[dict], top: int = 12) -> str:
     """The most frequent mistakes (`scoring.error_kinds`) as Markdown: count and share of cases showing each."""
     counts = error_counts(rows)
@@ -178,10 +195,12 @@ def errors_table(rows: list[dict], top: int = 12) -> str:
 
 def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta: dict,
                  agreement: dict | None = None) -> None:
-    """Write <name>.json (summary, rows, mistakes, meta[, judge_agreement]) and <name>.md."""
+    """Write <name>.json (summary, by_objects, rows, mistakes, meta[, judge_agreement]) and <name>.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "summary": summary, "errors": dict(error_counts(rows)), "rows": rows}
-    md = markdown_table(summary, name) + "\nMost frequent mistakes (against the expected scene):\n\n" + errors_table(rows)
+    report = {"meta": meta, "summary": summary, "by_objects": by_objects(rows), "errors": dict(error_counts(rows)),
+              "rows": rows}
+    md = (markdown_table(summary, name) + "\n" + OBJECTS_TITLE + objects_table(rows)
+          + "\nMost frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         report["judge_agreement"] = agreement
         md += "\nJudge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement)
@@ -232,6 +251,7 @@ def eval_main(args) -> int:
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
+    print(OBJECTS_TITLE + objects_table(rows))
     print("Most frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         print("Judge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement))

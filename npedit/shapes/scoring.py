@@ -95,6 +95,7 @@ def score_edit(output_image, case: EditCase) -> dict:
     return {
         "id": case.id,
         "category": case.category,
+        "objects": len(case.reference.objects),  # objects in the reference scene: how hard the reference is to ground
         "exact": float(ok and parsed == case.expected),
         "followed": float(ok and followed(parsed, edit)),
         "preserved": float(ok and preserved(parsed, case.reference, edit)),
@@ -118,11 +119,29 @@ def _means(rows: list[dict]) -> dict:
     return {**means, "count": len(rows)}
 
 
+def by_objects(rows: Iterable[dict]) -> dict[str, dict[int, dict]]:
+    """The metrics per category (and overall) split by the number of objects in the reference scene.
+
+    Rows without an "objects" entry (reports written before it existed) are left out."""
+    rows = [r for r in rows if "objects" in r]
+    if not rows:
+        return {}
+    groups: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        for key in (r["category"], "overall"):
+            groups.setdefault(key, {}).setdefault(r["objects"], []).append(r)
+    return {c: {k: _means(groups[c][k]) for k in sorted(groups[c])} for c in (*_categories(rows), "overall")}
+
+
+def _categories(rows: list[dict]) -> list[str]:
+    """The categories present in `rows`, in the spec's order (unknown ones after, by name)."""
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    return sorted({r["category"] for r in rows}, key=lambda c: (order.get(c, len(order)), c))
+
+
 def summarize(rows: Iterable[dict]) -> dict:
     """Per-category and overall (over all rows) means of the four metrics, with counts."""
     rows = list(rows)
-    order = {c: i for i, c in enumerate(CATEGORIES)}
-    categories = sorted({r["category"] for r in rows}, key=lambda c: (order.get(c, len(order)), c))
-    summary = {c: _means([r for r in rows if r["category"] == c]) for c in categories}
+    summary = {c: _means([r for r in rows if r["category"] == c]) for c in _categories(rows)}
     summary["overall"] = _means(rows)
     return summary
