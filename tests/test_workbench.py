@@ -467,3 +467,31 @@ def test_paired_benchmark_comparison(tmp_path, capsys):
         main([str(tmp_path), "--paired", "old", "missing"])
     with pytest.raises(ValueError, match="per-case 0/1"):
         paired(tmp_path, [("old", "new")], metric="clean")
+
+
+def test_exact_by_object_count_pooled_over_reports(tmp_path, capsys):
+    import json
+
+    from npedit.shapes import held_out_cases
+    from workbench.benchmarks import main, objects_split
+
+    cases = held_out_cases(12, seed=3)
+    counts = [len(c.reference.objects) for c in cases]
+
+    def report(name, right, with_objects):
+        rows = [{"id": c.id, "category": c.category, "exact": float(r), "followed": 1.0, "preserved": 1.0,
+                 "clean": 1.0, **({"objects": k} if with_objects else {})} for c, r, k in zip(cases, right, counts)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"n": 12, "seed": 3}, "summary": {}, "rows": rows}))
+
+    report("new", [1] * 12, with_objects=True)
+    report("old", [0] * 12, with_objects=False)  # written before rows carried "objects": regenerated from n, seed
+    table = objects_split(tmp_path, ["new", "old"])
+    overall = table.strip().splitlines()[-1]
+    for k in sorted(set(counts)):  # every case twice, right once: 0.5 at every object count
+        assert f"0.500 ({2 * counts.count(k)})" in overall
+    assert main([str(tmp_path), "--by-objects", "new"]) == 0
+    assert "| overall |" in capsys.readouterr().out
+    (tmp_path / "foreign.json").write_text(json.dumps({"meta": {"n": 12, "seed": 3}, "summary": {},
+                                                       "rows": [{"id": "zzz", "category": "add", "exact": 1.0}]}))
+    with pytest.raises(ValueError, match="case ids"):
+        objects_split(tmp_path, ["foreign"])

@@ -6,11 +6,14 @@
     python -m workbench.benchmarks runs/new-eval --extend docs/shapes_benchmark.md --table docs/shapes_benchmark.md
 
     python -m workbench.benchmarks runs/shapes/eval --paired old new --paired old-seed1 new-seed1
+    python -m workbench.benchmarks runs/shapes/eval --by-objects new new-seed1 new-seed2
 
 `--only` keeps the variants whose names match the given names or shell patterns, in the order given.
 `--paired A B` compares two variants (names, or paths of .json reports) case by case on the same benchmark cases (same n and seed): how often
 each is right where the other is wrong, McNemar's z and the exact two-sided sign-test p; several `--paired`
 (e.g. one per seed) are also pooled.
+`--by-objects` pools the reports named (names or .json paths; e.g. one per seed) into one table: exact per category
+by the number of objects in the reference scene.
 `--extend` starts from a table this command wrote earlier (whose reports may be gone, e.g. on another
 machine): the reports' variants are added to it, or replace its rows of the same name.
 """
@@ -31,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from npedit.shapes import CATEGORIES, METRICS  # noqa: E402
+from npedit.shapes import CATEGORIES, METRICS, held_out_cases  # noqa: E402
+from npedit.shapes.evaluate import objects_table  # noqa: E402
 
 
 def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
@@ -199,6 +203,25 @@ def paired_markdown(table: pd.DataFrame) -> str:
     return pipe_table(list(table.columns), rows)
 
 
+def rows_with_objects(directory: str | os.PathLike, variant: str) -> list[dict]:
+    """The per-case rows of a report, each with "objects" (the reference scene's object count). Reports written
+    before rows carried it get it from their cases, regenerated from the report's n and seed."""
+    meta, rows = case_rows(directory, variant)
+    if all("objects" in r for r in rows):
+        return rows
+    if meta.get("n") is None or meta.get("seed") is None:
+        raise ValueError(f"{variant}: the report names no n and seed to regenerate its cases from")
+    cases = {c.id: c for c in held_out_cases(int(meta["n"]), seed=int(meta["seed"]))}
+    if any(r["id"] not in cases for r in rows):
+        raise ValueError(f"{variant}: its case ids are not those of `eval shapes --n {meta['n']} --seed {meta['seed']}`")
+    return [{**r, "objects": len(cases[r["id"]].reference.objects)} for r in rows]
+
+
+def objects_split(directory: str | os.PathLike, variants: list[str]) -> str:
+    """Exact per category by the reference scene's object count, pooled over the reports named (e.g. seeds)."""
+    return objects_table([r for v in variants for r in rows_with_objects(directory, v)])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("reports", help="folder of eval JSON reports")
@@ -210,7 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", nargs=2, action="append", metavar=("A", "B"),
                     help="compare variant B with A case by case (repeat, e.g. per seed; pooled too)")
     ap.add_argument("--metric", default="exact", help="for --paired: exact, followed or preserved (default exact)")
+    ap.add_argument("--by-objects", nargs="+", metavar="NAME",
+                    help="exact per category by the reference scene's object count, pooled over these reports")
     args = ap.parse_args(argv)
+    if args.by_objects:
+        try:
+            print(objects_split(args.reports, args.by_objects))
+        except (OSError, ValueError) as exc:
+            ap.error(str(exc))
+        return 0
     if args.paired:
         try:
             result = paired(args.reports, [tuple(p) for p in args.paired], args.metric)
