@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from npedit.shapes import CATEGORIES, METRICS, held_out_cases  # noqa: E402
-from npedit.shapes.evaluate import objects_table  # noqa: E402
 
 
 def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
@@ -219,6 +218,8 @@ def rows_with_objects(directory: str | os.PathLike, variant: str) -> list[dict]:
 
 def objects_split(directory: str | os.PathLike, variants: list[str]) -> str:
     """Exact per category by the reference scene's object count, pooled over the reports named (e.g. seeds)."""
+    from npedit.shapes.evaluate import objects_table  # imports torch: only when asked for
+
     return objects_table([r for v in variants for r in rows_with_objects(directory, v)])
 
 
