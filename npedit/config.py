@@ -76,6 +76,7 @@ class DataConfig:
     batch_size: int = 1
     fraction: float = 1.0  # ablation: use this share of the data
     pool: int = 0  # generated domains: distinct cases to draw from (0: the domain's default)
+    min_objects: int = 0  # generated domains: only cases whose reference scene holds at least this many objects
     num_workers: int = 0
     do_nothing_prob: float = 0.01
 
@@ -84,6 +85,8 @@ class DataConfig:
             raise ValueError(f"data.fraction must be in (0, 1]; got {self.fraction}")
         if self.pool < 0:
             raise ValueError(f"data.pool must be >= 0 (0: the generated domain's default); got {self.pool}")
+        if self.min_objects < 0:
+            raise ValueError(f"data.min_objects must be >= 0 (0: any scene); got {self.min_objects}")
         if self.batch_size < 1 or self.resolution < 8:
             raise ValueError("data.batch_size must be >= 1 and data.resolution >= 8")
 

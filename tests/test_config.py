@@ -29,6 +29,7 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     ("max_steps=ten", "max_steps must be a number"),
     ("data.fraction=0", "data.fraction must be in"),
     ("data.pool=-5", "data.pool must be >= 0"),
+    ("data.min_objects=-1", "data.min_objects must be >= 0"),
     ("nokey", "must look like key=value"),
 ])
 def test_bad_values_are_explained(override, message):
@@ -55,6 +56,26 @@ def test_data_pool_sizes_a_generated_domain_and_is_refused_for_a_manifest(tmp_pa
     manifest.write_text("")
     with pytest.raises(ValueError, match="data.pool=10 sizes a generated domain"):
         build_dataset(data(f"data.train={manifest}", "data.pool=10"), stage="sft", seed=0)
+
+
+def test_data_min_objects_keeps_scenes_of_several_objects(tmp_path):
+    from npedit.training.datasets import build_dataset
+
+    data = lambda *o: load_config(None, BASE + list(o)).data  # noqa: E731
+    plain, multi = build_dataset(data(), stage="sft", seed=0), build_dataset(data("data.min_objects=2"), stage="sft",
+                                                                             seed=0)
+    counts = [len(plain.case(i).reference.objects) for i in range(60)]
+    assert min(counts) == 1  # the default draws lone objects too ...
+    assert all(len(multi.case(i).reference.objects) >= 2 for i in range(60))  # ... the filter none
+    assert multi.case(7) == multi.case(7)  # still one fixed case per index
+    assert [plain.case(i) for i in range(5)] == [build_dataset(data("data.min_objects=0"), stage="sft",
+                                                               seed=0).case(i) for i in range(5)]
+    with pytest.raises(ValueError, match="at most 3 objects"):
+        build_dataset(data("data.min_objects=4"), stage="sft", seed=0)
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ValueError, match="data.min_objects=2 filters a generated domain"):
+        build_dataset(data(f"data.train={manifest}", "data.min_objects=2"), stage="sft", seed=0)
 
 
 def test_target_regression_is_a_stage_npedit_option():

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from .edits import CATEGORIES, TEMPLATES, sample_case
-from .world import caption, random_scene, render
+from .world import MAX_OBJECTS, caption, random_scene, render
 
 POOL = 50_000  # distinct training cases at data.fraction = 1 (data.pool replaces it)
 PARAPHRASE_PROB = 0.3
@@ -23,15 +23,21 @@ def render_tensor(scene) -> torch.Tensor:
 class ShapesEditData(Dataset):
     """Deterministic random edit cases: sample i is always the same case; the target is rendered for SFT."""
 
-    def __init__(self, size: int = POOL, *, seed: int = 0, paraphrase_prob: float = PARAPHRASE_PROB):
-        self.size, self.seed, self.paraphrase_prob = size, seed, paraphrase_prob
+    def __init__(self, size: int = POOL, *, seed: int = 0, paraphrase_prob: float = PARAPHRASE_PROB,
+                 min_objects: int = 0):
+        if min_objects > MAX_OBJECTS:
+            raise ValueError(f"data.min_objects={min_objects}: a Shapes scene holds at most {MAX_OBJECTS} objects")
+        self.size, self.seed, self.paraphrase_prob, self.min_objects = size, seed, paraphrase_prob, min_objects
 
     def __len__(self) -> int:
         return self.size
 
     def case(self, i: int):
         rng = np.random.default_rng([_STREAM, self.seed, i])
-        return sample_case(rng, paraphrase_prob=self.paraphrase_prob, id=f"train-{i:06d}")
+        while True:  # the same draws for the same i; scenes with fewer objects than asked for are drawn again
+            case = sample_case(rng, paraphrase_prob=self.paraphrase_prob, id=f"train-{i:06d}")
+            if len(case.reference.objects) >= self.min_objects:
+                return case
 
     def __getitem__(self, i: int) -> dict:
         c = self.case(i)
@@ -51,13 +57,14 @@ class ShapesEditData(Dataset):
 
 
 def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
-    """The `data.train=shapes` dataset: `data.pool` distinct cases (default POOL), shrunk by `data.fraction`.
+    """The `data.train=shapes` dataset: `data.pool` distinct cases (default POOL), shrunk by `data.fraction`;
+    with `data.min_objects`, only cases whose reference holds at least that many objects.
 
     Long runs on a GPU see the default pool dozens of times; a larger pool (cases are drawn, not stored) keeps
     every sample new."""
     if cfg.resolution != 64:
         raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
-    return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed)
+    return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed, min_objects=cfg.min_objects)
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:

@@ -21,5 +21,8 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = Fal
     if cfg.pool:
         raise ValueError(f"data.pool={cfg.pool} sizes a generated domain ({', '.join(GENERATED)}); "
                          f"a manifest ({cfg.train}) has its own cases: use data.fraction to take a share of them")
+    if cfg.min_objects:
+        raise ValueError(f"data.min_objects={cfg.min_objects} filters a generated domain ({', '.join(GENERATED)}); "
+                         f"a manifest ({cfg.train}) has its own cases")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)
