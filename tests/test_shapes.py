@@ -392,10 +392,10 @@ def test_metrics_split_by_the_number_of_objects_in_the_reference():
     assert list(split) == ["recolor", "overall"]
     assert split["recolor"][1]["exact"] == 1.0 and split["recolor"][1]["count"] == 1
     assert split["recolor"][2]["exact"] == 0.5 and split["overall"][2]["count"] == 2
-    table = objects_table(rows)
+    table = objects_table(split)
     assert "| category | 1 object | 2 objects |" in table and "| recolor | 1.000 (1) | 0.500 (2) |" in table
     old = [{k: v for k, v in r.items() if k != "objects"} for r in rows]  # a report written before the split
-    assert by_objects(old) == {} and objects_table(old) == ""
+    assert by_objects(old) == {} and objects_table(by_objects(old)) == ""
 
 
 def test_held_out_cases_deterministic_and_balanced():

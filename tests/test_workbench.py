@@ -491,6 +491,8 @@ def test_exact_by_object_count_pooled_over_reports(tmp_path, capsys):
         assert f"0.500 ({2 * counts.count(k)})" in overall
     assert main([str(tmp_path), "--by-objects", "new"]) == 0
     assert "| overall |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # one question per call: a split or a paired comparison
+        main([str(tmp_path), "--by-objects", "new", "--paired", "new", "old"])
     (tmp_path / "foreign.json").write_text(json.dumps({"meta": {"n": 12, "seed": 3}, "summary": {},
                                                        "rows": [{"id": "zzz", "category": "add", "exact": 1.0}]}))
     with pytest.raises(ValueError, match="case ids"):

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from npedit.shapes import CATEGORIES, METRICS, held_out_cases  # noqa: E402
+from npedit.shapes import CATEGORIES, METRICS, by_objects, held_out_cases  # noqa: E402
 
 
 def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
@@ -220,7 +220,7 @@ def objects_split(directory: str | os.PathLike, variants: list[str]) -> str:
     """Exact per category by the reference scene's object count, pooled over the reports named (e.g. seeds)."""
     from npedit.shapes.evaluate import objects_table  # imports torch: only when asked for
 
-    return objects_table([r for v in variants for r in rows_with_objects(directory, v)])
+    return objects_table(by_objects([r for v in variants for r in rows_with_objects(directory, v)]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these variants (names or shell patterns), in this order")
     ap.add_argument("--extend", metavar="TABLE",
                     help="a Markdown table written earlier by --table: add the reports' variants to it (same names replace)")
-    ap.add_argument("--paired", nargs=2, action="append", metavar=("A", "B"),
-                    help="compare variant B with A case by case (repeat, e.g. per seed; pooled too)")
+    modes = ap.add_mutually_exclusive_group()
+    modes.add_argument("--paired", nargs=2, action="append", metavar=("A", "B"),
+                       help="compare variant B with A case by case (repeat, e.g. per seed; pooled too)")
     ap.add_argument("--metric", default="exact", help="for --paired: exact, followed or preserved (default exact)")
-    ap.add_argument("--by-objects", nargs="+", metavar="NAME",
-                    help="exact per category by the reference scene's object count, pooled over these reports")
+    modes.add_argument("--by-objects", nargs="+", metavar="NAME",
+                       help="exact per category by the reference scene's object count, pooled over these reports")
     args = ap.parse_args(argv)
     if args.by_objects:
         try:

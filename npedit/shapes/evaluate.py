@@ -165,9 +165,8 @@ def markdown_table(summary: dict, title: str = "") -> str:
 OBJECTS_TITLE = "Exact by the number of objects in the reference scene (cases in brackets):\n\n"
 
 
-def objects_table(rows: list[dict]) -> str:
-    """Exact per category by the number of objects in the reference scene, as Markdown ("" for old rows)."""
-    split = by_objects(rows)
+def objects_table(split: dict[str, dict[int, dict]]) -> str:
+    """A `by_objects` split (exact per category by the reference scene's object count) as Markdown ("" if empty)."""
     if not split:
         return ""
     counts = sorted({k for ks in split.values() for k in ks})
@@ -197,9 +196,9 @@ def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta
                  agreement: dict | None = None) -> None:
     """Write <name>.json (summary, by_objects, rows, mistakes, meta[, judge_agreement]) and <name>.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "summary": summary, "by_objects": by_objects(rows), "errors": dict(error_counts(rows)),
-              "rows": rows}
-    md = (markdown_table(summary, name) + "\n" + OBJECTS_TITLE + objects_table(rows)
+    split = by_objects(rows)
+    report = {"meta": meta, "summary": summary, "by_objects": split, "errors": dict(error_counts(rows)), "rows": rows}
+    md = (markdown_table(summary, name) + "\n" + OBJECTS_TITLE + objects_table(split)
           + "\nMost frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         report["judge_agreement"] = agreement
@@ -251,7 +250,7 @@ def eval_main(args) -> int:
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
-    print(OBJECTS_TITLE + objects_table(rows))
+    print(OBJECTS_TITLE + objects_table(by_objects(rows)))
     print("Most frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         print("Judge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement))
