@@ -398,6 +398,50 @@ def test_metrics_split_by_the_number_of_objects_in_the_reference():
     assert by_objects(old) == {} and objects_table(by_objects(old)) == ""
 
 
+def test_referring_form_names_the_form_of_the_referring_expression():
+    from npedit.shapes import REFERENCE_FORMS, referring_form
+
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(300):
+        scene = random_scene(rng)
+        for obj in scene.objects:
+            form, text = referring_form(scene, obj), referring_expression(scene, obj)
+            seen.add(form)
+            expected = {"shape": f"the {obj.shape}", "colour shape": f"the {obj.colour} {obj.shape}",
+                        "shape cell": f"the {obj.shape} at the {obj.cell}"}[form]
+            assert form in REFERENCE_FORMS and text == expected
+    assert seen == set(REFERENCE_FORMS)
+    twins = Scene("gray", (Obj("circle", "red", "small", "top left"), Obj("circle", "red", "large", "center")))
+    assert referring_form(twins, twins.objects[1]) == "shape cell"
+
+
+def test_metrics_split_by_how_the_instruction_names_the_object():
+    from npedit.shapes.evaluate import form_table
+    from npedit.shapes.scoring import by_form
+
+    circle, square = Obj("circle", "red", "small", "top left"), Obj("square", "blue", "large", "center")
+    lone = case_from_edit(Scene("gray", (circle,)), Edit("recolor", "top left", colour="green"))
+    by_shape = case_from_edit(Scene("gray", (circle, square)), Edit("recolor", "top left", colour="green"))
+    by_colour = case_from_edit(Scene("gray", (circle, Obj("circle", "blue", "large", "center"))),
+                               Edit("remove", "top left"))
+    add = case_from_edit(Scene("gray", (circle,)), Edit("add", "bottom", shape="square", colour="red", size="small"))
+    assert by_shape.instruction == "make the circle green" and by_colour.instruction == "remove the red circle"
+    rows = [score_edit(render(lone.expected), lone), score_edit(render(by_shape.reference), by_shape),
+            score_edit(render(by_shape.expected), by_shape), score_edit(render(by_colour.expected), by_colour),
+            score_edit(render(add.expected), add)]
+    assert [r["form"] for r in rows] == ["shape", "shape", "shape", "colour shape", ""]
+    split = by_form(rows)
+    assert list(split) == ["remove", "recolor", "overall"]  # object edits only, in the spec's order
+    assert split["recolor"]["lone object"]["exact"] == 1.0
+    assert split["recolor"]["the {shape}"] == {**split["recolor"]["the {shape}"], "exact": 0.5, "count": 2}
+    assert split["overall"]["the {colour} {shape}"]["count"] == 1 and "the {shape} at the {cell}" not in split["overall"]
+    table = form_table(split)
+    assert "| category | lone object | `the {shape}` | `the {colour} {shape}` |" in table
+    assert "| recolor | 1.000 (1) | 0.500 (2) |  |" in table
+    assert by_form([{k: v for k, v in r.items() if k != "form"} for r in rows]) == {}  # reports from before
+
+
 def test_held_out_cases_deterministic_and_balanced():
     a, b = held_out_cases(62, seed=3), held_out_cases(62, seed=3)
     assert a == b and len(a) == 62 and a != held_out_cases(62, seed=4)

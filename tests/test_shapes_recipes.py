@@ -193,6 +193,8 @@ def test_judge_agreement_reads_truth_from_the_parsed_output(tiny_judge, tmp_path
     assert sum(v["count"] for v in report["by_objects"]["overall"].values()) == 12
     assert "Judge agreement" in (tmp_path / "perfect.md").read_text()
     assert "number of objects in the reference" in (tmp_path / "perfect.md").read_text()
+    assert "how the instruction names the object" in (tmp_path / "perfect.md").read_text()
+    assert report["by_form"]["overall"] and all(v["exact"] == 1.0 for v in report["by_form"]["overall"].values())
 
 
 def test_palette_loss_rewards_the_true_palette_colour():

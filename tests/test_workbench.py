@@ -497,3 +497,24 @@ def test_exact_by_object_count_pooled_over_reports(tmp_path, capsys):
                                                        "rows": [{"id": "zzz", "category": "add", "exact": 1.0}]}))
     with pytest.raises(ValueError, match="case ids"):
         objects_split(tmp_path, ["foreign"])
+
+
+def test_exact_by_reference_form_pooled_over_reports(tmp_path, capsys):
+    import json
+
+    from npedit.shapes import held_out_cases, reference_form
+    from workbench.benchmarks import form_split, main
+
+    cases = held_out_cases(24, seed=4)
+    rows = [{"id": c.id, "category": c.category, "exact": 1.0, "followed": 1.0, "preserved": 1.0, "clean": 1.0}
+            for c in cases]  # a report written before rows carried "objects" and "form": regenerated from n, seed
+    (tmp_path / "old.json").write_text(json.dumps({"meta": {"n": 24, "seed": 4}, "summary": {}, "rows": rows}))
+    table = form_split(tmp_path, ["old"])
+    object_edits = [c for c in cases if reference_form(c)]
+    assert object_edits and "| overall |" in table and "lone object" in table
+    overall = table.strip().splitlines()[-1]
+    assert sum(int(cell.split("(")[1].rstrip(") ")) for cell in overall.split("|")[2:-1] if "(" in cell) == len(object_edits)
+    assert main([str(tmp_path), "--by-form", "old"]) == 0
+    assert "`the {shape}`" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--by-form", "old", "--by-objects", "old"])

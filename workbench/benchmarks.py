@@ -7,13 +7,16 @@
 
     python -m workbench.benchmarks runs/shapes/eval --paired old new --paired old-seed1 new-seed1
     python -m workbench.benchmarks runs/shapes/eval --by-objects new new-seed1 new-seed2
+    python -m workbench.benchmarks runs/shapes/eval --by-form new new-seed1 new-seed2
 
 `--only` keeps the variants whose names match the given names or shell patterns, in the order given.
 `--paired A B` compares two variants (names, or paths of .json reports) case by case on the same benchmark cases (same n and seed): how often
 each is right where the other is wrong, McNemar's z and the exact two-sided sign-test p; several `--paired`
 (e.g. one per seed) are also pooled.
 `--by-objects` pools the reports named (names or .json paths; e.g. one per seed) into one table: exact per category
-by the number of objects in the reference scene.
+by the number of objects in the reference scene. `--by-form` likewise pools exact of the object edits (remove,
+replace, recolor, resize) by how the instruction names the object: alone in its scene, or among others by its shape
+(`the circle`), colour and shape (`the red circle`) or shape and cell (`the circle at the top left`).
 `--extend` starts from a table this command wrote earlier (whose reports may be gone, e.g. on another
 machine): the reports' variants are added to it, or replace its rows of the same name.
 """
@@ -34,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from npedit.shapes import CATEGORIES, METRICS, by_objects, held_out_cases  # noqa: E402
+from npedit.shapes import CATEGORIES, METRICS, by_form, by_objects, held_out_cases, reference_form  # noqa: E402
 
 
 def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
@@ -203,17 +206,19 @@ def paired_markdown(table: pd.DataFrame) -> str:
 
 
 def rows_with_objects(directory: str | os.PathLike, variant: str) -> list[dict]:
-    """The per-case rows of a report, each with "objects" (the reference scene's object count). Reports written
-    before rows carried it get it from their cases, regenerated from the report's n and seed."""
+    """The per-case rows of a report, each with "objects" (the reference scene's object count) and "form" (how the
+    instruction names the edited object). Reports written before rows carried them get them from their cases,
+    regenerated from the report's n and seed."""
     meta, rows = case_rows(directory, variant)
-    if all("objects" in r for r in rows):
+    if all("objects" in r and "form" in r for r in rows):
         return rows
     if meta.get("n") is None or meta.get("seed") is None:
         raise ValueError(f"{variant}: the report names no n and seed to regenerate its cases from")
     cases = {c.id: c for c in held_out_cases(int(meta["n"]), seed=int(meta["seed"]))}
     if any(r["id"] not in cases for r in rows):
         raise ValueError(f"{variant}: its case ids are not those of `eval shapes --n {meta['n']} --seed {meta['seed']}`")
-    return [{**r, "objects": len(cases[r["id"]].reference.objects)} for r in rows]
+    return [{**r, "objects": len(cases[r["id"]].reference.objects), "form": reference_form(cases[r["id"]])}
+            for r in rows]
 
 
 def objects_split(directory: str | os.PathLike, variants: list[str]) -> str:
@@ -221,6 +226,13 @@ def objects_split(directory: str | os.PathLike, variants: list[str]) -> str:
     from npedit.shapes.evaluate import objects_table  # imports torch: only when asked for
 
     return objects_table(by_objects([r for v in variants for r in rows_with_objects(directory, v)]))
+
+
+def form_split(directory: str | os.PathLike, variants: list[str]) -> str:
+    """Exact of the object edits by how the instruction names the object, pooled over the reports named."""
+    from npedit.shapes.evaluate import form_table  # imports torch: only when asked for
+
+    return form_table(by_form([r for v in variants for r in rows_with_objects(directory, v)]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="exact", help="for --paired: exact, followed or preserved (default exact)")
     modes.add_argument("--by-objects", nargs="+", metavar="NAME",
                        help="exact per category by the reference scene's object count, pooled over these reports")
+    modes.add_argument("--by-form", nargs="+", metavar="NAME",
+                       help="exact of the object edits by how the instruction names the object (alone in its scene, "
+                            "or by shape, colour and shape, shape and cell), pooled over these reports")
     args = ap.parse_args(argv)
-    if args.by_objects:
+    if args.by_objects or args.by_form:
         try:
-            print(objects_split(args.reports, args.by_objects))
+            print(objects_split(args.reports, args.by_objects) if args.by_objects
+                  else form_split(args.reports, args.by_form))
         except (OSError, ValueError) as exc:
             ap.error(str(exc))
         return 0

@@ -20,7 +20,17 @@ from .edits import (
     sample_edit,
     write_cases_jsonl,
 )
-from .scoring import METRICS, by_objects, followed, preserved, score_edit, summarize
+from .scoring import (
+    FORM_GROUPS,
+    METRICS,
+    by_form,
+    by_objects,
+    followed,
+    preserved,
+    reference_form,
+    score_edit,
+    summarize,
+)
 from .world import (
     BACKGROUNDS,
     CANVAS,
@@ -30,6 +40,7 @@ from .world import (
     GRID,
     MAX_OBJECTS,
     PALETTE_NAMES,
+    REFERENCE_FORMS,
     SHAPES,
     SIZES,
     Obj,
@@ -41,6 +52,7 @@ from .world import (
     random_object,
     random_scene,
     referring_expression,
+    referring_form,
     render,
     scene_from_dict,
     scene_to_dict,
@@ -49,11 +61,11 @@ from .world import (
 
 __all__ = [
     "BACKGROUNDS", "CANVAS", "CATEGORIES", "CELL_CENTRES", "CELLS", "COLOURS", "GRID", "MAX_OBJECTS",
-    "METRICS", "PALETTE_NAMES", "SHAPES", "SIZES", "TEMPLATES",
+    "FORM_GROUPS", "METRICS", "PALETTE_NAMES", "REFERENCE_FORMS", "SHAPES", "SIZES", "TEMPLATES",
     "Edit", "EditCase", "Obj", "Scene",
-    "apply_edit", "by_objects", "caption", "case_from_dict", "case_from_edit", "case_to_dict", "clean_fraction",
-    "edit_between", "edit_problem", "followed", "held_out_cases", "instruction", "make_case",
-    "named_attributes", "parse", "preserved", "quantise", "random_object", "random_scene",
-    "read_cases_jsonl", "referring_expression", "render", "sample_case", "sample_edit",
+    "apply_edit", "by_form", "by_objects", "caption", "case_from_dict", "case_from_edit", "case_to_dict",
+    "clean_fraction", "edit_between", "edit_problem", "followed", "held_out_cases", "instruction", "make_case",
+    "named_attributes", "parse", "preserved", "quantise", "random_object", "random_scene", "read_cases_jsonl",
+    "reference_form", "referring_expression", "referring_form", "render", "sample_case", "sample_edit",
     "scene_from_dict", "scene_to_dict", "score_edit", "shape_mask", "summarize", "write_cases_jsonl",
 ]

@@ -21,7 +21,7 @@ from ..devices import resolve_device
 from ..sampler import sample
 from ..judges.questions import training_questions
 from .edits import EditCase, held_out_cases
-from .scoring import METRICS, by_objects, error_counts, score_edit, summarize
+from .scoring import FORM_GROUPS, METRICS, by_form, by_objects, error_counts, score_edit, summarize
 from .world import CANVAS, parse, render
 
 Editor = Callable[[list[np.ndarray], list[EditCase]], list[np.ndarray]]
@@ -178,6 +178,23 @@ def objects_table(split: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FORM_TITLE = ("Exact of the object edits by how the instruction names the object: alone in its scene, or among "
+              "others by its shape, by colour and shape, or by shape and cell (cases in brackets):\n\n")
+
+
+def form_table(split: dict[str, dict[str, dict]]) -> str:
+    """A `by_form` split (exact per object-edit category by how the object is named) as Markdown ("" if empty)."""
+    if not split:
+        return ""
+    groups = [g for g in FORM_GROUPS.values() if any(g in v for v in split.values())]
+    lines = ["| category | " + " | ".join(f"`{g}`" if g.startswith("the") else g for g in groups) + " |",
+             "|---" * (len(groups) + 1) + "|"]
+    for cat, vals in split.items():
+        cells = [f"{vals[g]['exact']:.3f} ({vals[g]['count']})" if g in vals else "" for g in groups]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def errors_table(rows: list[dict], top: int = 12) -> str:
     """The most frequent mistakes (`scoring.error_kinds`) as Markdown: count and share of cases showing each."""
     counts = error_counts(rows)
@@ -194,11 +211,13 @@ def errors_table(rows: list[dict], top: int = 12) -> str:
 
 def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta: dict,
                  agreement: dict | None = None) -> None:
-    """Write <name>.json (summary, by_objects, rows, mistakes, meta[, judge_agreement]) and <name>.md."""
+    """Write <name>.json (summary, by_objects, by_form, rows, mistakes, meta[, judge_agreement]) and <name>.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = by_objects(rows)
-    report = {"meta": meta, "summary": summary, "by_objects": split, "errors": dict(error_counts(rows)), "rows": rows}
+    split, forms = by_objects(rows), by_form(rows)
+    report = {"meta": meta, "summary": summary, "by_objects": split, "by_form": forms,
+              "errors": dict(error_counts(rows)), "rows": rows}
     md = (markdown_table(summary, name) + "\n" + OBJECTS_TITLE + objects_table(split)
+          + "\n" + FORM_TITLE + form_table(forms)
           + "\nMost frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         report["judge_agreement"] = agreement
@@ -251,6 +270,7 @@ def eval_main(args) -> int:
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
     print(OBJECTS_TITLE + objects_table(by_objects(rows)))
+    print(FORM_TITLE + form_table(by_form(rows)))
     print("Most frequent mistakes (against the expected scene):\n\n" + errors_table(rows))
     if agreement is not None:
         print("Judge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement))

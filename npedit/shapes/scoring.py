@@ -18,9 +18,13 @@ from typing import Iterable
 import numpy as np
 
 from .edits import CATEGORIES, MUST_CHANGE, OBJ_ATTRS, Edit, EditCase, edit_between, named_attributes
-from .world import CANVAS, CELLS, Scene, clean_fraction, parse
+from .world import CANVAS, CELLS, Scene, clean_fraction, parse, referring_form
 
 METRICS = ("exact", "followed", "preserved", "clean")
+# How an object edit's instruction names its object, for `by_form`: alone in its scene (any name will do), or among
+# others by its shape, by colour and shape, or by shape and cell (world.REFERENCE_FORMS).
+FORM_GROUPS = {"lone": "lone object", "shape": "the {shape}", "colour shape": "the {colour} {shape}",
+               "shape cell": "the {shape} at the {cell}"}
 
 
 def followed(parsed: Scene, edit: Edit) -> bool:
@@ -86,6 +90,15 @@ def error_kinds(parsed: Scene | None, case: EditCase, edit: Edit | None = None) 
     return kinds
 
 
+def reference_form(case: EditCase, edit: Edit | None = None) -> str:
+    """The referring form (world.REFERENCE_FORMS) by which the case's instruction names the object it edits;
+    "" when it names none (add, background)."""
+    edit = edit or edit_between(case.reference, case.expected, case.category)
+    if edit.category in ("add", "background"):
+        return ""
+    return referring_form(case.reference, case.reference.at(edit.cell))
+
+
 def score_edit(output_image, case: EditCase) -> dict:
     """Score one edited uint8 image: exact, followed, preserved (0 or 1), clean (pixel share) and its mistakes."""
     image = np.asarray(output_image)
@@ -96,6 +109,7 @@ def score_edit(output_image, case: EditCase) -> dict:
         "id": case.id,
         "category": case.category,
         "objects": len(case.reference.objects),  # objects in the reference scene: how hard the reference is to ground
+        "form": reference_form(case, edit),  # how the instruction names the edited object ("": it names none)
         "exact": float(ok and parsed == case.expected),
         "followed": float(ok and followed(parsed, edit)),
         "preserved": float(ok and preserved(parsed, case.reference, edit)),
@@ -131,6 +145,30 @@ def by_objects(rows: Iterable[dict]) -> dict[str, dict[int, dict]]:
         for key in (r["category"], "overall"):
             groups.setdefault(key, {}).setdefault(r["objects"], []).append(r)
     return {c: {k: _means(groups[c][k]) for k in sorted(groups[c])} for c in (*_categories(rows), "overall")}
+
+
+def form_group(row: dict) -> str | None:
+    """A scored row's `FORM_GROUPS` key: "lone" for an object edit in a one-object scene, else its form; None when
+    the instruction names no object (or the row predates the "form" field)."""
+    if not row.get("form"):
+        return None
+    return "lone" if row["objects"] == 1 else row["form"]
+
+
+def by_form(rows: Iterable[dict]) -> dict[str, dict[str, dict]]:
+    """The metrics of object edits (remove, replace, recolor, resize) per category and overall, split by how the
+    instruction names the object (`FORM_GROUPS`: alone in its scene, or among others by shape, colour and shape,
+    or shape and cell)."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        group = form_group(r)
+        if group is not None:
+            for key in (r["category"], "overall"):
+                groups.setdefault(key, {}).setdefault(group, []).append(r)
+    if not groups:
+        return {}
+    cats = [c for c in _categories([r for r in rows if form_group(r)]) if c in groups] + ["overall"]
+    return {c: {FORM_GROUPS[g]: _means(groups[c][g]) for g in FORM_GROUPS if g in groups[c]} for c in cats}
 
 
 def _categories(rows: list[dict]) -> list[str]:

@@ -155,18 +155,25 @@ def caption(scene: Scene) -> str:
     return f"{objects} on a {scene.background} background"
 
 
-def referring_expression(scene: Scene, obj: Obj) -> str:
-    """Shortest unique name of `obj`: `the {shape}`, `the {colour} {shape}`, `the {shape} at the {cell}`."""
+# The spec's referring expressions, in the order they are tried: `the {shape}`, `the {colour} {shape}`,
+# `the {shape} at the {cell}`.
+REFERENCE_FORMS = ("shape", "colour shape", "shape cell")
+
+
+def referring_form(scene: Scene, obj: Obj) -> str:
+    """Which form names `obj` first uniquely: "shape", "colour shape" or "shape cell" (`REFERENCE_FORMS`)."""
     if obj not in scene.objects:
         raise ValueError(f"{obj!r} is not in the scene")
-    forms = (
-        (f"the {obj.shape}", lambda o: o.shape),
-        (f"the {obj.colour} {obj.shape}", lambda o: (o.colour, o.shape)),
-    )
-    for text, key in forms:
+    for form, key in (("shape", lambda o: o.shape), ("colour shape", lambda o: (o.colour, o.shape))):
         if sum(key(o) == key(obj) for o in scene.objects) == 1:
-            return text
-    return f"the {obj.shape} at the {obj.cell}"
+            return form
+    return "shape cell"
+
+
+def referring_expression(scene: Scene, obj: Obj) -> str:
+    """Shortest unique name of `obj`: `the {shape}`, `the {colour} {shape}`, `the {shape} at the {cell}`."""
+    return {"shape": f"the {obj.shape}", "colour shape": f"the {obj.colour} {obj.shape}",
+            "shape cell": f"the {obj.shape} at the {obj.cell}"}[referring_form(scene, obj)]
 
 
 def pick(rng: np.random.Generator, options: Sequence):
