@@ -35,10 +35,15 @@ class ModelConfig:
     # How a student built from the teacher sees the reference (SD3 family): "tokens" (extra tokens in the
     # sequence) or "channels" (added per patch; no extra tokens). A `student` checkpoint keeps its own mode.
     reference_mode: str = "tokens"
+    # SD3 family: convolution layers of a zero-initialised encoder over the reference latent to give a student that
+    # has none (a fresh or a loaded one), so each reference token sees its patch's neighbourhood; 0 = none added.
+    reference_encoder: int = 0
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")
         _check(self.reference_mode, REFERENCE_MODES, "model.reference_mode")
+        if not 0 <= self.reference_encoder <= 8:
+            raise ValueError(f"model.reference_encoder must be between 0 and 8 layers, got {self.reference_encoder}")
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,10 @@ def model_card(pipe: NPEditPipeline, training: str | None = None) -> str:
     """A short model card for a saved pipeline; `training` (a sentence fragment) says how it was trained."""
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     mode = getattr(pipe.transformer.config, "reference_mode", None)
-    seen = f" It sees the reference as {mode} (`reference_mode`)." if mode else ""
+    seen = f" It sees the reference as {mode} (`reference_mode`)" if mode else ""
+    layers = getattr(pipe.transformer.config, "reference_encoder_layers", 0)
+    seen += (f", through a reference encoder of {layers} convolutions (`reference_encoder_layers`)." if layers and mode
+             else "." if mode else "")
     how = training or "for few-step editing; how it was trained is not recorded here (see training_config.json if present)"
     return f"""---
 library_name: diffusers

@@ -348,3 +348,99 @@ def test_trainer_builds_a_channel_student(tmp_path, tiny_manifest):
     exported = NPEditPipeline.from_pretrained(export_checkpoint(tmp_path / "w", step=2))  # the checkpoint as an editor
     assert exported.transformer.config.reference_mode == "channels"
     assert torch.equal(exported.transformer.ref_proj.weight, after.ref_proj.weight)
+
+
+# ---- reference encoder: convolutions over the reference latent, zero-initialised ----------------------------
+
+
+@pytest.mark.parametrize("mode", ["tokens", "channels"])
+def test_reference_encoder_starts_as_the_student_and_trains(backbone, teacher, cond, mode):
+    student = backbone.prepare_student(teacher, reference_mode=mode).eval()
+    with torch.no_grad():
+        if mode == "tokens":
+            student.ref_embed.normal_(std=0.1)
+        else:
+            student.ref_proj.weight.normal_(std=0.1)
+    x_t, ref, t = _latents(20), _latents(21), torch.tensor([0.5, 0.9])
+    with torch.no_grad():
+        before = backbone.velocity(student, x_t, t, cond, reference=ref)
+    student = backbone.add_reference_encoder(student, 2, width=8)
+    assert student.config.reference_encoder_layers == 2 and student.config.reference_encoder_width == 8
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(student, x_t, t, cond, reference=ref), before, atol=0, rtol=0)
+    student.train()
+    backbone.velocity(student, x_t, t, cond, reference=ref).square().mean().backward()
+    assert student.ref_encoder.proj.weight.grad.abs().sum() > 0  # the zero output layer learns first
+    with torch.no_grad():
+        student.ref_encoder.proj.weight.normal_(std=0.1)
+        assert (backbone.velocity(student, x_t, t, cond, reference=ref) - before).abs().max() > 1e-4
+    assert backbone.add_reference_encoder(student, 2) is student  # already there: unchanged
+    assert backbone.add_reference_encoder(student, 0) is student
+    with pytest.raises(ValueError, match="already has a reference encoder of 2 layers"):
+        backbone.add_reference_encoder(student, 3)
+
+
+def test_reference_encoder_sees_a_neighbourhood_of_patches():
+    """Each output vector depends on the latent pixels within its receptive field and on none beyond it."""
+    from npedit.backbones.sd3 import ReferenceEncoder
+
+    enc = ReferenceEncoder(in_channels=4, inner_dim=16, patch_size=2, layers=2, width=8)
+    with torch.no_grad():
+        enc.proj.weight.normal_(std=0.1)
+        ref = _latents(22, batch=1, size=12)
+        base = enc(ref)  # (1, 36, 16): a 6 x 6 grid of patches
+        moved = ref.clone()
+        moved[:, :, 0, 0] += 1.0  # one latent pixel in the top-left patch
+        diff = (enc(moved) - base).abs().sum(-1).view(6, 6)
+    # Two 3x3 convolutions reach 2 latent pixels: patches (0, 1) and (1, 1) see pixel (0, 0); (0, 2) does not.
+    assert diff[0, 0] > 0 and diff[0, 1] > 0 and diff[1, 1] > 0
+    assert diff[0, 2] == 0 and diff[2, 0] == 0 and diff[3:, 3:].abs().sum() == 0
+
+
+def test_reference_encoder_save_load_and_pipeline(backbone, teacher, tmp_path):
+    from npedit import NPEditPipeline
+
+    student = backbone.add_reference_encoder(_student(backbone, teacher), 2, width=8)
+    with torch.no_grad():
+        student.ref_encoder.proj.weight.normal_(std=0.1)
+    NPEditPipeline.from_parts(student, backbone).save_pretrained(tmp_path / "pipe")
+    assert "through a reference encoder of 2 convolutions" in (tmp_path / "pipe" / "README.md").read_text()
+    loaded = backbone.load_transformer(tmp_path / "pipe", for_student=True)
+    assert loaded.config.reference_encoder_layers == 2
+    assert torch.equal(loaded.ref_encoder.proj.weight, student.ref_encoder.proj.weight)
+    pipe = NPEditPipeline.from_pretrained(tmp_path / "pipe")
+    assert torch.equal(pipe.transformer.ref_encoder.body[0].weight, student.ref_encoder.body[0].weight)
+    out = pipe(image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), prompt="make it red",
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.size == (32, 32)
+
+
+def test_reference_encoder_is_validated():
+    from npedit.config import load_config
+
+    with pytest.raises(Exception, match="model.reference_encoder"):
+        load_config(None, ["stage=warmup", "model.reference_encoder=-1"])
+    with pytest.raises(ValueError, match="reference_encoder_layers"):
+        NPEditSD3Transformer2DModel(reference_encoder_layers=-2)
+
+
+def test_trainer_adds_a_reference_encoder_to_a_loaded_student(tmp_path, tiny_manifest):
+    from npedit import NPEditPipeline
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    base = build_tiny_sd3(tmp_path / "sd3")
+    common = [f"model.base={base}", f"data.train={tiny_manifest}", "data.batch_size=2", "max_steps=2"]
+    plain = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/w", *common])).train()
+    assert not hasattr(SD3Backbone.from_pretrained(base).load_transformer(plain, for_student=True), "ref_encoder")
+    cfg = load_config(None, ["stage=warmup", f"output_dir={tmp_path}/e", f"model.student={plain}",
+                             "model.reference_encoder=2", *common])
+    trainer = Trainer(cfg)
+    assert trainer.student.config.reference_encoder_layers == 2
+    out = trainer.train()
+    pipe = NPEditPipeline.from_pretrained(out)
+    assert pipe.transformer.config.reference_encoder_layers == 2
+    assert pipe.transformer.ref_encoder.proj.weight.abs().sum() > 0  # trained away from its zero start
+    again = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/e2", f"model.student={out}",
+                                       *common]))
+    assert again.student.config.reference_encoder_layers == 2  # a student keeps its own encoder

@@ -26,6 +26,13 @@ def test_native_convention(parts):
     torch.testing.assert_close(bb.velocity(teacher, x, t, cond), -torch.stack(raw).squeeze(2))
 
 
+def test_no_reference_encoder_in_this_family(parts):
+    bb, _, student = parts
+    assert bb.add_reference_encoder(student, 0) is student
+    with pytest.raises(ValueError, match="zimage family has no reference encoder"):
+        bb.add_reference_encoder(student, 2)
+
+
 def test_reference_tokens_are_attended_and_batch_invariant(parts):
     bb, _, student = parts
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.9])

@@ -80,6 +80,13 @@ class Backbone(nn.Module):
         `reference_mode` says how it sees the reference where the family offers a choice."""
         raise NotImplementedError
 
+    def add_reference_encoder(self, student: nn.Module, layers: int, width: int = 64) -> nn.Module:
+        """`student` with a convolutional encoder of `layers` layers over its reference (0: unchanged), where the
+        family offers one."""
+        if layers:
+            raise ValueError(f"the {self.family} family has no reference encoder (model.reference_encoder must be 0)")
+        return student
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the frozen components (text encoder, tokenizer, VAE) in diffusers layout."""
         raise NotImplementedError

@@ -17,6 +17,12 @@ The student sees the reference latent in one of two ways (`reference_mode` in it
   patch embedding, InstructPix2Pix-style). The sequence stays as long as the teacher's (no reference
   tokens), so each evaluation is cheaper, and copying a patch is a local path, not an attention look-up.
 Both start exactly as the teacher (the reference has no effect until trained).
+
+Optionally (`reference_encoder_layers` > 0 in its config) a small convolutional `ReferenceEncoder` over
+the reference latent adds one vector per patch to what the student sees of the reference (its tokens,
+or its per-patch projection). Its receptive field spans a neighbourhood of patches, so each reference
+token can carry the shape of the object it belongs to, which a token made from one patch does not see;
+its output layer is zero-initialised, so adding it to a trained student changes nothing until trained.
 """
 
 from __future__ import annotations
@@ -50,6 +56,26 @@ class SD3Cond:
     pooled: torch.Tensor  # (B, pooled_projection_dim)
 
 
+class ReferenceEncoder(nn.Module):
+    """`layers` 3x3 convolutions (SiLU) over the reference latent, then a zero-initialised patch projection:
+    (B, C, h, w) -> (B, h/p * w/p, D), one vector per patch in the patch embedding's order."""
+
+    def __init__(self, in_channels: int, inner_dim: int, patch_size: int, layers: int, width: int):
+        super().__init__()
+        convs: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(layers):
+            convs += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.SiLU()]
+            channels = width
+        self.body = nn.Sequential(*convs)
+        self.proj = nn.Conv2d(channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, reference: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(reference)).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
 class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
     """`SD3Transformer2DModel` plus a reference-type embedding; `forward(..., reference=latents)` edits.
 
@@ -75,9 +101,14 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
         dual_attention_layers: tuple[int, ...] = (),
         qk_norm: str | None = None,
         reference_mode: str = "tokens",
+        reference_encoder_layers: int = 0,
+        reference_encoder_width: int = 64,
     ):
         if reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {reference_mode!r}")
+        if reference_encoder_layers < 0 or reference_encoder_width < 1:
+            raise ValueError(f"reference_encoder_layers must be >= 0 and reference_encoder_width >= 1, got "
+                             f"{reference_encoder_layers} and {reference_encoder_width}")
         super().__init__(
             sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
             attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
@@ -93,6 +124,9 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
             self.ref_proj = nn.Conv2d(in_channels, self.inner_dim, kernel_size=patch_size, stride=patch_size)
             nn.init.zeros_(self.ref_proj.weight)
             nn.init.zeros_(self.ref_proj.bias)
+        if reference_encoder_layers:
+            self.ref_encoder = ReferenceEncoder(in_channels, self.inner_dim, patch_size, reference_encoder_layers,
+                                                reference_encoder_width)
 
     takes_reference = True  # SD3Backbone.velocity refuses a reference for models without it (the plain teacher)
 
@@ -129,9 +163,13 @@ def _forward_with_reference(model, x, reference, context, pooled, timestep, retu
             raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in size "
                              "(reference_mode='channels' adds it patch by patch)")
         ref = model.ref_proj(reference).flatten(2).transpose(1, 2)  # (B, N, D)
-        hidden = target + ref
     else:
         ref = model.pos_embed(reference) + model.ref_embed  # (B, M, D) the same positions, marked by the type embedding
+    if model.config.reference_encoder_layers:
+        ref = ref + model.ref_encoder(reference)  # each patch's neighbourhood (zero until trained)
+    if model.config.reference_mode == "channels":
+        hidden = target + ref
+    else:
         hidden = torch.cat([target, ref], dim=1).contiguous()  # (B, N + M, D)
     temb = model.time_text_embed(timestep, pooled)  # (B, D)
     context = model.context_embedder(context)  # (B, L, D)
@@ -343,6 +381,21 @@ class SD3Backbone(Backbone):
         if left:
             raise RuntimeError(f"prepare_student left tensors uninitialised: {left}")
         return student.requires_grad_(True).train()
+
+    def add_reference_encoder(self, student, layers: int, width: int = 64):
+        """Give `student` a zero-initialised `ReferenceEncoder` of `layers` convolutions (see the module docstring);
+        a student that has one of that depth is returned as it is."""
+        have = student.config.reference_encoder_layers
+        if layers == have or layers == 0:
+            return student
+        if have:
+            raise ValueError(f"the student already has a reference encoder of {have} layers; "
+                             f"model.reference_encoder={layers} asks for another")
+        anchor = student.proj_out.weight
+        student.ref_encoder = ReferenceEncoder(student.config.in_channels, student.inner_dim, student.config.patch_size,
+                                               layers, width).to(device=anchor.device, dtype=anchor.dtype)
+        student.register_to_config(reference_encoder_layers=layers, reference_encoder_width=width)
+        return student.requires_grad_(True)
 
     def save_pretrained(self, directory):
         """Save the present tokenizer*/, text_encoder*/ and vae/ in diffusers layout."""
