@@ -420,6 +420,8 @@ def test_reference_encoder_is_validated():
 
     with pytest.raises(Exception, match="model.reference_encoder"):
         load_config(None, ["stage=warmup", "model.reference_encoder=-1"])
+    with pytest.raises(Exception, match="optim.reference_encoder_lr_scale"):
+        load_config(None, ["stage=warmup", "optim.reference_encoder_lr_scale=0"])
     with pytest.raises(ValueError, match="reference_encoder_layers"):
         NPEditSD3Transformer2DModel(reference_encoder_layers=-2)
 
@@ -434,9 +436,14 @@ def test_trainer_adds_a_reference_encoder_to_a_loaded_student(tmp_path, tiny_man
     plain = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/w", *common])).train()
     assert not hasattr(SD3Backbone.from_pretrained(base).load_transformer(plain, for_student=True), "ref_encoder")
     cfg = load_config(None, ["stage=warmup", f"output_dir={tmp_path}/e", f"model.student={plain}",
-                             "model.reference_encoder=2", *common])
+                             "model.reference_encoder=2", "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20",
+                             *common])
     trainer = Trainer(cfg)
     assert trainer.student.config.reference_encoder_layers == 2
+    rest, encoder = trainer.opt_student.param_groups  # the encoder learns at its own lr
+    assert encoder["lr"] == pytest.approx(2e-3) and rest["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in trainer.student.ref_encoder.parameters()}
+    assert len(rest["params"]) + len(encoder["params"]) == len(list(trainer.student.parameters()))
     out = trainer.train()
     pipe = NPEditPipeline.from_pretrained(out)
     assert pipe.transformer.config.reference_encoder_layers == 2

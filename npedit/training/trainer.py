@@ -117,7 +117,12 @@ class Trainer:
     # ---- helpers ----------------------------------------------------------------------------
     def _optimizer(self, net):
         o = self.cfg.optim
-        opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        encoder = getattr(net, "ref_encoder", None)  # the student's reference encoder, if any, at its own lr
+        own = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+        groups = [{"params": [p for p in net.parameters() if id(p) not in own]}]
+        if own:
+            groups.append({"params": list(encoder.parameters()), "lr": o.lr * o.reference_encoder_lr_scale})
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return opt, sched

@@ -1,0 +1,80 @@
+"""scripts/probe_reference_tokens.py: token indexing, the hooks read the real forward, a small real probe."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EDITOR = ROOT / "assets" / "shapes" / "editor-sft-npedit"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("probe_reference_tokens", ROOT / "scripts" / "probe_reference_tokens.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cell_token_is_the_patch_under_the_cell_centre(probe):
+    from npedit.shapes import CELL_CENTRES
+
+    grid = 8
+    assert probe.cell_token("top left", grid) == (CELL_CENTRES["top left"][1] // 8) * grid + CELL_CENTRES["top left"][0] // 8
+    tokens = {probe.cell_token(c, grid) for c in CELL_CENTRES}
+    assert len(tokens) == len(CELL_CENTRES) and all(0 <= k < grid * grid for k in tokens)
+
+
+@pytest.mark.skipif(not EDITOR.exists(), reason="bundled editor not present")
+def test_states_come_from_the_students_own_forward(probe):
+    from npedit import NPEditPipeline
+    from npedit.shapes.edits import held_out_cases
+
+    pipe = NPEditPipeline.from_pretrained(EDITOR)
+    cases = held_out_cases(6, seed=1)[:3]
+    states = probe.reference_states(pipe, cases, 1.0, seed=0)
+    model = pipe.transformer
+    assert len(states) == len(model.transformer_blocks) + 1
+    tokens = (64 // (pipe.backbone.codec.downsample * model.config.patch_size)) ** 2
+    assert all(s.shape == (3, tokens, model.inner_dim) for s in states)
+    # Layer 0 is what the forward joins as reference tokens: patch embedding plus the type embedding.
+    pixels, _ = pipe.prepare_images([probe.render(c.reference) for c in cases], 1024)
+    with torch.no_grad():
+        ref = model.pos_embed(pipe.backbone.encode_image(pixels)) + model.ref_embed
+    assert torch.allclose(states[0], ref, atol=1e-5)
+    assert not torch.allclose(states[1], states[0])
+    # Hooks are removed: a second call returns as many layers again.
+    assert len(probe.reference_states(pipe, cases, 0.5, seed=0)) == len(states)
+
+
+@pytest.mark.skipif(not EDITOR.exists(), reason="bundled editor not present")
+def test_small_probe_reads_colour_well_above_chance(probe, tmp_path):
+    out = tmp_path / "probe.json"
+    assert probe.main(["--model", str(EDITOR), "--scenes", "160", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["scenes"] == 160 and result["objects"] > 160
+    layers = result["layers"]
+    assert len(layers) == 5  # the bundled student has 4 blocks
+    for row in layers.values():
+        assert set(row) == {"shape", "colour", "size", "shape of small", "shape of large"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert max(row["colour"] for row in layers.values()) > 0.5  # chance is 1/6
+
+
+def test_bad_arguments_are_refused(probe):
+    with pytest.raises(SystemExit):
+        probe.main(["--scenes", "3"])
+    with pytest.raises(SystemExit):
+        probe.main(["--t", "1.5"])
+
+
+def test_models_without_reference_tokens_are_refused(probe):
+    from types import SimpleNamespace
+
+    for config in (SimpleNamespace(reference_mode="channels"), SimpleNamespace()):  # SD3 channels mode; Z-Image
+        pipe = SimpleNamespace(transformer=SimpleNamespace(config=config), backbone=None)
+        with pytest.raises(SystemExit, match="reference tokens"):
+            probe.reference_states(pipe, [], 1.0, seed=0)
