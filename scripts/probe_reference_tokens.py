@@ -6,6 +6,10 @@ on the tokens of some scenes and scored on others. High accuracy for colour and 
 cannot tell which object is "the circle" from what it sees of the reference, whatever the instruction says.
 
     python scripts/probe_reference_tokens.py --model assets/shapes/editor-sft-npedit [--scenes 3000] [--t 1.0]
+    python scripts/probe_reference_tokens.py --model EDITOR --out new.json --plot probe.png --with old.json
+
+`--plot` draws the accuracies by layer (one line per attribute, chance dotted); `--with` adds the results of earlier
+runs (their `--out` files) to the plot, dashed, so two editors can be compared.
 """
 
 from __future__ import annotations
@@ -74,6 +78,33 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) 
     return probe
 
 
+def plot_layers(results: list[dict], path: str) -> None:
+    """Probe accuracy by layer, one colour per attribute, one line style per result (the first solid); chance dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    colours = {"shape": "#c44e52", "colour": "#4c72b0", "size": "#55a868"}
+    for k, result in enumerate(results):
+        layers = sorted(result["layers"], key=int)
+        for a, c in colours.items():
+            ax.plot([int(x) for x in layers], [result["layers"][x][a] for x in layers], color=c,
+                    linestyle=("-", "--", "-.", ":")[k % 4], marker="o", markersize=3,
+                    label=f"{a}: {Path(result['model']).name}")
+    for a, c in colours.items():
+        ax.axhline(1 / len(ATTRIBUTES[a]), color=c, linestyle=":", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("layer (0: the reference tokens entering the first block)")
+    ax.set_ylabel("held-out probe accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"What the reference token under an object knows (t = {results[0]['t']}; chance dotted)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(results), loc="lower right")
+    fig.savefig(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="assets/shapes/editor-sft-npedit")
@@ -81,7 +112,20 @@ def main(argv=None) -> int:
     ap.add_argument("--t", type=float, default=1.0, help="the time of the noisy target (1: the first sampling step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the accuracies as JSON here")
+    ap.add_argument("--plot", help="draw the accuracies by layer into this image (PNG)")
+    ap.add_argument("--with", dest="others", nargs="+", default=[], metavar="JSON",
+                    help="with --plot: earlier results (--out files) to draw alongside, dashed")
     args = ap.parse_args(argv)
+    if args.others and not args.plot:
+        ap.error("--with needs --plot")
+    others = []
+    for f in args.others:
+        try:
+            others.append(json.loads(Path(f).read_text()))
+        except (OSError, ValueError) as e:
+            ap.error(f"--with {f}: not a probe result ({e})")
+        if not isinstance(others[-1], dict) or "layers" not in others[-1]:
+            ap.error(f"--with {f}: not a probe result (written by --out)")
     if args.scenes < 8:
         ap.error("--scenes must be at least 8 (a quarter of them are held out)")
     if not 0.0 <= args.t <= 1.0:
@@ -125,6 +169,9 @@ def main(argv=None) -> int:
         print(f"layer {layer}: " + ", ".join(f"{a} {v:.3f}" for a, v in row.items()), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot_layers([result, *others], args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

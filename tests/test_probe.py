@@ -64,11 +64,32 @@ def test_small_probe_reads_colour_well_above_chance(probe, tmp_path):
     assert max(row["colour"] for row in layers.values()) > 0.5  # chance is 1/6
 
 
-def test_bad_arguments_are_refused(probe):
+def test_bad_arguments_are_refused(probe, tmp_path):
     with pytest.raises(SystemExit):
         probe.main(["--scenes", "3"])
     with pytest.raises(SystemExit):
         probe.main(["--t", "1.5"])
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    with pytest.raises(SystemExit):  # --with without --plot
+        probe.main(["--with", str(other)])
+    with pytest.raises(SystemExit):  # not a probe result
+        probe.main(["--plot", str(tmp_path / "p.png"), "--with", str(other)])
+
+
+def test_plot_draws_every_result(probe, tmp_path):
+    from PIL import Image
+
+    def result(name, shift):
+        rows = {str(k): {"shape": 0.4 + shift + 0.1 * k, "colour": 0.9, "size": 0.8} for k in range(3)}
+        return {"model": f"runs/{name}/pipeline", "t": 1.0, "layers": rows}
+
+    path = tmp_path / "probe.png"
+    probe.plot_layers([result("a", 0.0), result("b", 0.2)], str(path))
+    with Image.open(path) as im:
+        assert im.size == (640, 360)
+        pixels = im.convert("RGB").getdata()
+        assert any(abs(r - 0xC4) < 8 and abs(g - 0x4E) < 8 and abs(b - 0x52) < 8 for r, g, b in pixels)  # shape lines
 
 
 def test_models_without_reference_tokens_are_refused(probe):

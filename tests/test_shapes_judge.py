@@ -129,7 +129,14 @@ def test_evaluate_judge_structure(quick_run):
     assert set(result["by_kind"]) == {"edit", "contains", "identity"}
     assert all(0 <= v["accuracy"] <= 1 for v in result["by_category"].values())
     assert "true" in result["by_candidate"] and "add/edit" in result["by_category_kind"]
-    assert "overall" in jt.format_table(result)
+    # every question about an object edit falls in exactly one referring-form group
+    from npedit.shapes.scoring import FORM_GROUPS, reference_form
+
+    samples = jt.evaluation_samples(6, seed=3)
+    object_edit_questions = sum(len(s.questions) for s in samples if reference_form(s.case))
+    assert sum(v["count"] for v in result["by_form_kind"].values()) == object_edit_questions > 0
+    assert {name.rsplit("/", 1)[0] for name in result["by_form_kind"]} <= set(FORM_GROUPS.values())
+    assert "overall" in jt.format_table(result) and "form_kind:" in jt.format_table(result)
 
 
 def test_keep_samples_follow_the_grammar():

@@ -78,7 +78,7 @@ from npedit.shapes.edits import (
     sample_case,
     sample_edit,
 )
-from npedit.shapes.scoring import followed, preserved
+from npedit.shapes.scoring import FORM_GROUPS, followed, form_group, preserved, reference_form
 from npedit.shapes.world import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Scene, parse, pick, render
 from npedit.training.logging import MetricsLogger
 
@@ -748,10 +748,11 @@ def judge_probabilities(judge, samples: Sequence[JudgeSample], degrade_prob: flo
 
 def _accuracy_table(samples: Sequence[JudgeSample], p_yes: np.ndarray) -> dict:
     """Accuracy (P(Yes) >= 0.5 against the truth) overall and per kind, category, candidate and category/kind."""
-    rows = []  # (category, question kind, candidate kind, correct)
+    rows = []  # (category, question kind, candidate kind, correct, form group)
     for s, p in zip(samples, p_yes):
+        form = form_group({"form": reference_form(s.case), "objects": len(s.case.reference.objects)})
         for q, prob, truth in zip(s.questions, p, s.answers):
-            rows.append((s.case.category, q.kind, s.kind, bool((prob >= 0.5) == truth)))
+            rows.append((s.case.category, q.kind, s.kind, bool((prob >= 0.5) == truth), form))
 
     def acc(keep) -> dict:
         hits = [r[3] for r in rows if keep(r)]
@@ -765,6 +766,9 @@ def _accuracy_table(samples: Sequence[JudgeSample], p_yes: np.ndarray) -> dict:
         "by_candidate": {k: acc(lambda r, k=k: r[2] == k) for k in CANDIDATE_MAKERS if any(r[2] == k for r in rows)},
         "by_category_kind": {f"{c}/{k}": acc(lambda r, c=c, k=k: r[0] == c and r[1] == k)
                              for c in CATEGORIES for k in kinds if any(r[0] == c and r[1] == k for r in rows)},
+        # object edits by how the instruction names the object (as the editor's benchmark splits them)
+        "by_form_kind": {f"{name}/{k}": acc(lambda r, g=g, k=k: r[4] == g and r[1] == k)
+                         for g, name in FORM_GROUPS.items() for k in kinds if any(r[4] == g and r[1] == k for r in rows)},
     }
 
 
@@ -772,7 +776,7 @@ def evaluate_judge(judge, n: int = 300, seed: int = 1000, degrade_prob: float = 
     """Accuracy of `judge` on held-out true vs wrong edits of `n` canonical cases (4 candidates, 8 questions each).
 
     Threshold P(Yes) = 0.5; truth from the grammar (scoring.followed / preserved, contains by name).
-    Returns {"overall", "by_kind", "by_category", "by_candidate", "by_category_kind"} of
+    Returns {"overall", "by_kind", "by_category", "by_candidate", "by_category_kind", "by_form_kind"} of
     {"accuracy", "count"}, plus the settings.
     """
     samples = evaluation_samples(n, seed)
@@ -878,8 +882,8 @@ def format_table(result: dict) -> str:
     """A Markdown table of an `evaluate_judge` result."""
     lines = ["| group | accuracy | count |", "|---|---|---|"]
     lines.append(f"| **overall** | {result['overall']['accuracy']:.3f} | {result['overall']['count']} |")
-    for section in ("by_kind", "by_category", "by_candidate", "by_category_kind"):
-        for name, row in result[section].items():
+    for section in ("by_kind", "by_category", "by_candidate", "by_category_kind", "by_form_kind"):
+        for name, row in result.get(section, {}).items():  # (reports from before by_form_kind lack it)
             lines.append(f"| {section[3:]}: {name} | {row['accuracy']:.3f} | {row['count']} |")
     # the one-image checks of judge.keep_questions (an untouched object) and judge.change_questions (created and
     # vanished objects)
