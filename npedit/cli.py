@@ -248,10 +248,8 @@ def cmd_bench(args) -> int:
 
 def cmd_swap_vae(args) -> int:
     """Write a copy of an editor whose VAE is replaced by one sharing its latent space (e.g. a distilled fast VAE)."""
-    import shutil
-
     from .backbones.vae import AnyVAE
-    from .pipeline import NPEditPipeline
+    from .pipeline import NPEditPipeline, carry_over
 
     src, out = Path(default_path("model", args.model)), Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -261,12 +259,7 @@ def cmd_swap_vae(args) -> int:
     except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     pipe.save_pretrained(out)
-    for extra in ("npedit_domain.json", "training_config.json"):  # what the trainer's export adds beside the models
-        if (src / extra).is_file():
-            shutil.copy(src / extra, out / extra)
-    if (src / "README.md").is_file():  # keep the source's model card (how it was trained), noting the swap
-        note = f"\nIts VAE was replaced by `{args.vae}` (`python -m npedit swap-vae`; same latent space).\n"
-        (out / "README.md").write_text((src / "README.md").read_text() + note)
+    carry_over(src, out, f"Its VAE was replaced by `{args.vae}` (`python -m npedit swap-vae`; same latent space).")
     print(out)
     return 0
 
@@ -334,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "
                                       "or the teacher")
-    s.add_argument("stage", choices=["vae", "teacher", "fast-vae", "judge", "judge-eval", "teacher-eval"])
+    s.add_argument("stage", choices=["vae", "teacher", "fast-vae", "ref-encoder", "judge", "judge-eval", "teacher-eval"])
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="preset=NAME and dotted key=value overrides")
     s.set_defaults(func=cmd_shapes)
 

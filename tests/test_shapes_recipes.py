@@ -253,3 +253,64 @@ def test_best_of_change_checks_ask_what_the_instruction_creates_and_removes(monk
     assert any(c.new for c in cases) and any(c.gone for c in cases)
     with pytest.raises(SystemExit, match="--change-checks"):
         main(["eval", "shapes", "--n", "2", "--change-checks"])
+
+
+def test_cell_labels_and_heads_read_the_token_under_each_cell():
+    from npedit.shapes.recipes import SLOT_CLASSES, CellHeads, cell_labels
+    from npedit.shapes.world import CELLS, Obj, Scene
+
+    scene = Scene("gray", (Obj("triangle", "red", "large", "top left"), Obj("circle", "blue", "small", "center")))
+    slot, colour = cell_labels([scene])
+    assert slot.shape == colour.shape == (1, 9)
+    assert SLOT_CLASSES[slot[0, CELLS.index("top left")]] == "large triangle"
+    assert SLOT_CLASSES[slot[0, CELLS.index("center")]] == "small circle"
+    assert int((slot == 0).sum()) == 7 and int((colour >= 0).sum()) == 2
+    heads = CellHeads(width=4, patch=2, latent_size=16)  # 8x8 tokens of 8x8 pixels
+    assert heads.tokens.tolist()[CELLS.index("top left")] == (11 // 8) * 8 + 11 // 8
+    assert heads.tokens.tolist()[CELLS.index("bottom right")] == (53 // 8) * 8 + 53 // 8
+    slot_logits, colour_logits = heads(torch.randn(3, 4, 16, 16))
+    assert slot_logits.shape == (3, 9, len(SLOT_CLASSES)) and colour_logits.shape == (3, 9, 6)
+
+
+def test_cell_losses_can_be_fitted():
+    from npedit.backbones.sd3 import ReferenceEncoder
+    from npedit.shapes.recipes import CellHeads, cell_labels, cell_losses
+    from npedit.shapes.world import random_scene
+
+    torch.manual_seed(0)
+    scenes = [random_scene(np.random.default_rng(i)) for i in range(8)]
+    slot, colour = cell_labels(scenes)
+    z = torch.randn(8, 4, 16, 16)  # any fixed inputs: the loss must go down on them
+    encoder, heads = ReferenceEncoder(4, 32, 2, layers=2, width=16), CellHeads(16, 2, 16)
+    opt = torch.optim.Adam([*encoder.body.parameters(), *heads.parameters()], lr=1e-2)
+    first, right = cell_losses(heads, encoder.body(z), slot, colour)
+    assert right["objects"] == int((colour >= 0).sum()) and right["empties"] == 72 - right["objects"]
+    for _ in range(60):
+        loss, _ = cell_losses(heads, encoder.body(z), slot, colour)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first.item()
+
+
+@pytest.mark.skipif(not (ROOT / "assets/shapes/editor-sft-npedit").exists(), reason="bundled editor not present")
+def test_ref_encoder_recipe_gives_an_editor_that_still_edits_the_same(tmp_path):
+    from npedit import NPEditPipeline
+    from npedit.shapes import held_out_cases, render
+
+    editor = ROOT / "assets/shapes/editor-sft-npedit"
+    with pytest.raises(ValueError, match="layers must be between 1 and 8"):
+        make_config("ref-encoder", ["layers=0"])
+    out = run("ref-encoder", ["preset=quick", f"output_dir={tmp_path}/re", f"editor={editor}"])
+    report = json.loads((tmp_path / "re/report.json").read_text())
+    assert report["layers"] == 3 and 0 <= report["object_accuracy"] <= 1 and report["steps"] == 3
+    assert (out / "npedit_domain.json").is_file() and "reference encoder of 3 convolutions" in (out / "README.md").read_text()
+    new, old = NPEditPipeline.from_pretrained(out), NPEditPipeline.from_pretrained(editor)
+    assert new.transformer.config.reference_encoder_layers == 3
+    assert any(p.abs().sum() > 0 for p in new.transformer.ref_encoder.body.parameters())
+    case = held_out_cases(1, seed=4)[0]
+    edits = [pipe(image=render(case.reference), prompt=case.instruction, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images for pipe in (new, old)]
+    assert np.allclose(edits[0], edits[1], atol=1e-5)  # the output projection is still zero
+    again = run("ref-encoder", ["preset=quick", f"output_dir={tmp_path}/re2", f"editor={out}", "layers=2"])
+    assert NPEditPipeline.from_pretrained(again).transformer.config.reference_encoder_layers == 3  # its own, continued
