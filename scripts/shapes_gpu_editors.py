@@ -50,6 +50,10 @@ RUNS = {  # runs from the SFT student: name -> (config, extra overrides)
     # the fifth call's winner again with another training seed: how far two runs of one recipe differ
     "sft-npedit-change-keep-b512-lr2e-5-seed1": ("npedit", ["judge.change_questions=2", "judge.keep_questions=2", *BIG,
                                                             "optim.lr=2e-5", "seed=1"]),
+    # for a student with a reference encoder (`python -m npedit shapes ref-encoder`): the encoder learns 20x faster
+    "sft-npedit-change-keep-b512-lr2e-5-enc20": ("npedit", ["judge.change_questions=2", "judge.keep_questions=2", *BIG,
+                                                            "optim.lr=2e-5", "optim.reference_encoder_lr_scale=20"]),
+    "sft-more-b512-enc20": ("sft", [*BIG, "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20"]),
 }
 FROM_SFT = ("sft-npedit", "sft-npedit-lr1e-4", "sft-npedit-change", "sft-more")  # the default selection
 EQUAL_STEPS = ("sft-npedit",)  # NP-Edit runs that get an equal-step paired-SFT baseline by default

@@ -99,6 +99,9 @@ def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
         (512, 2, 2, 2e-5)
     change = _check(run.run_args("npedit", "c", "s", 5, se.RUNS["sft-npedit-change-b512-lr2e-5"][1]))
     assert (change.judge.keep_questions, change.judge.change_questions, change.optim.lr) == (0, 2, 2e-5)
+    enc = _check(run.run_args("npedit", "e", "s", 5, se.RUNS["sft-npedit-change-keep-b512-lr2e-5-enc20"][1]))
+    assert (enc.judge.keep_questions, enc.optim.lr, enc.optim.reference_encoder_lr_scale) == (2, 2e-5, 20.0)
+    assert _check(run.run_args("sft", "f", "s", 5, se.RUNS["sft-more-b512-enc20"][1])).optim.reference_encoder_lr_scale == 20.0
     pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
     assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
     assert run.equal_name("sft-npedit") == "sft-equal"
