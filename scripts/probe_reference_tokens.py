@@ -96,6 +96,7 @@ def plot_layers(results: list[dict], path: str) -> None:
                     label=f"{a}: {Path(result['model']).name}")
     for a, c in colours.items():
         ax.axhline(1 / len(ATTRIBUTES[a]), color=c, linestyle=":", linewidth=0.8, alpha=0.6)
+    ax.set_xticks(sorted({int(x) for r in results for x in r["layers"]}))
     ax.set_xlabel("layer (0: the reference tokens entering the first block)")
     ax.set_ylabel("held-out probe accuracy")
     ax.set_ylim(0, 1.02)
