@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npedit import NPEditPipeline  # noqa: E402
-from npedit.shapes import CATEGORIES, CELL_CENTRES, COLOURS, SHAPES, SIZES, render, sample_case  # noqa: E402
+from npedit.shapes import CATEGORIES, COLOURS, SHAPES, SIZES, render, sample_case  # noqa: E402
+from npedit.shapes.world import cell_token  # noqa: E402
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}  # chance: 1/3, 1/6, 1/2
 
@@ -58,13 +59,6 @@ def reference_states(pipe, cases, t: float, seed: int) -> list[torch.Tensor]:
         for h in hooks:
             h.remove()
     return states
-
-
-def cell_token(cell: str, grid: int, canvas: int = 64) -> int:
-    """Index of the reference token (row-major over a grid x grid of patches) under the cell's centre pixel."""
-    x, y = CELL_CENTRES[cell]
-    size = canvas // grid
-    return (y // size) * grid + x // size
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) -> torch.nn.Linear:

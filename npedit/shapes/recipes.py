@@ -28,7 +28,7 @@ from ..sampler import sample
 from ..tokenization import build_bpe_tokenizer
 from ..training.logging import MetricsLogger, image_grid
 from .training import corpus, render_tensor
-from .world import CELL_CENTRES, CELLS, COLOURS, SHAPES, SIZES, caption, clean_fraction, parse, random_scene
+from .world import CELLS, COLOURS, SHAPES, SIZES, caption, cell_token, clean_fraction, parse, random_scene
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,8 @@ class RefEncoderConfig(RunSettings):
 
     The editor's own reference tokens barely know the shape of the object they sit on (a linear probe: 0.54-0.65,
     chance 0.33; colour 0.87-0.95), and it fails the edits that name an object by shape alone. The encoder's output
-    projection stays zero, so the written editor edits exactly as before; the editor stage then learns to read
-    features that already carry the shape (with `optim.reference_encoder_lr_scale`)."""
+    projection stays zero, so the written editor edits exactly as before; the editor stage can then read features
+    that already carry the shape (with `optim.reference_encoder_lr_scale`; on CPU budgets it did not: README)."""
 
     output_dir: str = "runs/shapes/ref-encoder"
     editor: str = "assets/shapes/editor-sft-npedit"  # an SD3-family editor pipeline (reference as tokens or channels)
@@ -459,9 +459,8 @@ class CellHeads(torch.nn.Module):
     def __init__(self, width: int, patch: int, latent_size: int):
         super().__init__()
         self.read = torch.nn.Conv2d(width, len(SLOT_CLASSES) + len(COLOURS), kernel_size=patch, stride=patch)
-        grid, pixels = latent_size // patch, 64 // (latent_size // patch)  # tokens per side, pixels per token
-        self.register_buffer("tokens", torch.tensor([(CELL_CENTRES[c][1] // pixels) * grid + CELL_CENTRES[c][0] // pixels
-                                                     for c in CELLS]), persistent=False)
+        grid = latent_size // patch  # tokens per side
+        self.register_buffer("tokens", torch.tensor([cell_token(c, grid) for c in CELLS]), persistent=False)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.read(features).flatten(2)[:, :, self.tokens].transpose(1, 2)  # (B, 9, classes)

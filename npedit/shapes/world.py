@@ -140,6 +140,13 @@ _BORDER = np.ones((CANVAS, CANVAS), dtype=bool)
 _BORDER[1:-1, 1:-1] = False
 
 
+def cell_token(cell: str, grid: int) -> int:
+    """Index of the patch token (row-major over grid x grid patches of the canvas) under the cell's centre pixel."""
+    x, y = CELL_CENTRES[cell]
+    size = CANVAS // grid
+    return (y // size) * grid + x // size
+
+
 def render(scene: Scene) -> np.ndarray:
     """The scene as a (64, 64, 3) uint8 image: background, then each object's mask filled."""
     canvas = np.empty((CANVAS, CANVAS, 3), dtype=np.uint8)
