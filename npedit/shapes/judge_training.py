@@ -747,7 +747,8 @@ def judge_probabilities(judge, samples: Sequence[JudgeSample], degrade_prob: flo
 
 
 def _accuracy_table(samples: Sequence[JudgeSample], p_yes: np.ndarray) -> dict:
-    """Accuracy (P(Yes) >= 0.5 against the truth) overall and per kind, category, candidate and category/kind."""
+    """Accuracy (P(Yes) >= 0.5 against the truth) overall and per kind, category, candidate, category/kind and, for
+    object edits, referring form/kind."""
     rows = []  # (category, question kind, candidate kind, correct, form group)
     for s, p in zip(samples, p_yes):
         form = form_group({"form": reference_form(s.case), "objects": len(s.case.reference.objects)})

@@ -490,7 +490,8 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
     device = resolve_device(cfg.device)
     pipe = NPEditPipeline.from_pretrained(cfg.editor)
     backbone, student = pipe.backbone, pipe.transformer
-    if not hasattr(student, "ref_encoder"):  # else its own encoder is pretrained further (layers, width unused)
+    # else its own encoder is pretrained further (layers, width unused; the reading heads are not kept: fresh ones)
+    if not hasattr(student, "ref_encoder"):
         student = backbone.add_reference_encoder(student, cfg.layers, cfg.width)
     encoder = student.ref_encoder.to(device).train()
     latent_size = 64 // backbone.codec.downsample
