@@ -38,6 +38,9 @@ class ModelConfig:
     # SD3 family: convolution layers of a zero-initialised encoder over the reference latent to give a student that
     # has none (a fresh or a loaded one), so each reference token sees its patch's neighbourhood; 0 = none added.
     reference_encoder: int = 0
+    # ... and whether that new encoder's output is normalised behind a learnt per-channel gate that starts at zero
+    # (its size then no longer grows with the lr; see ReferenceEncoder). A student with an encoder keeps its own.
+    reference_encoder_gated: bool = False
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")

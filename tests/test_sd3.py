@@ -380,6 +380,35 @@ def test_reference_encoder_starts_as_the_student_and_trains(backbone, teacher, c
         backbone.add_reference_encoder(student, 3)
 
 
+@pytest.mark.parametrize("mode", ["tokens", "channels"])
+def test_gated_reference_encoder_starts_closed_and_its_gate_learns(backbone, teacher, cond, mode):
+    student = backbone.prepare_student(teacher, reference_mode=mode).eval()
+    x_t, ref, t = _latents(20), _latents(21), torch.tensor([0.5, 0.9])
+    with torch.no_grad():
+        before = backbone.velocity(student, x_t, t, cond, reference=ref)
+    student = backbone.add_reference_encoder(student, 2, width=8, gated=True)
+    assert student.config.reference_encoder_gated is True
+    enc = student.ref_encoder
+    assert enc.proj.weight.abs().sum() > 0 and enc.gate.abs().sum() == 0  # a random projection behind a shut gate
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(student, x_t, t, cond, reference=ref), before, atol=0, rtol=0)
+        tokens = enc.tokens(ref)
+        # normalised: every vector has norm sqrt(D), whatever the projection's scale
+        torch.testing.assert_close(tokens.norm(dim=-1), torch.full(tokens.shape[:2], student.inner_dim ** 0.5),
+                                   atol=1e-3, rtol=1e-3)
+        enc.proj.weight.mul_(1000.0)
+        torch.testing.assert_close(enc.tokens(ref).norm(dim=-1), tokens.norm(dim=-1), atol=1e-3, rtol=1e-3)
+    student.train()
+    backbone.velocity(student, x_t, t, cond, reference=ref).square().mean().backward()
+    assert enc.gate.grad.abs().sum() > 0  # the gate learns first; the projection waits for it
+    assert enc.proj.weight.grad is None or enc.proj.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        enc.gate.fill_(0.5)
+        out = enc(ref)
+        torch.testing.assert_close(out.norm(dim=-1), 0.5 * tokens.norm(dim=-1), atol=1e-3, rtol=1e-3)
+        assert (backbone.velocity(student, x_t, t, cond, reference=ref) - before).abs().max() > 1e-4
+
+
 def test_reference_encoder_sees_a_neighbourhood_of_patches():
     """Each output vector depends on the latent pixels within its receptive field and on none beyond it."""
     from npedit.backbones.sd3 import ReferenceEncoder
@@ -404,6 +433,13 @@ def test_reference_encoder_save_load_and_pipeline(backbone, teacher, tmp_path):
     with torch.no_grad():
         student.ref_encoder.proj.weight.normal_(std=0.1)
     NPEditPipeline.from_parts(student, backbone).save_pretrained(tmp_path / "pipe")
+    gated = backbone.add_reference_encoder(_student(backbone, teacher), 2, width=8, gated=True)
+    with torch.no_grad():
+        gated.ref_encoder.gate.normal_(std=0.1)
+    NPEditPipeline.from_parts(gated, backbone).save_pretrained(tmp_path / "gated")
+    back = backbone.load_transformer(tmp_path / "gated", for_student=True)
+    assert back.config.reference_encoder_gated and torch.equal(back.ref_encoder.gate, gated.ref_encoder.gate)
+    assert torch.equal(back.ref_encoder.proj.weight, gated.ref_encoder.proj.weight)
     assert "through a reference encoder of 2 convolutions" in (tmp_path / "pipe" / "README.md").read_text()
     loaded = backbone.load_transformer(tmp_path / "pipe", for_student=True)
     assert loaded.config.reference_encoder_layers == 2
@@ -448,6 +484,12 @@ def test_trainer_adds_a_reference_encoder_to_a_loaded_student(tmp_path, tiny_man
     pipe = NPEditPipeline.from_pretrained(out)
     assert pipe.transformer.config.reference_encoder_layers == 2
     assert pipe.transformer.ref_encoder.proj.weight.abs().sum() > 0  # trained away from its zero start
+    assert not pipe.transformer.config.reference_encoder_gated
+    gated = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/g", f"model.student={plain}",
+                                       "model.reference_encoder=2", "model.reference_encoder_gated=true",
+                                       "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20", *common])).train()
+    encoder = NPEditPipeline.from_pretrained(gated).transformer.ref_encoder
+    assert encoder.gated and encoder.gate.abs().sum() > 0  # the gate opened
     again = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/e2", f"model.student={out}",
                                        *common]))
     assert again.student.config.reference_encoder_layers == 2  # a student keeps its own encoder

@@ -291,6 +291,16 @@ def test_cell_losses_can_be_fitted():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first.item()
+    # gated: the heads read the encoder's normalised per-patch vectors, so the projection learns too
+    encoder, heads = ReferenceEncoder(4, 32, 2, layers=2, width=16, gated=True), CellHeads(32, 2, 16, from_tokens=True)
+    opt = torch.optim.Adam([*encoder.body.parameters(), *encoder.proj.parameters(), *heads.parameters()], lr=1e-2)
+    first, _ = cell_losses(heads, encoder.tokens(z), slot, colour)
+    for _ in range(60):
+        loss, _ = cell_losses(heads, encoder.tokens(z), slot, colour)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first.item()
 
 
 @pytest.mark.skipif(not (ROOT / "assets/shapes/editor-sft-npedit").exists(), reason="bundled editor not present")
@@ -314,3 +324,11 @@ def test_ref_encoder_recipe_gives_an_editor_that_still_edits_the_same(tmp_path):
     assert np.allclose(edits[0], edits[1], atol=1e-5)  # the output projection is still zero
     again = run("ref-encoder", ["preset=quick", f"output_dir={tmp_path}/re2", f"editor={out}", "layers=2"])
     assert NPEditPipeline.from_pretrained(again).transformer.config.reference_encoder_layers == 3  # its own, continued
+    gated = run("ref-encoder", ["preset=quick", f"output_dir={tmp_path}/re3", f"editor={editor}", "gated=true"])
+    enc = NPEditPipeline.from_pretrained(gated).transformer.ref_encoder
+    fresh = old.backbone.add_reference_encoder(NPEditPipeline.from_pretrained(editor).transformer, 3, 64, gated=True)
+    assert enc.gated and enc.gate.abs().sum() == 0 and json.loads((tmp_path / "re3/report.json").read_text())["gated"]
+    assert not torch.equal(enc.proj.weight, fresh.ref_encoder.proj.weight)  # the projection was pretrained too
+    edit = NPEditPipeline.from_pretrained(gated)(image=render(case.reference), prompt=case.instruction,
+                                                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.allclose(edit, edits[1], atol=1e-5)  # the gate is still shut

@@ -80,9 +80,9 @@ class Backbone(nn.Module):
         `reference_mode` says how it sees the reference where the family offers a choice."""
         raise NotImplementedError
 
-    def add_reference_encoder(self, student: nn.Module, layers: int, width: int = 64) -> nn.Module:
+    def add_reference_encoder(self, student: nn.Module, layers: int, width: int = 64, gated: bool = False) -> nn.Module:
         """`student` with a convolutional encoder of `layers` layers over its reference (0: unchanged), where the
-        family offers one."""
+        family offers one; `gated`: its output normalised behind a learnt gate that starts at zero."""
         if layers:
             raise ValueError(f"the {self.family} family has no reference encoder (model.reference_encoder must be 0)")
         return student

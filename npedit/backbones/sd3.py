@@ -22,7 +22,8 @@ Optionally (`reference_encoder_layers` > 0 in its config) a small convolutional 
 the reference latent adds one vector per patch to what the student sees of the reference (its tokens,
 or its per-patch projection). Its receptive field spans a neighbourhood of patches, so each reference
 token can carry the shape of the object it belongs to, which a token made from one patch does not see;
-its output layer is zero-initialised, so adding it to a trained student changes nothing until trained.
+its output is zero at init (a zero projection, or with `reference_encoder_gated` a normalised projection behind a
+zero gate), so adding it to a trained student changes nothing until trained.
 """
 
 from __future__ import annotations
@@ -57,10 +58,20 @@ class SD3Cond:
 
 
 class ReferenceEncoder(nn.Module):
-    """`layers` 3x3 convolutions (SiLU) over the reference latent, then a zero-initialised patch projection:
-    (B, C, h, w) -> (B, h/p * w/p, D), one vector per patch in the patch embedding's order."""
+    """`layers` 3x3 convolutions (SiLU) over the reference latent, then a patch projection to one vector per patch:
+    (B, C, h, w) -> (B, h/p * w/p, D), in the patch embedding's order.
 
-    def __init__(self, in_channels: int, inner_dim: int, patch_size: int, layers: int, width: int):
+    Output, either way zero at init (so adding the encoder to a trained student changes nothing):
+    - plain (`gated=False`): the projection is zero-initialised. Its output grows only as fast as the projection's
+      weights, so how far the student's reference tokens move depends on the lr (at the fine-tuning lr it stayed at
+      1-3% of a token's norm; at 10x that it grew without bound).
+    - gated (`gated=True`): the projection starts random, a LayerNorm (no affine) fixes each vector's size to
+      sqrt(D), and a learnt per-channel gate, zero at init, scales it. The gate alone sets how much of the features
+      the student sees, bounded by a token-sized vector at gate 1; the projection learns once the gate opens.
+    """
+
+    def __init__(self, in_channels: int, inner_dim: int, patch_size: int, layers: int, width: int,
+                 gated: bool = False):
         super().__init__()
         convs: list[nn.Module] = []
         channels = in_channels
@@ -69,11 +80,22 @@ class ReferenceEncoder(nn.Module):
             channels = width
         self.body = nn.Sequential(*convs)
         self.proj = nn.Conv2d(channels, inner_dim, kernel_size=patch_size, stride=patch_size)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.gated = gated
+        if gated:
+            self.norm = nn.LayerNorm(inner_dim, elementwise_affine=False)
+            self.gate = nn.Parameter(torch.zeros(inner_dim))
+        else:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def tokens(self, reference: torch.Tensor) -> torch.Tensor:
+        """The per-patch vectors before the gate (normalised when gated): (B, N, D)."""
+        out = self.proj(self.body(reference)).flatten(2).transpose(1, 2)
+        return self.norm(out) if self.gated else out
 
     def forward(self, reference: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.body(reference)).flatten(2).transpose(1, 2)  # (B, N, D)
+        out = self.tokens(reference)
+        return out * self.gate if self.gated else out  # (B, N, D)
 
 
 class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
@@ -103,6 +125,7 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
         reference_mode: str = "tokens",
         reference_encoder_layers: int = 0,
         reference_encoder_width: int = 64,
+        reference_encoder_gated: bool = False,
     ):
         if reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {reference_mode!r}")
@@ -126,7 +149,7 @@ class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
             nn.init.zeros_(self.ref_proj.bias)
         if reference_encoder_layers:
             self.ref_encoder = ReferenceEncoder(in_channels, self.inner_dim, patch_size, reference_encoder_layers,
-                                                reference_encoder_width)
+                                                reference_encoder_width, gated=reference_encoder_gated)
 
     takes_reference = True  # SD3Backbone.velocity refuses a reference for models without it (the plain teacher)
 
@@ -382,9 +405,10 @@ class SD3Backbone(Backbone):
             raise RuntimeError(f"prepare_student left tensors uninitialised: {left}")
         return student.requires_grad_(True).train()
 
-    def add_reference_encoder(self, student, layers: int, width: int = 64):
-        """Give `student` a zero-initialised `ReferenceEncoder` of `layers` convolutions (see the module docstring);
-        a student that has one of that depth is returned as it is."""
+    def add_reference_encoder(self, student, layers: int, width: int = 64, gated: bool = False):
+        """Give `student` a `ReferenceEncoder` of `layers` convolutions whose output is zero at init (see the module
+        docstring; `gated` picks the normalised, gated output); a student that has one of that depth is returned
+        as it is."""
         have = student.config.reference_encoder_layers
         if layers == have or layers == 0:
             return student
@@ -393,8 +417,9 @@ class SD3Backbone(Backbone):
                              f"model.reference_encoder={layers} asks for another")
         anchor = student.proj_out.weight
         student.ref_encoder = ReferenceEncoder(student.config.in_channels, student.inner_dim, student.config.patch_size,
-                                               layers, width).to(device=anchor.device, dtype=anchor.dtype)
-        student.register_to_config(reference_encoder_layers=layers, reference_encoder_width=width)
+                                               layers, width, gated=gated).to(device=anchor.device, dtype=anchor.dtype)
+        student.register_to_config(reference_encoder_layers=layers, reference_encoder_width=width,
+                                   reference_encoder_gated=gated)
         return student.requires_grad_(True)
 
     def save_pretrained(self, directory):

@@ -121,13 +121,18 @@ class RefEncoderConfig(RunSettings):
 
     The editor's own reference tokens barely know the shape of the object they sit on (a linear probe: 0.54-0.65,
     chance 0.33; colour 0.87-0.95), and it fails the edits that name an object by shape alone. The encoder's output
-    projection stays zero, so the written editor edits exactly as before; the editor stage can then read features
-    that already carry the shape (with `optim.reference_encoder_lr_scale`; on CPU budgets it did not: README)."""
+    stays zero, so the written editor edits exactly as before; the editor stage can then read features that already
+    carry the shape (with `optim.reference_encoder_lr_scale`; on CPU budgets it did not: README).
+
+    `gated`: a new encoder gets the normalised, gated output (see `ReferenceEncoder`); its projection is pretrained
+    too (the reading heads read its normalised tokens), so the gate, when it opens, lets in token-space vectors that
+    already say each cell's object. Otherwise only the convolutions are pretrained and the projection stays zero."""
 
     output_dir: str = "runs/shapes/ref-encoder"
     editor: str = "assets/shapes/editor-sft-npedit"  # an SD3-family editor pipeline (reference as tokens or channels)
     layers: int = 3  # 3x3 convolutions: with the patch, a receptive field of 8x8 latent pixels covers a large object
     width: int = 64
+    gated: bool = False
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
@@ -453,17 +458,24 @@ def cell_labels(scenes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CellHeads(torch.nn.Module):
-    """Reads features (B, W, h, w) as the encoder's output projection does (one patch per token) at the token under
-    each cell's centre: (B, 9, slot classes) and (B, 9, colours) logits."""
+    """Reads, at the token under each cell's centre, (B, 9, slot classes) and (B, 9, colours) logits from either
+    the encoder's body features (B, W, h, w), one patch per token as its output projection does, or (`from_tokens`)
+    its per-patch vectors (B, N, W)."""
 
-    def __init__(self, width: int, patch: int, latent_size: int):
+    def __init__(self, width: int, patch: int, latent_size: int, from_tokens: bool = False):
         super().__init__()
-        self.read = torch.nn.Conv2d(width, len(SLOT_CLASSES) + len(COLOURS), kernel_size=patch, stride=patch)
+        classes = len(SLOT_CLASSES) + len(COLOURS)
+        self.from_tokens = from_tokens
+        self.read = (torch.nn.Linear(width, classes) if from_tokens
+                     else torch.nn.Conv2d(width, classes, kernel_size=patch, stride=patch))
         grid = latent_size // patch  # tokens per side
         self.register_buffer("tokens", torch.tensor([cell_token(c, grid) for c in CELLS]), persistent=False)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.read(features).flatten(2)[:, :, self.tokens].transpose(1, 2)  # (B, 9, classes)
+        if self.from_tokens:
+            logits = self.read(features[:, self.tokens])  # (B, 9, classes)
+        else:
+            logits = self.read(features).flatten(2)[:, :, self.tokens].transpose(1, 2)
         return logits[..., :len(SLOT_CLASSES)], logits[..., len(SLOT_CLASSES):]
 
 
@@ -492,11 +504,15 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
     backbone, student = pipe.backbone, pipe.transformer
     # else its own encoder is pretrained further (layers, width unused; the reading heads are not kept: fresh ones)
     if not hasattr(student, "ref_encoder"):
-        student = backbone.add_reference_encoder(student, cfg.layers, cfg.width)
+        student = backbone.add_reference_encoder(student, cfg.layers, cfg.width, gated=cfg.gated)
     encoder = student.ref_encoder.to(device).train()
     latent_size = 64 // backbone.codec.downsample
-    heads = CellHeads(encoder.proj.in_channels, student.config.patch_size, latent_size).to(device)
-    opt = torch.optim.AdamW([*encoder.body.parameters(), *heads.parameters()], lr=cfg.lr, weight_decay=0.0)
+    gated = encoder.gated  # a continued encoder keeps its own output kind
+    width = encoder.proj.out_channels if gated else encoder.proj.in_channels
+    heads = CellHeads(width, student.config.patch_size, latent_size, from_tokens=gated).to(device)
+    trained = [*encoder.body.parameters(), *(encoder.proj.parameters() if gated else ())]  # never the gate
+    opt = torch.optim.AdamW([*trained, *heads.parameters()], lr=cfg.lr, weight_decay=0.0)
+    features = encoder.tokens if gated else encoder.body
     budget = Budget(cfg.steps, cfg.max_minutes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.02, 1 - budget.progress(s)))
     backbone.codec.vae.to(device)
@@ -512,7 +528,7 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
     while not budget.over(step):
         step += 1
         z, slot, colour = batch(rng, cfg.batch_size)
-        loss, right = cell_losses(heads, encoder.body(z), slot, colour)
+        loss, right = cell_losses(heads, features(z), slot, colour)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -528,20 +544,21 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
     with torch.no_grad():
         for i in range(0, cfg.eval_scenes, 100):
             z, slot, colour = batch(held, min(100, cfg.eval_scenes - i))
-            for k, v in cell_losses(heads, encoder.body(z), slot, colour)[1].items():
+            for k, v in cell_losses(heads, features(z), slot, colour)[1].items():
                 totals[k] = totals.get(k, 0) + v
     report = {"object_accuracy": totals["object"] / max(1, totals["objects"]),  # shape and size of each object
               "colour_accuracy": totals["colour"] / max(1, totals["objects"]),
               "empty_accuracy": totals["empty"] / max(1, totals["empties"]),
               "eval_scenes": cfg.eval_scenes, "steps": step, "minutes": (time.monotonic() - budget.start) / 60,
-              "editor": cfg.editor, "layers": student.config.reference_encoder_layers}
+              "editor": cfg.editor, "layers": student.config.reference_encoder_layers, "gated": gated}
     log.log(step, {f"eval_{k}": v for k, v in report.items() if isinstance(v, float)})
     student.cpu()  # the pipeline's own transformer, now with the encoder (its config names it)
     pipe.save_pretrained(out / "pipeline")
     carry_over(cfg.editor, out / "pipeline", f"Its student was given a reference encoder of "
                f"{report['layers']} convolutions, pretrained on single scenes to read each cell's object (`python -m "
                f"npedit shapes ref-encoder`: held-out shape and size {report['object_accuracy']:.3f}, colour "
-               f"{report['colour_accuracy']:.3f}); its output projection is still zero, so it edits as before.")
+               f"{report['colour_accuracy']:.3f}); its output is still zero ("
+               f"{'a closed gate' if gated else 'a zero projection'}), so it edits as before.")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log.close()
     return out / "pipeline"

@@ -87,7 +87,8 @@ class Trainer:
             student = self.backbone.load_transformer(cfg.model.student, for_student=True, torch_dtype=torch.float32)
         else:
             student = self.backbone.prepare_student(self.teacher, reference_mode=cfg.model.reference_mode)
-        student = self.backbone.add_reference_encoder(student, cfg.model.reference_encoder)
+        student = self.backbone.add_reference_encoder(student, cfg.model.reference_encoder,
+                                                     gated=cfg.model.reference_encoder_gated)
         self.student = student.float().requires_grad_(True).train().to(device)
         self.critic = None
         self.judge = None
