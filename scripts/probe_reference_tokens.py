@@ -8,6 +8,9 @@ cannot tell which object is "the circle" from what it sees of the reference, wha
     python scripts/probe_reference_tokens.py --model assets/shapes/editor-sft-npedit [--scenes 3000] [--t 1.0]
     python scripts/probe_reference_tokens.py --model EDITOR --out new.json --plot probe.png --with old.json
 
+If the editor has a reference encoder, the script also prints how large its output is next to the reference tokens
+it is added to (mean vector norms): how much of what the editor sees the encoder decides.
+
 `--plot` draws the accuracies by layer (one line per attribute, chance dotted); `--with` adds the results of earlier
 runs (their `--out` files) to the plot, dashed, so two editors can be compared.
 """
@@ -59,6 +62,21 @@ def reference_states(pipe, cases, t: float, seed: int) -> list[torch.Tensor]:
         for h in hooks:
             h.remove()
     return states
+
+
+@torch.no_grad()
+def encoder_share(pipe, cases) -> dict | None:
+    """Mean norm of the reference encoder's per-patch output and of the reference tokens it is added to (patch
+    embedding + type embedding), over `cases`' references; None for an editor without an encoder."""
+    model, bb = pipe.transformer, pipe.backbone
+    if not getattr(model.config, "reference_encoder_layers", 0):
+        return None
+    pixels, _ = pipe.prepare_images([render(c.reference) for c in cases], 1024)
+    reference = bb.encode_image(pixels)
+    tokens = model.pos_embed(reference) + model.ref_embed
+    return {"encoder_norm": float(model.ref_encoder(reference).norm(dim=-1).mean()),
+            "token_norm": float(tokens.norm(dim=-1).mean()),
+            "gated": bool(getattr(model.config, "reference_encoder_gated", False))}
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) -> torch.nn.Linear:
@@ -147,6 +165,11 @@ def main(argv=None) -> int:
     held = torch.from_numpy(np.asarray(scene_of) >= int(0.75 * len(cases)))
     sizes = torch.tensor(labels["size"])
     result = {"model": args.model, "t": args.t, "scenes": len(cases), "objects": len(scene_of), "layers": {}}
+    share = encoder_share(pipe, cases[:200])
+    if share is not None:
+        result["encoder"] = share
+        print(f"reference encoder output: mean norm {share['encoder_norm']:.3f} against the reference tokens' "
+              f"{share['token_norm']:.3f}", flush=True)
     for layer in range(len(feats[0])):
         x = torch.stack([f[layer] for f in feats])
         x = (x - x[~held].mean(0)) / (x[~held].std(0) + 1e-6)

@@ -99,3 +99,21 @@ def test_models_without_reference_tokens_are_refused(probe):
         pipe = SimpleNamespace(transformer=SimpleNamespace(config=config), backbone=None)
         with pytest.raises(SystemExit, match="reference tokens"):
             probe.reference_states(pipe, [], 1.0, seed=0)
+
+
+@pytest.mark.skipif(not EDITOR.exists(), reason="bundled editor not present")
+def test_encoder_share_measures_the_encoder_against_the_tokens(probe):
+    from npedit import NPEditPipeline
+    from npedit.shapes.edits import held_out_cases
+
+    pipe = NPEditPipeline.from_pretrained(EDITOR)
+    cases = held_out_cases(6, seed=1)[:4]
+    assert probe.encoder_share(pipe, cases) is None  # the bundled editor has no encoder
+    pipe.transformer = pipe.backbone.add_reference_encoder(pipe.transformer, 2, width=8, gated=True).eval()
+    shut = probe.encoder_share(pipe, cases)
+    assert shut["gated"] and shut["encoder_norm"] == 0.0 and shut["token_norm"] > 0
+    with torch.no_grad():
+        pipe.transformer.ref_encoder.gate.fill_(0.5)  # normalised vectors of norm sqrt(D), scaled by the gate
+    share = probe.encoder_share(pipe, cases)
+    assert share["encoder_norm"] == pytest.approx(0.5 * pipe.transformer.inner_dim ** 0.5, rel=1e-3)
+    assert share["token_norm"] == pytest.approx(shut["token_norm"])
