@@ -41,6 +41,9 @@ class ModelConfig:
     # ... and whether that new encoder's output is normalised behind a learnt per-channel gate that starts at zero
     # (its size then no longer grows with the lr; see ReferenceEncoder). A student with an encoder keeps its own.
     reference_encoder_gated: bool = False
+    # Set the student's gated reference encoder's gate to this value, every channel, before training (0: leave it as
+    # it is). With `optim.frozen=[ref_encoder.gate]` the student must learn to work with the features at that level.
+    reference_gate_init: float = 0.0
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")
@@ -112,8 +115,13 @@ class OptimConfig:
     # The student's reference encoder (model.reference_encoder) learns at lr times this: it starts at zero, and at
     # the lr that fine-tunes the rest it barely moves (its output stayed ~1% of a reference token's over 7,600 steps).
     reference_encoder_lr_scale: float = 1.0
+    # Student parameters kept as they are, by name or name prefix (e.g. ref_encoder.gate, ref_encoder.body,
+    # transformer_blocks.0); each must name at least one parameter.
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if any(not f.strip() for f in self.frozen):
+            raise ValueError("optim.frozen names parameters (or name prefixes); an empty name freezes everything")
         if self.reference_encoder_lr_scale <= 0:
             raise ValueError(f"optim.reference_encoder_lr_scale must be > 0, got {self.reference_encoder_lr_scale}")
 

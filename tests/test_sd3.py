@@ -490,6 +490,24 @@ def test_trainer_adds_a_reference_encoder_to_a_loaded_student(tmp_path, tiny_man
                                        "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20", *common])).train()
     encoder = NPEditPipeline.from_pretrained(gated).transformer.ref_encoder
     assert encoder.gated and encoder.gate.abs().sum() > 0  # the gate opened
+    # the gate opened by hand and held there: the rest of the encoder learns around it
+    held = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/h", f"model.student={gated}",
+                                      "model.reference_gate_init=0.25", "optim.frozen=[ref_encoder.gate]",
+                                      "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20", *common]))
+    assert not held.student.ref_encoder.gate.requires_grad
+    assert all(not any(p is held.student.ref_encoder.gate for p in g["params"]) for g in held.opt_student.param_groups)
+    body = held.student.ref_encoder.body[0].weight.detach().clone()
+    after = NPEditPipeline.from_pretrained(held.train()).transformer.ref_encoder
+    assert torch.equal(after.gate, torch.full_like(after.gate, 0.25))
+    assert not torch.equal(after.body[0].weight, body)
+    with pytest.raises(ValueError, match="names no parameter"):
+        Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/x", "optim.frozen=[ref_encoder.gate]",
+                                   *common]))
+    with pytest.raises(ValueError, match="gated reference encoder"):
+        Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/y", f"model.student={plain}",
+                                   "model.reference_encoder=2", "model.reference_gate_init=0.1", *common]))
+    with pytest.raises(ValueError, match="empty name"):
+        load_config(None, ["stage=warmup", "optim.frozen=[' ']"])
     again = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/e2", f"model.student={out}",
                                        *common]))
     assert again.student.config.reference_encoder_layers == 2  # a student keeps its own encoder

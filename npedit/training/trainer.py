@@ -89,7 +89,15 @@ class Trainer:
             student = self.backbone.prepare_student(self.teacher, reference_mode=cfg.model.reference_mode)
         student = self.backbone.add_reference_encoder(student, cfg.model.reference_encoder,
                                                      gated=cfg.model.reference_encoder_gated)
+        if cfg.model.reference_gate_init:
+            encoder = getattr(student, "ref_encoder", None)
+            if encoder is None or not getattr(encoder, "gated", False):
+                raise ValueError("model.reference_gate_init needs a student with a gated reference encoder "
+                                 "(model.reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
+            with torch.no_grad():
+                encoder.gate.fill_(cfg.model.reference_gate_init)
         self.student = student.float().requires_grad_(True).train().to(device)
+        self._freeze(self.student, cfg.optim.frozen)
         self.critic = None
         self.judge = None
         if cfg.stage != "npedit":
@@ -116,13 +124,30 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
 
     # ---- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _freeze(net, names: tuple[str, ...]) -> None:
+        """Stop the parameters named (or under the prefixes named) from learning; a name that matches none is an error."""
+        params = dict(net.named_parameters())
+        for name in names:
+            hit = [k for k in params if k == name or k.startswith(name.rstrip(".") + ".")]
+            if not hit:
+                near = sorted({k.split(".")[0] for k in params})
+                raise ValueError(f"optim.frozen: {name!r} names no parameter of the student (its top-level parts: "
+                                 f"{', '.join(near)})")
+            for k in hit:
+                params[k].requires_grad_(False)
+
     def _optimizer(self, net):
         o = self.cfg.optim
         encoder = getattr(net, "ref_encoder", None)  # the student's reference encoder, if any, at its own lr
         own = {id(p) for p in encoder.parameters()} if encoder is not None else set()
-        groups = [{"params": [p for p in net.parameters() if id(p) not in own]}]
+        groups = [{"params": [p for p in net.parameters() if id(p) not in own and p.requires_grad]}]
         if own:
-            groups.append({"params": list(encoder.parameters()), "lr": o.lr * o.reference_encoder_lr_scale})
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                           "lr": o.lr * o.reference_encoder_lr_scale})
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError("optim.frozen leaves nothing of the student to train")
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
