@@ -88,6 +88,10 @@ class DataConfig:
     fraction: float = 1.0  # ablation: use this share of the data
     pool: int = 0  # generated domains: distinct cases to draw from (0: the domain's default)
     min_objects: int = 0  # generated domains: only cases whose reference scene holds at least this many objects
+    # Generated domains: only these edit categories (e.g. [remove]; empty: all) and, for edits that name an object,
+    # only these ways of naming it (Shapes: lone, shape, colour shape, shape cell; empty: all).
+    categories: tuple[str, ...] = ()
+    forms: tuple[str, ...] = ()
     num_workers: int = 0
     do_nothing_prob: float = 0.01
 

@@ -78,6 +78,39 @@ def test_data_min_objects_keeps_scenes_of_several_objects(tmp_path):
         build_dataset(data(f"data.train={manifest}", "data.min_objects=2"), stage="sft", seed=0)
 
 
+def test_data_categories_and_forms_filter_the_generated_cases(tmp_path):
+    from npedit.shapes.scoring import form_group, reference_form
+    from npedit.training.datasets import build_dataset
+
+    data = lambda *o: load_config(None, BASE + list(o)).data  # noqa: E731
+    plain = build_dataset(data(), stage="sft", seed=0)
+    assert [plain.case(i) for i in range(8)] == [build_dataset(data("data.categories=[]"), stage="sft",
+                                                               seed=0).case(i) for i in range(8)]  # no filter: as before
+    assert len({plain.case(i).category for i in range(60)}) == 6
+    removals = build_dataset(data("data.categories=[remove]", "data.forms=[shape]"), stage="sft", seed=0)
+    cases = [removals.case(i) for i in range(40)]
+    assert {c.category for c in cases} == {"remove"}
+    assert {form_group({"form": reference_form(c), "objects": len(c.reference.objects)}) for c in cases} == {"shape"}
+    assert removals.case(3) == removals.case(3)  # still one fixed case per index
+    item = removals[0]
+    assert item["instruction"] == cases[0].instruction and item["target"].shape == (3, 64, 64)
+    two = build_dataset(data("data.categories=[add,recolor]"), stage="sft", seed=0)
+    assert {two.case(i).category for i in range(30)} == {"add", "recolor"}
+    lone = build_dataset(data("data.forms=[lone]"), stage="sft", seed=0)
+    assert all(len(lone.case(i).reference.objects) == 1 and lone.case(i).category not in ("add", "background")
+               for i in range(20))
+    with pytest.raises(ValueError, match="unknown \\['paint'\\]"):
+        build_dataset(data("data.categories=[paint]"), stage="sft", seed=0)
+    with pytest.raises(ValueError, match="data.forms: unknown"):
+        build_dataset(data("data.forms=[colour]"), stage="sft", seed=0)
+    with pytest.raises(ValueError, match="name no object"):
+        build_dataset(data("data.categories=[add]", "data.forms=[shape]"), stage="sft", seed=0)
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ValueError, match="filter a generated domain"):
+        build_dataset(data(f"data.train={manifest}", "data.categories=[remove]"), stage="sft", seed=0)
+
+
 def test_target_regression_is_a_stage_npedit_option():
     load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0", "loss.lambda_target=1"])
     with pytest.raises(ValueError, match="lambda_target applies to stage 'npedit'"):

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from .edits import CATEGORIES, TEMPLATES, sample_case
+from .scoring import FORM_GROUPS, form_group, reference_form
 from .world import MAX_OBJECTS, caption, random_scene, render
 
 POOL = 50_000  # distinct training cases at data.fraction = 1 (data.pool replaces it)
@@ -24,20 +25,40 @@ class ShapesEditData(Dataset):
     """Deterministic random edit cases: sample i is always the same case; the target is rendered for SFT."""
 
     def __init__(self, size: int = POOL, *, seed: int = 0, paraphrase_prob: float = PARAPHRASE_PROB,
-                 min_objects: int = 0):
+                 min_objects: int = 0, categories: tuple[str, ...] = (), forms: tuple[str, ...] = ()):
         if min_objects > MAX_OBJECTS:
             raise ValueError(f"data.min_objects={min_objects}: a Shapes scene holds at most {MAX_OBJECTS} objects")
+        bad = [c for c in categories if c not in CATEGORIES]
+        if bad:
+            raise ValueError(f"data.categories: unknown {bad}; the Shapes categories are {', '.join(CATEGORIES)}")
+        bad = [f for f in forms if f not in FORM_GROUPS]
+        if bad:
+            raise ValueError(f"data.forms: unknown {bad}; the ways an instruction names its object are "
+                             f"{', '.join(FORM_GROUPS)}")
+        named = [c for c in (categories or CATEGORIES) if c not in ("add", "background")]
+        if forms and not named:
+            raise ValueError(f"data.forms={list(forms)} keeps only edits that name an object, and data.categories="
+                             f"{list(categories)} has none (add and background name no object)")
+        if forms and min_objects > 1 and set(forms) == {"lone"}:
+            raise ValueError("data.forms=[lone] (one object in the scene) and data.min_objects > 1 exclude each other")
         self.size, self.seed, self.paraphrase_prob, self.min_objects = size, seed, paraphrase_prob, min_objects
+        self.categories, self.forms = tuple(categories) or CATEGORIES, set(forms)
 
     def __len__(self) -> int:
         return self.size
 
     def case(self, i: int):
         rng = np.random.default_rng([_STREAM, self.seed, i])
-        while True:  # the same draws for the same i; scenes with fewer objects than asked for are drawn again
-            case = sample_case(rng, paraphrase_prob=self.paraphrase_prob, id=f"train-{i:06d}")
-            if len(case.reference.objects) >= self.min_objects:
-                return case
+        while True:  # the same draws for the same i; cases outside the filters are drawn again
+            category = self.categories[int(rng.integers(len(self.categories)))] if self.categories != CATEGORIES else None
+            case = sample_case(rng, category, paraphrase_prob=self.paraphrase_prob, id=f"train-{i:06d}")
+            if len(case.reference.objects) < self.min_objects:
+                continue
+            if self.forms:
+                form = reference_form(case)
+                if not form or form_group({"form": form, "objects": len(case.reference.objects)}) not in self.forms:
+                    continue
+            return case
 
     def __getitem__(self, i: int) -> dict:
         c = self.case(i)
@@ -58,13 +79,15 @@ class ShapesEditData(Dataset):
 
 def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
     """The `data.train=shapes` dataset: `data.pool` distinct cases (default POOL), shrunk by `data.fraction`;
-    with `data.min_objects`, only cases whose reference holds at least that many objects.
+    with `data.min_objects`, only cases whose reference holds at least that many objects; `data.categories` and
+    `data.forms` keep only those edit categories and ways of naming the edited object (scoring.FORM_GROUPS).
 
     Long runs on a GPU see the default pool dozens of times; a larger pool (cases are drawn, not stored) keeps
     every sample new."""
     if cfg.resolution != 64:
         raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
-    return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed, min_objects=cfg.min_objects)
+    return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed, min_objects=cfg.min_objects,
+                          categories=cfg.categories, forms=cfg.forms)
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:
