@@ -92,6 +92,9 @@ class DataConfig:
     # only these ways of naming it (Shapes: lone, shape, colour shape, shape cell; empty: all).
     categories: tuple[str, ...] = ()
     forms: tuple[str, ...] = ()
+    # ... and the share of cases those two filters apply to; the rest come from the whole domain (e.g. 0.5 with
+    # data.forms=[shape]: half the cases drill that form, half keep every category in training).
+    filter_share: float = 1.0
     num_workers: int = 0
     do_nothing_prob: float = 0.01
 
@@ -102,6 +105,8 @@ class DataConfig:
             raise ValueError(f"data.pool must be >= 0 (0: the generated domain's default); got {self.pool}")
         if self.min_objects < 0:
             raise ValueError(f"data.min_objects must be >= 0 (0: any scene); got {self.min_objects}")
+        if not 0 < self.filter_share <= 1:
+            raise ValueError(f"data.filter_share must be in (0, 1]; got {self.filter_share}")
         if self.batch_size < 1 or self.resolution < 8:
             raise ValueError("data.batch_size must be >= 1 and data.resolution >= 8")
 

@@ -105,6 +105,15 @@ def test_data_categories_and_forms_filter_the_generated_cases(tmp_path):
         build_dataset(data("data.forms=[colour]"), stage="sft", seed=0)
     with pytest.raises(ValueError, match="name no object"):
         build_dataset(data("data.categories=[add]", "data.forms=[shape]"), stage="sft", seed=0)
+    half = build_dataset(data("data.categories=[remove]", "data.forms=[shape]", "data.filter_share=0.5"),
+                         stage="sft", seed=0)
+    drawn = [half.case(i) for i in range(120)]
+    share = sum(c.category == "remove" and reference_form(c) == "shape" and len(c.reference.objects) > 1
+                for c in drawn) / len(drawn)
+    assert 0.35 < share < 0.75 and len({c.category for c in drawn}) == 6  # half drilled, the rest from everything
+    assert half.case(11) == half.case(11)
+    with pytest.raises(ValueError, match="filter_share must be in"):
+        load_config(None, BASE + ["data.filter_share=0"])
     manifest = tmp_path / "cases.jsonl"
     manifest.write_text("")
     with pytest.raises(ValueError, match="filter a generated domain"):

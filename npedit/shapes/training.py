@@ -25,7 +25,8 @@ class ShapesEditData(Dataset):
     """Deterministic random edit cases: sample i is always the same case; the target is rendered for SFT."""
 
     def __init__(self, size: int = POOL, *, seed: int = 0, paraphrase_prob: float = PARAPHRASE_PROB,
-                 min_objects: int = 0, categories: tuple[str, ...] = (), forms: tuple[str, ...] = ()):
+                 min_objects: int = 0, categories: tuple[str, ...] = (), forms: tuple[str, ...] = (),
+                 filter_share: float = 1.0):
         if min_objects > MAX_OBJECTS:
             raise ValueError(f"data.min_objects={min_objects}: a Shapes scene holds at most {MAX_OBJECTS} objects")
         bad = [c for c in categories if c not in CATEGORIES]
@@ -43,18 +44,23 @@ class ShapesEditData(Dataset):
             raise ValueError("data.forms=[lone] (one object in the scene) and data.min_objects > 1 exclude each other")
         self.size, self.seed, self.paraphrase_prob, self.min_objects = size, seed, paraphrase_prob, min_objects
         self.categories, self.forms = tuple(categories) or CATEGORIES, set(forms)
+        self.filter_share = filter_share  # the share of cases the category and form filters apply to
 
     def __len__(self) -> int:
         return self.size
 
     def case(self, i: int):
         rng = np.random.default_rng([_STREAM, self.seed, i])
+        filtered = self.categories != CATEGORIES or bool(self.forms)
+        if filtered and self.filter_share < 1:  # (no extra draw otherwise: unfiltered data stays as it was)
+            filtered = bool(rng.random() < self.filter_share)
+        categories = self.categories if filtered else CATEGORIES
         while True:  # the same draws for the same i; cases outside the filters are drawn again
-            category = self.categories[int(rng.integers(len(self.categories)))] if self.categories != CATEGORIES else None
+            category = categories[int(rng.integers(len(categories)))] if categories != CATEGORIES else None
             case = sample_case(rng, category, paraphrase_prob=self.paraphrase_prob, id=f"train-{i:06d}")
             if len(case.reference.objects) < self.min_objects:
                 continue
-            if self.forms:
+            if self.forms and filtered:
                 form = reference_form(case)
                 if not form or form_group({"form": form, "objects": len(case.reference.objects)}) not in self.forms:
                     continue
@@ -80,14 +86,15 @@ class ShapesEditData(Dataset):
 def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
     """The `data.train=shapes` dataset: `data.pool` distinct cases (default POOL), shrunk by `data.fraction`;
     with `data.min_objects`, only cases whose reference holds at least that many objects; `data.categories` and
-    `data.forms` keep only those edit categories and ways of naming the edited object (scoring.FORM_GROUPS).
+    `data.forms` keep only those edit categories and ways of naming the edited object (scoring.FORM_GROUPS), in
+    `data.filter_share` of the cases (the rest are drawn from the whole domain).
 
     Long runs on a GPU see the default pool dozens of times; a larger pool (cases are drawn, not stored) keeps
     every sample new."""
     if cfg.resolution != 64:
         raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
     return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed, min_objects=cfg.min_objects,
-                          categories=cfg.categories, forms=cfg.forms)
+                          categories=cfg.categories, forms=cfg.forms, filter_share=cfg.filter_share)
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:

@@ -24,8 +24,8 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = Fal
     if cfg.min_objects:
         raise ValueError(f"data.min_objects={cfg.min_objects} filters a generated domain ({', '.join(GENERATED)}); "
                          f"a manifest ({cfg.train}) has its own cases")
-    if cfg.categories or cfg.forms:
-        raise ValueError(f"data.categories and data.forms filter a generated domain ({', '.join(GENERATED)}); "
+    if cfg.categories or cfg.forms or cfg.filter_share < 1:
+        raise ValueError(f"data.categories, data.forms and data.filter_share filter a generated domain ({', '.join(GENERATED)}); "
                          f"a manifest ({cfg.train}) has its own cases: write one with just the cases you want")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)
