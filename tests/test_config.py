@@ -84,8 +84,8 @@ def test_data_categories_and_forms_filter_the_generated_cases(tmp_path):
 
     data = lambda *o: load_config(None, BASE + list(o)).data  # noqa: E731
     plain = build_dataset(data(), stage="sft", seed=0)
-    assert [plain.case(i) for i in range(8)] == [build_dataset(data("data.categories=[]"), stage="sft",
-                                                               seed=0).case(i) for i in range(8)]  # no filter: as before
+    unfiltered = build_dataset(data("data.categories=[]"), stage="sft", seed=0)
+    assert [plain.case(i) for i in range(8)] == [unfiltered.case(i) for i in range(8)]  # no filter: as before
     assert len({plain.case(i).category for i in range(60)}) == 6
     removals = build_dataset(data("data.categories=[remove]", "data.forms=[shape]"), stage="sft", seed=0)
     cases = [removals.case(i) for i in range(40)]

@@ -25,7 +25,8 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = Fal
         raise ValueError(f"data.min_objects={cfg.min_objects} filters a generated domain ({', '.join(GENERATED)}); "
                          f"a manifest ({cfg.train}) has its own cases")
     if cfg.categories or cfg.forms or cfg.filter_share < 1:
-        raise ValueError(f"data.categories, data.forms and data.filter_share filter a generated domain ({', '.join(GENERATED)}); "
-                         f"a manifest ({cfg.train}) has its own cases: write one with just the cases you want")
+        raise ValueError(f"data.categories, data.forms and data.filter_share filter a generated domain "
+                         f"({', '.join(GENERATED)}); a manifest ({cfg.train}) has its own cases: write one with just "
+                         "the cases you want")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)

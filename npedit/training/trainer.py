@@ -92,8 +92,8 @@ class Trainer:
         if cfg.model.reference_gate_init:
             encoder = getattr(student, "ref_encoder", None)
             if encoder is None or not getattr(encoder, "gated", False):
-                raise ValueError("model.reference_gate_init needs a student with a gated reference encoder "
-                                 "(model.reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
+                raise ValueError("model.reference_gate_init needs a student with a gated reference encoder (model."
+                                 "reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
             with torch.no_grad():
                 encoder.gate.fill_(cfg.model.reference_gate_init)
         self.student = student.float().requires_grad_(True).train().to(device)
@@ -126,7 +126,7 @@ class Trainer:
     # ---- helpers ----------------------------------------------------------------------------
     @staticmethod
     def _freeze(net, names: tuple[str, ...]) -> None:
-        """Stop the parameters named (or under the prefixes named) from learning; a name that matches none is an error."""
+        """Stop the parameters named (or under the prefixes named) from learning; a name matching none is an error."""
         params = dict(net.named_parameters())
         for name in names:
             hit = [k for k in params if k == name or k.startswith(name.rstrip(".") + ".")]
