@@ -35,7 +35,6 @@ shapes_chain = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(shapes_chain)
 
 BIG = ["data.batch_size=512", "data.pool=2000000"]  # 4x the batch, and a pool that no run exhausts
-SHAPE_MIX = ["data.forms=[shape]", "data.filter_share=0.5"]
 RUNS = {  # runs from the SFT student: name -> (config, extra overrides)
     "sft-npedit": ("npedit", []),
     "sft-npedit-lr1e-4": ("npedit", ["optim.lr=1e-4"]),
@@ -55,12 +54,6 @@ RUNS = {  # runs from the SFT student: name -> (config, extra overrides)
     "sft-npedit-change-keep-b512-lr2e-5-enc20": ("npedit", ["judge.change_questions=2", "judge.keep_questions=2", *BIG,
                                                             "optim.lr=2e-5", "optim.reference_encoder_lr_scale=20"]),
     "sft-more-b512-enc20": ("sft", [*BIG, "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20"]),
-    # more edits that name their object by shape alone (`the circle`: the bundled editor's weakest form): half of
-    # each batch drawn as object edits of that form, the rest from the whole domain (README, "Why: the editor
-    # cannot find an object by its shape")
-    "sft-npedit-change-keep-b512-lr2e-5-shapemix": ("npedit", ["judge.change_questions=2", "judge.keep_questions=2",
-                                                               *BIG, "optim.lr=2e-5", *SHAPE_MIX]),
-    "sft-more-b512-shapemix": ("sft", [*BIG, "optim.lr=1e-4", *SHAPE_MIX]),
 }
 FROM_SFT = ("sft-npedit", "sft-npedit-lr1e-4", "sft-npedit-change", "sft-more")  # the default selection
 EQUAL_STEPS = ("sft-npedit",)  # NP-Edit runs that get an equal-step paired-SFT baseline by default

@@ -102,10 +102,6 @@ def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
     enc = _check(run.run_args("npedit", "e", "s", 5, se.RUNS["sft-npedit-change-keep-b512-lr2e-5-enc20"][1]))
     assert (enc.judge.keep_questions, enc.optim.lr, enc.optim.reference_encoder_lr_scale) == (2, 2e-5, 20.0)
     assert _check(run.run_args("sft", "f", "s", 5, se.RUNS["sft-more-b512-enc20"][1])).optim.reference_encoder_lr_scale == 20.0
-    mix = _check(run.run_args("npedit", "m", "s", 5, se.RUNS["sft-npedit-change-keep-b512-lr2e-5-shapemix"][1]))
-    assert (mix.data.forms, mix.data.filter_share, mix.data.batch_size, mix.judge.keep_questions) == (("shape",), 0.5, 512, 2)
-    sft_mix = _check(run.run_args("sft", "n", "s", 5, se.RUNS["sft-more-b512-shapemix"][1]))
-    assert (sft_mix.data.forms, sft_mix.data.filter_share, sft_mix.optim.lr) == (("shape",), 0.5, 1e-4)
     pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
     assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
     assert run.equal_name("sft-npedit") == "sft-equal"
