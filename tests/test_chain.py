@@ -102,6 +102,11 @@ def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
     enc = _check(run.run_args("npedit", "e", "s", 5, se.RUNS["sft-npedit-change-keep-b512-lr2e-5-enc20"][1]))
     assert (enc.judge.keep_questions, enc.optim.lr, enc.optim.reference_encoder_lr_scale) == (2, 2e-5, 20.0)
     assert _check(run.run_args("sft", "f", "s", 5, se.RUNS["sft-more-b512-enc20"][1])).optim.reference_encoder_lr_scale == 20.0
+    mix = _check(run.run_args("npedit", "m", "s", 5, se.RUNS["unroll-b512-lr2e-5-shapemix"][1]))
+    assert (mix.data.forms, mix.data.filter_share, mix.data.batch_size, mix.optim.lr) == (("shape",), 0.5, 512, 2e-5)
+    assert (mix.loss.lambda_target, mix.loss.lambda_dmd, mix.loss.lambda_vlm, mix.data.do_nothing_prob) == (1, 0, 0, 0)
+    plain = _check(run.run_args("npedit", "u", "s", 5, se.RUNS["unroll-b512-lr2e-5"][1]))
+    assert plain.data.forms == () and plain.loss.lambda_target == 1
     pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
     assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
     assert run.equal_name("sft-npedit") == "sft-equal"
