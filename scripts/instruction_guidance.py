@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npedit import NPEditPipeline, flow  # noqa: E402
 from npedit.data import DO_NOTHING  # noqa: E402
+from npedit.images import tensor_to_pil  # noqa: E402
 from npedit.sampler import sample  # noqa: E402
 from npedit.shapes.edits import held_out_cases  # noqa: E402
 from npedit.shapes.evaluate import evaluate  # noqa: E402
@@ -48,8 +50,8 @@ def guided_editor(pipe, scale: float, *, steps: int = 4, seed: int = 0):
                 return v
             return flow.guided(v, bb.velocity(pipe.transformer, x, t, uncond, reference=reference), scale)
 
-        out = bb.decode_latents(sample(denoise, noise, pipe.times(steps), generator=gen)).clamp(-1, 1)
-        return [((o + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for o in out]
+        out = bb.decode_latents(sample(denoise, noise, pipe.times(steps), generator=gen))
+        return [np.asarray(tensor_to_pil(o)) for o in out]  # as the pipeline converts its output
 
     return edit
 

@@ -1,20 +1,18 @@
 """scripts/judge_gradient_alignment.py: the questions per kind, the cosine's sign, a small real measurement."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from script_modules import load_script  # tests/script_modules.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ga():
-    spec = importlib.util.spec_from_file_location("judge_gradient_alignment", ROOT / "scripts" / "judge_gradient_alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("judge_gradient_alignment")
 
 
 def test_questions_per_kind_follow_training(ga):

@@ -1,18 +1,16 @@
 """scripts/shapes_chain.py: every stage command it builds parses through the real config builders."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from script_modules import load_script  # tests/script_modules.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _chain_module():
-    spec = importlib.util.spec_from_file_location("shapes_chain", ROOT / "scripts" / "shapes_chain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("shapes_chain")
 
 
 def _check(args: list[str]):
@@ -59,10 +57,7 @@ def test_best_editor_ranks_full_recipes_by_exact_then_followed(tmp_path):
 
 
 def _editors_module():
-    spec = importlib.util.spec_from_file_location("shapes_gpu_editors", ROOT / "scripts" / "shapes_gpu_editors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("shapes_gpu_editors")
 
 
 @pytest.mark.parametrize("smoke", [True, False])

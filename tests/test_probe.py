@@ -1,11 +1,12 @@
 """scripts/probe_reference_tokens.py: token indexing, the hooks read the real forward, a small real probe."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from script_modules import load_script  # tests/script_modules.py
 
 ROOT = Path(__file__).resolve().parents[1]
 EDITOR = ROOT / "assets" / "shapes" / "editor-sft-npedit"
@@ -13,10 +14,7 @@ EDITOR = ROOT / "assets" / "shapes" / "editor-sft-npedit"
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe_reference_tokens", ROOT / "scripts" / "probe_reference_tokens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("probe_reference_tokens")
 
 
 def test_cell_token_is_the_patch_under_the_cell_centre(probe):

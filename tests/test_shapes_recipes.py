@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from npedit.shapes.recipes import make_config, run
+from script_modules import load_script  # tests/script_modules.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,11 +102,7 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
     assert best["meta"]["candidates"] == 2 and len(best["rows"]) == 6 and "judge_agreement" in best
     with pytest.raises(SystemExit, match="candidates"):
         main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--n", "2", "--candidates", "2"])
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("selftrain", ROOT / "scripts/shapes_selftrain_data.py")
-    selftrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(selftrain)
+    selftrain = load_script("shapes_selftrain_data")
     data = tmp_path / "self"
     selftrain.main(["--model", str(out), "--judge", tiny_judge, "--n", "4", "--candidates", "2", "--min-score", "-100",
                     "--out", str(data)])
