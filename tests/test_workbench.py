@@ -518,3 +518,48 @@ def test_exact_by_reference_form_pooled_over_reports(tmp_path, capsys):
     assert "`the {shape}`" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--by-form", "old", "--by-objects", "old"])
+
+
+def test_learning_curve_pools_seeds_per_step(tmp_path, capsys):
+    import json
+
+    from npedit.shapes import held_out_cases, reference_form
+    from npedit.shapes.scoring import form_group
+    from workbench.benchmarks import learning_curve, main, wilson
+
+    cases = held_out_cases(40, seed=5)
+
+    def report(name, right):
+        rows = [{"id": c.id, "category": c.category, "exact": float(right(c)), "followed": 1.0, "preserved": 1.0,
+                 "clean": 1.0} for c in cases]  # no "objects"/"form": regenerated from n, seed
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"n": 40, "seed": 5}, "summary": {}, "rows": rows}))
+
+    first = {c.id: i % 2 == 0 for i, c in enumerate(cases)}
+    report("run100-seed0", lambda c: False)
+    report("run100-seed1", lambda c: True)   # step 100 pooled over two reports: exactly half right
+    report("run20", lambda c: first[c.id])   # steps sort by number, not by name
+    report("start-seed0", lambda c: True)
+    report("runaway300", lambda c: True)     # another prefix: not part of the "run" series
+    table = learning_curve(tmp_path, {"ctrl": "run"}, form="shape", baseline={"start": "start"})
+    ctrl = table[table["series"] == "ctrl"]
+    assert list(ctrl["step"]) == [20, 100] and list(ctrl["reports"]) == [1, 2] and list(ctrl["n"]) == [40, 80]
+    at100 = ctrl.iloc[1]
+    assert at100["exact"] == 0.5 and at100["lo"] < 0.5 < at100["hi"] and (at100["lo"], at100["hi"]) == wilson(40, 80)
+    shape_cases = [c for c in cases
+                   if form_group({"form": reference_form(c), "objects": len(c.reference.objects)}) == "shape"]
+    assert shape_cases and at100["form_n"] == 2 * len(shape_cases)
+    base = table[table["series"] == "start"].iloc[0]
+    assert pd.isna(base["step"]) and base["exact"] == 1.0 and base["hi"] == 1.0
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    chart = tmp_path / "curve.png"
+    assert main([str(tmp_path), "--curve", "ctrl=run", "--baseline", "start=start", "--form", "shape",
+                 "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "| ctrl | 100 | 2 | 80 | 0.500 (" in out and "| start |  | 1 | 40 | 1.000 (" in out
+    assert chart.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no report named zz<step>"):
+        learning_curve(tmp_path, {"x": "zz"})
+    with pytest.raises(ValueError, match="--form must be one of"):
+        learning_curve(tmp_path, {"ctrl": "run"}, form="circle")
+    with pytest.raises(SystemExit):  # --form without --curve
+        main([str(tmp_path), "--form", "shape"])

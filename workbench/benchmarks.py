@@ -8,6 +8,8 @@
     python -m workbench.benchmarks runs/shapes/eval --paired old new --paired old-seed1 new-seed1
     python -m workbench.benchmarks runs/shapes/eval --by-objects new new-seed1 new-seed2
     python -m workbench.benchmarks runs/shapes/eval --by-form new new-seed1 new-seed2
+    python -m workbench.benchmarks runs/shapes/eval --curve control=ctrl mixture=mix --baseline start=bundled \
+        --form shape --chart docs/curve.png
 
 `--only` keeps the variants whose names match the given names or shell patterns, in the order given.
 `--paired A B` compares two variants (names, or paths of .json reports) case by case on the same benchmark cases (same n and seed): how often
@@ -17,6 +19,10 @@ each is right where the other is wrong, McNemar's z and the exact two-sided sign
 by the number of objects in the reference scene. `--by-form` likewise pools exact of the object edits (remove,
 replace, recolor, resize) by how the instruction names the object: alone in its scene, or among others by its shape
 (`the circle`), colour and shape (`the red circle`) or shape and cell (`the circle at the top left`).
+`--curve LABEL=PREFIX ...` draws learning curves: the reports named PREFIX<step> or PREFIX<step>-seed<k> (one
+per checkpoint and seed) are pooled per step into exact with a 95% interval (Wilson), one line per series; with
+`--form` (lone, shape, "colour shape", "shape cell") a second panel shows exact of the object edits named that way;
+`--baseline LABEL=NAME` adds the reports NAME or NAME-seed<k> as a dashed level (e.g. the model fine-tuned from).
 `--extend` starts from a table this command wrote earlier (whose reports may be gone, e.g. on another
 machine): the reports' variants are added to it, or replace its rows of the same name.
 """
@@ -28,6 +34,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -37,7 +44,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from npedit.shapes import CATEGORIES, METRICS, by_form, by_objects, held_out_cases, reference_form  # noqa: E402
+from npedit.shapes import CATEGORIES, FORM_GROUPS, METRICS, by_form, by_objects, held_out_cases, reference_form  # noqa: E402
+from npedit.shapes.scoring import form_group  # noqa: E402
 
 
 def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
@@ -235,6 +243,113 @@ def form_split(directory: str | os.PathLike, variants: list[str]) -> str:
     return form_table(by_form([r for v in variants for r in rows_with_objects(directory, v)]))
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a share k / n (95% by default)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))
+
+
+def _parse_series(specs: list[str], option: str) -> dict[str, str]:
+    """["label=prefix", ...] -> {label: prefix}; a bare "prefix" is its own label."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        label, _, prefix = spec.partition("=") if "=" in spec else (spec, "", spec)
+        if not prefix or not label:
+            raise ValueError(f"{option} takes LABEL=PREFIX, got {spec!r}")
+        out[label] = prefix
+    return out
+
+
+def _pooled_point(directory, names: list[str], form: str | None) -> dict:
+    """Exact (and exact of the object edits named by `form`) pooled over the reports `names`."""
+    rows = [r for name in names for r in (rows_with_objects(directory, name) if form else case_rows(directory, name)[1])]
+    right = sum(r["exact"] >= 0.5 for r in rows)
+    lo, hi = wilson(right, len(rows))
+    point = {"reports": len(names), "n": len(rows), "exact": right / len(rows), "lo": lo, "hi": hi}
+    if form:
+        picked = [r for r in rows if form_group(r) == form]
+        k = sum(r["exact"] >= 0.5 for r in picked)
+        flo, fhi = wilson(k, len(picked))
+        point.update({"form_n": len(picked), "form_exact": k / len(picked) if picked else float("nan"),
+                      "form_lo": flo, "form_hi": fhi})
+    return point
+
+
+def learning_curve(directory: str | os.PathLike, series: dict[str, str], form: str | None = None,
+                   baseline: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per (series, step): the reports named <prefix><step> or <prefix><step>-seed<k>, pooled. Baseline
+    rows (reports <name> or <name>-seed<k>) have no step. Columns: series, step, reports, n, exact, lo, hi (95%
+    Wilson interval) and, with `form` (a `FORM_GROUPS` key), form_n, form_exact, form_lo, form_hi."""
+    if form is not None and form not in FORM_GROUPS:
+        raise ValueError(f"--form must be one of {', '.join(repr(k) for k in FORM_GROUPS)}, got {form!r}")
+    names = sorted(f.stem for f in Path(directory).glob("*.json"))
+    points = []
+    for label, prefix in series.items():
+        pattern = re.compile(rf"{re.escape(prefix)}(\d+)(?:-seed\d+)?")
+        steps: dict[int, list[str]] = {}
+        for name in names:
+            m = pattern.fullmatch(name)
+            if m:
+                steps.setdefault(int(m.group(1)), []).append(name)
+        if not steps:
+            raise ValueError(f"no report named {prefix}<step> or {prefix}<step>-seed<k> in {directory}")
+        points += [{"series": label, "step": step, **_pooled_point(directory, steps[step], form)}
+                   for step in sorted(steps)]
+    for label, name in (baseline or {}).items():
+        pattern = re.compile(rf"{re.escape(name)}(?:-seed\d+)?")
+        hits = [n for n in names if pattern.fullmatch(n)]
+        if not hits:
+            raise ValueError(f"no report named {name} or {name}-seed<k> in {directory}")
+        points.append({"series": label, "step": None, **_pooled_point(directory, hits, form)})
+    table = pd.DataFrame(points)
+    table["step"] = table["step"].astype("Int64")
+    return table
+
+
+def curve_markdown(table: pd.DataFrame, form: str | None = None) -> str:
+    """A `learning_curve` table as Markdown: exact with its interval (and the form's) per series and step."""
+    columns = ["series", "step", "reports", "n", "exact (95% CI)"]
+    if form:
+        columns.append(f"{FORM_GROUPS[form]} (n)")
+    rows = []
+    for r in table.itertuples(index=False):
+        cells = [r.series, "" if pd.isna(r.step) else str(r.step), str(r.reports), str(r.n),
+                 f"{r.exact:.3f} ({r.lo:.3f}-{r.hi:.3f})"]
+        if form:
+            cells.append(f"{r.form_exact:.3f} ({r.form_n})")
+        rows.append(cells)
+    return pipe_table(columns, rows)
+
+
+def curve_chart(table: pd.DataFrame, form: str | None = None) -> plt.Figure:
+    """Exact against training steps, one line per series with its 95% band; baselines as dashed levels. With
+    `form`, a second panel for the object edits named that way."""
+    panels = [("exact", "lo", "hi", "exact, all held-out edits")]
+    if form:
+        panels.append(("form_exact", "form_lo", "form_hi", f"exact, object edits named `{FORM_GROUPS[form]}`"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    curves, levels = table[table["step"].notna()], table[table["step"].isna()]
+    for ax, (col, lo, hi, title) in zip(axes[0], panels):
+        for label, part in curves.groupby("series", sort=False):
+            steps = part["step"].astype(float).to_numpy()
+            line, = ax.plot(steps, part[col], marker="o", label=label)
+            ax.fill_between(steps, part[lo], part[hi], color=line.get_color(), alpha=0.15, linewidth=0)
+        for i, r in enumerate(levels.itertuples(index=False)):
+            color = f"C{len(curves['series'].unique()) + i}"
+            ax.axhline(getattr(r, col), color=color, linestyle="--", label=r.series)
+            ax.axhspan(getattr(r, lo), getattr(r, hi), color=color, alpha=0.08, linewidth=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training steps")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share exactly right (95% band)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("reports", help="folder of eval JSON reports")
@@ -252,7 +367,26 @@ def main(argv: list[str] | None = None) -> int:
     modes.add_argument("--by-form", nargs="+", metavar="NAME",
                        help="exact of the object edits by how the instruction names the object (alone in its scene, "
                             "or by shape, colour and shape, shape and cell), pooled over these reports")
+    modes.add_argument("--curve", nargs="+", metavar="LABEL=PREFIX",
+                       help="learning curves: reports PREFIX<step>[-seed<k>] pooled per step, one line per series "
+                            "(the chart goes to --chart)")
+    ap.add_argument("--baseline", nargs="+", metavar="LABEL=NAME", default=[],
+                    help="for --curve: reports NAME[-seed<k>] drawn as a dashed level")
+    ap.add_argument("--form", help="for --curve: a second panel for the object edits named this way "
+                                   f"({', '.join(FORM_GROUPS)})")
     args = ap.parse_args(argv)
+    if args.curve:
+        try:
+            curve = learning_curve(args.reports, _parse_series(args.curve, "--curve"), args.form,
+                                   _parse_series(args.baseline, "--baseline"))
+        except (OSError, ValueError) as exc:
+            ap.error(str(exc))
+        print(curve_markdown(curve, args.form))
+        if args.chart:
+            curve_chart(curve, args.form).savefig(args.chart, dpi=120, bbox_inches="tight")
+        return 0
+    if args.baseline or args.form:
+        ap.error("--baseline and --form go with --curve")
     if args.by_objects or args.by_form:
         try:
             print(objects_split(args.reports, args.by_objects) if args.by_objects
