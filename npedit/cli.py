@@ -197,7 +197,7 @@ def cmd_export(args) -> int:
     from .training.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.run, args.step, args.out, base=args.base)
+        out = export_checkpoint(args.run, args.step, args.out, base=args.base, average=args.average)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(out)
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="where the pipeline goes (default: RUN/exports/step_N)")
     x.add_argument("--base", help="the base model whose text encoder and VAE complete it (default: the run's "
                    "model.base; e.g. when that was a relative path or has moved)")
+    x.add_argument("--average", type=int, default=1, metavar="K",
+                   help="save the mean of the student's weights over the K newest checkpoints up to --step (default 1: "
+                        "that checkpoint alone); out defaults to RUN/exports/step_N-avgK")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "

@@ -100,9 +100,21 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage):
     assert json.loads((work / newest / "training_config.json").read_text())["step"] == 4  # the newest by default
     moved = run("-m", "npedit", "export", "runs/npedit", "--base", str(tiny_zimage), "--out", "moved", cwd=work).strip()
     assert json.loads((work / moved / "training_config.json").read_text())["base"] == str(tiny_zimage)
+    mean = run("-m", "npedit", "export", "runs/npedit", "--average", "2", cwd=work).strip()
+    assert Path(work, mean) == work / "runs/npedit/exports/step_000004-avg2"
+    four = load_file(str(work / "runs/npedit/checkpoints/step_000004/student/diffusion_pytorch_model.safetensors"))
+    averaged = load_file(str(work / mean / "transformer/diffusion_pytorch_model.safetensors"))
+    floats = [k for k in saved if saved[k].is_floating_point()]
+    assert floats and any(not torch.equal(saved[k], four[k]) for k in floats)  # the two steps differ
+    for k in floats:
+        torch.testing.assert_close(averaged[k].float(), (saved[k].float() + four[k].float()) / 2)
+    info = json.loads((work / mean / "training_config.json").read_text())
+    assert info["averaged_steps"] == [3, 4] and "steps 3, 4" in (work / mean / "README.md").read_text()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (work / "runs/empty").mkdir(exist_ok=True)
     for args, message in ((["runs/npedit", "--step", "7"], "has step(s) 3, 4"), (["runs/empty"], "no complete"),
+                          (["runs/npedit", "--step", "3", "--average", "2"], "only step(s) 3 there"),
+                          (["runs/npedit", "--average", "0"], "number of checkpoints >= 1"),
                           (["runs/npedit", "--base", "moved/base"], "cannot load the run's base model 'moved/base'"),
                           (["runs/nothing"], "run folder not found")):
         bad = subprocess.run([sys.executable, "-m", "npedit", "export", *args], cwd=work, env=env,

@@ -2,7 +2,10 @@
 
 The trainer exports `<run>/pipeline` only when a run ends; a run killed halfway, or any earlier
 checkpoint (to compare steps), is exported here from `<run>/checkpoints/step_N`: the student's
-weights plus the frozen parts of the run's `model.base`, with the run's sampler shift.
+weights plus the frozen parts of the run's `model.base`, with the run's sampler shift. With `average=K` the
+student's weights are the mean over the K newest checkpoints up to that step (a uniform average of the late
+iterates, as in stochastic weight averaging: it cancels part of the noise that a constant learning rate leaves
+in the weights).
 """
 
 from __future__ import annotations
@@ -32,14 +35,45 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     raise FileNotFoundError(f"{run_dir} has no complete checkpoint at step {step}; it has step(s) {steps}")
 
 
+def checkpoints_to_average(run_dir: str | Path, step: int | None, count: int) -> list[Path]:
+    """The `count` newest complete checkpoints of a run at or before `step` (default: the newest), oldest first."""
+    if count < 1:
+        raise ValueError(f"--average takes a number of checkpoints >= 1, got {count}")
+    last = find_checkpoint(run_dir, step)
+    found = [p for p in ckpt.checkpoint_dirs(Path(run_dir) / "checkpoints")
+             if ckpt.checkpoint_step(p) <= ckpt.checkpoint_step(last)]
+    if len(found) < count:
+        steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in found)
+        raise ValueError(f"cannot average {count} checkpoints up to step {ckpt.checkpoint_step(last)}: "
+                         f"{run_dir} has only step(s) {steps} there")
+    return found[-count:]
+
+
+def average_into(student, others: list) -> None:
+    """Set the floating-point weights of `student` to their mean with those of the modules `others` (same
+    architecture), accumulated in float32; integer buffers stay the student's."""
+    own = student.state_dict()
+    mean = {k: v.detach().float().clone() for k, v in own.items() if v.is_floating_point()}
+    for i, other in enumerate(others, start=2):
+        theirs = other.state_dict()
+        for k, acc in mean.items():
+            if k not in theirs or theirs[k].shape != acc.shape:
+                raise ValueError(f"the checkpoints to average differ in their weights ({k}): not one architecture")
+            acc += (theirs[k].float() - acc) / i
+    student.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in mean.items()}})
+
+
 def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
-                      base: str | None = None) -> Path:
-    """Save the student of a checkpoint as an `NPEditPipeline` under `out` (default `<run>/exports/step_N`), with
-    the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same model elsewhere)."""
+                      base: str | None = None, average: int = 1) -> Path:
+    """Save the student of a checkpoint as an `NPEditPipeline` under `out` (default `<run>/exports/step_N`, or
+    `step_N-avgK`), with the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same
+    model elsewhere). `average=K` > 1 saves the mean of the student's weights over the K newest checkpoints up to
+    that step."""
     from ..backbones import load_backbone
     from ..pipeline import NPEditPipeline, training_summary
 
-    path = find_checkpoint(run_dir, step)
+    averaged = checkpoints_to_average(run_dir, step, average)
+    path = averaged[-1]
     config_file = path / "config.yaml" if (path / "config.yaml").is_file() else Path(run_dir) / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.yaml in {path} or {run_dir}: cannot tell which base model it trained on")
@@ -53,10 +87,18 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
                 if not Path(base).is_absolute() and base == cfg.model.base else "")
         raise FileNotFoundError(f"cannot load the run's base model {base!r}{hint}: {exc}") from None
     student = backbone.load_transformer(path / "student", for_student=True)  # saved by the trainer's save_pretrained
-    out = Path(out) if out else Path(run_dir) / "exports" / path.name
+    steps = [ckpt.checkpoint_step(p) for p in averaged]
+    if average > 1:
+        average_into(student, (backbone.load_transformer(p / "student", for_student=True) for p in averaged[:-1]))
+    name = path.name if average == 1 else f"{path.name}-avg{average}"
+    out = Path(out) if out else Path(run_dir) / "exports" / name
     pipe = NPEditPipeline.from_parts(student.eval(), backbone, shift=cfg.sampler.shift)
     summary = training_summary(cfg.stage, cfg.model.student or None)
-    pipe.save_pretrained(out, training=f"{summary}; exported from the checkpoint at step {state['step']}")
+    origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
+              f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")
+    pipe.save_pretrained(out, training=f"{summary}; {origin}")
+    extra = {"averaged_steps": steps} if average > 1 else {}
     (out / "training_config.json").write_text(json.dumps(
-        {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base)}, indent=2))
+        {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base), **extra},
+        indent=2))
     return out
