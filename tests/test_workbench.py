@@ -525,7 +525,7 @@ def test_learning_curve_pools_seeds_per_step(tmp_path, capsys):
 
     from npedit.shapes import held_out_cases, reference_form
     from npedit.shapes.scoring import form_group
-    from workbench.benchmarks import learning_curve, main, wilson
+    from workbench.benchmarks import curve_chart, learning_curve, main, wilson
 
     cases = held_out_cases(40, seed=5)
 
@@ -557,6 +557,8 @@ def test_learning_curve_pools_seeds_per_step(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ctrl | 100 | 2 | 80 | 0.500 (" in out and "| start |  | 1 | 40 | 1.000 (" in out
     assert chart.stat().st_size > 1000
+    fig = curve_chart(learning_curve(tmp_path, {"ctrl": "run", "one": "runaway"}))  # one point: an error bar
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["ctrl", "one"]
     with pytest.raises(ValueError, match="no report named zz<step>"):
         learning_curve(tmp_path, {"x": "zz"})
     with pytest.raises(ValueError, match="--form must be one of"):

@@ -335,6 +335,11 @@ def curve_chart(table: pd.DataFrame, form: str | None = None) -> plt.Figure:
     for ax, (col, lo, hi, title) in zip(axes[0], panels):
         for label, part in curves.groupby("series", sort=False):
             steps = part["step"].astype(float).to_numpy()
+            if len(part) == 1:  # one checkpoint: its interval as an error bar (a band needs two)
+                y = part[col].to_numpy()
+                ax.errorbar(steps, y, yerr=[y - part[lo].to_numpy(), part[hi].to_numpy() - y], fmt="o", capsize=3,
+                            label=label)
+                continue
             line, = ax.plot(steps, part[col], marker="o", label=label)
             ax.fill_between(steps, part[lo], part[hi], color=line.get_color(), alpha=0.15, linewidth=0)
         for i, r in enumerate(levels.itertuples(index=False)):
