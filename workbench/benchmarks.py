@@ -8,8 +8,7 @@
     python -m workbench.benchmarks runs/shapes/eval --paired old new --paired old-seed1 new-seed1
     python -m workbench.benchmarks runs/shapes/eval --by-objects new new-seed1 new-seed2
     python -m workbench.benchmarks runs/shapes/eval --by-form new new-seed1 new-seed2
-    python -m workbench.benchmarks runs/shapes/eval --curve control=ctrl mixture=mix --baseline start=bundled \
-        --form shape --chart docs/curve.png
+    python -m workbench.benchmarks runs/shapes/eval --curve control=ctrl mixture=mix --baseline start=bundled --form shape --chart curve.png
 
 `--only` keeps the variants whose names match the given names or shell patterns, in the order given.
 `--paired A B` compares two variants (names, or paths of .json reports) case by case on the same benchmark cases (same n and seed): how often
