@@ -262,18 +262,20 @@ def _parse_series(specs: list[str], option: str) -> dict[str, str]:
     return out
 
 
+def _exact_share(rows: list[dict], key: str = "") -> dict:
+    """{key}n, {key}exact, {key}lo, {key}hi: the share of `rows` exactly right and its 95% Wilson interval."""
+    right = sum(r["exact"] >= 0.5 for r in rows)
+    lo, hi = wilson(right, len(rows))
+    exact = right / len(rows) if rows else float("nan")
+    return {f"{key}n": len(rows), f"{key}exact": exact, f"{key}lo": lo, f"{key}hi": hi}
+
+
 def _pooled_point(directory, names: list[str], form: str | None) -> dict:
     """Exact (and exact of the object edits named by `form`) pooled over the reports `names`."""
     rows = [r for name in names for r in (rows_with_objects(directory, name) if form else case_rows(directory, name)[1])]
-    right = sum(r["exact"] >= 0.5 for r in rows)
-    lo, hi = wilson(right, len(rows))
-    point = {"reports": len(names), "n": len(rows), "exact": right / len(rows), "lo": lo, "hi": hi}
+    point = {"reports": len(names), **_exact_share(rows)}
     if form:
-        picked = [r for r in rows if form_group(r) == form]
-        k = sum(r["exact"] >= 0.5 for r in picked)
-        flo, fhi = wilson(k, len(picked))
-        point.update({"form_n": len(picked), "form_exact": k / len(picked) if picked else float("nan"),
-                      "form_lo": flo, "form_hi": fhi})
+        point.update(_exact_share([r for r in rows if form_group(r) == form], "form_"))
     return point
 
 
