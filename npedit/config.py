@@ -127,8 +127,18 @@ class OptimConfig:
     # Student parameters kept as they are, by name or name prefix (e.g. ref_encoder.gate, ref_encoder.body,
     # transformer_blocks.0); each must name at least one parameter.
     frozen: tuple[str, ...] = ()
+    # A step-down at the end: the last `final_share` of the run (of max_steps, or of max_minutes when that limit is
+    # set and ends the run first) trains the student at lr times `final_lr_scale` (the critic keeps its lr). On the
+    # Shapes CPU runs a constant lr swung exact by ~0.03 between checkpoints; ~1,000 steps at a quarter of the rate
+    # after 10,535 took that out and added 0.025 (README). 0 = no step-down.
+    final_share: float = 0.0
+    final_lr_scale: float = 1.0
 
     def __post_init__(self):
+        if not 0 <= self.final_share < 1:
+            raise ValueError(f"optim.final_share is a share of the run in [0, 1), got {self.final_share}")
+        if self.final_lr_scale <= 0:
+            raise ValueError(f"optim.final_lr_scale must be > 0, got {self.final_lr_scale}")
         if any(not f.strip() for f in self.frozen):
             raise ValueError("optim.frozen names parameters (or name prefixes); an empty name freezes everything")
         if self.reference_encoder_lr_scale <= 0:

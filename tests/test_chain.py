@@ -101,7 +101,9 @@ def test_editor_stage_large_batch_runs_and_their_baselines(tmp_path):
     assert (mix.data.forms, mix.data.filter_share, mix.data.batch_size, mix.optim.lr) == (("shape",), 0.5, 512, 2e-5)
     assert (mix.loss.lambda_target, mix.loss.lambda_dmd, mix.loss.lambda_vlm, mix.data.do_nothing_prob) == (1, 0, 0, 0)
     plain = _check(run.run_args("npedit", "u", "s", 5, se.RUNS["unroll-b512-lr2e-5"][1]))
-    assert plain.data.forms == () and plain.loss.lambda_target == 1
+    assert plain.data.forms == () and plain.loss.lambda_target == 1 and plain.optim.final_share == 0
+    final = _check(run.run_args("npedit", "v", "s", 5, se.RUNS["unroll-b512-lr2e-5-final"][1]))
+    assert (final.optim.final_share, final.optim.final_lr_scale, final.loss.lambda_target) == (0.15, 0.25, 1)
     pairfree = run.run_args("npedit", "npedit", "w", 5, [], judge_path=run.pairfree_judge)
     assert "judge.path=other/judge" in pairfree and _check(pairfree).data.batch_size == 128
     assert run.equal_name("sft-npedit") == "sft-equal"

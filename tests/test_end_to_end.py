@@ -261,6 +261,34 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
         Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}", *common]))
 
 
+def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path, tiny_zimage, tiny_manifest):
+    """optim.final_share: the last share of max_steps (or of max_minutes) trains the student at lr x
+    final_lr_scale; the critic keeps its lr; a run stopped in that phase resumes in it."""
+    import time
+
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    common = ["stage=npedit", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "loss.lambda_vlm=0", "critic_steps=1", "log_every=1", "save_every=0", "optim.lr=1e-4",
+              "optim.final_share=0.5", "optim.final_lr_scale=0.25", "optim.skip_grad_norm=1e9"]
+    trainer = Trainer(load_config(None, [f"output_dir={tmp_path}/r", "max_steps=4", *common]))
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-4, 2.5e-5, 2.5e-5])  # steps 3 and 4 of 4: the last half
+    assert trainer.opt_critic.param_groups[0]["lr"] == pytest.approx(1e-4)
+    state = json.loads((tmp_path / "r/checkpoints/step_000004/trainer_state.json").read_text())
+    assert state["final_phase"] is True
+    # resumed with a later end (step 4 is no longer in the last half of 10): still stepped down
+    again = Trainer(load_config(None, [f"output_dir={tmp_path}/r", "max_steps=10", "max_minutes=100", *common]))
+    assert again.resume() and again.opt_student.param_groups[0]["lr"] == pytest.approx(2.5e-5)
+    # by wall-clock: 60% of a 1-minute limit has passed, so the last half has begun; not so at 40%
+    fresh = Trainer(load_config(None, [f"output_dir={tmp_path}/c", "max_steps=10", "max_minutes=1", *common]))
+    assert fresh._final_phase_begins(time.monotonic() - 36) and not fresh._final_phase_begins(time.monotonic() - 24)
+    with pytest.raises(ValueError, match="final_share"):
+        load_config(None, ["optim.final_share=1"])
+
+
 def test_missing_default_model_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NPEDIT_ASSETS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", "x.png", "--instruction", "a",

@@ -78,6 +78,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.acc.process_index)
         self.step = 0
         self.skipped = {"student": 0, "critic": 0}
+        self.final_phase = False  # in the last optim.final_share of the run (the student's lr stepped down)
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
@@ -111,7 +112,7 @@ class Trainer:
         for net in (self.student, self.critic):
             if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
-        self.opt_student, self.sched_student = self._optimizer(self.student)
+        self.opt_student, self.sched_student = self._optimizer(self.student, final=True)
         self.opt_critic, self.sched_critic = self._optimizer(self.critic) if self.critic is not None else (None, None)
         dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.lambda_target > 0)
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
@@ -137,7 +138,9 @@ class Trainer:
             for k in hit:
                 params[k].requires_grad_(False)
 
-    def _optimizer(self, net):
+    def _optimizer(self, net, final: bool = False):
+        """AdamW over `net`'s trainable parameters, with the linear warm-up; with `final`, also the step-down of
+        the run's last share (`self.final_phase`)."""
         o = self.cfg.optim
         encoder = getattr(net, "ref_encoder", None)  # the student's reference encoder, if any, at its own lr
         own = {id(p) for p in encoder.parameters()} if encoder is not None else set()
@@ -150,8 +153,19 @@ class Trainer:
             raise ValueError("optim.frozen leaves nothing of the student to train")
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         warm = max(1, o.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return opt, sched
+
+        def factor(s: int) -> float:
+            return min(1.0, (s + 1) / warm) * (o.final_lr_scale if final and self.final_phase else 1.0)
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    @staticmethod
+    def _refresh_lr(sched) -> None:
+        """Set each parameter group's lr from the schedule now (after a resume, or when the final phase begins),
+        not only at the scheduler's next step."""
+        for g, lr in zip(sched.optimizer.param_groups, [f(sched.last_epoch) * b for f, b in
+                                                         zip(sched.lr_lambdas, sched.base_lrs)]):
+            g["lr"] = lr
 
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.gen).to(like.device, like.dtype)
@@ -351,13 +365,19 @@ class Trainer:
         start = time.monotonic()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process, desc=cfg.stage)
         while self.step < cfg.max_steps:
+            if not self.final_phase and self._final_phase_begins(start):
+                self.final_phase = True
+                self._refresh_lr(self.sched_student)
+                self.acc.print(f"step {self.step}: the last {cfg.optim.final_share:.0%} of the run; student lr x "
+                               f"{cfg.optim.final_lr_scale:g} from here")
+            lr = self.opt_student.param_groups[0]["lr"]  # the student's lr in this iteration
             metrics = self.iteration()
             self.step += 1
             bar.update(1)
             out_of_time = self._out_of_time(start)
             last = self.step == cfg.max_steps or out_of_time
             if self.step % cfg.log_every == 0 or last:
-                metrics.update({"lr": self.sched_student.get_last_lr()[0], "skipped_student": self.skipped["student"],
+                metrics.update({"lr": lr, "skipped_student": self.skipped["student"],
                                 "skipped_critic": self.skipped["critic"], "elapsed_s": time.monotonic() - start})
                 self.metrics.log(self.step, metrics)
                 bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items() if k.endswith("loss")})
@@ -371,6 +391,22 @@ class Trainer:
         bar.close()
         self.metrics.close()
         return self.export()
+
+    def _final_phase_begins(self, start: float) -> bool:
+        """True once the run is in its last `optim.final_share`, by steps or (with max_minutes) by wall-clock;
+        every process takes the main process's answer."""
+        share = self.cfg.optim.final_share
+        if share <= 0:
+            return False
+        if self.step >= (1 - share) * self.cfg.max_steps:
+            return True
+        if not self.cfg.max_minutes:
+            return False
+        flag = torch.tensor([float(time.monotonic() - start >= 60 * (1 - share) * self.cfg.max_minutes)],
+                            device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = broadcast(flag, from_process=0)
+        return bool(flag.item())
 
     def _out_of_time(self, start: float) -> bool:
         """True once `max_minutes` have passed; every process takes the main process's answer."""
@@ -439,6 +475,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": self.step, "skipped": self.skipped, "stage": self.cfg.stage,
+                     "final_phase": self.final_phase,
                      "sched_student": self.sched_student.state_dict()["last_epoch"],
                      "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -460,11 +497,11 @@ class Trainer:
             ckpt.load_module_weights(self.critic, path / "critic")
             ckpt.optimizer_state_from_files(self.opt_critic, path / "optimizer_critic")
             self.sched_critic.last_epoch = state["sched_critic"]
+        # a run stopped in its final phase resumes there (if this config steps down at all)
+        self.final_phase = bool(state.get("final_phase")) and self.cfg.optim.final_share > 0
         for sched in (self.sched_student, self.sched_critic):
             if sched is not None:
-                for g, lr in zip(sched.optimizer.param_groups, [f(sched.last_epoch) * b for f, b in
-                                                                 zip(sched.lr_lambdas, sched.base_lrs)]):
-                    g["lr"] = lr
+                self._refresh_lr(sched)
         rng = path / f"rng_{self.acc.process_index}"
         if Path(str(rng) + ".json").is_file():
             ckpt.rng_state_from_files(rng, self._generators())
