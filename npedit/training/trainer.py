@@ -400,19 +400,15 @@ class Trainer:
             return False
         if self.step >= (1 - share) * self.cfg.max_steps:
             return True
-        if not self.cfg.max_minutes:
-            return False
-        flag = torch.tensor([float(time.monotonic() - start >= 60 * (1 - share) * self.cfg.max_minutes)],
-                            device=self.acc.device)
-        if self.acc.num_processes > 1:
-            flag = broadcast(flag, from_process=0)
-        return bool(flag.item())
+        return bool(self.cfg.max_minutes) and self._minutes_passed(start, (1 - share) * self.cfg.max_minutes)
 
     def _out_of_time(self, start: float) -> bool:
         """True once `max_minutes` have passed; every process takes the main process's answer."""
-        if not self.cfg.max_minutes:
-            return False
-        flag = torch.tensor([float(time.monotonic() - start > 60 * self.cfg.max_minutes)], device=self.acc.device)
+        return bool(self.cfg.max_minutes) and self._minutes_passed(start, self.cfg.max_minutes)
+
+    def _minutes_passed(self, start: float, minutes: float) -> bool:
+        """Whether `minutes` of wall-clock have passed since `start`, as the main process sees it."""
+        flag = torch.tensor([float(time.monotonic() - start >= 60 * minutes)], device=self.acc.device)
         if self.acc.num_processes > 1:
             flag = broadcast(flag, from_process=0)
         return bool(flag.item())
