@@ -186,9 +186,27 @@ STAGE_SUMMARIES = {
 }
 
 
-def training_summary(stage: str, student: str | None = None) -> str:
-    """One sentence on how a stage's export was trained, naming the checkpoint it continued from."""
+def training_summary(stage: str, student: str | None = None, loss=None, data_train: str | None = None) -> str:
+    """One sentence on how a stage's export was trained, naming the checkpoint it continued from. For stage
+    `npedit`, `loss` (a LossConfig) says which signals were on: the card must not say "no pairs" for a run that
+    regressed onto true edits (`loss.lambda_target` > 0 with `data_train` "shapes"), nor name a judge or DMD that
+    had weight 0."""
     summary = STAGE_SUMMARIES.get(stage, f"trained by the {stage!r} stage")
+    if stage == "npedit" and loss is not None:
+        signals = [name for name, weight in (("a frozen vision-language judge", loss.lambda_vlm),
+                                             ("distribution matching against a text-to-image teacher", loss.lambda_dmd))
+                   if weight > 0]
+        if loss.lambda_target > 0:
+            paired = data_train == "shapes"
+            summary = ("trained by unrolled regression: its sampled few-step output is pulled towards each sample's "
+                       "target image (`loss.lambda_target`), "
+                       + ("here the true edit, so this stage uses before/after pairs" if paired else
+                          "from the training data (pairs if those targets are true edits)")
+                       + (", alongside " + " and ".join(signals) if signals else ", with no judge and no DMD"))
+        elif len(signals) < 2:
+            summary = ("trained with NP-Edit, no before/after pairs in this stage, with "
+                       + (signals[0] + " only (the other loss weight is 0)" if signals else
+                          "every loss weight at 0 (it did not learn)"))
     return summary + (f" (its student started from `{student}`)" if student else "")
 
 

@@ -57,3 +57,18 @@ def test_model_card_says_how_each_stage_trained():
     assert "no before/after pairs" in training_summary("npedit", "runs/sft/pipeline")
     assert "`runs/sft/pipeline`" in training_summary("npedit", "runs/sft/pipeline")
     assert "started from" not in training_summary("warmup")
+
+
+def test_model_card_names_the_signals_an_npedit_run_used():
+    from npedit.config import LossConfig
+    from npedit.pipeline import training_summary
+
+    full = training_summary("npedit", None, LossConfig(), "cases.jsonl")
+    assert "no before/after pairs" in full and "judge" in full
+    unroll = training_summary("npedit", "editor", LossConfig(lambda_target=1, lambda_vlm=0, lambda_dmd=0), "shapes")
+    assert "no before/after pairs" not in unroll and "uses before/after pairs" in unroll
+    assert "no judge and no DMD" in unroll and "`editor`" in unroll
+    own = training_summary("npedit", None, LossConfig(lambda_target=0.5), "verdicts.jsonl")
+    assert "uses before/after pairs" not in own and "judge" in own and "distribution matching" in own
+    dmd_only = training_summary("npedit", None, LossConfig(lambda_vlm=0), "shapes")
+    assert "distribution matching" in dmd_only and "judge" not in dmd_only and "only" in dmd_only

@@ -512,7 +512,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             pipe = NPEditPipeline.from_parts(self.student, self.backbone, shift=self.cfg.sampler.shift)
-            pipe.save_pretrained(out, training=training_summary(self.cfg.stage, self.cfg.model.student or None))
+            summary = training_summary(self.cfg.stage, self.cfg.model.student or None, self.cfg.loss, self.cfg.data.train)
+            pipe.save_pretrained(out, training=summary)
             (out / "training_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
             if self.critic is not None:
                 self.critic.save_pretrained(self.run_dir / "critic", safe_serialization=True)
