@@ -79,9 +79,9 @@ class App:
         if self.models.paths.model:
             label = "bundled Shapes editor" if Path(self.models.paths.model) == assets.DEFAULT_MODEL else "started with"
             out.append((f"{label}: {self.models.paths.model}", self.models.paths.model))
-        second = str(assets.SFT_NPEDIT_MODEL)
-        if (assets.SFT_NPEDIT_MODEL / "model_index.json").is_file() and second != self.models.paths.model:
-            out.append((f"bundled, paired SFT then NP-Edit (trained with pairs): {second}", second))
+        for folder, how in assets.EXTRA_EDITORS:
+            if (folder / "model_index.json").is_file() and str(folder) != self.models.paths.model:
+                out.append((f"{how}: {folder}", str(folder)))
         return out + [c for c in runs.finished_editors(self.runs_root) if c[1] != self.models.paths.model]
 
 

@@ -2,6 +2,9 @@
 
     python scripts/bundle_shapes_assets.py --editor runs/shapes/npedit/pipeline --critic runs/shapes/npedit/critic \
         --teacher runs/shapes/teacher/base --judge runs/shapes/judge/final
+    # one more opt-in editor beside the default (assets/shapes/<name>), its whole training history in its card:
+    python scripts/bundle_shapes_assets.py --add-editor runs/x/exports/step_000150 --name editor-unroll-npedit \
+        --history "Trained first with ..., then ..."
 Only safetensors weights and small config/tokenizer files are copied; the total size is printed.
 """
 
@@ -37,20 +40,25 @@ def copy_model(src: Path, dst: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", type=Path, required=True)
+    ap.add_argument("--editor", type=Path, help="the default editor (an NPEditPipeline folder)")
     ap.add_argument("--critic", type=Path)
-    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--teacher", type=Path)
     ap.add_argument("--judge", type=Path)
+    ap.add_argument("--add-editor", type=Path, help="bundle only this editor, as assets/shapes/<--name>")
+    ap.add_argument("--name", help="folder name of the --add-editor editor, e.g. editor-unroll-npedit")
+    ap.add_argument("--history", default="", help="a paragraph on how --add-editor was trained, for its card")
     ap.add_argument("--out", type=Path, default=ASSETS_DIR)
     args = ap.parse_args()
     shapes = args.out / "shapes"
-    copy_model(args.editor, shapes / "editor")
-    (shapes / "editor" / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}))
-    cfg_file = shapes / "editor" / "training_config.json"
-    if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
-        cfg = json.loads(cfg_file.read_text())
-        cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher", "trained_from": cfg["model"]["base"]}
-        cfg_file.write_text(json.dumps(cfg, indent=2))
+    if args.add_editor:
+        if not args.name or "/" in args.name or args.name in {"editor", "teacher", "critic", "judge", "fast-vae"}:
+            raise SystemExit("error: --add-editor needs --name, a new folder name such as editor-unroll-npedit")
+        bundle_editor(args.add_editor, shapes / args.name, args.history)
+        report(args.out)
+        return
+    if not args.editor or not args.teacher:
+        raise SystemExit("error: pass --editor and --teacher (or --add-editor with --name)")
+    bundle_editor(args.editor, shapes / "editor")
     copy_model(args.teacher, shapes / "teacher")
     if args.critic:
         copy_model(args.critic, shapes / "critic")
@@ -65,11 +73,31 @@ def main() -> None:
         rows.append({"image": path.name, "instruction": case.instruction, "caption_target": case.caption_target,
                      "edit_type": case.edit_type, "object_name": case.object_name or "", "keep": case.keep})
     (examples / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"assets: {total / 2**20:.1f} MiB in {args.out}")
-    for sub in sorted(shapes.iterdir()):
+    report(args.out)
+
+
+def bundle_editor(src: Path, dst: Path, history: str = "") -> None:
+    """Copy an editor pipeline to `dst`, mark it as a Shapes editor, point its provenance at the bundled teacher
+    and add `history` (how it was trained, all stages) to its model card."""
+    copy_model(src, dst)
+    (dst / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}))
+    cfg_file = dst / "training_config.json"
+    if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
+        cfg = json.loads(cfg_file.read_text())
+        cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher", "trained_from": cfg["model"]["base"]}
+        cfg_file.write_text(json.dumps(cfg, indent=2))
+    card = dst / "README.md"
+    if history and card.is_file():
+        card.write_text(card.read_text().rstrip("\n") + "\n\n## Training history\n\n" + history.strip() + "\n")
+
+
+def report(out: Path) -> None:
+    """Print the size of assets/ and of each bundled model."""
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"assets: {total / 2**20:.1f} MiB in {out}")
+    for sub in sorted((out / "shapes").iterdir()):
         size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
-        print(f"  {sub.name:8s} {size / 2**20:6.1f} MiB")
+        print(f"  {sub.name:20s} {size / 2**20:6.1f} MiB")
 
 
 if __name__ == "__main__":

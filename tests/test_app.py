@@ -59,15 +59,16 @@ def test_ui_builds_without_launching(tiny_set, tmp_path):
     assert not any(name.startswith("/on_") or name == "/lambda" for name in api)  # UI helpers stay private
 
 
-def test_editor_choices_offer_the_second_bundled_editor(tiny_set, tmp_path):
+def test_editor_choices_offer_the_other_bundled_editors(tiny_set, tmp_path):
     from npedit import assets
 
     app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
     choices = app.editor_choices()
     assert choices[0][1] == tiny_set["model"]
-    second = [c for c in choices if c[1] == str(assets.SFT_NPEDIT_MODEL)]
-    assert bool(second) == (assets.SFT_NPEDIT_MODEL / "model_index.json").is_file()
-    assert all("trained with pairs" in label for label, _ in second)
+    for folder in (assets.SFT_NPEDIT_MODEL, assets.UNROLL_NPEDIT_MODEL):
+        offered = [c for c in choices if c[1] == str(folder)]
+        assert bool(offered) == (folder / "model_index.json").is_file()
+        assert all("trained with pairs" in label for label, _ in offered)
 
 
 def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):

@@ -1,0 +1,91 @@
+"""The bundled Shapes-world models: safetensors only, within the size budget, each editor a loadable pipeline with
+a model card, and the editor the app calls the most accurate really edits better than the other bundled ones."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from npedit import assets
+from script_modules import load_script
+
+BUDGET_MB = 80  # issue: the final models in the NPEditPipeline layout, plus the judge, under 80 MB in all
+PICKLES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+EDITORS = [assets.DEFAULT_MODEL, *(folder for folder, _ in assets.EXTRA_EDITORS)]
+
+bundled = pytest.mark.skipif(not (assets.DEFAULT_MODEL / "model_index.json").is_file(),
+                             reason="bundled assets not present")
+
+
+@bundled
+def test_bundled_weights_are_safetensors_within_the_budget():
+    files = [p for p in assets.SHAPES_DIR.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in PICKLES]
+    assert any(p.suffix == ".safetensors" for p in files)
+    total = sum(p.stat().st_size for p in assets.ASSETS_DIR.rglob("*") if p.is_file()) / 2**20
+    assert total < BUDGET_MB, f"assets/ holds {total:.1f} MB"
+
+
+@bundled
+@pytest.mark.parametrize("folder", EDITORS, ids=lambda p: Path(p).name)
+def test_each_bundled_editor_is_a_pipeline_with_a_card(folder):
+    if not (folder / "model_index.json").is_file():
+        pytest.skip(f"{folder.name} not bundled")
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "npedit_domain.json").is_file()  # the CLI and the app know it edits Shapes scenes
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers")
+    if folder != assets.DEFAULT_MODEL:  # the opt-in editors have seen pairs, and their cards say so
+        assert "pairs" in card and "paired" in card
+
+
+@bundled
+def test_the_most_accurate_bundled_editor_beats_the_second_on_held_out_cases():
+    import torch
+
+    from npedit import NPEditPipeline
+    from npedit.shapes import held_out_cases
+    from npedit.shapes.evaluate import evaluate, pipeline_editor
+
+    if not (assets.UNROLL_NPEDIT_MODEL / "model_index.json").is_file():
+        pytest.skip("the third editor is not bundled")
+    torch.set_num_threads(1)
+    cases = held_out_cases(60, seed=11)
+    exact = {}
+    for folder in (assets.SFT_NPEDIT_MODEL, assets.UNROLL_NPEDIT_MODEL):
+        pipe = NPEditPipeline.from_pretrained(str(folder))
+        _, summary = evaluate(pipeline_editor(pipe, seed=0), cases, progress=False)
+        exact[folder.name] = summary["overall"]["exact"]
+    assert exact["editor-unroll-npedit"] > exact["editor-sft-npedit"], exact
+
+
+def test_bundle_script_adds_one_editor_with_its_history(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "export"
+    (src / "transformer").mkdir(parents=True)
+    (src / "model_index.json").write_text("{}")
+    (src / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (src / "transformer" / "stray.bin").write_bytes(b"a pickle")  # never bundled
+    (src / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# NP-Edit editor (sd3)\n\nLast stage.\n")
+    (src / "training_config.json").write_text(json.dumps({"model": {"base": "runs/teacher/base"}}))
+    bundle = load_script("bundle_shapes_assets")
+    out = tmp_path / "assets"
+    for bad in ([], ["--name", "editor"], ["--name", "a/b"]):
+        monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), "--add-editor", str(src), *bad])
+        with pytest.raises(SystemExit, match="--add-editor needs --name"):
+            bundle.main()
+    monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out)])
+    with pytest.raises(SystemExit, match="pass --editor and --teacher"):
+        bundle.main()
+    monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), "--add-editor", str(src), "--name", "editor-x",
+                                      "--history", "Paired SFT first, then NP-Edit."])
+    bundle.main()
+    dst = out / "shapes" / "editor-x"
+    assert (dst / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+    assert not (dst / "transformer" / "stray.bin").exists()
+    assert json.loads((dst / "npedit_domain.json").read_text()) == {"domain": "shapes", "resolution": 64}
+    model = json.loads((dst / "training_config.json").read_text())["model"]
+    assert model == {"base": "assets/shapes/teacher", "trained_from": "runs/teacher/base"}
+    card = (dst / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name") and card.endswith("## Training history\n\nPaired SFT first, then NP-Edit.\n")
+    assert "editor-x" in capsys.readouterr().out and sorted(p.name for p in (out / "shapes").iterdir()) == ["editor-x"]
