@@ -1,5 +1,5 @@
 """The bundled Shapes-world models: safetensors only, within the size budget, each editor a loadable pipeline with
-a model card, and the editor the app calls the most accurate really edits better than the other bundled ones."""
+a model card, and the editor the app calls the most accurate really edits better than the second one."""
 
 import json
 import sys
