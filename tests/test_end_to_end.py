@@ -253,6 +253,9 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
     assert metrics["target_loss"] > 0 and metrics["student_skipped"] == 0
     assert not {"dmd_loss", "vlm_loss", "critic_fm_loss"} & set(metrics)  # only the regression was asked for
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    # the line a run prints first names where the student starts and every loss it trains with
+    assert trainer.describe() == (f"npedit from step 0 | student from the teacher ({tiny_zimage}) | 2 samples per update"
+                                  f" | lr 2e-05 | losses: true edits x1 -> {tmp_path}/t")
     lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
     bare = tmp_path / "no-targets.jsonl"
     bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"
@@ -261,7 +264,8 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
         Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}", *common]))
 
 
-def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path, tiny_zimage, tiny_manifest):
+def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path, tiny_zimage, tiny_manifest,
+                                                                          capsys):
     """optim.final_share: the last share of max_steps (or of max_minutes) trains the student at lr x
     final_lr_scale; the critic keeps its lr; a run stopped in that phase resumes in it."""
     import time
@@ -274,6 +278,7 @@ def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path
               "optim.final_share=0.5", "optim.final_lr_scale=0.25", "optim.skip_grad_norm=1e9"]
     trainer = Trainer(load_config(None, [f"output_dir={tmp_path}/r", "max_steps=4", *common]))
     trainer.train()
+    assert "losses: DMD x" in capsys.readouterr().out  # the start line (Trainer.describe)
     rows = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-4, 2.5e-5, 2.5e-5])  # steps 3 and 4 of 4: the last half
     assert trainer.opt_critic.param_groups[0]["lr"] == pytest.approx(1e-4)

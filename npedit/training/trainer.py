@@ -355,6 +355,21 @@ class Trainer:
         return loss, metrics
 
     # ---- the loop ---------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line on what this run starts from and trains with, printed when it starts (so that, say, an empty
+        `model.student=` shows up as "from the teacher" before hours of training)."""
+        cfg, lc = self.cfg, self.cfg.loss
+        student = f"student from {cfg.model.student}" if cfg.model.student else f"student from the teacher ({cfg.model.base})"
+        per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
+        parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update", f"lr {cfg.optim.lr:g}"]
+        if cfg.stage == "npedit":
+            signals = [f"{name} x{w:g}" for name, w in (("DMD", lc.lambda_dmd), ("true edits", lc.lambda_target))
+                       if w > 0]
+            if self.judge is not None:
+                signals.insert(1 if lc.lambda_dmd > 0 else 0, f"judge {cfg.judge.path} x{lc.lambda_vlm:g}")
+            parts.append("losses: " + (", ".join(signals) or "none"))
+        return " | ".join(parts) + f" -> {self.run_dir}"
+
     def train(self) -> Path:
         """Run to `max_steps` (or until `max_minutes` of wall-clock), logging, sampling and checkpointing at
         intervals; returns the exported pipeline."""
@@ -362,6 +377,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        self.acc.print(self.describe())
         start = time.monotonic()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process, desc=cfg.stage)
         while self.step < cfg.max_steps:
