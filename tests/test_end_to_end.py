@@ -254,8 +254,8 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
     assert not {"dmd_loss", "vlm_loss", "critic_fm_loss"} & set(metrics)  # only the regression was asked for
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     # the line a run prints first names where the student starts and every loss it trains with
-    assert trainer.describe() == (f"npedit from step 0 | student from the teacher ({tiny_zimage}) | 2 samples per update"
-                                  f" | lr 2e-05 | losses: true edits x1 -> {tmp_path}/t")
+    assert trainer.describe() == (f"npedit from step 0 | student from the teacher ({tiny_zimage}) | "
+                                  f"2 samples per update | lr 2e-05 | losses: true edits x1 -> {tmp_path}/t")
     lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
     bare = tmp_path / "no-targets.jsonl"
     bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"

@@ -359,9 +359,11 @@ class Trainer:
         """One line on what this run starts from and trains with, printed when it starts (so that, say, an empty
         `model.student=` shows up as "from the teacher" before hours of training)."""
         cfg, lc = self.cfg, self.cfg.loss
-        student = f"student from {cfg.model.student}" if cfg.model.student else f"student from the teacher ({cfg.model.base})"
+        student = (f"student from {cfg.model.student}" if cfg.model.student else
+                   f"student from the teacher ({cfg.model.base})")
         per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
-        parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update", f"lr {cfg.optim.lr:g}"]
+        parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
+                 f"lr {cfg.optim.lr:g}"]
         if cfg.stage == "npedit":
             signals = [f"{name} x{w:g}" for name, w in (("DMD", lc.lambda_dmd), ("true edits", lc.lambda_target))
                        if w > 0]
