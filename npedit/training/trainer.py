@@ -365,10 +365,9 @@ class Trainer:
         parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
                  f"lr {cfg.optim.lr:g}"]
         if cfg.stage == "npedit":
-            signals = [f"{name} x{w:g}" for name, w in (("DMD", lc.lambda_dmd), ("true edits", lc.lambda_target))
-                       if w > 0]
-            if self.judge is not None:
-                signals.insert(1 if lc.lambda_dmd > 0 else 0, f"judge {cfg.judge.path} x{lc.lambda_vlm:g}")
+            weights = (("DMD", lc.lambda_dmd), (f"judge {cfg.judge.path}", lc.lambda_vlm),
+                       ("true edits", lc.lambda_target))
+            signals = [f"{name} x{w:g}" for name, w in weights if w > 0]
             parts.append("losses: " + (", ".join(signals) or "none"))
         return " | ".join(parts) + f" -> {self.run_dir}"
 
