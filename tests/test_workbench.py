@@ -299,7 +299,7 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
 def test_shipped_recipes_load_and_become_presets(tiny_set):
     """Every configs/shapes recipe validates, and the Train tab offers each one with the recipe's own knobs."""
     recipes = sorted(presets.RECIPES.glob("*.yaml"))
-    assert {p.stem for p in recipes} >= {"warmup", "npedit", "sft", "npedit-from-sft"}
+    assert {p.stem for p in recipes} >= {"warmup", "npedit", "sft", "npedit-from-sft", "unroll"}
     for path in recipes:
         load_config(path)  # raises on an unknown key or a bad value
     offered = {p.config_file for p in presets.PRESETS.values()}
@@ -312,6 +312,15 @@ def test_shipped_recipes_load_and_become_presets(tiny_set):
     cfg = presets.check_train_args(args)
     assert cfg.data.pool == 2_000_000 and cfg.judge.temperature_warmup_steps == 100  # from the file, not the knobs
     assert cfg.gradient_accumulation_steps == 8 and cfg.model.student == tiny_set["model"]
+    unroll = presets.PRESETS["Shapes unrolled regression (pairs)"]
+    assert (unroll.lambda_dmd, unroll.lambda_vlm, unroll.batch_size) == (0.0, 0.0, 32)
+    args = presets.train_args(unroll.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
+                              student=tiny_set["model"], data="shapes", config_file=unroll.config_file)
+    cfg = presets.check_train_args(args)
+    assert cfg.loss.lambda_target == 1.0 and cfg.judge.path == ""  # the regression from the file; no judge loaded
+    with pytest.raises(ValueError, match="true edit.*Shapes stream"):
+        presets.check_train_args(presets.train_args(unroll.values(), base=tiny_set["teacher"], judge="",
+                                                    student="", data="cases.jsonl", config_file=unroll.config_file))
 
 
 def _wait(run, until, timeout=120.0):

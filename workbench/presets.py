@@ -102,6 +102,11 @@ def build_presets() -> dict[str, Preset]:
                                           "keep checks, lr 2e-5, updates of 8 x 64 samples.")
     if from_sft is not None:
         presets["Shapes SFT then NP-Edit (bundled editor's recipe)"] = from_sft
+    unroll = _recipe("unroll", "Unrolled regression (configs/shapes/unroll.yaml; uses pairs): the student runs its "
+                               "4-step sampler and its result is pulled towards the true edit, no judge, no DMD. "
+                               "The stage between the second and third bundled editors; needs the Shapes stream.")
+    if unroll is not None:
+        presets["Shapes unrolled regression (pairs)"] = unroll
     return presets
 
 
@@ -148,6 +153,7 @@ def check_train_args(args: list[str]) -> TrainConfig:
                              ("judge", cfg.judge.path, "--judge"), ("student init", cfg.model.student, "--model")):
         if path and not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
             raise ValueError(f"the {role} {path} {what_is(path)}; type another folder or start the app with {flag}")
-    if cfg.stage == "sft" and cfg.data.train != SHAPES_STREAM:
-        raise ValueError("paired SFT needs target images: tick 'Train on the Shapes stream' (data.train=shapes)")
+    if (cfg.stage == "sft" or cfg.loss.lambda_target > 0) and cfg.data.train != SHAPES_STREAM:
+        what = "paired SFT" if cfg.stage == "sft" else "the regression onto the true edit (loss.lambda_target)"
+        raise ValueError(f"{what} needs target images: tick 'Train on the Shapes stream' (data.train=shapes)")
     return cfg
