@@ -59,7 +59,7 @@ RUNS = {  # runs from the SFT student: name -> (config, extra overrides)
     "sft-more-b512-enc20": ("sft", [*BIG, "optim.lr=1e-4", "optim.reference_encoder_lr_scale=20"]),
     # unroll regression (the 4-step output trained toward the true result), without and with more edits that name
     # their object by shape alone; on the CPU the mixture lifted `the {shape}` under this objective and not under
-    # paired SFT (README, "Why: the editor cannot find an object by its shape")
+    # paired SFT (docs/shapes_experiments.md, "Why: the editor cannot find an object by its shape")
     "unroll-b512-lr2e-5": ("npedit", [*UNROLL, *BIG, "optim.lr=2e-5"]),
     "unroll-b512-lr2e-5-shapemix": ("npedit", [*UNROLL, *BIG, "optim.lr=2e-5", *SHAPE_MIX]),
     # with the step-down at the end that took out the checkpoint-to-checkpoint swing on the CPU (+0.017 to +0.025)

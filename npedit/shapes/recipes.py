@@ -122,7 +122,7 @@ class RefEncoderConfig(RunSettings):
     The editor's own reference tokens barely know the shape of the object they sit on (a linear probe: 0.54-0.65,
     chance 0.33; colour 0.87-0.95), and it fails the edits that name an object by shape alone. The encoder's output
     stays zero, so the written editor edits exactly as before; the editor stage can then read features that already
-    carry the shape (with `optim.reference_encoder_lr_scale`; on CPU budgets it did not: README).
+    carry the shape (with `optim.reference_encoder_lr_scale`; on CPU budgets it did not: docs/shapes_experiments.md).
 
     `gated`: a new encoder gets the normalised, gated output (see `ReferenceEncoder`); its projection is pretrained
     too (the reading heads read its normalised tokens), so the gate, when it opens, lets in token-space vectors that
