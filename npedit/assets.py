@@ -14,12 +14,12 @@ DEFAULT_CRITIC = SHAPES_DIR / "critic"  # the critic (fake score) transformer tr
 # A second, opt-in editor: paired SFT then NP-Edit (it has seen before/after pairs; the default has not).
 SFT_NPEDIT_MODEL = SHAPES_DIR / "editor-sft-npedit"
 # A third, opt-in editor, the most accurate: the second one fine-tuned on its own 4-step output towards the true
-# edits ("unrolled regression", pairs), then NP-Edit again (judge + DMD, no pairs in that last stage).
+# edits ("unrolled regression", pairs), then NP-Edit again (judge + DMD, no pairs), then both in one run (pairs).
 UNROLL_NPEDIT_MODEL = SHAPES_DIR / "editor-unroll-npedit"
 # The opt-in editors the app offers beside the default, with how they were trained.
 EXTRA_EDITORS = (
     (SFT_NPEDIT_MODEL, "bundled, paired SFT then NP-Edit (trained with pairs)"),
-    (UNROLL_NPEDIT_MODEL, "bundled, most accurate: paired SFT, unrolled regression, then NP-Edit (trained with pairs)"),
+    (UNROLL_NPEDIT_MODEL, "bundled, most accurate: paired SFT, unrolled regression and NP-Edit (trained with pairs)"),
 )
 EXAMPLES_DIR = ASSETS_DIR / "examples"
 
