@@ -130,7 +130,8 @@ class OptimConfig:
     # A step-down at the end: the last `final_share` of the run (of max_steps, or of max_minutes when that limit is
     # set and ends the run first) trains the student at lr times `final_lr_scale` (the critic keeps its lr). On the
     # Shapes CPU runs a constant lr swung exact by ~0.03 between checkpoints; ~1,000 steps at a quarter or a half of
-    # the rate took that out and added 0.017-0.025 over the checkpoint they started from (docs/shapes_experiments.md). 0 = no step-down.
+    # the rate took that out and added 0.017-0.025 over the checkpoint they started from
+    # (docs/shapes_experiments.md). 0 = no step-down.
     final_share: float = 0.0
     final_lr_scale: float = 1.0
 
