@@ -252,6 +252,13 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
     metrics = trainer.iteration()
     assert metrics["target_loss"] > 0 and metrics["student_skipped"] == 0
     assert not {"dmd_loss", "vlm_loss", "critic_fm_loss"} & set(metrics)  # only the regression was asked for
+    assert trainer.critic is None and trainer.teacher is None  # nothing held, updated or saved for a DMD not asked for
+    trainer.save_checkpoint()
+    saved = [d.name for d in (tmp_path / "t/checkpoints").iterdir()]
+    assert saved == [f"step_{trainer.step:06d}"] and not (tmp_path / "t/checkpoints" / saved[0] / "critic").exists()
+    with_dmd = Trainer(load_config(None, [f"output_dir={tmp_path}/t", f"data.train={tiny_manifest}", *common,
+                                          "loss.lambda_dmd=0.5"]))
+    assert with_dmd.resume() and with_dmd.critic is not None  # DMD added on resume
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     # the line a run prints first names where the student starts and every loss it trains with
     assert trainer.describe() == (f"npedit from step 0 | student from the teacher ({tiny_zimage}) | "

@@ -101,14 +101,14 @@ class Trainer:
         self._freeze(self.student, cfg.optim.frozen)
         self.critic = None
         self.judge = None
-        if cfg.stage != "npedit":
-            self.teacher = None  # only NP-Edit needs the teacher after the student is initialised
-        else:
+        if cfg.stage == "npedit" and cfg.loss.lambda_dmd > 0:  # DMD's critic starts as the teacher
             self.critic = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
-            if cfg.loss.lambda_vlm > 0:
-                from ..judges import load_judge
+        else:
+            self.teacher = None  # only DMD needs the teacher after the student is initialised
+        if cfg.stage == "npedit" and cfg.loss.lambda_vlm > 0:
+            from ..judges import load_judge
 
-                self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device)
+            self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device)
         for net in (self.student, self.critic):
             if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
@@ -438,8 +438,7 @@ class Trainer:
         if stage == "sft":
             return self._optimise("student", self.sft_loss)
         metrics: dict = {}
-        critic_steps = self.cfg.critic_steps if self.cfg.loss.lambda_dmd > 0 else 0  # VLM-only needs no critic
-        for _ in range(critic_steps):
+        for _ in range(self.cfg.critic_steps if self.critic is not None else 0):  # no DMD loss, no critic
             metrics.update(self._optimise("critic", self.critic_loss))
         metrics.update(self._optimise("student", self.student_loss))
         return metrics
@@ -506,7 +505,9 @@ class Trainer:
         ckpt.load_module_weights(self.student, path / "student")
         ckpt.optimizer_state_from_files(self.opt_student, path / "optimizer_student")
         self.sched_student.last_epoch = state["sched_student"]
-        if self.critic is not None:
+        if self.critic is not None and not (path / "critic").is_dir():  # saved by a run without DMD
+            self.acc.print(f"{path} holds no critic (its run had no DMD loss): the critic starts as the teacher")
+        elif self.critic is not None:
             ckpt.load_module_weights(self.critic, path / "critic")
             ckpt.optimizer_state_from_files(self.opt_critic, path / "optimizer_critic")
             self.sched_critic.last_epoch = state["sched_critic"]
