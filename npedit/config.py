@@ -44,9 +44,15 @@ class ModelConfig:
     # Set the student's gated reference encoder's gate to this value, every channel, before training (0: leave it as
     # it is). With `optim.frozen=[ref_encoder.gate]` the student must learn to work with the features at that level.
     reference_gate_init: float = 0.0
+    # SD3 family: grow the student (fresh or loaded) by this many transformer blocks, inserted before its last one.
+    # Each starts as a copy of its neighbour with its output projections at zero, so the grown student edits exactly
+    # as before and training grows them (more capacity without starting over); 0 = as it is.
+    add_layers: int = 0
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")
+        if not 0 <= self.add_layers <= 64:
+            raise ValueError(f"model.add_layers must be between 0 and 64 blocks, got {self.add_layers}")
         _check(self.reference_mode, REFERENCE_MODES, "model.reference_mode")
         if not 0 <= self.reference_encoder <= 8:
             raise ValueError(f"model.reference_encoder must be between 0 and 8 layers, got {self.reference_encoder}")
@@ -124,6 +130,9 @@ class OptimConfig:
     # The student's reference encoder (model.reference_encoder) learns at lr times this: it starts at zero, and at
     # the lr that fine-tunes the rest it barely moves (its output stayed ~1% of a reference token's over 7,600 steps).
     reference_encoder_lr_scale: float = 1.0
+    # The blocks `model.add_layers` adds in this run learn at lr times this: their outputs start at zero, and at the
+    # small lr that fine-tunes a trained student they would barely grow.
+    new_layers_lr_scale: float = 1.0
     # Student parameters kept as they are, by name or name prefix (e.g. ref_encoder.gate, ref_encoder.body,
     # transformer_blocks.0); each must name at least one parameter.
     frozen: tuple[str, ...] = ()
@@ -142,6 +151,8 @@ class OptimConfig:
             raise ValueError(f"optim.final_lr_scale must be > 0, got {self.final_lr_scale}")
         if any(not f.strip() for f in self.frozen):
             raise ValueError("optim.frozen names parameters (or name prefixes); an empty name freezes everything")
+        if self.new_layers_lr_scale <= 0:
+            raise ValueError(f"optim.new_layers_lr_scale must be > 0, got {self.new_layers_lr_scale}")
         if self.reference_encoder_lr_scale <= 0:
             raise ValueError(f"optim.reference_encoder_lr_scale must be > 0, got {self.reference_encoder_lr_scale}")
 

@@ -451,6 +451,73 @@ def test_reference_encoder_save_load_and_pipeline(backbone, teacher, tmp_path):
     assert out.size == (32, 32)
 
 
+@pytest.mark.parametrize("dual", [False, True])
+def test_add_layers_grows_a_student_that_computes_the_same_and_learns(backbone, tmp_path, dual):
+    """Blocks added before the last one start as the identity on both streams (the grown student edits exactly as
+    before), their zero output projections get gradients first, and the grown student saves and loads with its new depth."""
+    teacher = tiny_sd3_transformer(4, 32, 32, layers=3, dual_attention_layers=(1,) if dual else (),
+                                   qk_norm="rms_norm" if dual else None).eval()
+    student = backbone.prepare_student(teacher).eval()
+    with torch.no_grad():
+        student.ref_embed.normal_(std=0.1)
+    cond = SD3Cond(torch.randn(2, 5, 32), torch.randn(2, 32))
+    x_t, ref, t = _latents(30), _latents(31), torch.tensor([0.4, 0.8])
+    with torch.no_grad():
+        before = backbone.velocity(student, x_t, t, cond, reference=ref)
+    last = student.transformer_blocks[-1]
+    assert backbone.add_layers(student, 0) == (student, [])
+    student, new = backbone.add_layers(student, 2)
+    assert new == [2, 3] and len(student.transformer_blocks) == 5 and student.config.num_layers == 5
+    assert student.transformer_blocks[-1] is last and last.context_pre_only
+    assert tuple(student.config.dual_attention_layers) == ((1, 2, 3) if dual else ())
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(student, x_t, t, cond, reference=ref), before, atol=0, rtol=0)
+    student.train()
+    backbone.velocity(student, x_t, t, cond, reference=ref).square().mean().backward()
+    grown = student.transformer_blocks[2]
+    for layer in (grown.attn.to_out[0], grown.attn.to_add_out, grown.ff.net[2], grown.ff_context.net[2]):
+        assert layer.weight.grad.abs().sum() > 0  # the zero output projections learn first
+    assert grown.ff.net[0].proj.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        grown.ff.net[2].weight.normal_(std=0.1)
+        assert (backbone.velocity(student, x_t, t, cond, reference=ref) - before).abs().max() > 1e-4
+    student.save_pretrained(tmp_path / "grown")
+    back = backbone.load_transformer(tmp_path / "grown", for_student=True)
+    assert back.config.num_layers == 5 and torch.equal(back.transformer_blocks[2].ff.net[2].weight,
+                                                      grown.ff.net[2].weight)
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        backbone.add_layers(backbone.prepare_student(tiny_sd3_transformer(4, 32, 32, layers=1)), 1)
+
+
+def test_trainer_grows_a_loaded_student_and_trains_the_new_blocks_at_their_own_lr(tmp_path, tiny_manifest):
+    from npedit import NPEditPipeline
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    base = build_tiny_sd3(tmp_path / "sd3")
+    common = [f"model.base={base}", f"data.train={tiny_manifest}", "data.batch_size=2", "max_steps=2"]
+    plain = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/w", *common])).train()
+    depth = NPEditPipeline.from_pretrained(plain).transformer.config.num_layers
+    trainer = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/g", f"model.student={plain}",
+                                         "model.add_layers=1", "optim.lr=1e-4", "optim.new_layers_lr_scale=30",
+                                         *common]))
+    assert trainer.new_blocks == [depth - 1] and "grown by 1 block" in trainer.describe()
+    rest, new = trainer.opt_student.param_groups
+    assert new["lr"] == pytest.approx(3e-3) and rest["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in new["params"]} == {id(p) for p in trainer.student.transformer_blocks[depth - 1].parameters()}
+    out_proj = trainer.student.transformer_blocks[depth - 1].ff.net[2].weight.detach().clone()
+    out = trainer.train()
+    pipe = NPEditPipeline.from_pretrained(out)
+    assert pipe.transformer.config.num_layers == depth + 1
+    assert not torch.equal(pipe.transformer.transformer_blocks[depth - 1].ff.net[2].weight, out_proj)  # it learnt
+    again = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/g2", f"model.student={out}", *common]))
+    assert again.student.config.num_layers == depth + 1 and again.new_blocks == []  # a student keeps its depth
+    with pytest.raises(Exception, match="model.add_layers"):
+        load_config(None, ["stage=warmup", "model.add_layers=-1"])
+    with pytest.raises(Exception, match="optim.new_layers_lr_scale"):
+        load_config(None, ["stage=warmup", "optim.new_layers_lr_scale=0"])
+
+
 def test_reference_encoder_is_validated():
     from npedit.config import load_config
 

@@ -31,6 +31,9 @@ def test_no_reference_encoder_in_this_family(parts):
     assert bb.add_reference_encoder(student, 0) is student
     with pytest.raises(ValueError, match="zimage family has no reference encoder"):
         bb.add_reference_encoder(student, 2)
+    assert bb.add_layers(student, 0) == (student, [])
+    with pytest.raises(ValueError, match="zimage family cannot grow a student"):
+        bb.add_layers(student, 1)
 
 
 def test_reference_tokens_are_attended_and_batch_invariant(parts):

@@ -80,6 +80,13 @@ class Backbone(nn.Module):
         `reference_mode` says how it sees the reference where the family offers a choice."""
         raise NotImplementedError
 
+    def add_layers(self, student: nn.Module, count: int) -> tuple[nn.Module, list[int]]:
+        """`student` grown by `count` transformer blocks that start as the identity (so it computes what it did),
+        where the family supports it, and the new blocks' indices; `count` 0 returns it unchanged."""
+        if count:
+            raise ValueError(f"the {self.family} family cannot grow a student (model.add_layers must be 0)")
+        return student, []
+
     def add_reference_encoder(self, student: nn.Module, layers: int, width: int = 64, gated: bool = False) -> nn.Module:
         """`student` with a convolutional encoder of `layers` layers over its reference (0: unchanged), where the
         family offers one; `gated`: its output normalised behind a learnt gate that starts at zero."""

@@ -88,6 +88,7 @@ class Trainer:
             student = self.backbone.load_transformer(cfg.model.student, for_student=True, torch_dtype=torch.float32)
         else:
             student = self.backbone.prepare_student(self.teacher, reference_mode=cfg.model.reference_mode)
+        student, self.new_blocks = self.backbone.add_layers(student, cfg.model.add_layers)
         student = self.backbone.add_reference_encoder(student, cfg.model.reference_encoder,
                                                      gated=cfg.model.reference_encoder_gated)
         if cfg.model.reference_gate_init:
@@ -142,12 +143,16 @@ class Trainer:
         """AdamW over `net`'s trainable parameters, with the linear warm-up; with `final`, also the step-down of
         the run's last share (`self.final_phase`)."""
         o = self.cfg.optim
-        encoder = getattr(net, "ref_encoder", None)  # the student's reference encoder, if any, at its own lr
-        own = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+        scaled = []  # (parameters, lr scale): the student's reference encoder and the blocks added in this run
+        encoder = getattr(net, "ref_encoder", None)
+        if encoder is not None:
+            scaled.append((list(encoder.parameters()), o.reference_encoder_lr_scale))
+        if net is self.student and self.new_blocks:
+            scaled.append(([p for i in self.new_blocks for p in net.transformer_blocks[i].parameters()],
+                           o.new_layers_lr_scale))
+        own = {id(p) for params, _ in scaled for p in params}
         groups = [{"params": [p for p in net.parameters() if id(p) not in own and p.requires_grad]}]
-        if own:
-            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
-                           "lr": o.lr * o.reference_encoder_lr_scale})
+        groups += [{"params": [p for p in params if p.requires_grad], "lr": o.lr * scale} for params, scale in scaled]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("optim.frozen leaves nothing of the student to train")
@@ -361,6 +366,10 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.loss
         student = (f"student from {cfg.model.student}" if cfg.model.student else
                    f"student from the teacher ({cfg.model.base})")
+        if self.new_blocks:
+            n = len(self.new_blocks)
+            student += (f", grown by {n} block{'s' if n > 1 else ''} (at lr x{cfg.optim.new_layers_lr_scale:g})"
+                        if cfg.optim.new_layers_lr_scale != 1 else f", grown by {n} block{'s' if n > 1 else ''}")
         per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
         parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
                  f"lr {cfg.optim.lr:g}"]
