@@ -428,9 +428,10 @@ class SD3Backbone(Backbone):
         text tokens without updating them). Each new block starts as a copy of the block before the insertion
         point whose output projections (attention and feed-forward, image and text stream) are zero, so it passes
         both streams through unchanged and the grown student computes exactly what it did. Its gates stay as
-        copied (open), so those zero projections get a full gradient from the first step, as a LoRA's zero half
-        does; zero gates instead left the new blocks at ~1% of an old block's output after 40 updates of a
-        Shapes fine-tune at 30x the lr. Returns the student and the indices of the new blocks."""
+        copied (open), so the zero projections, whole weight matrices, get a gradient from the first step (as a
+        LoRA's zero half does); zeroing the adaLN gates instead would leave one row per channel to start from
+        (on the Shapes plateau both stayed near zero: docs/shapes_experiments.md). Returns the student and the
+        indices of the new blocks."""
         if count < 0:
             raise ValueError(f"model.add_layers must be >= 0, got {count}")
         blocks = student.transformer_blocks
