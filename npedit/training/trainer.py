@@ -368,8 +368,9 @@ class Trainer:
                    f"student from the teacher ({cfg.model.base})")
         if self.new_blocks:
             n = len(self.new_blocks)
-            student += (f", grown by {n} block{'s' if n > 1 else ''} (at lr x{cfg.optim.new_layers_lr_scale:g})"
-                        if cfg.optim.new_layers_lr_scale != 1 else f", grown by {n} block{'s' if n > 1 else ''}")
+            student += f", grown by {n} block{'s' if n > 1 else ''}"
+            if cfg.optim.new_layers_lr_scale != 1:
+                student += f" (at lr x{cfg.optim.new_layers_lr_scale:g})"
         per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
         parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
                  f"lr {cfg.optim.lr:g}"]
