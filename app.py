@@ -77,9 +77,9 @@ class App:
         """(label, path) of the app's editor and of every finished run's editor."""
         out = []
         if self.models.paths.model:
-            label = "bundled Shapes editor" if Path(self.models.paths.model) == assets.DEFAULT_MODEL else "started with"
+            label = assets.DEFAULT_MODEL_NOTE if Path(self.models.paths.model) == assets.DEFAULT_MODEL else "started with"
             out.append((f"{label}: {self.models.paths.model}", self.models.paths.model))
-        for folder, how in assets.EXTRA_EDITORS:
+        for folder, how in ((assets.DEFAULT_MODEL, assets.DEFAULT_MODEL_NOTE), *assets.EXTRA_EDITORS):
             if (folder / "model_index.json").is_file() and str(folder) != self.models.paths.model:
                 out.append((f"{how}: {folder}", str(folder)))
         return out + [c for c in runs.finished_editors(self.runs_root) if c[1] != self.models.paths.model]
@@ -549,6 +549,9 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
             out = export_checkpoint(app.runs_root / name)
         except (ValueError, FileNotFoundError, OSError) as exc:
             raise _error(exc) from None
+        if Path(out).name == "critic":  # a critic run (stage critic) trains a critic, not an editor
+            return (f"Exported **{name}**'s newest checkpoint to `{out}`: a critic, for DMD maps; start the app with "
+                    f"`--critic {out}` or copy it into its editor's folder as `critic/`.")
         return f"Exported **{name}**'s newest checkpoint to `{out}`: pick it in the Edit tab's model list (↻)."
 
     refresh.click(on_refresh, selected, [table, selected, keys, one], api_visibility="private")

@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep, p_change} lines")
     j.set_defaults(func=cmd_judge)
 
-    t = sub.add_parser("train", help="train a stage (warmup, npedit, sft)")
+    t = sub.add_parser("train", help="train a stage (warmup, npedit, sft; critic: fit a critic to an editor)")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=100 optim.lr=1e-4")

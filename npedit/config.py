@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("warmup", "npedit", "sft")
+STAGES = ("warmup", "npedit", "sft", "critic")
 DTYPES = ("float32", "bfloat16", "float16")
 VLM_LOSSES = ("yes_no", "full_vocab")
 REFERENCE_MODES = ("tokens", "channels")  # how an SD3-family student sees the reference (backbones/sd3.py)
@@ -188,7 +188,9 @@ class SamplerConfig:
 class TrainConfig:
     """Everything one `python -m npedit train` run needs."""
 
-    stage: str = "npedit"  # "warmup" (identity), "npedit" (judge + DMD, no pairs) or "sft" (paired baseline)
+    # "warmup" (identity), "npedit" (judge + DMD, no pairs), "sft" (paired baseline) or "critic" (fit a critic, the
+    # fake score of DMD, to a trained editor's outputs, the editor frozen: for the app's DMD maps)
+    stage: str = "npedit"
     output_dir: str = "runs/default"
     max_steps: int = 1000
     max_minutes: float = 0.0  # also stop (checkpoint and export) after this much wall-clock; 0 = no limit
@@ -224,6 +226,12 @@ class TrainConfig:
             raise ValueError("judge.path is required for stage 'npedit' unless loss.lambda_vlm=0")
         if min(self.loss.lambda_dmd, self.loss.lambda_vlm, self.loss.lambda_target) < 0:
             raise ValueError("loss.lambda_dmd, loss.lambda_vlm and loss.lambda_target must be >= 0")
+        if self.stage == "critic" and not self.model.student:
+            raise ValueError("stage 'critic' fits a critic to an editor's outputs: set model.student to that editor "
+                             "(an NPEditPipeline folder or its transformer)")
+        if self.stage == "critic" and (self.model.add_layers or self.model.reference_encoder):
+            raise ValueError("stage 'critic' keeps the editor as it is: model.add_layers and model.reference_encoder "
+                             "do not apply")
         if self.loss.lambda_target > 0 and self.stage != "npedit":
             raise ValueError(f"loss.lambda_target applies to stage 'npedit' (the unrolled student), not {self.stage!r}")
 

@@ -239,12 +239,15 @@ edited = pipe(image="input.png", prompt="make the circle blue").images[0]
 
 def carry_over(src: str | Path, out: str | Path, note: str) -> None:
     """After saving a changed copy of the editor folder `src` to `out`: bring over what the trainer's export adds
-    beside the models (domain, training config) and `src`'s model card with `note` (a paragraph) appended."""
+    beside the models (domain, training config), the editor's own critic (`critic/`, for DMD maps: a change that
+    keeps the latent space keeps it valid) and `src`'s model card with `note` (a paragraph) appended."""
     import shutil
 
     src, out = Path(src), Path(out)
     for extra in ("npedit_domain.json", "training_config.json"):
         if (src / extra).is_file():
             shutil.copy(src / extra, out / extra)
+    if (src / "critic" / "config.json").is_file() and not (out / "critic").exists():
+        shutil.copytree(src / "critic", out / "critic")
     if (src / "README.md").is_file():
         (out / "README.md").write_text((src / "README.md").read_text() + "\n" + note + "\n")

@@ -2,9 +2,12 @@
 
     python scripts/bundle_shapes_assets.py --editor runs/shapes/npedit/pipeline --critic runs/shapes/npedit/critic \
         --teacher runs/shapes/teacher/base --judge runs/shapes/judge/final
-    # one more opt-in editor beside the default (assets/shapes/<name>), its whole training history in its card:
+    # one more editor (assets/shapes/<name>), its whole training history in its card, and optionally its critic
+    # (e.g. fitted by `python -m npedit train ... stage=critic`):
     python scripts/bundle_shapes_assets.py --add-editor runs/x/exports/step_000150 --name editor-unroll-npedit \
-        --history "Trained first with ..., then ..."
+        --history "Trained first with ..., then ..." --critic runs/x-critic/critic
+An editor's critic (for the app's DMD maps) goes inside its folder, as `critic/`. Which bundled editor is the
+default of the CLI and the app is set in npedit/assets.py.
 Only safetensors weights and small config/tokenizer files are copied; the total size is printed.
 """
 
@@ -40,8 +43,10 @@ def copy_model(src: Path, dst: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", type=Path, help="the default editor (an NPEditPipeline folder)")
-    ap.add_argument("--critic", type=Path)
+    ap.add_argument("--editor", type=Path, help="the pair-free NP-Edit editor, assets/shapes/editor (an NPEditPipeline "
+                                                "folder)")
+    ap.add_argument("--critic", type=Path, help="the critic fitted to that editor (or to --add-editor's): it goes "
+                                                "into the editor's folder as critic/")
     ap.add_argument("--teacher", type=Path)
     ap.add_argument("--judge", type=Path)
     ap.add_argument("--add-editor", type=Path, help="bundle only this editor, as assets/shapes/<--name>")
@@ -54,6 +59,8 @@ def main() -> None:
         if not args.name or "/" in args.name or args.name in {"editor", "teacher", "critic", "judge", "fast-vae"}:
             raise SystemExit("error: --add-editor needs --name, a new folder name such as editor-unroll-npedit")
         bundle_editor(args.add_editor, shapes / args.name, args.history)
+        if args.critic:
+            copy_model(args.critic, shapes / args.name / "critic")
         report(args.out)
         return
     if not args.editor or not args.teacher:
@@ -61,7 +68,7 @@ def main() -> None:
     bundle_editor(args.editor, shapes / "editor")
     copy_model(args.teacher, shapes / "teacher")
     if args.critic:
-        copy_model(args.critic, shapes / "critic")
+        copy_model(args.critic, shapes / "editor" / "critic")
     if args.judge:
         copy_model(args.judge, shapes / "judge")
     examples = args.out / "examples"

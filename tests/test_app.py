@@ -65,10 +65,14 @@ def test_editor_choices_offer_the_other_bundled_editors(tiny_set, tmp_path):
     app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
     choices = app.editor_choices()
     assert choices[0][1] == tiny_set["model"]
-    for folder in (assets.SFT_NPEDIT_MODEL, assets.UNROLL_NPEDIT_MODEL):
+    for folder in (assets.PAIR_FREE_MODEL, assets.SFT_NPEDIT_MODEL, assets.UNROLL_NPEDIT_MODEL):
         offered = [c for c in choices if c[1] == str(folder)]
         assert bool(offered) == (folder / "model_index.json").is_file()
-        assert all("trained with pairs" in label for label, _ in offered)
+        says = "trained without pairs" if folder == assets.PAIR_FREE_MODEL else "trained with pairs"
+        assert all(says in label for label, _ in offered)
+    started = npedit_app.make_app(npedit_app.parse_args(["--model", str(assets.DEFAULT_MODEL), "--runs",
+                                                         str(tmp_path / "runs")]))
+    assert started.editor_choices()[0][0].startswith("bundled, most accurate")  # the default says what it is
 
 
 def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):

@@ -36,8 +36,13 @@ def test_each_bundled_editor_is_a_pipeline_with_a_card(folder):
     assert (folder / "npedit_domain.json").is_file()  # the CLI and the app know it edits Shapes scenes
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers")
-    if folder != assets.DEFAULT_MODEL:  # the opt-in editors have seen pairs, and their cards say so
+    if folder == assets.PAIR_FREE_MODEL:  # trained without pairs, and its card says so
+        assert "no before/after pairs" in card and "paired" not in card.lower()
+    else:  # the others have seen pairs, and their cards say so
         assert "pairs" in card and "paired" in card.lower()
+    critic = folder / "critic"  # an editor's own critic, for the app's DMD maps, lives inside it
+    if folder in (assets.PAIR_FREE_MODEL, assets.DEFAULT_MODEL):
+        assert (critic / "diffusion_pytorch_model.safetensors").is_file()
 
 
 @bundled
@@ -77,11 +82,16 @@ def test_bundle_script_adds_one_editor_with_its_history(tmp_path, monkeypatch, c
     monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out)])
     with pytest.raises(SystemExit, match="pass --editor and --teacher"):
         bundle.main()
+    critic = tmp_path / "critic-run" / "critic"
+    critic.mkdir(parents=True)
+    (critic / "config.json").write_text("{}")
+    (critic / "diffusion_pytorch_model.safetensors").write_bytes(b"critic")
     monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), "--add-editor", str(src), "--name", "editor-x",
-                                      "--history", "Paired SFT first, then NP-Edit."])
+                                      "--history", "Paired SFT first, then NP-Edit.", "--critic", str(critic)])
     bundle.main()
     dst = out / "shapes" / "editor-x"
     assert (dst / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+    assert (dst / "critic" / "diffusion_pytorch_model.safetensors").read_bytes() == b"critic"  # inside the editor
     assert not (dst / "transformer" / "stray.bin").exists()
     assert json.loads((dst / "npedit_domain.json").read_text()) == {"domain": "shapes", "resolution": 64}
     model = json.loads((dst / "training_config.json").read_text())["model"]

@@ -57,6 +57,7 @@ def test_training_runs_and_resumes(trained):
     assert not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pkl"))
     state = json.loads((run_dir / "checkpoints/step_000004/trainer_state.json").read_text())
     assert state["step"] == 4 and state["stage"] == "npedit"
+    assert json.loads((run_dir / "pipeline/training_config.json").read_text())["step"] == 4  # where the run ended
 
 
 def test_pipeline_loads_and_edits(trained):
@@ -239,6 +240,49 @@ def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
         main([*batch, "--output-dir", str(work / "x"), "--min-score", "-1"])
     with pytest.raises(SystemExit, match="candidates"):
         main(["edit", "--image", "x.png", "--instruction", "a", "--output", "y.png", "--candidates", "0"])
+
+
+def test_critic_stage_fits_a_critic_to_a_frozen_editor(trained, tiny_zimage, tiny_manifest):
+    """stage=critic: the critic (starting as the teacher) learns the editor's outputs, the editor is not touched or
+    saved again; the run resumes, exports its critic, and says clearly what it needs."""
+    from safetensors.torch import load_file
+
+    work, _ = trained
+    editor = work / "runs/npedit/pipeline"
+    common = ["stage=critic", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              f"model.student={editor}", "output_dir=runs/critic", "log_every=1", "save_every=2",
+              "optim.skip_grad_norm=1e9", "optim.lr=1e-3"]
+    before = (editor / "transformer/diffusion_pytorch_model.safetensors").read_bytes()
+    out = run("-m", "npedit", "train", "max_steps=3", *common, cwd=work)
+    assert "critic from the teacher, fitted to the outputs of" in out and out.strip().endswith("runs/critic/critic")
+    run("-m", "npedit", "train", "--resume", "max_steps=4", *common, cwd=work)
+    run_dir = work / "runs/critic"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["critic_fm_loss"]) for r in rows)
+    assert all(r["critic_skipped"] == 0 and r["lr"] == pytest.approx(1e-3) for r in rows)
+    assert not {"student_loss", "dmd_loss", "vlm_loss"} & {k for r in rows for k in r}
+    assert (editor / "transformer/diffusion_pytorch_model.safetensors").read_bytes() == before
+    step3 = run_dir / "checkpoints/step_000003"
+    assert (step3 / "critic").is_dir() and not (step3 / "student").exists() and not (run_dir / "pipeline").exists()
+    teacher = load_file(str(Path(tiny_zimage) / "transformer/diffusion_pytorch_model.safetensors"))
+    critic = load_file(str(run_dir / "critic/diffusion_pytorch_model.safetensors"))
+    assert critic.keys() == teacher.keys() and any(not torch.equal(critic[k], teacher[k]) for k in teacher)
+    assert json.loads((run_dir / "critic/npedit_critic.json").read_text()) == {
+        "editor": str(editor), "base": str(tiny_zimage), "step": 4}
+    exported = run("-m", "npedit", "export", "runs/critic", "--step", "3", cwd=work).strip()
+    assert Path(work, exported) == run_dir / "exports/step_000003/critic"
+    got = load_file(str(work / exported / "diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(step3 / "critic/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+    from npedit.backbones import load_backbone
+
+    load_backbone(str(tiny_zimage)).load_transformer(work / exported)  # loads as the app loads a critic
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for bad_args, message in ((["model.student="], "set model.student to that editor"),
+                              (["model.add_layers=1"], "keeps the editor as it is")):
+        bad = subprocess.run([sys.executable, "-m", "npedit", "train", "max_steps=1", *common, *bad_args], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny_zimage, tiny_manifest):

@@ -86,7 +86,10 @@ def test_swap_vae_writes_an_editor_that_edits(quick_fast_vae, tmp_path):
     assert index["vae"] == ["npedit.backbones.fast_vae", "PatchAutoencoder"]
     assert (out / "npedit_domain.json").is_file()
     card = (out / "README.md").read_text()
-    assert "never shown a pair" in card and "VAE was replaced" in card  # the source's card, plus the swap
+    assert (DEFAULT_MODEL / "README.md").read_text() in card and "VAE was replaced" in card  # the source's, + the swap
+    if (DEFAULT_MODEL / "critic").is_dir():  # the editor's own critic comes along (same latent space)
+        assert (out / "critic" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+            DEFAULT_MODEL / "critic" / "diffusion_pytorch_model.safetensors").read_bytes()
     pipe = NPEditPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))

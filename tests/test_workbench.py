@@ -129,6 +129,11 @@ def test_companions_of_a_bundled_or_run_editor(tmp_path, monkeypatch):
     assert other.critic == str(tmp_path / "run" / "critic")  # a run's own critic wins for editors picked in the list
     flagged = models.companions(str(editor), models.ModelPaths(model=str(editor), critic="flag", given=("critic",)))
     assert flagged.critic == "flag" and "--teacher" in flagged.missing  # flags win for the editor the app started with
+    # a critic inside the editor folder (how the bundled editors carry theirs) is its own, before one beside it
+    (editor / "critic").mkdir()
+    (editor / "critic" / "config.json").write_text("{}")
+    inside = models.companions(str(editor), models.ModelPaths(model="elsewhere", critic="flag", given=("critic",)))
+    assert inside.critic == str(editor / "critic")
 
 
 def test_domain_file_and_fitting(tmp_path):
@@ -574,3 +579,19 @@ def test_learning_curve_pools_seeds_per_step(tmp_path, capsys):
         learning_curve(tmp_path, {"ctrl": "run"}, form="circle")
     with pytest.raises(SystemExit):  # --form without --curve
         main([str(tmp_path), "--form", "shape"])
+
+
+def test_describe_editor_says_how_far_its_last_run_went(tmp_path):
+    """The step an editor was exported at when recorded; a run's limits otherwise (max_steps is only a cap when
+    max_minutes ended the run)."""
+    base = {"stage": "npedit", "data": {"train": "shapes"}, "max_steps": 1000000}
+    for extra, says in (({"step": 134}, "exported at step 134"), ({"max_minutes": 35.0}, "up to 1000000 steps or 35 "
+                                                                                          "minutes"),
+                        ({}, "1000000 steps")):
+        editor = tmp_path / f"e{len(extra)}{'step' in extra}"
+        (editor / "transformer").mkdir(parents=True)
+        (editor / "model_index.json").write_text(json.dumps({"_class_name": "NPEditPipeline"}))
+        (editor / "transformer" / "config.json").write_text(json.dumps({"_class_name": "NPEditSD3Transformer2DModel"}))
+        (editor / "training_config.json").write_text(json.dumps({**base, **extra}))
+        line = models.describe_editor(str(editor))
+        assert f"Last training stage: `npedit` on `shapes`, {says}." in line, line

@@ -168,6 +168,16 @@ def fit_to_domain(image: Image.Image, domain: Domain) -> tuple[Image.Image, str 
     return fit_image(image, (r, r)), notice
 
 
+def _steps_note(cfg: dict) -> str:
+    """How far an editor's last training run went: the step it was exported at when recorded (exports and runs
+    since then), else the run's limits (max_steps is only a cap when max_minutes ended the run)."""
+    if cfg.get("step") is not None:
+        return f"exported at step {cfg['step']}"
+    if cfg.get("max_minutes"):
+        return f"up to {cfg.get('max_steps')} steps or {cfg['max_minutes']:g} minutes"
+    return f"{cfg.get('max_steps')} steps"
+
+
 def _transformer_summary(path: Path) -> str:
     """`ClassName, N parameters` of a saved transformer, read from file headers only."""
     cfg_file = path / "transformer" / "config.json"
@@ -206,7 +216,7 @@ def describe_editor(path: str | None) -> str:
     if (local / "training_config.json").is_file():
         cfg = json.loads((local / "training_config.json").read_text())
         data = cfg.get("data", {}).get("train")
-        parts.append(f"Trained: stage `{cfg.get('stage')}`, {cfg.get('max_steps')} steps on `{data}`.")
+        parts.append(f"Last training stage: `{cfg.get('stage')}` on `{data}`, {_steps_note(cfg)}.")
     return " ".join(parts)
 
 
@@ -257,7 +267,9 @@ def companions(editor: str | None, paths: ModelPaths) -> Companions:
         teacher = cfg.get("model", {}).get("base") or None
         if teacher and not (Path(teacher).is_dir() or _looks_like_hub_id(teacher)):
             teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
-        critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
+        # its own critic: inside the editor folder (the bundled editors), else beside it (a run's pipeline/)
+        critic = next((str(d) for d in (local / "critic", local.parent / "critic") if (d / "config.json").is_file()),
+                      None)
         try:
             loss = LossConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("loss", {}).items()})
         except TypeError:

@@ -68,7 +68,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     """Save the student of a checkpoint as an `NPEditPipeline` under `out` (default `<run>/exports/step_N`, or
     `step_N-avgK`), with the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same
     model elsewhere). `average=K` > 1 saves the mean of the student's weights over the K newest checkpoints up to
-    that step."""
+    that step. A `critic` run's checkpoint gives its critic instead (default `<run>/exports/step_N/critic`)."""
     from ..backbones import load_backbone
     from ..pipeline import NPEditPipeline, training_summary
 
@@ -86,8 +86,10 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
         hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
                 if not Path(base).is_absolute() and base == cfg.model.base else "")
         raise FileNotFoundError(f"cannot load the run's base model {base!r}{hint}: {exc}") from None
-    student = backbone.load_transformer(path / "student", for_student=True)  # saved by the trainer's save_pretrained
     steps = [ckpt.checkpoint_step(p) for p in averaged]
+    if cfg.stage == "critic":  # a critic run trains no editor: its export is the critic
+        return _export_critic(cfg, backbone, averaged, Path(out) if out else None, run_dir, int(state["step"]), steps)
+    student = backbone.load_transformer(path / "student", for_student=True)  # saved by the trainer's save_pretrained
     if average > 1:
         average_into(student, (backbone.load_transformer(p / "student", for_student=True) for p in averaged[:-1]))
     name = path.name if average == 1 else f"{path.name}-avg{average}"
@@ -101,4 +103,19 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     (out / "training_config.json").write_text(json.dumps(
         {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base), **extra},
         indent=2))
+    return out
+
+
+def _export_critic(cfg, backbone, averaged: list[Path], out: Path | None, run_dir, step: int, steps: list[int]) -> Path:
+    """A `critic` run's checkpoint as a critic folder (default `<run>/exports/step_N[-avgK]/critic`): what
+    `--critic` takes, or what goes into an editor folder as its `critic/` for the app's DMD maps."""
+    critic = backbone.load_transformer(averaged[-1] / "critic")
+    if len(averaged) > 1:
+        average_into(critic, (backbone.load_transformer(p / "critic") for p in averaged[:-1]))
+    name = averaged[-1].name if len(averaged) == 1 else f"{averaged[-1].name}-avg{len(averaged)}"
+    out = out or Path(run_dir) / "exports" / name / "critic"
+    critic.save_pretrained(out, safe_serialization=True)
+    (out / "npedit_critic.json").write_text(json.dumps(
+        {"editor": cfg.model.student, "base": cfg.model.base, "step": step,
+         **({"averaged_steps": steps} if len(averaged) > 1 else {})}, indent=2))
     return out

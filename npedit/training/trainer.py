@@ -98,11 +98,15 @@ class Trainer:
                                  "reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
             with torch.no_grad():
                 encoder.gate.fill_(cfg.model.reference_gate_init)
-        self.student = student.float().requires_grad_(True).train().to(device)
-        self._freeze(self.student, cfg.optim.frozen)
+        self.fits_critic = cfg.stage == "critic"  # the editor stays as it is; only its critic learns
+        if self.fits_critic:
+            self.student = student.float().requires_grad_(False).eval().to(device)
+        else:
+            self.student = student.float().requires_grad_(True).train().to(device)
+            self._freeze(self.student, cfg.optim.frozen)
         self.critic = None
         self.judge = None
-        if cfg.stage == "npedit" and cfg.loss.lambda_dmd > 0:  # DMD's critic starts as the teacher
+        if self.fits_critic or (cfg.stage == "npedit" and cfg.loss.lambda_dmd > 0):  # the critic starts as the teacher
             self.critic = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
         else:
             self.teacher = None  # only DMD needs the teacher after the student is initialised
@@ -113,7 +117,8 @@ class Trainer:
         for net in (self.student, self.critic):
             if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
-        self.opt_student, self.sched_student = self._optimizer(self.student, final=True)
+        self.opt_student, self.sched_student = ((None, None) if self.fits_critic else
+                                                self._optimizer(self.student, final=True))
         self.opt_critic, self.sched_critic = self._optimizer(self.critic) if self.critic is not None else (None, None)
         dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.lambda_target > 0)
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
@@ -374,6 +379,8 @@ class Trainer:
         per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
         parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
                  f"lr {cfg.optim.lr:g}"]
+        if self.fits_critic:
+            parts[1] = f"critic from the teacher, fitted to the outputs of {cfg.model.student} (frozen)"
         if cfg.stage == "npedit":
             weights = (("DMD", lc.lambda_dmd), (f"judge {cfg.judge.path}", lc.lambda_vlm),
                        ("true edits", lc.lambda_target))
@@ -392,12 +399,12 @@ class Trainer:
         start = time.monotonic()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process, desc=cfg.stage)
         while self.step < cfg.max_steps:
-            if not self.final_phase and self._final_phase_begins(start):
+            if self.sched_student is not None and not self.final_phase and self._final_phase_begins(start):
                 self.final_phase = True
                 self._refresh_lr(self.sched_student)
                 self.acc.print(f"step {self.step}: the last {cfg.optim.final_share:.0%} of the run; student lr x "
                                f"{cfg.optim.final_lr_scale:g} from here")
-            lr = self.opt_student.param_groups[0]["lr"]  # the student's lr in this iteration
+            lr = (self.opt_student or self.opt_critic).param_groups[0]["lr"]  # the trained net's lr in this iteration
             metrics = self.iteration()
             self.step += 1
             bar.update(1)
@@ -447,6 +454,8 @@ class Trainer:
             return self._optimise("student", self.warmup_loss)
         if stage == "sft":
             return self._optimise("student", self.sft_loss)
+        if stage == "critic":
+            return self._optimise("critic", self.critic_loss)
         metrics: dict = {}
         for _ in range(self.cfg.critic_steps if self.critic is not None else 0):  # no DMD loss, no critic
             metrics.update(self._optimise("critic", self.critic_loss))
@@ -460,7 +469,7 @@ class Trainer:
         _, ref = self._reference(batch)
         cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
         x = self.generate(ref, cond, times=self.schedule)
-        self.student.train()
+        self.student.train(not self.fits_critic)
         return self.backbone.decode_latents(x).float().clamp(-1, 1)
 
     def save_samples(self) -> None:
@@ -486,8 +495,9 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
-            self.student.save_pretrained(tmp / "student", safe_serialization=True)
-            ckpt.optimizer_state_to_files(self.opt_student, tmp / "optimizer_student")
+            if self.opt_student is not None:  # (a critic run's editor is its model.student, unchanged)
+                self.student.save_pretrained(tmp / "student", safe_serialization=True)
+                ckpt.optimizer_state_to_files(self.opt_student, tmp / "optimizer_student")
             if self.critic is not None:
                 self.critic.save_pretrained(tmp / "critic", safe_serialization=True)
                 ckpt.optimizer_state_to_files(self.opt_critic, tmp / "optimizer_critic")
@@ -498,7 +508,7 @@ class Trainer:
         if self.acc.is_main_process:
             state = {"step": self.step, "skipped": self.skipped, "stage": self.cfg.stage,
                      "final_phase": self.final_phase,
-                     "sched_student": self.sched_student.state_dict()["last_epoch"],
+                     "sched_student": self.sched_student.state_dict()["last_epoch"] if self.sched_student else 0,
                      "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
@@ -512,9 +522,10 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("stage") != self.cfg.stage:
             raise ValueError(f"{path} is a '{state.get('stage')}' checkpoint; this run's stage is '{self.cfg.stage}'")
-        ckpt.load_module_weights(self.student, path / "student")
-        ckpt.optimizer_state_from_files(self.opt_student, path / "optimizer_student")
-        self.sched_student.last_epoch = state["sched_student"]
+        if self.opt_student is not None:
+            ckpt.load_module_weights(self.student, path / "student")
+            ckpt.optimizer_state_from_files(self.opt_student, path / "optimizer_student")
+            self.sched_student.last_epoch = state["sched_student"]
         if self.critic is not None and not (path / "critic").is_dir():  # saved by a run without DMD
             self.acc.print(f"{path} holds no critic (its run had no DMD loss): the critic starts as the teacher")
         elif self.critic is not None:
@@ -535,14 +546,24 @@ class Trainer:
         return True
 
     def export(self) -> Path:
-        """Save the student as an `NPEditPipeline` under <output_dir>/pipeline (and the critic under critic/)."""
+        """Save the student as an `NPEditPipeline` under <output_dir>/pipeline (and the critic under critic/); a
+        critic run saves only its critic (the editor is its model.student, unchanged) and returns that folder."""
+        if self.fits_critic:
+            out = self.run_dir / "critic"
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                self.critic.save_pretrained(out, safe_serialization=True)
+                (out / "npedit_critic.json").write_text(json.dumps(
+                    {"editor": self.cfg.model.student, "base": self.cfg.model.base, "step": self.step}, indent=2))
+            self.acc.wait_for_everyone()
+            return out
         out = self.run_dir / "pipeline"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             pipe = NPEditPipeline.from_parts(self.student, self.backbone, shift=self.cfg.sampler.shift)
             summary = training_summary(self.cfg.stage, self.cfg.model.student or None, self.cfg.loss, self.cfg.data.train)
             pipe.save_pretrained(out, training=summary)
-            (out / "training_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            (out / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
             if self.critic is not None:
                 self.critic.save_pretrained(self.run_dir / "critic", safe_serialization=True)
         self.acc.wait_for_everyone()
