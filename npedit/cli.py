@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=300)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--steps", type=int, default=4)
+    v.add_argument("--train-pool", type=int, metavar="P", help="score the first --n cases a run trained on (data.train="
+                   "shapes with data.pool=P and --train-seed; canonical instructions) instead of held-out cases: "
+                   "how well an editor fits its training cases")
+    v.add_argument("--train-seed", type=int, default=0, help="the training run's seed, for --train-pool (default 0)")
     v.add_argument("--candidates", type=int, default=1, help="sample this many edits per case and keep the one the "
                    "judge (--judge, default the bundled one) rates highest (best-of-N; 1: a single edit)")
     v.add_argument("--change-checks", action="store_true", help="with --candidates: the judge's pick also weighs a "

@@ -482,3 +482,21 @@ def test_write_cases_jsonl_round_trip(tmp_path):
 def test_sample_edit_rejects_unknown_category():
     with pytest.raises(ValueError, match="allowed"):
         sample_edit(one(), "style", np.random.default_rng(0))
+
+
+def test_training_cases_are_the_runs_own_cases_canonically_worded():
+    from npedit.shapes.training import ShapesEditData, training_cases
+
+    cases = training_cases(60, pool=1000, seed=2)
+    data = ShapesEditData(1000, seed=2)
+    assert [c.id for c in cases] == [f"train-{i:06d}" for i in range(60)]
+    paraphrased = 0
+    for i, c in enumerate(cases):
+        trained = data.case(i)  # what the run sees at index i: the same scene and result
+        assert (c.reference, c.expected, c.category) == (trained.reference, trained.expected, trained.category)
+        paraphrased += c.instruction != trained.instruction
+        assert c.instruction == instruction(c.reference, edit_between(c.reference, c.expected, c.category), 0)
+    assert paraphrased > 0  # some were worded otherwise in training
+    assert len(training_cases(50, pool=7)) == 7  # no more than the pool holds
+    with pytest.raises(ValueError, match="n >= 1"):
+        training_cases(0)

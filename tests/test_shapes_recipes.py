@@ -93,6 +93,14 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
     report = json.loads((tmp_path / "ev/tiny.json").read_text())
     assert report["summary"]["overall"]["count"] == 6 and len(report["rows"]) == 6
     assert "| overall |" in (tmp_path / "ev/tiny.md").read_text()
+    # the cases a run trains on (data.pool=40, seed 3), canonically worded, instead of held-out ones
+    main(["eval", "shapes", "--model", str(out), "--n", "5", "--train-pool", "40", "--train-seed", "3", "--out",
+          str(tmp_path / "ev"), "--name", "fit"])
+    fit = json.loads((tmp_path / "ev/fit.json").read_text())
+    assert [r["id"] for r in fit["rows"]] == [f"train-{i:06d}" for i in range(5)]
+    assert fit["meta"]["cases"] == "training (data.pool=40, seed 3)" and fit["meta"]["n"] == 5
+    with pytest.raises(SystemExit, match="--train-pool"):
+        main(["eval", "shapes", "--model", str(out), "--n", "5", "--train-pool", "0"])
     main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--teacher-steps", "2", "--n", "6",
           "--out", str(tmp_path / "ev")])
     assert (tmp_path / "ev/teacher-sdedit.json").is_file()

@@ -235,7 +235,15 @@ def eval_main(args) -> int:
     change_checks = args.change_checks
     if change_checks and args.candidates < 2:
         raise SystemExit("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
-    cases = held_out_cases(args.n, seed=args.seed)
+    if args.train_pool is not None:
+        from .training import training_cases
+
+        try:
+            cases = training_cases(args.n, args.train_pool, seed=args.train_seed)
+        except ValueError as exc:
+            raise SystemExit(f"error: --train-pool: {exc}") from None
+    else:
+        cases = held_out_cases(args.n, seed=args.seed)
     device = resolve_device()
     if args.baseline == "teacher":
         from ..backbones import load_backbone
@@ -264,7 +272,9 @@ def eval_main(args) -> int:
                                     change_checks=change_checks)
             judge = judge if args.judge else None  # agreement figures only when asked for
     rows, summary = evaluate(editor, cases, judge=judge)
-    meta = {"model": str(model), "n": args.n, "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
+    meta = {"model": str(model), "n": len(cases), "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
+            "cases": (f"training (data.pool={args.train_pool}, seed {args.train_seed})" if args.train_pool is not None
+                      else "held-out"),
             "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks}
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
-from .edits import CATEGORIES, TEMPLATES, sample_case
+from .edits import CATEGORIES, TEMPLATES, EditCase, case_from_edit, edit_between, sample_case
 from .scoring import FORM_GROUPS, form_group, reference_form
 from .world import MAX_OBJECTS, caption, random_scene, render
 
@@ -95,6 +95,20 @@ def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
         raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
     return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed, min_objects=cfg.min_objects,
                           categories=cfg.categories, forms=cfg.forms, filter_share=cfg.filter_share)
+
+
+def training_cases(n: int, pool: int = POOL, seed: int = 0) -> list[EditCase]:
+    """The first n cases (at most `pool`) that a `data.train=shapes` run with `data.pool=pool` and `seed` trains on,
+    each instruction in the spec's canonical form as the benchmark words it (training paraphrases 30% of them):
+    to compare an editor on cases it was trained on with held-out ones (does it fit, does it generalise?)."""
+    if n < 1 or pool < 1:
+        raise ValueError(f"training_cases needs n >= 1 and pool >= 1, got n={n}, pool={pool}")
+    data = ShapesEditData(pool, seed=seed)
+    cases = []
+    for i in range(min(n, pool)):
+        c = data.case(i)
+        cases.append(case_from_edit(c.reference, edit_between(c.reference, c.expected, c.category), 0, id=c.id))
+    return cases
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:
