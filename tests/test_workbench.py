@@ -309,7 +309,7 @@ def test_shipped_recipes_load_and_become_presets(tiny_set):
         load_config(path)  # raises on an unknown key or a bad value
     offered = {p.config_file for p in presets.PRESETS.values()}
     assert {str(p) for p in recipes} <= offered
-    from_sft = presets.PRESETS["Shapes SFT then NP-Edit (bundled editor's recipe)"]
+    from_sft = presets.PRESETS["Shapes SFT then NP-Edit (bundled editors' recipe)"]
     assert (from_sft.lr, from_sft.keep_questions, from_sft.change_questions) == (2e-5, 2, 2)
     assert from_sft.batch_size * from_sft.grad_accum == 512
     args = presets.train_args(from_sft.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],

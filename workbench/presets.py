@@ -97,11 +97,11 @@ def build_presets() -> dict[str, Preset]:
                          "stream, which has the target images.")
     if sft is not None:
         presets["Shapes paired SFT (baseline)"] = sft
-    from_sft = _recipe("npedit-from-sft", "The bundled editor's last stage (configs/shapes/npedit-from-sft.yaml): "
-                                          "NP-Edit from a paired-SFT student (set Student to one) with change and "
-                                          "keep checks, lr 2e-5, updates of 8 x 64 samples.")
+    from_sft = _recipe("npedit-from-sft", "The NP-Edit stages of the bundled editors that edit (configs/shapes/"
+                                          "npedit-from-sft.yaml): NP-Edit from a paired-SFT student (set Student to "
+                                          "one) with change and keep checks, lr 2e-5, updates of 8 x 64 samples.")
     if from_sft is not None:
-        presets["Shapes SFT then NP-Edit (bundled editor's recipe)"] = from_sft
+        presets["Shapes SFT then NP-Edit (bundled editors' recipe)"] = from_sft
     unroll = _recipe("unroll", "Unrolled regression (configs/shapes/unroll.yaml; uses pairs): the student runs its "
                                "4-step sampler and its result is pulled towards the true edit, no judge, no DMD. "
                                "The stage between the second and third bundled editors; needs the Shapes stream.")
