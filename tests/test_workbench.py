@@ -134,6 +134,10 @@ def test_companions_of_a_bundled_or_run_editor(tmp_path, monkeypatch):
     (editor / "critic" / "config.json").write_text("{}")
     inside = models.companions(str(editor), models.ModelPaths(model="elsewhere", critic="flag", given=("critic",)))
     assert inside.critic == str(editor / "critic")
+    bare = tmp_path / "bare-editor"  # no training record, but a critic of its own
+    (bare / "critic").mkdir(parents=True)
+    (bare / "critic" / "config.json").write_text("{}")
+    assert models.companions(str(bare), models.ModelPaths(model="elsewhere", critic="app")).critic == str(bare / "critic")
 
 
 def test_domain_file_and_fitting(tmp_path):

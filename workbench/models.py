@@ -259,7 +259,8 @@ class Companions:
 
 
 def companions(editor: str | None, paths: ModelPaths) -> Companions:
-    """Teacher and critic for `editor`: a run's own (its training config and critic/) or the app's."""
+    """Teacher and critic for `editor`: its own (its training config; the critic/ inside its folder, or beside a run's
+    pipeline/) or the app's."""
     teacher, critic, loss = None, None, LossConfig()
     local = Path(editor) if editor else None
     if local is not None and (local / "training_config.json").is_file():
@@ -267,13 +268,14 @@ def companions(editor: str | None, paths: ModelPaths) -> Companions:
         teacher = cfg.get("model", {}).get("base") or None
         if teacher and not (Path(teacher).is_dir() or _looks_like_hub_id(teacher)):
             teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
-        # its own critic: inside the editor folder (the bundled editors), else beside it (a run's pipeline/)
-        critic = next((str(d) for d in (local / "critic", local.parent / "critic") if (d / "config.json").is_file()),
-                      None)
+        # a run's pipeline/ has its critic beside it
+        critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
         try:
             loss = LossConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("loss", {}).items()})
         except TypeError:
             loss = LossConfig()
+    if local is not None and (local / "critic" / "config.json").is_file():
+        critic = str(local / "critic")  # carried inside the editor folder (the bundled editors): its own first
 
     def pick(kind: str, own: str | None) -> str | None:
         given = getattr(paths, kind) if kind in paths.given else None
