@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from npedit import flow  # noqa: E402
+from npedit import NPEditPipeline, flow  # noqa: E402
 from npedit.backbones import load_backbone  # noqa: E402
 from npedit.sampler import sample, unroll_times  # noqa: E402
 from npedit.shapes import held_out_cases  # noqa: E402
@@ -32,11 +32,10 @@ TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 @torch.no_grad()
-def editor_outputs(backbone, student, cases, *, steps: str, shift: float, seed: int, batch_size: int):
+def editor_outputs(backbone, student, schedule: list[float], cases, *, steps: str, seed: int, batch_size: int):
     """Latents of the editor's outputs and the c^x conditioning, batch by batch: `steps` "4" is the inference
     sampler, "train" the training unroll (one step, or two with probability 0.75, as the critic sees them)."""
     gen = torch.Generator().manual_seed(seed)
-    schedule = flow.few_step_times(4, shift)
     for start in range(0, len(cases), batch_size):
         chunk = cases[start:start + batch_size]
         ref = backbone.encode_image(torch.stack([render_tensor(c.reference) for c in chunk])).float()
@@ -91,14 +90,14 @@ def main(argv=None) -> dict:
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)}")
     backbone = load_backbone(args.base)
-    student = backbone.load_transformer(args.editor, for_student=True).eval()
-    shift = json.loads((Path(args.editor) / "scheduler" / "scheduler_config.json").read_text()).get("shift", 6.0) \
-        if (Path(args.editor) / "scheduler" / "scheduler_config.json").is_file() else 6.0
+    editor = NPEditPipeline.from_pretrained(args.editor)
+    editor.set_progress_bar_config(disable=True)
+    student, schedule = editor.transformer.eval(), editor.times(4)  # its 4-step schedule, under its own shift
     nets = {"teacher": backbone.load_transformer(args.base).eval()}
     for path in args.critic:
         nets[str(path)] = backbone.load_transformer(path).eval()
     cases = held_out_cases(args.n, seed=args.seed)
-    batches = tqdm(editor_outputs(backbone, student, cases, steps=args.steps, shift=shift, seed=args.seed,
+    batches = tqdm(editor_outputs(backbone, student, schedule, cases, steps=args.steps, seed=args.seed,
                                   batch_size=args.batch_size), total=-(-len(cases) // args.batch_size),
                    desc="editor outputs", mininterval=5)
     result = measure(backbone, nets, batches, args.seed)

@@ -114,8 +114,13 @@ def _export_critic(cfg, backbone, averaged: list[Path], out: Path | None, run_di
         average_into(critic, (backbone.load_transformer(p / "critic") for p in averaged[:-1]))
     name = averaged[-1].name if len(averaged) == 1 else f"{averaged[-1].name}-avg{len(averaged)}"
     out = out or Path(run_dir) / "exports" / name / "critic"
-    critic.save_pretrained(out, safe_serialization=True)
-    (out / "npedit_critic.json").write_text(json.dumps(
-        {"editor": cfg.model.student, "base": cfg.model.base, "step": step,
-         **({"averaged_steps": steps} if len(averaged) > 1 else {})}, indent=2))
+    save_critic(critic, out, cfg, step, steps if len(averaged) > 1 else None)
     return out
+
+
+def save_critic(critic, out: Path, cfg, step: int, averaged_steps: list[int] | None = None) -> None:
+    """Write a critic folder (safetensors) with `npedit_critic.json`: the editor it was fitted to, the base, the step."""
+    critic.save_pretrained(out, safe_serialization=True)
+    (Path(out) / "npedit_critic.json").write_text(json.dumps(
+        {"editor": cfg.model.student, "base": cfg.model.base, "step": step,
+         **({"averaged_steps": averaged_steps} if averaged_steps else {})}, indent=2))

@@ -30,6 +30,7 @@ from ..pipeline import NPEditPipeline, training_summary
 from ..sampler import sample, unroll_times
 from . import checkpoint as ckpt
 from .datasets import build_dataset
+from .export import save_critic
 from .logging import MetricsLogger, image_grid
 
 logger = logging.getLogger(__name__)
@@ -369,8 +370,12 @@ class Trainer:
         """One line on what this run starts from and trains with, printed when it starts (so that, say, an empty
         `model.student=` shows up as "from the teacher" before hours of training)."""
         cfg, lc = self.cfg, self.cfg.loss
-        student = (f"student from {cfg.model.student}" if cfg.model.student else
-                   f"student from the teacher ({cfg.model.base})")
+        if self.fits_critic:
+            student = f"critic from the teacher, fitted to the outputs of {cfg.model.student} (frozen)"
+        elif cfg.model.student:
+            student = f"student from {cfg.model.student}"
+        else:
+            student = f"student from the teacher ({cfg.model.base})"
         if self.new_blocks:
             n = len(self.new_blocks)
             student += f", grown by {n} block{'s' if n > 1 else ''}"
@@ -379,8 +384,6 @@ class Trainer:
         per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
         parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
                  f"lr {cfg.optim.lr:g}"]
-        if self.fits_critic:
-            parts[1] = f"critic from the teacher, fitted to the outputs of {cfg.model.student} (frozen)"
         if cfg.stage == "npedit":
             weights = (("DMD", lc.lambda_dmd), (f"judge {cfg.judge.path}", lc.lambda_vlm),
                        ("true edits", lc.lambda_target))
@@ -454,7 +457,7 @@ class Trainer:
             return self._optimise("student", self.warmup_loss)
         if stage == "sft":
             return self._optimise("student", self.sft_loss)
-        if stage == "critic":
+        if self.fits_critic:
             return self._optimise("critic", self.critic_loss)
         metrics: dict = {}
         for _ in range(self.cfg.critic_steps if self.critic is not None else 0):  # no DMD loss, no critic
@@ -552,9 +555,7 @@ class Trainer:
             out = self.run_dir / "critic"
             self.acc.wait_for_everyone()
             if self.acc.is_main_process:
-                self.critic.save_pretrained(out, safe_serialization=True)
-                (out / "npedit_critic.json").write_text(json.dumps(
-                    {"editor": self.cfg.model.student, "base": self.cfg.model.base, "step": self.step}, indent=2))
+                save_critic(self.critic, out, self.cfg, self.step)
             self.acc.wait_for_everyone()
             return out
         out = self.run_dir / "pipeline"
