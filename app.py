@@ -394,6 +394,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         knobs["grad_accum"] = gr.Number(value=p0.grad_accum, precision=0, minimum=1,
                                         label="grad_accum (micro-batches of batch_size per update)")
         knobs["max_minutes"] = gr.Number(value=p0.max_minutes, minimum=0, label="max_minutes (0 = no time limit)")
+        knobs["lora_rank"] = gr.Number(value=p0.lora_rank, precision=0, minimum=0,
+                                       label="lora_rank (0 = full fine-tuning; > 0 = adapters, for large models)")
     with gr.Row():
         for name in ("lr", "lambda_dmd", "lambda_vlm"):
             knobs[name] = gr.Number(value=getattr(p0, name), label=name)

@@ -183,9 +183,12 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    trainer = Trainer(cfg)
-    if args.resume and not trainer.resume():
-        print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
+    try:  # a setting that does not fit the models or the checkpoint is one line, before any training
+        trainer = Trainer(cfg)
+        if args.resume and not trainer.resume():
+            print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     out = trainer.train()
     if trainer.acc.is_main_process:
         print(out)

@@ -48,9 +48,26 @@ class ModelConfig:
     # Each starts as a copy of its neighbour with its output projections at zero, so the grown student edits exactly
     # as before and training grows them (more capacity without starting over); 0 = as it is.
     add_layers: int = 0
+    # Low-rank adapters (npedit.lora): > 0 trains rank-r adapters on the student's linear layers (and, with
+    # lora_critic, the critic's) instead of every weight; the rest stays frozen in model.dtype, and a student or
+    # critic built from the teacher shares the teacher's weights (one copy of the base model in memory). The
+    # student's own additions (reference embedding, reference encoder) still train in full. 0 = full fine-tuning.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the update is scaled by alpha / rank; 0 = alpha equal to the rank (scale 1)
+    # Linear layers that get adapters: names, name endings or path components; empty = every linear layer in the
+    # attention and feed-forward blocks (npedit.lora.DEFAULT_TARGETS)
+    lora_targets: tuple[str, ...] = ()
+    lora_critic: bool = True  # the critic (stage npedit with DMD, and stage critic) trains adapters too
 
     def __post_init__(self):
         _check(self.dtype, DTYPES, "model.dtype")
+        if not 0 <= self.lora_rank <= 4096:
+            raise ValueError(f"model.lora_rank must be between 0 (full fine-tuning) and 4096, got {self.lora_rank}")
+        if self.lora_alpha < 0:
+            raise ValueError(f"model.lora_alpha must be >= 0 (0: equal to the rank), got {self.lora_alpha}")
+        if self.lora_rank and self.add_layers:
+            raise ValueError("model.add_layers grows the student with new blocks to train in full; it does not go "
+                             "with model.lora_rank (train the grown student without LoRA)")
         if not 0 <= self.add_layers <= 64:
             raise ValueError(f"model.add_layers must be between 0 and 64 blocks, got {self.add_layers}")
         _check(self.reference_mode, REFERENCE_MODES, "model.reference_mode")
@@ -232,6 +249,10 @@ class TrainConfig:
         if self.stage == "critic" and (self.model.add_layers or self.model.reference_encoder):
             raise ValueError("stage 'critic' keeps the editor as it is: model.add_layers and model.reference_encoder "
                              "do not apply")
+        if self.model.lora_rank and self.model.dtype != "float32" and self.mixed_precision == "no":
+            raise ValueError(f"model.lora_rank with model.dtype={self.model.dtype} keeps the frozen weights in "
+                             f"{self.model.dtype} and the adapters in float32: set mixed_precision=bf16 (or fp16) "
+                             "so that the two meet under autocast")
         if self.loss.lambda_target > 0 and self.stage != "npedit":
             raise ValueError(f"loss.lambda_target applies to stage 'npedit' (the unrolled student), not {self.stage!r}")
 

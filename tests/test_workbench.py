@@ -285,6 +285,10 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     assert presets.check_train_args(keep).judge.keep_questions == 2
     assert presets.check_train_args(keep).judge.change_questions == 1
     assert presets.check_train_args(keep).gradient_accumulation_steps == 4
+    assert presets.check_train_args(keep).model.lora_rank == 0  # the presets fine-tune in full unless asked
+    lora = presets.train_args({**quick.values(), "lora_rank": 8}, base=tiny_set["teacher"], judge=tiny_set["judge"],
+                              student=tiny_set["model"], data="shapes", config_file=quick.config_file)
+    assert presets.check_train_args(lora).model.lora_rank == 8
     if quick.config_file:  # the Shapes recipe supplies what the tab does not show
         assert args[:2] == ["--config", quick.config_file] and cfg.loss.negative_prompt == ""
     warm = presets.PRESETS["Shapes identity warm-up"]

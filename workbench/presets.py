@@ -14,8 +14,8 @@ from npedit.config import TrainConfig, load_config
 
 from .models import what_is
 
-LORA_NOTE = ("LoRA is not implemented in npedit: every preset fine-tunes the whole student transformer "
-             "(there is no LoRA rank to pick).")
+LORA_NOTE = ("`lora_rank` 0 fine-tunes the whole student (and critic); a rank > 0 trains low-rank adapters instead, "
+             "on one shared copy of the teacher's weights: what a large model needs to fit one GPU.")
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "shapes"
 SHAPES_STREAM = "shapes"  # data.train value of the library's generated Shapes dataset (targets included)
 
@@ -38,6 +38,7 @@ class Preset:
     change_questions: int = 0  # judge.change_questions: checks of the table's new (there) and gone (not there) objects
     batch_size: int = 4
     grad_accum: int = 1  # gradient_accumulation_steps: micro-batches of batch_size added up per update
+    lora_rank: int = 0  # model.lora_rank: 0 = full fine-tuning, > 0 = low-rank adapters (npedit.lora)
     resolution: int = 64
     log_every: int = 5
     sample_every: int = 50
@@ -58,6 +59,7 @@ def from_config(cfg: TrainConfig, note: str, config_file: str | None) -> Preset:
                   lambda_vlm=cfg.loss.lambda_vlm, negative_prompt=cfg.loss.negative_prompt,
                   keep_questions=cfg.judge.keep_questions, change_questions=cfg.judge.change_questions,
                   batch_size=cfg.data.batch_size, grad_accum=cfg.gradient_accumulation_steps,
+                  lora_rank=cfg.model.lora_rank,
                   resolution=cfg.data.resolution, log_every=cfg.log_every,
                   sample_every=cfg.sample_every, save_every=cfg.save_every)
 
@@ -124,6 +126,7 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
              f"loss.lambda_vlm={float(v['lambda_vlm'])}", f"loss.negative_prompt={_yaml_str(v['negative_prompt'])}",
              f"judge.keep_questions={int(v['keep_questions'])}", f"judge.change_questions={int(v['change_questions'])}",
              f"data.batch_size={int(v['batch_size'])}", f"gradient_accumulation_steps={int(v['grad_accum'])}",
+             f"model.lora_rank={int(v['lora_rank'])}",
              f"data.resolution={int(v['resolution'])}",
              f"log_every={int(v['log_every'])}", f"sample_every={int(v['sample_every'])}",
              f"save_every={int(v['save_every'])}", f"model.base={base}", f"data.train={data}",

@@ -77,6 +77,15 @@ def rng_state_from_files(stem: Path, generators: dict[str, torch.Generator]) -> 
     np.random.set_state((n[0], tensors["numpy.keys"].numpy().astype(np.uint32), n[1], n[2], n[3]))
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Named tensors to one safetensors file (a LoRA run's adapters)."""
+    save_file(tensors, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
 def load_module_weights(module: torch.nn.Module, folder: Path) -> None:
     """Load (possibly sharded) safetensors weights saved by `save_pretrained` into `module`, strictly."""
     files = sorted(Path(folder).glob("*.safetensors"))

@@ -20,7 +20,7 @@ from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import flow
+from .. import flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, save_config, to_dict
 from ..data import apply_do_nothing, collate
@@ -85,8 +85,12 @@ class Trainer:
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
         self.teacher = self.backbone.load_transformer(cfg.model.base, torch_dtype=dtype).requires_grad_(False).eval()
         self.teacher.to(device)
-        if cfg.model.student:
-            student = self.backbone.load_transformer(cfg.model.student, for_student=True, torch_dtype=torch.float32)
+        mc = cfg.model
+        self.lora_student = bool(mc.lora_rank) and cfg.stage != "critic"
+        self.lora_critic = bool(mc.lora_rank) and mc.lora_critic
+        if cfg.model.student:  # (a LoRA student keeps its frozen weights in model.dtype; a fully trained one is float32)
+            student = self.backbone.load_transformer(cfg.model.student, for_student=True,
+                                                     torch_dtype=dtype if self.lora_student else torch.float32)
         else:
             student = self.backbone.prepare_student(self.teacher, reference_mode=cfg.model.reference_mode)
         student, self.new_blocks = self.backbone.add_layers(student, cfg.model.add_layers)
@@ -102,13 +106,20 @@ class Trainer:
         self.fits_critic = cfg.stage == "critic"  # the editor stays as it is; only its critic learns
         if self.fits_critic:
             self.student = student.float().requires_grad_(False).eval().to(device)
+        elif self.lora_student:
+            self.student = self._add_lora(student.to(device)).train()
+            self._freeze(self.student, cfg.optim.frozen)
         else:
             self.student = student.float().requires_grad_(True).train().to(device)
             self._freeze(self.student, cfg.optim.frozen)
         self.critic = None
         self.judge = None
         if self.fits_critic or (cfg.stage == "npedit" and cfg.loss.lambda_dmd > 0):  # the critic starts as the teacher
-            self.critic = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
+            if self.lora_critic:  # the teacher's own tensors (no copy) under the critic's adapters
+                memo = {id(t): t for t in [*self.teacher.parameters(), *self.teacher.buffers()]}
+                self.critic = self._add_lora(copy.deepcopy(self.teacher, memo)).train()
+            else:
+                self.critic = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
         else:
             self.teacher = None  # only DMD needs the teacher after the student is initialised
         if cfg.stage == "npedit" and cfg.loss.lambda_vlm > 0:
@@ -132,6 +143,18 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _add_lora(self, net):
+        """`net` with the run's adapters (model.lora_*); its parameters that the teacher does not have (the student's
+        reference embedding or encoder) train in full. Each frozen tensor equal to the teacher's becomes the teacher's
+        (all of them for a critic or a student built from the teacher; those a loaded student has as the teacher has
+        them)."""
+        mc = self.cfg.model
+        base_names = {n for n, _ in self.teacher.named_parameters()}
+        own = tuple(n for n, _ in net.named_parameters() if n not in base_names)
+        lora.add_lora(net, mc.lora_rank, mc.lora_alpha, mc.lora_targets, train=own)
+        lora.share_weights(net, self.teacher)
+        return net
+
     @staticmethod
     def _freeze(net, names: tuple[str, ...]) -> None:
         """Stop the parameters named (or under the prefixes named) from learning; a name matching none is an error."""
@@ -381,6 +404,10 @@ class Trainer:
             student += f", grown by {n} block{'s' if n > 1 else ''}"
             if cfg.optim.new_layers_lr_scale != 1:
                 student += f" (at lr x{cfg.optim.new_layers_lr_scale:g})"
+        if self.lora_student:
+            student += f"; {lora.describe(self.student)}"
+        if self.lora_critic and self.critic is not None:
+            student += f"; critic {lora.describe(self.critic)}"
         per_update = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
         parts = [f"{cfg.stage} from step {self.step}", student, f"{per_update} samples per update",
                  f"lr {cfg.optim.lr:g}"]
@@ -498,12 +525,15 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
-            if self.opt_student is not None:  # (a critic run's editor is its model.student, unchanged)
-                self.student.save_pretrained(tmp / "student", safe_serialization=True)
-                ckpt.optimizer_state_to_files(self.opt_student, tmp / "optimizer_student")
-            if self.critic is not None:
-                self.critic.save_pretrained(tmp / "critic", safe_serialization=True)
-                ckpt.optimizer_state_to_files(self.opt_critic, tmp / "optimizer_critic")
+            # the networks as plain models (adapters folded in: what export and --critic load), and a LoRA run's
+            # adapters beside them (what it resumes from)
+            for name, net, opt in (("student", self.student, self.opt_student), ("critic", self.critic, self.opt_critic)):
+                if net is None or opt is None:  # (a critic run's editor is its model.student, unchanged)
+                    continue
+                lora.merged_copy(net).save_pretrained(tmp / name, safe_serialization=True)
+                if lora.has_lora(net):
+                    ckpt.save_tensors(lora.adapter_state(net), tmp / f"{name}_adapters.safetensors")
+                ckpt.optimizer_state_to_files(opt, tmp / f"optimizer_{name}")
             save_config(self.cfg, tmp / "config.yaml")
         self.acc.wait_for_everyone()
         ckpt.rng_state_to_files(tmp / f"rng_{self.acc.process_index}", self._generators())
@@ -526,13 +556,13 @@ class Trainer:
         if state.get("stage") != self.cfg.stage:
             raise ValueError(f"{path} is a '{state.get('stage')}' checkpoint; this run's stage is '{self.cfg.stage}'")
         if self.opt_student is not None:
-            ckpt.load_module_weights(self.student, path / "student")
+            self._load_weights(self.student, path, "student")
             ckpt.optimizer_state_from_files(self.opt_student, path / "optimizer_student")
             self.sched_student.last_epoch = state["sched_student"]
         if self.critic is not None and not (path / "critic").is_dir():  # saved by a run without DMD
             self.acc.print(f"{path} holds no critic (its run had no DMD loss): the critic starts as the teacher")
         elif self.critic is not None:
-            ckpt.load_module_weights(self.critic, path / "critic")
+            self._load_weights(self.critic, path, "critic")
             ckpt.optimizer_state_from_files(self.opt_critic, path / "optimizer_critic")
             self.sched_critic.last_epoch = state["sched_critic"]
         # a run stopped in its final phase resumes there (if this config steps down at all)
@@ -548,6 +578,18 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
+    @staticmethod
+    def _load_weights(net, path: Path, name: str) -> None:
+        """Restore `net` from checkpoint `path`: a LoRA network from its adapters, another from its weights."""
+        adapters = path / f"{name}_adapters.safetensors"
+        if lora.has_lora(net) != adapters.is_file():
+            raise ValueError(f"{path} was written by a run {'with' if adapters.is_file() else 'without'} LoRA on its "
+                             f"{name} (model.lora_rank, model.lora_critic); resume it with the same setting")
+        if adapters.is_file():
+            lora.load_adapter_state(net, ckpt.load_tensors(adapters))
+        else:
+            ckpt.load_module_weights(net, path / name)
+
     def export(self) -> Path:
         """Save the student as an `NPEditPipeline` under <output_dir>/pipeline (and the critic under critic/); a
         critic run saves only its critic (the editor is its model.student, unchanged) and returns that folder."""
@@ -555,17 +597,18 @@ class Trainer:
             out = self.run_dir / "critic"
             self.acc.wait_for_everyone()
             if self.acc.is_main_process:
-                save_critic(self.critic, out, self.cfg, self.step)
+                save_critic(lora.merged_copy(self.critic), out, self.cfg, self.step)
             self.acc.wait_for_everyone()
             return out
         out = self.run_dir / "pipeline"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            pipe = NPEditPipeline.from_parts(self.student, self.backbone, shift=self.cfg.sampler.shift)
+            student = lora.merged_copy(self.student)
+            pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
             summary = training_summary(self.cfg.stage, self.cfg.model.student or None, self.cfg.loss, self.cfg.data.train)
             pipe.save_pretrained(out, training=summary)
             (out / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
             if self.critic is not None:
-                self.critic.save_pretrained(self.run_dir / "critic", safe_serialization=True)
+                lora.merged_copy(self.critic).save_pretrained(self.run_dir / "critic", safe_serialization=True)
         self.acc.wait_for_everyone()
         return out
