@@ -6,6 +6,8 @@
     # (e.g. fitted by `python -m npedit train ... stage=critic`):
     python scripts/bundle_shapes_assets.py --add-editor runs/x/exports/step_000150 --name editor-unroll-npedit \
         --history "Trained first with ..., then ..." --critic runs/x-critic/critic
+    # only a critic, for an editor already bundled:
+    python scripts/bundle_shapes_assets.py --critic runs/x-critic/critic --critic-for editor-sft-npedit
 An editor's critic (for the app's DMD maps) goes inside its folder, as `critic/`. Which bundled editor is the
 default of the CLI and the app is set in npedit/assets.py.
 Only safetensors weights and small config/tokenizer files are copied; the total size is printed.
@@ -47,6 +49,8 @@ def main() -> None:
                                                 "folder)")
     ap.add_argument("--critic", type=Path, help="the critic fitted to that editor (or to --add-editor's): it goes "
                                                 "into the editor's folder as critic/")
+    ap.add_argument("--critic-for", metavar="NAME", help="bundle only --critic, into the already bundled editor "
+                                                         "assets/shapes/NAME (as its critic/)")
     ap.add_argument("--teacher", type=Path)
     ap.add_argument("--judge", type=Path)
     ap.add_argument("--add-editor", type=Path, help="bundle only this editor, as assets/shapes/<--name>")
@@ -55,6 +59,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ASSETS_DIR)
     args = ap.parse_args()
     shapes = args.out / "shapes"
+    if args.critic_for:
+        editor = shapes / args.critic_for
+        if not args.critic or "/" in args.critic_for or not (editor / "model_index.json").is_file():
+            raise SystemExit(f"error: --critic-for needs --critic and a bundled editor's folder name; {editor} is not one")
+        copy_model(args.critic, editor / "critic")
+        report(args.out)
+        return
     if args.add_editor:
         if not args.name or "/" in args.name or args.name in {"editor", "teacher", "critic", "judge", "fast-vae"}:
             raise SystemExit("error: --add-editor needs --name, a new folder name such as editor-unroll-npedit")

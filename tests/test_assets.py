@@ -93,6 +93,13 @@ def test_bundle_script_adds_one_editor_with_its_history(tmp_path, monkeypatch, c
     assert (dst / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
     assert (dst / "critic" / "diffusion_pytorch_model.safetensors").read_bytes() == b"critic"  # inside the editor
     assert not (dst / "transformer" / "stray.bin").exists()
+    (critic / "diffusion_pytorch_model.safetensors").write_bytes(b"refitted")  # a critic alone, for a bundled editor
+    monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), "--critic", str(critic), "--critic-for", "editor-x"])
+    bundle.main()
+    assert (dst / "critic" / "diffusion_pytorch_model.safetensors").read_bytes() == b"refitted"
+    monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), "--critic", str(critic), "--critic-for", "nope"])
+    with pytest.raises(SystemExit, match="--critic-for needs --critic and a bundled editor"):
+        bundle.main()
     assert json.loads((dst / "npedit_domain.json").read_text()) == {"domain": "shapes", "resolution": 64}
     model = json.loads((dst / "training_config.json").read_text())["model"]
     assert model == {"base": "assets/shapes/teacher", "trained_from": "runs/teacher/base"}
