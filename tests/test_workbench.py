@@ -603,3 +603,6 @@ def test_describe_editor_says_how_far_its_last_run_went(tmp_path):
         (editor / "training_config.json").write_text(json.dumps({**base, **extra}))
         line = models.describe_editor(str(editor))
         assert f"Last training stage: `npedit` on `shapes`, {says}." in line, line
+    (editor / "training_config.json").write_text(json.dumps({**base, "step": 40, "model": {"lora_rank": 16}}))
+    assert ("Last training stage: `npedit` on `shapes` with LoRA adapters of rank 16, folded into its weights, exported "
+            "at step 40.") in models.describe_editor(str(editor))

@@ -216,7 +216,9 @@ def describe_editor(path: str | None) -> str:
     if (local / "training_config.json").is_file():
         cfg = json.loads((local / "training_config.json").read_text())
         data = cfg.get("data", {}).get("train")
-        parts.append(f"Last training stage: `{cfg.get('stage')}` on `{data}`, {_steps_note(cfg)}.")
+        rank = cfg.get("model", {}).get("lora_rank") or 0
+        how = f" with LoRA adapters of rank {rank}, folded into its weights" if rank else ""
+        parts.append(f"Last training stage: `{cfg.get('stage')}` on `{data}`{how}, {_steps_note(cfg)}.")
     return " ".join(parts)
 
 
