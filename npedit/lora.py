@@ -57,7 +57,8 @@ class LoRALinear(nn.Module):
 
 
 def _targeted(name: str, targets: tuple[str, ...]) -> bool:
-    """Whether the layer `name` is chosen: a target equal to it, ending it after a dot, or one of its path components."""
+    """Whether the layer `name` is chosen: a target equal to it, ending it after a dot, or one of its path
+    components."""
     parts = name.split(".")
     return any(name == t or name.endswith("." + t) or t in parts for t in targets)
 
@@ -148,8 +149,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 def share_weights(model: nn.Module, source: nn.Module) -> int:
     """Point each frozen tensor of `model` at `source`'s frozen tensor of the same name (a wrapped layer's
-    `X.base.weight` is `X.weight` there) when shape, dtype and values agree; returns how many now share. For a critic or a student
-    built from the teacher: one copy of the base weights for all three."""
+    `X.base.weight` is `X.weight` there) when shape, dtype and values agree; returns how many now share. For a
+    critic or a student built from the teacher: one copy of the base weights for all three."""
     theirs = dict(source.named_parameters())
     wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     shared = 0
@@ -159,8 +160,8 @@ def share_weights(model: nn.Module, source: nn.Module) -> int:
             if p is None or p.requires_grad:
                 continue
             other = theirs.get(f"{plain}.{leaf}" if plain else leaf)
-            if (other is not None and other is not p and not other.requires_grad and other.shape == p.shape and other.dtype == p.dtype
-                    and other.device == p.device and torch.equal(other, p)):
+            if (other is not None and other is not p and not other.requires_grad and other.shape == p.shape
+                    and other.dtype == p.dtype and other.device == p.device and torch.equal(other, p)):
                 module._parameters[leaf] = other
                 shared += 1
     return shared

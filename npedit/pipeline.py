@@ -186,11 +186,12 @@ STAGE_SUMMARIES = {
 }
 
 
-def training_summary(stage: str, student: str | None = None, loss=None, data_train: str | None = None) -> str:
+def training_summary(stage: str, student: str | None = None, loss=None, data_train: str | None = None,
+                     lora_rank: int = 0) -> str:
     """One sentence on how a stage's export was trained, naming the checkpoint it continued from. For stage
     `npedit`, `loss` (a LossConfig) says which signals were on: the card must not say "no pairs" for a run that
     regressed onto true edits (`loss.lambda_target` > 0 with `data_train` "shapes"), nor name a judge or DMD that
-    had weight 0."""
+    had weight 0. `lora_rank` > 0: the stage trained adapters (`model.lora_rank`), folded in at export."""
     summary = STAGE_SUMMARIES.get(stage, f"trained by the {stage!r} stage")
     if stage == "npedit" and loss is not None:
         signals = [name for name, weight in (("a frozen vision-language judge", loss.lambda_vlm),
@@ -207,6 +208,8 @@ def training_summary(stage: str, student: str | None = None, loss=None, data_tra
             summary = ("trained with NP-Edit, no before/after pairs in this stage, with "
                        + (signals[0] + " only (the other loss weight is 0)" if signals else
                           "every loss weight at 0 (it did not learn)"))
+    if lora_rank:
+        summary += f", as low-rank adapters (LoRA, rank {lora_rank}) now folded into the weights"
     return summary + (f" (its student started from `{student}`)" if student else "")
 
 

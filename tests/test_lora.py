@@ -194,6 +194,8 @@ def test_lora_run_checkpoints_adapters_resumes_and_exports_a_plain_editor(sd3, t
 
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     assert pipe(image=image, prompt="make it blue", num_inference_steps=2).images[0].size == (64, 64)
+    card = (run_dir / "pipeline/README.md").read_text()
+    assert "low-rank adapters (LoRA, rank 2) now folded into the weights" in card
     critic = backbone.load_transformer(run_dir / "critic")  # the critic, folded, as --critic loads it
     assert not any(".lora_" in n for n, _ in critic.named_parameters())
     # resuming a LoRA checkpoint without LoRA (or the reverse) is one clear error

@@ -95,7 +95,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     name = path.name if average == 1 else f"{path.name}-avg{average}"
     out = Path(out) if out else Path(run_dir) / "exports" / name
     pipe = NPEditPipeline.from_parts(student.eval(), backbone, shift=cfg.sampler.shift)
-    summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train)
+    summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
     origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
               f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")
     pipe.save_pretrained(out, training=f"{summary}; {origin}")

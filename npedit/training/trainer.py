@@ -88,7 +88,7 @@ class Trainer:
         mc = cfg.model
         self.lora_student = bool(mc.lora_rank) and cfg.stage != "critic"
         self.lora_critic = bool(mc.lora_rank) and mc.lora_critic
-        if cfg.model.student:  # (a LoRA student keeps its frozen weights in model.dtype; a fully trained one is float32)
+        if cfg.model.student:  # (a LoRA student keeps its frozen weights in model.dtype; a full one is float32)
             student = self.backbone.load_transformer(cfg.model.student, for_student=True,
                                                      torch_dtype=dtype if self.lora_student else torch.float32)
         else:
@@ -605,7 +605,9 @@ class Trainer:
         if self.acc.is_main_process:
             student = lora.merged_copy(self.student)
             pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
-            summary = training_summary(self.cfg.stage, self.cfg.model.student or None, self.cfg.loss, self.cfg.data.train)
+            cfg = self.cfg
+            summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train,
+                                       cfg.model.lora_rank)
             pipe.save_pretrained(out, training=summary)
             (out / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
             if self.critic is not None:
