@@ -42,10 +42,6 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:  # code that reads a layer's weight (dtype, device) still finds the base's
         return self.base.weight
 
-    @property
-    def bias(self):
-        return self.base.bias
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         delta = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
@@ -138,11 +134,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
     returned as it is."""
     if not has_lora(model):
         return model
-    # (without `_use_default_values`: diffusers would reset the keys listed there, among them any that a backbone set
-    # after the model was built, such as the SD3 student's reference encoder)
-    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}
     with torch.device("meta"):
-        plain = type(model).from_config(config)
+        plain = type(model).from_config(model.config)
     plain.load_state_dict(merged_state_dict(model), strict=True, assign=True)
     return plain.eval()
 

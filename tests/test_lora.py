@@ -148,9 +148,9 @@ def test_trainer_holds_one_copy_of_the_base_and_trains_only_adapters(sd3, tmp_pa
     assert "ref_embed" in changed and any(k.endswith("attn.to_q.weight") for k in changed)
     assert not any(k.startswith(("pos_embed", "proj_out", "norm_out", "context_embedder")) for k in changed)
     assert "LoRA rank 2 (alpha 2) on" in trainer.describe() and "critic LoRA rank 2" in trainer.describe()
-    no_critic_lora = Trainer(load_config(None, [*[f"{k}={v}" for k, v in (
-        ("model.base", path), ("data.train", tiny_manifest), ("output_dir", f"{tmp_path}/run2"))],
-        "loss.lambda_vlm=0", "loss.lambda_target=1", "model.lora_rank=2", "model.lora_critic=false"]))
+    no_critic_lora = Trainer(load_config(None, [f"model.base={path}", f"data.train={tiny_manifest}",
+                                                f"output_dir={tmp_path}/run2", "loss.lambda_vlm=0",
+                                                "loss.lambda_target=1", "model.lora_rank=2", "model.lora_critic=false"]))
     assert lora.has_lora(no_critic_lora.student) and not lora.has_lora(no_critic_lora.critic)
 
 

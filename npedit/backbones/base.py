@@ -16,6 +16,16 @@ import torch
 from torch import nn
 
 
+def set_config(model, **values) -> None:
+    """`register_to_config` for a model already built, that also takes the keys off diffusers' `_use_default_values`
+    (the keys left at their defaults when it was built): otherwise `from_config(model.config)` resets them, and a
+    copy built from the live config (e.g. `npedit.lora.merged_copy`) loses what was set here."""
+    model.register_to_config(**values)
+    defaults = model.config.get("_use_default_values")
+    if defaults:
+        model.register_to_config(_use_default_values=[k for k in defaults if k not in values])
+
+
 def resolve_subfolder(path: str | os.PathLike, subfolder: str | None) -> str | None:
     """`subfolder` unless `path` is a local folder that holds the model itself (config.json at its top)."""
     local = Path(str(path))

@@ -44,7 +44,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..config import REFERENCE_MODES
-from .base import Backbone, resolve_subfolder
+from .base import Backbone, resolve_subfolder, set_config
 from .vae import AnyVAE, LatentCodec
 
 T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
@@ -419,8 +419,8 @@ class SD3Backbone(Backbone):
         anchor = student.proj_out.weight
         student.ref_encoder = ReferenceEncoder(student.config.in_channels, student.inner_dim, student.config.patch_size,
                                                layers, width, gated=gated).to(device=anchor.device, dtype=anchor.dtype)
-        student.register_to_config(reference_encoder_layers=layers, reference_encoder_width=width,
-                                   reference_encoder_gated=gated)
+        set_config(student, reference_encoder_layers=layers, reference_encoder_width=width,
+                   reference_encoder_gated=gated)
         return student.requires_grad_(True)
 
     def add_layers(self, student, count: int):
@@ -456,7 +456,7 @@ class SD3Backbone(Backbone):
         student.transformer_blocks = nn.ModuleList([*blocks[:at], *fresh, *blocks[at:]])
         dual = [i if i < at else i + count for i in student.config.dual_attention_layers]
         dual += [at + k for k in range(count) if template.use_dual_attention]
-        student.register_to_config(num_layers=len(student.transformer_blocks), dual_attention_layers=tuple(sorted(dual)))
+        set_config(student, num_layers=len(student.transformer_blocks), dual_attention_layers=tuple(sorted(dual)))
         return student, list(range(at, at + count))
 
     def save_pretrained(self, directory):

@@ -21,6 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import flow
+from ..backbones.base import set_config
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
 from ..config import apply_overrides, build_config, overrides_as_flags, to_dict
 from ..devices import resolve_device
@@ -298,7 +299,7 @@ def train_vae(cfg: VAEConfig) -> Path:
         x = x.to(device)
         z = vae.encode(x).latent_dist.mode()
         if not cfg.decoder_only:  # a refined decoder keeps the latent statistics of its init
-            vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+            set_config(vae, shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
         shift, scale = vae.config.shift_factor, vae.config.scaling_factor
         rec = vae.decode(z).sample.cpu()
         x = x.cpu()

@@ -86,7 +86,8 @@ class Trainer:
         self.teacher = self.backbone.load_transformer(cfg.model.base, torch_dtype=dtype).requires_grad_(False).eval()
         self.teacher.to(device)
         mc = cfg.model
-        self.lora_student = bool(mc.lora_rank) and cfg.stage != "critic"
+        self.fits_critic = cfg.stage == "critic"  # the editor stays as it is; only its critic learns
+        self.lora_student = bool(mc.lora_rank) and not self.fits_critic
         self.lora_critic = bool(mc.lora_rank) and mc.lora_critic
         if cfg.model.student:  # (a LoRA student keeps its frozen weights in model.dtype; a full one is float32)
             student = self.backbone.load_transformer(cfg.model.student, for_student=True,
@@ -103,14 +104,11 @@ class Trainer:
                                  "reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
             with torch.no_grad():
                 encoder.gate.fill_(cfg.model.reference_gate_init)
-        self.fits_critic = cfg.stage == "critic"  # the editor stays as it is; only its critic learns
         if self.fits_critic:
             self.student = student.float().requires_grad_(False).eval().to(device)
-        elif self.lora_student:
-            self.student = self._add_lora(student.to(device)).train()
-            self._freeze(self.student, cfg.optim.frozen)
         else:
-            self.student = student.float().requires_grad_(True).train().to(device)
+            self.student = (self._add_lora(student.to(device)) if self.lora_student else
+                            student.float().requires_grad_(True).to(device)).train()
             self._freeze(self.student, cfg.optim.frozen)
         self.critic = None
         self.judge = None
