@@ -197,10 +197,19 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     """Export a run's checkpoint (the newest, or --step) as an NPEditPipeline folder."""
+    from .adapters import adapter_size, export_adapters
     from .training.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.run, args.step, args.out, base=args.base, average=args.average)
+        if args.adapters:
+            if args.average != 1:
+                raise ValueError("--adapters exports one checkpoint's adapters; averaging factors of a low-rank update "
+                                 "is not averaging the update: drop --average, or export whole weights without "
+                                 "--adapters")
+            out = export_adapters(args.run, args.step, args.out, base=args.base)
+            print(f"{adapter_size(out) / 2**20:.2f} MiB of adapters; loads with its base model", file=sys.stderr)
+        else:
+            out = export_checkpoint(args.run, args.step, args.out, base=args.base, average=args.average)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(out)
@@ -329,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--average", type=int, default=1, metavar="K",
                    help="save the mean of the student's weights over the K newest checkpoints up to --step (default 1: "
                         "that checkpoint alone); out defaults to RUN/exports/step_N-avgK")
+    x.add_argument("--adapters", action="store_true",
+                   help="a LoRA run (model.lora_rank): write its adapters alone (diffusers' LoRA layout) plus the names "
+                        "of the base model they adapt, a folder of megabytes that --model, the app and "
+                        "NPEditPipeline.from_pretrained load; out defaults to RUN/exports/step_N-lora")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "

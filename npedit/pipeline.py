@@ -57,8 +57,19 @@ class NPEditPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NPEditPipeline":
-        """`DiffusionPipeline.from_pretrained`, with our backbone modules imported first (their student classes)."""
+        """`DiffusionPipeline.from_pretrained`, with our backbone modules imported first (their student classes).
+
+        A folder of LoRA adapters (`python -m npedit export RUN --adapters`) loads too: its base model (or `base=`)
+        supplies the rest, and the adapters are folded into the student (`npedit.adapters`); `torch_dtype` applies
+        to the assembled pipeline."""
+        from .adapters import is_adapter_folder, load_adapter_pipeline
+
         import_families()
+        if is_adapter_folder(pretrained_model_name_or_path):
+            dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+            pipe = load_adapter_pipeline(pretrained_model_name_or_path, base=kwargs.pop("base", None),
+                                         student=kwargs.pop("student", None))
+            return pipe.to(dtype=dtype) if dtype is not None else pipe
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

@@ -2,21 +2,16 @@
 run trains, checkpoints small adapters, resumes and exports a plain editor."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runner import run_npedit  # tests/cli_runner.py
 from npedit import lora
 from npedit.backbones.sd3 import SD3Backbone
 from npedit.backbones.tiny import build_tiny_sd3
 from npedit.config import load_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -154,23 +149,15 @@ def test_trainer_holds_one_copy_of_the_base_and_trains_only_adapters(sd3, tmp_pa
     assert lora.has_lora(no_critic_lora.student) and not lora.has_lora(no_critic_lora.critic)
 
 
-def _cli(*args, cwd, ok=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "npedit", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert (out.returncode == 0) == ok, out.stderr[-3000:]
-    return out
-
-
 def test_lora_run_checkpoints_adapters_resumes_and_exports_a_plain_editor(sd3, tmp_path, tiny_manifest):
     path, backbone, _ = sd3
     common = ["stage=npedit", f"model.base={path}", f"data.train={tiny_manifest}", "data.batch_size=2",
               "loss.lambda_vlm=0", "loss.lambda_target=1", "critic_steps=1", "model.lora_rank=2", "log_every=1",
               "save_every=2", "keep_checkpoints=3", "optim.lr=1e-2", "optim.skip_grad_norm=1e9",
               "output_dir=runs/lora", "sample_every=0"]
-    out = _cli("train", "max_steps=2", *common, cwd=tmp_path)
+    out = run_npedit("train", "max_steps=2", *common, cwd=tmp_path)
     assert "LoRA rank 2" in out.stdout
-    _cli("train", "--resume", "max_steps=3", *common, cwd=tmp_path)
+    run_npedit("train", "--resume", "max_steps=3", *common, cwd=tmp_path)
     run_dir = tmp_path / "runs/lora"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -184,7 +171,7 @@ def test_lora_run_checkpoints_adapters_resumes_and_exports_a_plain_editor(sd3, t
     # the run's editor and an export of a checkpoint load and edit like any other
     final = load_file(str(run_dir / "pipeline/transformer/diffusion_pytorch_model.safetensors"))
     assert final.keys() == plain.keys() and any(not torch.equal(final[k], plain[k]) for k in plain)
-    exported = _cli("export", "runs/lora", "--step", "2", cwd=tmp_path).stdout.strip()
+    exported = run_npedit("export", "runs/lora", "--step", "2", cwd=tmp_path).stdout.strip()
     got = load_file(str(tmp_path / exported / "transformer/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(got[k], plain[k]) for k in plain)
     from npedit.pipeline import NPEditPipeline
@@ -199,7 +186,7 @@ def test_lora_run_checkpoints_adapters_resumes_and_exports_a_plain_editor(sd3, t
     critic = backbone.load_transformer(run_dir / "critic")  # the critic, folded, as --critic loads it
     assert not any(".lora_" in n for n, _ in critic.named_parameters())
     # resuming a LoRA checkpoint without LoRA (or the reverse) is one clear error
-    bad = _cli("train", "--resume", "max_steps=4", *[a for a in common if a != "model.lora_rank=2"], cwd=tmp_path,
+    bad = run_npedit("train", "--resume", "max_steps=4", *[a for a in common if a != "model.lora_rank=2"], cwd=tmp_path,
                ok=False)
     assert "with LoRA" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from npedit import assets
+from npedit.adapters import is_adapter_folder
 from npedit.config import LossConfig
 from npedit.images import fit_image
 
@@ -53,6 +54,8 @@ def what_is(path: str | os.PathLike) -> str:
         return "does not exist"
     if not p.is_dir():
         return "is a file, not a folder"
+    if is_adapter_folder(p):  # LoRA adapters plus the base they name: loads as an editor
+        return EDITOR_KIND
     if (p / "model_index.json").is_file():
         cls = json.loads((p / "model_index.json").read_text()).get("_class_name")
         return EDITOR_KIND if cls == "NPEditPipeline" else f"a diffusers pipeline of class {cls}"

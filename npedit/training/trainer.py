@@ -67,6 +67,28 @@ def _infinite(loader: DataLoader):
         epoch += 1
 
 
+def build_student(backbone, teacher, mc, dtype: torch.dtype, keep_dtype: bool = False):
+    """The student a run starts from, as `model.*` (`mc`) describes it: `model.student` loaded (in `dtype` with
+    `keep_dtype`, the frozen weights of a LoRA student; else float32) or a copy of the teacher, then grown by
+    `model.add_layers` and `model.reference_encoder`, with `model.reference_gate_init`. Returns (student, the names
+    of the added blocks). An adapters-only export rebuilds its student's frozen weights the same way."""
+    if mc.student:
+        student = backbone.load_transformer(mc.student, for_student=True,
+                                            torch_dtype=dtype if keep_dtype else torch.float32)
+    else:
+        student = backbone.prepare_student(teacher, reference_mode=mc.reference_mode)
+    student, new_blocks = backbone.add_layers(student, mc.add_layers)
+    student = backbone.add_reference_encoder(student, mc.reference_encoder, gated=mc.reference_encoder_gated)
+    if mc.reference_gate_init:
+        encoder = getattr(student, "ref_encoder", None)
+        if encoder is None or not getattr(encoder, "gated", False):
+            raise ValueError("model.reference_gate_init needs a student with a gated reference encoder (model."
+                             "reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
+        with torch.no_grad():
+            encoder.gate.fill_(mc.reference_gate_init)
+    return student, new_blocks
+
+
 class Trainer:
     """Holds the networks, optimisers and state of one run; `train()` runs it to `max_steps`."""
 
@@ -89,21 +111,8 @@ class Trainer:
         self.fits_critic = cfg.stage == "critic"  # the editor stays as it is; only its critic learns
         self.lora_student = bool(mc.lora_rank) and not self.fits_critic
         self.lora_critic = bool(mc.lora_rank) and mc.lora_critic
-        if cfg.model.student:  # (a LoRA student keeps its frozen weights in model.dtype; a full one is float32)
-            student = self.backbone.load_transformer(cfg.model.student, for_student=True,
-                                                     torch_dtype=dtype if self.lora_student else torch.float32)
-        else:
-            student = self.backbone.prepare_student(self.teacher, reference_mode=cfg.model.reference_mode)
-        student, self.new_blocks = self.backbone.add_layers(student, cfg.model.add_layers)
-        student = self.backbone.add_reference_encoder(student, cfg.model.reference_encoder,
-                                                     gated=cfg.model.reference_encoder_gated)
-        if cfg.model.reference_gate_init:
-            encoder = getattr(student, "ref_encoder", None)
-            if encoder is None or not getattr(encoder, "gated", False):
-                raise ValueError("model.reference_gate_init needs a student with a gated reference encoder (model."
-                                 "reference_encoder=N model.reference_encoder_gated=true, or a student that has one)")
-            with torch.no_grad():
-                encoder.gate.fill_(cfg.model.reference_gate_init)
+        student, self.new_blocks = build_student(self.backbone, self.teacher, mc, dtype,
+                                                 keep_dtype=self.lora_student)
         if self.fits_critic:
             self.student = student.float().requires_grad_(False).eval().to(device)
         else:

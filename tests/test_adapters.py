@@ -1,0 +1,159 @@
+"""An editor shipped as LoRA adapters alone (`npedit export RUN --adapters`): the folder is small, names its base,
+loads through `NPEditPipeline.from_pretrained` (so the CLI and the app take it) into the very student the run
+checkpointed, and its LoRA file is in diffusers' layout, so PEFT applies the same update to the base's transformer."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cli_runner import run_npedit  # tests/cli_runner.py
+from npedit import lora
+from npedit.adapters import EXTRA_FILE, LORA_FILE, META_FILE, export_adapters, fold_lora
+from npedit.backbones.tiny import build_tiny_sd3
+from npedit.config import load_config
+from npedit.pipeline import NPEditPipeline
+
+
+def _lora_run(base, manifest, out, *extra):
+    """A LoRA run's trainer with random (non-zero) adapters and own parameters, checkpointed at step 1."""
+    from npedit.training.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [f"model.base={base}", f"data.train={manifest}", f"output_dir={out}",
+                                         "stage=npedit", "loss.lambda_vlm=0", "loss.lambda_dmd=0",
+                                         "loss.lambda_target=1", "data.batch_size=2", "model.lora_rank=2",
+                                         "model.lora_alpha=6", *extra]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.student.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    return trainer
+
+
+def _velocity(backbone, net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = backbone.encode_prompt(["make the circle red", "remove the square"], with_reference=True)
+    x = torch.randn(2, backbone.latent_channels, 8, 8, generator=g)
+    ref = torch.randn(2, backbone.latent_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        return backbone.velocity(net.eval(), x, torch.tensor([0.3, 0.8]), cond, reference=ref)
+
+
+def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path, tiny_manifest):
+    base = build_tiny_sd3(tmp_path / "base")
+    trainer = _lora_run(base, tiny_manifest, tmp_path / "run")
+    run = tmp_path / "run"
+    out = run_npedit("export", str(run), "--adapters", cwd=tmp_path)
+    folder = Path(out.stdout.strip())
+    assert folder == run / "exports" / "step_000001-lora" and "MiB of adapters" in out.stderr
+    assert {p.name for p in folder.iterdir()} >= {LORA_FILE, EXTRA_FILE, META_FILE, "training_config.json",
+                                                  "README.md"}
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["base"] == str(base) and meta["rank"] == 2 and meta["alpha"] == 6 and meta["extra"] == ["ref_embed"]
+    tensors = load_file(str(folder / LORA_FILE))
+    assert tensors and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+                           for k in tensors)
+    assert "NPEditPipeline.from_pretrained" in (folder / "README.md").read_text()
+    # the folder loads into the student the checkpoint folded (scale alpha / r = 3 carried in lora_B)
+    checkpointed = trainer.backbone.load_transformer(run / "checkpoints/step_000001/student", for_student=True)
+    pipe = NPEditPipeline.from_pretrained(folder)
+    torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer), _velocity(trainer.backbone, checkpointed),
+                               atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(_velocity(pipe.backbone, pipe.transformer),
+                              _velocity(trainer.backbone, trainer.backbone.load_transformer(base, for_student=True)),
+                              atol=1e-3)  # the adapters did change it
+    full = sum(p.stat().st_size for p in (run / "checkpoints/step_000001/student").glob("*.safetensors"))
+    adapters = sum(p.stat().st_size for p in (folder / LORA_FILE, folder / EXTRA_FILE))
+    assert adapters < full / 2
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    assert pipe(image=image, prompt="make it blue", num_inference_steps=2).images[0].size == (64, 64)
+    assert pipe.transformer.dtype == torch.float32
+    # the app takes the folder as an editor
+    from workbench.models import EDITOR_KIND, check_editor, what_is
+
+    assert what_is(folder) == EDITOR_KIND and check_editor(str(folder)) == str(folder)
+    # the base moved: a clear error, and base= finds it
+    moved = tmp_path / "moved-base"
+    shutil.move(str(base), moved)
+    with pytest.raises(FileNotFoundError, match="pass base="):
+        NPEditPipeline.from_pretrained(folder)
+    again = NPEditPipeline.from_pretrained(folder, base=str(moved), torch_dtype=torch.bfloat16)
+    assert again.transformer.dtype == torch.bfloat16
+
+
+def test_export_adapters_refuses_what_has_none(tmp_path, tiny_manifest):
+    from npedit.training.trainer import Trainer
+
+    base = build_tiny_sd3(tmp_path / "base")
+    trainer = Trainer(load_config(None, [f"model.base={base}", f"data.train={tiny_manifest}",
+                                         f"output_dir={tmp_path}/full", "stage=npedit", "loss.lambda_vlm=0",
+                                         "loss.lambda_dmd=0", "loss.lambda_target=1", "data.batch_size=2"]))
+    trainer.step = 1
+    trainer.save_checkpoint()
+    bad = run_npedit("export", "full", "--adapters", cwd=tmp_path, ok=False)
+    assert "holds no LoRA adapters" in bad.stderr and "Traceback" not in bad.stderr
+    _lora_run(base, tiny_manifest, tmp_path / "lora")
+    bad = run_npedit("export", "lora", "--adapters", "--average", "2", cwd=tmp_path, ok=False)
+    assert "drop --average" in bad.stderr
+
+
+def test_fold_lora_refuses_foreign_adapters(tmp_path):
+    from npedit.backbones.sd3 import SD3Backbone
+
+    base = build_tiny_sd3(tmp_path / "base")
+    net = SD3Backbone.from_pretrained(base).load_transformer(base)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    layer = next(n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and ".attn." in n)
+    size = net.get_submodule(layer)
+    good = {f"transformer.{layer}.lora_A.weight": torch.ones(2, size.in_features),
+            f"transformer.{layer}.lora_B.weight": torch.ones(size.out_features, 2)}
+    with pytest.raises(ValueError, match="adapters for another model"):
+        fold_lora(net, {**good, "transformer.blocks.99.to_q.lora_A.weight": torch.ones(2, 4),
+                        "transformer.blocks.99.to_q.lora_B.weight": torch.ones(4, 2)})
+    with pytest.raises(ValueError, match="adapters for another model"):
+        fold_lora(net, {k: v[:, :-1] if "lora_A" in k else v for k, v in good.items()})
+    with pytest.raises(ValueError, match="has only lora_A"):
+        fold_lora(net, {k: v for k, v in good.items() if "lora_A" in k})
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # nothing changed on refusal
+    assert fold_lora(net, good) == 1
+    torch.testing.assert_close(net.get_submodule(layer).weight, before[f"{layer}.weight"] + 2.0)
+
+
+def test_zimage_adapters_load_in_our_pipeline_and_in_diffusers_with_peft(tiny_zimage, tmp_path, tiny_manifest):
+    peft = pytest.importorskip("peft")
+    assert peft.__version__
+    from diffusers import ZImageTransformer2DModel
+
+    trainer = _lora_run(tiny_zimage, tiny_manifest, tmp_path / "run", "model.lora_critic=false")
+    folder = export_adapters(tmp_path / "run", out=tmp_path / "adapters")
+    assert not (folder / EXTRA_FILE).exists()  # the Z-Image student is the base's own class: nothing of its own
+    expected = _velocity(trainer.backbone, lora.merged_copy(trainer.student))
+    pipe = NPEditPipeline.from_pretrained(folder)
+    torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer), expected, atol=1e-5, rtol=1e-4)
+    # diffusers' own LoRA loader (PEFT) on the base transformer applies the same update
+    stock = ZImageTransformer2DModel.from_pretrained(tiny_zimage, subfolder="transformer")
+    stock.load_lora_adapter(str(folder), prefix="transformer", weight_name=LORA_FILE)
+    torch.testing.assert_close(_velocity(pipe.backbone, stock), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_on_a_trained_student_name_it_and_rebuild_from_it(tmp_path, tiny_manifest):
+    base = build_tiny_sd3(tmp_path / "base")
+    first = _lora_run(base, tiny_manifest, tmp_path / "first")
+    editor = first.export()  # a plain editor folder: the second run's starting student
+    second = _lora_run(base, tiny_manifest, tmp_path / "second", f"model.student={editor}")
+    folder = export_adapters(tmp_path / "second")
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["student"] == str(editor) and meta["extra"] == ["ref_embed"]
+    pipe = NPEditPipeline.from_pretrained(folder)
+    torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer),
+                               _velocity(second.backbone, lora.merged_copy(second.student)), atol=1e-5, rtol=1e-4)
+    shutil.rmtree(editor)
+    with pytest.raises(FileNotFoundError, match="student="):
+        NPEditPipeline.from_pretrained(folder)
