@@ -75,8 +75,8 @@ def fold_lora(model: nn.Module, lora: dict[str, torch.Tensor], prefix: str = PRE
         module = modules.get(layer)
         if not isinstance(module, nn.Linear):
             near = [n for n, m in modules.items() if isinstance(m, nn.Linear)][:5]
-            raise ValueError(f"the adapters name a layer {layer!r} that this {type(model).__name__} has no linear layer "
-                             f"for (its linear layers include {near}): adapters for another model?")
+            raise ValueError(f"the adapters name a layer {layer!r} that this {type(model).__name__} has no linear "
+                             f"layer for (its linear layers include {near}): adapters for another model?")
         if set(ab) != {"A", "B"}:
             raise ValueError(f"layer {layer!r} has only lora_{''.join(ab)} in the adapters")
         a, b = ab["A"], ab["B"]
@@ -156,8 +156,8 @@ pipe = NPEditPipeline.from_pretrained("path/to/this/folder")      # base = "{met
 image = pipe(image="photo.png", prompt="make the sky pink").images[0]
 ```
 The CLI and the app take the folder as `--model`. `{LORA_FILE}` is in diffusers' LoRA layout (the scale
-alpha / r already folded into `lora_B`), so `transformer.load_lora_adapter(folder, prefix="transformer")` with PEFT
-installed applies the same update to the base's transformer.
+alpha / r already folded into `lora_B`), so with PEFT installed diffusers applies the same update to the base's
+transformer: `transformer.load_lora_adapter(folder, prefix="transformer", weight_name="{LORA_FILE}")`.
 """
 
 

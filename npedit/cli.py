@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the mean of the student's weights over the K newest checkpoints up to --step (default 1: "
                         "that checkpoint alone); out defaults to RUN/exports/step_N-avgK")
     x.add_argument("--adapters", action="store_true",
-                   help="a LoRA run (model.lora_rank): write its adapters alone (diffusers' LoRA layout) plus the names "
-                        "of the base model they adapt, a folder of megabytes that --model, the app and "
+                   help="a LoRA run (model.lora_rank): write its adapters alone (diffusers' LoRA layout) plus the "
+                        "names of the base model they adapt, a folder of megabytes that --model, the app and "
                         "NPEditPipeline.from_pretrained load; out defaults to RUN/exports/step_N-lora")
     x.set_defaults(func=cmd_export)
 

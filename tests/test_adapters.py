@@ -139,7 +139,9 @@ def test_zimage_adapters_load_in_our_pipeline_and_in_diffusers_with_peft(tiny_zi
     torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer), expected, atol=1e-5, rtol=1e-4)
     # diffusers' own LoRA loader (PEFT) on the base transformer applies the same update
     stock = ZImageTransformer2DModel.from_pretrained(tiny_zimage, subfolder="transformer")
-    stock.load_lora_adapter(str(folder), prefix="transformer", weight_name=LORA_FILE)
+    card = (folder / "README.md").read_text()
+    assert f'load_lora_adapter(folder, prefix="transformer", weight_name="{LORA_FILE}")' in card
+    stock.load_lora_adapter(str(folder), prefix="transformer", weight_name=LORA_FILE)  # as the card says
     torch.testing.assert_close(_velocity(pipe.backbone, stock), expected, atol=1e-5, rtol=1e-4)
 
 

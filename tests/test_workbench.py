@@ -265,8 +265,11 @@ def test_runs_table_compare_and_plots(tmp_path):
     for step in ("step_000002", "step_000010"):  # checkpoint exports (`npedit export`) are editors too
         (a / "exports" / step).mkdir(parents=True)
         (a / "exports" / step / "model_index.json").write_text("{}")
-    assert runs.finished_editors(tmp_path) == [("run: a (step 10)", str(a / "exports/step_000010")),
-                                               ("run: a (step 2)", str(a / "exports/step_000002"))]
+    (a / "exports" / "step_000010-lora").mkdir()  # adapters alone (`npedit export --adapters`)
+    (a / "exports" / "step_000010-lora" / "npedit_lora.json").write_text("{}")
+    assert runs.finished_editors(tmp_path) == [
+        ("run: a (step 10, LoRA adapters)", str(a / "exports/step_000010-lora")),
+        ("run: a (step 10)", str(a / "exports/step_000010")), ("run: a (step 2)", str(a / "exports/step_000002"))]
 
 
 def test_presets_build_valid_configs(tiny_set, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from npedit.adapters import is_adapter_folder
 from npedit.training.checkpoint import checkpoint_step
 
 from .jobs import job_status, read_metrics_rows
@@ -123,15 +124,19 @@ def samples(run: str | os.PathLike) -> list[tuple[str, str]]:
 
 def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
     """(label, path) of every exported editor under `root`, newest run first: run/pipeline (the end of a run),
-    then its checkpoint exports (run/exports/step_N, `python -m npedit export`), latest step first."""
+    then its checkpoint exports (run/exports/step_N, `python -m npedit export`, and step_N-lora, adapters alone),
+    latest step first."""
     out = []
     for run in find_runs(root):
         pipe = run / "pipeline"
         if (pipe / "model_index.json").is_file():
             out.append((f"run: {run_name(run, root)}", str(pipe)))
         exports = run / "exports"
-        steps = [d for d in exports.iterdir() if (d / "model_index.json").is_file()] if exports.is_dir() else []
+        steps = ([d for d in exports.iterdir() if (d / "model_index.json").is_file() or is_adapter_folder(d)]
+                 if exports.is_dir() else [])
         for d in sorted(steps, key=lambda d: d.name, reverse=True):
-            step = checkpoint_step(d)
-            out.append((f"run: {run_name(run, root)} ({d.name if step is None else f'step {step}'})", str(d)))
+            adapters = d.name.endswith("-lora") and is_adapter_folder(d)  # `npedit export --adapters`
+            step = checkpoint_step(d.parent / d.name.removesuffix("-lora")) if adapters else checkpoint_step(d)
+            label = d.name if step is None else f"step {step}" + (", LoRA adapters" if adapters else "")
+            out.append((f"run: {run_name(run, root)} ({label})", str(d)))
     return out
