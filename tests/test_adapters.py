@@ -159,3 +159,18 @@ def test_adapters_on_a_trained_student_name_it_and_rebuild_from_it(tmp_path, tin
     shutil.rmtree(editor)
     with pytest.raises(FileNotFoundError, match="student="):
         NPEditPipeline.from_pretrained(folder)
+
+
+def test_a_bfloat16_run_rebuilds_its_rounded_base(tmp_path, tiny_manifest):
+    """Frozen weights held in bfloat16 during training are what the adapters were added to: the folder rebuilds
+    them rounded the same way, so it loads into the checkpoint's folded student, not the float32 base plus adapters."""
+    base = build_tiny_sd3(tmp_path / "base")
+    trainer = _lora_run(base, tiny_manifest, tmp_path / "run", "model.dtype=bfloat16", "mixed_precision=bf16")
+    folder = export_adapters(tmp_path / "run")
+    assert json.loads((folder / META_FILE).read_text())["dtype"] == "bfloat16"
+    checkpointed = load_file(str(tmp_path / "run/checkpoints/step_000001/student/diffusion_pytorch_model.safetensors"))
+    got = NPEditPipeline.from_pretrained(folder).transformer.state_dict()
+    assert got.keys() == checkpointed.keys()
+    for key, value in checkpointed.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5)
+    assert trainer.student.pos_embed.proj.weight.dtype == torch.bfloat16
