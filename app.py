@@ -545,16 +545,10 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
         """The run's newest checkpoint as an editor (RUN/exports/step_N), e.g. of a run killed halfway."""
         if not name:
             raise gr.Error("Pick a run.")
-        from npedit.training.export import export_checkpoint
-
         try:
-            out = export_checkpoint(app.runs_root / name)
+            return runs.export_newest(app.runs_root / name, name)
         except (ValueError, FileNotFoundError, OSError) as exc:
             raise _error(exc) from None
-        if Path(out).name == "critic":  # a critic run (stage critic) trains a critic, not an editor
-            return (f"Exported **{name}**'s newest checkpoint to `{out}`: a critic, for DMD maps; start the app with "
-                    f"`--critic {out}` or copy it into its editor's folder as `critic/`.")
-        return f"Exported **{name}**'s newest checkpoint to `{out}`: pick it in the Edit tab's model list (↻)."
 
     refresh.click(on_refresh, selected, [table, selected, keys, one], api_visibility="private")
     export.click(on_export, one, resume_msg, api_visibility="private")

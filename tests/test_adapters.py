@@ -15,7 +15,7 @@ from cli_runner import run_npedit  # tests/cli_runner.py
 from npedit import lora
 from npedit.adapters import EXTRA_FILE, LORA_FILE, META_FILE, export_adapters, fold_lora
 from npedit.backbones.tiny import build_tiny_sd3
-from npedit.config import load_config
+from npedit.config import load_config, save_config
 from npedit.pipeline import NPEditPipeline
 
 
@@ -174,3 +174,16 @@ def test_a_bfloat16_run_rebuilds_its_rounded_base(tmp_path, tiny_manifest):
     for key, value in checkpointed.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5)
     assert trainer.student.pos_embed.proj.weight.dtype == torch.bfloat16
+
+
+def test_the_apps_export_writes_a_lora_runs_adapters_too(tmp_path, tiny_manifest):
+    from workbench import runs
+
+    base = build_tiny_sd3(tmp_path / "base")
+    trainer = _lora_run(base, tiny_manifest, tmp_path / "run")
+    save_config(trainer.cfg, tmp_path / "run/config.yaml")  # what makes a folder a run (train() writes it)
+    message = runs.export_newest(tmp_path / "run", "run")
+    assert f"`{tmp_path / 'run/exports/step_000001'}`" in message and "LoRA adapters alone" in message
+    assert (tmp_path / "run/exports/step_000001-lora" / LORA_FILE).is_file()
+    labels = [label for label, _ in runs.finished_editors(tmp_path)]
+    assert labels == ["run: run (step 1, LoRA adapters)", "run: run (step 1)"]

@@ -140,3 +140,22 @@ def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
             label = d.name if step is None else f"step {step}" + (", LoRA adapters" if adapters else "")
             out.append((f"run: {run_name(run, root)} ({label})", str(d)))
     return out
+
+
+def export_newest(run: str | os.PathLike, name: str) -> str:
+    """Export a run's newest checkpoint (`npedit export`) and say where it went, as the app's Runs tab shows it:
+    an editor (`RUN/exports/step_N`), and for a LoRA run also its adapters alone (`step_N-lora`); a critic run's
+    export is a critic."""
+    from npedit.adapters import adapter_size, export_adapters
+    from npedit.training.export import export_checkpoint, find_checkpoint
+
+    out = export_checkpoint(run)
+    if Path(out).name == "critic":  # a critic run (stage critic) trains a critic, not an editor
+        return (f"Exported **{name}**'s newest checkpoint to `{out}`: a critic, for DMD maps; start the app with "
+                f"`--critic {out}` or copy it into its editor's folder as `critic/`.")
+    message = f"Exported **{name}**'s newest checkpoint to `{out}`: pick it in the Edit tab's model list (↻)."
+    if (find_checkpoint(run) / "student_adapters.safetensors").is_file():
+        adapters = export_adapters(run)
+        message += (f" Its LoRA adapters alone ({adapter_size(adapters) / 2**20:.2f} MiB; they load with the base "
+                    f"model the run names): `{adapters}`.")
+    return message
