@@ -192,8 +192,9 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
         net, _ = build_student(backbone, teacher, mc, dtype, keep_dtype=True)
     except (OSError, ValueError) as exc:
         origin = f"student checkpoint {mc.student!r} or base model {base!r}" if mc.student else f"base model {base!r}"
-        raise FileNotFoundError(f"cannot load the adapters' {origin} (pass base=... / student=... where the same "
-                                f"model lives elsewhere): {exc}") from None
+        raise FileNotFoundError(f"cannot load the adapters' {origin}: {exc}. Where the same model lives elsewhere, "
+                                f"pass base=... / student=... to NPEditPipeline.from_pretrained, or set \"base\" / "
+                                f"\"student\" in {folder / META_FILE}") from None
     del teacher
     net = net.float().requires_grad_(False)
     if (folder / EXTRA_FILE).is_file():
