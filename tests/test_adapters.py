@@ -17,6 +17,7 @@ from npedit.adapters import EXTRA_FILE, LORA_FILE, META_FILE, export_adapters, f
 from npedit.backbones.tiny import build_tiny_sd3
 from npedit.config import load_config, save_config
 from npedit.pipeline import NPEditPipeline
+from script_modules import load_script  # tests/script_modules.py
 
 
 def _lora_run(base, manifest, out, *extra):
@@ -61,6 +62,10 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
     assert tensors and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
                            for k in tensors)
     assert "NPEditPipeline.from_pretrained" in (folder / "README.md").read_text()
+    # scripts/lora_size.py, which sizes adapters from a config alone, predicts this file's parameters
+    predicted = load_script("lora_size").sizes(load_script("lora_size").build(
+        None, str(run / "checkpoints/step_000001/student/config.json")), [2], ())
+    assert predicted[0]["parameters"] == sum(v.numel() for v in tensors.values())
     # the folder loads into the student the checkpoint folded (scale alpha / r = 3 carried in lora_B)
     checkpointed = trainer.backbone.load_transformer(run / "checkpoints/step_000001/student", for_student=True)
     pipe = NPEditPipeline.from_pretrained(folder)
