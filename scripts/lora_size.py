@@ -1,9 +1,9 @@
 """How large a LoRA run's adapters are for a real transformer, without its weights (prints computed figures).
 
 Builds the transformer on the meta device (no memory, no download) from a `transformer/config.json` or from the
-class's default config (Z-Image: the 6B model; SD3: 18 blocks, 0.86B parameters), wraps the layers `model.lora_targets`
-would choose, and prints per rank: layers wrapped, adapter parameters, the size of `npedit export --adapters`'s
-LoRA file (float32, as it writes) and the transformer's own size in bfloat16.
+class's default config (Z-Image: the 6B model; SD3: 18 blocks, 0.86B parameters), wraps the layers that
+`model.lora_targets` would choose, and prints the transformer's size in bfloat16 and per rank: layers wrapped, adapter
+parameters and the size of `npedit export --adapters`'s LoRA file (float32, as it writes).
 
     python scripts/lora_size.py --family zimage --ranks 16 64 128
     python scripts/lora_size.py --config path/to/model/transformer/config.json --ranks 64
