@@ -172,9 +172,13 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
-def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, student: str | None = None):
+def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, student: str | None = None,
+                          torch_dtype: torch.dtype | None = None):
     """An `NPEditPipeline` from an adapter folder: the base (or `base`) supplies the text encoder, VAE and, unless the
-    run started from a student checkpoint (or `student` names one), the transformer the adapters adapt."""
+    run started from a student checkpoint (or `student` names one), the transformer the adapters adapt. Its weights
+    are rebuilt in the run's `model.dtype` (what the adapters were trained on) and held in `torch_dtype` (default
+    float32); each adapter's update is added in float32 and the sum rounded once, and a bfloat16 run loaded in
+    bfloat16 never needs a float32 copy of the model."""
     from .backbones import load_backbone
     from .config import load_config
     from .pipeline import NPEditPipeline
@@ -186,8 +190,9 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
     base = base or meta["base"]
     mc = dataclasses.replace(cfg.model, student=student or meta["student"] or "")
     dtype = DTYPES[meta.get("dtype", "float32")]
+    target = torch_dtype or torch.float32
     try:
-        backbone = load_backbone(base)
+        backbone = load_backbone(base, torch_dtype=target)
         teacher = None if mc.student else backbone.load_transformer(base, torch_dtype=dtype).eval()
         net, _ = build_student(backbone, teacher, mc, dtype, keep_dtype=True)
     except (OSError, ValueError) as exc:
@@ -196,7 +201,8 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
                                 f"pass base=... / student=... to NPEditPipeline.from_pretrained, or set \"base\" / "
                                 f"\"student\" in {folder / META_FILE}") from None
     del teacher
-    net = net.float().requires_grad_(False)
+    work = torch.float32 if torch.float32 in (dtype, target) else target  # round once, after adding the update
+    net = net.to(work).requires_grad_(False)
     if (folder / EXTRA_FILE).is_file():
         own = dict(net.named_parameters())
         extra = load_file(str(folder / EXTRA_FILE))
@@ -208,7 +214,7 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
             for name, value in extra.items():
                 own[name].copy_(value)
     fold_lora(net, load_file(str(folder / LORA_FILE)))
-    return NPEditPipeline.from_parts(net.eval(), backbone, shift=float(meta.get("shift", cfg.sampler.shift)))
+    return NPEditPipeline.from_parts(net.to(target).eval(), backbone, shift=float(meta.get("shift", cfg.sampler.shift)))
 
 
 def adapter_size(folder: str | Path) -> int:

@@ -60,16 +60,14 @@ class NPEditPipeline(DiffusionPipeline):
         """`DiffusionPipeline.from_pretrained`, with our backbone modules imported first (their student classes).
 
         A folder of LoRA adapters (`python -m npedit export RUN --adapters`) loads too: its base model (or `base=`)
-        supplies the rest, and the adapters are folded into the student (`npedit.adapters`); `torch_dtype` applies
-        to the assembled pipeline."""
+        supplies the rest, and the adapters are folded into the student (`npedit.adapters`), in `torch_dtype`."""
         from .adapters import is_adapter_folder, load_adapter_pipeline
 
         import_families()
         if is_adapter_folder(pretrained_model_name_or_path):
-            dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
-            pipe = load_adapter_pipeline(pretrained_model_name_or_path, base=kwargs.pop("base", None),
-                                         student=kwargs.pop("student", None))
-            return pipe.to(dtype=dtype) if dtype is not None else pipe
+            return load_adapter_pipeline(pretrained_model_name_or_path, base=kwargs.pop("base", None),
+                                         student=kwargs.pop("student", None),
+                                         torch_dtype=kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

@@ -90,7 +90,10 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
     with pytest.raises(FileNotFoundError, match="pass base="):
         NPEditPipeline.from_pretrained(folder)
     again = NPEditPipeline.from_pretrained(folder, base=str(moved), torch_dtype=torch.bfloat16)
-    assert again.transformer.dtype == torch.bfloat16
+    assert again.transformer.dtype == torch.bfloat16 and again.vae.dtype == torch.bfloat16
+    folded = load_file(str(run / "checkpoints/step_000001/student/diffusion_pytorch_model.safetensors"))
+    for key, value in again.transformer.state_dict().items():  # the float32 sum, rounded once
+        assert torch.equal(value, folded[key].to(torch.bfloat16)), key
 
 
 def test_export_adapters_refuses_what_has_none(tmp_path, tiny_manifest):
@@ -169,8 +172,14 @@ def test_adapters_on_a_trained_student_name_it_and_rebuild_from_it(tmp_path, tin
 def test_a_bfloat16_run_rebuilds_its_rounded_base(tmp_path, tiny_manifest):
     """Frozen weights held in bfloat16 during training are what the adapters were added to: the folder rebuilds
     them rounded the same way, so it loads into the checkpoint's folded student, not the float32 base plus adapters."""
+    from accelerate.state import AcceleratorState
+
     base = build_tiny_sd3(tmp_path / "base")
-    trainer = _lora_run(base, tiny_manifest, tmp_path / "run", "model.dtype=bfloat16", "mixed_precision=bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # one mixed precision per process: this test's own
+    try:
+        trainer = _lora_run(base, tiny_manifest, tmp_path / "run", "model.dtype=bfloat16", "mixed_precision=bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     folder = export_adapters(tmp_path / "run")
     assert json.loads((folder / META_FILE).read_text())["dtype"] == "bfloat16"
     checkpointed = load_file(str(tmp_path / "run/checkpoints/step_000001/student/diffusion_pytorch_model.safetensors"))
