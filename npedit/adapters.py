@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -214,7 +213,8 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
             for name, value in extra.items():
                 own[name].copy_(value)
     fold_lora(net, load_file(str(folder / LORA_FILE)))
-    return NPEditPipeline.from_parts(net.to(target).eval(), backbone, shift=float(meta.get("shift", cfg.sampler.shift)))
+    shift = float(meta.get("shift", cfg.sampler.shift))
+    return NPEditPipeline.from_parts(net.to(target).eval(), backbone, shift=shift)
 
 
 def adapter_size(folder: str | Path) -> int:
