@@ -37,6 +37,7 @@ PREFIX = "transformer"
 
 
 def is_adapter_folder(path) -> bool:
+    """Whether `path` is a folder of adapters (`npedit_lora.json`, no `model_index.json`), not a whole editor."""
     path = Path(path)
     return path.is_dir() and (path / META_FILE).is_file() and not (path / "model_index.json").is_file()
 
@@ -130,6 +131,7 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
 
 
 def _card(meta: dict, cfg) -> str:
+    """The adapter folder's model card: how it was trained, what it adapts, how to load it."""
     from .pipeline import training_summary
 
     summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, 0)
@@ -161,6 +163,7 @@ transformer: `transformer.load_lora_adapter(folder, prefix="transformer", weight
 
 
 def read_meta(folder: str | Path) -> dict:
+    """The folder's `npedit_lora.json`, checked for what loading needs (format 1, a base)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text())
