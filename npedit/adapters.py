@@ -94,25 +94,20 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
                     base: str | None = None) -> Path:
     """Write the adapters of a LoRA run's checkpoint (the newest, or `step`) as an adapter folder (default
     `<run>/exports/step_N-lora`); `base` overrides the base model it names (the run's `model.base`)."""
-    from .config import load_config, to_dict
-    from .training import checkpoint as ckpt
-    from .training.export import find_checkpoint
+    from .config import to_dict
+    from .training.export import checkpoint_config, find_checkpoint
 
     path = find_checkpoint(run_dir, step)
-    config_file = path / "config.yaml" if (path / "config.yaml").is_file() else Path(run_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.yaml in {path} or {run_dir}: cannot tell which base model it trained on")
-    cfg = load_config(config_file)
+    cfg, state = checkpoint_config(run_dir, path)
     if cfg.stage == "critic":
         raise ValueError("a critic run trains no editor: export it without --adapters (its folded critic)")
     source = path / "student_adapters.safetensors"
     if not cfg.model.lora_rank or not source.is_file():
         raise ValueError(f"{path} holds no LoRA adapters (the run trained its whole student: model.lora_rank=0); "
                          "export it without --adapters")
-    state = json.loads((path / "trainer_state.json").read_text())
     rank = int(cfg.model.lora_rank)
     alpha = float(cfg.model.lora_alpha or rank)
-    lora, extra = to_diffusers_layout(ckpt.load_tensors(source), alpha / rank)
+    lora, extra = to_diffusers_layout(load_file(str(source)), alpha / rank)
     out = Path(out) if out else Path(run_dir) / "exports" / f"{path.name}-lora"
     out.mkdir(parents=True, exist_ok=True)
     save_file(lora, str(out / LORA_FILE), metadata={"format": "pt"})

@@ -135,8 +135,7 @@ def test_fold_lora_refuses_foreign_adapters(tmp_path):
 
 
 def test_zimage_adapters_load_in_our_pipeline_and_in_diffusers_with_peft(tiny_zimage, tmp_path, tiny_manifest):
-    peft = pytest.importorskip("peft")
-    assert peft.__version__
+    pytest.importorskip("peft")  # pinned in requirements.txt; diffusers' LoRA loading needs it
     from diffusers import ZImageTransformer2DModel
 
     trainer = _lora_run(tiny_zimage, tiny_manifest, tmp_path / "run", "model.lora_critic=false")

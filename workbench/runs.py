@@ -132,11 +132,11 @@ def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
         if (pipe / "model_index.json").is_file():
             out.append((f"run: {run_name(run, root)}", str(pipe)))
         exports = run / "exports"
-        steps = ([d for d in exports.iterdir() if (d / "model_index.json").is_file() or is_adapter_folder(d)]
-                 if exports.is_dir() else [])
-        for d in sorted(steps, key=lambda d: d.name, reverse=True):
-            adapters = d.name.endswith("-lora") and is_adapter_folder(d)  # `npedit export --adapters`
-            step = checkpoint_step(d.parent / d.name.removesuffix("-lora")) if adapters else checkpoint_step(d)
+        for d in sorted(exports.iterdir() if exports.is_dir() else [], key=lambda d: d.name, reverse=True):
+            adapters = is_adapter_folder(d)  # `npedit export --adapters`: step_N-lora
+            if not adapters and not (d / "model_index.json").is_file():
+                continue
+            step = checkpoint_step(Path(d.name.removesuffix("-lora")))
             label = d.name if step is None else f"step {step}" + (", LoRA adapters" if adapters else "")
             out.append((f"run: {run_name(run, root)} ({label})", str(d)))
     return out

@@ -49,6 +49,15 @@ def checkpoints_to_average(run_dir: str | Path, step: int | None, count: int) ->
     return found[-count:]
 
 
+def checkpoint_config(run_dir: str | Path, path: Path):
+    """(the run config a checkpoint was written under, its trainer state): the checkpoint's own `config.yaml`, else
+    the run folder's; a clear error when neither is there."""
+    config_file = path / "config.yaml" if (path / "config.yaml").is_file() else Path(run_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.yaml in {path} or {run_dir}: cannot tell which base model it trained on")
+    return load_config(config_file), json.loads((path / "trainer_state.json").read_text())
+
+
 def average_into(student, others: list) -> None:
     """Set the floating-point weights of `student` to their mean with those of the modules `others` (same
     architecture), accumulated in float32; integer buffers stay the student's."""
@@ -74,11 +83,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
 
     averaged = checkpoints_to_average(run_dir, step, average)
     path = averaged[-1]
-    config_file = path / "config.yaml" if (path / "config.yaml").is_file() else Path(run_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.yaml in {path} or {run_dir}: cannot tell which base model it trained on")
-    cfg = load_config(config_file)
-    state = json.loads((path / "trainer_state.json").read_text())
+    cfg, state = checkpoint_config(run_dir, path)
     base = base or cfg.model.base
     try:
         backbone = load_backbone(base)
