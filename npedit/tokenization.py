@@ -46,13 +46,17 @@ def build_bpe_tokenizer(
     chat_template: str | None = QWEN_CHAT_TEMPLATE,
     model_max_length: int = 4096,
     required_words: Iterable[str] = ("Yes", "No"),
+    extra_special_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus` and wrap it as a transformers fast tokenizer.
 
     Every string in `required_words` becomes a single token (added to the vocabulary if the
-    merges alone do not produce it), so Yes/No scoring works on the result.
+    merges alone do not produce it), so Yes/No scoring works on the result. `extra_special_tokens`
+    names special tokens as tokenizer attributes (e.g. InternVL's ``context_image_token``); each is
+    added to the special tokens.
     """
-    special = list(dict.fromkeys(special_tokens))
+    named = dict(extra_special_tokens or {})
+    special = list(dict.fromkeys([*special_tokens, *named.values()]))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -72,6 +76,7 @@ def build_bpe_tokenizer(
         unk_token=None,
         model_max_length=model_max_length,
         additional_special_tokens=[s for s in special if s not in ("<|im_end|>", "<|endoftext|>")],
+        **({"extra_special_tokens": named} if named else {}),
     )
     for w in words:
         if len(fast.encode(w, add_special_tokens=False)) != 1:

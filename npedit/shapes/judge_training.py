@@ -683,12 +683,11 @@ class TrainableJudge(LlavaOnevisionJudge):
     freezing and the no-grad reference features are lifted, because here the judge itself learns.
     """
 
+    reference_grad = True
+
     def __init__(self, model, processor):
         super().__init__(model, processor)
         self.model.requires_grad_(True)
-
-    def _image_features(self, images, layouts, grad):
-        return super()._image_features(images, layouts, True)
 
 
 def tokenizer_corpus(n_cases: int, seed: int = 0) -> list[str]:
@@ -1003,7 +1002,7 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
         metrics |= {"dense_loss": dense.detach(), "feature_rms": capture.projected[0].detach().pow(2).mean().sqrt(), **m}
     if cfg.probe_weight > 0:
         rows = [q for row in questions for q in row]
-        ids, _, last = judge._prompts(rows)
+        ids, _, last = judge.prompt_ids(rows)
         probe, m = probes.loss(capture.hidden["middle"], capture.hidden["final"], ids.to(device), last.to(device), judge.image_token_id, samples, len(questions[0]))
         loss = loss + cfg.probe_weight * probe
         metrics |= {"probe_loss": probe.detach(), **m}

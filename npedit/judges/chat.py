@@ -1,0 +1,200 @@
+"""What every chat-VLM judge adapter shares: prompts from the real processor, image features scattered
+at the image tokens, all questions in one language-model pass, the answer read where it would start.
+
+An adapter (one file per VLM family) says how its images become token features (`_image_features`),
+how its processor lays out a question (`_build_layout`) and, where its language model needs more than
+embeddings and a mask (Qwen2.5-VL's 3-D positions), how to run it (`_language_hidden`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from npedit.judges.base import ImageRole, Judge, JudgeOutput, Question
+
+LAYOUT_CACHE_SIZE = 4096
+
+
+def round_to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to the 8-bit grid; the rounding passes gradients straight through."""
+    x = x.clamp(0, 1)
+    return x + ((x * 255).round() / 255 - x).detach()
+
+
+def resize_like_processor(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, height, width) on the 8-bit grid, as HF image processors resize.
+
+    They see 8-bit images and resize them with torchvision's 8-bit antialiased bicubic, which runs a
+    width pass then a height pass and rounds after each; this does the same in float with straight-through
+    rounding (at most 1/255 apart on photos).
+    """
+    x = round_to_8bit(images)
+    if x.shape[-2:] != (height, width):
+        x = round_to_8bit(F.interpolate(x, size=(x.shape[-2], width), mode="bicubic", antialias=True))
+        x = round_to_8bit(F.interpolate(x, size=(height, width), mode="bicubic", antialias=True))
+    return x
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Per-channel (x - mean) / std of a (B, 3, H, W) batch."""
+    return (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
+
+
+def conversation(text: str, num_images: int) -> list[dict]:
+    """One user turn: the image placeholders, then the question."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def chat_prompt(processor, text: str, num_images: int) -> str:
+    """The processor's chat template applied to `conversation`, ending where the assistant's answer starts."""
+    return processor.apply_chat_template(conversation(text, num_images), add_generation_prompt=True, tokenize=False)
+
+
+def answer_token_id(processor, word: str) -> int:
+    """Id of `word` as the first token of the assistant turn; raises unless it is exactly one token."""
+    prompt = chat_prompt(processor, "Answer with Yes or No.", 0)
+    tokenizer = processor.tokenizer
+    before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    after = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+    if len(after) != len(before) + 1 or after[: len(before)] != before:
+        pieces = tokenizer.convert_ids_to_tokens(after[len(before) - 1 :])
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path!r}) does not encode {word!r} as one token "
+            f"after the assistant prompt (tail of the encoding: {pieces}); Yes/No scoring needs single tokens"
+        )
+    return after[-1]
+
+
+def check_grid(
+    questions: Sequence[Sequence[Question]], reference: torch.Tensor, edited: torch.Tensor
+) -> tuple[int, int]:
+    """Validate a rectangular (B, Q) question grid against (B, 3, H, W) images; return (B, Q)."""
+    batch = reference.shape[0]
+    if edited.shape[0] != batch or reference.dim() != 4 or edited.dim() != 4:
+        shapes = f"{tuple(reference.shape)} and {tuple(edited.shape)}"
+        raise ValueError(f"reference and edited must be (B, 3, H, W) with one B, got {shapes}")
+    lengths = [len(row) for row in questions]
+    if len(questions) != batch or len(set(lengths)) != 1 or 0 in lengths:
+        raise ValueError(f"questions must be {batch} non-empty rows of equal length, got row lengths {lengths}")
+    return batch, lengths[0]
+
+
+class ChatJudge(Judge):
+    """A frozen chat VLM answering Yes/No questions; gradients reach the edited image only.
+
+    Subclasses set `model`, `processor`, `image_token_id` and call `_init_answers()`; they implement
+    `_layout_key`, `_image_features` and `_build_layout`. A subclass whose reference image should carry
+    gradients too (a judge being trained) sets `reference_grad = True`.
+    """
+
+    reference_grad = False
+
+    def __init__(self, model, processor):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self._layout = functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)(self._build_layout)
+
+    def _init_answers(self) -> None:
+        """Read the single-token ids of "No" and "Yes" (raising when either is not one token)."""
+        self.no_id = answer_token_id(self.processor, "No")
+        self.yes_id = answer_token_id(self.processor, "Yes")
+
+    def train(self, mode: bool = True) -> "ChatJudge":
+        """The judge is frozen: it stays in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    # ---- what an adapter supplies -----------------------------------------------------------
+    def _layout_key(self, num_images: int, image_shape: tuple[int, int]) -> Hashable:
+        """Which feature layout an image of (H, W) gets in a question showing `num_images` images."""
+        raise NotImplementedError
+
+    def _image_features(self, images: torch.Tensor, keys: set[Hashable]) -> dict[Hashable, torch.Tensor]:
+        """(N, 3, H, W) in [0, 1] -> {layout key: (N, T, D) features}; the vision tower runs once per image."""
+        raise NotImplementedError
+
+    def _build_layout(self, text: str, image_keys: tuple[Hashable, ...]) -> tuple[torch.Tensor, ...]:
+        """(prompt ids (L,), ...) of one question whose images have these layout keys; extra tensors are per-token
+        inputs the language model needs (shape (..., L)), passed on to `_language_hidden`."""
+        raise NotImplementedError
+
+    def _language_hidden(self, embeds: torch.Tensor, mask: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
+        """Last hidden states (N, L, D) of the language model on scattered embeddings."""
+        return self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    # ---- shared -----------------------------------------------------------------------------
+    def _prompts(self, layouts: list[tuple[torch.Tensor, ...]]):
+        """Right-padded ids (N, L), attention mask (N, L), answer positions (N,) and padded extras."""
+        longest = max(len(layout[0]) for layout in layouts)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        ids = torch.full((len(layouts), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(layouts), longest), dtype=torch.long)
+        extras = []
+        for k in range(1, len(layouts[0])):  # each extra padded by repeating its last column
+            first = layouts[0][k]
+            extras.append(torch.zeros((*first.shape[:-1], len(layouts), longest), dtype=first.dtype))
+        for i, layout in enumerate(layouts):
+            n = len(layout[0])
+            ids[i, :n] = layout[0]
+            mask[i, :n] = 1
+            for k, extra in enumerate(layout[1:]):
+                extras[k][..., i, :n] = extra
+                extras[k][..., i, n:] = extra[..., -1:]
+        return ids, mask, mask.sum(1) - 1, extras
+
+    def answer(
+        self,
+        reference: torch.Tensor,
+        edited: torch.Tensor,
+        questions: Sequence[Sequence[Question]],
+    ) -> JudgeOutput:
+        """Score `questions[b][q]` on (reference[b], edited[b]) in one language-model pass; logits are [No, Yes]."""
+        batch, num_q = check_grid(questions, reference, edited)
+        rows = [q for row in questions for q in row]  # (B * Q) conversations, row-major
+        images = {"reference": reference, "edited": edited}
+        shapes = {role: tuple(images[role].shape[-2:]) for role in images}
+        row_keys = [tuple(self._layout_key(len(q.images), shapes[role]) for role in q.images) for q in rows]
+        wanted: dict[ImageRole, set] = {"reference": set(), "edited": set()}
+        for q, keys in zip(rows, row_keys):
+            for role, key in zip(q.images, keys):
+                wanted[role].add(key)
+        device = self.model.device
+        feats = {}
+        for role, keys in wanted.items():
+            if keys:
+                with contextlib.nullcontext() if role == "edited" or self.reference_grad else torch.no_grad():
+                    feats[role] = self._image_features(images[role].to(device), keys)
+        # Features in the order their image tokens appear, conversation by conversation.
+        image_feats = torch.cat(
+            [feats[role][key][i // num_q] for i, (q, keys) in enumerate(zip(rows, row_keys)) for role, key in zip(q.images, keys)]
+        )  # (total image tokens, D)
+
+        layouts = [self._layout(q.text, keys) for q, keys in zip(rows, row_keys)]
+        ids, mask, last, extras = self._prompts(layouts)
+        ids, mask, last = ids.to(device), mask.to(device), last.to(device)
+        embeds = self.model.get_input_embeddings()(ids)  # (N, L, D)
+        slots = (ids == self.image_token_id).unsqueeze(-1)
+        if int(slots.sum()) != image_feats.shape[0]:
+            raise RuntimeError(f"{int(slots.sum())} image tokens but {image_feats.shape[0]} image features")
+        embeds = embeds.masked_scatter(slots, image_feats.to(embeds.dtype))
+        hidden = self._language_hidden(embeds, mask, [e.to(device) for e in extras])
+        # The answer is generated right after the prompt: reading there is teacher-forcing its first token.
+        at_answer = hidden[torch.arange(len(rows), device=device), last]  # (N, L, D) -> (N, D)
+        vocab_logits = self.model.lm_head(at_answer).float()  # (N, V)
+        pair = torch.tensor([self.no_id, self.yes_id], device=device)
+        logits = vocab_logits[:, pair].view(batch, num_q, 2)
+        vocab_logprobs = vocab_logits.log_softmax(-1)[:, pair].view(batch, num_q, 2)
+        return JudgeOutput(logits=logits, vocab_logprobs=vocab_logprobs)
+
+    @torch.no_grad()
+    def score(
+        self, reference: torch.Tensor, edited: torch.Tensor, questions: Sequence[Sequence[Question]]
+    ) -> list[list[float]]:
+        """P(Yes) of each question as plain floats (B x Q), without gradient; for CLIs and the app."""
+        return self.answer(reference, edited, questions).p_yes.tolist()
