@@ -420,3 +420,27 @@ def test_train_step_benchmark_script_runs():
     lines = {line.rsplit(None, 2)[0].strip(): line for line in out.stdout.splitlines() if line.endswith(" ms")}
     assert {"critic update (unroll + critic fit)", "student update (all of the above + step)",
             "one NP-Edit iteration (5 critic + 1 student)"} <= set(lines)
+
+
+JUDGE_BUILDERS = {"qwen2_5_vl": "build_tiny_qwen2_5_vl"}
+
+
+@pytest.mark.parametrize("family", sorted(JUDGE_BUILDERS))
+def test_other_judge_families_train_an_editor_and_answer_the_cli(trained, tiny_zimage, tiny_manifest, family):
+    """NP-Edit steps and `npedit judge` run through the same code with another VLM family as the judge."""
+    from npedit.judges import tiny
+
+    work, _ = trained
+    judge_dir = getattr(tiny, JUDGE_BUILDERS[family])(work / f"judge-{family}")
+    out = f"runs/npedit-{family}"
+    run("-m", "npedit", "train", "stage=npedit", f"output_dir={out}", f"judge.path={judge_dir}", "critic_steps=1",
+        f"model.student={work}/runs/warmup/pipeline", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}",
+        "data.batch_size=2", "log_every=1", "max_steps=2", "sample_every=0", "judge.keep_questions=1", cwd=work)
+    rows = [json.loads(line) for line in (work / out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["vlm_loss"]) and 0 < r["vlm_p_expected"] < 1 for r in rows), rows
+    src = tiny_manifest.parent / "images/0.png"
+    verdict = json.loads(run("-m", "npedit", "judge", "--judge", str(judge_dir), "--reference", str(src), "--edited",
+                             str(tiny_manifest.parent / "images/t0.png"), "--instruction", "make the red circle green",
+                             cwd=work))
+    assert 0 < verdict["p_edit"] < 1 and 0 < verdict["p_identity"] < 1

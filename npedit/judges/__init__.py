@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
+from npedit.judges.qwen2_5_vl import Qwen25VLJudge
 from npedit.judges.questions import (
     change_question,
     change_questions,
@@ -24,7 +25,7 @@ from npedit.judges.questions import (
 )
 
 # config.json model_type -> adapter class; one entry per VLM family.
-JUDGES: dict[str, type[Judge]] = {"llava_onevision": LlavaOnevisionJudge}
+JUDGES: dict[str, type[Judge]] = {"llava_onevision": LlavaOnevisionJudge, "qwen2_5_vl": Qwen25VLJudge}
 
 
 def read_model_type(path_or_id: str | os.PathLike) -> str | None:
@@ -58,6 +59,7 @@ __all__ = [
     "JudgeOutput",
     "LlavaOnevisionJudge",
     "Question",
+    "Qwen25VLJudge",
     "contains_question",
     "edit_question",
     "free_question",
