@@ -89,6 +89,9 @@ class JudgeConfig:
     # for each object the sample's `new` list names and No for each one its `gone` list names; 0 = off.
     change_questions: int = 0
     loss: str = "yes_no"  # "yes_no" (logit-difference BCE) or "full_vocab" (ablation)
+    # Judges that see images at their own resolution (Qwen2.5-VL): at most this many pixels per image (0: the
+    # judge processor's own cap). Fixed-view judges (LLaVA-OneVision, InternVL) refuse it.
+    max_pixels: int = 0
     temperature_start: float = 0.1  # logit temperature ramps linearly to 1 ...
     temperature_warmup_steps: int = 2000  # ... over this many steps (0 = always 1)
 
@@ -99,6 +102,8 @@ class JudgeConfig:
             raise ValueError(f"judge.keep_questions must be >= 0, got {self.keep_questions}")
         if self.change_questions < 0:
             raise ValueError(f"judge.change_questions must be >= 0, got {self.change_questions}")
+        if self.max_pixels < 0:
+            raise ValueError(f"judge.max_pixels must be >= 0 (0: the judge's own), got {self.max_pixels}")
 
 
 @dataclass(frozen=True)

@@ -435,7 +435,8 @@ def test_other_judge_families_train_an_editor_and_answer_the_cli(trained, tiny_z
     out = f"runs/npedit-{family}"
     run("-m", "npedit", "train", "stage=npedit", f"output_dir={out}", f"judge.path={judge_dir}", "critic_steps=1",
         f"model.student={work}/runs/warmup/pipeline", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}",
-        "data.batch_size=2", "log_every=1", "max_steps=2", "sample_every=0", "judge.keep_questions=1", cwd=work)
+        "data.batch_size=2", "log_every=1", "max_steps=2", "sample_every=0", "judge.keep_questions=1",
+        *(["judge.max_pixels=1024"] if family == "qwen2_5_vl" else []), cwd=work)
     rows = [json.loads(line) for line in (work / out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["vlm_loss"]) and 0 < r["vlm_p_expected"] < 1 for r in rows), rows

@@ -62,10 +62,12 @@ def test_round_trip_through_load_judge(judge, judge_dir, tmp_path):
 
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="'bert'.*supported judge types: llava_onevision"):
+    with pytest.raises(ValueError, match="'bert'.*supported judge types: .*llava_onevision"):
         load_judge(tmp_path / "bert")
     with pytest.raises(ValueError, match="no readable config.json.*llava_onevision"):
         load_judge(tmp_path / "missing")
+    with pytest.raises(ValueError, match="llava_onevision judges see each image at one fixed size.*qwen2_5_vl"):
+        load_judge(judge_dir, max_pixels=4096)
 
 
 def test_yes_no_are_single_tokens(judge):

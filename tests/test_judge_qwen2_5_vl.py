@@ -159,3 +159,18 @@ def test_mismatched_processor_is_refused(judge_dir, tmp_path):
     (broken / "processor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="vision tower expects"):
         load_judge(broken)
+
+
+def test_max_pixels_caps_what_the_judge_sees(judge_dir):
+    capped = load_judge(judge_dir, max_pixels=32 * 32)
+    assert capped.view_size(64, 64) == (32, 32) and capped.view_size(16, 16) == (16, 16)
+    ref, edited = random_images(1, 64, 64, seed=11), random_images(1, 64, 64, seed=12)
+    question = edit_question("make the circle red")
+    small = random_images(1, 32, 32, seed=13), random_images(1, 32, 32, seed=14)
+    with torch.no_grad():  # a 64 px pair seen at 32 px: the same as handing it over resized
+        resized = [resize_like_processor(x, 32, 32) for x in (ref, edited)]
+        torch.testing.assert_close(capped.answer(ref, edited, [[question]]).logits,
+                                   capped.answer(*resized, [[question]]).logits, atol=1e-4, rtol=0)
+        assert capped.answer(*small, [[question]]).logits.shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="at least 64"):
+        load_judge(judge_dir, max_pixels=40)

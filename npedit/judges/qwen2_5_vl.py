@@ -65,10 +65,24 @@ class Qwen25VLJudge(ChatJudge):
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
+        max_pixels: int | None = None,
     ) -> "Qwen25VLJudge":
-        """Load the model and its processor from a local folder or a (cached) hub id."""
+        """Load the model and its processor from a local folder or a (cached) hub id.
+
+        `max_pixels` caps the pixels of each image the judge sees (the processor's own cap otherwise;
+        the released checkpoints allow 28^2 x 1280 = 1M, 1,280 tokens per image): e.g. 448 * 448 for
+        256 tokens per image, what a fixed-view judge costs.
+        """
         path = str(path_or_hub_id)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if max_pixels is not None:
+            image_processor = processor.image_processor
+            factor = image_processor.patch_size * image_processor.merge_size
+            if max_pixels < factor * factor:
+                smallest = factor * factor
+                raise ValueError(f"max_pixels must be at least {smallest} (one {factor}x{factor} block), got {max_pixels}")
+            low = min(image_processor.size["shortest_edge"], max_pixels)
+            image_processor.size = type(image_processor.size)(shortest_edge=low, longest_edge=max_pixels)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )

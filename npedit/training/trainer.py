@@ -132,7 +132,8 @@ class Trainer:
         if cfg.stage == "npedit" and cfg.loss.lambda_vlm > 0:
             from ..judges import load_judge
 
-            self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device)
+            extra = {"max_pixels": cfg.judge.max_pixels} if cfg.judge.max_pixels else {}
+            self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device, **extra)
         for net in (self.student, self.critic):
             if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
