@@ -422,7 +422,7 @@ def test_train_step_benchmark_script_runs():
             "one NP-Edit iteration (5 critic + 1 student)"} <= set(lines)
 
 
-JUDGE_BUILDERS = {"qwen2_5_vl": "build_tiny_qwen2_5_vl"}
+JUDGE_BUILDERS = {"internvl": "build_tiny_internvl", "qwen2_5_vl": "build_tiny_qwen2_5_vl"}
 
 
 @pytest.mark.parametrize("family", sorted(JUDGE_BUILDERS))

@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from npedit.judges.base import Judge, JudgeOutput, Question
+from npedit.judges.internvl import InternVLJudge
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
 from npedit.judges.qwen2_5_vl import Qwen25VLJudge
 from npedit.judges.questions import (
@@ -26,7 +27,11 @@ from npedit.judges.questions import (
 )
 
 # config.json model_type -> adapter class; one entry per VLM family.
-JUDGES: dict[str, type[Judge]] = {"llava_onevision": LlavaOnevisionJudge, "qwen2_5_vl": Qwen25VLJudge}
+JUDGES: dict[str, type[Judge]] = {
+    "internvl": InternVLJudge,
+    "llava_onevision": LlavaOnevisionJudge,
+    "qwen2_5_vl": Qwen25VLJudge,
+}
 
 
 def read_model_type(path_or_id: str | os.PathLike) -> str | None:
@@ -64,6 +69,7 @@ def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
 __all__ = [
     "change_question",
     "change_questions",
+    "InternVLJudge",
     "JUDGES",
     "Judge",
     "JudgeOutput",

@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA-OneVision judges built offline, for tests and the Shapes world."""
+"""Tiny random-weight judges (LLaVA-OneVision, Qwen2.5-VL, InternVL3) built offline, for tests and the Shapes world."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ from typing import Iterable
 
 import torch
 from transformers import (
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
@@ -253,15 +259,6 @@ def build_tiny_internvl(
     seed: int = 0,
 ) -> str:
     """Build a tiny random InternVL3-hf (InternViT + pixel shuffle + Qwen2) and its processor; save to `directory`."""
-    from transformers import (  # here, not at the top: this builder was appended after the others
-        GotOcr2ImageProcessor,
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLProcessor,
-        InternVLVideoProcessor,
-        InternVLVisionConfig,
-    )
-
     if (image_size // patch_size) % 2:
         raise ValueError(f"the pixel shuffle halves the patch grid: image_size // patch_size must be even, "
                          f"got {image_size} // {patch_size}")
