@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (flags override the NPEDIT_* environment variables)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="NPEditPipeline folder or hub id (default: $NPEDIT_MODEL, else the bundled editor)")
-    p.add_argument("--judge", help="judge (LLaVA-OneVision) folder or hub id (default: $NPEDIT_JUDGE, else bundled)")
+    p.add_argument("--judge", help="judge (LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf) folder or hub id (default: $NPEDIT_JUDGE, else bundled)")
     p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER)")
     p.add_argument("--critic", help="critic transformer folder, for DMD maps (default: $NPEDIT_CRITIC)")
     p.add_argument("--runs", default=os.environ.get("NPEDIT_RUNS", "runs"), help="folder of training runs")

@@ -143,7 +143,14 @@ def cmd_judge(args) -> int:
     from .judges import load_judge
     from .verdicts import judge_edit
 
-    judge = load_judge(default_path("judge", args.judge), device=_device())
+    import torch
+
+    extra = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    try:
+        judge = load_judge(default_path("judge", args.judge), device=_device(), torch_dtype=getattr(torch, args.dtype),
+                           **extra)
+    except ValueError as exc:  # an unsupported family, or --max-pixels on a fixed-view judge
+        raise SystemExit(f"error: {exc}") from exc
 
     def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
         v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None,
@@ -316,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--new", help="objects the edit creates, separated by ';' (a change check each, expected Yes)")
     j.add_argument("--gone", help="objects the edit must make disappear, separated by ';' (a change check each, "
                                   "expected No; p_change = the lowest P(expected answer) of the change checks)")
-    j.add_argument("--judge", help="judge folder or hub id (default: the bundled Shapes-world judge)")
+    j.add_argument("--judge", help="judge folder or hub id: LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf (default: the "
+                                   "bundled Shapes-world judge)")
+    j.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the judge's weights in this dtype (bfloat16 halves a real judge's memory on a GPU)")
+    j.add_argument("--max-pixels", type=int, help="Qwen2.5-VL judges: at most this many pixels per image "
+                                                   "(e.g. 200704 = 448x448; default: its processor's own cap)")
     j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep, "
                                    "new, gone]}")
     j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep, p_change} lines")

@@ -445,3 +445,21 @@ def test_other_judge_families_train_an_editor_and_answer_the_cli(trained, tiny_z
                              str(tiny_manifest.parent / "images/t0.png"), "--instruction", "make the red circle green",
                              cwd=work))
     assert 0 < verdict["p_edit"] < 1 and 0 < verdict["p_identity"] < 1
+
+
+def test_cli_judge_dtype_and_max_pixels(tmp_path, tiny_judge, tiny_manifest):
+    from npedit.judges.tiny import build_tiny_qwen2_5_vl
+
+    qwen = build_tiny_qwen2_5_vl(tmp_path / "qwen")
+    pair = ["--reference", str(tiny_manifest.parent / "images/0.png"), "--edited",
+            str(tiny_manifest.parent / "images/t0.png"), "--instruction", "make the red circle green"]
+    full = json.loads(run("-m", "npedit", "judge", "--judge", qwen, *pair, cwd=tmp_path))
+    half = json.loads(run("-m", "npedit", "judge", "--judge", qwen, "--dtype", "bfloat16", *pair, cwd=tmp_path))
+    assert abs(full["p_edit"] - half["p_edit"]) < 0.02
+    capped = json.loads(run("-m", "npedit", "judge", "--judge", qwen, "--max-pixels", "256", *pair, cwd=tmp_path))
+    assert 0 < capped["p_edit"] < 1 and capped["p_edit"] != full["p_edit"]  # 64 px images seen at 16 px
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "npedit", "judge", "--judge", tiny_judge, "--max-pixels", "256", *pair],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "llava_onevision judges see each image at one fixed size" in out.stderr
+    assert "Traceback" not in out.stderr

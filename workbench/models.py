@@ -97,8 +97,8 @@ def check_judge(path: str | None) -> str:
 
     if not path:
         raise ModelError(f"No judge: the bundled Shapes-world judge is not in {assets.DEFAULT_JUDGE}. "
-                         f"Start the app with {FLAGS['judge']} DIR_OR_ID (a LLaVA-OneVision folder or hub id) "
-                         f"or set {ENV['judge']}.")
+                         f"Start the app with {FLAGS['judge']} DIR_OR_ID (a LLaVA-OneVision, Qwen2.5-VL or "
+                         f"InternVL3-hf folder or hub id) or set {ENV['judge']}.")
     if not _looks_like_hub_id(str(path)) and not Path(path).is_dir():
         raise ModelError(f"judge folder not found: {path}; pass {FLAGS['judge']} DIR_OR_ID")
     model_type = read_model_type(path)
