@@ -180,3 +180,24 @@ def test_app_script_starts_offline_within_60s(tiny_set, tmp_path, shapes_png):
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path, shapes_png, family):
+    """The per-step panel and best-of-N run with a Qwen2.5-VL or InternVL3 judge as they do with LLaVA-OneVision."""
+    from npedit.judges import JUDGES
+    from npedit.judges import tiny
+
+    judge_dir = {"internvl": tiny.build_tiny_internvl, "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl}[family](tmp_path / family)
+    flags = [*tiny_flags(tiny_set, tmp_path / "runs")]
+    flags[flags.index("--judge") + 1] = judge_dir
+    app = npedit_app.make_app(npedit_app.parse_args(flags))
+    edit = npedit_app.edit_handler(app)
+    quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
+    _, _, _, info, panel, table, _, _ = edit(str(shapes_png), "remove the circle", progress=quiet)
+    assert isinstance(app.models.judge(), JUDGES[family]) and panel is not None
+    p_yes = [v for col, vals in table.items() if "P(" in col for v in vals]
+    assert p_yes and all(0 < v < 1 for v in p_yes), table
+    best = edit(str(shapes_png), "remove the circle", 4, 0, False, "", "remove", "red circle", True, None, 2,
+                progress=quiet)
+    assert len(best[6]) == 2 and "best of 2" in best[3]
