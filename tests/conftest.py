@@ -48,3 +48,13 @@ def tiny_manifest(tmp_path_factory):
         }))
     (root / "cases.jsonl").write_text("\n".join(lines) + "\n")
     return root / "cases.jsonl"
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A real photo (matplotlib's sample portrait, 512x600) as PIL RGB and as a (1, 3, H, W) tensor in [0, 1]."""
+    import torch
+    from matplotlib import cbook
+
+    pil = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    return pil, torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255

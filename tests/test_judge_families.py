@@ -1,28 +1,128 @@
-"""What every judge family must do the same way: load by model_type, answer in bfloat16, pass gradients."""
+"""What every judge family must do the same way, on a tiny random model of each: single-token answers, one-pass
+scoring independent of the batch, gradients to the edited image only, pixels that descend toward Yes, bfloat16.
+
+Each family's own file checks what is particular to it: its preprocessing against its image processor, and its
+layout against its model's full forward pass.
+"""
+
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from npedit.judges import JUDGES, free_question, load_judge, training_questions
+from npedit.judges import (
+    JUDGES,
+    edit_question,
+    free_question,
+    identity_question,
+    load_judge,
+    training_questions,
+)
 from npedit.judges import tiny
+from npedit.tokenization import build_bpe_tokenizer
 
+# Each family's tiny builder, with enough image tokens for 20 steps of pixel descent to move P(Yes).
 BUILDERS = {
-    "internvl": tiny.build_tiny_internvl,
+    "internvl": lambda d: tiny.build_tiny_internvl(d, image_size=64, patch_size=4),
     "llava_onevision": tiny.build_tiny_llava_onevision,
     "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
 }
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def judge_dir(request, tmp_path_factory):
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def judge(judge_dir):
+    return load_judge(judge_dir)
+
+
+def random_images(batch, size=32, seed=0):
+    """(batch, 3, size, size) in [0, 1] on the 8-bit grid."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, size, size), generator=g).float() / 255
 
 
 def test_every_registered_family_has_a_tiny_builder():
     assert set(BUILDERS) == set(JUDGES)
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
-def test_bfloat16_judge_answers_like_float32_and_passes_gradients(family, tmp_path):
+def test_loads_frozen_by_model_type(judge, judge_dir):
+    assert type(judge) is JUDGES[judge.model.config.model_type]
+    assert not any(p.requires_grad for p in judge.parameters())
+    assert not judge.train().model.training
+    ref, edited = random_images(1, seed=1), random_images(1, seed=2)
+    questions = [[edit_question("make the circle red")]]
+    again = load_judge(judge_dir)
+    assert torch.equal(judge.answer(ref, edited, questions).logits, again.answer(ref, edited, questions).logits)
+
+
+def test_yes_no_are_single_tokens_and_a_split_yes_is_refused(judge, judge_dir, tmp_path):
+    tokenizer = judge.processor.tokenizer
+    assert tokenizer.encode("Yes", add_special_tokens=False) == [judge.yes_id]
+    assert tokenizer.encode("No", add_special_tokens=False) == [judge.no_id]
+    assert judge.yes_id != judge.no_id
+    broken = shutil.copytree(judge_dir, tmp_path / "broken")
+    named = {k: getattr(tokenizer, k) for k in tiny.INTERNVL_SPECIAL_TOKENS if hasattr(tokenizer, k)}
+    split = build_bpe_tokenizer(["no image here", "No"] * 20, vocab_size=300, required_words=("No",),
+                                extra_special_tokens=named or None)
+    assert len(split.encode("Yes", add_special_tokens=False)) > 1
+    split.save_pretrained(broken)
+    with pytest.raises(ValueError, match=r"tokenizer .* does not encode 'Yes' as one token"):
+        load_judge(broken)
+
+
+def test_shapes_and_batching_invariance(judge):
+    ref, edited = random_images(2, seed=5), random_images(2, seed=6)
+    questions = [
+        training_questions("make the circle red", "recolor") + [free_question("Is it sharp?", ("edited",))],
+        training_questions("remove the dog", "remove", "dog") + [free_question("Same picture?", expected="No")],
+    ]
+    out = judge.answer(ref, edited, questions)
+    assert out.logits.shape == out.vocab_logprobs.shape == (2, 3, 2)
+    assert ((out.p_yes > 0) & (out.p_yes < 1)).all()
+    assert (out.vocab_logprobs < 0).all()
+    for b in range(2):
+        alone = judge.answer(ref[b : b + 1], edited[b : b + 1], questions[b : b + 1])
+        torch.testing.assert_close(alone.logits[0], out.logits[b], atol=1e-4, rtol=0)
+        torch.testing.assert_close(alone.vocab_logprobs[0], out.vocab_logprobs[b], atol=1e-4, rtol=0)
+    scores = judge.score(ref, edited, questions)
+    assert len(scores) == 2 and all(len(row) == 3 for row in scores)
+
+
+def test_gradient_reaches_edited_image_only(judge):
+    ref = random_images(2, size=48, seed=7).requires_grad_(True)  # resized inside the judge
+    edited = random_images(2, size=120, seed=8).requires_grad_(True)
+    questions = [[edit_question("make it blue"), identity_question("make it blue")]] * 2
+    judge.answer(ref, edited, questions).margin.sum().backward()
+    assert torch.isfinite(edited.grad).all() and edited.grad.abs().sum() > 0
+    assert ref.grad is None or not ref.grad.any()
+
+
+def test_descent_on_pixels_raises_p_yes(judge):
+    ref = random_images(1, seed=9)
+    question = [[edit_question("make the circle red")]]
+    raw = torch.logit(random_images(1, seed=10).clamp(0.05, 0.95)).requires_grad_(True)
+    optimizer = torch.optim.Adam([raw], lr=0.1)
+    with torch.no_grad():
+        before = judge.answer(ref, torch.sigmoid(raw), question).p_yes.item()
+    for _ in range(20):
+        loss = -F.logsigmoid(judge.answer(ref, torch.sigmoid(raw), question).margin).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = judge.answer(ref, torch.sigmoid(raw), question).p_yes.item()
+    assert after > before + 0.05, (before, after)
+
+
+def test_bfloat16_judge_answers_like_float32_and_passes_gradients(judge, judge_dir):
     """The trainer's judge.dtype=bfloat16: same answers within bf16 precision, finite gradients on the pixels."""
-    path = BUILDERS[family](tmp_path / family)
-    full, half = load_judge(path), load_judge(path, torch_dtype=torch.bfloat16)
-    assert type(full) is JUDGES[family] and next(half.parameters()).dtype == torch.bfloat16
+    half = load_judge(judge_dir, torch_dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
     g = torch.Generator().manual_seed(0)
     ref, edited = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
     questions = [training_questions("make the circle red", "recolor") + [free_question("Sharp?", ("edited",))]] * 2
@@ -32,5 +132,5 @@ def test_bfloat16_judge_answers_like_float32_and_passes_gradients(family, tmp_pa
     assert out.logits.dtype == torch.float32  # read out in float32 whatever the judge's dtype
     assert torch.isfinite(edited.grad).all() and edited.grad.abs().sum() > 0
     with torch.no_grad():
-        expected = full.answer(ref, edited, questions).p_yes
+        expected = judge.answer(ref, edited, questions).p_yes
     assert (out.p_yes.detach() - expected).abs().max() < 0.02

@@ -63,3 +63,10 @@ class Judge(nn.Module):
     ) -> JudgeOutput:
         """Score `questions[b][q]` on the pair (reference[b], edited[b]); every row has the same length Q."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def score(
+        self, reference: torch.Tensor, edited: torch.Tensor, questions: Sequence[Sequence[Question]]
+    ) -> list[list[float]]:
+        """P(Yes) of each question as plain floats (B x Q), without gradient; for CLIs and the app."""
+        return self.answer(reference, edited, questions).p_yes.tolist()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoProcessor
 
 from npedit.judges.base import ImageRole, Judge, JudgeOutput, Question
 
@@ -94,6 +96,28 @@ class ChatJudge(Judge):
     """
 
     reference_grad = False
+    model_class: type = None  # the transformers class the adapter wraps
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+    ) -> "ChatJudge":
+        """Load the model and its processor from a local folder or a (cached) hub id."""
+        processor = AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+        return cls.with_processor(path_or_hub_id, processor, torch_dtype, device, trust_remote_code)
+
+    @classmethod
+    def with_processor(cls, path_or_hub_id, processor, torch_dtype, device, trust_remote_code: bool) -> "ChatJudge":
+        """Load the model of `path_or_hub_id` beside an already loaded (possibly adjusted) processor."""
+        model = cls.model_class.from_pretrained(
+            str(path_or_hub_id), dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        return cls(model.to(device or "cpu"), processor)
 
     def __init__(self, model, processor):
         super().__init__()
@@ -126,7 +150,8 @@ class ChatJudge(Judge):
 
     def _language_hidden(self, embeds: torch.Tensor, mask: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
         """Last hidden states (N, L, D) of the language model on scattered embeddings."""
-        return self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        language_model = self.model.model.language_model
+        return language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     # ---- shared -----------------------------------------------------------------------------
     def _prompts(self, layouts: list[tuple[torch.Tensor, ...]]):
@@ -171,9 +196,11 @@ class ChatJudge(Judge):
                 with contextlib.nullcontext() if role == "edited" or self.reference_grad else torch.no_grad():
                     feats[role] = self._image_features(images[role].to(device), keys)
         # Features in the order their image tokens appear, conversation by conversation.
-        image_feats = torch.cat(
-            [feats[role][key][i // num_q] for i, (q, keys) in enumerate(zip(rows, row_keys)) for role, key in zip(q.images, keys)]
-        )  # (total image tokens, D)
+        image_feats = torch.cat([
+            feats[role][key][i // num_q]
+            for i, (q, keys) in enumerate(zip(rows, row_keys))
+            for role, key in zip(q.images, keys)
+        ])  # (total image tokens, D)
 
         layouts = [self._layout(q.text, keys) for q, keys in zip(rows, row_keys)]
         ids, mask, last, extras = self._prompts(layouts)
@@ -191,10 +218,3 @@ class ChatJudge(Judge):
         logits = vocab_logits[:, pair].view(batch, num_q, 2)
         vocab_logprobs = vocab_logits.log_softmax(-1)[:, pair].view(batch, num_q, 2)
         return JudgeOutput(logits=logits, vocab_logprobs=vocab_logprobs)
-
-    @torch.no_grad()
-    def score(
-        self, reference: torch.Tensor, edited: torch.Tensor, questions: Sequence[Sequence[Question]]
-    ) -> list[list[float]]:
-        """P(Yes) of each question as plain floats (B x Q), without gradient; for CLIs and the app."""
-        return self.answer(reference, edited, questions).p_yes.tolist()

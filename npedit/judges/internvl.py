@@ -12,12 +12,11 @@ image processor. An image's features do not depend on the question, so every ima
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration
 
 from npedit.judges.chat import ChatJudge, chat_prompt, normalise, resize_like_processor
 
@@ -43,6 +42,8 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], st
 class InternVLJudge(ChatJudge):
     """A frozen InternVL3 (`-hf` checkpoint) answering Yes/No questions; gradients reach the edited image only."""
 
+    model_class = InternVLForConditionalGeneration
+
     def __init__(self, model: InternVLForConditionalGeneration, processor):
         super().__init__(model, processor)
         config = model.config
@@ -67,23 +68,6 @@ class InternVLJudge(ChatJudge):
                 f"processor inserts {processor.image_seq_length} image tokens per view, the model makes "
                 f"{self.feature_len} features from a {self.size}px view"
             )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str | os.PathLike,
-        *,
-        torch_dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-        trust_remote_code: bool = False,
-    ) -> "InternVLJudge":
-        """Load the model and its processor from a local folder or a (cached) hub id of an `-hf` checkpoint."""
-        path = str(path_or_hub_id)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = InternVLForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        return cls(model.to(device or "cpu"), processor)
 
     @property
     def image_size(self) -> int:

@@ -10,22 +10,14 @@ image. Both layouts are packed by the model's own `pack_image_features`.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration
 
 from npedit.judges.base import Question
-from npedit.judges.chat import (  # noqa: F401  (chat_prompt, check_grid: re-exported for callers)
-    ChatJudge,
-    chat_prompt,
-    check_grid,
-    normalise,
-    resize_like_processor,
-    round_to_8bit,
-)
+from npedit.judges.chat import ChatJudge, chat_prompt, normalise, resize_like_processor
 
 
 def base_view_settings(image_processor) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
@@ -49,6 +41,8 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], st
 class LlavaOnevisionJudge(ChatJudge):
     """A frozen LLaVA-OneVision answering Yes/No questions; gradients reach the edited image only."""
 
+    model_class = LlavaOnevisionForConditionalGeneration
+
     def __init__(self, model: LlavaOnevisionForConditionalGeneration, processor):
         super().__init__(model, processor)
         self.size, self.mean, self.std = base_view_settings(processor.image_processor)
@@ -65,23 +59,6 @@ class LlavaOnevisionJudge(ChatJudge):
         # Features per image in a one-image (anyres) and a multi-image question.
         patches = torch.zeros(1, (vision.image_size // vision.patch_size) ** 2, model.config.text_config.hidden_size)
         self.feature_lens = {single: self._pack(patches, single).shape[1] for single in (True, False)}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str | os.PathLike,
-        *,
-        torch_dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-        trust_remote_code: bool = False,
-    ) -> "LlavaOnevisionJudge":
-        """Load the model and its processor from a local folder or a (cached) hub id."""
-        path = str(path_or_hub_id)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        return cls(model.to(device or "cpu"), processor)
 
     @property
     def image_size(self) -> int:

@@ -36,6 +36,8 @@ def patchify(pixels: torch.Tensor, patch: int, merge: int, temporal: int) -> tor
 class Qwen25VLJudge(ChatJudge):
     """A frozen Qwen2.5-VL answering Yes/No questions; gradients reach the edited image only."""
 
+    model_class = Qwen2_5_VLForConditionalGeneration
+
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor):
         super().__init__(model, processor)
         image_processor = processor.image_processor
@@ -80,13 +82,12 @@ class Qwen25VLJudge(ChatJudge):
             factor = image_processor.patch_size * image_processor.merge_size
             if max_pixels < factor * factor:
                 smallest = factor * factor
-                raise ValueError(f"max_pixels must be at least {smallest} (one {factor}x{factor} block), got {max_pixels}")
+                raise ValueError(
+                    f"max_pixels must be at least {smallest} (one {factor}x{factor} block), got {max_pixels}"
+                )
             low = min(image_processor.size["shortest_edge"], max_pixels)
             image_processor.size = type(image_processor.size)(shortest_edge=low, longest_edge=max_pixels)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        return cls(model.to(device or "cpu"), processor)
+        return cls.with_processor(path, processor, torch_dtype, device, trust_remote_code)
 
     def view_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) the processor resizes an image of this size to."""
@@ -108,7 +109,9 @@ class Qwen25VLJudge(ChatJudge):
         grid = inputs.get("image_grid_thw")
         ours = torch.tensor([[1, h // self.patch, w // self.patch] for h, w in image_keys], dtype=torch.long)
         if image_keys and not torch.equal(grid, ours):
-            raise RuntimeError(f"processor patch grid {grid.tolist()} != ours {ours.tolist()}; processor and model disagree")
+            raise RuntimeError(
+                f"processor patch grid {grid.tolist()} != ours {ours.tolist()}; processor and model disagree"
+            )
         expected = sum(int(g.prod()) // self.merge**2 for g in ours)
         found = int((ids == self.image_token_id).sum())
         if found != expected:

@@ -44,6 +44,37 @@ _INSTRUCTIONS = (
 )
 
 
+def qwen2_text_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> Qwen2Config:
+    """The tiny Qwen2 language model of the LLaVA-OneVision and InternVL builders."""
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def seeded_model(model_class, config, seed: int):
+    """`model_class(config)` in eval mode, its random weights drawn from `seed` without touching the caller's RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model_class(config).eval()
+
+
+def save_judge(model, processor, directory: str | os.PathLike) -> str:
+    """Save a model (safetensors) and its processor to `directory`; return it as a string."""
+    directory = str(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    return directory
+
+
 def default_corpus() -> list[str]:
     """A small English corpus: edit instructions, the judge's questions, and short Yes/No answers."""
     texts = []
@@ -57,7 +88,8 @@ def default_corpus() -> list[str]:
 # Qwen2.5-VL's chat layout: a default system turn, each image as <|vision_start|><|image_pad|><|vision_end|>.
 QWEN_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
@@ -131,9 +163,7 @@ def build_tiny_qwen2_5_vl(
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():  # seeded weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
     grid = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     processor = Qwen2_5_VLProcessor(
@@ -142,10 +172,7 @@ def build_tiny_qwen2_5_vl(
         video_processor=Qwen2VLVideoProcessor(size=size, **grid),
         chat_template=QWEN_VL_CHAT_TEMPLATE,
     )
-    directory = str(directory)
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
-    return directory
+    return save_judge(model, processor, directory)
 
 
 def build_tiny_llava_onevision(
@@ -178,18 +205,7 @@ def build_tiny_llava_onevision(
         patch_size=patch_size,
         vision_use_head=False,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    text = qwen2_text_config(tokenizer, hidden_size, num_layers, num_heads)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
@@ -199,9 +215,7 @@ def build_tiny_llava_onevision(
         vision_feature_layer=-1,
         image_grid_pinpoints=pinpoints,
     )
-    with torch.random.fork_rng():  # seeded weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model = seeded_model(LlavaOnevisionForConditionalGeneration, config, seed)
 
     view = {"height": image_size, "width": image_size}
     stats = {"image_mean": [mean] * 3, "image_std": [std] * 3}
@@ -213,10 +227,7 @@ def build_tiny_llava_onevision(
         vision_feature_select_strategy="full",
         chat_template=tokenizer.chat_template,
     )
-    directory = str(directory)
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
-    return directory
+    return save_judge(model, processor, directory)
 
 
 # InternVL3-hf's chat layout (no default system turn): each image as <IMG_CONTEXT> and a newline, which the
@@ -276,18 +287,7 @@ def build_tiny_internvl(
         image_size=image_size,
         patch_size=patch_size,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    text = qwen2_text_config(tokenizer, hidden_size, num_layers, num_heads)
     tokens_per_view = (image_size // patch_size // 2) ** 2  # downsample_ratio 0.5 on each side of the grid
     config = InternVLConfig(
         vision_config=vision,
@@ -299,9 +299,7 @@ def build_tiny_internvl(
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():  # seeded weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config).eval()
+    model = seeded_model(InternVLForConditionalGeneration, config, seed)
 
     view = {"height": image_size, "width": image_size}
     stats = {"image_mean": [mean] * 3, "image_std": [std] * 3}
@@ -312,7 +310,4 @@ def build_tiny_internvl(
         image_seq_length=tokens_per_view,
         chat_template=tokenizer.chat_template,
     )
-    directory = str(directory)
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
-    return directory
+    return save_judge(model, processor, directory)
