@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "NPEditPipeline": "npedit.pipeline",
     "NPEditSD3Transformer2DModel": "npedit.backbones.sd3",
+    "NPEditZImageTransformer2DModel": "npedit.backbones.zimage",
 }
 
 

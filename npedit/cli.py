@@ -223,6 +223,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import_reimpl(args) -> int:
+    """Convert the authors' re-implementation's released Z-Image editor into an NPEditPipeline folder."""
+    import torch
+
+    from .reimpl import import_reimpl
+
+    try:
+        out = import_reimpl(args.checkpoint, args.base, args.out, torch_dtype=getattr(torch, args.dtype))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(out)
+    return 0
+
+
 def cmd_shapes(args) -> int:
     """Train a Shapes-world base-model stage (vae, teacher, judge) or evaluate the judge."""
     if args.stage == "judge":
@@ -355,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "names of the base model they adapt, a folder of megabytes that --model, the app and "
                         "NPEditPipeline.from_pretrained load; out defaults to RUN/exports/step_N-lora")
     x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("import-reimpl", help="convert the NP-Edit authors' re-implementation's released Z-Image "
+                                             "editor (a .pt state dict) into an editor folder (safetensors)")
+    r.add_argument("checkpoint", help="the state dict, e.g. zimage_npedit_internvl.pt from the hub repo "
+                                      "nupurkmr9/npedit (read with weights_only=True: no code in it runs)")
+    r.add_argument("--base", required=True, help="the Z-Image model it was trained from (folder or hub id, e.g. "
+                                                 "Tongyi-MAI/Z-Image): its text encoder, tokenizer and VAE")
+    r.add_argument("--out", required=True, help="where the NPEditPipeline folder goes")
+    r.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="the saved weights' dtype (default bfloat16, as trained)")
+    r.set_defaults(func=cmd_import_reimpl)
 
     s = sub.add_parser("shapes", help="train the Shapes-world base models (vae, teacher, judge) or evaluate the judge "
                                       "or the teacher")

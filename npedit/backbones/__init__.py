@@ -11,7 +11,8 @@ from .base import Backbone, resolve_subfolder
 
 # family -> (module, Backbone class, transformer class names it drives)
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "zimage": ("npedit.backbones.zimage", "ZImageBackbone", ("ZImageTransformer2DModel",)),
+    "zimage": ("npedit.backbones.zimage", "ZImageBackbone",
+               ("ZImageTransformer2DModel", "NPEditZImageTransformer2DModel")),
     "sd3": ("npedit.backbones.sd3", "SD3Backbone", ("SD3Transformer2DModel", "NPEditSD3Transformer2DModel")),
 }
 

@@ -46,6 +46,9 @@ class Backbone(nn.Module):
         """Build from already-loaded frozen parts named as in `pipeline_components()` (the transformer may size them)."""
         return cls(**components)
 
+    def follow_student(self, student) -> None:
+        """Adapt to how `student` sees its instruction (a family with one layout has nothing to do)."""
+
     # ---- text -----------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], *, with_reference: bool) -> Any:
         """Encode prompts (no gradient); `with_reference` selects the student's editing layout."""

@@ -77,6 +77,7 @@ def build_student(backbone, teacher, mc, dtype: torch.dtype, keep_dtype: bool = 
                                             torch_dtype=dtype if keep_dtype else torch.float32)
     else:
         student = backbone.prepare_student(teacher, reference_mode=mc.reference_mode)
+    backbone.follow_student(student)  # instructions encoded in the layout the student was trained with
     student, new_blocks = backbone.add_layers(student, mc.add_layers)
     student = backbone.add_reference_encoder(student, mc.reference_encoder, gated=mc.reference_encoder_gated)
     if mc.reference_gate_init:

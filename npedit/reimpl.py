@@ -1,0 +1,76 @@
+"""The authors' re-implementation's released Z-Image editor as an `NPEditPipeline` folder (safetensors).
+
+Its checkpoint (`zimage_npedit_internvl.pt` on the hub repo `nupurkmr9/npedit`) is a `torch.save` state dict of
+the Z-Image transformer's weights under the prefix "transformer.". It is read with `weights_only=True`, so no code
+in the file runs: anything other than tensors in plain containers is refused. The weights go into a
+`NPEditZImageTransformer2DModel` with `reference_layout="frames"` (how that editor sees its reference; see
+`npedit.backbones.zimage`), beside the base model's text encoder, tokenizer and VAE.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+PREFIXES = ("", "transformer.", "denoiser.transformer.", "module.transformer.", "model.transformer.")
+SOURCE = "nupurkmr9/npedit (zimage_npedit_internvl.pt)"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a `torch.save` state dict, unpickled with weights_only=True (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path} is not a plain state dict of tensors; refused without running it ({exc})") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping from names to tensors)")
+    return state
+
+
+def transformer_weights(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """`state` with its keys' prefix removed, so they are exactly the transformer's `expected` parameter names."""
+    for prefix in PREFIXES:
+        names = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(names) == expected:
+            return names
+    best = max(PREFIXES, key=lambda p: len(expected & {k[len(p):] for k in state if k.startswith(p)}))
+    have = {k[len(best):] for k in state if k.startswith(best)}
+    missing, extra = sorted(expected - have), sorted(have - expected)
+    raise ValueError(
+        f"the checkpoint's tensors do not match this base's Z-Image transformer (best prefix {best!r}): "
+        f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); "
+        "is --base the Z-Image model it was trained from?"
+    )
+
+
+def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
+                  torch_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Convert the re-implementation's editor checkpoint into an NPEditPipeline folder at `out`; returns it."""
+    from .backbones import detect_family, load_backbone
+    from .backbones.zimage import NPEditZImageTransformer2DModel, ZImageTransformer2DModel
+    from .backbones.base import resolve_subfolder
+    from .pipeline import NPEditPipeline
+
+    if detect_family(base) != "zimage":
+        raise ValueError(f"--base must be the Z-Image model the editor was trained from; {base} is "
+                         f"of the {detect_family(base)!r} family")
+    state = read_state_dict(checkpoint)
+    config = ZImageTransformer2DModel.load_config(str(base), subfolder=resolve_subfolder(base, "transformer"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):  # no memory until the checkpoint's own tensors are assigned
+        transformer = NPEditZImageTransformer2DModel(**config, reference_layout="frames")
+    weights = transformer_weights(state, set(transformer.state_dict()))
+    transformer.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, assign=True)
+    transformer.eval()
+    backbone = load_backbone(base, torch_dtype=torch_dtype)
+    pipe = NPEditPipeline.from_parts(transformer, backbone)
+    out = Path(out)
+    pipe.save_pretrained(out, training=f"by the authors' re-implementation of NP-Edit, converted from {SOURCE} "
+                                        f"(Z-Image student, InternVL3-14B judge, DMD; no before/after pairs)")
+    return out
