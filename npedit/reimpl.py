@@ -71,6 +71,7 @@ def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: s
     backbone = load_backbone(base, torch_dtype=torch_dtype)
     pipe = NPEditPipeline.from_parts(transformer, backbone)
     out = Path(out)
-    pipe.save_pretrained(out, training=f"by the authors' re-implementation of NP-Edit, converted from {SOURCE} "
-                                        f"(Z-Image student, InternVL3-14B judge, DMD; no before/after pairs)")
+    pipe.save_pretrained(out, training=f"trained by the authors' re-implementation of NP-Edit (Z-Image student, "
+                                        f"InternVL3-14B judge, DMD, no before/after pairs) and converted from {SOURCE}; "
+                                        f"it sees the reference as a second frame (`reference_layout: frames`)")
     return out
