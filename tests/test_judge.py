@@ -49,6 +49,10 @@ def test_load_judge_dispatch_and_its_errors(judge, judge_dir, tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="'bert'.*supported judge types: .*llava_onevision"):
         load_judge(tmp_path / "bert")
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    with pytest.raises(ValueError, match="'internvl_chat'.*remote-code format.*InternVL3-14B-hf"):
+        load_judge(tmp_path / "remote")
     with pytest.raises(ValueError, match="no readable config.json.*llava_onevision"):
         load_judge(tmp_path / "missing")
     with pytest.raises(ValueError, match="llava_onevision judges see each image at one fixed size.*qwen2_5_vl"):

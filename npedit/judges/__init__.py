@@ -34,6 +34,14 @@ JUDGES: dict[str, type[Judge]] = {
 }
 
 
+# Checkpoints of a supported family in another format: what to load instead.
+HINTS = {
+    "internvl_chat": " (this is InternVL's remote-code format; load its transformers conversion, the repo of the same "
+                     "name ending in -hf, e.g. OpenGVLab/InternVL3-14B-hf)",
+    "qwen2_vl": " (Qwen2-VL; its successor Qwen2.5-VL is supported, e.g. Qwen/Qwen2.5-VL-7B-Instruct)",
+}
+
+
 def read_model_type(path_or_id: str | os.PathLike) -> str | None:
     """model_type from a folder's config.json (or a cached hub id's); None when there is none to read."""
     local = Path(path_or_id)
@@ -58,7 +66,9 @@ def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
     if model_type not in JUDGES:
         found = "no readable config.json" if model_type is None else f"model_type {model_type!r}"
         supported = ", ".join(sorted(JUDGES))
-        raise ValueError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: {supported}")
+        hint = HINTS.get(model_type, "")
+        raise ValueError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
+                         f"{supported}{hint}")
     adapter = JUDGES[model_type]
     if kwargs.get("max_pixels") is not None and not _takes(adapter, "max_pixels"):
         sizable = ", ".join(sorted(k for k, a in JUDGES.items() if _takes(a, "max_pixels")))
