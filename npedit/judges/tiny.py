@@ -67,7 +67,7 @@ def seeded_model(model_class, config, seed: int):
         return model_class(config).eval()
 
 
-def save_judge(model, processor, directory: str | os.PathLike) -> str:
+def save_with_processor(model, processor, directory: str | os.PathLike) -> str:
     """Save a model (safetensors) and its processor to `directory`; return it as a string."""
     directory = str(directory)
     model.save_pretrained(directory, safe_serialization=True)
@@ -172,7 +172,7 @@ def build_tiny_qwen2_5_vl(
         video_processor=Qwen2VLVideoProcessor(size=size, **grid),
         chat_template=QWEN_VL_CHAT_TEMPLATE,
     )
-    return save_judge(model, processor, directory)
+    return save_with_processor(model, processor, directory)
 
 
 def build_tiny_llava_onevision(
@@ -227,7 +227,7 @@ def build_tiny_llava_onevision(
         vision_feature_select_strategy="full",
         chat_template=tokenizer.chat_template,
     )
-    return save_judge(model, processor, directory)
+    return save_with_processor(model, processor, directory)
 
 
 # InternVL3-hf's chat layout (no default system turn): each image as <IMG_CONTEXT> and a newline, which the
@@ -310,4 +310,4 @@ def build_tiny_internvl(
         image_seq_length=tokens_per_view,
         chat_template=tokenizer.chat_template,
     )
-    return save_judge(model, processor, directory)
+    return save_with_processor(model, processor, directory)
