@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -55,11 +54,6 @@ def read_model_type(path_or_id: str | os.PathLike) -> str | None:
     return config.get("model_type")
 
 
-def _takes(adapter: type[Judge], name: str) -> bool:
-    """Whether an adapter's from_pretrained accepts the keyword `name`."""
-    return name in inspect.signature(adapter.from_pretrained).parameters
-
-
 def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
     """Load a judge from a folder or hub id, choosing the adapter from its config's model_type."""
     model_type = read_model_type(path_or_id)
@@ -69,11 +63,7 @@ def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
         hint = HINTS.get(model_type, "")
         raise ValueError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
                          f"{supported}{hint}")
-    adapter = JUDGES[model_type]
-    if kwargs.get("max_pixels") is not None and not _takes(adapter, "max_pixels"):
-        sizable = ", ".join(sorted(k for k, a in JUDGES.items() if _takes(a, "max_pixels")))
-        raise ValueError(f"{model_type} judges see each image at one fixed size; max_pixels applies to: {sizable}")
-    return adapter.from_pretrained(path_or_id, **kwargs)
+    return JUDGES[model_type].from_pretrained(path_or_id, **kwargs)
 
 
 __all__ = [

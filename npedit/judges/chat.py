@@ -106,18 +106,23 @@ class ChatJudge(Judge):
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
+        max_pixels: int | None = None,
     ) -> "ChatJudge":
-        """Load the model and its processor from a local folder or a (cached) hub id."""
+        """Load the model and its processor from a local folder or a (cached) hub id; `max_pixels` caps the
+        pixels per image of a judge that sees images at their own size (`cap_pixels`)."""
         processor = AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
-        return cls.with_processor(path_or_hub_id, processor, torch_dtype, device, trust_remote_code)
-
-    @classmethod
-    def with_processor(cls, path_or_hub_id, processor, torch_dtype, device, trust_remote_code: bool) -> "ChatJudge":
-        """Load the model of `path_or_hub_id` beside an already loaded (possibly adjusted) processor."""
+        if max_pixels is not None:
+            cls.cap_pixels(processor, max_pixels)
         model = cls.model_class.from_pretrained(
             str(path_or_hub_id), dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
         return cls(model.to(device or "cpu"), processor)
+
+    @classmethod
+    def cap_pixels(cls, processor, max_pixels: int) -> None:
+        """Make `processor` resize each image to at most `max_pixels`; a fixed-view judge refuses."""
+        raise ValueError(f"{cls.model_class.config_class.model_type} judges see each image at one fixed size; "
+                         "max_pixels applies to judges that see images at their own size (qwen2_5_vl)")
 
     def __init__(self, model, processor):
         super().__init__()

@@ -9,11 +9,10 @@ model, built once per (question, image sizes) on blank placeholder images of the
 
 from __future__ import annotations
 
-import os
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from npedit.judges.chat import ChatJudge, chat_prompt, normalise, resize_like_processor
@@ -60,34 +59,16 @@ class Qwen25VLJudge(ChatJudge):
             raise ValueError(f"processor image token {processor.image_token_id} != model's {self.image_token_id}")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str | os.PathLike,
-        *,
-        torch_dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-        trust_remote_code: bool = False,
-        max_pixels: int | None = None,
-    ) -> "Qwen25VLJudge":
-        """Load the model and its processor from a local folder or a (cached) hub id.
-
-        `max_pixels` caps the pixels of each image the judge sees (the processor's own cap otherwise;
-        the released checkpoints allow 28^2 x 1280 = 1M, 1,280 tokens per image): e.g. 448 * 448 for
-        256 tokens per image, what a fixed-view judge costs.
-        """
-        path = str(path_or_hub_id)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if max_pixels is not None:
-            image_processor = processor.image_processor
-            factor = image_processor.patch_size * image_processor.merge_size
-            if max_pixels < factor * factor:
-                smallest = factor * factor
-                raise ValueError(
-                    f"max_pixels must be at least {smallest} (one {factor}x{factor} block), got {max_pixels}"
-                )
-            low = min(image_processor.size["shortest_edge"], max_pixels)
-            image_processor.size = type(image_processor.size)(shortest_edge=low, longest_edge=max_pixels)
-        return cls.with_processor(path, processor, torch_dtype, device, trust_remote_code)
+    def cap_pixels(cls, processor, max_pixels: int) -> None:
+        """At most `max_pixels` per image (the processor's own cap otherwise; the released checkpoints allow
+        28^2 x 1280 = 1M, 1,280 tokens per image): e.g. 448 * 448 for 256 tokens, what a fixed-view judge costs."""
+        image_processor = processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        if max_pixels < factor * factor:
+            smallest = factor * factor
+            raise ValueError(f"max_pixels must be at least {smallest} (one {factor}x{factor} block), got {max_pixels}")
+        low = min(image_processor.size["shortest_edge"], max_pixels)
+        image_processor.size = type(image_processor.size)(shortest_edge=low, longest_edge=max_pixels)
 
     def view_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) the processor resizes an image of this size to."""
@@ -104,11 +85,11 @@ class Qwen25VLJudge(ChatJudge):
         """Prompt ids (L,) expanded by the real processor and their 3-D rotary positions (3, L)."""
         prompt = chat_prompt(self.processor, text, len(image_keys))
         blanks = [Image.new("RGB", (w, h)) for h, w in image_keys]
-        inputs = self.processor(text=prompt, images=blanks or None, return_tensors="pt")
+        inputs = self.processor(text=prompt, images=blanks, return_tensors="pt")
         ids = inputs["input_ids"][0]
         grid = inputs.get("image_grid_thw")
         ours = torch.tensor([[1, h // self.patch, w // self.patch] for h, w in image_keys], dtype=torch.long)
-        if image_keys and not torch.equal(grid, ours):
+        if not torch.equal(grid, ours):
             raise RuntimeError(
                 f"processor patch grid {grid.tolist()} != ours {ours.tolist()}; processor and model disagree"
             )
@@ -116,8 +97,6 @@ class Qwen25VLJudge(ChatJudge):
         found = int((ids == self.image_token_id).sum())
         if found != expected:
             raise RuntimeError(f"processor inserted {found} image tokens, the patch grid gives {expected} features")
-        if not image_keys:
-            return ids, torch.arange(len(ids)).expand(3, -1).clone()
         types = inputs.get("mm_token_type_ids")
         types = (ids == self.image_token_id).int()[None] if types is None else types
         positions, _ = self.model.model.get_rope_index(ids[None], mm_token_type_ids=types, image_grid_thw=grid)
