@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-PREFIXES = ("", "transformer.", "denoiser.transformer.", "module.transformer.", "model.transformer.")
+# The released file's keys are the transformer's own under "transformer." (its ZImageDenoiser attribute); a plain
+# diffusers state dict (no prefix) converts too.
+PREFIXES = ("transformer.", "")
 SOURCE = "nupurkmr9/npedit (zimage_npedit_internvl.pt)"
 
 

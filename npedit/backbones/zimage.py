@@ -17,8 +17,6 @@ import copy
 import os
 from pathlib import Path
 
-import json
-
 import torch
 # ModelMixin is unused here on purpose: DiffusionPipeline decides how to load a component named
 # ["npedit.backbones.zimage", ...] in model_index.json by looking up its base classes in this module.
@@ -176,9 +174,8 @@ def frames_forward(transformer, reference, x_t, t_native, captions):
 
 
 def transformer_class(path, subfolder: str | None) -> type[ZImageTransformer2DModel]:
-    """The class a Z-Image transformer's config.json names (local folders; a hub id loads the plain class)."""
-    config = Path(str(path)) / (subfolder or "") / "config.json"
-    named = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    """The class a Z-Image transformer's config.json names (a local folder or a hub id: its config alone is read)."""
+    named = ZImageTransformer2DModel.load_config(str(path), subfolder=subfolder).get("_class_name")
     if named == NPEditZImageTransformer2DModel.__name__:
         return NPEditZImageTransformer2DModel
     return ZImageTransformer2DModel
