@@ -1,11 +1,12 @@
 """NP-Edit app: edit images, look inside each sampling step, question the judge, train and compare runs.
 
-    python app.py [--model DIR_OR_ID] [--judge DIR_OR_ID] [--teacher DIR] [--critic DIR] [--port N] [--runs DIR]
+    python app.py [--model DIR_OR_ID] [--judge DIR_OR_ID] [--judge-max-pixels N] [--teacher DIR] [--critic DIR]
+                  [--port N] [--runs DIR]
 
 Thin UI wiring over `workbench` (loading, inspection, jobs, runs, plots) and `npedit`. Models load on
 first use, so the app starts (and says what to pass) even when no model is there. The same file runs
 as a Hugging Face Space; models can also be chosen with NPEDIT_MODEL / NPEDIT_JUDGE / NPEDIT_TEACHER /
-NPEDIT_CRITIC.
+NPEDIT_CRITIC (and the judge's pixel cap with NPEDIT_JUDGE_MAX_PIXELS).
 """
 
 from __future__ import annotations
@@ -97,16 +98,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--judge-max-pixels", type=int, default=_env_int("NPEDIT_JUDGE_MAX_PIXELS"),
+                   help="a Qwen2.5-VL judge sees at most this many pixels per image, here and in the runs the app "
+                        "starts (e.g. 200704 = 448x448; default: $NPEDIT_JUDGE_MAX_PIXELS, else its own cap)")
     p.add_argument("--preload", action="store_true", default=spaces is not None,
                    help="load the editor and judge before serving (default on a Space)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.judge_max_pixels is not None and args.judge_max_pixels < 0:
+        p.error(f"--judge-max-pixels must be >= 0 (0: the judge's own cap), got {args.judge_max_pixels}")
+    return args
+
+
+def _env_int(name: str) -> int | None:
+    """An integer environment variable (a Space variable), None when unset; a clear exit when it is not a number."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"error: {name} must be a whole number of pixels, got {value!r}") from None
 
 
 def make_app(args: argparse.Namespace) -> App:
     """The models (not loaded yet), runs folder and examples folder the UI works on."""
     paths = models.resolve_paths(args.model, args.judge, args.teacher, args.critic)
     examples_dir = Path(tempfile.gettempdir()) / "npedit-app-examples"
-    return App(models.ModelSet(paths, device=args.device, dtype=args.dtype), Path(args.runs).resolve(), examples_dir)
+    model_set = models.ModelSet(paths, device=args.device, dtype=args.dtype,
+                                judge_max_pixels=getattr(args, "judge_max_pixels", None))
+    return App(model_set, Path(args.runs).resolve(), examples_dir)
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -380,6 +400,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     with gr.Row():
         base = gr.Textbox(value=paths.teacher or str(assets.DEFAULT_TEACHER), label="Teacher (base model: model.base)")
         judge = gr.Textbox(value=paths.judge or str(assets.DEFAULT_JUDGE), label="Judge (judge.path)")
+        judge_pixels = gr.Number(value=app.models.judge_max_pixels or 0, precision=0, minimum=0,
+                                 label="Judge pixels per image (judge.max_pixels; Qwen2.5-VL only; 0 = its own cap)")
         student = gr.Textbox(value=paths.model or str(assets.DEFAULT_MODEL),
                              label="Start the student from (model.student; empty = the teacher)")
     first = next(iter(presets.PRESETS))
@@ -434,7 +456,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     files.upload(lambda fs: (datasets.table_for_images(fs), {Path(f).name: f for f in fs}), files, [table, uploads],
                  api_visibility="private")
 
-    def on_start(table, uploads, use_stream, preset_name, name, base, judge, student, *values):
+    def on_start(table, uploads, use_stream, preset_name, name, base, judge, judge_pixels, student, *values):
         values = dict(zip(knobs, values))
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
         busy = jobs.active_job(app.runs_root, device)
@@ -446,7 +468,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             data = presets.SHAPES_STREAM if use_stream else \
                 datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table))
             args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),
-                                      data=str(data), config_file=presets.PRESETS[preset_name].config_file)
+                                      data=str(data), config_file=presets.PRESETS[preset_name].config_file,
+                                      judge_max_pixels=int(judge_pixels or 0))
             presets.check_train_args(args)
             st = jobs.start_job(run_dir, args, runs_root=app.runs_root, device=device)
         except (ValueError, jobs.JobBusy) as exc:
@@ -455,7 +478,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             raise _error(exc) from None
         return str(run_dir), _status_markdown(st, device), gr.Timer(active=True)
 
-    start.click(on_start, [table, uploads, stream, preset, run_name, base, judge, student, *knobs.values()],
+    start.click(on_start, [table, uploads, stream, preset, run_name, base, judge, judge_pixels, student,
+                           *knobs.values()],
                 [current, status, timer], api_visibility="private")
 
     def on_tick(run_dir, editor_value):

@@ -20,6 +20,26 @@ def _device():
     return str(resolve_device())
 
 
+def _dtype(name: str, device: str):
+    """The torch dtype a --dtype flag names; "auto": bfloat16 on a GPU, float32 on a CPU (as the app does)."""
+    import torch
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
+def _load_judge(args, device: str, dtype, max_pixels: int | None):
+    """The judge of --judge (default: the bundled one) in `dtype`, at most `max_pixels` per image when given."""
+    from .judges import load_judge
+
+    extra = {} if max_pixels is None else {"max_pixels": max_pixels}
+    try:
+        return load_judge(default_path("judge", args.judge), device=device, torch_dtype=dtype, **extra)
+    except ValueError as exc:  # an unsupported family, or a pixel cap on a fixed-view judge
+        raise SystemExit(f"error: {exc}") from exc
+
+
 def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
     """JSON lines with the `required` keys; relative image paths resolve against the file's folder."""
     p = Path(path)
@@ -53,13 +73,15 @@ def cmd_edit(args) -> int:
         raise SystemExit("error: --candidates must be >= 1")
     if args.min_score is not None and not args.verdicts:
         raise SystemExit("error: --min-score filters the --verdicts file; give --verdicts too")
-    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(_device())
-    pipe.set_progress_bar_config(disable=True)
-    judge = None
+    if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts):
+        raise SystemExit("error: --judge-max-pixels is for the judge of --candidates or --verdicts")
+    device = _device()
+    dtype = _dtype(args.dtype, device)
+    judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
     if args.candidates > 1 or args.verdicts:
-        from .judges import load_judge
-
-        judge = load_judge(default_path("judge", args.judge), device=_device())
+        judge = _load_judge(args, device, dtype, args.judge_max_pixels)
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
     if args.image:
         if not args.instruction or not args.output:
             raise SystemExit("error: --image needs --instruction and --output")
@@ -140,17 +162,10 @@ def _best_of(pipe, judge, job: dict, args, gen, verbose: bool):
 def cmd_judge(args) -> int:
     """Print the judge's verdict on one pair as JSON, or write one line per pair of a PAIRS.jsonl."""
     from .data import object_names
-    from .judges import load_judge
     from .verdicts import judge_edit
 
-    import torch
-
-    extra = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
-    try:
-        judge = load_judge(default_path("judge", args.judge), device=_device(), torch_dtype=getattr(torch, args.dtype),
-                           **extra)
-    except ValueError as exc:  # an unsupported family, or --max-pixels on a fixed-view judge
-        raise SystemExit(f"error: {exc}") from exc
+    device = _device()
+    judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
     def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
         v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None,
@@ -314,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-side", type=int, default=1024, help="longest side the editor works at")
     e.add_argument("--candidates", type=int, default=1, help="sample this many edits and keep the one the judge "
                    "rates highest (best-of-N; 1: a single edit)")
-    e.add_argument("--judge", help="judge for --candidates (default: the bundled Shapes-world judge)")
+    e.add_argument("--judge", help="judge for --candidates and --verdicts (default: the bundled Shapes-world judge)")
+    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="the editor's and the judge's weights in this dtype (default auto: bfloat16 on a GPU, "
+                        "float32 on a CPU)")
+    e.add_argument("--judge-max-pixels", type=int, help="a Qwen2.5-VL judge sees at most this many pixels per image "
+                   "(e.g. 200704 = 448x448; default: its processor's own cap)")
     e.add_argument("--edit-type", default="edit", help="for the judge's questions: e.g. add, remove, replace, "
                    "recolor, background, resize (--batch lines: edit_type)")
     e.add_argument("--object", help="the removed object's name, for --edit-type remove (--batch lines: object_name)")
@@ -339,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "expected No; p_change = the lowest P(expected answer) of the change checks)")
     j.add_argument("--judge", help="judge folder or hub id: LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf (default: the "
                                    "bundled Shapes-world judge)")
-    j.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="the judge's weights in this dtype (bfloat16 halves a real judge's memory on a GPU)")
+    j.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="the judge's weights in this dtype (default auto: bfloat16 on a GPU, where it halves a real "
+                        "judge's memory, float32 on a CPU)")
     j.add_argument("--max-pixels", type=int, help="Qwen2.5-VL judges: at most this many pixels per image "
                                                    "(e.g. 200704 = 448x448; default: its processor's own cap)")
     j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep, "
@@ -433,5 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .folders import CheckpointError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CheckpointError as exc:  # a model path that is not what the command needs: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -60,9 +60,12 @@ class NPEditPipeline(DiffusionPipeline):
         """`DiffusionPipeline.from_pretrained`, with our backbone modules imported first (their student classes).
 
         A folder of LoRA adapters (`python -m npedit export RUN --adapters`) loads too: its base model (or `base=`)
-        supplies the rest, and the adapters are folded into the student (`npedit.adapters`), in `torch_dtype`."""
+        supplies the rest, and the adapters are folded into the student (`npedit.adapters`), in `torch_dtype`.
+        A local path that is not an editor raises `CheckpointError` saying what it is."""
         from .adapters import is_adapter_folder, load_adapter_pipeline
+        from .folders import check_editor_folder
 
+        check_editor_folder(pretrained_model_name_or_path)
         import_families()
         if is_adapter_folder(pretrained_model_name_or_path):
             return load_adapter_pipeline(pretrained_model_name_or_path, base=kwargs.pop("base", None),

@@ -75,6 +75,18 @@ def test_editor_choices_offer_the_other_bundled_editors(tiny_set, tmp_path):
     assert started.editor_choices()[0][0].startswith("bundled, most accurate")  # the default says what it is
 
 
+def test_judge_pixel_cap_from_flag_or_space_variable(tiny_set, tmp_path, monkeypatch):
+    flags = tiny_flags(tiny_set, tmp_path / "runs")
+    monkeypatch.delenv("NPEDIT_JUDGE_MAX_PIXELS", raising=False)
+    assert npedit_app.make_app(npedit_app.parse_args(flags)).models.judge_max_pixels is None
+    monkeypatch.setenv("NPEDIT_JUDGE_MAX_PIXELS", "200704")
+    assert npedit_app.make_app(npedit_app.parse_args(flags)).models.judge_max_pixels == 200704
+    assert npedit_app.parse_args([*flags, "--judge-max-pixels", "50176"]).judge_max_pixels == 50176  # flag wins
+    monkeypatch.setenv("NPEDIT_JUDGE_MAX_PIXELS", "448x448")
+    with pytest.raises(SystemExit, match="NPEDIT_JUDGE_MAX_PIXELS must be a whole number"):
+        npedit_app.parse_args(flags)
+
+
 def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
     from npedit import assets
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,41 @@ def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
         main([*batch, "--output-dir", str(work / "x"), "--min-score", "-1"])
     with pytest.raises(SystemExit, match="candidates"):
         main(["edit", "--image", "x.png", "--instruction", "a", "--output", "y.png", "--candidates", "0"])
+
+
+def test_cli_edit_dtype_judge_pixels_and_wrong_folders(trained, tiny_judge, tiny_manifest, tmp_path, capsys):
+    """`edit --dtype` loads editor and judge in that dtype; --judge-max-pixels caps a Qwen2.5-VL judge of
+    --candidates; a folder that is not an editor, or a cap a judge cannot take, is one clear line."""
+    from npedit import NPEditPipeline
+    from npedit.cli import main
+    from npedit.folders import CheckpointError
+    from npedit.judges.tiny import build_tiny_qwen2_5_vl
+
+    work, _ = trained
+    editor = str(work / "runs/npedit/pipeline")
+    src = str(tiny_manifest.parent / "images/0.png")
+    one = ["edit", "--model", editor, "--image", src, "--instruction", "make the red circle green"]
+    assert main([*one, "--output", str(tmp_path / "full.png")]) == 0
+    assert main([*one, "--output", str(tmp_path / "half.png"), "--dtype", "bfloat16"]) == 0
+    full, half = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=float) for n in ("full", "half"))
+    assert full.shape == half.shape and 0 < np.abs(full - half).max() and np.abs(full - half).mean() < 8
+    qwen = str(build_tiny_qwen2_5_vl(tmp_path / "qwen"))
+    capsys.readouterr()
+    assert main([*one, "--output", str(tmp_path / "best.png"), "--candidates", "2", "--judge", qwen,
+                 "--judge-max-pixels", "256"]) == 0
+    assert sum(line.startswith("candidate ") for line in capsys.readouterr().err.splitlines()) == 2
+    with pytest.raises(SystemExit, match="llava_onevision judges see each image at one fixed size"):
+        main([*one, "--output", str(tmp_path / "x.png"), "--candidates", "2", "--judge", tiny_judge,
+              "--judge-max-pixels", "256"])
+    with pytest.raises(SystemExit, match="--judge-max-pixels is for the judge of --candidates"):
+        main([*one, "--output", str(tmp_path / "x.png"), "--judge-max-pixels", "256"])
+    for folder, says in ((tmp_path / "nothing", "does not exist"), (tiny_judge, "a judge/VLM, not an editor"),
+                         (work / "runs/npedit", f"a training run folder; its editor is {editor}")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            main(["edit", "--model", str(folder), "--image", src, "--instruction", "x", "--output", "y.png"])
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            NPEditPipeline.from_pretrained(folder)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_critic_stage_fits_a_critic_to_a_frozen_editor(trained, tiny_zimage, tiny_manifest):

@@ -312,6 +312,35 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
                                                     student="", data=str(tmp_path / "cases.jsonl")))
 
 
+def test_judge_pixel_cap_reaches_the_judge_and_the_runs(tiny_set, tmp_path):
+    """--judge-max-pixels: the app's Qwen2.5-VL judge sees at most that many pixels, the runs the app starts get
+    judge.max_pixels, and a fixed-view judge refuses it (at load, and before a run starts)."""
+    from npedit.judges.tiny import build_tiny_qwen2_5_vl
+
+    qwen = str(build_tiny_qwen2_5_vl(tmp_path / "qwen"))
+    capped = models.ModelSet(models.ModelPaths(model=tiny_set["model"], judge=qwen), device="cpu",
+                             judge_max_pixels=1024)
+    assert capped.judge().processor.image_processor.size["longest_edge"] == 1024
+    assert "at most 1,024 pixels per image" in capped.status()
+    plain = models.ModelSet(models.ModelPaths(model=tiny_set["model"], judge=qwen), device="cpu")
+    assert plain.judge().processor.image_processor.size["longest_edge"] > 1024 and "pixels" not in plain.status()
+    fixed = models.ModelSet(models.ModelPaths(model=tiny_set["model"], judge=tiny_set["judge"]), device="cpu",
+                            judge_max_pixels=1024)
+    with pytest.raises(models.ModelError, match="one fixed size"):
+        fixed.judge()
+    quick = presets.PRESETS["Quick check (CPU, minutes)"]
+    common = dict(base=tiny_set["teacher"], student=tiny_set["model"], data="shapes", config_file=quick.config_file)
+    cfg = presets.check_train_args(presets.train_args(quick.values(), judge=qwen, judge_max_pixels=1024, **common))
+    assert cfg.judge.path == qwen and cfg.judge.max_pixels == 1024
+    assert presets.check_train_args(presets.train_args(quick.values(), judge=qwen, **common)).judge.max_pixels == 0
+    warm = presets.PRESETS["Shapes identity warm-up"]  # no judge in this stage: no cap either
+    args = presets.train_args(warm.values(), judge=qwen, judge_max_pixels=1024, **{**common, "student": ""})
+    assert presets.check_train_args(args).judge.max_pixels == 0
+    with pytest.raises(ValueError, match="llava_onevision judges see each image at one fixed size"):
+        presets.check_train_args(presets.train_args(quick.values(), judge=tiny_set["judge"], judge_max_pixels=1024,
+                                                    **common))
+
+
 def test_shipped_recipes_load_and_become_presets(tiny_set):
     """Every configs/shapes recipe validates, and the Train tab offers each one with the recipe's own knobs."""
     recipes = sorted(presets.RECIPES.glob("*.yaml"))

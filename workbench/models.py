@@ -18,8 +18,8 @@ from pathlib import Path
 from PIL import Image
 
 from npedit import assets
-from npedit.adapters import is_adapter_folder
 from npedit.config import LossConfig
+from npedit.folders import EDITOR_KIND, looks_local, what_is
 from npedit.images import fit_image
 
 DOMAIN_FILE = "npedit_domain.json"  # {"domain": "shapes", "resolution": 64} next to model_index.json
@@ -27,9 +27,6 @@ ENV = {"model": "NPEDIT_MODEL", "judge": "NPEDIT_JUDGE", "teacher": "NPEDIT_TEAC
 FLAGS = {"model": "--model", "judge": "--judge", "teacher": "--teacher", "critic": "--critic"}
 SHAPES_ABILITIES = ("add, remove, replace, recolor or resize a circle, square or triangle, or change the background "
                     "(e.g. \"make the red circle blue\", \"add a small green square at the top left\")")
-
-
-EDITOR_KIND = "an NPEditPipeline (editor) folder"
 
 
 class ModelError(ValueError):
@@ -42,37 +39,10 @@ def _bundled(kind: str) -> Path:
 
 
 def _looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
+    return not looks_local(text)
 
 
-# ---- what a folder is -----------------------------------------------------------------------
-
-def what_is(path: str | os.PathLike) -> str:
-    """A short description of what kind of checkpoint a local folder holds (for error messages)."""
-    p = Path(path)
-    if not p.exists():
-        return "does not exist"
-    if not p.is_dir():
-        return "is a file, not a folder"
-    if is_adapter_folder(p):  # LoRA adapters plus the base they name: loads as an editor
-        return EDITOR_KIND
-    if (p / "model_index.json").is_file():
-        cls = json.loads((p / "model_index.json").read_text()).get("_class_name")
-        return EDITOR_KIND if cls == "NPEditPipeline" else f"a diffusers pipeline of class {cls}"
-    if (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
-        if "model_type" in cfg:
-            return f"a transformers model of type {cfg['model_type']!r} (a judge/VLM, not an editor)"
-        if "_class_name" in cfg:
-            return f"a bare transformer ({cfg['_class_name']}), e.g. a critic: not a full editor"
-    if (p / "transformer" / "config.json").is_file():
-        return "a text-to-image base model (a teacher: transformer/, vae/, text_encoder/), not an editor"
-    if (p / "config.yaml").is_file() or (p / "job.json").is_file():
-        hint = f"; its editor is {p / 'pipeline'}" if (p / "pipeline" / "model_index.json").is_file() else \
-            " that has not exported an editor yet"
-        return f"a training run folder{hint}"
-    return "a folder without model files"
-
+# ---- checking paths ------------------------------------------------------------------------
 
 def check_editor(path: str | None) -> str:
     """The editor path if it can be an NPEditPipeline, else ModelError saying what to pass."""
@@ -316,11 +286,13 @@ def default_dtype(device: str) -> str:
 class ModelSet:
     """Loads the editor, judge, teacher and critic on first use and keeps them (thread-safe)."""
 
-    def __init__(self, paths: ModelPaths, device: str | None = None, dtype: str | None = None, keep: int = 2):
+    def __init__(self, paths: ModelPaths, device: str | None = None, dtype: str | None = None, keep: int = 2,
+                 judge_max_pixels: int | None = None):
         self.paths = paths
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.keep = keep
+        self.judge_max_pixels = judge_max_pixels or None  # the app's judge: at most this many pixels per image
         self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -358,14 +330,15 @@ class ModelSet:
         return self._cached(("editor", path), load)
 
     def judge(self, path: str | None = None):
-        """The judge at `path` (default: the app's judge)."""
+        """The judge at `path` (default: the app's judge), capped at `judge_max_pixels` per image when set."""
         path = check_judge(path or self.paths.judge)
+        extra = {"max_pixels": self.judge_max_pixels} if self.judge_max_pixels else {}
 
         def load():
             from npedit.judges import load_judge
 
             try:
-                return load_judge(path, torch_dtype=self._torch_dtype(), device=self.device)
+                return load_judge(path, torch_dtype=self._torch_dtype(), device=self.device, **extra)
             except Exception as exc:
                 raise ModelError(f"cannot load the judge {path}: {type(exc).__name__}: {exc}") from exc
 
@@ -416,7 +389,8 @@ class ModelSet:
         editor = editor or self.paths.model
         lines = [describe_editor(editor)]
         try:
-            lines.append(f"**Judge:** `{check_judge(self.paths.judge)}`")
+            cap = f" (at most {self.judge_max_pixels:,} pixels per image)" if self.judge_max_pixels else ""
+            lines.append(f"**Judge:** `{check_judge(self.paths.judge)}`{cap}")
         except ModelError as exc:
             lines.append(f"**Judge:** none. {exc}")
         comp = companions(editor, self.paths)

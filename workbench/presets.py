@@ -116,8 +116,9 @@ PRESETS = build_presets()
 
 
 def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
-               config_file: str | None = None) -> list[str]:
-    """`python -m npedit train` arguments: the recipe file, the knobs, the models and the data."""
+               config_file: str | None = None, judge_max_pixels: int = 0) -> list[str]:
+    """`python -m npedit train` arguments: the recipe file, the knobs, the models and the data (and the judge's
+    pixel cap per image, when one is set)."""
     v = {**Preset("").values(), **{k: x for k, x in values.items() if x is not None}}
     args = ["--config", config_file] if config_file else []
     args += [f"stage={v['stage']}", f"max_steps={int(v['max_steps'])}", f"max_minutes={float(v['max_minutes'])}",
@@ -133,6 +134,8 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
              f"model.student={student}"]
     uses_judge = v["stage"] == "npedit" and float(v["lambda_vlm"]) > 0
     args.append(f"judge.path={judge if uses_judge else ''}")
+    if uses_judge and judge_max_pixels:
+        args.append(f"judge.max_pixels={int(judge_max_pixels)}")
     return args
 
 
@@ -156,6 +159,12 @@ def check_train_args(args: list[str]) -> TrainConfig:
                              ("judge", cfg.judge.path, "--judge"), ("student init", cfg.model.student, "--model")):
         if path and not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
             raise ValueError(f"the {role} {path} {what_is(path)}; type another folder or start the app with {flag}")
+    if cfg.judge.path and cfg.judge.max_pixels:
+        from npedit.judges import JUDGES, read_model_type
+
+        family = JUDGES.get(read_model_type(cfg.judge.path))
+        if family is not None:  # (an unreadable judge fails at its own load, with its own message)
+            family.check_max_pixels(cfg.judge.max_pixels)  # a fixed-view judge refuses a pixel cap
     if (cfg.stage == "sft" or cfg.loss.lambda_target > 0) and cfg.data.train != SHAPES_STREAM:
         what = "paired SFT" if cfg.stage == "sft" else "the regression onto the true edit (loss.lambda_target)"
         raise ValueError(f"{what} needs target images: tick 'Train on the Shapes stream' (data.train=shapes)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
+from npedit.folders import CheckpointError
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.internvl import InternVLJudge
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
@@ -54,16 +55,22 @@ def read_model_type(path_or_id: str | os.PathLike) -> str | None:
     return config.get("model_type")
 
 
-def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
-    """Load a judge from a folder or hub id, choosing the adapter from its config's model_type."""
+def judge_class(path_or_id: str | os.PathLike) -> type[Judge]:
+    """The adapter class for a judge folder or hub id, from its config's model_type (read, not loaded); ValueError
+    naming the supported families (and what to load instead, for a known other format) otherwise."""
     model_type = read_model_type(path_or_id)
     if model_type not in JUDGES:
         found = "no readable config.json" if model_type is None else f"model_type {model_type!r}"
         supported = ", ".join(sorted(JUDGES))
         hint = HINTS.get(model_type, "")
-        raise ValueError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
+        raise CheckpointError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
                          f"{supported}{hint}")
-    return JUDGES[model_type].from_pretrained(path_or_id, **kwargs)
+    return JUDGES[model_type]
+
+
+def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
+    """Load a judge from a folder or hub id, choosing the adapter from its config's model_type."""
+    return judge_class(path_or_id).from_pretrained(path_or_id, **kwargs)
 
 
 __all__ = [
@@ -79,6 +86,7 @@ __all__ = [
     "contains_question",
     "edit_question",
     "free_question",
+    "judge_class",
     "identity_question",
     "keep_questions",
     "kept_question",

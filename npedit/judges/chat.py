@@ -97,6 +97,7 @@ class ChatJudge(Judge):
 
     reference_grad = False
     model_class: type = None  # the transformers class the adapter wraps
+    own_size = False  # True: sees each image at its own size, so `max_pixels` applies (`cap_pixels`)
 
     @classmethod
     def from_pretrained(
@@ -112,6 +113,7 @@ class ChatJudge(Judge):
         pixels per image of a judge that sees images at their own size (`cap_pixels`)."""
         processor = AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
         if max_pixels is not None:
+            cls.check_max_pixels(max_pixels)
             cls.cap_pixels(processor, max_pixels)
         model = cls.model_class.from_pretrained(
             str(path_or_hub_id), dtype=torch_dtype, trust_remote_code=trust_remote_code
@@ -119,10 +121,19 @@ class ChatJudge(Judge):
         return cls(model.to(device or "cpu"), processor)
 
     @classmethod
+    def check_max_pixels(cls, max_pixels: int) -> None:
+        """ValueError unless this family sees images at their own size (so a pixel cap means something) and
+        `max_pixels` is positive; needs no checkpoint, so a run's config can be checked before it starts."""
+        if not cls.own_size:
+            raise ValueError(f"{cls.model_class.config_class.model_type} judges see each image at one fixed size; "
+                             "max_pixels applies to judges that see images at their own size (qwen2_5_vl)")
+        if max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+
+    @classmethod
     def cap_pixels(cls, processor, max_pixels: int) -> None:
-        """Make `processor` resize each image to at most `max_pixels`; a fixed-view judge refuses."""
-        raise ValueError(f"{cls.model_class.config_class.model_type} judges see each image at one fixed size; "
-                         "max_pixels applies to judges that see images at their own size (qwen2_5_vl)")
+        """Make `processor` resize each image to at most `max_pixels` (families with `own_size` override it)."""
+        raise NotImplementedError(f"{cls.__name__} sets own_size but does not say how to cap its processor")
 
     def __init__(self, model, processor):
         super().__init__()

@@ -36,6 +36,7 @@ class Qwen25VLJudge(ChatJudge):
     """A frozen Qwen2.5-VL answering Yes/No questions; gradients reach the edited image only."""
 
     model_class = Qwen2_5_VLForConditionalGeneration
+    own_size = True
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor):
         super().__init__(model, processor)

@@ -1,0 +1,73 @@
+"""What a local checkpoint folder holds, and one clear error when it is not what a command needs.
+
+Used wherever a path from a user is loaded (the CLI, `NPEditPipeline.from_pretrained`, the app), so that a
+wrong folder gets a sentence naming what it is and what to pass instead, not a library's traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+EDITOR_KIND = "an NPEditPipeline (editor) folder"
+
+
+class CheckpointError(ValueError):
+    """A model path that is missing, of the wrong kind or unreadable; the message says what it is."""
+
+
+def looks_local(path: str | os.PathLike) -> bool:
+    """Whether `path` names a local folder rather than a hub id ("owner/name"): it exists, or it starts like a
+    path, or it has more or fewer than one slash."""
+    text = str(path)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def what_is(path: str | os.PathLike) -> str:
+    """A short description of what a local folder holds, e.g. "does not exist", "a training run folder; its editor
+    is RUN/pipeline", EDITOR_KIND (for error messages)."""
+    from .adapters import is_adapter_folder
+
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    if not p.is_dir():
+        return "is a file, not a folder"
+    if is_adapter_folder(p):  # LoRA adapters plus the base they name: loads as an editor
+        return EDITOR_KIND
+    if (p / "model_index.json").is_file():
+        cls = _read_json(p / "model_index.json").get("_class_name")
+        return EDITOR_KIND if cls == "NPEditPipeline" else f"a diffusers pipeline of class {cls}"
+    if (p / "config.json").is_file():
+        cfg = _read_json(p / "config.json")
+        if "model_type" in cfg:
+            return f"a transformers model of type {cfg['model_type']!r} (a judge/VLM, not an editor)"
+        if "_class_name" in cfg:
+            return f"a bare transformer ({cfg['_class_name']}), e.g. a critic: not a full editor"
+    if (p / "transformer" / "config.json").is_file():
+        return "a text-to-image base model (a teacher: transformer/, vae/, text_encoder/), not an editor"
+    if (p / "config.yaml").is_file() or (p / "job.json").is_file():
+        hint = f"; its editor is {p / 'pipeline'}" if (p / "pipeline" / "model_index.json").is_file() else \
+            " that has not exported an editor yet"
+        return f"a training run folder{hint}"
+    return "a folder without model files"
+
+
+def check_editor_folder(path: str | os.PathLike) -> None:
+    """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder; hub ids pass."""
+    if not looks_local(path):
+        return
+    kind = what_is(Path(path).expanduser())
+    if kind != EDITOR_KIND:
+        said = kind if kind.startswith(("does", "is")) else "is " + kind
+        raise CheckpointError(f"{path} {said}: an editor is an NPEditPipeline folder (it holds model_index.json), "
+                              "a LoRA export of one, or a hub id")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} is not readable JSON ({exc})") from None
+    return value if isinstance(value, dict) else {}
