@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from npedit.assets import DEFAULT_MODEL
+from npedit.assets import DEFAULT_JUDGE, DEFAULT_MODEL
 from npedit.backbones.fast_vae import PatchAutoencoder
 from npedit.backbones.vae import AnyVAE, LatentCodec
+from npedit.folders import CheckpointError
 
 
 def test_patch_autoencoder_shapes_gradients_and_round_trip(tmp_path):
@@ -41,6 +42,12 @@ def test_any_vae_loads_autoencoder_kl_and_refuses_other_classes(tmp_path):
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "SomethingElse"}))
     with pytest.raises(ValueError, match="unsupported VAE class 'SomethingElse'"):
         AnyVAE.from_pretrained(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match="nothing does not exist: a VAE folder holds config.json"):
+        AnyVAE.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="is not a VAE .*'llava_onevision'"):
+        AnyVAE.from_pretrained(DEFAULT_JUDGE)
+    with pytest.raises(CheckpointError, match="vae does not exist"):  # a subfolder that is not there
+        AnyVAE.from_pretrained(DEFAULT_JUDGE, subfolder="vae")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -21,12 +22,25 @@ class AnyVAE:
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
+        from npedit.folders import CheckpointError, looks_local, what_is
+
         kw = {"subfolder": subfolder} if subfolder else {}
-        name = AutoencoderKL.load_config(str(path), **kw).get("_class_name", "AutoencoderKL")
+        folder = Path(path, subfolder or "")
+        if looks_local(path) and not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder} {_said(what_is(folder))}: a VAE folder holds config.json and its weights")
+        config = AutoencoderKL.load_config(str(path), **kw)
+        name = config.get("_class_name", "AutoencoderKL" if "model_type" not in config else None)
+        if name is None:
+            raise CheckpointError(f"{folder} is not a VAE (a transformers model of type {config['model_type']!r}); "
+                                  f"supported VAE classes: {', '.join(VAE_CLASSES)}")
         if name not in VAE_CLASSES:
-            raise ValueError(f"{path}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
+            raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
         module, cls = VAE_CLASSES[name]
         return getattr(importlib.import_module(module), cls).from_pretrained(str(path), **kw, **kwargs)
+
+
+def _said(kind: str) -> str:
+    return kind if kind.startswith(("does", "is")) else "is " + kind
 
 
 class LatentCodec(nn.Module):
