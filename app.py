@@ -27,7 +27,7 @@ import pandas as pd
 from npedit import assets
 from npedit.data import object_names
 from npedit.images import ImageError, load_image
-from npedit.verdicts import judge_edit
+from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import edit_best_of, edit_once, trace_edit
 
@@ -276,6 +276,27 @@ def build_edit_tab(app: App, last_edit: gr.State):
 
 # ---- Judge tab -------------------------------------------------------------------------------
 
+def gradients_handler(app: App):
+    """The Judge inspector's gradient maps of `app`'s judge (also callable directly, e.g. in tests)."""
+    @GPU
+    def gradients(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep="", new="",
+                  gone=""):
+        """A figure: for each question, where in the edited image its answer comes from (`answer_gradients`)."""
+        if reference is None or edited is None:
+            raise gr.Error("Give both a reference and an edited image.")
+        try:
+            picture = load_image(edited)
+            grads = answer_gradients(app.models.judge(), reference, picture, instruction or "",
+                                     edit_type=edit_type or "edit", object_name=(object_name or "").strip() or None,
+                                     extra=judging.extra_questions(extra), keep=object_names(keep),
+                                     new=object_names(new), gone=object_names(gone))
+        except (models.ModelError, ImageError, ValueError) as exc:
+            raise _error(exc) from None
+        return plots.answer_gradients_figure(picture, grads)
+
+    return gradients
+
+
 def build_judge_tab(app: App, last_edit: gr.State):
     """Judge inspector tab: one pair question by question, or many pairs from a list."""
     gr.Markdown("Ask the judge about any (reference, edited) pair: the edit check and the identity check it answers "
@@ -298,9 +319,15 @@ def build_judge_tab(app: App, last_edit: gr.State):
                           "(both asked in training with judge.change_questions)")
     extra = gr.Textbox(value="", label="Extra questions (one per line; asked about both images)", lines=2,
                        placeholder="Is the second image sharp and free of artifacts? Answer with Yes or No.")
-    ask = gr.Button("Ask the judge", variant="primary")
+    with gr.Row():
+        ask = gr.Button("Ask the judge", variant="primary")
+        explain = gr.Button("Where do the answers come from? (gradient maps)")
     summary = gr.JSON(label="Verdict")
     table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True)
+    gradient_plot = gr.Plot(label="Gradient of each answer's log P(expected) with respect to the edited image's "
+                                  "pixels (top: its size; bottom: the edited image nudged along it). The first "
+                                  "column is what trains an editor: the mean over the questions NP-Edit asks.",
+                            format="png")
 
     @GPU
     def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep="", new="", gone=""):
@@ -322,6 +349,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
 
     ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone], [summary, table],
               api_name="judge", concurrency_id="models", concurrency_limit=1)
+    explain.click(gradients_handler(app), [reference, edited, instruction, edit_type, object_name, extra, keep, new,
+                                           gone], gradient_plot, api_visibility="private", concurrency_id="models",
+                  concurrency_limit=1)
 
     def take_last(last):
         if not last:

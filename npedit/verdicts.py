@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .images import load_image, pil_to_tensor
@@ -94,3 +95,46 @@ def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction:
         out = judge.answer(ref.expand(len(part), -1, -1, -1), part, [asked] * len(part))
         verdicts += [_verdict(asked, p, m) for p, m in zip(out.p_yes.tolist(), out.margin.tolist())]
     return verdicts
+
+
+# Question kinds NP-Edit trains on (the free-form extra questions of the inspector are not among them).
+TRAINED_KINDS = ("edit", "contains", "identity", "keep", "change")
+
+
+@dataclass
+class AnswerGradients:
+    """Where the judge's answers come from: how each answer's log-probability moves with the edited image's pixels.
+
+    `grads[q]` is d log P(expected answer of question q) / d pixel of the edited image ((3, H, W), pixels in
+    [0, 1]): adding a little of it makes the judge more sure of the expected answer. `training` is the mean of
+    those over the questions NP-Edit trains on, i.e. the descent direction of its Yes/No loss (temperature 1)
+    with respect to the edited image: the way the judge pushes an editor's output in training."""
+
+    questions: list[dict]  # the Verdict rows of the same pair: kind, text, images, expected, p_yes, margin
+    grads: np.ndarray  # (Q, 3, H, W) float32
+    training: np.ndarray  # (3, H, W) float32; zeros when no trained question was asked
+
+    @staticmethod
+    def magnitude(grad: np.ndarray) -> np.ndarray:
+        """(H, W): the length over colour channels of a (3, H, W) gradient."""
+        return np.sqrt((grad.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
+
+
+def answer_gradients(judge: Judge, reference, edited, instruction: str, **questions) -> AnswerGradients:
+    """Gradients of each answer of `edit_questions(instruction, **questions)` about (reference, edited) with
+    respect to the edited image. Each question gets its own row of one judge pass (rows are independent, so one
+    backward pass gives every question's gradient in its own copy of the image)."""
+    asked = edit_questions(instruction, **questions)
+    device = next(judge.parameters()).device
+    ref = _pixels01(reference).to(device)
+    image = _pixels01(edited).to(device).expand(len(asked), -1, -1, -1).clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = judge.answer(ref.expand(len(asked), -1, -1, -1), image, [[q] for q in asked])
+        margin = out.margin[:, 0]
+        sign = torch.tensor([1.0 if q.expected == "Yes" else -1.0 for q in asked], device=margin.device)
+        torch.nn.functional.logsigmoid(sign * margin).sum().backward()
+    grads = image.grad.detach().float().cpu().numpy()
+    verdict = _verdict(asked, out.p_yes[:, 0].tolist(), margin.tolist())
+    trained = [i for i, q in enumerate(asked) if q.kind in TRAINED_KINDS]
+    training = grads[trained].mean(axis=0) if trained else np.zeros_like(grads[0])
+    return AnswerGradients(verdict.questions, grads, training)

@@ -152,6 +152,26 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
         demo.close()
 
 
+def test_judge_gradient_maps(tiny_set, tmp_path, shapes_png):
+    """The inspector's gradient maps: a figure with the training signal and one column per question; a missing
+    image or an unreadable file is a clear error."""
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    gradients = npedit_app.gradients_handler(app)
+    other = tmp_path / "other.png"
+    Image.open(shapes_png).rotate(90).save(other)
+    fig = gradients(str(shapes_png), str(other), "remove the circle", "remove", "red circle",
+                    "Is the second image sharp? Answer with Yes or No.", "blue square")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["training signal", "contains", "identity", "keep", "extra"]
+    assert any("nudged" in ax.get_xlabel() for ax in fig.axes)
+    with pytest.raises(gr.Error, match="both"):
+        gradients(str(shapes_png), None, "remove the circle")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(gr.Error, match="cannot read"):
+        gradients(str(shapes_png), str(broken), "remove the circle")
+
+
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
     start = time.time()
     while time.time() - start < timeout:

@@ -134,3 +134,41 @@ def test_bfloat16_judge_answers_like_float32_and_passes_gradients(judge, judge_d
     with torch.no_grad():
         expected = judge.answer(ref, edited, questions).p_yes
     assert (out.p_yes.detach() - expected).abs().max() < 0.02
+
+
+def test_answer_gradients_are_each_questions_own(judge):
+    """`answer_gradients`: each question's row holds d log P(expected) / d pixel of the edited image (checked by a
+    finite difference along it), its numbers are the joint verdict's, and the training signal is the mean over
+    the questions NP-Edit trains on (the free-form one left out)."""
+    import numpy as np
+
+    from npedit.images import tensor_to_pil
+    from npedit.verdicts import answer_gradients, edit_questions, judge_edit
+
+    ref, edited = (tensor_to_pil(x[0] * 2 - 1) for x in (random_images(1, seed=5), random_images(1, seed=6)))
+    asked = dict(edit_type="remove", object_name="red circle", keep=["blue square"],
+                 extra=["Is the second image sharp? Answer with Yes or No."])
+    grads = answer_gradients(judge, ref, edited, "remove the red circle", **asked)
+    kinds = [q["kind"] for q in grads.questions]
+    assert kinds == ["contains", "identity", "keep", "extra"] and grads.grads.shape == (4, 3, 32, 32)
+    joint = judge_edit(judge, ref, edited, "remove the red circle", **asked)
+    for mine, theirs in zip(grads.questions, joint.questions):
+        assert mine["margin"] == pytest.approx(theirs["margin"], abs=1e-4) and mine["text"] == theirs["text"]
+    np.testing.assert_allclose(grads.training, grads.grads[:3].mean(axis=0), rtol=1e-6, atol=1e-9)
+    assert grads.magnitude(grads.grads[0]).shape == (32, 32)
+    questions = edit_questions("remove the red circle", **asked)
+    pixels = torch.from_numpy(np.asarray(edited, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    for k in (0, 1):
+        g = torch.from_numpy(grads.grads[k])[None]
+        assert g.abs().max() > 0
+        step = 0.02 / g.abs().max()  # up to 5 levels of 8 bits: the judges round pixels to them (straight through)
+        sign = 1.0 if questions[k].expected == "Yes" else -1.0
+
+        def log_p(x):
+            margin = judge.answer(torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255).permute(2, 0, 1)[None],
+                                  x, [[questions[k]]]).margin[0, 0].double()
+            return F.logsigmoid(sign * margin)
+
+        with torch.no_grad():
+            slope = (log_p(pixels + step * g) - log_p(pixels - step * g)) / (2 * step)
+        assert float(slope) == pytest.approx(float(g.double().pow(2).sum()), rel=0.1)  # measured within 4%

@@ -1,4 +1,4 @@
-"""Matplotlib figures for the app: per-step panel of an edit, loss curves, bar charts.
+"""Matplotlib figures for the app: per-step panel of an edit, the judge's gradient maps, loss curves, bar charts.
 
 Figures are built with `matplotlib.figure.Figure` (no pyplot global state), so they are safe to
 make from several threads and are freed when dropped.
@@ -53,6 +53,49 @@ def steps_figure(trace: EditTrace) -> Figure:
         cbar.set_label("|x0 critic − x0 teacher| (latent)", fontsize=8)
     if notes:
         fig.suptitle("\n".join(notes), fontsize=9, color="firebrick")
+    return fig
+
+
+PUSH = 0.5  # the nudged view moves the most-pushed pixel by this much (pixels in [0, 1])
+
+
+def nudged(image: np.ndarray, grad: np.ndarray, push: float = PUSH) -> np.ndarray:
+    """(H, W, 3) in [0, 1]: `image` ((H, W, 3) in [0, 1]) moved along the (3, H, W) `grad`, scaled so that the
+    largest change of one channel is `push`: what the gradient asks the image to become."""
+    top = float(np.abs(grad).max())
+    step = grad.transpose(1, 2, 0) * (push / top) if top > 0 else 0.0
+    return np.clip(image + step, 0.0, 1.0)
+
+
+def answer_gradients_figure(edited, gradients) -> Figure:
+    """Where the judge's answers come from: one column for the training signal (the mean over the questions
+    NP-Edit trains on), then one per question. Top: the gradient's size per pixel over the edited image (each
+    panel scaled to its own maximum); bottom: the edited image nudged along the gradient."""
+    image = np.asarray(edited.convert("RGB"), dtype=np.float32) / 255.0
+    gray = image.mean(axis=2)
+    columns = [("training signal", "NP-Edit's Yes/No loss,\ndescent direction", gradients.training)]
+    for q, grad in zip(gradients.questions, gradients.grads):
+        p_expected = q["p_yes"] if q["expected"] == "Yes" else 1.0 - q["p_yes"]
+        columns.append((q["kind"], f"expected {q['expected']}, P = {p_expected:.3f}", grad))
+    n = len(columns)
+    fig = Figure(figsize=(2.3 * n + 0.8, 5.0), dpi=100, layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    shown = None
+    for j, (title, note, grad) in enumerate(columns):
+        size = gradients.magnitude(grad)
+        top = float(size.max())
+        axes[0, j].imshow(gray, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        shown = axes[0, j].imshow(size / top if top > 0 else size, cmap=CMAP, vmin=0.0, vmax=1.0, alpha=0.75,
+                                  interpolation="nearest")
+        axes[0, j].set_title(title, fontsize=10)
+        axes[0, j].set_xlabel(f"{note}\nmax |grad| {top:.3g}", fontsize=8)
+        axes[1, j].imshow(nudged(image, grad), interpolation="nearest")
+        axes[1, j].set_xlabel(f"nudged (largest change {PUSH})" if top > 0 else "no gradient", fontsize=8)
+        for ax in axes[:, j]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    cbar = fig.colorbar(shown, ax=list(axes[0, :]), shrink=0.9, location="right")
+    cbar.set_label("|d log P(expected) / d pixel|, per panel", fontsize=8)
     return fig
 
 
