@@ -55,6 +55,10 @@ def test_load_judge_dispatch_and_its_errors(judge, judge_dir, tmp_path):
         load_judge(tmp_path / "remote")
     with pytest.raises(ValueError, match="no readable config.json.*llava_onevision"):
         load_judge(tmp_path / "missing")
+    (tmp_path / "teacher" / "transformer").mkdir(parents=True)
+    (tmp_path / "teacher" / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(ValueError, match=r"\(a text-to-image base model .*\); supported judge types"):
+        load_judge(tmp_path / "teacher")  # a folder says what it holds
     with pytest.raises(ValueError, match="llava_onevision judges see each image at one fixed size.*qwen2_5_vl"):
         load_judge(judge_dir, max_pixels=4096)
 

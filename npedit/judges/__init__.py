@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from npedit.folders import CheckpointError
+from npedit.folders import CheckpointError, what_is
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.internvl import InternVLJudge
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
@@ -60,7 +60,8 @@ def judge_class(path_or_id: str | os.PathLike) -> type[Judge]:
     naming the supported families (and what to load instead, for a known other format) otherwise."""
     model_type = read_model_type(path_or_id)
     if model_type not in JUDGES:
-        found = "no readable config.json" if model_type is None else f"model_type {model_type!r}"
+        found = f"model_type {model_type!r}" if model_type is not None else (
+            what_is(path_or_id) if Path(path_or_id).is_dir() else "no readable config.json")
         supported = ", ".join(sorted(JUDGES))
         hint = HINTS.get(model_type, "")
         raise CheckpointError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
