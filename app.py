@@ -285,14 +285,13 @@ def gradients_handler(app: App):
         if reference is None or edited is None:
             raise gr.Error("Give both a reference and an edited image.")
         try:
-            picture = load_image(edited)
-            grads = answer_gradients(app.models.judge(), reference, picture, instruction or "",
+            grads = answer_gradients(app.models.judge(), reference, edited, instruction or "",
                                      edit_type=edit_type or "edit", object_name=(object_name or "").strip() or None,
                                      extra=judging.extra_questions(extra), keep=object_names(keep),
                                      new=object_names(new), gone=object_names(gone))
         except (models.ModelError, ImageError, ValueError) as exc:
             raise _error(exc) from None
-        return plots.answer_gradients_figure(picture, grads)
+        return plots.answer_gradients_figure(grads)
 
     return gradients
 

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .images import load_image, pil_to_tensor
+from .images import fit_image, load_image, pil_to_tensor
 from .judges import Judge, Question, change_questions, free_question, keep_questions, training_questions
 
 
@@ -97,6 +98,7 @@ def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction:
     return verdicts
 
 
+GRADIENT_MAX_SIDE = 1024  # gradient maps of a larger edited image are taken on a resized copy
 # Question kinds NP-Edit trains on (the free-form extra questions of the inspector are not among them).
 TRAINED_KINDS = ("edit", "contains", "identity", "keep", "change")
 
@@ -113,6 +115,7 @@ class AnswerGradients:
     questions: list[dict]  # the Verdict rows of the same pair: kind, text, images, expected, p_yes, margin
     grads: np.ndarray  # (Q, 3, H, W) float32
     training: np.ndarray  # (3, H, W) float32; zeros when no trained question was asked
+    image: Image.Image  # the edited image as differentiated (resized when it was larger than max_side)
 
     @staticmethod
     def magnitude(grad: np.ndarray) -> np.ndarray:
@@ -120,14 +123,20 @@ class AnswerGradients:
         return np.sqrt((grad.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
 
 
-def answer_gradients(judge: Judge, reference, edited, instruction: str, **questions) -> AnswerGradients:
+def answer_gradients(judge: Judge, reference, edited, instruction: str, *, max_side: int = GRADIENT_MAX_SIDE,
+                     **questions) -> AnswerGradients:
     """Gradients of each answer of `edit_questions(instruction, **questions)` about (reference, edited) with
-    respect to the edited image. Each question gets its own row of one judge pass (rows are independent, so one
-    backward pass gives every question's gradient in its own copy of the image)."""
+    respect to the edited image, taken at most `max_side` pixels on its longer side (a larger image is resized
+    first; every judge sees less than that). Each question gets its own row of one judge pass (rows are
+    independent, so one backward pass gives every question's gradient in its own copy of the image)."""
     asked = edit_questions(instruction, **questions)
     device = next(judge.parameters()).device
     ref = _pixels01(reference).to(device)
-    image = _pixels01(edited).to(device).expand(len(asked), -1, -1, -1).clone().requires_grad_(True)
+    picture = load_image(edited)
+    if max(picture.size) > max_side:
+        scale = max_side / max(picture.size)
+        picture = fit_image(picture, (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
+    image = _pixels01(picture).to(device).expand(len(asked), -1, -1, -1).clone().requires_grad_(True)
     with torch.enable_grad():
         out = judge.answer(ref.expand(len(asked), -1, -1, -1), image, [[q] for q in asked])
         margin = out.margin[:, 0]
@@ -137,4 +146,4 @@ def answer_gradients(judge: Judge, reference, edited, instruction: str, **questi
     verdict = _verdict(asked, out.p_yes[:, 0].tolist(), margin.tolist())
     trained = [i for i, q in enumerate(asked) if q.kind in TRAINED_KINDS]
     training = grads[trained].mean(axis=0) if trained else np.zeros_like(grads[0])
-    return AnswerGradients(verdict.questions, grads, training)
+    return AnswerGradients(verdict.questions, grads, training, picture)

@@ -155,7 +155,9 @@ def test_answer_gradients_are_each_questions_own(judge):
     for mine, theirs in zip(grads.questions, joint.questions):
         assert mine["margin"] == pytest.approx(theirs["margin"], abs=1e-4) and mine["text"] == theirs["text"]
     np.testing.assert_allclose(grads.training, grads.grads[:3].mean(axis=0), rtol=1e-6, atol=1e-9)
-    assert grads.magnitude(grads.grads[0]).shape == (32, 32)
+    assert grads.magnitude(grads.grads[0]).shape == (32, 32) and grads.image.size == (32, 32)
+    small = answer_gradients(judge, ref, edited.resize((64, 48)), "remove the red circle", max_side=40, **asked)
+    assert small.image.size == (40, 30) and small.grads.shape == (4, 3, 30, 40)  # a larger image: a resized copy
     questions = edit_questions("remove the red circle", **asked)
     pixels = torch.from_numpy(np.asarray(edited, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     for k in (0, 1):

@@ -67,11 +67,11 @@ def nudged(image: np.ndarray, grad: np.ndarray, push: float = PUSH) -> np.ndarra
     return np.clip(image + step, 0.0, 1.0)
 
 
-def answer_gradients_figure(edited, gradients) -> Figure:
+def answer_gradients_figure(gradients) -> Figure:
     """Where the judge's answers come from: one column for the training signal (the mean over the questions
     NP-Edit trains on), then one per question. Top: the gradient's size per pixel over the edited image (each
     panel scaled to its own maximum); bottom: the edited image nudged along the gradient."""
-    image = np.asarray(edited.convert("RGB"), dtype=np.float32) / 255.0
+    image = np.asarray(gradients.image.convert("RGB"), dtype=np.float32) / 255.0
     gray = image.mean(axis=2)
     columns = [("training signal", "NP-Edit's Yes/No loss,\ndescent direction", gradients.training)]
     for q, grad in zip(gradients.questions, gradients.grads):
