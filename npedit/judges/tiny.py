@@ -44,9 +44,9 @@ _INSTRUCTIONS = (
 )
 
 
-def qwen2_text_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> Qwen2Config:
-    """The tiny Qwen2 language model of the LLaVA-OneVision and InternVL builders."""
-    return Qwen2Config(
+def text_sizes(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> dict:
+    """The sizes and special tokens every tiny judge's Qwen2-style language model shares."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -54,10 +54,14 @@ def qwen2_text_config(tokenizer, hidden_size: int, num_layers: int, num_heads: i
         num_attention_heads=num_heads,
         num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def qwen2_text_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> Qwen2Config:
+    """The tiny Qwen2 language model of the LLaVA-OneVision and InternVL builders."""
+    return Qwen2Config(**text_sizes(tokenizer, hidden_size, num_layers, num_heads), tie_word_embeddings=False)
 
 
 def seeded_model(model_class, config, seed: int):
@@ -145,16 +149,8 @@ def build_tiny_qwen2_5_vl(
             fullatt_block_indexes=[vision_layers - 1],
         ),
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=max(1, num_heads // 2),
-            max_position_embeddings=4096,
+            **text_sizes(tokenizer, hidden_size, num_layers, num_heads),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
             bos_token_id=None,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
