@@ -125,7 +125,7 @@ def make_app(args: argparse.Namespace) -> App:
     paths = models.resolve_paths(args.model, args.judge, args.teacher, args.critic)
     examples_dir = Path(tempfile.gettempdir()) / "npedit-app-examples"
     model_set = models.ModelSet(paths, device=args.device, dtype=args.dtype,
-                                judge_max_pixels=getattr(args, "judge_max_pixels", None))
+                                judge_max_pixels=args.judge_max_pixels)
     return App(model_set, Path(args.runs).resolve(), examples_dir)
 
 

@@ -54,14 +54,16 @@ def what_is(path: str | os.PathLike) -> str:
     return "a folder without model files"
 
 
+def describe(path: str | os.PathLike) -> str:
+    """A sentence's start saying what a local path holds: "P does not exist", "P is a training run folder; ..."."""
+    kind = what_is(Path(path).expanduser())
+    return f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}"
+
+
 def check_editor_folder(path: str | os.PathLike) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder; hub ids pass."""
-    if not looks_local(path):
-        return
-    kind = what_is(Path(path).expanduser())
-    if kind != EDITOR_KIND:
-        said = kind if kind.startswith(("does", "is")) else "is " + kind
-        raise CheckpointError(f"{path} {said}: an editor is an NPEditPipeline folder (it holds model_index.json), "
+    if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
+        raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
 
 

@@ -81,7 +81,8 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
     assert pipe(image=image, prompt="make it blue", num_inference_steps=2).images[0].size == (64, 64)
     assert pipe.transformer.dtype == torch.float32
     # the app takes the folder as an editor
-    from workbench.models import EDITOR_KIND, check_editor, what_is
+    from npedit.folders import EDITOR_KIND, what_is
+    from workbench.models import check_editor
 
     assert what_is(folder) == EDITOR_KIND and check_editor(str(folder)) == str(folder)
     # the base moved: a clear error, and base= finds it

@@ -19,7 +19,7 @@ from PIL import Image
 
 from npedit import assets
 from npedit.config import LossConfig
-from npedit.folders import EDITOR_KIND, looks_local, what_is
+from npedit.folders import CheckpointError, check_editor_folder, describe, looks_local, what_is
 from npedit.images import fit_image
 
 DOMAIN_FILE = "npedit_domain.json"  # {"domain": "shapes", "resolution": 64} next to model_index.json
@@ -52,12 +52,10 @@ def check_editor(path: str | None) -> str:
             f"Start the app with --model DIR_OR_ID (an NPEditPipeline folder such as runs/<name>/pipeline, "
             f"or a hub id) "
             f"or set {ENV['model']}; or train one in the Train tab.")
-    if _looks_like_hub_id(str(path)):
-        return str(path)
-    kind = what_is(path)
-    if kind != EDITOR_KIND:
-        raise ModelError(f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}: "
-                         f"pass {FLAGS['model']} an NPEditPipeline folder (it holds model_index.json).")
+    try:
+        check_editor_folder(path)
+    except CheckpointError as exc:
+        raise ModelError(f"{exc}: pass {FLAGS['model']} one.") from None
     return str(path)
 
 
@@ -352,7 +350,7 @@ class ModelSet:
             try:
                 family = detect_family(path)
             except (FileNotFoundError, ValueError) as exc:
-                raise ModelError(f"the {role} {path} is {what_is(path)}: {exc}") from None
+                raise ModelError(f"the {role} {describe(path)}: {exc}") from None
             if family != pipe.family:
                 raise ModelError(f"the {role} {path} is a {family} model but the editor is {pipe.family}; "
                                  f"pass {FLAGS[role]} a {pipe.family} checkpoint")

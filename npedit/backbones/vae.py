@@ -22,12 +22,12 @@ class AnyVAE:
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
-        from npedit.folders import CheckpointError, looks_local, what_is
+        from npedit.folders import CheckpointError, describe, looks_local
 
         kw = {"subfolder": subfolder} if subfolder else {}
         folder = Path(path, subfolder or "")
         if looks_local(path) and not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder} {_said(what_is(folder))}: a VAE folder holds config.json and its weights")
+            raise CheckpointError(f"{describe(folder)}: a VAE folder holds config.json and its weights")
         config = AutoencoderKL.load_config(str(path), **kw)
         name = config.get("_class_name", "AutoencoderKL" if "model_type" not in config else None)
         if name is None:
@@ -37,10 +37,6 @@ class AnyVAE:
             raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
         module, cls = VAE_CLASSES[name]
         return getattr(importlib.import_module(module), cls).from_pretrained(str(path), **kw, **kwargs)
-
-
-def _said(kind: str) -> str:
-    return kind if kind.startswith(("does", "is")) else "is " + kind
 
 
 class LatentCodec(nn.Module):

@@ -65,7 +65,7 @@ def judge_class(path_or_id: str | os.PathLike) -> type[Judge]:
         supported = ", ".join(sorted(JUDGES))
         hint = HINTS.get(model_type, "")
         raise CheckpointError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
-                         f"{supported}{hint}")
+                              f"{supported}{hint}")
     return JUDGES[model_type]
 
 
