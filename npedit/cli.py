@@ -164,6 +164,8 @@ def cmd_judge(args) -> int:
     from .data import object_names
     from .verdicts import judge_edit
 
+    if args.gradients and (args.batch or not args.gradients.endswith(".npz")):
+        raise SystemExit("error: --gradients is one .npz file for one pair (not for --batch)")
     device = _device()
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
@@ -188,9 +190,19 @@ def cmd_judge(args) -> int:
             return 0
         if not (args.reference and args.edited and args.instruction):
             raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
-        print(json.dumps({"instruction": args.instruction,
-                          **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
-                                    args.keep, args.new, args.gone)}))
+        result = {"instruction": args.instruction,
+                  **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object, args.keep,
+                            args.new, args.gone)}
+        if args.gradients:
+            from .verdicts import answer_gradients
+            grads = answer_gradients(judge, args.reference, args.edited, args.instruction,
+                                     edit_type=args.edit_type or "edit", object_name=args.object or None,
+                                     keep=object_names(args.keep), new=object_names(args.new),
+                                     gone=object_names(args.gone))
+            Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
+            grads.save(args.gradients)
+            result["gradients"] = args.gradients
+        print(json.dumps(result))
     except (ImageError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
@@ -367,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep, "
                                    "new, gone]}")
     j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep, p_change} lines")
+    j.add_argument("--gradients", metavar="FILE.npz",
+                   help="also write where each answer comes from: d log P(expected answer) / d pixel of the edited "
+                        "image per question (grads, (Q, 3, H, W)), their mean over the questions NP-Edit trains on "
+                        "(training), the image as differentiated (image) and the questions (a JSON string); read it "
+                        "with npedit.verdicts.AnswerGradients.load")
     j.set_defaults(func=cmd_judge)
 
     t = sub.add_parser("train", help="train a stage (warmup, npedit, sft; critic: fit a critic to an editor)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -121,6 +122,22 @@ class AnswerGradients:
     def magnitude(grad: np.ndarray) -> np.ndarray:
         """(H, W): the length over colour channels of a (3, H, W) gradient."""
         return np.sqrt((grad.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
+
+    def save(self, path) -> None:
+        """Write an .npz of plain arrays (no pickle): `grads`, `training`, `image` ((H, W, 3) uint8) and
+        `questions` (the rows as a JSON string)."""
+        rgb = np.asarray(self.image.convert("RGB"), dtype=np.uint8)
+        np.savez_compressed(path, grads=self.grads, training=self.training, image=rgb,
+                            questions=np.array(json.dumps(self.questions)))
+
+    @classmethod
+    def load(cls, path) -> "AnswerGradients":
+        """Read what `save` wrote (pickled objects refused)."""
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"grads", "training", "image", "questions"} - set(f.files)
+            if missing:
+                raise ValueError(f"{path} is not a gradient-map file (missing {', '.join(sorted(missing))})")
+            return cls(json.loads(str(f["questions"])), f["grads"], f["training"], Image.fromarray(f["image"]))
 
 
 def answer_gradients(judge: Judge, reference, edited, instruction: str, *, max_side: int = GRADIENT_MAX_SIDE,

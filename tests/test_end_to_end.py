@@ -505,3 +505,34 @@ def test_cli_judge_dtype_and_max_pixels(tmp_path, tiny_judge, tiny_manifest, cap
     assert 0 < capped["p_edit"] < 1 and capped["p_edit"] != full["p_edit"]  # 64 px images seen at 16 px
     with pytest.raises(SystemExit, match="llava_onevision judges see each image at one fixed size"):
         main(["judge", "--judge", tiny_judge, "--max-pixels", "256", *pair])
+
+
+def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, capsys):
+    """`judge --gradients FILE.npz` writes the inspector's gradient maps as plain arrays that load back without
+    pickle and equal `answer_gradients` on the same pair; anything but one .npz is refused before the judge loads."""
+    from npedit.cli import main
+    from npedit.judges import load_judge
+    from npedit.verdicts import AnswerGradients, answer_gradients
+
+    ref, edited = str(tiny_manifest.parent / "images/0.png"), str(tiny_manifest.parent / "images/t0.png")
+    pair = ["--judge", tiny_judge, "--reference", ref, "--edited", edited, "--instruction", "remove the red circle",
+            "--edit-type", "remove", "--object", "red circle", "--keep", "blue square"]
+    out = tmp_path / "maps" / "pair.npz"
+    assert main(["judge", *pair, "--gradients", str(out)]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["gradients"] == str(out)
+    saved = AnswerGradients.load(out)
+    assert [q["kind"] for q in saved.questions] == [q["kind"] for q in verdict["questions"]] == \
+        ["contains", "identity", "keep"]
+    direct = answer_gradients(load_judge(tiny_judge), ref, edited, "remove the red circle", edit_type="remove",
+                              object_name="red circle", keep=["blue square"])
+    np.testing.assert_allclose(saved.grads, direct.grads, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(saved.training, direct.training, rtol=1e-4, atol=1e-8)
+    assert saved.grads.shape[0] == 3 and np.abs(saved.training).max() > 0
+    assert np.array_equal(np.asarray(saved.image), np.asarray(direct.image.convert("RGB")))
+    for bad in (["--gradients", str(tmp_path / "maps.png")], ["--gradients", str(out), "--batch", "x.jsonl"]):
+        with pytest.raises(SystemExit, match="one .npz file for one pair"):
+            main(["judge", *pair, *bad])
+    np.savez(tmp_path / "other.npz", grads=np.zeros(1))
+    with pytest.raises(ValueError, match="not a gradient-map file"):
+        AnswerGradients.load(tmp_path / "other.npz")
