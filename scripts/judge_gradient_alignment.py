@@ -14,7 +14,9 @@ one gone) and the training losses combining them. Each kind's loss (-log P(expec
 space and, through the VAE decoder, in latent space (where the student acts). Reported: the mean cosine
 between the descent direction and (true result - current image), per category and overall, and the share
 of cases where it is positive. A cosine near 0 means the judge's gradient does not say which way the edit
-goes; 1 would point straight at it.
+goes; 1 would point straight at it. The "focus" tables say where the pixel gradient is: the share of its size
+on the pixels the true edit changes (grown by 2 pixels) over the share of the image those pixels cover (1: spread
+evenly; 5: five times denser on the edit than elsewhere).
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ def cosines(grad: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(-grad.flatten(1), toward.flatten(1), dim=1)
 
 
+def focus(grad: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+    """Per-sample lift of the gradient's size on the pixels the true edit changes: (share of sum |grad| there) /
+    (share of the image they cover). 1: spread evenly; above 1: the judge's answer comes from where the edit is."""
+    size = grad.norm(dim=1).flatten(1)  # (B, H*W): length over colour channels
+    mask = changed.flatten(1).float()
+    share = (size * mask).sum(1) / size.sum(1).clamp_min(1e-30)
+    return share / mask.mean(1).clamp_min(1e-30)
+
+
+def changed_pixels(ref: torch.Tensor, tgt: torch.Tensor, grow: int = 2) -> torch.Tensor:
+    """(B, H, W) bool: where the true result differs from the reference, grown by `grow` pixels (edges count)."""
+    diff = ((tgt - ref).abs().amax(dim=1, keepdim=True) > 0.02).float()
+    return F.max_pool2d(diff, 2 * grow + 1, stride=1, padding=grow)[:, 0] > 0
+
+
 def editor_start(pipe, backbone, seed: int = 0):
     """Start where an editor's 4-step output lands: its latents, and their decode (by `backbone`'s VAE, the one
     the judge loss differentiates through) as the pixel-space image."""
@@ -99,7 +116,7 @@ def blend_start(at: float):
 def measure(judge, backbone, cases, start, batch: int) -> dict:
     """{space: {kind: {category: [cosine per case]}}} for edited images where `start(chunk, ref, tgt, z_ref, z_tgt)
     -> (pixels, latents)` puts them (`blend_start(a)`, `editor_start(pipe, backbone)`)."""
-    result = {space: {kind: defaultdict(list) for kind in KINDS} for space in ("pixel", "latent")}
+    result = {space: {kind: defaultdict(list) for kind in KINDS} for space in ("pixel", "latent", "focus")}
     for first in tqdm(range(0, len(cases), batch), desc="alignment"):
         chunk = cases[first:first + batch]
         ref = torch.stack([to_tensor(render(c.reference)) for c in chunk])
@@ -116,6 +133,7 @@ def measure(judge, backbone, cases, start, batch: int) -> dict:
             pixels = pixels0.clone().requires_grad_(True)
             judge_loss(judge, ref, pixels, rows).backward()
             cos_pixel = cosines(pixels.grad, tgt - pixels.detach())
+            lift = focus(pixels.grad, changed_pixels(ref, tgt))
             latents = latents0.clone().requires_grad_(True)
             decoded = ((backbone.decode_latents(latents) + 1) / 2).float()
             judge_loss(judge, ref, decoded, rows).backward()
@@ -124,20 +142,22 @@ def measure(judge, backbone, cases, start, batch: int) -> dict:
                 if asked[i]:
                     result["pixel"][kind][case.category].append(float(cos_pixel[i]))
                     result["latent"][kind][case.category].append(float(cos_latent[i]))
+                    result["focus"][kind][case.category].append(float(lift[i]))
     return result
 
 
-def summarise(values: dict[str, list[float]]) -> dict:
+def summarise(values: dict[str, list[float]], above: float = 0.0) -> dict:
+    """Mean per category and overall, and the share of cases above `above`."""
     every = [v for vs in values.values() for v in vs]
     row = {cat: round(float(np.mean(values[cat])), 3) if values.get(cat) else None for cat in CATEGORIES}
     row["overall"] = round(float(np.mean(every)), 3) if every else None
-    row["positive"] = round(float(np.mean([v > 0 for v in every])), 3) if every else None
+    row["positive"] = round(float(np.mean([v > above for v in every])), 3) if every else None
     row["count"] = len(every)
     return row
 
 
-def markdown(table: dict) -> str:
-    head = ["kind", *CATEGORIES, "overall", "share > 0", "cases"]
+def markdown(table: dict, above: float = 0.0) -> str:
+    head = ["kind", *CATEGORIES, "overall", f"share > {above:g}", "cases"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind, row in table.items():
         cells = [row[c] for c in (*CATEGORIES, "overall", "positive", "count")]
@@ -178,10 +198,15 @@ def main() -> int:
     for key, title, start in starts:
         measured = measure(judge, backbone, cases, start, args.batch)
         for space, kinds in measured.items():
-            table = {kind: summarise(values) for kind, values in kinds.items()}
+            above = 1.0 if space == "focus" else 0.0
+            table = {kind: summarise(values, above) for kind, values in kinds.items()}
             report["tables"][f"{space}, {key}"] = table
-            print(f"\n### cosine(descent direction, true result - image): {space} space, {title}\n")
-            print(markdown(table))
+            if space == "focus":
+                print(f"\n### focus: |pixel gradient| on the pixels the true edit changes, per unit of area "
+                      f"(1 = spread evenly), {title}\n")
+            else:
+                print(f"\n### cosine(descent direction, true result - image): {space} space, {title}\n")
+            print(markdown(table, above))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -35,6 +35,19 @@ def test_cosine_is_taken_against_the_descent_direction(ga):
     assert torch.allclose(ga.cosines(toward, toward), -torch.ones(3))
 
 
+def test_focus_is_the_gradient_density_on_the_changed_pixels(ga):
+    ref = torch.zeros(2, 3, 10, 10)
+    tgt = ref.clone()
+    tgt[:, :, 4:6, 4:6] = 1.0  # a 2x2 edit, grown by 1 pixel: 4x4 = 16% of the image
+    changed = ga.changed_pixels(ref, tgt, grow=1)
+    assert changed.shape == (2, 10, 10) and int(changed[0].sum()) == 16
+    grad = torch.zeros(2, 3, 10, 10)
+    grad[0, 0, 5, 5] = -2.0  # all on the edit: 1 / 0.16
+    grad[1] = 0.5  # even everywhere: 1
+    assert torch.allclose(ga.focus(grad, changed), torch.tensor([1 / 0.16, 1.0]))
+    assert float(ga.focus(torch.zeros(1, 3, 10, 10), changed[:1])) == 0.0  # no gradient, no focus (not NaN)
+
+
 def test_measure_on_bundled_judge_and_vae(ga):
     from npedit.backbones import load_backbone
     from npedit.judges import load_judge
@@ -51,6 +64,8 @@ def test_measure_on_bundled_judge_and_vae(ga):
         assert all(-1.0 <= v <= 1.0 for v in values) and any(abs(v) > 1e-4 for v in values)
         # change checks exist for add, replace, recolor and resize, not for remove and background
         assert set(result[space]["change"]) <= {"add", "replace", "recolor", "resize"}
+    lifts = [v for vs in result["focus"]["edit"].values() for v in vs]
+    assert len(lifts) == 6 and all(v >= 0 for v in lifts) and any(v > 0 for v in lifts)
     table = ga.summarise(result["pixel"]["edit"])
     assert table["count"] == 6 and 0.0 <= table["positive"] <= 1.0
     assert "| edit |" in ga.markdown({"edit": table})
