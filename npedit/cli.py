@@ -264,8 +264,33 @@ def cmd_import_reimpl(args) -> int:
     return 0
 
 
+def _stage_help(stage: str) -> str:
+    """`shapes STAGE --help`: the stage's presets and every key it takes, with the default preset's values."""
+    from .config import to_dict
+
+    if stage == "judge":
+        from .shapes.judge_training import PRESETS, build_config
+
+        presets, cfg = list(PRESETS), build_config([])
+    else:
+        from .shapes.recipes import PRESETS, make_config
+
+        presets, cfg = list(PRESETS[stage]), make_config(stage, [])
+
+    def flat(data: dict, prefix: str = ""):
+        for key, value in data.items():
+            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"  {prefix}{key}={value}"]
+
+    return "\n".join([f"usage: python -m npedit shapes {stage} [preset=NAME] [key=value ...]",
+                      f"presets: {', '.join(presets)}", "keys (the default preset's values):",
+                      *flat({k: v for k, v in to_dict(cfg).items() if k != "preset"})])
+
+
 def cmd_shapes(args) -> int:
     """Train a Shapes-world base-model stage (vae, teacher, judge) or evaluate the judge."""
+    if args.stage not in ("judge-eval", "teacher-eval") and {"-h", "--help"} & set(args.overrides):
+        print(_stage_help(args.stage))
+        return 0
     if args.stage == "judge":
         from .shapes.judge_training import run
     elif args.stage == "judge-eval":

@@ -342,3 +342,16 @@ def test_ref_encoder_recipe_gives_an_editor_that_still_edits_the_same(tmp_path):
     edit = NPEditPipeline.from_pretrained(gated)(image=render(case.reference), prompt=case.instruction,
                                                  generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert torch.allclose(edit, latents[1], atol=1e-4)  # the gate is still shut
+
+
+def test_shapes_stage_help_lists_presets_and_keys(capsys, tmp_path, monkeypatch):
+    """`shapes STAGE --help` prints the presets and every key with its default, and trains nothing."""
+    from npedit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for stage, key in (("vae", "batch_size="), ("judge", "arch.hidden_size="), ("fast-vae", "refine=")):
+        assert main(["shapes", stage, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: python -m npedit shapes {stage}") and "presets: default, quick" in text
+        assert f"  {key}" in text and "  seed=0" in text
+    assert list(tmp_path.iterdir()) == []  # no run folder

@@ -32,7 +32,10 @@ def build_tiny_set(directory: str | os.PathLike, base: str | None = None, judge:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    out = build_tiny_set(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
+    ap = argparse.ArgumentParser(description="Write a tiny random-weight editor, judge, teacher and critic (the real "
+                                             "classes) into DIR and print the app's flags for them.")
+    ap.add_argument("dir", nargs="?", default="tiny-models")
+    out = build_tiny_set(ap.parse_args().dir)
     print(" ".join(f"--{role} {path}" for role, path in out.items()))
