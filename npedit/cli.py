@@ -217,11 +217,16 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    try:  # a setting that does not fit the models or the checkpoint is one line, before any training
+    run = Path(cfg.output_dir)
+    used = [name for name in ("metrics.jsonl", "checkpoints", "pipeline") if (run / name).exists()]
+    if used and not args.resume:  # a second run there would mix its metrics and checkpoints with the first's
+        raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
+                         "it, or pick another output_dir")
+    try:  # a setting that does not fit the data, the models or the checkpoint is one line, before any training
         trainer = Trainer(cfg)
         if args.resume and not trainer.resume():
             print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     out = trainer.train()
     if trainer.acc.is_main_process:

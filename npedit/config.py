@@ -240,6 +240,11 @@ class TrainConfig:
             raise ValueError("max_steps, max_minutes and critic_steps must be >= 0")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.log_every < 1 or min(self.sample_every, self.save_every, self.keep_checkpoints) < 0:
+            raise ValueError(f"log_every must be >= 1 and sample_every, save_every, keep_checkpoints >= 0 (0: no "
+                             f"samples, a checkpoint at the end only, keep all); got log_every={self.log_every}, "
+                             f"sample_every={self.sample_every}, save_every={self.save_every}, "
+                             f"keep_checkpoints={self.keep_checkpoints}")
         if not self.model.base:
             raise ValueError("model.base is required: a folder or hub id of the text-to-image backbone")
         if not self.data.train:

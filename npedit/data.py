@@ -16,6 +16,7 @@ Relative paths are resolved against the manifest's folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import fit_image, load_image, pil_to_tensor
+from .images import ImageError, fit_image, load_image, pil_to_tensor
 
 DO_NOTHING = "do nothing"
+logger = logging.getLogger(__name__)
 
 
 def object_names(value) -> list[str]:
@@ -83,6 +85,9 @@ class EditRecord:
 def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
     """Parse a cases.jsonl manifest, resolving relative paths; errors name the line."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder; a manifest is a cases.jsonl file, one line per image with its "
+                                f"instruction (format: npedit/data.py; the app's Train tab writes one from uploads)")
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     records = []
@@ -114,7 +119,8 @@ def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
 
 
 class EditDataset(Dataset):
-    """Manifest samples as tensors in [-1, 1] at `resolution`, plus their text fields."""
+    """Manifest samples as tensors in [-1, 1] at `resolution`, plus their text fields; a sample whose image cannot
+    be read is skipped with a warning (one bad file must not end a long run)."""
 
     def __init__(self, records: list[EditRecord], resolution: int, *, need_target: bool = False):
         if need_target and any(not r.target for r in records):
@@ -124,6 +130,7 @@ class EditDataset(Dataset):
         self.records = records
         self.resolution = resolution
         self.need_target = need_target
+        self.unreadable: set[int] = set()  # samples skipped so far (per DataLoader worker)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -132,7 +139,19 @@ class EditDataset(Dataset):
         return pil_to_tensor(fit_image(load_image(path), (self.resolution, self.resolution)))
 
     def __getitem__(self, i: int) -> dict:
-        r = self.records[i]
+        """Sample `i`, or the next one whose images can be read."""
+        n = len(self.records)
+        for k in ((i + j) % n for j in range(n)):
+            if k in self.unreadable:
+                continue
+            try:
+                return self._item(self.records[k])
+            except ImageError as exc:
+                self.unreadable.add(k)
+                logger.warning("skipping sample %r: %s; training goes on without it", self.records[k].id, exc)
+        raise ImageError(f"none of the {n} samples' images can be read (see the warnings above)")
+
+    def _item(self, r: EditRecord) -> dict:
         item = {
             "id": r.id,
             "reference": self._image(r.image),

@@ -31,6 +31,8 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     ("data.pool=-5", "data.pool must be >= 0"),
     ("data.min_objects=-1", "data.min_objects must be >= 0"),
     ("nokey", "must look like key=value"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("save_every=-1", "save_every, keep_checkpoints >= 0"),
 ])
 def test_bad_values_are_explained(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

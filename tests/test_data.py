@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from npedit.data import DO_NOTHING, EditDataset, apply_do_nothing, collate, load_manifest, subset
+from npedit.data import DO_NOTHING, EditDataset, EditRecord, apply_do_nothing, collate, load_manifest, subset
 
 
 def test_manifest_parsing(tiny_manifest):
@@ -43,3 +43,18 @@ def test_caption_fallback_and_do_nothing(tiny_manifest, tmp_path):
     assert out["do_nothing"].all() and out["instruction"] == [DO_NOTHING] * 2
     assert out["caption_target"] == batch["caption_reference"]
     assert not apply_do_nothing(batch, 0.0, torch.Generator())["do_nothing"].any()
+
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tiny_manifest, tmp_path, caplog):
+    """One broken or missing image does not end a run: the next readable sample stands in, with a warning."""
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    bad = [EditRecord("bad", str(tmp_path / "bad.png"), "make it red"),
+           EditRecord("gone", str(tmp_path / "missing.png"), "make it red")]
+    ds = EditDataset([*bad, *load_manifest(tiny_manifest)[:2]], 16)
+    assert [ds[i]["id"] for i in range(4)] == ["0", "0", "0", "1"] and ds.unreadable == {0, 1}
+    assert len(caplog.messages) == 2  # once per bad sample
+    assert "'bad'" in caplog.messages[0] and "cannot read" in caplog.messages[0]
+    assert "'gone'" in caplog.messages[1] and "not found" in caplog.messages[1]
+    with pytest.raises(ValueError, match="none of the 2 samples' images can be read"):
+        EditDataset(bad, 16)[1]

@@ -381,6 +381,36 @@ def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path
         load_config(None, ["optim.final_share=1"])
 
 
+def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_training(tmp_path, tiny_zimage,
+                                                                                       tiny_manifest, capsys):
+    """A run killed after its last checkpoint logs those steps again when resumed: metrics.jsonl keeps each step once.
+    A used output_dir without --resume, a data.train that is no manifest, and a checkpoint of another architecture
+    are one line each, the data checked before any model loads."""
+    import shutil
+
+    from npedit.cli import main
+
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "log_every=1", "save_every=2", "sample_every=0", f"output_dir={tmp_path}/r"]
+    main(["train", "max_steps=3", *common])
+    shutil.rmtree(tmp_path / "r/checkpoints/step_000003")  # killed after logging step 3, before its checkpoint
+    with (tmp_path / "r/metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "fm_lo')  # and while writing step 4's line
+    main(["train", "--resume", "max_steps=4", *common])
+    rows = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="already holds a run .*add --resume"):
+        main(["train", "max_steps=4", *common])
+    with pytest.raises(SystemExit, match="does not fit this run's student .*was model.* changed"):
+        main(["train", "--resume", "max_steps=5", *common, f"model.base={ROOT}/assets/shapes/teacher"])
+    assert [json.loads(line)["step"] for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    no_model = ["stage=warmup", f"model.base={tmp_path}/no-model", f"output_dir={tmp_path}/new"]
+    with pytest.raises(SystemExit, match="is a folder; a manifest is a cases.jsonl"):
+        main(["train", f"data.train={tmp_path}", *no_model])
+    with pytest.raises(SystemExit, match="manifest not found"):
+        main(["train", f"data.train={tmp_path}/cases.jsonl", *no_model])
+
+
 def test_missing_default_model_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NPEDIT_ASSETS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", "x.png", "--instruction", "a",

@@ -425,6 +425,27 @@ def test_jobs_start_progress_busy_kill_resume_cancel_and_finish(tiny_set, tmp_pa
     assert pipe(image=datasets.random_shapes_case(0)[0], prompt="remove the circle").images[0].size == (64, 64)
 
 
+def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_run_folder(tmp_path, monkeypatch):
+    """A trainer killed by the kernel (exit 137 from the wrapper shell) reads as that, not as its last progress bar;
+    the Train tab's relative paths are made absolute, since the job runs in its own run folder."""
+    run = tmp_path / "runs" / "oom"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": [], "started": time.time()}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 12, "time": time.time()}) + "\n")
+    (run / "train.log").write_text("warmup:   0%|          | 12/10000 [00:01<15:13, fm_loss=1.5]Killed\n")
+    (run / "exit_code").write_text("137\n")
+    st = jobs.job_status(run)
+    assert st.state == "failed" and st.message == ("killed at step 12 by signal 9 (Killed) (out of memory? the "
+                                                   "kernel's OOM killer sends it)")
+    (run / "exit_code").write_text("1\n")
+    assert jobs.job_status(run).message.startswith("exited with code 1: ")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    args = presets.train_args({}, base="teacher", judge="org/judge-on-the-hub", student="", data="shapes")
+    assert f"model.base={tmp_path / 'teacher'}" in args and "judge.path=org/judge-on-the-hub" in args
+    assert "data.train=shapes" in args and "model.student=" in args
+
+
 def test_benchmark_comparison_table_and_chart(tmp_path):
     import json
 

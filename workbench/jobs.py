@@ -298,6 +298,10 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
         st.state, st.message = "cancelled", f"cancelled at step {step}"
     elif exit_text == "0" and st.pipeline:
         st.state, st.message = "finished", f"finished {step} steps; editor saved to {st.pipeline}"
+    elif exit_text.isdigit() and 128 < int(exit_text) < 128 + signal.NSIG:  # the shell's 128 + N: killed by signal N
+        sig = int(exit_text) - 128
+        why = " (out of memory? the kernel's OOM killer sends it)" if sig == signal.SIGKILL else ""
+        st.state, st.message = "failed", f"killed at step {step} by signal {sig} ({signal.strsignal(sig)}){why}"
     elif exit_text:
         st.state, st.message = "failed", f"exited with code {exit_text}: {_last_error(run_dir)}"
     else:

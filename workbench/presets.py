@@ -7,6 +7,7 @@ with the chosen teacher, judge, student and data; `check_train_args` validates t
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -119,6 +120,9 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
     """`python -m npedit train` arguments: the recipe file, the knobs, the models and the data (and the judge's
     pixel cap per image, when one is set)."""
     v = {**Preset("").values(), **{k: x for k, x in values.items() if x is not None}}
+    # the job runs in its run folder: a relative local path (checked from here) must not change meaning there
+    base, judge, student, data = (os.path.abspath(p) if p and p != SHAPES_STREAM and Path(p).exists() else p
+                                  for p in (base, judge, student, data))
     args = ["--config", config_file] if config_file else []
     args += [f"stage={v['stage']}", f"max_steps={int(v['max_steps'])}", f"max_minutes={float(v['max_minutes'])}",
              f"critic_steps={int(v['critic_steps'])}",

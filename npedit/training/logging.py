@@ -43,9 +43,33 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
+    def rewind(self, step: int) -> None:
+        """Drop what was logged after `step` (a resumed run logs those steps again): metrics.jsonl lines, and
+        TensorBoard's events from its next write on."""
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            rows = self.path.read_text().splitlines(keepends=True)
+            kept = [r for r in rows if _step(r) is not None and _step(r) <= step]
+            if len(kept) < len(rows):
+                self.path.write_text("".join(kept))
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(self.tb.log_dir, purge_step=step + 1)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line cut short (a run killed while writing it)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def image_grid(rows: list[list[torch.Tensor]], labels: list[str] | None = None, scale: int = 1) -> Image.Image:

@@ -103,6 +103,9 @@ class Trainer:
         self.step = 0
         self.skipped = {"student": 0, "critic": 0}
         self.final_phase = False  # in the last optim.final_share of the run (the student's lr stepped down)
+        # the data first: a bad manifest is an error in seconds, not after minutes of loading models
+        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.lambda_target > 0)
+        self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
@@ -141,8 +144,6 @@ class Trainer:
         self.opt_student, self.sched_student = ((None, None) if self.fits_critic else
                                                 self._optimizer(self.student, final=True))
         self.opt_critic, self.sched_critic = self._optimizer(self.critic) if self.critic is not None else (None, None)
-        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.lambda_target > 0)
-        self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate,
                             num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.data.batch_size,
                             generator=torch.Generator().manual_seed(cfg.seed))
@@ -560,6 +561,7 @@ class Trainer:
         """Restore the newest complete checkpoint of this run, if any; returns whether one was found."""
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
+            self.metrics.rewind(0)
             return False
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("stage") != self.cfg.stage:
@@ -584,6 +586,7 @@ class Trainer:
             ckpt.rng_state_from_files(rng, self._generators())
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
+        self.metrics.rewind(self.step)  # the steps after the checkpoint are trained, and logged, again
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -597,7 +600,12 @@ class Trainer:
         if adapters.is_file():
             lora.load_adapter_state(net, ckpt.load_tensors(adapters))
         else:
-            ckpt.load_module_weights(net, path / name)
+            try:
+                ckpt.load_module_weights(net, path / name)
+            except RuntimeError as exc:  # torch lists every missing or unexpected key: the first one says enough
+                detail = (str(exc).splitlines()[1:] or [str(exc)])[0].strip()[:300]
+                raise ValueError(f"{path / name} does not fit this run's {name} (was model.* changed since? its "
+                                 f"config is {path / 'config.yaml'}): {detail}") from None
 
     def export(self) -> Path:
         """Save the student as an `NPEditPipeline` under <output_dir>/pipeline (and the critic under critic/); a
