@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -53,10 +54,14 @@ def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"error: {p}:{n}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise SystemExit(f"error: {p}:{n}: not a JSON object (one {{...}} with {', '.join(required)} per line)")
         missing = [k for k in required if k not in row]
         if missing:
             raise SystemExit(f"error: {p}:{n}: missing {', '.join(missing)}")
         for key in ("image", "reference", "edited"):
+            if key in row and not isinstance(row[key], str):
+                raise SystemExit(f"error: {p}:{n}: {key} must be a path (a string), got {row[key]!r}")
             if key in row and not Path(row[key]).is_absolute():
                 row[key] = str(p.parent / row[key])
         rows.append(row)
@@ -75,6 +80,11 @@ def cmd_edit(args) -> int:
         raise SystemExit("error: --min-score filters the --verdicts file; give --verdicts too")
     if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts):
         raise SystemExit("error: --judge-max-pixels is for the judge of --candidates or --verdicts")
+    if args.max_side < 1:
+        raise SystemExit(f"error: --max-side must be >= 1, got {args.max_side}")
+    if not -2**63 <= args.seed < 2**64:
+        raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1, got {args.seed}")
+    jobs = _edit_jobs_of(args)  # before any weights are read: a bad list or output path fails at once
     device = _device()
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
@@ -82,25 +92,56 @@ def cmd_edit(args) -> int:
         judge = _load_judge(args, device, dtype, args.judge_max_pixels)
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    if args.image:
-        if not args.instruction or not args.output:
-            raise SystemExit("error: --image needs --instruction and --output")
-        jobs = [{"id": Path(args.output).stem, "image": args.image, "instruction": args.instruction,
-                 "edit_type": args.edit_type, "object_name": args.object, "keep": args.keep, "out": Path(args.output)}]
-    else:
-        if not args.output_dir:
-            raise SystemExit("error: --batch needs --output-dir")
-        rows = _read_jsonl(args.batch, ("id", "image", "instruction"))
-        jobs = [{**r, "out": Path(args.output_dir) / f"{r['id']}.png"} for r in rows]
     with ExitStack() as stack:
         verdicts = None
         if args.verdicts:
-            Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
-            verdicts = stack.enter_context(open(args.verdicts, "w"))
+            try:
+                Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
+                verdicts = stack.enter_context(open(args.verdicts, "w"))
+            except OSError as exc:
+                raise SystemExit(f"error: cannot write --verdicts: {exc}") from None
         failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
     if len(jobs) == 1 and not failures:
         print(jobs[0]["out"])
     return 1 if failures else 0
+
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                  ".tiff": "TIFF"}
+
+
+def _image_format(path: Path) -> str:
+    """The format a result is saved in, from its file name's extension."""
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SystemExit(f"error: --output must end in one of {', '.join(OUTPUT_FORMATS)} (the format it is saved "
+                         f"in), got {path}")
+    return fmt
+
+
+def _edit_jobs_of(args) -> list[dict]:
+    """The jobs of `edit`: the one --image, or every line of --batch, each with the PNG path it is saved to (a
+    --batch id names a file in --output-dir: a plain name, once)."""
+    if args.image:
+        if not args.instruction or not args.output:
+            raise SystemExit("error: --image needs --instruction and --output")
+        out = Path(args.output)
+        _image_format(out)
+        return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
+                 "object_name": args.object, "keep": args.keep, "out": out}]
+    if not args.output_dir:
+        raise SystemExit("error: --batch needs --output-dir")
+    rows = _read_jsonl(args.batch, ("id", "image", "instruction"))
+    names = [str(r["id"]) for r in rows]
+    for name in names:
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise SystemExit(f"error: {args.batch}: id {name!r} is not a plain file name (each result is saved as "
+                             f"{Path(args.output_dir) / '<id>.png'})")
+    twice = [name for name, count in Counter(names).items() if count > 1]
+    if twice:
+        raise SystemExit(f"error: {args.batch}: ids {', '.join(map(repr, twice))} appear more than once (each names "
+                         "its result's file)")
+    return [{**r, "out": Path(args.output_dir) / f"{name}.png"} for r, name in zip(rows, names)]
 
 
 def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
@@ -122,8 +163,14 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
             failures += 1
             print(f"error: {job['id']}: {exc}", file=sys.stderr)
             continue
-        job["out"].parent.mkdir(parents=True, exist_ok=True)
-        img.save(job["out"], format="PNG")
+        try:
+            job["out"].parent.mkdir(parents=True, exist_ok=True)
+            fmt = _image_format(job["out"])
+            img.save(job["out"], format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+        except OSError as exc:  # an unwritable place: this job fails, the others still run
+            failures += 1
+            print(f"error: {job['id']}: cannot save {job['out']}: {exc}", file=sys.stderr)
+            continue
         if verdicts is not None:
             _write_verdict(verdicts, job, picked, args.min_score)
     return failures
@@ -181,13 +228,19 @@ def cmd_judge(args) -> int:
                 raise SystemExit("error: --batch needs --output")
             rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction"))
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            failures = 0
             with open(args.output, "w") as f:
                 for r in tqdm(rows, desc="judge"):
-                    v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"), r.get("object"),
-                                r.get("keep"), r.get("new"), r.get("gone"))
+                    try:
+                        v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"),
+                                    r.get("object"), r.get("keep"), r.get("new"), r.get("gone"))
+                    except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
+                        failures += 1
+                        print(f"error: {r['id']}: {exc}", file=sys.stderr)
+                        continue
                     f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"],
                                         "p_keep": v["p_keep"], "p_change": v["p_change"]}) + "\n")
-            return 0
+            return 1 if failures else 0
         if not (args.reference and args.edited and args.instruction):
             raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
         result = {"instruction": args.instruction,
@@ -203,7 +256,7 @@ def cmd_judge(args) -> int:
             grads.save(args.gradients)
             result["gradients"] = args.gradients
         print(json.dumps(result))
-    except (ImageError, ValueError) as exc:
+    except (ImageError, ValueError, OSError) as exc:  # OSError: an --output or --gradients that cannot be written
         raise SystemExit(f"error: {exc}") from None
     return 0
 
@@ -361,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("edit", help="edit images with a trained editor")
     e.add_argument("--image", help="input image")
     e.add_argument("--instruction", help="what to change")
-    e.add_argument("--output", help="output PNG path")
+    e.add_argument("--output", help="where the result goes: .png (lossless), .jpg, .webp, .bmp or .tif")
     e.add_argument("--batch", help="cases.jsonl with {id, image, instruction[, edit_type, object_name, keep]} per line "
                    "(the last three: the judge's questions for --candidates)")
     e.add_argument("--output-dir", help="where --batch writes <id>.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Apply EXIF rotation and convert any mode (RGBA over white, L, P, I;16, F, CMYK) to 8-bit RGB."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16"):  # by the full 16-bit range, as an editor converts: 65535 -> 255
+            lo, hi = 0.0, 65535.0
+        elif lo >= 0:  # the smallest usual range that holds the values, so a flat or dim image keeps its level
+            lo, hi = 0.0, next(top for top in (1.0, 255.0, 65535.0, hi) if hi <= top)
         arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -42,10 +47,15 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
             raise ImageError(f"image of {source.width}x{source.height} is larger than {MAX_PIXELS:,} pixels")
         return to_rgb(source)
     path = Path(source)
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image")
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the guard here
+            img = Image.open(path)
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{path} is {img.width}x{img.height}, larger than {MAX_PIXELS:,} pixels")
             img.load()

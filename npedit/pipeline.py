@@ -99,9 +99,12 @@ class NPEditPipeline(DiffusionPipeline):
 
     def prepare_images(self, images, max_side: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Load and fit images to a common working size; returns (B, 3, H, W) in [-1, 1] and original sizes."""
+        if max_side < 1:
+            raise ValueError(f"max_side must be >= 1, got {max_side}")
+        limit = self.backbone.max_side  # a larger image would not fit the transformer (e.g. SD3's position grid)
         pils = [load_image(im) for im in images]
         sizes = [im.size for im in pils]
-        w, h = editable_size(*sizes[0], self.backbone.pixel_multiple, max_side)
+        w, h = editable_size(*sizes[0], self.backbone.pixel_multiple, min(max_side, limit or max_side))
         return torch.stack([pil_to_tensor(im.resize((w, h), resample=3)) for im in pils]), sizes
 
     def _device(self) -> torch.device:

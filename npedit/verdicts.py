@@ -50,7 +50,10 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
                    gone: Sequence[str] = ()) -> list[Question]:
     """The questions asked about one edit: the edit and identity checks (a contains check for a removal), a keep
     check per object named in `keep`, a change check per object named in `new` (expected there) or `gone`
-    (expected not there), and the free-form `extra` questions (expected Yes)."""
+    (expected not there), and the free-form `extra` questions (expected Yes). An empty instruction is refused: the
+    edit check would ask about nothing."""
+    if not (instruction or "").strip():
+        raise ValueError("the instruction is empty: give the one the edit followed, e.g. 'make the circle blue'")
     questions: list[Question] = training_questions(instruction, edit_type, object_name, identity=True, kept=keep)
     removed = object_name if edit_type == "remove" else None
     for checks, used in (keep_questions(keep, len(keep), removed=removed),

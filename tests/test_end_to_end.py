@@ -566,3 +566,75 @@ def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, cap
     np.savez(tmp_path / "other.npz", grads=np.zeros(1))
     with pytest.raises(ValueError, match="not a gradient-map file"):
         AnswerGradients.load(tmp_path / "other.npz")
+
+
+def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
+    """A --batch id names its result's file: one that leaves --output-dir, or comes twice, is refused, as are a line
+    that is not an object, an image that is not a path, an --output that is not a .png, an out-of-range --seed or
+    --max-side; all before any weights are read (the model folder here does not exist)."""
+    from npedit.cli import main
+
+    edit = ["edit", "--model", str(tmp_path / "no-model")]
+    listing = tmp_path / "cases.jsonl"
+    for lines, says in (([{"id": "../x"}], "'../x' is not a plain file name"),
+                        ([{"id": "/tmp/x"}], "'/tmp/x' is not a plain file name"),
+                        ([{"id": ""}], "'' is not a plain file name"),
+                        ([{"id": "a"}, {"id": "b"}, {"id": "a"}], "ids 'a' appear more than once"),
+                        ([{"id": "a", "image": 5}], "cases.jsonl:1: image must be a path"),
+                        (["a"], "cases.jsonl:1: not a JSON object")):
+        rows = [line if isinstance(line, str) else {"image": "in.png", "instruction": "x", **line} for line in lines]
+        listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            main([*edit, "--batch", str(listing), "--output-dir", str(tmp_path / "out")])
+    one = [*edit, "--image", "in.png", "--instruction", "x"]
+    for flags, says in ((["--output", str(tmp_path / "out.gif")], "--output must end in one of .png, .jpg"),
+                        (["--output", str(tmp_path)], "--output must end in one of .png, .jpg"),
+                        (["--output", "y.png", "--seed", str(2**64)], "--seed must be between"),
+                        (["--output", "y.png", "--max-side", "0"], "--max-side must be >= 1")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            main([*one, *flags])
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (Path(ROOT, "assets/shapes/editor-unroll-npedit/model_index.json")).is_file(),
+                    reason="bundled editor not trained")
+def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable_output(tmp_path, capsys):
+    """With the bundled editor (a 16x16-patch position grid, 128 px): a larger photo is edited and comes back at
+    its own size; a result that cannot be saved is one error line, not a traceback."""
+    from npedit.cli import main
+
+    Image.new("RGB", (200, 150), (200, 30, 30)).save(tmp_path / "in.png")  # larger than the editor's position grid
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    assert main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "make the circle blue",
+                 "--output", str(tmp_path / "taken/out.png")]) == 1
+    assert "error: out: cannot save" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot write --verdicts"):
+        main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "make the circle blue",
+              "--output", str(tmp_path / "out.png"), "--verdicts", str(tmp_path / "taken/v.jsonl")])
+    listing = tmp_path / "cases.jsonl"
+    listing.write_text("".join(json.dumps({"id": i, "image": "in.png", "instruction": "make the circle blue"}) + "\n"
+                               for i in ("a", "b")))
+    assert main(["edit", "--batch", str(listing), "--output-dir", str(tmp_path / "out")]) == 0
+    assert [Image.open(tmp_path / f"out/{i}.png").size for i in "ab"] == [(200, 150)] * 2
+    for name, fmt in (("out.JPG", "JPEG"), ("out.webp", "WEBP")):  # saved in the format its name says
+        assert main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "make the circle blue",
+                     "--output", str(tmp_path / name)]) == 0
+        with Image.open(tmp_path / name) as saved:
+            assert saved.format == fmt and saved.size == (200, 150)
+
+
+def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge, tiny_manifest, capsys):
+    """A pair whose image is missing is one error line naming its id; the other pairs are still judged."""
+    from npedit.cli import main
+
+    images = tiny_manifest.parent / "images"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": i, "reference": str(images / "0.png"), "edited": str(edited),
+                                         "instruction": "make the red circle green"}) + "\n"
+                             for i, edited in (("a", images / "t0.png"), ("b", tmp_path / "gone.png"),
+                                               ("c", images / "t0.png"))))
+    assert main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl")]) == 1
+    assert "error: b: image not found" in capsys.readouterr().err
+    assert [json.loads(line)["id"] for line in (tmp_path / "v.jsonl").read_text().splitlines()] == ["a", "c"]
+    with pytest.raises(SystemExit, match="Not a directory"):  # a file where its folder should be
+        main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl/x/y")])

@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -15,8 +16,22 @@ def test_odd_modes_become_rgb(tmp_path):
     deep = Image.fromarray(np.arange(48, dtype=np.uint16).reshape(6, 8) * 1000)
     deep.save(tmp_path / "deep.png")
     out = load_image(tmp_path / "deep.png")
-    assert out.mode == "RGB" and out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((7, 5)) == (255, 255, 255)
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((7, 5)) == (183, 183, 183)
     assert load_image(Image.new("P", (4, 4))).mode == "RGB"
+
+
+def test_deep_and_float_images_keep_their_level(tmp_path):
+    """16-bit by its full range, float by [0, 1]: a flat white or mid-grey image is not turned black, nor a dim
+    one stretched; NaN counts as 0."""
+    for value, grey in ((65535, 255), (20000, 78)):
+        Image.fromarray(np.full((6, 8), value, dtype=np.uint16)).save(tmp_path / f"{value}.png")
+        assert np.all(np.asarray(load_image(tmp_path / f"{value}.png")) == grey)
+    flat = np.full((6, 8), 1.0, dtype=np.float32)
+    assert np.all(np.asarray(load_image(Image.fromarray(flat))) == 255)
+    dim = flat * 0.5
+    dim[0, 0] = np.nan
+    out = np.asarray(load_image(Image.fromarray(dim)))
+    assert out[0, 0, 0] == 0 and np.all(out[1:] == 128)
 
 
 def test_exif_rotation_applied(tmp_path):
@@ -38,10 +53,17 @@ def test_broken_missing_and_huge_inputs(tmp_path, monkeypatch):
         load_image(tmp_path / "cut.png")
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="is a folder, not an image"):
+        load_image(tmp_path)
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
     with pytest.raises(ImageError, match="larger than"):
         load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL would warn first; the one clear message is ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match="larger than"):
+            load_image(tmp_path / "big.png")
 
 
 def test_sizes_and_tensor_round_trip():

@@ -121,6 +121,15 @@ def test_training_questions():
         training_questions("remove the dog", "remove")
 
 
+def test_an_edit_is_not_judged_against_an_empty_instruction():
+    from npedit.verdicts import edit_questions
+
+    assert [q.kind for q in edit_questions(" make the circle red ")] == ["edit", "identity"]
+    for empty in ("", "  \n ", None):
+        with pytest.raises(ValueError, match="the instruction is empty"):
+            edit_questions(empty)
+
+
 def test_change_questions_ask_for_new_objects_and_against_gone_ones():
     qs, used = change_questions(["green circle", "green circle"], ["red circle", "green circle", "blue square"], 4,
                                 removed="blue square")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
@@ -578,3 +579,19 @@ def test_trainer_adds_a_reference_encoder_to_a_loaded_student(tmp_path, tiny_man
     again = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/e2", f"model.student={out}",
                                        *common]))
     assert again.student.config.reference_encoder_layers == 2  # a student keeps its own encoder
+
+
+def test_pipeline_keeps_images_within_the_position_grid(backbone, teacher):
+    """SD3 crops its positional embedding from a grid of pos_embed_max_size patches: a larger image is edited at
+    the largest size that fits and comes back at its own size, not refused with a message about patches."""
+    from npedit import NPEditPipeline
+
+    small = tiny_sd3_transformer(4, teacher.config.joint_attention_dim, teacher.config.pooled_projection_dim,
+                                 pos_embed_max_size=4)
+    pipe = NPEditPipeline.from_parts(backbone.prepare_student(small).eval(), backbone)
+    assert pipe.backbone.max_side == 4 * backbone.pixel_multiple
+    image = np.zeros((100, 200, 3), dtype=np.uint8)
+    out = pipe(image=image, prompt="make it red", generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.size == (200, 100)
+    with pytest.raises(ValueError, match="max_side must be >= 1"):
+        pipe(image=image, prompt="make it red", max_side=0)

@@ -72,6 +72,11 @@ class Backbone(nn.Module):
         """Image sides must be a multiple of this (VAE downsampling x transformer patch)."""
         raise NotImplementedError
 
+    @property
+    def max_side(self) -> int | None:
+        """The longest image side the transformer takes (None: no limit)."""
+        return None
+
     # ---- transformers ---------------------------------------------------------------------
     def velocity(
         self,

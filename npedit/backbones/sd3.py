@@ -239,12 +239,14 @@ class SD3Backbone(Backbone):
         pooled_projection_dim: int | None = None,
         patch_size: int = 2,
         max_sequence_length: int | None = None,
+        pos_embed_max_size: int | None = None,
     ):
         """`tokenizers`/`text_encoders`: the 1 or 2 CLIPs in pipeline order; T5 optional.
 
         `joint_attention_dim` (from the transformer config) sets the width the CLIP states are
         padded to when there is no T5; `max_sequence_length` is the T5 length, or the number of
-        zero T5 tokens appended without a T5, as diffusers' SD3 pipeline does (0: none).
+        zero T5 tokens appended without a T5, as diffusers' SD3 pipeline does (0: none);
+        `pos_embed_max_size` (the transformer's position grid, in patches) bounds the image size.
         """
         super().__init__()
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
@@ -257,6 +259,7 @@ class SD3Backbone(Backbone):
         self.text_encoder_3 = text_encoder_3.requires_grad_(False).eval() if text_encoder_3 is not None else None
         self.codec = LatentCodec(vae.requires_grad_(False).eval())
         self.patch_size = int(patch_size)
+        self.pos_embed_max_size = pos_embed_max_size
         if max_sequence_length is None:
             # Without a T5, a checkpoint may say how many zero T5 tokens it was trained with (a key
             # kept in the first CLIP's config); diffusers' SD3 pipeline appends 256.
@@ -283,7 +286,7 @@ class SD3Backbone(Backbone):
             tokenizer_3=parts.get("tokenizer_3"), text_encoder_3=parts.get("text_encoder_3"),
             joint_attention_dim=cfg.joint_attention_dim if cfg else None,
             pooled_projection_dim=cfg.pooled_projection_dim if cfg else None,
-            patch_size=cfg.patch_size if cfg else 2,
+            patch_size=cfg.patch_size if cfg else 2, pos_embed_max_size=cfg.pos_embed_max_size if cfg else None,
         )
 
     @classmethod
@@ -314,6 +317,7 @@ class SD3Backbone(Backbone):
             text_encoder_3=parts["text_encoder_3"] if has_t5 else None,
             joint_attention_dim=tcfg.get("joint_attention_dim"), pooled_projection_dim=tcfg.get("pooled_projection_dim"),
             patch_size=tcfg.get("patch_size", 2), max_sequence_length=max_sequence_length,
+            pos_embed_max_size=tcfg.get("pos_embed_max_size"),
         )
 
     # ---- text ------------------------------------------------------------------------------
@@ -353,6 +357,11 @@ class SD3Backbone(Backbone):
     @property
     def pixel_multiple(self) -> int:
         return self.codec.downsample * self.patch_size
+
+    @property
+    def max_side(self) -> int | None:
+        """SD3 crops its positional embedding from a grid of `pos_embed_max_size` patches a side: no larger."""
+        return self.pos_embed_max_size * self.pixel_multiple if self.pos_embed_max_size else None
 
     # ---- transformers ----------------------------------------------------------------------
     def velocity(self, transformer, x_t, t, cond: SD3Cond, reference=None):
