@@ -293,6 +293,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return False
         raise ValueError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float):
+        if tp is int and isinstance(value, str):  # YAML reads 1e3 as text; an integral number in any notation is fine
+            try:
+                value = float(value) if float(value).is_integer() else value
+            except ValueError:
+                pass
         try:
             out = tp(value)
         except (TypeError, ValueError):

@@ -39,6 +39,13 @@ def test_bad_values_are_explained(override, message):
         load_config(None, BASE + [override])
 
 
+def test_integral_numbers_in_any_notation_are_integers():
+    cfg = load_config(None, BASE + ["max_steps=1e3", "save_every=2.0e2"])
+    assert cfg.max_steps == 1000 and cfg.save_every == 200 and isinstance(cfg.max_steps, int)
+    with pytest.raises(ValueError, match="max_steps must be"):
+        load_config(None, BASE + ["max_steps=1.5e0"])
+
+
 def test_requirements_are_checked():
     with pytest.raises(ValueError, match="judge.path is required"):
         load_config(None, ["model.base=/m", "data.train=shapes"])
