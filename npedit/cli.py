@@ -324,7 +324,7 @@ def cmd_import_reimpl(args) -> int:
 
 def _stage_help(stage: str) -> str:
     """`shapes STAGE --help`: the stage's presets and every key it takes, with the default preset's values."""
-    from .config import to_dict
+    from .config import flatten, to_dict
 
     if stage == "judge":
         from .shapes.judge_training import PRESETS, build_config
@@ -335,13 +335,10 @@ def _stage_help(stage: str) -> str:
 
         presets, cfg = list(PRESETS[stage]), make_config(stage, [])
 
-    def flat(data: dict, prefix: str = ""):
-        for key, value in data.items():
-            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"  {prefix}{key}={value}"]
-
+    keys = flatten({k: v for k, v in to_dict(cfg).items() if k != "preset"})
     return "\n".join([f"usage: python -m npedit shapes {stage} [preset=NAME] [key=value ...]",
                       f"presets: {', '.join(presets)}", "keys (the default preset's values):",
-                      *flat({k: v for k, v in to_dict(cfg).items() if k != "preset"})])
+                      *(f"  {k}={v}" for k, v in keys.items())])
 
 
 def cmd_shapes(args) -> int:

@@ -396,7 +396,9 @@ def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_tr
     shutil.rmtree(tmp_path / "r/checkpoints/step_000003")  # killed after logging step 3, before its checkpoint
     with (tmp_path / "r/metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "fm_lo')  # and while writing step 4's line
+    capsys.readouterr()
     main(["train", "--resume", "max_steps=4", *common])
+    assert "resuming from step 2 with settings changed since: max_steps: 3 -> 4" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     with pytest.raises(SystemExit, match="already holds a run .*add --resume"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from npedit.config import flatten
 from npedit.adapters import is_adapter_folder
 from npedit.training.checkpoint import checkpoint_step
 
@@ -55,17 +56,6 @@ def read_config(run: str | os.PathLike) -> dict:
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def read_metrics(run: str | os.PathLike) -> pd.DataFrame:
