@@ -430,6 +430,11 @@ def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_mani
     assert out.returncode == 0, out.stderr[-3000:]
     assert [p.name for p in (tmp_path / "ddp/checkpoints").iterdir()] == ["step_000002"]
     assert (tmp_path / "ddp/pipeline/model_index.json").is_file()
+    resumed = subprocess.run([*cmd[:-3], "max_steps=3", "--resume", *cmd[-2:]], env=env, capture_output=True,
+                             text=True, timeout=400)  # each process picks its own share of the data up
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp/checkpoints/step_000003/trainer_state.json").read_text())
+    assert state["step"] == 3 and state["batches_drawn"] == 6  # (1 critic + 1 student) micro-batch a step
 
 
 def test_gradient_accumulation_adds_up_micro_batches(tmp_path, tiny_zimage, tiny_manifest):
@@ -640,3 +645,38 @@ def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge
     assert [json.loads(line)["id"] for line in (tmp_path / "v.jsonl").read_text().splitlines()] == ["a", "c"]
     with pytest.raises(SystemExit, match="Not a directory"):  # a file where its folder should be
         main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl/x/y")])
+
+
+def test_a_resumed_run_trains_on_the_data_the_uninterrupted_run_would(tmp_path, tiny_zimage, tiny_manifest):
+    """Stopped after 3 steps (mid-epoch: 2 batches per epoch) and resumed to 5, a run ends with the weights of the
+    same run trained 5 steps straight: the data order, RNG and optimiser all pick up where they were."""
+    from safetensors.torch import load_file
+
+    from npedit.cli import main
+
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "log_every=1", "save_every=3", "sample_every=0", "optim.lr=1e-3", "optim.skip_grad_norm=1e9"]
+    main(["train", "max_steps=5", *common, f"output_dir={tmp_path}/straight"])
+    main(["train", "max_steps=3", *common, f"output_dir={tmp_path}/stopped"])
+    main(["train", "max_steps=5", "--resume", *common, f"output_dir={tmp_path}/stopped"])  # overrides either side
+    weights = "checkpoints/step_000005/student/diffusion_pytorch_model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "stopped" / weights)
+    three = load_file(tmp_path / "stopped/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(three[k], resumed[k]) for k in three)  # the resumed steps trained
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    state = json.loads((tmp_path / "stopped/checkpoints/step_000005/trainer_state.json").read_text())
+    assert state["batches_drawn"] == 5
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    from npedit.training.datasets import EpochSampler
+
+    s = EpochSampler(10, seed=3)
+    first, second = list(s), (s.set_epoch(1), list(s))[1]
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    again = EpochSampler(10, seed=3)
+    again.start(1, 4)
+    assert len(again) == 6 and list(again) == second[4:]
+    assert len(again) == 10 and list(again) == second  # the skip holds for one epoch
+    assert list(EpochSampler(10, seed=4)) != first

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Sampler
 
 from ..config import DataConfig
 from ..data import EditDataset, load_manifest, subset
@@ -30,3 +31,29 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = Fal
                          "the cases you want")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run draws exactly the samples the
+    uninterrupted run would have: `start(epoch, skip)` begins `skip` samples into `epoch`."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start(self, epoch: int, skip: int) -> None:
+        """Resume at sample `skip` of `epoch`'s order (for this epoch only)."""
+        self.epoch, self.skip = epoch, skip
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+
+    def __iter__(self):
+        order = self.order(self.epoch)[self.skip:]
+        self.skip = 0
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n - self.skip

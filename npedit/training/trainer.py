@@ -30,7 +30,7 @@ from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss,
 from ..pipeline import NPEditPipeline, training_summary
 from ..sampler import sample, unroll_times
 from . import checkpoint as ckpt
-from .datasets import build_dataset
+from .datasets import EpochSampler, build_dataset
 from .export import save_critic
 from .logging import MetricsLogger, image_grid
 
@@ -58,11 +58,11 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
         offset += n
 
 
-def _infinite(loader: DataLoader):
-    """Yield batches forever, one epoch after another."""
-    epoch = 0
+def _infinite(loader: DataLoader, sampler: EpochSampler, epoch: int = 0):
+    """Yield batches forever, one epoch after another, from `epoch` on."""
     while True:
-        if hasattr(loader, "set_epoch"):
+        sampler.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):  # accelerate's loader hands the sampler its own epoch count: keep them equal
             loader.set_epoch(epoch)
         yield from loader
         epoch += 1
@@ -145,11 +145,13 @@ class Trainer:
         self.opt_student, self.sched_student = ((None, None) if self.fits_critic else
                                                 self._optimizer(self.student, final=True))
         self.opt_critic, self.sched_critic = self._optimizer(self.critic) if self.critic is not None else (None, None)
-        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate,
+        self.sampler = EpochSampler(len(dataset), cfg.seed)
+        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=self.sampler, collate_fn=collate,
                             num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.data.batch_size,
                             generator=torch.Generator().manual_seed(cfg.seed))
         self.loader = self.acc.prepare(loader)
-        self.batches = _infinite(self.loader)
+        self.drawn = 0  # micro-batches this process has drawn: where a resumed run picks the data up
+        self.batches = _infinite(self.loader, self.sampler)
         self.schedule = flow.few_step_times(cfg.sampler.num_steps, cfg.sampler.shift)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
 
@@ -249,6 +251,7 @@ class Trainer:
         counts: dict = {}
         for _ in range(k):
             loss, m = loss_fn(next(self.batches))
+            self.drawn += 1
             if not torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 self.skipped[name] += 1
@@ -551,7 +554,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": self.step, "skipped": self.skipped, "stage": self.cfg.stage,
-                     "final_phase": self.final_phase,
+                     "final_phase": self.final_phase, "batches_drawn": self.drawn,
                      "sched_student": self.sched_student.state_dict()["last_epoch"] if self.sched_student else 0,
                      "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -587,6 +590,7 @@ class Trainer:
             ckpt.rng_state_from_files(rng, self._generators())
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
+        self._continue_data(int(state.get("batches_drawn", 0)))
         self.metrics.rewind(self.step)  # the steps after the checkpoint are trained, and logged, again
         if (path / "config.yaml").is_file():  # settings changed for the rest of the run are said, not silent
             changed = changed_settings(yaml.safe_load((path / "config.yaml").read_text()) or {}, to_dict(self.cfg))
@@ -594,6 +598,17 @@ class Trainer:
                 self.acc.print(f"resuming from step {self.step} with settings changed since: " + "; ".join(changed))
         logger.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _continue_data(self, drawn: int) -> None:
+        """Pick the data order up after `drawn` micro-batches per process (each process draws every n-th batch of
+        one shared order), as the uninterrupted run would go on."""
+        self.drawn = drawn
+        per_epoch = len(self.loader)
+        if not drawn or not per_epoch:
+            return
+        epoch, offset = divmod(drawn, per_epoch)
+        self.sampler.start(epoch, offset * self.cfg.data.batch_size * self.acc.num_processes)
+        self.batches = _infinite(self.loader, self.sampler, epoch)
 
     @staticmethod
     def _load_weights(net, path: Path, name: str) -> None:
