@@ -37,6 +37,10 @@ def bench_main(args) -> int:
     from .assets import DEFAULT_TEACHER, default_path
     from .pipeline import NPEditPipeline
 
+    for flag, value in (("--repeats", args.repeats), ("--batch", args.batch), ("--steps", args.steps),
+                        ("--size", args.size), ("--teacher-steps", args.teacher_steps)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(device)

@@ -128,6 +128,20 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
     assert res["edit_latency_ms"] > 0 and res["bare_transformer_ms"] > 0 and "speedup_vs_teacher" in res
 
 
+def test_eval_and_bench_refuse_what_they_cannot_run_or_write_before_loading_models(tmp_path):
+    from npedit.cli import main
+
+    (tmp_path / "file").write_text("")
+    for args, message in ((["--n", "0"], "--n must be >= 1"), (["--seed", "-1"], "--seed must be between"),
+                          (["--seed", str(2**64)], "--seed must be between"),
+                          (["--name", "a/b"], "plain file name"), (["--out", str(tmp_path / "file")], "not a folder")):
+        with pytest.raises(SystemExit, match=message):
+            main(["eval", "shapes", "--model", str(tmp_path / "no-editor"), "--out", str(tmp_path / "ev"), *args])
+    for flag in ("--repeats", "--batch"):  # bench: no median of no timings, no throughput of no images
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 1"):
+            main(["bench", "--model", str(tmp_path / "no-editor"), flag, "0"])
+
+
 def test_vlm_only_ablation_skips_the_critic(base, tmp_path, tiny_judge):
     from npedit.config import load_config
     from npedit.training.trainer import Trainer

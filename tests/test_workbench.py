@@ -272,6 +272,19 @@ def test_runs_table_compare_and_plots(tmp_path):
         ("run: a (step 10)", str(a / "exports/step_000010")), ("run: a (step 2)", str(a / "exports/step_000002"))]
 
 
+def test_compare_ignores_a_run_without_config_and_progress_reads_a_critic_bar(tmp_path):
+    a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5])
+    b = _fake_run(tmp_path, "b", 2e-5, [1.0])
+    starting = tmp_path / "starting"  # a job whose trainer has not written config.yaml yet
+    starting.mkdir()
+    (starting / "metrics.jsonl").write_text('{"step": 1, "student_loss": 2.0}\n7\n')  # a stray non-row line
+    diff = runs.compare([a, b, starting], tmp_path)
+    assert list(diff["key"][:2]) == ["max_steps", "optim.lr"] and diff.loc[0, "starting"] is None
+    assert runs.read_metrics(starting)["step"].tolist() == [1] and jobs.job_status(starting).step == 1
+    (starting / "train.log").write_text("critic:  40%|####      | 4/10 [00:01<00:02,  2.00it/s]\n")
+    assert jobs.job_status(starting).step == 4  # the stage-critic trainer's progress bar counts too
+
+
 def test_presets_build_valid_configs(tiny_set, tmp_path):
     quick = presets.PRESETS["Quick check (CPU, minutes)"]
     args = presets.train_args(quick.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
@@ -542,6 +555,29 @@ def test_paired_benchmark_comparison(tmp_path, capsys):
         main([str(tmp_path), "--paired", "old", "missing"])
     with pytest.raises(ValueError, match="per-case 0/1"):
         paired(tmp_path, [("old", "new")], metric="clean")
+
+
+def test_benchmark_skips_a_broken_report_and_pairs_only_the_same_training_cases(tmp_path, capsys):
+    import json
+
+    from npedit.shapes import CATEGORIES
+    from workbench.benchmarks import load_reports, main, paired
+
+    summary = {c: {"exact": 0.5, "followed": 1.0, "preserved": 1.0, "clean": 1.0, "count": 2}
+               for c in [*CATEGORIES, "overall"]}
+    rows = [{"id": f"train-{i:06d}", "category": "add", "exact": 1.0, "followed": 1.0, "preserved": 1.0}
+            for i in range(2)]
+    for name, seed in (("fit0", 0), ("fit1", 1)):  # --train-pool reports: the same ids whatever the training seed
+        meta = {"seed": 0, "cases": f"training (data.pool=40, seed {seed})"}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}))
+    (tmp_path / "cut.json").write_text('{"meta": {"seed": 0}, "summ')  # a report cut short
+    assert list(load_reports(tmp_path).index) == ["fit0", "fit1"]
+    err = capsys.readouterr().err
+    assert "skipped" in err and "cut.json" in err
+    with pytest.raises(ValueError, match="not scored on the same cases"):
+        paired(tmp_path, [("fit0", "fit1")])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty")])  # no reports: one line, no traceback
 
 
 def test_exact_by_object_count_pooled_over_reports(tmp_path, capsys):

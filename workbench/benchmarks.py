@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -51,8 +52,12 @@ def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
     """One row per report: overall metrics, per-category exact, n and seed."""
     rows = []
     for f in sorted(Path(directory).glob("*.json")):
-        data = json.loads(f.read_text())
-        if "summary" not in data:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:  # e.g. a report cut short: the others still make a table
+            print(f"warning: skipped {f}: not a readable JSON report ({exc})", file=sys.stderr)
+            continue
+        if not isinstance(data, dict) or "summary" not in data:
             continue
         s = data["summary"]
         row = {"variant": f.stem, **{m: s["overall"][m] for m in METRICS}, "n": s["overall"]["count"],
@@ -185,9 +190,12 @@ def paired(directory: str | os.PathLike, pairs: list[tuple[str, str]], metric: s
     for name_a, name_b in pairs:
         (meta_a, rows_a), (meta_b, rows_b) = case_rows(directory, name_a), case_rows(directory, name_b)
         ids_a, ids_b = [r["id"] for r in rows_a], [r["id"] for r in rows_b]
-        if ids_a != ids_b or meta_a.get("seed") != meta_b.get("seed"):
+        # --train-pool reports share their ids ("train-000000", ...) whatever the pool and training seed
+        cases_a, cases_b = meta_a.get("cases", "held-out"), meta_b.get("cases", "held-out")
+        if ids_a != ids_b or meta_a.get("seed") != meta_b.get("seed") or cases_a != cases_b:
             raise ValueError(f"{name_a} and {name_b} were not scored on the same cases (n {len(ids_a)} / "
-                             f"{len(ids_b)}, seed {meta_a.get('seed')} / {meta_b.get('seed')})")
+                             f"{len(ids_b)}, seed {meta_a.get('seed')} / {meta_b.get('seed')}, cases {cases_a} / "
+                             f"{cases_b})")
         ra = [r[metric] >= 0.5 for r in rows_a]
         rb = [r[metric] >= 0.5 for r in rows_b]
         counts = {"n": len(ra), "a": sum(ra), "b": sum(rb), "only_a": sum(x and not y for x, y in zip(ra, rb)),
@@ -407,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
         print(paired_markdown(result))
         return 0
-    table = load_reports(args.reports)
+    try:
+        table = load_reports(args.reports)
+    except OSError as exc:
+        ap.error(str(exc))
     if args.extend:
         try:
             table = extend(read_markdown(args.extend), table)

@@ -30,7 +30,7 @@ from npedit.training.checkpoint import latest_checkpoint
 LOCK_DIR = ".locks"
 STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
 _WRAPPER = '"$@"; echo $? > "$NPEDIT_EXIT_FILE"'  # records the exit status even when the app is gone
-_TQDM = re.compile(r"(?:warmup|npedit|sft):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
+_TQDM = re.compile(r"(?:warmup|npedit|sft|critic):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (polled to reap them)
 
 
@@ -238,9 +238,11 @@ def read_metrics_rows(run_dir: Path) -> list[dict]:
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 

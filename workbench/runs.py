@@ -95,7 +95,8 @@ def compare(runs: list[str | os.PathLike], root: str | os.PathLike = "/") -> pd.
     names = {r: run_name(r, root) for r in runs}
     configs = {names[r]: flatten(read_config(r)) for r in runs}
     keys = sorted({k for c in configs.values() for k in c})
-    differing = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1 and k != "output_dir"]
+    known = [c for c in configs.values() if c] or list(configs.values())  # a run with no config.yaml (yet) says nothing
+    differing = [k for k in keys if len({repr(c.get(k)) for c in known}) > 1 and k != "output_dir"]
     table = {name: {k: c.get(k) for k in differing} for name, c in configs.items()}
     for r in runs:
         st = job_status(r)

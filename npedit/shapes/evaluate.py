@@ -235,6 +235,18 @@ def eval_main(args) -> int:
     change_checks = args.change_checks
     if change_checks and args.candidates < 2:
         raise SystemExit("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
+    if args.n < 1:
+        raise SystemExit(f"error: --n must be >= 1, got {args.n}")
+    if not 0 <= args.seed < 2**64:  # held-out cases take a non-negative seed, the sampler's generator 64 bits
+        raise SystemExit(f"error: --seed must be between 0 and 2**64 - 1, got {args.seed}")
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name in (".", "..")):
+        raise SystemExit(f"error: --name must be a plain file name (the report is --out/<name>.json), got {args.name!r}")
+    try:  # before any model loads: a report that cannot be written would throw the whole benchmark away
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: --out {args.out}: {exc.strerror or exc}") from None
     if args.train_pool is not None:
         from .training import training_cases
 
