@@ -259,6 +259,13 @@ def test_runs_table_compare_and_plots(tmp_path):
     assert runs.metric_keys(frames) == ["student_loss", "dmd_loss"]
     fig = plots.loss_curves(frames, ["student_loss", "dmd_loss"])
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+    import pandas as pd
+
+    blown = pd.DataFrame({"step": [1, 2, 3, 4], "student_loss": [1.0, float("inf"), 2.0, float("nan")]})
+    lines = plots.loss_curves({"x": blown}, ["student_loss"], smooth=2).axes[0].lines
+    crosses, line = lines  # the infinite step marked, the line over the finite ones (NaN: not logged)
+    assert list(crosses.get_xdata()) == [2] and crosses.get_label() == "not finite"
+    assert list(line.get_xdata()) == [1, 3] and list(line.get_ydata()) == [1.0, 1.5]
     assert len(plots.bar_chart({"a": 0.25, "b": 0.8}, "last").axes[0].patches) == 2
     assert runs.samples(a) == [(str(a / "samples" / "step_000002.png"), "step 2")]
     assert runs.finished_editors(tmp_path) == []

@@ -100,7 +100,8 @@ def answer_gradients_figure(gradients) -> Figure:
 
 
 def loss_curves(runs: Mapping[str, pd.DataFrame], keys: Sequence[str], smooth: int = 1) -> Figure:
-    """One panel per metric key, one line per run (metrics.jsonl frames with a "step" column)."""
+    """One panel per metric key, one line per run (metrics.jsonl frames with a "step" column); steps whose value is
+    infinite are red crosses along the panel's top, left out of the line and its smoothing."""
     keys = list(keys) or ["student_loss"]
     cols = min(2, len(keys))
     rows = math.ceil(len(keys) / cols)
@@ -108,12 +109,19 @@ def loss_curves(runs: Mapping[str, pd.DataFrame], keys: Sequence[str], smooth: i
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, key in zip(axes, keys):
         plotted = False
+        flagged = False
         for name, df in runs.items():
             if df is None or df.empty or key not in df:
                 continue
-            series = df[["step", key]].dropna()
+            series = df[["step", key]].dropna()  # NaN: the metric was not logged at that step
             if series.empty:
                 continue
+            finite = np.isfinite(series[key].to_numpy(dtype=float))
+            if not finite.all():  # an infinite value would vanish from the line (or hide in a rolling mean)
+                ax.plot(series["step"][~finite], np.full((~finite).sum(), 0.97), "x", color="#c44e52",
+                        transform=ax.get_xaxis_transform(), label=None if flagged else "not finite", clip_on=False)
+                flagged = True
+                series = series[finite]
             y = series[key].rolling(max(1, smooth), min_periods=1).mean()
             ax.plot(series["step"], y, label=name, linewidth=1.5, marker="." if len(series) < 30 else None)
             plotted = True
