@@ -45,6 +45,8 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
 MAX_CANDIDATES = 16
 ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU") == "true"
+NO_TRAINING_ON_ZEROGPU = ("This Space runs on ZeroGPU, where a GPU exists only inside a short call: training is off. "
+                          "Duplicate it on dedicated GPU hardware, or run `python app.py` locally.")
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
 .fill-image img { width: 100%; height: 100%; object-fit: contain; }
@@ -410,8 +412,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                 f"{' (no GPU found: expect minutes for the quick preset only)' if device == 'cpu' else ''}. "
                 f"{presets.LORA_NOTE}")
     if ON_ZEROGPU:
-        gr.Markdown("⚠️ This Space runs on ZeroGPU, where a GPU exists only inside a short call: training is off. "
-                    "Duplicate it on dedicated GPU hardware, or run `python app.py` locally.")
+        gr.Markdown(f"⚠️ {NO_TRAINING_ON_ZEROGPU}")
     uploads = gr.State({})
     with gr.Tab("Generate Shapes cases"):
         with gr.Row():
@@ -482,10 +483,12 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         return datasets.shapes_table(int(n), folder, seed=int(seed))
 
     generate.click(on_generate, [n_cases, data_seed], table, api_visibility="private")
-    files.upload(lambda fs: (datasets.table_for_images(fs), {Path(f).name: f for f in fs}), files, [table, uploads],
-                 api_visibility="private")
+    files.upload(lambda fs, rows: (datasets.table_for_images(fs, rows), {Path(f).name: f for f in fs}),
+                 [files, table], [table, uploads], api_visibility="private")
 
     def on_start(table, uploads, use_stream, preset_name, name, base, judge, judge_pixels, student, *values):
+        if ON_ZEROGPU:  # the Start button is off there, but its event can still be sent
+            raise gr.Error(NO_TRAINING_ON_ZEROGPU)
         values = dict(zip(knobs, values))
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
         busy = jobs.active_job(app.runs_root, device)
@@ -493,6 +496,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             raise gr.Error(f"{device} is busy with run '{busy.name}': one job per device. Wait for it or cancel it.")
         if runs.is_run(run_dir):
             raise gr.Error(f"a run named '{run_dir.name}' exists already: pick another name.")
+        if run_dir.exists():  # e.g. a folder of runs (runs/shapes/npedit): a failed start below would delete it
+            raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_root}: pick another name.")
         try:
             data = presets.SHAPES_STREAM if use_stream else \
                 datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table))
@@ -559,7 +564,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
         comparison = gr.Dataframe(label="Config differences and last metrics", interactive=False, wrap=True)
     with gr.Row():
         one = gr.Dropdown([], label="Run")
-        resume = gr.Button("Resume this run", size="sm", scale=0)
+        resume = gr.Button("Resume this run", size="sm", scale=0, interactive=not ON_ZEROGPU)
         export = gr.Button("Export its newest checkpoint", size="sm", scale=0)
     resume_msg = gr.Markdown()
     gallery = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_classes="pixelated")
@@ -587,6 +592,8 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
     def on_resume(name):
         if not name:
             raise gr.Error("Pick a run.")
+        if ON_ZEROGPU:
+            raise gr.Error(NO_TRAINING_ON_ZEROGPU)
         try:
             st = jobs.start_job(app.runs_root / name, resume=True, runs_root=app.runs_root)
         except (ValueError, jobs.JobBusy) as exc:

@@ -167,6 +167,8 @@ class OptimConfig:
     final_lr_scale: float = 1.0
 
     def __post_init__(self):
+        if self.lr < 0:  # else AdamW refuses it in the job, after every model has loaded
+            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
         if not 0 <= self.final_share < 1:
             raise ValueError(f"optim.final_share is a share of the run in [0, 1), got {self.final_share}")
         if self.final_lr_scale <= 0:

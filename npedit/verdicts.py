@@ -13,6 +13,9 @@ from PIL import Image
 
 from .images import fit_image, load_image, pil_to_tensor
 from .judges import Judge, Question, change_questions, free_question, keep_questions, training_questions
+from .pipeline import MAX_INSTRUCTION_CHARS
+
+MAX_QUESTIONS = 32  # per edit: one judge pass holds a row per question (and the gradient maps one image copy each)
 
 
 @dataclass
@@ -51,15 +54,26 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
     """The questions asked about one edit: the edit and identity checks (a contains check for a removal), a keep
     check per object named in `keep`, a change check per object named in `new` (expected there) or `gone`
     (expected not there), and the free-form `extra` questions (expected Yes). An empty instruction is refused: the
-    edit check would ask about nothing."""
+    edit check would ask about nothing; a text longer than the editor's instruction limit, or more than
+    `MAX_QUESTIONS` questions, is refused (a judge pass over them would take memory without bound)."""
     if not (instruction or "").strip():
         raise ValueError("the instruction is empty: give the one the edit followed, e.g. 'make the circle blue'")
+    for what, texts in (("the instruction", [instruction]), ("the removed object", [object_name or ""]),
+                        ("an object to keep", keep), ("a new object", new), ("a gone object", gone),
+                        ("an extra question", extra)):
+        longest = max((len(t) for t in texts), default=0)
+        if longest > MAX_INSTRUCTION_CHARS:
+            raise ValueError(f"{what} has {longest} characters; at most {MAX_INSTRUCTION_CHARS} are accepted")
     questions: list[Question] = training_questions(instruction, edit_type, object_name, identity=True, kept=keep)
     removed = object_name if edit_type == "remove" else None
     for checks, used in (keep_questions(keep, len(keep), removed=removed),
                          change_questions(new, gone, len(new) + len(gone), removed=removed)):
         questions += [q for q, u in zip(checks, used) if u]
-    return questions + [free_question(text) for text in extra if text.strip()]
+    questions += [free_question(text) for text in extra if text.strip()]
+    if len(questions) > MAX_QUESTIONS:
+        raise ValueError(f"{len(questions)} questions for one edit; at most {MAX_QUESTIONS} are asked at once: name "
+                         "fewer objects or extra questions")
+    return questions
 
 
 def _verdict(questions: list[Question], p_yes: list[float], margin: list[float]) -> Verdict:

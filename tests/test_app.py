@@ -10,9 +10,11 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
+from workbench import presets
 from workbench.tiny import build_tiny_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +103,34 @@ def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
         npedit_app.edit_handler(app)(str(shapes_png), "remove the circle")
     with pytest.raises(gr.Error, match="instruction"):
         npedit_app.edit_handler(app)(str(shapes_png), "  ")
+
+
+def test_train_start_never_deletes_a_folder_it_did_not_create(tmp_path, shapes_png):
+    """A run name that is an existing folder of runs (runs/shapes holding runs/shapes/npedit, as the CLI lays them
+    out) is refused; a failed start used to remove that folder with everything in it."""
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    demo = npedit_app.build_demo(app)
+    start = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_start")
+    kept = tmp_path / "runs" / "shapes" / "npedit" / "config.yaml"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("stage: npedit\n")
+    table = pd.DataFrame([{"image": str(shapes_png), "instruction": "make it blue"}])
+    with pytest.raises(gr.Error, match="a folder named 'shapes' exists already"):  # the preset's knobs by default
+        start(table, {}, False, next(iter(presets.PRESETS)), "shapes", str(tmp_path / "no-teacher"), "", 0, "")
+    assert kept.is_file()
+
+
+def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
+    """On ZeroGPU training is off: neither Start nor the Runs tab's Resume launches a job there."""
+    monkeypatch.setattr(npedit_app, "ON_ZEROGPU", True)
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    with pytest.raises(gr.Error, match="ZeroGPU"):
+        fns["on_resume"]("some-run")
+    with pytest.raises(gr.Error, match="ZeroGPU"):
+        fns["on_start"](pd.DataFrame(), {}, True, next(iter(presets.PRESETS)), "run", "", "", 0, "")
+    assert not (tmp_path / "runs" / "run").exists()
 
 
 def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):

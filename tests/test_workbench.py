@@ -185,6 +185,23 @@ def test_training_table_to_manifest(tmp_path):
         datasets.write_manifest(datasets.empty_table(), tmp_path / "u4")
 
 
+def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path):
+    """Adding files to the Train tab's upload sends every file again: rows of images already in the table keep their
+    instruction and captions, new images get empty rows, rows of images no longer uploaded go."""
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
+    table = datasets.table_for_images([a, b])
+    table.loc[0, ["instruction", "caption_target", "keep"]] = ["make it red", "a red square", "blue circle"]
+    table.loc[1, "instruction"] = np.nan  # a cell the user cleared
+    again = datasets.table_for_images([b, a, c], table)
+    assert list(again["image"]) == [b, a, c] and list(again.columns) == datasets.TABLE_COLUMNS
+    assert again.loc[1, "instruction"] == "make it red" and again.loc[1, "caption_target"] == "a red square"
+    assert again.loc[1, "keep"] == "blue circle" and again.loc[0, "instruction"] == ""
+    assert again.loc[2, "instruction"] == "" and again.loc[2, "edit_type"] == "edit"
+    assert list(datasets.table_for_images([c], again)["image"]) == [c]
+
+
 def test_examples(tmp_path):
     rows = datasets.shapes_examples(tmp_path / "ex")
     assert len(rows) == 6 and all(Path(r[0]).is_file() and r[1] for r in rows)
@@ -228,6 +245,43 @@ def test_batch_judging(loaded, tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         judging.read_pairs([str(tmp_path / "ref.png")])
     assert judging.extra_questions("a?\n\n b? ") == ["a?", "b?"]
+
+
+def test_batch_list_lines_that_are_not_objects_and_questions_without_bound_are_refused(tmp_path):
+    """A .jsonl line of valid JSON that is not an object is one clear line, not an AttributeError; a text longer
+    than an instruction may be, or more questions than one judge pass holds, is refused before the judge runs
+    (a 100,000-character instruction took 23 GB in the Judge inspector)."""
+    from npedit.verdicts import MAX_QUESTIONS, edit_questions
+
+    listing = tmp_path / "pairs.jsonl"
+    listing.write_text('{"reference": "a.png", "edited": "b.png", "instruction": "x"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not a JSON object"):
+        judging.read_pairs([str(listing)])
+    with pytest.raises(ValueError, match="the instruction has 100000 characters"):
+        edit_questions("x" * 100_000)
+    with pytest.raises(ValueError, match="an extra question has 3000 characters"):
+        edit_questions("make it red", extra=["y" * 3000])
+    with pytest.raises(ValueError, match=f"at most {MAX_QUESTIONS}"):
+        edit_questions("make it red", keep=[f"object {i}" for i in range(MAX_QUESTIONS)])
+    assert len(edit_questions("make it red", extra=["Is it red?"] * (MAX_QUESTIONS - 2))) == MAX_QUESTIONS
+
+
+def test_resuming_a_run_that_finished_all_its_steps_is_refused(tmp_path):
+    """A run whose newest checkpoint is at max_steps has nothing left to train: resume says so instead of starting
+    a job that loads every model to do nothing; a time-limited run that stopped early still resumes."""
+    run = tmp_path / "runs" / "done"
+    (run / "pipeline").mkdir(parents=True)
+    (run / "pipeline" / "model_index.json").write_text("{}")
+    (run / "checkpoints" / "step_000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_000004" / "trainer_state.json").write_text("{}")
+    (run / "config.yaml").write_text("max_steps: 4\n")
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": ["max_steps=4"],
+                                              "started": time.time()}))
+    (run / "exit_code").write_text("0\n")
+    assert jobs.job_status(run).state == "finished"
+    with pytest.raises(ValueError, match="finished all its 4 steps: nothing to resume"):
+        jobs.start_job(run, resume=True, runs_root=tmp_path / "runs", device="cpu")
+    assert not (tmp_path / "runs" / ".locks" / "cpu.lock").exists()
 
 
 def _fake_run(root: Path, name: str, lr: float, losses: list[float]):
@@ -330,6 +384,9 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="Shapes stream"):
         presets.check_train_args(presets.train_args({"stage": "sft"}, base=tiny_set["teacher"], judge="",
                                                     student="", data=str(tmp_path / "cases.jsonl")))
+    with pytest.raises(ValueError, match="optim.lr must be >= 0"):  # refused before a job loads its models
+        presets.check_train_args(presets.train_args({"lr": -1.0}, base=tiny_set["teacher"], judge=tiny_set["judge"],
+                                                    student="", data="shapes"))
 
 
 def test_judge_pixel_cap_reaches_the_judge_and_the_runs(tiny_set, tmp_path):

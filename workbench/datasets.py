@@ -30,10 +30,16 @@ def empty_table() -> pd.DataFrame:
     return pd.DataFrame(columns=TABLE_COLUMNS)
 
 
-def table_for_images(paths: list[str]) -> pd.DataFrame:
-    """One row per uploaded image, with the text columns left for the user to fill."""
-    rows = [{"image": str(p), "instruction": "", "caption_reference": "", "caption_target": "", "edit_type": "edit",
-             "object_name": "", "keep": "", "new": "", "gone": ""} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per uploaded image, with the text columns left for the user to fill, or, for an image already in
+    `previous` (the table so far), as typed there: adding files to an upload sends them all again."""
+    typed = {}
+    if previous is not None:
+        for row in previous.reindex(columns=TABLE_COLUMNS).to_dict("records"):
+            typed.setdefault(_cell(row["image"]), {c: _cell(row[c]) for c in TABLE_COLUMNS})
+    rows = [typed.get(str(p)) or {"image": str(p), "instruction": "", "caption_reference": "", "caption_target": "",
+                                  "edit_type": "edit", "object_name": "", "keep": "", "new": "", "gone": ""}
+            for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from npedit.training.checkpoint import latest_checkpoint
+from npedit.training.checkpoint import checkpoint_step, latest_checkpoint
 
 LOCK_DIR = ".locks"
 STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
@@ -168,7 +168,8 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     """Launch `python -m npedit train ARGS output_dir=RUN_DIR` in the background; returns its first status.
 
     With `resume=True` the run's previous arguments are reused with `--resume` (continue from its
-    newest checkpoint). Raises JobBusy when the device already runs a job, ValueError for a used folder.
+    newest checkpoint). Raises JobBusy when the device already runs a job, ValueError for a used folder (or a resume
+    of a run that finished all its steps).
     """
     run_dir = Path(run_dir).resolve()
     runs_root = Path(runs_root).resolve() if runs_root else run_dir.parent
@@ -179,6 +180,11 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     if resume:
         if previous is None:
             raise ValueError(f"{run_dir} was not started by the workbench; nothing to resume")
+        done = job_status(run_dir)
+        saved = checkpoint_step(Path(done.checkpoint)) if done.checkpoint else None  # where --resume would start
+        if done.state == "finished" and done.max_steps and saved is not None and saved >= done.max_steps:
+            raise ValueError(f"run '{run_dir.name}' finished all its {done.max_steps} steps: nothing to resume "
+                             "(start a new run from its editor to train on)")
         train_args = previous["args"]
     elif previous is not None or (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"run folder {run_dir} is already used: pick another run name (or resume it)")

@@ -39,9 +39,12 @@ def _read_rows(path: Path) -> list[dict]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"{path.name}:{n}: not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path.name}:{n}: not a JSON object with reference, edited and instruction")
+            rows.append(row)
     return rows
 
 
