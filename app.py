@@ -75,6 +75,7 @@ class App:
     models: models.ModelSet
     runs_root: Path
     examples_dir: Path
+    public: bool = False  # serving strangers (a Space): no typed model paths or ids, no server files but uploads
 
     def editor_choices(self) -> list[tuple[str, str]]:
         """(label, path) of the app's editor and of every finished run's editor."""
@@ -96,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER)")
     p.add_argument("--critic", help="critic transformer folder, for DMD maps (default: $NPEDIT_CRITIC)")
     p.add_argument("--runs", default=os.environ.get("NPEDIT_RUNS", "runs"), help="folder of training runs")
+    p.add_argument("--public", action=argparse.BooleanOptionalAction, default=_env_public(),
+                   help="serve strangers: editors only from the list (no folder or hub id typed in, which would make "
+                        "the server load or download it), images of batch lists and training tables only from "
+                        "uploads (default: on in a Hugging Face Space, i.e. when $SPACE_ID is set; $NPEDIT_PUBLIC=0 "
+                        "or 1 overrides)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -109,6 +115,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.judge_max_pixels is not None and args.judge_max_pixels < 0:
         p.error(f"--judge-max-pixels must be >= 0 (0: the judge's own cap), got {args.judge_max_pixels}")
     return args
+
+
+def _env_public() -> bool:
+    """--public's default: $NPEDIT_PUBLIC when set (0 or 1), else whether this runs in a Hugging Face Space."""
+    value = os.environ.get("NPEDIT_PUBLIC", "").strip().lower()
+    if value:
+        if value not in ("0", "1", "false", "true"):
+            raise SystemExit(f"error: NPEDIT_PUBLIC must be 0 or 1, got {value!r}")
+        return value in ("1", "true")
+    return bool(os.environ.get("SPACE_ID"))
 
 
 def _env_int(name: str) -> int | None:
@@ -128,7 +144,7 @@ def make_app(args: argparse.Namespace) -> App:
     examples_dir = Path(tempfile.gettempdir()) / "npedit-app-examples"
     model_set = models.ModelSet(paths, device=args.device, dtype=args.dtype,
                                 judge_max_pixels=args.judge_max_pixels)
-    return App(model_set, Path(args.runs).resolve(), examples_dir)
+    return App(model_set, Path(args.runs).resolve(), examples_dir, public=bool(getattr(args, "public", False)))
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -150,6 +166,8 @@ def edit_handler(app: App):
             raise gr.Error("Type an instruction, e.g. \"make the red circle blue\".")
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
         editor = editor or app.models.paths.model
+        if app.public and editor not in [path for _, path in app.editor_choices()]:
+            raise gr.Error("This app is public: pick an editor from the list (it loads no other folder or hub id).")
         try:
             progress(0.0, desc="loading the editor")
             pipe = app.models.editor(editor)
@@ -211,7 +229,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
     choices = app.editor_choices()
     with gr.Row():
         editor = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label="Editor",
-                             allow_custom_value=True, scale=4)
+                             allow_custom_value=not app.public, scale=4)
         refresh = gr.Button("↻ Refresh list", size="sm", scale=0, min_width=120)
     status = gr.Markdown(app.models.status(choices[0][1] if choices else None))
     with gr.Row():
@@ -373,7 +391,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
         @GPU
         def judge_batch(files, progress=gr.Progress()):
             try:
-                pairs = judging.read_pairs(files or [])
+                pairs = judging.read_pairs(files or [], uploads_only=app.public)
                 out = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d))
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
@@ -428,8 +446,9 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     table = gr.Dataframe(value=datasets.empty_table(), headers=datasets.TABLE_COLUMNS, interactive=True,
                          label="Training data", max_height=280, wrap=True, elem_id="train-table")
     with gr.Row():
-        base = gr.Textbox(value=paths.teacher or str(assets.DEFAULT_TEACHER), label="Teacher (base model: model.base)")
-        judge = gr.Textbox(value=paths.judge or str(assets.DEFAULT_JUDGE), label="Judge (judge.path)")
+        own_base, own_judge = paths.teacher or str(assets.DEFAULT_TEACHER), paths.judge or str(assets.DEFAULT_JUDGE)
+        base = gr.Textbox(value=own_base, label="Teacher (base model: model.base)", interactive=not app.public)
+        judge = gr.Textbox(value=own_judge, label="Judge (judge.path)", interactive=not app.public)
         judge_pixels = gr.Number(value=app.models.judge_max_pixels or 0, precision=0, minimum=0,
                                  label="Judge pixels per image (judge.max_pixels; Qwen2.5-VL only; 0 = its own cap)")
         student = gr.Textbox(value=paths.model or str(assets.DEFAULT_MODEL),
@@ -490,6 +509,10 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         if ON_ZEROGPU:  # the Start button is off there, but its event can still be sent
             raise gr.Error(NO_TRAINING_ON_ZEROGPU)
         values = dict(zip(knobs, values))
+        if app.public and (base.strip() != own_base or judge.strip() != own_judge or
+                           student.strip() not in ["", *(path for _, path in app.editor_choices())]):
+            raise gr.Error("This app is public: it trains from its own teacher and judge, and from a listed editor "
+                           "(it loads no other folder or hub id).")
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
         busy = jobs.active_job(app.runs_root, device)
         if busy is not None:
@@ -500,7 +523,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_root}: pick another name.")
         try:
             data = presets.SHAPES_STREAM if use_stream else \
-                datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table))
+                datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table),
+                                        within=[app.examples_dir] if app.public else None)
             args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),
                                       data=str(data), config_file=presets.PRESETS[preset_name].config_file,
                                       judge_max_pixels=int(judge_pixels or 0))

@@ -120,6 +120,47 @@ def test_train_start_never_deletes_a_folder_it_did_not_create(tmp_path, shapes_p
     assert kept.is_file()
 
 
+def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, monkeypatch, shapes_png):
+    """In a Space (or with --public) strangers cannot make the server load a model path or hub id of their choosing,
+    nor read its files through a batch list or a training table: only listed editors, uploads and the app's own
+    generated examples."""
+    from workbench import datasets, judging
+
+    flags = tiny_flags(tiny_set, tmp_path / "runs")
+    for var in ("SPACE_ID", "NPEDIT_PUBLIC"):
+        monkeypatch.delenv(var, raising=False)
+    assert not npedit_app.parse_args(flags).public
+    monkeypatch.setenv("SPACE_ID", "someone/npedit")
+    assert npedit_app.parse_args(flags).public and not npedit_app.parse_args([*flags, "--no-public"]).public
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")  # e.g. the owner's private Space
+    assert not npedit_app.parse_args(flags).public
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(flags))
+    assert app.public
+    with pytest.raises(gr.Error, match="This app is public: pick an editor from the list"):
+        npedit_app.edit_handler(app)(str(shapes_png), "make the circle blue", inspect_steps=False,
+                                     editor=str(tmp_path / "elsewhere"))
+    secret = tmp_path / "server" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(secret)
+    listing = tmp_path / "up" / "pairs.jsonl"
+    listing.parent.mkdir()
+    listing.write_text(f'{{"reference": "{secret}", "edited": "scene.png", "instruction": "x"}}\n')
+    with pytest.raises(ValueError, match="pairs.jsonl row 1: .*secret.png is not among the uploaded files"):
+        judging.read_pairs([listing, shapes_png], uploads_only=True)
+    assert len(judging.read_pairs([listing, shapes_png])) == 1  # a local app reads what its user points at
+    table = pd.DataFrame([{"image": str(secret), "instruction": "make it blue"}])
+    with pytest.raises(ValueError, match="row 1: .*not among the uploaded files"):
+        datasets.write_manifest(table, tmp_path / "m", within=[app.examples_dir])
+    assert datasets.write_manifest(table, tmp_path / "m2").is_file()
+    demo = npedit_app.build_demo(app)
+    start = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_start")
+    with pytest.raises(gr.Error, match="This app is public: it trains from its own teacher and judge"):
+        start(table, {}, False, next(iter(presets.PRESETS)), "run", str(tmp_path / "other-teacher"),
+              tiny_set["judge"], 0, "")
+    assert not (tmp_path / "runs" / "run").exists()
+
+
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
     """On ZeroGPU training is off: neither Start nor the Runs tab's Resume launches a job there."""
     monkeypatch.setattr(npedit_app, "ON_ZEROGPU", True)

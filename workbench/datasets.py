@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,16 +74,21 @@ def _cell(value) -> str:
     return str(value).strip()
 
 
-def resolve_image(name: str, uploads: dict[str, str]) -> Path:
-    """An uploaded file of that base name, else the path itself."""
+def resolve_image(name: str, uploads: dict[str, str], within: Sequence[str | os.PathLike] | None = None) -> Path:
+    """An uploaded file of that base name, else the path itself; with `within` (a public app), only a path inside
+    one of those folders: strangers read no other file of the server."""
     if Path(name).name in uploads:
         return Path(uploads[Path(name).name])
-    return Path(name).expanduser()
+    path = Path(name).expanduser()
+    if within is not None and not any(path.resolve().is_relative_to(Path(w).resolve()) for w in within):
+        raise ValueError(f"{name} is not among the uploaded files (this app reads no other file)")
+    return path
 
 
 def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: dict[str, str] | None = None,
-                   domain: Domain | None = None) -> Path:
-    """Validate the table, copy its images into `directory`/images and write `directory`/cases.jsonl.
+                   domain: Domain | None = None, within: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Validate the table, copy its images into `directory`/images and write `directory`/cases.jsonl (images not
+    uploaded only from the folders `within`, when given).
 
     Empty caption_target means the instruction is used as c^x; empty caption_reference means an
     empty c^y (warm-up prompt; "do nothing" samples then use c^x). Errors name the row.
@@ -98,10 +104,10 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
             continue
         if not values["image"]:
             raise ValueError(f"row {i}: no image")
-        src = resolve_image(values["image"], uploads)
         try:
+            src = resolve_image(values["image"], uploads, within)
             load_image(src)
-        except ImageError as exc:
+        except (ImageError, ValueError) as exc:
             raise ValueError(f"row {i}: {exc}") from None
         name = f"{i:05d}_{src.name}"
         shutil.copyfile(src, directory / "images" / name)

@@ -48,12 +48,13 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
+def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False) -> pd.DataFrame:
     """The pairs listed in the one .csv/.jsonl among `files`; image names resolve to the other uploaded files.
 
     Columns: reference, edited, instruction (required); id, edit_type, object_name (or object), keep (objects to
     leave in place, separated by ';'), new and gone (objects the edit creates / must make disappear) optional.
-    Relative paths that match no upload resolve against the list file's folder.
+    Relative paths that match no upload resolve against the list file's folder; with `uploads_only` (a public app)
+    every image must be one of the uploaded files.
     """
     files = [Path(f) for f in files or []]
     lists = [f for f in files if f.suffix.lower() in (".csv", ".jsonl", ".json")]
@@ -69,7 +70,10 @@ def read_pairs(files: list[str | os.PathLike]) -> pd.DataFrame:
             raise ValueError(f"{listing.name} row {i}: missing {', '.join(missing)}")
         paths = {}
         for key in ("reference", "edited"):
-            p = resolve_image(str(row[key]), uploads)
+            try:
+                p = resolve_image(str(row[key]), uploads, within=[] if uploads_only else None)
+            except ValueError as exc:
+                raise ValueError(f"{listing.name} row {i}: {exc}") from None
             paths[key] = str(p if p.is_absolute() or p.exists() else listing.parent / p)
         out.append({"id": str(row.get("id") or i), **paths, "instruction": str(row["instruction"]),
                     "edit_type": str(row.get("edit_type") or "edit"),
