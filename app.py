@@ -164,6 +164,10 @@ def edit_handler(app: App):
             raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
             raise gr.Error("Type an instruction, e.g. \"make the red circle blue\".")
+        asks_judge = int(candidates or 1) > 1 or inspect_steps
+        if asks_judge and edit_type == "remove" and not (object_name or "").strip():
+            raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
+                           "\"Removed object\" (Advanced settings), or pick another edit type.")
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
         editor = editor or app.models.paths.model
         if app.public and editor not in [path for _, path in app.editor_choices()]:
@@ -382,7 +386,8 @@ def build_judge_tab(app: App, last_edit: gr.State):
 
     with gr.Accordion("Batch: many pairs at once", open=False):
         gr.Markdown("Upload one **.csv** or **.jsonl** list with columns `reference`, `edited`, `instruction` "
-                    "(optional `id`, `edit_type`, `object_name`) **and the images it names** (matched by file name).")
+                    "(optional `id`, `edit_type`, `object_name`, and `keep`, `new`, `gone`: object names separated "
+                    "by `;`, adding `p_keep` and `p_change`) **and the images it names** (matched by file name).")
         files = gr.File(file_count="multiple", file_types=[".csv", ".jsonl", "image"], label="List + images")
         run_batch = gr.Button("Judge all pairs", variant="primary")
         batch_table = gr.Dataframe(label="Verdicts", interactive=False)

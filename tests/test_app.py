@@ -103,6 +103,8 @@ def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
         npedit_app.edit_handler(app)(str(shapes_png), "remove the circle")
     with pytest.raises(gr.Error, match="instruction"):
         npedit_app.edit_handler(app)(str(shapes_png), "  ")
+    with pytest.raises(gr.Error, match="name it in \"Removed object\""):  # before any model is needed
+        npedit_app.edit_handler(app)(str(shapes_png), "remove the circle", edit_type="remove")
 
 
 def test_train_start_never_deletes_a_folder_it_did_not_create(tmp_path, shapes_png):
