@@ -50,6 +50,30 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     assert [d.name for d in ckpt.checkpoint_dirs(root)] == ["step_000020"]
 
 
+def test_a_pruned_checkpoint_is_never_half_seen(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint away before deleting it: a run killed during the deletion leaves a `.trash_*`
+    folder (never listed as a checkpoint, for a resume or `export --average`), which the next save removes."""
+    import shutil
+
+    root = tmp_path / "checkpoints"
+
+    def save(step):
+        tmp = root / f".tmp_step_{step:06d}"
+        (tmp / "student").mkdir(parents=True)
+        (tmp / "trainer_state.json").write_text("{}")
+        ckpt.finalize(tmp, root / f"step_{step:06d}", keep=1)
+
+    save(1)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # killed before the deletion did anything
+    save(2)
+    assert [d.name for d in ckpt.checkpoint_dirs(root)] == ["step_000002"]
+    assert (root / ".trash_step_000001" / "trainer_state.json").is_file()
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    save(3)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003"]
+
+
 def test_model_card_says_how_each_stage_trained():
     from npedit.pipeline import training_summary
 

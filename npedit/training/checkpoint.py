@@ -118,10 +118,22 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that no part of it is ever seen as one: renamed first (atomic), then removed;
+    a run killed during the removal leaves a `.trash_*` folder, which the next `finalize` removes."""
+    trash = folder.with_name(f".trash_{folder.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def finalize(tmp: Path, final: Path, keep: int) -> None:
     """Atomically publish a checkpoint written to `tmp` and prune old ones beyond `keep`."""
+    for stale in final.parent.glob(".trash_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     for old in checkpoint_dirs(final.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
