@@ -484,6 +484,90 @@ def test_gradient_accumulation_adds_up_micro_batches(tmp_path, tiny_zimage, tiny
         load_config(None, ["gradient_accumulation_steps=0", *common])
 
 
+def _probe_trainer(tmp_path, tiny_zimage, tiny_manifest, *extra):
+    """A warm-up Trainer, its batches and a deterministic loss (the student's velocity at t = 0.5, squared)."""
+    from npedit import flow
+    from npedit.config import load_config
+    from npedit.data import collate
+    from npedit.training.datasets import build_dataset
+    from npedit.training.trainer import Trainer
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "stage=warmup", f"model.base={tiny_zimage}",
+                             f"data.train={tiny_manifest}", "data.batch_size=2", "optim.lr=1e-3",
+                             "optim.grad_clip=1e9", "optim.skip_grad_norm=1e6", *extra])
+    trainer = Trainer(cfg)
+    items = build_dataset(cfg.data, stage="warmup", seed=0)
+    batches = [collate([items[0], items[1]]), collate([items[2], items[3]])]
+
+    def loss_fn(batch, scale=1.0):
+        _, ref = trainer._reference(batch)
+        cond = trainer.backbone.encode_prompt(batch["caption_reference"], with_reference=True)
+        t = torch.full((ref.shape[0],), 0.5)
+        v = trainer.velocity(trainer.student, flow.add_noise(ref, torch.zeros_like(ref), t), t, cond, reference=ref)
+        return v.pow(2).mean() * scale, {}
+
+    return trainer, batches, loss_fn
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping_and_the_step(tmp_path, tiny_zimage, tiny_manifest):
+    """Under fp16 mixed precision accelerate's GradScaler multiplies the loss by 2^16 in `acc.backward`: the update
+    (grad norm, skip test, weights) must be the unscaled one, and an overflow skips the step and lowers the scale."""
+    runs = {}
+    for scaled in (False, True):
+        trainer, batches, loss_fn = _probe_trainer(tmp_path / str(scaled), tiny_zimage, tiny_manifest)
+        if scaled:  # what Accelerator(mixed_precision="fp16") builds on a GPU
+            trainer.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        trainer.batches = iter(batches[:1])
+        m = trainer._optimise("student", loss_fn)
+        runs[scaled] = (m, [p.detach() - b for p, b in zip(trainer.student.parameters(), before)], trainer)
+    (m0, d0, _), (m1, d1, trainer) = runs[False], runs[True]
+    assert m0["student_skipped"] == m1["student_skipped"] == 0
+    assert m1["student_grad_norm"] == pytest.approx(m0["student_grad_norm"], rel=1e-4)  # not 65536 times it
+    assert max(float(d.abs().max()) for d in d0) > 0
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(d0, d1))
+    trainer.batches = iter(batches[:1])  # a loss whose scaled gradient overflows float32
+    m = trainer._optimise("student", lambda batch: loss_fn(batch, scale=1e34))
+    assert m["student_skipped"] == 1.0 and trainer.acc.scaler.get_scale() == 2.0 ** 15
+
+
+def test_a_non_finite_loss_on_one_process_skips_the_update_on_all(tmp_path, tiny_zimage, tiny_manifest, monkeypatch):
+    """A process whose loss is not finite still draws its micro-batches and joins the same collectives as the
+    others (returning early would leave them waiting in the gradient all-reduce); the update is skipped
+    everywhere. Two processes are simulated: the all-reduce adds the peer's contribution."""
+    trainer, batches, loss_fn = _probe_trainer(tmp_path, tiny_zimage, tiny_manifest, "gradient_accumulation_steps=2")
+
+    class TwoProcesses:
+        num_processes = 2
+
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+    real, trainer.acc = trainer.acc, TwoProcesses()
+    calls = []
+
+    def all_reduce(tensor, peer_failed):
+        calls.append(tensor.numel())
+        if tensor.numel() == 1:  # the "loss not finite" flag
+            tensor += float(peer_failed)
+        else:  # gradients: the peer's equal ones
+            tensor *= 2
+
+    for mine_fails, peer_fails in ((False, True), (True, False), (False, False)):
+        calls.clear()
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, peer_failed=peer_fails: all_reduce(t, peer_failed))
+        losses = iter([lambda b: loss_fn(b), lambda b: (torch.tensor(float("nan")), {}) if mine_fails else loss_fn(b)])
+        trainer.batches = iter(batches)
+        drawn = trainer.drawn
+        m = trainer._optimise("student", lambda batch: next(losses)(batch))
+        assert trainer.drawn == drawn + 2  # both micro-batches drawn, whatever happened
+        if mine_fails or peer_fails:
+            assert m == {"student_skipped": 1.0} and calls == [1]  # the flag, on both sides; no gradient exchange
+            assert all(p.grad is None for p in trainer.student.parameters())
+        else:
+            assert m["student_skipped"] == 0.0 and calls[0] == 1 and len(calls) == 2
+
+
 def test_train_step_benchmark_script_runs():
     """The per-component timing script follows the trainer's API (it prints measured figures, not asserted)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -240,37 +240,66 @@ class Trainer:
     def _optimise(self, name: str, loss_fn) -> dict:
         """One optimiser step of the student or the critic over `gradient_accumulation_steps` micro-batches:
         `loss_fn(batch) -> (loss, metrics)` runs on each, gradients add up (each loss divided by their
-        number), then average across processes, clip, and step unless a loss or the gradient is not finite
-        or the gradient explodes. Metrics are the micro-batches' means."""
+        number), then average across processes, clip, and step unless a loss (on any process) or the gradient
+        is not finite or the gradient explodes. Metrics are the micro-batches' means.
+
+        Every process draws all k micro-batches and joins the same collectives whatever its losses (a process
+        that left early would leave the others waiting in `average_gradients`). Under fp16 mixed precision
+        `acc.backward` scales the loss (accelerate's GradScaler); the gradients are unscaled before clipping,
+        the skip test and the step, and the scale backs off after an overflow."""
         net, opt, sched = ((self.student, self.opt_student, self.sched_student) if name == "student"
                            else (self.critic, self.opt_critic, self.sched_critic))
         k = self.cfg.gradient_accumulation_steps
+        scaler = getattr(self.acc, "scaler", None)
         opt.zero_grad(set_to_none=True)
         params = [p for p in net.parameters() if p.requires_grad]
         sums: dict = {}
         counts: dict = {}
+        finite = True
         for _ in range(k):
-            loss, m = loss_fn(next(self.batches))
+            batch = next(self.batches)
             self.drawn += 1
+            if not finite:  # this update is lost already: keep the data order, skip the work
+                continue
+            loss, m = loss_fn(batch)
             if not torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                self.skipped[name] += 1
-                return {f"{name}_skipped": 1.0}
+                finite = False
+                continue
             self.acc.backward(loss / k)
             for key, value in m.items():
                 value = value.detach() if torch.is_tensor(value) else value
                 sums[key] = sums[key] + value if key in sums else value
                 counts[key] = counts.get(key, 0) + 1
+        if not self._everywhere(finite):
+            opt.zero_grad(set_to_none=True)
+            self.skipped[name] += 1
+            return {f"{name}_skipped": 1.0}
         metrics = {key: sums[key] / counts[key] for key in sums}
-        average_gradients(params, self.acc)
+        average_gradients(params, self.acc)  # (scaled alike on every process: an overflow anywhere reaches all)
+        if scaler is not None:
+            scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         if not torch.isfinite(norm) or norm > self.cfg.optim.skip_grad_norm:
             opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # an fp16 overflow lowers the scale for the next update
             self.skipped[name] += 1
             return {**metrics, f"{name}_grad_norm": float(norm), f"{name}_skipped": 1.0}
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         return {**metrics, f"{name}_grad_norm": float(norm), f"{name}_skipped": 0.0}
+
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process (one tiny all-reduce when there are several)."""
+        if self.acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
+        torch.distributed.all_reduce(flag)
+        return float(flag.item()) == 0.0
 
     def temperature(self) -> float:
         """Judge logit temperature, ramped linearly from `temperature_start` to 1."""
