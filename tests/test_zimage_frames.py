@@ -142,3 +142,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(transformer):
     transformer.zero_grad()
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     assert grads[0].abs().sum() > 0 and len(calls) == 4  # every block: noise and context refiner, 2 main layers
+
+
+def test_the_time_reaches_a_bf16_transformer_unrounded(transformer):
+    """Z-Image's time goes in as float32 even to a bf16 transformer (as diffusers' pipeline passes it): rounded to
+    bf16, 1000 (1 - t) of the 4-step schedule would be off by up to 1 (52.75 for 52.63)."""
+    import copy
+
+    from npedit.backbones.zimage import ZImageBackbone
+
+    half = copy.deepcopy(transformer).to(torch.bfloat16)
+    seen = []
+    half.t_embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ZImageBackbone.velocity(None, half, rand(1, 4, 8, 8, seed=9), torch.tensor([0.9474]), [rand(5, 32, seed=10)],
+                            reference=rand(1, 4, 8, 8, seed=11))
+    assert seen[0].dtype == torch.float32
+    assert abs(float(seen[0][0]) - (1 - 0.9474) * transformer.t_scale) < 1e-3
