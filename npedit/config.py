@@ -195,6 +195,8 @@ class LossConfig:
     dmd_t_max: float = 0.98
     cfg_scale: float = 3.5
     cfg_scale_strong: float = 7.5
+    # the re-implementation's strong-CFG types (remove, shape, style, action) plus "replace": an object swapped for
+    # another, i.e. the object's shape changes (the Shapes world's shape edit is called "replace")
     strong_cfg_edit_types: tuple[str, ...] = ("remove", "replace", "shape", "style", "action")
     negative_prompt: str = "low quality, artifacts"
 
