@@ -61,10 +61,33 @@ def describe(path: str | os.PathLike) -> str:
 
 
 def check_editor_folder(path: str | os.PathLike) -> None:
-    """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder; hub ids pass."""
+    """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
+    model_index.json lists; hub ids pass."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
+    missing = missing_components(Path(path).expanduser()) if looks_local(path) else []
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
+
+
+def missing_components(path: Path) -> list[str]:
+    """What an NPEditPipeline folder lacks of the components its model_index.json lists: a component's folder, or
+    the safetensors weights of a model (weights are never read from pickle .bin files)."""
+    if not (path / "model_index.json").is_file():
+        return []
+    missing = []
+    for name, entry in _read_json(path / "model_index.json").items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            missing.append(f"no {name}/ (model_index.json lists {entry[-1]} there)")
+        elif name in ("transformer", "vae") or name.startswith("text_encoder"):
+            if not any(folder.glob("*.safetensors")):
+                pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
+                missing.append(f"no safetensors weights in {name}/{pickled}")
+    return missing
 
 
 def _read_json(file: Path) -> dict:

@@ -61,12 +61,19 @@ class NPEditPipeline(DiffusionPipeline):
 
         A folder of LoRA adapters (`python -m npedit export RUN --adapters`) loads too: its base model (or `base=`)
         supplies the rest, and the adapters are folded into the student (`npedit.adapters`), in `torch_dtype`.
-        A local path that is not an editor raises `CheckpointError` saying what it is."""
+        Weights are read from safetensors only; without a dtype every component is float32.
+        A local path that is not an editor (or an editor folder missing a component) raises `CheckpointError`
+        saying what it is."""
         from .adapters import is_adapter_folder, load_adapter_pipeline
         from .folders import check_editor_folder
 
         check_editor_folder(pretrained_model_name_or_path)
         import_families()
+        kwargs.setdefault("use_safetensors", True)  # weights are never unpickled (a .bin-only folder is refused)
+        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
+            # float32 for every component, as the adapter path does (transformers alone would keep a text encoder
+            # saved in bfloat16 as it is, beside a float32 transformer and VAE)
+            kwargs["dtype"] = torch.float32
         if is_adapter_folder(pretrained_model_name_or_path):
             return load_adapter_pipeline(pretrained_model_name_or_path, base=kwargs.pop("base", None),
                                          student=kwargs.pop("student", None),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,9 +28,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # memory-mapped where it can be: a file of the legacy (pre-zip) format cannot, and is read whole
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path} is not a plain state dict of tensors; refused without running it ({exc})") from None
+        # torch's message spans lines and suggests weights_only=False; keep what names the refused content
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:
+            text = text.rsplit("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        reason = " ".join(text.split()) or type(exc).__name__
+        raise ValueError(f"{path} is not a plain state dict of tensors; refused without running it ({reason})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping from names to tensors)")
     return state
@@ -67,7 +74,13 @@ def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: s
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):  # no memory until the checkpoint's own tensors are assigned
         transformer = NPEditZImageTransformer2DModel(**config, reference_layout="frames")
-    weights = transformer_weights(state, set(transformer.state_dict()))
+    expected = transformer.state_dict()  # meta tensors: their shapes
+    weights = transformer_weights(state, set(expected))
+    wrong = [f"{k} {tuple(v.shape)} (the base's {tuple(expected[k].shape)})" for k, v in weights.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{len(wrong)} of the checkpoint's tensors differ in shape from this base's Z-Image transformer "
+                         f"(e.g. {'; '.join(wrong[:3])}); is --base the Z-Image model it was trained from?")
     transformer.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, assign=True)
     transformer.eval()
     backbone = load_backbone(base, torch_dtype=torch_dtype)

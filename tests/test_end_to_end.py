@@ -420,6 +420,38 @@ def test_missing_default_model_is_one_clear_line(tmp_path):
     assert out.returncode != 0 and "pass --model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_an_incomplete_or_pickled_editor_is_one_clear_line_and_loads_in_one_dtype(tmp_path, tiny_zimage):
+    """An editor folder missing a component, or holding pickle .bin weights only (never unpickled), stops with one
+    line naming what is missing; a bfloat16 editor loaded without a dtype is float32 throughout."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from npedit.backbones import load_backbone
+    from npedit.cli import main
+    from npedit.folders import CheckpointError
+    from npedit.pipeline import NPEditPipeline
+
+    bb = load_backbone(tiny_zimage)
+    editor = tmp_path / "editor"
+    NPEditPipeline.from_parts(bb.prepare_student(bb.load_transformer(tiny_zimage)), bb).to(torch.bfloat16)\
+        .save_pretrained(editor)
+    pipe = NPEditPipeline.from_pretrained(editor)
+    assert {next(m.parameters()).dtype for m in (pipe.transformer, pipe.vae, pipe.text_encoder)} == {torch.float32}
+    shutil.rmtree(shutil.copytree(editor, tmp_path / "no_text") / "text_encoder")
+    pickled = shutil.copytree(editor, tmp_path / "pickled")
+    for file in pickled.glob("transformer/*.safetensors"):
+        torch.save(load_file(file), file.with_name("diffusion_pytorch_model.bin"))
+        file.unlink()
+    for folder, says in (("no_text", "no text_encoder/ (model_index.json lists Qwen3Model there)"),
+                         ("pickled", "no safetensors weights in transformer/ (a pickle .bin is not read)")):
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            NPEditPipeline.from_pretrained(tmp_path / folder)
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            main(["edit", "--model", str(tmp_path / folder), "--image", "x.png", "--instruction", "x",
+                  "--output", str(tmp_path / "y.png")])
+
+
 def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_manifest):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",

@@ -63,6 +63,18 @@ def test_load_judge_dispatch_and_its_errors(judge, judge_dir, tmp_path):
         load_judge(judge_dir, max_pixels=4096)
 
 
+def test_a_judge_with_pickle_weights_only_is_refused_unread(judge_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(judge_dir, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds no safetensors weights \(a pickle .bin is not read\)"):
+        load_judge(pickled)
+
+
 
 
 def hf_base_view(image_processor, pil):

@@ -1,7 +1,11 @@
+import json
+
 import pytest
 import torch
 
 from npedit.backbones import detect_family, load_backbone
+from npedit.backbones.tiny import build_tiny_sd3
+from npedit.folders import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +19,43 @@ def test_family_detection(tiny_zimage, tmp_path):
     assert detect_family(tiny_zimage) == "zimage"
     with pytest.raises(FileNotFoundError, match="not a diffusers-layout"):
         detect_family(tmp_path)
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
+    with pytest.raises(CheckpointError, match="a judge/VLM.*not a diffusers-layout"):
+        detect_family(tmp_path / "judge")  # says what the folder is, not "unsupported transformer class ''"
+
+
+def test_a_transformer_of_another_family_or_none_is_refused_not_built_at_random(parts, tiny_zimage, tmp_path):
+    """diffusers would build a ZImageTransformer2DModel of its default (6B) size from an SD3 config, its weights
+    random, warning only: the class the config names is checked first."""
+    bb, _, _ = parts
+    sd3 = build_tiny_sd3(tmp_path / "sd3")
+    for student in (False, True):
+        with pytest.raises(CheckpointError, match="holds a SD3Transformer2DModel: not a zimage transformer"):
+            bb.load_transformer(sd3, for_student=student)
+    with pytest.raises(CheckpointError, match="holds a ZImageTransformer2DModel: not a sd3 transformer"):
+        load_backbone(sd3).load_transformer(tiny_zimage, for_student=True)
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
+    with pytest.raises(CheckpointError, match="a judge/VLM.*not a zimage transformer"):
+        bb.load_transformer(tmp_path / "judge", for_student=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty is a folder without model files"):
+        bb.load_transformer(tmp_path / "empty")
+
+
+def test_images_wider_than_the_rotary_table_are_worked_on_smaller(tiny_zimage, parts):
+    """The pipeline's working size stays within the transformer's `axes_lens` (as SD3's within its position grid)."""
+    from PIL import Image
+
+    from npedit.pipeline import NPEditPipeline
+
+    bb, _, student = parts
+    pipe = NPEditPipeline.from_parts(student, bb)
+    side = min(student.config.axes_lens[1:]) * pipe.backbone.pixel_multiple
+    assert pipe.backbone.max_side == side
+    pixels, sizes = pipe.prepare_images([Image.new("RGB", (2 * side, 16))], max_side=4 * side)
+    assert pixels.shape[-1] == side and sizes == [(2 * side, 16)]
 
 
 def test_native_convention(parts):

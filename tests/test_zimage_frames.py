@@ -1,6 +1,7 @@
 """The Z-Image "frames" reference layout (the re-implementation's): its forward against diffusers' own, batching."""
 
 import datetime
+import re
 
 import pytest
 import torch
@@ -107,7 +108,25 @@ def test_import_reimpl_refuses_what_it_cannot_trust_or_place(tmp_path, tiny_zima
     torch.save(dict(list(state.items())[:-3]), partial)
     with pytest.raises(SystemExit, match="3 missing"):
         main(["import-reimpl", str(partial), "--base", str(tiny_zimage), "--out", str(tmp_path / "b")])
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    name, value = next((k, v) for k, v in state.items() if v.dim() == 2)
+    reshaped = tmp_path / "reshaped.pt"  # every name right, one tensor of another size: a clear line, no traceback
+    torch.save({**state, name: torch.zeros(value.shape[0] + 1, value.shape[1])}, reshaped)
+    with pytest.raises(SystemExit, match=re.escape(f"1 of the checkpoint's tensors differ in shape from this base's "
+                                                   f"Z-Image transformer (e.g. {name[len('transformer.'):]} (")):
+        main(["import-reimpl", str(reshaped), "--base", str(tiny_zimage), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=r"refused without running it \(Unsupported global: GLOBAL datetime.date"):
+        main(["import-reimpl", str(evil), "--base", str(tiny_zimage), "--out", str(tmp_path / "a")])  # one line
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_import_reimpl_reads_a_legacy_format_state_dict(tmp_path, reimpl_checkpoint):
+    """A `torch.save` file of the pre-zip format cannot be memory-mapped; it is read whole, not refused."""
+    from npedit.reimpl import read_state_dict
+
+    _, state = reimpl_checkpoint
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    read = read_state_dict(tmp_path / "legacy.pt")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
 
 
 def test_the_imported_editor_trains_on_in_its_own_layout(tmp_path, tiny_zimage, tiny_manifest, reimpl_checkpoint):

@@ -51,7 +51,12 @@ def detect_family(path: str | os.PathLike) -> str:
     if local.is_dir():
         for cfg in (local / "transformer" / "config.json", local / "config.json"):
             if cfg.is_file():
-                return family_of_class_name(json.loads(cfg.read_text()).get("_class_name", ""))
+                name = json.loads(cfg.read_text()).get("_class_name")
+                if not name:  # e.g. a judge's config.json: say what the folder is, not "class ''"
+                    from npedit.folders import CheckpointError, describe
+
+                    raise CheckpointError(f"{describe(local)}: not a diffusers-layout checkpoint of a supported backbone")
+                return family_of_class_name(name)
         raise FileNotFoundError(
             f"{local} holds no transformer/config.json: not a diffusers-layout checkpoint of a supported backbone"
         )

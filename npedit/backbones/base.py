@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
 
 
@@ -32,6 +33,26 @@ def resolve_subfolder(path: str | os.PathLike, subfolder: str | None) -> str | N
     if subfolder and local.is_dir() and not (local / subfolder).is_dir() and (local / "config.json").is_file():
         return None
     return subfolder
+
+
+def check_transformer(path: str | os.PathLike, subfolder: str | None, family: str) -> dict:
+    """The config.json of the transformer at `path` (`subfolder`, as `resolve_subfolder` gave it), read alone; a
+    `CheckpointError` saying what the path holds unless it names a transformer class of `family` (diffusers would
+    otherwise build another family's class from it with random weights, warning only)."""
+    from npedit.backbones import FAMILIES
+    from npedit.folders import CheckpointError, describe, looks_local
+
+    classes = FAMILIES[family][2]
+    folder = Path(str(path), subfolder or "")
+    if looks_local(path) and not (folder / "config.json").is_file():
+        raise CheckpointError(f"{describe(path)}: a {family} transformer folder holds config.json and its weights")
+    config = AutoencoderKL.load_config(str(path), subfolder=subfolder)  # reads any config.json, whatever it names
+    name = config.get("_class_name")
+    if name not in classes:
+        held = (f"{path} holds a {name}" if name else describe(path) if looks_local(path) else
+                f"{path} holds no diffusers model")
+        raise CheckpointError(f"{held}: not a {family} transformer (one of {', '.join(classes)})")
+    return config
 
 
 class Backbone(nn.Module):

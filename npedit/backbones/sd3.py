@@ -44,7 +44,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..config import REFERENCE_MODES
-from .base import Backbone, resolve_subfolder, set_config
+from .base import Backbone, check_transformer, resolve_subfolder, set_config
 from .vae import AnyVAE, LatentCodec
 
 T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
@@ -301,7 +301,7 @@ class SD3Backbone(Backbone):
             ("tokenizer_2", AutoTokenizer), ("text_encoder_2", CLIPTextModelWithProjection),
             ("tokenizer_3", AutoTokenizer), ("text_encoder_3", T5EncoderModel), ("vae", AnyVAE),
         ):
-            kwargs = {} if name.startswith("tokenizer") else {"torch_dtype": torch_dtype}
+            kwargs = {} if name.startswith("tokenizer") else {"torch_dtype": torch_dtype, "use_safetensors": True}
             required = name in ("tokenizer", "text_encoder", "vae")
             parts[name] = _load_component(loader, path, name, required=required, **kwargs)
         try:
@@ -387,10 +387,12 @@ class SD3Backbone(Backbone):
     def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
         """Teacher/critic: plain `SD3Transformer2DModel`; student: `NPEditSD3Transformer2DModel` (ref_embed 0 if absent)."""
         subfolder = resolve_subfolder(path, subfolder)
+        check_transformer(path, subfolder, "sd3")
         if not for_student:
-            return SD3Transformer2DModel.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype)
+            return SD3Transformer2DModel.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype,
+                                                         use_safetensors=True)
         model, info = NPEditSD3Transformer2DModel.from_pretrained(
-            str(path), subfolder=subfolder, torch_dtype=torch_dtype, output_loading_info=True,
+            str(path), subfolder=subfolder, torch_dtype=torch_dtype, output_loading_info=True, use_safetensors=True,
         )
         if "ref_embed" in info["missing_keys"]:  # a plain SD3 checkpoint
             _zero_ref_embed(model)

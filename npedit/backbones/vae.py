@@ -36,7 +36,7 @@ class AnyVAE:
         if name not in VAE_CLASSES:
             raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
         module, cls = VAE_CLASSES[name]
-        return getattr(importlib.import_module(module), cls).from_pretrained(str(path), **kw, **kwargs)
+        return getattr(importlib.import_module(module), cls).from_pretrained(str(path), **kw, **{"use_safetensors": True, **kwargs})
 
 
 class LatentCodec(nn.Module):

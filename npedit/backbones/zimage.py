@@ -24,7 +24,7 @@ from diffusers import ModelMixin, ZImageTransformer2DModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from transformers import AutoModel, AutoTokenizer
 
-from .base import Backbone, resolve_subfolder
+from .base import Backbone, check_transformer, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
 MAX_PROMPT_TOKENS = 512
@@ -174,8 +174,9 @@ def frames_forward(transformer, reference, x_t, t_native, captions):
 
 
 def transformer_class(path, subfolder: str | None) -> type[ZImageTransformer2DModel]:
-    """The class a Z-Image transformer's config.json names (a local folder or a hub id: its config alone is read)."""
-    named = ZImageTransformer2DModel.load_config(str(path), subfolder=subfolder).get("_class_name")
+    """The class a Z-Image transformer's config.json names (a local folder or a hub id: its config alone is read);
+    `CheckpointError` when it is not a Z-Image transformer."""
+    named = check_transformer(path, subfolder, "zimage").get("_class_name")
     if named == NPEditZImageTransformer2DModel.__name__:
         return NPEditZImageTransformer2DModel
     return ZImageTransformer2DModel
@@ -187,8 +188,9 @@ class ZImageBackbone(Backbone):
     family = "zimage"
     transformer_classes = (ZImageTransformer2DModel, NPEditZImageTransformer2DModel)
 
-    def __init__(self, text_encoder, tokenizer, vae, reference_layout: str = "omni"):
+    def __init__(self, text_encoder, tokenizer, vae, reference_layout: str = "omni", max_patches: int | None = None):
         super().__init__()
+        self.max_patches = max_patches  # the transformer's RoPE table length along rows and columns (None: unknown)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.codec = LatentCodec(vae.requires_grad_(False).eval())
@@ -198,7 +200,8 @@ class ZImageBackbone(Backbone):
     def from_components(cls, transformer=None, **components) -> "ZImageBackbone":
         """Build from loaded parts; the instruction layout follows the transformer's reference layout."""
         layout = reference_layout(transformer) if transformer is not None else "omni"
-        return cls(**components, reference_layout=layout)
+        patches = min(transformer.config.axes_lens[1:]) if transformer is not None else None
+        return cls(**components, reference_layout=layout, max_patches=patches)
 
     def follow_student(self, student) -> None:
         """Encode instructions in the layout `student` was trained with."""
@@ -208,8 +211,12 @@ class ZImageBackbone(Backbone):
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32) -> "ZImageBackbone":
         """Load tokenizer, text encoder and VAE from a diffusers-layout folder or hub id."""
         path = str(path)
+        missing = [f"{n}/" for n in ("tokenizer", "text_encoder", "vae") if not Path(path, n).is_dir()]
+        if Path(path).is_dir() and missing:
+            raise FileNotFoundError(f"{path} has no {', '.join(missing)} folder; a Z-Image checkpoint needs them")
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype)
+        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype,
+                                                   use_safetensors=True)
         vae = AnyVAE.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
         return cls(text_encoder, tokenizer, vae)
 
@@ -241,6 +248,11 @@ class ZImageBackbone(Backbone):
     def pixel_multiple(self) -> int:
         return self.codec.downsample * 2  # patch size 2
 
+    @property
+    def max_side(self) -> int | None:
+        """Z-Image's rotary table holds `axes_lens` positions along rows and columns (in patches): no larger."""
+        return self.max_patches * self.pixel_multiple if self.max_patches else None
+
     # ---- transformers ----------------------------------------------------------------------
     def velocity(self, transformer, x_t, t, cond, reference=None):
         """v = eps - x0 from Z-Image's native output (-v at time 1 - t); x_t (B, C, h, w), t (B,)."""
@@ -265,7 +277,7 @@ class ZImageBackbone(Backbone):
         """Load a `ZImageTransformer2DModel` (or our subclass, when its config names it: a "frames" student)."""
         subfolder = resolve_subfolder(path, subfolder)
         model_class = transformer_class(path, subfolder)
-        return model_class.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype)
+        return model_class.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
 
     def prepare_student(self, transformer, reference_mode="tokens"):
         if reference_mode != "tokens":  # Z-Image's omni mode sees the reference as tokens, as it was trained

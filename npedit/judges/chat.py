@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from pathlib import Path
 from typing import Hashable, Sequence
 
 import torch
@@ -110,13 +111,20 @@ class ChatJudge(Judge):
         max_pixels: int | None = None,
     ) -> "ChatJudge":
         """Load the model and its processor from a local folder or a (cached) hub id; `max_pixels` caps the
-        pixels per image of a judge that sees images at their own size (`cap_pixels`)."""
+        pixels per image of a judge that sees images at their own size (`cap_pixels`). Weights are read from
+        safetensors only (a folder of pickle .bin files is refused, never unpickled)."""
+        local = Path(str(path_or_hub_id))
+        if local.is_dir() and not any(local.glob("*.safetensors")):
+            from npedit.folders import CheckpointError
+
+            pickled = " (a pickle .bin is not read)" if any(local.glob("*.bin")) else ""
+            raise CheckpointError(f"{local} holds no safetensors weights{pickled}: a judge folder holds model*.safetensors")
         processor = AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
         if max_pixels is not None:
             cls.check_max_pixels(max_pixels)
             cls.cap_pixels(processor, max_pixels)
         model = cls.model_class.from_pretrained(
-            str(path_or_hub_id), dtype=torch_dtype, trust_remote_code=trust_remote_code
+            str(path_or_hub_id), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         return cls(model.to(device or "cpu"), processor)
 
