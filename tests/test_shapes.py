@@ -85,7 +85,7 @@ def test_render_pixel_colours():
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
 @pytest.mark.parametrize("size,r", [("small", 5), ("large", 9)])
-@pytest.mark.parametrize("cell", ["top left", "right", "bottom"])
+@pytest.mark.parametrize("cell", list(SPEC_CENTRES))
 def test_rasterisation_matches_inequalities(shape, size, r, cell):
     image = render(one(shape, "green", size, cell, "white"))
     covered = np.all(image == SPEC_COLOURS["green"], axis=-1)  # (64, 64) indexed [y, x]
@@ -122,6 +122,16 @@ def test_scene_validation_and_canonical_order():
 def test_caption_spec_example():
     scene = Scene("gray", (Obj("square", "blue", "small", "bottom"), Obj("circle", "red", "large", "top")))
     assert caption(scene) == "a red circle, a blue square on a gray background"
+
+
+def test_spec_templates_are_taken_literally():
+    # The spec writes `a {colour} {shape}` and `with a {colour} {shape}`: "a" even before "orange" (no "an").
+    scene = Scene("sky", (Obj("triangle", "orange", "small", "center"), Obj("square", "red", "large", "bottom right")))
+    assert caption(scene) == "a orange triangle, a red square on a sky background"
+    assert instruction(scene, Edit("replace", "bottom right", "circle", "orange")) == \
+        "replace the square with a orange circle"
+    assert instruction(scene, Edit("recolor", "center", colour="blue")) == "make the triangle blue"
+    assert instruction(scene, Edit("add", "top", "circle", "orange", "small")) == "add a small orange circle at the top"
 
 
 def test_referring_expression_order():
@@ -260,9 +270,10 @@ def test_parse_round_trip_every_object():
     for cell in CELLS:
         for shape in ("circle", "square", "triangle"):
             for size in ("small", "large"):
-                for colour, background in zip(COLOURS, list(BACKGROUNDS) * 2):
-                    scene = one(shape, colour, size, cell, background)
-                    assert parse(render(scene)) == scene
+                for colour in COLOURS:
+                    for background in BACKGROUNDS:
+                        scene = one(shape, colour, size, cell, background)
+                        assert parse(render(scene)) == scene
 
 
 def test_parse_robust_to_noise_and_jpeg():
