@@ -272,8 +272,9 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                  height="auto", format="png", object_fit="contain", elem_classes="pixelated",
                                  elem_id="candidates")
     gr.Markdown("### Inside the sampler: one column per step\nPredicted clean image x0 of each step, the judge's "
-                "P(Yes) for the edit and identity checks on that x0, and the DMD map: where the teacher's "
-                "(with CFG, as in training) and the critic's x0-predictions disagree at that step's noisy state x_t.")
+                "P(edit done) (for a removal, P(No) to \"does it contain the object?\") and identity P(Yes) on that "
+                "x0, and its DMD map: where the teacher's (with CFG, as in training) and the critic's x0-predictions "
+                "disagree on that x0 noised to the colour bar's t (one noise, drawn from the seed, for every step).")
     step_plot = gr.Plot(label="Per-step panel", format="png", elem_id="step-panel")
     step_table = gr.Dataframe(label="Per-step numbers", interactive=False, elem_id="step-table")
     examples = datasets.bundled_examples(assets.EXAMPLES_DIR) + datasets.shapes_examples(app.examples_dir)

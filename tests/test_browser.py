@@ -86,7 +86,7 @@ def test_upload_edit_and_see_every_step(page, tmp_path):
     assert panel.bounding_box()["width"] > 300
     table = page.locator("#step-table")
     table.get_by_text("0.6667").filter(visible=True).first.wait_for()  # t of the 4th step (uniform grid, shift 6)
-    assert table.get_by_text("P(Yes) edit").first.is_visible()
+    assert table.get_by_text("P(edit done)").first.is_visible()
     assert page.get_by_text("Seed").first.is_visible()
     page.wait_for_timeout(500)
     shot = tmp_path / "app-edit.png"

@@ -71,6 +71,46 @@ def test_dmd_map_is_zero_when_teacher_and_critic_agree(loaded):
     assert trace.judge_note == "no judge loaded" and trace.steps[0].p_edit is None
 
 
+def test_dmd_map_is_of_each_steps_x0_noised_as_dmd_does(loaded):
+    import torch
+
+    from npedit import flow
+    from npedit.guidance import teacher_critic_x0
+    from workbench.inspect import dmd_map
+
+    ms, pipe = loaded
+    _, teacher, critic, loss, _, _ = ms.inspectors(None, pipe)
+    traces = [trace_edit(pipe, None, teacher, critic, shapes_image(k)[0], "make the circle blue", "a blue circle",
+                         steps=2, seed=4, loss=loss) for k in (2, 3)]
+    # step 1's map is of its x0, not of the sampler's x_t (pure noise at t = 1, the same for every image)
+    assert not np.array_equal(traces[0].steps[0].dmd_map, traces[1].steps[0].dmd_map)
+    trace = traces[1]
+    assert trace.dmd_t == pytest.approx((loss.dmd_t_min + loss.dmd_t_max) / 2)
+    x = pipe(image=shapes_image(3)[0], prompt="make the circle blue", num_inference_steps=2,
+             generator=torch.Generator().manual_seed(4), output_type="latent").images  # the last step's x0
+    x_t = flow.add_noise(x, torch.randn(x.shape, generator=torch.Generator().manual_seed(4)), trace.dmd_t)
+    bb = pipe.backbone
+    cond_x, cond_neg = (bb.encode_prompt([p], with_reference=False) for p in ("a blue circle", loss.negative_prompt))
+    with torch.no_grad():
+        expected = dmd_map(*teacher_critic_x0(bb, teacher, critic, x_t, torch.full((1,), trace.dmd_t), cond_x,
+                                              cond_neg, trace.cfg_scale))
+    assert np.allclose(trace.steps[-1].dmd_map, expected, atol=1e-5)
+    assert f"t={trace.dmd_t:.2f}" in plots.steps_figure(trace).axes[-1].get_ylabel()
+
+
+def test_a_removal_is_labelled_by_what_its_number_is(loaded):
+    from npedit.verdicts import judge_edit
+
+    ms, pipe = loaded
+    trace = trace_edit(pipe, ms.judge(), None, None, shapes_image(3)[0], "remove the square", steps=1,
+                       edit_type="remove", object_name="square")
+    contains = judge_edit(ms.judge(), trace.reference, trace.steps[0].x0, "remove the square", edit_type="remove",
+                          object_name="square").questions[0]
+    assert contains["kind"] == "contains" and trace.steps[0].p_edit == pytest.approx(1 - contains["p_yes"])
+    assert trace.table()[0]["P(edit done)"] == pytest.approx(1 - contains["p_yes"], abs=1e-4)  # not its P(Yes)
+    assert plots.steps_figure(trace).axes[0].get_xlabel().startswith("P(edit done)")
+
+
 def test_trace_without_teacher_says_why(loaded, tmp_path):
     ms, pipe = loaded
     paths = models.resolve_paths(model=ms.paths.model, judge=ms.paths.judge, env={})
@@ -120,8 +160,8 @@ def test_companions_of_a_bundled_or_run_editor(tmp_path, monkeypatch):
     defaults = models.ModelPaths(model=str(editor), teacher="bundled-teacher", critic="bundled-critic")
     comp = models.companions(str(editor), defaults)
     # The training machine's relative teacher path is not here: the app's teacher is used; the loss settings
-    # follow the run.
-    assert comp.teacher == "bundled-teacher" and comp.critic == "bundled-critic" and comp.missing is None
+    # follow the run. The bundled critic was fitted to another editor's outputs: no DMD maps, and the note says why.
+    assert comp.teacher == "bundled-teacher" and comp.critic is None and "--critic" in comp.missing
     assert comp.loss.negative_prompt == "" and comp.loss.cfg_scale == 2.0
     (tmp_path / "run" / "critic").mkdir()
     (tmp_path / "run" / "critic" / "config.json").write_text("{}")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from npedit import flow
 from npedit.config import LossConfig
 from npedit.guidance import teacher_critic_x0
 from npedit.images import load_image, tensor_to_pil
@@ -32,7 +33,7 @@ class StepTrace:
     sample_s: float  # time of the sampler step (student forward)
     p_edit: float | None = None
     p_identity: float | None = None
-    dmd_map: np.ndarray | None = None  # (h, w) mean over latent channels of |x0_critic - x0_teacher|
+    dmd_map: np.ndarray | None = None  # (h, w) channel mean of |x0_critic - x0_teacher| on x0 noised to dmd_t
     dmd_mean: float | None = None
     judge_s: float = 0.0
     dmd_s: float = 0.0
@@ -49,14 +50,16 @@ class EditTrace:
     caption_from: str  # "given" or "instruction" (the library's fallback when none is given)
     seed: int
     cfg_scale: float
+    dmd_t: float | None = None  # the noise level at which each step's x0 is handed to the teacher and critic
     steps: list[StepTrace] = field(default_factory=list)
     judge_note: str | None = None  # why there are no P(Yes) values
     dmd_note: str | None = None  # why there are no DMD maps
     timings: dict = field(default_factory=dict)
 
     def table(self) -> list[dict]:
-        """One row per step: t, P(Yes) of the edit and identity checks, mean DMD disagreement, timings."""
-        return [{"step": s.step + 1, "t": round(s.t, 4), "P(Yes) edit": _round(s.p_edit),
+        """One row per step: t, P(edit done) (a removal: P(No) of its contains check), P(Yes) of the identity
+        check, mean DMD disagreement, timings."""
+        return [{"step": s.step + 1, "t": round(s.t, 4), "P(edit done)": _round(s.p_edit),
                  "P(Yes) identity": _round(s.p_identity), "DMD mean |x0_critic - x0_teacher|": _round(s.dmd_mean),
                  "sampler s": round(s.sample_s, 3), "judge s": round(s.judge_s, 3), "DMD s": round(s.dmd_s, 3)}
                 for s in self.steps]
@@ -105,12 +108,14 @@ def edit_best_of(pipe, judge, image, instruction: str, candidates: int, steps: i
 def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_target: str | None = None,
                steps: int = 4, seed: int = 0, *, edit_type: str = "edit", object_name: str | None = None,
                max_side: int = 1024, loss: LossConfig | None = None, judge_note: str | None = None,
-               dmd_note: str | None = None, progress: Progress | None = None) -> EditTrace:
-    """Edit `image` with `pipe` and record, for every sampling step, x0, the judge's P(Yes) and the DMD map.
+               dmd_note: str | None = None, progress: Progress | None = None, dmd_t: float | None = None) -> EditTrace:
+    """Edit `image` with `pipe` and record, for every sampling step, x0, the judge's verdict and the DMD map.
 
     `judge`, `teacher` and `critic` may be None (then `judge_note` / `dmd_note` say why). The DMD map
-    of a step compares the teacher's CFG x0-prediction with the critic's at that step's noisy state
-    x_t, conditioned on the target caption c^x (default: the instruction, as npedit.data does).
+    of a step is where DMD would act on that step's x0, as training applies it to the unroll's output:
+    x0 noised to `dmd_t` (default: the middle of the loss's t range) with noise drawn from `seed`, the
+    same for every step, then the teacher's CFG x0-prediction against the critic's, both on the target
+    caption c^x (default: the instruction, as npedit.data does).
     """
     loss = loss or LossConfig()
     report = progress or (lambda frac, desc: None)
@@ -123,8 +128,7 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
 
     def on_step(_pipe, step, t, tensors):
         now = time.perf_counter()
-        records.append({"step": step, "t": float(t), "x_t": tensors["latents"].detach().clone(),
-                        "x0": tensors["x0"].detach().clone(), "sample_s": now - clock[0]})
+        records.append({"step": step, "t": float(t), "x0": tensors["x0"].detach().clone(), "sample_s": now - clock[0]})
         clock[0] = now
         report((step + 1) / (2 * steps), f"sampling step {step + 1}/{steps}")
 
@@ -141,9 +145,15 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
     else:
         cond_x = bb.encode_prompt([caption], with_reference=False)
         cond_neg = bb.encode_prompt([loss.negative_prompt], with_reference=False)
+        # not the sampler's x_t: step 1's is pure noise (the same whatever the image) and each later one holds the
+        # previous step's x0; one noise for all steps, so the maps differ only by x0
+        dmd_t = float((loss.dmd_t_min + loss.dmd_t_max) / 2 if dmd_t is None else dmd_t)
+        x0 = records[0]["x0"]
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed))).to(x0.device, x0.dtype)
     if judge is None:
         judge_note = judge_note or "no judge loaded"
     trace = EditTrace(reference, edited, instruction, caption, caption_from, int(seed), scale,
+                      dmd_t=None if teacher is None or critic is None else dmd_t,
                       judge_note=judge_note if judge is None else None,
                       dmd_note=dmd_note if teacher is None or critic is None else None)
     for r in records:
@@ -155,8 +165,8 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
             st.p_edit, st.p_identity, st.judge_s = verdict.p_edit, verdict.p_identity, time.perf_counter() - t0
         if teacher is not None and critic is not None:
             t0 = time.perf_counter()
-            x_t = r["x_t"]
-            t_vec = torch.full((x_t.shape[0],), r["t"], device=x_t.device, dtype=x_t.dtype)
+            x_t = flow.add_noise(r["x0"], eps, dmd_t)
+            t_vec = torch.full((x_t.shape[0],), dmd_t, device=x_t.device, dtype=x_t.dtype)
             x0_real, x0_fake = teacher_critic_x0(bb, teacher, critic, x_t, t_vec, cond_x, cond_neg, scale)
             st.dmd_map = dmd_map(x0_real, x0_fake)
             st.dmd_mean, st.dmd_s = float(st.dmd_map.mean()), time.perf_counter() - t0

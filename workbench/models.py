@@ -252,7 +252,8 @@ def companions(editor: str | None, paths: ModelPaths) -> Companions:
 
     def pick(kind: str, own: str | None) -> str | None:
         given = getattr(paths, kind) if kind in paths.given else None
-        default = getattr(paths, kind) if kind not in paths.given else None
+        # a critic is fitted to one editor's outputs: the bundled one (the default editor's) is no other editor's
+        default = getattr(paths, kind) if kind not in paths.given and kind != "critic" else None
         # Flags win for the editor the app was started with; a run's own teacher/critic win for the others.
         first = (given, own) if editor == paths.model else (own, given)
         return first[0] or first[1] or default

@@ -23,7 +23,8 @@ def _fmt(p: float | None) -> str:
 
 
 def steps_figure(trace: EditTrace) -> Figure:
-    """One column per sampling step: x0 with the judge's P(Yes) under it, then the DMD map (shared colour bar)."""
+    """One column per sampling step: x0 with the judge's P(edit done) and identity P(Yes) under it, then the DMD map
+    of that x0 (shared colour bar)."""
     n = len(trace.steps)
     maps = [s.dmd_map for s in trace.steps if s.dmd_map is not None]
     rows = 2 if maps else 1
@@ -38,7 +39,7 @@ def steps_figure(trace: EditTrace) -> Figure:
         top = axes[0, j]
         top.imshow(np.asarray(s.x0), interpolation="nearest")
         top.set_title(f"step {s.step + 1}  t={s.t:.3f}", fontsize=10)
-        top.set_xlabel(f"edit P(Yes) {_fmt(s.p_edit)}\nidentity P(Yes) {_fmt(s.p_identity)}", fontsize=9)
+        top.set_xlabel(f"P(edit done) {_fmt(s.p_edit)}\nidentity P(Yes) {_fmt(s.p_identity)}", fontsize=9)
         top.set_xticks([])
         top.set_yticks([])
         if maps:
@@ -50,7 +51,7 @@ def steps_figure(trace: EditTrace) -> Figure:
             bottom.set_yticks([])
     if shown is not None:
         cbar = fig.colorbar(shown, ax=list(axes[1, :]), shrink=0.9, location="right")
-        cbar.set_label("|x0 critic − x0 teacher| (latent)", fontsize=8)
+        cbar.set_label(f"|x0 critic − x0 teacher| (latent) at t={trace.dmd_t:.2f}", fontsize=8)
     if notes:
         fig.suptitle("\n".join(notes), fontsize=9, color="firebrick")
     return fig
