@@ -186,10 +186,11 @@ def edit_handler(app: App):
                                                object_name=(object_name or "").strip() or None,
                                                keep=object_names(keep))
                 edited, panel, table = picked.image, None, None
-                gallery = [(im, f"#{k} · {v.score:.2f}" + (" ✓" if k == picked.best else ""))
-                           for k, (im, v) in enumerate(zip(picked.images, picked.verdicts))]
-                info = [f"Seed **{seed}** · best of {len(picked.images)} by the judge: candidate #{picked.best} · "
-                        f"{int(steps)} steps · {seconds:.2f} s · the per-step analysis covers single edits only",
+                gallery = [(im, f"#{k} · seed {s} · {v.score:.2f}" + (" ✓" if k == picked.best else ""))
+                           for k, (im, v, s) in enumerate(zip(picked.images, picked.verdicts, picked.seeds))]
+                info = [f"Seeds **{seed}-{seed + len(picked.images) - 1}** · best of {len(picked.images)} by the "
+                        f"judge: candidate #{picked.best}, seed **{picked.seeds[picked.best]}** (that seed with 1 "
+                        f"candidate redoes it, with the per-step analysis) · {int(steps)} steps · {seconds:.2f} s",
                         candidates_markdown(picked)]
             elif inspect_steps:
                 progress(0.05, desc="loading the judge, teacher and critic")
@@ -221,10 +222,10 @@ def edit_handler(app: App):
 
 def candidates_markdown(picked) -> str:
     """The judge's numbers for each best-of-N candidate as a Markdown table (score: sum of log P(expected))."""
-    rows = ["| candidate | score | P(edit) | P(identity) |", "|---|---|---|---|"]
-    for k, v in enumerate(picked.verdicts):
+    rows = ["| candidate | seed | score | P(edit) | P(identity) |", "|---|---|---|---|---|"]
+    for k, (v, s) in enumerate(zip(picked.verdicts, picked.seeds or [None] * len(picked.verdicts))):
         name = f"**#{k} ✓**" if k == picked.best else f"#{k}"
-        rows.append(f"| {name} | {v.score:.2f} | {v.p_edit:.3f} | {v.p_identity:.3f} |")
+        rows.append(f"| {name} | {'' if s is None else s} | {v.score:.2f} | {v.p_edit:.3f} | {v.p_identity:.3f} |")
     return "Score: the sum over the judge's questions of log P(the expected answer).\n\n" + "\n".join(rows)
 
 

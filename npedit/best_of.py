@@ -22,6 +22,7 @@ class Candidates:
 
     images: list[Image.Image]
     verdicts: list[Verdict]
+    seeds: list[int] | None = None  # candidate k's seed, when each had its own (its single edit with that seed)
 
     @property
     def best(self) -> int:
@@ -33,18 +34,24 @@ class Candidates:
         return self.images[self.best]
 
 
-def best_of(pipe, judge, image, instruction: str, *, candidates: int = 4, steps: int = 4,
+def best_of(pipe, judge, image, instruction: str, *, candidates: int = 4, steps: int = 4, seed: int | None = None,
             generator: torch.Generator | None = None, max_side: int = 1024, chunk: int = 8,
             **questions) -> Candidates:
-    """Edit `image` `candidates` times (pipeline and judge batches of at most `chunk`, noise drawn from
-    `generator`) and judge every result with `edit_questions(instruction, **questions)` (edit_type,
-    object_name, keep, new, gone, extra)."""
+    """Edit `image` `candidates` times (pipeline and judge batches of at most `chunk`) and judge every result with
+    `edit_questions(instruction, **questions)` (edit_type, object_name, keep, new, gone, extra).
+
+    With `seed`, candidate k has its own noise, seeded `seed + k`: it is the single edit with that seed (up to
+    rounding), whatever `candidates` and `chunk` are. Without, one `generator` serves every candidate in turn."""
     if candidates < 1 or chunk < 1:
         raise ValueError(f"candidates and chunk must be >= 1, got {candidates} and {chunk}")
+    if seed is not None and generator is not None:
+        raise ValueError("give seed (a generator per candidate) or generator (one for all), not both")
     picture = load_image(image)
+    seeds = [seed + k for k in range(candidates)] if seed is not None else None
     images = []
     while len(images) < candidates:
         n = min(chunk, candidates - len(images))
-        images += pipe(image=[picture] * n, prompt=instruction, num_inference_steps=steps, generator=generator,
+        gen = generator if seeds is None else [torch.Generator().manual_seed(s) for s in seeds[len(images):][:n]]
+        images += pipe(image=[picture] * n, prompt=instruction, num_inference_steps=steps, generator=gen,
                        max_side=max_side).images
-    return Candidates(images, judge_candidates(judge, picture, images, instruction, chunk=chunk, **questions))
+    return Candidates(images, judge_candidates(judge, picture, images, instruction, chunk=chunk, **questions), seeds)

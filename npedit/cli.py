@@ -82,8 +82,8 @@ def cmd_edit(args) -> int:
         raise SystemExit("error: --judge-max-pixels is for the judge of --candidates or --verdicts")
     if args.max_side < 1:
         raise SystemExit(f"error: --max-side must be >= 1, got {args.max_side}")
-    if not -2**63 <= args.seed < 2**64:
-        raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1, got {args.seed}")
+    if not -2**63 <= args.seed <= 2**64 - max(args.candidates, 1):  # candidate k is seeded seed + k
+        raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1 (less the candidates), got {args.seed}")
     jobs = _edit_jobs_of(args)  # before any weights are read: a bad list or output path fails at once
     device = _device()
     dtype = _dtype(args.dtype, device)
@@ -157,7 +157,7 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
                 img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
                            generator=gen, max_side=args.max_side).images[0]
             else:
-                picked = _best_of(pipe, judge, job, args, gen, verbose=len(jobs) == 1)
+                picked = _best_of(pipe, judge, job, args, verbose=len(jobs) == 1)
                 img = picked.image
         except (ImageError, ValueError) as exc:
             failures += 1
@@ -190,19 +190,19 @@ def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
     file.flush()
 
 
-def _best_of(pipe, judge, job: dict, args, gen, verbose: bool):
+def _best_of(pipe, judge, job: dict, args, verbose: bool):
     """The judge's pick of `args.candidates` edits of one job; with `verbose`, each candidate's verdict on stderr."""
     from .best_of import best_of
     from .data import object_names
 
     picked = best_of(pipe, judge, job["image"], job["instruction"], candidates=args.candidates, steps=args.steps,
-                     generator=gen, max_side=args.max_side, edit_type=job.get("edit_type") or "edit",
+                     seed=args.seed, max_side=args.max_side, edit_type=job.get("edit_type") or "edit",
                      object_name=job.get("object_name") or None, keep=object_names(job.get("keep")))
     if verbose:
         for k, v in enumerate(picked.verdicts):
             mark = "  <- kept" if k == picked.best else ""
-            print(f"candidate {k}: score {v.score:.3f}, P(edit) {v.p_edit:.3f}, P(identity) {v.p_identity:.3f}{mark}",
-                  file=sys.stderr)
+            print(f"candidate {k} (seed {picked.seeds[k]}): score {v.score:.3f}, P(edit) {v.p_edit:.3f}, "
+                  f"P(identity) {v.p_identity:.3f}{mark}", file=sys.stderr)
     return picked
 
 

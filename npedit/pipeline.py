@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import flow
 from .backbones import backbone_class, family_of_class_name, import_families
 from .images import editable_size, load_image, pil_to_tensor, tensor_to_pil
-from .sampler import StepState, sample
+from .sampler import StepState, draw_noise, sample
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class NPEditPipeline(DiffusionPipeline):
         image=None,
         prompt: str | list[str] = "",
         num_inference_steps: int = 4,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
         max_side: int = 1024,
@@ -136,6 +136,8 @@ class NPEditPipeline(DiffusionPipeline):
     ):
         """Edit `image` (path, PIL, uint8 array or a list of them) following `prompt`.
 
+        `generator`: one for the batch, or one per image (diffusers' convention: image b's noise then comes from
+        generator b alone, so it is the single edit seeded alike).
         `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step.
         Outputs are resized back to each input's size unless `keep_size` is False.
         """
@@ -151,8 +153,7 @@ class NPEditPipeline(DiffusionPipeline):
         pixels, sizes = self.prepare_images(images, max_side)
         reference = bb.encode_image(pixels.to(device))  # (B, C, h, w)
         cond = bb.encode_prompt(prompts, with_reference=True)
-        noise = torch.randn(reference.shape, generator=generator, device=generator.device if generator else device)
-        noise = noise.to(device=device, dtype=reference.dtype)
+        noise = draw_noise(reference.shape, generator, device, reference.dtype)
 
         def denoise(x_t, t):
             return bb.velocity(self.transformer, x_t, t, cond, reference=reference)

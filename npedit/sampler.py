@@ -24,12 +24,27 @@ class StepState:
     velocity: torch.Tensor  # (B, C, H, W)
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: Sequence[int], generator: Generators, device, dtype) -> torch.Tensor:
+    """Standard Gaussian noise of `shape`, drawn where the generator lives (a CPU generator may drive a CUDA run),
+    then moved; with a list of generators (one per sample), sample b's noise comes from generator b alone, so it
+    does not depend on the rest of the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
+        return torch.cat([draw_noise((1, *shape[1:]), g, device, dtype) for g in generator])
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device, dtype)
+
+
 def sample(
     denoise: Denoise,
     noise: torch.Tensor,
     times: Sequence[float],
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     renoise: Literal["fresh", "ode"] = "fresh",
     callback: Callable[[StepState], None] | None = None,
 ) -> torch.Tensor:
@@ -53,9 +68,7 @@ def sample(
             callback(StepState(step=i, t=float(t), x_t=x_t, x0=x0, velocity=v))
         if i + 1 < len(times):
             if renoise == "fresh":
-                # Drawn where the generator lives (a CPU generator may drive a CUDA run), then moved.
-                gen_device = generator.device if generator is not None else noise.device
-                eps = torch.randn(noise.shape, generator=generator, device=gen_device).to(noise.device, noise.dtype)
+                eps = draw_noise(noise.shape, generator, noise.device, noise.dtype)
             elif renoise == "ode":
                 eps = flow.eps_from_velocity(x_t, t, v)
             else:

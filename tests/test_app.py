@@ -203,6 +203,11 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
         assert len(shown) == 3 and len(kept) == 1 and "best of 3" in best[3] and best[4] is None
         assert np.array_equal(np.asarray(Image.open(kept[0]["image"])), np.asarray(Image.open(best[0])))
         assert any(not np.array_equal(shown[0], other) for other in shown[1:])  # different noise per candidate
+        chosen = int(kept[0]["caption"].split("seed ")[1].split(" ")[0])  # candidate k: seed 0 + k
+        assert [item["caption"].split(" · ")[1] for item in best[6]] == ["seed 0", "seed 1", "seed 2"]
+        again = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, chosen, False, "", "remove",
+                               "red circle", False, None, 1, api_name="/edit")  # the kept one, as a single edit
+        assert np.abs(np.asarray(Image.open(again[0]), dtype=int) - np.asarray(Image.open(best[0]), dtype=int)).max() <= 1
         randomized = client.predict(handle_file(str(shapes_png)), "remove the circle", 2, 0, True, api_name="/edit")
         assert isinstance(randomized[2], (int, float)) and len(randomized[5]["data"]) == 2
         verdict, questions = client.predict(handle_file(str(shapes_png)), handle_file(edited), "remove the circle",

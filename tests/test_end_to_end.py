@@ -204,6 +204,21 @@ def test_best_of_keeps_the_candidate_the_judge_rates_highest(trained, tiny_judge
     assert np.array_equal(np.asarray(one.image), np.asarray(plain))  # one candidate: the plain edit
     with pytest.raises(ValueError, match="candidates"):
         best_of(pipe, judge, img, "remove the red circle", candidates=0)
+    # with a seed, candidate k is the single edit seeded seed + k, however the candidates are batched or counted
+    seeded = [best_of(pipe, judge, img, "remove the red circle", candidates=n, chunk=c, seed=5, **asked)
+              for n, c in ((3, 8), (4, 1))]
+    assert seeded[0].seeds == [5, 6, 7] and seeded[1].seeds == [5, 6, 7, 8]
+    for k in range(3):
+        single = pipe(image=img, prompt="remove the red circle", generator=torch.Generator().manual_seed(5 + k),
+                      output_type="latent").images
+        for picks in seeded:
+            batch = pipe(image=[img] * len(picks.seeds), prompt="remove the red circle", output_type="latent",
+                         generator=[torch.Generator().manual_seed(s) for s in picks.seeds]).images
+            torch.testing.assert_close(batch[k:k + 1], single, atol=1e-5, rtol=1e-5)
+        a, b = (np.asarray(p.images[k], dtype=int) for p in seeded)
+        assert np.abs(a - b).max() <= 1  # the same edit, batched otherwise (rounding at most)
+    with pytest.raises(ValueError, match="one per sample"):
+        pipe(image=[img, img], prompt="x", generator=[torch.Generator()])
 
 
 def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):

@@ -93,14 +93,14 @@ def edit_once(pipe, image, instruction: str, steps: int = 4, seed: int = 0,
 
 def edit_best_of(pipe, judge, image, instruction: str, candidates: int, steps: int = 4, seed: int = 0,
                  max_side: int = 1024, **questions):
-    """`npedit.best_of` seeded as `edit_once` (one generator for all candidates); returns the candidates and the
-    time taken. `questions`: edit_type, object_name, keep, ... (see `npedit.verdicts.edit_questions`)."""
+    """`npedit.best_of` with candidate k seeded `seed + k` (each is `edit_once` with its own seed); returns the
+    candidates and the time taken. `questions`: edit_type, object_name, keep, ... (see
+    `npedit.verdicts.edit_questions`)."""
     from npedit.best_of import best_of
 
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(seed))
     picked = best_of(pipe, judge, load_image(image), instruction, candidates=candidates, steps=steps,
-                     generator=generator, max_side=max_side, **questions)
+                     seed=int(seed), max_side=max_side, **questions)
     return picked, time.perf_counter() - start
 
 

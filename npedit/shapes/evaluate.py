@@ -50,7 +50,7 @@ def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 
     def edit(images, cases):
         outs = []
         for image, case in zip(images, cases):
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)  # one generator for all candidates, as the logged figures ran
             picked = best_of(pipe, judge, image, case.instruction, candidates=candidates, steps=steps,
                              generator=gen, edit_type=case.edit_type, object_name=case.object_name or None,
                              keep=case.keep, new=case.new if change_checks else (),
