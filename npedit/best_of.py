@@ -7,6 +7,7 @@ by `Verdict.score`, the summed log-probability of the expected answers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,10 @@ class Candidates:
 
     @property
     def best(self) -> int:
+        """The highest score's candidate (the first on a tie; a NaN score never wins unless all are NaN)."""
         scores = [v.score for v in self.verdicts]
-        return scores.index(max(scores))
+        return max(range(len(scores)), key=lambda k: (not math.isnan(scores[k]), scores[k] if not math.isnan(scores[k])
+                                                      else 0.0, -k))
 
     @property
     def image(self) -> Image.Image:

@@ -184,3 +184,13 @@ def test_keep_questions_pad_to_a_fixed_count():
     assert torch.equal(gen.get_state(), state)
     with pytest.raises(ValueError, match="slots"):
         keep_questions(["a"], -1)
+
+
+def test_best_of_picks_the_highest_score_first_on_ties_and_never_a_nan():
+    from types import SimpleNamespace
+
+    from npedit.best_of import Candidates
+
+    nan = float("nan")
+    for scores, best in (([nan, 1.0, 2.0], 2), ([1.0, 1.0], 0), ([-3.0, -1.0, -1.0], 1), ([nan, nan], 0)):
+        assert Candidates([None] * len(scores), [SimpleNamespace(score=s) for s in scores]).best == best
