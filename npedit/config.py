@@ -123,6 +123,10 @@ class DataConfig:
     # ... and the share of cases those two filters apply to; the rest come from the whole domain (e.g. 0.5 with
     # data.forms=[shape]: half the cases drill that form, half keep every category in training).
     filter_share: float = 1.0
+    # Generated domains: redraw any case that is a held-out benchmark case (same reference and expected result,
+    # any wording) of these benchmark seeds (Shapes: `held_out_cases(300, seed)`; e.g. [0, 1, 2, 3, 4]). Empty (the
+    # default, and every bundled editor's runs): no exclusion, the draws of earlier runs exactly.
+    exclude_held_out: tuple[int, ...] = ()
     num_workers: int = 0
     do_nothing_prob: float = 0.01
 
@@ -135,6 +139,8 @@ class DataConfig:
             raise ValueError(f"data.min_objects must be >= 0 (0: any scene); got {self.min_objects}")
         if not 0 < self.filter_share <= 1:
             raise ValueError(f"data.filter_share must be in (0, 1]; got {self.filter_share}")
+        if any(s < 0 for s in self.exclude_held_out):
+            raise ValueError(f"data.exclude_held_out lists benchmark seeds (>= 0); got {list(self.exclude_held_out)}")
         if self.batch_size < 1 or self.resolution < 8:
             raise ValueError("data.batch_size must be >= 1 and data.resolution >= 8")
 

@@ -135,3 +135,32 @@ def test_target_regression_is_a_stage_npedit_option():
         load_config(None, ["model.base=/m", "data.train=shapes", "stage=sft", "loss.lambda_target=1"])
     with pytest.raises(ValueError, match="must be >= 0"):
         load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0", "loss.lambda_target=-1"])
+
+
+def test_data_exclude_held_out_redraws_benchmark_cases_and_changes_nothing_by_default(tmp_path):
+    import hashlib
+
+    from npedit.shapes.edits import held_out_cases, held_out_keys
+    from npedit.training.datasets import build_dataset
+
+    data = lambda *o: load_config(None, BASE + list(o)).data  # noqa: E731
+    plain = build_dataset(data(), stage="sft", seed=0)
+    # Pinned: the first 300 cases of every seed-0 Shapes run as drawn before the option existed (bundled editors).
+    assert hashlib.sha256(repr([plain.case(i) for i in range(300)]).encode()).hexdigest()[:16] == "eb668c2877f865ad"
+    held = {(c.reference, c.expected) for c in held_out_cases(300, 0)}
+    assert (plain.case(2406).reference, plain.case(2406).expected) in held  # a benchmark case, drawn by chance
+    clear = build_dataset(data("data.exclude_held_out=[0, 1]"), stage="sft", seed=0)
+    assert len(held_out_keys((0, 1))) > 590  # (a few cases repeat within a benchmark set)
+    for i in (2406, 4664, 4919):
+        assert (clear.case(i).reference, clear.case(i).expected) not in held_out_keys((0, 1))
+        assert clear.case(i) == clear.case(i)  # still one fixed case per index
+    hit = [(plain.case(i).reference, plain.case(i).expected) in held_out_keys((0, 1)) for i in range(300)]
+    assert 0 < sum(hit) < 5  # (index 75 is a seed-1 benchmark case)
+    assert all((clear.case(i) == plain.case(i)) != h for i, h in enumerate(hit))  # only those redrawn
+    assert load_config(None, BASE).data.exclude_held_out == ()
+    with pytest.raises(ValueError, match="data.exclude_held_out lists benchmark seeds"):
+        load_config(None, BASE + ["data.exclude_held_out=[-1]"])
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ValueError, match="filters a generated domain"):
+        build_dataset(data(f"data.train={manifest}", "data.exclude_held_out=[0]"), stage="sft", seed=0)

@@ -226,3 +226,24 @@ def test_gradient_alignment_is_a_cosine_that_training_raises(quick_run):
     assert after.mean() > before.mean() + 0.1, (before, after)
     with pytest.raises(ValueError, match="align_max"):
         jt.build_config(["align_max=2"])
+
+
+def test_exclude_held_out_keeps_the_judge_training_clear_of_benchmark_cases():
+    import hashlib
+
+    from npedit.shapes.edits import held_out_keys
+
+    rng = np.random.default_rng(3)  # pinned: the draws as they were before the option existed (bundled judge)
+    assert hashlib.sha256(repr([jt.sample_training(rng) for _ in range(200)]).encode()).hexdigest()[:16] == \
+        "82b9fb15367bca80"
+    held = held_out_keys((2024,))
+    plain, clear = np.random.default_rng(0), np.random.default_rng(0)
+    drawn = [jt.sample_training(plain) for _ in range(2085)]
+    assert (drawn[2084].case.reference, drawn[2084].case.expected) in held  # a benchmark case, drawn by chance
+    kept = [jt.sample_training(clear, excluded=held) for _ in range(2085)]
+    assert kept[:2084] == drawn[:2084]  # the same draws until the first excluded case
+    assert (kept[2084].case.reference, kept[2084].case.expected) not in held
+    assert jt.build_config().exclude_held_out == ()
+    assert jt._excluded(jt.build_config(["exclude_held_out=[2024]"])) == held
+    with pytest.raises(ValueError, match="exclude_held_out lists benchmark seeds"):
+        jt.build_config(["exclude_held_out=[-3]"])

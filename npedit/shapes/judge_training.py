@@ -74,6 +74,7 @@ from npedit.shapes.edits import (
     edit_between,
     edit_problem,
     held_out_cases,
+    held_out_keys,
     named_attributes,
     sample_case,
     sample_edit,
@@ -162,6 +163,10 @@ class JudgeTrainConfig:
     eval_every: int = 250
     eval_cases: int = 120  # held-out cases; 4 candidates and 8 questions each
     eval_seed: int = 1000
+    # Benchmark seeds whose held-out cases (edits.held_out_keys: reference and expected result, any wording) the
+    # training cases are redrawn away from, e.g. [1000, 2000, 2024, 3000]. Empty (the default, and the bundled
+    # judge's runs): no exclusion, the draws of earlier runs exactly.
+    exclude_held_out: tuple[int, ...] = ()
     save_every: int = 0  # extra checkpoints under checkpoints/ (0 = only the best and the last)
 
     def __post_init__(self):
@@ -177,6 +182,8 @@ class JudgeTrainConfig:
             raise ValueError("ramp_batch and ramp_weight must be >= 0")
         if self.align_batch < 0 or self.align_weight < 0 or not 0 <= self.align_max <= 1:
             raise ValueError("align_batch and align_weight must be >= 0, align_max in [0, 1]")
+        if any(s < 0 for s in self.exclude_held_out):
+            raise ValueError(f"exclude_held_out lists benchmark seeds (>= 0); got {list(self.exclude_held_out)}")
         if self.probe_layer >= self.arch.num_layers:
             raise ValueError(f"probe_layer must be < arch.num_layers ({self.arch.num_layers})")
 
@@ -368,9 +375,20 @@ def make_candidate(rng: np.random.Generator, case: EditCase, combo: tuple[bool, 
     return sample
 
 
-def sample_training(rng: np.random.Generator, paraphrase_prob: float = 0.5) -> JudgeSample:
-    """One training sample: uniform category, uniform (edit done, preserved) combination."""
-    case = sample_case(rng, paraphrase_prob=paraphrase_prob)
+def training_case(rng: np.random.Generator, paraphrase_prob: float = 0.5,
+                  excluded: frozenset = frozenset()) -> EditCase:
+    """A random training case, drawn again while its (reference, expected) is in `excluded` (no extra draw if empty)."""
+    while True:
+        case = sample_case(rng, paraphrase_prob=paraphrase_prob)
+        if not excluded or (case.reference, case.expected) not in excluded:
+            return case
+
+
+def sample_training(rng: np.random.Generator, paraphrase_prob: float = 0.5,
+                    excluded: frozenset = frozenset()) -> JudgeSample:
+    """One training sample: uniform category, uniform (edit done, preserved) combination; its case is not in
+    `excluded` (`held_out_keys`)."""
+    case = training_case(rng, paraphrase_prob, excluded)
     combos = list(COMBOS)
     return make_candidate(rng, case, combos[int(rng.integers(len(combos)))])
 
@@ -438,7 +456,8 @@ def sample_image(sample: JudgeSample, rng: np.random.Generator, degrade_prob: fl
 
 @torch.no_grad()
 def editor_samples(editor_dir: str, n: int, seed: int, paraphrase_prob: float = 0.5, device: str = "cpu",
-                   batch_size: int = 64, steps: int = 4) -> tuple[list[JudgeSample], dict]:
+                   batch_size: int = 64, steps: int = 4,
+                   excluded: frozenset = frozenset()) -> tuple[list[JudgeSample], dict]:
     """`n` training cases edited by the NPEditPipeline in `editor_dir`; the outputs that parse, labelled from the parse.
 
     Returns the samples and counts {"cases", "parsed", "edit_yes", "identity_yes"}."""
@@ -448,7 +467,7 @@ def editor_samples(editor_dir: str, n: int, seed: int, paraphrase_prob: float = 
     pipe = NPEditPipeline.from_pretrained(editor_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng([seed, 11])
-    cases = [sample_case(rng, paraphrase_prob=paraphrase_prob) for _ in range(n)]
+    cases = [training_case(rng, paraphrase_prob, excluded) for _ in range(n)]
     samples = []
     for start in tqdm(range(0, n, batch_size), desc=f"editor pool {Path(editor_dir).name}", mininterval=10):
         chunk = cases[start : start + batch_size]
@@ -465,12 +484,13 @@ def editor_samples(editor_dir: str, n: int, seed: int, paraphrase_prob: float = 
     return samples, counts
 
 
-def path_pairs(rng: np.random.Generator, n: int, paraphrase_prob: float = 0.5, high: float = 1.0):
+def path_pairs(rng: np.random.Generator, n: int, paraphrase_prob: float = 0.5, high: float = 1.0,
+               excluded: frozenset = frozenset()):
     """`n` training cases with candidates on the straight pixel path from the reference to the true result.
 
     Returns (questions: n rows of the trainer's two, references (n, 3, 64, 64), candidates, true results,
     a (n,)): each candidate is reference + a * (true result - reference) with a ~ U(0, `high`)."""
-    cases = [sample_case(rng, paraphrase_prob=paraphrase_prob) for _ in range(n)]
+    cases = [training_case(rng, paraphrase_prob, excluded) for _ in range(n)]
     questions = [training_questions(c.instruction, c.edit_type, c.object_name, kept=c.keep) for c in cases]
     ref = torch.stack([to_tensor(render(c.reference)) for c in cases])
     true = torch.stack([to_tensor(render(c.expected)) for c in cases])
@@ -977,13 +997,18 @@ class _Capture:
             h.remove()
 
 
+def _excluded(cfg: JudgeTrainConfig) -> frozenset:
+    """The held-out cases the judge's training cases stay clear of (`exclude_held_out`; cached by held_out_keys)."""
+    return held_out_keys(tuple(cfg.exclude_held_out)) if cfg.exclude_held_out else frozenset()
+
+
 def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, cfg: JudgeTrainConfig,
                pool: Sequence[JudgeSample] = ()):
     """Stage 2 loss: Yes/No CE of both questions (+ dense head on both images + language-model probes).
 
     With a `pool` of editor outputs, each pair is drawn from it with probability `cfg.hard_prob`."""
     samples = [pool[int(rng.integers(len(pool)))] if pool and rng.random() < cfg.hard_prob
-               else sample_training(rng, cfg.paraphrase_prob) for _ in range(cfg.batch_size)]
+               else sample_training(rng, cfg.paraphrase_prob, _excluded(cfg)) for _ in range(cfg.batch_size)]
     device = judge.model.device
     ref = torch.stack([to_tensor(render(s.case.reference)) for s in samples]).to(device)
     cand = torch.stack([sample_image(s, rng, cfg.degrade_prob) for s in samples]).to(device)
@@ -1007,7 +1032,8 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
         loss = loss + cfg.probe_weight * probe
         metrics |= {"probe_loss": probe.detach(), **m}
     if cfg.ramp_batch > 0 and cfg.ramp_weight > 0:  # after the probes: this forward overwrites the captures
-        r_questions, r_ref, r_cand, _, a = path_pairs(rng, cfg.ramp_batch, cfg.paraphrase_prob)
+        r_questions, r_ref, r_cand, _, a = path_pairs(rng, cfg.ramp_batch, cfg.paraphrase_prob,
+                                                      excluded=_excluded(cfg))
         r_out = judge.answer(r_ref.to(device), r_cand.to(device), r_questions)
         soft = ramp_targets(r_questions, a).to(device)
         ramp = F.cross_entropy(r_out.logits.reshape(-1, 2), soft.reshape(-1, 2))
@@ -1016,7 +1042,7 @@ def check_step(judge, head: DenseHead, probes: Probes, capture: _Capture, rng, c
             p_yes = r_out.logits.softmax(-1)[..., 1]
             metrics |= {"ramp_loss": ramp.detach(), "ramp_mae_check": (p_yes[:, 0] - soft[:, 0, 1]).abs().mean()}
     if cfg.align_batch > 0 and cfg.align_weight > 0:
-        pairs = path_pairs(rng, cfg.align_batch, cfg.paraphrase_prob, cfg.align_max)[:4]  # without a
+        pairs = path_pairs(rng, cfg.align_batch, cfg.paraphrase_prob, cfg.align_max, _excluded(cfg))[:4]  # without a
         cos = gradient_alignment(judge, *pairs, create_graph=True)
         align = (1 - cos).mean()
         loss = loss + cfg.align_weight * align
@@ -1090,6 +1116,7 @@ def run(overrides: Sequence[str] = ()) -> Path:
     pool: list[JudgeSample] = []
     for k, editor in enumerate(cfg.hard_editors):
         found, counts = editor_samples(editor, cfg.hard_cases, seed=cfg.seed + k, paraphrase_prob=cfg.paraphrase_prob,
+                                       excluded=_excluded(cfg),
                                        device=cfg.device)
         pool += found
         logger.log(cfg.vision_steps, {"stage": 2, **{f"pool{k}_{key}": v for key, v in counts.items()}})

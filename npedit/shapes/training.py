@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
-from .edits import CATEGORIES, TEMPLATES, EditCase, case_from_edit, edit_between, sample_case
+from .edits import CATEGORIES, TEMPLATES, EditCase, case_from_edit, edit_between, held_out_keys, sample_case
 from .scoring import FORM_GROUPS, form_group, reference_form
 from .world import MAX_OBJECTS, caption, random_scene, render
 
@@ -26,7 +26,7 @@ class ShapesEditData(Dataset):
 
     def __init__(self, size: int = POOL, *, seed: int = 0, paraphrase_prob: float = PARAPHRASE_PROB,
                  min_objects: int = 0, categories: tuple[str, ...] = (), forms: tuple[str, ...] = (),
-                 filter_share: float = 1.0):
+                 filter_share: float = 1.0, exclude_held_out: tuple[int, ...] = ()):
         if min_objects > MAX_OBJECTS:
             raise ValueError(f"data.min_objects={min_objects}: a Shapes scene holds at most {MAX_OBJECTS} objects")
         bad = [c for c in categories if c not in CATEGORIES]
@@ -45,6 +45,8 @@ class ShapesEditData(Dataset):
         self.size, self.seed, self.paraphrase_prob, self.min_objects = size, seed, paraphrase_prob, min_objects
         self.categories, self.forms = tuple(categories) or CATEGORIES, set(forms)
         self.filter_share = filter_share  # the share of cases the category and form filters apply to
+        # (reference, expected) of the benchmark cases of these seeds, redrawn when drawn (empty: none, no extra draw)
+        self.excluded = held_out_keys(tuple(exclude_held_out)) if exclude_held_out else frozenset()
 
     def __len__(self) -> int:
         return self.size
@@ -64,6 +66,8 @@ class ShapesEditData(Dataset):
                 form = reference_form(case)
                 if not form or form_group({"form": form, "objects": len(case.reference.objects)}) not in self.forms:
                     continue
+            if self.excluded and (case.reference, case.expected) in self.excluded:
+                continue
             return case
 
     def __getitem__(self, i: int) -> dict:
@@ -87,14 +91,16 @@ def training_dataset(cfg: DataConfig, *, stage: str, seed: int) -> Dataset:
     """The `data.train=shapes` dataset: `data.pool` distinct cases (default POOL), shrunk by `data.fraction`;
     with `data.min_objects`, only cases whose reference holds at least that many objects; `data.categories` and
     `data.forms` keep only those edit categories and ways of naming the edited object (scoring.FORM_GROUPS), in
-    `data.filter_share` of the cases (the rest are drawn from the whole domain).
+    `data.filter_share` of the cases (the rest are drawn from the whole domain); `data.exclude_held_out` redraws
+    the held-out benchmark cases of those seeds (edits.held_out_keys).
 
     Long runs on a GPU see the default pool dozens of times; a larger pool (cases are drawn, not stored) keeps
     every sample new."""
     if cfg.resolution != 64:
         raise ValueError(f"the Shapes world is 64x64; set data.resolution=64 (got {cfg.resolution})")
     return ShapesEditData(max(1, int((cfg.pool or POOL) * cfg.fraction)), seed=seed, min_objects=cfg.min_objects,
-                          categories=cfg.categories, forms=cfg.forms, filter_share=cfg.filter_share)
+                          categories=cfg.categories, forms=cfg.forms, filter_share=cfg.filter_share,
+                          exclude_held_out=cfg.exclude_held_out)
 
 
 def training_cases(n: int, pool: int = POOL, seed: int = 0) -> list[EditCase]:

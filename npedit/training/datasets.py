@@ -29,6 +29,9 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = Fal
         raise ValueError(f"data.categories, data.forms and data.filter_share filter a generated domain "
                          f"({', '.join(GENERATED)}); a manifest ({cfg.train}) has its own cases: write one with just "
                          "the cases you want")
+    if cfg.exclude_held_out:
+        raise ValueError(f"data.exclude_held_out={list(cfg.exclude_held_out)} filters a generated domain "
+                         f"({', '.join(GENERATED)}); a manifest ({cfg.train}) has its own cases")
     records = subset(load_manifest(cfg.train), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)
 
