@@ -12,6 +12,7 @@ NPEDIT_CRITIC (and the judge's pixel cap with NPEDIT_JUDGE_MAX_PIXELS).
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 import random
 import re
@@ -76,6 +77,24 @@ class App:
     runs_root: Path
     examples_dir: Path
     public: bool = False  # serving strangers (a Space): no typed model paths or ids, no server files but uploads
+    train_token: str | None = None  # $NPEDIT_TRAIN_TOKEN: in a public app, training actions need it
+
+    def training_off(self) -> str | None:
+        """Why training cannot start here at all (None: it can, given the token when one is set)."""
+        if ON_ZEROGPU:
+            return NO_TRAINING_ON_ZEROGPU
+        if self.public and not self.train_token:
+            return ("This app is public, so training is off: its owner can set the Space secret NPEDIT_TRAIN_TOKEN "
+                    "(then type it under Training token) or NPEDIT_PUBLIC=0 for a private Space.")
+        return None
+
+    def check_training(self, token: str | None) -> None:
+        """gr.Error unless this visitor may start, cancel, resume or export training runs."""
+        off = self.training_off()
+        if off:
+            raise gr.Error(off)
+        if self.public and not hmac.compare_digest((token or "").encode(), self.train_token.encode()):
+            raise gr.Error("This app is public: training needs its owner's training token (NPEDIT_TRAIN_TOKEN).")
 
     def editor_choices(self) -> list[tuple[str, str]]:
         """(label, path) of the app's editor and of every finished run's editor."""
@@ -144,7 +163,8 @@ def make_app(args: argparse.Namespace) -> App:
     examples_dir = Path(tempfile.gettempdir()) / "npedit-app-examples"
     model_set = models.ModelSet(paths, device=args.device, dtype=args.dtype,
                                 judge_max_pixels=args.judge_max_pixels)
-    return App(model_set, Path(args.runs).resolve(), examples_dir, public=bool(getattr(args, "public", False)))
+    return App(model_set, Path(args.runs).resolve(), examples_dir, public=bool(getattr(args, "public", False)),
+               train_token=os.environ.get("NPEDIT_TRAIN_TOKEN") or None)
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -436,8 +456,11 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     gr.Markdown(f"Train an editor in the background on **{device}**"
                 f"{' (no GPU found: expect minutes for the quick preset only)' if device == 'cpu' else ''}. "
                 f"{presets.LORA_NOTE}")
-    if ON_ZEROGPU:
-        gr.Markdown(f"⚠️ {NO_TRAINING_ON_ZEROGPU}")
+    off = app.training_off()
+    if off:
+        gr.Markdown(f"⚠️ {off}")
+    token = gr.Textbox(label="Training token (this public app's NPEDIT_TRAIN_TOKEN)", type="password",
+                       visible=app.public and not off)
     uploads = gr.State({})
     with gr.Tab("Generate Shapes cases"):
         with gr.Row():
@@ -488,7 +511,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                                           "negative; the Shapes teacher learnt \"\" as its unconditional prompt)")
     with gr.Row():
         run_name = gr.Textbox(label="Run name (empty: a timestamp)", scale=3)
-        start = gr.Button("Start", variant="primary", interactive=not ON_ZEROGPU, scale=1)
+        start = gr.Button("Start", variant="primary", interactive=not off, scale=1)
         cancel = gr.Button("Cancel", variant="stop", scale=1)
     current = gr.State(None)
     status = gr.Markdown(_status_markdown(None, device), elem_id="train-status")
@@ -512,9 +535,9 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     files.upload(lambda fs, rows: (datasets.table_for_images(fs, rows), {Path(f).name: f for f in fs}),
                  [files, table], [table, uploads], api_visibility="private")
 
-    def on_start(table, uploads, use_stream, preset_name, name, base, judge, judge_pixels, student, *values):
-        if ON_ZEROGPU:  # the Start button is off there, but its event can still be sent
-            raise gr.Error(NO_TRAINING_ON_ZEROGPU)
+    def on_start(table, uploads, use_stream, preset_name, name, base, judge, judge_pixels, student, token_value=None,
+                 *values):
+        app.check_training(token_value)  # (the Start button may be off, but its event can still be sent)
         values = dict(zip(knobs, values))
         if app.public and (base.strip() != own_base or judge.strip() != own_judge or
                            student.strip() not in ["", *(path for _, path in app.editor_choices())]):
@@ -543,7 +566,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             raise _error(exc) from None
         return str(run_dir), _status_markdown(st, device), gr.Timer(active=True)
 
-    start.click(on_start, [table, uploads, stream, preset, run_name, base, judge, judge_pixels, student,
+    start.click(on_start, [table, uploads, stream, preset, run_name, base, judge, judge_pixels, student, token,
                            *knobs.values()],
                 [current, status, timer], api_visibility="private")
 
@@ -561,12 +584,14 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     timer.tick(on_tick, [current, editor_dropdown], [status, curves, sample, log, timer, editor_dropdown],
                api_visibility="private", show_progress="hidden", concurrency_limit=None)
 
-    def on_cancel(run_dir):
+    def on_cancel(run_dir, token_value):
         if not run_dir:
             raise gr.Error("No job to cancel.")
+        if app.public:
+            app.check_training(token_value)
         return _status_markdown(jobs.cancel_job(run_dir), device)
 
-    cancel.click(on_cancel, current, status, api_visibility="private")
+    cancel.click(on_cancel, [current, token], status, api_visibility="private")
 
     def on_load():
         """Reattach to the job running on this device (e.g. after the tab was closed), else show the last one."""
@@ -576,12 +601,12 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         st = jobs.job_status(run_dir) if run_dir else None
         return run_dir, _status_markdown(st, device), gr.Timer(active=bool(st and st.active))
 
-    return on_load, (current, status, timer)
+    return on_load, (current, status, timer, token)
 
 
 # ---- Runs tab --------------------------------------------------------------------------------
 
-def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
+def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: gr.Textbox):
     """Runs tab: the runs table, overlaid curves, config differences, a run's samples, resume, export."""
     gr.Markdown(f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/.")
     refresh = gr.Button("↻ Refresh", size="sm")
@@ -595,7 +620,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
         comparison = gr.Dataframe(label="Config differences and last metrics", interactive=False, wrap=True)
     with gr.Row():
         one = gr.Dropdown([], label="Run")
-        resume = gr.Button("Resume this run", size="sm", scale=0, interactive=not ON_ZEROGPU)
+        resume = gr.Button("Resume this run", size="sm", scale=0, interactive=not app.training_off())
         export = gr.Button("Export its newest checkpoint", size="sm", scale=0)
     resume_msg = gr.Markdown()
     gallery = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_classes="pixelated")
@@ -620,11 +645,10 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
                 plots.bar_chart(last, f"last {metric_names[0]}" if metric_names else "no metric"),
                 runs.compare([app.runs_root / n for n in names], app.runs_root))
 
-    def on_resume(name):
+    def on_resume(name, token_value=None):
         if not name:
             raise gr.Error("Pick a run.")
-        if ON_ZEROGPU:
-            raise gr.Error(NO_TRAINING_ON_ZEROGPU)
+        app.check_training(token_value)  # (the Train tab's token box)
         try:
             st = jobs.start_job(app.runs_root / name, resume=True, runs_root=app.runs_root)
         except (ValueError, jobs.JobBusy) as exc:
@@ -632,21 +656,23 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer):
         return (f"Resumed **{name}**: {st.state}. Its progress shows in the Train tab.", st.run_dir,
                 gr.Timer(active=True))
 
-    def on_export(name):
+    def on_export(name, token_value=None):
         """The run's newest checkpoint as an editor (RUN/exports/step_N), e.g. of a run killed halfway."""
         if not name:
             raise gr.Error("Pick a run.")
+        if app.public:
+            app.check_training(token_value)
         try:
             return runs.export_newest(app.runs_root / name, name)
         except (ValueError, FileNotFoundError, OSError) as exc:
             raise _error(exc) from None
 
     refresh.click(on_refresh, selected, [table, selected, keys, one], api_visibility="private")
-    export.click(on_export, one, resume_msg, api_visibility="private")
+    export.click(on_export, [one, token], resume_msg, api_visibility="private")
     gr.on([selected.change, keys.change], on_compare, [selected, keys], [curves, bars, comparison],
           api_visibility="private")
     one.change(lambda n: runs.samples(app.runs_root / n) if n else [], one, gallery, api_visibility="private")
-    resume.click(on_resume, one, [resume_msg, train_run, train_timer], api_visibility="private")
+    resume.click(on_resume, [one, token], [resume_msg, train_run, train_timer], api_visibility="private")
     return on_refresh, [selected], [table, selected, keys, one]
 
 
@@ -660,9 +686,9 @@ def build_demo(app: App) -> gr.Blocks:
         with gr.Tab("Judge inspector"):
             build_judge_tab(app, last_edit)
         with gr.Tab("Train"):
-            train_load, (train_run, train_status, train_timer) = build_train_tab(app, editor, refresh_list)
+            train_load, (train_run, train_status, train_timer, train_token) = build_train_tab(app, editor, refresh_list)
         with gr.Tab("Runs"):
-            runs_refresh, runs_inputs, runs_outputs = build_runs_tab(app, train_run, train_timer)
+            runs_refresh, runs_inputs, runs_outputs = build_runs_tab(app, train_run, train_timer, train_token)
         demo.load(train_load, None, [train_run, train_status, train_timer], api_visibility="private")
         demo.load(runs_refresh, runs_inputs, runs_outputs, api_visibility="private")
     return demo

@@ -155,11 +155,22 @@ def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, mo
     with pytest.raises(ValueError, match="row 1: .*not among the uploaded files"):
         datasets.write_manifest(table, tmp_path / "m", within=[app.examples_dir])
     assert datasets.write_manifest(table, tmp_path / "m2").is_file()
-    demo = npedit_app.build_demo(app)
-    start = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_start")
+    preset = next(iter(presets.PRESETS))
+    for token, says in ((None, "training is off: its owner can set the Space secret NPEDIT_TRAIN_TOKEN"),
+                        ("s3cret", "training needs its owner's training token")):
+        if token:
+            monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", token)
+        app = npedit_app.make_app(npedit_app.parse_args(flags))
+        fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+        for call in (lambda: fns["on_start"](table, {}, False, preset, "run", tiny_set["teacher"], tiny_set["judge"],
+                                             0, "", "wrong"),
+                     lambda: fns["on_resume"]("run", "wrong"), lambda: fns["on_export"]("run", "wrong"),
+                     lambda: fns["on_cancel"](str(tmp_path / "runs" / "run"), "wrong")):
+            with pytest.raises(gr.Error, match=says):  # no stranger starts, resumes, exports or cancels a run
+                call()
     with pytest.raises(gr.Error, match="This app is public: it trains from its own teacher and judge"):
-        start(table, {}, False, next(iter(presets.PRESETS)), "run", str(tmp_path / "other-teacher"),
-              tiny_set["judge"], 0, "")
+        fns["on_start"](table, {}, False, preset, "run", str(tmp_path / "other-teacher"), tiny_set["judge"], 0, "",
+                        "s3cret")  # the owner, with the token
     assert not (tmp_path / "runs" / "run").exists()
 
 
