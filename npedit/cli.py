@@ -206,6 +206,12 @@ def _best_of(pipe, judge, job: dict, args, verbose: bool):
     return picked
 
 
+def _numbers(v) -> dict:
+    """What `judge` prints of a verdict."""
+    return {"p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "p_change": v.p_change,
+            "questions": v.questions}
+
+
 def cmd_judge(args) -> int:
     """Print the judge's verdict on one pair as JSON, or write one line per pair of a PAIRS.jsonl."""
     from .data import object_names
@@ -217,10 +223,9 @@ def cmd_judge(args) -> int:
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
     def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
-        v = judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit", object_name=obj or None,
-                       keep=object_names(keep), new=object_names(new), gone=object_names(gone))
-        return {"p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "p_change": v.p_change,
-                "questions": v.questions}
+        return _numbers(judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit",
+                                   object_name=obj or None, keep=object_names(keep), new=object_names(new),
+                                   gone=object_names(gone)))
 
     try:
         if args.batch:
@@ -243,19 +248,19 @@ def cmd_judge(args) -> int:
             return 1 if failures else 0
         if not (args.reference and args.edited and args.instruction):
             raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
-        result = {"instruction": args.instruction,
-                  **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object, args.keep,
-                            args.new, args.gone)}
-        if args.gradients:
-            from .verdicts import answer_gradients
-            grads = answer_gradients(judge, args.reference, args.edited, args.instruction,
-                                     edit_type=args.edit_type or "edit", object_name=args.object or None,
-                                     keep=object_names(args.keep), new=object_names(args.new),
-                                     gone=object_names(args.gone))
-            Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
-            grads.save(args.gradients)
-            result["gradients"] = args.gradients
-        print(json.dumps(result))
+        if not args.gradients:
+            print(json.dumps({"instruction": args.instruction,
+                              **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
+                                        args.keep, args.new, args.gone)}))
+            return 0
+        from .verdicts import answer_gradients  # one pass gives the verdict and, backwards, the gradients
+
+        grads = answer_gradients(judge, args.reference, args.edited, args.instruction,
+                                 edit_type=args.edit_type or "edit", object_name=args.object or None,
+                                 keep=object_names(args.keep), new=object_names(args.new), gone=object_names(args.gone))
+        Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
+        grads.save(args.gradients)
+        print(json.dumps({"instruction": args.instruction, **_numbers(grads.verdict), "gradients": args.gradients}))
     except (ImageError, ValueError, OSError) as exc:  # OSError: an --output or --gradients that cannot be written
         raise SystemExit(f"error: {exc}") from None
     return 0

@@ -77,8 +77,12 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
 
 
 def _verdict(questions: list[Question], p_yes: list[float], margin: list[float]) -> Verdict:
-    rows = [{"kind": q.kind, "text": q.text, "images": list(q.images), "expected": q.expected,
-             "p_yes": p, "margin": m} for q, p, m in zip(questions, p_yes, margin)]
+    return verdict_from_rows([{"kind": q.kind, "text": q.text, "images": list(q.images), "expected": q.expected,
+                               "p_yes": p, "margin": m} for q, p, m in zip(questions, p_yes, margin)])
+
+
+def verdict_from_rows(rows: list[dict]) -> Verdict:
+    """The headline numbers of a verdict from its question rows (kind, expected, p_yes, margin, ...)."""
     edit_row = next(r for r in rows if r["kind"] in ("edit", "contains"))
     p_edit = 1.0 - edit_row["p_yes"] if edit_row["kind"] == "contains" else edit_row["p_yes"]
     identity = [r["p_yes"] for r in rows if r["kind"] == "identity"]
@@ -134,6 +138,11 @@ class AnswerGradients:
     grads: np.ndarray  # (Q, 3, H, W) float32
     training: np.ndarray  # (3, H, W) float32; zeros when no trained question was asked
     image: Image.Image  # the edited image as differentiated (resized when it was larger than max_side)
+
+    @property
+    def verdict(self) -> Verdict:
+        """The judge's verdict on the same pair, from the same pass."""
+        return verdict_from_rows(self.questions)
 
     @staticmethod
     def magnitude(grad: np.ndarray) -> np.ndarray:

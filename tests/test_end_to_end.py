@@ -680,7 +680,7 @@ def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, cap
     pickle and equal `answer_gradients` on the same pair; anything but one .npz is refused before the judge loads."""
     from npedit.cli import main
     from npedit.judges import load_judge
-    from npedit.verdicts import AnswerGradients, answer_gradients
+    from npedit.verdicts import AnswerGradients, answer_gradients, judge_edit
 
     ref, edited = str(tiny_manifest.parent / "images/0.png"), str(tiny_manifest.parent / "images/t0.png")
     pair = ["--judge", tiny_judge, "--reference", ref, "--edited", edited, "--instruction", "remove the red circle",
@@ -694,6 +694,10 @@ def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, cap
         ["contains", "identity", "keep"]
     direct = answer_gradients(load_judge(tiny_judge), ref, edited, "remove the red circle", edit_type="remove",
                               object_name="red circle", keep=["blue square"])
+    alone = judge_edit(load_judge(tiny_judge), ref, edited, "remove the red circle", edit_type="remove",
+                       object_name="red circle", keep=["blue square"])
+    for key in ("p_edit", "p_identity", "p_keep"):  # the numbers of the gradients' own pass = the plain verdict's
+        assert verdict[key] == pytest.approx(getattr(alone, key), abs=1e-6)
     np.testing.assert_allclose(saved.grads, direct.grads, rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(saved.training, direct.training, rtol=1e-4, atol=1e-8)
     assert saved.grads.shape[0] == 3 and np.abs(saved.training).max() > 0
