@@ -79,6 +79,10 @@ class App:
     public: bool = False  # serving strangers (a Space): no typed model paths or ids, no server files but uploads
     train_token: str | None = None  # $NPEDIT_TRAIN_TOKEN: in a public app, training actions need it
 
+    def lists(self, editor: str) -> bool:
+        """Whether `editor` is one of the editors the app offers (all a public app loads)."""
+        return editor in [path for _, path in self.editor_choices()]
+
     def training_off(self) -> str | None:
         """Why training cannot start here at all (None: it can, given the token when one is set)."""
         if ON_ZEROGPU:
@@ -190,7 +194,7 @@ def edit_handler(app: App):
                            "\"Removed object\" (Advanced settings), or pick another edit type.")
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
         editor = editor or app.models.paths.model
-        if app.public and editor not in [path for _, path in app.editor_choices()]:
+        if app.public and not app.lists(editor):
             raise gr.Error("This app is public: pick an editor from the list (it loads no other folder or hub id).")
         try:
             progress(0.0, desc="loading the editor")
@@ -540,7 +544,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         app.check_training(token_value)  # (the Start button may be off, but its event can still be sent)
         values = dict(zip(knobs, values))
         if app.public and (base.strip() != own_base or judge.strip() != own_judge or
-                           student.strip() not in ["", *(path for _, path in app.editor_choices())]):
+                           (student.strip() and not app.lists(student.strip()))):
             raise gr.Error("This app is public: it trains from its own teacher and judge, and from a listed editor "
                            "(it loads no other folder or hub id).")
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
