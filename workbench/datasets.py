@@ -38,9 +38,8 @@ def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> 
     if previous is not None:
         for row in previous.reindex(columns=TABLE_COLUMNS).to_dict("records"):
             typed.setdefault(_cell(row["image"]), {c: _cell(row[c]) for c in TABLE_COLUMNS})
-    rows = [typed.get(str(p)) or {"image": str(p), "instruction": "", "caption_reference": "", "caption_target": "",
-                                  "edit_type": "edit", "object_name": "", "keep": "", "new": "", "gone": ""}
-            for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+    blank = {c: "" for c in TABLE_COLUMNS} | {"edit_type": "edit"}
+    rows = [typed.get(str(p)) or blank | {"image": str(p)} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
