@@ -28,6 +28,7 @@ import pandas as pd
 from npedit import assets
 from npedit.data import object_names
 from npedit.images import ImageError, load_image
+from npedit.judges import EDIT_TYPES, edit_type_name
 from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import edit_best_of, edit_once, trace_edit
@@ -188,6 +189,10 @@ def edit_handler(app: App):
             raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
             raise gr.Error("Type an instruction, e.g. \"make the red circle blue\".")
+        try:
+            edit_type = edit_type_name(edit_type)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
         asks_judge = int(candidates or 1) > 1 or inspect_steps
         if asks_judge and edit_type == "remove" and not (object_name or "").strip():
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
@@ -276,7 +281,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
                     randomize = gr.Checkbox(value=False, label="Randomise seed")
                 caption = gr.Textbox(value="", label="Target caption c^x (optional)", info=CAPTION_HELP)
                 with gr.Row():
-                    edit_type = gr.Dropdown(list(datasets.EDIT_TYPES), value="edit",
+                    edit_type = gr.Dropdown(list(EDIT_TYPES), value="edit",
                                             label="Edit type (judge questions)")
                     object_name = gr.Textbox(value="", label="Removed object (for edit type 'remove')")
                 inspect = gr.Checkbox(value=True, label="Per-step analysis (judge P(Yes) and DMD map for every step)")
@@ -358,7 +363,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
     take = gr.Button("Take the pair from the last edit", size="sm")
     instruction = gr.Textbox(label="Instruction")
     with gr.Row():
-        edit_type = gr.Dropdown(list(datasets.EDIT_TYPES), value="edit", label="Edit type")
+        edit_type = gr.Dropdown(list(EDIT_TYPES), value="edit", label="Edit type")
         object_name = gr.Textbox(value="", label="Removed object (for 'remove')")
     keep = gr.Textbox(value="", label="Objects to keep (separated by ;): one keep check each, \"does the edited image "
                       "contain ...?\" (asked in training with judge.keep_questions)")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .assets import default_path
 from .images import ImageError
+from .edit_types import EDIT_TYPES, edit_type_name
 
 
 def _device():
@@ -41,31 +42,38 @@ def _load_judge(args, device: str, dtype, max_pixels: int | None):
         raise SystemExit(f"error: {exc}") from exc
 
 
+def _edit_type(value: str) -> str:
+    """--edit-type: one of EDIT_TYPES (case and the aliases forgiven)."""
+    try:
+        return edit_type_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
-    """JSON lines with the `required` keys; relative image paths resolve against the file's folder."""
+    """JSON lines with the `required` keys; relative image paths resolve against the file's folder; an unknown
+    edit_type is an error here, before any work."""
+    from .data import read_json_lines
+
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: {p} not found")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"error: {p}:{n}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise SystemExit(f"error: {p}:{n}: not a JSON object (one {{...}} with {', '.join(required)} per line)")
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise SystemExit(f"error: {p}:{n}: missing {', '.join(missing)}")
+    try:
+        rows = read_json_lines(p, required)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for n, row in rows:
+        where = f"{p}:{n}"
         for key in ("image", "reference", "edited"):
             if key in row and not isinstance(row[key], str):
-                raise SystemExit(f"error: {p}:{n}: {key} must be a path (a string), got {row[key]!r}")
+                raise SystemExit(f"error: {where}: {key} must be a path (a string), got {row[key]!r}")
             if key in row and not Path(row[key]).is_absolute():
                 row[key] = str(p.parent / row[key])
-        rows.append(row)
-    return rows
+        try:
+            row["edit_type"] = edit_type_name(row.get("edit_type"))
+        except ValueError as exc:
+            raise SystemExit(f"error: {where}: {exc}") from None
+    return [row for _, row in rows]
 
 
 def cmd_edit(args) -> int:
@@ -432,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 on a CPU)")
     e.add_argument("--judge-max-pixels", type=int, help="a Qwen2.5-VL judge sees at most this many pixels per image "
                    "(e.g. 200704 = 448x448; default: its processor's own cap)")
-    e.add_argument("--edit-type", default="edit", help="for the judge's questions: e.g. add, remove, replace, "
-                   "recolor, background, resize (--batch lines: edit_type)")
+    e.add_argument("--edit-type", default="edit", type=_edit_type, help="for the judge's questions: one of "
+                   f"{', '.join(EDIT_TYPES)} (--batch lines: edit_type)")
     e.add_argument("--object", help="the removed object's name, for --edit-type remove (--batch lines: object_name)")
     e.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
                    "--batch lines: keep)")
@@ -447,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--reference")
     j.add_argument("--edited")
     j.add_argument("--instruction")
-    j.add_argument("--edit-type", default="edit", help="e.g. add, remove, replace, recolor, background, resize")
+    j.add_argument("--edit-type", default="edit", type=_edit_type, help=f"one of {', '.join(EDIT_TYPES)}")
     j.add_argument("--object", help="the removed object's name (for --edit-type remove)")
     j.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
                                   "p_keep = the lowest of their P(Yes))")

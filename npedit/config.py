@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from .edit_types import EDIT_TYPES
+
 STAGES = ("warmup", "npedit", "sft", "critic")
 DTYPES = ("float32", "bfloat16", "float16")
 VLM_LOSSES = ("yes_no", "full_vocab")
@@ -205,6 +207,12 @@ class LossConfig:
     # another, i.e. the object's shape changes (the Shapes world's shape edit is called "replace")
     strong_cfg_edit_types: tuple[str, ...] = ("remove", "replace", "shape", "style", "action")
     negative_prompt: str = "low quality, artifacts"
+
+    def __post_init__(self):
+        unknown = [e for e in self.strong_cfg_edit_types if e not in EDIT_TYPES]
+        if unknown:
+            raise ValueError(f"loss.strong_cfg_edit_types: unknown edit types {unknown}; use names from "
+                             f"{', '.join(EDIT_TYPES)}")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A manifest is a JSON-lines file, one sample a line:
     {"id": "0001", "image": "images/0001.png", "instruction": "make the car red",
      "caption_reference": "a blue car on a street",      # c^y, optional (default: "")
      "caption_target": "a red car on a street",           # c^x, optional (default: the instruction)
-     "edit_type": "recolor",                              # optional (default: "edit")
+     "edit_type": "recolor",                              # optional (default: "edit"; the list: judges.questions.EDIT_TYPES)
      "object_name": "car",                                # required when edit_type is "remove"
      "keep": ["tree", "red house"],                       # optional: objects the edit must leave in place
      "new": ["red car"],                                  # optional: objects the edit creates (judge.change_questions)
@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import ImageError, fit_image, load_image, pil_to_tensor
+from .edit_types import edit_type_name
 
 DO_NOTHING = "do nothing"
 logger = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class EditRecord:
     def __post_init__(self):
         if not self.instruction.strip():
             raise ValueError(f"sample {self.id}: empty instruction")
+        try:
+            object.__setattr__(self, "edit_type", edit_type_name(self.edit_type))
+        except ValueError as exc:
+            raise ValueError(f"sample {self.id}: {exc}") from None
         if self.edit_type == "remove" and not self.object_name:
             raise ValueError(f"sample {self.id}: edit_type 'remove' needs object_name (what is removed)")
 
@@ -82,6 +87,30 @@ class EditRecord:
         return object_names(self.gone)
 
 
+def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *,
+                    label: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, JSON object) for each non-blank line of a JSON-lines file, each object with the `required`
+    keys; a bad line is a ValueError naming it as `label`:N (`label` defaults to the path)."""
+    path = Path(path)
+    label = label or str(path)
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{label}:{n}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            keys = f" with {', '.join(required)}" if required else ""
+            raise ValueError(f"{label}:{n}: not a JSON object (one {{...}}{keys} per line)")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{label}:{n}: missing {', '.join(missing)} (each line needs {', '.join(required)})")
+        rows.append((n, row))
+    return rows
+
+
 def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
     """Parse a cases.jsonl manifest, resolving relative paths; errors name the line."""
     path = Path(path)
@@ -92,15 +121,7 @@ def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
         raise FileNotFoundError(f"manifest not found: {path}")
     records = []
     fields = set(EditRecord.__dataclass_fields__)
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict) or "image" not in raw or "instruction" not in raw:
-            raise ValueError(f"{path}:{n}: each line needs at least 'image' and 'instruction'")
+    for n, raw in read_json_lines(path, ("image", "instruction")):
         for key in ("keep", "new", "gone"):
             if isinstance(raw.get(key), list):
                 raw[key] = ";".join(object_names(raw[key]))

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from .images import fit_image, load_image, pil_to_tensor
-from .judges import Judge, Question, change_questions, free_question, keep_questions, training_questions
+from .judges import (Judge, Question, change_questions, edit_type_name, free_question, keep_questions,
+                     training_questions)
 from .pipeline import MAX_INSTRUCTION_CHARS
 
 MAX_QUESTIONS = 32  # per edit: one judge pass holds a row per question (and the gradient maps one image copy each)
@@ -58,6 +59,7 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
     `MAX_QUESTIONS` questions, is refused (a judge pass over them would take memory without bound)."""
     if not (instruction or "").strip():
         raise ValueError("the instruction is empty: give the one the edit followed, e.g. 'make the circle blue'")
+    edit_type = edit_type_name(edit_type)
     for what, texts in (("the instruction", [instruction]), ("the removed object", [object_name or ""]),
                         ("an object to keep", keep), ("a new object", new), ("a gone object", gone),
                         ("an extra question", extra)):

@@ -23,7 +23,9 @@ def test_manifest_parsing(tiny_manifest):
 
 @pytest.mark.parametrize("line, message", [
     ("{bad json", "not valid JSON"),
-    (json.dumps({"image": "a.png"}), "needs at least"),
+    (json.dumps({"image": "a.png"}), "missing instruction"),
+    ("[1, 2]", "not a JSON object"),
+    (json.dumps({"image": "a.png", "instruction": "x", "edit_type": "remvoe"}), "unknown edit_type 'remvoe'; use one of"),
     (json.dumps({"image": "a.png", "instruction": "  "}), "empty instruction"),
     (json.dumps({"image": "a.png", "instruction": "remove it", "edit_type": "remove"}), "needs object_name"),
 ])
@@ -32,6 +34,34 @@ def test_manifest_errors_name_the_line(tmp_path, line, message):
     f.write_text(json.dumps({"image": "x.png", "instruction": "ok"}) + "\n" + line + "\n")
     with pytest.raises(ValueError, match=f"m.jsonl:2: .*{message}"):
         load_manifest(f)
+
+
+def test_edit_types_are_checked_and_their_spellings_forgiven(tmp_path):
+    """An edit type is one of EDIT_TYPES: case, spaces and a few aliases are forgiven (a removal spelt "Remove" is
+    still checked with the contains question), anything else is refused wherever it enters (manifest, questions,
+    the verdict's questions, the loss's strong-CFG list)."""
+    from npedit.config import LossConfig
+    from npedit.judges import EDIT_TYPES, edit_type_name, training_questions
+    from npedit.verdicts import edit_questions
+
+    assert [edit_type_name(v) for v in (None, "", " Remove ", "recolour", "RECOLOR", "delete", "style")] == [
+        "edit", "edit", "remove", "recolor", "recolor", "remove", "style"]
+    assert set(EDIT_TYPES) >= {"add", "remove", "replace", "recolor", "resize", "background"}  # the Shapes categories
+    for bad in ("remvoe", "colour change", "edit!"):
+        with pytest.raises(ValueError, match="unknown edit_type"):
+            edit_type_name(bad)
+    assert [q.kind for q in training_questions("remove the red circle", "Remove", "red circle")] == ["contains",
+                                                                                                    "identity"]
+    with pytest.raises(ValueError, match="unknown edit_type 'remvoe'"):
+        training_questions("remove the red circle", "remvoe", "red circle")
+    with pytest.raises(ValueError, match="unknown edit_type"):
+        edit_questions("remove the red circle", edit_type="removed!", object_name="red circle")
+    with pytest.raises(ValueError, match="strong_cfg_edit_types: unknown edit types \\['shapes'\\]"):
+        LossConfig(strong_cfg_edit_types=("remove", "shapes"))
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"image": "x.png", "instruction": "drop it", "edit_type": " Removal",
+                             "object_name": "cat"}) + "\n")
+    assert load_manifest(f)[0].edit_type == "remove"
 
 
 def test_caption_fallback_and_do_nothing(tiny_manifest, tmp_path):

@@ -712,8 +712,8 @@ def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, cap
 
 def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     """A --batch id names its result's file: one that leaves --output-dir, or comes twice, is refused, as are a line
-    that is not an object, an image that is not a path, an --output that is not a .png, an out-of-range --seed or
-    --max-side; all before any weights are read (the model folder here does not exist)."""
+    that is not an object, an image that is not a path, an unknown edit_type, an --output that is not a .png, an
+    out-of-range --seed or --max-side; all before any weights are read (the model folder here does not exist)."""
     from npedit.cli import main
 
     edit = ["edit", "--model", str(tmp_path / "no-model")]
@@ -723,6 +723,7 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
                         ([{"id": ""}], "'' is not a plain file name"),
                         ([{"id": "a"}, {"id": "b"}, {"id": "a"}], "ids 'a' appear more than once"),
                         ([{"id": "a", "image": 5}], "cases.jsonl:1: image must be a path"),
+                        ([{"id": "a"}, {"id": "b", "edit_type": "remvoe"}], "cases.jsonl:2: unknown edit_type 'remvoe'"),
                         (["a"], "cases.jsonl:1: not a JSON object")):
         rows = [line if isinstance(line, str) else {"image": "in.png", "instruction": "x", **line} for line in lines]
         listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -731,6 +732,7 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     one = [*edit, "--image", "in.png", "--instruction", "x"]
     for flags, says in ((["--output", str(tmp_path / "out.gif")], "--output must end in one of .png, .jpg"),
                         (["--output", str(tmp_path)], "--output must end in one of .png, .jpg"),
+                        (["--output", "y.png", "--edit-type", "remvoe"], "2"),  # argparse's exit status
                         (["--output", "y.png", "--seed", str(2**64)], "--seed must be between"),
                         (["--output", "y.png", "--max-side", "0"], "--max-side must be >= 1")):
         with pytest.raises(SystemExit, match=re.escape(says)):

@@ -22,7 +22,6 @@ from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
 
 TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep",
                  "new", "gone"]
-EDIT_TYPES = ("edit", "add", "remove", "replace", "recolor", "resize", "background", "style", "shape", "action")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

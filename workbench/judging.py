@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from npedit.data import object_names
+from npedit.data import object_names, read_json_lines
 from npedit.images import ImageError
 from npedit.verdicts import Verdict, judge_edit
 
@@ -35,17 +34,7 @@ def extra_questions(text: str | None) -> list[str]:
 def _read_rows(path: Path) -> list[dict]:
     if path.suffix.lower() == ".csv":
         return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path.name}:{n}: not valid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path.name}:{n}: not a JSON object with reference, edited and instruction")
-            rows.append(row)
-    return rows
+    return [row for _, row in read_json_lines(path, label=path.name)]
 
 
 def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False) -> pd.DataFrame:

@@ -245,7 +245,7 @@ def companions(editor: str | None, paths: ModelPaths) -> Companions:
         critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
         try:
             loss = LossConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("loss", {}).items()})
-        except TypeError:
+        except (TypeError, ValueError):  # a foreign or older config: the default loss settings
             loss = LossConfig()
     if local is not None and (local / "critic" / "config.json").is_file():
         critic = str(local / "critic")  # carried inside the editor folder (the bundled editors): its own first

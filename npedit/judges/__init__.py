@@ -25,6 +25,7 @@ from npedit.judges.questions import (
     removal_identity_question,
     training_questions,
 )
+from npedit.edit_types import EDIT_TYPES, edit_type_name
 
 # config.json model_type -> adapter class; one entry per VLM family.
 JUDGES: dict[str, type[Judge]] = {
@@ -75,6 +76,7 @@ def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
 
 
 __all__ = [
+    "EDIT_TYPES",
     "change_question",
     "change_questions",
     "InternVLJudge",
@@ -86,6 +88,7 @@ __all__ = [
     "Qwen25VLJudge",
     "contains_question",
     "edit_question",
+    "edit_type_name",
     "free_question",
     "judge_class",
     "identity_question",

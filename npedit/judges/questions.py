@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from npedit.edit_types import edit_type_name
 from npedit.judges.base import Answer, ImageRole, Question
 
 PAIR = ("reference", "edited")
@@ -135,6 +136,7 @@ def training_questions(
     question Yes whatever the edit does, so the instruction's edit check and identity question are asked
     instead. The count depends only on `identity` (2 or 1), so a batch forms a rectangular (B, Q) grid.
     """
+    edit_type = edit_type_name(edit_type)
     if edit_type == "remove":
         if not object_name:
             raise ValueError(
