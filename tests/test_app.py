@@ -322,3 +322,22 @@ def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path,
     best = edit(str(shapes_png), "remove the circle", 4, 0, False, "", "remove", "red circle", True, None, 2,
                 progress=quiet)
     assert len(best[6]) == 2 and "best of 2" in best[3]
+
+
+def test_the_space_installs_what_the_app_needs_and_nothing_for_tests():
+    """A Space builds from the README's front matter and requirements.txt: its Gradio version is the pinned one, its
+    app file exists, and the test-only packages live in requirements-dev.txt (which CI installs) instead."""
+    import re
+
+    front = (ROOT / "README.md").read_text().split("---")[1]
+    meta = dict(re.findall(r"^(\w+):\s*\"?([^\"\n]*)\"?$", front, re.M))
+    runtime = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    pins = dict(line.split("==") for line in runtime if "==" in line)
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == pins["gradio"] == gr.__version__
+    assert (ROOT / meta["app_file"]).is_file()
+    names = {re.split(r"[=<>\[ ]", line)[0].lower() for line in runtime}
+    assert not names & {"pytest", "playwright"}, "test-only packages belong in requirements-dev.txt"
+    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in dev and {"pytest", "playwright"} <= {re.split(r"[=<>]", d)[0] for d in dev}
+    assert "requirements-dev.txt" in (ROOT / ".ci/run").read_text()
