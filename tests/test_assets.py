@@ -23,6 +23,9 @@ def test_bundled_weights_are_safetensors_within_the_budget():
     files = [p for p in assets.SHAPES_DIR.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in PICKLES]
     assert any(p.suffix == ".safetensors" for p in files)
+    # the bundle names other files by repo-relative paths, never by where the machine that trained it kept them
+    texts = {p: p.read_text() for p in files if p.suffix in (".json", ".md", ".yaml")}
+    assert not [p for p, text in texts.items() if any(root in text for root in ('"/work/', '"/tmp/', '"/home/'))]
     total = sum(p.stat().st_size for p in assets.ASSETS_DIR.rglob("*") if p.is_file()) / 2**20
     assert total < BUDGET_MB, f"assets/ holds {total:.1f} MB"
 

@@ -18,7 +18,7 @@ from npedit import flow
 from npedit.config import LossConfig
 from npedit.guidance import teacher_critic_x0
 from npedit.images import load_image, tensor_to_pil
-from npedit.verdicts import judge_edit
+from npedit.verdicts import judge_candidates
 
 Progress = Callable[[float, str], None]
 
@@ -156,13 +156,18 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
                       dmd_t=None if teacher is None or critic is None else dmd_t,
                       judge_note=judge_note if judge is None else None,
                       dmd_note=dmd_note if teacher is None or critic is None else None)
-    for r in records:
-        x0_img = tensor_to_pil(bb.decode_latents(r["x0"]).clamp(-1, 1)[0])
+    x0_imgs = [tensor_to_pil(bb.decode_latents(r["x0"]).clamp(-1, 1)[0]) for r in records]
+    verdicts, judge_s = [None] * len(records), 0.0
+    if judge is not None:  # every step's x0 in one judge pass (chunks of 8): a real VLM answers a batch at once
+        report(0.5, f"asking the judge about the {len(records)} steps")
+        t0 = time.perf_counter()
+        verdicts = judge_candidates(judge, reference, x0_imgs, instruction, edit_type=edit_type,
+                                    object_name=object_name)
+        judge_s = (time.perf_counter() - t0) / len(records)  # each step's share of the pass
+    for r, x0_img, verdict in zip(records, x0_imgs, verdicts):
         st = StepTrace(step=r["step"], t=r["t"], x0=x0_img, sample_s=r["sample_s"])
-        if judge is not None:
-            t0 = time.perf_counter()
-            verdict = judge_edit(judge, reference, x0_img, instruction, edit_type=edit_type, object_name=object_name)
-            st.p_edit, st.p_identity, st.judge_s = verdict.p_edit, verdict.p_identity, time.perf_counter() - t0
+        if verdict is not None:
+            st.p_edit, st.p_identity, st.judge_s = verdict.p_edit, verdict.p_identity, judge_s
         if teacher is not None and critic is not None:
             t0 = time.perf_counter()
             x_t = flow.add_noise(r["x0"], eps, dmd_t)
