@@ -199,6 +199,9 @@ class LossConfig:
     # (latent mse), e.g. the judge's accepted edits written by `edit --verdicts --min-score`: self-training on
     # the editor's own judged results, no pairs. With data.train=shapes the targets are the true edits (pairs).
     lambda_target: float = 0.0
+    # > 0: the target regression weighs each latent position by 1 + target_edit_weight x (how much the true result
+    # differs from the reference there, relative to the sample's largest difference): the edit counts more
+    target_edit_weight: float = 0.0
     dmd_t_min: float = 0.02
     dmd_t_max: float = 0.98
     cfg_scale: float = 3.5
@@ -209,6 +212,8 @@ class LossConfig:
     negative_prompt: str = "low quality, artifacts"
 
     def __post_init__(self):
+        if self.target_edit_weight < 0:
+            raise ValueError(f"loss.target_edit_weight must be >= 0, got {self.target_edit_weight}")
         unknown = [e for e in self.strong_cfg_edit_types if e not in EDIT_TYPES]
         if unknown:
             raise ValueError(f"loss.strong_cfg_edit_types: unknown edit types {unknown}; use names from "

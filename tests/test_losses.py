@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from npedit.losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
@@ -83,3 +84,24 @@ def test_target_loss_trains_only_the_samples_with_a_target():
     torch.testing.assert_close(metrics["target_loss"], loss)
     loss.backward()
     assert torch.count_nonzero(x.grad[1]) == 0 and (x.grad[0] < 0).all()  # descent moves x[0] up toward 1
+
+
+def test_target_loss_edit_weight_counts_the_changed_positions_more():
+    """With edit_weight w, a position where the target differs most from the reference weighs 1 + w, an unchanged
+    one 1; w = 0 is the plain loss, and the weights need the reference."""
+    reference = torch.zeros(2, 4, 2, 2)
+    target = reference.clone()
+    target[:, :, 0, 0] = 2.0  # the edit changes one position of four
+    x = torch.zeros(2, 4, 2, 2, requires_grad=True)
+    plain, _ = target_loss(x, target, torch.tensor([True, True]))
+    same, _ = target_loss(x, target, torch.tensor([True, True]), reference=reference, edit_weight=0.0)
+    torch.testing.assert_close(plain, same)
+    weighted, _ = target_loss(x, target, torch.tensor([True, True]), reference=reference, edit_weight=3.0)
+    torch.testing.assert_close(weighted, 4 * plain)  # the only error sits where the weight is 1 + 3
+    off = target.clone()  # an error away from the edit keeps weight 1
+    off[:, :, 1, 1] = 1.0
+    a, _ = target_loss(off, target, torch.tensor([True, True]), reference=reference, edit_weight=3.0)
+    b, _ = target_loss(off, target, torch.tensor([True, True]))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="needs the reference"):
+        target_loss(x, target, torch.tensor([True, True]), edit_weight=1.0)

@@ -367,7 +367,7 @@ class Trainer:
         if lc.lambda_target > 0:  # the given results, except where "do nothing" replaced the instruction
             with torch.no_grad():
                 target = self.backbone.encode_image(batch["target"].to(x.device)).float()
-            loss, m = target_loss(x, target, ~mask)
+            loss, m = target_loss(x, target, ~mask, reference=ref, edit_weight=lc.target_edit_weight)
             total, metrics = total + lc.lambda_target * loss, {**metrics, **m}
         metrics["student_loss"] = total.detach()
         return total, metrics
