@@ -1,4 +1,4 @@
-"""`python -m npedit {edit,judge,train}`: one parser, thin commands over the library."""
+"""`python -m npedit COMMAND`: one parser, thin commands over the library (edit, judge, train, export, eval, bench...)."""
 
 from __future__ import annotations
 

@@ -219,8 +219,13 @@ def test_training_table_to_manifest(tmp_path):
     with pytest.raises(ValueError, match="row 1: .*object_name"):
         datasets.write_manifest(uploaded, tmp_path / "u2", {"cat.png": str(tmp_path / "cat.png")})
     uploaded.loc[0, "object_name"] = "cat"
+    uploaded.loc[0, "edit_type"] = "remvoe"  # a typed edit type that is none: refused, naming the row
+    with pytest.raises(ValueError, match="row 1: .*unknown edit_type 'remvoe'"):
+        datasets.write_manifest(uploaded, tmp_path / "u5", {"cat.png": str(tmp_path / "cat.png")})
+    uploaded.loc[0, "edit_type"] = " Removal"
     out = datasets.write_manifest(uploaded, tmp_path / "u3", {"cat.png": str(tmp_path / "cat.png")})
     assert load_manifest(out)[0].target_caption == "remove the cat"
+    assert json.loads(out.read_text())["edit_type"] == "remove"  # written as the manifest reads it
     with pytest.raises(ValueError, match="empty"):
         datasets.write_manifest(datasets.empty_table(), tmp_path / "u4")
 

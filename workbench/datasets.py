@@ -114,7 +114,7 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
                   "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"],
                   "keep": values["keep"], "new": values["new"], "gone": values["gone"]}
         try:
-            EditRecord(**record)
+            record["edit_type"] = EditRecord(**record).edit_type  # as the manifest reads it (e.g. "Remove" -> remove)
         except ValueError as exc:
             raise ValueError(f"row {i}: {exc}") from None
         lines.append(json.dumps(record))
