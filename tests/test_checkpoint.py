@@ -1,3 +1,4 @@
+import json
 import random
 
 import numpy as np
@@ -96,3 +97,49 @@ def test_model_card_names_the_signals_an_npedit_run_used():
     assert "uses before/after pairs" not in own and "judge" in own and "distribution matching" in own
     dmd_only = training_summary("npedit", None, LossConfig(lambda_vlm=0), "shapes")
     assert "distribution matching" in dmd_only and "judge" not in dmd_only and "only" in dmd_only
+
+
+def _published(root, step):
+    """A complete checkpoint folder at `step` (trainer state + a small safetensors file), as `finalize` leaves it."""
+    from safetensors.torch import save_file
+
+    d = root / f"step_{step:06d}"
+    (d / "student").mkdir(parents=True)
+    (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+    save_file({"w": torch.ones(64)}, str(d / "student/diffusion_pytorch_model.safetensors"))
+    return d
+
+
+def test_a_damaged_checkpoint_is_named_and_the_newest_readable_one_found(tmp_path):
+    """A published checkpoint whose files were cut short afterwards (a crash before the disk had them, a copy cut off)
+    is named with the file that does not read back; the newest one that reads back is the one to resume from."""
+    root = tmp_path / "checkpoints"
+    five, ten = _published(root, 5), _published(root, 10)
+    weights = ten / "student/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-50])
+    assert ckpt.damage(five) is None
+    assert "student/diffusion_pytorch_model.safetensors" in ckpt.damage(ten)
+    assert ckpt.latest_readable(root) == (five, [f"step_000010 is damaged ({ckpt.damage(ten)})"])
+    (five / "trainer_state.json").write_text("")
+    assert "trainer_state.json is empty" in ckpt.damage(five) and ckpt.latest_readable(root)[0] is None
+
+
+def test_pruning_never_removes_the_checkpoint_just_written_nor_reads_stale_saves(tmp_path):
+    """A resume that passed over a damaged step_20 saves step 15 next: with keep=1 the new checkpoint stays (only
+    older ones are pruned). A save killed halfway left `.tmp_step_*` (a whole checkpoint's size): the next save
+    removes it."""
+    root = tmp_path / "checkpoints"
+    _published(root, 10)
+    _published(root, 20)
+    (root / ".tmp_step_000012" / "student").mkdir(parents=True)  # killed while writing step 12
+    tmp = root / ".tmp_step_000015"
+    tmp.mkdir()
+    (tmp / "trainer_state.json").write_text("{}")
+    ckpt.finalize(tmp, root / "step_000015", keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000015", "step_000020"]
+    for step in (25, 30, 35):
+        tmp = root / f".tmp_step_{step:06d}"
+        tmp.mkdir()
+        (tmp / "trainer_state.json").write_text("{}")
+        ckpt.finalize(tmp, root / f"step_{step:06d}", keep=3)
+    assert [d.name for d in ckpt.checkpoint_dirs(root)] == ["step_000025", "step_000030", "step_000035"]

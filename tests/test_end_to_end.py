@@ -817,3 +817,40 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     assert len(again) == 6 and list(again) == second[4:]
     assert len(again) == 10 and list(again) == second  # the skip holds for one epoch
     assert list(EpochSampler(10, seed=4)) != first
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_by_resume_and_named_by_export(tmp_path, tiny_zimage,
+                                                                                  tiny_manifest, capsys):
+    """The newest checkpoint cut short after it was published (a crash before the disk had it): `--resume` says so
+    and goes on from the one before, `export` names it and the step to export instead. A save killed halfway at
+    step 4 left `.tmp_step_000004`: none of it ends up in the step 4 the resumed run saves."""
+    from npedit.cli import main
+
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "log_every=1", "save_every=1", "sample_every=0", f"output_dir={tmp_path}/r"]
+    main(["train", "max_steps=3", *common])
+    root = tmp_path / "r/checkpoints"
+    weights = root / "step_000003/student/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (root / ".tmp_step_000004/critic").mkdir(parents=True)  # a save killed halfway, by a run that had a critic
+    (root / ".tmp_step_000004/critic/config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"step_000003 is damaged \(student/diffusion_pytorch_model.safetensors.*"
+                                         r"export step 2 with --step 2"):
+        main(["export", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=r"step_000003 is damaged .*--step 2"):
+        main(["export", str(tmp_path / "r"), "--average", "2"])
+    capsys.readouterr()
+    main(["train", "--resume", "max_steps=4", *common])
+    out = capsys.readouterr().out
+    assert "step_000003 is damaged" in out and "resuming from step_000002" in out
+    assert [json.loads(line)["step"] for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
+    assert not (root / "step_000004/critic").exists()
+    from npedit.training import checkpoint as ckpt
+
+    assert ckpt.damage(root / "step_000003") is None  # written again by the resumed run
+    (root / "step_000003/optimizer_student.json").write_text("")
+    with pytest.raises(SystemExit, match=r"cannot average 2 checkpoints up to step 4: step_000003 is damaged "
+                                         r"\(optimizer_student.json is empty\); average fewer"):
+        main(["export", str(tmp_path / "r"), "--average", "2"])
+

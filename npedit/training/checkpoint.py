@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step_"
@@ -118,6 +120,39 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def damage(path: Path) -> str | None:
+    """What in checkpoint folder `path` does not read back (an empty file, a safetensors file shorter than its header
+    says, JSON or YAML that does not parse: a crash before the disk had the files, a copy cut off), or None."""
+    path = Path(path)
+    for f in sorted(p for p in path.rglob("*") if p.suffix in (".json", ".yaml", ".safetensors") and p.is_file()):
+        name = f.relative_to(path).as_posix()
+        try:
+            if f.stat().st_size == 0:
+                return f"{name} is empty"
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):  # checks the header against the file's length
+                    pass
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                yaml.safe_load(f.read_text())
+        except (OSError, ValueError, SafetensorError, yaml.YAMLError) as exc:
+            return f"{name}: {exc}"
+    return None
+
+
+def latest_readable(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under `root` whose files all read back, and a line on each newer one that does
+    not (passed over)."""
+    damaged = []
+    for path in reversed(checkpoint_dirs(root)):
+        why = damage(path)
+        if why is None:
+            return path, damaged
+        damaged.append(f"{path.name} is damaged ({why})")
+    return None, damaged
+
+
 def _discard(folder: Path) -> None:
     """Delete a checkpoint folder so that no part of it is ever seen as one: renamed first (atomic), then removed;
     a run killed during the removal leaves a `.trash_*` folder, which the next `finalize` removes."""
@@ -129,11 +164,15 @@ def _discard(folder: Path) -> None:
 
 
 def finalize(tmp: Path, final: Path, keep: int) -> None:
-    """Atomically publish a checkpoint written to `tmp` and prune old ones beyond `keep`."""
-    for stale in final.parent.glob(".trash_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Atomically publish a checkpoint written to `tmp`, remove what killed saves left (`.tmp_*`, `.trash_*`) and prune
+    the checkpoints older than it beyond `keep` (counting it). A newer one (damaged, passed over by the resume) is no
+    reason to prune the checkpoint just written."""
+    for stale in [*final.parent.glob(".trash_*"), *final.parent.glob(".tmp_*")]:
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
-    for old in checkpoint_dirs(final.parent)[:-keep] if keep > 0 else []:
+    older = [d for d in checkpoint_dirs(final.parent) if checkpoint_step(d) < checkpoint_step(final)]
+    for old in older[:max(0, len(older) - keep + 1)] if keep > 0 else []:
         _discard(old)

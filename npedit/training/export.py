@@ -26,13 +26,24 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     if not found:
         raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'} "
                                 f"(a run writes one every save_every steps and when it stops)")
-    if step is None:
-        return found[-1]
-    for path in found:
-        if ckpt.checkpoint_step(path) == step:
-            return path
-    steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in found)
-    raise FileNotFoundError(f"{run_dir} has no complete checkpoint at step {step}; it has step(s) {steps}")
+    chosen = found[-1] if step is None else next((p for p in found if ckpt.checkpoint_step(p) == step), None)
+    if chosen is None:
+        steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in found)
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint at step {step}; it has step(s) {steps}")
+    _check_readable(run_dir, chosen)
+    return chosen
+
+
+def _check_readable(run_dir: Path, path: Path) -> None:
+    """A clear error, naming the steps that do read back, when checkpoint `path` is damaged (`checkpoint.damage`)."""
+    why = ckpt.damage(path)
+    if why is None:
+        return
+    readable = [ckpt.checkpoint_step(p) for p in ckpt.checkpoint_dirs(Path(run_dir) / "checkpoints")
+                if p != path and ckpt.damage(p) is None]
+    hint = (f"export step {readable[-1]} with --step {readable[-1]} (steps that read back: "
+            f"{', '.join(map(str, readable))})" if readable else "no other checkpoint of the run reads back")
+    raise ValueError(f"{path.name} is damaged ({why}): {hint}")
 
 
 def checkpoints_to_average(run_dir: str | Path, step: int | None, count: int) -> list[Path]:
@@ -46,6 +57,10 @@ def checkpoints_to_average(run_dir: str | Path, step: int | None, count: int) ->
         steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in found)
         raise ValueError(f"cannot average {count} checkpoints up to step {ckpt.checkpoint_step(last)}: "
                          f"{run_dir} has only step(s) {steps} there")
+    damaged = [f"{p.name} is damaged ({why})" for p in found[-count:-1] if (why := ckpt.damage(p))]  # (last: checked)
+    if damaged:
+        raise ValueError(f"cannot average {count} checkpoints up to step {ckpt.checkpoint_step(last)}: {damaged[0]}; "
+                         "average fewer (--average) or up to an earlier --step")
     return found[-count:]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -567,7 +568,8 @@ class Trainer:
         tmp = root / f".tmp_{final.name}"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # what a save killed at this step left is no part of this one
+            tmp.mkdir(parents=True)
             # the networks as plain models (adapters folded in: what export and --critic load), and a LoRA run's
             # adapters beside them (what it resumes from)
             for name, net, opt in (("student", self.student, self.opt_student), ("critic", self.critic, self.opt_critic)):
@@ -591,8 +593,14 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:
-        """Restore the newest complete checkpoint of this run, if any; returns whether one was found."""
-        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        """Restore the newest complete checkpoint of this run that reads back (a damaged newer one is named and passed
+        over), if any; returns whether one was found."""
+        path, damaged = ckpt.latest_readable(self.run_dir / "checkpoints")
+        if damaged and path is None:
+            raise ValueError(f"no checkpoint in {self.run_dir / 'checkpoints'} reads back ({damaged[0]}): nothing to "
+                             "resume; train again in a new output_dir")
+        for line in damaged:
+            self.acc.print(f"{line}: resuming from {path.name}, the newest checkpoint that reads back")
         if path is None:
             self.metrics.rewind(0)
             return False
