@@ -277,6 +277,7 @@ def cmd_judge(args) -> int:
 def cmd_train(args) -> int:
     """Train one stage from a config file plus dotted overrides."""
     from .config import load_config
+    from .training.checkpoint import WriteError
     from .training.trainer import Trainer
 
     try:
@@ -294,7 +295,10 @@ def cmd_train(args) -> int:
             print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    out = trainer.train()
+    try:
+        out = trainer.train()
+    except WriteError as exc:  # a full or read-only disk: what is kept and what to do, in one line
+        raise SystemExit(f"error: {exc}") from None
     if trainer.acc.is_main_process:
         print(out)
     return 0

@@ -854,3 +854,41 @@ def test_a_damaged_newest_checkpoint_is_passed_over_by_resume_and_named_by_expor
                                          r"\(optimizer_student.json is empty\); average fewer"):
         main(["export", str(tmp_path / "r"), "--average", "2"])
 
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_zimage, tiny_manifest,
+                                                                               monkeypatch):
+    """A checkpoint that cannot be written (a full disk) stops the run with one line naming the newest complete
+    checkpoint and what to do; the half-written folder is removed (it would hold the space a retry needs). An editor
+    that cannot be written at the end says that the checkpoint holds it and how to export it."""
+    import errno
+
+    from npedit.cli import main
+    from npedit.pipeline import NPEditPipeline
+    from npedit.training import checkpoint as ckpt
+
+    real_save, calls = ckpt.save_file, []
+
+    def save_file(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # the optimiser and RNG files of step 1; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "log_every=1", "save_every=1", "sample_every=0", f"output_dir={tmp_path}/r"]
+    with pytest.raises(SystemExit, match=r"could not write checkpoint step_000002 .*No space left on device.*"
+                                         r"step_000001, is untouched.*--resume"):
+        main(["train", "max_steps=3", *common])
+    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["step_000001"]
+    assert ckpt.damage(tmp_path / "r/checkpoints/step_000001") is None
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+
+    def no_space(self, out, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(NPEditPipeline, "save_pretrained", no_space)  # room for the checkpoint, not for the editor
+    with pytest.raises(SystemExit, match=r"could not write .*pipeline .*No space left on device.*checkpoint at step 2 "
+                                         r"is complete: .*npedit export"):
+        main(["train", "--resume", "max_steps=2", *common])
+    assert ckpt.latest_readable(tmp_path / "r/checkpoints")[0].name == "step_000002"

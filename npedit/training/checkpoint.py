@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step_"
+
+
+class WriteError(OSError):
+    """A checkpoint or a run's editor not written (a full or read-only disk); the message says what is kept."""
 
 
 def optimizer_state_to_files(optimizer: torch.optim.Optimizer, stem: Path) -> None:
@@ -151,6 +156,20 @@ def latest_readable(root: Path) -> tuple[Path | None, list[str]]:
             return path, damaged
         damaged.append(f"{path.name} is damaged ({why})")
     return None, damaged
+
+
+@contextmanager
+def writing(tmp: Path):
+    """Around writing checkpoint folder `tmp`: when a write fails (a full or read-only disk), remove the partial
+    folder (it would hold the space a retry needs) and raise a `WriteError` naming the newest complete checkpoint."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(tmp.parent)
+        kept = f"the newest complete checkpoint, {newest.name}, is untouched" if newest else "no checkpoint was saved"
+        raise WriteError(f"could not write checkpoint {tmp.name.removeprefix('.tmp_')} in {tmp.parent} ({exc}); "
+                         f"{kept}: free space (or make the folder writable), then resume the run (--resume)") from None
 
 
 def _discard(folder: Path) -> None:

@@ -568,28 +568,32 @@ class Trainer:
         tmp = root / f".tmp_{final.name}"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # what a save killed at this step left is no part of this one
-            tmp.mkdir(parents=True)
-            # the networks as plain models (adapters folded in: what export and --critic load), and a LoRA run's
-            # adapters beside them (what it resumes from)
-            for name, net, opt in (("student", self.student, self.opt_student), ("critic", self.critic, self.opt_critic)):
-                if net is None or opt is None:  # (a critic run's editor is its model.student, unchanged)
-                    continue
-                lora.merged_copy(net).save_pretrained(tmp / name, safe_serialization=True)
-                if lora.has_lora(net):
-                    ckpt.save_tensors(lora.adapter_state(net), tmp / f"{name}_adapters.safetensors")
-                ckpt.optimizer_state_to_files(opt, tmp / f"optimizer_{name}")
-            save_config(self.cfg, tmp / "config.yaml")
+            with ckpt.writing(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)  # what a save killed at this step left is no part of this one
+                tmp.mkdir(parents=True)
+                # the networks as plain models (adapters folded in: what export and --critic load), and a LoRA run's
+                # adapters beside them (what it resumes from)
+                for name, net, opt in (("student", self.student, self.opt_student),
+                                       ("critic", self.critic, self.opt_critic)):
+                    if net is None or opt is None:  # (a critic run's editor is its model.student, unchanged)
+                        continue
+                    lora.merged_copy(net).save_pretrained(tmp / name, safe_serialization=True)
+                    if lora.has_lora(net):
+                        ckpt.save_tensors(lora.adapter_state(net), tmp / f"{name}_adapters.safetensors")
+                    ckpt.optimizer_state_to_files(opt, tmp / f"optimizer_{name}")
+                save_config(self.cfg, tmp / "config.yaml")
         self.acc.wait_for_everyone()
-        ckpt.rng_state_to_files(tmp / f"rng_{self.acc.process_index}", self._generators())
+        with ckpt.writing(tmp):
+            ckpt.rng_state_to_files(tmp / f"rng_{self.acc.process_index}", self._generators())
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": self.step, "skipped": self.skipped, "stage": self.cfg.stage,
                      "final_phase": self.final_phase, "batches_drawn": self.drawn,
                      "sched_student": self.sched_student.state_dict()["last_epoch"] if self.sched_student else 0,
                      "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
+            with ckpt.writing(tmp):
+                (tmp / "trainer_state.json").write_text(json.dumps(state))
+                ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:
@@ -667,24 +671,28 @@ class Trainer:
     def export(self) -> Path:
         """Save the student as an `NPEditPipeline` under <output_dir>/pipeline (and the critic under critic/); a
         critic run saves only its critic (the editor is its model.student, unchanged) and returns that folder."""
-        if self.fits_critic:
-            out = self.run_dir / "critic"
-            self.acc.wait_for_everyone()
-            if self.acc.is_main_process:
-                save_critic(lora.merged_copy(self.critic), out, self.cfg, self.step)
-            self.acc.wait_for_everyone()
-            return out
-        out = self.run_dir / "pipeline"
+        out = self.run_dir / ("critic" if self.fits_critic else "pipeline")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            student = lora.merged_copy(self.student)
-            pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
-            cfg = self.cfg
-            summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train,
-                                       cfg.model.lora_rank)
-            pipe.save_pretrained(out, training=summary)
-            (out / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
-            if self.critic is not None:
-                lora.merged_copy(self.critic).save_pretrained(self.run_dir / "critic", safe_serialization=True)
+            try:
+                self._write_export(out)
+            except OSError as exc:  # a full or read-only disk: the checkpoint just written holds all of it
+                raise ckpt.WriteError(f"could not write {out} ({exc}); the checkpoint at step {self.step} is complete: "
+                                      f"free space, then export it with `python -m npedit export {self.run_dir}`"
+                                      ) from None
         self.acc.wait_for_everyone()
         return out
+
+    def _write_export(self, out: Path) -> None:
+        """What `export` writes, on the main process."""
+        if self.fits_critic:
+            save_critic(lora.merged_copy(self.critic), out, self.cfg, self.step)
+            return
+        student = lora.merged_copy(self.student)
+        pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
+        cfg = self.cfg
+        summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
+        pipe.save_pretrained(out, training=summary)
+        (out / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
+        if self.critic is not None:
+            lora.merged_copy(self.critic).save_pretrained(self.run_dir / "critic", safe_serialization=True)
