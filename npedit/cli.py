@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from contextlib import ExitStack
@@ -289,6 +290,17 @@ def cmd_train(args) -> int:
     if used and not args.resume:  # a second run there would mix its metrics and checkpoints with the first's
         raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
                          "it, or pick another output_dir")
+    try:  # before any model loads: a folder that cannot be written would otherwise fail at the first save
+        existed = run.is_dir()
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        if not existed:  # made again when training starts; a run stopped by a mistyped setting leaves no folder
+            run.rmdir()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write output_dir {run} ({exc.strerror or exc}): pick a folder you can "
+                         "write to") from None
     try:  # a setting that does not fit the data, the models or the checkpoint is one line, before any training
         trainer = Trainer(cfg)
         if args.resume and not trainer.resume():

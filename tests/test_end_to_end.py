@@ -399,8 +399,8 @@ def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path
 def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_training(tmp_path, tiny_zimage,
                                                                                        tiny_manifest, capsys):
     """A run killed after its last checkpoint logs those steps again when resumed: metrics.jsonl keeps each step once.
-    A used output_dir without --resume, a data.train that is no manifest, and a checkpoint of another architecture
-    are one line each, the data checked before any model loads."""
+    A used output_dir without --resume, a data.train that is no manifest, a checkpoint of another architecture and an
+    output_dir that cannot be written are one line each, the data and the folder checked before any model loads."""
     import shutil
 
     from npedit.cli import main
@@ -426,6 +426,10 @@ def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_tr
         main(["train", f"data.train={tmp_path}", *no_model])
     with pytest.raises(SystemExit, match="manifest not found"):
         main(["train", f"data.train={tmp_path}/cases.jsonl", *no_model])
+    assert not (tmp_path / "new").exists()  # a run stopped before training leaves no folder
+    (tmp_path / "taken").write_text("a file where the run's folder should be")
+    with pytest.raises(SystemExit, match="cannot write output_dir .*taken/r .*pick a folder you can write to"):
+        main(["train", "max_steps=1", *common[:-1], f"output_dir={tmp_path}/taken/r"])
 
 
 def test_missing_default_model_is_one_clear_line(tmp_path):
