@@ -561,6 +561,12 @@ def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_r
                                                    "kernel's OOM killer sends it)")
     (run / "exit_code").write_text("1\n")
     assert jobs.job_status(run).message.startswith("exited with code 1: ")
+    for step, state in ((4, "{}"), (8, "")):  # a newer checkpoint cut short: the status names what a resume loads
+        (run / f"checkpoints/step_{step:06d}").mkdir(parents=True)
+        (run / f"checkpoints/step_{step:06d}/trainer_state.json").write_text(state)
+    st = jobs.job_status(run)
+    assert st.resumable and st.checkpoint.endswith("step_000004") and st.message.endswith(
+        "; resumable from step_000004 (step_000008 is damaged (trainer_state.json is empty), passed over)")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()
     args = presets.train_args({}, base="teacher", judge="org/judge-on-the-hub", student="", data="shapes")

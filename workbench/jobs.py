@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from npedit.training.checkpoint import checkpoint_step, latest_checkpoint
+from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, latest_readable
 
 LOCK_DIR = ".locks"
 STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
@@ -331,8 +331,12 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
             left = max(0.0, 60 * minutes - (time.time() - started))
             st.eta_s = left if st.eta_s is None else min(st.eta_s, left)
     if st.state in ("failed", "cancelled") and ckpt is not None:
-        st.resumable = True
-        st.message += f"; resumable from {ckpt.name}"
+        good, damaged = latest_readable(run_dir / "checkpoints")  # what a resume would load (a job has stopped)
+        if good is not None:
+            st.resumable, st.checkpoint = True, str(good)
+            st.message += f"; resumable from {good.name}"
+        if damaged:
+            st.message += f" ({'; '.join(damaged)}{', passed over' if good is not None else ': nothing to resume'})"
     saved = _read_json(run_dir / "status.json") or {}
     if not st.active and saved.get("state") != st.state:
         _write_json(run_dir / "status.json", st.to_dict())
