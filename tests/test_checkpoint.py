@@ -2,6 +2,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from npedit.training import checkpoint as ckpt
@@ -143,3 +144,30 @@ def test_pruning_never_removes_the_checkpoint_just_written_nor_reads_stale_saves
         (tmp / "trainer_state.json").write_text("{}")
         ckpt.finalize(tmp, root / f"step_{step:06d}", keep=3)
     assert [d.name for d in ckpt.checkpoint_dirs(root)] == ["step_000025", "step_000030", "step_000035"]
+
+
+def test_an_export_is_published_whole_or_not_at_all(tmp_path):
+    """A folder written through `publishing` replaces the old one only once complete: a failure midway leaves the
+    previous folder as it was and no temporary folder; leftovers of a killed export are cleared first."""
+    from npedit.training.checkpoint import publishing
+
+    final = tmp_path / "pipeline"
+    with publishing(final) as folder:
+        (folder).mkdir()
+        (folder / "model_index.json").write_text("old")
+    assert (final / "model_index.json").read_text() == "old"
+    with pytest.raises(OSError, match="disk full"):
+        with publishing(final) as folder:
+            folder.mkdir()
+            (folder / "model_index.json").write_text("half")
+            raise OSError("disk full")
+    assert (final / "model_index.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "pipeline"]
+    (tmp_path / ".tmp_pipeline").mkdir()  # what a killed export left
+    (tmp_path / ".tmp_pipeline" / "stale.safetensors").write_text("x")
+    with publishing(final) as folder:
+        folder.mkdir()
+        (folder / "model_index.json").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["model_index.json"]
+    assert (final / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "pipeline"]

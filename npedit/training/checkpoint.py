@@ -182,6 +182,25 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+@contextmanager
+def publishing(final: Path):
+    """Yield a temporary folder beside `final` to write a whole folder into (an exported editor or critic); it replaces
+    `final` only once written, so a run killed or failing midway leaves the previous `final` (or none), never half of
+    one that loaders would take for complete."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp_{final.name}")
+    for stale in (tmp, final.with_name(f".trash_{final.name}")):  # what a killed export left
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        _discard(final)
+    os.replace(tmp, final)
+
+
 def finalize(tmp: Path, final: Path, keep: int) -> None:
     """Atomically publish a checkpoint written to `tmp`, remove what killed saves left (`.tmp_*`, `.trash_*`) and prune
     the checkpoints older than it beyond `keep` (counting it). A newer one (damaged, passed over by the resume) is no

@@ -10,6 +10,7 @@ in the weights).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -118,12 +119,20 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
     origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
               f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")
-    pipe.save_pretrained(out, training=f"{summary}; {origin}")
     extra = {"averaged_steps": steps} if average > 1 else {}
-    (out / "training_config.json").write_text(json.dumps(
-        {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base), **extra},
-        indent=2))
+    with _writing(out, run_dir) as folder:
+        pipe.save_pretrained(folder, training=f"{summary}; {origin}")
+        (folder / "training_config.json").write_text(json.dumps(
+            {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base), **extra},
+            indent=2))
     return out
+
+
+def _writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
+    """Where to write export `out`: a temporary folder published whole (`checkpoint.publishing`) when `out` is new or
+    inside the run folder; an existing folder of the user's elsewhere is written into, as before, never replaced."""
+    inside = Path(run_dir).resolve() in Path(out).resolve().parents
+    return ckpt.publishing(out) if inside or not Path(out).exists() else contextlib.nullcontext(Path(out))
 
 
 def _export_critic(cfg, backbone, averaged: list[Path], out: Path | None, run_dir, step: int, steps: list[int]) -> Path:
@@ -134,7 +143,8 @@ def _export_critic(cfg, backbone, averaged: list[Path], out: Path | None, run_di
         average_into(critic, (backbone.load_transformer(p / "critic") for p in averaged[:-1]))
     name = averaged[-1].name if len(averaged) == 1 else f"{averaged[-1].name}-avg{len(averaged)}"
     out = out or Path(run_dir) / "exports" / name / "critic"
-    save_critic(critic, out, cfg, step, steps if len(averaged) > 1 else None)
+    with _writing(out, run_dir) as folder:
+        save_critic(critic, folder, cfg, step, steps if len(averaged) > 1 else None)
     return out
 
 

@@ -686,13 +686,16 @@ class Trainer:
     def _write_export(self, out: Path) -> None:
         """What `export` writes, on the main process."""
         if self.fits_critic:
-            save_critic(lora.merged_copy(self.critic), out, self.cfg, self.step)
+            with ckpt.publishing(out) as tmp:
+                save_critic(lora.merged_copy(self.critic), tmp, self.cfg, self.step)
             return
         student = lora.merged_copy(self.student)
         pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
         cfg = self.cfg
         summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
-        pipe.save_pretrained(out, training=summary)
-        (out / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
+        with ckpt.publishing(out) as tmp:
+            pipe.save_pretrained(tmp, training=summary)
+            (tmp / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
         if self.critic is not None:
-            lora.merged_copy(self.critic).save_pretrained(self.run_dir / "critic", safe_serialization=True)
+            with ckpt.publishing(self.run_dir / "critic") as tmp:
+                lora.merged_copy(self.critic).save_pretrained(tmp, safe_serialization=True)
