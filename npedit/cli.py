@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .assets import default_path
-from .images import ImageError
 from .edit_types import EDIT_TYPES, edit_type_name
+from .images import ImageError
 
 
 def _device():
@@ -205,7 +206,7 @@ def _best_of(pipe, judge, job: dict, args, verbose: bool):
     from .data import object_names
 
     picked = best_of(pipe, judge, job["image"], job["instruction"], candidates=args.candidates, steps=args.steps,
-                     seed=args.seed, max_side=args.max_side, edit_type=job.get("edit_type") or "edit",
+                     seed=args.seed, max_side=args.max_side, edit_type=job["edit_type"],
                      object_name=job.get("object_name") or None, keep=object_names(job.get("keep")))
     if verbose:
         for k, v in enumerate(picked.verdicts):
@@ -232,7 +233,7 @@ def cmd_judge(args) -> int:
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
     def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
-        return _numbers(judge_edit(judge, ref, edited, instruction, edit_type=edit_type or "edit",
+        return _numbers(judge_edit(judge, ref, edited, instruction, edit_type=edit_type,
                                    object_name=obj or None, keep=object_names(keep), new=object_names(new),
                                    gone=object_names(gone)))
 
@@ -265,7 +266,7 @@ def cmd_judge(args) -> int:
         from .verdicts import answer_gradients  # one pass gives the verdict and, backwards, the gradients
 
         grads = answer_gradients(judge, args.reference, args.edited, args.instruction,
-                                 edit_type=args.edit_type or "edit", object_name=args.object or None,
+                                 edit_type=args.edit_type, object_name=args.object or None,
                                  keep=object_names(args.keep), new=object_names(args.new), gone=object_names(args.gone))
         Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
         grads.save(args.gradients)
@@ -290,14 +291,16 @@ def cmd_train(args) -> int:
     if used and not args.resume:  # a second run there would mix its metrics and checkpoints with the first's
         raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
                          "it, or pick another output_dir")
-    try:  # before any model loads: a folder that cannot be written would otherwise fail at the first save
-        existed = run.is_dir()
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / f".write_test_{os.getpid()}"
+    # Before any model loads (else the first save fails): the run folder, or the nearest folder above it that exists,
+    # must take a file. Nothing is created, so a run stopped by a mistyped setting leaves no folder, and the processes
+    # of a multi-process launch do not race over one.
+    base = next(p for p in (run, *run.parents) if p.exists())
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{base} is a file")
+        probe = base / f".write_test_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
-        if not existed:  # made again when training starts; a run stopped by a mistyped setting leaves no folder
-            run.rmdir()
     except OSError as exc:
         raise SystemExit(f"error: cannot write output_dir {run} ({exc.strerror or exc}): pick a folder you can "
                          "write to") from None
