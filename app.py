@@ -27,8 +27,8 @@ import pandas as pd
 
 from npedit import assets
 from npedit.data import object_names
+from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.images import ImageError, load_image
-from npedit.judges import EDIT_TYPES, edit_type_name
 from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import edit_best_of, edit_once, trace_edit
@@ -211,7 +211,7 @@ def edit_handler(app: App):
                 judge = app.models.judge()
                 progress(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
                 picked, seconds = edit_best_of(pipe, judge, picture, instruction, int(candidates), int(steps), seed,
-                                               edit_type=edit_type or "edit",
+                                               edit_type=edit_type,
                                                object_name=(object_name or "").strip() or None,
                                                keep=object_names(keep))
                 edited, panel, table = picked.image, None, None
@@ -225,7 +225,7 @@ def edit_handler(app: App):
                 progress(0.05, desc="loading the judge, teacher and critic")
                 judge, teacher, critic, loss, judge_note, dmd_note = app.models.inspectors(editor, pipe)
                 trace = trace_edit(pipe, judge, teacher, critic, picture, instruction, caption_target,
-                                   steps=int(steps), seed=seed, edit_type=edit_type or "edit",
+                                   steps=int(steps), seed=seed, edit_type=edit_type,
                                    object_name=(object_name or "").strip() or None, loss=loss, judge_note=judge_note,
                                    dmd_note=dmd_note, progress=lambda f, d: progress(0.1 + 0.9 * f, desc=d))
                 edited, panel, table = trace.image, plots.steps_figure(trace), pd.DataFrame(trace.table())
@@ -242,7 +242,7 @@ def edit_handler(app: App):
         if notice:
             gr.Warning(notice)
             info.insert(0, f"⚠️ {notice}")
-        last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type or "edit",
+        last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type,
                 "object_name": object_name or ""}
         return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last
 

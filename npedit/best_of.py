@@ -29,8 +29,8 @@ class Candidates:
     def best(self) -> int:
         """The highest score's candidate (the first on a tie; a NaN score never wins unless all are NaN)."""
         scores = [v.score for v in self.verdicts]
-        return max(range(len(scores)), key=lambda k: (not math.isnan(scores[k]), scores[k] if not math.isnan(scores[k])
-                                                      else 0.0, -k))
+        scored = [k for k, s in enumerate(scores) if not math.isnan(s)]
+        return max(scored, key=lambda k: (scores[k], -k)) if scored else 0
 
     @property
     def image(self) -> Image.Image:

@@ -4,7 +4,7 @@ A manifest is a JSON-lines file, one sample a line:
     {"id": "0001", "image": "images/0001.png", "instruction": "make the car red",
      "caption_reference": "a blue car on a street",      # c^y, optional (default: "")
      "caption_target": "a red car on a street",           # c^x, optional (default: the instruction)
-     "edit_type": "recolor",                              # optional (default: "edit"; the list: judges.questions.EDIT_TYPES)
+     "edit_type": "recolor",                              # optional (default: "edit"; the list: edit_types.EDIT_TYPES)
      "object_name": "car",                                # required when edit_type is "remove"
      "keep": ["tree", "red house"],                       # optional: objects the edit must leave in place
      "new": ["red car"],                                  # optional: objects the edit creates (judge.change_questions)
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import ImageError, fit_image, load_image, pil_to_tensor
 from .edit_types import edit_type_name
+from .images import ImageError, fit_image, load_image, pil_to_tensor
 
 DO_NOTHING = "do nothing"
 logger = logging.getLogger(__name__)

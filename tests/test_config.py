@@ -5,6 +5,16 @@ from npedit.config import load_config, save_config, to_dict
 BASE = ["model.base=/m", "data.train=shapes", "judge.path=/j"]
 
 
+
+def _refused_for_a_manifest(tmp_path, setting: str, match: str) -> None:
+    """`setting` is for a generated domain: with a manifest as data.train it is a clear error."""
+    from npedit.training.datasets import build_dataset
+
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ValueError, match=match):
+        build_dataset(load_config(None, BASE + [f"data.train={manifest}", setting]).data, stage="sft", seed=0)
+
 def test_defaults_follow_method():
     cfg = load_config(None, BASE)
     assert cfg.optim.betas == (0.0, 0.9) and cfg.optim.lr == 2e-5 and cfg.optim.grad_clip == 2.0
@@ -61,10 +71,7 @@ def test_data_pool_sizes_a_generated_domain_and_is_refused_for_a_manifest(tmp_pa
     assert len(build_dataset(data(), stage="sft", seed=0)) == 50_000
     big = build_dataset(data("data.pool=2000000", "data.fraction=0.5"), stage="sft", seed=0)
     assert len(big) == 1_000_000 and big[999_999]["target"].shape == (3, 64, 64)
-    manifest = tmp_path / "cases.jsonl"
-    manifest.write_text("")
-    with pytest.raises(ValueError, match="data.pool=10 sizes a generated domain"):
-        build_dataset(data(f"data.train={manifest}", "data.pool=10"), stage="sft", seed=0)
+    _refused_for_a_manifest(tmp_path, "data.pool=10", "data.pool=10 sizes a generated domain")
 
 
 def test_data_min_objects_keeps_scenes_of_several_objects(tmp_path):
@@ -81,10 +88,7 @@ def test_data_min_objects_keeps_scenes_of_several_objects(tmp_path):
                                                                seed=0).case(i) for i in range(5)]
     with pytest.raises(ValueError, match="at most 3 objects"):
         build_dataset(data("data.min_objects=4"), stage="sft", seed=0)
-    manifest = tmp_path / "cases.jsonl"
-    manifest.write_text("")
-    with pytest.raises(ValueError, match="data.min_objects=2 filters a generated domain"):
-        build_dataset(data(f"data.train={manifest}", "data.min_objects=2"), stage="sft", seed=0)
+    _refused_for_a_manifest(tmp_path, "data.min_objects=2", "data.min_objects=2 filters a generated domain")
 
 
 def test_data_categories_and_forms_filter_the_generated_cases(tmp_path):
@@ -123,10 +127,7 @@ def test_data_categories_and_forms_filter_the_generated_cases(tmp_path):
     assert half.case(11) == half.case(11)
     with pytest.raises(ValueError, match="filter_share must be in"):
         load_config(None, BASE + ["data.filter_share=0"])
-    manifest = tmp_path / "cases.jsonl"
-    manifest.write_text("")
-    with pytest.raises(ValueError, match="filter a generated domain"):
-        build_dataset(data(f"data.train={manifest}", "data.categories=[remove]"), stage="sft", seed=0)
+    _refused_for_a_manifest(tmp_path, "data.categories=[remove]", "filter a generated domain")
 
 
 def test_target_regression_is_a_stage_npedit_option():
@@ -160,7 +161,4 @@ def test_data_exclude_held_out_redraws_benchmark_cases_and_changes_nothing_by_de
     assert load_config(None, BASE).data.exclude_held_out == ()
     with pytest.raises(ValueError, match="data.exclude_held_out lists benchmark seeds"):
         load_config(None, BASE + ["data.exclude_held_out=[-1]"])
-    manifest = tmp_path / "cases.jsonl"
-    manifest.write_text("")
-    with pytest.raises(ValueError, match="filters a generated domain"):
-        build_dataset(data(f"data.train={manifest}", "data.exclude_held_out=[0]"), stage="sft", seed=0)
+    _refused_for_a_manifest(tmp_path, "data.exclude_held_out=[0]", "filters a generated domain")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from npedit.config import flatten
 from npedit.adapters import is_adapter_folder
+from npedit.config import flatten
 from npedit.training.checkpoint import checkpoint_step
 
 from .jobs import job_status, read_metrics_rows

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
+from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.folders import CheckpointError, what_is
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.internvl import InternVLJudge
@@ -25,7 +26,6 @@ from npedit.judges.questions import (
     removal_identity_question,
     training_questions,
 )
-from npedit.edit_types import EDIT_TYPES, edit_type_name
 
 # config.json model_type -> adapter class; one entry per VLM family.
 JUDGES: dict[str, type[Judge]] = {

@@ -7,6 +7,7 @@ best-of-N editor, the questions a user could ask the judge); the scorer is the s
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Callable
@@ -243,7 +244,7 @@ def eval_main(args) -> int:
         raise SystemExit(f"error: --name must be a plain file name (the report is --out/<name>.json), got {args.name!r}")
     try:  # before any model loads: a report that cannot be written would throw the whole benchmark away
         if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise NotADirectoryError(20, "it is a file, not a folder")
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SystemExit(f"error: --out {args.out}: {exc.strerror or exc}") from None

@@ -196,6 +196,11 @@ def publishing(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace(tmp, final)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in the place of `final` (discarded first when it exists)."""
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
@@ -208,9 +213,7 @@ def finalize(tmp: Path, final: Path, keep: int) -> None:
     for stale in [*final.parent.glob(".trash_*"), *final.parent.glob(".tmp_*")]:
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
-    if final.exists():
-        _discard(final)
-    os.replace(tmp, final)
+    _replace(tmp, final)
     older = [d for d in checkpoint_dirs(final.parent) if checkpoint_step(d) < checkpoint_step(final)]
     for old in older[:max(0, len(older) - keep + 1)] if keep > 0 else []:
         _discard(old)
