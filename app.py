@@ -24,6 +24,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
 from npedit import assets
 from npedit.data import object_names
@@ -176,6 +177,27 @@ def _error(exc: Exception) -> gr.Error:
     return gr.Error(str(exc), print_exception=False)
 
 
+def image_input(**kwargs) -> gr.Image:
+    """A gr.Image upload that says why a file is unusable: gradio opens it before any handler runs, so a file that is
+    no image (or too large for Pillow to open) otherwise shows a bare "Error". (Wrapped, not subclassed: gradio
+    writes a .pyi stub next to the module of every component class.)"""
+    image = gr.Image(**kwargs)
+    preprocess = image.preprocess
+
+    def explained(payload):
+        try:
+            return preprocess(payload)
+        except Image.DecompressionBombError as exc:
+            raise gr.Error(f"{payload.orig_name or 'the file'} is too large to open: {exc}",
+                           print_exception=False) from None
+        except (OSError, SyntaxError):  # Pillow's UnidentifiedImageError is an OSError
+            raise gr.Error(f"cannot read {payload.orig_name or 'the file'} as an image: upload a PNG, JPEG, WebP, "
+                           "... file", print_exception=False) from None
+
+    image.preprocess = explained
+    return image
+
+
 # ---- Edit tab --------------------------------------------------------------------------------
 
 def edit_handler(app: App):
@@ -268,7 +290,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
     status = gr.Markdown(app.models.status(choices[0][1] if choices else None))
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", image_mode=None, label="Input image", height=320,
+            image = image_input(type="filepath", image_mode=None, label="Input image", height=320,
                              elem_classes=["pixelated", "fill-image"], sources=["upload", "clipboard"])
             with gr.Row():
                 instruction = gr.Textbox(label="Instruction", placeholder="make the red circle blue", scale=4)
@@ -356,9 +378,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
     gr.Markdown("Ask the judge about any (reference, edited) pair: the edit check and the identity check it answers "
                 "in training, plus your own Yes/No questions.")
     with gr.Row():
-        reference = gr.Image(type="filepath", image_mode=None, label="Reference", height=256,
+        reference = image_input(type="filepath", image_mode=None, label="Reference", height=256,
                              elem_classes=["pixelated", "fill-image"])
-        edited = gr.Image(type="filepath", image_mode=None, label="Edited", height=256,
+        edited = image_input(type="filepath", image_mode=None, label="Edited", height=256,
                           elem_classes=["pixelated", "fill-image"])
     take = gr.Button("Take the pair from the last edit", size="sm")
     instruction = gr.Textbox(label="Instruction")

@@ -174,6 +174,27 @@ def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, mo
     assert not (tmp_path / "runs" / "run").exists()
 
 
+def test_an_upload_that_is_no_image_says_why(tmp_path, monkeypatch, shapes_png):
+    """gradio opens an uploaded image before any handler runs: a file that is no image, or one too large for Pillow to
+    open, showed a bare "Error" in the Edit and Judge tabs; now a message names the file and the reason."""
+    from gradio.data_classes import ImageData
+    from PIL import Image as PILImage
+
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")])))
+    uploads = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Image) and b.interactive is not False}
+    assert {"Input image", "Reference", "Edited"} <= set(uploads)
+    assert not (ROOT / "app.pyi").exists()  # (gradio writes one next to a module that subclasses a component)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for image in uploads.values():
+        assert image.preprocess(ImageData(path=str(shapes_png), orig_name="scene.png")) == str(shapes_png)
+        with pytest.raises(gr.Error, match="cannot read notes.png as an image"):
+            image.preprocess(ImageData(path=str(text), orig_name="notes.png"))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)  # the 64x64 scene becomes a "decompression bomb"
+    with pytest.raises(gr.Error, match="scene.png is too large to open"):
+        uploads["Input image"].preprocess(ImageData(path=str(shapes_png), orig_name="scene.png"))
+
+
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
     """On ZeroGPU training is off: neither Start nor the Runs tab's Resume launches a job there."""
     monkeypatch.setattr(npedit_app, "ON_ZEROGPU", True)
