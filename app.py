@@ -493,6 +493,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     token = gr.Textbox(label="Training token (this public app's NPEDIT_TRAIN_TOKEN)", type="password",
                        visible=app.public and not off)
     uploads = gr.State({})
+    staging = app.runs_root / ".staging"  # generated Shapes cases: the app's own files, which a public app trains on
     with gr.Tab("Generate Shapes cases"):
         with gr.Row():
             n_cases = gr.Slider(6, 1000, value=60, step=6, label="Number of cases (all six edit categories)")
@@ -559,7 +560,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     preset.change(on_preset, preset, [preset_note, *knobs.values()], api_visibility="private")
 
     def on_generate(n, seed):
-        folder = app.runs_root / ".staging" / f"shapes-{int(seed)}-{int(n)}"
+        folder = staging / f"shapes-{int(seed)}-{int(n)}"
         return datasets.shapes_table(int(n), folder, seed=int(seed))
 
     generate.click(on_generate, [n_cases, data_seed], table, api_visibility="private")
@@ -585,7 +586,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         try:
             data = presets.SHAPES_STREAM if use_stream else \
                 datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table),
-                                        within=[app.examples_dir] if app.public else None)
+                                        within=[app.examples_dir, staging] if app.public else None)
             args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),
                                       data=str(data), config_file=presets.PRESETS[preset_name].config_file,
                                       judge_max_pixels=int(judge_pixels or 0))

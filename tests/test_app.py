@@ -195,6 +195,27 @@ def test_an_upload_that_is_no_image_says_why(tmp_path, monkeypatch, shapes_png):
         uploads["Input image"].preprocess(ImageData(path=str(shapes_png), orig_name="scene.png"))
 
 
+def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, monkeypatch):
+    """The Train tab's generated Shapes cases are the app's own files, which a public app may train on (with its
+    owner's token); they were refused as "not among the uploaded files"."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    launched = []
+
+    def start_job(run_dir, args, **kwargs):
+        launched.append(args)
+        raise npedit_app.jobs.JobBusy("the test launches nothing")
+
+    monkeypatch.setattr(npedit_app.jobs, "start_job", start_job)
+    table = fns["on_generate"](6, 0)
+    with pytest.raises(gr.Error, match="the test launches nothing"):
+        fns["on_start"](table, {}, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"],
+                        0, "", "s3cret")
+    assert len(launched) == 1
+
+
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
     """On ZeroGPU training is off: neither Start nor the Runs tab's Resume launches a job there."""
     monkeypatch.setattr(npedit_app, "ON_ZEROGPU", True)
