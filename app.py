@@ -220,7 +220,7 @@ def edit_handler(app: App):
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
                            "\"Removed object\" (Advanced settings), or pick another edit type.")
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
-        editor = editor or app.models.paths.model
+        editor = (editor or "").strip() or app.models.paths.model
         if app.public and not app.lists(editor):
             raise gr.Error("This app is public: pick an editor from the list (it loads no other folder or hub id).")
         try:

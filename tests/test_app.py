@@ -101,6 +101,8 @@ def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
     assert "No editor" in app.models.status() and "--model" in app.models.status()
     with pytest.raises(gr.Error, match="--model"):
         npedit_app.edit_handler(app)(str(shapes_png), "remove the circle")
+    with pytest.raises(gr.Error, match="No editor"):  # a blank editor box means the default one
+        npedit_app.edit_handler(app)(str(shapes_png), "remove the circle", editor="   ", progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="instruction"):
         npedit_app.edit_handler(app)(str(shapes_png), "  ")
     with pytest.raises(gr.Error, match="name it in \"Removed object\""):  # before any model is needed
