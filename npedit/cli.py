@@ -248,7 +248,7 @@ def cmd_judge(args) -> int:
                 for r in tqdm(rows, desc="judge"):
                     try:
                         v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"),
-                                    r.get("object"), r.get("keep"), r.get("new"), r.get("gone"))
+                                    r.get("object_name") or r.get("object"), r.get("keep"), r.get("new"), r.get("gone"))
                     except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
                         failures += 1
                         print(f"error: {r['id']}: {exc}", file=sys.stderr)
@@ -488,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "judge's memory, float32 on a CPU)")
     j.add_argument("--max-pixels", type=int, help="Qwen2.5-VL judges: at most this many pixels per image "
                                                    "(e.g. 200704 = 448x448; default: its processor's own cap)")
-    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object, keep, "
-                                   "new, gone]}")
+    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object_name (or "
+                                   "object), keep, new, gone]}")
     j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep, p_change} lines")
     j.add_argument("--gradients", metavar="FILE.npz",
                    help="also write where each answer comes from: d log P(expected answer) / d pixel of the edited "

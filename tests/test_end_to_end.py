@@ -788,6 +788,21 @@ def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge
         main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl/x/y")])
 
 
+def test_cli_judge_batch_reads_object_name_as_the_manifest_and_the_app_call_it(tmp_path, tiny_judge, tiny_manifest):
+    """A removal's object given as `object_name` (the manifest's, `edit --batch`'s and the app's Batch key) is asked
+    about, as `object` is: not refused as a removal without one."""
+    from npedit.cli import main
+
+    images = tiny_manifest.parent / "images"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": key, "reference": str(images / "0.png"), "edited": str(images / "t0.png"),
+                                         "instruction": "remove the red circle", "edit_type": "remove",
+                                         key: "red circle"}) + "\n" for key in ("object", "object_name")))
+    assert main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["object", "object_name"] and rows[0]["p_edit"] == rows[1]["p_edit"]
+
+
 def test_a_resumed_run_trains_on_the_data_the_uninterrupted_run_would(tmp_path, tiny_zimage, tiny_manifest):
     """Stopped after 3 steps (mid-epoch: 2 batches per epoch) and resumed to 5, a run ends with the weights of the
     same run trained 5 steps straight: the data order, RNG and optimiser all pick up where they were."""
