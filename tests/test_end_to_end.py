@@ -714,6 +714,20 @@ def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, cap
         AnswerGradients.load(tmp_path / "other.npz")
 
 
+def test_an_editor_named_like_a_hub_id_and_found_nowhere_is_one_line(tmp_path, monkeypatch):
+    """`--model editors/typo` (one slash: the shape of a hub id, as the README's `editors/npedit-zimage`) that is no
+    folder here and cannot be fetched stops with one line, as a missing folder does, not diffusers' OSError."""
+    from npedit import NPEditPipeline
+    from npedit.cli import main
+    from npedit.folders import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot find 'editors/typo' locally or on the hub"):
+        NPEditPipeline.from_pretrained("editors/typo")
+    with pytest.raises(SystemExit, match="error: cannot find 'editors/typo' locally or on the hub"):
+        main(["edit", "--model", "editors/typo", "--image", "in.png", "--instruction", "x", "--output", "y.png"])
+
+
 def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     """A --batch id names its result's file: one that leaves --output-dir, or comes twice, is refused, as are a line
     that is not an object, an image that is not a path, an unknown edit_type, an --output that is not a .png, an

@@ -44,6 +44,26 @@ def test_a_transformer_of_another_family_or_none_is_refused_not_built_at_random(
         bb.load_transformer(tmp_path / "empty")
 
 
+def test_a_missing_folder_named_like_a_hub_id_or_pickle_weights_are_one_clear_error(parts, tiny_zimage, tmp_path,
+                                                                                     monkeypatch):
+    """`model.student=runs/nothing` (one slash: a hub id's shape, found nowhere) and a transformer folder whose weights
+    are a pickle .bin only are CheckpointErrors (one line from the CLI), not diffusers' OSError traceback."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    bb, _, _ = parts
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot find 'runs/nothing' locally or on the hub"):
+        bb.load_transformer("runs/nothing", for_student=True)
+    pickled = shutil.copytree(tiny_zimage, tmp_path / "pickled")
+    weights = pickled / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"no safetensors weights in .*transformer \(a pickle .bin is not read\)"):
+        bb.load_transformer(pickled)
+
+
 def test_images_wider_than_the_rotary_table_are_worked_on_smaller(tiny_zimage, parts):
     """The pipeline's working size stays within the transformer's `axes_lens` (as SD3's within its position grid)."""
     from PIL import Image

@@ -46,12 +46,19 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     folder = Path(str(path), subfolder or "")
     if looks_local(path) and not (folder / "config.json").is_file():
         raise CheckpointError(f"{describe(path)}: a {family} transformer folder holds config.json and its weights")
-    config = AutoencoderKL.load_config(str(path), subfolder=subfolder)  # reads any config.json, whatever it names
+    try:
+        config = AutoencoderKL.load_config(str(path), subfolder=subfolder)  # reads any config.json, whatever it names
+    except OSError as exc:  # a hub id's shape ("runs/x") that is no folder here, and offline or not on the hub
+        raise CheckpointError(f"cannot find {str(path)!r} locally or on the hub ({type(exc).__name__}); pass a local "
+                              "folder") from None
     name = config.get("_class_name")
     if name not in classes:
         held = (f"{path} holds a {name}" if name else describe(path) if looks_local(path) else
                 f"{path} holds no diffusers model")
         raise CheckpointError(f"{held}: not a {family} transformer (one of {', '.join(classes)})")
+    if looks_local(path) and not any(folder.glob("*.safetensors")):  # diffusers would raise a traceback's OSError
+        pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
+        raise CheckpointError(f"no safetensors weights in {folder}{pickled}")
     return config
 
 
