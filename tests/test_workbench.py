@@ -574,6 +574,22 @@ def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_r
     assert "data.train=shapes" in args and "model.student=" in args
 
 
+def test_a_job_reads_relative_paths_from_where_it_was_started_as_the_command_does(tiny_set, tiny_manifest, tmp_path,
+                                                                                   monkeypatch):
+    """`start_job(RUN, ["--config", "my.yaml"])` means what `python -m npedit train --config my.yaml` means from the
+    same folder: the config file and the relative paths in it are read from there (a resume too), not from RUN."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_set["teacher"], "teacher")
+    shutil.copytree(tiny_manifest.parent, "data")
+    Path("my.yaml").write_text("stage: warmup\nmax_steps: 1\nlog_every: 1\nsample_every: 0\nsave_every: 1\n"
+                               "model: {base: teacher}\ndata: {train: data/cases.jsonl, batch_size: 1}\n")
+    jobs.start_job("runs/mine", ["--config", "my.yaml"], device="cpu")
+    st = _wait(Path("runs/mine"), lambda s: not s.active)
+    assert st.state == "finished", jobs.log_tail("runs/mine", 30)
+
+
 def test_benchmark_comparison_table_and_chart(tmp_path):
     import json
 

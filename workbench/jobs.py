@@ -165,7 +165,8 @@ def _repo_root() -> str:
 
 def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_root: str | os.PathLike | None = None,
               device: str | None = None, resume: bool = False) -> JobStatus:
-    """Launch `python -m npedit train ARGS output_dir=RUN_DIR` in the background; returns its first status.
+    """Launch `python -m npedit train ARGS output_dir=RUN_DIR` in the background, from the current folder (relative
+    paths in ARGS and in a --config file mean what they mean to that command typed here); returns its first status.
 
     With `resume=True` the run's previous arguments are reused with `--resume` (continue from its
     newest checkpoint). Raises JobBusy when the device already runs a job, ValueError for a used folder (or a resume
@@ -189,6 +190,10 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     elif previous is not None or (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"run folder {run_dir} is already used: pick another run name (or resume it)")
     args = [a for a in train_args if not a.startswith("output_dir=")] + [f"output_dir={run_dir}"]
+    # relative paths (--config, those in it, overrides) mean what they mean to the command typed here; a resume runs
+    # where its job first ran (a job recorded without that: in its run folder, as jobs once all did)
+    cwd = Path(previous.get("cwd") or run_dir) if resume else Path.cwd()
+    cwd = cwd if cwd.is_dir() else run_dir
     _acquire(runs_root, device, run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +207,7 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"\n$ {' '.join(command)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "npedit-job", *command], cwd=run_dir, env=env,
+            proc = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "npedit-job", *command], cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
     except Exception:
@@ -210,7 +215,7 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         raise
     _CHILDREN[proc.pid] = proc
     _write_json(run_dir / "job.json", {"pid": proc.pid, "device": device, "args": list(args), "command": command,
-                                       "started": time.time(), "resume": resume, "runs_root": str(runs_root)})
+                                       "started": time.time(), "resume": resume, "runs_root": str(runs_root), "cwd": str(cwd)})
     status = job_status(run_dir)
     _write_json(run_dir / "status.json", status.to_dict())
     return status

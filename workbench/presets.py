@@ -120,7 +120,7 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
     """`python -m npedit train` arguments: the recipe file, the knobs, the models and the data (and the judge's
     pixel cap per image, when one is set)."""
     v = {**Preset("").values(), **{k: x for k, x in values.items() if x is not None}}
-    # the job runs in its run folder: a relative local path (checked from here) must not change meaning there
+    # absolute: the paths checked from here mean the same wherever the job (or a later resume of it) runs
     base, judge, student, data = (os.path.abspath(p) if p and p != SHAPES_STREAM and Path(p).exists() else p
                                   for p in (base, judge, student, data))
     args = ["--config", config_file] if config_file else []
