@@ -396,6 +396,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     data: dict = {}
     if path:
         p = Path(path)
+        if p.is_dir():  # e.g. a run folder, whose config.yaml was meant
+            own = f" (its config: {p / 'config.yaml'})" if (p / "config.yaml").is_file() else ""
+            raise FileNotFoundError(f"{p} is a folder, not a config file: --config takes a YAML file{own}")
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
         data = yaml.safe_load(p.read_text()) or {}

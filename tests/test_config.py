@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from npedit.config import load_config, save_config, to_dict
@@ -30,6 +32,17 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     assert cfg.judge.identity_question is False
     save_config(cfg, tmp_path / "out.yaml")
     assert to_dict(load_config(tmp_path / "out.yaml")) == to_dict(cfg)
+
+
+def test_a_folder_given_as_config_is_named_a_folder_not_missing(tmp_path):
+    """`--config runs/x` (a run folder, for its config.yaml) says it is a folder and which file to pass."""
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder, not a config file"):
+        load_config(tmp_path)
+    save_config(load_config(None, BASE), tmp_path / "config.yaml")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"(its config: {tmp_path / 'config.yaml'})")):
+        load_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nothing.yaml")
 
 
 @pytest.mark.parametrize("override, message", [
