@@ -47,6 +47,10 @@ def what_is(path: str | os.PathLike) -> str:
             return f"a bare transformer ({cfg['_class_name']}), e.g. a critic: not a full editor"
     if (p / "transformer" / "config.json").is_file():
         return "a text-to-image base model (a teacher: transformer/, vae/, text_encoder/), not an editor"
+    if (p / "trainer_state.json").is_file() and p.parent.name == "checkpoints":
+        step = p.name.removeprefix("step_").lstrip("0") or "0"
+        return (f"a training checkpoint, not an editor: `python -m npedit export {p.parent.parent} --step {step}` "
+                "makes one of it")
     if (p / "config.yaml").is_file() or (p / "job.json").is_file():
         hint = f"; its editor is {p / 'pipeline'}" if (p / "pipeline" / "model_index.json").is_file() else \
             " that has not exported an editor yet"

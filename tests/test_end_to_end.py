@@ -284,8 +284,11 @@ def test_cli_edit_dtype_judge_pixels_and_wrong_folders(trained, tiny_judge, tiny
               "--judge-max-pixels", "256"])
     with pytest.raises(SystemExit, match="--judge-max-pixels is for the judge of --candidates"):
         main([*one, "--output", str(tmp_path / "x.png"), "--judge-max-pixels", "256"])
+    checkpoint = sorted((work / "runs/npedit/checkpoints").glob("step_*"))[-1]
     for folder, says in ((tmp_path / "nothing", "does not exist"), (tiny_judge, "a judge/VLM, not an editor"),
-                         (work / "runs/npedit", f"a training run folder; its editor is {editor}")):
+                         (work / "runs/npedit", f"a training run folder; its editor is {editor}"),
+                         (checkpoint, f"a training checkpoint, not an editor: `python -m npedit export "
+                                      f"{work / 'runs/npedit'} --step {int(checkpoint.name[5:])}`")):
         with pytest.raises(SystemExit, match=re.escape(says)):
             main(["edit", "--model", str(folder), "--image", src, "--instruction", "x", "--output", "y.png"])
         with pytest.raises(CheckpointError, match=re.escape(says)):
