@@ -71,6 +71,9 @@ def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
                 raise SystemExit(f"error: {where}: {key} must be a path (a string), got {row[key]!r}")
             if key in row and not Path(row[key]).is_absolute():
                 row[key] = str(p.parent / row[key])
+        for key in ("instruction", "object", "object_name"):  # the judge's questions quote them
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise SystemExit(f"error: {where}: {key} must be text (a string), got {row[key]!r}")
         try:
             row["edit_type"] = edit_type_name(row.get("edit_type"))
         except ValueError as exc:
@@ -229,6 +232,12 @@ def cmd_judge(args) -> int:
 
     if args.gradients and (args.batch or not args.gradients.endswith(".npz")):
         raise SystemExit("error: --gradients is one .npz file for one pair (not for --batch)")
+    if args.batch and not args.output:
+        raise SystemExit("error: --batch needs --output")
+    if not args.batch and not (args.reference and args.edited and args.instruction):
+        raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
+    # before the judge's weights are read: a bad list fails at once
+    rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction")) if args.batch else []
     device = _device()
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
@@ -239,9 +248,6 @@ def cmd_judge(args) -> int:
 
     try:
         if args.batch:
-            if not args.output:
-                raise SystemExit("error: --batch needs --output")
-            rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction"))
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             failures = 0
             with open(args.output, "w") as f:
@@ -256,8 +262,6 @@ def cmd_judge(args) -> int:
                     f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"],
                                         "p_keep": v["p_keep"], "p_change": v["p_change"]}) + "\n")
             return 1 if failures else 0
-        if not (args.reference and args.edited and args.instruction):
-            raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
         if not args.gradients:
             print(json.dumps({"instruction": args.instruction,
                               **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,

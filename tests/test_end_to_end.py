@@ -733,7 +733,8 @@ def test_an_editor_named_like_a_hub_id_and_found_nowhere_is_one_line(tmp_path, m
 
 def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     """A --batch id names its result's file: one that leaves --output-dir, or comes twice, is refused, as are a line
-    that is not an object, an image that is not a path, an unknown edit_type, an --output that is not a .png, an
+    that is not an object, an image that is not a path, an instruction or object name that is not text, an unknown
+    edit_type, an --output that is not a .png, an
     out-of-range --seed or --max-side; all before any weights are read (the model folder here does not exist)."""
     from npedit.cli import main
 
@@ -744,6 +745,9 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
                         ([{"id": ""}], "'' is not a plain file name"),
                         ([{"id": "a"}, {"id": "b"}, {"id": "a"}], "ids 'a' appear more than once"),
                         ([{"id": "a", "image": 5}], "cases.jsonl:1: image must be a path"),
+                        ([{"id": "a"}, {"id": "b", "instruction": 7}], "cases.jsonl:2: instruction must be text"),
+                        ([{"id": "a", "edit_type": "remove", "object_name": ["cat"]}],
+                         "cases.jsonl:1: object_name must be text"),
                         ([{"id": "a"}, {"id": "b", "edit_type": "remvoe"}], "cases.jsonl:2: unknown edit_type 'remvoe'"),
                         (["a"], "cases.jsonl:1: not a JSON object")):
         rows = [line if isinstance(line, str) else {"image": "in.png", "instruction": "x", **line} for line in lines]
@@ -818,6 +822,23 @@ def test_cli_judge_batch_reads_object_name_as_the_manifest_and_the_app_call_it(t
     assert main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["object", "object_name"] and rows[0]["p_edit"] == rows[1]["p_edit"]
+
+
+def test_cli_judge_refuses_a_batch_line_whose_instruction_is_not_text_before_loading(tmp_path):
+    """A pairs line whose instruction or object is not a string is refused with its line number, before the judge
+    loads (the judge folder here does not exist), as a non-string image path is."""
+    from npedit.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    for line, says in (({"instruction": 7}, "pairs.jsonl:2: instruction must be text (a string), got 7"),
+                       ({"edit_type": "remove", "object": ["cat"]}, "pairs.jsonl:2: object must be text")):
+        rows = [{"id": i, "reference": "a.png", "edited": "b.png", "instruction": "x"} for i in "ab"]
+        rows[1].update(line)
+        pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            main(["judge", "--judge", str(tmp_path / "no-judge"), "--batch", str(pairs), "--output",
+                  str(tmp_path / "v.jsonl")])
+    assert not (tmp_path / "v.jsonl").exists()
 
 
 def test_a_resumed_run_trains_on_the_data_the_uninterrupted_run_would(tmp_path, tiny_zimage, tiny_manifest):
