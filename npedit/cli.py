@@ -40,7 +40,7 @@ def _load_judge(args, device: str, dtype, max_pixels: int | None):
     extra = {} if max_pixels is None else {"max_pixels": max_pixels}
     try:
         return load_judge(default_path("judge", args.judge), device=device, torch_dtype=dtype, **extra)
-    except ValueError as exc:  # an unsupported family, or a pixel cap on a fixed-view judge
+    except (ValueError, OSError) as exc:  # an unsupported family, a pixel cap on a fixed-view judge, a missing file
         raise SystemExit(f"error: {exc}") from exc
 
 

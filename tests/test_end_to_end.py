@@ -682,6 +682,23 @@ def test_cli_judge_dtype_and_max_pixels(tmp_path, tiny_judge, tiny_manifest, cap
         main(["judge", "--judge", tiny_judge, "--max-pixels", "256", *pair])
 
 
+def test_cli_judge_without_its_processor_files_is_one_error_line(tmp_path, tiny_judge, tiny_manifest):
+    """A judge folder copied without its processor's files stops `judge` and `edit --candidates` with one line naming
+    the folder, not a traceback."""
+    import shutil
+
+    from npedit.cli import main
+
+    broken = shutil.copytree(tiny_judge, tmp_path / "no-processor")
+    (broken / "processor_config.json").unlink()
+    image = str(tiny_manifest.parent / "images/0.png")
+    with pytest.raises(SystemExit, match=r"^error: .*no-processor"):
+        main(["judge", "--judge", str(broken), "--reference", image, "--edited", image, "--instruction", "x"])
+    with pytest.raises(SystemExit, match=r"^error: .*no-processor"):
+        main(["edit", "--judge", str(broken), "--candidates", "2", "--image", image, "--instruction", "x",
+              "--output", str(tmp_path / "out.png")])
+
+
 def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, capsys):
     """`judge --gradients FILE.npz` writes the inspector's gradient maps as plain arrays that load back without
     pickle and equal `answer_gradients` on the same pair; anything but one .npz is refused before the judge loads."""
