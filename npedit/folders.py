@@ -76,8 +76,9 @@ def check_editor_folder(path: str | os.PathLike) -> None:
 
 
 def missing_components(path: Path) -> list[str]:
-    """What an NPEditPipeline folder lacks of the components its model_index.json lists: a component's folder, or
-    the safetensors weights of a model (weights are never read from pickle .bin files)."""
+    """What an NPEditPipeline folder lacks of the components its model_index.json lists: a component's folder, its
+    config (or a tokenizer's tokenizer_config.json), or the safetensors weights of a model (weights are never read
+    from pickle .bin files)."""
     if not (path / "model_index.json").is_file():
         return []
     missing = []
@@ -85,8 +86,12 @@ def missing_components(path: Path) -> list[str]:
         if name.startswith("_") or not isinstance(entry, list) or None in entry:
             continue
         folder = path / name
+        config = ("scheduler_config.json" if name == "scheduler" else
+                  "tokenizer_config.json" if name.startswith("tokenizer") else "config.json")
         if not folder.is_dir():
             missing.append(f"no {name}/ (model_index.json lists {entry[-1]} there)")
+        elif not (folder / config).is_file():
+            missing.append(f"no {config} in {name}/")
         elif name in ("transformer", "vae") or name.startswith("text_encoder"):
             if not any(folder.glob("*.safetensors")):
                 pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""

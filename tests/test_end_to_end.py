@@ -443,8 +443,8 @@ def test_missing_default_model_is_one_clear_line(tmp_path):
 
 
 def test_an_incomplete_or_pickled_editor_is_one_clear_line_and_loads_in_one_dtype(tmp_path, tiny_zimage):
-    """An editor folder missing a component, or holding pickle .bin weights only (never unpickled), stops with one
-    line naming what is missing; a bfloat16 editor loaded without a dtype is float32 throughout."""
+    """An editor folder missing a component, a component's config or tokenizer files, or holding pickle .bin weights
+    only (never unpickled), stops with one line naming what is missing; a bfloat16 editor loaded without a dtype is float32 throughout."""
     import shutil
 
     from safetensors.torch import load_file
@@ -461,11 +461,16 @@ def test_an_incomplete_or_pickled_editor_is_one_clear_line_and_loads_in_one_dtyp
     pipe = NPEditPipeline.from_pretrained(editor)
     assert {next(m.parameters()).dtype for m in (pipe.transformer, pipe.vae, pipe.text_encoder)} == {torch.float32}
     shutil.rmtree(shutil.copytree(editor, tmp_path / "no_text") / "text_encoder")
+    for file in (shutil.copytree(editor, tmp_path / "no_tokenizer_files") / "tokenizer").iterdir():
+        file.unlink()  # the folder is there, its files are not (an interrupted copy)
+    (shutil.copytree(editor, tmp_path / "no_vae_config") / "vae/config.json").unlink()
     pickled = shutil.copytree(editor, tmp_path / "pickled")
     for file in pickled.glob("transformer/*.safetensors"):
         torch.save(load_file(file), file.with_name("diffusion_pytorch_model.bin"))
         file.unlink()
     for folder, says in (("no_text", "no text_encoder/ (model_index.json lists Qwen3Model there)"),
+                         ("no_tokenizer_files", "no tokenizer_config.json in tokenizer/"),
+                         ("no_vae_config", "no config.json in vae/"),
                          ("pickled", "no safetensors weights in transformer/ (a pickle .bin is not read)")):
         with pytest.raises(CheckpointError, match=re.escape(says)):
             NPEditPipeline.from_pretrained(tmp_path / folder)
