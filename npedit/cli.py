@@ -174,7 +174,7 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
                 img = picked.image
         except (ImageError, ValueError) as exc:
             failures += 1
-            print(f"error: {job['id']}: {exc}", file=sys.stderr)
+            tqdm.write(f"error: {job['id']}: {exc}", file=sys.stderr)  # a line of its own, not over the bar
             continue
         try:
             job["out"].parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
             img.save(job["out"], format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
         except OSError as exc:  # an unwritable place: this job fails, the others still run
             failures += 1
-            print(f"error: {job['id']}: cannot save {job['out']}: {exc}", file=sys.stderr)
+            tqdm.write(f"error: {job['id']}: cannot save {job['out']}: {exc}", file=sys.stderr)
             continue
         if verdicts is not None:
             _write_verdict(verdicts, job, picked, args.min_score)
@@ -257,7 +257,7 @@ def cmd_judge(args) -> int:
                                     r.get("object_name") or r.get("object"), r.get("keep"), r.get("new"), r.get("gone"))
                     except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
                         failures += 1
-                        print(f"error: {r['id']}: {exc}", file=sys.stderr)
+                        tqdm.write(f"error: {r['id']}: {exc}", file=sys.stderr)  # a line of its own, not over the bar
                         continue
                     f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"],
                                         "p_keep": v["p_keep"], "p_change": v["p_change"]}) + "\n")

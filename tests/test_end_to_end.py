@@ -815,7 +815,8 @@ def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable
 
 
 def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge, tiny_manifest, capsys):
-    """A pair whose image is missing is one error line naming its id; the other pairs are still judged."""
+    """A pair whose image is missing is one error line naming its id (not written over the progress bar); the other
+    pairs are still judged."""
     from npedit.cli import main
 
     images = tiny_manifest.parent / "images"
@@ -825,7 +826,8 @@ def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge
                              for i, edited in (("a", images / "t0.png"), ("b", tmp_path / "gone.png"),
                                                ("c", images / "t0.png"))))
     assert main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl")]) == 1
-    assert "error: b: image not found" in capsys.readouterr().err
+    shown = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]  # as a terminal shows them
+    assert [line for line in shown if "error" in line] == [f"error: b: image not found: {tmp_path / 'gone.png'}"]
     assert [json.loads(line)["id"] for line in (tmp_path / "v.jsonl").read_text().splitlines()] == ["a", "c"]
     with pytest.raises(SystemExit, match="Not a directory"):  # a file where its folder should be
         main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl/x/y")])
