@@ -117,7 +117,7 @@ def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction:
     verdicts = []
     for i in range(0, len(edited), chunk):
         part = torch.cat(edited[i:i + chunk]).to(device)
-        out = judge.answer(ref.expand(len(part), -1, -1, -1), part, [asked] * len(part))
+        out = judge.answer(ref, part, [asked] * len(part))  # one reference: its features once
         verdicts += [_verdict(asked, p, m) for p, m in zip(out.p_yes.tolist(), out.margin.tolist())]
     return verdicts
 
@@ -183,7 +183,7 @@ def answer_gradients(judge: Judge, reference, edited, instruction: str, *, max_s
         picture = fit_image(picture, (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
     image = _pixels01(picture).to(device).expand(len(asked), -1, -1, -1).clone().requires_grad_(True)
     with torch.enable_grad():
-        out = judge.answer(ref.expand(len(asked), -1, -1, -1), image, [[q] for q in asked])
+        out = judge.answer(ref, image, [[q] for q in asked])
         margin = out.margin[:, 0]
         sign = torch.tensor([1.0 if q.expected == "Yes" else -1.0 for q in asked], device=margin.device)
         torch.nn.functional.logsigmoid(sign * margin).sum().backward()

@@ -91,6 +91,11 @@ def test_shapes_and_batching_invariance(judge):
         torch.testing.assert_close(alone.vocab_logprobs[0], out.vocab_logprobs[b], atol=1e-4, rtol=0)
     scores = judge.score(ref, edited, questions)
     assert len(scores) == 2 and all(len(row) == 3 for row in scores)
+    shared = judge.answer(ref[:1], edited, questions)  # one reference for every row: as if repeated
+    repeated = judge.answer(ref[:1].expand(2, -1, -1, -1), edited, questions)
+    torch.testing.assert_close(shared.logits, repeated.logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="one shared reference"):
+        judge.answer(random_images(3), edited, questions)
 
 
 def test_gradient_reaches_edited_image_only(judge):

@@ -61,7 +61,8 @@ class Judge(nn.Module):
         edited: torch.Tensor,
         questions: Sequence[Sequence[Question]],
     ) -> JudgeOutput:
-        """Score `questions[b][q]` on the pair (reference[b], edited[b]); every row has the same length Q."""
+        """Score `questions[b][q]` on the pair (reference[b], edited[b]); every row has the same length Q; a
+        reference of batch 1 is the reference of every row."""
         raise NotImplementedError
 
     @torch.no_grad()

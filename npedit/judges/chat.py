@@ -77,11 +77,12 @@ def answer_token_id(processor, word: str) -> int:
 def check_grid(
     questions: Sequence[Sequence[Question]], reference: torch.Tensor, edited: torch.Tensor
 ) -> tuple[int, int]:
-    """Validate a rectangular (B, Q) question grid against (B, 3, H, W) images; return (B, Q)."""
-    batch = reference.shape[0]
-    if edited.shape[0] != batch or reference.dim() != 4 or edited.dim() != 4:
+    """Validate a rectangular (B, Q) question grid against (B, 3, H, W) edited images and (B or 1, 3, H, W)
+    references (one reference shared by every row); return (B, Q)."""
+    batch = edited.shape[0]
+    if reference.shape[0] not in (1, batch) or reference.dim() != 4 or edited.dim() != 4:
         shapes = f"{tuple(reference.shape)} and {tuple(edited.shape)}"
-        raise ValueError(f"reference and edited must be (B, 3, H, W) with one B, got {shapes}")
+        raise ValueError(f"reference and edited must be (B, 3, H, W) with one B (or one shared reference), got {shapes}")
     lengths = [len(row) for row in questions]
     if len(questions) != batch or len(set(lengths)) != 1 or 0 in lengths:
         raise ValueError(f"questions must be {batch} non-empty rows of equal length, got row lengths {lengths}")
@@ -203,7 +204,8 @@ class ChatJudge(Judge):
         edited: torch.Tensor,
         questions: Sequence[Sequence[Question]],
     ) -> JudgeOutput:
-        """Score `questions[b][q]` on (reference[b], edited[b]) in one language-model pass; logits are [No, Yes]."""
+        """Score `questions[b][q]` on (reference[b], edited[b]) in one language-model pass; logits are [No, Yes]. A
+        reference of batch 1 is shared by every row: its features are computed once."""
         batch, num_q = check_grid(questions, reference, edited)
         rows = [q for row in questions for q in row]  # (B * Q) conversations, row-major
         images = {"reference": reference, "edited": edited}
@@ -220,8 +222,9 @@ class ChatJudge(Judge):
                 with contextlib.nullcontext() if role == "edited" or self.reference_grad else torch.no_grad():
                     feats[role] = self._image_features(images[role].to(device), keys)
         # Features in the order their image tokens appear, conversation by conversation.
+        shared = {role: images[role].shape[0] == 1 for role in images}
         image_feats = torch.cat([
-            feats[role][key][i // num_q]
+            feats[role][key][0 if shared[role] else i // num_q]
             for i, (q, keys) in enumerate(zip(rows, row_keys))
             for role, key in zip(q.images, keys)
         ])  # (total image tokens, D)
