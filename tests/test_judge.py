@@ -112,6 +112,24 @@ def test_layout_matches_the_full_hf_forward(judge, question):
     torch.testing.assert_close(ours, full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(37, 53), (53, 37)])
+def test_a_non_square_pair_is_padded_as_the_hf_processor_pads_it(judge, shape):
+    """An image of a two-image question is padded to a square with the mean colour before resizing (the
+    processor's multi-image view), not stretched: our pass equals model(**processor(...)) on a non-square pair."""
+    g = torch.Generator().manual_seed(7)
+    ref, edited = (torch.randint(0, 256, (1, 3, *shape), generator=g).float() / 255 for _ in range(2))
+    question = edit_question("make the circle red")
+    prompt = chat_prompt(judge.processor, question.text, 2)
+    inputs = judge.processor(text=prompt, images=[[to_pil(ref[0]), to_pil(edited[0])]], return_tensors="pt")
+    with torch.no_grad():
+        full = judge.model(**inputs).logits[0, -1, [judge.no_id, judge.yes_id]]
+        ours = judge.answer(ref, edited, [[question]]).logits[0, 0]
+        stretched = judge.answer(*(torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear")
+                                   for x in (ref, edited)), [[question]]).logits[0, 0]
+    torch.testing.assert_close(ours, full, atol=1e-3, rtol=1e-3)
+    assert (stretched - full).abs().max() > 1e-3  # the check can tell a stretched view from the padded one
+
+
 
 
 

@@ -2,7 +2,8 @@
 
 Token layout comes from the real processor, run once per (question text, image count) on blank
 placeholder images of the base view size; pixels go through torch ops instead. Every image is
-seen only through its base view. The processor gives a one-image question the anyres layout,
+seen only through its base view (an image of a multi-image question padded to a square first, as the
+processor does). The processor gives a one-image question the anyres layout,
 which for a placeholder of exactly the base size is the base view plus one tile equal to it, so
 the tile reuses the base view's features; a multi-image question gets base view + newline per
 image. Both layouts are packed by the model's own `pack_image_features`.
@@ -29,12 +30,29 @@ def base_view_settings(image_processor) -> tuple[int, tuple[float, ...], tuple[f
     return height, tuple(image_processor.image_mean), tuple(image_processor.image_std)
 
 
-def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def pad_to_square(images: torch.Tensor, mean: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, S, S), S = max(H, W): centred on the 8-bit mean colour, as the processor
+    pads each image of a multi-image question (differentiable; square images pass through)."""
+    b, c, h, w = images.shape
+    side = max(h, w)
+    if h == w:
+        return images
+    fill = torch.tensor([int(m * 255) / 255 for m in mean], dtype=images.dtype, device=images.device)
+    canvas = fill.view(1, c, 1, 1).expand(b, c, side, side)
+    top, left = (side - h) // 2, (side - w) // 2
+    rows = torch.cat([canvas[:, :, :top, :w], images, canvas[:, :, top + h:, :w]], dim=2)  # (B, C, S, W)
+    return torch.cat([canvas[:, :, :, :left], rows, canvas[:, :, :, left + w:]], dim=3)
+
+
+def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+                      single: bool = True) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> normalised base views (B, 3, size, size), as the HF processor makes them.
 
-    Resizing goes straight to a square (the single-image base view); inputs are expected square, where
-    the multi-image pad-to-square is a no-op.
+    A one-image question's base view is the whole image resized to the square; an image of a multi-image
+    question is first padded to a square with the mean colour (`pad_to_square`).
     """
+    if not single:
+        images = pad_to_square(images, mean)
     return normalise(resize_like_processor(images, size, size), mean, std)
 
 
@@ -103,15 +121,19 @@ class LlavaOnevisionJudge(ChatJudge):
         )
         return torch.stack(packed)
 
-    def _patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> projected features of the base views (N, P, D)."""
-        pixels = preprocess_images(images, self.size, self.mean, self.std).to(self.model.dtype)
+    def _patch_features(self, images: torch.Tensor, single: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> projected features of the base views (N, P, D) of a one-image question's
+        layout (`single`) or a multi-image one's."""
+        pixels = preprocess_images(images, self.size, self.mean, self.std, single).to(self.model.dtype)
         layer = self.model.config.vision_feature_layer
         hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
         return self.model.model.multi_modal_projector(feats)
 
     def _image_features(self, images: torch.Tensor, keys: set[bool]) -> dict[bool, torch.Tensor]:
-        """Packed features {single: (N, T, D)} of each layout asked for; vision runs once per image."""
-        patches = self._patch_features(images)
-        return {single: self._pack(patches, single) for single in keys}
+        """Packed features {single: (N, T, D)} of each layout asked for; vision runs once per image (twice for a
+        non-square one asked about in both layouts: the multi-image view is padded, the one-image view is not)."""
+        if images.shape[-1] == images.shape[-2]:
+            patches = self._patch_features(images)
+            return {single: self._pack(patches, single) for single in keys}
+        return {single: self._pack(self._patch_features(images, single), single) for single in keys}
