@@ -174,7 +174,14 @@ def make_app(args: argparse.Namespace) -> App:
 
 
 def _error(exc: Exception) -> gr.Error:
-    return gr.Error(str(exc), print_exception=False)
+    """The message of `exc` for the browser, with an uploaded file named as the user knows it (its own name, not the
+    server's copy under gradio's upload folder)."""
+    from gradio.utils import get_upload_folder
+
+    folder = get_upload_folder()
+    names = {str(folder), str(Path(folder).resolve())}
+    uploads = "(?:" + "|".join(map(re.escape, names)) + r")/[0-9a-f]{16,}/"
+    return gr.Error(re.sub(uploads, "", str(exc)), print_exception=False)
 
 
 def image_input(**kwargs) -> gr.Image:

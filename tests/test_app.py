@@ -197,6 +197,19 @@ def test_an_upload_that_is_no_image_says_why(tmp_path, monkeypatch, shapes_png):
         uploads["Input image"].preprocess(ImageData(path=str(shapes_png), orig_name="scene.png"))
 
 
+def test_an_uploaded_file_is_named_as_the_user_named_it(tiny_set, tmp_path, monkeypatch, shapes_png):
+    """A message about an uploaded file names it by its own name, not by the server's copy in gradio's folder."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    copy = tmp_path / "uploads" / ("ab" * 32) / "trunc.png"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(shapes_png.read_bytes()[:100])
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    with pytest.raises(gr.Error) as err:
+        npedit_app.edit_handler(app)(str(copy), "make the circle blue", inspect_steps=False,
+                                     progress=lambda *a, **k: None)
+    assert "trunc.png" in err.value.message and str(tmp_path) not in err.value.message
+
+
 def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, monkeypatch):
     """The Train tab's generated Shapes cases are the app's own files, which a public app may train on (with its
     owner's token); they were refused as "not among the uploaded files"."""
