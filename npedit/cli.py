@@ -238,6 +238,9 @@ def cmd_judge(args) -> int:
         raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
     # before the judge's weights are read: a bad list fails at once
     rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction")) if args.batch else []
+    for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients")):
+        if out:
+            _check_writable(Path(out).absolute().parent, f"{flag} {out}")
     device = _device()
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
@@ -280,6 +283,20 @@ def cmd_judge(args) -> int:
     return 0
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """SystemExit naming `what` unless `folder`, or the nearest folder above it that exists, takes a file; creates
+    nothing."""
+    base = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{base} is a file")
+        probe = base / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write {what} ({exc.strerror or exc}): pick a folder you can write to") from None
+
+
 def cmd_train(args) -> int:
     """Train one stage from a config file plus dotted overrides."""
     from .config import load_config
@@ -295,19 +312,9 @@ def cmd_train(args) -> int:
     if used and not args.resume:  # a second run there would mix its metrics and checkpoints with the first's
         raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
                          "it, or pick another output_dir")
-    # Before any model loads (else the first save fails): the run folder, or the nearest folder above it that exists,
-    # must take a file. Nothing is created, so a run stopped by a mistyped setting leaves no folder, and the processes
-    # of a multi-process launch do not race over one.
-    base = next(p for p in (run, *run.parents) if p.exists())
-    try:
-        if not base.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{base} is a file")
-        probe = base / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise SystemExit(f"error: cannot write output_dir {run} ({exc.strerror or exc}): pick a folder you can "
-                         "write to") from None
+    # Before any model loads (else the first save fails). Nothing is created, so a run stopped by a mistyped setting
+    # leaves no folder, and the processes of a multi-process launch do not race over one.
+    _check_writable(run, f"output_dir {run}")
     try:  # a setting that does not fit the data, the models or the checkpoint is one line, before any training
         trainer = Trainer(cfg)
         if args.resume and not trainer.resume():

@@ -829,8 +829,12 @@ def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge
     shown = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]  # as a terminal shows them
     assert [line for line in shown if "error" in line] == [f"error: b: image not found: {tmp_path / 'gone.png'}"]
     assert [json.loads(line)["id"] for line in (tmp_path / "v.jsonl").read_text().splitlines()] == ["a", "c"]
-    with pytest.raises(SystemExit, match="Not a directory"):  # a file where its folder should be
-        main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl/x/y")])
+    for out in (tmp_path / "v.jsonl/x/y", tmp_path / "v.jsonl/y"):  # a file where its folder should be: before loading
+        with pytest.raises(SystemExit, match=re.escape(f"cannot write --output {out} ({tmp_path / 'v.jsonl'} is a file)")):
+            main(["judge", "--judge", str(tmp_path / "no-judge"), "--batch", str(pairs), "--output", str(out)])
+    with pytest.raises(SystemExit, match="cannot write --gradients"):
+        main(["judge", "--judge", str(tmp_path / "no-judge"), "--reference", str(images / "0.png"), "--edited",
+              str(images / "t0.png"), "--instruction", "x", "--gradients", str(tmp_path / "v.jsonl/g.npz")])
 
 
 def test_cli_judge_batch_reads_object_name_as_the_manifest_and_the_app_call_it(tmp_path, tiny_judge, tiny_manifest):
