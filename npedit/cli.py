@@ -132,6 +132,10 @@ def _image_format(path: Path) -> str:
     return fmt
 
 
+REMOVE_NEEDS_OBJECT = ("error: --edit-type remove needs --object NAME: the judge asks whether that object is still "
+                       "there")
+
+
 def _edit_jobs_of(args) -> list[dict]:
     """The jobs of `edit`: the one --image, or every line of --batch, each with the PNG path it is saved to (a
     --batch id names a file in --output-dir: a plain name, once)."""
@@ -140,6 +144,8 @@ def _edit_jobs_of(args) -> list[dict]:
             raise SystemExit("error: --image needs --instruction and --output")
         out = Path(args.output)
         _image_format(out)
+        if (args.candidates > 1 or args.verdicts) and args.edit_type == "remove" and not (args.object or "").strip():
+            raise SystemExit(REMOVE_NEEDS_OBJECT)
         return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
                  "object_name": args.object, "keep": args.keep, "out": out}]
     if not args.output_dir:
@@ -236,6 +242,8 @@ def cmd_judge(args) -> int:
         raise SystemExit("error: --batch needs --output")
     if not args.batch and not (args.reference and args.edited and args.instruction):
         raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
+    if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
+        raise SystemExit(REMOVE_NEEDS_OBJECT)
     # before the judge's weights are read: a bad list fails at once
     rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction")) if args.batch else []
     for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients")):

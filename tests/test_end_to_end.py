@@ -781,9 +781,14 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
                         (["--output", str(tmp_path)], "--output must end in one of .png, .jpg"),
                         (["--output", "y.png", "--edit-type", "remvoe"], "2"),  # argparse's exit status
                         (["--output", "y.png", "--seed", str(2**64)], "--seed must be between"),
-                        (["--output", "y.png", "--max-side", "0"], "--max-side must be >= 1")):
+                        (["--output", "y.png", "--max-side", "0"], "--max-side must be >= 1"),
+                        (["--output", "y.png", "--edit-type", "remove", "--candidates", "2"],
+                         "--edit-type remove needs --object NAME")):
         with pytest.raises(SystemExit, match=re.escape(says)):
             main([*one, *flags])
+    with pytest.raises(SystemExit, match="--edit-type remove needs --object NAME"):
+        main(["judge", "--judge", str(tmp_path / "no-judge"), "--reference", "a.png", "--edited", "b.png",
+              "--instruction", "remove it", "--edit-type", "remove"])
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
 
 
