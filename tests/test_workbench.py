@@ -302,6 +302,13 @@ def test_batch_list_lines_that_are_not_objects_and_questions_without_bound_are_r
     listing.write_text('{"reference": "a.png", "edited": "b.png", "instruction": "x"}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: not a JSON object"):
         judging.read_pairs([str(listing)])
+    listing.write_text('{"reference": "a.png", "edited": "b.png", "instruction": "remove it", "object": ["cat"]}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl row 1: object must be text, got \['cat'\]"):
+        judging.read_pairs([str(listing)])
+    broken = tmp_path / "pairs.csv"
+    broken.write_text('reference,edited,instruction\n"a.png,b.png\n')
+    with pytest.raises(ValueError, match="pairs.csv is not a readable CSV list of pairs"):
+        judging.read_pairs([str(broken)])
     with pytest.raises(ValueError, match="the instruction has 100000 characters"):
         edit_questions("x" * 100_000)
     with pytest.raises(ValueError, match="an extra question has 3000 characters"):
