@@ -35,6 +35,7 @@ from npedit.shapes import (
     scene_from_dict,
     scene_to_dict,
     score_edit,
+    shape_mask,
     summarize,
     write_cases_jsonl,
 )
@@ -511,3 +512,71 @@ def test_training_cases_are_the_runs_own_cases_canonically_worded():
     assert len(training_cases(50, pool=7)) == 7  # no more than the pool holds
     with pytest.raises(ValueError, match="n >= 1"):
         training_cases(0)
+
+
+def test_parse_iou_threshold_is_inclusive():
+    # the small square (81 px) plus 81 pixels of its cell that no large template covers: IoU exactly 0.5
+    large = np.any([shape_mask(s, "large", "center") for s in ("circle", "square", "triangle")], axis=0)
+    free = np.zeros((64, 64), bool)
+    free[22:43, 22:43] = True  # the center cell: pixels nearer to 32 than to 11 or 53 on both axes
+    ys, xs = np.nonzero(free & ~large)
+    image = render(Scene("gray", (Obj("square", "red", "small", "center"),)))
+    image[ys[:81], xs[:81]] = SPEC_COLOURS["red"]
+    assert parse(image) == one("square", "red", "small", "center", "gray")
+    image[ys[81], xs[81]] = SPEC_COLOURS["red"]  # one pixel more: IoU 81/163 < 0.5, no object, no scene
+    assert parse(image) is None
+
+
+def test_parse_background_and_dominant_colour():
+    scene = Scene("sand", (Obj("circle", "blue", "large", "center"), Obj("circle", "blue", "small", "top")))
+    image = render(scene)  # two objects of one colour: each cell's mask holds only its own
+    assert parse(image) == scene
+    image[0, :] = image[:, 0] = image[:, 63] = SPEC_COLOURS["red"]  # object colours on the border do not count
+    image[63, :30] = SPEC_BACKGROUNDS["black"]  # border: 190 red, 34 sand, 30 black
+    assert parse(image).background == "sand"
+    image[63, :40] = SPEC_BACKGROUNDS["black"]  # 24 sand, 40 black
+    assert parse(image).background == "black"
+    mixed = render(scene)
+    mixed[32, 23:26] = SPEC_COLOURS["green"]  # a minority colour in the cell: the dominant one is the object
+    assert parse(mixed) == scene
+
+
+def test_canonical_instructions_follow_the_spec_grammar():
+    import re
+
+    s, c, z, b = "circle|square|triangle", "|".join(SPEC_COLOURS), "small|large", "|".join(SPEC_BACKGROUNDS)
+    cell = "|".join(sorted(SPEC_CENTRES, key=len, reverse=True))
+    ref = rf"the (?:(?P<rc>{c}) )?(?P<rs>{s})(?: at the (?P<rcell>{cell}))?"
+    grammar = {
+        "add": rf"add a (?P<z>{z}) (?P<c>{c}) (?P<s>{s}) at the (?P<cell>{cell})", "remove": rf"remove {ref}",
+        "replace": rf"replace {ref} with a (?P<c>{c}) (?P<s>{s})", "recolor": rf"make {ref} (?P<c>{c})",
+        "resize": rf"make {ref} (?P<d>larger|smaller)", "background": rf"change the background to (?P<b>{b})",
+    }
+    for case in held_out_cases(300, seed=5):  # 12 of them name their object by shape and cell
+        (category, m), = [(k, m) for k, g in grammar.items() if (m := re.fullmatch(g, case.instruction))]
+        assert category == case.category
+        objects = {o.cell: o for o in case.reference.objects}
+        if category == "add":
+            assert m["cell"] not in objects and len(objects) < 3
+            assert case.expected.at(m["cell"]) == Obj(m["s"], m["c"], m["z"], m["cell"])
+            continue
+        if category == "background":
+            assert m["b"] != case.reference.background
+            assert case.expected == Scene(m["b"], case.reference.objects)
+            continue
+        named = [o for o in objects.values() if o.shape == m["rs"] and m["rc"] in (None, o.colour)
+                 and m["rcell"] in (None, o.cell)]
+        assert len(named) == 1, case.instruction  # the reference names one object ...
+        target = named[0]  # ... by the shortest unique form, tried in the spec's order
+        same_shape = [o for o in objects.values() if o.shape == target.shape]
+        form = "shape" if len(same_shape) == 1 else (
+            "colour" if sum(o.colour == target.colour for o in same_shape) == 1 else "cell")
+        assert (m["rc"] is not None, m["rcell"] is not None) == {"shape": (False, False), "colour": (True, False),
+                                                                 "cell": (False, True)}[form]
+        others = tuple(o for o in objects.values() if o is not target)
+        new = {"remove": lambda: None, "replace": lambda: Obj(m["s"], m["c"], target.size, target.cell),
+               "recolor": lambda: Obj(target.shape, m["c"], target.size, target.cell),
+               "resize": lambda: Obj(target.shape, target.colour, {"larger": "large", "smaller": "small"}[m["d"]],
+                                     target.cell)}[category]()
+        assert new != target and (category != "remove" or len(objects) >= 2)
+        assert case.expected == Scene(case.reference.background, others + ((new,) if new else ()))
