@@ -1,7 +1,7 @@
 """Compare Shapes-world benchmark reports (`python -m npedit eval shapes` JSON files) across variants.
 
     python -m workbench.benchmarks runs/shapes/eval --chart docs/shapes_benchmark.png --table docs/shapes_benchmark.md
-    python -m workbench.benchmarks runs/shapes/eval --only npedit-1000 "gpu-*-b512" --chart docs/headline.png
+    python -m workbench.benchmarks runs/shapes/eval --only npedit-1000 "gpu-*-b512" --chart docs/shapes_headline.png
 
     python -m workbench.benchmarks runs/new-eval --extend docs/shapes_benchmark.md --table docs/shapes_benchmark.md
 
