@@ -70,11 +70,15 @@ def fit_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def editable_size(width: int, height: int, multiple: int, max_side: int) -> tuple[int, int]:
-    """The working size for an image: longest side at most `max_side`, both sides multiples of `multiple`."""
+    """The working size for an image: both sides multiples of `multiple`, nearest to the image scaled to fit
+    `max_side`, never above it (one `multiple` at least, even where `max_side` is smaller)."""
     scale = min(1.0, max_side / max(width, height))
-    w = max(multiple, int(round(width * scale / multiple)) * multiple)
-    h = max(multiple, int(round(height * scale / multiple)) * multiple)
-    return w, h
+    most = max(1, max_side // multiple)
+
+    def side(x: int) -> int:
+        return min(max(1, int(round(x * scale / multiple))), most) * multiple
+
+    return side(width), side(height)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
