@@ -336,10 +336,10 @@ def test_resuming_a_run_that_finished_all_its_steps_is_refused(tmp_path):
     assert not (tmp_path / "runs" / ".locks" / "cpu.lock").exists()
 
 
-def _fake_run(root: Path, name: str, lr: float, losses: list[float]):
+def _fake_run(root: Path, name: str, lr: float, losses: list[float], stage: str = "npedit"):
     run = root / name
     run.mkdir(parents=True)
-    config = {"stage": "npedit", "max_steps": len(losses), "optim": {"lr": lr},
+    config = {"stage": stage, "max_steps": len(losses), "optim": {"lr": lr},
               "loss": {"lambda_dmd": 1.0, "lambda_vlm": 0.02}, "data": {"train": "shapes"}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))  # as npedit.config.save_config writes it
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "time": 100.0 + i, "student_loss": v,
@@ -351,12 +351,16 @@ def _fake_run(root: Path, name: str, lr: float, losses: list[float]):
 
 
 def test_runs_table_compare_and_plots(tmp_path):
+    import pandas as pd
+
     a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5, 0.25])
     b = _fake_run(tmp_path, "b", 2e-5, [1.0, 0.8])
-    _fake_run(tmp_path / "group", "c", 1e-3, [2.0])  # runs may sit one level down (runs/shapes/npedit)
+    _fake_run(tmp_path / "group", "c", 1e-3, [2.0], stage="warmup")  # runs may sit one level down (runs/shapes/x)
     (tmp_path / ".locks").mkdir()
     table = runs.runs_table(tmp_path)
     assert set(table["run"]) == {"a", "b", "group/c"} and set(table["lr"]) == {1e-4, 2e-5, 1e-3}
+    weights = dict(zip(table["run"], table["λ_dmd"]))  # a warm-up has no DMD weight to show
+    assert weights["a"] == 1.0 and pd.isna(weights["group/c"])
     assert set(table["status"]) == {"external"}  # not started from the workbench
     assert dict(zip(table["run"], table["student_loss"])) == {"a": 0.25, "b": 0.8, "group/c": 2.0}
     diff = runs.compare([a, b])
@@ -365,7 +369,6 @@ def test_runs_table_compare_and_plots(tmp_path):
     assert runs.metric_keys(frames) == ["student_loss", "dmd_loss"]
     fig = plots.loss_curves(frames, ["student_loss", "dmd_loss"])
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
-    import pandas as pd
 
     blown = pd.DataFrame({"step": [1, 2, 3, 4], "student_loss": [1.0, float("inf"), 2.0, float("nan")]})
     lines = plots.loss_curves({"x": blown}, ["student_loss"], smooth=2).axes[0].lines

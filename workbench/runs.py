@@ -18,6 +18,8 @@ from .jobs import job_status, read_metrics_rows
 CONFIG_COLUMNS = (("stage", "stage"), ("max_steps", "max_steps"), ("lr", "optim.lr"), ("λ_dmd", "loss.lambda_dmd"),
                   ("λ_vlm", "loss.lambda_vlm"), ("critic_steps", "critic_steps"), ("batch", "data.batch_size"),
                   ("accum", "gradient_accumulation_steps"), ("data", "data.train"))
+# Columns that mean something only in some stages (blank elsewhere: a warm-up has no DMD weight to show).
+STAGE_ONLY = {"λ_dmd": ("npedit",), "λ_vlm": ("npedit",), "critic_steps": ("npedit",)}
 # Final metrics shown when a run logged them.
 METRIC_COLUMNS = ("student_loss", "dmd_loss", "vlm_loss", "vlm_p_expected", "critic_fm_loss", "fm_loss")
 
@@ -77,7 +79,8 @@ def runs_table(root: str | os.PathLike) -> pd.DataFrame:
         cfg = flatten(read_config(run))
         st = job_status(run)
         row = {"run": run_name(run, root), "status": st.state, "step": st.step}
-        row.update({col: cfg.get(key) for col, key in CONFIG_COLUMNS})
+        row.update({col: cfg.get(key) for col, key in CONFIG_COLUMNS
+                    if col not in STAGE_ONLY or cfg.get("stage") in STAGE_ONLY[col]})
         if row["max_steps"] is None:
             row["max_steps"] = st.max_steps
         row.update({m: _short(st.last_metrics.get(m)) for m in METRIC_COLUMNS})
