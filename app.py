@@ -32,7 +32,7 @@ from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.images import ImageError, load_image
 from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, plots, presets, runs
-from workbench.inspect import edit_best_of, edit_once, trace_edit
+from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, trace_edit
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
     import spaces
@@ -335,7 +335,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 "x0, and its DMD map: where the teacher's (with CFG, as in training) and the critic's x0-predictions "
                 "disagree on that x0 noised to the colour bar's t (one noise, drawn from the seed, for every step).")
     step_plot = gr.Plot(label="Per-step panel", format="png", elem_id="step-panel")
-    step_table = gr.Dataframe(label="Per-step numbers", interactive=False, elem_id="step-table")
+    step_table = gr.Dataframe(label="Per-step numbers", headers=list(STEP_COLUMNS), interactive=False,
+                              elem_id="step-table")
     examples = datasets.bundled_examples(assets.EXAMPLES_DIR) + datasets.shapes_examples(app.examples_dir)
     gr.Examples(examples, inputs=[image, instruction, caption, edit_type, object_name, keep],
                 label="Examples (assets/examples, then generated Shapes-world cases)", examples_per_page=12)

@@ -59,6 +59,8 @@ def test_ui_builds_without_launching(tiny_set, tmp_path):
     assert [p["parameter_name"] for p in judge[:3]] == ["reference", "edited", "instruction"]
     assert all(p["parameter_has_default"] for p in judge[3:])
     assert not any(name.startswith("/on_") or name == "/lambda" for name in api)  # UI helpers stay private
+    table = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "step-table")
+    assert table.value["headers"][:3] == ["step", "t", "P(edit done)"]  # named before the first edit, not 1, 2, 3
 
 
 def test_editor_choices_offer_the_other_bundled_editors(tiny_set, tmp_path):

@@ -59,10 +59,14 @@ class EditTrace:
     def table(self) -> list[dict]:
         """One row per step: t, P(edit done) (a removal: P(No) of its contains check), P(Yes) of the identity
         check, mean DMD disagreement, timings."""
-        return [{"step": s.step + 1, "t": round(s.t, 4), "P(edit done)": _round(s.p_edit),
-                 "P(Yes) identity": _round(s.p_identity), "DMD mean |x0_critic - x0_teacher|": _round(s.dmd_mean),
-                 "sampler s": round(s.sample_s, 3), "judge s": round(s.judge_s, 3), "DMD s": round(s.dmd_s, 3)}
+        return [dict(zip(STEP_COLUMNS, (s.step + 1, round(s.t, 4), _round(s.p_edit), _round(s.p_identity),
+                                        _round(s.dmd_mean), round(s.sample_s, 3), round(s.judge_s, 3),
+                                        round(s.dmd_s, 3))))
                 for s in self.steps]
+
+
+STEP_COLUMNS = ("step", "t", "P(edit done)", "P(Yes) identity", "DMD mean |x0_critic - x0_teacher|", "sampler s",
+                "judge s", "DMD s")  # EditTrace.table's columns
 
 
 def _round(x: float | None, n: int = 4) -> float | None:
