@@ -496,6 +496,49 @@ def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_mani
     assert state["step"] == 3 and state["batches_drawn"] == 6  # (1 critic + 1 student) micro-batch a step
 
 
+TWO_PROCESS_PROBE = """
+import os
+import sys
+from pathlib import Path
+
+from npedit.config import load_config
+from npedit.training.trainer import Trainer
+
+trainer = Trainer(load_config(None, sys.argv[1:]))
+
+
+def checksum(net):  # order-sensitive sum of the trainable parameters
+    return sum(float(p.detach().double().sum()) * (i + 1)
+               for i, p in enumerate(p for p in net.parameters() if p.requires_grad))
+
+
+before = (checksum(trainer.student), checksum(trainer.critic))
+trainer.iteration()
+values = [trainer.acc.num_processes, *before, checksum(trainer.student), checksum(trainer.critic)]
+Path(os.environ["PROBE_DIR"], f"process_{trainer.acc.process_index}.txt").write_text(" ".join(map(repr, values)))
+"""
+
+
+def test_two_processes_start_and_stay_alike_with_random_initialised_parameters(tmp_path, tiny_zimage, tiny_manifest):
+    """Two real processes (torchrun; `accelerate launch --cpu` would start one) of a LoRA run, whose adapters start
+    at random: each process seeds itself differently, so the trainer must hand every process process 0's initial
+    values (as DDP does), or the averaged gradients update replicas that never agree."""
+    script = tmp_path / "probe.py"
+    script.write_text(TWO_PROCESS_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "PROBE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "stage=npedit", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", f"output_dir={tmp_path}/run",
+           "model.lora_rank=2", "loss.lambda_vlm=0", "critic_steps=1", "optim.lr=1e-3", "optim.skip_grad_norm=1e9"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[float(v) for v in (tmp_path / f"process_{i}.txt").read_text().split()] for i in range(2)]
+    assert [r[0] for r in rows] == [2, 2]  # two processes that know of each other
+    first, second = rows[0][1:], rows[1][1:]
+    assert first[:2] != first[2:]  # the update changed the adapters
+    assert first == pytest.approx(second, rel=1e-9, abs=1e-9)  # student and critic, before and after the update
+
+
 def test_gradient_accumulation_adds_up_micro_batches(tmp_path, tiny_zimage, tiny_manifest):
     """k micro-batches of b samples give the gradient of one batch of k*b (equal-size means), metrics their mean;
     a non-finite micro-batch loss skips the whole update."""

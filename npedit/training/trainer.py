@@ -59,6 +59,19 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
         offset += n
 
 
+def broadcast_parameters(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Give every process process 0's values of `params`, as DDP does when it wraps a model.
+
+    Each process seeds itself differently, so parameters initialised at random (LoRA's down projections, a new
+    reference encoder) would start apart, and `average_gradients` would then update replicas that never agree.
+    """
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
 def _infinite(loader: DataLoader, sampler: EpochSampler, epoch: int = 0):
     """Yield batches forever, one epoch after another, from `epoch` on."""
     while True:
@@ -140,6 +153,9 @@ class Trainer:
 
             extra = {"max_pixels": cfg.judge.max_pixels} if cfg.judge.max_pixels else {}
             self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device, **extra)
+        for net in (self.student, self.critic):  # trained replicas start alike on every process
+            if net is not None:
+                broadcast_parameters([p for p in net.parameters() if p.requires_grad], self.acc)
         for net in (self.student, self.critic):
             if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
