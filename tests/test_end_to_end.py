@@ -480,13 +480,15 @@ def test_an_incomplete_or_pickled_editor_is_one_clear_line_and_loads_in_one_dtyp
 
 
 def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_manifest):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "npedit", "train", "stage=npedit",
+    # torchrun with ACCELERATE_USE_CPU: `accelerate launch --num_processes 2 --cpu` starts a single process
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "npedit", "train", "stage=npedit",
            f"model.base={tiny_zimage}", f"judge.path={tiny_judge}", f"data.train={tiny_manifest}",
            f"output_dir={tmp_path}/ddp", "max_steps=2", "critic_steps=1", "optim.skip_grad_norm=1e9"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "| 2 samples per update |" in out.stdout  # a batch of 1 on each of two processes
     assert [p.name for p in (tmp_path / "ddp/checkpoints").iterdir()] == ["step_000002"]
     assert (tmp_path / "ddp/pipeline/model_index.json").is_file()
     resumed = subprocess.run([*cmd[:-3], "max_steps=3", "--resume", *cmd[-2:]], env=env, capture_output=True,
