@@ -124,6 +124,32 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage):
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_export_of_the_newest_checkpoint_survives_a_live_run_pruning_it(trained, tmp_path, monkeypatch):
+    """With no --step, export reads the newest checkpoint; a running job may prune it meanwhile (it saved a newer one):
+    the export then takes the new newest instead of failing. With --step that checkpoint is the one asked for."""
+    import shutil
+
+    from npedit.training import export
+
+    work, _ = trained
+    run_dir = shutil.copytree(work / "runs/npedit", tmp_path / "live")
+    monkeypatch.chdir(work)  # the run's model.base is relative to where it trained
+    read = export.checkpoint_config
+
+    def while_the_run_moves_on(run, path):
+        if path.name == "step_000004":  # the job saves step 5, then prunes step 4 as the export starts reading it
+            shutil.copytree(path, path.with_name("step_000005"))
+            shutil.rmtree(path)
+        return read(run, path)
+
+    monkeypatch.setattr(export, "checkpoint_config", while_the_run_moves_on)
+    out = export.export_checkpoint(run_dir, out=tmp_path / "newest")
+    assert json.loads((out / "training_config.json").read_text())["exported_from"].endswith("step_000005")
+    shutil.move(run_dir / "checkpoints/step_000005", run_dir / "checkpoints/step_000004")
+    with pytest.raises(FileNotFoundError):  # a checkpoint asked for by its step is not swapped for another
+        export.export_checkpoint(run_dir, step=4, out=tmp_path / "four")
+
+
 def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest):
     work, _ = trained
     src = tiny_manifest.parent / "images/0.png"

@@ -97,25 +97,35 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     from ..backbones import load_backbone
     from ..pipeline import NPEditPipeline, training_summary
 
-    averaged = checkpoints_to_average(run_dir, step, average)
-    path = averaged[-1]
-    cfg, state = checkpoint_config(run_dir, path)
-    base = base or cfg.model.base
-    try:
-        backbone = load_backbone(base)
-    except (OSError, ValueError) as exc:
-        hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
-                if not Path(base).is_absolute() and base == cfg.model.base else "")
-        raise FileNotFoundError(f"cannot load the run's base model {base!r}{hint}: {exc}") from None
+    for attempt in range(3):
+        averaged = checkpoints_to_average(run_dir, step, average)
+        try:
+            path = averaged[-1]
+            cfg, state = checkpoint_config(run_dir, path)
+            base_model = base or cfg.model.base
+            try:
+                backbone = load_backbone(base_model)
+            except (OSError, ValueError) as exc:
+                hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
+                        if not Path(base_model).is_absolute() and base_model == cfg.model.base else "")
+                raise FileNotFoundError(f"cannot load the run's base model {base_model!r}{hint}: {exc}") from None
+            role = "critic" if cfg.stage == "critic" else "student"  # a critic run trains no editor: its export is the critic
+            net = backbone.load_transformer(path / role, for_student=role == "student")
+            if len(averaged) > 1:  # one more network in memory at a time
+                average_into(net, (backbone.load_transformer(p / role, for_student=role == "student")
+                                   for p in averaged[:-1]))
+            break
+        except (OSError, ValueError):
+            # a live run pruned a checkpoint between its choice and its reading (the newest, with no --step, moves on):
+            # choose again; anything else, or a third time, is the error it is
+            if step is not None or attempt == 2 or all(p.is_dir() for p in averaged):
+                raise
     steps = [ckpt.checkpoint_step(p) for p in averaged]
-    if cfg.stage == "critic":  # a critic run trains no editor: its export is the critic
-        return _export_critic(cfg, backbone, averaged, Path(out) if out else None, run_dir, int(state["step"]), steps)
-    student = backbone.load_transformer(path / "student", for_student=True)  # saved by the trainer's save_pretrained
-    if average > 1:
-        average_into(student, (backbone.load_transformer(p / "student", for_student=True) for p in averaged[:-1]))
+    if role == "critic":
+        return _export_critic(cfg, net, averaged, Path(out) if out else None, run_dir, int(state["step"]), steps)
     name = path.name if average == 1 else f"{path.name}-avg{average}"
     out = Path(out) if out else Path(run_dir) / "exports" / name
-    pipe = NPEditPipeline.from_parts(student.eval(), backbone, shift=cfg.sampler.shift)
+    pipe = NPEditPipeline.from_parts(net.eval(), backbone, shift=cfg.sampler.shift)
     summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
     origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
               f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")
@@ -123,7 +133,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     with _writing(out, run_dir) as folder:
         pipe.save_pretrained(folder, training=f"{summary}; {origin}")
         (folder / "training_config.json").write_text(json.dumps(
-            {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base), **extra},
+            {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base_model), **extra},
             indent=2))
     return out
 
@@ -135,12 +145,10 @@ def _writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
     return ckpt.publishing(out) if inside or not Path(out).exists() else contextlib.nullcontext(Path(out))
 
 
-def _export_critic(cfg, backbone, averaged: list[Path], out: Path | None, run_dir, step: int, steps: list[int]) -> Path:
-    """A `critic` run's checkpoint as a critic folder (default `<run>/exports/step_N[-avgK]/critic`): what
-    `--critic` takes, or what goes into an editor folder as its `critic/` for the app's DMD maps."""
-    critic = backbone.load_transformer(averaged[-1] / "critic")
-    if len(averaged) > 1:
-        average_into(critic, (backbone.load_transformer(p / "critic") for p in averaged[:-1]))
+def _export_critic(cfg, critic, averaged: list[Path], out: Path | None, run_dir, step: int, steps: list[int]) -> Path:
+    """A `critic` run's checkpoint(s), read into `critic`, as a critic folder (default
+    `<run>/exports/step_N[-avgK]/critic`): what `--critic` takes, or what goes into an editor folder as its `critic/`
+    for the app's DMD maps."""
     name = averaged[-1].name if len(averaged) == 1 else f"{averaged[-1].name}-avg{len(averaged)}"
     out = out or Path(run_dir) / "exports" / name / "critic"
     with _writing(out, run_dir) as folder:
