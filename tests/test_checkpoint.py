@@ -171,3 +171,27 @@ def test_an_export_is_published_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["model_index.json"]
     assert (final / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
         "pipeline"]
+
+
+def test_a_published_folder_is_flushed_to_the_disk_before_it_takes_its_place(tmp_path, monkeypatch):
+    """Every file of a checkpoint or export is fsync'ed before the rename that publishes it, and the parent folder
+    after it: a power cut then cannot leave a complete-looking folder of empty files."""
+    import os
+
+    from npedit.training import checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                           real_fsync(fd))[1])
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    final = tmp_path.resolve() / "checkpoints" / "step_000002"  # as /proc names an open file
+    tmp = final.with_name(".tmp_step_000002")
+    (tmp / "student").mkdir(parents=True)
+    for name in ("trainer_state.json", "student/model.safetensors"):
+        (tmp / name).write_text("x")
+    checkpoint.finalize(tmp, final, keep=2)
+    published = events.index(("replace", str(final)))
+    flushed = {path for kind, path in events[:published] if kind == "fsync"}
+    assert {str(tmp / "trainer_state.json"), str(tmp / "student/model.safetensors"), str(tmp)} <= flushed
+    assert ("fsync", str(final.parent)) in events[published:]

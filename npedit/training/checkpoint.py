@@ -199,11 +199,31 @@ def publishing(final: Path):
     _replace(tmp, final)
 
 
+def _sync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk (a folder where the system cannot: skipped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some systems and file systems refuse it for folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def _replace(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` in the place of `final` (discarded first when it exists)."""
+    """Put the finished folder `tmp` in the place of `final` (discarded first when it exists), its files flushed to the
+    disk first, so that a power cut after the rename cannot leave a published folder with empty files."""
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            _sync(Path(folder, name))
+        _sync(Path(folder))
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
+    _sync(final.parent)
 
 
 def finalize(tmp: Path, final: Path, keep: int) -> None:
