@@ -61,7 +61,8 @@ def sample(
     x0 = noise
     batch = noise.shape[0]
     for i, t in enumerate(times):
-        t_vec = torch.full((batch,), float(t), device=noise.device, dtype=noise.dtype)
+        # float32 whatever the latents' dtype: bf16 would round the time (0.9474 -> 0.9492, 1000 (1 - t) off by ~2)
+        t_vec = torch.full((batch,), float(t), device=noise.device, dtype=torch.float32)
         v = denoise(x_t, t_vec)
         x0 = flow.x0_from_velocity(x_t, t, v)
         if callback is not None:

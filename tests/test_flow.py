@@ -46,6 +46,16 @@ def test_sampler_recovers_point_mass_with_fresh_noise():
     torch.testing.assert_close(seen[2].x0, target)
 
 
+def test_sampler_times_stay_float32_for_bf16_latents():
+    """A bf16 pipeline's latents (the CLI's and the app's default on a GPU) must not round the time the denoiser
+    sees: in bf16 t = 0.9474 of the 4-step schedule is 0.9492, 1000 (1 - t) off by ~2 (50.78 for 52.63)."""
+    seen = []
+    sample(lambda x, t: seen.append(t) or torch.zeros_like(x), torch.zeros(2, 1, 2, 2, dtype=torch.bfloat16),
+           flow.few_step_times(4), generator=torch.Generator().manual_seed(0))
+    assert [s.dtype for s in seen] == [torch.float32] * 4
+    assert [float(s[0]) for s in seen] == [float(torch.tensor(t)) for t in flow.few_step_times(4)]
+
+
 def test_sampler_keeps_gradients_through_steps():
     w = torch.tensor(0.5, requires_grad=True)
     out = sample(lambda x, t: w * x, torch.ones(1, 1, 2, 2), [1.0, 0.5], generator=torch.Generator().manual_seed(0))
