@@ -836,3 +836,20 @@ def test_describe_editor_says_how_far_its_last_run_went(tmp_path):
     (editor / "training_config.json").write_text(json.dumps({**base, "step": 40, "model": {"lora_rank": 16}}))
     assert ("Last training stage: `npedit` on `shapes` with LoRA adapters of rank 16, folded into its weights, exported "
             "at step 40.") in models.describe_editor(str(editor))
+
+
+def test_dmd_map_time_is_not_rounded_in_a_bf16_model_set(tiny_set):
+    """The app's models are bf16 on a GPU: the DMD map's time must reach teacher and critic as float32 (in bf16,
+    t = 0.7 is 0.6992, Z-Image's 1000 (1 - t) 300.8 for 300)."""
+    import torch
+
+    ms = models.ModelSet(models.resolve_paths(**{k: tiny_set[k] for k in ("model", "judge", "teacher", "critic")},
+                                              env={}), device="cpu", dtype="bfloat16")
+    pipe = ms.editor()
+    _, teacher, critic, _, _, _ = ms.inspectors(None, pipe)
+    seen = []
+    for net in (teacher, critic):
+        net.t_embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    trace_edit(pipe, None, teacher, critic, shapes_image(2)[0], "make the circle blue", steps=1, dmd_t=0.7)
+    assert seen and all(s.dtype == torch.float32 for s in seen)
+    assert all(abs(float(s[0]) - 300.0) < 1e-3 for s in seen)

@@ -175,7 +175,7 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
         if teacher is not None and critic is not None:
             t0 = time.perf_counter()
             x_t = flow.add_noise(r["x0"], eps, dmd_t)
-            t_vec = torch.full((x_t.shape[0],), dmd_t, device=x_t.device, dtype=x_t.dtype)
+            t_vec = torch.full((x_t.shape[0],), dmd_t, device=x_t.device)  # float32: bf16 would round the time
             x0_real, x0_fake = teacher_critic_x0(bb, teacher, critic, x_t, t_vec, cond_x, cond_neg, scale)
             st.dmd_map = dmd_map(x0_real, x0_fake)
             st.dmd_mean, st.dmd_s = float(st.dmd_map.mean()), time.perf_counter() - t0
