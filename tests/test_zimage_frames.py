@@ -1,5 +1,6 @@
 """The Z-Image "frames" reference layout (the re-implementation's): its forward against diffusers' own, batching."""
 
+import copy
 import datetime
 import re
 
@@ -177,3 +178,26 @@ def test_the_time_reaches_a_bf16_transformer_unrounded(transformer):
                             reference=rand(1, 4, 8, 8, seed=11))
     assert seen[0].dtype == torch.float32
     assert abs(float(seen[0][0]) - (1 - 0.9474) * transformer.t_scale) < 1e-3
+
+
+def test_model_offload_moves_each_model_before_it_runs(transformer, tiny_zimage):
+    """Under diffusers' model offload (`enable_model_cpu_offload`, GPU only) a model moves to its device when its
+    hook fires: the VAE's before `encode` reads where its weights are, the frames transformer although its blocks are
+    called one by one (its `forward` never runs). A hook that moves its model to float64 stands in for the GPU here:
+    a model that ran before its hook moved it meets inputs of the other dtype, as it would meet CPU tensors."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from npedit.backbones import load_backbone
+    from npedit.pipeline import NPEditPipeline
+
+    class Onload(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            module.to(torch.float64)
+            return args, kwargs
+
+    pipe = NPEditPipeline.from_parts(copy.deepcopy(transformer), load_backbone(tiny_zimage))
+    for name in ("text_encoder", "transformer", "vae"):
+        add_hook_to_module(getattr(pipe, name), Onload())
+    out = pipe(image=Image.new("RGB", (64, 64)), prompt="make it red", generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    assert out.dtype == torch.float64 and pipe.transformer.dtype == torch.float64

@@ -27,6 +27,15 @@ def set_config(model, **values) -> None:
         model.register_to_config(_use_default_values=[k for k in defaults if k not in values])
 
 
+def onload(module) -> None:
+    """Move `module` to its device now when diffusers' model offload (`enable_model_cpu_offload`) holds it on the CPU:
+    its hook fires only in `forward` (and a VAE's `encode` / `decode`), after code that reads the module's device
+    first, and never for code that calls its blocks one by one."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        hook.pre_forward(module)
+
+
 def resolve_subfolder(path: str | os.PathLike, subfolder: str | None) -> str | None:
     """`subfolder` unless `path` is a local folder that holds the model itself (config.json at its top)."""
     local = Path(str(path))

@@ -10,6 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from .base import onload
+
 # The VAE classes a checkpoint's vae/config.json may name (no other class is ever imported).
 VAE_CLASSES = {
     "AutoencoderKL": ("diffusers", "AutoencoderKL"),
@@ -53,6 +55,7 @@ class LatentCodec(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f)."""
+        onload(self.vae)  # an offloaded VAE is on the CPU until then: the pixels must go where it runs
         anchor = next(self.vae.parameters())  # (diffusers' `.device` / `.dtype` walk every module: ~1 ms each)
         out = self.vae.encode(pixels.to(anchor.device, anchor.dtype))
         z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents

@@ -24,7 +24,7 @@ from diffusers import ModelMixin, ZImageTransformer2DModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from transformers import AutoModel, AutoTokenizer
 
-from .base import Backbone, check_transformer, resolve_subfolder
+from .base import Backbone, check_transformer, onload, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
 MAX_PROMPT_TOKENS = 512
@@ -256,6 +256,7 @@ class ZImageBackbone(Backbone):
     # ---- transformers ----------------------------------------------------------------------
     def velocity(self, transformer, x_t, t, cond, reference=None):
         """v = eps - x0 from Z-Image's native output (-v at time 1 - t); x_t (B, C, h, w), t (B,)."""
+        onload(transformer)  # under model offload: the frames layout calls its blocks, never its hooked forward
         dtype = next(transformer.parameters()).dtype
         t_native = (1.0 - t).float()  # kept in float32 (as diffusers' pipeline does): bf16 would round 1000 t by ~1
         frames = x_t.to(dtype).unsqueeze(2).unbind(0)  # B x (C, 1, h, w)
