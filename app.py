@@ -567,11 +567,13 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
     preset.change(on_preset, preset, [preset_note, *knobs.values()], api_visibility="private")
 
-    def on_generate(n, seed):
+    def on_generate(n, seed, token_value=None):
+        if app.public:  # up to 1,000 PNGs in a new folder per seed: a stranger's calls would fill the disk
+            app.check_training(token_value)
         folder = staging / f"shapes-{int(seed)}-{int(n)}"
         return datasets.shapes_table(int(n), folder, seed=int(seed))
 
-    generate.click(on_generate, [n_cases, data_seed], table, api_visibility="private")
+    generate.click(on_generate, [n_cases, data_seed, token], table, api_visibility="private")
     files.upload(lambda fs, rows: (datasets.table_for_images(fs, rows), {Path(f).name: f for f in fs}),
                  [files, table], [table, uploads], api_visibility="private")
 

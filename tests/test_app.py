@@ -226,7 +226,7 @@ def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, m
         raise npedit_app.jobs.JobBusy("the test launches nothing")
 
     monkeypatch.setattr(npedit_app.jobs, "start_job", start_job)
-    table = fns["on_generate"](6, 0)
+    table = fns["on_generate"](6, 0, "s3cret")
     with pytest.raises(gr.Error, match="the test launches nothing"):
         fns["on_start"](table, {}, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"],
                         0, "", "s3cret")
@@ -400,3 +400,25 @@ def test_the_space_installs_what_the_app_needs_and_nothing_for_tests():
     dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
     assert "-r requirements.txt" in dev and {"pytest", "playwright"} <= {re.split(r"[=<>]", d)[0] for d in dev}
     assert "requirements-dev.txt" in (ROOT / ".ci/run").read_text()
+
+
+def test_a_public_app_generates_training_cases_only_with_the_token(tmp_path, monkeypatch):
+    """Generate writes up to 1,000 PNGs into runs/.staging/shapes-SEED-N, a new folder for every seed: a stranger
+    calling it (the event is reachable over HTTP even with the Start button off) filled the disk. In a public app
+    it needs the training token, as the training it prepares does."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.delenv("NPEDIT_TRAIN_TOKEN", raising=False)
+    for token, says in ((None, "training is off"), ("s3cret", "training needs its owner's training token")):
+        if token:
+            monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", token)
+        app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+        fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+        for given in (None, "wrong"):
+            with pytest.raises(gr.Error, match=says):
+                fns["on_generate"](6, 1234, given)
+    assert not (tmp_path / "runs" / ".staging").exists()
+    assert len(fns["on_generate"](6, 1234, "s3cret")) == 6  # the owner
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")  # a local app generates as before, no token asked
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "local")]))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    assert len(fns["on_generate"](6, 0)) == 6
