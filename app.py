@@ -47,6 +47,7 @@ except ImportError:
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
 MAX_CANDIDATES = 16
+MAX_BATCH_PAIRS = 100  # pairs per batch list in a public app (one list holds the judge for all of them)
 ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU") == "true"
 NO_TRAINING_ON_ZEROGPU = ("This Space runs on ZeroGPU, where a GPU exists only inside a short call: training is off. "
                           "Duplicate it on dedicated GPU hardware, or run `python app.py` locally.")
@@ -457,7 +458,8 @@ def build_judge_tab(app: App, last_edit: gr.State):
         @GPU
         def judge_batch(files, progress=gr.Progress()):
             try:
-                pairs = judging.read_pairs(files or [], uploads_only=app.public)
+                pairs = judging.read_pairs(files or [], uploads_only=app.public,
+                                           max_pairs=MAX_BATCH_PAIRS if app.public else None)
                 out = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d))
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None

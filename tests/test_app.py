@@ -422,3 +422,21 @@ def test_a_public_app_generates_training_cases_only_with_the_token(tmp_path, mon
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "local")]))
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
     assert len(fns["on_generate"](6, 0)) == 6
+
+
+def test_a_public_app_judges_a_bounded_batch(tmp_path, monkeypatch, shapes_png):
+    """A batch list is a few bytes a row: a 20 MB CSV naming two uploaded images half a million times held the judge
+    (shared with /edit and /judge, one call at a time) for hours. A public app judges at most MAX_BATCH_PAIRS pairs
+    per list; a local one any number."""
+    monkeypatch.setattr(npedit_app, "MAX_BATCH_PAIRS", 2)
+    listing = tmp_path / "pairs.csv"
+    listing.write_text("reference,edited,instruction\n" + f"{shapes_png.name},{shapes_png.name},make it blue\n" * 3)
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    app.models.judge = lambda: pytest.fail("the judge was asked about a list over the limit")
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    with pytest.raises(gr.Error, match="pairs.csv lists 3 pairs: this public app judges at most 2 per list"):
+        fns["judge_batch"]([str(listing), str(shapes_png)], progress=lambda *a, **k: None)
+    from workbench import judging
+
+    assert len(judging.read_pairs([listing, shapes_png], uploads_only=True)) == 3  # no limit unless asked

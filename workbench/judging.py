@@ -45,13 +45,14 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False) -> pd.DataFrame:
+def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
+               max_pairs: int | None = None) -> pd.DataFrame:
     """The pairs listed in the one .csv/.jsonl among `files`; image names resolve to the other uploaded files.
 
     Columns: reference, edited, instruction (required); id, edit_type, object_name (or object), keep (objects to
     leave in place, separated by ';'), new and gone (objects the edit creates / must make disappear) optional.
     Relative paths that match no upload resolve against the list file's folder; with `uploads_only` (a public app)
-    every image must be one of the uploaded files.
+    every image must be one of the uploaded files; with `max_pairs` (a public app) a longer list is refused.
     """
     files = [Path(f) for f in files or []]
     lists = [f for f in files if f.suffix.lower() in (".csv", ".jsonl", ".json")]
@@ -60,8 +61,12 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False) -> pd
                          "optional id, edit_type, object_name) together with the images it names")
     uploads = {f.name: str(f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
     listing = lists[0]
+    rows = _read_rows(listing)
+    if max_pairs is not None and len(rows) > max_pairs:
+        raise ValueError(f"{listing.name} lists {len(rows)} pairs: this public app judges at most {max_pairs} per list "
+                         "(split it, or run the app on your own machine)")
     out = []
-    for i, row in enumerate(_read_rows(listing), 1):
+    for i, row in enumerate(rows, 1):
         missing = [k for k in ("reference", "edited", "instruction") if not str(row.get(k) or "").strip()]
         if missing:
             raise ValueError(f"{listing.name} row {i}: missing {', '.join(missing)}")
