@@ -722,7 +722,8 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
 
 def build_demo(app: App) -> gr.Blocks:
     """The whole UI (nothing is loaded or launched here)."""
-    with gr.Blocks(title="NP-Edit") as demo:
+    # a public app: strangers' uploads (anyone can POST them) and results are deleted an hour after they were written
+    with gr.Blocks(title="NP-Edit", delete_cache=(600, 3600) if app.public else None) as demo:
         gr.Markdown(INTRO, elem_id="title")
         last_edit = gr.State(None)
         with gr.Tab("Edit"):

@@ -440,3 +440,16 @@ def test_a_public_app_judges_a_bounded_batch(tmp_path, monkeypatch, shapes_png):
     from workbench import judging
 
     assert len(judging.read_pairs([listing, shapes_png], uploads_only=True)) == 3  # no limit unless asked
+
+
+def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
+    """Anyone can POST files (up to 20 MB each) to /gradio_api/upload without calling any event, and every result
+    is cached: without gradio's delete_cache they stayed in its folder until the disk was full. A public app deletes
+    its uploads and results an hour after they were written; a local app keeps them."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    frequency, age = npedit_app.build_demo(app).delete_cache
+    assert 0 < frequency <= age <= 3600
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    assert npedit_app.build_demo(app).delete_cache is None
