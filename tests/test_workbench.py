@@ -559,7 +559,7 @@ def test_jobs_start_progress_busy_kill_resume_cancel_and_finish(tiny_set, tmp_pa
 
 def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_run_folder(tmp_path, monkeypatch):
     """A trainer killed by the kernel (exit 137 from the wrapper shell) reads as that, not as its last progress bar;
-    the Train tab's relative paths are made absolute, since the job runs in its own run folder."""
+    the Train tab's relative paths are made absolute, so they mean the same wherever the job or its resume runs."""
     run = tmp_path / "runs" / "oom"
     run.mkdir(parents=True)
     (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": [], "started": time.time()}))
@@ -582,6 +582,26 @@ def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_r
     args = presets.train_args({}, base="teacher", judge="org/judge-on-the-hub", student="", data="shapes")
     assert f"model.base={tmp_path / 'teacher'}" in args and "judge.path=org/judge-on-the-hub" in args
     assert "data.train=shapes" in args and "model.student=" in args
+
+
+def test_a_job_does_not_get_the_apps_training_token(tmp_path, monkeypatch):
+    """The public app's NPEDIT_TRAIN_TOKEN stays in the app: the training process it launches has no use for it."""
+    seen = {}
+
+    class Started:
+        pid = 2**22 + 9
+
+        def __init__(self, command, env, **kwargs):
+            seen.update(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    monkeypatch.setenv("HF_TOKEN", "hub")  # what a job may need to fetch gated weights is passed on
+    monkeypatch.setattr(jobs.subprocess, "Popen", Started)
+    jobs.start_job(tmp_path / "runs" / "j", ["max_steps=1"], runs_root=tmp_path / "runs", device="cpu")
+    assert "NPEDIT_TRAIN_TOKEN" not in seen and seen["HF_TOKEN"] == "hub"
 
 
 def test_a_job_reads_relative_paths_from_where_it_was_started_as_the_command_does(tiny_set, tiny_manifest, tmp_path,

@@ -31,6 +31,7 @@ LOCK_DIR = ".locks"
 STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
 _WRAPPER = '"$@"; echo $? > "$NPEDIT_EXIT_FILE"'  # records the exit status even when the app is gone
 _TQDM = re.compile(r"(?:warmup|npedit|sft|critic):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
+_SECRETS = ("NPEDIT_TRAIN_TOKEN",)  # the app's training token: a job has no use for it, so it does not get it
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (polled to reap them)
 
 
@@ -199,7 +200,7 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("exit_code", "cancelled"):
             (run_dir / name).unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+        env = {**{k: v for k, v in os.environ.items() if k not in _SECRETS}, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"),
                "PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p),
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
