@@ -622,7 +622,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         keys = [k for k in runs.metric_keys({"run": metrics}) if k.endswith("loss")][:4]  # main losses first
         figure = plots.loss_curves({Path(run_dir).name: metrics}, keys) if not metrics.empty else None
         dropdown = gr.Dropdown() if st.active else refresh_list(editor_value)
-        return (_status_markdown(st, device), figure, st.latest_sample, jobs.log_tail(run_dir),
+        return (_status_markdown(st, device), figure, _shown(app, st.latest_sample), jobs.log_tail(run_dir),
                 gr.Timer(active=st.active), dropdown)
 
     timer.tick(on_tick, [current, editor_dropdown], [status, curves, sample, log, timer, editor_dropdown],
@@ -715,7 +715,8 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     export.click(on_export, [one, token], resume_msg, api_visibility="private")
     gr.on([selected.change, keys.change], on_compare, [selected, keys], [curves, bars, comparison],
           api_visibility="private")
-    one.change(lambda n: runs.samples(app.runs_root / n) if n else [], one, gallery, api_visibility="private")
+    one.change(lambda n: [(_shown(app, p), c) for p, c in runs.samples(app.runs_root / n)] if n else [], one, gallery,
+               api_visibility="private")
     resume.click(on_resume, [one, token], [resume_msg, train_run, train_timer], api_visibility="private")
     return on_refresh, [selected], [table, selected, keys, one]
 
@@ -739,12 +740,27 @@ def build_demo(app: App) -> gr.Blocks:
     return demo
 
 
+def served_paths(app: App) -> list[str]:
+    """The folders whose files the server hands out by URL: the examples and the assets, and the runs folder only in
+    a local app (a public one sends a run's sample images themselves: its folders hold the owner's training images,
+    manifests and checkpoints, which strangers could otherwise fetch by guessing paths)."""
+    return [str(app.examples_dir), str(assets.ASSETS_DIR), *([] if app.public else [str(app.runs_root)])]
+
+
+def _shown(app: App, path: str | None):
+    """An image of a run for the browser: its path in a local app (served from the runs folder), else the image."""
+    if not path or not app.public:
+        return path
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
     """Queue and serve `demo` (returns what gr.Blocks.launch returns)."""
     app.runs_root.mkdir(parents=True, exist_ok=True)
     return demo.queue(max_size=32).launch(
         server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
-        allowed_paths=[str(app.runs_root), str(app.examples_dir), str(assets.ASSETS_DIR)], **kwargs)
+        allowed_paths=served_paths(app), **kwargs)
 
 
 def main(argv=None):

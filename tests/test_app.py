@@ -453,3 +453,17 @@ def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
     monkeypatch.setenv("NPEDIT_PUBLIC", "0")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     assert npedit_app.build_demo(app).delete_cache is None
+
+
+def test_a_public_app_serves_no_file_of_its_runs_folder(tmp_path, monkeypatch, shapes_png):
+    """A run folder holds the owner's training images, manifest and checkpoints: a public app does not hand its files
+    out by URL (a stranger could guess runs/<name>/data/cases.jsonl); it sends a run's sample images themselves."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    assert str(app.runs_root) not in npedit_app.served_paths(app)
+    shown = npedit_app._shown(app, str(shapes_png))
+    assert isinstance(shown, Image.Image) and shown.size == Image.open(shapes_png).size
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    assert str(app.runs_root) in npedit_app.served_paths(app) and npedit_app._shown(app, str(shapes_png)) == str(
+        shapes_png)
