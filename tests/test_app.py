@@ -422,6 +422,8 @@ def test_a_public_app_generates_training_cases_only_with_the_token(tmp_path, mon
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "local")]))
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
     assert len(fns["on_generate"](6, 0)) == 6
+    with pytest.raises(gr.Error, match="The seed is a whole number from 0 to"):
+        fns["on_generate"](6, -1)
 
 
 def test_a_public_app_judges_a_bounded_batch(tmp_path, monkeypatch, shapes_png):
