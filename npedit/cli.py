@@ -61,7 +61,7 @@ def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
     if not p.is_file():
         raise SystemExit(f"error: {p} not found")
     try:
-        rows = read_json_lines(p, required)
+        rows = read_json_lines(p, required, text=("instruction", "object", "object_name"))  # the judge quotes them
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     for n, row in rows:
@@ -71,9 +71,6 @@ def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
                 raise SystemExit(f"error: {where}: {key} must be a path (a string), got {row[key]!r}")
             if key in row and not Path(row[key]).is_absolute():
                 row[key] = str(p.parent / row[key])
-        for key in ("instruction", "object", "object_name"):  # the judge's questions quote them
-            if row.get(key) is not None and not isinstance(row[key], str):
-                raise SystemExit(f"error: {where}: {key} must be text (a string), got {row[key]!r}")
         try:
             row["edit_type"] = edit_type_name(row.get("edit_type"))
         except ValueError as exc:

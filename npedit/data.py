@@ -87,10 +87,11 @@ class EditRecord:
         return object_names(self.gone)
 
 
-def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *,
+def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, text: tuple[str, ...] = (),
                     label: str | None = None) -> list[tuple[int, dict]]:
     """(line number, JSON object) for each non-blank line of a JSON-lines file, each object with the `required`
-    keys; a bad line is a ValueError naming it as `label`:N (`label` defaults to the path)."""
+    keys and a string (or null) at each of the `text` keys it has; a bad line is a ValueError naming it as `label`:N
+    (`label` defaults to the path)."""
     path = Path(path)
     label = label or str(path)
     rows = []
@@ -107,6 +108,9 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *,
         missing = [k for k in required if k not in row]
         if missing:
             raise ValueError(f"{label}:{n}: missing {', '.join(missing)} (each line needs {', '.join(required)})")
+        for key in text:
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise ValueError(f"{label}:{n}: {key} must be text (a string), got {row[key]!r}")
         rows.append((n, row))
     return rows
 

@@ -303,7 +303,7 @@ def test_batch_list_lines_that_are_not_objects_and_questions_without_bound_are_r
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: not a JSON object"):
         judging.read_pairs([str(listing)])
     listing.write_text('{"reference": "a.png", "edited": "b.png", "instruction": "remove it", "object": ["cat"]}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl row 1: object must be text, got \['cat'\]"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: object must be text \(a string\), got \['cat'\]"):
         judging.read_pairs([str(listing)])
     broken = tmp_path / "pairs.csv"
     broken.write_text('reference,edited,instruction\n"a.png,b.png\n')

@@ -37,12 +37,8 @@ def _read_rows(path: Path) -> list[dict]:
             return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path.name} is not a readable CSV list of pairs: {exc}") from None
-    rows = [row for _, row in read_json_lines(path, label=path.name)]
-    for i, row in enumerate(rows, 1):
-        for key in ("instruction", "edit_type", "object_name", "object"):  # asked or named as text
-            if row.get(key) is not None and not isinstance(row[key], str):
-                raise ValueError(f"{path.name} row {i}: {key} must be text, got {row[key]!r}")
-    return rows
+    return [row for _, row in read_json_lines(path, text=("instruction", "edit_type", "object_name", "object"),
+                                              label=path.name)]
 
 
 def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
