@@ -24,6 +24,13 @@ def looks_local(path: str | os.PathLike) -> bool:
     return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
 
 
+def found_nowhere(path: str | os.PathLike, exc: Exception, kind: str = "folder") -> CheckpointError:
+    """The error for a path shaped like a hub id ("editors/x") that is no folder here and that the hub did not give
+    (offline, or no such repo): one line instead of the library's OSError."""
+    return CheckpointError(f"cannot find {str(path)!r} locally or on the hub ({type(exc).__name__}); pass a local "
+                           f"{kind}")
+
+
 def what_is(path: str | os.PathLike) -> str:
     """A short description of what a local folder holds, e.g. "does not exist", "a training run folder; its editor
     is RUN/pipeline", EDITOR_KIND (for error messages)."""

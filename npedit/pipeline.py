@@ -65,7 +65,7 @@ class NPEditPipeline(DiffusionPipeline):
         A local path that is not an editor (or an editor folder missing a component) raises `CheckpointError`
         saying what it is."""
         from .adapters import is_adapter_folder, load_adapter_pipeline
-        from .folders import CheckpointError, check_editor_folder
+        from .folders import check_editor_folder, found_nowhere
 
         check_editor_folder(pretrained_model_name_or_path)
         import_families()
@@ -83,9 +83,7 @@ class NPEditPipeline(DiffusionPipeline):
         except OSError as exc:
             if Path(str(pretrained_model_name_or_path)).expanduser().exists():
                 raise
-            # a hub id's shape ("editors/x") that is no folder here, and offline or not on the hub
-            raise CheckpointError(f"cannot find {str(pretrained_model_name_or_path)!r} locally or on the hub "
-                                  f"({type(exc).__name__}); pass a local editor folder") from None
+            raise found_nowhere(pretrained_model_name_or_path, exc, "editor folder") from None
 
     @classmethod
     def from_parts(cls, transformer, backbone, *, shift: float = flow.DEFAULT_SHIFT) -> "NPEditPipeline":

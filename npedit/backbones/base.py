@@ -49,7 +49,7 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     `CheckpointError` saying what the path holds unless it names a transformer class of `family` (diffusers would
     otherwise build another family's class from it with random weights, warning only)."""
     from npedit.backbones import FAMILIES
-    from npedit.folders import CheckpointError, describe, looks_local
+    from npedit.folders import CheckpointError, describe, found_nowhere, looks_local
 
     classes = FAMILIES[family][2]
     folder = Path(str(path), subfolder or "")
@@ -58,8 +58,7 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     try:
         config = AutoencoderKL.load_config(str(path), subfolder=subfolder)  # reads any config.json, whatever it names
     except OSError as exc:  # a hub id's shape ("runs/x") that is no folder here, and offline or not on the hub
-        raise CheckpointError(f"cannot find {str(path)!r} locally or on the hub ({type(exc).__name__}); pass a local "
-                              "folder") from None
+        raise found_nowhere(path, exc) from None
     name = config.get("_class_name")
     if name not in classes:
         held = (f"{path} holds a {name}" if name else describe(path) if looks_local(path) else
