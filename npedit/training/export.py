@@ -94,32 +94,19 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     `step_N-avgK`), with the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same
     model elsewhere). `average=K` > 1 saves the mean of the student's weights over the K newest checkpoints up to
     that step. A `critic` run's checkpoint gives its critic instead (default `<run>/exports/step_N/critic`)."""
-    from ..backbones import load_backbone
     from ..pipeline import NPEditPipeline, training_summary
 
     for attempt in range(3):
         averaged = checkpoints_to_average(run_dir, step, average)
         try:
-            path = averaged[-1]
-            cfg, state = checkpoint_config(run_dir, path)
-            base_model = base or cfg.model.base
-            try:
-                backbone = load_backbone(base_model)
-            except (OSError, ValueError) as exc:
-                hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
-                        if not Path(base_model).is_absolute() and base_model == cfg.model.base else "")
-                raise FileNotFoundError(f"cannot load the run's base model {base_model!r}{hint}: {exc}") from None
-            role = "critic" if cfg.stage == "critic" else "student"  # a critic run trains no editor: its export is the critic
-            net = backbone.load_transformer(path / role, for_student=role == "student")
-            if len(averaged) > 1:  # one more network in memory at a time
-                average_into(net, (backbone.load_transformer(p / role, for_student=role == "student")
-                                   for p in averaged[:-1]))
+            cfg, state, backbone, net = _read_checkpoints(run_dir, averaged, base)
             break
         except (OSError, ValueError):
             # a live run pruned a checkpoint between its choice and its reading (the newest, with no --step, moves on):
             # choose again; anything else, or a third time, is the error it is
             if step is not None or attempt == 2 or all(p.is_dir() for p in averaged):
                 raise
+    path, base_model, role = averaged[-1], base or cfg.model.base, _role(cfg)
     steps = [ckpt.checkpoint_step(p) for p in averaged]
     if role == "critic":
         return _export_critic(cfg, net, averaged, Path(out) if out else None, run_dir, int(state["step"]), steps)
@@ -136,6 +123,31 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
             {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base_model), **extra},
             indent=2))
     return out
+
+
+def _role(cfg) -> str:
+    """The network a run's checkpoints export: a critic run trains no editor, its export is the critic."""
+    return "critic" if cfg.stage == "critic" else "student"
+
+
+def _read_checkpoints(run_dir, averaged: list[Path], base: str | None):
+    """(config, trainer state, backbone of the run's base or of `base`, the network `_role` names, averaged over the
+    `averaged` checkpoints) of the newest of `averaged`; one more network in memory at a time."""
+    from ..backbones import load_backbone
+
+    cfg, state = checkpoint_config(run_dir, averaged[-1])
+    base_model = base or cfg.model.base
+    try:
+        backbone = load_backbone(base_model)
+    except (OSError, ValueError) as exc:
+        hint = (" (a relative path: run export from the folder the training ran in, or pass --base)"
+                if not Path(base_model).is_absolute() and base_model == cfg.model.base else "")
+        raise FileNotFoundError(f"cannot load the run's base model {base_model!r}{hint}: {exc}") from None
+    role = _role(cfg)
+    net = backbone.load_transformer(averaged[-1] / role, for_student=role == "student")
+    if len(averaged) > 1:
+        average_into(net, (backbone.load_transformer(p / role, for_student=role == "student") for p in averaged[:-1]))
+    return cfg, state, backbone, net
 
 
 def _writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
