@@ -572,10 +572,10 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     def on_generate(n, seed, token_value=None):
         if app.public:  # up to 1,000 PNGs in a new folder per seed: a stranger's calls would fill the disk
             app.check_training(token_value)
-        if not 0 <= int(seed or 0) < 2**32:
-            raise gr.Error(f"The seed is a whole number from 0 to {2**32 - 1}, got {int(seed)}.")
-        folder = staging / f"shapes-{int(seed or 0)}-{int(n)}"
-        return datasets.shapes_table(int(n), folder, seed=int(seed or 0))
+        seed = int(seed or 0)
+        if not 0 <= seed < 2**32:
+            raise gr.Error(f"The seed is a whole number from 0 to {2**32 - 1}, got {seed}.")
+        return datasets.shapes_table(int(n), staging / f"shapes-{seed}-{int(n)}", seed=seed)
 
     generate.click(on_generate, [n_cases, data_seed, token], table, api_visibility="private")
     files.upload(lambda fs, rows: (datasets.table_for_images(fs, rows), {Path(f).name: f for f in fs}),

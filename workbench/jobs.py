@@ -200,7 +200,8 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("exit_code", "cancelled"):
             (run_dir / name).unlink(missing_ok=True)
-        env = {**{k: v for k, v in os.environ.items() if k not in _SECRETS}, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+        env = {**{k: v for k, v in os.environ.items() if k not in _SECRETS},
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"),
                "PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p),
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
@@ -216,7 +217,8 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         raise
     _CHILDREN[proc.pid] = proc
     _write_json(run_dir / "job.json", {"pid": proc.pid, "device": device, "args": list(args), "command": command,
-                                       "started": time.time(), "resume": resume, "runs_root": str(runs_root), "cwd": str(cwd)})
+                                       "started": time.time(), "resume": resume, "runs_root": str(runs_root),
+                                       "cwd": str(cwd)})
     status = job_status(run_dir)
     _write_json(run_dir / "status.json", status.to_dict())
     return status
