@@ -153,11 +153,9 @@ class Trainer:
 
             extra = {"max_pixels": cfg.judge.max_pixels} if cfg.judge.max_pixels else {}
             self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device, **extra)
-        for net in (self.student, self.critic):  # trained replicas start alike on every process
-            if net is not None:
-                broadcast_parameters([p for p in net.parameters() if p.requires_grad], self.acc)
-        for net in (self.student, self.critic):
-            if net is not None and cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+        for net in (n for n in (self.student, self.critic) if n is not None):
+            broadcast_parameters([p for p in net.parameters() if p.requires_grad], self.acc)  # replicas start alike
+            if cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
         self.opt_student, self.sched_student = ((None, None) if self.fits_critic else
                                                 self._optimizer(self.student, final=True))
