@@ -100,8 +100,26 @@ class App:
         off = self.training_off()
         if off:
             raise gr.Error(off)
-        if self.public and not hmac.compare_digest((token or "").encode(), self.train_token.encode()):
+        if self.public and not self._owns(token):
             raise gr.Error("This app is public: training needs its owner's training token (NPEDIT_TRAIN_TOKEN).")
+
+    def runs_hidden(self, token: str | None) -> str | None:
+        """Why this visitor sees nothing of the runs folder (a public app shows it only with the training token: its
+        samples can show the owner's training images, its configs their paths), or None when they may see it."""
+        if not self.public or self._owns(token):
+            return None
+        if not self.train_token:
+            return ("This app is public, so its runs (table, curves, configs, samples, training progress) are hidden: "
+                    "its owner can set the Space secret NPEDIT_TRAIN_TOKEN (then type it under Training token in the "
+                    "Train tab) or NPEDIT_PUBLIC=0 for a private Space.")
+        if token:
+            return "That is not this app's training token: its runs stay hidden."
+        return ("This app is public: its runs (table, curves, configs, samples, training progress) are shown only to "
+                "its owner: type the training token (NPEDIT_TRAIN_TOKEN) under Training token in the Train tab.")
+
+    def _owns(self, token: str | None) -> bool:
+        """Whether `token` is the owner's training token (compared in constant time)."""
+        return bool(self.train_token) and hmac.compare_digest((token or "").encode(), self.train_token.encode())
 
     def editor_choices(self) -> list[tuple[str, str]]:
         """(label, path) of the app's editor and of every finished run's editor."""
@@ -500,8 +518,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     off = app.training_off()
     if off:
         gr.Markdown(f"⚠️ {off}")
-    token = gr.Textbox(label="Training token (this public app's NPEDIT_TRAIN_TOKEN)", type="password",
-                       visible=app.public and not off)
+    token = gr.Textbox(label="Training token (this public app's NPEDIT_TRAIN_TOKEN: training, and seeing its runs)",
+                       type="password", visible=app.public and bool(app.train_token))
     uploads = gr.State({})
     staging = app.runs_root / ".staging"  # generated Shapes cases: the app's own files, which a public app trains on
     with gr.Tab("Generate Shapes cases"):
@@ -616,7 +634,10 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                            *knobs.values()],
                 [current, status, timer], api_visibility="private")
 
-    def on_tick(run_dir, editor_value):
+    def on_tick(run_dir, editor_value, token_value=None):
+        hidden = app.runs_hidden(token_value)  # (the timer's event can be sent by anyone, like every other)
+        if hidden:
+            return hidden, None, None, "", gr.Timer(active=False), gr.Dropdown()
         if not run_dir:
             return _status_markdown(None, device), None, None, "", gr.Timer(active=False), gr.Dropdown()
         st = jobs.job_status(run_dir)
@@ -627,7 +648,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         return (_status_markdown(st, device), figure, _shown(app, st.latest_sample), jobs.log_tail(run_dir),
                 gr.Timer(active=st.active), dropdown)
 
-    timer.tick(on_tick, [current, editor_dropdown], [status, curves, sample, log, timer, editor_dropdown],
+    timer.tick(on_tick, [current, editor_dropdown, token], [status, curves, sample, log, timer, editor_dropdown],
                api_visibility="private", show_progress="hidden", concurrency_limit=None)
 
     def on_cancel(run_dir, token_value):
@@ -639,8 +660,11 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
     cancel.click(on_cancel, [current, token], status, api_visibility="private")
 
-    def on_load():
+    def on_load(token_value=None):
         """Reattach to the job running on this device (e.g. after the tab was closed), else show the last one."""
+        hidden = app.runs_hidden(token_value)
+        if hidden:
+            return None, hidden, gr.Timer(active=False)
         active = jobs.active_job(app.runs_root, device)
         listed = jobs.list_jobs(app.runs_root) if active is None else []
         run_dir = str(active) if active else (listed[0].run_dir if listed else None)
@@ -654,7 +678,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
 def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: gr.Textbox):
     """Runs tab: the runs table, overlaid curves, config differences, a run's samples, resume, export."""
-    gr.Markdown(f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/.")
+    shown = f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/."
+    notice = gr.Markdown(app.runs_hidden(None) or shown, elem_id="runs-notice")
     refresh = gr.Button("↻ Refresh", size="sm")
     table = gr.Dataframe(label="Runs", interactive=False, wrap=True, max_height=300)
     with gr.Row():
@@ -671,16 +696,24 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     resume_msg = gr.Markdown()
     gallery = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_classes="pixelated")
 
-    def on_refresh(selected_now):
+    def on_refresh(selected_now, token_value=None):
+        hidden = app.runs_hidden(token_value)
+        if hidden:
+            return (hidden, pd.DataFrame(), gr.Dropdown(choices=[], value=[]), gr.Dropdown(choices=[], value=[]),
+                    gr.Dropdown(choices=[], value=None))
         df = runs.runs_table(app.runs_root)
         names = list(df["run"]) if not df.empty else []
         frames = {n: runs.read_metrics(app.runs_root / n) for n in names}
         metric_names = runs.metric_keys(frames)
         keep = [s for s in (selected_now or []) if s in names] or names[:3]
-        return (df, gr.Dropdown(choices=names, value=keep), gr.Dropdown(choices=metric_names, value=metric_names[:2]),
+        return (shown, df, gr.Dropdown(choices=names, value=keep),
+                gr.Dropdown(choices=metric_names, value=metric_names[:2]),
                 gr.Dropdown(choices=names, value=names[0] if names else None))
 
-    def on_compare(names, metric_names):
+    def on_compare(names, metric_names, token_value=None):
+        hidden = app.runs_hidden(token_value)
+        if hidden:
+            return plots.message_figure(hidden), None, None
         if not names:
             return plots.message_figure("Pick runs to compare."), None, None
         frames = {n: runs.read_metrics(app.runs_root / n) for n in names}
@@ -690,6 +723,11 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
         return (plots.loss_curves(frames, metric_names),
                 plots.bar_chart(last, f"last {metric_names[0]}" if metric_names else "no metric"),
                 runs.compare([app.runs_root / n for n in names], app.runs_root))
+
+    def on_samples(name, token_value=None):
+        if not name or app.runs_hidden(token_value):
+            return []
+        return [(_shown(app, p), c) for p, c in runs.samples(app.runs_root / name)]
 
     def on_resume(name, token_value=None):
         if not name:
@@ -713,14 +751,13 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
         except (ValueError, FileNotFoundError, OSError) as exc:
             raise _error(exc) from None
 
-    refresh.click(on_refresh, selected, [table, selected, keys, one], api_visibility="private")
+    refresh.click(on_refresh, [selected, token], [notice, table, selected, keys, one], api_visibility="private")
     export.click(on_export, [one, token], resume_msg, api_visibility="private")
-    gr.on([selected.change, keys.change], on_compare, [selected, keys], [curves, bars, comparison],
+    gr.on([selected.change, keys.change], on_compare, [selected, keys, token], [curves, bars, comparison],
           api_visibility="private")
-    one.change(lambda n: [(_shown(app, p), c) for p, c in runs.samples(app.runs_root / n)] if n else [], one, gallery,
-               api_visibility="private")
+    one.change(on_samples, [one, token], gallery, api_visibility="private")
     resume.click(on_resume, [one, token], [resume_msg, train_run, train_timer], api_visibility="private")
-    return on_refresh, [selected], [table, selected, keys, one]
+    return on_refresh, [selected, token], [notice, table, selected, keys, one]
 
 
 def build_demo(app: App) -> gr.Blocks:
@@ -737,8 +774,10 @@ def build_demo(app: App) -> gr.Blocks:
             train_load, (train_run, train_status, train_timer, train_token) = build_train_tab(app, editor, refresh_list)
         with gr.Tab("Runs"):
             runs_refresh, runs_inputs, runs_outputs = build_runs_tab(app, train_run, train_timer, train_token)
-        demo.load(train_load, None, [train_run, train_status, train_timer], api_visibility="private")
-        demo.load(runs_refresh, runs_inputs, runs_outputs, api_visibility="private")
+        # a public app shows run contents only once the owner's token is typed: on load, then on each entry of it
+        for triggers in ([demo.load], [train_token.submit, train_token.blur]):
+            gr.on(triggers, train_load, train_token, [train_run, train_status, train_timer], api_visibility="private")
+            gr.on(triggers, runs_refresh, runs_inputs, runs_outputs, api_visibility="private")
     return demo
 
 

@@ -469,3 +469,68 @@ def test_a_public_app_serves_no_file_of_its_runs_folder(tmp_path, monkeypatch, s
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     assert str(app.runs_root) in npedit_app.served_paths(app) and npedit_app._shown(app, str(shapes_png)) == str(
         shapes_png)
+
+
+def _a_run(root: Path) -> Path:
+    """A finished run folder as the trainer leaves it: config, metrics, a sample grid, a log and the job record."""
+    import json
+
+    run = root / "mine"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.yaml").write_text("stage: npedit\nmax_steps: 2\ndata:\n  train: /home/owner/private/cases.jsonl\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "student_loss": 1.0}\n{"step": 2, "student_loss": 0.5}\n')
+    Image.new("RGB", (16, 8), (200, 10, 10)).save(run / "samples" / "step_000002.png")
+    (run / "train.log").write_text("reading /home/owner/private/cases.jsonl\n")
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "started": time.time() - 5}))
+    (run / "exit_code").write_text("1\n")
+    return run
+
+
+def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
+    """Every visitor of a public app saw the Runs tab (table, curves, config differences, sample grids) and the Train
+    tab's status, log and latest sample: samples can show the owner's training images, configs and logs their paths.
+    Now every handler that reads the runs folder (page load, the timer, refresh, compare, samples) shows them only to
+    whoever typed the training token, and says so otherwise; those events take the token box, since anyone can send
+    them over HTTP. A local app shows them as before."""
+    run = _a_run(tmp_path / "runs")
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    demo = npedit_app.build_demo(app)
+    token = next(b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.type == "password")
+    assert token.visible
+    readers = {"on_load", "on_tick", "on_refresh", "on_compare", "on_samples"}
+    wired = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") in readers]
+    assert {f.fn.__name__ for f in wired} == readers and all(token in f.inputs for f in wired)
+    assert all(f.api_visibility == "private" for f in wired)
+    fns = {f.fn.__name__: f.fn for f in wired}
+    notice = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "runs-notice")
+    assert "Training token" in notice.value and str(app.runs_root) not in notice.value  # no server path either
+    for given, says in ((None, "shown only to its owner: type the training token"), ("wrong", "not this app's")):
+        run_dir, status, timer = fns["on_load"](given)
+        assert run_dir is None and says in status and not timer.active
+        status, curves, sample, log, timer, _ = fns["on_tick"](str(run), None, given)
+        assert says in status and (curves, sample, log) == (None, None, "") and not timer.active
+        shown, table, selected, keys, one = fns["on_refresh"](["mine"], given)
+        assert says in shown and table.empty and selected.choices == [] and one.choices == []
+        figure, bars, comparison = fns["on_compare"](["mine"], ["student_loss"], given)
+        assert bars is None and comparison is None
+        assert fns["on_samples"]("mine", given) == []
+    run_dir, status, _ = fns["on_load"]("s3cret")  # the owner
+    assert run_dir == str(run.resolve()) and "mine" in status
+    status, curves, sample, log, _, _ = fns["on_tick"](run_dir, None, "s3cret")
+    assert isinstance(sample, Image.Image) and "private/cases.jsonl" in log and curves is not None
+    shown, table, selected, _, _ = fns["on_refresh"](None, "s3cret")
+    assert list(table["run"]) == ["mine"] and selected.value == ["mine"] and str(app.runs_root) in shown
+    assert "mine" in fns["on_compare"](["mine"], ["student_loss"], "s3cret")[2].columns
+    assert len(fns["on_samples"]("mine", "s3cret")) == 1
+    monkeypatch.delenv("NPEDIT_TRAIN_TOKEN")  # no token set: nobody sees them, and the message says how
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    assert "can set the Space secret NPEDIT_TRAIN_TOKEN" in app.runs_hidden("anything")
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")  # a local app: no token asked, the box hidden
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    demo = npedit_app.build_demo(app)
+    assert not next(b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.type == "password").visible
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    assert fns["on_load"]("")[0] == str(run.resolve())
+    assert fns["on_samples"]("mine", "") == [(str(run / "samples" / "step_000002.png"), "step 2")]
