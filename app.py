@@ -6,7 +6,8 @@
 Thin UI wiring over `workbench` (loading, inspection, jobs, runs, plots) and `npedit`. Models load on
 first use, so the app starts (and says what to pass) even when no model is there. The same file runs
 as a Hugging Face Space; models can also be chosen with NPEDIT_MODEL / NPEDIT_JUDGE / NPEDIT_TEACHER /
-NPEDIT_CRITIC (and the judge's pixel cap with NPEDIT_JUDGE_MAX_PIXELS).
+NPEDIT_CRITIC (and the judge's pixel cap with NPEDIT_JUDGE_MAX_PIXELS; a public app's upload limits with
+NPEDIT_UPLOAD_MB_PER_HOUR and NPEDIT_UPLOAD_MIN_FREE_MB).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 from PIL import Image
+from starlette.middleware import Middleware
 
 from npedit import assets
 from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.images import ImageError, load_image
 from npedit.verdicts import answer_gradients, judge_edit
-from workbench import datasets, jobs, judging, models, plots, presets, runs
+from workbench import datasets, jobs, judging, models, plots, presets, runs, uploads
 from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, trace_edit
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
@@ -150,14 +152,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
-    p.add_argument("--judge-max-pixels", type=int, default=_env_int("NPEDIT_JUDGE_MAX_PIXELS"),
+    p.add_argument("--judge-max-pixels", type=int, default=_env_number("NPEDIT_JUDGE_MAX_PIXELS"),
                    help="a Qwen2.5-VL judge sees at most this many pixels per image, here and in the runs the app "
                         "starts (e.g. 200704 = 448x448; default: $NPEDIT_JUDGE_MAX_PIXELS, else its own cap)")
+    p.add_argument("--upload-mb-per-hour", type=float,
+                   default=_env_number("NPEDIT_UPLOAD_MB_PER_HOUR", float, "a number of MB", 200.0),
+                   help="a public app takes at most this many MB of uploads (every request body) from one client per "
+                        "hour, the client being its address as the Space's proxy forwards it; 0 = no limit (default: "
+                        "$NPEDIT_UPLOAD_MB_PER_HOUR, else 200)")
+    p.add_argument("--upload-min-free-mb", type=float,
+                   default=_env_number("NPEDIT_UPLOAD_MIN_FREE_MB", float, "a number of MB", 1024.0),
+                   help="a public app refuses an upload that would leave less than this many MB free on the disk of "
+                        "gradio's upload folder; 0 = no floor (default: $NPEDIT_UPLOAD_MIN_FREE_MB, else 1024)")
     p.add_argument("--preload", action="store_true", default=spaces is not None,
                    help="load the editor and judge before serving (default on a Space)")
     args = p.parse_args(argv)
     if args.judge_max_pixels is not None and args.judge_max_pixels < 0:
         p.error(f"--judge-max-pixels must be >= 0 (0: the judge's own cap), got {args.judge_max_pixels}")
+    for flag in ("upload_mb_per_hour", "upload_min_free_mb"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag):g}")
     return args
 
 
@@ -171,15 +185,15 @@ def _env_public() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
-def _env_int(name: str) -> int | None:
-    """An integer environment variable (a Space variable), None when unset; a clear exit when it is not a number."""
+def _env_number(name: str, cast=int, what: str = "a whole number of pixels", default=None):
+    """A numeric environment variable (a Space variable), `default` when unset; a clear exit when it is no number."""
     value = os.environ.get(name, "").strip()
     if not value:
-        return None
+        return default
     try:
-        return int(value)
+        return cast(value)
     except ValueError:
-        raise SystemExit(f"error: {name} must be a whole number of pixels, got {value!r}") from None
+        raise SystemExit(f"error: {name} must be {what}, got {value!r}") from None
 
 
 def make_app(args: argparse.Namespace) -> App:
@@ -797,11 +811,19 @@ def _shown(app: App, path: str | None):
 
 
 def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
-    """Queue and serve `demo` (returns what gr.Blocks.launch returns)."""
+    """Queue and serve `demo`, a public one behind the upload limits (returns what gr.Blocks.launch returns)."""
     app.runs_root.mkdir(parents=True, exist_ok=True)
+    limits = {}
+    if app.public:  # max_file_size caps one file, not a request (up to 1,000 files) nor how often a client sends one
+        from gradio.utils import get_upload_folder
+
+        limit = Middleware(uploads.UploadLimit, mb_per_hour=args.upload_mb_per_hour,
+                           min_free_mb=args.upload_min_free_mb, folder=get_upload_folder())
+        # num_workers=0: no static-file worker processes, which would take uploads past this process's middleware
+        limits = {"app_kwargs": {"middleware": [limit]}, "num_workers": 0}
     return demo.queue(max_size=32).launch(
         server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
-        allowed_paths=served_paths(app), **kwargs)
+        allowed_paths=served_paths(app), **limits, **kwargs)
 
 
 def main(argv=None):

@@ -534,3 +534,87 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     assert fns["on_load"]("")[0] == str(run.resolve())
     assert fns["on_samples"]("mine", "") == [(str(run / "samples" / "step_000002.png"), "step 2")]
+
+
+def _call_event(url: str, fn_index: int, data: list) -> str:
+    """Call a UI event over HTTP the way the browser does (queue/join, then its event stream); the raw output."""
+    import json
+
+    import httpx
+
+    httpx.post(f"{url}gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": "probe",
+                                                    "event_data": None, "trigger_id": None}, timeout=30)
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": "probe"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                return line
+    raise AssertionError("the event stream ended without a result")
+
+
+def test_a_public_app_limits_what_each_client_uploads(tmp_path, monkeypatch):
+    """Anyone could POST 20 MB files to /gradio_api/upload (up to 1,000 per request) over and over and fill the disk
+    within the hour before they are deleted. A public app takes at most --upload-mb-per-hour from one client (its
+    address as the proxy forwards it; an address it writes itself to the left does not make it another client):
+    over it, 429 with a message and Retry-After; one body over it alone, 413; a body of unknown length, 411; an
+    upload that would leave under --upload-min-free-mb free, 507. Events stay open to anyone and say nothing of the
+    runs. A local app has no limit."""
+    import httpx
+
+    from workbench import uploads
+
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    assert npedit_app.parse_args([]).upload_mb_per_hour == 200 and npedit_app.parse_args([]).upload_min_free_mb == 1024
+    monkeypatch.setenv("NPEDIT_UPLOAD_MB_PER_HOUR", "50")  # a Space variable; the flag wins over it
+    assert npedit_app.parse_args([]).upload_mb_per_hour == 50
+    assert npedit_app.parse_args(["--upload-mb-per-hour", "0"]).upload_mb_per_hour == 0
+    monkeypatch.setenv("NPEDIT_UPLOAD_MB_PER_HOUR", "lots")
+    with pytest.raises(SystemExit, match="NPEDIT_UPLOAD_MB_PER_HOUR must be a number of MB"):
+        npedit_app.parse_args([])
+    monkeypatch.delenv("NPEDIT_UPLOAD_MB_PER_HOUR")
+    with pytest.raises(SystemExit):
+        npedit_app.parse_args(["--upload-min-free-mb", "-1"])
+    _a_run(tmp_path / "runs")
+    args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port()),
+                                  "--upload-mb-per-hour", "0.1", "--upload-min-free-mb", "1"])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    blob = b"x" * 60_000  # 0.1 MB = 104,857 bytes: one such upload passes, a second does not
+
+    def upload(client: str, data: bytes = blob):
+        return httpx.post(f"{url}gradio_api/upload", files={"files": ("blob.bin", data)},
+                          headers={"X-Forwarded-For": client}, timeout=30)
+
+    try:
+        first = upload("8.8.8.8")
+        assert first.status_code == 200 and Path(first.json()[0]).read_bytes() == blob
+        second = upload("8.8.8.8")
+        assert second.status_code == 429 and "0.1 MB per client per hour" in second.text
+        assert 0 < int(second.headers["retry-after"]) <= 3601
+        assert upload("9.9.9.9, 8.8.8.8").status_code == 429  # the proxy appends the address it saw
+        assert upload("1.1.1.1").status_code == 200  # another client has its own budget
+        assert upload("1.0.0.1", b"x" * 120_000).status_code == 413
+        twice = [("X-Forwarded-For", "8.8.8.8"), ("X-Forwarded-For", "8.8.4.4")]  # one list: 8.8.4.4 is the client
+        assert httpx.post(f"{url}gradio_api/upload", files={"files": ("b", blob)}, headers=twice).status_code == 200
+        chunked = httpx.post(f"{url}gradio_api/upload", content=iter([b"--x\r\n"]), timeout=30,
+                             headers={"content-type": "multipart/form-data; boundary=x"})
+        assert chunked.status_code == 411
+        monkeypatch.setattr(uploads, "_free_bytes", lambda folder: uploads.MB)  # 1 MB free, the floor asked for
+        full = httpx.post(f"{url}gradio_api/upload", files={"files": ("a.bin", b"x")}, timeout=30)
+        assert full.status_code == 507 and "disk is nearly full" in full.text
+        monkeypatch.undo()  # (the environment too: the app has read it)
+        refresh = next(k for k, f in demo.fns.items() if getattr(f.fn, "__name__", "") == "on_refresh")
+        assert "shown only to its owner" in _call_event(url, refresh, [None, ""])  # as a browser sends it
+    finally:
+        demo.close()
+    args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port()), "--no-public",
+                                  "--upload-mb-per-hour", "0.1"])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    try:
+        assert [upload("8.8.8.8").status_code for _ in range(3)] == [200] * 3
+    finally:
+        demo.close()

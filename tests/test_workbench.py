@@ -873,3 +873,37 @@ def test_dmd_map_time_is_not_rounded_in_a_bf16_model_set(tiny_set):
     trace_edit(pipe, None, teacher, critic, shapes_image(2)[0], "make the circle blue", steps=1, dmd_t=0.7)
     assert seen and all(s.dtype == torch.float32 for s in seen)
     assert all(abs(float(s[0]) - 300.0) < 1e-3 for s in seen)
+
+
+def test_upload_ledger_counts_each_client_over_a_sliding_hour():
+    """The public app's upload budget: bytes per client within the last hour; a refusal says how long until enough of
+    them expire and records nothing; a body larger than the whole budget is refused for good (inf)."""
+    from workbench.uploads import Ledger
+
+    now = [0.0]
+    ledger = Ledger(100, clock=lambda: now[0])
+    assert ledger.charge("a", 60) is None and ledger.used("a") == 60
+    now[0] = 10.0
+    assert ledger.charge("a", 60) == 3590.0 and ledger.used("a") == 60  # the first 60 bytes expire at t = 3600
+    assert ledger.charge("b", 100) is None  # each client has its own budget
+    assert ledger.charge("c", 101) == float("inf")
+    now[0] = 3600.0
+    assert ledger.charge("a", 60) is None and ledger.used("a") == 60
+    assert ledger.used("b") == 100 and ledger.charge("b", 1) == 10.0  # sent at t = 10: counted until t = 3610
+    now[0] = 3610.0
+    assert ledger.charge("b", 100) is None
+
+
+def test_upload_client_is_the_address_the_proxy_saw():
+    """A client is the rightmost public address of X-Forwarded-For (a proxy appends what it saw; what a client wrote
+    itself stands to the left, and the Space's own hops are private addresses), else the TCP peer; an IPv6 client by
+    its /64, since one host holds all of it."""
+    from workbench.uploads import client_of
+
+    assert client_of({"x-forwarded-for": "8.8.8.8"}, "10.16.3.80") == "8.8.8.8"
+    assert client_of({"x-forwarded-for": "1.2.3.4, 8.8.8.8, 10.0.0.2"}, "127.0.0.1") == "8.8.8.8"
+    assert client_of({"x-forwarded-for": "unknown, 10.0.0.2"}, "127.0.0.1") == "127.0.0.1"
+    assert client_of({}, "127.0.0.1") == "127.0.0.1" and client_of({}, None) == "unknown"
+    same = {client_of({"x-forwarded-for": f"2001:4860:4860::{k}"}, None) for k in (1, 2, "8888")}
+    assert same == {"2001:4860:4860::/64"}
+    assert client_of({"x-forwarded-for": "::ffff:8.8.8.8"}, None) == "8.8.8.8"

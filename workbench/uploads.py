@@ -1,0 +1,152 @@
+"""How much a public app lets each client send: a per-client byte budget per hour and a free-disk floor.
+
+`UploadLimit` is an ASGI middleware; `Ledger` is its bookkeeping (a sliding hour per client), testable without a server.
+Every request body counts, not only /upload: gradio parses multipart bodies of up to 1,000 files into files on disk on
+several routes (upload, component server, recordings), and its max_file_size caps each file, not a request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+MB = 1024 * 1024
+
+
+def client_of(headers: dict[str, str], peer: str | None) -> str:
+    """Who sent a request: the rightmost public address of X-Forwarded-For (the one the first proxy saw; addresses a
+    client writes itself stand to its left), else the TCP peer; an IPv6 client by its /64, which one host owns."""
+    forwarded = [a.strip() for a in headers.get("x-forwarded-for", "").split(",")]
+    for text in reversed(forwarded):
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if address.is_global:
+            return _network(address)
+    try:
+        return _network(ipaddress.ip_address(peer or ""))
+    except ValueError:
+        return peer or "unknown"
+
+
+def _network(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
+
+
+@dataclass
+class Ledger:
+    """Bytes each client sent within the last `window_s` seconds, against a budget of `budget` bytes."""
+
+    budget: int
+    window_s: float = 3600.0
+    clock: Callable[[], float] = time.monotonic
+    _sent: dict[str, deque] = field(default_factory=dict, init=False)  # client -> deque of (time, bytes), oldest first
+    _swept: float = field(default=float("-inf"), init=False)
+
+    def used(self, client: str) -> int:
+        """Bytes `client` sent within the window."""
+        return sum(n for _, n in self._recent(client, self.clock()))
+
+    def charge(self, client: str, size: int) -> float | None:
+        """Record `size` bytes from `client` and return None, or, when that would pass the budget, record nothing and
+        return the seconds until enough of the window's bytes expire (inf: `size` alone is over the budget)."""
+        now = self.clock()
+        if size > self.budget:
+            return float("inf")
+        sent = self._recent(client, now)
+        over = sum(n for _, n in sent) + size - self.budget
+        if over <= 0:
+            sent.append((now, size))
+            return None
+        for at, n in sent:  # the oldest entries expire first
+            over -= n
+            if over <= 0:
+                return at + self.window_s - now
+        raise AssertionError("unreachable: size <= budget, so expiring every entry frees enough")
+
+    def _recent(self, client: str, now: float) -> deque:
+        """`client`'s entries within the window; every other client's old ones go at most once a minute (so memory
+        follows the clients of the last hour)."""
+        if now - self._swept >= 60:
+            self._swept = now
+            for other in list(self._sent):
+                self._expire(self._sent[other], now)
+                if not self._sent[other]:
+                    del self._sent[other]
+        sent = self._sent.setdefault(client, deque())
+        self._expire(sent, now)
+        return sent
+
+    def _expire(self, sent: deque, now: float) -> None:
+        while sent and sent[0][0] <= now - self.window_s:
+            sent.popleft()
+
+
+class UploadLimit:
+    """ASGI middleware: refuse a request body over its client's hourly budget (429, 413 when one body alone is over
+    it), one of unknown length (411), or one that would leave less than `min_free_mb` free where uploads go (507)."""
+
+    def __init__(self, app, mb_per_hour: float, min_free_mb: float, folder: str | Path, clock=time.monotonic):
+        self.app = app
+        self.ledger = Ledger(int(mb_per_hour * MB), clock=clock) if mb_per_hour > 0 else None
+        self.mb_per_hour, self.min_free = mb_per_hour, int(min_free_mb * MB)
+        self.folder = Path(folder)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for key, value in scope.get("headers", []):  # a header sent twice reads as one list (as HTTP defines it)
+            key, value = key.decode("latin-1").lower(), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        refusal = self.refusal(headers, (scope.get("client") or (None,))[0])
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        status, message, extra = refusal
+        body = message.encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+    def refusal(self, headers: dict[str, str], peer: str | None) -> tuple[int, str, list] | None:
+        """(status, message, extra headers) refusing this request, or None to let it through (and charge it)."""
+        if "transfer-encoding" in headers:  # a chunked body's size is known only once it has been read
+            return 411, "This public app accepts request bodies only with a Content-Length header.", []
+        try:
+            size = int(headers.get("content-length") or 0)
+        except ValueError:  # also two Content-Length headers
+            return 400, "Content-Length is not one number.", []
+        if size <= 0:
+            return None
+        if self.min_free > 0 and _free_bytes(self.folder) - size < self.min_free:
+            return (507, "The server's disk is nearly full, so this public app takes no uploads for now (uploads are "
+                         "deleted an hour after they arrive): try again later.", [])
+        if self.ledger is None:
+            return None
+        wait = self.ledger.charge(client_of(headers, peer), size)
+        if wait is None:
+            return None
+        budget = f"{self.mb_per_hour:g} MB per client per hour"
+        if wait == float("inf"):
+            return 413, f"This upload ({size / MB:.1f} MB) is larger than this public app accepts: {budget}.", []
+        minutes = max(1, round(wait / 60))
+        return (429, f"Upload limit reached: this public app accepts {budget}. Try again in about {minutes} min.",
+                [(b"retry-after", str(int(wait) + 1).encode())])
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on the disk holding `folder` (or its nearest existing parent: gradio creates it on first upload)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
