@@ -36,16 +36,56 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """Open a path, PIL image or uint8 array as an RGB PIL image, or raise ImageError with the reason."""
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8:
-            raise ImageError(f"array images must be uint8, got {source.dtype}")
-        source = Image.fromarray(source)
+def array_to_pil(array: np.ndarray | torch.Tensor) -> Image.Image:
+    """One image as an array, in diffusers' layouts: numpy (H, W[, C]) uint8 or float in [0, 1], torch (C, H, W)
+    (or (1, C, H, W)) likewise; C is 1, 3 or 4. Floats in [-1, 1] are read as such (diffusers accepts them too)."""
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach().cpu()
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+            raise ImageError(f"a tensor image must be (C, H, W) with C = 1, 3 or 4, got shape {tuple(array.shape)}")
+        array = (tensor if tensor.dtype == torch.uint8 else tensor.float()).permute(1, 2, 0).numpy()
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(f"an array image must be (H, W) or (H, W, C) with C = 1, 3 or 4, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError("the image array holds NaN or infinite values")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < -1 or hi > 1:
+            raise ImageError(f"float images must lie in [0, 1] (or [-1, 1]); got values in [{lo:.3g}, {hi:.3g}]")
+        if lo < 0:  # [-1, 1], as a VAE decodes; diffusers reads a tensor with negative values this way too
+            array = (array + 1) / 2
+        array = (array * 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageError(f"array images must be uint8 or float in [0, 1], got {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def split_batch(image) -> list:
+    """An image input as a list of single images: a list or tuple as it is, a 4-D numpy (B, H, W, C) or torch
+    (B, C, H, W) batch split along B, anything else as one image."""
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        return list(image)
+    return [image]
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
+    """Open a path, PIL image, numpy array or torch tensor (`array_to_pil`) as an RGB PIL image, or raise
+    ImageError with the reason."""
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        source = array_to_pil(source)
     if isinstance(source, Image.Image):
         if source.width * source.height > MAX_PIXELS:
             raise ImageError(f"image of {source.width}x{source.height} is larger than {MAX_PIXELS:,} pixels")
         return to_rgb(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"an image must be a path, a PIL image, a numpy array or a torch tensor; got "
+                         f"{type(source).__name__}")
     path = Path(source)
     if path.is_dir():
         raise ImageError(f"{path} is a folder, not an image")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import flow
 from .backbones import backbone_class, family_of_class_name, import_families
-from .images import editable_size, load_image, pil_to_tensor, tensor_to_pil
+from .images import editable_size, load_image, pil_to_tensor, split_batch, tensor_to_pil
 from .sampler import StepState, draw_noise, sample
 
 logger = logging.getLogger(__name__)
@@ -139,14 +139,16 @@ class NPEditPipeline(DiffusionPipeline):
         keep_size: bool = True,
         return_dict: bool = True,
     ):
-        """Edit `image` (path, PIL, uint8 array or a list of them) following `prompt`.
+        """Edit `image` following `prompt`: a path, a PIL image, a numpy array ((H, W, C), uint8 or float in [0, 1]),
+        a torch tensor ((C, H, W) in [0, 1]), a list of those, or a numpy (B, H, W, C) / torch (B, C, H, W) batch
+        (so `output_type="np"` or `"pt"` output feeds straight back in).
 
         `generator`: one for the batch, or one per image (diffusers' convention: image b's noise then comes from
         generator b alone, so it is the single edit seeded alike).
         `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step.
         Outputs are resized back to each input's size unless `keep_size` is False.
         """
-        images = image if isinstance(image, list) else [image]
+        images = split_batch(image)
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if image is None or len(prompts) != len(images):
             raise ValueError("give one image and one prompt (or equal-length lists of both)")

@@ -73,3 +73,26 @@ def test_sizes_and_tensor_round_trip():
     assert images.editable_size(300, 100, 16, 7) == (16, 16)  # below one multiple: the least there is
     img = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
     assert np.array_equal(np.asarray(images.tensor_to_pil(images.pil_to_tensor(img))), np.asarray(img))
+
+
+def test_arrays_and_tensors_load_in_diffusers_layouts():
+    import torch
+
+    rgb = (np.random.default_rng(1).random((6, 8, 3)) * 255).astype(np.uint8)
+    want = np.asarray(load_image(rgb))
+    assert np.array_equal(np.asarray(load_image(rgb / 255.0)), want)  # numpy float (H, W, C) in [0, 1]
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    assert np.array_equal(np.asarray(load_image(chw.float() / 255)), want)  # torch (C, H, W) in [0, 1]
+    assert np.array_equal(np.asarray(load_image(chw)), want)  # torch uint8
+    assert load_image((chw.float() / 255)[None].bfloat16()).size == (8, 6)  # (1, C, H, W), any float dtype
+    assert np.array_equal(np.asarray(load_image(chw.float() / 127.5 - 1)), want)  # [-1, 1], as a VAE decodes
+    assert load_image(torch.full((1, 6, 8), 0.5)).getpixel((0, 0)) == (128, 128, 128)  # grayscale tensor
+    assert load_image(np.zeros((6, 8, 1), np.float32)).size == (8, 6)
+    batch = images.split_batch(np.stack([rgb, rgb]))  # numpy (B, H, W, C) and torch (B, C, H, W) split along B
+    assert len(batch) == 2 and len(images.split_batch(torch.stack([chw, chw]))) == 2
+    assert len(images.split_batch((rgb, rgb))) == 2 and images.split_batch("a.png") == ["a.png"]
+    for bad, why in ((torch.rand(6, 8, 3), "must be \\(C, H, W\\)"), (np.full((4, 4, 3), 2.0), "must lie in"),
+                     (np.full((4, 4), np.nan), "NaN"), (np.zeros((4, 4, 3), np.int64), "uint8 or float"),
+                     (np.zeros((2, 4, 5)), "must be \\(H, W\\)"), (7, "got int"), (None, "got NoneType")):
+        with pytest.raises(ImageError, match=why):
+            load_image(bad)

@@ -1,0 +1,45 @@
+"""`NPEditPipeline` as a diffusers user calls it from Python: the inputs, outputs and arguments of diffusers' image
+pipelines (e.g. `StableDiffusionInstructPix2PixPipeline.__call__`), on the bundled Shapes editor (CPU, 64x64)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from npedit.assets import DEFAULT_MODEL, EXAMPLES_DIR
+
+PROMPT = "make the circle blue"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from npedit import NPEditPipeline
+
+    pipe = NPEditPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return Image.open(EXAMPLES_DIR / "recolor-0000.png").convert("RGB")
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_arrays_and_tensors_go_in_as_diffusers_pipelines_take_them(pipe, scene):
+    want = np.asarray(pipe(image=scene, prompt=PROMPT, generator=seeded()).images[0])
+    rgb = np.asarray(scene)
+    tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+    for image in (rgb / 255.0, tensor, tensor[None]):  # numpy float (H, W, C), torch (C, H, W), torch (1, C, H, W)
+        assert np.array_equal(np.asarray(pipe(image=image, prompt=PROMPT, generator=seeded()).images[0]), want)
+    # output_type "pt" / "np" feeds straight back in, one image per batch row
+    pt = pipe(image=[scene, scene], prompt=PROMPT, generator=[seeded(), seeded(1)], output_type="pt").images
+    np_out = pipe(image=[scene, scene], prompt=PROMPT, generator=[seeded(), seeded(1)], output_type="np").images
+    assert np.allclose(pt.permute(0, 2, 3, 1).numpy(), np_out)
+    again = [pipe(image=x, prompt=PROMPT, generator=[seeded(2), seeded(3)], output_type="np").images
+             for x in (pt, np_out)]
+    assert again[0].shape == (2, 64, 64, 3) and np.array_equal(again[0], again[1])
+    assert len(pipe(image=(scene, scene), prompt=PROMPT).images) == 2  # a tuple is a batch, as a list is
