@@ -39,6 +39,26 @@ def check_instruction(text: str) -> str:
     return text
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_call_arguments(num_inference_steps, generator, output_type, batch: int) -> None:
+    """Refuse a call's wrong-typed arguments before any model runs, each with a message naming what is accepted."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError("num_inference_steps must be >= 1")
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+        kinds = sorted({type(g).__name__ for g in gens if not isinstance(g, torch.Generator)})
+        raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of "
+                         f"them, one per image; got {', '.join(kinds)}")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per image")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
+
+
 class NPEditPipeline(DiffusionPipeline):
     """Instruction-based editing in a few steps: `pipe(image=..., prompt="make the sky pink")`."""
 
@@ -149,12 +169,13 @@ class NPEditPipeline(DiffusionPipeline):
         Outputs are resized back to each input's size unless `keep_size` is False.
         """
         images = split_batch(image)
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        if image is None or len(prompts) != len(images):
+        if image is None or not images or len(prompts) != len(images):
             raise ValueError("give one image and one prompt (or equal-length lists of both)")
         prompts = [check_instruction(p) for p in prompts]
-        if num_inference_steps < 1:
-            raise ValueError("num_inference_steps must be >= 1")
+        check_call_arguments(num_inference_steps, generator, output_type, len(images))
         device = self._device()
         bb = self.backbone
         pixels, sizes = self.prepare_images(images, max_side)
@@ -181,10 +202,8 @@ class NPEditPipeline(DiffusionPipeline):
                 out = pils
             elif output_type == "np":
                 out = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pils])
-            elif output_type == "pt":
-                out = torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1).float() / 255 for p in pils])
             else:
-                raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
+                out = torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1).float() / 255 for p in pils])
         self.maybe_free_model_hooks()
         return NPEditPipelineOutput(images=out) if return_dict else (out,)
 

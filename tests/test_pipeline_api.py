@@ -43,3 +43,21 @@ def test_arrays_and_tensors_go_in_as_diffusers_pipelines_take_them(pipe, scene):
              for x in (pt, np_out)]
     assert again[0].shape == (2, 64, 64, 3) and np.array_equal(again[0], again[1])
     assert len(pipe(image=(scene, scene), prompt=PROMPT).images) == 2  # a tuple is a batch, as a list is
+
+
+def test_wrong_arguments_are_one_clear_error_before_any_model_runs(pipe, scene, monkeypatch):
+    def no_encoding(*_):
+        raise AssertionError("the image was encoded before the arguments were checked")
+
+    monkeypatch.setattr(type(pipe.backbone), "encode_image", no_encoding)
+    for kwargs, why in (({"prompt": None}, "prompt must be a string or a list of strings, got NoneType"),
+                        ({"prompt": 3}, "got int"),
+                        ({"image": []}, "give one image and one prompt"),
+                        ({"num_inference_steps": "4"}, "whole number"), ({"num_inference_steps": 2.5}, "whole number"),
+                        ({"num_inference_steps": 0}, ">= 1"),
+                        ({"generator": 0}, "must be a torch.Generator .* got int"),
+                        ({"generator": [seeded(), 1]}, "got int"),
+                        ({"image": [scene, scene], "generator": [seeded()]}, "1 generators for a batch of 2"),
+                        ({"output_type": "PIL"}, "output_type must be")):
+        with pytest.raises(ValueError, match=why):
+            pipe(**{"image": scene, "prompt": PROMPT, **kwargs})
