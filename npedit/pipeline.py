@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class NPEditPipeline(DiffusionPipeline):
     """Instruction-based editing in a few steps: `pipe(image=..., prompt="make the sky pink")`."""
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "x0"]
     _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
@@ -158,14 +160,19 @@ class NPEditPipeline(DiffusionPipeline):
         max_side: int = 1024,
         keep_size: bool = True,
         return_dict: bool = True,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Edit `image` following `prompt`: a path, a PIL image, a numpy array ((H, W, C), uint8 or float in [0, 1]),
         a torch tensor ((C, H, W) in [0, 1]), a list of those, or a numpy (B, H, W, C) / torch (B, C, H, W) batch
         (so `output_type="np"` or `"pt"` output feeds straight back in).
 
-        `generator`: one for the batch, or one per image (diffusers' convention: image b's noise then comes from
-        generator b alone, so it is the single edit seeded alike).
-        `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step.
+        `num_images_per_prompt` edits of each input, in diffusers' order (input 0's edits first); `generator`: one
+        for the batch, or one per output image (diffusers' convention: image b's noise then comes from generator b
+        alone, so it is the single edit seeded alike).
+        `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step, t in [0, 1];
+        `callback_on_step_end_tensor_inputs` picks the keys (default both). Its return value is not used: each step
+        re-noises x0 with fresh noise, so there is no running latent for it to replace.
         Outputs are resized back to each input's size unless `keep_size` is False.
         """
         images = split_batch(image)
@@ -175,11 +182,24 @@ class NPEditPipeline(DiffusionPipeline):
         if image is None or not images or len(prompts) != len(images):
             raise ValueError("give one image and one prompt (or equal-length lists of both)")
         prompts = [check_instruction(p) for p in prompts]
-        check_call_arguments(num_inference_steps, generator, output_type, len(images))
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) or (
+                num_images_per_prompt < 1):
+            raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
+        n = int(num_images_per_prompt)
+        check_call_arguments(num_inference_steps, generator, output_type, len(images) * n)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = self._callback_tensor_inputs if callback_on_step_end_tensor_inputs is None else list(
+            callback_on_step_end_tensor_inputs)
+        if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}; got "
+                             f"{tensor_inputs}")
         device = self._device()
         bb = self.backbone
         pixels, sizes = self.prepare_images(images, max_side)
-        reference = bb.encode_image(pixels.to(device))  # (B, C, h, w)
+        # each input encoded once; its copies share the reference and draw their own noise, input 0's first
+        reference = bb.encode_image(pixels.to(device)).repeat_interleave(n, dim=0)  # (B n, C, h, w)
+        prompts, sizes = [p for p in prompts for _ in range(n)], [s for s in sizes for _ in range(n)]
         cond = bb.encode_prompt(prompts, with_reference=True)
         noise = draw_noise(reference.shape, generator, device, reference.dtype)
 
@@ -188,7 +208,8 @@ class NPEditPipeline(DiffusionPipeline):
 
         def on_step(s: StepState):
             if callback_on_step_end is not None:
-                callback_on_step_end(self, s.step, s.t, {"latents": s.x_t, "x0": s.x0})
+                tensors = {"latents": s.x_t, "x0": s.x0}
+                callback_on_step_end(self, s.step, s.t, {k: tensors[k] for k in tensor_inputs})
 
         latents = sample(denoise, noise, self.times(num_inference_steps), generator=generator, callback=on_step)
         if output_type == "latent":

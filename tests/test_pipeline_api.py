@@ -61,3 +61,46 @@ def test_wrong_arguments_are_one_clear_error_before_any_model_runs(pipe, scene, 
                         ({"output_type": "PIL"}, "output_type must be")):
         with pytest.raises(ValueError, match=why):
             pipe(**{"image": scene, "prompt": PROMPT, **kwargs})
+
+
+def test_num_images_per_prompt_gives_each_input_its_own_seeded_edits_in_diffusers_order(pipe, scene):
+    other = scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    gens = [seeded(s) for s in range(4)]
+    got = pipe(image=[scene, other], prompt=[PROMPT, "remove the circle"], num_images_per_prompt=2, generator=gens,
+               output_type="latent").images
+    want = pipe(image=[scene, scene, other, other], prompt=[PROMPT, PROMPT, "remove the circle", "remove the circle"],
+                generator=[seeded(s) for s in range(4)], output_type="latent").images
+    assert got.shape == (4, 4, 16, 16) and torch.equal(got, want)
+    assert not torch.equal(got[0], got[1])  # the copies draw their own noise
+    assert len(pipe(image=scene, prompt=PROMPT, num_images_per_prompt=3).images) == 3
+    with pytest.raises(ValueError, match="2 generators for a batch of 4"):
+        pipe(image=[scene, other], prompt=PROMPT, num_images_per_prompt=2, generator=[seeded(), seeded()])
+    with pytest.raises(ValueError, match="num_images_per_prompt must be"):
+        pipe(image=scene, prompt=PROMPT, num_images_per_prompt=0)
+
+
+def test_callback_on_step_end_takes_diffusers_tensor_inputs_and_pipeline_callbacks(pipe, scene):
+    from diffusers.callbacks import PipelineCallback
+
+    seen = []
+    pipe(image=scene, prompt=PROMPT, num_inference_steps=2, callback_on_step_end_tensor_inputs=["latents"],
+         callback_on_step_end=lambda p, step, t, kwargs: seen.append((step, t, sorted(kwargs))) or kwargs)
+    assert [(s, k) for s, _, k in seen] == [(0, ["latents"]), (1, ["latents"])] and seen[0][1] == 1.0
+    seen.clear()
+    pipe(image=scene, prompt=PROMPT, num_inference_steps=1, callback_on_step_end=lambda p, i, t, kw: seen.append(kw))
+    assert sorted(seen[0]) == ["latents", "x0"]  # by default both, as before
+
+    class Record(PipelineCallback):
+        tensor_inputs = ["x0"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            seen.append(sorted(callback_kwargs))
+            return callback_kwargs
+
+    seen.clear()
+    pipe(image=scene, prompt=PROMPT, num_inference_steps=1, callback_on_step_end=Record())
+    assert seen == [["x0"]]
+    with pytest.raises(ValueError, match="may name"):
+        pipe(image=scene, prompt=PROMPT, callback_on_step_end=print,
+             callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
