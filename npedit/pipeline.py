@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
@@ -177,7 +178,9 @@ class NPEditPipeline(DiffusionPipeline):
         """
         images = split_batch(image)
         if not isinstance(prompt, (str, list, tuple)):
-            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+            swapped = isinstance(prompt, (Image.Image, np.ndarray, torch.Tensor))  # diffusers' order is (prompt, image)
+            hint = " (image and prompt swapped? pass both by name)" if swapped else ""
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}{hint}")
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if image is None or not images or len(prompts) != len(images):
             raise ValueError("give one image and one prompt (or equal-length lists of both)")
@@ -197,6 +200,9 @@ class NPEditPipeline(DiffusionPipeline):
         device = self._device()
         bb = self.backbone
         pixels, sizes = self.prepare_images(images, max_side)
+        if output_type in ("np", "pt") and keep_size and len(set(sizes)) > 1:
+            raise ValueError(f"output_type {output_type!r} stacks the edits into one array, but the images have "
+                             f"different sizes {sorted(set(sizes))}: use output_type='pil' or keep_size=False")
         # each input encoded once; its copies share the reference and draw their own noise, input 0's first
         reference = bb.encode_image(pixels.to(device)).repeat_interleave(n, dim=0)  # (B n, C, h, w)
         prompts, sizes = [p for p in prompts for _ in range(n)], [s for s in sizes for _ in range(n)]

@@ -104,3 +104,16 @@ def test_callback_on_step_end_takes_diffusers_tensor_inputs_and_pipeline_callbac
         pipe(image=scene, prompt=PROMPT, callback_on_step_end=print,
              callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
+
+def test_mixed_sizes_come_back_at_their_own_sizes_or_a_clear_error_for_one_array(pipe, scene):
+    wide = scene.resize((96, 48))
+    assert [im.size for im in pipe(image=[scene, wide], prompt=PROMPT).images] == [(64, 64), (96, 48)]
+    assert pipe(image=[scene, wide], prompt=PROMPT, output_type="np", keep_size=False).images.shape == (2, 64, 64, 3)
+    for kind in ("np", "pt"):
+        with pytest.raises(ValueError, match="different sizes .* use output_type='pil' or keep_size=False"):
+            pipe(image=[scene, wide], prompt=PROMPT, output_type=kind)
+
+
+def test_diffusers_positional_order_is_named_in_the_error(pipe, scene):
+    with pytest.raises(ValueError, match="image and prompt swapped"):
+        pipe(PROMPT, scene)  # diffusers' pix2pix takes (prompt, image); ours is (image, prompt)
