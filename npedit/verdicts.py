@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data import object_names
 from .images import fit_image, load_image, pil_to_tensor
 from .judges import (Judge, Question, change_questions, edit_type_name, free_question, keep_questions,
                      training_questions)
@@ -56,9 +57,15 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
     check per object named in `keep`, a change check per object named in `new` (expected there) or `gone`
     (expected not there), and the free-form `extra` questions (expected Yes). An empty instruction is refused: the
     edit check would ask about nothing; a text longer than the editor's instruction limit, or more than
-    `MAX_QUESTIONS` questions, is refused (a judge pass over them would take memory without bound)."""
+    `MAX_QUESTIONS` questions, is refused (a judge pass over them would take memory without bound). Object names
+    may come as one string separated by ';' and `extra` as one string, a question per line (as in the CLI and the
+    app); a plain string is never read letter by letter."""
+    if instruction is not None and not isinstance(instruction, str):
+        raise ValueError(f"the instruction must be text, got {type(instruction).__name__}")
     if not (instruction or "").strip():
         raise ValueError("the instruction is empty: give the one the edit followed, e.g. 'make the circle blue'")
+    keep, new, gone = object_names(keep), object_names(new), object_names(gone)
+    extra = extra.splitlines() if isinstance(extra, str) else list(extra)
     edit_type = edit_type_name(edit_type)
     for what, texts in (("the instruction", [instruction]), ("the removed object", [object_name or ""]),
                         ("an object to keep", keep), ("a new object", new), ("a gone object", gone),

@@ -160,6 +160,30 @@ def test_an_edit_is_not_judged_against_an_empty_instruction():
             edit_questions(empty)
 
 
+def test_the_python_api_reads_a_string_as_names_or_lines_never_letter_by_letter():
+    from npedit.verdicts import edit_questions
+
+    texts = [q.text for q in edit_questions("make the circle blue", keep=["blue square", "green triangle"],
+                                            new=["blue circle"], gone=["red circle"], extra=["Is it blue?", "Is it?"])]
+    assert [q.text for q in edit_questions("make the circle blue", keep="blue square; green triangle",
+                                           new="blue circle", gone="red circle", extra="Is it blue?\nIs it?")] == texts
+    assert len(texts) == 8  # edit, identity, two keep, two change and two extra questions
+    with pytest.raises(ValueError, match="the instruction must be text, got int"):
+        edit_questions(5)
+
+
+def test_the_judge_takes_arrays_and_tensors_as_the_pipeline_does(judge):
+    import numpy as np
+
+    from npedit.verdicts import judge_edit
+
+    ref, edited = random_images(2, seed=3)
+    want = judge_edit(judge, to_pil(ref), to_pil(edited), "make the circle blue")
+    for pair in ((ref, edited), (ref[None], edited.permute(1, 2, 0).numpy()), (ref * 2 - 1, edited)):
+        got = judge_edit(judge, *pair, "make the circle blue")
+        assert np.allclose([got.p_edit, got.p_identity], [want.p_edit, want.p_identity], atol=1e-6)
+
+
 def test_change_questions_ask_for_new_objects_and_against_gone_ones():
     qs, used = change_questions(["green circle", "green circle"], ["red circle", "green circle", "blue square"], 4,
                                 removed="blue square")
