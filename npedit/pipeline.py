@@ -56,7 +56,7 @@ def check_call_arguments(num_inference_steps, generator, output_type, batch: int
         raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of "
                          f"them, one per image; got {', '.join(kinds)}")
     if isinstance(generator, (list, tuple)) and len(generator) != batch:
-        raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per image")
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per sample")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
 
