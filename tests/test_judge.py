@@ -105,11 +105,92 @@ def test_layout_matches_the_full_hf_forward(judge, question):
     n = len(question.images)
     prompt = chat_prompt(judge.processor, question.text, n)
     inputs = judge.processor(text=prompt, images=[[to_pil(images[r]) for r in question.images]], return_tensors="pt")
-    assert int((inputs["input_ids"] == judge.image_token_id).sum()) == n * judge.feature_lens[n == 1]
+    assert int((inputs["input_ids"] == judge.image_token_id).sum()) == n * judge.image_tokens(SIZE, SIZE, n == 1)
     with torch.no_grad():
         full = judge.model(**inputs).logits[0, -1, [judge.no_id, judge.yes_id]]
         ours = judge.answer(ref, edited, [[question]]).logits[0, 0]
     torch.testing.assert_close(ours, full, atol=1e-4, rtol=1e-4)
+
+
+def hf_one_image_logits(judge, question, image):
+    """[No, Yes] logits and prompt ids of model(**processor(...)) on one (3, H, W) image, via PIL."""
+    prompt = chat_prompt(judge.processor, question.text, 1)
+    inputs = judge.processor(text=prompt, images=[[to_pil(image)]], return_tensors="pt")
+    with torch.no_grad():
+        return judge.model(**inputs).logits[0, -1, [judge.no_id, judge.yes_id]], inputs["input_ids"][0]
+
+
+# The base view's size, a smaller and a larger square, wide and tall (one odd margin each), a very wide one.
+ONE_IMAGE_SHAPES = [(SIZE, SIZE), (20, 20), (64, 64), (100, 100), (37, 53), (53, 37), (48, 120)]
+
+
+@pytest.mark.parametrize("shape", ONE_IMAGE_SHAPES)
+def test_a_one_image_question_matches_the_hf_forward_at_any_size(judge, shape):
+    """The processor's anyres layout (base view + tiles of the best pinpoint canvas, unpadded, with newlines) for
+    an image of any size: our ids are the processor's, its image-token count ours, our logits model(**inputs)'s
+    (the base-view-only adapter was 0.03 to 0.14 off on the non-base sizes here). Two rows, each its own image."""
+    g = torch.Generator().manual_seed(sum(shape))
+    images = torch.randint(0, 256, (2, 3, *shape), generator=g).float() / 255
+    question = contains_question("red circle")
+    with torch.no_grad():
+        ours = judge.answer(images, images, [[question], [question]]).logits[:, 0]
+    ids = judge.prompt_ids([question], image_shape=shape)[0][0]
+    for b in range(2):
+        full, theirs = hf_one_image_logits(judge, question, images[b])
+        assert torch.equal(ids, theirs)
+        assert int((theirs == judge.image_token_id).sum()) == judge.image_tokens(*shape)
+        torch.testing.assert_close(ours[b], full, atol=1e-3, rtol=0)  # measured: at most 3.2e-4
+
+
+def test_a_large_one_image_canvas_is_pooled_as_the_model_pools_it(tmp_path):
+    """On a 6 x 6 pinpoint grid (the real checkpoints'), a 200 px image's 36 tiles exceed anyres_max_9 and the
+    model pools their feature grid bilinearly: our features follow it, tokens and logits."""
+    judge = load_judge(build_tiny_llava_onevision(tmp_path, image_size=SIZE, anyres_grid=6))
+    grid = SIZE // judge.model.config.vision_config.patch_size
+    for shape in ((200, 200), (190, 150)):
+        g = torch.Generator().manual_seed(1)
+        image = torch.randint(0, 256, (1, 3, *shape), generator=g).float() / 255
+        question = contains_question("red circle")
+        full, ids = hf_one_image_logits(judge, question, image[0])
+        assert judge.image_tokens(*shape) == int((ids == judge.image_token_id).sum())
+        with torch.no_grad():
+            ours = judge.answer(image, image, [[question]]).logits[0, 0]
+        torch.testing.assert_close(ours, full, atol=1e-3, rtol=0)
+    assert 6 * grid == 24 and judge.image_tokens(200, 200) == grid**2 + 12 * 13  # the 24 x 24 grid pooled to 12 x 12
+
+
+def test_a_photo_in_a_one_image_question_matches_the_hf_forward(judge, photo):
+    """A 512 x 600 photo: every anyres view (base + 9 tiles of a 96 px canvas, black bars left and right) within
+    one 8-bit level of the processor's pixel_values, the logits within 1e-3 of model(**inputs)."""
+    from npedit.judges.chat import normalise
+    from npedit.judges.llava_onevision import anyres_tiles
+
+    pil, image = photo
+    theirs = judge.processor.image_processor(images=[[pil]], return_tensors="pt")["pixel_values"][0]
+    tiles = normalise(anyres_tiles(image, SIZE, judge.pinpoints)[0], judge.mean, judge.std)
+    ours = torch.cat([preprocess_images(image, SIZE, judge.mean, judge.std), tiles])
+    assert ours.shape == theirs.shape == (10, 3, SIZE, SIZE)
+    assert ((ours - theirs) * 0.5 * 255).abs().max() < 1.01  # std 0.5: in 8-bit levels; measured: 1 on 0.09%
+    question = contains_question("a woman")
+    full, _ = hf_one_image_logits(judge, question, image[0])
+    with torch.no_grad():
+        torch.testing.assert_close(judge.answer(image, image, [[question]]).logits[0, 0], full, atol=1e-3, rtol=0)
+
+
+def test_a_processor_the_torch_views_cannot_follow_is_refused(judge_dir):
+    """Pinpoints the model does not share, pinpoints off the base view's multiples, a resample other than bicubic."""
+    judge = load_judge(judge_dir)
+    model, processor = judge.model, judge.processor
+    processor.image_processor.image_grid_pinpoints = [[SIZE, SIZE], [SIZE, 2 * SIZE]]
+    with pytest.raises(ValueError, match="image_grid_pinpoints .* differ from the model's"):
+        LlavaOnevisionJudge(model, processor)
+    processor.image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[SIZE, SIZE], [SIZE, 40]]
+    with pytest.raises(ValueError, match="must be a multiple of the 32px base view"):
+        LlavaOnevisionJudge(model, processor)
+    processor.image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[SIZE, SIZE]]
+    processor.image_processor.resample = 2
+    with pytest.raises(ValueError, match="resamples with 2; only bicubic"):
+        LlavaOnevisionJudge(model, processor)
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (53, 37)])

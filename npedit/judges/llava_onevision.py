@@ -1,24 +1,33 @@
 """LLaVA-OneVision judge adapter (SigLIP + Qwen2), differentiable w.r.t. the edited image.
 
-Token layout comes from the real processor, run once per (question text, image count) on blank
-placeholder images of the base view size; pixels go through torch ops instead. Every image is
-seen only through its base view (an image of a multi-image question padded to a square first, as the
-processor does). The processor gives a one-image question the anyres layout,
-which for a placeholder of exactly the base size is the base view plus one tile equal to it, so
-the tile reuses the base view's features; a multi-image question gets base view + newline per
-image. Both layouts are packed by the model's own `pack_image_features`.
+Token layout comes from the real processor, run once per (question text, image sizes) on blank
+placeholder images; pixels go through torch ops instead, laid out as the processor lays them out:
+- an image of a one-image question gets the "anyres" views: the whole image resized to the square
+  base view, then the tiles of a canvas (the image_grid_pinpoints entry that `select_best_resolution`
+  picks for its size) holding the image resized with its aspect ratio kept and centred on black. The
+  model's own `pack_image_features` unpads the tiles' feature grid, pools it when it exceeds
+  vision_aspect_ratio's cap and adds a newline per row. A square image no larger than the base view
+  has one tile, equal to the base view, so the vision tower runs once;
+- an image of a multi-image question gets one view, padded to a square with the mean colour first,
+  plus one newline.
+Resizes are the processor's 8-bit antialiased bicubic (`resize_like_processor`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.image_processing_utils import select_best_resolution
 
 from npedit.judges.base import Question
 from npedit.judges.chat import ChatJudge, chat_prompt, normalise, resize_like_processor
+
+BICUBIC = 3  # PIL's (and transformers' PILImageResampling) code for bicubic, the resize torch ops reproduce
 
 
 def base_view_settings(image_processor) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
@@ -56,6 +65,32 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], st
     return normalise(resize_like_processor(images, size, size), mean, std)
 
 
+def anyres_canvas(height: int, width: int, pinpoints: Sequence[Sequence[int]]) -> tuple[tuple[int, int],
+                                                                                           tuple[int, int]]:
+    """The processor's anyres canvas for an image of (height, width): the pinpoint it picks, (H*, W*), and the size
+    the image is resized to inside it, its aspect ratio kept and one side filling the canvas."""
+    best_h, best_w = select_best_resolution((height, width), [list(p) for p in pinpoints])
+    if best_w / width < best_h / height:
+        return (best_h, best_w), (min(math.ceil(height * best_w / width), best_h), best_w)
+    return (best_h, best_w), (best_h, min(math.ceil(width * best_h / height), best_w))
+
+
+def anyres_tiles(images: torch.Tensor, side: int, pinpoints: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, T, 3, side, side) anyres tiles, row-major, on the 8-bit grid (not normalised).
+
+    The image is resized into its canvas (`anyres_canvas`) and centred on black (the processor pads with zeros,
+    the extra pixel of an odd margin going right/bottom), then cut into side x side tiles.
+    """
+    b, c, h, w = images.shape
+    (best_h, best_w), (fit_h, fit_w) = anyres_canvas(h, w, pinpoints)
+    fitted = resize_like_processor(images, fit_h, fit_w)
+    top, left = (best_h - fit_h) // 2, (best_w - fit_w) // 2
+    canvas = F.pad(fitted, (left, best_w - fit_w - left, top, best_h - fit_h - top))  # (B, C, H*, W*)
+    rows, cols = best_h // side, best_w // side
+    tiles = canvas.reshape(b, c, rows, side, cols, side).permute(0, 2, 4, 1, 3, 5)  # (B, rows, cols, C, S, S)
+    return tiles.reshape(b, rows * cols, c, side, side)
+
+
 class LlavaOnevisionJudge(ChatJudge):
     """A frozen LLaVA-OneVision answering Yes/No questions; gradients reach the edited image only."""
 
@@ -63,77 +98,132 @@ class LlavaOnevisionJudge(ChatJudge):
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration, processor):
         super().__init__(model, processor)
-        self.size, self.mean, self.std = base_view_settings(processor.image_processor)
-        vision = model.config.vision_config
-        if model.config.vision_feature_select_strategy != "full":
+        image_processor = processor.image_processor
+        self.size, self.mean, self.std = base_view_settings(image_processor)
+        config = model.config
+        vision = config.vision_config
+        if config.vision_feature_select_strategy != "full":
             # SigLIP has no CLS token; "default" would drop a real patch and break the anyres layout.
             raise ValueError("only vision_feature_select_strategy='full' (the LLaVA-OneVision setting) is supported")
         if vision.image_size != self.size:
             raise ValueError(f"processor base view is {self.size}px but the vision tower expects {vision.image_size}px")
+        self.pinpoints = [list(p) for p in image_processor.image_grid_pinpoints]
+        if self.pinpoints != [list(p) for p in config.image_grid_pinpoints]:
+            raise ValueError(f"the image processor's image_grid_pinpoints {self.pinpoints} differ from the model's "
+                             f"{config.image_grid_pinpoints}")
+        if any(side % self.size for p in self.pinpoints for side in p):
+            raise ValueError(f"every image_grid_pinpoints entry must be a multiple of the {self.size}px base view, "
+                             f"got {self.pinpoints}")
+        if image_processor.resample != BICUBIC:
+            raise ValueError(f"the image processor resamples with {image_processor.resample!r}; only bicubic "
+                             f"({BICUBIC}, the LLaVA-OneVision setting) is reproduced with torch ops")
         self._init_answers()
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = config.image_token_id
         if processor.image_token_id != self.image_token_id:
             raise ValueError(f"processor image token {processor.image_token_id} != model's {self.image_token_id}")
-        # Features per image in a one-image (anyres) and a multi-image question.
-        patches = torch.zeros(1, (vision.image_size // vision.patch_size) ** 2, model.config.text_config.hidden_size)
-        self.feature_lens = {single: self._pack(patches, single).shape[1] for single in (True, False)}
 
     @property
     def image_size(self) -> int:
         """Side of the square base view the vision tower sees."""
         return self.size
 
-    # ---- text side ------------------------------------------------------------------------
-    def _layout_key(self, num_images: int, image_shape: tuple[int, int]) -> bool:
-        """True for the one-image (anyres) layout, False for the multi-image one."""
-        return num_images == 1
+    def image_tokens(self, height: int, width: int, single: bool = True) -> int:
+        """Image tokens (= packed features) of an image of this size in a one-image question or beside others."""
+        config = self.model.config
+        grid = (self.size // config.vision_config.patch_size) ** 2
+        views = 1 + self._tile_count(height, width) if single else 1
+        packed, _ = self._pack([torch.zeros(views, grid, 1)], [(height, width)] if single else None,
+                               newline=torch.zeros(1))
+        return packed[0].shape[0]
 
-    def _build_layout(self, text: str, image_keys: tuple[bool, ...]) -> tuple[torch.Tensor]:
+    def _tile_count(self, height: int, width: int) -> int:
+        """Anyres tiles of an image of (height, width): its canvas in base views."""
+        (best_h, best_w), _ = anyres_canvas(height, width, self.pinpoints)
+        return (best_h // self.size) * (best_w // self.size)
+
+    # ---- text side ------------------------------------------------------------------------
+    def _layout_key(self, num_images: int, image_shape: tuple[int, int]) -> tuple[int, int] | None:
+        """(H, W) of the image of a one-image question (its anyres layout depends on it), None beside others."""
+        return tuple(image_shape) if num_images == 1 else None
+
+    def _build_layout(self, text: str, image_keys: tuple[tuple[int, int] | None, ...]) -> tuple[torch.Tensor]:
         """Prompt ids (L,) with each <image> expanded by the real processor, checked against our features."""
         num_images = len(image_keys)
         prompt = chat_prompt(self.processor, text, num_images)
-        blank = Image.new("RGB", (self.size, self.size))
-        ids = self.processor(text=prompt, images=[[blank] * num_images], return_tensors="pt")["input_ids"][0]
-        expected = num_images * self.feature_lens[num_images == 1]
+        blanks = [Image.new("RGB", (self.size, self.size) if key is None else key[::-1]) for key in image_keys]
+        ids = self.processor(text=prompt, images=[blanks], return_tensors="pt")["input_ids"][0]
+        expected = sum(self.image_tokens(*(key or (self.size, self.size)), single=key is not None)
+                       for key in image_keys)
         found = int((ids == self.image_token_id).sum())
         if found != expected:
+            sizes = [key or "multi-image" for key in image_keys]
             raise RuntimeError(
-                f"processor inserted {found} image tokens for {num_images} image(s), the base-view layout gives "
+                f"processor inserted {found} image tokens for image(s) {sizes}, the model's packing gives "
                 f"{expected} features; processor and model configs disagree"
             )
         return (ids,)
 
-    def prompt_ids(self, rows: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded prompt ids (N, L), attention mask (N, L) and answer positions (N,) of these questions."""
-        layouts = [self._layout(q.text, tuple(len(q.images) == 1 for _ in q.images)) for q in rows]
+    def prompt_ids(self, rows: Sequence[Question], image_shape: tuple[int, int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded prompt ids (N, L), attention mask (N, L) and answer positions (N,) of these questions, on
+        images of `image_shape` (H, W) (the base view's size by default)."""
+        shape = image_shape or (self.size, self.size)
+        layouts = [self._layout(q.text, tuple(self._layout_key(len(q.images), shape) for _ in q.images))
+                   for q in rows]
         return self._prompts(layouts)[:3]
 
     # ---- image side -----------------------------------------------------------------------
-    def _pack(self, patches: torch.Tensor, single: bool) -> torch.Tensor:
-        """(N, P, D) projected patch features -> (N, T, D) in the one-image or multi-image token layout."""
-        views = [torch.stack([p, p]) if single else p[None] for p in patches]  # base view (+ its equal anyres tile)
-        sizes = torch.tensor([[self.size, self.size]] * len(views))
-        packed, _ = self.model.model.pack_image_features(
+    def _pack(self, views: list[torch.Tensor], sizes: list[tuple[int, int]] | None,
+              newline: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per image (V, P, D) projected view features -> the model's packed (T, D) features: anyres when `sizes`
+        gives each image's (H, W), the multi-image layout (one view + newline) when it is None."""
+        sizes = torch.tensor(sizes if sizes is not None else [[self.size, self.size]] * len(views))
+        return self.model.model.pack_image_features(
             views,
             sizes,
-            image_newline=self.model.model.image_newline,
+            image_newline=self.model.model.image_newline if newline is None else newline,
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,
         )
-        return torch.stack(packed)
+
+    def _vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised views -> projected patch features (N, P, D)."""
+        layer = self.model.config.vision_feature_layer
+        hidden = self.model.model.vision_tower(pixels.to(self.model.dtype), output_hidden_states=True).hidden_states
+        feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+        return self.model.model.multi_modal_projector(feats)
 
     def _patch_features(self, images: torch.Tensor, single: bool = True) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> projected features of the base views (N, P, D) of a one-image question's
         layout (`single`) or a multi-image one's."""
-        pixels = preprocess_images(images, self.size, self.mean, self.std, single).to(self.model.dtype)
-        layer = self.model.config.vision_feature_layer
-        hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
-        return self.model.model.multi_modal_projector(feats)
+        return self._vision(preprocess_images(images, self.size, self.mean, self.std, single))
 
-    def _image_features(self, images: torch.Tensor, keys: set[bool]) -> dict[bool, torch.Tensor]:
-        """Packed features {single: (N, T, D)} of each layout asked for; vision runs once per image (twice for a
-        non-square one asked about in both layouts: the multi-image view is padded, the one-image view is not)."""
-        if images.shape[-1] == images.shape[-2]:
-            patches = self._patch_features(images)
-            return {single: self._pack(patches, single) for single in keys}
-        return {single: self._pack(self._patch_features(images, single), single) for single in keys}
+    def _image_features(self, images: torch.Tensor, keys: set[tuple[int, int] | None]
+                        ) -> dict[tuple[int, int] | None, torch.Tensor]:
+        """Packed features {key: (N, T, D)} of each layout asked for (`_layout_key`), in one vision pass: the base
+        view (shared by both layouts of a square image), a non-square image's padded multi-image view, the tiles."""
+        n, _, h, w = images.shape
+        anyres = next((key for key in keys if key is not None), None)
+        square = h == w
+        batches = {}  # name -> normalised views (n or n * tiles, 3, S, S), all through the vision tower at once
+        if anyres is not None or square:
+            batches["base"] = preprocess_images(images, self.size, self.mean, self.std)
+        if None in keys and not square:
+            batches["padded"] = preprocess_images(images, self.size, self.mean, self.std, single=False)
+        (best_h, best_w), fit = anyres_canvas(h, w, self.pinpoints)
+        # A square image's canvas of the base view's size holds one tile, equal to the base view: reuse it.
+        tile_is_base = (best_h, best_w) == fit == (self.size, self.size)
+        if anyres is not None and not tile_is_base:
+            tiles = anyres_tiles(images, self.size, self.pinpoints)  # (n, T, 3, S, S)
+            batches["tiles"] = normalise(tiles.flatten(0, 1), self.mean, self.std)
+        feats = self._vision(torch.cat(list(batches.values())))
+        feats = dict(zip(batches, feats.split([len(x) for x in batches.values()])))  # name -> (n or n * T, P, D)
+        out = {}
+        if None in keys:
+            packed, _ = self._pack(list(feats["base" if square else "padded"][:, None]), None)
+            out[None] = torch.stack(packed)
+        if anyres is not None:
+            base = feats["base"][:, None]  # (n, 1, P, D)
+            tiles = base if tile_is_base else feats["tiles"].unflatten(0, (n, -1))  # (n, T, P, D)
+            packed, _ = self._pack(list(torch.cat([base, tiles], dim=1)), [anyres] * n)
+            out[anyres] = torch.stack(packed)
+        return out

@@ -186,12 +186,18 @@ def build_tiny_llava_onevision(
     vocab_size: int = 1024,
     mean: float = 0.5,
     std: float = 0.5,
+    anyres_grid: int = 3,
     seed: int = 0,
 ) -> str:
-    """Build a tiny random LLaVA-OneVision (SigLIP + Qwen2) and its processor; save both to `directory`."""
+    """Build a tiny random LLaVA-OneVision (SigLIP + Qwen2) and its processor; save both to `directory`.
+
+    A one-image question's image is tiled on a canvas of up to anyres_grid x anyres_grid base views (the real
+    checkpoints: 6, whose largest canvases are pooled down under the default vision_aspect_ratio anyres_max_9).
+    """
     tokenizer = build_bpe_tokenizer(default_corpus() if corpus is None else corpus, vocab_size=vocab_size)
     # Multiples of the base view, like the real checkpoints' anyres grid (which contains the base size).
-    pinpoints = [[image_size * i, image_size * j] for i in (1, 2, 3) for j in (1, 2, 3)]
+    steps = range(1, anyres_grid + 1)
+    pinpoints = [[image_size * i, image_size * j] for i in steps for j in steps]
     vision = SiglipVisionConfig(
         hidden_size=vision_width,
         intermediate_size=4 * vision_width,
