@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 MAX_PIXELS = 64_000_000  # larger images are refused (decompression-bomb guard)
+# what Pillow's readers raise on a damaged file: not only OSError but a bare ValueError (a PNG header cut short, a
+# text chunk that inflates past its limit, a PPM size that is no number) and, in some readers, these others
+UNREADABLE = (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, KeyError, struct.error,
+              ZeroDivisionError, Image.DecompressionBombError)
 
 
 class ImageError(ValueError):
@@ -100,7 +105,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
                 raise ImageError(f"{path} is {img.width}x{img.height}, larger than {MAX_PIXELS:,} pixels")
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except UNREADABLE as exc:
         raise ImageError(f"cannot read {path} as an image: {exc}") from None
 
 

@@ -1,9 +1,12 @@
 import io
+import re
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from npedit import images
 from npedit.images import ImageError, load_image
@@ -96,3 +99,28 @@ def test_arrays_and_tensors_load_in_diffusers_layouts():
                      (np.zeros((2, 4, 5)), "must be \\(H, W\\)"), (7, "got int"), (None, "got NoneType")):
         with pytest.raises(ImageError, match=why):
             load_image(bad)
+
+
+def _png_with_short_ihdr() -> bytes:
+    """A PNG whose header chunk says 5 bytes instead of 13 (Pillow raises a bare ValueError on it)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    data = buf.getvalue()
+    chunk = b"IHDR" + data[16:21]
+    return data[:8] + struct.pack(">I", 5) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def test_every_damaged_file_is_an_image_error_naming_it(tmp_path):
+    """Pillow raises ValueError (not OSError) on some damaged files: a PNG header cut short, a PPM whose size is no
+    number, a PNG text chunk that inflates past Pillow's limit. Each must be the one ImageError naming the file, or
+    a training run (which skips ImageErrors) stops, and a batch line's message does not say which file it was."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 2**21, zip=True)  # 2 MB of text in a few kB: a text "bomb"
+    bomb = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(bomb, "PNG", pnginfo=info)
+    for name, data in (("short.png", _png_with_short_ihdr()), ("size.ppm", b"P6\n3g 4\n255\n" + bytes(48)),
+                       ("text.png", bomb.getvalue())):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError, match=f"cannot read {re.escape(str(tmp_path / name))} as an image"):
+            load_image(tmp_path / name)
+
