@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -91,11 +93,21 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(f"an image must be a path, a PIL image, a numpy array or a torch tensor; got "
                          f"{type(source).__name__}")
+    if not str(source).strip():
+        raise ImageError("no image given (an empty path)")  # Path("") is the current folder
     path = Path(source)
-    if path.is_dir():
+    try:
+        info = path.stat()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        if getattr(exc, "errno", None) in (None, errno.ENOENT, errno.ENOTDIR):
+            raise ImageError(f"image not found: {path}") from None
+        raise ImageError(f"cannot read {path}: {exc.strerror}") from None  # a name too long, a link loop, ...
+    if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"{path} is a folder, not an image")
-    if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+    if not stat.S_ISREG(info.st_mode):  # a pipe or a device would block or never end
+        raise ImageError(f"{path} is not a regular file")
+    if info.st_size == 0:
+        raise ImageError(f"{path} is an empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the guard here

@@ -124,3 +124,22 @@ def test_every_damaged_file_is_an_image_error_naming_it(tmp_path):
         with pytest.raises(ImageError, match=f"cannot read {re.escape(str(tmp_path / name))} as an image"):
             load_image(tmp_path / name)
 
+
+
+def test_odd_paths_say_what_they_are(tmp_path):
+    """A name too long for the file system (an OSError from stat, which stopped a whole CLI batch with a traceback),
+    an empty path (read as the current folder), a pipe or device, an empty file: one ImageError each, saying so."""
+    long = tmp_path / ("x" * 300 + ".png")
+    with pytest.raises(ImageError, match="cannot read .*xxx.png: File name too long"):
+        load_image(long)
+    with pytest.raises(ImageError, match="no image given"):
+        load_image("")
+    with pytest.raises(ImageError, match="/dev/null is not a regular file"):
+        load_image("/dev/null")
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="zero.png is an empty file"):
+        load_image(tmp_path / "zero.png")
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    with pytest.raises(ImageError, match="loop.png: Too many levels of symbolic links"):
+        load_image(loop)
