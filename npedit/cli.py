@@ -69,7 +69,7 @@ def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
         for key in ("image", "reference", "edited"):
             if key in row and not isinstance(row[key], str):
                 raise SystemExit(f"error: {where}: {key} must be a path (a string), got {row[key]!r}")
-            if key in row and not Path(row[key]).is_absolute():
+            if key in row and row[key].strip() and not Path(row[key]).is_absolute():  # "" is no image, not the folder
                 row[key] = str(p.parent / row[key])
         try:
             row["edit_type"] = edit_type_name(row.get("edit_type"))

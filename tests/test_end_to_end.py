@@ -891,8 +891,9 @@ def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable
 
 
 def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge, tiny_manifest, capsys):
-    """A pair whose image is missing, or named too long for the file system (an OSError that ended the batch with a
-    traceback), is one error line naming its id (not written over the progress bar); the other pairs are judged."""
+    """A pair whose image is missing, named too long for the file system (an OSError that ended the batch with a
+    traceback) or left empty (read as the list's folder) is one error line naming its id (not written over the
+    progress bar); the other pairs are judged."""
     from npedit.cli import main
 
     images = tiny_manifest.parent / "images"
@@ -901,11 +902,12 @@ def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge
     pairs.write_text("".join(json.dumps({"id": i, "reference": str(images / "0.png"), "edited": str(edited),
                                          "instruction": "make the red circle green"}) + "\n"
                              for i, edited in (("a", images / "t0.png"), ("b", tmp_path / "gone.png"), ("d", long),
-                                               ("c", images / "t0.png"))))
+                                               ("e", ""), ("c", images / "t0.png"))))
     assert main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(tmp_path / "v.jsonl")]) == 1
     shown = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]  # as a terminal shows them
     assert [line for line in shown if "error" in line] == [f"error: b: image not found: {tmp_path / 'gone.png'}",
-                                                           f"error: d: cannot read {long}: File name too long"]
+                                                           f"error: d: cannot read {long}: File name too long",
+                                                           "error: e: no image given (an empty path)"]
     assert [json.loads(line)["id"] for line in (tmp_path / "v.jsonl").read_text().splitlines()] == ["a", "c"]
     for out in (tmp_path / "v.jsonl/x/y", tmp_path / "v.jsonl/y"):  # a file where its folder should be: before loading
         with pytest.raises(SystemExit, match=re.escape(f"cannot write --output {out} ({tmp_path / 'v.jsonl'} is a file)")):
