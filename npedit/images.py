@@ -18,6 +18,7 @@ MAX_PIXELS = 64_000_000  # larger images are refused (decompression-bomb guard)
 # text chunk that inflates past its limit, a PPM size that is no number) and, in some readers, these others
 UNREADABLE = (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, KeyError, struct.error,
               ZeroDivisionError, Image.DecompressionBombError)
+UNSAFE_FORMATS = ("EPS",)  # Pillow's EPS reader runs Ghostscript, a PostScript interpreter, on the file
 
 
 class ImageError(ValueError):
@@ -111,7 +112,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the guard here
-            img = Image.open(path)
+            img = Image.open(path, formats=readable_formats())
         with img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{path} is {img.width}x{img.height}, larger than {MAX_PIXELS:,} pixels")
@@ -119,6 +120,12 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
             return to_rgb(img)
     except UNREADABLE as exc:
         raise ImageError(f"cannot read {path} as an image: {exc}") from None
+
+
+def readable_formats() -> list[str]:
+    """The formats load_image reads: every one Pillow (and its registered plugins) reads, less UNSAFE_FORMATS."""
+    Image.init()
+    return [f for f in Image.ID if f not in UNSAFE_FORMATS]
 
 
 def fit_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -143,3 +143,17 @@ def test_odd_paths_say_what_they_are(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(ImageError, match="loop.png: Too many levels of symbolic links"):
         load_image(loop)
+
+
+def test_postscript_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """A text file that begins with %!PS (named .png, say) is EPS to Pillow, whose EPS reader runs Ghostscript, a
+    PostScript interpreter, on it: an upload could run a program in a public app. The loader reads no EPS."""
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    (tmp_path / "x.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(ImageError, match="cannot read .*x.png as an image"):
+        load_image(tmp_path / "x.png")
+    assert not ran
+
