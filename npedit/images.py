@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mimetypes
 import os
 import stat
 import struct
@@ -119,13 +120,22 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
             img.load()
             return to_rgb(img)
     except UNREADABLE as exc:
-        raise ImageError(f"cannot read {path} as an image: {exc}") from None
+        raise ImageError(f"cannot read {path} as an image: {exc}{_no_reader_note(path)}") from None
 
 
 def readable_formats() -> list[str]:
     """The formats load_image reads: every one Pillow (and its registered plugins) reads, less UNSAFE_FORMATS."""
     Image.init()
     return [f for f in Image.ID if f not in UNSAFE_FORMATS]
+
+
+def _no_reader_note(path: Path) -> str:
+    """A note for an image file whose extension no reader here claims (e.g. .heic without a HEIF plugin), else ''."""
+    suffix = path.suffix.lower()
+    claimed = {ext for ext, fmt in Image.registered_extensions().items() if fmt not in UNSAFE_FORMATS}
+    if suffix in claimed or not (mimetypes.guess_type(path.name)[0] or "").startswith("image/"):
+        return ""
+    return f" (no reader for {suffix} files here: convert it to PNG or JPEG, or install a Pillow plugin for it)"
 
 
 def fit_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:

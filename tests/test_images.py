@@ -157,3 +157,10 @@ def test_postscript_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
         load_image(tmp_path / "x.png")
     assert not ran
 
+
+@pytest.mark.skipif(".heic" in Image.registered_extensions(), reason="this Pillow has a HEIF plugin")
+def test_a_format_without_a_reader_says_so(tmp_path):
+    """An iPhone photo (.heic) where Pillow has no HEIF plugin: the message says that, not only 'cannot identify'."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
+    with pytest.raises(ImageError, match=r"IMG_0001.HEIC as an image: .*no reader for \.heic files here"):
+        load_image(tmp_path / "IMG_0001.HEIC")
