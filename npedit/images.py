@@ -38,7 +38,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             lo, hi = 0.0, next(top for top in (1.0, 255.0, 65535.0, hi) if hi <= top)
         arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode == "La":  # premultiplied grey + alpha: Pillow converts it to LA alone
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "RGBa", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
@@ -59,6 +61,8 @@ def array_to_pil(array: np.ndarray | torch.Tensor) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(f"an array image must be (H, W) or (H, W, C) with C = 1, 3 or 4, got shape {array.shape}")
+    if not array.size:
+        raise ImageError(f"empty image array, got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageError("the image array holds NaN or infinite values")
@@ -91,6 +95,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
     if isinstance(source, Image.Image):
         if source.width * source.height > MAX_PIXELS:
             raise ImageError(f"image of {source.width}x{source.height} is larger than {MAX_PIXELS:,} pixels")
+        if not source.width * source.height:
+            raise ImageError(f"empty image ({source.width}x{source.height} pixels)")
         return to_rgb(source)
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(f"an image must be a path, a PIL image, a numpy array or a torch tensor; got "

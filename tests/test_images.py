@@ -164,3 +164,21 @@ def test_a_format_without_a_reader_says_so(tmp_path):
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
     with pytest.raises(ImageError, match=r"IMG_0001.HEIC as an image: .*no reader for \.heic files here"):
         load_image(tmp_path / "IMG_0001.HEIC")
+
+
+def test_sources_that_are_no_image_say_what_an_image_is():
+    """The pipeline's `image=` (and best-of, the judge) take a path, a PIL image, an array or a tensor: anything
+    else, an array of another shape (a batch where one image is expected, an empty one) or an empty image is one
+    ImageError saying what is taken; a (H, W, 1) array is grey. Before, these were TypeErrors from pathlib or Pillow
+    that named no image."""
+    for source in (None, b"\x89PNG", 3):
+        with pytest.raises(ImageError, match="an image must be a path, a PIL image, a numpy array or a torch tensor"):
+            load_image(source)
+    for shape in ((3, 6, 8), (2, 6, 8, 3), (0, 0, 3), (6, 8, 5), (8,)):
+        with pytest.raises(ImageError, match=re.escape(f"got shape {shape}")):
+            load_image(np.zeros(shape, np.uint8))
+    assert load_image(np.full((6, 8, 1), 7, np.uint8)).getpixel((0, 0)) == (7, 7, 7)
+    with pytest.raises(ImageError, match="empty image"):
+        load_image(Image.new("RGB", (0, 4)))
+    for mode in ("La", "RGBa"):  # premultiplied alpha: transparent is over white, as for LA and RGBA
+        assert load_image(Image.new(mode, (2, 2), 0)).getpixel((0, 0)) == (255, 255, 255)
