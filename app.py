@@ -206,15 +206,20 @@ def make_app(args: argparse.Namespace) -> App:
                train_token=os.environ.get("NPEDIT_TRAIN_TOKEN") or None)
 
 
-def _error(exc: Exception) -> gr.Error:
-    """The message of `exc` for the browser, with an uploaded file named as the user knows it (its own name, not the
-    server's copy under gradio's upload folder)."""
+def _for_user(text: str) -> str:
+    """`text` for the browser, with an uploaded file named as the user knows it (its own name, not the server's copy
+    under gradio's upload folder)."""
     from gradio.utils import get_upload_folder
 
     folder = get_upload_folder()
     names = {str(folder), str(Path(folder).resolve())}
     uploads = "(?:" + "|".join(map(re.escape, names)) + r")/[0-9a-f]{16,}/"
-    return gr.Error(re.sub(uploads, "", str(exc)), print_exception=False)
+    return re.sub(uploads, "", text)
+
+
+def _error(exc: Exception) -> gr.Error:
+    """The message of `exc` for the browser (uploads named as the user named them)."""
+    return gr.Error(_for_user(str(exc)), print_exception=False)
 
 
 def image_input(**kwargs) -> gr.Image:
@@ -610,8 +615,15 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         return datasets.shapes_table(int(n), staging / f"shapes-{seed}-{int(n)}", seed=seed)
 
     generate.click(on_generate, [n_cases, data_seed, token], table, api_visibility="private")
-    files.upload(lambda fs, rows: (datasets.table_for_images(fs, rows), {Path(f).name: f for f in fs}),
-                 [files, table], [table, uploads], api_visibility="private")
+    def on_upload(paths, rows):
+        """The table of the uploaded images (what was typed kept); a warning names each file left out, and why."""
+        table, skipped = datasets.table_for_images(paths or [], rows)
+        if skipped:
+            gr.Warning(_for_user(f"{len(skipped)} file{'s' if len(skipped) > 1 else ''} left out of the table: "
+                                 + "; ".join(skipped)))
+        return table, {Path(f).name: f for f in paths or []}
+
+    files.upload(on_upload, [files, table], [table, uploads], api_visibility="private")
 
     def on_start(table, uploads, use_stream, preset_name, name, base, judge, judge_pixels, student, token_value=None,
                  *values):

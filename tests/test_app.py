@@ -212,6 +212,28 @@ def test_an_uploaded_file_is_named_as_the_user_named_it(tiny_set, tmp_path, monk
     assert "trunc.png" in err.value.message and str(tmp_path) not in err.value.message
 
 
+def test_the_train_upload_names_each_file_it_left_out(tmp_path, monkeypatch):
+    """Uploaded training images that cannot be read are left out of the table with a warning naming each (as the
+    user named it) and why; every readable one gets its row, whatever its extension."""
+    from workbench import datasets
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    folder = tmp_path / "uploads" / ("ab" * 32)
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(folder / "cat.jfif", "JPEG")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    paths = [str(folder / n) for n in ("cat.jfif", "notes.png", "empty.jpg")]
+    with pytest.warns(UserWarning) as shown:
+        table, uploads = fns["on_upload"](paths, datasets.empty_table())
+    assert str(shown[0].message) == ("2 files left out of the table: notes.png: cannot read notes.png as an image: "
+                                     "cannot identify image file 'notes.png'; empty.jpg: empty.jpg is an empty file "
+                                     "(0 bytes)")
+    assert list(table["image"]) == [paths[0]] and set(uploads) == {"cat.jfif", "notes.png", "empty.jpg"}
+
+
 def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, monkeypatch):
     """The Train tab's generated Shapes cases are the app's own files, which a public app may train on (with its
     owner's token); they were refused as "not among the uploaded files"."""

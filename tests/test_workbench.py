@@ -210,8 +210,10 @@ def test_training_table_to_manifest(tmp_path):
     assert models.read_domain(manifest.parent).is_shapes
     # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
-    uploaded = datasets.table_for_images([str(tmp_path / "cat.png"), str(tmp_path / "notes.txt")])
-    assert len(uploaded) == 1
+    (tmp_path / "notes.txt").write_text("not an image")
+    uploaded, skipped = datasets.table_for_images([str(tmp_path / "cat.png"), str(tmp_path / "notes.txt")])
+    assert len(uploaded) == 1 and skipped == [f"notes.txt: cannot read {tmp_path / 'notes.txt'} as an image: "
+                                              f"cannot identify image file '{tmp_path / 'notes.txt'}'"]
     uploaded.loc[0, "image"] = "cat.png"
     with pytest.raises(ValueError, match="row 1: .*empty instruction"):
         datasets.write_manifest(uploaded, tmp_path / "u1", {"cat.png": str(tmp_path / "cat.png")})
@@ -236,15 +238,31 @@ def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
-    table = datasets.table_for_images([a, b])
+    table = datasets.table_for_images([a, b])[0]
     table.loc[0, ["instruction", "caption_target", "keep"]] = ["make it red", "a red square", "blue circle"]
     table.loc[1, "instruction"] = np.nan  # a cell the user cleared
-    again = datasets.table_for_images([b, a, c], table)
+    again = datasets.table_for_images([b, a, c], table)[0]
     assert list(again["image"]) == [b, a, c] and list(again.columns) == datasets.TABLE_COLUMNS
     assert again.loc[1, "instruction"] == "make it red" and again.loc[1, "caption_target"] == "a red square"
     assert again.loc[1, "keep"] == "blue circle" and again.loc[0, "instruction"] == ""
     assert again.loc[2, "instruction"] == "" and again.loc[2, "edit_type"] == "edit"
-    assert list(datasets.table_for_images([c], again)["image"]) == [c]
+    assert list(datasets.table_for_images([c], again)[0]["image"]) == [c]
+
+
+def test_an_upload_keeps_every_image_it_can_read_and_says_which_it_left_out(tmp_path):
+    """The Train tab's upload took only eight file extensions and dropped the rest without a word: a .jfif or .avif
+    photo (readable) vanished, as did a .heic one. Now every file is tried with the one loader: the readable ones
+    get rows, each other one is named with the reason (an empty, truncated or unreadable file too)."""
+    photo = tmp_path / "photo.jfif"
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(photo, "JPEG")
+    (tmp_path / "empty.png").write_bytes(b"")
+    cut = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:2000])
+    table, skipped = datasets.table_for_images([str(photo), str(tmp_path / "empty.png"), str(cut)])
+    assert list(table["image"]) == [str(photo)]
+    assert skipped == [f"empty.png: {tmp_path / 'empty.png'} is an empty file (0 bytes)",
+                       f"cut.png: cannot read {cut} as an image: image file is truncated"]
 
 
 def test_examples(tmp_path):

@@ -30,16 +30,24 @@ def empty_table() -> pd.DataFrame:
     return pd.DataFrame(columns=TABLE_COLUMNS)
 
 
-def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per uploaded image, with the text columns left for the user to fill, or, for an image already in
-    `previous` (the table so far), as typed there: adding files to an upload sends them all again."""
+def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """One row per uploaded file that load_image reads, with the text columns left for the user to fill, or, for an
+    image already in `previous` (the table so far), as typed there: adding files to an upload sends them all again.
+    Also a line "name: why" per file left out (not an image, empty, truncated, too large...)."""
     typed = {}
     if previous is not None:
         for row in previous.reindex(columns=TABLE_COLUMNS).to_dict("records"):
             typed.setdefault(_cell(row["image"]), {c: _cell(row[c]) for c in TABLE_COLUMNS})
     blank = {c: "" for c in TABLE_COLUMNS} | {"edit_type": "edit"}
-    rows = [typed.get(str(p)) or blank | {"image": str(p)} for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    rows, skipped = [], []
+    for p in paths:
+        try:
+            load_image(p)  # the whole file: a truncated one is named now, not when the run starts
+        except ImageError as exc:
+            skipped.append(f"{Path(p).name}: {exc}")
+            continue
+        rows.append(typed.get(str(p)) or blank | {"image": str(p)})
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS), skipped
 
 
 def shapes_cases(n: int, seed: int = 0, paraphrase_prob: float = 0.0, cycle: bool = True) -> list:
