@@ -310,6 +310,18 @@ def test_batch_judging(loaded, tmp_path):
     assert judging.extra_questions("a?\n\n b? ") == ["a?", "b?"]
 
 
+def test_a_batch_list_finds_every_uploaded_image_whatever_its_extension(tmp_path):
+    """An uploaded image matched the list only with one of eight extensions: a .jfif or .avif photo uploaded with
+    the list was "not among the uploaded files" in a public app. Every uploaded file but the list is one now (the
+    loader says, pair by pair, which it cannot read)."""
+    listing = tmp_path / "pairs.csv"
+    pd.DataFrame([{"reference": "ref.jfif", "edited": "out.png", "instruction": "make it red"}]).to_csv(listing,
+                                                                                                         index=False)
+    uploads = [str(listing), str(tmp_path / "ref.jfif"), str(tmp_path / "out.png")]
+    pairs = judging.read_pairs(uploads, uploads_only=True)
+    assert list(pairs["reference"]) == [str(tmp_path / "ref.jfif")]
+
+
 def test_batch_list_lines_that_are_not_objects_and_questions_without_bound_are_refused(tmp_path):
     """A .jsonl line of valid JSON that is not an object is one clear line, not an AttributeError; a text longer
     than an instruction may be, or more questions than one judge pass holds, is refused before the judge runs

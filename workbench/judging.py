@@ -12,7 +12,7 @@ from npedit.data import object_names, read_json_lines
 from npedit.images import ImageError
 from npedit.verdicts import Verdict, judge_edit
 
-from .datasets import IMAGE_SUFFIXES, resolve_image
+from .datasets import resolve_image
 
 PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep", "new", "gone"]
 RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "p_change", "error"]
@@ -55,8 +55,8 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
     if len(lists) != 1:
         raise ValueError("upload exactly one .csv or .jsonl list of pairs (columns reference, edited, instruction; "
                          "optional id, edit_type, object_name) together with the images it names")
-    uploads = {f.name: str(f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
     listing = lists[0]
+    uploads = {f.name: str(f) for f in files if f != listing}  # any extension: the loader says which it cannot read
     rows = _read_rows(listing)
     if max_pairs is not None and len(rows) > max_pairs:
         raise ValueError(f"{listing.name} lists {len(rows)} pairs: this public app judges at most {max_pairs} per list "
