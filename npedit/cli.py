@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .assets import default_path
 from .edit_types import EDIT_TYPES, edit_type_name
-from .images import ImageError
+from .images import ImageError, load_image
 
 
 def _device():
@@ -129,6 +129,14 @@ def _image_format(path: Path) -> str:
     return fmt
 
 
+def _check_image(path: str, flag: str) -> None:
+    """Stop on an image the loader refuses, before any weights are read (a 6B editor loads for minutes)."""
+    try:
+        load_image(path)
+    except ImageError as exc:
+        raise SystemExit(f"error: {flag}: {exc}") from None
+
+
 REMOVE_NEEDS_OBJECT = ("error: --edit-type remove needs --object NAME: the judge asks whether that object is still "
                        "there")
 
@@ -143,6 +151,7 @@ def _edit_jobs_of(args) -> list[dict]:
         _image_format(out)
         if (args.candidates > 1 or args.verdicts) and args.edit_type == "remove" and not (args.object or "").strip():
             raise SystemExit(REMOVE_NEEDS_OBJECT)
+        _check_image(args.image, "--image")
         return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
                  "object_name": args.object, "keep": args.keep, "out": out}]
     if not args.output_dir:
@@ -241,8 +250,11 @@ def cmd_judge(args) -> int:
         raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
         raise SystemExit(REMOVE_NEEDS_OBJECT)
-    # before the judge's weights are read: a bad list fails at once
+    # before the judge's weights are read: a bad list or image fails at once
     rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction")) if args.batch else []
+    if not args.batch:
+        _check_image(args.reference, "--reference")
+        _check_image(args.edited, "--edited")
     for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients")):
         if out:
             _check_writable(Path(out).absolute().parent, f"{flag} {out}")

@@ -860,6 +860,17 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     with pytest.raises(SystemExit, match="--edit-type remove needs --object NAME"):
         main(["judge", "--judge", str(tmp_path / "no-judge"), "--reference", "a.png", "--edited", "b.png",
               "--instruction", "remove it", "--edit-type", "remove"])
+    # the one --image, --reference or --edited is read before the models: a 6B editor loads for minutes
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    with pytest.raises(SystemExit, match=f"error: --image: cannot read {re.escape(str(notes))} as an image"):
+        main([*edit, "--image", str(notes), "--instruction", "x", "--output", str(tmp_path / "y.png")])
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    for pair, says in (([notes, "b.png"], f"--reference: cannot read {notes} as an image"),
+                       ([tmp_path / "ok.png", tmp_path], f"--edited: {tmp_path} is a folder, not an image")):
+        with pytest.raises(SystemExit, match=re.escape(f"error: {says}")):
+            main(["judge", "--judge", str(tmp_path / "no-judge"), "--reference", str(pair[0]), "--edited",
+                  str(pair[1]), "--instruction", "x"])
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
 
 
