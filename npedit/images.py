@@ -27,20 +27,26 @@ class ImageError(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Apply EXIF rotation and convert any mode (RGBA over white, L, P, I;16, F, CMYK) to 8-bit RGB."""
+    """Apply EXIF rotation and convert any mode to 8-bit RGB (alpha or a transparent colour key over white)."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        raw = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min()), float(arr.max())
         if img.mode.startswith("I;16"):  # by the full 16-bit range, as an editor converts: 65535 -> 255
             lo, hi = 0.0, 65535.0
         elif lo >= 0:  # the smallest usual range that holds the values, so a flat or dim image keeps its level
             lo, hi = 0.0, next(top for top in (1.0, 255.0, 65535.0, hi) if hi <= top)
         arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+        grey = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+        key = img.info.get("transparency")
+        if isinstance(key, (int, float)):  # a PNG tRNS key in the image's own (16-bit) values: alpha 0 there
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), mode="L")))
+        img = grey
     if img.mode == "La":  # premultiplied grey + alpha: Pillow converts it to LA alone
         img = img.convert("LA")
-    if img.mode in ("RGBA", "RGBa", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    keyed = img.mode in ("P", "L", "RGB") and "transparency" in img.info  # one colour (or palette entries) see-through
+    if img.mode in ("RGBA", "RGBa", "LA", "PA") or keyed:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)

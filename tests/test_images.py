@@ -182,3 +182,15 @@ def test_sources_that_are_no_image_say_what_an_image_is():
         load_image(Image.new("RGB", (0, 4)))
     for mode in ("La", "RGBa"):  # premultiplied alpha: transparent is over white, as for LA and RGBA
         assert load_image(Image.new(mode, (2, 2), 0)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_transparent_colour_key_is_composited_like_alpha(tmp_path):
+    """PNG marks transparency in grey, RGB and 16-bit images by one colour (a tRNS key), not an alpha channel: those
+    pixels were kept as their raw colour (often black) where RGBA and palette images show white."""
+    Image.fromarray(np.array([[[10, 20, 30], [200, 100, 50]]], np.uint8)).save(tmp_path / "rgb.png",
+                                                                              transparency=(10, 20, 30))
+    Image.fromarray(np.array([[0, 200]], np.uint8)).save(tmp_path / "grey.png", transparency=0)
+    Image.fromarray(np.array([[5000, 65535]], np.uint16)).save(tmp_path / "deep.png", transparency=5000)
+    for name, kept in (("rgb.png", (200, 100, 50)), ("grey.png", (200, 200, 200)), ("deep.png", (255, 255, 255))):
+        out = load_image(tmp_path / name)
+        assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == kept, name
