@@ -86,6 +86,47 @@ def test_a_student_with_a_reference_encoder_folds_into_the_same_architecture(sd3
                                    backbone.velocity(student.eval(), x, t, cond, reference=ref), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["tokens", "channels"])
+def test_a_bfloat16_lora_student_trains_under_autocast_and_edits_without_it(sd3, mode):
+    """model.dtype=bfloat16 with LoRA: a bfloat16 base beside float32 trained additions (reference embedding or
+    projection, a reference encoder). A training step under CPU autocast (what mixed_precision=bf16 enters) and a
+    pipeline edit of the same student outside autocast both run, the additions get float32 gradients, the token
+    stream is bfloat16 as the teacher's in both, and the two agree."""
+    from PIL import Image
+
+    from npedit.pipeline import NPEditPipeline
+
+    path, _, _ = sd3
+    backbone = SD3Backbone.from_pretrained(path, torch_dtype=torch.bfloat16)
+    teacher = backbone.load_transformer(path, torch_dtype=torch.bfloat16).requires_grad_(False).eval()
+    student = backbone.add_reference_encoder(backbone.prepare_student(teacher, reference_mode=mode), 1)
+    own = tuple(n for n, _ in student.named_parameters() if n.startswith("ref_"))
+    lora.add_lora(student, rank=2, train=own)
+    with torch.no_grad():  # trained-looking additions (all start at zero), so the reference reaches the output
+        for p in student.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    streams = []
+    student.transformer_blocks[0].register_forward_pre_hook(
+        lambda _, args, kwargs: streams.append(kwargs["hidden_states"].dtype), with_kwargs=True)
+    x, t, cond, ref = _inputs(backbone, seed=2)  # the trainer's reference latents are float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = backbone.velocity(student, x, t, cond, reference=ref)
+    trained.square().mean().backward()
+    assert torch.isfinite(trained).all()
+    for name in own:
+        grad = student.get_parameter(name).grad
+        assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.no_grad():
+        edited = backbone.velocity(student.eval(), x, t, cond, reference=ref)
+    torch.testing.assert_close(edited, trained.detach(), atol=0.02, rtol=0.02)  # one bf16 step at |v| ~ 2: 0.008
+    pipe = NPEditPipeline.from_parts(student, backbone)
+    out = pipe(image=Image.new("RGB", (32, 32), (200, 30, 30)), prompt="make it blue", num_inference_steps=2,
+               output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert set(streams) == {torch.bfloat16} and len(streams) == 1 + 1 + 2
+
+
 def test_targets_choose_layers_and_a_wrong_target_says_what_exists(sd3):
     _, backbone, teacher = sd3
     student = backbone.prepare_student(teacher)

@@ -180,17 +180,20 @@ def _forward_with_reference(model, x, reference, context, pooled, timestep, retu
         raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in batch and channels")
     patch = model.config.patch_size
     height, width = x.shape[-2:]
-    target = model.pos_embed(x)  # (B, N, D) patchified + sin-cos positions
+    dtype = base_dtype(model)  # the token stream runs in it, as the teacher's does
+    target = model.pos_embed(x.to(dtype))  # (B, N, D) patchified + sin-cos positions
     n_target = target.shape[1]
     if model.config.reference_mode == "channels":
         if reference.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"reference {tuple(reference.shape)} must match x_t {tuple(x.shape)} in size "
                              "(reference_mode='channels' adds it patch by patch)")
-        ref = model.ref_proj(reference).flatten(2).transpose(1, 2)  # (B, N, D)
+        ref = _own_dtype(model.ref_proj, reference).flatten(2).transpose(1, 2)  # (B, N, D)
     else:
-        ref = model.pos_embed(reference) + model.ref_embed  # (B, M, D) the same positions, marked by the type embedding
+        # (B, M, D) the same positions, marked by the type embedding (added in its own dtype, rounded once below)
+        ref = model.pos_embed(reference.to(dtype)) + model.ref_embed
     if model.config.reference_encoder_layers:
-        ref = ref + model.ref_encoder(reference)  # each patch's neighbourhood (zero until trained)
+        ref = ref + _own_dtype(model.ref_encoder, reference)  # each patch's neighbourhood (zero until trained)
+    ref = ref.to(dtype)
     if model.config.reference_mode == "channels":
         hidden = target + ref
     else:
@@ -206,6 +209,20 @@ def _forward_with_reference(model, x, reference, context, pooled, timestep, retu
     out = model.proj_out(model.norm_out(hidden[:, :n_target], temb))  # (B, N, p*p*C); the norm is per token
     out = _unpatchify(out, height // patch, width // patch, patch, model.out_channels)
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def base_dtype(transformer) -> torch.dtype:
+    """The dtype of the transformer's frozen base (its patch embedding): what its inputs and token stream are in.
+
+    Not `next(transformer.parameters())`: a LoRA student's own additions (`ref_embed`, `ref_proj`, `ref_encoder`)
+    train in float32 beside a bfloat16 base, and `ref_embed`, a parameter of the model itself, comes first."""
+    return transformer.pos_embed.proj.weight.dtype
+
+
+def _own_dtype(module: nn.Module, reference: torch.Tensor) -> torch.Tensor:
+    """`module(reference)` with the reference cast to the module's own dtype (float32 for a LoRA student's trained
+    additions, the base's otherwise): no dtype clash outside autocast, no rounding of its input to the base's."""
+    return module(reference.to(next(module.parameters()).dtype))
 
 
 def _unpatchify(tokens: torch.Tensor, rows: int, cols: int, patch: int, channels: int) -> torch.Tensor:
@@ -367,7 +384,7 @@ class SD3Backbone(Backbone):
     def velocity(self, transformer, x_t, t, cond: SD3Cond, reference=None):
         """v = eps - x0: SD3's output at timestep 1000 t as is (see the module docstring); x_t (B, C, h, w), t (B,)."""
         _check_cond(transformer.config, cond)
-        dtype = next(transformer.parameters()).dtype
+        dtype = base_dtype(transformer)
         batch = x_t.shape[0]
         # Kept in float32: 1000 t in bf16 would round (947.4 -> 948); the time projection casts itself.
         timestep = (torch.as_tensor(t, device=x_t.device).float() * T_SCALE).expand(batch)
@@ -381,7 +398,7 @@ class SD3Backbone(Backbone):
                     f"{type(transformer).__name__} cannot take a reference: load the student "
                     "with load_transformer(..., for_student=True) or build it with prepare_student(teacher)"
                 )
-            kwargs["reference"] = reference.to(dtype)
+            kwargs["reference"] = reference  # cast inside, for each part that reads it (see _forward_with_reference)
         return transformer(**kwargs)[0].to(x_t.dtype)
 
     def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
