@@ -824,6 +824,83 @@ def test_an_editor_named_like_a_hub_id_and_found_nowhere_is_one_line(tmp_path, m
         main(["edit", "--model", "editors/typo", "--image", "in.png", "--instruction", "x", "--output", "y.png"])
 
 
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Every door to the hub the loaders use, each recording its call (and failing like an offline hub)."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    calls = []
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise OSError(f"{name} was asked")
+        return call
+
+    for owner, name in ((huggingface_hub, "hf_hub_download"), (huggingface_hub, "snapshot_download"),
+                        (huggingface_hub.file_download, "hf_hub_download"),
+                        (diffusers.configuration_utils, "hf_hub_download"),
+                        (diffusers.utils.hub_utils, "hf_hub_download"),
+                        (diffusers.pipelines.pipeline_utils, "snapshot_download"),
+                        (diffusers.pipelines.pipeline_utils, "model_info")):
+        monkeypatch.setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", classmethod(refuse("DiffusionPipeline.download")))
+    monkeypatch.setattr(transformers.PretrainedConfig, "get_config_dict",
+                        classmethod(refuse("PretrainedConfig.get_config_dict")))
+    return calls
+
+
+def test_a_missing_path_under_a_folder_here_is_reported_at_once_without_the_hub(tmp_path, monkeypatch, hub_calls):
+    """`--model runs/missing` / `--judge myfolder/x` (one slash, the shape of a hub id) beside a runs/ or myfolder/
+    folder is a local path: every loader says it does not exist without asking the hub, whose client retries for
+    ~23 s offline. A hub id whose first component happens to be a folder here still goes to the hub when the local
+    hub cache holds it."""
+    import huggingface_hub
+
+    from npedit import NPEditPipeline
+    from npedit.backbones import detect_family, load_backbone
+    from npedit.backbones.base import check_transformer
+    from npedit.backbones.vae import AnyVAE
+    from npedit.cli import main
+    from npedit.folders import CheckpointError, looks_local
+    from npedit.judges import load_judge
+    from workbench.models import ModelError, check_judge
+    from workbench.presets import check_train_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "myfolder").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    with pytest.raises(CheckpointError, match="^runs/missing does not exist"):
+        NPEditPipeline.from_pretrained("runs/missing")
+    with pytest.raises(SystemExit, match="error: runs/missing does not exist"):
+        main(["edit", "--model", "runs/missing", "--image", "in.png", "--instruction", "x", "--output", "y.png"])
+    with pytest.raises(CheckpointError, match=r"'myfolder/x' \(does not exist\)"):
+        load_judge("myfolder/x")
+    with pytest.raises(SystemExit, match=r"'myfolder/x' \(does not exist\)"):
+        main(["judge", "--judge", "myfolder/x", "--reference", "in.png", "--edited", "in.png", "--instruction", "x"])
+    for load in (detect_family, load_backbone):
+        with pytest.raises(FileNotFoundError, match="checkpoint folder not found: runs/missing"):
+            load("runs/missing")
+    with pytest.raises(CheckpointError, match="^runs/missing does not exist"):
+        check_transformer("runs/missing", "transformer", "sd3")
+    with pytest.raises(CheckpointError, match="^runs/missing does not exist"):
+        AnyVAE.from_pretrained("runs/missing")
+    with pytest.raises(ModelError, match="judge folder not found: myfolder/x"):  # the app
+        check_judge("myfolder/x")
+    with pytest.raises(ValueError, match=r"the teacher \(base model\) runs/missing does not exist"):  # its Train tab
+        check_train_args(["model.base=runs/missing", "data.train=shapes", "judge.path=j"])
+    assert hub_calls == []
+    # a cached hub repo named like runs/x stays a hub id; without runs/ here, so does an uncached one
+    cache = tmp_path / "hub-cache"
+    (cache / "models--runs--cached").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert not looks_local("runs/cached") and looks_local("runs/missing")
+    assert not looks_local("owner/name") and looks_local("./owner/name") and looks_local("runs")
+
+
 def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     """A --batch id names its result's file: one that leaves --output-dir, or comes twice, is refused, as are a line
     that is not an object, an image that is not a path, an instruction or object name that is not text, an unknown

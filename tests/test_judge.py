@@ -53,8 +53,8 @@ def test_load_judge_dispatch_and_its_errors(judge, judge_dir, tmp_path):
     (tmp_path / "remote" / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
     with pytest.raises(ValueError, match="'internvl_chat'.*remote-code format.*InternVL3-14B-hf"):
         load_judge(tmp_path / "remote")
-    with pytest.raises(ValueError, match="no readable config.json.*llava_onevision"):
-        load_judge(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"\(does not exist\); supported judge types: .*llava_onevision"):
+        load_judge(tmp_path / "missing")  # a missing local folder says so
     (tmp_path / "teacher" / "transformer").mkdir(parents=True)
     (tmp_path / "teacher" / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
     with pytest.raises(ValueError, match=r"\(a text-to-image base model .*\); supported judge types"):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from npedit.config import TrainConfig, load_config
-from npedit.folders import describe
+from npedit.folders import describe, looks_local
 
 LORA_NOTE = ("`lora_rank` 0 fine-tunes the whole student (and critic); a rank > 0 trains low-rank adapters instead, "
              "on one shared copy of the teacher's weights: what a large model needs to fit one GPU.")
@@ -160,7 +160,7 @@ def check_train_args(args: list[str]) -> TrainConfig:
     cfg = load_config(config_file, [*overrides, "output_dir=check"])
     for role, path, flag in (("teacher (base model)", cfg.model.base, "--teacher"),
                              ("judge", cfg.judge.path, "--judge"), ("student init", cfg.model.student, "--model")):
-        if path and not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        if path and looks_local(path) and not Path(path).exists():
             raise ValueError(f"the {role} {describe(path)}; type another folder or start the app with {flag}")
     if cfg.judge.path and cfg.judge.max_pixels:
         from npedit.judges import JUDGES, read_model_type

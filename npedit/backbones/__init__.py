@@ -60,7 +60,9 @@ def detect_family(path: str | os.PathLike) -> str:
         raise FileNotFoundError(
             f"{local} holds no transformer/config.json: not a diffusers-layout checkpoint of a supported backbone"
         )
-    if str(path).startswith(("/", ".", "~")) or str(path).count("/") != 1:
+    from npedit.folders import looks_local
+
+    if looks_local(path):  # a missing local folder: say so now, not after the hub client's retries
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     from huggingface_hub import hf_hub_download
 

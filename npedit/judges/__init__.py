@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from npedit.edit_types import EDIT_TYPES, edit_type_name
-from npedit.folders import CheckpointError, what_is
+from npedit.folders import CheckpointError, looks_local, what_is
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.internvl import InternVLJudge
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
@@ -49,6 +49,8 @@ def read_model_type(path_or_id: str | os.PathLike) -> str | None:
     if local.is_dir():
         file = local / "config.json"
         return json.loads(file.read_text()).get("model_type") if file.is_file() else None
+    if looks_local(path_or_id):  # a missing local folder ("runs/x" beside runs/): nothing the hub could have
+        return None
     try:
         config, _ = PretrainedConfig.get_config_dict(str(path_or_id))
     except (OSError, ValueError):
@@ -62,7 +64,7 @@ def judge_class(path_or_id: str | os.PathLike) -> type[Judge]:
     model_type = read_model_type(path_or_id)
     if model_type not in JUDGES:
         found = f"model_type {model_type!r}" if model_type is not None else (
-            what_is(path_or_id) if Path(path_or_id).is_dir() else "no readable config.json")
+            what_is(path_or_id) if looks_local(path_or_id) else "no readable config.json")
         supported = ", ".join(sorted(JUDGES))
         hint = HINTS.get(model_type, "")
         raise CheckpointError(f"cannot load a judge from {str(path_or_id)!r} ({found}); supported judge types: "
