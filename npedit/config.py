@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,9 +311,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if str(value).lower() in ("true", "1", "yes"):
+        if str(value).lower() in ("true", "1", "yes", "on"):
             return True
-        if str(value).lower() in ("false", "0", "no"):
+        if str(value).lower() in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float):
@@ -368,6 +369,24 @@ def changed_settings(before: dict, after: dict) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false are booleans, so `mixed_precision=no` is the
+    word "no" (YAML 1.1 reads no/yes/on/off as booleans; a bool setting still takes those words, see `_coerce`)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse config YAML (a file or one override's value) with YAML 1.2's booleans (`_ConfigLoader`)."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a nested dict."""
     out = json.loads(json.dumps(data))
@@ -381,7 +400,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = read_yaml(raw) if raw.strip() else ""
     return out
 
 
@@ -401,7 +420,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise FileNotFoundError(f"{p} is a folder, not a config file: --config takes a YAML file{own}")
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{p} must hold a mapping of config keys")
     return build_config(TrainConfig, apply_overrides(data, list(overrides)))

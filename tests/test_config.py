@@ -175,3 +175,16 @@ def test_data_exclude_held_out_redraws_benchmark_cases_and_changes_nothing_by_de
     with pytest.raises(ValueError, match="data.exclude_held_out lists benchmark seeds"):
         load_config(None, BASE + ["data.exclude_held_out=[-1]"])
     _refused_for_a_manifest(tmp_path, "data.exclude_held_out=[0]", "filters a generated domain")
+
+
+def test_mixed_precision_no_is_the_word_no_in_overrides_and_files(tmp_path):
+    """`mixed_precision=no` (the default, as the error lists it) stays the word: YAML 1.1 read it as False and the run
+    was refused with "got 'False'"; bool settings still take yes/no/on/off as well as true/false."""
+    assert load_config(None, BASE + ["mixed_precision=no"]).mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: /m}\ndata: {train: shapes}\njudge: {path: /j}\nmixed_precision: no\n")
+    assert load_config(f).mixed_precision == "no"
+    for word, value in (("yes", True), ("no", False), ("on", True), ("Off", False), ("true", True), ("False", False)):
+        assert load_config(None, BASE + [f"judge.identity_question={word}"]).judge.identity_question is value, word
+    f.write_text("model: {base: /m, gradient_checkpointing: yes}\ndata: {train: shapes}\njudge: {path: /j}\n")
+    assert load_config(f).model.gradient_checkpointing is True
