@@ -339,12 +339,18 @@ def checks(models: Models, device: str, dtype: torch.dtype) -> list[tuple[str, s
     return out
 
 
+def row_line(row: dict) -> str:
+    """A check's row as one printed line: name, ok/FAIL, seconds, figures or the error."""
+    shown = row.get("error") or json.dumps(row["figures"])
+    return f"{row['name']:24s} {'ok' if row['ok'] else 'FAIL':4s} {row['seconds']:6.1f}s  {shown[:300]}"
+
+
 def run_check(name: str, thunk) -> dict:
     """Run one check; its row: name, ok, seconds, figures (or the error and the last lines of its traceback)."""
     start = time.perf_counter()
     try:
         figures, ok, error = thunk(), True, None
-    except Exception as exc:  # one failure is a row, not the end of the run
+    except (Exception, SystemExit) as exc:  # one failure is a row, not the end of the run (the CLI exits on errors)
         figures, ok = {}, False
         error = f"{type(exc).__name__}: {exc}"[:2000]
         figures["traceback"] = traceback.format_exc().splitlines()[-12:]
@@ -355,16 +361,32 @@ def run_check(name: str, thunk) -> dict:
 
 
 def environment(device: str) -> dict:
-    """What the run ran on: device name, torch/diffusers/transformers versions."""
+    """What the run runs on: device name, torch/diffusers/transformers versions (read before any check)."""
     import diffusers
     import transformers
 
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    return {"device": device, "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
-            "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if cuda else None,
+    return {"device": device, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "cpu_threads": torch.get_num_threads()}
+
+
+def peak_gpu_memory_mib(device: str) -> float | str | None:
+    """The peak GPU memory of the run in MiB (None on a CPU; the error after a CUDA failure broke the context)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    try:
+        return round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    except RuntimeError as exc:
+        return f"unreadable: {exc}"[:200]
+
+
+def write_report(out: str | None, report: dict) -> None:
+    """Write the JSON report (after every check: a run cut short still leaves its rows)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,26 +412,25 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     for library in ("transformers", "diffusers"):  # their loading bars would bury the rows
         __import__(library).utils.logging.disable_progress_bar()
+    report = {"environment": environment(device), "dtype": args.dtype, "complete": False, "rows": []}
+    rows = report["rows"]
     with tempfile.TemporaryDirectory(prefix="gpu_smoke_") as tmp:
         models = Models(Path(args.workdir or tmp))
         selected = [c for c in checks(models, device, dtype) if not wanted or c[0] in wanted or c[1] in wanted]
-        rows = []
         with tqdm(selected, desc="gpu smoke", unit="check") as bar:
             for name, _, thunk in bar:
                 bar.set_postfix_str(name)
-                row = run_check(name, thunk)
-                rows.append(row)
-                shown = row.get("error") or json.dumps(row["figures"])
-                tqdm.write(f"{name:28s} {'ok' if row['ok'] else 'FAIL':4s} {row['seconds']:7.1f}s  {shown[:300]}")
-    report = {"environment": environment(device), "dtype": args.dtype,
-              "total_s": round(time.perf_counter() - STARTED, 1),
-              "ok": all(r["ok"] for r in rows), "rows": rows}
+                rows.append(run_check(name, thunk))
+                tqdm.write(row_line(rows[-1]))
+                write_report(out, report)
+    report.update(complete=True, ok=all(r["ok"] for r in rows), total_s=round(time.perf_counter() - STARTED, 1))
+    report["environment"]["peak_gpu_memory_mib"] = peak_gpu_memory_mib(device)
+    write_report(out, report)
     failed = [r["name"] for r in rows if not r["ok"]]
+    print("\n".join(["", *map(row_line, rows)]))  # all rows again, together at the end of the output
     print(f"{len(rows) - len(failed)}/{len(rows)} checks ok in {report['total_s']} s" +
           (f"; failed: {', '.join(failed)}" if failed else "") + f" ({device}, {args.dtype})")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
         print(f"report: {out}")
     return 0 if report["ok"] else 1
 

@@ -26,6 +26,7 @@ def test_every_check_passes_on_the_cpu_in_bfloat16(tmp_path):
     names = [r["name"] for r in report["rows"]]
     assert {n.split("/")[0] for n in names} == {"pipeline", "offload", "trace", "judge", "train", "bench"}
     assert len(names) == 13 and report["dtype"] == "bfloat16" and report["environment"]["device"] == "cpu"
+    assert report["complete"] and report["ok"]
     assert "13/13 checks ok" in done.stdout and "(cpu, bfloat16)" in done.stdout
 
 
@@ -40,5 +41,6 @@ def test_a_rounded_or_bfloat16_time_and_a_raising_check_are_failures():
         smoke.check_time(pipe, [torch.tensor([1000.0, 948.0])])
     row = smoke.run_check("broken", lambda: 1 / 0)
     assert not row["ok"] and row["error"].startswith("ZeroDivisionError") and row["figures"]["traceback"]
+    assert not smoke.run_check("exits", lambda: sys.exit("error: no such model"))["ok"]  # as the CLI stops
     with pytest.raises(SystemExit, match="no group or check"):
         smoke.main(["--device", "cpu", "--only", "pipelines"])
