@@ -43,7 +43,9 @@ def bench_main(args) -> int:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model)).to(device)
+    dtype = getattr(torch, "bfloat16" if args.dtype == "auto" and device.type == "cuda" else
+                    "float32" if args.dtype == "auto" else args.dtype)
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     size = args.size
@@ -51,15 +53,15 @@ def bench_main(args) -> int:
     instruction = args.instruction
     gen = torch.Generator().manual_seed(0)
     steps = args.steps
-    res = {"device": str(device), "torch_threads": torch.get_num_threads(), "image_size": size, "steps": steps}
+    res = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(), "image_size": size, "steps": steps}
     bb = pipe.backbone
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    ref = bb.encode_image(pixels.to(device))
+    ref = bb.encode_image(pixels.to(device, dtype))
     cond = bb.encode_prompt([instruction], with_reference=True)
     times = pipe.times(steps)
 
     def bare():
-        x = torch.randn(ref.shape, generator=gen).to(device)
+        x = torch.randn(ref.shape, generator=gen).to(device, ref.dtype)
         for t in times:
             bb.velocity(pipe.transformer, x, torch.full((1,), t, device=device), cond, reference=ref)
         sync()
@@ -74,8 +76,8 @@ def bench_main(args) -> int:
         from .backbones import load_backbone
         from .shapes.evaluate import sdedit_sampler
 
-        tb = load_backbone(teacher_dir).to(device)
-        teacher = tb.load_transformer(teacher_dir).to(device).eval()
+        tb = load_backbone(teacher_dir, torch_dtype=dtype).to(device)
+        teacher = tb.load_transformer(teacher_dir, torch_dtype=dtype).to(device).eval()
         sdedit = sdedit_sampler(tb, teacher, steps=args.teacher_steps)
         arr = np.asarray(image)
 

@@ -605,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=20)
     b.add_argument("--instruction", default="make the circle blue")
     b.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    b.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="editor and teacher (default auto: bfloat16 on a GPU, float32 on a CPU, as `edit` does)")
     b.add_argument("--json", action="store_true", help="also print one JSON line")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -306,18 +306,20 @@ def train_check(models: Models, family: str, lora_rank: int, device: str, dtype:
             "device": str(trainer.acc.device)}
 
 
-def bench_check(models: Models, device: str) -> dict:
-    """`python -m npedit bench --device DEVICE` with quick settings (the tiny Z-Image editor and teacher)."""
+def bench_check(models: Models, device: str, dtype: torch.dtype) -> dict:
+    """`python -m npedit bench --device DEVICE --dtype DTYPE` with quick settings (the tiny Z-Image editor and
+    teacher)."""
     from npedit.cli import main
 
     paths = models.tiny_set
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(["bench", "--model", paths["model"], "--teacher", paths["teacher"], "--device", device,
-                     "--repeats", "2", "--batch", "2", "--teacher-steps", "2", "--json"])
+                     "--dtype", str(dtype).removeprefix("torch."), "--repeats", "2", "--batch", "2", "--teacher-steps", "2", "--json"])
     require(code == 0, f"bench exited with {code}")
     result = json.loads(printed.getvalue().strip().splitlines()[-1])
     require(result["device"].split(":")[0] == torch.device(device).type, f"bench ran on {result['device']}")
+    require(result["dtype"] == str(dtype).removeprefix("torch."), f"bench ran in {result['dtype']}")
     keys = ("edit_latency_ms", "bare_transformer_ms", "teacher_sdedit_latency_ms", "batch_throughput_img_per_s")
     require(all(result[k] > 0 for k in keys), f"bench figures: {result}")
     return {k: round(result[k], 2) for k in keys}
@@ -335,7 +337,7 @@ def checks(models: Models, device: str, dtype: torch.dtype) -> list[tuple[str, s
     out += [(f"train/{family}{'-lora' if rank else ''}", "train",
              functools.partial(train_check, models, family, rank, device, dtype))
             for family, rank in (("sd3", 4), ("sd3", 0), ("zimage", 0))]
-    out.append(("bench/zimage", "bench", functools.partial(bench_check, models, device)))
+    out.append(("bench/zimage", "bench", functools.partial(bench_check, models, device, dtype)))
     return out
 
 

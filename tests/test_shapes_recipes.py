@@ -126,6 +126,11 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
           "--batch", "2", "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["edit_latency_ms"] > 0 and res["bare_transformer_ms"] > 0 and "speedup_vs_teacher" in res
+    assert res["dtype"] == "float32"  # auto on a CPU
+    main(["bench", "--model", str(out), "--teacher", str(base), "--teacher-steps", "2", "--repeats", "1",
+          "--batch", "2", "--dtype", "bfloat16", "--json"])  # the editor and the teacher baseline alike
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["dtype"] == "bfloat16" and res["speedup_vs_teacher"] > 0
 
 
 def test_eval_and_bench_refuse_what_they_cannot_run_or_write_before_loading_models(tmp_path):

@@ -257,7 +257,7 @@ class ZImageBackbone(Backbone):
     def velocity(self, transformer, x_t, t, cond, reference=None):
         """v = eps - x0 from Z-Image's native output (-v at time 1 - t); x_t (B, C, h, w), t (B,)."""
         onload(transformer)  # under model offload: the frames layout calls its blocks, never its hooked forward
-        dtype = next(transformer.parameters()).dtype
+        dtype = transformer.x_pad_token.dtype  # the base's, never a trainable addition's (see sd3.base_dtype)
         t_native = (1.0 - t).float()  # kept in float32 (as diffusers' pipeline does): bf16 would round 1000 t by ~1
         frames = x_t.to(dtype).unsqueeze(2).unbind(0)  # B x (C, 1, h, w)
         if reference is None:
