@@ -61,6 +61,29 @@ def check_call_arguments(num_inference_steps, generator, output_type, batch: int
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
 
 
+def group_indices(keys: list) -> list[list[int]]:
+    """Indices of equal keys, grouped: groups in the order of their first index, indices ascending in each."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def check_stackable(output_type: str, keep_size: bool, sizes: list, work: list) -> None:
+    """Refuse an output type that stacks the edits into one array when their sizes differ, saying what works."""
+    if output_type == "latent" and len(set(work)) > 1:
+        raise ValueError(f"output_type 'latent' stacks the latents into one tensor, but the images have different "
+                         f"working sizes {sorted(set(work))}: edit each size in a call of its own")
+    if output_type not in ("np", "pt"):
+        return
+    if len(set(work)) > 1:
+        raise ValueError(f"output_type {output_type!r} stacks the edits into one array, but the images have different "
+                         f"working sizes {sorted(set(work))} (each is edited at its own aspect): use output_type='pil'")
+    if keep_size and len(set(sizes)) > 1:
+        raise ValueError(f"output_type {output_type!r} stacks the edits into one array, but the images have different "
+                         f"sizes {sorted(set(sizes))}: use output_type='pil' or keep_size=False")
+
+
 class NPEditPipeline(DiffusionPipeline):
     """Instruction-based editing in a few steps: `pipe(image=..., prompt="make the sky pink")`."""
 
@@ -132,15 +155,22 @@ class NPEditPipeline(DiffusionPipeline):
         """The sampling times for `num_inference_steps` under the scheduler's shift."""
         return flow.few_step_times(num_inference_steps, float(self.scheduler.config.shift))
 
-    def prepare_images(self, images, max_side: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Load and fit images to a common working size; returns (B, 3, H, W) in [-1, 1] and original sizes."""
+    def working_size(self, size: tuple[int, int], max_side: int) -> tuple[int, int]:
+        """The (width, height) an image of `size` is edited at: its own aspect, within `max_side` and the backbone."""
         if max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
         limit = self.backbone.max_side  # a larger image would not fit the transformer (e.g. SD3's position grid)
+        return editable_size(*size, self.backbone.pixel_multiple, min(max_side, limit or max_side))
+
+    def prepare_images(self, images, max_side: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Load and fit images that share one working size; returns (B, 3, H, W) in [-1, 1] and original sizes.
+        Images of different working sizes are refused (one tensor cannot hold them; the call groups them itself)."""
         pils = [load_image(im) for im in images]
         sizes = [im.size for im in pils]
-        w, h = editable_size(*sizes[0], self.backbone.pixel_multiple, min(max_side, limit or max_side))
-        return torch.stack([pil_to_tensor(im.resize((w, h), resample=3)) for im in pils]), sizes
+        work = [self.working_size(s, max_side) for s in sizes]
+        if len(set(work)) > 1:
+            raise ValueError(f"the images have different working sizes {sorted(set(work))}: prepare each size apart")
+        return torch.stack([pil_to_tensor(im.resize(w, resample=3)) for im, w in zip(pils, work)]), sizes
 
     def _device(self) -> torch.device:
         """Where the models run: diffusers' `_execution_device` under offload hooks, else the transformer's own
@@ -171,7 +201,10 @@ class NPEditPipeline(DiffusionPipeline):
         `num_images_per_prompt` edits of each input, in diffusers' order (input 0's edits first); `generator`: one
         for the batch, or one per output image (diffusers' convention: image b's noise then comes from generator b
         alone, so it is the single edit seeded alike).
-        `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step, t in [0, 1];
+        Each image is edited at its own working size (`working_size`): images of several working sizes run one pass
+        per size, in the order of each size's first image, and come back in input order; one `generator` serves
+        those passes in turn.
+        `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step (and size), t in [0, 1];
         `callback_on_step_end_tensor_inputs` picks the keys (default both). Its return value is not used: each step
         re-noises x0 with fresh noise, so there is no running latent for it to replace.
         Outputs are resized back to each input's size unless `keep_size` is False.
@@ -197,16 +230,46 @@ class NPEditPipeline(DiffusionPipeline):
         if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}; got "
                              f"{tensor_inputs}")
+        pils = [load_image(im) for im in images]
+        sizes = [im.size for im in pils]
+        work = [self.working_size(s, max_side) for s in sizes]
+        check_stackable(output_type, keep_size, sizes, work)
+        # one pass per working size, in the order of each size's first image: one pass when all share it
+        groups = group_indices(work)
         device = self._device()
+        out_images, out_latents = [None] * (len(images) * n), None
+        for group in groups:
+            rows = [i * n + k for i in group for k in range(n)]  # this group's outputs: input i's copies in order
+            pixels = torch.stack([pil_to_tensor(pils[i].resize(work[i], resample=3)) for i in group])
+            gens = [generator[j] for j in rows] if isinstance(generator, (list, tuple)) else generator
+            latents = self._sample(pixels, [prompts[i] for i in group], n, gens, num_inference_steps, device,
+                                   callback_on_step_end, tensor_inputs)
+            if output_type == "latent":
+                out_latents = latents  # one group: check_stackable refused several working sizes
+                continue
+            decoded = self.backbone.decode_latents(latents).clamp(-1, 1)  # (B, 3, H, W)
+            for j, x in zip(rows, decoded):
+                im, size = tensor_to_pil(x), sizes[j // n]
+                out_images[j] = im.resize(size, resample=3) if keep_size and im.size != size else im
+        if output_type == "latent":
+            out = out_latents
+        elif output_type == "pil":
+            out = out_images
+        elif output_type == "np":
+            out = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in out_images])
+        else:
+            out = torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1).float() / 255
+                               for p in out_images])
+        self.maybe_free_model_hooks()
+        return NPEditPipelineOutput(images=out) if return_dict else (out,)
+
+    def _sample(self, pixels, prompts, n, generator, num_inference_steps, device, callback_on_step_end,
+                tensor_inputs) -> torch.Tensor:
+        """Edit one working size's images (B, 3, H, W) `n` times each; returns the latents (B n, C, h, w)."""
         bb = self.backbone
-        pixels, sizes = self.prepare_images(images, max_side)
-        if output_type in ("np", "pt") and keep_size and len(set(sizes)) > 1:
-            raise ValueError(f"output_type {output_type!r} stacks the edits into one array, but the images have "
-                             f"different sizes {sorted(set(sizes))}: use output_type='pil' or keep_size=False")
         # each input encoded once; its copies share the reference and draw their own noise, input 0's first
         reference = bb.encode_image(pixels.to(device)).repeat_interleave(n, dim=0)  # (B n, C, h, w)
-        prompts, sizes = [p for p in prompts for _ in range(n)], [s for s in sizes for _ in range(n)]
-        cond = bb.encode_prompt(prompts, with_reference=True)
+        cond = bb.encode_prompt([p for p in prompts for _ in range(n)], with_reference=True)
         noise = draw_noise(reference.shape, generator, device, reference.dtype)
 
         def denoise(x_t, t):
@@ -217,22 +280,7 @@ class NPEditPipeline(DiffusionPipeline):
                 tensors = {"latents": s.x_t, "x0": s.x0}
                 callback_on_step_end(self, s.step, s.t, {k: tensors[k] for k in tensor_inputs})
 
-        latents = sample(denoise, noise, self.times(num_inference_steps), generator=generator, callback=on_step)
-        if output_type == "latent":
-            out = latents
-        else:
-            decoded = bb.decode_latents(latents).clamp(-1, 1)  # (B, 3, H, W)
-            pils = [tensor_to_pil(x) for x in decoded]
-            if keep_size:
-                pils = [im if im.size == s else im.resize(s, resample=3) for im, s in zip(pils, sizes)]
-            if output_type == "pil":
-                out = pils
-            elif output_type == "np":
-                out = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pils])
-            else:
-                out = torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1).float() / 255 for p in pils])
-        self.maybe_free_model_hooks()
-        return NPEditPipelineOutput(images=out) if return_dict else (out,)
+        return sample(denoise, noise, self.times(num_inference_steps), generator=generator, callback=on_step)
 
     def with_vae(self, vae) -> "NPEditPipeline":
         """This pipeline with its VAE replaced by `vae`, which must share the latent space (channels and

@@ -108,10 +108,48 @@ def test_callback_on_step_end_takes_diffusers_tensor_inputs_and_pipeline_callbac
 def test_mixed_sizes_come_back_at_their_own_sizes_or_a_clear_error_for_one_array(pipe, scene):
     wide = scene.resize((96, 48))
     assert [im.size for im in pipe(image=[scene, wide], prompt=PROMPT).images] == [(64, 64), (96, 48)]
-    assert pipe(image=[scene, wide], prompt=PROMPT, output_type="np", keep_size=False).images.shape == (2, 64, 64, 3)
+    big = scene.resize((128, 128))  # another size, the same working size (max_side 64): one array of the edits
+    assert pipe(image=[scene, big], prompt=PROMPT, output_type="np", keep_size=False, max_side=64).images.shape == (
+        2, 64, 64, 3)
     for kind in ("np", "pt"):
         with pytest.raises(ValueError, match="different sizes .* use output_type='pil' or keep_size=False"):
-            pipe(image=[scene, wide], prompt=PROMPT, output_type=kind)
+            pipe(image=[scene, big], prompt=PROMPT, output_type=kind, max_side=64)
+        with pytest.raises(ValueError, match="different working sizes .* use output_type='pil'$"):
+            pipe(image=[scene, wide], prompt=PROMPT, output_type=kind, keep_size=False)
+    with pytest.raises(ValueError, match="'latent' stacks .* different working sizes"):
+        pipe(image=[scene, wide], prompt=PROMPT, output_type="latent")
+
+
+def test_each_image_of_a_mixed_batch_is_edited_at_its_own_working_size_as_alone(pipe, scene, monkeypatch):
+    wide, tall = scene.resize((96, 48)), scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((48, 96))
+    inputs, prompts = [wide, scene, tall, wide], [PROMPT, "remove the circle", PROMPT, "remove the square"]
+    seen = []
+    encode = type(pipe.backbone).encode_image
+    monkeypatch.setattr(type(pipe.backbone), "encode_image", lambda bb, px: seen.append(tuple(px.shape)) or encode(
+        bb, px))
+    got = pipe(image=inputs, prompt=prompts, num_images_per_prompt=2, generator=[seeded(s) for s in range(8)]).images
+    # one pass per working size, in the order of each size's first image; nothing squashed to the first one's size
+    assert seen == [(2, 3, 48, 96), (1, 3, 64, 64), (1, 3, 96, 48)]
+    assert [im.size for im in got] == [(96, 48)] * 2 + [(64, 64)] * 2 + [(48, 96)] * 2 + [(96, 48)] * 2
+    # image b's edits are its single call's with the same generators (the wide pair: batched, so up to rounding)
+    for i, (image, prompt) in enumerate(zip(inputs, prompts)):
+        alone = pipe(image=image, prompt=prompt, num_images_per_prompt=2,
+                     generator=[seeded(2 * i), seeded(2 * i + 1)]).images
+        for k in range(2):
+            diff = np.abs(np.asarray(got[2 * i + k], dtype=int) - np.asarray(alone[k], dtype=int))
+            assert diff.max() <= (1 if image is wide else 0), (i, k, diff.max())
+    seen.clear()
+    pipe(image=[scene, scene.rotate(90)], prompt=PROMPT)
+    assert seen == [(2, 3, 64, 64)]  # one working size: one pass, as before
+
+
+def test_one_generator_serves_the_size_groups_in_turn(pipe, scene):
+    wide = scene.resize((96, 48))
+    mixed = pipe(image=[scene, wide, scene], prompt=PROMPT, generator=seeded(5), output_type="pil").images
+    first = pipe(image=[scene, scene], prompt=PROMPT, generator=seeded(5)).images  # the first size's group, alone
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip([mixed[0], mixed[2]], first))
+    again = pipe(image=[scene, wide, scene], prompt=PROMPT, generator=seeded(5)).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mixed, again))
 
 
 def test_diffusers_positional_order_is_named_in_the_error(pipe, scene):
