@@ -238,19 +238,22 @@ class NPEditPipeline(DiffusionPipeline):
         groups = group_indices(work)
         device = self._device()
         out_images, out_latents = [None] * (len(images) * n), None
-        for group in groups:
-            rows = [i * n + k for i in group for k in range(n)]  # this group's outputs: input i's copies in order
-            pixels = torch.stack([pil_to_tensor(pils[i].resize(work[i], resample=3)) for i in group])
-            gens = [generator[j] for j in rows] if isinstance(generator, (list, tuple)) else generator
-            latents = self._sample(pixels, [prompts[i] for i in group], n, gens, num_inference_steps, device,
-                                   callback_on_step_end, tensor_inputs)
-            if output_type == "latent":
-                out_latents = latents  # one group: check_stackable refused several working sizes
-                continue
-            decoded = self.backbone.decode_latents(latents).clamp(-1, 1)  # (B, 3, H, W)
-            for j, x in zip(rows, decoded):
-                im, size = tensor_to_pil(x), sizes[j // n]
-                out_images[j] = im.resize(size, resample=3) if keep_size and im.size != size else im
+        # diffusers' denoising bar (`set_progress_bar_config(disable=True)` silences it); the pipeline's alone: the
+        # sampler, shared with training, shows none
+        with self.progress_bar(total=num_inference_steps * len(groups)) as bar:
+            for group in groups:
+                rows = [i * n + k for i in group for k in range(n)]  # this group's outputs: input i's copies in order
+                pixels = torch.stack([pil_to_tensor(pils[i].resize(work[i], resample=3)) for i in group])
+                gens = [generator[j] for j in rows] if isinstance(generator, (list, tuple)) else generator
+                latents = self._sample(pixels, [prompts[i] for i in group], n, gens, num_inference_steps, device,
+                                       callback_on_step_end, tensor_inputs, bar)
+                if output_type == "latent":
+                    out_latents = latents  # one group: check_stackable refused several working sizes
+                    continue
+                decoded = self.backbone.decode_latents(latents).clamp(-1, 1)  # (B, 3, H, W)
+                for j, x in zip(rows, decoded):
+                    im, size = tensor_to_pil(x), sizes[j // n]
+                    out_images[j] = im.resize(size, resample=3) if keep_size and im.size != size else im
         if output_type == "latent":
             out = out_latents
         elif output_type == "pil":
@@ -264,7 +267,7 @@ class NPEditPipeline(DiffusionPipeline):
         return NPEditPipelineOutput(images=out) if return_dict else (out,)
 
     def _sample(self, pixels, prompts, n, generator, num_inference_steps, device, callback_on_step_end,
-                tensor_inputs) -> torch.Tensor:
+                tensor_inputs, bar) -> torch.Tensor:
         """Edit one working size's images (B, 3, H, W) `n` times each; returns the latents (B n, C, h, w)."""
         bb = self.backbone
         # each input encoded once; its copies share the reference and draw their own noise, input 0's first
@@ -276,6 +279,7 @@ class NPEditPipeline(DiffusionPipeline):
             return bb.velocity(self.transformer, x_t, t, cond, reference=reference)
 
         def on_step(s: StepState):
+            bar.update()
             if callback_on_step_end is not None:
                 tensors = {"latents": s.x_t, "x0": s.x0}
                 callback_on_step_end(self, s.step, s.t, {k: tensors[k] for k in tensor_inputs})

@@ -258,6 +258,8 @@ def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.startswith("candidate ")]
     assert len(lines) == 3 and sum("<- kept" in line for line in lines) == 1
+    # no pipeline progress bar per candidate batch (the denoising bar has no description; loading bars have one)
+    assert not re.search(r"(?:^|[\r\n]) *\d+%\|[^|\r\n]*\| *\d+/\d+ \[", out.stderr), out.stderr[-3000:]
     assert Image.open(work / "best/edited.png").size == (64, 64)
     from npedit.cli import main
 

@@ -155,3 +155,23 @@ def test_one_generator_serves_the_size_groups_in_turn(pipe, scene):
 def test_diffusers_positional_order_is_named_in_the_error(pipe, scene):
     with pytest.raises(ValueError, match="image and prompt swapped"):
         pipe(PROMPT, scene)  # diffusers' pix2pix takes (prompt, image); ours is (image, prompt)
+
+
+def test_a_denoising_progress_bar_as_diffusers_shows_it_and_set_progress_bar_config_silences(pipe, scene):
+    import io
+    import re
+
+    try:
+        # one step per sampler step; a mixed-size batch counts every size's pass (2 sizes x 2 steps)
+        for steps, images, total in ((4, [scene], 4), (3, [scene, scene], 3), (2, [scene, scene.resize((96, 48))], 4)):
+            shown = io.StringIO()
+            pipe.set_progress_bar_config(file=shown)  # diffusers' default otherwise: shown (on rank 0)
+            pipe(image=images, prompt=PROMPT, num_inference_steps=steps)
+            counts = re.findall(r"(\d+)/(\d+) \[", shown.getvalue())
+            assert counts and {int(t) for _, t in counts} == {total} and counts[-1][0] == str(total), counts
+        pipe.set_progress_bar_config(file=shown, disable=True)
+        before = shown.getvalue()
+        pipe(image=scene, prompt=PROMPT)
+        assert shown.getvalue() == before
+    finally:
+        pipe.set_progress_bar_config(disable=True)
