@@ -382,3 +382,19 @@ def carry_over(src: str | Path, out: str | Path, note: str) -> None:
         shutil.copytree(src / "critic", out / "critic")
     if (src / "README.md").is_file():
         (out / "README.md").write_text((src / "README.md").read_text() + "\n" + note + "\n")
+
+
+def register_with_diffusers() -> None:
+    """Let `diffusers.DiffusionPipeline.from_pretrained(folder)` load a saved editor as an `NPEditPipeline`."""
+    import diffusers
+
+    # diffusers reads a model_index.json `_class_name` that is a plain name as an attribute of the diffusers module
+    # (pipeline_loading_utils._get_pipeline_class): it has no registry for pipelines defined elsewhere, and its other
+    # route (`custom_pipeline=`, or a [module, class] pair) runs a .py file from the folder under trust_remote_code,
+    # which we never set. Components are another matter: it takes their modules from sys.modules once imported.
+    import_families()
+    if getattr(diffusers, NPEditPipeline.__name__, None) is None:  # never shadow a class of diffusers' own
+        setattr(diffusers, NPEditPipeline.__name__, NPEditPipeline)
+
+
+register_with_diffusers()

@@ -175,3 +175,35 @@ def test_a_denoising_progress_bar_as_diffusers_shows_it_and_set_progress_bar_con
         assert shown.getvalue() == before
     finally:
         pipe.set_progress_bar_config(disable=True)
+
+
+def test_diffusers_own_from_pretrained_loads_a_saved_editor_once_npedit_pipeline_is_imported(pipe, scene, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cli_runner import ROOT
+
+    # a fresh process shows what the import alone does; no trust_remote_code (the folder holds no code)
+    script = f"""
+import torch
+from diffusers import DiffusionPipeline
+try:
+    DiffusionPipeline.from_pretrained({str(DEFAULT_MODEL)!r})
+except AttributeError as exc:
+    print("before:", exc)
+import npedit.pipeline
+loaded = DiffusionPipeline.from_pretrained({str(DEFAULT_MODEL)!r})
+loaded.set_progress_bar_config(disable=True)
+print("type:", type(loaded).__name__)
+out = loaded(image={str(EXAMPLES_DIR / "recolor-0000.png")!r}, prompt={PROMPT!r},
+             generator=torch.Generator().manual_seed(0), output_type="pt").images
+torch.save(out, "out.pt")
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "before: module diffusers has no attribute NPEditPipeline" in run.stdout  # diffusers' lookup, unchanged
+    assert "type: NPEditPipeline" in run.stdout
+    want = pipe(image=scene, prompt=PROMPT, generator=seeded(), output_type="pt").images
+    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
