@@ -463,9 +463,16 @@ def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_tr
         main(["train", "max_steps=1", *common[:-1], f"output_dir={tmp_path}/taken/r"])
 
 
+def _an_image(path: Path) -> str:
+    """A readable 8x8 PNG at `path` (the CLI reads --image before it loads any model)."""
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    return str(path)
+
+
 def test_missing_default_model_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NPEDIT_ASSETS": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", "x.png", "--instruction", "a",
+    image = _an_image(tmp_path / "x.png")
+    out = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", image, "--instruction", "a",
                           "--output", "y.png"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "pass --model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
@@ -503,8 +510,8 @@ def test_an_incomplete_or_pickled_editor_is_one_clear_line_and_loads_in_one_dtyp
         with pytest.raises(CheckpointError, match=re.escape(says)):
             NPEditPipeline.from_pretrained(tmp_path / folder)
         with pytest.raises(SystemExit, match=re.escape(says)):
-            main(["edit", "--model", str(tmp_path / folder), "--image", "x.png", "--instruction", "x",
-                  "--output", str(tmp_path / "y.png")])
+            main(["edit", "--model", str(tmp_path / folder), "--image", _an_image(tmp_path / "x.png"),
+                  "--instruction", "x", "--output", str(tmp_path / "y.png")])
 
 
 def test_two_process_accelerate_run(tmp_path, tiny_zimage, tiny_judge, tiny_manifest):
@@ -823,7 +830,8 @@ def test_an_editor_named_like_a_hub_id_and_found_nowhere_is_one_line(tmp_path, m
     with pytest.raises(CheckpointError, match="cannot find 'editors/typo' locally or on the hub"):
         NPEditPipeline.from_pretrained("editors/typo")
     with pytest.raises(SystemExit, match="error: cannot find 'editors/typo' locally or on the hub"):
-        main(["edit", "--model", "editors/typo", "--image", "in.png", "--instruction", "x", "--output", "y.png"])
+        main(["edit", "--model", "editors/typo", "--image", _an_image(tmp_path / "in.png"), "--instruction", "x",
+              "--output", "y.png"])
 
 
 @pytest.fixture
