@@ -167,7 +167,7 @@ def pipeline_check(models: Models, kind: str, device: str, dtype: torch.dtype) -
     from npedit.pipeline import NPEditPipeline
 
     folder = models.editor(kind)
-    pipe = NPEditPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    pipe = NPEditPipeline.from_pretrained(folder, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     dtypes = {name: next(getattr(pipe, name).parameters()).dtype for name in ("transformer", "vae", "text_encoder")}
     require(set(dtypes.values()) == {dtype}, f"components loaded as {dtypes}, not {dtype}")
@@ -175,7 +175,7 @@ def pipeline_check(models: Models, kind: str, device: str, dtype: torch.dtype) -
     out = edit(pipe)
     require(bool(np.isfinite(out).all()), "the edit is not finite")
     check_time(pipe, seen)
-    full = NPEditPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    full = NPEditPipeline.from_pretrained(folder, dtype=torch.float32).to(device)
     full.set_progress_bar_config(disable=True)
     reference = edit(full)
     diff = float(np.abs(out - reference).max())
@@ -189,11 +189,11 @@ def offload_check(models: Models, kind: str, device: str, dtype: torch.dtype) ->
     from npedit.pipeline import NPEditPipeline
 
     folder = models.editor(kind)
-    plain = NPEditPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    plain = NPEditPipeline.from_pretrained(folder, dtype=dtype).to(device)
     plain.set_progress_bar_config(disable=True)
     expected = edit(plain)
     del plain
-    pipe = NPEditPipeline.from_pretrained(folder, torch_dtype=dtype)
+    pipe = NPEditPipeline.from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_model_cpu_offload(device=device)
     seen = record_times(pipe)
