@@ -937,3 +937,34 @@ def test_upload_client_is_the_address_the_proxy_saw():
     same = {client_of({"x-forwarded-for": f"2001:4860:4860::{k}"}, None) for k in (1, 2, "8888")}
     assert same == {"2001:4860:4860::/64"}
     assert client_of({"x-forwarded-for": "::ffff:8.8.8.8"}, None) == "8.8.8.8"
+
+
+def test_an_upload_refusal_reads_as_its_message_in_the_page():
+    """gradio's page shows a refused upload (multipart) as "HTTP 429: <body text>", but reads a refused event call
+    (JSON, e.g. queue/join once the budget is spent) as JSON and showed "Could not parse server response:
+    SyntaxError: Unexpected token 'U'..." for a text body. A JSON request now gets {"detail": message}, which the page
+    shows as the message itself; an upload keeps the plain text."""
+    import asyncio
+
+    from workbench.uploads import MB, UploadLimit
+
+    async def refused(content_type: str, size: int) -> tuple[dict, bytes]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def app(scope, receive, send):  # what the limit lets through
+            raise AssertionError("this request should have been refused")
+
+        limit = UploadLimit(app, mb_per_hour=0.001, min_free_mb=0, folder="/")
+        scope = {"type": "http", "client": ("8.8.8.8", 1), "headers": [
+            (b"content-type", content_type.encode()), (b"content-length", str(size).encode())]}
+        await limit(scope, None, send)
+        return dict(sent[0]["headers"]), sent[1]["body"]
+
+    headers, body = asyncio.run(refused("application/json", 2 * MB))
+    assert headers[b"content-type"] == b"application/json"
+    assert json.loads(body)["detail"].startswith("This upload (2.0 MB) is larger than this public app accepts")
+    headers, body = asyncio.run(refused("multipart/form-data; boundary=x", 2 * MB))
+    assert headers[b"content-type"].startswith(b"text/plain") and body.startswith(b"This upload (2.0 MB)")

@@ -8,6 +8,7 @@ several routes (upload, component server, recordings), and its max_file_size cap
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import time
 from collections import deque
@@ -94,7 +95,8 @@ class Ledger:
 
 class UploadLimit:
     """ASGI middleware: refuse a request body over its client's hourly budget (429, 413 when one body alone is over
-    it), one of unknown length (411), or one that would leave less than `min_free_mb` free where uploads go (507)."""
+    it), one of unknown length (411), or one that would leave less than `min_free_mb` free where uploads go (507);
+    the message as plain text to an upload (multipart), as {"detail": ...} to any other (JSON) request."""
 
     def __init__(self, app, mb_per_hour: float, min_free_mb: float, folder: str | Path, clock=time.monotonic):
         self.app = app
@@ -113,10 +115,12 @@ class UploadLimit:
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message, extra = refusal
-        body = message.encode()
+        if headers.get("content-type", "").startswith("multipart/"):  # gradio's page shows "HTTP 429: <body text>"
+            body, kind = message.encode(), b"text/plain; charset=utf-8"
+        else:  # an event call (JSON): the page reads the body as JSON and shows its "detail"
+            body, kind = json.dumps({"detail": message}).encode(), b"application/json"
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode()), *extra]})
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra]})
         await send({"type": "http.response.body", "body": body})
 
     def refusal(self, headers: dict[str, str], peer: str | None) -> tuple[int, str, list] | None:
