@@ -660,19 +660,24 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                            *knobs.values()],
                 [current, status, timer], api_visibility="private")
 
-    def on_tick(run_dir, editor_value, token_value=None):
-        hidden = app.runs_hidden(token_value)  # (the timer's event can be sent by anyone, like every other)
-        if hidden:
-            return hidden, None, None, "", gr.Timer(active=False), gr.Dropdown()
+    def job_view(run_dir):
+        """(status, loss curves, latest sample, log tail, timer) of the job in `run_dir` (None: no job yet)."""
         if not run_dir:
-            return _status_markdown(None, device), None, None, "", gr.Timer(active=False), gr.Dropdown()
+            return _status_markdown(None, device), None, None, "", gr.Timer(active=False)
         st = jobs.job_status(run_dir)
         metrics = runs.read_metrics(run_dir)
         keys = [k for k in runs.metric_keys({"run": metrics}) if k.endswith("loss")][:4]  # main losses first
         figure = plots.loss_curves({Path(run_dir).name: metrics}, keys) if not metrics.empty else None
-        dropdown = gr.Dropdown() if st.active else refresh_list(editor_value)
         return (_status_markdown(st, device), figure, _shown(app, st.latest_sample), jobs.log_tail(run_dir),
-                gr.Timer(active=st.active), dropdown)
+                gr.Timer(active=st.active))
+
+    def on_tick(run_dir, editor_value, token_value=None):
+        hidden = app.runs_hidden(token_value)  # (the timer's event can be sent by anyone, like every other)
+        if hidden:
+            return hidden, None, None, "", gr.Timer(active=False), gr.Dropdown()
+        view = job_view(run_dir)
+        finished = run_dir and not view[-1].active  # its editor, if any, joins the Edit tab's list
+        return (*view, refresh_list(editor_value) if finished else gr.Dropdown())
 
     timer.tick(on_tick, [current, editor_dropdown, token], [status, curves, sample, log, timer, editor_dropdown],
                api_visibility="private", show_progress="hidden", concurrency_limit=None)
@@ -687,17 +692,17 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     cancel.click(on_cancel, [current, token], status, api_visibility="private")
 
     def on_load(token_value=None):
-        """Reattach to the job running on this device (e.g. after the tab was closed), else show the last one."""
+        """Reattach to the job running on this device (e.g. after the tab was closed), else show the last one: its
+        status, curves, latest sample and log (a finished job's too, which no timer tick draws)."""
         hidden = app.runs_hidden(token_value)
         if hidden:
-            return None, hidden, gr.Timer(active=False)
+            return None, hidden, None, None, "", gr.Timer(active=False)
         active = jobs.active_job(app.runs_root, device)
         listed = jobs.list_jobs(app.runs_root) if active is None else []
         run_dir = str(active) if active else (listed[0].run_dir if listed else None)
-        st = jobs.job_status(run_dir) if run_dir else None
-        return run_dir, _status_markdown(st, device), gr.Timer(active=bool(st and st.active))
+        return (run_dir, *job_view(run_dir))
 
-    return on_load, (current, status, timer, token)
+    return on_load, (current, status, curves, sample, log, timer, token)
 
 
 # ---- Runs tab --------------------------------------------------------------------------------
@@ -797,12 +802,12 @@ def build_demo(app: App) -> gr.Blocks:
         with gr.Tab("Judge inspector"):
             build_judge_tab(app, last_edit)
         with gr.Tab("Train"):
-            train_load, (train_run, train_status, train_timer, train_token) = build_train_tab(app, editor, refresh_list)
+            train_load, (train_run, *train_view, train_timer, train_token) = build_train_tab(app, editor, refresh_list)
         with gr.Tab("Runs"):
             runs_refresh, runs_inputs, runs_outputs = build_runs_tab(app, train_run, train_timer, train_token)
         # a public app shows run contents only once the owner's token is typed: on load, then on each entry of it
         for triggers in ([demo.load], [train_token.submit, train_token.blur]):
-            gr.on(triggers, train_load, train_token, [train_run, train_status, train_timer], api_visibility="private")
+            gr.on(triggers, train_load, train_token, [train_run, *train_view, train_timer], api_visibility="private")
             gr.on(triggers, runs_refresh, runs_inputs, runs_outputs, api_visibility="private")
     return demo
 

@@ -529,8 +529,8 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     notice = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "runs-notice")
     assert "Training token" in notice.value and str(app.runs_root) not in notice.value  # no server path either
     for given, says in ((None, "shown only to its owner: type the training token"), ("wrong", "not this app's")):
-        run_dir, status, timer = fns["on_load"](given)
-        assert run_dir is None and says in status and not timer.active
+        run_dir, status, curves, sample, log, timer = fns["on_load"](given)
+        assert run_dir is None and says in status and (curves, sample, log) == (None, None, "") and not timer.active
         status, curves, sample, log, timer, _ = fns["on_tick"](str(run), None, given)
         assert says in status and (curves, sample, log) == (None, None, "") and not timer.active
         shown, table, selected, keys, one = fns["on_refresh"](["mine"], given)
@@ -538,8 +538,13 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
         figure, bars, comparison = fns["on_compare"](["mine"], ["student_loss"], given)
         assert bars is None and comparison is None
         assert fns["on_samples"]("mine", given) == []
-    run_dir, status, _ = fns["on_load"]("s3cret")  # the owner
+    run_dir, status, curves, sample, log, _ = fns["on_load"]("s3cret")  # the owner
     assert run_dir == str(run.resolve()) and "mine" in status
+    # the last job is finished, so no timer tick draws it: typing the token (or loading the page) does
+    assert isinstance(sample, Image.Image) and "private/cases.jsonl" in log and curves is not None
+    load = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_load")
+    assert [getattr(b, "label", None) for b in load.outputs[2:5]] == ["Loss curves", "Latest samples (reference | edit)",
+                                                                      "Log (tail)"]
     status, curves, sample, log, _, _ = fns["on_tick"](run_dir, None, "s3cret")
     assert isinstance(sample, Image.Image) and "private/cases.jsonl" in log and curves is not None
     shown, table, selected, _, _ = fns["on_refresh"](None, "s3cret")
