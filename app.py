@@ -73,6 +73,8 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
               "Yes / No). Both are extensions of the method; Shapes cases fill them in.")
 
+TABLE_WIDTHS = ["14%", "20%", "14%", "14%", "8%", "9%", "9%", "6%", "6%"]  # the training table's columns, in order
+
 
 @dataclass
 class App:
@@ -552,8 +554,10 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     with gr.Tab("Upload my images"):
         files = gr.File(file_count="multiple", file_types=["image"], label="Images (then type an instruction per row)")
     gr.Markdown(TABLE_HELP)
+    # fixed widths: sized by their content, the columns shrank to a letter each once an instruction was typed
     table = gr.Dataframe(value=datasets.empty_table(), headers=datasets.TABLE_COLUMNS, interactive=True,
-                         label="Training data", max_height=280, wrap=True, elem_id="train-table")
+                         label="Training data", max_height=280, wrap=True, elem_id="train-table",
+                         column_widths=TABLE_WIDTHS)
     with gr.Row():
         own_base, own_judge = paths.teacher or str(assets.DEFAULT_TEACHER), paths.judge or str(assets.DEFAULT_JUDGE)
         base = gr.Textbox(value=own_base, label="Teacher (base model: model.base)", interactive=not app.public)
@@ -621,7 +625,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         if skipped:
             gr.Warning(_for_user(f"{len(skipped)} file{'s' if len(skipped) > 1 else ''} left out of the table: "
                                  + "; ".join(skipped)))
-        return table, {Path(f).name: f for f in paths or []}
+        return table, datasets.upload_names(paths or [])
 
     files.upload(on_upload, [files, table], [table, uploads], api_visibility="private")
 

@@ -231,7 +231,31 @@ def test_the_train_upload_names_each_file_it_left_out(tmp_path, monkeypatch):
     assert str(shown[0].message) == ("2 files left out of the table: notes.png: cannot read notes.png as an image: "
                                      "cannot identify image file 'notes.png'; empty.jpg: empty.jpg is an empty file "
                                      "(0 bytes)")
-    assert list(table["image"]) == [paths[0]] and set(uploads) == {"cat.jfif", "notes.png", "empty.jpg"}
+    assert list(table["image"]) == ["cat.jfif"] and set(uploads) == {"cat.jfif", "notes.png", "empty.jpg"}
+
+
+def test_two_uploads_of_one_name_each_train_on_their_own_image(tmp_path, monkeypatch):
+    """The Train tab's table showed each upload as the server's copy (/tmp/gradio/<64 hex digits>/photo.png), the
+    widest column, and looked uploads up by base name: of two files named photo.png (from two folders, or added in
+    two goes), both rows trained on the second. The table now shows the names the user gave, a second photo.png as
+    "photo (2).png", and each row's image is its own."""
+    from workbench import datasets
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    paths = []
+    for k, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        folder = tmp_path / "uploads" / (f"{k}" * 64)
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(folder / "photo.png")
+        paths.append(str(folder / "photo.png"))
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    table, uploads = fns["on_upload"](paths, datasets.empty_table())
+    assert list(table["image"]) == ["photo.png", "photo (2).png"]
+    table["instruction"] = ["make it blue", "make it red"]
+    manifest = datasets.write_manifest(table, tmp_path / "data", uploads)
+    copied = sorted((manifest.parent / "images").iterdir())
+    assert [Image.open(p).getpixel((0, 0)) for p in copied] == [(200, 0, 0), (0, 0, 200)]
 
 
 def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, monkeypatch):

@@ -119,3 +119,28 @@ def test_train_tab_runs_a_tiny_job(page, tmp_path, served_runs):
     page.get_by_role("button", name="Export its newest checkpoint").click()
     page.get_by_text("newest checkpoint to").filter(visible=True).first.wait_for()
     assert list((served_runs / "tiny-job/exports").iterdir())[0].name == "step_000002"
+
+
+def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_path):
+    """The training table sized its columns by their content: uploads filled the image column with server paths
+    (/tmp/gradio/<64 hex digits>/...), and once an instruction was typed the other columns shrank to a letter each,
+    their headers grew taller than the table and hid its rows. Now each column keeps its share and uploads show the
+    names the user gave."""
+    for k in (1, 2):
+        Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(tmp_path / f"up{k}.png")
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("tab", name="Upload my images").click()
+    page.locator("input[type=file][multiple]").last.set_input_files([str(tmp_path / "up1.png"),
+                                                                     str(tmp_path / "up2.png")])
+    table = page.locator("#train-table")
+    table.locator("[data-testid='cell-1-0']").get_by_text("up2.png", exact=True).wait_for()
+    table.locator("[data-testid='cell-0-1']").dblclick()
+    page.keyboard.type("replace the green triangle with a yellow circle at the top left")
+    page.keyboard.press("Enter")
+    page.get_by_text("One row per training image").click()
+    table.get_by_text("with a yellow circle").filter(visible=True).first.wait_for()
+    widths = [table.locator(f"[data-testid='header-{c}']").bounding_box()["width"] for c in range(9)]
+    assert min(widths) > 50, widths
+    header = table.locator("[data-testid='header-1']").bounding_box()
+    row = table.locator("[data-testid='cell-1-1']").bounding_box()
+    assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view

@@ -239,14 +239,15 @@ def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
     table = datasets.table_for_images([a, b])[0]
+    assert list(table["image"]) == ["a.png", "b.png"]  # as the user named them, not the server's copies
     table.loc[0, ["instruction", "caption_target", "keep"]] = ["make it red", "a red square", "blue circle"]
     table.loc[1, "instruction"] = np.nan  # a cell the user cleared
     again = datasets.table_for_images([b, a, c], table)[0]
-    assert list(again["image"]) == [b, a, c] and list(again.columns) == datasets.TABLE_COLUMNS
+    assert list(again["image"]) == ["b.png", "a.png", "c.png"] and list(again.columns) == datasets.TABLE_COLUMNS
     assert again.loc[1, "instruction"] == "make it red" and again.loc[1, "caption_target"] == "a red square"
     assert again.loc[1, "keep"] == "blue circle" and again.loc[0, "instruction"] == ""
     assert again.loc[2, "instruction"] == "" and again.loc[2, "edit_type"] == "edit"
-    assert list(datasets.table_for_images([c], again)[0]["image"]) == [c]
+    assert list(datasets.table_for_images([c], again)[0]["image"]) == ["c.png"]
 
 
 def test_an_upload_keeps_every_image_it_can_read_and_says_which_it_left_out(tmp_path):
@@ -260,7 +261,7 @@ def test_an_upload_keeps_every_image_it_can_read_and_says_which_it_left_out(tmp_
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(cut)
     cut.write_bytes(cut.read_bytes()[:2000])
     table, skipped = datasets.table_for_images([str(photo), str(tmp_path / "empty.png"), str(cut)])
-    assert list(table["image"]) == [str(photo)]
+    assert list(table["image"]) == ["photo.jfif"]
     assert skipped == [f"empty.png: {tmp_path / 'empty.png'} is an empty file (0 bytes)",
                        f"cut.png: cannot read {cut} as an image: image file is truncated"]
 

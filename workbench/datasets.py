@@ -30,23 +30,35 @@ def empty_table() -> pd.DataFrame:
     return pd.DataFrame(columns=TABLE_COLUMNS)
 
 
+def upload_names(paths: Sequence[str]) -> dict[str, str]:
+    """{name: path} of uploaded files, each named as the user named it, a second "a.png" as "a (2).png": the names
+    the training table shows and `resolve_image` looks up (the server's copies sit in folders named by hashes)."""
+    names = {}
+    for p in paths:
+        name, k = Path(p).name, 2
+        while name in names:
+            name, k = f"{Path(p).stem} ({k}){Path(p).suffix}", k + 1
+        names[name] = str(p)
+    return names
+
+
 def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """One row per uploaded file that load_image reads, with the text columns left for the user to fill, or, for an
-    image already in `previous` (the table so far), as typed there: adding files to an upload sends them all again.
-    Also a line "name: why" per file left out (not an image, empty, truncated, too large...)."""
+    """One row per uploaded file that load_image reads, named as in `upload_names`, with the text columns left for the
+    user to fill, or, for an image already in `previous` (the table so far), as typed there: adding files to an upload
+    sends them all again. Also a line "name: why" per file left out (not an image, empty, truncated, too large...)."""
     typed = {}
     if previous is not None:
         for row in previous.reindex(columns=TABLE_COLUMNS).to_dict("records"):
             typed.setdefault(_cell(row["image"]), {c: _cell(row[c]) for c in TABLE_COLUMNS})
     blank = {c: "" for c in TABLE_COLUMNS} | {"edit_type": "edit"}
     rows, skipped = [], []
-    for p in paths:
+    for name, p in upload_names(paths).items():
         try:
             load_image(p)  # the whole file: a truncated one is named now, not when the run starts
         except ImageError as exc:
             skipped.append(f"{Path(p).name}: {exc}")
             continue
-        rows.append(typed.get(str(p)) or blank | {"image": str(p)})
+        rows.append(typed.get(name) or blank | {"image": name})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS), skipped
 
 
