@@ -448,10 +448,11 @@ def build_judge_tab(app: App, last_edit: gr.State):
         explain = gr.Button("Where do the answers come from? (gradient maps)")
     summary = gr.JSON(label="Verdict")
     table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True)
-    gradient_plot = gr.Plot(label="Gradient of each answer's log P(expected) with respect to the edited image's "
-                                  "pixels (top: its size; bottom: the edited image nudged along it). The first "
-                                  "column is what trains an editor: the mean over the questions NP-Edit asks.",
-                            format="png")
+    # gradio draws a plot's label over the figure's top left: a long one hid the column titles, so it is said above
+    gr.Markdown("**Gradient maps**: the gradient of each answer's log P(expected) with respect to the edited image's "
+                "pixels (top: its size; bottom: the edited image nudged along it). The first column is what trains "
+                "an editor: the mean over the questions NP-Edit asks.")
+    gradient_plot = gr.Plot(label="Gradient maps", format="png")
 
     @GPU
     def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep="", new="", gone=""):

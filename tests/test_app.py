@@ -669,3 +669,12 @@ def test_a_public_app_limits_what_each_client_uploads(tmp_path, monkeypatch):
         assert [upload("8.8.8.8").status_code for _ in range(3)] == [200] * 3
     finally:
         demo.close()
+
+
+def test_no_plot_label_hides_its_figure():
+    """gradio draws a plot's label over the top left of its figure: the Judge inspector's gradient maps had a
+    two-line explanation as label, which covered the column titles (training signal, edit, identity) and the colour
+    bar's caption. Every plot's label is now a short name, clear of a figure's centred titles."""
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args([])))
+    labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Plot)]
+    assert "Gradient maps" in labels and all(len(label) <= 32 for label in labels), labels
