@@ -717,14 +717,17 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     shown = f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/."
     notice = gr.Markdown(app.runs_hidden(None) or shown, elem_id="runs-notice")
     refresh = gr.Button("↻ Refresh", size="sm")
-    table = gr.Dataframe(label="Runs", interactive=False, wrap=True, max_height=300)
+    # empty tables keep named columns: with none, gradio draws its placeholder headers "1 2 3", which read as data
+    no_runs, no_comparison = pd.DataFrame(columns=["run", "status", "step"]), pd.DataFrame(columns=["key"])
+    table = gr.Dataframe(no_runs, label="Runs", interactive=False, wrap=True, max_height=300)
     with gr.Row():
         selected = gr.Dropdown([], multiselect=True, label="Compare runs")
         keys = gr.Dropdown([], multiselect=True, label="Metrics")
     curves = gr.Plot(label="Curves", format="png")
     with gr.Row():
         bars = gr.Plot(label="Last value of the first metric", format="png")
-        comparison = gr.Dataframe(label="Config differences and last metrics", interactive=False, wrap=True)
+        comparison = gr.Dataframe(no_comparison, label="Config differences and last metrics", interactive=False,
+                                  wrap=True)
     with gr.Row():
         one = gr.Dropdown([], label="Run")
         resume = gr.Button("Resume this run", size="sm", scale=0, interactive=not app.training_off())
@@ -735,7 +738,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     def on_refresh(selected_now, token_value=None):
         hidden = app.runs_hidden(token_value)
         if hidden:
-            return (hidden, pd.DataFrame(), gr.Dropdown(choices=[], value=[]), gr.Dropdown(choices=[], value=[]),
+            return (hidden, no_runs, gr.Dropdown(choices=[], value=[]), gr.Dropdown(choices=[], value=[]),
                     gr.Dropdown(choices=[], value=None))
         df = runs.runs_table(app.runs_root)
         names = list(df["run"]) if not df.empty else []
@@ -749,9 +752,9 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     def on_compare(names, metric_names, token_value=None):
         hidden = app.runs_hidden(token_value)
         if hidden:
-            return plots.message_figure(hidden), None, None
+            return plots.message_figure(hidden), None, no_comparison
         if not names:
-            return plots.message_figure("Pick runs to compare."), None, None
+            return plots.message_figure("Pick runs to compare."), None, no_comparison
         frames = {n: runs.read_metrics(app.runs_root / n) for n in names}
         metric_names = metric_names or runs.metric_keys(frames)[:2]
         last = {n: (df[metric_names[0]].dropna().iloc[-1] if metric_names and metric_names[0] in df

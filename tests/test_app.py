@@ -560,15 +560,15 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
         shown, table, selected, keys, one = fns["on_refresh"](["mine"], given)
         assert says in shown and table.empty and selected.choices == [] and one.choices == []
         figure, bars, comparison = fns["on_compare"](["mine"], ["student_loss"], given)
-        assert bars is None and comparison is None
+        assert bars is None and comparison.empty
         assert fns["on_samples"]("mine", given) == []
     run_dir, status, curves, sample, log, _ = fns["on_load"]("s3cret")  # the owner
     assert run_dir == str(run.resolve()) and "mine" in status
     # the last job is finished, so no timer tick draws it: typing the token (or loading the page) does
     assert isinstance(sample, Image.Image) and "private/cases.jsonl" in log and curves is not None
     load = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_load")
-    assert [getattr(b, "label", None) for b in load.outputs[2:5]] == ["Loss curves", "Latest samples (reference | edit)",
-                                                                      "Log (tail)"]
+    shown_by_load = [getattr(b, "label", None) for b in load.outputs[2:5]]
+    assert shown_by_load == ["Loss curves", "Latest samples (reference | edit)", "Log (tail)"]
     status, curves, sample, log, _, _ = fns["on_tick"](run_dir, None, "s3cret")
     assert isinstance(sample, Image.Image) and "private/cases.jsonl" in log and curves is not None
     shown, table, selected, _, _ = fns["on_refresh"](None, "s3cret")
@@ -678,3 +678,20 @@ def test_no_plot_label_hides_its_figure():
     demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args([])))
     labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Plot)]
     assert "Gradient maps" in labels and all(len(label) <= 32 for label in labels), labels
+
+
+def test_hidden_runs_show_no_placeholder_columns(tmp_path, monkeypatch):
+    """A visitor of a public app without the token saw the Runs tab's two tables headed "1 | 2 | 3", gradio's
+    placeholder for a table without columns, which read like data. They keep named, empty columns."""
+    _a_run(tmp_path / "runs")
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")])))
+    fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+    refresh, compare = fns["on_refresh"], fns["on_compare"]
+    runs_table, comparison = refresh.outputs[1], compare.outputs[2]
+    placeholder = gr.Dataframe().postprocess(None).headers
+    for component, value in ((runs_table, refresh.fn(None, "")[1]), (comparison, compare.fn(["mine"], [], "")[2]),
+                             (comparison, compare.fn([], [], "s3cret")[2])):
+        assert component.postprocess(value).headers not in (placeholder, [])
+        assert component.value["headers"] != placeholder and value.empty
