@@ -969,3 +969,36 @@ def test_an_upload_refusal_reads_as_its_message_in_the_page():
     assert json.loads(body)["detail"].startswith("This upload (2.0 MB) is larger than this public app accepts")
     headers, body = asyncio.run(refused("multipart/form-data; boundary=x", 2 * MB))
     assert headers[b"content-type"].startswith(b"text/plain") and body.startswith(b"This upload (2.0 MB)")
+
+
+def test_a_spent_upload_budget_still_lets_the_visitor_press_buttons():
+    """Every request body counted against the hourly budget, so a visitor who spent it on photos could not even run
+    an example for up to an hour: each button press (a small JSON event call) was refused too. Small event calls
+    now pass uncharged; a large JSON body and any further upload are still refused."""
+    import asyncio
+
+    from workbench.uploads import SMALL_EVENT, UploadLimit
+
+    passed = []
+
+    async def app(scope, receive, send):
+        passed.append(dict(scope["headers"])[b"content-type"])
+
+    async def send(message):
+        pass
+
+    limit = UploadLimit(app, mb_per_hour=0.1, min_free_mb=0, folder="/")
+
+    def request(content_type: str, size: int) -> bool:
+        before = len(passed)
+        scope = {"type": "http", "client": ("8.8.8.8", 1), "headers": [
+            (b"content-type", content_type.encode()), (b"content-length", str(size).encode())]}
+        asyncio.run(limit(scope, None, send))
+        return len(passed) > before
+
+    multipart = "multipart/form-data; boundary=x"
+    assert request(multipart, 100_000)  # most of the 104,857-byte budget
+    assert not request(multipart, 10_000)  # spent
+    assert request("application/json", 2_000) and request("application/json", SMALL_EVENT)  # buttons still work
+    assert not request("application/json", SMALL_EVENT + 1)  # a large body counts, whatever its type
+    assert not request(multipart, 10_000)  # and the small calls charged nothing, nor unlocked uploads

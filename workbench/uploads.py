@@ -2,7 +2,9 @@
 
 `UploadLimit` is an ASGI middleware; `Ledger` is its bookkeeping (a sliding hour per client), testable without a server.
 Every request body counts, not only /upload: gradio parses multipart bodies of up to 1,000 files into files on disk on
-several routes (upload, component server, recordings), and its max_file_size caps each file, not a request.
+several routes (upload, component server, recordings), and its max_file_size caps each file, not a request. The one
+exception is a small event call (JSON of at most SMALL_EVENT bytes): a visitor who spent the budget on photos can
+still press buttons, and such calls fill no disk by the hour (the free-disk floor still applies to them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 MB = 1024 * 1024
+SMALL_EVENT = 64 * 1024  # an event call (a button press: JSON naming files already uploaded, texts) is a few kB
 
 
 def client_of(headers: dict[str, str], peer: str | None) -> str:
@@ -136,7 +139,8 @@ class UploadLimit:
         if self.min_free > 0 and _free_bytes(self.folder) - size < self.min_free:
             return (507, "The server's disk is nearly full, so this public app takes no uploads for now (uploads are "
                          "deleted an hour after they arrive): try again later.", [])
-        if self.ledger is None:
+        small_event = size <= SMALL_EVENT and not headers.get("content-type", "").startswith("multipart/")
+        if self.ledger is None or small_event:
             return None
         wait = self.ledger.charge(client_of(headers, peer), size)
         if wait is None:
