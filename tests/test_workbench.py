@@ -635,6 +635,26 @@ def test_a_job_does_not_get_the_apps_training_token(tmp_path, monkeypatch):
     assert "NPEDIT_TRAIN_TOKEN" not in seen and seen["HF_TOKEN"] == "hub"
 
 
+def test_a_resumed_run_folder_from_elsewhere_cannot_run_its_own_python_code(tmp_path):
+    """A job runs where it was started (a resume: where job.json says, else in its run folder), and `python -m`
+    puts that folder first on sys.path: a downloaded run folder holding an `npedit/` (or `yaml.py`, `torch/`, ...)
+    shadowed the real package, so Resume in the Runs tab ran the stranger's code. The job no longer imports from
+    the folder it runs in."""
+    root = tmp_path / "runs"
+    run = root / "downloaded"
+    (run / "npedit").mkdir(parents=True)
+    marker = tmp_path / "ran-the-run-folders-code"
+    (run / "npedit" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    (run / "npedit" / "__main__.py").write_text("")
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 11, "device": "cpu", "args": ["no_such_key=1"],
+                                              "started": time.time(), "cwd": str(run)}))
+    (run / "exit_code").write_text("1\n")
+    jobs.start_job(run, resume=True, runs_root=root, device="cpu")
+    st = _wait(run, lambda s: not s.active)
+    assert not marker.exists()
+    assert st.state == "failed" and "unknown config key(s) no_such_key" in jobs.log_tail(run, 30)  # ours ran
+
+
 def test_a_job_reads_relative_paths_from_where_it_was_started_as_the_command_does(tiny_set, tiny_manifest, tmp_path,
                                                                                    monkeypatch):
     """`start_job(RUN, ["--config", "my.yaml"])` means what `python -m npedit train --config my.yaml` means from the

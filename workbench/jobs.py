@@ -33,6 +33,11 @@ _WRAPPER = '"$@"; echo $? > "$NPEDIT_EXIT_FILE"'  # records the exit status even
 _TQDM = re.compile(r"(?:warmup|npedit|sft|critic):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
 _SECRETS = ("NPEDIT_TRAIN_TOKEN",)  # the app's training token: a job has no use for it, so it does not get it
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (polled to reap them)
+# `python -m npedit`, less the folder it runs in on sys.path: `-m` (and `-c`) put it first, so a run folder (or the
+# cwd a job.json names) holding npedit/, yaml.py, torch/, ... would run its own code in place of ours (`-P` does
+# this from Python 3.11 only)
+_MAIN = ("import sys; sys.path[0] == '' and sys.path.pop(0); import runpy; "
+         "runpy.run_module('npedit', run_name='__main__', alter_sys=True)")
 
 
 class JobBusy(RuntimeError):
@@ -205,7 +210,7 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
                "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"),
                "PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p),
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
-        command = [sys.executable, "-m", "npedit", "train", *args, *(["--resume"] if resume else [])]
+        command = [sys.executable, "-c", _MAIN, "train", *args, *(["--resume"] if resume else [])]
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"\n$ {' '.join(command)}\n".encode())
             log.flush()
