@@ -382,9 +382,46 @@ _ConfigLoader.yaml_implicit_resolvers = {
 _ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+MAX_YAML_NODES = 100_000  # a config holds a few hundred values; more, once aliases are copied out, is a YAML bomb
+
+
 def read_yaml(text: str) -> Any:
-    """Parse config YAML (a file or one override's value) with YAML 1.2's booleans (`_ConfigLoader`)."""
-    return yaml.load(text, Loader=_ConfigLoader)
+    """Parse config YAML (a file or one override's value) with YAML 1.2's booleans (`_ConfigLoader`); ValueError for
+    YAML whose aliases stand for more than MAX_YAML_NODES values (a "billion laughs") or that is nested too deeply."""
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)
+    except RecursionError:
+        raise ValueError("the YAML is nested too deeply to be a config") from None
+    _check_expansion(data)
+    return data
+
+
+def _check_expansion(data: Any) -> None:
+    """ValueError unless `data`, with every alias copied out (as JSON, str() and the dataclasses copy it), holds at
+    most MAX_YAML_NODES values; each shared node is counted once per use, in time linear in the YAML's own size."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ValueError("the YAML holds an alias to a node that holds itself (a loop): not a config")
+        open_nodes.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        sizes[key] = total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        if total > MAX_YAML_NODES:
+            raise ValueError(f"the YAML's aliases (*name) stand for more than {MAX_YAML_NODES:,} values: not a config")
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise ValueError("the YAML is nested too deeply to be a config") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

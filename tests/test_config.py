@@ -188,3 +188,35 @@ def test_mixed_precision_no_is_the_word_no_in_overrides_and_files(tmp_path):
         assert load_config(None, BASE + [f"judge.identity_question={word}"]).judge.identity_question is value, word
     f.write_text("model: {base: /m, gradient_checkpointing: yes}\ndata: {train: shapes}\njudge: {path: /j}\n")
     assert load_config(f).model.gradient_checkpointing is True
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML mapping whose anchors each repeat the one before ten times: a few hundred bytes, 10**levels strings
+    once the aliases are copied out."""
+    items = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    items += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "{" + ", ".join(items) + "}"
+
+
+def test_a_config_file_whose_aliases_expand_without_bound_is_refused(tmp_path):
+    """A stranger's config of ~600 bytes whose YAML anchors repeat each other (a "billion laughs") was copied out
+    node by node (JSON round trip, str() of a text setting): 6 s and 0.5 GB at 7 levels on a 2-core CPU, all the
+    memory at 9. A config whose aliases stand for more than MAX_YAML_NODES values is refused at once; small anchors still
+    work, and an alias that holds itself is named."""
+    import time
+
+    from npedit.config import MAX_YAML_NODES, read_yaml
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"loss:\n  negative_prompt: {_alias_bomb(6)}\n")  # 10**6 strings (9 levels: 10**9)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"more than {MAX_YAML_NODES:,} values"):
+        load_config(bomb)
+    assert time.perf_counter() - start < 1.0
+    with pytest.raises(ValueError, match="more than"):  # an override's value is YAML too
+        load_config(None, [f"loss.negative_prompt={_alias_bomb(6)}"])
+    small = tmp_path / "small.yaml"
+    small.write_text("stage: warmup\noutput_dir: &out runs/a\nmodel: {base: *out}\ndata: {train: shapes}\n")
+    assert load_config(small).model.base == "runs/a"
+    with pytest.raises(ValueError, match="holds itself"):
+        read_yaml("a: &a [1, *a]")

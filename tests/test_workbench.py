@@ -635,6 +635,21 @@ def test_a_job_does_not_get_the_apps_training_token(tmp_path, monkeypatch):
     assert "NPEDIT_TRAIN_TOKEN" not in seen and seen["HF_TOKEN"] == "hub"
 
 
+def test_a_run_folders_yaml_bomb_is_read_as_no_config(tmp_path):
+    """The Runs tab, a job's status and a resume read a run's config.yaml; a downloaded run's could be a YAML bomb
+    (anchors repeating each other: 10**7 values from 300 bytes, seconds and gigabytes to copy out). Each reader goes
+    through npedit.config.read_yaml, which refuses it at once: the run reads as one without a config."""
+    run = tmp_path / "runs" / "downloaded"
+    run.mkdir(parents=True)
+    items = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    items += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)]
+    (run / "config.yaml").write_text("\n".join(items) + "\nmax_steps: 3\n")
+    start = time.perf_counter()
+    assert runs.read_config(run) == {}
+    assert jobs._config_value(run, {"args": ["max_steps=5"]}, "max_steps", int) == 5  # the job's argument instead
+    assert time.perf_counter() - start < 1.0
+
+
 def test_a_resumed_run_folder_from_elsewhere_cannot_run_its_own_python_code(tmp_path):
     """A job runs where it was started (a resume: where job.json says, else in its run folder), and `python -m`
     puts that folder first on sys.path: a downloaded run folder holding an `npedit/` (or `yaml.py`, `torch/`, ...)

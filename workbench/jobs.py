@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from npedit.config import read_yaml
 from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, latest_readable
 
 LOCK_DIR = ".locks"
@@ -234,7 +235,7 @@ def _config_value(run_dir: Path, job: dict, key: str, cast):
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         try:
-            return cast(yaml.safe_load(cfg.read_text()).get(key))
+            return cast(read_yaml(cfg.read_text()).get(key))
         except (ValueError, TypeError, AttributeError, yaml.YAMLError):
             pass
     for arg in reversed(job.get("args", [])):

@@ -9,7 +9,7 @@ import pandas as pd
 import yaml
 
 from npedit.adapters import is_adapter_folder
-from npedit.config import flatten
+from npedit.config import flatten, read_yaml
 from npedit.training.checkpoint import checkpoint_step
 
 from .jobs import job_status, read_metrics_rows
@@ -54,8 +54,8 @@ def read_config(run: str | os.PathLike) -> dict:
     """The run's resolved config (config.yaml), or {} when the trainer has not written it yet."""
     path = Path(run) / "config.yaml"
     try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except yaml.YAMLError:
+        data = read_yaml(path.read_text()) if path.is_file() else {}
+    except (yaml.YAMLError, ValueError):  # also a YAML bomb (npedit.config.read_yaml)
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -206,7 +206,7 @@ def build_config(overrides: Sequence[str] = ()) -> JudgeTrainConfig:
     preset = "default"
     for item in overrides:
         if item.split("=", 1)[0].strip() == "preset":
-            preset = str(yaml.safe_load(item.split("=", 1)[1]))
+            preset = str(config_lib.read_yaml(item.split("=", 1)[1]))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     data = config_lib.apply_overrides({"preset": preset, **PRESETS[preset]}, overrides)

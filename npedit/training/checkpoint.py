@@ -15,6 +15,8 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import read_yaml
+
 STEP_PREFIX = "step_"
 
 
@@ -140,7 +142,7 @@ def damage(path: Path) -> str | None:
             elif f.suffix == ".json":
                 json.loads(f.read_text())
             else:
-                yaml.safe_load(f.read_text())
+                read_yaml(f.read_text())  # (a YAML bomb is a ValueError)
         except (OSError, ValueError, SafetensorError, yaml.YAMLError) as exc:
             return f"{name}: {exc}"
     return None

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import flow, lora
 from ..backbones import load_backbone
-from ..config import TrainConfig, changed_settings, save_config, to_dict
+from ..config import TrainConfig, changed_settings, read_yaml, save_config, to_dict
 from ..data import apply_do_nothing, collate
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
@@ -648,7 +647,7 @@ class Trainer:
         self._continue_data(int(state.get("batches_drawn", 0)))
         self.metrics.rewind(self.step)  # the steps after the checkpoint are trained, and logged, again
         if (path / "config.yaml").is_file():  # settings changed for the rest of the run are said, not silent
-            changed = changed_settings(yaml.safe_load((path / "config.yaml").read_text()) or {}, to_dict(self.cfg))
+            changed = changed_settings(read_yaml((path / "config.yaml").read_text()) or {}, to_dict(self.cfg))
             if changed:
                 self.acc.print(f"resuming from step {self.step} with settings changed since: " + "; ".join(changed))
         logger.info("resumed from %s at step %d", path, self.step)
