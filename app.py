@@ -33,7 +33,7 @@ from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.images import ImageError, load_image
 from npedit.verdicts import answer_gradients, judge_edit
-from workbench import datasets, jobs, judging, models, plots, presets, runs, uploads
+from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
 from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, trace_edit
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
@@ -836,7 +836,8 @@ def _shown(app: App, path: str | None):
 
 
 def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
-    """Queue and serve `demo`, a public one behind the upload limits (returns what gr.Blocks.launch returns)."""
+    """Queue and serve `demo`, a public one behind the upload limits, one on a loopback address answering its own
+    pages only (`workbench.origins`); returns what gr.Blocks.launch returns."""
     app.runs_root.mkdir(parents=True, exist_ok=True)
     limits = {}
     if app.public:  # max_file_size caps one file, not a request (up to 1,000 files) nor how often a client sends one
@@ -846,6 +847,8 @@ def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
                            min_free_mb=args.upload_min_free_mb, folder=get_upload_folder())
         # num_workers=0: no static-file worker processes, which would take uploads past this process's middleware
         limits = {"app_kwargs": {"middleware": [limit]}, "num_workers": 0}
+    elif origins.is_loopback(args.host):  # a local app: no other site's page may call it or read it (DNS rebinding)
+        limits = {"app_kwargs": {"middleware": [Middleware(origins.LoopbackOnly)]}, "num_workers": 0}
     return demo.queue(max_size=32).launch(
         server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
         allowed_paths=served_paths(app), **limits, **kwargs)

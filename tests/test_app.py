@@ -695,3 +695,52 @@ def test_hidden_runs_show_no_placeholder_columns(tmp_path, monkeypatch):
                              (comparison, compare.fn([], [], "s3cret")[2])):
         assert component.postprocess(value).headers not in (placeholder, [])
         assert component.value["headers"] != placeholder and value.empty
+
+
+def test_a_local_app_answers_only_its_own_pages(tmp_path, monkeypatch):
+    """A web page open in the same browser could send requests to the local app, and by DNS rebinding (its own name
+    resolving to 127.0.0.1) read the answers too: gradio answered any Host and let such a page read them, so it could
+    fetch the runs folder's files and call every event. An app on a loopback address now refuses a request for
+    another name (403) and one sent by another site's page; its own pages, the gradio client and a public app (a
+    Space, served under its own domain) are unaffected."""
+    import httpx
+
+    from workbench.origins import is_loopback, refusal
+
+    run = _a_run(tmp_path / "runs")
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port())])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    config = f"{url}gradio_api/file={run / 'config.yaml'}"
+    on_load = next(k for k, f in demo.fns.items() if getattr(f.fn, "__name__", "") == "on_load")
+    join = {"data": [""], "fn_index": on_load, "session_hash": "probe", "event_data": None, "trigger_id": None}
+    try:
+        rebound = httpx.get(config, headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+        assert rebound.status_code == 403 and "loopback" in rebound.text
+        cross = httpx.post(f"{url}gradio_api/queue/join", json=join, headers={"Origin": "http://evil.example"})
+        assert cross.status_code == 403
+        assert httpx.post(f"{url}gradio_api/upload", files={"files": ("a.png", b"x")},
+                          headers={"Origin": "null"}).status_code == 403  # a sandboxed frame's form
+        own = {"Origin": url.rstrip("/")}
+        assert httpx.get(config, headers=own).text.startswith("stage: npedit")
+        assert httpx.get(config, headers={"Host": f"localhost:{port}"}).status_code == 200
+        assert httpx.post(f"{url}gradio_api/queue/join", json=join, headers=own).status_code == 200
+        assert "**mine**" in _call_event(url, on_load, [""])  # no Origin: the gradio client
+    finally:
+        demo.close()
+    assert all(map(is_loopback, ["localhost", "app.localhost", "127.0.0.2", "::1", "[::1]"]))
+    assert not any(map(is_loopback, ["evil.example", "127.0.0.1.evil.example", "0.0.0.0", "10.0.0.1", ""]))
+    assert refusal({"host": "[::1]:7860", "origin": "http://localhost:7860"}) is None
+    assert refusal({"host": "127.0.0.1:7860", "origin": "http://127.0.0.1.nip.io:7860"}) is not None
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")  # a Space: its proxy's Host is its domain
+    args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port())])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    try:
+        assert httpx.get(f"{url}gradio_api/info", headers={"Host": "someone-npedit.hf.space"}).status_code == 200
+    finally:
+        demo.close()
