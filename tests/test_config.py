@@ -201,8 +201,8 @@ def _alias_bomb(levels: int) -> str:
 def test_a_config_file_whose_aliases_expand_without_bound_is_refused(tmp_path):
     """A stranger's config of ~600 bytes whose YAML anchors repeat each other (a "billion laughs") was copied out
     node by node (JSON round trip, str() of a text setting): 6 s and 0.5 GB at 7 levels on a 2-core CPU, all the
-    memory at 9. A config whose aliases stand for more than MAX_YAML_NODES values is refused at once; small anchors still
-    work, and an alias that holds itself is named."""
+    memory at 9. A config whose aliases stand for more than MAX_YAML_NODES values is refused at once; small anchors
+    still work, and an alias that holds itself is named."""
     import time
 
     from npedit.config import MAX_YAML_NODES, read_yaml
