@@ -389,7 +389,15 @@ def build_edit_tab(app: App, last_edit: gr.State):
     reuse.click(lambda im: im, result, image, api_visibility="private")
     random_scene.click(lambda: datasets.random_shapes_case(random.randint(0, MAX_SEED)), None,
                        [image, instruction, caption, edit_type, object_name, keep], api_visibility="private")
-    editor.change(app.models.status, editor, status, api_visibility="private")
+    def describe(value):
+        """The status of the editor picked; in a public app only of a listed one (anyone can send this event with any
+        path, and the status says whether a folder exists and what its training config names)."""
+        if app.public and not app.lists((value or "").strip() or app.models.paths.model):
+            return ("This app is public: pick an editor from the list (it describes and loads no other folder or hub "
+                    "id).")
+        return app.models.status(value)
+
+    editor.change(describe, editor, status, api_visibility="private")
 
     def refresh_list(current):
         choices = app.editor_choices()

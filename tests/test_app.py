@@ -744,3 +744,31 @@ def test_a_local_app_answers_only_its_own_pages(tmp_path, monkeypatch):
         assert httpx.get(f"{url}gradio_api/info", headers={"Host": "someone-npedit.hf.space"}).status_code == 200
     finally:
         demo.close()
+
+
+def test_a_public_app_describes_only_the_editors_it_lists(tmp_path, monkeypatch):
+    """The Edit tab's editor box sends its value to a status event whenever it changes, and anyone can send that event
+    with any text: a public app described whatever path it was given, so a stranger learnt which folders exist on
+    the server ("does not exist" or not) and read an editor folder's training config (its data path). A public app
+    now describes only the editors it lists; a local one describes any path, as before."""
+    secret = tmp_path / "owner" / "private-editor"
+    secret.mkdir(parents=True)
+    (secret / "config.yaml").write_text("data: {train: /home/owner/photos/cases.jsonl}\n")
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    demo = npedit_app.build_demo(app)
+    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
+    status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
+                  and getattr(f.fn, "__name__", "") != "refresh_list")
+    said = {status(str(p)) for p in (secret, tmp_path / "nothing-here", "/etc")}
+    assert len(said) == 1 and "pick an editor from the list" in said.pop()
+    listed = app.editor_choices()[0][1] if app.editor_choices() else None
+    if listed:
+        assert "**Editor:**" in status(listed)
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    demo = npedit_app.build_demo(app)
+    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
+    status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
+                  and getattr(f.fn, "__name__", "") != "refresh_list")
+    assert "training run folder" in status(str(secret))
