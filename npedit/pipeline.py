@@ -371,17 +371,33 @@ edited = pipe(image="input.png", prompt="make the circle blue").images[0]
 def carry_over(src: str | Path, out: str | Path, note: str) -> None:
     """After saving a changed copy of the editor folder `src` to `out`: bring over what the trainer's export adds
     beside the models (domain, training config), the editor's own critic (`critic/`, for DMD maps: a change that
-    keeps the latent space keeps it valid) and `src`'s model card with `note` (a paragraph) appended."""
+    keeps the latent space keeps it valid) and `src`'s model card with `note` (a paragraph) appended. A file that
+    is a link out of `src` is left out, with a warning (see `_linked_out`)."""
     import shutil
 
     src, out = Path(src), Path(out)
     for extra in ("npedit_domain.json", "training_config.json"):
-        if (src / extra).is_file():
+        if (src / extra).is_file() and not _linked_out(src / extra, src):
             shutil.copy(src / extra, out / extra)
     if (src / "critic" / "config.json").is_file() and not (out / "critic").exists():
-        shutil.copytree(src / "critic", out / "critic")
-    if (src / "README.md").is_file():
+        shutil.copytree(src / "critic", out / "critic", ignore=lambda folder, names: [
+            n for n in names if _linked_out(Path(folder) / n, src)])
+    if (src / "README.md").is_file() and not _linked_out(src / "README.md", src):
         (out / "README.md").write_text((src / "README.md").read_text() + "\n" + note + "\n")
+
+
+def _linked_out(path: Path, src: Path) -> bool:
+    """Whether `path` resolves outside the editor folder `src` (a downloaded folder's README.md -> ~/.ssh/id_rsa
+    would be copied into an editor its user may publish); a hub download's links into its repo's cache (blobs/)
+    stay inside. Warns when it does."""
+    root = src.resolve()
+    repo = next((p for p in root.parents if p.name.startswith("models--")), None)  # the hub cache's repo folder
+    target = path.resolve()
+    if target.is_relative_to(root) or (repo is not None and target.is_relative_to(repo)):
+        return False
+    logger.warning("not carried over: %s links outside the editor folder %s (to %s)", path.relative_to(src), src,
+                   target)
+    return True
 
 
 def register_with_diffusers() -> None:

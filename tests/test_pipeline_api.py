@@ -207,3 +207,31 @@ torch.save(out, "out.pt")
     assert "type: NPEditPipeline" in run.stdout
     want = pipe(image=scene, prompt=PROMPT, generator=seeded(), output_type="pt").images
     assert torch.equal(torch.load(tmp_path / "out.pt"), want)
+
+
+def test_carry_over_copies_no_file_a_link_takes_from_outside_the_editor_folder(tmp_path, caplog):
+    """`swap-vae` and the reference-encoder recipe copy an editor's README, training config and critic into the new
+    editor, which its user may then publish. A downloaded editor whose README.md (or a critic file) is a symlink to
+    ~/.ssh/id_rsa had that file's contents copied in. Links that stay inside the folder (or, for a hub download,
+    inside its repo's cache, where every file is a link to a blob) are followed; others are left out, with a
+    warning."""
+    from npedit.pipeline import carry_over
+
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("PRIVATE KEY")
+    src, out = tmp_path / "downloaded", tmp_path / "mine"
+    (src / "critic").mkdir(parents=True)
+    out.mkdir()
+    (src / "README.md").symlink_to(secret)
+    (src / "notes.json").write_text('{"a": 1}')
+    (src / "training_config.json").symlink_to(src / "notes.json")  # inside: fine
+    (src / "critic" / "config.json").write_text("{}")
+    (src / "critic" / "diffusion_pytorch_model.safetensors").symlink_to(secret)
+    with caplog.at_level("WARNING"):
+        carry_over(src, out, "Swapped.")
+    copied = [p for p in out.rglob("*") if p.is_file()]
+    assert all("PRIVATE KEY" not in p.read_text() for p in copied)
+    assert (out / "training_config.json").read_text() == '{"a": 1}' and (out / "critic" / "config.json").is_file()
+    assert not (out / "critic" / "diffusion_pytorch_model.safetensors").exists()
+    assert "README.md" in caplog.text and "outside" in caplog.text
