@@ -166,6 +166,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=_env_number("NPEDIT_UPLOAD_MIN_FREE_MB", float, "a number of MB", 1024.0),
                    help="a public app refuses an upload that would leave less than this many MB free on the disk of "
                         "gradio's upload folder; 0 = no floor (default: $NPEDIT_UPLOAD_MIN_FREE_MB, else 1024)")
+    p.add_argument("--allow-host", action="append",
+                   default=[h.strip() for h in os.environ.get("NPEDIT_ALLOW_HOSTS", "").split(",") if h.strip()],
+                   help="a local app (on 127.0.0.1) answers requests for loopback names only (no other site's page "
+                        "may reach it); also answer for this host name, e.g. a trusted port-forwarding proxy's "
+                        "(repeat for more; default: $NPEDIT_ALLOW_HOSTS, comma-separated)")
     p.add_argument("--preload", action="store_true", default=spaces is not None,
                    help="load the editor and judge before serving (default on a Space)")
     args = p.parse_args(argv)
@@ -856,7 +861,8 @@ def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
         # num_workers=0: no static-file worker processes, which would take uploads past this process's middleware
         limits = {"app_kwargs": {"middleware": [limit]}, "num_workers": 0}
     elif origins.is_loopback(args.host):  # a local app: no other site's page may call it or read it (DNS rebinding)
-        limits = {"app_kwargs": {"middleware": [Middleware(origins.LoopbackOnly)]}, "num_workers": 0}
+        limit = Middleware(origins.LoopbackOnly, allowed_hosts=args.allow_host)
+        limits = {"app_kwargs": {"middleware": [limit]}, "num_workers": 0}
     return demo.queue(max_size=32).launch(
         server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
         allowed_paths=served_paths(app), **limits, **kwargs)

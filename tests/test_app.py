@@ -731,10 +731,29 @@ def test_a_local_app_answers_only_its_own_pages(tmp_path, monkeypatch):
         assert "**mine**" in _call_event(url, on_load, [""])  # no Origin: the gradio client
     finally:
         demo.close()
+    args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port()),
+                                  "--allow-host", "Me-7860.IDE.example"])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    try:
+        via_proxy = {"Host": "me-7860.ide.example", "Origin": "https://me-7860.ide.example"}
+        assert httpx.get(f"{url}gradio_api/info", headers=via_proxy).status_code == 200
+        assert httpx.get(f"{url}gradio_api/info", headers={"Host": "evil.example"}).status_code == 403
+    finally:
+        demo.close()
     assert all(map(is_loopback, ["localhost", "app.localhost", "127.0.0.2", "::1", "[::1]"]))
     assert not any(map(is_loopback, ["evil.example", "127.0.0.1.evil.example", "0.0.0.0", "10.0.0.1", ""]))
     assert refusal({"host": "[::1]:7860", "origin": "http://localhost:7860"}) is None
     assert refusal({"host": "127.0.0.1:7860", "origin": "http://127.0.0.1.nip.io:7860"}) is not None
+    # a proxy the user vouched for (--allow-host: a notebook's or a cloud IDE's port forwarding), and no other
+    forwarded = {"host": "me-7860.ide.example", "origin": "https://me-7860.ide.example"}
+    assert "--allow-host me-7860.ide.example" in refusal(forwarded)
+    assert refusal(forwarded, frozenset({"me-7860.ide.example"})) is None
+    assert refusal({**forwarded, "origin": "http://evil.example"}, frozenset({"me-7860.ide.example"})) is not None
+    monkeypatch.setenv("NPEDIT_ALLOW_HOSTS", "a.example, b.example")
+    assert npedit_app.parse_args(["--allow-host", "c.example"]).allow_host == ["a.example", "b.example", "c.example"]
+    monkeypatch.delenv("NPEDIT_ALLOW_HOSTS")
     monkeypatch.setenv("NPEDIT_PUBLIC", "1")  # a Space: its proxy's Host is its domain
     args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port())])
     app = npedit_app.make_app(args)

@@ -32,14 +32,20 @@ def host_of(value: str) -> str:
         return ""
 
 
-def refusal(headers: dict[str, str]) -> str | None:
-    """Why a request with these (lower-case) headers is refused, or None to let it through."""
+def refusal(headers: dict[str, str], allowed: frozenset[str] = frozenset()) -> str | None:
+    """Why a request with these (lower-case) headers is refused, or None to let it through; `allowed`: host names
+    the user vouched for (`--allow-host`: a port-forwarding proxy's, e.g. a notebook's or a cloud IDE's)."""
+
+    def ours(name: str) -> bool:
+        return is_loopback(name) or name.lower().rstrip(".") in allowed
+
     host = headers.get("host", "")
-    if not is_loopback(host_of(host)):
+    if not ours(host_of(host)):
         return (f"This app serves this machine only (it listens on a loopback address): open it as "
-                f"http://127.0.0.1 or http://localhost, not as {host or 'an unnamed host'}.")
+                f"http://127.0.0.1 or http://localhost, not as {host or 'an unnamed host'} (a proxy you trust that "
+                f"forwards it under that name: start the app with --allow-host {host_of(host) or 'NAME'}).")
     origin = headers.get("origin")
-    if origin is not None and not is_loopback(host_of(origin)):  # also "null": a sandboxed frame or a file
+    if origin is not None and not ours(host_of(origin)):  # also "null": a sandboxed frame or a file
         return f"Requests from pages of other sites ({origin}) are refused: this app takes its own pages' only."
     return None
 
@@ -47,8 +53,9 @@ def refusal(headers: dict[str, str]) -> str | None:
 class LoopbackOnly:
     """ASGI middleware: 403 for a request another site's page sent (`refusal`), every other one passed on."""
 
-    def __init__(self, app):
+    def __init__(self, app, allowed_hosts=()):
         self.app = app
+        self.allowed = frozenset(h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -57,7 +64,7 @@ class LoopbackOnly:
         for key, value in scope.get("headers", []):
             key = key.decode("latin-1").lower()
             headers.setdefault(key, value.decode("latin-1"))  # the first Host, as the server's routing reads it
-        why = refusal(headers)
+        why = refusal(headers, self.allowed)
         if why is None:
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
