@@ -102,6 +102,8 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, 
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{label}:{n}: not valid JSON ({exc})") from None
+        except RecursionError:  # "[[[[..." thousands deep: Python's parser gives up
+            raise ValueError(f"{label}:{n}: JSON nested too deeply to read (one flat {{...}} per line)") from None
         if not isinstance(row, dict):
             keys = f" with {', '.join(required)}" if required else ""
             raise ValueError(f"{label}:{n}: not a JSON object (one {{...}}{keys} per line)")

@@ -25,6 +25,7 @@ def test_manifest_parsing(tiny_manifest):
     ("{bad json", "not valid JSON"),
     (json.dumps({"image": "a.png"}), "missing instruction"),
     ("[1, 2]", "not a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # RecursionError: a traceback before
     (json.dumps({"image": "a.png", "instruction": "x", "edit_type": "remvoe"}), "unknown edit_type 'remvoe'; use one of"),
     (json.dumps({"image": "a.png", "instruction": "  "}), "empty instruction"),
     (json.dumps({"image": "a.png", "instruction": "remove it", "edit_type": "remove"}), "needs object_name"),
