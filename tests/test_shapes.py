@@ -108,11 +108,11 @@ def test_scene_validation_and_canonical_order():
     a, b = Obj("circle", "red", "small", "bottom"), Obj("square", "blue", "large", "top left")
     assert Scene("gray", (a, b)) == Scene("gray", (b, a))
     assert Scene("gray", (a, b)).objects == (b, a)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 to 3 objects, got 0"):
         Scene("gray", ())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 to 3 objects, got 4"):
         Scene("gray", tuple(Obj("circle", "red", "small", c) for c in CELLS[:4]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"at most one object per cell, got cells \['bottom', 'bottom'\]"):
         Scene("gray", (a, Obj("square", "blue", "large", "bottom")))
     with pytest.raises(ValueError, match="allowed"):
         Obj("hexagon", "red", "small", "top")
@@ -173,12 +173,15 @@ def test_apply_edit_effects():
         Obj("circle", "blue", "small", "top left")
     assert apply_edit(scene, Edit("resize", "top left", size="large")).at("top left").size == "large"
     assert apply_edit(scene, Edit("background", background="sky")).objects == scene.objects
-    for bad in (Edit("recolor", "top left", colour="red"), Edit("resize", "center", size="large"),
-                Edit("replace", "center", "square", "red"), Edit("add", "center", "circle", "red", "small"),
-                Edit("remove", "bottom"), Edit("background", background="gray")):
-        with pytest.raises(ValueError):
+    for bad, why in ((Edit("recolor", "top left", colour="red"), "colour unchanged"),
+                     (Edit("resize", "center", size="large"), "size unchanged"),
+                     (Edit("replace", "center", "square", "red"), "shape unchanged"),
+                     (Edit("add", "center", "circle", "red", "small"), "the center is occupied"),
+                     (Edit("remove", "bottom"), "no object at the bottom"),
+                     (Edit("background", background="gray"), "the background is already gray")):
+        with pytest.raises(ValueError, match=f"cannot apply .*: {why}$"):
             apply_edit(scene, bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot remove the only object"):
         apply_edit(Scene("gray", (red,)), Edit("remove", "top left"))
     with pytest.raises(ValueError, match="allowed|takes only|needs"):
         Edit("recolor", "top left", shape="square")
