@@ -62,17 +62,15 @@ def test_small_probe_reads_colour_well_above_chance(probe, tmp_path):
     assert max(row["colour"] for row in layers.values()) > 0.5  # chance is 1/6
 
 
-def test_bad_arguments_are_refused(probe, tmp_path):
-    with pytest.raises(SystemExit):
-        probe.main(["--scenes", "3"])
-    with pytest.raises(SystemExit):
-        probe.main(["--t", "1.5"])
+def test_bad_arguments_are_refused(probe, tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text("{}")
-    with pytest.raises(SystemExit):  # --with without --plot
-        probe.main(["--with", str(other)])
-    with pytest.raises(SystemExit):  # not a probe result
-        probe.main(["--plot", str(tmp_path / "p.png"), "--with", str(other)])
+    for argv, says in ((["--scenes", "3"], "--scenes must be at least 8"), (["--t", "1.5"], "--t must be in [0, 1]"),
+                       (["--with", str(other)], "--with needs --plot"),
+                       (["--plot", str(tmp_path / "p.png"), "--with", str(other)], f"--with {other}: not a probe result (written by")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's error: status 2, the reason on stderr
+            probe.main(argv)
+        assert exit_.value.code == 2 and f"error: {says}" in capsys.readouterr().err, argv
 
 
 def test_plot_draws_every_result(probe, tmp_path):
