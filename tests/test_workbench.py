@@ -686,7 +686,16 @@ def test_a_job_reads_relative_paths_from_where_it_was_started_as_the_command_doe
     assert st.state == "finished", jobs.log_tail("runs/mine", 30)
 
 
-def test_benchmark_comparison_table_and_chart(tmp_path):
+def refused(capsys, main, argv, says):
+    """`main(argv)` stops as argparse's error does (status 2) with `says` on stderr, not for some other reason."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err, err
+
+
+def test_benchmark_comparison_table_and_chart(tmp_path, capsys):
     import json
 
     from npedit.shapes import CATEGORIES
@@ -732,8 +741,8 @@ def test_benchmark_comparison_table_and_chart(tmp_path):
     (tmp_path / "bad2.md").write_text((tmp_path / "t.md").read_text().replace("0.500", "high", 1))
     with pytest.raises(ValueError, match="row 'a' holds a cell that is not a number"):
         read_markdown(tmp_path / "bad2.md")
-    with pytest.raises(SystemExit):
-        main([str(newer), "--extend", str(tmp_path / "bad.md")])
+    refused(capsys, main, [str(newer), "--extend", str(tmp_path / "bad.md")],
+            "bad.md: expected a benchmark table with columns variant")
 
 
 def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path):
@@ -778,8 +787,7 @@ def test_paired_benchmark_comparison(tmp_path, capsys):
     report("other", [1] * 8, ids=[f"d{k}" for k in range(8)])
     with pytest.raises(ValueError, match="not scored on the same cases"):
         paired(tmp_path, [("old", "other")])
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--paired", "old", "missing"])
+    refused(capsys, main, [str(tmp_path), "--paired", "old", "missing"], f"no report {tmp_path / 'missing.json'}")
     with pytest.raises(ValueError, match="per-case 0/1"):
         paired(tmp_path, [("old", "new")], metric="clean")
 
@@ -803,8 +811,7 @@ def test_benchmark_skips_a_broken_report_and_pairs_only_the_same_training_cases(
     assert "skipped" in err and "cut.json" in err
     with pytest.raises(ValueError, match="not scored on the same cases"):
         paired(tmp_path, [("fit0", "fit1")])
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "empty")])  # no reports: one line, no traceback
+    refused(capsys, main, [str(tmp_path / "empty")], "error: no benchmark reports (*.json")  # one line, no traceback
 
 
 def test_exact_by_object_count_pooled_over_reports(tmp_path, capsys):
@@ -829,8 +836,8 @@ def test_exact_by_object_count_pooled_over_reports(tmp_path, capsys):
         assert f"0.500 ({2 * counts.count(k)})" in overall
     assert main([str(tmp_path), "--by-objects", "new"]) == 0
     assert "| overall |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # one question per call: a split or a paired comparison
-        main([str(tmp_path), "--by-objects", "new", "--paired", "new", "old"])
+    refused(capsys, main, [str(tmp_path), "--by-objects", "new", "--paired", "new", "old"],  # one question per call
+            "argument --paired: not allowed with argument --by-objects")
     (tmp_path / "foreign.json").write_text(json.dumps({"meta": {"n": 12, "seed": 3}, "summary": {},
                                                        "rows": [{"id": "zzz", "category": "add", "exact": 1.0}]}))
     with pytest.raises(ValueError, match="case ids"):
@@ -854,8 +861,8 @@ def test_exact_by_reference_form_pooled_over_reports(tmp_path, capsys):
     assert sum(int(cell.split("(")[1].rstrip(") ")) for cell in overall.split("|")[2:-1] if "(" in cell) == len(object_edits)
     assert main([str(tmp_path), "--by-form", "old"]) == 0
     assert "`the {shape}`" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--by-form", "old", "--by-objects", "old"])
+    refused(capsys, main, [str(tmp_path), "--by-form", "old", "--by-objects", "old"],
+            "argument --by-objects: not allowed with argument --by-form")
 
 
 def test_learning_curve_pools_seeds_per_step(tmp_path, capsys):
@@ -901,8 +908,7 @@ def test_learning_curve_pools_seeds_per_step(tmp_path, capsys):
         learning_curve(tmp_path, {"x": "zz"})
     with pytest.raises(ValueError, match="--form must be one of"):
         learning_curve(tmp_path, {"ctrl": "run"}, form="circle")
-    with pytest.raises(SystemExit):  # --form without --curve
-        main([str(tmp_path), "--form", "shape"])
+    refused(capsys, main, [str(tmp_path), "--form", "shape"], "--baseline and --form go with --curve")
 
 
 def test_describe_editor_says_how_far_its_last_run_went(tmp_path):
