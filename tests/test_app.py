@@ -602,7 +602,7 @@ def _call_event(url: str, fn_index: int, data: list) -> str:
     raise AssertionError("the event stream ended without a result")
 
 
-def test_a_public_app_limits_what_each_client_uploads(tmp_path, monkeypatch):
+def test_a_public_app_limits_what_each_client_uploads(tmp_path, monkeypatch, capsys):
     """Anyone could POST 20 MB files to /gradio_api/upload (up to 1,000 per request) over and over and fill the disk
     within the hour before they are deleted. A public app takes at most --upload-mb-per-hour from one client (its
     address as the proxy forwards it; an address it writes itself to the left does not make it another client):
@@ -624,8 +624,10 @@ def test_a_public_app_limits_what_each_client_uploads(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="NPEDIT_UPLOAD_MB_PER_HOUR must be a number of MB"):
         npedit_app.parse_args([])
     monkeypatch.delenv("NPEDIT_UPLOAD_MB_PER_HOUR")
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         npedit_app.parse_args(["--upload-min-free-mb", "-1"])
+    assert "error: --upload-min-free-mb must be >= 0 (0: no limit), got -1" in capsys.readouterr().err
     _a_run(tmp_path / "runs")
     args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port()),
                                   "--upload-mb-per-hour", "0.1", "--upload-min-free-mb", "1"])

@@ -73,7 +73,7 @@ def test_requirements_are_checked():
     with pytest.raises(ValueError, match="judge.path is required"):
         load_config(None, ["model.base=/m", "data.train=shapes"])
     load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0"])  # DMD-only needs no judge
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="config file not found: /nonexistent.yaml"):
         load_config("/nonexistent.yaml")
 
 
