@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from npedit import flow
@@ -46,6 +47,19 @@ def test_sampler_recovers_point_mass_with_fresh_noise():
     torch.testing.assert_close(seen[2].x0, target)
 
 
+def test_fresh_renoising_draws_new_noise_from_the_generator_each_step():
+    """method.md section 2: each step re-noises its x0 to the next t with fresh Gaussian noise, drawn in order from
+    the caller's generator (not the noise implied by the velocity, which is the "ode" choice)."""
+    noise, c = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    times = flow.few_step_times(4)
+    out = sample(lambda x, t: c, noise, times, generator=torch.Generator().manual_seed(0))
+    replay, x0 = torch.Generator().manual_seed(0), noise - c  # the first step, at t = 1
+    for t in times[1:]:
+        x0 = flow.add_noise(x0, torch.randn(noise.shape, generator=replay), t) - t * c
+    torch.testing.assert_close(out, x0)
+    assert not torch.allclose(out, noise - c)  # what "ode" gives for a constant velocity
+
+
 def test_sampler_times_stay_float32_for_bf16_latents():
     """A bf16 pipeline's latents (the CLI's and the app's default on a GPU) must not round the time the denoiser
     sees: in bf16 t = 0.9474 of the 4-step schedule is 0.9492, 1000 (1 - t) off by ~2 (50.78 for 52.63)."""
@@ -57,10 +71,22 @@ def test_sampler_times_stay_float32_for_bf16_latents():
 
 
 def test_sampler_keeps_gradients_through_steps():
-    w = torch.tensor(0.5, requires_grad=True)
-    out = sample(lambda x, t: w * x, torch.ones(1, 1, 2, 2), [1.0, 0.5], generator=torch.Generator().manual_seed(0))
-    out.sum().backward()
-    assert w.grad is not None and w.grad != 0
+    """The training unroll backpropagates through every step: the autograd gradient of the last x0 equals a finite
+    difference under the same noise (a gradient cut between steps would keep only the last step's share)."""
+    noise = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(w):
+        return sample(lambda x, t: w * x, noise, flow.few_step_times(4),
+                      generator=torch.Generator().manual_seed(0)).sum()
+
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    run(w).backward()
+    h = 1e-6
+    with torch.no_grad():
+        slope = (run(torch.tensor(0.5 + h, dtype=torch.float64)) - run(torch.tensor(0.5 - h, dtype=torch.float64)))
+    slope /= 2 * h
+    assert abs(float(slope)) > 0.1
+    assert float(w.grad) == pytest.approx(float(slope), rel=1e-6)
 
 
 def test_unroll_times_mix():
