@@ -1,0 +1,85 @@
+"""The NP-Edit iteration of method.md section 5 on a tiny Z-Image: the two-time-scale ratio, DMD's analytic zero while
+the critic is the teacher, and a resumed NP-Edit run (student and critic) that ends as the uninterrupted one."""
+
+import json
+
+import torch
+
+from npedit.config import load_config
+from npedit.training.trainer import Trainer
+
+
+def npedit_args(out, tiny_zimage, tiny_manifest, *extra):
+    """Settings of a tiny NP-Edit run without a judge (DMD only unless `extra` says otherwise)."""
+    return ["stage=npedit", f"output_dir={out}", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}",
+            "data.batch_size=2", "loss.lambda_vlm=0", "optim.skip_grad_norm=1e9", *extra]
+
+
+def adam_steps(opt) -> set[int]:
+    """The update counts AdamW holds for the parameters it has updated."""
+    return {int(state["step"]) for state in opt.state.values()}
+
+
+def test_each_iteration_is_critic_steps_critic_updates_then_one_student_update(tmp_path, tiny_zimage, tiny_manifest):
+    """method.md 5.1-5.2: `critic_steps` (N_aux) critic updates, each on its own micro-batch, then one student update
+    against the critic they produced; without a DMD loss there is no critic and an iteration is one student update."""
+    trainer = Trainer(load_config(None, npedit_args(tmp_path / "r", tiny_zimage, tiny_manifest, "critic_steps=3",
+                                                    "optim.lr=1e-3")))
+    order, optimise = [], trainer._optimise
+
+    def recorded(name, loss_fn):  # the real update, with its turn noted
+        order.append(name)
+        return optimise(name, loss_fn)
+
+    trainer._optimise = recorded
+    critic_before = [p.detach().clone() for p in trainer.critic.parameters()]
+    metrics = trainer.iteration()
+    assert order == ["critic", "critic", "critic", "student"]
+    assert adam_steps(trainer.opt_critic) == {3} and adam_steps(trainer.opt_student) == {1}
+    assert trainer.drawn == 4 and metrics["critic_skipped"] == metrics["student_skipped"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic.parameters()))
+    plain = Trainer(load_config(None, npedit_args(tmp_path / "p", tiny_zimage, tiny_manifest, "critic_steps=3",
+                                                  "loss.lambda_dmd=0", "loss.lambda_target=1")))
+    metrics = plain.iteration()
+    assert plain.critic is None and plain.drawn == 1 and adam_steps(plain.opt_student) == {1}
+    assert not any(key.startswith("critic") for key in metrics)
+
+
+def test_the_dmd_gradient_is_zero_while_the_critic_is_the_teacher_without_cfg(tmp_path, tiny_zimage, tiny_manifest):
+    """Style guide item 9 through the trainer: at the start the critic is a copy of the teacher, and the teacher's and
+    the critic's x0 come from one noisy state, time and prompt c^x, so with CFG scale 1 the DMD gradient vanishes;
+    at the method's scales (3.5, 7.5) it does not."""
+    grads = {}
+    for scales in (("loss.cfg_scale=1", "loss.cfg_scale_strong=1"), ()):
+        trainer = Trainer(load_config(None, npedit_args(tmp_path / str(len(scales)), tiny_zimage, tiny_manifest,
+                                                        "data.do_nothing_prob=0", *scales)))
+        _, metrics = trainer.student_loss(next(trainer.batches))
+        grads[bool(scales)] = float(metrics["dmd_grad_abs"])
+    assert grads[True] < 1e-5 and grads[False] > 1e-3, grads
+
+
+def test_a_resumed_npedit_run_ends_with_the_student_and_critic_of_the_uninterrupted_one(tmp_path, tiny_zimage,
+                                                                                      tiny_manifest):
+    """Stopped after 2 steps and resumed to 3, an NP-Edit run (2 critic updates and one student update a step, "do
+    nothing" drawn half the time) ends with the weights and losses of the run trained 3 steps straight: both
+    networks, both optimisers, the schedulers, the RNG and the data order pick up where they were."""
+    from safetensors.torch import load_file
+
+    from npedit.cli import main
+
+    common = ["critic_steps=2", "optim.lr=1e-3", "data.do_nothing_prob=0.5", "log_every=1", "save_every=2",
+              "sample_every=0"]
+    main(["train", "max_steps=3", *npedit_args(tmp_path / "straight", tiny_zimage, tiny_manifest, *common)])
+    stopped = npedit_args(tmp_path / "stopped", tiny_zimage, tiny_manifest, *common)
+    main(["train", "max_steps=2", *stopped])
+    main(["train", "--resume", "max_steps=3", *stopped])
+    for net in ("student", "critic"):
+        weights = f"checkpoints/step_000003/{net}/diffusion_pytorch_model.safetensors"
+        straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "stopped" / weights)
+        two = load_file(tmp_path / f"stopped/checkpoints/step_000002/{net}/diffusion_pytorch_model.safetensors")
+        assert any(not torch.equal(two[k], resumed[k]) for k in two), net  # the resumed step trained it
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), net
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("straight", "stopped")}
+    losses = ("critic_fm_loss", "dmd_loss", "student_loss")
+    assert [[r[k] for k in losses] for r in rows["straight"]] == [[r[k] for k in losses] for r in rows["stopped"]]
