@@ -148,14 +148,18 @@ def test_eval_and_bench_refuse_what_they_cannot_run_or_write_before_loading_mode
 
 
 def test_vlm_only_ablation_skips_the_critic(base, tmp_path, tiny_judge):
+    """lambda_dmd = 0: no critic is fitted, and the judge's answers alone (through the decoder) move the student."""
     from npedit.config import load_config
     from npedit.training.trainer import Trainer
 
     tr = Trainer(load_config(None, ["stage=npedit", f"output_dir={tmp_path}/v", "max_steps=1", f"model.base={base}",
                                     "data.train=shapes", "data.batch_size=2", "loss.lambda_dmd=0",
-                                    f"judge.path={tiny_judge}"]))
+                                    "data.do_nothing_prob=0", f"judge.path={tiny_judge}"]))
+    before = [p.detach().clone() for p in tr.student.parameters()]
     metrics = tr.iteration()
     assert "vlm_loss" in metrics and "dmd_loss" not in metrics and "critic_fm_loss" not in metrics
+    assert tr.critic is None and metrics["student_skipped"] == 0 and metrics["student_grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
 
 
 def test_wall_clock_budget_stops_trainer_and_recipes(base, tmp_path):
