@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npedit import NPEditPipeline  # noqa: E402
+from npedit import NPEditPipeline, flow  # noqa: E402
 from npedit.shapes import CATEGORIES, COLOURS, SHAPES, SIZES, render, sample_case  # noqa: E402
 from npedit.shapes.world import cell_token  # noqa: E402
 
@@ -49,7 +49,7 @@ def reference_states(pipe, cases, t: float, seed: int) -> list[torch.Tensor]:
     reference = bb.encode_image(pixels)
     cond = bb.encode_prompt([c.instruction for c in cases], with_reference=True)
     noise = torch.randn(reference.shape, generator=torch.Generator().manual_seed(seed))
-    x_t = (1 - t) * reference + t * noise
+    x_t = flow.add_noise(reference, noise, t)  # the reference noised to t (npedit.flow's convention)
     n_target = model.pos_embed(x_t).shape[1]
     states: list[torch.Tensor] = []
     blocks = model.transformer_blocks
