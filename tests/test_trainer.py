@@ -83,3 +83,27 @@ def test_a_resumed_npedit_run_ends_with_the_student_and_critic_of_the_uninterrup
             for name in ("straight", "stopped")}
     losses = ("critic_fm_loss", "dmd_loss", "student_loss")
     assert [[r[k] for k in losses] for r in rows["straight"]] == [[r[k] for k in losses] for r in rows["stopped"]]
+
+
+def test_sample_grid_captions_wrap_inside_the_grid():
+    """The trainer's sample grids cut every instruction at a fixed count of characters, so the Runs and Train tabs
+    showed "replace the green triangle with a yellow c". A caption now wraps onto as many lines as it needs (every row
+    gets the room of the longest), each line inside the grid's width, so the whole instruction is drawn."""
+    import numpy as np
+    from PIL import ImageFont
+
+    from npedit.training.logging import image_grid, wrap_text
+
+    font = ImageFont.load_default()
+    long = "replace the green triangle with a yellow circle and keep everything else exactly where it is"
+    lines = wrap_text(long, 124, font)
+    assert " ".join(lines) == long and len(lines) > 2 and all(font.getlength(line) <= 124 for line in lines)
+    cut = wrap_text("x" * 80, 60, font)  # one word wider than the grid is cut, not drawn past its edge
+    assert "".join(cut) == "x" * 80 and len(cut) > 1 and all(font.getlength(line) <= 60 for line in cut)
+    tile = torch.zeros(3, 32, 32)
+    line_h = image_grid([[tile, tile]] * 2, ["a", "b"], scale=2).height // 2 - 64  # one line of caption per row
+    grid = image_grid([[tile, tile]] * 2, [long, "b"], scale=2)
+    assert grid.width == 128 and grid.height == 2 * (64 + len(lines) * line_h)
+    band = np.asarray(grid.convert("L"))[64:64 + len(lines) * line_h]  # the first row's caption
+    assert all((band[k * line_h:(k + 1) * line_h] < 128).any() for k in range(len(lines)))  # ink on every line
+    assert (band[:, -2:] > 128).all()  # and none at the right edge: no word runs off the grid

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ..images import tensor_to_pil
 
@@ -72,18 +72,38 @@ def _step(line: str) -> int | None:
         return None
 
 
+def wrap_text(text: str, width: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> list[str]:
+    """`text` split into lines no wider than `width` pixels in `font` (at spaces; a longer word is cut anywhere)."""
+    lines, line = [], ""
+    for word in text.split():
+        while len(word) > 1 and font.getlength(word) > width:  # a word wider than the grid: cut where it overflows
+            cut = max((k for k in range(1, len(word)) if font.getlength(word[:k]) <= width), default=1)
+            lines += [line, word[:cut]] if line else [word[:cut]]
+            line, word = "", word[cut:]
+        joined = f"{line} {word}" if line else word
+        if line and font.getlength(joined) > width:
+            lines.append(line)
+            joined = word
+        line = joined
+    return lines + [line] if line else lines
+
+
 def image_grid(rows: list[list[torch.Tensor]], labels: list[str] | None = None, scale: int = 1) -> Image.Image:
-    """Tile (3, H, W) tensors in [-1, 1] row by row, with an optional text label under each row."""
+    """Tile (3, H, W) tensors in [-1, 1] row by row, with an optional text label under each row (wrapped to fit)."""
     tiles = [[tensor_to_pil(x) for x in row] for row in rows]
     w, h = tiles[0][0].size
     w, h = w * scale, h * scale
-    label_h = 12 if labels else 0
     cols = max(len(r) for r in tiles)
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 2
+    # every row gets the space of the longest label, so the rows stay on one pitch
+    lines = [wrap_text(text, cols * w - 4, font) for text in labels] if labels else []
+    label_h = line_h * max(1, max(map(len, lines))) if labels else 0
     grid = Image.new("RGB", (cols * w, len(tiles) * (h + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):
             grid.paste(tile.resize((w, h), Image.Resampling.NEAREST), (j * w, i * (h + label_h)))
-        if labels:
-            draw.text((2, i * (h + label_h) + h), labels[i][: cols * w // 6], fill=(0, 0, 0))
+        for k, line in enumerate(lines[i] if labels else []):
+            draw.text((2, i * (h + label_h) + h + k * line_h), line, fill=(0, 0, 0), font=font)
     return grid
