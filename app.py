@@ -56,6 +56,8 @@ NO_TRAINING_ON_ZEROGPU = ("This Space runs on ZeroGPU, where a GPU exists only i
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
 .fill-image img { width: 100%; height: 100%; object-fit: contain; }
+/* a table wider than the page scrolls sideways: a scrollbar that shows (gradio's is thin or hidden) says so */
+.scroll-x .virtual-table-viewport { scrollbar-width: auto; scrollbar-color: #9ca3af #f3f4f6; }
 #title { margin-bottom: 0; }
 """
 INTRO = """# NP-Edit
@@ -74,6 +76,10 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "Yes / No). Both are extensions of the method; Shapes cases fill them in.")
 
 TABLE_WIDTHS = ["14%", "20%", "14%", "14%", "8%", "9%", "9%", "6%", "6%"]  # the training table's columns, in order
+# the Judge inspector's table (kind, P(Yes), margin, expected, images, question): the question gets half
+VERDICT_WIDTHS = ["9%", "8%", "12%", "9%", "14%", "48%"]
+# Config differences: the key, then one share per compared run (up to three fit; more scroll sideways)
+COMPARE_WIDTHS = ["22%"] + ["26%"] * 15
 
 
 @dataclass
@@ -460,12 +466,14 @@ def build_judge_tab(app: App, last_edit: gr.State):
         ask = gr.Button("Ask the judge", variant="primary")
         explain = gr.Button("Where do the answers come from? (gradient maps)")
     summary = gr.JSON(label="Verdict")
-    table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True)
+    # fixed widths: sized by their content, the question ran off the right edge and "expected" split in two
+    table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True,
+                         column_widths=VERDICT_WIDTHS, elem_id="verdict-table")
     # gradio draws a plot's label over the figure's top left: a long one hid the column titles, so it is said above
     gr.Markdown("**Gradient maps**: the gradient of each answer's log P(expected) with respect to the edited image's "
                 "pixels (top: its size; bottom: the edited image nudged along it). The first column is what trains "
                 "an editor: the mean over the questions NP-Edit asks.")
-    gradient_plot = gr.Plot(label="Gradient maps", format="png")
+    gradient_plot = gr.Plot(label="Gradient maps", format="png", show_label=False)
 
     @GPU
     def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep="", new="", gone=""):
@@ -612,9 +620,15 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         cancel = gr.Button("Cancel", variant="stop", scale=1)
     current = gr.State(None)
     status = gr.Markdown(_status_markdown(None, device), elem_id="train-status")
+    # no labels drawn over the figure (they hid its top y-tick and the sample grid's first rows): named above instead
     with gr.Row():
-        curves = gr.Plot(label="Loss curves", format="png")
-        sample = gr.Image(label="Latest samples (reference | edit)", interactive=False, elem_classes="pixelated")
+        with gr.Column():
+            gr.Markdown("**Loss curves** (the main losses, per logged step)")
+            curves = gr.Plot(label="Loss curves", format="png", show_label=False, elem_id="train-curves")
+        with gr.Column():
+            gr.Markdown("**Latest samples**: reference | edit, one row per fixed training case, its instruction below")
+            sample = gr.Image(label="Latest samples (reference | edit)", interactive=False, show_label=False,
+                              elem_classes="pixelated", elem_id="train-sample")
     log = gr.Textbox(label="Log (tail)", lines=6, max_lines=12, autoscroll=True)
     timer = gr.Timer(2.0, active=False)
 
@@ -732,21 +746,36 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     refresh = gr.Button("↻ Refresh", size="sm")
     # empty tables keep named columns: with none, gradio draws its placeholder headers "1 2 3", which read as data
     no_runs, no_comparison = pd.DataFrame(columns=["run", "status", "step"]), pd.DataFrame(columns=["key"])
-    table = gr.Dataframe(no_runs, label="Runs", interactive=False, wrap=True, max_height=300)
+    # cells on one line (wrapped, the headers broke letter by letter: "ma x_ st ep s"); the run's name stays in view
+    # while the rest scrolls sideways
+    table = gr.Dataframe(no_runs, label="Runs", interactive=False, max_height=300, pinned_columns=1,
+                         elem_id="runs-table", elem_classes="scroll-x")
     with gr.Row():
         selected = gr.Dropdown([], multiselect=True, label="Compare runs")
         keys = gr.Dropdown([], multiselect=True, label="Metrics")
-    curves = gr.Plot(label="Curves", format="png")
+    # no labels drawn over the figures (they hid a top y-tick): each is named above
     with gr.Row():
-        bars = gr.Plot(label="Last value of the first metric", format="png")
-        comparison = gr.Dataframe(no_comparison, label="Config differences and last metrics", interactive=False,
-                                  wrap=True)
+        with gr.Column(scale=2):
+            gr.Markdown("**Curves** of the metrics picked, one panel each")
+            curves = gr.Plot(label="Curves", format="png", show_label=False, elem_id="runs-curves")
+        with gr.Column(scale=1):
+            gr.Markdown("**Last value** of the first metric")
+            bars = gr.Plot(label="Last value of the first metric", format="png", show_label=False,
+                           elem_id="runs-bars")
+    # the whole width and fixed shares: sized by their content, a long path pushed the second run's column off
+    comparison = gr.Dataframe(no_comparison, label="Config differences and last metrics", interactive=False,
+                              wrap=True, column_widths=COMPARE_WIDTHS, elem_id="runs-comparison",
+                              elem_classes="scroll-x")
     with gr.Row():
-        one = gr.Dropdown([], label="Run")
+        one = gr.Dropdown([], label="Run", scale=2)
+        step = gr.Dropdown([], label="Sample grid (newest first)", scale=1)
         resume = gr.Button("Resume this run", size="sm", scale=0, interactive=not app.training_off())
         export = gr.Button("Export its newest checkpoint", size="sm", scale=0)
     resume_msg = gr.Markdown()
-    gallery = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_classes="pixelated")
+    # one grid at its own aspect ratio: a gallery's fixed-height tiles showed only each grid's top case
+    gr.Markdown("**Sample grid**: reference | edit, one row per fixed training case, its instruction below")
+    grid = gr.Image(label="Sample grid", interactive=False, show_label=False, elem_classes="pixelated",
+                    elem_id="run-sample", buttons=["download", "fullscreen"])
 
     def on_refresh(selected_now, token_value=None):
         hidden = app.runs_hidden(token_value)
@@ -777,9 +806,16 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
                 runs.compare([app.runs_root / n for n in names], app.runs_root))
 
     def on_samples(name, token_value=None):
-        if not name or app.runs_hidden(token_value):
-            return []
-        return [(_shown(app, p), c) for p, c in runs.samples(app.runs_root / name)]
+        """The run's sample grids to pick from (newest first), and the newest shown."""
+        grids = runs.samples(app.runs_root / name) if name and not app.runs_hidden(token_value) else []
+        newest = grids[0][1] if grids else None
+        return gr.Dropdown(choices=[c for _, c in grids], value=newest), on_sample(name, newest, token_value)
+
+    def on_sample(name, caption, token_value=None):
+        """The run's sample grid named `caption` ("step N"), looked up among its own (the event can carry anything)."""
+        if not name or not caption or app.runs_hidden(token_value):
+            return None
+        return next((_shown(app, p) for p, c in runs.samples(app.runs_root / name) if c == caption), None)
 
     def on_resume(name, token_value=None):
         if not name:
@@ -807,7 +843,8 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     export.click(on_export, [one, token], resume_msg, api_visibility="private")
     gr.on([selected.change, keys.change], on_compare, [selected, keys, token], [curves, bars, comparison],
           api_visibility="private")
-    one.change(on_samples, [one, token], gallery, api_visibility="private")
+    one.change(on_samples, [one, token], [step, grid], api_visibility="private")
+    step.change(on_sample, [one, step, token], grid, api_visibility="private")
     resume.click(on_resume, [one, token], [resume_msg, train_run, train_timer], api_visibility="private")
     return on_refresh, [selected, token], [notice, table, selected, keys, one]
 

@@ -545,7 +545,7 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     demo = npedit_app.build_demo(app)
     token = next(b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.type == "password")
     assert token.visible
-    readers = {"on_load", "on_tick", "on_refresh", "on_compare", "on_samples"}
+    readers = {"on_load", "on_tick", "on_refresh", "on_compare", "on_samples", "on_sample"}
     wired = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") in readers]
     assert {f.fn.__name__ for f in wired} == readers and all(token in f.inputs for f in wired)
     assert all(f.api_visibility == "private" for f in wired)
@@ -561,7 +561,8 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
         assert says in shown and table.empty and selected.choices == [] and one.choices == []
         figure, bars, comparison = fns["on_compare"](["mine"], ["student_loss"], given)
         assert bars is None and comparison.empty
-        assert fns["on_samples"]("mine", given) == []
+        step, grid = fns["on_samples"]("mine", given)
+        assert step.choices == [] and grid is None and fns["on_sample"]("mine", "step 2", given) is None
     run_dir, status, curves, sample, log, _ = fns["on_load"]("s3cret")  # the owner
     assert run_dir == str(run.resolve()) and "mine" in status
     # the last job is finished, so no timer tick draws it: typing the token (or loading the page) does
@@ -574,7 +575,8 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     shown, table, selected, _, _ = fns["on_refresh"](None, "s3cret")
     assert list(table["run"]) == ["mine"] and selected.value == ["mine"] and str(app.runs_root) in shown
     assert "mine" in fns["on_compare"](["mine"], ["student_loss"], "s3cret")[2].columns
-    assert len(fns["on_samples"]("mine", "s3cret")) == 1
+    step, grid = fns["on_samples"]("mine", "s3cret")
+    assert step.value == "step 2" and len(step.choices) == 1 and isinstance(grid, Image.Image)
     monkeypatch.delenv("NPEDIT_TRAIN_TOKEN")  # no token set: nobody sees them, and the message says how
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     assert "can set the Space secret NPEDIT_TRAIN_TOKEN" in app.runs_hidden("anything")
@@ -584,7 +586,9 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     assert not next(b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.type == "password").visible
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     assert fns["on_load"]("")[0] == str(run.resolve())
-    assert fns["on_samples"]("mine", "") == [(str(run / "samples" / "step_000002.png"), "step 2")]
+    assert fns["on_samples"]("mine", "")[1] == str(run / "samples" / "step_000002.png")
+    assert fns["on_sample"]("mine", "step 2", "") == str(run / "samples" / "step_000002.png")
+    assert fns["on_sample"]("mine", "/etc/passwd", "") is None  # only the run's own grids, whatever the event says
 
 
 def _call_event(url: str, fn_index: int, data: list) -> str:
@@ -793,3 +797,23 @@ def test_a_public_app_describes_only_the_editors_it_lists(tmp_path, monkeypatch)
     status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
                   and getattr(f.fn, "__name__", "") != "refresh_list")
     assert "training run folder" in status(str(secret))
+
+
+def test_wide_tables_keep_their_columns_readable(tmp_path):
+    """The Judge inspector's table and the Runs tab's config differences sized their columns by their content: the
+    question ran off the right edge (its header "expected" split in two) and a long path pushed the second run's
+    column off. Both now give every column a fixed share; the runs table (many columns) scrolls sideways instead of
+    wrapping its headers letter by letter ("ma x_ st ep s"), its metrics first, so they show without scrolling."""
+    from npedit.verdicts import Verdict
+    from workbench import judging, runs
+
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")])))
+    tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
+    question = {"kind": "edit", "p_yes": 0.5, "margin": 0.0, "expected": "Yes", "images": ["edited"], "text": "?"}
+    columns = judging.verdict_table(Verdict(p_edit=0.5, p_identity=0.5, questions=[question])).columns
+    assert len(tables["verdict-table"].column_widths) == len(columns)
+    assert tables["runs-comparison"].column_widths[0] == npedit_app.COMPARE_WIDTHS[0]
+    assert not tables["runs-table"].wrap and tables["runs-table"].pinned_columns == 1
+    _a_run(tmp_path / "runs")
+    header = list(runs.runs_table(tmp_path / "runs").columns)
+    assert header[:4] == ["run", "status", "step", "student_loss"] and "path" not in header

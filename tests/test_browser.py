@@ -109,6 +109,9 @@ def test_train_tab_runs_a_tiny_job(page, tmp_path, served_runs):
     status.get_by_text("tiny-job").first.wait_for()
     status.get_by_text("finished 2 steps").wait_for(timeout=180_000)
     page.wait_for_timeout(2500)  # the last poll draws the curves and the sample grid
+    # no label drawn over a figure or the grid (they hid a y-tick and the grid's first row): each is named above
+    for figure in ("#train-curves", "#train-sample"):
+        assert not page.locator(f"{figure} [data-testid='block-label']").filter(visible=True).count(), figure
     shot = tmp_path / "app-train.png"
     page.screenshot(path=str(shot), full_page=True)
     keep(shot, "app-train.png")
@@ -116,6 +119,22 @@ def test_train_tab_runs_a_tiny_job(page, tmp_path, served_runs):
     page.get_by_role("tab", name="Runs").click()
     page.get_by_role("button", name="↻ Refresh").click()
     page.get_by_text("tiny-job").filter(visible=True).first.wait_for()
+    # the whole sample grid, at its own aspect ratio (a gallery's 320 px tiles showed only its top case)
+    grid = page.locator("#run-sample img")
+    grid.wait_for(state="visible")
+    page.wait_for_timeout(500)
+    box, block = grid.bounding_box(), page.locator("#run-sample").bounding_box()
+    natural = grid.evaluate("im => [im.naturalWidth, im.naturalHeight]")
+    assert abs(box["width"] / box["height"] - natural[0] / natural[1]) < 0.02, (box, natural)
+    assert block["y"] <= box["y"] and box["y"] + box["height"] <= block["y"] + block["height"] + 1
+    for figure in ("#runs-curves", "#runs-bars", "#run-sample"):  # (as in the Train tab)
+        assert not page.locator(f"{figure} [data-testid='block-label']").filter(visible=True).count(), figure
+    # the runs table's headers on one line each (wrapped, they broke letter by letter) and its metrics in view
+    runs_table = page.locator("#runs-table")
+    heights = [runs_table.locator(f"[data-testid='header-{c}']").bounding_box()["height"] for c in range(6)]
+    assert max(heights) < 60, heights
+    loss = runs_table.locator("th", has_text="student_loss").first.bounding_box()
+    assert loss["x"] + loss["width"] <= runs_table.bounding_box()["x"] + runs_table.bounding_box()["width"]
     page.get_by_role("button", name="Export its newest checkpoint").click()
     page.get_by_text("newest checkpoint to").filter(visible=True).first.wait_for()
     assert list((served_runs / "tiny-job/exports").iterdir())[0].name == "step_000002"

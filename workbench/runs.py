@@ -73,21 +73,22 @@ def metric_keys(frames: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def runs_table(root: str | os.PathLike) -> pd.DataFrame:
-    """One row per run: name, status, progress, the main config entries and the last logged metrics."""
+    """One row per run: name, status, progress, the last logged metrics, the main config entries and its editor."""
     rows = []
     for run in find_runs(root):
         cfg = flatten(read_config(run))
         st = job_status(run)
         row = {"run": run_name(run, root), "status": st.state, "step": st.step}
+        row.update({m: _short(st.last_metrics.get(m)) for m in METRIC_COLUMNS})
         row.update({col: cfg.get(key) for col, key in CONFIG_COLUMNS
                     if col not in STAGE_ONLY or cfg.get("stage") in STAGE_ONLY[col]})
         if row["max_steps"] is None:
             row["max_steps"] = st.max_steps
-        row.update({m: _short(st.last_metrics.get(m)) for m in METRIC_COLUMNS})
         row["editor"] = st.pipeline or ""
-        row["path"] = str(run)
         rows.append(row)
-    columns = ["run", "status", "step", *[c for c, _ in CONFIG_COLUMNS], *METRIC_COLUMNS, "editor", "path"]
+    # the metrics first: they are what runs are compared by, and a table wider than the page shows its left part
+    # (no "path" column: a run's folder is the runs folder / its name)
+    columns = ["run", "status", "step", *METRIC_COLUMNS, *[c for c, _ in CONFIG_COLUMNS], "editor"]
     df = pd.DataFrame(rows, columns=columns)
     return df.dropna(axis=1, how="all") if not df.empty else df
 
