@@ -6,8 +6,12 @@ wrong folder gets a sentence naming what it is and what to pass instead, not a l
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
+import struct
+import threading
 from pathlib import Path
 
 EDITOR_KIND = "an NPEditPipeline (editor) folder"
@@ -83,15 +87,19 @@ def describe(path: str | os.PathLike) -> str:
     return f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}"
 
 
-def check_editor_folder(path: str | os.PathLike) -> None:
+def check_editor_folder(path: str | os.PathLike, dtype=None) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
-    model_index.json lists; hub ids pass."""
+    model_index.json lists, each of a size its weights and this machine's memory allow (`check_model_size`, at
+    `dtype`); hub ids pass."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
     missing = missing_components(Path(path).expanduser()) if looks_local(path) else []
     if missing:
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
+    if looks_local(path):
+        for folder, model_class in model_components(Path(path).expanduser()):
+            check_model_size(folder, model_class, dtype)
 
 
 def missing_components(path: Path) -> list[str]:
@@ -116,6 +124,127 @@ def missing_components(path: Path) -> list[str]:
                 pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
                 missing.append(f"no safetensors weights in {name}/{pickled}")
     return missing
+
+
+def model_components(path: Path) -> list[tuple[Path, type]]:
+    """(folder, class) of each model (transformer, VAE, text encoders) an editor folder's model_index.json lists, for
+    the classes of diffusers, transformers and npedit (the modules a saved editor names)."""
+    if not (path / "model_index.json").is_file():
+        return []
+    found = []
+    for name, entry in _read_json(path / "model_index.json").items():
+        if not (name in ("transformer", "vae") or name.startswith("text_encoder")) or not isinstance(entry, list):
+            continue
+        library, class_name = (entry + [None, None])[:2]
+        if not isinstance(library, str) or not isinstance(class_name, str):
+            continue
+        if library in ("diffusers", "transformers") or library.startswith("npedit."):  # never import other modules
+            model_class = getattr(importlib.import_module(library), class_name, None)
+            if model_class is not None:
+                found.append((path / name, model_class))
+    return found
+
+
+# A config may build at most SIZE_FACTOR times the elements its safetensors weights hold, plus SIZE_MARGIN: room for
+# buffers that are not saved (position tables), weights tied and saved once, and a student's few added parameters.
+SIZE_FACTOR = 2
+SIZE_MARGIN = 1 << 22
+HEADER_LIMIT = 100 << 20  # bytes of a safetensors JSON header (the safetensors library's own limit)
+
+
+def stored_numel(folder: str | os.PathLike) -> int:
+    """Elements of every tensor in a folder's *.safetensors files, from their headers alone (no tensor data is read);
+    CheckpointError for a file that is no safetensors file or whose header claims more than the file holds."""
+    total = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > min(HEADER_LIMIT, size - 8):
+                    raise ValueError(f"a header of {length} bytes")
+                header = json.loads(fh.read(length))
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                numel = math.prod(entry["shape"])
+                # no dtype stores an element in under 4 bits: a header claiming more elements than its bytes hold
+                # would let a small file pass for large weights
+                if not 0 <= begin <= end <= size - 8 - length or numel > 2 * (end - begin) or numel < 0:
+                    raise ValueError(f"tensor {name} claims more than the file holds")
+                total += numel
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from None
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have now (Linux's MemAvailable); None where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _TooLarge(Exception):
+    """Raised from the registration hooks once a model being built passes its bound."""
+
+
+def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -> int:
+    """CheckpointError unless the `model_class` (a diffusers or transformers model, or a transformers Auto class)
+    that `folder`'s config.json describes holds at most SIZE_FACTOR x the elements of the folder's safetensors
+    weights (plus SIZE_MARGIN) and fits in the memory available at `dtype` (2 bytes an element when None); builds
+    it on the meta device, stopped as soon as it passes, so a config asking for a huge model fails at once. Returns
+    the elements of its parameters and buffers."""
+    import torch
+    from torch.nn.modules import module as torch_module
+
+    folder = Path(folder)
+    stored = stored_numel(folder)
+    by_weights = SIZE_FACTOR * stored + SIZE_MARGIN
+    per_element = torch.empty(0, dtype=dtype).element_size() if dtype is not None else 2
+    memory = available_memory()
+    bound = by_weights if memory is None else min(by_weights, memory // per_element)
+    if hasattr(model_class, "load_config"):  # a diffusers model
+        def build():
+            return model_class.from_config(model_class.load_config(str(folder)))
+    else:  # transformers: a model class or an Auto class
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+        build_from = getattr(model_class, "_from_config", None) or model_class.from_config
+
+        def build():
+            return build_from(config)
+    count, builder = [0], threading.get_ident()
+
+    def counted(module, name, tensor):
+        if tensor is not None and threading.get_ident() == builder:  # a model built in another thread is not ours
+            count[0] += tensor.numel()
+            if count[0] > bound:
+                raise _TooLarge
+
+    hooks = [torch_module.register_module_parameter_registration_hook(counted),
+             torch_module.register_module_buffer_registration_hook(counted)]
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            build()
+    except _TooLarge:
+        asks = f"{folder}: its config.json builds a {model_class.__name__} of more than {count[0]:,} parameters"
+        if bound < by_weights:
+            dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "16-bit"
+            raise CheckpointError(f"{asks} ({count[0] * per_element / 2**30:.1f} GiB in {dtype_name}), more than the "
+                                  f"{memory / 2**30:.1f} GiB of memory available") from None
+        raise CheckpointError(f"{asks}, over {SIZE_FACTOR}x the {stored:,} its safetensors weights hold: refusing "
+                              "to build it (a config edited to a larger size?)") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return count[0]
 
 
 def _read_json(file: Path) -> dict:

@@ -113,8 +113,8 @@ class NPEditPipeline(DiffusionPipeline):
         from .adapters import is_adapter_folder, load_adapter_pipeline
         from .folders import check_editor_folder, found_nowhere
 
-        check_editor_folder(pretrained_model_name_or_path)
-        import_families()
+        import_families()  # (before the size check, which builds the classes model_index.json names)
+        check_editor_folder(pretrained_model_name_or_path, kwargs.get("torch_dtype") or kwargs.get("dtype"))
         kwargs.setdefault("use_safetensors", True)  # weights are never unpickled (a .bin-only folder is refused)
         if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
             # float32 for every component, as the adapter path does (transformers alone would keep a text encoder

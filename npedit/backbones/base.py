@@ -44,12 +44,15 @@ def resolve_subfolder(path: str | os.PathLike, subfolder: str | None) -> str | N
     return subfolder
 
 
-def check_transformer(path: str | os.PathLike, subfolder: str | None, family: str) -> dict:
+def check_transformer(path: str | os.PathLike, subfolder: str | None, family: str, dtype=None) -> dict:
     """The config.json of the transformer at `path` (`subfolder`, as `resolve_subfolder` gave it), read alone; a
     `CheckpointError` saying what the path holds unless it names a transformer class of `family` (diffusers would
-    otherwise build another family's class from it with random weights, warning only)."""
+    otherwise build another family's class from it with random weights, warning only), or, for a local folder, when
+    its config builds a model far larger than its weights or than memory allows at `dtype` (`check_model_size`)."""
+    import importlib
+
     from npedit.backbones import FAMILIES
-    from npedit.folders import CheckpointError, describe, found_nowhere, looks_local
+    from npedit.folders import CheckpointError, check_model_size, describe, found_nowhere, looks_local
 
     classes = FAMILIES[family][2]
     folder = Path(str(path), subfolder or "")
@@ -67,6 +70,8 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     if looks_local(path) and not any(folder.glob("*.safetensors")):  # diffusers would raise a traceback's OSError
         pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
         raise CheckpointError(f"no safetensors weights in {folder}{pickled}")
+    if looks_local(path):
+        check_model_size(folder, getattr(importlib.import_module(FAMILIES[family][0]), name), dtype)
     return config
 
 

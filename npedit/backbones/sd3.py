@@ -44,6 +44,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..config import REFERENCE_MODES
+from ..folders import check_model_size
 from .base import Backbone, check_transformer, resolve_subfolder, set_config
 from .vae import AnyVAE, LatentCodec
 
@@ -404,7 +405,7 @@ class SD3Backbone(Backbone):
     def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
         """Teacher/critic: plain `SD3Transformer2DModel`; student: `NPEditSD3Transformer2DModel` (ref_embed 0 if absent)."""
         subfolder = resolve_subfolder(path, subfolder)
-        check_transformer(path, subfolder, "sd3")
+        check_transformer(path, subfolder, "sd3", torch_dtype)
         if not for_student:
             return SD3Transformer2DModel.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype,
                                                          use_safetensors=True)
@@ -512,6 +513,8 @@ def _load_component(loader, path: str, subfolder: str, *, required: bool, **kwar
             if required:
                 raise FileNotFoundError(f"{path} has no {subfolder}/ folder; an SD3 checkpoint needs one")
             return None
+        if hasattr(loader, "config_class"):  # a transformers model (the VAE and tokenizers check their own)
+            check_model_size(local / subfolder, loader, kwargs.get("torch_dtype"))
         return loader.from_pretrained(str(local / subfolder), **kwargs)
     if required:
         return loader.from_pretrained(path, subfolder=subfolder, **kwargs)

@@ -24,7 +24,7 @@ class AnyVAE:
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
-        from npedit.folders import CheckpointError, describe, looks_local
+        from npedit.folders import CheckpointError, check_model_size, describe, looks_local
 
         kw = {"subfolder": subfolder} if subfolder else {}
         folder = Path(path, subfolder or "")
@@ -38,7 +38,10 @@ class AnyVAE:
         if name not in VAE_CLASSES:
             raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
         module, cls = VAE_CLASSES[name]
-        return getattr(importlib.import_module(module), cls).from_pretrained(str(path), **kw, **{"use_safetensors": True, **kwargs})
+        model_class = getattr(importlib.import_module(module), cls)
+        if looks_local(path):
+            check_model_size(folder, model_class, kwargs.get("torch_dtype"))
+        return model_class.from_pretrained(str(path), **kw, **{"use_safetensors": True, **kwargs})
 
 
 class LatentCodec(nn.Module):

@@ -24,6 +24,7 @@ from diffusers import ModelMixin, ZImageTransformer2DModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from transformers import AutoModel, AutoTokenizer
 
+from ..folders import check_model_size
 from .base import Backbone, check_transformer, onload, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
@@ -173,10 +174,10 @@ def frames_forward(transformer, reference, x_t, t_native, captions):
     return target.permute(0, 5, 1, 3, 2, 4).reshape(batch, tf.out_channels, h, w)
 
 
-def transformer_class(path, subfolder: str | None) -> type[ZImageTransformer2DModel]:
+def transformer_class(path, subfolder: str | None, dtype=None) -> type[ZImageTransformer2DModel]:
     """The class a Z-Image transformer's config.json names (a local folder or a hub id: its config alone is read);
-    `CheckpointError` when it is not a Z-Image transformer."""
-    named = check_transformer(path, subfolder, "zimage").get("_class_name")
+    `CheckpointError` when it is not a Z-Image transformer or is larger than its weights or memory allow."""
+    named = check_transformer(path, subfolder, "zimage", dtype).get("_class_name")
     if named == NPEditZImageTransformer2DModel.__name__:
         return NPEditZImageTransformer2DModel
     return ZImageTransformer2DModel
@@ -215,6 +216,8 @@ class ZImageBackbone(Backbone):
         if Path(path).is_dir() and missing:
             raise FileNotFoundError(f"{path} has no {', '.join(missing)} folder; a Z-Image checkpoint needs them")
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        if Path(path).is_dir():  # a config asking for a far larger model than its weights fails here, at once
+            check_model_size(Path(path, "text_encoder"), AutoModel, torch_dtype)
         text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype,
                                                    use_safetensors=True)
         vae = AnyVAE.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
@@ -277,7 +280,7 @@ class ZImageBackbone(Backbone):
     def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
         """Load a `ZImageTransformer2DModel` (or our subclass, when its config names it: a "frames" student)."""
         subfolder = resolve_subfolder(path, subfolder)
-        model_class = transformer_class(path, subfolder)
+        model_class = transformer_class(path, subfolder, torch_dtype)
         return model_class.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
 
     def prepare_student(self, transformer, reference_mode="tokens"):

@@ -120,6 +120,10 @@ class ChatJudge(Judge):
 
             pickled = " (a pickle .bin is not read)" if any(local.glob("*.bin")) else ""
             raise CheckpointError(f"{local} holds no safetensors weights{pickled}: a judge folder holds model*.safetensors")
+        if local.is_dir():  # a config asking for a far larger model than its weights: one line, before any build
+            from npedit.folders import check_model_size
+
+            check_model_size(local, cls.model_class, torch_dtype)
         processor = AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
         if max_pixels is not None:
             cls.check_max_pixels(max_pixels)
