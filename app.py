@@ -521,7 +521,8 @@ def build_judge_tab(app: App, last_edit: gr.State):
             try:
                 pairs = judging.read_pairs(files or [], uploads_only=app.public,
                                            max_pairs=MAX_BATCH_PAIRS if app.public else None)
-                out = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d))
+                out = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d),
+                                          named=app.public)  # a stranger sees no path of the server
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
             path = Path(tempfile.mkdtemp(prefix="npedit-verdicts-")) / "verdicts.csv"

@@ -490,6 +490,32 @@ def test_a_public_app_judges_a_bounded_batch(tmp_path, monkeypatch, shapes_png):
     assert len(judging.read_pairs([listing, shapes_png], uploads_only=True)) == 3  # no limit unless asked
 
 
+def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set, tmp_path, monkeypatch, shapes_png):
+    """An image of a batch list that cannot be read was named in the verdicts table and CSV by gradio's copy of it
+    (/tmp/gradio/<hash>/trunc.png): a public app names it as the list does; a local app keeps the full path."""
+    uploads = tmp_path / "gradio" / ("ab" * 32)
+    uploads.mkdir(parents=True)
+    (uploads / "scene.png").write_bytes(shapes_png.read_bytes())
+    (uploads / "trunc.png").write_bytes(shapes_png.read_bytes()[:100])
+    (uploads / "notes.png").write_text("not an image")
+    listing = uploads / "pairs.csv"
+    listing.write_text("reference,edited,instruction\nscene.png,trunc.png,make it blue\n"
+                       "notes.png,scene.png,make it blue\nscene.png,scene.png,make it blue\n")
+    files = [str(listing), *(str(uploads / n) for n in ("scene.png", "trunc.png", "notes.png"))]
+    for public in ("1", "0"):
+        monkeypatch.setenv("NPEDIT_PUBLIC", public)
+        app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+        fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+        table, csv = fns["judge_batch"](files, progress=lambda *a, **k: None)
+        errors = list(table["error"])
+        assert "trunc.png" in errors[0] and "notes.png" in errors[1] and errors[2] == "", errors
+        if public == "1":
+            assert not [e for e in errors if str(tmp_path) in e] and str(tmp_path) not in Path(csv).read_text()
+            assert errors[0].startswith("cannot read trunc.png as an image"), errors[0]
+        else:
+            assert str(uploads / "trunc.png") in errors[0] and str(uploads / "notes.png") in errors[1]
+
+
 def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
     """Anyone can POST files (up to 20 MB each) to /gradio_api/upload without calling any event, and every result
     is cached: without gradio's delete_cache they stayed in its folder until the disk was full. A public app deletes

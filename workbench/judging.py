@@ -14,7 +14,9 @@ from npedit.verdicts import Verdict, judge_edit
 
 from .datasets import resolve_image
 
-PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep", "new", "gone"]
+# reference/edited: the images' paths on this machine; reference_name/edited_name: as the list names them
+PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep", "new", "gone",
+                "reference_name", "edited_name"]
 RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "p_change", "error"]
 
 
@@ -76,14 +78,17 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
         out.append({"id": str(row.get("id") or i), **paths, "instruction": str(row["instruction"]),
                     "edit_type": str(row.get("edit_type") or "edit"),
                     "object_name": str(row.get("object_name") or row.get("object") or ""),
-                    **{k: "; ".join(object_names(row.get(k))) for k in ("keep", "new", "gone")}})
+                    **{k: "; ".join(object_names(row.get(k))) for k in ("keep", "new", "gone")},
+                    "reference_name": str(row["reference"]).strip(), "edited_name": str(row["edited"]).strip()})
     if not out:
         raise ValueError(f"{listing.name} lists no pairs")
     return pd.DataFrame(out, columns=PAIR_COLUMNS)
 
 
-def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
-    """P(edit done) and P(identity kept) for every pair; a pair that cannot be judged gets its error instead."""
+def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], None] | None = None,
+                named: bool = False) -> pd.DataFrame:
+    """P(edit done) and P(identity kept) for every pair; a pair that cannot be judged gets its error instead, which
+    with `named` (a public app) names each image as the list does, never by its path on this machine."""
     rows = []
     for i, p in enumerate(pairs.itertuples(index=False)):
         if progress:
@@ -98,6 +103,19 @@ def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], Non
                        p_keep=None if v.p_keep is None else round(v.p_keep, 4),
                        p_change=None if v.p_change is None else round(v.p_change, 4))
         except (ImageError, ValueError) as exc:
-            row["error"] = str(exc)
+            row["error"] = as_named(str(exc), p) if named else str(exc)
         rows.append(row)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def as_named(message: str, pair) -> str:
+    """`message` with the pair's image paths on this machine (an upload's is gradio's copy, /tmp/gradio/<hash>/x.png)
+    replaced by the names the list gives them, and any other mention of their folders dropped."""
+    images = [(getattr(pair, key), getattr(pair, f"{key}_name", None) or Path(getattr(pair, key)).name)
+              for key in ("reference", "edited")]
+    for path, name in sorted(images, key=lambda image: -len(image[0])):  # longest first: one path may start another
+        message = message.replace(path, name)
+    for path, _ in images:
+        if Path(path).is_absolute():
+            message = message.replace(str(Path(path).parent) + os.sep, "")
+    return message
