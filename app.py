@@ -46,6 +46,7 @@ except ImportError:
     def GPU(fn):
         return fn
 
+APP_DIR = Path(__file__).resolve().parent  # a public app shows paths relative to it
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
 MAX_CANDIDATES = 16
@@ -92,9 +93,24 @@ class App:
     public: bool = False  # serving strangers (a Space): no typed model paths or ids, no server files but uploads
     train_token: str | None = None  # $NPEDIT_TRAIN_TOKEN: in a public app, training actions need it
 
-    def lists(self, editor: str) -> bool:
-        """Whether `editor` is one of the editors the app offers (all a public app loads)."""
-        return editor in [path for _, path in self.editor_choices()]
+    def editor_path(self, value: str | None) -> str | None:
+        """The path of the editor a choice's value names (empty: the app's own). A local app takes any path or hub id;
+        a public one only an editor it lists, named by its choice's value or its path (the Train tab's student),
+        else None: it loads no other folder or hub id."""
+        value = (value or "").strip() or self.models.paths.model
+        if not self.public:
+            return value
+        return next((path for label, path in self._editors() if value in (label, path)), None)
+
+    def shown(self, path: str | os.PathLike | None) -> str:
+        """A path as the page shows it: as it is in a local app; in a public app, relative to the app's folder or to
+        the runs folder's parent, else its name alone (strangers learn no other path of the server)."""
+        if not self.public or not path or not Path(path).is_absolute():
+            return str(path or "")  # a relative path or a hub id says nothing about the server's folders
+        for root in (APP_DIR, self.runs_root.parent):
+            if Path(path).is_relative_to(root):
+                return str(Path(path).relative_to(root))
+        return Path(path).name
 
     def training_off(self) -> str | None:
         """Why training cannot start here at all (None: it can, given the token when one is set)."""
@@ -132,14 +148,19 @@ class App:
         return bool(self.train_token) and hmac.compare_digest((token or "").encode(), self.train_token.encode())
 
     def editor_choices(self) -> list[tuple[str, str]]:
-        """(label, path) of the app's editor and of every finished run's editor."""
+        """(label, value) of the app's editor and of every finished run's editor: the value is its path, in a public
+        app its label (`editor_path` maps it back), so that the page holds no path of the server."""
+        return [(label, label if self.public else path) for label, path in self._editors()]
+
+    def _editors(self) -> list[tuple[str, str]]:
+        """(label, path) of the editors the app offers, each label naming its path as `shown` does."""
         out = []
         if self.models.paths.model:
             label = assets.DEFAULT_MODEL_NOTE if Path(self.models.paths.model) == assets.DEFAULT_MODEL else "started with"
-            out.append((f"{label}: {self.models.paths.model}", self.models.paths.model))
+            out.append((f"{label}: {self.shown(self.models.paths.model)}", self.models.paths.model))
         for folder, how in ((assets.DEFAULT_MODEL, assets.DEFAULT_MODEL_NOTE), *assets.EXTRA_EDITORS):
             if (folder / "model_index.json").is_file() and str(folder) != self.models.paths.model:
-                out.append((f"{how}: {folder}", str(folder)))
+                out.append((f"{how}: {self.shown(folder)}", str(folder)))
         return out + [c for c in runs.finished_editors(self.runs_root) if c[1] != self.models.paths.model]
 
 
@@ -278,8 +299,8 @@ def edit_handler(app: App):
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
                            "\"Removed object\" (Advanced settings), or pick another edit type.")
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
-        editor = (editor or "").strip() or app.models.paths.model
-        if app.public and not app.lists(editor):
+        editor = app.editor_path(editor)
+        if editor is None and app.public:  # (a local app without an editor says so when it loads one)
             raise gr.Error("This app is public: pick an editor from the list (it loads no other folder or hub id).")
         try:
             progress(0.0, desc="loading the editor")
@@ -345,7 +366,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
         editor = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label="Editor",
                              allow_custom_value=not app.public, scale=4)
         refresh = gr.Button("↻ Refresh list", size="sm", scale=0, min_width=120)
-    status = gr.Markdown(app.models.status(choices[0][1] if choices else None))
+    status = gr.Markdown(app.models.status(app.editor_path(choices[0][1] if choices else None), shown=app.shown))
     with gr.Row():
         with gr.Column():
             image = image_input(type="filepath", image_mode=None, label="Input image", height=320,
@@ -403,10 +424,11 @@ def build_edit_tab(app: App, last_edit: gr.State):
     def describe(value):
         """The status of the editor picked; in a public app only of a listed one (anyone can send this event with any
         path, and the status says whether a folder exists and what its training config names)."""
-        if app.public and not app.lists((value or "").strip() or app.models.paths.model):
+        path = app.editor_path(value)
+        if path is None and app.public:
             return ("This app is public: pick an editor from the list (it describes and loads no other folder or hub "
                     "id).")
-        return app.models.status(value)
+        return app.models.status(path, shown=app.shown)
 
     editor.change(describe, editor, status, api_visibility="private")
 
@@ -663,7 +685,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         app.check_training(token_value)  # (the Start button may be off, but its event can still be sent)
         values = dict(zip(knobs, values))
         if app.public and (base.strip() != own_base or judge.strip() != own_judge or
-                           (student.strip() and not app.lists(student.strip()))):
+                           (student.strip() and app.editor_path(student.strip()) is None)):
             raise gr.Error("This app is public: it trains from its own teacher and judge, and from a listed editor "
                            "(it loads no other folder or hub id).")
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))

@@ -843,3 +843,43 @@ def test_wide_tables_keep_their_columns_readable(tmp_path):
     _a_run(tmp_path / "runs")
     header = list(runs.runs_table(tmp_path / "runs").columns)
     assert header[:4] == ["run", "status", "step", "student_loss"] and "path" not in header
+
+
+def test_a_public_app_names_no_server_path_in_the_editor_list_or_status(tiny_set, tmp_path, monkeypatch, shapes_png):
+    """The Edit tab's editor list and status line showed server paths ("bundled editor: /home/user/app/assets/...",
+    the judge's, teacher's and critic's folders). A public app shows paths relative to its folder (or to the runs
+    folder's parent), else names alone, and its choices' values are their labels, mapped back to paths on the
+    server; a local app shows and sends full paths, as before."""
+    import shutil
+
+    from npedit import assets
+
+    shutil.copytree(tiny_set["model"], _a_run(tmp_path / "runs") / "pipeline")
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
+    status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
+                  and getattr(f.fn, "__name__", "") != "refresh_list")
+    first_status = next(b for b in demo.blocks.values() if isinstance(b, gr.Markdown)
+                        and "**Editor:**" in str(b.value))
+    choices = app.editor_choices()
+    assert [c[1] for c in choices] == [c[0] for c in choices]  # values are labels, not paths
+    assert choices[0][0] == f"started with: {Path(tiny_set['model']).name}"
+    assert any(label.endswith(": assets/shapes/editor") for label, _ in choices) == \
+        (assets.PAIR_FREE_MODEL / "model_index.json").is_file()  # bundled: relative to the app's folder
+    assert ("run: mine", "run: mine") in choices
+    said = [first_status.value, *(status(value) for _, value in choices)]
+    server = (str(tmp_path), str(npedit_app.APP_DIR), "/home/owner")
+    assert not [text for text in said + [str(choices)] if any(root in text for root in server)], said
+    assert "**Editor:** `runs/mine/pipeline`" in status("run: mine")
+    assert app.editor_path("run: mine") == str(tmp_path / "runs" / "mine" / "pipeline")
+    assert app.editor_path(tiny_set["model"]) == tiny_set["model"]  # a listed path (the Train tab's student)
+    assert app.editor_path(str(tmp_path / "elsewhere")) is None
+    edited, *_ = npedit_app.edit_handler(app)(str(shapes_png), "make the circle blue", inspect_steps=False,
+                                              editor="run: mine", progress=lambda *a, **k: None)
+    assert edited.size == Image.open(shapes_png).size
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    assert app.editor_choices()[0] == (f"started with: {tiny_set['model']}", tiny_set["model"])
+    assert f"**Editor:** `{tiny_set['model']}`" in app.models.status(tiny_set["model"], shown=app.shown)

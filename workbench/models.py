@@ -13,6 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -167,15 +168,16 @@ def _transformer_summary(path: Path) -> str:
         return name
 
 
-def describe_editor(path: str | None) -> str:
-    """Markdown: which editor this is and what it can edit (from files only, nothing is loaded)."""
+def describe_editor(path: str | None, shown: Callable[[str], str] = str) -> str:
+    """Markdown: which editor this is and what it can edit (from files only, nothing is loaded); paths appear as
+    `shown` gives them (a public app shows no path of its server)."""
     try:
         path = check_editor(path)
     except ModelError as exc:
         return f"**No editor loaded.** {exc}"
     domain = read_domain(path)
     local = Path(path)
-    parts = [f"**Editor:** `{path}`"]
+    parts = [f"**Editor:** `{shown(path)}`"]
     summary = _transformer_summary(local) if local.is_dir() else "hub id"
     if summary:
         parts.append(f"({summary})")
@@ -189,6 +191,7 @@ def describe_editor(path: str | None) -> str:
         data = cfg.get("data", {}).get("train")
         rank = cfg.get("model", {}).get("lora_rank") or 0
         how = f" with LoRA adapters of rank {rank}, folded into its weights" if rank else ""
+        data = shown(data) if isinstance(data, str) else data
         parts.append(f"Last training stage: `{cfg.get('stage')}` on `{data}`{how}, {_steps_note(cfg)}.")
     return " ".join(parts)
 
@@ -383,19 +386,20 @@ class ModelSet:
                 dmd_note = str(exc)
         return judge, teacher, critic, comp.loss, judge_note, dmd_note
 
-    def status(self, editor: str | None = None) -> str:
-        """Markdown lines: the editor and what it can edit, then the judge, teacher and critic in use (or missing)."""
+    def status(self, editor: str | None = None, shown: Callable[[str], str] = str) -> str:
+        """Markdown lines: the editor and what it can edit, then the judge, teacher and critic in use (or missing);
+        paths appear as `shown` gives them."""
         editor = editor or self.paths.model
-        lines = [describe_editor(editor)]
+        lines = [describe_editor(editor, shown)]
         try:
             cap = f" (at most {self.judge_max_pixels:,} pixels per image)" if self.judge_max_pixels else ""
-            lines.append(f"**Judge:** `{check_judge(self.paths.judge)}`{cap}")
+            lines.append(f"**Judge:** `{shown(check_judge(self.paths.judge))}`{cap}")
         except ModelError as exc:
             lines.append(f"**Judge:** none. {exc}")
         comp = companions(editor, self.paths)
         if comp.missing:
             lines.append(f"**DMD maps:** off: {comp.missing}.")
         else:
-            lines.append(f"**Teacher:** `{comp.teacher}` · **Critic:** `{comp.critic}`")
+            lines.append(f"**Teacher:** `{shown(comp.teacher)}` · **Critic:** `{shown(comp.critic)}`")
         lines.append(f"Device: {self.device} ({self.dtype}); models load on first use.")
         return "\n\n".join(lines)
