@@ -124,5 +124,5 @@ def test_real_tiny_models_still_load(tiny_zimage, tiny_judge):
     teacher = backbone.load_transformer(tiny_zimage)
     assert sum(p.numel() for p in teacher.parameters()) == stored_numel(Path(tiny_zimage, "transformer"))
     assert load_judge(tiny_judge).model is not None
-    assert sum(t.numel() for t in load_file(str(Path(tiny_zimage, "vae", "diffusion_pytorch_model.safetensors"))).values()) \
-        == stored_numel(Path(tiny_zimage, "vae"))
+    vae = load_file(str(Path(tiny_zimage, "vae", "diffusion_pytorch_model.safetensors")))
+    assert sum(t.numel() for t in vae.values()) == stored_numel(Path(tiny_zimage, "vae"))
