@@ -95,12 +95,12 @@ class App:
 
     def editor_path(self, value: str | None) -> str | None:
         """The path of the editor a choice's value names (empty: the app's own). A local app takes any path or hub id;
-        a public one only an editor it lists, named by its choice's value or its path (the Train tab's student),
-        else None: it loads no other folder or hub id."""
+        a public one only an editor it lists, named by its choice's value, its path or that path as the page shows it
+        (the Train tab's student), else None: it loads no other folder or hub id."""
         value = (value or "").strip() or self.models.paths.model
         if not self.public:
             return value
-        return next((path for label, path in self._editors() if value in (label, path)), None)
+        return next((path for label, path in self._editors() if value in (label, path, self.shown(path))), None)
 
     def shown(self, path: str | os.PathLike | None) -> str:
         """A path as the page shows it: as it is in a local app; in a public app, relative to the app's folder or to
@@ -605,11 +605,13 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                          column_widths=TABLE_WIDTHS)
     with gr.Row():
         own_base, own_judge = paths.teacher or str(assets.DEFAULT_TEACHER), paths.judge or str(assets.DEFAULT_JUDGE)
-        base = gr.Textbox(value=own_base, label="Teacher (base model: model.base)", interactive=not app.public)
-        judge = gr.Textbox(value=own_judge, label="Judge (judge.path)", interactive=not app.public)
+        # a public app trains from its own teacher and judge only, shown without the server's folders
+        base = gr.Textbox(value=app.shown(own_base), label="Teacher (base model: model.base)",
+                          interactive=not app.public)
+        judge = gr.Textbox(value=app.shown(own_judge), label="Judge (judge.path)", interactive=not app.public)
         judge_pixels = gr.Number(value=app.models.judge_max_pixels or 0, precision=0, minimum=0,
                                  label="Judge pixels per image (judge.max_pixels; Qwen2.5-VL only; 0 = its own cap)")
-        student = gr.Textbox(value=paths.model or str(assets.DEFAULT_MODEL),
+        student = gr.Textbox(value=app.shown(paths.model or str(assets.DEFAULT_MODEL)),
                              label="Start the student from (model.student; empty = the teacher)")
     first = next(iter(presets.PRESETS))
     preset = gr.Dropdown(list(presets.PRESETS), value=first, label="Preset")
@@ -684,10 +686,13 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                  *values):
         app.check_training(token_value)  # (the Start button may be off, but its event can still be sent)
         values = dict(zip(knobs, values))
-        if app.public and (base.strip() != own_base or judge.strip() != own_judge or
-                           (student.strip() and app.editor_path(student.strip()) is None)):
-            raise gr.Error("This app is public: it trains from its own teacher and judge, and from a listed editor "
-                           "(it loads no other folder or hub id).")
+        if app.public:
+            if (base.strip() not in (own_base, app.shown(own_base)) or judge.strip() not in (own_judge,
+                    app.shown(own_judge)) or (student.strip() and app.editor_path(student.strip()) is None)):
+                raise gr.Error("This app is public: it trains from its own teacher and judge, and from a listed "
+                               "editor (it loads no other folder or hub id).")
+            # the boxes show names without the server's folders (and the student may be a list label): the paths
+            base, judge, student = own_base, own_judge, student.strip() and app.editor_path(student.strip())
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
         busy = jobs.active_job(app.runs_root, device)
         if busy is not None:

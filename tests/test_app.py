@@ -883,3 +883,36 @@ def test_a_public_app_names_no_server_path_in_the_editor_list_or_status(tiny_set
     app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
     assert app.editor_choices()[0] == (f"started with: {tiny_set['model']}", tiny_set["model"])
     assert f"**Editor:** `{tiny_set['model']}`" in app.models.status(tiny_set["model"], shown=app.shown)
+
+
+def test_a_public_apps_train_tab_shows_no_server_path_and_trains_from_its_own_models(tiny_set, tmp_path,
+                                                                                   monkeypatch):
+    """The Train tab's Teacher, Judge and Student boxes showed a public app's server paths to every visitor. They
+    show them as the Edit tab does (relative to the app's folder or the runs folder's parent, else names alone), and
+    Start maps what they show (or an editor's list label) back to the app's own paths."""
+    from workbench import jobs
+
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    boxes = {b.label.split(" (")[0]: b.value for b in demo.blocks.values() if isinstance(b, gr.Textbox)
+             and b.label.startswith(("Teacher", "Judge (", "Start the student"))}
+    assert set(boxes) == {"Teacher", "Judge", "Start the student from"}
+    assert not [v for v in boxes.values() if str(tmp_path) in v or "/" in v], boxes  # names alone here
+    started = {}
+
+    def start_job(run_dir, args, **kwargs):
+        started.update(arg.split("=", 1) for arg in args if "=" in arg)
+        raise jobs.JobBusy("stop here")  # (what start_job raises is shown as the error; nothing is launched)
+
+    monkeypatch.setattr(jobs, "start_job", start_job)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    table = pd.DataFrame([{"image": str(sorted(app.examples_dir.rglob("*.png"))[0]), "instruction": "make it blue"}])
+    for student in (boxes["Start the student from"], app.editor_choices()[0][0]):  # as shown, or a list label
+        started.clear()
+        with pytest.raises(gr.Error, match="stop here"):
+            fns["on_start"](table, {}, False, next(iter(presets.PRESETS)), "run", boxes["Teacher"], boxes["Judge"], 0,
+                            student, "s3cret")
+        assert (started["model.base"], started["judge.path"], started["model.student"]) == (
+            tiny_set["teacher"], tiny_set["judge"], tiny_set["model"])
