@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -578,6 +579,8 @@ def test_jobs_start_progress_busy_kill_resume_cancel_and_finish(tiny_set, tmp_pa
     st = _wait(root / "short", lambda s: not s.active)
     assert st.state == "finished", jobs.log_tail(root / "short", 30)
     assert st.step == 2 and st.pipeline and st.latest_sample and st.elapsed_s > 0
+    # the log opens with the command as one would type it (not the launcher's `-c` snippet)
+    assert (root / "short/train.log").read_text().lstrip().startswith(f"$ {sys.executable} -m npedit train ")
     assert [s.state for s in jobs.list_jobs(root)] == ["finished", "cancelled"]
     # The finished editor is listed, is recognised as a Shapes editor, loads and edits.
     assert runs.finished_editors(root) == [("run: short", st.pipeline)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -213,7 +214,9 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
         command = [sys.executable, "-c", _MAIN, "train", *args, *(["--resume"] if resume else [])]
         with open(run_dir / "train.log", "ab") as log:
-            log.write(f"\n$ {' '.join(command)}\n".encode())
+            # the command as one would type it (`_MAIN` is `-m npedit` less the folder it runs in on sys.path)
+            typed = [sys.executable, "-m", "npedit", *command[3:]]
+            log.write(f"\n$ {shlex.join(typed)}\n".encode())
             log.flush()
             proc = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "npedit-job", *command], cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
