@@ -797,6 +797,13 @@ def test_a_local_app_answers_only_its_own_pages(tmp_path, monkeypatch):
         demo.close()
 
 
+def _editor_status(demo):
+    """The Edit tab's status event: what the page shows of the editor its Editor box names."""
+    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
+    return next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
+                and getattr(f.fn, "__name__", "") != "refresh_list")
+
+
 def test_a_public_app_describes_only_the_editors_it_lists(tmp_path, monkeypatch):
     """The Edit tab's editor box sends its value to a status event whenever it changes, and anyone can send that event
     with any text: a public app described whatever path it was given, so a stranger learnt which folders exist on
@@ -808,20 +815,14 @@ def test_a_public_app_describes_only_the_editors_it_lists(tmp_path, monkeypatch)
     monkeypatch.setenv("NPEDIT_PUBLIC", "1")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     demo = npedit_app.build_demo(app)
-    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
-    status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
-                  and getattr(f.fn, "__name__", "") != "refresh_list")
+    status = _editor_status(demo)
     said = {status(str(p)) for p in (secret, tmp_path / "nothing-here", "/etc")}
     assert len(said) == 1 and "pick an editor from the list" in said.pop()
-    listed = app.editor_choices()[0][1] if app.editor_choices() else None
-    if listed:
-        assert "**Editor:**" in status(listed)
+    assert "**Editor:**" in status(app.editor_choices()[0][1])  # the bundled editor, listed
     monkeypatch.setenv("NPEDIT_PUBLIC", "0")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     demo = npedit_app.build_demo(app)
-    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
-    status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
-                  and getattr(f.fn, "__name__", "") != "refresh_list")
+    status = _editor_status(demo)
     assert "training run folder" in status(str(secret))
 
 
@@ -858,9 +859,7 @@ def test_a_public_app_names_no_server_path_in_the_editor_list_or_status(tiny_set
     monkeypatch.setenv("NPEDIT_PUBLIC", "1")
     app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
     demo = npedit_app.build_demo(app)
-    editor = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Editor")
-    status = next(f.fn for f in demo.fns.values() if editor in f.inputs and f.api_visibility == "private"
-                  and getattr(f.fn, "__name__", "") != "refresh_list")
+    status = _editor_status(demo)
     first_status = next(b for b in demo.blocks.values() if isinstance(b, gr.Markdown)
                         and "**Editor:**" in str(b.value))
     choices = app.editor_choices()
