@@ -87,17 +87,17 @@ def describe(path: str | os.PathLike) -> str:
     return f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}"
 
 
-def check_editor_folder(path: str | os.PathLike, dtype=None) -> None:
+def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
-    model_index.json lists, each of a size its weights and this machine's memory allow (`check_model_size`, at
-    `dtype`); hub ids pass."""
+    model_index.json lists, each (with `sizes`; it builds them on the meta device, tens of ms: for a load, not for a
+    look) of a size its weights and this machine's memory allow (`check_model_size`, at `dtype`); hub ids pass."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
     missing = missing_components(Path(path).expanduser()) if looks_local(path) else []
     if missing:
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
-    if looks_local(path):
+    if sizes and looks_local(path):
         for folder, model_class in model_components(Path(path).expanduser()):
             check_model_size(folder, model_class, dtype)
 

@@ -53,8 +53,8 @@ def check_editor(path: str | None) -> str:
             f"Start the app with --model DIR_OR_ID (an NPEditPipeline folder such as runs/<name>/pipeline, "
             f"or a hub id) "
             f"or set {ENV['model']}; or train one in the Train tab.")
-    try:
-        check_editor_folder(path)
+    try:  # the sizes are checked by the load itself (NPEditPipeline.from_pretrained), not on every look or edit
+        check_editor_folder(path, sizes=False)
     except CheckpointError as exc:
         raise ModelError(f"{exc}: pass {FLAGS['model']} one.") from None
     return str(path)
