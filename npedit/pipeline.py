@@ -44,12 +44,14 @@ def check_instruction(text: str) -> str:
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def check_call_arguments(num_inference_steps, generator, output_type, batch: int) -> None:
-    """Refuse a call's wrong-typed arguments before any model runs, each with a message naming what is accepted."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-        raise ValueError(f"num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}")
-    if num_inference_steps < 1:
-        raise ValueError("num_inference_steps must be >= 1")
+def check_call_arguments(num_inference_steps, generator, output_type, images: int,
+                         num_images_per_prompt: int = 1) -> None:
+    """Refuse a call's wrong-typed arguments before any model runs, each with a message naming what is accepted
+    (`images`: how many inputs, each edited `num_images_per_prompt` times)."""
+    for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    batch = images * int(num_images_per_prompt)
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
     if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
         kinds = sorted({type(g).__name__ for g in gens if not isinstance(g, torch.Generator)})
@@ -218,11 +220,8 @@ class NPEditPipeline(DiffusionPipeline):
         if image is None or not images or len(prompts) != len(images):
             raise ValueError("give one image and one prompt (or equal-length lists of both)")
         prompts = [check_instruction(p) for p in prompts]
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) or (
-                num_images_per_prompt < 1):
-            raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
+        check_call_arguments(num_inference_steps, generator, output_type, len(images), num_images_per_prompt)
         n = int(num_images_per_prompt)
-        check_call_arguments(num_inference_steps, generator, output_type, len(images) * n)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         tensor_inputs = self._callback_tensor_inputs if callback_on_step_end_tensor_inputs is None else list(
