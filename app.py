@@ -406,7 +406,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 "P(edit done) (for a removal, P(No) to \"does it contain the object?\") and identity P(Yes) on that "
                 "x0, and its DMD map: where the teacher's (with CFG, as in training) and the critic's x0-predictions "
                 "disagree on that x0 noised to the colour bar's t (one noise, drawn from the seed, for every step).")
-    step_plot = gr.Plot(label="Per-step panel", format="png", elem_id="step-panel")
+    step_plot = gr.Plot(label="Per-step panel", format="png", show_label=False, elem_id="step-panel")
     step_table = gr.Dataframe(label="Per-step numbers", headers=list(STEP_COLUMNS), interactive=False,
                               elem_id="step-table")
     examples = datasets.bundled_examples(assets.EXAMPLES_DIR) + datasets.shapes_examples(app.examples_dir)
