@@ -233,9 +233,10 @@ def test_training_table_to_manifest(tmp_path):
         datasets.write_manifest(datasets.empty_table(), tmp_path / "u4")
 
 
-def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path):
+def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path, monkeypatch):
     """Adding files to the Train tab's upload sends every file again: rows of images already in the table keep their
-    instruction and captions, new images get empty rows, rows of images no longer uploaded go."""
+    instruction and captions (and are not read again), new images get empty rows, rows of images no longer uploaded
+    go."""
     for name in ("a.png", "b.png", "c.png"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
@@ -243,7 +244,11 @@ def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path):
     assert list(table["image"]) == ["a.png", "b.png"]  # as the user named them, not the server's copies
     table.loc[0, ["instruction", "caption_target", "keep"]] = ["make it red", "a red square", "blue circle"]
     table.loc[1, "instruction"] = np.nan  # a cell the user cleared
+    read = []
+    monkeypatch.setattr(datasets, "load_image", lambda p: read.append(Path(p).name))
     again = datasets.table_for_images([b, a, c], table)[0]
+    assert read == ["c.png"]  # a and b were read when they first arrived
+    monkeypatch.undo()
     assert list(again["image"]) == ["b.png", "a.png", "c.png"] and list(again.columns) == datasets.TABLE_COLUMNS
     assert again.loc[1, "instruction"] == "make it red" and again.loc[1, "caption_target"] == "a red square"
     assert again.loc[1, "keep"] == "blue circle" and again.loc[0, "instruction"] == ""

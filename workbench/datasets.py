@@ -53,12 +53,15 @@ def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> 
     blank = {c: "" for c in TABLE_COLUMNS} | {"edit_type": "edit"}
     rows, skipped = [], []
     for name, p in upload_names(paths).items():
+        if name in typed:  # read when it first arrived (each addition sends every file again)
+            rows.append(typed[name])
+            continue
         try:
             load_image(p)  # the whole file: a truncated one is named now, not when the run starts
         except ImageError as exc:
             skipped.append(f"{Path(p).name}: {exc}")
             continue
-        rows.append(typed.get(name) or blank | {"image": name})
+        rows.append(blank | {"image": name})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS), skipped
 
 
