@@ -586,7 +586,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         gr.Markdown(f"⚠️ {off}")
     token = gr.Textbox(label="Training token (this public app's NPEDIT_TRAIN_TOKEN: training, and seeing its runs)",
                        type="password", visible=app.public and bool(app.train_token))
-    uploads = gr.State({})
+    uploads = gr.State({})  # {name the table shows: file} of the uploaded images, or of the generated cases
     staging = app.runs_root / ".staging"  # generated Shapes cases: the app's own files, which a public app trains on
     with gr.Tab("Generate Shapes cases"):
         with gr.Row():
@@ -669,9 +669,11 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         seed = int(seed or 0)
         if not 0 <= seed < 2**32:
             raise gr.Error(f"The seed is a whole number from 0 to {2**32 - 1}, got {seed}.")
-        return datasets.shapes_table(int(n), staging / f"shapes-{seed}-{int(n)}", seed=seed)
+        # the table names each case's image by its file name (the staging folder is the server's business) and the
+        # state maps the names back to the files, as for uploads
+        return datasets.named_images(datasets.shapes_table(int(n), staging / f"shapes-{seed}-{int(n)}", seed=seed))
 
-    generate.click(on_generate, [n_cases, data_seed, token], table, api_visibility="private")
+    generate.click(on_generate, [n_cases, data_seed, token], [table, uploads], api_visibility="private")
     def on_upload(paths, rows):
         """The table of the uploaded images (what was typed kept); a warning names each file left out, and why."""
         table, skipped = datasets.table_for_images(paths or [], rows)
@@ -703,7 +705,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_root}: pick another name.")
         try:
             data = presets.SHAPES_STREAM if use_stream else \
-                datasets.write_manifest(table, run_dir / "data", uploads, domain=datasets.table_domain(table),
+                datasets.write_manifest(table, run_dir / "data", uploads,
+                                        domain=datasets.table_domain(table, uploads),
                                         within=[app.examples_dir, staging] if app.public else None)
             args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),
                                       data=str(data), config_file=presets.PRESETS[preset_name].config_file,

@@ -272,11 +272,33 @@ def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, m
         raise npedit_app.jobs.JobBusy("the test launches nothing")
 
     monkeypatch.setattr(npedit_app.jobs, "start_job", start_job)
-    table = fns["on_generate"](6, 0, "s3cret")
+    table, names = fns["on_generate"](6, 0, "s3cret")
     with pytest.raises(gr.Error, match="the test launches nothing"):
-        fns["on_start"](table, {}, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"],
-                        0, "", "s3cret")
+        fns["on_start"](table, names, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"],
+                        tiny_set["judge"], 0, "", "s3cret")
     assert len(launched) == 1
+
+
+def test_generated_shapes_cases_show_their_names_and_train(tiny_set, tmp_path, monkeypatch):
+    """The Train tab's table named each generated Shapes case by its file in the runs folder's staging area
+    (/.../runs/.staging/shapes-0-6/images/shapes-0-00000.png), a path the user has no use for that filled the column.
+    It shows the file name, as for uploads; Start maps it back, so the job still trains on those images, as Shapes
+    cases."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    launched = []
+    monkeypatch.setattr(npedit_app.jobs, "start_job", lambda run_dir, args, **kw: launched.append((run_dir, args)))
+    table, names = fns["on_generate"](6, 0)
+    assert list(table["image"]) == [f"shapes-0-{i:05d}.png" for i in range(6)]
+    assert not any(str(tmp_path) in str(cell) for cell in table.to_numpy().ravel())
+    fns["on_start"](table, names, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"],
+                    0, "")
+    (run_dir, args), = launched
+    data = run_dir / "data"
+    assert f"data.train={data / 'cases.jsonl'}" in args and len((data / "cases.jsonl").read_text().splitlines()) == 6
+    assert sorted(p.name for p in (data / "images").iterdir())[0] == "00001_shapes-0-00000.png"
+    assert (data / npedit_app.models.DOMAIN_FILE).is_file()  # its editor is recognised as a Shapes-world one
 
 
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
@@ -463,11 +485,11 @@ def test_a_public_app_generates_training_cases_only_with_the_token(tmp_path, mon
             with pytest.raises(gr.Error, match=says):
                 fns["on_generate"](6, 1234, given)
     assert not (tmp_path / "runs" / ".staging").exists()
-    assert len(fns["on_generate"](6, 1234, "s3cret")) == 6  # the owner
+    assert len(fns["on_generate"](6, 1234, "s3cret")[0]) == 6  # the owner
     monkeypatch.setenv("NPEDIT_PUBLIC", "0")  # a local app generates as before, no token asked
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "local")]))
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
-    assert len(fns["on_generate"](6, 0)) == 6
+    assert len(fns["on_generate"](6, 0)[0]) == 6
     with pytest.raises(gr.Error, match="The seed is a whole number from 0 to"):
         fns["on_generate"](6, -1)
 

@@ -209,6 +209,10 @@ def test_training_table_to_manifest(tmp_path):
     assert [r.gone_names for r in records] == [[n.strip() for n in k.split(";") if n.strip()] for k in table["gone"]]
     assert any(r.new_names for r in records) and any(r.gone_names for r in records)  # and the edit's own result
     assert models.read_domain(manifest.parent).is_shapes
+    # as the app shows them: by file name, the names mapped back to the files (domain included)
+    named, files = datasets.named_images(table)
+    assert list(named["image"]) == [Path(x).name for x in table["image"]] and list(files.values()) == list(table.image)
+    assert datasets.table_domain(named, files) == models.SHAPES_DOMAIN and datasets.table_domain(named) is None
     # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
     (tmp_path / "notes.txt").write_text("not an image")

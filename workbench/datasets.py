@@ -89,6 +89,13 @@ def shapes_table(n: int, directory: str | os.PathLike, seed: int = 0, paraphrase
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def named_images(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The table with each image named by its file name (as `upload_names` names uploads), and {name: path}: what a
+    table of generated cases shows in place of their folder (`resolve_image` maps the names back)."""
+    files = upload_names([_cell(x) for x in table["image"]])
+    return table.assign(image=list(files)), files
+
+
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
@@ -151,9 +158,10 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
     return path
 
 
-def table_domain(table: pd.DataFrame) -> Domain | None:
-    """Shapes when every image of the table lies in a folder marked as Shapes cases."""
-    images = [_cell(x) for x in table.get("image", [])]
+def table_domain(table: pd.DataFrame, uploads: dict[str, str] | None = None) -> Domain | None:
+    """Shapes when every image of the table (a name in `uploads` meaning its file) lies in a folder marked as Shapes
+    cases."""
+    images = [str(resolve_image(x, uploads or {})) for x in map(_cell, table.get("image", [])) if x]
     folders = {Path(x).parent.parent for x in images if x}
     if folders and all((f / DOMAIN_FILE).is_file() for f in folders):
         return SHAPES_DOMAIN
