@@ -79,8 +79,14 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
 TABLE_WIDTHS = ["14%", "20%", "14%", "14%", "8%", "9%", "9%", "6%", "6%"]  # the training table's columns, in order
 # the Judge inspector's table (kind, P(Yes), margin, expected, images, question): the question gets half
 VERDICT_WIDTHS = ["9%", "8%", "12%", "9%", "14%", "48%"]
-# Config differences: the key, then one share per compared run (up to three fit; more scroll sideways)
-COMPARE_WIDTHS = ["22%"] + ["26%"] * 15
+COMPARE_FIT = 8  # config differences: runs side by side before the table scrolls sideways (their values wrap)
+
+
+def compare_widths(n_runs: int) -> list[str]:
+    """Column widths of the config differences for `n_runs` runs: the key, then equal shares of the rest of the width
+    (at most 26% each, at least what `COMPARE_FIT` runs get), so that up to eight runs fit without scrolling."""
+    share = max(min(26.0, 78.0 / max(n_runs, 1)), 78.0 / COMPARE_FIT)
+    return ["22%"] + [f"{share:.2f}%"] * n_runs
 
 
 @dataclass
@@ -793,9 +799,10 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
             gr.Markdown("**Last value** of the first metric")
             bars = gr.Plot(label="Last value of the first metric", format="png", show_label=False,
                            elem_id="runs-bars")
-    # the whole width and fixed shares: sized by their content, a long path pushed the second run's column off
+    # one row per key, one column per run (as a diff reads), each run an equal share of the width (`compare_widths`):
+    # sized by their content, a long path pushed the second run's column off; at a fixed 26%, a fourth run did
     comparison = gr.Dataframe(no_comparison, label="Config differences and last metrics", interactive=False,
-                              wrap=True, column_widths=COMPARE_WIDTHS, elem_id="runs-comparison",
+                              wrap=True, column_widths=compare_widths(3), elem_id="runs-comparison",
                               elem_classes="scroll-x")
     with gr.Row():
         one = gr.Dropdown([], label="Run", scale=2)
@@ -834,7 +841,8 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
                     and df[metric_names[0]].notna().any() else None) for n, df in frames.items()}
         return (plots.loss_curves(frames, metric_names),
                 plots.bar_chart(last, f"last {metric_names[0]}" if metric_names else "no metric"),
-                runs.compare([app.runs_root / n for n in names], app.runs_root))
+                gr.Dataframe(runs.compare([app.runs_root / n for n in names], app.runs_root),
+                             column_widths=compare_widths(len(names))))
 
     def on_samples(name, token_value=None):
         """The run's sample grids to pick from (newest first), and the newest shown."""

@@ -622,7 +622,7 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     assert isinstance(sample, Image.Image) and "private/cases.jsonl" in log and curves is not None
     shown, table, selected, _, _ = fns["on_refresh"](None, "s3cret")
     assert list(table["run"]) == ["mine"] and selected.value == ["mine"] and str(app.runs_root) in shown
-    assert "mine" in fns["on_compare"](["mine"], ["student_loss"], "s3cret")[2].columns
+    assert "mine" in fns["on_compare"](["mine"], ["student_loss"], "s3cret")[2].value["headers"]
     step, grid = fns["on_samples"]("mine", "s3cret")
     assert step.value == "step 2" and len(step.choices) == 1 and isinstance(grid, Image.Image)
     monkeypatch.delenv("NPEDIT_TRAIN_TOKEN")  # no token set: nobody sees them, and the message says how
@@ -862,11 +862,37 @@ def test_wide_tables_keep_their_columns_readable(tmp_path):
     question = {"kind": "edit", "p_yes": 0.5, "margin": 0.0, "expected": "Yes", "images": ["edited"], "text": "?"}
     columns = judging.verdict_table(Verdict(p_edit=0.5, p_identity=0.5, questions=[question])).columns
     assert len(tables["verdict-table"].column_widths) == len(columns)
-    assert tables["runs-comparison"].column_widths[0] == npedit_app.COMPARE_WIDTHS[0]
+    assert len(tables["runs-comparison"].column_widths) == 4  # the key and the three runs picked by default
     assert not tables["runs-table"].wrap and tables["runs-table"].pinned_columns == 1
     _a_run(tmp_path / "runs")
     header = list(runs.runs_table(tmp_path / "runs").columns)
     assert header[:4] == ["run", "status", "step", "student_loss"] and "path" not in header
+
+
+def test_config_differences_of_up_to_eight_runs_fit_the_width(tmp_path, monkeypatch):
+    """The Runs tab's config differences gave each compared run a fixed 26% of the width: a fourth run ran off the
+    right edge and the table scrolled sideways. Runs now share what the key column leaves, so up to eight fit side
+    by side (their values wrap); more keep eight runs' share and scroll."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    for k in range(10):
+        run = tmp_path / "runs" / f"ablation-{k}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"stage: npedit\noptim:\n  lr: {k + 1}.0e-05\n")
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")])))
+    compare = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_compare")
+    table = compare.outputs[2]
+
+    def widths(n):
+        shown = compare.fn([f"ablation-{k}" for k in range(n)], ["student_loss"], None)[2]
+        columns = shown.value["headers"] if isinstance(shown, gr.Dataframe) else list(shown.columns)
+        given = (shown.column_widths if isinstance(shown, gr.Dataframe) else None) or table.column_widths
+        assert len(columns) == n + 1 and len(given) >= n + 1
+        return [float(w.rstrip("%")) for w in given[:n + 1]]
+
+    for n in range(1, 9):
+        assert sum(widths(n)) <= 100.01, n
+    assert widths(8)[1] > 9.5 and widths(10)[1:] == widths(8)[1:2] * 10  # beyond eight: the same share, scrolling
+    assert widths(2)[1] == 26.0  # two runs are not stretched over the whole width
 
 
 def test_a_public_app_names_no_server_path_in_the_editor_list_or_status(tiny_set, tmp_path, monkeypatch, shapes_png):
