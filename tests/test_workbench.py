@@ -429,6 +429,36 @@ def test_runs_table_compare_and_plots(tmp_path):
         ("run: a (step 10)", str(a / "exports/step_000010")), ("run: a (step 2)", str(a / "exports/step_000002"))]
 
 
+def test_compared_runs_keep_one_colour_and_one_legend_and_bars_name_every_run():
+    """With several runs of mixed kinds compared, a run that lacked the first panel's metric took another run's colour
+    in the next panel (each panel's colour cycle started over), each panel's legend covered its lines, a run with no
+    values showed nowhere, and the bar chart's slanted names overlapped and left a run without the metric as a gap.
+    Now each run keeps one colour (also its bar), one legend below the panels names every run (and those with no
+    values yet), and the bars run sideways, named, each value written beside its bar."""
+    import pandas as pd
+
+    warmup = pd.DataFrame({"step": [1, 2], "fm_loss": [0.5, 0.25]})  # no student_loss
+    npedit = pd.DataFrame({"step": [1, 2], "student_loss": [1.0, 0.5], "fm_loss": [0.2, 0.1]})
+    frames = {"warmup": warmup, "npedit": npedit, "just-started": pd.DataFrame()}
+    fig = plots.loss_curves(frames, ["student_loss", "fm_loss"])
+    student, fm = fig.axes[0].lines, fig.axes[1].lines
+    assert student[0].get_color() == fm[1].get_color() != fm[0].get_color()  # npedit in both panels, warmup apart
+    colors = plots.run_colors(list(frames))
+    assert [line.get_label() for line in student] == ["npedit"] and student[0].get_color() == colors["npedit"]
+    assert [line.get_color() for line in fm] == [colors["warmup"], colors["npedit"]]
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["warmup", "npedit"]
+    assert "just-started" in legend.get_title().get_text()
+    last = {"warmup": None, "npedit": 0.5, "killed": float("nan"), "ablation": 0.75}
+    ax = plots.bar_chart(last, "last").axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(last)
+    assert [t.get_text().strip() for t in ax.texts] == ["no value", "0.5", "no value", "0.75"]
+    assert tuple(ax.patches[1].get_facecolor()) == plots.run_colors(list(last))["npedit"]
+    many = plots.run_colors([f"r{k}" for k in range(12)])
+    assert len(set(many.values())) == 12  # past ten runs, still one colour each
+
+
 def test_compare_ignores_a_run_without_config_and_progress_reads_a_critic_bar(tmp_path):
     a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5])
     b = _fake_run(tmp_path, "b", 2e-5, [1.0])

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from .inspect import EditTrace
@@ -100,17 +101,26 @@ def answer_gradients_figure(gradients) -> Figure:
     return fig
 
 
+def run_colors(names: Sequence[str]) -> dict[str, tuple]:
+    """One colour per run, by its place in `names` (tab10, tab20 past ten runs): the same run has the same colour in
+    every panel and in the bar chart."""
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
 def loss_curves(runs: Mapping[str, pd.DataFrame], keys: Sequence[str], smooth: int = 1) -> Figure:
-    """One panel per metric key, one line per run (metrics.jsonl frames with a "step" column); steps whose value is
-    infinite are red crosses along the panel's top, left out of the line and its smoothing."""
+    """One panel per metric key, one line per run (metrics.jsonl frames with a "step" column) in the run's own colour,
+    one legend for all panels below them; steps whose value is infinite are red crosses along the panel's top, left
+    out of the line and its smoothing."""
     keys = list(keys) or ["student_loss"]
     cols = min(2, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig = Figure(figsize=(5.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    colors = run_colors(list(runs))
+    fig = Figure(figsize=(5.2 * cols, 3.2 * rows + 0.25 * math.ceil(len(runs) / 4)), dpi=100, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    handles = {}  # label -> a line drawn with it: the figure's one legend (per-panel legends covered the lines)
     for ax, key in zip(axes, keys):
         plotted = False
-        flagged = False
         for name, df in runs.items():
             if df is None or df.empty or key not in df:
                 continue
@@ -119,36 +129,50 @@ def loss_curves(runs: Mapping[str, pd.DataFrame], keys: Sequence[str], smooth: i
                 continue
             finite = np.isfinite(series[key].to_numpy(dtype=float))
             if not finite.all():  # an infinite value would vanish from the line (or hide in a rolling mean)
-                ax.plot(series["step"][~finite], np.full((~finite).sum(), 0.97), "x", color="#c44e52",
-                        transform=ax.get_xaxis_transform(), label=None if flagged else "not finite", clip_on=False)
-                flagged = True
+                cross, = ax.plot(series["step"][~finite], np.full((~finite).sum(), 0.97), "x", color="#c44e52",
+                                 transform=ax.get_xaxis_transform(), label="not finite", clip_on=False)
+                handles.setdefault("not finite", cross)
                 series = series[finite]
             y = series[key].rolling(max(1, smooth), min_periods=1).mean()
-            ax.plot(series["step"], y, label=name, linewidth=1.5, marker="." if len(series) < 30 else None)
+            line, = ax.plot(series["step"], y, label=name, color=colors[name], linewidth=1.5,
+                            marker="." if len(series) < 30 else None)
+            handles.setdefault(name, line)
             plotted = True
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if plotted:
-            ax.legend(fontsize=8)
-        else:
+        if not plotted:
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     for ax in axes[len(keys):]:
         ax.axis("off")
+    if handles:
+        order = [n for n in (*runs, "not finite") if n in handles]  # the runs in the order given
+        silent = [n for n in runs if n not in handles]
+        fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=min(4, len(order)),
+                   fontsize=8, frameon=False, title=f"no values of these metrics: {', '.join(silent)}" if silent else None,
+                   title_fontsize=8)
     return fig
 
 
-def bar_chart(values: Mapping[str, float], title: str, ylabel: str = "") -> Figure:
-    """A bar per entry (e.g. one metric's final value per run)."""
-    fig = Figure(figsize=(max(4.0, 1.1 * len(values) + 2), 3.2), dpi=100, layout="constrained")
-    ax = fig.subplots()
+def bar_chart(values: Mapping[str, float | None], title: str, xlabel: str = "") -> Figure:
+    """A horizontal bar per entry (e.g. one metric's last value per run), top to bottom in the order given, in the
+    entry's `run_colors` colour, its value written beside it ("no value" where it is None or NaN)."""
     names = list(values)
-    heights = [float(values[k]) if values[k] is not None else np.nan for k in names]
-    ax.bar(range(len(names)), heights, color="#4c72b0")
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    colors = run_colors(names)
+    fig = Figure(figsize=(4.8, 1.0 + 0.32 * max(len(names), 2)), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    widths = [float(values[k]) if values[k] is not None else np.nan for k in names]
+    ax.barh(range(len(names)), widths, color=[colors[k] for k in names])
+    ax.set_yticks(range(len(names)), names, fontsize=8)  # horizontal names: readable however many runs
+    ax.set_ylim(max(len(names), 1) - 0.5, -0.5)  # first on top; a row without a bar is not autoscaled away
+    for i, w in enumerate(widths):
+        known = np.isfinite(w)
+        ax.text(w if known else 0.0, i, f" {w:.4g} " if known else " no value", va="center",
+                ha="right" if known and w < 0 else "left", fontsize=8, color="black" if known else "gray")
     ax.set_title(title, fontsize=10)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.25)  # room for the values written after the longest bar
     if not names:
         ax.text(0.5, 0.5, "no runs selected", ha="center", va="center", transform=ax.transAxes, color="gray")
     return fig
