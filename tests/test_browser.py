@@ -163,3 +163,40 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     header = table.locator("[data-testid='header-1']").bounding_box()
     row = table.locator("[data-testid='cell-1-1']").bounding_box()
     assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view
+
+
+def test_runs_tab_compares_seven_runs_side_by_side(page, tmp_path, served_runs):
+    """The config differences gave each compared run a fixed 26% of the width: from the fourth run on, columns ran
+    off the right edge. Seven runs of mixed kinds (recipes, an ablation with a long student path, a run without
+    metrics) now sit side by side within the table, and the curves and bars draw for them."""
+    names = [f"cmp-{k}" for k in range(7)]
+    for k, name in enumerate(names):
+        run = served_runs / name
+        run.mkdir()
+        student = "/home/researcher/experiments/npedit/runs/shapes/warmup/pipeline" if k == 2 else "runs/warmup"
+        (run / "config.yaml").write_text(f"stage: {'warmup' if k == 1 else 'npedit'}\nmax_steps: {100 * (k + 1)}\n"
+                                         f"optim:\n  lr: {k + 1}.0e-05\nmodel:\n  student: {student}\n")
+        if k < 6:  # the last has logged nothing yet
+            (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "student_loss": {1 / (s + k)}}}\n'
+                                                       for s in range(1, 6)))
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("button", name="↻ Refresh").click()
+    page.locator("#runs-table").get_by_text("cmp-6").filter(visible=True).first.wait_for()
+    picker = page.get_by_label("Compare runs")
+    block = page.locator("div.block", has=picker).first
+    for name in names:
+        if name not in block.locator(".token span").all_inner_texts():
+            picker.click()
+            page.get_by_role("option", name=name, exact=True).first.click()
+    page.keyboard.press("Escape")
+    comparison = page.locator("#runs-comparison")
+    comparison.locator("th", has_text="cmp-6").filter(visible=True).first.wait_for()
+    page.wait_for_timeout(1500)
+    edge = comparison.bounding_box()
+    for name in names:
+        header = comparison.locator("th", has_text=name).filter(visible=True).first.bounding_box()
+        assert header["x"] + header["width"] <= edge["x"] + edge["width"] + 1, (name, header, edge)
+    assert comparison.get_by_text("/home/researcher/experiments").filter(visible=True).count()  # a long path wraps, whole
+    shot = tmp_path / "app-runs.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep(shot, "app-runs.png")
