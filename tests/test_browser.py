@@ -196,7 +196,8 @@ def test_runs_tab_compares_seven_runs_side_by_side(page, tmp_path, served_runs):
     for name in names:
         header = comparison.locator("th", has_text=name).filter(visible=True).first.bounding_box()
         assert header["x"] + header["width"] <= edge["x"] + edge["width"] + 1, (name, header, edge)
-    assert comparison.get_by_text("/home/researcher/experiments").filter(visible=True).count()  # a long path wraps, whole
+    # a long path wraps and stays whole
+    assert comparison.get_by_text("/home/researcher/experiments").filter(visible=True).count()
     shot = tmp_path / "app-runs.png"
     page.screenshot(path=str(shot), full_page=True)
     keep(shot, "app-runs.png")

@@ -148,9 +148,9 @@ def loss_curves(runs: Mapping[str, pd.DataFrame], keys: Sequence[str], smooth: i
     if handles:
         order = [n for n in (*runs, "not finite") if n in handles]  # the runs in the order given
         silent = [n for n in runs if n not in handles]
+        title = f"no values of these metrics: {', '.join(silent)}" if silent else None
         fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=min(4, len(order)),
-                   fontsize=8, frameon=False, title=f"no values of these metrics: {', '.join(silent)}" if silent else None,
-                   title_fontsize=8)
+                   fontsize=8, frameon=False, title=title, title_fontsize=8)
     return fig
 
 
