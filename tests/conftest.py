@@ -1,5 +1,7 @@
 import json
 import os
+import resource
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -58,3 +60,20 @@ def photo():
 
     pil = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     return pil, torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.fixture
+def full_disk():
+    """`with full_disk(n):` no file of this process grows past n bytes (RLIMIT_FSIZE; Python ignores SIGXFSZ): a write
+    that crosses it stops there and raises OSError (EFBIG), as a disk filling up midway cuts a file short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    @contextmanager
+    def limit(nbytes: int):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    return limit

@@ -195,3 +195,28 @@ def test_a_published_folder_is_flushed_to_the_disk_before_it_takes_its_place(tmp
     flushed = {path for kind, path in events[:published] if kind == "fsync"}
     assert {str(tmp / "trainer_state.json"), str(tmp / "student/model.safetensors"), str(tmp)} <= flushed
     assert ("fsync", str(final.parent)) in events[published:]
+
+
+def test_a_resume_rewinds_metrics_whole_or_not_at_all(tmp_path, full_disk):
+    """The rewind of metrics.jsonl to the resumed checkpoint rewrites the file: a disk that fills up (or a kill)
+    midway leaves every row, not the file cut at that point; a last row cut just before its newline is closed, so the
+    next step's row does not join it."""
+    from npedit.training.logging import MetricsLogger
+
+    log = MetricsLogger(tmp_path)
+    if log.tb is not None:  # (TensorBoard's own files are not the point here)
+        log.tb.close()
+        log.tb = None
+    for step in range(1, 7):
+        log.log(step, {"loss": float(step)})
+    before = log.path.read_text()
+    with pytest.raises(OSError), full_disk(len(before) // 2):
+        log.rewind(4)  # keeps 4 of 6 rows: more than the disk has room for
+    assert log.path.read_text() == before
+    assert not list(tmp_path.glob(".*"))  # no temporary file left holding the space
+    log.rewind(4)
+    with log.path.open("a") as f:
+        f.write('{"step": 5, "time": 0, "loss": 5.0}')  # step 5 written up to its newline when the run stopped
+    log.rewind(5)
+    log.log(6, {"loss": 6.0})
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..files import write_atomic
 from ..images import tensor_to_pil
 
 
@@ -49,10 +50,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.path.is_file():
-            rows = self.path.read_text().splitlines(keepends=True)
-            kept = [r for r in rows if _step(r) is not None and _step(r) <= step]
-            if len(kept) < len(rows):
-                self.path.write_text("".join(kept))
+            text = self.path.read_text()
+            kept = [r for r in text.splitlines() if _step(r) is not None and _step(r) <= step]
+            rewound = "".join(r + "\n" for r in kept)  # (a last row cut before its newline: the next row joins it)
+            if rewound != text:  # rewritten whole or not at all: a run killed meanwhile keeps every row
+                write_atomic(self.path, rewound)
         if self.tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -1,0 +1,27 @@
+"""Files written whole or not at all: a run killed, or a disk filling up, mid-write leaves the previous file (or none).
+
+Every file a run rewrites in place (config.yaml, metrics.jsonl on a resume, sample grids, a job's status) goes through
+`write_atomic`; the trainer's checkpoint and editor folders are published whole by `training.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `path` through a temporary file beside it, flushed to the disk and then renamed over `path`."""
+    path = Path(path)
+    # one fixed temporary name per file (each file has one writer): what a killed write left is reused, not piled up;
+    # hidden, so that no reader's glob (samples/step_*.png, *.safetensors) takes it for a finished file
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # a power cut after the rename must not leave `path` empty
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk: the partial file would hold the space a retry needs)
+        raise
