@@ -107,3 +107,25 @@ def test_sample_grid_captions_wrap_inside_the_grid():
     band = np.asarray(grid.convert("L"))[64:64 + len(lines) * line_h]  # the first row's caption
     assert all((band[k * line_h:(k + 1) * line_h] < 128).any() for k in range(len(lines)))  # ink on every line
     assert (band[:, -2:] > 128).all()  # and none at the right edge: no word runs off the grid
+
+
+def test_a_sample_grid_is_written_whole_or_not_at_all(tmp_path, tiny_zimage, tiny_manifest, full_disk):
+    """A disk that fills up (or a kill) while a sample grid is written leaves no cut PNG for the app to show as the
+    run's newest grid (it does not open); the run stops with one line naming the checkpoint to resume from."""
+    import pytest
+    from PIL import Image
+
+    from npedit.training.checkpoint import WriteError
+
+    trainer = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/r", f"model.base={tiny_zimage}",
+                                         f"data.train={tiny_manifest}", "data.batch_size=2"]))
+    trainer.step = 2
+    trainer.save_samples()
+    samples = tmp_path / "r/samples"
+    size = (samples / "step_000002.png").stat().st_size
+    trainer.step = 4
+    with pytest.raises(WriteError, match=r"sample grid .*step_000004.png .*no checkpoint was saved: free space .*"
+                                         r"--resume"), full_disk(size // 2):
+        trainer.save_samples()
+    assert [p.name for p in samples.iterdir()] == ["step_000002.png"]
+    Image.open(samples / "step_000002.png").load()

@@ -168,10 +168,15 @@ def writing(tmp: Path):
         yield
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        newest = latest_checkpoint(tmp.parent)
-        kept = f"the newest complete checkpoint, {newest.name}, is untouched" if newest else "no checkpoint was saved"
         raise WriteError(f"could not write checkpoint {tmp.name.removeprefix('.tmp_')} in {tmp.parent} ({exc}); "
-                         f"{kept}: free space (or make the folder writable), then resume the run (--resume)") from None
+                         f"{what_is_kept(tmp.parent)}") from None
+
+
+def what_is_kept(root: Path) -> str:
+    """After a write under a run failed: what its checkpoints folder `root` still holds, and what to do."""
+    newest = latest_checkpoint(Path(root))
+    kept = f"the newest complete checkpoint, {newest.name}, is untouched" if newest else "no checkpoint was saved"
+    return f"{kept}: free space (or make the folder writable), then resume the run (--resume)"
 
 
 def _discard(folder: Path) -> None:

@@ -9,6 +9,7 @@ are small helpers called at intervals.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from .. import flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, changed_settings, read_yaml, save_config, to_dict
 from ..data import apply_do_nothing, collate
+from ..files import write_atomic
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
 from ..pipeline import NPEditPipeline, training_summary
@@ -565,10 +567,16 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         rows = [[r, e] for r, e in zip(self.sample_batch["reference"], edited.cpu())]
-        out = self.run_dir / "samples"
-        out.mkdir(parents=True, exist_ok=True)
+        png = io.BytesIO()
         image_grid(rows, self.sample_batch["instruction"], scale=max(1, 128 // rows[0][0].shape[-1])).save(
-            out / f"step_{self.step:06d}.png")
+            png, format="PNG")
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        try:  # whole or not at all: the app shows the newest grid, and a cut one does not open
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, png.getvalue())
+        except OSError as exc:  # a full or read-only disk
+            raise ckpt.WriteError(f"could not write the sample grid {path} ({exc}); "
+                                  f"{ckpt.what_is_kept(self.run_dir / 'checkpoints')}") from None
 
     # ---- state ------------------------------------------------------------------------------
     def _generators(self) -> dict[str, torch.Generator]:
