@@ -1171,3 +1171,25 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(t
                                          r"is complete: .*npedit export"):
         main(["train", "--resume", "max_steps=2", *common])
     assert ckpt.latest_readable(tmp_path / "r/checkpoints")[0].name == "step_000002"
+
+
+def test_a_resume_names_its_checkpoint_and_the_save_cut_short_and_drops_later_grids(tmp_path, tiny_zimage,
+                                                                                    tiny_manifest, capsys):
+    """Killed while saving step 3 (its folder still `.tmp_step_000003`), a run resumes from step 2 and says so, naming
+    the save it passes over; the sample grid of step 3, drawn by the stopped run, goes with its metrics rows (the app
+    showed it as the newest grid of a run that had not reached it)."""
+    from npedit.cli import main
+
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "log_every=1", "save_every=2", f"output_dir={tmp_path}/r"]
+    main(["train", "max_steps=3", "sample_every=1", *common])
+    root = tmp_path / "r/checkpoints"
+    (root / "step_000003").rename(root / ".tmp_step_000003")
+    (root / ".tmp_step_000003/trainer_state.json").unlink()  # (written last)
+    capsys.readouterr()
+    main(["train", "--resume", "max_steps=3", "sample_every=0", *common])
+    out = capsys.readouterr().out
+    assert "step_000003 was still being written when the run stopped: incomplete, passed over" in out
+    assert "resuming from step_000002 (step 2), the newest complete checkpoint" in out
+    assert sorted(p.name for p in (tmp_path / "r/samples").iterdir()) == ["step_000001.png", "step_000002.png"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -35,8 +34,6 @@ from . import checkpoint as ckpt
 from .datasets import EpochSampler, build_dataset
 from .export import save_critic
 from .logging import MetricsLogger, image_grid
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -624,10 +621,12 @@ class Trainer:
         if damaged and path is None:
             raise ValueError(f"no checkpoint in {self.run_dir / 'checkpoints'} reads back ({damaged[0]}): nothing to "
                              "resume; train again in a new output_dir")
+        for name in self._saves_cut_short(after=ckpt.checkpoint_step(path) if path else -1):
+            self.acc.print(f"{name} was still being written when the run stopped: incomplete, passed over")
         for line in damaged:
             self.acc.print(f"{line}: resuming from {path.name}, the newest checkpoint that reads back")
         if path is None:
-            self.metrics.rewind(0)
+            self._rewind(0)
             return False
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("stage") != self.cfg.stage:
@@ -653,13 +652,28 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
         self._continue_data(int(state.get("batches_drawn", 0)))
-        self.metrics.rewind(self.step)  # the steps after the checkpoint are trained, and logged, again
+        self._rewind(self.step)
+        if not damaged:  # (else said above)
+            self.acc.print(f"resuming from {path.name} (step {self.step}), the newest complete checkpoint")
         if (path / "config.yaml").is_file():  # settings changed for the rest of the run are said, not silent
             changed = changed_settings(read_yaml((path / "config.yaml").read_text()) or {}, to_dict(self.cfg))
             if changed:
                 self.acc.print(f"resuming from step {self.step} with settings changed since: " + "; ".join(changed))
-        logger.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _saves_cut_short(self, after: int) -> list[str]:
+        """The checkpoints after step `after` that a stopped run was still writing (left as `.tmp_step_N`)."""
+        names = [d.name.removeprefix(".tmp_") for d in (self.run_dir / "checkpoints").glob(f".tmp_{ckpt.STEP_PREFIX}*")]
+        return sorted(n for n in names if (ckpt.checkpoint_step(Path(n)) or -1) > after)
+
+    def _rewind(self, step: int) -> None:
+        """Drop what the stopped run logged after `step`, which this run trains and logs again: its metrics.jsonl rows
+        and its sample grids (else the app shows the grids of steps the resumed run has not reached as its newest)."""
+        self.metrics.rewind(step)
+        if self.acc.is_main_process:
+            for grid in (self.run_dir / "samples").glob(f"{ckpt.STEP_PREFIX}*.png"):
+                if (ckpt.checkpoint_step(Path(grid.stem)) or 0) > step:
+                    grid.unlink(missing_ok=True)
 
     def _continue_data(self, drawn: int) -> None:
         """Pick the data order up after `drawn` micro-batches per process (each process draws every n-th batch of
