@@ -220,3 +220,32 @@ def test_a_resume_rewinds_metrics_whole_or_not_at_all(tmp_path, full_disk):
     log.rewind(5)
     log.log(6, {"loss": 6.0})
     assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_folder_saved_again_is_in_place_before_the_old_one_is_deleted(tmp_path, monkeypatch):
+    """An editor exported again (or a damaged checkpoint saved again) replaces a folder whose deletion can take minutes
+    for a large model: a run killed meanwhile must leave the new folder in place, not neither of them."""
+    import shutil
+    from pathlib import Path
+
+    final, real_rmtree = tmp_path / "pipeline", shutil.rmtree
+    with ckpt.publishing(final) as folder:
+        folder.mkdir()
+        (folder / "model_index.json").write_text("old")
+
+    def killed_while_deleting_the_old_one(path, *args, **kwargs):
+        if Path(path).name.startswith(".trash_") and Path(path).exists():
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting_the_old_one)
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt.publishing(final) as folder:
+            folder.mkdir()
+            (folder / "model_index.json").write_text("new")
+    assert (final / "model_index.json").read_text() == "new"
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    with ckpt.publishing(final) as folder:  # the next export clears what the killed one left
+        folder.mkdir()
+        (folder / "model_index.json").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]

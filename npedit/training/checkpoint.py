@@ -221,16 +221,21 @@ def _sync(path: Path) -> None:
 
 
 def _replace(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` in the place of `final` (discarded first when it exists), its files flushed to the
-    disk first, so that a power cut after the rename cannot leave a published folder with empty files."""
+    """Put the finished folder `tmp` in the place of `final`, its files flushed to the disk first, so that a power cut
+    after the rename cannot leave a published folder with empty files. An old `final` is renamed away, the new one
+    renamed in, and only then the old one deleted (minutes for a large model): a run killed during the deletion leaves
+    the new folder and a `.trash_*` one, which the next save or export removes."""
     for folder, _, files in os.walk(tmp):
         for name in files:
             _sync(Path(folder, name))
         _sync(Path(folder))
+    trash = final.with_name(f".trash_{final.name}")
     if final.exists():
-        _discard(final)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
     os.replace(tmp, final)
     _sync(final.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def finalize(tmp: Path, final: Path, keep: int) -> None:
