@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .edit_types import EDIT_TYPES
+from .files import write_atomic
 
 STAGES = ("warmup", "npedit", "sft", "critic")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -464,5 +465,5 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, whole or not at all (a resume rewrites the run's own config.yaml)."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -220,3 +220,16 @@ def test_a_config_file_whose_aliases_expand_without_bound_is_refused(tmp_path):
     assert load_config(small).model.base == "runs/a"
     with pytest.raises(ValueError, match="holds itself"):
         read_yaml("a: &a [1, *a]")
+
+
+def test_a_run_config_is_saved_whole_or_not_at_all(tmp_path, full_disk):
+    """A resume rewrites the run's config.yaml (what the app's tables and a job's status read): a full disk or a kill
+    midway leaves the previous one, not a cut file that reads as no config."""
+    path = tmp_path / "config.yaml"
+    save_config(load_config(None, BASE + ["max_steps=3"]), path)
+    before = path.read_text()
+    with pytest.raises(OSError), full_disk(len(before) // 2):
+        save_config(load_config(None, BASE + ["max_steps=4"]), path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    save_config(load_config(None, BASE + ["max_steps=4"]), path)
+    assert load_config(path, []).max_steps == 4
