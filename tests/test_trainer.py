@@ -129,3 +129,30 @@ def test_a_sample_grid_is_written_whole_or_not_at_all(tmp_path, tiny_zimage, tin
         trainer.save_samples()
     assert [p.name for p in samples.iterdir()] == ["step_000002.png"]
     Image.open(samples / "step_000002.png").load()
+
+
+def test_weights_that_do_not_fit_on_the_disk_stop_the_run_with_one_line(tmp_path, tiny_zimage, tiny_manifest,
+                                                                        full_disk):
+    """safetensors reports a disk that fills up as a SafetensorError ("I/O error"), not an OSError: a checkpoint or an
+    editor whose weights do not fit still stops the run with the one-line WriteError (the CLI prints it without a
+    traceback), and the partial folder, which holds the space a retry needs, is removed."""
+    import pytest
+
+    from npedit.training.checkpoint import WriteError
+
+    run = tmp_path / "r"
+    trainer = Trainer(load_config(None, ["stage=warmup", f"output_dir={run}", f"model.base={tiny_zimage}",
+                                         f"data.train={tiny_manifest}", "data.batch_size=2"]))
+    trainer.step = 1
+    trainer.save_checkpoint()
+    size = (run / "checkpoints/step_000001/student/diffusion_pytorch_model.safetensors").stat().st_size
+    trainer.step = 2
+    with pytest.raises(WriteError, match=r"could not write checkpoint step_000002 .*I/O error.*the newest complete "
+                                         r"checkpoint, step_000001, is untouched"), full_disk(size // 2):
+        trainer.save_checkpoint()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    trainer.step = 1
+    with pytest.raises(WriteError, match=r"could not write .*pipeline .*I/O error.*the checkpoint at step 1 is "
+                                         r"complete"), full_disk(size // 2):
+        trainer.export()
+    assert not [p.name for p in run.iterdir() if "pipeline" in p.name]

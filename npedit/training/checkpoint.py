@@ -166,10 +166,22 @@ def writing(tmp: Path):
     folder (it would hold the space a retry needs) and raise a `WriteError` naming the newest complete checkpoint."""
     try:
         yield
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
+        if disk_error(exc) is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise WriteError(f"could not write checkpoint {tmp.name.removeprefix('.tmp_')} in {tmp.parent} ({exc}); "
                          f"{what_is_kept(tmp.parent)}") from None
+
+
+def disk_error(exc: BaseException) -> OSError | None:
+    """`exc` as an OSError when it says a write failed on the disk's side (full, read-only, a file size limit), else
+    None: safetensors (the weights of checkpoints and editors) reports those as a SafetensorError ("I/O error")."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, SafetensorError) and "I/O error" in str(exc):
+        return OSError(str(exc))
+    return None
 
 
 def what_is_kept(root: Path) -> str:
@@ -200,8 +212,11 @@ def publishing(final: Path):
         shutil.rmtree(stale, ignore_errors=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        disk = disk_error(exc)
+        if disk is not None and disk is not exc:  # (callers name what is kept for an OSError, whoever wrote the file)
+            raise disk from None
         raise
     _replace(tmp, final)
 
