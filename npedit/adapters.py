@@ -95,7 +95,7 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
     """Write the adapters of a LoRA run's checkpoint (the newest, or `step`) as an adapter folder (default
     `<run>/exports/step_N-lora`); `base` overrides the base model it names (the run's `model.base`)."""
     from .config import to_dict
-    from .training.export import checkpoint_config, find_checkpoint
+    from .training.export import checkpoint_config, export_writing, find_checkpoint
 
     path = find_checkpoint(run_dir, step)
     cfg, state = checkpoint_config(run_dir, path)
@@ -109,19 +109,22 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
     alpha = float(cfg.model.lora_alpha or rank)
     lora, extra = to_diffusers_layout(load_file(str(source)), alpha / rank)
     out = Path(out) if out else Path(run_dir) / "exports" / f"{path.name}-lora"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(lora, str(out / LORA_FILE), metadata={"format": "pt"})
-    if extra:
-        save_file(extra, str(out / EXTRA_FILE), metadata={"format": "pt"})
-    elif (out / EXTRA_FILE).exists():
-        (out / EXTRA_FILE).unlink()
-    (out / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     meta = {"format": 1, "base": str(base or cfg.model.base), "student": cfg.model.student or None,
             "rank": rank, "alpha": alpha, "layers": len(lora) // 2, "dtype": cfg.model.dtype,
             "shift": cfg.sampler.shift, "stage": cfg.stage, "step": int(state["step"]), "exported_from": str(path),
             "extra": sorted(extra)}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    (out / "README.md").write_text(_card(meta, cfg))
+    # published whole (as an editor export is): an export killed or out of disk midway left a folder that the app
+    # lists as an editor (its npedit_lora.json, from this or an earlier export) with weights cut short
+    with export_writing(out, run_dir) as folder:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(lora, str(folder / LORA_FILE), metadata={"format": "pt"})
+        if extra:
+            save_file(extra, str(folder / EXTRA_FILE), metadata={"format": "pt"})
+        elif (folder / EXTRA_FILE).exists():
+            (folder / EXTRA_FILE).unlink()
+        (folder / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        (folder / "README.md").write_text(_card(meta, cfg))
     return out
 
 

@@ -201,3 +201,16 @@ def test_the_apps_export_writes_a_lora_runs_adapters_too(tmp_path, tiny_manifest
     assert (tmp_path / "run/exports/step_000001-lora" / LORA_FILE).is_file()
     labels = [label for label, _ in runs.finished_editors(tmp_path)]
     assert labels == ["run: run (step 1, LoRA adapters)", "run: run (step 1)"]
+
+
+def test_an_adapter_export_cut_short_leaves_the_previous_one(tmp_path, tiny_manifest, full_disk):
+    """An adapter export that runs out of disk (or is killed) midway leaves the folder as an earlier export wrote it:
+    not one that the app lists as an editor (by its npedit_lora.json) with its adapters cut short or gone."""
+    base = build_tiny_sd3(tmp_path / "base")
+    _lora_run(base, tiny_manifest, tmp_path / "run")
+    folder = export_adapters(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(OSError, match="I/O error"), full_disk((folder / LORA_FILE).stat().st_size // 2):
+        export_adapters(tmp_path / "run")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]

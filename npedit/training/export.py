@@ -117,7 +117,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
               f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")
     extra = {"averaged_steps": steps} if average > 1 else {}
-    with _writing(out, run_dir) as folder:
+    with export_writing(out, run_dir) as folder:
         pipe.save_pretrained(folder, training=f"{summary}; {origin}")
         (folder / "training_config.json").write_text(json.dumps(
             {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base_model), **extra},
@@ -150,7 +150,7 @@ def _read_checkpoints(run_dir, averaged: list[Path], base: str | None):
     return cfg, state, backbone, net
 
 
-def _writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
+def export_writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
     """Where to write export `out`: a temporary folder published whole (`checkpoint.publishing`) when `out` is new or
     inside the run folder; an existing folder of the user's elsewhere is written into, as before, never replaced."""
     inside = Path(run_dir).resolve() in Path(out).resolve().parents
@@ -163,7 +163,7 @@ def _export_critic(cfg, critic, averaged: list[Path], out: Path | None, run_dir,
     for the app's DMD maps."""
     name = averaged[-1].name if len(averaged) == 1 else f"{averaged[-1].name}-avg{len(averaged)}"
     out = out or Path(run_dir) / "exports" / name / "critic"
-    with _writing(out, run_dir) as folder:
+    with export_writing(out, run_dir) as folder:
         save_critic(critic, folder, cfg, step, steps if len(averaged) > 1 else None)
     return out
 
