@@ -1193,3 +1193,102 @@ def test_a_resume_names_its_checkpoint_and_the_save_cut_short_and_drops_later_gr
     assert "resuming from step_000002 (step 2), the newest complete checkpoint" in out
     assert sorted(p.name for p in (tmp_path / "r/samples").iterdir()) == ["step_000001.png", "step_000002.png"]
     assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]
+
+
+def test_a_sample_grid_is_written_whole_or_not_at_all(tmp_path, tiny_zimage, tiny_manifest, full_disk):
+    """A disk that fills up (or a kill) while a sample grid is written leaves no cut PNG for the app to show as the
+    run's newest grid (it does not open); the run stops with one line naming the checkpoint to resume from."""
+    from npedit.config import load_config
+    from npedit.training.checkpoint import WriteError
+    from npedit.training.trainer import Trainer
+
+    trainer = Trainer(load_config(None, ["stage=warmup", f"output_dir={tmp_path}/r", f"model.base={tiny_zimage}",
+                                         f"data.train={tiny_manifest}", "data.batch_size=2"]))
+    trainer.step = 2
+    trainer.save_samples()
+    samples = tmp_path / "r/samples"
+    size = (samples / "step_000002.png").stat().st_size
+    trainer.step = 4
+    with pytest.raises(WriteError, match=r"sample grid .*step_000004.png .*no checkpoint was saved: free space .*"
+                                         r"--resume"), full_disk(size // 2):
+        trainer.save_samples()
+    assert [p.name for p in samples.iterdir()] == ["step_000002.png"]
+    Image.open(samples / "step_000002.png").load()
+
+
+def test_weights_that_do_not_fit_on_the_disk_stop_the_run_with_one_line(tmp_path, tiny_zimage, tiny_manifest,
+                                                                        full_disk):
+    """safetensors reports a disk that fills up as a SafetensorError ("I/O error"), not an OSError: a checkpoint or an
+    editor whose weights do not fit still stops the run with the one-line WriteError (the CLI prints it without a
+    traceback), and the partial folder, which holds the space a retry needs, is removed."""
+    from npedit.config import load_config
+    from npedit.training.checkpoint import WriteError
+    from npedit.training.trainer import Trainer
+
+    run = tmp_path / "r"
+    trainer = Trainer(load_config(None, ["stage=warmup", f"output_dir={run}", f"model.base={tiny_zimage}",
+                                         f"data.train={tiny_manifest}", "data.batch_size=2"]))
+    trainer.step = 1
+    trainer.save_checkpoint()
+    size = (run / "checkpoints/step_000001/student/diffusion_pytorch_model.safetensors").stat().st_size
+    trainer.step = 2
+    with pytest.raises(WriteError, match=r"could not write checkpoint step_000002 .*I/O error.*the newest complete "
+                                         r"checkpoint, step_000001, is untouched"), full_disk(size // 2):
+        trainer.save_checkpoint()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    trainer.step = 1
+    with pytest.raises(WriteError, match=r"could not write .*pipeline .*I/O error.*the checkpoint at step 1 is "
+                                         r"complete"), full_disk(size // 2):
+        trainer.export()
+    assert not [p.name for p in run.iterdir() if "pipeline" in p.name]
+
+
+KILLED_MID_SAVE = """
+import os
+import signal
+import sys
+
+from npedit.cli import main
+from npedit.training import checkpoint as ckpt
+
+write_rng = ckpt.rng_state_to_files
+
+
+def killed_on_the_second_process(stem, generators):  # (after process 0 wrote the networks of step 2)
+    if stem.parent.name == ".tmp_step_000002" and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_rng(stem, generators)
+
+
+ckpt.rng_state_to_files = killed_on_the_second_process
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_two_process_run_killed_mid_save_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_zimage,
+                                                                                     tiny_manifest, capsys):
+    """torchrun, two processes: the second is killed (SIGKILL) while the checkpoint of step 2 is being written; torchrun
+    stops the first (no process waits forever at the next barrier), step 1 stays the newest complete checkpoint, and a
+    resume starts there, names the save cut short and logs each step once."""
+    from npedit.cli import main
+    from npedit.training import checkpoint as ckpt
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_SAVE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", f"output_dir={tmp_path}/r",
+              "data.batch_size=1", "save_every=1", "log_every=1", "sample_every=0", "max_steps=3"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), "train", *common], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "SIGKILL" in out.stderr, out.stderr[-3000:]
+    root = tmp_path / "r/checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp_step_000002", "step_000001"]
+    assert ckpt.latest_readable(root) == (root / "step_000001", [])
+    assert {p.name for p in (root / "step_000001").glob("rng_*.json")} == {"rng_0.json", "rng_1.json"}
+    capsys.readouterr()
+    main(["train", "--resume", *common])  # (one process here: the checkpoint is what any launch resumes from)
+    said = capsys.readouterr().out
+    assert "step_000002 was still being written when the run stopped" in said and "resuming from step_000001" in said
+    assert [json.loads(line)["step"] for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]
