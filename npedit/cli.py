@@ -40,7 +40,8 @@ def _load_judge(args, device: str, dtype, max_pixels: int | None):
     extra = {} if max_pixels is None else {"max_pixels": max_pixels}
     try:
         return load_judge(default_path("judge", args.judge), device=device, torch_dtype=dtype, **extra)
-    except (ValueError, OSError) as exc:  # an unsupported family, a pixel cap on a fixed-view judge, a missing file
+    # an unsupported family, a pixel cap on a fixed-view judge, a missing file, a package its processor needs
+    except (ValueError, OSError, ImportError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
 

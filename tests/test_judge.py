@@ -1,6 +1,7 @@
 """The LLaVA-OneVision judge adapter on a tiny random model: layout, preprocessing, gradients."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -73,6 +74,58 @@ def test_a_judge_with_pickle_weights_only_is_refused_unread(judge_dir, tmp_path)
     (pickled / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"holds no safetensors weights \(a pickle .bin is not read\)"):
         load_judge(pickled)
+
+
+# Runs Python as if torchvision were not installed: importlib finds no spec for it, as on a machine without it.
+WITHOUT_TORCHVISION = """
+import sys
+
+
+class Hide:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, key):
+        return getattr(self.finder, key)
+
+
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+"""
+
+
+def test_a_judge_without_torchvision_says_so_in_one_line(judge_dir, tmp_path):
+    """transformers' processors of all three families need torchvision (their video processors). Without it the
+    judges' module imports (app.py stopped at start-up with a traceback from Qwen2.5-VL's image processor) and
+    loading a judge is one line naming the package, in Python and in the CLI."""
+    import subprocess
+    import sys
+
+    from cli_runner import ROOT  # tests/cli_runner.py
+
+    probe = WITHOUT_TORCHVISION + f"""
+from npedit.judges import load_judge
+try:
+    load_judge({str(judge_dir)!r})
+except ImportError as exc:
+    print("PY", exc.name, exc)
+from npedit.cli import main
+try:
+    main(["judge", "--judge", {str(judge_dir)!r}, "--reference", "x.png", "--edited", "x.png", "--instruction", "a"])
+except SystemExit as exc:
+    print("CLI", exc)
+"""
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["PY"].startswith("torchvision the judge") and "needs torchvision" in lines["PY"]
+    assert lines["CLI"].startswith("error: the judge") and "pip install torchvision" in lines["CLI"]
 
 
 

@@ -89,6 +89,22 @@ def check_grid(
     return batch, lengths[0]
 
 
+def load_processor(path_or_hub_id: str | os.PathLike, trust_remote_code: bool = False):
+    """The judge's processor; ImportError in one line naming the package it lacks (transformers' video processors
+    of all three families need torchvision, and say so in a paragraph about a "VideoProcessor")."""
+    try:
+        return AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        # a module not found names itself; transformers' backend checks name the library in their text only
+        missing = (getattr(exc, "name", None) or "").split(".")[0] or next(
+            (pkg for pkg in ("torchvision", "sentencepiece", "tiktoken") if pkg in str(exc).lower()), None)
+        if missing is None:
+            raise
+        raise ImportError(f"the judge {str(path_or_hub_id)!r} needs {missing} to build its processor, and it is not "
+                          f"installed here: pip install {missing} (requirements.txt pins the versions that work "
+                          "together)", name=missing) from None
+
+
 class ChatJudge(Judge):
     """A frozen chat VLM answering Yes/No questions; gradients reach the edited image only.
 
@@ -124,7 +140,7 @@ class ChatJudge(Judge):
             from npedit.folders import check_model_size
 
             check_model_size(local, cls.model_class, torch_dtype)
-        processor = AutoProcessor.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+        processor = load_processor(path_or_hub_id, trust_remote_code)
         if max_pixels is not None:
             cls.check_max_pixels(max_pixels)
             cls.cap_pixels(processor, max_pixels)

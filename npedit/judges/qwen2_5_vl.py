@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from npedit.judges.chat import ChatJudge, chat_prompt, normalise, resize_like_processor
 
