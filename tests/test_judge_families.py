@@ -75,6 +75,20 @@ def test_yes_no_are_single_tokens_and_a_split_yes_is_refused(judge, judge_dir, t
         load_judge(broken)
 
 
+def test_a_judge_without_a_chat_template_is_refused_before_its_weights(judge, judge_dir, tmp_path, monkeypatch):
+    """Every question goes through the processor's chat template: a folder without one said only "Cannot use
+    apply_chat_template ...", after the weights were read (minutes for a real judge), naming neither folder nor file."""
+    bare = shutil.copytree(judge_dir, tmp_path / "bare")
+    (bare / "chat_template.jinja").unlink()
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(type(judge).model_class, "from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=r"the judge '.*bare' has no chat template \(chat_template.jinja"):
+        load_judge(bare)
+
+
 def test_shapes_and_batching_invariance(judge):
     ref, edited = random_images(2, seed=5), random_images(2, seed=6)
     questions = [

@@ -141,6 +141,13 @@ class ChatJudge(Judge):
 
             check_model_size(local, cls.model_class, torch_dtype)
         processor = load_processor(path_or_hub_id, trust_remote_code)
+        if not getattr(processor, "chat_template", None):  # before the weights: a real judge's take minutes to read
+            from npedit.folders import CheckpointError
+
+            raise CheckpointError(
+                f"the judge {str(path_or_hub_id)!r} has no chat template (chat_template.jinja or chat_template.json "
+                "beside its processor_config.json): each question is asked in the model's chat format; copy that "
+                "file from the model's hub repo")
         if max_pixels is not None:
             cls.check_max_pixels(max_pixels)
             cls.cap_pixels(processor, max_pixels)
