@@ -555,7 +555,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
                 raise _error(exc) from None
             path = Path(tempfile.mkdtemp(prefix="npedit-verdicts-")) / "verdicts.csv"
             out.to_csv(path, index=False)
-            return out, str(path)
+            return out.round(judging.SHOWN_DECIMALS), str(path)
 
         run_batch.click(judge_batch, files, [batch_table, batch_csv], api_name="judge_batch",
                         concurrency_id="models", concurrency_limit=1)

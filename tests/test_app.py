@@ -364,6 +364,9 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
         table, csv = client.predict([handle_file(str(listing)), handle_file(str(shapes_png)), handle_file(edited)],
                                     api_name="/judge_batch")
         assert len(table["data"]) == 1 and table["data"][0][-1] == "" and "p_edit" in Path(csv).read_text()
+        saved = pd.read_csv(csv).loc[0]  # every digit, as /judge and the CLI give it; the table shows 6 decimals
+        assert saved["p_edit"] == pytest.approx(verdict["p_edit"], abs=1e-7)
+        assert table["data"][0][3] == round(saved["p_edit"], 6)
     finally:
         demo.close()
 

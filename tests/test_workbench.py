@@ -321,6 +321,31 @@ def test_batch_judging(loaded, tmp_path):
     assert judging.extra_questions("a?\n\n b? ") == ["a?", "b?"]
 
 
+def test_inspector_tables_give_the_numbers_the_cli_prints(loaded, tmp_path):
+    """The batch verdicts, the question table and the per-step table rounded P(Yes) to 4 decimals (up to 5e-5 from
+    what `python -m npedit judge` and `judge_edit` give for the same pair); the batch now keeps every digit and the
+    tables show 6."""
+    from npedit.verdicts import judge_edit
+
+    ms, pipe = loaded
+    ref, ins, *_ = datasets.random_shapes_case(4)
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    Image.fromarray(ref[::-1].copy()).save(tmp_path / "out.png")
+    listing = tmp_path / "pairs.jsonl"
+    listing.write_text(json.dumps({"reference": "ref.png", "edited": "out.png", "instruction": ins,
+                                   "keep": "blue circle", "new": "red square"}) + "\n")
+    out = judging.judge_pairs(ms.judge(), judging.read_pairs([str(listing)]))
+    v = judge_edit(ms.judge(), tmp_path / "ref.png", tmp_path / "out.png", ins, keep="blue circle", new="red square")
+    for key in ("p_edit", "p_identity", "p_keep", "p_change"):
+        assert out.loc[0, key] == pytest.approx(getattr(v, key), abs=1e-7), key
+    table = judging.verdict_table(v)
+    assert np.allclose(table["P(Yes)"], [q["p_yes"] for q in v.questions], rtol=0, atol=1e-6)
+    assert np.allclose(table["margin (logit Yes − No)"], [q["margin"] for q in v.questions], rtol=0, atol=1e-6)
+    trace = trace_edit(pipe, ms.judge(), None, None, tmp_path / "ref.png", ins, steps=2)
+    shown = [(row["P(edit done)"], row["P(Yes) identity"]) for row in trace.table()]
+    assert np.allclose(shown, [(s.p_edit, s.p_identity) for s in trace.steps], rtol=0, atol=1e-6)
+
+
 def test_a_batch_list_finds_every_uploaded_image_whatever_its_extension(tmp_path):
     """An uploaded image matched the list only with one of eight extensions: a .jfif or .avif photo uploaded with
     the list was "not among the uploaded files" in a public app. Every uploaded file but the list is one now (the

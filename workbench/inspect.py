@@ -20,6 +20,8 @@ from npedit.guidance import teacher_critic_x0
 from npedit.images import load_image, tensor_to_pil
 from npedit.verdicts import judge_candidates
 
+from .judging import SHOWN_DECIMALS
+
 Progress = Callable[[float, str], None]
 
 
@@ -59,7 +61,8 @@ class EditTrace:
     def table(self) -> list[dict]:
         """One row per step: t, P(edit done) (a removal: P(No) of its contains check), P(Yes) of the identity
         check, mean DMD disagreement, timings."""
-        return [dict(zip(STEP_COLUMNS, (s.step + 1, round(s.t, 4), _round(s.p_edit), _round(s.p_identity),
+        return [dict(zip(STEP_COLUMNS, (s.step + 1, round(s.t, 4), _round(s.p_edit, SHOWN_DECIMALS),
+                                        _round(s.p_identity, SHOWN_DECIMALS),
                                         _round(s.dmd_mean), round(s.sample_s, 3), round(s.judge_s, 3),
                                         round(s.dmd_s, 3))))
                 for s in self.steps]

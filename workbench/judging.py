@@ -18,11 +18,15 @@ from .datasets import resolve_image
 PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep", "new", "gone",
                 "reference_name", "edited_name"]
 RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "p_change", "error"]
+# tables show P(Yes) and margins to 1e-6, so they read as `python -m npedit judge` prints them (to 1e-5); files keep
+# every digit
+SHOWN_DECIMALS = 6
 
 
 def verdict_table(verdict: Verdict) -> pd.DataFrame:
     """One row per question: kind, what it shows, expected answer, P(Yes) and the Yes-minus-No logit margin."""
-    rows = [{"kind": q["kind"], "P(Yes)": round(q["p_yes"], 4), "margin (logit Yes − No)": round(q["margin"], 4),
+    rows = [{"kind": q["kind"], "P(Yes)": round(q["p_yes"], SHOWN_DECIMALS),
+             "margin (logit Yes − No)": round(q["margin"], SHOWN_DECIMALS),
              "expected": q["expected"], "images": " + ".join(q["images"]), "question": q["text"]}
             for q in verdict.questions]
     return pd.DataFrame(rows)
@@ -87,7 +91,7 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
 
 def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], None] | None = None,
                 named: bool = False) -> pd.DataFrame:
-    """P(edit done) and P(identity kept) for every pair; a pair that cannot be judged gets its error instead, which
+    """P(edit done) and P(identity kept) for every pair, unrounded; a pair that cannot be judged gets its error instead, which
     with `named` (a public app) names each image as the list does, never by its path on this machine."""
     rows = []
     for i, p in enumerate(pairs.itertuples(index=False)):
@@ -99,9 +103,7 @@ def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], Non
             v = judge_edit(judge, p.reference, p.edited, p.instruction, edit_type=p.edit_type,
                            object_name=p.object_name or None, keep=object_names(p.keep), new=object_names(p.new),
                            gone=object_names(p.gone))
-            row.update(p_edit=round(v.p_edit, 4), p_identity=None if v.p_identity is None else round(v.p_identity, 4),
-                       p_keep=None if v.p_keep is None else round(v.p_keep, 4),
-                       p_change=None if v.p_change is None else round(v.p_change, 4))
+            row.update(p_edit=v.p_edit, p_identity=v.p_identity, p_keep=v.p_keep, p_change=v.p_change)
         except (ImageError, ValueError) as exc:
             row["error"] = as_named(str(exc), p) if named else str(exc)
         rows.append(row)
