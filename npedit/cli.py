@@ -295,7 +295,11 @@ def cmd_judge(args) -> int:
                                  keep=object_names(args.keep), new=object_names(args.new), gone=object_names(args.gone))
         Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
         grads.save(args.gradients)
-        print(json.dumps({"instruction": args.instruction, **_numbers(grads.verdict), "gradients": args.gradients}))
+        numbers = _numbers(grads.verdict)
+        if grads.image.size != load_image(args.edited).size:  # maps of a resized copy: the verdict is of the pair
+            numbers = verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object, args.keep,
+                              args.new, args.gone)
+        print(json.dumps({"instruction": args.instruction, **numbers, "gradients": args.gradients}))
     except (ImageError, ValueError, OSError) as exc:  # OSError: an --output or --gradients that cannot be written
         raise SystemExit(f"error: {exc}") from None
     return 0

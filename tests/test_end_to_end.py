@@ -835,6 +835,26 @@ def test_cli_judge_writes_gradient_maps(tmp_path, tiny_judge, tiny_manifest, cap
         AnswerGradients.load(tmp_path / "other.npz")
 
 
+def test_cli_judge_with_gradients_of_a_large_image_prints_the_pairs_own_verdict(tmp_path, tiny_judge, capsys):
+    """An edited image over 1,024 px is differentiated on a resized copy; `judge --gradients` printed that copy's
+    verdict, so the same pair read differently with the flag and without it (1e-4 to 1e-3 on the tiny judges)."""
+    from npedit.cli import main
+    from npedit.verdicts import AnswerGradients
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    Image.fromarray((rng.random((900, 1200, 3)) * 255).astype(np.uint8)).save(tmp_path / "big.png")
+    pair = ["--judge", tiny_judge, "--reference", str(tmp_path / "ref.png"), "--edited", str(tmp_path / "big.png"),
+            "--instruction", "make the circle blue", "--keep", "red square"]
+    assert main(["judge", *pair]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["judge", *pair, "--gradients", str(tmp_path / "maps.npz")]) == 0
+    mapped = json.loads(capsys.readouterr().out)
+    assert AnswerGradients.load(tmp_path / "maps.npz").image.size == (1024, 768)
+    for key in ("p_edit", "p_identity", "p_keep"):
+        assert mapped[key] == pytest.approx(plain[key], abs=1e-6), key
+
+
 def test_an_editor_named_like_a_hub_id_and_found_nowhere_is_one_line(tmp_path, monkeypatch):
     """`--model editors/typo` (one slash: the shape of a hub id, as the README's `editors/npedit-zimage`) that is no
     folder here and cannot be fetched stops with one line, as a missing folder does, not diffusers' OSError."""
