@@ -91,8 +91,8 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
 
 def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], None] | None = None,
                 named: bool = False) -> pd.DataFrame:
-    """P(edit done) and P(identity kept) for every pair, unrounded; a pair that cannot be judged gets its error instead, which
-    with `named` (a public app) names each image as the list does, never by its path on this machine."""
+    """P(edit done) and P(identity kept) for every pair, unrounded; a pair that cannot be judged gets its error
+    instead, which with `named` (a public app) names each image as the list does, never by its path on this machine."""
     rows = []
     for i, p in enumerate(pairs.itertuples(index=False)):
         if progress:
