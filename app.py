@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import os
 import random
 import re
@@ -494,6 +495,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
         ask = gr.Button("Ask the judge", variant="primary")
         explain = gr.Button("Where do the answers come from? (gradient maps)")
     summary = gr.JSON(label="Verdict")
+    report = gr.State()  # the whole verdict, saved for download after each answer (the /judge API returns two values)
+    download = gr.File(label="Download (JSON: the instruction, the verdict and every question with P(Yes) and margin, "
+                       "as python -m npedit judge prints it)", interactive=False)
     # fixed widths: sized by their content, the question ran off the right edge and "expected" split in two
     table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True,
                          column_widths=VERDICT_WIDTHS, elem_id="verdict-table")
@@ -519,10 +523,19 @@ def build_judge_tab(app: App, last_edit: gr.State):
             headline["p_keep"] = v.p_keep
         if v.p_change is not None:
             headline["p_change"] = v.p_change
-        return headline, judging.verdict_table(v)
+        return headline, judging.verdict_table(v), v.report(instruction or "")
 
-    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone], [summary, table],
-              api_name="judge", concurrency_id="models", concurrency_limit=1)
+    def save_report(record):
+        """The last verdict as a JSON file to download."""
+        if not record:
+            return None
+        path = Path(tempfile.mkdtemp(prefix="npedit-verdict-")) / "verdict.json"
+        path.write_text(json.dumps(record, indent=1))
+        return str(path)
+
+    ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone],
+              [summary, table, report], api_name="judge", concurrency_id="models", concurrency_limit=1).then(
+        save_report, report, download, api_visibility="private")
     explain.click(gradients_handler(app), [reference, edited, instruction, edit_type, object_name, extra, keep, new,
                                            gone], gradient_plot, api_visibility="private", concurrency_id="models",
                   concurrency_limit=1)

@@ -232,12 +232,6 @@ def _best_of(pipe, judge, job: dict, args, verbose: bool):
     return picked
 
 
-def _numbers(v) -> dict:
-    """What `judge` prints of a verdict."""
-    return {"p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "p_change": v.p_change,
-            "questions": v.questions}
-
-
 def cmd_judge(args) -> int:
     """Print the judge's verdict on one pair as JSON, or write one line per pair of a PAIRS.jsonl."""
     from .data import object_names
@@ -263,9 +257,8 @@ def cmd_judge(args) -> int:
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
     def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
-        return _numbers(judge_edit(judge, ref, edited, instruction, edit_type=edit_type,
-                                   object_name=obj or None, keep=object_names(keep), new=object_names(new),
-                                   gone=object_names(gone)))
+        return judge_edit(judge, ref, edited, instruction, edit_type=edit_type, object_name=obj or None,
+                          keep=object_names(keep), new=object_names(new), gone=object_names(gone)).report(instruction)
 
     try:
         if args.batch:
@@ -284,9 +277,8 @@ def cmd_judge(args) -> int:
                                         "p_keep": v["p_keep"], "p_change": v["p_change"]}) + "\n")
             return 1 if failures else 0
         if not args.gradients:
-            print(json.dumps({"instruction": args.instruction,
-                              **verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
-                                        args.keep, args.new, args.gone)}))
+            print(json.dumps(verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
+                                     args.keep, args.new, args.gone)))
             return 0
         from .verdicts import answer_gradients  # one pass gives the verdict and, backwards, the gradients
 
@@ -295,11 +287,11 @@ def cmd_judge(args) -> int:
                                  keep=object_names(args.keep), new=object_names(args.new), gone=object_names(args.gone))
         Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
         grads.save(args.gradients)
-        numbers = _numbers(grads.verdict)
+        numbers = grads.verdict.report(args.instruction)
         if grads.image.size != load_image(args.edited).size:  # maps of a resized copy: the verdict is of the pair
             numbers = verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object, args.keep,
                               args.new, args.gone)
-        print(json.dumps({"instruction": args.instruction, **numbers, "gradients": args.gradients}))
+        print(json.dumps({**numbers, "gradients": args.gradients}))
     except (ImageError, ValueError, OSError) as exc:  # OSError: an --output or --gradients that cannot be written
         raise SystemExit(f"error: {exc}") from None
     return 0

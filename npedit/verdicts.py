@@ -39,6 +39,12 @@ class Verdict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def report(self, instruction: str) -> dict:
+        """What `python -m npedit judge` prints and the app's Judge inspector saves: the instruction, the headline
+        numbers and every question row."""
+        return {"instruction": instruction, "p_edit": self.p_edit, "p_identity": self.p_identity,
+                "p_keep": self.p_keep, "p_change": self.p_change, "questions": self.questions}
+
 
 def _log_sigmoid(x: float) -> float:
     """log(1 / (1 + e^-x)), stable for large |x|: log P(Yes) for a Yes-minus-No margin x."""

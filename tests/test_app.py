@@ -454,6 +454,48 @@ def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path,
     assert len(best[6]) == 2 and "best of 2" in best[3]
 
 
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision", "qwen2_5_vl"])
+def test_the_judge_inspector_saves_what_the_cli_prints(tiny_set, tmp_path, family, capsys):
+    """With a judge folder of each family, the inspector's verdict downloads as JSON (it could only be read off the
+    screen) holding the numbers and question texts `python -m npedit judge` prints for the same pair, the odd pair of
+    an RGBA reference and a grayscale edit of another size included."""
+    import json
+
+    from npedit.cli import main
+    from npedit.judges import load_judge, tiny
+    from npedit.verdicts import judge_edit
+
+    build = {"internvl": tiny.build_tiny_internvl, "llava_onevision": tiny.build_tiny_llava_onevision,
+             "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl}[family]
+    judge_dir = build(tmp_path / family)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 56, 4)) * 255).astype(np.uint8), "RGBA").save(tmp_path / "ref.png")
+    Image.fromarray((rng.random((72, 48)) * 255).astype(np.uint8), "L").save(tmp_path / "edited.png")
+    ref, edited = str(tmp_path / "ref.png"), str(tmp_path / "edited.png")
+    flags = tiny_flags(tiny_set, tmp_path / "runs")
+    flags[flags.index("--judge") + 1] = judge_dir
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(flags)))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    asked = ("make the circle blue", "edit", "", "Is it sharp? Answer with Yes or No.", "red square", "blue circle",
+             "red circle")
+    headline, table, report = fns["judge"](ref, edited, *asked)
+    saved = json.loads(Path(fns["save_report"](report)).read_text())
+    assert main(["judge", "--judge", judge_dir, "--reference", ref, "--edited", edited, "--instruction", asked[0],
+                 "--keep", "red square", "--new", "blue circle", "--gone", "red circle"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    direct = judge_edit(load_judge(judge_dir), ref, edited, asked[0], keep="red square", new="blue circle",
+                        gone="red circle")
+    assert [q["kind"] for q in saved["questions"]] == ["edit", "identity", "keep", "change", "change", "extra"]
+    assert saved["questions"][0]["text"].count('"make the circle blue"') == 1
+    assert saved["questions"][-1]["text"] == asked[3]  # a free-form question is asked as typed
+    assert [q["text"] for q in saved["questions"][:-1]] == [q["text"] for q in printed["questions"]]
+    for key in ("p_edit", "p_identity", "p_keep", "p_change"):
+        assert saved[key] == headline[key] and saved[key] == pytest.approx(printed[key], abs=1e-5), key
+        assert saved[key] == pytest.approx(getattr(direct, key), abs=1e-5), key
+    assert list(table["P(Yes)"]) == [round(q["p_yes"], 6) for q in saved["questions"]]
+    assert fns["save_report"](None) is None
+
+
 def test_the_space_installs_what_the_app_needs_and_nothing_for_tests():
     """A Space builds from the README's front matter and requirements.txt: its Gradio version is the pinned one, its
     app file exists, and the test-only packages live in requirements-dev.txt (which CI installs) instead."""
