@@ -10,7 +10,9 @@ A manifest is a JSON-lines file, one sample a line:
      "new": ["red car"],                                  # optional: objects the edit creates (judge.change_questions)
      "gone": ["blue car"],                                # optional: objects the edit must make disappear
      "target": "targets/0001.png"}                        # only for the paired-SFT baseline
-Relative paths are resolved against the manifest's folder.
+Paths are resolved against the manifest's folder and must stay inside it (links followed), so a manifest from
+someone else trains on its own images, not on any other file of the disk; `allow_outside_paths` (the setting
+`data.allow_outside_paths=true`) lets a manifest you wrote yourself name images anywhere, absolute or with `../`.
 """
 
 from __future__ import annotations
@@ -117,8 +119,24 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, 
     return rows
 
 
-def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
-    """Parse a cases.jsonl manifest, resolving relative paths; errors name the line."""
+def manifest_file(path: Path, value: str, n: int, key: str, allow_outside_paths: bool) -> str:
+    """The file a manifest's `key` names at line `n`: resolved against the manifest's folder, and unless
+    `allow_outside_paths`, refused (naming the line and the setting) when it, or a link on its way, leads outside."""
+    full = path.parent / value  # an absolute value replaces the folder
+    if allow_outside_paths:
+        return str(full)
+    root, real = path.parent.resolve(), full.resolve()
+    if not real.is_relative_to(root):
+        via = "" if real == Path(os.path.abspath(full)) else f" (a link to {real})"
+        raise ValueError(f"{path}:{n}: {key} {value} is outside the manifest's folder {root}{via}: a manifest names "
+                         f"only files inside its folder. If this manifest and its images are yours, train with "
+                         f"data.allow_outside_paths=true")
+    return str(real)  # the checked file itself: a link swapped later changes nothing
+
+
+def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = False) -> list[EditRecord]:
+    """Parse a cases.jsonl manifest, resolving its paths inside its folder (anywhere with `allow_outside_paths`);
+    errors name the line."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a folder; a manifest is a cases.jsonl file, one line per image with its "
@@ -134,8 +152,8 @@ def load_manifest(path: str | os.PathLike) -> list[EditRecord]:
         raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
         raw.setdefault("id", f"{n:06d}")
         for key in ("image", "target"):
-            if raw.get(key) and not Path(raw[key]).is_absolute():
-                raw[key] = str(path.parent / raw[key])
+            if raw.get(key):
+                raw[key] = manifest_file(path, raw[key], n, key, allow_outside_paths)
         try:
             records.append(EditRecord(**raw))
         except ValueError as exc:

@@ -538,6 +538,12 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="optim.lr must be >= 0"):  # refused before a job loads its models
         presets.check_train_args(presets.train_args({"lr": -1.0}, base=tiny_set["teacher"], judge=tiny_set["judge"],
                                                     student="", data="shapes"))
+    # a recipe file cannot let a job the app starts read files outside its manifest's folder
+    recipe = tmp_path / "outside.yaml"
+    recipe.write_text("data: {allow_outside_paths: true}\n")
+    assert not presets.check_train_args(presets.train_args({}, base=tiny_set["teacher"], judge=tiny_set["judge"],
+                                                           student="", data="shapes", config_file=str(recipe))
+                                        ).data.allow_outside_paths
 
 
 def test_judge_pixel_cap_reaches_the_judge_and_the_runs(tiny_set, tmp_path):

@@ -134,7 +134,10 @@ def train_args(values: dict, *, base: str, judge: str, student: str, data: str,
              f"data.resolution={int(v['resolution'])}",
              f"log_every={int(v['log_every'])}", f"sample_every={int(v['sample_every'])}",
              f"save_every={int(v['save_every'])}", f"model.base={base}", f"data.train={data}",
-             f"model.student={student}"]
+             f"model.student={student}",
+             # the app's manifests name only the images it copied beside them: no recipe file lets a job it starts
+             # read files outside the manifest's folder
+             "data.allow_outside_paths=false"]
     uses_judge = v["stage"] == "npedit" and float(v["lambda_vlm"]) > 0
     args.append(f"judge.path={judge if uses_judge else ''}")
     if uses_judge and judge_max_pixels:

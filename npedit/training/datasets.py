@@ -32,7 +32,7 @@ def build_dataset(cfg: DataConfig, *, stage: str, seed: int, targets: bool = Fal
     if cfg.exclude_held_out:
         raise ValueError(f"data.exclude_held_out={list(cfg.exclude_held_out)} filters a generated domain "
                          f"({', '.join(GENERATED)}); a manifest ({cfg.train}) has its own cases")
-    records = subset(load_manifest(cfg.train), cfg.fraction, seed)
+    records = subset(load_manifest(cfg.train, allow_outside_paths=cfg.allow_outside_paths), cfg.fraction, seed)
     return EditDataset(records, cfg.resolution, need_target=stage == "sft" or targets)
 
 
