@@ -17,10 +17,12 @@ someone else trains on its own images, not on any other file of the disk; `allow
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,23 @@ class EditRecord:
         return object_names(self.gone)
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE's mark starts like UTF-16 LE's
+
+
+def json_lines_text(path: Path, label: str) -> str:
+    """The text of a JSON-lines file: UTF-8, or UTF-8/16/32 after a byte-order mark (what Windows editors and
+    PowerShell's `>` write); bytes that are not text are a ValueError naming their line as `label`:N."""
+    data = path.read_bytes()
+    codec = next((c for bom, c in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].decode(codec, errors="replace").count("\n") + 1
+        raise ValueError(f"{label}:{line}: not {codec.upper().removesuffix('-SIG')} text (byte "
+                         f"{data[exc.start]:#04x} at offset {exc.start}): save the file as UTF-8") from None
+
+
 def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, text: tuple[str, ...] = (),
                     label: str | None = None) -> list[tuple[int, dict]]:
     """(line number, JSON object) for each non-blank line of a JSON-lines file, each object with the `required`
@@ -97,13 +116,20 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, 
     path = Path(path)
     label = label or str(path)
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    # Only real line breaks: str.splitlines also splits at U+2028, U+0085..., which a JSON string may hold as they are
+    # (json.dumps(..., ensure_ascii=False) writes them so); a raw \r or \n cannot be inside a JSON string.
+    for n, line in enumerate(re.split(r"\r\n|\r|\n", json_lines_text(path, label)), 1):
         if not line.strip():
             continue
+        if "\0" in line:  # never in JSON text; UTF-16 read as UTF-8 is every other byte
+            raise ValueError(f"{label}:{n}: holds NUL bytes: is the file UTF-16 without its byte-order mark? "
+                             f"Save it as UTF-8")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{label}:{n}: not valid JSON ({exc})") from None
+            hint = "" if rows else (" (a JSON-lines file holds one {...} object per line: not CSV, nor one JSON array "
+                                    "or object spread over several lines)")
+            raise ValueError(f"{label}:{n}: not valid JSON ({exc}){hint}") from None
         except RecursionError:  # "[[[[..." thousands deep: Python's parser gives up
             raise ValueError(f"{label}:{n}: JSON nested too deeply to read (one flat {{...}} per line)") from None
         if not isinstance(row, dict):

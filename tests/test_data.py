@@ -1,4 +1,6 @@
+import codecs
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,4 +131,38 @@ def test_manifest_paths_stay_inside_its_folder_unless_allowed(tmp_path):
         assert len(build_dataset(DataConfig(train=str(f), allow_outside_paths=True), stage="npedit", seed=0)) == 2
     f.write_text(json.dumps({"image": "images/a.png", "instruction": "x", "target": "../secret.png"}) + "\n")
     with pytest.raises(ValueError, match="m.jsonl:1: target ../secret.png is outside"):
+        load_manifest(f)
+
+
+@pytest.mark.parametrize("encode", [
+    lambda t: t.encode("utf-8-sig"),  # Notepad's "UTF-8 with BOM"
+    lambda t: t.encode("utf-16"),  # PowerShell's `>` (UTF-16 LE after its byte-order mark)
+    lambda t: codecs.BOM_UTF16_BE + t.encode("utf-16-be"),
+    lambda t: t.encode("utf-32"),
+    lambda t: t.replace("\n", "\r\n").encode(),  # Windows line ends
+    lambda t: t.replace("\n", "\r").encode(),  # old Mac line ends
+])
+def test_manifest_encodings_and_line_ends_are_read(tmp_path, encode):
+    """A manifest saved by a Windows editor or shell reads as the same samples, and a JSON string may hold the
+    characters str.splitlines breaks at (U+2028, NEL), as json.dumps(..., ensure_ascii=False) writes them."""
+    lines = [{"image": "a.png", "instruction": "make it red"}, {"image": "b.png", "instruction": "café\u2028au\x85lait"}]
+    f = tmp_path / "m.jsonl"
+    f.write_bytes(encode("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n"))
+    assert [(Path(r.image).name, r.instruction) for r in load_manifest(f)] == [(x["image"], x["instruction"])
+                                                                              for x in lines]
+
+
+@pytest.mark.parametrize("data, message", [
+    ('{"image": "a.png", "instruction": "x"}\n{"image": "b.png", "instruction": "caf\xe9"}\n'.encode("latin-1"),
+     "m.jsonl:2: not UTF-8 text \\(byte 0xe9 at offset 77\\): save the file as UTF-8"),
+    ('{"image": "a.png", "instruction": "x"}\n'.encode("utf-16-le"), "m.jsonl:1: holds NUL bytes: is the file UTF-16"),
+    (b"image,instruction\na.png,make it red\n", "m.jsonl:1: not valid JSON .* not CSV"),
+    (b'[\n{"image": "a.png", "instruction": "x"}\n]\n', "m.jsonl:1: not valid JSON .* nor one JSON array"),
+])
+def test_manifest_text_that_is_not_json_lines_is_named(tmp_path, data, message):
+    """Bytes that are not UTF-8 (nor UTF-16/32 after a byte-order mark), UTF-16 without its mark, a CSV or one JSON
+    array: a ValueError naming the line and what to do, not a UnicodeDecodeError from deep inside."""
+    f = tmp_path / "m.jsonl"
+    f.write_bytes(data)
+    with pytest.raises(ValueError, match=message):
         load_manifest(f)
