@@ -145,6 +145,9 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, 
     return rows
 
 
+TEXT_FIELDS = ("image", "target", "instruction", "caption_reference", "caption_target", "edit_type", "object_name")
+
+
 def manifest_file(path: Path, value: str, n: int, key: str, allow_outside_paths: bool) -> str:
     """The file a manifest's `key` names at line `n`: resolved against the manifest's folder, and unless
     `allow_outside_paths`, refused (naming the line and the setting) when it, or a link on its way, leads outside."""
@@ -171,13 +174,25 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = False)
         raise FileNotFoundError(f"manifest not found: {path}")
     records = []
     fields = set(EditRecord.__dataclass_fields__)
-    for n, raw in read_json_lines(path, ("image", "instruction")):
+    for n, raw in read_json_lines(path, ("image", "instruction"), text=TEXT_FIELDS):
+        # else a number, a list or a mapping would train as its Python spelling ("['x']", "{'a': 1}", "1;None")
         for key in ("keep", "new", "gone"):
-            if isinstance(raw.get(key), list):
-                raw[key] = ";".join(object_names(raw[key]))
+            value = raw.get(key)
+            if isinstance(value, list) and all(isinstance(x, str) for x in value):
+                raw[key] = ";".join(object_names(value))
+            elif value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}:{n}: {key} must be object names: a list of strings, or one string "
+                                 f"separated by ';', got {value!r}")
+        ident = raw.get("id")
+        if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+            raise ValueError(f"{path}:{n}: id must be text or a whole number, got {ident!r}")
+        if not (raw["image"] or "").strip():
+            raise ValueError(f"{path}:{n}: image is empty (each line names its image file)")
         raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
         raw.setdefault("id", f"{n:06d}")
         for key in ("image", "target"):
+            if "\0" in raw.get(key, ""):  # else os.stat's "embedded null byte", naming no line
+                raise ValueError(f"{path}:{n}: {key} holds a NUL character, which no file name can")
             if raw.get(key):
                 raw[key] = manifest_file(path, raw[key], n, key, allow_outside_paths)
         try:

@@ -31,6 +31,16 @@ def test_manifest_parsing(tiny_manifest):
     (json.dumps({"image": "a.png", "instruction": "x", "edit_type": "remvoe"}), "unknown edit_type 'remvoe'; use one of"),
     (json.dumps({"image": "a.png", "instruction": "  "}), "empty instruction"),
     (json.dumps({"image": "a.png", "instruction": "remove it", "edit_type": "remove"}), "needs object_name"),
+    # a value of the wrong kind, which trained as its Python spelling ("['x']", "1;None") or as no image at all
+    (json.dumps({"image": None, "instruction": "x"}), "image is empty"),
+    (json.dumps({"image": " ", "instruction": "x"}), "image is empty"),
+    (json.dumps({"image": 5, "instruction": "x"}), "image must be text"),
+    (json.dumps({"image": "a.png", "instruction": ["make it red"]}), "instruction must be text"),
+    (json.dumps({"image": "a.png", "instruction": "x", "caption_target": {"en": "a"}}), "caption_target must be text"),
+    (json.dumps({"image": "a.png", "instruction": "x", "keep": [1, None]}), "keep must be object names"),
+    (json.dumps({"image": "a.png", "instruction": "x", "gone": {"a": 1}}), "gone must be object names"),
+    (json.dumps({"image": "a.png", "instruction": "x", "id": [1]}), "id must be text or a whole number"),
+    (json.dumps({"image": "a\u0000.png", "instruction": "x"}), "image holds a NUL character"),
 ])
 def test_manifest_errors_name_the_line(tmp_path, line, message):
     f = tmp_path / "m.jsonl"
