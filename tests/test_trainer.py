@@ -107,3 +107,26 @@ def test_sample_grid_captions_wrap_inside_the_grid():
     band = np.asarray(grid.convert("L"))[64:64 + len(lines) * line_h]  # the first row's caption
     assert all((band[k * line_h:(k + 1) * line_h] < 128).any() for k in range(len(lines)))  # ink on every line
     assert (band[:, -2:] > 128).all()  # and none at the right edge: no word runs off the grid
+
+
+def test_sample_grid_captions_without_spaces_wrap_in_a_few_measures_per_line():
+    """A caption with no space to break at (a URL, CJK text, a pasted blob) was cut by measuring every prefix of all
+    that was left, for each line: 22 s for 1,000 characters, minutes at each sample grid for a few thousand. It now
+    takes a few measures of about a line's length per line, and the lines are the same: each as long as fits."""
+    from PIL import ImageFont
+
+    from npedit.training.logging import wrap_text
+
+    font = ImageFont.load_default()
+    measured = []
+
+    class Counted:  # the font, with a budget of characters measured
+        def getlength(self, text):
+            measured.append(len(text))
+            assert sum(measured) < 60 * 4000, "measured far more than the caption"
+            return font.getlength(text)
+
+    text = "".join(chr(ord("a") + i % 26) for i in range(4000))
+    lines = wrap_text(f"short {text}", 124, Counted())
+    assert lines[0] == "short" and "".join(lines[1:]) == text and len(lines) > 100
+    assert all(font.getlength(line) <= 124 < font.getlength(line + nxt[0]) for line, nxt in zip(lines[1:], lines[2:]))
