@@ -44,6 +44,13 @@ def object_names(value) -> list[str]:
     return [str(n).strip() for n in items if str(n).strip()]
 
 
+# What the judge's questions quote, and how long each may be: ~500 tokens of English, more than an edit instruction
+# needs and about what a student's text encoder reads (Z-Image: 512 tokens); a longer one is a data mistake that
+# would make every question as long, and the student edit from a cut instruction the judge reads whole.
+JUDGED_FIELDS = ("instruction", "object_name", "keep", "new", "gone")
+MAX_JUDGED_CHARS = 2000
+
+
 @dataclass(frozen=True)
 class EditRecord:
     """One training sample as described in a manifest line."""
@@ -63,6 +70,12 @@ class EditRecord:
     def __post_init__(self):
         if not self.instruction.strip():
             raise ValueError(f"sample {self.id}: empty instruction")
+        for key in JUDGED_FIELDS:
+            if len(getattr(self, key)) > MAX_JUDGED_CHARS:
+                raise ValueError(f"sample {self.id}: {key} is {len(getattr(self, key)):,} characters long; at most "
+                                 f"{MAX_JUDGED_CHARS:,} (the judge reads it whole in its questions, the student's text "
+                                 f"encoder only its first few hundred tokens): is it another column's text, or "
+                                 f"several lines run together?")
         try:
             object.__setattr__(self, "edit_type", edit_type_name(self.edit_type))
         except ValueError as exc:

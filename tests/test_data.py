@@ -41,8 +41,14 @@ def test_manifest_parsing(tiny_manifest):
     (json.dumps({"image": "a.png", "instruction": "x", "gone": {"a": 1}}), "gone must be object names"),
     (json.dumps({"image": "a.png", "instruction": "x", "id": [1]}), "id must be text or a whole number"),
     (json.dumps({"image": "a\u0000.png", "instruction": "x"}), "image holds a NUL character"),
+    # text the judge quotes in each question, far longer than an instruction: columns run together, most likely
+    pytest.param(json.dumps({"image": "a.png", "instruction": "red " * 2500}),
+                 "instruction is 10,000 characters long; at most 2,000", id="10,000-character instruction"),
+    pytest.param(json.dumps({"image": "a.png", "instruction": "x", "keep": ["tree"] * 500}),
+                 "keep is 2,499 characters long", id="500 objects to keep"),
 ])
 def test_manifest_errors_name_the_line(tmp_path, line, message):
+    """Each mistake in a line is one ValueError naming the file and the line."""
     f = tmp_path / "m.jsonl"
     f.write_text(json.dumps({"image": "x.png", "instruction": "ok"}) + "\n" + line + "\n")
     with pytest.raises(ValueError, match=f"m.jsonl:2: .*{message}"):
@@ -155,7 +161,8 @@ def test_manifest_paths_stay_inside_its_folder_unless_allowed(tmp_path):
 def test_manifest_encodings_and_line_ends_are_read(tmp_path, encode):
     """A manifest saved by a Windows editor or shell reads as the same samples, and a JSON string may hold the
     characters str.splitlines breaks at (U+2028, NEL), as json.dumps(..., ensure_ascii=False) writes them."""
-    lines = [{"image": "a.png", "instruction": "make it red"}, {"image": "b.png", "instruction": "café\u2028au\x85lait"}]
+    lines = [{"image": "a.png", "instruction": "make it red"},
+             {"image": "b.png", "instruction": "café\u2028au\x85lait"}]
     f = tmp_path / "m.jsonl"
     f.write_bytes(encode("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n"))
     assert [(Path(r.image).name, r.instruction) for r in load_manifest(f)] == [(x["image"], x["instruction"])
@@ -176,3 +183,16 @@ def test_manifest_text_that_is_not_json_lines_is_named(tmp_path, data, message):
     f.write_bytes(data)
     with pytest.raises(ValueError, match=message):
         load_manifest(f)
+
+
+def test_judged_text_up_to_the_limit_is_kept_whole(tmp_path):
+    """An instruction or object name of up to MAX_JUDGED_CHARS characters trains as written (a caption of any length:
+    only the text encoders read it, and they cut it)."""
+    from npedit.data import MAX_JUDGED_CHARS
+
+    f = tmp_path / "m.jsonl"
+    long = ("make the car red " * 200)[:MAX_JUDGED_CHARS]
+    f.write_text(json.dumps({"image": "a.png", "instruction": long, "edit_type": "remove", "object_name": long,
+                             "caption_target": "a red car " * 1000}) + "\n")
+    (record,) = load_manifest(f)
+    assert record.instruction == record.object_name == long and len(record.caption_target) == 10_000

@@ -222,6 +222,9 @@ def test_training_table_to_manifest(tmp_path):
     uploaded.loc[0, "image"] = "cat.png"
     with pytest.raises(ValueError, match="row 1: .*empty instruction"):
         datasets.write_manifest(uploaded, tmp_path / "u1", {"cat.png": str(tmp_path / "cat.png")})
+    uploaded.loc[0, "instruction"] = "remove the cat " * 500  # refused at Start, not in the job (cells are stripped)
+    with pytest.raises(ValueError, match="row 1: .*instruction is 7,499 characters long"):
+        datasets.write_manifest(uploaded, tmp_path / "u6", {"cat.png": str(tmp_path / "cat.png")})
     uploaded.loc[0, ["instruction", "edit_type"]] = ["remove the cat", "remove"]
     with pytest.raises(ValueError, match="row 1: .*object_name"):
         datasets.write_manifest(uploaded, tmp_path / "u2", {"cat.png": str(tmp_path / "cat.png")})
