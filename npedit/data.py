@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -181,11 +181,14 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = False)
     errors name the line."""
     path = Path(path)
     if path.is_dir():
-        raise FileNotFoundError(f"{path} is a folder; a manifest is a cases.jsonl file, one line per image with its "
-                                f"instruction (format: npedit/data.py; the app's Train tab writes one from uploads)")
+        inside = sorted(path.glob("*.jsonl"))
+        hint = f": did you mean data.train={inside[0]}?" if len(inside) == 1 else ""
+        raise FileNotFoundError(f"{path} is a folder{hint}; a manifest is a cases.jsonl file, one line per image with "
+                                f'its instruction, e.g. {{"image": "images/0001.png", "instruction": "make the car '
+                                f'red"}} (format: npedit/data.py; the app\'s Train tab writes one from uploads)')
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    records = []
+    records, lines = [], []
     fields = set(EditRecord.__dataclass_fields__)
     for n, raw in read_json_lines(path, ("image", "instruction"), text=TEXT_FIELDS):
         # else a number, a list or a mapping would train as its Python spelling ("['x']", "{'a': 1}", "1;None")
@@ -212,9 +215,26 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = False)
             records.append(EditRecord(**raw))
         except ValueError as exc:
             raise ValueError(f"{path}:{n}: {exc}") from None
+        lines.append(n)
     if not records:
         raise ValueError(f"{path}: no samples")
+    _warn_repeats(path, records, lines)
     return records
+
+
+def _warn_repeats(path: Path, records: list[EditRecord], lines: list[int]) -> None:
+    """One warning naming the lines that repeat an earlier one (all but the id): legal, e.g. to draw a sample more
+    often, but more often a file appended twice."""
+    first, repeats = {}, []
+    for record, n in zip(records, lines):
+        key = astuple(record)[1:]  # (id is the first field)
+        if key in first:
+            repeats.append(f"{n} repeats {first[key]}")
+        first.setdefault(key, n)
+    if repeats:
+        more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
+        logger.warning("%s: %d line(s) repeat an earlier one (line %s%s); each copy is drawn as often as a sample of "
+                       "its own", path, len(repeats), ", ".join(repeats[:5]), more)
 
 
 class EditDataset(Dataset):

@@ -196,3 +196,24 @@ def test_judged_text_up_to_the_limit_is_kept_whole(tmp_path):
                              "caption_target": "a red car " * 1000}) + "\n")
     (record,) = load_manifest(f)
     assert record.instruction == record.object_name == long and len(record.caption_target) == 10_000
+
+
+def test_repeated_lines_are_named_in_one_warning_and_a_folder_names_its_manifest(tmp_path, caplog):
+    """A line that repeats an earlier one (all but its id) trains, and one warning names the pairs of lines (a file
+    appended twice is the usual cause); a folder given as the manifest names the one inside, if there is one."""
+    f = tmp_path / "m.jsonl"
+    line = {"image": "a.png", "instruction": "make it red"}
+    f.write_text("".join(json.dumps(x) + "\n" for x in [line, {**line, "id": "x"}, {**line, "instruction": "blue"},
+                                                         line, *[line] * 6]))
+    assert len(load_manifest(f)) == 10
+    assert caplog.messages == [f"{f}: 8 line(s) repeat an earlier one (line 2 repeats 1, 4 repeats 1, 5 repeats 1, "
+                               "6 repeats 1, 7 repeats 1 and 3 more); each copy is drawn as often as a sample of its "
+                               "own"]
+    caplog.clear()
+    f.write_text(json.dumps(line) + "\n" + json.dumps({**line, "edit_type": "recolor"}) + "\n")
+    assert len(load_manifest(f)) == 2 and not caplog.messages
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder: did you mean data.train={f}\\?; a manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "n.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder; a manifest is a cases.jsonl file"):
+        load_manifest(tmp_path)
