@@ -115,9 +115,10 @@ class DataConfig:
     """Training samples: a cases.jsonl manifest (see npedit.data) or a generated domain."""
 
     train: str = ""  # path to a cases.jsonl, or "shapes" for the built-in Shapes world
-    # A manifest may name images outside its own folder (absolute, `../`, links out of it): only for a manifest you
-    # wrote yourself; off, a manifest from someone else cannot make training read other files of the disk.
-    allow_outside_paths: bool = False
+    # A manifest may name images outside its own folder (absolute, `../`, links out of it): the CLI's user owns the
+    # disk, and `edit --verdicts` writes absolute paths. False confines a manifest someone else wrote to its own
+    # folder; the app's jobs always run with False.
+    allow_outside_paths: bool = True
     resolution: int = 64  # images are fitted to resolution x resolution
     batch_size: int = 1
     fraction: float = 1.0  # ablation: use this share of the data

@@ -10,9 +10,9 @@ A manifest is a JSON-lines file, one sample a line:
      "new": ["red car"],                                  # optional: objects the edit creates (judge.change_questions)
      "gone": ["blue car"],                                # optional: objects the edit must make disappear
      "target": "targets/0001.png"}                        # only for the paired-SFT baseline
-Paths are resolved against the manifest's folder and must stay inside it (links followed), so a manifest from
-someone else trains on its own images, not on any other file of the disk; `allow_outside_paths` (the setting
-`data.allow_outside_paths=true`) lets a manifest you wrote yourself name images anywhere, absolute or with `../`.
+Paths are resolved against the manifest's folder; absolute paths and `../` are allowed. With `allow_outside_paths`
+off (the setting `data.allow_outside_paths=false`, which the app's jobs always use) they must stay inside that folder,
+links followed, so a manifest from someone else trains on its own images, not on any other file of the disk.
 """
 
 from __future__ import annotations
@@ -170,15 +170,15 @@ def manifest_file(path: Path, value: str, n: int, key: str, allow_outside_paths:
     root, real = path.parent.resolve(), full.resolve()
     if not real.is_relative_to(root):
         via = "" if real == Path(os.path.abspath(full)) else f" (a link to {real})"
-        raise ValueError(f"{path}:{n}: {key} {value} is outside the manifest's folder {root}{via}: a manifest names "
-                         f"only files inside its folder. If this manifest and its images are yours, train with "
-                         f"data.allow_outside_paths=true")
+        raise ValueError(f"{path}:{n}: {key} {value} is outside the manifest's folder {root}{via}: this run confines a "
+                         f"manifest to its folder (data.allow_outside_paths=false). If this manifest and its images "
+                         f"are yours, train with data.allow_outside_paths=true")
     return str(real)  # the checked file itself: a link swapped later changes nothing
 
 
-def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = False) -> list[EditRecord]:
-    """Parse a cases.jsonl manifest, resolving its paths inside its folder (anywhere with `allow_outside_paths`);
-    errors name the line."""
+def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) -> list[EditRecord]:
+    """Parse a cases.jsonl manifest, resolving its paths against its folder (confined to it unless
+    `allow_outside_paths`); errors name the line."""
     path = Path(path)
     if path.is_dir():
         inside = sorted(path.glob("*.jsonl"))

@@ -109,10 +109,10 @@ def test_unreadable_images_are_skipped_with_a_warning(tiny_manifest, tmp_path, c
         EditDataset(bad, 16)[1]
 
 
-def test_manifest_paths_stay_inside_its_folder_unless_allowed(tmp_path):
-    """A manifest from someone else trains on its own images only: a path that leaves its folder (absolute, `../`,
-    a link out of it) stops the load naming the line and the setting; `data.allow_outside_paths=true` (your own
-    manifest) lets it name any image. Absolute paths and links that stay inside are fine."""
+def test_manifest_paths_stay_inside_its_folder_when_confined(tmp_path):
+    """With `data.allow_outside_paths=false` (a manifest from someone else; the app's jobs) a path that leaves its
+    folder (absolute, `../`, a link out of it) stops the load naming the line and the setting; by default (your own
+    manifest, the CLI) it may name any image. Absolute paths and links that stay inside are always fine."""
     from npedit.config import DataConfig
     from npedit.training.datasets import build_dataset
 
@@ -127,7 +127,7 @@ def test_manifest_paths_stay_inside_its_folder_unless_allowed(tmp_path):
     for i, image in enumerate(inside):
         f = data / f"in{i}.jsonl"
         f.write_text(json.dumps({"image": image, "instruction": "x", "target": "images/same.png"}) + "\n")
-        (record,) = load_manifest(f)
+        (record,) = load_manifest(f, allow_outside_paths=False)
         assert record.image == record.target == str((data / "images" / "a.png").resolve())
     for image, says in [("../secret.png", ""), (str(tmp_path / "secret.png"), ""),
                         ("images/out.png", f" (a link to {(tmp_path / 'secret.png').resolve()})"),
@@ -136,18 +136,19 @@ def test_manifest_paths_stay_inside_its_folder_unless_allowed(tmp_path):
         f.write_text(json.dumps({"image": "images/a.png", "instruction": "x"}) + "\n"
                      + json.dumps({"image": image, "instruction": "x"}) + "\n")
         with pytest.raises(ValueError) as err:
-            load_manifest(f)
+            load_manifest(f, allow_outside_paths=False)
         assert str(err.value).startswith(f"{f}:2: image {image} is outside the manifest's folder "
                                          f"{data.resolve()}{says}"), str(err.value)
         assert str(err.value).endswith("train with data.allow_outside_paths=true")
         with pytest.raises(ValueError, match="m.jsonl:2: image .* is outside"):
-            build_dataset(DataConfig(train=str(f)), stage="npedit", seed=0)
+            build_dataset(DataConfig(train=str(f), allow_outside_paths=False), stage="npedit", seed=0)
+        assert [r.image for r in load_manifest(f)] == [r.image for r in load_manifest(f, allow_outside_paths=True)]
         assert [r.image for r in load_manifest(f, allow_outside_paths=True)] == [str(data / "images/a.png"),
                                                                                str(data / image)]
-        assert len(build_dataset(DataConfig(train=str(f), allow_outside_paths=True), stage="npedit", seed=0)) == 2
+        assert len(build_dataset(DataConfig(train=str(f)), stage="npedit", seed=0)) == 2
     f.write_text(json.dumps({"image": "images/a.png", "instruction": "x", "target": "../secret.png"}) + "\n")
     with pytest.raises(ValueError, match="m.jsonl:1: target ../secret.png is outside"):
-        load_manifest(f)
+        load_manifest(f, allow_outside_paths=False)
 
 
 @pytest.mark.parametrize("encode", [

@@ -290,10 +290,10 @@ def test_cli_edit_best_of(trained, tiny_judge, tiny_manifest):
     lines = [json.loads(line) for line in (work / "verdicts/all.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == ["0", "1", "2", "3"] and all(r["score"] < 0 and r["candidates"] == 2
                                                                     for r in lines)
-    # a training manifest, the accepted edits as targets, naming images outside its folder: yours to allow
+    # a training manifest, the accepted edits as targets, naming images outside its folder: the CLI trains on it
     with pytest.raises(ValueError, match="all.jsonl:1: image .* is outside .* data.allow_outside_paths=true"):
-        load_manifest(work / "verdicts/all.jsonl")
-    records = load_manifest(work / "verdicts/all.jsonl", allow_outside_paths=True)
+        load_manifest(work / "verdicts/all.jsonl", allow_outside_paths=False)
+    records = load_manifest(work / "verdicts/all.jsonl")
     assert [Path(r.target).name for r in records] == ["0.png", "1.png", "2.png", "3.png"]
     assert records[1].edit_type == "remove" and records[1].object_name == "red circle" and Path(records[1].image).is_file()
     top = max(r["score"] for r in lines)
@@ -413,7 +413,7 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
     bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"
                             for r in lines))
     with pytest.raises(ValueError, match="lambda_target > 0"):  # (its images lie in the fixture's folder)
-        Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}", "data.allow_outside_paths=true",
+        Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}",
                                    *common]))
 
 
