@@ -488,16 +488,36 @@ def test_compared_runs_keep_one_colour_and_one_legend_and_bars_name_every_run():
 
 
 def test_compare_ignores_a_run_without_config_and_progress_reads_a_critic_bar(tmp_path):
+    import pandas as pd
+
     a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5])
     b = _fake_run(tmp_path, "b", 2e-5, [1.0])
     starting = tmp_path / "starting"  # a job whose trainer has not written config.yaml yet
     starting.mkdir()
     (starting / "metrics.jsonl").write_text('{"step": 1, "student_loss": 2.0}\n7\n')  # a stray non-row line
     diff = runs.compare([a, b, starting], tmp_path)
-    assert list(diff["key"][:2]) == ["max_steps", "optim.lr"] and diff.loc[0, "starting"] is None
+    keys = list(diff["key"])
+    assert keys == ["status", "step", "student_loss", "dmd_loss", "max_steps", "optim.lr"]
+    assert diff.loc[keys.index("max_steps"), "starting"] is None and pd.isna(diff.loc[3, "starting"])
     assert runs.read_metrics(starting)["step"].tolist() == [1] and jobs.job_status(starting).step == 1
     (starting / "train.log").write_text("critic:  40%|####      | 4/10 [00:01<00:02,  2.00it/s]\n")
     assert jobs.job_status(starting).step == 4  # the stage-critic trainer's progress bar counts too
+
+
+def test_compare_puts_progress_and_metrics_above_the_differing_keys(tmp_path):
+    """The config differences listed status, step and the last metrics below every differing key: with a dozen keys
+    apart, what a researcher compares first sat at the bottom. Now they come first, then the keys in order."""
+    a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5])
+    b = _fake_run(tmp_path, "b", 2e-5, [1.0])
+    extra = {f"judge.k{i:02d}": i for i in range(12)}  # a dozen more keys set in `a` only
+    (a / "config.yaml").write_text((a / "config.yaml").read_text() + yaml.safe_dump({"judge": {
+        k.split(".")[1]: v for k, v in extra.items()}}))
+    diff = runs.compare([a, b], tmp_path)
+    keys = list(diff["key"])
+    assert keys[:4] == ["status", "step", "student_loss", "dmd_loss"]
+    assert keys[4:] == sorted([*extra, "max_steps", "optim.lr"])
+    row = dict(zip(keys, diff["b"]))
+    assert (row["step"], row["student_loss"], row["max_steps"], row["judge.k03"]) == (1, 1.0, 1, None)
 
 
 def test_presets_build_valid_configs(tiny_set, tmp_path):

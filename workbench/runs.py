@@ -94,19 +94,23 @@ def runs_table(root: str | os.PathLike) -> pd.DataFrame:
 
 
 def compare(runs: list[str | os.PathLike], root: str | os.PathLike = "/") -> pd.DataFrame:
-    """Config entries that differ between `runs` plus their last metrics; one column per run (named from `root`)."""
+    """Each run's status, step and last metrics, then the config entries that differ between `runs`; one column per
+    run (named from `root`)."""
     runs = [Path(r) for r in runs]
     names = {r: run_name(r, root) for r in runs}
     configs = {names[r]: flatten(read_config(r)) for r in runs}
     keys = sorted({k for c in configs.values() for k in c})
     known = [c for c in configs.values() if c] or list(configs.values())  # a run with no config.yaml (yet) says nothing
     differing = [k for k in keys if len({repr(c.get(k)) for c in known}) > 1 and k != "output_dir"]
-    table = {name: {k: c.get(k) for k in differing} for name, c in configs.items()}
+    table = {}
     for r in runs:
         st = job_status(r)
-        table[names[r]].update({"status": st.state, "step": st.step})
+        table[names[r]] = {"status": st.state, "step": st.step}
         table[names[r]].update({m: _short(st.last_metrics[m]) for m in METRIC_COLUMNS if m in st.last_metrics})
-    df = pd.DataFrame(table)
+        table[names[r]].update({k: configs[names[r]].get(k) for k in differing})
+    # progress and metrics first: what runs are compared by, above however many differing keys
+    metrics = [m for m in METRIC_COLUMNS if any(m in row for row in table.values())]
+    df = pd.DataFrame(table).reindex(["status", "step", *metrics, *differing])
     df.index.name = "key"
     return df.reset_index()
 
