@@ -824,7 +824,8 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
         export = gr.Button("Export its newest checkpoint", size="sm", scale=0)
     resume_msg = gr.Markdown()
     # one grid at its own aspect ratio: a gallery's fixed-height tiles showed only each grid's top case
-    gr.Markdown("**Sample grid**: reference | edit, one row per fixed training case, its instruction below")
+    grid_heading = "**Sample grid**: reference | edit, one row per fixed training case, its instruction below"
+    grid_note = gr.Markdown(grid_heading, elem_id="run-sample-note")
     grid = gr.Image(label="Sample grid", interactive=False, show_label=False, elem_classes="pixelated",
                     elem_id="run-sample", buttons=["download", "fullscreen"])
 
@@ -858,10 +859,15 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
                              column_widths=compare_widths(len(names))))
 
     def on_samples(name, token_value=None):
-        """The run's sample grids to pick from (newest first), and the newest shown."""
-        grids = runs.samples(app.runs_root / name) if name and not app.runs_hidden(token_value) else []
+        """The run's sample grids to pick from (newest first), the newest shown, and above it what it is; for a run
+        without any, why instead, in place of an empty image box."""
+        hidden = app.runs_hidden(token_value)
+        grids = runs.samples(app.runs_root / name) if name and not hidden else []
         newest = grids[0][1] if grids else None
-        return gr.Dropdown(choices=[c for _, c in grids], value=newest), on_sample(name, newest, token_value)
+        none_yet = bool(name) and not hidden and not grids
+        note = f"**Sample grid**: {runs.no_samples_reason(app.runs_root / name)}" if none_yet else grid_heading
+        return (gr.Dropdown(choices=[c for _, c in grids], value=newest),
+                gr.update(value=on_sample(name, newest, token_value), visible=not none_yet), note)
 
     def on_sample(name, caption, token_value=None):
         """The run's sample grid named `caption` ("step N"), looked up among its own (the event can carry anything)."""
@@ -895,7 +901,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     export.click(on_export, [one, token], resume_msg, api_visibility="private")
     gr.on([selected.change, keys.change], on_compare, [selected, keys, token], [curves, bars, comparison],
           api_visibility="private")
-    one.change(on_samples, [one, token], [step, grid], api_visibility="private")
+    one.change(on_samples, [one, token], [step, grid, grid_note], api_visibility="private")
     step.change(on_sample, [one, step, token], grid, api_visibility="private")
     resume.click(on_resume, [one, token], [resume_msg, train_run, train_timer], api_visibility="private")
     return on_refresh, [selected, token], [notice, table, selected, keys, one]

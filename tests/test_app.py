@@ -654,8 +654,9 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
         assert says in shown and table.empty and selected.choices == [] and one.choices == []
         figure, bars, comparison = fns["on_compare"](["mine"], ["student_loss"], given)
         assert bars is None and comparison.empty
-        step, grid = fns["on_samples"]("mine", given)
-        assert step.choices == [] and grid is None and fns["on_sample"]("mine", "step 2", given) is None
+        step, grid, note = fns["on_samples"]("mine", given)
+        assert step.choices == [] and grid["value"] is None and fns["on_sample"]("mine", "step 2", given) is None
+        assert "sample_every" not in note  # (nothing said of the run either)
     run_dir, status, curves, sample, log, _ = fns["on_load"]("s3cret")  # the owner
     assert run_dir == str(run.resolve()) and "mine" in status
     # the last job is finished, so no timer tick draws it: typing the token (or loading the page) does
@@ -668,8 +669,8 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     shown, table, selected, _, _ = fns["on_refresh"](None, "s3cret")
     assert list(table["run"]) == ["mine"] and selected.value == ["mine"] and str(app.runs_root) in shown
     assert "mine" in fns["on_compare"](["mine"], ["student_loss"], "s3cret")[2].value["headers"]
-    step, grid = fns["on_samples"]("mine", "s3cret")
-    assert step.value == "step 2" and len(step.choices) == 1 and isinstance(grid, Image.Image)
+    step, grid, _ = fns["on_samples"]("mine", "s3cret")
+    assert step.value == "step 2" and len(step.choices) == 1 and isinstance(grid["value"], Image.Image)
     monkeypatch.delenv("NPEDIT_TRAIN_TOKEN")  # no token set: nobody sees them, and the message says how
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     assert "can set the Space secret NPEDIT_TRAIN_TOKEN" in app.runs_hidden("anything")
@@ -679,7 +680,7 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     assert not next(b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.type == "password").visible
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     assert fns["on_load"]("")[0] == str(run.resolve())
-    assert fns["on_samples"]("mine", "")[1] == str(run / "samples" / "step_000002.png")
+    assert fns["on_samples"]("mine", "")[1]["value"] == str(run / "samples" / "step_000002.png")
     assert fns["on_sample"]("mine", "step 2", "") == str(run / "samples" / "step_000002.png")
     assert fns["on_sample"]("mine", "/etc/passwd", "") is None  # only the run's own grids, whatever the event says
 
@@ -778,6 +779,35 @@ def test_no_plot_label_hides_its_figure():
     plots = [b for b in demo.blocks.values() if isinstance(b, gr.Plot)]
     assert "Gradient maps" in [b.label for b in plots]
     assert [b.label for b in plots if b.show_label] == []
+
+
+def test_a_run_without_sample_grids_says_why_in_place_of_an_empty_box(tmp_path, monkeypatch):
+    """A run with no sample grid showed an empty image box under an empty "Sample grid" menu, and nothing said why.
+    Now the box is hidden and the line above it says how often the trainer writes one (sample_every) and where the run
+    stands, or that it writes none; a run with grids shows its newest under the usual heading."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    root = tmp_path / "runs"
+    _a_run(root)  # a grid at step 2
+    for name, every in (("fresh", 500), ("silent", 0)):
+        (root / name).mkdir()
+        (root / name / "config.yaml").write_text(f"stage: npedit\nmax_steps: 2000\nsample_every: {every}\n")
+    (root / "fresh" / "metrics.jsonl").write_text('{"step": 120, "student_loss": 1.0}\n')
+    (root / "starting").mkdir()
+    (root / "starting" / "job.json").write_text("{}")  # the trainer has written no config.yaml yet
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(root)])))
+    samples = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_samples")
+    assert [getattr(b, "elem_id", None) for b in samples.outputs[1:]] == ["run-sample", "run-sample-note"]
+    heading = samples.outputs[2].value
+    step, grid, note = samples.fn("fresh", "")
+    assert step.choices == [] and grid == {"__type__": "update", "value": None, "visible": False}
+    assert note == ("**Sample grid**: this run has written no sample grid yet: the trainer writes one every 500 steps "
+                    "(`sample_every`), the first at step 500; the run is at step 120.")
+    assert "writes no sample grids: it was started with `sample_every=0`" in samples.fn("silent", "")[2]
+    assert samples.fn("starting", "")[2] == "**Sample grid**: this run has written no sample grid yet."
+    step, grid, note = samples.fn("mine", "")
+    assert step.value == "step 2" and grid["visible"] and grid["value"].endswith("step_000002.png")
+    assert note == heading and "reference | edit" in heading
+    assert samples.fn(None, "")[1]["visible"] and samples.fn(None, "")[2] == heading  # no run picked: as before
 
 
 def test_hidden_runs_show_no_placeholder_columns(tmp_path, monkeypatch):

@@ -121,6 +121,17 @@ def samples(run: str | os.PathLike) -> list[tuple[str, str]]:
     return [(str(f), f"step {int(f.stem.split('_')[-1])}") for f in files]
 
 
+def no_samples_reason(run: str | os.PathLike) -> str:
+    """Why a run has no sample grid to show, from its config's `sample_every` and its step."""
+    every, step = flatten(read_config(run)).get("sample_every"), job_status(run).step
+    if every == 0:
+        return "this run writes no sample grids: it was started with `sample_every=0`."
+    if not isinstance(every, int):  # no config.yaml yet (a job still starting), or a run of another trainer
+        return "this run has written no sample grid yet."
+    return (f"this run has written no sample grid yet: the trainer writes one every {every} steps (`sample_every`), "
+            f"the first at step {every}; the run is at step {step}.")
+
+
 def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
     """(label, path) of every exported editor under `root`, newest run first: run/pipeline (the end of a run),
     then its checkpoint exports (run/exports/step_N, `python -m npedit export`, and step_N-lora, adapters alone),
