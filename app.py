@@ -119,6 +119,15 @@ class App:
                 return str(Path(path).relative_to(root))
         return Path(path).name
 
+    def runs_folder(self) -> str:
+        """The runs folder as the page names it: relative to the working directory when below it (`runs`, as the
+        default `--runs` reads), else whole."""
+        try:
+            cwd = Path.cwd()
+        except FileNotFoundError:  # the folder the app started in was deleted
+            return str(self.runs_root)
+        return str(self.runs_root.relative_to(cwd)) if self.runs_root.is_relative_to(cwd) else str(self.runs_root)
+
     def training_off(self) -> str | None:
         """Why training cannot start here at all (None: it can, given the token when one is set)."""
         if ON_ZEROGPU:
@@ -721,7 +730,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         if runs.is_run(run_dir):
             raise gr.Error(f"a run named '{run_dir.name}' exists already: pick another name.")
         if run_dir.exists():  # e.g. a folder of runs (runs/shapes/npedit): a failed start below would delete it
-            raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_root}: pick another name.")
+            raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_folder()}: pick another name.")
         try:
             data = presets.SHAPES_STREAM if use_stream else \
                 datasets.write_manifest(table, run_dir / "data", uploads,
@@ -791,7 +800,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
 def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: gr.Textbox):
     """Runs tab: the runs table, overlaid curves, config differences, a run's samples, resume, export."""
-    shown = f"Runs under `{app.runs_root}`: the trainer's config.yaml, metrics.jsonl and samples/."
+    shown = f"Runs under `{app.runs_folder()}`: the trainer's config.yaml, metrics.jsonl and samples/."
     notice = gr.Markdown(app.runs_hidden(None) or shown, elem_id="runs-notice")
     refresh = gr.Button("↻ Refresh", size="sm")
     # empty tables keep named columns: with none, gradio draws its placeholder headers "1 2 3", which read as data

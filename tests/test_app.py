@@ -810,6 +810,24 @@ def test_a_run_without_sample_grids_says_why_in_place_of_an_empty_box(tmp_path, 
     assert samples.fn(None, "")[1]["visible"] and samples.fn(None, "")[2] == heading  # no run picked: as before
 
 
+def test_the_runs_folder_is_named_from_the_working_directory(tmp_path, monkeypatch):
+    """The Runs tab named its folder by its whole path (`Runs under /home/me/src/npedit/runs`, in the screenshot
+    `/tmp/pytest-of-root/...`). A folder below the working directory is named as the user typed it (`runs`); one
+    elsewhere keeps its whole path."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    monkeypatch.chdir(tmp_path)
+
+    def notice(runs_arg):
+        demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", runs_arg])))
+        return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "runs-notice").value
+
+    assert notice("runs").startswith("Runs under `runs`:")
+    assert notice(str(tmp_path / "group" / "shapes")).startswith(f"Runs under `{Path('group') / 'shapes'}`:")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # the runs folder beside, not below, the working directory
+    assert notice("../runs").startswith(f"Runs under `{tmp_path / 'runs'}`:")
+
+
 def test_hidden_runs_show_no_placeholder_columns(tmp_path, monkeypatch):
     """A visitor of a public app without the token saw the Runs tab's two tables headed "1 | 2 | 3", gradio's
     placeholder for a table without columns, which read like data. They keep named, empty columns."""
