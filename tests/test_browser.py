@@ -4,6 +4,7 @@ Screenshots go to the test's tmp dir; docs/screenshots/ gets a copy when it has 
 NPEDIT_UPDATE_SCREENSHOTS=1.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -35,7 +36,10 @@ def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
 
 @pytest.fixture(scope="module")
 def served_runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("browser-runs")
+    """A folder named `runs`, as a user's is (the app, started beside it, names it so)."""
+    runs = tmp_path_factory.mktemp("browser") / "runs"
+    runs.mkdir()
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,9 @@ def served(tiny_set, served_runs):
     args = npedit_app.parse_args(["--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher",
                                   tiny_set["teacher"], "--critic", tiny_set["critic"], "--runs", str(runs),
                                   "--port", str(port)])
-    app = npedit_app.make_app(args)
-    demo = npedit_app.build_demo(app)
+    with contextlib.chdir(runs.parent):  # started where its runs folder is, as `python app.py` in a checkout
+        app = npedit_app.make_app(args)
+        demo = npedit_app.build_demo(app)
     _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
@@ -165,25 +170,50 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view
 
 
+def _shapes_sample_grid(path: Path, n: int = 3) -> None:
+    """A sample grid as the trainer writes it (reference | edit, instruction below), from Shapes cases' true edits."""
+    import torch
+
+    from npedit.shapes import render
+    from npedit.training.logging import image_grid
+    from workbench.datasets import shapes_cases
+
+    def tensor(scene):  # (3, 64, 64) in [-1, 1]
+        return torch.from_numpy(render(scene)).permute(2, 0, 1).float() / 127.5 - 1
+
+    cases = shapes_cases(n, seed=4)
+    path.parent.mkdir(parents=True)
+    image_grid([[tensor(c.reference), tensor(c.expected)] for c in cases], [c.instruction for c in cases],
+               scale=2).save(path)
+
+
 def test_runs_tab_compares_seven_runs_side_by_side(page, tmp_path, served_runs):
     """The config differences gave each compared run a fixed 26% of the width: from the fourth run on, columns ran
     off the right edge. Seven runs of mixed kinds (recipes, an ablation with a long student path, a run without
-    metrics) now sit side by side within the table, and the curves and bars draw for them."""
+    metrics) now sit side by side within the table, and the curves and bars draw for them. A run without a sample
+    grid says why in place of an empty box; one with a grid shows it."""
     names = [f"cmp-{k}" for k in range(7)]
     for k, name in enumerate(names):
         run = served_runs / name
         run.mkdir()
         student = "/home/researcher/experiments/npedit/runs/shapes/warmup/pipeline" if k == 2 else "runs/warmup"
         (run / "config.yaml").write_text(f"stage: {'warmup' if k == 1 else 'npedit'}\nmax_steps: {100 * (k + 1)}\n"
-                                         f"optim:\n  lr: {k + 1}.0e-05\nmodel:\n  student: {student}\n")
+                                         f"optim:\n  lr: {k + 1}.0e-05\nmodel:\n  student: {student}\n"
+                                         f"sample_every: 5\n")
         if k < 6:  # the last has logged nothing yet
             (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "student_loss": {1 / (s + k)}}}\n'
                                                        for s in range(1, 6)))
+        if k == 5:  # (before cmp-6 exists: a folder written into later would list as the newest run)
+            _shapes_sample_grid(run / "samples" / "step_000005.png")
     page.get_by_role("tab", name="Runs").click()
     page.get_by_role("button", name="↻ Refresh").click()
     page.locator("#runs-table").get_by_text("cmp-6").filter(visible=True).first.wait_for()
     picker = page.get_by_label("Compare runs")
     block = page.locator("div.block", has=picker).first
+    # exactly these seven: a run an earlier test left selected (tiny-job, a full config) added dozens of differing
+    # keys, and the long path's row scrolled out of the table
+    while strays := [k for k, t in enumerate(block.locator(".token span").all_inner_texts()) if t not in names]:
+        block.locator(".token").nth(strays[0]).locator(".token-remove").click()
     for name in names:
         if name not in block.locator(".token span").all_inner_texts():
             picker.click()
@@ -198,6 +228,17 @@ def test_runs_tab_compares_seven_runs_side_by_side(page, tmp_path, served_runs):
         assert header["x"] + header["width"] <= edge["x"] + edge["width"] + 1, (name, header, edge)
     # a long path wraps and stays whole
     assert comparison.get_by_text("/home/researcher/experiments").filter(visible=True).count()
+    # the folder named as the user knows it; the newest run (picked) has no grid yet and says why, without a box
+    assert page.locator("#runs-notice").inner_text().startswith("Runs under runs:")
+    note = page.locator("#run-sample-note")
+    note.get_by_text("the first at step 5; the run is at step 0").wait_for()
+    assert not page.locator("#run-sample").is_visible()
+    page.get_by_label("Run", exact=True).click()
+    page.get_by_role("option", name="cmp-5", exact=True).first.click()
+    page.locator("#run-sample img").wait_for(state="visible")
+    note.get_by_text("reference | edit").wait_for()
+    page.mouse.move(0, 0)  # no row lit up by the pointer in the screenshot
+    page.wait_for_timeout(1000)
     shot = tmp_path / "app-runs.png"
     page.screenshot(path=str(shot), full_page=True)
     keep(shot, "app-runs.png")
