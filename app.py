@@ -759,7 +759,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         metrics = runs.read_metrics(run_dir)
         keys = [k for k in runs.metric_keys({"run": metrics}) if k.endswith("loss")][:4]  # main losses first
         figure = plots.loss_curves({Path(run_dir).name: metrics}, keys) if not metrics.empty else None
-        return (_status_markdown(st, device), figure, _shown(app, st.latest_sample), jobs.log_tail(run_dir),
+        grids = [p for p, _ in runs.samples(run_dir)]
+        return (_status_markdown(st, device), figure, _shown(app, grids), jobs.log_tail(run_dir),
                 gr.Timer(active=st.active))
 
     def on_tick(run_dir, editor_value, token_value=None):
@@ -868,11 +869,12 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
                              column_widths=compare_widths(len(names))))
 
     def on_samples(name, token_value=None):
-        """The run's sample grids to pick from (newest first), the newest shown, and above it what it is; for a run
-        without any, why instead, in place of an empty image box."""
+        """The run's sample grids to pick from (newest first), the newest that opens whole shown, and above it what it
+        is; for a run without any, why instead, in place of an empty image box."""
         hidden = app.runs_hidden(token_value)
         grids = runs.samples(app.runs_root / name) if name and not hidden else []
-        newest = grids[0][1] if grids else None
+        whole = runs.whole_grid(p for p, _ in grids)  # the newest that opens (one cut short is passed over)
+        newest = next((c for p, c in grids if p == whole), grids[0][1] if grids else None)
         none_yet = bool(name) and not hidden and not grids
         note = f"**Sample grid**: {runs.no_samples_reason(app.runs_root / name)}" if none_yet else grid_heading
         return (gr.Dropdown(choices=[c for _, c in grids], value=newest),
@@ -882,7 +884,12 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
         """The run's sample grid named `caption` ("step N"), looked up among its own (the event can carry anything)."""
         if not name or not caption or app.runs_hidden(token_value):
             return None
-        return next((_shown(app, p) for p, c in runs.samples(app.runs_root / name) if c == caption), None)
+        path = next((p for p, c in runs.samples(app.runs_root / name) if c == caption), None)
+        shown = _shown(app, [path]) if path else None
+        if path and shown is None:
+            gr.Warning(f"The grid of {caption} ({Path(path).name}) is cut short or unreadable (its run was stopped "
+                       "while writing it?): pick another step.")
+        return shown
 
     def on_resume(name, token_value=None):
         if not name:
@@ -944,12 +951,17 @@ def served_paths(app: App) -> list[str]:
     return [str(app.examples_dir), str(assets.ASSETS_DIR), *([] if app.public else [str(app.runs_root)])]
 
 
-def _shown(app: App, path: str | None):
-    """An image of a run for the browser: its path in a local app (served from the runs folder), else the image."""
-    if not path or not app.public:
+def _shown(app: App, paths: list[str]):
+    """The newest image of `paths` (a run's sample grids, newest first) that opens whole, for the browser: its path in
+    a local app (served from the runs folder), else the image; None when none opens. A grid cut short (an older run
+    killed mid-write) is passed over: it showed as a broken image, and in a public app failed the whole tab."""
+    path = runs.whole_grid(paths)
+    if path is None or not app.public:
         return path
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        return load_image(path)
+    except ImageError:  # rewritten since it was checked, by a trainer that writes in place
+        return None
 
 
 def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):

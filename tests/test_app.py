@@ -602,11 +602,11 @@ def test_a_public_app_serves_no_file_of_its_runs_folder(tmp_path, monkeypatch, s
     monkeypatch.setenv("NPEDIT_PUBLIC", "1")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     assert str(app.runs_root) not in npedit_app.served_paths(app)
-    shown = npedit_app._shown(app, str(shapes_png))
+    shown = npedit_app._shown(app, [str(shapes_png)])
     assert isinstance(shown, Image.Image) and shown.size == Image.open(shapes_png).size
     monkeypatch.setenv("NPEDIT_PUBLIC", "0")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
-    assert str(app.runs_root) in npedit_app.served_paths(app) and npedit_app._shown(app, str(shapes_png)) == str(
+    assert str(app.runs_root) in npedit_app.served_paths(app) and npedit_app._shown(app, [str(shapes_png)]) == str(
         shapes_png)
 
 
@@ -683,6 +683,32 @@ def test_a_public_app_shows_runs_only_to_the_owner(tmp_path, monkeypatch):
     assert fns["on_samples"]("mine", "")[1]["value"] == str(run / "samples" / "step_000002.png")
     assert fns["on_sample"]("mine", "step 2", "") == str(run / "samples" / "step_000002.png")
     assert fns["on_sample"]("mine", "/etc/passwd", "") is None  # only the run's own grids, whatever the event says
+
+
+def test_a_grid_cut_short_does_not_break_the_train_or_runs_tab(tmp_path, monkeypatch):
+    """A run of a version that wrote grids in place, killed mid-write, left a cut samples/step_N.png: a public app's
+    Train tab failed on every tick (status, curves and log with it) and its Runs tab on picking the run; a local one
+    showed a broken image. Both show the newest grid that opens whole; a cut one picked by hand is a short warning."""
+    run = _a_run(tmp_path / "runs")
+    whole = run / "samples" / "step_000002.png"
+    (run / "samples" / "step_000003.png").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    (run / "samples" / "step_000004.png").write_bytes(b"not a png")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    for public in ("1", "0"):
+        monkeypatch.setenv("NPEDIT_PUBLIC", public)
+        app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+        fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+        _, status, curves, sample, log, _ = fns["on_load"]("s3cret")
+        step, grid = fns["on_samples"]("mine", "s3cret")
+        assert step.value == "step 2" and [c for c, _ in step.choices] == ["step 4", "step 3", "step 2"]
+        for shown in (sample, grid):
+            if public == "1":
+                assert isinstance(shown, Image.Image) and shown.getpixel((0, 0)) == (200, 10, 10)
+            else:
+                assert shown == str(whole)
+        assert "mine" in status and curves is not None and "private/cases.jsonl" in log
+        with pytest.warns(UserWarning, match="step 3 .*cut short or unreadable"):
+            assert fns["on_sample"]("mine", "step 3", "s3cret") is None
 
 
 def _call_event(url: str, fn_index: int, data: list) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ import yaml
 
 from npedit.adapters import is_adapter_folder
 from npedit.config import flatten, read_yaml
+from npedit.images import ImageError, load_image
 from npedit.training.checkpoint import checkpoint_step
 
 from .jobs import job_status, read_metrics_rows
@@ -130,6 +132,29 @@ def no_samples_reason(run: str | os.PathLike) -> str:
         return "this run has written no sample grid yet."
     return (f"this run has written no sample grid yet: the trainer writes one every {every} steps (`sample_every`), "
             f"the first at step {every}; the run is at step {step}.")
+
+
+_WHOLE: dict[tuple[str, int, int], bool] = {}  # (path, mtime, size) -> it decodes whole: once per file, not per tick
+
+
+def whole_grid(paths: Iterable[str]) -> str | None:
+    """The first of `paths` (a run's sample grids, newest first) whose image decodes in full, else None: a grid cut
+    short (by a kill or a full disk, in a run of a version that wrote grids in place) or unreadable is passed over."""
+    for path in map(str, paths):
+        try:
+            info = os.stat(path)
+        except OSError:  # gone since it was listed (a resume drops the grids after its checkpoint)
+            continue
+        key = (path, info.st_mtime_ns, info.st_size)
+        if key not in _WHOLE:
+            try:
+                load_image(path)
+                _WHOLE[key] = True
+            except ImageError:
+                _WHOLE[key] = False
+        if _WHOLE[key]:
+            return path
+    return None
 
 
 def finished_editors(root: str | os.PathLike) -> list[tuple[str, str]]:
