@@ -711,6 +711,52 @@ def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_r
     assert "data.train=shapes" in args and "model.student=" in args
 
 
+def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, monkeypatch):
+    """job.json was written only after the process started: an app killed in between left the trainer running
+    untracked (the run "not started", the device's lock free after 30 s, so a second job could join it on the GPU, and
+    nothing to cancel). The job is recorded before it starts and writes its own pid (job.pid) first thing."""
+    root = tmp_path / "runs"
+    started = []
+    real_popen = jobs.subprocess.Popen
+
+    def popen_then_killed(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        raise KeyboardInterrupt  # the app dies here (no handler of start_job runs, as under SIGKILL)
+
+    monkeypatch.setattr(jobs, "_MAIN", "import time; time.sleep(60)")  # a trainer that runs until stopped
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.start_job(root / "orphan", ["max_steps=1"], runs_root=root, device="cpu")
+    monkeypatch.setattr(jobs.subprocess, "Popen", real_popen)
+    monkeypatch.setattr(jobs, "STARTING_GRACE_S", 0.0)  # long past its start: the pid must come from somewhere
+    try:
+        st = _wait(root / "orphan", lambda s: s.pid is not None, timeout=10)
+        assert st.state == "running" and st.pid == started[0].pid
+        assert jobs.active_job(root, "cpu") == (root / "orphan").resolve()
+        with pytest.raises(jobs.JobBusy, match="busy with run 'orphan'"):
+            jobs.start_job(root / "second", ["max_steps=1"], runs_root=root, device="cpu")
+        assert jobs.cancel_job(root / "orphan", timeout=5).state == "cancelled"
+        assert started[0].wait(timeout=5) is not None
+    finally:
+        if started[0].poll() is None:
+            started[0].kill()
+            started[0].wait()
+
+
+def test_a_job_that_fails_to_start_leaves_its_folder_free(tmp_path, monkeypatch):
+    """job.json is written before the process starts; a start that fails (no such program, no memory to fork) takes
+    it back, so the same run name can be started again."""
+    root = tmp_path / "runs"
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", refused)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        jobs.start_job(root / "again", ["max_steps=1"], runs_root=root, device="cpu")
+    assert not (root / "again" / "job.json").exists() and jobs.active_job(root, "cpu") is None
+
+
 def test_a_job_does_not_get_the_apps_training_token(tmp_path, monkeypatch):
     """The public app's NPEDIT_TRAIN_TOKEN stays in the app: the training process it launches has no use for it."""
     seen = {}

@@ -1,7 +1,9 @@
 """Background training jobs: `python -m npedit train ...` in its own session, tracked through files.
 
 A job lives in its run folder:
-    job.json      how it was started (pid, device, arguments, start time)
+    job.json      how it was started (pid, device, arguments, start time): written before the process starts
+    job.pid       the job's pid, written by the job itself first thing (its record if the app dies before job.json
+                  has the pid)
     train.log     its stdout and stderr
     exit_code     written by the wrapper shell when training exits (absent: still running, or killed)
     cancelled     written when the user cancels it
@@ -31,7 +33,9 @@ from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, lates
 
 LOCK_DIR = ".locks"
 STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
-_WRAPPER = '"$@"; echo $? > "$NPEDIT_EXIT_FILE"'  # records the exit status even when the app is gone
+# records its own pid (job.pid: the app may die before job.json has it) and the exit status, even when the app is gone
+_WRAPPER = 'echo $$ > "$NPEDIT_PID_FILE"; "$@"; echo $? > "$NPEDIT_EXIT_FILE"'
+
 _TQDM = re.compile(r"(?:warmup|npedit|sft|critic):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
 _SECRETS = ("NPEDIT_TRAIN_TOKEN",)  # the app's training token: a job has no use for it, so it does not get it
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (polled to reap them)
@@ -95,6 +99,26 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _job_pid(run_dir: Path, job: dict) -> int | None:
+    """The job's pid: from job.json, else from job.pid, which the job writes itself (an app killed between starting
+    the process and recording its pid in job.json left only that)."""
+    if job.get("pid"):
+        return job["pid"]
+    try:
+        return int((run_dir / "job.pid").read_text())
+    except (OSError, ValueError):  # not written yet (or half: a few bytes)
+        return None
+
+
+def _job_alive(run_dir: Path, job: dict) -> bool:
+    """Whether the job's process still runs; one recorded but with no pid anywhere yet is still starting for a while
+    (job.json is written before the process starts)."""
+    pid = _job_pid(run_dir, job)
+    if pid is None:
+        return time.time() - job.get("started", 0) < STARTING_GRACE_S
+    return _alive(pid, run_dir)
+
+
 def _alive(pid: int | None, run_dir: Path) -> bool:
     """Whether the job's process group (wrapper shell + trainer) still has a live member."""
     if not pid:
@@ -134,7 +158,7 @@ def active_job(runs_root: str | os.PathLike, device: str | None = None) -> Path 
     if job is None:
         starting = time.time() - data.get("time", 0) < STARTING_GRACE_S
         return run if starting else None
-    return run if _alive(job.get("pid"), run) else None
+    return run if _job_alive(run, job) else None
 
 
 def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
@@ -184,7 +208,7 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     runs_root = Path(runs_root).resolve() if runs_root else run_dir.parent
     device = device or device_name()
     previous = _read_json(run_dir / "job.json")
-    if previous and _alive(previous.get("pid"), run_dir):
+    if previous and _job_alive(run_dir, previous):
         raise JobBusy(f"run '{run_dir.name}' is already running")
     if resume:
         if previous is None:
@@ -203,16 +227,21 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     cwd = Path(previous.get("cwd") or run_dir) if resume else Path.cwd()
     cwd = cwd if cwd.is_dir() else run_dir
     _acquire(runs_root, device, run_dir)
+    command = [sys.executable, "-c", _MAIN, "train", *args, *(["--resume"] if resume else [])]
+    # recorded before the process starts, its pid filled in after: an app killed in between leaves a job that
+    # job.pid names, not a trainer running untracked (holding the device while the lock reads as free)
+    job = {"pid": None, "device": device, "args": list(args), "command": command, "started": time.time(),
+           "resume": resume, "runs_root": str(runs_root), "cwd": str(cwd)}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("exit_code", "cancelled"):
+        for name in ("exit_code", "cancelled", "job.pid"):
             (run_dir / name).unlink(missing_ok=True)
+        _write_json(run_dir / "job.json", job)
         env = {**{k: v for k, v in os.environ.items() if k not in _SECRETS},
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-               "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"),
+               "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"), "NPEDIT_PID_FILE": str(run_dir / "job.pid"),
                "PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p),
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
-        command = [sys.executable, "-c", _MAIN, "train", *args, *(["--resume"] if resume else [])]
         with open(run_dir / "train.log", "ab") as log:
             # the command as one would type it (`_MAIN` is `-m npedit` less the folder it runs in on sys.path)
             typed = [sys.executable, "-m", "npedit", *command[3:]]
@@ -221,13 +250,15 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
             proc = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "npedit-job", *command], cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-    except Exception:
+    except Exception:  # nothing started: the folder reads as before (a new run's is free to start again)
+        if previous is None:
+            (run_dir / "job.json").unlink(missing_ok=True)
+        else:
+            _write_json(run_dir / "job.json", previous)
         _release(runs_root, device, run_dir)
         raise
     _CHILDREN[proc.pid] = proc
-    _write_json(run_dir / "job.json", {"pid": proc.pid, "device": device, "args": list(args), "command": command,
-                                       "started": time.time(), "resume": resume, "runs_root": str(runs_root),
-                                       "cwd": str(cwd)})
+    _write_json(run_dir / "job.json", {**job, "pid": proc.pid})
     status = job_status(run_dir)
     _write_json(run_dir / "status.json", status.to_dict())
     return status
@@ -306,7 +337,7 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
                    last_metrics={k: v for k, v in last.items() if k not in ("step", "time")},
                    pipeline=str(pipeline) if (pipeline / "model_index.json").is_file() else None,
                    latest_sample=str(samples[-1]) if samples else None, checkpoint=str(ckpt) if ckpt else None,
-                   device=job.get("device"), pid=job.get("pid"))
+                   device=job.get("device"), pid=_job_pid(run_dir, job))
     started = job.get("started")
     exit_text = (run_dir / "exit_code").read_text().strip() if (run_dir / "exit_code").is_file() else ""
     cancelled = (run_dir / "cancelled").is_file()
@@ -316,7 +347,7 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
         elif rows or (run_dir / "config.yaml").is_file():
             st.state, st.message = "external", "not started from the workbench; no exported editor (yet)"
         return st
-    if _alive(job.get("pid"), run_dir):
+    if _job_alive(run_dir, job):
         st.state = "cancelling" if cancelled else "running"
         st.message = f"step {step}/{st.max_steps}" if step else "loading models and data…"
     elif cancelled:
@@ -365,10 +396,10 @@ def cancel_job(run_dir: str | os.PathLike, timeout: float = 15.0) -> JobStatus:
     """Stop a running job (SIGTERM to its process group, SIGKILL after `timeout` s) and mark it cancelled."""
     run_dir = Path(run_dir).resolve()
     job = _read_json(run_dir / "job.json")
-    if job is None or not _alive(job.get("pid"), run_dir):
+    pid = _job_pid(run_dir, job) if job else None
+    if pid is None or not _alive(pid, run_dir):
         return job_status(run_dir)
     (run_dir / "cancelled").write_text(json.dumps({"time": time.time()}))
-    pid = job["pid"]
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
