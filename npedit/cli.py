@@ -422,9 +422,11 @@ def cmd_shapes(args) -> int:
         from .shapes.recipes import run as run_stage
 
         run = partial(run_stage, args.stage)
+    from .training.checkpoint import WriteError
+
     try:
         print(run(args.overrides))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, WriteError) as exc:  # WriteError: a full disk, what is kept, what to do
         raise SystemExit(f"error: {exc}") from None
     return 0
 

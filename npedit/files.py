@@ -1,11 +1,12 @@
 """Files written whole or not at all: a run killed, or a disk filling up, mid-write leaves the previous file (or none).
 
-Every file a run rewrites in place (config.yaml, metrics.jsonl on a resume, sample grids, a job's status) goes through
-`write_atomic`; the trainer's checkpoint and editor folders are published whole by `training.checkpoint`.
+Every file a run rewrites in place (config.yaml, metrics.jsonl on a resume, sample grids, reports, a job's status) goes
+through `write_atomic`; the trainers' checkpoint and model folders are published whole by `training.checkpoint`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -25,3 +26,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # (a full disk: the partial file would hold the space a retry needs)
         raise
+
+
+def write_png(path: str | os.PathLike, image) -> None:
+    """Write a PIL image as a PNG file, whole or not at all (`write_atomic`): the app shows a run's newest grid."""
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    write_atomic(path, png.getvalue())

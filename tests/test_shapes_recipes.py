@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from npedit.shapes.recipes import make_config, run
 from script_modules import load_script  # tests/script_modules.py
@@ -43,6 +44,63 @@ def test_teacher_continues_a_trained_base(base, tmp_path):
         assert sorted(p.name for p in (out / part).iterdir()) == sorted(p.name for p in (base / part).iterdir())
     with pytest.raises(FileNotFoundError, match="is not a teacher base folder"):
         run("teacher", ["preset=quick", f"output_dir={tmp_path}/bad", f"init={tmp_path}"])
+
+
+def test_a_full_disk_stops_a_shapes_stage_with_one_line_and_keeps_the_previous_model(base, tmp_path, full_disk):
+    """The Shapes stages wrote their model folders in place: a full disk (or a kill) while the VAE stage saved cut
+    vae/ short (a later teacher stage or `init=` loads it) and ended in a safetensors traceback. Now the stage stops
+    with one line naming what is kept, and the previous vae/ is untouched."""
+    from diffusers import AutoencoderKL
+
+    from npedit.cli import main
+
+    out = tmp_path / "vae"
+    run("vae", ["preset=quick", f"output_dir={out}"])
+    weights = out / "vae" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: could not write .*vae \(.*I/O error.*\); the previous vae/ there, "
+                                         r"if any, is untouched: free space"), full_disk(len(before) // 2):
+        main(["shapes", "vae", "preset=quick", "seed=3", f"output_dir={out}"])
+    assert weights.read_bytes() == before and AutoencoderKL.from_pretrained(out / "vae") is not None
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial folder holds the space
+
+
+def test_a_full_disk_while_the_teacher_trains_keeps_its_base_whole(base, tmp_path, full_disk, monkeypatch):
+    """The teacher stage rewrote base/transformer in place at each sample step (and its grid, which the app shows):
+    the disk filling up mid-save left the run's only teacher cut. Now base/ keeps the last one saved whole and the
+    stop says how to go on from it."""
+    import contextlib
+
+    from npedit.backbones.sd3 import SD3Backbone
+    from npedit.shapes import recipes
+    from npedit.training.checkpoint import WriteError
+
+    size = (base / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    for where in ("sample_teacher", "write_png"):  # the disk fills before the step's grid, then before its teacher
+        real, disk = getattr(recipes, where), contextlib.ExitStack()
+
+        def then_full(*args, real=real, where=where, disk=disk, **kwargs):  # (after base/ was copied)
+            if where == "sample_teacher":
+                disk.enter_context(full_disk(size // 2))
+            done = real(*args, **kwargs)
+            if where == "write_png":
+                disk.enter_context(full_disk(size // 2))
+            return done
+
+        monkeypatch.setattr(recipes, where, then_full)
+        out = tmp_path / where
+        with disk, pytest.raises(WriteError, match=r"teacher, samples and report .*holds the teacher it started from "
+                                                   r"whole: free space, then continue from it with init="):
+            run("teacher", ["preset=quick", "steps=2", "sample_every=2", f"output_dir={out}", f"init={base}"])
+        monkeypatch.undo()
+        assert (out / "base" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+            base / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+        assert SD3Backbone.from_pretrained(out / "base").load_transformer(out / "base") is not None
+        assert not [p.name for p in (out / "base").iterdir() if p.name.startswith(".")]
+        grids = sorted(p.name for p in (out / "samples").iterdir())  # the app shows the newest: never a cut one
+        assert grids == ([] if where == "sample_teacher" else ["step_000002.png"])
+        for grid in grids:
+            Image.open(out / "samples" / grid).load()
 
 
 def test_teacher_eval_reports_caption_match(base, tmp_path, capsys):

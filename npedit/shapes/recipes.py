@@ -25,8 +25,10 @@ from ..backbones.base import set_config
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
 from ..config import apply_overrides, build_config, overrides_as_flags, to_dict
 from ..devices import resolve_device
+from ..files import write_atomic, write_png
 from ..sampler import sample
 from ..tokenization import build_bpe_tokenizer
+from ..training.checkpoint import disk_writes, publishing
 from ..training.logging import MetricsLogger, image_grid
 from .training import corpus, render_tensor
 from .world import CELLS, COLOURS, SHAPES, SIZES, caption, cell_token, clean_fraction, parse, random_scene
@@ -181,14 +183,31 @@ class Budget:
         return step >= self.steps or bool(self.seconds) and time.monotonic() - self.start >= self.seconds
 
 
+AGAIN = "free space (or make the folder writable) and run the stage again"
+
+
 def _start(cfg) -> tuple[Path, MetricsLogger, np.random.Generator]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with disk_writes(out / "config.yaml", f"nothing was trained yet: {AGAIN}"):  # the Runs tab reads it
+        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     return out, MetricsLogger(out), np.random.default_rng([cfg.seed, 4242])
+
+
+def save_results(out: Path, name: str, save, report: dict, grid=None) -> Path:
+    """A stage's end: its model folder `out/name` (`save(folder)` writes it) published whole, then report.json and
+    reconstructions.png (`grid`) each written whole; a full disk stops the stage with one line (`WriteError`)."""
+    with disk_writes(out / name, f"the previous {name}/ there, if any, is untouched: {AGAIN}"):
+        with publishing(out / name) as folder:  # a cut model folder would load as a model, or fail to, later
+            save(folder)
+    with disk_writes(out / "report.json", f"{out / name} is written whole"):
+        write_atomic(out / "report.json", json.dumps(report, indent=2))
+        if grid is not None:
+            write_png(out / "reconstructions.png", grid)
+    return out / name
 
 
 def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -309,9 +328,8 @@ def train_vae(cfg: VAEConfig) -> Path:
               "params": sum(p.numel() for p in vae.parameters()), "steps": step,
               "minutes": (time.monotonic() - budget.start) / 60}
     log.log(step, {"eval_reconstruction_exact": parsed, "eval_clean": clean})
-    vae.cpu().save_pretrained(out / "vae")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    image_grid([[a, b] for a, b in zip(x[:8], rec[:8])], scale=2).save(out / "reconstructions.png")
+    grid = image_grid([[a, b] for a, b in zip(x[:8], rec[:8])], scale=2)
+    save_results(out, "vae", vae.cpu().save_pretrained, report, grid)
     log.close()
     return out / "vae"
 
@@ -433,12 +451,11 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     report |= {"params": sum(p.numel() for p in fast.parameters()), "steps": step,
                "minutes": (time.monotonic() - budget.start) / 60, "source": cfg.source}
     log.log(step, {f"eval_{k}": v for k, v in report.items() if isinstance(v, float)})
-    fast.cpu().save_pretrained(out / "vae")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    fast.cpu()
     with torch.no_grad():
         x, _ = scene_batch(rng, 8)
         rec = fast.decode(fast.encode(x).latents).sample
-    image_grid([[a, b] for a, b in zip(x, rec)], scale=2).save(out / "reconstructions.png")
+    save_results(out, "vae", fast.save_pretrained, report, image_grid([[a, b] for a, b in zip(x, rec)], scale=2))
     log.close()
     return out / "vae"
 
@@ -554,13 +571,16 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
               "editor": cfg.editor, "layers": student.config.reference_encoder_layers, "gated": gated}
     log.log(step, {f"eval_{k}": v for k, v in report.items() if isinstance(v, float)})
     student.cpu()  # the pipeline's own transformer, now with the encoder (its config names it)
-    pipe.save_pretrained(out / "pipeline")
-    carry_over(cfg.editor, out / "pipeline", f"Its student was given a reference encoder of "
-               f"{report['layers']} convolutions, pretrained on single scenes to read each cell's object (`python -m "
-               f"npedit shapes ref-encoder`: held-out shape and size {report['object_accuracy']:.3f}, colour "
-               f"{report['colour_accuracy']:.3f}); its output is still zero ("
-               f"{'a closed gate' if gated else 'a zero projection'}), so it edits as before.")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    note = (f"Its student was given a reference encoder of {report['layers']} convolutions, pretrained on single "
+            f"scenes to read each cell's object (`python -m npedit shapes ref-encoder`: held-out shape and size "
+            f"{report['object_accuracy']:.3f}, colour {report['colour_accuracy']:.3f}); its output is still zero ("
+            f"{'a closed gate' if gated else 'a zero projection'}), so it edits as before.")
+
+    def save(folder: Path) -> None:  # (the app lists a run's pipeline/ as an editor)
+        pipe.save_pretrained(folder)
+        carry_over(cfg.editor, folder, note)
+
+    save_results(out, "pipeline", save, report)
     log.close()
     return out / "pipeline"
 
@@ -601,9 +621,9 @@ def continue_base(init: Path, out: Path) -> Path:
     check_teacher_base(init, "init")
     if init.resolve() == out.resolve():
         raise ValueError(f"init={init} is this run's own base folder; choose another output_dir")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(init, out)
+    with disk_writes(out, f"the previous {out.name}/ there, if any, is untouched: {AGAIN}"), publishing(out) as folder:
+        # what a killed save of `init` left (`publishing`'s hidden folders) is not copied
+        shutil.copytree(init, folder, ignore=shutil.ignore_patterns(".tmp_*", ".trash_*"))
     return out
 
 
@@ -699,7 +719,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.init:
         base = continue_base(Path(cfg.init), out / "base")
     else:
-        base = build_base(out / "base", cfg)
+        with disk_writes(out / "base", f"the previous base/ there, if any, is untouched: {AGAIN}"):
+            with publishing(out / "base") as folder:
+                build_base(folder, cfg)
+        base = out / "base"
     device = resolve_device(cfg.device)
     backbone = SD3Backbone.from_pretrained(base).to(device)
     teacher = backbone.load_transformer(base).to(device).train().requires_grad_(True)
@@ -710,7 +733,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     eval_captions = scene_batch(np.random.default_rng([cfg.seed, 99]), 64)[1]
     bar = tqdm(total=cfg.steps, desc="teacher")
     batches = scene_batches(rng, cfg.batch_size, cfg.workers, cfg.seed)
-    step = 0
+    step = saved = 0
     while not budget.over(step):
         step += 1
         pixels, captions = next(batches)
@@ -738,11 +761,21 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             teacher.train()
             quality = teacher_quality(imgs, eval_captions)
             log.log(step, {f"eval_{k}": v for k, v in quality.items()})
-            (out / "samples").mkdir(exist_ok=True)
-            image_grid([list(imgs[i:i + 8]) for i in range(0, 32, 8)], scale=2).save(out / f"samples/step_{step:06d}.png")
-            teacher.save_pretrained(base / "transformer")
-            (out / "report.json").write_text(json.dumps({**quality, "steps": step, "eval_captions": len(eval_captions),
-                                                         "minutes": (time.monotonic() - budget.start) / 60}, indent=2))
+            # each whole or not at all: the app shows the newest grid, and base/ is the model (and an `init=`)
+            held = f"of step {saved}" if saved else "it started from"
+            with disk_writes(f"step {step}'s teacher, samples and report in {out}",
+                             f"{base} holds the teacher {held} whole: free space, then continue from it with "
+                             f"init={base} (and another output_dir)"):
+                (out / "samples").mkdir(exist_ok=True)
+                write_png(out / f"samples/step_{step:06d}.png",
+                          image_grid([list(imgs[i:i + 8]) for i in range(0, 32, 8)], scale=2))
+                with publishing(base / "transformer") as folder:
+                    teacher.save_pretrained(folder)
+                saved = step
+                write_atomic(out / "report.json", json.dumps({**quality, "steps": step,
+                                                              "eval_captions": len(eval_captions),
+                                                              "minutes": (time.monotonic() - budget.start) / 60},
+                                                             indent=2))
     bar.close()
     log.close()
     return base

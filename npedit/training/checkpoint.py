@@ -184,6 +184,21 @@ def disk_error(exc: BaseException) -> OSError | None:
     return None
 
 
+@contextmanager
+def disk_writes(what: str | os.PathLike, kept: str):
+    """Around writing `what` outside a checkpoint (a stage's model folder, report or grid): a write that fails on the
+    disk's side (`disk_error`) stops the run with a one-line `WriteError` saying what is `kept` and what to do."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, SafetensorError) as exc:
+        disk = disk_error(exc)
+        if disk is None:
+            raise
+        raise WriteError(f"could not write {what} ({disk}); {kept}") from None
+
+
 def what_is_kept(root: Path) -> str:
     """After a write under a run failed: what its checkpoints folder `root` still holds, and what to do."""
     newest = latest_checkpoint(Path(root))

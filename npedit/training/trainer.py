@@ -9,7 +9,6 @@ are small helpers called at intervals.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import shutil
 import time
@@ -25,7 +24,7 @@ from .. import flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, changed_settings, read_yaml, save_config, to_dict
 from ..data import apply_do_nothing, collate
-from ..files import write_atomic
+from ..files import write_png
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
 from ..pipeline import NPEditPipeline, training_summary
@@ -564,13 +563,11 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         rows = [[r, e] for r, e in zip(self.sample_batch["reference"], edited.cpu())]
-        png = io.BytesIO()
-        image_grid(rows, self.sample_batch["instruction"], scale=max(1, 128 // rows[0][0].shape[-1])).save(
-            png, format="PNG")
+        grid = image_grid(rows, self.sample_batch["instruction"], scale=max(1, 128 // rows[0][0].shape[-1]))
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         try:  # whole or not at all: the app shows the newest grid, and a cut one does not open
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, png.getvalue())
+            write_png(path, grid)
         except OSError as exc:  # a full or read-only disk
             raise ckpt.WriteError(f"could not write the sample grid {path} ({exc}); "
                                   f"{ckpt.what_is_kept(self.run_dir / 'checkpoints')}") from None
