@@ -121,6 +121,34 @@ def test_quick_run_writes_a_loadable_judge(quick_run):
     assert out_.logits.shape == (1, 2, 2) and torch.isfinite(out_.logits).all()
 
 
+def test_a_full_disk_stops_judge_training_and_keeps_the_best_judge(tmp_path, full_disk, monkeypatch):
+    """save_judge deleted the judge folder and wrote the new one in place: the disk filling up (or a kill) midway left
+    neither the best judge so far nor a whole new one, and the run ended in a traceback. Now each save is published
+    whole and the run stops with one line naming the best judge it keeps."""
+    from npedit.training.checkpoint import WriteError
+
+    real, calls = jt.save_judge, []
+
+    def fill_up_on_the_second(judge, directory, *args):  # the best judge is saved, then the disk fills up
+        calls.append(directory)
+        if len(calls) == 2:
+            with full_disk((tmp_path / "run" / "judge" / "model.safetensors").stat().st_size // 2):
+                return real(judge, directory, *args)
+        return real(judge, directory, *args)
+
+    monkeypatch.setattr(jt, "save_judge", fill_up_on_the_second)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(WriteError, match=r"checkpoints/step-000005 \(.*\); .*run/judge holds the best judge so "
+                                             r"far \(step 4\) whole: free space and train again"):
+            jt.run(["preset=quick", f"output_dir={tmp_path / 'run'}"])
+    finally:
+        torch.set_num_threads(threads)
+    judge = load_judge(tmp_path / "run" / "judge")
+    assert judge is not None and json.loads((tmp_path / "run" / "judge" / "eval.json").read_text())["step"] == 4
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_evaluate_judge_structure(quick_run):
     _, judge_dir = quick_run
     result = jt.evaluate_judge(load_judge(judge_dir), n=6, seed=3)

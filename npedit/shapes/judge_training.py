@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -61,6 +60,7 @@ from tqdm.auto import tqdm
 
 from npedit import config as config_lib
 from npedit.devices import resolve_device
+from npedit.files import write_atomic
 from npedit.judges import Question, kept_question, training_questions
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
 from npedit.judges.tiny import build_tiny_llava_onevision
@@ -81,6 +81,7 @@ from npedit.shapes.edits import (
 )
 from npedit.shapes.scoring import FORM_GROUPS, followed, form_group, preserved, reference_form
 from npedit.shapes.world import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Scene, parse, pick, render
+from npedit.training.checkpoint import disk_writes, publishing
 from npedit.training.logging import MetricsLogger
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -732,14 +733,17 @@ def build_judge_model(directory: Path, arch: ArchConfig, seed: int) -> Path:
     return directory
 
 
-def save_judge(judge: LlavaOnevisionJudge, directory: Path) -> Path:
-    """Write the judge's model (safetensors) and processor files to `directory`, replacing what was there."""
+def save_judge(judge: LlavaOnevisionJudge, directory: Path, files: dict[str, str] | None = None) -> Path:
+    """Write the judge's model (safetensors), processor files and `files` ({name: text}, e.g. its eval.json) to
+    `directory`, replacing what was there only once all are written: a run killed or out of disk midway kept neither
+    the best judge so far nor a whole new one."""
     directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    judge.model.save_pretrained(directory, safe_serialization=True)
-    judge.processor.save_pretrained(directory)
+    with publishing(directory) as folder:
+        folder.mkdir(parents=True)
+        judge.model.save_pretrained(folder, safe_serialization=True)
+        judge.processor.save_pretrained(folder)
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text)
     return directory
 
 
@@ -1089,7 +1093,8 @@ def run(overrides: Sequence[str] = ()) -> Path:
     rng = np.random.default_rng(cfg.seed)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    with disk_writes(run_dir / "config.yaml", "nothing was trained yet: free space and train again"):
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     init = Path(cfg.init) if cfg.init else build_judge_model(run_dir / "init", cfg.arch, cfg.seed)
     judge = TrainableJudge.from_pretrained(init, device=cfg.device)
     dim = judge.model.config.text_config.hidden_size
@@ -1131,6 +1136,12 @@ def run(overrides: Sequence[str] = ()) -> Path:
     best, best_step, offset = -1.0, -1, cfg.vision_steps
     stage_start = time.time()
 
+    def kept() -> str:
+        """What a full disk leaves of this run, and what to do."""
+        held = (f"{run_dir / 'judge'} holds the best judge so far (step {offset + best_step}) whole"
+                if best_step >= 0 else "no judge was saved yet")
+        return f"{held}: free space and train again (init=<a judge folder> continues one)"
+
     def evaluate_and_keep(step: int):
         nonlocal best, best_step
         result = evaluate_judge(judge, n=cfg.eval_cases, seed=cfg.eval_seed)
@@ -1139,9 +1150,10 @@ def run(overrides: Sequence[str] = ()) -> Path:
                                    **{f"eval_{k}": v["accuracy"] for k, v in result["by_kind"].items()},
                                    **{f"eval_{c}": v["accuracy"] for c, v in result["by_category"].items()}})
         if acc > best:
+            with disk_writes(run_dir / "judge", kept()):
+                save_judge(judge, run_dir / "judge", {"eval.json": json.dumps({"step": offset + step, **result},
+                                                                              indent=2)})
             best, best_step = acc, step
-            save_judge(judge, run_dir / "judge")
-            (run_dir / "judge" / "eval.json").write_text(json.dumps({"step": offset + step, **result}, indent=2))
         return acc
 
     bar = tqdm(range(cfg.check_steps), desc="judge checks", mininterval=10)
@@ -1159,7 +1171,8 @@ def run(overrides: Sequence[str] = ()) -> Path:
             logger.log(offset + step, {"stage": 2, "loss": loss.detach(), "grad_norm": grad_norm, **metrics,
                                        "lr": opt.param_groups[0]["lr"], "minutes": (time.time() - start) / 60})
         if cfg.save_every and step and step % cfg.save_every == 0:
-            save_judge(judge, run_dir / "checkpoints" / f"step-{offset + step:06d}")
+            with disk_writes(run_dir / "checkpoints" / f"step-{offset + step:06d}", kept()):
+                save_judge(judge, run_dir / "checkpoints" / f"step-{offset + step:06d}")
         if (step + 1) % cfg.eval_every == 0:
             bar.set_postfix(eval_acc=f"{evaluate_and_keep(step):.3f}")
         if cfg.max_minutes and (time.time() - stage_start) / 60 > cfg.max_minutes:
@@ -1167,7 +1180,8 @@ def run(overrides: Sequence[str] = ()) -> Path:
     if last_step < 0 or (last_step + 1) % cfg.eval_every != 0 or best < 0:
         evaluate_and_keep(last_step)
     capture.remove()
-    save_judge(judge, run_dir / "checkpoints" / "last")
+    with disk_writes(run_dir / "checkpoints" / "last", kept()):
+        save_judge(judge, run_dir / "checkpoints" / "last")
     logger.log(offset + last_step + 1, {"best_eval_acc": best, "best_step": offset + best_step,
                                         "minutes": (time.time() - start) / 60})
     logger.close()
