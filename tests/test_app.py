@@ -699,9 +699,10 @@ def test_a_grid_cut_short_does_not_break_the_train_or_runs_tab(tmp_path, monkeyp
         app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
         fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
         _, status, curves, sample, log, _ = fns["on_load"]("s3cret")
-        step, grid = fns["on_samples"]("mine", "s3cret")
+        step, grid, _ = fns["on_samples"]("mine", "s3cret")
         assert step.value == "step 2" and [c for c, _ in step.choices] == ["step 4", "step 3", "step 2"]
-        for shown in (sample, grid):
+        assert grid["visible"]
+        for shown in (sample, grid["value"]):
             if public == "1":
                 assert isinstance(shown, Image.Image) and shown.getpixel((0, 0)) == (200, 10, 10)
             else:
