@@ -40,11 +40,76 @@ def in_hub_cache(repo_id: str) -> bool:
     return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
 
 
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of model repo `repo_id` at the revision its "main" ref names (what
+    the hub client itself reads when it cannot reach the hub); None when the cache holds none. Reads no network."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    try:
+        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return snapshot if snapshot.is_dir() else None
+
+
+# Exceptions (by class name, across the hub client's transports: requests before 1.0, httpx or httpx2 after) that mean
+# no connection was made at all, so no retry of the same request can succeed soon; any other failure (an HTTP status,
+# a read timeout) leaves the decision to the hub client, unchanged.
+NO_CONNECTION = ("OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ConnectionError", "ProxyError")
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached now ("HF_HUB_OFFLINE is set", "ConnectError: ..."), from one request to its
+    endpoint without retries (the hub client's own session, proxies and HF_ENDPOINT; its HF_HUB_ETAG_TIMEOUT, the wait
+    after which it too falls back to its cache); None when it answers, whatever the HTTP status."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:  # sorted by class name: which transport library raises varies with the hub's version
+        if any(k.__name__ in NO_CONNECTION for k in type(exc).__mro__):
+            return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def not_found(path: str | os.PathLike, hub: str, kind: str = "folder") -> CheckpointError:
+    """The one-line error for `path`, shaped like a hub id, that is no folder here, not in the hub cache and that the
+    hub did not give (`hub` says why): what was looked for, where, and what to do."""
+    from huggingface_hub import constants
+
+    text = str(path)
+    return CheckpointError(
+        f"cannot find {text!r} locally or on the hub: no folder {Path(text).absolute()}, no repo {text} in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and the hub {hub}; pass a local {kind}, or download the repo where there is a "
+        f"network (`hf download {text}`, into the cache HF_HOME names)")
+
+
 def found_nowhere(path: str | os.PathLike, exc: Exception, kind: str = "folder") -> CheckpointError:
     """The error for a path shaped like a hub id ("editors/x") that is no folder here and that the hub did not give
-    (offline, or no such repo): one line instead of the library's OSError."""
-    return CheckpointError(f"cannot find {str(path)!r} locally or on the hub ({type(exc).__name__}); pass a local "
-                           f"{kind}")
+    (no such repo, private, or unreachable): one line instead of the library's OSError."""
+    return not_found(path, f"did not give it ({type(exc).__name__}; a private or gated repo needs `hf auth login`)",
+                     kind)
+
+
+def locate(path: str | os.PathLike, kind: str = "folder") -> str:
+    """Where to load `path` from: itself when it is local (`looks_local`) or when the hub answers (the hub client then
+    loads it as it always did); when the hub cannot be reached (`hub_unreachable`), a hub id's cached snapshot folder,
+    or else at once `not_found` (the hub client would retry for ~23 s before failing the same way)."""
+    text = str(path)
+    if looks_local(text):
+        return text
+    why = hub_unreachable()
+    if why is None:
+        return text
+    snapshot = cached_snapshot(text)
+    if snapshot is None:
+        raise not_found(text, f"cannot be reached ({why})", kind)
+    return str(snapshot)
 
 
 def what_is(path: str | os.PathLike) -> str:

@@ -60,23 +60,28 @@ def detect_family(path: str | os.PathLike) -> str:
         raise FileNotFoundError(
             f"{local} holds no transformer/config.json: not a diffusers-layout checkpoint of a supported backbone"
         )
-    from npedit.folders import looks_local
+    from npedit.folders import found_nowhere, locate, looks_local
 
     if looks_local(path):  # a missing local folder: say so now, not after the hub client's retries
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    located = locate(path)
+    if located != str(path):  # the hub is unreachable and the cache holds the repo: read its snapshot
+        return detect_family(located)
     from huggingface_hub import hf_hub_download
 
     try:
         cfg = hf_hub_download(str(path), "transformer/config.json")
-    except Exception as exc:  # offline, missing repo, ...: say what to pass instead
-        raise FileNotFoundError(
-            f"cannot find {path!r} locally or on the hub ({type(exc).__name__}); pass a local folder"
-        ) from None
+    except Exception as exc:  # missing repo, private, ...: say what was looked for and what to pass instead
+        raise found_nowhere(path, exc) from None
     return family_of_class_name(json.loads(Path(cfg).read_text()).get("_class_name", ""))
 
 
 def load_backbone(path: str | os.PathLike, *, family: str | None = None, **kwargs) -> Backbone:
-    """Load the frozen parts (text encoder, tokenizer, VAE) of the checkpoint at `path`."""
+    """Load the frozen parts (text encoder, tokenizer, VAE) of the checkpoint at `path` (a folder or hub id; offline,
+    a hub id's cached snapshot: `folders.locate`)."""
+    from npedit.folders import locate
+
+    path = locate(path)
     family = family or detect_family(path)
     return backbone_class(family).from_pretrained(path, **kwargs)
 

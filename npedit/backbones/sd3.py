@@ -44,7 +44,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..config import REFERENCE_MODES
-from ..folders import check_model_size
+from ..folders import check_model_size, locate
 from .base import Backbone, check_transformer, resolve_subfolder, set_config
 from .vae import AnyVAE, LatentCodec
 
@@ -312,7 +312,7 @@ class SD3Backbone(Backbone):
         cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None,
     ) -> "SD3Backbone":
         """Load tokenizer(s), CLIP(s), optional T5 and VAE from a diffusers-layout folder or hub id."""
-        path = str(path)
+        path = locate(path)
         parts = {}
         for name, loader in (
             ("tokenizer", AutoTokenizer), ("text_encoder", CLIPTextModelWithProjection),
@@ -404,6 +404,7 @@ class SD3Backbone(Backbone):
 
     def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
         """Teacher/critic: plain `SD3Transformer2DModel`; student: `NPEditSD3Transformer2DModel` (ref_embed 0 if absent)."""
+        path = locate(path)  # offline: a hub id's cached snapshot, or one error at once
         subfolder = resolve_subfolder(path, subfolder)
         check_transformer(path, subfolder, "sd3", torch_dtype)
         if not for_student:

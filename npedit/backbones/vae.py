@@ -24,8 +24,9 @@ class AnyVAE:
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
-        from npedit.folders import CheckpointError, check_model_size, describe, looks_local
+        from npedit.folders import CheckpointError, check_model_size, describe, locate, looks_local
 
+        path = locate(path)  # offline: a hub id's cached snapshot, or one error at once
         kw = {"subfolder": subfolder} if subfolder else {}
         folder = Path(path, subfolder or "")
         if looks_local(path) and not (folder / "config.json").is_file():

@@ -24,7 +24,7 @@ from diffusers import ModelMixin, ZImageTransformer2DModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from transformers import AutoModel, AutoTokenizer
 
-from ..folders import check_model_size
+from ..folders import check_model_size, locate
 from .base import Backbone, check_transformer, onload, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
@@ -211,7 +211,7 @@ class ZImageBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32) -> "ZImageBackbone":
         """Load tokenizer, text encoder and VAE from a diffusers-layout folder or hub id."""
-        path = str(path)
+        path = locate(path)
         missing = [f"{n}/" for n in ("tokenizer", "text_encoder", "vae") if not Path(path, n).is_dir()]
         if Path(path).is_dir() and missing:
             raise FileNotFoundError(f"{path} has no {', '.join(missing)} folder; a Z-Image checkpoint needs them")
@@ -279,6 +279,7 @@ class ZImageBackbone(Backbone):
 
     def load_transformer(self, path, *, subfolder="transformer", for_student=False, torch_dtype=torch.float32):
         """Load a `ZImageTransformer2DModel` (or our subclass, when its config names it: a "frames" student)."""
+        path = locate(path)  # offline: a hub id's cached snapshot, or one error at once
         subfolder = resolve_subfolder(path, subfolder)
         model_class = transformer_class(path, subfolder, torch_dtype)
         return model_class.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)

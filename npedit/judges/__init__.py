@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from npedit.edit_types import EDIT_TYPES, edit_type_name
-from npedit.folders import CheckpointError, looks_local, what_is
+from npedit.folders import CheckpointError, locate, looks_local, what_is
 from npedit.judges.base import Judge, JudgeOutput, Question
 from npedit.judges.internvl import InternVLJudge
 from npedit.judges.llava_onevision import LlavaOnevisionJudge
@@ -44,7 +44,12 @@ HINTS = {
 
 
 def read_model_type(path_or_id: str | os.PathLike) -> str | None:
-    """model_type from a folder's config.json (or a cached hub id's); None when there is none to read."""
+    """model_type from a folder's config.json (or a hub id's; offline, its cached snapshot's); None when there is none
+    to read (offline, a hub id not in the cache is None at once, not after the hub client's retries)."""
+    try:
+        path_or_id = locate(path_or_id)
+    except CheckpointError:
+        return None
     local = Path(path_or_id)
     if local.is_dir():
         file = local / "config.json"
@@ -73,7 +78,9 @@ def judge_class(path_or_id: str | os.PathLike) -> type[Judge]:
 
 
 def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
-    """Load a judge from a folder or hub id, choosing the adapter from its config's model_type."""
+    """Load a judge from a folder or hub id (offline, a hub id's cached snapshot: `folders.locate`), choosing the
+    adapter from its config's model_type."""
+    path_or_id = locate(path_or_id, "judge folder")
     return judge_class(path_or_id).from_pretrained(path_or_id, **kwargs)
 
 

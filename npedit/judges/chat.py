@@ -130,7 +130,10 @@ class ChatJudge(Judge):
         """Load the model and its processor from a local folder or a (cached) hub id; `max_pixels` caps the
         pixels per image of a judge that sees images at their own size (`cap_pixels`). Weights are read from
         safetensors only (a folder of pickle .bin files is refused, never unpickled)."""
-        local = Path(str(path_or_hub_id))
+        from npedit.folders import locate
+
+        path_or_hub_id = locate(path_or_hub_id, "judge folder")  # offline: a cached snapshot, or one error at once
+        local = Path(path_or_hub_id)
         if local.is_dir() and not any(local.glob("*.safetensors")):
             from npedit.folders import CheckpointError
 

@@ -1,0 +1,164 @@
+"""Hub ids for people with real checkpoints: one found nowhere fails at once offline, naming where it was looked for;
+one in the local Hugging Face cache loads from its snapshot offline and is size-checked there before anything is
+built; a reachable hub is left to the hub client, as it always was."""
+
+import http.server
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from npedit import assets
+from npedit.folders import CheckpointError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (a connection to it is refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache of this test's own."""
+    import huggingface_hub
+
+    folder = tmp_path / "hub-cache"
+    folder.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def no_network(cache, monkeypatch, tmp_path):
+    """No hub to reach (its endpoint refuses connections) and no HF_HUB_OFFLINE: the hub client then retries."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.chdir(tmp_path)
+    return cache
+
+
+def cached(cache: Path, repo_id: str, model: Path) -> Path:
+    """Put the folder `model` into `cache` as the hub client lays out a download of `repo_id`; its snapshot folder."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = shutil.copytree(model, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def edit_config(file: Path, **values):
+    """Rewrite a config.json with `values` changed (nested keys as "text_config.hidden_size")."""
+    config = json.loads(file.read_text())
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[last] = value
+    file.write_text(json.dumps(config))
+
+
+def within(seconds: float, load):
+    """`load()`'s result, asserting it took under `seconds`."""
+    start = time.perf_counter()
+    try:
+        return load()
+    finally:
+        assert time.perf_counter() - start < seconds, f"took {time.perf_counter() - start:.1f} s"
+
+
+def loaders(tiny_zimage):
+    """Every loader a hub id reaches, by name."""
+    from npedit import NPEditPipeline
+    from npedit.backbones import detect_family, load_backbone
+    from npedit.backbones.sd3 import SD3Backbone
+    from npedit.backbones.vae import AnyVAE
+    from npedit.backbones.zimage import ZImageBackbone
+    from npedit.judges import load_judge
+    from npedit.judges.llava_onevision import LlavaOnevisionJudge
+
+    zimage = load_backbone(tiny_zimage)
+    return {
+        "editor": NPEditPipeline.from_pretrained, "backbone": load_backbone, "family": detect_family,
+        "zimage": ZImageBackbone.from_pretrained, "sd3": SD3Backbone.from_pretrained,
+        "transformer": zimage.load_transformer, "vae": AnyVAE.from_pretrained, "judge": load_judge,
+        "judge class": LlavaOnevisionJudge.from_pretrained,
+    }
+
+
+def test_a_hub_id_found_nowhere_fails_at_once_saying_where_it_was_looked_for(no_network, tiny_zimage, tmp_path):
+    """Offline without HF_HUB_OFFLINE, `nosuch/repo` cost every loader ~23 s of the hub client's retries; now one
+    line in well under 2 s that names the local folder, the cache and the hub it tried, and what to do."""
+    for name, load in loaders(tiny_zimage).items():
+        with pytest.raises(CheckpointError) as info:
+            within(2, lambda: load("nosuch/repo"))
+        message = str(info.value)
+        for says in (f"cannot find 'nosuch/repo' locally or on the hub: no folder {tmp_path / 'nosuch' / 'repo'}",
+                     f"no repo nosuch/repo in the Hugging Face cache ({no_network})",
+                     "the hub cannot be reached (ConnectError", "`hf download nosuch/repo`"):
+            assert says in message and "\n" not in message, (name, message)
+    from npedit.judges import read_model_type
+    from workbench.models import ModelError, check_judge
+
+    assert within(2, lambda: read_model_type("nosuch/repo")) is None
+    with pytest.raises(ModelError, match="nosuch/repo is not readable offline"):  # the app's judge check
+        within(2, lambda: check_judge("nosuch/repo"))
+
+
+def test_hub_unreachable_tells_no_connection_from_an_answer(no_network, monkeypatch):
+    """A refused connection or HF_HUB_OFFLINE is unreachable; any HTTP answer (here a 404 from a local server) is a
+    reachable hub, so `locate` leaves the id to the hub client as before, even when the cache holds the repo."""
+    import huggingface_hub
+
+    from npedit.folders import hub_unreachable, locate
+
+    assert hub_unreachable().startswith("ConnectError")
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub_unreachable() is None
+        cached(no_network, "owner/name", assets.DEFAULT_MODEL)
+        assert locate("owner/name") == "owner/name" and locate("nosuch/repo") == "nosuch/repo"
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+    assert locate("owner/name") == str(no_network / "models--owner--name" / "snapshots" / COMMIT)
+
+
+def test_a_cached_hub_id_loads_offline_from_its_snapshot(no_network, tiny_zimage, tiny_judge):
+    """The editor, a base (backbone and transformer) and a judge in the cache load offline without the hub client's
+    retries for the files a download never fetched."""
+    from npedit import NPEditPipeline
+    from npedit.backbones import load_backbone
+    from npedit.judges import load_judge
+
+    cached(no_network, "owner/editor", assets.DEFAULT_MODEL)
+    cached(no_network, "owner/zimage", tiny_zimage)
+    cached(no_network, "owner/judge", tiny_judge)
+    pipe = within(10, lambda: NPEditPipeline.from_pretrained("owner/editor"))
+    assert type(pipe.transformer).__name__ == "NPEditSD3Transformer2DModel"
+    backbone = within(10, lambda: load_backbone("owner/zimage"))
+    assert within(5, lambda: backbone.load_transformer("owner/zimage")) is not None
+    assert within(10, lambda: load_judge("owner/judge")).model is not None
