@@ -155,16 +155,19 @@ def describe(path: str | os.PathLike) -> str:
 def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
     model_index.json lists, each (with `sizes`; it builds them on the meta device, tens of ms: for a load, not for a
-    look) of a size its weights and this machine's memory allow (`check_model_size`, at `dtype`); hub ids pass."""
+    look) of a size its weights and this machine's memory allow (`check_model_size`, at `dtype`); a hub id is
+    size-checked on its cached snapshot, where there is one (each model whose weights are all there)."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
     missing = missing_components(Path(path).expanduser()) if looks_local(path) else []
     if missing:
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
-    if sizes and looks_local(path):
-        for folder, model_class in model_components(Path(path).expanduser()):
-            check_model_size(folder, model_class, dtype)
+    folder = Path(path).expanduser() if looks_local(path) else cached_snapshot(str(path))
+    if sizes and folder is not None:
+        for component, model_class in model_components(folder):
+            if weights_complete(component):
+                check_model_size(component, model_class, dtype)
 
 
 def missing_components(path: Path) -> list[str]:
@@ -253,6 +256,37 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def weights_complete(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds safetensors weights and, where an index lists shards, every shard it lists (a download
+    into the hub cache stops part way; the files it has are whole: the hub client links them in once complete)."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        return False
+    for index in folder.glob("*.safetensors.index.json"):
+        shards = _read_json(index).get("weight_map", {})
+        if not isinstance(shards, dict) or not all((folder / str(s)).is_file() for s in set(shards.values())):
+            return False
+    return True
+
+
+def model_folder(path: str | os.PathLike, subfolder: str | None = None) -> Path | None:
+    """The local folder of `path`'s model (its `subfolder`) that a size check reads: the folder itself when it is a
+    local one, a hub id's cached snapshot's when its weights are all there (`weights_complete`); None otherwise."""
+    if looks_local(path):
+        folder = Path(path).expanduser() / (subfolder or "")
+        return folder if folder.is_dir() else None
+    snapshot = cached_snapshot(str(path))
+    folder = snapshot / (subfolder or "") if snapshot is not None else None
+    return folder if folder is not None and weights_complete(folder) else None
+
+
+def check_size(path: str | os.PathLike, model_class: type, dtype=None, subfolder: str | None = None) -> int | None:
+    """`check_model_size` on `model_folder(path, subfolder)`, for a local folder or a cached hub id alike; None when
+    there is no local copy to read (a hub id not yet downloaded)."""
+    folder = model_folder(path, subfolder)
+    return check_model_size(folder, model_class, dtype) if folder is not None else None
 
 
 class _TooLarge(Exception):

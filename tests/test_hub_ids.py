@@ -162,3 +162,78 @@ def test_a_cached_hub_id_loads_offline_from_its_snapshot(no_network, tiny_zimage
     backbone = within(10, lambda: load_backbone("owner/zimage"))
     assert within(5, lambda: backbone.load_transformer("owner/zimage")) is not None
     assert within(10, lambda: load_judge("owner/judge")).model is not None
+
+
+@pytest.fixture
+def strict(monkeypatch):
+    """The size bound without its margin, so a tiny model's config made a few times larger is refused (and the
+    build that a missing check would run stays small)."""
+    monkeypatch.setattr("npedit.folders.SIZE_MARGIN", 0)
+
+
+@pytest.fixture
+def hub_answers(cache, monkeypatch):
+    """A reachable hub for our checks (no `locate` detour to the cache), the libraries reading the cache (the
+    suite runs with HF_HUB_OFFLINE): what a load of an already-downloaded hub id does online."""
+    monkeypatch.setattr("npedit.folders.hub_unreachable", lambda: None, raising=False)  # (absent before it)
+    return cache
+
+
+@pytest.mark.parametrize("part", ["transformer", "text_encoder", "vae", "judge"])
+def test_a_cached_hub_id_is_size_checked_on_its_snapshot(hub_answers, strict, tiny_zimage, tiny_judge, part):
+    """A hub id already in the cache whose config builds far more than its weights hold is refused before it is
+    built, as a local folder is (the check read local folders only)."""
+    from npedit.backbones import load_backbone
+    from npedit.backbones.vae import AnyVAE
+    from npedit.judges import load_judge
+
+    model = tiny_judge if part == "judge" else tiny_zimage
+    snapshot = cached(hub_answers, "owner/model", model)
+    change = {"transformer": {"n_layers": 20}, "text_encoder": {"intermediate_size": 640},
+              "vae": {"block_out_channels": [64, 128, 128, 128]}, "judge": {"text_config.intermediate_size": 2048}}[part]
+    edit_config(snapshot / ("" if part == "judge" else part) / "config.json", **change)
+    load = {"transformer": lambda: load_backbone(tiny_zimage).load_transformer("owner/model"),
+            "text_encoder": lambda: load_backbone("owner/model"),
+            "vae": lambda: AnyVAE.from_pretrained("owner/model", subfolder="vae"),
+            "judge": lambda: load_judge("owner/model")}[part]
+    with pytest.raises(CheckpointError, match="its config.json builds a .* its safetensors weights hold"):
+        within(2, load)
+
+
+def test_a_partly_downloaded_snapshot_is_not_size_checked(hub_answers, tiny_judge):
+    """A cache snapshot whose index lists a shard not yet downloaded holds no whole model to count (its weights
+    would look smaller than the config): the check leaves it to the load."""
+    from npedit.folders import model_folder, weights_complete
+
+    snapshot = cached(hub_answers, "owner/judge", tiny_judge)
+    assert model_folder("owner/judge") == snapshot and weights_complete(snapshot)
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert not weights_complete(snapshot) and model_folder("owner/judge") is None
+    assert model_folder("nosuch/repo") is None
+
+
+def test_an_editor_from_the_hub_is_downloaded_then_size_checked_before_it_is_built(hub_answers, strict, tmp_path,
+                                                                                  monkeypatch):
+    """A hub id not yet in the cache: diffusers downloaded and built it in one call, unchecked; now the download
+    comes first and its snapshot is checked as a local editor folder is."""
+    from diffusers import DiffusionPipeline
+
+    from npedit import NPEditPipeline
+
+    snapshot = shutil.copytree(assets.DEFAULT_MODEL, tmp_path / "downloaded")
+    edit_config(snapshot / "transformer" / "config.json", num_layers=16)
+    asked = []
+
+    def download(cls, repo_id, **kwargs):
+        asked.append((repo_id, kwargs.get("use_safetensors")))
+        return str(snapshot)
+
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(download))
+    with pytest.raises(CheckpointError, match=f"{snapshot / 'transformer'}: its config.json builds a "
+                                              "NPEditSD3Transformer2DModel of more than"):
+        within(2, lambda: NPEditPipeline.from_pretrained("owner/editor"))
+    assert asked == [("owner/editor", True)]
+    shutil.copy(assets.DEFAULT_MODEL / "transformer" / "config.json", snapshot / "transformer" / "config.json")
+    pipe = NPEditPipeline.from_pretrained("owner/editor")
+    assert pipe.name_or_path == "owner/editor"  # as diffusers records a hub id, not the cache folder

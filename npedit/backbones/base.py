@@ -52,7 +52,7 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     import importlib
 
     from npedit.backbones import FAMILIES
-    from npedit.folders import CheckpointError, check_model_size, describe, found_nowhere, looks_local
+    from npedit.folders import CheckpointError, check_size, describe, found_nowhere, looks_local
 
     classes = FAMILIES[family][2]
     folder = Path(str(path), subfolder or "")
@@ -70,8 +70,7 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     if looks_local(path) and not any(folder.glob("*.safetensors")):  # diffusers would raise a traceback's OSError
         pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
         raise CheckpointError(f"no safetensors weights in {folder}{pickled}")
-    if looks_local(path):
-        check_model_size(folder, getattr(importlib.import_module(FAMILIES[family][0]), name), dtype)
+    check_size(path, getattr(importlib.import_module(FAMILIES[family][0]), name), dtype, subfolder)
     return config
 
 

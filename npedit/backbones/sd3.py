@@ -44,7 +44,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..config import REFERENCE_MODES
-from ..folders import check_model_size, locate
+from ..folders import check_size, locate
 from .base import Backbone, check_transformer, resolve_subfolder, set_config
 from .vae import AnyVAE, LatentCodec
 
@@ -509,13 +509,13 @@ class SD3Backbone(Backbone):
 def _load_component(loader, path: str, subfolder: str, *, required: bool, **kwargs):
     """`loader.from_pretrained(path, subfolder=...)`; None when an optional component is absent."""
     local = Path(path)
+    if local.is_dir() and not (local / subfolder).is_dir():
+        if required:
+            raise FileNotFoundError(f"{path} has no {subfolder}/ folder; an SD3 checkpoint needs one")
+        return None
+    if hasattr(loader, "config_class"):  # a transformers model (the VAE and tokenizers check their own); a hub id's
+        check_size(path, loader, kwargs.get("torch_dtype"), subfolder)  # on its cached copy, where there is one
     if local.is_dir():
-        if not (local / subfolder).is_dir():
-            if required:
-                raise FileNotFoundError(f"{path} has no {subfolder}/ folder; an SD3 checkpoint needs one")
-            return None
-        if hasattr(loader, "config_class"):  # a transformers model (the VAE and tokenizers check their own)
-            check_model_size(local / subfolder, loader, kwargs.get("torch_dtype"))
         return loader.from_pretrained(str(local / subfolder), **kwargs)
     if required:
         return loader.from_pretrained(path, subfolder=subfolder, **kwargs)

@@ -24,7 +24,7 @@ class AnyVAE:
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
-        from npedit.folders import CheckpointError, check_model_size, describe, locate, looks_local
+        from npedit.folders import CheckpointError, check_size, describe, locate, looks_local
 
         path = locate(path)  # offline: a hub id's cached snapshot, or one error at once
         kw = {"subfolder": subfolder} if subfolder else {}
@@ -40,8 +40,7 @@ class AnyVAE:
             raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
         module, cls = VAE_CLASSES[name]
         model_class = getattr(importlib.import_module(module), cls)
-        if looks_local(path):
-            check_model_size(folder, model_class, kwargs.get("torch_dtype"))
+        check_size(path, model_class, kwargs.get("torch_dtype"), subfolder)
         return model_class.from_pretrained(str(path), **kw, **{"use_safetensors": True, **kwargs})
 
 

@@ -24,7 +24,7 @@ from diffusers import ModelMixin, ZImageTransformer2DModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from transformers import AutoModel, AutoTokenizer
 
-from ..folders import check_model_size, locate
+from ..folders import check_size, locate
 from .base import Backbone, check_transformer, onload, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
@@ -215,9 +215,9 @@ class ZImageBackbone(Backbone):
         missing = [f"{n}/" for n in ("tokenizer", "text_encoder", "vae") if not Path(path, n).is_dir()]
         if Path(path).is_dir() and missing:
             raise FileNotFoundError(f"{path} has no {', '.join(missing)} folder; a Z-Image checkpoint needs them")
+        # a config asking for a far larger model than its weights fails here, at once (a hub id: on its cached copy)
+        check_size(path, AutoModel, torch_dtype, "text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        if Path(path).is_dir():  # a config asking for a far larger model than its weights fails here, at once
-            check_model_size(Path(path, "text_encoder"), AutoModel, torch_dtype)
         text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype,
                                                    use_safetensors=True)
         vae = AnyVAE.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)

@@ -130,7 +130,7 @@ class ChatJudge(Judge):
         """Load the model and its processor from a local folder or a (cached) hub id; `max_pixels` caps the
         pixels per image of a judge that sees images at their own size (`cap_pixels`). Weights are read from
         safetensors only (a folder of pickle .bin files is refused, never unpickled)."""
-        from npedit.folders import locate
+        from npedit.folders import check_size, locate
 
         path_or_hub_id = locate(path_or_hub_id, "judge folder")  # offline: a cached snapshot, or one error at once
         local = Path(path_or_hub_id)
@@ -139,10 +139,8 @@ class ChatJudge(Judge):
 
             pickled = " (a pickle .bin is not read)" if any(local.glob("*.bin")) else ""
             raise CheckpointError(f"{local} holds no safetensors weights{pickled}: a judge folder holds model*.safetensors")
-        if local.is_dir():  # a config asking for a far larger model than its weights: one line, before any build
-            from npedit.folders import check_model_size
-
-            check_model_size(local, cls.model_class, torch_dtype)
+        # a config asking for a far larger model than its weights: one line, before any build (a hub id: its cache)
+        check_size(path_or_hub_id, cls.model_class, torch_dtype)
         processor = load_processor(path_or_hub_id, trust_remote_code)
         if not getattr(processor, "chat_template", None):  # before the weights: a real judge's take minutes to read
             from npedit.folders import CheckpointError
