@@ -155,8 +155,8 @@ def describe(path: str | os.PathLike) -> str:
 def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
     model_index.json lists, each (with `sizes`; it builds them on the meta device, tens of ms: for a load, not for a
-    look) of a size its weights and this machine's memory allow (`check_model_size`, at `dtype`); a hub id is
-    size-checked on its cached snapshot, where there is one (each model whose weights are all there)."""
+    look) of a size its weights and this machine's memory allow, and all of them together within that memory
+    (`check_pipeline_size`, at `dtype`); a hub id is size-checked on its cached snapshot, where there is one."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
@@ -165,9 +165,23 @@ def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True)
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
     folder = Path(path).expanduser() if looks_local(path) else cached_snapshot(str(path))
     if sizes and folder is not None:
-        for component, model_class in model_components(folder):
-            if weights_complete(component):
-                check_model_size(component, model_class, dtype)
+        check_pipeline_size(folder, dtype)
+
+
+def check_pipeline_size(folder: Path, dtype=None) -> int:
+    """`check_model_size` on each model an editor folder lists whose weights are all there (a hub cache snapshot may
+    hold part of them), then CheckpointError when those models together need more than the memory available at
+    `dtype` (each alone may fit where all of them, loaded at once, do not); returns their elements."""
+    counts = {component.name: check_model_size(component, model_class, dtype)
+              for component, model_class in model_components(folder) if weights_complete(component)}
+    memory, per_element = available_memory(), element_bytes(dtype)
+    total = sum(counts.values())
+    if memory is not None and total * per_element > memory:
+        parts = ", ".join(f"{name} {n * per_element / 2**30:.1f}" for name, n in counts.items())
+        raise CheckpointError(f"{folder}: its models need {total * per_element / 2**30:.1f} GiB together in "
+                              f"{dtype_name(dtype)} ({parts} GiB), more than the {memory / 2**30:.1f} GiB of memory "
+                              "available")
+    return total
 
 
 def missing_components(path: Path) -> list[str]:
@@ -289,6 +303,18 @@ def check_size(path: str | os.PathLike, model_class: type, dtype=None, subfolder
     return check_model_size(folder, model_class, dtype) if folder is not None else None
 
 
+def element_bytes(dtype=None) -> int:
+    """Bytes an element of `dtype` takes; 2 (16-bit) when None."""
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size() if dtype is not None else 2
+
+
+def dtype_name(dtype=None) -> str:
+    """"float32", "bfloat16", ... for messages; "16-bit" when None."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else "16-bit"
+
+
 class _TooLarge(Exception):
     """Raised from the registration hooks once a model being built passes its bound."""
 
@@ -305,7 +331,7 @@ def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -
     folder = Path(folder)
     stored = stored_numel(folder)
     by_weights = SIZE_FACTOR * stored + SIZE_MARGIN
-    per_element = torch.empty(0, dtype=dtype).element_size() if dtype is not None else 2
+    per_element = element_bytes(dtype)
     memory = available_memory()
     bound = by_weights if memory is None else min(by_weights, memory // per_element)
     if hasattr(model_class, "load_config"):  # a diffusers model
@@ -335,9 +361,8 @@ def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -
     except _TooLarge:
         asks = f"{folder}: its config.json builds a {model_class.__name__} of more than {count[0]:,} parameters"
         if bound < by_weights:
-            dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "16-bit"
-            raise CheckpointError(f"{asks} ({count[0] * per_element / 2**30:.1f} GiB in {dtype_name}), more than the "
-                                  f"{memory / 2**30:.1f} GiB of memory available") from None
+            raise CheckpointError(f"{asks} ({count[0] * per_element / 2**30:.1f} GiB in {dtype_name(dtype)}), more "
+                                  f"than the {memory / 2**30:.1f} GiB of memory available") from None
         raise CheckpointError(f"{asks}, over {SIZE_FACTOR}x the {stored:,} its safetensors weights hold: refusing "
                               "to build it (a config edited to a larger size?)") from None
     finally:

@@ -112,19 +112,19 @@ class NPEditPipeline(DiffusionPipeline):
         Weights are read from safetensors only; without a dtype every component is float32.
         A local path that is not an editor (or an editor folder missing a component) raises `CheckpointError`
         saying what it is. A hub id is downloaded, then checked as a folder is (`check_editor_folder`: each model's
-        size) before anything is built; when the hub cannot be reached, its cached snapshot loads, or one
-        `CheckpointError` says where it was looked for (`folders.locate`)."""
+        size, and all together against memory) before anything is built; when the hub cannot be reached, its cached
+        snapshot loads, or one `CheckpointError` says where it was looked for (`folders.locate`)."""
         from .adapters import is_adapter_folder, load_adapter_pipeline
         from .folders import check_editor_folder, found_nowhere, locate, looks_local
 
         path = locate(pretrained_model_name_or_path, "editor folder")  # offline: a cached snapshot, or one error now
         import_families()  # (before the size check, which builds the classes model_index.json names)
-        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
         kwargs.setdefault("use_safetensors", True)  # weights are never unpickled (a .bin-only folder is refused)
         if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
             # float32 for every component, as the adapter path does (transformers alone would keep a text encoder
             # saved in bfloat16 as it is, beside a float32 transformer and VAE)
             kwargs["dtype"] = torch.float32
+        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
         if is_adapter_folder(path):
             check_editor_folder(path, dtype)
             return load_adapter_pipeline(path, base=kwargs.pop("base", None), student=kwargs.pop("student", None),

@@ -237,3 +237,25 @@ def test_an_editor_from_the_hub_is_downloaded_then_size_checked_before_it_is_bui
     shutil.copy(assets.DEFAULT_MODEL / "transformer" / "config.json", snapshot / "transformer" / "config.json")
     pipe = NPEditPipeline.from_pretrained("owner/editor")
     assert pipe.name_or_path == "owner/editor"  # as diffusers records a hub id, not the cache folder
+
+
+def test_an_editor_whose_models_fit_memory_alone_but_not_together_is_refused(monkeypatch):
+    """Each model was checked against the memory available on its own: a transformer, text encoder and VAE that
+    fit one at a time but not all at once loaded anyway. The whole pipeline's sum is checked, in float32 (what a
+    load without a dtype gives)."""
+    import torch
+
+    from npedit import NPEditPipeline
+    from npedit.folders import check_model_size, model_components
+
+    counts = {folder.name: check_model_size(folder, cls) for folder, cls in model_components(assets.DEFAULT_MODEL)}
+    need = sum(counts.values()) * 4
+    monkeypatch.setattr("npedit.folders.available_memory", lambda: need - 1)
+    assert max(counts.values()) * 4 < need - 1
+    with pytest.raises(CheckpointError) as info:
+        within(2, lambda: NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL))
+    message = str(info.value)
+    assert f"{assets.DEFAULT_MODEL}: its models need" in message and "together in float32 (" in message, message
+    assert all(name in message for name in counts) and "GiB of memory available" in message, message
+    monkeypatch.setattr("npedit.folders.available_memory", lambda: need)
+    assert NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL, torch_dtype=torch.float32) is not None
