@@ -259,3 +259,19 @@ def test_an_editor_whose_models_fit_memory_alone_but_not_together_is_refused(mon
     assert all(name in message for name in counts) and "GiB of memory available" in message, message
     monkeypatch.setattr("npedit.folders.available_memory", lambda: need)
     assert NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL, torch_dtype=torch.float32) is not None
+
+
+def test_shapes_recipes_check_the_vae_they_load(strict, tiny_zimage, tmp_path):
+    """The Shapes recipes loaded their VAE with AutoencoderKL / PatchAutoencoder.from_pretrained directly, past the
+    size check; they now use the one VAE loader, which also names a folder of the wrong VAE class."""
+    from npedit.shapes.recipes import FastVAEConfig, TeacherConfig, VAEConfig, build_base, train_fast_vae, train_vae
+
+    vae = shutil.copytree(Path(tiny_zimage, "vae"), tmp_path / "vae")
+    edit_config(vae / "config.json", block_out_channels=[64, 128, 128, 128])
+    with pytest.raises(CheckpointError, match=f"{vae}: its config.json builds a AutoencoderKL"):
+        within(2, lambda: train_vae(VAEConfig(output_dir=str(tmp_path / "a"), init=str(vae), steps=1)))
+    with pytest.raises(CheckpointError, match=f"{vae}: its config.json builds a AutoencoderKL"):
+        within(2, lambda: build_base(tmp_path / "b", TeacherConfig(vae=str(vae))))
+    with pytest.raises(CheckpointError, match="holds a AutoencoderKL, not the PatchAutoencoder this needs"):
+        train_fast_vae(FastVAEConfig(output_dir=str(tmp_path / "c"), source=str(Path(tiny_zimage, "vae")),
+                                     init=str(Path(tiny_zimage, "vae")), steps=1))

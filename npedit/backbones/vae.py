@@ -20,10 +20,12 @@ VAE_CLASSES = {
 
 
 class AnyVAE:
-    """`from_pretrained` for whichever class of `VAE_CLASSES` the folder's config names (AutoencoderKL if none)."""
+    """`from_pretrained` for whichever class of `VAE_CLASSES` the folder's config names (AutoencoderKL if none), or
+    only the class `only` names (a recipe that trains that class)."""
 
     @staticmethod
-    def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> nn.Module:
+    def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, only: str | None = None,
+                        **kwargs) -> nn.Module:
         from npedit.folders import CheckpointError, check_size, describe, locate, looks_local
 
         path = locate(path)  # offline: a hub id's cached snapshot, or one error at once
@@ -38,6 +40,8 @@ class AnyVAE:
                                   f"supported VAE classes: {', '.join(VAE_CLASSES)}")
         if name not in VAE_CLASSES:
             raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
+        if only is not None and name != only:
+            raise CheckpointError(f"{folder} holds a {name}, not the {only} this needs")
         module, cls = VAE_CLASSES[name]
         model_class = getattr(importlib.import_module(module), cls)
         check_size(path, model_class, kwargs.get("torch_dtype"), subfolder)

@@ -273,9 +273,9 @@ def train_vae(cfg: VAEConfig) -> Path:
     """Train the VAE on random renders; writes <output_dir>/vae with latent scale/shift in its config."""
     out, log, rng = _start(cfg)
     if cfg.init:
-        from diffusers import AutoencoderKL
+        from ..backbones.vae import AnyVAE
 
-        vae = AutoencoderKL.from_pretrained(cfg.init)
+        vae = AnyVAE.from_pretrained(cfg.init, only="AutoencoderKL")  # the checks every loader runs (size, offline)
     else:
         vae = tiny_vae(cfg.latent_channels, cfg.downsample, width=cfg.width, seed=cfg.seed)
     if cfg.decoder_only:
@@ -389,7 +389,7 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     source = AnyVAE.from_pretrained(cfg.source).to(device).eval().requires_grad_(False)
     codec = LatentCodec(source)
     if cfg.init:
-        fast = PatchAutoencoder.from_pretrained(cfg.init)
+        fast = AnyVAE.from_pretrained(cfg.init, only=PatchAutoencoder.__name__)
         if (fast.config.latent_channels, fast.config.downsample) != (codec.channels, codec.downsample):
             raise ValueError(f"init {cfg.init} has {fast.config.latent_channels} latent channels and downsample "
                              f"{fast.config.downsample}; the source has {codec.channels} and {codec.downsample}")
@@ -587,14 +587,14 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
 
 def build_base(out: Path, cfg: TeacherConfig):
     """Tokenizer + frozen CLIP text encoder + trained VAE + a fresh SD3 transformer, saved as a base folder."""
-    from diffusers import AutoencoderKL
+    from ..backbones.vae import AnyVAE
 
     tokenizer = add_bos_eos(build_bpe_tokenizer(corpus(seed=cfg.seed), vocab_size=768,
                                                 model_max_length=cfg.max_text_tokens))
     clip = tiny_clip(tokenizer, hidden=cfg.text_hidden, projection_dim=cfg.text_hidden, layers=cfg.text_layers,
                      seed=cfg.seed)
     clip.config.npedit_empty_t5_tokens = 0  # no T5 and no zero T5 tokens: short sequences on a CPU
-    vae = AutoencoderKL.from_pretrained(cfg.vae)
+    vae = AnyVAE.from_pretrained(cfg.vae, only="AutoencoderKL")
     latent = 64 // (2 ** (len(vae.config.block_out_channels) - 1))
     transformer = tiny_sd3_transformer(vae.config.latent_channels, cfg.text_hidden, cfg.text_hidden, dim=cfg.dim,
                                        layers=cfg.layers, heads=cfg.heads, sample_size=latent,
