@@ -275,3 +275,23 @@ def test_shapes_recipes_check_the_vae_they_load(strict, tiny_zimage, tmp_path):
     with pytest.raises(CheckpointError, match="holds a AutoencoderKL, not the PatchAutoencoder this needs"):
         train_fast_vae(FastVAEConfig(output_dir=str(tmp_path / "c"), source=str(Path(tiny_zimage, "vae")),
                                      init=str(Path(tiny_zimage, "vae")), steps=1))
+
+
+def test_diffusers_own_pipeline_loader_size_checks_our_transformer(strict, tmp_path):
+    """`diffusers.DiffusionPipeline.from_pretrained(editor)` builds each component by its class, past our loaders:
+    our student transformer classes check their own folder's size first, so an editor whose transformer config was
+    made larger is refused there too (its text encoder and VAE are diffusers' and transformers' classes: unchecked)."""
+    import diffusers
+
+    from npedit.backbones.sd3 import NPEditSD3Transformer2DModel
+    from npedit.pipeline import register_with_diffusers
+
+    register_with_diffusers()
+    editor = shutil.copytree(assets.DEFAULT_MODEL, tmp_path / "editor")
+    edit_config(editor / "transformer" / "config.json", num_layers=16)
+    with pytest.raises(CheckpointError, match=f"{editor / 'transformer'}: its config.json builds a "
+                                              "NPEditSD3Transformer2DModel of more than"):
+        within(2, lambda: diffusers.DiffusionPipeline.from_pretrained(editor))
+    with pytest.raises(CheckpointError, match="NPEditSD3Transformer2DModel of more than"):
+        NPEditSD3Transformer2DModel.from_pretrained(editor, subfolder="transformer")
+    assert NPEditSD3Transformer2DModel.from_pretrained(assets.DEFAULT_MODEL / "transformer") is not None

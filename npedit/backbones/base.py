@@ -74,6 +74,20 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     return config
 
 
+class SizeChecked:
+    """Mixin of our transformer classes: `from_pretrained` runs the size check (`folders.check_size`) first, whoever
+    calls it; diffusers' own `DiffusionPipeline.from_pretrained(editor)` builds each component by its class alone."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The model class's `from_pretrained`, after `check_size` of the folder (or cached hub id) it reads."""
+        from npedit.folders import check_size
+
+        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
+        check_size(pretrained_model_name_or_path, cls, dtype, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
 class Backbone(nn.Module):
     """Base class of backbone families (Z-Image, SD3, ...). Subclasses live one per file."""
 

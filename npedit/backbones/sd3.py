@@ -45,7 +45,7 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderMo
 
 from ..config import REFERENCE_MODES
 from ..folders import check_size, locate
-from .base import Backbone, check_transformer, resolve_subfolder, set_config
+from .base import Backbone, SizeChecked, check_transformer, resolve_subfolder, set_config
 from .vae import AnyVAE, LatentCodec
 
 T_SCALE = 1000.0  # SD3's timestep is sigma * num_train_timesteps
@@ -100,7 +100,7 @@ class ReferenceEncoder(nn.Module):
         return out * self.gate if self.gated else out  # (B, N, D)
 
 
-class NPEditSD3Transformer2DModel(SD3Transformer2DModel):
+class NPEditSD3Transformer2DModel(SizeChecked, SD3Transformer2DModel):
     """`SD3Transformer2DModel` plus a reference-type embedding; `forward(..., reference=latents)` edits.
 
     Without `reference` it is the plain SD3 forward, so diffusers pipelines can run it (load it

@@ -25,7 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from transformers import AutoModel, AutoTokenizer
 
 from ..folders import check_size, locate
-from .base import Backbone, check_transformer, onload, resolve_subfolder
+from .base import Backbone, SizeChecked, check_transformer, onload, resolve_subfolder
 from .vae import AnyVAE, LatentCodec
 
 MAX_PROMPT_TOKENS = 512
@@ -44,7 +44,7 @@ REFERENCE_LAYOUTS = ("omni", "frames")
 SEQ_MULTIPLE = 32  # Z-Image pads its image and caption token runs to multiples of this
 
 
-class NPEditZImageTransformer2DModel(ZImageTransformer2DModel):
+class NPEditZImageTransformer2DModel(SizeChecked, ZImageTransformer2DModel):
     """`ZImageTransformer2DModel` that records how it sees a reference (`reference_layout`, see the module).
 
     Its weights are the plain class's; without a reference it is the plain text-to-image forward, so diffusers
