@@ -84,9 +84,9 @@ def not_found(path: str | os.PathLike, hub: str, kind: str = "folder") -> Checkp
 
     text = str(path)
     return CheckpointError(
-        f"cannot find {text!r} locally or on the hub: no folder {Path(text).absolute()}, no repo {text} in the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}), and the hub {hub}; pass a local {kind}, or download the repo where there is a "
-        f"network (`hf download {text}`, into the cache HF_HOME names)")
+        f"cannot find {text!r} locally or on the hub: no folder {Path(text).absolute()}, no repo {text} in the "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub {hub}; pass a local {kind}, or download the repo "
+        f"where there is a network (`hf download {text}`, into the cache HF_HOME names)")
 
 
 def found_nowhere(path: str | os.PathLike, exc: Exception, kind: str = "folder") -> CheckpointError:

@@ -190,7 +190,8 @@ def test_a_cached_hub_id_is_size_checked_on_its_snapshot(hub_answers, strict, ti
     model = tiny_judge if part == "judge" else tiny_zimage
     snapshot = cached(hub_answers, "owner/model", model)
     change = {"transformer": {"n_layers": 20}, "text_encoder": {"intermediate_size": 640},
-              "vae": {"block_out_channels": [64, 128, 128, 128]}, "judge": {"text_config.intermediate_size": 2048}}[part]
+              "vae": {"block_out_channels": [64, 128, 128, 128]},
+              "judge": {"text_config.intermediate_size": 2048}}[part]
     edit_config(snapshot / ("" if part == "judge" else part) / "config.json", **change)
     load = {"transformer": lambda: load_backbone(tiny_zimage).load_transformer("owner/model"),
             "text_encoder": lambda: load_backbone("owner/model"),
