@@ -109,6 +109,18 @@ def test_sample_grid_captions_wrap_inside_the_grid():
     assert (band[:, -2:] > 128).all()  # and none at the right edge: no word runs off the grid
 
 
+def test_sample_grid_is_reference_and_edit_per_row_at_128_px_or_more():
+    """`sample_grid`, what a run writes (and the browser test's picture of one): two tiles a row, small ones scaled up
+    by a whole factor to at least 128 px, larger ones as they are."""
+    from npedit.training.logging import image_grid, sample_grid
+
+    small, edit = -torch.ones(3, 3, 48, 48), torch.ones(3, 3, 48, 48)
+    grid = sample_grid(small, edit, ["a", "b", "c"])
+    assert grid.tobytes() == image_grid([[r, e] for r, e in zip(small, edit)], ["a", "b", "c"], scale=2).tobytes()
+    assert grid.width == 4 * 48 and grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((96, 0)) == (255, 255, 255)
+    assert sample_grid(torch.zeros(1, 3, 160, 160), torch.zeros(1, 3, 160, 160), ["a"]).width == 2 * 160
+
+
 def test_sample_grid_captions_without_spaces_wrap_in_a_few_measures_per_line():
     """A caption with no space to break at (a URL, CJK text, a pasted blob) was cut by measuring every prefix of all
     that was left, for each line: 22 s for 1,000 characters, minutes at each sample grid for a few thousand. It now

@@ -125,3 +125,9 @@ def image_grid(rows: list[list[torch.Tensor]], labels: list[str] | None = None, 
         for k, line in enumerate(lines[i] if labels else []):
             draw.text((2, i * (h + label_h) + h + k * line_h), line, fill=(0, 0, 0), font=font)
     return grid
+
+
+def sample_grid(references: torch.Tensor, edits: torch.Tensor, instructions: list[str]) -> Image.Image:
+    """A run's samples/step_N.png: reference | edit per row, its instruction below; tiles of >= 128 px."""
+    rows = [[r, e] for r, e in zip(references, edits)]  # each (3, H, W) in [-1, 1]
+    return image_grid(rows, list(instructions), scale=max(1, 128 // rows[0][0].shape[-1]))

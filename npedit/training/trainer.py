@@ -32,7 +32,7 @@ from ..sampler import sample, unroll_times
 from . import checkpoint as ckpt
 from .datasets import EpochSampler, build_dataset
 from .export import save_critic
-from .logging import MetricsLogger, image_grid
+from .logging import MetricsLogger, sample_grid
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -562,8 +562,7 @@ class Trainer:
         edited = self.edit_batch(self.sample_batch)
         if not self.acc.is_main_process:
             return
-        rows = [[r, e] for r, e in zip(self.sample_batch["reference"], edited.cpu())]
-        grid = image_grid(rows, self.sample_batch["instruction"], scale=max(1, 128 // rows[0][0].shape[-1]))
+        grid = sample_grid(self.sample_batch["reference"], edited.cpu(), self.sample_batch["instruction"])
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         try:  # whole or not at all: the app shows the newest grid, and a cut one does not open
             path.parent.mkdir(parents=True, exist_ok=True)
