@@ -170,28 +170,33 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view
 
 
-def _shapes_sample_grid(path: Path, n: int = 3) -> None:
-    """A sample grid as the trainer writes it (reference | edit, instruction below), from Shapes cases' true edits."""
+def _editor_sample_grid(path: Path, n: int = 4) -> None:
+    """A sample grid as the trainer writes it (its `sample_grid`, a run's four rows), of the bundled default editor's
+    real seeded 4-step edits of Shapes cases (the cases' true edits made a picture no model had made)."""
     import torch
 
+    from npedit import NPEditPipeline
+    from npedit.assets import DEFAULT_MODEL
     from npedit.shapes import render
-    from npedit.training.logging import image_grid
+    from npedit.training.logging import sample_grid
     from workbench.datasets import shapes_cases
 
-    def tensor(scene):  # (3, 64, 64) in [-1, 1]
-        return torch.from_numpy(render(scene)).permute(2, 0, 1).float() / 127.5 - 1
-
     cases = shapes_cases(n, seed=4)
+    scenes = [render(c.reference) for c in cases]  # (64, 64, 3) uint8
+    pipe = NPEditPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    edits = pipe(image=scenes, prompt=[c.instruction for c in cases], num_inference_steps=4, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images  # (n, 3, 64, 64) in [0, 1]
+    references = torch.stack([torch.from_numpy(s).permute(2, 0, 1) for s in scenes]).float() / 127.5 - 1
     path.parent.mkdir(parents=True)
-    image_grid([[tensor(c.reference), tensor(c.expected)] for c in cases], [c.instruction for c in cases],
-               scale=2).save(path)
+    sample_grid(references, edits * 2 - 1, [c.instruction for c in cases]).save(path)
 
 
 def test_runs_tab_compares_seven_runs_side_by_side(page, tmp_path, served_runs):
     """The config differences gave each compared run a fixed 26% of the width: from the fourth run on, columns ran
     off the right edge. Seven runs of mixed kinds (recipes, an ablation with a long student path, a run without
     metrics) now sit side by side within the table, and the curves and bars draw for them. A run without a sample
-    grid says why in place of an empty box; one with a grid shows it."""
+    grid says why in place of an empty box; one with a grid shows it (a real editor's edits, as a run writes them)."""
     names = [f"cmp-{k}" for k in range(7)]
     for k, name in enumerate(names):
         run = served_runs / name
@@ -204,7 +209,7 @@ def test_runs_tab_compares_seven_runs_side_by_side(page, tmp_path, served_runs):
             (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "student_loss": {1 / (s + k)}}}\n'
                                                        for s in range(1, 6)))
         if k == 5:  # (before cmp-6 exists: a folder written into later would list as the newest run)
-            _shapes_sample_grid(run / "samples" / "step_000005.png")
+            _editor_sample_grid(run / "samples" / "step_000005.png")
     page.get_by_role("tab", name="Runs").click()
     page.get_by_role("button", name="↻ Refresh").click()
     page.locator("#runs-table").get_by_text("cmp-6").filter(visible=True).first.wait_for()
