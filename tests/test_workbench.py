@@ -1185,3 +1185,20 @@ def test_a_spent_upload_budget_still_lets_the_visitor_press_buttons():
     assert request("application/json", 2_000) and request("application/json", SMALL_EVENT)  # buttons still work
     assert not request("application/json", SMALL_EVENT + 1)  # a large body counts, whatever its type
     assert not request(multipart, 10_000)  # and the small calls charged nothing, nor unlocked uploads
+
+
+def test_a_judge_missing_a_package_is_named_once(tiny_set, monkeypatch):
+    """Without torchvision the app said "cannot load the judge DIR: ImportError: the judge 'DIR' needs torchvision
+    ...": the path twice. npedit's one line says it all; the app shows that line."""
+    from npedit.judges import chat
+
+    def without_torchvision(*args, **kwargs):
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found in your "
+                          "environment.")
+
+    monkeypatch.setattr(chat.AutoProcessor, "from_pretrained", without_torchvision)
+    with pytest.raises(models.ModelError) as caught:
+        models.ModelSet(models.ModelPaths(model=tiny_set["model"], judge=tiny_set["judge"]), device="cpu").judge()
+    message = str(caught.value)
+    assert message.count(tiny_set["judge"]) == 1 and message.startswith("the judge"), message
+    assert "pip install torchvision" in message and "ImportError" not in message

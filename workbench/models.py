@@ -341,6 +341,8 @@ class ModelSet:
 
             try:
                 return load_judge(path, torch_dtype=self._torch_dtype(), device=self.device, **extra)
+            except ImportError as exc:  # a missing package: npedit's one line names the judge and the package already
+                raise ModelError(str(exc) if str(path) in str(exc) else f"cannot load the judge {path}: {exc}") from exc
             except Exception as exc:
                 raise ModelError(f"cannot load the judge {path}: {type(exc).__name__}: {exc}") from exc
 
