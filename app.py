@@ -26,6 +26,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from gradio.utils import get_upload_folder
 from PIL import Image
 from starlette.middleware import Middleware
 
@@ -265,6 +266,17 @@ def _for_user(text: str) -> str:
     names = {str(folder), str(Path(folder).resolve())}
     uploads = "(?:" + "|".join(map(re.escape, names)) + r")/[0-9a-f]{16,}/"
     return re.sub(uploads, "", text)
+
+
+def download_path(name: str) -> Path:
+    """A new empty file named like `name` (verdicts-k3x9.csv) for a download, in gradio's cache folder: gradio serves
+    it from there as it is, and a public app's delete_cache removes it an hour on (a file written elsewhere was
+    copied into that folder, and the copy removed, the original never)."""
+    folder = Path(get_upload_folder()) / "npedit-downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{Path(name).stem}-", suffix=Path(name).suffix, dir=folder)
+    os.close(fd)
+    return Path(path)
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -538,7 +550,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
         """The last verdict as a JSON file to download."""
         if not record:
             return None
-        path = Path(tempfile.mkdtemp(prefix="npedit-verdict-")) / "verdict.json"
+        path = download_path("verdict.json")
         path.write_text(json.dumps(record, indent=1))
         return str(path)
 
@@ -575,7 +587,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
                                           named=app.public)  # a stranger sees no path of the server
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
-            path = Path(tempfile.mkdtemp(prefix="npedit-verdicts-")) / "verdicts.csv"
+            path = download_path("verdicts.csv")
             out.to_csv(path, index=False)
             return out.round(judging.SHOWN_DECIMALS), str(path)
 

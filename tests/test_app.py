@@ -583,6 +583,36 @@ def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set
             assert str(uploads / "trunc.png") in errors[0] and str(uploads / "notes.png") in errors[1]
 
 
+def test_downloads_are_written_where_a_public_apps_cleanup_removes_them(tiny_set, tmp_path, monkeypatch,
+                                                                         shapes_png):
+    """The verdict JSON and the batch CSV were written to /tmp/npedit-verdict(s)-*: gradio served a copy from its
+    cache, which delete_cache removed an hour on, and the originals stayed until the disk was full. They are written
+    into gradio's cache now, served as they are, and removed with the app's other results."""
+    from gradio.processing_utils import move_files_to_cache
+    from gradio.route_utils import delete_files_created_by_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    files = [b for b in demo.blocks.values() if isinstance(b, gr.File) and (b.label or "").startswith("Download")]
+
+    def download(label):
+        return next(b for b in files if b.label.startswith(label))
+
+    listing = tmp_path / "pairs.csv"
+    listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{shapes_png.name},make it blue\n")
+    _, verdicts = fns["judge_batch"]([str(listing), str(shapes_png)], progress=lambda *a, **k: None)
+    written = {download("Download (JSON"): fns["save_report"]({"instruction": "make it blue", "p_edit": 0.5}),
+               download("Download (CSV)"): verdicts}
+    for block, path in written.items():
+        served = move_files_to_cache(block.postprocess(path), block, postprocess=True)
+        assert served["path"] == path  # not a copy: the file gradio's cleanup removes is the one written
+    delete_files_created_by_app(demo, age=None)
+    assert not [path for path in written.values() if Path(path).exists()]
+
+
 def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
     """Anyone can POST files (up to 20 MB each) to /gradio_api/upload without calling any event, and every result
     is cached: without gradio's delete_cache they stayed in its folder until the disk was full. A public app deletes
