@@ -571,27 +571,32 @@ def build_judge_tab(app: App, last_edit: gr.State):
 
     with gr.Accordion("Batch: many pairs at once", open=False):
         gr.Markdown("Upload one **.csv** or **.jsonl** list with columns `reference`, `edited`, `instruction` "
-                    "(optional `id`, `edit_type`, `object_name`, and `keep`, `new`, `gone`: object names separated "
-                    "by `;`, adding `p_keep` and `p_change`) **and the images it names** (matched by file name).")
+                    "(optional `id`, by default the line number; `edit_type`, `object_name`, and `keep`, `new`, "
+                    "`gone`: object names separated by `;`, adding `p_keep` and `p_change`) **and the images it "
+                    "names** (matched by file name): the list `python -m npedit judge --batch` reads, the rows it "
+                    "writes.")
         files = gr.File(file_count="multiple", file_types=[".csv", ".jsonl", "image"], label="List + images")
         run_batch = gr.Button("Judge all pairs", variant="primary")
         batch_table = gr.Dataframe(label="Verdicts", interactive=False)
-        batch_csv = gr.File(label="Download (CSV)", interactive=False)
+        with gr.Row():
+            batch_csv = gr.File(label="Download: a row per pair (CSV)", interactive=False)
+            questions_csv = gr.File(label="Download: a row per question (CSV)", interactive=False)
 
         @GPU
         def judge_batch(files, progress=gr.Progress()):
             try:
                 pairs = judging.read_pairs(files or [], uploads_only=app.public,
                                            max_pairs=MAX_BATCH_PAIRS if app.public else None)
-                out = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d),
-                                          named=app.public)  # a stranger sees no path of the server
+                out, asked = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d),
+                                                 named=app.public)  # a stranger sees no path of the server
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
-            path = download_path("verdicts.csv")
-            out.to_csv(path, index=False)
-            return out.round(judging.SHOWN_DECIMALS), str(path)
+            paths = download_path("verdicts.csv"), download_path("questions.csv")
+            for path, table in zip(paths, (out, asked)):
+                judging.write_rows(path, table)
+            return out.round(judging.SHOWN_DECIMALS), str(paths[0]), str(paths[1])
 
-        run_batch.click(judge_batch, files, [batch_table, batch_csv], api_name="judge_batch",
+        run_batch.click(judge_batch, files, [batch_table, batch_csv, questions_csv], api_name="judge_batch",
                         concurrency_id="models", concurrency_limit=1)
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .assets import default_path
 from .edit_types import EDIT_TYPES, edit_type_name
 from .images import ImageError, load_image
+from .pairs import read_pairs
 
 
 def _device():
@@ -233,7 +234,7 @@ def _best_of(pipe, judge, job: dict, args, verbose: bool):
 
 
 def cmd_judge(args) -> int:
-    """Print the judge's verdict on one pair as JSON, or write one line per pair of a PAIRS.jsonl."""
+    """Print the judge's verdict on one pair as JSON, or write a row per pair (and per question) of a pair list."""
     from .data import object_names
     from .verdicts import judge_edit
 
@@ -241,16 +242,22 @@ def cmd_judge(args) -> int:
         raise SystemExit("error: --gradients is one .npz file for one pair (not for --batch)")
     if args.batch and not args.output:
         raise SystemExit("error: --batch needs --output")
+    if args.questions and not args.batch:
+        raise SystemExit("error: --questions is the per-question file of --batch (one pair prints its questions)")
     if not args.batch and not (args.reference and args.edited and args.instruction):
         raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
         raise SystemExit(REMOVE_NEEDS_OBJECT)
     # before the judge's weights are read: a bad list or image fails at once
-    rows = _read_jsonl(args.batch, ("id", "reference", "edited", "instruction")) if args.batch else []
+    try:
+        pairs = read_pairs(args.batch) if args.batch else []
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not args.batch:
         _check_image(args.reference, "--reference")
         _check_image(args.edited, "--edited")
-    for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients")):
+    for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients"),
+                      (args.questions, "--questions")):
         if out:
             _check_writable(Path(out).absolute().parent, f"{flag} {out}")
     device = _device()
@@ -262,20 +269,7 @@ def cmd_judge(args) -> int:
 
     try:
         if args.batch:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            failures = 0
-            with open(args.output, "w") as f:
-                for r in tqdm(rows, desc="judge"):
-                    try:
-                        v = verdict(r["reference"], r["edited"], r["instruction"], r.get("edit_type"),
-                                    r.get("object_name") or r.get("object"), r.get("keep"), r.get("new"), r.get("gone"))
-                    except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
-                        failures += 1
-                        tqdm.write(f"error: {r['id']}: {exc}", file=sys.stderr)  # a line of its own, not over the bar
-                        continue
-                    f.write(json.dumps({"id": r["id"], "p_edit": v["p_edit"], "p_identity": v["p_identity"],
-                                        "p_keep": v["p_keep"], "p_change": v["p_change"]}) + "\n")
-            return 1 if failures else 0
+            return _judge_batch(judge, pairs, args.output, args.questions)
         if not args.gradients:
             print(json.dumps(verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
                                      args.keep, args.new, args.gone)))
@@ -295,6 +289,29 @@ def cmd_judge(args) -> int:
     except (ImageError, ValueError, OSError) as exc:  # OSError: an --output or --gradients that cannot be written
         raise SystemExit(f"error: {exc}") from None
     return 0
+
+
+def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
+    """Write each pair's verdict row to `output` and, with `questions`, its question rows there, as they come; 1 when
+    a pair could not be judged (its row says why, and so does a line on stderr)."""
+    from .pairs import QUESTION_COLUMNS, VERDICT_COLUMNS, RowWriter, judge_pairs
+
+    failures = 0
+    with ExitStack() as stack:
+        files = []
+        for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                files.append(stack.enter_context(RowWriter(path, columns)))
+        for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
+            files[0].write(row)
+            for q in asked if questions else ():
+                files[1].write(q)
+            if row["error"]:
+                failures += 1
+                # a line of its own, not over the bar
+                tqdm.write(f"error: {row['id']}: {row['error']}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -515,9 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "judge's memory, float32 on a CPU)")
     j.add_argument("--max-pixels", type=int, help="Qwen2.5-VL judges: at most this many pixels per image "
                                                    "(e.g. 200704 = 448x448; default: its processor's own cap)")
-    j.add_argument("--batch", help="PAIRS.jsonl with {id, reference, edited, instruction[, edit_type, object_name (or "
-                                   "object), keep, new, gone]}")
-    j.add_argument("--output", help="where --batch writes {id, p_edit, p_identity, p_keep, p_change} lines")
+    j.add_argument("--batch", help="PAIRS.jsonl or PAIRS.csv with reference, edited, instruction[, id (default: the "
+                                   "line number), edit_type, object_name (or object), keep, new, gone] per pair; "
+                                   "relative image paths from the list's folder (the app's batch list, the same rows)")
+    j.add_argument("--output", help="where --batch writes a row per pair (CSV if it ends in .csv, else JSON "
+                                    "lines): id, reference, edited, instruction, edit_type, p_edit, p_identity, "
+                                    "p_keep, p_change, error")
+    j.add_argument("--questions", help="with --batch: also a row per question (CSV or JSON lines, as --output): id, "
+                                       "reference, edited, instruction, kind, question, images, expected, p_yes, "
+                                       "margin, error")
     j.add_argument("--gradients", metavar="FILE.npz",
                    help="also write where each answer comes from: d log P(expected answer) / d pixel of the edited "
                         "image per question (grads, (Q, 3, H, W)), their mean over the questions NP-Edit trains on "

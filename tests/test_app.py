@@ -1,5 +1,6 @@
 """The Gradio app: builds without launching, serves /edit and /judge to gradio_client, starts with no models."""
 
+import json
 import os
 import socket
 import subprocess
@@ -361,12 +362,13 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
         assert 0 < kept[0]["p_keep"] < 1 and 0 < kept[0]["p_change"] < 1
         listing = tmp_path / "pairs.csv"
         listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{Path(edited).name},remove the circle\n")
-        table, csv = client.predict([handle_file(str(listing)), handle_file(str(shapes_png)), handle_file(edited)],
-                                    api_name="/judge_batch")
+        table, csv, asked = client.predict([handle_file(str(listing)), handle_file(str(shapes_png)),
+                                            handle_file(edited)], api_name="/judge_batch")
         assert len(table["data"]) == 1 and table["data"][0][-1] == "" and "p_edit" in Path(csv).read_text()
         saved = pd.read_csv(csv).loc[0]  # every digit, as /judge and the CLI give it; the table shows 6 decimals
         assert saved["p_edit"] == pytest.approx(verdict["p_edit"], abs=1e-7)
-        assert table["data"][0][3] == round(saved["p_edit"], 6)
+        assert table["data"][0][table["headers"].index("p_edit")] == round(saved["p_edit"], 6)
+        assert list(pd.read_csv(asked)["kind"]) == ["edit", "identity"]
     finally:
         demo.close()
 
@@ -573,7 +575,7 @@ def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set
         monkeypatch.setenv("NPEDIT_PUBLIC", public)
         app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
         fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
-        table, csv = fns["judge_batch"](files, progress=lambda *a, **k: None)
+        table, csv, _ = fns["judge_batch"](files, progress=lambda *a, **k: None)
         errors = list(table["error"])
         assert "trunc.png" in errors[0] and "notes.png" in errors[1] and errors[2] == "", errors
         if public == "1":
@@ -583,9 +585,50 @@ def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set
             assert str(uploads / "trunc.png") in errors[0] and str(uploads / "notes.png") in errors[1]
 
 
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp_path, monkeypatch, shapes_png, kind):
+    """`npedit judge --batch` read JSON lines only, needed an id, wrote p_* only and left a failing pair out of its
+    file (stderr only); the app's batch read CSV too, numbered pairs itself and had no question rows. One builder
+    (npedit.pairs) serves both now: the same list gives the same two files, byte for byte."""
+    from npedit.cli import main
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    Image.open(shapes_png).rotate(90).save(tmp_path / "edited.png")
+    (tmp_path / "trunc.png").write_bytes(shapes_png.read_bytes()[:100])
+    pairs = [{"reference": "scene.png", "edited": "edited.png", "instruction": "make the circle blue"},
+             {"id": "r", "reference": "scene.png", "edited": "edited.png", "instruction": "remove the circle",
+              "edit_type": "remove", "object_name": "red circle", "keep": "blue square"},
+             {"reference": "scene.png", "edited": "trunc.png", "instruction": "make it blue"}]
+    listing = tmp_path / f"pairs.{kind}"
+    if kind == "csv":
+        pd.DataFrame(pairs).to_csv(listing, index=False)
+    else:
+        listing.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cli = [tmp_path / "cli" / "verdicts.csv", tmp_path / "cli" / "questions.csv"]
+    assert main(["judge", "--judge", tiny_set["judge"], "--batch", str(listing), "--output", str(cli[0]),
+                 "--questions", str(cli[1])]) == 1  # the unreadable pair
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    files = [str(listing), *(str(tmp_path / n) for n in ("scene.png", "edited.png", "trunc.png"))]
+    table, *shown = fns["judge_batch"](files, progress=lambda *a, **k: None)
+    for ours, theirs in zip(cli, shown):
+        assert Path(theirs).read_text() == ours.read_text()
+    verdicts, asked = (pd.read_csv(path, dtype=str, keep_default_na=False) for path in cli)
+    assert list(verdicts["id"]) == (["2", "r", "4"] if kind == "csv" else ["1", "r", "3"])  # default: the line
+    assert list(verdicts["edited"]) == ["edited.png", "edited.png", "trunc.png"] == list(table["edited"])
+    assert verdicts.loc[2, "p_edit"] == "" and "trunc.png" in verdicts.loc[2, "error"]
+    assert list(asked["kind"]) == ["edit", "identity", "contains", "identity", "keep", ""]
+    assert set(asked["reference"]) == {"scene.png"} and asked["error"].iloc[-1] == verdicts.loc[2, "error"]
+    main(["judge", "--judge", tiny_set["judge"], "--batch", str(listing), "--output", str(tmp_path / "v.jsonl")])
+    lines = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [line["p_edit"] for line in lines] == [float(verdicts.loc[0, "p_edit"]), float(verdicts.loc[1, "p_edit"]),
+                                                    None]  # every digit, as in the CSV
+
+
 def test_downloads_are_written_where_a_public_apps_cleanup_removes_them(tiny_set, tmp_path, monkeypatch,
                                                                          shapes_png):
-    """The verdict JSON and the batch CSV were written to /tmp/npedit-verdict(s)-*: gradio served a copy from its
+    """The verdict JSON and the batch CSVs were written to /tmp/npedit-verdict(s)-*: gradio served a copy from its
     cache, which delete_cache removed an hour on, and the originals stayed until the disk was full. They are written
     into gradio's cache now, served as they are, and removed with the app's other results."""
     from gradio.processing_utils import move_files_to_cache
@@ -603,9 +646,9 @@ def test_downloads_are_written_where_a_public_apps_cleanup_removes_them(tiny_set
 
     listing = tmp_path / "pairs.csv"
     listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{shapes_png.name},make it blue\n")
-    _, verdicts = fns["judge_batch"]([str(listing), str(shapes_png)], progress=lambda *a, **k: None)
+    _, verdicts, questions = fns["judge_batch"]([str(listing), str(shapes_png)], progress=lambda *a, **k: None)
     written = {download("Download (JSON"): fns["save_report"]({"instruction": "make it blue", "p_edit": 0.5}),
-               download("Download (CSV)"): verdicts}
+               download("Download: a row per pair"): verdicts, download("Download: a row per question"): questions}
     for block, path in written.items():
         served = move_files_to_cache(block.postprocess(path), block, postprocess=True)
         assert served["path"] == path  # not a copy: the file gradio's cleanup removes is the one written

@@ -218,3 +218,36 @@ def test_repeated_lines_are_named_in_one_warning_and_a_folder_names_its_manifest
     (tmp_path / "n.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder; a manifest is a cases.jsonl file"):
         load_manifest(tmp_path)
+
+
+def test_pair_lists_read_alike_as_csv_and_json_lines(tmp_path):
+    """A pair list (npedit judge --batch, the app's batch inspection) is JSON lines or CSV; an id is optional (the
+    line the pair is on: a CSV's header is line 1, a quoted cell may span lines); images are named as the list
+    names them and read from the list's folder; a bad line is refused naming it, before any pair is judged."""
+    from npedit.pairs import read_pairs
+
+    (tmp_path / "pairs.csv").write_text('reference,edited,instruction,id,edit_type,object\n'
+                                        'a.png,b.png,"make it\nblue",,,\n'
+                                        ',,,,,\n'  # a spreadsheet's empty row
+                                        '/abs/c.png,d.png,remove the dot,x,Remove,dot\n')
+    (tmp_path / "pairs.jsonl").write_text('{"reference": "a.png", "edited": "b.png", "instruction": "make it\\nblue"}'
+                                          '\n\n{"id": 0, "reference": "/abs/c.png", "edited": "d.png", "instruction": '
+                                          '"remove the dot", "edit_type": "remove", "object_name": "dot"}\n')
+    csv_pairs, json_pairs = read_pairs(tmp_path / "pairs.csv"), read_pairs(tmp_path / "pairs.jsonl")
+    assert [p.id for p in csv_pairs] == ["2", "x"] and [p.id for p in json_pairs] == ["1", "0"]
+    for a, b in zip(csv_pairs, json_pairs):
+        assert (a.reference, a.edited, a.instruction, a.edit_type, a.object_name, a.reference_path, a.edited_path) \
+            == (b.reference, b.edited, b.instruction, b.edit_type, b.object_name, b.reference_path, b.edited_path)
+    assert csv_pairs[0].edited_path == str(tmp_path / "b.png") and csv_pairs[1].reference_path == "/abs/c.png"
+    assert csv_pairs[1].edit_type == "remove" and csv_pairs[1].line == 5
+    (tmp_path / "blank.csv").write_text("reference,edited,instruction\na.png,,\n")  # judged as that pair's error
+    assert [(p.edited_path, p.instruction) for p in read_pairs(tmp_path / "blank.csv")] == [("", "")]
+    for text, message in (('reference,instruction\na.png,x\n', r"pairs.csv:1: no edited column"),
+                          ('reference,edited,instruction\na.png,b.png,x,y\n', r"pairs.csv:2: 4 cells, the header "
+                                                                                r"names 3"),
+                          ('reference,edited,instruction,edit_type\na.png,b.png,x,paint\n', r"pairs.csv:2: .*paint"),
+                          ('reference,edited,instruction\n"a.png,b.png\n', "not a readable CSV list of pairs"),
+                          ('reference,edited,instruction\n', "lists no pairs")):
+        (tmp_path / "pairs.csv").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_pairs(tmp_path / "pairs.csv")

@@ -202,6 +202,7 @@ def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest, capsys, monkeypa
 
 def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
     from npedit.cli import main
+    from npedit.pairs import VERDICT_COLUMNS
 
     work, _ = trained
     main(["edit", "--model", str(work / "runs/npedit/pipeline"), "--batch", str(tiny_manifest),
@@ -215,8 +216,8 @@ def test_cli_batch_modes(trained, tiny_judge, tiny_manifest):
                                               if i == "1" else {})}) for i in "01") + "\n")
     main(["judge", "--judge", tiny_judge, "--batch", str(pairs), "--output", str(work / "verdicts.jsonl")])
     rows = [json.loads(line) for line in (work / "verdicts.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["0", "1"] and all(
-        set(r) == {"id", "p_edit", "p_identity", "p_keep", "p_change"} for r in rows)
+    assert [r["id"] for r in rows] == ["0", "1"] and all(list(r) == VERDICT_COLUMNS and not r["error"] for r in rows)
+    assert rows[1]["edited"] == str(work / "batch/1.png")  # as the list names it
     assert rows[0]["p_keep"] is None and 0 < rows[1]["p_keep"] < 1
     assert rows[0]["p_change"] is None and 0 < rows[1]["p_change"] < 1  # "blue dot" (the removed one is asked already)
 
@@ -1031,7 +1032,7 @@ def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable
 def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge, tiny_manifest, capsys):
     """A pair whose image is missing, named too long for the file system (an OSError that ended the batch with a
     traceback) or left empty (read as the list's folder) is one error line naming its id (not written over the
-    progress bar); the other pairs are judged."""
+    progress bar) and its row's `error` (it was left out of the file); the other pairs are judged."""
     from npedit.cli import main
 
     images = tiny_manifest.parent / "images"
@@ -1046,7 +1047,11 @@ def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge
     assert [line for line in shown if "error" in line] == [f"error: b: image not found: {tmp_path / 'gone.png'}",
                                                            f"error: d: cannot read {long}: File name too long",
                                                            "error: e: no image given (an empty path)"]
-    assert [json.loads(line)["id"] for line in (tmp_path / "v.jsonl").read_text().splitlines()] == ["a", "c"]
+    rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["p_edit"] is None, r["error"]) for r in rows] == [  # the file says it too, not only stderr
+        ("a", False, ""), ("b", True, f"image not found: {tmp_path / 'gone.png'}"),
+        ("d", True, f"cannot read {long}: File name too long"), ("e", True, "no image given (an empty path)"),
+        ("c", False, "")]
     for out in (tmp_path / "v.jsonl/x/y", tmp_path / "v.jsonl/y"):  # a file where its folder should be: before loading
         with pytest.raises(SystemExit, match=re.escape(f"cannot write --output {out} ({tmp_path / 'v.jsonl'} is a file)")):
             main(["judge", "--judge", str(tmp_path / "no-judge"), "--batch", str(pairs), "--output", str(out)])

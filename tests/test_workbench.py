@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from npedit.config import LossConfig, load_config
+from npedit.pairs import QUESTION_COLUMNS, VERDICT_COLUMNS
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import trace_edit
 from workbench.tiny import build_tiny_set
@@ -311,12 +312,15 @@ def test_batch_judging(loaded, tmp_path):
                   {"reference": "ref.png", "edited": "missing.png", "instruction": ins}]).to_csv(listing, index=False)
     uploads = [str(listing), str(tmp_path / "ref.png"), str(tmp_path / "out.png")]
     pairs = judging.read_pairs(uploads)
-    assert list(pairs["id"]) == ["1", "r", "3"] and pairs.loc[1, "object_name"] == "red square"
-    out = judging.judge_pairs(ms.judge(), pairs)
-    assert list(out.columns) == judging.RESULT_COLUMNS
+    assert [p.id for p in pairs] == ["2", "r", "4"] and pairs[1].object_name == "red square"  # the CSV's line numbers
+    out, questions = judging.judge_pairs(ms.judge(), pairs)
+    assert list(out.columns) == VERDICT_COLUMNS and list(questions.columns) == QUESTION_COLUMNS
+    kinds = list(questions["kind"].fillna(""))
+    assert kinds == ["edit", "identity", "contains", "identity", "keep", "keep", "change", ""]  # "" : the failed pair
+    assert questions["error"].iloc[-1] == out.loc[2, "error"] and set(questions["edited"]) == {"out.png", "missing.png"}
     assert 0 < out.loc[0, "p_edit"] < 1 and out.loc[0, "error"] == ""
     assert pd.isna(out.loc[0, "p_keep"]) and 0 < out.loc[1, "p_keep"] < 1  # keep checks only where a row names some
-    assert pairs.loc[1, "gone"] == "red square; blue square" and pd.isna(out.loc[0, "p_change"])
+    assert pairs[1].gone == "red square; blue square" and pd.isna(out.loc[0, "p_change"])
     assert 0 < out.loc[1, "p_change"] < 1
     assert out.loc[2, "error"] and "missing.png" in out.loc[2, "error"]
     with pytest.raises(ValueError, match="exactly one"):
@@ -337,7 +341,7 @@ def test_inspector_tables_give_the_numbers_the_cli_prints(loaded, tmp_path):
     listing = tmp_path / "pairs.jsonl"
     listing.write_text(json.dumps({"reference": "ref.png", "edited": "out.png", "instruction": ins,
                                    "keep": "blue circle", "new": "red square"}) + "\n")
-    out = judging.judge_pairs(ms.judge(), judging.read_pairs([str(listing)]))
+    out, _ = judging.judge_pairs(ms.judge(), judging.read_pairs([str(listing)]))
     v = judge_edit(ms.judge(), tmp_path / "ref.png", tmp_path / "out.png", ins, keep="blue circle", new="red square")
     for key in ("p_edit", "p_identity", "p_keep", "p_change"):
         assert out.loc[0, key] == pytest.approx(getattr(v, key), abs=1e-7), key
@@ -358,7 +362,7 @@ def test_a_batch_list_finds_every_uploaded_image_whatever_its_extension(tmp_path
                                                                                                          index=False)
     uploads = [str(listing), str(tmp_path / "ref.jfif"), str(tmp_path / "out.png")]
     pairs = judging.read_pairs(uploads, uploads_only=True)
-    assert list(pairs["reference"]) == [str(tmp_path / "ref.jfif")]
+    assert [p.reference_path for p in pairs] == [str(tmp_path / "ref.jfif")]
 
 
 def test_batch_list_lines_that_are_not_objects_and_questions_without_bound_are_refused(tmp_path):

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from npedit.data import object_names, read_json_lines
-from npedit.images import ImageError
-from npedit.verdicts import Verdict, judge_edit
+from npedit.pairs import LIST_SUFFIXES, QUESTION_COLUMNS, VERDICT_COLUMNS, Pair, RowWriter
+from npedit.pairs import judge_pairs as judge_rows
+from npedit.pairs import read_pairs as read_pairs_of
+from npedit.verdicts import Verdict
 
 from .datasets import resolve_image
 
-# reference/edited: the images' paths on this machine; reference_name/edited_name: as the list names them
-PAIR_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "object_name", "keep", "new", "gone",
-                "reference_name", "edited_name"]
-RESULT_COLUMNS = ["id", "instruction", "edit_type", "p_edit", "p_identity", "p_keep", "p_change", "error"]
 # tables show P(Yes) and margins to 1e-6, so they read as `python -m npedit judge` prints them (to 1e-5); files keep
 # every digit
 SHOWN_DECIMALS = 6
@@ -37,87 +35,57 @@ def extra_questions(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".csv":
-        try:
-            return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path.name} is not a readable CSV list of pairs: {exc}") from None
-    return [row for _, row in read_json_lines(path, text=("instruction", "edit_type", "object_name", "object"),
-                                              label=path.name)]
+def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False, max_pairs: int | None = None) -> list[Pair]:
+    """The pairs of the one .csv/.jsonl among `files` (npedit.pairs.read_pairs: what `python -m npedit judge --batch`
+    reads); image names resolve to the other uploaded files first.
 
-
-def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False,
-               max_pairs: int | None = None) -> pd.DataFrame:
-    """The pairs listed in the one .csv/.jsonl among `files`; image names resolve to the other uploaded files.
-
-    Columns: reference, edited, instruction (required); id, edit_type, object_name (or object), keep (objects to
-    leave in place, separated by ';'), new and gone (objects the edit creates / must make disappear) optional.
-    Relative paths that match no upload resolve against the list file's folder; with `uploads_only` (a public app)
-    every image must be one of the uploaded files; with `max_pairs` (a public app) a longer list is refused.
+    Names that match no upload resolve as the CLI resolves them (from the list file's folder); with `uploads_only` (a
+    public app) every image must be one of the uploaded files; with `max_pairs` (a public app) a longer list is
+    refused.
     """
     files = [Path(f) for f in files or []]
-    lists = [f for f in files if f.suffix.lower() in (".csv", ".jsonl", ".json")]
+    lists = [f for f in files if f.suffix.lower() in LIST_SUFFIXES]
     if len(lists) != 1:
         raise ValueError("upload exactly one .csv or .jsonl list of pairs (columns reference, edited, instruction; "
                          "optional id, edit_type, object_name) together with the images it names")
     listing = lists[0]
     uploads = {f.name: str(f) for f in files if f != listing}  # any extension: the loader says which it cannot read
-    rows = _read_rows(listing)
-    if max_pairs is not None and len(rows) > max_pairs:
-        raise ValueError(f"{listing.name} lists {len(rows)} pairs: this public app judges at most {max_pairs} per list "
-                         "(split it, or run the app on your own machine)")
+    pairs = read_pairs_of(listing, label=listing.name)
+    if max_pairs is not None and len(pairs) > max_pairs:
+        raise ValueError(f"{listing.name} lists {len(pairs)} pairs: this public app judges at most {max_pairs} per "
+                         "list (split it, or run the app on your own machine)")
     out = []
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in ("reference", "edited", "instruction") if not str(row.get(k) or "").strip()]
-        if missing:
-            raise ValueError(f"{listing.name} row {i}: missing {', '.join(missing)}")
+    for p in pairs:
         paths = {}
         for key in ("reference", "edited"):
+            name = getattr(p, key)
+            if not name:  # no image: that pair's error when it is judged, as in the CLI
+                continue
             try:
-                p = resolve_image(str(row[key]), uploads, within=[] if uploads_only else None)
+                found = resolve_image(name, uploads, within=[] if uploads_only else None)
             except ValueError as exc:
-                raise ValueError(f"{listing.name} row {i}: {exc}") from None
-            paths[key] = str(p if p.is_absolute() or p.exists() else listing.parent / p)
-        out.append({"id": str(row.get("id") or i), **paths, "instruction": str(row["instruction"]),
-                    "edit_type": str(row.get("edit_type") or "edit"),
-                    "object_name": str(row.get("object_name") or row.get("object") or ""),
-                    **{k: "; ".join(object_names(row.get(k))) for k in ("keep", "new", "gone")},
-                    "reference_name": str(row["reference"]).strip(), "edited_name": str(row["edited"]).strip()})
-    if not out:
-        raise ValueError(f"{listing.name} lists no pairs")
-    return pd.DataFrame(out, columns=PAIR_COLUMNS)
+                raise ValueError(f"{listing.name}:{p.line}: {exc}") from None
+            paths[f"{key}_path"] = str(found) if Path(name).name in uploads else getattr(p, f"{key}_path")
+        out.append(replace(p, **paths))
+    return out
 
 
-def judge_pairs(judge, pairs: pd.DataFrame, progress: Callable[[float, str], None] | None = None,
-                named: bool = False) -> pd.DataFrame:
-    """P(edit done) and P(identity kept) for every pair, unrounded; a pair that cannot be judged gets its error
-    instead, which with `named` (a public app) names each image as the list does, never by its path on this machine."""
-    rows = []
-    for i, p in enumerate(pairs.itertuples(index=False)):
+def judge_pairs(judge, pairs: list[Pair], progress: Callable[[float, str], None] | None = None,
+                named: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The verdict rows and question rows of every pair (npedit.pairs.judge_pairs: what `python -m npedit judge
+    --batch` writes), unrounded; with `named` (a public app) errors name images as the list does, never by their
+    path on this machine."""
+    verdicts, questions = [], []
+    for i, (row, asked) in enumerate(judge_rows(judge, pairs, named=named)):
+        verdicts.append(row)
+        questions += asked
         if progress:
-            progress(i / len(pairs), f"judging pair {i + 1}/{len(pairs)}")
-        row = {"id": p.id, "instruction": p.instruction, "edit_type": p.edit_type, "p_edit": None,
-               "p_identity": None, "p_keep": None, "p_change": None, "error": ""}
-        try:
-            v = judge_edit(judge, p.reference, p.edited, p.instruction, edit_type=p.edit_type,
-                           object_name=p.object_name or None, keep=object_names(p.keep), new=object_names(p.new),
-                           gone=object_names(p.gone))
-            row.update(p_edit=v.p_edit, p_identity=v.p_identity, p_keep=v.p_keep, p_change=v.p_change)
-        except (ImageError, ValueError) as exc:
-            row["error"] = as_named(str(exc), p) if named else str(exc)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+            progress((i + 1) / len(pairs), f"judged pair {i + 1}/{len(pairs)}")
+    return pd.DataFrame(verdicts, columns=VERDICT_COLUMNS), pd.DataFrame(questions, columns=QUESTION_COLUMNS)
 
 
-def as_named(message: str, pair) -> str:
-    """`message` with the pair's image paths on this machine (an upload's is gradio's copy, /tmp/gradio/<hash>/x.png)
-    replaced by the names the list gives them, and any other mention of their folders dropped."""
-    images = [(getattr(pair, key), getattr(pair, f"{key}_name", None) or Path(getattr(pair, key)).name)
-              for key in ("reference", "edited")]
-    for path, name in sorted(images, key=lambda image: -len(image[0])):  # longest first: one path may start another
-        message = message.replace(path, name)
-    for path, _ in images:
-        if Path(path).is_absolute():
-            message = message.replace(str(Path(path).parent) + os.sep, "")
-    return message
+def write_rows(path: str | os.PathLike, table: pd.DataFrame) -> None:
+    """`table`'s rows as `python -m npedit judge --batch` writes them (.csv or .jsonl, every digit)."""
+    with RowWriter(path, list(table.columns)) as f:
+        for row in table.astype(object).where(table.notna(), None).to_dict("records"):
+            f.write(row)

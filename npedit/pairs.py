@@ -1,0 +1,177 @@
+"""Lists of (reference, edited) pairs for the judge: read from JSON lines or CSV, judged into a row per pair and a row
+per question. One builder for `python -m npedit judge --batch` and the app's batch inspection, so both take the same
+lists and give the same rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .data import object_names, read_json_lines
+from .edit_types import edit_type_name
+from .images import ImageError
+
+LIST_SUFFIXES = (".csv", ".jsonl", ".json")
+REQUIRED = ("reference", "edited", "instruction")
+# reference/edited: the images as the list names them, in every row (a row read alone says which pair it is)
+VERDICT_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "p_edit", "p_identity", "p_keep",
+                   "p_change", "error"]
+QUESTION_COLUMNS = ["id", "reference", "edited", "instruction", "kind", "question", "images", "expected", "p_yes",
+                    "margin", "error"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One pair of a list: `reference`/`edited` as the list names them, `*_path` where this machine reads them."""
+
+    id: str
+    reference: str
+    edited: str
+    instruction: str
+    reference_path: str
+    edited_path: str
+    edit_type: str = "edit"
+    object_name: str = ""
+    keep: str = ""  # object names separated by "; "
+    new: str = ""
+    gone: str = ""
+    line: int = 0  # where the list has it (a CSV's header is line 1)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _csv_rows(path: Path, label: str) -> list[tuple[int, dict]]:
+    """(line the row starts on, row) for each non-blank row of a CSV file with a header line."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(f, strict=True)
+            missing = [k for k in REQUIRED if k not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{label}:1: no {', '.join(missing)} column (the header needs "
+                                 f"{', '.join(REQUIRED)})")
+            start = 2
+            for row in reader:
+                if None in row:  # more cells than the header names: a value would be dropped silently
+                    raise ValueError(f"{label}:{start}: {len(reader.fieldnames) + len(row[None])} cells, the header "
+                                     f"names {len(reader.fieldnames)}")
+                if any(_text(v) for v in row.values()):
+                    rows.append((start, row))
+                start = reader.line_num + 1  # a quoted cell may span lines
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{label} is not a readable CSV list of pairs: {exc}") from None
+    return rows
+
+
+def image_path(listing: str | os.PathLike, name: str) -> str:
+    """Where an image a list names is read: an absolute (or ~) path as it is, a relative one from the list's folder;
+    "" stays "" (no image, which the loader names as such, not the list's folder)."""
+    if not name:
+        return ""
+    path = Path(name).expanduser()
+    return str(path if path.is_absolute() else Path(listing).parent / path)
+
+
+def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
+    """The pairs of a .jsonl or .csv list: reference, edited, instruction required; id (default: the line number),
+    edit_type, object_name (or object), keep, new, gone optional. A list without a required key or column, or with a
+    line that cannot be read, is a ValueError naming it as `label`:N (`label` defaults to the path), before any pair
+    is judged; a blank image or instruction is that pair's error when it is judged (the others still are)."""
+    path = Path(path)
+    label = label or str(path)
+    if path.suffix.lower() not in LIST_SUFFIXES:
+        raise ValueError(f"{label}: a list of pairs is a .jsonl or .csv file")
+    if not path.is_file():
+        raise ValueError(f"{label} not found")
+    if path.suffix.lower() == ".csv":
+        rows = _csv_rows(path, label)
+    else:
+        rows = read_json_lines(path, REQUIRED, text=(*REQUIRED, "edit_type", "object_name", "object"), label=label)
+    pairs = []
+    for n, row in rows:
+        try:
+            edit_type = edit_type_name(_text(row.get("edit_type")) or None)
+        except ValueError as exc:
+            raise ValueError(f"{label}:{n}: {exc}") from None
+        reference, edited = _text(row["reference"]), _text(row["edited"])
+        pairs.append(Pair(id=_text(row.get("id")) or str(n), reference=reference, edited=edited,
+                          instruction=row["instruction"] or "", reference_path=image_path(path, reference),
+                          edited_path=image_path(path, edited), edit_type=edit_type,
+                          object_name=_text(row.get("object_name")) or _text(row.get("object")),
+                          **{k: "; ".join(object_names(row.get(k))) for k in ("keep", "new", "gone")}, line=n))
+    if not pairs:
+        raise ValueError(f"{label} lists no pairs")
+    return pairs
+
+
+def as_named(message: str, pair: Pair) -> str:
+    """`message` with the pair's image paths on this machine (an upload's is gradio's copy, /tmp/gradio/<hash>/x.png)
+    replaced by the names the list gives them, and any other mention of their folders dropped."""
+    images = [(pair.reference_path, pair.reference), (pair.edited_path, pair.edited)]
+    for path, name in sorted(images, key=lambda image: -len(image[0])):  # longest first: one path may start another
+        message = message.replace(path, name)
+    for path, _ in images:
+        if Path(path).is_absolute():
+            message = message.replace(str(Path(path).parent) + os.sep, "")
+    return message
+
+
+def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[tuple[dict, list[dict]]]:
+    """For each pair, its verdict row (VERDICT_COLUMNS) and its question rows (QUESTION_COLUMNS), every digit kept.
+    A pair that cannot be judged gets its reason in `error` (one question row, with it) and the others go on; with
+    `named` (a public app) the reason names images as the list does, never by their path on this machine."""
+    from .verdicts import judge_edit
+
+    for p in pairs:
+        names = {"id": p.id, "reference": p.reference, "edited": p.edited, "instruction": p.instruction}
+        try:
+            v = judge_edit(judge, p.reference_path, p.edited_path, p.instruction, edit_type=p.edit_type,
+                           object_name=p.object_name or None, keep=object_names(p.keep), new=object_names(p.new),
+                           gone=object_names(p.gone))
+        except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
+            error = as_named(str(exc), p) if named else str(exc)
+            yield ({**dict.fromkeys(VERDICT_COLUMNS), **names, "edit_type": p.edit_type, "error": error},
+                   [{**dict.fromkeys(QUESTION_COLUMNS), **names, "error": error}])
+            continue
+        yield ({**names, "edit_type": p.edit_type, "p_edit": v.p_edit, "p_identity": v.p_identity,
+                "p_keep": v.p_keep, "p_change": v.p_change, "error": ""},
+               [{**names, "kind": q["kind"], "question": q["text"], "images": " + ".join(q["images"]),
+                 "expected": q["expected"], "p_yes": q["p_yes"], "margin": q["margin"], "error": ""}
+                for q in v.questions])
+
+
+class RowWriter:
+    """Rows written as they come: to a .csv file (a header, an empty cell for None), else as JSON lines (null)."""
+
+    def __init__(self, path: str | os.PathLike, columns: list[str]):
+        self.path, self.columns = Path(path), columns
+        self.csv = self.path.suffix.lower() == ".csv"
+        self.file = open(self.path, "w", newline="" if self.csv else None, encoding="utf-8")
+        if self.csv:
+            self.writer = csv.DictWriter(self.file, columns)
+            self.writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        """One row (its keys: `columns`), flushed so a long run stopped midway keeps what it judged."""
+        row = {k: row.get(k) for k in self.columns}
+        if self.csv:
+            self.writer.writerow(row)
+        else:
+            self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
