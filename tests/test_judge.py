@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -370,3 +371,52 @@ def test_best_of_picks_the_highest_score_first_on_ties_and_never_a_nan():
     nan = float("nan")
     for scores, best in (([nan, 1.0, 2.0], 2), ([1.0, 1.0], 0), ([-3.0, -1.0, -1.0], 1), ([nan, nan], 0)):
         assert Candidates([None] * len(scores), [SimpleNamespace(score=s) for s in scores]).best == best
+
+
+PEAK_PROBE = """
+import sys
+import torch
+from npedit.judges.chat import round_to_8bit
+from npedit.verdicts import _pixels01
+
+def rise_mb(step):
+    # peak resident memory during step() over what was resident before it (Linux: clear_refs 5 resets the peak)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    before = int(status["VmRSS"].split()[0])
+    out = step()
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return out, (int(status["VmHWM"].split()[0]) - before) / 1024
+
+x, loaded = rise_mb(lambda: _pixels01(sys.argv[1]))  # (1, 3, 2000, 3000) float32: 72 MB
+with torch.no_grad():
+    _, rounded = rise_mb(lambda: round_to_8bit(x))
+print(loaded, rounded)
+"""
+
+
+def test_a_large_photo_is_judged_without_copies_of_its_pixels(tmp_path):
+    """A 12-MP photo took a tiny judge to 1.5-2 GB: its pixels went to [-1, 1] and back (~460 MB of temporaries for
+    144 MB) and the judge's 8-bit rounding held four copies without gradient to pass through. Loading now takes the
+    pixels plus their 8-bit array, rounding one copy; the values are the same (the 8-bit grid)."""
+    import subprocess
+    import sys
+
+    from cli_runner import ROOT  # tests/cli_runner.py
+    from npedit.judges.chat import round_to_8bit
+    from npedit.verdicts import _pixels01
+
+    photo = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png", compress_level=1)
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(tmp_path / "photo.png")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, rounded = map(float, out.stdout.split())
+    assert loaded < 2 * 72 and rounded < 1.5 * 72, (loaded, rounded)  # MB, for 72 MB of pixels (before: 300, 216)
+    pixels = _pixels01(tmp_path / "photo.png")
+    assert torch.equal(pixels * 255, (pixels * 255).round())  # on the 8-bit grid
+    x = (torch.rand(1, 3, 40, 50) * 1.2 - 0.1).requires_grad_(True)
+    with torch.no_grad():
+        assert torch.allclose(round_to_8bit(x), round_to_8bit(x.detach().requires_grad_(True)), atol=1e-7, rtol=0)
+    assert round_to_8bit(x).requires_grad  # the straight-through form when a gradient is asked
