@@ -732,9 +732,12 @@ def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         jobs.start_job(root / "orphan", ["max_steps=1"], runs_root=root, device="cpu")
     monkeypatch.setattr(jobs.subprocess, "Popen", real_popen)
-    monkeypatch.setattr(jobs, "STARTING_GRACE_S", 0.0)  # long past its start: the pid must come from somewhere
     try:
-        st = _wait(root / "orphan", lambda s: s.pid is not None, timeout=10)
+        _wait(root / "orphan", lambda s: s.pid is not None, timeout=30)  # the job has written job.pid
+        # long past its start: the pid must come from somewhere (set only now: a status read before the job wrote
+        # its pid, within the real grace, would otherwise count it as never started and free the device)
+        monkeypatch.setattr(jobs, "STARTING_GRACE_S", 0.0)
+        st = jobs.job_status(root / "orphan")
         assert st.state == "running" and st.pid == started[0].pid
         assert jobs.active_job(root, "cpu") == (root / "orphan").resolve()
         with pytest.raises(jobs.JobBusy, match="busy with run 'orphan'"):
@@ -743,7 +746,7 @@ def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, mo
         assert started[0].wait(timeout=5) is not None
     finally:
         if started[0].poll() is None:
-            started[0].kill()
+            os.killpg(started[0].pid, signal.SIGKILL)  # the job's whole group: its shell and the sleeping trainer
             started[0].wait()
 
 
