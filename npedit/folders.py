@@ -325,6 +325,12 @@ def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -
     weights (plus SIZE_MARGIN) and fits in the memory available at `dtype` (2 bytes an element when None); builds
     it on the meta device, stopped as soon as it passes, so a config asking for a huge model fails at once. Returns
     the elements of its parameters and buffers."""
+    return build_on_meta(folder, model_class, dtype)[1]
+
+
+def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None):
+    """`check_model_size`'s build, returning the model it built on the meta device (shapes only, no memory) and the
+    elements of its parameters and buffers."""
     import torch
     from torch.nn.modules import module as torch_module
 
@@ -357,7 +363,7 @@ def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -
              torch_module.register_module_buffer_registration_hook(counted)]
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated
-            build()
+            model = build()
     except _TooLarge:
         asks = f"{folder}: its config.json builds a {model_class.__name__} of more than {count[0]:,} parameters"
         if bound < by_weights:
@@ -368,7 +374,7 @@ def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -
     finally:
         for hook in hooks:
             hook.remove()
-    return count[0]
+    return model, count[0]
 
 
 def _read_json(file: Path) -> dict:

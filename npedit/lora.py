@@ -59,13 +59,9 @@ def _targeted(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) or t in parts for t in targets)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, targets: tuple[str, ...] = (),
-             train: tuple[str, ...] = ()) -> list[str]:
-    """Wrap the linear layers of `model` that `targets` name (default `DEFAULT_TARGETS`) in `LoRALinear` of this
-    rank (alpha 0: alpha = rank, a scale of 1), freeze every other parameter except those named in `train`, and
-    return the names of the wrapped layers. A target list that names no linear layer is an error."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+def targeted_layers(model: nn.Module, targets: tuple[str, ...] = ()) -> list[str]:
+    """The names of the linear layers of `model` that `targets` (default `DEFAULT_TARGETS`) choose for adapters; a
+    target list that names none is an error listing the layers there are."""
     targets = tuple(targets) or DEFAULT_TARGETS
     chosen = [name for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name
@@ -74,6 +70,23 @@ def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, targets: tuple[str
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"model.lora_targets {list(targets)} names no linear layer of {type(model).__name__} "
                          f"(its linear layers end in: {', '.join(linear[:20])})")
+    return chosen
+
+
+def adapter_elements(model: nn.Module, rank: int, targets: tuple[str, ...] = ()) -> int:
+    """Elements of the adapters `add_lora(model, rank, targets=targets)` would add: r x (in + out) per layer."""
+    layers = [model.get_submodule(name) for name in targeted_layers(model, targets)]
+    return rank * sum(layer.in_features + layer.out_features for layer in layers)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, targets: tuple[str, ...] = (),
+             train: tuple[str, ...] = ()) -> list[str]:
+    """Wrap the linear layers of `model` that `targets` name (default `DEFAULT_TARGETS`) in `LoRALinear` of this
+    rank (alpha 0: alpha = rank, a scale of 1), freeze every other parameter except those named in `train`, and
+    return the names of the wrapped layers. A target list that names no linear layer is an error."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    chosen = targeted_layers(model, targets)
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")

@@ -94,6 +94,8 @@ class Backbone(nn.Module):
     family: str = ""
     # The diffusers transformer classes this family drives (used to pick the family of a checkpoint).
     transformer_classes: tuple[type, ...] = ()
+    # The text encoders' subfolders and the transformers class each loads as (what the run's memory estimate builds)
+    text_encoder_classes: dict[str, type] = {}
 
     @classmethod
     def from_components(cls, transformer=None, **components) -> "Backbone":
@@ -147,23 +149,28 @@ class Backbone(nn.Module):
         """Load a transformer of this family from a hub id or folder (student: with reference support)."""
         raise NotImplementedError
 
-    def prepare_student(self, transformer: nn.Module, reference_mode: str = "tokens") -> nn.Module:
+    # (class methods, as add_layers and add_reference_encoder: the run's memory estimate builds a meta-device student
+    # with them before any backbone loads)
+    @classmethod
+    def prepare_student(cls, transformer: nn.Module, reference_mode: str = "tokens") -> nn.Module:
         """Return a student transformer initialised from `transformer` (a deep copy, plus any reference parameters);
         `reference_mode` says how it sees the reference where the family offers a choice."""
         raise NotImplementedError
 
-    def add_layers(self, student: nn.Module, count: int) -> tuple[nn.Module, list[int]]:
+    @classmethod
+    def add_layers(cls, student: nn.Module, count: int) -> tuple[nn.Module, list[int]]:
         """`student` grown by `count` transformer blocks that start as the identity (so it computes what it did),
         where the family supports it, and the new blocks' indices; `count` 0 returns it unchanged."""
         if count:
-            raise ValueError(f"the {self.family} family cannot grow a student (model.add_layers must be 0)")
+            raise ValueError(f"the {cls.family} family cannot grow a student (model.add_layers must be 0)")
         return student, []
 
-    def add_reference_encoder(self, student: nn.Module, layers: int, width: int = 64, gated: bool = False) -> nn.Module:
+    @classmethod
+    def add_reference_encoder(cls, student: nn.Module, layers: int, width: int = 64, gated: bool = False) -> nn.Module:
         """`student` with a convolutional encoder of `layers` layers over its reference (0: unchanged), where the
         family offers one; `gated`: its output normalised behind a learnt gate that starts at zero."""
         if layers:
-            raise ValueError(f"the {self.family} family has no reference encoder (model.reference_encoder must be 0)")
+            raise ValueError(f"the {cls.family} family has no reference encoder (model.reference_encoder must be 0)")
         return student
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -244,6 +244,8 @@ class SD3Backbone(Backbone):
 
     family = "sd3"
     transformer_classes = (SD3Transformer2DModel,)
+    text_encoder_classes = {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+                            "text_encoder_3": T5EncoderModel}
 
     def __init__(
         self,
@@ -314,10 +316,11 @@ class SD3Backbone(Backbone):
         """Load tokenizer(s), CLIP(s), optional T5 and VAE from a diffusers-layout folder or hub id."""
         path = locate(path)
         parts = {}
+        encoders = cls.text_encoder_classes
         for name, loader in (
-            ("tokenizer", AutoTokenizer), ("text_encoder", CLIPTextModelWithProjection),
-            ("tokenizer_2", AutoTokenizer), ("text_encoder_2", CLIPTextModelWithProjection),
-            ("tokenizer_3", AutoTokenizer), ("text_encoder_3", T5EncoderModel), ("vae", AnyVAE),
+            ("tokenizer", AutoTokenizer), ("text_encoder", encoders["text_encoder"]),
+            ("tokenizer_2", AutoTokenizer), ("text_encoder_2", encoders["text_encoder_2"]),
+            ("tokenizer_3", AutoTokenizer), ("text_encoder_3", encoders["text_encoder_3"]), ("vae", AnyVAE),
         ):
             kwargs = {} if name.startswith("tokenizer") else {"torch_dtype": torch_dtype, "use_safetensors": True}
             required = name in ("tokenizer", "text_encoder", "vae")
@@ -417,7 +420,8 @@ class SD3Backbone(Backbone):
             _zero_ref_embed(model)
         return model
 
-    def prepare_student(self, transformer, reference_mode: str = "tokens"):
+    @classmethod
+    def prepare_student(cls, transformer, reference_mode: str = "tokens"):
         """An `NPEditSD3Transformer2DModel` with the teacher's config and copied weights, its reference parameters
         zero (`ref_embed` or `ref_proj`, by `reference_mode`), trainable."""
         with torch.device("meta"):  # no random init of a multi-billion-parameter model
@@ -432,11 +436,12 @@ class SD3Backbone(Backbone):
             state["ref_proj.bias"] = torch.zeros(student.inner_dim, **zeros)
         student.load_state_dict(state, strict=True, assign=True)
         left = [n for n, p in [*student.named_parameters(), *student.named_buffers()] if p.is_meta]
-        if left:
+        if left and not anchor.is_meta:  # (a teacher on the meta device, for a memory estimate, gives a meta student)
             raise RuntimeError(f"prepare_student left tensors uninitialised: {left}")
         return student.requires_grad_(True).train()
 
-    def add_reference_encoder(self, student, layers: int, width: int = 64, gated: bool = False):
+    @classmethod
+    def add_reference_encoder(cls, student, layers: int, width: int = 64, gated: bool = False):
         """Give `student` a `ReferenceEncoder` of `layers` convolutions whose output is zero at init (see the module
         docstring; `gated` picks the normalised, gated output); a student that has one of that depth is returned
         as it is."""
@@ -453,7 +458,8 @@ class SD3Backbone(Backbone):
                    reference_encoder_gated=gated)
         return student.requires_grad_(True)
 
-    def add_layers(self, student, count: int):
+    @classmethod
+    def add_layers(cls, student, count: int):
         """`student` with `count` more transformer blocks, inserted before its last one (which, in SD3, reads the
         text tokens without updating them). Each new block starts as a copy of the block before the insertion
         point whose output projections (attention and feed-forward, image and text stream) are zero, so it passes

@@ -19,6 +19,21 @@ VAE_CLASSES = {
 }
 
 
+def vae_class(config: dict, folder: str | os.PathLike) -> type:
+    """The class of `VAE_CLASSES` a VAE's config (of `folder`, for messages) names, AutoencoderKL if none;
+    CheckpointError for another class or a transformers model."""
+    from npedit.folders import CheckpointError
+
+    name = config.get("_class_name", "AutoencoderKL" if "model_type" not in config else None)
+    if name is None:
+        raise CheckpointError(f"{folder} is not a VAE (a transformers model of type {config['model_type']!r}); "
+                              f"supported VAE classes: {', '.join(VAE_CLASSES)}")
+    if name not in VAE_CLASSES:
+        raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
+    module, cls = VAE_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
 class AnyVAE:
     """`from_pretrained` for whichever class of `VAE_CLASSES` the folder's config names (AutoencoderKL if none), or
     only the class `only` names (a recipe that trains that class)."""
@@ -33,17 +48,9 @@ class AnyVAE:
         folder = Path(path, subfolder or "")
         if looks_local(path) and not (folder / "config.json").is_file():
             raise CheckpointError(f"{describe(folder)}: a VAE folder holds config.json and its weights")
-        config = AutoencoderKL.load_config(str(path), **kw)
-        name = config.get("_class_name", "AutoencoderKL" if "model_type" not in config else None)
-        if name is None:
-            raise CheckpointError(f"{folder} is not a VAE (a transformers model of type {config['model_type']!r}); "
-                                  f"supported VAE classes: {', '.join(VAE_CLASSES)}")
-        if name not in VAE_CLASSES:
-            raise CheckpointError(f"{folder}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
-        if only is not None and name != only:
-            raise CheckpointError(f"{folder} holds a {name}, not the {only} this needs")
-        module, cls = VAE_CLASSES[name]
-        model_class = getattr(importlib.import_module(module), cls)
+        model_class = vae_class(AutoencoderKL.load_config(str(path), **kw), folder)
+        if only is not None and model_class.__name__ != only:
+            raise CheckpointError(f"{folder} holds a {model_class.__name__}, not the {only} this needs")
         check_size(path, model_class, kwargs.get("torch_dtype"), subfolder)
         return model_class.from_pretrained(str(path), **kw, **{"use_safetensors": True, **kwargs})
 

@@ -188,6 +188,7 @@ class ZImageBackbone(Backbone):
 
     family = "zimage"
     transformer_classes = (ZImageTransformer2DModel, NPEditZImageTransformer2DModel)
+    text_encoder_classes = {"text_encoder": AutoModel}
 
     def __init__(self, text_encoder, tokenizer, vae, reference_layout: str = "omni", max_patches: int | None = None):
         super().__init__()
@@ -216,10 +217,11 @@ class ZImageBackbone(Backbone):
         if Path(path).is_dir() and missing:
             raise FileNotFoundError(f"{path} has no {', '.join(missing)} folder; a Z-Image checkpoint needs them")
         # a config asking for a far larger model than its weights fails here, at once (a hub id: on its cached copy)
-        check_size(path, AutoModel, torch_dtype, "text_encoder")
+        encoder_class = cls.text_encoder_classes["text_encoder"]
+        check_size(path, encoder_class, torch_dtype, "text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype,
-                                                   use_safetensors=True)
+        text_encoder = encoder_class.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype,
+                                                     use_safetensors=True)
         vae = AnyVAE.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
         return cls(text_encoder, tokenizer, vae)
 
@@ -284,7 +286,8 @@ class ZImageBackbone(Backbone):
         model_class = transformer_class(path, subfolder, torch_dtype)
         return model_class.from_pretrained(str(path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
 
-    def prepare_student(self, transformer, reference_mode="tokens"):
+    @classmethod
+    def prepare_student(cls, transformer, reference_mode="tokens"):
         if reference_mode != "tokens":  # Z-Image's omni mode sees the reference as tokens, as it was trained
             raise ValueError(f"the Z-Image family sees the reference as tokens only, not {reference_mode!r}")
         return copy.deepcopy(transformer).requires_grad_(True).train()
