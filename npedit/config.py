@@ -255,6 +255,9 @@ class TrainConfig:
     sample_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2
+    # Before any weights load, refuse a run whose models (student, critic, teacher, judge, VAE, text encoders, with
+    # the optimiser's state; activations not counted) need more memory than the device has free (training/memory.py)
+    check_memory: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     data: DataConfig = field(default_factory=DataConfig)

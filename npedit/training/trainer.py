@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from .datasets import EpochSampler, build_dataset
 from .export import save_critic
 from .logging import MetricsLogger, sample_grid
+from .memory import check_run_memory, matching
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,6 +121,8 @@ class Trainer:
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
+        if cfg.check_memory:  # from the models' configs alone: a run that cannot fit stops before minutes of loading
+            self.acc.print(check_run_memory(cfg, device))
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
         self.teacher = self.backbone.load_transformer(cfg.model.base, torch_dtype=dtype).requires_grad_(False).eval()
         self.teacher.to(device)
@@ -184,8 +187,7 @@ class Trainer:
     def _freeze(net, names: tuple[str, ...]) -> None:
         """Stop the parameters named (or under the prefixes named) from learning; a name matching none is an error."""
         params = dict(net.named_parameters())
-        for name in names:
-            hit = [k for k in params if k == name or k.startswith(name.rstrip(".") + ".")]
+        for name, hit in matching(params, names).items():
             if not hit:
                 near = sorted({k.split(".")[0] for k in params})
                 raise ValueError(f"optim.frozen: {name!r} names no parameter of the student (its top-level parts: "
