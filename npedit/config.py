@@ -112,9 +112,9 @@ class JudgeConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training samples: a cases.jsonl manifest (see npedit.data) or a generated domain."""
+    """Training samples: a cases.jsonl or .csv manifest (see npedit.data) or a generated domain."""
 
-    train: str = ""  # path to a cases.jsonl, or "shapes" for the built-in Shapes world
+    train: str = ""  # path to a cases.jsonl (or .csv) manifest, or "shapes" for the built-in Shapes world
     # A manifest may name images outside its own folder (absolute, `../`, links out of it): the CLI's user owns the
     # disk, and `edit --verdicts` writes absolute paths. False confines a manifest someone else wrote to its own
     # folder; the app's jobs always run with False.
@@ -280,7 +280,7 @@ class TrainConfig:
         if not self.model.base:
             raise ValueError("model.base is required: a folder or hub id of the text-to-image backbone")
         if not self.data.train:
-            raise ValueError("data.train is required: a cases.jsonl path or 'shapes'")
+            raise ValueError("data.train is required: a cases.jsonl (or .csv) path or 'shapes'")
         if self.stage == "npedit" and self.loss.lambda_vlm > 0 and not self.judge.path:
             raise ValueError("judge.path is required for stage 'npedit' unless loss.lambda_vlm=0")
         if min(self.loss.lambda_dmd, self.loss.lambda_vlm, self.loss.lambda_target) < 0:

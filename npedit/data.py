@@ -10,6 +10,8 @@ A manifest is a JSON-lines file, one sample a line:
      "new": ["red car"],                                  # optional: objects the edit creates (judge.change_questions)
      "gone": ["blue car"],                                # optional: objects the edit must make disappear
      "target": "targets/0001.png"}                        # only for the paired-SFT baseline
+or a .csv file (a spreadsheet's) with a header line naming the same columns, one sample a row, a list column as one
+cell "tree; red house" (`read_csv_rows`: cells separated by ',', ';' or tabs; errors name the line, the header's 1).
 Paths are resolved against the manifest's folder; absolute paths and `../` are allowed. With `allow_outside_paths`
 off (the setting `data.allow_outside_paths=false`, which the app's jobs always use) they must stay inside that folder,
 links followed, so a manifest from someone else trains on its own images, not on any other file of the disk.
@@ -18,6 +20,8 @@ links followed, so a manifest from someone else trains on its own images, not on
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 import json
 import logging
 import os
@@ -108,17 +112,28 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (code
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE's mark starts like UTF-16 LE's
 
 
-def json_lines_text(path: Path, label: str) -> str:
-    """The text of a JSON-lines file: UTF-8, or UTF-8/16/32 after a byte-order mark (what Windows editors and
-    PowerShell's `>` write); bytes that are not text are a ValueError naming their line as `label`:N."""
+def file_text(path: Path, label: str) -> str:
+    """The text of a JSON-lines or CSV file: UTF-8, or UTF-8/16/32 after a byte-order mark (what Windows editors,
+    PowerShell's `>` and spreadsheets write); bytes that are not text are a ValueError naming their line as
+    `label`:N."""
     data = path.read_bytes()
     codec = next((c for bom, c in _BOMS if data.startswith(bom)), "utf-8")
     try:
-        return data.decode(codec)
+        text = data.decode(codec)
     except UnicodeDecodeError as exc:
         line = data[:exc.start].decode(codec, errors="replace").count("\n") + 1
         raise ValueError(f"{label}:{line}: not {codec.upper().removesuffix('-SIG')} text (byte "
                          f"{data[exc.start]:#04x} at offset {exc.start}): save the file as UTF-8") from None
+    if "\0" in text:  # never in JSON or CSV text; UTF-16 read as UTF-8 is every other byte
+        line = len(LINE_BREAK.split(text[:text.index("\0")]))
+        raise ValueError(f"{label}:{line}: holds NUL bytes: is the file UTF-16 without its byte-order mark? "
+                         f"Save it as UTF-8")
+    return text
+
+
+# Only real line breaks: str.splitlines also splits at U+2028, U+0085..., which a JSON string may hold as they are
+# (json.dumps(..., ensure_ascii=False) writes them so); a raw \r or \n cannot be inside a JSON string.
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, text: tuple[str, ...] = (),
@@ -129,19 +144,15 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, 
     path = Path(path)
     label = label or str(path)
     rows = []
-    # Only real line breaks: str.splitlines also splits at U+2028, U+0085..., which a JSON string may hold as they are
-    # (json.dumps(..., ensure_ascii=False) writes them so); a raw \r or \n cannot be inside a JSON string.
-    for n, line in enumerate(re.split(r"\r\n|\r|\n", json_lines_text(path, label)), 1):
+    for n, line in enumerate(LINE_BREAK.split(file_text(path, label)), 1):
         if not line.strip():
             continue
-        if "\0" in line:  # never in JSON text; UTF-16 read as UTF-8 is every other byte
-            raise ValueError(f"{label}:{n}: holds NUL bytes: is the file UTF-16 without its byte-order mark? "
-                             f"Save it as UTF-8")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            hint = "" if rows else (" (a JSON-lines file holds one {...} object per line: not CSV, nor one JSON array "
-                                    "or object spread over several lines)")
+            hint = "" if rows else (" (a JSON-lines file holds one {...} object per line: not CSV, which is read as "
+                                    "such from a file named .csv, nor one JSON array or object spread over several "
+                                    "lines)")
             raise ValueError(f"{label}:{n}: not valid JSON ({exc}){hint}") from None
         except RecursionError:  # "[[[[..." thousands deep: Python's parser gives up
             raise ValueError(f"{label}:{n}: JSON nested too deeply to read (one flat {{...}} per line)") from None
@@ -156,6 +167,55 @@ def read_json_lines(path: str | os.PathLike, required: tuple[str, ...] = (), *, 
                 raise ValueError(f"{label}:{n}: {key} must be text (a string), got {row[key]!r}")
         rows.append((n, row))
     return rows
+
+
+CSV_SUFFIXES = (".csv", ".tsv")
+
+
+def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, label: str | None = None,
+                  what: str = "table") -> list[tuple[int, dict]]:
+    """(line the row starts on, {column: cell}) for each non-blank row of a CSV file with a header line naming the
+    `required` columns (and any others); cells separated by ',', ';' or tabs, whichever the header uses (a European
+    spreadsheet's CSV takes ';'); the text as `file_text` reads it. A bad row is a ValueError naming its line as
+    `label`:N, the header being line 1; `what` the file is, for the message of one that is no CSV at all."""
+    path = Path(path)
+    label = label or str(path)
+    text = file_text(path, label)
+    header = LINE_BREAK.split(text, maxsplit=1)[0]
+    delimiter = max(",;\t", key=header.count)  # the first of the most used: ',' when none is
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows, start = [], 1
+    try:
+        names = [name for name in reader.fieldnames or [] if name]
+        missing = [k for k in required if k not in names]
+        if missing:
+            raise ValueError(f"{label}:1: no {', '.join(missing)} column (the header line names the columns; it "
+                             f"needs {', '.join(required)})")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # else the last of them would be read and the others dropped
+            raise ValueError(f"{label}:1: the header names {', '.join(twice)} more than once")
+        start = reader.line_num + 1
+        for row in reader:
+            extra = row.pop(None, [])
+            if any(cell.strip() for cell in extra):  # a value the header names no column for would be dropped
+                raise ValueError(f"{label}:{start}: {len(reader.fieldnames) + len(extra)} cells, the header names "
+                                 f"{len(reader.fieldnames)} (a cell holding '{delimiter}' needs quotes around it)")
+            row.pop("", None)  # an unnamed column (a spreadsheet's blank header cell)
+            if any((v or "").strip() for v in row.values()):
+                rows.append((start, row))
+            start = reader.line_num + 1  # a quoted cell may span lines
+    except csv.Error as exc:
+        raise ValueError(f"{label}:{start}: not a readable CSV {what}: {exc}") from None  # (the row it began)
+    return rows
+
+
+def read_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, text: tuple[str, ...] = (),
+              label: str | None = None, what: str = "table") -> list[tuple[int, dict]]:
+    """(line, row) of a .csv/.tsv file (`read_csv_rows`, every cell text) or else of a JSON-lines file
+    (`read_json_lines`): the one reader of manifests and pair lists."""
+    if Path(path).suffix.lower() in CSV_SUFFIXES:
+        return read_csv_rows(path, required, label=label, what=what)
+    return read_json_lines(path, required, text=text, label=label)
 
 
 TEXT_FIELDS = ("image", "target", "instruction", "caption_reference", "caption_target", "edit_type", "object_name")
@@ -177,25 +237,26 @@ def manifest_file(path: Path, value: str, n: int, key: str, allow_outside_paths:
 
 
 def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) -> list[EditRecord]:
-    """Parse a cases.jsonl manifest, resolving its paths against its folder (confined to it unless
+    """Parse a cases.jsonl (or cases.csv) manifest, resolving its paths against its folder (confined to it unless
     `allow_outside_paths`); errors name the line."""
     path = Path(path)
     if path.is_dir():
-        inside = sorted(path.glob("*.jsonl"))
+        inside = sorted(f for f in path.iterdir() if f.suffix.lower() in (".jsonl", *CSV_SUFFIXES))
         hint = f": did you mean data.train={inside[0]}?" if len(inside) == 1 else ""
         raise FileNotFoundError(f"{path} is a folder{hint}; a manifest is a cases.jsonl file, one line per image with "
                                 f'its instruction, e.g. {{"image": "images/0001.png", "instruction": "make the car '
-                                f'red"}} (format: npedit/data.py; the app\'s Train tab writes one from uploads)')
+                                f'red"}}, or a cases.csv with those columns (format: npedit/data.py; the app\'s Train '
+                                f'tab writes one from uploads)')
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     records, lines = [], []
     fields = set(EditRecord.__dataclass_fields__)
-    for n, raw in read_json_lines(path, ("image", "instruction"), text=TEXT_FIELDS):
+    for n, raw in read_rows(path, ("image", "instruction"), text=TEXT_FIELDS, what="manifest"):
         # else a number, a list or a mapping would train as its Python spelling ("['x']", "{'a': 1}", "1;None")
         for key in ("keep", "new", "gone"):
             value = raw.get(key)
-            if isinstance(value, list) and all(isinstance(x, str) for x in value):
-                raw[key] = ";".join(object_names(value))
+            if isinstance(value, (list, str)) and all(isinstance(x, str) for x in value):
+                raw[key] = ";".join(object_names(value))  # a list, "a; b" and "a;b" alike
             elif value is not None and not isinstance(value, str):
                 raise ValueError(f"{path}:{n}: {key} must be object names: a list of strings, or one string "
                                  f"separated by ';', got {value!r}")
@@ -205,7 +266,8 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) 
         if not (raw["image"] or "").strip():
             raise ValueError(f"{path}:{n}: image is empty (each line names its image file)")
         raw = {k: ("" if v is None else str(v)) for k, v in raw.items() if k in fields}
-        raw.setdefault("id", f"{n:06d}")
+        if not raw.get("id"):  # (a CSV's empty id cell too)
+            raw["id"] = f"{n:06d}"
         for key in ("image", "target"):
             if "\0" in raw.get(key, ""):  # else os.stat's "embedded null byte", naming no line
                 raise ValueError(f"{path}:{n}: {key} holds a NUL character, which no file name can")

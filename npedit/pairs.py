@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import object_names, read_json_lines
+from .data import object_names, read_rows
 from .edit_types import edit_type_name
 from .images import ImageError
 
@@ -46,29 +46,6 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _csv_rows(path: Path, label: str) -> list[tuple[int, dict]]:
-    """(line the row starts on, row) for each non-blank row of a CSV file with a header line."""
-    rows = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.DictReader(f, strict=True)
-            missing = [k for k in REQUIRED if k not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{label}:1: no {', '.join(missing)} column (the header needs "
-                                 f"{', '.join(REQUIRED)})")
-            start = 2
-            for row in reader:
-                if None in row:  # more cells than the header names: a value would be dropped silently
-                    raise ValueError(f"{label}:{start}: {len(reader.fieldnames) + len(row[None])} cells, the header "
-                                     f"names {len(reader.fieldnames)}")
-                if any(_text(v) for v in row.values()):
-                    rows.append((start, row))
-                start = reader.line_num + 1  # a quoted cell may span lines
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{label} is not a readable CSV list of pairs: {exc}") from None
-    return rows
-
-
 def image_path(listing: str | os.PathLike, name: str) -> str:
     """Where an image a list names is read: an absolute (or ~) path as it is, a relative one from the list's folder;
     "" stays "" (no image, which the loader names as such, not the list's folder)."""
@@ -89,10 +66,8 @@ def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
         raise ValueError(f"{label}: a list of pairs is a .jsonl or .csv file")
     if not path.is_file():
         raise ValueError(f"{label} not found")
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path, label)
-    else:
-        rows = read_json_lines(path, REQUIRED, text=(*REQUIRED, "edit_type", "object_name", "object"), label=label)
+    rows = read_rows(path, REQUIRED, text=(*REQUIRED, "edit_type", "object_name", "object"), label=label,
+                     what="list of pairs")
     pairs = []
     for n, row in rows:
         try:

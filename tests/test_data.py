@@ -1,4 +1,5 @@
 import codecs
+import csv
 import json
 from pathlib import Path
 
@@ -251,3 +252,71 @@ def test_pair_lists_read_alike_as_csv_and_json_lines(tmp_path):
         (tmp_path / "pairs.csv").write_text(text)
         with pytest.raises(ValueError, match=message):
             read_pairs(tmp_path / "pairs.csv")
+
+
+def _write_csv(path, rows, columns, **kwargs):
+    with open(path, "w", newline="", **{"encoding": "utf-8", **kwargs.pop("open", {})}) as f:
+        writer = csv.DictWriter(f, columns, **kwargs)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize("dialect", [
+    {},  # as pandas and Python write it
+    {"open": {"encoding": "utf-8-sig"}, "lineterminator": "\r\n"},  # Excel's "CSV UTF-8"
+    {"delimiter": ";"},  # a spreadsheet in a language whose decimal point is a comma
+    {"delimiter": "\t"},
+])
+def test_csv_manifest_reads_as_its_json_lines(tiny_manifest, dialect):
+    """A manifest from a spreadsheet, .csv with the JSON lines' columns (a list as one cell "a; b"), trains as the
+    same samples; a blank row and an empty cell are nothing, a quoted cell may span lines, unknown columns are
+    passed over (as unknown keys of a JSON line are)."""
+    from npedit.config import DataConfig
+    from npedit.training.datasets import build_dataset
+
+    rows = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    columns = ["id", "image", "target", "instruction", "caption_reference", "caption_target", "edit_type",
+               "object_name", "keep", "new", "gone", "notes"]
+    cells = [{**row, **{k: "; ".join(row[k]) for k in ("keep", "new", "gone") if isinstance(row.get(k), list)},
+              "notes": "a note,\non two lines"} for row in rows]
+    f = tiny_manifest.with_name("cases.csv")
+    _write_csv(f, [cells[0], cells[1], {}, cells[2], cells[3]], columns, **dict(dialect))
+    assert load_manifest(f) == load_manifest(tiny_manifest)
+    assert [r.keep_names for r in load_manifest(f)][:2] == [["blue square", "red circle"],
+                                                             ["red circle", "green triangle"]]
+    ds = build_dataset(DataConfig(train=str(f)), stage="sft", seed=0)
+    assert len(ds) == 4 and ds[3]["target"].shape == (3, 64, 64)
+    _write_csv(f, [{"image": "images/0.png", "instruction": "make it red"}], ["id", "image", "instruction"])
+    assert [(r.id, r.instruction) for r in load_manifest(f)] == [("000002", "make it red")]  # no id: its line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image,caption\na.png,x\n", "m.csv:1: no instruction column"),
+    ("a.png,make it red\n", "m.csv:1: no image, instruction column"),  # no header line
+    ("image,instruction\na.png,x\nb.png,y,z\n", "m.csv:3: 3 cells, the header names 2"),
+    ("image,instruction,instruction\na.png,x,y\n", "m.csv:1: the header names instruction more than once"),
+    ('image,instruction\na.png,"make it\nred"\nb.png,x,edit\n', "m.csv:4: 3 cells"),  # line 2's cell spans two
+    ("image,instruction,edit_type\na.png,x,\nb.png,y,remvoe\n", "m.csv:3: .*unknown edit_type 'remvoe'"),
+    ("image,instruction,edit_type\na.png,remove it,remove\n", "m.csv:2: .*needs object_name"),
+    ("image,instruction\n,make it red\n", "m.csv:2: image is empty"),
+    ("image,instruction\na.png,\n", "m.csv:2: .*empty instruction"),
+    ('image,instruction\na.png,"make it red\n', "m.csv:2: not a readable CSV manifest: unexpected end"),
+    ("image,instruction\n\n,\n", "m.csv: no samples"),
+    ("image,instruction\na.png,x\nb.png,caf\xe9\n", "m.csv:3: not UTF-8 text .*save the file as UTF-8"),
+    ("image,instruction\na\0.png,x\n", "m.csv:2: holds NUL bytes: is the file UTF-16"),
+])
+def test_csv_manifest_errors_name_the_line(tmp_path, text, message):
+    """A CSV manifest is checked as a JSON-lines one is, each mistake a ValueError naming the line (the header's 1),
+    also a row with more cells than the header names (a value the run would drop) and text Excel saved as
+    Windows-1252."""
+    f = tmp_path / "m.csv"
+    f.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=message):
+        load_manifest(f)
+
+
+def test_a_folder_names_its_csv_manifest(tmp_path):
+    (tmp_path / "cases.csv").write_text("image,instruction\na.png,x\n")
+    with pytest.raises(FileNotFoundError, match=f"did you mean data.train={tmp_path / 'cases.csv'}\\?"):
+        load_manifest(tmp_path)
+

@@ -380,7 +380,7 @@ def test_batch_list_lines_that_are_not_objects_and_questions_without_bound_are_r
         judging.read_pairs([str(listing)])
     broken = tmp_path / "pairs.csv"
     broken.write_text('reference,edited,instruction\n"a.png,b.png\n')
-    with pytest.raises(ValueError, match="pairs.csv is not a readable CSV list of pairs"):
+    with pytest.raises(ValueError, match="pairs.csv:2: not a readable CSV list of pairs: unexpected end of data"):
         judging.read_pairs([str(broken)])
     with pytest.raises(ValueError, match="the instruction has 100000 characters"):
         edit_questions("x" * 100_000)

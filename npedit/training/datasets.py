@@ -1,4 +1,4 @@
-"""Pick the training dataset named by `data.train`: a cases.jsonl manifest or a generated domain."""
+"""Pick the training dataset named by `data.train`: a cases.jsonl or .csv manifest or a generated domain."""
 
 from __future__ import annotations
 
