@@ -12,7 +12,8 @@ A manifest is a JSON-lines file, one sample a line:
      "target": "targets/0001.png"}                        # only for the paired-SFT baseline
 or a .csv file (a spreadsheet's) with a header line naming the same columns, one sample a row, a list column as one
 cell "tree; red house" (`read_csv_rows`: cells separated by ',', ';' or tabs; errors name the line, the header's 1).
-Paths are resolved against the manifest's folder; absolute paths and `../` are allowed. With `allow_outside_paths`
+Paths are resolved against the manifest's folder; absolute paths and `../` are allowed, and a Windows path
+(images\\0001.png) whose file is there with '/' in place of each '\\' is read so. With `allow_outside_paths`
 off (the setting `data.allow_outside_paths=false`, which the app's jobs always use) they must stay inside that folder,
 links followed, so a manifest from someone else trains on its own images, not on any other file of the disk.
 """
@@ -249,7 +250,7 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) 
                                 f'tab writes one from uploads)')
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    records, lines = [], []
+    records, lines, slashed = [], [], []
     fields = set(EditRecord.__dataclass_fields__)
     for n, raw in read_rows(path, ("image", "instruction"), text=TEXT_FIELDS, what="manifest"):
         # else a number, a list or a mapping would train as its Python spelling ("['x']", "{'a': 1}", "1;None")
@@ -272,7 +273,10 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) 
             if "\0" in raw.get(key, ""):  # else os.stat's "embedded null byte", naming no line
                 raise ValueError(f"{path}:{n}: {key} holds a NUL character, which no file name can")
             if raw.get(key):
-                raw[key] = manifest_file(path, raw[key], n, key, allow_outside_paths)
+                value = posix_spelling(path.parent, raw[key])
+                if value != raw[key]:
+                    slashed.append(f"{n} ({raw[key]})")
+                raw[key] = manifest_file(path, value, n, key, allow_outside_paths)
         try:
             records.append(EditRecord(**raw))
         except ValueError as exc:
@@ -280,8 +284,21 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) 
         lines.append(n)
     if not records:
         raise ValueError(f"{path}: no samples")
+    if slashed:
+        more = f" and {len(slashed) - 3} more" if len(slashed) > 3 else ""
+        logger.warning("%s: %d path(s) written with Windows backslashes are read with '/', the files being there "
+                       "(line %s%s)", path, len(slashed), ", ".join(slashed[:3]), more)
     _warn_repeats(path, records, lines)
     return records
+
+
+def posix_spelling(folder: Path, value: str) -> str:
+    """`value` with its backslashes turned to '/' when that names a file (from `folder`) and `value` itself names
+    none: a manifest written on Windows (images\\a.png), read where '\\' is a letter of a file name."""
+    if "\\" not in value or os.sep == "\\" or (folder / value).exists():
+        return value
+    posix = value.replace("\\", "/")
+    return posix if (folder / posix).exists() else value
 
 
 def _warn_repeats(path: Path, records: list[EditRecord], lines: list[int]) -> None:
@@ -301,7 +318,10 @@ def _warn_repeats(path: Path, records: list[EditRecord], lines: list[int]) -> No
 
 class EditDataset(Dataset):
     """Manifest samples as tensors in [-1, 1] at `resolution`, plus their text fields; a sample whose image cannot
-    be read is skipped with a warning (one bad file must not end a long run)."""
+    be read is skipped, the next one standing in (one bad file must not end a long run), and said so in a few lines
+    however many there are."""
+
+    NAMED = 3  # unreadable samples named one by one (per process) before the rest are only counted
 
     def __init__(self, records: list[EditRecord], resolution: int, *, need_target: bool = False):
         if need_target and any(not r.target for r in records):
@@ -312,6 +332,38 @@ class EditDataset(Dataset):
         self.resolution = resolution
         self.need_target = need_target
         self.unreadable: set[int] = set()  # samples skipped so far (per DataLoader worker)
+        self.reasons: list[str] = []  # why each was, in the order found
+        self.warned = 0  # samples found unreadable while drawing, each named in a warning up to NAMED
+        self._skip_missing()
+
+    def _skip_missing(self) -> None:
+        """Mark the samples whose image is not there at all (a wrong folder, Windows paths) before the first is drawn:
+        one warning with their count and the first few, or an ImageError when that is all of them."""
+        windows = False
+        for k, r in enumerate(self.records):
+            files = {"image": r.image, "target": r.target} if self.need_target else {"image": r.image}
+            missing = [(key, f) for key, f in files.items() if not Path(f).exists()]
+            if missing:
+                self.unreadable.add(k)
+                self.reasons.append(f"{r.id!r}: {missing[0][0]} not found: {missing[0][1]}")
+                windows |= any("\\" in f for _, f in missing)
+        if not self.reasons:
+            return
+        # (a Windows path whose '/' spelling exists was read so by load_manifest: these exist in neither)
+        hint = " Paths with '\\' are Windows paths: this machine reads '\\' as a letter of a file name." \
+            if windows and os.sep == "/" else ""
+        n = len(self.records)
+        if len(self.unreadable) == n:
+            raise ImageError(f"none of the {n:,} samples' images is there ({self._named()}): is the manifest in the "
+                             f"folder its paths start from?{hint}")
+        logger.warning("%s of %s samples name an image that is not there (%s); training goes on without them, the "
+                       "next sample standing in for each.%s", f"{len(self.unreadable):,}", f"{n:,}", self._named(),
+                       hint)
+
+    def _named(self) -> str:
+        """The first few reasons, and how many more."""
+        more = f"; and {len(self.reasons) - self.NAMED:,} more" if len(self.reasons) > self.NAMED else ""
+        return "; ".join(self.reasons[:self.NAMED]) + more
 
     def __len__(self) -> int:
         return len(self.records)
@@ -329,8 +381,14 @@ class EditDataset(Dataset):
                 return self._item(self.records[k])
             except ImageError as exc:
                 self.unreadable.add(k)
-                logger.warning("skipping sample %r: %s; training goes on without it", self.records[k].id, exc)
-        raise ImageError(f"none of the {n} samples' images can be read (see the warnings above)")
+                self.reasons.append(f"{self.records[k].id!r}: {exc}")
+                self.warned += 1
+                if self.warned <= self.NAMED:
+                    logger.warning("skipping sample %s; training goes on without it", self.reasons[-1])
+                elif self.warned == self.NAMED + 1:
+                    logger.warning("skipping sample %s, and from now on any other whose images cannot be read "
+                                   "without a warning each", self.reasons[-1])
+        raise ImageError(f"none of the {n:,} samples' images can be read ({self._named()})")
 
     def _item(self, r: EditRecord) -> dict:
         item = {

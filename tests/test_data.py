@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from npedit.data import DO_NOTHING, EditDataset, EditRecord, apply_do_nothing, collate, load_manifest, subset
 
@@ -97,17 +98,49 @@ def test_caption_fallback_and_do_nothing(tiny_manifest, tmp_path):
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tiny_manifest, tmp_path, caplog):
-    """One broken or missing image does not end a run: the next readable sample stands in, with a warning."""
+    """One broken or missing image does not end a run: the next readable sample stands in, with a warning (a missing
+    one's when the dataset is built, before any model loads; a broken one's when it is drawn)."""
     (tmp_path / "bad.png").write_bytes(b"not an image")
     bad = [EditRecord("bad", str(tmp_path / "bad.png"), "make it red"),
            EditRecord("gone", str(tmp_path / "missing.png"), "make it red")]
     ds = EditDataset([*bad, *load_manifest(tiny_manifest)[:2]], 16)
+    assert ds.unreadable == {1} and len(caplog.messages) == 1
+    assert caplog.messages[0] == (f"1 of 4 samples name an image that is not there ('gone': image not found: "
+                                  f"{tmp_path / 'missing.png'}); training goes on without them, the next sample "
+                                  "standing in for each.")
     assert [ds[i]["id"] for i in range(4)] == ["0", "0", "0", "1"] and ds.unreadable == {0, 1}
     assert len(caplog.messages) == 2  # once per bad sample
-    assert "'bad'" in caplog.messages[0] and "cannot read" in caplog.messages[0]
-    assert "'gone'" in caplog.messages[1] and "not found" in caplog.messages[1]
-    with pytest.raises(ValueError, match="none of the 2 samples' images can be read"):
+    assert "'bad'" in caplog.messages[1] and "cannot read" in caplog.messages[1]
+    with pytest.raises(ValueError, match="none of the 2 samples' images can be read \\('gone': image not found: .*; "
+                                         "'bad': cannot read"):
         EditDataset(bad, 16)[1]
+
+
+def test_many_unreadable_images_are_told_in_a_few_lines(tiny_manifest, tmp_path, caplog):
+    """A manifest whose images are mostly missing (a wrong folder) is one warning with their count and the first
+    few, not a line per sample; all missing is an error at once; many broken files are named up to NAMED, then one
+    line says the rest are skipped without a warning each, and the error, if none is left, counts them."""
+    good = load_manifest(tiny_manifest)[:2]
+    gone = [EditRecord(f"g{i}", str(tmp_path / f"g{i}.png"), "make it red") for i in range(1000)]
+    ds = EditDataset([*gone, *good], 16)
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith(
+        f"1,000 of 1,002 samples name an image that is not there ('g0': image not found: {tmp_path / 'g0.png'}; "
+        f"'g1': image not found: {tmp_path / 'g1.png'}; 'g2': image not found: {tmp_path / 'g2.png'}; and 997 more)")
+    assert {ds[i]["id"] for i in range(len(ds))} == {"0", "1"} and len(caplog.messages) == 1
+    with pytest.raises(ValueError, match="^none of the 1,000 samples' images is there \\('g0': .*; and 997 more\\): "
+                                         "is the manifest"):
+        EditDataset(gone, 16)
+    caplog.clear()
+    for i in range(10):
+        (tmp_path / f"b{i}.png").write_bytes(b"not an image")
+    broken = [EditRecord(f"b{i}", str(tmp_path / f"b{i}.png"), "make it red") for i in range(10)]
+    ds = EditDataset([*broken, *good], 16)
+    assert {ds[i]["id"] for i in range(len(ds))} == {"0", "1"} and ds.unreadable == set(range(10))
+    assert len(caplog.messages) == EditDataset.NAMED + 1
+    assert caplog.messages[-1].startswith("skipping sample 'b3': cannot read") and caplog.messages[-1].endswith(
+        "and from now on any other whose images cannot be read without a warning each")
+    with pytest.raises(ValueError, match="none of the 10 samples' images can be read \\('b0': .*; and 7 more\\)$"):
+        EditDataset(broken, 16)[0]
 
 
 def test_manifest_paths_stay_inside_its_folder_when_confined(tmp_path):
@@ -320,3 +353,51 @@ def test_a_folder_names_its_csv_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"did you mean data.train={tmp_path / 'cases.csv'}\\?"):
         load_manifest(tmp_path)
 
+
+def test_windows_paths_read_with_slashes_when_the_files_are_there(tmp_path, caplog):
+    """A manifest written on Windows (images\\a.png) reads its images with '/' when they are there, with one
+    warning for the file; confined to its folder, a '..\\' path is refused as its '/' spelling is; a name that holds
+    a '\\' and exists is read as it is; Windows paths that exist in neither spelling stop the run at once in one
+    line that says why, not a warning per sample."""
+    from npedit.config import DataConfig
+    from npedit.training.datasets import build_dataset
+
+    data = tmp_path / "data"
+    (data / "images" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(data / "images" / name)
+    (tmp_path / "secret.png").write_bytes(b"x")
+    f = data / "m.jsonl"
+    lines = [{"image": "images\\a.png", "instruction": "x", "target": "images\\sub\\b.png"},
+             {"image": "images\\sub\\b.png", "instruction": "y"}, {"image": "images/a.png", "instruction": "z"}]
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records = load_manifest(f, allow_outside_paths=False)
+    assert [(r.image, r.target) for r in records] == [
+        (str(data / "images/a.png"), str(data / "images/sub/b.png")), (str(data / "images/sub/b.png"), ""),
+        (str(data / "images/a.png"), "")]
+    assert caplog.messages == [f"{f}: 3 path(s) written with Windows backslashes are read with '/', the files being "
+                               "there (line 1 (images\\a.png), 1 (images\\sub\\b.png), 2 (images\\sub\\b.png))"]
+    caplog.clear()
+    assert len(build_dataset(DataConfig(train=str(f)), stage="npedit", seed=0)) == 3
+    assert len(caplog.messages) == 1 and "backslashes" in caplog.messages[0]  # the load's, no sample's
+    caplog.clear()
+    f.write_text(json.dumps({"image": "..\\secret.png", "instruction": "x"}) + "\n")
+    with pytest.raises(ValueError, match="m.jsonl:1: image ../secret.png is outside the manifest's folder"):
+        load_manifest(f, allow_outside_paths=False)
+    (data / "odd\\name.png").write_bytes((data / "images" / "a.png").read_bytes())  # a '\\' in a Linux file name
+    f.write_text(json.dumps({"image": "odd\\name.png", "instruction": "x"}) + "\n")
+    assert load_manifest(f)[0].image == str(data / "odd\\name.png") and not caplog.messages
+    f.write_text(json.dumps({"image": "images/a.png", "instruction": "x"}) + "\n"
+                 + json.dumps({"image": "images\\c.png", "instruction": "x"}) + "\n")
+    build_dataset(DataConfig(train=str(f)), stage="npedit", seed=0)
+    assert caplog.messages == [f"1 of 2 samples name an image that is not there ('000002': image not found: "
+                               f"{data / 'images'}\\c.png); training goes on without them, the next sample standing in "
+                               "for each. Paths with '\\' are Windows paths: this machine reads '\\' as a letter of a "
+                               "file name."]
+    caplog.clear()
+    f.write_text("".join(json.dumps({"image": f"C:\\Users\\me\\photos\\{i}.png", "instruction": "x"}) + "\n"
+                         for i in range(500)))
+    with pytest.raises(ValueError, match=r"^none of the 500 samples' images is there \('000001': image not found: "
+                                         r".*; and 497 more\): .* Paths with '\\' are Windows paths"):
+        build_dataset(DataConfig(train=str(f)), stage="npedit", seed=0)
+    assert not caplog.messages
