@@ -153,7 +153,7 @@ def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, mo
     listing = tmp_path / "up" / "pairs.jsonl"
     listing.parent.mkdir()
     listing.write_text(f'{{"reference": "{secret}", "edited": "scene.png", "instruction": "x"}}\n')
-    with pytest.raises(ValueError, match="pairs.jsonl row 1: .*secret.png is not among the uploaded files"):
+    with pytest.raises(ValueError, match="pairs.jsonl:1: .*secret.png is not among the uploaded files"):
         judging.read_pairs([listing, shapes_png], uploads_only=True)
     assert len(judging.read_pairs([listing, shapes_png])) == 1  # a local app reads what its user points at
     table = pd.DataFrame([{"image": str(secret), "instruction": "make it blue"}])
