@@ -4,8 +4,8 @@
 with W, b frozen, D (r x in) random and U (out x r) zero, so the wrapped network computes exactly what it did.
 Everything else is frozen too, except the parameters the caller names (the student's own additions, which the
 base model does not have: its reference embedding, a reference encoder). `share_weights` points a wrapped
-network's frozen tensors at another network's equal ones, so the teacher, the critic and a student built from the
-teacher hold one copy of the base weights between them.
+network's frozen tensors (parameters and buffers) at another network's equal ones, so the teacher, the critic and a
+student built from the teacher hold one copy of the base weights between them.
 
 What leaves a run is always a plain network: `merged_copy` folds each adapter into its layer (W + (alpha / r) U D),
 so pipelines, checkpoints' `student/` and `critic/` folders and exports load as before; the adapters themselves
@@ -153,22 +153,50 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
+def trained_modules(model: nn.Module) -> list[str]:
+    """Names of `model`'s modules whose parameters all train (a block trained in full: an added layer, a reference
+    encoder; "" when the whole model does), under which a buffer may be the model's own to change."""
+    return [name for name, m in model.named_modules()
+            if any(True for _ in m.parameters()) and all(p.requires_grad for p in m.parameters())]
+
+
+def within(name: str, owners: list[str]) -> bool:
+    """Whether module `name` is one of `owners` or under one ("" owns every module)."""
+    return any(not o or name == o or name.startswith(o + ".") for o in owners)
+
+
 def share_weights(model: nn.Module, source: nn.Module) -> int:
     """Point each frozen tensor of `model` at `source`'s frozen tensor of the same name (a wrapped layer's
-    `X.base.weight` is `X.weight` there) when shape, dtype and values agree; returns how many now share. For a
-    critic or a student built from the teacher: one copy of the base weights for all three."""
+    `X.base.weight` is `X.weight` there) when shape, dtype, device and values agree; returns how many now share.
+    Frozen: a parameter that does not train, a buffer outside the modules trained in full (`trained_modules`), in
+    either network. For a critic or a student built from the teacher: one copy of the base weights and of its
+    buffers (SD3's position table) for all three."""
     theirs = dict(source.named_parameters())
+    their_trained = trained_modules(source)
+    their_buffers = {n: b for n, b in source.named_buffers() if not within(n.rpartition(".")[0], their_trained)}
+    own_trained = trained_modules(model)
     wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     shared = 0
+
+    def same(other, t) -> bool:
+        return (other is not None and other is not t and other.shape == t.shape and other.dtype == t.dtype
+                and other.device == t.device and torch.equal(other, t))
+
     for name, module in model.named_modules():
         plain = name[: -len(".base")] if name.endswith(".base") and name[: -len(".base")] in wrapped else name
         for leaf, p in list(module._parameters.items()):
             if p is None or p.requires_grad:
                 continue
             other = theirs.get(f"{plain}.{leaf}" if plain else leaf)
-            if (other is not None and other is not p and not other.requires_grad and other.shape == p.shape
-                    and other.dtype == p.dtype and other.device == p.device and torch.equal(other, p)):
+            if same(other, p) and not other.requires_grad:
                 module._parameters[leaf] = other
+                shared += 1
+        if within(name, own_trained):  # a buffer of a part trained in full stays its own (it may change)
+            continue
+        for leaf, b in list(module._buffers.items()):
+            other = their_buffers.get(f"{plain}.{leaf}" if plain else leaf)
+            if b is not None and same(other, b):
+                module._buffers[leaf] = other
                 shared += 1
     return shared
 

@@ -137,17 +137,48 @@ def test_targets_choose_layers_and_a_wrong_target_says_what_exists(sd3):
 
 
 def test_shared_weights_are_the_teachers_own_tensors(sd3):
+    """Frozen parameters and buffers (SD3's position table) become the teacher's own tensors; outputs are as before."""
     _, backbone, teacher = sd3
-    student = backbone.prepare_student(teacher)
+    student = backbone.prepare_student(teacher).eval()
     own = ("ref_embed",)
     wrapped = lora.add_lora(student, rank=2, train=own)
+    with torch.no_grad():
+        student.ref_embed.normal_(0, 0.05)  # the student's own part, so its output differs from the teacher's
+    x, t, cond, ref = _inputs(backbone)
+    with torch.no_grad():
+        before = backbone.velocity(student, x, t, cond, reference=ref)
     frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
-    assert lora.share_weights(student, teacher) == len(frozen)
+    buffers = [n for n, _ in student.named_buffers()]
+    assert buffers == ["pos_embed.pos_embed"]
+    assert lora.share_weights(student, teacher) == len(frozen) + len(buffers)
     layer = student.get_submodule(wrapped[0])
     assert layer.base.weight is teacher.get_submodule(wrapped[0]).weight
+    assert student.pos_embed.pos_embed is teacher.pos_embed.pos_embed
     ids = {id(p) for p in teacher.parameters()}
     assert all(id(p) in ids for p in student.parameters() if not p.requires_grad)
     assert all(id(p) not in ids for p in student.parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert torch.equal(backbone.velocity(student, x, t, cond, reference=ref), before)
+
+
+def test_buffers_of_parts_trained_in_full_stay_their_own():
+    """A buffer under a part that trains in full (an added block, a student-only encoder) may change with it: it is
+    not shared, nor one of a different value; a frozen part's equal buffer is."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3))
+    teacher.requires_grad_(False)
+    student = torch.nn.Sequential(*(type(m)(3) if i else torch.nn.Linear(3, 3) for i, m in enumerate(teacher)))
+    student.load_state_dict(teacher.state_dict())
+    # the last norm trains in full (its running statistics follow its training), the rest under an adapter
+    lora.add_lora(student, rank=1, targets=("0",), train=("2.weight", "2.bias"))
+    assert lora.trained_modules(student) == ["0.lora_down", "0.lora_up", "2"]
+    with torch.no_grad():
+        student[1].running_var.add_(1)  # no longer equal to the teacher's
+    lora.share_weights(student, teacher)
+    assert student[1].running_mean is teacher[1].running_mean and student[1].weight is teacher[1].weight
+    assert student[1].running_var is not teacher[1].running_var
+    assert student[2].running_mean is not teacher[2].running_mean
+    assert student[0].base.weight is teacher[0].weight
 
 
 def test_config_refuses_what_lora_does_not_go_with(tmp_path):
@@ -174,6 +205,14 @@ def test_trainer_holds_one_copy_of_the_base_and_trains_only_adapters(sd3, tmp_pa
     for net in (trainer.student, trainer.critic):
         assert lora.has_lora(net)
         assert all(id(p) in teacher_ids for p in net.parameters() if not p.requires_grad)  # no copy of the base
+        assert net.pos_embed.pos_embed is trainer.teacher.pos_embed.pos_embed  # nor of its position table
+    nets = (trainer.teacher, trainer.student, trainer.critic)
+    distinct = {t.data_ptr(): t for net in nets for t in [*net.parameters(), *net.buffers()]}
+    trained = [p for net in nets for p in net.parameters() if p.requires_grad]
+    teacher_bytes = sum(t.numel() * t.element_size() for t in [*trainer.teacher.parameters(),
+                                                                *trainer.teacher.buffers()])
+    assert sum(t.numel() * t.element_size() for t in distinct.values()) == \
+        teacher_bytes + sum(p.numel() * p.element_size() for p in trained)  # the teacher's tensors, then the trained
     teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     student_before = lora.merged_state_dict(trainer.student)
     metrics = trainer.iteration()

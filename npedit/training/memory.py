@@ -39,6 +39,10 @@ class Model:
     width: int = 0  # sum of (in + out) over the linear layers LoRA would wrap (model.lora_targets): adapters / rank
     own: int = 0  # parameters the teacher does not have (a student's additions): trained in full under LoRA
     frozen: int = 0  # parameters optim.frozen keeps as they are
+    # its buffers the teacher has too (name and shape), outside the parts a LoRA run trains in full: held once
+    # (lora.share_weights) by a LoRA student built from the teacher; floating elements, and other bytes
+    shared: int = 0
+    shared_fixed: int = 0
 
 
 def held(model: Model, element: int) -> int:
@@ -72,12 +76,22 @@ def _counted(net: torch.nn.Module, targets: tuple[str, ...] | None = None, base:
     theirs = {n for n, _ in base.named_parameters()} if base is not None else set(params)
     held = {n for hits in matching(params, frozen).values() for n in hits}
     buffers = list(net.buffers())
+    shared = []
+    if base is not None:  # under LoRA a part made only of parameters the teacher lacks trains in full
+        full = [name for name, m in net.named_modules()
+                if (names := [f"{name}.{n}" if name else n for n, _ in m.named_parameters()])
+                and not any(n in theirs for n in names)]
+        their_buffers = {n: b.shape for n, b in base.named_buffers()}
+        shared = [b for n, b in net.named_buffers()
+                  if their_buffers.get(n) == b.shape and not lora.within(n.rpartition(".")[0], full)]
     return Model(params=sum(p.numel() for p in params.values()),
                  buffers=sum(b.numel() for b in buffers if b.is_floating_point()),
                  fixed=sum(b.numel() * b.element_size() for b in buffers if not b.is_floating_point()),
                  width=width,
                  own=sum(p.numel() for n, p in params.items() if n not in theirs),
-                 frozen=sum(params[n].numel() for n in held))
+                 frozen=sum(params[n].numel() for n in held),
+                 shared=sum(b.numel() for b in shared if b.is_floating_point()),
+                 shared_fixed=sum(b.numel() * b.element_size() for b in shared if not b.is_floating_point()))
 
 
 def count_models(cfg: TrainConfig) -> tuple[dict[str, Model], list[str]]:
@@ -158,8 +172,9 @@ def run_parts(cfg: TrainConfig, models: dict[str, Model]) -> dict[str, tuple[int
             parts["student"] = (held(student, 4), "float32, frozen")
         elif lora_student:
             adapters = mc.lora_rank * student.width + student.own
-            # a student from the teacher shares its parameters (share_weights), not its buffers (a position table)
-            base = held(student, frozen) - (student.own if mc.student else student.params) * frozen
+            # a student from the teacher shares its parameters and buffers (lora.share_weights); a loaded one's own
+            base = held(student, frozen) - (student.own * frozen if mc.student else
+                                            (student.params + student.shared) * frozen + student.shared_fixed)
             parts["student"] = (adapters * TRAINED + base, f"LoRA rank {mc.lora_rank}: {adapters:,} trained elements"
                                 + (f" over {mc.dtype} weights" if mc.student else " over the teacher's weights"))
         else:
