@@ -152,11 +152,12 @@ def describe(path: str | os.PathLike) -> str:
     return f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}"
 
 
-def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True) -> None:
+def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True, device=None) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
     model_index.json lists, each (with `sizes`; it builds them on the meta device, tens of ms: for a load, not for a
-    look) of a size its weights and this machine's memory allow, and all of them together within that memory
-    (`check_pipeline_size`, at `dtype`); a hub id is size-checked on its cached snapshot, where there is one."""
+    look) of a size its weights and the memory a load for `device` uses (`memory_limits`) allow, and all of them
+    together within that memory (`check_pipeline_size`, at `dtype`); a hub id is size-checked on its cached snapshot,
+    where there is one."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
@@ -165,22 +166,23 @@ def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True)
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
     folder = Path(path).expanduser() if looks_local(path) else cached_snapshot(str(path))
     if sizes and folder is not None:
-        check_pipeline_size(folder, dtype)
+        check_pipeline_size(folder, dtype, device)
 
 
-def check_pipeline_size(folder: Path, dtype=None) -> int:
+def check_pipeline_size(folder: Path, dtype=None, device=None) -> int:
     """`check_model_size` on each model an editor folder lists whose weights are all there (a hub cache snapshot may
-    hold part of them), then CheckpointError when those models together need more than the memory available at
-    `dtype` (each alone may fit where all of them, loaded at once, do not); returns their elements."""
-    counts = {component.name: check_model_size(component, model_class, dtype)
+    hold part of them), then CheckpointError when those models together need more than the memory a load for
+    `device` uses (`memory_limits`) at `dtype` (each alone may fit where all of them, loaded at once, do not); returns
+    their elements."""
+    counts = {component.name: check_model_size(component, model_class, dtype, device)
               for component, model_class in model_components(folder) if weights_complete(component)}
-    memory, per_element = available_memory(), element_bytes(dtype)
+    per_element = element_bytes(dtype)
     total = sum(counts.values())
-    if memory is not None and total * per_element > memory:
-        parts = ", ".join(f"{name} {n * per_element / 2**30:.1f}" for name, n in counts.items())
-        raise CheckpointError(f"{folder}: its models need {total * per_element / 2**30:.1f} GiB together in "
-                              f"{dtype_name(dtype)} ({parts} GiB), more than the {memory / 2**30:.1f} GiB of memory "
-                              "available")
+    for memory, where in memory_limits(device):
+        if total * per_element > memory:
+            parts = ", ".join(f"{name} {human_size(n * per_element)}" for name, n in counts.items())
+            raise CheckpointError(f"{folder}: its models need {human_size(total * per_element)} together in "
+                                  f"{dtype_name(dtype)} ({parts}), more than the {human_size(memory)} {where}")
     return total
 
 
@@ -272,6 +274,37 @@ def available_memory() -> int | None:
     return None
 
 
+def device_memory(device=None) -> tuple[int | None, str]:
+    """Bytes free for models on `device` and what they are: GPU memory free now on a CUDA device
+    (torch.cuda.mem_get_info), else the RAM available (None where the system does not say)."""
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {device} ({torch.cuda.get_device_name(device)})"
+    return available_memory(), "of RAM available"
+
+
+def memory_limits(device=None) -> list[tuple[int, str]]:
+    """The memory a model loaded for `device` must fit, as (bytes, what they are), smallest first: the RAM available,
+    since every loader reads the weights there before they move, and on a CUDA device its free memory too."""
+    import torch
+
+    limits = [device_memory("cpu")]
+    if device is not None and torch.device(device).type == "cuda":
+        limits.append(device_memory(device))
+    return sorted((n, where) for n, where in limits if n is not None)
+
+
+def human_size(n: int) -> str:
+    """Bytes as "1.5 GiB", "12.0 MiB", "3.0 KiB" or "512 bytes"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
 def weights_complete(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds safetensors weights and, where an index lists shards, every shard it lists (a download
     into the hub cache stops part way; the files it has are whole: the hub client links them in once complete)."""
@@ -296,11 +329,12 @@ def model_folder(path: str | os.PathLike, subfolder: str | None = None) -> Path 
     return folder if folder is not None and weights_complete(folder) else None
 
 
-def check_size(path: str | os.PathLike, model_class: type, dtype=None, subfolder: str | None = None) -> int | None:
+def check_size(path: str | os.PathLike, model_class: type, dtype=None, subfolder: str | None = None,
+               device=None) -> int | None:
     """`check_model_size` on `model_folder(path, subfolder)`, for a local folder or a cached hub id alike; None when
     there is no local copy to read (a hub id not yet downloaded)."""
     folder = model_folder(path, subfolder)
-    return check_model_size(folder, model_class, dtype) if folder is not None else None
+    return check_model_size(folder, model_class, dtype, device) if folder is not None else None
 
 
 def element_bytes(dtype=None) -> int:
@@ -319,16 +353,17 @@ class _TooLarge(Exception):
     """Raised from the registration hooks once a model being built passes its bound."""
 
 
-def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None) -> int:
+def check_model_size(folder: str | os.PathLike, model_class: type, dtype=None, device=None) -> int:
     """CheckpointError unless the `model_class` (a diffusers or transformers model, or a transformers Auto class)
     that `folder`'s config.json describes holds at most SIZE_FACTOR x the elements of the folder's safetensors
-    weights (plus SIZE_MARGIN) and fits in the memory available at `dtype` (2 bytes an element when None); builds
-    it on the meta device, stopped as soon as it passes, so a config asking for a huge model fails at once. Returns
-    the elements of its parameters and buffers."""
-    return build_on_meta(folder, model_class, dtype)[1]
+    weights (plus SIZE_MARGIN) and fits, at `dtype` (2 bytes an element when None), in the memory a load for
+    `device` uses (`memory_limits`: the RAM available; on a CUDA device, its free memory too); builds it on the meta
+    device, stopped as soon as it passes, so a config asking for a huge model fails at once. Returns the elements of
+    its parameters and buffers."""
+    return build_on_meta(folder, model_class, dtype, device)[1]
 
 
-def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None):
+def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None, device=None):
     """`check_model_size`'s build, returning the model it built on the meta device (shapes only, no memory) and the
     elements of its parameters and buffers."""
     import torch
@@ -338,7 +373,8 @@ def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None):
     stored = stored_numel(folder)
     by_weights = SIZE_FACTOR * stored + SIZE_MARGIN
     per_element = element_bytes(dtype)
-    memory = available_memory()
+    limits = memory_limits(device)
+    memory, where = limits[0] if limits else (None, "")
     bound = by_weights if memory is None else min(by_weights, memory // per_element)
     if hasattr(model_class, "load_config"):  # a diffusers model
         def build():
@@ -367,8 +403,8 @@ def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None):
     except _TooLarge:
         asks = f"{folder}: its config.json builds a {model_class.__name__} of more than {count[0]:,} parameters"
         if bound < by_weights:
-            raise CheckpointError(f"{asks} ({count[0] * per_element / 2**30:.1f} GiB in {dtype_name(dtype)}), more "
-                                  f"than the {memory / 2**30:.1f} GiB of memory available") from None
+            raise CheckpointError(f"{asks} ({human_size(count[0] * per_element)} in {dtype_name(dtype)}), more "
+                                  f"than the {human_size(memory)} {where}") from None
         raise CheckpointError(f"{asks}, over {SIZE_FACTOR}x the {stored:,} its safetensors weights hold: refusing "
                               "to build it (a config edited to a larger size?)") from None
     finally:

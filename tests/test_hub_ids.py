@@ -257,7 +257,7 @@ def test_an_editor_whose_models_fit_memory_alone_but_not_together_is_refused(mon
         within(2, lambda: NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL))
     message = str(info.value)
     assert f"{assets.DEFAULT_MODEL}: its models need" in message and "together in float32 (" in message, message
-    assert all(name in message for name in counts) and "GiB of memory available" in message, message
+    assert all(name in message for name in counts) and "MiB of RAM available" in message, message
     monkeypatch.setattr("npedit.folders.available_memory", lambda: need)
     assert NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL, torch_dtype=torch.float32) is not None
 

@@ -8,6 +8,7 @@ import torch
 
 from npedit import lora
 from npedit.config import load_config
+from npedit.folders import human_size
 from npedit.training import memory
 
 
@@ -75,11 +76,11 @@ def test_a_run_that_does_not_fit_is_refused_before_any_weights_load(tiny_zimage,
     with pytest.raises(memory.MemoryCheckError) as info:
         trainer_module.Trainer(cfg)
     message = str(info.value)
-    assert "\n" not in message and f"more than the {memory.size(free)} free on cuda:0 (a test GPU)" in message, message
-    assert f"at least {memory.size(estimate(cfg))}" in message and "activations (not counted" in message, message
+    assert "\n" not in message and f"more than the {human_size(free)} free on cuda:0 (a test GPU)" in message, message
+    assert f"at least {human_size(estimate(cfg))}" in message and "activations (not counted" in message, message
     for part in ("teacher", "student", "critic", "judge", "text encoder", "VAE"):
         assert f"{part} " in message, (part, message)
-    assert f"model.lora_rank={memory.SUGGESTED_RANK} ({memory.size(free)})" in message, message
+    assert f"model.lora_rank={memory.SUGGESTED_RANK} ({human_size(free)})" in message, message
     assert "model.dtype=bfloat16 judge.dtype=bfloat16" in message and "a smaller judge" in message, message
     assert "check_memory=false" in message, message
     monkeypatch.setattr(trainer_module, "load_backbone", real_load)

@@ -112,9 +112,41 @@ def test_a_model_larger_than_the_memory_available_is_refused(tiny_zimage, monkey
     folder = Path(tiny_zimage, "transformer")
     assert check_model_size(folder, ZImageTransformer2DModel) == stored_numel(folder)  # the real tiny model passes
     monkeypatch.setattr("npedit.folders.available_memory", lambda: 2**20)
-    refused_at_once(lambda: check_model_size(folder, ZImageTransformer2DModel, torch.float32),
-                    "GiB in float32), more than the 0.0 GiB of memory available")
-    refused_at_once(lambda: load_backbone(tiny_zimage).load_transformer(tiny_zimage), "of memory available")
+    message = refused_at_once(lambda: check_model_size(folder, ZImageTransformer2DModel, torch.float32),
+                              "MiB in float32), more than the 1.0 MiB of RAM available")  # was "0.0 GiB"
+    assert "GiB" not in message, message
+    refused_at_once(lambda: load_backbone(tiny_zimage).load_transformer(tiny_zimage), "of RAM available")
+
+
+def fake_gpu(monkeypatch, free: int):
+    """A CUDA device with `free` bytes free, as torch.cuda reports it (this machine may have none)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+
+
+def test_a_model_loaded_onto_a_gpu_is_checked_against_its_free_memory(tiny_zimage, tiny_judge, monkeypatch):
+    """Loading onto CUDA, a model must fit the GPU's free memory (it was checked against the RAM alone), and still
+    the RAM, which the loaders read the weights into before they move; on the CPU the GPU's figure plays no part."""
+    from diffusers import ZImageTransformer2DModel
+
+    from npedit.judges import load_judge
+
+    folder = Path(tiny_zimage, "transformer")
+    need = stored_numel(folder) * 4
+    monkeypatch.setattr("npedit.folders.available_memory", lambda: 64 << 30)
+    fake_gpu(monkeypatch, need - 1)
+    refused_at_once(lambda: check_model_size(folder, ZImageTransformer2DModel, torch.float32, "cuda:0"),
+                    "in float32), more than the", "free on cuda:0 (a test GPU)")
+    assert check_model_size(folder, ZImageTransformer2DModel, torch.float32, "cpu") == stored_numel(folder)
+    fake_gpu(monkeypatch, need)
+    assert check_model_size(folder, ZImageTransformer2DModel, torch.float32, "cuda:0") == stored_numel(folder)
+    monkeypatch.setattr("npedit.folders.available_memory", lambda: need - 1)
+    refused_at_once(lambda: check_model_size(folder, ZImageTransformer2DModel, torch.float32, "cuda:0"),
+                    "of RAM available")
+    monkeypatch.setattr("npedit.folders.available_memory", lambda: 64 << 30)
+    fake_gpu(monkeypatch, 1 << 10)  # the judge is refused before a weight is read or moved to the (absent) GPU
+    refused_at_once(lambda: load_judge(tiny_judge, torch_dtype=torch.float32, device="cuda:0"),
+                    f"{tiny_judge}: its config.json builds a", "more than the 1.0 KiB free on cuda:0 (a test GPU)")
 
 
 def test_real_tiny_models_still_load(tiny_zimage, tiny_judge):

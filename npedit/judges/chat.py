@@ -142,7 +142,7 @@ class ChatJudge(Judge):
             pickled = " (a pickle .bin is not read)" if any(local.glob("*.bin")) else ""
             raise CheckpointError(f"{local} holds no safetensors weights{pickled}: a judge folder holds model*.safetensors")
         # a config asking for a far larger model than its weights: one line, before any build (a hub id: its cache)
-        check_size(path_or_hub_id, cls.model_class, torch_dtype)
+        check_size(path_or_hub_id, cls.model_class, torch_dtype, device=device)  # RAM, and a CUDA device's free memory
         processor = load_processor(path_or_hub_id, trust_remote_code)
         if not getattr(processor, "chat_template", None):  # before the weights: a real judge's take minutes to read
             from npedit.folders import CheckpointError

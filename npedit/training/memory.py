@@ -18,6 +18,7 @@ import torch
 
 from .. import lora
 from ..config import TrainConfig, apply_overrides, build_config, to_dict
+from ..folders import device_memory, human_size
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TRAINED = 16  # bytes a trained parameter takes: its float32 weight and gradient and AdamW's two float32 moments
@@ -196,25 +197,6 @@ def run_parts(cfg: TrainConfig, models: dict[str, Model]) -> dict[str, tuple[int
     return parts
 
 
-def device_memory(device: torch.device) -> tuple[int | None, str]:
-    """Bytes free for the run's models on `device` and what they are: GPU memory free now on a CUDA device
-    (torch.cuda.mem_get_info), else the RAM available (None where the system does not say)."""
-    from ..folders import available_memory
-
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"free on {device} ({torch.cuda.get_device_name(device)})"
-    return available_memory(), "of RAM available"
-
-
-def size(n: int) -> str:
-    """Bytes as "1.5 GiB", "12.0 MiB" or "3.0 KiB"."""
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n / 1024:.1f} KiB"
-
-
 def _alternatives(cfg: TrainConfig, has_judge: bool) -> list[tuple[str, TrainConfig]]:
     """Settings that shrink the run (LoRA, bfloat16 frozen parts, both), as (overrides, config)."""
     lora_words = [f"model.lora_rank={SUGGESTED_RANK}"] if not cfg.model.lora_rank and not cfg.model.add_layers else []
@@ -241,18 +223,19 @@ def check_run_memory(cfg: TrainConfig, device: torch.device) -> str:
     parts = run_parts(cfg, models)
     total = sum(n for n, _ in parts.values())
     memory, where = device_memory(device)
-    listed = ", ".join(f"{NAMES.get(name, name.replace('_', ' '))} {size(n)} ({how})"
+    listed = ", ".join(f"{NAMES.get(name, name.replace('_', ' '))} {human_size(n)} ({how})"
                        for name, (n, how) in parts.items())
     uncounted = f"; not counted: {', '.join(missing)}" if missing else ""
     if memory is None or total <= memory:
-        room = f" of the {size(memory)} {where}" if memory is not None else ""
-        return f"memory check: the models need at least {size(total)}{room} before activations ({listed}){uncounted}"
-    fixes = [f"{words} ({size(sum(n for n, _ in run_parts(alt, models).values()))})"
+        room = f" of the {human_size(memory)} {where}" if memory is not None else ""
+        return (f"memory check: the models need at least {human_size(total)}{room} before activations ({listed})"
+                f"{uncounted}")
+    fixes = [f"{words} ({human_size(sum(n for n, _ in run_parts(alt, models).values()))})"
              for words, alt in _alternatives(cfg, "judge" in parts)]
     if "judge" in parts:
-        fixes.append(f"a smaller judge (judge.path; this one is {size(parts['judge'][0])})")
+        fixes.append(f"a smaller judge (judge.path; this one is {human_size(parts['judge'][0])})")
     fixes.append("check_memory=false to try anyway")
     raise MemoryCheckError(
-        f"this run's models need at least {size(total)} together, more than the {size(memory)} {where}, before "
-        f"activations (not counted: the real need is higher): {listed}{uncounted}; to fit, set "
+        f"this run's models need at least {human_size(total)} together, more than the {human_size(memory)} {where}, "
+        f"before activations (not counted: the real need is higher): {listed}{uncounted}; to fit, set "
         f"{'; or '.join(fixes)}")
