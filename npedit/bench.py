@@ -45,7 +45,7 @@ def bench_main(args) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, "bfloat16" if args.dtype == "auto" and device.type == "cuda" else
                     "float32" if args.dtype == "auto" else args.dtype)
-    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype).to(device)
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     size = args.size

@@ -102,7 +102,7 @@ def cmd_edit(args) -> int:
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
     if args.candidates > 1 or args.verdicts:
         judge = _load_judge(args, device, dtype, args.judge_max_pixels)
-    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype).to(device)
+    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     with ExitStack() as stack:
         verdicts = None

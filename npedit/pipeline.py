@@ -109,7 +109,8 @@ class NPEditPipeline(DiffusionPipeline):
 
         A folder of LoRA adapters (`python -m npedit export RUN --adapters`) loads too: its base model (or `base=`)
         supplies the rest, and the adapters are folded into the student (`npedit.adapters`), in `torch_dtype`.
-        Weights are read from safetensors only; without a dtype every component is float32.
+        Weights are read from safetensors only; without a dtype every component is float32. `device=` moves the
+        loaded editor there, and its models are checked against that device's free memory first (a CUDA one's too).
         A local path that is not an editor (or an editor folder missing a component) raises `CheckpointError`
         saying what it is. A hub id is downloaded, then checked as a folder is (`check_editor_folder`: each model's
         size, and all together against memory) before anything is built; when the hub cannot be reached, its cached
@@ -125,15 +126,17 @@ class NPEditPipeline(DiffusionPipeline):
             # saved in bfloat16 as it is, beside a float32 transformer and VAE)
             kwargs["dtype"] = torch.float32
         dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
+        device = kwargs.pop("device", None)
         if is_adapter_folder(path):
-            check_editor_folder(path, dtype)
-            return load_adapter_pipeline(path, base=kwargs.pop("base", None), student=kwargs.pop("student", None),
+            check_editor_folder(path, dtype, device=device)
+            pipe = load_adapter_pipeline(path, base=kwargs.pop("base", None), student=kwargs.pop("student", None),
                                          torch_dtype=kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
+            return pipe.to(device) if device is not None else pipe
         try:
             # a hub id is fetched first (what diffusers' from_pretrained does before building), so that its snapshot
             # is checked like a local folder before any component is built
             folder = path if looks_local(path) else cls.download(path, **kwargs)
-            check_editor_folder(folder, dtype)
+            check_editor_folder(folder, dtype, device=device)
             pipe = super().from_pretrained(folder, **kwargs)
         except OSError as exc:
             if Path(path).expanduser().exists():
@@ -141,7 +144,7 @@ class NPEditPipeline(DiffusionPipeline):
             raise found_nowhere(path, exc, "editor folder") from None
         if folder != path:
             pipe.register_to_config(_name_or_path=path)  # the hub id, as diffusers records it, not the cache folder
-        return pipe
+        return pipe.to(device) if device is not None else pipe
 
     @classmethod
     def from_parts(cls, transformer, backbone, *, shift: float = flow.DEFAULT_SHIFT) -> "NPEditPipeline":

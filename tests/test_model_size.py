@@ -158,3 +158,28 @@ def test_real_tiny_models_still_load(tiny_zimage, tiny_judge):
     assert load_judge(tiny_judge).model is not None
     vae = load_file(str(Path(tiny_zimage, "vae", "diffusion_pytorch_model.safetensors")))
     assert sum(t.numel() for t in vae.values()) == stored_numel(Path(tiny_zimage, "vae"))
+
+
+def test_an_editor_loaded_onto_a_gpu_is_checked_against_its_free_memory(monkeypatch, tmp_path):
+    """NPEditPipeline.from_pretrained(device=...) checks the editor's models, together, against that device's free
+    memory before building any, and returns the editor there; `edit` on a GPU loads it so: one line, no weights read."""
+    from PIL import Image
+
+    from npedit import NPEditPipeline
+    from npedit.cli import main
+    from npedit.folders import model_components
+
+    need = sum(check_model_size(folder, cls) for folder, cls in model_components(assets.DEFAULT_MODEL)) * 4
+    monkeypatch.setattr("npedit.folders.available_memory", lambda: 64 << 30)
+    fake_gpu(monkeypatch, need - 1)
+    message = refused_at_once(lambda: NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL, device="cuda:0"),
+                              "its models need", "together in float32", "free on cuda:0 (a test GPU)")
+    assert "GiB" not in message and "MiB" in message, message  # the bundled editor's few MiB, in MiB
+    pipe = NPEditPipeline.from_pretrained(assets.DEFAULT_MODEL, device="cpu")
+    assert pipe.device.type == "cpu" and pipe.transformer.dtype == torch.float32
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    monkeypatch.setattr("npedit.cli._device", lambda: "cuda:0")
+    with pytest.raises(SystemExit, match=r"^error: .*together in float32 .*free on cuda:0 \(a test GPU\)") as info:
+        main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "x", "--output", str(tmp_path / "o.png"),
+              "--dtype", "float32"])
+    assert "\n" not in str(info.value)

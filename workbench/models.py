@@ -323,11 +323,11 @@ class ModelSet:
             from npedit.pipeline import NPEditPipeline
 
             try:
-                pipe = NPEditPipeline.from_pretrained(path, dtype=self._torch_dtype())
+                pipe = NPEditPipeline.from_pretrained(path, dtype=self._torch_dtype(), device=self.device)
             except Exception as exc:  # diffusers raises many types; the user needs one clear line
                 raise ModelError(f"cannot load the editor {path}: {type(exc).__name__}: {exc}") from exc
             pipe.set_progress_bar_config(disable=True)
-            return pipe.to(self.device)
+            return pipe
 
         return self._cached(("editor", path), load)
 
