@@ -14,6 +14,7 @@ import pytest
 
 from npedit import assets
 from npedit.folders import CheckpointError
+from test_model_size import edit_config  # (tests/ is on sys.path: pytest prepends it)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -54,18 +55,6 @@ def cached(cache: Path, repo_id: str, model: Path) -> Path:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     return snapshot
-
-
-def edit_config(file: Path, **values):
-    """Rewrite a config.json with `values` changed (nested keys as "text_config.hidden_size")."""
-    config = json.loads(file.read_text())
-    for key, value in values.items():
-        *parents, last = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[last] = value
-    file.write_text(json.dumps(config))
 
 
 def within(seconds: float, load):
@@ -192,7 +181,7 @@ def test_a_cached_hub_id_is_size_checked_on_its_snapshot(hub_answers, strict, ti
     change = {"transformer": {"n_layers": 20}, "text_encoder": {"intermediate_size": 640},
               "vae": {"block_out_channels": [64, 128, 128, 128]},
               "judge": {"text_config.intermediate_size": 2048}}[part]
-    edit_config(snapshot / ("" if part == "judge" else part) / "config.json", **change)
+    edit_config(snapshot / ("" if part == "judge" else part), **change)
     load = {"transformer": lambda: load_backbone(tiny_zimage).load_transformer("owner/model"),
             "text_encoder": lambda: load_backbone("owner/model"),
             "vae": lambda: AnyVAE.from_pretrained("owner/model", subfolder="vae"),
@@ -223,7 +212,7 @@ def test_an_editor_from_the_hub_is_downloaded_then_size_checked_before_it_is_bui
     from npedit import NPEditPipeline
 
     snapshot = shutil.copytree(assets.DEFAULT_MODEL, tmp_path / "downloaded")
-    edit_config(snapshot / "transformer" / "config.json", num_layers=16)
+    edit_config(snapshot / "transformer", num_layers=16)
     asked = []
 
     def download(cls, repo_id, **kwargs):
@@ -268,7 +257,7 @@ def test_shapes_recipes_check_the_vae_they_load(strict, tiny_zimage, tmp_path):
     from npedit.shapes.recipes import FastVAEConfig, TeacherConfig, VAEConfig, build_base, train_fast_vae, train_vae
 
     vae = shutil.copytree(Path(tiny_zimage, "vae"), tmp_path / "vae")
-    edit_config(vae / "config.json", block_out_channels=[64, 128, 128, 128])
+    edit_config(vae, block_out_channels=[64, 128, 128, 128])
     with pytest.raises(CheckpointError, match=f"{vae}: its config.json builds a AutoencoderKL"):
         within(2, lambda: train_vae(VAEConfig(output_dir=str(tmp_path / "a"), init=str(vae), steps=1)))
     with pytest.raises(CheckpointError, match=f"{vae}: its config.json builds a AutoencoderKL"):
@@ -289,7 +278,7 @@ def test_diffusers_own_pipeline_loader_size_checks_our_transformer(strict, tmp_p
 
     register_with_diffusers()
     editor = shutil.copytree(assets.DEFAULT_MODEL, tmp_path / "editor")
-    edit_config(editor / "transformer" / "config.json", num_layers=16)
+    edit_config(editor / "transformer", num_layers=16)
     with pytest.raises(CheckpointError, match=f"{editor / 'transformer'}: its config.json builds a "
                                               "NPEditSD3Transformer2DModel of more than"):
         within(2, lambda: diffusers.DiffusionPipeline.from_pretrained(editor))
