@@ -186,16 +186,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="NPEditPipeline folder or hub id (default: $NPEDIT_MODEL, else the bundled editor)")
     p.add_argument("--judge", help="judge (LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf) folder or hub id (default: $NPEDIT_JUDGE, else bundled)")
-    p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER)")
-    p.add_argument("--critic", help="critic transformer folder, for DMD maps (default: $NPEDIT_CRITIC)")
-    p.add_argument("--runs", default=os.environ.get("NPEDIT_RUNS", "runs"), help="folder of training runs")
+    p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER, "
+                                      "else the editor's own base, model.base of its training config, else the "
+                                      "bundled teacher)")
+    p.add_argument("--critic", help="critic transformer folder, for DMD maps (default: $NPEDIT_CRITIC, else the "
+                                     "editor's own: critic/ inside its folder or beside a run's pipeline/; never "
+                                     "another editor's)")
+    p.add_argument("--runs", default=os.environ.get("NPEDIT_RUNS", "runs"),
+                   help="folder of training runs (default: $NPEDIT_RUNS, else runs)")
     p.add_argument("--public", action=argparse.BooleanOptionalAction, default=_env_public(),
                    help="serve strangers: editors only from the list (no folder or hub id typed in, which would make "
                         "the server load or download it), images of batch lists and training tables only from "
                         "uploads (default: on in a Hugging Face Space, i.e. when $SPACE_ID is set; $NPEDIT_PUBLIC=0 "
                         "or 1 overrides)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="default: $GRADIO_SERVER_PORT, else 7860")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only; 0.0.0.0: every network, "
+                        "see --public)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
     p.add_argument("--judge-max-pixels", type=int, default=_env_number("NPEDIT_JUDGE_MAX_PIXELS"),

@@ -85,3 +85,14 @@ def test_the_quick_start_commands_are_ones_this_checkout_takes():
         else:
             assert command[0] == "hf", f"the quick start runs {command}: check it here"
 
+
+def test_the_app_help_names_what_each_model_flag_falls_back_to(capsys):
+    """`python app.py --help` is what a newcomer reads first: without a flag or variable the app uses the bundled
+    teacher and the editor's own critic (workbench.models.companions), and serves on 127.0.0.1:7860."""
+    with pytest.raises(SystemExit):
+        npedit_app.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    flags = dict(re.findall(r"(--[\w-]+) [A-Z_]+ (.*?)(?= --[\w-]+ [A-Z_]+ | --public|$)", text))
+    assert "bundled teacher" in flags["--teacher"], flags["--teacher"]
+    assert "critic/" in flags["--critic"] and "editor's own" in flags["--critic"], flags["--critic"]
+    assert "7860" in flags["--port"] and "127.0.0.1" in flags["--host"] and "runs" in flags["--runs"]
