@@ -178,7 +178,9 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
     """(line the row starts on, {column: cell}) for each non-blank row of a CSV file with a header line naming the
     `required` columns (and any others); cells separated by ',', ';' or tabs, whichever the header uses (a European
     spreadsheet's CSV takes ';'); the text as `file_text` reads it. A bad row is a ValueError naming its line as
-    `label`:N, the header being line 1; `what` the file is, for the message of one that is no CSV at all."""
+    `label`:N, the header being line 1; `what` the file is, for the message of one that is no CSV at all. Cells and
+    column names lose their surrounding whitespace (a spreadsheet's stray spaces around a path or a type; the inner
+    text of an instruction is kept)."""
     path = Path(path)
     label = label or str(path)
     text = file_text(path, label)
@@ -187,7 +189,8 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows, start = [], 1
     try:
-        names = [name for name in reader.fieldnames or [] if name]
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        names = [name for name in reader.fieldnames if name]
         missing = [k for k in required if k not in names]
         if missing:
             raise ValueError(f"{label}:1: no {', '.join(missing)} column (the header line names the columns; it "
@@ -202,7 +205,9 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
                 raise ValueError(f"{label}:{start}: {len(reader.fieldnames) + len(extra)} cells, the header names "
                                  f"{len(reader.fieldnames)} (a cell holding '{delimiter}' needs quotes around it)")
             row.pop("", None)  # an unnamed column (a spreadsheet's blank header cell)
-            if any((v or "").strip() for v in row.values()):
+            # "images/a.png " names no file and " remove" no type: a typed cell's edges are never meant
+            row = {k: v if v is None else v.strip() for k, v in row.items()}
+            if any(row.values()):
                 rows.append((start, row))
             start = reader.line_num + 1  # a quoted cell may span lines
     except csv.Error as exc:

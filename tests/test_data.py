@@ -323,6 +323,29 @@ def test_csv_manifest_reads_as_its_json_lines(tiny_manifest, dialect):
     assert [(r.id, r.instruction) for r in load_manifest(f)] == [("000002", "make it red")]  # no id: its line
 
 
+def test_csv_cells_lose_a_spreadsheets_stray_spaces(tiny_manifest):
+    """Spaces around a CSV's cells and column names (typed into a spreadsheet) are dropped: the manifest trains on
+    the same samples and a pair list names the same files; an instruction keeps the spaces inside it."""
+    from dataclasses import replace
+
+    from npedit.data import read_csv_rows
+    from npedit.pairs import read_pairs
+
+    rows = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    columns = ["id", "image", "target", "instruction", "caption_target", "edit_type", "object_name"]
+    f = tiny_manifest.with_name("spaced.csv")
+    _write_csv(f, [{f" {k} ": f"  {row[k]} " if row.get(k) is not None else "" for k in columns} for row in rows],
+               [f" {c} " for c in columns])
+    assert load_manifest(f) == [replace(r, caption_reference="", keep="", new="", gone="")
+                                for r in load_manifest(tiny_manifest)]
+    f.write_text("reference , edited,instruction, edit_type\n a.png ,b.png\t,  make it  red  , Remove \n")
+    assert read_csv_rows(f) == [(2, {"reference": "a.png", "edited": "b.png", "instruction": "make it  red",
+                                     "edit_type": "Remove"})]
+    pair = read_pairs(f)[0]
+    assert (pair.reference_path, pair.instruction, pair.edit_type) == (str(f.parent / "a.png"), "make it  red",
+                                                                       "remove")
+
+
 @pytest.mark.parametrize("text, message", [
     ("image,caption\na.png,x\n", "m.csv:1: no instruction column"),
     ("a.png,make it red\n", "m.csv:1: no image, instruction column"),  # no header line
