@@ -54,20 +54,22 @@ def _edit_type(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
-    """JSON lines with the `required` keys; relative image paths resolve against the file's folder; an unknown
-    edit_type is an error here, before any work."""
-    from .data import read_json_lines
+def _read_list(path: str, required: tuple[str, ...]) -> list[dict]:
+    """The rows of a .csv/.tsv or JSON-lines list (`npedit.data.read_rows`) with the `required` keys; relative image
+    paths resolve against the file's folder; an unknown edit_type is an error here, before any work."""
+    from .data import CSV_SUFFIXES, read_rows
 
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: {p} not found")
     try:
-        rows = read_json_lines(p, required, text=("instruction", "object", "object_name"))  # the judge quotes them
+        rows = read_rows(p, required, text=("instruction", "object", "object_name"))  # the judge quotes them
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     for n, row in rows:
         where = f"{p}:{n}"
+        if p.suffix.lower() in CSV_SUFFIXES:  # a short row's missing cells are empty ones, not JSON's null
+            row.update({k: "" for k, v in row.items() if v is None})
         for key in ("image", "reference", "edited"):
             if key in row and not isinstance(row[key], str):
                 raise SystemExit(f"error: {where}: {key} must be a path (a string), got {row[key]!r}")
@@ -158,7 +160,7 @@ def _edit_jobs_of(args) -> list[dict]:
                  "object_name": args.object, "keep": args.keep, "out": out}]
     if not args.output_dir:
         raise SystemExit("error: --batch needs --output-dir")
-    rows = _read_jsonl(args.batch, ("id", "image", "instruction"))
+    rows = _read_list(args.batch, ("id", "image", "instruction"))
     names = [str(r["id"]) for r in rows]
     for name in names:
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
@@ -488,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image", help="input image")
     e.add_argument("--instruction", help="what to change")
     e.add_argument("--output", help="where the result goes: .png (lossless), .jpg, .webp, .bmp or .tif")
-    e.add_argument("--batch", help="cases.jsonl with {id, image, instruction[, edit_type, object_name, keep]} per line "
-                   "(the last three: the judge's questions for --candidates)")
+    e.add_argument("--batch", help="cases.jsonl with {id, image, instruction[, edit_type, object_name, keep]} per line, "
+                   "or cases.csv with those columns (the last three: the judge's questions for --candidates)")
     e.add_argument("--output-dir", help="where --batch writes <id>.png")
     e.add_argument("--model", help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
     e.add_argument("--steps", type=int, default=4)

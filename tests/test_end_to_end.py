@@ -1029,6 +1029,41 @@ def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable
             assert saved.format == fmt and saved.size == (200, 150)
 
 
+@pytest.mark.skipif(not (Path(ROOT, "assets/shapes/editor-unroll-npedit/model_index.json")).is_file(),
+                    reason="bundled editor not trained")
+def test_cli_edit_batch_reads_a_csv_as_its_json_lines(tmp_path):
+    """`edit --batch cases.csv` (a spreadsheet's columns, ';' cells, stray spaces) edits what the JSON lines do."""
+    from npedit.cli import main
+
+    (tmp_path / "in").mkdir()
+    for i, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"in/{i}.png")
+    rows = [{"id": "a", "image": "in/0.png", "instruction": "make the circle blue"},
+            {"id": "b", "image": "in/1.png", "instruction": "remove the square", "edit_type": "remove",
+             "object_name": "square", "keep": "red circle; blue dot"}]
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "cases.csv").write_text("id; image ;instruction;edit_type;object_name;keep\n"
+                                        "a; in/0.png ;make the circle blue\n"
+                                        "b;in/1.png;remove the square; remove ;square;red circle; blue dot\n")
+    with pytest.raises(SystemExit, match=re.escape("cases.csv:3: 7 cells")):  # ';' in a ';' cell needs quotes
+        main(["edit", "--batch", str(tmp_path / "cases.csv"), "--output-dir", str(tmp_path / "csv")])
+    (tmp_path / "cases.csv").write_text("id; image ;instruction;edit_type;object_name;keep\n"
+                                        "a; in/0.png ;make the circle blue\n"
+                                        'b;in/1.png;remove the square; remove ;square;"red circle; blue dot"\n')
+    for listing, out in (("cases.jsonl", "json"), ("cases.csv", "csv")):
+        assert main(["edit", "--batch", str(tmp_path / listing), "--output-dir", str(tmp_path / out), "--steps", "2",
+                     "--verdicts", str(tmp_path / f"{out}.jsonl")]) == 0
+    for name in ("a.png", "b.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "csv" / name)),
+                              np.asarray(Image.open(tmp_path / "json" / name)))
+    verdicts = [[json.loads(line) for line in (tmp_path / f"{out}.jsonl").read_text().splitlines()]
+                for out in ("json", "csv")]
+    same = ("id", "image", "instruction", "edit_type", "score", "p_edit", "p_identity", "p_keep")
+    assert [[{k: row[k] for k in same} for row in rows] for rows in verdicts] == [[{k: row[k] for k in same}
+                                                                                 for row in verdicts[0]]] * 2
+    assert verdicts[1][1]["object_name"] == "square" and verdicts[1][1]["p_keep"] is not None  # the keep checks
+
+
 def test_cli_judge_batch_goes_on_past_a_pair_it_cannot_read(tmp_path, tiny_judge, tiny_manifest, capsys):
     """A pair whose image is missing, named too long for the file system (an OSError that ended the batch with a
     traceback) or left empty (read as the list's folder) is one error line naming its id (not written over the
