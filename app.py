@@ -36,7 +36,7 @@ from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.images import ImageError, load_image
 from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
-from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, trace_edit
+from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, save_trace, trace_edit
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
     import spaces
@@ -320,8 +320,9 @@ def edit_handler(app: App):
     @GPU
     def edit(image, instruction, steps=4, seed=0, randomize_seed=False, caption_target="", edit_type="edit",
              object_name="", inspect_steps=True, editor=None, candidates=1, keep="", progress=gr.Progress()):
-        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel; with
-        `candidates` > 1, that many edits, the judge's verdict on each, and the one it rates highest."""
+        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel and its
+        files as a zip (`npedit.trace.save_trace`: what `python -m npedit edit --trace` writes); with `candidates` > 1,
+        that many edits, the judge's verdict on each, and the one it rates highest."""
         if image is None:
             raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
@@ -342,7 +343,7 @@ def edit_handler(app: App):
             progress(0.0, desc="loading the editor")
             pipe = app.models.editor(editor)
             picture, notice = models.fit_to_domain(load_image(image), models.read_domain(editor))
-            gallery = []
+            gallery, download = [], None
             if int(candidates or 1) > 1:
                 progress(0.05, desc="loading the judge")
                 judge = app.models.judge()
@@ -366,6 +367,7 @@ def edit_handler(app: App):
                                    object_name=(object_name or "").strip() or None, loss=loss, judge_note=judge_note,
                                    dmd_note=dmd_note, progress=lambda f, d: progress(0.1 + 0.9 * f, desc=d))
                 edited, panel, table = trace.image, plots.steps_figure(trace), pd.DataFrame(trace.table())
+                download = save_trace(trace, download_path("trace.zip"), trace_models(app, editor, trace))
                 source = "given" if trace.caption_from == "given" else "none given, so the instruction is used"
                 info = [f"Seed **{seed}** · {len(trace.steps)} steps · sampling {trace.timings['sample_s']:.2f} s, "
                         f"total {trace.timings['total_s']:.2f} s · target caption c^x: “{trace.caption_target}” "
@@ -381,9 +383,20 @@ def edit_handler(app: App):
             info.insert(0, f"⚠️ {notice}")
         last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type,
                 "object_name": object_name or ""}
-        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last
+        return (edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last,
+                None if download is None else str(download))
 
     return edit
+
+
+def trace_models(app: App, editor: str | None, trace) -> dict[str, str | None]:
+    """The models of a traced edit by role, named as the page names them (a public app: no server folder); the
+    teacher and critic only where the trace has DMD maps, the judge only where it has P(Yes)."""
+    comp = models.companions(editor or app.models.paths.model, app.models.paths)
+    dmd = trace.dmd_t is not None
+    return {"editor": app.shown(editor or app.models.paths.model),
+            "judge": None if trace.judge_note else app.shown(app.models.paths.judge),
+            "teacher": app.shown(comp.teacher) if dmd else None, "critic": app.shown(comp.critic) if dmd else None}
 
 
 def candidates_markdown(picked) -> str:
@@ -445,13 +458,16 @@ def build_edit_tab(app: App, last_edit: gr.State):
     step_plot = gr.Plot(label="Per-step panel", format="png", show_label=False, elem_id="step-panel")
     step_table = gr.Dataframe(label="Per-step numbers", headers=list(STEP_COLUMNS), interactive=False,
                               elem_id="step-table")
+    trace_file = gr.File(label="Per-step trace (.zip: each step's x0 and DMD map as PNG and .npy, trace.json and "
+                               "steps.csv with every digit, the seed, steps, instruction and models; `python -m "
+                               "npedit edit --trace DIR` writes the same)", interactive=False, elem_id="trace-file")
     examples = datasets.bundled_examples(assets.EXAMPLES_DIR) + datasets.shapes_examples(app.examples_dir)
     gr.Examples(examples, inputs=[image, instruction, caption, edit_type, object_name, keep],
                 label="Examples (assets/examples, then generated Shapes-world cases)", examples_per_page=12)
 
     inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor, candidates,
               keep]
-    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit]
+    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit, trace_file]
     gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
           concurrency_id="models", concurrency_limit=1)
     reuse.click(lambda im: im, result, image, api_visibility="private")

@@ -92,20 +92,31 @@ def cmd_edit(args) -> int:
         raise SystemExit("error: --candidates must be >= 1")
     if args.min_score is not None and not args.verdicts:
         raise SystemExit("error: --min-score filters the --verdicts file; give --verdicts too")
-    if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts):
-        raise SystemExit("error: --judge-max-pixels is for the judge of --candidates or --verdicts")
+    if args.trace and (args.batch or args.candidates > 1 or args.verdicts):
+        raise SystemExit("error: --trace records one edit's steps: give --image (no --batch, --candidates or "
+                         "--verdicts)")
+    if (args.teacher or args.critic or args.caption) and not args.trace:
+        raise SystemExit("error: --teacher, --critic and --caption are for the DMD maps of --trace")
+    if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace):
+        raise SystemExit("error: --judge-max-pixels is for the judge of --candidates, --verdicts or --trace")
     if args.max_side < 1:
         raise SystemExit(f"error: --max-side must be >= 1, got {args.max_side}")
     if not -2**63 <= args.seed <= 2**64 - max(args.candidates, 1):  # candidate k is seeded seed + k
         raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1 (less the candidates), got {args.seed}")
     jobs = _edit_jobs_of(args)  # before any weights are read: a bad list or output path fails at once
+    if args.trace:
+        _check_writable(Path(args.trace).absolute().parent if args.trace.lower().endswith(".zip")
+                        else Path(args.trace).absolute(), f"--trace {args.trace}")
     device = _device()
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
-    if args.candidates > 1 or args.verdicts:
+    if args.candidates > 1 or args.verdicts or args.trace:
         judge = _load_judge(args, device, dtype, args.judge_max_pixels)
-    pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype, device=device)
+    model = default_path("model", args.model)
+    pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
+    if args.trace:
+        args.tracer = _tracer(args, pipe, judge, model, dtype)
     with ExitStack() as stack:
         verdicts = None
         if args.verdicts:
@@ -153,7 +164,8 @@ def _edit_jobs_of(args) -> list[dict]:
             raise SystemExit("error: --image needs --instruction and --output")
         out = Path(args.output)
         _image_format(out)
-        if (args.candidates > 1 or args.verdicts) and args.edit_type == "remove" and not (args.object or "").strip():
+        judged = args.candidates > 1 or args.verdicts or args.trace
+        if judged and args.edit_type == "remove" and not (args.object or "").strip():
             raise SystemExit(REMOVE_NEEDS_OBJECT)
         _check_image(args.image, "--image")
         return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
@@ -182,7 +194,9 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
         try:
-            if judge is None:
+            if getattr(args, "tracer", None):
+                img = args.tracer(job)
+            elif judge is None:
                 img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
                            generator=gen, max_side=args.max_side).images[0]
             else:
@@ -203,6 +217,44 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
         if verdicts is not None:
             _write_verdict(verdicts, job, picked, args.min_score)
     return failures
+
+
+def _tracer(args, pipe, judge, model: str, dtype):
+    """The edit of --trace: a function of the job that runs `npedit.trace.trace_edit` with the judge and the DMD pair
+    (--teacher / --critic, else the editor's own, else the bundled teacher), writes the trace to --trace and returns
+    the edited image. Without a teacher or critic the trace has no DMD maps and says why (also on stderr)."""
+    from .assets import DEFAULT_TEACHER
+    from .trace import load_companion, own_companions, save_trace, trace_edit
+
+    own_teacher, own_critic, loss = own_companions(model)
+    bundled = str(DEFAULT_TEACHER) if (DEFAULT_TEACHER / "transformer" / "config.json").is_file() else None
+    names = {"editor": model, "judge": default_path("judge", args.judge),
+             "teacher": args.teacher or own_teacher or bundled, "critic": args.critic or own_critic}
+    nets, note = {}, None
+    if names["teacher"] and names["critic"]:
+        for role in ("teacher", "critic"):
+            try:
+                nets[role] = load_companion(role, names[role], pipe, dtype)
+            except (ValueError, OSError) as exc:
+                raise SystemExit(f"error: --{role}: {exc}") from None
+    else:
+        note = ("no critic (pass --critic DIR, e.g. a run's critic/)" if names["teacher"]
+                else "no teacher (pass --teacher)")
+        print(f"note: the trace has no DMD maps: {note}", file=sys.stderr)
+        names |= {"teacher": None, "critic": None}  # the trace names the models it used
+
+    def run(job):
+        trace = trace_edit(pipe, judge, nets.get("teacher"), nets.get("critic"), job["image"], job["instruction"],
+                           args.caption, steps=args.steps, seed=args.seed, edit_type=job["edit_type"],
+                           object_name=(job.get("object_name") or "").strip() or None, max_side=args.max_side,
+                           loss=loss, dmd_note=note)
+        try:
+            save_trace(trace, args.trace, names)
+        except OSError as exc:  # (checked writable before the models loaded; a full disk still ends here)
+            raise SystemExit(f"error: cannot write --trace {args.trace}: {exc}") from None
+        return trace.image
+
+    return run
 
 
 def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
@@ -512,6 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "--batch lines: keep)")
     e.add_argument("--verdicts", help="judge each result and write one JSON line per edit: the input line's fields, "
                    "the result as 'target', the judge's score, p_edit, p_identity, p_keep (a training manifest)")
+    e.add_argument("--trace", metavar="DIR_OR_ZIP", help="also record the edit's sampling steps (one --image): each "
+                   "step's x0 (step-N-x0.png), its DMD map (step-N-dmd.npy, step-N-dmd.png), the judge's P(edit done) "
+                   "and identity P(Yes) on it, in trace.json (with the seed, steps, instruction and models) and "
+                   "steps.csv; a folder, or one zip if it ends in .zip (the app's Edit tab download, the same files)")
+    e.add_argument("--caption", help="with --trace: the target caption c^x the teacher and critic see for the DMD maps "
+                   "(default: the instruction)")
+    e.add_argument("--teacher", help="with --trace: the teacher (text-to-image base folder) of the DMD maps (default: "
+                   "the editor's training config's model.base, else the bundled teacher)")
+    e.add_argument("--critic", help="with --trace: the critic of the DMD maps (default: the editor's own critic/, or "
+                   "the critic/ beside a run's pipeline/; none: no maps)")
     e.add_argument("--min-score", type=float, help="leave edits the judge scores below this out of --verdicts "
                    "(score: the sum of log P(expected answer); e.g. -0.5)")
     e.set_defaults(func=cmd_edit)

@@ -17,6 +17,9 @@ from .judges import (Judge, Question, change_questions, edit_type_name, free_que
                      training_questions)
 from .pipeline import MAX_INSTRUCTION_CHARS
 
+# tables show P(Yes) and margins to 1e-6, so they read as `python -m npedit judge` prints them (to 1e-5); files keep
+# every digit
+SHOWN_DECIMALS = 6
 MAX_QUESTIONS = 32  # per edit: one judge pass holds a row per question (and the gradient maps one image copy each)
 
 

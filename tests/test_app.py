@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -324,16 +325,19 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
     _, url, _ = npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)
-        edited, before_after, seed, info, panel, table, gallery = client.predict(
+        edited, before_after, seed, info, panel, table, gallery, trace = client.predict(
             handle_file(str(shapes_png)), "remove the circle", api_name="/edit")
         out = Image.open(edited)
         assert out.format == "PNG" and out.size == (64, 64) and seed == 0
+        with zipfile.ZipFile(trace) as z:  # the per-step download, served to the client
+            assert json.loads(z.read("trace.json"))["steps"] == 4 and "step-4-dmd.npy" in z.namelist()
         assert "c^x" in info and len(table["data"]) == 4 and panel is not None
         again = client.predict(handle_file(str(shapes_png)), "remove the circle", api_name="/edit")
         assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(out))  # same default seed, same edit
         plain = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "edit", "", False,
                                api_name="/edit")  # per-step analysis off: a plain pipeline call, same sampler and seed
         assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(out)) and "off" in plain[3]
+        assert plain[7] is None  # no trace, no download
         assert gallery == []
         best = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "remove",
                               "red circle", True, None, 3, "blue square", api_name="/edit")  # best of 3, a keep check
@@ -435,6 +439,64 @@ def test_app_script_starts_offline_within_60s(tiny_set, tmp_path, shapes_png):
             proc.wait(timeout=20)
 
 
+def test_the_edit_tabs_trace_download_holds_what_the_cli_traces(tiny_set, tmp_path, shapes_png, capsys):
+    """The Edit tab's per-step trace downloads as a zip in gradio's cache (removed by its cleanup) and holds the files
+    and numbers `python -m npedit edit --trace DIR` writes for the same edit: each step's x0, DMD map (.npy, .png),
+    P(Yes) values, with the seed, steps, instruction and models (to 1e-5)."""
+    import csv
+
+    from gradio.utils import get_upload_folder
+
+    from npedit.cli import main
+
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
+    out = npedit_app.edit_handler(app)(str(shapes_png), "make the circle blue", 3, 7, False, "a blue circle", "edit",
+                                       "", True, None, 1, "", progress=quiet)
+    download, table = Path(out[8]), out[5]
+    assert download.suffix == ".zip" and download.resolve().is_relative_to(Path(get_upload_folder()).resolve())
+    with zipfile.ZipFile(download) as z:
+        z.extractall(tmp_path / "app")
+    assert main(["edit", "--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher", tiny_set["teacher"],
+                 "--critic", tiny_set["critic"], "--image", str(shapes_png), "--instruction", "make the circle blue",
+                 "--caption", "a blue circle", "--steps", "3", "--seed", "7", "--output", str(tmp_path / "cli.png"),
+                 "--trace", str(tmp_path / "cli")]) == 0
+    names = ["edited.png", "reference.png", "steps.csv", "trace.json",
+             *[f"step-{n}-{kind}" for n in (1, 2, 3) for kind in ("dmd.npy", "dmd.png", "x0.png")]]
+    assert sorted(os.listdir(tmp_path / "app")) == sorted(os.listdir(tmp_path / "cli")) == sorted(names)
+    app_rec, cli_rec = (json.loads((tmp_path / d / "trace.json").read_text()) for d in ("app", "cli"))
+    settings = ("instruction", "caption_target", "caption_from", "edit_type", "seed", "steps", "image_size",
+                "cfg_scale", "dmd_t", "models")
+    assert {k: app_rec[k] for k in settings} == {k: cli_rec[k] for k in settings}
+    assert (app_rec["seed"], app_rec["steps"], app_rec["caption_target"]) == (7, 3, "a blue circle")
+    assert app_rec["models"] == {k: tiny_set[k if k != "editor" else "model"]
+                                 for k in ("editor", "judge", "teacher", "critic")}
+    numbers = ("t", "p_edit", "p_identity", "dmd_mean", "dmd_max")
+    for a, c, shown in zip(app_rec["steps_table"], cli_rec["steps_table"], table.to_dict("records")):
+        assert all(a[k] is not None and a[k] == pytest.approx(c[k], abs=1e-5) for k in numbers), (a, c)
+        assert shown["P(edit done)"] == pytest.approx(a["p_edit"], abs=1e-6)  # the table on the page, rounded
+    with open(tmp_path / "app" / "steps.csv", newline="") as f:  # the CSV holds the JSON's numbers
+        assert [float(r["p_edit"]) for r in csv.DictReader(f)] == [r["p_edit"] for r in app_rec["steps_table"]]
+    for n in (1, 2, 3):
+        maps = [np.load(tmp_path / d / f"step-{n}-dmd.npy") for d in ("app", "cli")]
+        assert maps[0].shape == (8, 8) and np.allclose(*maps, atol=1e-5)
+        x0s = [np.asarray(Image.open(tmp_path / d / f"step-{n}-x0.png")) for d in ("app", "cli")]
+        assert x0s[0].shape == (64, 64, 3) and np.array_equal(*x0s)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png")),
+                          np.asarray(Image.open(tmp_path / "app" / "edited.png")))
+    # without a critic (the tiny editor names none of its own) the CLI's trace says so and has no maps
+    capsys.readouterr()
+    assert main(["edit", "--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher", tiny_set["teacher"],
+                 "--image", str(shapes_png), "--instruction", "make the circle blue", "--steps", "1",
+                 "--output", str(tmp_path / "one.png"), "--trace", str(tmp_path / "one.zip")]) == 0
+    assert "no DMD maps: no critic" in capsys.readouterr().err
+    with zipfile.ZipFile(tmp_path / "one.zip") as z:
+        record = json.loads(z.read("trace.json"))
+        assert "step-1-dmd.npy" not in z.namelist() and "step-1-x0.png" in z.namelist()
+    assert record["dmd_note"].startswith("no critic") and record["models"]["critic"] is None
+    assert 0 < record["steps_table"][0]["p_edit"] < 1
+
+
 @pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
 def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path, shapes_png, family):
     """The per-step panel and best-of-N run with a Qwen2.5-VL or InternVL3 judge as they do with LLaVA-OneVision."""
@@ -447,7 +509,7 @@ def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path,
     app = npedit_app.make_app(npedit_app.parse_args(flags))
     edit = npedit_app.edit_handler(app)
     quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
-    _, _, _, info, panel, table, _, _ = edit(str(shapes_png), "remove the circle", progress=quiet)
+    _, _, _, info, panel, table, _, _, _ = edit(str(shapes_png), "remove the circle", progress=quiet)
     assert isinstance(app.models.judge(), JUDGES[family]) and panel is not None
     p_yes = [v for col, vals in table.items() if "P(" in col for v in vals]
     assert p_yes and all(0 < v < 1 for v in p_yes), table

@@ -982,7 +982,13 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
                         (["--output", "y.png", "--seed", str(2**64)], "--seed must be between"),
                         (["--output", "y.png", "--max-side", "0"], "--max-side must be >= 1"),
                         (["--output", "y.png", "--edit-type", "remove", "--candidates", "2"],
-                         "--edit-type remove needs --object NAME")):
+                         "--edit-type remove needs --object NAME"),
+                        (["--output", "y.png", "--edit-type", "remove", "--trace", "t"],
+                         "--edit-type remove needs --object NAME"),
+                        (["--output", "y.png", "--trace", "t", "--candidates", "2"],
+                         "--trace records one edit's steps"),
+                        (["--output", "y.png", "--critic", "c"], "--teacher, --critic and --caption are for the DMD "
+                                                                 "maps of --trace")):
         with pytest.raises(SystemExit, match=re.escape(says)):
             main([*one, *flags])
     with pytest.raises(SystemExit, match="--edit-type remove needs --object NAME"):
@@ -994,6 +1000,10 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
     with pytest.raises(SystemExit, match=f"error: --image: cannot read {re.escape(str(notes))} as an image"):
         main([*edit, "--image", str(notes), "--instruction", "x", "--output", str(tmp_path / "y.png")])
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "taken.zip").write_text("a file where a folder should be")
+    with pytest.raises(SystemExit, match=re.escape(f"cannot write --trace {tmp_path / 'taken.zip/t'}")):
+        main([*edit, "--image", str(tmp_path / "ok.png"), "--instruction", "x", "--output", str(tmp_path / "y.png"),
+              "--trace", str(tmp_path / "taken.zip/t")])
     for pair, says in (([notes, "b.png"], f"--reference: cannot read {notes} as an image"),
                        ([tmp_path / "ok.png", tmp_path], f"--edited: {tmp_path} is a folder, not an image")):
         with pytest.raises(SystemExit, match=re.escape(f"error: {says}")):

@@ -12,13 +12,9 @@ import pandas as pd
 from npedit.pairs import LIST_SUFFIXES, QUESTION_COLUMNS, VERDICT_COLUMNS, Pair, RowWriter
 from npedit.pairs import judge_pairs as judge_rows
 from npedit.pairs import read_pairs as read_pairs_of
-from npedit.verdicts import Verdict
+from npedit.verdicts import SHOWN_DECIMALS, Verdict
 
 from .datasets import resolve_image
-
-# tables show P(Yes) and margins to 1e-6, so they read as `python -m npedit judge` prints them (to 1e-5); files keep
-# every digit
-SHOWN_DECIMALS = 6
 
 
 def verdict_table(verdict: Verdict) -> pd.DataFrame:

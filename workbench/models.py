@@ -237,21 +237,9 @@ class Companions:
 def companions(editor: str | None, paths: ModelPaths) -> Companions:
     """Teacher and critic for `editor`: its own (its training config; the critic/ inside its folder, or beside a run's
     pipeline/) or the app's."""
-    teacher, critic, loss = None, None, LossConfig()
-    local = Path(editor) if editor else None
-    if local is not None and (local / "training_config.json").is_file():
-        cfg = json.loads((local / "training_config.json").read_text())
-        teacher = cfg.get("model", {}).get("base") or None
-        if teacher and not (Path(teacher).is_dir() or _looks_like_hub_id(teacher)):
-            teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
-        # a run's pipeline/ has its critic beside it
-        critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
-        try:
-            loss = LossConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("loss", {}).items()})
-        except (TypeError, ValueError):  # a foreign or older config: the default loss settings
-            loss = LossConfig()
-    if local is not None and (local / "critic" / "config.json").is_file():
-        critic = str(local / "critic")  # carried inside the editor folder (the bundled editors): its own first
+    from npedit.trace import own_companions
+
+    teacher, critic, loss = own_companions(editor)
 
     def pick(kind: str, own: str | None) -> str | None:
         given = getattr(paths, kind) if kind in paths.given else None
@@ -351,6 +339,7 @@ class ModelSet:
     def transformer(self, role: str, path: str, pipe):
         """A teacher or critic transformer of the editor's family (sharing the editor's text encoder and VAE)."""
         from npedit.backbones import detect_family
+        from npedit.trace import load_companion
 
         def load():
             try:
@@ -361,10 +350,9 @@ class ModelSet:
                 raise ModelError(f"the {role} {path} is a {family} model but the editor is {pipe.family}; "
                                  f"pass {FLAGS[role]} a {pipe.family} checkpoint")
             try:
-                net = pipe.backbone.load_transformer(path, torch_dtype=self._torch_dtype())
+                return load_companion(role, path, pipe, self._torch_dtype())
             except Exception as exc:
                 raise ModelError(f"cannot load the {role} {path}: {type(exc).__name__}: {exc}") from exc
-            return net.requires_grad_(False).eval().to(self.device)
 
         return self._cached((role, f"{path}|{pipe.family}"), load)
 
