@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .assets import default_path
+from .assets import bundle_missing, default_path, in_bundle
 from .edit_types import EDIT_TYPES, edit_type_name
 from .images import ImageError, load_image
 from .pairs import read_pairs
@@ -534,24 +534,36 @@ def cmd_swap_vae(args) -> int:
     return 0
 
 
+def _bundled(text: str) -> str:
+    """An input path, with `assets/...` and `configs/...` read from the bundle when missing here (an installed package
+    run from another folder); a missing bundle is one line saying how to get it."""
+    missing = bundle_missing(text)
+    if missing:
+        raise argparse.ArgumentTypeError(missing)
+    return in_bundle(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m npedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("edit", help="edit images with a trained editor")
-    e.add_argument("--image", help="input image")
+    e.add_argument("--image", type=_bundled, help="input image")
     e.add_argument("--instruction", help="what to change")
     e.add_argument("--output", help="where the result goes: .png (lossless), .jpg, .webp, .bmp or .tif")
-    e.add_argument("--batch", help="cases.jsonl with {id, image, instruction[, edit_type, object_name, keep]} per line, "
-                   "or cases.csv with those columns (the last three: the judge's questions for --candidates)")
+    e.add_argument("--batch", type=_bundled, help="cases.jsonl with {id, image, instruction[, edit_type, object_name, "
+                   "keep]} per line, or cases.csv with those columns (the last three: the judge's questions for "
+                   "--candidates)")
     e.add_argument("--output-dir", help="where --batch writes <id>.png")
-    e.add_argument("--model", help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
+    e.add_argument("--model", type=_bundled,
+                   help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
     e.add_argument("--steps", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-side", type=int, default=1024, help="longest side the editor works at")
     e.add_argument("--candidates", type=int, default=1, help="sample this many edits and keep the one the judge "
                    "rates highest (best-of-N; 1: a single edit)")
-    e.add_argument("--judge", help="judge for --candidates and --verdicts (default: the bundled Shapes-world judge)")
+    e.add_argument("--judge", type=_bundled,
+                   help="judge for --candidates and --verdicts (default: the bundled Shapes-world judge)")
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="the editor's and the judge's weights in this dtype (default auto: bfloat16 on a GPU, "
                         "float32 on a CPU)")
@@ -579,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_edit)
 
     j = sub.add_parser("judge", help="ask the judge about an edit")
-    j.add_argument("--reference")
-    j.add_argument("--edited")
+    j.add_argument("--reference", type=_bundled)
+    j.add_argument("--edited", type=_bundled)
     j.add_argument("--instruction")
     j.add_argument("--edit-type", default="edit", type=_edit_type, help=f"one of {', '.join(EDIT_TYPES)}")
     j.add_argument("--object", help="the removed object's name (for --edit-type remove)")
@@ -589,14 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--new", help="objects the edit creates, separated by ';' (a change check each, expected Yes)")
     j.add_argument("--gone", help="objects the edit must make disappear, separated by ';' (a change check each, "
                                   "expected No; p_change = the lowest P(expected answer) of the change checks)")
-    j.add_argument("--judge", help="judge folder or hub id: LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf (default: the "
-                                   "bundled Shapes-world judge)")
+    j.add_argument("--judge", type=_bundled, help="judge folder or hub id: LLaVA-OneVision, Qwen2.5-VL or "
+                                                   "InternVL3-hf (default: the bundled Shapes-world judge)")
     j.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="the judge's weights in this dtype (default auto: bfloat16 on a GPU, where it halves a real "
                         "judge's memory, float32 on a CPU)")
     j.add_argument("--max-pixels", type=int, help="Qwen2.5-VL judges: at most this many pixels per image "
                                                    "(e.g. 200704 = 448x448; default: its processor's own cap)")
-    j.add_argument("--batch", help="PAIRS.jsonl or PAIRS.csv with reference, edited, instruction[, id (default: the "
+    j.add_argument("--batch", type=_bundled,
+                   help="PAIRS.jsonl or PAIRS.csv with reference, edited, instruction[, id (default: the "
                                    "line number), edit_type, object_name (or object), keep, new, gone] per pair; "
                                    "relative image paths from the list's folder (the app's batch list, the same rows)")
     j.add_argument("--output", help="where --batch writes a row per pair (CSV if it ends in .csv, else JSON "
@@ -613,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.set_defaults(func=cmd_judge)
 
     t = sub.add_parser("train", help="train a stage (warmup, npedit, sft; critic: fit a critic to an editor)")
-    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--config", type=_bundled, help="YAML config file")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=100 optim.lr=1e-4")
     t.set_defaults(func=cmd_train)
@@ -623,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="the run folder (output_dir of `train`)")
     x.add_argument("--step", type=int, help="the checkpoint's step (default: the newest complete checkpoint)")
     x.add_argument("--out", help="where the pipeline goes (default: RUN/exports/step_N)")
-    x.add_argument("--base", help="the base model whose text encoder and VAE complete it (default: the run's "
-                   "model.base; e.g. when that was a relative path or has moved)")
+    x.add_argument("--base", type=_bundled, help="the base model whose text encoder and VAE complete it (default: the "
+                   "run's model.base; e.g. when that was a relative path or has moved)")
     x.add_argument("--average", type=int, default=1, metavar="K",
                    help="save the mean of the student's weights over the K newest checkpoints up to --step (default 1: "
                         "that checkpoint alone); out defaults to RUN/exports/step_N-avgK")
@@ -653,9 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="exact Shapes-world benchmark (per-category table, JSON + Markdown)")
     v.add_argument("domain", choices=["shapes"])
-    v.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")
+    v.add_argument("--model", type=_bundled, help="NPEditPipeline folder (default: the bundled Shapes editor)")
     v.add_argument("--baseline", choices=["teacher"], help="evaluate the zero-shot teacher (SDEdit with c^x) instead")
-    v.add_argument("--teacher", help="teacher base folder for --baseline teacher (default: bundled)")
+    v.add_argument("--teacher", type=_bundled, help="teacher base folder for --baseline teacher (default: bundled)")
     v.add_argument("--strength", type=float, default=0.6, help="SDEdit noise level for --baseline teacher")
     v.add_argument("--teacher-steps", type=int, default=16)
     v.add_argument("--n", type=int, default=300)
@@ -669,21 +682,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "judge (--judge, default the bundled one) rates highest (best-of-N; 1: a single edit)")
     v.add_argument("--change-checks", action="store_true", help="with --candidates: the judge's pick also weighs a "
                    "check per object the instruction creates (expected there) or makes disappear (expected gone)")
-    v.add_argument("--judge", help="also ask this judge (a folder, or 'bundled') about every edit and report how "
-                                   "often its answers match the exact scorer")
+    v.add_argument("--judge", type=_bundled, help="also ask this judge (a folder, or 'bundled') about every edit and "
+                                                   "report how often its answers match the exact scorer")
     v.add_argument("--name", help="report name (default: the model folder's name)")
     v.add_argument("--out", default="runs/eval", help="where <name>.json and <name>.md go")
     v.set_defaults(func=cmd_eval)
 
     w = sub.add_parser("swap-vae", help="copy an editor with its VAE replaced (same latent space, e.g. a fast VAE)")
-    w.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")
-    w.add_argument("--vae", required=True, help="the new VAE folder (AutoencoderKL or PatchAutoencoder)")
+    w.add_argument("--model", type=_bundled, help="NPEditPipeline folder (default: the bundled Shapes editor)")
+    w.add_argument("--vae", type=_bundled, required=True, help="the new VAE folder (AutoencoderKL or PatchAutoencoder)")
     w.add_argument("--out", required=True, help="where the new pipeline is written")
     w.set_defaults(func=cmd_swap_vae)
 
     b = sub.add_parser("bench", help="measure edit latency, throughput and pipeline overhead on this machine")
-    b.add_argument("--model", help="NPEditPipeline folder (default: the bundled Shapes editor)")
-    b.add_argument("--teacher", help="teacher base folder for the zero-shot baseline (default: bundled)")
+    b.add_argument("--model", type=_bundled, help="NPEditPipeline folder (default: the bundled Shapes editor)")
+    b.add_argument("--teacher", type=_bundled, help="teacher base folder for the zero-shot baseline (default: bundled)")
     b.add_argument("--teacher-steps", type=int, default=16)
     b.add_argument("--size", type=int, default=64)
     b.add_argument("--steps", type=int, default=4)

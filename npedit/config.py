@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .assets import bundle_missing, in_bundle
 from .edit_types import EDIT_TYPES
 from .files import write_atomic
 
@@ -350,7 +351,24 @@ def build_config(cls, data: dict, prefix: str = ""):
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
                          f"valid keys here: {', '.join(prefix + n for n in names)}")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+    values = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**{**values, **_bundle_paths(cls, hints, values, prefix)})
+
+
+def _bundle_paths(cls, hints: dict, values: dict, prefix: str) -> dict:
+    """The input-path fields (str, given or default; outputs excluded) that name `assets/...` or `configs/...`
+    missing here, read from the bundle; so an installed package's recipes work from any folder."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name, f.default)
+        if hints[f.name] is not str or not isinstance(value, str) or f.name.startswith("out"):
+            continue
+        missing = bundle_missing(value)
+        if missing:
+            raise ValueError(f"{prefix}{f.name}: {missing}")
+        if in_bundle(value) != value:
+            out[f.name] = in_bundle(value)
+    return out
 
 
 def to_dict(cfg) -> dict:

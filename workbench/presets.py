@@ -11,12 +11,13 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from npedit import assets
 from npedit.config import TrainConfig, load_config
 from npedit.folders import describe, looks_local
 
 LORA_NOTE = ("`lora_rank` 0 fine-tunes the whole student (and critic); a rank > 0 trains low-rank adapters instead, "
              "on one shared copy of the teacher's weights: what a large model needs to fit one GPU.")
-RECIPES = Path(__file__).resolve().parent.parent / "configs" / "shapes"
+RECIPES = assets.CONFIGS_DIR / "shapes"  # the checkout's, or those beside $NPEDIT_ASSETS
 SHAPES_STREAM = "shapes"  # data.train value of the library's generated Shapes dataset (targets included)
 
 
