@@ -60,21 +60,36 @@ def cached_snapshot(repo_id: str) -> Path | None:
 NO_CONNECTION = ("OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ConnectionError", "ProxyError")
 
 
+# How long one answer of the hub's endpoint stands: every loader a hub id passes through calls `locate` (a run's start
+# several, the app's judge check every edit), and a request to an endpoint that drops packets waits HF_HUB_ETAG_TIMEOUT
+HUB_ANSWER_S = 30.0
+_HUB_ANSWERS: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time asked, `hub_unreachable`'s answer)
+
+
 def hub_unreachable() -> str | None:
     """Why the hub cannot be reached now ("HF_HUB_OFFLINE is set", "ConnectError: ..."), from one request to its
     endpoint without retries (the hub client's own session, proxies and HF_ENDPOINT; its HF_HUB_ETAG_TIMEOUT, the wait
-    after which it too falls back to its cache); None when it answers, whatever the HTTP status."""
+    after which it too falls back to its cache), asked again only after HUB_ANSWER_S; None when it answers, whatever
+    the HTTP status."""
+    import time
+
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
+    asked = _HUB_ANSWERS.get(endpoint)
+    if asked is not None and time.monotonic() - asked[0] < HUB_ANSWER_S:
+        return asked[1]
+    why = None
     try:
-        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        get_session().head(endpoint, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as exc:  # sorted by class name: which transport library raises varies with the hub's version
         if any(k.__name__ in NO_CONNECTION for k in type(exc).__mro__):
-            return f"{type(exc).__name__}: {exc}"
-    return None
+            why = f"{type(exc).__name__}: {exc}"
+    _HUB_ANSWERS[endpoint] = (time.monotonic(), why)
+    return why
 
 
 def not_found(path: str | os.PathLike, hub: str, kind: str = "folder") -> CheckpointError:

@@ -77,3 +77,10 @@ def full_disk():
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     return limit
+
+
+@pytest.fixture(autouse=True)
+def fresh_hub_answers(monkeypatch):
+    """Each test asks the hub's endpoint itself (`folders.hub_unreachable` keeps an answer for HUB_ANSWER_S): a port
+    refused in one test may serve another's local hub."""
+    monkeypatch.setattr("npedit.folders._HUB_ANSWERS", {})

@@ -136,6 +136,36 @@ def test_hub_unreachable_tells_no_connection_from_an_answer(no_network, monkeypa
     assert locate("owner/name") == str(no_network / "models--owner--name" / "snapshots" / COMMIT)
 
 
+def test_a_load_asks_the_hub_once_not_once_per_part(no_network, tiny_zimage, monkeypatch):
+    """Each loader a hub id passes through (`locate`: here the backbone, then the transformer; a run's start has
+    more, and the app checks its judge on every edit) asked the hub's endpoint again, each request waiting
+    HF_HUB_ETAG_TIMEOUT (10 s) where a network drops packets. One answer now stands for HUB_ANSWER_S."""
+    import huggingface_hub.utils
+
+    from npedit import folders
+    from npedit.backbones import load_backbone
+
+    asked = []
+    session = huggingface_hub.utils.get_session
+
+    def counted():
+        real = session()
+
+        class Counting:
+            def head(self, *args, **kwargs):
+                asked.append(args[0] if args else kwargs.get("url"))
+                return real.head(*args, **kwargs)
+
+        return Counting()
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", counted)
+    cached(no_network, "owner/zimage", tiny_zimage)
+    backbone = load_backbone("owner/zimage")
+    backbone.load_transformer("owner/zimage")
+    assert len(asked) == 1, asked
+    monkeypatch.setattr(folders, "HUB_ANSWER_S", 0.0)  # an answer older than that is asked again
+    assert folders.hub_unreachable().startswith("ConnectError") and len(asked) == 2
+
 def test_a_cached_hub_id_loads_offline_from_its_snapshot(no_network, tiny_zimage, tiny_judge):
     """The editor, a base (backbone and transformer) and a judge in the cache load offline without the hub client's
     retries for the files a download never fetched."""
