@@ -280,11 +280,16 @@ def download_path(name: str) -> Path:
     """A new empty file named like `name` (verdicts-k3x9.csv) for a download, in gradio's cache folder: gradio serves
     it from there as it is, and a public app's delete_cache removes it an hour on (a file written elsewhere was
     copied into that folder, and the copy removed, the original never)."""
-    folder = Path(get_upload_folder()) / "npedit-downloads"
+    folder = downloads_folder()
     folder.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(prefix=f"{Path(name).stem}-", suffix=Path(name).suffix, dir=folder)
     os.close(fd)
     return Path(path)
+
+
+def downloads_folder() -> Path:
+    """Where `download_path` writes: a folder of gradio's cache (GRADIO_TEMP_DIR's, read now)."""
+    return Path(get_upload_folder()) / "npedit-downloads"
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -320,9 +325,9 @@ def edit_handler(app: App):
     @GPU
     def edit(image, instruction, steps=4, seed=0, randomize_seed=False, caption_target="", edit_type="edit",
              object_name="", inspect_steps=True, editor=None, candidates=1, keep="", progress=gr.Progress()):
-        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel and its
-        files as a zip (`npedit.trace.save_trace`: what `python -m npedit edit --trace` writes); with `candidates` > 1,
-        that many edits, the judge's verdict on each, and the one it rates highest."""
+        """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel and the
+        trace it shows (with its models' names; `trace_download` zips it); with `candidates` > 1, that many edits,
+        the judge's verdict on each, and the one it rates highest."""
         if image is None:
             raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
@@ -343,7 +348,7 @@ def edit_handler(app: App):
             progress(0.0, desc="loading the editor")
             pipe = app.models.editor(editor)
             picture, notice = models.fit_to_domain(load_image(image), models.read_domain(editor))
-            gallery, download = [], None
+            gallery, traced = [], None
             if int(candidates or 1) > 1:
                 progress(0.05, desc="loading the judge")
                 judge = app.models.judge()
@@ -367,7 +372,7 @@ def edit_handler(app: App):
                                    object_name=(object_name or "").strip() or None, loss=loss, judge_note=judge_note,
                                    dmd_note=dmd_note, progress=lambda f, d: progress(0.1 + 0.9 * f, desc=d))
                 edited, panel, table = trace.image, plots.steps_figure(trace), pd.DataFrame(trace.table())
-                download = save_trace(trace, download_path("trace.zip"), trace_models(app, editor, trace))
+                traced = trace, trace_models(app, editor, trace)
                 source = "given" if trace.caption_from == "given" else "none given, so the instruction is used"
                 info = [f"Seed **{seed}** · {len(trace.steps)} steps · sampling {trace.timings['sample_s']:.2f} s, "
                         f"total {trace.timings['total_s']:.2f} s · target caption c^x: “{trace.caption_target}” "
@@ -383,10 +388,23 @@ def edit_handler(app: App):
             info.insert(0, f"⚠️ {notice}")
         last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type,
                 "object_name": object_name or ""}
-        return (edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last,
-                None if download is None else str(download))
+        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last, traced
 
     return edit
+
+
+def trace_download(traced, previous: str | None) -> tuple[str | None, str | None, None]:
+    """The per-step trace of the last edit as a zip to download (`save_trace`: the files `python -m npedit edit
+    --trace` writes), written after the edit's results show and outside its GPU function (a 1024-px trace takes ~1.5 s
+    to encode on a 2-core CPU, which ZeroGPU would bill as GPU time); the session's `previous` zip is deleted, so a
+    local app (no cache cleanup) keeps one per session. Returns (download, the zip to delete next, trace state)."""
+    if previous and Path(previous).parent == downloads_folder() and Path(previous).is_file():
+        Path(previous).unlink()
+    if traced is None:
+        return None, None, None
+    trace, names = traced
+    path = str(save_trace(trace, download_path("trace.zip"), names))
+    return path, path, None  # (the trace's images leave the session's state)
 
 
 def trace_models(app: App, editor: str | None, trace) -> dict[str, str | None]:
@@ -467,9 +485,12 @@ def build_edit_tab(app: App, last_edit: gr.State):
 
     inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor, candidates,
               keep]
-    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit, trace_file]
+    # the trace to zip and the zip last given (States: the /edit API returns the seven values it always did)
+    traced, given = gr.State(), gr.State()
+    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit, traced]
     gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
-          concurrency_id="models", concurrency_limit=1)
+          concurrency_id="models", concurrency_limit=1).then(
+        trace_download, [traced, given], [trace_file, given, traced], api_visibility="private")
     reuse.click(lambda im: im, result, image, api_visibility="private")
     random_scene.click(lambda: datasets.random_shapes_case(random.randint(0, MAX_SEED)), None,
                        [image, instruction, caption, edit_type, object_name, keep], api_visibility="private")
@@ -605,6 +626,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
         with gr.Row():
             batch_csv = gr.File(label="Download: a row per pair (CSV)", interactive=False)
             questions_csv = gr.File(label="Download: a row per question (CSV)", interactive=False)
+        asked_csv = gr.State()  # shown after the answer: the /judge_batch API returns the two values it always did
 
         @GPU
         def judge_batch(files, progress=gr.Progress()):
@@ -620,8 +642,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
                 judging.write_rows(path, table)
             return out.round(judging.SHOWN_DECIMALS), str(paths[0]), str(paths[1])
 
-        run_batch.click(judge_batch, files, [batch_table, batch_csv, questions_csv], api_name="judge_batch",
-                        concurrency_id="models", concurrency_limit=1)
+        run_batch.click(judge_batch, files, [batch_table, batch_csv, asked_csv], api_name="judge_batch",
+                        concurrency_id="models", concurrency_limit=1).then(
+            lambda path: path, asked_csv, questions_csv, api_visibility="private")
 
 
 # ---- Train tab -------------------------------------------------------------------------------
