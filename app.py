@@ -395,7 +395,7 @@ def edit_handler(app: App):
 
 def trace_download(traced, previous: str | None) -> tuple[str | None, str | None, None]:
     """The per-step trace of the last edit as a zip to download (`save_trace`: the files `python -m npedit edit
-    --trace` writes), written after the edit's results show and outside its GPU function (a 1024-px trace takes ~1.5 s
+    --trace` writes), written after the edit's results show and outside its GPU function (a 1024-px trace takes ~1.1 s
     to encode on a 2-core CPU, which ZeroGPU would bill as GPU time); the session's `previous` zip is deleted, so a
     local app (no cache cleanup) keeps one per session. Returns (download, the zip to delete next, trace state)."""
     if previous and Path(previous).parent == downloads_folder() and Path(previous).is_file():

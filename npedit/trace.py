@@ -277,7 +277,8 @@ def save_trace(trace: EditTrace, dest: str | os.PathLike, models: dict[str, str 
         dest.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
             for name, data in files.items():
-                z.writestr(name, data)
+                # PNGs are deflated already: compressing them again took 0.3 s of a 1024-px trace to save ~1%
+                z.writestr(name, data, zipfile.ZIP_STORED if name.endswith(".png") else zipfile.ZIP_DEFLATED)
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():

@@ -497,8 +497,8 @@ def test_the_edit_tabs_trace_download_holds_what_the_cli_traces(tiny_set, tmp_pa
 
 def test_the_trace_zip_is_written_after_the_edit_and_the_apis_keep_their_values(tiny_set, tmp_path, monkeypatch,
                                                                                 shapes_png):
-    """The trace's zip was written inside the edit (a GPU function: ~1.5 s of PNG encoding for a 1024-px trace, billed
-    as GPU time on ZeroGPU, before the result showed) and returned as an eighth /edit value, as /judge_batch got a
+    """The trace's zip was written inside the edit (a GPU function: ~1.1-1.3 s of PNG encoding for a 1024-px trace,
+    billed as GPU time on ZeroGPU, before the result showed) and returned as an eighth /edit value, as /judge_batch a
     third: a client unpacking the values it got before failed. The edit now returns the trace, a step after it zips
     it (deleting the session's previous zip: a local app's cache is never cleaned), and the APIs return what they
     did."""

@@ -113,6 +113,28 @@ def test_a_removal_is_labelled_by_what_its_number_is(loaded):
     assert plots.steps_figure(trace).axes[0].get_xlabel().startswith("P(edit done)")
 
 
+
+def test_a_trace_zip_holds_the_folders_files_and_stores_its_pngs_as_they_are(tmp_path):
+    """`save_trace` to a .zip holds byte for byte what it writes to a folder; PNGs (deflated already) are stored, not
+    compressed again (0.3 s of a 1024-px trace's zip on the 2-core CPU), the numbers are deflated."""
+    import zipfile
+
+    from npedit.trace import EditTrace, StepTrace, save_trace
+
+    rng = np.random.default_rng(0)
+    picture = lambda: Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8))  # noqa: E731
+    steps = [StepTrace(step=k, t=1.0 - k / 2, x0=picture(), sample_s=0.1, p_edit=0.5, p_identity=0.25,
+                       dmd_map=rng.random((4, 4)).astype(np.float32), dmd_mean=0.5) for k in range(2)]
+    trace = EditTrace(picture(), picture(), "make it blue", "a blue circle", "given", 3, 3.5, dmd_t=0.5, steps=steps)
+    save_trace(trace, tmp_path / "folder")
+    save_trace(trace, tmp_path / "t.zip")
+    with zipfile.ZipFile(tmp_path / "t.zip") as z:
+        assert sorted(z.namelist()) == sorted(p.name for p in (tmp_path / "folder").iterdir())
+        for info in z.infolist():
+            assert z.read(info) == (tmp_path / "folder" / info.filename).read_bytes()
+            png = info.filename.endswith(".png")
+            assert info.compress_type == (zipfile.ZIP_STORED if png else zipfile.ZIP_DEFLATED), info.filename
+
 def test_trace_without_teacher_says_why(loaded, tmp_path):
     ms, pipe = loaded
     paths = models.resolve_paths(model=ms.paths.model, judge=ms.paths.judge, env={})
