@@ -772,6 +772,16 @@ def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, mo
             started[0].wait()
 
 
+
+def test_a_jobs_records_are_written_whole_and_leave_no_partial_file(tmp_path, full_disk):
+    """job.json and status.json went through a copy of files.write_atomic without its clean-up: a full disk left a cut
+    `.job.json.tmp` holding the space; they use write_atomic itself now."""
+    record = tmp_path / "job.json"
+    jobs._write_json(record, {"pid": 1})
+    with pytest.raises(OSError), full_disk(64):
+        jobs._write_json(record, {"pid": 2, "args": ["x" * 200]})
+    assert json.loads(record.read_text()) == {"pid": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
+
 def test_a_job_that_fails_to_start_leaves_its_folder_free(tmp_path, monkeypatch):
     """job.json is written before the process starts; a start that fails (no such program, no memory to fork) takes
     it back, so the same run name can be started again."""

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from npedit.config import read_yaml
+from npedit.files import write_atomic
 from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, latest_readable
 
 LOCK_DIR = ".locks"
@@ -94,9 +95,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))  # whole or not at all, no partial temporary left on a full disk
 
 
 def _job_pid(run_dir: Path, job: dict) -> int | None:
