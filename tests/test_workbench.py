@@ -1241,3 +1241,19 @@ def test_a_judge_missing_a_package_is_named_once(tiny_set, monkeypatch):
     message = str(caught.value)
     assert message.count(tiny_set["judge"]) == 1 and message.startswith("the judge"), message
     assert "pip install torchvision" in message and "ImportError" not in message
+
+
+def test_the_whole_grid_memo_stays_bounded(tmp_path, monkeypatch):
+    """whole_grid remembers each grid file version it decoded (once per file, not per tick); an app up for weeks sees
+    every grid of every run, so the memo keeps its newest entries within a bound instead of growing without end."""
+    from PIL import Image
+
+    monkeypatch.setattr(runs, "_WHOLE", {})
+    monkeypatch.setattr(runs, "_WHOLE_MAX", 8)
+    paths = []
+    for i in range(20):
+        paths.append(tmp_path / f"step_{i:06d}.png")
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(paths[-1])
+        assert runs.whole_grid([paths[-1]]) == str(paths[-1])
+        assert len(runs._WHOLE) <= 8
+    assert (str(paths[-1]), paths[-1].stat().st_mtime_ns, paths[-1].stat().st_size) in runs._WHOLE

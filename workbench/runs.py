@@ -134,6 +134,7 @@ def no_samples_reason(run: str | os.PathLike) -> str:
             f"the first at step {every}; the run is at step {step}.")
 
 
+_WHOLE_MAX = 4096
 _WHOLE: dict[tuple[str, int, int], bool] = {}  # (path, mtime, size) -> it decodes whole: once per file, not per tick
 
 
@@ -147,6 +148,9 @@ def whole_grid(paths: Iterable[str]) -> str | None:
             continue
         key = (path, info.st_mtime_ns, info.st_size)
         if key not in _WHOLE:
+            if len(_WHOLE) >= _WHOLE_MAX:  # an app up for weeks sees every grid of every run: keep the newest half
+                for old in list(_WHOLE)[:_WHOLE_MAX // 2]:
+                    del _WHOLE[old]
             try:
                 load_image(path)
                 _WHOLE[key] = True
