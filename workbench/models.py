@@ -39,10 +39,6 @@ def _bundled(kind: str) -> Path:
             "critic": assets.DEFAULT_CRITIC}[kind]
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return not looks_local(text)
-
-
 # ---- checking paths ------------------------------------------------------------------------
 
 def check_editor(path: str | None) -> str:
@@ -68,7 +64,7 @@ def check_judge(path: str | None) -> str:
         raise ModelError(f"No judge: the bundled Shapes-world judge is not in {assets.DEFAULT_JUDGE}. "
                          f"Start the app with {FLAGS['judge']} DIR_OR_ID (a LLaVA-OneVision, Qwen2.5-VL or "
                          f"InternVL3-hf folder or hub id) or set {ENV['judge']}.")
-    if not _looks_like_hub_id(str(path)) and not Path(path).is_dir():
+    if looks_local(str(path)) and not Path(path).is_dir():
         raise ModelError(f"judge folder not found: {path}; pass {FLAGS['judge']} DIR_OR_ID")
     model_type = read_model_type(path)
     if model_type not in JUDGES:
