@@ -464,7 +464,7 @@ def _stage_help(stage: str) -> str:
         presets, cfg = list(PRESETS[stage]), make_config(stage, [])
 
     keys = flatten({k: v for k, v in to_dict(cfg).items() if k != "preset"})
-    return "\n".join([f"usage: python -m npedit shapes {stage} [preset=NAME] [key=value ...]",
+    return "\n".join([f"usage: {prog_name()} shapes {stage} [preset=NAME] [key=value ...]",
                       f"presets: {', '.join(presets)}", "keys (the default preset's values):",
                       *(f"  {k}={v}" for k, v in keys.items())])
 
@@ -543,8 +543,22 @@ def _bundled(text: str) -> str:
     return in_bundle(text)
 
 
+MODULE_PROG = "python -m npedit"
+
+
+def prog_name() -> str:
+    """How this process started the CLI: the console script's own name (`npedit`), else `python -m npedit`."""
+    started = sys.modules.get("__main__")
+    # pip's console script imports `main` into the script it runs; argparse's default (argv[0]'s base name) would say
+    # "__main__.py" for `python -m npedit`, and "pytest" or a script's name when another program calls main()
+    by_module = getattr(getattr(started, "__spec__", None), "name", "") == "npedit.__main__"
+    if not by_module and getattr(started, "main", None) is main and sys.argv and sys.argv[0]:
+        return Path(sys.argv[0]).name
+    return MODULE_PROG
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m npedit", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog_name(), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("edit", help="edit images with a trained editor")
