@@ -276,12 +276,16 @@ def _for_user(text: str) -> str:
     return re.sub(uploads, "", text)
 
 
-def download_path(name: str) -> Path:
-    """A new empty file named like `name` (verdicts-k3x9.csv) for a download, in gradio's cache folder: gradio serves
-    it from there as it is, and a public app's delete_cache removes it an hour on (a file written elsewhere was
-    copied into that folder, and the copy removed, the original never)."""
+def download_path(name: str, exact: bool = False) -> Path:
+    """A new empty file named like `name` (verdicts-k3x9.csv), or, `exact`, named `name` in a new folder, for a
+    download, in gradio's cache folder: gradio serves it from there as it is, and a public app's delete_cache removes
+    it an hour on (a file written elsewhere was copied into that folder, and the copy removed, the original never)."""
     folder = downloads_folder()
     folder.mkdir(parents=True, exist_ok=True)
+    if exact:  # the browser saves it under this name (a manifest the CLI is told to read as cases.csv)
+        path = Path(tempfile.mkdtemp(dir=folder)) / name
+        path.touch()
+        return path
     fd, path = tempfile.mkstemp(prefix=f"{Path(name).stem}-", suffix=Path(name).suffix, dir=folder)
     os.close(fd)
     return Path(path)
@@ -689,12 +693,19 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                                           "50,000 generated cases with paraphrases and target images; the table is "
                                           "then only a preview)")
     with gr.Tab("Upload my images"):
-        files = gr.File(file_count="multiple", file_types=["image"], label="Images (then type an instruction per row)")
+        files = gr.File(file_count="multiple", file_types=["image", *datasets.MANIFEST_SUFFIXES],
+                        label="Images (then type an instruction per row), or a manifest (cases.jsonl / cases.csv) "
+                              "with the images it names: it fills the table")
     gr.Markdown(TABLE_HELP)
     # fixed widths: sized by their content, the columns shrank to a letter each once an instruction was typed
     table = gr.Dataframe(value=datasets.empty_table(), headers=datasets.TABLE_COLUMNS, interactive=True,
                          label="Training data", max_height=280, wrap=True, elem_id="train-table",
                          column_widths=TABLE_WIDTHS)
+    with gr.Row():
+        download = gr.Button("Download the table as cases.csv", scale=0, min_width=260)
+        table_csv = gr.File(label="cases.csv: put it in the folder holding its images, then python -m npedit train "
+                                  "data.train=FOLDER/cases.csv (or upload both here again)", interactive=False,
+                            height=80)
     with gr.Row():
         own_base, own_judge = paths.teacher or str(assets.DEFAULT_TEACHER), paths.judge or str(assets.DEFAULT_JUDGE)
         # a public app trains from its own teacher and judge only, shown without the server's folders
@@ -766,15 +777,27 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         return datasets.named_images(datasets.shapes_table(int(n), staging / f"shapes-{seed}-{int(n)}", seed=seed))
 
     generate.click(on_generate, [n_cases, data_seed, token], [table, uploads], api_visibility="private")
-    def on_upload(paths, rows):
-        """The table of the uploaded images (what was typed kept); a warning names each file left out, and why."""
-        table, skipped = datasets.table_for_images(paths or [], rows)
-        if skipped:
-            gr.Warning(_for_user(f"{len(skipped)} file{'s' if len(skipped) > 1 else ''} left out of the table: "
-                                 + "; ".join(skipped)))
+    def on_upload(paths, rows, uploaded=None):
+        """The table of the uploaded files: a manifest's rows matched to its images by name, else a row per image
+        (what was typed kept); a warning per kind of file or row left out (or to fix), and why."""
+        try:
+            table, notes = datasets.table_for_uploads(paths or [], rows, before=list((uploaded or {}).values()))
+        except ValueError as exc:  # a manifest that cannot be read (its line named), or two of them
+            raise _error(exc) from None
+        for note in notes:
+            gr.Warning(_for_user(note))
         return table, datasets.upload_names(paths or [])
 
-    files.upload(on_upload, [files, table], [table, uploads], api_visibility="private")
+    files.upload(on_upload, [files, table, uploads], [table, uploads], api_visibility="private")
+
+    def on_download(rows):
+        """The table as a cases.csv manifest (its images named as the table names them)."""
+        try:
+            return str(datasets.write_table_csv(rows, download_path("cases.csv", exact=True)))
+        except ValueError as exc:
+            raise _error(exc) from None
+
+    download.click(on_download, table, table_csv, api_visibility="private")
 
     def on_start(table, uploads, use_stream, preset_name, name, base, judge, judge_pixels, student, token_value=None,
                  *values):

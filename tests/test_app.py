@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -258,6 +259,119 @@ def test_two_uploads_of_one_name_each_train_on_their_own_image(tmp_path, monkeyp
     manifest = datasets.write_manifest(table, tmp_path / "data", uploads)
     copied = sorted((manifest.parent / "images").iterdir())
     assert [Image.open(p).getpixel((0, 0)) for p in copied] == [(200, 0, 0), (0, 0, 200)]
+
+
+def _uploaded(root: Path, name: str, content=None) -> str:
+    """A file as gradio keeps an upload: in a folder of its own under the upload folder (named by a hash)."""
+    folder = root / f"{abs(hash((name, str(content)))):064x}"[-64:]
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, tuple):
+        Image.new("RGB", (8, 8), content).save(folder / name)
+    else:
+        (folder / name).write_text(content)
+    return str(folder / name)
+
+
+def test_a_manifest_uploaded_with_its_images_fills_the_train_table(tiny_set, tmp_path, monkeypatch):
+    """A user with a cases.csv and its images had to type every row again. Uploaded together, the manifest fills the
+    table, each image matched to an upload by its file name; rows whose image was not uploaded (a server file's path
+    among them: a public app reads none) are left out, named with their lines; rows with something to fix are shown
+    and named; Start trains on the uploads. Typed fixes survive adding the missing images; a new manifest wins."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "secret.png")  # the server's, beside no upload
+    rows = ["image,instruction,edit_type,object_name,keep",
+            'images/cat.png,"make the cat blue, all of it",recolor,,tree; house',
+            r"images\dog.png,remove the dog,remove,,",  # written on Windows; object_name forgotten
+            "images/cat.png,give the cat a hat,add,,",
+            f"{tmp_path / 'secret.png'},make it red,,,",
+            "images/bird.png,make the bird red,,,"]
+    manifest = _uploaded(uploads, "cases.csv", "\n".join(rows) + "\n")
+    images = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("dog.png", (0, 0, 200)),
+                                                     ("notes.png", (0, 200, 0)))]
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    with pytest.warns(UserWarning) as shown:
+        table, names = fns["on_upload"]([manifest, *images], pd.DataFrame(), {})
+    assert list(table["image"]) == ["cat.png", "dog.png", "cat.png"]
+    assert list(table["instruction"]) == ["make the cat blue, all of it", "remove the dog", "give the cat a hat"]
+    assert (table.loc[0, "edit_type"], table.loc[0, "keep"], table.loc[2, "edit_type"]) == ("recolor", "tree; house",
+                                                                                          "add")
+    messages = [str(w.message) for w in shown]
+    assert messages[0] == ("2 rows of cases.csv left out of the table, 2 images not uploaded: secret.png (line 5), "
+                           "bird.png (line 6). Upload them too (with cases.csv).")
+    assert messages[1] == "1 uploaded file not named in cases.csv, left out of the table: notes.png."
+    assert messages[2] == ("cases.csv: 1 row to fix in the table before Start: line 3: edit_type 'remove' needs "
+                           "object_name (what is removed)")
+    assert not any(str(uploads) in m or str(tmp_path) in m for m in messages)  # names as the user knows them
+    with pytest.raises(gr.Error, match="row 2: .*needs object_name"):
+        fns["on_start"](table, names, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"],
+                        tiny_set["judge"], 0, "", "s3cret")
+    table.loc[1, "object_name"] = "dog"  # fixed in the table, then the bird's photo added to the upload
+    bird = _uploaded(uploads, "bird.png", (200, 200, 0))
+    with pytest.warns(UserWarning):
+        again, names = fns["on_upload"]([manifest, *images, bird], table, names)
+    assert list(again["image"]) == ["cat.png", "dog.png", "cat.png", "bird.png"]
+    assert again.loc[1, "object_name"] == "dog"  # what was typed kept: the manifest is the same file
+    launched = []
+    monkeypatch.setattr(npedit_app.jobs, "start_job", lambda run_dir, args, **kw: launched.append(run_dir))
+    fns["on_start"](again, names, False, next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"],
+                    0, "", "s3cret")
+    data = launched[0] / "data"
+    lines = [json.loads(x) for x in (data / "cases.jsonl").read_text().splitlines()]
+    assert [x["instruction"] for x in lines][1:] == ["remove the dog", "give the cat a hat", "make the bird red"]
+    colours = [Image.open(data / x["image"]).getpixel((0, 0)) for x in lines]
+    assert colours == [(200, 0, 0), (0, 0, 200), (200, 0, 0), (200, 200, 0)]  # the uploads, never the server's file
+    fixed = _uploaded(uploads, "cases.csv", rows[0] + "\nimages/cat.png,make the cat green,recolor,,\n")
+    refilled = fns["on_upload"]([fixed, *images[:1]], again, names)[0]  # another manifest: its rows win
+    assert list(refilled["image"]) == ["cat.png"] and list(refilled["instruction"]) == ["make the cat green"]
+
+
+def test_a_train_upload_with_an_unreadable_or_second_manifest_says_why(tmp_path, monkeypatch):
+    """A manifest that cannot be read is refused with its line; two manifests in one upload are refused by name."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    bad = _uploaded(tmp_path / "uploads", "cases.jsonl", '{"image": "a.png", "instruction": "x"}\n{"image": \n')
+    other = _uploaded(tmp_path / "uploads", "more.csv", "image,instruction\na.png,y\n")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    with pytest.raises(gr.Error) as err:
+        fns["on_upload"]([bad], pd.DataFrame(), {})
+    assert err.value.message.startswith("cases.jsonl:2: not valid JSON") and str(tmp_path) not in err.value.message
+    with pytest.raises(gr.Error, match=r"upload one manifest with its images, not 2 \(cases.jsonl, more.csv\)"):
+        fns["on_upload"]([bad, other], pd.DataFrame(), {})
+
+
+def test_the_train_table_downloads_as_a_cases_csv_that_trains_and_fills_it_again(tmp_path, monkeypatch):
+    """The table typed in the app can be reused: downloaded as cases.csv, it is a manifest the CLI reads from the
+    folder holding its images, and uploaded again with them it fills the same table."""
+    from npedit.data import load_manifest
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    images = [_uploaded(tmp_path / "uploads", n, c) for n, c in (("a.png", (200, 0, 0)), ("b.png", (0, 0, 200)))]
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    with pytest.raises(gr.Error, match="the training table is empty"):
+        fns["on_download"](pd.DataFrame())
+    table, _ = fns["on_upload"](images, pd.DataFrame(), {})
+    table["instruction"] = ['paint the "big" square, then the circle', "remove the café sign"]
+    table["edit_type"] = ["recolor", "remove"]
+    table["object_name"] = ["", "café sign"]
+    table["keep"] = ["circle; tree", ""]
+    saved = Path(fns["on_download"](table))
+    assert saved.name == "cases.csv" and saved.is_relative_to(tmp_path / "uploads")  # (a public app deletes it)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for image in images:
+        shutil.copyfile(image, mine / Path(image).name)
+    shutil.copyfile(saved, mine / "cases.csv")
+    records = load_manifest(mine / "cases.csv", allow_outside_paths=False)
+    assert [(r.image, r.instruction, r.edit_type, r.object_name, r.keep_names) for r in records] == [
+        (str(mine / "a.png"), 'paint the "big" square, then the circle', "recolor", "", ["circle", "tree"]),
+        (str(mine / "b.png"), "remove the café sign", "remove", "café sign", [])]
+    again, _ = fns["on_upload"]([str(saved), *images], pd.DataFrame(), {})
+    pd.testing.assert_frame_equal(again, table.astype(str))
 
 
 def test_a_public_app_trains_on_its_generated_shapes_cases(tiny_set, tmp_path, monkeypatch):
@@ -1185,7 +1299,6 @@ def test_a_public_app_names_no_server_path_in_the_editor_list_or_status(tiny_set
     the judge's, teacher's and critic's folders). A public app shows paths relative to its folder (or to the runs
     folder's parent), else names alone, and its choices' values are their labels, mapped back to paths on the
     server; a local app shows and sends full paths, as before."""
-    import shutil
 
     from npedit import assets
 

@@ -216,6 +216,38 @@ def test_domain_file_and_fitting(tmp_path):
     assert models.fit_to_domain(photo, models.Domain())[1] is None
 
 
+def test_a_json_lines_manifest_fills_a_table_and_says_what_it_left_out(tmp_path):
+    """cases.jsonl too (list cells as the table writes them); a name that differs only in case is pointed at; one name
+    standing for two of the manifest's files (uploads keep no folders), an unreadable image and a line naming no
+    image leave their rows out, each said once however many rows name it."""
+    for name in ("a.png", "B.png", "one.png"):
+        folder = tmp_path / name.removesuffix(".png")
+        folder.mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / name)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "c.png").write_bytes(b"\x89PNG not really")
+    lines = [{"image": "x/a.png", "instruction": "make it red", "keep": ["tree", "house"], "new": "red a"},
+             {"image": "x/b.png", "instruction": "make it blue"},
+             {"image": "p/one.png", "instruction": "add a hat"}, {"image": "q/one.png", "instruction": "add a cap"},
+             {"image": "c.png", "instruction": "x"}, {"image": "c.png", "instruction": "y"},
+             {"image": "", "instruction": "z"}]
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    paths = [str(tmp_path / n) for n in ("a/a.png", "B/B.png", "one/one.png", "broken/c.png")]
+    table, notes = datasets.table_for_uploads([str(manifest), *paths])
+    assert table.to_dict("records") == [{**dict.fromkeys(datasets.TABLE_COLUMNS, ""), "image": "a.png",
+                                         "instruction": "make it red", "edit_type": "edit", "keep": "tree; house",
+                                         "new": "red a"}]
+    assert notes[0] == ("1 row of cases.jsonl left out of the table, 1 image not uploaded: b.png (line 2; uploaded "
+                        "as B.png? names must match exactly). Upload it too (with cases.jsonl).")
+    assert notes[1] == "cases.jsonl: line 7 names no image, left out."
+    assert notes[2].startswith("The rows of 1 image left out: c.png: cannot read ")  # (once, for its two rows)
+    assert notes[3] == ("Uploads keep no folders, so these rows of cases.jsonl are left out, as each name stands for "
+                        "several files: one.png (p/one.png, q/one.png: line 3, 4). Give the files names of their own.")
+    assert notes[4] == "1 uploaded file not named in cases.jsonl, left out of the table: B.png."
+    assert len(notes) == 5
+
+
 def test_training_table_to_manifest(tmp_path):
     from npedit.data import load_manifest
 

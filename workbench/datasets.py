@@ -15,14 +15,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from npedit.data import EditRecord, object_names
+from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, object_names, read_rows
 from npedit.images import ImageError, load_image
+from npedit.pairs import RowWriter
 
 from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
 
 TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep",
                  "new", "gone"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MANIFEST_SUFFIXES = (".jsonl", *CSV_SUFFIXES)  # what load_manifest reads: a CSV by its suffix, else JSON lines
+NAMED = 5  # names a message lists before it counts the rest
 
 
 def empty_table() -> pd.DataFrame:
@@ -63,6 +66,140 @@ def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> 
             continue
         rows.append(blank | {"image": name})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS), skipped
+
+
+def table_for_uploads(paths: list[str], previous: pd.DataFrame | None = None,
+                      before: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
+    """The table of an upload: with a manifest (cases.jsonl, cases.csv) among the files, its rows matched to the other
+    files (`table_for_manifest`; what was typed in `previous` kept while the manifest is the one of the upload
+    `before`), else a row per image (`table_for_images`). Also a line per kind of thing left out, or to fix."""
+    manifests = [p for p in paths if Path(p).suffix.lower() in MANIFEST_SUFFIXES]
+    if not manifests:
+        table, skipped = table_for_images(paths, previous)
+        return table, [f"{len(skipped)} file{'s' if len(skipped) > 1 else ''} left out of the table: "
+                       + "; ".join(skipped)] if skipped else []
+    if len(manifests) > 1:
+        raise ValueError(f"upload one manifest with its images, not {len(manifests)} "
+                         f"({', '.join(Path(p).name for p in manifests)})")
+    unchanged = str(manifests[0]) in map(str, before)  # (gradio names an upload by its content's hash)
+    return table_for_manifest(manifests[0], [p for p in paths if p != manifests[0]], previous if unchanged else None)
+
+
+def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
+                       typed: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of a manifest (npedit.data's cases.jsonl or cases.csv) whose image is among the uploaded `paths`,
+    matched by file name (`upload_names`; uploads keep no folders), each shown as that name; a row of `typed` (the
+    table as the user left it) stands in for the manifest's row of the same image and turn. Also a line per kind of
+    row left out (its image not uploaded, unreadable, or two files of one name) or to fix (no instruction...).
+
+    Only the manifest and `paths` are read: a manifest's paths name no file of this machine (a public app)."""
+    label = Path(manifest).name
+    rows = read_rows(manifest, ("image", "instruction"), text=TEXT_FIELDS, label=label, what="manifest")
+    files = upload_names(paths)
+    spelled, wanted = {}, []  # base name -> the spellings naming it; (line, row, base name)
+    for n, row in rows:
+        path = _cell(row.get("image")).replace("\\", "/")  # a manifest written on Windows: images\\a.png
+        name = path.rsplit("/", 1)[-1]
+        spelled.setdefault(name, set()).add(path)
+        wanted.append((n, row, name))
+    kept = {}
+    if typed is not None:
+        turns = {}
+        for row in typed.reindex(columns=TABLE_COLUMNS).to_dict("records"):
+            name = _cell(row["image"])
+            turns[name] = turns.get(name, -1) + 1
+            kept[(name, turns[name])] = {c: _cell(row[c]) for c in TABLE_COLUMNS}
+    out, turns, readable = [], {}, {}
+    missing, unreadable, clashes, to_fix, blank = {}, {}, {}, [], []
+    for n, row, name in wanted:
+        if not name:
+            blank.append(str(n))
+            continue
+        if len(spelled[name]) > 1:
+            clashes.setdefault(name, []).append(n)
+            continue
+        if name not in files:
+            missing.setdefault(name, []).append(n)
+            continue
+        if name not in readable:
+            try:
+                load_image(files[name])  # the whole file, as for images uploaded alone
+                readable[name] = None
+            except ImageError as exc:
+                readable[name] = str(exc)
+        if readable[name]:
+            unreadable[name] = readable[name]
+            continue
+        turns[name] = turns.get(name, -1) + 1
+        if (name, turns[name]) in kept:
+            out.append(kept[(name, turns[name])])
+            continue
+        cells = {c: _cell(row.get(c)) for c in TABLE_COLUMNS} | {"image": name}
+        for c in ("keep", "new", "gone"):  # a JSON list, or "a;b", shown as the table takes them
+            value = row.get(c)
+            cells[c] = "; ".join(object_names(value if isinstance(value, list) else _cell(value)))
+        cells["edit_type"] = cells["edit_type"] or "edit"
+        try:
+            EditRecord(id=str(n), **{c: v for c, v in cells.items()})
+        except ValueError as exc:  # the row is shown all the same: it can be fixed in the table
+            to_fix.append(f"line {n}: {str(exc).removeprefix(f'sample {n}: ')}")
+        out.append(cells)
+    notes = []
+    if missing:
+        lower = {k.lower(): k for k in files}
+        names = [f"{k} (line {', '.join(map(str, v))}"
+                 + (f"; uploaded as {lower[k.lower()]}? names must match exactly" if k.lower() in lower else "") + ")"
+                 for k, v in missing.items()]
+        count = sum(map(len, missing.values()))
+        notes.append(f"{count} row{'s' if count > 1 else ''} of {label} left out of the table, "
+                     f"{_plural(names, 'image')} not uploaded: {_some(names)}. Upload "
+                     f"{'it' if len(names) == 1 else 'them'} too (with {label}).")
+    if blank:
+        notes.append(f"{label}: {'line' if len(blank) == 1 else 'lines'} {_some(blank)} "
+                     f"name{'s' if len(blank) == 1 else ''} no image, left out.")
+    if unreadable:
+        notes.append(f"The rows of {_plural(list(unreadable), 'image')} left out: "
+                     + _some([f"{k}: {v}" for k, v in unreadable.items()], "; "))
+    if clashes:
+        notes.append("Uploads keep no folders, so these rows of " + label + " are left out, as each name stands for "
+                     "several files: " + _some([f"{k} ({', '.join(sorted(spelled[k]))}: line "
+                                                f"{', '.join(map(str, v))})" for k, v in clashes.items()], "; ")
+                     + ". Give the files names of their own.")
+    unused = [k for k in files if k not in spelled]
+    if unused:
+        notes.append(f"{_plural(unused, 'uploaded file')} not named in {label}, left out of the table: "
+                     f"{_some(unused)}.")
+    if to_fix:
+        notes.append(f"{label}: {len(to_fix)} row{'s' if len(to_fix) > 1 else ''} to fix in the table before Start: "
+                     + _some(to_fix, "; "))
+    if any(_cell(row.get("target")) for _, row in rows):
+        notes.append(f"{label} has a target column, which the table does not keep (target images, for paired SFT: "
+                     f"train with python -m npedit train).")
+    return pd.DataFrame(out, columns=TABLE_COLUMNS), notes
+
+
+def _plural(items: list, noun: str) -> str:
+    return f"{len(items):,} {noun}{'s' if len(items) > 1 else ''}"
+
+
+def _some(items: list[str], sep: str = ", ") -> str:
+    """The first NAMED items, and how many more."""
+    more = f" and {len(items) - NAMED:,} more" if len(items) > NAMED else ""
+    return sep.join(items[:NAMED]) + more
+
+
+def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """The table's rows (blank ones dropped) as a cases.csv manifest: its images named as the table names them, so
+    the file read from the folder holding those images trains as the table would (`python -m npedit train
+    data.train=...`), and, uploaded with them, fills the table again (`table_for_manifest`)."""
+    records = [{c: _cell(v) for c, v in row.items()} for row in table.reindex(columns=TABLE_COLUMNS).to_dict("records")]
+    records = [r for r in records if any(r.values())]
+    if not records:
+        raise ValueError("the training table is empty: nothing to download")
+    with RowWriter(path, TABLE_COLUMNS) as f:
+        for record in records:
+            f.write(record)
+    return Path(path)
 
 
 def shapes_cases(n: int, seed: int = 0, paraphrase_prob: float = 0.0, cycle: bool = True) -> list:
