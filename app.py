@@ -705,7 +705,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         download = gr.Button("Download the table as cases.csv", scale=0, min_width=260)
         table_csv = gr.File(label="cases.csv: put it in the folder holding its images, then python -m npedit train "
                                   "data.train=FOLDER/cases.csv (or upload both here again)", interactive=False,
-                            height=80)
+                            height=80, elem_id="train-table-csv")
     with gr.Row():
         own_base, own_judge = paths.teacher or str(assets.DEFAULT_TEACHER), paths.judge or str(assets.DEFAULT_JUDGE)
         # a public app trains from its own teacher and judge only, shown without the server's folders

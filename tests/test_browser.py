@@ -170,6 +170,30 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view
 
 
+def test_a_manifest_uploaded_with_its_images_fills_the_train_table_and_downloads(page, tmp_path):
+    """cases.csv and its images, uploaded together in the browser, fill the table; the table downloads as cases.csv."""
+    for k in (1, 2):
+        Image.new("RGB", (16, 16), (0, 40 * k, 0)).save(tmp_path / f"m{k}.png")
+    (tmp_path / "cases.csv").write_text("image,instruction,edit_type,object_name\n"
+                                        "images/m1.png,make the square green,recolor,\n"
+                                        "images/m2.png,remove the circle,remove,circle\n")
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("tab", name="Upload my images").click()
+    page.locator("input[type=file][multiple]").last.set_input_files([str(tmp_path / n)
+                                                                     for n in ("cases.csv", "m1.png", "m2.png")])
+    table = page.locator("#train-table")
+    table.locator("[data-testid='cell-1-0']").get_by_text("m2.png", exact=True).wait_for()
+    table.get_by_text("remove the circle").filter(visible=True).first.wait_for()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the table as cases.csv").click()
+        page.locator("#train-table-csv a[download]").first.click()
+    saved = tmp_path / "saved.csv"
+    download.value.save_as(saved)
+    assert download.value.suggested_filename == "cases.csv"
+    assert saved.read_text().splitlines()[1:] == ["m1.png,make the square green,,,recolor,,,,",
+                                                  "m2.png,remove the circle,,,remove,circle,,,"]
+
+
 def _editor_sample_grid(path: Path, n: int = 4) -> None:
     """A sample grid as the trainer writes it (its `sample_grid`, a run's four rows), of the bundled default editor's
     real seeded 4-step edits of Shapes cases (the cases' true edits made a picture no model had made)."""
