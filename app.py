@@ -351,7 +351,10 @@ def edit_handler(app: App):
         try:
             progress(0.0, desc="loading the editor")
             pipe = app.models.editor(editor)
-            picture, notice = models.fit_to_domain(load_image(image), models.read_domain(editor))
+            # as `python -m npedit edit` reads it; the pipeline then sizes it (no crop, its trained resolution for a
+            # Shapes editor) and says in words when it scales it
+            picture = load_image(image)
+            notice = pipe.working_note(picture.size)
             gallery, traced = [], None
             if int(candidates or 1) > 1:
                 progress(0.05, desc="loading the judge")
@@ -441,7 +444,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
     with gr.Row():
         with gr.Column():
             image = image_input(type="filepath", image_mode=None, label="Input image", height=320,
-                             elem_classes=["pixelated", "fill-image"], sources=["upload", "clipboard"])
+                                elem_classes=["pixelated", "fill-image"], sources=["upload", "clipboard"],
+                                elem_id="edit-input")
             with gr.Row():
                 instruction = gr.Textbox(label="Instruction", placeholder="make the red circle blue", scale=4)
                 run = gr.Button("Run", variant="primary", scale=0, min_width=90)
@@ -465,7 +469,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                   placeholder="red square; blue triangle")
         with gr.Column():
             result = gr.Image(type="pil", format="png", label="Edited (PNG)", height=320, interactive=False,
-                              buttons=["download", "fullscreen"], elem_classes=["pixelated", "fill-image"])
+                              buttons=["download", "fullscreen"], elem_classes=["pixelated", "fill-image"],
+                              elem_id="edit-result")
             reuse = gr.Button("↺ Use the result as the next input", size="sm")
             slider = gr.ImageSlider(type="pil", format="png", label="Before / after", max_height=320,
                                     elem_classes="pixelated")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .assets import bundle_missing, default_path, in_bundle
 from .edit_types import EDIT_TYPES, edit_type_name
-from .images import ImageError, load_image
+from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
 
 
@@ -194,13 +194,17 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
         try:
+            picture = load_image(job["image"])  # read once; the pipeline's own loading leaves it as it is
+            note = pipe.working_note(picture.size, args.max_side)
+            if note:  # the app shows the same sentence: an input the editor sees at another size
+                tqdm.write(f"note: {job['id']}: {note}" if len(jobs) > 1 else f"note: {note}", file=sys.stderr)
             if getattr(args, "tracer", None):
-                img = args.tracer(job)
+                img = args.tracer(job, picture)
             elif judge is None:
-                img = pipe(image=job["image"], prompt=job["instruction"], num_inference_steps=args.steps,
+                img = pipe(image=picture, prompt=job["instruction"], num_inference_steps=args.steps,
                            generator=gen, max_side=args.max_side).images[0]
             else:
-                picked = _best_of(pipe, judge, job, args, verbose=len(jobs) == 1)
+                picked = _best_of(pipe, judge, job, picture, args, verbose=len(jobs) == 1)
                 img = picked.image
         except (ImageError, ValueError) as exc:
             failures += 1
@@ -220,9 +224,10 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
 
 
 def _tracer(args, pipe, judge, model: str, dtype):
-    """The edit of --trace: a function of the job that runs `npedit.trace.trace_edit` with the judge and the DMD pair
-    (--teacher / --critic, else the editor's own, else the bundled teacher), writes the trace to --trace and returns
-    the edited image. Without a teacher or critic the trace has no DMD maps and says why (also on stderr)."""
+    """The edit of --trace: a function of the job and its loaded image that runs `npedit.trace.trace_edit` with the
+    judge and the DMD pair (--teacher / --critic, else the editor's own, else the bundled teacher), writes the trace
+    to --trace and returns the edited image. Without a teacher or critic the trace has no DMD maps and says why
+    (also on stderr)."""
     from .assets import DEFAULT_TEACHER
     from .trace import load_companion, own_companions, save_trace, trace_edit
 
@@ -243,8 +248,8 @@ def _tracer(args, pipe, judge, model: str, dtype):
         print(f"note: the trace has no DMD maps: {note}", file=sys.stderr)
         names |= {"teacher": None, "critic": None}  # the trace names the models it used
 
-    def run(job):
-        trace = trace_edit(pipe, judge, nets.get("teacher"), nets.get("critic"), job["image"], job["instruction"],
+    def run(job, picture):
+        trace = trace_edit(pipe, judge, nets.get("teacher"), nets.get("critic"), picture, job["instruction"],
                            args.caption, steps=args.steps, seed=args.seed, edit_type=job["edit_type"],
                            object_name=(job.get("object_name") or "").strip() or None, max_side=args.max_side,
                            loss=loss, dmd_note=note)
@@ -271,12 +276,13 @@ def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
     file.flush()
 
 
-def _best_of(pipe, judge, job: dict, args, verbose: bool):
-    """The judge's pick of `args.candidates` edits of one job; with `verbose`, each candidate's verdict on stderr."""
+def _best_of(pipe, judge, job: dict, picture, args, verbose: bool):
+    """The judge's pick of `args.candidates` edits of one job (its image loaded: `picture`); with `verbose`, each
+    candidate's verdict on stderr."""
     from .best_of import best_of
     from .data import object_names
 
-    picked = best_of(pipe, judge, job["image"], job["instruction"], candidates=args.candidates, steps=args.steps,
+    picked = best_of(pipe, judge, picture, job["instruction"], candidates=args.candidates, steps=args.steps,
                      seed=args.seed, max_side=args.max_side, edit_type=job["edit_type"],
                      object_name=job.get("object_name") or None, keep=object_names(job.get("keep")))
     if verbose:
@@ -573,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
     e.add_argument("--steps", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-side", type=int, default=1024, help="longest side the editor works at")
+    e.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="longest side a general editor works at "
+                   f"(default {DEFAULT_MAX_SIDE}, as in the app; an editor trained at one resolution, e.g. a "
+                   "Shapes-world editor's 64 px, works at that: a note on stderr says when an image is scaled)")
     e.add_argument("--candidates", type=int, default=1, help="sample this many edits and keep the one the judge "
                    "rates highest (best-of-N; 1: a single edit)")
     e.add_argument("--judge", type=_bundled,

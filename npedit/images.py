@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 MAX_PIXELS = 64_000_000  # larger images are refused (decompression-bomb guard)
+DEFAULT_MAX_SIDE = 1024  # the longest side a general editor edits at (the pipeline's max_side, edit --max-side)
 # what Pillow's readers raise on a damaged file: not only OSError but a bare ValueError (a PNG header cut short, a
 # text chunk that inflates past its limit, a PPM size that is no number) and, in some readers, these others
 UNREADABLE = (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, KeyError, struct.error,
@@ -155,10 +156,11 @@ def fit_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return ImageOps.fit(img, size, method=Image.Resampling.BICUBIC)
 
 
-def editable_size(width: int, height: int, multiple: int, max_side: int) -> tuple[int, int]:
+def editable_size(width: int, height: int, multiple: int, max_side: int, upscale: bool = False) -> tuple[int, int]:
     """The working size for an image: both sides multiples of `multiple`, nearest to the image scaled to fit
-    `max_side`, never above it (one `multiple` at least, even where `max_side` is smaller)."""
-    scale = min(1.0, max_side / max(width, height))
+    `max_side`, never above it (one `multiple` at least, even where `max_side` is smaller); with `upscale`, a smaller
+    image is scaled up to `max_side` too (an editor trained at one resolution)."""
+    scale = max_side / max(width, height) if upscale else min(1.0, max_side / max(width, height))
     most = max(1, max_side // multiple)
 
     def side(x: int) -> int:

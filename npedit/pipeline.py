@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from . import flow
 from .backbones import backbone_class, family_of_class_name, import_families
-from .images import editable_size, load_image, pil_to_tensor, split_batch, tensor_to_pil
+from .domain import Domain, read_domain
+from .images import DEFAULT_MAX_SIDE, editable_size, load_image, pil_to_tensor, split_batch, tensor_to_pil
 from .sampler import StepState, draw_noise, sample
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class NPEditPipeline(DiffusionPipeline):
             text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         )
         self._backbone = None
+        # what the editor was trained on (`from_pretrained` reads the folder's npedit_domain.json): a fixed
+        # resolution makes it the working size of every input
+        self.domain = Domain()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NPEditPipeline":
@@ -131,6 +135,7 @@ class NPEditPipeline(DiffusionPipeline):
             check_editor_folder(path, dtype, device=device)
             pipe = load_adapter_pipeline(path, base=kwargs.pop("base", None), student=kwargs.pop("student", None),
                                          torch_dtype=kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
+            pipe.domain = read_domain(path)
             return pipe.to(device) if device is not None else pipe
         try:
             # a hub id is fetched first (what diffusers' from_pretrained does before building), so that its snapshot
@@ -144,6 +149,7 @@ class NPEditPipeline(DiffusionPipeline):
             raise found_nowhere(path, exc, "editor folder") from None
         if folder != path:
             pipe.register_to_config(_name_or_path=path)  # the hub id, as diffusers records it, not the cache folder
+        pipe.domain = read_domain(folder)
         return pipe.to(device) if device is not None else pipe
 
     @classmethod
@@ -170,12 +176,37 @@ class NPEditPipeline(DiffusionPipeline):
         """The sampling times for `num_inference_steps` under the scheduler's shift."""
         return flow.few_step_times(num_inference_steps, float(self.scheduler.config.shift))
 
-    def working_size(self, size: tuple[int, int], max_side: int) -> tuple[int, int]:
-        """The (width, height) an image of `size` is edited at: its own aspect, within `max_side` and the backbone."""
+    def working_size(self, size: tuple[int, int], max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
+        """The (width, height) an image of `size` is edited at: its own aspect (no crop), its longest side the
+        editor's trained resolution (`domain.resolution`, up or down: a Shapes editor knows 64 px scenes only), else
+        at most `max_side`; within the backbone's limit either way."""
         if max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
         limit = self.backbone.max_side  # a larger image would not fit the transformer (e.g. SD3's position grid)
-        return editable_size(*size, self.backbone.pixel_multiple, min(max_side, limit or max_side))
+        side = min(max_side, limit or max_side)
+        fixed = self.domain.resolution
+        return editable_size(*size, self.backbone.pixel_multiple, min(fixed, side) if fixed else side,
+                             upscale=bool(fixed))
+
+    def working_note(self, size: tuple[int, int], max_side: int = DEFAULT_MAX_SIDE,
+                     keep_size: bool = True) -> str | None:
+        """A sentence for the user when an image of `size` is edited at another scale (the editor's trained resolution,
+        `max_side` or the backbone's limit), else None; the CLI prints it and the app shows it."""
+        (w, h), (ww, wh) = size, self.working_size(size, max_side)
+        fixed, limit = self.domain.resolution, self.backbone.max_side
+        cap = min(max_side, limit or max_side)
+        if (max(w, h) == min(fixed, cap)) if fixed else (max(w, h) <= cap):
+            return None  # not scaled, only rounded to the backbone's multiple: nothing a user would notice
+        back = f" and the result resized back to {w}x{h}" if keep_size else ""
+        if fixed:
+            note = (f"This editor was trained on {fixed}x{fixed} {self.domain.name}-world images: your {w}x{h} image "
+                    f"is edited at {ww}x{wh}{back}.")
+            if self.domain.is_shapes:
+                note += " It knows only simple shapes on plain backgrounds, so expect a photo to come back as shapes."
+            return note
+        why = (f"this editor's largest size, {limit} px" if limit and limit < max_side else
+               f"max_side (--max-side) {max_side}")
+        return f"Your {w}x{h} image is edited at {ww}x{wh} ({why}){back}."
 
     def prepare_images(self, images, max_side: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Load and fit images that share one working size; returns (B, 3, H, W) in [-1, 1] and original sizes.
@@ -203,7 +234,7 @@ class NPEditPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
-        max_side: int = 1024,
+        max_side: int = DEFAULT_MAX_SIDE,
         keep_size: bool = True,
         return_dict: bool = True,
         num_images_per_prompt: int = 1,
@@ -216,9 +247,11 @@ class NPEditPipeline(DiffusionPipeline):
         `num_images_per_prompt` edits of each input, in diffusers' order (input 0's edits first); `generator`: one
         for the batch, or one per output image (diffusers' convention: image b's noise then comes from generator b
         alone, so it is the single edit seeded alike).
-        Each image is edited at its own working size (`working_size`): images of several working sizes run one pass
-        per size, in the order of each size's first image, and come back in input order; one `generator` serves
-        those passes in turn.
+        Each image is edited at its own working size (`working_size`: its own aspect, never cropped; an editor with a
+        fixed resolution, e.g. the Shapes world's 64 px, at that resolution, `working_note` says so in words): images
+        of several working sizes run one pass per size, in the order of each size's first image, and come back in
+        input order; one `generator` serves those passes in turn. `python -m npedit edit` and the app edit through
+        this call, so the same image, prompt, seed and steps give them the same result.
         `callback_on_step_end(pipe, step, t, {"latents": x_t, "x0": x0})` runs after each step (and size), t in [0, 1];
         `callback_on_step_end_tensor_inputs` picks the keys (default both). Its return value is not used: each step
         re-noises x0 with fresh noise, so there is no running latent for it to replace.
@@ -308,7 +341,9 @@ class NPEditPipeline(DiffusionPipeline):
             raise ValueError(f"the new VAE's latents ({new.channels} channels, downsample {new.downsample}) do not "
                              f"match this pipeline's ({old.channels} channels, downsample {old.downsample})")
         parts = {name: getattr(self, name) for name in self.components}
-        return type(self)(**{**parts, "vae": vae})
+        pipe = type(self)(**{**parts, "vae": vae})
+        pipe.domain = self.domain
+        return pipe
 
     def save_pretrained(self, save_directory, *, training: str | None = None, **kwargs):
         """Save every component as safetensors plus a model card (README.md); `training` says how it was trained

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from npedit.domain import DOMAIN_FILE
 from workbench import presets
 from workbench.tiny import build_tiny_set
 
@@ -414,7 +415,7 @@ def test_generated_shapes_cases_show_their_names_and_train(tiny_set, tmp_path, m
     data = run_dir / "data"
     assert f"data.train={data / 'cases.jsonl'}" in args and len((data / "cases.jsonl").read_text().splitlines()) == 6
     assert sorted(p.name for p in (data / "images").iterdir())[0] == "00001_shapes-0-00000.png"
-    assert (data / npedit_app.models.DOMAIN_FILE).is_file()  # its editor is recognised as a Shapes-world one
+    assert (data / DOMAIN_FILE).is_file()  # its editor is recognised as a Shapes-world one
 
 
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):

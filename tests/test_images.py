@@ -74,6 +74,7 @@ def test_sizes_and_tensor_round_trip():
     assert images.editable_size(4000, 3000, 16, 1024) == (1024, 768)
     assert images.editable_size(60, 60, 16, 56) == (48, 48)  # 56 / 16 = 3.5 rounds up: --max-side is a maximum
     assert images.editable_size(300, 100, 16, 7) == (16, 16)  # below one multiple: the least there is
+    assert images.editable_size(30, 20, 8, 64, upscale=True) == (64, 40)  # an editor trained at one size: up too
     img = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
     assert np.array_equal(np.asarray(images.tensor_to_pil(images.pil_to_tensor(img))), np.asarray(img))
 

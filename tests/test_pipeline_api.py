@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from npedit.assets import DEFAULT_MODEL, EXAMPLES_DIR
+from npedit.domain import Domain
 
 PROMPT = "make the circle blue"
 
@@ -121,6 +122,7 @@ def test_mixed_sizes_come_back_at_their_own_sizes_or_a_clear_error_for_one_array
 
 
 def test_each_image_of_a_mixed_batch_is_edited_at_its_own_working_size_as_alone(pipe, scene, monkeypatch):
+    monkeypatch.setattr(pipe, "domain", Domain())  # a general editor: each image at its own size, not the Shapes 64 px
     wide, tall = scene.resize((96, 48)), scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((48, 96))
     inputs, prompts = [wide, scene, tall, wide], [PROMPT, "remove the circle", PROMPT, "remove the square"]
     seen = []
@@ -235,3 +237,26 @@ def test_carry_over_copies_no_file_a_link_takes_from_outside_the_editor_folder(t
     assert (out / "training_config.json").read_text() == '{"a": 1}' and (out / "critic" / "config.json").is_file()
     assert not (out / "critic" / "diffusion_pytorch_model.safetensors").exists()
     assert "README.md" in caplog.text and "outside" in caplog.text
+
+
+def test_an_editor_trained_at_one_resolution_edits_every_image_there_without_cropping(pipe, scene, monkeypatch):
+    """The bundled Shapes editor (npedit_domain.json: 64 px) edits any input at 64 px on its longest side, up or
+    down, its aspect kept, and returns it at the input's size; `working_note` says so (the CLI and the app show it).
+    A general editor edits at the image's own size within max_side, and says nothing of rounding to the multiple."""
+    assert pipe.domain.is_shapes and pipe.domain.resolution == 64
+    assert [pipe.working_size(s) for s in [(64, 64), (200, 150), (32, 32), (60, 80)]] == [
+        (64, 64), (64, 48), (64, 64), (48, 64)]
+    assert pipe.working_note((64, 64)) is None
+    assert pipe.working_note((200, 150)).startswith("This editor was trained on 64x64 shapes-world images: your "
+                                                    "200x150 image is edited at 64x48 and the result resized back")
+    assert "edited at 64x64" in pipe.working_note((32, 32))  # scaled up too: it knows 64 px scenes only
+    assert "resized back" not in pipe.working_note((32, 32), keep_size=False)
+    assert pipe.working_size((200, 150), max_side=32) == (32, 24)  # a smaller max_side still caps it
+    out = pipe(image=scene.resize((200, 150)), prompt=PROMPT, num_inference_steps=1).images[0]
+    assert out.size == (200, 150)
+    assert pipe.with_vae(pipe.vae).domain == pipe.domain  # a copy with another VAE edits alike
+    monkeypatch.setattr(pipe, "domain", Domain())
+    assert pipe.working_size((101, 75)) == (104, 72) and pipe.working_note((101, 75)) is None
+    assert pipe.working_note((256, 100)) == ("Your 256x100 image is edited at 128x48 (this editor's largest size, "
+                                             "128 px) and the result resized back to 256x100.")
+    assert pipe.working_note((256, 100), max_side=64).startswith("Your 256x100 image is edited at 64x24 (max_side")

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from npedit import assets, domain
 from npedit.config import LossConfig, load_config
 from npedit.pairs import QUESTION_COLUMNS, VERDICT_COLUMNS
 from workbench import datasets, jobs, judging, models, plots, presets, runs
@@ -204,16 +205,14 @@ def test_companions_of_a_bundled_or_run_editor(tmp_path, monkeypatch):
     assert models.companions(str(bare), models.ModelPaths(model="elsewhere", critic="app")).critic == str(bare / "critic")
 
 
-def test_domain_file_and_fitting(tmp_path):
-    assert models.read_domain(tmp_path) == models.Domain()
-    models.write_domain(tmp_path, models.SHAPES_DOMAIN)
+def test_domain_file(tmp_path):
+    assert models.read_domain(tmp_path) == domain.Domain()
+    domain.write_domain(tmp_path, domain.SHAPES_DOMAIN)
     assert models.read_domain(tmp_path).is_shapes and models.read_domain(tmp_path).resolution == 64
-    photo = Image.fromarray(np.zeros((480, 640, 3), np.uint8))
-    fitted, notice = models.fit_to_domain(photo, models.SHAPES_DOMAIN)
-    assert fitted.size == (64, 64) and "640x480" in notice and "64x64" in notice
-    same, none = models.fit_to_domain(fitted, models.SHAPES_DOMAIN)
-    assert same is fitted and none is None
-    assert models.fit_to_domain(photo, models.Domain())[1] is None
+    (tmp_path / domain.DOMAIN_FILE).write_text('{"domain": "shapes", "resolution": "big"}')
+    assert models.read_domain(tmp_path) == domain.Domain()  # a broken file: a general editor, no fixed size
+    describe = models.describe_editor(str(assets.DEFAULT_MODEL))
+    assert "Shapes-world editor, 64x64" in describe and "nothing cropped" in describe
 
 
 def test_a_json_lines_manifest_fills_a_table_and_says_what_it_left_out(tmp_path):
@@ -254,7 +253,7 @@ def test_training_table_to_manifest(tmp_path):
     table = datasets.shapes_table(6, tmp_path / "cases", seed=1)
     assert list(table.columns) == datasets.TABLE_COLUMNS and len(table) == 6
     assert set(table["edit_type"]) == {"add", "remove", "replace", "recolor", "resize", "background"}
-    assert datasets.table_domain(table) == models.SHAPES_DOMAIN
+    assert datasets.table_domain(table) == domain.SHAPES_DOMAIN
     manifest = datasets.write_manifest(table, tmp_path / "run" / "data", domain=datasets.table_domain(table))
     records = load_manifest(manifest)
     assert len(records) == 6 and all(Path(r.image).is_file() for r in records)
@@ -267,7 +266,7 @@ def test_training_table_to_manifest(tmp_path):
     # as the app shows them: by file name, the names mapped back to the files (domain included)
     named, files = datasets.named_images(table)
     assert list(named["image"]) == [Path(x).name for x in table["image"]] and list(files.values()) == list(table.image)
-    assert datasets.table_domain(named, files) == models.SHAPES_DOMAIN and datasets.table_domain(named) is None
+    assert datasets.table_domain(named, files) == domain.SHAPES_DOMAIN and datasets.table_domain(named) is None
     # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
     (tmp_path / "notes.txt").write_text("not an image")
@@ -696,7 +695,7 @@ def _wait(run, until, timeout=120.0):
 def test_jobs_start_progress_busy_kill_resume_cancel_and_finish(tiny_set, tmp_path):
     root = tmp_path / "runs"
     data = datasets.write_manifest(datasets.shapes_table(4, tmp_path / "cases"), tmp_path / "data",
-                                   domain=models.SHAPES_DOMAIN)
+                                   domain=domain.SHAPES_DOMAIN)
     common = dict(base=tiny_set["teacher"], judge=tiny_set["judge"], student=tiny_set["model"], data=str(data))
     warmup = presets.PRESETS["Shapes identity warm-up"].values()  # cheap steps
     long = presets.train_args({**warmup, "max_steps": 10000, "batch_size": 1, "log_every": 1, "sample_every": 0,
@@ -961,7 +960,7 @@ def test_benchmark_comparison_table_and_chart(tmp_path, capsys):
 def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path):
     root = tmp_path / "runs"
     data = datasets.write_manifest(datasets.shapes_table(2, tmp_path / "cases"), tmp_path / "data",
-                                   domain=models.SHAPES_DOMAIN)
+                                   domain=domain.SHAPES_DOMAIN)
     warmup = presets.PRESETS["Shapes identity warm-up"].values()
     args = presets.train_args({**warmup, "max_steps": 1_000_000, "max_minutes": 0.25, "batch_size": 1,
                                "log_every": 1, "sample_every": 0, "save_every": 0},

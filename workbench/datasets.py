@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 
 from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, object_names, read_rows
+from npedit.domain import DOMAIN_FILE, SHAPES_DOMAIN, Domain, write_domain
 from npedit.images import ImageError, load_image
 from npedit.pairs import RowWriter
-
-from .models import DOMAIN_FILE, Domain, SHAPES_DOMAIN, write_domain
 
 TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep",
                  "new", "gone"]

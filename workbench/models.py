@@ -16,14 +16,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
-from PIL import Image
-
 from npedit import assets
 from npedit.config import LossConfig
 from npedit.folders import CheckpointError, check_editor_folder, describe, looks_local, what_is
-from npedit.images import fit_image
+from npedit.domain import read_domain
 
-DOMAIN_FILE = "npedit_domain.json"  # {"domain": "shapes", "resolution": 64} next to model_index.json
 ENV = {"model": "NPEDIT_MODEL", "judge": "NPEDIT_JUDGE", "teacher": "NPEDIT_TEACHER", "critic": "NPEDIT_CRITIC"}
 FLAGS = {"model": "--model", "judge": "--judge", "teacher": "--teacher", "critic": "--critic"}
 SHAPES_ABILITIES = ("add, remove, replace, recolor or resize a circle, square or triangle, or change the background "
@@ -74,68 +71,6 @@ def check_judge(path: str | None) -> str:
     return str(path)
 
 
-# ---- domain: what an editor can edit ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class Domain:
-    """The image domain an editor was trained on: "shapes" (fixed resolution) or "general"."""
-
-    name: str = "general"
-    resolution: int | None = None
-
-    @property
-    def is_shapes(self) -> bool:
-        """Whether this is the Shapes world."""
-        return self.name == "shapes"
-
-
-SHAPES_DOMAIN = Domain("shapes", 64)
-
-
-def read_domain(path: str | os.PathLike | None) -> Domain:
-    """The domain file of an editor folder; without one, the bundled editor is Shapes and others are general."""
-    if not path:
-        return Domain()
-    p = Path(path)
-    file = p / DOMAIN_FILE
-    if file.is_file():
-        try:
-            data = json.loads(file.read_text())
-            return Domain(str(data.get("domain", "general")), data.get("resolution"))
-        except (ValueError, TypeError, AttributeError):
-            return Domain()
-    if p.resolve() == assets.DEFAULT_MODEL.resolve():
-        return SHAPES_DOMAIN
-    cfg = p / "training_config.json"  # an editor trained on marked data (workbench.datasets) inherits its domain
-    if cfg.is_file():
-        try:
-            train = str(json.loads(cfg.read_text()).get("data", {}).get("train", ""))
-        except (ValueError, AttributeError):
-            train = ""
-        if train == "shapes":
-            return SHAPES_DOMAIN
-        if train and (Path(train).parent / DOMAIN_FILE).is_file():
-            return read_domain(Path(train).parent)
-    return Domain()
-
-
-def write_domain(path: str | os.PathLike, domain: Domain) -> None:
-    """Record an editor's domain next to its model_index.json."""
-    Path(path, DOMAIN_FILE).write_text(json.dumps({"domain": domain.name, "resolution": domain.resolution}) + "\n")
-
-
-def fit_to_domain(image: Image.Image, domain: Domain) -> tuple[Image.Image, str | None]:
-    """Fit an input to a fixed-resolution domain; returns the image and a notice when it was changed."""
-    if not domain.resolution or image.size == (domain.resolution, domain.resolution):
-        return image, None
-    r = domain.resolution
-    notice = (f"This editor works on {r}x{r} {domain.name}-world images: your {image.width}x{image.height} image was "
-              f"centre-cropped and resized to {r}x{r}.")
-    if domain.is_shapes:
-        notice += " It knows only simple shapes on plain backgrounds, so expect a photo to come back as shapes."
-    return fit_image(image, (r, r)), notice
-
-
 def _steps_note(cfg: dict) -> str:
     """How far an editor's last training run went: the step it was exported at when recorded (exports and runs
     since then), else the run's limits (max_steps is only a cap when max_minutes ended the run)."""
@@ -179,7 +114,8 @@ def describe_editor(path: str | None, shown: Callable[[str], str] = str) -> str:
         parts.append(f"({summary})")
     if domain.is_shapes:
         parts.append(f"— Shapes-world editor, {domain.resolution}x{domain.resolution}: it can {SHAPES_ABILITIES}. "
-                     "Other images are fitted to its canvas.")
+                     f"Other sizes are edited at {domain.resolution} px on their longest side (aspect kept, nothing "
+                     "cropped) and resized back.")
     else:
         parts.append("— general instruction-based editor: describe the change in words (e.g. \"make the sky pink\").")
     if (local / "training_config.json").is_file():

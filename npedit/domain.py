@@ -1,0 +1,68 @@
+"""What an editor was trained on: a fixed-resolution world (the Shapes world, 64x64) or general images.
+
+An editor folder says so in `npedit_domain.json` ({"domain": "shapes", "resolution": 64}); `NPEditPipeline` reads it
+on loading and edits every input at that resolution (`NPEditPipeline.working_size`), whichever entry point called it:
+the Python API, `python -m npedit edit` and the app all give the same edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import assets
+
+DOMAIN_FILE = "npedit_domain.json"  # {"domain": "shapes", "resolution": 64} next to model_index.json
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The image domain an editor was trained on: "shapes" (fixed resolution) or "general"."""
+
+    name: str = "general"
+    resolution: int | None = None  # the longest side it was trained at; None: any size
+
+    @property
+    def is_shapes(self) -> bool:
+        """Whether this is the Shapes world."""
+        return self.name == "shapes"
+
+
+SHAPES_DOMAIN = Domain("shapes", 64)
+
+
+def read_domain(path: str | os.PathLike | None) -> Domain:
+    """The domain file of an editor folder; without one, the bundled editor is Shapes, an editor whose training
+    config names Shapes data (or a manifest marked with a domain file) has that domain, and others are general."""
+    if not path:
+        return Domain()
+    p = Path(path)
+    file = p / DOMAIN_FILE
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text())
+            resolution = data.get("resolution")
+            resolution = int(resolution) if resolution else None
+            return Domain(str(data.get("domain", "general")), resolution if resolution and resolution > 0 else None)
+        except (ValueError, TypeError, AttributeError):
+            return Domain()
+    if p.resolve() == assets.DEFAULT_MODEL.resolve():
+        return SHAPES_DOMAIN
+    cfg = p / "training_config.json"  # an editor trained on marked data (workbench.datasets) inherits its domain
+    if cfg.is_file():
+        try:
+            train = str(json.loads(cfg.read_text()).get("data", {}).get("train", ""))
+        except (ValueError, AttributeError):
+            train = ""
+        if train == "shapes":
+            return SHAPES_DOMAIN
+        if train and (Path(train).parent / DOMAIN_FILE).is_file():
+            return read_domain(Path(train).parent)
+    return Domain()
+
+
+def write_domain(path: str | os.PathLike, domain: Domain) -> None:
+    """Record an editor's domain next to its model_index.json."""
+    Path(path, DOMAIN_FILE).write_text(json.dumps({"domain": domain.name, "resolution": domain.resolution}) + "\n")
