@@ -304,8 +304,10 @@ def _error(exc: Exception) -> gr.Error:
 def image_input(**kwargs) -> gr.Image:
     """A gr.Image upload that says why a file is unusable: gradio opens it before any handler runs, so a file that is
     no image (or too large for Pillow to open) otherwise shows a bare "Error". (Wrapped, not subclassed: gradio
-    writes a .pyi stub next to the module of every component class.)"""
-    image = gr.Image(**kwargs)
+    writes a .pyi stub next to the module of every component class.) An image the app puts there itself (a random
+    scene, the last result, the last edit's pair) is saved as PNG: gradio's default, lossy WebP, changed the pixels
+    the editor or judge then saw, which `python -m npedit` reads from the file as it is."""
+    image = gr.Image(**{"format": "png", **kwargs})
     preprocess = image.preprocess
 
     def explained(payload):

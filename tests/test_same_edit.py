@@ -4,6 +4,7 @@ PNG, byte for byte, for the same image, instruction, seed and steps (bundled Sha
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gradio.data_classes import ImageData
@@ -89,3 +90,11 @@ def test_best_of_candidates_agree_between_the_app_and_the_cli(app_parts, tmp_pat
                  "--candidates", "2", "--output", str(tmp_path / "cli.png")]) == 0
     assert served == (tmp_path / "cli.png").read_bytes() and "best of 2" in info
 
+
+def test_the_app_keeps_its_inputs_pixels(app_parts):
+    """An input the app sets itself (a random Shapes scene, "use the result as the next input") is saved as PNG, as
+    the CLI reads a file: lossy WebP, gradio's default, changed the pixels the editor saw."""
+    image = app_parts[2]
+    scene = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    saved = image.postprocess(scene).path
+    assert Path(saved).suffix == ".png" and np.array_equal(np.asarray(Image.open(saved).convert("RGB")), scene)
