@@ -76,9 +76,11 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "must leave in place, separated by `;`; with **keep_questions** > 0 the judge is also asked whether "
               "each is still there; **new** / **gone** (optional, `;`-separated): objects the edit creates / must "
               "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
-              "Yes / No). Both are extensions of the method; Shapes cases fill them in.")
+              "Yes / No). Both are extensions of the method; Shapes cases fill them in. **target** (only for stage "
+              "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit; "
+              "generated Shapes cases name theirs.")
 
-TABLE_WIDTHS = ["14%", "20%", "14%", "14%", "8%", "9%", "9%", "6%", "6%"]  # the training table's columns, in order
+TABLE_WIDTHS = ["13%", "18%", "12%", "12%", "8%", "8%", "8%", "6%", "6%", "9%"]  # the training table's columns
 # the Judge inspector's table (kind, P(Yes), margin, expected, images, question): the question gets half
 VERDICT_WIDTHS = ["9%", "8%", "12%", "9%", "14%", "48%"]
 COMPARE_FIT = 8  # config differences: runs side by side before the table scrolls sideways (their values wrap)
@@ -826,14 +828,15 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         if run_dir.exists():  # e.g. a folder of runs (runs/shapes/npedit): a failed start below would delete it
             raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_folder()}: pick another name.")
         try:
-            data = presets.SHAPES_STREAM if use_stream else \
-                datasets.write_manifest(table, run_dir / "data", uploads,
-                                        domain=datasets.table_domain(table, uploads),
-                                        within=[app.examples_dir, staging] if app.public else None)
+            data = presets.SHAPES_STREAM if use_stream else os.path.abspath(run_dir / "data" / "cases.jsonl")
             args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),
-                                      data=str(data), config_file=presets.PRESETS[preset_name].config_file,
+                                      data=data, config_file=presets.PRESETS[preset_name].config_file,
                                       judge_max_pixels=int(judge_pixels or 0))
-            presets.check_train_args(args)
+            cfg = presets.check_train_args(args)
+            if not use_stream:  # the run's stage (or recipe file) says whether the table's targets are read
+                datasets.write_manifest(table, Path(data).parent, uploads, domain=datasets.table_domain(table, uploads),
+                                        within=[app.examples_dir, staging] if app.public else None,
+                                        targets_for=presets.targets_for(cfg))
             st = jobs.start_job(run_dir, args, runs_root=app.runs_root, device=device)
         except (ValueError, jobs.JobBusy) as exc:
             if not (run_dir / "job.json").exists():

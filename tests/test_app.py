@@ -1363,3 +1363,88 @@ def test_a_public_apps_train_tab_shows_no_server_path_and_trains_from_its_own_mo
                             student, "s3cret")
         assert (started["model.base"], started["judge.path"], started["model.student"]) == (
             tiny_set["teacher"], tiny_set["judge"], tiny_set["model"])
+
+
+def _sft_knobs(demo, **changes) -> list:
+    """The Train tab's knob values, in the order its Start event takes them, for a paired-SFT run of two steps."""
+    quick = presets.Preset("", stage="sft", max_steps=2, critic_steps=0, batch_size=2, lambda_dmd=0.0,
+                           lambda_vlm=0.0, log_every=1, sample_every=0, save_every=2).values() | changes
+    start = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_start")
+    return [quick[b.label.split()[0]] for b in start.inputs[10:]]  # (after the table ... the token)
+
+
+def test_a_paired_sft_run_starts_from_generated_shapes_cases_with_their_true_edits(tiny_set, tmp_path, monkeypatch):
+    """The Train tab offered stage sft, but its table had no target images: Start refused every sft run on the
+    table ("tick the Shapes stream"). Generated Shapes cases now carry their true edits as targets, named in the
+    table's target column; an sft job started on them runs to its end on a manifest with those targets."""
+    from workbench import jobs
+
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    table, names = fns["on_generate"](6, 0)
+    assert list(table["target"]) == [f"shapes-0-{i:05d}-target.png" for i in range(6)]
+    assert not any(str(tmp_path) in str(cell) for cell in table.to_numpy().ravel())
+    run_dir, *_ = fns["on_start"](table, names, False, next(iter(presets.PRESETS)), "sft", tiny_set["teacher"],
+                                  tiny_set["judge"], 0, "", None, *_sft_knobs(demo))
+    data = Path(run_dir) / "data"
+    lines = [json.loads(x) for x in (data / "cases.jsonl").read_text().splitlines()]
+    assert [x["target"] for x in lines] == [f"targets/{i:05d}_shapes-0-{i - 1:05d}-target.png" for i in range(1, 7)]
+    first = Image.open(data / lines[0]["target"])
+    assert first.size == (64, 64) and first.tobytes() != Image.open(data / lines[0]["image"]).tobytes()
+    st = jobs.job_status(run_dir)
+    deadline = time.time() + 180
+    while st.active and time.time() < deadline:
+        time.sleep(0.5)
+        st = jobs.job_status(run_dir)
+    assert st.state == "finished", jobs.log_tail(run_dir, 30)
+
+
+def test_uploaded_target_images_train_a_paired_sft_run_and_download_with_the_table(tiny_set, tmp_path, monkeypatch):
+    """A manifest's target column was dropped on upload (with a warning) and the table had none: the app could not
+    train paired SFT on a user's pairs. Targets are now matched to uploads by file name like the images, kept in the
+    table and its cases.csv download; Start refuses an sft run naming every row without one, copies the uploaded
+    targets (never a server file) beside the manifest for one, and leaves them out for the other stages."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    monkeypatch.setenv("NPEDIT_TRAIN_TOKEN", "s3cret")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "secret.png")  # the server's, named by no upload
+    manifest = _uploaded(uploads, "cases.csv", "image,instruction,target\n"
+                                               "images/cat.png,make the cat blue,targets/cat-blue.png\n"
+                                               f"images/dog.png,make the dog red,{tmp_path / 'secret.png'}\n"
+                                               "images/cow.png,make the cow green,\n")
+    files = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("dog.png", (0, 0, 200)),
+                                                    ("cow.png", (0, 0, 0)), ("cat-blue.png", (0, 0, 250)))]
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    with pytest.warns(UserWarning) as shown:
+        table, names = fns["on_upload"]([manifest, *files], pd.DataFrame(), {})
+    assert list(table["target"]) == ["cat-blue.png", "secret.png", ""]
+    assert [str(w.message) for w in shown] == [
+        "1 target image of cases.csv not uploaded: secret.png. Only a run that trains on pairs (stage sft) reads "
+        "them: upload them too (with cases.csv) for one."]  # cat-blue.png is no "file not named in cases.csv"
+    launched = []
+    monkeypatch.setattr(npedit_app.jobs, "start_job", lambda run_dir, args, **kw: launched.append(run_dir))
+    start = [next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"], 0, "", "s3cret"]
+    with pytest.raises(gr.Error, match=r"stage sft \(paired SFT\) needs a target image \(the true edit\) in every "
+                                       r"row: row 3 has none\. "):
+        fns["on_start"](table, names, False, *start, *_sft_knobs(demo))
+    sft = table.assign(target=["cat-blue.png", "secret.png", "cat-blue.png"])
+    with pytest.raises(gr.Error, match="row 2: target secret.png is not among the uploaded files"):
+        fns["on_start"](sft, names, False, *start, *_sft_knobs(demo))
+    sft.loc[1, "target"] = "cat-blue.png"
+    fns["on_start"](sft, names, False, *start, *_sft_knobs(demo))
+    data = launched.pop() / "data"
+    lines = [json.loads(x) for x in (data / "cases.jsonl").read_text().splitlines()]
+    assert [Image.open(data / x["target"]).getpixel((0, 0)) for x in lines] == [(0, 0, 250)] * 3
+    fns["on_start"](table, names, False, *start[:1], "npedit", *start[2:], *_sft_knobs(demo, stage="npedit"))
+    data = launched.pop() / "data"
+    assert not any("target" in json.loads(x) for x in (data / "cases.jsonl").read_text().splitlines())
+    saved = Path(fns["on_download"](table))
+    assert "target" in saved.read_text().splitlines()[0].split(",")
+    with pytest.warns(UserWarning, match="secret.png"):
+        again = fns["on_upload"]([str(saved), *files], pd.DataFrame(), {})[0]
+    pd.testing.assert_frame_equal(again, table.astype(str))  # uploaded again with its images, the same table

@@ -247,6 +247,29 @@ def test_a_json_lines_manifest_fills_a_table_and_says_what_it_left_out(tmp_path)
     assert len(notes) == 5
 
 
+def test_a_table_with_targets_writes_them_only_for_a_run_that_reads_them(tmp_path):
+    """Paired SFT needs a target per row: write_manifest copies each beside the manifest (the Shapes cases' true
+    edits), refuses at once naming every row without one, and leaves the column out for other stages."""
+    from npedit.data import load_manifest
+    from npedit.shapes import read_cases_jsonl, render
+
+    table = datasets.shapes_table(6, tmp_path / "cases", seed=1)
+    cases = read_cases_jsonl(tmp_path / "cases")
+    sft = load_manifest(datasets.write_manifest(table, tmp_path / "sft", targets_for="stage sft"))
+    assert [np.asarray(Image.open(r.target).convert("RGB")).tolist() for r in sft] == [
+        render(c.expected).tolist() for c in cases]  # the true edits, in the rows' order
+    other = datasets.write_manifest(table, tmp_path / "npedit")
+    assert all(not r.target for r in load_manifest(other)) and not (tmp_path / "npedit" / "targets").exists()
+    table.loc[[1, 4], "target"] = ""
+    with pytest.raises(ValueError, match=r"^stage sft needs a target image \(the true edit\) in every row: rows 2, 5 "
+                                         r"have none\."):
+        datasets.write_manifest(table, tmp_path / "lacking", targets_for="stage sft")
+    assert not (tmp_path / "lacking").exists()  # refused before a file is copied
+    table.loc[1, "target"] = str(tmp_path / "nowhere.png")
+    with pytest.raises(ValueError, match="^row 2: target "):
+        datasets.write_manifest(table.drop(index=4), tmp_path / "missing", targets_for="stage sft")
+
+
 def test_training_table_to_manifest(tmp_path):
     from npedit.data import load_manifest
 
@@ -265,7 +288,9 @@ def test_training_table_to_manifest(tmp_path):
     assert models.read_domain(manifest.parent).is_shapes
     # as the app shows them: by file name, the names mapped back to the files (domain included)
     named, files = datasets.named_images(table)
-    assert list(named["image"]) == [Path(x).name for x in table["image"]] and list(files.values()) == list(table.image)
+    assert list(named["image"]) == [Path(x).name for x in table["image"]]
+    assert list(named["target"]) == [Path(x).name for x in table["target"]]  # the true edits, named apart
+    assert list(files.values()) == [*table.image, *table.target]
     assert datasets.table_domain(named, files) == domain.SHAPES_DOMAIN and datasets.table_domain(named) is None
     # Uploaded images: rows name files by base name; empty captions are allowed (c^x falls back to the instruction).
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "cat.png")
@@ -612,9 +637,10 @@ def test_presets_build_valid_configs(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="stage"):
         presets.check_train_args(presets.train_args({"stage": "dance"}, base=tiny_set["teacher"], judge="",
                                                     student="", data="shapes"))
-    with pytest.raises(ValueError, match="Shapes stream"):
-        presets.check_train_args(presets.train_args({"stage": "sft"}, base=tiny_set["teacher"], judge="",
-                                                    student="", data=str(tmp_path / "cases.jsonl")))
+    # paired SFT on a manifest: its targets are checked where the table is written (write_manifest)
+    sft = presets.check_train_args(presets.train_args({"stage": "sft"}, base=tiny_set["teacher"], judge="",
+                                                      student="", data=str(tmp_path / "cases.jsonl")))
+    assert presets.targets_for(sft) == "stage sft (paired SFT)"
     with pytest.raises(ValueError, match="optim.lr must be >= 0"):  # refused before a job loads its models
         presets.check_train_args(presets.train_args({"lr": -1.0}, base=tiny_set["teacher"], judge=tiny_set["judge"],
                                                     student="", data="shapes"))
@@ -677,9 +703,9 @@ def test_shipped_recipes_load_and_become_presets(tiny_set):
                               student=tiny_set["model"], data="shapes", config_file=unroll.config_file)
     cfg = presets.check_train_args(args)
     assert cfg.loss.lambda_target == 1.0 and cfg.judge.path == ""  # the regression from the file; no judge loaded
-    with pytest.raises(ValueError, match="true edit.*Shapes stream"):
-        presets.check_train_args(presets.train_args(unroll.values(), base=tiny_set["teacher"], judge="",
-                                                    student="", data="cases.jsonl", config_file=unroll.config_file))
+    assert presets.targets_for(cfg) == "the regression onto the true edit (loss.lambda_target)"
+    assert presets.targets_for(presets.check_train_args(presets.train_args(
+        {}, base=tiny_set["teacher"], judge=tiny_set["judge"], student="", data="shapes"))) == ""
 
 
 def _wait(run, until, timeout=120.0):

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, object_names, read_rows
 from npedit.domain import DOMAIN_FILE, SHAPES_DOMAIN, Domain, write_domain
@@ -21,7 +22,7 @@ from npedit.images import ImageError, load_image
 from npedit.pairs import RowWriter
 
 TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep",
-                 "new", "gone"]
+                 "new", "gone", "target"]  # target: the true edit of the image, read only by runs that need pairs
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".jsonl", *CSV_SUFFIXES)  # what load_manifest reads: a CSV by its suffix, else JSON lines
 NAMED = 5  # names a message lists before it counts the rest
@@ -101,6 +102,7 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
         name = path.rsplit("/", 1)[-1]
         spelled.setdefault(name, set()).add(path)
         wanted.append((n, row, name))
+    targets = {n: _cell(row.get("target")).replace("\\", "/").rsplit("/", 1)[-1] for n, row in rows}
     kept = {}
     if typed is not None:
         turns = {}
@@ -133,7 +135,7 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
         if (name, turns[name]) in kept:
             out.append(kept[(name, turns[name])])
             continue
-        cells = {c: _cell(row.get(c)) for c in TABLE_COLUMNS} | {"image": name}
+        cells = {c: _cell(row.get(c)) for c in TABLE_COLUMNS} | {"image": name, "target": targets[n]}
         for c in ("keep", "new", "gone"):  # a JSON list, or "a;b", shown as the table takes them
             value = row.get(c)
             cells[c] = "; ".join(object_names(value if isinstance(value, list) else _cell(value)))
@@ -164,16 +166,18 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
                      "several files: " + _some([f"{k} ({', '.join(sorted(spelled[k]))}: line "
                                                 f"{', '.join(map(str, v))})" for k, v in clashes.items()], "; ")
                      + ". Give the files names of their own.")
-    unused = [k for k in files if k not in spelled]
+    shown = {c["target"] for c in out if c["target"]}  # (the targets of rows left out are no one's business)
+    no_target = [k for k in sorted(shown) if k not in files]
+    if no_target:
+        notes.append(f"{_plural(no_target, 'target image')} of {label} not uploaded: {_some(no_target)}. Only a run "
+                     f"that trains on pairs (stage sft) reads them: upload them too (with {label}) for one.")
+    unused = [k for k in files if k not in spelled and k not in targets.values()]
     if unused:
         notes.append(f"{_plural(unused, 'uploaded file')} not named in {label}, left out of the table: "
                      f"{_some(unused)}.")
     if to_fix:
         notes.append(f"{label}: {len(to_fix)} row{'s' if len(to_fix) > 1 else ''} to fix in the table before Start: "
                      + _some(to_fix, "; "))
-    if any(_cell(row.get("target")) for _, row in rows):
-        notes.append(f"{label} has a target column, which the table does not keep (target images, for paired SFT: "
-                     f"train with python -m npedit train).")
     return pd.DataFrame(out, columns=TABLE_COLUMNS), notes
 
 
@@ -211,25 +215,33 @@ def shapes_cases(n: int, seed: int = 0, paraphrase_prob: float = 0.0, cycle: boo
 
 
 def shapes_table(n: int, directory: str | os.PathLike, seed: int = 0, paraphrase_prob: float = 0.0) -> pd.DataFrame:
-    """Render `n` Shapes cases into `directory` (cases.jsonl + images/) and return them as a table."""
-    from npedit.shapes import write_cases_jsonl
+    """Render `n` Shapes cases into `directory` (cases.jsonl + images/, their true edits in targets/) and return them
+    as a table, each target the true edit's render (what a paired-SFT run trains towards)."""
+    from npedit.shapes import render, write_cases_jsonl
 
     directory = Path(directory)
     cases = shapes_cases(n, seed, paraphrase_prob)
     write_cases_jsonl(cases, directory)
     write_domain(directory, SHAPES_DOMAIN)
+    (directory / "targets").mkdir(exist_ok=True)
+    for c in cases:  # named apart from the references: the table shows both by file name (`named_images`)
+        Image.fromarray(render(c.expected)).save(directory / "targets" / f"{c.id}-target.png")
     rows = [{"image": str(directory / "images" / f"{c.id}.png"), "instruction": c.instruction,
              "caption_reference": c.caption_reference, "caption_target": c.caption_target, "edit_type": c.edit_type,
              "object_name": c.object_name or "", "keep": "; ".join(c.keep), "new": "; ".join(c.new),
-             "gone": "; ".join(c.gone)} for c in cases]
+             "gone": "; ".join(c.gone), "target": str(directory / "targets" / f"{c.id}-target.png")} for c in cases]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
 def named_images(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The table with each image named by its file name (as `upload_names` names uploads), and {name: path}: what a
-    table of generated cases shows in place of their folder (`resolve_image` maps the names back)."""
-    files = upload_names([_cell(x) for x in table["image"]])
-    return table.assign(image=list(files)), files
+    """The table with each image and target named by its file name (as `upload_names` names uploads), and {name:
+    path}: what a table of generated cases shows in place of their folder (`resolve_image` maps the names back)."""
+    images = [_cell(x) for x in table["image"]]
+    targets = [_cell(x) for x in table.get("target", [""] * len(table))]
+    files = upload_names(images + [t for t in targets if t])
+    names = list(files)
+    shown = iter(names[len(images):])
+    return table.assign(image=names[:len(images)], target=[next(shown) if t else "" for t in targets]), files
 
 
 def _cell(value) -> str:
@@ -250,35 +262,38 @@ def resolve_image(name: str, uploads: dict[str, str], within: Sequence[str | os.
 
 
 def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: dict[str, str] | None = None,
-                   domain: Domain | None = None, within: Sequence[str | os.PathLike] | None = None) -> Path:
+                   domain: Domain | None = None, within: Sequence[str | os.PathLike] | None = None,
+                   targets_for: str = "") -> Path:
     """Validate the table, copy its images into `directory`/images and write `directory`/cases.jsonl (images not
-    uploaded only from the folders `within`, when given).
+    uploaded only from the folders `within`, when given). With `targets_for` (what needs them, e.g. "stage sft"),
+    every row needs a target image, copied into `directory`/targets; without, the target column is ignored.
 
     Empty caption_target means the instruction is used as c^x; empty caption_reference means an
     empty c^y (warm-up prompt; "do nothing" samples then use c^x). Errors name the row.
     """
     uploads = uploads or {}
     directory = Path(directory)
+    table = table.reindex(columns=TABLE_COLUMNS)
+    rows = [(i, {c: _cell(v) for c, v in row.items()}) for i, row in enumerate(table.to_dict("records"), 1)]
+    rows = [(i, values) for i, values in rows if any(values.values())]
+    lacking = [str(i) for i, values in rows if not values["target"]]
+    if targets_for and lacking:  # one message for them all, not one Start per row
+        one = len(lacking) == 1
+        raise ValueError(f"{targets_for} needs a target image (the true edit) in every row: {'row' if one else 'rows'} "
+                         f"{_some(lacking)} {'has' if one else 'have'} none. Upload the target images with the others "
+                         f"and name each in its row's target cell (other stages ignore the target column).")
     (directory / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    table = table.reindex(columns=TABLE_COLUMNS)
-    for i, row in enumerate(table.itertuples(index=False), 1):
-        values = {c: _cell(getattr(row, c)) for c in TABLE_COLUMNS}
-        if not any(values.values()):
-            continue
+    for i, values in rows:
         if not values["image"]:
             raise ValueError(f"row {i}: no image")
-        try:
-            src = resolve_image(values["image"], uploads, within)
-            load_image(src)
-        except (ImageError, ValueError) as exc:
-            raise ValueError(f"row {i}: {exc}") from None
-        name = f"{i:05d}_{src.name}"
-        shutil.copyfile(src, directory / "images" / name)
-        record = {"id": f"{i:05d}", "image": f"images/{name}", "instruction": values["instruction"],
-                  "caption_reference": values["caption_reference"], "caption_target": values["caption_target"],
-                  "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"],
-                  "keep": values["keep"], "new": values["new"], "gone": values["gone"]}
+        record = {"id": f"{i:05d}", "image": _copy_image(values["image"], directory / "images", i, uploads, within)}
+        record |= {"instruction": values["instruction"],
+                   "caption_reference": values["caption_reference"], "caption_target": values["caption_target"],
+                   "edit_type": values["edit_type"] or "edit", "object_name": values["object_name"],
+                   "keep": values["keep"], "new": values["new"], "gone": values["gone"]}
+        if targets_for:
+            record["target"] = _copy_image(values["target"], directory / "targets", i, uploads, within, "target ")
         try:
             record["edit_type"] = EditRecord(**record).edit_type  # as the manifest reads it (e.g. "Remove" -> remove)
         except ValueError as exc:
@@ -292,6 +307,20 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
     if domain is not None:
         write_domain(directory, domain)
     return path
+
+
+def _copy_image(name: str, folder: Path, row: int, uploads: dict[str, str],
+                within: Sequence[str | os.PathLike] | None, what: str = "") -> str:
+    """Copy the image `name` (`resolve_image`) of table row `row` into `folder` as ROW_NAME, once read whole; its path
+    relative to the manifest. Errors name the row (and `what`, e.g. "target ")."""
+    try:
+        src = resolve_image(name, uploads, within)
+        load_image(src)
+    except (ImageError, ValueError) as exc:
+        raise ValueError(f"row {row}: {what}{exc}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, folder / f"{row:05d}_{src.name}")
+    return f"{folder.name}/{row:05d}_{src.name}"
 
 
 def table_domain(table: pd.DataFrame, uploads: dict[str, str] | None = None) -> Domain | None:

@@ -96,8 +96,8 @@ def build_presets() -> dict[str, Preset]:
                                         lambda_vlm=0.0),
         "Shapes identity warm-up": warmup,
     }
-    sft = _recipe("sft", "Baseline: paired SFT on true rendered edits (configs/shapes/sft.yaml); needs the Shapes "
-                         "stream, which has the target images.")
+    sft = _recipe("sft", "Baseline: paired SFT on true rendered edits (configs/shapes/sft.yaml); needs target "
+                         "images: the Shapes stream's, or one per table row (generated cases have theirs).")
     if sft is not None:
         presets["Shapes paired SFT (baseline)"] = sft
     from_sft = _recipe("npedit-from-sft", "The NP-Edit stages of the bundled editors that edit (configs/shapes/"
@@ -172,7 +172,13 @@ def check_train_args(args: list[str]) -> TrainConfig:
         family = JUDGES.get(read_model_type(cfg.judge.path))
         if family is not None:  # (an unreadable judge fails at its own load, with its own message)
             family.check_max_pixels(cfg.judge.max_pixels)  # a fixed-view judge refuses a pixel cap
-    if (cfg.stage == "sft" or cfg.loss.lambda_target > 0) and cfg.data.train != SHAPES_STREAM:
-        what = "paired SFT" if cfg.stage == "sft" else "the regression onto the true edit (loss.lambda_target)"
-        raise ValueError(f"{what} needs target images: tick 'Train on the Shapes stream' (data.train=shapes)")
     return cfg
+
+
+def targets_for(cfg: TrainConfig) -> str:
+    """What in this run reads target images ("" when nothing does): the words a message about missing ones uses."""
+    if cfg.stage == "sft":
+        return "stage sft (paired SFT)"
+    if cfg.loss.lambda_target > 0:
+        return "the regression onto the true edit (loss.lambda_target)"
+    return ""
