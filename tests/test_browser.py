@@ -163,7 +163,7 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     page.keyboard.press("Enter")
     page.get_by_text("One row per training image").click()
     table.get_by_text("with a yellow circle").filter(visible=True).first.wait_for()
-    widths = [table.locator(f"[data-testid='header-{c}']").bounding_box()["width"] for c in range(9)]
+    widths = [table.locator(f"[data-testid='header-{c}']").bounding_box()["width"] for c in range(10)]
     assert min(widths) > 50, widths
     header = table.locator("[data-testid='header-1']").bounding_box()
     row = table.locator("[data-testid='cell-1-1']").bounding_box()
@@ -190,8 +190,8 @@ def test_a_manifest_uploaded_with_its_images_fills_the_train_table_and_downloads
     saved = tmp_path / "saved.csv"
     download.value.save_as(saved)
     assert download.value.suggested_filename == "cases.csv"
-    assert saved.read_text().splitlines()[1:] == ["m1.png,make the square green,,,recolor,,,,",
-                                                  "m2.png,remove the circle,,,remove,circle,,,"]
+    assert saved.read_text().splitlines()[1:] == ["m1.png,make the square green,,,recolor,,,,,",
+                                                  "m2.png,remove the circle,,,remove,circle,,,,"]
 
 
 def _editor_sample_grid(path: Path, n: int = 4) -> None:
