@@ -77,8 +77,8 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "each is still there; **new** / **gone** (optional, `;`-separated): objects the edit creates / must "
               "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
               "Yes / No). Both are extensions of the method; Shapes cases fill them in. **target** (only for stage "
-              "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit; "
-              "generated Shapes cases name theirs.")
+              "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit (its own "
+              "row, if untouched, then goes); generated Shapes cases name theirs.")
 
 TABLE_WIDTHS = ["13%", "18%", "12%", "12%", "8%", "8%", "8%", "6%", "6%", "9%"]  # the training table's columns
 # the Judge inspector's table (kind, P(Yes), margin, expected, images, question): the question gets half
@@ -798,6 +798,19 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         return table, datasets.upload_names(paths or [])
 
     files.upload(on_upload, [files, table, uploads], [table, uploads], api_visibility="private")
+
+    def on_table_edit(rows):
+        """The table without the rows of uploaded images it now names as targets (typed into a target cell): each a
+        target only, not a training image of its own; unchanged (skipped) when there are none."""
+        drop = datasets.target_rows(rows)
+        if not drop:  # (its own update fires this event again: nothing to do then)
+            return gr.skip()
+        names = [str(rows.iloc[i]["image"]).strip() for i in drop]
+        gr.Info(f"{', '.join(names)}: another row's target, so no row of {'its' if len(names) == 1 else 'their'} "
+                f"own (only a run that trains on pairs, stage sft, reads targets).")
+        return rows.drop(index=rows.index[drop]).reset_index(drop=True)
+
+    table.change(on_table_edit, table, table, api_visibility="private")
 
     def on_download(rows):
         """The table as a cases.csv manifest (its images named as the table names them)."""

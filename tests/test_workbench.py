@@ -247,6 +247,28 @@ def test_a_json_lines_manifest_fills_a_table_and_says_what_it_left_out(tmp_path)
     assert len(notes) == 5
 
 
+def test_an_image_another_row_names_as_its_target_is_no_row_of_its_own(tmp_path):
+    """Images uploaded without a manifest each became a row, targets too: a target's row, with no instruction,
+    failed Start. A row is a target only when another row names its image as target and nothing is typed in it; a
+    row with something typed stays (an image can be one edit's target and another's reference)."""
+    table = pd.DataFrame([{"image": "cat.png", "instruction": "make it blue", "target": "cat-blue.png"},
+                          {"image": "cat-blue.png", "edit_type": "edit"},
+                          {"image": "dog.png", "instruction": "make it red", "target": "dog.png"},
+                          {"image": "cow.png", "instruction": "add a hat", "target": "targets\\cow-hat.png"},
+                          {"image": "cow-hat.png", "instruction": "remove the hat", "target": "cow.png"}],
+                         columns=datasets.TABLE_COLUMNS)
+    assert datasets.target_rows(table) == [1]  # dog.png names itself; cow.png and cow-hat.png have typed text
+    for i in (1, 2, 3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / ["cat.png", "cat-blue.png", "dog.png"][i - 1])
+    uploads = {n: str(tmp_path / n) for n in ("cat.png", "cat-blue.png", "dog.png")}
+    manifest = datasets.write_manifest(table.iloc[:3], tmp_path / "data", uploads, targets_for="stage sft")
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert [(x["id"], x["target"]) for x in lines] == [("00001", "targets/00001_cat-blue.png"),
+                                                       ("00003", "targets/00003_dog.png")]  # rows keep their numbers
+    again, _ = datasets.table_for_images(list(uploads.values()), table.iloc[:1])
+    assert list(again["image"]) == ["cat.png", "dog.png"]  # added files send every file again: no target row back
+
+
 def test_a_table_with_targets_writes_them_only_for_a_run_that_reads_them(tmp_path):
     """Paired SFT needs a target per row: write_manifest copies each beside the manifest (the Shapes cases' true
     edits), refuses at once naming every row without one, and leaves the column out for other stages."""

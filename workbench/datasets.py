@@ -23,6 +23,7 @@ from npedit.pairs import RowWriter
 
 TABLE_COLUMNS = ["image", "instruction", "caption_reference", "caption_target", "edit_type", "object_name", "keep",
                  "new", "gone", "target"]  # target: the true edit of the image, read only by runs that need pairs
+TEXT_CELLS = [c for c in TABLE_COLUMNS if c not in ("image", "edit_type")]  # what a user types in a row
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".jsonl", *CSV_SUFFIXES)  # what load_manifest reads: a CSV by its suffix, else JSON lines
 NAMED = 5  # names a message lists before it counts the rest
@@ -65,7 +66,26 @@ def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> 
             skipped.append(f"{Path(p).name}: {exc}")
             continue
         rows.append(blank | {"image": name})
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS), skipped
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)  # an image a typed row names as its target: no row of its own
+    return table.drop(index=target_rows(table)).reset_index(drop=True), skipped
+
+
+def target_rows(table: pd.DataFrame) -> list[int]:
+    """The positions of the rows that are only another row's target: their image named (by file name) in another
+    row's target cell, nothing typed in them (an uploaded target image, not a training image of its own)."""
+    rows = [{c: _cell(v) for c, v in row.items()} for row in table.reindex(columns=TABLE_COLUMNS).to_dict("records")]
+    named = {}  # target file name -> the rows naming it
+    for i, row in enumerate(rows):
+        if row["target"]:
+            named.setdefault(_file_name(row["target"]), set()).add(i)
+    # a row with anything typed stays: an image can be both one edit's target and the reference of another
+    return [i for i, row in enumerate(rows) if named.get(_file_name(row["image"]), set()) - {i}
+            and row["edit_type"] in ("", "edit") and not any(row[c] for c in TEXT_CELLS)]
+
+
+def _file_name(path: str) -> str:
+    """The file name a cell names (a manifest written on Windows: images\\a.png): what an upload keeps."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def table_for_uploads(paths: list[str], previous: pd.DataFrame | None = None,
@@ -276,6 +296,8 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
     table = table.reindex(columns=TABLE_COLUMNS)
     rows = [(i, {c: _cell(v) for c, v in row.items()}) for i, row in enumerate(table.to_dict("records"), 1)]
     rows = [(i, values) for i, values in rows if any(values.values())]
+    only_targets = set(target_rows(table))  # (the table's rows keep their numbers in the messages below)
+    rows = [(i, values) for i, values in rows if i - 1 not in only_targets]
     lacking = [str(i) for i, values in rows if not values["target"]]
     if targets_for and lacking:  # one message for them all, not one Start per row
         one = len(lacking) == 1
