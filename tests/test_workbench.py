@@ -247,6 +247,24 @@ def test_a_json_lines_manifest_fills_a_table_and_says_what_it_left_out(tmp_path)
     assert len(notes) == 5
 
 
+def test_two_target_files_of_one_name_in_a_manifest_leave_their_rows_out(tmp_path):
+    """Two target paths of one file name (first/x.png, second/x.png) were both shown as x.png: both rows trained
+    towards whichever x.png was uploaded. Like two images of one name, their rows are now left out, said once; so
+    is a target spelled apart from an image of its name (targets/c.png vs images/c.png)."""
+    for name in ("a.png", "b.png", "c.png", "d.png", "x.png", "d-edit.png"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / name)
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("image,instruction,target\nimages/a.png,edit a,first/x.png\nimages/b.png,edit b,second/x.png\n"
+                        "images/c.png,edit c,targets/c.png\nimages/d.png,edit d,targets/d-edit.png\n"
+                        "images/x.png,edit x,\n")
+    paths = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png", "d.png", "x.png", "d-edit.png")]
+    table, notes = datasets.table_for_uploads([str(manifest), *paths])
+    assert list(table["image"]) == ["d.png"] and list(table["target"]) == ["d-edit.png"]
+    assert notes == ["Uploads keep no folders, so these rows of cases.csv are left out, as each name stands for "
+                     "several files: x.png (first/x.png, images/x.png, second/x.png: line 2, 3, 6); c.png "
+                     "(images/c.png, targets/c.png: line 4). Give the files names of their own."]
+
+
 def test_an_image_another_row_names_as_its_target_is_no_row_of_its_own(tmp_path):
     """Images uploaded without a manifest each became a row, targets too: a target's row, with no instruction,
     failed Start. A row is a target only when another row names its image as target and nothing is typed in it; a

@@ -116,13 +116,18 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
     label = Path(manifest).name
     rows = read_rows(manifest, ("image", "instruction"), text=TEXT_FIELDS, label=label, what="manifest")
     files = upload_names(paths)
-    spelled, wanted = {}, []  # base name -> the spellings naming it; (line, row, base name)
+    # base name -> the spellings naming it, images and targets alike (an upload holds one file per name);
+    # (line, row, base name); line -> its target's base name
+    spelled, wanted, targets = {}, [], {}
     for n, row in rows:
         path = _cell(row.get("image")).replace("\\", "/")  # a manifest written on Windows: images\\a.png
         name = path.rsplit("/", 1)[-1]
         spelled.setdefault(name, set()).add(path)
         wanted.append((n, row, name))
-    targets = {n: _cell(row.get("target")).replace("\\", "/").rsplit("/", 1)[-1] for n, row in rows}
+        target = _cell(row.get("target")).replace("\\", "/")
+        targets[n] = _file_name(target)
+        if target:
+            spelled.setdefault(targets[n], set()).add(target)
     kept = {}
     if typed is not None:
         turns = {}
@@ -136,8 +141,10 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
         if not name:
             blank.append(str(n))
             continue
-        if len(spelled[name]) > 1:
-            clashes.setdefault(name, []).append(n)
+        clashing = [k for k in dict.fromkeys((name, targets[n])) if len(spelled.get(k, ())) > 1]
+        if clashing:
+            for k in clashing:
+                clashes.setdefault(k, []).append(n)
             continue
         if name not in files:
             missing.setdefault(name, []).append(n)
@@ -191,7 +198,7 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
     if no_target:
         notes.append(f"{_plural(no_target, 'target image')} of {label} not uploaded: {_some(no_target)}. Only a run "
                      f"that trains on pairs (stage sft) reads them: upload them too (with {label}) for one.")
-    unused = [k for k in files if k not in spelled and k not in targets.values()]
+    unused = [k for k in files if k not in spelled]  # (spelled: the images and the targets)
     if unused:
         notes.append(f"{_plural(unused, 'uploaded file')} not named in {label}, left out of the table: "
                      f"{_some(unused)}.")
