@@ -50,16 +50,22 @@ def read_domain(path: str | os.PathLike | None) -> Domain:
             return Domain()
     if p.resolve() == assets.DEFAULT_MODEL.resolve():
         return SHAPES_DOMAIN
-    cfg = p / "training_config.json"  # an editor trained on marked data (workbench.datasets) inherits its domain
+    cfg = p / "training_config.json"  # an export older than its domain file: the data its config names
     if cfg.is_file():
         try:
-            train = str(json.loads(cfg.read_text()).get("data", {}).get("train", ""))
+            return data_domain(str(json.loads(cfg.read_text()).get("data", {}).get("train", "")))
         except (ValueError, AttributeError):
-            train = ""
-        if train == "shapes":
-            return SHAPES_DOMAIN
-        if train and (Path(train).parent / DOMAIN_FILE).is_file():
-            return read_domain(Path(train).parent)
+            return Domain()
+    return Domain()
+
+
+def data_domain(train: str) -> Domain:
+    """The domain of training data `data.train`: the Shapes stream, a manifest in a folder marked with a domain file
+    (workbench.datasets), else general. A relative path is read from the current folder: ask where it was trained."""
+    if train == "shapes":
+        return SHAPES_DOMAIN
+    if train and (Path(train).parent / DOMAIN_FILE).is_file():
+        return read_domain(Path(train).parent)
     return Domain()
 
 

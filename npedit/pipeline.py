@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import flow
 from .backbones import backbone_class, family_of_class_name, import_families
-from .domain import Domain, read_domain
+from .domain import Domain, read_domain, write_domain
 from .images import DEFAULT_MAX_SIDE, editable_size, load_image, pil_to_tensor, split_batch, tensor_to_pil
 from .sampler import StepState, draw_noise, sample
 
@@ -347,10 +347,12 @@ class NPEditPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory, *, training: str | None = None, **kwargs):
         """Save every component as safetensors plus a model card (README.md); `training` says how it was trained
-        (the trainer passes its stage; see `training_summary`)."""
+        (the trainer passes its stage; see `training_summary`), and the domain it edits in (`npedit_domain.json`)."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
         Path(save_directory, "README.md").write_text(model_card(self, training))
+        if self.domain != Domain():  # a copy of a Shapes editor edits at its 64 px too, wherever it is loaded from
+            write_domain(save_directory, self.domain)
 
 
 STAGE_SUMMARIES = {

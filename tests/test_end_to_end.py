@@ -141,6 +141,32 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, 
         refused("export", *args, says=message)
 
 
+def test_an_export_of_a_run_on_marked_data_keeps_its_domain_wherever_it_is_loaded(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A run on a manifest in a folder marked as Shapes cases, named relative to where it trained: its export says
+    so in its own npedit_domain.json, so loaded from another folder it still edits at 64 px (its training config's
+    relative data.train named nothing there)."""
+    import shutil
+
+    import yaml
+
+    from npedit import NPEditPipeline
+    from npedit.domain import SHAPES_DOMAIN, write_domain
+
+    shutil.copytree(trained[0] / "runs/npedit", tmp_path / "run", ignore=shutil.ignore_patterns("exports"))
+    config = tmp_path / "run/checkpoints/step_000004/config.yaml"
+    config = config if config.is_file() else tmp_path / "run/config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    shutil.copytree(Path(cfg["data"]["train"]).parent, tmp_path / "marked")
+    write_domain(tmp_path / "marked", SHAPES_DOMAIN)
+    cfg["data"]["train"] = "marked/cases.jsonl"
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)  # where it "trained": marked/cases.jsonl is here
+    out = Path(cli(capsys, "export", "run", "--out", "export").strip()).resolve()
+    monkeypatch.chdir(tmp_path / "run")
+    assert NPEditPipeline.from_pretrained(out).domain == SHAPES_DOMAIN
+
+
 def test_export_of_the_newest_checkpoint_survives_a_live_run_pruning_it(trained, tmp_path, monkeypatch):
     """With no --step, export reads the newest checkpoint; a running job may prune it meanwhile (it saved a newer one):
     the export then takes the new newest instead of failing. With --step that checkpoint is the one asked for."""

@@ -239,6 +239,16 @@ def test_carry_over_copies_no_file_a_link_takes_from_outside_the_editor_folder(t
     assert "README.md" in caplog.text and "outside" in caplog.text
 
 
+def test_a_saved_copy_of_a_shapes_editor_edits_at_its_resolution_too(pipe, tmp_path):
+    """save_pretrained keeps the domain (npedit_domain.json): a copy of the bundled editor, loaded from a folder with
+    no training config, still edits a 200x150 photo at 64x48, not at its own size."""
+    from npedit import NPEditPipeline
+
+    pipe.save_pretrained(tmp_path / "copy")
+    copy = NPEditPipeline.from_pretrained(tmp_path / "copy")
+    assert copy.domain == pipe.domain and copy.working_size((200, 150)) == (64, 48)
+
+
 def test_an_editor_trained_at_one_resolution_edits_every_image_there_without_cropping(pipe, scene, monkeypatch):
     """The bundled Shapes editor (npedit_domain.json: 64 px) edits any input at 64 px on its longest side, up or
     down, its aspect kept, and returns it at the input's size; `working_note` says so (the CLI and the app show it).

@@ -94,6 +94,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     `step_N-avgK`), with the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same
     model elsewhere). `average=K` > 1 saves the mean of the student's weights over the K newest checkpoints up to
     that step. A `critic` run's checkpoint gives its critic instead (default `<run>/exports/step_N/critic`)."""
+    from ..domain import data_domain
     from ..pipeline import NPEditPipeline, training_summary
 
     for attempt in range(3):
@@ -113,6 +114,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     name = path.name if average == 1 else f"{path.name}-avg{average}"
     out = Path(out) if out else Path(run_dir) / "exports" / name
     pipe = NPEditPipeline.from_parts(net.eval(), backbone, shift=cfg.sampler.shift)
+    pipe.domain = data_domain(cfg.data.train)  # (a relative data.train: from this folder, as the run was started)
     summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
     origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
               f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")

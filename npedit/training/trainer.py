@@ -24,6 +24,7 @@ from .. import flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, changed_settings, read_yaml, save_config, to_dict
 from ..data import apply_do_nothing, collate
+from ..domain import data_domain
 from ..files import write_png
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
@@ -725,6 +726,8 @@ class Trainer:
         student = lora.merged_copy(self.student)
         pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
         cfg = self.cfg
+        # asked here, where a relative data.train means what it meant for training (not wherever it is loaded)
+        pipe.domain = data_domain(cfg.data.train)
         summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
         with ckpt.publishing(out) as tmp:
             pipe.save_pretrained(tmp, training=summary)
