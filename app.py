@@ -799,18 +799,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
     files.upload(on_upload, [files, table, uploads], [table, uploads], api_visibility="private")
 
-    def on_table_edit(rows):
-        """The table without the rows of uploaded images it now names as targets (typed into a target cell): each a
-        target only, not a training image of its own; unchanged (skipped) when there are none."""
-        drop = datasets.target_rows(rows)
-        if not drop:  # (its own update fires this event again: nothing to do then)
-            return gr.skip()
-        names = [str(rows.iloc[i]["image"]).strip() for i in drop]
-        gr.Info(f"{', '.join(names)}: another row's target, so no row of {'its' if len(names) == 1 else 'their'} "
-                f"own (only a run that trains on pairs, stage sft, reads targets).")
-        return rows.drop(index=rows.index[drop]).reset_index(drop=True)
-
-    table.change(on_table_edit, table, table, api_visibility="private")
+    # No change event takes a target's row out as the user types: its answer replaced the table while the next cell
+    # was being typed in, losing keys (seen in Chromium). Adding files and Start leave such rows out instead.
 
     def on_download(rows):
         """The table as a cases.csv manifest (its images named as the table names them)."""
