@@ -121,7 +121,7 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
     spelled, wanted, targets = {}, [], {}
     for n, row in rows:
         path = _cell(row.get("image")).replace("\\", "/")  # a manifest written on Windows: images\\a.png
-        name = path.rsplit("/", 1)[-1]
+        name = _file_name(path)
         spelled.setdefault(name, set()).add(path)
         wanted.append((n, row, name))
         target = _cell(row.get("target")).replace("\\", "/")
