@@ -77,8 +77,8 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "each is still there; **new** / **gone** (optional, `;`-separated): objects the edit creates / must "
               "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
               "Yes / No). Both are extensions of the method; Shapes cases fill them in. **target** (only for stage "
-              "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit (its own "
-              "row, if untouched, then goes); generated Shapes cases name theirs.")
+              "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit (its "
+              "own row, if untouched, then goes); generated Shapes cases name theirs.")
 
 TABLE_WIDTHS = ["13%", "18%", "12%", "12%", "8%", "8%", "8%", "6%", "6%", "9%"]  # the training table's columns
 # the Judge inspector's table (kind, P(Yes), margin, expected, images, question): the question gets half
@@ -175,7 +175,8 @@ class App:
         """(label, path) of the editors the app offers, each label naming its path as `shown` does."""
         out = []
         if self.models.paths.model:
-            label = assets.DEFAULT_MODEL_NOTE if Path(self.models.paths.model) == assets.DEFAULT_MODEL else "started with"
+            bundled = Path(self.models.paths.model) == assets.DEFAULT_MODEL
+            label = assets.DEFAULT_MODEL_NOTE if bundled else "started with"
             out.append((f"{label}: {self.shown(self.models.paths.model)}", self.models.paths.model))
         for folder, how in ((assets.DEFAULT_MODEL, assets.DEFAULT_MODEL_NOTE), *assets.EXTRA_EDITORS):
             if (folder / "model_index.json").is_file() and str(folder) != self.models.paths.model:
@@ -187,7 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (flags override the NPEDIT_* environment variables)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="NPEditPipeline folder or hub id (default: $NPEDIT_MODEL, else the bundled editor)")
-    p.add_argument("--judge", help="judge (LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf) folder or hub id (default: $NPEDIT_JUDGE, else bundled)")
+    p.add_argument("--judge", help="judge (LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf) folder or hub id (default: "
+                                    "$NPEDIT_JUDGE, else bundled)")
     p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER, "
                                       "else the editor's own base, model.base of its training config, else the "
                                       "bundled teacher)")

@@ -315,7 +315,8 @@ def bench_check(models: Models, device: str, dtype: torch.dtype) -> dict:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(["bench", "--model", paths["model"], "--teacher", paths["teacher"], "--device", device,
-                     "--dtype", str(dtype).removeprefix("torch."), "--repeats", "2", "--batch", "2", "--teacher-steps", "2", "--json"])
+                     "--dtype", str(dtype).removeprefix("torch."), "--repeats", "2", "--batch", "2",
+                     "--teacher-steps", "2", "--json"])
     require(code == 0, f"bench exited with {code}")
     result = json.loads(printed.getvalue().strip().splitlines()[-1])
     require(result["device"].split(":")[0] == torch.device(device).type, f"bench ran on {result['device']}")

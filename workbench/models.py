@@ -13,8 +13,8 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from npedit import assets
 from npedit.config import LossConfig
