@@ -227,6 +227,11 @@ class LossConfig:
                              f"{', '.join(EDIT_TYPES)}")
 
 
+def cfg_scale_for(loss: LossConfig, edit_type: str) -> float:
+    """The teacher's CFG scale in training for this edit type (strong for the types the config lists)."""
+    return loss.cfg_scale_strong if edit_type in loss.strong_cfg_edit_types else loss.cfg_scale
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """The few-step schedule shared by training and inference."""

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import flow
-from .config import LossConfig
+from .config import LossConfig, cfg_scale_for
 from .guidance import teacher_critic_x0
 from .images import load_image, tensor_to_pil
 from .verdicts import SHOWN_DECIMALS, judge_candidates
@@ -84,16 +84,10 @@ def _round(x: float | None, n: int = 4) -> float | None:
     return None if x is None else round(float(x), n)
 
 
-def cfg_scale_for(loss: LossConfig, edit_type: str) -> float:
-    """The teacher's CFG scale in training for this edit type (strong for the types the config lists)."""
-    return loss.cfg_scale_strong if edit_type in loss.strong_cfg_edit_types else loss.cfg_scale
-
-
 @torch.no_grad()
 def dmd_map(x0_real: torch.Tensor, x0_fake: torch.Tensor) -> np.ndarray:
     """Per-position disagreement |x0_fake - x0_real| averaged over channels: (B, C, h, w) -> (h, w) of sample 0."""
     return (x0_fake - x0_real).abs().float().mean(1)[0].cpu().numpy()
-
 
 
 @torch.no_grad()

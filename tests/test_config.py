@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from npedit.config import load_config, save_config, to_dict
+from npedit.config import LossConfig, cfg_scale_for, load_config, save_config, to_dict
 
 BASE = ["model.base=/m", "data.train=shapes", "judge.path=/j"]
 
@@ -233,3 +233,10 @@ def test_a_run_config_is_saved_whole_or_not_at_all(tmp_path, full_disk):
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     save_config(load_config(None, BASE + ["max_steps=4"]), path)
     assert load_config(path, []).max_steps == 4
+
+
+def test_cfg_scale_for_is_strong_only_for_the_listed_edit_types():
+    """The trainer's per-sample CFG scales and a trace's DMD maps read the one rule."""
+    loss = LossConfig(cfg_scale=2.0, cfg_scale_strong=9.0, strong_cfg_edit_types=("remove",))
+    assert cfg_scale_for(loss, "remove") == 9.0
+    assert cfg_scale_for(loss, "recolor") == 2.0 and cfg_scale_for(loss, "edit") == 2.0

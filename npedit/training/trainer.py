@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import flow, lora
 from ..backbones import load_backbone
-from ..config import TrainConfig, changed_settings, read_yaml, save_config, to_dict
+from ..config import TrainConfig, cfg_scale_for, changed_settings, read_yaml, save_config, to_dict
 from ..data import apply_do_nothing, collate
 from ..domain import data_domain
 from ..files import write_png
@@ -326,8 +326,7 @@ class Trainer:
     def cfg_scales(self, edit_types: list[str]) -> torch.Tensor:
         """Per-sample teacher CFG scale: strong for the edit types listed in the config."""
         lc = self.cfg.loss
-        return torch.tensor([lc.cfg_scale_strong if e in lc.strong_cfg_edit_types else lc.cfg_scale
-                             for e in edit_types], device=self.acc.device)
+        return torch.tensor([cfg_scale_for(lc, e) for e in edit_types], device=self.acc.device)
 
     # ---- the four losses, one per kind of step (each on one micro-batch) ------------------------
     def warmup_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
