@@ -494,6 +494,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return build_config(TrainConfig, apply_overrides(data, list(overrides)))
 
 
-def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, whole or not at all (a resume rewrites the run's own config.yaml)."""
+def save_config(cfg, path: str | os.PathLike) -> None:
+    """Write a resolved config (a TrainConfig, a Shapes stage's) as YAML, whole or not at all (a resume rewrites the
+    run's own config.yaml)."""
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

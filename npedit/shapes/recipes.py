@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .. import flow
 from ..backbones.base import set_config
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
-from ..config import apply_overrides, build_config, overrides_as_flags, to_dict
+from ..config import apply_overrides, build_config, overrides_as_flags, save_config
 from ..devices import resolve_device
 from ..files import write_atomic, write_png
 from ..sampler import sample
@@ -190,7 +189,7 @@ def _start(cfg) -> tuple[Path, MetricsLogger, np.random.Generator]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with disk_writes(out / "config.yaml", f"nothing was trained yet: {AGAIN}"):  # the Runs tab reads it
-        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        save_config(cfg, out / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
