@@ -28,8 +28,13 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
-def write_png(path: str | os.PathLike, image) -> None:
-    """Write a PIL image as a PNG file, whole or not at all (`write_atomic`): the app shows a run's newest grid."""
+def png_bytes(image) -> bytes:
+    """A PIL image encoded as a PNG file's bytes."""
     png = io.BytesIO()
     image.save(png, format="PNG")
-    write_atomic(path, png.getvalue())
+    return png.getvalue()
+
+
+def write_png(path: str | os.PathLike, image) -> None:
+    """Write a PIL image as a PNG file, whole or not at all (`write_atomic`): the app shows a run's newest grid."""
+    write_atomic(path, png_bytes(image))

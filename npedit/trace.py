@@ -24,6 +24,7 @@ from PIL import Image
 
 from . import flow
 from .config import LossConfig, cfg_scale_for
+from .files import png_bytes
 from .guidance import teacher_critic_x0
 from .images import load_image, tensor_to_pil
 from .verdicts import SHOWN_DECIMALS, judge_candidates
@@ -235,12 +236,6 @@ def trace_record(trace: EditTrace, models: dict[str, str | None] | None = None) 
             "timings": trace.timings, "reference": "reference.png", "edited": "edited.png", "steps_table": steps}
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def trace_files(trace: EditTrace, models: dict[str, str | None] | None = None) -> dict[str, bytes]:
     """The files of a trace by name: trace.json (`trace_record`), steps.csv (its steps), reference.png, edited.png,
     and per step step-N-x0.png, step-N-dmd.npy ((h, w) float32) and step-N-dmd.png (8-bit, at x0's size)."""
@@ -250,16 +245,16 @@ def trace_files(trace: EditTrace, models: dict[str, str | None] | None = None) -
     writer.writeheader()
     writer.writerows(record["steps_table"])
     files = {"trace.json": (json.dumps(record, indent=1) + "\n").encode(), "steps.csv": table.getvalue().encode(),
-             "reference.png": _png(trace.reference), "edited.png": _png(trace.image)}
+             "reference.png": png_bytes(trace.reference), "edited.png": png_bytes(trace.image)}
     for s, row in zip(trace.steps, record["steps_table"]):
-        files[row["x0"]] = _png(s.x0)
+        files[row["x0"]] = png_bytes(s.x0)
         if s.dmd_map is not None:
             buf = io.BytesIO()
             np.save(buf, s.dmd_map.astype(np.float32))
             files[row["dmd_npy"]] = buf.getvalue()
             grey = np.clip(s.dmd_map / max(record["dmd_png_scale"], 1e-8) * 255, 0, 255).round().astype(np.uint8)
             # nearest: one latent position stays one visible block over the pixels it covers
-            files[row["dmd_png"]] = _png(Image.fromarray(grey).resize(s.x0.size, Image.NEAREST))
+            files[row["dmd_png"]] = png_bytes(Image.fromarray(grey).resize(s.x0.size, Image.NEAREST))
     return files
 
 
