@@ -18,7 +18,7 @@ import torch
 
 from .. import lora
 from ..config import TrainConfig, apply_overrides, build_config, to_dict
-from ..folders import device_memory, human_size
+from ..folders import build_on_meta, device_memory, human_size, locate, model_folder, weights_complete
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TRAINED = 16  # bytes a trained parameter takes: its float32 weight and gradient and AdamW's two float32 moments
@@ -57,8 +57,7 @@ def matching(names, prefixes: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def _meta(folder: Path, model_class, dtype) -> torch.nn.Module:
-    from ..folders import build_on_meta
-
+    """`model_class` as `folder`'s config builds it on the meta device (shapes only), size-checked as every load is."""
     return build_on_meta(folder, model_class, dtype)[0]
 
 
@@ -75,7 +74,7 @@ def _counted(net: torch.nn.Module, targets: tuple[str, ...] | None = None, base:
                 raise
     params = dict(net.named_parameters())
     theirs = {n for n, _ in base.named_parameters()} if base is not None else set(params)
-    held = {n for hits in matching(params, frozen).values() for n in hits}
+    kept = {n for hits in matching(params, frozen).values() for n in hits}
     buffers = list(net.buffers())
     shared = []
     if base is not None:  # under LoRA a part made only of parameters the teacher lacks trains in full
@@ -90,7 +89,7 @@ def _counted(net: torch.nn.Module, targets: tuple[str, ...] | None = None, base:
                  fixed=sum(b.numel() * b.element_size() for b in buffers if not b.is_floating_point()),
                  width=width,
                  own=sum(p.numel() for n, p in params.items() if n not in theirs),
-                 frozen=sum(params[n].numel() for n in held),
+                 frozen=sum(params[n].numel() for n in kept),
                  shared=sum(b.numel() for b in shared if b.is_floating_point()),
                  shared_fixed=sum(b.numel() * b.element_size() for b in shared if not b.is_floating_point()))
 
@@ -101,7 +100,6 @@ def count_models(cfg: TrainConfig) -> tuple[dict[str, Model], list[str]]:
     from ..backbones import FAMILIES, backbone_class, detect_family, resolve_subfolder
     from ..backbones.base import check_transformer
     from ..backbones.vae import vae_class
-    from ..folders import locate, model_folder, weights_complete
 
     mc = cfg.model
     dtype = getattr(torch, mc.dtype)
