@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import object_names, read_rows
+from .data import CSV_SUFFIXES, object_names, read_rows
 from .edit_types import edit_type_name
 from .images import ImageError
 
-LIST_SUFFIXES = (".csv", ".jsonl", ".json")
+LIST_SUFFIXES = (".jsonl", ".json", *CSV_SUFFIXES)  # what read_rows reads: a CSV by its suffix, else JSON lines
 REQUIRED = ("reference", "edited", "instruction")
 # reference/edited: the images as the list names them, in every row (a row read alone says which pair it is)
 VERDICT_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "p_edit", "p_identity", "p_keep",
@@ -56,14 +56,14 @@ def image_path(listing: str | os.PathLike, name: str) -> str:
 
 
 def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
-    """The pairs of a .jsonl or .csv list: reference, edited, instruction required; id (default: the line number),
+    """The pairs of a .jsonl, .csv or .tsv list: reference, edited, instruction required; id (default: the line number),
     edit_type, object_name (or object), keep, new, gone optional. A list without a required key or column, or with a
     line that cannot be read, is a ValueError naming it as `label`:N (`label` defaults to the path), before any pair
     is judged; a blank image or instruction is that pair's error when it is judged (the others still are)."""
     path = Path(path)
     label = label or str(path)
     if path.suffix.lower() not in LIST_SUFFIXES:
-        raise ValueError(f"{label}: a list of pairs is a .jsonl or .csv file")
+        raise ValueError(f"{label}: a list of pairs is a .jsonl, .csv or .tsv file")
     if not path.is_file():
         raise ValueError(f"{label} not found")
     rows = read_rows(path, REQUIRED, text=(*REQUIRED, "edit_type", "object_name", "object"), label=label,

@@ -254,6 +254,19 @@ def test_repeated_lines_are_named_in_one_warning_and_a_folder_names_its_manifest
         load_manifest(tmp_path)
 
 
+def test_a_tab_separated_pair_list_reads_as_a_manifest_does(tmp_path):
+    """A .tsv list is a CSV with tabs (npedit.data.CSV_SUFFIXES): `edit --batch` and manifests read it, and so does
+    `judge --batch` (read_pairs refused its suffix)."""
+    from npedit.pairs import read_pairs
+
+    (tmp_path / "pairs.tsv").write_text("reference\tedited\tinstruction\na.png\tb.png\tmake it blue\n")
+    (pair,) = read_pairs(tmp_path / "pairs.tsv")
+    assert (pair.id, pair.edited_path, pair.instruction) == ("2", str(tmp_path / "b.png"), "make it blue")
+    (tmp_path / "pairs.txt").write_text("")
+    with pytest.raises(ValueError, match="a list of pairs is a .jsonl, .csv or .tsv file"):
+        read_pairs(tmp_path / "pairs.txt")
+
+
 def test_pair_lists_read_alike_as_csv_and_json_lines(tmp_path):
     """A pair list (npedit judge --batch, the app's batch inspection) is JSON lines or CSV; an id is optional (the
     line the pair is on: a CSV's header is line 1, a quoted cell may span lines); images are named as the list
