@@ -28,6 +28,14 @@ def tiny_judge(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
+    """Editor, judge, teacher and critic paths of one tiny model set (workbench.tiny), shared by the app tests."""
+    from workbench.tiny import build_tiny_set
+
+    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
+
+
+@pytest.fixture(scope="session")
 def tiny_manifest(tmp_path_factory):
     """Four 64x64 samples (two recolors, two removals) with targets, as a cases.jsonl."""
     root = tmp_path_factory.mktemp("data")

@@ -19,16 +19,10 @@ from PIL import Image
 
 from npedit.domain import DOMAIN_FILE
 from workbench import presets
-from workbench.tiny import build_tiny_set
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import app as npedit_app  # noqa: E402  (app.py lives at the repository root)
-
-
-@pytest.fixture(scope="session")
-def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
-    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
 
 
 def free_port() -> int:

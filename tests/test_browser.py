@@ -26,12 +26,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need
 
 sys.path.insert(0, str(ROOT))
 import app as npedit_app  # noqa: E402
-from workbench.tiny import build_tiny_set  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
-    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
 
 
 @pytest.fixture(scope="module")

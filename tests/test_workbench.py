@@ -18,13 +18,6 @@ from npedit.config import LossConfig, load_config
 from npedit.pairs import QUESTION_COLUMNS, VERDICT_COLUMNS
 from workbench import datasets, jobs, judging, models, plots, presets, runs
 from workbench.inspect import trace_edit
-from workbench.tiny import build_tiny_set
-
-
-@pytest.fixture(scope="session")
-def tiny_set(tmp_path_factory, tiny_zimage, tiny_judge):
-    """Editor, judge, teacher and critic paths of one tiny model set, shared by the app tests."""
-    return build_tiny_set(tmp_path_factory.getbasetemp() / "tiny-set", base=tiny_zimage, judge=tiny_judge)
 
 
 @pytest.fixture(scope="module")
