@@ -1,9 +1,9 @@
 """The command line's own name: usage and error lines say how it was started."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from cli_runner import run_python  # tests/cli_runner.py
 
 ROOT = Path(__file__).resolve().parents[1]
 # what pip writes as the `npedit` console script (pip's wheel installer's template, [project.scripts] npedit)
@@ -16,11 +16,6 @@ if __name__ == "__main__":
 """
 
 
-def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_usage_names_the_program_as_it_was_started(tmp_path):
     """`npedit --help` (the console script) said "usage: python -m npedit", a command that the user had not typed
     and that may not work with the Python on their path; each way now names itself (argparse's errors print the
@@ -29,7 +24,7 @@ def test_usage_names_the_program_as_it_was_started(tmp_path):
     script.parent.mkdir()
     script.write_text(CONSOLE_SCRIPT)
     for args, prog in ((["-m", "npedit"], "python -m npedit"), ([str(script)], "npedit")):
-        shown = _run([*args, "--help"], tmp_path)
+        shown = run_python(*args, "--help", cwd=tmp_path)
         assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {prog} [-h]"), shown
 
 

@@ -12,19 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_runner import run_npedit  # tests/cli_runner.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
 def cli(capsys, *args):
-    """`python -m npedit ARGS` in this process (what `run` does without a new interpreter's ~10 s of imports); its
-    stdout. The `trained` fixture and `test_cli_edit_and_judge` keep one real `python -m npedit` run each."""
+    """`python -m npedit ARGS` in this process (what `run_npedit` does without a new interpreter's ~10 s of imports);
+    its stdout. The `trained` fixture and `test_cli_edit_and_judge` keep one real `python -m npedit` run each."""
     from npedit.cli import main
 
     capsys.readouterr()
@@ -46,13 +41,13 @@ def trained(tmp_path_factory, tiny_zimage, tiny_judge, tiny_manifest):
     work = tmp_path_factory.mktemp("e2e")
     common = [f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2", "log_every=1",
               "optim.skip_grad_norm=1e9", "optim.lr=1e-4"]
-    run("-m", "npedit", "train", "stage=warmup", "output_dir=runs/warmup", "max_steps=2", *common, cwd=work)
+    run_npedit("train", "stage=warmup", "output_dir=runs/warmup", "max_steps=2", *common, cwd=work)
     stage2 = ["stage=npedit", "output_dir=runs/npedit", f"judge.path={tiny_judge}", "critic_steps=2",
               f"model.student={work}/runs/warmup/pipeline", "sample_every=3", "data.do_nothing_prob=0.25",
               "judge.keep_questions=2", "judge.change_questions=2", "gradient_accumulation_steps=2", *common]
-    run("-m", "npedit", "train", "max_steps=3", *stage2, cwd=work)
+    run_npedit("train", "max_steps=3", *stage2, cwd=work)
     first = (work / "runs/npedit/checkpoints/step_000003/student/diffusion_pytorch_model.safetensors").read_bytes()
-    run("-m", "npedit", "train", "--resume", "max_steps=4", *stage2, cwd=work)
+    run_npedit("train", "--resume", "max_steps=4", *stage2, cwd=work)
     return work, first
 
 
@@ -197,8 +192,8 @@ def test_cli_edit_and_judge(trained, tiny_judge, tiny_manifest, capsys, monkeypa
     work, _ = trained
     src = tiny_manifest.parent / "images/0.png"
     Image.open(src).resize((48, 80)).save(work / "in.png")
-    run("-m", "npedit", "edit", "--model", "runs/npedit/pipeline", "--image", "in.png",
-        "--instruction", "make the red circle green", "--output", "out/edited.png", cwd=work)
+    run_npedit("edit", "--model", "runs/npedit/pipeline", "--image", "in.png", "--instruction",
+               "make the red circle green", "--output", "out/edited.png", cwd=work)
     assert Image.open(work / "out/edited.png").size == (48, 80)
     monkeypatch.chdir(work)
     verdict = json.loads(cli(capsys, "judge", "--judge", tiny_judge, "--reference", "in.png", "--edited",
@@ -777,7 +772,7 @@ def test_other_judge_families_train_an_editor_and_answer_the_cli(trained, tiny_z
     work, _ = trained
     judge_dir = getattr(tiny, JUDGE_BUILDERS[family])(work / f"judge-{family}")
     out = f"runs/npedit-{family}"
-    run("-m", "npedit", "train", "stage=npedit", f"output_dir={out}", f"judge.path={judge_dir}", "critic_steps=1",
+    run_npedit("train", "stage=npedit", f"output_dir={out}", f"judge.path={judge_dir}", "critic_steps=1",
         f"model.student={work}/runs/warmup/pipeline", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}",
         "data.batch_size=2", "log_every=1", "max_steps=2", "sample_every=0", "judge.keep_questions=1",
         *(["judge.max_pixels=1024"] if family == "qwen2_5_vl" else []), cwd=work)
