@@ -280,12 +280,31 @@ def _for_user(text: str) -> str:
     return re.sub(uploads, "", text)
 
 
+DOWNLOADS_KEEP_S = 3600  # as long as a public app's cache cleanup keeps its files
+
+
+def _prune_downloads(folder: Path, before: float) -> None:
+    """Remove the downloads in `folder` last written before `before` (and the folders `exact` ones came in)."""
+    for entry in folder.iterdir():
+        try:
+            if entry.stat().st_mtime >= before:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+        except OSError:  # gone meanwhile (another session's prune, gradio's own cleanup)
+            pass
+
+
 def download_path(name: str, exact: bool = False) -> Path:
     """A new empty file named like `name` (verdicts-k3x9.csv), or, `exact`, named `name` in a new folder, for a
     download, in gradio's cache folder: gradio serves it from there as it is, and a public app's delete_cache removes
-    it an hour on (a file written elsewhere was copied into that folder, and the copy removed, the original never)."""
+    it an hour on (a file written elsewhere was copied into that folder, and the copy removed, the original never).
+    Downloads older than DOWNLOADS_KEEP_S go first, so a local app (which gradio never cleans) keeps only recent ones."""
     folder = downloads_folder()
     folder.mkdir(parents=True, exist_ok=True)
+    _prune_downloads(folder, time.time() - DOWNLOADS_KEEP_S)
     if exact:  # the browser saves it under this name (a manifest the CLI is told to read as cases.csv)
         path = Path(tempfile.mkdtemp(dir=folder)) / name
         path.touch()

@@ -857,6 +857,22 @@ def test_downloads_are_written_where_a_public_apps_cleanup_removes_them(tiny_set
     assert not [path for path in written.values() if Path(path).exists()]
 
 
+def test_a_local_apps_downloads_older_than_an_hour_are_removed(tmp_path, monkeypatch):
+    """Only a public app has gradio clean its cache, so a local app kept every verdict, batch CSV and cases.csv it
+    ever wrote. Making a download now removes the downloads (and exact-name folders) older than an hour first."""
+    import os
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    old_file, recent = npedit_app.download_path("verdict.json"), npedit_app.download_path("verdicts.csv")
+    old_folder = npedit_app.download_path("cases.csv", exact=True)
+    hour_ago = time.time() - npedit_app.DOWNLOADS_KEEP_S - 5
+    for path in (old_file, old_folder, old_folder.parent):
+        os.utime(path, (hour_ago, hour_ago))
+    new = npedit_app.download_path("trace.zip")
+    assert not old_file.exists() and not old_folder.parent.exists()
+    assert recent.exists() and new.exists()
+
+
 def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
     """Anyone can POST files (up to 20 MB each) to /gradio_api/upload without calling any event, and every result
     is cached: without gradio's delete_cache they stayed in its folder until the disk was full. A public app deletes
