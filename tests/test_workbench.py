@@ -1301,11 +1301,17 @@ def test_a_spent_upload_budget_still_lets_the_visitor_press_buttons():
 
     limit = UploadLimit(app, mb_per_hour=0.1, min_free_mb=0, folder="/")
 
-    def request(content_type: str, size: int) -> bool:
+    def request(content_type: str, size: int, body: bytes = b"") -> bool:
         before = len(passed)
+        body = body + b" " * (size - len(body))
         scope = {"type": "http", "client": ("8.8.8.8", 1), "headers": [
             (b"content-type", content_type.encode()), (b"content-length", str(size).encode())]}
-        asyncio.run(limit(scope, None, send))
+        parts = [body[:1000], body[1000:]]  # a body may come in several messages
+
+        async def receive():
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)} if parts else \
+                {"type": "http.disconnect"}
+        asyncio.run(limit(scope, receive, send))
         return len(passed) > before
 
     multipart = "multipart/form-data; boundary=x"
@@ -1314,6 +1320,47 @@ def test_a_spent_upload_budget_still_lets_the_visitor_press_buttons():
     assert request("application/json", 2_000) and request("application/json", SMALL_EVENT)  # buttons still work
     assert not request("application/json", SMALL_EVENT + 1)  # a large body counts, whatever its type
     assert not request(multipart, 10_000)  # and the small calls charged nothing, nor unlocked uploads
+    inline = b'{"data": [{"url": "data:image/png;base64,iVBORw0KGgo"}]}'
+    assert not request("application/json", 40_000, inline)  # a file sent inline in a small call is charged
+
+
+def test_a_small_event_reaches_the_app_whole_after_the_limit_read_it():
+    """The limit reads a small event call's body (to charge one that sends a file inline as base64): the app behind
+    it must still receive that body, byte for byte, and an inline file within the budget passes, charged."""
+    import asyncio
+
+    from workbench.uploads import UploadLimit
+
+    got = []
+
+    async def app(scope, receive, send):
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message["body"])
+            more = message["more_body"]
+        got.append(b"".join(chunks))
+
+    limit = UploadLimit(app, mb_per_hour=0.1, min_free_mb=0, folder="/")
+    body = b'{"data": ["data:image/png;base64,' + b"A" * 40_000 + b'"]}'
+
+    def post() -> None:
+        parts = [body[:7000], body[7000:20000], body[20000:]]
+
+        async def receive():
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+        scope = {"type": "http", "client": ("8.8.8.8", 1), "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+        async def send(message):
+            got.append(message)
+        asyncio.run(limit(scope, receive, send))
+
+    post()
+    assert got == [body]
+    assert limit.ledger.used("8.8.8.8") == len(body)
+    post(), post()  # the third inline file passes the 104,857-byte budget
+    assert got[1] == body and got[2]["status"] == 429, got[2:]
 
 
 def test_a_judge_missing_a_package_is_named_once(tiny_set, monkeypatch):

@@ -3,8 +3,9 @@
 `UploadLimit` is an ASGI middleware; `Ledger` is its bookkeeping (a sliding hour per client), testable without a server.
 Every request body counts, not only /upload: gradio parses multipart bodies of up to 1,000 files into files on disk on
 several routes (upload, component server, recordings), and its max_file_size caps each file, not a request. The one
-exception is a small event call (JSON of at most SMALL_EVENT bytes): a visitor who spent the budget on photos can
-still press buttons, and such calls fill no disk by the hour (the free-disk floor still applies to them).
+exception is a small event call (JSON of at most SMALL_EVENT bytes, holding no base64 data URL): a visitor who spent
+the budget on photos can still press buttons, and such calls fill no disk by the hour (the free-disk floor still
+applies to them). A small call that sends a file inline (`data:...;base64,`) is charged like an upload.
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ class UploadLimit:
         for key, value in scope.get("headers", []):  # a header sent twice reads as one list (as HTTP defines it)
             key, value = key.decode("latin-1").lower(), value.decode("latin-1")
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        refusal = self.refusal(headers, (scope.get("client") or (None,))[0])
+        carries_data = False
+        if self._small_event(headers):  # a small body is read here, to pass uncharged only if it names no data inline
+            body, receive = await _buffered(receive)
+            carries_data = _INLINE_DATA in body
+        refusal = self.refusal(headers, (scope.get("client") or (None,))[0], carries_data)
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message, extra = refusal
@@ -126,8 +131,16 @@ class UploadLimit:
                     "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra]})
         await send({"type": "http.response.body", "body": body})
 
-    def refusal(self, headers: dict[str, str], peer: str | None) -> tuple[int, str, list] | None:
-        """(status, message, extra headers) refusing this request, or None to let it through (and charge it)."""
+    def _small_event(self, headers: dict[str, str]) -> bool:
+        """Whether the request claims to be a small event call (JSON of at most SMALL_EVENT bytes, a budget to spare)."""
+        size = headers.get("content-length", "")
+        return (self.ledger is not None and "transfer-encoding" not in headers and size.isdigit()
+                and 0 < int(size) <= SMALL_EVENT and not headers.get("content-type", "").startswith("multipart/"))
+
+    def refusal(self, headers: dict[str, str], peer: str | None,
+                carries_data: bool = False) -> tuple[int, str, list] | None:
+        """(status, message, extra headers) refusing this request, or None to let it through (and charge it);
+        `carries_data`: the body holds a base64 data URL (a file sent inline, which gradio may write to its cache)."""
         if "transfer-encoding" in headers:  # a chunked body's size is known only once it has been read
             return 411, "This public app accepts request bodies only with a Content-Length header.", []
         try:
@@ -139,7 +152,8 @@ class UploadLimit:
         if self.min_free > 0 and _free_bytes(self.folder) - size < self.min_free:
             return (507, "The server's disk is nearly full, so this public app takes no uploads for now (uploads are "
                          "deleted an hour after they arrive): try again later.", [])
-        small_event = size <= SMALL_EVENT and not headers.get("content-type", "").startswith("multipart/")
+        small_event = size <= SMALL_EVENT and not headers.get("content-type", "").startswith("multipart/") \
+            and not carries_data
         if self.ledger is None or small_event:
             return None
         wait = self.ledger.charge(client_of(headers, peer), size)
@@ -151,6 +165,31 @@ class UploadLimit:
         minutes = max(1, round(wait / 60))
         return (429, f"Upload limit reached: this public app accepts {budget}. Try again in about {minutes} min.",
                 [(b"retry-after", str(int(wait) + 1).encode())])
+
+
+_INLINE_DATA = b";base64,"  # a data URL's marker: `data:image/png;base64,...` is a file, however small the call
+
+
+async def _buffered(receive) -> tuple[bytes, Callable]:
+    """The whole request body, and a receive that hands it to the app as one message, then defers to `receive`."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the app sees that at once
+            async def gone():
+                return message
+            return b"", gone
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body, given = b"".join(chunks), False
+
+    async def replay():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return body, replay
 
 
 def _free_bytes(folder: Path) -> int:
