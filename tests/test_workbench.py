@@ -3,12 +3,14 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -861,6 +863,54 @@ def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, mo
             os.killpg(started[0].pid, signal.SIGKILL)  # the job's whole group: its shell and the sleeping trainer
             started[0].wait()
 
+
+
+def test_the_job_wrapper_records_its_pid_and_the_exit_status_as_a_shell_does(tmp_path):
+    """The job's wrapper was `/bin/sh -c`, which Windows has not; job_wrapper.py, run by this Python, writes the same
+    two files: its own pid first, then the trainer's status, 128 + N for one killed by signal N (137: the OOM killer's
+    SIGKILL), 127 for a program that cannot run."""
+    env = {**os.environ, "NPEDIT_PID_FILE": str(tmp_path / "job.pid"), "NPEDIT_EXIT_FILE": str(tmp_path / "exit")}
+    wrapper = [sys.executable, "-I", str(jobs._WRAPPER)]
+    for program, status in ((["-c", "import sys; sys.exit(3)"], 3),
+                            (["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], 137)):
+        proc = subprocess.run([*wrapper, sys.executable, *program], env=env, capture_output=True, timeout=60)
+        assert proc.returncode == status and (tmp_path / "exit").read_text() == f"{status}\n"
+        assert int((tmp_path / "job.pid").read_text()) not in (os.getpid(), 0)
+    proc = subprocess.run([*wrapper, str(tmp_path / "no-such-program")], env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 127 and (tmp_path / "exit").read_text() == "127\n" and b"cannot run" in proc.stderr
+
+
+def test_a_windows_job_is_followed_and_stopped_through_its_process_tree(tmp_path, monkeypatch):
+    """Windows has no process groups, killpg or /proc: there a job is its wrapper, checked (pid reuse included) and
+    stopped through psutil, the trainer terminated first so the wrapper still records its exit, and an exit code of
+    128 + N is a code, not a signal. Run here with the Windows branches on and POSIX's Popen options (its
+    creationflags exist only on Windows), an app restarted in between (no Popen object to poll)."""
+    root = tmp_path / "runs"
+    monkeypatch.setattr(jobs, "_WINDOWS", True)
+    monkeypatch.setattr(jobs, "_detached", lambda: {"start_new_session": True})
+    monkeypatch.setattr(jobs, "_MAIN", "import time; time.sleep(60)")  # a trainer that runs until stopped
+    run = root / "win"
+    st = jobs.start_job(run, ["max_steps=1"], runs_root=root, device="cpu")
+    wrapper = jobs._CHILDREN.pop(st.pid)  # the app restarted: the job is found through psutil alone
+    try:
+        _wait(run, lambda s: (run / "job.pid").is_file(), timeout=30)
+        trainer = psutil.Process(st.pid).children()
+        assert [" ".join(p.cmdline()) for p in trainer] == [" ".join(json.loads((run / "job.json").read_text())
+                                                                       ["command"])]
+        assert jobs.job_status(run).state == "running" and jobs.active_job(root, "cpu") == run.resolve()
+        assert not jobs._alive(os.getpid(), run.resolve())  # a live pid of another program is not the job
+        st = jobs.cancel_job(run, timeout=10)
+        assert st.state == "cancelled" and jobs.active_job(root, "cpu") is None
+        assert wrapper.wait(timeout=10) == 128 + signal.SIGTERM and (run / "exit_code").is_file()
+        assert not trainer[0].is_running()
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, signal.SIGKILL)
+            wrapper.wait()
+    (run / "cancelled").unlink()
+    (run / "exit_code").write_text("137\n")  # Windows' exit codes are codes (and it has no signal.SIGKILL)
+    (run / "status.json").unlink()
+    assert jobs.job_status(run).message.startswith("exited with code 137")
 
 
 def test_a_jobs_records_are_written_whole_and_leave_no_partial_file(tmp_path, full_disk):

@@ -5,12 +5,15 @@ A job lives in its run folder:
     job.pid       the job's pid, written by the job itself first thing (its record if the app dies before job.json
                   has the pid)
     train.log     its stdout and stderr
-    exit_code     written by the wrapper shell when training exits (absent: still running, or killed)
+    exit_code     written by the job's wrapper (job_wrapper.py) when training exits (absent: still running, or
+                  killed); 128 + N for a trainer killed by signal N, as a shell says
     cancelled     written when the user cancels it
     status.json   the last state observed (for readers that do not poll the process)
 and the trainer's own config.yaml, metrics.jsonl, samples/, checkpoints/, pipeline/ and critic/.
 One job at a time per device: `<runs_root>/.locks/<device>.lock` names the run that holds it.
 The process is never a child of a Gradio event: closing the browser (or the app) leaves it running.
+POSIX: the job is its own session and process group, stopped with SIGTERM then SIGKILL to the group. Windows (no
+process groups to signal): a new process group with no console window, stopped by terminating its process tree.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import yaml
 
 from npedit.config import read_yaml
@@ -35,7 +39,8 @@ from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, lates
 LOCK_DIR = ".locks"
 STARTING_GRACE_S = 30.0  # a lock younger than this whose run has no job.json yet is still starting
 # records its own pid (job.pid: the app may die before job.json has it) and the exit status, even when the app is gone
-_WRAPPER = 'echo $$ > "$NPEDIT_PID_FILE"; "$@"; echo $? > "$NPEDIT_EXIT_FILE"'
+_WRAPPER = Path(__file__).with_name("job_wrapper.py")
+_WINDOWS = os.name == "nt"
 
 _TQDM = re.compile(r"(?:warmup|npedit|sft|critic):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
 _SECRETS = ("NPEDIT_TRAIN_TOKEN",)  # the app's training token: a job has no use for it, so it does not get it
@@ -119,25 +124,36 @@ def _job_alive(run_dir: Path, job: dict) -> bool:
 
 
 def _alive(pid: int | None, run_dir: Path) -> bool:
-    """Whether the job's process group (wrapper shell + trainer) still has a live member."""
+    """Whether the job still runs: on POSIX a live member of its process group (wrapper + trainer), on Windows its
+    wrapper; a pid now taken by another program (its command line does not name the run folder) is no job."""
     if not pid:
         return False
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is None:  # started here and not exited (poll also reaps it)
         return True
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.is_file():  # the leader still exists: make sure the pid was not reused by another program
+    if not _WINDOWS:
         try:
-            return str(run_dir) in cmdline.read_bytes().decode(errors="replace")
-        except OSError:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
             return True
-    return True
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.is_file():  # the leader still exists: make sure the pid was not reused by another program
+            try:
+                return str(run_dir) in cmdline.read_bytes().decode(errors="replace")
+            except OSError:
+                return True
+        if Path("/proc/self").is_dir():  # Linux, the leader gone: the group above still has a member
+            return True
+    try:  # no /proc (Windows, macOS): the same check through psutil
+        return str(run_dir) in " ".join(psutil.Process(pid).cmdline())
+    except psutil.ZombieProcess:  # exited, not yet reaped (Linux reads a zombie's cmdline as empty: not the job)
+        return False
+    except psutil.NoSuchProcess:  # POSIX: the group outlives its leader; Windows: the wrapper is the job
+        return not _WINDOWS
+    except (psutil.AccessDenied, OSError):
+        return True
 
 
 # ---- the device lock -------------------------------------------------------------------------
@@ -194,6 +210,19 @@ def _repo_root() -> str:
     return str(Path(npedit.__file__).resolve().parent.parent)
 
 
+def _detached() -> dict:
+    """Popen options that start a job apart from the app's terminal, so that closing it (or Ctrl-C there) leaves the
+    job running: its own session on POSIX; on Windows its own process group and a console of its own, unseen."""
+    if _WINDOWS:
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def _typed(command: list[str]) -> str:
+    """A command as one would type it in this OS's shell (cmd.exe quotes as list2cmdline does, not as sh)."""
+    return subprocess.list2cmdline(command) if _WINDOWS else shlex.join(command)
+
+
 def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_root: str | os.PathLike | None = None,
               device: str | None = None, resume: bool = False) -> JobStatus:
     """Launch `python -m npedit train ARGS output_dir=RUN_DIR` in the background, from the current folder (relative
@@ -236,19 +265,20 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         for name in ("exit_code", "cancelled", "job.pid"):
             (run_dir / name).unlink(missing_ok=True)
         _write_json(run_dir / "job.json", job)
+        # PYTHONIOENCODING: the log is read as UTF-8; a Windows trainer would otherwise print to it in the ANSI code
+        # page (cp1252), which cannot write most non-Latin instructions and stops the trainer with an error
         env = {**{k: v for k, v in os.environ.items() if k not in _SECRETS},
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONIOENCODING": "utf-8",
                "NPEDIT_EXIT_FILE": str(run_dir / "exit_code"), "NPEDIT_PID_FILE": str(run_dir / "job.pid"),
                "PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p),
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
         with open(run_dir / "train.log", "ab") as log:
             # the command as one would type it (`_MAIN` is `-m npedit` less the folder it runs in on sys.path)
             typed = [sys.executable, "-m", "npedit", *command[3:]]
-            log.write(f"\n$ {shlex.join(typed)}\n".encode())
+            log.write(f"\n$ {_typed(typed)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "npedit-job", *command], cwd=cwd, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-I", str(_WRAPPER), *command], cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **_detached())
     except Exception:  # nothing started: the folder reads as before (a new run's is free to start again)
         if previous is None:
             (run_dir / "job.json").unlink(missing_ok=True)
@@ -353,7 +383,7 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
         st.state, st.message = "cancelled", f"cancelled at step {step}"
     elif exit_text == "0" and st.pipeline:
         st.state, st.message = "finished", f"finished {step} steps; editor saved to {st.pipeline}"
-    elif exit_text.isdigit() and 128 < int(exit_text) < 128 + signal.NSIG:  # the shell's 128 + N: killed by signal N
+    elif not _WINDOWS and exit_text.isdigit() and 128 < int(exit_text) < 128 + signal.NSIG:  # 128 + N: signal N
         sig = int(exit_text) - 128
         why = " (out of memory? the kernel's OOM killer sends it)" if sig == signal.SIGKILL else ""
         st.state, st.message = "failed", f"killed at step {step} by signal {sig} ({signal.strsignal(sig)}){why}"
@@ -391,17 +421,40 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
     return st
 
 
+def _stop(pid: int, force: bool) -> None:
+    """Send the job its stop (`force`: its kill): SIGTERM (SIGKILL) to its process group on POSIX; on Windows, which
+    has no group to signal, terminate the wrapper's process tree, the trainer first so the wrapper still records its
+    exit (`force`: the wrapper too). ProcessLookupError when nothing is left."""
+    if not _WINDOWS:
+        os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+        return
+    try:
+        wrapper = psutil.Process(pid)
+        tree = wrapper.children(recursive=True) + ([wrapper] if force else [])
+    except psutil.NoSuchProcess:
+        raise ProcessLookupError(pid) from None
+    for proc in tree:
+        try:
+            if force:
+                proc.kill()
+            else:
+                proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def cancel_job(run_dir: str | os.PathLike, timeout: float = 15.0) -> JobStatus:
-    """Stop a running job (SIGTERM to its process group, SIGKILL after `timeout` s) and mark it cancelled."""
+    """Stop a running job (`_stop`: SIGTERM to its process group, SIGKILL after `timeout` s) and mark it
+    cancelled."""
     run_dir = Path(run_dir).resolve()
     job = _read_json(run_dir / "job.json")
     pid = _job_pid(run_dir, job) if job else None
     if pid is None or not _alive(pid, run_dir):
         return job_status(run_dir)
-    (run_dir / "cancelled").write_text(json.dumps({"time": time.time()}))
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    (run_dir / "cancelled").write_text(json.dumps({"time": time.time()}), encoding="utf-8")
+    for force, wait in ((False, timeout), (True, 5.0)):
         try:
-            os.killpg(pid, sig)
+            _stop(pid, force)
         except ProcessLookupError:
             break
         deadline = time.time() + wait
