@@ -630,7 +630,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
         if not record:
             return None
         path = download_path("verdict.json")
-        path.write_text(json.dumps(record, indent=1))
+        path.write_text(json.dumps(record, indent=1), encoding="utf-8")
         return str(path)
 
     ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone],

@@ -122,9 +122,9 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
             save_file(extra, str(folder / EXTRA_FILE), metadata={"format": "pt"})
         elif (folder / EXTRA_FILE).exists():
             (folder / EXTRA_FILE).unlink()
-        (folder / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-        (folder / "README.md").write_text(_card(meta, cfg))
+        (folder / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        (folder / "README.md").write_text(_card(meta, cfg), encoding="utf-8")
     return out
 
 
@@ -164,7 +164,7 @@ def read_meta(folder: str | Path) -> dict:
     """The folder's `npedit_lora.json`, checked for what loading needs (format 1, a base)."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder / META_FILE} is not readable adapter metadata: {exc}") from None
     if meta.get("format") != 1 or "base" not in meta:

@@ -122,7 +122,7 @@ def cmd_edit(args) -> int:
         if args.verdicts:
             try:
                 Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
-                verdicts = stack.enter_context(open(args.verdicts, "w"))
+                verdicts = stack.enter_context(open(args.verdicts, "w", encoding="utf-8"))
             except OSError as exc:
                 raise SystemExit(f"error: cannot write --verdicts: {exc}") from None
         failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
@@ -382,7 +382,7 @@ def _check_writable(folder: Path, what: str) -> None:
         if not base.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{base} is a file")
         probe = base / f".write_test_{os.getpid()}"
-        probe.write_text("")
+        probe.write_text("", encoding="utf-8")
         probe.unlink()
     except OSError as exc:
         raise SystemExit(f"error: cannot write {what} ({exc.strerror or exc}): pick a folder you can write to") from None

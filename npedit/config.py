@@ -488,7 +488,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise FileNotFoundError(f"{p} is a folder, not a config file: --config takes a YAML file{own}")
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        data = read_yaml(p.read_text()) or {}
+        data = read_yaml(p.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{p} must hold a mapping of config keys")
     return build_config(TrainConfig, apply_overrides(data, list(overrides)))

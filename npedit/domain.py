@@ -42,7 +42,7 @@ def read_domain(path: str | os.PathLike | None) -> Domain:
     file = p / DOMAIN_FILE
     if file.is_file():
         try:
-            data = json.loads(file.read_text())
+            data = json.loads(file.read_text(encoding="utf-8"))
             resolution = data.get("resolution")
             resolution = int(resolution) if resolution else None
             return Domain(str(data.get("domain", "general")), resolution if resolution and resolution > 0 else None)
@@ -53,7 +53,7 @@ def read_domain(path: str | os.PathLike | None) -> Domain:
     cfg = p / "training_config.json"  # an export older than its domain file: the data its config names
     if cfg.is_file():
         try:
-            return data_domain(str(json.loads(cfg.read_text()).get("data", {}).get("train", "")))
+            return data_domain(str(json.loads(cfg.read_text(encoding="utf-8")).get("data", {}).get("train", "")))
         except (ValueError, AttributeError):
             return Domain()
     return Domain()
@@ -71,4 +71,5 @@ def data_domain(train: str) -> Domain:
 
 def write_domain(path: str | os.PathLike, domain: Domain) -> None:
     """Record an editor's domain next to its model_index.json."""
-    Path(path, DOMAIN_FILE).write_text(json.dumps({"domain": domain.name, "resolution": domain.resolution}) + "\n")
+    Path(path, DOMAIN_FILE).write_text(json.dumps({"domain": domain.name, "resolution": domain.resolution}) + "\n",
+                                       encoding="utf-8")

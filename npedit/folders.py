@@ -48,7 +48,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
     repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
     try:
-        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
     return snapshot if snapshot.is_dir() else None
@@ -281,7 +281,7 @@ def stored_numel(folder: str | os.PathLike) -> int:
 def available_memory() -> int | None:
     """Bytes of memory a new allocation can have now (Linux's MemAvailable); None where the system does not say."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -430,7 +430,7 @@ def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None, devi
 
 def _read_json(file: Path) -> dict:
     try:
-        value = json.loads(file.read_text())
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file} is not readable JSON ({exc})") from None
     return value if isinstance(value, dict) else {}

@@ -350,7 +350,7 @@ class NPEditPipeline(DiffusionPipeline):
         (the trainer passes its stage; see `training_summary`), and the domain it edits in (`npedit_domain.json`)."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
-        Path(save_directory, "README.md").write_text(model_card(self, training))
+        Path(save_directory, "README.md").write_text(model_card(self, training), encoding="utf-8")
         if self.domain != Domain():  # a copy of a Shapes editor edits at its 64 px too, wherever it is loaded from
             write_domain(save_directory, self.domain)
 
@@ -432,7 +432,8 @@ def carry_over(src: str | Path, out: str | Path, note: str) -> None:
         shutil.copytree(src / "critic", out / "critic", ignore=lambda folder, names: [
             n for n in names if _linked_out(Path(folder) / n, src)])
     if (src / "README.md").is_file() and not _linked_out(src / "README.md", src):
-        (out / "README.md").write_text((src / "README.md").read_text() + "\n" + note + "\n")
+        card = (src / "README.md").read_text(encoding="utf-8")
+        (out / "README.md").write_text(card + "\n" + note + "\n", encoding="utf-8")
 
 
 def _linked_out(path: Path, src: Path) -> bool:

@@ -180,7 +180,7 @@ def own_companions(editor: str | os.PathLike | None) -> tuple[str | None, str | 
     teacher, critic, loss = None, None, LossConfig()
     local = Path(editor) if editor else None
     if local is not None and (local / "training_config.json").is_file():
-        cfg = json.loads((local / "training_config.json").read_text())
+        cfg = json.loads((local / "training_config.json").read_text(encoding="utf-8"))
         teacher = cfg.get("model", {}).get("base") or None
         if teacher and not (Path(teacher).is_dir() or not looks_local(teacher)):
             teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor

@@ -87,7 +87,7 @@ def main() -> None:
         lines.append(json.dumps({"image": f"images/r{i}.png", "target": f"images/t{i}.png",
                                  "instruction": "make the red circle green", "caption_reference": "a red circle",
                                  "caption_target": "a green circle", "edit_type": "recolor"}))
-    (root / "cases.jsonl").write_text("\n".join(lines))
+    (root / "cases.jsonl").write_text("\n".join(lines), encoding="utf-8")
     rows = []
     for rank in args.ranks:
         out = subprocess.run([sys.executable, __file__, "--one", str(base), str(root / "cases.jsonl"), str(rank),

@@ -55,7 +55,7 @@ def main() -> None:
         lines.append(json.dumps({"image": f"images/{i}.png", "instruction": "make the red circle green",
                                  "caption_reference": "a red circle", "caption_target": "a green circle",
                                  "edit_type": "recolor"}))
-    (root / "cases.jsonl").write_text("\n".join(lines))
+    (root / "cases.jsonl").write_text("\n".join(lines), encoding="utf-8")
     cfg = load_config(None, [f"model.base={base}", f"judge.path={judge}", f"data.train={root}/cases.jsonl",
                              f"output_dir={root}/run", f"data.batch_size={args.batch}", "optim.skip_grad_norm=1e9"])
     tr = Trainer(cfg)

@@ -90,7 +90,7 @@ def main() -> None:
         Image.fromarray(render(case.reference)).save(path)
         rows.append({"image": path.name, "instruction": case.instruction, "caption_target": case.caption_target,
                      "edit_type": case.edit_type, "object_name": case.object_name or "", "keep": case.keep})
-    (examples / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (examples / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     report(args.out)
 
 
@@ -98,15 +98,16 @@ def bundle_editor(src: Path, dst: Path, history: str = "") -> None:
     """Copy an editor pipeline to `dst`, mark it as a Shapes editor, point its provenance at the bundled teacher
     and add `history` (how it was trained, all stages) to its model card."""
     copy_model(src, dst)
-    (dst / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}))
+    (dst / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}), encoding="utf-8")
     cfg_file = dst / "training_config.json"
     if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
-        cfg = json.loads(cfg_file.read_text())
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher", "trained_from": cfg["model"]["base"]}
-        cfg_file.write_text(json.dumps(cfg, indent=2))
+        cfg_file.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     card = dst / "README.md"
     if history and card.is_file():
-        card.write_text(card.read_text().rstrip("\n") + "\n\n## Training history\n\n" + history.strip() + "\n")
+        text = card.read_text(encoding="utf-8").rstrip("\n") + "\n\n## Training history\n\n" + history.strip() + "\n"
+        card.write_text(text, encoding="utf-8")
 
 
 def report(out: Path) -> None:

@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
               + f" | {r['x0_gap_to_teacher']:.4f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "result": result}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "result": result}, indent=2), encoding="utf-8")
     return result
 
 

@@ -389,7 +389,7 @@ def write_report(out: str | None, report: dict) -> None:
     """Write the JSON report (after every check: a run cut short still leaves its rows)."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

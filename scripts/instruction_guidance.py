@@ -80,7 +80,7 @@ def main() -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "n": args.n, "seed": args.seed, "steps": args.steps,
-                                        "scales": results}, indent=1, default=float))
+                                        "scales": results}, indent=1, default=float), encoding="utf-8")
     return 0
 
 

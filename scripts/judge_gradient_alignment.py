@@ -209,7 +209,7 @@ def main() -> int:
             print(markdown(table, above))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
         print(f"\nwrote {args.out}")
     return 0
 

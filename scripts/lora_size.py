@@ -31,7 +31,7 @@ def build(family: str | None, config: str | None):
     if config:
         from npedit.backbones import sd3
 
-        data = json.loads(Path(config).read_text())
+        data = json.loads(Path(config).read_text(encoding="utf-8"))
         name = data.get("_class_name", "")
         cls = getattr(diffusers, name, None) or getattr(sd3, name, None)  # our SD3 student class too
         if cls is None:

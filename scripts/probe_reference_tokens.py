@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     others = []
     for f in args.others:
         try:
-            others.append(json.loads(Path(f).read_text()))
+            others.append(json.loads(Path(f).read_text(encoding="utf-8")))
         except (OSError, ValueError) as e:
             ap.error(f"--with {f}: not a probe result ({e})")
         if not isinstance(others[-1], dict) or "layers" not in others[-1]:
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         result["layers"][layer] = row
         print(f"layer {layer}: " + ", ".join(f"{a} {v:.3f}" for a, v in row.items()), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     if args.plot:
         plot_layers([result, *others], args.plot)
         print(f"wrote {args.plot}")

@@ -69,7 +69,7 @@ class Chain:
     def start(self, name: str, args: list[str], minutes: float) -> tuple[str, subprocess.Popen, float, float]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads),
                "TOKENIZERS_PARALLELISM": "false"}
-        log = open(self.out / "logs" / f"{name}.log", "w")
+        log = open(self.out / "logs" / f"{name}.log", "w", encoding="utf-8")
         cmd = [sys.executable, "-m", "npedit", *args]
         log.write(" ".join(cmd) + "\n")
         log.flush()
@@ -98,7 +98,7 @@ class Chain:
                 status = "ok" if rc == 0 else f"FAILED rc={rc}"
                 print(f"[{self.clock()}] {name}: {status} in {secs:.0f} s", flush=True)
                 if rc != 0:
-                    tail = (self.out / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
+                    tail = (self.out / "logs" / f"{name}.log").read_text(errors="replace", encoding="utf-8")[-3000:]
                     print(f"---- tail of logs/{name}.log ----\n{tail}\n----", flush=True)
             time.sleep(0.5)
         self.save()
@@ -112,7 +112,7 @@ class Chain:
 
     def save(self) -> None:
         self.record["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        (self.out / "chain.json").write_text(json.dumps(self.record, indent=2))
+        (self.out / "chain.json").write_text(json.dumps(self.record, indent=2), encoding="utf-8")
 
     def minutes(self, key: str) -> float:
         return 0.0 if self.smoke else BUDGET[key] * self.scale
@@ -212,12 +212,12 @@ class Chain:
         path = self.out / run / "metrics.jsonl"
         if not path.exists():
             return 0
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return max((int(r["step"]) for r in rows), default=0)
 
     def collect(self) -> None:
         for path in sorted((self.out / "eval").glob("*.json")):
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             if path.name == "judge_eval.json":
                 self.record["judge_eval"] = data.get("overall")
             elif "summary" in data:

@@ -181,7 +181,7 @@ def pack(run: Editors, dest: Path, keep: int) -> None:
     kept = run.ranked()[:keep]
     run.record["packed"] = kept
     run.save()
-    (run.out / "editors.json").write_text(json.dumps(run.record, indent=2))
+    (run.out / "editors.json").write_text(json.dumps(run.record, indent=2), encoding="utf-8")
     for name in kept:
         shutil.copy(run.out / name / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors",
                     dest / f"{name}.safetensors")

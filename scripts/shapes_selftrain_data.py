@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                      "category": case.category, "score": picked.verdicts[picked.best].score,
                      "exact_for_analysis": score_edit(np.asarray(picked.image), case)["exact"]})
     accepted = [r for r in rows if r["score"] >= args.min_score]
-    write = lambda name, items: (out / name).write_text("".join(json.dumps(r) + "\n" for r in items))  # noqa: E731
+    write = lambda name, items: (out / name).write_text("".join(json.dumps(r) + "\n" for r in items),  # noqa: E731
+                                                        encoding="utf-8")
     write("rows.jsonl", rows)
     write(f"accepted{args.min_score}.jsonl", accepted)
     write(f"true{args.min_score}.jsonl", [{**r, "target": f"true/{r['id']}.png"} for r in accepted])

@@ -913,6 +913,22 @@ def test_a_windows_job_is_followed_and_stopped_through_its_process_tree(tmp_path
     assert jobs.job_status(run).message.startswith("exited with code 137")
 
 
+def test_a_jobs_log_is_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """train.log is read as UTF-8; a trainer printing an instruction in a locale that is not UTF-8 (Windows' cp1252;
+    here ASCII) stopped with UnicodeEncodeError. The job is told to write UTF-8 (PYTHONIOENCODING)."""
+    for name, value in (("LC_ALL", "C"), ("LANG", "C"), ("PYTHONUTF8", "0"), ("PYTHONCOERCECLOCALE", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    # (the program in ASCII: a POSIX command line in the C locale is bytes, read back as surrogates)
+    monkeypatch.setattr(jobs, "_MAIN", "print('rendre le cercle rouge \\u2192 "
+                                       "\\u628a\\u5706\\u53d8\\u6210\\u7ea2\\u8272')")
+    root = tmp_path / "runs"
+    jobs.start_job(root / "utf8", ["max_steps=1"], runs_root=root, device="cpu")
+    _wait(root / "utf8", lambda s: not s.active, timeout=60)
+    assert (root / "utf8/exit_code").read_text(encoding="utf-8") == "0\n", jobs.log_tail(root / "utf8")
+    assert jobs.log_tail(root / "utf8").endswith("rendre le cercle rouge → 把圆变成红色")
+
+
 def test_a_jobs_records_are_written_whole_and_leave_no_partial_file(tmp_path, full_disk):
     """job.json and status.json went through a copy of files.write_atomic without its clean-up: a full disk left a cut
     `.job.json.tmp` holding the space; they use write_atomic itself now."""

@@ -53,7 +53,7 @@ def load_reports(directory: str | os.PathLike) -> pd.DataFrame:
     rows = []
     for f in sorted(Path(directory).glob("*.json")):
         try:
-            data = json.loads(f.read_text())
+            data = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:  # e.g. a report cut short: the others still make a table
             print(f"warning: skipped {f}: not a readable JSON report ({exc})", file=sys.stderr)
             continue
@@ -82,7 +82,7 @@ def select(table: pd.DataFrame, patterns: list[str]) -> pd.DataFrame:
 
 def read_markdown(path: str | os.PathLike) -> pd.DataFrame:
     """A table written by `to_markdown` (or `--table`), back as the frame `load_reports` returns."""
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip().startswith("|")]
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip().startswith("|")]
     if len(lines) < 2 or not set(lines[1].replace("|", "")) <= set("-: "):
         raise ValueError(f"{path} is not a Markdown table written by --table")
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -166,7 +166,7 @@ def case_rows(directory: str | os.PathLike, variant: str) -> tuple[dict, list[di
     path = Path(variant) if variant.endswith(".json") else Path(directory) / f"{variant}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no report {path} (variants are the *.json names in {directory})")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     if not data.get("rows"):
         raise ValueError(f"{path} has no per-case rows")
     return data.get("meta", {}), data["rows"]
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(table)
     print(md)
     if args.table:
-        Path(args.table).write_text(md + "\n")
+        Path(args.table).write_text(md + "\n", encoding="utf-8")
     if args.chart:
         comparison_chart(table).savefig(args.chart, dpi=120, bbox_inches="tight")
     return 0

@@ -332,7 +332,7 @@ def write_manifest(table: pd.DataFrame, directory: str | os.PathLike, uploads: d
         raise ValueError("the training table is empty: upload images and give each an instruction, "
                          "or generate Shapes cases")
     path = directory / "cases.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     if domain is not None:
         write_domain(directory, domain)
     return path
@@ -381,7 +381,7 @@ def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
     out = []
     manifest = next((root / n for n in ("examples.jsonl", "cases.jsonl") if (root / n).is_file()), None)
     if manifest is not None:
-        for line in manifest.read_text().splitlines():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
                 image = root / row["image"]
@@ -393,8 +393,8 @@ def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
         return out
     for image in sorted(root.iterdir()):
         text = image.with_suffix(".txt")
-        if image.suffix.lower() in IMAGE_SUFFIXES and text.is_file() and text.read_text().strip():
-            out.append(_example(str(image), text.read_text().strip().splitlines()[0]))
+        if image.suffix.lower() in IMAGE_SUFFIXES and text.is_file() and text.read_text(encoding="utf-8").strip():
+            out.append(_example(str(image), text.read_text(encoding="utf-8").strip().splitlines()[0]))
     return out
 
 

@@ -94,7 +94,7 @@ def device_name() -> str:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -109,7 +109,7 @@ def _job_pid(run_dir: Path, job: dict) -> int | None:
     if job.get("pid"):
         return job["pid"]
     try:
-        return int((run_dir / "job.pid").read_text())
+        return int((run_dir / "job.pid").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not written yet (or half: a few bytes)
         return None
 
@@ -189,7 +189,7 @@ def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
                               "wait for it to finish or cancel it, then start again.") from None
             lock.unlink(missing_ok=True)  # stale: its job has ended
             continue
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"run_dir": str(run_dir), "time": time.time()}, f)
         return lock
     raise JobBusy(f"could not take the lock {lock}; another start is in progress")
@@ -298,7 +298,7 @@ def _config_value(run_dir: Path, job: dict, key: str, cast):
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         try:
-            return cast(read_yaml(cfg.read_text()).get(key))
+            return cast(read_yaml(cfg.read_text(encoding="utf-8")).get(key))
         except (ValueError, TypeError, AttributeError, yaml.YAMLError):
             pass
     for arg in reversed(job.get("args", [])):
@@ -319,7 +319,7 @@ def read_metrics_rows(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
@@ -368,7 +368,7 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
                    latest_sample=str(samples[-1]) if samples else None, checkpoint=str(ckpt) if ckpt else None,
                    device=job.get("device"), pid=_job_pid(run_dir, job))
     started = job.get("started")
-    exit_text = (run_dir / "exit_code").read_text().strip() if (run_dir / "exit_code").is_file() else ""
+    exit_text = (run_dir / "exit_code").read_text(encoding="utf-8").strip() if (run_dir / "exit_code").is_file() else ""
     cancelled = (run_dir / "cancelled").is_file()
     if not job:
         if st.pipeline:

@@ -86,7 +86,7 @@ def _transformer_summary(path: Path) -> str:
     cfg_file = path / "transformer" / "config.json"
     if not cfg_file.is_file():
         return ""
-    name = json.loads(cfg_file.read_text()).get("_class_name", "transformer")
+    name = json.loads(cfg_file.read_text(encoding="utf-8")).get("_class_name", "transformer")
     try:
         from safetensors import safe_open
 
@@ -119,7 +119,7 @@ def describe_editor(path: str | None, shown: Callable[[str], str] = str) -> str:
     else:
         parts.append("— general instruction-based editor: describe the change in words (e.g. \"make the sky pink\").")
     if (local / "training_config.json").is_file():
-        cfg = json.loads((local / "training_config.json").read_text())
+        cfg = json.loads((local / "training_config.json").read_text(encoding="utf-8"))
         data = cfg.get("data", {}).get("train")
         rank = cfg.get("model", {}).get("lora_rank") or 0
         how = f" with LoRA adapters of rank {rank}, folded into its weights" if rank else ""

@@ -56,7 +56,7 @@ def read_config(run: str | os.PathLike) -> dict:
     """The run's resolved config (config.yaml), or {} when the trainer has not written it yet."""
     path = Path(run) / "config.yaml"
     try:
-        data = read_yaml(path.read_text()) if path.is_file() else {}
+        data = read_yaml(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (yaml.YAMLError, ValueError):  # also a YAML bomb (npedit.config.read_yaml)
         return {}
     return data if isinstance(data, dict) else {}

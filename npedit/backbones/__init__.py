@@ -51,7 +51,7 @@ def detect_family(path: str | os.PathLike) -> str:
     if local.is_dir():
         for cfg in (local / "transformer" / "config.json", local / "config.json"):
             if cfg.is_file():
-                name = json.loads(cfg.read_text()).get("_class_name")
+                name = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name")
                 if not name:  # e.g. a judge's config.json: say what the folder is, not "class ''"
                     from npedit.folders import CheckpointError, describe
 
@@ -73,7 +73,7 @@ def detect_family(path: str | os.PathLike) -> str:
         cfg = hf_hub_download(str(path), "transformer/config.json")
     except Exception as exc:  # missing repo, private, ...: say what was looked for and what to pass instead
         raise found_nowhere(path, exc) from None
-    return family_of_class_name(json.loads(Path(cfg).read_text()).get("_class_name", ""))
+    return family_of_class_name(json.loads(Path(cfg).read_text(encoding="utf-8")).get("_class_name", ""))
 
 
 def load_backbone(path: str | os.PathLike, *, family: str | None = None, **kwargs) -> Backbone:

@@ -53,7 +53,7 @@ def read_model_type(path_or_id: str | os.PathLike) -> str | None:
     local = Path(path_or_id)
     if local.is_dir():
         file = local / "config.json"
-        return json.loads(file.read_text()).get("model_type") if file.is_file() else None
+        return json.loads(file.read_text(encoding="utf-8")).get("model_type") if file.is_file() else None
     if looks_local(path_or_id):  # a missing local folder ("runs/x" beside runs/): nothing the hub could have
         return None
     try:

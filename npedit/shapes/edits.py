@@ -373,7 +373,7 @@ def write_cases_jsonl(cases: Iterable[EditCase], directory: str | Path) -> Path:
     (directory / "images").mkdir(parents=True, exist_ok=True)
     path = directory / "cases.jsonl"
     seen: set[str] = set()
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for case in cases:
             if case.id in seen:
                 raise ValueError(f"duplicate case id {case.id!r}")
@@ -387,5 +387,5 @@ def write_cases_jsonl(cases: Iterable[EditCase], directory: str | Path) -> Path:
 def read_cases_jsonl(directory: str | Path) -> list[EditCase]:
     """Read the cases written by write_cases_jsonl."""
     directory = Path(directory)
-    with open(directory / "cases.jsonl") as f:
+    with open(directory / "cases.jsonl", encoding="utf-8") as f:
         return [case_from_dict(json.loads(line), directory) for line in f if line.strip()]

@@ -223,8 +223,8 @@ def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta
     if agreement is not None:
         report["judge_agreement"] = agreement
         md += "\nJudge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    (out_dir / f"{name}.md").write_text(md)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (out_dir / f"{name}.md").write_text(md, encoding="utf-8")
 
 
 def eval_main(args) -> int:

@@ -743,7 +743,7 @@ def save_judge(judge: LlavaOnevisionJudge, directory: Path, files: dict[str, str
         judge.model.save_pretrained(folder, safe_serialization=True)
         judge.processor.save_pretrained(folder)
         for name, text in (files or {}).items():
-            (folder / name).write_text(text)
+            (folder / name).write_text(text, encoding="utf-8")
     return directory
 
 
@@ -945,9 +945,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     print(table)
     out = Path(args.out) if args.out else Path(path).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judge_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "judge_eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     header = f"# Judge evaluation\n\njudge: `{path}`, {args.n} cases, seed {args.seed}, degrade {args.degrade}\n\n"
-    (out / "judge_eval.md").write_text(header + table + "\n")
+    (out / "judge_eval.md").write_text(header + table + "\n", encoding="utf-8")
     print(f"wrote {out / 'judge_eval.json'} and {out / 'judge_eval.md'}")
     return 0
 

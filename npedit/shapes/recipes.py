@@ -703,7 +703,7 @@ def teacher_eval_main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "teacher_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "teacher_eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         k = min(32, len(images))
         image_grid([list(images[i:i + 8]) for i in range(0, k, 8)], scale=2).save(out / "teacher_eval.png")
         print(f"wrote {out / 'teacher_eval.json'} and {out / 'teacher_eval.png'}")

@@ -36,12 +36,13 @@ def optimizer_state_to_files(optimizer: torch.optim.Optimizer, stem: Path) -> No
             else:
                 scalars[name] = val
     save_file(tensors, str(stem) + ".safetensors")
-    Path(str(stem) + ".json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+    Path(str(stem) + ".json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}),
+                                         encoding="utf-8")
 
 
 def optimizer_state_from_files(optimizer: torch.optim.Optimizer, stem: Path) -> None:
     """Inverse of `optimizer_state_to_files`."""
-    meta = json.loads(Path(str(stem) + ".json").read_text())
+    meta = json.loads(Path(str(stem) + ".json").read_text(encoding="utf-8"))
     state: dict = {}
     for name, val in list(load_file(str(stem) + ".safetensors").items()) + list(meta["scalars"].items()):
         pid, key = name.split(".", 1)
@@ -66,13 +67,13 @@ def rng_state_to_files(stem: Path, generators: dict[str, torch.Generator]) -> No
     save_file(tensors, str(stem) + ".safetensors")
     meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
             "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    Path(str(stem) + ".json").write_text(json.dumps(meta))
+    Path(str(stem) + ".json").write_text(json.dumps(meta), encoding="utf-8")
 
 
 def rng_state_from_files(stem: Path, generators: dict[str, torch.Generator]) -> None:
     """Restore what `rng_state_to_files` saved."""
     tensors = load_file(str(stem) + ".safetensors")
-    meta = json.loads(Path(str(stem) + ".json").read_text())
+    meta = json.loads(Path(str(stem) + ".json").read_text(encoding="utf-8"))
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
@@ -140,9 +141,9 @@ def damage(path: Path) -> str | None:
                 with safe_open(str(f), framework="pt"):  # checks the header against the file's length
                     pass
             elif f.suffix == ".json":
-                json.loads(f.read_text())
+                json.loads(f.read_text(encoding="utf-8"))
             else:
-                read_yaml(f.read_text())  # (a YAML bomb is a ValueError)
+                read_yaml(f.read_text(encoding="utf-8"))  # (a YAML bomb is a ValueError)
         except (OSError, ValueError, SafetensorError, yaml.YAMLError) as exc:
             return f"{name}: {exc}"
     return None

@@ -71,7 +71,7 @@ def checkpoint_config(run_dir: str | Path, path: Path):
     config_file = path / "config.yaml" if (path / "config.yaml").is_file() else Path(run_dir) / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.yaml in {path} or {run_dir}: cannot tell which base model it trained on")
-    return load_config(config_file), json.loads((path / "trainer_state.json").read_text())
+    return load_config(config_file), json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 def average_into(student, others: list) -> None:
@@ -123,7 +123,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
         pipe.save_pretrained(folder, training=f"{summary}; {origin}")
         (folder / "training_config.json").write_text(json.dumps(
             {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base_model), **extra},
-            indent=2))
+            indent=2), encoding="utf-8")
     return out
 
 
@@ -175,4 +175,4 @@ def save_critic(critic, out: Path, cfg, step: int, averaged_steps: list[int] | N
     critic.save_pretrained(out, safe_serialization=True)
     (Path(out) / "npedit_critic.json").write_text(json.dumps(
         {"editor": cfg.model.student, "base": cfg.model.base, "step": step,
-         **({"averaged_steps": averaged_steps} if averaged_steps else {})}, indent=2))
+         **({"averaged_steps": averaged_steps} if averaged_steps else {})}, indent=2), encoding="utf-8")

@@ -36,7 +36,7 @@ class MetricsLogger:
         row = {"step": step, "time": time.time()}
         for k, v in metrics.items():
             row[k] = float(v.item() if isinstance(v, torch.Tensor) else v)
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
@@ -50,7 +50,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.path.is_file():
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
             kept = [r for r in text.splitlines() if _step(r) is not None and _step(r) <= step]
             rewound = "".join(r + "\n" for r in kept)  # (a last row cut before its newline: the next row joins it)
             if rewound != text:  # rewritten whole or not at all: a run killed meanwhile keeps every row

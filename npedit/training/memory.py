@@ -132,7 +132,7 @@ def count_models(cfg: TrainConfig) -> tuple[dict[str, Model], list[str]]:
             models[name] = _counted(_meta(folder, encoder_class, dtype))
     vae_folder = folder_of(base, "vae", "vae")
     if vae_folder is not None:
-        config = json.loads((vae_folder / "config.json").read_text())
+        config = json.loads((vae_folder / "config.json").read_text(encoding="utf-8"))
         models["vae"] = _counted(_meta(vae_folder, vae_class(config, vae_folder), dtype))
     student = None
     if mc.student:

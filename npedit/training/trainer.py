@@ -608,7 +608,7 @@ class Trainer:
                      "sched_student": self.sched_student.state_dict()["last_epoch"] if self.sched_student else 0,
                      "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
             with ckpt.writing(tmp):
-                (tmp / "trainer_state.json").write_text(json.dumps(state))
+                (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
                 ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
 
@@ -626,7 +626,7 @@ class Trainer:
         if path is None:
             self._rewind(0)
             return False
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         if state.get("stage") != self.cfg.stage:
             raise ValueError(f"{path} is a '{state.get('stage')}' checkpoint; this run's stage is '{self.cfg.stage}'")
         if self.opt_student is not None:
@@ -654,7 +654,8 @@ class Trainer:
         if not damaged:  # (else said above)
             self.acc.print(f"resuming from {path.name} (step {self.step}), the newest complete checkpoint")
         if (path / "config.yaml").is_file():  # settings changed for the rest of the run are said, not silent
-            changed = changed_settings(read_yaml((path / "config.yaml").read_text()) or {}, to_dict(self.cfg))
+            saved = read_yaml((path / "config.yaml").read_text(encoding="utf-8")) or {}
+            changed = changed_settings(saved, to_dict(self.cfg))
             if changed:
                 self.acc.print(f"resuming from step {self.step} with settings changed since: " + "; ".join(changed))
         return True
@@ -730,7 +731,8 @@ class Trainer:
         summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
         with ckpt.publishing(out) as tmp:
             pipe.save_pretrained(tmp, training=summary)
-            (tmp / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2))
+            (tmp / "training_config.json").write_text(json.dumps({**to_dict(self.cfg), "step": self.step}, indent=2),
+                                                      encoding="utf-8")
         if self.critic is not None:
             with ckpt.publishing(self.run_dir / "critic") as tmp:
                 lora.merged_copy(self.critic).save_pretrained(tmp, safe_serialization=True)

@@ -1,0 +1,104 @@
+"""What a Windows or macOS laptop needs of the code: text files read and written as UTF-8, whatever the code page."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "app.py", *sorted((ROOT / "npedit").rglob("*.py")), *sorted((ROOT / "workbench").rglob("*.py")),
+           *sorted((ROOT / "scripts").rglob("*.py"))]
+NOT_TEXT_FILES = {"Image", "os", "tarfile"}  # receivers of an .open() that opens no text file
+# a locale whose default encoding is ASCII: it stands in for Windows' cp1252, which mangles non-Latin-1 text and
+# cannot write it (ASCII refuses every non-ASCII character, so the failure shows here at once)
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+def ascii_locale_env() -> dict:
+    """This process's environment with ASCII_LOCALE, the repo on the path and no PYTHONIOENCODING."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_CTYPE")}
+    return {**env, **ASCII_LOCALE, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def _text_opens_without_encoding(path: Path) -> list[int]:
+    """The line of each call that opens a text file in the OS's default encoding: read_text, write_text, a text
+    mode open / Path.open / os.fdopen, none of them given `encoding=`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        fn = node.func
+        name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else None
+        receiver = ast.unparse(fn.value) if isinstance(fn, ast.Attribute) else ""
+        if name in ("open", "fdopen") and (name == "fdopen" or receiver not in NOT_TEXT_FILES):
+            first = 1 if isinstance(fn, ast.Name) or name == "fdopen" else 0  # open(file, mode) / path.open(mode)
+            modes = node.args[first:first + 1] + [k.value for k in node.keywords if k.arg == "mode"]
+            mode = modes[0].value if modes and isinstance(modes[0], ast.Constant) else "r" if not modes else "?"
+            text = "b" not in str(mode)
+        else:
+            text = name in ("read_text", "write_text")
+        if text:
+            found.append(node.lineno)
+    return found
+
+
+def test_every_text_file_is_opened_as_utf8():
+    """Windows opens a text file in its ANSI code page (cp1252) unless told otherwise: a UTF-8 config, manifest,
+    examples file or model card with a non-ASCII instruction, caption or path (C:\\Users\\José) was read mangled or
+    refused, and writing one failed. Every text file of the app, the CLI and the scripts names its encoding."""
+    found = [f"{path.relative_to(ROOT)}:{n}" for path in SOURCES for n in _text_opens_without_encoding(path)]
+    assert not found, f"text files opened in the OS's default encoding: {', '.join(found)}"
+
+
+def test_the_check_finds_a_text_file_opened_without_encoding(tmp_path):
+    """The check above reads calls as they are written (it would pass on code it cannot see)."""
+    code = tmp_path / "example.py"
+    code.write_text(textwrap.dedent("""\
+        Path("a").read_text()
+        Path("a").read_text(encoding="utf-8")
+        open("b", "w")
+        open("b", "wb")
+        Path("c").open()
+        Image.open("d.png")
+        os.fdopen(3, "w")
+    """), encoding="utf-8")
+    assert _text_opens_without_encoding(code) == [1, 3, 5, 7]
+
+
+def test_non_ascii_instructions_and_paths_survive_a_locale_that_is_not_utf8(tmp_path):
+    """A UTF-8 examples file (the Edit tab's examples), a `.txt` instruction beside an image and a training config
+    naming a folder with an accent, read where the locale's encoding is not UTF-8 (Windows: cp1252), give back the
+    text as written; each read failed here (and on Windows gave "trÃ¨s")."""
+    from PIL import Image
+
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    Image.new("RGB", (8, 8)).save(examples / "a.png")
+    rows = [{"image": "a.png", "instruction": "peins le cercle en rouge — très vite"},
+            {"image": "a.png", "instruction": "把圆变成红色"}]
+    (examples / "examples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                             encoding="utf-8")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "b.png")
+    (loose / "b.txt").write_text("ajoute un chapeau à l'étoile\n", encoding="utf-8")
+    (tmp_path / "my.yaml").write_text("model: {base: C:/Users/José/teacher}\n", encoding="utf-8")
+    script = textwrap.dedent("""\
+        import json, sys
+        from pathlib import Path
+        from npedit.config import load_config
+        from workbench import datasets
+        root = Path(sys.argv[1])
+        cfg = load_config(root / "my.yaml", ["data.train=shapes", "loss.lambda_vlm=0"])
+        print(json.dumps({"examples": [e[1] for e in datasets.bundled_examples(root / "examples")],
+                          "loose": [e[1] for e in datasets.bundled_examples(root / "loose")],
+                          "base": cfg.model.base}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=ascii_locale_env(), capture_output=True,
+                         text=True, encoding="utf-8", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == {"examples": [r["instruction"] for r in rows],
+                                      "loose": ["ajoute un chapeau à l'étoile"], "base": "C:/Users/José/teacher"}
