@@ -278,15 +278,24 @@ def stored_numel(folder: str | os.PathLike) -> int:
     return total
 
 
+MEMINFO = Path("/proc/meminfo")  # Linux's own account; macOS and Windows have none (psutil asks them)
+
+
 def available_memory() -> int | None:
-    """Bytes of memory a new allocation can have now (Linux's MemAvailable); None where the system does not say."""
+    """Bytes of memory a new allocation can have now: Linux's MemAvailable, elsewhere (macOS, Windows) psutil's
+    `available`; None where the system does not say."""
     try:
-        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+        for line in MEMINFO.read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:  # without this a laptop's memory checks (a run's models, a model's size) were silently skipped
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError, RuntimeError):
+        return None
 
 
 def device_memory(device=None) -> tuple[int | None, str]:

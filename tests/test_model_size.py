@@ -118,6 +118,23 @@ def test_a_model_larger_than_the_memory_available_is_refused(tiny_zimage, monkey
     refused_at_once(lambda: load_backbone(tiny_zimage).load_transformer(tiny_zimage), "of RAM available")
 
 
+def test_the_memory_available_is_known_without_proc_meminfo(tmp_path, monkeypatch):
+    """macOS and Windows have no /proc/meminfo: the RAM available read as unknown there, and every memory check (a
+    run's models, a model's size) was skipped. psutil gives it; on Linux it is still MemAvailable."""
+    import psutil
+
+    from npedit import folders
+
+    assert folders.MEMINFO.is_file()  # (this test runs on Linux)
+    kib = next(int(line.split()[1]) for line in folders.MEMINFO.read_text(encoding="utf-8").splitlines()
+               if line.startswith("MemAvailable:"))
+    assert folders.available_memory() == kib * 1024
+    monkeypatch.setattr(folders, "MEMINFO", tmp_path / "no-proc" / "meminfo")
+    available = folders.available_memory()
+    assert available is not None and abs(available - psutil.virtual_memory().available) < 256 << 20
+    assert folders.memory_limits("cpu") and folders.memory_limits("cpu")[0][1] == "of RAM available"
+
+
 def fake_gpu(monkeypatch, free: int):
     """A CUDA device with `free` bytes free, as torch.cuda reports it (this machine may have none)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
