@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
+
+_WINDOWS = os.name == "nt"
+REPLACE_WAIT_S = 2.0  # how long a rename waits, on Windows, for another program to close the file it replaces
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
@@ -22,10 +26,25 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())  # a power cut after the rename must not leave `path` empty
-        os.replace(tmp, path)
+        rename_over(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # (a full disk: the partial file would hold the space a retry needs)
         raise
+
+
+def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """`os.replace(src, dst)`, retried for up to REPLACE_WAIT_S on Windows: there it fails (PermissionError) while any
+    program holds `dst` open, even for a moment (the app reading a job's status.json, a virus scanner looking at a
+    new file); POSIX replaces an open file at once, so a PermissionError there is final."""
+    deadline = time.monotonic() + REPLACE_WAIT_S
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if not _WINDOWS or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def png_bytes(image) -> bytes:

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "app.py", *sorted((ROOT / "npedit").rglob("*.py")), *sorted((ROOT / "workbench").rglob("*.py")),
            *sorted((ROOT / "scripts").rglob("*.py"))]
@@ -102,3 +104,53 @@ def test_non_ascii_instructions_and_paths_survive_a_locale_that_is_not_utf8(tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout) == {"examples": [r["instruction"] for r in rows],
                                       "loose": ["ajoute un chapeau à l'étoile"], "base": "C:/Users/José/teacher"}
+
+
+def test_a_file_held_open_elsewhere_is_replaced_once_it_is_free_on_windows(tmp_path, monkeypatch):
+    """Windows refuses to rename over a file another program holds open, even for a moment (the app reading a job's
+    status.json while another tab rewrites it, a virus scanner opening a new file): write_atomic and the checkpoint
+    and editor folders' publishing failed on the first such refusal. They wait for it now, up to REPLACE_WAIT_S;
+    POSIX renames over an open file, so there a PermissionError is final at once. (os.replace is made to refuse here
+    as Windows does; the waiting is what is tested.)"""
+    from npedit import files
+    from npedit.training.checkpoint import publishing
+
+    real, refused = os.replace, []
+
+    def held_open(times):
+        def replace(src, dst):
+            if len(refused) < times:
+                refused.append(Path(dst).name)
+                raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                          "process", str(dst))
+            real(src, dst)
+        return replace
+
+    target = tmp_path / "status.json"
+    target.write_text("old", encoding="utf-8")
+    monkeypatch.setattr(files, "_WINDOWS", True)
+    monkeypatch.setattr(os, "replace", held_open(3))
+    files.write_atomic(target, "new")
+    assert target.read_text(encoding="utf-8") == "new" and refused == ["status.json"] * 3
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary left
+
+    refused.clear()
+    (tmp_path / "pipeline").mkdir()
+    with publishing(tmp_path / "pipeline") as folder:
+        folder.mkdir()
+        (folder / "model_index.json").write_text("{}", encoding="utf-8")
+    assert (tmp_path / "pipeline" / "model_index.json").is_file() and refused == [".trash_pipeline"] * 3
+
+    refused.clear()
+    monkeypatch.setattr(files, "REPLACE_WAIT_S", 0.3)
+    monkeypatch.setattr(os, "replace", held_open(10**6))  # never closed: the error, after the wait
+    with pytest.raises(PermissionError):
+        files.write_atomic(target, "newer")
+    assert target.read_text(encoding="utf-8") == "new" and 2 < len(refused) < 20
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["status.json"]
+
+    refused.clear()
+    monkeypatch.setattr(files, "_WINDOWS", False)  # POSIX: at once
+    with pytest.raises(PermissionError):
+        files.write_atomic(target, "newer")
+    assert refused == ["status.json"]

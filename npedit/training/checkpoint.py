@@ -15,6 +15,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..files import rename_over
 from ..config import read_yaml
 
 STEP_PREFIX = "step_"
@@ -213,7 +214,7 @@ def _discard(folder: Path) -> None:
     trash = folder.with_name(f".trash_{folder.name}")
     if trash.exists():
         shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
+    rename_over(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -263,8 +264,8 @@ def _replace(tmp: Path, final: Path) -> None:
     trash = final.with_name(f".trash_{final.name}")
     if final.exists():
         shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-    os.replace(tmp, final)
+        rename_over(final, trash)
+    rename_over(tmp, final)
     _sync(final.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
