@@ -276,7 +276,7 @@ def _for_user(text: str) -> str:
 
     folder = get_upload_folder()
     names = {str(folder), str(Path(folder).resolve())}
-    uploads = "(?:" + "|".join(map(re.escape, names)) + r")/[0-9a-f]{16,}/"
+    uploads = "(?:" + "|".join(map(re.escape, names)) + r")[\\/][0-9a-f]{16,}[\\/]"  # (Windows: either slash)
     return re.sub(uploads, "", text)
 
 

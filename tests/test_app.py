@@ -760,6 +760,18 @@ def test_a_public_app_judges_a_bounded_batch(tmp_path, monkeypatch, shapes_png):
     assert len(judging.read_pairs([listing, shapes_png], uploads_only=True)) == 3  # no limit unless asked
 
 
+def test_an_upload_is_named_as_the_user_named_it_on_windows_too(monkeypatch):
+    """A message names an upload by its own name, not by gradio's copy of it; on Windows that copy's path is written
+    with backslashes (C:\\...\\gradio\\<hash>\\photo.png), which only a '/' was looked for between."""
+    import gradio.utils
+
+    folder = r"C:\Users\me\AppData\Local\Temp\gradio"
+    monkeypatch.setattr(gradio.utils, "get_upload_folder", lambda: folder)
+    text = rf"cannot read {folder}\{'ab' * 32}\photo.png as an image"
+    assert npedit_app._for_user(text) == "cannot read photo.png as an image"
+    assert npedit_app._for_user(f"{folder}/{'ab' * 32}/photo.png") == "photo.png"
+
+
 def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set, tmp_path, monkeypatch, shapes_png):
     """An image of a batch list that cannot be read was named in the verdicts table and CSV by gradio's copy of it
     (/tmp/gradio/<hash>/trunc.png): a public app names it as the list does; a local app keeps the full path."""
