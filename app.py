@@ -696,8 +696,14 @@ def _status_markdown(st: jobs.JobStatus | None, device: str) -> str:
     return "\n\n".join(lines)
 
 
+# names Windows keeps for devices, whatever their extension: no folder can have one there (nor be copied there)
+_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10))}
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", (text or "").strip()).strip("-.")
+    """A run name as a folder name that every OS accepts ('my run: 12/05' -> 'my-run-12-05', 'con' -> 'con-run')."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", (text or "").strip()).strip("-.")
+    return f"{slug}-run" if slug.split(".")[0].upper() in _DEVICE_NAMES else slug
 
 
 def build_train_tab(app: App, editor_dropdown, refresh_list):

@@ -772,6 +772,15 @@ def test_an_upload_is_named_as_the_user_named_it_on_windows_too(monkeypatch):
     assert npedit_app._for_user(f"{folder}/{'ab' * 32}/photo.png") == "photo.png"
 
 
+def test_a_run_name_becomes_a_folder_name_every_os_accepts():
+    """The Train tab's run name is its folder's name: a time with ':' or a '/' is turned into '-', and Windows'
+    device names (con, aux, nul, com1, lpt1..., with any extension), which no folder can have there, get '-run'."""
+    assert npedit_app._slug("my run: 12/05 ") == "my-run-12-05"
+    assert [npedit_app._slug(n) for n in ("con", "Aux.v2", "nul", "COM1", "lpt9")] == [
+        "con-run", "Aux.v2-run", "nul-run", "COM1-run", "lpt9-run"]
+    assert [npedit_app._slug(n) for n in ("console", "com10", "aux-2", "...")] == ["console", "com10", "aux-2", ""]
+
+
 def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set, tmp_path, monkeypatch, shapes_png):
     """An image of a batch list that cannot be read was named in the verdicts table and CSV by gradio's copy of it
     (/tmp/gradio/<hash>/trunc.png): a public app names it as the list does; a local app keeps the full path."""
