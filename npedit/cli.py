@@ -736,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .folders import CheckpointError
 
+    if callable(getattr(sys.stdout, "reconfigure", None)):
+        # a path or text the output's encoding cannot write (Windows' cp1252 when redirected to a file: a Chinese
+        # folder name) is shown escaped, as Python's stderr does, instead of failing the command after its work
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `train a=1 --resume b=2`: overrides after a flag are still overrides (argparse stops at the flag)

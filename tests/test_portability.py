@@ -154,3 +154,18 @@ def test_a_file_held_open_elsewhere_is_replaced_once_it_is_free_on_windows(tmp_p
     with pytest.raises(PermissionError):
         files.write_atomic(target, "newer")
     assert refused == ["status.json"]
+
+
+def test_the_cli_prints_a_path_its_output_cannot_encode_escaped_instead_of_failing(tmp_path):
+    """`npedit edit ... > log.txt` on Windows prints in cp1252, which has no Chinese letters: an output folder named
+    in Chinese stopped the command with UnicodeEncodeError once the image was written (exit 1, the edit reported as
+    failed). Here the output encoding is ASCII (PYTHONIOENCODING); the path is printed escaped and the command
+    succeeds."""
+    out = tmp_path / "结果" / "edit.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "ascii"}
+    image = ROOT / "assets" / "examples" / "recolor-0000.png"
+    done = subprocess.run([sys.executable, "-m", "npedit", "edit", "--image", str(image), "--instruction",
+                           "make the circle red", "--output", str(out)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, encoding="ascii", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.is_file() and done.stdout.strip() == str(out).encode("ascii", "backslashreplace").decode()
