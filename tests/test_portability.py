@@ -169,3 +169,24 @@ def test_the_cli_prints_a_path_its_output_cannot_encode_escaped_instead_of_faili
                           text=True, encoding="ascii", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.is_file() and done.stdout.strip() == str(out).encode("ascii", "backslashreplace").decode()
+
+
+def test_training_data_loads_in_spawned_workers(tiny_manifest):
+    """Windows (and macOS by default) start DataLoader workers by spawning a fresh interpreter, which gets the
+    dataset and collate function by pickling: `data.num_workers` > 0 works there only while both pickle (a lambda or
+    a local function in either would stop the run at its first batch). Checked with the manifest dataset the Train
+    tab's jobs read, in a spawned worker as those OSes run it."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from npedit.config import load_config
+    from npedit.data import collate
+    from npedit.training.datasets import EpochSampler, build_dataset
+
+    cfg = load_config(None, ["model.base=/m", f"data.train={tiny_manifest}", "data.resolution=32", "loss.lambda_vlm=0"])
+    dataset = build_dataset(cfg.data, stage="npedit", seed=0)
+    loader = DataLoader(dataset, batch_size=2, sampler=EpochSampler(len(dataset), 0), collate_fn=collate,
+                        num_workers=1, multiprocessing_context="spawn")
+    batch = next(iter(loader))
+    assert batch["reference"].shape == (2, 3, 32, 32) and isinstance(batch["reference"], torch.Tensor)
+    assert batch["instruction"][0] in ("make the red circle green", "remove the red circle")
