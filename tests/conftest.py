@@ -1,6 +1,5 @@
 import json
 import os
-import resource
 from contextlib import contextmanager
 
 import numpy as np
@@ -74,6 +73,7 @@ def photo():
 def full_disk():
     """`with full_disk(n):` no file of this process grows past n bytes (RLIMIT_FSIZE; Python ignores SIGXFSZ): a write
     that crosses it stops there and raises OSError (EFBIG), as a disk filling up midway cuts a file short."""
+    resource = pytest.importorskip("resource", reason="no RLIMIT_FSIZE here (Windows)")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
     @contextmanager
