@@ -33,6 +33,7 @@ from starlette.middleware import Middleware
 from npedit import assets
 from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
+from npedit.files import WINDOWS_DEVICE_NAMES
 from npedit.images import ImageError, load_image
 from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
@@ -696,14 +697,10 @@ def _status_markdown(st: jobs.JobStatus | None, device: str) -> str:
     return "\n\n".join(lines)
 
 
-# names Windows keeps for devices, whatever their extension: no folder can have one there (nor be copied there)
-_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10))}
-
-
 def _slug(text: str) -> str:
     """A run name as a folder name that every OS accepts ('my run: 12/05' -> 'my-run-12-05', 'con' -> 'con-run')."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", (text or "").strip()).strip("-.")
-    return f"{slug}-run" if slug.split(".")[0].upper() in _DEVICE_NAMES else slug
+    return f"{slug}-run" if slug.split(".")[0].upper() in WINDOWS_DEVICE_NAMES else slug  # (nor copied there)
 
 
 def build_train_tab(app: App, editor_dropdown, refresh_list):

@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .assets import bundle_missing, default_path, in_bundle
+from . import files
 from .edit_types import EDIT_TYPES, edit_type_name
 from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
@@ -178,6 +179,10 @@ def _edit_jobs_of(args) -> list[dict]:
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
             raise SystemExit(f"error: {args.batch}: id {name!r} is not a plain file name (each result is saved as "
                              f"{Path(args.output_dir) / '<id>.png'})")
+        problem = files.windows_name_problem(f"{name}.png") if files.WINDOWS else None
+        if problem:  # else an id like "case:1" wrote an empty "case" file there, or failed after its edit
+            raise SystemExit(f"error: {args.batch}: id {name!r} cannot name a file here ({problem}; each result is "
+                             f"saved as {Path(args.output_dir) / '<id>.png'})")
     twice = [name for name, count in Counter(names).items() if count > 1]
     if twice:
         raise SystemExit(f"error: {args.batch}: ids {', '.join(map(repr, twice))} appear more than once (each names "
@@ -358,15 +363,15 @@ def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
 
     failures = 0
     with ExitStack() as stack:
-        files = []
+        writers = []
         for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)):
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                files.append(stack.enter_context(RowWriter(path, columns)))
+                writers.append(stack.enter_context(RowWriter(path, columns)))
         for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
-            files[0].write(row)
+            writers[0].write(row)
             for q in asked if questions else ():
-                files[1].write(q)
+                writers[1].write(q)
             if row["error"]:
                 failures += 1
                 # a line of its own, not over the bar

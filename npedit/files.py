@@ -11,8 +11,11 @@ import os
 import time
 from pathlib import Path
 
-_WINDOWS = os.name == "nt"
+WINDOWS = os.name == "nt"
 REPLACE_WAIT_S = 2.0  # how long a rename waits, on Windows, for another program to close the file it replaces
+# names Windows keeps for devices, whatever their extension ("con.png" too): no file or folder there can have one
+WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT")
+                                                                   for i in range(1, 10))})
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
@@ -42,9 +45,22 @@ def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             os.replace(src, dst)
             return
         except PermissionError:
-            if not _WINDOWS or time.monotonic() >= deadline:
+            if not WINDOWS or time.monotonic() >= deadline:
                 raise
             time.sleep(0.05)
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why Windows cannot give a file the name `name` (a plain name, no folder), or None: a character it forbids
+    (':' even writes a hidden stream of another file), a trailing dot or space (dropped), a device's name."""
+    bad = sorted({c for c in name if c in '<>:"|?*' or ord(c) < 32})
+    if bad:
+        return f"Windows forbids {' '.join(map(repr, bad))} in a file name"
+    if name.endswith((".", " ")):
+        return "Windows drops a trailing dot or space from a file name"
+    if name.split(".")[0].strip().upper() in WINDOWS_DEVICE_NAMES:
+        return f"Windows keeps the name {name.split('.')[0]!r} for a device"
+    return None
 
 
 def png_bytes(image) -> bytes:

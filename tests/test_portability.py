@@ -128,7 +128,7 @@ def test_a_file_held_open_elsewhere_is_replaced_once_it_is_free_on_windows(tmp_p
 
     target = tmp_path / "status.json"
     target.write_text("old", encoding="utf-8")
-    monkeypatch.setattr(files, "_WINDOWS", True)
+    monkeypatch.setattr(files, "WINDOWS", True)
     monkeypatch.setattr(os, "replace", held_open(3))
     files.write_atomic(target, "new")
     assert target.read_text(encoding="utf-8") == "new" and refused == ["status.json"] * 3
@@ -150,7 +150,7 @@ def test_a_file_held_open_elsewhere_is_replaced_once_it_is_free_on_windows(tmp_p
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["status.json"]
 
     refused.clear()
-    monkeypatch.setattr(files, "_WINDOWS", False)  # POSIX: at once
+    monkeypatch.setattr(files, "WINDOWS", False)  # POSIX: at once
     with pytest.raises(PermissionError):
         files.write_atomic(target, "newer")
     assert refused == ["status.json"]
@@ -190,3 +190,30 @@ def test_training_data_loads_in_spawned_workers(tiny_manifest):
     batch = next(iter(loader))
     assert batch["reference"].shape == (2, 3, 32, 32) and isinstance(batch["reference"], torch.Tensor)
     assert batch["instruction"][0] in ("make the red circle green", "remove the red circle")
+
+
+def test_a_batch_id_windows_cannot_name_a_file_by_is_refused_there_before_loading(tmp_path, monkeypatch):
+    """`edit --batch` saves each result as OUTPUT_DIR/<id>.png. On Windows an id with ':' (a time, "case:1") wrote
+    an empty file "case" holding the PNG in a hidden stream, '?' or '*' failed after the edit, "con" is a device; such
+    an id is refused there, before any weights are read, naming it and why. (The Windows branch is switched on here;
+    Linux, where each of these names is a file's, keeps them.)"""
+    from npedit import files
+    from npedit.cli import main
+
+    assert files.windows_name_problem("case:1.png") == "Windows forbids ':' in a file name"
+    assert files.windows_name_problem("a?b*.png") == "Windows forbids '*' '?' in a file name"
+    assert files.windows_name_problem("con.png") == "Windows keeps the name 'con' for a device"
+    assert files.windows_name_problem("end. ") == "Windows drops a trailing dot or space from a file name"
+    fine = ("case-1.png", "结果.png", "console.png", "com10.png")
+    assert [files.windows_name_problem(n) for n in fine] == [None] * len(fine)
+
+    listing = tmp_path / "cases.jsonl"
+    listing.write_text(json.dumps({"id": "2024-05-01T10:00", "image": "in.png", "instruction": "x"}) + "\n",
+                       encoding="utf-8")
+    edit = ["edit", "--model", str(tmp_path / "no-model"), "--batch", str(listing), "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(files, "WINDOWS", True)
+    with pytest.raises(SystemExit, match="id '2024-05-01T10:00' cannot name a file here \\(Windows forbids ':'"):
+        main(edit)
+    monkeypatch.setattr(files, "WINDOWS", False)
+    with pytest.raises(SystemExit, match="no-model does not exist"):  # POSIX: the id passes; the model stops it
+        main(edit)
