@@ -913,6 +913,24 @@ def test_a_windows_job_is_followed_and_stopped_through_its_process_tree(tmp_path
     assert jobs.job_status(run).message.startswith("exited with code 137")
 
 
+def test_a_windows_job_started_here_ends_when_its_wrapper_exits(tmp_path, monkeypatch):
+    """On Windows a process this app started stays in the process table while its handle is open here, and psutil
+    may be refused a look at it (AccessDenied, read as "still running"): a finished job would then read as running
+    for as long as the app runs. There the wrapper's exit, which the app sees itself, ends the job."""
+    monkeypatch.setattr(jobs, "_WINDOWS", True)
+    monkeypatch.setattr(jobs, "_detached", lambda: {"start_new_session": True})
+    monkeypatch.setattr(jobs, "_MAIN", "pass")  # a trainer that ends at once
+
+    def refused(pid):
+        raise psutil.AccessDenied(pid)
+
+    monkeypatch.setattr(jobs.psutil, "Process", refused)
+    root = tmp_path / "runs"
+    st = jobs.start_job(root / "quick", ["max_steps=1"], runs_root=root, device="cpu")
+    jobs._CHILDREN[st.pid].wait(timeout=60)
+    assert not jobs.job_status(root / "quick").active and jobs.active_job(root, "cpu") is None
+
+
 def test_a_jobs_log_is_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """train.log is read as UTF-8; a trainer printing an instruction in a locale that is not UTF-8 (Windows' cp1252;
     here ASCII) stopped with UnicodeEncodeError. The job is told to write UTF-8 (PYTHONIOENCODING)."""

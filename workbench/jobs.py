@@ -129,8 +129,11 @@ def _alive(pid: int | None, run_dir: Path) -> bool:
     if not pid:
         return False
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is None:  # started here and not exited (poll also reaps it)
-        return True
+    if child is not None:  # started here
+        if child.poll() is None:  # not exited (poll also reaps it)
+            return True
+        if _WINDOWS:  # the wrapper is the whole job there; its handle, still open here, keeps the pid in the table
+            return False
     if not _WINDOWS:
         try:
             os.killpg(pid, 0)
