@@ -187,6 +187,14 @@ def _edit_jobs_of(args) -> list[dict]:
     if twice:
         raise SystemExit(f"error: {args.batch}: ids {', '.join(map(repr, twice))} appear more than once (each names "
                          "its result's file)")
+    if files.CASE_INSENSITIVE:  # else "Cat" and "cat" wrote one file, the second edit over the first
+        spellings = {}
+        for name in names:
+            spellings.setdefault(name.casefold(), []).append(name)
+        alike = [" and ".join(map(repr, group)) for group in spellings.values() if len(group) > 1]
+        if alike:
+            raise SystemExit(f"error: {args.batch}: ids {'; '.join(alike)} name one file here (file names on this "
+                             "system ignore case; each id names its result's file)")
     return [{**r, "out": Path(args.output_dir) / f"{name}.png"} for r, name in zip(rows, names)]
 
 

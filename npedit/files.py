@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
 WINDOWS = os.name == "nt"
+# file names that differ only in case name one file: Windows' NTFS and macOS's default APFS (Linux: two files)
+CASE_INSENSITIVE = WINDOWS or sys.platform == "darwin"
 REPLACE_WAIT_S = 2.0  # how long a rename waits, on Windows, for another program to close the file it replaces
 # names Windows keeps for devices, whatever their extension ("con.png" too): no file or folder there can have one
 WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT")

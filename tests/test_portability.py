@@ -217,3 +217,22 @@ def test_a_batch_id_windows_cannot_name_a_file_by_is_refused_there_before_loadin
     monkeypatch.setattr(files, "WINDOWS", False)
     with pytest.raises(SystemExit, match="no-model does not exist"):  # POSIX: the id passes; the model stops it
         main(edit)
+
+
+def test_batch_ids_that_differ_only_in_case_are_refused_where_file_names_ignore_case(tmp_path, monkeypatch):
+    """On Windows and (by default) macOS, "Cat.png" and "cat.png" are one file: `edit --batch` with ids "Cat" and
+    "cat" saved the second edit over the first and reported both written. There such ids are refused before any
+    weights are read; Linux, where they are two files, keeps them. (The case-insensitive branch is switched on.)"""
+    from npedit import files
+    from npedit.cli import main
+
+    listing = tmp_path / "cases.jsonl"
+    listing.write_text("".join(json.dumps({"id": i, "image": "in.png", "instruction": "x"}) + "\n"
+                               for i in ("Cat", "dog", "cat")), encoding="utf-8")
+    edit = ["edit", "--model", str(tmp_path / "no-model"), "--batch", str(listing), "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(files, "CASE_INSENSITIVE", True)
+    with pytest.raises(SystemExit, match="ids 'Cat' and 'cat' name one file here"):
+        main(edit)
+    monkeypatch.setattr(files, "CASE_INSENSITIVE", False)
+    with pytest.raises(SystemExit, match="no-model does not exist"):  # Linux: two files; the model stops it
+        main(edit)
