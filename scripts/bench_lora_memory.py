@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,19 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 def _mib(n_bytes: float) -> float:
     return n_bytes / 2**20
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: getrusage's ru_maxrss counts KiB on Linux but bytes on macOS, and
+    Windows has no `resource` module (psutil's peak working set there)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        import psutil
+
+        return _mib(psutil.Process().memory_info().peak_wset)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _mib(peak) if sys.platform == "darwin" else peak / 1024
 
 
 def measure(base: str, cases: str, rank: int, batch: int, repeats: int, out_dir: str) -> dict:
@@ -57,7 +69,7 @@ def measure(base: str, cases: str, rank: int, batch: int, repeats: int, out_dir:
                     for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
     return {"rank": rank, "held_params_mib": _mib(sum(p.numel() * p.element_size() for p in held.values())),
             "trainable": trainable, "optimizer_state_mib": _mib(opt_bytes),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": peak_rss_mib(),
             "iteration_s": statistics.median(times), "threads": torch.get_num_threads()}
 
 

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from script_modules import load_script  # tests/script_modules.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "app.py", *sorted((ROOT / "npedit").rglob("*.py")), *sorted((ROOT / "workbench").rglob("*.py")),
@@ -236,3 +237,16 @@ def test_batch_ids_that_differ_only_in_case_are_refused_where_file_names_ignore_
     monkeypatch.setattr(files, "CASE_INSENSITIVE", False)
     with pytest.raises(SystemExit, match="no-model does not exist"):  # Linux: two files; the model stops it
         main(edit)
+
+
+def test_the_lora_memory_benchmark_reads_peak_memory_in_each_systems_unit(monkeypatch):
+    """scripts/bench_lora_memory.py divided ru_maxrss by 1024 everywhere: MiB on Linux (KiB), but a figure 1024 times
+    too large on macOS (bytes), and on Windows its import of `resource` stopped the script. (macOS's branch runs here
+    by faking the platform; Windows' psutil branch is not exercised: Linux's psutil has no peak working set.)"""
+    import psutil
+
+    bench = load_script("bench_lora_memory")
+    linux = bench.peak_rss_mib()
+    assert psutil.Process().memory_info().rss / 2**20 - 1 <= linux < 64 * 1024
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert abs(bench.peak_rss_mib() - linux / 1024) < 1  # ru_maxrss taken as bytes
