@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -40,17 +41,24 @@ def in_hub_cache(repo_id: str) -> bool:
     return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache's snapshot folder of model repo `repo_id` at the revision its "main" ref names (what
-    the hub client itself reads when it cannot reach the hub); None when the cache holds none. Reads no network."""
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of model repo `repo_id` at `revision` (a branch or tag its refs/
+    name, or a full commit hash; default "main"), what the hub client itself reads when it cannot reach the hub; None
+    when the cache holds none. Reads no network."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
     repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    revision = revision or "main"
+    ref = repo / "refs" / revision
     try:
-        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+        # a ref (main, a tag, a branch with a slash) names its commit; a commit hash is the snapshot's own name
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
     except (OSError, UnicodeDecodeError):
         return None
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return None  # not a ref the cache holds, nor a commit (a short hash or a typo): no snapshot to pick
+    snapshot = repo / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None
 
 
@@ -92,16 +100,18 @@ def hub_unreachable() -> str | None:
     return why
 
 
-def not_found(path: str | os.PathLike, hub: str, kind: str = "folder") -> CheckpointError:
-    """The one-line error for `path`, shaped like a hub id, that is no folder here, not in the hub cache and that the
-    hub did not give (`hub` says why): what was looked for, where, and what to do."""
+def not_found(path: str | os.PathLike, hub: str, kind: str = "folder", revision: str | None = None) -> CheckpointError:
+    """The one-line error for `path`, shaped like a hub id, that is no folder here, not in the hub cache (at
+    `revision`, when one is asked for) and that the hub did not give (`hub` says why): what was looked for, where,
+    and what to do."""
     from huggingface_hub import constants
 
     text = str(path)
+    at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
     return CheckpointError(
-        f"cannot find {text!r} locally or on the hub: no folder {Path(text).absolute()}, no repo {text} in the "
+        f"cannot find {text!r}{at} locally or on the hub: no folder {Path(text).absolute()}, no repo {text}{at} in the "
         f"Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub {hub}; pass a local {kind}, or download the repo "
-        f"where there is a network (`hf download {text}`, into the cache HF_HOME names)")
+        f"where there is a network (`hf download {text}{flag}`, into the cache HF_HOME names)")
 
 
 def found_nowhere(path: str | os.PathLike, exc: Exception, kind: str = "folder") -> CheckpointError:
@@ -111,19 +121,20 @@ def found_nowhere(path: str | os.PathLike, exc: Exception, kind: str = "folder")
                      kind)
 
 
-def locate(path: str | os.PathLike, kind: str = "folder") -> str:
+def locate(path: str | os.PathLike, kind: str = "folder", revision: str | None = None) -> str:
     """Where to load `path` from: itself when it is local (`looks_local`) or when the hub answers (the hub client then
-    loads it as it always did); when the hub cannot be reached (`hub_unreachable`), a hub id's cached snapshot folder,
-    or else at once `not_found` (the hub client would retry for ~23 s before failing the same way)."""
+    loads it as it always did); when the hub cannot be reached (`hub_unreachable`), a hub id's cached snapshot folder
+    at `revision` (default main), or else at once `not_found` (the hub client would retry for ~23 s before failing
+    the same way)."""
     text = str(path)
     if looks_local(text):
         return text
     why = hub_unreachable()
     if why is None:
         return text
-    snapshot = cached_snapshot(text)
+    snapshot = cached_snapshot(text, revision)
     if snapshot is None:
-        raise not_found(text, f"cannot be reached ({why})", kind)
+        raise not_found(text, f"cannot be reached ({why})", kind, revision)
     return str(snapshot)
 
 
@@ -167,19 +178,20 @@ def describe(path: str | os.PathLike) -> str:
     return f"{path} {kind if kind.startswith(('does', 'is')) else 'is ' + kind}"
 
 
-def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True, device=None) -> None:
+def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True, device=None,
+                        revision: str | None = None) -> None:
     """CheckpointError unless a local `path` is an editor (NPEditPipeline or adapter) folder with every component its
     model_index.json lists, each (with `sizes`; it builds them on the meta device, tens of ms: for a load, not for a
     look) of a size its weights and the memory a load for `device` uses (`memory_limits`) allow, and all of them
-    together within that memory (`check_pipeline_size`, at `dtype`); a hub id is size-checked on its cached snapshot,
-    where there is one."""
+    together within that memory (`check_pipeline_size`, at `dtype`); a hub id is size-checked on its cached snapshot
+    (at `revision`), where there is one."""
     if looks_local(path) and what_is(Path(path).expanduser()) != EDITOR_KIND:
         raise CheckpointError(f"{describe(path)}: an editor is an NPEditPipeline folder (it holds model_index.json), "
                               "a LoRA export of one, or a hub id")
     missing = missing_components(Path(path).expanduser()) if looks_local(path) else []
     if missing:
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
-    folder = Path(path).expanduser() if looks_local(path) else cached_snapshot(str(path))
+    folder = Path(path).expanduser() if looks_local(path) else cached_snapshot(str(path), revision)
     if sizes and folder is not None:
         check_pipeline_size(folder, dtype, device)
 

@@ -122,7 +122,8 @@ class NPEditPipeline(DiffusionPipeline):
         from .adapters import is_adapter_folder, load_adapter_pipeline
         from .folders import check_editor_folder, found_nowhere, locate, looks_local
 
-        path = locate(pretrained_model_name_or_path, "editor folder")  # offline: a cached snapshot, or one error now
+        revision = kwargs.get("revision")  # offline, the cache's snapshot of that revision, not of main
+        path = locate(pretrained_model_name_or_path, "editor folder", revision)  # offline: a snapshot, or one error now
         import_families()  # (before the size check, which builds the classes model_index.json names)
         kwargs.setdefault("use_safetensors", True)  # weights are never unpickled (a .bin-only folder is refused)
         if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
@@ -141,14 +142,15 @@ class NPEditPipeline(DiffusionPipeline):
             # a hub id is fetched first (what diffusers' from_pretrained does before building), so that its snapshot
             # is checked like a local folder before any component is built
             folder = path if looks_local(path) else cls.download(path, **kwargs)
-            check_editor_folder(folder, dtype, device=device)
+            check_editor_folder(folder, dtype, device=device, revision=revision)
             pipe = super().from_pretrained(folder, **kwargs)
         except OSError as exc:
             if Path(path).expanduser().exists():
                 raise
             raise found_nowhere(path, exc, "editor folder") from None
-        if folder != path:
-            pipe.register_to_config(_name_or_path=path)  # the hub id, as diffusers records it, not the cache folder
+        if folder != str(pretrained_model_name_or_path):  # downloaded, or a cached snapshot found offline
+            # the hub id, as diffusers records it, not the cache folder
+            pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         pipe.domain = read_domain(folder)
         return pipe.to(device) if device is not None else pipe
 

@@ -183,6 +183,32 @@ def test_a_cached_hub_id_loads_offline_from_its_snapshot(no_network, tiny_zimage
     assert within(10, lambda: load_judge("owner/judge")).model is not None
 
 
+def test_a_revision_of_a_cached_editor_loads_that_revision_offline(no_network, monkeypatch):
+    """`from_pretrained("owner/name", revision=...)` offline loaded the snapshot "main" names whatever the revision
+    asked (a tag or commit hash was dropped without a word); now that revision's snapshot, by ref or full hash, and a
+    revision the cache lacks is one error naming it. The editor records its hub id, not the cache folder."""
+    import huggingface_hub
+
+    from npedit import NPEditPipeline
+    from npedit.domain import Domain, write_domain
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cached(no_network, "owner/editor", assets.DEFAULT_MODEL)  # main: the bundled 64 px editor
+    repo = no_network / "models--owner--editor"
+    tagged = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(assets.DEFAULT_MODEL, repo / "snapshots" / tagged)
+    write_domain(repo / "snapshots" / tagged, Domain("shapes", 32))  # told apart from main by its domain file
+    (repo / "refs" / "v1").write_text(tagged)
+    assert NPEditPipeline.from_pretrained("owner/editor").domain.resolution == 64
+    for revision in ("v1", tagged):
+        pipe = NPEditPipeline.from_pretrained("owner/editor", revision=revision)
+        assert pipe.domain.resolution == 32, revision
+    assert pipe.config._name_or_path == "owner/editor"
+    with pytest.raises(CheckpointError, match="'owner/editor' at revision 'v2'.*`hf download owner/editor --revision "
+                                              "v2`"):
+        NPEditPipeline.from_pretrained("owner/editor", revision="v2")
+
+
 @pytest.fixture
 def strict(monkeypatch):
     """The size bound without its margin, so a tiny model's config made a few times larger is refused (and the
