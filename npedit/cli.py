@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from collections import Counter
 from contextlib import ExitStack
@@ -435,24 +436,69 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Export a run's checkpoint (the newest, or --step) as an NPEditPipeline folder."""
+    """Export a run's checkpoint (the newest, or --step) as an NPEditPipeline folder; with --push, upload it."""
     from .adapters import adapter_size, export_adapters
     from .training.export import export_checkpoint
 
+    if args.push and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push):
+        raise SystemExit(f"error: --push takes a hub repo id OWNER/NAME (e.g. alice/shapes-editor), got {args.push!r}")
     try:
+        metrics = _eval_report(args.metrics) if args.metrics else None
         if args.adapters:
             if args.average != 1:
                 raise ValueError("--adapters exports one checkpoint's adapters; averaging factors of a low-rank update "
                                  "is not averaging the update: drop --average, or export whole weights without "
                                  "--adapters")
+            if args.metrics or args.license:
+                raise ValueError("--metrics and --license go into a whole editor's model card; an adapter folder's "
+                                 "card is written from its run alone")
             out = export_adapters(args.run, args.step, args.out, base=args.base)
             print(f"{adapter_size(out) / 2**20:.2f} MiB of adapters; loads with its base model", file=sys.stderr)
         else:
-            out = export_checkpoint(args.run, args.step, args.out, base=args.base, average=args.average)
+            out = export_checkpoint(args.run, args.step, args.out, base=args.base, average=args.average,
+                                    keep_paths=args.keep_paths, license=args.license, metrics=metrics,
+                                    repo_id=args.push)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(out)
+    if args.push:
+        print(_push(out, args), file=sys.stderr)
     return 0
+
+
+def _eval_report(path: str) -> dict:
+    """The `npedit eval shapes` report (JSON) that --metrics names, checked to be one."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--metrics {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
+        raise ValueError(f"--metrics {path} is not a report of `python -m npedit eval shapes` (no \"summary\")")
+    return report
+
+
+def _push(out: Path, args) -> str:
+    """Upload the exported folder to --push's repo, unless it holds a local path or a token (see `private_traces`);
+    a folder that needs a local model to load (adapters naming a local base) is refused too."""
+    from .adapters import META_FILE, is_adapter_folder
+    from .sharing import is_hub_id, private_traces, push
+
+    if is_adapter_folder(out):
+        meta = json.loads((Path(out) / META_FILE).read_text())
+        local = [f"{key} {meta[key]!r}" for key in ("base", "student") if meta.get(key) and not is_hub_id(meta[key])]
+        if local:
+            raise SystemExit(f"error: not pushed: the adapters name the local {' and '.join(local)}, which whoever "
+                             "downloads them cannot load; export with --base HUB_ID (a student checkpoint must be "
+                             f"on the hub too). The folder is {out}")
+    traces = private_traces(out, (str(Path(args.run).resolve()),))
+    if traces and not args.keep_paths:
+        raise SystemExit(f"error: not pushed: {out} holds what should stay on this machine ({'; '.join(traces)}); "
+                         "remove it, or pass --keep-paths to publish it as it is")
+    try:
+        return push(out, args.push, private=args.private)
+    except Exception as exc:  # the hub client's errors (no login, no rights, no network) in one line
+        raise SystemExit(f"error: the export is in {out}, but pushing it to {args.push} failed: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def cmd_import_reimpl(args) -> int:
@@ -680,6 +726,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA run (model.lora_rank): write its adapters alone (diffusers' LoRA layout) plus the "
                         "names of the base model they adapt, a folder of megabytes that --model, the app and "
                         "NPEditPipeline.from_pretrained load; out defaults to RUN/exports/step_N-lora")
+    x.add_argument("--keep-paths", action="store_true",
+                   help="keep the run's local paths (base, student, judge, data, run folder) in training_config.json "
+                        "and the card as they are; by default they are named only (`local:NAME`; hub ids and "
+                        "bundled assets/ paths stay), so the folder can be shared")
+    x.add_argument("--license", help="the Hub license id for the model card (e.g. apache-2.0; default: other); it "
+                                     "must allow what the base model's license allows")
+    x.add_argument("--metrics", metavar="REPORT.json",
+                   help="an `npedit eval shapes` report of this editor: its table goes into the model card")
+    x.add_argument("--push", metavar="OWNER/NAME",
+                   help="then upload the folder to this Hugging Face model repo (created if missing; huggingface_hub's "
+                        "upload_folder, logged in with `hf auth login` or HF_TOKEN); refused while the folder holds a "
+                        "local path or a token, unless --keep-paths")
+    x.add_argument("--private", action="store_true", help="with --push: create the repo private")
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("import-reimpl", help="convert the NP-Edit authors' re-implementation's released Z-Image "

@@ -347,12 +347,14 @@ class NPEditPipeline(DiffusionPipeline):
         pipe.domain = self.domain
         return pipe
 
-    def save_pretrained(self, save_directory, *, training: str | None = None, **kwargs):
+    def save_pretrained(self, save_directory, *, training: str | None = None, card: dict | None = None, **kwargs):
         """Save every component as safetensors plus a model card (README.md); `training` says how it was trained
-        (the trainer passes its stage; see `training_summary`), and the domain it edits in (`npedit_domain.json`)."""
+        (the trainer passes its stage; see `training_summary`), `card` more of the card (`model_card`'s keywords),
+        and the domain it edits in (`npedit_domain.json`)."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
-        Path(save_directory, "README.md").write_text(model_card(self, training), encoding="utf-8")
+        forget_load_paths(save_directory)
+        Path(save_directory, "README.md").write_text(model_card(self, training, **(card or {})), encoding="utf-8")
         if self.domain != Domain():  # a copy of a Shapes editor edits at its 64 px too, wherever it is loaded from
             write_domain(save_directory, self.domain)
 
@@ -392,31 +394,63 @@ def training_summary(stage: str, student: str | None = None, loss=None, data_tra
     return summary + (f" (its student started from `{student}`)" if student else "")
 
 
-def model_card(pipe: NPEditPipeline, training: str | None = None) -> str:
-    """A short model card for a saved pipeline; `training` (a sentence fragment) says how it was trained."""
+def forget_load_paths(folder: str | Path) -> None:
+    """Drop `_name_or_path` from the component configs saved in `folder`: diffusers writes where each model was loaded
+    from (the trainer's checkpoint, its base's VAE: paths of that machine), which names nothing where it is shared."""
+    import json
+
+    for config in [*Path(folder).glob("*/config.json"), *Path(folder).glob("*/scheduler_config.json")]:
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(pipe: NPEditPipeline, training: str | None = None, *, repo_id: str | None = None,
+               base_model: str | None = None, license: str | None = None, sections: tuple[str, ...] = ()) -> str:
+    """A model card (Hub YAML front matter and how to load it) for a saved pipeline; `training` (a sentence fragment)
+    says how it was trained, `repo_id` is its hub id for the loading lines, `base_model` a hub id it derives from,
+    `license` a Hub license id (default "other"), `sections` more Markdown (its training config, its metrics)."""
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     mode = getattr(pipe.transformer.config, "reference_mode", None)
     seen = f" It sees the reference as {mode} (`reference_mode`)" if mode else ""
     layers = getattr(pipe.transformer.config, "reference_encoder_layers", 0)
     seen += (f", through a reference encoder of {layers} convolutions (`reference_encoder_layers`)." if layers and mode
              else "." if mode else "")
-    how = training or "for few-step editing; how it was trained is not recorded here (see training_config.json if present)"
+    how = training or ("for few-step editing; how it was trained is not recorded here (see training_config.json if "
+                       "present)")
+    where = repo_id or "OWNER/NAME"  # (the folder's hub id is known only when it is pushed)
+    base = f"base_model: {base_model}\n" if base_model else ""
+    rest = "".join(f"\n{section.strip()}\n" for section in sections)
     return f"""---
 library_name: diffusers
 pipeline_tag: image-to-image
-tags: [image-editing, npedit, few-step]
+license: {license or "other"}
+{base}tags: [image-editing, instruction-editing, npedit, few-step]
 ---
 # NP-Edit editor ({pipe.family})
 
 An instruction-based image editor {how}. Student transformer: {type(pipe.transformer).__name__},
 {n_params:,} parameters.{seen} Sampling: {len(pipe.times(4))} steps, time shift {pipe.scheduler.config.shift}.
 
+## Use it
+
+It needs the `npedit` package of the NP-Edit workbench (`pip install -e .` in a clone of it): its transformer class
+is defined there, so diffusers alone cannot build it.
+
 ```python
 from npedit import NPEditPipeline
-pipe = NPEditPipeline.from_pretrained("path/to/this/folder")
+pipe = NPEditPipeline.from_pretrained("{where}")  # or a folder; revision="TAG_OR_COMMIT" for another version
 edited = pipe(image="input.png", prompt="make the circle blue").images[0]
+edited.save("edited.png")
 ```
-"""
+From the command line, and in the workbench's app:
+
+```bash
+python -m npedit edit --model {where} --image input.png --instruction "make the circle blue" --output edited.png
+python app.py --model {where}
+```
+{rest}"""
 
 
 def carry_over(src: str | Path, out: str | Path, note: str) -> None:

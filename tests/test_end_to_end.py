@@ -115,7 +115,7 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, 
     assert pipe(image=img, prompt="make the red circle green").images[0].size == (32, 32)
     newest = cli(capsys, "export", "runs/npedit", "--out", "newest").strip()
     assert json.loads((work / newest / "training_config.json").read_text())["step"] == 4  # the newest by default
-    moved = cli(capsys, "export", "runs/npedit", "--base", str(tiny_zimage), "--out", "moved").strip()
+    moved = cli(capsys, "export", "runs/npedit", "--base", str(tiny_zimage), "--out", "moved", "--keep-paths").strip()
     assert json.loads((work / moved / "training_config.json").read_text())["base"] == str(tiny_zimage)
     mean = cli(capsys, "export", "runs/npedit", "--average", "2").strip()
     assert Path(work, mean) == work / "runs/npedit/exports/step_000004-avg2"
@@ -134,6 +134,79 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, 
                           (["runs/npedit", "--base", "moved/base"], "cannot load the run's base model 'moved/base'"),
                           (["runs/nothing"], "run folder not found")):
         refused("export", *args, says=message)
+
+
+class FakeHfApi:
+    """huggingface_hub.HfApi with no network: records create_repo and upload_folder (no real upload runs)."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/0"})()
+
+
+def test_an_export_is_shareable_loads_by_hub_id_and_pushes(trained, tiny_zimage, tiny_judge, tiny_manifest, capsys,
+                                                          monkeypatch, tmp_path):
+    """The export a user uploads held the trainer's paths (the base, judge, manifest and run folder in
+    training_config.json, each component's `_name_or_path`, the student's origin in the card) and a card without a
+    license or the run's settings. Now every local path is named only (`local:NAME`), the card has the Hub's front
+    matter, how to load it by hub id and the training settings, and it loads from a hub cache by id (Python, CLI,
+    app); `--push` uploads it with upload_folder (HfApi faked here: no real upload runs)."""
+    import huggingface_hub
+    import yaml
+
+    from npedit import NPEditPipeline
+    from npedit.sharing import private_traces
+    from test_hub_ids import cached
+
+    work, _ = trained
+    monkeypatch.chdir(work)
+    out = work / cli(capsys, "export", "runs/npedit", "--out", "shared", "--license", "apache-2.0").strip()
+    local = [str(work), str(tiny_zimage), str(tiny_judge), str(tiny_manifest), str(Path(tiny_manifest).parent)]
+    for file in out.rglob("*"):
+        if file.suffix in (".json", ".md"):
+            text = file.read_text()
+            assert not [p for p in local if p in text] and "_name_or_path" not in text, file
+    assert private_traces(out, (str(work),)) == []
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["model"]["base"] == f"local:{Path(tiny_zimage).name}"
+    assert config["judge"]["path"] == f"local:{Path(tiny_judge).name}"
+    assert config["data"]["train"] == f"local:{Path(tiny_manifest).name}" and config["output_dir"] == "local:npedit"
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "image-to-image" and front["license"] == "apache-2.0"
+    assert front["library_name"] == "diffusers" and "image-editing" in front["tags"]
+    assert f"judge.path: local:{Path(tiny_judge).name}" in card and "step: 4" in card
+    assert 'NPEditPipeline.from_pretrained("OWNER/NAME")' in card
+    kept = work / cli(capsys, "export", "runs/npedit", "--out", "kept", "--keep-paths").strip()
+    assert any(str(work) in t for t in private_traces(kept, (str(work),)))  # what --keep-paths would publish
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cached(cache, "alice/editor", out)
+    pipe = NPEditPipeline.from_pretrained("alice/editor")
+    img = Image.fromarray((np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8))
+    assert pipe(image=img, prompt="make the red circle green").images[0].size == (32, 32)
+    img.save(tmp_path / "in.png")
+    cli(capsys, "edit", "--model", "alice/editor", "--image", tmp_path / "in.png", "--instruction", "make it red",
+        "--output", tmp_path / "edited.png")
+    assert Image.open(tmp_path / "edited.png").size == (32, 32)
+    from workbench.models import ModelSet, resolve_paths
+
+    assert ModelSet(resolve_paths(model="alice/editor"), device="cpu").editor().family == pipe.family  # the app's
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    pushed = work / cli(capsys, "export", "runs/npedit", "--out", "pushed", "--push", "alice/editor").strip()
+    assert [c[:2] for c in FakeHfApi.calls] == [("create_repo", "alice/editor"), ("upload_folder", "alice/editor")]
+    assert Path(FakeHfApi.calls[1][2]["folder_path"]).resolve() == pushed.resolve()
+    assert 'NPEditPipeline.from_pretrained("alice/editor")' in (pushed / "README.md").read_text()
+    refused("export", "runs/npedit", "--push", "not a repo", says="--push takes a hub repo id OWNER/NAME")
 
 
 def test_an_export_of_a_run_on_marked_data_keeps_its_domain_wherever_it_is_loaded(trained, tmp_path, capsys,

@@ -89,13 +89,18 @@ def average_into(student, others: list) -> None:
 
 
 def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
-                      base: str | None = None, average: int = 1) -> Path:
+                      base: str | None = None, average: int = 1, *, keep_paths: bool = False,
+                      license: str | None = None, metrics: dict | None = None, repo_id: str | None = None) -> Path:
     """Save the student of a checkpoint as an `NPEditPipeline` under `out` (default `<run>/exports/step_N`, or
     `step_N-avgK`), with the frozen parts (text encoder, VAE) of the run's `model.base`, or of `base` (e.g. the same
     model elsewhere). `average=K` > 1 saves the mean of the student's weights over the K newest checkpoints up to
-    that step. A `critic` run's checkpoint gives its critic instead (default `<run>/exports/step_N/critic`)."""
+    that step. A `critic` run's checkpoint gives its critic instead (default `<run>/exports/step_N/critic`).
+    The folder is one to share: its training_config.json and model card name the trainer's local paths as
+    `sharing.portable` does (`keep_paths` keeps them as they are); the card takes a Hub `license` id, the eval report
+    `metrics` (`npedit eval shapes` JSON) and the `repo_id` it will have, for its loading lines."""
     from ..domain import data_domain
     from ..pipeline import NPEditPipeline, training_summary
+    from ..sharing import is_hub_id, metrics_section, portable, shareable_config, training_section
 
     for attempt in range(3):
         averaged = checkpoints_to_average(run_dir, step, average)
@@ -115,15 +120,19 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     out = Path(out) if out else Path(run_dir) / "exports" / name
     pipe = NPEditPipeline.from_parts(net.eval(), backbone, shift=cfg.sampler.shift)
     pipe.domain = data_domain(cfg.data.train)  # (a relative data.train: from this folder, as the run was started)
-    summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
+    shown = (lambda value: value) if keep_paths else portable
+    student = shown(cfg.model.student) or None
+    summary = training_summary(cfg.stage, student, cfg.loss, cfg.data.train, cfg.model.lora_rank)
     origin = (f"exported from the checkpoint at step {state['step']}" if average == 1 else
               f"the mean of the weights of the checkpoints at steps {', '.join(map(str, steps))}")
     extra = {"averaged_steps": steps} if average > 1 else {}
+    config = {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base_model), **extra}
+    config = config if keep_paths else shareable_config(config)
+    card = {"repo_id": repo_id, "license": license, "base_model": base_model if is_hub_id(base_model) else None,
+            "sections": (training_section(config),) + ((metrics_section(metrics),) if metrics else ())}
     with export_writing(out, run_dir) as folder:
-        pipe.save_pretrained(folder, training=f"{summary}; {origin}")
-        (folder / "training_config.json").write_text(json.dumps(
-            {**to_dict(cfg), "exported_from": str(path), "step": int(state["step"]), "base": str(base_model), **extra},
-            indent=2), encoding="utf-8")
+        pipe.save_pretrained(folder, training=f"{summary}; {origin}", card=card)
+        (folder / "training_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
 
 
