@@ -189,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (flags override the NPEDIT_* environment variables)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="NPEditPipeline folder or hub id (default: $NPEDIT_MODEL, else the bundled editor)")
+    p.add_argument("--revision", default=os.environ.get("NPEDIT_REVISION") or None,
+                   help="with a hub id as --model: its branch, tag or commit (default: $NPEDIT_REVISION, else main)")
     p.add_argument("--judge", help="judge (LLaVA-OneVision, Qwen2.5-VL or InternVL3-hf) folder or hub id (default: "
                                     "$NPEDIT_JUDGE, else bundled)")
     p.add_argument("--teacher", help="text-to-image base folder, for DMD maps and training (default: $NPEDIT_TEACHER, "
@@ -265,7 +267,7 @@ def make_app(args: argparse.Namespace) -> App:
     paths = models.resolve_paths(args.model, args.judge, args.teacher, args.critic)
     examples_dir = Path(tempfile.gettempdir()) / "npedit-app-examples"
     model_set = models.ModelSet(paths, device=args.device, dtype=args.dtype,
-                                judge_max_pixels=args.judge_max_pixels)
+                                judge_max_pixels=args.judge_max_pixels, revision=getattr(args, "revision", None))
     return App(model_set, Path(args.runs).resolve(), examples_dir, public=bool(getattr(args, "public", False)),
                train_token=os.environ.get("NPEDIT_TRAIN_TOKEN") or None)
 

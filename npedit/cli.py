@@ -86,6 +86,7 @@ def _read_list(path: str, required: tuple[str, ...]) -> list[dict]:
 
 def cmd_edit(args) -> int:
     """Edit one image, or every line of a cases.jsonl, with an NPEditPipeline."""
+    from .folders import looks_local
     from .pipeline import NPEditPipeline
 
     if bool(args.image) == bool(args.batch):
@@ -103,6 +104,8 @@ def cmd_edit(args) -> int:
         raise SystemExit("error: --judge-max-pixels is for the judge of --candidates, --verdicts or --trace")
     if args.max_side < 1:
         raise SystemExit(f"error: --max-side must be >= 1, got {args.max_side}")
+    if args.revision and looks_local(default_path("model", args.model)):
+        raise SystemExit(f"error: --revision picks a version of a hub id; --model {args.model} is a local folder")
     if not -2**63 <= args.seed <= 2**64 - max(args.candidates, 1):  # candidate k is seeded seed + k
         raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1 (less the candidates), got {args.seed}")
     jobs = _edit_jobs_of(args)  # before any weights are read: a bad list or output path fails at once
@@ -115,7 +118,7 @@ def cmd_edit(args) -> int:
     if args.candidates > 1 or args.verdicts or args.trace:
         judge = _load_judge(args, device, dtype, args.judge_max_pixels)
     model = default_path("model", args.model)
-    pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device)
+    pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device, revision=args.revision)
     pipe.set_progress_bar_config(disable=True)
     if args.trace:
         args.tracer = _tracer(args, pipe, judge, model, dtype)
@@ -636,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-dir", help="where --batch writes <id>.png")
     e.add_argument("--model", type=_bundled,
                    help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
+    e.add_argument("--revision", help="with a hub id: its branch, tag or commit (default: main); offline, the "
+                                      "cache's snapshot of it")
     e.add_argument("--steps", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="longest side a general editor works at "

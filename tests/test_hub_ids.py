@@ -209,6 +209,36 @@ def test_a_revision_of_a_cached_editor_loads_that_revision_offline(no_network, m
         NPEditPipeline.from_pretrained("owner/editor", revision="v2")
 
 
+def test_the_cli_and_the_app_load_a_revision_of_a_hub_editor(no_network, monkeypatch, capsys, tmp_path):
+    """`edit --revision` and the app's `--revision` ($NPEDIT_REVISION) pick the version of a hub editor; neither
+    had a way to (the newest on main was the only one)."""
+    import huggingface_hub
+    from PIL import Image
+
+    import app
+    from npedit.cli import main
+    from npedit.domain import Domain, write_domain
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cached(no_network, "owner/editor", assets.DEFAULT_MODEL)
+    repo = no_network / "models--owner--editor"
+    tagged = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(assets.DEFAULT_MODEL, repo / "snapshots" / tagged)
+    write_domain(repo / "snapshots" / tagged, Domain("shapes", 32))
+    (repo / "refs" / "v1").write_text(tagged)
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "in.png")
+    edit = ["edit", "--model", "owner/editor", "--image", str(tmp_path / "in.png"), "--instruction", "make it red",
+            "--output", str(tmp_path / "out.png")]
+    assert main(edit) == 0 and "32x32" not in capsys.readouterr().err  # main: the 64 px editor, no rescaling
+    assert main([*edit, "--revision", "v1"]) == 0 and "edited at 32x32" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--revision picks a version of a hub id"):
+        main([*edit[:2], str(assets.DEFAULT_MODEL), *edit[3:], "--revision", "v1"])
+    monkeypatch.setenv("NPEDIT_REVISION", "v1")
+    args = app.parse_args(["--model", "owner/editor"])
+    assert args.revision == "v1"
+    assert app.make_app(args).models.editor().domain.resolution == 32
+
+
 @pytest.fixture
 def strict(monkeypatch):
     """The size bound without its margin, so a tiny model's config made a few times larger is refused (and the

@@ -209,8 +209,9 @@ class ModelSet:
     """Loads the editor, judge, teacher and critic on first use and keeps them (thread-safe)."""
 
     def __init__(self, paths: ModelPaths, device: str | None = None, dtype: str | None = None, keep: int = 2,
-                 judge_max_pixels: int | None = None):
+                 judge_max_pixels: int | None = None, revision: str | None = None):
         self.paths = paths
+        self.revision = revision or None  # of the app's editor, when it is a hub id (its runs' editors are folders)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.keep = keep
@@ -243,7 +244,9 @@ class ModelSet:
             from npedit.pipeline import NPEditPipeline
 
             try:
-                pipe = NPEditPipeline.from_pretrained(path, dtype=self._torch_dtype(), device=self.device)
+                revision = self.revision if path == self.paths.model and not looks_local(path) else None
+                pipe = NPEditPipeline.from_pretrained(path, dtype=self._torch_dtype(), device=self.device,
+                                                      revision=revision)
             except Exception as exc:  # diffusers raises many types; the user needs one clear line
                 raise ModelError(f"cannot load the editor {path}: {type(exc).__name__}: {exc}") from exc
             pipe.set_progress_bar_config(disable=True)
