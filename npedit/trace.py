@@ -182,6 +182,10 @@ def own_companions(editor: str | os.PathLike | None) -> tuple[str | None, str | 
     if local is not None and (local / "training_config.json").is_file():
         cfg = json.loads((local / "training_config.json").read_text(encoding="utf-8"))
         teacher = cfg.get("model", {}).get("base") or None
+        run_config = local.parent.parent / "config.yaml"
+        if local.parent.name == "exports" and run_config.is_file() and (not teacher or teacher.startswith("local:")):
+            # an export names its base only (`sharing.portable`); beside its run, the run's config says where it is
+            teacher = _run_base(run_config) or teacher
         if teacher and not (Path(teacher).is_dir() or not looks_local(teacher)):
             teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
         # a run's pipeline/ has its critic beside it
@@ -193,6 +197,16 @@ def own_companions(editor: str | os.PathLike | None) -> tuple[str | None, str | 
     if local is not None and (local / "critic" / "config.json").is_file():
         critic = str(local / "critic")  # carried inside the editor folder (the bundled editors): its own first
     return teacher, critic, loss
+
+
+def _run_base(config_file: Path) -> str | None:
+    """model.base of a run's config.yaml, None when it does not read."""
+    from .config import load_config
+
+    try:
+        return load_config(config_file).model.base or None
+    except (OSError, ValueError):
+        return None
 
 
 def load_companion(role: str, path: str, pipe, torch_dtype=None) -> torch.nn.Module:

@@ -209,6 +209,20 @@ def test_an_export_is_shareable_loads_by_hub_id_and_pushes(trained, tiny_zimage,
     refused("export", "runs/npedit", "--push", "not a repo", says="--push takes a hub repo id OWNER/NAME")
 
 
+def test_an_export_beside_its_run_still_finds_the_runs_teacher(trained, tiny_zimage, capsys, monkeypatch):
+    """An export names its base only (`local:NAME`), so the app's DMD maps for RUN/exports/step_N lost the run's
+    teacher they had read from its training_config.json; beside its run, the run's config.yaml gives it. A copy
+    elsewhere (what is shared) names it and needs none."""
+    from npedit.trace import own_companions
+
+    work, _ = trained
+    monkeypatch.chdir(work)
+    out = work / cli(capsys, "export", "runs/npedit", "--step", "3").strip()
+    assert out.parent.name == "exports" and own_companions(out)[0] == str(tiny_zimage)
+    copy = work / cli(capsys, "export", "runs/npedit", "--step", "3", "--out", "elsewhere").strip()
+    assert own_companions(copy)[0] is None
+
+
 def test_an_export_of_a_run_on_marked_data_keeps_its_domain_wherever_it_is_loaded(trained, tmp_path, capsys,
                                                                                    monkeypatch):
     """A run on a manifest in a folder marked as Shapes cases, named relative to where it trained: its export says
