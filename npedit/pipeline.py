@@ -87,6 +87,20 @@ def check_stackable(output_type: str, keep_size: bool, sizes: list, work: list) 
                          f"sizes {sorted(set(sizes))}: use output_type='pil' or keep_size=False")
 
 
+def hub_adapters(repo_id: str, revision: str | None = None, token=None) -> str | None:
+    """The downloaded folder of hub repo `repo_id` when it holds LoRA adapters (`npedit.adapters`: its
+    npedit_lora.json), else None (an editor repo, or an answer that is no file: diffusers' download then says why)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    from .adapters import META_FILE
+
+    try:
+        hf_hub_download(repo_id, META_FILE, revision=revision, token=token)
+    except Exception:  # no such file (an editor repo), or no such repo: not adapters; the editor's load reports it
+        return None
+    return snapshot_download(repo_id, revision=revision, token=token)
+
+
 class NPEditPipeline(DiffusionPipeline):
     """Instruction-based editing in a few steps: `pipe(image=..., prompt="make the sky pink")`."""
 
@@ -132,6 +146,8 @@ class NPEditPipeline(DiffusionPipeline):
             kwargs["dtype"] = torch.float32
         dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
         device = kwargs.pop("device", None)
+        if not looks_local(path):  # the hub answers: a repo of adapters has no model_index.json for diffusers to read
+            path = hub_adapters(path, revision, kwargs.get("token")) or path
         if is_adapter_folder(path):
             check_editor_folder(path, dtype, device=device)
             pipe = load_adapter_pipeline(path, base=kwargs.pop("base", None), student=kwargs.pop("student", None),

@@ -97,6 +97,25 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
         assert torch.equal(value, folded[key].to(torch.bfloat16)), key
 
 
+def test_adapters_on_the_hub_load_by_their_id(tmp_path, tiny_manifest, monkeypatch):
+    """A LoRA export uploaded to the hub did not load by its id while the hub answered: diffusers' download asked for
+    the model_index.json an adapter folder has not, and the error said the repo was nowhere. Its snapshot is fetched
+    and loaded as the local folder is (here from the hub cache, the hub's answer faked; no network)."""
+    import huggingface_hub
+
+    from test_hub_ids import cached
+
+    base = build_tiny_sd3(tmp_path / "base")
+    _lora_run(base, tiny_manifest, tmp_path / "run")
+    folder = export_adapters(tmp_path / "run")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the libraries read the cache
+    monkeypatch.setattr("npedit.folders.hub_unreachable", lambda: None)  # what `locate` sees when the hub answers
+    cached(tmp_path / "hub", "owner/lora", folder)
+    pipe, local = NPEditPipeline.from_pretrained("owner/lora"), NPEditPipeline.from_pretrained(folder)
+    torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer), _velocity(local.backbone, local.transformer))
+
+
 def test_export_adapters_refuses_what_has_none(tmp_path, tiny_manifest):
     from npedit.training.trainer import Trainer
 
