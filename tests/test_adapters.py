@@ -116,6 +116,19 @@ def test_adapters_on_the_hub_load_by_their_id(tmp_path, tiny_manifest, monkeypat
     torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer), _velocity(local.backbone, local.transformer))
 
 
+def test_push_refuses_adapters_that_name_a_local_base(tmp_path, tiny_manifest, monkeypatch):
+    """`export --adapters --push` of a run on a local base would upload adapters nobody else can load; it stops
+    before any upload, saying to export with --base HUB_ID."""
+    import huggingface_hub
+
+    from npedit.cli import main
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)  # any upload attempt would fail loudly
+    _lora_run(build_tiny_sd3(tmp_path / "base"), tiny_manifest, tmp_path / "run")
+    with pytest.raises(SystemExit, match="not pushed: the adapters name the local base .*--base HUB_ID"):
+        main(["export", str(tmp_path / "run"), "--adapters", "--push", "owner/lora"])
+
+
 def test_export_adapters_refuses_what_has_none(tmp_path, tiny_manifest):
     from npedit.training.trainer import Trainer
 
