@@ -95,6 +95,7 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
     """Write the adapters of a LoRA run's checkpoint (the newest, or `step`) as an adapter folder (default
     `<run>/exports/step_N-lora`); `base` overrides the base model it names (the run's `model.base`)."""
     from .config import to_dict
+    from .sharing import portable, shareable_config
     from .training.export import checkpoint_config, export_writing, find_checkpoint
 
     path = find_checkpoint(run_dir, step)
@@ -111,7 +112,8 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
     out = Path(out) if out else Path(run_dir) / "exports" / f"{path.name}-lora"
     meta = {"format": 1, "base": str(base or cfg.model.base), "student": cfg.model.student or None,
             "rank": rank, "alpha": alpha, "layers": len(lora) // 2, "dtype": cfg.model.dtype,
-            "shift": cfg.sampler.shift, "stage": cfg.stage, "step": int(state["step"]), "exported_from": str(path),
+            "shift": cfg.sampler.shift, "stage": cfg.stage, "step": int(state["step"]),
+            "exported_from": portable(str(path)),
             "extra": sorted(extra)}
     # published whole (as an editor export is): an export killed or out of disk midway left a folder that the app
     # lists as an editor (its npedit_lora.json, from this or an earlier export) with weights cut short
@@ -122,7 +124,10 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
             save_file(extra, str(folder / EXTRA_FILE), metadata={"format": "pt"})
         elif (folder / EXTRA_FILE).exists():
             (folder / EXTRA_FILE).unlink()
-        (folder / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+        # the run's folder, judge and data named only (as a whole export does); base and student stay: a load needs
+        # them
+        shared = shareable_config(to_dict(cfg), (("output_dir",), ("judge", "path"), ("data", "train")))
+        (folder / "training_config.json").write_text(json.dumps(shared, indent=2), encoding="utf-8")
         (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         (folder / "README.md").write_text(_card(meta, cfg), encoding="utf-8")
     return out

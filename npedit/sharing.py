@@ -37,10 +37,10 @@ def portable(value: str) -> str:
     return LOCAL + path.name
 
 
-def shareable_config(config: dict) -> dict:
-    """A copy of a training config (`to_dict` form, plus an export's own keys) with every path `portable`."""
+def shareable_config(config: dict, keys: tuple[tuple[str, ...], ...] = PATH_KEYS) -> dict:
+    """A copy of a training config (`to_dict` form, plus an export's own keys) with the paths at `keys` `portable`."""
     out = copy.deepcopy(config)
-    for keys in PATH_KEYS:
+    for keys in keys:
         holder = out
         for key in keys[:-1]:
             holder = holder.get(key, {}) if isinstance(holder, dict) else {}

@@ -58,6 +58,9 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
                                                   "README.md"}
     meta = json.loads((folder / META_FILE).read_text())
     assert meta["base"] == str(base) and meta["rank"] == 2 and meta["alpha"] == 6 and meta["extra"] == ["ref_embed"]
+    shared = json.loads((folder / "training_config.json").read_text())  # what may be published: no run or data path
+    assert shared["data"]["train"] == f"local:{Path(tiny_manifest).name}" and shared["output_dir"] == "local:run"
+    assert meta["exported_from"] == "local:step_000001"
     tensors = load_file(str(folder / LORA_FILE))
     assert tensors and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
                            for k in tensors)
