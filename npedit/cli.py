@@ -105,7 +105,8 @@ def cmd_edit(args) -> int:
     if args.max_side < 1:
         raise SystemExit(f"error: --max-side must be >= 1, got {args.max_side}")
     if args.revision and looks_local(default_path("model", args.model)):
-        raise SystemExit(f"error: --revision picks a version of a hub id; --model {args.model} is a local folder")
+        raise SystemExit(f"error: --revision picks a version of a hub id; the editor "
+                         f"{default_path('model', args.model)} is a local folder")
     if not -2**63 <= args.seed <= 2**64 - max(args.candidates, 1):  # candidate k is seeded seed + k
         raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1 (less the candidates), got {args.seed}")
     jobs = _edit_jobs_of(args)  # before any weights are read: a bad list or output path fails at once
