@@ -473,7 +473,7 @@ def cmd_export(args) -> int:
 def _eval_report(path: str) -> dict:
     """The `npedit eval shapes` report (JSON) that --metrics names, checked to be one."""
     try:
-        report = json.loads(Path(path).read_text())
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"--metrics {path}: cannot read it as JSON ({exc})") from None
     if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
@@ -488,7 +488,7 @@ def _push(out: Path, args) -> str:
     from .sharing import is_hub_id, private_traces, push
 
     if is_adapter_folder(out):
-        meta = json.loads((Path(out) / META_FILE).read_text())
+        meta = json.loads((Path(out) / META_FILE).read_text(encoding="utf-8"))
         local = [f"{key} {meta[key]!r}" for key in ("base", "student") if meta.get(key) and not is_hub_id(meta[key])]
         if local:
             raise SystemExit(f"error: not pushed: the adapters name the local {' and '.join(local)}, which whoever "

@@ -416,10 +416,10 @@ def forget_load_paths(folder: str | Path) -> None:
     import json
 
     for config in [*Path(folder).glob("*/config.json"), *Path(folder).glob("*/scheduler_config.json")]:
-        data = json.loads(config.read_text())
+        data = json.loads(config.read_text(encoding="utf-8"))
         if isinstance(data, dict) and "_name_or_path" in data:
             del data["_name_or_path"]
-            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def model_card(pipe: NPEditPipeline, training: str | None = None, *, repo_id: str | None = None,

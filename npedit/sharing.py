@@ -89,7 +89,7 @@ def private_traces(folder: str | os.PathLike, paths: tuple[str, ...] = ()) -> li
     for file in sorted(Path(folder).rglob("*")):
         if not file.is_file() or file.suffix.lower() not in TEXT_SUFFIXES:
             continue
-        text = file.read_text(errors="replace")
+        text = file.read_text(encoding="utf-8", errors="replace")
         rel = file.relative_to(folder).as_posix()
         found += [f"{rel}: {what} ({needle})" for needle, what in needles.items() if needle in text]
         if TOKEN.search(text):
