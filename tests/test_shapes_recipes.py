@@ -265,6 +265,20 @@ def test_background_rendering_gives_scene_batches():
     assert torch.equal(pixels, again)  # each worker's stream is seeded
 
 
+def test_the_scene_stream_is_the_same_for_any_number_of_render_workers():
+    """`workers=` only says how many processes render: a recipe stage run with 1, 2 or 3 of them trains on the same
+    batches in the same order (each worker drew from a stream of its own, so the batches changed with the count)."""
+    from itertools import islice
+
+    from npedit.shapes.recipes import scene_batches
+
+    streams = {n: list(islice(scene_batches(np.random.default_rng(0), 2, workers=n, seed=5), 4)) for n in (1, 2, 3)}
+    for n in (2, 3):
+        for (pixels, captions), (one, said) in zip(streams[n], streams[1]):
+            assert captions == said and torch.equal(pixels, one), n
+    assert len({tuple(c) for _, c in streams[1]}) == 4  # four different batches, not one drawn again
+
+
 def test_judge_agreement_reads_truth_from_the_parsed_output(tiny_judge, tmp_path):
     """A perfect editor: every edit is done and nothing else changed, so an agreeing judge says Yes to the
     identity check, Yes to the edit check and No to "does it still contain" for removals."""

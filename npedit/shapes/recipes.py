@@ -216,21 +216,25 @@ def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[st
 
 
 class _SceneStream(torch.utils.data.IterableDataset):
-    """Endless batches of random scenes; each worker process draws from its own seeded stream."""
+    """Endless batches of random scenes: batch k is drawn from a stream of its own (seed, k), so whichever worker
+    renders it, and however many there are, the loader yields the same batches in the same order."""
 
     def __init__(self, batch_size: int, seed: int):
         self.batch_size, self.seed = batch_size, seed
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([self.seed, 4243, info.id if info else 0])
+        # the loader takes one batch from each worker in turn, so worker w renders batches w, w + n, w + 2n, ...
+        k, n = (info.id, info.num_workers) if info else (0, 1)
         while True:
-            yield scene_batch(rng, self.batch_size)
+            yield scene_batch(np.random.default_rng([self.seed, 4243, k]), self.batch_size)
+            k += n
 
 
 def scene_batches(rng: np.random.Generator, batch_size: int, workers: int, seed: int):
-    """Endless (pixels, captions) batches: drawn from `rng` in this process, or rendered by `workers`
-    background processes (a GPU run otherwise waits on the Python renderer)."""
+    """Endless (pixels, captions) batches: drawn from `rng` in this process (`workers=0`, the bundled recipes), or
+    rendered by `workers` background processes (a GPU run otherwise waits on the Python renderer), the same batches
+    for any number of them (not those of `workers=0`)."""
     if workers <= 0:
         while True:
             yield scene_batch(rng, batch_size)
