@@ -142,3 +142,25 @@ def test_sample_grid_captions_without_spaces_wrap_in_a_few_measures_per_line():
     lines = wrap_text(f"short {text}", 124, Counted())
     assert lines[0] == "short" and "".join(lines[1:]) == text and len(lines) > 100
     assert all(font.getlength(line) <= 124 < font.getlength(line + nxt[0]) for line, nxt in zip(lines[1:], lines[2:]))
+
+
+def test_sample_grids_do_not_change_what_a_run_trains(tmp_path, tiny_zimage, tiny_manifest):
+    """`sample_every` only says how often a grid is written: a run that writes one every step ends with the losses and
+    weights of one that writes none (the grids drew their noise from the training generator, so every grid shifted
+    the noise, times and unroll lengths of all later updates)."""
+    from safetensors.torch import load_file
+
+    from npedit.cli import main
+
+    common = ["max_steps=3", "critic_steps=1", "optim.lr=1e-3", "log_every=1", "save_every=3"]
+    for name, every in (("plain", 0), ("grids", 1)):
+        main(["train", f"sample_every={every}", *npedit_args(tmp_path / name, tiny_zimage, tiny_manifest, *common)])
+    assert sorted(p.name for p in (tmp_path / "grids" / "samples").iterdir()) == [
+        f"step_00000{i}.png" for i in (1, 2, 3)]
+    rows = {name: [{k: v for k, v in json.loads(line).items() if k.endswith("loss")}
+                   for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("plain", "grids")}
+    assert rows["plain"] == rows["grids"]
+    weights = "checkpoints/step_000003/student/diffusion_pytorch_model.safetensors"
+    plain, grids = load_file(tmp_path / "plain" / weights), load_file(tmp_path / "grids" / weights)
+    assert all(torch.equal(plain[k], grids[k]) for k in plain)

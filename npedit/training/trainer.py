@@ -229,8 +229,9 @@ class Trainer:
                                                          zip(sched.lr_lambdas, sched.base_lrs)]):
             g["lr"] = lr
 
-    def _randn(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.gen).to(like.device, like.dtype)
+    def _randn(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        gen = self.gen if generator is None else generator
+        return torch.randn(like.shape, generator=gen).to(like.device, like.dtype)
 
     def _times(self, batch: int, low: float, high: float) -> torch.Tensor:
         return flow.sample_times(batch, low, high, generator=self.gen).to(self.acc.device)
@@ -246,11 +247,13 @@ class Trainer:
         with self.acc.autocast():
             return self.backbone.velocity(net, x_t, t, cond, reference=reference).float()
 
-    def generate(self, reference: torch.Tensor, cond, *, times: list[float]) -> torch.Tensor:
-        """The student's unroll from pure noise over `times` (gradients follow the caller's grad mode)."""
-        noise = self._randn(reference)
+    def generate(self, reference: torch.Tensor, cond, *, times: list[float],
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """The student's unroll from pure noise over `times` (gradients follow the caller's grad mode); its noise
+        from `generator`, else the training generator."""
+        gen = self.gen if generator is None else generator
         return sample(lambda x, t: self.velocity(self.student, x, t, cond, reference=reference),
-                      noise, times, generator=self.gen)
+                      self._randn(reference, gen), times, generator=gen)
 
     def _optimise(self, name: str, loss_fn) -> dict:
         """One optimiser step of the student or the critic over `gradient_accumulation_steps` micro-batches:
@@ -551,11 +554,13 @@ class Trainer:
 
     @torch.no_grad()
     def edit_batch(self, batch: dict) -> torch.Tensor:
-        """Edit a batch with the full few-step sampler; pixels (B, 3, H, W) in [-1, 1]."""
+        """Edit a batch with the full few-step sampler, from the same noise each time (drawn from the run's seed);
+        pixels (B, 3, H, W) in [-1, 1]."""
         self.student.eval()
         _, ref = self._reference(batch)
         cond = self.backbone.encode_prompt(batch["instruction"], with_reference=True)
-        x = self.generate(ref, cond, times=self.schedule)
+        # not the training generator: how often grids are drawn (sample_every) must not change what the run trains
+        x = self.generate(ref, cond, times=self.schedule, generator=torch.Generator().manual_seed(self.cfg.seed))
         self.student.train(not self.fits_critic)
         return self.backbone.decode_latents(x).float().clamp(-1, 1)
 
