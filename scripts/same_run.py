@@ -1,0 +1,73 @@
+"""Whether two training runs are the same run: `python scripts/same_run.py RUN_A RUN_B`.
+
+Compares what each run logged in metrics.jsonl (every value but the wall-clock ones) step by step, and the tensors of
+the newest checkpoint both hold, bit for bit (weights, LoRA adapters, optimiser moments, RNG states). Prints
+`same` with what was compared, or the first differences; exits 1 when the runs differ. Use it on a run trained twice
+with one seed, or on a run killed and resumed against the one trained straight (README: Reproducibility).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+CLOCK = ("time", "elapsed_s", "minutes")  # wall-clock values: never the same twice
+
+
+def logged(run: Path) -> dict[int, dict]:
+    """metrics.jsonl of `run` as {step: its values but the wall-clock ones}, rows of one step merged."""
+    rows: dict[int, dict] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k not in CLOCK})
+    return rows
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds (weights, optimiser moments, RNG states), keyed by file and name."""
+    return {f"{f.relative_to(checkpoint)}:{k}": v for f in sorted(checkpoint.rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+def differences(a: Path, b: Path, limit: int = 5) -> tuple[list[str], str]:
+    """(at most `limit` lines naming where runs `a` and `b` differ, a line saying what was compared)."""
+    out: list[str] = []
+    rows_a, rows_b = logged(a), logged(b)
+    if rows_a.keys() != rows_b.keys():
+        out.append(f"logged steps differ: {sorted(rows_a.keys() ^ rows_b.keys())[:10]} in one run only")
+    for step in sorted(rows_a.keys() & rows_b.keys()):
+        for key in sorted(rows_a[step].keys() | rows_b[step].keys()):
+            if rows_a[step].get(key) != rows_b[step].get(key):
+                out.append(f"step {step} {key}: {rows_a[step].get(key)} vs {rows_b[step].get(key)}")
+    names = sorted({d.name for d in (a / "checkpoints").glob("step_*")}
+                   & {d.name for d in (b / "checkpoints").glob("step_*")})
+    compared = f"{len(rows_a.keys() & rows_b.keys())} logged steps"
+    if names:
+        ta, tb = checkpoint_tensors(a / "checkpoints" / names[-1]), checkpoint_tensors(b / "checkpoints" / names[-1])
+        if ta.keys() != tb.keys():
+            out.append(f"{names[-1]}: tensors {sorted(ta.keys() ^ tb.keys())[:3]} in one run only")
+        out += [f"{names[-1]} {k}: max difference {(ta[k].float() - tb[k].float()).abs().max().item():.3g}"
+                for k in sorted(ta.keys() & tb.keys()) if not torch.equal(ta[k], tb[k])]
+        compared += f", {len(ta)} tensors of {names[-1]}"
+    else:
+        out.append("no checkpoint step that both runs hold: weights not compared")
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else []), compared
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    args = parser.parse_args(argv)
+    diff, compared = differences(args.run_a, args.run_b)
+    print("\n".join(diff) if diff else f"same: {compared}, bit for bit")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""scripts/same_run.py: two runs are the same when their logged values (wall-clock aside) and their newest shared
+checkpoint's weights are equal bit for bit; it names the first differences otherwise."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+from script_modules import load_script  # tests/script_modules.py
+
+
+def fake_run(root, losses, weight, clock=0.0):
+    """A run folder as the trainer writes it: metrics.jsonl and checkpoints/step_000002 with a student."""
+    root.mkdir()
+    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "student_loss": loss, "time": clock + i,
+                                                            "elapsed_s": clock}) + "\n"
+                                                for i, loss in enumerate(losses)))
+    (root / "checkpoints/step_000002/student").mkdir(parents=True)
+    (root / "checkpoints/step_000002/optimizer_student").mkdir()
+    save_file({"w": weight}, root / "checkpoints/step_000002/student/diffusion_pytorch_model.safetensors")
+    save_file({"m": torch.ones(3)}, root / "checkpoints/step_000002/optimizer_student/state.safetensors")
+    return root
+
+
+def test_same_run_compares_losses_and_weights_but_not_the_clock(tmp_path, capsys):
+    same_run = load_script("same_run")
+    w = torch.arange(6.0)
+    a = fake_run(tmp_path / "a", [0.5, 0.25], w)
+    b = fake_run(tmp_path / "b", [0.5, 0.25], w.clone(), clock=100.0)  # later, slower: the same run
+    assert same_run.main([str(a), str(b)]) == 0
+    assert capsys.readouterr().out.startswith("same: 2 logged steps, 2 tensors of step_000002")
+    loss = fake_run(tmp_path / "loss", [0.5, 0.2500001], w)
+    weight = fake_run(tmp_path / "weight", [0.5, 0.25], w + torch.tensor([0, 0, 0, 0, 0, 1e-6]))
+    diff, _ = same_run.differences(a, loss)
+    assert diff == ["step 2 student_loss: 0.25 vs 0.2500001"]
+    diff, _ = same_run.differences(a, weight)
+    assert len(diff) == 1 and diff[0].startswith("step_000002 student/diffusion_pytorch_model.safetensors:w: max")
+    assert same_run.main([str(a), str(weight)]) == 1
