@@ -799,6 +799,25 @@ def test_fp16_loss_scaling_is_undone_before_clipping_and_the_step(tmp_path, tiny
     assert m["student_skipped"] == 1.0 and trainer.acc.scaler.get_scale() == 2.0 ** 15
 
 
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path, tiny_zimage, tiny_manifest):
+    """The fp16 GradScaler's state (the scale an overflow lowered, the count of steps since, towards the next growth)
+    is saved with a checkpoint and restored by a resume; it started again at 2^16, so a run that had backed off
+    overflowed again after its resume and skipped updates the uninterrupted run made."""
+    trainer, batches, loss_fn = _probe_trainer(tmp_path, tiny_zimage, tiny_manifest)
+    trainer.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # what fp16 on a GPU builds
+    trainer.batches = iter(batches[:1])
+    trainer._optimise("student", lambda batch: loss_fn(batch, scale=1e34))  # overflows: the scale backs off
+    trainer.batches = iter(batches[1:])
+    trainer._optimise("student", loss_fn)  # one good step towards the next growth
+    trainer.step = 2
+    trainer.save_checkpoint()
+    saved = trainer.acc.scaler.state_dict()
+    assert saved["scale"] == 2.0 ** 15 and saved["_growth_tracker"] == 1
+    again, _, _ = _probe_trainer(tmp_path, tiny_zimage, tiny_manifest)
+    again.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    assert again.resume() and again.acc.scaler.state_dict() == saved
+
+
 def test_a_non_finite_loss_on_one_process_skips_the_update_on_all(tmp_path, tiny_zimage, tiny_manifest, monkeypatch):
     """A process whose loss is not finite still draws its micro-batches and joins the same collectives as the
     others (returning early would leave them waiting in the gradient all-reduce); the update is skipped

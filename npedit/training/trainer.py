@@ -583,7 +583,7 @@ class Trainer:
         return {"train": self.gen}
 
     def save_checkpoint(self) -> None:
-        """Write checkpoints/step_N atomically: weights, optimisers, schedulers, RNG, step, config."""
+        """Write checkpoints/step_N atomically: weights, optimisers, schedulers, fp16 loss scale, RNG, step, config."""
         root = self.run_dir / "checkpoints"
         final = root / f"{ckpt.STEP_PREFIX}{self.step:06d}"
         tmp = root / f".tmp_{final.name}"
@@ -612,6 +612,9 @@ class Trainer:
                      "final_phase": self.final_phase, "batches_drawn": self.drawn,
                      "sched_student": self.sched_student.state_dict()["last_epoch"] if self.sched_student else 0,
                      "sched_critic": self.sched_critic.state_dict()["last_epoch"] if self.sched_critic else 0}
+            scaler = getattr(self.acc, "scaler", None)  # fp16: the loss scale and its growth count
+            if scaler is not None:
+                state["grad_scaler"] = scaler.state_dict()
             with ckpt.writing(tmp):
                 (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
                 ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
@@ -652,6 +655,9 @@ class Trainer:
         rng = path / f"rng_{self.acc.process_index}"
         if Path(str(rng) + ".json").is_file():
             ckpt.rng_state_from_files(rng, self._generators())
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and state.get("grad_scaler"):  # else it starts again at 2^16 and overflows anew
+            scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
         self._continue_data(int(state.get("batches_drawn", 0)))
