@@ -22,7 +22,7 @@ CLOCK = ("time", "elapsed_s", "minutes")  # wall-clock values: never the same tw
 def logged(run: Path) -> dict[int, dict]:
     """metrics.jsonl of `run` as {step: its values but the wall-clock ones}, rows of one step merged."""
     rows: dict[int, dict] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         rows.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k not in CLOCK})
     return rows
