@@ -196,6 +196,39 @@ def test_a_one_image_question_matches_the_hf_forward_at_any_size(judge, shape):
         torch.testing.assert_close(ours[b], full, atol=1e-3, rtol=0)  # measured: at most 3.2e-4
 
 
+def test_new_questions_get_the_processors_ids_with_the_processor_run_once_per_image_layout(judge_dir, monkeypatch):
+    """A training run asks dozens of new questions per update; the processor (which also preprocesses blank images)
+    runs on the first question of each image layout, the later ones are expanded and tokenized as it would: the
+    same ids as the processor's for each, two-image questions and one-image ones at two sizes."""
+    judge = load_judge(judge_dir)  # its own caches: none of the module's questions asked before
+    processor_cls = type(judge.processor)
+    calls = []
+    real_call = processor_cls.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("text"))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(processor_cls, "__call__", counted)
+    rows = [q for ins, et, obj in [("make the circle red", "recolor", None), ("remove the blue square", "remove",
+                                                                            "blue square"),
+                                   ("add a green triangle on the left", "add", None)]
+            for q in training_questions(ins, et, obj)]
+    rows += [contains_question("yellow star"), contains_question("red circle")]
+    shapes = [(SIZE, SIZE), (37, 53)]
+    ours = {shape: judge.prompt_ids(rows, image_shape=shape) for shape in shapes}
+    layouts = {(len(q.images), shape if len(q.images) == 1 else None) for q in rows for shape in shapes}
+    assert len(calls) == len(layouts) < len(rows) * len(shapes)
+    monkeypatch.setattr(processor_cls, "__call__", real_call)
+    for shape in shapes:
+        ids, mask, _ = ours[shape]
+        for i, q in enumerate(rows):
+            prompt = chat_prompt(judge.processor, q.text, len(q.images))
+            blanks = [Image.new("RGB", shape[::-1] if len(q.images) == 1 else (SIZE, SIZE)) for _ in q.images]
+            theirs = judge.processor(text=prompt, images=[blanks], return_tensors="pt")["input_ids"][0]
+            assert torch.equal(ids[i, : int(mask[i].sum())], theirs), (shape, q.text)
+
+
 def test_a_large_one_image_canvas_is_pooled_as_the_model_pools_it(tmp_path):
     """On a 6 x 6 pinpoint grid (the real checkpoints'), a 200 px image's 36 tiles exceed anyres_max_9 and the
     model pools their feature grid bilinearly: our features follow it, tokens and logits."""
