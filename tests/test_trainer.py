@@ -164,3 +164,41 @@ def test_sample_grids_do_not_change_what_a_run_trains(tmp_path, tiny_zimage, tin
     weights = "checkpoints/step_000003/student/diffusion_pytorch_model.safetensors"
     plain, grids = load_file(tmp_path / "plain" / weights), load_file(tmp_path / "grids" / weights)
     assert all(torch.equal(plain[k], grids[k]) for k in plain)
+
+
+class _Forgetful(dict):
+    """A cache that keeps nothing: every lookup misses."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def test_the_cached_encodings_and_prompt_layouts_give_the_losses_of_computing_them_each_update(
+        tmp_path, tiny_zimage, tiny_manifest, tiny_judge):
+    """The teacher's negative prompt is encoded once per run (not once per student update) and the judge's processor
+    runs once per image layout (not once per new question); the losses and metrics of two NP-Edit iterations (judge
+    and DMD) are those of the same run, same seed, that encodes and lays out everything afresh, to 1e-6."""
+    metrics = {}
+    for fresh in (False, True):
+        trainer = Trainer(load_config(None, npedit_args(tmp_path / str(fresh), tiny_zimage, tiny_manifest,
+                                                        f"judge.path={tiny_judge}", "loss.lambda_vlm=1",
+                                                        "critic_steps=1", "data.do_nothing_prob=0")))
+        negative = trainer.cfg.loss.negative_prompt
+        encoded, encode = [], trainer.backbone.encode_prompt
+
+        def recorded(prompts, **kwargs):  # the real encoding, with its prompts noted
+            encoded.append(list(prompts))
+            return encode(prompts, **kwargs)
+
+        trainer.backbone.encode_prompt = recorded
+        if fresh:  # the path before the caches: encode the negative prompt each update, the processor each question
+            trainer._negative_cond = lambda n, t=trainer: t.backbone.encode_prompt([negative] * n,
+                                                                                    with_reference=False)
+            trainer.judge._expansions = _Forgetful()
+        metrics[fresh] = [trainer.iteration(), trainer.iteration()]
+        negatives = sum(prompts == [negative] * len(prompts) for prompts in encoded)
+        assert negatives == (2 if fresh else 1)
+    for cached, plain in zip(metrics[False], metrics[True]):
+        assert cached.keys() == plain.keys() and "vlm_loss" in cached and "dmd_loss" in cached
+        for key in cached:
+            assert abs(float(cached[key]) - float(plain[key])) <= 1e-6, (key, cached[key], plain[key])

@@ -170,6 +170,7 @@ class Trainer:
         self.batches = _infinite(self.loader, self.sampler)
         self.schedule = flow.few_step_times(cfg.sampler.num_steps, cfg.sampler.shift)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
+        self._negative_conds: dict[tuple[str, int], object] = {}  # (negative prompt, batch) -> its encoding
 
     # ---- helpers ----------------------------------------------------------------------------
     def _add_lora(self, net):
@@ -397,11 +398,19 @@ class Trainer:
         t = self._times(x.shape[0], lc.dmd_t_min, lc.dmd_t_max)
         x_t = flow.add_noise(x, self._randn(x), t)
         cond_x = self.backbone.encode_prompt(batch["caption_target"], with_reference=False)
-        cond_neg = self.backbone.encode_prompt([lc.negative_prompt] * x.shape[0], with_reference=False)
+        cond_neg = self._negative_cond(x.shape[0])
         with self.acc.autocast():
             x0_real, x0_fake = teacher_critic_x0(self.backbone, self.teacher, self.critic, x_t, t, cond_x, cond_neg,
                                                  self.cfg_scales(batch["edit_type"]))
         return x0_real.float(), x0_fake.float()
+
+    def _negative_cond(self, n: int):
+        """The teacher's CFG negative prompt encoded for a batch of `n`: the same every update, so encoded once per
+        batch size (the text encoder is frozen; it cost about as much as encoding the captions)."""
+        key = (self.cfg.loss.negative_prompt, n)
+        if key not in self._negative_conds:
+            self._negative_conds[key] = self.backbone.encode_prompt([key[0]] * n, with_reference=False)
+        return self._negative_conds[key]
 
     # the logged mean P(expected answer) of each group of extra checks (a keep check expects Yes)
     _CHECK_METRICS = {"keep": "vlm_keep_p_yes", "change": "vlm_change_p_expected"}
