@@ -107,8 +107,14 @@ def instrument(tr: Trainer, timer: PartTimer) -> None:
 
 def profile_stage(stage: str, updates: int, skip: int, cprofile: int) -> dict:
     """Median seconds per update of `stage` and each part's share; prints a table (and cProfile's top)."""
-    out = tempfile.mkdtemp(prefix=f"profile-{stage}-")
-    cfg = load_config(str(ROOT / "configs" / "shapes" / f"{stage}.yaml"), overrides(stage, out))
+    with tempfile.TemporaryDirectory(prefix=f"profile-{stage}-") as out:  # (nothing of the run is kept)
+        return _profile(load_config(str(ROOT / "configs" / "shapes" / f"{stage}.yaml"), overrides(stage, out)),
+                        updates, skip, cprofile)
+
+
+def _profile(cfg, updates: int, skip: int, cprofile: int) -> dict:
+    """`profile_stage` on a loaded config."""
+    stage = cfg.stage
     tr = Trainer(cfg)
     for _ in range(skip):
         tr.iteration()
