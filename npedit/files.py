@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,22 +21,29 @@ REPLACE_WAIT_S = 2.0  # how long a rename waits, on Windows, for another program
 WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT")
                                                                    for i in range(1, 10))})
 
+# One writer at a time per file within a process: the app's threads (two visitors' Train tabs polling a run that just
+# ended) both rewrote status.json through its one temporary name, and one renamed the other's half-written file or
+# found it gone. Striped, so that the locks stay few however many files a long run writes.
+_WRITING = tuple(threading.Lock() for _ in range(64))
+
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` to `path` through a temporary file beside it, flushed to the disk and then renamed over `path`."""
     path = Path(path)
-    # one fixed temporary name per file (each file has one writer): what a killed write left is reused, not piled up;
-    # hidden, so that no reader's glob (samples/step_*.png, *.safetensors) takes it for a finished file
+    # one fixed temporary name per file (each file has one writing process, its threads taking turns): what a killed
+    # write left is reused, not piled up; hidden, so that no reader's glob (samples/step_*.png, *.safetensors) takes it
+    # for a finished file
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())  # a power cut after the rename must not leave `path` empty
-        rename_over(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # (a full disk: the partial file would hold the space a retry needs)
-        raise
+    with _WRITING[hash(os.path.abspath(path)) % len(_WRITING)]:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())  # a power cut after the rename must not leave `path` empty
+            rename_over(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # (a full disk: the partial file would hold the space a retry needs)
+            raise
 
 
 def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -956,6 +956,50 @@ def test_a_jobs_records_are_written_whole_and_leave_no_partial_file(tmp_path, fu
         jobs._write_json(record, {"pid": 2, "args": ["x" * 200]})
     assert json.loads(record.read_text()) == {"pid": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
 
+def test_two_visitors_polling_a_run_as_it_finishes_both_read_its_status(tmp_path, monkeypatch):
+    """The Train tab's status poll runs without a concurrency limit: two visitors' polls of a run that had just ended
+    both rewrote status.json through its one temporary name, and one of them renamed the other's half-written file
+    or failed on it gone (FileNotFoundError, an error box every 2 s). Writers of one file now take turns."""
+    import threading
+
+    from npedit import files
+
+    run = tmp_path / "runs" / "done"
+    (run / "pipeline").mkdir(parents=True)
+    (run / "pipeline" / "model_index.json").write_text("{}")
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": ["max_steps=4"],
+                                              "started": time.time(), "runs_root": str(tmp_path / "runs")}))
+    (run / "exit_code").write_text("0\n")
+    (run / "status.json").write_text(json.dumps({"state": "running"}))  # what the polls saw last, as it ended
+    both_writing = threading.Barrier(2, timeout=1.0)
+    real_fsync = files.os.fsync
+
+    def fsync_together(fd):  # both polls inside the write at once, as two threads get there
+        try:
+            both_writing.wait()
+        except threading.BrokenBarrierError:  # (writers taking turns: the first waits alone, then goes on)
+            pass
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync_together)
+    seen, errors = [], []
+
+    def poll():
+        try:
+            seen.append(jobs.job_status(run).state)
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == [] and seen == ["finished", "finished"]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert sorted(p.name for p in run.iterdir()) == ["exit_code", "job.json", "pipeline", "status.json"]
+
+
 def test_a_job_that_fails_to_start_leaves_its_folder_free(tmp_path, monkeypatch):
     """job.json is written before the process starts; a start that fails (no such program, no memory to fork) takes
     it back, so the same run name can be started again."""
