@@ -947,6 +947,108 @@ def test_a_jobs_log_is_utf8_whatever_the_locale(tmp_path, monkeypatch):
     assert jobs.log_tail(root / "utf8").endswith("rendre le cercle rouge → 把圆变成红色")
 
 
+def test_two_starts_at_once_past_a_stale_lock_run_one_job(tmp_path, monkeypatch):
+    """Start and Resume are separate gradio events, so two visitors' starts can run at once. Both found the device's
+    lock stale (its job long ended), and one removed the lock the other had just written: two jobs trained on one
+    device. Taking the lock is now one step per device, for threads and processes alike."""
+    import threading
+
+    root = tmp_path / "runs"
+    (root / ".locks").mkdir(parents=True)
+    (root / ".locks" / "cpu.lock").write_text(json.dumps({"run_dir": str(root / "old"), "time": 0}))  # stale
+    monkeypatch.setattr(jobs, "_MAIN", "import time; time.sleep(60)")  # a trainer that runs until stopped
+    real_active = jobs.active_job
+    checked = threading.Event()
+    lock = root / ".locks" / "cpu.lock"
+
+    def active_job(runs_root, device=None):  # "a" goes on once "b" has seen the stale lock; "b" once "a" made its own
+        holder = real_active(runs_root, device)
+        if threading.current_thread().name == "a":
+            checked.wait(timeout=1.0)
+        else:
+            checked.set()
+            deadline = time.time() + 1.0
+            made = str((root / "a").resolve())
+            while time.time() < deadline and (jobs._read_json(lock) or {}).get("run_dir") != made:
+                time.sleep(0.01)
+        return holder
+
+    monkeypatch.setattr(jobs, "active_job", active_job)
+    outcome = {}
+
+    def start(name):
+        try:
+            outcome[name] = jobs.start_job(root / name, ["max_steps=1"], runs_root=root, device="cpu").state
+        except jobs.JobBusy as exc:
+            outcome[name] = f"busy: {exc}"
+
+    threads = [threading.Thread(target=start, args=(n,), name=n) for n in ("a", "b")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        running = sorted(n for n, state in outcome.items() if state == "running")
+        assert len(running) == 1 and len(outcome) == 2, outcome
+        other = ({"a", "b"} - set(running)).pop()
+        assert outcome[other].startswith(f"busy: cpu is busy with run '{running[0]}'")
+        assert real_active(root, "cpu") == (root / running[0]).resolve()
+    finally:
+        for name in ("a", "b"):
+            jobs.cancel_job(root / name, timeout=5)
+
+
+def test_a_poll_freeing_an_ended_runs_lock_leaves_a_new_starts_lock(tmp_path, monkeypatch):
+    """A status poll of a run that had ended frees the device's lock if it still names that run; a start running at
+    the same moment (another visitor's) could replace the stale lock in between, and the poll then removed the new
+    job's lock: the device read as free while that job trained, so a third start joined it."""
+    import threading
+
+    root = tmp_path / "runs"
+    old = root / "old"
+    (old / "pipeline").mkdir(parents=True)
+    (old / "pipeline" / "model_index.json").write_text("{}")
+    (old / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": [], "started": time.time(),
+                                              "runs_root": str(root)}))
+    (old / "exit_code").write_text("0\n")
+    (old / "status.json").write_text(json.dumps({"state": "running"}))  # the last poll saw it running
+    lock = root / ".locks" / "cpu.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"run_dir": str(old.resolve()), "time": 0}))
+    monkeypatch.setattr(jobs, "_MAIN", "import time; time.sleep(60)")  # a trainer that runs until stopped
+    real_read, real_active = jobs._read_json, jobs.active_job
+    polled = threading.Event()
+
+    def read_json(path):  # the poll reads the lock, then goes on once the start has written its own (or 1 s passed)
+        data = real_read(path)
+        if threading.current_thread().name == "poll" and Path(path) == lock:
+            polled.set()
+            deadline = time.time() + 1.0
+            mine = str((root / "new").resolve())
+            while time.time() < deadline and (real_read(lock) or {}).get("run_dir") != mine:
+                time.sleep(0.01)
+        return data
+
+    def active_job(runs_root, device=None):  # the start replaces the stale lock once the poll has read it
+        polled.wait(timeout=1.0)
+        return real_active(runs_root, device)
+
+    monkeypatch.setattr(jobs, "_read_json", read_json)
+    monkeypatch.setattr(jobs, "active_job", active_job)
+    threads = [threading.Thread(target=jobs.job_status, args=(old,), name="poll"),
+               threading.Thread(target=jobs.start_job, args=(root / "new", ["max_steps=1"]),
+                                kwargs={"runs_root": root, "device": "cpu"}, name="start")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert jobs.job_status(root / "new").state == "running"
+        assert real_active(root, "cpu") == (root / "new").resolve()
+    finally:
+        jobs.cancel_job(root / "new", timeout=5)
+
+
 def test_a_jobs_records_are_written_whole_and_leave_no_partial_file(tmp_path, full_disk):
     """job.json and status.json went through a copy of files.write_atomic without its clean-up: a full disk left a cut
     `.job.json.tmp` holding the space; they use write_atomic itself now."""

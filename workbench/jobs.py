@@ -10,7 +10,9 @@ A job lives in its run folder:
     cancelled     written when the user cancels it
     status.json   the last state observed (for readers that do not poll the process)
 and the trainer's own config.yaml, metrics.jsonl, samples/, checkpoints/, pipeline/ and critic/.
-One job at a time per device: `<runs_root>/.locks/<device>.lock` names the run that holds it.
+One job at a time per device: `<runs_root>/.locks/<device>.lock` names the run that holds it; it is checked, taken
+and freed by one thread or process at a time (an flock on `<device>.turn` beside it: visitors' starts and polls run
+at once).
 The process is never a child of a Gradio event: closing the browser (or the app) leaves it running.
 POSIX: the job is its own session and process group, stopped with SIGTERM then SIGKILL to the group. Windows (no
 process groups to signal): a new process group with no console window, stopped by terminating its process tree.
@@ -18,6 +20,7 @@ process groups to signal): a new process group with no console window, stopped b
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -26,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,9 +183,25 @@ def active_job(runs_root: str | os.PathLike, device: str | None = None) -> Path 
     return run if _job_alive(run, job) else None
 
 
+@contextmanager
+def _lock_turn(runs_root: Path, device: str):
+    """Take the device lock's turn: its check, removal when stale and creation happen for one thread or process at a
+    time (two starts both found a stale lock, and one removed the lock the other had just made: two jobs on one
+    device; a poll freeing an ended run's lock could likewise remove a new start's)."""
+    guard = _lock_path(runs_root, device).with_suffix(".turn")
+    guard.parent.mkdir(parents=True, exist_ok=True)
+    with open(guard, "a") as f:  # each call its own open file, so threads of one process wait for each other too
+        fcntl.flock(f, fcntl.LOCK_EX)  # (released as the file closes, also when the process dies)
+        yield
+
+
 def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
+    with _lock_turn(runs_root, device):
+        return _take(runs_root, device, run_dir)
+
+
+def _take(runs_root: Path, device: str, run_dir: Path) -> Path:
     lock = _lock_path(runs_root, device)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -200,9 +220,12 @@ def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
 
 def _release(runs_root: Path, device: str, run_dir: Path) -> None:
     lock = _lock_path(runs_root, device)
-    data = _read_json(lock)
-    if data and Path(data["run_dir"]) == run_dir:
-        lock.unlink(missing_ok=True)
+    if not lock.is_file():
+        return
+    with _lock_turn(runs_root, device):
+        data = _read_json(lock)
+        if data and Path(data["run_dir"]) == run_dir:
+            lock.unlink(missing_ok=True)
 
 
 # ---- start, status, cancel -------------------------------------------------------------------
