@@ -121,6 +121,41 @@ def test_visitors_editing_and_judging_at_once_each_get_what_they_get_alone(tiny_
             assert _same(together[name], alone[name]), (name, "fresh" if fresh else "loaded")
 
 
+@pytest.fixture(scope="module")
+def second_editor(tiny_set, tmp_path_factory):
+    """Another editor folder: the tiny editor with its transformer's weights scaled, so its edits differ."""
+    import torch
+
+    from npedit.pipeline import NPEditPipeline
+
+    pipe = NPEditPipeline.from_pretrained(tiny_set["model"])
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.mul_(1.5)
+    out = tmp_path_factory.mktemp("second-editor") / "editor"
+    pipe.save_pretrained(out)
+    return str(out)
+
+
+def test_a_visitor_switching_editors_does_not_change_anothers_edit(tiny_set, tmp_path, scenes, second_editor):
+    """One visitor edits with the app's editor while others pick another editor and load it, with a model cache of
+    one editor (so the loads push out the editor in use): every edit is the one its own editor makes alone."""
+    app, _ = _app(tiny_set, tmp_path)
+    edit = npedit_app.edit_handler(app)
+
+    def with_editor(editor, seed):
+        return lambda: png(edit(scenes[0], "make the circle blue", 4, seed, False, "", "edit", "", False, editor, 1,
+                                "", progress=quiet)[0])
+
+    calls = {"app's": with_editor(None, 3), "other": with_editor(second_editor, 3),
+             "app's again": with_editor(tiny_set["model"], 4), "other again": with_editor(second_editor, 4)}
+    alone = {name: call() for name, call in calls.items()}
+    assert alone["app's"] != alone["other"]  # (the editors differ, so a swap would show)
+    for keep in (2, 1):
+        app.models = type(app.models)(app.models.paths, device="cpu", keep=keep)  # nothing loaded, at most `keep`
+        assert at_once(calls) == alone, keep
+
+
 def test_model_calls_queue_one_at_a_time_and_status_polls_do_not(tiny_set, tmp_path):
     """The gradio settings README's app section states: the calls that run models (edit, judge, gradient maps, batch
     verdicts) share one concurrency group of one call, so two visitors' edits queue rather than share the CPU or GPU
