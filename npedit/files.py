@@ -27,8 +27,9 @@ WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for
 _WRITING = tuple(threading.Lock() for _ in range(64))
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `path` through a temporary file beside it, flushed to the disk and then renamed over `path`."""
+def write_atomic(path: str | os.PathLike, data: bytes | str, sync: bool = True) -> None:
+    """Write `data` to `path` through a temporary file beside it, flushed to the disk (unless not `sync`: for files
+    that can be made again, whose readers need them whole, not kept through a power cut) and renamed over `path`."""
     path = Path(path)
     # one fixed temporary name per file (each file has one writing process, its threads taking turns): what a killed
     # write left is reused, not piled up; hidden, so that no reader's glob (samples/step_*.png, *.safetensors) takes it
@@ -39,7 +40,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
                 f.flush()
-                os.fsync(f.fileno())  # a power cut after the rename must not leave `path` empty
+                if sync:
+                    os.fsync(f.fileno())  # a power cut after the rename must not leave `path` empty
             rename_over(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # (a full disk: the partial file would hold the space a retry needs)
@@ -81,6 +83,6 @@ def png_bytes(image) -> bytes:
     return png.getvalue()
 
 
-def write_png(path: str | os.PathLike, image) -> None:
+def write_png(path: str | os.PathLike, image, sync: bool = True) -> None:
     """Write a PIL image as a PNG file, whole or not at all (`write_atomic`): the app shows a run's newest grid."""
-    write_atomic(path, png_bytes(image))
+    write_atomic(path, png_bytes(image), sync)

@@ -354,6 +354,32 @@ def test_training_table_to_manifest(tmp_path):
         datasets.write_manifest(datasets.empty_table(), tmp_path / "u4")
 
 
+
+def test_a_start_copying_generated_cases_while_the_same_seed_is_generated_again_reads_them_whole(tmp_path):
+    """The Train tab's Generate and Start are separate events: two visitors on the default seed and count share one
+    staging folder, and one's Start copied the cases while the other's Generate rewrote them in place, finding images
+    cut short or empty ("row 6: ... is an empty file (0 bytes)"). Each file is now replaced whole."""
+    import threading
+
+    folder = tmp_path / "staging" / "shapes-0-6"
+    table = datasets.shapes_table(6, folder, seed=0)
+    stop = time.monotonic() + 1.5
+
+    def generate_again():
+        while time.monotonic() < stop:
+            datasets.shapes_table(6, folder, seed=0)
+
+    generating = threading.Thread(target=generate_again)
+    generating.start()
+    starts = 0
+    try:
+        while time.monotonic() < stop:
+            datasets.write_manifest(table, tmp_path / f"run-{starts}" / "data", targets_for="stage sft")
+            starts += 1
+    finally:
+        generating.join()
+    assert starts > 0 and not list(folder.rglob(".*.tmp"))
+
 def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path, monkeypatch):
     """Adding files to the Train tab's upload sends every file again: rows of images already in the table keep their
     instruction and captions (and are not read again), new images get empty rows, rows of images no longer uploaded

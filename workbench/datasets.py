@@ -18,6 +18,7 @@ from PIL import Image
 
 from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, object_names, read_rows
 from npedit.domain import DOMAIN_FILE, SHAPES_DOMAIN, Domain, write_domain
+from npedit.files import write_png
 from npedit.images import ImageError, load_image
 from npedit.pairs import RowWriter
 
@@ -252,7 +253,7 @@ def shapes_table(n: int, directory: str | os.PathLike, seed: int = 0, paraphrase
     write_domain(directory, SHAPES_DOMAIN)
     (directory / "targets").mkdir(exist_ok=True)
     for c in cases:  # named apart from the references: the table shows both by file name (`named_images`)
-        Image.fromarray(render(c.expected)).save(directory / "targets" / f"{c.id}-target.png")
+        write_png(directory / "targets" / f"{c.id}-target.png", Image.fromarray(render(c.expected)), sync=False)
     rows = [{"image": str(directory / "images" / f"{c.id}.png"), "instruction": c.instruction,
              "caption_reference": c.caption_reference, "caption_target": c.caption_target, "edit_type": c.edit_type,
              "object_name": c.object_name or "", "keep": "; ".join(c.keep), "new": "; ".join(c.new),

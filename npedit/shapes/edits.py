@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from ..files import write_atomic, write_png
 from .world import (
     BACKGROUNDS,
     CELLS,
@@ -373,14 +374,17 @@ def write_cases_jsonl(cases: Iterable[EditCase], directory: str | Path) -> Path:
     (directory / "images").mkdir(parents=True, exist_ok=True)
     path = directory / "cases.jsonl"
     seen: set[str] = set()
-    with open(path, "w", encoding="utf-8") as f:
-        for case in cases:
-            if case.id in seen:
-                raise ValueError(f"duplicate case id {case.id!r}")
-            seen.add(case.id)
-            image = f"images/{case.id}.png"
-            Image.fromarray(render(case.reference)).save(directory / image)
-            f.write(json.dumps(case_to_dict(case, image)) + "\n")
+    lines = []
+    for case in cases:
+        if case.id in seen:
+            raise ValueError(f"duplicate case id {case.id!r}")
+        seen.add(case.id)
+        image = f"images/{case.id}.png"
+        # each file replaced whole: the app's Train tab may be copying these cases for a run while another visitor
+        # generates the same seed (in place, a reader found a file cut short or empty)
+        write_png(directory / image, Image.fromarray(render(case.reference)), sync=False)
+        lines.append(json.dumps(case_to_dict(case, image)) + "\n")
+    write_atomic(path, "".join(lines), sync=False)
     return path
 
 
