@@ -31,6 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def warned(shown) -> list[str]:
+    """The messages of the UserWarnings (gr.Warning) `pytest.warns` recorded: not a ResourceWarning that the garbage
+    collector raised meanwhile for an earlier test's event loop (seen once, in place of the first warning)."""
+    return [str(w.message) for w in shown if issubclass(w.category, UserWarning)]
+
+
 def tiny_flags(tiny_set, runs):
     return ["--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher", tiny_set["teacher"],
             "--critic", tiny_set["critic"], "--runs", str(runs)]
@@ -226,9 +232,9 @@ def test_the_train_upload_names_each_file_it_left_out(tmp_path, monkeypatch):
     paths = [str(folder / n) for n in ("cat.jfif", "notes.png", "empty.jpg")]
     with pytest.warns(UserWarning) as shown:
         table, uploads = fns["on_upload"](paths, datasets.empty_table())
-    assert str(shown[0].message) == ("2 files left out of the table: notes.png: cannot read notes.png as an image: "
-                                     "cannot identify image file 'notes.png'; empty.jpg: empty.jpg is an empty file "
-                                     "(0 bytes)")
+    assert warned(shown)[0] == ("2 files left out of the table: notes.png: cannot read notes.png as an image: "
+                                "cannot identify image file 'notes.png'; empty.jpg: empty.jpg is an empty file "
+                                "(0 bytes)")
     assert list(table["image"]) == ["cat.jfif"] and set(uploads) == {"cat.jfif", "notes.png", "empty.jpg"}
 
 
@@ -294,7 +300,7 @@ def test_a_manifest_uploaded_with_its_images_fills_the_train_table(tiny_set, tmp
     assert list(table["instruction"]) == ["make the cat blue, all of it", "remove the dog", "give the cat a hat"]
     assert (table.loc[0, "edit_type"], table.loc[0, "keep"], table.loc[2, "edit_type"]) == ("recolor", "tree; house",
                                                                                           "add")
-    messages = [str(w.message) for w in shown]
+    messages = warned(shown)
     assert messages[0] == ("2 rows of cases.csv left out of the table, 2 images not uploaded: secret.png (line 5), "
                            "bird.png (line 6). Upload them too (with cases.csv).")
     assert messages[1] == "1 uploaded file not named in cases.csv, left out of the table: notes.png."
@@ -1454,7 +1460,7 @@ def test_uploaded_target_images_train_a_paired_sft_run_and_download_with_the_tab
     with pytest.warns(UserWarning) as shown:
         table, names = fns["on_upload"]([manifest, *files], pd.DataFrame(), {})
     assert list(table["target"]) == ["cat-blue.png", "secret.png", ""]
-    assert [str(w.message) for w in shown] == [
+    assert warned(shown) == [
         "1 target image of cases.csv not uploaded: secret.png. Only a run that trains on pairs (stage sft) reads "
         "them: upload them too (with cases.csv) for one."]  # cat-blue.png is no "file not named in cases.csv"
     launched = []
