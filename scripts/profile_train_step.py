@@ -161,7 +161,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = [profile_stage(s, args.updates, args.skip, args.cprofile) for s in args.stages]
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

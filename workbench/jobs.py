@@ -20,7 +20,6 @@ process groups to signal): a new process group with no console window, stopped b
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -190,9 +189,25 @@ def _lock_turn(runs_root: Path, device: str):
     device; a poll freeing an ended run's lock could likewise remove a new start's)."""
     guard = _lock_path(runs_root, device).with_suffix(".turn")
     guard.parent.mkdir(parents=True, exist_ok=True)
-    with open(guard, "a") as f:  # each call its own open file, so threads of one process wait for each other too
-        fcntl.flock(f, fcntl.LOCK_EX)  # (released as the file closes, also when the process dies)
-        yield
+    with open(guard, "ab") as f:  # each call its own open file, so threads of one process wait for each other too
+        if os.name == "nt":  # no flock there: a lock on the file's first byte, freed before the file closes
+            import msvcrt
+            f.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # (it gives up after 10 s of tries: wait on)
+                    break
+                except OSError:
+                    continue
+            try:
+                yield
+            finally:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)  # (released as the file closes, also when the process dies)
+            yield
 
 
 def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
