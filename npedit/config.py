@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -278,6 +279,8 @@ class TrainConfig:
             raise ValueError("max_steps, max_minutes and critic_steps must be >= 0")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if not 0 <= self.seed < 2**32:  # numpy's range (accelerate seeds it); said by key, before any model loads
+            raise ValueError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.log_every < 1 or min(self.sample_every, self.save_every, self.keep_checkpoints) < 0:
             raise ValueError(f"log_every must be >= 1 and sample_every, save_every, keep_checkpoints >= 0 (0: no "
                              f"samples, a checkpoint at the end only, keep all); got log_every={self.log_every}, "
@@ -354,10 +357,18 @@ def build_config(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}"
+                         f"{_close_keys(unknown, names, prefix)}; "
                          f"valid keys here: {', '.join(prefix + n for n in names)}")
     values = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**{**values, **_bundle_paths(cls, hints, values, prefix)})
+
+
+def _close_keys(unknown: list[str], names: list[str], prefix: str) -> str:
+    """` (did you mean optim.lr?)` for the valid keys a typo is close to, else "" (the list after it is long)."""
+    close = [f"{prefix}{u} -> {prefix}{m[0]}" if len(unknown) > 1 else f"{prefix}{m[0]}"
+             for u in unknown if (m := difflib.get_close_matches(str(u), names, n=1, cutoff=0.6))]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def _bundle_paths(cls, hints: dict, values: dict, prefix: str) -> dict:
@@ -423,6 +434,11 @@ def read_yaml(text: str) -> Any:
         data = yaml.load(text, Loader=_ConfigLoader)
     except RecursionError:
         raise ValueError("the YAML is nested too deeply to be a config") from None
+    except yaml.YAMLError as exc:  # a syntax error is the user's to fix: where it is, not PyYAML's traceback
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"not valid YAML{where}: {problem}") from None
     _check_expansion(data)
     return data
 
@@ -468,7 +484,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = read_yaml(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = read_yaml(raw) if raw.strip() else ""
+        except ValueError as exc:
+            raise ValueError(f"override {item!r}: {exc}") from None
     return out
 
 
@@ -488,7 +507,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise FileNotFoundError(f"{p} is a folder, not a config file: --config takes a YAML file{own}")
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        data = read_yaml(p.read_text(encoding="utf-8")) or {}
+        try:
+            data = read_yaml(p.read_text(encoding="utf-8")) or {}
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p} must hold a mapping of config keys")
     return build_config(TrainConfig, apply_overrides(data, list(overrides)))

@@ -56,10 +56,33 @@ def test_a_folder_given_as_config_is_named_a_folder_not_missing(tmp_path):
     ("nokey", "must look like key=value"),
     ("log_every=0", "log_every must be >= 1"),
     ("save_every=-1", "save_every, keep_checkpoints >= 0"),
+    # a typo names the key it is close to, ahead of the long list of valid keys
+    ("optim.lrr=1e-4", "unknown config key(s) optim.lrr (did you mean optim.lr?); valid keys here"),
+    ("maxsteps=3", "maxsteps (did you mean max_steps?)"),
+    ("seed=-5", "seed must be between 0 and 2**32 - 1, got -5"),  # was numpy's "Seed must be ..." once models loaded
+    ("optim.lr=[1e-4,", "override 'optim.lr=[1e-4,': not valid YAML at line 1"),  # was PyYAML's traceback
 ])
 def test_bad_values_are_explained(override, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_config(None, BASE + [override])
+
+
+def test_two_typos_each_name_their_close_key_and_a_far_one_none():
+    says = "(did you mean optim.betass -> optim.betas, optim.lrr -> optim.lr?)"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_config(None, BASE + ["optim.lrr=1", "optim.betass=[0, 1]"])
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) zzz; valid keys here"):
+        load_config(None, BASE + ["zzz=1"])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    """A config file PyYAML cannot parse is a ValueError saying where (`train` prints it as one line), not PyYAML's
+    ParserError and its traceback."""
+    bad = tmp_path / "c.yaml"
+    bad.write_text("stage: warmup\noptim: {lr: 1e-4\nmax_steps: 3\n")
+    says = f"{bad}: not valid YAML at line 3, column 10: expected ',' or '}}'"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_config(bad)
 
 
 def test_integral_numbers_in_any_notation_are_integers():
