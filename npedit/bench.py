@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cli import UsageError
 from .devices import resolve_device
 
 
@@ -40,8 +41,11 @@ def bench_main(args) -> int:
     for flag, value in (("--repeats", args.repeats), ("--batch", args.batch), ("--steps", args.steps),
                         ("--size", args.size), ("--teacher-steps", args.teacher_steps)):
         if value < 1:
-            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
-    device = resolve_device(args.device)
+            raise UsageError(f"error: {flag} must be >= 1, got {value}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise UsageError(f"error: --device: {exc}") from None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, "bfloat16" if args.dtype == "auto" and device.type == "cuda" else
                     "float32" if args.dtype == "auto" else args.dtype)

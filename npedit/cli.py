@@ -21,6 +21,16 @@ from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
 
 
+class UsageError(SystemExit):
+    """A command line that cannot work as typed (a flag's value, flags that do not go together, a setting): `main`
+    prints its one line and the process exits with status 2, as argparse's own errors do; 1 is left for failures
+    of the work itself (a file that cannot be read, a model that does not load)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def _device():
     from .devices import resolve_device
 
@@ -62,6 +72,8 @@ def _read_list(path: str, required: tuple[str, ...]) -> list[dict]:
     from .data import CSV_SUFFIXES, read_rows
 
     p = Path(path)
+    if p.is_dir():  # e.g. the folder of images, where the list of them was meant
+        raise SystemExit(f"error: {p} is a folder; give the list of edits in it (a .jsonl, .csv or .tsv file)")
     if not p.is_file():
         raise SystemExit(f"error: {p} not found")
     try:
@@ -90,26 +102,34 @@ def cmd_edit(args) -> int:
     from .pipeline import NPEditPipeline
 
     if bool(args.image) == bool(args.batch):
-        raise SystemExit("error: give either --image/--instruction/--output or --batch/--output-dir")
+        raise UsageError("error: give either --image/--instruction/--output or --batch/--output-dir")
     if args.candidates < 1:
-        raise SystemExit("error: --candidates must be >= 1")
+        raise UsageError("error: --candidates must be >= 1")
     if args.min_score is not None and not args.verdicts:
-        raise SystemExit("error: --min-score filters the --verdicts file; give --verdicts too")
+        raise UsageError("error: --min-score filters the --verdicts file; give --verdicts too")
     if args.trace and (args.batch or args.candidates > 1 or args.verdicts):
-        raise SystemExit("error: --trace records one edit's steps: give --image (no --batch, --candidates or "
+        raise UsageError("error: --trace records one edit's steps: give --image (no --batch, --candidates or "
                          "--verdicts)")
     if (args.teacher or args.critic or args.caption) and not args.trace:
-        raise SystemExit("error: --teacher, --critic and --caption are for the DMD maps of --trace")
+        raise UsageError("error: --teacher, --critic and --caption are for the DMD maps of --trace")
     if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace):
-        raise SystemExit("error: --judge-max-pixels is for the judge of --candidates, --verdicts or --trace")
+        raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts or --trace")
+    if args.steps < 1:  # (else said by the pipeline once the editor's weights are read)
+        raise UsageError(f"error: --steps must be >= 1, got {args.steps}")
     if args.max_side < 1:
-        raise SystemExit(f"error: --max-side must be >= 1, got {args.max_side}")
+        raise UsageError(f"error: --max-side must be >= 1, got {args.max_side}")
     if args.revision and looks_local(default_path("model", args.model)):
-        raise SystemExit(f"error: --revision picks a version of a hub id; the editor "
+        raise UsageError(f"error: --revision picks a version of a hub id; the editor "
                          f"{default_path('model', args.model)} is a local folder")
     if not -2**63 <= args.seed <= 2**64 - max(args.candidates, 1):  # candidate k is seeded seed + k
-        raise SystemExit(f"error: --seed must be between -2**63 and 2**64 - 1 (less the candidates), got {args.seed}")
+        raise UsageError(f"error: --seed must be between -2**63 and 2**64 - 1 (less the candidates), got {args.seed}")
     jobs = _edit_jobs_of(args)  # before any weights are read: a bad list or output path fails at once
+    if args.image:  # a result that cannot be saved would be found out after the edit (a 6B editor loads for minutes)
+        _check_output_file(args.output, "--output")
+    else:
+        _check_writable(Path(args.output_dir).absolute(), f"--output-dir {args.output_dir}")
+    if args.verdicts:
+        _check_output_file(args.verdicts, "--verdicts")
     if args.trace:
         _check_writable(Path(args.trace).absolute().parent if args.trace.lower().endswith(".zip")
                         else Path(args.trace).absolute(), f"--trace {args.trace}")
@@ -145,7 +165,7 @@ def _image_format(path: Path) -> str:
     """The format a result is saved in, from its file name's extension."""
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise SystemExit(f"error: --output must end in one of {', '.join(OUTPUT_FORMATS)} (the format it is saved "
+        raise UsageError(f"error: --output must end in one of {', '.join(OUTPUT_FORMATS)} (the format it is saved "
                          f"in), got {path}")
     return fmt
 
@@ -167,18 +187,20 @@ def _edit_jobs_of(args) -> list[dict]:
     --batch id names a file in --output-dir: a plain name, once)."""
     if args.image:
         if not args.instruction or not args.output:
-            raise SystemExit("error: --image needs --instruction and --output")
+            raise UsageError("error: --image needs --instruction and --output")
         out = Path(args.output)
         _image_format(out)
         judged = args.candidates > 1 or args.verdicts or args.trace
         if judged and args.edit_type == "remove" and not (args.object or "").strip():
-            raise SystemExit(REMOVE_NEEDS_OBJECT)
+            raise UsageError(REMOVE_NEEDS_OBJECT)
         _check_image(args.image, "--image")
         return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
                  "object_name": args.object, "keep": args.keep, "out": out}]
     if not args.output_dir:
-        raise SystemExit("error: --batch needs --output-dir")
+        raise UsageError("error: --batch needs --output-dir")
     rows = _read_list(args.batch, ("id", "image", "instruction"))
+    if not rows:  # (else it "succeeds" having edited nothing)
+        raise SystemExit(f"error: {args.batch} lists no edits: one line per edit with id, image, instruction")
     names = [str(r["id"]) for r in rows]
     for name in names:
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
@@ -317,15 +339,15 @@ def cmd_judge(args) -> int:
     from .verdicts import judge_edit
 
     if args.gradients and (args.batch or not args.gradients.endswith(".npz")):
-        raise SystemExit("error: --gradients is one .npz file for one pair (not for --batch)")
+        raise UsageError("error: --gradients is one .npz file for one pair (not for --batch)")
     if args.batch and not args.output:
-        raise SystemExit("error: --batch needs --output")
+        raise UsageError("error: --batch needs --output")
     if args.questions and not args.batch:
-        raise SystemExit("error: --questions is the per-question file of --batch (one pair prints its questions)")
+        raise UsageError("error: --questions is the per-question file of --batch (one pair prints its questions)")
     if not args.batch and not (args.reference and args.edited and args.instruction):
-        raise SystemExit("error: give --reference, --edited and --instruction (or --batch/--output)")
+        raise UsageError("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
-        raise SystemExit(REMOVE_NEEDS_OBJECT)
+        raise UsageError(REMOVE_NEEDS_OBJECT)
     # before the judge's weights are read: a bad list or image fails at once
     try:
         pairs = read_pairs(args.batch) if args.batch else []
@@ -337,7 +359,7 @@ def cmd_judge(args) -> int:
     for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients"),
                       (args.questions, "--questions")):
         if out:
-            _check_writable(Path(out).absolute().parent, f"{flag} {out}")
+            _check_output_file(out, flag)
     device = _device()
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
@@ -406,6 +428,14 @@ def _check_writable(folder: Path, what: str) -> None:
         raise SystemExit(f"error: cannot write {what} ({exc.strerror or exc}): pick a folder you can write to") from None
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """SystemExit naming `flag` unless `path` can be written as a file: not a folder, in a folder that takes files;
+    creates nothing."""
+    if Path(path).is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; give the file to write")
+    _check_writable(Path(path).absolute().parent, f"{flag} {path}")
+
+
 def cmd_train(args) -> int:
     """Train one stage from a config file plus dotted overrides."""
     from .config import load_config
@@ -414,8 +444,8 @@ def cmd_train(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (ValueError, FileNotFoundError) as exc:  # the settings as typed (a file's or an override's)
+        raise UsageError(f"error: {exc}") from None
     run = Path(cfg.output_dir)
     used = [name for name in ("metrics.jsonl", "checkpoints", "pipeline") if (run / name).exists()]
     if used and not args.resume:  # a second run there would mix its metrics and checkpoints with the first's
@@ -562,11 +592,10 @@ def cmd_shapes(args) -> int:
         from .shapes.recipes import run as run_stage
 
         run = partial(run_stage, args.stage)
-    from .training.checkpoint import WriteError
-
     try:
         print(run(args.overrides))
-    except (ValueError, FileNotFoundError, WriteError) as exc:  # WriteError: a full disk, what is kept, what to do
+    # (training.checkpoint.WriteError, an OSError: a full disk, what is kept, what to do; an output_dir that is a file)
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
 
@@ -591,8 +620,11 @@ def cmd_swap_vae(args) -> int:
     from .pipeline import NPEditPipeline, carry_over
 
     src, out = Path(default_path("model", args.model)), Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a new folder")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} exists and is not empty")
+    _check_writable(out.absolute(), f"--out {out}")  # before the models load
     try:
         pipe = NPEditPipeline.from_pretrained(str(src)).with_vae(AnyVAE.from_pretrained(args.vae))
     except (ValueError, OSError) as exc:
@@ -827,5 +859,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except UsageError as exc:  # status 2 carries no message of its own
+        print(exc, file=sys.stderr)
+        raise
     except CheckpointError as exc:  # a model path that is not what the command needs: one line, no traceback
         raise SystemExit(f"error: {exc}") from None

@@ -1,8 +1,10 @@
 """The command line's own name: usage and error lines say how it was started."""
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 from cli_runner import run_python  # tests/cli_runner.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +45,74 @@ def test_a_stage_help_names_the_program_as_it_was_started(monkeypatch, capsys, t
     assert cli.main() == 0
     assert capsys.readouterr().out.startswith("usage: npedit shapes vae [preset=NAME]")
     assert list(tmp_path.iterdir()) == []  # (help trains nothing)
+
+
+EXAMPLE = ROOT / "assets" / "examples" / "add-0000.png"
+
+
+@pytest.fixture
+def mistakes(tmp_path, monkeypatch):
+    """A working folder holding what a user points the CLI at by mistake: a file, an empty folder, an empty list of
+    edits, a broken YAML file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "one.jsonl").write_text(json.dumps({"id": "a", "image": str(EXAMPLE), "instruction": "add"}) + "\n")
+    (tmp_path / "bad.yaml").write_text("stage: warmup\noptim: {lr: 1e-4\n")
+    return tmp_path
+
+
+def exit_of(argv: list[str], capsys) -> tuple[int, str]:
+    """The exit status `python -m npedit ARGV` ends with and the last line it says (stderr), run in this process."""
+    from npedit.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    code = exit_.value.code
+    return (1, code) if isinstance(code, str) else (code, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
+
+
+@pytest.mark.parametrize("argv, status, says", [
+    # usage errors: status 2, as argparse's own (these were status 1, --steps only once the editor had loaded)
+    (["edit"], 2, "error: give either --image/--instruction/--output or --batch/--output-dir"),
+    ([*EDIT, "--output", "o.png", "--steps", "0"], 2, "error: --steps must be >= 1, got 0"),
+    ([*EDIT, "--output", "o.png", "--steps", "-1"], 2, "error: --steps must be >= 1, got -1"),
+    ([*EDIT, "--output", "o.png", "--candidates", "0"], 2, "error: --candidates must be >= 1"),
+    ([*EDIT, "--output", "o.txt"], 2, "error: --output must end in one of .png"),
+    (["train", "--config", "bad.yaml"], 2, "error: bad.yaml: not valid YAML at line 3"),  # was PyYAML's traceback
+    (["train", "optim.lrr=1e-4"], 2, "error: unknown config key(s) optim.lrr (did you mean optim.lr?)"),
+    (["eval", "shapes", "--steps", "0"], 2, "error: --steps and --teacher-steps must be >= 1"),  # was a traceback
+    (["eval", "shapes", "--baseline", "teacher", "--strength", "5", "--n", "1"], 2,
+     "error: --strength must be in (0, 1] (1: pure noise), got 5.0"),  # was a benchmark of nonsense, status 0
+    (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
+    # runtime errors: status 1, said before any model loads (these were said after the edit, or not at all)
+    ([*EDIT, "--output", "afile/o.png"], 1, "error: cannot write --output afile/o.png ("),  # was "[Errno 17]"
+    ([*EDIT, "--output", "images"], 2, "error: --output must end in one of"),
+    ([*EDIT, "--output", "o.png", "--verdicts", "images"], 1, "error: --verdicts images is a folder"),
+    (["edit", "--batch", "one.jsonl", "--output-dir", "afile"], 1, "error: cannot write --output-dir afile ("),
+    (["edit", "--batch", "empty.jsonl", "--output-dir", "out"], 1, "error: empty.jsonl lists no edits"),  # was status 0
+    (["edit", "--batch", "images", "--output-dir", "out"], 1, "error: images is a folder; give the list of edits"),
+    (["swap-vae", "--vae", "assets/shapes/fast-vae", "--out", "afile"], 1, "error: --out afile is a file"),  # traceback
+    (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
+])
+def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
+    """Each mistake stops with one line naming it, status 2 for a command line that cannot work as typed, 1 for a
+    failure of the work, and writes nothing."""
+    before = sorted(p.name for p in mistakes.iterdir())
+    code, said = exit_of(argv, capsys)
+    assert (code, said[:len(says)]) == (status, says), said
+    assert "Traceback" not in said
+    assert sorted(p.name for p in mistakes.iterdir()) == before
+
+
+def test_a_usage_error_exits_2_with_its_line_from_a_real_process(tmp_path):
+    """Through the interpreter (not `main` in this process): status 2, the line on stderr, no traceback."""
+    out = run_python("-m", "npedit", "edit", "--image", str(EXAMPLE), "--instruction", "x", "--output", "o.png",
+                     "--steps", "0", cwd=tmp_path, ok=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: --steps must be >= 1, got 0", out
+    assert not (tmp_path / "o.png").exists()

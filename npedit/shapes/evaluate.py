@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import flow
+from ..cli import UsageError
 from ..devices import resolve_device
 from ..sampler import sample
 from ..judges.questions import training_questions
@@ -232,16 +233,21 @@ def eval_main(args) -> int:
     from ..assets import DEFAULT_TEACHER, default_path
 
     if args.candidates < 1 or (args.candidates > 1 and args.baseline):
-        raise SystemExit("error: --candidates must be >= 1 and applies to an editor, not to --baseline teacher")
+        raise UsageError("error: --candidates must be >= 1 and applies to an editor, not to --baseline teacher")
     change_checks = args.change_checks
     if change_checks and args.candidates < 2:
-        raise SystemExit("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
+        raise UsageError("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
     if args.n < 1:
-        raise SystemExit(f"error: --n must be >= 1, got {args.n}")
+        raise UsageError(f"error: --n must be >= 1, got {args.n}")
     if not 0 <= args.seed < 2**64:  # held-out cases take a non-negative seed, the sampler's generator 64 bits
-        raise SystemExit(f"error: --seed must be between 0 and 2**64 - 1, got {args.seed}")
+        raise UsageError(f"error: --seed must be between 0 and 2**64 - 1, got {args.seed}")
     if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name in (".", "..")):
-        raise SystemExit(f"error: --name must be a plain file name (the report is --out/<name>.json), got {args.name!r}")
+        raise UsageError(f"error: --name must be a plain file name (the report is --out/<name>.json), got "
+                         f"{args.name!r}")
+    if args.steps < 1 or args.teacher_steps < 1:  # (else a traceback from the sampler after the models load)
+        raise UsageError(f"error: --steps and --teacher-steps must be >= 1, got {args.steps} and {args.teacher_steps}")
+    if not 0 < args.strength <= 1:  # the SDEdit noise level is a time t in (0, 1]
+        raise UsageError(f"error: --strength must be in (0, 1] (1: pure noise), got {args.strength}")
     try:  # before any model loads: a report that cannot be written would throw the whole benchmark away
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
@@ -254,7 +260,7 @@ def eval_main(args) -> int:
         try:
             cases = training_cases(args.n, args.train_pool, seed=args.train_seed)
         except ValueError as exc:
-            raise SystemExit(f"error: --train-pool: {exc}") from None
+            raise UsageError(f"error: --train-pool: {exc}") from None
     else:
         cases = held_out_cases(args.n, seed=args.seed)
     device = resolve_device()
