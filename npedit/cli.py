@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .assets import bundle_missing, default_path, in_bundle
 from . import files
 from .edit_types import EDIT_TYPES, edit_type_name
+from .files import image_bytes, write_atomic
 from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
 
@@ -253,7 +254,8 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
         try:
             job["out"].parent.mkdir(parents=True, exist_ok=True)
             fmt = _image_format(job["out"])
-            img.save(job["out"], format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+            # whole or not at all: a Ctrl-C or a full disk mid-write keeps the file a previous run saved there
+            write_atomic(job["out"], image_bytes(img, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {})))
         except OSError as exc:  # an unwritable place: this job fails, the others still run
             failures += 1
             tqdm.write(f"error: {job['id']}: cannot save {job['out']}: {exc}", file=sys.stderr)
@@ -464,6 +466,14 @@ def cmd_train(args) -> int:
         out = trainer.train()
     except WriteError as exc:  # a full or read-only disk: what is kept and what to do, in one line
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are published whole, so the newest one is complete
+        from .training.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(run / "checkpoints")
+        kept = (f"{newest} is the newest complete checkpoint: continue with the same command and --resume, or "
+                f"export it (python -m npedit export {run})" if newest else "no checkpoint was saved yet")
+        tqdm.write(f"interrupted: {kept}", file=sys.stderr)  # a line of its own, not after the progress bar
+        raise SystemExit(INTERRUPTED) from None
     if trainer.acc.is_main_process:
         print(out)
     return 0
@@ -645,6 +655,8 @@ def _bundled(text: str) -> str:
 
 
 MODULE_PROG = "python -m npedit"
+DEBUG_ENV = "NPEDIT_DEBUG"  # set: an unexpected failure, or Ctrl-C, shows its traceback
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def prog_name() -> str:
@@ -864,3 +876,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except CheckpointError as exc:  # a model path that is not what the command needs: one line, no traceback
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed (files are written whole)
+        if os.environ.get(DEBUG_ENV):
+            raise
+        tqdm.write("interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except Exception as exc:  # a failure no command foresaw: one line and how to see where it came from
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise SystemExit(f"error: {type(exc).__name__}: {exc} (unexpected; {DEBUG_ENV}=1 shows the traceback)") \
+            from None

@@ -76,11 +76,16 @@ def windows_name_problem(name: str) -> str | None:
     return None
 
 
+def image_bytes(image, fmt: str = "PNG", **options) -> bytes:
+    """A PIL image encoded as a file's bytes in PIL's format `fmt` (options: PIL's, e.g. quality)."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
 def png_bytes(image) -> bytes:
     """A PIL image encoded as a PNG file's bytes."""
-    png = io.BytesIO()
-    image.save(png, format="PNG")
-    return png.getvalue()
+    return image_bytes(image, "PNG")
 
 
 def write_png(path: str | os.PathLike, image, sync: bool = True) -> None:

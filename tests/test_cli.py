@@ -110,9 +110,73 @@ def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, ar
     assert sorted(p.name for p in mistakes.iterdir()) == before
 
 
+def test_an_unexpected_failure_is_one_line_unless_debugging(mistakes, capsys, monkeypatch):
+    """A failure no command foresaw says its type and message in one line and how to see the traceback
+    (NPEDIT_DEBUG=1, which lets it through)."""
+    from npedit import cli
+
+    def broken(args):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(cli, "cmd_export", broken)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert exit_of(["export", "run"], capsys) == (1, "error: RuntimeError: something inside broke (unexpected; "
+                                                     "NPEDIT_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(RuntimeError, match="something inside broke"):
+        cli.main(["export", "run"])
+
+
+def test_ctrl_c_in_training_names_the_checkpoint_to_resume_from(mistakes, capsys, monkeypatch):
+    """Ctrl-C during `train` was a KeyboardInterrupt traceback; it is one line naming the newest complete
+    checkpoint (published whole, so complete) and how to go on, status 130 as the shell gives an interrupted
+    process; elsewhere, "interrupted"."""
+    from npedit.training import trainer
+
+    class Interrupted:
+        def __init__(self, cfg):
+            ckpt = Path(cfg.output_dir) / "checkpoints" / "step_000010"
+            ckpt.mkdir(parents=True)
+            (ckpt / "trainer_state.json").write_text("{}")
+
+        def train(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "Trainer", Interrupted)
+    code, said = exit_of(["train", "model.base=m", "data.train=shapes", "loss.lambda_vlm=0", "output_dir=runs/r"],
+                         capsys)
+    assert code == 130 and said == (
+        f"interrupted: {Path('runs/r/checkpoints/step_000010')} is the newest complete checkpoint: continue with "
+        "the same command and --resume, or export it (python -m npedit export runs/r)"), said
+
+    from npedit import cli
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_export", stopped)
+    assert exit_of(["export", "run"], capsys) == (130, "interrupted")
+
+
 def test_a_usage_error_exits_2_with_its_line_from_a_real_process(tmp_path):
     """Through the interpreter (not `main` in this process): status 2, the line on stderr, no traceback."""
     out = run_python("-m", "npedit", "edit", "--image", str(EXAMPLE), "--instruction", "x", "--output", "o.png",
                      "--steps", "0", cwd=tmp_path, ok=False)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: --steps must be >= 1, got 0", out
     assert not (tmp_path / "o.png").exists()
+
+
+def test_an_edit_replaces_its_output_whole(mistakes, capsys, monkeypatch):
+    """The result is written through a temporary file and renamed: a write cut short (Ctrl-C, a full disk) keeps the
+    file an earlier run saved there, where PIL's save into it left it truncated."""
+    from npedit import files
+
+    (mistakes / "o.png").write_bytes(b"an earlier result")
+
+    def cut_short(fd, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "fsync", cut_short)
+    assert exit_of([*EDIT, "--output", "o.png"], capsys) == (130, "interrupted")
+    assert (mistakes / "o.png").read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in mistakes.iterdir() if p.name.startswith(".")) == []
