@@ -438,6 +438,13 @@ def _check_output_file(path: str, flag: str) -> None:
     _check_writable(Path(path).absolute().parent, f"{flag} {path}")
 
 
+def _check_output_folder(path: str | Path, flag: str) -> None:
+    """SystemExit naming `flag` unless `path` can be (or is) a folder that takes files; creates nothing."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise SystemExit(f"error: {flag} {path} is a file; give a folder")
+    _check_writable(Path(path).absolute(), f"{flag} {path}")
+
+
 def cmd_train(args) -> int:
     """Train one stage from a config file plus dotted overrides."""
     from .config import load_config
@@ -485,7 +492,9 @@ def cmd_export(args) -> int:
     from .training.export import export_checkpoint
 
     if args.push and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push):
-        raise SystemExit(f"error: --push takes a hub repo id OWNER/NAME (e.g. alice/shapes-editor), got {args.push!r}")
+        raise UsageError(f"error: --push takes a hub repo id OWNER/NAME (e.g. alice/shapes-editor), got {args.push!r}")
+    if args.out:  # (the default, inside the run, is checked by the run's own checks)
+        _check_output_folder(args.out, "--out")
     try:
         metrics = _eval_report(args.metrics) if args.metrics else None
         if args.adapters:
@@ -551,6 +560,7 @@ def cmd_import_reimpl(args) -> int:
 
     from .reimpl import import_reimpl
 
+    _check_output_folder(args.out, "--out")  # before a 6B state dict is read
     try:
         out = import_reimpl(args.checkpoint, args.base, args.out, torch_dtype=getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -630,11 +640,9 @@ def cmd_swap_vae(args) -> int:
     from .pipeline import NPEditPipeline, carry_over
 
     src, out = Path(default_path("model", args.model)), Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; give a new folder")
+    _check_output_folder(out, "--out")  # before the models load
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} exists and is not empty")
-    _check_writable(out.absolute(), f"--out {out}")  # before the models load
     try:
         pipe = NPEditPipeline.from_pretrained(str(src)).with_vae(AnyVAE.from_pretrained(args.vae))
     except (ValueError, OSError) as exc:

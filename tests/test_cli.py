@@ -97,7 +97,11 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["edit", "--batch", "one.jsonl", "--output-dir", "afile"], 1, "error: cannot write --output-dir afile ("),
     (["edit", "--batch", "empty.jsonl", "--output-dir", "out"], 1, "error: empty.jsonl lists no edits"),  # was status 0
     (["edit", "--batch", "images", "--output-dir", "out"], 1, "error: images is a folder; give the list of edits"),
-    (["swap-vae", "--vae", "assets/shapes/fast-vae", "--out", "afile"], 1, "error: --out afile is a file"),  # traceback
+    (["swap-vae", "--vae", "assets/shapes/fast-vae", "--out", "afile"], 1,
+     "error: --out afile is a file; give a folder"),  # was a traceback
+    (["export", "run", "--out", "afile"], 1, "error: --out afile is a file; give a folder"),  # was [Errno 20], late
+    (["export", "run", "--out", "afile/x"], 1, "error: cannot write --out afile/x ("),
+    (["import-reimpl", "afile", "--base", "b", "--out", "afile"], 1, "error: --out afile is a file; give a folder"),
     (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
 ])
 def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
