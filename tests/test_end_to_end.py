@@ -1,5 +1,6 @@
 """Train-save-load-edit on tiny real-class models, through the CLI, as a user would run it."""
 
+import errno
 import json
 import os
 import re
@@ -1143,16 +1144,33 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
 
 @pytest.mark.skipif(not (Path(ROOT, "assets/shapes/editor-unroll-npedit/model_index.json")).is_file(),
                     reason="bundled editor not trained")
-def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable_output(tmp_path, capsys):
+def test_cli_edit_takes_a_photo_larger_than_the_editor_and_reports_an_unwritable_output(tmp_path, capsys,
+                                                                                        monkeypatch):
     """With the bundled editor (a 16x16-patch position grid, 128 px): a larger photo is edited and comes back at
-    its own size; a result that cannot be saved is one error line, not a traceback."""
+    its own size; a result that cannot be saved is one error line, not a traceback: before the editor loads where
+    the place cannot take it, else (a full disk) that job's line while the others go on."""
+    from npedit import cli
     from npedit.cli import main
 
     Image.new("RGB", (200, 150), (200, 30, 30)).save(tmp_path / "in.png")  # larger than the editor's position grid
     (tmp_path / "taken").write_text("a file where a folder should be")
-    assert main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "make the circle blue",
-                 "--output", str(tmp_path / "taken/out.png")]) == 1
-    assert "error: out: cannot save" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=re.escape(f"cannot write --output {tmp_path / 'taken/out.png'} (")):
+        main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "make the circle blue",
+              "--output", str(tmp_path / "taken/out.png")])
+    full = [f"{tmp_path / 'full'}/a.png"]
+
+    def write(path, data):
+        if str(path) in full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        Path(path).write_bytes(data)
+
+    monkeypatch.setattr(cli, "write_atomic", write)
+    (tmp_path / "ab.jsonl").write_text("".join(json.dumps({"id": i, "image": "in.png", "instruction": "x"}) + "\n"
+                                               for i in "ab"))
+    capsys.readouterr()
+    assert main(["edit", "--batch", str(tmp_path / "ab.jsonl"), "--output-dir", str(tmp_path / "full")]) == 1
+    assert "error: a: cannot save" in capsys.readouterr().err and (tmp_path / "full/b.png").is_file()
+    monkeypatch.undo()
     with pytest.raises(SystemExit, match="cannot write --verdicts"):
         main(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "make the circle blue",
               "--output", str(tmp_path / "out.png"), "--verdicts", str(tmp_path / "taken/v.jsonl")])
