@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--one", nargs=3, metavar=("BASE", "CASES", "RANK"), help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args()
+    if min(args.dim, args.layers, args.batch, args.repeats) < 1 or min(args.ranks) < 0:
+        ap.error("--dim, --layers, --batch and --repeats must be >= 1 and --ranks >= 0 (0: full fine-tuning)")
     if args.one:
         base, cases, rank = args.one
         print(json.dumps(measure(base, cases, int(rank), args.batch, args.repeats, tempfile.mkdtemp())))

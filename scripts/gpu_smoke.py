@@ -388,8 +388,10 @@ def peak_gpu_memory_mib(device: str) -> float | str | None:
 def write_report(out: str | None, report: dict) -> None:
     """Write the JSON report (after every check: a run cut short still leaves its rows)."""
     if out:
+        from npedit.files import write_atomic
+
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_atomic(out, json.dumps(report, indent=2))  # whole: Ctrl-C mid-write keeps the rows written before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     for library in ("transformers", "diffusers"):  # their loading bars would bury the rows
         __import__(library).utils.logging.disable_progress_bar()
     report = {"environment": environment(device), "dtype": args.dtype, "complete": False, "rows": []}
+    try:  # now, not after the first check (minutes on a lent GPU)
+        write_report(out, report)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write --out {out}: {exc.strerror or exc}") from None
     rows = report["rows"]
     with tempfile.TemporaryDirectory(prefix="gpu_smoke_") as tmp:
         models = Models(Path(args.workdir or tmp))

@@ -31,7 +31,17 @@ def build(family: str | None, config: str | None):
     if config:
         from npedit.backbones import sd3
 
-        data = json.loads(Path(config).read_text(encoding="utf-8"))
+        path = Path(config)
+        if path.is_dir():  # a model folder, where its transformer/config.json was meant
+            path = path / "transformer" / "config.json" if (path / "transformer").is_dir() else path / "config.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SystemExit(f"error: --config {config}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise SystemExit(f"error: --config {config}: not a JSON config ({exc})") from None
+        if not isinstance(data, dict):
+            raise SystemExit(f"error: --config {config}: not a JSON config (a JSON object of settings)")
         name = data.get("_class_name", "")
         cls = getattr(diffusers, name, None) or getattr(sd3, name, None)  # our SD3 student class too
         if cls is None:
@@ -65,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--targets", nargs="*", default=[], help="model.lora_targets (default: attention and feed-forward)")
     args = p.parse_args(argv)
+    if min(args.ranks) < 1:
+        p.error(f"--ranks must each be >= 1, got {min(args.ranks)}")
     model = build(args.family, args.config)
     total = sum(p.numel() for p in model.parameters())
     size = 2 * total / 2**20

@@ -272,6 +272,9 @@ def main() -> int:
     ap.add_argument("--deadline-minutes", type=float, default=0,
                     help="stop whatever still runs after this many minutes and pack what exists (0 = none)")
     args = ap.parse_args()
+    for flag, folder in (("--out", args.out), ("--pack", args.pack)):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():  # (else a traceback, or one after the chain)
+            ap.error(f"{flag} {folder} is a file; give a folder")
     out = Path(args.out)
     deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else float("inf")
     if args.smoke or args.check_first:

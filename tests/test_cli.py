@@ -184,3 +184,35 @@ def test_an_edit_replaces_its_output_whole(mistakes, capsys, monkeypatch):
     assert exit_of([*EDIT, "--output", "o.png"], capsys) == (130, "interrupted")
     assert (mistakes / "o.png").read_bytes() == b"an earlier result"
     assert sorted(p.name for p in mistakes.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("script, argv, status, says", [
+    ("lora_size", ["--config", "nosuch.json", "--ranks", "64"], 1, "error: --config nosuch.json: No such file"),
+    ("lora_size", ["--config", "afile", "--ranks", "64"], 1, "error: --config afile: not a JSON config"),
+    ("lora_size", ["--family", "zimage", "--ranks", "-1"], 2, "error: --ranks must each be >= 1, got -1"),
+    ("bench_lora_memory", ["--dim", "0"], 2, "error: --dim, --layers, --batch and --repeats must be >= 1"),
+    ("shapes_chain", ["--out", "afile", "--smoke"], 2, "error: --out afile is a file; give a folder"),
+    ("gpu_smoke", ["--device", "cpu", "--out", "afile/report.json"], 1, "error: cannot write --out afile/report.json"),
+])
+def test_a_mistaken_script_line_is_one_line(mistakes, capsys, monkeypatch, script, argv, status, says):
+    """The README's scripts, given a wrong path or number, stop with one line before any work (each was a traceback:
+    FileNotFoundError, JSONDecodeError, a ValueError from the LoRA wrapper, ZeroDivisionError, NotADirectoryError,
+    FileExistsError after the first check)."""
+    from script_modules import load_script  # tests/script_modules.py
+
+    main = load_script(script).main
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])  # (two of them read sys.argv themselves)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv) if script in ("lora_size", "gpu_smoke") else main()
+    code = exit_.value.code
+    said = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert (1 if isinstance(code, str) else code, said[said.index("error:"):][:len(says)]) == (status, says), said
+
+
+def test_tiny_models_into_a_file_is_one_line(mistakes):
+    """`python -m workbench.tiny DIR` with a file as DIR: argparse's line, status 2 (was NotADirectoryError's
+    traceback)."""
+    out = run_python("-m", "workbench.tiny", "afile", cwd=mistakes, ok=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
+        "error: afile is a file; give a folder for the models"), out.stderr

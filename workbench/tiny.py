@@ -37,5 +37,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Write a tiny random-weight editor, judge, teacher and critic (the real "
                                              "classes) into DIR and print the app's flags for them.")
     ap.add_argument("dir", nargs="?", default="tiny-models")
-    out = build_tiny_set(ap.parse_args().dir)
+    folder = ap.parse_args().dir
+    if Path(folder).exists() and not Path(folder).is_dir():  # (else NotADirectoryError's traceback)
+        ap.error(f"{folder} is a file; give a folder for the models")
+    out = build_tiny_set(folder)
     print(" ".join(f"--{role} {path}" for role, path in out.items()))
