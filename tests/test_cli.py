@@ -216,3 +216,20 @@ def test_tiny_models_into_a_file_is_one_line(mistakes):
     out = run_python("-m", "workbench.tiny", "afile", cwd=mistakes, ok=False)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
         "error: afile is a file; give a folder for the models"), out.stderr
+
+
+def test_an_eval_report_is_replaced_whole(mistakes, capsys, monkeypatch):
+    """`eval shapes` writes its report through a temporary file: a write cut short keeps the report an earlier run
+    of the same name wrote (it was rewritten in place, so Ctrl-C there left half a JSON file)."""
+    from npedit import files
+
+    (mistakes / "ev").mkdir()
+    (mistakes / "ev" / "mine.json").write_text('{"earlier": true}')
+
+    def cut_short(fd, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "fsync", cut_short)
+    assert exit_of(["eval", "shapes", "--n", "1", "--out", "ev", "--name", "mine"], capsys) == (130, "interrupted")
+    assert (mistakes / "ev" / "mine.json").read_text() == '{"earlier": true}'
+    assert sorted(p.name for p in (mistakes / "ev").iterdir()) == ["mine.json"]

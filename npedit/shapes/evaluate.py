@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import flow
 from ..cli import UsageError
 from ..devices import resolve_device
+from ..files import write_atomic
 from ..sampler import sample
 from ..judges.questions import training_questions
 from .edits import EditCase, held_out_cases
@@ -224,8 +225,9 @@ def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta
     if agreement is not None:
         report["judge_agreement"] = agreement
         md += "\nJudge agreement with the exact scorer on these outputs:\n\n" + agreement_table(agreement)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    (out_dir / f"{name}.md").write_text(md, encoding="utf-8")
+    # whole or not at all: a report cut short (Ctrl-C, a full disk) keeps the one an earlier run of the name wrote
+    write_atomic(out_dir / f"{name}.json", json.dumps(report, indent=1))
+    write_atomic(out_dir / f"{name}.md", md)
 
 
 def eval_main(args) -> int:
