@@ -495,16 +495,17 @@ def cmd_export(args) -> int:
         raise UsageError(f"error: --push takes a hub repo id OWNER/NAME (e.g. alice/shapes-editor), got {args.push!r}")
     if args.out:  # (the default, inside the run, is checked by the run's own checks)
         _check_output_folder(args.out, "--out")
+    if args.adapters and args.average != 1:
+        raise UsageError("error: --adapters exports one checkpoint's adapters; averaging factors of a low-rank update "
+                         "is not averaging the update: drop --average, or export whole weights without --adapters")
+    if args.average < 1:
+        raise UsageError(f"error: --average takes a number of checkpoints >= 1, got {args.average}")
+    if args.adapters and (args.metrics or args.license):
+        raise UsageError("error: --metrics and --license go into a whole editor's model card; an adapter folder's "
+                         "card is written from its run alone")
     try:
         metrics = _eval_report(args.metrics) if args.metrics else None
         if args.adapters:
-            if args.average != 1:
-                raise ValueError("--adapters exports one checkpoint's adapters; averaging factors of a low-rank update "
-                                 "is not averaging the update: drop --average, or export whole weights without "
-                                 "--adapters")
-            if args.metrics or args.license:
-                raise ValueError("--metrics and --license go into a whole editor's model card; an adapter folder's "
-                                 "card is written from its run alone")
             out = export_adapters(args.run, args.step, args.out, base=args.base)
             print(f"{adapter_size(out) / 2**20:.2f} MiB of adapters; loads with its base model", file=sys.stderr)
         else:
@@ -569,18 +570,28 @@ def cmd_import_reimpl(args) -> int:
     return 0
 
 
+def _stage_config(stage: str, overrides: list[str]):
+    """A Shapes training stage's config from `preset=NAME` and `key=value` overrides (ValueError: what is wrong)."""
+    if stage == "judge":
+        from .shapes.judge_training import build_config
+
+        return build_config(overrides)
+    from .shapes.recipes import make_config
+
+    return make_config(stage, overrides)
+
+
 def _stage_help(stage: str) -> str:
     """`shapes STAGE --help`: the stage's presets and every key it takes, with the default preset's values."""
     from .config import flatten, to_dict
 
     if stage == "judge":
-        from .shapes.judge_training import PRESETS, build_config
-
-        presets, cfg = list(PRESETS), build_config([])
+        from .shapes.judge_training import PRESETS as presets
     else:
-        from .shapes.recipes import PRESETS, make_config
+        from .shapes.recipes import PRESETS
 
-        presets, cfg = list(PRESETS[stage]), make_config(stage, [])
+        presets = PRESETS[stage]
+    cfg = _stage_config(stage, [])
 
     keys = flatten({k: v for k, v in to_dict(cfg).items() if k != "preset"})
     return "\n".join([f"usage: {prog_name()} shapes {stage} [preset=NAME] [key=value ...]",
@@ -593,6 +604,11 @@ def cmd_shapes(args) -> int:
     if args.stage not in ("judge-eval", "teacher-eval") and {"-h", "--help"} & set(args.overrides):
         print(_stage_help(args.stage))
         return 0
+    if args.stage not in ("judge-eval", "teacher-eval"):  # the settings as typed: status 2, before any work
+        try:
+            _stage_config(args.stage, args.overrides)
+        except ValueError as exc:
+            raise UsageError(f"error: {exc}") from None
     if args.stage == "judge":
         from .shapes.judge_training import run
     elif args.stage == "judge-eval":

@@ -90,6 +90,10 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["eval", "shapes", "--baseline", "teacher", "--strength", "5", "--n", "1"], 2,
      "error: --strength must be in (0, 1] (1: pure noise), got 5.0"),  # was a benchmark of nonsense, status 0
     (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
+    (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
+    (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),
+    (["export", "run", "--average", "0"], 2, "error: --average takes a number of checkpoints >= 1, got 0"),
+    (["export", "run", "--adapters", "--average", "2"], 2, "error: --adapters exports one checkpoint's adapters"),
     # runtime errors: status 1, said before any model loads (these were said after the edit, or not at all)
     ([*EDIT, "--output", "afile/o.png"], 1, "error: cannot write --output afile/o.png ("),  # was "[Errno 17]"
     ([*EDIT, "--output", "images"], 2, "error: --output must end in one of"),
