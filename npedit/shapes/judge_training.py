@@ -934,6 +934,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent)")
     argv = config_lib.overrides_as_flags(sys.argv[1:] if argv is None else argv)  # `key=value` words as `--key value`
     args = parser.parse_args(argv)
+    if args.n < 1 or not 0 <= args.degrade <= 1:  # (n 0 was numpy's "need at least one array" after the judge loaded)
+        parser.error(f"--n must be >= 1 and --degrade (a probability) in [0, 1], got {args.n} and {args.degrade}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():  # before the evaluation, not after
+        parser.error(f"--out {args.out} is a file; give a folder")
     path = default_path("judge", args.judge)
     torch.set_num_threads(1)
     device = resolve_device()

@@ -44,6 +44,19 @@ class RunSettings:
     max_minutes: float = 0.0  # also stop after this much wall-clock (the lr decay follows whichever limit is nearer)
     workers: int = 0  # render scenes in this many background processes (0: in the loop, the bundled recipe)
 
+    def __post_init__(self):
+        # every stage has steps and batch_size; 0 or less "trained" nothing, or failed inside the first batch
+        counts = {name: getattr(self, name) for name in ("steps", "batch_size") if hasattr(self, name)}
+        if min(counts.values(), default=1) < 1:
+            raise ValueError(f"{' and '.join(counts)} must be >= 1, got "
+                             + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        if self.log_every < 1 or min(self.threads, self.workers, self.max_minutes) < 0:
+            raise ValueError(f"log_every must be >= 1 and threads, workers, max_minutes >= 0, got "
+                             f"log_every={self.log_every}, threads={self.threads}, workers={self.workers}, "
+                             f"max_minutes={self.max_minutes}")
+        if not 0 <= self.seed < 2**32:  # numpy's range
+            raise ValueError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+
 
 @dataclass(frozen=True)
 class VAEConfig(RunSettings):
@@ -141,6 +154,7 @@ class RefEncoderConfig(RunSettings):
     eval_scenes: int = 500
 
     def __post_init__(self):
+        super().__post_init__()
         if not 1 <= self.layers <= 8 or self.width < 1:
             raise ValueError(f"layers must be between 1 and 8 and width >= 1, got {self.layers} and {self.width}")
 
@@ -699,6 +713,8 @@ def teacher_eval_main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         ap.error("--n and --steps must be >= 1")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():  # before the evaluation, not after
+        ap.error(f"--out {args.out} is a file; give a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = default_path("teacher", args.teacher)
