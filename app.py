@@ -238,6 +238,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("upload_mb_per_hour", "upload_min_free_mb"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag):g}")
+    if not 0 <= args.port <= 65535:  # (else the socket's OverflowError traceback once the UI is built)
+        p.error(f"--port must be between 0 and 65535, got {args.port}")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():  # (else FileExistsError's traceback at launch)
+        p.error(f"--runs {args.runs} is a file; give the folder training runs go in")
+    if args.device:  # (else a CUDA or torch error from the first model that loads, in the page)
+        from npedit.devices import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as exc:
+            p.error(f"--device: {exc}")
     return args
 
 

@@ -95,6 +95,21 @@ def test_judge_pixel_cap_from_flag_or_space_variable(tiny_set, tmp_path, monkeyp
         npedit_app.parse_args(flags)
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--port", "99999"], "error: --port must be between 0 and 65535, got 99999"),  # was bind()'s OverflowError
+    (["--runs", "afile"], "error: --runs afile is a file; give the folder training runs go in"),  # FileExistsError
+    (["--device", "tpu"], "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
+])
+def test_a_mistaken_flag_stops_the_app_before_it_builds(flags, says, tmp_path, monkeypatch, capsys):
+    """argparse's line and status 2, before the UI is built (these were tracebacks at launch, or a torch error in the
+    page on the first edit)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        npedit_app.parse_args(flags)
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(says)
+
+
 def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
     from npedit import assets
 
