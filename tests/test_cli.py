@@ -89,6 +89,9 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["eval", "shapes", "--steps", "0"], 2, "error: --steps and --teacher-steps must be >= 1"),  # was a traceback
     (["eval", "shapes", "--baseline", "teacher", "--strength", "5", "--n", "1"], 2,
      "error: --strength must be in (0, 1] (1: pure noise), got 5.0"),  # was a benchmark of nonsense, status 0
+    (["eval", "shapes", "--baseline", "teacher", "--model", "assets/shapes/editor"], 2,
+     "error: --baseline teacher benchmarks the teacher (--teacher), not --model"),  # --model was ignored, status 0
+    (["eval", "shapes", "--teacher", "assets/shapes/teacher"], 2, "error: --teacher is the teacher of --baseline"),
     (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
     (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),

@@ -248,6 +248,10 @@ def eval_main(args) -> int:
                          f"{args.name!r}")
     if args.steps < 1 or args.teacher_steps < 1:  # (else a traceback from the sampler after the models load)
         raise UsageError(f"error: --steps and --teacher-steps must be >= 1, got {args.steps} and {args.teacher_steps}")
+    if args.baseline and args.model:  # (the report said teacher-sdedit; --model was silently not benchmarked)
+        raise UsageError("error: --baseline teacher benchmarks the teacher (--teacher), not --model: give one of them")
+    if args.teacher and not args.baseline:
+        raise UsageError("error: --teacher is the teacher of --baseline teacher; an editor's benchmark does not use it")
     if not 0 < args.strength <= 1:  # the SDEdit noise level is a time t in (0, 1]
         raise UsageError(f"error: --strength must be in (0, 1] (1: pure noise), got {args.strength}")
     try:  # before any model loads: a report that cannot be written would throw the whole benchmark away
