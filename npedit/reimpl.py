@@ -22,11 +22,19 @@ PREFIXES = ("transformer.", "")
 SOURCE = "nupurkmr9/npedit (zimage_npedit_internvl.pt)"
 
 
+def state_dict_file(path: str | os.PathLike) -> Path:
+    """`path` as the state dict file it must be; FileNotFoundError saying what it is instead (missing, a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a folder; give the state dict file in it ({SOURCE})")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (the state dict file, e.g. from {SOURCE})")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a `torch.save` state dict, unpickled with weights_only=True (memory-mapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = state_dict_file(path)
     try:
         # memory-mapped where it can be: a file of the legacy (pre-zip) format cannot, and is read whole
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -66,6 +74,7 @@ def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: s
     from .backbones.base import resolve_subfolder
     from .pipeline import NPEditPipeline
 
+    state_dict_file(checkpoint)  # a wrong path is said before --base is looked up (a hub id may be fetched)
     if detect_family(base) != "zimage":
         raise ValueError(f"--base must be the Z-Image model the editor was trained from; {base} is "
                          f"of the {detect_family(base)!r} family")

@@ -115,6 +115,10 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["export", "run", "--out", "afile"], 1, "error: --out afile is a file; give a folder"),  # was [Errno 20], late
     (["export", "run", "--out", "afile/x"], 1, "error: cannot write --out afile/x ("),
     (["import-reimpl", "afile", "--base", "b", "--out", "afile"], 1, "error: --out afile is a file; give a folder"),
+    # the checkpoint's path before --base's (which named --base as "checkpoint folder not found: b")
+    (["import-reimpl", "nosuch.pt", "--base", "b", "--out", "o"], 1,
+     "error: checkpoint not found: nosuch.pt (the state dict file, e.g. from nupurkmr9/npedit"),
+    (["import-reimpl", "images", "--base", "b", "--out", "o"], 1, "error: checkpoint images is a folder; give the state"),
     (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
 ])
 def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
