@@ -118,7 +118,7 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     # the checkpoint's path before --base's (which named --base as "checkpoint folder not found: b")
     (["import-reimpl", "nosuch.pt", "--base", "b", "--out", "o"], 1,
      "error: checkpoint not found: nosuch.pt (the state dict file, e.g. from nupurkmr9/npedit"),
-    (["import-reimpl", "images", "--base", "b", "--out", "o"], 1, "error: checkpoint images is a folder; give the state"),
+    (["import-reimpl", "images", "--base", "b", "--out", "o"], 1, "error: checkpoint images is a folder; give"),
     (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
 ])
 def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
