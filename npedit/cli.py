@@ -131,6 +131,7 @@ def cmd_edit(args) -> int:
         _check_writable(Path(args.output_dir).absolute(), f"--output-dir {args.output_dir}")
     if args.verdicts:
         _check_output_file(args.verdicts, "--verdicts")
+        _check_distinct([(args.batch, "--batch"), (args.verdicts, "--verdicts")])
     if args.trace:
         _check_writable(Path(args.trace).absolute().parent if args.trace.lower().endswith(".zip")
                         else Path(args.trace).absolute(), f"--trace {args.trace}")
@@ -350,6 +351,8 @@ def cmd_judge(args) -> int:
         raise UsageError("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
         raise UsageError(REMOVE_NEEDS_OBJECT)
+    _check_distinct([(args.batch, "--batch"), (args.output if args.batch else None, "--output"),
+                     (args.questions, "--questions")])
     # before the judge's weights are read: a bad list or image fails at once
     try:
         pairs = read_pairs(args.batch) if args.batch else []
@@ -428,6 +431,20 @@ def _check_writable(folder: Path, what: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise SystemExit(f"error: cannot write {what} ({exc.strerror or exc}): pick a folder you can write to") from None
+
+
+def _check_distinct(files: list[tuple[str | None, str]]) -> None:
+    """UsageError when two of the given (path, flag) name one file: an output opened for writing would empty the list
+    being read, or the other output."""
+    seen: dict[Path, str] = {}
+    for path, flag in files:
+        if not path:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"error: {seen[key]} and {flag} are the same file ({path}): writing one would replace "
+                             "the other; give another name")
+        seen[key] = flag
 
 
 def _check_output_file(path: str, flag: str) -> None:

@@ -92,6 +92,11 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["eval", "shapes", "--baseline", "teacher", "--model", "assets/shapes/editor"], 2,
      "error: --baseline teacher benchmarks the teacher (--teacher), not --model"),  # --model was ignored, status 0
     (["eval", "shapes", "--teacher", "assets/shapes/teacher"], 2, "error: --teacher is the teacher of --baseline"),
+    # one file for the list read and a file written: the list was emptied (read already, then truncated)
+    (["edit", "--batch", "one.jsonl", "--output-dir", "out", "--candidates", "2", "--verdicts", "./one.jsonl"], 2,
+     "error: --batch and --verdicts are the same file (./one.jsonl)"),
+    (["judge", "--batch", "one.jsonl", "--output", "v.csv", "--questions", "v.csv"], 2,
+     "error: --output and --questions are the same file (v.csv)"),
     (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
     (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),
