@@ -328,6 +328,13 @@ def download_path(name: str, exact: bool = False) -> Path:
     return Path(path)
 
 
+def drop_download(previous: str | None) -> None:
+    """Delete `previous`, the download a session was given last, when it is one of the app's own (a state can hold
+    anything): each session keeps one file of a kind, not one per click, until the hour's prune."""
+    if previous and Path(previous).parent == downloads_folder() and Path(previous).is_file():
+        Path(previous).unlink()
+
+
 def downloads_folder() -> Path:
     """Where `download_path` writes: a folder of gradio's cache (GRADIO_TEMP_DIR's, read now)."""
     return Path(get_upload_folder()) / "npedit-downloads"
@@ -444,8 +451,7 @@ def trace_download(traced, previous: str | None) -> tuple[str | None, str | None
     --trace` writes), written after the edit's results show and outside its GPU function (a 1024-px trace takes ~1.1 s
     to encode on a 2-core CPU, which ZeroGPU would bill as GPU time); the session's `previous` zip is deleted, so a
     local app (no cache cleanup) keeps one per session. Returns (download, the zip to delete next, trace state)."""
-    if previous and Path(previous).parent == downloads_folder() and Path(previous).is_file():
-        Path(previous).unlink()
+    drop_download(previous)
     if traced is None:
         return None, None, None
     trace, names = traced
@@ -639,17 +645,20 @@ def build_judge_tab(app: App, last_edit: gr.State):
             headline["p_change"] = v.p_change
         return headline, judging.verdict_table(v), v.report(instruction or "")
 
-    def save_report(record):
-        """The last verdict as a JSON file to download."""
+    def save_report(record, previous=None):
+        """The last verdict as a JSON file to download, twice: for the page and for the session's state, whose
+        `previous` verdict file goes (a local app kept one per click for an hour: 100 inspections, 100 files)."""
+        drop_download(previous)
         if not record:
-            return None
+            return None, None
         path = download_path("verdict.json")
         path.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        return str(path)
+        return str(path), str(path)
 
+    saved = gr.State()  # the verdict file last given, deleted when the next one is written
     ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone],
               [summary, table, report], api_name="judge", concurrency_id="models", concurrency_limit=1).then(
-        save_report, report, download, api_visibility="private")
+        save_report, [report, saved], [download, saved], api_visibility="private")
     explain.click(gradients_handler(app), [reference, edited, instruction, edit_type, object_name, extra, keep, new,
                                            gone], gradient_plot, api_visibility="private", concurrency_id="models",
                   concurrency_limit=1)

@@ -703,7 +703,7 @@ def test_the_judge_inspector_saves_what_the_cli_prints(tiny_set, tmp_path, famil
     asked = ("make the circle blue", "edit", "", "Is it sharp? Answer with Yes or No.", "red square", "blue circle",
              "red circle")
     headline, table, report = fns["judge"](ref, edited, *asked)
-    saved = json.loads(Path(fns["save_report"](report)).read_text())
+    saved = json.loads(Path(fns["save_report"](report)[0]).read_text())
     assert main(["judge", "--judge", judge_dir, "--reference", ref, "--edited", edited, "--instruction", asked[0],
                  "--keep", "red square", "--new", "blue circle", "--gone", "red circle"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -717,7 +717,7 @@ def test_the_judge_inspector_saves_what_the_cli_prints(tiny_set, tmp_path, famil
         assert saved[key] == headline[key] and saved[key] == pytest.approx(printed[key], abs=1e-5), key
         assert saved[key] == pytest.approx(getattr(direct, key), abs=1e-5), key
     assert list(table["P(Yes)"]) == [round(q["p_yes"], 6) for q in saved["questions"]]
-    assert fns["save_report"](None) is None
+    assert fns["save_report"](None) == (None, None)
 
 
 def test_the_space_installs_what_the_app_needs_and_nothing_for_tests():
@@ -890,7 +890,7 @@ def test_downloads_are_written_where_a_public_apps_cleanup_removes_them(tiny_set
     listing = tmp_path / "pairs.csv"
     listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{shapes_png.name},make it blue\n")
     _, verdicts, questions = fns["judge_batch"]([str(listing), str(shapes_png)], progress=lambda *a, **k: None)
-    written = {download("Download (JSON"): fns["save_report"]({"instruction": "make it blue", "p_edit": 0.5}),
+    written = {download("Download (JSON"): fns["save_report"]({"instruction": "make it blue", "p_edit": 0.5})[0],
                download("Download: a row per pair"): verdicts, download("Download: a row per question"): questions}
     for block, path in written.items():
         served = move_files_to_cache(block.postprocess(path), block, postprocess=True)
@@ -913,6 +913,25 @@ def test_a_local_apps_downloads_older_than_an_hour_are_removed(tmp_path, monkeyp
     new = npedit_app.download_path("trace.zip")
     assert not old_file.exists() and not old_folder.parent.exists()
     assert recent.exists() and new.exists()
+
+
+def test_a_session_keeps_one_verdict_file_however_often_it_asks(tmp_path, monkeypatch):
+    """Every answer of the Judge inspector wrote a new verdict JSON and kept the older ones for an hour: a session
+    asking 100 times left 100 files in the downloads folder. Like the trace zip, each answer now deletes the session's
+    previous verdict file (held in a state); another session's stays."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")])))
+    event = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "save_report")
+    assert isinstance(event.inputs[1], gr.State) and event.outputs[1] is event.inputs[1]  # the state it rewrites
+    mine = other = None
+    other, other = event.fn({"instruction": "theirs"}, other)
+    for k in range(30):
+        shown, mine = event.fn({"instruction": "make it blue", "p_edit": k / 30}, mine)
+    assert sorted(p.name for p in npedit_app.downloads_folder().iterdir()) == sorted([Path(mine).name,
+                                                                                       Path(other).name])
+    assert json.loads(Path(shown).read_text())["p_edit"] == 29 / 30 and shown == mine
+    assert event.fn(None, mine) == (None, None) and not Path(mine).exists() and Path(other).exists()
 
 
 def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
