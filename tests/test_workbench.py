@@ -1142,6 +1142,35 @@ def test_a_job_that_fails_to_start_leaves_its_folder_free(tmp_path, monkeypatch)
     assert not (root / "again" / "job.json").exists() and jobs.active_job(root, "cpu") is None
 
 
+def test_jobs_that_ended_are_reaped_and_forgotten(tmp_path, monkeypatch):
+    """A long-lived app held every job it started that was not cancelled (its Popen, for good), and one that ended
+    with no tab open stayed a zombie process until some status read polled it. Any status read, and the device check
+    of every page load and start, now waits for the jobs that ended and forgets them."""
+    monkeypatch.setattr(jobs, "_MAIN", "raise SystemExit(3)")  # a trainer that exits at once
+    root, pids = tmp_path / "runs", []
+    for k in range(3):
+        run = root / f"j{k}"
+        pids.append(jobs.start_job(run, ["max_steps=1"], runs_root=root, device="cpu").pid)
+        deadline = time.time() + 30
+        while not (run / "exit_code").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+
+    def zombie(pid):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone: waited for
+            return False
+        return stat[stat.rindex(")") + 2] == "Z"
+
+    deadline = time.time() + 30
+    while time.time() < deadline and not zombie(pids[-1]):  # the last shell exits after writing its exit code
+        time.sleep(0.05)
+    assert zombie(pids[-1])  # (nothing has read its status yet)
+    assert jobs.active_job(root, "cpu") is None
+    assert not any(zombie(pid) for pid in pids) and not set(pids) & set(jobs._CHILDREN)
+    assert jobs.job_status(root / "j0").state == "failed"
+
+
 def test_a_job_does_not_get_the_apps_training_token(tmp_path, monkeypatch):
     """The public app's NPEDIT_TRAIN_TOKEN stays in the app: the training process it launches has no use for it."""
     seen = {}

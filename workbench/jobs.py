@@ -135,7 +135,8 @@ def _alive(pid: int | None, run_dir: Path) -> bool:
     if child is not None:  # started here
         if child.poll() is None:  # not exited (poll also reaps it)
             return True
-        if _WINDOWS:  # the wrapper is the whole job there; its handle, still open here, keeps the pid in the table
+        _CHILDREN.pop(pid, None)  # exited and reaped: nothing left to poll
+        if _WINDOWS:  # the wrapper is the whole job there (its handle, had it stayed open, kept the pid in the table)
             return False
     if not _WINDOWS:
         try:
@@ -168,8 +169,18 @@ def _lock_path(runs_root: Path, device: str) -> Path:
     return runs_root / LOCK_DIR / (device.replace(":", "_") + ".lock")
 
 
+def _reap() -> None:
+    """Wait for the jobs started here that have exited and forget them: each stayed a zombie process until a status
+    read polled it (a job that finished with no tab open, for as long as none was), and its Popen in `_CHILDREN` for
+    good (every job that was not cancelled)."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            _CHILDREN.pop(pid, None)
+
+
 def active_job(runs_root: str | os.PathLike, device: str | None = None) -> Path | None:
     """The run folder whose job holds `device` (default: this machine's training device), or None."""
+    _reap()  # (asked on every page load and before every start)
     lock = _lock_path(Path(runs_root), device or device_name())
     data = _read_json(lock)
     if not data:
@@ -391,6 +402,7 @@ def _last_error(run_dir: Path) -> str:
 
 def job_status(run_dir: str | os.PathLike) -> JobStatus:
     """Read the run folder (and the process table) to say where its job stands."""
+    _reap()
     run_dir = Path(run_dir).resolve()
     job = _read_json(run_dir / "job.json") or {}
     rows = read_metrics_rows(run_dir)
