@@ -54,6 +54,9 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
 MAX_CANDIDATES = 16
 MAX_BATCH_PAIRS = 100  # pairs per batch list in a public app (one list holds the judge for all of them)
+# browser sessions whose state the server keeps (least recently used go first): gradio's default, 10,000, let a
+# Space's memory grow ~0.3 MB per page view for weeks (each view's copy of this UI's config stays, closed or not)
+SESSIONS_KEPT = 500
 ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU") == "true"
 NO_TRAINING_ON_ZEROGPU = ("This Space runs on ZeroGPU, where a GPU exists only inside a short call: training is off. "
                           "Duplicate it on dedicated GPU hardware, or run `python app.py` locally.")
@@ -1127,7 +1130,7 @@ def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
         limits = {"app_kwargs": {"middleware": [limit]}, "num_workers": 0}
     return demo.queue(max_size=32).launch(
         server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
-        allowed_paths=served_paths(app), **limits, **kwargs)
+        allowed_paths=served_paths(app), state_session_capacity=SESSIONS_KEPT, **limits, **kwargs)
 
 
 def main(argv=None):

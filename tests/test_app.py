@@ -947,6 +947,25 @@ def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
     assert npedit_app.build_demo(app).delete_cache is None
 
 
+def test_the_server_keeps_the_state_of_a_bounded_number_of_sessions(tmp_path, monkeypatch):
+    """Every page view is a session whose copy of the UI's config (~0.3 MB for this one) gradio keeps, closed or not,
+    up to its default of 10,000: a Space's memory grew with its visitors for weeks. The app serves with a capacity of
+    SESSIONS_KEPT; the least recently used go first."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    args = npedit_app.parse_args(["--runs", str(tmp_path / "runs"), "--port", str(free_port())])
+    app = npedit_app.make_app(args)
+    demo = npedit_app.build_demo(app)
+    npedit_app.launch(demo, app, args, prevent_thread_lock=True, quiet=True)
+    try:
+        holder = demo.server_app.state_holder
+        for k in range(npedit_app.SESSIONS_KEPT + 20):
+            holder[f"visitor-{k}"]  # (what any event of a new page view does first)
+        assert len(holder.session_data) == npedit_app.SESSIONS_KEPT <= 1000
+        assert "visitor-0" not in holder and f"visitor-{npedit_app.SESSIONS_KEPT + 19}" in holder
+    finally:
+        demo.close()
+
+
 def test_a_public_app_serves_no_file_of_its_runs_folder(tmp_path, monkeypatch, shapes_png):
     """A run folder holds the owner's training images, manifest and checkpoints: a public app does not hand its files
     out by URL (a stranger could guess runs/<name>/data/cases.jsonl); it sends a run's sample images themselves."""
