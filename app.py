@@ -298,6 +298,9 @@ def _for_user(text: str) -> str:
 
 
 DOWNLOADS_KEEP_S = 3600  # as long as a public app's cache cleanup keeps its files
+# a local app's results and uploads in gradio's cache (each edit's images, the Train tab's uploads) go after a day, an
+# hourly check removing them: kept for good, a lab server's cache grew with every edit until the disk was full
+LOCAL_CACHE_KEEP_S = 86400
 
 
 def _prune_downloads(folder: Path, before: float) -> None:
@@ -318,7 +321,8 @@ def download_path(name: str, exact: bool = False) -> Path:
     """A new empty file named like `name` (verdicts-k3x9.csv), or, `exact`, named `name` in a new folder, for a
     download, in gradio's cache folder: gradio serves it from there as it is, and a public app's delete_cache removes
     it an hour on (a file written elsewhere was copied into that folder, and the copy removed, the original never).
-    Downloads older than DOWNLOADS_KEEP_S go first, so a local app (which gradio never cleans) keeps only recent ones."""
+    Downloads older than DOWNLOADS_KEEP_S go first, so a local app (whose cache gradio cleans after a day) keeps only
+    recent ones."""
     folder = downloads_folder()
     folder.mkdir(parents=True, exist_ok=True)
     _prune_downloads(folder, time.time() - DOWNLOADS_KEEP_S)
@@ -453,7 +457,7 @@ def trace_download(traced, previous: str | None) -> tuple[str | None, str | None
     """The per-step trace of the last edit as a zip to download (`save_trace`: the files `python -m npedit edit
     --trace` writes), written after the edit's results show and outside its GPU function (a 1024-px trace takes ~1.1 s
     to encode on a 2-core CPU, which ZeroGPU would bill as GPU time); the session's `previous` zip is deleted, so a
-    local app (no cache cleanup) keeps one per session. Returns (download, the zip to delete next, trace state)."""
+    local app (a daily cache cleanup) keeps one per session. Returns (download, the zip to delete next, trace state)."""
     drop_download(previous)
     if traced is None:
         return None, None, None
@@ -1074,8 +1078,10 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
 
 def build_demo(app: App) -> gr.Blocks:
     """The whole UI (nothing is loaded or launched here)."""
-    # a public app: strangers' uploads (anyone can POST them) and results are deleted an hour after they were written
-    with gr.Blocks(title="NP-Edit", delete_cache=(600, 3600) if app.public else None) as demo:
+    # a public app: strangers' uploads (anyone can POST them) and results are deleted an hour after they were written;
+    # a local one's a day after
+    cleanup = (600, 3600) if app.public else (3600, LOCAL_CACHE_KEEP_S)
+    with gr.Blocks(title="NP-Edit", delete_cache=cleanup) as demo:
         gr.Markdown(INTRO, elem_id="title")
         last_edit = gr.State(None)
         with gr.Tab("Edit"):

@@ -934,17 +934,19 @@ def test_a_session_keeps_one_verdict_file_however_often_it_asks(tmp_path, monkey
     assert event.fn(None, mine) == (None, None) and not Path(mine).exists() and Path(other).exists()
 
 
-def test_a_public_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
+def test_an_app_deletes_old_uploads_and_results(tmp_path, monkeypatch):
     """Anyone can POST files (up to 20 MB each) to /gradio_api/upload without calling any event, and every result
     is cached: without gradio's delete_cache they stayed in its folder until the disk was full. A public app deletes
-    its uploads and results an hour after they were written; a local app keeps them."""
+    its uploads and results an hour after they were written. A local app kept them for good: a lab server's cache
+    grew with every edit (its input, its result); it deletes them a day after they were written."""
     monkeypatch.setenv("NPEDIT_PUBLIC", "1")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
     frequency, age = npedit_app.build_demo(app).delete_cache
     assert 0 < frequency <= age <= 3600
     monkeypatch.setenv("NPEDIT_PUBLIC", "0")
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
-    assert npedit_app.build_demo(app).delete_cache is None
+    frequency, age = npedit_app.build_demo(app).delete_cache
+    assert 0 < frequency <= 3600 < age <= 86400
 
 
 def test_the_server_keeps_the_state_of_a_bounded_number_of_sessions(tmp_path, monkeypatch):
