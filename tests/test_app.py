@@ -968,6 +968,28 @@ def test_the_server_keeps_the_state_of_a_bounded_number_of_sessions(tmp_path, mo
         demo.close()
 
 
+def test_the_soak_script_reports_what_a_long_lived_app_holds(tmp_path, monkeypatch):
+    """scripts/app_soak.py drives the handlers with the bundled models and measures the process after each part: what
+    the README's figures come from. A short run: two sessions' edits keep two trace zips, one inspecting session one
+    verdict, and the server at most SESSIONS_KEPT sessions."""
+    import tempfile
+
+    from script_modules import load_script
+
+    for name in ("TMPDIR", "GRADIO_TEMP_DIR", "NPEDIT_PUBLIC"):  # (the script sets them; restored after)
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(npedit_app, "SESSIONS_KEPT", 4)
+    out = tmp_path / "soak.json"
+    assert load_script("app_soak").main(["--edits", "4", "--sessions", "2", "--inspections", "3", "--jobs", "0",
+                                         "--views", "1", "--visitors", "9", "--rounds", "1", "--json", str(out)]) == 0
+    rows = {r["phase"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["warm", "edits 4/4", "inspections 3/3", "runs 1/1", "visitors 9/9"]
+    assert rows["edits 4/4"]["downloads"] == 2 and rows["inspections 3/3"]["downloads"] == 3
+    assert rows["visitors 9/9"]["sessions_held"] == 4 and rows["runs 1/1"]["pyplot_figures"] == 0
+    assert all(r["fds"] > 0 and r["threads"] > 0 and r["rss_mb"] > 0 for r in rows.values())
+
+
 def test_a_public_app_serves_no_file_of_its_runs_folder(tmp_path, monkeypatch, shapes_png):
     """A run folder holds the owner's training images, manifest and checkpoints: a public app does not hand its files
     out by URL (a stranger could guess runs/<name>/data/cases.jsonl); it sends a run's sample images themselves."""
