@@ -834,6 +834,10 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         seed = int(seed or 0)
         if not 0 <= seed < 2**32:
             raise gr.Error(f"The seed is a whole number from 0 to {2**32 - 1}, got {seed}.")
+        # each seed and count has a folder of up to 2,000 PNGs there, kept only until Start copies them into a run:
+        # those of a day ago go, as the cache's uploads do (kept, every new seed tried added one for good)
+        if staging.is_dir():
+            _prune_downloads(staging, time.time() - LOCAL_CACHE_KEEP_S)
         # the table names each case's image by its file name (the staging folder is the server's business) and the
         # state maps the names back to the files, as for uploads
         return datasets.named_images(datasets.shapes_table(int(n), staging / f"shapes-{seed}-{int(n)}", seed=seed))

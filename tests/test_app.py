@@ -433,6 +433,25 @@ def test_generated_shapes_cases_show_their_names_and_train(tiny_set, tmp_path, m
     assert (data / DOMAIN_FILE).is_file()  # its editor is recognised as a Shapes-world one
 
 
+def test_generated_shapes_cases_of_a_day_ago_are_removed(tmp_path, monkeypatch):
+    """Each Generate with a new seed or count wrote a folder of cases (up to 2,000 PNGs) under runs/.staging and kept
+    it for good, though Start copies the cases into its run. Generating now removes the folders of a day ago."""
+    import os
+
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
+    generate = next(f.fn for f in npedit_app.build_demo(app).fns.values()
+                    if getattr(f.fn, "__name__", "") == "on_generate")
+    generate(6, 1)
+    generate(6, 2)
+    staging = tmp_path / "runs" / ".staging"
+    day_ago = time.time() - npedit_app.LOCAL_CACHE_KEEP_S - 5
+    os.utime(staging / "shapes-1-6", (day_ago, day_ago))
+    table, names = generate(6, 3)
+    assert sorted(p.name for p in staging.iterdir()) == ["shapes-2-6", "shapes-3-6"]
+    assert all(Path(path).is_file() for path in names.values())
+
+
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
     """On ZeroGPU training is off: neither Start nor the Runs tab's Resume launches a job there."""
     monkeypatch.setattr(npedit_app, "ON_ZEROGPU", True)
