@@ -97,6 +97,7 @@ class Soak:
         self.rows: list[dict] = []
         self.zips: dict[int, str | None] = {}  # each editing session's gr.State of its last trace zip
         self.verdicts: str | None = None  # the inspecting session's state of its last verdict file (where kept)
+        self.visitors = 0  # page views so far
 
     def call(self, name: str, *args, **kwargs):
         """Call the UI function `name` and send what it returns through its outputs, as the server does."""
@@ -200,9 +201,9 @@ def visitors(soak: Soak, n: int) -> None:
         soak.demo.state_session_capacity = getattr(soak.npedit_app, "SESSIONS_KEPT", soak.demo.state_session_capacity)
         app_sessions = StateHolder()
         app_sessions.set_blocks(soak.demo)
-    start = len(app_sessions.time_last_used)
-    for k in range(start, start + n):
+    for k in range(soak.visitors, soak.visitors + n):  # (new names: the holder forgets the evicted ones)
         app_sessions[f"visitor-{k}"].is_closed = True
+    soak.visitors += n
 
 
 def main(argv=None) -> int:
