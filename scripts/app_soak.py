@@ -42,7 +42,7 @@ def _zombies() -> int:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            stat = (entry / "stat").read_text(encoding="utf-8")
         except OSError:  # exited meanwhile
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "(comm) ": state, ppid, ...
@@ -66,7 +66,7 @@ def measure(app) -> dict:
     with warnings.catch_warnings():  # (isinstance on every object touches deprecated module attributes)
         warnings.simplefilter("ignore")
         alive = [type(o) for o in gc.get_objects()]
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines() if ":" in line)
     cache = Path(os.environ["GRADIO_TEMP_DIR"])
     return {"rss_mb": round(int(status["VmRSS"].split()[0]) / 1024, 1),
             "fds": len(os.listdir("/proc/self/fd")),
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
                     done += k
                     soak.record(f"{phase} {done}/{n}", time.time() - t)
         if args.json:
-            Path(args.json).write_text(json.dumps(soak.rows, indent=1))
+            Path(args.json).write_text(json.dumps(soak.rows, indent=1), encoding="utf-8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
