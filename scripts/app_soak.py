@@ -66,7 +66,8 @@ def measure(app) -> dict:
     with warnings.catch_warnings():  # (isinstance on every object touches deprecated module attributes)
         warnings.simplefilter("ignore")
         alive = [type(o) for o in gc.get_objects()]
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines() if ":" in line)
+    lines = Path("/proc/self/status").read_text(encoding="utf-8").splitlines()
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
     cache = Path(os.environ["GRADIO_TEMP_DIR"])
     return {"rss_mb": round(int(status["VmRSS"].split()[0]) / 1024, 1),
             "fds": len(os.listdir("/proc/self/fd")),
