@@ -12,6 +12,7 @@ from PIL import Image
 
 from .cli import UsageError
 from .devices import resolve_device
+from .flow import MAX_SAMPLING_STEPS
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -42,6 +43,9 @@ def bench_main(args) -> int:
                         ("--size", args.size), ("--teacher-steps", args.teacher_steps)):
         if value < 1:
             raise UsageError(f"error: {flag} must be >= 1, got {value}")
+    if max(args.steps, args.teacher_steps) > MAX_SAMPLING_STEPS:
+        raise UsageError(f"error: --steps and --teacher-steps must be at most {MAX_SAMPLING_STEPS}, got {args.steps} "
+                         f"and {args.teacher_steps}")
     try:
         device = resolve_device(args.device)
     except ValueError as exc:

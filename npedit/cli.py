@@ -18,6 +18,7 @@ from .assets import bundle_missing, default_path, in_bundle
 from . import files
 from .edit_types import EDIT_TYPES, edit_type_name
 from .files import image_bytes, write_atomic
+from .flow import MAX_SAMPLING_STEPS
 from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
 
@@ -115,8 +116,8 @@ def cmd_edit(args) -> int:
         raise UsageError("error: --teacher, --critic and --caption are for the DMD maps of --trace")
     if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace):
         raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts or --trace")
-    if args.steps < 1:  # (else said by the pipeline once the editor's weights are read)
-        raise UsageError(f"error: --steps must be >= 1, got {args.steps}")
+    if not 1 <= args.steps <= MAX_SAMPLING_STEPS:  # (else said by the pipeline once the editor's weights are read)
+        raise UsageError(f"error: --steps must be between 1 and {MAX_SAMPLING_STEPS}, got {args.steps}")
     if args.max_side < 1:
         raise UsageError(f"error: --max-side must be >= 1, got {args.max_side}")
     if args.revision and looks_local(default_path("model", args.model)):

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# More sampling steps than any schedule asks (a few-step editor: 4; a teacher baseline: tens): a typo like 100000000
+# would build that many times and run for days instead of saying so.
+MAX_SAMPLING_STEPS = 1000
+
 # The default few-step grid: the uniform grid (1, .75, .5, .25) under time shift 6.
 DEFAULT_SHIFT = 6.0
 DEFAULT_STEPS = 4

@@ -52,6 +52,9 @@ def check_call_arguments(num_inference_steps, generator, output_type, images: in
     for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if num_inference_steps > flow.MAX_SAMPLING_STEPS:
+        raise ValueError(f"num_inference_steps must be at most {flow.MAX_SAMPLING_STEPS}, got {num_inference_steps} "
+                         f"(this editor was trained to sample in a few steps: 4 by default)")
     batch = images * int(num_images_per_prompt)
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
     if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):

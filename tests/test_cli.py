@@ -80,13 +80,18 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
 @pytest.mark.parametrize("argv, status, says", [
     # usage errors: status 2, as argparse's own (these were status 1, --steps only once the editor had loaded)
     (["edit"], 2, "error: give either --image/--instruction/--output or --batch/--output-dir"),
-    ([*EDIT, "--output", "o.png", "--steps", "0"], 2, "error: --steps must be >= 1, got 0"),
-    ([*EDIT, "--output", "o.png", "--steps", "-1"], 2, "error: --steps must be >= 1, got -1"),
+    ([*EDIT, "--output", "o.png", "--steps", "0"], 2, "error: --steps must be between 1 and 1000, got 0"),
+    ([*EDIT, "--output", "o.png", "--steps", "-1"], 2, "error: --steps must be between 1 and 1000, got -1"),
+    # (100000000 steps: 4.8 GB of sampling times built, and days of sampling, instead of one line)
+    ([*EDIT, "--output", "o.png", "--steps", "100000000"], 2, "error: --steps must be between 1 and 1000"),
     ([*EDIT, "--output", "o.png", "--candidates", "0"], 2, "error: --candidates must be >= 1"),
     ([*EDIT, "--output", "o.txt"], 2, "error: --output must end in one of .png"),
     (["train", "--config", "bad.yaml"], 2, "error: bad.yaml: not valid YAML at line 3"),  # was PyYAML's traceback
     (["train", "optim.lrr=1e-4"], 2, "error: unknown config key(s) optim.lrr (did you mean optim.lr?)"),
-    (["eval", "shapes", "--steps", "0"], 2, "error: --steps and --teacher-steps must be >= 1"),  # was a traceback
+    (["eval", "shapes", "--steps", "0"], 2, "error: --steps and --teacher-steps must be between 1 and 1000"),
+    (["eval", "shapes", "--baseline", "teacher", "--teacher-steps", "5000"], 2,
+     "error: --steps and --teacher-steps must be between 1 and 1000"),
+    (["bench", "--teacher-steps", "100000"], 2, "error: --steps and --teacher-steps must be at most 1000"),
     (["eval", "shapes", "--baseline", "teacher", "--strength", "5", "--n", "1"], 2,
      "error: --strength must be in (0, 1] (1: pure noise), got 5.0"),  # was a benchmark of nonsense, status 0
     (["eval", "shapes", "--baseline", "teacher", "--model", "assets/shapes/editor"], 2,
@@ -188,7 +193,8 @@ def test_a_usage_error_exits_2_with_its_line_from_a_real_process(tmp_path):
     """Through the interpreter (not `main` in this process): status 2, the line on stderr, no traceback."""
     out = run_python("-m", "npedit", "edit", "--image", str(EXAMPLE), "--instruction", "x", "--output", "o.png",
                      "--steps", "0", cwd=tmp_path, ok=False)
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: --steps must be >= 1, got 0", out
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last == "error: --steps must be between 1 and 1000, got 0", out
     assert not (tmp_path / "o.png").exists()
 
 

@@ -56,6 +56,7 @@ def test_wrong_arguments_are_one_clear_error_before_any_model_runs(pipe, scene, 
                         ({"image": []}, "give one image and one prompt"),
                         ({"num_inference_steps": "4"}, "whole number"), ({"num_inference_steps": 2.5}, "whole number"),
                         ({"num_inference_steps": 0}, ">= 1"),
+                        ({"num_inference_steps": 10**8}, "at most 1000"),  # (4.8 GB of times, then days)
                         ({"generator": 0}, "must be a torch.Generator .* got int"),
                         ({"generator": [seeded(), 1]}, "got int"),
                         ({"image": [scene, scene], "generator": [seeded()]}, "1 generators for a batch of 2"),

@@ -275,3 +275,25 @@ def test_exclude_held_out_keeps_the_judge_training_clear_of_benchmark_cases():
     assert jt._excluded(jt.build_config(["exclude_held_out=[2024]"])) == held
     with pytest.raises(ValueError, match="exclude_held_out lists benchmark seeds"):
         jt.build_config(["exclude_held_out=[-3]"])
+
+
+def test_eval_main_never_writes_into_the_bundle(quick_run, tmp_path, monkeypatch):
+    """Without --out, judge-eval wrote beside the judge: for the bundled one, judge_eval.json and .md landed in the
+    repository's tracked assets/shapes/ (or failed on an install's read-only copy). A bundled judge's report now goes
+    to runs/judge-eval in the working folder; a trained judge's still beside it, in its run."""
+    import shutil
+
+    from npedit import assets
+
+    _, judge_dir = quick_run
+    bundle = tmp_path / "bundle"
+    shutil.copytree(judge_dir, bundle / "shapes" / "judge")
+    monkeypatch.setattr(assets, "ASSETS_DIR", bundle)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert jt.eval_main(["--judge", str(bundle / "shapes" / "judge"), "--n", "2"]) == 0
+    assert sorted(p.name for p in (bundle / "shapes").iterdir()) == ["judge"]
+    assert (work / "runs" / "judge-eval" / "judge_eval.json").is_file()
+    assert jt.eval_main(["--judge", str(judge_dir), "--n", "2"]) == 0
+    assert (judge_dir.parent / "judge_eval.md").is_file()

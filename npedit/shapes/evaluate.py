@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import flow
+from ..flow import MAX_SAMPLING_STEPS
 from ..cli import UsageError
 from ..devices import resolve_device
 from ..files import write_atomic
@@ -246,8 +247,9 @@ def eval_main(args) -> int:
     if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name in (".", "..")):
         raise UsageError(f"error: --name must be a plain file name (the report is --out/<name>.json), got "
                          f"{args.name!r}")
-    if args.steps < 1 or args.teacher_steps < 1:  # (else a traceback from the sampler after the models load)
-        raise UsageError(f"error: --steps and --teacher-steps must be >= 1, got {args.steps} and {args.teacher_steps}")
+    if not (1 <= args.steps <= MAX_SAMPLING_STEPS and 1 <= args.teacher_steps <= MAX_SAMPLING_STEPS):
+        raise UsageError(f"error: --steps and --teacher-steps must be between 1 and {MAX_SAMPLING_STEPS}, got "
+                         f"{args.steps} and {args.teacher_steps}")  # (else said by the sampler after the models load)
     if args.baseline and args.model:  # (the report said teacher-sdedit; --model was silently not benchmarked)
         raise UsageError("error: --baseline teacher benchmarks the teacher (--teacher), not --model: give one of them")
     if args.teacher and not args.baseline:

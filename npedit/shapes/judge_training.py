@@ -921,6 +921,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _default_eval_folder(judge: Path) -> Path:
+    """Where judge-eval writes when not told: beside a trained judge (its run), but never into the bundle (the
+    repository's tracked assets/, or an install's read-only copy): runs/judge-eval there."""
+    from npedit.assets import ASSETS_DIR
+
+    judge = judge.resolve()
+    return Path("runs", "judge-eval") if ASSETS_DIR.resolve() in judge.parents else judge.parent
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """`python -m npedit shapes judge-eval`: accuracy table of a judge; writes JSON and Markdown."""
     from npedit.assets import default_path
@@ -931,7 +940,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=300, help="held-out cases (4 candidates, 8 questions each)")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--degrade", type=float, default=0.0, help="probability of a degraded candidate")
-    parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent)")
+    parser.add_argument("--out", help="folder for judge_eval.json / judge_eval.md (default: the judge folder's parent; "
+                                      "for a bundled judge, runs/judge-eval)")
     argv = config_lib.overrides_as_flags(sys.argv[1:] if argv is None else argv)  # `key=value` words as `--key value`
     args = parser.parse_args(argv)
     if args.n < 1 or not 0 <= args.degrade <= 1:  # (n 0 was numpy's "need at least one array" after the judge loaded)
@@ -947,7 +957,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
               "change": evaluate_change(judge, n=args.n, seed=args.seed, degrade_prob=args.degrade)}
     table = format_table(result)
     print(table)
-    out = Path(args.out) if args.out else Path(path).resolve().parent
+    out = Path(args.out) if args.out else _default_eval_folder(Path(path))
     out.mkdir(parents=True, exist_ok=True)
     (out / "judge_eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     header = f"# Judge evaluation\n\njudge: `{path}`, {args.n} cases, seed {args.seed}, degrade {args.degrade}\n\n"
