@@ -1148,23 +1148,22 @@ def test_jobs_that_ended_are_reaped_and_forgotten(tmp_path, monkeypatch):
     of every page load and start, now waits for the jobs that ended and forgets them."""
     monkeypatch.setattr(jobs, "_MAIN", "raise SystemExit(3)")  # a trainer that exits at once
     root, pids = tmp_path / "runs", []
-    for k in range(3):
-        run = root / f"j{k}"
-        pids.append(jobs.start_job(run, ["max_steps=1"], runs_root=root, device="cpu").pid)
-        deadline = time.time() + 30
-        while not (run / "exit_code").is_file() and time.time() < deadline:
-            time.sleep(0.05)
 
     def zombie(pid):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
         except OSError:  # gone: waited for
             return False
         return stat[stat.rindex(")") + 2] == "Z"
 
-    deadline = time.time() + 30
-    while time.time() < deadline and not zombie(pids[-1]):  # the last shell exits after writing its exit code
-        time.sleep(0.05)
+    for k in range(3):
+        run = root / f"j{k}"
+        pids.append(jobs.start_job(run, ["max_steps=1"], runs_root=root, device="cpu").pid)
+        deadline = time.time() + 30
+        # the wrapper exits after writing its exit code (its interpreter takes a moment to shut down): the next
+        # start must find the device free, not this job still ending
+        while not ((run / "exit_code").is_file() and zombie(pids[-1])) and time.time() < deadline:
+            time.sleep(0.05)
     assert zombie(pids[-1])  # (nothing has read its status yet)
     assert jobs.active_job(root, "cpu") is None
     assert not any(zombie(pid) for pid in pids) and not set(pids) & set(jobs._CHILDREN)

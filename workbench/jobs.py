@@ -48,6 +48,9 @@ _WINDOWS = os.name == "nt"
 _TQDM = re.compile(r"(?:warmup|npedit|sft|critic):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's progress bar
 _SECRETS = ("NPEDIT_TRAIN_TOKEN",)  # the app's training token: a job has no use for it, so it does not get it
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (polled to reap them)
+# the pids of jobs started here that have exited and been reaped: on Windows the wrapper is the whole job, and once
+# its Popen is dropped psutil may be refused a look at the pid (read as running) while the pid lingers
+_ENDED: set[int] = set()
 # `python -m npedit`, less the folder it runs in on sys.path: `-m` (and `-c`) put it first, so a run folder (or the
 # cwd a job.json names) holding npedit/, yaml.py, torch/, ... would run its own code in place of ours (`-P` does
 # this from Python 3.11 only)
@@ -135,9 +138,9 @@ def _alive(pid: int | None, run_dir: Path) -> bool:
     if child is not None:  # started here
         if child.poll() is None:  # not exited (poll also reaps it)
             return True
-        _CHILDREN.pop(pid, None)  # exited and reaped: nothing left to poll
-        if _WINDOWS:  # the wrapper is the whole job there (its handle, had it stayed open, kept the pid in the table)
-            return False
+        _forget(pid)  # exited and reaped: nothing left to poll
+    if _WINDOWS and pid in _ENDED:  # the wrapper is the whole job there, and it ended
+        return False
     if not _WINDOWS:
         try:
             os.killpg(pid, 0)
@@ -175,7 +178,13 @@ def _reap() -> None:
     good (every job that was not cancelled)."""
     for pid, child in list(_CHILDREN.items()):
         if child.poll() is not None:
-            _CHILDREN.pop(pid, None)
+            _forget(pid)
+
+
+def _forget(pid: int) -> None:
+    """Drop the Popen of a job started here that has exited (and been reaped), remembering that it ended."""
+    _CHILDREN.pop(pid, None)
+    _ENDED.add(pid)
 
 
 def active_job(runs_root: str | os.PathLike, device: str | None = None) -> Path | None:
@@ -339,6 +348,7 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         _release(runs_root, device, run_dir)
         raise
     _CHILDREN[proc.pid] = proc
+    _ENDED.discard(proc.pid)  # (a pid the system gave again)
     _write_json(run_dir / "job.json", {**job, "pid": proc.pid})
     status = job_status(run_dir)
     _write_json(run_dir / "status.json", status.to_dict())
