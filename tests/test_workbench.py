@@ -1608,6 +1608,46 @@ def test_a_spent_upload_budget_still_lets_the_visitor_press_buttons():
     assert not request("application/json", 40_000, inline)  # a file sent inline in a small call is charged
 
 
+def test_a_small_call_sending_a_file_inline_is_charged_however_it_spells_the_data_url():
+    """Only `;base64,` in the raw bytes marked a small call as carrying a file, yet gradio decodes any string that
+    starts with `data:` (the text after its last comma, `;base64` or not) into a file in its cache, and JSON lets a
+    client escape any letter (`\\u003b` for `;`): each spelling sent files uncharged, however spent the budget."""
+    import asyncio
+
+    from workbench.uploads import UploadLimit
+
+    passed = []
+
+    async def app(scope, receive, send):
+        passed.append(True)
+
+    async def send(message):
+        pass
+
+    limit = UploadLimit(app, mb_per_hour=0.1, min_free_mb=0, folder="/")
+
+    def request(body: bytes) -> bool:
+        before = len(passed)
+        scope = {"type": "http", "client": ("8.8.8.8", 1), "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        parts = [body]
+
+        async def receive():
+            return {"type": "http.request", "body": parts.pop(0), "more_body": False} if parts else \
+                {"type": "http.disconnect"}
+        asyncio.run(limit(scope, receive, send))
+        return len(passed) > before
+
+    pad = b"A" * 30_000
+    assert request(b'{"data": ["make the sky pink", "' + pad + b'"]}')  # plain text: uncharged
+    spellings = [b'{"data": [{"url": "data:image/png,' + pad + b'"}]}',
+                 b'{"data": [{"url": "data:image/png\\u003bbase64,' + pad + b'"}]}',
+                 b'{"data": [{"url": "\\u0064ata:image/png,' + pad + b'"}]}']
+    assert request(spellings[0]) and request(spellings[1]) and request(spellings[2])  # ~90 kB of 104,857 charged
+    assert not request(spellings[0])  # the budget is spent
+    assert limit.ledger.used("8.8.8.8") >= 3 * len(pad)
+
+
 def test_a_small_event_reaches_the_app_whole_after_the_limit_read_it():
     """The limit reads a small event call's body (to charge one that sends a file inline as base64): the app behind
     it must still receive that body, byte for byte, and an inline file within the budget passes, charged."""

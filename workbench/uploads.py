@@ -3,9 +3,10 @@
 `UploadLimit` is an ASGI middleware; `Ledger` is its bookkeeping (a sliding hour per client), testable without a server.
 Every request body counts, not only /upload: gradio parses multipart bodies of up to 1,000 files into files on disk on
 several routes (upload, component server, recordings), and its max_file_size caps each file, not a request. The one
-exception is a small event call (JSON of at most SMALL_EVENT bytes, holding no base64 data URL): a visitor who spent
+exception is a small event call (JSON of at most SMALL_EVENT bytes, holding no data URL): a visitor who spent
 the budget on photos can still press buttons, and such calls fill no disk by the hour (the free-disk floor still
-applies to them). A small call that sends a file inline (`data:...;base64,`) is charged like an upload.
+applies to them). A small call that sends a file inline (a string `data:...`, escaped or not, `;base64` or not) is
+charged like an upload.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class UploadLimit:
         carries_data = False
         if self._small_event(headers):  # a small body is read here, to pass uncharged only if it names no data inline
             body, receive = await _buffered(receive)
-            carries_data = _INLINE_DATA in body
+            carries_data = _inline_data(body)
         refusal = self.refusal(headers, (scope.get("client") or (None,))[0], carries_data)
         if refusal is None:
             return await self.app(scope, receive, send)
@@ -140,7 +141,7 @@ class UploadLimit:
     def refusal(self, headers: dict[str, str], peer: str | None,
                 carries_data: bool = False) -> tuple[int, str, list] | None:
         """(status, message, extra headers) refusing this request, or None to let it through (and charge it);
-        `carries_data`: the body holds a base64 data URL (a file sent inline, which gradio may write to its cache)."""
+        `carries_data`: the body holds a data URL (a file sent inline, which gradio may write to its cache)."""
         if "transfer-encoding" in headers:  # a chunked body's size is known only once it has been read
             return 411, "This public app accepts request bodies only with a Content-Length header.", []
         try:
@@ -167,7 +168,21 @@ class UploadLimit:
                 [(b"retry-after", str(int(wait) + 1).encode())])
 
 
-_INLINE_DATA = b";base64,"  # a data URL's marker: `data:image/png;base64,...` is a file, however small the call
+# a JSON string that is a data URL: gradio decodes one into a file in its cache, however small the call, from the text
+# after its last comma whether or not it says `;base64` (`data:image/png,...` too)
+_INLINE_DATA = b'"data:'
+
+
+def _inline_data(body: bytes) -> bool:
+    """Whether a JSON body holds a data URL (a file sent inline), also one JSON escapes (`\\u0064ata:`)."""
+    if _INLINE_DATA in body:
+        return True
+    if b"\\u" not in body:  # nothing escaped: the bytes read as the strings gradio gets
+        return False
+    try:  # written back unescaped, as the strings gradio gets
+        return _INLINE_DATA.decode() in json.dumps(json.loads(body), ensure_ascii=False)
+    except (ValueError, RecursionError):  # not JSON (nested too deep for it): gradio refuses it as well
+        return False
 
 
 async def _buffered(receive) -> tuple[bytes, Callable]:
