@@ -729,7 +729,8 @@ def _status_markdown(st: jobs.JobStatus | None, device: str) -> str:
 def _slug(text: str) -> str:
     """A run name as a folder name that every OS accepts ('my run: 12/05' -> 'my-run-12-05', 'con' -> 'con-run')."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", (text or "").strip()).strip("-.")
-    return f"{slug}-run" if slug.split(".")[0].upper() in WINDOWS_DEVICE_NAMES else slug  # (nor copied there)
+    stem, dot, rest = slug.partition(".")  # Windows reads a device name up to the first dot ('aux.v2' is AUX)
+    return f"{stem}-run{dot}{rest}" if stem.upper() in WINDOWS_DEVICE_NAMES else slug  # (nor copied there)
 
 
 def build_train_tab(app: App, editor_dropdown, refresh_list):

@@ -814,10 +814,15 @@ def test_an_upload_is_named_as_the_user_named_it_on_windows_too(monkeypatch):
 
 def test_a_run_name_becomes_a_folder_name_every_os_accepts():
     """The Train tab's run name is its folder's name: a time with ':' or a '/' is turned into '-', and Windows'
-    device names (con, aux, nul, com1, lpt1..., with any extension), which no folder can have there, get '-run'."""
+    device names (con, aux, nul, com1, lpt1..., with any extension), which no folder can have there, get '-run'
+    before the first dot ('Aux.v2-run' was still the device AUX there: Windows reads the name up to its first dot)."""
+    from npedit.files import windows_name_problem
+
     assert npedit_app._slug("my run: 12/05 ") == "my-run-12-05"
-    assert [npedit_app._slug(n) for n in ("con", "Aux.v2", "nul", "COM1", "lpt9")] == [
-        "con-run", "Aux.v2-run", "nul-run", "COM1-run", "lpt9-run"]
+    names = ("con", "Aux.v2", "nul", "COM1", "lpt9", "nul.tar.gz")
+    assert [npedit_app._slug(n) for n in names] == [
+        "con-run", "Aux-run.v2", "nul-run", "COM1-run", "lpt9-run", "nul-run.tar.gz"]
+    assert [windows_name_problem(npedit_app._slug(n)) for n in names] == [None] * len(names)
     assert [npedit_app._slug(n) for n in ("console", "com10", "aux-2", "...")] == ["console", "com10", "aux-2", ""]
 
 
