@@ -1,5 +1,6 @@
 """The workbench on tiny models: per-step tracing, model checks, data tables, batch judging, runs, plots, jobs."""
 
+import contextlib
 import json
 import os
 import signal
@@ -904,6 +905,30 @@ def test_the_job_wrapper_records_its_pid_and_the_exit_status_as_a_shell_does(tmp
         assert int((tmp_path / "job.pid").read_text()) not in (os.getpid(), 0)
     proc = subprocess.run([*wrapper, str(tmp_path / "no-such-program")], env=env, capture_output=True, timeout=60)
     assert proc.returncode == 127 and (tmp_path / "exit").read_text() == "127\n" and b"cannot run" in proc.stderr
+
+
+def test_the_job_wrapper_outlives_a_cancel_until_the_trainer_has_ended(tmp_path):
+    """A cancel sends SIGTERM to the job's whole group. The wrapper died of it at once, leaving the trainer (still
+    saving) to whoever adopts orphans: with the app as a container's PID 1, the app, which never reaps it, so the job
+    read as running for good, and no exit code was written. The wrapper now waits for the trainer and records it."""
+    ready = tmp_path / "ready"
+    trainer = ("import pathlib, signal, sys, time\n"
+               "def stop(*_):\n    time.sleep(0.5)\n    sys.exit(7)\n"  # (a trainer saving before it stops)
+               "signal.signal(signal.SIGTERM, stop)\n"
+               f"pathlib.Path({str(ready)!r}).write_text('1')\n"
+               "time.sleep(60)\n")
+    env = {**os.environ, "NPEDIT_PID_FILE": str(tmp_path / "job.pid"), "NPEDIT_EXIT_FILE": str(tmp_path / "exit")}
+    proc = subprocess.Popen([sys.executable, "-I", str(jobs._WRAPPER), sys.executable, "-c", trainer], env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not ready.is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 7 and (tmp_path / "exit").read_text() == "7\n"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_windows_job_is_followed_and_stopped_through_its_process_tree(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ its sys.path, so nothing there can stand in for a module it imports.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -32,6 +33,11 @@ def main(argv: list[str]) -> int:
         print(f"npedit-job: cannot run {argv[0]}: {exc}", file=sys.stderr, flush=True)
         code = 127
     else:
+        if os.name != "nt":
+            # A cancel sends SIGTERM to the whole group. Dying at once would orphan the trainer to whoever adopts
+            # orphans: with the app as a container's PID 1, the app, which never reaps it, so the job read as running
+            # for good. So wait for the trainer and record how it ended (a handler, not SIG_IGN: no child inherits it).
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
         code = exit_status(child.wait())
     _write(os.environ["NPEDIT_EXIT_FILE"], code)
     return code
