@@ -355,7 +355,6 @@ def test_training_table_to_manifest(tmp_path):
         datasets.write_manifest(datasets.empty_table(), tmp_path / "u4")
 
 
-
 def test_a_start_copying_generated_cases_while_the_same_seed_is_generated_again_reads_them_whole(tmp_path):
     """The Train tab's Generate and Start are separate events: two visitors on the default seed and count share one
     staging folder, and one's Start copied the cases while the other's Generate rewrote them in place, finding images
@@ -366,9 +365,14 @@ def test_a_start_copying_generated_cases_while_the_same_seed_is_generated_again_
     table = datasets.shapes_table(6, folder, seed=0)
     stop = time.monotonic() + 1.5
 
+    failed = []
+
     def generate_again():
-        while time.monotonic() < stop:
-            datasets.shapes_table(6, folder, seed=0)
+        try:
+            while time.monotonic() < stop:
+                datasets.shapes_table(6, folder, seed=0)
+        except Exception as exc:  # noqa: BLE001  (asserted below: a thread's exception does not fail the test)
+            failed.append(exc)
 
     generating = threading.Thread(target=generate_again)
     generating.start()
@@ -379,7 +383,10 @@ def test_a_start_copying_generated_cases_while_the_same_seed_is_generated_again_
             starts += 1
     finally:
         generating.join()
-    assert starts > 0 and not list(folder.rglob(".*.tmp"))
+    assert starts > 0 and not failed and not list(folder.rglob(".*.tmp"))
+    copied = sorted((tmp_path / f"run-{starts - 1}" / "data").rglob("*.png"))
+    assert len(copied) == 12 and all(Image.open(p).size == (64, 64) for p in copied)  # 6 references, 6 targets
+
 
 def test_adding_images_to_an_upload_keeps_what_was_typed(tmp_path, monkeypatch):
     """Adding files to the Train tab's upload sends every file again: rows of images already in the table keep their
@@ -1108,6 +1115,7 @@ def test_a_jobs_records_are_written_whole_and_leave_no_partial_file(tmp_path, fu
     with pytest.raises(OSError), full_disk(64):
         jobs._write_json(record, {"pid": 2, "args": ["x" * 200]})
     assert json.loads(record.read_text()) == {"pid": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
+
 
 def test_two_visitors_polling_a_run_as_it_finishes_both_read_its_status(tmp_path, monkeypatch):
     """The Train tab's status poll runs without a concurrency limit: two visitors' polls of a run that had just ended
