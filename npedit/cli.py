@@ -546,6 +546,14 @@ def _eval_report(path: str) -> dict:
         raise ValueError(f"--metrics {path}: cannot read it as JSON ({exc})") from None
     if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
         raise ValueError(f"--metrics {path} is not a report of `python -m npedit eval shapes` (no \"summary\")")
+    from .sharing import metrics_section
+
+    try:  # before any weights are read: a report no editor's card may show (the teacher baseline's) is said now
+        metrics_section(report)
+    except ValueError as exc:
+        raise ValueError(f"--metrics {path}: {exc}") from None
+    except (KeyError, TypeError, AttributeError) as exc:  # a "summary" or "meta" of another shape
+        raise ValueError(f"--metrics {path} is not a report of `python -m npedit eval shapes` ({exc!r})") from None
     return report
 
 

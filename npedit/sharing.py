@@ -69,13 +69,20 @@ def training_section(config: dict) -> str:
 
 def metrics_section(report: dict) -> str:
     """The card's "Evaluation" section from a `python -m npedit eval shapes` report (its JSON): the per-category
-    table of the exact Shapes-world benchmark and what it ran on."""
+    table of the exact Shapes-world benchmark and what it ran on. ValueError for a `--baseline teacher` report: its
+    figures are the teacher's, not an editor's."""
     from .shapes.evaluate import markdown_table
 
     meta = report.get("meta", {})
+    if meta.get("baseline"):
+        raise ValueError(f"the report is of --baseline {meta['baseline']} (the teacher's SDEdit edits), not of an "
+                         "editor: give the report of `eval shapes --model` on this editor")
     cases = f"{meta.get('n', '?')} {meta.get('cases', 'held-out')} Shapes-world cases, seed {meta.get('seed', '?')}"
+    # best-of-N figures are not what one call of the editor gives: the card says so
+    candidates = meta.get("candidates") or 1
+    picked = f", each output the best of {candidates} samples picked by the judge" if candidates > 1 else ""
     return (f"## Evaluation\n\nThe exact Shapes-world benchmark (`python -m npedit eval shapes`), {cases}, "
-            f"{meta.get('steps', 4)} steps; scored against the true edit, no judge:\n\n"
+            f"{meta.get('steps', 4)} steps{picked}; scored against the true edit (the score asks no judge):\n\n"
             + markdown_table(report["summary"]))
 
 

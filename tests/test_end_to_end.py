@@ -212,6 +212,26 @@ def test_an_export_is_shareable_loads_by_hub_id_and_pushes(trained, tiny_zimage,
     refused("export", "runs/npedit", "--push", "not a repo", says="--push takes a hub repo id OWNER/NAME")
 
 
+def test_an_export_card_shows_an_editors_report_as_what_it_measured(tmp_path, monkeypatch):
+    """`export --metrics` put any `eval shapes` report in the card as "N steps; scored against the true edit, no
+    judge": a `--baseline teacher` report published the teacher's SDEdit figures as the editor's, and a
+    `--candidates 4` one showed best-of-4 figures, the judge picking, as one call's. The baseline's is refused before
+    the run is read; best-of-N is said."""
+    from npedit.sharing import metrics_section
+
+    summary = {"overall": {"exact": 0.5, "followed": 0.6, "preserved": 0.7, "clean": 0.8, "count": 10}}
+    meta = {"n": 10, "seed": 0, "steps": 4, "cases": "held-out", "candidates": 1, "baseline": None}
+    assert "best of" not in metrics_section({"meta": meta, "summary": summary})
+    assert "each output the best of 4 samples picked by the judge" in metrics_section(
+        {"meta": {**meta, "candidates": 4}, "summary": summary})
+    with pytest.raises(ValueError, match="--baseline teacher"):
+        metrics_section({"meta": {**meta, "baseline": "teacher"}, "summary": summary})
+    report = tmp_path / "teacher-sdedit.json"
+    report.write_text(json.dumps({"meta": {**meta, "baseline": "teacher"}, "summary": summary}))
+    monkeypatch.chdir(tmp_path)  # (no run there: the report is refused first)
+    refused("export", "runs/npedit", "--metrics", report, says="is of --baseline teacher")
+
+
 def test_an_export_beside_its_run_still_finds_the_runs_teacher(trained, tiny_zimage, capsys, monkeypatch):
     """An export names its base only (`local:NAME`), so the app's DMD maps for RUN/exports/step_N lost the run's
     teacher they had read from its training_config.json; beside its run, the run's config.yaml gives it. A copy
