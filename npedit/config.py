@@ -241,6 +241,13 @@ class SamplerConfig:
     shift: float = 6.0
     two_step_prob: float = 0.75  # 0 = one-step unroll only (ablation)
 
+    def __post_init__(self):
+        from .flow import MAX_SAMPLING_STEPS  # (here: flow imports torch, which a config alone does not need)
+
+        # the bound of edit/eval/bench: the trainer builds this schedule at once and its sample grids sample it
+        if not 1 <= self.num_steps <= MAX_SAMPLING_STEPS:
+            raise ValueError(f"sampler.num_steps must be between 1 and {MAX_SAMPLING_STEPS}, got {self.num_steps}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -61,6 +61,9 @@ def test_a_folder_given_as_config_is_named_a_folder_not_missing(tmp_path):
     ("maxsteps=3", "maxsteps (did you mean max_steps?)"),
     ("seed=-5", "seed must be between 0 and 2**32 - 1, got -5"),  # was numpy's "Seed must be ..." once models loaded
     ("optim.lr=[1e-4,", "override 'optim.lr=[1e-4,': not valid YAML at line 1"),  # was PyYAML's traceback
+    # sampling steps are bounded as edit/eval/bench's are: 0 failed in the Trainer, unnamed; 1e8 built 1e8 times there
+    ("sampler.num_steps=0", "sampler.num_steps must be between 1 and 1000, got 0"),
+    ("sampler.num_steps=100000000", "sampler.num_steps must be between 1 and 1000, got 100000000"),
 ])
 def test_bad_values_are_explained(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
