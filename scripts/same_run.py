@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +35,20 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(f).items()}
 
 
+def same_value(x, y) -> bool:
+    """Logged values equal, a NaN equal to a NaN (a run that logged one repeats it: NaN != NaN would say otherwise)."""
+    return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+
+
+def tensor_difference(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """How two tensors differ, or None when they hold the same bits (a NaN where the other has the same NaN)."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return f"shape {tuple(x.shape)} vs {tuple(y.shape)}" if x.shape != y.shape else f"dtype {x.dtype} vs {y.dtype}"
+    if torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+        return None
+    return f"max difference {(x.float() - y.float()).abs().max().item():.3g}"
+
+
 def differences(a: Path, b: Path, limit: int = 5) -> tuple[list[str], str]:
     """(at most `limit` lines naming where runs `a` and `b` differ, a line saying what was compared)."""
     out: list[str] = []
@@ -42,7 +57,7 @@ def differences(a: Path, b: Path, limit: int = 5) -> tuple[list[str], str]:
         out.append(f"logged steps differ: {sorted(rows_a.keys() ^ rows_b.keys())[:10]} in one run only")
     for step in sorted(rows_a.keys() & rows_b.keys()):
         for key in sorted(rows_a[step].keys() | rows_b[step].keys()):
-            if rows_a[step].get(key) != rows_b[step].get(key):
+            if not same_value(rows_a[step].get(key), rows_b[step].get(key)):
                 out.append(f"step {step} {key}: {rows_a[step].get(key)} vs {rows_b[step].get(key)}")
     names = sorted({d.name for d in (a / "checkpoints").glob("step_*")}
                    & {d.name for d in (b / "checkpoints").glob("step_*")})
@@ -51,8 +66,8 @@ def differences(a: Path, b: Path, limit: int = 5) -> tuple[list[str], str]:
         ta, tb = checkpoint_tensors(a / "checkpoints" / names[-1]), checkpoint_tensors(b / "checkpoints" / names[-1])
         if ta.keys() != tb.keys():
             out.append(f"{names[-1]}: tensors {sorted(ta.keys() ^ tb.keys())[:3]} in one run only")
-        out += [f"{names[-1]} {k}: max difference {(ta[k].float() - tb[k].float()).abs().max().item():.3g}"
-                for k in sorted(ta.keys() & tb.keys()) if not torch.equal(ta[k], tb[k])]
+        out += [f"{names[-1]} {k}: {why}" for k in sorted(ta.keys() & tb.keys())
+                if (why := tensor_difference(ta[k], tb[k])) is not None]
         compared += f", {len(ta)} tensors of {names[-1]}"
     else:
         out.append("no checkpoint step that both runs hold: weights not compared")

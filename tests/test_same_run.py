@@ -35,3 +35,17 @@ def test_same_run_compares_losses_and_weights_but_not_the_clock(tmp_path, capsys
     diff, _ = same_run.differences(a, weight)
     assert len(diff) == 1 and diff[0].startswith("step_000002 student/diffusion_pytorch_model.safetensors:w: max")
     assert same_run.main([str(a), str(weight)]) == 1
+
+
+def test_same_run_says_nan_equal_and_names_a_shape_that_differs(tmp_path):
+    """A run that logged a NaN (or holds a NaN weight) was 'not the same' as its own repeat (NaN != NaN), and
+    checkpoints whose tensors differ in shape (another lora rank) stopped the script with torch's broadcast error;
+    now a NaN is the same NaN, bit for bit, and a shape is named."""
+    same_run = load_script("same_run")
+    w = torch.tensor([0.0, float("nan"), 2.0])
+    a = fake_run(tmp_path / "a", [0.5, float("nan")], w)
+    b = fake_run(tmp_path / "b", [0.5, float("nan")], w.clone())
+    assert same_run.differences(a, b)[0] == []
+    wider = fake_run(tmp_path / "wider", [0.5, float("nan")], torch.zeros(4))
+    diff, _ = same_run.differences(a, wider)
+    assert diff == ["step_000002 student/diffusion_pytorch_model.safetensors:w: shape (3,) vs (4,)"]
