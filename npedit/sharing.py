@@ -98,7 +98,9 @@ def private_traces(folder: str | os.PathLike, paths: tuple[str, ...] = ()) -> li
             continue
         text = file.read_text(encoding="utf-8", errors="replace")
         rel = file.relative_to(folder).as_posix()
-        found += [f"{rel}: {what} ({needle})" for needle, what in needles.items() if needle in text]
+        # a path as a whole component: /root is in "/root/x" or "/root", not in "/rootfs/x"
+        found += [f"{rel}: {what} ({needle})" for needle, what in needles.items()
+                  if re.search(re.escape(needle) + r"(?![^\\/\"'\s,)\]}])", text)]
         if TOKEN.search(text):
             found.append(f"{rel}: a Hugging Face token (hf_...)")
     return found

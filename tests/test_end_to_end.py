@@ -1533,3 +1533,18 @@ def test_a_two_process_run_killed_mid_save_resumes_from_its_last_complete_checkp
     assert "step_000002 was still being written when the run stopped" in said and "resuming from step_000001" in said
     assert [json.loads(line)["step"] for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]
+
+
+def test_the_private_path_check_matches_whole_path_components(tmp_path, monkeypatch):
+    """Before a push the folder is searched for this machine's home folder: a plain substring test took a home of
+    /root for a private path in any text naming /rootfs, refusing a clean upload; a path is now matched whole."""
+    from npedit.sharing import private_traces
+
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: Path("/root")))
+    folder = tmp_path / "editor"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"from": "/rootfs/models/base"}', encoding="utf-8")
+    assert private_traces(folder) == []
+    for text in ('{"from": "/root/models/base"}', '{"from": "/root"}', "trained in /root, on a laptop"):
+        (folder / "config.json").write_text(text, encoding="utf-8")
+        assert private_traces(folder) == ["config.json: the home folder (/root)"], text
