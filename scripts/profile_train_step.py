@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--cprofile", type=int, default=0, help="print the N functions of most own time")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
+    if args.updates < 1 or args.skip < 0 or (args.threads is not None and args.threads < 1):
+        ap.error(f"--updates and --threads must be >= 1 and --skip >= 0, got {args.updates}, {args.threads} and "
+                 f"{args.skip}")  # (0 updates: a traceback from the median of nothing, after the models loaded)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [profile_stage(s, args.updates, args.skip, args.cprofile) for s in args.stages]

@@ -219,6 +219,7 @@ def test_an_edit_replaces_its_output_whole(mistakes, capsys, monkeypatch):
     ("lora_size", ["--config", "afile", "--ranks", "64"], 1, "error: --config afile: not a JSON config"),
     ("lora_size", ["--family", "zimage", "--ranks", "-1"], 2, "error: --ranks must each be >= 1, got -1"),
     ("bench_lora_memory", ["--dim", "0"], 2, "error: --dim, --layers, --batch and --repeats must be >= 1"),
+    ("profile_train_step", ["--updates", "0"], 2, "error: --updates and --threads must be >= 1"),
     ("shapes_chain", ["--out", "afile", "--smoke"], 2, "error: --out afile is a file; give a folder"),
     ("gpu_smoke", ["--device", "cpu", "--out", "afile/report.json"], 1, "error: cannot write --out afile/report.json"),
 ])
