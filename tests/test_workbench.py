@@ -1754,3 +1754,56 @@ def test_the_whole_grid_memo_stays_bounded(tmp_path, monkeypatch):
         assert runs.whole_grid([paths[-1]]) == str(paths[-1])
         assert len(runs._WHOLE) <= 8
     assert (str(paths[-1]), paths[-1].stat().st_mtime_ns, paths[-1].stat().st_size) in runs._WHOLE
+
+
+def test_a_public_app_fetches_no_file_a_caller_names_by_web_address(monkeypatch):
+    """gradio downloads an input file named by web address (a file object whose "path" is https://...) into its cache
+    before the event runs, whatever its size: a request of a few bytes, uncharged, could fill the disk. The limit
+    refuses such an event call (400, said as the page shows it); a file the page uploaded (a local path, the server's
+    own URL beside it) still passes. Bodies it would read over MAX_JSON are refused unread (413)."""
+    import socket
+
+    import gradio as gr
+    import httpx
+    from gradio import processing_utils
+    from starlette.middleware import Middleware
+
+    from workbench.uploads import MAX_JSON, UploadLimit
+
+    fetched = []
+
+    def fetch(url, *args, **kwargs):  # (what gradio would download; nothing leaves this machine)
+        fetched.append(url)
+        raise ValueError("no download in this test")
+
+    async def fetch_async(url, *args, **kwargs):
+        return fetch(url)
+
+    for name in ("ssrf_protected_download", "save_url_to_cache"):
+        monkeypatch.setattr(processing_utils, name, fetch)
+    monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", fetch_async)
+    with gr.Blocks() as demo:
+        image, text = gr.Image(type="filepath"), gr.Textbox()
+        gr.Button().click(lambda path: str(path), image, text)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limit = Middleware(UploadLimit, mb_per_hour=200, min_free_mb=0, folder="/tmp")
+    _, url, _ = demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True,
+                                    app_kwargs={"middleware": [limit]})
+    try:
+        def join(path: str) -> httpx.Response:
+            file = {"path": path, "url": f"{url}gradio_api/file={path}", "meta": {"_type": "gradio.FileData"}}
+            return httpx.post(f"{url}gradio_api/queue/join", timeout=30, json={
+                "data": [file], "fn_index": next(iter(demo.fns)), "session_hash": "probe", "event_data": None,
+                "trigger_id": None})
+
+        refused = join(" HTTPS://example.com/huge.bin")
+        assert refused.status_code == 400 and "not as web addresses" in refused.json()["detail"]
+        assert join("/tmp/gradio/abc/photo.png").status_code == 200  # (gradio itself then refuses a stranger's path)
+        big = httpx.post(f"{url}gradio_api/queue/join", content=b" " * (MAX_JSON + 1), timeout=30,
+                         headers={"content-type": "application/json"})
+        assert big.status_code == 413
+    finally:
+        demo.close()
+    assert fetched == []

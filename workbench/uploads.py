@@ -7,6 +7,9 @@ exception is a small event call (JSON of at most SMALL_EVENT bytes, holding no d
 the budget on photos can still press buttons, and such calls fill no disk by the hour (the free-disk floor still
 applies to them). A small call that sends a file inline (a string `data:...`, escaped or not, `;base64` or not) is
 charged like an upload (its JSON read as gradio reads it, UTF-16 too: ~0.15 ms for 60 kB on a 2-core CPU).
+An event call that names an input file by web address (a file object whose "path" is http(s)://) is refused:
+gradio would download that file into its cache, however large, for a request of a few bytes. Event calls over
+MAX_JSON are refused unread (the page sends a few kB; files go as uploads).
 """
 
 from __future__ import annotations
@@ -116,11 +119,14 @@ class UploadLimit:
         for key, value in scope.get("headers", []):  # a header sent twice reads as one list (as HTTP defines it)
             key, value = key.decode("latin-1").lower(), value.decode("latin-1")
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        carries_data = False
-        if self._small_event(headers):  # a small body is read here, to pass uncharged only if it names no data inline
+        carries_data, refusal = False, None
+        if _json_call(headers):  # read here: to pass uncharged only if it sends no file inline, and to fetch nothing
             body, receive = await _buffered(receive)
             carries_data = _inline_data(body)
-        refusal = self.refusal(headers, (scope.get("client") or (None,))[0], carries_data)
+            if _names_web_file(body):
+                refusal = (400, "This public app takes files as uploads, not as web addresses for the server to "
+                                "fetch: upload the file instead.", [])
+        refusal = refusal or self.refusal(headers, (scope.get("client") or (None,))[0], carries_data)
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message, extra = refusal
@@ -131,12 +137,6 @@ class UploadLimit:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra]})
         await send({"type": "http.response.body", "body": body})
-
-    def _small_event(self, headers: dict[str, str]) -> bool:
-        """Whether the request claims to be a small event call (JSON of at most SMALL_EVENT bytes, a budget to spare)."""
-        size = headers.get("content-length", "")
-        return (self.ledger is not None and "transfer-encoding" not in headers and size.isdigit()
-                and 0 < int(size) <= SMALL_EVENT and not headers.get("content-type", "").startswith("multipart/"))
 
     def refusal(self, headers: dict[str, str], peer: str | None,
                 carries_data: bool = False) -> tuple[int, str, list] | None:
@@ -153,8 +153,11 @@ class UploadLimit:
         if self.min_free > 0 and _free_bytes(self.folder) - size < self.min_free:
             return (507, "The server's disk is nearly full, so this public app takes no uploads for now (uploads are "
                          "deleted an hour after they arrive): try again later.", [])
-        small_event = size <= SMALL_EVENT and not headers.get("content-type", "").startswith("multipart/") \
-            and not carries_data
+        multipart = headers.get("content-type", "").startswith("multipart/")
+        if not multipart and size > MAX_JSON:  # (read whole, to be looked into: bounded)
+            return (413, f"This request ({size / MB:.1f} MB) is larger than this public app reads as an event call "
+                         f"({MAX_JSON // MB} MB): send files as uploads.", [])
+        small_event = size <= SMALL_EVENT and not multipart and not carries_data
         if self.ledger is None or small_event:
             return None
         wait = self.ledger.charge(client_of(headers, peer), size)
@@ -171,6 +174,36 @@ class UploadLimit:
 # a JSON string that is a data URL: gradio decodes one into a file in its cache, however small the call, from the text
 # after its last comma whether or not it says `;base64` (`data:image/png,...` too)
 _INLINE_DATA = b'"data:'
+
+
+MAX_JSON = 16 * MB  # the largest event call (JSON) a public app reads; its page sends a few kB, files go as uploads
+
+
+def _json_call(headers: dict[str, str]) -> bool:
+    """Whether the request is an event call (not multipart) of a stated length this app reads whole."""
+    size = headers.get("content-length", "")
+    return ("transfer-encoding" not in headers and size.isdigit() and 0 < int(size) <= MAX_JSON
+            and not headers.get("content-type", "").startswith("multipart/"))
+
+
+def _names_web_file(body: bytes) -> bool:
+    """Whether a JSON body hands gradio a file by web address (a file object whose "path" is http(s)://...): gradio
+    downloads such a file into its cache before the event runs, however large, for a request of a few bytes."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON: gradio refuses it as well
+        return False
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and path.strip().lower().startswith(("http://", "https://")):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _inline_data(body: bytes) -> bool:
