@@ -521,6 +521,11 @@ def cmd_export(args) -> int:
     if args.adapters and (args.metrics or args.license):
         raise UsageError("error: --metrics and --license go into a whole editor's model card; an adapter folder's "
                          "card is written from its run alone")
+    if args.adapters and args.keep_paths:  # (it was silently ignored)
+        raise UsageError("error: --keep-paths is for a whole editor; an adapter folder names its base and student as "
+                         "given (a load needs them) and its run, judge and data by name only")
+    # an existing --out is written into, not replaced: what this export does not rewrite would be pushed with it
+    earlier = _file_times(args.out) if args.push and args.out else {}
     try:
         metrics = _eval_report(args.metrics) if args.metrics else None
         if args.adapters:
@@ -534,8 +539,22 @@ def cmd_export(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     print(out)
     if args.push:
+        now = _file_times(out)
+        stale = sorted(name for name, time in earlier.items() if now.get(name) == time)
+        if stale:
+            raise SystemExit(f"error: not pushed: {out} also holds files this export did not write "
+                             f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}), and a push uploads the "
+                             "whole folder: remove them, or export to a new folder")
         print(_push(out, args), file=sys.stderr)
     return 0
+
+
+def _file_times(folder) -> dict[str, int]:
+    """Each file under `folder` (relative, POSIX) -> its modification time in ns; {} when there is no such folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 def _eval_report(path: str) -> dict:

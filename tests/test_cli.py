@@ -113,6 +113,7 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["shapes", "teacher-eval", "n=2", "out=afile"], 2, "error: --out afile is a file; give a folder"),
     (["export", "run", "--average", "0"], 2, "error: --average takes a number of checkpoints >= 1, got 0"),
     (["export", "run", "--adapters", "--average", "2"], 2, "error: --adapters exports one checkpoint's adapters"),
+    (["export", "run", "--adapters", "--keep-paths"], 2, "error: --keep-paths is for a whole editor"),  # was ignored
     # runtime errors: status 1, said before any model loads (these were said after the edit, or not at all)
     ([*EDIT, "--output", "afile/o.png"], 1, "error: cannot write --output afile/o.png ("),  # was "[Errno 17]"
     ([*EDIT, "--output", "images"], 2, "error: --output must end in one of"),

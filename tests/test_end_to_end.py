@@ -210,6 +210,13 @@ def test_an_export_is_shareable_loads_by_hub_id_and_pushes(trained, tiny_zimage,
     assert Path(FakeHfApi.calls[1][2]["folder_path"]).resolve() == pushed.resolve()
     assert 'NPEditPipeline.from_pretrained("alice/editor")' in (pushed / "README.md").read_text()
     refused("export", "runs/npedit", "--push", "not a repo", says="--push takes a hub repo id OWNER/NAME")
+    # an existing --out is written into: exported there again it pushes, but not with a file of another export in it
+    cli(capsys, "export", "runs/npedit", "--out", "pushed", "--push", "alice/editor")
+    assert len(FakeHfApi.calls) == 4
+    (pushed / "notes-of-an-old-export.txt").write_text("private notes", encoding="utf-8")
+    refused("export", "runs/npedit", "--out", "pushed", "--push", "alice/editor",
+            says="also holds files this export did not write (notes-of-an-old-export.txt)")
+    assert len(FakeHfApi.calls) == 4
 
 
 def test_an_export_card_shows_an_editors_report_as_what_it_measured(tmp_path, monkeypatch):
