@@ -90,18 +90,24 @@ def check_stackable(output_type: str, keep_size: bool, sizes: list, work: list) 
                          f"sizes {sorted(set(sizes))}: use output_type='pil' or keep_size=False")
 
 
-def hub_adapters(repo_id: str, revision: str | None = None, token=None) -> str | None:
+# from_pretrained's keywords that say how to download, passed on to the hub client as diffusers passes them
+HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "token", "force_download")
+
+
+def hub_adapters(repo_id: str, revision: str | None = None, **hub) -> str | None:
     """The downloaded folder of hub repo `repo_id` when it holds LoRA adapters (`npedit.adapters`: its
-    npedit_lora.json), else None (an editor repo, or an answer that is no file: diffusers' download then says why)."""
+    npedit_lora.json), else None (an editor repo, or an answer that is no file: diffusers' download then says why);
+    `hub`: the download keywords of HUB_KWARGS (a cache_dir, local_files_only... the caller gave)."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     from .adapters import META_FILE
 
+    hub = {k: v for k, v in hub.items() if k in HUB_KWARGS and v is not None}
     try:
-        hf_hub_download(repo_id, META_FILE, revision=revision, token=token)
+        hf_hub_download(repo_id, META_FILE, revision=revision, **hub)
     except Exception:  # no such file (an editor repo), or no such repo: not adapters; the editor's load reports it
         return None
-    return snapshot_download(repo_id, revision=revision, token=token)
+    return snapshot_download(repo_id, revision=revision, **hub)
 
 
 class NPEditPipeline(DiffusionPipeline):
@@ -150,7 +156,7 @@ class NPEditPipeline(DiffusionPipeline):
         dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
         device = kwargs.pop("device", None)
         if not looks_local(path):  # the hub answers: a repo of adapters has no model_index.json for diffusers to read
-            path = hub_adapters(path, revision, kwargs.get("token")) or path
+            path = hub_adapters(path, revision, **{k: kwargs.get(k) for k in HUB_KWARGS}) or path
         if is_adapter_folder(path):
             check_editor_folder(path, dtype, device=device)
             pipe = load_adapter_pipeline(path, base=kwargs.pop("base", None), student=kwargs.pop("student", None),

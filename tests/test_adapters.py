@@ -117,6 +117,11 @@ def test_adapters_on_the_hub_load_by_their_id(tmp_path, tiny_manifest, monkeypat
     cached(tmp_path / "hub", "owner/lora", folder)
     pipe, local = NPEditPipeline.from_pretrained("owner/lora"), NPEditPipeline.from_pretrained(folder)
     torch.testing.assert_close(_velocity(pipe.backbone, pipe.transformer), _velocity(local.backbone, local.transformer))
+    # the download keywords reach the hub client: a repo in another cache loads by cache_dir= (it went to the default
+    # cache, and local_files_only= or proxies= were dropped)
+    cached(tmp_path / "elsewhere", "owner/lora2", folder)
+    other = NPEditPipeline.from_pretrained("owner/lora2", cache_dir=str(tmp_path / "elsewhere"), local_files_only=True)
+    torch.testing.assert_close(_velocity(other.backbone, other.transformer), _velocity(local.backbone, local.transformer))
 
 
 def test_push_refuses_adapters_that_name_a_local_base(tmp_path, tiny_manifest, monkeypatch):
