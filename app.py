@@ -33,7 +33,7 @@ from starlette.middleware import Middleware
 from npedit import assets
 from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
-from npedit.files import WINDOWS_DEVICE_NAMES
+from npedit.files import WINDOWS_DEVICE_NAMES, remove as remove_file
 from npedit.images import ImageError, load_image
 from npedit.verdicts import answer_gradients, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
@@ -339,7 +339,7 @@ def drop_download(previous: str | None) -> None:
     """Delete `previous`, the download a session was given last, when it is one of the app's own (a state can hold
     anything): each session keeps one file of a kind, not one per click, until the hour's prune."""
     if previous and Path(previous).parent == downloads_folder() and Path(previous).is_file():
-        Path(previous).unlink()
+        remove_file(previous)  # (Windows, the file still held open past the wait: the hour's prune takes it)
 
 
 def downloads_folder() -> Path:

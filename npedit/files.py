@@ -63,6 +63,25 @@ def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             time.sleep(0.05)
 
 
+def remove(path: str | os.PathLike) -> bool:
+    """Delete `path` if it is there; on Windows, where deleting a file another program holds open fails (the app
+    showing a sample grid, a virus scanner), retried for up to REPLACE_WAIT_S. False when it is still there: a caller
+    that can go on without (a stale grid, an old download) says so or leaves it for later; POSIX deletes at once."""
+    deadline = time.monotonic() + REPLACE_WAIT_S
+    while True:
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except PermissionError:
+            if not WINDOWS:
+                raise
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def windows_name_problem(name: str) -> str | None:
     """Why Windows cannot give a file the name `name` (a plain name, no folder), or None: a character it forbids
     (':' even writes a hidden stream of another file), a trailing dot or space (dropped), a device's name."""

@@ -258,3 +258,43 @@ def test_the_lora_memory_benchmark_reads_peak_memory_in_each_systems_unit(monkey
     assert psutil.Process().memory_info().rss / 2**20 - 1 <= linux < 64 * 1024
     monkeypatch.setattr(sys, "platform", "darwin")
     assert abs(bench.peak_rss_mib() - linux / 1024) < 1  # ru_maxrss taken as bytes
+
+
+def test_a_file_held_open_elsewhere_is_deleted_once_free_or_left_on_windows(tmp_path, monkeypatch):
+    """Windows refuses to delete a file another program holds open: a resumed run deleting the sample grids of steps
+    it trains again stopped with PermissionError while the app showed one, and so did a session's previous download.
+    `files.remove` waits for it there (up to REPLACE_WAIT_S) and then says it could not, for the caller to go on; on
+    POSIX a PermissionError is final at once. (os.unlink is made to refuse here as Windows does.)"""
+    from npedit import files
+
+    real, refused = os.unlink, []
+
+    def held_open(times):
+        def unlink(path, *args, **kwargs):
+            if len(refused) < times:
+                refused.append(Path(path).name)
+                raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                          "process", str(path))
+            real(path, *args, **kwargs)
+        return unlink
+
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    monkeypatch.setattr(files, "time", types.SimpleNamespace(monotonic=lambda: now[0], sleep=sleep))
+    grid = tmp_path / "step_000009.png"
+    grid.write_bytes(b"png")
+    monkeypatch.setattr(files, "WINDOWS", True)
+    monkeypatch.setattr(os, "unlink", held_open(3))
+    assert files.remove(grid) and not grid.exists() and refused == [grid.name] * 3
+    grid.write_bytes(b"png")
+    refused.clear()
+    monkeypatch.setattr(os, "unlink", held_open(10**9))
+    assert not files.remove(grid) and grid.exists() and now[0] >= files.REPLACE_WAIT_S
+    monkeypatch.setattr(files, "WINDOWS", False)
+    with pytest.raises(PermissionError):
+        files.remove(grid)
+    monkeypatch.setattr(os, "unlink", real)
+    assert files.remove(tmp_path / "gone.png")  # (nothing to delete: done)

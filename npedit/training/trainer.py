@@ -20,7 +20,7 @@ from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import flow, lora
+from .. import files, flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, cfg_scale_for, changed_settings, read_yaml, save_config, to_dict
 from ..data import apply_do_nothing, collate
@@ -691,8 +691,11 @@ class Trainer:
         self.metrics.rewind(step)
         if self.acc.is_main_process:
             for grid in (self.run_dir / "samples").glob(f"{ckpt.STEP_PREFIX}*.png"):
-                if (ckpt.checkpoint_step(Path(grid.stem)) or 0) > step:
-                    grid.unlink(missing_ok=True)
+                if (ckpt.checkpoint_step(Path(grid.stem)) or 0) > step and not files.remove(grid):
+                    # (Windows, the grid held open by the app past the wait: the run goes on; the grid is rewritten
+                    # when the run reaches its step)
+                    self.acc.print(f"could not delete {grid} (another program holds it open); it is replaced when "
+                                   "the run reaches that step")
 
     def _continue_data(self, drawn: int) -> None:
         """Pick the data order up after `drawn` micro-batches per process (each process draws every n-th batch of
