@@ -1792,14 +1792,15 @@ def test_a_public_app_fetches_no_file_a_caller_names_by_web_address(monkeypatch)
     _, url, _ = demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True,
                                     app_kwargs={"middleware": [limit]})
     try:
-        def join(path: str) -> httpx.Response:
+        def join(path: str, pad: int = 0) -> httpx.Response:
             file = {"path": path, "url": f"{url}gradio_api/file={path}", "meta": {"_type": "gradio.FileData"}}
             return httpx.post(f"{url}gradio_api/queue/join", timeout=30, json={
                 "data": [file], "fn_index": next(iter(demo.fns)), "session_hash": "probe", "event_data": None,
-                "trigger_id": None})
+                "trigger_id": None, "pad": " " * pad})
 
-        refused = join(" HTTPS://example.com/huge.bin")
-        assert refused.status_code == 400 and "not as web addresses" in refused.json()["detail"]
+        for pad in (0, 100_000):  # a small call, and one over SMALL_EVENT (charged first, then read)
+            refused = join(" HTTPS://example.com/huge.bin", pad)
+            assert refused.status_code == 400 and "not as web addresses" in refused.json()["detail"]
         assert join("/tmp/gradio/abc/photo.png").status_code == 200  # (gradio itself then refuses a stranger's path)
         big = httpx.post(f"{url}gradio_api/queue/join", content=b" " * (MAX_JSON + 1), timeout=30,
                          headers={"content-type": "application/json"})

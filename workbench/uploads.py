@@ -119,14 +119,17 @@ class UploadLimit:
         for key, value in scope.get("headers", []):  # a header sent twice reads as one list (as HTTP defines it)
             key, value = key.decode("latin-1").lower(), value.decode("latin-1")
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        carries_data, refusal = False, None
-        if _json_call(headers):  # read here: to pass uncharged only if it sends no file inline, and to fetch nothing
+        peer = (scope.get("client") or (None,))[0]
+        if not _json_call(headers):
+            refusal = self.refusal(headers, peer)
+        elif int(headers["content-length"]) > SMALL_EVENT:  # charged by its length first, as any large body: read
+            refusal = self.refusal(headers, peer)             # only once it is let through
+            if refusal is None:
+                body, receive = await _buffered(receive)
+                refusal = _web_file_refusal(body)
+        else:  # a small call: read, to pass uncharged only if it sends no file inline, and to fetch nothing
             body, receive = await _buffered(receive)
-            carries_data = _inline_data(body)
-            if _names_web_file(body):
-                refusal = (400, "This public app takes files as uploads, not as web addresses for the server to "
-                                "fetch: upload the file instead.", [])
-        refusal = refusal or self.refusal(headers, (scope.get("client") or (None,))[0], carries_data)
+            refusal = _web_file_refusal(body) or self.refusal(headers, peer, _inline_data(body))
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message, extra = refusal
@@ -184,6 +187,14 @@ def _json_call(headers: dict[str, str]) -> bool:
     size = headers.get("content-length", "")
     return ("transfer-encoding" not in headers and size.isdigit() and 0 < int(size) <= MAX_JSON
             and not headers.get("content-type", "").startswith("multipart/"))
+
+
+def _web_file_refusal(body: bytes) -> tuple[int, str, list] | None:
+    """The refusal of an event call that names a file by web address (see `_names_web_file`), or None."""
+    if _names_web_file(body):
+        return (400, "This public app takes files as uploads, not as web addresses for the server to fetch: upload "
+                     "the file instead.", [])
+    return None
 
 
 def _names_web_file(body: bytes) -> bool:
