@@ -126,10 +126,11 @@ class UploadLimit:
             refusal = self.refusal(headers, peer)             # only once it is let through
             if refusal is None:
                 body, receive = await _buffered(receive)
-                refusal = _web_file_refusal(body)
+                refusal = _web_file_refusal(_read_json(body))
         else:  # a small call: read, to pass uncharged only if it sends no file inline, and to fetch nothing
             body, receive = await _buffered(receive)
-            refusal = _web_file_refusal(body) or self.refusal(headers, peer, _inline_data(body))
+            data = _read_json(body)
+            refusal = _web_file_refusal(data) or self.refusal(headers, peer, _inline_data(body, data))
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message, extra = refusal
@@ -189,21 +190,29 @@ def _json_call(headers: dict[str, str]) -> bool:
             and not headers.get("content-type", "").startswith("multipart/"))
 
 
-def _web_file_refusal(body: bytes) -> tuple[int, str, list] | None:
-    """The refusal of an event call that names a file by web address (see `_names_web_file`), or None."""
-    if _names_web_file(body):
+_NOT_JSON = object()
+
+
+def _read_json(body: bytes):
+    """The body as gradio reads it (json.loads: escapes undone, UTF-16 and -32 too), or _NOT_JSON (nor nested too
+    deep for it: gradio refuses such a body as well)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _web_file_refusal(data) -> tuple[int, str, list] | None:
+    """The refusal of an event call (its JSON) that names a file by web address (`_names_web_file`), or None."""
+    if _names_web_file(data):
         return (400, "This public app takes files as uploads, not as web addresses for the server to fetch: upload "
                      "the file instead.", [])
     return None
 
 
-def _names_web_file(body: bytes) -> bool:
-    """Whether a JSON body hands gradio a file by web address (a file object whose "path" is http(s)://...): gradio
-    downloads such a file into its cache before the event runs, however large, for a request of a few bytes."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON: gradio refuses it as well
-        return False
+def _names_web_file(data) -> bool:
+    """Whether an event call's JSON hands gradio a file by web address (a file object whose "path" is http(s)://...):
+    gradio downloads such a file into its cache before the event runs, however large, for a request of a few bytes."""
     stack = [data]
     while stack:
         item = stack.pop()
@@ -217,13 +226,16 @@ def _names_web_file(body: bytes) -> bool:
     return False
 
 
-def _inline_data(body: bytes) -> bool:
-    """Whether a JSON body holds a data URL (a file sent inline), also one JSON escapes (`\\u0064ata:`) or UTF-16."""
+def _inline_data(body: bytes, data) -> bool:
+    """Whether a JSON body (`data`: as `_read_json` read it) holds a data URL (a file sent inline), also one JSON
+    escapes (`\\u0064ata:`) or UTF-16."""
     if _INLINE_DATA in body:
         return True
-    try:  # read as gradio reads it (json.loads: escapes undone, UTF-16 and -32 too) and written back plain
-        return _INLINE_DATA.decode() in json.dumps(json.loads(body), ensure_ascii=False)
-    except (ValueError, RecursionError):  # not JSON (nested too deep for it): gradio refuses it as well
+    if data is _NOT_JSON:
+        return False
+    try:  # written back plain: the escapes undone
+        return _INLINE_DATA.decode() in json.dumps(data, ensure_ascii=False)
+    except (ValueError, RecursionError):
         return False
 
 
