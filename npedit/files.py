@@ -52,33 +52,32 @@ def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """`os.replace(src, dst)`, retried for up to REPLACE_WAIT_S on Windows: there it fails (PermissionError) while any
     program holds `dst` open, even for a moment (the app reading a job's status.json, a virus scanner looking at a
     new file); POSIX replaces an open file at once, so a PermissionError there is final."""
-    deadline = time.monotonic() + REPLACE_WAIT_S
-    while True:
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if not WINDOWS or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
+    _while_held_open(lambda: os.replace(src, dst))
 
 
 def remove(path: str | os.PathLike) -> bool:
     """Delete `path` if it is there; on Windows, where deleting a file another program holds open fails (the app
     showing a sample grid, a virus scanner), retried for up to REPLACE_WAIT_S. False when it is still there: a caller
     that can go on without (a stale grid, an old download) says so or leaves it for later; POSIX deletes at once."""
+    try:
+        _while_held_open(lambda: Path(path).unlink(missing_ok=True))
+    except PermissionError:
+        if not WINDOWS:
+            raise
+        return False
+    return True
+
+
+def _while_held_open(operation) -> None:
+    """`operation()`, tried again while Windows refuses it (PermissionError: a file another program holds open) for up
+    to REPLACE_WAIT_S, then its error raised; elsewhere its PermissionError is final at once."""
     deadline = time.monotonic() + REPLACE_WAIT_S
     while True:
         try:
-            os.unlink(path)
-            return True
-        except FileNotFoundError:
-            return True
+            return operation()
         except PermissionError:
-            if not WINDOWS:
+            if not WINDOWS or time.monotonic() >= deadline:
                 raise
-            if time.monotonic() >= deadline:
-                return False
             time.sleep(0.05)
 
 
