@@ -210,6 +210,9 @@ class LossConfig:
     # > 0: the target regression weighs each latent position by 1 + target_edit_weight x (how much the true result
     # differs from the reference there, relative to the sample's largest difference): the edit counts more
     target_edit_weight: float = 0.0
+    # > 0: also regress the decoded unrolled output to the given result in pixel space (mse on [-1, 1] pixels, through
+    # the VAE decoder): a small object's shape is its corner pixels, which a latent mse weighs little
+    lambda_target_pixels: float = 0.0
     dmd_t_min: float = 0.02
     dmd_t_max: float = 0.98
     cfg_scale: float = 3.5
@@ -219,9 +222,16 @@ class LossConfig:
     strong_cfg_edit_types: tuple[str, ...] = ("remove", "replace", "shape", "style", "action")
     negative_prompt: str = "low quality, artifacts"
 
+    @property
+    def uses_targets(self) -> bool:
+        """Whether a loss reads each sample's target image (the regression in latents or in pixels)."""
+        return self.lambda_target > 0 or self.lambda_target_pixels > 0
+
     def __post_init__(self):
         if self.target_edit_weight < 0:
             raise ValueError(f"loss.target_edit_weight must be >= 0, got {self.target_edit_weight}")
+        if self.lambda_target_pixels < 0:
+            raise ValueError(f"loss.lambda_target_pixels must be >= 0, got {self.lambda_target_pixels}")
         unknown = [e for e in self.strong_cfg_edit_types if e not in EDIT_TYPES]
         if unknown:
             raise ValueError(f"loss.strong_cfg_edit_types: unknown edit types {unknown}; use names from "
@@ -311,8 +321,9 @@ class TrainConfig:
             raise ValueError(f"model.lora_rank with model.dtype={self.model.dtype} keeps the frozen weights in "
                              f"{self.model.dtype} and the adapters in float32: set mixed_precision=bf16 (or fp16) "
                              "so that the two meet under autocast")
-        if self.loss.lambda_target > 0 and self.stage != "npedit":
-            raise ValueError(f"loss.lambda_target applies to stage 'npedit' (the unrolled student), not {self.stage!r}")
+        if self.loss.uses_targets and self.stage != "npedit":
+            raise ValueError("loss.lambda_target and loss.lambda_target_pixels apply to stage 'npedit' (the unrolled "
+                             f"student), not {self.stage!r}")
 
 
 # ---- loading, overrides, saving ------------------------------------------------------------

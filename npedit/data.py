@@ -332,7 +332,7 @@ class EditDataset(Dataset):
         if need_target and any(not r.target for r in records):
             missing = next(r.id for r in records if not r.target)
             raise ValueError(f"this run needs a 'target' image in every manifest line (paired SFT, or "
-                             f"loss.lambda_target > 0); line id {missing!r} has none")
+                             f"loss.lambda_target > 0 or loss.lambda_target_pixels > 0); line id {missing!r} has none")
         self.records = records
         self.resolution = resolution
         self.need_target = need_target

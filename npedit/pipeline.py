@@ -403,10 +403,10 @@ def training_summary(stage: str, student: str | None = None, loss=None, data_tra
         signals = [name for name, weight in (("a frozen vision-language judge", loss.lambda_vlm),
                                              ("distribution matching against a text-to-image teacher", loss.lambda_dmd))
                    if weight > 0]
-        if loss.lambda_target > 0:
+        if loss.uses_targets:
             paired = data_train == "shapes"
             summary = ("trained by unrolled regression: its sampled few-step output is pulled towards each sample's "
-                       "target image (`loss.lambda_target`), "
+                       "target image (`loss.lambda_target`, `loss.lambda_target_pixels`), "
                        + ("here the true edit, so this stage uses before/after pairs" if paired else
                           "from the training data (pairs if those targets are true edits)")
                        + (", alongside " + " and ".join(signals) if signals else ", with no judge and no DMD"))

@@ -51,7 +51,7 @@ def shareable_config(config: dict, keys: tuple[tuple[str, ...], ...] = PATH_KEYS
 
 CARD_KEYS = ("stage", "step", "model.base", "model.student", "judge.path", "data.train", "data.resolution",
              "data.batch_size", "optim.lr", "loss.lambda_dmd", "loss.lambda_vlm", "loss.lambda_target",
-             "model.lora_rank", "sampler.num_steps", "sampler.shift")
+             "loss.lambda_target_pixels", "model.lora_rank", "sampler.num_steps", "sampler.shift")
 
 
 def training_section(config: dict) -> str:

@@ -94,6 +94,8 @@ def test_model_card_names_the_signals_an_npedit_run_used():
     unroll = training_summary("npedit", "editor", LossConfig(lambda_target=1, lambda_vlm=0, lambda_dmd=0), "shapes")
     assert "no before/after pairs" not in unroll and "uses before/after pairs" in unroll
     assert "no judge and no DMD" in unroll and "`editor`" in unroll
+    pixels = training_summary("npedit", "editor", LossConfig(lambda_target_pixels=1, lambda_vlm=0), "shapes")
+    assert "no before/after pairs" not in pixels and "uses before/after pairs" in pixels
     own = training_summary("npedit", None, LossConfig(lambda_target=0.5), "verdicts.jsonl")
     assert "uses before/after pairs" not in own and "judge" in own and "distribution matching" in own
     dmd_only = training_summary("npedit", None, LossConfig(lambda_vlm=0), "shapes")

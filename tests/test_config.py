@@ -171,8 +171,12 @@ def test_data_categories_and_forms_filter_the_generated_cases(tmp_path):
 
 def test_target_regression_is_a_stage_npedit_option():
     load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0", "loss.lambda_target=1"])
-    with pytest.raises(ValueError, match="lambda_target applies to stage 'npedit'"):
+    with pytest.raises(ValueError, match="lambda_target_pixels apply to stage 'npedit'"):
         load_config(None, ["model.base=/m", "data.train=shapes", "stage=sft", "loss.lambda_target=1"])
+    with pytest.raises(ValueError, match="apply to stage 'npedit'"):
+        load_config(None, ["model.base=/m", "data.train=shapes", "stage=warmup", "loss.lambda_target_pixels=1"])
+    with pytest.raises(ValueError, match="lambda_target_pixels must be >= 0"):
+        load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_target_pixels=-1"])
     with pytest.raises(ValueError, match="must be >= 0"):
         load_config(None, ["model.base=/m", "data.train=shapes", "loss.lambda_vlm=0", "loss.lambda_target=-1"])
 

@@ -556,6 +556,26 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
                                    *common]))
 
 
+def test_pixel_regression_trains_the_unroll_through_the_decoder(tmp_path, tiny_zimage, tiny_manifest):
+    from npedit.config import load_config
+    from npedit.training.trainer import Trainer
+
+    common = ["stage=npedit", f"model.base={tiny_zimage}", "data.batch_size=2", "optim.skip_grad_norm=1e9",
+              "loss.lambda_dmd=0", "loss.lambda_vlm=0", "loss.lambda_target_pixels=1", "data.do_nothing_prob=0"]
+    trainer = Trainer(load_config(None, [f"output_dir={tmp_path}/t", f"data.train={tiny_manifest}", *common]))
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    metrics = trainer.iteration()
+    assert metrics["target_pixel_loss"] > 0 and "target_loss" not in metrics and metrics["student_skipped"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    assert trainer.describe().endswith(f"losses: true edits in pixels x1 -> {tmp_path}/t")
+    lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    bare = tmp_path / "no-targets.jsonl"
+    bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"
+                            for r in lines))
+    with pytest.raises(ValueError, match="lambda_target_pixels > 0"):  # a pixel-only run needs targets too
+        Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}", *common]))
+
+
 def test_final_share_steps_the_student_lr_down_and_a_resume_stays_there(tmp_path, tiny_zimage, tiny_manifest,
                                                                           capsys):
     """optim.final_share: the last share of max_steps (or of max_minutes) trains the student at lr x

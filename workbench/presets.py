@@ -179,6 +179,6 @@ def targets_for(cfg: TrainConfig) -> str:
     """What in this run reads target images ("" when nothing does): the words a message about missing ones uses."""
     if cfg.stage == "sft":
         return "stage sft (paired SFT)"
-    if cfg.loss.lambda_target > 0:
-        return "the regression onto the true edit (loss.lambda_target)"
+    if cfg.loss.uses_targets:
+        return "the regression onto the true edit (loss.lambda_target, loss.lambda_target_pixels)"
     return ""

@@ -28,6 +28,7 @@ from ..domain import data_domain
 from ..files import write_png
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
+from ..losses.target import masked_mse
 from ..pipeline import NPEditPipeline, training_summary
 from ..sampler import sample, unroll_times
 from . import checkpoint as ckpt
@@ -118,7 +119,7 @@ class Trainer:
         self.skipped = {"student": 0, "critic": 0}
         self.final_phase = False  # in the last optim.final_share of the run (the student's lr stepped down)
         # the data first: a bad manifest is an error in seconds, not after minutes of loading models
-        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.lambda_target > 0)
+        dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.uses_targets)
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
@@ -387,6 +388,10 @@ class Trainer:
                 target = self.backbone.encode_image(batch["target"].to(x.device)).float()
             loss, m = target_loss(x, target, ~mask, reference=ref, edit_weight=lc.target_edit_weight)
             total, metrics = total + lc.lambda_target * loss, {**metrics, **m}
+        if lc.lambda_target_pixels > 0:  # the same results compared as pictures, through the decoder
+            pixels = self.backbone.decode_latents(x).float()
+            loss = masked_mse(pixels, batch["target"].to(x.device).float(), ~mask)
+            total, metrics = total + lc.lambda_target_pixels * loss, {**metrics, "target_pixel_loss": loss.detach()}
         metrics["student_loss"] = total.detach()
         return total, metrics
 
@@ -482,7 +487,7 @@ class Trainer:
                  f"lr {cfg.optim.lr:g}"]
         if cfg.stage == "npedit":
             weights = (("DMD", lc.lambda_dmd), (f"judge {cfg.judge.path}", lc.lambda_vlm),
-                       ("true edits", lc.lambda_target))
+                       ("true edits", lc.lambda_target), ("true edits in pixels", lc.lambda_target_pixels))
             signals = [f"{name} x{w:g}" for name, w in weights if w > 0]
             parts.append("losses: " + (", ".join(signals) or "none"))
         return " | ".join(parts) + f" -> {self.run_dir}"
