@@ -7,8 +7,11 @@ wheel) finds it through `NPEDIT_ASSETS`, the `assets/` folder of a checkout, wit
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository when installed editable; site-packages otherwise
 ASSETS_DIR = Path(os.environ.get("NPEDIT_ASSETS", CHECKOUT / "assets")).expanduser()
@@ -49,10 +52,15 @@ def _bundled(path: str) -> tuple[Path, Path] | None:
     return roots[parts[0]], roots[parts[0]].joinpath(*parts[1:])
 
 
-def in_bundle(path: str) -> str:
-    """`path`, or for a repository-relative `assets/...` or `configs/...` path missing here, the bundle's file."""
+def in_bundle(path: str, name: str = "") -> str:
+    """`path`, or for a repository-relative `assets/...` or `configs/...` path missing here, the bundle's file (said
+    on the log, under `name` when given: a missing path of the user's own must not become the bundle's unseen)."""
     found = _bundled(path)
-    return str(found[1]) if found and found[1].exists() else path
+    if not (found and found[1].exists()):
+        return path
+    logger.warning("%s%s is not in %s: reading the bundle's %s", f"{name}: " if name else "", path, Path.cwd(),
+                   found[1])
+    return str(found[1])
 
 
 def bundle_missing(path: str) -> str | None:

@@ -23,6 +23,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 VLM_LOSSES = ("yes_no", "full_vocab")
 REFERENCE_MODES = ("tokens", "channels")  # how an SD3-family student sees the reference (backbones/sd3.py)
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# Field metadata of the input paths that an installed package reads from the bundle when they name `assets/...` or
+# `configs/...` missing here (models and the manifest; never a prompt, a choice or an output).
+BUNDLE_PATH = {"bundle_path": True}
 
 
 def _check(value, allowed, name):
@@ -34,8 +37,10 @@ def _check(value, allowed, name):
 class ModelConfig:
     """Where the networks come from."""
 
-    base: str = ""  # folder or hub id of the text-to-image model: teacher, critic init, VAE, text encoder
-    student: str = ""  # optional student init: a pipeline folder, a transformer folder, or "" (= teacher)
+    # folder or hub id of the text-to-image model: teacher, critic init, VAE, text encoder
+    base: str = field(default="", metadata=BUNDLE_PATH)
+    # optional student init: a pipeline folder, a transformer folder, or "" (= teacher)
+    student: str = field(default="", metadata=BUNDLE_PATH)
     dtype: str = "float32"  # weights of the frozen parts (teacher, VAE, text encoder)
     gradient_checkpointing: bool = False
     # How a student built from the teacher sees the reference (SD3 family): "tokens" (extra tokens in the
@@ -85,7 +90,8 @@ class ModelConfig:
 class JudgeConfig:
     """The frozen VLM and how its answers become a loss."""
 
-    path: str = ""  # folder or hub id; required for stage npedit when loss.lambda_vlm > 0
+    # folder or hub id; required for stage npedit when loss.lambda_vlm > 0
+    path: str = field(default="", metadata=BUNDLE_PATH)
     dtype: str = "float32"
     identity_question: bool = True  # ablation: False drops the identity check
     # Extension (not in the paper): up to this many "is <object> still there?" checks per sample, one per
@@ -116,7 +122,8 @@ class JudgeConfig:
 class DataConfig:
     """Training samples: a cases.jsonl or .csv manifest (see npedit.data) or a generated domain."""
 
-    train: str = ""  # path to a cases.jsonl (or .csv) manifest, or "shapes" for the built-in Shapes world
+    # path to a cases.jsonl (or .csv) manifest, or "shapes" for the built-in Shapes world
+    train: str = field(default="", metadata=BUNDLE_PATH)
     # A manifest may name images outside its own folder (absolute, `../`, links out of it): the CLI's user owns the
     # disk, and `edit --verdicts` writes absolute paths. False confines a manifest someone else wrote to its own
     # folder; the app's jobs always run with False.
@@ -379,7 +386,7 @@ def build_config(cls, data: dict, prefix: str = ""):
                          f"{_close_keys(unknown, names, prefix)}; "
                          f"valid keys here: {', '.join(prefix + n for n in names)}")
     values = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**{**values, **_bundle_paths(cls, hints, values, prefix)})
+    return cls(**{**values, **_bundle_paths(cls, values, prefix)})
 
 
 def _close_keys(unknown: list[str], names: list[str], prefix: str) -> str:
@@ -389,19 +396,20 @@ def _close_keys(unknown: list[str], names: list[str], prefix: str) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def _bundle_paths(cls, hints: dict, values: dict, prefix: str) -> dict:
-    """The input-path fields (str, given or default; outputs excluded) that name `assets/...` or `configs/...`
-    missing here, read from the bundle; so an installed package's recipes work from any folder."""
+def _bundle_paths(cls, values: dict, prefix: str) -> dict:
+    """The BUNDLE_PATH fields (given or default) that name `assets/...` or `configs/...` missing here, read from the
+    bundle and said on the log; so an installed package's recipes work from any folder."""
     out = {}
     for f in dataclasses.fields(cls):
         value = values.get(f.name, f.default)
-        if hints[f.name] is not str or not isinstance(value, str) or f.name.startswith("out"):
+        if not f.metadata.get("bundle_path") or not isinstance(value, str):
             continue
         missing = bundle_missing(value)
         if missing:
             raise ValueError(f"{prefix}{f.name}: {missing}")
-        if in_bundle(value) != value:
-            out[f.name] = in_bundle(value)
+        found = in_bundle(value, prefix + f.name)
+        if found != value:
+            out[f.name] = found
     return out
 
 

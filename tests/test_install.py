@@ -53,6 +53,24 @@ def test_a_recipe_read_from_another_folder_names_the_bundled_models(elsewhere):
     assert cfg.output_dir == "assets/mine"  # an output is written where it is named, never into the bundle
 
 
+def test_only_model_and_data_paths_are_read_from_the_bundle_and_each_redirect_is_said(elsewhere, caplog):
+    """The fallback rewrote any text field whose name did not start with `out`, and silently: a path of the user's own
+    that was missing became the bundle's with no word said, and a negative prompt that looked like a path changed."""
+    with caplog.at_level("WARNING", logger="npedit.assets"):
+        cfg = load_config(None, ["model.base=assets/shapes/teacher", "data.train=shapes", "loss.lambda_vlm=0",
+                                 "loss.negative_prompt=assets/shapes/teacher"])
+    assert Path(cfg.model.base) == assets.DEFAULT_TEACHER
+    assert cfg.loss.negative_prompt == "assets/shapes/teacher"  # a prompt, not a path: never the bundle's
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("model.base: assets/shapes/teacher is not in ")
+    assert str(assets.DEFAULT_TEACHER) in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="npedit.assets"):
+        assert assets.in_bundle(EXAMPLE) != EXAMPLE
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{EXAMPLE} is not in {elsewhere}: reading the bundle's {assets.ASSETS_DIR / 'examples' / 'recolor-0001.png'}"]
+
+
 def test_a_missing_bundle_is_one_line_saying_how_to_get_it(elsewhere, no_bundle, capsys):
     with pytest.raises(ValueError, match="judge.path: assets/shapes/judge is neither here nor in .*NPEDIT_ASSETS"):
         load_config(None, ["judge.path=assets/shapes/judge"])
