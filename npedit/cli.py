@@ -659,12 +659,12 @@ def cmd_shapes(args) -> int:
     elif args.stage == "judge-eval":
         from .shapes.judge_training import eval_main
 
-        return eval_main(args.overrides) or 0
+        return eval_main(args.overrides, prog=f"{prog_name()} shapes judge-eval") or 0
     elif args.stage == "teacher-eval":
         from .shapes.recipes import teacher_eval_main
 
         try:
-            return teacher_eval_main(args.overrides) or 0
+            return teacher_eval_main(args.overrides, prog=f"{prog_name()} shapes teacher-eval") or 0
         except (ValueError, FileNotFoundError, OSError) as exc:
             raise SystemExit(f"error: {exc}") from None
     else:

@@ -47,6 +47,18 @@ def test_a_stage_help_names_the_program_as_it_was_started(monkeypatch, capsys, t
     assert list(tmp_path.iterdir()) == []  # (help trains nothing)
 
 
+@pytest.mark.parametrize("stage", ["judge-eval", "teacher-eval"])
+def test_an_eval_stage_help_names_the_program_as_it_was_started(stage, capsys):
+    """The two evaluating stages built their own parsers named "npedit shapes ...", so `python -m npedit shapes
+    judge-eval --help` (and each of its usage errors) named the console script, which may not be installed."""
+    from npedit import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["shapes", stage, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m npedit shapes {stage} [-h]")
+
+
 EXAMPLE = ROOT / "assets" / "examples" / "add-0000.png"
 
 

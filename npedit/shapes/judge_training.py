@@ -930,12 +930,12 @@ def _default_eval_folder(judge: Path) -> Path:
     return Path("runs", "judge-eval") if ASSETS_DIR.resolve() in judge.parents else judge.parent
 
 
-def eval_main(argv: Sequence[str] | None = None) -> int:
+def eval_main(argv: Sequence[str] | None = None, prog: str = "python -m npedit shapes judge-eval") -> int:
     """`python -m npedit shapes judge-eval`: accuracy table of a judge; writes JSON and Markdown."""
     from npedit.assets import default_path
     from npedit.judges import load_judge
 
-    parser = argparse.ArgumentParser(prog="npedit shapes judge-eval", description=eval_main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=eval_main.__doc__)
     parser.add_argument("--judge", help="judge folder (default: the bundled Shapes-world judge)")
     parser.add_argument("--n", type=int, default=300, help="held-out cases (4 candidates, 8 questions each)")
     parser.add_argument("--seed", type=int, default=1000)

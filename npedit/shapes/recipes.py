@@ -694,14 +694,14 @@ def evaluate_teacher(base: str | Path, n: int = 300, seed: int = 0, steps: int =
     return {"teacher": str(base), "n": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, **quality}, images
 
 
-def teacher_eval_main(argv=None) -> int:
+def teacher_eval_main(argv=None, prog: str = "python -m npedit shapes teacher-eval") -> int:
     """`python -m npedit shapes teacher-eval`: how often a teacher's samples parse and match their caption."""
     import argparse
     import sys
 
     from ..assets import default_path
 
-    ap = argparse.ArgumentParser(prog="npedit shapes teacher-eval", description=teacher_eval_main.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=teacher_eval_main.__doc__)
     ap.add_argument("--teacher", help="teacher base folder (default: the bundled Shapes-world teacher)")
     ap.add_argument("--n", type=int, default=300, help="held-out random captions")
     ap.add_argument("--seed", type=int, default=0)
