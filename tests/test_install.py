@@ -71,6 +71,22 @@ def test_only_model_and_data_paths_are_read_from_the_bundle_and_each_redirect_is
         f"{EXAMPLE} is not in {elsewhere}: reading the bundle's {assets.ASSETS_DIR / 'examples' / 'recolor-0001.png'}"]
 
 
+def test_the_shapes_stages_read_their_model_paths_from_the_bundle(elsewhere):
+    """`shapes fast-vae` (its `source` a bundled VAE) and `ref-encoder` (its `editor` a bundled editor) run from any
+    folder, and so do a stage's `init`, a teacher's `vae` and the judge's `init` named by a bundled path."""
+    from npedit.shapes import judge_training, recipes
+
+    assert Path(recipes.make_config("fast-vae", []).source) == assets.SHAPES_DIR / "editor" / "vae"
+    assert Path(recipes.make_config("ref-encoder", []).editor) == assets.SHAPES_DIR / "editor-sft-npedit"
+    bundled = "init=assets/shapes/fast-vae"
+    assert Path(recipes.make_config("fast-vae", [bundled]).init) == assets.SHAPES_DIR / "fast-vae"
+    vae = assets.SHAPES_DIR / "editor" / "vae"
+    assert Path(recipes.make_config("vae", ["init=assets/shapes/editor/vae"]).init) == vae
+    teacher = recipes.make_config("teacher", ["vae=assets/shapes/editor/vae", "init=assets/shapes/teacher"])
+    assert Path(teacher.vae) == vae and Path(teacher.init) == assets.DEFAULT_TEACHER
+    assert Path(judge_training.build_config(["init=assets/shapes/judge"]).init) == assets.DEFAULT_JUDGE
+
+
 def test_a_missing_bundle_is_one_line_saying_how_to_get_it(elsewhere, no_bundle, capsys):
     with pytest.raises(ValueError, match="judge.path: assets/shapes/judge is neither here nor in .*NPEDIT_ASSETS"):
         load_config(None, ["judge.path=assets/shapes/judge"])

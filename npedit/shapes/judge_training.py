@@ -119,7 +119,8 @@ class JudgeTrainConfig:
     threads: int = 1  # torch CPU threads
     device: str = "cpu"  # "auto" = CUDA when available
     arch: ArchConfig = field(default_factory=ArchConfig)
-    init: str = ""  # start from this judge folder instead of building a new model (skips nothing else)
+    # start from this judge folder instead of building a new model (skips nothing else)
+    init: str = field(default="", metadata=config_lib.BUNDLE_PATH)
     # stage 1: vision tower on the dense per-cell head
     vision_steps: int = 800
     vision_batch: int = 64

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import flow
 from ..backbones.base import set_config
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
-from ..config import apply_overrides, build_config, overrides_as_flags, save_config
+from ..config import BUNDLE_PATH, apply_overrides, build_config, overrides_as_flags, save_config
 from ..devices import resolve_device
 from ..files import write_atomic, write_png
 from ..sampler import sample
@@ -71,7 +71,7 @@ class VAEConfig(RunSettings):
     latent_channels: int = 4
     downsample: int = 4
     kl_weight: float = 1e-6
-    init: str = ""  # continue from a trained VAE folder
+    init: str = field(default="", metadata=BUNDLE_PATH)  # continue from a trained VAE folder
     decoder_only: bool = False  # with `init`: refine the decoder, keeping the latent space (and the teacher) valid
     # Weight of a per-pixel palette classification loss (cross-entropy of -distance / palette_temperature
     # to the 11 palette colours): it pushes every pixel to the side of its true colour, as the parser
@@ -85,8 +85,9 @@ class TeacherConfig(RunSettings):
     """Text-to-image flow matching on coarse captions: SD3-class MMDiT + small CLIP text encoder."""
 
     output_dir: str = "runs/shapes/teacher"
-    vae: str = "runs/shapes/vae/vae"
-    init: str = ""  # continue a trained teacher base folder (its tokenizer, text encoder, VAE and weights; `vae` unused)
+    vae: str = field(default="runs/shapes/vae/vae", metadata=BUNDLE_PATH)
+    # continue a trained teacher base folder (its tokenizer, text encoder, VAE and weights; `vae` unused)
+    init: str = field(default="", metadata=BUNDLE_PATH)
     steps: int = 3000  # the bundled teacher
     batch_size: int = 32
     lr: float = 5e-4
@@ -107,7 +108,8 @@ class FastVAEConfig(RunSettings):
     """A `PatchAutoencoder` distilled into a trained VAE's latent space (a drop-in, faster VAE for pipelines)."""
 
     output_dir: str = "runs/shapes/fast-vae"
-    source: str = "assets/shapes/editor/vae"  # the VAE whose scaled latents it must reproduce (a vae/ folder)
+    # the VAE whose scaled latents it must reproduce (a vae/ folder)
+    source: str = field(default="assets/shapes/editor/vae", metadata=BUNDLE_PATH)
     steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
@@ -116,7 +118,8 @@ class FastVAEConfig(RunSettings):
     head: int = 128  # the decoder's per-position head (0: none)
     refine: int = 16  # channels of the decoder's half-resolution seam layer (0: unfold in one step)
     latent_noise: float = 0.05  # decoder inputs: the source's latents + this much Gaussian noise (editors' latents are imperfect)
-    init: str = ""  # continue from a PatchAutoencoder folder (its own width/depth/head/refine are kept)
+    # continue from a PatchAutoencoder folder (its own width/depth/head/refine are kept)
+    init: str = field(default="", metadata=BUNDLE_PATH)
     # Editors' latents (off the VAE's manifold: blurry, half-edited): each editor pipeline (whose VAE must be the
     # source) edits `editor_cases` random cases; the fast decoder also learns to decode those latents as the
     # source decoder does, on `editor_batch` of them per step, so it is a drop-in for those editors' outputs too.
@@ -144,7 +147,8 @@ class RefEncoderConfig(RunSettings):
     already say each cell's object. Otherwise only the convolutions are pretrained and the projection stays zero."""
 
     output_dir: str = "runs/shapes/ref-encoder"
-    editor: str = "assets/shapes/editor-sft-npedit"  # an SD3-family editor pipeline (reference as tokens or channels)
+    # an SD3-family editor pipeline (reference as tokens or channels)
+    editor: str = field(default="assets/shapes/editor-sft-npedit", metadata=BUNDLE_PATH)
     layers: int = 3  # 3x3 convolutions: with the patch, a receptive field of 8x8 latent pixels covers a large object
     width: int = 64
     gated: bool = False
