@@ -44,6 +44,47 @@ def test_every_link_to_a_section_lands_on_a_heading(name):
     assert links - github_anchors(text) == set()
 
 
+def broken_table_rows(markdown: str) -> list[str]:
+    """The rows of `markdown`'s tables that GitHub would not show as one row of the header's cells: a row with more or
+    fewer cells (an unescaped `|`, also inside a code span, starts a new cell) or a line break inside a row (the rest
+    of it becomes a row of its own)."""
+    def cells(row: str) -> int:
+        return len(re.split(r"(?<!\\)\|", row.strip().strip("|")))
+
+    broken, columns, fenced = [], None, False
+    lines = markdown.splitlines()
+    for line, after in zip(lines, lines[1:] + [""]):
+        if line.startswith("```"):
+            fenced, columns = not fenced, None
+        elif fenced:
+            continue
+        elif re.fullmatch(r"\|[\s:|-]*-[\s:|-]*\|\s*", after) and line.startswith("|"):
+            columns = None  # a header row: its cells are counted from the delimiter row next
+        elif re.fullmatch(r"\|[\s:|-]*-[\s:|-]*\|\s*", line):
+            columns = cells(line)
+        elif columns and line.strip():
+            if not line.startswith("|") or cells(line) != columns:
+                broken.append(line[:80])
+            columns = columns if line.startswith("|") else None
+        else:
+            columns = None
+    return broken
+
+
+def test_broken_table_rows_are_found():
+    table = "| a | b |\n|---|---|\n| `x \\| y` | z |\n"
+    assert broken_table_rows(table) == []
+    assert broken_table_rows(table + "| `x | y` | z |\n") == ["| `x | y` | z |"]
+    assert broken_table_rows(table + "| x | y and\nmore |\n") == ["more |"]
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/architecture.md", "docs/shapes_experiments.md"])
+def test_every_table_row_is_one_row_of_its_headers_cells(name):
+    """docs/architecture.md's map showed `python -m npedit edit | judge | ...` as ten cells and half of the shapes/
+    row as a row of its own on GitHub: a pipe in a cell is escaped (`\\|`) and a row is one line."""
+    assert broken_table_rows((ROOT / name).read_text()) == []
+
+
 def quick_start_commands() -> list[list[str]]:
     """The commands of the README's quick start block, continuation lines joined, comments dropped, `a && b` as two,
     leading environment assignments (NPEDIT_PUBLIC=1) dropped."""
