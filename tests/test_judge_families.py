@@ -5,6 +5,7 @@ Each family's own file checks what is particular to it: its preprocessing agains
 layout against its model's full forward pass.
 """
 
+import re
 import shutil
 
 import pytest
@@ -19,6 +20,7 @@ from npedit.judges import (
     load_judge,
     training_questions,
 )
+from npedit.images import tensor_to_pil
 from npedit.judges import tiny
 from npedit.tokenization import build_bpe_tokenizer
 
@@ -193,3 +195,19 @@ def test_answer_gradients_are_each_questions_own(judge):
         with torch.no_grad():
             slope = (log_p(pixels + step * g) - log_p(pixels - step * g)) / (2 * step)
         assert float(slope) == pytest.approx(float(g.double().pow(2).sum()), rel=0.1)  # measured within 4%
+
+
+def test_a_control_token_in_the_text_is_refused_by_name(judge):
+    """The family's image placeholder or a turn's end typed into an instruction or question is one ValueError naming
+    it (the processor counted one image too many, and "<|im_end|>" silently rewrote the prompt's turns); the same
+    words without it are judged."""
+    from npedit.verdicts import judge_edit
+
+    ref, edited = (tensor_to_pil(x[0] * 2 - 1) for x in (random_images(1, seed=7), random_images(1, seed=8)))
+    for token in (judge.processor.image_token, "<|im_end|>"):
+        said = [f"holds {token!r} (", f'"put {token} on the wall"', "which this judge's tokenizer reads as one"]
+        with pytest.raises(ValueError, match=".*".join(map(re.escape, said))):  # the words around it, not the start
+            judge_edit(judge, ref, edited, f"put {token} on the wall")
+        with pytest.raises(ValueError, match=re.escape(repr(token))):
+            judge_edit(judge, ref, edited, "make it red", extra=[f"Is there a {token}? Answer with Yes or No."])
+    assert 0 < judge_edit(judge, ref, edited, "put image on the wall").p_edit < 1

@@ -91,6 +91,15 @@ def check_grid(
     return batch, lengths[0]
 
 
+def control_tokens(processor) -> tuple[str, ...]:
+    """The strings a judge's processor or tokenizer turns into control tokens wherever they stand in a prompt: its
+    special added tokens and its image and video placeholders, longest first."""
+    tokenizer = processor.tokenizer
+    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    tokens |= {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    return tuple(sorted((t for t in tokens if isinstance(t, str) and t), key=lambda t: (-len(t), t)))
+
+
 def load_processor(path_or_hub_id: str | os.PathLike, trust_remote_code: bool = False):
     """The judge's processor; ImportError in one line naming the package it lacks (transformers' video processors
     of all three families need torchvision, and say so in a paragraph about a "VideoProcessor")."""
@@ -178,7 +187,8 @@ class ChatJudge(Judge):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
-        self._layout = functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)(self._build_layout)
+        self.control_tokens = control_tokens(processor)
+        self._layout = functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)(self._checked_layout)
 
     def _init_answers(self) -> None:
         """Read the single-token ids of "No" and "Yes" (raising when either is not one token)."""
@@ -209,6 +219,20 @@ class ChatJudge(Judge):
         return language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     # ---- shared -----------------------------------------------------------------------------
+    def _checked_layout(self, text: str, image_keys: tuple[Hashable, ...]) -> tuple[torch.Tensor, ...]:
+        """`_build_layout` of a question whose text holds none of the judge's control tokens (else a ValueError)."""
+        # the processor and tokenizer read such a string in the text as the token itself: an image placeholder made
+        # the processor count one image too many, and a turn's end ("<|im_end|>") silently rewrote the prompt
+        found = next((token for token in self.control_tokens if token in text), None)
+        if found is not None:
+            at = text.index(found)  # the words around it: the question's own opening says nothing of the instruction
+            shown = ("..." if at > 40 else "") + text[max(0, at - 40):at + len(found) + 40] + (
+                "..." if at + len(found) + 40 < len(text) else "")
+            raise ValueError(f"a question holds {found!r} ({shown!r}), which this judge's tokenizer reads as one of "
+                             "its control tokens (an image placeholder, a turn's start or end), not as text: reword "
+                             "the instruction, object name or question without it")
+        return self._build_layout(text, image_keys)
+
     def _prompts(self, layouts: list[tuple[torch.Tensor, ...]]):
         """Right-padded ids (N, L), attention mask (N, L), answer positions (N,) and padded extras."""
         longest = max(len(layout[0]) for layout in layouts)
