@@ -447,7 +447,7 @@ def edit_handler(app: App):
             gr.Warning(notice)
             info.insert(0, f"⚠️ {notice}")
         last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type,
-                "object_name": object_name or ""}
+                "object_name": object_name or "", "keep": keep or ""}
         return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last, traced
 
     return edit
@@ -671,11 +671,13 @@ def build_judge_tab(app: App, last_edit: gr.State):
                   concurrency_limit=1)
 
     def take_last(last):
+        """The last edit's pair and the questions its candidates were judged with (their keep checks included)."""
         if not last:
             raise gr.Error("No edit yet: run one in the Edit tab first.")
-        return last["reference"], last["edited"], last["instruction"], last["edit_type"], last["object_name"]
+        return (last["reference"], last["edited"], last["instruction"], last["edit_type"], last["object_name"],
+                last["keep"])
 
-    take.click(take_last, last_edit, [reference, edited, instruction, edit_type, object_name],
+    take.click(take_last, last_edit, [reference, edited, instruction, edit_type, object_name, keep],
                api_visibility="private")
 
     with gr.Accordion("Batch: many pairs at once", open=False):

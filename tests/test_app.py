@@ -739,6 +739,27 @@ def test_the_judge_inspector_saves_what_the_cli_prints(tiny_set, tmp_path, famil
     assert fns["save_report"](None) == (None, None)
 
 
+def test_taking_the_last_edit_into_the_judge_inspector_keeps_its_questions(tiny_set, tmp_path, shapes_png):
+    """"Take the pair from the last edit" fills the inspector with the questions the candidates were judged with,
+    the keep checks included (they were dropped: the inspector's verdict then lacked p_keep and differed from the
+    candidate's score the Edit tab showed)."""
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
+    best = npedit_app.edit_handler(app)(str(shapes_png), "remove the circle", 4, 0, False, "", "remove", "red circle",
+                                        False, None, 2, "blue square; green triangle", progress=quiet)
+    taken = fns["take_last"](best[7])
+    assert taken[2:] == ("remove the circle", "remove", "red circle", "blue square; green triangle")
+    headline, table, _ = fns["judge"](*taken[:5], "", taken[5])
+    assert list(table["kind"]) == ["contains", "identity", "keep", "keep"] and 0 < headline["p_keep"] < 1
+    score = next(label for _, label in best[6] if label.endswith("✓")).split(" · ")[-1].split()[0]
+    from npedit.verdicts import judge_edit
+
+    again = judge_edit(app.models.judge(), *taken[:3], edit_type="remove", object_name="red circle",
+                       keep=taken[5])
+    assert f"{again.score:.2f}" == score and again.p_keep == pytest.approx(headline["p_keep"], abs=1e-6)
+
+
 def test_the_space_installs_what_the_app_needs_and_nothing_for_tests():
     """A Space builds from the README's front matter and requirements.txt: its Gradio version is the pinned one, its
     app file exists, and the test-only packages live in requirements-dev.txt (which CI installs) instead."""
