@@ -348,6 +348,8 @@ def cmd_judge(args) -> int:
         raise UsageError("error: --batch needs --output")
     if args.questions and not args.batch:
         raise UsageError("error: --questions is the per-question file of --batch (one pair prints its questions)")
+    if args.extra and args.batch:
+        raise UsageError("error: --extra is for one pair (a list's pairs are asked the edit's own questions)")
     if not args.batch and not (args.reference and args.edited and args.instruction):
         raise UsageError("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
@@ -369,8 +371,10 @@ def cmd_judge(args) -> int:
     device = _device()
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
+    extra = [text.strip() for text in args.extra if text.strip()]  # as the app reads its lines of extra questions
+
     def verdict(ref, edited, instruction, edit_type, obj, keep=None, new=None, gone=None):
-        return judge_edit(judge, ref, edited, instruction, edit_type=edit_type, object_name=obj or None,
+        return judge_edit(judge, ref, edited, instruction, edit_type=edit_type, object_name=obj or None, extra=extra,
                           keep=object_names(keep), new=object_names(new), gone=object_names(gone)).report(instruction)
 
     try:
@@ -383,7 +387,7 @@ def cmd_judge(args) -> int:
         from .verdicts import answer_gradients  # one pass gives the verdict and, backwards, the gradients
 
         grads = answer_gradients(judge, args.reference, args.edited, args.instruction,
-                                 edit_type=args.edit_type, object_name=args.object or None,
+                                 edit_type=args.edit_type, object_name=args.object or None, extra=extra,
                                  keep=object_names(args.keep), new=object_names(args.new), gone=object_names(args.gone))
         Path(args.gradients).parent.mkdir(parents=True, exist_ok=True)
         grads.save(args.gradients)
@@ -801,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--new", help="objects the edit creates, separated by ';' (a change check each, expected Yes)")
     j.add_argument("--gone", help="objects the edit must make disappear, separated by ';' (a change check each, "
                                   "expected No; p_change = the lowest P(expected answer) of the change checks)")
+    j.add_argument("--extra", action="append", default=[], metavar="QUESTION",
+                   help="a free-form Yes/No question about both images, asked as typed (expected Yes; not part of the "
+                        "training signal); repeat it for more (the app's extra questions)")
     j.add_argument("--judge", type=_bundled, help="judge folder or hub id: LLaVA-OneVision, Qwen2.5-VL or "
                                                    "InternVL3-hf (default: the bundled Shapes-world judge)")
     j.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",

@@ -701,7 +701,7 @@ def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path,
 def test_the_judge_inspector_saves_what_the_cli_prints(tiny_set, tmp_path, family, capsys):
     """With a judge folder of each family, the inspector's verdict downloads as JSON (it could only be read off the
     screen) holding the numbers and question texts `python -m npedit judge` prints for the same pair, the odd pair of
-    an RGBA reference and a grayscale edit of another size included."""
+    an RGBA reference and a grayscale edit of another size included, and the free-form extra question (`--extra`)."""
     import json
 
     from npedit.cli import main
@@ -724,14 +724,16 @@ def test_the_judge_inspector_saves_what_the_cli_prints(tiny_set, tmp_path, famil
     headline, table, report = fns["judge"](ref, edited, *asked)
     saved = json.loads(Path(fns["save_report"](report)[0]).read_text())
     assert main(["judge", "--judge", judge_dir, "--reference", ref, "--edited", edited, "--instruction", asked[0],
-                 "--keep", "red square", "--new", "blue circle", "--gone", "red circle"]) == 0
+                 "--keep", "red square", "--new", "blue circle", "--gone", "red circle", "--extra", asked[3]]) == 0
     printed = json.loads(capsys.readouterr().out)
     direct = judge_edit(load_judge(judge_dir), ref, edited, asked[0], keep="red square", new="blue circle",
-                        gone="red circle")
+                        gone="red circle", extra=[asked[3]])
     assert [q["kind"] for q in saved["questions"]] == ["edit", "identity", "keep", "change", "change", "extra"]
     assert saved["questions"][0]["text"].count('"make the circle blue"') == 1
     assert saved["questions"][-1]["text"] == asked[3]  # a free-form question is asked as typed
-    assert [q["text"] for q in saved["questions"][:-1]] == [q["text"] for q in printed["questions"]]
+    assert [q["text"] for q in saved["questions"]] == [q["text"] for q in printed["questions"]]  # --extra too
+    for mine, cli in zip(saved["questions"], printed["questions"]):
+        assert mine["p_yes"] == pytest.approx(cli["p_yes"], abs=1e-5) and mine["kind"] == cli["kind"]
     for key in ("p_edit", "p_identity", "p_keep", "p_change"):
         assert saved[key] == headline[key] and saved[key] == pytest.approx(printed[key], abs=1e-5), key
         assert saved[key] == pytest.approx(getattr(direct, key), abs=1e-5), key

@@ -114,6 +114,8 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
      "error: --batch and --verdicts are the same file (./one.jsonl)"),
     (["judge", "--batch", "one.jsonl", "--output", "v.csv", "--questions", "v.csv"], 2,
      "error: --output and --questions are the same file (v.csv)"),
+    (["judge", "--batch", "one.jsonl", "--output", "v.csv", "--extra", "Is it sharp?"], 2,
+     "error: --extra is for one pair"),  # a flag that did not exist: the app's extra questions had no CLI
     (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
     (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),
