@@ -85,8 +85,9 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "own row, if untouched, then goes); generated Shapes cases name theirs.")
 
 TABLE_WIDTHS = ["13%", "18%", "12%", "12%", "8%", "8%", "8%", "6%", "6%", "9%"]  # the training table's columns
-# the Judge inspector's table (kind, P(Yes), margin, expected, images, question): the question gets half
-VERDICT_WIDTHS = ["9%", "8%", "12%", "9%", "14%", "48%"]
+# the Judge inspector's table (kind, P(Yes), margin, P(Yes or No), expected, images, question): the question gets
+# the most
+VERDICT_WIDTHS = ["8%", "8%", "11%", "10%", "8%", "13%", "42%"]
 COMPARE_FIT = 8  # config differences: runs side by side before the table scrolls sideways (their values wrap)
 
 
@@ -626,7 +627,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
     download = gr.File(label="Download (JSON: the instruction, the verdict and every question with P(Yes) and margin, "
                        "as python -m npedit judge prints it)", interactive=False)
     # fixed widths: sized by their content, the question ran off the right edge and "expected" split in two
-    table = gr.Dataframe(label="Every question: P(Yes) and logit margin", interactive=False, wrap=True,
+    table = gr.Dataframe(label="Every question: P(Yes) between the two answers (sigmoid of the logit margin, as "
+                         "training reads it) and the share of the judge's next-token probability Yes and No hold",
+                         interactive=False, wrap=True,
                          column_widths=VERDICT_WIDTHS, elem_id="verdict-table")
     # gradio draws a plot's label over the figure's top left: a long one hid the column titles, so it is said above
     gr.Markdown("**Gradient maps**: the gradient of each answer's log P(expected) with respect to the edited image's "

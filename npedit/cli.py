@@ -824,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "p_keep, p_change, error")
     j.add_argument("--questions", help="with --batch: also a row per question (CSV or JSON lines, as --output): id, "
                                        "reference, edited, instruction, kind, question, images, expected, p_yes, "
-                                       "margin, error")
+                                       "margin, p_yes_or_no, error")
     j.add_argument("--gradients", metavar="FILE.npz",
                    help="also write where each answer comes from: d log P(expected answer) / d pixel of the edited "
                         "image per question (grads, (Q, 3, H, W)), their mean over the questions NP-Edit trains on "

@@ -21,7 +21,7 @@ REQUIRED = ("reference", "edited", "instruction")
 VERDICT_COLUMNS = ["id", "reference", "edited", "instruction", "edit_type", "p_edit", "p_identity", "p_keep",
                    "p_change", "error"]
 QUESTION_COLUMNS = ["id", "reference", "edited", "instruction", "kind", "question", "images", "expected", "p_yes",
-                    "margin", "error"]
+                    "margin", "p_yes_or_no", "error"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[t
         yield ({**names, "edit_type": p.edit_type, "p_edit": v.p_edit, "p_identity": v.p_identity,
                 "p_keep": v.p_keep, "p_change": v.p_change, "error": ""},
                [{**names, "kind": q["kind"], "question": q["text"], "images": " + ".join(q["images"]),
-                 "expected": q["expected"], "p_yes": q["p_yes"], "margin": q["margin"], "error": ""}
+                 "expected": q["expected"], "p_yes": q["p_yes"], "margin": q["margin"],
+                 "p_yes_or_no": q["p_yes_or_no"], "error": ""}
                 for q in v.questions])
 
 

@@ -29,7 +29,9 @@ class Verdict:
 
     p_edit: float  # P(edit done); for removals 1 - P(object still present)
     p_identity: float | None  # P(Yes) of the identity check
-    questions: list[dict]  # {"kind", "text", "images", "expected", "p_yes", "margin"}
+    # {"kind", "text", "images", "expected", "p_yes", "margin", "p_yes_or_no"}: p_yes is over the two answers (as the
+    # loss reads them, method.md 5.4), p_yes_or_no how much of the judge's full next-token distribution they hold
+    questions: list[dict]
     p_keep: float | None = None  # the lowest P(Yes) of the keep checks (the object most likely lost); None: none asked
     # the lowest P(expected answer) of the change checks (Yes for a `new` object, No for a `gone` one); None: none asked
     p_change: float | None = None
@@ -97,9 +99,15 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
     return questions
 
 
-def _verdict(questions: list[Question], p_yes: list[float], margin: list[float]) -> Verdict:
+def _verdict(questions: list[Question], p_yes: list[float], margin: list[float], p_yes_or_no: list[float]) -> Verdict:
     return verdict_from_rows([{"kind": q.kind, "text": q.text, "images": list(q.images), "expected": q.expected,
-                               "p_yes": p, "margin": m} for q, p, m in zip(questions, p_yes, margin)])
+                               "p_yes": p, "margin": m, "p_yes_or_no": s}
+                              for q, p, m, s in zip(questions, p_yes, margin, p_yes_or_no)])
+
+
+def _yes_or_no(out) -> torch.Tensor:
+    """(B, Q) full-vocabulary probability that the answer's first token is Yes or No."""
+    return out.vocab_logprobs.float().exp().sum(-1)
 
 
 def verdict_from_rows(rows: list[dict]) -> Verdict:
@@ -137,7 +145,8 @@ def judge_candidates(judge: Judge, reference, candidates: Sequence, instruction:
     for i in range(0, len(edited), chunk):
         part = torch.cat(edited[i:i + chunk]).to(device)
         out = judge.answer(ref, part, [asked] * len(part))  # one reference: its features once
-        verdicts += [_verdict(asked, p, m) for p, m in zip(out.p_yes.tolist(), out.margin.tolist())]
+        verdicts += [_verdict(asked, p, m, s)
+                     for p, m, s in zip(out.p_yes.tolist(), out.margin.tolist(), _yes_or_no(out).tolist())]
     return verdicts
 
 
@@ -207,7 +216,7 @@ def answer_gradients(judge: Judge, reference, edited, instruction: str, *, max_s
         sign = torch.tensor([1.0 if q.expected == "Yes" else -1.0 for q in asked], device=margin.device)
         torch.nn.functional.logsigmoid(sign * margin).sum().backward()
     grads = image.grad.detach().float().cpu().numpy()
-    verdict = _verdict(asked, out.p_yes[:, 0].tolist(), margin.tolist())
+    verdict = _verdict(asked, out.p_yes[:, 0].tolist(), margin.tolist(), _yes_or_no(out)[:, 0].tolist())
     trained = [i for i, q in enumerate(asked) if q.kind in TRAINED_KINDS]
     training = grads[trained].mean(axis=0) if trained else np.zeros_like(grads[0])
     return AnswerGradients(verdict.questions, grads, training, picture)

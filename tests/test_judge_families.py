@@ -211,3 +211,24 @@ def test_a_control_token_in_the_text_is_refused_by_name(judge):
         with pytest.raises(ValueError, match=re.escape(repr(token))):
             judge_edit(judge, ref, edited, "make it red", extra=[f"Is there a {token}? Answer with Yes or No."])
     assert 0 < judge_edit(judge, ref, edited, "put image on the wall").p_edit < 1
+
+
+def test_a_verdict_says_how_much_of_the_judges_answer_yes_and_no_hold(judge):
+    """P(Yes) is between the two answers only (sigmoid of the margin: the loss's reading, method.md 5.4), so a judge
+    whose next token is mostly neither word showed confident numbers; each question row (and the gradient maps',
+    and the batch list's) now also holds p_yes_or_no, the full-vocabulary probability of Yes or No."""
+    from npedit.pairs import QUESTION_COLUMNS
+    from npedit.verdicts import _pixels01, answer_gradients, edit_questions, judge_edit
+
+    ref, edited = (tensor_to_pil(x[0] * 2 - 1) for x in (random_images(1, seed=9), random_images(1, seed=10)))
+    asked = dict(keep=["red square"], extra=["Describe the second image."])
+    verdict = judge_edit(judge, ref, edited, "make the circle blue", **asked)
+    out = judge.answer(_pixels01(ref), _pixels01(edited), [edit_questions("make the circle blue", **asked)])
+    share = out.vocab_logprobs[0].exp().sum(-1)
+    assert len(verdict.questions) == 4 and "p_yes_or_no" in QUESTION_COLUMNS
+    for row, p, s, m in zip(verdict.questions, out.p_yes[0], share, out.margin[0]):
+        assert row["p_yes_or_no"] == pytest.approx(float(s), rel=1e-5) and 0 < row["p_yes_or_no"] < 1
+        assert row["p_yes"] == pytest.approx(float(p), abs=1e-6) == pytest.approx(float(torch.sigmoid(m)), abs=1e-6)
+    grads = answer_gradients(judge, ref, edited, "make the circle blue", **asked)
+    for mine, theirs in zip(grads.questions, verdict.questions):
+        assert mine["p_yes_or_no"] == pytest.approx(theirs["p_yes_or_no"], rel=1e-3)

@@ -18,9 +18,11 @@ from .datasets import resolve_image
 
 
 def verdict_table(verdict: Verdict) -> pd.DataFrame:
-    """One row per question: kind, what it shows, expected answer, P(Yes) and the Yes-minus-No logit margin."""
+    """One row per question: kind, P(Yes) of the two answers, the Yes-minus-No logit margin, the two answers' share of
+    the full vocabulary, expected answer, what it shows and the question."""
     rows = [{"kind": q["kind"], "P(Yes)": round(q["p_yes"], SHOWN_DECIMALS),
              "margin (logit Yes − No)": round(q["margin"], SHOWN_DECIMALS),
+             "P(Yes or No), full vocab": round(q["p_yes_or_no"], SHOWN_DECIMALS),
              "expected": q["expected"], "images": " + ".join(q["images"]), "question": q["text"]}
             for q in verdict.questions]
     return pd.DataFrame(rows)
