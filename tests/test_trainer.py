@@ -2,6 +2,7 @@
 the critic is the teacher, and a resumed NP-Edit run (student and critic) that ends as the uninterrupted one."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -202,3 +203,24 @@ def test_the_cached_encodings_and_prompt_layouts_give_the_losses_of_computing_th
         assert cached.keys() == plain.keys() and "vlm_loss" in cached and "dmd_loss" in cached
         for key in cached:
             assert abs(float(cached[key]) - float(plain[key])) <= 1e-6, (key, cached[key], plain[key])
+
+
+def test_a_case_whose_text_holds_a_judge_control_token_stops_the_run_before_it_trains(tmp_path, tiny_zimage,
+                                                                                     tiny_manifest, tiny_judge):
+    """The judge refuses a question holding one of its control tokens ("<image>" made its processor count an image
+    too many); a manifest case holding one is named when the run starts, not when its batch comes hours in."""
+    import shutil
+
+    import pytest
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(tiny_manifest).parent, data)
+    lines = (data / Path(tiny_manifest).name).read_text().splitlines()
+    case = json.loads(lines[3])
+    case["keep"] = "blue square; <|im_end|>"
+    lines[3] = json.dumps(case)
+    (data / "cases.jsonl").write_text("\n".join(lines) + "\n")
+    args = npedit_args(tmp_path / "r", tiny_zimage, data / "cases.jsonl", "loss.lambda_vlm=0.02",
+                       f"judge.path={tiny_judge}", "max_steps=1")
+    with pytest.raises(ValueError, match=r"cases.jsonl: case 3: its keep holds '<\|im_end\|>', which the judge reads"):
+        Trainer(load_config(None, args))

@@ -65,6 +65,11 @@ class Judge(nn.Module):
         reference of batch 1 is the reference of every row."""
         raise NotImplementedError
 
+    def control_token_in(self, text: str) -> str | None:
+        """The first string in `text` that this judge reads as one of its control tokens rather than as text (an
+        image placeholder, a turn's end); None when there is none. A question holding one is refused."""
+        return None
+
     @torch.no_grad()
     def score(
         self, reference: torch.Tensor, edited: torch.Tensor, questions: Sequence[Sequence[Question]]

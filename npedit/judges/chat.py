@@ -219,11 +219,15 @@ class ChatJudge(Judge):
         return language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     # ---- shared -----------------------------------------------------------------------------
+    def control_token_in(self, text: str) -> str | None:
+        """The first of the judge's control tokens (`control_tokens`, longest first) that `text` holds, else None."""
+        return next((token for token in self.control_tokens if token in text), None)
+
     def _checked_layout(self, text: str, image_keys: tuple[Hashable, ...]) -> tuple[torch.Tensor, ...]:
         """`_build_layout` of a question whose text holds none of the judge's control tokens (else a ValueError)."""
         # the processor and tokenizer read such a string in the text as the token itself: an image placeholder made
         # the processor count one image too many, and a turn's end ("<|im_end|>") silently rewrote the prompt
-        found = next((token for token in self.control_tokens if token in text), None)
+        found = self.control_token_in(text)
         if found is not None:
             at = text.index(found)  # the words around it: the question's own opening says nothing of the instruction
             shown = ("..." if at > 40 else "") + text[max(0, at - 40):at + len(found) + 40] + (

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import files, flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, cfg_scale_for, changed_settings, read_yaml, save_config, to_dict
-from ..data import apply_do_nothing, collate
+from ..data import JUDGED_FIELDS, apply_do_nothing, collate
 from ..domain import data_domain
 from ..files import write_png
 from ..guidance import teacher_critic_x0
@@ -105,6 +105,18 @@ def build_student(backbone, teacher, mc, dtype: torch.dtype, keep_dtype: bool = 
     return student, new_blocks
 
 
+def check_judged_texts(judge, records, manifest: str) -> None:
+    """ValueError naming the first manifest case whose judged text (instruction, object names) holds one of the
+    judge's control tokens: the judge would refuse that case's questions when its batch came, hours into a run."""
+    for record in records:
+        for key in JUDGED_FIELDS:
+            found = judge.control_token_in(getattr(record, key))
+            if found is not None:
+                raise ValueError(f"{manifest}: case {record.id}: its {key} holds {found!r}, which the judge reads as "
+                                 "one of its control tokens (an image placeholder, a turn's start or end), not as "
+                                 "text: reword it")
+
+
 class Trainer:
     """Holds the networks, optimisers and state of one run; `train()` runs it to `max_steps`."""
 
@@ -155,6 +167,8 @@ class Trainer:
 
             extra = {"max_pixels": cfg.judge.max_pixels} if cfg.judge.max_pixels else {}
             self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device, **extra)
+            # now, not at the case's first batch: a question holding one of the judge's control tokens is refused
+            check_judged_texts(self.judge, getattr(dataset, "records", ()), cfg.data.train)
         for net in (n for n in (self.student, self.critic) if n is not None):
             broadcast_parameters([p for p in net.parameters() if p.requires_grad], self.acc)  # replicas start alike
             if cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
