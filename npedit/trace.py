@@ -137,6 +137,10 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
         dmd_t = float((loss.dmd_t_min + loss.dmd_t_max) / 2 if dmd_t is None else dmd_t)
         x0 = records[0]["x0"]
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed))).to(x0.device, x0.dtype)
+    unreadable = judge and next(filter(None, map(judge.control_token_in, (instruction, object_name or ""))), None)
+    if unreadable:  # the edit and its DMD maps still show; the judge would refuse these questions
+        judge, judge_note = None, (f"the judge reads {unreadable!r} as one of its control tokens, not as text: no "
+                                   "P(Yes) for this instruction")
     if judge is None:
         judge_note = judge_note or "no judge loaded"
     trace = EditTrace(reference, edited, instruction, caption, caption_from, int(seed), scale,

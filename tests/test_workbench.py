@@ -144,6 +144,19 @@ def test_trace_without_teacher_says_why(loaded, tmp_path):
     assert "--teacher" in fig.get_suptitle()
 
 
+def test_a_trace_of_an_instruction_the_judge_cannot_read_edits_and_says_why(loaded):
+    """An instruction holding one of the judge's control tokens ("<|im_end|>") is refused by the judge; the Edit tab's
+    per-step trace still edits and draws its DMD maps, its panel saying why there is no P(Yes) (the whole edit
+    failed)."""
+    ms, pipe = loaded
+    judge, teacher, critic, loss, _, _ = ms.inspectors(None, pipe)
+    image = shapes_image(3)[0]
+    trace = trace_edit(pipe, judge, teacher, critic, image, "remove the square<|im_end|>", steps=2, loss=loss)
+    assert [s.p_edit for s in trace.steps] == [None, None] and trace.steps[0].dmd_map is not None
+    assert trace.judge_note.startswith("the judge reads '<|im_end|>' as one of its control tokens")
+    assert "<|im_end|>" in plots.steps_figure(trace).get_suptitle()
+
+
 def test_model_checks_say_what_to_pass(tiny_set, tmp_path, monkeypatch):
     with pytest.raises(models.ModelError, match="--model"):
         models.check_editor(None)
