@@ -319,6 +319,19 @@ def test_training_questions():
         training_questions("remove the dog", "remove")
 
 
+def test_the_removed_object_is_asked_about_as_the_app_and_a_list_name_it():
+    """The CLI passed --object as typed: " dog " asked about "  dog ?" where the app and a pair list (which strip it)
+    asked about "dog?", and a blank name asked about nothing instead of being refused as a missing one."""
+    from npedit.verdicts import edit_questions
+
+    plain = [q.text for q in edit_questions("remove the dog", edit_type="remove", object_name="dog")]
+    assert [q.text for q in edit_questions("remove the dog", edit_type="remove", object_name=" dog\t")] == plain
+    assert "object: dog?" in plain[0]
+    for blank in ("", "   "):
+        with pytest.raises(ValueError, match="edit_type 'remove' needs object_name"):
+            edit_questions("remove the dog", edit_type="remove", object_name=blank)
+
+
 def test_an_edit_is_not_judged_against_an_empty_instruction():
     from npedit.verdicts import edit_questions
 

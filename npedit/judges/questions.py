@@ -137,13 +137,15 @@ def training_questions(
     instead. The count depends only on `identity` (2 or 1), so a batch forms a rectangular (B, Q) grid.
     """
     edit_type = edit_type_name(edit_type)
+    # a name as typed (" red circle", the CLI's --object) asks what the app's and a list's stripped one asks
+    object_name = (object_name or "").strip() or None
     if edit_type == "remove":
         if not object_name:
             raise ValueError(
                 f"edit_type 'remove' needs object_name (the removed object's name), got {object_name!r} "
                 f"for instruction {instruction!r}"
             )
-    if edit_type == "remove" and object_name.strip() not in _distinct(kept):
+    if edit_type == "remove" and object_name not in _distinct(kept):
         check, keep = contains_question(object_name), removal_identity_question(object_name)
     else:
         check, keep = edit_question(instruction), identity_question(instruction)
