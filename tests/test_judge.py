@@ -321,7 +321,8 @@ def test_training_questions():
 
 def test_the_removed_object_is_asked_about_as_the_app_and_a_list_name_it():
     """The CLI passed --object as typed: " dog " asked about "  dog ?" where the app and a pair list (which strip it)
-    asked about "dog?", and a blank name asked about nothing instead of being refused as a missing one."""
+    asked about "dog?", and a blank name asked about nothing instead of being refused as a missing one; likewise an
+    instruction with spaces around it."""
     from npedit.verdicts import edit_questions
 
     plain = [q.text for q in edit_questions("remove the dog", edit_type="remove", object_name="dog")]
@@ -330,6 +331,10 @@ def test_the_removed_object_is_asked_about_as_the_app_and_a_list_name_it():
     for blank in ("", "   "):
         with pytest.raises(ValueError, match="edit_type 'remove' needs object_name"):
             edit_questions("remove the dog", edit_type="remove", object_name=blank)
+    # a CSV list strips its cells, the CLI and a JSON list do not: one pair, one set of questions
+    spaced = [q.text for q in edit_questions(" make the dog red ", edit_type="recolor")]
+    assert spaced == [q.text for q in edit_questions("make the dog red", edit_type="recolor")]
+    assert '"make the dog red"' in spaced[0]
 
 
 def test_an_edit_is_not_judged_against_an_empty_instruction():

@@ -137,8 +137,8 @@ def training_questions(
     instead. The count depends only on `identity` (2 or 1), so a batch forms a rectangular (B, Q) grid.
     """
     edit_type = edit_type_name(edit_type)
-    # a name as typed (" red circle", the CLI's --object) asks what the app's and a list's stripped one asks
-    object_name = (object_name or "").strip() or None
+    # text as typed (" red circle", the CLI's --object) asks what the app's or a CSV list's stripped text asks
+    instruction, object_name = instruction.strip(), (object_name or "").strip() or None
     if edit_type == "remove":
         if not object_name:
             raise ValueError(
