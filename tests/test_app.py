@@ -1420,8 +1420,8 @@ def test_wide_tables_keep_their_columns_readable(tmp_path):
 
     demo = npedit_app.build_demo(npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")])))
     tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
-    question = {"kind": "edit", "p_yes": 0.5, "margin": 0.0, "p_yes_or_no": 0.9, "expected": "Yes", "images": ["edited"],
-                "text": "?"}
+    question = {"kind": "edit", "p_yes": 0.5, "margin": 0.0, "p_yes_or_no": 0.9, "expected": "Yes",
+                "images": ["edited"], "text": "?"}
     columns = judging.verdict_table(Verdict(p_edit=0.5, p_identity=0.5, questions=[question])).columns
     assert len(tables["verdict-table"].column_widths) == len(columns)
     assert len(tables["runs-comparison"].column_widths) == 4  # the key and the three runs picked by default
