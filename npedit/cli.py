@@ -354,6 +354,9 @@ def cmd_judge(args) -> int:
         raise UsageError("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
         raise UsageError(REMOVE_NEEDS_OBJECT)
+    if not args.batch and args.edit_type != "remove" and (args.object or "").strip():  # else silently not asked
+        print(f"note: --object is asked about for --edit-type remove only (is it still there?); for "
+              f"--edit-type {args.edit_type}, --new / --gone / --keep ask about objects", file=sys.stderr)
     _check_distinct([(args.batch, "--batch"), (args.output if args.batch else None, "--output"),
                      (args.questions, "--questions")])
     # before the judge's weights are read: a bad list or image fails at once

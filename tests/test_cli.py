@@ -277,3 +277,18 @@ def test_an_eval_report_is_replaced_whole(mistakes, capsys, monkeypatch):
     assert exit_of(["eval", "shapes", "--n", "1", "--out", "ev", "--name", "mine"], capsys) == (130, "interrupted")
     assert (mistakes / "ev" / "mine.json").read_text() == '{"earlier": true}'
     assert sorted(p.name for p in (mistakes / "ev").iterdir()) == ["mine.json"]
+
+
+def test_judge_says_when_object_is_not_asked_about(capsys):
+    """--object names the removed object; with another edit type no question asks about it, which the verdict did
+    not say (a researcher's `--edit-type replace --object cat` looked judged about the cat)."""
+    from npedit.cli import main
+
+    pair = ["judge", "--reference", str(EXAMPLE), "--edited", str(EXAMPLE), "--instruction", "make the circle blue"]
+    assert main([*pair, "--edit-type", "recolor", "--object", "red circle"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --object is asked about for --edit-type remove only" in err
+    assert "red circle" not in out  # indeed not asked
+    assert main([*pair, "--edit-type", "remove", "--object", "red circle"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --object" not in err and "red circle" in out
