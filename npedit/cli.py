@@ -68,9 +68,9 @@ def _edit_type(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _read_list(path: str, required: tuple[str, ...]) -> list[dict]:
-    """The rows of a .csv/.tsv or JSON-lines list (`npedit.data.read_rows`) with the `required` keys; relative image
-    paths resolve against the file's folder; an unknown edit_type is an error here, before any work."""
+def _read_list(path: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line, row) of a .csv/.tsv or JSON-lines list (`npedit.data.read_rows`) with the `required` keys; relative
+    image paths resolve against the file's folder; an unknown edit_type is an error here, before any work."""
     from .data import CSV_SUFFIXES, read_rows
 
     p = Path(path)
@@ -95,7 +95,7 @@ def _read_list(path: str, required: tuple[str, ...]) -> list[dict]:
             row["edit_type"] = edit_type_name(row.get("edit_type"))
         except ValueError as exc:
             raise SystemExit(f"error: {where}: {exc}") from None
-    return [row for _, row in rows]
+    return rows
 
 
 def cmd_edit(args) -> int:
@@ -132,7 +132,10 @@ def cmd_edit(args) -> int:
         _check_writable(Path(args.output_dir).absolute(), f"--output-dir {args.output_dir}")
     if args.verdicts:
         _check_output_file(args.verdicts, "--verdicts")
-        _check_distinct([(args.batch, "--batch"), (args.verdicts, "--verdicts")])
+    # an output written over an input: the user's own image (or list) replaced by the edit
+    zipped = args.trace if (args.trace or "").lower().endswith(".zip") else None
+    _check_distinct([(args.image, "--image"), (args.batch, "--batch"), (args.output if args.image else None,
+                     "--output"), (args.verdicts, "--verdicts"), (zipped, "--trace")])
     if args.trace:
         _check_writable(Path(args.trace).absolute().parent if args.trace.lower().endswith(".zip")
                         else Path(args.trace).absolute(), f"--trace {args.trace}")
@@ -201,9 +204,10 @@ def _edit_jobs_of(args) -> list[dict]:
                  "object_name": args.object, "keep": args.keep, "out": out}]
     if not args.output_dir:
         raise UsageError("error: --batch needs --output-dir")
-    rows = _read_list(args.batch, ("id", "image", "instruction"))
-    if not rows:  # (else it "succeeds" having edited nothing)
+    lines = _read_list(args.batch, ("id", "image", "instruction"))
+    if not lines:  # (else it "succeeds" having edited nothing)
         raise SystemExit(f"error: {args.batch} lists no edits: one line per edit with id, image, instruction")
+    rows = [row for _, row in lines]
     names = [str(r["id"]) for r in rows]
     for name in names:
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
@@ -225,7 +229,26 @@ def _edit_jobs_of(args) -> list[dict]:
         if alike:
             raise SystemExit(f"error: {args.batch}: ids {'; '.join(alike)} name one file here (file names on this "
                              "system ignore case; each id names its result's file)")
-    return [{**r, "out": Path(args.output_dir) / f"{name}.png"} for r, name in zip(rows, names)]
+    jobs = [{**r, "out": Path(args.output_dir) / f"{name}.png"} for r, name in zip(rows, names)]
+    _check_no_image_replaced(args.batch, [n for n, _ in lines], jobs)
+    return jobs
+
+
+def _check_no_image_replaced(batch: str, lines: list[int], jobs: list[dict]) -> None:
+    """UsageError naming the line when a --batch result would be saved over an image of the list: its own (its
+    original lost) or another line's (lost too, and a later line would edit an earlier one's result instead). Refused
+    rather than every image read first: either way an image the user gave would be gone, and the list's own
+    images are what a user keeps."""
+    images = {}
+    for n, job in zip(lines, jobs):
+        if job["image"].strip():
+            images.setdefault(_file_key(job["image"]), n)
+    for n, job in zip(lines, jobs):
+        m = images.get(_file_key(job["out"]))
+        if m is not None:
+            whose = "its own image" if m == n else f"the image of line {m}"
+            raise UsageError(f"error: {batch}:{n}: id {job['id']!r} would be saved as {job['out']}, {whose}, which "
+                             "would then be lost: give an --output-dir that holds none of the list's images")
 
 
 def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
@@ -441,14 +464,24 @@ def _check_writable(folder: Path, what: str) -> None:
         raise SystemExit(f"error: cannot write {what} ({exc.strerror or exc}): pick a folder you can write to") from None
 
 
+def _file_key(path: str | Path):
+    """What one file is, however its path is spelled: its device and inode when it exists (a link to it, a path of
+    another case where names ignore case), else its absolute path with links resolved."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):  # (ValueError: a NUL in the name)
+        return Path(path).resolve()
+    return found.st_dev, found.st_ino
+
+
 def _check_distinct(files: list[tuple[str | None, str]]) -> None:
-    """UsageError when two of the given (path, flag) name one file: an output opened for writing would empty the list
-    being read, or the other output."""
-    seen: dict[Path, str] = {}
+    """UsageError when two of the given (path, flag) name one file: an output would replace the image or list being
+    read, or the other output."""
+    seen: dict[object, str] = {}
     for path, flag in files:
         if not path:
             continue
-        key = Path(path).resolve()
+        key = _file_key(path)
         if key in seen:
             raise UsageError(f"error: {seen[key]} and {flag} are the same file ({path}): writing one would replace "
                              "the other; give another name")

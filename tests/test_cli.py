@@ -292,3 +292,46 @@ def test_judge_says_when_object_is_not_asked_about(capsys):
     assert main([*pair, "--edit-type", "remove", "--object", "red circle"]) == 0
     out, err = capsys.readouterr()
     assert "note: --object" not in err and "red circle" in out
+
+
+def test_an_edit_never_saves_over_an_image_it_reads(mistakes, capsys, monkeypatch):
+    """`edit --image a.png --output a.png` replaced the user's photo with its edit; with --batch, a line's result
+    DIR/<id>.png could be its own image or that of a line not yet read (which then edited the first line's result,
+    and the photo was gone). Each stops before any model loads, naming the flags or the line; nothing is written."""
+    import os
+    import shutil
+
+    from npedit.pipeline import NPEditPipeline
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the editor loaded")
+
+    monkeypatch.setattr(NPEditPipeline, "from_pretrained", loaded)
+    photos = mistakes / "photos"
+    photos.mkdir()
+    for name in ("x.png", "y.png"):
+        shutil.copyfile(EXAMPLE, photos / name)
+    try:
+        os.symlink(photos / "x.png", mistakes / "link.png")
+    except OSError:  # (Windows without the right to make links: the other spellings are still checked)
+        pass
+    lines = [{"id": "y", "image": "photos/x.png", "instruction": "add"},  # saved as photos/y.png: line 2's image
+             {"id": "z", "image": "photos/y.png", "instruction": "add"}]
+    (mistakes / "two.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (mistakes / "own.jsonl").write_text(json.dumps(lines[1] | {"id": "y"}) + "\n")
+    before = {p: p.read_bytes() for p in mistakes.rglob("*") if p.is_file()}
+    edit = ["edit", "--instruction", "add a circle", "--image"]
+    for argv, says in [
+        ([*edit, "photos/x.png", "--output", "photos/x.png"], "error: --image and --output are the same file"),
+        ([*edit, "photos/x.png", "--output", "./photos/../photos/x.png"], "error: --image and --output are the same"),
+        *([([*edit, "link.png", "--output", "photos/x.png"], "error: --image and --output are the same file")]
+          if (mistakes / "link.png").exists() else []),
+        (["edit", "--batch", "two.jsonl", "--output-dir", "photos"],
+         f"error: two.jsonl:1: id 'y' would be saved as {Path('photos/y.png')}, the image of line 2, which would then "
+         "be lost: give an --output-dir that holds none of the list's images"),
+        (["edit", "--batch", "own.jsonl", "--output-dir", "photos"],
+         f"error: own.jsonl:1: id 'y' would be saved as {Path('photos/y.png')}, its own image"),
+    ]:
+        code, said = exit_of(argv, capsys)
+        assert (code, said[:len(says)]) == (2, says), said
+    assert {p: p.read_bytes() for p in mistakes.rglob("*") if p.is_file()} == before
