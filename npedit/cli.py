@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -153,11 +153,11 @@ def cmd_edit(args) -> int:
         verdicts = None
         if args.verdicts:
             try:
-                Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
-                verdicts = stack.enter_context(open(args.verdicts, "w", encoding="utf-8"))
+                verdicts = stack.enter_context(_report(args.verdicts, None))
             except OSError as exc:
                 raise SystemExit(f"error: cannot write --verdicts: {exc}") from None
-        failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
+        with _said_if_stopped([verdicts] if verdicts else []):
+            failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
     if len(jobs) == 1 and not failures:
         print(jobs[0]["out"])
     return 1 if failures else 0
@@ -329,7 +329,7 @@ def _tracer(args, pipe, judge, model: str, dtype):
     return run
 
 
-def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
+def _write_verdict(writer, job: dict, picked, min_score: float | None) -> None:
     """One --verdicts line: the job's own fields, its result as `target` and the judge's numbers on it (a training
     manifest line: paired SFT on these learns the judge's accepted edits); none below `min_score`."""
     v = picked.verdicts[picked.best]
@@ -339,8 +339,7 @@ def _write_verdict(file, job: dict, picked, min_score: float | None) -> None:
     row |= {"image": str(Path(job["image"]).resolve()), "target": str(job["out"].resolve()), "score": v.score,
             "p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "candidate": picked.best,
             "candidates": len(picked.images)}
-    file.write(json.dumps(row) + "\n")
-    file.flush()
+    writer.write(row)
 
 
 def _best_of(pipe, judge, job: dict, picture, args, verbose: bool):
@@ -430,15 +429,13 @@ def cmd_judge(args) -> int:
 def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
     """Write each pair's verdict row to `output` and, with `questions`, its question rows there, as they come; 1 when
     a pair could not be judged (its row says why, and so does a line on stderr)."""
-    from .pairs import QUESTION_COLUMNS, VERDICT_COLUMNS, RowWriter, judge_pairs
+    from .pairs import QUESTION_COLUMNS, VERDICT_COLUMNS, judge_pairs
 
     failures = 0
     with ExitStack() as stack:
-        writers = []
-        for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)):
-            if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                writers.append(stack.enter_context(RowWriter(path, columns)))
+        writers = [stack.enter_context(_report(path, columns))
+                   for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)) if path]
+        stack.enter_context(_said_if_stopped(writers))
         for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
             writers[0].write(row)
             for q in asked if questions else ():
@@ -448,6 +445,30 @@ def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
                 # a line of its own, not over the bar
                 tqdm.write(f"error: {row['id']}: {row['error']}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _report(path: str, columns: list[str] | None):
+    """A RowWriter for a report written as it goes (--verdicts, --output, --questions), its folder made: `path` stays as
+    it was until every row is written (`npedit.pairs.RowWriter`)."""
+    from .pairs import RowWriter
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return RowWriter(path, columns)
+
+
+@contextmanager
+def _said_if_stopped(writers: list):
+    """On a failure or Ctrl-C inside, a note per report of `writers` (RowWriters) saying that the file there is the
+    one from before, and where this run's rows are (a line of its own, not over the progress bar)."""
+    try:
+        yield
+    except BaseException:
+        for w in writers:
+            before = "is as it was" if w.path.exists() else "was not written"
+            rows = (f"; the {w.rows} row{'s' * (w.rows != 1)} this run wrote {'are' if w.rows != 1 else 'is'} in "
+                    f"{w.out.partial}" if w.rows else "")
+            tqdm.write(f"note: {w.path} {before} (the run stopped){rows}", file=sys.stderr)
+        raise
 
 
 def _check_writable(folder: Path, what: str) -> None:

@@ -48,6 +48,46 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, sync: bool = True) 
             raise
 
 
+PARTIAL_SUFFIX = ".partial"  # what a report written as it goes is called until it is complete
+
+
+class ReplacedWhenDone:
+    """A text file written as it goes into `path`.partial and renamed over `path` once complete: a run that fails,
+    is interrupted or fills the disk midway leaves `path` as it was (a previous run's report), and what it wrote under
+    a name that says it is incomplete (opened "w" at the start, `path` was emptied before the first row)."""
+
+    def __init__(self, path: str | os.PathLike, newline: str | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.file = open(self.partial, "w", encoding="utf-8", newline=newline)
+
+    def write(self, text: str) -> None:
+        """Append `text`, flushed: a process killed outright still leaves what it wrote in the partial file."""
+        self.file.write(text)
+        self.file.flush()
+
+    def close(self, complete: bool = True, keep: bool = True) -> None:
+        """Close; `complete`: flushed to the disk and renamed over `path`; else the partial file kept when `keep`
+        (it holds rows worth reading), removed when not."""
+        if self.file.closed:
+            return
+        try:
+            if complete:
+                os.fsync(self.file.fileno())  # a power cut after the rename must not leave `path` empty
+        finally:
+            self.file.close()  # (Windows renames no open file)
+        if complete:
+            rename_over(self.partial, self.path)
+        elif not keep:
+            self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ReplacedWhenDone":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(complete=exc_type is None)
+
+
 def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """`os.replace(src, dst)`, retried for up to REPLACE_WAIT_S on Windows: there it fails (PermissionError) while any
     program holds `dst` open, even for a moment (the app reading a job's status.json, a virus scanner looking at a

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 
 from .data import CSV_SUFFIXES, object_names, read_rows
 from .edit_types import edit_type_name
+from .files import ReplacedWhenDone
 from .images import ImageError
 
 LIST_SUFFIXES = (".jsonl", ".json", *CSV_SUFFIXES)  # what read_rows reads: a CSV by its suffix, else JSON lines
@@ -123,31 +124,40 @@ def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[t
 
 
 class RowWriter:
-    """Rows written as they come: to a .csv file (a header, an empty cell for None), else as JSON lines (null)."""
+    """Rows written as they come: to a .csv file (a header, an empty cell for None), else as JSON lines (null); with
+    no `columns`, each row's own keys (JSON lines). They go into PATH.partial, renamed over PATH once all are written
+    (`files.ReplacedWhenDone`): a run stopped midway keeps the previous file, and its own rows in the partial one."""
 
-    def __init__(self, path: str | os.PathLike, columns: list[str]):
+    def __init__(self, path: str | os.PathLike, columns: list[str] | None):
         self.path, self.columns = Path(path), columns
         self.csv = self.path.suffix.lower() == ".csv"
-        self.file = open(self.path, "w", newline="" if self.csv else None, encoding="utf-8")
+        if self.csv and columns is None:
+            raise ValueError(f"{self.path}: a CSV file needs its columns")
+        self.out = ReplacedWhenDone(self.path, newline="" if self.csv else None)
+        self.rows = 0  # written so far: a partial file with none is not kept
         if self.csv:
-            self.writer = csv.DictWriter(self.file, columns)
+            self.writer = csv.DictWriter(self.out.file, columns)
             self.writer.writeheader()
 
     def write(self, row: dict) -> None:
         """One row (its keys: `columns`), flushed so a long run stopped midway keeps what it judged."""
-        row = {k: row.get(k) for k in self.columns}
+        if self.columns is not None:
+            row = {k: row.get(k) for k in self.columns}
         if self.csv:
             self.writer.writerow(row)
+            self.out.file.flush()
         else:
-            self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+            self.out.write(json.dumps(row) + "\n")
+        self.rows += 1
 
-    def close(self) -> None:
-        self.file.close()
+    def close(self, complete: bool = True) -> None:
+        """Close; `complete`: the file replaces PATH; else PATH stays as it was (the partial file kept if it has
+        rows)."""
+        self.out.close(complete, keep=self.rows > 0)
 
     def __enter__(self) -> "RowWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(complete=exc_type is None)
 

@@ -335,3 +335,59 @@ def test_an_edit_never_saves_over_an_image_it_reads(mistakes, capsys, monkeypatc
         code, said = exit_of(argv, capsys)
         assert (code, said[:len(says)]) == (2, says), said
     assert {p: p.read_bytes() for p in mistakes.rglob("*") if p.is_file()} == before
+
+
+def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complete(mistakes, capsys, monkeypatch):
+    """`edit --verdicts` and `judge --batch --output/--questions` opened their files for writing at the start: a run
+    that failed or was stopped (Ctrl-C, a full disk) had emptied the previous report. Rows now go into NAME.partial,
+    renamed over NAME when the run ends: stopped at the second line, the previous report is as it was and the first
+    line's row is in the partial file, both said on stderr; a run that ends replaces it and leaves no partial file."""
+    from npedit import cli, pairs
+
+    line = json.loads((mistakes / "one.jsonl").read_text())
+    (mistakes / "two.jsonl").write_text("".join(json.dumps(line | {"id": i}) + "\n" for i in "ab"))
+    pair = {"reference": str(EXAMPLE), "edited": str(EXAMPLE), "instruction": "add a circle"}
+    (mistakes / "pairs.jsonl").write_text("".join(json.dumps(pair | {"id": i}) + "\n" for i in "ab"))
+    for name in ("v.jsonl", "q.csv", "e.jsonl"):
+        (mistakes / name).write_text("an earlier report\n")
+    loaded, load_image = [], cli.load_image
+
+    def stopped_at_the_second(path):
+        loaded.append(path)
+        if len(loaded) == 2:
+            raise KeyboardInterrupt
+        return load_image(path)
+
+    monkeypatch.setattr(cli, "load_image", stopped_at_the_second)
+    assert exit_of(["edit", "--batch", "two.jsonl", "--output-dir", "out", "--verdicts", "e.jsonl"],
+                   capsys) == (130, "interrupted")
+    assert (mistakes / "e.jsonl").read_text() == "an earlier report\n"
+    assert [json.loads(r)["id"] for r in (mistakes / "e.jsonl.partial").read_text().splitlines()] == ["a"]
+    monkeypatch.setattr(cli, "load_image", load_image)
+
+    judged = pairs.judge_pairs
+
+    def stopped_after_one(judge, rows):
+        for k, got in enumerate(judged(judge, rows)):
+            if k == 1:
+                raise KeyboardInterrupt
+            yield got
+
+    monkeypatch.setattr(pairs, "judge_pairs", stopped_after_one)
+    judge = ["judge", "--batch", "pairs.jsonl", "--output", "v.jsonl", "--questions", "q.csv"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(judge)
+    said = capsys.readouterr().err
+    assert exit_.value.code == 130, exit_.value.code
+    assert f"note: v.jsonl is as it was (the run stopped); the 1 row this run wrote is in {Path('v.jsonl.partial')}" \
+        in said, said
+    assert [(mistakes / n).read_text() for n in ("v.jsonl", "q.csv")] == ["an earlier report\n"] * 2
+    assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl.partial").read_text().splitlines()] == ["a"]
+    assert (mistakes / "q.csv.partial").read_text().startswith("id,reference,edited,instruction,kind")
+
+    monkeypatch.setattr(pairs, "judge_pairs", judged)
+    assert cli.main(judge) == 0
+    assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl").read_text().splitlines()] == ["a", "b"]
+    assert (mistakes / "q.csv").read_text().startswith("id,reference,edited,instruction,kind")
+    assert sorted(p.name for p in mistakes.glob("*.partial")) == ["e.jsonl.partial"]  # (the edit's, above)
