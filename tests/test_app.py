@@ -452,6 +452,36 @@ def test_generated_shapes_cases_of_a_day_ago_are_removed(tmp_path, monkeypatch):
     assert all(Path(path).is_file() for path in names.values())
 
 
+def test_start_on_a_page_that_outlived_its_files_says_to_upload_them_again(tiny_set, tmp_path, monkeypatch):
+    """A local page left open over a day: the app's cleanup has removed its uploads (or its generated Shapes cases),
+    or the server no longer holds the page's state (the names of its uploads). Start said "image not found:
+    photo.png", or looked the name up in the server's working folder; it now refuses, naming the row and the file,
+    and says to upload it again (or Generate again). No run folder is left and no job starts."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    monkeypatch.chdir(tmp_path)
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    launched = []
+    monkeypatch.setattr(npedit_app.jobs, "start_job", lambda run_dir, args, **kw: launched.append(run_dir))
+    start = [next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"], 0, ""]
+    files = [_uploaded(uploads, name, colour) for name, colour in (("cat.png", (200, 0, 0)), ("dog.png", (0, 0, 200)))]
+    table, names = fns["on_upload"](files, pd.DataFrame(), {})
+    table["instruction"] = ["make it blue", "make it red"]
+    shutil.rmtree(Path(files[1]).parent)  # gradio's cache cleanup, a day after the upload
+    with pytest.raises(gr.Error, match=r"row 2: dog\.png is no longer on the server: .* Upload the file again"):
+        fns["on_start"](table, names, False, *start)
+    with pytest.raises(gr.Error, match=r"row 1: cat\.png is not among the uploaded files: if you uploaded it, "
+                                       r"upload it again \(a page left open for long can lose its uploads"):
+        fns["on_start"](table, {}, False, *start)  # the page's state forgotten: gradio's fresh one
+    generated, cases = fns["on_generate"](6, 0)
+    shutil.rmtree(tmp_path / "runs" / ".staging")  # removed by another Generate a day later
+    with pytest.raises(gr.Error, match=r"row 1: shapes-0-00000\.png is no longer on the server: .*press Generate"):
+        fns["on_start"](generated, cases, False, *start)
+    assert launched == [] and not (tmp_path / "runs" / "run").exists()
+
+
 def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
     """On ZeroGPU training is off: neither Start nor the Runs tab's Resume launches a job there."""
     monkeypatch.setattr(npedit_app, "ON_ZEROGPU", True)

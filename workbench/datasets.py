@@ -347,10 +347,31 @@ def _copy_image(name: str, folder: Path, row: int, uploads: dict[str, str],
         src = resolve_image(name, uploads, within)
         load_image(src)
     except (ImageError, ValueError) as exc:
-        raise ValueError(f"row {row}: {what}{exc}") from None
+        raise ValueError(f"row {row}: {what}{_outlived(name, uploads, within) or exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, folder / f"{row:05d}_{src.name}")
     return f"{folder.name}/{row:05d}_{src.name}"
+
+
+def _outlived(name: str, uploads: dict[str, str], within: Sequence[str | os.PathLike] | None) -> str | None:
+    """Why an image the table names by file name is missing when the page has outlived it, else None: its upload (or
+    generated case) removed by the app's cleanup since, or a page whose uploads the server no longer holds (it keeps
+    the state of its most recent pages only): without this, "image not found: photo.png", looked up in the server's
+    working folder, did not say what to do."""
+    if Path(name).name in uploads:
+        if Path(uploads[Path(name).name]).exists():
+            return None
+        return (f"{name} is no longer on the server: the app removes uploaded files and generated cases a while after "
+                "they arrive (a local app after a day), and this page kept its table longer. Upload the file again "
+                "(generated Shapes cases: press Generate again), then Start")
+    # a name as the table shows an upload, not a path (a public app, `within`, says so without looking: whether the
+    # server has such a file is none of a stranger's business)
+    if Path(name).name == name and (within is not None or not Path(name).exists()):
+        return (f"{name} is not among the uploaded files{' (this app reads no other file)' * (within is not None)}: "
+                "if you uploaded it, upload it again (a page left open for long can lose its uploads: the server "
+                "remembers those of its most recent pages only; generated Shapes cases: press Generate again), then "
+                "Start")
+    return None
 
 
 def table_domain(table: pd.DataFrame, uploads: dict[str, str] | None = None) -> Domain | None:
