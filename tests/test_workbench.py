@@ -111,18 +111,25 @@ def test_a_removal_is_labelled_by_what_its_number_is(loaded):
 
 
 
+def _random_trace(steps: int, seed: int = 0):
+    """A trace of `steps` steps of random 32-px pictures and DMD maps, as `trace_edit` records one."""
+    from npedit.trace import EditTrace, StepTrace
+
+    rng = np.random.default_rng(seed)
+    picture = lambda: Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8))  # noqa: E731
+    records = [StepTrace(step=k, t=1.0 - k / steps, x0=picture(), sample_s=0.1, p_edit=0.5, p_identity=0.25,
+                         dmd_map=rng.random((4, 4)).astype(np.float32), dmd_mean=0.5) for k in range(steps)]
+    return EditTrace(picture(), picture(), "make it blue", "a blue circle", "given", 3, 3.5, dmd_t=0.5, steps=records)
+
+
 def test_a_trace_zip_holds_the_folders_files_and_stores_its_pngs_as_they_are(tmp_path):
     """`save_trace` to a .zip holds byte for byte what it writes to a folder; PNGs (deflated already) are stored, not
     compressed again (0.3 s of a 1024-px trace's zip on the 2-core CPU), the numbers are deflated."""
     import zipfile
 
-    from npedit.trace import EditTrace, StepTrace, save_trace
+    from npedit.trace import save_trace
 
-    rng = np.random.default_rng(0)
-    picture = lambda: Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8))  # noqa: E731
-    steps = [StepTrace(step=k, t=1.0 - k / 2, x0=picture(), sample_s=0.1, p_edit=0.5, p_identity=0.25,
-                       dmd_map=rng.random((4, 4)).astype(np.float32), dmd_mean=0.5) for k in range(2)]
-    trace = EditTrace(picture(), picture(), "make it blue", "a blue circle", "given", 3, 3.5, dmd_t=0.5, steps=steps)
+    trace = _random_trace(2)
     save_trace(trace, tmp_path / "folder")
     save_trace(trace, tmp_path / "t.zip")
     with zipfile.ZipFile(tmp_path / "t.zip") as z:
@@ -131,6 +138,38 @@ def test_a_trace_zip_holds_the_folders_files_and_stores_its_pngs_as_they_are(tmp
             assert z.read(info) == (tmp_path / "folder" / info.filename).read_bytes()
             png = info.filename.endswith(".png")
             assert info.compress_type == (zipfile.ZIP_STORED if png else zipfile.ZIP_DEFLATED), info.filename
+
+def test_a_trace_saved_again_keeps_the_earlier_one_until_it_is_whole(tmp_path, monkeypatch):
+    """`edit --trace t.zip` (and the app's trace download) wrote the zip in place: a Ctrl-C or a full disk midway left
+    a cut zip where the earlier trace was. Into a folder, a trace of fewer steps left the earlier trace's later step
+    files beside its own. The zip is written whole (a cut write keeps the earlier one), and a folder holds one trace
+    (the user's other files in it left alone)."""
+    import zipfile
+
+    from npedit import files
+    from npedit.trace import save_trace
+
+    save_trace(_random_trace(3), tmp_path / "t.zip")
+    save_trace(_random_trace(3), tmp_path / "folder")
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    earlier = (tmp_path / "t.zip").read_bytes()
+
+    def cut_short(fd, *args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "fsync", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            save_trace(_random_trace(1, seed=1), tmp_path / "t.zip")
+    assert (tmp_path / "t.zip").read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "t.zip"]  # (no temporary file left)
+    save_trace(_random_trace(1, seed=1), tmp_path / "folder")
+    save_trace(_random_trace(1, seed=1), tmp_path / "t.zip")
+    with zipfile.ZipFile(tmp_path / "t.zip") as z:
+        assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == sorted([*z.namelist(), "notes.txt"])
+    assert [p.name for p in (tmp_path / "folder").glob("step-*")] != [] and not list(
+        (tmp_path / "folder").glob("step-[23]-*"))
+
 
 def test_trace_without_teacher_says_why(loaded, tmp_path):
     ms, pipe = loaded
