@@ -568,12 +568,16 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     """Export a run's checkpoint (the newest, or --step) as an NPEditPipeline folder; with --push, upload it."""
     from .adapters import adapter_size, export_adapters
-    from .training.export import export_checkpoint
+    from .training.export import check_export_out, export_checkpoint
 
     if args.push and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push):
         raise UsageError(f"error: --push takes a hub repo id OWNER/NAME (e.g. alice/shapes-editor), got {args.push!r}")
     if args.out:  # (the default, inside the run, is checked by the run's own checks)
         _check_output_folder(args.out, "--out")
+        try:  # before any model loads: an --out that is the run's checkpoints, or a folder of the user's own files
+            check_export_out(args.run, args.out)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     if args.adapters and args.average != 1:
         raise UsageError("error: --adapters exports one checkpoint's adapters; averaging factors of a low-rank update "
                          "is not averaging the update: drop --average, or export whole weights without --adapters")

@@ -391,3 +391,35 @@ def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complet
     assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl").read_text().splitlines()] == ["a", "b"]
     assert (mistakes / "q.csv").read_text().startswith("id,reference,edited,instruction,kind")
     assert sorted(p.name for p in mistakes.glob("*.partial")) == ["e.jsonl.partial"]  # (the edit's, above)
+
+
+def test_an_export_never_replaces_the_runs_own_folders_or_a_users_files(mistakes, capsys):
+    """`export RUN --out RUN/checkpoints` published the editor in place of the checkpoints folder (an export inside the
+    run replaces its target whole), and `--out .` or any folder of the user's wrote README.md, model_index.json and
+    the model's folders into it over files of those names. Each is refused before any model loads, naming why; a
+    new folder, one inside exports/, or an earlier export, is still taken."""
+    run = mistakes / "runs" / "r"
+    (run / "checkpoints" / "step_000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_000010" / "trainer_state.json").write_text("{}")
+    (run / "pipeline").mkdir()
+    (mistakes / "project").mkdir()
+    (mistakes / "project" / "README.md").write_text("my own notes")
+    before = {p: p.read_bytes() for p in mistakes.rglob("*") if p.is_file()}
+    for out, says in [
+        ("runs/r", "it is the run folder itself, which the export would replace"),
+        ("runs/r/checkpoints", "it is the run's own checkpoints, which the export would replace"),
+        ("runs/r/checkpoints/step_000010", "it is the run's own checkpoints"),
+        ("runs/r/pipeline", "it is the run's own pipeline"),
+        ("runs/r/exports", "it is the run's own exports"),
+        ("project", "it holds files of its own (README.md) and is no exported editor"),
+        (".", "it holds files of its own (afile, bad.yaml, empty.jsonl, images, one.jsonl, ...)"),
+    ]:
+        code, said = exit_of(["export", "runs/r", "--out", out], capsys)
+        assert code == 1 and said.startswith(f"error: cannot export to {out}: {says}"), said
+    assert {p: p.read_bytes() for p in mistakes.rglob("*") if p.is_file()} == before
+    (mistakes / "earlier").mkdir()
+    (mistakes / "earlier" / "model_index.json").write_text("{}")
+    from npedit.training.export import check_export_out
+
+    for out in ("runs/r/exports/step_000010", "runs/r/mine", "new", "images", "earlier"):
+        check_export_out(run, mistakes / out)  # (raises nothing)

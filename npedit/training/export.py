@@ -161,9 +161,37 @@ def _read_checkpoints(run_dir, averaged: list[Path], base: str | None):
     return cfg, state, backbone, net
 
 
+# what marks a folder an export wrote (an editor, adapters, a critic): one that an export may write into again
+EXPORT_MARKS = ("model_index.json", "npedit_lora.json", "npedit_critic.json")
+
+
+def check_export_out(run_dir: str | Path, out: str | Path) -> None:
+    """ValueError when exporting to `out` would lose files: `out` is the run folder, its exports/ or another of its own
+    entries (checkpoints/, pipeline/...: an export inside the run replaces its folder whole, so the checkpoints went),
+    or an existing folder elsewhere that holds files and is no export (an export writes into it: its README.md,
+    model_index.json and model folders would replace any of the same names)."""
+    run, target = Path(run_dir).resolve(), Path(out).resolve()
+    if target == run or run in target.parents:
+        parts = target.relative_to(run).parts
+        if not parts or parts == ("exports",) or (parts[0] != "exports" and (run / parts[0]).exists()):
+            what = "the run folder itself" if not parts else f"the run's own {parts[0]}"
+            raise ValueError(f"cannot export to {out}: it is {what}, which the export would replace; give a new "
+                             f"folder (by default it goes to {Path(run_dir) / 'exports'}/step_N)")
+        return
+    if target.is_dir() and not any((target / mark).is_file() for mark in EXPORT_MARKS):
+        held = sorted(p.name for p in target.iterdir())
+        if held:
+            raise ValueError(f"cannot export to {out}: it holds files of its own ({', '.join(held[:5])}"
+                             f"{', ...' if len(held) > 5 else ''}) and is no exported editor; an export writes into an "
+                             "existing folder, replacing any file of the names it writes (README.md, model_index.json, "
+                             "the model's folders): give a new or empty folder")
+
+
 def export_writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
-    """Where to write export `out`: a temporary folder published whole (`checkpoint.publishing`) when `out` is new or
-    inside the run folder; an existing folder of the user's elsewhere is written into, as before, never replaced."""
+    """Where to write export `out` (`check_export_out` first): a temporary folder published whole
+    (`checkpoint.publishing`) when `out` is new or inside the run folder; an existing export elsewhere is written into,
+    as before, never replaced."""
+    check_export_out(run_dir, out)
     inside = Path(run_dir).resolve() in Path(out).resolve().parents
     return ckpt.publishing(out) if inside or not Path(out).exists() else contextlib.nullcontext(Path(out))
 
