@@ -20,27 +20,46 @@ import json
 import sys
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from npedit.assets import ASSETS_DIR
+from npedit.files import write_atomic, write_png
 from npedit.shapes import held_out_cases, render
+from npedit.training.checkpoint import publishing
 
 KEEP = {".json", ".safetensors", ".txt", ".jinja", ".model", ".md"}
 
 
-def copy_model(src: Path, dst: Path) -> None:
-    """Copy a model folder keeping only weights (safetensors) and small text files."""
+def copy_model(src: Path, dst: Path, finish: Callable[[Path], None] | None = None) -> None:
+    """Copy a model folder keeping only weights (safetensors) and small text files, then `finish(copy)`; the copy
+    replaces `dst` only once whole (`publishing`): a Ctrl-C or a full disk midway keeps the model bundled before."""
     if not src.is_dir():
         raise SystemExit(f"error: {src} not found")
-    if dst.exists():
-        shutil.rmtree(dst)
-    for f in src.rglob("*"):
-        if f.is_file() and f.suffix in KEEP:
-            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / f.relative_to(src))
+    with publishing(dst) as tmp:
+        for f in src.rglob("*"):
+            if f.is_file() and f.suffix in KEEP:
+                (tmp / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, tmp / f.relative_to(src))
+        tmp.mkdir(parents=True, exist_ok=True)  # (a source of no such file still gives a folder)
+        if finish is not None:
+            finish(tmp)
+
+
+def check_copies(copies: list[tuple[Path | None, Path]]) -> None:
+    """Stop, before anything is copied, when a source is (or holds, or lies in) a destination folder that a copy
+    replaces: bundling assets/shapes/x again as x, or the bundled editor's own critic/, deleted the source first."""
+    for src, _ in copies:
+        for _, dst in copies:
+            if src is None:
+                continue
+            a, b = src.resolve(), dst.resolve()
+            if a == b or b in a.parents or a in b.parents:
+                raise SystemExit(f"error: {src} is, or shares a folder with, {dst}, which bundling replaces: copy it "
+                                 "elsewhere first and bundle that copy")
 
 
 def main() -> None:
@@ -63,12 +82,14 @@ def main() -> None:
         editor = shapes / args.critic_for
         if not args.critic or "/" in args.critic_for or not (editor / "model_index.json").is_file():
             raise SystemExit(f"error: --critic-for needs --critic and a bundled editor's folder name; {editor} is not one")
+        check_copies([(args.critic, editor / "critic")])
         copy_model(args.critic, editor / "critic")
         report(args.out)
         return
     if args.add_editor:
         if not args.name or "/" in args.name or args.name in {"editor", "teacher", "critic", "judge", "fast-vae"}:
             raise SystemExit("error: --add-editor needs --name, a new folder name such as editor-unroll-npedit")
+        check_copies([(args.add_editor, shapes / args.name), (args.critic, shapes / args.name / "critic")])
         bundle_editor(args.add_editor, shapes / args.name, args.history)
         if args.critic:
             copy_model(args.critic, shapes / args.name / "critic")
@@ -76,6 +97,8 @@ def main() -> None:
         return
     if not args.editor or not args.teacher:
         raise SystemExit("error: pass --editor and --teacher (or --add-editor with --name)")
+    check_copies([(args.editor, shapes / "editor"), (args.teacher, shapes / "teacher"),
+                  (args.critic, shapes / "editor" / "critic"), (args.judge, shapes / "judge")])
     bundle_editor(args.editor, shapes / "editor")
     copy_model(args.teacher, shapes / "teacher")
     if args.critic:
@@ -87,27 +110,32 @@ def main() -> None:
     rows = []
     for case in held_out_cases(12, seed=12345):
         path = examples / f"{case.id}.png"
-        Image.fromarray(render(case.reference)).save(path)
+        write_png(path, Image.fromarray(render(case.reference)))
         rows.append({"image": path.name, "instruction": case.instruction, "caption_target": case.caption_target,
                      "edit_type": case.edit_type, "object_name": case.object_name or "", "keep": case.keep})
-    (examples / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    write_atomic(examples / "examples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     report(args.out)
 
 
 def bundle_editor(src: Path, dst: Path, history: str = "") -> None:
     """Copy an editor pipeline to `dst`, mark it as a Shapes editor, point its provenance at the bundled teacher
-    and add `history` (how it was trained, all stages) to its model card."""
-    copy_model(src, dst)
-    (dst / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}), encoding="utf-8")
-    cfg_file = dst / "training_config.json"
-    if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher", "trained_from": cfg["model"]["base"]}
-        cfg_file.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    card = dst / "README.md"
-    if history and card.is_file():
-        text = card.read_text(encoding="utf-8").rstrip("\n") + "\n\n## Training history\n\n" + history.strip() + "\n"
-        card.write_text(text, encoding="utf-8")
+    and add `history` (how it was trained, all stages) to its model card; `dst` replaced only once all is written."""
+
+    def finish(copy: Path) -> None:
+        (copy / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}), encoding="utf-8")
+        cfg_file = copy / "training_config.json"
+        if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher",
+                            "trained_from": cfg["model"]["base"]}
+            cfg_file.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        card = copy / "README.md"
+        if history and card.is_file():
+            text = (card.read_text(encoding="utf-8").rstrip("\n") + "\n\n## Training history\n\n" + history.strip()
+                    + "\n")
+            card.write_text(text, encoding="utf-8")
+
+    copy_model(src, dst, finish)
 
 
 def report(out: Path) -> None:

@@ -111,3 +111,41 @@ def test_bundle_script_adds_one_editor_with_its_history(tmp_path, monkeypatch, c
     card = (dst / "README.md").read_text()
     assert card.startswith("---\nlibrary_name") and card.endswith("## Training history\n\nPaired SFT first, then NP-Edit.\n")
     assert "editor-x" in capsys.readouterr().out and sorted(p.name for p in (out / "shapes").iterdir()) == ["editor-x"]
+
+
+def test_bundling_again_keeps_the_bundled_model_until_its_copy_is_whole(tmp_path, monkeypatch):
+    """The bundle script deleted a destination before copying into it: bundling `assets/shapes/editor-x` again as
+    editor-x, or the bundled editor's own critic/ as its critic, deleted the source first (an empty folder was
+    "bundled"), and a Ctrl-C or full disk midway left half a model where the bundled one was. A source that is, or
+    shares a folder with, a destination is refused before anything is copied; a copy cut short keeps the model."""
+    bundle = load_script("bundle_shapes_assets")
+    out = tmp_path / "assets"
+    dst = out / "shapes" / "editor-x"
+    (dst / "critic").mkdir(parents=True)
+    (dst / "model_index.json").write_text("{}")
+    (dst / "weights.safetensors").write_bytes(b"bundled")
+    (dst / "critic" / "critic.safetensors").write_bytes(b"its critic")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for argv in (["--add-editor", str(dst), "--name", "editor-x"],
+                 ["--critic", str(dst / "critic"), "--critic-for", "editor-x"]):
+        monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), *argv])
+        with pytest.raises(SystemExit, match="which bundling replaces: copy it elsewhere first"):
+            bundle.main()
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    src = tmp_path / "export"
+    src.mkdir()
+    for name in ("model_index.json", "a.safetensors", "b.safetensors"):
+        (src / name).write_bytes(b"new")
+    copied = []
+
+    def cut_short(a, b):
+        copied.append(a)
+        if len(copied) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle.shutil, "copy2", cut_short)
+    monkeypatch.setattr(sys, "argv", ["bundle", "--out", str(out), "--add-editor", str(src), "--name", "editor-x"])
+    with pytest.raises(KeyboardInterrupt):
+        bundle.main()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (out / "shapes").iterdir()) == ["editor-x"]  # (no half copy left beside it)
