@@ -524,6 +524,14 @@ def _check_output_folder(path: str | Path, flag: str) -> None:
     _check_writable(Path(path).absolute(), f"{flag} {path}")
 
 
+def _check_new_folder(path: str | Path, flag: str) -> None:
+    """`_check_output_folder`, and SystemExit when `path` holds anything: a command that writes a whole model there
+    would mix it with (or write over) what is there, e.g. the --model or --base folder it reads."""
+    _check_output_folder(path, flag)
+    if Path(path).is_dir() and any(Path(path).iterdir()):
+        raise SystemExit(f"error: {flag} {path} exists and is not empty: give a new or empty folder")
+
+
 def cmd_train(args) -> int:
     """Train one stage from a config file plus dotted overrides."""
     from .config import load_config
@@ -671,7 +679,7 @@ def cmd_import_reimpl(args) -> int:
 
     from .reimpl import import_reimpl
 
-    _check_output_folder(args.out, "--out")  # before a 6B state dict is read
+    _check_new_folder(args.out, "--out")  # before a 6B state dict is read
     try:
         out = import_reimpl(args.checkpoint, args.base, args.out, torch_dtype=getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -764,17 +772,21 @@ def cmd_swap_vae(args) -> int:
     """Write a copy of an editor whose VAE is replaced by one sharing its latent space (e.g. a distilled fast VAE)."""
     from .backbones.vae import AnyVAE
     from .pipeline import NPEditPipeline, carry_over
+    from .training.checkpoint import publishing
 
     src, out = Path(default_path("model", args.model)), Path(args.out)
-    _check_output_folder(out, "--out")  # before the models load
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out} exists and is not empty")
+    _check_new_folder(out, "--out")  # before the models load
     try:
         pipe = NPEditPipeline.from_pretrained(str(src)).with_vae(AnyVAE.from_pretrained(args.vae))
     except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    pipe.save_pretrained(out)
-    carry_over(src, out, f"Its VAE was replaced by `{args.vae}` (`python -m npedit swap-vae`; same latent space).")
+    try:
+        with publishing(out) as folder:  # whole or not at all: a half editor at --out would load, or block a rerun
+            pipe.save_pretrained(folder)
+            carry_over(src, folder, f"Its VAE was replaced by `{args.vae}` (`python -m npedit swap-vae`; same latent "
+                                    "space).")
+    except OSError as exc:  # a full disk (checkpoint.WriteError: what is kept), a folder made read-only meanwhile
+        raise SystemExit(f"error: {exc}") from None
     print(out)
     return 0
 

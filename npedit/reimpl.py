@@ -73,6 +73,7 @@ def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: s
     from .backbones.zimage import NPEditZImageTransformer2DModel, ZImageTransformer2DModel
     from .backbones.base import resolve_subfolder
     from .pipeline import NPEditPipeline
+    from .training.checkpoint import publishing
 
     state_dict_file(checkpoint)  # a wrong path is said before --base is looked up (a hub id may be fetched)
     if detect_family(base) != "zimage":
@@ -95,7 +96,9 @@ def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: s
     backbone = load_backbone(base, torch_dtype=torch_dtype)
     pipe = NPEditPipeline.from_parts(transformer, backbone)
     out = Path(out)
-    pipe.save_pretrained(out, training=f"trained by the authors' re-implementation of NP-Edit (Z-Image student, "
-                                        f"InternVL3-14B judge, DMD, no before/after pairs) and converted from {SOURCE}; "
-                                        f"it sees the reference as a second frame (`reference_layout: frames`)")
+    with publishing(out) as folder:  # whole or not at all: a Ctrl-C or a full disk midway leaves no half editor
+        pipe.save_pretrained(folder, training=f"trained by the authors' re-implementation of NP-Edit (Z-Image student, "
+                                              f"InternVL3-14B judge, DMD, no before/after pairs) and converted from "
+                                              f"{SOURCE}; it sees the reference as a second frame (`reference_layout: "
+                                              "frames`)")
     return out

@@ -144,6 +144,9 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["import-reimpl", "nosuch.pt", "--base", "b", "--out", "o"], 1,
      "error: checkpoint not found: nosuch.pt (the state dict file, e.g. from nupurkmr9/npedit"),
     (["import-reimpl", "images", "--base", "b", "--out", "o"], 1, "error: checkpoint images is a folder; give"),
+    # a folder holding files: the editor was written into it, over a --base given as --out too
+    (["import-reimpl", "images", "--base", ".", "--out", "."], 1, "error: --out . exists and is not empty: give a new"),
+    (["swap-vae", "--vae", "assets/shapes/fast-vae", "--out", "."], 1, "error: --out . exists and is not empty: give"),
     (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
 ])
 def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
@@ -423,3 +426,18 @@ def test_an_export_never_replaces_the_runs_own_folders_or_a_users_files(mistakes
 
     for out in ("runs/r/exports/step_000010", "runs/r/mine", "new", "images", "earlier"):
         check_export_out(run, mistakes / out)  # (raises nothing)
+
+
+def test_a_swapped_vae_editor_is_written_whole(mistakes, capsys, monkeypatch):
+    """`swap-vae` saved the new editor straight into --out: a Ctrl-C or a full disk midway left half an editor there
+    (a model_index.json that loads, or a folder a second try refused as not empty). It is written beside and renamed
+    in once whole: stopped midway, nothing is left at --out."""
+    from npedit import pipeline
+
+    def cut_short(src, out, note):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "carry_over", cut_short)  # (after the models are saved, before the card)
+    vae = str(ROOT / "assets" / "shapes" / "fast-vae")
+    assert exit_of(["swap-vae", "--vae", vae, "--out", "fast"], capsys) == (130, "interrupted")
+    assert not [p.name for p in mistakes.iterdir() if "fast" in p.name]
