@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from .data import object_names
+from .files import write_atomic
 from .images import fit_image, load_image
 from .judges import (Judge, Question, change_questions, edit_type_name, free_question, keep_questions,
                      training_questions)
@@ -183,8 +185,10 @@ class AnswerGradients:
         """Write an .npz of plain arrays (no pickle): `grads`, `training`, `image` ((H, W, 3) uint8) and
         `questions` (the rows as a JSON string)."""
         rgb = np.asarray(self.image.convert("RGB"), dtype=np.uint8)
-        np.savez_compressed(path, grads=self.grads, training=self.training, image=rgb,
+        buf = io.BytesIO()  # then written whole (`write_atomic`): a Ctrl-C or a full disk keeps an earlier file
+        np.savez_compressed(buf, grads=self.grads, training=self.training, image=rgb,
                             questions=np.array(json.dumps(self.questions)))
+        write_atomic(path, buf.getvalue())
 
     @classmethod
     def load(cls, path) -> "AnswerGradients":

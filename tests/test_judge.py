@@ -471,3 +471,28 @@ def test_a_large_photo_is_judged_without_copies_of_its_pixels(tmp_path):
     with torch.no_grad():
         assert torch.allclose(round_to_8bit(x), round_to_8bit(x.detach().requires_grad_(True)), atol=1e-7, rtol=0)
     assert round_to_8bit(x).requires_grad  # the straight-through form when a gradient is asked
+
+
+def test_a_gradient_map_file_is_replaced_whole(tmp_path, monkeypatch):
+    """`judge --gradients maps.npz` wrote the .npz in place: a Ctrl-C or a full disk midway left a cut file where an
+    earlier one was. It is built in memory and written whole; a cut write keeps the earlier file and leaves nothing."""
+    from npedit import files
+    from npedit.verdicts import AnswerGradients
+
+    def maps(value: float) -> AnswerGradients:
+        grads = np.full((1, 3, 4, 4), value, np.float32)
+        return AnswerGradients([{"kind": "edit", "p_yes": 0.5}], grads, grads[0], Image.new("RGB", (4, 4)))
+
+    maps(1.0).save(tmp_path / "maps.npz")
+    earlier = (tmp_path / "maps.npz").read_bytes()
+
+    def cut_short(fd, *args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "fsync", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            maps(2.0).save(tmp_path / "maps.npz")
+    assert (tmp_path / "maps.npz").read_bytes() == earlier and os.listdir(tmp_path) == ["maps.npz"]
+    maps(2.0).save(tmp_path / "maps.npz")
+    assert float(AnswerGradients.load(tmp_path / "maps.npz").grads.max()) == 2.0
