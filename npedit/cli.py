@@ -134,11 +134,19 @@ def cmd_edit(args) -> int:
         _check_output_file(args.verdicts, "--verdicts")
     # an output written over an input: the user's own image (or list) replaced by the edit
     zipped = args.trace if (args.trace or "").lower().endswith(".zip") else None
+    # (a trace folder's pictures: an --image or --output named so there would be replaced by the trace's)
+    pictures = [(str(Path(args.trace) / name), "--trace") for name in ("reference.png", "edited.png")
+                if args.trace and not zipped]
     _check_distinct([(args.image, "--image"), (args.batch, "--batch"), (args.output if args.image else None,
-                     "--output"), (args.verdicts, "--verdicts"), (zipped, "--trace")])
+                     "--output"), (args.verdicts, "--verdicts"), (zipped, "--trace"), *pictures])
     if args.trace:
-        _check_writable(Path(args.trace).absolute().parent if args.trace.lower().endswith(".zip")
-                        else Path(args.trace).absolute(), f"--trace {args.trace}")
+        _check_writable(Path(args.trace).absolute().parent if zipped else Path(args.trace).absolute(),
+                        f"--trace {args.trace}")
+        folder = Path(args.trace)
+        if not zipped and folder.is_dir() and any(folder.iterdir()) and not (folder / "trace.json").is_file():
+            raise SystemExit(f"error: --trace {args.trace} holds other files and no trace: a trace writes trace.json, "
+                             "steps.csv, reference.png, edited.png and step-N-* files into its folder, over any of "
+                             "those names; give a new or empty folder (or an earlier trace's)")
     device = _device()
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read

@@ -132,6 +132,11 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     ([*EDIT, "--output", "afile/o.png"], 1, "error: cannot write --output afile/o.png ("),  # was "[Errno 17]"
     ([*EDIT, "--output", "images"], 2, "error: --output must end in one of"),
     ([*EDIT, "--output", "o.png", "--verdicts", "images"], 1, "error: --verdicts images is a folder"),
+    # a folder of the user's: the trace's reference.png, edited.png, steps.csv... were written over theirs
+    ([*EDIT, "--output", "o.png", "--trace", "."], 1, "error: --trace . holds other files and no trace: a trace "
+     "writes trace.json, steps.csv, reference.png, edited.png and step-N-* files into its folder"),
+    ([*EDIT, "--output", "images/edited.png", "--trace", "images"], 2,
+     f"error: --output and --trace are the same file ({Path('images/edited.png')})"),
     (["edit", "--batch", "one.jsonl", "--output-dir", "afile"], 1, "error: cannot write --output-dir afile ("),
     (["edit", "--batch", "empty.jsonl", "--output-dir", "out"], 1, "error: empty.jsonl lists no edits"),  # was status 0
     (["edit", "--batch", "images", "--output-dir", "out"], 1, "error: images is a folder; give the list of edits"),
