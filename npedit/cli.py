@@ -467,15 +467,19 @@ def _report(path: str, columns: list[str] | None):
 @contextmanager
 def _said_if_stopped(writers: list):
     """On a failure or Ctrl-C inside, a note per report of `writers` (RowWriters) saying that the file there is the
-    one from before, and where this run's rows are (a line of its own, not over the progress bar)."""
+    one from before, and where this run's rows are (a line of its own, not over the progress bar); an OSError (a
+    full disk under a report) is then one error line."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         for w in writers:
             before = "is as it was" if w.path.exists() else "was not written"
             rows = (f"; the {w.rows} row{'s' * (w.rows != 1)} this run wrote {'are' if w.rows != 1 else 'is'} in "
                     f"{w.out.partial}" if w.rows else "")
             tqdm.write(f"note: {w.path} {before} (the run stopped){rows}", file=sys.stderr)
+        if isinstance(exc, OSError) and writers:  # (the work inside says its own read errors: a full or lost disk)
+            raise SystemExit(f"error: writing {' and '.join(str(w.path) for w in writers)} failed: "
+                             f"{exc.strerror or exc}") from None
         raise
 
 

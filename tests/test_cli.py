@@ -349,7 +349,8 @@ def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complet
     """`edit --verdicts` and `judge --batch --output/--questions` opened their files for writing at the start: a run
     that failed or was stopped (Ctrl-C, a full disk) had emptied the previous report. Rows now go into NAME.partial,
     renamed over NAME when the run ends: stopped at the second line, the previous report is as it was and the first
-    line's row is in the partial file, both said on stderr; a run that ends replaces it and leaves no partial file."""
+    line's row is in the partial file, both said on stderr (a full disk: one error line, not "unexpected"); a run that
+    ends replaces it and leaves no partial file."""
     from npedit import cli, pairs
 
     line = json.loads((mistakes / "one.jsonl").read_text())
@@ -395,6 +396,17 @@ def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complet
     assert (mistakes / "q.csv.partial").read_text().startswith("id,reference,edited,instruction,kind")
 
     monkeypatch.setattr(pairs, "judge_pairs", judged)
+    write = pairs.RowWriter.write
+
+    def disk_full(self, row):
+        if self.rows == 1:
+            raise OSError(28, "No space left on device")
+        write(self, row)
+
+    monkeypatch.setattr(pairs.RowWriter, "write", disk_full)
+    assert exit_of(judge, capsys) == (1, "error: writing v.jsonl and q.csv failed: No space left on device")
+    assert [(mistakes / n).read_text() for n in ("v.jsonl", "q.csv")] == ["an earlier report\n"] * 2
+    monkeypatch.setattr(pairs.RowWriter, "write", write)
     assert cli.main(judge) == 0
     assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl").read_text().splitlines()] == ["a", "b"]
     assert (mistakes / "q.csv").read_text().startswith("id,reference,edited,instruction,kind")
