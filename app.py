@@ -368,6 +368,10 @@ def image_input(**kwargs) -> gr.Image:
         except Image.DecompressionBombError as exc:
             raise gr.Error(f"{payload.orig_name or 'the file'} is too large to open: {exc}",
                            print_exception=False) from None
+        except FileNotFoundError:  # a page left open past the cache's cleanup: its upload (or last result) is gone
+            raise gr.Error(f"{payload.orig_name or 'this image'} is no longer on the server: the app removes uploads "
+                           "and results a while after they arrive (a day in a local app, an hour in a public "
+                           "one), and this page kept it longer. Upload it again", print_exception=False) from None
         except (OSError, SyntaxError):  # Pillow's UnidentifiedImageError is an OSError
             raise gr.Error(f"cannot read {payload.orig_name or 'the file'} as an image: upload a PNG, JPEG, WebP, "
                            "... file", print_exception=False) from None

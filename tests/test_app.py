@@ -199,7 +199,8 @@ def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, mo
 
 def test_an_upload_that_is_no_image_says_why(tmp_path, monkeypatch, shapes_png):
     """gradio opens an uploaded image before any handler runs: a file that is no image, or one too large for Pillow to
-    open, showed a bare "Error" in the Edit and Judge tabs; now a message names the file and the reason."""
+    open, showed a bare "Error" in the Edit and Judge tabs; now a message names the file and the reason (a file the
+    server has removed since the page showed it: to upload it again)."""
     from gradio.data_classes import ImageData
     from PIL import Image as PILImage
 
@@ -213,6 +214,9 @@ def test_an_upload_that_is_no_image_says_why(tmp_path, monkeypatch, shapes_png):
         assert image.preprocess(ImageData(path=str(shapes_png), orig_name="scene.png")) == str(shapes_png)
         with pytest.raises(gr.Error, match="cannot read notes.png as an image"):
             image.preprocess(ImageData(path=str(text), orig_name="notes.png"))
+        # a page left open past the cache's cleanup: it said "cannot read ... as an image: upload a PNG, ..."
+        with pytest.raises(gr.Error, match="photo.png is no longer on the server: .* Upload it again"):
+            image.preprocess(ImageData(path=str(tmp_path / "gone" / "photo.png"), orig_name="photo.png"))
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)  # the 64x64 scene becomes a "decompression bomb"
     with pytest.raises(gr.Error, match="scene.png is too large to open"):
         uploads["Input image"].preprocess(ImageData(path=str(shapes_png), orig_name="scene.png"))
