@@ -458,3 +458,24 @@ def test_a_swapped_vae_editor_is_written_whole(mistakes, capsys, monkeypatch):
     vae = str(ROOT / "assets" / "shapes" / "fast-vae")
     assert exit_of(["swap-vae", "--vae", vae, "--out", "fast"], capsys) == (130, "interrupted")
     assert not [p.name for p in mistakes.iterdir() if "fast" in p.name]
+
+
+@pytest.mark.parametrize("argv, report", [
+    (["shapes", "judge-eval", "n=2", "out=ev"], "judge_eval.json"),
+    (["shapes", "teacher-eval", "n=2", "steps=1", "out=ev"], "teacher_eval.json"),
+])
+def test_a_shapes_eval_report_is_replaced_whole(mistakes, capsys, monkeypatch, argv, report):
+    """`shapes judge-eval` and `shapes teacher-eval` wrote their reports in place (as `eval shapes` once did): a
+    Ctrl-C or a full disk midway left half a JSON file where an earlier report was. Both are written whole now."""
+    from npedit import files
+
+    (mistakes / "ev").mkdir()
+    (mistakes / "ev" / report).write_text('{"earlier": true}')
+
+    def cut_short(fd, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "fsync", cut_short)
+    assert exit_of(argv, capsys) == (130, "interrupted")
+    assert (mistakes / "ev" / report).read_text() == '{"earlier": true}'
+    assert sorted(p.name for p in (mistakes / "ev").iterdir()) == [report]

@@ -960,9 +960,10 @@ def eval_main(argv: Sequence[str] | None = None, prog: str = "python -m npedit s
     print(table)
     out = Path(args.out) if args.out else _default_eval_folder(Path(path))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judge_eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    # whole or not at all (`write_atomic`): a Ctrl-C or a full disk midway keeps an earlier report, not half of one
+    write_atomic(out / "judge_eval.json", json.dumps(result, indent=2) + "\n")
     header = f"# Judge evaluation\n\njudge: `{path}`, {args.n} cases, seed {args.seed}, degrade {args.degrade}\n\n"
-    (out / "judge_eval.md").write_text(header + table + "\n", encoding="utf-8")
+    write_atomic(out / "judge_eval.md", header + table + "\n")
     print(f"wrote {out / 'judge_eval.json'} and {out / 'judge_eval.md'}")
     return 0
 

@@ -727,9 +727,10 @@ def teacher_eval_main(argv=None, prog: str = "python -m npedit shapes teacher-ev
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "teacher_eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        # whole or not at all: a Ctrl-C or a full disk midway keeps an earlier report, not half of one
+        write_atomic(out / "teacher_eval.json", json.dumps(result, indent=2) + "\n")
         k = min(32, len(images))
-        image_grid([list(images[i:i + 8]) for i in range(0, k, 8)], scale=2).save(out / "teacher_eval.png")
+        write_png(out / "teacher_eval.png", image_grid([list(images[i:i + 8]) for i in range(0, k, 8)], scale=2))
         print(f"wrote {out / 'teacher_eval.json'} and {out / 'teacher_eval.png'}")
     return 0
 
