@@ -397,10 +397,20 @@ def cmd_judge(args) -> int:
     if not args.batch:
         _check_image(args.reference, "--reference")
         _check_image(args.edited, "--edited")
-    for out, flag in ((args.output if args.batch else None, "--output"), (args.gradients, "--gradients"),
-                      (args.questions, "--questions")):
-        if out:
-            _check_output_file(out, flag)
+    outputs = [(out, flag) for out, flag in ((args.output if args.batch else None, "--output"),
+                                             (args.gradients, "--gradients"), (args.questions, "--questions")) if out]
+    for out, flag in outputs:
+        _check_output_file(out, flag)
+    # an output named like an image it judges (e.g. --output edited.png) would replace that image
+    images = {_file_key(path): where for p in pairs
+              for path, where in ((p.reference_path, f"line {p.line}'s reference"),
+                                  (p.edited_path, f"line {p.line}'s edited image")) if path.strip()}
+    images |= {_file_key(path): flag for path, flag in ((args.reference, "--reference"), (args.edited, "--edited"))
+               if not args.batch and path}
+    for out, flag in outputs:
+        if _file_key(out) in images:
+            raise UsageError(f"error: {flag} {out} is {images[_file_key(out)]}: writing it would replace that image; "
+                             "give another name")
     device = _device()
     judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 

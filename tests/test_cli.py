@@ -65,13 +65,15 @@ EXAMPLE = ROOT / "assets" / "examples" / "add-0000.png"
 @pytest.fixture
 def mistakes(tmp_path, monkeypatch):
     """A working folder holding what a user points the CLI at by mistake: a file, an empty folder, an empty list of
-    edits, a broken YAML file."""
+    edits, a broken YAML file, a list of pairs."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "images").mkdir()
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "one.jsonl").write_text(json.dumps({"id": "a", "image": str(EXAMPLE), "instruction": "add"}) + "\n")
     (tmp_path / "bad.yaml").write_text("stage: warmup\noptim: {lr: 1e-4\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"reference": str(EXAMPLE), "edited": "edited.png",
+                                                      "instruction": "add a circle"}) + "\n")
     return tmp_path
 
 
@@ -116,6 +118,9 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
      "error: --output and --questions are the same file (v.csv)"),
     (["judge", "--batch", "one.jsonl", "--output", "v.csv", "--extra", "Is it sharp?"], 2,
      "error: --extra is for one pair"),  # a flag that did not exist: the app's extra questions had no CLI
+    # an output named as an image of the list: the verdicts were written over the edited image
+    (["judge", "--batch", "pairs.jsonl", "--output", "out/../edited.png"], 2,
+     "error: --output out/../edited.png is line 1's edited image: writing it would replace that image"),
     (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
     (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),
