@@ -1385,6 +1385,39 @@ def test_benchmark_comparison_table_and_chart(tmp_path, capsys):
             "bad.md: expected a benchmark table with columns variant")
 
 
+def test_a_benchmark_table_extended_in_place_is_replaced_whole(tmp_path, monkeypatch):
+    """`workbench.benchmarks REPORTS --extend t.md --table t.md` (a table grown from itself, whose earlier reports may
+    be gone) rewrote t.md in place, and the chart too: a Ctrl-C or a full disk midway left the only copy cut short.
+    Both are written whole: a cut write keeps the earlier table and chart."""
+    import json
+
+    from npedit import files
+    from npedit.shapes import CATEGORIES
+    from workbench.benchmarks import main, read_markdown
+
+    for folder, name, exact in (("old", "a", 0.5), ("new", "b", 0.25)):
+        summary = {c: {"exact": exact, "followed": 1.0, "preserved": 1.0, "clean": 1.0, "count": 1}
+                   for c in [*CATEGORIES, "overall"]}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{name}.json").write_text(json.dumps({"meta": {"seed": 0}, "summary": summary,
+                                                                    "rows": []}))
+    table, chart = tmp_path / "t.md", tmp_path / "c.png"
+    main([str(tmp_path / "old"), "--table", str(table), "--chart", str(chart)])
+    earlier = table.read_bytes(), chart.read_bytes()
+
+    def cut_short(fd, *args):
+        raise KeyboardInterrupt
+
+    grown = [str(tmp_path / "new"), "--extend", str(table), "--table", str(table), "--chart", str(chart)]
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "fsync", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            main(grown)
+    assert (table.read_bytes(), chart.read_bytes()) == earlier
+    main(grown)
+    assert list(read_markdown(table).index) == ["a", "b"] and chart.read_bytes() != earlier[1]
+
+
 def test_time_limited_job_stops_by_itself_with_a_bounded_eta(tiny_set, tmp_path):
     root = tmp_path / "runs"
     data = datasets.write_manifest(datasets.shapes_table(2, tmp_path / "cases"), tmp_path / "data",

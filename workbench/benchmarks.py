@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import io
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from npedit.shapes import CATEGORIES, FORM_GROUPS, METRICS, by_form, by_objects, held_out_cases, reference_form  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.shapes.scoring import form_group  # noqa: E402
 
 
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
         print(curve_markdown(curve, args.form))
         if args.chart:
-            curve_chart(curve, args.form).savefig(args.chart, dpi=120, bbox_inches="tight")
+            save_chart(curve_chart(curve, args.form), args.chart)
         return 0
     if args.baseline or args.form:
         ap.error("--baseline and --form go with --curve")
@@ -431,11 +433,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
     md = to_markdown(table)
     print(md)
-    if args.table:
-        Path(args.table).write_text(md + "\n", encoding="utf-8")
+    if args.table:  # whole or not at all: `--extend t.md --table t.md` rewrites the only copy of the table
+        write_atomic(args.table, md + "\n")
     if args.chart:
-        comparison_chart(table).savefig(args.chart, dpi=120, bbox_inches="tight")
+        save_chart(comparison_chart(table), args.chart)
     return 0
+
+
+def save_chart(figure, path: str) -> None:
+    """Write `figure` to `path` in the format its extension names (PNG without one), whole or not at all."""
+    buf = io.BytesIO()
+    figure.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
 
 
 if __name__ == "__main__":
