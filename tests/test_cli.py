@@ -65,13 +65,15 @@ EXAMPLE = ROOT / "assets" / "examples" / "add-0000.png"
 @pytest.fixture
 def mistakes(tmp_path, monkeypatch):
     """A working folder holding what a user points the CLI at by mistake: a file, an empty folder, an empty list of
-    edits, a broken YAML file, a list of pairs."""
+    edits, a broken YAML file, a list of pairs, a Shapes teacher run."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "images").mkdir()
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "one.jsonl").write_text(json.dumps({"id": "a", "image": str(EXAMPLE), "instruction": "add"}) + "\n")
     (tmp_path / "bad.yaml").write_text("stage: warmup\noptim: {lr: 1e-4\n")
+    (tmp_path / "runs" / "t" / "base").mkdir(parents=True)  # a trained teacher's folder
+    (tmp_path / "runs" / "t" / "base" / "model_index.json").write_text("{}")
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"reference": str(EXAMPLE), "edited": "edited.png",
                                                       "instruction": "add a circle"}) + "\n")
     return tmp_path
@@ -158,6 +160,10 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["import-reimpl", "images", "--base", ".", "--out", "."], 1, "error: --out . exists and is not empty: give a new"),
     (["swap-vae", "--vae", "assets/shapes/fast-vae", "--out", "."], 1, "error: --out . exists and is not empty: give"),
     (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
+    # a trained teacher there: a new run replaced it with an untrained one as it started (even one stopped at once)
+    (["shapes", "teacher", "preset=quick", "output_dir=runs/t", f"vae={ROOT / 'assets/shapes/teacher/vae'}"], 1,
+     f"error: output_dir runs/t already holds a teacher ({Path('runs/t/base')}), which a new run would replace as "
+     f"it starts: continue it with init={Path('runs/t/base')} and another output_dir"),
 ])
 def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
     """Each mistake stops with one line naming it, status 2 for a command line that cannot work as typed, 1 for a
