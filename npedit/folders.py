@@ -214,27 +214,61 @@ def check_pipeline_size(folder: Path, dtype=None, device=None) -> int:
 
 
 def missing_components(path: Path) -> list[str]:
-    """What an NPEditPipeline folder lacks of the components its model_index.json lists: a component's folder, its
-    config (or a tokenizer's tokenizer_config.json), or the safetensors weights of a model (weights are never read
-    from pickle .bin files)."""
+    """What an NPEditPipeline folder lacks of the components its model_index.json lists (`component_problem`)."""
     if not (path / "model_index.json").is_file():
         return []
     missing = []
     for name, entry in _read_json(path / "model_index.json").items():
         if name.startswith("_") or not isinstance(entry, list) or None in entry:
             continue
-        folder = path / name
-        config = ("scheduler_config.json" if name == "scheduler" else
-                  "tokenizer_config.json" if name.startswith("tokenizer") else "config.json")
-        if not folder.is_dir():
-            missing.append(f"no {name}/ (model_index.json lists {entry[-1]} there)")
-        elif not (folder / config).is_file():
-            missing.append(f"no {config} in {name}/")
-        elif name in ("transformer", "vae") or name.startswith("text_encoder"):
-            if not any(folder.glob("*.safetensors")):
-                pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
-                missing.append(f"no safetensors weights in {name}/{pickled}")
+        problem = component_problem(path / name, name, f"model_index.json lists {entry[-1]} there")
+        if problem:
+            missing.append(problem)
     return missing
+
+
+# What a tokenizer's vocabulary may be stored in besides a BPE vocab.json + merges.txt pair
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
+
+
+def component_problem(folder: Path, name: str, why: str | None = None) -> str | None:
+    """What the component folder `name` (tokenizer*, text_encoder*, transformer, vae, scheduler) of an editor or a
+    base model lacks to load, or None: the folder (`why` it is expected), its config (a tokenizer's
+    tokenizer_config.json, which names its pad and special tokens), a tokenizer's vocabulary, or, for a model,
+    safetensors weights that load (`weights_problem`: weights are never read from pickle .bin files)."""
+    config = ("scheduler_config.json" if name == "scheduler" else
+              "tokenizer_config.json" if name.startswith("tokenizer") else "config.json")
+    if not folder.is_dir():
+        return f"no {name}/" + (f" ({why})" if why else "")
+    if not (folder / config).is_file():
+        return f"no {config} in {name}/"
+    if name.startswith("tokenizer"):
+        return tokenizer_problem(folder, f"{name}/")
+    if name in ("transformer", "vae") or name.startswith("text_encoder"):
+        return weights_problem(folder, f"{name}/")
+    return None
+
+
+def tokenizer_problem(folder: Path, name: str) -> str | None:
+    """What a tokenizer saved in `folder` (called `name`) lacks to load as it was saved, or None: tokenizer_config.json
+    (its class, pad and special tokens) or its vocabulary (from the config alone transformers builds a Qwen2Tokenizer
+    of the special tokens only, which encodes every prompt to nothing)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return f"no tokenizer_config.json in {name}"
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES) and not (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        return f"no tokenizer files in {name} ({', '.join(TOKENIZER_FILES)}, or vocab.json and merges.txt)"
+    return None
+
+
+def check_components(path: str | os.PathLike, names: list[str], what: str) -> None:
+    """CheckpointError listing what a local folder (`what` it is, e.g. "Z-Image checkpoint") lacks of the components
+    `names` (`component_problem`), before a loader reads any of them; a hub id is left to its loader."""
+    if not looks_local(path):
+        return
+    problems = [p for p in (component_problem(Path(path).expanduser() / n, n) for n in names) if p]
+    if problems:
+        raise CheckpointError(f"{path} is an incomplete {what}: {'; '.join(problems)}")
 
 
 def model_components(path: Path) -> list[tuple[Path, type]]:
@@ -341,17 +375,49 @@ def human_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def weights_complete(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds safetensors weights and, where an index lists shards, every shard it lists (a download
-    into the hub cache stops part way; the files it has are whole: the hub client links them in once complete)."""
+# a sharded checkpoint's files, NAME-00001-of-00004.safetensors ..., listed by NAME.safetensors.index.json
+SHARD = re.compile(r"(.+)-\d{5}-of-\d{5}\.safetensors")
+
+
+def weights_problem(folder: str | os.PathLike, name: str | None = None) -> str | None:
+    """Why `folder`'s safetensors weights cannot load, as a sentence naming it as `name` (default: its path), or
+    None: no safetensors file (a pickle .bin is never read), shards without the index that lists them (the loaders
+    then ask for one whole file and name the folder above), or files an index lists that are not there (a download
+    stopped part way)."""
     folder = Path(folder)
-    if not any(folder.glob("*.safetensors")):
-        return False
-    for index in folder.glob("*.safetensors.index.json"):
-        shards = _read_json(index).get("weight_map", {})
-        if not isinstance(shards, dict) or not all((folder / str(s)).is_file() for s in set(shards.values())):
-            return False
-    return True
+    name = name or str(folder)
+    files = sorted(f.name for f in folder.glob("*.safetensors"))
+    if not files:
+        pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
+        return f"no safetensors weights in {name}{pickled}"
+    indexed = set()
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        listed = _read_json(index).get("weight_map", {})
+        listed = set(map(str, listed.values())) if isinstance(listed, dict) else set()
+        indexed.add(index.name.removesuffix(".index.json"))
+        lost = sorted(f for f in listed if not (folder / f).is_file())
+        if lost:
+            more = ", ..." if len(lost) > 3 else ""
+            return (f"{len(lost)} of the {len(listed)} weight files that {name} lists in {index.name} are missing "
+                    f"({', '.join(lost[:3])}{more})")
+    shards = [m.group(1) for m in map(SHARD.fullmatch, files) if m]
+    if shards and len(shards) == len(files) and not indexed:  # shards alone: nothing says how they join
+        index = f"{shards[0]}.safetensors.index.json"
+        return f"{name} holds weight shards ({files[0]}, ...) but not their index, {index}"
+    return None
+
+
+def check_weights(folder: str | os.PathLike) -> None:
+    """CheckpointError with `weights_problem`'s sentence when `folder`'s weights cannot load."""
+    problem = weights_problem(folder)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def weights_complete(folder: str | os.PathLike) -> bool:
+    """Whether `folder`'s safetensors weights load (`weights_problem`): a download into the hub cache stops part way
+    (the files it has are whole: the hub client links them in once complete)."""
+    return weights_problem(folder) is None
 
 
 def model_folder(path: str | os.PathLike, subfolder: str | None = None) -> Path | None:

@@ -52,7 +52,7 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
     import importlib
 
     from npedit.backbones import FAMILIES
-    from npedit.folders import CheckpointError, check_size, describe, found_nowhere, looks_local
+    from npedit.folders import CheckpointError, check_size, check_weights, describe, found_nowhere, looks_local
 
     classes = FAMILIES[family][2]
     folder = Path(str(path), subfolder or "")
@@ -67,9 +67,8 @@ def check_transformer(path: str | os.PathLike, subfolder: str | None, family: st
         held = (f"{path} holds a {name}" if name else describe(path) if looks_local(path) else
                 f"{path} holds no diffusers model")
         raise CheckpointError(f"{held}: not a {family} transformer (one of {', '.join(classes)})")
-    if looks_local(path) and not any(folder.glob("*.safetensors")):  # diffusers would raise a traceback's OSError
-        pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
-        raise CheckpointError(f"no safetensors weights in {folder}{pickled}")
+    if looks_local(path):  # diffusers would raise an OSError naming the folder above this one
+        check_weights(folder)
     check_size(path, getattr(importlib.import_module(FAMILIES[family][0]), name), dtype, subfolder)
     return config
 
@@ -96,6 +95,19 @@ class Backbone(nn.Module):
     transformer_classes: tuple[type, ...] = ()
     # The text encoders' subfolders and the transformers class each loads as (what the run's memory estimate builds)
     text_encoder_classes: dict[str, type] = {}
+    # The frozen parts' subfolders a checkpoint must hold, those it may leave out, and the family's name in messages
+    components: tuple[str, ...] = ()
+    optional_components: tuple[str, ...] = ()
+    title: str = ""
+
+    @classmethod
+    def check_folder(cls, path: str | os.PathLike) -> None:
+        """CheckpointError naming each frozen part a local checkpoint lacks (its folder, config, tokenizer files or
+        weights: `folders.component_problem`), before anything is read; an optional part that is there must be whole."""
+        from npedit.folders import check_components
+
+        present = [n for n in cls.optional_components if Path(str(path), n).is_dir()]
+        check_components(path, [*cls.components, *present], f"{cls.title} checkpoint")
 
     @classmethod
     def from_components(cls, transformer=None, **components) -> "Backbone":

@@ -246,6 +246,10 @@ class SD3Backbone(Backbone):
     transformer_classes = (SD3Transformer2DModel,)
     text_encoder_classes = {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
                             "text_encoder_3": T5EncoderModel}
+    # the first CLIP and the VAE must be there; the second CLIP and T5 may be left out (SD3 runs without them)
+    components = ("tokenizer", "text_encoder", "vae")
+    optional_components = ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+    title = "SD3"
 
     def __init__(
         self,
@@ -315,6 +319,7 @@ class SD3Backbone(Backbone):
     ) -> "SD3Backbone":
         """Load tokenizer(s), CLIP(s), optional T5 and VAE from a diffusers-layout folder or hub id."""
         path = locate(path)
+        cls.check_folder(path)  # a part, its config, tokenizer files or weights missing: one line naming each
         parts = {}
         encoders = cls.text_encoder_classes
         for name, loader in (

@@ -189,6 +189,8 @@ class ZImageBackbone(Backbone):
     family = "zimage"
     transformer_classes = (ZImageTransformer2DModel, NPEditZImageTransformer2DModel)
     text_encoder_classes = {"text_encoder": AutoModel}
+    components = ("tokenizer", "text_encoder", "vae")
+    title = "Z-Image"
 
     def __init__(self, text_encoder, tokenizer, vae, reference_layout: str = "omni", max_patches: int | None = None):
         super().__init__()
@@ -213,9 +215,7 @@ class ZImageBackbone(Backbone):
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32) -> "ZImageBackbone":
         """Load tokenizer, text encoder and VAE from a diffusers-layout folder or hub id."""
         path = locate(path)
-        missing = [f"{n}/" for n in ("tokenizer", "text_encoder", "vae") if not Path(path, n).is_dir()]
-        if Path(path).is_dir() and missing:
-            raise FileNotFoundError(f"{path} has no {', '.join(missing)} folder; a Z-Image checkpoint needs them")
+        cls.check_folder(path)  # a part, its config, tokenizer files or weights missing: one line naming each
         # a config asking for a far larger model than its weights fails here, at once (a hub id: on its cached copy)
         encoder_class = cls.text_encoder_classes["text_encoder"]
         check_size(path, encoder_class, torch_dtype, "text_encoder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Hashable, Sequence
@@ -116,6 +117,15 @@ def load_processor(path_or_hub_id: str | os.PathLike, trust_remote_code: bool = 
                           "together)", name=missing) from None
 
 
+def _json_object(file: Path) -> dict:
+    """The JSON object in `file`; {} when it is missing or holds something else."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class ChatJudge(Judge):
     """A frozen chat VLM answering Yes/No questions; gradients reach the edited image only.
 
@@ -127,6 +137,9 @@ class ChatJudge(Judge):
     reference_grad = False
     model_class: type = None  # the transformers class the adapter wraps
     own_size = False  # True: sees each image at its own size, so `max_pixels` applies (`cap_pixels`)
+    # processor files a judge folder must hold beyond the tokenizer's and the image processor's: without them
+    # transformers builds the processor from defaults (e.g. no image token count), which fails later or lays out wrong
+    processor_files: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(
@@ -150,6 +163,8 @@ class ChatJudge(Judge):
 
             pickled = " (a pickle .bin is not read)" if any(local.glob("*.bin")) else ""
             raise CheckpointError(f"{local} holds no safetensors weights{pickled}: a judge folder holds model*.safetensors")
+        if local.is_dir():  # a file missing: one line naming it, not a processor of defaults that fails later
+            cls.check_folder(local)
         # a config asking for a far larger model than its weights: one line, before any build (a hub id: its cache)
         check_size(path_or_hub_id, cls.model_class, torch_dtype, device=device)  # RAM, and a CUDA device's free memory
         processor = load_processor(path_or_hub_id, trust_remote_code)
@@ -167,6 +182,24 @@ class ChatJudge(Judge):
             str(path_or_hub_id), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         return cls(model.to(device or "cpu"), processor)
+
+    @classmethod
+    def check_folder(cls, folder: Path) -> None:
+        """CheckpointError naming what a local judge folder lacks to load as its hub repo does: weights that load
+        (`folders.weights_problem`), its tokenizer's files, an image processor config, and `processor_files`."""
+        from npedit.folders import CheckpointError, tokenizer_problem, weights_problem
+
+        # the image processor's settings: their own file (as the hub repos hold them) or inside processor_config.json
+        # (as transformers 5 saves a processor)
+        holds_image_processor = (folder / "preprocessor_config.json").is_file() or (
+            "image_processor" in _json_object(folder / "processor_config.json"))
+        problems = [weights_problem(folder, "the folder"), tokenizer_problem(folder, "the folder"),
+                    None if holds_image_processor else "no preprocessor_config.json (the image processor's settings)",
+                    *(f"no {name}" for name in cls.processor_files if not (folder / name).is_file())]
+        problems = [p for p in problems if p]
+        if problems:
+            raise CheckpointError(f"{folder} is an incomplete judge folder: {'; '.join(problems)}; copy what is "
+                                  "missing from the model's hub repo")
 
     @classmethod
     def check_max_pixels(cls, max_pixels: int) -> None:

@@ -95,6 +95,7 @@ class LlavaOnevisionJudge(ChatJudge):
     """A frozen LLaVA-OneVision answering Yes/No questions; gradients reach the edited image only."""
 
     model_class = LlavaOnevisionForConditionalGeneration
+    processor_files = ("processor_config.json",)  # its image token count and feature selection
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration, processor):
         super().__init__(model, processor)

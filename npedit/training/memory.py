@@ -105,6 +105,7 @@ def count_models(cfg: TrainConfig) -> tuple[dict[str, Model], list[str]]:
     dtype = getattr(torch, mc.dtype)
     base = locate(mc.base)
     family = backbone_class(detect_family(base))
+    family.check_folder(base)  # the loader's own check first: a part missing is one line naming it, not a read error
     models, missing = {}, []
 
     def folder_of(path: str, subfolder: str | None, name: str, required: bool = True) -> Path | None:
