@@ -141,3 +141,30 @@ def test_a_judge_missing_a_processor_file_is_named_before_its_weights(tiny_judge
         with pytest.raises(CheckpointError, match=f"{re.escape(str(folder))} is an incomplete judge folder: "
                                                   f"{re.escape(says)}; copy what is missing from the model's hub"):
             load_judge(folder)
+
+
+def test_code_shipped_in_a_folder_never_runs(tiny_zimage, tiny_judge, tmp_path, monkeypatch):
+    """A judge or base whose configs name classes in a .py file of their own (`auto_map`, remote code) loads the
+    library's classes: nothing passes trust_remote_code, so the file is never imported."""
+    from npedit.judges import load_judge
+
+    ran = tmp_path / "ran"
+    code = f"open({str(ran)!r}, 'w').write('ran')\n"
+
+    def ship_code(folder, *names):
+        (folder / "custom.py").write_text(code)
+        for name in names:
+            config = json.loads((folder / name).read_text())
+            (folder / name).write_text(json.dumps({**config, "auto_map": {
+                "AutoConfig": "custom.C", "AutoModel": "custom.M", "AutoModelForImageTextToText": "custom.M",
+                "AutoProcessor": "custom.P", "AutoImageProcessor": "custom.I", "AutoTokenizer": ["custom.T", "custom.T"]}}))
+
+    judge = shutil.copytree(tiny_judge, tmp_path / "judge")
+    ship_code(judge, "config.json", "processor_config.json", "tokenizer_config.json")
+    base = shutil.copytree(tiny_zimage, tmp_path / "base")
+    ship_code(base / "text_encoder", "config.json")
+    ship_code(base / "tokenizer", "tokenizer_config.json")
+    monkeypatch.syspath_prepend(str(judge))  # even where the file could be imported by its plain name
+    load_judge(judge)
+    load_backbone(base).load_transformer(base)
+    assert not ran.exists()
