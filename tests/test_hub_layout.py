@@ -168,3 +168,25 @@ def test_code_shipped_in_a_folder_never_runs(tiny_zimage, tiny_judge, tmp_path, 
     load_judge(judge)
     load_backbone(base).load_transformer(base)
     assert not ran.exists()
+
+
+def test_an_sdxl_checkpoint_given_as_the_base_is_named(tmp_path):
+    """An SDXL pipeline folder (unet/, no transformer/) said only "holds no transformer/config.json", and its bare
+    UNet "unsupported transformer class" without naming the folder: both now say what and where it is."""
+    from diffusers import UNet2DConditionModel
+
+    from npedit.backbones import detect_family
+
+    sdxl = tmp_path / "stable-diffusion-xl-base-1.0"
+    UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).save_pretrained(sdxl / "unet")
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(sdxl))} is a diffusers pipeline of class "
+                                                "StableDiffusionXLPipeline, with no transformer/config.json"):
+        detect_family(sdxl)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(sdxl / 'unet'))} holds a UNet2DConditionModel: "
+                                              "unsupported transformer class"):
+        detect_family(sdxl / "unet")

@@ -49,17 +49,20 @@ def detect_family(path: str | os.PathLike) -> str:
     """Read `transformer/config.json` (or `config.json`) of a local folder or hub id to find its family."""
     local = Path(str(path))
     if local.is_dir():
+        from npedit.folders import CheckpointError, describe
+
         for cfg in (local / "transformer" / "config.json", local / "config.json"):
             if cfg.is_file():
                 name = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name")
                 if not name:  # e.g. a judge's config.json: say what the folder is, not "class ''"
-                    from npedit.folders import CheckpointError, describe
-
                     raise CheckpointError(f"{describe(local)}: not a diffusers-layout checkpoint of a supported backbone")
-                return family_of_class_name(name)
-        raise FileNotFoundError(
-            f"{local} holds no transformer/config.json: not a diffusers-layout checkpoint of a supported backbone"
-        )
+                try:
+                    return family_of_class_name(name)
+                except ValueError as exc:  # e.g. an SDXL UNet: name the folder that holds it
+                    raise CheckpointError(f"{cfg.parent} holds a {name}: {exc}") from None
+        # e.g. an SDXL pipeline (unet/, no transformer/): say what it is
+        raise FileNotFoundError(f"{describe(local)}, with no transformer/config.json: not a diffusers-layout "
+                                "checkpoint of a supported backbone")
     from npedit.folders import found_nowhere, locate, looks_local
 
     if looks_local(path):  # a missing local folder: say so now, not after the hub client's retries
