@@ -156,7 +156,11 @@ def what_is(path: str | os.PathLike) -> str:
     if (p / "config.json").is_file():
         cfg = _read_json(p / "config.json")
         if "model_type" in cfg:
-            return f"a transformers model of type {cfg['model_type']!r} (a judge/VLM, not an editor)"
+            from npedit.judges import JUDGES  # here: the judges import this module
+
+            # a judge's type names it as one; another (a plain CLIP, a text model) is none of what loads here
+            role = "a judge/VLM, not an editor" if cfg["model_type"] in JUDGES else "neither an editor nor a judge"
+            return f"a transformers model of type {cfg['model_type']!r} ({role})"
         if "_class_name" in cfg:
             return f"a bare transformer ({cfg['_class_name']}), e.g. a critic: not a full editor"
     if (p / "transformer" / "config.json").is_file():

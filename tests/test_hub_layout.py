@@ -190,3 +190,16 @@ def test_an_sdxl_checkpoint_given_as_the_base_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=f"{re.escape(str(sdxl / 'unet'))} holds a UNet2DConditionModel: "
                                               "unsupported transformer class"):
         detect_family(sdxl / "unet")
+
+
+def test_a_plain_clip_is_not_called_a_judge(tmp_path, tiny_judge):
+    """A CLIP folder given as the editor or the base was described as "a judge/VLM", which it is not."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from npedit.folders import what_is
+
+    clip = tmp_path / "clip-vit-base-patch32"
+    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(clip)
+    assert what_is(clip) == "a transformers model of type 'clip_text_model' (neither an editor nor a judge)"
+    assert what_is(tiny_judge) == "a transformers model of type 'llava_onevision' (a judge/VLM, not an editor)"
