@@ -43,7 +43,6 @@ class InternVLJudge(ChatJudge):
     """A frozen InternVL3 (`-hf` checkpoint) answering Yes/No questions; gradients reach the edited image only."""
 
     model_class = InternVLForConditionalGeneration
-    processor_files = ("processor_config.json",)  # its image token count
 
     def __init__(self, model: InternVLForConditionalGeneration, processor):
         super().__init__(model, processor)
