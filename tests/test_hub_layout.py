@@ -157,7 +157,8 @@ def test_code_shipped_in_a_folder_never_runs(tiny_zimage, tiny_judge, tmp_path, 
             config = json.loads((folder / name).read_text())
             (folder / name).write_text(json.dumps({**config, "auto_map": {
                 "AutoConfig": "custom.C", "AutoModel": "custom.M", "AutoModelForImageTextToText": "custom.M",
-                "AutoProcessor": "custom.P", "AutoImageProcessor": "custom.I", "AutoTokenizer": ["custom.T", "custom.T"]}}))
+                "AutoProcessor": "custom.P", "AutoImageProcessor": "custom.I",
+                "AutoTokenizer": ["custom.T", "custom.T"]}}))
 
     judge = shutil.copytree(tiny_judge, tmp_path / "judge")
     ship_code(judge, "config.json", "processor_config.json", "tokenizer_config.json")
@@ -203,3 +204,19 @@ def test_a_plain_clip_is_not_called_a_judge(tmp_path, tiny_judge):
                                  num_attention_heads=2)).save_pretrained(clip)
     assert what_is(clip) == "a transformers model of type 'clip_text_model' (neither an editor nor a judge)"
     assert what_is(tiny_judge) == "a transformers model of type 'llava_onevision' (a judge/VLM, not an editor)"
+
+
+def test_an_sd3_base_may_leave_t5_out_but_not_half_there(tmp_path):
+    """SD3 runs without its T5 (a download that skipped text_encoder_3/ and tokenizer_3/ loads); a T5 folder that is
+    there without its weights was diffusers' OSError about a missing model.safetensors, now one line naming it."""
+    from npedit.backbones.tiny import build_tiny_sd3
+
+    base = Path(build_tiny_sd3(tmp_path / "stable-diffusion-3-medium-diffusers", t5_hidden=48))
+    without_t5 = shutil.copytree(base, tmp_path / "no-t5")
+    for part in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(without_t5 / part)
+    assert load_backbone(without_t5).text_encoder_3 is None
+    broken = _without(base, tmp_path, "text_encoder_3/model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(broken))} is an incomplete SD3 checkpoint: "
+                                              r"no safetensors weights in text_encoder_3/$"):
+        load_backbone(broken)
