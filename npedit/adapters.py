@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .folders import BaseNotFound
+
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a pipeline's LoRA weights
 EXTRA_FILE = "npedit_student_extra.safetensors"
 META_FILE = "npedit_lora.json"
@@ -202,7 +204,7 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
         net, _ = build_student(backbone, teacher, mc, dtype, keep_dtype=True)
     except (OSError, ValueError) as exc:
         origin = f"student checkpoint {mc.student!r} or base model {base!r}" if mc.student else f"base model {base!r}"
-        raise FileNotFoundError(f"cannot load the adapters' {origin}: {exc}. Where the same model lives elsewhere, "
+        raise BaseNotFound(f"cannot load the adapters' {origin}: {exc}. Where the same model lives elsewhere, "
                                 f"pass base=... / student=... to NPEditPipeline.from_pretrained, or set \"base\" / "
                                 f"\"student\" in {folder / META_FILE}") from None
     del teacher

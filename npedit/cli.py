@@ -1027,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .folders import CheckpointError
+    from .folders import BaseNotFound, CheckpointError
 
     if callable(getattr(sys.stdout, "reconfigure", None)):
         # a path or text the output's encoding cannot write (Windows' cp1252 when redirected to a file: a Chinese
@@ -1045,7 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:  # status 2 carries no message of its own
         print(exc, file=sys.stderr)
         raise
-    except CheckpointError as exc:  # a model path that is not what the command needs: one line, no traceback
+    except (CheckpointError, BaseNotFound) as exc:  # a model path that is not what the command needs: one line
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed (files are written whole)
         if os.environ.get(DEBUG_ENV):

@@ -22,6 +22,11 @@ class CheckpointError(ValueError):
     """A model path that is missing, of the wrong kind or unreadable; the message says what it is."""
 
 
+class BaseNotFound(FileNotFoundError):
+    """An adapter folder's base model or starting student is not where its npedit_lora.json says (moved, or a copy
+    of it incomplete); the message says how to point it there. The CLI prints it as one line, as a CheckpointError."""
+
+
 def looks_local(path: str | os.PathLike) -> bool:
     """Whether `path` names a local folder rather than a hub id ("owner/name"): it exists, it starts like a path
     (".", "/", "~"), it has more or fewer than one slash, or its first component is a folder here ("runs/x" beside

@@ -81,6 +81,7 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
     adapters = sum(p.stat().st_size for p in (folder / LORA_FILE, folder / EXTRA_FILE))
     assert adapters < full / 2
     image = Image.new("RGB", (64, 64), (200, 30, 30))
+    image.save(tmp_path / "in.png")
     assert pipe(image=image, prompt="make it blue", num_inference_steps=2).images[0].size == (64, 64)
     assert pipe.transformer.dtype == torch.float32
     # the app takes the folder as an editor
@@ -93,6 +94,13 @@ def test_sd3_adapters_export_small_and_load_as_the_checkpointed_editor(tmp_path,
     shutil.move(str(base), moved)
     with pytest.raises(FileNotFoundError, match="pass base="):
         NPEditPipeline.from_pretrained(folder)
+    from npedit.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # one line, not "... (unexpected; NPEDIT_DEBUG=1 shows the traceback)"
+        main(["edit", "--model", str(folder), "--image", str(tmp_path / "in.png"), "--instruction", "x",
+              "--output", str(tmp_path / "out.png")])
+    assert str(stop.value).startswith("error: cannot load the adapters' base model") and "unexpected" not in str(
+        stop.value)
     again = NPEditPipeline.from_pretrained(folder, base=str(moved), torch_dtype=torch.bfloat16)
     assert again.transformer.dtype == torch.bfloat16 and again.vae.dtype == torch.bfloat16
     folded = load_file(str(run / "checkpoints/step_000001/student/diffusion_pytorch_model.safetensors"))
