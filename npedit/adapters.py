@@ -179,6 +179,14 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
+def _cast(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`net` in `dtype`, left alone when every floating tensor already is: diffusers 0.42 warns on each `to(dtype)`
+    of its models that "modules should be kept in float32: []", a list it leaves empty."""
+    if all(t.dtype == dtype for t in net.state_dict().values() if t.is_floating_point()):
+        return net
+    return net.to(dtype)
+
+
 def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, student: str | None = None,
                           torch_dtype: torch.dtype | None = None):
     """An `NPEditPipeline` from an adapter folder: the base (or `base`) supplies the text encoder, VAE and, unless the
@@ -209,7 +217,7 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
                                 f"\"student\" in {folder / META_FILE}") from None
     del teacher
     work = torch.float32 if torch.float32 in (dtype, target) else target  # round once, after adding the update
-    net = net.to(work).requires_grad_(False)
+    net = _cast(net, work).requires_grad_(False)
     if (folder / EXTRA_FILE).is_file():
         own = dict(net.named_parameters())
         extra = load_file(str(folder / EXTRA_FILE))
@@ -222,7 +230,7 @@ def load_adapter_pipeline(folder: str | Path, *, base: str | None = None, studen
                 own[name].copy_(value)
     fold_lora(net, load_file(str(folder / LORA_FILE)))
     shift = float(meta.get("shift", cfg.sampler.shift))
-    return NPEditPipeline.from_parts(net.to(target).eval(), backbone, shift=shift)
+    return NPEditPipeline.from_parts(_cast(net, target).eval(), backbone, shift=shift)
 
 
 def adapter_size(folder: str | Path) -> int:
