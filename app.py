@@ -82,7 +82,8 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
               "Yes / No). Both are extensions of the method; Shapes cases fill them in. **target** (only for stage "
               "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit (its "
-              "own row, if untouched, then goes); generated Shapes cases name theirs.")
+              "own row, if untouched, goes on **Remove the target images' rows**, more files or Start); generated "
+              "Shapes cases name theirs.")
 
 TABLE_WIDTHS = ["13%", "18%", "12%", "12%", "8%", "8%", "8%", "6%", "6%", "9%"]  # the training table's columns
 # the Judge inspector's table (kind, P(Yes), margin, P(Yes or No), expected, images, question): the question gets
@@ -774,6 +775,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                          label="Training data", max_height=280, wrap=True, elem_id="train-table",
                          column_widths=TABLE_WIDTHS)
     with gr.Row():
+        drop_targets = gr.Button("Remove the target images' rows", scale=0, min_width=260)
         download = gr.Button("Download the table as cases.csv", scale=0, min_width=260)
         table_csv = gr.File(label="cases.csv: put it in the folder holding its images, then python -m npedit train "
                                   "data.train=FOLDER/cases.csv (or upload both here again)", interactive=False,
@@ -867,7 +869,17 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
     files.upload(on_upload, [files, table, uploads], [table, uploads], api_visibility="private")
 
     # No change event takes a target's row out as the user types: its answer replaced the table while the next cell
-    # was being typed in, losing keys (seen in Chromium). Adding files and Start leave such rows out instead.
+    # was being typed in, losing keys (seen in Chromium). A button does, as adding files and Start do.
+    def on_drop_targets(rows):
+        """The table without the rows that are only another row's target (an uploaded target image, untouched)."""
+        rows = rows.reindex(columns=datasets.TABLE_COLUMNS)
+        only = datasets.target_rows(rows)
+        if not only:
+            gr.Info("No row to remove: a row goes once another row names its image in its target cell and nothing "
+                    "is typed in it.")
+        return rows.drop(index=rows.index[only]).reset_index(drop=True)
+
+    drop_targets.click(on_drop_targets, table, table, api_visibility="private")
 
     def on_download(rows):
         """The table as a cases.csv manifest (its images named as the table names them)."""

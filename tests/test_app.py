@@ -1675,3 +1675,35 @@ def test_target_images_uploaded_without_a_manifest_are_targets_not_rows(tiny_set
         assert [x["instruction"] for x in lines] == ["make the cat blue"]
     assert Image.open(data.parent.parent / "sft" / "data" / "targets" / "00001_cat-blue.png").getpixel((0, 0)) == (
         0, 0, 250)
+
+
+def test_a_button_removes_the_rows_of_target_images_uploaded_without_a_manifest(tiny_set, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A target image uploaded alone kept a row of its own, with no instruction, until more files were added or Start
+    ran; "Download the table as cases.csv" wrote it, so training on that file stopped at its line (no instruction).
+    A button now takes such rows out (a click, not a change event: no answer lands while a cell is typed in), and the
+    download leaves them out."""
+    from npedit.data import load_manifest
+
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    files = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("cat-blue.png", (0, 0, 250)),
+                                                    ("dog.png", (0, 200, 0)))]
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    table, names = fns["on_upload"](files, pd.DataFrame(), {})
+    table.loc[0, ["instruction", "target"]] = ["make the cat blue", "cat-blue.png"]
+    table.loc[2, "instruction"] = "make the dog red"
+    tidy = fns["on_drop_targets"](table)
+    assert list(tidy["image"]) == ["cat.png", "dog.png"]
+    assert list(tidy["instruction"]) == ["make the cat blue", "make the dog red"]
+    capsys.readouterr()
+    assert fns["on_drop_targets"](tidy).equals(tidy)
+    assert capsys.readouterr().out.startswith("No row to remove")  # (gr.Info, printed outside a request)
+    saved = Path(fns["on_download"](table))
+    for name, path in names.items():
+        shutil.copyfile(path, saved.parent / name)
+    assert [(Path(r.image).name, r.instruction) for r in load_manifest(saved)] == [("cat.png", "make the cat blue"),
+                                                                              ("dog.png", "make the dog red")]

@@ -164,6 +164,29 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view
 
 
+def test_the_rows_of_target_images_go_on_a_click_and_what_was_typed_stays(page, tmp_path):
+    """A target image uploaded without a manifest kept a row of its own until more files were added or Start ran.
+    The button takes it out; the instruction and target typed a moment before, the last cell left without Enter,
+    stay as typed (a change event that did this lost keys)."""
+    for name, k in (("pair-a.png", 1), ("pair-a-done.png", 2)):
+        Image.new("RGB", (16, 16), (0, 0, 40 * k)).save(tmp_path / name)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("tab", name="Upload my images").click()
+    page.locator("input[type=file][multiple]").last.set_input_files([str(tmp_path / "pair-a.png"),
+                                                                     str(tmp_path / "pair-a-done.png")])
+    table = page.locator("#train-table")
+    table.locator("[data-testid='cell-1-0']").get_by_text("pair-a-done.png", exact=True).wait_for()
+    table.locator("[data-testid='cell-0-1']").dblclick()
+    page.keyboard.type("make the square blue")
+    page.keyboard.press("Enter")
+    table.locator("[data-testid='cell-0-9']").dblclick()
+    page.keyboard.type("pair-a-done.png")
+    page.get_by_role("button", name="Remove the target images' rows").click()
+    table.locator("[data-testid='cell-1-0']").wait_for(state="detached")
+    assert table.locator("[data-testid='cell-0-1']").inner_text().strip() == "make the square blue"
+    assert table.locator("[data-testid='cell-0-9']").inner_text().strip() == "pair-a-done.png"
+
+
 def test_a_manifest_uploaded_with_its_images_fills_the_train_table_and_downloads(page, tmp_path):
     """cases.csv and its images, uploaded together in the browser, fill the table; the table downloads as cases.csv."""
     for k in (1, 2):

@@ -220,10 +220,12 @@ def _some(items: list[str], sep: str = ", ") -> str:
 
 
 def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """The table's rows (blank ones dropped) as a cases.csv manifest: its images named as the table names them, so
-    the file read from the folder holding those images trains as the table would (`python -m npedit train
-    data.train=...`), and, uploaded with them, fills the table again (`table_for_manifest`)."""
-    records = [{c: _cell(v) for c, v in row.items()} for row in table.reindex(columns=TABLE_COLUMNS).to_dict("records")]
+    """The table's rows (blank ones and targets' own rows dropped) as a cases.csv manifest: its images named as the
+    table names them, so the file read from the folder holding those images trains as the table would (`python -m
+    npedit train data.train=...`), and, uploaded with them, fills the table again (`table_for_manifest`)."""
+    table = table.reindex(columns=TABLE_COLUMNS)
+    table = table.drop(index=table.index[target_rows(table)])  # a target's own row: no training case (no instruction)
+    records = [{c: _cell(v) for c, v in row.items()} for row in table.to_dict("records")]
     records = [r for r in records if any(r.values())]
     if not records:
         raise ValueError("the training table is empty: nothing to download")
