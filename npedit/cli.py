@@ -557,24 +557,37 @@ def _check_new_folder(path: str | Path, flag: str) -> None:
 def cmd_train(args) -> int:
     """Train one stage from a config file plus dotted overrides."""
     from .config import load_config
-    from .training.checkpoint import WriteError
-    from .training.trainer import Trainer
 
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:  # the settings as typed (a file's or an override's)
         raise UsageError(f"error: {exc}") from None
     run = Path(cfg.output_dir)
-    used = [name for name in ("metrics.jsonl", "checkpoints", "pipeline") if (run / name).exists()]
-    if used and not args.resume:  # a second run there would mix its metrics and checkpoints with the first's
-        raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
-                         "it, or pick another output_dir")
     # Before any model loads (else the first save fails). Nothing is created, so a run stopped by a mistyped setting
     # leaves no folder, and the processes of a multi-process launch do not race over one.
     _check_writable(run, f"output_dir {run}")
+    with ExitStack() as held:
+        if os.environ.get("RANK", "0") in ("", "0"):  # the main process of a launch writes the run for them all
+            try:  # two trainers in one folder (a --resume typed while the run still ran) wrote each step twice
+                held.enter_context(files.run_lock(run))
+            except files.FolderBusy as exc:
+                raise SystemExit(f"error: output_dir {exc}, which trains there: wait for it to end, or stop it, then "
+                                 "continue with --resume; or pick another output_dir") from None
+        return _train(cfg, run, args.resume)
+
+
+def _train(cfg, run: Path, resume: bool) -> int:
+    """`cmd_train` once its run folder is held: train the config into `run` (from its checkpoint with `resume`)."""
+    from .training.checkpoint import WriteError
+    from .training.trainer import Trainer
+
+    used = [name for name in ("metrics.jsonl", "checkpoints", "pipeline") if (run / name).exists()]
+    if used and not resume:  # a second run there would mix its metrics and checkpoints with the first's
+        raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
+                         "it, or pick another output_dir")
     try:  # a setting that does not fit the data, the models or the checkpoint is one line, before any training
         trainer = Trainer(cfg)
-        if args.resume and not trainer.resume():
+        if resume and not trainer.resume():
             print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -11,7 +11,9 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 WINDOWS = os.name == "nt"
 # file names that differ only in case name one file: Windows' NTFS and macOS's default APFS (Linux: two files)
@@ -20,6 +22,9 @@ REPLACE_WAIT_S = 2.0  # how long a rename waits, on Windows, for another program
 # names Windows keeps for devices, whatever their extension ("con.png" too): no file or folder there can have one
 WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT")
                                                                    for i in range(1, 10))})
+
+RUN_LOCK = ".npedit-train.lock"  # held by the process training into a run folder (`run_lock`)
+_LOCK_BYTE = 2**30  # Windows locks a byte range: one past the pid's bytes, so another process can still read them
 
 # One writer at a time per file within a process: the app's threads (two visitors' Train tabs polling a run that just
 # ended) both rewrote status.json through its one temporary name, and one renamed the other's half-written file or
@@ -149,3 +154,57 @@ def png_bytes(image) -> bytes:
 def write_png(path: str | os.PathLike, image, sync: bool = True) -> None:
     """Write a PIL image as a PNG file, whole or not at all (`write_atomic`): the app shows a run's newest grid."""
     write_atomic(path, png_bytes(image), sync)
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds a folder's `run_lock`."""
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder`/RUN_LOCK for one process at a time while the block runs (the system frees it when the process
+    ends, however it ends), its pid written there; FolderBusy naming the holder's pid when another process holds it.
+    A folder this creates and leaves holding only the lock is removed again."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_LOCK
+    f = open(path, "a+b")  # (never truncated on opening: the holder's pid stays readable)
+    locked = False
+    try:
+        locked = _lock(f)
+        if not locked:
+            f.seek(0)
+            holder = f.read(32).decode(errors="replace").strip()
+            raise FolderBusy(f"{folder} is in use by another process{f' (pid {holder})' if holder.isdigit() else ''}")
+        f.truncate(0)
+        f.write(str(os.getpid()).encode())
+        f.flush()
+        yield path
+    finally:
+        if locked and WINDOWS:  # (POSIX frees it as the file closes; Windows leaves the order to the system)
+            import msvcrt
+            f.seek(_LOCK_BYTE)
+            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        f.close()
+        if made and [p.name for p in folder.iterdir()] == [RUN_LOCK]:
+            remove(path)
+            folder.rmdir()
+
+
+def _lock(f) -> bool:
+    """Take an exclusive lock on the open file `f` without waiting: False when another process holds it."""
+    if WINDOWS:
+        import msvcrt
+        f.seek(_LOCK_BYTE)
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

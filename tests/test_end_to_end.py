@@ -642,6 +642,36 @@ def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_tr
         main(["train", "max_steps=1", *common[:-1], f"output_dir={tmp_path}/taken/r"])
 
 
+def test_a_second_trainer_in_a_run_folder_stops_naming_the_first(tmp_path, tiny_zimage, tiny_manifest):
+    """Two `train --resume` in one output_dir (the run thought dead, or typed twice) both trained: each step was logged
+    twice and their checkpoints written over each other's. The trainer now holds the folder: a second one stops in
+    one line naming the first's pid, before any model loads, and the folder is free again once the first has ended."""
+    from npedit import files
+    from npedit.cli import main
+
+    run = tmp_path / "r"
+    common = ["stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+              "log_every=1", "save_every=1", "sample_every=0", f"output_dir={run}"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from npedit import files\n"
+                               f"with files.run_lock({str(run)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in ([], ["--resume"]):
+            with pytest.raises(SystemExit, match=rf"^error: output_dir {re.escape(str(run))} is in use by another "
+                                                 rf"process \(pid {holder.pid}\), which trains there: wait for it"):
+                main(["train", *resume, "max_steps=1", *common])
+        assert [p.name for p in run.iterdir()] == [files.RUN_LOCK]  # nothing written by the second
+    finally:
+        holder.communicate("")
+    main(["train", "max_steps=1", *common])
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    with files.run_lock(run), pytest.raises(files.FolderBusy):  # (another open of the lock: another holder)
+        with files.run_lock(run):
+            pass
+
+
 def _an_image(path: Path) -> str:
     """A readable 8x8 PNG at `path` (the CLI reads --image before it loads any model)."""
     Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
