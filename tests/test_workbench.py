@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -949,6 +950,48 @@ def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, mo
             os.killpg(started[0].pid, signal.SIGKILL)  # the job's whole group: its shell and the sleeping trainer
             started[0].wait()
 
+
+
+def test_two_resumes_of_one_stopped_run_at_once_start_one_job(tmp_path, monkeypatch):
+    """Two Resume clicks on a stopped run (two tabs, a double click) both found it stopped and both started a trainer
+    in its folder; the device lock naming that same run was taken over by the second. Now the check, the device lock
+    and job.json are one turn: one starts, the other is told the run is already running."""
+    root = tmp_path / "runs"
+    run = root / "stopped"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": ["max_steps=1"],
+                                              "started": time.time() - 100, "cwd": str(tmp_path)}))
+    monkeypatch.setattr(jobs, "_MAIN", "import time; time.sleep(60)")  # a trainer that runs until stopped
+    both_read = threading.Barrier(2)
+    real_turn, waited = jobs._lock_turn, threading.local()
+
+    def turn_once_both_have_read(*args):
+        if not getattr(waited, "done", False):  # each thread's first turn: both have found the run stopped
+            waited.done = True
+            both_read.wait(timeout=30)
+        return real_turn(*args)
+
+    monkeypatch.setattr(jobs, "_lock_turn", turn_once_both_have_read)
+    said = []
+
+    def resume():
+        try:
+            said.append(jobs.start_job(run, resume=True, runs_root=root, device="cpu").pid)
+        except jobs.JobBusy as exc:
+            said.append(str(exc))
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(said, key=str) == sorted([jobs.job_status(run).pid, "run 'stopped' is already running"], key=str)
+        assert jobs.active_job(root, "cpu") == run.resolve()
+    finally:
+        for pid in [p for p in said if isinstance(p, int)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def test_the_job_wrapper_records_its_pid_and_the_exit_status_as_a_shell_does(tmp_path):

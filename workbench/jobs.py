@@ -230,11 +230,6 @@ def _lock_turn(runs_root: Path, device: str):
             yield
 
 
-def _acquire(runs_root: Path, device: str, run_dir: Path) -> Path:
-    with _lock_turn(runs_root, device):
-        return _take(runs_root, device, run_dir)
-
-
 def _take(runs_root: Path, device: str, run_dir: Path) -> Path:
     lock = _lock_path(runs_root, device)
     for _ in range(2):
@@ -315,17 +310,27 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     # where its job first ran (a job recorded without that: in its run folder, as jobs once all did)
     cwd = Path(previous.get("cwd") or run_dir) if resume else Path.cwd()
     cwd = cwd if cwd.is_dir() else run_dir
-    _acquire(runs_root, device, run_dir)
     command = [sys.executable, "-c", _MAIN, "train", *args, *(["--resume"] if resume else [])]
     # recorded before the process starts, its pid filled in after: an app killed in between leaves a job that
     # job.pid names, not a trainer running untracked (holding the device while the lock reads as free)
     job = {"pid": None, "device": device, "args": list(args), "command": command, "started": time.time(),
            "resume": resume, "runs_root": str(runs_root), "cwd": str(cwd)}
+    # the check, the device and job.json in one turn: two Resume clicks on a stopped run (two tabs, a double click)
+    # both found it stopped, and both started a trainer in it
+    with _lock_turn(runs_root, device):
+        now = _read_json(run_dir / "job.json")
+        if now and now != previous and _job_alive(run_dir, now):
+            raise JobBusy(f"run '{run_dir.name}' is already running")
+        lock = _take(runs_root, device, run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("exit_code", "cancelled", "job.pid"):
+                (run_dir / name).unlink(missing_ok=True)
+            _write_json(run_dir / "job.json", job)
+        except Exception:  # (job.json is written whole or not at all: as it was)
+            lock.unlink(missing_ok=True)  # ours, taken in this turn (`_release` would wait for the turn)
+            raise
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("exit_code", "cancelled", "job.pid"):
-            (run_dir / name).unlink(missing_ok=True)
-        _write_json(run_dir / "job.json", job)
         # PYTHONIOENCODING: the log is read as UTF-8; a Windows trainer would otherwise print to it in the ANSI code
         # page (cp1252), which cannot write most non-Latin instructions and stops the trainer with an error
         env = {**{k: v for k, v in os.environ.items() if k not in _SECRETS},
