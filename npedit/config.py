@@ -370,6 +370,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key} must be a number ({tp.__name__}), got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ValueError(f"{key} must be an integer, got {value!r}")
+        if out != out:  # NaN: a loss weight or lr of NaN made every update's gradient NaN, each skipped in silence
+            raise ValueError(f"{key} must be a number ({tp.__name__}), got {value!r}")
         return out
     if tp is str:
         return "" if value is None else str(value)
