@@ -767,6 +767,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                                           "then only a preview)")
     with gr.Tab("Upload my images"):
         files = gr.File(file_count="multiple", file_types=["image", *datasets.MANIFEST_SUFFIXES],
+                        elem_id="train-upload",
                         label="Images (then type an instruction per row), or a manifest (cases.jsonl / cases.csv) "
                               "with the images it names: it fills the table")
     gr.Markdown(TABLE_HELP)
@@ -867,6 +868,19 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         return table, datasets.upload_names(paths or [])
 
     files.upload(on_upload, [files, table, uploads], [table, uploads], api_visibility="private")
+
+    def on_remove(paths, rows, uploaded=None):
+        """The table once files are taken off the upload (one, or all): the rows of the files left, as typed, and none
+        for those removed (Start trained on them: the table kept their rows). A table of generated cases stays."""
+        uploaded = {k: str(v) for k, v in (uploaded or {}).items()}
+        left = [str(p) for p in paths or []]
+        ours = uploaded and not any(Path(p).resolve().is_relative_to(staging.resolve()) for p in uploaded.values())
+        if not ours or not set(left) <= set(uploaded.values()):
+            return gr.skip(), gr.skip()
+        return on_upload(left, rows, uploaded)
+
+    files.delete(on_remove, [files, table, uploads], [table, uploads], api_visibility="private")
+    files.clear(on_remove, [files, table, uploads], [table, uploads], api_visibility="private")
 
     # No change event takes a target's row out as the user types: its answer replaced the table while the next cell
     # was being typed in, losing keys (seen in Chromium). A button does, as adding files and Start do.

@@ -187,6 +187,31 @@ def test_the_rows_of_target_images_go_on_a_click_and_what_was_typed_stays(page, 
     assert table.locator("[data-testid='cell-0-9']").inner_text().strip() == "pair-a-done.png"
 
 
+def test_a_file_taken_off_the_upload_takes_its_row_with_it(page, tmp_path):
+    """Removing an uploaded image (its x in the file list) left its row in the table, and Start trained on it. Its
+    row now goes, the other rows stay as typed; clearing the upload empties the table."""
+    for name, k in (("keep-me.png", 1), ("wrong-one.png", 2)):
+        Image.new("RGB", (16, 16), (0, 30 * k, 0)).save(tmp_path / name)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("tab", name="Upload my images").click()
+    page.locator("input[type=file][multiple]").last.set_input_files([str(tmp_path / "keep-me.png"),
+                                                                     str(tmp_path / "wrong-one.png")])
+    table = page.locator("#train-table")
+    table.locator("[data-testid='cell-1-0']").get_by_text("wrong-one.png", exact=True).wait_for()
+    table.locator("[data-testid='cell-0-1']").dblclick()
+    page.keyboard.type("make the square red")
+    page.keyboard.press("Enter")
+    page.get_by_text("One row per training image").click()
+    upload = page.locator("#train-upload")
+    upload.locator("tr", has=page.locator("td[aria-label='wrong-one.png']")).get_by_role(
+        "button", name="Remove this file").click()
+    table.locator("[data-testid='cell-1-0']").wait_for(state="detached")
+    assert table.locator("[data-testid='cell-0-0']").inner_text().strip() == "keep-me.png"
+    assert table.locator("[data-testid='cell-0-1']").inner_text().strip() == "make the square red"
+    upload.get_by_role("button", name="Clear").click()
+    table.locator("[data-testid='cell-0-0']").wait_for(state="detached")
+
+
 def test_a_manifest_uploaded_with_its_images_fills_the_train_table_and_downloads(page, tmp_path):
     """cases.csv and its images, uploaded together in the browser, fill the table; the table downloads as cases.csv."""
     for k in (1, 2):
