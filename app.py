@@ -877,7 +877,12 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         ours = uploaded and not any(Path(p).resolve().is_relative_to(staging.resolve()) for p in uploaded.values())
         if not ours or not set(left) <= set(uploaded.values()):
             return gr.skip(), gr.skip()
-        return on_upload(left, rows, uploaded)
+        # a second photo.png was "photo (2).png": the first removed, it is photo.png, and keeps its own row's text
+        renamed = {old: new for old, path in uploaded.items()
+                   for new, now in datasets.upload_names(left).items() if path == now}
+        rows = rows.reindex(columns=datasets.TABLE_COLUMNS)
+        rows = rows[rows["image"].isin(renamed)].replace({"image": renamed, "target": renamed})
+        return on_upload(left, rows, {k: v for k, v in uploaded.items() if k in renamed})
 
     files.delete(on_remove, [files, table, uploads], [table, uploads], api_visibility="private")
     files.clear(on_remove, [files, table, uploads], [table, uploads], api_visibility="private")

@@ -1724,6 +1724,15 @@ def test_a_file_taken_off_the_upload_leaves_the_table_and_a_generated_table_stay
     table.loc[:, "instruction"] = ["make the cat blue", "make the dog red"]
     left, names = fns["on_remove"](files[:1], table, names)
     assert list(left["instruction"]) == ["make the cat blue"] and names == {"cat.png": files[0]}
+    twins = [_uploaded(uploads / "a", "dog.png", (0, 0, 1)), _uploaded(uploads / "b", "dog.png", (0, 0, 2))]
+    table, names = fns["on_upload"]([files[0], *twins], left, names)
+    assert list(table["image"]) == ["cat.png", "dog.png", "dog (2).png"]
+    table.loc[1:, "instruction"] = ["make the first dog red", "make the second dog red"]
+    table.loc[0, "target"] = "dog (2).png"
+    kept, names = fns["on_remove"]([files[0], twins[1]], table, names)  # the second dog.png is dog.png now
+    assert kept[["image", "instruction", "target"]].values.tolist() == [
+        ["cat.png", "make the cat blue", "dog.png"], ["dog.png", "make the second dog red", ""]]
+    assert names == {"cat.png": files[0], "dog.png": twins[1]}
     cleared, names = fns["on_remove"]([], left, names)
     assert cleared.empty and names == {}
     generated, names = fns["on_generate"](6, 0)

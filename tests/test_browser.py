@@ -164,23 +164,39 @@ def test_train_table_keeps_its_columns_once_an_instruction_is_typed(page, tmp_pa
     assert header["height"] < 80 and row["y"] + row["height"] < header["y"] + 280  # the second row stays in view
 
 
+def _upload_afresh(page, paths: list[Path]) -> None:
+    """Upload `paths` to the Train tab as the only files (an earlier test's files are cleared first: files dropped on
+    the upload are added to those there)."""
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("tab", name="Upload my images").click()
+    clear = page.locator("#train-upload").get_by_role("button", name="Clear")
+    if clear.count() and clear.first.is_visible():
+        clear.first.click()
+        page.locator("#train-table [data-testid='cell-0-0']").wait_for(state="detached")
+    page.locator("input[type=file][multiple]").last.set_input_files([str(p) for p in paths])
+
+
+def _type_in(cell, text: str) -> None:
+    """Open a table cell for typing and type `text` once its editor has the focus (keys typed before were lost)."""
+    cell.dblclick()
+    editor = cell.locator("textarea, input").first
+    editor.wait_for()
+    sync_api.expect(editor).to_be_focused()
+    editor.page.keyboard.type(text)
+
+
 def test_the_rows_of_target_images_go_on_a_click_and_what_was_typed_stays(page, tmp_path):
     """A target image uploaded without a manifest kept a row of its own until more files were added or Start ran.
     The button takes it out; the instruction and target typed a moment before, the last cell left without Enter,
     stay as typed (a change event that did this lost keys)."""
     for name, k in (("pair-a.png", 1), ("pair-a-done.png", 2)):
         Image.new("RGB", (16, 16), (0, 0, 40 * k)).save(tmp_path / name)
-    page.get_by_role("tab", name="Train").click()
-    page.get_by_role("tab", name="Upload my images").click()
-    page.locator("input[type=file][multiple]").last.set_input_files([str(tmp_path / "pair-a.png"),
-                                                                     str(tmp_path / "pair-a-done.png")])
+    _upload_afresh(page, [tmp_path / "pair-a.png", tmp_path / "pair-a-done.png"])
     table = page.locator("#train-table")
     table.locator("[data-testid='cell-1-0']").get_by_text("pair-a-done.png", exact=True).wait_for()
-    table.locator("[data-testid='cell-0-1']").dblclick()
-    page.keyboard.type("make the square blue")
+    _type_in(table.locator("[data-testid='cell-0-1']"), "make the square blue")
     page.keyboard.press("Enter")
-    table.locator("[data-testid='cell-0-9']").dblclick()
-    page.keyboard.type("pair-a-done.png")
+    _type_in(table.locator("[data-testid='cell-0-9']"), "pair-a-done.png")
     page.get_by_role("button", name="Remove the target images' rows").click()
     table.locator("[data-testid='cell-1-0']").wait_for(state="detached")
     assert table.locator("[data-testid='cell-0-1']").inner_text().strip() == "make the square blue"
@@ -192,14 +208,10 @@ def test_a_file_taken_off_the_upload_takes_its_row_with_it(page, tmp_path):
     row now goes, the other rows stay as typed; clearing the upload empties the table."""
     for name, k in (("keep-me.png", 1), ("wrong-one.png", 2)):
         Image.new("RGB", (16, 16), (0, 30 * k, 0)).save(tmp_path / name)
-    page.get_by_role("tab", name="Train").click()
-    page.get_by_role("tab", name="Upload my images").click()
-    page.locator("input[type=file][multiple]").last.set_input_files([str(tmp_path / "keep-me.png"),
-                                                                     str(tmp_path / "wrong-one.png")])
+    _upload_afresh(page, [tmp_path / "keep-me.png", tmp_path / "wrong-one.png"])
     table = page.locator("#train-table")
     table.locator("[data-testid='cell-1-0']").get_by_text("wrong-one.png", exact=True).wait_for()
-    table.locator("[data-testid='cell-0-1']").dblclick()
-    page.keyboard.type("make the square red")
+    _type_in(table.locator("[data-testid='cell-0-1']"), "make the square red")
     page.keyboard.press("Enter")
     page.get_by_text("One row per training image").click()
     upload = page.locator("#train-upload")
