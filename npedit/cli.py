@@ -632,8 +632,8 @@ def cmd_export(args) -> int:
     if args.adapters and args.keep_paths:  # (it was silently ignored)
         raise UsageError("error: --keep-paths is for a whole editor; an adapter folder names its base and student as "
                          "given (a load needs them) and its run, judge and data by name only")
-    # an existing --out is written into, not replaced: what this export does not rewrite would be pushed with it
-    earlier = _file_times(args.out) if args.push and args.out else {}
+    # an existing --out is written into, not replaced: what this export does not rewrite stays, and a push uploads it
+    earlier = _file_times(args.out) if args.out else {}
     try:
         metrics = _eval_report(args.metrics) if args.metrics else None
         if args.adapters:
@@ -646,13 +646,16 @@ def cmd_export(args) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(out)
+    now = _file_times(out)
+    stale = sorted(name for name, time in earlier.items() if now.get(name) == time)
+    named = f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''})"
+    if stale and args.push:
+        raise SystemExit(f"error: not pushed: {out} also holds files this export did not write {named}, and a push "
+                         "uploads the whole folder: remove them, or export to a new folder")
+    if stale:  # e.g. an earlier editor's critic/, which the app and edit --trace would take for this editor's
+        print(f"note: {out} also holds files this export did not write {named}, left as they were: remove those "
+              "of another editor (a critic/ is this editor's to the app), or export to a new folder", file=sys.stderr)
     if args.push:
-        now = _file_times(out)
-        stale = sorted(name for name, time in earlier.items() if now.get(name) == time)
-        if stale:
-            raise SystemExit(f"error: not pushed: {out} also holds files this export did not write "
-                             f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}), and a push uploads the "
-                             "whole folder: remove them, or export to a new folder")
         print(_push(out, args), file=sys.stderr)
     return 0
 

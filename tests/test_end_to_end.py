@@ -102,6 +102,7 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, 
     from safetensors.torch import load_file
 
     from npedit import NPEditPipeline
+    from npedit.cli import main
 
     work, first_weights = trained
     monkeypatch.chdir(work)  # the run's model.base and these paths are relative to where it trained
@@ -118,6 +119,13 @@ def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, 
     assert pipe(image=img, prompt="make the red circle green").images[0].size == (32, 32)
     newest = cli(capsys, "export", "runs/npedit", "--out", "newest").strip()
     assert json.loads((work / newest / "training_config.json").read_text())["step"] == 4  # the newest by default
+    (work / "newest/critic").mkdir()
+    (work / "newest/critic/config.json").write_text("{}")  # another editor's critic, once copied there
+    capsys.readouterr()
+    main(["export", "runs/npedit", "--out", "newest"])
+    assert capsys.readouterr().err.endswith(  # it was kept in silence, and the app took it for this editor's
+        "note: newest also holds files this export did not write (critic/config.json), left as they were: remove "
+        "those of another editor (a critic/ is this editor's to the app), or export to a new folder\n")
     moved = cli(capsys, "export", "runs/npedit", "--base", str(tiny_zimage), "--out", "moved", "--keep-paths").strip()
     assert json.loads((work / moved / "training_config.json").read_text())["base"] == str(tiny_zimage)
     mean = cli(capsys, "export", "runs/npedit", "--average", "2").strip()
