@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -801,6 +802,30 @@ def test_judge_pixel_cap_reaches_the_judge_and_the_runs(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="llava_onevision judges see each image at one fixed size"):
         presets.check_train_args(presets.train_args(quick.values(), judge=tiny_set["judge"], judge_max_pixels=1024,
                                                     **common))
+
+
+def test_a_recipe_with_a_typo_keeps_its_preset_which_says_so_and_start_refuses(tiny_set, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A recipe of configs/shapes/ that did not read (a key mistyped while editing it) was swapped, in silence, for
+    built-in values without the file (another lr, none of its other settings), or its preset vanished. It now keeps
+    its preset, the error first in the note (and on the app's stderr), and Start refuses it naming the key."""
+    for path in presets.RECIPES.glob("*.yaml"):
+        shutil.copyfile(path, tmp_path / path.name)
+    (tmp_path / "npedit.yaml").write_text((tmp_path / "npedit.yaml").read_text().replace("max_steps:", "max_step:"))
+    (tmp_path / "sft.yaml").write_text("stage: sft\noptim: {lr: 1.0e-4, lrr: 1}\n")
+    monkeypatch.setattr(presets, "RECIPES", tmp_path)
+    offered = presets.build_presets()
+    said = "⚠️ **npedit.yaml does not read** (unknown config key(s) max_step (did you mean max_steps?); valid keys"
+    for name in ("Quick check (CPU, minutes)", "Shapes NP-Edit", "Judge only (λ_DMD = 0)", "DMD only (λ_VLM = 0)"):
+        assert offered[name].note.startswith(said) and offered[name].config_file == str(tmp_path / "npedit.yaml")
+    assert offered["Shapes paired SFT (baseline)"].note.startswith("⚠️ **sft.yaml does not read** (unknown config "
+                                                                   "key(s) optim.lrr (did you mean optim.lr?)")
+    assert "warning: the recipe " + str(tmp_path / "npedit.yaml") in capsys.readouterr().err
+    assert not offered["Shapes identity warm-up"].note.startswith("⚠️")
+    quick = offered["Quick check (CPU, minutes)"]
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) max_step \(did you mean max_steps\?\)"):
+        presets.check_train_args(presets.train_args(quick.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
+                                                    student="", data="shapes", config_file=quick.config_file))
 
 
 def test_shipped_recipes_load_and_become_presets(tiny_set):

@@ -8,6 +8,7 @@ with the chosen teacher, judge, student and data; `check_train_args` validates t
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -65,35 +66,52 @@ def from_config(cfg: TrainConfig, note: str, config_file: str | None) -> Preset:
                   sample_every=cfg.sample_every, save_every=cfg.save_every)
 
 
-def _recipe(name: str, note: str) -> Preset | None:
+def _recipe(name: str, note: str, fallback: Preset | None = None) -> Preset | None:
+    """The preset of the recipe configs/shapes/NAME.yaml, else `fallback` (None: no preset). A recipe there that does
+    not read keeps its preset, its error first in the note, and its file, so that Start names the error."""
     path = RECIPES / f"{name}.yaml"
     if not path.is_file():
-        return None
+        return fallback
     try:
         return from_config(load_config(path), note, str(path))
-    except (ValueError, OSError):  # a recipe being edited must not break the app
-        return None
+    except (ValueError, OSError) as exc:  # a recipe being edited must not break the app, nor be swapped in silence
+        print(f"warning: the recipe {path} does not read: {exc}", file=sys.stderr)
+        return replace(fallback or Preset(""), note=f"{_broken(path, exc)}{note}", config_file=str(path))
+
+
+BROKEN_END = "Start refuses this preset until the file is fixed. "
+
+
+def _broken(path: Path, exc: Exception) -> str:
+    return f"⚠️ **{path.name} does not read** ({exc}): {BROKEN_END}"
+
+
+def _warning(preset: Preset) -> str:
+    """The warning a preset's note opens with when its recipe does not read (for the presets made from it)."""
+    return preset.note[:preset.note.index(BROKEN_END) + len(BROKEN_END)] if preset.note.startswith("⚠️") else ""
 
 
 def build_presets() -> dict[str, Preset]:
     """The presets: the Shapes recipes when configs/shapes/ is there, else built-in stand-ins."""
-    npedit = _recipe("npedit", "The Shapes NP-Edit recipe (configs/shapes/npedit.yaml): judge + DMD, no pairs.") or \
-        Preset("NP-Edit stage: judge questions + DMD against the teacher.", max_steps=1000, critic_steps=2, lr=1e-4,
-               batch_size=16, log_every=10, sample_every=100, save_every=100)
+    npedit = _recipe("npedit", "The Shapes NP-Edit recipe (configs/shapes/npedit.yaml): judge + DMD, no pairs.",
+                     Preset("NP-Edit stage: judge questions + DMD against the teacher.", max_steps=1000,
+                            critic_steps=2, lr=1e-4, batch_size=16, log_every=10, sample_every=100, save_every=100))
     warmup = _recipe("warmup", "The Shapes identity warm-up recipe (configs/shapes/warmup.yaml): the student learns "
-                               "to reproduce its input (no judge, no critic).") or \
-        Preset("Identity warm-up: the student learns to reproduce its input.", stage="warmup", max_steps=400,
-               critic_steps=0, lr=3e-4, lambda_dmd=0.0, lambda_vlm=0.0, batch_size=16, sample_every=200, save_every=200)
+                               "to reproduce its input (no judge, no critic).",
+                     Preset("Identity warm-up: the student learns to reproduce its input.", stage="warmup",
+                            max_steps=400, critic_steps=0, lr=3e-4, lambda_dmd=0.0, lambda_vlm=0.0, batch_size=16,
+                            sample_every=200, save_every=200))
+    warn = _warning(npedit)
     presets = {
         "Quick check (CPU, minutes)": replace(
-            npedit, note="The NP-Edit recipe cut to 30 steps of batch 2: checks the whole loop on a CPU.",
+            npedit, note=f"{warn}The NP-Edit recipe cut to 30 steps of batch 2: checks the whole loop on a CPU.",
             max_steps=30, critic_steps=min(npedit.critic_steps, 2), batch_size=2, log_every=1, sample_every=10,
             save_every=10),
         "Shapes NP-Edit": npedit,
-        "Judge only (λ_DMD = 0)": replace(npedit, note="Ablation of the NP-Edit recipe: the judge's Yes/No loss only.",
-                                          lambda_dmd=0.0),
-        "DMD only (λ_VLM = 0)": replace(npedit, note="Ablation of the NP-Edit recipe: distribution matching only.",
-                                        lambda_vlm=0.0),
+        "Judge only (λ_DMD = 0)": replace(npedit, lambda_dmd=0.0,
+                                          note=f"{warn}Ablation of the NP-Edit recipe: the judge's Yes/No loss only."),
+        "DMD only (λ_VLM = 0)": replace(npedit, lambda_vlm=0.0,
+                                        note=f"{warn}Ablation of the NP-Edit recipe: distribution matching only."),
         "Shapes identity warm-up": warmup,
     }
     sft = _recipe("sft", "Baseline: paired SFT on true rendered edits (configs/shapes/sft.yaml); needs target "
