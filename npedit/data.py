@@ -180,7 +180,7 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
     spreadsheet's CSV takes ';'); the text as `file_text` reads it. A bad row is a ValueError naming its line as
     `label`:N, the header being line 1; `what` the file is, for the message of one that is no CSV at all. Cells and
     column names lose their surrounding whitespace (a spreadsheet's stray spaces around a path or a type; the inner
-    text of an instruction is kept)."""
+    text of an instruction is kept); column names are read without case, spaces inside them as '_'."""
     path = Path(path)
     label = label or str(path)
     text = file_text(path, label)
@@ -189,7 +189,9 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows, start = [], 1
     try:
-        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        # a spreadsheet's "Edit Type" or "Object_Name" is the column edit_type or object_name: read as another
+        # column, it was passed over, and each row trained as a plain edit with no object named
+        reader.fieldnames = [re.sub(r"\s+", "_", name.strip()).lower() for name in reader.fieldnames or []]
         names = [name for name in reader.fieldnames if name]
         missing = [k for k in required if k not in names]
         if missing:

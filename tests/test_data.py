@@ -336,6 +336,23 @@ def test_csv_manifest_reads_as_its_json_lines(tiny_manifest, dialect):
     assert [(r.id, r.instruction) for r in load_manifest(f)] == [("000002", "make it red")]  # no id: its line
 
 
+def test_csv_column_names_read_without_case_or_their_spreadsheet_spaces(tmp_path):
+    """A spreadsheet's header "Image;Instruction;Edit Type;Object_Name" stopped the run (no image column), and with
+    the required columns in lower case, "Edit Type" and "Object_Name" were passed over as unknown columns: each
+    removal trained as a plain edit with no object named. Column names now read without case, spaces as '_'."""
+    from npedit.data import read_csv_rows
+
+    f = tmp_path / "cases.csv"
+    f.write_text("\ufeffImage;INSTRUCTION;Edit Type;Object_Name;Keep\r\nphotos/a.png;remove the cat;Remove;cat;"
+                 "\"tree; house\"\r\n", encoding="utf-8")
+    [record] = load_manifest(f)
+    assert (record.image, record.instruction, record.edit_type, record.object_name, record.keep) == (
+        str(tmp_path / "photos/a.png"), "remove the cat", "remove", "cat", "tree;house")
+    f.write_text("image,Image,instruction\na.png,b.png,x\n")
+    with pytest.raises(ValueError, match="the header names image more than once"):
+        read_csv_rows(f)
+
+
 def test_csv_cells_lose_a_spreadsheets_stray_spaces(tiny_manifest):
     """Spaces around a CSV's cells and column names (typed into a spreadsheet) are dropped: the manifest trains on
     the same samples and a pair list names the same files; an instruction keeps the spaces inside it."""
