@@ -353,6 +353,27 @@ def test_csv_column_names_read_without_case_or_their_spreadsheet_spaces(tmp_path
         read_csv_rows(f)
 
 
+def test_a_misspelt_field_is_named_with_the_field_meant(tmp_path, caplog):
+    """A key or column that is no field was passed over in silence: "caption_tagret" trained each of its lines on the
+    instruction as c^x. One warning now names each such key close to a field, its lines and the field meant; other
+    keys (an edit --verdicts line's p_edit, p_keep) still pass unnamed. The app's table says the same."""
+    from workbench import datasets
+
+    f = tmp_path / "cases.jsonl"
+    lines = [{"image": "a.png", "instruction": "make it red", "caption_tagret": "a red car", "p_keep": 0.9},
+             {"image": "a.png", "instruction": "make it blue", "caption_tagret": "a blue car", "edittype": "recolor"}]
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with caplog.at_level("WARNING", logger="npedit.data"):
+        records = load_manifest(f)
+    assert [r.caption_target for r in records] == ["", ""]
+    said = ("'caption_tagret' (line 1, 2) is no field: passed over (did you mean caption_target?); 'edittype' (line 2)"
+            " is no field: passed over (did you mean edit_type?)")
+    assert [r.getMessage() for r in caplog.records if "no field" in r.getMessage()] == [f"{f}: {said}"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    _, notes = datasets.table_for_uploads([str(f), str(tmp_path / "a.png")])
+    assert f"cases.jsonl: {said}." in notes
+
+
 def test_csv_cells_lose_a_spreadsheets_stray_spaces(tiny_manifest):
     """Spaces around a CSV's cells and column names (typed into a spreadsheet) are dropped: the manifest trains on
     the same samples and a pair list names the same files; an instruction keeps the spaces inside it."""

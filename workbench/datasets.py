@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, object_names, read_rows
+from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, misspelt_fields, object_names, read_rows
 from npedit.domain import DOMAIN_FILE, SHAPES_DOMAIN, Domain, write_domain
 from npedit.files import write_png
 from npedit.images import ImageError, load_image
@@ -116,6 +116,7 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
     Only the manifest and `paths` are read: a manifest's paths name no file of this machine (a public app)."""
     label = Path(manifest).name
     rows = read_rows(manifest, ("image", "instruction"), text=TEXT_FIELDS, label=label, what="manifest")
+    misspelt = misspelt_fields(rows)  # (a column the table has no place for: its cells would go in silence)
     files = upload_names(paths)
     # base name -> the spellings naming it, images and targets alike (an upload holds one file per name);
     # (line, row, base name); line -> its target's base name
@@ -203,6 +204,8 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
     if unused:
         notes.append(f"{_plural(unused, 'uploaded file')} not named in {label}, left out of the table: "
                      f"{_some(unused)}.")
+    if misspelt:
+        notes.append(f"{label}: {misspelt}.")
     if to_fix:
         notes.append(f"{label}: {len(to_fix)} row{'s' if len(to_fix) > 1 else ''} to fix in the table before Start: "
                      + _some(to_fix, "; "))
