@@ -370,7 +370,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key} must be a number ({tp.__name__}), got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ValueError(f"{key} must be an integer, got {value!r}")
-        if out != out:  # NaN: a loss weight or lr of NaN made every update's gradient NaN, each skipped in silence
+        if out != out:  # NaN passes every bound (NaN < 0 is False): lambda_vlm=nan dropped the judge loss in silence
             raise ValueError(f"{key} must be a number ({tp.__name__}), got {value!r}")
         return out
     if tp is str:

@@ -50,7 +50,7 @@ def test_a_folder_given_as_config_is_named_a_folder_not_missing(tmp_path):
     ("judge.loss=ce", "judge.loss must be one of 'yes_no', 'full_vocab'"),
     ("optim.lrr=1", "valid keys here: optim.lr"),
     ("max_steps=ten", "max_steps must be a number"),
-    # NaN read as a number: every update's gradient NaN, each skipped, the run training nothing
+    # NaN read as a number passed every check: loss.lambda_vlm=nan trained without the judge (NaN > 0 is False), unsaid
     ("loss.lambda_vlm=nan", "loss.lambda_vlm must be a number (float), got 'nan'"),
     ("optim.lr=.NaN", "optim.lr must be a number (float), got nan"),
     ("data.fraction=0", "data.fraction must be in"),
