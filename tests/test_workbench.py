@@ -1,6 +1,7 @@
 """The workbench on tiny models: per-step tracing, model checks, data tables, batch judging, runs, plots, jobs."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -851,6 +852,8 @@ def test_shipped_recipes_load_and_become_presets(tiny_set):
     cfg = presets.check_train_args(args)
     assert cfg.loss.lambda_target == 1.0 and cfg.judge.path == ""  # the regression from the file; no judge loaded
     assert presets.targets_for(cfg) == "the regression onto the true edit (loss.lambda_target)"
+    pixels = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lambda_target=0.0, lambda_target_pixels=4.0))
+    assert presets.targets_for(pixels) == "the regression onto the true edit (loss.lambda_target_pixels)"
     assert presets.targets_for(presets.check_train_args(presets.train_args(
         {}, base=tiny_set["teacher"], judge=tiny_set["judge"], student="", data="shapes"))) == ""
 

@@ -198,5 +198,6 @@ def targets_for(cfg: TrainConfig) -> str:
     if cfg.stage == "sft":
         return "stage sft (paired SFT)"
     if cfg.loss.uses_targets:
-        return "the regression onto the true edit (loss.lambda_target, loss.lambda_target_pixels)"
+        keys = [k for k in ("lambda_target", "lambda_target_pixels") if getattr(cfg.loss, k) > 0]
+        return f"the regression onto the true edit ({', '.join('loss.' + k for k in keys)})"
     return ""
