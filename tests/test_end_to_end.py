@@ -865,6 +865,33 @@ def _probe_trainer(tmp_path, tiny_zimage, tiny_manifest, *extra):
     return trainer, batches, loss_fn
 
 
+def test_a_network_whose_updates_are_all_skipped_is_warned_about_once(tmp_path, tiny_zimage, tiny_manifest, capsys,
+                                                                     monkeypatch):
+    """Every update skipped (gradient norm above optim.skip_grad_norm) trains nothing: after SKIPS_TO_WARN in a row
+    the run prints one warning naming the key, and metrics.jsonl counts the skips in a row; an update that goes
+    through starts the count again."""
+    import dataclasses
+
+    from npedit.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "SKIPS_TO_WARN", 3)
+    trainer, batches, loss_fn = _probe_trainer(tmp_path, tiny_zimage, tiny_manifest, "optim.skip_grad_norm=1e-12",
+                                               "max_steps=5", "log_every=1")
+    capsys.readouterr()
+    trainer.train()
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "the last 3 student updates were all skipped" in out
+    assert "exceed optim.skip_grad_norm=1e-12; raise it" in out
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_in_a_row_student"] for r in rows] == [1, 2, 3, 4, 5]
+    trainer.cfg = dataclasses.replace(trainer.cfg, optim=dataclasses.replace(trainer.cfg.optim, skip_grad_norm=1e6))
+    trainer.batches = iter(batches)
+    assert trainer._optimise("student", loss_fn)["student_skipped"] == 0
+    assert trainer.skipped_in_a_row["student"] == 0 and trainer.skipped["student"] == 5
+    message = trainer_module.skip_warning("critic", [float("nan"), 400.0], 300.0, step=7)
+    assert "1 had a loss or gradient that was not finite" in message and "lower optim.lr" in message
+
+
 def test_fp16_loss_scaling_is_undone_before_clipping_and_the_step(tmp_path, tiny_zimage, tiny_manifest):
     """Under fp16 mixed precision accelerate's GradScaler multiplies the loss by 2^16 in `acc.backward`: the update
     (grad norm, skip test, weights) must be the unscaled one, and an overflow skips the step and lowers the scale."""

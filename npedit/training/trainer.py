@@ -38,6 +38,9 @@ from .logging import MetricsLogger, sample_grid
 from .memory import check_run_memory, matching
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# this many skipped updates of a network in a row and the run says so: it can otherwise train nothing for hours,
+# each step logged as usual
+SKIPS_TO_WARN = 20
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -117,6 +120,20 @@ def check_judged_texts(judge, records, manifest: str) -> None:
                                  "text: reword it")
 
 
+def skip_warning(name: str, norms: list[float], limit: float, step: int) -> str:
+    """The warning for `len(norms)` skipped updates of `name` in a row (their gradient norms; NaN or inf: not
+    finite), naming the setting to change."""
+    finite = [n for n in norms if n == n and n != float("inf")]
+    head = (f"warning: step {step}: the last {len(norms)} {name} updates were all skipped, so the {name} is not "
+            "training: ")
+    if len(finite) == len(norms):
+        return head + (f"their gradient norms ({min(finite):.4g} to {max(finite):.4g}) exceed optim.skip_grad_norm="
+                       f"{limit:g}; raise it above them (or lower optim.lr)")
+    return head + (f"{len(norms) - len(finite)} had a loss or gradient that was not finite (NaN or inf), the rest a "
+                   f"gradient norm above optim.skip_grad_norm={limit:g}; lower optim.lr, or train in "
+                   "mixed_precision=bf16 or no rather than fp16")
+
+
 class Trainer:
     """Holds the networks, optimisers and state of one run; `train()` runs it to `max_steps`."""
 
@@ -129,6 +146,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.acc.process_index)
         self.step = 0
         self.skipped = {"student": 0, "critic": 0}
+        self.skipped_in_a_row = {"student": 0, "critic": 0}
+        self._streak_norms: dict[str, list[float]] = {"student": [], "critic": []}  # of the skips in a row
         self.final_phase = False  # in the last optim.final_share of the run (the student's lr stepped down)
         # the data first: a bad manifest is an error in seconds, not after minutes of loading models
         dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.uses_targets)
@@ -306,7 +325,7 @@ class Trainer:
                 counts[key] = counts.get(key, 0) + 1
         if not self._everywhere(finite):
             opt.zero_grad(set_to_none=True)
-            self.skipped[name] += 1
+            self._count_skip(name, float("nan"))
             return {f"{name}_skipped": 1.0}
         metrics = {key: sums[key] / counts[key] for key in sums}
         average_gradients(params, self.acc)  # (scaled alike on every process: an overflow anywhere reaches all)
@@ -317,7 +336,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.update()  # an fp16 overflow lowers the scale for the next update
-            self.skipped[name] += 1
+            self._count_skip(name, float(norm))
             return {**metrics, f"{name}_grad_norm": float(norm), f"{name}_skipped": 1.0}
         if scaler is not None:
             scaler.step(opt)
@@ -325,7 +344,18 @@ class Trainer:
         else:
             opt.step()
         sched.step()
+        self.skipped_in_a_row[name] = 0
+        self._streak_norms[name] = []
         return {**metrics, f"{name}_grad_norm": float(norm), f"{name}_skipped": 0.0}
+
+    def _count_skip(self, name: str, norm: float) -> None:
+        """Count a skipped update of `name` (its gradient norm, NaN where a loss was not finite); the
+        `SKIPS_TO_WARN`-th in a row prints one warning naming what to change."""
+        self.skipped[name] += 1
+        self.skipped_in_a_row[name] += 1
+        self._streak_norms[name].append(norm)
+        if self.skipped_in_a_row[name] == SKIPS_TO_WARN:
+            self.acc.print(skip_warning(name, self._streak_norms[name], self.cfg.optim.skip_grad_norm, self.step))
 
     def _everywhere(self, ok: bool) -> bool:
         """Whether `ok` holds on every process (one tiny all-reduce when there are several)."""
@@ -530,7 +560,10 @@ class Trainer:
             last = self.step == cfg.max_steps or out_of_time
             if self.step % cfg.log_every == 0 or last:
                 metrics.update({"lr": lr, "skipped_student": self.skipped["student"],
-                                "skipped_critic": self.skipped["critic"], "elapsed_s": time.monotonic() - start})
+                                "skipped_critic": self.skipped["critic"],
+                                "skipped_in_a_row_student": self.skipped_in_a_row["student"],
+                                "skipped_in_a_row_critic": self.skipped_in_a_row["critic"],
+                                "elapsed_s": time.monotonic() - start})
                 self.metrics.log(self.step, metrics)
                 bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items() if k.endswith("loss")})
             if cfg.sample_every and self.step % cfg.sample_every == 0:
