@@ -112,7 +112,11 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
     alpha = float(cfg.model.lora_alpha or rank)
     lora, extra = to_diffusers_layout(load_file(str(source)), alpha / rank)
     out = Path(out) if out else Path(run_dir) / "exports" / f"{path.name}-lora"
-    meta = {"format": 1, "base": str(base or cfg.model.base), "student": cfg.model.student or None,
+    # a local base or student as an absolute path: as typed (`hub/Z-Image-Turbo`) it loaded only from the folder the
+    # run was started in; `--base` is as typed now, here
+    root = started_in(run_dir, cfg.output_dir)
+    meta = {"format": 1, "base": absolute_local(base, Path.cwd()) if base else absolute_local(cfg.model.base, root),
+            "student": absolute_local(cfg.model.student, root) or None,
             "rank": rank, "alpha": alpha, "layers": len(lora) // 2, "dtype": cfg.model.dtype,
             "shift": cfg.sampler.shift, "stage": cfg.stage, "step": int(state["step"]),
             "exported_from": portable(str(path)),
@@ -133,6 +137,31 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
         (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         (folder / "README.md").write_text(_card(meta, cfg), encoding="utf-8")
     return out
+
+
+def started_in(run_dir: str | Path, output_dir: str) -> Path:
+    """The folder a run was started in, where the relative paths of its config lead: `run_dir` less its relative
+    `output_dir` (runs/x trained from /work is /work/runs/x), else (an absolute or other output_dir) the current one."""
+    run, out = Path(run_dir).resolve(), Path(output_dir)
+    parts = out.parts
+    if out.is_absolute() or not parts or ".." in parts or run.parts[-len(parts):] != parts:
+        return Path.cwd()
+    return run.parents[len(parts) - 1]
+
+
+def absolute_local(value: str, root: Path) -> str:
+    """A model path from a run's config (relative to `root`) as it may be recorded: a local path absolute, a hub id
+    ("owner/name" that is no folder under `root` or here) as it is; empty stays empty."""
+    from .sharing import is_hub_id
+
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if not (root / path).exists() and is_hub_id(value):
+        return value
+    return str((root / path).resolve())
 
 
 def _card(meta: dict, cfg) -> str:

@@ -630,8 +630,8 @@ def cmd_export(args) -> int:
         raise UsageError("error: --metrics and --license go into a whole editor's model card; an adapter folder's "
                          "card is written from its run alone")
     if args.adapters and args.keep_paths:  # (it was silently ignored)
-        raise UsageError("error: --keep-paths is for a whole editor; an adapter folder names its base and student as "
-                         "given (a load needs them) and its run, judge and data by name only")
+        raise UsageError("error: --keep-paths is for a whole editor; an adapter folder names its base and student "
+                         "(local ones as absolute paths: a load needs them) and its run, judge and data by name only")
     # an existing --out is written into, not replaced: what this export does not rewrite stays, and a push uploads it
     earlier = _file_times(args.out) if args.out else {}
     try:

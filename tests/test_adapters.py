@@ -227,6 +227,39 @@ def test_adapters_on_a_trained_student_name_it_and_rebuild_from_it(tmp_path, tin
         NPEditPipeline.from_pretrained(folder)
 
 
+def test_adapters_of_a_run_on_a_relative_base_record_it_absolute(tmp_path, tiny_manifest, monkeypatch):
+    """A run started in /work with `model.base=hub/tiny` (relative, one slash like a hub id) wrote that string into
+    npedit_lora.json, so its adapters loaded only from /work. The base and student are recorded absolute (where the
+    run was started, whatever folder the export runs in); a relative --base is the one meant here; an older export
+    naming its base relatively still loads from where it leads."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    other.mkdir()
+    base = Path(build_tiny_sd3(work / "hub" / "tiny")).resolve()
+    monkeypatch.chdir(work)
+    trainer = _lora_run("hub/tiny", tiny_manifest, "runs/lora")
+    editor = Path(trainer.export()).resolve()  # runs/lora/pipeline: a second run's relative starting student
+    _lora_run("hub/tiny", tiny_manifest, "runs/second", "model.student=runs/lora/pipeline")
+    monkeypatch.chdir(other)
+    folder = export_adapters(work / "runs" / "lora")
+    assert json.loads((folder / META_FILE).read_text())["base"] == str(base)
+    want = _velocity(trainer.backbone, lora.merged_copy(trainer.student))
+    torch.testing.assert_close(_velocity(*_parts(NPEditPipeline.from_pretrained(folder))), want, atol=1e-5, rtol=1e-4)
+    second = json.loads((export_adapters(work / "runs" / "second") / META_FILE).read_text())
+    assert second["base"] == str(base) and second["student"] == str(editor)
+    monkeypatch.chdir(work)
+    assert json.loads((export_adapters("runs/lora", base="hub/tiny") / META_FILE).read_text())["base"] == str(
+        base.resolve())
+    meta = json.loads((folder / META_FILE).read_text())
+    (folder / META_FILE).write_text(json.dumps({**meta, "base": "hub/tiny"}))  # as an older export wrote it
+    torch.testing.assert_close(_velocity(*_parts(NPEditPipeline.from_pretrained(folder))), want, atol=1e-5, rtol=1e-4)
+    hub = export_adapters("runs/lora", base="owner/some-base")  # a hub id stays an id
+    assert json.loads((hub / META_FILE).read_text())["base"] == "owner/some-base"
+
+
+def _parts(pipe):
+    return pipe.backbone, pipe.transformer
+
+
 def test_a_bfloat16_run_rebuilds_its_rounded_base(tmp_path, tiny_manifest):
     """Frozen weights held in bfloat16 during training are what the adapters were added to: the folder rebuilds
     them rounded the same way, so it loads into the checkpoint's folded student, not the float32 base plus adapters."""
