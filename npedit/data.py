@@ -317,6 +317,7 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) 
         logger.warning("%s: %d path(s) written with Windows backslashes are read with '/', the files being there "
                        "(line %s%s)", path, len(slashed), ", ".join(slashed[:3]), more)
     _warn_repeats(path, records, lines)
+    _warn_shared_ids(path, records, lines)
     return records
 
 
@@ -342,6 +343,21 @@ def _warn_repeats(path: Path, records: list[EditRecord], lines: list[int]) -> No
         more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
         logger.warning("%s: %d line(s) repeat an earlier one (line %s%s); each copy is drawn as often as a sample of "
                        "its own", path, len(repeats), ", ".join(repeats[:5]), more)
+
+
+def _warn_shared_ids(path: Path, records: list[EditRecord], lines: list[int]) -> None:
+    """One warning naming the ids that more than one line has, with their lines: training takes them, but every
+    message naming a sample by its id (an unreadable image, a judged text) is then ambiguous, and `edit --batch`,
+    which names each result's file by its id, refuses the manifest."""
+    found: dict[str, list[int]] = {}
+    for record, n in zip(records, lines):
+        found.setdefault(record.id, []).append(n)
+    shared = [f"{ident!r} (lines {', '.join(map(str, ns))})" for ident, ns in found.items() if len(ns) > 1]
+    if shared:
+        more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+        logger.warning("%s: %d id(s) name more than one line: %s%s; a message naming a sample by its id is ambiguous "
+                       "and `edit --batch` refuses the file: give each line an id of its own (or none: its line number "
+                       "stands in)", path, len(shared), ", ".join(shared[:5]), more)
 
 
 class EditDataset(Dataset):

@@ -254,6 +254,25 @@ def test_repeated_lines_are_named_in_one_warning_and_a_folder_names_its_manifest
         load_manifest(tmp_path)
 
 
+def test_ids_that_name_several_lines_are_named_in_one_warning(tmp_path, caplog):
+    """Two lines with one id trained in silence, though messages name samples by id and `edit --batch` refuses the
+    file; one warning names each shared id with its lines (an auto id, the line number, counts as one)."""
+    f = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "image": "a.png", "instruction": "make it red"},
+            {"id": "b", "image": "b.png", "instruction": "make it blue"},
+            {"id": "a", "image": "c.png", "instruction": "make it green"},
+            {"image": "d.png", "instruction": "make it pink"},
+            {"id": "000004", "image": "e.png", "instruction": "make it grey"}]
+    f.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    assert len(load_manifest(f)) == 5
+    assert caplog.messages == [f"{f}: 2 id(s) name more than one line: 'a' (lines 1, 3), '000004' (lines 4, 5); a "
+                               "message naming a sample by its id is ambiguous and `edit --batch` refuses the file: "
+                               "give each line an id of its own (or none: its line number stands in)"]
+    caplog.clear()
+    f.write_text("".join(json.dumps({**x, "id": str(i)}) + "\n" for i, x in enumerate(rows)))
+    assert len(load_manifest(f)) == 5 and not caplog.messages
+
+
 def test_a_tab_separated_pair_list_reads_as_a_manifest_does(tmp_path):
     """A .tsv list is a CSV with tabs (npedit.data.CSV_SUFFIXES): `edit --batch` and manifests read it, and so does
     `judge --batch` (read_pairs refused its suffix)."""
