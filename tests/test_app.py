@@ -1709,6 +1709,34 @@ def test_a_button_removes_the_rows_of_target_images_uploaded_without_a_manifest(
                                                                               ("dog.png", "make the dog red")]
 
 
+def test_taking_the_manifest_off_the_upload_keeps_every_row_of_its_images(tiny_set, tmp_path, monkeypatch):
+    """A manifest may give one image several rows (several edits of one photo). Taking the manifest itself off the
+    upload (or clearing the upload of it) kept only the first row of such an image: the others' instructions went
+    without a word. Every row stays, as typed, and a file taken off afterwards still takes all of its rows."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    images = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("dog.png", (0, 200, 0)))]
+    manifest = _uploaded(uploads, "cases.jsonl", "".join(json.dumps(r) + "\n" for r in [
+        {"image": "cat.png", "instruction": "make the cat blue"}, {"image": "dog.png", "instruction": "make it red"},
+        {"image": "cat.png", "instruction": "remove the cat", "edit_type": "remove", "object_name": "cat"}]))
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    table, names = fns["on_upload"]([manifest, *images], pd.DataFrame(), {})
+    table.loc[1, "caption_target"] = "a red dog"  # typed after the upload
+    rows = [["cat.png", "make the cat blue", ""], ["dog.png", "make it red", "a red dog"],
+            ["cat.png", "remove the cat", ""]]
+    assert table[["image", "instruction", "caption_target"]].values.tolist() == rows
+    left, names = fns["on_remove"](images, table, names)  # (rows by image, in the upload's order, as without one)
+    assert left[["image", "instruction", "caption_target"]].values.tolist() == [rows[0], rows[2], rows[1]]
+    assert list(left["edit_type"]) == ["edit", "remove", "edit"] and names == {"cat.png": images[0],
+                                                                               "dog.png": images[1]}
+    dogless, names = fns["on_remove"](images[:1], left, names)
+    assert dogless[["image", "instruction"]].values.tolist() == [["cat.png", "make the cat blue"],
+                                                                  ["cat.png", "remove the cat"]]
+
+
 def test_a_file_taken_off_the_upload_leaves_the_table_and_a_generated_table_stays(tiny_set, tmp_path, monkeypatch):
     """Taking an image off the upload (its x) kept its row, and Start trained on it (its file still in the state).
     Now its row goes and the others stay as typed; clearing the upload empties the table; a table of generated Shapes

@@ -50,16 +50,17 @@ def upload_names(paths: Sequence[str]) -> dict[str, str]:
 def table_for_images(paths: list[str], previous: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
     """One row per uploaded file that load_image reads, named as in `upload_names`, with the text columns left for the
     user to fill, or, for an image already in `previous` (the table so far), as typed there: adding files to an upload
-    sends them all again. Also a line "name: why" per file left out (not an image, empty, truncated, too large...)."""
-    typed = {}
+    sends them all again; an image with several rows (from a manifest since taken off the upload) keeps them all.
+    Also a line "name: why" per file left out (not an image, empty, truncated, too large...)."""
+    typed: dict[str, list[dict]] = {}
     if previous is not None:
         for row in previous.reindex(columns=TABLE_COLUMNS).to_dict("records"):
-            typed.setdefault(_cell(row["image"]), {c: _cell(row[c]) for c in TABLE_COLUMNS})
+            typed.setdefault(_cell(row["image"]), []).append({c: _cell(row[c]) for c in TABLE_COLUMNS})
     blank = {c: "" for c in TABLE_COLUMNS} | {"edit_type": "edit"}
     rows, skipped = [], []
     for name, p in upload_names(paths).items():
         if name in typed:  # read when it first arrived (each addition sends every file again)
-            rows.append(typed[name])
+            rows.extend(typed[name])
             continue
         try:
             load_image(p)  # the whole file: a truncated one is named now, not when the run starts
