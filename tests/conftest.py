@@ -88,6 +88,13 @@ def full_disk():
 
 
 @pytest.fixture(autouse=True)
+def no_trainers_elsewhere(monkeypatch):
+    """A start sees no `npedit train` of the machine's other users of it (`jobs.outside_trainer`: a trainer of another
+    session on this machine would refuse every job a test starts); tests of that check show it their own processes."""
+    monkeypatch.setattr("workbench.jobs._processes", lambda: iter(()))
+
+
+@pytest.fixture(autouse=True)
 def fresh_hub_answers(monkeypatch):
     """Each test asks the hub's endpoint itself (`folders.hub_unreachable` keeps an answer for HUB_ANSWER_S): a port
     refused in one test may serve another's local hub."""

@@ -1179,6 +1179,54 @@ def test_two_starts_at_once_past_a_stale_lock_run_one_job(tmp_path, monkeypatch)
             jobs.cancel_job(root / name, timeout=5)
 
 
+def test_a_trainer_started_from_a_shell_keeps_the_app_from_starting_a_second_on_its_device(tmp_path, monkeypatch):
+    """The device lock names the app's own jobs only: with `python -m npedit train` running from a shell, the app saw
+    the device free and started a second trainer there. A start now reads the process table and refuses, naming the
+    trainer; a trainer hidden from the device (CUDA_VISIBLE_DEVICES) or a job of these runs (the lock's business) does
+    not count."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setattr(jobs, "_MAIN", "import time; time.sleep(60)")  # a job that runs until stopped
+    env = {k: v for k, v in os.environ.items() if k not in ("NPEDIT_PID_FILE", "CUDA_VISIBLE_DEVICES")}
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {name: subprocess.Popen([*sleep, "-m", "npedit", "train", f"output_dir={tmp_path / name}"], env=extra)
+             for name, extra in (("shell", env), ("gpu1", {**env, "CUDA_VISIBLE_DEVICES": "1"}),
+                                 ("ours", {**env, "NPEDIT_PID_FILE": str(root / "r" / "job.pid")}))}
+    try:
+        for proc in procs.values():  # (until exec, a child shows its parent's command line)
+            deadline = time.time() + 10
+            while time.time() < deadline and "train" not in psutil.Process(proc.pid).cmdline():
+                time.sleep(0.01)
+        mine = {p.pid for p in procs.values()}
+        monkeypatch.setattr(jobs, "_processes",
+                            lambda: (p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid in mine))
+        assert jobs.outside_trainer(root, "cuda:0") == (f"pid {procs['shell'].pid}: {sys.executable} -c 'import time; "
+                                                        f"time.sleep(60)' -m npedit train output_dir={tmp_path}/shell")
+        with pytest.raises(jobs.JobBusy, match=f"cpu is busy with a trainer started outside this app \\(pid "
+                                               f"{procs['shell'].pid}: .*One job runs per device"):
+            jobs.start_job(root / "new", ["max_steps=1"], runs_root=root, device="cpu")
+        assert not (root / "new").exists() and jobs.active_job(root, "cpu") is None
+        shell = procs.pop("shell")
+        shell.kill()
+        shell.wait()
+        assert jobs.outside_trainer(root, "cuda:0") is None  # on GPU 1, and a job of these runs
+        assert jobs.outside_trainer(root, "cuda:1") == f"pid {procs['gpu1'].pid}: " + " ".join(
+            procs["gpu1"].args[:2]) + " 'import time; time.sleep(60)' -m npedit train " + f"output_dir={tmp_path}/gpu1"
+        assert jobs.outside_trainer(tmp_path / "other-runs", "cuda:0") is not None  # another app's job
+        monkeypatch.setattr(jobs, "_processes", lambda: (p for p in psutil.process_iter(["pid", "cmdline"])
+                                                         if p.pid == procs["ours"].pid))
+        assert jobs.start_job(root / "new", ["max_steps=1"], runs_root=root, device="cpu").state == "running"
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+        jobs.cancel_job(root / "new", timeout=5)
+    assert jobs._trains(["npedit", "train", "--resume"]) and jobs._trains(["C:\\env\\Scripts\\npedit.exe", "train"])
+    assert jobs._trains(["accelerate", "launch", "-m", "npedit", "train"])
+    assert not jobs._trains([sys.executable, "-m", "npedit", "edit", "--model", "train"])
+    assert not jobs._trains([sys.executable, "-m", "pytest", "-k", "train"])
+
+
 def test_a_poll_freeing_an_ended_runs_lock_leaves_a_new_starts_lock(tmp_path, monkeypatch):
     """A status poll of a run that had ended frees the device's lock if it still names that run; a start running at
     the same moment (another visitor's) could replace the stale lock in between, and the poll then removed the new
