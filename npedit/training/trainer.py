@@ -353,7 +353,8 @@ class Trainer:
         `SKIPS_TO_WARN`-th in a row prints one warning naming what to change."""
         self.skipped[name] += 1
         self.skipped_in_a_row[name] += 1
-        self._streak_norms[name].append(norm)
+        if self.skipped_in_a_row[name] <= SKIPS_TO_WARN:  # (what the warning names; not kept for hours after it)
+            self._streak_norms[name].append(norm)
         if self.skipped_in_a_row[name] == SKIPS_TO_WARN:
             self.acc.print(skip_warning(name, self._streak_norms[name], self.cfg.optim.skip_grad_norm, self.step))
 
