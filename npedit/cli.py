@@ -166,6 +166,13 @@ def cmd_edit(args) -> int:
                 raise SystemExit(f"error: cannot write --verdicts: {exc}") from None
         with _said_if_stopped([verdicts] if verdicts else []):
             failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
+        if verdicts is not None and not verdicts.rows and failures:
+            # every edit failed: an empty file would replace the previous run's verdicts for nothing
+            verdicts.close(complete=False)
+            before = "is as it was" if verdicts.path.exists() else "was not written"
+            rest = ", the rest scored below --min-score" if failures < len(jobs) else ""
+            print(f"note: {args.verdicts} {before}: this run has no verdict to write ({failures} of {len(jobs)} edits "
+                  f"failed{rest})", file=sys.stderr)
     if len(jobs) == 1 and not failures:
         print(jobs[0]["out"])
     return 1 if failures else 0

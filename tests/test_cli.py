@@ -424,6 +424,25 @@ def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complet
     assert sorted(p.name for p in mistakes.glob("*.partial")) == ["e.jsonl.partial"]  # (the edit's, above)
 
 
+def test_an_edit_run_that_wrote_no_verdict_keeps_the_previous_verdicts(mistakes, capsys):
+    """`edit --batch --verdicts V` where every line failed ended normally and replaced the previous V with an empty
+    file. V is now kept as it was and stderr says so; a run that writes rows still replaces it."""
+    line = json.loads((mistakes / "one.jsonl").read_text())
+    (mistakes / "lost.jsonl").write_text("".join(json.dumps(line | {"id": i, "image": f"gone-{i}.png"}) + "\n"
+                                                 for i in "ab"))
+    (mistakes / "v.jsonl").write_text("an earlier report\n")
+    from npedit.cli import main
+
+    capsys.readouterr()
+    assert main(["edit", "--batch", "lost.jsonl", "--output-dir", "out", "--verdicts", "v.jsonl"]) == 1
+    assert (mistakes / "v.jsonl").read_text() == "an earlier report\n"
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == "note: v.jsonl is as it was: this run has no verdict to write (2 of 2 edits failed)", said
+    assert not list(mistakes.glob("*.partial"))
+    assert main(["edit", "--batch", "one.jsonl", "--output-dir", "out", "--verdicts", "v.jsonl"]) == 0
+    assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl").read_text().splitlines()] == ["a"]
+
+
 def test_an_export_never_replaces_the_runs_own_folders_or_a_users_files(mistakes, capsys):
     """`export RUN --out RUN/checkpoints` published the editor in place of the checkpoints folder (an export inside the
     run replaces its target whole), and `--out .` or any folder of the user's wrote README.md, model_index.json and
