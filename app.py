@@ -926,8 +926,13 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             raise gr.Error(f"{device} is busy with run '{busy.name}': one job per device. Wait for it or cancel it.")
         if runs.is_run(run_dir):
             raise gr.Error(f"a run named '{run_dir.name}' exists already: pick another name.")
-        if run_dir.exists():  # e.g. a folder of runs (runs/shapes/npedit): a failed start below would delete it
-            raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_folder()}: pick another name.")
+        try:  # made in one step, refused when there: of two visitors starting one name at once, one gets it (the
+            # other wrote its table into the first one's data/); a folder of runs (runs/shapes/npedit) is refused too,
+            # as a failed start below deletes the folder
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_folder()}: pick another "
+                           "name.") from None
         try:
             data = presets.SHAPES_STREAM if use_stream else os.path.abspath(run_dir / "data" / "cases.jsonl")
             args = presets.train_args(values, base=base.strip(), judge=judge.strip(), student=student.strip(),

@@ -437,6 +437,38 @@ def test_generated_shapes_cases_show_their_names_and_train(tiny_set, tmp_path, m
     assert (data / DOMAIN_FILE).is_file()  # its editor is recognised as a Shapes-world one
 
 
+def test_two_starts_of_one_run_name_at_once_never_share_its_folder(tiny_set, tmp_path, monkeypatch):
+    """Two visitors pressing Start with one run name at the same moment both passed the "exists already" check, and
+    the second wrote its table into the first's data/ (the first's run then trained on the other's cases, or had its
+    folder deleted by the other's failed start). The run folder is now taken in one step: the second start is told
+    the name is taken, and the first run's data/ holds its own cases only."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    launched, pressed, second = [], [], []
+    monkeypatch.setattr(npedit_app.jobs, "start_job", lambda run_dir, args, **kw: launched.append(run_dir))
+    mine, my_names = fns["on_generate"](6, 0)
+    theirs, their_names = fns["on_generate"](2, 1)
+    start = (next(iter(presets.PRESETS)), "run", tiny_set["teacher"], tiny_set["judge"], 0, "")
+    write_manifest = npedit_app.datasets.write_manifest
+
+    def the_other_visitor_starts_meanwhile(*args, **kwargs):
+        if not pressed:  # the first start is between its checks and its job: the second visitor presses Start
+            pressed.append(True)
+            try:
+                second.append(fns["on_start"](theirs, their_names, False, *start)[0])
+            except gr.Error as exc:
+                second.append(exc.message)
+        return write_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(npedit_app.datasets, "write_manifest", the_other_visitor_starts_meanwhile)
+    fns["on_start"](mine, my_names, False, *start)
+    run_dir = tmp_path / "runs" / "run"
+    assert second == [f"a folder named 'run' exists already in {app.runs_folder()}: pick another name."], second
+    assert launched == [run_dir]
+    assert len((run_dir / "data" / "cases.jsonl").read_text().splitlines()) == 6
+
+
 def test_generated_shapes_cases_of_a_day_ago_are_removed(tmp_path, monkeypatch):
     """Each Generate with a new seed or count wrote a folder of cases (up to 2,000 PNGs) under runs/.staging and kept
     it for good, though Start copies the cases into its run. Generating now removes the folders of a day ago."""
