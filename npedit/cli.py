@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import re
@@ -580,11 +581,37 @@ def cmd_train(args) -> int:
             except files.FolderBusy as exc:
                 raise SystemExit(f"error: output_dir {exc}, which trains there: wait for it to end, or stop it, then "
                                  "continue with --resume; or pick another output_dir") from None
-        return _train(cfg, run, args.resume)
+        return _train(cfg, run, args.resume, args.config)
 
 
-def _train(cfg, run: Path, resume: bool) -> int:
-    """`cmd_train` once its run folder is held: train the config into `run` (from its checkpoint with `resume`)."""
+def _keep_given_config(config: str | None, run: Path, cfg) -> None:
+    """When --config `config` is `run`'s own config.yaml, which the trainer writes the resolved config over, and not
+    a file the trainer wrote: its bytes copied beside it first (config.given.yaml, or -2, -3, ... when that name holds
+    other bytes), said on stderr; a config written by hand lost its comments and layout."""
+    from .config import config_text, load_config
+
+    own = run / "config.yaml"
+    if not config or not own.is_file() or _file_key(config) != _file_key(own):
+        return
+    given = own.read_bytes()
+    try:  # the file's own config as the trainer writes it (a resume from the config.yaml the trainer wrote)
+        written = config_text(load_config(own)).encode()
+    except ValueError:  # (valid only with this run's overrides: not the trainer's)
+        written = None
+    if given in (config_text(cfg).encode(), written):  # (this run's config: nothing would change)
+        return
+    for k in itertools.count(1):
+        keep = run / f"config.given{f'-{k}' if k > 1 else ''}.yaml"
+        if not keep.exists() or keep.read_bytes() == given:
+            break
+    write_atomic(keep, given)
+    print(f"note: --config {config} is the run's own config.yaml, where the trainer writes the resolved config: your "
+          f"file is kept as {keep}", file=sys.stderr)
+
+
+def _train(cfg, run: Path, resume: bool, config: str | None = None) -> int:
+    """`cmd_train` once its run folder is held: train the config into `run` (from its checkpoint with `resume`),
+    keeping the bytes of a --config `config` that is the run's own config.yaml."""
     from .training.checkpoint import WriteError
     from .training.trainer import Trainer
 
@@ -598,6 +625,12 @@ def _train(cfg, run: Path, resume: bool) -> int:
             print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    if trainer.acc.is_main_process:
+        try:
+            _keep_given_config(config, run, cfg)
+        except OSError as exc:  # (a full disk) before the file is written over, not after
+            raise SystemExit(f"error: cannot keep a copy of --config {config} before the run writes over it: "
+                             f"{exc.strerror or exc}") from None
     try:
         out = trainer.train()
     except WriteError as exc:  # a full or read-only disk: what is kept and what to do, in one line

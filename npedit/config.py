@@ -544,7 +544,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return build_config(TrainConfig, apply_overrides(data, list(overrides)))
 
 
+def config_text(cfg) -> str:
+    """A resolved config (a TrainConfig, a Shapes stage's) as the YAML `save_config` writes."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg, path: str | os.PathLike) -> None:
     """Write a resolved config (a TrainConfig, a Shapes stage's) as YAML, whole or not at all (a resume rewrites the
     run's own config.yaml)."""
-    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(path, config_text(cfg))

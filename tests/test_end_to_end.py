@@ -650,6 +650,31 @@ def test_a_resume_logs_each_step_once_and_a_used_or_mistyped_run_stops_before_tr
         main(["train", "max_steps=1", *common[:-1], f"output_dir={tmp_path}/taken/r"])
 
 
+def test_a_config_file_that_is_the_runs_own_config_yaml_keeps_its_bytes(tmp_path, tiny_zimage, tiny_manifest,
+                                                                        capsys):
+    """`train --config RUN/config.yaml output_dir=RUN` (a config written by hand into the run's folder) had the file
+    rewritten as the resolved config on a fresh start: its comments and layout lost. Its bytes are now kept beside it
+    as config.given.yaml, said on stderr, and config.yaml is the resolved config as in every run; a resume from a
+    config.yaml the trainer wrote makes no copy."""
+    from npedit.cli import main
+    from npedit.config import load_config
+
+    run = tmp_path / "r"
+    run.mkdir()
+    given = (f"# my warm-up: two samples a batch\nstage: warmup\nmodel: {{base: {tiny_zimage}}}\n"
+             f"data:\n  train: {tiny_manifest}\n  batch_size: 2  # the most the laptop takes\n"
+             "log_every: 1\nsave_every: 1\nsample_every: 0\n")
+    (run / "config.yaml").write_text(given)
+    capsys.readouterr()
+    main(["train", "--config", str(run / "config.yaml"), "max_steps=1", f"output_dir={run}"])
+    assert (run / "config.given.yaml").read_text() == given
+    assert f"note: --config {run / 'config.yaml'} is the run's own config.yaml" in capsys.readouterr().err
+    assert load_config(run / "config.yaml").max_steps == 1  # the resolved config, which readers of runs expect
+    main(["train", "--resume", "--config", str(run / "config.yaml"), "max_steps=2", f"output_dir={run}"])
+    assert sorted(p.name for p in run.glob("config*")) == ["config.given.yaml", "config.yaml"]
+    assert load_config(run / "config.yaml").max_steps == 2
+
+
 def test_a_second_trainer_in_a_run_folder_stops_naming_the_first(tmp_path, tiny_zimage, tiny_manifest):
     """Two `train --resume` in one output_dir (the run thought dead, or typed twice) both trained: each step was logged
     twice and their checkpoints written over each other's. The trainer now holds the folder: a second one stops in
