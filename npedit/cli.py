@@ -672,7 +672,7 @@ def cmd_export(args) -> int:
     if args.adapters and args.keep_paths:  # (it was silently ignored)
         raise UsageError("error: --keep-paths is for a whole editor; an adapter folder names its base and student "
                          "(local ones as absolute paths: a load needs them) and its run, judge and data by name only")
-    # an existing --out is written into, not replaced: what this export does not rewrite stays, and a push uploads it
+    # an existing --out keeps what this export does not rewrite (carried into the new folder), and a push uploads it
     earlier = _file_times(args.out) if args.out else {}
     try:
         metrics = _eval_report(args.metrics) if args.metrics else None

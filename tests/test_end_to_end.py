@@ -675,6 +675,40 @@ def test_a_config_file_that_is_the_runs_own_config_yaml_keeps_its_bytes(tmp_path
     assert load_config(run / "config.yaml").max_steps == 2
 
 
+def test_an_export_into_an_earlier_export_is_swapped_in_whole(tmp_path, tiny_zimage, tiny_manifest, capsys,
+                                                               monkeypatch):
+    """An export into an earlier export folder outside the run wrote into it file by file: stopped midway (Ctrl-C, a
+    full disk), the folder held the new weights beside the old training_config.json. It is now written beside it and
+    swapped in whole: stopped, the earlier export is as it was; done, files of the earlier one that this export does
+    not write are still there (and named, as before)."""
+    from npedit import pipeline
+    from npedit.cli import main
+
+    run, out = tmp_path / "r", tmp_path / "shared"
+    main(["train", "stage=warmup", f"model.base={tiny_zimage}", f"data.train={tiny_manifest}", "data.batch_size=2",
+          "log_every=1", "save_every=1", "sample_every=0", "max_steps=2", f"output_dir={run}"])
+    main(["export", str(run), "--step", "1", "--out", str(out)])
+    (out / "notes.txt").write_text("what I saw with this editor")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    save = pipeline.NPEditPipeline.save_pretrained
+
+    def stopped_after_the_weights(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.NPEditPipeline, "save_pretrained", stopped_after_the_weights)
+    with pytest.raises(SystemExit, match="130"):  # (Ctrl-C's status)
+        main(["export", str(run), "--out", str(out)])
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "shared"]  # nothing half-written left beside it
+    monkeypatch.setattr(pipeline.NPEditPipeline, "save_pretrained", save)
+    capsys.readouterr()
+    main(["export", str(run), "--out", str(out)])
+    assert json.loads((out / "training_config.json").read_text())["step"] == 2
+    assert (out / "notes.txt").read_text() == "what I saw with this editor"
+    assert "also holds files this export did not write (notes.txt)" in capsys.readouterr().err
+
+
 def test_a_second_trainer_in_a_run_folder_stops_naming_the_first(tmp_path, tiny_zimage, tiny_manifest):
     """Two `train --resume` in one output_dir (the run thought dead, or typed twice) both trained: each step was logged
     twice and their checkpoints written over each other's. The trainer now holds the folder: a second one stops in

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 from ..config import load_config, to_dict
@@ -189,11 +190,31 @@ def check_export_out(run_dir: str | Path, out: str | Path) -> None:
 
 def export_writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
     """Where to write export `out` (`check_export_out` first): a temporary folder published whole
-    (`checkpoint.publishing`) when `out` is new or inside the run folder; an existing export elsewhere is written into,
-    as before, never replaced."""
+    (`checkpoint.publishing`); into an existing export elsewhere, the files of it that this export does not write
+    are carried over first (a folder written into file by file was, stopped midway, half the earlier export)."""
     check_export_out(run_dir, out)
     inside = Path(run_dir).resolve() in Path(out).resolve().parents
-    return ckpt.publishing(out) if inside or not Path(out).exists() else contextlib.nullcontext(Path(out))
+    return ckpt.publishing(out) if inside or not Path(out).is_dir() else _rewriting(Path(out))
+
+
+@contextlib.contextmanager
+def _rewriting(out: Path):
+    """`checkpoint.publishing(out)` for an earlier export outside the run: once the new one is written, each file of
+    the earlier one it did not write is linked (else copied, times kept) into it, then it is swapped in whole."""
+    with ckpt.publishing(out) as folder:
+        yield folder
+        for old in sorted(out.rglob("*")):
+            new = folder / old.relative_to(out)
+            if old.is_dir() or new.exists() or new.is_symlink():
+                continue
+            new.parent.mkdir(parents=True, exist_ok=True)
+            if old.is_symlink():  # (as it was: not what it points to)
+                new.symlink_to(old.readlink())
+                continue
+            try:  # a hard link: the same file, no time or space spent on a large one (an earlier critic/)
+                new.hardlink_to(old)
+            except OSError:  # (a file system without them)
+                shutil.copy2(old, new)
 
 
 def _export_critic(cfg, critic, averaged: list[Path], out: Path | None, run_dir, step: int, steps: list[int]) -> Path:
