@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; app.py lives at its root
 
+from npedit.files import write_atomic  # noqa: E402
+
 
 def _files(folder: Path) -> int:
     """Number of files below `folder` (0 when it does not exist)."""
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
                     done += k
                     soak.record(f"{phase} {done}/{n}", time.time() - t)
         if args.json:
-            Path(args.json).write_text(json.dumps(soak.rows, indent=1), encoding="utf-8")
+            write_atomic(args.json, json.dumps(soak.rows, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

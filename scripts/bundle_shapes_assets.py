@@ -122,13 +122,13 @@ def bundle_editor(src: Path, dst: Path, history: str = "") -> None:
     and add `history` (how it was trained, all stages) to its model card; `dst` replaced only once all is written."""
 
     def finish(copy: Path) -> None:
-        (copy / "npedit_domain.json").write_text(json.dumps({"domain": "shapes", "resolution": 64}), encoding="utf-8")
+        write_atomic(copy / "npedit_domain.json", json.dumps({"domain": "shapes", "resolution": 64}))
         cfg_file = copy / "training_config.json"
         if cfg_file.is_file():  # point the editor's provenance at the bundled teacher, not the training machine's runs/
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
             cfg["model"] = {**cfg.get("model", {}), "base": "assets/shapes/teacher",
                             "trained_from": cfg["model"]["base"]}
-            cfg_file.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+            write_atomic(cfg_file, json.dumps(cfg, indent=2))
         card = copy / "README.md"
         if history and card.is_file():
             text = (card.read_text(encoding="utf-8").rstrip("\n") + "\n\n## Training history\n\n" + history.strip()

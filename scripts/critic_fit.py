@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from npedit import NPEditPipeline, flow  # noqa: E402
 from npedit.backbones import load_backbone  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.sampler import sample, unroll_times  # noqa: E402
 from npedit.shapes import held_out_cases  # noqa: E402
 from npedit.shapes.training import render_tensor  # noqa: E402
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
               + f" | {r['x0_gap_to_teacher']:.4f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "result": result}, indent=2), encoding="utf-8")
+        write_atomic(args.out, json.dumps({"args": vars(args), "result": result}, indent=2))
     return result
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npedit import NPEditPipeline, flow  # noqa: E402
 from npedit.data import DO_NOTHING  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.images import tensor_to_pil  # noqa: E402
 from npedit.sampler import sample  # noqa: E402
 from npedit.shapes.edits import held_out_cases  # noqa: E402
@@ -79,8 +80,8 @@ def main() -> int:
               + " |", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "n": args.n, "seed": args.seed, "steps": args.steps,
-                                        "scales": results}, indent=1, default=float), encoding="utf-8")
+        write_atomic(args.out, json.dumps({"model": args.model, "n": args.n, "seed": args.seed, "steps": args.steps,
+                                           "scales": results}, indent=1, default=float))
     return 0
 
 

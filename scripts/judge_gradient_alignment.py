@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from npedit.backbones import load_backbone  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.judges import change_questions, load_judge, training_questions  # noqa: E402
 from npedit.losses import vlm_loss  # noqa: E402
 from npedit.shapes.edits import CATEGORIES, held_out_cases  # noqa: E402
@@ -209,7 +210,7 @@ def main() -> int:
             print(markdown(table, above))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_atomic(args.out, json.dumps(report, indent=2))
         print(f"\nwrote {args.out}")
     return 0
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npedit import NPEditPipeline, flow  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.shapes import CATEGORIES, COLOURS, SHAPES, SIZES, render, sample_case  # noqa: E402
 from npedit.shapes.world import cell_token  # noqa: E402
 
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         result["layers"][layer] = row
         print(f"layer {layer}: " + ", ".join(f"{a} {v:.3f}" for a, v in row.items()), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot_layers([result, *others], args.plot)
         print(f"wrote {args.plot}")

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from npedit.config import load_config  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.training.trainer import Trainer  # noqa: E402
 
 BUNDLED = {"model.base": "assets/shapes/teacher", "judge.path": "assets/shapes/judge"}
@@ -164,7 +165,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = [profile_stage(s, args.updates, args.skip, args.cprofile) for s in args.stages]
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        write_atomic(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from npedit.files import write_atomic  # noqa: E402
+
 BUNDLED_JUDGE = ROOT / "assets" / "shapes" / "judge"
 
 # Wall-clock budgets of the full chain, in minutes (times --scale).
@@ -112,7 +116,7 @@ class Chain:
 
     def save(self) -> None:
         self.record["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        (self.out / "chain.json").write_text(json.dumps(self.record, indent=2), encoding="utf-8")
+        write_atomic(self.out / "chain.json", json.dumps(self.record, indent=2))
 
     def minutes(self, key: str) -> float:
         return 0.0 if self.smoke else BUDGET[key] * self.scale

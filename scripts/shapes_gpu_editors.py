@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from npedit.files import write_atomic  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("shapes_chain", ROOT / "scripts" / "shapes_chain.py")
 shapes_chain = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(shapes_chain)
@@ -181,7 +185,7 @@ def pack(run: Editors, dest: Path, keep: int) -> None:
     kept = run.ranked()[:keep]
     run.record["packed"] = kept
     run.save()
-    (run.out / "editors.json").write_text(json.dumps(run.record, indent=2), encoding="utf-8")
+    write_atomic(run.out / "editors.json", json.dumps(run.record, indent=2))
     for name in kept:
         shutil.copy(run.out / name / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors",
                     dest / f"{name}.safetensors")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from npedit.assets import default_path  # noqa: E402
 from npedit.best_of import best_of  # noqa: E402
+from npedit.files import write_atomic  # noqa: E402
 from npedit.judges import load_judge  # noqa: E402
 from npedit.pipeline import NPEditPipeline  # noqa: E402
 from npedit.shapes.scoring import score_edit  # noqa: E402
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
                      "category": case.category, "score": picked.verdicts[picked.best].score,
                      "exact_for_analysis": score_edit(np.asarray(picked.image), case)["exact"]})
     accepted = [r for r in rows if r["score"] >= args.min_score]
-    write = lambda name, items: (out / name).write_text("".join(json.dumps(r) + "\n" for r in items),  # noqa: E731
-                                                        encoding="utf-8")
+    write = lambda name, items: write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in items))  # noqa: E731
     write("rows.jsonl", rows)
     write(f"accepted{args.min_score}.jsonl", accepted)
     write(f"true{args.min_score}.jsonl", [{**r, "target": f"true/{r['id']}.png"} for r in accepted])

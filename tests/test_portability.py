@@ -72,6 +72,42 @@ def test_the_check_finds_a_text_file_opened_without_encoding(tmp_path):
     assert _text_opens_without_encoding(code) == [1, 3, 5, 7]
 
 
+def _json_written_in_place(path: Path) -> list[int]:
+    """The line of each call that writes JSON straight into its file: `json.dump(...)`, or a `write_text` of
+    something built with `json.dumps` (a stop or a full disk midway leaves that file cut short)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        dumps = any(isinstance(n, ast.Call) and ast.unparse(n.func) == "json.dumps"
+                    for arg in [*node.args, *(k.value for k in node.keywords)] for n in ast.walk(arg))
+        if ast.unparse(node.func) == "json.dump" or (node.func.attr == "write_text" and dumps):
+            found.append(node.lineno)
+    return found
+
+
+def test_the_scripts_write_their_json_reports_whole():
+    """The scripts' end-of-run reports (critic_fit, probe_reference_tokens, app_soak, shapes_chain's chain.json, ...)
+    were written in place: a Ctrl-C or a full disk mid-write left a cut JSON file where the previous run's report
+    was. They go through `files.write_atomic` (the previous file stays until the new one is whole)."""
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "scripts").rglob("*.py"))
+             for n in _json_written_in_place(p)]
+    assert not found, f"JSON written in place: {', '.join(found)}"
+
+
+def test_the_check_finds_json_written_in_place(tmp_path):
+    """The check above reads calls as they are written."""
+    code = tmp_path / "example.py"
+    code.write_text(textwrap.dedent("""\
+        Path(out).write_text(json.dumps(report), encoding="utf-8")
+        write_atomic(out, json.dumps(report))
+        json.dump(report, f)
+        (out / "a.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows), encoding="utf-8")
+        Path(out).write_text(text, encoding="utf-8")
+    """), encoding="utf-8")
+    assert _json_written_in_place(code) == [1, 3, 4]
+
+
 def test_non_ascii_instructions_and_paths_survive_a_locale_that_is_not_utf8(tmp_path):
     """A UTF-8 examples file (the Edit tab's examples), a `.txt` instruction beside an image and a training config
     naming a folder with an accent, read where the locale's encoding is not UTF-8 (Windows: cp1252), give back the
