@@ -575,13 +575,18 @@ def cmd_train(args) -> int:
     # leaves no folder, and the processes of a multi-process launch do not race over one.
     _check_writable(run, f"output_dir {run}")
     with ExitStack() as held:
-        if os.environ.get("RANK", "0") in ("", "0"):  # the main process of a launch writes the run for them all
+        if _main_process():  # the main process of a launch writes the run for them all
             try:  # two trainers in one folder (a --resume typed while the run still ran) wrote each step twice
                 held.enter_context(files.run_lock(run))
             except files.FolderBusy as exc:
                 raise SystemExit(f"error: output_dir {exc}, which trains there: wait for it to end, or stop it, then "
                                  "continue with --resume; or pick another output_dir") from None
         return _train(cfg, run, args.resume, args.config)
+
+
+def _main_process() -> bool:
+    """Whether this is the main process of a launch (`accelerate launch` sets RANK), the one that writes the run."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _keep_given_config(config: str | None, run: Path, cfg) -> None:
@@ -625,7 +630,7 @@ def _train(cfg, run: Path, resume: bool, config: str | None = None) -> int:
             print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting from step 0", file=sys.stderr)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    if trainer.acc.is_main_process:
+    if _main_process():
         try:
             _keep_given_config(config, run, cfg)
         except OSError as exc:  # (a full disk) before the file is written over, not after
