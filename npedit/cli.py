@@ -168,7 +168,8 @@ def cmd_edit(args) -> int:
         with _said_if_stopped([verdicts] if verdicts else []):
             failures = _edit_jobs(pipe, judge, jobs, args, verdicts)
         if verdicts is not None and not verdicts.rows and failures:
-            # every edit failed: an empty file would replace the previous run's verdicts for nothing
+            # no row, edits having failed: an empty file would replace the previous run's verdicts for nothing (all
+            # of them judged and below --min-score is an answer: that empty file is written)
             verdicts.close(complete=False)
             before = "is as it was" if verdicts.path.exists() else "was not written"
             rest = ", the rest scored below --min-score" if failures < len(jobs) else ""
