@@ -58,12 +58,13 @@ def cached(cache: Path, repo_id: str, model: Path) -> Path:
 
 
 def within(seconds: float, load):
-    """`load()`'s result, asserting it took under `seconds`."""
-    start = time.perf_counter()
+    """`load()`'s result, asserting it took under `seconds` of this process's CPU time (the work a refusal must not
+    do: building the model it refuses); wall-clock time failed on a machine busy with other jobs (2.4 s)."""
+    start = time.process_time()
     try:
         return load()
     finally:
-        assert time.perf_counter() - start < seconds, f"took {time.perf_counter() - start:.1f} s"
+        assert time.process_time() - start < seconds, f"took {time.process_time() - start:.1f} s of CPU"
 
 
 def loaders(tiny_zimage):
