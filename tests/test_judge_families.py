@@ -213,6 +213,39 @@ def test_a_control_token_in_the_text_is_refused_by_name(judge):
     assert 0 < judge_edit(judge, ref, edited, "put image on the wall").p_edit < 1
 
 
+def test_a_question_past_the_judges_positions_is_refused_naming_its_length(judge):
+    """A question longer than the judge's language model's positions ran with a transformers warning only, its answer
+    read from positions the judge never saw (a 2,000-character Japanese instruction: ~6,000 tokens of the tiny
+    judges' 4,096); now it is one ValueError naming its token count and the limit, and one that fits is judged."""
+    from npedit.judges import edit_question
+    from npedit.verdicts import judge_edit
+
+    ref, edited = (tensor_to_pil(x[0] * 2 - 1) for x in (random_images(1, seed=7), random_images(1, seed=8)))
+    limit = judge.max_positions
+    assert limit == 4096
+    japanese = "赤い円を青くしてください。" * 153  # 1,989 characters: within the editor's 2,000
+    words = judge.text_lengths([japanese])[0]
+    assert words > limit
+    with pytest.raises(ValueError, match=rf"is \d+ tokens long in its text alone .*past the {limit} positions") as e:
+        judge_edit(judge, ref, edited, japanese)
+    assert int(re.search(r"is (\d+) tokens", str(e.value))[1]) > words  # the question's text quotes the instruction
+    # text within the limit, the question around it and the images past it: the whole prompt's length is named
+    instruction = "make the circle blue " + "x" * 40
+    shape = tuple(random_images(1, seed=7).shape[-2:])
+    question = edit_question(instruction)
+    length, words = judge.prompt_length(question, shape), judge.text_lengths([question.text])[0]
+    text_config = judge.model.config.get_text_config()
+    try:
+        text_config.max_position_embeddings = length - 1
+        said = rf"a question is {length} tokens long \({words} of them its text, .*past the {length - 1} positions"
+        with pytest.raises(ValueError, match=said):
+            judge_edit(judge, ref, edited, instruction)
+        text_config.max_position_embeddings = 10 * length  # the identity question is longer than the edit check
+        assert 0 < judge_edit(judge, ref, edited, instruction + " now").p_edit < 1
+    finally:
+        text_config.max_position_embeddings = limit
+
+
 def test_a_verdict_says_how_much_of_the_judges_answer_yes_and_no_hold(judge):
     """P(Yes) is between the two answers only (sigmoid of the margin: the loss's reading, method.md 5.4), so a judge
     whose next token is mostly neither word showed confident numbers; each question row (and the gradient maps',

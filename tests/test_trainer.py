@@ -224,3 +224,26 @@ def test_a_case_whose_text_holds_a_judge_control_token_stops_the_run_before_it_t
                        f"judge.path={tiny_judge}", "max_steps=1")
     with pytest.raises(ValueError, match=r"cases.jsonl: case 3: its keep holds '<\|im_end\|>', which the judge reads"):
         Trainer(load_config(None, args))
+
+
+def test_a_case_whose_questions_pass_the_judges_positions_stops_the_run_before_it_trains(tmp_path, tiny_zimage,
+                                                                                         tiny_manifest, tiny_judge):
+    """A 1,989-character Japanese instruction (within the manifest's 2,000) is ~6,000 tokens, past the judge's 4,096
+    positions: its answers would have come from positions the judge never saw, with a transformers warning only; now
+    the case is named when the run starts, with its token count and the limit."""
+    import shutil
+
+    import pytest
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(tiny_manifest).parent, data)
+    lines = (data / Path(tiny_manifest).name).read_text().splitlines()
+    case = json.loads(lines[2])
+    case["instruction"] = "赤い円を青くしてください。" * 153
+    lines[2] = json.dumps(case)
+    (data / "cases.jsonl").write_text("\n".join(lines) + "\n")
+    args = npedit_args(tmp_path / "r", tiny_zimage, data / "cases.jsonl", "loss.lambda_vlm=0.02",
+                       f"judge.path={tiny_judge}", "max_steps=1")
+    with pytest.raises(ValueError, match=r"cases.jsonl: case 2: its instruction \(\d+ tokens\) makes a question of "
+                                         r"\d+ tokens with its images, past the 4096 positions the judge reads"):
+        Trainer(load_config(None, args))

@@ -23,6 +23,7 @@ from npedit.judges.questions import (
     identity_question,
     keep_questions,
     kept_question,
+    questions_quoting,
     removal_identity_question,
     training_questions,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "keep_questions",
     "kept_question",
     "load_judge",
+    "questions_quoting",
     "read_model_type",
     "removal_identity_question",
     "training_questions",

@@ -70,6 +70,16 @@ class Judge(nn.Module):
         image placeholder, a turn's end); None when there is none. A question holding one is refused."""
         return None
 
+    max_positions: int | None = None  # how many token positions a question's prompt may take; None: no limit known
+
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens the judge reads in each of `texts` on its own (a judge with `max_positions` says)."""
+        raise NotImplementedError
+
+    def prompt_length(self, question: Question, image_shape: tuple[int, int]) -> int:
+        """Tokens in the whole prompt of `question` with images of (H, W) `image_shape` (with `max_positions`)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def score(
         self, reference: torch.Tensor, edited: torch.Tensor, questions: Sequence[Sequence[Question]]

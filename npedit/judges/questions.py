@@ -120,6 +120,14 @@ def change_questions(new: Sequence[str], gone: Sequence[str], slots: int, remove
     return _slots(questions, slots, generator, change_question("anything", True))
 
 
+def questions_quoting(text: str, instruction: bool) -> list[Question]:
+    """The questions whose text quotes `text`: an instruction's edit and identity checks, or an object name's
+    contains check and removal identity check (the longest prompts that text is asked in)."""
+    if instruction:
+        return [edit_question(text), identity_question(text)]
+    return [contains_question(text), removal_identity_question(text)]
+
+
 def free_question(text: str, images: Sequence[ImageRole] = PAIR, expected: Answer = "Yes") -> Question:
     """A free-form Yes/No question (e.g. typed in the app), asked verbatim."""
     return Question(text, tuple(images), expected, "extra")

@@ -108,9 +108,14 @@ def build_student(backbone, teacher, mc, dtype: torch.dtype, keep_dtype: bool = 
     return student, new_blocks
 
 
-def check_judged_texts(judge, records, manifest: str) -> None:
+def check_judged_texts(judge, records, manifest: str, image_shape: tuple[int, int]) -> None:
     """ValueError naming the first manifest case whose judged text (instruction, object names) holds one of the
-    judge's control tokens: the judge would refuse that case's questions when its batch came, hours into a run."""
+    judge's control tokens, or makes a question longer than the judge's positions with images of (H, W)
+    `image_shape`: the judge would refuse that case's questions when its batch came, hours into a run."""
+    from ..data import object_names
+    from ..judges import questions_quoting
+
+    quoted = []  # (record, key, text, is the instruction)
     for record in records:
         for key in JUDGED_FIELDS:
             found = judge.control_token_in(getattr(record, key))
@@ -118,6 +123,27 @@ def check_judged_texts(judge, records, manifest: str) -> None:
                 raise ValueError(f"{manifest}: case {record.id}: its {key} holds {found!r}, which the judge reads as "
                                  "one of its control tokens (an image placeholder, a turn's start or end), not as "
                                  "text: reword it")
+            texts = [record.instruction] if key == "instruction" else object_names(getattr(record, key))
+            quoted += [(record, key, text, key == "instruction") for text in texts]
+    limit = judge.max_positions
+    if limit is None or not quoted:
+        return
+    # each text's own token count plus what its longest question adds around it (the question's words, the chat
+    # turn, the images) picks the few texts worth laying out whole: a processor call per case would take minutes
+    around = {flag: max(judge.prompt_length(q, image_shape) for q in questions_quoting("", flag))
+              for flag in (False, True)}
+    distinct = list(dict.fromkeys(text for _, _, text, _ in quoted))  # object names repeat across cases
+    lengths = dict(zip(distinct, judge.text_lengths(distinct)))
+    for record, key, text, flag in quoted:
+        words = lengths[text]
+        if words + around[flag] + 8 <= limit:  # (8: merges where a text meets its question's words)
+            continue
+        length = max(judge.prompt_length(q, image_shape) for q in questions_quoting(text, flag))
+        if length > limit:
+            raise ValueError(f"{manifest}: case {record.id}: its {key} ({words} tokens) makes a question of {length} "
+                             f"tokens with its images, past the {limit} positions the judge reads (its language "
+                             "model's max_position_embeddings): its answers would come from positions the judge never "
+                             "saw; shorten it")
 
 
 def skip_warning(name: str, norms: list[float], limit: float, step: int) -> str:
@@ -186,8 +212,9 @@ class Trainer:
 
             extra = {"max_pixels": cfg.judge.max_pixels} if cfg.judge.max_pixels else {}
             self.judge = load_judge(cfg.judge.path, torch_dtype=DTYPES[cfg.judge.dtype], device=device, **extra)
-            # now, not at the case's first batch: a question holding one of the judge's control tokens is refused
-            check_judged_texts(self.judge, getattr(dataset, "records", ()), cfg.data.train)
+            # now, not at the case's first batch: a question holding a judge's control token, or too long, is refused
+            check_judged_texts(self.judge, getattr(dataset, "records", ()), cfg.data.train,
+                               (cfg.data.resolution, cfg.data.resolution))
         for net in (n for n in (self.student, self.critic) if n is not None):
             broadcast_parameters([p for p in net.parameters() if p.requires_grad], self.acc)  # replicas start alike
             if cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
