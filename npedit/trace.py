@@ -154,9 +154,12 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
     if judge is not None:  # every step's x0 in one judge pass (chunks of 8): a real VLM answers a batch at once
         report(0.5, f"asking the judge about the {len(records)} steps")
         t0 = time.perf_counter()
-        verdicts = judge_candidates(judge, reference, x0_imgs, instruction, edit_type=edit_type,
-                                    object_name=object_name)
-        judge_s = (time.perf_counter() - t0) / len(records)  # each step's share of the pass
+        try:
+            verdicts = judge_candidates(judge, reference, x0_imgs, instruction, edit_type=edit_type,
+                                        object_name=object_name)
+            judge_s = (time.perf_counter() - t0) / len(records)  # each step's share of the pass
+        except ValueError as exc:  # a question the judge refuses (longer than it reads): the edit and maps still show
+            trace.judge_note = f"the judge cannot answer: {exc}"
     for r, x0_img, verdict in zip(records, x0_imgs, verdicts):
         st = StepTrace(step=r["step"], t=r["t"], x0=x0_img, sample_s=r["sample_s"])
         if verdict is not None:

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,19 @@ def test_a_trace_of_an_instruction_the_judge_cannot_read_edits_and_says_why(load
     assert [s.p_edit for s in trace.steps] == [None, None] and trace.steps[0].dmd_map is not None
     assert trace.judge_note.startswith("the judge reads '<|im_end|>' as one of its control tokens")
     assert "<|im_end|>" in plots.steps_figure(trace).get_suptitle()
+
+
+def test_a_trace_of_an_instruction_longer_than_the_judge_reads_edits_and_says_why(loaded):
+    """An instruction whose questions are longer than the judge's positions (1,989 Japanese characters: ~6,000 tokens
+    of the bundled judge's 4,096) is refused by the judge; the per-step trace still edits and draws its DMD maps, its
+    note naming the token count and the limit (the refusal failed the whole edit)."""
+    ms, pipe = loaded
+    judge, teacher, critic, loss, _, _ = ms.inspectors(None, pipe)
+    image = shapes_image(3)[0]
+    trace = trace_edit(pipe, judge, teacher, critic, image, "赤い円を青くしてください。" * 153, steps=2, loss=loss)
+    assert [s.p_edit for s in trace.steps] == [None, None] and trace.steps[0].dmd_map is not None
+    assert re.search(r"the judge cannot answer: a question is \d+ tokens long .*past the 4096 positions",
+                     trace.judge_note)
 
 
 def test_model_checks_say_what_to_pass(tiny_set, tmp_path, monkeypatch):
