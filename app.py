@@ -77,10 +77,11 @@ TABLE_HELP = ("One row per training image. **instruction** is required. **captio
               "teacher and critic for DMD; empty means the instruction is used. **caption_reference** (c^y) is the "
               "warm-up prompt; empty means an empty prompt (and \"do nothing\" samples then use c^x). "
               "**edit_type** `remove` needs **object_name** (what is removed). **keep** (optional): objects the edit "
-              "must leave in place, separated by `;`; with **keep_questions** > 0 the judge is also asked whether "
-              "each is still there; **new** / **gone** (optional, `;`-separated): objects the edit creates / must "
-              "make disappear, asked with **change_questions** > 0 (\"does the edited image contain ...?\", expected "
-              "Yes / No). Both are extensions of the method; Shapes cases fill them in. **target** (only for stage "
+              "must leave in place, separated by `;` (or `,` in a cell without `;`); with **keep_questions** > 0 "
+              "the judge is also asked whether each is still there; **new** / **gone** (optional, the same): "
+              "objects the edit creates / must make disappear, asked with **change_questions** > 0 (\"does the "
+              "edited image contain ...?\", expected Yes / No). Both are extensions of the method; Shapes cases "
+              "fill them in. **target** (only for stage "
               "`sft`, paired SFT; other stages ignore it): the file name of an uploaded image of the true edit (its "
               "own row, if untouched, goes on **Remove the target images' rows**, more files or Start); generated "
               "Shapes cases name theirs.")
@@ -523,7 +524,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                        info="Sample this many edits; the judge asks its training questions about "
                                             "each (edit type and removed object above, a keep check per object "
                                             "below) and keeps the best")
-                keep = gr.Textbox(value="", label="Objects to keep (separated by ';'; for Candidates)",
+                keep = gr.Textbox(value="", label="Objects to keep (separated by ';' or ','; for Candidates)",
                                   placeholder="red square; blue triangle")
         with gr.Column():
             result = gr.Image(type="pil", format="png", label="Edited (PNG)", height=320, interactive=False,
@@ -616,11 +617,12 @@ def build_judge_tab(app: App, last_edit: gr.State):
     with gr.Row():
         edit_type = gr.Dropdown(list(EDIT_TYPES), value="edit", label="Edit type")
         object_name = gr.Textbox(value="", label="Removed object (for 'remove')")
-    keep = gr.Textbox(value="", label="Objects to keep (separated by ;): one keep check each, \"does the edited image "
-                      "contain ...?\" (asked in training with judge.keep_questions)")
+    keep = gr.Textbox(value="", label="Objects to keep (separated by ; or ,): one keep check each, \"does the edited "
+                      "image contain ...?\" (asked in training with judge.keep_questions)")
     with gr.Row():
-        new = gr.Textbox(value="", label="Objects the edit creates (separated by ;): a change check each, expected Yes")
-        gone = gr.Textbox(value="", label="Objects the edit must make disappear (separated by ;): expected No "
+        new = gr.Textbox(value="", label="Objects the edit creates (separated by ; or ,): a change check each, "
+                         "expected Yes")
+        gone = gr.Textbox(value="", label="Objects the edit must make disappear (separated by ; or ,): expected No "
                           "(both asked in training with judge.change_questions)")
     extra = gr.Textbox(value="", label="Extra questions (one per line; asked about both images)", lines=2,
                        placeholder="Is the second image sharp and free of artifacts? Answer with Yes or No.")
@@ -691,7 +693,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
     with gr.Accordion("Batch: many pairs at once", open=False):
         gr.Markdown("Upload one **.csv** or **.jsonl** list with columns `reference`, `edited`, `instruction` "
                     "(optional `id`, by default the line number; `edit_type`, `object_name`, and `keep`, `new`, "
-                    "`gone`: object names separated by `;`, adding `p_keep` and `p_change`) **and the images it "
+                    "`gone`: object names separated by `;` or `,`, adding `p_keep` and `p_change`) **and the images it "
                     "names** (matched by file name): the list `python -m npedit judge --batch` reads, the rows it "
                     "writes.")
         files = gr.File(file_count="multiple", file_types=[".csv", ".jsonl", "image"], label="List + images")

@@ -933,8 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--edit-type", default="edit", type=_edit_type, help="for the judge's questions: one of "
                    f"{', '.join(EDIT_TYPES)} (--batch lines: edit_type)")
     e.add_argument("--object", help="the removed object's name, for --edit-type remove (--batch lines: object_name)")
-    e.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
-                   "--batch lines: keep)")
+    e.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (or ',' in a text without "
+                   "';': 'red circle, blue square' is two) (a keep check each; --batch lines: keep)")
     e.add_argument("--verdicts", help="judge each result and write one JSON line per edit: the input line's fields, "
                    "the result as 'target', the judge's score, p_edit, p_identity, p_keep (a training manifest)")
     e.add_argument("--trace", metavar="DIR_OR_ZIP", help="also record the edit's sampling steps (one --image): each "
@@ -957,11 +957,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--instruction")
     j.add_argument("--edit-type", default="edit", type=_edit_type, help=f"one of {', '.join(EDIT_TYPES)}")
     j.add_argument("--object", help="the removed object's name (for --edit-type remove)")
-    j.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (a keep check each; "
-                                  "p_keep = the lowest of their P(Yes))")
-    j.add_argument("--new", help="objects the edit creates, separated by ';' (a change check each, expected Yes)")
-    j.add_argument("--gone", help="objects the edit must make disappear, separated by ';' (a change check each, "
-                                  "expected No; p_change = the lowest P(expected answer) of the change checks)")
+    j.add_argument("--keep", help="objects the edit must leave in place, separated by ';' (or ',' in a text without "
+                                  "';': 'red circle, blue square' is two) (a keep check each; p_keep = the lowest of "
+                                  "their P(Yes))")
+    j.add_argument("--new", help="objects the edit creates, separated by ';' or ',' (a change check each, expected "
+                                 "Yes)")
+    j.add_argument("--gone", help="objects the edit must make disappear, separated by ';' or ',' (a change check "
+                                  "each, expected No; p_change = the lowest P(expected answer) of the change checks)")
     j.add_argument("--extra", action="append", default=[], metavar="QUESTION",
                    help="a free-form Yes/No question about both images, asked as typed (expected Yes; not part of the "
                         "training signal); repeat it for more (the app's extra questions)")

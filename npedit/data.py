@@ -42,12 +42,30 @@ DO_NOTHING = "do nothing"
 logger = logging.getLogger(__name__)
 
 
+# a comma between two digits is a number's ("1,000-piece puzzle"), not a separator
+_COMMA = re.compile(r"(?<!\d),|,(?!\d)")
+
+
 def object_names(value) -> list[str]:
-    """Object names given as a list or as one string separated by ';' (blank entries dropped)."""
+    """Object names given as a list or as one string separated by ';', or by ',' when it holds no ';' (blank entries
+    dropped); a list's entries are names as they are."""
     if not value:
         return []
-    items = value if isinstance(value, (list, tuple)) else str(value).split(";")
+    if isinstance(value, (list, tuple)):
+        items = value
+    else:
+        # "red circle, blue square" is two objects to whoever types it (it was read as one, asked about as one); a
+        # ';' says the commas belong to the names ("a small, red circle; a blue square")
+        text = str(value)
+        items = text.split(";") if ";" in text else _COMMA.split(text)
     return [str(n).strip() for n in items if str(n).strip()]
+
+
+def joined_names(value, sep: str = "; ") -> str:
+    """`object_names(value)` as one string that `object_names` reads back as the same names."""
+    names = object_names(value)
+    # one name with a comma ("a small, red circle") would read back as two: a ';' after it keeps it whole
+    return sep.join(names) + (";" if len(names) == 1 and _COMMA.search(names[0]) else "")
 
 
 # What the judge's questions quote, and how long each may be: ~500 tokens of English, more than an edit instruction
@@ -285,7 +303,7 @@ def load_manifest(path: str | os.PathLike, *, allow_outside_paths: bool = True) 
         for key in ("keep", "new", "gone"):
             value = raw.get(key)
             if isinstance(value, (list, str)) and all(isinstance(x, str) for x in value):
-                raw[key] = ";".join(object_names(value))  # a list, "a; b" and "a;b" alike
+                raw[key] = joined_names(value, ";")  # a list, "a; b" and "a;b" alike
             elif value is not None and not isinstance(value, str):
                 raise ValueError(f"{path}:{n}: {key} must be object names: a list of strings, or one string "
                                  f"separated by ';', got {value!r}")

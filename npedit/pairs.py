@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import CSV_SUFFIXES, object_names, read_rows
+from .data import CSV_SUFFIXES, joined_names, object_names, read_rows
 from .edit_types import edit_type_name
 from .files import ReplacedWhenDone
 from .images import ImageError
@@ -80,7 +80,7 @@ def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
                           instruction=row["instruction"] or "", reference_path=image_path(path, reference),
                           edited_path=image_path(path, edited), edit_type=edit_type,
                           object_name=_text(row.get("object_name")) or _text(row.get("object")),
-                          **{k: "; ".join(object_names(row.get(k))) for k in ("keep", "new", "gone")}, line=n))
+                          **{k: joined_names(row.get(k)) for k in ("keep", "new", "gone")}, line=n))
     if not pairs:
         raise ValueError(f"{label} lists no pairs")
     return pairs

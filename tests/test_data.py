@@ -494,3 +494,35 @@ def test_windows_paths_read_with_slashes_when_the_files_are_there(tmp_path, capl
                                          r".*; and 497 more\): .* Paths with '\\' are Windows paths"):
         build_dataset(DataConfig(train=str(f)), stage="npedit", seed=0)
     assert not caplog.messages
+
+
+def test_object_names_separated_by_commas_are_several_and_a_semicolon_keeps_commas_inside_names(tmp_path):
+    """`--keep "red circle, blue square"` (the app's fields, a manifest's or pair list's keep/new/gone) was one object,
+    asked about as "does the image contain red circle, blue square?"; a string with no ';' now splits at commas (not
+    a number's: "1,000"), one with ';' keeps its commas inside names, and a list's entries stay whole everywhere."""
+    from npedit.data import joined_names, object_names
+    from npedit.pairs import read_pairs
+    from npedit.verdicts import edit_questions
+
+    assert object_names("red circle, blue square") == ["red circle", "blue square"]
+    assert object_names("a small, red circle; a blue square") == ["a small, red circle", "a blue square"]
+    assert object_names("1,000-piece puzzle, red circle") == ["1,000-piece puzzle", "red circle"]
+    assert object_names(["a small, red circle"]) == ["a small, red circle"]
+    for names in (["a small, red circle"], ["red circle", "blue square"], ["a, b", "c"], ["1,000 dots"]):
+        assert object_names(joined_names(names)) == names  # written so that it reads back as the same names
+    keeps = [q.text for q in edit_questions("make it green", keep="red circle, blue square") if q.kind == "keep"]
+    assert keeps == ["Does this image contain the following object: red circle? Answer with Yes or No.",
+                     "Does this image contain the following object: blue square? Answer with Yes or No."]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    lines = [{"id": "one", "image": "a.png", "instruction": "x", "keep": ["a small, red circle"]},
+             {"id": "two", "image": "a.png", "instruction": "x", "keep": "red circle, blue square", "gone": "a, b; c"}]
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one, two = load_manifest(tmp_path / "cases.jsonl")
+    assert one.keep_names == ["a small, red circle"] and two.keep_names == ["red circle", "blue square"]
+    assert two.gone_names == ["a, b", "c"]
+    pairs = [{"reference": "a.png", "edited": "a.png", "instruction": "x", **{k: v for k, v in line.items()
+                                                                            if k in ("keep", "gone")}} for line in lines]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    one, two = read_pairs(tmp_path / "pairs.jsonl")
+    assert object_names(one.keep) == ["a small, red circle"] and object_names(two.keep) == ["red circle", "blue square"]
+    assert object_names(two.gone) == ["a, b", "c"]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, misspelt_fields, object_names, read_rows
+from npedit.data import CSV_SUFFIXES, TEXT_FIELDS, EditRecord, joined_names, misspelt_fields, read_rows
 from npedit.domain import DOMAIN_FILE, SHAPES_DOMAIN, Domain, write_domain
 from npedit.files import write_png
 from npedit.images import ImageError, load_image
@@ -168,7 +168,7 @@ def table_for_manifest(manifest: str | os.PathLike, paths: Sequence[str],
         cells = {c: _cell(row.get(c)) for c in TABLE_COLUMNS} | {"image": name, "target": targets[n]}
         for c in ("keep", "new", "gone"):  # a JSON list, or "a;b", shown as the table takes them
             value = row.get(c)
-            cells[c] = "; ".join(object_names(value if isinstance(value, list) else _cell(value)))
+            cells[c] = joined_names(value if isinstance(value, list) else _cell(value))
         cells["edit_type"] = cells["edit_type"] or "edit"
         try:
             EditRecord(id=str(n), **{c: v for c, v in cells.items()})
@@ -397,7 +397,7 @@ def _example(image: str, instruction: str, caption_target: str = "", edit_type: 
     """One Edit-tab example row: image, instruction, c^x, edit type, removed object, objects to keep (';')."""
     edit_type = edit_type or "edit"
     return [image, instruction, caption_target, edit_type, (object_name or "") if edit_type == "remove" else "",
-            "; ".join(object_names(keep))]
+            joined_names(keep)]
 
 
 def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
