@@ -693,8 +693,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
     with gr.Accordion("Batch: many pairs at once", open=False):
         gr.Markdown("Upload one **.csv** or **.jsonl** list with columns `reference`, `edited`, `instruction` "
                     "(optional `id`, by default the line number; `edit_type`, `object_name`, and `keep`, `new`, "
-                    "`gone`: object names separated by `;` or `,`, adding `p_keep` and `p_change`) **and the images it "
-                    "names** (matched by file name): the list `python -m npedit judge --batch` reads, the rows it "
+                    "`gone`: object names separated by `;` or `,`, adding `p_keep` and `p_change`; `extra`: free-form "
+                    "Yes/No questions about both images, separated by `;`, in the questions table) **and the images "
+                    "it names** (matched by file name): the list `python -m npedit judge --batch` reads, the rows it "
                     "writes.")
         files = gr.File(file_count="multiple", file_types=[".csv", ".jsonl", "image"], label="List + images")
         run_batch = gr.Button("Judge all pairs", variant="primary")

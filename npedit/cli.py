@@ -387,8 +387,6 @@ def cmd_judge(args) -> int:
         raise UsageError("error: --batch needs --output")
     if args.questions and not args.batch:
         raise UsageError("error: --questions is the per-question file of --batch (one pair prints its questions)")
-    if args.extra and args.batch:
-        raise UsageError("error: --extra is for one pair (a list's pairs are asked the edit's own questions)")
     if not args.batch and not (args.reference and args.edited and args.instruction):
         raise UsageError("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
@@ -431,7 +429,7 @@ def cmd_judge(args) -> int:
 
     try:
         if args.batch:
-            return _judge_batch(judge, pairs, args.output, args.questions)
+            return _judge_batch(judge, pairs, args.output, args.questions, tuple(extra))
         if not args.gradients:
             print(json.dumps(verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
                                      args.keep, args.new, args.gone)))
@@ -453,9 +451,10 @@ def cmd_judge(args) -> int:
     return 0
 
 
-def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
+def _judge_batch(judge, pairs, output: str, questions: str | None, extra: tuple[str, ...] = ()) -> int:
     """Write each pair's verdict row to `output` and, with `questions`, its question rows there, as they come; 1 when
-    a pair could not be judged (its row says why, and so does a line on stderr)."""
+    a pair could not be judged (its row says why, and so does a line on stderr). Each pair is asked its own extra
+    questions (the list's `extra`), then `extra` (--extra)."""
     from .pairs import QUESTION_COLUMNS, VERDICT_COLUMNS, judge_pairs
 
     failures = 0
@@ -463,7 +462,7 @@ def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
         writers = [stack.enter_context(_report(path, columns))
                    for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)) if path]
         stack.enter_context(_said_if_stopped(writers))
-        for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
+        for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge"), extra=extra):
             writers[0].write(row)
             for q in asked if questions else ():
                 writers[1].write(q)
@@ -966,7 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "each, expected No; p_change = the lowest P(expected answer) of the change checks)")
     j.add_argument("--extra", action="append", default=[], metavar="QUESTION",
                    help="a free-form Yes/No question about both images, asked as typed (expected Yes; not part of the "
-                        "training signal); repeat it for more (the app's extra questions)")
+                        "training signal); repeat it for more (the app's extra questions); with --batch, asked of "
+                        "every pair after its own (a list's extra column)")
     j.add_argument("--judge", type=_bundled, help="judge folder or hub id: LLaVA-OneVision, Qwen2.5-VL or "
                                                    "InternVL3-hf (default: the bundled Shapes-world judge)")
     j.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -976,7 +976,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. 200704 = 448x448; default: its processor's own cap)")
     j.add_argument("--batch", type=_bundled,
                    help="PAIRS.jsonl or PAIRS.csv with reference, edited, instruction[, id (default: the "
-                                   "line number), edit_type, object_name (or object), keep, new, gone] per pair; "
+                                   "line number), edit_type, object_name (or object), keep, new, gone, extra (Yes/No "
+                                   "questions separated by ';')] per pair; "
                                    "relative image paths from the list's folder (the app's batch list, the same rows)")
     j.add_argument("--output", help="where --batch writes a row per pair (CSV if it ends in .csv, else JSON "
                                     "lines): id, reference, edited, instruction, edit_type, p_edit, p_identity, "

@@ -40,6 +40,7 @@ class Pair:
     keep: str = ""  # object names separated by "; "
     new: str = ""
     gone: str = ""
+    extra: tuple[str, ...] = ()  # free-form Yes/No questions about both images, expected Yes (the CLI's --extra)
     line: int = 0  # where the list has it (a CSV's header is line 1)
 
 
@@ -56,11 +57,26 @@ def image_path(listing: str | os.PathLike, name: str) -> str:
     return str(path if path.is_absolute() else Path(listing).parent / path)
 
 
+def extra_questions(value) -> tuple[str, ...]:
+    """A list's `extra` questions: a JSON list of questions, or one text of them separated by ';' (as keep lists are,
+    but never by ',': a question's own commas stay) or by line breaks; blank ones dropped. ValueError otherwise."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        items = value.replace(";", "\n").splitlines()
+    elif isinstance(value, list) and all(isinstance(q, str) for q in value):
+        items = value
+    else:
+        raise ValueError(f"extra must be questions: a list of strings, or one string separated by ';', got {value!r}")
+    return tuple(q.strip() for q in items if q.strip())
+
+
 def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
     """The pairs of a .jsonl, .csv or .tsv list: reference, edited, instruction required; id (default: the line number),
-    edit_type, object_name (or object), keep, new, gone optional. A list without a required key or column, or with a
-    line that cannot be read, is a ValueError naming it as `label`:N (`label` defaults to the path), before any pair
-    is judged; a blank image or instruction is that pair's error when it is judged (the others still are)."""
+    edit_type, object_name (or object), keep, new, gone and extra (`extra_questions`) optional. A list without a
+    required key or column, or with a line that cannot be read, is a ValueError naming it as `label`:N (`label`
+    defaults to the path), before any pair is judged; a blank image or instruction is that pair's error when it is
+    judged (the others still are)."""
     path = Path(path)
     label = label or str(path)
     if path.suffix.lower() not in LIST_SUFFIXES:
@@ -73,6 +89,7 @@ def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
     for n, row in rows:
         try:
             edit_type = edit_type_name(_text(row.get("edit_type")) or None)
+            extra = extra_questions(row.get("extra"))
         except ValueError as exc:
             raise ValueError(f"{label}:{n}: {exc}") from None
         reference, edited = _text(row["reference"]), _text(row["edited"])
@@ -80,7 +97,7 @@ def read_pairs(path: str | os.PathLike, label: str | None = None) -> list[Pair]:
                           instruction=row["instruction"] or "", reference_path=image_path(path, reference),
                           edited_path=image_path(path, edited), edit_type=edit_type,
                           object_name=_text(row.get("object_name")) or _text(row.get("object")),
-                          **{k: joined_names(row.get(k)) for k in ("keep", "new", "gone")}, line=n))
+                          **{k: joined_names(row.get(k)) for k in ("keep", "new", "gone")}, extra=extra, line=n))
     if not pairs:
         raise ValueError(f"{label} lists no pairs")
     return pairs
@@ -98,8 +115,10 @@ def as_named(message: str, pair: Pair) -> str:
     return message
 
 
-def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[tuple[dict, list[dict]]]:
-    """For each pair, its verdict row (VERDICT_COLUMNS) and its question rows (QUESTION_COLUMNS), every digit kept.
+def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False,
+                extra: tuple[str, ...] = ()) -> Iterator[tuple[dict, list[dict]]]:
+    """For each pair, its verdict row (VERDICT_COLUMNS) and its question rows (QUESTION_COLUMNS), every digit kept;
+    each pair is asked its own `extra` questions, then these `extra` ones (the CLI's --extra, asked of every pair).
     A pair that cannot be judged gets its reason in `error` (one question row, with it) and the others go on; with
     `named` (a public app) the reason names images as the list does, never by their path on this machine."""
     from .verdicts import judge_edit
@@ -109,7 +128,7 @@ def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[t
         try:
             v = judge_edit(judge, p.reference_path, p.edited_path, p.instruction, edit_type=p.edit_type,
                            object_name=p.object_name or None, keep=object_names(p.keep), new=object_names(p.new),
-                           gone=object_names(p.gone))
+                           gone=object_names(p.gone), extra=[*p.extra, *extra])
         except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
             error = as_named(str(exc), p) if named else str(exc)
             yield ({**dict.fromkeys(VERDICT_COLUMNS), **names, "edit_type": p.edit_type, "error": error},

@@ -982,6 +982,44 @@ def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp
                                                     None]  # every digit, as in the CSV
 
 
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_batch_lists_extra_column_asks_each_pair_its_own_questions(tiny_set, tmp_path, monkeypatch, shapes_png,
+                                                                    kind):
+    """`judge --extra` was refused with --batch and a list had no column for them: a pair list's `extra` (a JSON list,
+    or questions separated by ';', their own commas kept) is asked of its pair, in the CLI and the app's Batch list
+    alike, and --extra with --batch is asked of every pair after its own."""
+    from npedit.cli import main
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    Image.open(shapes_png).rotate(90).save(tmp_path / "edited.png")
+    sharp, blue = "Is the second image sharp, without artifacts? Answer with Yes or No.", "Is the circle blue?"
+    pairs = [{"id": "a", "reference": "scene.png", "edited": "edited.png", "instruction": "make the circle blue",
+              "extra": [sharp, blue] if kind == "jsonl" else f"{sharp}; {blue}"},
+             {"id": "b", "reference": "scene.png", "edited": "edited.png", "instruction": "make the circle blue"}]
+    listing = tmp_path / f"pairs.{kind}"
+    if kind == "csv":
+        pd.DataFrame(pairs).to_csv(listing, index=False)
+    else:
+        listing.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cli = [tmp_path / "cli" / "verdicts.csv", tmp_path / "cli" / "questions.csv"]
+    assert main(["judge", "--judge", tiny_set["judge"], "--batch", str(listing), "--output", str(cli[0]),
+                 "--questions", str(cli[1])]) == 0
+    asked = pd.read_csv(cli[1], dtype=str, keep_default_na=False)
+    assert list(asked["kind"]) == ["edit", "identity", "extra", "extra", "edit", "identity"]
+    assert list(asked.loc[asked["kind"] == "extra", "question"]) == [sharp, blue]
+    assert set(asked.loc[asked["kind"] == "extra", "id"]) == {"a"}
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+    _, *shown = fns["judge_batch"]([str(listing), str(tmp_path / "scene.png"), str(tmp_path / "edited.png")],
+                                   progress=lambda *a, **k: None)
+    assert Path(shown[1]).read_text() == cli[1].read_text()  # the app's Batch list asks the same questions
+    assert main(["judge", "--judge", tiny_set["judge"], "--batch", str(listing), "--output", str(cli[0]),
+                 "--questions", str(cli[1]), "--extra", "Is it square?"]) == 0
+    asked = pd.read_csv(cli[1], dtype=str, keep_default_na=False)
+    assert list(asked.loc[asked["kind"] == "extra", "question"]) == [sharp, blue, "Is it square?", "Is it square?"]
+
+
 def test_downloads_are_written_where_a_public_apps_cleanup_removes_them(tiny_set, tmp_path, monkeypatch,
                                                                          shapes_png):
     """The verdict JSON and the batch CSVs were written to /tmp/npedit-verdict(s)-*: gradio served a copy from its

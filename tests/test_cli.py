@@ -118,8 +118,6 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
      "error: --batch and --verdicts are the same file (./one.jsonl)"),
     (["judge", "--batch", "one.jsonl", "--output", "v.csv", "--questions", "v.csv"], 2,
      "error: --output and --questions are the same file (v.csv)"),
-    (["judge", "--batch", "one.jsonl", "--output", "v.csv", "--extra", "Is it sharp?"], 2,
-     "error: --extra is for one pair"),  # a flag that did not exist: the app's extra questions had no CLI
     # an output named as an image of the list: the verdicts were written over the edited image
     (["judge", "--batch", "pairs.jsonl", "--output", "out/../edited.png"], 2,
      "error: --output out/../edited.png is line 1's edited image: writing it would replace that image"),

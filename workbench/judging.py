@@ -45,7 +45,8 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False, max_p
     lists = [f for f in files if f.suffix.lower() in LIST_SUFFIXES]
     if len(lists) != 1:
         raise ValueError("upload exactly one .csv or .jsonl list of pairs (columns reference, edited, instruction; "
-                         "optional id, edit_type, object_name) together with the images it names")
+                         "optional id, edit_type, object_name, keep, new, gone, extra) together with the images it "
+                         "names")
     listing = lists[0]
     uploads = {f.name: str(f) for f in files if f != listing}  # any extension: the loader says which it cannot read
     pairs = read_pairs_of(listing, label=listing.name)
