@@ -11,6 +11,7 @@ import re
 import sys
 from collections import Counter
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -429,7 +430,9 @@ def cmd_judge(args) -> int:
 
     try:
         if args.batch:
-            return _judge_batch(judge, pairs, args.output, args.questions, tuple(extra))
+            # --extra: every pair's questions after its own (a list's extra column)
+            pairs = [replace(p, extra=(*p.extra, *extra)) for p in pairs]
+            return _judge_batch(judge, pairs, args.output, args.questions)
         if not args.gradients:
             print(json.dumps(verdict(args.reference, args.edited, args.instruction, args.edit_type, args.object,
                                      args.keep, args.new, args.gone)))
@@ -451,10 +454,9 @@ def cmd_judge(args) -> int:
     return 0
 
 
-def _judge_batch(judge, pairs, output: str, questions: str | None, extra: tuple[str, ...] = ()) -> int:
+def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
     """Write each pair's verdict row to `output` and, with `questions`, its question rows there, as they come; 1 when
-    a pair could not be judged (its row says why, and so does a line on stderr). Each pair is asked its own extra
-    questions (the list's `extra`), then `extra` (--extra)."""
+    a pair could not be judged (its row says why, and so does a line on stderr)."""
     from .pairs import QUESTION_COLUMNS, VERDICT_COLUMNS, judge_pairs
 
     failures = 0
@@ -462,7 +464,7 @@ def _judge_batch(judge, pairs, output: str, questions: str | None, extra: tuple[
         writers = [stack.enter_context(_report(path, columns))
                    for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)) if path]
         stack.enter_context(_said_if_stopped(writers))
-        for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge"), extra=extra):
+        for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
             writers[0].write(row)
             for q in asked if questions else ():
                 writers[1].write(q)

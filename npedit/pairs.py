@@ -115,10 +115,8 @@ def as_named(message: str, pair: Pair) -> str:
     return message
 
 
-def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False,
-                extra: tuple[str, ...] = ()) -> Iterator[tuple[dict, list[dict]]]:
-    """For each pair, its verdict row (VERDICT_COLUMNS) and its question rows (QUESTION_COLUMNS), every digit kept;
-    each pair is asked its own `extra` questions, then these `extra` ones (the CLI's --extra, asked of every pair).
+def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[tuple[dict, list[dict]]]:
+    """For each pair, its verdict row (VERDICT_COLUMNS) and its question rows (QUESTION_COLUMNS), every digit kept.
     A pair that cannot be judged gets its reason in `error` (one question row, with it) and the others go on; with
     `named` (a public app) the reason names images as the list does, never by their path on this machine."""
     from .verdicts import judge_edit
@@ -128,7 +126,7 @@ def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False,
         try:
             v = judge_edit(judge, p.reference_path, p.edited_path, p.instruction, edit_type=p.edit_type,
                            object_name=p.object_name or None, keep=object_names(p.keep), new=object_names(p.new),
-                           gone=object_names(p.gone), extra=[*p.extra, *extra])
+                           gone=object_names(p.gone), extra=list(p.extra))
         except (ImageError, ValueError) as exc:  # this pair fails, the others are still judged
             error = as_named(str(exc), p) if named else str(exc)
             yield ({**dict.fromkeys(VERDICT_COLUMNS), **names, "edit_type": p.edit_type, "error": error},
