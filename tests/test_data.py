@@ -520,8 +520,8 @@ def test_object_names_separated_by_commas_are_several_and_a_semicolon_keeps_comm
     one, two = load_manifest(tmp_path / "cases.jsonl")
     assert one.keep_names == ["a small, red circle"] and two.keep_names == ["red circle", "blue square"]
     assert two.gone_names == ["a, b", "c"]
-    pairs = [{"reference": "a.png", "edited": "a.png", "instruction": "x", **{k: v for k, v in line.items()
-                                                                            if k in ("keep", "gone")}} for line in lines]
+    pairs = [{"reference": "a.png", "edited": "a.png", "instruction": "x",
+              **{k: v for k, v in line.items() if k in ("keep", "gone")}} for line in lines]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     one, two = read_pairs(tmp_path / "pairs.jsonl")
     assert object_names(one.keep) == ["a small, red circle"] and object_names(two.keep) == ["red circle", "blue square"]
