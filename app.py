@@ -884,7 +884,10 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         renamed = {old: new for old, path in uploaded.items()
                    for new, now in datasets.upload_names(left).items() if path == now}
         rows = rows.reindex(columns=datasets.TABLE_COLUMNS)
-        rows = rows[rows["image"].isin(renamed)].replace({"image": renamed, "target": renamed})
+        rows = rows[rows["image"].isin(renamed)].copy()
+        # a target that was a removed file is blanked, not left to name whichever file takes its name after renaming
+        rows["target"] = rows["target"].map(lambda t: renamed.get(t, "" if t in uploaded else t))
+        rows = rows.replace({"image": renamed})
         return on_upload(left, rows, {k: v for k, v in uploaded.items() if k in renamed})
 
     files.delete(on_remove, [files, table, uploads], [table, uploads], api_visibility="private")
@@ -923,6 +926,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                                "editor (it loads no other folder or hub id).")
             # the boxes show names without the server's folders (and the student may be a list label): the paths
             base, judge, student = own_base, own_judge, student.strip() and app.editor_path(student.strip())
+        if presets.start_problem(presets.PRESETS[preset_name]):
+            raise gr.Error(presets.start_problem(presets.PRESETS[preset_name]))
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
         busy = jobs.active_job(app.runs_root, device)
         if busy is not None:
@@ -947,10 +952,12 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
                                         within=[app.examples_dir, staging] if app.public else None,
                                         targets_for=presets.targets_for(cfg))
             st = jobs.start_job(run_dir, args, runs_root=app.runs_root, device=device)
-        except (ValueError, jobs.JobBusy) as exc:
+        except BaseException as exc:  # the folder made above goes with any failed start, or its name stays taken
             if not (run_dir / "job.json").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
-            raise _error(exc) from None
+            if isinstance(exc, (ValueError, jobs.JobBusy)):
+                raise _error(exc) from None
+            raise
         return str(run_dir), _status_markdown(st, device), gr.Timer(active=True)
 
     start.click(on_start, [table, uploads, stream, preset, run_name, base, judge, judge_pixels, student, token,

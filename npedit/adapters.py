@@ -126,10 +126,8 @@ def export_adapters(run_dir: str | Path, step: int | None = None, out: str | Pat
     with export_writing(out, run_dir) as folder:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(lora, str(folder / LORA_FILE), metadata={"format": "pt"})
-        if extra:
+        if extra:  # (an earlier export's is never carried over: `export.EXPORT_OWNED`)
             save_file(extra, str(folder / EXTRA_FILE), metadata={"format": "pt"})
-        elif (folder / EXTRA_FILE).exists():
-            (folder / EXTRA_FILE).unlink()
         # the run's folder, judge and data named only (as a whole export does); base and student stay: a load needs
         # them
         shared = shareable_config(to_dict(cfg), (("output_dir",), ("judge", "path"), ("data", "train")))
@@ -150,16 +148,14 @@ def started_in(run_dir: str | Path, output_dir: str) -> Path:
 
 
 def absolute_local(value: str, root: Path) -> str:
-    """A model path from a run's config (relative to `root`) as it may be recorded: a local path absolute, a hub id
-    ("owner/name" that is no folder under `root` or here) as it is; empty stays empty."""
-    from .sharing import is_hub_id
-
+    """A model path from a run's config (relative to `root`) as it may be recorded: a folder found under `root`
+    absolute; a hub id, or a relative path not found there (an app run's `root` may be a guess), as typed."""
     if not value:
         return value
     path = Path(value).expanduser()
     if path.is_absolute():
         return str(path)
-    if not (root / path).exists() and is_hub_id(value):
+    if not (root / path).exists():  # a hub id, or a path this export cannot place: recorded as typed, as before
         return value
     return str((root / path).resolve())
 

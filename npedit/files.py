@@ -187,9 +187,11 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
             f.seek(_LOCK_BYTE)
             msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
         f.close()
-        if made and [p.name for p in folder.iterdir()] == [RUN_LOCK]:
-            remove(path)
-            folder.rmdir()
+        try:  # tidying must not replace the error that ended the block (Windows: another process holds the file)
+            if made and [p.name for p in folder.iterdir()] == [RUN_LOCK] and remove(path) is not False:
+                folder.rmdir()
+        except OSError:
+            pass
 
 
 def _lock(f) -> bool:

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.candidates < 1 or args.n < 1:
         ap.error("--candidates and --n must be >= 1")
+    if args.out:  # made now: a missing folder found after the sampling would lose it
+        args.out.parent.mkdir(parents=True, exist_ok=True)
 
     from npedit.judges import load_judge
     from npedit.pipeline import NPEditPipeline

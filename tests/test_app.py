@@ -1831,6 +1831,10 @@ def test_a_file_taken_off_the_upload_leaves_the_table_and_a_generated_table_stay
     assert kept[["image", "instruction", "target"]].values.tolist() == [
         ["cat.png", "make the cat blue", "dog.png"], ["dog.png", "make the second dog red", ""]]
     assert names == {"cat.png": files[0], "dog.png": twins[1]}
+    table, names = fns["on_upload"]([files[0], *twins], left, {"cat.png": files[0]})
+    table.loc[0, "target"] = "dog.png"  # the first dog, about to go: its name then belongs to the second one
+    gone, _ = fns["on_remove"]([files[0], twins[1]], table, names)
+    assert gone.loc[gone["image"] == "cat.png", "target"].tolist() == [""]
     cleared, names = fns["on_remove"]([], left, names)
     assert cleared.empty and names == {}
     generated, names = fns["on_generate"](6, 0)

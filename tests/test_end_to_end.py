@@ -703,7 +703,12 @@ def test_an_export_into_an_earlier_export_is_swapped_in_whole(tmp_path, tiny_zim
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "shared"]  # nothing half-written left beside it
     monkeypatch.setattr(pipeline.NPEditPipeline, "save_pretrained", save)
     capsys.readouterr()
+    # files that make a folder an adapter export (an earlier one's, here) are never carried into the new export: a
+    # stale npedit_lora.json would make it load as adapters, a stale extra file was loaded into a re-export
+    (out / "npedit_lora.json").write_text("{}")
+    (out / "npedit_student_extra.safetensors").write_bytes(b"stale")
     main(["export", str(run), "--out", str(out)])
+    assert not (out / "npedit_lora.json").exists() and not (out / "npedit_student_extra.safetensors").exists()
     assert json.loads((out / "training_config.json").read_text())["step"] == 2
     assert (out / "notes.txt").read_text() == "what I saw with this editor"
     assert "also holds files this export did not write (notes.txt)" in capsys.readouterr().err

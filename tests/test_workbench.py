@@ -841,6 +841,12 @@ def test_a_recipe_with_a_typo_keeps_its_preset_which_says_so_and_start_refuses(t
     with pytest.raises(ValueError, match=r"unknown config key\(s\) max_step \(did you mean max_steps\?\)"):
         presets.check_train_args(presets.train_args(quick.values(), base=tiny_set["teacher"], judge=tiny_set["judge"],
                                                     student="", data="shapes", config_file=quick.config_file))
+    # fixed while the app runs, the file would read, and the stand-in knobs (stage npedit for the SFT recipe) would
+    # override it: Start keeps refusing until a restart reads the file again
+    sft = offered["Shapes paired SFT (baseline)"]
+    assert sft.broken and sft.stage == "npedit" and "restart the app" in presets.start_problem(sft)
+    assert all(offered[name].broken for name in ("Quick check (CPU, minutes)", "DMD only (λ_VLM = 0)"))
+    assert not presets.start_problem(offered["Shapes identity warm-up"])
 
 
 def test_shipped_recipes_load_and_become_presets(tiny_set):

@@ -77,6 +77,10 @@ def test_import_reimpl_makes_an_editor_that_edits_in_the_frames_layout(tmp_path,
     assert main(["import-reimpl", str(path), "--base", str(tiny_zimage), "--out", str(out), "--dtype", "float32"]) == 0
     assert not list(out.rglob("*.pt")) and list(out.rglob("*.safetensors"))
     assert "re-implementation" in (out / "README.md").read_text()
+    from npedit.reimpl import import_reimpl
+
+    with pytest.raises(ValueError, match="exists and is not empty"):  # from Python too: it would replace the folder
+        import_reimpl(path, tiny_zimage, out=tiny_zimage)
     pipe = NPEditPipeline.from_pretrained(out)
     tf = pipe.transformer
     assert isinstance(tf, NPEditZImageTransformer2DModel) and tf.config.reference_layout == "frames"

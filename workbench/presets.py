@@ -45,10 +45,12 @@ class Preset:
     log_every: int = 5
     sample_every: int = 50
     save_every: int = 50
+    # its recipe file did not read when the presets were built: its knobs are stand-ins, not the file's
+    broken: bool = False
 
     def values(self) -> dict:
         """The knob values by name (what the tab's inputs are filled with)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("note", "config_file")}
+        return {k: v for k, v in asdict(self).items() if k not in ("note", "config_file", "broken")}
 
 
 KNOBS = tuple(Preset("").values())
@@ -76,10 +78,10 @@ def _recipe(name: str, note: str, fallback: Preset | None = None) -> Preset | No
         return from_config(load_config(path), note, str(path))
     except (ValueError, OSError) as exc:  # a recipe being edited must not break the app, nor be swapped in silence
         print(f"warning: the recipe {path} does not read: {exc}", file=sys.stderr)
-        return replace(fallback or Preset(""), note=f"{_broken(path, exc)}{note}", config_file=str(path))
+        return replace(fallback or Preset(""), note=f"{_broken(path, exc)}{note}", config_file=str(path), broken=True)
 
 
-BROKEN_END = "Start refuses this preset until the file is fixed. "
+BROKEN_END = "Start refuses this preset: fix the file, then restart the app. "
 
 
 def _broken(path: Path, exc: Exception) -> str:
@@ -191,6 +193,16 @@ def check_train_args(args: list[str]) -> TrainConfig:
         if family is not None:  # (an unreadable judge fails at its own load, with its own message)
             family.check_max_pixels(cfg.judge.max_pixels)  # a fixed-view judge refuses a pixel cap
     return cfg
+
+
+def start_problem(preset: Preset) -> str:
+    """Why Start refuses `preset` ("" when it does not): a recipe that did not read when the app started keeps
+    stand-in knobs, which would override the file once it is fixed (another stage, lr, steps), so it waits for a
+    restart that reads the file again."""
+    if not preset.broken:
+        return ""
+    return (f"the recipe {preset.config_file} did not read when the app started, so this preset's settings are not "
+            "the file's: fix the file, then restart the app")
 
 
 def targets_for(cfg: TrainConfig) -> str:

@@ -188,10 +188,19 @@ def check_export_out(run_dir: str | Path, out: str | Path) -> None:
                              "the model's folders): give a new or empty folder")
 
 
+# what makes a folder an editor or an adapter export (and which kind): never carried from an earlier export into a new
+# one, whose own kind and weights must decide how it loads (a stale npedit_student_extra.safetensors was loaded into
+# a re-exported adapter editor; an earlier editor's model_index.json made an adapter export load as that editor)
+EXPORT_OWNED = ("model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "npedit_lora.json",
+                "pytorch_lora_weights.safetensors", "npedit_student_extra.safetensors")
+
+
 def export_writing(out: Path, run_dir) -> contextlib.AbstractContextManager[Path]:
     """Where to write export `out` (`check_export_out` first): a temporary folder published whole
     (`checkpoint.publishing`); into an existing export elsewhere, the files of it that this export does not write
-    are carried over first (a folder written into file by file was, stopped midway, half the earlier export)."""
+    are carried over first (a folder written into file by file was, stopped midway, half the earlier export), except
+    those that make an export what it is (`EXPORT_OWNED`)."""
     check_export_out(run_dir, out)
     inside = Path(run_dir).resolve() in Path(out).resolve().parents
     return ckpt.publishing(out) if inside or not Path(out).is_dir() else _rewriting(Path(out))
@@ -205,7 +214,7 @@ def _rewriting(out: Path):
         yield folder
         for old in sorted(out.rglob("*")):
             new = folder / old.relative_to(out)
-            if old.is_dir() or new.exists() or new.is_symlink():
+            if old.is_dir() or new.exists() or new.is_symlink() or old.relative_to(out).parts[0] in EXPORT_OWNED:
                 continue
             new.parent.mkdir(parents=True, exist_ok=True)
             if old.is_symlink():  # (as it was: not what it points to)
