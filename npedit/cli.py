@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .assets import bundle_missing, default_path, in_bundle
 from . import files
 from .edit_types import EDIT_TYPES, edit_type_name
-from .files import image_bytes, write_atomic
+from .files import image_bytes, own_entries, write_atomic
 from .flow import MAX_SAMPLING_STEPS
 from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
@@ -145,7 +145,7 @@ def cmd_edit(args) -> int:
         _check_writable(Path(args.trace).absolute().parent if zipped else Path(args.trace).absolute(),
                         f"--trace {args.trace}")
         folder = Path(args.trace)
-        if not zipped and folder.is_dir() and any(folder.iterdir()) and not (folder / "trace.json").is_file():
+        if not zipped and folder.is_dir() and own_entries(folder) and not (folder / "trace.json").is_file():
             raise SystemExit(f"error: --trace {args.trace} holds other files and no trace: a trace writes trace.json, "
                              "steps.csv, reference.png, edited.png and step-N-* files into its folder, over any of "
                              "those names; give a new or empty folder (or an earlier trace's)")
@@ -560,7 +560,7 @@ def _check_new_folder(path: str | Path, flag: str) -> None:
     """`_check_output_folder`, and SystemExit when `path` holds anything: a command that writes a whole model there
     would mix it with (or write over) what is there, e.g. the --model or --base folder it reads."""
     _check_output_folder(path, flag)
-    if Path(path).is_dir() and any(Path(path).iterdir()):
+    if Path(path).is_dir() and own_entries(path):
         raise SystemExit(f"error: {flag} {path} exists and is not empty: give a new or empty folder")
 
 

@@ -100,6 +100,16 @@ def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     _while_held_open(lambda: os.replace(src, dst))
 
 
+# what a file browser leaves in a folder it shows (macOS Finder, Windows Explorer): not the user's own files
+OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def own_entries(folder: str | os.PathLike) -> list[Path]:
+    """The entries of `folder` (sorted), less a file browser's own (`OS_LITTER`, macOS's `._*` twins): a folder made in
+    Finder holds a .DS_Store, and "give a new or empty folder" must not refuse it."""
+    return sorted(p for p in Path(folder).iterdir() if p.name not in OS_LITTER and not p.name.startswith("._"))
+
+
 def remove(path: str | os.PathLike) -> bool:
     """Delete `path` if it is there; on Windows, where deleting a file another program holds open fails (the app
     showing a sample grid, a virus scanner), retried for up to REPLACE_WAIT_S. False when it is still there: a caller

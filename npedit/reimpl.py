@@ -75,7 +75,9 @@ def import_reimpl(checkpoint: str | os.PathLike, base: str | os.PathLike, out: s
     from .pipeline import NPEditPipeline
     from .training.checkpoint import publishing
 
-    if Path(out).is_dir() and any(Path(out).iterdir()):  # (the CLI says so first): it is replaced whole below
+    from .files import own_entries
+
+    if Path(out).is_dir() and own_entries(out):  # (the CLI says so first): it is replaced whole below
         raise ValueError(f"{out} exists and is not empty: give a new or empty folder (it would be replaced whole)")
     state_dict_file(checkpoint)  # a wrong path is said before --base is looked up (a hub id may be fetched)
     if detect_family(base) != "zimage":

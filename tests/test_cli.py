@@ -469,8 +469,14 @@ def test_an_export_never_replaces_the_runs_own_folders_or_a_users_files(mistakes
     (mistakes / "earlier" / "model_index.json").write_text("{}")
     from npedit.training.export import check_export_out
 
-    for out in ("runs/r/exports/step_000010", "runs/r/mine", "new", "images", "earlier"):
+    (mistakes / "from-finder").mkdir()  # a folder a file browser made holds its own files, not the user's
+    for litter in (".DS_Store", "Thumbs.db", "desktop.ini", "._x"):
+        (mistakes / "from-finder" / litter).write_bytes(b"")
+    for out in ("runs/r/exports/step_000010", "runs/r/mine", "new", "images", "earlier", "from-finder"):
         check_export_out(run, mistakes / out)  # (raises nothing)
+    from npedit.cli import _check_new_folder
+
+    _check_new_folder(mistakes / "from-finder", "--out")  # (import-reimpl's check: raises nothing)
 
 
 def test_a_swapped_vae_editor_is_written_whole(mistakes, capsys, monkeypatch):

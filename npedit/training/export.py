@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..config import load_config, to_dict
+from ..files import own_entries
 from . import checkpoint as ckpt
 
 
@@ -180,7 +181,7 @@ def check_export_out(run_dir: str | Path, out: str | Path) -> None:
                              f"folder (by default it goes to {Path(run_dir) / 'exports'}/step_N)")
         return
     if target.is_dir() and not any((target / mark).is_file() for mark in EXPORT_MARKS):
-        held = sorted(p.name for p in target.iterdir())
+        held = [p.name for p in own_entries(target)]
         if held:
             raise ValueError(f"cannot export to {out}: it holds files of its own ({', '.join(held[:5])}"
                              f"{', ...' if len(held) > 5 else ''}) and is no exported editor; an export writes into an "
