@@ -87,6 +87,24 @@ def full_disk():
     return limit
 
 
+@pytest.fixture
+def ctrl_c_at_fsync(monkeypatch):
+    """A context in which every file write is stopped as by Ctrl-C where it flushes to disk (`files.os.fsync`), the
+    last moment before a write publishes its file: what a whole-or-nothing write must survive."""
+    from npedit import files
+
+    def interrupted(fd, *args):
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def stopped():
+        with monkeypatch.context() as m:
+            m.setattr(files.os, "fsync", interrupted)
+            yield
+
+    return stopped
+
+
 @pytest.fixture(autouse=True)
 def no_trainers_elsewhere(monkeypatch):
     """A start sees no `npedit train` of the machine's other users of it (`jobs.outside_trainer`: a trainer of another

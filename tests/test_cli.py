@@ -230,18 +230,14 @@ def test_a_usage_error_exits_2_with_its_line_from_a_real_process(tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_an_edit_replaces_its_output_whole(mistakes, capsys, monkeypatch):
+def test_an_edit_replaces_its_output_whole(mistakes, capsys, ctrl_c_at_fsync):
     """The result is written through a temporary file and renamed: a write cut short (Ctrl-C, a full disk) keeps the
     file an earlier run saved there, where PIL's save into it left it truncated."""
-    from npedit import files
 
     (mistakes / "o.png").write_bytes(b"an earlier result")
 
-    def cut_short(fd, *args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(files.os, "fsync", cut_short)
-    assert exit_of([*EDIT, "--output", "o.png"], capsys) == (130, "interrupted")
+    with ctrl_c_at_fsync():
+        assert exit_of([*EDIT, "--output", "o.png"], capsys) == (130, "interrupted")
     assert (mistakes / "o.png").read_bytes() == b"an earlier result"
     assert sorted(p.name for p in mistakes.iterdir() if p.name.startswith(".")) == []
 
@@ -279,19 +275,15 @@ def test_tiny_models_into_a_file_is_one_line(mistakes):
         "error: afile is a file; give a folder for the models"), out.stderr
 
 
-def test_an_eval_report_is_replaced_whole(mistakes, capsys, monkeypatch):
+def test_an_eval_report_is_replaced_whole(mistakes, capsys, ctrl_c_at_fsync):
     """`eval shapes` writes its report through a temporary file: a write cut short keeps the report an earlier run
     of the same name wrote (it was rewritten in place, so Ctrl-C there left half a JSON file)."""
-    from npedit import files
 
     (mistakes / "ev").mkdir()
     (mistakes / "ev" / "mine.json").write_text('{"earlier": true}')
 
-    def cut_short(fd, *args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(files.os, "fsync", cut_short)
-    assert exit_of(["eval", "shapes", "--n", "1", "--out", "ev", "--name", "mine"], capsys) == (130, "interrupted")
+    with ctrl_c_at_fsync():
+        assert exit_of(["eval", "shapes", "--n", "1", "--out", "ev", "--name", "mine"], capsys) == (130, "interrupted")
     assert (mistakes / "ev" / "mine.json").read_text() == '{"earlier": true}'
     assert sorted(p.name for p in (mistakes / "ev").iterdir()) == ["mine.json"]
 
@@ -498,18 +490,14 @@ def test_a_swapped_vae_editor_is_written_whole(mistakes, capsys, monkeypatch):
     (["shapes", "judge-eval", "n=2", "out=ev"], "judge_eval.json"),
     (["shapes", "teacher-eval", "n=2", "steps=1", "out=ev"], "teacher_eval.json"),
 ])
-def test_a_shapes_eval_report_is_replaced_whole(mistakes, capsys, monkeypatch, argv, report):
+def test_a_shapes_eval_report_is_replaced_whole(mistakes, capsys, ctrl_c_at_fsync, argv, report):
     """`shapes judge-eval` and `shapes teacher-eval` wrote their reports in place (as `eval shapes` once did): a
     Ctrl-C or a full disk midway left half a JSON file where an earlier report was. Both are written whole now."""
-    from npedit import files
 
     (mistakes / "ev").mkdir()
     (mistakes / "ev" / report).write_text('{"earlier": true}')
 
-    def cut_short(fd, *args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(files.os, "fsync", cut_short)
-    assert exit_of(argv, capsys) == (130, "interrupted")
+    with ctrl_c_at_fsync():
+        assert exit_of(argv, capsys) == (130, "interrupted")
     assert (mistakes / "ev" / report).read_text() == '{"earlier": true}'
     assert sorted(p.name for p in (mistakes / "ev").iterdir()) == [report]

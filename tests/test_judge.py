@@ -473,10 +473,9 @@ def test_a_large_photo_is_judged_without_copies_of_its_pixels(tmp_path):
     assert round_to_8bit(x).requires_grad  # the straight-through form when a gradient is asked
 
 
-def test_a_gradient_map_file_is_replaced_whole(tmp_path, monkeypatch):
+def test_a_gradient_map_file_is_replaced_whole(tmp_path, ctrl_c_at_fsync):
     """`judge --gradients maps.npz` wrote the .npz in place: a Ctrl-C or a full disk midway left a cut file where an
     earlier one was. It is built in memory and written whole; a cut write keeps the earlier file and leaves nothing."""
-    from npedit import files
     from npedit.verdicts import AnswerGradients
 
     def maps(value: float) -> AnswerGradients:
@@ -486,13 +485,8 @@ def test_a_gradient_map_file_is_replaced_whole(tmp_path, monkeypatch):
     maps(1.0).save(tmp_path / "maps.npz")
     earlier = (tmp_path / "maps.npz").read_bytes()
 
-    def cut_short(fd, *args):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(files.os, "fsync", cut_short)
-        with pytest.raises(KeyboardInterrupt):
-            maps(2.0).save(tmp_path / "maps.npz")
+    with ctrl_c_at_fsync(), pytest.raises(KeyboardInterrupt):
+        maps(2.0).save(tmp_path / "maps.npz")
     assert (tmp_path / "maps.npz").read_bytes() == earlier and os.listdir(tmp_path) == ["maps.npz"]
     maps(2.0).save(tmp_path / "maps.npz")
     assert float(AnswerGradients.load(tmp_path / "maps.npz").grads.max()) == 2.0

@@ -143,14 +143,13 @@ def test_a_trace_zip_holds_the_folders_files_and_stores_its_pngs_as_they_are(tmp
             png = info.filename.endswith(".png")
             assert info.compress_type == (zipfile.ZIP_STORED if png else zipfile.ZIP_DEFLATED), info.filename
 
-def test_a_trace_saved_again_keeps_the_earlier_one_until_it_is_whole(tmp_path, monkeypatch):
+def test_a_trace_saved_again_keeps_the_earlier_one_until_it_is_whole(tmp_path, ctrl_c_at_fsync):
     """`edit --trace t.zip` (and the app's trace download) wrote the zip in place: a Ctrl-C or a full disk midway left
     a cut zip where the earlier trace was. Into a folder, a trace of fewer steps left the earlier trace's later step
     files beside its own. The zip is written whole (a cut write keeps the earlier one), and a folder holds one trace
     (the user's other files in it left alone)."""
     import zipfile
 
-    from npedit import files
     from npedit.trace import save_trace
 
     save_trace(_random_trace(3), tmp_path / "t.zip")
@@ -158,13 +157,8 @@ def test_a_trace_saved_again_keeps_the_earlier_one_until_it_is_whole(tmp_path, m
     (tmp_path / "folder" / "notes.txt").write_text("mine")
     earlier = (tmp_path / "t.zip").read_bytes()
 
-    def cut_short(fd, *args):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(files.os, "fsync", cut_short)
-        with pytest.raises(KeyboardInterrupt):
-            save_trace(_random_trace(1, seed=1), tmp_path / "t.zip")
+    with ctrl_c_at_fsync(), pytest.raises(KeyboardInterrupt):
+        save_trace(_random_trace(1, seed=1), tmp_path / "t.zip")
     assert (tmp_path / "t.zip").read_bytes() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "t.zip"]  # (no temporary file left)
     save_trace(_random_trace(1, seed=1), tmp_path / "folder")
@@ -1524,13 +1518,12 @@ def test_benchmark_comparison_table_and_chart(tmp_path, capsys):
             "bad.md: expected a benchmark table with columns variant")
 
 
-def test_a_benchmark_table_extended_in_place_is_replaced_whole(tmp_path, monkeypatch):
+def test_a_benchmark_table_extended_in_place_is_replaced_whole(tmp_path, ctrl_c_at_fsync):
     """`workbench.benchmarks REPORTS --extend t.md --table t.md` (a table grown from itself, whose earlier reports may
     be gone) rewrote t.md in place, and the chart too: a Ctrl-C or a full disk midway left the only copy cut short.
     Both are written whole: a cut write keeps the earlier table and chart."""
     import json
 
-    from npedit import files
     from npedit.shapes import CATEGORIES
     from workbench.benchmarks import main, read_markdown
 
@@ -1544,14 +1537,9 @@ def test_a_benchmark_table_extended_in_place_is_replaced_whole(tmp_path, monkeyp
     main([str(tmp_path / "old"), "--table", str(table), "--chart", str(chart)])
     earlier = table.read_bytes(), chart.read_bytes()
 
-    def cut_short(fd, *args):
-        raise KeyboardInterrupt
-
     grown = [str(tmp_path / "new"), "--extend", str(table), "--table", str(table), "--chart", str(chart)]
-    with monkeypatch.context() as m:
-        m.setattr(files.os, "fsync", cut_short)
-        with pytest.raises(KeyboardInterrupt):
-            main(grown)
+    with ctrl_c_at_fsync(), pytest.raises(KeyboardInterrupt):
+        main(grown)
     assert (table.read_bytes(), chart.read_bytes()) == earlier
     main(grown)
     assert list(read_markdown(table).index) == ["a", "b"] and chart.read_bytes() != earlier[1]
