@@ -533,6 +533,14 @@ def test_critic_stage_fits_a_critic_to_a_frozen_editor(trained, tiny_zimage, tin
         refused("train", "max_steps=1", *common, *bad_args, says=message)
 
 
+def _without_targets(manifest: Path, out: Path) -> Path:
+    """`manifest` with every line's target emptied (its images named by absolute path), written to `out`."""
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**r, "image": str(manifest.parent / r["image"]), "target": ""}) + "\n"
+                           for r in lines))
+    return out
+
+
 def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny_zimage, tiny_manifest):
     from npedit.config import load_config
     from npedit.training.trainer import Trainer
@@ -555,10 +563,7 @@ def test_target_regression_trains_the_unroll_toward_given_results(tmp_path, tiny
     # the line a run prints first names where the student starts and every loss it trains with
     assert trainer.describe() == (f"npedit from step 0 | student from the teacher ({tiny_zimage}) | "
                                   f"2 samples per update | lr 2e-05 | losses: true edits x1 -> {tmp_path}/t")
-    lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
-    bare = tmp_path / "no-targets.jsonl"
-    bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"
-                            for r in lines))
+    bare = _without_targets(tiny_manifest, tmp_path / "no-targets.jsonl")
     with pytest.raises(ValueError, match="lambda_target > 0"):  # (its images lie in the fixture's folder)
         Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}",
                                    *common]))
@@ -576,10 +581,7 @@ def test_pixel_regression_trains_the_unroll_through_the_decoder(tmp_path, tiny_z
     assert metrics["target_pixel_loss"] > 0 and "target_loss" not in metrics and metrics["student_skipped"] == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     assert trainer.describe().endswith(f"losses: true edits in pixels x1 -> {tmp_path}/t")
-    lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
-    bare = tmp_path / "no-targets.jsonl"
-    bare.write_text("".join(json.dumps({**r, "image": str(tiny_manifest.parent / r["image"]), "target": ""}) + "\n"
-                            for r in lines))
+    bare = _without_targets(tiny_manifest, tmp_path / "no-targets.jsonl")
     with pytest.raises(ValueError, match="lambda_target_pixels > 0"):  # a pixel-only run needs targets too
         Trainer(load_config(None, [f"output_dir={tmp_path}/u", f"data.train={bare}", *common]))
 
