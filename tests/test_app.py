@@ -281,6 +281,15 @@ def test_two_uploads_of_one_name_each_train_on_their_own_image(tmp_path, monkeyp
     assert [Image.open(p).getpixel((0, 0)) for p in copied] == [(200, 0, 0), (0, 0, 200)]
 
 
+def _local_train_tab(tiny_set, tmp_path, monkeypatch):
+    """(uploads folder, the app's handlers by name) of a local app on the tiny models, its uploads under tmp_path."""
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    return uploads, {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
+
+
 def _uploaded(root: Path, name: str, content=None) -> str:
     """A file as gradio keeps an upload: in a folder of its own under the upload folder (named by a hash)."""
     folder = root / f"{abs(hash((name, str(content)))):064x}"[-64:]
@@ -1755,14 +1764,9 @@ def test_a_button_removes_the_rows_of_target_images_uploaded_without_a_manifest(
     download leaves them out."""
     from npedit.data import load_manifest
 
-    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
-    uploads = tmp_path / "uploads"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    uploads, fns = _local_train_tab(tiny_set, tmp_path, monkeypatch)
     files = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("cat-blue.png", (0, 0, 250)),
                                                     ("dog.png", (0, 200, 0)))]
-    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
-    demo = npedit_app.build_demo(app)
-    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     table, names = fns["on_upload"](files, pd.DataFrame(), {})
     table.loc[0, ["instruction", "target"]] = ["make the cat blue", "cat-blue.png"]
     table.loc[2, "instruction"] = "make the dog red"
@@ -1783,16 +1787,11 @@ def test_taking_the_manifest_off_the_upload_keeps_every_row_of_its_images(tiny_s
     """A manifest may give one image several rows (several edits of one photo). Taking the manifest itself off the
     upload (or clearing the upload of it) kept only the first row of such an image: the others' instructions went
     without a word. Every row stays, as typed, and a file taken off afterwards still takes all of its rows."""
-    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
-    uploads = tmp_path / "uploads"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    uploads, fns = _local_train_tab(tiny_set, tmp_path, monkeypatch)
     images = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("dog.png", (0, 200, 0)))]
     manifest = _uploaded(uploads, "cases.jsonl", "".join(json.dumps(r) + "\n" for r in [
         {"image": "cat.png", "instruction": "make the cat blue"}, {"image": "dog.png", "instruction": "make it red"},
         {"image": "cat.png", "instruction": "remove the cat", "edit_type": "remove", "object_name": "cat"}]))
-    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
-    demo = npedit_app.build_demo(app)
-    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     table, names = fns["on_upload"]([manifest, *images], pd.DataFrame(), {})
     table.loc[1, "caption_target"] = "a red dog"  # typed after the upload
     rows = [["cat.png", "make the cat blue", ""], ["dog.png", "make it red", "a red dog"],
