@@ -445,11 +445,14 @@ class Trainer:
         x = self.generate(ref, cond, times=unroll_times(self.schedule, self.cfg.sampler.two_step_prob, self.gen))
         total = torch.zeros((), device=x.device)
         metrics: dict = {}
+        # decoded once for the judge and the pixel regression, whichever ask (each decoded it for itself)
+        pixels = self.backbone.decode_latents(x).float() if self.judge is not None or lc.lambda_target_pixels > 0 \
+            else None
         if lc.lambda_dmd > 0:
             loss, m = dmd_loss(x, *self._dmd_predictions(x, batch))
             total, metrics = total + lc.lambda_dmd * loss, {**metrics, **m}
         if self.judge is not None:
-            loss, m = self._judge_loss(ref_pixels, x, batch)
+            loss, m = self._judge_loss(ref_pixels, x, batch, decoded=pixels)
             total, metrics = total + lc.lambda_vlm * loss, {**metrics, **m}
         mask = batch["do_nothing"].to(x.device)
         if mask.any():
@@ -461,7 +464,6 @@ class Trainer:
             loss, m = target_loss(x, target, ~mask, reference=ref, edit_weight=lc.target_edit_weight)
             total, metrics = total + lc.lambda_target * loss, {**metrics, **m}
         if lc.lambda_target_pixels > 0:  # the same results compared as pictures, through the decoder
-            pixels = self.backbone.decode_latents(x).float()
             loss = masked_mse(pixels, batch["target"].to(x.device).float(), ~mask)
             total, metrics = total + lc.lambda_target_pixels * loss, {**metrics, "target_pixel_loss": loss.detach()}
         metrics["student_loss"] = total.detach()
@@ -492,14 +494,17 @@ class Trainer:
     # the logged mean P(expected answer) of each group of extra checks (a keep check expects Yes)
     _CHECK_METRICS = {"keep": "vlm_keep_p_yes", "change": "vlm_change_p_expected"}
 
-    def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Decode the edit and ask the judge the edit and identity questions (one forward pass), plus, with
-        `judge.keep_questions`, whether each object the sample's `keep` list names is still there and, with
-        `judge.change_questions`, whether the objects its `new` list names are there and its `gone` ones are not."""
+    def _judge_loss(self, ref_pixels: torch.Tensor, x: torch.Tensor, batch: dict,
+                    decoded: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Decode the edit (or take `decoded`, x already decoded to [-1, 1]) and ask the judge the edit and identity
+        questions (one forward pass), plus, with `judge.keep_questions`, whether each object the sample's `keep` list
+        names is still there and, with `judge.change_questions`, whether the objects its `new` list names are there
+        and its `gone` ones are not."""
         from ..judges import change_questions, keep_questions, training_questions
 
         jc = self.cfg.judge
-        edited = (self.backbone.decode_latents(x).float() + 1) / 2  # (B, 3, H, W), ~[0, 1]
+        decoded = self.backbone.decode_latents(x).float() if decoded is None else decoded
+        edited = (decoded + 1) / 2  # (B, 3, H, W), ~[0, 1]
         n = len(batch["instruction"])
         keep, new, gone = ((batch.get(key) or [[]] * n) for key in ("keep", "new", "gone"))
         rows = [training_questions(ins, et, obj or None, identity=jc.identity_question, kept=names)
