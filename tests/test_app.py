@@ -1810,13 +1810,8 @@ def test_a_file_taken_off_the_upload_leaves_the_table_and_a_generated_table_stay
     """Taking an image off the upload (its x) kept its row, and Start trained on it (its file still in the state).
     Now its row goes and the others stay as typed; clearing the upload empties the table; a table of generated Shapes
     cases, which the upload did not fill, is left as it is."""
-    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
-    uploads = tmp_path / "uploads"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    uploads, fns = _local_train_tab(tiny_set, tmp_path, monkeypatch)
     files = [_uploaded(uploads, n, c) for n, c in (("cat.png", (200, 0, 0)), ("dog.png", (0, 200, 0)))]
-    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
-    demo = npedit_app.build_demo(app)
-    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     table, names = fns["on_upload"](files, pd.DataFrame(), {})
     table.loc[:, "instruction"] = ["make the cat blue", "make the dog red"]
     left, names = fns["on_remove"](files[:1], table, names)
