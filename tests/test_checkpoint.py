@@ -251,3 +251,40 @@ def test_a_folder_saved_again_is_in_place_before_the_old_one_is_deleted(tmp_path
         folder.mkdir()
         (folder / "model_index.json").write_text("newer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+
+
+def test_a_write_that_fails_on_the_disk_stops_with_one_line_saying_what_is_kept(tmp_path):
+    """`writing` (a checkpoint) and `disk_writes` (anything else a run writes) share one rule: an OSError or
+    safetensors' "I/O error" inside becomes a one-line WriteError naming what was not written, the error and what is
+    kept (a checkpoint's partial folder removed first: it holds the space a retry needs); another error passes
+    unchanged, the partial folder left; a WriteError from inside passes as it is (no "could not write" twice)."""
+    from safetensors import SafetensorError
+
+    root = tmp_path / "checkpoints"
+    (root / "step_000002").mkdir(parents=True)
+    (root / "step_000002" / "trainer_state.json").write_text("{}")
+    tmp = root / ".tmp_step_000003"
+    full = "I/O error: No space left on device (os error 28)"
+    kept = ("the newest complete checkpoint, step_000002, is untouched: free space (or make the folder writable), "
+            "then resume the run (--resume)")
+    for error in (OSError(full), SafetensorError(full)):
+        tmp.mkdir()
+        with pytest.raises(ckpt.WriteError) as got, ckpt.writing(tmp):
+            raise error
+        assert str(got.value) == f"could not write checkpoint step_000003 in {root} ({full}); {kept}"
+        assert not tmp.exists()
+        with pytest.raises(ckpt.WriteError) as got, ckpt.disk_writes(tmp_path / "report.json", "the run is kept"):
+            raise error
+        assert str(got.value) == f"could not write {tmp_path / 'report.json'} ({full}); the run is kept"
+    tmp.mkdir()
+    for error in (ValueError("not the disk"), SafetensorError("invalid header")):
+        for around in (ckpt.writing(tmp), ckpt.disk_writes("a grid", "kept")):
+            with pytest.raises(type(error)) as got, around:
+                raise error
+            assert got.value is error and tmp.is_dir()
+    inner = ckpt.WriteError("could not write config.yaml (No space left on device); nothing was trained yet")
+    for around in (ckpt.writing(tmp), ckpt.disk_writes("a grid", "kept")):
+        with pytest.raises(ckpt.WriteError) as got, around:
+            raise inner
+        assert got.value is inner
+    assert not tmp.exists()

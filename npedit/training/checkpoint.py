@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,18 +163,12 @@ def latest_readable(root: Path) -> tuple[Path | None, list[str]]:
     return None, damaged
 
 
-@contextmanager
 def writing(tmp: Path):
     """Around writing checkpoint folder `tmp`: when a write fails (a full or read-only disk), remove the partial
     folder (it would hold the space a retry needs) and raise a `WriteError` naming the newest complete checkpoint."""
-    try:
-        yield
-    except (OSError, SafetensorError) as exc:
-        if disk_error(exc) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(f"could not write checkpoint {tmp.name.removeprefix('.tmp_')} in {tmp.parent} ({exc}); "
-                         f"{what_is_kept(tmp.parent)}") from None
+    # (what is kept is looked up once the write failed: the save may have pruned older checkpoints by then)
+    return _stopped_on_disk_error(f"checkpoint {tmp.name.removeprefix('.tmp_')} in {tmp.parent}",
+                                  lambda: what_is_kept(tmp.parent), discard=tmp)
 
 
 def disk_error(exc: BaseException) -> OSError | None:
@@ -186,19 +181,28 @@ def disk_error(exc: BaseException) -> OSError | None:
     return None
 
 
-@contextmanager
 def disk_writes(what: str | os.PathLike, kept: str):
     """Around writing `what` outside a checkpoint (a stage's model folder, report or grid): a write that fails on the
     disk's side (`disk_error`) stops the run with a one-line `WriteError` saying what is `kept` and what to do."""
+    return _stopped_on_disk_error(what, lambda: kept)
+
+
+@contextmanager
+def _stopped_on_disk_error(what: str | os.PathLike, kept: Callable[[], str], discard: Path | None = None):
+    """What `writing` and `disk_writes` share: an error on the disk's side (`disk_error`) inside becomes the one line
+    `WriteError("could not write WHAT (ERROR); KEPT")`, `kept()` called once the partial folder `discard` (if any) is
+    removed; a WriteError from inside (it already says what is kept) passes as it is, any other error unchanged."""
     try:
         yield
-    except WriteError:
-        raise
     except (OSError, SafetensorError) as exc:
         disk = disk_error(exc)
         if disk is None:
             raise
-        raise WriteError(f"could not write {what} ({disk}); {kept}") from None
+        if discard is not None:
+            shutil.rmtree(discard, ignore_errors=True)
+        if isinstance(exc, WriteError):
+            raise
+        raise WriteError(f"could not write {what} ({disk}); {kept()}") from None
 
 
 def what_is_kept(root: Path) -> str:
