@@ -72,25 +72,46 @@ class ReplacedWhenDone:
         self.file.flush()
 
     def close(self, complete: bool = True, keep: bool = True) -> None:
-        """Close; `complete`: flushed to the disk and renamed over `path`; else the partial file kept when `keep`
-        (it holds rows worth reading), removed when not."""
+        """Close; `complete`: flushed to the disk and renamed over `path` (when either fails, an OSError of the same
+        kind saying that `path` was not replaced and that the complete text is kept in the partial file); else the
+        partial file kept when `keep` (it holds rows worth reading), removed when not."""
         if self.file.closed:
             return
+        if not complete:
+            self.file.close()
+            if not keep:
+                self.partial.unlink(missing_ok=True)
+            return
+        flushed = False
         try:
-            if complete:
+            try:
                 os.fsync(self.file.fileno())  # a power cut after the rename must not leave `path` empty
-        finally:
-            self.file.close()  # (Windows renames no open file)
-        if complete:
+            finally:
+                self.file.close()  # (Windows renames no open file)
+            flushed = True
             rename_over(self.partial, self.path)
-        elif not keep:
-            self.partial.unlink(missing_ok=True)
+        except OSError as exc:  # (another program holding `path` open on Windows, a full or read-only disk)
+            step = f"renaming it over {self.path.name}" if flushed else "flushing it to the disk"
+            unsure = "" if flushed else " (written, not confirmed by the disk)"
+            raise _reworded(exc, f"{self.path} was not replaced: {step} failed ({exc.strerror or exc}); its complete "
+                                 f"text is kept in {self.partial}{unsure}") from exc
 
     def __enter__(self) -> "ReplacedWhenDone":
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(complete=exc_type is None)
+
+
+def _reworded(exc: OSError, message: str) -> OSError:
+    """An OSError of `exc`'s kind (PermissionError stays one) and errno whose text is `message` alone: a caller that
+    shows `strerror or exc` shows all of it."""
+    try:
+        new = type(exc)(message)
+    except TypeError:  # a subclass that takes other arguments
+        new = OSError(message)
+    new.errno = exc.errno
+    return new
 
 
 def rename_over(src: str | os.PathLike, dst: str | os.PathLike) -> None:

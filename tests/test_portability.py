@@ -201,6 +201,49 @@ def test_a_file_held_open_elsewhere_is_replaced_once_it_is_free_on_windows(tmp_p
     assert refused == ["status.json"]
 
 
+def test_a_report_whose_rename_fails_says_its_complete_text_is_in_the_partial_file(tmp_path, monkeypatch):
+    """A report written as it goes (`ReplacedWhenDone`: `edit --verdicts`, `judge --batch`, the app's downloads) is
+    renamed over NAME at the end. When that fails (Windows: another program holds NAME open; a read-only folder) or
+    the flush before it does (a full disk), the error was the bare system one ("[Errno 28] No space left on device"),
+    naming no file: it now says NAME was not replaced and that the complete text is kept in NAME.partial, which is
+    there, whole; the error keeps its kind and errno. (os.replace and os.fsync are made to fail here.)"""
+    from npedit import files
+
+    target = tmp_path / "verdicts.jsonl"
+    target.write_text("an earlier report\n", encoding="utf-8")
+    partial = tmp_path / "verdicts.jsonl.partial"
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def held_open(src, dst):
+        raise PermissionError(13, "Permission denied", str(src), None, str(dst))
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    for patched, fails, kind, errno_, says in (
+            ("replace", held_open, PermissionError, 13,
+             "renaming it over verdicts.jsonl failed (Permission denied); its complete text is kept in "
+             f"{partial}"),
+            ("fsync", disk_full, OSError, 28,
+             f"flushing it to the disk failed (No space left on device); its complete text is kept in {partial} "
+             "(written, not confirmed by the disk)")):
+        partial.unlink(missing_ok=True)
+        with monkeypatch.context() as m:
+            m.setattr(os, patched, fails)
+            with pytest.raises(OSError) as got:
+                with files.ReplacedWhenDone(target) as report:
+                    report.write("row 1\n")
+                    report.write("row 2\n")
+        assert str(got.value) == f"{target} was not replaced: {says}", got.value
+        assert type(got.value) is kind and got.value.errno == errno_
+        assert partial.read_text(encoding="utf-8") == "row 1\nrow 2\n"
+        assert target.read_text(encoding="utf-8") == "an earlier report\n"
+    assert (os.replace, os.fsync) == (real_replace, real_fsync)
+    with files.ReplacedWhenDone(target) as report:  # the rename works again: the report replaces NAME, no partial
+        report.write("row 1\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["verdicts.jsonl"]
+
+
 def test_the_cli_prints_a_path_its_output_cannot_encode_escaped_instead_of_failing(tmp_path):
     """`npedit edit ... > log.txt` on Windows prints in cp1252, which has no Chinese letters: an output folder named
     in Chinese stopped the command with UnicodeEncodeError once the image was written (exit 1, the edit reported as
