@@ -176,6 +176,11 @@ def cmd_edit(args) -> int:
             rest = ", the rest scored below --min-score" if failures < len(jobs) else ""
             print(f"note: {args.verdicts} {before}: this run has no verdict to write ({failures} of {len(jobs)} edits "
                   f"failed{rest})", file=sys.stderr)
+        if verdicts is not None:
+            try:
+                verdicts.close()  # (after the close above: nothing)
+            except OSError as exc:  # its rename failed: what says so names the partial file that holds its rows
+                raise SystemExit(f"error: {exc}") from None
     if len(jobs) == 1 and not failures:
         print(jobs[0]["out"])
     return 1 if failures else 0
@@ -463,15 +468,25 @@ def _judge_batch(judge, pairs, output: str, questions: str | None) -> int:
     with ExitStack() as stack:
         writers = [stack.enter_context(_report(path, columns))
                    for path, columns in ((output, VERDICT_COLUMNS), (questions, QUESTION_COLUMNS)) if path]
-        stack.enter_context(_said_if_stopped(writers))
-        for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
-            writers[0].write(row)
-            for q in asked if questions else ():
-                writers[1].write(q)
-            if row["error"]:
-                failures += 1
-                # a line of its own, not over the bar
-                tqdm.write(f"error: {row['id']}: {row['error']}", file=sys.stderr)
+        with _said_if_stopped(writers):
+            for row, asked in judge_pairs(judge, tqdm(pairs, desc="judge")):
+                writers[0].write(row)
+                for q in asked if questions else ():
+                    writers[1].write(q)
+                if row["error"]:
+                    failures += 1
+                    # a line of its own, not over the bar
+                    tqdm.write(f"error: {row['id']}: {row['error']}", file=sys.stderr)
+        # each report replaces its file on its own: one whose rename fails must not leave the other, complete too, in
+        # its partial file unsaid (the errors name the partial files)
+        failed = []
+        for w in writers:
+            try:
+                w.close()
+            except OSError as exc:
+                failed.append(str(exc))
+        if failed:
+            raise OSError("; ".join(failed))
     return 1 if failures else 0
 
 

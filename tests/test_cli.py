@@ -1,6 +1,7 @@
 """The command line's own name: usage and error lines say how it was started."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -412,6 +413,50 @@ def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complet
     assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl").read_text().splitlines()] == ["a", "b"]
     assert (mistakes / "q.csv").read_text().startswith("id,reference,edited,instruction,kind")
     assert sorted(p.name for p in mistakes.glob("*.partial")) == ["e.jsonl.partial"]  # (the edit's, above)
+
+
+def test_a_report_whose_rename_fails_is_one_error_line_naming_its_partial_file(mistakes, capsys, monkeypatch):
+    """The rename that puts a finished report in place can fail (Windows: another program holds it open). `edit
+    --verdicts` ended with "error: PermissionError: ... (unexpected; ...)", and when `judge --batch`'s --questions
+    file failed, its --output file, complete too, was silently left in its partial file. Now each report that can be
+    replaced is, and one error line names each that was not and the partial file holding its complete text."""
+    line = json.loads((mistakes / "one.jsonl").read_text())
+    (mistakes / "two.jsonl").write_text("".join(json.dumps(line | {"id": i}) + "\n" for i in "ab"))
+    pair = {"reference": str(EXAMPLE), "edited": str(EXAMPLE), "instruction": "add a circle"}
+    (mistakes / "pairs.jsonl").write_text("".join(json.dumps(pair | {"id": i}) + "\n" for i in "ab"))
+    for name in ("v.jsonl", "q.csv", "e.jsonl"):
+        (mistakes / name).write_text("an earlier report\n")
+    real = os.replace
+    held = set()
+
+    def replace(src, dst):
+        if Path(dst).name in held:
+            raise PermissionError(13, "Permission denied", str(src), None, str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    not_replaced = "{0} was not replaced: renaming it over {0} failed (Permission denied); its complete text is kept " \
+                   "in {0}.partial"
+    held.add("e.jsonl")
+    assert exit_of(["edit", "--batch", "two.jsonl", "--output-dir", "out", "--verdicts", "e.jsonl"], capsys) \
+        == (1, "error: " + not_replaced.format("e.jsonl"))
+    assert sorted(p.name for p in (mistakes / "out").iterdir()) == ["a.png", "b.png"]  # (the edits are saved)
+    assert (mistakes / "e.jsonl").read_text() == "an earlier report\n"
+    assert [json.loads(r)["id"] for r in (mistakes / "e.jsonl.partial").read_text().splitlines()] == ["a", "b"]
+
+    judge = ["judge", "--batch", "pairs.jsonl", "--output", "v.jsonl", "--questions", "q.csv"]
+    for failing in (["q.csv"], ["v.jsonl", "q.csv"]):
+        held.clear()
+        held.update(failing)
+        for name in ("v.jsonl", "q.csv"):
+            (mistakes / name).write_text("an earlier report\n")
+        assert exit_of(judge, capsys) == (1, "error: " + "; ".join(not_replaced.format(n) for n in failing))
+        for name in ("v.jsonl", "q.csv"):
+            held_open = name in failing
+            assert ((mistakes / name).read_text() == "an earlier report\n") is held_open, name
+            assert (mistakes / f"{name}.partial").exists() is held_open, name
+        assert [json.loads(r)["id"] for r in (mistakes / "v.jsonl" if "v.jsonl" not in failing else
+                                              mistakes / "v.jsonl.partial").read_text().splitlines()] == ["a", "b"]
 
 
 def test_an_edit_run_that_wrote_no_verdict_keeps_the_previous_verdicts(mistakes, capsys):
