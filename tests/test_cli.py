@@ -347,6 +347,17 @@ def test_an_edit_never_saves_over_an_image_it_reads(mistakes, capsys, monkeypatc
     assert {p: p.read_bytes() for p in mistakes.rglob("*") if p.is_file()} == before
 
 
+def _two_of_each(folder: Path) -> None:
+    """In `folder`: two.jsonl (edits "a" and "b"), pairs.jsonl (pairs "a" and "b") and an earlier report at each of
+    v.jsonl, q.csv and e.jsonl, for the tests of reports written as they go."""
+    line = json.loads((folder / "one.jsonl").read_text())
+    (folder / "two.jsonl").write_text("".join(json.dumps(line | {"id": i}) + "\n" for i in "ab"))
+    pair = {"reference": str(EXAMPLE), "edited": str(EXAMPLE), "instruction": "add a circle"}
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(pair | {"id": i}) + "\n" for i in "ab"))
+    for name in ("v.jsonl", "q.csv", "e.jsonl"):
+        (folder / name).write_text("an earlier report\n")
+
+
 def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complete(mistakes, capsys, monkeypatch):
     """`edit --verdicts` and `judge --batch --output/--questions` opened their files for writing at the start: a run
     that failed or was stopped (Ctrl-C, a full disk) had emptied the previous report. Rows now go into NAME.partial,
@@ -355,12 +366,7 @@ def test_a_report_written_as_it_goes_replaces_the_previous_one_only_once_complet
     ends replaces it and leaves no partial file."""
     from npedit import cli, pairs
 
-    line = json.loads((mistakes / "one.jsonl").read_text())
-    (mistakes / "two.jsonl").write_text("".join(json.dumps(line | {"id": i}) + "\n" for i in "ab"))
-    pair = {"reference": str(EXAMPLE), "edited": str(EXAMPLE), "instruction": "add a circle"}
-    (mistakes / "pairs.jsonl").write_text("".join(json.dumps(pair | {"id": i}) + "\n" for i in "ab"))
-    for name in ("v.jsonl", "q.csv", "e.jsonl"):
-        (mistakes / name).write_text("an earlier report\n")
+    _two_of_each(mistakes)
     loaded, load_image = [], cli.load_image
 
     def stopped_at_the_second(path):
@@ -420,12 +426,7 @@ def test_a_report_whose_rename_fails_is_one_error_line_naming_its_partial_file(m
     --verdicts` ended with "error: PermissionError: ... (unexpected; ...)", and when `judge --batch`'s --questions
     file failed, its --output file, complete too, was silently left in its partial file. Now each report that can be
     replaced is, and one error line names each that was not and the partial file holding its complete text."""
-    line = json.loads((mistakes / "one.jsonl").read_text())
-    (mistakes / "two.jsonl").write_text("".join(json.dumps(line | {"id": i}) + "\n" for i in "ab"))
-    pair = {"reference": str(EXAMPLE), "edited": str(EXAMPLE), "instruction": "add a circle"}
-    (mistakes / "pairs.jsonl").write_text("".join(json.dumps(pair | {"id": i}) + "\n" for i in "ab"))
-    for name in ("v.jsonl", "q.csv", "e.jsonl"):
-        (mistakes / name).write_text("an earlier report\n")
+    _two_of_each(mistakes)
     real = os.replace
     held = set()
 
