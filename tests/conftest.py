@@ -108,8 +108,9 @@ def ctrl_c_at_fsync(monkeypatch):
 @pytest.fixture(autouse=True)
 def no_trainers_elsewhere(monkeypatch):
     """A start sees no `npedit train` of the machine's other users of it (`jobs.outside_trainer`: a trainer of another
-    session on this machine would refuse every job a test starts); tests of that check show it their own processes."""
-    monkeypatch.setattr("workbench.jobs._processes", lambda: iter(()))
+    session on this machine would refuse every job a test starts; `npedit train` in this process would warn of it);
+    tests of those checks show them their own processes."""
+    monkeypatch.setattr("npedit.processes.listing", lambda: iter(()))
 
 
 @pytest.fixture(autouse=True)

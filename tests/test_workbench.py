@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from npedit import assets, domain
+from npedit import assets, domain, processes
 from npedit.config import LossConfig, load_config
 from npedit.pairs import QUESTION_COLUMNS, VERDICT_COLUMNS
 from workbench import datasets, jobs, judging, models, plots, presets, runs
@@ -1212,8 +1212,8 @@ def test_a_trainer_started_from_a_shell_keeps_the_app_from_starting_a_second_on_
             while time.time() < deadline and "train" not in psutil.Process(proc.pid).cmdline():
                 time.sleep(0.01)
         mine = {p.pid for p in procs.values()}
-        monkeypatch.setattr(jobs, "_processes",
-                            lambda: (p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid in mine))
+        monkeypatch.setattr(processes, "listing",
+                            lambda: (p for p in psutil.process_iter(["pid", "ppid", "cmdline"]) if p.pid in mine))
         assert jobs.outside_trainer(root, "cuda:0") == (f"pid {procs['shell'].pid}: {sys.executable} -c 'import time; "
                                                         f"time.sleep(60)' -m npedit train output_dir={tmp_path}/shell")
         with pytest.raises(jobs.JobBusy, match=f"cpu is busy with a trainer started outside this app \\(pid "
@@ -1227,18 +1227,19 @@ def test_a_trainer_started_from_a_shell_keeps_the_app_from_starting_a_second_on_
         assert jobs.outside_trainer(root, "cuda:1") == f"pid {procs['gpu1'].pid}: " + " ".join(
             procs["gpu1"].args[:2]) + " 'import time; time.sleep(60)' -m npedit train " + f"output_dir={tmp_path}/gpu1"
         assert jobs.outside_trainer(tmp_path / "other-runs", "cuda:0") is not None  # another app's job
-        monkeypatch.setattr(jobs, "_processes", lambda: (p for p in psutil.process_iter(["pid", "cmdline"])
-                                                         if p.pid == procs["ours"].pid))
+        monkeypatch.setattr(processes, "listing", lambda: (p for p in psutil.process_iter(["pid", "ppid", "cmdline"])
+                                                             if p.pid == procs["ours"].pid))
         assert jobs.start_job(root / "new", ["max_steps=1"], runs_root=root, device="cpu").state == "running"
     finally:
         for proc in procs.values():
             proc.kill()
             proc.wait()
         jobs.cancel_job(root / "new", timeout=5)
-    assert jobs._trains(["npedit", "train", "--resume"]) and jobs._trains(["C:\\env\\Scripts\\npedit.exe", "train"])
-    assert jobs._trains(["accelerate", "launch", "-m", "npedit", "train"])
-    assert not jobs._trains([sys.executable, "-m", "npedit", "edit", "--model", "train"])
-    assert not jobs._trains([sys.executable, "-m", "pytest", "-k", "train"])
+    assert processes.trains(["npedit", "train", "--resume"])
+    assert processes.trains(["C:\\env\\Scripts\\npedit.exe", "train"])
+    assert processes.trains(["accelerate", "launch", "-m", "npedit", "train"])
+    assert not processes.trains([sys.executable, "-m", "npedit", "edit", "--model", "train"])
+    assert not processes.trains([sys.executable, "-m", "pytest", "-k", "train"])
 
 
 def test_a_poll_freeing_an_ended_runs_lock_leaves_a_new_starts_lock(tmp_path, monkeypatch):

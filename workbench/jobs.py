@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import yaml
 
 from npedit.config import read_yaml
 from npedit.files import write_atomic
+from npedit.processes import MAIN, other_trainers, sees, typed
 from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, latest_readable
 
 LOCK_DIR = ".locks"
@@ -51,11 +51,7 @@ _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs started by this process (pol
 # the pids of jobs started here that have exited and been reaped: on Windows the wrapper is the whole job, and once
 # its Popen is dropped psutil may be refused a look at the pid (read as running) while the pid lingers
 _ENDED: set[int] = set()
-# `python -m npedit`, less the folder it runs in on sys.path: `-m` (and `-c`) put it first, so a run folder (or the
-# cwd a job.json names) holding npedit/, yaml.py, torch/, ... would run its own code in place of ours (`-P` does
-# this from Python 3.11 only)
-_MAIN = ("import sys; sys.path[0] == '' and sys.path.pop(0); import runpy; "
-         "runpy.run_module('npedit', run_name='__main__', alter_sys=True)")
+_MAIN = MAIN  # the code of `python -m npedit` a job runs with `-c` (npedit.processes)
 
 
 class JobBusy(RuntimeError):
@@ -230,52 +226,17 @@ def _lock_turn(runs_root: Path, device: str):
             yield
 
 
-def _trains(cmdline: list[str]) -> bool:
-    """Whether a command line runs `npedit train`: `python -m npedit train`, `accelerate launch -m npedit train`, the
-    `npedit` script's `train`, or a job's `python -c <_MAIN> train`."""
-    return any(nxt == "train" and (arg == _MAIN or _script_name(arg) == "npedit")
-               for arg, nxt in zip(cmdline, cmdline[1:]))
-
-
-def _script_name(arg: str) -> str:
-    """A program's name less its folder and `.exe`, at either separator (C:\\env\\Scripts\\npedit.exe: npedit)."""
-    return re.split(r"[\\/]", arg)[-1].lower().removesuffix(".exe")
-
-
-def _processes():
-    """The process table, each process's pid and command line read (None where the system refuses it)."""
-    return psutil.process_iter(["pid", "cmdline"])
-
-
-def _sees(visible: str | None, device: str) -> bool:
-    """Whether a trainer whose CUDA_VISIBLE_DEVICES is `visible` (None: unset or unreadable) may train on `device`:
-    on a CPU device any trainer does; unset, it sees every GPU; an entry that is no index (a GPU's UUID) is counted."""
-    if not device.startswith("cuda:") or visible is None:
-        return True
-    entries = [v.strip() for v in visible.split(",") if v.strip()]  # "" hides every GPU: a CPU trainer
-    return any(v == device.split(":", 1)[1] or not v.isdigit() for v in entries)
-
-
 def outside_trainer(runs_root: str | os.PathLike, device: str) -> str | None:
     """A line naming an `npedit train` process on `device` that no job of `runs_root` is (one started from a shell, or
     by an app on another runs folder), which the device lock does not see; None when there is none. Read from the
     process table at a start, not at polls: 3.9 ms for 81 processes on a 2-core CPU."""
     root = Path(runs_root).resolve()
-    for proc in _processes():
-        cmdline = proc.info.get("cmdline") or []
-        if proc.pid == os.getpid() or not _trains(cmdline):
-            continue
-        try:
-            env = proc.environ()
-        except psutil.NoSuchProcess:
-            continue
-        except (psutil.AccessDenied, OSError):  # another user's: on which device it trains is not known, so counted
-            env = {}
-        pid_file = env.get("NPEDIT_PID_FILE")
+    for other in other_trainers():
+        pid_file = other.env.get("NPEDIT_PID_FILE") if other.env else None
         if pid_file and Path(pid_file).resolve().is_relative_to(root):
             continue  # a job of these runs: the lock's business (a stale lock is freed by its job's liveness)
-        if _sees(env.get("CUDA_VISIBLE_DEVICES") if env else None, device):
-            return f"pid {proc.pid}: {_typed(cmdline)[:300]}"
+        if sees(other.visible, device):
+            return f"pid {other.pid}: {typed(other.cmdline)[:300]}"
     return None
 
 
@@ -321,11 +282,6 @@ def _detached() -> dict:
     if _WINDOWS:
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
     return {"start_new_session": True}
-
-
-def _typed(command: list[str]) -> str:
-    """A command as one would type it in this OS's shell (cmd.exe quotes as list2cmdline does, not as sh)."""
-    return subprocess.list2cmdline(command) if _WINDOWS else shlex.join(command)
 
 
 def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_root: str | os.PathLike | None = None,
@@ -393,8 +349,8 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
                "CUDA_VISIBLE_DEVICES": device.split(":")[1] if device.startswith("cuda:") else ""}
         with open(run_dir / "train.log", "ab") as log:
             # the command as one would type it (`_MAIN` is `-m npedit` less the folder it runs in on sys.path)
-            typed = [sys.executable, "-m", "npedit", *command[3:]]
-            log.write(f"\n$ {_typed(typed)}\n".encode())
+            shell_line = [sys.executable, "-m", "npedit", *command[3:]]
+            log.write(f"\n$ {typed(shell_line)}\n".encode())
             log.flush()
             proc = subprocess.Popen([sys.executable, "-I", str(_WRAPPER), *command], cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **_detached())
