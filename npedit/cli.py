@@ -598,7 +598,25 @@ def cmd_train(args) -> int:
             except files.FolderBusy as exc:
                 raise SystemExit(f"error: output_dir {exc}, which trains there: wait for it to end, or stop it, then "
                                  "continue with --resume; or pick another output_dir") from None
+        if os.environ.get("LOCAL_RANK", "0") in ("", "0"):  # once per machine of a launch, for all its devices
+            _warn_of_other_trainers()
         return _train(cfg, run, args.resume, args.config)
+
+
+def _warn_of_other_trainers() -> None:
+    """One line on stderr naming the other `npedit train` processes on this launch's devices (typed in a shell, an
+    app's job, another launch), which it would share: said, not refused (two may fit one big GPU, or a CPU)."""
+    import psutil
+    import torch
+
+    from .processes import launch_devices, sharing_warning
+
+    try:
+        line = sharing_warning(launch_devices(dict(os.environ), torch.cuda.is_available()))
+    except (psutil.Error, OSError):  # a process table this system does not show: advice only, the run goes on
+        return
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _main_process() -> bool:

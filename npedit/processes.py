@@ -154,5 +154,5 @@ def sharing_warning(devices: list[str], me: int | None = None) -> str | None:
         return (f"warning: {who} may train on {gpus} ({procs}): this run will share the GPU with {it}, both slower, "
                 f"and its memory may run out; to avoid that, {stop}, or start this run on another GPU with "
                 "CUDA_VISIBLE_DEVICES=N")
-    return (f"warning: {who} runs on this machine ({procs}): training on the CPU, this run will share its cores "
+    return (f"warning: {who} {'runs' if len(named) == 1 else 'run'} on this machine ({procs}): training on the CPU, this run will share its cores "
             f"with {it}, both slower; to avoid that, {stop}")
