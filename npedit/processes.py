@@ -150,9 +150,11 @@ def sharing_warning(devices: list[str], me: int | None = None) -> str | None:
     stop = f"wait for {it} to end or stop {it}" + (" (an app job: Cancel in the app's Train tab)" if any(
         t.env and t.env.get("NPEDIT_PID_FILE") for t in named) else "")
     if any(d.startswith("cuda:") for d in devices):
-        gpus = ", ".join(f"GPU {d[5:]}" for d in devices if any(sees(t.visible, d) for t in named))
+        gpus = ", ".join(f"GPU {d[5:]}" if d[5:].isdigit() else d[5:]  # (a UUID names itself: GPU-8f2a...)
+                         for d in devices if any(sees(t.visible, d) for t in named))
         return (f"warning: {who} may train on {gpus} ({procs}): this run will share the GPU with {it}, both slower, "
                 f"and its memory may run out; to avoid that, {stop}, or start this run on another GPU with "
                 "CUDA_VISIBLE_DEVICES=N")
-    return (f"warning: {who} {'runs' if len(named) == 1 else 'run'} on this machine ({procs}): training on the CPU, this run will share its cores "
-            f"with {it}, both slower; to avoid that, {stop}")
+    runs = "runs" if len(named) == 1 else "run"
+    return (f"warning: {who} {runs} on this machine ({procs}): training on the CPU, this run will share its cores with "
+            f"{it}, both slower; to avoid that, {stop}")

@@ -142,6 +142,13 @@ def test_the_devices_of_a_launch():
     assert sees("0", "cuda:GPU-8f2a") and sees(None, "cuda:GPU-8f2a") and not sees("", "cuda:GPU-8f2a")
 
 
+def test_a_gpu_named_by_uuid_is_warned_of_by_its_name(table):
+    """CUDA_VISIBLE_DEVICES=GPU-<uuid>: the other trainer may be on it whatever index it names, so it counts."""
+    line = sharing_warning(["cuda:GPU-8f2a"], me=100)
+    assert _named(line) == [200, 300, 400, 600] and line.startswith("warning: 4 other npedit trains may train on "
+                                                                     "GPU-8f2a (pid 200: "), line
+
+
 def test_a_long_command_line_keeps_its_start_and_its_end():
     """A trainer's command is named by its start (the program) and its end (where output_dir usually is)."""
     long = [PY, "-m", "npedit", "train", *(f"loss.lambda_{i}=0.5" for i in range(20)), "output_dir=runs/the-one"]
