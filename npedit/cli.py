@@ -23,6 +23,7 @@ from .files import image_bytes, own_entries, write_atomic
 from .flow import MAX_SAMPLING_STEPS
 from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
+from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
 
 
 class UsageError(SystemExit):
@@ -1097,6 +1098,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "judge (--judge, default the bundled one) rates highest (best-of-N; 1: a single edit)")
     v.add_argument("--change-checks", action="store_true", help="with --candidates: the judge's pick also weighs a "
                    "check per object the instruction creates (expected there) or makes disappear (expected gone)")
+    v.add_argument("--refine", type=int, default=0, metavar="K", help="refine each edit with K judge-guided steps "
+                   "on its latents (npedit.refine; the judge: --judge, default the bundled one; 0: off)")
+    v.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR, help="Adam step size of --refine "
+                   f"(default {DEFAULT_REFINE_LR})")
+    v.add_argument("--refine-anchor", type=float, default=DEFAULT_REFINE_ANCHOR, help="weight of the pull back to "
+                   f"the editor's own latents during --refine (default {DEFAULT_REFINE_ANCHOR})")
     v.add_argument("--judge", type=_bundled, help="also ask this judge (a folder, or 'bundled') about every edit and "
                                                    "report how often its answers match the exact scorer")
     v.add_argument("--name", help="report name (default: the model folder's name)")

@@ -22,6 +22,7 @@ from ..flow import MAX_SAMPLING_STEPS
 from ..cli import UsageError
 from ..devices import resolve_device
 from ..files import write_atomic
+from ..images import tensor_to_pil
 from ..sampler import sample
 from ..judges.questions import training_questions
 from .edits import EditCase, held_out_cases
@@ -61,6 +62,33 @@ def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 
                              gone=case.gone if change_checks else ())
             outs.append(np.asarray(picked.image))
         return outs
+
+    return edit
+
+
+def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, steps: int = 4, seed: int = 0,
+                   keep_checks: bool = True, change_checks: bool = True) -> Editor:
+    """An NPEditPipeline whose outputs are refined by the judge (`npedit.refine`), a batch at a time. The judge is
+    asked what a user could ask from the instruction and the reference alone: the edit (or contains) and identity
+    checks, a keep check per untouched object (`keep_checks`) and a change check per object the instruction creates
+    or makes disappear (`change_checks`)."""
+    from ..refine import refine_latents
+    from ..verdicts import edit_questions
+
+    def edit(images, cases):
+        gen = torch.Generator().manual_seed(seed)  # as `pipeline_editor`: refinement starts from its very outputs
+        z = pipe(image=[Image.fromarray(a) for a in images], prompt=[c.instruction for c in cases],
+                 num_inference_steps=steps, generator=gen, output_type="latent").images
+        questions = [edit_questions(c.instruction, edit_type=c.edit_type, object_name=c.object_name or None,
+                                    keep=c.keep if keep_checks else (), new=c.new if change_checks else (),
+                                    gone=c.gone if change_checks else ()) for c in cases]
+        device = next(judge.parameters()).device
+        reference = _unit(images).to(device)
+        refined = refine_latents(pipe.backbone, judge, reference, z, questions, steps=refine_steps, lr=lr,
+                                 anchor=anchor).latents
+        with torch.no_grad():
+            decoded = pipe.backbone.decode_latents(refined).clamp(-1, 1)
+        return [np.asarray(tensor_to_pil(x)) for x in decoded]
 
     return edit
 
@@ -240,6 +268,15 @@ def eval_main(args) -> int:
     change_checks = args.change_checks
     if change_checks and args.candidates < 2:
         raise UsageError("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
+    if args.refine:
+        from ..refine import check_refine_settings
+
+        if args.candidates > 1 or args.baseline:
+            raise UsageError("error: --refine refines an editor's single edit: give no --candidates and no --baseline")
+        try:
+            check_refine_settings(args.refine, args.refine_lr, args.refine_anchor)
+        except ValueError as exc:
+            raise UsageError(f"error: --refine: {exc}") from None
     if args.n < 1:
         raise UsageError(f"error: --n must be >= 1, got {args.n}")
     if not 0 <= args.seed < 2**64:  # held-out cases take a non-negative seed, the sampler's generator 64 bits
@@ -287,9 +324,10 @@ def eval_main(args) -> int:
         pipe = NPEditPipeline.from_pretrained(model).to(device)
         pipe.set_progress_bar_config(disable=True)
         editor = pipeline_editor(pipe, steps=args.steps, seed=args.seed)
-        name = args.name or Path(model).name + (f"-best-of-{args.candidates}" if args.candidates > 1 else "")
+        name = args.name or Path(model).name + (f"-best-of-{args.candidates}" if args.candidates > 1 else "") + (
+            f"-refined-{args.refine}" if args.refine else "")
     judge = None
-    if args.judge or args.candidates > 1:
+    if args.judge or args.candidates > 1 or args.refine:
         from ..judges import load_judge
 
         judge_dir = default_path("judge", None if args.judge in (None, "bundled") else args.judge)
@@ -297,12 +335,18 @@ def eval_main(args) -> int:
         if args.candidates > 1:
             editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed,
                                     change_checks=change_checks)
+        if args.refine:
+            editor = refined_editor(pipe, judge, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
+                                    steps=args.steps, seed=args.seed)
+        if args.candidates > 1 or args.refine:
             judge = judge if args.judge else None  # agreement figures only when asked for
     rows, summary = evaluate(editor, cases, judge=judge)
     meta = {"model": str(model), "n": len(cases), "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
             "cases": (f"training (data.pool={args.train_pool}, seed {args.train_seed})" if args.train_pool is not None
                       else "held-out"),
-            "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks}
+            "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks,
+            "refine": ({"steps": args.refine, "lr": args.refine_lr, "anchor": args.refine_anchor} if args.refine
+                       else None)}
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))

@@ -1,0 +1,145 @@
+"""Judge-guided refinement: a test-time use of the training judge that moves an edit's latents along its gradient.
+
+The editor's output latents are updated for a few Adam steps to lower NP-Edit's Yes/No loss (the questions NP-Edit
+trains with: the edit or contains check, the identity check, optional keep and change checks), differentiated
+through the VAE decoder, plus `anchor` x the mean squared distance to the editor's own latents, which keeps the
+result near what the editor drew. No pair is used: only the judge's answers, as in training. The judge's gradient
+points well once an edit has started (it is weak at a plain copy), so this corrects an edit rather than making one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import DEFAULT_MAX_SIDE, load_image, pil_to_tensor, tensor_to_pil
+
+if TYPE_CHECKING:  # (the judges package pulls in transformers: the CLI reads the defaults above without it)
+    from .judges import Judge, Question
+
+DEFAULT_REFINE_STEPS = 20
+DEFAULT_REFINE_LR = 0.05  # in the scaled latents' units (unit variance): a step moves each value by at most ~lr
+DEFAULT_REFINE_ANCHOR = 1.0
+MAX_REFINE_STEPS = 500
+
+
+def check_refine_settings(steps: int, lr: float, anchor: float) -> None:
+    """Refuse settings the refinement cannot run with, in words (before any model loads)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_REFINE_STEPS:
+        raise ValueError(f"refinement steps must be a whole number between 0 and {MAX_REFINE_STEPS}, got {steps!r}")
+    if not (lr == lr and 0 < lr <= 10):  # (NaN compares unequal)
+        raise ValueError(f"the refinement learning rate must be in (0, 10], got {lr!r}")
+    if not (anchor == anchor and 0 <= anchor < float("inf")):
+        raise ValueError(f"the refinement anchor must be a finite number >= 0, got {anchor!r}")
+
+
+def pad_questions(rows: Sequence[Sequence[Question]]) -> tuple[list[list[Question]], torch.Tensor]:
+    """Question lists of several samples padded to one length (a judge pass needs equal rows) by repeating each
+    row's first question, with the (B, Q) mask that leaves the padding out of the loss."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("every sample needs at least one question")
+    width = max(len(r) for r in rows)
+    padded = [list(r) + [r[0]] * (width - len(r)) for r in rows]
+    mask = torch.tensor([[k < len(r) for k in range(width)] for r in rows])
+    return padded, mask
+
+
+def judge_losses(judge: Judge, reference: torch.Tensor, edited: torch.Tensor, questions: list[list[Question]],
+                 mask: torch.Tensor) -> torch.Tensor:
+    """(B,) NP-Edit's Yes/No loss per sample (mean over its own questions of -log sigmoid(expected margin),
+    temperature 1, as `losses.vlm_loss`); images in [0, 1]."""
+    out = judge.answer(reference, edited, questions)
+    expected = torch.tensor([[q.expected == "Yes" for q in qs] for qs in questions], device=out.logits.device)
+    sign = expected.to(out.logits.dtype) * 2 - 1
+    per_q = -F.logsigmoid((out.logits[..., 1] - out.logits[..., 0]).float() * sign)
+    used = mask.to(per_q.device, per_q.dtype)
+    return (per_q * used).sum(1) / used.sum(1).clamp_min(1.0)
+
+
+@dataclass
+class RefinedLatents:
+    """The refined latents and the judge's loss per sample before each update and after the last ((steps + 1, B))."""
+
+    latents: torch.Tensor
+    losses: torch.Tensor = field(repr=False)
+
+
+def refine_latents(backbone, judge: Judge, reference: torch.Tensor, latents: torch.Tensor,
+                   questions: Sequence[Sequence[Question]], *, steps: int = DEFAULT_REFINE_STEPS,
+                   lr: float = DEFAULT_REFINE_LR, anchor: float = DEFAULT_REFINE_ANCHOR,
+                   callback: Callable[[int, torch.Tensor], None] | None = None) -> RefinedLatents:
+    """Refine an editor's output `latents` (B, C, h, w) for `steps` Adam steps on the judge's loss of
+    `questions[b]` about (reference[b], decode(latents[b])) plus `anchor` x mean((latents - start)^2).
+
+    `reference`: (B or 1, 3, H, W) in [0, 1] at the decoded images' size; `backbone` decodes (its VAE, with
+    `decode_latents`). Samples are independent (the loss is a mean; Adam's steps are per value). Neither the judge
+    nor the VAE is changed. `callback(step, per-sample losses)` runs after each measurement."""
+    check_refine_settings(steps, lr, anchor)
+    rows, mask = pad_questions(questions)
+    if len(rows) != len(latents):
+        raise ValueError(f"{len(latents)} latents but {len(rows)} question lists")
+    start = latents.detach().float()
+    z = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    losses = []
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            edited = (backbone.decode_latents(z).float() + 1) / 2
+            per_sample = judge_losses(judge, reference, edited, rows, mask)
+            losses.append(per_sample.detach().cpu())
+            if callback is not None:
+                callback(step, losses[-1])
+            if step == steps:  # the last pass measures the result
+                break
+            loss = per_sample.mean() + anchor * (z - start).pow(2).mean()
+            (grad,) = torch.autograd.grad(loss, z)  # only the latents: no gradient collects in the judge or the VAE
+            z.grad = grad
+            opt.step()
+    return RefinedLatents(z.detach().to(latents.dtype), torch.stack(losses))
+
+
+@dataclass
+class Refinement:
+    """One refined edit: the editor's own result, the refined one, and the judge's loss at every step."""
+
+    image: Image.Image  # refined, at the input's size
+    start: Image.Image  # the editor's own edit (what the same call without refinement returns)
+    losses: list[float]  # the judge's loss before each update and after the last
+
+    @property
+    def improved(self) -> float:
+        """How much the judge's loss fell (start minus end; negative: it rose)."""
+        return self.losses[0] - self.losses[-1]
+
+
+def refine_edit(pipe, judge: Judge, image, instruction: str, *, steps: int = 4,
+                refine_steps: int = DEFAULT_REFINE_STEPS, lr: float = DEFAULT_REFINE_LR,
+                anchor: float = DEFAULT_REFINE_ANCHOR, generator: torch.Generator | None = None,
+                max_side: int = DEFAULT_MAX_SIDE, callback: Callable[[int, torch.Tensor], None] | None = None,
+                **questions) -> Refinement:
+    """Edit `image` with `pipe` (`steps` sampling steps), then refine the result with the judge asked
+    `verdicts.edit_questions(instruction, **questions)` (edit_type, object_name, keep, new, gone, extra)."""
+    from .verdicts import edit_questions
+
+    check_refine_settings(refine_steps, lr, anchor)
+    asked = edit_questions(instruction, **questions)  # refused in words before the edit runs
+    picture = load_image(image)
+    z = pipe(image=picture, prompt=instruction, num_inference_steps=steps, generator=generator, output_type="latent",
+             max_side=max_side).images
+    backbone = pipe.backbone
+    work = pipe.working_size(picture.size, max_side)
+    device = next(judge.parameters()).device
+    reference = ((pil_to_tensor(picture.resize(work, resample=3)) + 1) / 2).unsqueeze(0).to(device)
+    refined = refine_latents(backbone, judge, reference, z, [asked], steps=refine_steps, lr=lr, anchor=anchor,
+                             callback=callback)
+
+    def to_image(latents: torch.Tensor) -> Image.Image:
+        with torch.no_grad():
+            im = tensor_to_pil(backbone.decode_latents(latents)[0].clamp(-1, 1))
+        return im.resize(picture.size, resample=3) if im.size != picture.size else im
+
+    return Refinement(to_image(refined.latents), to_image(z), [float(v) for v in refined.losses[:, 0]])
