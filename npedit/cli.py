@@ -23,7 +23,7 @@ from .files import image_bytes, own_entries, write_atomic
 from .flow import MAX_SAMPLING_STEPS
 from .images import DEFAULT_MAX_SIDE, ImageError, load_image
 from .pairs import read_pairs
-from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
+from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
 
 
 class UsageError(SystemExit):
@@ -117,8 +117,16 @@ def cmd_edit(args) -> int:
                          "--verdicts)")
     if (args.teacher or args.critic or args.caption) and not args.trace:
         raise UsageError("error: --teacher, --critic and --caption are for the DMD maps of --trace")
-    if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace):
-        raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts or --trace")
+    if args.refine and (args.candidates > 1 or args.trace):
+        raise UsageError("error: --refine refines the editor's single edit: not combined with --candidates or --trace "
+                         "(yet)")
+    if args.refine:
+        try:
+            check_refine_settings(args.refine, args.refine_lr, args.refine_anchor)
+        except ValueError as exc:
+            raise UsageError(f"error: --refine: {exc}") from None
+    if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace or args.refine):
+        raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts, --trace or --refine")
     if not 1 <= args.steps <= MAX_SAMPLING_STEPS:  # (else said by the pipeline once the editor's weights are read)
         raise UsageError(f"error: --steps must be between 1 and {MAX_SAMPLING_STEPS}, got {args.steps}")
     if args.max_side < 1:
@@ -153,7 +161,7 @@ def cmd_edit(args) -> int:
     device = _device()
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
-    if args.candidates > 1 or args.verdicts or args.trace:
+    if args.candidates > 1 or args.verdicts or args.trace or args.refine:
         judge = _load_judge(args, device, dtype, args.judge_max_pixels)
     model = default_path("model", args.model)
     pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device, revision=args.revision)
@@ -220,7 +228,7 @@ def _edit_jobs_of(args) -> list[dict]:
             raise UsageError("error: --image needs --instruction and --output")
         out = Path(args.output)
         _image_format(out)
-        judged = args.candidates > 1 or args.verdicts or args.trace
+        judged = args.candidates > 1 or args.verdicts or args.trace or args.refine
         if judged and args.edit_type == "remove" and not (args.object or "").strip():
             raise UsageError(REMOVE_NEEDS_OBJECT)
         _check_image(args.image, "--image")
@@ -290,6 +298,9 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
                 tqdm.write(f"note: {job['id']}: {note}" if len(jobs) > 1 else f"note: {note}", file=sys.stderr)
             if getattr(args, "tracer", None):
                 img = args.tracer(job, picture)
+            elif args.refine:
+                img = _refined(pipe, judge, job, picture, args, gen, named=len(jobs) > 1)
+                picked = _judged(judge, job, picture, img) if verdicts is not None else None
             elif judge is None:
                 img = pipe(image=picture, prompt=job["instruction"], num_inference_steps=args.steps,
                            generator=gen, max_side=args.max_side).images[0]
@@ -364,6 +375,37 @@ def _write_verdict(writer, job: dict, picked, min_score: float | None) -> None:
             "p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "candidate": picked.best,
             "candidates": len(picked.images)}
     writer.write(row)
+
+
+def _job_questions(job: dict) -> dict:
+    """What the judge is asked about an edit job besides its instruction (`verdicts.edit_questions`' edit_type,
+    object_name, keep, new, gone): --image's flags, or a --batch line's columns."""
+    from .data import object_names
+
+    return {"edit_type": job["edit_type"], "object_name": job.get("object_name") or None,
+            "keep": object_names(job.get("keep")), "new": object_names(job.get("new")),
+            "gone": object_names(job.get("gone"))}
+
+
+def _refined(pipe, judge, job: dict, picture, args, gen, named: bool):
+    """The editor's edit of one job refined by the judge (`npedit.refine.refine_edit`, --refine steps); one stderr
+    line with the judge's loss before and after (prefixed with the job's id when `named`)."""
+    from .refine import refine_edit
+
+    r = refine_edit(pipe, judge, picture, job["instruction"], steps=args.steps, refine_steps=args.refine,
+                    lr=args.refine_lr, anchor=args.refine_anchor, generator=gen, max_side=args.max_side,
+                    **_job_questions(job))
+    line = f"refined {args.refine} steps: judge loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}"
+    tqdm.write(f"{job['id']}: {line}" if named else line, file=sys.stderr)
+    return r.image
+
+
+def _judged(judge, job: dict, picture, image):
+    """The judge's verdict on one finished edit, as the one candidate of a `best_of.Candidates` (--verdicts' line)."""
+    from .best_of import Candidates
+    from .verdicts import judge_candidates
+
+    return Candidates([image], judge_candidates(judge, picture, [image], job["instruction"], **_job_questions(job)))
 
 
 def _best_of(pipe, judge, job: dict, picture, args, verbose: bool):
@@ -944,8 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instruction", help="what to change")
     e.add_argument("--output", help="where the result goes: .png (lossless), .jpg, .webp, .bmp or .tif")
     e.add_argument("--batch", type=_bundled, help="cases.jsonl with {id, image, instruction[, edit_type, object_name, "
-                   "keep]} per line, or cases.csv with those columns (the last three: the judge's questions for "
-                   "--candidates)")
+                   "keep, new, gone]} per line, or cases.csv with those columns (the last five: the judge's questions; "
+                   "new and gone for --refine only)")
     e.add_argument("--output-dir", help="where --batch writes <id>.png")
     e.add_argument("--model", type=_bundled,
                    help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
@@ -958,8 +1000,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "Shapes-world editor's 64 px, works at that: a note on stderr says when an image is scaled)")
     e.add_argument("--candidates", type=int, default=1, help="sample this many edits and keep the one the judge "
                    "rates highest (best-of-N; 1: a single edit)")
-    e.add_argument("--judge", type=_bundled,
-                   help="judge for --candidates and --verdicts (default: the bundled Shapes-world judge)")
+    e.add_argument("--judge", type=_bundled, help="judge for --candidates, --verdicts and --refine (default: the "
+                   "bundled Shapes-world judge)")
+    e.add_argument("--refine", type=int, default=0, metavar="K", help="refine the edit with K judge-guided Adam steps "
+                   "on its latents (npedit.refine; the judge's questions: --edit-type, --object, --keep, or a --batch "
+                   "line's edit_type, object_name, keep, new, gone; 0: off); one stderr line per edit says the judge's "
+                   "loss before -> after")
+    e.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR, help="Adam step size of --refine "
+                   f"(default {DEFAULT_REFINE_LR})")
+    e.add_argument("--refine-anchor", type=float, default=DEFAULT_REFINE_ANCHOR, help="weight of the pull back to "
+                   f"the editor's own latents during --refine (default {DEFAULT_REFINE_ANCHOR})")
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="the editor's and the judge's weights in this dtype (default auto: bfloat16 on a GPU, "
                         "float32 on a CPU)")

@@ -1,6 +1,7 @@
 """Judge-guided refinement (npedit.refine) on the bundled Shapes editor and judge."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -105,3 +106,93 @@ def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combi
     for extra, words in ((["--candidates", "2"], "no --candidates"), (["--refine-lr", "-1"], "learning rate")):
         with pytest.raises(UsageError, match=words):
             main(["eval", "shapes", "--n", "6", "--refine", "2", "--out", str(tmp_path), *extra])
+
+
+EXAMPLE = assets.EXAMPLES_DIR / "recolor-0000.png"
+RECOLOR = ["--instruction", "make the triangle at the right green", "--edit-type", "recolor", "--keep",
+           "green triangle"]
+LOSS = re.compile(r"^(?:(\S+): )?refined (\d+) steps: judge loss (\d+\.\d+) -> (\d+\.\d+)$")
+
+
+def _losses(err: str) -> list[tuple[str | None, int, float, float]]:
+    """(id, steps, loss before, loss after) of each `edit --refine` line on stderr."""
+    found = [LOSS.match(line) for line in err.splitlines()]
+    return [(m[1], int(m[2]), float(m[3]), float(m[4])) for m in found if m]
+
+
+def test_edit_refine_saves_the_refined_edit_and_says_the_judges_loss_fell(tmp_path, capsys):
+    from npedit.cli import main
+
+    def edit(name, *extra):
+        capsys.readouterr()
+        assert main(["edit", "--image", str(EXAMPLE), *RECOLOR, "--seed", "3", "--output", str(tmp_path / name),
+                     *extra]) == 0
+        return (tmp_path / name).read_bytes(), capsys.readouterr().err
+
+    plain, said = edit("plain.png")
+    assert _losses(said) == []
+    off, said = edit("off.png", "--refine", "0")  # 0: off, the editor's own edit
+    assert off == plain and _losses(said) == []
+    refined, said = edit("refined.png", "--refine", "4")
+    [(name, steps, before, after)] = _losses(said)
+    assert name is None and steps == 4 and after < before, said
+    assert refined != plain
+    again, _ = edit("again.png", "--refine", "4")  # same seed, same result
+    assert again == refined
+    other, _ = edit("lr.png", "--refine", "4", "--refine-lr", "0.2", "--refine-anchor", "0")
+    assert other != refined  # the step size and anchor reach the refinement
+
+
+def test_edit_batch_refine_asks_each_lines_questions_and_judges_the_refined_image(models, tmp_path, capsys):
+    from npedit.cli import main
+    from npedit.verdicts import judge_edit
+
+    _, judge = models
+    lines = [{"id": "recolor", "image": str(EXAMPLE), "instruction": "make the triangle at the right green",
+              "edit_type": "recolor", "keep": "green triangle", "new": "green triangle"},
+             {"id": "remove", "image": str(assets.EXAMPLES_DIR / "remove-0000.png"),
+              "instruction": "remove the green circle", "edit_type": "remove", "object_name": "green circle",
+              "keep": ["blue triangle", "orange circle"], "gone": "green circle"}]
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    capsys.readouterr()
+    assert main(["edit", "--batch", str(tmp_path / "cases.jsonl"), "--output-dir", str(tmp_path / "out"),
+                 "--refine", "3", "--verdicts", str(tmp_path / "verdicts.jsonl")]) == 0
+    said = _losses(capsys.readouterr().err)
+    assert [(name, steps) for name, steps, *_ in said] == [("recolor", 3), ("remove", 3)], said
+    rows = [json.loads(r) for r in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["recolor", "remove"]
+    for line, row in zip(lines, rows):
+        saved = tmp_path / "out" / f"{line['id']}.png"
+        assert row["target"] == str(saved.resolve())
+        asked = {k: line.get(k) for k in ("keep", "new", "gone")}
+        v = judge_edit(judge, line["image"], str(saved), line["instruction"], edit_type=line["edit_type"],
+                       object_name=line.get("object_name"), **asked)  # the saved, refined image, all its questions
+        assert row["score"] == pytest.approx(v.score, abs=1e-4) and row["p_edit"] == pytest.approx(v.p_edit, abs=1e-5)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--candidates", "2"], "error: --refine refines the editor's single edit: not combined with --candidates or "
+                            "--trace (yet)"),
+    (["--trace", "tr"], "error: --refine refines the editor's single edit: not combined with --candidates"),
+    (["--refine-lr", "0"], "error: --refine: the refinement learning rate must be in (0, 10], got 0.0"),
+    (["--refine-anchor", "-1"], "error: --refine: the refinement anchor must be a finite number >= 0, got -1.0"),
+    (["--refine", "501"], "error: --refine: refinement steps must be a whole number between 0 and 500, got 501"),
+])
+def test_edit_refine_refuses_what_it_cannot_run_in_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                  extra, says):
+    from npedit import cli
+    from npedit.pipeline import NPEditPipeline
+
+    def loaded(*a, **k):
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(cli, "_load_judge", loaded)
+    monkeypatch.setattr(NPEditPipeline, "from_pretrained", loaded)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["edit", "--image", str(EXAMPLE), *RECOLOR, "--output", "o.png", "--refine", "2", *extra])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.splitlines() == [err.strip()] and err.startswith(says), err
+    assert not any(tmp_path.iterdir())
+
