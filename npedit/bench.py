@@ -13,6 +13,7 @@ from PIL import Image
 from .cli import UsageError
 from .devices import resolve_device
 from .flow import MAX_SAMPLING_STEPS
+from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -46,6 +47,11 @@ def bench_main(args) -> int:
     if max(args.steps, args.teacher_steps) > MAX_SAMPLING_STEPS:
         raise UsageError(f"error: --steps and --teacher-steps must be at most {MAX_SAMPLING_STEPS}, got {args.steps} "
                          f"and {args.teacher_steps}")
+    if args.refine:
+        try:
+            check_refine_settings(args.refine, DEFAULT_REFINE_LR, DEFAULT_REFINE_ANCHOR)
+        except ValueError as exc:
+            raise UsageError(f"error: --refine: {exc}") from None
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
@@ -107,6 +113,18 @@ def bench_main(args) -> int:
                                     generator=gen), max(1, args.repeats // 4))
     res["batch"] = args.batch
     res["batch_throughput_img_per_s"] = args.batch / sec
+    if args.refine:  # timed on its own, as the batch: its seconds would stretch the alternation's every round
+        from .judges import load_judge
+        from .refine import refine_edit
+
+        judge = load_judge(default_path("judge", args.judge), device=str(device), torch_dtype=dtype)
+
+        def refined():
+            refine_edit(pipe, judge, image, instruction, steps=steps, refine_steps=args.refine, generator=gen)
+            sync()
+
+        res["refine_steps"] = args.refine
+        res["refined_edit_latency_ms"] = 1000 * _median_time(refined, max(1, args.repeats // 4))
     for k, v in res.items():
         print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
     if args.json:

@@ -1178,6 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     b.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="editor and teacher (default auto: bfloat16 on a GPU, float32 on a CPU, as `edit` does)")
+    b.add_argument("--refine", type=int, default=0, metavar="K", help="also time an edit refined with K judge-guided "
+                   "steps (`edit --refine K`; its default step size and anchor; 0: not timed)")
+    b.add_argument("--judge", type=_bundled, help="the judge of --refine (default: the bundled Shapes-world judge)")
     b.add_argument("--json", action="store_true", help="also print one JSON line")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -196,3 +196,17 @@ def test_edit_refine_refuses_what_it_cannot_run_in_one_line_before_any_model_loa
     assert stop.value.code == 2 and err.splitlines() == [err.strip()] and err.startswith(says), err
     assert not any(tmp_path.iterdir())
 
+
+def test_bench_refine_times_a_refined_edit(capsys):
+    from npedit.cli import UsageError, main
+
+    capsys.readouterr()
+    assert main(["bench", "--repeats", "1", "--batch", "1", "--teacher-steps", "1", "--refine", "2", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert res["refine_steps"] == 2 and res["refined_edit_latency_ms"] > 0
+    assert any(re.fullmatch(r"refined_edit_latency_ms +\d+\.\d{3}", line) for line in out)
+    assert main(["bench", "--repeats", "1", "--batch", "1", "--teacher-steps", "1", "--json"]) == 0
+    assert "refine" not in capsys.readouterr().out  # without --refine, what bench printed before
+    with pytest.raises(UsageError, match="refinement steps"):
+        main(["bench", "--refine", "-1"])
