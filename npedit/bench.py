@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UsageError
+from .cli import UsageError, check_refine_flags
 from .devices import resolve_device
 from .flow import MAX_SAMPLING_STEPS
-from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
+from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -48,10 +48,7 @@ def bench_main(args) -> int:
         raise UsageError(f"error: --steps and --teacher-steps must be at most {MAX_SAMPLING_STEPS}, got {args.steps} "
                          f"and {args.teacher_steps}")
     if args.refine:
-        try:
-            check_refine_settings(args.refine, DEFAULT_REFINE_LR, DEFAULT_REFINE_ANCHOR)
-        except ValueError as exc:
-            raise UsageError(f"error: --refine: {exc}") from None
+        check_refine_flags(args.refine, DEFAULT_REFINE_LR, DEFAULT_REFINE_ANCHOR)
     try:
         device = resolve_device(args.device)
     except ValueError as exc:

@@ -36,6 +36,15 @@ class UsageError(SystemExit):
         self.code = 2
 
 
+def check_refine_flags(steps: int, lr: float, anchor: float) -> None:
+    """A UsageError, one line, for --refine, --refine-lr, --refine-anchor values the refinement cannot run with
+    (`refine.check_refine_settings`; edit, eval shapes and bench), before any model loads."""
+    try:
+        check_refine_settings(steps, lr, anchor)
+    except ValueError as exc:
+        raise UsageError(f"error: --refine: {exc}") from None
+
+
 def _device():
     from .devices import resolve_device
 
@@ -121,10 +130,7 @@ def cmd_edit(args) -> int:
         raise UsageError("error: --refine refines the editor's single edit: not combined with --candidates or --trace "
                          "(yet)")
     if args.refine:
-        try:
-            check_refine_settings(args.refine, args.refine_lr, args.refine_anchor)
-        except ValueError as exc:
-            raise UsageError(f"error: --refine: {exc}") from None
+        check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace or args.refine):
         raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts, --trace or --refine")
     if not 1 <= args.steps <= MAX_SAMPLING_STEPS:  # (else said by the pipeline once the editor's weights are read)

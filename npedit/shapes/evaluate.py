@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import flow
 from ..flow import MAX_SAMPLING_STEPS
-from ..cli import UsageError
+from ..cli import UsageError, check_refine_flags
 from ..devices import resolve_device
 from ..files import write_atomic
 from ..images import tensor_to_pil
@@ -269,14 +269,9 @@ def eval_main(args) -> int:
     if change_checks and args.candidates < 2:
         raise UsageError("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
     if args.refine:
-        from ..refine import check_refine_settings
-
         if args.candidates > 1 or args.baseline:
             raise UsageError("error: --refine refines an editor's single edit: give no --candidates and no --baseline")
-        try:
-            check_refine_settings(args.refine, args.refine_lr, args.refine_anchor)
-        except ValueError as exc:
-            raise UsageError(f"error: --refine: {exc}") from None
+        check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.n < 1:
         raise UsageError(f"error: --n must be >= 1, got {args.n}")
     if not 0 <= args.seed < 2**64:  # held-out cases take a non-negative seed, the sampler's generator 64 bits
