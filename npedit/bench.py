@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UsageError, check_refine_flags
+from .cli import UsageError, _load_judge, check_refine_flags
 from .devices import resolve_device
 from .flow import MAX_SAMPLING_STEPS
 from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
@@ -49,6 +49,8 @@ def bench_main(args) -> int:
                          f"and {args.teacher_steps}")
     if args.refine:
         check_refine_flags(args.refine, DEFAULT_REFINE_LR, DEFAULT_REFINE_ANCHOR)
+    elif args.judge:  # (else silently not loaded)
+        raise UsageError("error: --judge is the judge of --refine; give --refine K too")
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
@@ -56,6 +58,8 @@ def bench_main(args) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, "bfloat16" if args.dtype == "auto" and device.type == "cuda" else
                     "float32" if args.dtype == "auto" else args.dtype)
+    # first, as `edit` does: a judge that does not load fails before the editor loads, not after the other figures
+    judge = _load_judge(args, str(device), dtype, None) if args.refine else None
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
@@ -111,10 +115,7 @@ def bench_main(args) -> int:
     res["batch"] = args.batch
     res["batch_throughput_img_per_s"] = args.batch / sec
     if args.refine:  # timed on its own, as the batch: its seconds would stretch the alternation's every round
-        from .judges import load_judge
         from .refine import refine_edit
-
-        judge = load_judge(default_path("judge", args.judge), device=str(device), torch_dtype=dtype)
 
         def refined():
             refine_edit(pipe, judge, image, instruction, steps=steps, refine_steps=args.refine, generator=gen)

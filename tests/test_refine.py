@@ -197,8 +197,9 @@ def test_edit_refine_refuses_what_it_cannot_run_in_one_line_before_any_model_loa
     assert not any(tmp_path.iterdir())
 
 
-def test_bench_refine_times_a_refined_edit(capsys):
+def test_bench_refine_times_a_refined_edit(capsys, monkeypatch):
     from npedit.cli import UsageError, main
+    from npedit.pipeline import NPEditPipeline
 
     capsys.readouterr()
     assert main(["bench", "--repeats", "1", "--batch", "1", "--teacher-steps", "1", "--refine", "2", "--json"]) == 0
@@ -210,3 +211,8 @@ def test_bench_refine_times_a_refined_edit(capsys):
     assert "refine" not in capsys.readouterr().out  # without --refine, what bench printed before
     with pytest.raises(UsageError, match="refinement steps"):
         main(["bench", "--refine", "-1"])
+    with pytest.raises(UsageError, match="--judge is the judge of --refine"):  # (it was silently not loaded)
+        main(["bench", "--judge", str(assets.DEFAULT_JUDGE)])
+    monkeypatch.setattr(NPEditPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the editor loaded"))
+    with pytest.raises(SystemExit, match="cannot load a judge from"):  # said before the editor loads and is timed
+        main(["bench", "--refine", "2", "--judge", str(assets.DEFAULT_MODEL)])
