@@ -35,9 +35,10 @@ from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.files import WINDOWS_DEVICE_NAMES, remove as remove_file
 from npedit.images import ImageError, load_image
-from npedit.verdicts import answer_gradients, judge_edit
+from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
+from npedit.verdicts import answer_gradients, edit_questions, judge_candidates, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
-from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, save_trace, trace_edit
+from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, edit_refined, save_trace, trace_edit
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
     import spaces
@@ -53,6 +54,14 @@ APP_DIR = Path(__file__).resolve().parent  # a public app shows paths relative t
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
 MAX_CANDIDATES = 16
+MAX_REFINE_STEPS = 100  # the Edit tab's cap on judge-guided refinement steps (npedit.refine takes up to 500)
+REFINE_HELP = ("After the edit, this many Adam steps on its latents lower the judge's Yes/No loss (the questions "
+               "NP-Edit trains with: edit type, removed object and objects to keep from Advanced settings), through "
+               "the VAE decoder, anchored to the editor's own latents. The refined edit is shown, the editor's own "
+               "beside it with the loss per step. One edit only: with Candidates > 1 it is refused. "
+               "~60 ms a step for a 64-px Shapes edit on a 2-core CPU")
+REFINE_ONE_EDIT = ("Refine with the judge refines one edit: set Candidates to 1 (the seed shown under the kept "
+                   "candidate redoes it as a single edit), or the refinement steps to 0.")
 MAX_BATCH_PAIRS = 100  # pairs per batch list in a public app (one list holds the judge for all of them)
 # browser sessions whose state the server keeps (least recently used go first): gradio's default, 10,000, let a
 # Space's memory grow ~0.3 MB per page view for weeks (each view's copy of this UI's config stays, closed or not)
@@ -388,10 +397,12 @@ def edit_handler(app: App):
     """The /edit function of `app` (also callable directly, e.g. in tests)."""
     @GPU
     def edit(image, instruction, steps=4, seed=0, randomize_seed=False, caption_target="", edit_type="edit",
-             object_name="", inspect_steps=True, editor=None, candidates=1, keep="", progress=gr.Progress()):
+             object_name="", inspect_steps=True, editor=None, candidates=1, keep="", refine_steps=0,
+             refine_lr=DEFAULT_REFINE_LR, refine_anchor=DEFAULT_REFINE_ANCHOR, progress=gr.Progress()):
         """Edit `image` following `instruction`: the edited PNG, before/after, the seed used, the step panel and the
         trace it shows (with its models' names; `trace_download` zips it); with `candidates` > 1, that many edits,
-        the judge's verdict on each, and the one it rates highest."""
+        the judge's verdict on each, and the one it rates highest; with `refine_steps` > 0, the edit refined by the
+        judge (`npedit.refine`) shown, the editor's own beside it, and the judge's loss per step (`refine_view`)."""
         if image is None:
             raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
@@ -400,26 +411,41 @@ def edit_handler(app: App):
             edit_type = edit_type_name(edit_type)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        asks_judge = int(candidates or 1) > 1 or inspect_steps
+        refine_steps = int(refine_steps or 0)
+        asks_judge = int(candidates or 1) > 1 or inspect_steps or refine_steps > 0
         if asks_judge and edit_type == "remove" and not (object_name or "").strip():
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
                            "\"Removed object\" (Advanced settings), or pick another edit type.")
+        if refine_steps and int(candidates or 1) > 1:
+            raise gr.Error(REFINE_ONE_EDIT)
+        refine_lr, refine_anchor = _refine_settings(refine_steps, refine_lr, refine_anchor)
+        questions = {"edit_type": edit_type, "object_name": (object_name or "").strip() or None,
+                     "keep": object_names(keep)}
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
         editor = app.editor_path(editor)
         if editor is None and app.public:  # (a local app without an editor says so when it loads one)
             raise gr.Error("This app is public: pick an editor from the list (it loads no other folder or hub id).")
+        share = 0.5 if refine_steps else 1.0  # of the progress bar: the refinement takes the second half
+
+        def part(fraction, desc):
+            progress(share * fraction, desc=desc)
+
         try:
-            progress(0.0, desc="loading the editor")
+            part(0.0, desc="loading the editor")
             pipe = app.models.editor(editor)
             # as `python -m npedit edit` reads it; the pipeline then sizes it (no crop, its trained resolution for a
             # Shapes editor) and says in words when it scales it
             picture = load_image(image)
             notice = pipe.working_note(picture.size)
-            gallery, traced = [], None
+            gallery, traced, refined = [], None, None
+            if refine_steps:  # loaded and asked before the edit runs: a missing judge or a refused question stops here
+                part(0.02, desc="loading the judge")
+                refine_judge = app.models.judge()
+                edit_questions(instruction, **questions)
             if int(candidates or 1) > 1:
-                progress(0.05, desc="loading the judge")
+                part(0.05, desc="loading the judge")
                 judge = app.models.judge()
-                progress(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
+                part(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
                 picked, seconds = edit_best_of(pipe, judge, picture, instruction, int(candidates), int(steps), seed,
                                                edit_type=edit_type,
                                                object_name=(object_name or "").strip() or None,
@@ -432,22 +458,39 @@ def edit_handler(app: App):
                         f"candidate redoes it, with the per-step analysis) · {int(steps)} steps · {seconds:.2f} s",
                         candidates_markdown(picked)]
             elif inspect_steps:
-                progress(0.05, desc="loading the judge, teacher and critic")
+                part(0.05, desc="loading the judge, teacher and critic")
                 judge, teacher, critic, loss, judge_note, dmd_note = app.models.inspectors(editor, pipe)
                 trace = trace_edit(pipe, judge, teacher, critic, picture, instruction, caption_target,
                                    steps=int(steps), seed=seed, edit_type=edit_type,
                                    object_name=(object_name or "").strip() or None, loss=loss, judge_note=judge_note,
-                                   dmd_note=dmd_note, progress=lambda f, d: progress(0.1 + 0.9 * f, desc=d))
+                                   dmd_note=dmd_note, progress=lambda f, d: part(0.1 + 0.9 * f, desc=d))
                 edited, panel, table = trace.image, plots.steps_figure(trace), pd.DataFrame(trace.table())
                 traced = trace, trace_models(app, editor, trace)
                 source = "given" if trace.caption_from == "given" else "none given, so the instruction is used"
                 info = [f"Seed **{seed}** · {len(trace.steps)} steps · sampling {trace.timings['sample_s']:.2f} s, "
                         f"total {trace.timings['total_s']:.2f} s · target caption c^x: “{trace.caption_target}” "
                         f"({source})"]
+            elif refine_steps:  # the refinement's own edit is the plain one (`edit_refined`): not sampled twice
+                panel, table = None, None
+                info = [f"Seed **{seed}** · {int(steps)} steps · per-step analysis off"]
             else:
                 edited, seconds = edit_once(pipe, picture, instruction, int(steps), seed)
                 panel, table = None, None
                 info = [f"Seed **{seed}** · {int(steps)} steps · {seconds:.2f} s · per-step analysis off"]
+            if refine_steps:
+                def on_step(k, losses):
+                    progress(0.5 + 0.5 * k / refine_steps,
+                             desc=f"refining with the judge: step {k}/{refine_steps}, loss {float(losses[0]):.3f}")
+
+                done, seconds = edit_refined(pipe, refine_judge, picture, instruction, refine_steps, int(steps), seed,
+                                             lr=refine_lr, anchor=refine_anchor, callback=on_step, **questions)
+                verdicts = judge_candidates(refine_judge, picture, [done.start, done.image], instruction, **questions)
+                edited, refined = done.image, done.losses
+                gallery = [(done.start, f"the editor's edit · judge loss {done.losses[0]:.3f}"),
+                           (done.image, f"refined, {refine_steps} steps · judge loss {done.losses[-1]:.3f} ✓")]
+                info += [f"Refined with the judge: {plots.refine_caption(done.losses)} (lr {refine_lr:g}, anchor "
+                         f"{refine_anchor:g}) · {seconds:.2f} s, the edit included",
+                         refinement_markdown(verdicts)]
         except (models.ModelError, ImageError, ValueError) as exc:
             raise _error(exc) from None
         if notice:
@@ -455,9 +498,31 @@ def edit_handler(app: App):
             info.insert(0, f"⚠️ {notice}")
         last = {"reference": picture, "edited": edited, "instruction": instruction, "edit_type": edit_type,
                 "object_name": object_name or "", "keep": keep or ""}
-        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last, traced
+        return edited, (picture, edited), seed, "\n\n".join(info), panel, table, gallery, last, traced, refined
 
     return edit
+
+
+def _refine_settings(steps: int, lr, anchor) -> tuple[float, float]:
+    """The refinement's learning rate and anchor as numbers, or gr.Error saying what is wrong (a cleared box: None)."""
+    for name, value in (("learning rate", lr), ("anchor", anchor)):
+        if value is None:
+            raise gr.Error(f"Give the refinement {name} (Refine with the judge: advanced).")
+    if steps > MAX_REFINE_STEPS:
+        raise gr.Error(f"The app refines at most {MAX_REFINE_STEPS} steps, got {steps}.")
+    try:
+        check_refine_settings(steps, float(lr), float(anchor))
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    return float(lr), float(anchor)
+
+
+def refine_view(losses: list[float] | None):
+    """The judge's loss per refinement step of the last edit as a plot, hidden when it was not refined (drawn after
+    the edit shows, outside its GPU function)."""
+    if not losses:
+        return gr.Plot(value=None, visible=False)
+    return gr.Plot(value=plots.refine_figure(losses), visible=True)
 
 
 def trace_download(traced, previous: str | None) -> tuple[str | None, str | None, None]:
@@ -483,13 +548,27 @@ def trace_models(app: App, editor: str | None, trace) -> dict[str, str | None]:
             "teacher": app.shown(comp.teacher) if dmd else None, "critic": app.shown(comp.critic) if dmd else None}
 
 
+def verdicts_markdown(heads: list[str], rows: list[tuple[list[str], object]]) -> str:
+    """A Markdown table of verdicts: each row's leading cells (under `heads`), then its score (sum of log
+    P(expected)), P(edit) and P(identity)."""
+    lines = ["| " + " | ".join([*heads, "score", "P(edit)", "P(identity)"]) + " |", "|---" * (len(heads) + 3) + "|"]
+    lines += ["| " + " | ".join([*cells, f"{v.score:.2f}", f"{v.p_edit:.3f}", f"{v.p_identity:.3f}"]) + " |"
+              for cells, v in rows]
+    return "Score: the sum over the judge's questions of log P(the expected answer).\n\n" + "\n".join(lines)
+
+
 def candidates_markdown(picked) -> str:
-    """The judge's numbers for each best-of-N candidate as a Markdown table (score: sum of log P(expected))."""
-    rows = ["| candidate | seed | score | P(edit) | P(identity) |", "|---|---|---|---|---|"]
-    for k, (v, s) in enumerate(zip(picked.verdicts, picked.seeds or [None] * len(picked.verdicts))):
-        name = f"**#{k} ✓**" if k == picked.best else f"#{k}"
-        rows.append(f"| {name} | {'' if s is None else s} | {v.score:.2f} | {v.p_edit:.3f} | {v.p_identity:.3f} |")
-    return "Score: the sum over the judge's questions of log P(the expected answer).\n\n" + "\n".join(rows)
+    """The judge's numbers for each best-of-N candidate as a Markdown table."""
+    seeds = picked.seeds or [None] * len(picked.verdicts)
+    return verdicts_markdown(["candidate", "seed"], [([f"**#{k} ✓**" if k == picked.best else f"#{k}",
+                                                       "" if s is None else str(s)], v)
+                                                     for k, (v, s) in enumerate(zip(picked.verdicts, seeds))])
+
+
+def refinement_markdown(verdicts) -> str:
+    """The judge's verdicts on the editor's own edit and on its refinement (shown) as a Markdown table."""
+    return verdicts_markdown(["image"], [(["the editor's edit"], verdicts[0]),
+                                         (["**refined ✓** (shown)"], verdicts[1])])
 
 
 def build_edit_tab(app: App, last_edit: gr.State):
@@ -509,6 +588,15 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 instruction = gr.Textbox(label="Instruction", placeholder="make the red circle blue", scale=4)
                 run = gr.Button("Run", variant="primary", scale=0, min_width=90)
             random_scene = gr.Button("Random Shapes scene (for the Shapes-world editor)", size="sm")
+            refine = gr.Slider(0, MAX_REFINE_STEPS, value=0, step=1, label="Refine with the judge (steps; 0: off)",
+                               info=REFINE_HELP, elem_id="refine-steps")
+            with gr.Accordion("Refine with the judge: advanced", open=False):
+                with gr.Row():
+                    refine_lr = gr.Number(value=DEFAULT_REFINE_LR, label="Learning rate (Adam, on the latents)",
+                                          info="In (0, 10]: how far one step moves each latent value, at most")
+                    refine_anchor = gr.Number(value=DEFAULT_REFINE_ANCHOR, minimum=0,
+                                              label="Anchor (pull back to the editor's own latents)",
+                                              info="0: none; larger: the result stays nearer the editor's edit")
             with gr.Accordion("Advanced settings", open=False):
                 steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="Sampling steps")
                 with gr.Row():
@@ -524,7 +612,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                        info="Sample this many edits; the judge asks its training questions about "
                                             "each (edit type and removed object above, a keep check per object "
                                             "below) and keeps the best")
-                keep = gr.Textbox(value="", label="Objects to keep (separated by ';' or ','; for Candidates)",
+                keep = gr.Textbox(value="", label="Objects to keep (separated by ';' or ','; for Candidates and "
+                                  "refinement)",
                                   placeholder="red square; blue triangle")
         with gr.Column():
             result = gr.Image(type="pil", format="png", label="Edited (PNG)", height=320, interactive=False,
@@ -534,9 +623,13 @@ def build_edit_tab(app: App, last_edit: gr.State):
             slider = gr.ImageSlider(type="pil", format="png", label="Before / after", max_height=320,
                                     elem_classes="pixelated")
             info = gr.Markdown()
-            gallery = gr.Gallery(label="Candidates (best of N): #, the judge's score, ✓ kept", columns=4,
+            gallery = gr.Gallery(label="Candidates (best of N): #, the judge's score, ✓ kept; or, refined with the "
+                                       "judge, the editor's edit and the refined one", columns=4,
                                  height="auto", format="png", object_fit="contain", elem_classes="pixelated",
                                  elem_id="candidates")
+            # the judge's loss per refinement step, its one-line caption as title; shown after a refined edit only
+            refine_plot = gr.Plot(label="Judge loss per refinement step", format="png", show_label=False,
+                                  visible=False, elem_id="refine-plot")
     gr.Markdown("### Inside the sampler: one column per step\nPredicted clean image x0 of each step, the judge's "
                 "P(edit done) (for a removal, P(No) to \"does it contain the object?\") and identity P(Yes) on that "
                 "x0, and its DMD map: where the teacher's (with CFG, as in training) and the critic's x0-predictions "
@@ -552,13 +645,15 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 label="Examples (assets/examples, then generated Shapes-world cases)", examples_per_page=12)
 
     inputs = [image, instruction, steps, seed, randomize, caption, edit_type, object_name, inspect, editor, candidates,
-              keep]
-    # the trace to zip and the zip last given (States: the /edit API returns the seven values it always did)
-    traced, given = gr.State(), gr.State()
-    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit, traced]
-    gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
-          concurrency_id="models", concurrency_limit=1).then(
-        trace_download, [traced, given], [trace_file, given, traced], api_visibility="private")
+              keep, refine, refine_lr, refine_anchor]
+    # the trace to zip, the zip last given and the refinement's losses to draw (States: the /edit API returns the
+    # seven values it always did)
+    traced, given, refined = gr.State(), gr.State(), gr.State()
+    outputs = [result, slider, seed, info, step_plot, step_table, gallery, last_edit, traced, refined]
+    edited = gr.on([run.click, instruction.submit], edit_handler(app), inputs, outputs, api_name="edit",
+                   concurrency_id="models", concurrency_limit=1)
+    edited.then(trace_download, [traced, given], [trace_file, given, traced], api_visibility="private")
+    edited.success(refine_view, refined, refine_plot, api_visibility="private")  # (a failed edit keeps the last plot)
     reuse.click(lambda im: im, result, image, api_visibility="private")
     random_scene.click(lambda: datasets.random_shapes_case(random.randint(0, MAX_SEED)), None,
                        [image, instruction, caption, edit_type, object_name, keep], api_visibility="private")

@@ -561,6 +561,11 @@ def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
                                api_name="/edit")  # per-step analysis off: a plain pipeline call, same sampler and seed
         assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(out)) and "off" in plain[3]
         assert gallery == []
+        refined = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "remove",
+                                 "red circle", False, None, 1, "", 3, api_name="/edit")  # refined by the judge
+        assert len(refined) == 7 and "over 3 steps" in refined[3] and len(refined[6]) == 2  # the seven values
+        assert np.array_equal(np.asarray(Image.open(refined[6][0]["image"])), np.asarray(out))  # the editor's own
+        assert np.array_equal(np.asarray(Image.open(refined[6][1]["image"])), np.asarray(Image.open(refined[0])))
         best = client.predict(handle_file(str(shapes_png)), "remove the circle", 4, 0, False, "", "remove",
                               "red circle", True, None, 3, "blue square", api_name="/edit")  # best of 3, a keep check
         shown = [np.asarray(Image.open(item["image"])) for item in best[6]]
@@ -763,7 +768,7 @@ def test_edit_panel_and_candidates_with_other_judge_families(tiny_set, tmp_path,
     app = npedit_app.make_app(npedit_app.parse_args(flags))
     edit = npedit_app.edit_handler(app)
     quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
-    _, _, _, info, panel, table, _, _, _ = edit(str(shapes_png), "remove the circle", progress=quiet)
+    _, _, _, info, panel, table, *_ = edit(str(shapes_png), "remove the circle", progress=quiet)
     assert isinstance(app.models.judge(), JUDGES[family]) and panel is not None
     p_yes = [v for col, vals in table.items() if "P(" in col for v in vals]
     assert p_yes and all(0 < v < 1 for v in p_yes), table
@@ -835,6 +840,83 @@ def test_taking_the_last_edit_into_the_judge_inspector_keeps_its_questions(tiny_
     again = judge_edit(app.models.judge(), *taken[:3], edit_type="remove", object_name="red circle",
                        keep=taken[5])
     assert f"{again.score:.2f}" == score and again.p_keep == pytest.approx(headline["p_keep"], abs=1e-6)
+
+
+def test_refine_with_the_judge_shows_the_refined_edit_beside_the_editors_own(tiny_set, tmp_path, shapes_png):
+    """The Edit tab's "Refine with the judge": at 0 steps the edit is the plain one and nothing else shows; at K > 0
+    the judge (loaded for it, as for verdicts) refines the edit: the result, the before/after slider and the pair the
+    Judge inspector takes are the refined image, the editor's own edit is beside it in the gallery, the info says
+    "judge loss a -> b over K steps" with the judge's verdict on both images, the progress bar moves through every
+    refinement step, and the follow-up step draws the loss per step."""
+    from npedit.verdicts import judge_edit
+    from workbench import plots
+
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    edit = npedit_app.edit_handler(app)
+    seen = []
+    progress = lambda fraction=None, desc=None: seen.append((fraction, desc))  # noqa: E731  (gr.Progress's call)
+    asked = ("make the circle blue", 4, 3, False, "", "edit", "", False, None, 1, "")
+    plain = edit(str(shapes_png), *asked, 0, progress=progress)
+    assert plain[6] == [] and plain[9] is None and "Refined" not in plain[3]
+    assert not any("refin" in d for _, d in seen) and npedit_app.refine_view(plain[9]).visible is False
+    assert "judge" not in [kind for kind, _ in app.models._cache]  # a plain edit without analysis loads no judge
+    seen.clear()
+    out = edit(str(shapes_png), *asked, 5, progress=progress)
+    assert "judge" in [kind for kind, _ in app.models._cache]
+    (start, start_label), (shown, shown_label) = out[6]
+    assert np.array_equal(np.asarray(start), np.asarray(plain[0]))  # beside it: the editor's own edit, same seed
+    assert np.array_equal(np.asarray(shown), np.asarray(out[0])) and shown_label.endswith("✓")
+    assert not np.array_equal(np.asarray(out[0]), np.asarray(plain[0]))  # the result shown is the refined one
+    assert out[1][1] is out[0] and out[7]["edited"] is out[0]  # before/after and the Judge inspector's pair
+    losses = out[9]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    caption = f"judge loss {losses[0]:.3f} -> {losses[-1]:.3f} over 5 steps"
+    assert caption in out[3] and f"judge loss {losses[0]:.3f}" in start_label
+    refined_verdict = judge_edit(app.models.judge(), str(shapes_png), out[0], "make the circle blue")
+    assert f"| **refined ✓** (shown) | {refined_verdict.score:.2f} | {refined_verdict.p_edit:.3f} |" in out[3]
+    steps_seen = [d.split(",")[0] for _, d in seen if d.startswith("refining")]
+    assert steps_seen == [f"refining with the judge: step {k}/5" for k in range(6)]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # one bar: the edit's half, then the refinement's
+    view = npedit_app.refine_view(losses)
+    assert view.visible is True and view.value is not None
+    figure = plots.refine_figure(losses)
+    (line,) = figure.axes[0].get_lines()
+    assert list(line.get_ydata()) == losses and list(line.get_xdata()) == list(range(6))
+    assert figure.axes[0].get_title() == caption == plots.refine_caption(losses)
+    traced = edit(str(shapes_png), *asked[:7], True, None, 1, "", 2, progress=progress)  # with per-step analysis
+    assert traced[4] is not None and len(traced[5]) == 4 and traced[6][0][1].startswith("the editor's edit")
+    assert np.array_equal(np.asarray(traced[6][0][0]), np.asarray(plain[0])) and "over 2 steps" in traced[3]
+
+
+def test_refine_with_the_judge_refuses_in_words_what_it_cannot_do(tiny_set, tmp_path, shapes_png):
+    """A refinement asked with Candidates > 1, bad settings (a cleared box, a learning rate of 0, a negative anchor,
+    more steps than the slider's cap) or a judge the app cannot load is refused with a message saying what to do;
+    an empty instruction or a removal with no object keep their own messages."""
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    edit = npedit_app.edit_handler(app)
+    quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
+    image = str(shapes_png)
+    for args, says in (((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 2, "", 3), "Candidates to 1"),
+                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, 0.0),
+                        "learning rate must be in"),
+                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, None),
+                        "Give the refinement learning rate"),
+                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, 0.05, -1.0),
+                        "anchor must be"),
+                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 101),
+                        "at most 100 steps"),
+                       ((image, "  ", 4, 0, False, "", "edit", "", False, None, 1, "", 3), "Type an instruction"),
+                       ((image, "remove it", 4, 0, False, "", "remove", "", False, None, 1, "", 3), "name it in")):
+        with pytest.raises(gr.Error, match=says):
+            edit(*args, progress=quiet)
+    flags = tiny_flags(tiny_set, tmp_path / "runs")
+    flags[flags.index("--judge") + 1] = str(tmp_path / "no-judge")
+    judgeless = npedit_app.edit_handler(npedit_app.make_app(npedit_app.parse_args(flags)))
+    assert judgeless(image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 0,
+                     progress=quiet)[9] is None  # no refinement: no judge needed
+    with pytest.raises(gr.Error, match="no-judge"):
+        judgeless(image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, progress=quiet)
 
 
 def test_the_space_installs_what_the_app_needs_and_nothing_for_tests():

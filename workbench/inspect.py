@@ -1,4 +1,4 @@
-"""Look inside one edit, step by step, and the plain and best-of-N edits the app sets beside it.
+"""Look inside one edit, step by step, and the plain, best-of-N and judge-refined edits the app sets beside it.
 
 The tracing itself (`trace_edit`, its records and `save_trace`, the export the CLI's `edit --trace` writes too) is
 `npedit.trace`; it is re-exported here for the app.
@@ -7,6 +7,7 @@ The tracing itself (`trace_edit`, its records and `save_trace`, the export the C
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -15,7 +16,7 @@ from npedit.images import load_image
 from npedit.trace import STEP_COLUMNS, EditTrace, StepTrace, cfg_scale_for, dmd_map, save_trace, trace_edit
 
 __all__ = ["STEP_COLUMNS", "EditTrace", "StepTrace", "cfg_scale_for", "dmd_map", "edit_best_of", "edit_once",
-           "save_trace", "trace_edit"]
+           "edit_refined", "save_trace", "trace_edit"]
 
 
 @torch.no_grad()
@@ -40,3 +41,17 @@ def edit_best_of(pipe, judge, image, instruction: str, candidates: int, steps: i
     picked = best_of(pipe, judge, load_image(image), instruction, candidates=candidates, steps=steps,
                      seed=int(seed), max_side=max_side, **questions)
     return picked, time.perf_counter() - start
+
+
+def edit_refined(pipe, judge, image, instruction: str, refine_steps: int, steps: int = 4, seed: int = 0, *,
+                 lr: float, anchor: float, max_side: int = 1024,
+                 callback: Callable[[int, torch.Tensor], None] | None = None, **questions):
+    """`npedit.refine.refine_edit` seeded as `edit_once` (so its `start` is that plain edit); returns the refinement
+    and the time taken. `questions`: edit_type, object_name, keep, ... (see `npedit.verdicts.edit_questions`)."""
+    from npedit.refine import refine_edit
+
+    start = time.perf_counter()
+    refined = refine_edit(pipe, judge, load_image(image), instruction, steps=steps, refine_steps=refine_steps, lr=lr,
+                          anchor=anchor, generator=torch.Generator().manual_seed(int(seed)), max_side=max_side,
+                          callback=callback, **questions)
+    return refined, time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Matplotlib figures for the app: per-step panel of an edit, the judge's gradient maps, loss curves, bar charts.
+"""Matplotlib figures for the app: per-step panel of an edit, a refinement's judge loss, the judge's gradient maps,
+loss curves, bar charts.
 
 Figures are built with `matplotlib.figure.Figure` (no pyplot global state), so they are safe to
 make from several threads and are freed when dropped.
@@ -59,6 +60,26 @@ def steps_figure(trace: EditTrace) -> Figure:
 
 
 PUSH = 0.5  # the nudged view moves the most-pushed pixel by this much (pixels in [0, 1])
+
+
+def refine_caption(losses: Sequence[float]) -> str:
+    """One line on a judge-guided refinement: "judge loss 0.565 -> 0.006 over 20 steps"."""
+    n = len(losses) - 1
+    return f"judge loss {losses[0]:.3f} -> {losses[-1]:.3f} over {n} step{'' if n == 1 else 's'}"
+
+
+def refine_figure(losses: Sequence[float]) -> Figure:
+    """The judge's loss before each refinement update and after the last (`npedit.refine.Refinement.losses`; step 0
+    is the editor's own edit), its `refine_caption` as title."""
+    fig = Figure(figsize=(5.0, 2.6), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot(range(len(losses)), losses, marker="o" if len(losses) <= 30 else None, markersize=3)
+    ax.set_title(refine_caption(losses), fontsize=10)
+    ax.set_xlabel("refinement step (0: the editor's own edit)", fontsize=9)
+    ax.set_ylabel("judge loss", fontsize=9)
+    ax.set_ylim(bottom=0)  # -log sigmoid: 0 is every answer the expected one for sure
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def nudged(image: np.ndarray, grad: np.ndarray, push: float = PUSH) -> np.ndarray:
