@@ -94,6 +94,30 @@ def test_upload_edit_and_see_every_step(page, tmp_path):
     keep(shot, "app-edit.png")
 
 
+def test_refine_with_the_judge_shows_the_loss_plot_and_both_edits(page, tmp_path):
+    """Refine with the judge set to 3 steps: the loss plot appears under the gallery of the editor's edit and the
+    refined one, its caption in the info; back at 0 the next edit hides the plot again."""
+    from workbench.datasets import random_shapes_case
+
+    scene, instruction, *_ = random_shapes_case(8)
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    page.locator("input[type=file]").first.set_input_files(str(tmp_path / "scene.png"))
+    page.get_by_label("Instruction").first.fill(instruction)
+    steps = page.locator("#refine-steps input[type=number]")
+    steps.fill("3")
+    steps.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+    plot = page.locator("#refine-plot img")
+    plot.wait_for(state="visible")
+    assert plot.bounding_box()["width"] > 200
+    assert page.get_by_text("over 3 steps").first.is_visible()
+    assert page.locator("#candidates").get_by_text("the editor's edit").first.is_visible()
+    steps.fill("0")
+    steps.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.locator("#refine-plot").wait_for(state="hidden")
+
+
 def test_train_tab_runs_a_tiny_job(page, tmp_path, served_runs):
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("button", name="Generate", exact=True).click()
