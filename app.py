@@ -59,7 +59,7 @@ REFINE_HELP = ("After the edit, this many Adam steps on its latents lower the ju
                "NP-Edit trains with: edit type, removed object and objects to keep from Advanced settings), through "
                "the VAE decoder, anchored to the editor's own latents. The refined edit is shown, the editor's own "
                "beside it with the loss per step. One edit only: with Candidates > 1 it is refused. "
-               "~60 ms a step for a 64-px Shapes edit on a 2-core CPU")
+               "About 0.06 s a step for a 64-px Shapes edit (2-core CPU, one thread).")
 REFINE_ONE_EDIT = ("Refine with the judge refines one edit: set Candidates to 1 (the seed shown under the kept "
                    "candidate redoes it as a single edit), or the refinement steps to 0.")
 MAX_BATCH_PAIRS = 100  # pairs per batch list in a public app (one list holds the judge for all of them)
