@@ -447,9 +447,7 @@ def edit_handler(app: App):
                 judge = app.models.judge()
                 part(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
                 picked, seconds = edit_best_of(pipe, judge, picture, instruction, int(candidates), int(steps), seed,
-                                               edit_type=edit_type,
-                                               object_name=(object_name or "").strip() or None,
-                                               keep=object_names(keep))
+                                               **questions)
                 edited, panel, table = picked.image, None, None
                 gallery = [(im, f"#{k} · seed {s} · {v.score:.2f}" + (" ✓" if k == picked.best else ""))
                            for k, (im, v, s) in enumerate(zip(picked.images, picked.verdicts, picked.seeds))]
@@ -462,7 +460,7 @@ def edit_handler(app: App):
                 judge, teacher, critic, loss, judge_note, dmd_note = app.models.inspectors(editor, pipe)
                 trace = trace_edit(pipe, judge, teacher, critic, picture, instruction, caption_target,
                                    steps=int(steps), seed=seed, edit_type=edit_type,
-                                   object_name=(object_name or "").strip() or None, loss=loss, judge_note=judge_note,
+                                   object_name=questions["object_name"], loss=loss, judge_note=judge_note,
                                    dmd_note=dmd_note, progress=lambda f, d: part(0.1 + 0.9 * f, desc=d))
                 edited, panel, table = trace.image, plots.steps_figure(trace), pd.DataFrame(trace.table())
                 traced = trace, trace_models(app, editor, trace)
