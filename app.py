@@ -36,7 +36,7 @@ from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.files import WINDOWS_DEVICE_NAMES, remove as remove_file
 from npedit.images import ImageError, load_image
 from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
-from npedit.verdicts import answer_gradients, edit_questions, judge_candidates, judge_edit
+from npedit.verdicts import Verdict, answer_gradients, edit_questions, judge_candidates, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
 from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, edit_refined, save_trace, trace_edit
 
@@ -503,6 +503,8 @@ def edit_handler(app: App):
 
 def _refine_settings(steps: int, lr, anchor) -> tuple[float, float]:
     """The refinement's learning rate and anchor as numbers, or gr.Error saying what is wrong (a cleared box: None)."""
+    if steps == 0:  # off: what the advanced boxes hold is not used, so a cleared one blocks no edit
+        return DEFAULT_REFINE_LR, DEFAULT_REFINE_ANCHOR
     for name, value in (("learning rate", lr), ("anchor", anchor)):
         if value is None:
             raise gr.Error(f"Give the refinement {name} (Refine with the judge: advanced).")
@@ -546,7 +548,7 @@ def trace_models(app: App, editor: str | None, trace) -> dict[str, str | None]:
             "teacher": app.shown(comp.teacher) if dmd else None, "critic": app.shown(comp.critic) if dmd else None}
 
 
-def verdicts_markdown(heads: list[str], rows: list[tuple[list[str], object]]) -> str:
+def verdicts_markdown(heads: list[str], rows: list[tuple[list[str], Verdict]]) -> str:
     """A Markdown table of verdicts: each row's leading cells (under `heads`), then its score (sum of log
     P(expected)), P(edit) and P(identity)."""
     lines = ["| " + " | ".join([*heads, "score", "P(edit)", "P(identity)"]) + " |", "|---" * (len(heads) + 3) + "|"]
@@ -563,7 +565,7 @@ def candidates_markdown(picked) -> str:
                                                      for k, (v, s) in enumerate(zip(picked.verdicts, seeds))])
 
 
-def refinement_markdown(verdicts) -> str:
+def refinement_markdown(verdicts: list[Verdict]) -> str:
     """The judge's verdicts on the editor's own edit and on its refinement (shown) as a Markdown table."""
     return verdicts_markdown(["image"], [(["the editor's edit"], verdicts[0]),
                                          (["**refined ✓** (shown)"], verdicts[1])])

@@ -910,6 +910,8 @@ def test_refine_with_the_judge_refuses_in_words_what_it_cannot_do(tiny_set, tmp_
                        ((image, "remove it", 4, 0, False, "", "remove", "", False, None, 1, "", 3), "name it in")):
         with pytest.raises(gr.Error, match=says):
             edit(*args, progress=quiet)
+    off = edit(image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 0, None, None, progress=quiet)
+    assert off[9] is None  # refinement off: its cleared boxes are not read
     flags = tiny_flags(tiny_set, tmp_path / "runs")
     flags[flags.index("--judge") + 1] = str(tmp_path / "no-judge")
     judgeless = npedit_app.edit_handler(npedit_app.make_app(npedit_app.parse_args(flags)))
