@@ -59,6 +59,10 @@ def test_ui_builds_without_launching(tiny_set, tmp_path):
     edit = api["/edit"]["parameters"]
     assert [p["parameter_name"] for p in edit[:2]] == ["image", "instruction"]
     assert all(p["parameter_has_default"] for p in edit[2:])
+    from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
+
+    refine = {p["parameter_name"]: p["parameter_default"] for p in edit if p["parameter_name"].startswith("refine")}
+    assert refine == {"refine_steps": 0, "refine_lr": DEFAULT_REFINE_LR, "refine_anchor": DEFAULT_REFINE_ANCHOR}
     judge = api["/judge"]["parameters"]
     assert [p["parameter_name"] for p in judge[:3]] == ["reference", "edited", "instruction"]
     assert all(p["parameter_has_default"] for p in judge[3:])
