@@ -1155,7 +1155,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--change-checks", action="store_true", help="with --candidates: the judge's pick also weighs a "
                    "check per object the instruction creates (expected there) or makes disappear (expected gone)")
     v.add_argument("--refine", type=int, default=0, metavar="K", help="refine each edit with K judge-guided steps "
-                   "on its latents (npedit.refine; the judge: --judge, default the bundled one; 0: off)")
+                   "on its latents (npedit.refine; the judge: --judge, default the bundled one; 0: off); with "
+                   "--candidates N, every candidate is refined and the lowest judge loss kept")
     v.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR, help="Adam step size of --refine "
                    f"(default {DEFAULT_REFINE_LR})")
     v.add_argument("--refine-anchor", type=float, default=DEFAULT_REFINE_ANCHOR, help="weight of the pull back to "

@@ -103,7 +103,7 @@ def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combi
     report = json.loads((tmp_path / f"{name}.json").read_text())
     assert report["meta"]["refine"] == {"steps": 2, "lr": 0.05, "anchor": 1.0} and report["meta"]["n"] == 6
     assert f"### {name}" in capsys.readouterr().out
-    for extra, words in ((["--candidates", "2"], "no --candidates"), (["--refine-lr", "-1"], "learning rate")):
+    for extra, words in ((["--baseline", "teacher"], "not --baseline"), (["--refine-lr", "-1"], "learning rate")):
         with pytest.raises(UsageError, match=words):
             main(["eval", "shapes", "--n", "6", "--refine", "2", "--out", str(tmp_path), *extra])
 
@@ -216,3 +216,33 @@ def test_bench_refine_times_a_refined_edit(capsys, monkeypatch):
     monkeypatch.setattr(NPEditPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the editor loaded"))
     with pytest.raises(SystemExit, match="cannot load a judge from"):  # said before the editor loads and is timed
         main(["bench", "--refine", "2", "--judge", str(assets.DEFAULT_MODEL)])
+
+
+def test_refined_candidates_keep_each_cases_lowest_judge_loss(models, tmp_path):
+    from npedit.cli import main
+    from npedit.images import tensor_to_pil
+    from npedit.refine import refine_latents
+    from npedit.shapes.edits import held_out_cases
+    from npedit.shapes.evaluate import refined_editor
+    from npedit.shapes.world import render
+    from npedit.verdicts import edit_questions
+
+    pipe, judge = models
+    cases = held_out_cases(3, seed=8)
+    refs = [render(c.reference) for c in cases]
+    got = refined_editor(pipe, judge, refine_steps=2, lr=0.05, anchor=1.0, seed=3, candidates=3)(refs, cases)
+    z = pipe(image=refs, prompt=[c.instruction for c in cases], generator=torch.Generator().manual_seed(3),
+             output_type="latent", num_images_per_prompt=3).images
+    asked = [edit_questions(c.instruction, **_asked(c)) for c in cases for _ in range(3)]
+    ref = torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 255 for r in refs]).repeat_interleave(3, 0)
+    refined = refine_latents(pipe.backbone, judge, ref, z, asked, steps=2)
+    final = refined.losses[-1].view(3, 3)
+    assert len({tuple(row.tolist()) for row in final}) == 3  # three cases, three candidates each, all different
+    with torch.no_grad():
+        decoded = pipe.backbone.decode_latents(refined.latents).clamp(-1, 1)
+    for i, image in enumerate(got):
+        k = int(final[i].argmin())
+        assert np.array_equal(image, np.asarray(tensor_to_pil(decoded[i * 3 + k])))
+    main(["eval", "shapes", "--n", "6", "--refine", "1", "--candidates", "2", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / f"{assets.DEFAULT_MODEL.name}-best-of-2-refined-1.json").read_text())
+    assert report["meta"]["candidates"] == 2 and report["meta"]["refine"]["steps"] == 1

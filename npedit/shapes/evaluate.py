@@ -67,27 +67,31 @@ def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 
 
 
 def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, steps: int = 4, seed: int = 0,
-                   keep_checks: bool = True, change_checks: bool = True) -> Editor:
+                   candidates: int = 1, keep_checks: bool = True, change_checks: bool = True) -> Editor:
     """An NPEditPipeline whose outputs are refined by the judge (`npedit.refine`), a batch at a time. The judge is
     asked what a user could ask from the instruction and the reference alone: the edit (or contains) and identity
     checks, a keep check per untouched object (`keep_checks`) and a change check per object the instruction creates
-    or makes disappear (`change_checks`)."""
+    or makes disappear (`change_checks`). With `candidates` > 1, each case is edited that many times (diffusers'
+    `num_images_per_prompt`), every edit is refined, and the one with the lowest judge loss after refinement is kept
+    (the first on a tie)."""
     from ..refine import refine_latents
     from ..verdicts import edit_questions
 
     def edit(images, cases):
         gen = torch.Generator().manual_seed(seed)  # as `pipeline_editor`: refinement starts from its very outputs
+        n = candidates
         z = pipe(image=[Image.fromarray(a) for a in images], prompt=[c.instruction for c in cases],
-                 num_inference_steps=steps, generator=gen, output_type="latent").images
+                 num_inference_steps=steps, generator=gen, output_type="latent", num_images_per_prompt=n).images
         questions = [edit_questions(c.instruction, edit_type=c.edit_type, object_name=c.object_name or None,
                                     keep=c.keep if keep_checks else (), new=c.new if change_checks else (),
                                     gone=c.gone if change_checks else ()) for c in cases]
         device = next(judge.parameters()).device
-        reference = _unit(images).to(device)
-        refined = refine_latents(pipe.backbone, judge, reference, z, questions, steps=refine_steps, lr=lr,
-                                 anchor=anchor).latents
+        reference = _unit(images).to(device).repeat_interleave(n, dim=0)  # input i's copies first, as the latents
+        refined = refine_latents(pipe.backbone, judge, reference, z, [q for q in questions for _ in range(n)],
+                                 steps=refine_steps, lr=lr, anchor=anchor)
+        kept = refined.losses[-1].view(len(cases), n).argmin(dim=1) + torch.arange(len(cases)) * n
         with torch.no_grad():
-            decoded = pipe.backbone.decode_latents(refined).clamp(-1, 1)
+            decoded = pipe.backbone.decode_latents(refined.latents[kept.to(refined.latents.device)]).clamp(-1, 1)
         return [np.asarray(tensor_to_pil(x)) for x in decoded]
 
     return edit
@@ -269,8 +273,8 @@ def eval_main(args) -> int:
     if change_checks and args.candidates < 2:
         raise UsageError("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
     if args.refine:
-        if args.candidates > 1 or args.baseline:
-            raise UsageError("error: --refine refines an editor's single edit: give no --candidates and no --baseline")
+        if args.baseline:
+            raise UsageError("error: --refine refines an editor's edits, not --baseline teacher's")
         check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.n < 1:
         raise UsageError(f"error: --n must be >= 1, got {args.n}")
@@ -330,9 +334,9 @@ def eval_main(args) -> int:
         if args.candidates > 1:
             editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed,
                                     change_checks=change_checks)
-        if args.refine:
+        if args.refine:  # (with --candidates: each candidate refined, the lowest judge loss kept)
             editor = refined_editor(pipe, judge, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
-                                    steps=args.steps, seed=args.seed)
+                                    steps=args.steps, seed=args.seed, candidates=args.candidates)
         if args.candidates > 1 or args.refine:
             judge = judge if args.judge else None  # agreement figures only when asked for
     rows, summary = evaluate(editor, cases, judge=judge)
