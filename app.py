@@ -58,7 +58,9 @@ MAX_REFINE_STEPS = 100  # the Edit tab's cap on judge-guided refinement steps (n
 REFINE_HELP = ("After the edit, this many Adam steps on its latents lower the judge's Yes/No loss (the questions "
                "NP-Edit trains with: edit type, removed object and objects to keep from Advanced settings), through "
                "the VAE decoder, anchored to the editor's own latents. The refined edit is shown, the editor's own "
-               "beside it with the loss per step. One edit only: with Candidates > 1 it is refused. "
+               "beside it with the loss per step. Name every object that should stay (objects to keep): the judge "
+               "then guards them too. One edit only: with Candidates > 1 it is refused. With the per-step analysis "
+               "on, the step panel and trace show the editor's own edit, before refinement. "
                "About 0.06 s a step for a 64-px Shapes edit (2-core CPU, one thread).")
 REFINE_ONE_EDIT = ("Refine with the judge refines one edit: set Candidates to 1 (the seed shown under the kept "
                    "candidate redoes it as a single edit), or the refinement steps to 0.")
@@ -411,7 +413,7 @@ def edit_handler(app: App):
             edit_type = edit_type_name(edit_type)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        refine_steps = int(refine_steps or 0)
+        refine_steps = _refine_steps(refine_steps)
         asks_judge = int(candidates or 1) > 1 or inspect_steps or refine_steps > 0
         if asks_judge and edit_type == "remove" and not (object_name or "").strip():
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
@@ -487,7 +489,9 @@ def edit_handler(app: App):
                 gallery = [(done.start, f"the editor's edit · judge loss {done.losses[0]:.3f}"),
                            (done.image, f"refined, {refine_steps} steps · judge loss {done.losses[-1]:.3f} ✓")]
                 info += [f"Refined with the judge: {plots.refine_caption(done.losses)} (lr {refine_lr:g}, anchor "
-                         f"{refine_anchor:g}) · {seconds:.2f} s, the edit included",
+                         f"{refine_anchor:g}) · {seconds:.2f} s, the edit included"
+                         + (" · the step panel and trace above show the editor's own edit, before refinement"
+                            if traced else ""),
                          refinement_markdown(verdicts)]
         except (models.ModelError, ImageError, ValueError) as exc:
             raise _error(exc) from None
@@ -501,6 +505,15 @@ def edit_handler(app: App):
     return edit
 
 
+def _refine_steps(steps) -> int:
+    """The refinement steps as a whole number from 0 to the app's cap, or gr.Error (checked before anything else about
+    the refinement: a bad count is named as such, not as a clash with Candidates)."""
+    value = float(steps or 0)
+    if value != int(value) or not 0 <= value <= MAX_REFINE_STEPS:
+        raise gr.Error(f"Refine with the judge takes a whole number of steps from 0 to {MAX_REFINE_STEPS}, got {steps}.")
+    return int(value)
+
+
 def _refine_settings(steps: int, lr, anchor) -> tuple[float, float]:
     """The refinement's learning rate and anchor as numbers, or gr.Error saying what is wrong (a cleared box: None)."""
     if steps == 0:  # off: what the advanced boxes hold is not used, so a cleared one blocks no edit
@@ -508,8 +521,6 @@ def _refine_settings(steps: int, lr, anchor) -> tuple[float, float]:
     for name, value in (("learning rate", lr), ("anchor", anchor)):
         if value is None:
             raise gr.Error(f"Give the refinement {name} (Refine with the judge: advanced).")
-    if steps > MAX_REFINE_STEPS:
-        raise gr.Error(f"The app refines at most {MAX_REFINE_STEPS} steps, got {steps}.")
     try:
         check_refine_settings(steps, float(lr), float(anchor))
     except ValueError as exc:

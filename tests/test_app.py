@@ -891,6 +891,13 @@ def test_refine_with_the_judge_shows_the_refined_edit_beside_the_editors_own(tin
     traced = edit(str(shapes_png), *asked[:7], True, None, 1, "", 2, progress=progress)  # with per-step analysis
     assert traced[4] is not None and len(traced[5]) == 4 and traced[6][0][1].startswith("the editor's edit")
     assert np.array_equal(np.asarray(traced[6][0][0]), np.asarray(plain[0])) and "over 2 steps" in traced[3]
+    assert "the step panel and trace above show the editor's own edit, before refinement" in traced[3]
+    assert "before refinement" not in out[3]  # (no per-step analysis there)
+    # the advanced boxes reach the refinement: another learning rate or anchor, another result, said in the info
+    for lr, anchor in ((0.2, 1.0), (0.05, 50.0)):
+        other = edit(str(shapes_png), *asked, 5, lr, anchor, progress=progress)
+        assert f"(lr {lr:g}, anchor {anchor:g})" in other[3] and other[9] != losses
+        assert np.array_equal(np.asarray(other[6][0][0]), np.asarray(plain[0]))  # the same edit to start from
 
 
 def test_refine_with_the_judge_refuses_in_words_what_it_cannot_do(tiny_set, tmp_path, shapes_png):
@@ -909,7 +916,11 @@ def test_refine_with_the_judge_refuses_in_words_what_it_cannot_do(tiny_set, tmp_
                        ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, 0.05, -1.0),
                         "anchor must be"),
                        ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 101),
-                        "at most 100 steps"),
+                        "from 0 to 100, got 101"),
+                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 2, "", -3),
+                        "from 0 to 100, got -3"),  # the count named, not a clash with Candidates
+                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 2.7),
+                        "whole number"),
                        ((image, "  ", 4, 0, False, "", "edit", "", False, None, 1, "", 3), "Type an instruction"),
                        ((image, "remove it", 4, 0, False, "", "remove", "", False, None, 1, "", 3), "name it in")):
         with pytest.raises(gr.Error, match=says):
