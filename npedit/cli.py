@@ -38,7 +38,9 @@ class UsageError(SystemExit):
 
 def check_refine_flags(steps: int, lr: float, anchor: float) -> None:
     """A UsageError, one line, for --refine, --refine-lr, --refine-anchor values the refinement cannot run with
-    (`refine.check_refine_settings`; edit, eval shapes and bench), before any model loads."""
+    (`refine.check_refine_settings`; edit, eval shapes and bench) or given without --refine, before any model loads."""
+    if not steps and (lr != DEFAULT_REFINE_LR or anchor != DEFAULT_REFINE_ANCHOR):  # (a plain edit would ignore them)
+        raise UsageError("error: --refine-lr and --refine-anchor set how --refine K refines: give --refine too")
     try:
         check_refine_settings(steps, lr, anchor)
     except ValueError as exc:
@@ -129,8 +131,7 @@ def cmd_edit(args) -> int:
     if args.refine and (args.candidates > 1 or args.trace):
         raise UsageError("error: --refine refines the editor's single edit: not combined with --candidates or --trace "
                          "(yet)")
-    if args.refine:
-        check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
+    check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace or args.refine):
         raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts, --trace or --refine")
     if not 1 <= args.steps <= MAX_SAMPLING_STEPS:  # (else said by the pipeline once the editor's weights are read)

@@ -76,8 +76,9 @@ def refine_latents(backbone, judge: Judge, reference: torch.Tensor, latents: tor
     `questions[b]` about (reference[b], decode(latents[b])) plus `anchor` x mean((latents - start)^2).
 
     `reference`: (B or 1, 3, H, W) in [0, 1] at the decoded images' size; `backbone` decodes (its VAE, with
-    `decode_latents`). Samples are independent (the loss is a mean; Adam's steps are per value). Neither the judge
-    nor the VAE is changed. `callback(step, per-sample losses)` runs after each measurement."""
+    `decode_latents`). Samples are independent (the loss is a sum of per-sample losses and Adam's steps are per
+    value: a batch refines each sample as it would alone, up to float rounding). Neither the judge nor the VAE is
+    changed. `callback(step, per-sample losses)` runs after each measurement."""
     check_refine_settings(steps, lr, anchor)
     rows, mask = pad_questions(questions)
     if len(rows) != len(latents):
@@ -86,19 +87,23 @@ def refine_latents(backbone, judge: Judge, reference: torch.Tensor, latents: tor
     z = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     losses = []
-    with torch.enable_grad():
-        for step in range(steps + 1):
+    for step in range(steps + 1):
+        last = step == steps  # the last pass only measures the result: no graph
+        with torch.set_grad_enabled(not last):
             edited = (backbone.decode_latents(z).float() + 1) / 2
             per_sample = judge_losses(judge, reference, edited, rows, mask)
-            losses.append(per_sample.detach().cpu())
-            if callback is not None:
-                callback(step, losses[-1])
-            if step == steps:  # the last pass measures the result
-                break
-            loss = per_sample.mean() + anchor * (z - start).pow(2).mean()
+        losses.append(per_sample.detach().cpu())
+        if callback is not None:
+            callback(step, losses[-1])
+        if last:
+            break
+        with torch.enable_grad():
+            # summed over samples, each with its own anchor term: sample b's gradient is what it would be alone (a
+            # batch mean scaled every gradient by 1/B, which Adam's epsilon then damped unevenly)
+            loss = per_sample.sum() + anchor * (z - start).pow(2).flatten(1).mean(1).sum()
             (grad,) = torch.autograd.grad(loss, z)  # only the latents: no gradient collects in the judge or the VAE
-            z.grad = grad
-            opt.step()
+        z.grad = grad
+        opt.step()
     return RefinedLatents(z.detach().to(latents.dtype), torch.stack(losses))
 
 

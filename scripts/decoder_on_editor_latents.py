@@ -1,7 +1,7 @@
 """Is an editor's mistake in its latents or in their decoding? Fit the VAE decoder to the editor's own latents.
 
 The editor edits `--cases` random training cases (canonical instructions); its output latents are kept with the
-TRUE rendered result of each case (pairs: this is a diagnostic, not a pair-free method). A copy of the editor's
+TRUE rendered result of each case (pairs: this is a diagnostic, not a pair-free method). The editor's
 VAE decoder is then fine-tuned for `--minutes` on (editor latent -> true result), half of each batch, and
 (encoder latent of a random scene -> that scene), the other half, which keeps it a decoder of real scenes. If the
 latents held the right edit and only the decoding lost it, the fitted decoder would score far better on the

@@ -76,36 +76,51 @@ def test_a_batch_refines_each_sample_as_if_alone(models):
     from npedit.verdicts import edit_questions
 
     pipe, judge = models
-    cases = held_out_cases(2, seed=5)
+    cases = held_out_cases(6, seed=5)
     refs = [render(c.reference) for c in cases]
     z = pipe(image=refs, prompt=[c.instruction for c in cases], generator=torch.Generator().manual_seed(0),
              output_type="latent").images
     asked = [edit_questions(c.instruction, **_asked(c)) for c in cases]
     padded, mask = pad_questions(asked)
-    assert [len(r) for r in padded] == [max(map(len, asked))] * 2
+    assert [len(r) for r in padded] == [max(map(len, asked))] * 6
     assert mask.sum(1).tolist() == [len(a) for a in asked]
     ref = torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 255 for r in refs])
-    both = refine_latents(pipe.backbone, judge, ref, z, asked, steps=3)
-    assert both.losses.shape == (4, 2)
-    for b in range(2):
-        alone = refine_latents(pipe.backbone, judge, ref[b:b + 1], z[b:b + 1], asked[b:b + 1], steps=3)
-        torch.testing.assert_close(alone.latents, both.latents[b:b + 1], atol=2e-4, rtol=1e-3)
-        torch.testing.assert_close(alone.losses[:, 0], both.losses[:, b], atol=2e-4, rtol=1e-3)
+    both = refine_latents(pipe.backbone, judge, ref, z, asked, steps=20)
+    assert both.losses.shape == (21, 6)
+    for b in (0, 4):  # (a batch-mean loss scaled each gradient by 1/B, and Adam's epsilon damped small values)
+        alone = refine_latents(pipe.backbone, judge, ref[b:b + 1], z[b:b + 1], asked[b:b + 1], steps=20)
+        assert (alone.latents - z[b:b + 1]).abs().max() > 0.05  # it moved: the check below means something
+        torch.testing.assert_close(alone.latents, both.latents[b:b + 1], atol=2e-3, rtol=0)  # float rounding only
+        torch.testing.assert_close(alone.losses[:, 0], both.losses[:, b], atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="question lists"):
         refine_latents(pipe.backbone, judge, ref, z, asked[:1], steps=1)
 
 
-def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combine(tmp_path, capsys):
+def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combine(tmp_path, capsys, monkeypatch):
+    from npedit import refine
     from npedit.cli import UsageError, main
 
+    calls = []
+    real = refine.refine_latents
+    monkeypatch.setattr(refine, "refine_latents", lambda *a, **k: calls.append((len(a[3]), k["steps"])) or real(*a, **k))
+    main(["eval", "shapes", "--n", "6", "--seed", "2", "--out", str(tmp_path), "--name", "plain"])
+    assert calls == []
     main(["eval", "shapes", "--n", "6", "--seed", "2", "--refine", "2", "--out", str(tmp_path)])
+    assert calls == [(6, 2)]  # the six cases' edits, refined 2 steps
     name = assets.DEFAULT_MODEL.name + "-refined-2"
     report = json.loads((tmp_path / f"{name}.json").read_text())
-    assert report["meta"]["refine"] == {"steps": 2, "lr": 0.05, "anchor": 1.0} and report["meta"]["n"] == 6
+    assert report["meta"]["refine"] == {"steps": 2, "lr": 0.05, "anchor": 1.0, "keep_checks": True,
+                                        "change_checks": True} and report["meta"]["n"] == 6
     assert f"### {name}" in capsys.readouterr().out
-    for extra, words in ((["--baseline", "teacher"], "not --baseline"), (["--refine-lr", "-1"], "learning rate")):
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert report["meta"]["refine"] and plain["meta"]["refine"] is None
+    for extra, words in ((["--baseline", "teacher"], "not --baseline"), (["--refine-lr", "-1"], "learning rate"),
+                         (["--candidates", "2", "--change-checks"], "always asks the change checks")):
         with pytest.raises(UsageError, match=words):
             main(["eval", "shapes", "--n", "6", "--refine", "2", "--out", str(tmp_path), *extra])
+    for extra in (["--refine-lr", "0.1"], ["--refine-anchor", "3"]):  # without --refine they would shape nothing
+        with pytest.raises(UsageError, match="give --refine too"):
+            main(["eval", "shapes", "--n", "6", "--out", str(tmp_path), *extra])
 
 
 EXAMPLE = assets.EXAMPLES_DIR / "recolor-0000.png"
@@ -237,12 +252,21 @@ def test_refined_candidates_keep_each_cases_lowest_judge_loss(models, tmp_path):
     ref = torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 255 for r in refs]).repeat_interleave(3, 0)
     refined = refine_latents(pipe.backbone, judge, ref, z, asked, steps=2)
     final = refined.losses[-1].view(3, 3)
-    assert len({tuple(row.tolist()) for row in final}) == 3  # three cases, three candidates each, all different
+    assert all(len(set(row.tolist())) == 3 for row in final)  # three candidates of each case, each its own loss
     with torch.no_grad():
         decoded = pipe.backbone.decode_latents(refined.latents).clamp(-1, 1)
     for i, image in enumerate(got):
         k = int(final[i].argmin())
         assert np.array_equal(image, np.asarray(tensor_to_pil(decoded[i * 3 + k])))
+    from npedit.shapes import evaluate
+
+    monkeypatch_chunk = evaluate.REFINE_CHUNK
+    evaluate.REFINE_CHUNK = 4  # 9 latents in chunks of 4: the same picks as one pass
+    try:
+        chunked = refined_editor(pipe, judge, refine_steps=2, lr=0.05, anchor=1.0, seed=3, candidates=3)(refs, cases)
+    finally:
+        evaluate.REFINE_CHUNK = monkeypatch_chunk
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(chunked, got))
     main(["eval", "shapes", "--n", "6", "--refine", "1", "--candidates", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / f"{assets.DEFAULT_MODEL.name}-best-of-2-refined-1.json").read_text())
     assert report["meta"]["candidates"] == 2 and report["meta"]["refine"]["steps"] == 1

@@ -66,6 +66,10 @@ def best_of_editor(pipe, judge, *, candidates: int, steps: int = 4, seed: int = 
     return edit
 
 
+# latents refined in one judge pass with gradients: memory grows with it (~2 GB for 50 Shapes edits on a CPU)
+REFINE_CHUNK = 50
+
+
 def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, steps: int = 4, seed: int = 0,
                    candidates: int = 1, keep_checks: bool = True, change_checks: bool = True) -> Editor:
     """An NPEditPipeline whose outputs are refined by the judge (`npedit.refine`), a batch at a time. The judge is
@@ -87,11 +91,14 @@ def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, 
                                     gone=c.gone if change_checks else ()) for c in cases]
         device = next(judge.parameters()).device
         reference = _unit(images).to(device).repeat_interleave(n, dim=0)  # input i's copies first, as the latents
-        refined = refine_latents(pipe.backbone, judge, reference, z, [q for q in questions for _ in range(n)],
-                                 steps=refine_steps, lr=lr, anchor=anchor)
-        kept = refined.losses[-1].view(len(cases), n).argmin(dim=1) + torch.arange(len(cases)) * n
+        asked = [q for q in questions for _ in range(n)]
+        parts = [refine_latents(pipe.backbone, judge, reference[i:i + REFINE_CHUNK], z[i:i + REFINE_CHUNK],
+                                asked[i:i + REFINE_CHUNK], steps=refine_steps, lr=lr, anchor=anchor)
+                 for i in range(0, len(z), REFINE_CHUNK)]  # each sample refines as if alone: chunks change nothing
+        latents, final = torch.cat([p.latents for p in parts]), torch.cat([p.losses[-1] for p in parts])
+        kept = final.view(len(cases), n).argmin(dim=1) + torch.arange(len(cases)) * n
         with torch.no_grad():
-            decoded = pipe.backbone.decode_latents(refined.latents[kept.to(refined.latents.device)]).clamp(-1, 1)
+            decoded = pipe.backbone.decode_latents(latents[kept.to(latents.device)]).clamp(-1, 1)
         return [np.asarray(tensor_to_pil(x)) for x in decoded]
 
     return edit
@@ -272,10 +279,13 @@ def eval_main(args) -> int:
     change_checks = args.change_checks
     if change_checks and args.candidates < 2:
         raise UsageError("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
+    check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.refine:
         if args.baseline:
             raise UsageError("error: --refine refines an editor's edits, not --baseline teacher's")
-        check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
+        if change_checks:
+            raise UsageError("error: --refine always asks the change checks (and a keep check per untouched object); "
+                             "--change-checks is for --candidates without --refine")
     if args.n < 1:
         raise UsageError(f"error: --n must be >= 1, got {args.n}")
     if not 0 <= args.seed < 2**64:  # held-out cases take a non-negative seed, the sampler's generator 64 bits
@@ -331,7 +341,7 @@ def eval_main(args) -> int:
 
         judge_dir = default_path("judge", None if args.judge in (None, "bundled") else args.judge)
         judge = load_judge(judge_dir, device=device)
-        if args.candidates > 1:
+        if args.candidates > 1 and not args.refine:
             editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed,
                                     change_checks=change_checks)
         if args.refine:  # (with --candidates: each candidate refined, the lowest judge loss kept)
@@ -344,8 +354,8 @@ def eval_main(args) -> int:
             "cases": (f"training (data.pool={args.train_pool}, seed {args.train_seed})" if args.train_pool is not None
                       else "held-out"),
             "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks,
-            "refine": ({"steps": args.refine, "lr": args.refine_lr, "anchor": args.refine_anchor} if args.refine
-                       else None)}
+            "refine": ({"steps": args.refine, "lr": args.refine_lr, "anchor": args.refine_anchor,
+                        "keep_checks": True, "change_checks": True} if args.refine else None)}
     agreement = judge_agreement(rows) if judge is not None else None
     write_report(summary, rows, Path(args.out), name, meta, agreement)
     print(markdown_table(summary, name))
