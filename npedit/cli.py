@@ -36,6 +36,14 @@ class UsageError(SystemExit):
         self.code = 2
 
 
+def _refine_settings_flags(parser) -> None:
+    """--refine-lr and --refine-anchor (edit, eval shapes): how --refine K refines."""
+    parser.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR, help="Adam step size of --refine "
+                        f"(default {DEFAULT_REFINE_LR})")
+    parser.add_argument("--refine-anchor", type=float, default=DEFAULT_REFINE_ANCHOR, help="weight of the pull back "
+                        f"to the editor's own latents during --refine (default {DEFAULT_REFINE_ANCHOR})")
+
+
 def check_refine_flags(steps: int, lr: float, anchor: float) -> None:
     """A UsageError, one line, for --refine, --refine-lr, --refine-anchor values the refinement cannot run with
     (`refine.check_refine_settings`; edit, eval shapes and bench) or given without --refine, before any model loads."""
@@ -1013,10 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "on its latents (npedit.refine; the judge's questions: --edit-type, --object, --keep, or a --batch "
                    "line's edit_type, object_name, keep, new, gone; 0: off); one stderr line per edit says the judge's "
                    "loss before -> after")
-    e.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR, help="Adam step size of --refine "
-                   f"(default {DEFAULT_REFINE_LR})")
-    e.add_argument("--refine-anchor", type=float, default=DEFAULT_REFINE_ANCHOR, help="weight of the pull back to "
-                   f"the editor's own latents during --refine (default {DEFAULT_REFINE_ANCHOR})")
+    _refine_settings_flags(e)
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="the editor's and the judge's weights in this dtype (default auto: bfloat16 on a GPU, "
                         "float32 on a CPU)")
@@ -1158,10 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--refine", type=int, default=0, metavar="K", help="refine each edit with K judge-guided steps "
                    "on its latents (npedit.refine; the judge: --judge, default the bundled one; 0: off); with "
                    "--candidates N, every candidate is refined and the lowest judge loss kept")
-    v.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR, help="Adam step size of --refine "
-                   f"(default {DEFAULT_REFINE_LR})")
-    v.add_argument("--refine-anchor", type=float, default=DEFAULT_REFINE_ANCHOR, help="weight of the pull back to "
-                   f"the editor's own latents during --refine (default {DEFAULT_REFINE_ANCHOR})")
+    _refine_settings_flags(v)
     v.add_argument("--judge", type=_bundled, help="also ask this judge (a folder, or 'bundled') about every edit and "
                                                    "report how often its answers match the exact scorer")
     v.add_argument("--name", help="report name (default: the model folder's name)")
