@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .images import DEFAULT_MAX_SIDE, load_image, pil_to_tensor, tensor_to_pil
@@ -50,14 +49,12 @@ def pad_questions(rows: Sequence[Sequence[Question]]) -> tuple[list[list[Questio
 
 def judge_losses(judge: Judge, reference: torch.Tensor, edited: torch.Tensor, questions: list[list[Question]],
                  mask: torch.Tensor) -> torch.Tensor:
-    """(B,) NP-Edit's Yes/No loss per sample (mean over its own questions of -log sigmoid(expected margin),
-    temperature 1, as `losses.vlm_loss`); images in [0, 1]."""
+    """(B,) NP-Edit's Yes/No loss per sample (`losses.vlm_sample_losses`, temperature 1); images in [0, 1]."""
+    from .losses.vlm import vlm_sample_losses
+
     out = judge.answer(reference, edited, questions)
     expected = torch.tensor([[q.expected == "Yes" for q in qs] for qs in questions], device=out.logits.device)
-    sign = expected.to(out.logits.dtype) * 2 - 1
-    per_q = -F.logsigmoid((out.logits[..., 1] - out.logits[..., 0]).float() * sign)
-    used = mask.to(per_q.device, per_q.dtype)
-    return (per_q * used).sum(1) / used.sum(1).clamp_min(1.0)
+    return vlm_sample_losses(out.logits, out.vocab_logprobs, expected, question_mask=mask.to(out.logits.device))[0]
 
 
 @dataclass
