@@ -1049,6 +1049,15 @@ def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set
             assert str(uploads / "trunc.png") in errors[0] and str(uploads / "notes.png") in errors[1]
 
 
+
+def _pair_list(path: Path, pairs: list[dict]) -> Path:
+    """A pair list as the CLI and the app's Batch list read it: CSV (a list becomes its text) or JSON lines."""
+    if path.suffix == ".csv":
+        pd.DataFrame(pairs).to_csv(path, index=False)
+    else:
+        path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
 def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp_path, monkeypatch, shapes_png, kind):
     """`npedit judge --batch` read JSON lines only, needed an id, wrote p_* only and left a failing pair out of its
@@ -1064,11 +1073,7 @@ def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp
              {"id": "r", "reference": "scene.png", "edited": "edited.png", "instruction": "remove the circle",
               "edit_type": "remove", "object_name": "red circle", "keep": "blue square"},
              {"reference": "scene.png", "edited": "trunc.png", "instruction": "make it blue"}]
-    listing = tmp_path / f"pairs.{kind}"
-    if kind == "csv":
-        pd.DataFrame(pairs).to_csv(listing, index=False)
-    else:
-        listing.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    listing = _pair_list(tmp_path / f"pairs.{kind}", pairs)
     cli = [tmp_path / "cli" / "verdicts.csv", tmp_path / "cli" / "questions.csv"]
     assert main(["judge", "--judge", tiny_set["judge"], "--batch", str(listing), "--output", str(cli[0]),
                  "--questions", str(cli[1])]) == 1  # the unreadable pair
@@ -1105,11 +1110,7 @@ def test_a_batch_lists_extra_column_asks_each_pair_its_own_questions(tiny_set, t
     pairs = [{"id": "a", "reference": "scene.png", "edited": "edited.png", "instruction": "make the circle blue",
               "extra": [sharp, blue] if kind == "jsonl" else f"{sharp}; {blue}"},
              {"id": "b", "reference": "scene.png", "edited": "edited.png", "instruction": "make the circle blue"}]
-    listing = tmp_path / f"pairs.{kind}"
-    if kind == "csv":
-        pd.DataFrame(pairs).to_csv(listing, index=False)
-    else:
-        listing.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    listing = _pair_list(tmp_path / f"pairs.{kind}", pairs)
     cli = [tmp_path / "cli" / "verdicts.csv", tmp_path / "cli" / "questions.csv"]
     assert main(["judge", "--judge", tiny_set["judge"], "--batch", str(listing), "--output", str(cli[0]),
                  "--questions", str(cli[1])]) == 0
