@@ -1049,7 +1049,6 @@ def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set
             assert str(uploads / "trunc.png") in errors[0] and str(uploads / "notes.png") in errors[1]
 
 
-
 def _pair_list(path: Path, pairs: list[dict]) -> Path:
     """A pair list as the CLI and the app's Batch list read it: CSV (a list becomes its text) or JSON lines."""
     if path.suffix == ".csv":
@@ -1057,6 +1056,7 @@ def _pair_list(path: Path, pairs: list[dict]) -> Path:
     else:
         path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return path
+
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
 def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp_path, monkeypatch, shapes_png, kind):
