@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UsageError, _load_judge, check_refine_flags
+from .cli import UsageError, check_refine_flags, load_cli_judge
 from .devices import resolve_device
 from .flow import MAX_SAMPLING_STEPS
 from .refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
@@ -59,7 +59,7 @@ def bench_main(args) -> int:
     dtype = getattr(torch, "bfloat16" if args.dtype == "auto" and device.type == "cuda" else
                     "float32" if args.dtype == "auto" else args.dtype)
     # first, as `edit` does: a judge that does not load fails before the editor loads, not after the other figures
-    judge = _load_judge(args, str(device), dtype, None) if args.refine else None
+    judge = load_cli_judge(args, str(device), dtype, None) if args.refine else None
     pipe = NPEditPipeline.from_pretrained(default_path("model", args.model), dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)

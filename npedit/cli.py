@@ -70,7 +70,7 @@ def _dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def _load_judge(args, device: str, dtype, max_pixels: int | None):
+def load_cli_judge(args, device: str, dtype, max_pixels: int | None):
     """The judge of --judge (default: the bundled one) in `dtype`, at most `max_pixels` per image when given."""
     from .judges import load_judge
 
@@ -177,7 +177,7 @@ def cmd_edit(args) -> int:
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
     if args.candidates > 1 or args.verdicts or args.trace or args.refine:
-        judge = _load_judge(args, device, dtype, args.judge_max_pixels)
+        judge = load_cli_judge(args, device, dtype, args.judge_max_pixels)
     model = default_path("model", args.model)
     pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device, revision=args.revision)
     pipe.set_progress_bar_config(disable=True)
@@ -483,7 +483,7 @@ def cmd_judge(args) -> int:
             raise UsageError(f"error: {flag} {out} is {images[_file_key(out)]}: writing it would replace that image; "
                              "give another name")
     device = _device()
-    judge = _load_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
+    judge = load_cli_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
 
     extra = [text.strip() for text in args.extra if text.strip()]  # as the app reads its lines of extra questions
 

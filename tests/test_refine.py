@@ -201,7 +201,7 @@ def test_edit_refine_refuses_what_it_cannot_run_in_one_line_before_any_model_loa
     def loaded(*a, **k):
         raise AssertionError("a model loaded")
 
-    monkeypatch.setattr(cli, "_load_judge", loaded)
+    monkeypatch.setattr(cli, "load_cli_judge", loaded)
     monkeypatch.setattr(NPEditPipeline, "from_pretrained", loaded)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
