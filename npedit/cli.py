@@ -136,9 +136,6 @@ def cmd_edit(args) -> int:
                          "--verdicts)")
     if (args.teacher or args.critic or args.caption) and not args.trace:
         raise UsageError("error: --teacher, --critic and --caption are for the DMD maps of --trace")
-    if args.refine and (args.candidates > 1 or args.trace):
-        raise UsageError("error: --refine refines the editor's single edit: not combined with --candidates or --trace "
-                         "(yet)")
     check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.judge_max_pixels is not None and not (args.candidates > 1 or args.verdicts or args.trace or args.refine):
         raise UsageError("error: --judge-max-pixels is for the judge of --candidates, --verdicts, --trace or --refine")
@@ -161,7 +158,7 @@ def cmd_edit(args) -> int:
     # an output written over an input: the user's own image (or list) replaced by the edit
     zipped = args.trace if (args.trace or "").lower().endswith(".zip") else None
     # (a trace folder's pictures: an --image or --output named so there would be replaced by the trace's)
-    pictures = [(str(Path(args.trace) / name), "--trace") for name in ("reference.png", "edited.png")
+    pictures = [(str(Path(args.trace) / name), "--trace") for name in ("reference.png", "edited.png", "refined.png")
                 if args.trace and not zipped]
     _check_distinct([(args.image, "--image"), (args.batch, "--batch"), (args.output if args.image else None,
                      "--output"), (args.verdicts, "--verdicts"), (zipped, "--trace"), *pictures])
@@ -171,7 +168,7 @@ def cmd_edit(args) -> int:
         folder = Path(args.trace)
         if not zipped and folder.is_dir() and own_entries(folder) and not (folder / "trace.json").is_file():
             raise SystemExit(f"error: --trace {args.trace} holds other files and no trace: a trace writes trace.json, "
-                             "steps.csv, reference.png, edited.png and step-N-* files into its folder, over any of "
+                             "steps.csv, reference.png, edited.png, refined.png and step-N-* files into its folder, over any of "
                              "those names; give a new or empty folder (or an earlier trace's)")
     device = _device()
     dtype = _dtype(args.dtype, device)
@@ -306,6 +303,7 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
     failures = 0
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
+        kept = None  # (which candidate, of how many) where only the kept one of several is judged
         try:
             picture = load_image(job["image"])  # read once; the pipeline's own loading leaves it as it is
             note = pipe.working_note(picture.size, args.max_side)
@@ -313,6 +311,9 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
                 tqdm.write(f"note: {job['id']}: {note}" if len(jobs) > 1 else f"note: {note}", file=sys.stderr)
             if getattr(args, "tracer", None):
                 img = args.tracer(job, picture)
+            elif args.refine and args.candidates > 1:
+                img, kept = _refined_best_of(pipe, judge, job, picture, args, verbose=len(jobs) == 1)
+                picked = _judged(judge, job, picture, img) if verdicts is not None else None
             elif args.refine:
                 img = _refined(pipe, judge, job, picture, args, gen, named=len(jobs) > 1)
                 picked = _judged(judge, job, picture, img) if verdicts is not None else None
@@ -336,7 +337,7 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
             tqdm.write(f"error: {job['id']}: cannot save {job['out']}: {exc}", file=sys.stderr)
             continue
         if verdicts is not None:
-            _write_verdict(verdicts, job, picked, args.min_score)
+            _write_verdict(verdicts, job, picked, args.min_score, kept)
     return failures
 
 
@@ -346,7 +347,7 @@ def _tracer(args, pipe, judge, model: str, dtype):
     to --trace and returns the edited image. Without a teacher or critic the trace has no DMD maps and says why
     (also on stderr)."""
     from .assets import DEFAULT_TEACHER
-    from .trace import load_companion, own_companions, save_trace, trace_edit
+    from .trace import load_companion, own_companions, refine_trace, save_trace, trace_edit
 
     own_teacher, own_critic, loss = own_companions(model)
     bundled = str(DEFAULT_TEACHER) if (DEFAULT_TEACHER / "transformer" / "config.json").is_file() else None
@@ -370,25 +371,31 @@ def _tracer(args, pipe, judge, model: str, dtype):
                            args.caption, steps=args.steps, seed=args.seed, edit_type=job["edit_type"],
                            object_name=(job.get("object_name") or "").strip() or None, max_side=args.max_side,
                            loss=loss, dmd_note=note)
+        if args.refine:  # from the traced sampling's own latents: the steps in the trace are the refined edit's
+            r = refine_trace(trace, pipe, judge, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
+                             max_side=args.max_side, keep=job.get("keep"), new=job.get("new"), gone=job.get("gone"))
+            print(f"refined {args.refine} steps: judge loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}", file=sys.stderr)
         try:
             save_trace(trace, args.trace, names)
         except OSError as exc:  # (checked writable before the models loaded; a full disk still ends here)
             raise SystemExit(f"error: cannot write --trace {args.trace}: {exc}") from None
-        return trace.image
+        return trace.refinement.image if trace.refinement is not None else trace.image
 
     return run
 
 
-def _write_verdict(writer, job: dict, picked, min_score: float | None) -> None:
+def _write_verdict(writer, job: dict, picked, min_score: float | None, kept: tuple[int, int] | None = None) -> None:
     """One --verdicts line: the job's own fields, its result as `target` and the judge's numbers on it (a training
     manifest line: paired SFT on these learns the judge's accepted edits); none below `min_score`."""
     v = picked.verdicts[picked.best]
     if min_score is not None and v.score < min_score:
         return
+    # refined candidates: only the kept one is judged, and `kept` says which it was and of how many
+    candidate, candidates = kept or (picked.best, len(picked.images))
     row = {k: val for k, val in job.items() if k != "out"}
     row |= {"image": str(Path(job["image"]).resolve()), "target": str(job["out"].resolve()), "score": v.score,
-            "p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "candidate": picked.best,
-            "candidates": len(picked.images)}
+            "p_edit": v.p_edit, "p_identity": v.p_identity, "p_keep": v.p_keep, "candidate": candidate,
+            "candidates": candidates}
     writer.write(row)
 
 
@@ -423,15 +430,35 @@ def _judged(judge, job: dict, picture, image):
     return Candidates([image], judge_candidates(judge, picture, [image], job["instruction"], **_job_questions(job)))
 
 
+def _refined_best_of(pipe, judge, job: dict, picture, args, verbose: bool):
+    """--candidates N --refine K: N edits of one job (candidate k seeded --seed + k), each refined, the lowest final
+    judge loss kept (`npedit.refine.refine_candidates`). Returns the kept image and (its index, N). With `verbose`,
+    each candidate's loss before -> after on stderr; else one line for the job."""
+    from .refine import refine_candidates
+
+    r = refine_candidates(pipe, judge, picture, job["instruction"], candidates=args.candidates, seed=args.seed,
+                          steps=args.steps, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
+                          max_side=args.max_side, **_job_questions(job))
+    if verbose:
+        for k, (done, seed) in enumerate(zip(r.refinements, r.seeds)):
+            mark = "  <- kept" if k == r.best else ""
+            tqdm.write(f"candidate {k} (seed {seed}): refined {args.refine} steps: judge loss {done.losses[0]:.3f} -> "
+                       f"{done.losses[-1]:.3f}{mark}", file=sys.stderr)
+    else:
+        done = r.refinements[r.best]
+        tqdm.write(f"{job['id']}: best of {len(r.refinements)} refined {args.refine} steps: candidate {r.best} (seed "
+                   f"{r.seeds[r.best]}) kept, judge loss {done.losses[0]:.3f} -> {done.losses[-1]:.3f}",
+                   file=sys.stderr)
+    return r.image, (r.best, len(r.refinements))
+
+
 def _best_of(pipe, judge, job: dict, picture, args, verbose: bool):
     """The judge's pick of `args.candidates` edits of one job (its image loaded: `picture`); with `verbose`, each
     candidate's verdict on stderr."""
     from .best_of import best_of
-    from .data import object_names
 
     picked = best_of(pipe, judge, picture, job["instruction"], candidates=args.candidates, steps=args.steps,
-                     seed=args.seed, max_side=args.max_side, edit_type=job["edit_type"],
-                     object_name=job.get("object_name") or None, keep=object_names(job.get("keep")))
+                     seed=args.seed, max_side=args.max_side, **_job_questions(job))
     if verbose:
         for k, v in enumerate(picked.verdicts):
             mark = "  <- kept" if k == picked.best else ""
@@ -1001,8 +1028,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instruction", help="what to change")
     e.add_argument("--output", help="where the result goes: .png (lossless), .jpg, .webp, .bmp or .tif")
     e.add_argument("--batch", type=_bundled, help="cases.jsonl with {id, image, instruction[, edit_type, object_name, "
-                   "keep, new, gone]} per line, or cases.csv with those columns (the last five: the judge's questions; "
-                   "new and gone for --refine only)")
+                   "keep, new, gone]} per line, or cases.csv with those columns (the last five: the judge's questions)")
     e.add_argument("--output-dir", help="where --batch writes <id>.png")
     e.add_argument("--model", type=_bundled,
                    help="NPEditPipeline folder or hub id (default: the bundled Shapes-world editor)")
@@ -1014,7 +1040,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_MAX_SIDE}, as in the app; an editor trained at one resolution, e.g. a "
                    "Shapes-world editor's 64 px, works at that: a note on stderr says when an image is scaled)")
     e.add_argument("--candidates", type=int, default=1, help="sample this many edits and keep the one the judge "
-                   "rates highest (best-of-N; 1: a single edit)")
+                   "rates highest (best-of-N; 1: a single edit); with --refine, each is refined and the lowest "
+                   "final judge loss kept")
     e.add_argument("--judge", type=_bundled, help="judge for --candidates, --verdicts and --refine (default: the "
                    "bundled Shapes-world judge)")
     e.add_argument("--refine", type=int, default=0, metavar="K", help="refine the edit with K judge-guided Adam steps "

@@ -9,6 +9,7 @@ points well once an edit has started (it is weak at a plain copy), so this corre
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -128,20 +129,88 @@ def refine_edit(pipe, judge: Judge, image, instruction: str, *, steps: int = 4,
     from .verdicts import edit_questions
 
     check_refine_settings(refine_steps, lr, anchor)
-    asked = edit_questions(instruction, **questions)  # refused in words before the edit runs
+    edit_questions(instruction, **questions)  # refused in words before the edit runs
     picture = load_image(image)
     z = pipe(image=picture, prompt=instruction, num_inference_steps=steps, generator=generator, output_type="latent",
              max_side=max_side).images
+    return refine_from_latents(pipe, judge, picture, z, instruction, refine_steps=refine_steps, lr=lr, anchor=anchor,
+                               max_side=max_side, callback=callback, **questions)[0]
+
+
+def refine_from_latents(pipe, judge: Judge, image, latents: torch.Tensor, instruction: str, *,
+                        refine_steps: int = DEFAULT_REFINE_STEPS, lr: float = DEFAULT_REFINE_LR,
+                        anchor: float = DEFAULT_REFINE_ANCHOR, max_side: int = DEFAULT_MAX_SIDE,
+                        callback: Callable[[int, torch.Tensor], None] | None = None,
+                        **questions) -> list[Refinement]:
+    """Refine edits of `image` that `pipe` has already sampled: `latents` (B, C, h, w), its output with
+    `output_type="latent"` at `max_side` (e.g. a traced edit's last x0, or several candidates of one image), each
+    refined as if alone with the judge asked `verdicts.edit_questions(instruction, **questions)`. One `Refinement`
+    per latent, its `start` the decoded latent (what the pipeline returns for it)."""
+    from .verdicts import edit_questions
+
+    check_refine_settings(refine_steps, lr, anchor)
+    asked = edit_questions(instruction, **questions)
+    picture = load_image(image)
     backbone = pipe.backbone
     work = pipe.working_size(picture.size, max_side)
     device = next(judge.parameters()).device
     reference = ((pil_to_tensor(picture.resize(work, resample=3)) + 1) / 2).unsqueeze(0).to(device)
-    refined = refine_latents(backbone, judge, reference, z, [asked], steps=refine_steps, lr=lr, anchor=anchor,
-                             callback=callback)
+    refined = refine_latents(backbone, judge, reference, latents, [asked] * len(latents), steps=refine_steps, lr=lr,
+                             anchor=anchor, callback=callback)
 
-    def to_image(latents: torch.Tensor) -> Image.Image:
+    def to_images(z: torch.Tensor) -> list[Image.Image]:
         with torch.no_grad():
-            im = tensor_to_pil(backbone.decode_latents(latents)[0].clamp(-1, 1))
-        return im.resize(picture.size, resample=3) if im.size != picture.size else im
+            ims = [tensor_to_pil(x) for x in backbone.decode_latents(z).clamp(-1, 1)]
+        return [im.resize(picture.size, resample=3) if im.size != picture.size else im for im in ims]
 
-    return Refinement(to_image(refined.latents), to_image(z), [float(v) for v in refined.losses[:, 0]])
+    return [Refinement(image, start, [float(v) for v in refined.losses[:, b]])
+            for b, (image, start) in enumerate(zip(to_images(refined.latents), to_images(latents)))]
+
+
+@dataclass
+class RefinedCandidates:
+    """Several edits of one image, each refined by the judge, and which one ends with the lowest judge loss."""
+
+    refinements: list[Refinement]
+    seeds: list[int]  # candidate k's seed: its `refine_edit` with a generator seeded so (up to rounding)
+
+    @property
+    def best(self) -> int:
+        """The candidate whose refinement ends with the lowest judge loss (the first on a tie; a NaN loss never wins
+        unless all are NaN)."""
+        final = [r.losses[-1] for r in self.refinements]
+        scored = [k for k, v in enumerate(final) if not math.isnan(v)]
+        return min(scored, key=lambda k: (final[k], k)) if scored else 0
+
+    @property
+    def image(self) -> Image.Image:
+        return self.refinements[self.best].image
+
+
+def refine_candidates(pipe, judge: Judge, image, instruction: str, *, candidates: int = 4, seed: int = 0,
+                      steps: int = 4, refine_steps: int = DEFAULT_REFINE_STEPS, lr: float = DEFAULT_REFINE_LR,
+                      anchor: float = DEFAULT_REFINE_ANCHOR, max_side: int = DEFAULT_MAX_SIDE, chunk: int = 4,
+                      callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                      **questions) -> RefinedCandidates:
+    """Best of `candidates` refined edits: candidate k is sampled with a generator seeded `seed + k` (as
+    `best_of.best_of`), every candidate is refined (`refine_steps` judge-guided steps, `chunk` at a time: samples
+    refine independently, so the chunk changes memory, not results) and the lowest final judge loss is kept.
+    `callback(first, step, losses)`: after each measurement of the chunk whose first candidate is `first`."""
+    from .verdicts import edit_questions
+
+    if candidates < 1 or chunk < 1:
+        raise ValueError(f"candidates and chunk must be >= 1, got {candidates} and {chunk}")
+    check_refine_settings(refine_steps, lr, anchor)
+    edit_questions(instruction, **questions)  # refused in words before any edit runs
+    picture = load_image(image)
+    seeds = [seed + k for k in range(candidates)]
+    done: list[Refinement] = []
+    for first in range(0, candidates, chunk):
+        part = seeds[first:first + chunk]
+        z = pipe(image=[picture] * len(part), prompt=instruction, num_inference_steps=steps,
+                 generator=[torch.Generator().manual_seed(s) for s in part], output_type="latent",
+                 max_side=max_side).images
+        step_done = None if callback is None else (lambda step, losses, first=first: callback(first, step, losses))
+        done += refine_from_latents(pipe, judge, picture, z, instruction, refine_steps=refine_steps, lr=lr,
+                                    anchor=anchor, max_side=max_side, callback=step_done, **questions)
+    return RefinedCandidates(done, seeds)

@@ -2,8 +2,10 @@
 and its DMD map.
 
 `trace_edit` runs the pipeline itself (so the one sampler of npedit.sampler) and records each step through
-`callback_on_step_end`; the judge, teacher and critic then look at what it recorded. `save_trace` writes a trace as
-a folder or a .zip (the CLI's `edit --trace` and the app's download: one builder, the same files and numbers).
+`callback_on_step_end`; the judge, teacher and critic then look at what it recorded. `refine_trace` refines the
+traced edit with the judge (`npedit.refine`) from its own last latents, so the refined result and the steps shown
+belong to one sampling. `save_trace` writes a trace as a folder or a .zip (the CLI's `edit --trace` and the app's
+download: one builder, the same files and numbers).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -29,6 +31,9 @@ from .files import png_bytes, write_atomic
 from .guidance import teacher_critic_x0
 from .images import load_image, tensor_to_pil
 from .verdicts import SHOWN_DECIMALS, judge_candidates
+
+if TYPE_CHECKING:
+    from .refine import Refinement
 
 Progress = Callable[[float, str], None]
 
@@ -67,6 +72,9 @@ class EditTrace:
     judge_note: str | None = None  # why there are no P(Yes) values
     dmd_note: str | None = None  # why there are no DMD maps
     timings: dict = field(default_factory=dict)
+    latents: torch.Tensor | None = field(default=None, repr=False)  # the edit's output latents (the last step's x0)
+    refinement: Refinement | None = None  # `refine_trace`'s: the edit refined by the judge from `latents`
+    refine_settings: dict | None = None  # its steps, lr, anchor and the objects its keep and change checks name
 
     def table(self) -> list[dict]:
         """One row per step: t, P(edit done) (a removal: P(No) of its contains check), P(Yes) of the identity
@@ -146,7 +154,7 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
         judge_note = judge_note or "no judge loaded"
     trace = EditTrace(reference, edited, instruction, caption, caption_from, int(seed), scale,
                       dmd_t=None if teacher is None or critic is None else dmd_t, edit_type=edit_type,
-                      object_name=object_name,
+                      object_name=object_name, latents=records[-1]["x0"],
                       judge_note=judge_note if judge is None else None,
                       dmd_note=dmd_note if teacher is None or critic is None else None)
     x0_imgs = [tensor_to_pil(bb.decode_latents(r["x0"]).clamp(-1, 1)[0]) for r in records]
@@ -176,6 +184,31 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
     trace.timings = {"sample_s": sample_s, "judge_s": sum(s.judge_s for s in trace.steps),
                      "dmd_s": sum(s.dmd_s for s in trace.steps), "total_s": time.perf_counter() - start}
     return trace
+
+
+def refine_trace(trace: EditTrace, pipe, judge, *, refine_steps: int, lr: float, anchor: float,
+                 max_side: int = 1024, callback: Callable[[int, torch.Tensor], None] | None = None,
+                 keep=(), new=(), gone=()) -> Refinement:
+    """Refine `trace`'s edit with the judge (`npedit.refine.refine_from_latents` on `trace.latents`, the very
+    sampling its steps show; `max_side` as `trace_edit` was given), asked the trace's edit type and object plus the
+    `keep`, `new` and `gone` objects. Stores the refinement, its settings and its time in the trace (which then
+    saves refined.png and a "refinement" record) and returns it; `trace.image` stays the editor's own edit."""
+    from .data import object_names
+    from .refine import refine_from_latents
+
+    if trace.latents is None:
+        raise ValueError("this trace holds no latents to refine (it was not made by trace_edit)")
+    start = time.perf_counter()
+    asked = {"keep": object_names(keep), "new": object_names(new), "gone": object_names(gone)}
+    [refined] = refine_from_latents(pipe, judge, trace.reference, trace.latents, trace.instruction,
+                                    refine_steps=refine_steps, lr=lr, anchor=anchor, max_side=max_side,
+                                    callback=callback, edit_type=trace.edit_type, object_name=trace.object_name,
+                                    **asked)
+    trace.refinement = refined
+    trace.refine_settings = {"steps": int(refine_steps), "lr": float(lr), "anchor": float(anchor), **asked}
+    trace.timings["refine_s"] = time.perf_counter() - start
+    trace.timings["total_s"] = trace.timings.get("total_s", 0.0) + trace.timings["refine_s"]
+    return refined
 
 
 # ---- the editor's own teacher and critic -----------------------------------------------------------------------
@@ -235,6 +268,7 @@ def load_companion(role: str, path: str, pipe, torch_dtype=None) -> torch.nn.Mod
 TRACE_COLUMNS = ("step", "t", "p_edit", "p_identity", "dmd_mean", "dmd_max", "sample_s", "judge_s", "dmd_s", "x0",
                  "dmd_npy", "dmd_png")  # steps.csv and trace.json's "steps"
 STEP_FILE = re.compile(r"step-\d+-(x0\.png|dmd\.npy|dmd\.png)")  # the names `trace_record` gives a step's files
+REFINED_FILE = "refined.png"  # a refined trace's result (`refine_trace`)
 
 
 def trace_record(trace: EditTrace, models: dict[str, str | None] | None = None) -> dict:
@@ -256,12 +290,18 @@ def trace_record(trace: EditTrace, models: dict[str, str | None] | None = None) 
             # the PNG maps are |x0_critic - x0_teacher| / this, one scale for every step (the .npy files are exact)
             "dmd_png_scale": max(float(m.max()) for m in maps) if maps else None,
             "models": dict(models or {}), "judge_note": trace.judge_note, "dmd_note": trace.dmd_note,
-            "timings": trace.timings, "reference": "reference.png", "edited": "edited.png", "steps_table": steps}
+            "timings": trace.timings, "reference": "reference.png", "edited": "edited.png",
+            # the judge-guided refinement of the edited image (`refine_trace`), its loss before each step and after
+            # the last; None: not refined
+            "refinement": None if trace.refinement is None else {
+                **trace.refine_settings, "losses": trace.refinement.losses, "refined": REFINED_FILE},
+            "steps_table": steps}
 
 
 def trace_files(trace: EditTrace, models: dict[str, str | None] | None = None) -> dict[str, bytes]:
     """The files of a trace by name: trace.json (`trace_record`), steps.csv (its steps), reference.png, edited.png,
-    and per step step-N-x0.png, step-N-dmd.npy ((h, w) float32) and step-N-dmd.png (8-bit, at x0's size)."""
+    refined.png when it was refined (`refine_trace`), and per step step-N-x0.png, step-N-dmd.npy ((h, w) float32) and
+    step-N-dmd.png (8-bit, at x0's size)."""
     record = trace_record(trace, models)
     table = io.StringIO()
     writer = csv.DictWriter(table, TRACE_COLUMNS, lineterminator="\n")
@@ -269,6 +309,8 @@ def trace_files(trace: EditTrace, models: dict[str, str | None] | None = None) -
     writer.writerows(record["steps_table"])
     files = {"trace.json": (json.dumps(record, indent=1) + "\n").encode(), "steps.csv": table.getvalue().encode(),
              "reference.png": png_bytes(trace.reference), "edited.png": png_bytes(trace.image)}
+    if trace.refinement is not None:
+        files[REFINED_FILE] = png_bytes(trace.refinement.image)
     for s, row in zip(trace.steps, record["steps_table"]):
         files[row["x0"]] = png_bytes(s.x0)
         if s.dmd_map is not None:
@@ -284,8 +326,8 @@ def trace_files(trace: EditTrace, models: dict[str, str | None] | None = None) -
 def save_trace(trace: EditTrace, dest: str | os.PathLike, models: dict[str, str | None] | None = None) -> Path:
     """Write `trace_files` into the folder `dest`, or into one zip when `dest` ends in .zip; returns `dest`. Each file
     is written whole (`write_atomic`): a Ctrl-C or a full disk midway keeps an earlier zip, or an earlier trace's
-    files, rather than a cut one; an earlier trace's step files that this one lacks (it had more steps) are removed,
-    so that the folder holds one trace."""
+    files, rather than a cut one; an earlier trace's step files that this one lacks (it had more steps) and its
+    refined.png (this one is not refined) are removed, so that the folder holds one trace."""
     dest = Path(dest)
     files = trace_files(trace, models)
     if dest.suffix.lower() == ".zip":
@@ -301,7 +343,7 @@ def save_trace(trace: EditTrace, dest: str | os.PathLike, models: dict[str, str 
     for name, data in files.items():
         write_atomic(dest / name, data)
     if (dest / "trace.json").is_file():  # (just written: the folder is a trace's, whose step files are ours to clear)
-        for old in dest.glob("step-*"):
-            if old.name not in files and STEP_FILE.fullmatch(old.name):
+        for old in [*dest.glob("step-*"), dest / REFINED_FILE]:
+            if old.name not in files and (STEP_FILE.fullmatch(old.name) or old.name == REFINED_FILE):
                 old.unlink(missing_ok=True)
     return dest

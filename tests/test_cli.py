@@ -140,7 +140,7 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     ([*EDIT, "--output", "o.png", "--verdicts", "images"], 1, "error: --verdicts images is a folder"),
     # a folder of the user's: the trace's reference.png, edited.png, steps.csv... were written over theirs
     ([*EDIT, "--output", "o.png", "--trace", "."], 1, "error: --trace . holds other files and no trace: a trace "
-     "writes trace.json, steps.csv, reference.png, edited.png and step-N-* files into its folder"),
+     "writes trace.json, steps.csv, reference.png, edited.png, refined.png and step-N-* files into its folder"),
     ([*EDIT, "--output", "images/edited.png", "--trace", "images"], 2,
      f"error: --output and --trace are the same file ({Path('images/edited.png')})"),
     (["edit", "--batch", "one.jsonl", "--output-dir", "afile"], 1, "error: cannot write --output-dir afile ("),

@@ -186,9 +186,7 @@ def test_edit_batch_refine_asks_each_lines_questions_and_judges_the_refined_imag
 
 
 @pytest.mark.parametrize("extra, says", [
-    (["--candidates", "2"], "error: --refine refines the editor's single edit: not combined with --candidates or "
-                            "--trace (yet)"),
-    (["--trace", "tr"], "error: --refine refines the editor's single edit: not combined with --candidates"),
+    (["--trace", "tr", "--candidates", "2"], "error: --trace records one edit's steps"),
     (["--refine-lr", "0"], "error: --refine: the refinement learning rate must be in (0, 10], got 0.0"),
     (["--refine-anchor", "-1"], "error: --refine: the refinement anchor must be a finite number >= 0, got -1.0"),
     (["--refine", "501"], "error: --refine: refinement steps must be a whole number between 0 and 500, got 501"),
@@ -270,3 +268,102 @@ def test_refined_candidates_keep_each_cases_lowest_judge_loss(models, tmp_path):
     main(["eval", "shapes", "--n", "6", "--refine", "1", "--candidates", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / f"{assets.DEFAULT_MODEL.name}-best-of-2-refined-1.json").read_text())
     assert report["meta"]["candidates"] == 2 and report["meta"]["refine"]["steps"] == 1
+
+
+def test_refined_candidates_are_each_seeds_own_refinement_and_the_lowest_loss_is_kept(models):
+    from npedit.refine import refine_candidates, refine_edit
+    from npedit.shapes.edits import held_out_cases
+    from npedit.shapes.world import render
+
+    pipe, judge = models
+    case = held_out_cases(2, seed=6)[1]
+    picked = refine_candidates(pipe, judge, render(case.reference), case.instruction, candidates=3, seed=7,
+                               refine_steps=4, chunk=2, **_asked(case))  # chunks of 2: candidates 0-1, then 2
+    assert picked.seeds == [7, 8, 9] and len(picked.refinements) == 3
+    finals = [r.losses[-1] for r in picked.refinements]
+    assert len(set(finals)) == 3 and picked.best == int(np.argmin(finals)) and picked.image is picked.refinements[
+        picked.best].image
+    for k, got in enumerate(picked.refinements):  # candidate k is the single refined edit seeded 7 + k
+        alone = refine_edit(pipe, judge, render(case.reference), case.instruction, refine_steps=4,
+                            generator=torch.Generator().manual_seed(7 + k), **_asked(case))
+        assert np.abs(np.asarray(alone.image, int) - np.asarray(got.image, int)).max() <= 1
+        assert np.allclose(alone.losses, got.losses, atol=1e-3)
+    with pytest.raises(ValueError, match="candidates and chunk must be >= 1"):
+        refine_candidates(pipe, judge, render(case.reference), case.instruction, candidates=0)
+
+
+CANDIDATE = re.compile(r"^candidate (\d) \(seed (\d+)\): refined (\d+) steps: judge loss (\d+\.\d+) -> (\d+\.\d+)"
+                       r"(  <- kept)?$")
+
+
+def test_edit_refine_candidates_keeps_the_lowest_loss_and_its_verdict_line_says_which(tmp_path, capsys):
+    from npedit.cli import main
+
+    capsys.readouterr()
+    assert main(["edit", "--image", str(EXAMPLE), *RECOLOR, "--seed", "5", "--output", str(tmp_path / "best.png"),
+                 "--refine", "3", "--candidates", "3", "--verdicts", str(tmp_path / "v.jsonl")]) == 0
+    lines = [CANDIDATE.match(line) for line in capsys.readouterr().err.splitlines()]
+    lines = [m for m in lines if m]
+    assert [(int(m[1]), int(m[2]), int(m[3])) for m in lines] == [(0, 5, 3), (1, 6, 3), (2, 7, 3)]
+    finals = [float(m[5]) for m in lines]
+    [kept] = [int(m[1]) for m in lines if m[6]]
+    assert kept == int(np.argmin(finals))
+    [row] = [json.loads(r) for r in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert (row["candidate"], row["candidates"]) == (kept, 3)
+    # the kept candidate is that seed's single refined edit
+    assert main(["edit", "--image", str(EXAMPLE), *RECOLOR, "--seed", str(5 + kept), "--output",
+                 str(tmp_path / "alone.png"), "--refine", "3"]) == 0
+    from PIL import Image
+
+    best, alone = (np.asarray(Image.open(tmp_path / n), int) for n in ("best.png", "alone.png"))
+    assert np.abs(best - alone).max() <= 1
+
+
+def test_edit_batch_candidates_ask_each_lines_new_and_gone_objects(models, tmp_path, capsys):
+    from npedit.cli import main
+    from npedit.verdicts import judge_edit
+
+    _, judge = models
+    line = {"id": "recolor", "image": str(EXAMPLE), "instruction": "make the triangle at the right green",
+            "edit_type": "recolor", "keep": "green triangle", "new": "green triangle", "gone": "purple triangle"}
+    (tmp_path / "cases.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line | {"id": "again"}) + "\n")
+    for extra in (["--candidates", "2"], ["--candidates", "2", "--refine", "2"]):
+        capsys.readouterr()
+        assert main(["edit", "--batch", str(tmp_path / "cases.jsonl"), "--output-dir", str(tmp_path / "out"),
+                     "--verdicts", str(tmp_path / "v.jsonl"), *extra]) == 0
+        rows = [json.loads(r) for r in (tmp_path / "v.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["recolor", "again"]
+        asked = judge_edit(judge, line["image"], str(tmp_path / "out" / "recolor.png"), line["instruction"],
+                           edit_type="recolor", keep=line["keep"], new=line["new"], gone=line["gone"])
+        assert len(asked.questions) == 5 and rows[0]["score"] == pytest.approx(asked.score, abs=1e-4)
+        assert rows[0]["candidates"] == 2
+    said = capsys.readouterr().err.splitlines()  # with --refine, one line per job
+    for name in ("recolor", "again"):
+        assert sum(s.startswith(f"{name}: best of 2 refined 2 steps: candidate ") for s in said) == 1, said
+
+
+def test_edit_trace_refine_refines_the_traced_sampling_and_the_trace_holds_it(tmp_path, capsys):
+    from npedit.cli import main
+
+    def edit(*extra):
+        capsys.readouterr()
+        assert main(["edit", "--image", str(EXAMPLE), *RECOLOR, "--seed", "2", *extra]) == 0
+        return capsys.readouterr().err
+
+    said = edit("--output", str(tmp_path / "traced.png"), "--refine", "3", "--trace", str(tmp_path / "tr"))
+    [(_, steps, before, after)] = _losses(said)
+    edit("--output", str(tmp_path / "refined.png"), "--refine", "3")
+    edit("--output", str(tmp_path / "plain.png"))
+    trace = tmp_path / "tr"
+    read = {n: (trace / n).read_bytes() for n in ("edited.png", "refined.png")}
+    assert (tmp_path / "traced.png").read_bytes() == read["refined.png"] == (tmp_path / "refined.png").read_bytes()
+    assert read["edited.png"] == (tmp_path / "plain.png").read_bytes() != read["refined.png"]
+    record = json.loads((trace / "trace.json").read_text())
+    ref = record["refinement"]
+    assert (ref["steps"], ref["lr"], ref["anchor"], ref["keep"], ref["refined"]) == (3, 0.05, 1.0, ["green triangle"],
+                                                                                      "refined.png")
+    assert len(ref["losses"]) == 4 and (round(ref["losses"][0], 3), round(ref["losses"][-1], 3)) == (before, after)
+    assert record["timings"]["refine_s"] > 0 and len(record["steps_table"]) == 4
+    edit("--output", str(tmp_path / "again.png"), "--trace", str(trace))  # the same folder, not refined
+    assert json.loads((trace / "trace.json").read_text())["refinement"] is None
+    assert not (trace / "refined.png").exists()  # the earlier trace's refined image is not left as this one's
