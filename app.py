@@ -38,7 +38,8 @@ from npedit.images import ImageError, load_image
 from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
 from npedit.verdicts import Verdict, answer_gradients, edit_questions, judge_candidates, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
-from workbench.inspect import STEP_COLUMNS, edit_best_of, edit_once, edit_refined, save_trace, trace_edit
+from workbench.inspect import (STEP_COLUMNS, edit_best_of, edit_once, edit_refined, edit_refined_best_of,
+                               refine_trace, save_trace, trace_edit)
 
 try:  # on a ZeroGPU Space, GPU work runs inside functions decorated with spaces.GPU
     import spaces
@@ -59,11 +60,10 @@ REFINE_HELP = ("After the edit, this many Adam steps on its latents lower the ju
                "NP-Edit trains with: edit type, removed object and objects to keep from Advanced settings), through "
                "the VAE decoder, anchored to the editor's own latents. The refined edit is shown, the editor's own "
                "beside it with the loss per step. Name every object that should stay (objects to keep): the judge "
-               "then guards them too. One edit only: with Candidates > 1 it is refused. With the per-step analysis "
-               "on, the step panel and trace show the editor's own edit, before refinement. "
+               "then guards them too. With Candidates > 1, every candidate is refined and the lowest final judge loss "
+               "is kept (that many times the work). With the per-step analysis on, the step panel shows the "
+               "sampling steps the refinement started from, and the trace's zip holds the refined image too. "
                "About 0.06 s a step for a 64-px Shapes edit (2-core CPU, one thread).")
-REFINE_ONE_EDIT = ("Refine with the judge refines one edit: set Candidates to 1 (the seed shown under the kept "
-                   "candidate redoes it as a single edit), or the refinement steps to 0.")
 MAX_BATCH_PAIRS = 100  # pairs per batch list in a public app (one list holds the judge for all of them)
 # browser sessions whose state the server keeps (least recently used go first): gradio's default, 10,000, let a
 # Space's memory grow ~0.3 MB per page view for weeks (each view's copy of this UI's config stays, closed or not)
@@ -418,8 +418,6 @@ def edit_handler(app: App):
         if asks_judge and edit_type == "remove" and not (object_name or "").strip():
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
                            "\"Removed object\" (Advanced settings), or pick another edit type.")
-        if refine_steps and int(candidates or 1) > 1:
-            raise gr.Error(REFINE_ONE_EDIT)
         refine_lr, refine_anchor = _refine_settings(refine_steps, refine_lr, refine_anchor)
         questions = {"edit_type": edit_type, "object_name": (object_name or "").strip() or None,
                      "keep": object_names(keep)}
@@ -444,7 +442,32 @@ def edit_handler(app: App):
                 part(0.02, desc="loading the judge")
                 refine_judge = app.models.judge()
                 edit_questions(instruction, **questions)
-            if int(candidates or 1) > 1:
+            if refine_steps and int(candidates or 1) > 1:
+                n = int(candidates)
+
+                def on_candidate_step(first, k, losses):  # the whole bar: the refinement is nearly all the work
+                    done = (first + len(losses) * k / refine_steps) / n
+                    progress(0.1 + 0.9 * done, desc=f"refining candidates {first}-{first + len(losses) - 1} of {n} "
+                                                     f"with the judge: step {k}/{refine_steps}")
+
+                progress(0.1, desc=f"sampling and refining {n} candidates")
+                picked, seconds = edit_refined_best_of(pipe, refine_judge, picture, instruction, n, refine_steps,
+                                                       int(steps), seed, lr=refine_lr, anchor=refine_anchor,
+                                                       callback=on_candidate_step, **questions)
+                kept = picked.refinements[picked.best]
+                edited, panel, table, refined = picked.image, None, None, kept.losses
+                verdicts = judge_candidates(refine_judge, picture, [r.image for r in picked.refinements], instruction,
+                                            **questions)
+                gallery = [(r.image, f"#{k} · seed {s} · judge loss {r.losses[0]:.3f} → {r.losses[-1]:.3f}"
+                            + (" ✓" if k == picked.best else ""))
+                           for k, (r, s) in enumerate(zip(picked.refinements, picked.seeds))]
+                info = [f"Seeds **{seed}-{seed + n - 1}** · best of {n}, each refined with the judge: candidate "
+                        f"#{picked.best}, seed **{picked.seeds[picked.best]}**, the lowest final judge loss (that "
+                        f"seed with 1 candidate redoes it) · {int(steps)} steps · {seconds:.2f} s",
+                        f"Refined with the judge, the kept candidate: {plots.refine_caption(kept.losses)} (lr "
+                        f"{refine_lr:g}, anchor {refine_anchor:g})",
+                        refined_candidates_markdown(picked, verdicts)]
+            elif int(candidates or 1) > 1:
                 part(0.05, desc="loading the judge")
                 judge = app.models.judge()
                 part(0.1, desc=f"sampling {int(candidates)} candidates and asking the judge")
@@ -477,21 +500,27 @@ def edit_handler(app: App):
                 edited, seconds = edit_once(pipe, picture, instruction, int(steps), seed)
                 panel, table = None, None
                 info = [f"Seed **{seed}** · {int(steps)} steps · {seconds:.2f} s · per-step analysis off"]
-            if refine_steps:
+            if refine_steps and int(candidates or 1) == 1:
                 def on_step(k, losses):
                     progress(0.5 + 0.5 * k / refine_steps,
                              desc=f"refining with the judge: step {k}/{refine_steps}, loss {float(losses[0]):.3f}")
 
-                done, seconds = edit_refined(pipe, refine_judge, picture, instruction, refine_steps, int(steps), seed,
-                                             lr=refine_lr, anchor=refine_anchor, callback=on_step, **questions)
+                if traced:  # from the traced sampling's own latents: the steps shown are the refined edit's start
+                    done = refine_trace(trace, pipe, refine_judge, refine_steps=refine_steps, lr=refine_lr,
+                                        anchor=refine_anchor, callback=on_step, keep=questions["keep"])
+                    seconds = trace.timings["sample_s"] + trace.timings["refine_s"]
+                else:
+                    done, seconds = edit_refined(pipe, refine_judge, picture, instruction, refine_steps, int(steps),
+                                                 seed, lr=refine_lr, anchor=refine_anchor, callback=on_step,
+                                                 **questions)
                 verdicts = judge_candidates(refine_judge, picture, [done.start, done.image], instruction, **questions)
                 edited, refined = done.image, done.losses
                 gallery = [(done.start, f"the editor's edit · judge loss {done.losses[0]:.3f}"),
                            (done.image, f"refined, {refine_steps} steps · judge loss {done.losses[-1]:.3f} ✓")]
                 info += [f"Refined with the judge: {plots.refine_caption(done.losses)} (lr {refine_lr:g}, anchor "
                          f"{refine_anchor:g}) · {seconds:.2f} s, the edit included"
-                         + (" · the step panel and trace above show the editor's own edit, before refinement"
-                            if traced else ""),
+                         + (" · the step panel above shows the sampling steps it started from; the trace's zip holds "
+                            "the refined image and its losses too" if traced else ""),
                          refinement_markdown(verdicts)]
         except (models.ModelError, ImageError, ValueError) as exc:
             raise _error(exc) from None
@@ -574,6 +603,14 @@ def candidates_markdown(picked) -> str:
     return verdicts_markdown(["candidate", "seed"], [([f"**#{k} ✓**" if k == picked.best else f"#{k}",
                                                        "" if s is None else str(s)], v)
                                                      for k, (v, s) in enumerate(zip(picked.verdicts, seeds))])
+
+
+def refined_candidates_markdown(picked, verdicts: list[Verdict]) -> str:
+    """The judge's loss before and after refinement and its verdict on each refined candidate
+    (`npedit.refine.RefinedCandidates`) as a Markdown table, the kept one (lowest final loss) marked."""
+    return verdicts_markdown(["candidate", "seed", "judge loss before", "after"], [
+        ([f"**#{k} ✓**" if k == picked.best else f"#{k}", str(s), f"{r.losses[0]:.3f}", f"{r.losses[-1]:.3f}"], v)
+        for k, (r, s, v) in enumerate(zip(picked.refinements, picked.seeds, verdicts))])
 
 
 def refinement_markdown(verdicts: list[Verdict]) -> str:

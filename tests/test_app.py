@@ -1,5 +1,6 @@
 """The Gradio app: builds without launching, serves /edit and /judge to gradio_client, starts with no models."""
 
+import io
 import json
 import os
 import shutil
@@ -891,8 +892,16 @@ def test_refine_with_the_judge_shows_the_refined_edit_beside_the_editors_own(tin
     traced = edit(str(shapes_png), *asked[:7], True, None, 1, "", 2, progress=progress)  # with per-step analysis
     assert traced[4] is not None and len(traced[5]) == 4 and traced[6][0][1].startswith("the editor's edit")
     assert np.array_equal(np.asarray(traced[6][0][0]), np.asarray(plain[0])) and "over 2 steps" in traced[3]
-    assert "the step panel and trace above show the editor's own edit, before refinement" in traced[3]
-    assert "before refinement" not in out[3]  # (no per-step analysis there)
+    assert "the step panel above shows the sampling steps it started from" in traced[3]
+    assert "sampling steps it started from" not in out[3]  # (no per-step analysis there)
+    # refined from the traced sampling itself (not sampled a second time): what the same refinement gives alone
+    untraced = edit(str(shapes_png), *asked, 2, progress=progress)
+    assert np.array_equal(np.asarray(traced[0]), np.asarray(untraced[0])) and traced[9] == untraced[9]
+    trace, _ = traced[8]
+    assert trace.refinement.image is traced[0] and trace.refinement.losses == traced[9]
+    with zipfile.ZipFile(npedit_app.trace_download(traced[8], None)[0]) as z:  # the download holds the refinement
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(z.read("refined.png")))), np.asarray(traced[0]))
+        assert json.loads(z.read("trace.json"))["refinement"]["losses"] == traced[9]
     # the advanced boxes reach the refinement: another learning rate or anchor, another result, said in the info
     for lr, anchor in ((0.2, 1.0), (0.05, 50.0)):
         other = edit(str(shapes_png), *asked, 5, lr, anchor, progress=progress)
@@ -901,15 +910,14 @@ def test_refine_with_the_judge_shows_the_refined_edit_beside_the_editors_own(tin
 
 
 def test_refine_with_the_judge_refuses_in_words_what_it_cannot_do(tiny_set, tmp_path, shapes_png):
-    """A refinement asked with Candidates > 1, bad settings (a cleared box, a learning rate of 0, a negative anchor,
+    """A refinement asked with bad settings (a cleared box, a learning rate of 0, a negative anchor,
     more steps than the slider's cap) or a judge the app cannot load is refused with a message saying what to do;
     an empty instruction or a removal with no object keep their own messages."""
     app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
     edit = npedit_app.edit_handler(app)
     quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
     image = str(shapes_png)
-    for args, says in (((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 2, "", 3), "Candidates to 1"),
-                       ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, 0.0),
+    for args, says in (((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, 0.0),
                         "learning rate must be in"),
                        ((image, "make it blue", 4, 0, False, "", "edit", "", False, None, 1, "", 3, None),
                         "Give the refinement learning rate"),
@@ -1933,3 +1941,27 @@ def test_a_file_taken_off_the_upload_leaves_the_table_and_a_generated_table_stay
     assert cleared.empty and names == {}
     generated, names = fns["on_generate"](6, 0)
     assert fns["on_remove"]([], generated, names) == (gr.skip(), gr.skip())
+
+
+def test_refine_with_candidates_refines_each_and_keeps_the_lowest_judge_loss(tiny_set, tmp_path, shapes_png):
+    """Refine with the judge and Candidates > 1: every candidate (seed + k) is refined, the one with the lowest final
+    judge loss is shown and marked in the gallery and the table, its losses are plotted, and it is the single refined
+    edit of its seed."""
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    edit = npedit_app.edit_handler(app)
+    seen = []
+    progress = lambda fraction=None, desc=None: seen.append((fraction, desc))  # noqa: E731  (gr.Progress's call)
+    asked = ("make the circle blue", 4, 3, False, "", "edit", "", False, None)
+    out = edit(str(shapes_png), *asked, 3, "", 2, progress=progress)
+    labels = [label for _, label in out[6]]
+    assert [label.split(" · ")[:2] for label in labels] == [["#0", "seed 3"], ["#1", "seed 4"], ["#2", "seed 5"]]
+    finals = [float(label.split(" → ")[1].split()[0]) for label in labels]
+    [kept] = [k for k, label in enumerate(labels) if label.endswith("✓")]
+    assert kept == int(np.argmin(finals)) and f"candidate #{kept}, seed **{3 + kept}**" in out[3]
+    assert np.array_equal(np.asarray(out[0]), np.asarray(out[6][kept][0])) and out[7]["edited"] is out[0]
+    assert len(out[9]) == 3 and round(out[9][-1], 3) == finals[kept] and f"| **#{kept} ✓** | {3 + kept} |" in out[3]
+    alone = edit(str(shapes_png), "make the circle blue", 4, 3 + kept, False, "", "edit", "", False, None, 1, "", 2,
+                 progress=lambda *a, **k: None)
+    assert np.abs(np.asarray(alone[0], int) - np.asarray(out[0], int)).max() <= 1
+    fractions = [f for f, d in seen if d and d.startswith("refining candidates")]
+    assert fractions == sorted(fractions) and len(fractions) >= 3 and fractions[-1] == pytest.approx(1.0)
