@@ -13,6 +13,7 @@ NPEDIT_UPLOAD_MB_PER_HOUR and NPEDIT_UPLOAD_MIN_FREE_MB).
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import json
 import os
@@ -21,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from starlette.middleware import Middleware
 from npedit import assets
 from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
-from npedit.files import WINDOWS_DEVICE_NAMES, remove as remove_file
+from npedit.files import PARTIAL_SUFFIX, WINDOWS_DEVICE_NAMES, write_atomic, remove as remove_file
 from npedit.images import ImageError, load_image
 from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
 from npedit.verdicts import Verdict, answer_gradients, edit_questions, judge_candidates, judge_edit
@@ -361,6 +363,22 @@ def downloads_folder() -> Path:
     return Path(get_upload_folder()) / "npedit-downloads"
 
 
+@contextmanager
+def writing_download(what: str, written: list[Path]):
+    """Write a download (`what`, e.g. "trace zip") into the files `written` collects: a write that fails (a full disk,
+    a rename refused) becomes a gr.Error saying so in words, with no server path (a public app shows it to
+    strangers), and the half-written file and its `.partial` are removed; what the page already shows is kept."""
+    try:
+        yield
+    except OSError as exc:
+        for path in written:
+            for leftover in (Path(path), Path(f"{path}{PARTIAL_SUFFIX}")):
+                leftover.unlink(missing_ok=True)
+        why = os.strerror(exc.errno) if exc.errno in errno.errorcode else type(exc).__name__
+        raise gr.Error(f"The {what} could not be written for download ({why}); the results on the page are kept. "
+                       "If the server's disk is full, try again once space is free.", print_exception=False) from None
+
+
 def _error(exc: Exception) -> gr.Error:
     """The message of `exc` for the browser (uploads named as the user named them)."""
     return gr.Error(_for_user(str(exc)), print_exception=False)
@@ -574,7 +592,10 @@ def trace_download(traced, previous: str | None) -> tuple[str | None, str | None
     if traced is None:
         return None, None, None
     trace, names = traced
-    path = str(save_trace(trace, download_path("trace.zip"), names))
+    written = []
+    with writing_download("trace zip", written):
+        written.append(download_path("trace.zip"))
+        path = str(save_trace(trace, written[0], names))
     return path, path, None  # (the trace's images leave the session's state)
 
 
@@ -811,9 +832,11 @@ def build_judge_tab(app: App, last_edit: gr.State):
         drop_download(previous)
         if not record:
             return None, None
-        path = download_path("verdict.json")
-        path.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        return str(path), str(path)
+        written = []
+        with writing_download("verdict file", written):
+            written.append(download_path("verdict.json"))
+            write_atomic(written[0], json.dumps(record, indent=1))
+        return str(written[0]), str(written[0])
 
     saved = gr.State()  # the verdict file last given, deleted when the next one is written
     ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone],
@@ -857,9 +880,11 @@ def build_judge_tab(app: App, last_edit: gr.State):
                                                  named=app.public)  # a stranger sees no path of the server
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
-            paths = download_path("verdicts.csv"), download_path("questions.csv")
-            for path, table in zip(paths, (out, asked)):
-                judging.write_rows(path, table)
+            paths = []
+            with writing_download("verdict tables", paths):
+                paths += [download_path("verdicts.csv"), download_path("questions.csv")]
+                for path, table in zip(paths, (out, asked)):
+                    judging.write_rows(path, table)
             return out.round(judging.SHOWN_DECIMALS), str(paths[0]), str(paths[1])
 
         run_batch.click(judge_batch, files, [batch_table, batch_csv, asked_csv], api_name="judge_batch",
@@ -1051,10 +1076,13 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
     def on_download(rows):
         """The table as a cases.csv manifest (its images named as the table names them)."""
-        try:
-            return str(datasets.write_table_csv(rows, download_path("cases.csv", exact=True)))
-        except ValueError as exc:
-            raise _error(exc) from None
+        written = []
+        with writing_download("cases.csv", written):  # (outside: a gr.Error is a ValueError too)
+            written.append(download_path("cases.csv", exact=True))
+            try:
+                return str(datasets.write_table_csv(rows, written[0]))
+            except ValueError as exc:  # nothing to download
+                raise _error(exc) from None
 
     download.click(on_download, table, table_csv, api_visibility="private")
 

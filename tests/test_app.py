@@ -1965,3 +1965,41 @@ def test_refine_with_candidates_refines_each_and_keeps_the_lowest_judge_loss(tin
     assert np.abs(np.asarray(alone[0], int) - np.asarray(out[0], int)).max() <= 1
     fractions = [f for f, d in seen if d and d.startswith("refining candidates")]
     assert fractions == sorted(fractions) and len(fractions) >= 3 and fractions[-1] == pytest.approx(1.0)
+
+
+def test_a_download_that_cannot_be_written_says_so_in_words_and_leaves_no_file(tiny_set, tmp_path, monkeypatch,
+                                                                                shapes_png):
+    """A full disk or a refused rename while writing a download (trace zip, verdict file, verdict tables, cases.csv)
+    was an uncaught OSError: a bare "Error" in the page, naming nothing, and a half-written file (or its .partial)
+    left in the downloads folder. Each now says which download failed and why, with no server path, and leaves none."""
+    import errno
+
+    from npedit import files
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("NPEDIT_PUBLIC", "0")
+    app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
+    demo = npedit_app.build_demo(app)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    quiet = lambda *a, **k: None  # noqa: E731  (gr.Progress outside a request)
+    traced = npedit_app.edit_handler(app)(str(shapes_png), "make it blue", 2, 1, progress=quiet)[8]
+    listing = tmp_path / "pairs.csv"
+    listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{shapes_png.name},make it blue\n")
+    table = pd.DataFrame([{"image": str(shapes_png), "instruction": "make it blue"}])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, f"No space left on device: {tmp_path}")
+
+    monkeypatch.setattr(files, "rename_over", full)
+    for what, call in (("trace zip", lambda: npedit_app.trace_download(traced, None)),
+                       ("verdict file", lambda: fns["save_report"]({"instruction": "make it blue"})),
+                       ("verdict tables", lambda: fns["judge_batch"]([str(listing), str(shapes_png)],
+                                                                     progress=quiet)),
+                       ("cases.csv", lambda: fns["on_download"](table))):
+        with pytest.raises(gr.Error) as error:
+            call()
+        said = str(error.value.message)
+        assert said.startswith(f"The {what} could not be written for download (No space left on device)"), said
+        assert str(tmp_path) not in said
+        left = [p for p in npedit_app.downloads_folder().rglob("*") if p.is_file()]
+        assert left == [], left
