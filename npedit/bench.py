@@ -85,7 +85,21 @@ def bench_main(args) -> int:
         pipe(image=image, prompt=instruction, num_inference_steps=steps, generator=gen)
         sync()
 
-    fns = [edit, bare]
+    def encode_text():
+        bb.encode_prompt([instruction], with_reference=True)
+        sync()
+
+    def encode_image():
+        bb.encode_image(pixels.to(device, dtype))
+        sync()
+
+    def decode():
+        bb.decode_latents(ref)
+        sync()
+
+    # the parts of an edit outside the transformer, each timed alone
+    parts = {"text_encode_ms": encode_text, "vae_encode_ms": encode_image, "vae_decode_ms": decode}
+    fns = [edit, bare, *parts.values()]
     teacher_dir = args.teacher or str(DEFAULT_TEACHER)
     if (DEFAULT_TEACHER / "transformer").exists() or args.teacher:
         from .backbones import load_backbone
@@ -105,9 +119,13 @@ def bench_main(args) -> int:
     medians = _median_times(fns, args.repeats)
     res["edit_latency_ms"], res["bare_transformer_ms"] = 1000 * medians[0], 1000 * medians[1]
     res["pipeline_overhead"] = res["edit_latency_ms"] / res["bare_transformer_ms"] - 1
-    if len(medians) > 2:
+    for name, median in zip(parts, medians[2:]):
+        res[name] = 1000 * median
+    # the rest: image preparation, noise, the sampler's own work, the output image (a difference of medians: rough)
+    res["other_overhead_ms"] = res["edit_latency_ms"] - res["bare_transformer_ms"] - sum(res[n] for n in parts)
+    if len(medians) > 2 + len(parts):
         res["teacher_sdedit_steps"] = args.teacher_steps
-        res["teacher_sdedit_latency_ms"] = 1000 * medians[2]
+        res["teacher_sdedit_latency_ms"] = 1000 * medians[2 + len(parts)]
         res["speedup_vs_teacher"] = res["teacher_sdedit_latency_ms"] / res["edit_latency_ms"]
     batch = [image] * args.batch
     sec = _median_time(lambda: pipe(image=batch, prompt=[instruction] * args.batch, num_inference_steps=steps,
