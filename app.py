@@ -58,6 +58,9 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 8
 MAX_CANDIDATES = 16
 MAX_REFINE_STEPS = 100  # the Edit tab's cap on judge-guided refinement steps (npedit.refine takes up to 500)
+# a public app's cap on refinement steps over all candidates (candidates x steps): one request of 16 x 100 would hold
+# the models (and on ZeroGPU its one GPU call) about 16 times as long as the longest single refinement
+MAX_PUBLIC_REFINE_WORK = 400
 REFINE_HELP = ("After the edit, this many Adam steps on its latents lower the judge's Yes/No loss (the questions "
                "NP-Edit trains with: edit type, removed object and objects to keep from Advanced settings), through "
                "the VAE decoder, anchored to the editor's own latents. The refined edit is shown, the editor's own "
@@ -437,6 +440,10 @@ def edit_handler(app: App):
             raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
                            "\"Removed object\" (Advanced settings), or pick another edit type.")
         refine_lr, refine_anchor = _refine_settings(refine_steps, refine_lr, refine_anchor)
+        if app.public and refine_steps * int(candidates or 1) > MAX_PUBLIC_REFINE_WORK:
+            raise gr.Error(f"This public app refines at most {MAX_PUBLIC_REFINE_WORK} steps per edit over all "
+                           f"candidates (candidates x refinement steps; {int(candidates)} x {refine_steps} asked): "
+                           "e.g. 4 candidates at 100 steps, or 16 at 25.")
         questions = {"edit_type": edit_type, "object_name": (object_name or "").strip() or None,
                      "keep": object_names(keep)}
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)

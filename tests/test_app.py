@@ -170,6 +170,9 @@ def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, mo
     with pytest.raises(gr.Error, match="This app is public: pick an editor from the list"):
         npedit_app.edit_handler(app)(str(shapes_png), "make the circle blue", inspect_steps=False,
                                      editor=str(tmp_path / "elsewhere"))
+    with pytest.raises(gr.Error, match=r"at most 400 steps per edit over all candidates .*5 x 100 asked"):
+        npedit_app.edit_handler(app)(str(shapes_png), "make the circle blue", inspect_steps=False, candidates=5,
+                                     refine_steps=100)  # a stranger's one request holds the models that long
     secret = tmp_path / "server" / "secret.png"
     secret.parent.mkdir()
     Image.new("RGB", (8, 8)).save(secret)
