@@ -25,6 +25,9 @@ DEFAULT_REFINE_STEPS = 20
 DEFAULT_REFINE_LR = 0.05  # in the scaled latents' units (unit variance): a step moves each value by at most ~lr
 DEFAULT_REFINE_ANCHOR = 1.0
 MAX_REFINE_STEPS = 500
+# `refine_candidates` refines up to 4 candidates in one batch at a working side of this or less (faster for small
+# images) and one at a time above it: each holds the judge's and the decoder's activations for its backward pass
+REFINE_TOGETHER_MAX_SIDE = 256
 
 
 def check_refine_settings(steps: int, lr: float, anchor: float) -> None:
@@ -189,20 +192,24 @@ class RefinedCandidates:
 
 def refine_candidates(pipe, judge: Judge, image, instruction: str, *, candidates: int = 4, seed: int = 0,
                       steps: int = 4, refine_steps: int = DEFAULT_REFINE_STEPS, lr: float = DEFAULT_REFINE_LR,
-                      anchor: float = DEFAULT_REFINE_ANCHOR, max_side: int = DEFAULT_MAX_SIDE, chunk: int = 4,
+                      anchor: float = DEFAULT_REFINE_ANCHOR, max_side: int = DEFAULT_MAX_SIDE,
+                      chunk: int | None = None,
                       callback: Callable[[int, int, torch.Tensor], None] | None = None,
                       **questions) -> RefinedCandidates:
     """Best of `candidates` refined edits: candidate k is sampled with a generator seeded `seed + k` (as
     `best_of.best_of`), every candidate is refined (`refine_steps` judge-guided steps, `chunk` at a time: samples
-    refine independently, so the chunk changes memory, not results) and the lowest final judge loss is kept.
+    refine independently, so the chunk changes memory, not results; default 4 at a working side up to
+    `REFINE_TOGETHER_MAX_SIDE`, else 1) and the lowest final judge loss is kept.
     `callback(first, step, losses)`: after each measurement of the chunk whose first candidate is `first`."""
     from .verdicts import edit_questions
 
-    if candidates < 1 or chunk < 1:
+    if candidates < 1 or (chunk is not None and chunk < 1):
         raise ValueError(f"candidates and chunk must be >= 1, got {candidates} and {chunk}")
     check_refine_settings(refine_steps, lr, anchor)
     edit_questions(instruction, **questions)  # refused in words before any edit runs
     picture = load_image(image)
+    if chunk is None:
+        chunk = 4 if max(pipe.working_size(picture.size, max_side)) <= REFINE_TOGETHER_MAX_SIDE else 1
     seeds = [seed + k for k in range(candidates)]
     done: list[Refinement] = []
     for first in range(0, candidates, chunk):

@@ -19,10 +19,6 @@ from npedit.trace import (STEP_COLUMNS, EditTrace, StepTrace, cfg_scale_for, dmd
 __all__ = ["STEP_COLUMNS", "EditTrace", "StepTrace", "cfg_scale_for", "dmd_map", "edit_best_of", "edit_once",
            "edit_refined", "edit_refined_best_of", "refine_trace", "save_trace", "trace_edit"]
 
-# candidates refined together up to this working side (a batch is faster for small images); above it one at a time,
-# since each holds the judge's and the decoder's activations for its backward pass (results are the same either way)
-REFINE_TOGETHER_MAX_SIDE = 256
-
 
 @torch.no_grad()
 def edit_once(pipe, image, instruction: str, steps: int = 4, seed: int = 0,
@@ -66,14 +62,13 @@ def edit_refined_best_of(pipe, judge, image, instruction: str, candidates: int, 
                          seed: int = 0, *, lr: float, anchor: float, max_side: int = 1024,
                          callback: Callable[[int, int, torch.Tensor], None] | None = None, **questions):
     """`npedit.refine.refine_candidates`: candidate k seeded `seed + k` (its `edit_refined` with that seed), each
-    refined, the lowest final judge loss kept; returns the candidates and the time taken. `callback(first, step,
+    refined (4 at a time up to 256 px, else one at a time), the lowest final judge loss kept; returns the candidates
+    and the time taken. `callback(first, step,
     losses)` after each measurement of the candidates refined together from `first`."""
     from npedit.refine import refine_candidates
 
     start = time.perf_counter()
-    picture = load_image(image)
-    chunk = 4 if max(pipe.working_size(picture.size, max_side)) <= REFINE_TOGETHER_MAX_SIDE else 1
-    picked = refine_candidates(pipe, judge, picture, instruction, candidates=candidates, seed=int(seed), steps=steps,
-                               refine_steps=refine_steps, lr=lr, anchor=anchor, max_side=max_side, chunk=chunk,
+    picked = refine_candidates(pipe, judge, load_image(image), instruction, candidates=candidates, seed=int(seed),
+                               steps=steps, refine_steps=refine_steps, lr=lr, anchor=anchor, max_side=max_side,
                                callback=callback, **questions)
     return picked, time.perf_counter() - start
