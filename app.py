@@ -367,19 +367,34 @@ def downloads_folder() -> Path:
 
 
 @contextmanager
-def writing_download(what: str, written: list[Path]):
-    """Write a download (`what`, e.g. "trace zip") into the files `written` collects: a write that fails (a full disk,
-    a rename refused) becomes a gr.Error saying so in words, with no server path (a public app shows it to
-    strangers), and the half-written file and its `.partial` are removed; what the page already shows is kept."""
+def writing_download(what: str, written: list[Path], warn: bool = False):
+    """Write a download (`what`, e.g. "trace zip") into the files `written` collects. A write that fails (a full disk,
+    a rename refused) removes the half-written files, their `.partial` and an exact name's folder, and is said in
+    words with no server path (a public app shows it to strangers): a gr.Error, or with `warn` a gr.Warning, the
+    error swallowed and `written` emptied, so that the caller returns its results with no download."""
     try:
         yield
     except OSError as exc:
-        for path in written:
-            for leftover in (Path(path), Path(f"{path}{PARTIAL_SUFFIX}")):
-                leftover.unlink(missing_ok=True)
+        _remove_downloads(written)
         why = os.strerror(exc.errno) if exc.errno in errno.errorcode else type(exc).__name__
-        raise gr.Error(f"The {what} could not be written for download ({why}); the results on the page are kept. "
-                       "If the server's disk is full, try again once space is free.", print_exception=False) from None
+        message = (f"The {what} could not be written for download ({why}). If the server's disk is full, try again "
+                   "once space is free.")
+        if not warn:
+            raise gr.Error(message, print_exception=False) from None
+        gr.Warning(message + " The results shown are kept.")
+        written.clear()
+
+
+def _remove_downloads(written: list[Path]) -> None:
+    """Delete downloads written in part (and their `.partial`), and an exact name's own folder once it is empty."""
+    for path in map(Path, written):
+        for leftover in (path, Path(f"{path}{PARTIAL_SUFFIX}")):
+            leftover.unlink(missing_ok=True)
+        if path.parent != downloads_folder():  # `download_path(exact=True)`'s own folder
+            try:
+                path.parent.rmdir()
+            except OSError:  # not empty, or gone
+                pass
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -600,9 +615,10 @@ def trace_download(traced, previous: str | None) -> tuple[str | None, str | None
         return None, None, None
     trace, names = traced
     written = []
-    with writing_download("trace zip", written):
+    with writing_download("trace zip", written, warn=True):  # the edit shows: no zip, and the trace state cleared
         written.append(download_path("trace.zip"))
-        path = str(save_trace(trace, written[0], names))
+        save_trace(trace, written[0], names)
+    path = str(written[0]) if written else None
     return path, path, None  # (the trace's images leave the session's state)
 
 
@@ -840,10 +856,11 @@ def build_judge_tab(app: App, last_edit: gr.State):
         if not record:
             return None, None
         written = []
-        with writing_download("verdict file", written):
+        with writing_download("verdict file", written, warn=True):  # the verdict shows: no file to download
             written.append(download_path("verdict.json"))
             write_atomic(written[0], json.dumps(record, indent=1))
-        return str(written[0]), str(written[0])
+        path = str(written[0]) if written else None
+        return path, path
 
     saved = gr.State()  # the verdict file last given, deleted when the next one is written
     ask.click(judge, [reference, edited, instruction, edit_type, object_name, extra, keep, new, gone],
@@ -888,11 +905,12 @@ def build_judge_tab(app: App, last_edit: gr.State):
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
             paths = []
-            with writing_download("verdict tables", paths):
+            with writing_download("verdict tables", paths, warn=True):  # the table still shows, with no files
                 paths += [download_path("verdicts.csv"), download_path("questions.csv")]
                 for path, table in zip(paths, (out, asked)):
                     judging.write_rows(path, table)
-            return out.round(judging.SHOWN_DECIMALS), str(paths[0]), str(paths[1])
+            shown = [str(p) for p in paths] or [None, None]
+            return out.round(judging.SHOWN_DECIMALS), shown[0], shown[1]
 
         run_batch.click(judge_batch, files, [batch_table, batch_csv, asked_csv], api_name="judge_batch",
                         concurrency_id="models", concurrency_limit=1).then(
@@ -1088,7 +1106,8 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             written.append(download_path("cases.csv", exact=True))
             try:
                 return str(datasets.write_table_csv(rows, written[0]))
-            except ValueError as exc:  # nothing to download
+            except ValueError as exc:  # nothing to download: its empty file and folder go too
+                _remove_downloads(written)
                 raise _error(exc) from None
 
     download.click(on_download, table, table_csv, api_visibility="private")

@@ -1972,9 +1972,11 @@ def test_refine_with_candidates_refines_each_and_keeps_the_lowest_judge_loss(tin
 
 def test_a_download_that_cannot_be_written_says_so_in_words_and_leaves_no_file(tiny_set, tmp_path, monkeypatch,
                                                                                 shapes_png):
-    """A full disk or a refused rename while writing a download (trace zip, verdict file, verdict tables, cases.csv)
-    was an uncaught OSError: a bare "Error" in the page, naming nothing, and a half-written file (or its .partial)
-    left in the downloads folder. Each now says which download failed and why, with no server path, and leaves none."""
+    """A full disk or a refused rename while writing a download was an uncaught OSError: a bare "Error" in the page,
+    naming nothing, a half-written file (or its .partial) left in the downloads folder, and for the batch judge the
+    verdicts it had computed lost. Now each says which download failed and why, with no server path, and leaves no
+    file: the trace zip, the verdict file and the verdict tables warn and return their results with no download
+    (the trace state cleared); cases.csv, whose table stays in the page, is refused with the same words."""
     import errno
 
     from npedit import files
@@ -1989,20 +1991,33 @@ def test_a_download_that_cannot_be_written_says_so_in_words_and_leaves_no_file(t
     listing = tmp_path / "pairs.csv"
     listing.write_text(f"reference,edited,instruction\n{shapes_png.name},{shapes_png.name},make it blue\n")
     table = pd.DataFrame([{"image": str(shapes_png), "instruction": "make it blue"}])
+    previous = fns["save_report"]({"instruction": "an earlier verdict"})[1]  # written before the disk filled
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, f"No space left on device: {tmp_path}")
 
-    monkeypatch.setattr(files, "rename_over", full)
-    for what, call in (("trace zip", lambda: npedit_app.trace_download(traced, None)),
-                       ("verdict file", lambda: fns["save_report"]({"instruction": "make it blue"})),
-                       ("verdict tables", lambda: fns["judge_batch"]([str(listing), str(shapes_png)],
-                                                                     progress=quiet)),
-                       ("cases.csv", lambda: fns["on_download"](table))):
-        with pytest.raises(gr.Error) as error:
-            call()
-        said = str(error.value.message)
+    def said_so(what, said, kept=()):
         assert said.startswith(f"The {what} could not be written for download (No space left on device)"), said
         assert str(tmp_path) not in said
-        left = [p for p in npedit_app.downloads_folder().rglob("*") if p.is_file()]
-        assert left == [], left
+        left = list(npedit_app.downloads_folder().rglob("*"))
+        assert left == [Path(k) for k in kept], left
+
+    warned = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: warned.append(message))
+    monkeypatch.setattr(files, "rename_over", full)
+    assert npedit_app.trace_download(traced, None) == (None, None, None)
+    said_so("trace zip", warned.pop(), kept=[previous])
+    assert fns["save_report"]({"instruction": "make it blue"}, previous) == (None, None)
+    said_so("verdict file", warned.pop())  # (the session's previous verdict file went too: another verdict shows)
+    shown, verdicts, questions = fns["judge_batch"]([str(listing), str(shapes_png)], progress=quiet)
+    assert len(shown) == 1 and 0 <= shown["p_edit"][0] <= 1 and verdicts is questions is None  # the verdicts show
+    said_so("verdict tables", warned.pop())
+    with pytest.raises(gr.Error) as error:
+        fns["on_download"](table)
+    said_so("cases.csv", str(error.value.message))
+    assert warned == []
+    monkeypatch.undo()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    with pytest.raises(gr.Error, match="empty"):  # nothing to download: no empty file or folder left either
+        fns["on_download"](pd.DataFrame([{"image": "", "instruction": ""}]))
+    assert list(npedit_app.downloads_folder().rglob("*")) == []
