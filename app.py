@@ -503,7 +503,8 @@ def edit_handler(app: App):
                            for k, (r, s) in enumerate(zip(picked.refinements, picked.seeds))]
                 info = [f"Seeds **{seed}-{seed + n - 1}** · best of {n}, each refined with the judge: candidate "
                         f"#{picked.best}, seed **{picked.seeds[picked.best]}**, the lowest final judge loss (that "
-                        f"seed with 1 candidate redoes it) · {int(steps)} steps · {seconds:.2f} s",
+                        f"seed with 1 candidate redoes it) · {int(steps)} steps · {seconds:.2f} s"
+                        + (" · per-step analysis: with 1 candidate" if inspect_steps else ""),
                         f"Refined with the judge, the kept candidate: {plots.refine_caption(kept.losses)} (lr "
                         f"{refine_lr:g}, anchor {refine_anchor:g})",
                         refined_candidates_markdown(picked, verdicts)]
@@ -703,7 +704,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1, label="Candidates (best of N)",
                                        info="Sample this many edits; the judge asks its training questions about "
                                             "each (edit type and removed object above, a keep check per object "
-                                            "below) and keeps the best")
+                                            "below) and keeps the best (with refinement: each is refined and the "
+                                            "lowest final judge loss kept). The per-step analysis needs 1")
                 keep = gr.Textbox(value="", label="Objects to keep (separated by ';' or ','; for Candidates and "
                                   "refinement)",
                                   placeholder="red square; blue triangle")
@@ -716,7 +718,8 @@ def build_edit_tab(app: App, last_edit: gr.State):
                                     elem_classes="pixelated")
             info = gr.Markdown()
             gallery = gr.Gallery(label="Candidates (best of N): #, the judge's score, ✓ kept; or, refined with the "
-                                       "judge, the editor's edit and the refined one", columns=4,
+                                       "judge, the editor's edit and the refined one, or each refined candidate "
+                                       "with its loss", columns=4,
                                  height="auto", format="png", object_fit="contain", elem_classes="pixelated",
                                  elem_id="candidates")
             # the judge's loss per refinement step, its one-line caption as title; shown after a refined edit only

@@ -373,7 +373,7 @@ def _tracer(args, pipe, judge, model: str, dtype):
                            loss=loss, dmd_note=note)
         if args.refine:  # from the traced sampling's own latents: the steps in the trace are the refined edit's
             r = refine_trace(trace, pipe, judge, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
-                             max_side=args.max_side, keep=job.get("keep"), new=job.get("new"), gone=job.get("gone"))
+                             keep=job.get("keep"), new=job.get("new"), gone=job.get("gone"))
             print(f"refined {args.refine} steps: judge loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}", file=sys.stderr)
         try:
             save_trace(trace, args.trace, names)
@@ -1064,7 +1064,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trace", metavar="DIR_OR_ZIP", help="also record the edit's sampling steps (one --image): each "
                    "step's x0 (step-N-x0.png), its DMD map (step-N-dmd.npy, step-N-dmd.png), the judge's P(edit done) "
                    "and identity P(Yes) on it, in trace.json (with the seed, steps, instruction and models) and "
-                   "steps.csv; a folder, or one zip if it ends in .zip (the app's Edit tab download, the same files)")
+                   "steps.csv; with --refine also refined.png and trace.json's \"refinement\" (settings, loss per "
+                   "step); a folder, or one zip if it ends in .zip (the app's Edit tab download, the same files)")
     e.add_argument("--caption", help="with --trace: the target caption c^x the teacher and critic see for the DMD maps "
                    "(default: the instruction)")
     e.add_argument("--teacher", help="with --trace: the teacher (text-to-image base folder) of the DMD maps (default: "

@@ -72,7 +72,10 @@ class EditTrace:
     judge_note: str | None = None  # why there are no P(Yes) values
     dmd_note: str | None = None  # why there are no DMD maps
     timings: dict = field(default_factory=dict)
-    latents: torch.Tensor | None = field(default=None, repr=False)  # the edit's output latents (the last step's x0)
+    # the edit's output latents (the last step's x0), on the CPU (a trace outlives the GPU call that made it), and the
+    # max_side it was sampled at: what `refine_trace` starts from
+    latents: torch.Tensor | None = field(default=None, repr=False)
+    max_side: int = 1024
     refinement: Refinement | None = None  # `refine_trace`'s: the edit refined by the judge from `latents`
     refine_settings: dict | None = None  # its steps, lr, anchor and the objects its keep and change checks name
 
@@ -154,7 +157,7 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
         judge_note = judge_note or "no judge loaded"
     trace = EditTrace(reference, edited, instruction, caption, caption_from, int(seed), scale,
                       dmd_t=None if teacher is None or critic is None else dmd_t, edit_type=edit_type,
-                      object_name=object_name, latents=records[-1]["x0"],
+                      object_name=object_name, latents=records[-1]["x0"].cpu(), max_side=max_side,
                       judge_note=judge_note if judge is None else None,
                       dmd_note=dmd_note if teacher is None or critic is None else None)
     x0_imgs = [tensor_to_pil(bb.decode_latents(r["x0"]).clamp(-1, 1)[0]) for r in records]
@@ -187,10 +190,10 @@ def trace_edit(pipe, judge, teacher, critic, image, instruction: str, caption_ta
 
 
 def refine_trace(trace: EditTrace, pipe, judge, *, refine_steps: int, lr: float, anchor: float,
-                 max_side: int = 1024, callback: Callable[[int, torch.Tensor], None] | None = None,
-                 keep=(), new=(), gone=()) -> Refinement:
+                 callback: Callable[[int, torch.Tensor], None] | None = None, keep=(), new=(),
+                 gone=()) -> Refinement:
     """Refine `trace`'s edit with the judge (`npedit.refine.refine_from_latents` on `trace.latents`, the very
-    sampling its steps show; `max_side` as `trace_edit` was given), asked the trace's edit type and object plus the
+    sampling its steps show, at the max_side it was sampled at), asked the trace's edit type and object plus the
     `keep`, `new` and `gone` objects. Stores the refinement, its settings and its time in the trace (which then
     saves refined.png and a "refinement" record) and returns it; `trace.image` stays the editor's own edit."""
     from .data import object_names
@@ -200,8 +203,9 @@ def refine_trace(trace: EditTrace, pipe, judge, *, refine_steps: int, lr: float,
         raise ValueError("this trace holds no latents to refine (it was not made by trace_edit)")
     start = time.perf_counter()
     asked = {"keep": object_names(keep), "new": object_names(new), "gone": object_names(gone)}
-    [refined] = refine_from_latents(pipe, judge, trace.reference, trace.latents, trace.instruction,
-                                    refine_steps=refine_steps, lr=lr, anchor=anchor, max_side=max_side,
+    [refined] = refine_from_latents(pipe, judge, trace.reference, trace.latents.to(pipe.device),
+                                    trace.instruction, refine_steps=refine_steps, lr=lr, anchor=anchor,
+                                    max_side=trace.max_side,
                                     callback=callback, edit_type=trace.edit_type, object_name=trace.object_name,
                                     **asked)
     trace.refinement = refined

@@ -1946,10 +1946,16 @@ def test_a_file_taken_off_the_upload_leaves_the_table_and_a_generated_table_stay
     assert fns["on_remove"]([], generated, names) == (gr.skip(), gr.skip())
 
 
-def test_refine_with_candidates_refines_each_and_keeps_the_lowest_judge_loss(tiny_set, tmp_path, shapes_png):
+@pytest.mark.parametrize("together", [256, 0])
+def test_refine_with_candidates_refines_each_and_keeps_the_lowest_judge_loss(tiny_set, tmp_path, shapes_png,
+                                                                            monkeypatch, together):
     """Refine with the judge and Candidates > 1: every candidate (seed + k) is refined, the one with the lowest final
     judge loss is shown and marked in the gallery and the table, its losses are plotted, and it is the single refined
-    edit of its seed."""
+    edit of its seed; the progress bar moves forward through every candidate, refined together (small images) or
+    one at a time (`together` 0: as above 256 px)."""
+    from npedit import refine
+
+    monkeypatch.setattr(refine, "REFINE_TOGETHER_MAX_SIDE", together)
     app = npedit_app.make_app(npedit_app.parse_args(tiny_flags(tiny_set, tmp_path / "runs")))
     edit = npedit_app.edit_handler(app)
     seen = []
@@ -1966,8 +1972,12 @@ def test_refine_with_candidates_refines_each_and_keeps_the_lowest_judge_loss(tin
     alone = edit(str(shapes_png), "make the circle blue", 4, 3 + kept, False, "", "edit", "", False, None, 1, "", 2,
                  progress=lambda *a, **k: None)
     assert np.abs(np.asarray(alone[0], int) - np.asarray(out[0], int)).max() <= 1
-    fractions = [f for f, d in seen if d and d.startswith("refining candidates")]
-    assert fractions == sorted(fractions) and len(fractions) >= 3 and fractions[-1] == pytest.approx(1.0)
+    refining = [(f, d) for f, d in seen if d and d.startswith("refining candidates")]
+    fractions = [f for f, _ in refining]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    chunks = sorted({d.split(" of ")[0] for _, d in refining})
+    assert chunks == (["refining candidates 0-2"] if together else [f"refining candidates {k}-{k}" for k in range(3)])
+    assert len(fractions) == 3 * len(chunks)  # each chunk's 3 measurements (2 steps and the last)
 
 
 def test_a_download_that_cannot_be_written_says_so_in_words_and_leaves_no_file(tiny_set, tmp_path, monkeypatch,

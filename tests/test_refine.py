@@ -320,10 +320,14 @@ def test_edit_refine_candidates_keeps_the_lowest_loss_and_its_verdict_line_says_
 
 
 def test_edit_batch_candidates_ask_each_lines_new_and_gone_objects(models, tmp_path, capsys):
+    from PIL import Image
+
+    from npedit.best_of import best_of
     from npedit.cli import main
+    from npedit.refine import refine_candidates
     from npedit.verdicts import judge_edit
 
-    _, judge = models
+    pipe, judge = models
     line = {"id": "recolor", "image": str(EXAMPLE), "instruction": "make the triangle at the right green",
             "edit_type": "recolor", "keep": "green triangle", "new": "green triangle", "gone": "purple triangle"}
     (tmp_path / "cases.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line | {"id": "again"}) + "\n")
@@ -336,7 +340,16 @@ def test_edit_batch_candidates_ask_each_lines_new_and_gone_objects(models, tmp_p
         asked = judge_edit(judge, line["image"], str(tmp_path / "out" / "recolor.png"), line["instruction"],
                            edit_type="recolor", keep=line["keep"], new=line["new"], gone=line["gone"])
         assert len(asked.questions) == 5 and rows[0]["score"] == pytest.approx(asked.score, abs=1e-4)
-        assert rows[0]["candidates"] == 2
+        # the pick itself weighed new and gone: the library's pick with those questions
+        questions = dict(edit_type="recolor", keep=[line["keep"]], new=[line["new"]], gone=[line["gone"]])
+        if "--refine" in extra:
+            picked = refine_candidates(pipe, judge, EXAMPLE, line["instruction"], candidates=2, seed=0,
+                                       refine_steps=2, **questions)
+        else:
+            picked = best_of(pipe, judge, EXAMPLE, line["instruction"], candidates=2, seed=0, **questions)
+        saved = np.asarray(Image.open(tmp_path / "out" / "recolor.png"), int)
+        assert np.abs(saved - np.asarray(picked.image, int)).max() <= 1
+        assert (rows[0]["candidate"], rows[0]["candidates"]) == (picked.best, 2)
     said = capsys.readouterr().err.splitlines()  # with --refine, one line per job
     for name in ("recolor", "again"):
         assert sum(s.startswith(f"{name}: best of 2 refined 2 steps: candidate ") for s in said) == 1, said
