@@ -1190,7 +1190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "check per object the instruction creates (expected there) or makes disappear (expected gone)")
     v.add_argument("--refine", type=int, default=0, metavar="K", help="refine each edit with K judge-guided steps "
                    "on its latents (npedit.refine; the judge: --judge, default the bundled one; 0: off); with "
-                   "--candidates N, every candidate is refined and the lowest judge loss kept")
+                   "--candidates N, every candidate is refined and the lowest judge loss kept; with --baseline "
+                   "teacher, the teacher's SDEdit outputs are refined (teacher and judge, no editor)")
     _refine_settings_flags(v)
     v.add_argument("--judge", type=_bundled, help="also ask this judge (a folder, or 'bundled') about every edit and "
                                                    "report how often its answers match the exact scorer")

@@ -114,7 +114,13 @@ def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combi
     assert f"### {name}" in capsys.readouterr().out
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert report["meta"]["refine"] and plain["meta"]["refine"] is None
-    for extra, words in ((["--baseline", "teacher"], "not --baseline"), (["--refine-lr", "-1"], "learning rate"),
+    calls.clear()  # the zero-shot teacher's SDEdit outputs refined too: a chain of teacher and judge, no editor
+    main(["eval", "shapes", "--n", "6", "--seed", "2", "--refine", "2", "--baseline", "teacher", "--teacher-steps", "2",
+          "--out", str(tmp_path)])
+    assert calls == [(6, 2)]
+    report = json.loads((tmp_path / "teacher-sdedit-refined-2.json").read_text())
+    assert report["meta"]["baseline"] == "teacher" and report["meta"]["refine"]["steps"] == 2
+    for extra, words in ((["--refine-lr", "-1"], "learning rate"),
                          (["--candidates", "2", "--change-checks"], "always asks the change checks")):
         with pytest.raises(UsageError, match=words):
             main(["eval", "shapes", "--n", "6", "--refine", "2", "--out", str(tmp_path), *extra])

@@ -78,30 +78,53 @@ def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, 
     or makes disappear (`change_checks`). With `candidates` > 1, each case is edited that many times (diffusers'
     `num_images_per_prompt`), every edit is refined, and the one with the lowest judge loss after refinement is kept
     (the first on a tie)."""
+    def edit(images, cases):
+        gen = torch.Generator().manual_seed(seed)  # as `pipeline_editor`: refinement starts from its very outputs
+        z = pipe(image=[Image.fromarray(a) for a in images], prompt=[c.instruction for c in cases],
+                 num_inference_steps=steps, generator=gen, output_type="latent",
+                 num_images_per_prompt=candidates).images
+        return _refined_outputs(pipe.backbone, judge, images, cases, z, candidates, refine_steps=refine_steps, lr=lr,
+                                anchor=anchor, keep_checks=keep_checks, change_checks=change_checks)
+
+    return edit
+
+
+def refined_sdedit_editor(backbone, teacher, judge, *, refine_steps: int, lr: float, anchor: float,
+                          strength: float = 0.6, steps: int = 16, cfg_scale: float = 3.5, seed: int = 0) -> Editor:
+    """The zero-shot teacher baseline (`sdedit_editor`, on c^x) with its outputs refined by the judge as
+    `refined_editor` refines an editor's: a chain with no editor at all (teacher and judge only)."""
+    sdedit = sdedit_sampler(backbone, teacher, strength=strength, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                            latents=True)
+
+    def edit(images, cases):
+        z = sdedit(images, [c.caption_target for c in cases])
+        return _refined_outputs(backbone, judge, images, cases, z, 1, refine_steps=refine_steps, lr=lr, anchor=anchor)
+
+    return edit
+
+
+def _refined_outputs(backbone, judge, images, cases, z, candidates: int, *, refine_steps: int, lr: float,
+                     anchor: float, keep_checks: bool = True, change_checks: bool = True) -> list[np.ndarray]:
+    """Refine `z` (each case's `candidates` latents, case by case) with the judge asked what follows from each case's
+    instruction and reference (see `refined_editor`); decode each case's lowest final loss to uint8."""
     from ..refine import refine_latents
     from ..verdicts import edit_questions
 
-    def edit(images, cases):
-        gen = torch.Generator().manual_seed(seed)  # as `pipeline_editor`: refinement starts from its very outputs
-        n = candidates
-        z = pipe(image=[Image.fromarray(a) for a in images], prompt=[c.instruction for c in cases],
-                 num_inference_steps=steps, generator=gen, output_type="latent", num_images_per_prompt=n).images
-        questions = [edit_questions(c.instruction, edit_type=c.edit_type, object_name=c.object_name or None,
-                                    keep=c.keep if keep_checks else (), new=c.new if change_checks else (),
-                                    gone=c.gone if change_checks else ()) for c in cases]
-        device = next(judge.parameters()).device
-        reference = _unit(images).to(device).repeat_interleave(n, dim=0)  # input i's copies first, as the latents
-        asked = [q for q in questions for _ in range(n)]
-        parts = [refine_latents(pipe.backbone, judge, reference[i:i + REFINE_CHUNK], z[i:i + REFINE_CHUNK],
-                                asked[i:i + REFINE_CHUNK], steps=refine_steps, lr=lr, anchor=anchor)
-                 for i in range(0, len(z), REFINE_CHUNK)]  # each sample refines as if alone: chunks change nothing
-        latents, final = torch.cat([p.latents for p in parts]), torch.cat([p.losses[-1] for p in parts])
-        kept = final.view(len(cases), n).argmin(dim=1) + torch.arange(len(cases)) * n
-        with torch.no_grad():
-            decoded = pipe.backbone.decode_latents(latents[kept.to(latents.device)]).clamp(-1, 1)
-        return [np.asarray(tensor_to_pil(x)) for x in decoded]
-
-    return edit
+    n = candidates
+    questions = [edit_questions(c.instruction, edit_type=c.edit_type, object_name=c.object_name or None,
+                                keep=c.keep if keep_checks else (), new=c.new if change_checks else (),
+                                gone=c.gone if change_checks else ()) for c in cases]
+    device = next(judge.parameters()).device
+    reference = _unit(images).to(device).repeat_interleave(n, dim=0)  # input i's copies first, as the latents
+    asked = [q for q in questions for _ in range(n)]
+    parts = [refine_latents(backbone, judge, reference[i:i + REFINE_CHUNK], z[i:i + REFINE_CHUNK],
+                            asked[i:i + REFINE_CHUNK], steps=refine_steps, lr=lr, anchor=anchor)
+             for i in range(0, len(z), REFINE_CHUNK)]  # each sample refines as if alone: chunks change nothing
+    latents, final = torch.cat([p.latents for p in parts]), torch.cat([p.losses[-1] for p in parts])
+    kept = final.view(len(cases), n).argmin(dim=1) + torch.arange(len(cases)) * n
+    with torch.no_grad():
+        decoded = backbone.decode_latents(latents[kept.to(latents.device)]).clamp(-1, 1)
+    return [np.asarray(tensor_to_pil(x)) for x in decoded]
 
 
 def sdedit_editor(backbone, teacher, *, strength: float = 0.6, steps: int = 16, cfg_scale: float = 3.5,
@@ -112,8 +135,9 @@ def sdedit_editor(backbone, teacher, *, strength: float = 0.6, steps: int = 16, 
 
 
 def sdedit_sampler(backbone, teacher, *, strength: float = 0.6, steps: int = 16, cfg_scale: float = 3.5,
-                   seed: int = 0) -> Callable[[list[np.ndarray], list[str]], list[np.ndarray]]:
-    """SDEdit as a function (uint8 references, captions) -> uint8 outputs (see `sdedit_editor`)."""
+                   seed: int = 0, latents: bool = False) -> Callable[[list[np.ndarray], list[str]], list[np.ndarray]]:
+    """SDEdit as a function (uint8 references, captions) -> uint8 outputs (see `sdedit_editor`); with `latents`, the
+    output latents (B, C, h, w) instead."""
 
     @torch.no_grad()
     def edit(images, captions):
@@ -128,7 +152,10 @@ def sdedit_sampler(backbone, teacher, *, strength: float = 0.6, steps: int = 16,
         def denoise(x, t):
             return flow.guided(backbone.velocity(teacher, x, t, cond), backbone.velocity(teacher, x, t, uncond), cfg_scale)
 
-        out = backbone.decode_latents(sample(denoise, x_t, times, renoise="ode")).clamp(-1, 1).cpu()
+        z = sample(denoise, x_t, times, renoise="ode")
+        if latents:
+            return z
+        out = backbone.decode_latents(z).clamp(-1, 1).cpu()
         return [((o + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for o in out]
 
     return edit
@@ -281,8 +308,6 @@ def eval_main(args) -> int:
         raise UsageError("error: --change-checks shapes the judge's pick among --candidates (2 or more)")
     check_refine_flags(args.refine, args.refine_lr, args.refine_anchor)
     if args.refine:
-        if args.baseline:
-            raise UsageError("error: --refine refines an editor's edits, not --baseline teacher's")
         if change_checks:
             raise UsageError("error: --refine always asks the change checks (and a keep check per untouched object); "
                              "--change-checks is for --candidates without --refine")
@@ -325,7 +350,7 @@ def eval_main(args) -> int:
         backbone = load_backbone(base).to(device)
         teacher = backbone.load_transformer(base).to(device).eval()
         editor = sdedit_editor(backbone, teacher, strength=args.strength, steps=args.teacher_steps, seed=args.seed)
-        name, model = args.name or "teacher-sdedit", base
+        name, model = args.name or "teacher-sdedit" + (f"-refined-{args.refine}" if args.refine else ""), base
     else:
         from ..pipeline import NPEditPipeline
 
@@ -344,7 +369,11 @@ def eval_main(args) -> int:
         if args.candidates > 1 and not args.refine:
             editor = best_of_editor(pipe, judge, candidates=args.candidates, steps=args.steps, seed=args.seed,
                                     change_checks=change_checks)
-        if args.refine:  # (with --candidates: each candidate refined, the lowest judge loss kept)
+        if args.refine and args.baseline:  # the teacher's SDEdit outputs refined: teacher and judge, no editor
+            editor = refined_sdedit_editor(backbone, teacher, judge, refine_steps=args.refine, lr=args.refine_lr,
+                                           anchor=args.refine_anchor, strength=args.strength,
+                                           steps=args.teacher_steps, seed=args.seed)
+        elif args.refine:  # (with --candidates: each candidate refined, the lowest judge loss kept)
             editor = refined_editor(pipe, judge, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
                                     steps=args.steps, seed=args.seed, candidates=args.candidates)
         if args.candidates > 1 or args.refine:
