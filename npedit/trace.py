@@ -203,9 +203,8 @@ def refine_trace(trace: EditTrace, pipe, judge, *, refine_steps: int, lr: float,
         raise ValueError("this trace holds no latents to refine (it was not made by trace_edit)")
     start = time.perf_counter()
     asked = {"keep": object_names(keep), "new": object_names(new), "gone": object_names(gone)}
-    [refined] = refine_from_latents(pipe, judge, trace.reference, trace.latents.to(pipe.device),
-                                    trace.instruction, refine_steps=refine_steps, lr=lr, anchor=anchor,
-                                    max_side=trace.max_side,
+    [refined] = refine_from_latents(pipe, judge, trace.reference, trace.latents.to(pipe.device), trace.instruction,
+                                    refine_steps=refine_steps, lr=lr, anchor=anchor, max_side=trace.max_side,
                                     callback=callback, edit_type=trace.edit_type, object_name=trace.object_name,
                                     **asked)
     trace.refinement = refined
