@@ -347,7 +347,11 @@ def download_path(name: str, exact: bool = False) -> Path:
     _prune_downloads(folder, time.time() - DOWNLOADS_KEEP_S)
     if exact:  # the browser saves it under this name (a manifest the CLI is told to read as cases.csv)
         path = Path(tempfile.mkdtemp(dir=folder)) / name
-        path.touch()
+        try:
+            path.touch()
+        except OSError:  # (a full disk: no empty folder left behind)
+            path.parent.rmdir()
+            raise
         return path
     fd, path = tempfile.mkstemp(prefix=f"{Path(name).stem}-", suffix=Path(name).suffix, dir=folder)
     os.close(fd)
@@ -389,7 +393,10 @@ def _remove_downloads(written: list[Path]) -> None:
     """Delete downloads written in part (and their `.partial`), and an exact name's own folder once it is empty."""
     for path in map(Path, written):
         for leftover in (path, Path(f"{path}{PARTIAL_SUFFIX}")):
-            leftover.unlink(missing_ok=True)
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:  # (still held open on Windows: the hour's prune takes it; the message stays the one above)
+                pass
         if path.parent != downloads_folder():  # `download_path(exact=True)`'s own folder
             try:
                 path.parent.rmdir()
@@ -682,7 +689,9 @@ def build_edit_tab(app: App, last_edit: gr.State):
                 run = gr.Button("Run", variant="primary", scale=0, min_width=90)
             random_scene = gr.Button("Random Shapes scene (for the Shapes-world editor)", size="sm")
             refine = gr.Slider(0, MAX_REFINE_STEPS, value=0, step=1, label="Refine with the judge (steps; 0: off)",
-                               info=REFINE_HELP, elem_id="refine-steps")
+                               info=REFINE_HELP + (f" This public app refines at most {MAX_PUBLIC_REFINE_WORK} steps "
+                                                   "per edit over all candidates (candidates x steps)."
+                                                   if app.public else ""), elem_id="refine-steps")
             with gr.Accordion("Refine with the judge: advanced", open=False):
                 with gr.Row():
                     refine_lr = gr.Number(value=DEFAULT_REFINE_LR, label="Learning rate (Adam, on the latents)",
@@ -909,7 +918,8 @@ def build_judge_tab(app: App, last_edit: gr.State):
                 raise _error(exc) from None
             paths = []
             with writing_download("verdict tables", paths, warn=True):  # the table still shows, with no files
-                paths += [download_path("verdicts.csv"), download_path("questions.csv")]
+                paths.append(download_path("verdicts.csv"))  # one at a time: a failed second leaves no first
+                paths.append(download_path("questions.csv"))
                 for path, table in zip(paths, (out, asked)):
                     judging.write_rows(path, table)
             shown = [str(p) for p in paths] or [None, None]

@@ -173,6 +173,23 @@ def test_a_public_app_loads_and_reads_only_what_it_offers(tiny_set, tmp_path, mo
     with pytest.raises(gr.Error, match=r"at most 400 steps per edit over all candidates .*5 x 100 asked"):
         npedit_app.edit_handler(app)(str(shapes_png), "make the circle blue", inspect_steps=False, candidates=5,
                                      refine_steps=100)  # a stranger's one request holds the models that long
+
+    class Loading(Exception):
+        pass
+
+    def loading(*a, **k):
+        raise Loading
+
+    for public, candidates in ((True, 4), (False, 5)):  # 400 is allowed; a local app has no such cap
+        monkeypatch.setenv("NPEDIT_PUBLIC", "1" if public else "0")
+        asked = npedit_app.make_app(npedit_app.parse_args(flags))
+        monkeypatch.setattr(asked.models, "editor", loading)
+        with pytest.raises(Loading):  # past the check: the editor loads
+            npedit_app.edit_handler(asked)(str(shapes_png), "make the circle blue", inspect_steps=False,
+                                           candidates=candidates, refine_steps=100,
+                                           editor=asked.editor_choices()[0][1])
+    monkeypatch.setenv("NPEDIT_PUBLIC", "1")
+    app = npedit_app.make_app(npedit_app.parse_args(flags))
     secret = tmp_path / "server" / "secret.png"
     secret.parent.mkdir()
     Image.new("RGB", (8, 8)).save(secret)

@@ -239,6 +239,10 @@ def test_an_export_card_shows_an_editors_report_as_what_it_measured(tmp_path, mo
     assert "best of" not in metrics_section({"meta": meta, "summary": summary})
     assert "each output the best of 4 samples picked by the judge" in metrics_section(
         {"meta": {**meta, "candidates": 4}, "summary": summary})
+    refined = {**meta, "refine": {"steps": 20, "lr": 0.05, "anchor": 1.0}}  # a judge-refined report is said too
+    assert "each output then refined by the judge for 20 steps at test time (`--refine 20`)" in metrics_section(
+        {"meta": refined, "summary": summary})
+    assert "then refined" not in metrics_section({"meta": {**meta, "refine": None}, "summary": summary})
     with pytest.raises(ValueError, match="--baseline teacher"):
         metrics_section({"meta": {**meta, "baseline": "teacher"}, "summary": summary})
     report = tmp_path / "teacher-sdedit.json"

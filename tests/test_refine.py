@@ -120,7 +120,10 @@ def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combi
     assert calls == [(6, 2)]
     report = json.loads((tmp_path / "teacher-sdedit-refined-2.json").read_text())
     assert report["meta"]["baseline"] == "teacher" and report["meta"]["refine"]["steps"] == 2
+    assert (report["meta"]["steps"], report["meta"]["strength"]) == (2, 0.6)  # the teacher's, not the editor's
     for extra, words in ((["--refine-lr", "-1"], "learning rate"),
+                         (["--baseline", "teacher", "--candidates", "2"], "not to --baseline teacher"),
+                         (["--baseline", "teacher", "--steps", "8"], "--baseline teacher samples --teacher-steps"),
                          (["--candidates", "2", "--change-checks"], "always asks the change checks")):
         with pytest.raises(UsageError, match=words):
             main(["eval", "shapes", "--n", "6", "--refine", "2", "--out", str(tmp_path), *extra])
@@ -386,3 +389,24 @@ def test_edit_trace_refine_refines_the_traced_sampling_and_the_trace_holds_it(tm
     edit("--output", str(tmp_path / "again.png"), "--trace", str(trace))  # the same folder, not refined
     assert json.loads((trace / "trace.json").read_text())["refinement"] is None
     assert not (trace / "refined.png").exists()  # the earlier trace's refined image is not left as this one's
+
+
+def test_refined_sdedit_starts_from_the_teachers_own_edits_and_returns_the_refined_ones(models):
+    from npedit.backbones import load_backbone
+    from npedit.shapes.edits import held_out_cases
+    from npedit.shapes.evaluate import refined_sdedit_editor, sdedit_editor
+    from npedit.shapes.world import render
+
+    _, judge = models
+    base = str(assets.DEFAULT_TEACHER)
+    backbone = load_backbone(base)
+    teacher = backbone.load_transformer(base).eval()
+    cases = held_out_cases(6, seed=4)
+    refs = [render(c.reference) for c in cases]
+    plain = sdedit_editor(backbone, teacher, steps=2, seed=1)(refs, cases)
+    same = refined_sdedit_editor(backbone, teacher, judge, refine_steps=0, lr=0.05, anchor=1.0, steps=2,
+                                 seed=1)(refs, cases)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same))  # 0 steps: the teacher's own edits
+    refined = refined_sdedit_editor(backbone, teacher, judge, refine_steps=3, lr=0.05, anchor=1.0, steps=2,
+                                    seed=1)(refs, cases)
+    assert sum(not np.array_equal(a, b) for a, b in zip(plain, refined)) >= 4  # and the refined ones are returned

@@ -321,6 +321,8 @@ def eval_main(args) -> int:
     if not (1 <= args.steps <= MAX_SAMPLING_STEPS and 1 <= args.teacher_steps <= MAX_SAMPLING_STEPS):
         raise UsageError(f"error: --steps and --teacher-steps must be between 1 and {MAX_SAMPLING_STEPS}, got "
                          f"{args.steps} and {args.teacher_steps}")  # (else said by the sampler after the models load)
+    if args.baseline and args.steps != 4:  # (the report recorded it; it shaped nothing)
+        raise UsageError("error: --steps is the editor's sampling steps; --baseline teacher samples --teacher-steps")
     if args.baseline and args.model:  # (the report said teacher-sdedit; --model was silently not benchmarked)
         raise UsageError("error: --baseline teacher benchmarks the teacher (--teacher), not --model: give one of them")
     if args.teacher and not args.baseline:
@@ -379,7 +381,9 @@ def eval_main(args) -> int:
         if args.candidates > 1 or args.refine:
             judge = judge if args.judge else None  # agreement figures only when asked for
     rows, summary = evaluate(editor, cases, judge=judge)
-    meta = {"model": str(model), "n": len(cases), "seed": args.seed, "steps": args.steps, "baseline": args.baseline,
+    meta = {"model": str(model), "n": len(cases), "seed": args.seed,
+            "steps": args.teacher_steps if args.baseline else args.steps, "baseline": args.baseline,
+            "strength": args.strength if args.baseline else None,
             "cases": (f"training (data.pool={args.train_pool}, seed {args.train_seed})" if args.train_pool is not None
                       else "held-out"),
             "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks,
