@@ -16,6 +16,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from npedit.domain import DOMAIN_FILE
@@ -2048,3 +2049,27 @@ def test_a_download_that_cannot_be_written_says_so_in_words_and_leaves_no_file(t
     with pytest.raises(gr.Error, match="empty"):  # nothing to download: no empty file or folder left either
         fns["on_download"](pd.DataFrame([{"image": "", "instruction": ""}]))
     assert list(npedit_app.downloads_folder().rglob("*")) == []
+
+
+def test_a_refined_trace_refines_at_the_size_it_was_sampled_at(tiny_set, tmp_path):
+    """`refine_trace` starts from the traced edit's latents at the `max_side` the trace was sampled at (a general
+    editor works at the image's own size up to it): its refinement's start is the plain edit at that size, and the
+    refined image comes back at the input's size."""
+    from npedit import NPEditPipeline
+    from npedit.judges import load_judge
+    from npedit.refine import refine_edit
+    from workbench.inspect import edit_once, refine_trace, trace_edit
+
+    pipe = NPEditPipeline.from_pretrained(tiny_set["model"])
+    pipe.set_progress_bar_config(disable=True)
+    judge = load_judge(tiny_set["judge"])
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    assert pipe.working_size(image.size, 32) != pipe.working_size(image.size, 1024)  # the size matters here
+    trace = trace_edit(pipe, judge, None, None, image, "make it blue", steps=2, seed=5, max_side=32)
+    assert trace.latents.device.type == "cpu" and trace.max_side == 32
+    refined = refine_trace(trace, pipe, judge, refine_steps=2, lr=0.05, anchor=1.0)
+    plain, _ = edit_once(pipe, image, "make it blue", steps=2, seed=5, max_side=32)
+    assert np.array_equal(np.asarray(refined.start), np.asarray(plain)) and refined.image.size == image.size
+    alone = refine_edit(pipe, judge, image, "make it blue", steps=2, refine_steps=2,
+                        generator=torch.Generator().manual_seed(5), max_side=32)  # the judge saw the same reference
+    assert refined.losses == pytest.approx(alone.losses, abs=1e-5)
