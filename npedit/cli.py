@@ -303,7 +303,7 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
     failures = 0
     for job in tqdm(jobs, disable=len(jobs) == 1, desc="edit"):
         gen = torch.Generator().manual_seed(args.seed)
-        kept = None  # (which candidate, of how many) where only the kept one of several is judged
+        kept = None  # (which candidate, of how many) of a refinement: only the kept one is judged
         try:
             picture = load_image(job["image"])  # read once; the pipeline's own loading leaves it as it is
             note = pipe.working_note(picture.size, args.max_side)
@@ -311,11 +311,8 @@ def _edit_jobs(pipe, judge, jobs: list[dict], args, verdicts) -> int:
                 tqdm.write(f"note: {job['id']}: {note}" if len(jobs) > 1 else f"note: {note}", file=sys.stderr)
             if getattr(args, "tracer", None):
                 img = args.tracer(job, picture)
-            elif args.refine and args.candidates > 1:
-                img, kept = _refined_best_of(pipe, judge, job, picture, args, verbose=len(jobs) == 1)
-                picked = _judged(judge, job, picture, img) if verdicts is not None else None
             elif args.refine:
-                img = _refined(pipe, judge, job, picture, args, gen, named=len(jobs) > 1)
+                img, kept = _refined(pipe, judge, job, picture, args, named=len(jobs) > 1)
                 picked = _judged(judge, job, picture, img) if verdicts is not None else None
             elif judge is None:
                 img = pipe(image=picture, prompt=job["instruction"], num_inference_steps=args.steps,
@@ -409,19 +406,6 @@ def _job_questions(job: dict) -> dict:
             "gone": object_names(job.get("gone"))}
 
 
-def _refined(pipe, judge, job: dict, picture, args, gen, named: bool):
-    """The editor's edit of one job refined by the judge (`npedit.refine.refine_edit`, --refine steps); one stderr
-    line with the judge's loss before and after (prefixed with the job's id when `named`)."""
-    from .refine import refine_edit
-
-    r = refine_edit(pipe, judge, picture, job["instruction"], steps=args.steps, refine_steps=args.refine,
-                    lr=args.refine_lr, anchor=args.refine_anchor, generator=gen, max_side=args.max_side,
-                    **_job_questions(job))
-    line = f"refined {args.refine} steps: judge loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}"
-    tqdm.write(f"{job['id']}: {line}" if named else line, file=sys.stderr)
-    return r.image
-
-
 def _judged(judge, job: dict, picture, image):
     """The judge's verdict on one finished edit, as the one candidate of a `best_of.Candidates` (--verdicts' line)."""
     from .best_of import Candidates
@@ -430,26 +414,30 @@ def _judged(judge, job: dict, picture, image):
     return Candidates([image], judge_candidates(judge, picture, [image], job["instruction"], **_job_questions(job)))
 
 
-def _refined_best_of(pipe, judge, job: dict, picture, args, verbose: bool):
-    """--candidates N --refine K: N edits of one job (candidate k seeded --seed + k), each refined, the lowest final
-    judge loss kept (`npedit.refine.refine_candidates`). Returns the kept image and (its index, N). With `verbose`,
-    each candidate's loss before -> after on stderr; else one line for the job."""
+def _refined(pipe, judge, job: dict, picture, args, named: bool):
+    """--refine K: the job's edit refined by the judge; with --candidates N, N edits (candidate k seeded --seed + k),
+    each refined, the lowest final judge loss kept (`npedit.refine.refine_candidates`; one candidate is the single
+    edit seeded --seed). Returns the kept image and (its index, N). On stderr, the judge's loss before -> after: one
+    line for an edit, or per candidate, or, in a list (`named`), one line for the job with its id."""
     from .refine import refine_candidates
 
     r = refine_candidates(pipe, judge, picture, job["instruction"], candidates=args.candidates, seed=args.seed,
                           steps=args.steps, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
                           max_side=args.max_side, **_job_questions(job))
-    if verbose:
-        for k, (done, seed) in enumerate(zip(r.refinements, r.seeds)):
-            mark = "  <- kept" if k == r.best else ""
-            tqdm.write(f"candidate {k} (seed {seed}): refined {args.refine} steps: judge loss {done.losses[0]:.3f} -> "
-                       f"{done.losses[-1]:.3f}{mark}", file=sys.stderr)
+    done, n = r.refinements[r.best], len(r.refinements)
+    loss = f"judge loss {done.losses[0]:.3f} -> {done.losses[-1]:.3f}"
+    if n == 1:
+        line = f"refined {args.refine} steps: {loss}"
+        tqdm.write(f"{job['id']}: {line}" if named else line, file=sys.stderr)
+    elif named:
+        tqdm.write(f"{job['id']}: best of {n} refined {args.refine} steps: candidate {r.best} (seed "
+                   f"{r.seeds[r.best]}) kept, {loss}", file=sys.stderr)
     else:
-        done = r.refinements[r.best]
-        tqdm.write(f"{job['id']}: best of {len(r.refinements)} refined {args.refine} steps: candidate {r.best} (seed "
-                   f"{r.seeds[r.best]}) kept, judge loss {done.losses[0]:.3f} -> {done.losses[-1]:.3f}",
-                   file=sys.stderr)
-    return r.image, (r.best, len(r.refinements))
+        for k, (each, seed) in enumerate(zip(r.refinements, r.seeds)):
+            mark = "  <- kept" if k == r.best else ""
+            tqdm.write(f"candidate {k} (seed {seed}): refined {args.refine} steps: judge loss {each.losses[0]:.3f} -> "
+                       f"{each.losses[-1]:.3f}{mark}", file=sys.stderr)
+    return r.image, (r.best, n)
 
 
 def _best_of(pipe, judge, job: dict, picture, args, verbose: bool):

@@ -82,7 +82,7 @@ def metrics_section(report: dict) -> str:
     candidates = meta.get("candidates") or 1
     picked = f", each output the best of {candidates} samples picked by the judge" if candidates > 1 else ""
     refine = meta.get("refine") or {}
-    if refine.get("steps"):  # neither are judge-refined figures (`--refine K`, a test-time mode)
+    if refine.get("steps"):  # nor are judge-refined ones (`--refine K`, a test-time mode)
         picked += (f", {'each sample' if candidates > 1 else 'each output'} then refined by the judge for "
                    f"{refine['steps']} steps at test time (`--refine {refine['steps']}`)")
     return (f"## Evaluation\n\nThe exact Shapes-world benchmark (`python -m npedit eval shapes`), {cases}, "

@@ -71,11 +71,11 @@ REFINE_CHUNK = 50
 
 
 def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, steps: int = 4, seed: int = 0,
-                   candidates: int = 1, keep_checks: bool = True, change_checks: bool = True) -> Editor:
+                   candidates: int = 1) -> Editor:
     """An NPEditPipeline whose outputs are refined by the judge (`npedit.refine`), a batch at a time. The judge is
     asked what a user could ask from the instruction and the reference alone: the edit (or contains) and identity
-    checks, a keep check per untouched object (`keep_checks`) and a change check per object the instruction creates
-    or makes disappear (`change_checks`). With `candidates` > 1, each case is edited that many times (diffusers'
+    checks, a keep check per untouched object and a change check per object the instruction creates or makes
+    disappear. With `candidates` > 1, each case is edited that many times (diffusers'
     `num_images_per_prompt`), every edit is refined, and the one with the lowest judge loss after refinement is kept
     (the first on a tie)."""
     def edit(images, cases):
@@ -84,7 +84,7 @@ def refined_editor(pipe, judge, *, refine_steps: int, lr: float, anchor: float, 
                  num_inference_steps=steps, generator=gen, output_type="latent",
                  num_images_per_prompt=candidates).images
         return _refined_outputs(pipe.backbone, judge, images, cases, z, candidates, refine_steps=refine_steps, lr=lr,
-                                anchor=anchor, keep_checks=keep_checks, change_checks=change_checks)
+                                anchor=anchor)
 
     return edit
 
@@ -104,7 +104,7 @@ def refined_sdedit_editor(backbone, teacher, judge, *, refine_steps: int, lr: fl
 
 
 def _refined_outputs(backbone, judge, images, cases, z, candidates: int, *, refine_steps: int, lr: float,
-                     anchor: float, keep_checks: bool = True, change_checks: bool = True) -> list[np.ndarray]:
+                     anchor: float) -> list[np.ndarray]:
     """Refine `z` (each case's `candidates` latents, case by case) with the judge asked what follows from each case's
     instruction and reference (see `refined_editor`); decode each case's lowest final loss to uint8."""
     from ..refine import refine_latents
@@ -112,8 +112,7 @@ def _refined_outputs(backbone, judge, images, cases, z, candidates: int, *, refi
 
     n = candidates
     questions = [edit_questions(c.instruction, edit_type=c.edit_type, object_name=c.object_name or None,
-                                keep=c.keep if keep_checks else (), new=c.new if change_checks else (),
-                                gone=c.gone if change_checks else ()) for c in cases]
+                                keep=c.keep, new=c.new, gone=c.gone) for c in cases]
     device = next(judge.parameters()).device
     reference = _unit(images).to(device).repeat_interleave(n, dim=0)  # input i's copies first, as the latents
     asked = [q for q in questions for _ in range(n)]
