@@ -63,8 +63,8 @@ def edit_refined_best_of(pipe, judge, image, instruction: str, candidates: int, 
                          callback: Callable[[int, int, torch.Tensor], None] | None = None, **questions):
     """`npedit.refine.refine_candidates`: candidate k seeded `seed + k` (its `edit_refined` with that seed), each
     refined (4 at a time up to 256 px, else one at a time), the lowest final judge loss kept; returns the candidates
-    and the time taken. `callback(first, step,
-    losses)` after each measurement of the candidates refined together from `first`."""
+    and the time taken. `callback(first, step, losses)` after each measurement of the candidates refined together
+    from `first`."""
     from npedit.refine import refine_candidates
 
     start = time.perf_counter()
