@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -220,6 +221,7 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
         if twice:  # else the last of them would be read and the others dropped
             raise ValueError(f"{label}:1: the header names {', '.join(twice)} more than once")
         start = reader.line_num + 1
+        spare = []  # (line, empty cells past the header's columns) of each row kept
         for row in reader:
             extra = row.pop(None, [])
             if any(cell.strip() for cell in extra):  # a value the header names no column for would be dropped
@@ -230,10 +232,28 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
             row = {k: v if v is None else v.strip() for k, v in row.items()}
             if any(row.values()):
                 rows.append((start, row))
+                spare.append((start, len(extra)))
             start = reader.line_num + 1  # a quoted cell may span lines
     except csv.Error as exc:
         raise ValueError(f"{label}:{start}: not a readable CSV {what}: {exc}") from None  # (the row it began)
+    _check_spare_cells(spare, label, len(reader.fieldnames), delimiter)
     return rows
+
+
+def _check_spare_cells(spare: list[tuple[int, int]], label: str, named: int, delimiter: str) -> None:
+    """Refuse a row whose empty cells past the header's columns are more than the file's usual count: a row with
+    one unquoted separator inside a cell has every later cell moved one column on, and ends in an empty cell past
+    the header when its last column was empty (an instruction cut short, its edit type read as the object's name).
+    Empty cells that every row has (a trailing separator on each line) are a way of writing the file, and pass."""
+    counts = Counter(n for _, n in spare)
+    if len(counts) < 2:
+        return
+    usual = min(counts, key=lambda n: (-counts[n], n))  # the commonest count; on a tie the smallest
+    line, n = next((line, n) for line, n in spare if n > usual)
+    raise ValueError(f"{label}:{line}: {named + n} cells, the header names {named} and most rows have "
+                     f"{named + usual}; the extra ones are empty: a cell holding '{delimiter}' without quotes around "
+                     f"it moves every later cell one column on (quote it; if the row only ends in a stray "
+                     f"'{delimiter}', remove that)")
 
 
 def read_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, text: tuple[str, ...] = (),

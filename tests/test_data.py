@@ -420,6 +420,11 @@ def test_csv_cells_lose_a_spreadsheets_stray_spaces(tiny_manifest):
     ("image,caption\na.png,x\n", "m.csv:1: no instruction column"),
     ("a.png,make it red\n", "m.csv:1: no image, instruction column"),  # no header line
     ("image,instruction\na.png,x\nb.png,y,z\n", "m.csv:3: 3 cells, the header names 2"),
+    # an unquoted ',' in the instruction, the row's last column empty: every cell one column on, the extra one empty
+    ("image,instruction,edit_type,object_name\na.png,x,,\nb.png,make it red, and shiny,recolor,\nc.png,y,,\n",
+     "m.csv:3: 5 cells, the header names 4 and most rows have 4; the extra ones are empty"),
+    ("image,instruction,keep\na.png,x,,\nb.png,y,,\nc.png,z, w,,,\n", "m.csv:4: 6 cells, the header names 3 and "
+     "most rows have 4"),
     ("image,instruction,instruction\na.png,x,y\n", "m.csv:1: the header names instruction more than once"),
     ('image,instruction\na.png,"make it\nred"\nb.png,x,edit\n', "m.csv:4: 3 cells"),  # line 2's cell spans two
     ("image,instruction,edit_type\na.png,x,\nb.png,y,remvoe\n", "m.csv:3: .*unknown edit_type 'remvoe'"),
@@ -439,6 +444,15 @@ def test_csv_manifest_errors_name_the_line(tmp_path, text, message):
     f.write_bytes(text.encode("latin-1"))
     with pytest.raises(ValueError, match=message):
         load_manifest(f)
+
+
+def test_csv_rows_that_all_end_in_a_separator_are_read(tmp_path):
+    """A trailing separator on every row (or on a lone row) is a way of writing the file, not a moved cell."""
+    f = tmp_path / "m.csv"
+    f.write_text("image,instruction,edit_type\na.png,make it red,recolor,\nb.png,y,,\n")
+    assert [(r.instruction, r.edit_type) for r in load_manifest(f)] == [("make it red", "recolor"), ("y", "edit")]
+    f.write_text("image,instruction,edit_type\na.png,make it red,recolor,\n")
+    assert [r.edit_type for r in load_manifest(f)] == ["recolor"]
 
 
 def test_a_folder_names_its_csv_manifest(tmp_path):
