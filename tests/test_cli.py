@@ -106,6 +106,12 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["train", "--config", "bad.yaml"], 2, "error: bad.yaml: not valid YAML at line 3"),  # was PyYAML's traceback
     (["train", "optim.lrr=1e-4"], 2, "error: unknown config key(s) optim.lrr (did you mean optim.lr?)"),
     (["eval", "shapes", "--steps", "0"], 2, "error: --steps and --teacher-steps must be between 1 and 1000"),
+    # a recipe's model folder that is not there: was "checkpoint folder not found: runs/shapes/teacher/base", no key
+    (["train", "--config", str(ROOT / "configs/shapes/npedit.yaml"), "output_dir=r"], 1,
+     "error: model.base=runs/shapes/teacher/base: no such folder (a folder an earlier stage of the Shapes chain "
+     "writes: see the README's Shapes world); the bundled Shapes models to start from: model.base=assets/shapes/"),
+    (["train", "--config", str(ROOT / "configs/shapes/npedit.yaml"), "output_dir=r", "model.base=assets/shapes/teacher",
+      "model.student=my/own/editor"], 1, "error: model.student=my/own/editor: no such folder; the bundled"),
     (["eval", "shapes", "--baseline", "teacher", "--teacher-steps", "5000"], 2,
      "error: --steps and --teacher-steps must be between 1 and 1000"),
     (["bench", "--teacher-steps", "100000"], 2, "error: --steps and --teacher-steps must be at most 1000"),

@@ -246,12 +246,13 @@ def test_an_app_job_does_not_warn_of_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root = tmp_path / "runs"
-    st = jobs.start_job(root / "job", ["model.base=/no/such/base", "data.train=shapes", "loss.lambda_vlm=0"],
-                        runs_root=root, device="cpu")
+    (tmp_path / "not-a-model").mkdir()  # there, so the trainer gets to load it (a missing one stops before the check)
+    st = jobs.start_job(root / "job", [f"model.base={tmp_path / 'not-a-model'}", "data.train=shapes",
+                                       "loss.lambda_vlm=0"], runs_root=root, device="cpu")
     deadline = time.time() + 120
     while jobs.job_status(root / "job").active and time.time() < deadline:
         time.sleep(0.3)
     log = (root / "job" / "train.log").read_text(encoding="utf-8")
-    assert "checkpoint folder not found: /no/such/base" in log, log  # (the check ran before it)
+    assert "not-a-model is a folder without model files, with no transformer/config.json" in log, log  # (after it)
     warnings = [line for line in log.splitlines() if line.startswith("warning: ")]
     assert not any(f"pid {st.pid}" in line or "/runs/job" in line for line in warnings), warnings
