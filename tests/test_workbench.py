@@ -958,6 +958,40 @@ def test_a_job_killed_by_a_signal_says_so_and_relative_model_paths_survive_the_r
     assert "data.train=shapes" in args and "model.student=" in args
 
 
+def test_a_stopped_job_continued_from_a_shell_reads_as_that_and_then_as_finished(tmp_path):
+    """A job killed (or cancelled), then continued by `npedit train --resume` typed in a shell, read as "killed at
+    step N; resumable" for good, and the app offered a resume with nothing to do. While a trainer holds the run it
+    is "external", naming its pid; once it saved an editor newer than the job's end, "finished"."""
+    from npedit import files
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps({"pid": 2**22 + 7, "device": "cpu", "args": [], "started": 1000.0}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 12, "time": time.time()}) + "\n")
+    (run / "exit_code").write_text("137\n")
+    os.utime(run / "exit_code", (2000.0, 2000.0))
+    assert jobs.job_status(run).state == "failed"
+    with files.run_lock(run):  # this process trains there now
+        st = jobs.job_status(run)
+        assert (st.state, st.message) == ("external", f"continued outside the workbench by pid {os.getpid()} (the "
+                                                      "job failed): step 12/None")
+        assert not st.resumable and not st.active
+    assert jobs.job_status(run).state == "failed"  # the lock file left behind names a pid that holds nothing
+    (run / "pipeline").mkdir()
+    (run / "pipeline" / "model_index.json").write_text("{}")
+    os.utime(run / "pipeline" / "model_index.json", (1500.0, 1500.0))  # the job's own editor, before it was killed
+    assert jobs.job_status(run).state == "failed"
+    os.utime(run / "pipeline" / "model_index.json", (3000.0, 3000.0))
+    st = jobs.job_status(run)
+    assert (st.state, st.message) == ("finished", f"finished 12 steps outside the workbench (the job failed); "
+                                                  f"editor saved to {run / 'pipeline'}")
+    (run / "cancelled").write_text("")  # cancelled after that editor was saved: the job's word stands
+    os.utime(run / "cancelled", (4000.0, 4000.0))
+    assert jobs.job_status(run).state == "cancelled"
+    os.utime(run / "pipeline" / "model_index.json", (5000.0, 5000.0))
+    assert jobs.job_status(run).message.startswith("finished 12 steps outside the workbench (the job was cancelled)")
+
+
 def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, monkeypatch):
     """job.json was written only after the process started: an app killed in between left the trainer running
     untracked (the run "not started", the device's lock free after 30 s, so a second job could join it on the GPU, and

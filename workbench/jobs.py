@@ -35,7 +35,7 @@ import psutil
 import yaml
 
 from npedit.config import read_yaml
-from npedit.files import write_atomic
+from npedit.files import RUN_LOCK, write_atomic
 from npedit.processes import MAIN, other_trainers, sees, typed
 from npedit.training.checkpoint import checkpoint_step, latest_checkpoint, latest_readable
 
@@ -424,6 +424,37 @@ def _last_error(run_dir: Path) -> str:
     return errors[-1].strip() if errors else (tail[-1].strip() if tail else "")
 
 
+def _lock_holder(run_dir: Path) -> int | None:
+    """The pid of a live process holding `run_dir`'s run lock (a trainer writing there: `npedit.files.run_lock`),
+    seen by the lock file being open in it; None when there is none, or it cannot be told."""
+    lock = run_dir / RUN_LOCK
+    try:
+        pid = int(lock.read_text(encoding="utf-8").strip())
+        proc = psutil.Process(pid)
+        held = any(Path(f.path) == lock.resolve() for f in proc.open_files())
+    except (OSError, ValueError, psutil.Error):  # no lock file, no such process, or not ours to look into
+        return None
+    return pid if held else None
+
+
+def _continued_outside(run_dir: Path, st: JobStatus, job: dict) -> None:
+    """Correct `st` of a job that failed or was cancelled when the run went on without it, typed in a shell
+    (`npedit train ... --resume`): "external" while that trainer runs, "finished" once it saved a newer editor than
+    the job's end; else `st` stays as the job left it."""
+    ended = "was cancelled" if st.state == "cancelled" else "failed"
+    holder = _lock_holder(run_dir)
+    if holder is not None and holder != _job_pid(run_dir, job):
+        st.state = "external"
+        st.message = f"continued outside the workbench by pid {holder} (the job {ended}): step {st.step}/{st.max_steps}"
+        return
+    index = run_dir / "pipeline" / "model_index.json"
+    end = max([p.stat().st_mtime for p in (run_dir / "exit_code", run_dir / "cancelled") if p.is_file()]
+              + [job.get("started", 0)])
+    if st.pipeline and index.stat().st_mtime > end:
+        st.state = "finished"
+        st.message = f"finished {st.step} steps outside the workbench (the job {ended}); editor saved to {st.pipeline}"
+
+
 def job_status(run_dir: str | os.PathLike) -> JobStatus:
     """Read the run folder (and the process table) to say where its job stands."""
     _reap()
@@ -468,6 +499,8 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
         st.state, st.message = "failed", f"exited with code {exit_text}: {_last_error(run_dir)}"
     else:
         st.state, st.message = "failed", f"killed halfway at step {step} (the process is gone and left no exit code)"
+    if st.state in ("failed", "cancelled"):  # the job is over: a trainer typed in a shell may have taken the run on
+        _continued_outside(run_dir, st, job)
     if started:
         ends = [p.stat().st_mtime for p in (run_dir / "exit_code", run_dir / "cancelled", run_dir / "train.log")
                 if p.is_file()]
