@@ -23,9 +23,18 @@ CLOCK = ("time", "elapsed_s", "minutes")  # wall-clock values: never the same tw
 def logged(run: Path) -> dict[int, dict]:
     """metrics.jsonl of `run` as {step: its values but the wall-clock ones}, rows of one step merged."""
     rows: dict[int, dict] = {}
-    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k not in CLOCK})
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {run} holds no metrics.jsonl: "
+                         + ("not a run folder, or a run that has logged nothing yet" if run.is_dir() else
+                            "no such folder"))
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError):  # (a line cut short by a full disk, or another program's file)
+            raise SystemExit(f"error: {path}:{n}: not a metrics line (a JSON object with a step)") from None
+        rows.setdefault(step, {}).update({k: v for k, v in row.items() if k not in CLOCK})
     return rows
 
 

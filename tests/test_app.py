@@ -1514,6 +1514,10 @@ def test_a_run_without_sample_grids_says_why_in_place_of_an_empty_box(tmp_path, 
                     "(`sample_every`), the first at step 500; the run is at step 120.")
     assert "writes no sample grids: it was started with `sample_every=0`" in samples.fn("silent", "")[2]
     assert samples.fn("starting", "")[2] == "**Sample grid**: this run has written no sample grid yet."
+    (root / "fresh" / "pipeline").mkdir()  # it ended at step 120 with its editor saved: no grid will come ("yet")
+    (root / "fresh" / "pipeline" / "model_index.json").write_text("{}")
+    assert samples.fn("fresh", "")[2] == ("**Sample grid**: this run wrote no sample grid: it ended at step 120, "
+                                          "before the first (the trainer writes one every 500 steps, `sample_every`).")
     step, grid, note = samples.fn("mine", "")
     assert step.value == "step 2" and grid["visible"] and grid["value"].endswith("step_000002.png")
     assert note == heading and "reference | edit" in heading

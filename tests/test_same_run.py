@@ -3,6 +3,7 @@ checkpoint's weights are equal bit for bit; it names the first differences other
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from script_modules import load_script  # tests/script_modules.py
@@ -49,3 +50,20 @@ def test_same_run_says_nan_equal_and_names_a_shape_that_differs(tmp_path):
     wider = fake_run(tmp_path / "wider", [0.5, float("nan")], torch.zeros(4))
     diff, _ = same_run.differences(a, wider)
     assert diff == ["step_000002 student/diffusion_pytorch_model.safetensors:w: shape (3,) vs (4,)"]
+
+
+def test_same_run_names_a_folder_that_is_no_run_in_one_line(tmp_path):
+    """A folder with no metrics.jsonl (a job refused before it logged, a typo) or a line that is no metrics line
+    ended in a traceback; now one line names the folder or the line."""
+    import pytest
+
+    same_run = load_script("same_run")
+    a = fake_run(tmp_path / "a", [0.5], torch.zeros(2))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'empty'} holds no metrics.jsonl: not a run folder"):
+        same_run.main([str(a), str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="holds no metrics.jsonl: no such folder"):
+        same_run.main([str(tmp_path / "nosuch"), str(a)])
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "student_lo')
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not a metrics line"):
+        same_run.main([str(a), str(tmp_path / "empty")])

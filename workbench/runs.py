@@ -124,12 +124,16 @@ def samples(run: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def no_samples_reason(run: str | os.PathLike) -> str:
-    """Why a run has no sample grid to show, from its config's `sample_every` and its step."""
-    every, step = flatten(read_config(run)).get("sample_every"), job_status(run).step
+    """Why a run has no sample grid to show, from its config's `sample_every`, its step and whether it goes on."""
+    st = job_status(run)
+    every, step = flatten(read_config(run)).get("sample_every"), st.step
     if every == 0:
         return "this run writes no sample grids: it was started with `sample_every=0`."
     if not isinstance(every, int):  # no config.yaml yet (a job still starting), or a run of another trainer
         return "this run has written no sample grid yet."
+    if st.state in ("finished", "failed", "cancelled"):  # (a finished run that never reached the first grid)
+        return (f"this run wrote no sample grid: it {'ended' if st.state == 'finished' else 'stopped'} at step "
+                f"{step}, before the first (the trainer writes one every {every} steps, `sample_every`).")
     return (f"this run has written no sample grid yet: the trainer writes one every {every} steps (`sample_every`), "
             f"the first at step {every}; the run is at step {step}.")
 
