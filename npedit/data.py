@@ -416,6 +416,7 @@ class EditDataset(Dataset):
         self.unreadable: set[int] = set()  # samples skipped so far (per DataLoader worker)
         self.reasons: list[str] = []  # why each was, in the order found
         self.warned = 0  # samples found unreadable while drawing, each named in a warning up to NAMED
+        self.misaligned: set[str] = set()  # ids of pairs whose target is not of its image's shape (warned)
         self._skip_missing()
 
     def _skip_missing(self) -> None:
@@ -450,8 +451,23 @@ class EditDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _image(self, path: str) -> torch.Tensor:
-        return pil_to_tensor(fit_image(load_image(path), (self.resolution, self.resolution)))
+    def _fit(self, image) -> torch.Tensor:
+        return pil_to_tensor(fit_image(image, (self.resolution, self.resolution)))
+
+    def _check_pair(self, r: EditRecord, image: tuple[int, int], target: tuple[int, int]) -> None:
+        """Warn, naming the sample, when its target's shape is not its image's: each is cropped to the training
+        square on its own, so the two no longer line up (a few named, then one line for the rest)."""
+        (w, h), (tw, th) = image, target
+        if abs(w * th - h * tw) <= 0.01 * max(w * th, h * tw) or r.id in self.misaligned:
+            return
+        self.misaligned.add(r.id)
+        if len(self.misaligned) <= self.NAMED:
+            logger.warning("sample %r: its target is %dx%d and its image %dx%d, another shape: each is cropped to the "
+                           "training square on its own, so the pair does not line up (give the target its image's "
+                           "size)", r.id, tw, th, w, h)
+        elif len(self.misaligned) == self.NAMED + 1:
+            logger.warning("sample %r: its target too is of another shape than its image, and so may be others, "
+                           "without a warning each", r.id)
 
     def __getitem__(self, i: int) -> dict:
         """Sample `i`, or the next one whose images can be read."""
@@ -473,9 +489,10 @@ class EditDataset(Dataset):
         raise ImageError(f"none of the {n:,} samples' images can be read ({self._named()})")
 
     def _item(self, r: EditRecord) -> dict:
+        image = load_image(r.image)
         item = {
             "id": r.id,
-            "reference": self._image(r.image),
+            "reference": self._fit(image),
             "instruction": r.instruction,
             "caption_reference": r.caption_reference,
             "caption_target": r.target_caption,
@@ -486,7 +503,9 @@ class EditDataset(Dataset):
             "gone": r.gone_names,
         }
         if self.need_target:
-            item["target"] = self._image(r.target)
+            target = load_image(r.target)
+            self._check_pair(r, image.size, target.size)
+            item["target"] = self._fit(target)
         return item
 
 

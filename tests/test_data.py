@@ -116,6 +116,32 @@ def test_unreadable_images_are_skipped_with_a_warning(tiny_manifest, tmp_path, c
         EditDataset(bad, 16)[1]
 
 
+def test_a_pair_whose_target_is_another_shape_is_named_once(tmp_path, caplog):
+    """A paired sample whose target is not of its image's shape trained silently on a pair that no longer lines up
+    (each cropped to the square on its own); it is named in a warning, once, a few samples by name; a target of the
+    same shape at another size is fine (both scale alike)."""
+    for name, size in (("a.png", (300, 500)), ("tall.png", (200, 600)), ("big.png", (600, 1000))):
+        Image.new("RGB", size).save(tmp_path / name)
+    records = [EditRecord("off", str(tmp_path / "a.png"), "x", target=str(tmp_path / "tall.png")),
+               EditRecord("scaled", str(tmp_path / "a.png"), "x", target=str(tmp_path / "big.png"))]
+    ds = EditDataset(records, 16, need_target=True)
+    assert ds[0]["target"].shape == ds[1]["target"].shape == (3, 16, 16) and ds[0]["id"] == "off"
+    ds[0]
+    assert caplog.messages == ["sample 'off': its target is 200x600 and its image 300x500, another shape: each is "
+                               "cropped to the training square on its own, so the pair does not line up (give the "
+                               "target its image's size)"]
+    many = EditDataset([EditRecord(f"m{i}", str(tmp_path / "a.png"), "x", target=str(tmp_path / "tall.png"))
+                        for i in range(6)], 16, need_target=True)
+    caplog.clear()
+    for i in range(6):
+        many[i]
+    assert len(caplog.messages) == EditDataset.NAMED + 1 and caplog.messages[-1].startswith("sample 'm3': its target "
+                                                                                           "too is of another shape")
+    caplog.clear()
+    EditDataset(records, 16)[0]  # no target asked for (a stage that trains on none): nothing to line up
+    assert caplog.messages == []
+
+
 def test_many_unreadable_images_are_told_in_a_few_lines(tiny_manifest, tmp_path, caplog):
     """A manifest whose images are mostly missing (a wrong folder) is one warning with their count and the first
     few, not a line per sample; all missing is an error at once; many broken files are named up to NAMED, then one
