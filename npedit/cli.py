@@ -358,7 +358,8 @@ def _tracer(args, pipe, judge, model: str, dtype):
             except (ValueError, OSError) as exc:
                 raise SystemExit(f"error: --{role}: {exc}") from None
     else:
-        note = ("no critic (pass --critic DIR, e.g. a run's critic/)" if names["teacher"]
+        note = ("no critic (pass --critic DIR: one fitted to this editor, such as the critic/ of the checkpoint it "
+                "was exported from, RUN/checkpoints/step_N/critic; never another editor's)" if names["teacher"]
                 else "no teacher (pass --teacher)")
         print(f"note: the trace has no DMD maps: {note}", file=sys.stderr)
         names |= {"teacher": None, "critic": None}  # the trace names the models it used

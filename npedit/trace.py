@@ -18,7 +18,7 @@ import re
 import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -234,6 +234,12 @@ def own_companions(editor: str | os.PathLike | None) -> tuple[str | None, str | 
             teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
         # a run's pipeline/ has its critic beside it
         critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
+        if local.parent.name == "exports" and "averaged_steps" not in cfg and cfg.get("exported_from"):
+            # an export of one checkpoint, beside its run: that checkpoint's critic, fitted to this very student
+            # (the run's critic/ is its last step's: another editor's for an earlier one)
+            name = PurePosixPath(str(cfg["exported_from"]).removeprefix("local:").replace("\\", "/")).name
+            own = local.parent.parent / "checkpoints" / name / "critic"
+            critic = str(own) if (own / "config.json").is_file() else None
         try:
             loss = LossConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("loss", {}).items()})
         except (TypeError, ValueError):  # a foreign or older config: the default loss settings

@@ -253,16 +253,21 @@ def test_an_export_card_shows_an_editors_report_as_what_it_measured(tmp_path, mo
 
 def test_an_export_beside_its_run_still_finds_the_runs_teacher(trained, tiny_zimage, capsys, monkeypatch):
     """An export names its base only (`local:NAME`), so the app's DMD maps for RUN/exports/step_N lost the run's
-    teacher they had read from its training_config.json; beside its run, the run's config.yaml gives it. A copy
-    elsewhere (what is shared) names it and needs none."""
+    teacher they had read from its training_config.json; beside its run, the run's config.yaml gives it, and its
+    checkpoint its critic (an export had none: no DMD maps). A copy elsewhere (what is shared) names it and needs
+    none."""
     from npedit.trace import own_companions
 
     work, _ = trained
     monkeypatch.chdir(work)
     out = work / cli(capsys, "export", "runs/npedit", "--step", "3").strip()
     assert out.parent.name == "exports" and own_companions(out)[0] == str(tiny_zimage)
+    # its critic: the one of the checkpoint it came from (the run's critic/ is step 4's, fitted to another student)
+    assert own_companions(out)[1] == str(out.parent.parent / "checkpoints" / "step_000003" / "critic")
+    averaged = work / cli(capsys, "export", "runs/npedit", "--average", "2").strip()
+    assert own_companions(averaged)[1] is None  # the mean of two students: no critic was fitted to it
     copy = work / cli(capsys, "export", "runs/npedit", "--step", "3", "--out", "elsewhere").strip()
-    assert own_companions(copy)[0] is None
+    assert own_companions(copy)[:2] == (None, None)
 
 
 def test_an_export_of_a_run_on_marked_data_keeps_its_domain_wherever_it_is_loaded(trained, tmp_path, capsys,
