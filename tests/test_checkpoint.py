@@ -1,4 +1,5 @@
 import json
+import os
 import random
 
 import numpy as np
@@ -288,3 +289,31 @@ def test_a_write_that_fails_on_the_disk_stops_with_one_line_saying_what_is_kept(
             raise inner
         assert got.value is inner
     assert not tmp.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_published_weights_are_readable_as_the_umask_lets_others_read(tmp_path):
+    """safetensors (0.8) writes weights owner-only (0o600): an editor exported or trained on a shared machine could not
+    be read by an app or a colleague running as another user. A published folder's owner-only files get the mode the
+    umask gives new files (0o644 under 022); under umask 077 they stay 0o600; other modes are left alone."""
+    from safetensors.torch import save_file
+
+    from npedit.training.checkpoint import publishing
+
+    old = os.umask(0o022)
+    try:
+        with publishing(tmp_path / "editor") as folder:
+            (folder / "transformer").mkdir(parents=True)
+            save_file({"w": torch.zeros(2)}, str(folder / "transformer" / "model.safetensors"))
+            (folder / "run.sh").write_text("#!/bin/sh\n")
+            (folder / "run.sh").chmod(0o750)
+        assert (tmp_path / "editor" / "transformer" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "editor" / "run.sh").stat().st_mode & 0o777 == 0o750
+        assert not (tmp_path / "editor" / ".mode_probe").exists()
+        os.umask(0o077)
+        with publishing(tmp_path / "private") as folder:
+            folder.mkdir()
+            save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+        assert (tmp_path / "private" / "model.safetensors").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

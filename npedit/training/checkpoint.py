@@ -256,13 +256,46 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode(folder: Path) -> int | None:
+    """The permissions a new file gets in `folder` under this process's umask (0o644 under the usual 022), probed
+    with a file made there and removed (reading the umask means setting it, which other threads would see); None on
+    Windows, which has no such bits, or when the probe cannot be made."""
+    if os.name == "nt":
+        return None
+    probe = folder / ".mode_probe"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def _readable_as_others(path: Path, mode: int | None) -> None:
+    """Give a file written owner-only (0o600: safetensors' `save_file` since 0.8 writes weights so) the permissions
+    the umask gives new files, so an editor exported on a shared machine is readable by the others the umask lets
+    read (an app or a colleague running as another user); other modes, and links, stay as they are."""
+    if mode is None or mode == 0o600 or path.is_symlink():
+        return
+    try:
+        if path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(mode)
+    except OSError:  # (a file system that keeps no such bits)
+        pass
+
+
 def _replace(tmp: Path, final: Path) -> None:
     """Put the finished folder `tmp` in the place of `final`, its files flushed to the disk first, so that a power cut
     after the rename cannot leave a published folder with empty files. An old `final` is renamed away, the new one
     renamed in, and only then the old one deleted (minutes for a large model): a run killed during the deletion leaves
     the new folder and a `.trash_*` one, which the next save or export removes."""
+    shared = _new_file_mode(tmp)
     for folder, _, files in os.walk(tmp):
         for name in files:
+            _readable_as_others(Path(folder, name), shared)
             _sync(Path(folder, name))
         _sync(Path(folder))
     trash = final.with_name(f".trash_{final.name}")
