@@ -167,9 +167,9 @@ class App:
         """gr.Error unless this visitor may start, cancel, resume or export training runs."""
         off = self.training_off()
         if off:
-            raise gr.Error(off)
+            raise _refusal(off)
         if self.public and not self._owns(token):
-            raise gr.Error("This app is public: training needs its owner's training token (NPEDIT_TRAIN_TOKEN).")
+            raise _refusal("This app is public: training needs its owner's training token (NPEDIT_TRAIN_TOKEN).")
 
     def runs_hidden(self, token: str | None) -> str | None:
         """Why this visitor sees nothing of the runs folder (a public app shows it only with the training token: its
@@ -404,6 +404,15 @@ def _remove_downloads(written: list[Path]) -> None:
                 pass
 
 
+REMOVAL_NEEDS_OBJECT = ("A removal is judged by asking whether the removed object is still there: name it in "
+                        "\"Removed object\"{where}, or pick another edit type.")
+
+
+def _refusal(message: str) -> gr.Error:
+    """A user's mistake or a limit of this app, for the browser: its words alone (no traceback in the server log)."""
+    return gr.Error(message, print_exception=False)
+
+
 def _error(exc: Exception) -> gr.Error:
     """The message of `exc` for the browser (uploads named as the user named them)."""
     return gr.Error(_for_user(str(exc)), print_exception=False)
@@ -449,21 +458,20 @@ def edit_handler(app: App):
         the judge's verdict on each, and the one it rates highest; with `refine_steps` > 0, the edit refined by the
         judge (`npedit.refine`) shown, the editor's own beside it, and the judge's loss per step (`refine_view`)."""
         if image is None:
-            raise gr.Error("Upload an image first (or load an example / a random Shapes scene).")
+            raise _refusal("Upload an image first (or load an example / a random Shapes scene).")
         if not (instruction or "").strip():
-            raise gr.Error("Type an instruction, e.g. \"make the red circle blue\".")
+            raise _refusal("Type an instruction, e.g. \"make the red circle blue\".")
         try:
             edit_type = edit_type_name(edit_type)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise _refusal(str(exc)) from None
         refine_steps = _refine_steps(refine_steps)
         asks_judge = int(candidates or 1) > 1 or inspect_steps or refine_steps > 0
         if asks_judge and edit_type == "remove" and not (object_name or "").strip():
-            raise gr.Error("A removal is judged by asking whether the removed object is still there: name it in "
-                           "\"Removed object\" (Advanced settings), or pick another edit type.")
+            raise _refusal(REMOVAL_NEEDS_OBJECT.format(where=" (Advanced settings)"))
         refine_lr, refine_anchor = _refine_settings(refine_steps, refine_lr, refine_anchor)
         if app.public and refine_steps * int(candidates or 1) > MAX_PUBLIC_REFINE_WORK:
-            raise gr.Error(f"This public app refines at most {MAX_PUBLIC_REFINE_WORK} steps per edit over all "
+            raise _refusal(f"This public app refines at most {MAX_PUBLIC_REFINE_WORK} steps per edit over all "
                            f"candidates (candidates x refinement steps; {int(candidates)} x {refine_steps} asked): "
                            "e.g. 4 candidates at 100 steps, or 16 at 25.")
         questions = {"edit_type": edit_type, "object_name": (object_name or "").strip() or None,
@@ -471,7 +479,7 @@ def edit_handler(app: App):
         seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed or 0)
         editor = app.editor_path(editor)
         if editor is None and app.public:  # (a local app without an editor says so when it loads one)
-            raise gr.Error("This app is public: pick an editor from the list (it loads no other folder or hub id).")
+            raise _refusal("This app is public: pick an editor from the list (it loads no other folder or hub id).")
         share = 0.5 if refine_steps else 1.0  # of the progress bar: the refinement takes the second half
 
         def part(fraction, desc):
@@ -587,7 +595,7 @@ def _refine_steps(steps) -> int:
     the refinement: a bad count is named as such, not as a clash with Candidates)."""
     value = float(steps or 0)
     if value != int(value) or not 0 <= value <= MAX_REFINE_STEPS:
-        raise gr.Error(f"Refine with the judge takes a whole number of steps from 0 to {MAX_REFINE_STEPS}, got {steps}.")
+        raise _refusal(f"Refine with the judge takes a whole number of steps from 0 to {MAX_REFINE_STEPS}, got {steps}.")
     return int(value)
 
 
@@ -597,7 +605,7 @@ def _refine_settings(steps: int, lr, anchor) -> tuple[float, float]:
         return DEFAULT_REFINE_LR, DEFAULT_REFINE_ANCHOR
     for name, value in (("learning rate", lr), ("anchor", anchor)):
         if value is None:
-            raise gr.Error(f"Give the refinement {name} (Refine with the judge: advanced).")
+            raise _refusal(f"Give the refinement {name} (Refine with the judge: advanced).")
     try:
         check_refine_settings(steps, float(lr), float(anchor))
     except ValueError as exc:
@@ -789,7 +797,9 @@ def gradients_handler(app: App):
                   gone=""):
         """A figure: for each question, where in the edited image its answer comes from (`answer_gradients`)."""
         if reference is None or edited is None:
-            raise gr.Error("Give both a reference and an edited image.")
+            raise _refusal("Give both a reference and an edited image.")
+        if edit_type == "remove" and not (object_name or "").strip():
+            raise _refusal(REMOVAL_NEEDS_OBJECT.format(where=""))
         try:
             grads = answer_gradients(app.models.judge(), reference, edited, instruction or "",
                                      edit_type=edit_type or "edit", object_name=(object_name or "").strip() or None,
@@ -847,7 +857,9 @@ def build_judge_tab(app: App, last_edit: gr.State):
     def judge(reference, edited, instruction, edit_type="edit", object_name="", extra="", keep="", new="", gone=""):
         """P(Yes) and logit margin of every question about (reference, edited) for `instruction`."""
         if reference is None or edited is None:
-            raise gr.Error("Give both a reference and an edited image.")
+            raise _refusal("Give both a reference and an edited image.")
+        if edit_type == "remove" and not (object_name or "").strip():
+            raise _refusal(REMOVAL_NEEDS_OBJECT.format(where=""))
         try:
             v = judge_edit(app.models.judge(), reference, edited, instruction or "", edit_type=edit_type or "edit",
                            object_name=(object_name or "").strip() or None, extra=judging.extra_questions(extra),
@@ -885,7 +897,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
     def take_last(last):
         """The last edit's pair and the questions its candidates were judged with (their keep checks included)."""
         if not last:
-            raise gr.Error("No edit yet: run one in the Edit tab first.")
+            raise _refusal("No edit yet: run one in the Edit tab first.")
         return (last["reference"], last["edited"], last["instruction"], last["edit_type"], last["object_name"],
                 last["keep"])
 
@@ -1055,7 +1067,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
             app.check_training(token_value)
         seed = int(seed or 0)
         if not 0 <= seed < 2**32:
-            raise gr.Error(f"The seed is a whole number from 0 to {2**32 - 1}, got {seed}.")
+            raise _refusal(f"The seed is a whole number from 0 to {2**32 - 1}, got {seed}.")
         # each seed and count has a folder of up to 2,000 PNGs there, kept only until Start copies them into a run:
         # those of a day ago go, as the cache's uploads do (kept, every new seed tried added one for good)
         if staging.is_dir():
@@ -1132,24 +1144,24 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
         if app.public:
             if (base.strip() not in (own_base, app.shown(own_base)) or judge.strip() not in (own_judge,
                     app.shown(own_judge)) or (student.strip() and app.editor_path(student.strip()) is None)):
-                raise gr.Error("This app is public: it trains from its own teacher and judge, and from a listed "
+                raise _refusal("This app is public: it trains from its own teacher and judge, and from a listed "
                                "editor (it loads no other folder or hub id).")
             # the boxes show names without the server's folders (and the student may be a list label): the paths
             base, judge, student = own_base, own_judge, student.strip() and app.editor_path(student.strip())
         if presets.start_problem(presets.PRESETS[preset_name]):
-            raise gr.Error(presets.start_problem(presets.PRESETS[preset_name]))
+            raise _refusal(presets.start_problem(presets.PRESETS[preset_name]))
         run_dir = app.runs_root / (_slug(name) or time.strftime("run-%Y%m%d-%H%M%S"))
         busy = jobs.active_job(app.runs_root, device)
         if busy is not None:
-            raise gr.Error(f"{device} is busy with run '{busy.name}': one job per device. Wait for it or cancel it.")
+            raise _refusal(f"{device} is busy with run '{busy.name}': one job per device. Wait for it or cancel it.")
         if runs.is_run(run_dir):
-            raise gr.Error(f"a run named '{run_dir.name}' exists already: pick another name.")
+            raise _refusal(f"a run named '{run_dir.name}' exists already: pick another name.")
         try:  # made in one step, refused when there: of two visitors starting one name at once, one gets it (the
             # other wrote its table into the first one's data/); a folder of runs (runs/shapes/npedit) is refused too,
             # as a failed start below deletes the folder
             run_dir.mkdir(parents=True)
         except FileExistsError:
-            raise gr.Error(f"a folder named '{run_dir.name}' exists already in {app.runs_folder()}: pick another "
+            raise _refusal(f"a folder named '{run_dir.name}' exists already in {app.runs_folder()}: pick another "
                            "name.") from None
         try:
             data = presets.SHAPES_STREAM if use_stream else os.path.abspath(run_dir / "data" / "cases.jsonl")
@@ -1199,7 +1211,7 @@ def build_train_tab(app: App, editor_dropdown, refresh_list):
 
     def on_cancel(run_dir, token_value):
         if not run_dir:
-            raise gr.Error("No job to cancel.")
+            raise _refusal("No job to cancel.")
         if app.public:
             app.check_training(token_value)
         return _status_markdown(jobs.cancel_job(run_dir), device)
@@ -1316,7 +1328,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
 
     def on_resume(name, token_value=None):
         if not name:
-            raise gr.Error("Pick a run.")
+            raise _refusal("Pick a run.")
         app.check_training(token_value)  # (the Train tab's token box)
         try:
             st = jobs.start_job(app.runs_root / name, resume=True, runs_root=app.runs_root)
@@ -1328,7 +1340,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
     def on_export(name, token_value=None):
         """The run's newest checkpoint as an editor (RUN/exports/step_N), e.g. of a run killed halfway."""
         if not name:
-            raise gr.Error("Pick a run.")
+            raise _refusal("Pick a run.")
         if app.public:
             app.check_training(token_value)
         try:

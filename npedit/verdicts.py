@@ -86,7 +86,7 @@ def edit_questions(instruction: str, *, edit_type: str = "edit", object_name: st
     for what, texts in (("the instruction", [instruction]), ("the removed object", [object_name or ""]),
                         ("an object to keep", keep), ("a new object", new), ("a gone object", gone),
                         ("an extra question", extra)):
-        longest = max((len(t) for t in texts), default=0)
+        longest = max((len(t.strip()) for t in texts), default=0)  # (counted as the editor counts: stripped)
         if longest > MAX_INSTRUCTION_CHARS:
             raise ValueError(f"{what} has {longest} characters; at most {MAX_INSTRUCTION_CHARS} are accepted")
     questions: list[Question] = training_questions(instruction, edit_type, object_name, identity=True, kept=keep)

@@ -124,7 +124,7 @@ def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
     for var in ("NPEDIT_MODEL", "NPEDIT_JUDGE", "NPEDIT_TEACHER", "NPEDIT_CRITIC"):
         monkeypatch.delenv(var, raising=False)
     app = npedit_app.make_app(npedit_app.parse_args(["--runs", str(tmp_path / "runs")]))
-    npedit_app.build_demo(app)
+    demo = npedit_app.build_demo(app)
     assert "No editor" in app.models.status() and "--model" in app.models.status()
     with pytest.raises(gr.Error, match="--model"):
         npedit_app.edit_handler(app)(str(shapes_png), "remove the circle")
@@ -134,6 +134,12 @@ def test_missing_models_build_and_explain(tmp_path, monkeypatch, shapes_png):
         npedit_app.edit_handler(app)(str(shapes_png), "  ")
     with pytest.raises(gr.Error, match="name it in \"Removed object\""):  # before any model is needed
         npedit_app.edit_handler(app)(str(shapes_png), "remove the circle", edit_type="remove")
+    # the Judge tab's verdict and gradient maps say it in the same words (they named `object_name` and printed None)
+    judge = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "judge")
+    for ask in (judge, npedit_app.gradients_handler(app)):
+        with pytest.raises(gr.Error, match="A removal is judged by asking whether the removed object is still there: "
+                                           "name it in \"Removed object\", or pick"):
+            ask(str(shapes_png), str(shapes_png), "remove the circle", "remove", "  ")
 
 
 def test_train_start_never_deletes_a_folder_it_did_not_create(tmp_path, shapes_png):

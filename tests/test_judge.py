@@ -335,6 +335,14 @@ def test_the_removed_object_is_asked_about_as_the_app_and_a_list_name_it():
     spaced = [q.text for q in edit_questions(" make the dog red ", edit_type="recolor")]
     assert spaced == [q.text for q in edit_questions("make the dog red", edit_type="recolor")]
     assert '"make the dog red"' in spaced[0]
+    # and its length counted as the editor counts it, stripped (the Judge tab said 5,000 where the Edit tab said 4,999)
+    from npedit.pipeline import MAX_INSTRUCTION_CHARS, check_instruction
+
+    longest = "x" * MAX_INSTRUCTION_CHARS + "  "
+    assert len(edit_questions(longest)) == 2 and check_instruction(longest) == longest.strip()
+    for refused in (check_instruction, edit_questions):
+        with pytest.raises(ValueError, match=f"^the instruction has {MAX_INSTRUCTION_CHARS + 1} characters"):
+            refused("x" * (MAX_INSTRUCTION_CHARS + 1) + " ")
 
 
 def test_an_edit_is_not_judged_against_an_empty_instruction():
