@@ -518,7 +518,7 @@ def edit_handler(app: App):
                            for k, (r, s) in enumerate(zip(picked.refinements, picked.seeds))]
                 info = [f"Seeds **{seed}-{seed + n - 1}** · best of {n}, each refined with the judge: candidate "
                         f"#{picked.best}, seed **{picked.seeds[picked.best]}**, the lowest final judge loss (that "
-                        f"seed with 1 candidate redoes it) · {int(steps)} steps · {seconds:.2f} s"
+                        f"seed with 1 candidate redoes it, to a level of 255 in a few pixels) · {int(steps)} steps · {seconds:.2f} s"
                         + (" · per-step analysis: with 1 candidate" if inspect_steps else ""),
                         f"Refined with the judge, the kept candidate: {plots.refine_caption(kept.losses)} (lr "
                         f"{refine_lr:g}, anchor {refine_anchor:g})",
@@ -534,7 +534,7 @@ def edit_handler(app: App):
                            for k, (im, v, s) in enumerate(zip(picked.images, picked.verdicts, picked.seeds))]
                 info = [f"Seeds **{seed}-{seed + len(picked.images) - 1}** · best of {len(picked.images)} by the "
                         f"judge: candidate #{picked.best}, seed **{picked.seeds[picked.best]}** (that seed with 1 "
-                        f"candidate redoes it, with the per-step analysis) · {int(steps)} steps · {seconds:.2f} s",
+                        f"candidate redoes it, to a level of 255 in a few pixels, with the per-step analysis) · {int(steps)} steps · {seconds:.2f} s",
                         candidates_markdown(picked)]
             elif inspect_steps:
                 part(0.05, desc="loading the judge, teacher and critic")
