@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mimetypes
 import os
+import re
 import stat
 import struct
 import warnings
@@ -101,7 +102,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
         source = array_to_pil(source)
     if isinstance(source, Image.Image):
         if source.width * source.height > MAX_PIXELS:
-            raise ImageError(f"image of {source.width}x{source.height} is larger than {MAX_PIXELS:,} pixels")
+            raise ImageError(too_large_message("the image", f"{source.width}x{source.height}, "
+                                                            f"{source.width * source.height:,} pixels"))
         if not source.width * source.height:
             raise ImageError(f"empty image ({source.width}x{source.height} pixels)")
         return to_rgb(source)
@@ -123,17 +125,34 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
         raise ImageError(f"{path} is not a regular file")
     if info.st_size == 0:
         raise ImageError(f"{path} is an empty file (0 bytes)")
+    too_large = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the guard here
             img = Image.open(path, formats=readable_formats())
         with img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{path} is {img.width}x{img.height}, larger than {MAX_PIXELS:,} pixels")
-            img.load()
-            return to_rgb(img)
+            if img.width * img.height > MAX_PIXELS:  # (said below: a readable file, not "cannot read")
+                too_large = f"{img.width}x{img.height}, {img.width * img.height:,} pixels"
+            else:
+                img.load()
+                return to_rgb(img)
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit, refused as it opens
+        too_large = bomb_size(exc)
     except UNREADABLE as exc:
         raise ImageError(f"cannot read {path} as an image: {exc}{_no_reader_note(path)}") from None
+    raise ImageError(too_large_message(str(path), too_large))
+
+
+def bomb_size(exc: Exception) -> str:
+    """The size Pillow's DecompressionBombError gives (it opens no image over twice its own limit), in words."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found[1]):,} pixels" if found else "too many pixels"
+
+
+def too_large_message(name: str, size: str) -> str:
+    """The one message for an image over MAX_PIXELS, named `name`, of `size` (in words)."""
+    return (f"{name} is too large: {size}, more than the {MAX_PIXELS:,} an image may have here (decoding it would "
+            "take gigabytes of memory); scale it down first")
 
 
 def readable_formats() -> list[str]:

@@ -250,7 +250,7 @@ def test_an_upload_that_is_no_image_says_why(tmp_path, monkeypatch, shapes_png):
         with pytest.raises(gr.Error, match="photo.png is no longer on the server: .* Upload it again"):
             image.preprocess(ImageData(path=str(tmp_path / "gone" / "photo.png"), orig_name="photo.png"))
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)  # the 64x64 scene becomes a "decompression bomb"
-    with pytest.raises(gr.Error, match="scene.png is too large to open"):
+    with pytest.raises(gr.Error, match="scene.png is too large: 4,096 pixels, more than the 64,000,000 an image may"):
         uploads["Input image"].preprocess(ImageData(path=str(shapes_png), orig_name="scene.png"))
 
 

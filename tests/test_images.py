@@ -60,13 +60,20 @@ def test_broken_missing_and_huge_inputs(tmp_path, monkeypatch):
         load_image(tmp_path)
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
-    with pytest.raises(ImageError, match="larger than"):
+    # a readable file, too large: said so, not "cannot read ... as an image" (the app's upload said that)
+    with pytest.raises(ImageError, match=f"^{re.escape(str(tmp_path / 'big.png'))} is too large: 20x20, 400 pixels, "
+                                         "more than the 100 an image may have here"):
         load_image(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL would warn first; the one clear message is ours
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ImageError, match="larger than"):
+        with pytest.raises(ImageError, match="big.png is too large: 20x20, 400 pixels"):
             load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # over twice Pillow's limit: it refuses to open, in the same words
+    with pytest.raises(ImageError, match="big.png is too large: 400 pixels, more than the 100"):
+        load_image(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="^the image is too large: 20x20, 400 pixels"):
+        load_image(Image.new("RGB", (20, 20)))
 
 
 def test_sizes_and_tensor_round_trip():
