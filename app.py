@@ -732,7 +732,7 @@ def build_edit_tab(app: App, last_edit: gr.State):
             reuse = gr.Button("↺ Use the result as the next input", size="sm")
             slider = gr.ImageSlider(type="pil", format="png", label="Before / after", max_height=320,
                                     elem_classes="pixelated")
-            info = gr.Markdown()
+            info = gr.Markdown(label="Edit info", show_label=False)  # (the /edit API names its output so)
             gallery = gr.Gallery(label="Candidates (best of N): #, the judge's score, ✓ kept; or, refined with the "
                                        "judge, the editor's edit and the refined one, or each refined candidate "
                                        "with its loss", columns=4,
@@ -924,7 +924,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
                 pairs = judging.read_pairs(files or [], uploads_only=app.public,
                                            max_pairs=MAX_BATCH_PAIRS if app.public else None)
                 out, asked = judging.judge_pairs(app.models.judge(), pairs, lambda f, d: progress(f, desc=d),
-                                                 named=app.public)  # a stranger sees no path of the server
+                                                 named=True)  # as the list names them: no upload folder's copy
             except (models.ModelError, ValueError) as exc:
                 raise _error(exc) from None
             paths = []

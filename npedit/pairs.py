@@ -118,7 +118,7 @@ def as_named(message: str, pair: Pair) -> str:
 def judge_pairs(judge, pairs: Iterable[Pair], named: bool = False) -> Iterator[tuple[dict, list[dict]]]:
     """For each pair, its verdict row (VERDICT_COLUMNS) and its question rows (QUESTION_COLUMNS), every digit kept.
     A pair that cannot be judged gets its reason in `error` (one question row, with it) and the others go on; with
-    `named` (a public app) the reason names images as the list does, never by their path on this machine."""
+    `named` (the app) the reason names images as the list does, never by their path on this machine."""
     from .verdicts import judge_edit
 
     for p in pairs:

@@ -1097,7 +1097,8 @@ def _pair_list(path: Path, pairs: list[dict]) -> Path:
 def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp_path, monkeypatch, shapes_png, kind):
     """`npedit judge --batch` read JSON lines only, needed an id, wrote p_* only and left a failing pair out of its
     file (stderr only); the app's batch read CSV too, numbered pairs itself and had no question rows. One builder
-    (npedit.pairs) serves both now: the same list gives the same two files, byte for byte."""
+    (npedit.pairs) serves both now: the same list gives the same two files, byte for byte, but for an error, which the
+    app words naming the image as the list does (a local app named gradio's copy of the upload)."""
     from npedit.cli import main
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
@@ -1116,8 +1117,9 @@ def test_the_app_and_the_cli_judge_a_batch_list_into_the_same_rows(tiny_set, tmp
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in npedit_app.build_demo(app).fns.values()}
     files = [str(listing), *(str(tmp_path / n) for n in ("scene.png", "edited.png", "trunc.png"))]
     table, *shown = fns["judge_batch"](files, progress=lambda *a, **k: None)
-    for ours, theirs in zip(cli, shown):
-        assert Path(theirs).read_text() == ours.read_text()
+    for ours, theirs in zip(cli, shown):  # the same rows, an error naming the image as the list does (the CLI: its path)
+        assert str(tmp_path / "trunc.png") in ours.read_text() and str(tmp_path) not in Path(theirs).read_text()
+        assert Path(theirs).read_text() == ours.read_text().replace(str(tmp_path / "trunc.png"), "trunc.png")
     verdicts, asked = (pd.read_csv(path, dtype=str, keep_default_na=False) for path in cli)
     assert list(verdicts["id"]) == (["2", "r", "4"] if kind == "csv" else ["1", "r", "3"])  # default: the line
     assert list(verdicts["edited"]) == ["edited.png", "edited.png", "trunc.png"] == list(table["edited"])

@@ -72,7 +72,7 @@ def read_pairs(files: list[str | os.PathLike], uploads_only: bool = False, max_p
 def judge_pairs(judge, pairs: list[Pair], progress: Callable[[float, str], None] | None = None,
                 named: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The verdict rows and question rows of every pair (npedit.pairs.judge_pairs: what `python -m npedit judge
-    --batch` writes), unrounded; with `named` (a public app) errors name images as the list does, never by their
+    --batch` writes), unrounded; with `named` (the app) errors name images as the list does, never by their
     path on this machine."""
     verdicts, questions = [], []
     for i, (row, asked) in enumerate(judge_rows(judge, pairs, named=named)):
