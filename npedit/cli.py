@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -165,6 +166,7 @@ def cmd_edit(args) -> int:
     if args.trace:
         _check_writable(Path(args.trace).absolute().parent if zipped else Path(args.trace).absolute(),
                         f"--trace {args.trace}")
+        _check_trace_target(args, zipped)
         folder = Path(args.trace)
         if not zipped and folder.is_dir() and own_entries(folder) and not (folder / "trace.json").is_file():
             raise SystemExit(f"error: --trace {args.trace} holds other files and no trace: a trace writes trace.json, "
@@ -236,8 +238,14 @@ def _edit_jobs_of(args) -> list[dict]:
     """The jobs of `edit`: the one --image, or every line of --batch, each with the PNG path it is saved to (a
     --batch id names a file in --output-dir: a plain name, once)."""
     if args.image:
-        if not args.instruction or not args.output:
+        if args.instruction is None or not args.output:
             raise UsageError("error: --image needs --instruction and --output")
+        from .pipeline import check_instruction
+
+        try:  # empty or too long: a mistake of the command line, said before the weights load
+            check_instruction(args.instruction)
+        except ValueError as exc:
+            raise UsageError(f"error: --instruction: {exc}") from None
         out = Path(args.output)
         _image_format(out)
         judged = args.candidates > 1 or args.verdicts or args.trace or args.refine
@@ -253,13 +261,13 @@ def _edit_jobs_of(args) -> list[dict]:
         raise SystemExit(f"error: {args.batch} lists no edits: one line per edit with id, image, instruction")
     rows = [row for _, row in lines]
     names = [str(r["id"]) for r in rows]
-    for name in names:
+    for (n, _), name in zip(lines, names):
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-            raise SystemExit(f"error: {args.batch}: id {name!r} is not a plain file name (each result is saved as "
+            raise SystemExit(f"error: {args.batch}:{n}: id {name!r} is not a plain file name (each result is saved as "
                              f"{Path(args.output_dir) / '<id>.png'})")
         problem = files.windows_name_problem(f"{name}.png") if files.WINDOWS else None
         if problem:  # else an id like "case:1" wrote an empty "case" file there, or failed after its edit
-            raise SystemExit(f"error: {args.batch}: id {name!r} cannot name a file here ({problem}; each result is "
+            raise SystemExit(f"error: {args.batch}:{n}: id {name!r} cannot name a file here ({problem}; each result is "
                              f"saved as {Path(args.output_dir) / '<id>.png'})")
     twice = [name for name, count in Counter(names).items() if count > 1]
     if twice:
@@ -422,9 +430,18 @@ def _refined(pipe, judge, job: dict, picture, args, named: bool):
     line for an edit, or per candidate, or, in a list (`named`), one line for the job with its id."""
     from .refine import refine_candidates
 
-    r = refine_candidates(pipe, judge, picture, job["instruction"], candidates=args.candidates, seed=args.seed,
-                          steps=args.steps, refine_steps=args.refine, lr=args.refine_lr, anchor=args.refine_anchor,
-                          max_side=args.max_side, **_job_questions(job))
+    # one tick per candidate and judge pass (the last measures the result): minutes of a large editor's refinement,
+    # or of many candidates, were silent until every line came at once; a list's jobs have their own bar
+    with tqdm(total=args.candidates * (args.refine + 1), desc="refine", unit="pass", disable=named,
+              leave=False) as bar:
+        def passed(first, step, losses):
+            bar.update(len(losses))
+            bar.set_postfix(judge_loss=f"{float(losses.min()):.3f}", refresh=False)
+
+        r = refine_candidates(pipe, judge, picture, job["instruction"], candidates=args.candidates, seed=args.seed,
+                              steps=args.steps, refine_steps=args.refine, lr=args.refine_lr,
+                              anchor=args.refine_anchor, max_side=args.max_side, callback=passed,
+                              **_job_questions(job))
     done, n = r.refinements[r.best], len(r.refinements)
     loss = f"judge loss {done.losses[0]:.3f} -> {done.losses[-1]:.3f}"
     if n == 1:
@@ -467,10 +484,19 @@ def cmd_judge(args) -> int:
         raise UsageError("error: --batch needs --output")
     if args.questions and not args.batch:
         raise UsageError("error: --questions is the per-question file of --batch (one pair prints its questions)")
-    if not args.batch and not (args.reference and args.edited and args.instruction):
+    if not args.batch and not (args.reference and args.edited and args.instruction is not None):
         raise UsageError("error: give --reference, --edited and --instruction (or --batch/--output)")
     if not args.batch and args.edit_type == "remove" and not (args.object or "").strip():
         raise UsageError(REMOVE_NEEDS_OBJECT)
+    if not args.batch:
+        from .verdicts import edit_questions
+
+        try:  # an empty or overlong text: a mistake of the command line, said before the judge's weights load
+            edit_questions(args.instruction, edit_type=args.edit_type, object_name=args.object or None,
+                           keep=object_names(args.keep), new=object_names(args.new), gone=object_names(args.gone),
+                           extra=[text.strip() for text in args.extra if text.strip()])
+        except ValueError as exc:
+            raise UsageError(f"error: {exc}") from None
     if not args.batch and args.edit_type != "remove" and (args.object or "").strip():  # else silently not asked
         print(f"note: --object is asked about for --edit-type remove only (is it still there?); for "
               f"--edit-type {args.edit_type}, --new / --gone / --keep ask about objects", file=sys.stderr)
@@ -614,6 +640,35 @@ def _file_key(path: str | Path):
     except (OSError, ValueError):  # (ValueError: a NUL in the name)
         return Path(path).resolve()
     return found.st_dev, found.st_ino
+
+
+TRACE_FILE = re.compile(r"(trace\.json|steps\.csv|reference\.png|edited\.png|refined\.png|"
+                        r"step-\d+-(x0\.png|dmd\.png|dmd\.npy))", re.IGNORECASE)
+
+
+def _check_trace_target(args, zipped: str | None) -> None:
+    """Stop when --trace would write over what is not a trace: a zip (or other file) of that name holding no
+    trace.json, which is replaced whole; or, in a trace folder, --image or --output under one of the trace's own
+    file names (step-N-x0.png...), which the trace would replace or which would replace the trace's file."""
+    if zipped:
+        path = Path(zipped)
+        if path.is_dir():
+            raise SystemExit(f"error: --trace {zipped} is a folder; a name ending in .zip is written as one zip file")
+        if path.exists():
+            try:
+                with zipfile.ZipFile(path) as z:
+                    ours = "trace.json" in z.namelist()
+            except (OSError, zipfile.BadZipFile):
+                ours = False
+            if not ours:
+                raise SystemExit(f"error: --trace {zipped} exists and is no trace (it holds no trace.json): the trace "
+                                 "would replace it whole; give a new name (or an earlier trace's zip)")
+        return
+    folder = _file_key(Path(args.trace).absolute())
+    for path, flag in ((args.image, "--image"), (args.output if args.image else None, "--output")):
+        if path and TRACE_FILE.fullmatch(Path(path).name) and _file_key(Path(path).absolute().parent) == folder:
+            raise UsageError(f"error: {flag} {path} is one of the files the trace writes in --trace {args.trace}: one "
+                             "would replace the other; give another name or another trace folder")
 
 
 def _check_distinct(files: list[tuple[str | None, str]]) -> None:

@@ -232,6 +232,8 @@ def own_companions(editor: str | os.PathLike | None) -> tuple[str | None, str | 
             teacher = _run_base(run_config) or teacher
         if teacher and not (Path(teacher).is_dir() or not looks_local(teacher)):
             teacher = None  # e.g. a relative runs/ path of the machine that trained a bundled editor
+        elif teacher and Path(teacher).is_dir():
+            teacher = str(Path(teacher).resolve())  # named as the editor and critic are (trace.json's models)
         # a run's pipeline/ has its critic beside it
         critic = str(local.parent / "critic") if (local.parent / "critic" / "config.json").is_file() else None
         if local.parent.name == "exports" and "averaged_steps" not in cfg and cfg.get("exported_from"):

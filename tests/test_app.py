@@ -753,6 +753,12 @@ def test_the_edit_tabs_trace_download_holds_what_the_cli_traces(tiny_set, tmp_pa
         assert "step-1-dmd.npy" not in z.namelist() and "step-1-x0.png" in z.namelist()
     assert record["dmd_note"].startswith("no critic") and record["models"]["critic"] is None
     assert 0 < record["steps_table"][0]["p_edit"] < 1
+    # an earlier trace's zip is written over (a zip of other files is refused: tests/test_cli.py)
+    assert main(["edit", "--model", tiny_set["model"], "--judge", tiny_set["judge"], "--teacher", tiny_set["teacher"],
+                 "--image", str(shapes_png), "--instruction", "make the circle red", "--steps", "2",
+                 "--output", str(tmp_path / "one.png"), "--trace", str(tmp_path / "one.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "one.zip") as z:
+        assert json.loads(z.read("trace.json"))["instruction"] == "make the circle red" and "step-2-x0.png" in z.namelist()
 
 
 

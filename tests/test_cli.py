@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,8 @@ def mistakes(tmp_path, monkeypatch):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "one.jsonl").write_text(json.dumps({"id": "a", "image": str(EXAMPLE), "instruction": "add"}) + "\n")
     (tmp_path / "bad.yaml").write_text("stage: warmup\noptim: {lr: 1e-4\n")
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:  # a zip of the user's, no trace
+        z.writestr("holiday.png", b"x")
     (tmp_path / "runs" / "t" / "base").mkdir(parents=True)  # a trained teacher's folder
     (tmp_path / "runs" / "t" / "base" / "model_index.json").write_text("{}")
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"reference": str(EXAMPLE), "edited": "edited.png",
@@ -97,6 +100,18 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
 @pytest.mark.parametrize("argv, status, says", [
     # usage errors: status 2, as argparse's own (these were status 1, --steps only once the editor had loaded)
     (["edit"], 2, "error: give either --image/--instruction/--output or --batch/--output-dir"),
+    # an instruction that cannot be edited or judged: said before the weights load (was "--image needs --instruction",
+    # or, for "  " and overlong text, status 1 after the models loaded, named by --output's stem as a batch id)
+    (["edit", "--image", str(EXAMPLE), "--instruction", "", "--output", "o.png"], 2,
+     "error: --instruction: the instruction is empty"),
+    (["edit", "--image", str(EXAMPLE), "--instruction", "x" * 2001, "--output", "o.png"], 2,
+     "error: --instruction: the instruction has 2001 characters; at most 2000"),
+    (["judge", "--reference", str(EXAMPLE), "--edited", str(EXAMPLE), "--instruction", "  "], 2,
+     "error: the instruction is empty"),
+    # a trace over what is no trace: a zip of the user's files was replaced whole; an output under a trace file's name
+    ([*EDIT, "--output", "o.png", "--trace", "photos.zip"], 1, "error: --trace photos.zip exists and is no trace"),
+    ([*EDIT, "--output", "images/step-2-dmd.png", "--trace", "images"], 2,
+     "error: --output images/step-2-dmd.png is one of the files the trace writes in --trace images"),
     ([*EDIT, "--output", "o.png", "--steps", "0"], 2, "error: --steps must be between 1 and 1000, got 0"),
     ([*EDIT, "--output", "o.png", "--steps", "-1"], 2, "error: --steps must be between 1 and 1000, got -1"),
     # (100000000 steps: 4.8 GB of sampling times built, and days of sampling, instead of one line)
@@ -213,6 +228,7 @@ def test_ctrl_c_in_training_names_the_checkpoint_to_resume_from(mistakes, capsys
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "Trainer", Interrupted)
+    (mistakes / "m").mkdir()  # a base model folder (one not there stops before any trainer)
     code, said = exit_of(["train", "model.base=m", "data.train=shapes", "loss.lambda_vlm=0", "output_dir=runs/r"],
                          capsys)
     assert code == 130 and said == (

@@ -1278,8 +1278,8 @@ def test_cli_edit_refuses_bad_batches_and_outputs_before_loading(tmp_path):
 
     edit = ["edit", "--model", str(tmp_path / "no-model")]
     listing = tmp_path / "cases.jsonl"
-    for lines, says in (([{"id": "../x"}], "'../x' is not a plain file name"),
-                        ([{"id": "/tmp/x"}], "'/tmp/x' is not a plain file name"),
+    for lines, says in (([{"id": "../x"}], "cases.jsonl:1: id '../x' is not a plain file name"),
+                        ([{"id": "a"}, {"id": "/tmp/x"}], "cases.jsonl:2: id '/tmp/x' is not a plain file name"),
                         ([{"id": ""}], "'' is not a plain file name"),
                         ([{"id": "a"}, {"id": "b"}, {"id": "a"}], "ids 'a' appear more than once"),
                         ([{"id": "a", "image": 5}], "cases.jsonl:1: image must be a path"),
