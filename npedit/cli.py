@@ -172,6 +172,14 @@ def cmd_edit(args) -> int:
             raise SystemExit(f"error: --trace {args.trace} holds other files and no trace: a trace writes trace.json, "
                              "steps.csv, reference.png, edited.png, refined.png and step-N-* files into its folder, over any of "
                              "those names; give a new or empty folder (or an earlier trace's)")
+    for role, path in (("teacher", args.teacher), ("critic", args.critic)):  # what they are, before any weights load
+        if path:
+            from .backbones import detect_family
+
+            try:
+                detect_family(path)
+            except (ValueError, OSError) as exc:
+                raise SystemExit(f"error: --{role}: {exc}") from None
     device = _device()
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
@@ -642,10 +650,6 @@ def _file_key(path: str | Path):
     return found.st_dev, found.st_ino
 
 
-TRACE_FILE = re.compile(r"(trace\.json|steps\.csv|reference\.png|edited\.png|refined\.png|"
-                        r"step-\d+-(x0\.png|dmd\.png|dmd\.npy))", re.IGNORECASE)
-
-
 def _check_trace_target(args, zipped: str | None) -> None:
     """Stop when --trace would write over what is not a trace: a zip (or other file) of that name holding no
     trace.json, which is replaced whole; or, in a trace folder, --image or --output under one of the trace's own
@@ -664,9 +668,11 @@ def _check_trace_target(args, zipped: str | None) -> None:
                 raise SystemExit(f"error: --trace {zipped} exists and is no trace (it holds no trace.json): the trace "
                                  "would replace it whole; give a new name (or an earlier trace's zip)")
         return
+    from .trace import is_trace_file
+
     folder = _file_key(Path(args.trace).absolute())
     for path, flag in ((args.image, "--image"), (args.output if args.image else None, "--output")):
-        if path and TRACE_FILE.fullmatch(Path(path).name) and _file_key(Path(path).absolute().parent) == folder:
+        if path and is_trace_file(Path(path).name) and _file_key(Path(path).absolute().parent) == folder:
             raise UsageError(f"error: {flag} {path} is one of the files the trace writes in --trace {args.trace}: one "
                              "would replace the other; give another name or another trace folder")
 

@@ -280,6 +280,12 @@ TRACE_COLUMNS = ("step", "t", "p_edit", "p_identity", "dmd_mean", "dmd_max", "sa
                  "dmd_npy", "dmd_png")  # steps.csv and trace.json's "steps"
 STEP_FILE = re.compile(r"step-\d+-(x0\.png|dmd\.npy|dmd\.png)")  # the names `trace_record` gives a step's files
 REFINED_FILE = "refined.png"  # a refined trace's result (`refine_trace`)
+TRACE_NAMES = ("trace.json", "steps.csv", "reference.png", "edited.png", REFINED_FILE)  # and the STEP_FILE ones
+
+
+def is_trace_file(name: str) -> bool:
+    """Whether a file of this name is one a trace writes into its folder (`trace_files`)."""
+    return name in TRACE_NAMES or STEP_FILE.fullmatch(name) is not None
 
 
 def trace_record(trace: EditTrace, models: dict[str, str | None] | None = None) -> dict:

@@ -110,6 +110,9 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
      "error: the instruction is empty"),
     # a trace over what is no trace: a zip of the user's files was replaced whole; an output under a trace file's name
     ([*EDIT, "--output", "o.png", "--trace", "photos.zip"], 1, "error: --trace photos.zip exists and is no trace"),
+    # the trace's teacher or critic, checked before the judge's and the editor's weights load (was after both)
+    ([*EDIT, "--output", "o.png", "--trace", "t", "--critic", "images"], 1,
+     "error: --critic: images is a folder without model files"),
     ([*EDIT, "--output", "images/step-2-dmd.png", "--trace", "images"], 2,
      "error: --output images/step-2-dmd.png is one of the files the trace writes in --trace images"),
     ([*EDIT, "--output", "o.png", "--steps", "0"], 2, "error: --steps must be between 1 and 1000, got 0"),
