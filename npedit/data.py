@@ -206,7 +206,8 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
     text = file_text(path, label)
     header = LINE_BREAK.split(text, maxsplit=1)[0]
     delimiter = max(",;\t", key=header.count)  # the first of the most used: ',' when none is
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    # skipinitialspace: a quoted cell after the separator's space (`a.png, "red, please"`) is read as quoted
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, skipinitialspace=True)
     rows, start = [], 1
     try:
         # a spreadsheet's "Edit Type" or "Object_Name" is the column edit_type or object_name: read as another
@@ -235,7 +236,9 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...] = (), *, la
                 spare.append((start, len(extra)))
             start = reader.line_num + 1  # a quoted cell may span lines
     except csv.Error as exc:
-        raise ValueError(f"{label}:{start}: not a readable CSV {what}: {exc}") from None  # (the row it began)
+        hint = (" (a quoted cell ends at its closing quote: no space or text between it and the next separator)"
+                if "expected after" in str(exc) else "")
+        raise ValueError(f"{label}:{start}: not a readable CSV {what}: {exc}{hint}") from None  # (the row it began)
     _check_spare_cells(spare, label, len(reader.fieldnames), delimiter)
     return rows
 

@@ -434,6 +434,11 @@ def test_csv_cells_lose_a_spreadsheets_stray_spaces(tiny_manifest):
                [f" {c} " for c in columns])
     assert load_manifest(f) == [replace(r, caption_reference="", keep="", new="", gone="")
                                 for r in load_manifest(tiny_manifest)]
+    f.write_text("image,instruction,edit_type\na.png, \"make it red, please\",recolor\n")  # quoted after a space
+    assert read_csv_rows(f) == [(2, {"image": "a.png", "instruction": "make it red, please", "edit_type": "recolor"})]
+    f.write_text("image,instruction\na.png, \"make it red\" ,\n")
+    with pytest.raises(ValueError, match="m.csv:2: not a readable CSV .*expected after .* no space or text between"):
+        read_csv_rows(f, label="m.csv", what="manifest")
     f.write_text("reference , edited,instruction, edit_type\n a.png ,b.png\t,  make it  red  , Remove \n")
     assert read_csv_rows(f) == [(2, {"reference": "a.png", "edited": "b.png", "instruction": "make it  red",
                                      "edit_type": "Remove"})]
