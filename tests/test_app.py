@@ -1066,7 +1066,8 @@ def test_a_run_name_becomes_a_folder_name_every_os_accepts():
 
 def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set, tmp_path, monkeypatch, shapes_png):
     """An image of a batch list that cannot be read was named in the verdicts table and CSV by gradio's copy of it
-    (/tmp/gradio/<hash>/trunc.png): a public app names it as the list does; a local app keeps the full path."""
+    (/tmp/gradio/<hash>/trunc.png), a path the user never chose: the app, public or local, names it as the list
+    does."""
     uploads = tmp_path / "gradio" / ("ab" * 32)
     uploads.mkdir(parents=True)
     (uploads / "scene.png").write_bytes(shapes_png.read_bytes())
@@ -1083,11 +1084,8 @@ def test_a_public_app_names_batch_images_as_uploaded_not_by_server_path(tiny_set
         table, csv, _ = fns["judge_batch"](files, progress=lambda *a, **k: None)
         errors = list(table["error"])
         assert "trunc.png" in errors[0] and "notes.png" in errors[1] and errors[2] == "", errors
-        if public == "1":
-            assert not [e for e in errors if str(tmp_path) in e] and str(tmp_path) not in Path(csv).read_text()
-            assert errors[0].startswith("cannot read trunc.png as an image"), errors[0]
-        else:
-            assert str(uploads / "trunc.png") in errors[0] and str(uploads / "notes.png") in errors[1]
+        assert not [e for e in errors if str(tmp_path) in e] and str(tmp_path) not in Path(csv).read_text()
+        assert errors[0].startswith("cannot read trunc.png as an image"), errors[0]
 
 
 def _pair_list(path: Path, pairs: list[dict]) -> Path:
