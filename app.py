@@ -234,7 +234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only; 0.0.0.0: every network, "
                         "see --public)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (the default): bfloat16 on a GPU, else float32")
     p.add_argument("--judge-max-pixels", type=int, default=_env_number("NPEDIT_JUDGE_MAX_PIXELS"),
                    help="a Qwen2.5-VL judge sees at most this many pixels per image, here and in the runs the app "
                         "starts (e.g. 200704 = 448x448; default: $NPEDIT_JUDGE_MAX_PIXELS, else its own cap)")

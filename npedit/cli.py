@@ -1294,6 +1294,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at the null device: its reader has gone, and Python's flush at exit would fail once more."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError):  # (a stdout with no file descriptor: a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from .folders import BaseNotFound, CheckpointError
 
@@ -1302,7 +1311,11 @@ def main(argv: list[str] | None = None) -> int:
         # folder name) is shown escaped, as Python's stderr does, instead of failing the command after its work
         sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except BrokenPipeError:  # `--help | head`
+        _quiet_stdout()
+        raise SystemExit(1) from None
     if extra:  # `train a=1 --resume b=2`: overrides after a flag are still overrides (argparse stops at the flag)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
@@ -1310,6 +1323,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of the output left (`| head`): nothing more to say, and no error to show
+        _quiet_stdout()
+        raise SystemExit(1) from None
     except UsageError as exc:  # status 2 carries no message of its own
         print(exc, file=sys.stderr)
         raise

@@ -89,6 +89,15 @@ def test_editor_choices_offer_the_other_bundled_editors(tiny_set, tmp_path):
     assert started.editor_choices()[0][0].startswith("bundled, most accurate")  # the default says what it is
 
 
+def test_the_apps_dtype_takes_auto_as_the_cli_does(tmp_path):
+    """`python app.py --dtype auto` was refused though every npedit command takes it: auto is the default's rule."""
+    app = npedit_app.make_app(npedit_app.parse_args(["--dtype", "auto", "--device", "cpu", "--runs", str(tmp_path)]))
+    assert app.models.dtype == "float32"
+    app = npedit_app.make_app(npedit_app.parse_args(["--dtype", "bfloat16", "--device", "cpu", "--runs",
+                                                     str(tmp_path)]))
+    assert app.models.dtype == "bfloat16"
+
+
 def test_judge_pixel_cap_from_flag_or_space_variable(tiny_set, tmp_path, monkeypatch):
     flags = tiny_flags(tiny_set, tmp_path / "runs")
     monkeypatch.delenv("NPEDIT_JUDGE_MAX_PIXELS", raising=False)

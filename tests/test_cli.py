@@ -572,3 +572,16 @@ def test_a_shapes_eval_report_is_replaced_whole(mistakes, capsys, ctrl_c_at_fsyn
         assert exit_of(argv, capsys) == (130, "interrupted")
     assert (mistakes / "ev" / report).read_text() == '{"earlier": true}'
     assert sorted(p.name for p in (mistakes / "ev").iterdir()) == [report]
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path):
+    """`python -m npedit edit --help | head -1` sometimes ended "error: BrokenPipeError ... (unexpected ...)", status 1,
+    when the reader left before the help was written: the output's reader leaving is no error to report."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "npedit", "edit", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # the reader has gone before anything is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "error:" not in err, err

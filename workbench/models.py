@@ -213,7 +213,7 @@ class ModelSet:
         self.paths = paths
         self.revision = revision or None  # of the app's editor, when it is a hub id (its runs' editors are folders)
         self.device = device or default_device()
-        self.dtype = dtype or default_dtype(self.device)
+        self.dtype = default_dtype(self.device) if dtype in (None, "auto") else dtype
         self.keep = keep
         self.judge_max_pixels = judge_max_pixels or None  # the app's judge: at most this many pixels per image
         self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
