@@ -722,7 +722,6 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:  # the settings as typed (a file's or an override's)
         raise UsageError(f"error: {exc}") from None
-    _check_model_folders(cfg)
     run = Path(cfg.output_dir)
     # Before any model loads (else the first save fails). Nothing is created, so a run stopped by a mistyped setting
     # leaves no folder, and the processes of a multi-process launch do not race over one.
@@ -737,24 +736,6 @@ def cmd_train(args) -> int:
         if os.environ.get("LOCAL_RANK", "0") in ("", "0"):  # once per machine of a launch, for all its devices
             _warn_of_other_trainers()
         return _train(cfg, run, args.resume, args.config)
-
-
-def _check_model_folders(cfg) -> None:
-    """Stop in one line naming the setting when `model.base`, `model.student` or `judge.path` is a local folder that
-    is not there (the Shapes recipes name the folders earlier stages of the chain write, under runs/shapes/), with
-    the bundled models to start from instead; before any folder is made or model loads."""
-    from .folders import looks_local
-
-    judged = cfg.stage == "npedit" and cfg.loss.lambda_vlm > 0  # (else the run never loads it)
-    for key, path in (("model.base", cfg.model.base), ("model.student", cfg.model.student),
-                      ("judge.path", cfg.judge.path if judged else "")):
-        if not path or not looks_local(path) or Path(path).exists():
-            continue
-        made = (" (a folder an earlier stage of the Shapes chain writes: see the README's Shapes world)"
-                if Path(path).parts[:2] == ("runs", "shapes") else "")
-        raise SystemExit(f"error: {key}={path}: no such folder{made}; the bundled Shapes models to start from: "
-                         "model.base=assets/shapes/teacher, model.student=assets/shapes/editor (or another "
-                         "assets/shapes editor), judge.path=assets/shapes/judge")
 
 
 def _warn_of_other_trainers() -> None:

@@ -160,6 +160,24 @@ def skip_warning(name: str, norms: list[float], limit: float, step: int) -> str:
                    "mixed_precision=bf16 or no rather than fp16")
 
 
+def check_model_folders(cfg) -> None:
+    """FileNotFoundError naming the setting when `model.base`, `model.student` or the judge a run loads
+    (`judge.path`) is a local folder that is not there (the Shapes recipes name the folders earlier stages of the chain
+    write, under runs/shapes/), with the bundled models to start from instead."""
+    from ..folders import looks_local
+
+    judged = cfg.stage == "npedit" and cfg.loss.lambda_vlm > 0  # (else the run never loads it)
+    for key, path in (("model.base", cfg.model.base), ("model.student", cfg.model.student),
+                      ("judge.path", cfg.judge.path if judged else "")):
+        if not path or not looks_local(path) or Path(path).exists():
+            continue
+        made = (" (a folder an earlier stage of the Shapes chain writes: see the README's Shapes world)"
+                if Path(path).parts[:2] == ("runs", "shapes") else "")
+        raise FileNotFoundError(f"{key}={path}: no such folder{made}; the bundled Shapes models to start from: "
+                                "model.base=assets/shapes/teacher, model.student=assets/shapes/editor (or another "
+                                "assets/shapes editor), judge.path=assets/shapes/judge")
+
+
 class Trainer:
     """Holds the networks, optimisers and state of one run; `train()` runs it to `max_steps`."""
 
@@ -180,6 +198,7 @@ class Trainer:
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
+        check_model_folders(cfg)
         if cfg.check_memory:  # from the models' configs alone: a run that cannot fit stops before minutes of loading
             self.acc.print(check_run_memory(cfg, device))
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
