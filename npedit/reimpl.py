@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -42,8 +43,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # torch's message spans lines and suggests weights_only=False; keep what names the refused content
         text = str(exc)
         if "WeightsUnpickler error:" in text:
-            text = text.rsplit("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-        reason = " ".join(text.split()) or type(exc).__name__
+            text = text.rsplit("WeightsUnpickler error:", 1)[1]
+        # (torch 2.14 words a refused call, e.g. to posix.system, in a paragraph of its own between its advice)
+        kept = [part for part in re.split(r"\n\s*\n", text)
+                if "weights_only" not in part and "Check the documentation" not in part]
+        reason = " ".join(" ".join(kept).split()) or type(exc).__name__
         raise ValueError(f"{path} is not a plain state dict of tensors; refused without running it ({reason})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping from names to tensors)")

@@ -2,6 +2,7 @@
 
 import copy
 import datetime
+import os
 import re
 
 import pytest
@@ -121,6 +122,15 @@ def test_import_reimpl_refuses_what_it_cannot_trust_or_place(tmp_path, tiny_zima
         main(["import-reimpl", str(reshaped), "--base", str(tiny_zimage), "--out", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match=r"refused without running it \(Unsupported global: GLOBAL datetime.date"):
         main(["import-reimpl", str(evil), "--base", str(tiny_zimage), "--out", str(tmp_path / "a")])  # one line
+
+    class Call:  # a pickle that would run a program: refused, and torch's advice to load it unsafely not passed on
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"transformer.x": Call()}, evil)
+    with pytest.raises(SystemExit, match=r"refused without running it \(Trying to load unsupported GLOBAL .*system") as said:
+        main(["import-reimpl", str(evil), "--base", str(tiny_zimage), "--out", str(tmp_path / "a")])
+    assert "weights_only" not in str(said.value) and "Re-running" not in str(said.value)
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
