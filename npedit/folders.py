@@ -481,6 +481,10 @@ def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None, devi
     from torch.nn.modules import module as torch_module
 
     folder = Path(folder)
+    other = class_problem(folder, model_class)
+    if other:  # (else built as the class named, it failed on a missing attribute or passed as a "larger config")
+        raise CheckpointError(f"{folder} holds {other}; expected: {model_class.__name__} (a folder of another "
+                              "model in its place?)")
     stored = stored_numel(folder)
     by_weights = SIZE_FACTOR * stored + SIZE_MARGIN
     per_element = element_bytes(dtype)
@@ -522,6 +526,35 @@ def build_on_meta(folder: str | os.PathLike, model_class: type, dtype=None, devi
         for hook in hooks:
             hook.remove()
     return model, count[0]
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *_subclasses(sub)}
+    return found
+
+
+def class_problem(folder: Path, model_class: type) -> str | None:
+    """What `folder`'s config.json describes when it is another kind of model than `model_class` (a diffusers class,
+    or a transformers class or Auto class), in words ("a model of class UNet2DConditionModel", "a transformers gpt2
+    model"); None
+    when it is that class, a class it derives from or one deriving from it, or when the config does not say."""
+    file = folder / "config.json"
+    config = _read_json(file) if file.is_file() else {}
+    if hasattr(model_class, "load_config"):  # diffusers: the config names its class
+        name = config.get("_class_name")
+        if not name:
+            return f"a transformers {config['model_type']} model" if isinstance(config.get("model_type"), str) else None
+        related = {c.__name__ for c in (*model_class.__mro__, *_subclasses(model_class))}
+        return None if name in related else f"a model of class {name}"
+    expected = getattr(getattr(model_class, "config_class", None), "model_type", "")  # ("" for an Auto class)
+    found = config.get("model_type")
+    if isinstance(found, str) and expected and found != expected:
+        return f"a transformers {found} model"
+    if isinstance(config.get("_class_name"), str) and not found:  # a diffusers model where a transformers one goes
+        return f"a model of class {config['_class_name']}"
+    return None
 
 
 def _read_json(file: Path) -> dict:

@@ -96,6 +96,32 @@ def test_an_editor_folder_with_a_huge_component_config_is_refused_at_once(tmp_pa
         refused_at_once(load, f"{editor / 'text_encoder'}: its config.json builds a CLIPTextModelWithProjection")
 
 
+def test_an_editor_component_of_another_class_is_named_as_what_it_is(tmp_path):
+    """A component folder holding another kind of model (another family's transformer, a UNet as the VAE, a GPT-2 as
+    the text encoder) was blamed on "a config edited to a larger size?", or failed on a missing attribute as an
+    unexpected error: it is named as what it holds, before anything is built."""
+    from npedit.pipeline import NPEditPipeline
+
+    if not (assets.DEFAULT_MODEL / "model_index.json").is_file():
+        pytest.skip("bundled assets not present")
+    editor = shutil.copytree(assets.DEFAULT_MODEL, tmp_path / "editor")
+    shutil.copy(editor / "vae" / "config.json", editor / "transformer" / "config.json")
+    with pytest.raises(CheckpointError, match=f"^{editor / 'transformer'} holds a model of class AutoencoderKL; "
+                                              "expected: NPEditSD3Transformer2DModel \\(a folder of another model"):
+        NPEditPipeline.from_pretrained(editor)
+    shutil.copy(assets.DEFAULT_MODEL / "transformer" / "config.json", editor / "transformer" / "config.json")
+    shutil.copy(editor / "text_encoder" / "config.json", editor / "vae" / "config.json")
+    with pytest.raises(CheckpointError, match="vae holds a transformers clip_text_model model; expected: AutoencoderKL"):
+        NPEditPipeline.from_pretrained(editor)
+    shutil.copy(assets.DEFAULT_MODEL / "vae" / "config.json", editor / "vae" / "config.json")
+    edit_config(editor / "text_encoder", model_type="gpt2")
+    with pytest.raises(CheckpointError, match="text_encoder holds a transformers gpt2 model; expected: CLIPText"):
+        NPEditPipeline.from_pretrained(editor)
+    # restored, it loads (the check passes the classes an editor names)
+    shutil.copy(assets.DEFAULT_MODEL / "text_encoder" / "config.json", editor / "text_encoder" / "config.json")
+    assert NPEditPipeline.from_pretrained(editor) is not None
+
+
 def test_a_judge_config_asking_for_a_huge_model_is_refused_at_once(tiny_judge, tmp_path):
     from npedit.judges import load_judge
 
