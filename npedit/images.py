@@ -87,10 +87,19 @@ def array_to_pil(array: np.ndarray | torch.Tensor) -> Image.Image:
 
 def split_batch(image) -> list:
     """An image input as a list of single images: a list or tuple as it is, a 4-D numpy (B, H, W, C) or torch
-    (B, C, H, W) batch split along B, anything else as one image."""
+    (B, C, H, W) batch split along B (a float batch with negative values read as [-1, 1] as a whole), anything else
+    as one image."""
     if isinstance(image, (list, tuple)):
         return list(image)
     if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        if isinstance(image, torch.Tensor):
+            floating, count = image.is_floating_point(), image.numel()
+        else:
+            floating, count = np.issubdtype(image.dtype, np.floating), image.size
+        if floating and count:
+            lo, hi = float(image.min()), float(image.max())
+            if -1 <= lo < 0 and hi <= 1:  # one reading for the batch: an image of it with no negative value (a
+                image = (image + 1) / 2   # bright one) was read as [0, 1] on its own, its pixels darkened
         return list(image)
     return [image]
 

@@ -102,6 +102,12 @@ def test_arrays_and_tensors_load_in_diffusers_layouts():
     batch = images.split_batch(np.stack([rgb, rgb]))  # numpy (B, H, W, C) and torch (B, C, H, W) split along B
     assert len(batch) == 2 and len(images.split_batch(torch.stack([chw, chw]))) == 2
     assert len(images.split_batch((rgb, rgb))) == 2 and images.split_batch("a.png") == ["a.png"]
+    # a [-1, 1] batch is read as one: its bright image (no negative value) was read as [0, 1] and came back darker
+    bright, dark = torch.full((3, 4, 4), 200 / 127.5 - 1), torch.full((3, 4, 4), 40 / 127.5 - 1)
+    for batch in (torch.stack([bright, dark]), torch.stack([bright, dark]).permute(0, 2, 3, 1).numpy()):
+        assert [np.asarray(load_image(x))[0, 0, 0] for x in images.split_batch(batch)] == [200, 40]
+    alone = np.asarray(load_image(bright))[0, 0, 0]  # no negative value anywhere: [0, 1], as for one image
+    assert [np.asarray(load_image(x))[0, 0, 0] for x in images.split_batch(torch.stack([bright, bright]))] == [alone] * 2
     for bad, why in ((torch.rand(6, 8, 3), "must be \\(C, H, W\\)"), (np.full((4, 4, 3), 2.0), "must lie in"),
                      (np.full((4, 4), np.nan), "NaN"), (np.zeros((4, 4, 3), np.int64), "uint8 or float"),
                      (np.zeros((2, 4, 5)), "must be \\(H, W\\)"), (7, "got int"), (None, "got NoneType")):
