@@ -143,12 +143,16 @@ class NPEditPipeline(DiffusionPipeline):
         size, and all together against memory) before anything is built; when the hub cannot be reached, its cached
         snapshot loads, or one `CheckpointError` says where it was looked for (`folders.locate`)."""
         from .adapters import is_adapter_folder, load_adapter_pipeline
+        from .devices import as_torch_dtype
         from .folders import check_editor_folder, found_nowhere, locate, looks_local
 
         revision = kwargs.get("revision")  # offline, the cache's snapshot of that revision, not of main
         path = locate(pretrained_model_name_or_path, "editor folder", revision)  # offline: a snapshot, or one error now
         import_families()  # (before the size check, which builds the classes model_index.json names)
         kwargs.setdefault("use_safetensors", True)  # weights are never unpickled (a .bin-only folder is refused)
+        for key in ("torch_dtype", "dtype"):  # "bfloat16", as the CLI and configs name it
+            if kwargs.get(key) is not None:
+                kwargs[key] = as_torch_dtype(kwargs[key])
         if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
             # float32 for every component, as the adapter path does (transformers alone would keep a text encoder
             # saved in bfloat16 as it is, beside a float32 transformer and VAE)

@@ -271,3 +271,21 @@ def test_an_editor_trained_at_one_resolution_edits_every_image_there_without_cro
     assert pipe.working_note((256, 100)) == ("Your 256x100 image is edited at 128x48 (this editor's largest size, "
                                              "128 px) and the result resized back to 256x100.")
     assert pipe.working_note((256, 100), max_side=64).startswith("Your 256x100 image is edited at 64x24 (max_side")
+
+
+def test_the_editor_and_the_judge_take_their_dtype_by_either_name_and_as_text(tiny_judge):
+    """`NPEditPipeline.from_pretrained(dtype=...)` and `load_judge(torch_dtype=...)` wanted opposite keywords
+    (load_judge(dtype=) was a TypeError) and neither took "bfloat16", as the CLI and configs write it."""
+    from npedit.judges import load_judge
+
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        pytest.skip("bundled assets not present")
+    from npedit.pipeline import NPEditPipeline
+
+    assert NPEditPipeline.from_pretrained(DEFAULT_MODEL, dtype="bfloat16").transformer.dtype == torch.bfloat16
+    for kwargs in ({"dtype": "bfloat16"}, {"torch_dtype": torch.bfloat16}, {"dtype": torch.bfloat16}):
+        assert next(load_judge(tiny_judge, **kwargs).parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        load_judge(tiny_judge, dtype="half")
+    with pytest.raises(ValueError, match="give the judge's dtype once"):
+        load_judge(tiny_judge, dtype="bfloat16", torch_dtype=torch.float32)
