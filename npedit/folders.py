@@ -178,6 +178,8 @@ def what_is(path: str | os.PathLike) -> str:
         hint = f"; its editor is {p / 'pipeline'}" if (p / "pipeline" / "model_index.json").is_file() else \
             " that has not exported an editor yet"
         return f"a training run folder{hint}"
+    if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth")):
+        return "a folder whose weights are pickles (.bin/.pt), which are never read here: safetensors only"
     return "a folder without model files"
 
 

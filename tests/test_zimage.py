@@ -42,6 +42,9 @@ def test_a_transformer_of_another_family_or_none_is_refused_not_built_at_random(
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty is a folder without model files"):
         bb.load_transformer(tmp_path / "empty")
+    (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"")  # a pickle: it holds weights, never read
+    with pytest.raises(CheckpointError, match="empty is a folder whose weights are pickles .* never read here"):
+        bb.load_transformer(tmp_path / "empty")
 
 
 def test_a_missing_folder_named_like_a_hub_id_or_pickle_weights_are_one_clear_error(parts, tiny_zimage, tmp_path,
