@@ -293,6 +293,9 @@ class NPEditPipeline(DiffusionPipeline):
             swapped = isinstance(prompt, (Image.Image, np.ndarray, torch.Tensor))  # diffusers' order is (prompt, image)
             hint = " (image and prompt swapped? pass both by name)" if swapped else ""
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}{hint}")
+        if isinstance(image, str) and isinstance(prompt, str) and not Path(image).exists() and Path(prompt).is_file():
+            raise ValueError(f"image {image!r} is no file, and the prompt {prompt!r} is one: image and prompt "
+                             "swapped? pass both by name")
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if image is None or not images or len(prompts) != len(images):
             raise ValueError("give one image and one prompt (or equal-length lists of both)")

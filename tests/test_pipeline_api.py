@@ -158,6 +158,9 @@ def test_one_generator_serves_the_size_groups_in_turn(pipe, scene):
 def test_diffusers_positional_order_is_named_in_the_error(pipe, scene):
     with pytest.raises(ValueError, match="image and prompt swapped"):
         pipe(PROMPT, scene)  # diffusers' pix2pix takes (prompt, image); ours is (image, prompt)
+    path = str(EXAMPLES_DIR / "recolor-0000.png")  # the image as a path: it said "image not found: make the ..."
+    with pytest.raises(ValueError, match="is no file, and the prompt .* is one: image and prompt swapped"):
+        pipe(PROMPT, path)
 
 
 def test_a_denoising_progress_bar_as_diffusers_shows_it_and_set_progress_bar_config_silences(pipe, scene):
