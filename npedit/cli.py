@@ -1275,6 +1275,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left: what is buffered cannot be flushed, or (nothing buffered) the
+    pipe reports an error (POSIX)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # (no poll on Windows; a stdout with no file descriptor)
+        return False
+
+
 def _quiet_stdout() -> None:
     """Point stdout at the null device: its reader has gone, and Python's flush at exit would fail once more."""
     try:
@@ -1304,9 +1323,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except BrokenPipeError:  # the reader of the output left (`| head`): nothing more to say, and no error to show
-        _quiet_stdout()
-        raise SystemExit(1) from None
     except UsageError as exc:  # status 2 carries no message of its own
         print(exc, file=sys.stderr)
         raise
@@ -1318,6 +1334,9 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write("interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except Exception as exc:  # a failure no command foresaw: one line and how to see where it came from
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():  # the output's reader left (`| head`): nothing more
+            _quiet_stdout()                                        # to say to it (another pipe's error is one below)
+            raise SystemExit(1) from None
         if os.environ.get(DEBUG_ENV):
             raise
         raise SystemExit(f"error: {type(exc).__name__}: {exc} (unexpected; {DEBUG_ENV}=1 shows the traceback)") \

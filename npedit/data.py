@@ -252,7 +252,10 @@ def _check_spare_cells(spare: list[tuple[int, int]], label: str, named: int, del
     if len(counts) < 2:
         return
     usual = min(counts, key=lambda n: (-counts[n], n))  # the commonest count; on a tie the smallest
-    line, n = next((line, n) for line, n in spare if n > usual)
+    more = [(line, n) for line, n in spare if n > usual]
+    if not more:  # (the rows with fewer: a row that does not end in the separator the others end in)
+        return
+    line, n = more[0]
     raise ValueError(f"{label}:{line}: {named + n} cells, the header names {named} and most rows have "
                      f"{named + usual}; the extra ones are empty: a cell holding '{delimiter}' without quotes around "
                      f"it moves every later cell one column on (quote it; if the row only ends in a stray "

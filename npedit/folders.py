@@ -143,6 +143,11 @@ def locate(path: str | os.PathLike, kind: str = "folder", revision: str | None =
     return str(snapshot)
 
 
+# weights saved as pickles (not a trainer's training_args.bin, optimizer.bin or rng_state.pth)
+PICKLED_WEIGHTS = re.compile(r"((diffusion_)?pytorch_model|model)[\w.-]*\.bin|(?!(optimizer|scheduler|rng_state|"
+                             r"training_args))[\w.-]*\.(pt|pth|ckpt)")
+
+
 def what_is(path: str | os.PathLike) -> str:
     """A short description of what a local folder holds, e.g. "does not exist", "a training run folder; its editor
     is RUN/pipeline", EDITOR_KIND (for error messages)."""
@@ -178,7 +183,7 @@ def what_is(path: str | os.PathLike) -> str:
         hint = f"; its editor is {p / 'pipeline'}" if (p / "pipeline" / "model_index.json").is_file() else \
             " that has not exported an editor yet"
         return f"a training run folder{hint}"
-    if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth")):
+    if any(PICKLED_WEIGHTS.fullmatch(f.name) for f in p.iterdir()):
         return "a folder whose weights are pickles (.bin/.pt), which are never read here: safetensors only"
     return "a folder without model files"
 
@@ -546,13 +551,16 @@ def class_problem(folder: Path, model_class: type) -> str | None:
     config = _read_json(file) if file.is_file() else {}
     if hasattr(model_class, "load_config"):  # diffusers: the config names its class
         name = config.get("_class_name")
-        if not name:
+        if not isinstance(name, str) or not name:
             return f"a transformers {config['model_type']} model" if isinstance(config.get("model_type"), str) else None
         related = {c.__name__ for c in (*model_class.__mro__, *_subclasses(model_class))}
         return None if name in related else f"a model of class {name}"
     expected = getattr(getattr(model_class, "config_class", None), "model_type", "")  # ("" for an Auto class)
     found = config.get("model_type")
-    if isinstance(found, str) and expected and found != expected:
+    # a type's variants load into its class (mt5 and umt5 into T5's), and a whole model's config into its part's
+    # (clip's into CLIPTextModel's clip_text_model): only an unrelated type is another model
+    related = not isinstance(found, str) or not expected or found.endswith(expected) or expected.startswith(f"{found}_")
+    if not related:
         return f"a transformers {found} model"
     if isinstance(config.get("_class_name"), str) and not found:  # a diffusers model where a transformers one goes
         return f"a model of class {config['_class_name']}"

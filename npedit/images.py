@@ -87,21 +87,28 @@ def array_to_pil(array: np.ndarray | torch.Tensor) -> Image.Image:
 
 def split_batch(image) -> list:
     """An image input as a list of single images: a list or tuple as it is, a 4-D numpy (B, H, W, C) or torch
-    (B, C, H, W) batch split along B (a float batch with negative values read as [-1, 1] as a whole), anything else
-    as one image."""
+    (B, C, H, W) batch split along B (a float batch, or list, with negative values read as [-1, 1] as a whole:
+    `_as_unit_range`), anything else as one image."""
     if isinstance(image, (list, tuple)):
-        return list(image)
+        return _as_unit_range(list(image))
     if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
-        if isinstance(image, torch.Tensor):
-            floating, count = image.is_floating_point(), image.numel()
-        else:
-            floating, count = np.issubdtype(image.dtype, np.floating), image.size
-        if floating and count:
-            lo, hi = float(image.min()), float(image.max())
-            if -1 <= lo < 0 and hi <= 1:  # one reading for the batch: an image of it with no negative value (a
-                image = (image + 1) / 2   # bright one) was read as [0, 1] on its own, its pixels darkened
-        return list(image)
+        return _as_unit_range(list(image))
     return [image]
+
+
+def _as_unit_range(images: list) -> list:
+    """Float arrays or tensors of one batch read as one (as diffusers reads a batch): when any value is negative and
+    all lie in [-1, 1], every one is mapped from [-1, 1] to [0, 1] (an image of the batch with no negative value, a
+    bright one, was read as [0, 1] on its own, its pixels darkened); anything else as it is."""
+    def floating(x) -> bool:
+        if isinstance(x, torch.Tensor):
+            return x.is_floating_point() and x.numel() > 0
+        return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating) and x.size > 0
+
+    if len(images) < 2 or not all(floating(x) for x in images):
+        return images
+    lo, hi = min(float(x.min()) for x in images), max(float(x.max()) for x in images)
+    return [(x + 1) / 2 for x in images] if -1 <= lo < 0 and hi <= 1 else images
 
 
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tensor) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,14 @@ class NPEditPipelineOutput(BaseOutput):
     """Edited images (PIL list, numpy (B, H, W, 3) in [0, 1], torch (B, 3, H, W) in [0, 1] or latents)."""
 
     images: list | np.ndarray | torch.Tensor
+
+
+def _is_file(text: str) -> bool:
+    """Whether `text` names a file here; False for text that cannot be a path (too long a name, a NUL)."""
+    try:
+        return os.path.isfile(text)
+    except (OSError, ValueError):
+        return False
 
 
 def check_instruction(text: str) -> str:
@@ -153,6 +162,9 @@ class NPEditPipeline(DiffusionPipeline):
         for key in ("torch_dtype", "dtype"):  # "bfloat16", as the CLI and configs name it
             if kwargs.get(key) is not None:
                 kwargs[key] = as_torch_dtype(kwargs[key])
+        if None not in (kwargs.get("torch_dtype"), kwargs.get("dtype")) and kwargs["torch_dtype"] != kwargs["dtype"]:
+            raise ValueError(f"two dtypes for the editor: dtype={kwargs['dtype']} and torch_dtype="
+                             f"{kwargs['torch_dtype']}")
         if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
             # float32 for every component, as the adapter path does (transformers alone would keep a text encoder
             # saved in bfloat16 as it is, beside a float32 transformer and VAE)
@@ -293,7 +305,7 @@ class NPEditPipeline(DiffusionPipeline):
             swapped = isinstance(prompt, (Image.Image, np.ndarray, torch.Tensor))  # diffusers' order is (prompt, image)
             hint = " (image and prompt swapped? pass both by name)" if swapped else ""
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}{hint}")
-        if isinstance(image, str) and isinstance(prompt, str) and not Path(image).exists() and Path(prompt).is_file():
+        if isinstance(image, str) and isinstance(prompt, str) and not _is_file(image) and _is_file(prompt):
             raise ValueError(f"image {image!r} is no file, and the prompt {prompt!r} is one: image and prompt "
                              "swapped? pass both by name")
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)

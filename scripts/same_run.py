@@ -25,9 +25,9 @@ def logged(run: Path) -> dict[int, dict]:
     rows: dict[int, dict] = {}
     path = run / "metrics.jsonl"
     if not path.is_file():
-        raise SystemExit(f"error: {run} holds no metrics.jsonl: "
-                         + ("not a run folder, or a run that has logged nothing yet" if run.is_dir() else
-                            "no such folder"))
+        why = ("not a run folder, or a run that has logged nothing yet" if run.is_dir() else
+               "it is a file, not a run folder" if run.exists() else "no such folder")
+        raise SystemExit(f"error: {run} holds no metrics.jsonl: {why}")
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             row = json.loads(line)

@@ -484,6 +484,9 @@ def test_csv_rows_that_all_end_in_a_separator_are_read(tmp_path):
     assert [(r.instruction, r.edit_type) for r in load_manifest(f)] == [("make it red", "recolor"), ("y", "edit")]
     f.write_text("image,instruction,edit_type\na.png,make it red,recolor,\n")
     assert [r.edit_type for r in load_manifest(f)] == ["recolor"]
+    # most rows end in ",," and one in ",": the fewer is no shift (this stopped with an unexpected StopIteration)
+    f.write_text("image,instruction,edit_type\na.png,x,recolor,,\nb.png,y,,,\nc.png,z,,\n")
+    assert [r.instruction for r in load_manifest(f)] == ["x", "y", "z"]
 
 
 def test_a_folder_names_its_csv_manifest(tmp_path):

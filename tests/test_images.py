@@ -104,7 +104,8 @@ def test_arrays_and_tensors_load_in_diffusers_layouts():
     assert len(images.split_batch((rgb, rgb))) == 2 and images.split_batch("a.png") == ["a.png"]
     # a [-1, 1] batch is read as one: its bright image (no negative value) was read as [0, 1] and came back darker
     bright, dark = torch.full((3, 4, 4), 200 / 127.5 - 1), torch.full((3, 4, 4), 40 / 127.5 - 1)
-    for batch in (torch.stack([bright, dark]), torch.stack([bright, dark]).permute(0, 2, 3, 1).numpy()):
+    for batch in (torch.stack([bright, dark]), torch.stack([bright, dark]).permute(0, 2, 3, 1).numpy(), [bright, dark],
+                  (bright.permute(1, 2, 0).numpy(), dark.permute(1, 2, 0).numpy())):  # a list is one batch too
         assert [np.asarray(load_image(x))[0, 0, 0] for x in images.split_batch(batch)] == [200, 40]
     alone = np.asarray(load_image(bright))[0, 0, 0]  # no negative value anywhere: [0, 1], as for one image
     assert [np.asarray(load_image(x))[0, 0, 0] for x in images.split_batch(torch.stack([bright, bright]))] == [alone] * 2

@@ -8,6 +8,7 @@ from PIL import Image
 
 from npedit.assets import DEFAULT_MODEL, EXAMPLES_DIR
 from npedit.domain import Domain
+from npedit.images import ImageError
 
 PROMPT = "make the circle blue"
 
@@ -161,6 +162,8 @@ def test_diffusers_positional_order_is_named_in_the_error(pipe, scene):
     path = str(EXAMPLES_DIR / "recolor-0000.png")  # the image as a path: it said "image not found: make the ..."
     with pytest.raises(ValueError, match="is no file, and the prompt .* is one: image and prompt swapped"):
         pipe(PROMPT, path)
+    with pytest.raises(ImageError, match="cannot read make it blue .*: File name too long"):  # no OSError, no swap
+        pipe(image="make it blue " * 40, prompt="make it blue")
 
 
 def test_a_denoising_progress_bar_as_diffusers_shows_it_and_set_progress_bar_config_silences(pipe, scene):
@@ -290,5 +293,9 @@ def test_the_editor_and_the_judge_take_their_dtype_by_either_name_and_as_text(ti
         assert next(load_judge(tiny_judge, **kwargs).parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
         load_judge(tiny_judge, dtype="half")
-    with pytest.raises(ValueError, match="give the judge's dtype once"):
+    with pytest.raises(ValueError, match="two dtypes for the judge: dtype=bfloat16 and torch_dtype=torch.float32"):
         load_judge(tiny_judge, dtype="bfloat16", torch_dtype=torch.float32)
+    assert next(load_judge(tiny_judge, dtype=None, torch_dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+    assert next(load_judge(tiny_judge, dtype=None).parameters()).dtype == torch.float32  # the judge's default stays
+    with pytest.raises(ValueError, match="two dtypes for the editor"):
+        NPEditPipeline.from_pretrained(DEFAULT_MODEL, dtype="bfloat16", torch_dtype=torch.float32)

@@ -55,8 +55,6 @@ def test_same_run_says_nan_equal_and_names_a_shape_that_differs(tmp_path):
 def test_same_run_names_a_folder_that_is_no_run_in_one_line(tmp_path):
     """A folder with no metrics.jsonl (a job refused before it logged, a typo) or a line that is no metrics line
     ended in a traceback; now one line names the folder or the line."""
-    import pytest
-
     same_run = load_script("same_run")
     a = fake_run(tmp_path / "a", [0.5], torch.zeros(2))
     (tmp_path / "empty").mkdir()

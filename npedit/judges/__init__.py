@@ -82,12 +82,13 @@ def load_judge(path_or_id: str | os.PathLike, **kwargs) -> Judge:
     """Load a judge from a folder or hub id (offline, a hub id's cached snapshot: `folders.locate`), choosing the
     adapter from its config's model_type. Its dtype is `torch_dtype=` or, as `NPEditPipeline.from_pretrained`
     names it, `dtype=`: a torch dtype or its name ("bfloat16")."""
-    from npedit.devices import as_torch_dtype
+    from ..devices import as_torch_dtype
 
-    if "dtype" in kwargs:
-        if kwargs.get("torch_dtype") is not None:
-            raise ValueError("give the judge's dtype once: dtype= or torch_dtype=")
-        kwargs["torch_dtype"] = kwargs.pop("dtype")
+    dtype = kwargs.pop("dtype", None)
+    if dtype is not None:
+        if kwargs.get("torch_dtype") is not None and as_torch_dtype(kwargs["torch_dtype"]) != as_torch_dtype(dtype):
+            raise ValueError(f"two dtypes for the judge: dtype={dtype} and torch_dtype={kwargs['torch_dtype']}")
+        kwargs["torch_dtype"] = dtype
     if kwargs.get("torch_dtype") is not None:
         kwargs["torch_dtype"] = as_torch_dtype(kwargs["torch_dtype"])
     path_or_id = locate(path_or_id, "judge folder")

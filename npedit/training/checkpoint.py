@@ -262,7 +262,7 @@ def _new_file_mode(folder: Path) -> int | None:
     Windows, which has no such bits, or when the probe cannot be made."""
     if os.name == "nt":
         return None
-    probe = folder / ".mode_probe"
+    probe = folder.parent / f".mode_probe_{os.getpid()}"  # beside the folder: nothing of it is ever published
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except OSError:
@@ -271,7 +271,10 @@ def _new_file_mode(folder: Path) -> int | None:
         return os.fstat(fd).st_mode & 0o777
     finally:
         os.close(fd)
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink()
+        except OSError:  # (a file system that lets a file be made but not removed: the publish still goes on)
+            pass
 
 
 def _readable_as_others(path: Path, mode: int | None) -> None:

@@ -24,6 +24,7 @@ from .. import files, flow, lora
 from ..backbones import load_backbone
 from ..config import TrainConfig, cfg_scale_for, changed_settings, read_yaml, save_config, to_dict
 from ..data import JUDGED_FIELDS, apply_do_nothing, collate
+from ..devices import TORCH_DTYPES
 from ..domain import data_domain
 from ..files import write_png
 from ..guidance import teacher_critic_x0
@@ -37,7 +38,7 @@ from .export import save_critic
 from .logging import MetricsLogger, sample_grid
 from .memory import check_run_memory, matching
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES  # (by name, as configs give them)
 # this many skipped updates of a network in a row and the run says so: it can otherwise train nothing for hours,
 # each step logged as usual
 SKIPS_TO_WARN = 20
@@ -171,11 +172,14 @@ def check_model_folders(cfg) -> None:
                       ("judge.path", cfg.judge.path if judged else "")):
         if not path or not looks_local(path) or Path(path).exists():
             continue
-        made = (" (a folder an earlier stage of the Shapes chain writes: see the README's Shapes world)"
-                if Path(path).parts[:2] == ("runs", "shapes") else "")
-        raise FileNotFoundError(f"{key}={path}: no such folder{made}; the bundled Shapes models to start from: "
-                                "model.base=assets/shapes/teacher, model.student=assets/shapes/editor (or another "
-                                "assets/shapes editor), judge.path=assets/shapes/judge")
+        if Path(path).parts[:2] == ("runs", "shapes") or cfg.data.train == "shapes":  # a Shapes recipe
+            made = (" (a folder an earlier stage of the Shapes chain writes: see the README's Shapes world)"
+                    if Path(path).parts[:2] == ("runs", "shapes") else "")
+            raise FileNotFoundError(f"{key}={path}: no such folder{made}; the bundled Shapes models to start from: "
+                                    "model.base=assets/shapes/teacher, model.student=assets/shapes/editor (or "
+                                    "another assets/shapes editor), judge.path=assets/shapes/judge")
+        raise FileNotFoundError(f"{key}={path}: no such folder (a local folder saved by save_pretrained; a hub id "
+                                "is owner/name)")
 
 
 class Trainer:
