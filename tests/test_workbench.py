@@ -973,8 +973,8 @@ def test_a_stopped_job_continued_from_a_shell_reads_as_that_and_then_as_finished
     assert jobs.job_status(run).state == "failed"
     with files.run_lock(run):  # this process trains there now
         st = jobs.job_status(run)
-        assert (st.state, st.message) == ("external", f"continued outside the workbench by pid {os.getpid()} (the "
-                                                      "job failed): step 12/None")
+        assert (st.state, st.message) == ("external", f"trained outside the workbench by pid {os.getpid()} (the job "
+                                                      "failed): step 12")
         assert not st.resumable and not st.active
     assert jobs.job_status(run).state == "failed"  # the lock file left behind names a pid that holds nothing
     (run / "pipeline").mkdir()
@@ -990,6 +990,16 @@ def test_a_stopped_job_continued_from_a_shell_reads_as_that_and_then_as_finished
     assert jobs.job_status(run).state == "cancelled"
     os.utime(run / "pipeline" / "model_index.json", (5000.0, 5000.0))
     assert jobs.job_status(run).message.startswith("finished 12 steps outside the workbench (the job was cancelled)")
+    (run / "cancelled").unlink()
+    (run / "exit_code").write_text("0\n")  # a job that finished, then resumed from a shell for more steps
+    assert jobs.job_status(run).state == "finished"
+    with files.run_lock(run):
+        assert jobs.job_status(run).message == (f"trained outside the workbench by pid {os.getpid()} (after the job "
+                                                "finished): step 12")
+    (run / "job.json").unlink()  # a run never started here, trained from a shell
+    with files.run_lock(run):
+        assert jobs.job_status(run).message == f"trained outside the workbench by pid {os.getpid()}: step 12"
+    assert jobs.job_status(run).state == "finished"
 
 
 def test_an_app_killed_right_after_starting_a_job_leaves_it_tracked(tmp_path, monkeypatch):

@@ -437,20 +437,42 @@ def _lock_holder(run_dir: Path) -> int | None:
     return pid if held else None
 
 
-def _continued_outside(run_dir: Path, st: JobStatus, job: dict) -> None:
-    """Correct `st` of a job that failed or was cancelled when the run went on without it, typed in a shell
-    (`npedit train ... --resume`): "external" while that trainer runs, "finished" once it saved a newer editor than
-    the job's end; else `st` stays as the job left it."""
-    ended = "was cancelled" if st.state == "cancelled" else "failed"
+def _own_trainer(holder: int, run_dir: Path, job: dict) -> bool:
+    """Whether the process `holder` is the job's own trainer: a child of its wrapper, or one with its pid file."""
+    try:
+        proc = psutil.Process(holder)
+        if _job_pid(run_dir, job) in {parent.pid for parent in proc.parents()}:
+            return True
+        return proc.environ().get("NPEDIT_PID_FILE") == str(run_dir / "job.pid")
+    except (psutil.Error, OSError):
+        return False
+
+
+def _trained_outside(run_dir: Path, st: JobStatus, job: dict) -> bool:
+    """Mark `st` "external" when a trainer that is not the job's holds the run (one typed in a shell: `npedit train
+    ... --resume`, also after the job finished, or on a run never started here), naming its pid; True if so."""
     holder = _lock_holder(run_dir)
-    if holder is not None and holder != _job_pid(run_dir, job):
-        st.state = "external"
-        st.message = f"continued outside the workbench by pid {holder} (the job {ended}): step {st.step}/{st.max_steps}"
+    if holder is None or (job and _own_trainer(holder, run_dir, job)):
+        return False
+    was = {"cancelled": " (the job was cancelled)", "failed": " (the job failed)",
+           "finished": " (after the job finished)"}.get(st.state, "") if job else ""
+    st.state = "external"
+    st.message = (f"trained outside the workbench by pid {holder}{was}: step {st.step}"
+                  + (f"/{st.max_steps}" if st.max_steps else ""))
+    return True
+
+
+def _finished_outside(run_dir: Path, st: JobStatus, job: dict) -> None:
+    """Correct `st` of a job that failed or was cancelled when the run went on without it and saved a newer editor
+    than the job's end: "finished"; else `st` stays as the job left it."""
+    ended = "was cancelled" if st.state == "cancelled" else "failed"
+    try:
+        saved = (run_dir / "pipeline" / "model_index.json").stat().st_mtime
+        end = max([p.stat().st_mtime for p in (run_dir / "exit_code", run_dir / "cancelled") if p.is_file()]
+                  + [job.get("started", 0)])
+    except OSError:  # (an editor being swapped in by that trainer right now: the next poll tells)
         return
-    index = run_dir / "pipeline" / "model_index.json"
-    end = max([p.stat().st_mtime for p in (run_dir / "exit_code", run_dir / "cancelled") if p.is_file()]
-              + [job.get("started", 0)])
-    if st.pipeline and index.stat().st_mtime > end:
+    if st.pipeline and saved > end:
         st.state = "finished"
         st.message = f"finished {st.step} steps outside the workbench (the job {ended}); editor saved to {st.pipeline}"
 
@@ -483,6 +505,7 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
             st.state, st.message = "finished", "finished (not started from the workbench)"
         elif rows or (run_dir / "config.yaml").is_file():
             st.state, st.message = "external", "not started from the workbench; no exported editor (yet)"
+        _trained_outside(run_dir, st, job)  # a shell run training now (one that saved an editor before, too)
         return st
     if _job_alive(run_dir, job):
         st.state = "cancelling" if cancelled else "running"
@@ -499,8 +522,9 @@ def job_status(run_dir: str | os.PathLike) -> JobStatus:
         st.state, st.message = "failed", f"exited with code {exit_text}: {_last_error(run_dir)}"
     else:
         st.state, st.message = "failed", f"killed halfway at step {step} (the process is gone and left no exit code)"
-    if st.state in ("failed", "cancelled"):  # the job is over: a trainer typed in a shell may have taken the run on
-        _continued_outside(run_dir, st, job)
+    # the job is over: a trainer typed in a shell may have taken the run on
+    if not st.active and not _trained_outside(run_dir, st, job) and st.state in ("failed", "cancelled"):
+        _finished_outside(run_dir, st, job)
     if started:
         ends = [p.stat().st_mtime for p in (run_dir / "exit_code", run_dir / "cancelled", run_dir / "train.log")
                 if p.is_file()]
