@@ -36,7 +36,7 @@ from npedit import assets
 from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.files import PARTIAL_SUFFIX, WINDOWS_DEVICE_NAMES, write_atomic, remove as remove_file
-from npedit.images import ImageError, bomb_size, load_image, too_large_message
+from npedit.images import ImageError, bomb_limit, bomb_size, load_image, too_large_message
 from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
 from npedit.verdicts import Verdict, answer_gradients, edit_questions, judge_candidates, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
@@ -233,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only; 0.0.0.0: every network, "
                         "see --public)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", help="auto (the default: cuda when available, else cpu), cuda, cuda:N or cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto (the default): bfloat16 on a GPU, else float32")
     p.add_argument("--judge-max-pixels", type=int, default=_env_number("NPEDIT_JUDGE_MAX_PIXELS"),
@@ -385,7 +385,7 @@ def writing_download(what: str, written: list[Path], warn: bool = False):
         message = (f"The {what} could not be written for download ({why}). If the server's disk is full, try again "
                    "once space is free.")
         if not warn:
-            raise gr.Error(message, print_exception=False) from None
+            raise _refusal(message) from None
         gr.Warning(message + " The results shown are kept.")
         written.clear()
 
@@ -407,6 +407,14 @@ def _remove_downloads(written: list[Path]) -> None:
 
 REMOVAL_NEEDS_OBJECT = ("A removal is judged by asking whether the removed object is still there: name it in "
                         "\"Removed object\"{where}, or pick another edit type.")
+
+
+def _is_removal(edit_type) -> bool:
+    """Whether an edit type, as an API caller may spell it ("Remove", " remove"), is a removal."""
+    try:
+        return edit_type_name(edit_type or "edit") == "remove"
+    except ValueError:  # (an unknown type: said by the judge's own check)
+        return False
 
 
 def _refusal(message: str) -> gr.Error:
@@ -432,14 +440,14 @@ def image_input(**kwargs) -> gr.Image:
         try:
             return preprocess(payload)
         except Image.DecompressionBombError as exc:
-            raise _refusal(too_large_message(payload.orig_name or "the file", bomb_size(exc))) from None
+            raise _refusal(too_large_message(payload.orig_name or "the file", bomb_size(exc), bomb_limit())) from None
         except FileNotFoundError:  # a page left open past the cache's cleanup: its upload (or last result) is gone
-            raise gr.Error(f"{payload.orig_name or 'this image'} is no longer on the server: the app removes uploads "
+            raise _refusal(f"{payload.orig_name or 'this image'} is no longer on the server: the app removes uploads "
                            "and results a while after they arrive (a day in a local app, an hour in a public "
-                           "one), and this page kept it longer. Upload it again", print_exception=False) from None
+                           "one), and this page kept it longer. Upload it again") from None
         except (OSError, SyntaxError):  # Pillow's UnidentifiedImageError is an OSError
-            raise gr.Error(f"cannot read {payload.orig_name or 'the file'} as an image: upload a PNG, JPEG, WebP, "
-                           "... file", print_exception=False) from None
+            raise _refusal(f"cannot read {payload.orig_name or 'the file'} as an image: upload a PNG, JPEG, WebP, "
+                           "... file") from None
 
     image.preprocess = explained
     return image
@@ -518,7 +526,8 @@ def edit_handler(app: App):
                            for k, (r, s) in enumerate(zip(picked.refinements, picked.seeds))]
                 info = [f"Seeds **{seed}-{seed + n - 1}** · best of {n}, each refined with the judge: candidate "
                         f"#{picked.best}, seed **{picked.seeds[picked.best]}**, the lowest final judge loss (that "
-                        f"seed with 1 candidate redoes it, to a level of 255 in a few pixels) · {int(steps)} steps · {seconds:.2f} s"
+                        f"seed with 1 candidate redoes it closely: a few 8-bit levels) · {int(steps)} steps · "
+                        f"{seconds:.2f} s"
                         + (" · per-step analysis: with 1 candidate" if inspect_steps else ""),
                         f"Refined with the judge, the kept candidate: {plots.refine_caption(kept.losses)} (lr "
                         f"{refine_lr:g}, anchor {refine_anchor:g})",
@@ -534,7 +543,8 @@ def edit_handler(app: App):
                            for k, (im, v, s) in enumerate(zip(picked.images, picked.verdicts, picked.seeds))]
                 info = [f"Seeds **{seed}-{seed + len(picked.images) - 1}** · best of {len(picked.images)} by the "
                         f"judge: candidate #{picked.best}, seed **{picked.seeds[picked.best]}** (that seed with 1 "
-                        f"candidate redoes it, to a level of 255 in a few pixels, with the per-step analysis) · {int(steps)} steps · {seconds:.2f} s",
+                        f"candidate redoes it, to one 8-bit level in a few pixels, with the per-step analysis) · "
+                        f"{int(steps)} steps · {seconds:.2f} s",
                         candidates_markdown(picked)]
             elif inspect_steps:
                 part(0.05, desc="loading the judge, teacher and critic")
@@ -609,7 +619,7 @@ def _refine_settings(steps: int, lr, anchor) -> tuple[float, float]:
     try:
         check_refine_settings(steps, float(lr), float(anchor))
     except ValueError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise _refusal(str(exc)) from None
     return float(lr), float(anchor)
 
 
@@ -798,7 +808,7 @@ def gradients_handler(app: App):
         """A figure: for each question, where in the edited image its answer comes from (`answer_gradients`)."""
         if reference is None or edited is None:
             raise _refusal("Give both a reference and an edited image.")
-        if edit_type == "remove" and not (object_name or "").strip():
+        if _is_removal(edit_type) and not (object_name or "").strip():
             raise _refusal(REMOVAL_NEEDS_OBJECT.format(where=""))
         try:
             grads = answer_gradients(app.models.judge(), reference, edited, instruction or "",
@@ -858,7 +868,7 @@ def build_judge_tab(app: App, last_edit: gr.State):
         """P(Yes) and logit margin of every question about (reference, edited) for `instruction`."""
         if reference is None or edited is None:
             raise _refusal("Give both a reference and an edited image.")
-        if edit_type == "remove" and not (object_name or "").strip():
+        if _is_removal(edit_type) and not (object_name or "").strip():
             raise _refusal(REMOVAL_NEEDS_OBJECT.format(where=""))
         try:
             v = judge_edit(app.models.judge(), reference, edited, instruction or "", edit_type=edit_type or "edit",

@@ -212,7 +212,7 @@ class ModelSet:
                  judge_max_pixels: int | None = None, revision: str | None = None):
         self.paths = paths
         self.revision = revision or None  # of the app's editor, when it is a hub id (its runs' editors are folders)
-        self.device = device or default_device()
+        self.device = default_device() if device in (None, "auto") else device
         self.dtype = default_dtype(self.device) if dtype in (None, "auto") else dtype
         self.keep = keep
         self.judge_max_pixels = judge_max_pixels or None  # the app's judge: at most this many pixels per image
@@ -220,9 +220,9 @@ class ModelSet:
         self._lock = threading.RLock()
 
     def _torch_dtype(self):
-        import torch
+        from npedit.devices import as_torch_dtype
 
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        return as_torch_dtype(self.dtype)
 
     def _cached(self, key: tuple[str, str], load):
         with self._lock:

@@ -131,7 +131,7 @@ def no_samples_reason(run: str | os.PathLike) -> str:
         return "this run writes no sample grids: it was started with `sample_every=0`."
     if not isinstance(every, int):  # no config.yaml yet (a job still starting), or a run of another trainer
         return "this run has written no sample grid yet."
-    if st.state in ("finished", "failed", "cancelled"):  # (a finished run that never reached the first grid)
+    if st.state in ("finished", "failed", "cancelled") and step < every:  # (it never reached the first grid)
         return (f"this run wrote no sample grid: it {'ended' if st.state == 'finished' else 'stopped'} at step "
                 f"{step}, before the first (the trainer writes one every {every} steps, `sample_every`).")
     return (f"this run has written no sample grid yet: the trainer writes one every {every} steps (`sample_every`), "
