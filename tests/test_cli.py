@@ -78,6 +78,8 @@ def mistakes(tmp_path, monkeypatch):
         z.writestr("holiday.png", b"x")
     (tmp_path / "runs" / "t" / "base").mkdir(parents=True)  # a trained teacher's folder
     (tmp_path / "runs" / "t" / "base" / "model_index.json").write_text("{}")
+    (tmp_path / "runs" / "v" / "vae").mkdir(parents=True)  # a trained VAE's run
+    (tmp_path / "runs" / "j" / "judge").mkdir(parents=True)  # a trained judge's run
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"reference": str(EXAMPLE), "edited": "edited.png",
                                                       "instruction": "add a circle"}) + "\n")
     return tmp_path
@@ -183,6 +185,11 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["import-reimpl", "images", "--base", ".", "--out", "."], 1, "error: --out . exists and is not empty: give a new"),
     (["swap-vae", "--vae", "assets/shapes/fast-vae", "--out", "."], 1, "error: --out . exists and is not empty: give"),
     (["shapes", "vae", "output_dir=afile", "steps=1"], 1, "error: [Errno 17] File exists: 'afile'"),  # traceback
+    # a trained VAE, fast VAE or judge there: a new run replaced it silently (the judge at its first evaluation)
+    (["shapes", "vae", "output_dir=runs/v", "steps=1"], 1, f"error: output_dir runs/v already holds a VAE "
+     f"({Path('runs/v/vae')}), which a new run would replace: continue it with init={Path('runs/v/vae')} and another"),
+    (["shapes", "fast-vae", "output_dir=runs/v", "steps=1"], 1, "error: output_dir runs/v already holds a fast VAE"),
+    (["shapes", "judge", "output_dir=runs/j", "preset=quick"], 1, "error: output_dir runs/j already holds a judge"),
     # a trained teacher there: a new run replaced it with an untrained one as it started (even one stopped at once)
     (["shapes", "teacher", "preset=quick", "output_dir=runs/t", f"vae={ROOT / 'assets/shapes/teacher/vae'}"], 1,
      f"error: output_dir runs/t already holds a teacher ({Path('runs/t/base')}), which a new run would replace as "

@@ -49,7 +49,7 @@ def test_teacher_continues_a_trained_base(base, tmp_path):
 def test_a_full_disk_stops_a_shapes_stage_with_one_line_and_keeps_the_previous_model(base, tmp_path, full_disk):
     """The Shapes stages wrote their model folders in place: a full disk (or a kill) while the VAE stage saved cut
     vae/ short (a later teacher stage or `init=` loads it) and ended in a safetensors traceback. Now the stage stops
-    with one line naming what is kept, and the previous vae/ is untouched."""
+    with one line naming what is kept and leaves no vae/; a second run into a folder holding one is refused."""
     from diffusers import AutoencoderKL
 
     from npedit.cli import main
@@ -58,11 +58,16 @@ def test_a_full_disk_stops_a_shapes_stage_with_one_line_and_keeps_the_previous_m
     run("vae", ["preset=quick", f"output_dir={out}"])
     weights = out / "vae" / "diffusion_pytorch_model.safetensors"
     before = weights.read_bytes()
-    with pytest.raises(SystemExit, match=r"^error: could not write .*vae \(.*I/O error.*\); the previous vae/ there, "
-                                         r"if any, is untouched: free space"), full_disk(len(before) // 2):
+    # a second run there is refused before it writes (it replaced the trained VAE, its metrics mixed in)
+    with pytest.raises(SystemExit, match="already holds a VAE .*continue it with init="):
         main(["shapes", "vae", "preset=quick", "seed=3", f"output_dir={out}"])
     assert weights.read_bytes() == before and AutoencoderKL.from_pretrained(out / "vae") is not None
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial folder holds the space
+    other = tmp_path / "vae2"
+    with pytest.raises(SystemExit, match=r"^error: could not write .*vae \(.*I/O error.*\); the previous vae/ there, "
+                                         r"if any, is untouched: free space"), full_disk(len(before) // 2):
+        main(["shapes", "vae", "preset=quick", "seed=3", f"output_dir={other}"])
+    assert not (other / "vae").exists()  # no cut model folder that a later stage would load
+    assert not [p.name for p in other.iterdir() if p.name.startswith(".")]  # no partial folder holds the space
 
 
 def test_a_full_disk_while_the_teacher_trains_keeps_its_base_whole(base, tmp_path, full_disk, monkeypatch):

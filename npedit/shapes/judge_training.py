@@ -1108,6 +1108,9 @@ def run(overrides: Sequence[str] = ()) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     run_dir = _run_dir(cfg)
+    from .recipes import refuse_to_replace
+
+    refuse_to_replace(run_dir, "judge", "judge")  # (its first evaluation would replace it, whatever its accuracy)
     run_dir.mkdir(parents=True, exist_ok=True)
     with disk_writes(run_dir / "config.yaml", "nothing was trained yet: free space and train again"):
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))

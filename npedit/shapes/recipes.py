@@ -203,7 +203,21 @@ class Budget:
 AGAIN = "free space (or make the folder writable) and run the stage again"
 
 
-def _start(cfg) -> tuple[Path, MetricsLogger, np.random.Generator]:
+def refuse_to_replace(output_dir, name: str, what: str) -> None:
+    """ValueError when `output_dir`/`name` holds a trained model that a new run there would replace (its metrics
+    mixed into the first run's), before anything is written: continue it with init= elsewhere, or pick another
+    output_dir."""
+    held = Path(output_dir) / name
+    if held.exists():
+        raise ValueError(f"output_dir {output_dir} already holds a {what} ({held}), which a new run would replace: "
+                         f"continue it with init={held} and another output_dir, or pick another output_dir")
+
+
+def _start(cfg, name: str | None = None, what: str = "") -> tuple[Path, MetricsLogger, np.random.Generator]:
+    """The run folder of a stage saving its model as `name` (refused when it holds one: `refuse_to_replace`), its
+    config written, its metrics logger and random stream."""
+    if name:
+        refuse_to_replace(cfg.output_dir, name, what)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with disk_writes(out / "config.yaml", f"nothing was trained yet: {AGAIN}"):  # the Runs tab reads it
@@ -292,7 +306,7 @@ def palette_loss(rec: torch.Tensor, x: torch.Tensor, temperature: float) -> torc
 
 def train_vae(cfg: VAEConfig) -> Path:
     """Train the VAE on random renders; writes <output_dir>/vae with latent scale/shift in its config."""
-    out, log, rng = _start(cfg)
+    out, log, rng = _start(cfg, "vae", "VAE")
     if cfg.init:
         from ..backbones.vae import AnyVAE
 
@@ -405,7 +419,7 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     from ..backbones.fast_vae import PatchAutoencoder
     from ..backbones.vae import AnyVAE, LatentCodec
 
-    out, log, rng = _start(cfg)
+    out, log, rng = _start(cfg, "vae", "fast VAE")
     device = resolve_device(cfg.device)
     source = AnyVAE.from_pretrained(cfg.source).to(device).eval().requires_grad_(False)
     codec = LatentCodec(source)
@@ -537,7 +551,7 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
     cell's object; writes <output_dir>/pipeline (the editor with it, still editing as before) and report.json."""
     from ..pipeline import NPEditPipeline, carry_over
 
-    out, log, rng = _start(cfg)
+    out, log, rng = _start(cfg, "pipeline", "editor with a pretrained reference encoder")
     device = resolve_device(cfg.device)
     pipe = NPEditPipeline.from_pretrained(cfg.editor)
     backbone, student = pipe.backbone, pipe.transformer
