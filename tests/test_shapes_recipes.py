@@ -197,6 +197,13 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
           "--batch", "2", "--dtype", "bfloat16", "--json"])  # the editor and the teacher baseline alike
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["dtype"] == "bfloat16" and res["speedup_vs_teacher"] > 0
+    # an image size the editor does not work at: the parts and the teacher at its working size, as the edit (at 128 px
+    # the parts outweighed the edit: a negative overhead; 63 px failed inside the VAE)
+    for size in ("128", "63"):
+        main(["bench", "--model", str(out), "--teacher", str(base), "--teacher-steps", "2", "--repeats", "1",
+              "--batch", "1", "--size", size, "--json"])
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["image_size"] == int(size) and res["working_size"] == [64, 64] and res["vae_encode_ms"] > 0
 
 
 def test_eval_and_bench_refuse_what_they_cannot_run_or_write_before_loading_models(tmp_path):

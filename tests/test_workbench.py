@@ -1536,6 +1536,8 @@ def test_benchmark_comparison_table_and_chart(tmp_path, capsys):
     assert widths == [0.25, 0.5, 1.0]
     main([str(tmp_path), "--chart", str(tmp_path / "c.png"), "--table", str(tmp_path / "t.md")])
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "t.md").is_file()
+    main([str(tmp_path), "--chart", str(tmp_path / "new" / "c.png"), "--table", str(tmp_path / "new" / "t.md")])
+    assert (tmp_path / "new" / "c.png").is_file() and (tmp_path / "new" / "t.md").is_file()  # (was a traceback)
     assert list(select(many, ["v1*", "v0", "v1"]).index) == ["v1", "v10", "v11", "v0"]  # pattern order, no repeats
     with pytest.raises(ValueError, match="no variant matches 'zz'"):
         select(many, ["zz"])

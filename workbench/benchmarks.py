@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
     md = to_markdown(table)
     print(md)
+    for path in (args.table, args.chart):  # a folder of a path not there yet is made (it was a traceback)
+        if path:
+            Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
     if args.table:  # whole or not at all: `--extend t.md --table t.md` rewrites the only copy of the table
         write_atomic(args.table, md + "\n")
     if args.chart:
