@@ -151,6 +151,10 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["bench", "--device", "tpu"], 2, "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
     (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),
+    # (these were torch's errors, or a ZeroDivisionError after the whole vision stage had trained)
+    (["shapes", "judge", "preset=quick", "eval_every=0"], 2, "error: threads, log_every, eval_every and eval_cases "
+     "must be >= 1, got 1, 2, 0 and 6"),
+    (["shapes", "judge", "preset=quick", "device=banana"], 2, "error: unknown device 'banana'"),
     (["shapes", "vae", "steps=-1"], 2, "error: steps and batch_size must be >= 1, got steps=-1"),  # was status 0
     (["shapes", "teacher", "batch_size=0"], 2, "error: steps and batch_size must be >= 1"),
     (["shapes", "fast-vae", "seed=-1"], 2, "error: seed must be between 0 and 2**32 - 1, got -1"),

@@ -188,6 +188,13 @@ class JudgeTrainConfig:
             raise ValueError(f"exclude_held_out lists benchmark seeds (>= 0); got {list(self.exclude_held_out)}")
         if self.probe_layer >= self.arch.num_layers:
             raise ValueError(f"probe_layer must be < arch.num_layers ({self.arch.num_layers})")
+        if min(self.threads, self.log_every, self.eval_every, self.eval_cases) < 1:
+            raise ValueError(f"threads, log_every, eval_every and eval_cases must be >= 1, got {self.threads}, "
+                             f"{self.log_every}, {self.eval_every} and {self.eval_cases}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: the best and the last only), got {self.save_every}")
+        if self.device != "auto":
+            resolve_device(self.device)  # an unknown device is said now, before the run folder is made
 
 
 # Named presets: overrides applied on top of the dataclass defaults, before the user's.
