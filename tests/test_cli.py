@@ -155,6 +155,8 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["shapes", "judge", "preset=quick", "eval_every=0"], 2, "error: threads, log_every, eval_every and eval_cases "
      "must be >= 1, got 1, 2, 0 and 6"),
     (["shapes", "judge", "preset=quick", "device=banana"], 2, "error: unknown device 'banana'"),
+    (["shapes", "judge", "preset=quick", "init=/no/such/judge", "output_dir=runs/nj"], 1,
+     "error: init=/no/such/judge: no such folder"),
     (["shapes", "vae", "steps=-1"], 2, "error: steps and batch_size must be >= 1, got steps=-1"),  # was status 0
     (["shapes", "teacher", "batch_size=0"], 2, "error: steps and batch_size must be >= 1"),
     (["shapes", "fast-vae", "seed=-1"], 2, "error: seed must be between 0 and 2**32 - 1, got -1"),

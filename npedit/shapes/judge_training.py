@@ -1118,6 +1118,10 @@ def run(overrides: Sequence[str] = ()) -> Path:
     from .recipes import refuse_to_replace
 
     refuse_to_replace(run_dir, "judge", "judge")  # (its first evaluation would replace it, whatever its accuracy)
+    from ..folders import looks_local
+
+    if cfg.init and looks_local(cfg.init) and not Path(cfg.init).exists():  # (the hub client said "Repo id must ...")
+        raise ValueError(f"init={cfg.init}: no such folder (a judge folder, e.g. assets/shapes/judge)")
     run_dir.mkdir(parents=True, exist_ok=True)
     with disk_writes(run_dir / "config.yaml", "nothing was trained yet: free space and train again"):
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
