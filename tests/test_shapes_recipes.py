@@ -171,6 +171,7 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
           "--judge", tiny_judge])  # best of 2 by the judge; its agreement with the scorer reported as well
     best = json.loads((tmp_path / "ev/pipeline-best-of-2.json").read_text())
     assert best["meta"]["candidates"] == 2 and len(best["rows"]) == 6 and "judge_agreement" in best
+    assert best["meta"]["judge"] == tiny_judge and fit["meta"]["judge"] is None  # the judge that picked, if any
     with pytest.raises(SystemExit, match="candidates"):
         main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--n", "2", "--candidates", "2"])
     selftrain = load_script("shapes_selftrain_data")

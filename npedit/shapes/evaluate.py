@@ -361,7 +361,7 @@ def eval_main(args) -> int:
         editor = pipeline_editor(pipe, steps=args.steps, seed=args.seed)
         name = args.name or Path(model).name + (f"-best-of-{args.candidates}" if args.candidates > 1 else "") + (
             f"-refined-{args.refine}" if args.refine else "")
-    judge = None
+    judge, judge_dir = None, None
     if args.judge or args.candidates > 1 or args.refine:
         from ..judges import load_judge
 
@@ -385,7 +385,9 @@ def eval_main(args) -> int:
             "strength": args.strength if args.baseline else None,
             "cases": (f"training (data.pool={args.train_pool}, seed {args.train_seed})" if args.train_pool is not None
                       else "held-out"),
-            "judge": args.judge, "candidates": args.candidates, "change_checks": change_checks,
+            # the judge that picked or refined the outputs (the bundled one unless --judge), or scored agreement
+            "judge": (args.judge or "bundled") if judge_dir is not None else None, "candidates": args.candidates,
+            "change_checks": change_checks,
             "refine": ({"steps": args.refine, "lr": args.refine_lr, "anchor": args.refine_anchor,
                         "keep_checks": True, "change_checks": True} if args.refine else None)}
     agreement = judge_agreement(rows) if judge is not None else None
