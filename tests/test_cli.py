@@ -79,7 +79,9 @@ def mistakes(tmp_path, monkeypatch):
     (tmp_path / "runs" / "t" / "base").mkdir(parents=True)  # a trained teacher's folder
     (tmp_path / "runs" / "t" / "base" / "model_index.json").write_text("{}")
     (tmp_path / "runs" / "v" / "vae").mkdir(parents=True)  # a trained VAE's run
+    (tmp_path / "runs" / "v" / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     (tmp_path / "runs" / "j" / "judge").mkdir(parents=True)  # a trained judge's run
+    (tmp_path / "runs" / "r" / "pipeline").mkdir(parents=True)  # a ref-encoder run's editor
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"reference": str(EXAMPLE), "edited": "edited.png",
                                                       "instruction": "add a circle"}) + "\n")
     return tmp_path
@@ -194,8 +196,13 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     # a trained VAE, fast VAE or judge there: a new run replaced it silently (the judge at its first evaluation)
     (["shapes", "vae", "output_dir=runs/v", "steps=1"], 1, f"error: output_dir runs/v already holds a VAE "
      f"({Path('runs/v/vae')}), which a new run would replace: continue it with init={Path('runs/v/vae')} and another"),
-    (["shapes", "fast-vae", "output_dir=runs/v", "steps=1"], 1, "error: output_dir runs/v already holds a fast VAE"),
+    # (the fast VAE saves to vae/ too: a VAE of the other kind there cannot be continued by this stage's init=)
+    (["shapes", "fast-vae", "output_dir=runs/v", "steps=1"], 1, f"error: output_dir runs/v already holds a trained "
+     f"model (AutoencoderKL) ({Path('runs/v/vae')}), which a new run would replace: pick another output_dir"),
     (["shapes", "judge", "output_dir=runs/j", "preset=quick"], 1, "error: output_dir runs/j already holds a judge"),
+    (["shapes", "ref-encoder", "output_dir=runs/r", "steps=1"], 1, "error: output_dir runs/r already holds an editor "
+     f"with a pretrained reference encoder ({Path('runs/r/pipeline')}), which a new run would replace: continue it "
+     f"with editor={Path('runs/r/pipeline')}"),
     # a trained teacher there: a new run replaced it with an untrained one as it started (even one stopped at once)
     (["shapes", "teacher", "preset=quick", "output_dir=runs/t", f"vae={ROOT / 'assets/shapes/teacher/vae'}"], 1,
      f"error: output_dir runs/t already holds a teacher ({Path('runs/t/base')}), which a new run would replace as "

@@ -433,10 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
     md = to_markdown(table)
     print(md)
-    for path in (args.table, args.chart):  # a folder of a path not there yet is made (it was a traceback)
-        if path:
-            Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
     if args.table:  # whole or not at all: `--extend t.md --table t.md` rewrites the only copy of the table
+        Path(args.table).absolute().parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.table, md + "\n")
     if args.chart:
         save_chart(comparison_chart(table), args.chart)
@@ -447,6 +445,7 @@ def save_chart(figure, path: str) -> None:
     """Write `figure` to `path` in the format its extension names (PNG without one), whole or not at all."""
     buf = io.BytesIO()
     figure.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120, bbox_inches="tight")
+    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)  # (a folder not there yet was a traceback)
     write_atomic(path, buf.getvalue())
 
 

@@ -386,7 +386,7 @@ def eval_main(args) -> int:
             "cases": (f"training (data.pool={args.train_pool}, seed {args.train_seed})" if args.train_pool is not None
                       else "held-out"),
             # the judge that picked or refined the outputs (the bundled one unless --judge), or scored agreement
-            "judge": (args.judge or "bundled") if judge_dir is not None else None, "candidates": args.candidates,
+            "judge": str(judge_dir) if judge_dir is not None else None, "candidates": args.candidates,
             "change_checks": change_checks,
             "refine": ({"steps": args.refine, "lr": args.refine_lr, "anchor": args.refine_anchor,
                         "keep_checks": True, "change_checks": True} if args.refine else None)}

@@ -1117,7 +1117,7 @@ def run(overrides: Sequence[str] = ()) -> Path:
     run_dir = _run_dir(cfg)
     from .recipes import refuse_to_replace
 
-    refuse_to_replace(run_dir, "judge", "judge")  # (its first evaluation would replace it, whatever its accuracy)
+    refuse_to_replace(run_dir, "judge", "a judge")  # (its first evaluation would replace it, whatever its accuracy)
     from ..folders import looks_local
 
     if cfg.init and looks_local(cfg.init) and not Path(cfg.init).exists():  # (the hub client said "Repo id must ...")
@@ -1170,7 +1170,7 @@ def run(overrides: Sequence[str] = ()) -> Path:
         """What a full disk leaves of this run, and what to do."""
         held = (f"{run_dir / 'judge'} holds the best judge so far (step {offset + best_step}) whole"
                 if best_step >= 0 else "no judge was saved yet")
-        return f"{held}: free space and train again (init=<a judge folder> continues one)"
+        return f"{held}: free space and train again into another output_dir (init=<a judge folder> continues one)"
 
     def evaluate_and_keep(step: int):
         nonlocal best, best_step

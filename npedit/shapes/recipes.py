@@ -203,21 +203,30 @@ class Budget:
 AGAIN = "free space (or make the folder writable) and run the stage again"
 
 
-def refuse_to_replace(output_dir, name: str, what: str) -> None:
-    """ValueError when `output_dir`/`name` holds a trained model that a new run there would replace (its metrics
-    mixed into the first run's), before anything is written: continue it with init= elsewhere, or pick another
-    output_dir."""
+def refuse_to_replace(output_dir, name: str, what: str, key: str = "init", model_class: str = "") -> None:
+    """ValueError when `output_dir`/`name` holds a trained model (`what`, with its article) that a new run there would
+    replace (its metrics mixed into the first run's), before anything is written: continue it with `key`= elsewhere
+    (said when the folder holds a `model_class`, the one this stage takes), or pick another output_dir."""
     held = Path(output_dir) / name
-    if held.exists():
-        raise ValueError(f"output_dir {output_dir} already holds a {what} ({held}), which a new run would replace: "
-                         f"continue it with init={held} and another output_dir, or pick another output_dir")
+    if not held.exists():
+        return
+    try:
+        found = json.loads((held / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    same = not model_class or found == model_class
+    held_what = what if same else f"a trained model ({found or 'unknown class'})"
+    go_on = f"continue it with {key}={held} and another output_dir, or " if same else ""
+    raise ValueError(f"output_dir {output_dir} already holds {held_what} ({held}), which a new run would replace: "
+                     f"{go_on}pick another output_dir")
 
 
-def _start(cfg, name: str | None = None, what: str = "") -> tuple[Path, MetricsLogger, np.random.Generator]:
+def _start(cfg, name: str | None = None, what: str = "", key: str = "init",
+           model_class: str = "") -> tuple[Path, MetricsLogger, np.random.Generator]:
     """The run folder of a stage saving its model as `name` (refused when it holds one: `refuse_to_replace`), its
     config written, its metrics logger and random stream."""
     if name:
-        refuse_to_replace(cfg.output_dir, name, what)
+        refuse_to_replace(cfg.output_dir, name, what, key, model_class)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with disk_writes(out / "config.yaml", f"nothing was trained yet: {AGAIN}"):  # the Runs tab reads it
@@ -306,7 +315,7 @@ def palette_loss(rec: torch.Tensor, x: torch.Tensor, temperature: float) -> torc
 
 def train_vae(cfg: VAEConfig) -> Path:
     """Train the VAE on random renders; writes <output_dir>/vae with latent scale/shift in its config."""
-    out, log, rng = _start(cfg, "vae", "VAE")
+    out, log, rng = _start(cfg, "vae", "a VAE", model_class="AutoencoderKL")
     if cfg.init:
         from ..backbones.vae import AnyVAE
 
@@ -419,7 +428,7 @@ def train_fast_vae(cfg: FastVAEConfig) -> Path:
     from ..backbones.fast_vae import PatchAutoencoder
     from ..backbones.vae import AnyVAE, LatentCodec
 
-    out, log, rng = _start(cfg, "vae", "fast VAE")
+    out, log, rng = _start(cfg, "vae", "a fast VAE", model_class="PatchAutoencoder")
     device = resolve_device(cfg.device)
     source = AnyVAE.from_pretrained(cfg.source).to(device).eval().requires_grad_(False)
     codec = LatentCodec(source)
@@ -551,7 +560,7 @@ def train_ref_encoder(cfg: RefEncoderConfig) -> Path:
     cell's object; writes <output_dir>/pipeline (the editor with it, still editing as before) and report.json."""
     from ..pipeline import NPEditPipeline, carry_over
 
-    out, log, rng = _start(cfg, "pipeline", "editor with a pretrained reference encoder")
+    out, log, rng = _start(cfg, "pipeline", "an editor with a pretrained reference encoder", key="editor")
     device = resolve_device(cfg.device)
     pipe = NPEditPipeline.from_pretrained(cfg.editor)
     backbone, student = pipe.backbone, pipe.transformer
