@@ -81,7 +81,7 @@ def mistakes(tmp_path, monkeypatch):
     (tmp_path / "runs" / "v" / "vae").mkdir(parents=True)  # a trained VAE's run
     (tmp_path / "runs" / "v" / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     (tmp_path / "runs" / "j" / "judge").mkdir(parents=True)  # a trained judge's run
-    (tmp_path / "runs" / "r" / "pipeline").mkdir(parents=True)  # a ref-encoder run's editor
+    (tmp_path / "runs" / "re" / "pipeline").mkdir(parents=True)  # a ref-encoder run's editor
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"reference": str(EXAMPLE), "edited": "edited.png",
                                                       "instruction": "add a circle"}) + "\n")
     return tmp_path
@@ -200,9 +200,9 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["shapes", "fast-vae", "output_dir=runs/v", "steps=1"], 1, f"error: output_dir runs/v already holds a trained "
      f"model (AutoencoderKL) ({Path('runs/v/vae')}), which a new run would replace: pick another output_dir"),
     (["shapes", "judge", "output_dir=runs/j", "preset=quick"], 1, "error: output_dir runs/j already holds a judge"),
-    (["shapes", "ref-encoder", "output_dir=runs/r", "steps=1"], 1, "error: output_dir runs/r already holds an editor "
-     f"with a pretrained reference encoder ({Path('runs/r/pipeline')}), which a new run would replace: continue it "
-     f"with editor={Path('runs/r/pipeline')}"),
+    (["shapes", "ref-encoder", "output_dir=runs/re", "steps=1"], 1, "error: output_dir runs/re already holds an "
+     f"editor with a pretrained reference encoder ({Path('runs/re/pipeline')}), which a new run would replace: continue "
+     f"it with editor={Path('runs/re/pipeline')}"),
     # a trained teacher there: a new run replaced it with an untrained one as it started (even one stopped at once)
     (["shapes", "teacher", "preset=quick", "output_dir=runs/t", f"vae={ROOT / 'assets/shapes/teacher/vae'}"], 1,
      f"error: output_dir runs/t already holds a teacher ({Path('runs/t/base')}), which a new run would replace as "

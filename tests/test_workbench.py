@@ -2067,3 +2067,19 @@ def test_a_public_app_fetches_no_file_a_caller_names_by_web_address(monkeypatch)
     finally:
         demo.close()
     assert fetched == []
+
+
+def test_app_examples_written_by_another_app_at_the_same_moment_are_written_again(tmp_path, monkeypatch):
+    """Two apps starting at once render the same examples into the shared temp folder: one found its temporary file
+    renamed by the other (FileNotFoundError) and the app did not start. It writes them again."""
+    real, calls = datasets.shapes_table, []
+
+    def raced(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError("[Errno 2] No such file or directory: '.shapes-0-00000.png.tmp'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "shapes_table", raced)
+    rows = datasets.shapes_examples(tmp_path / "examples", n=6)
+    assert len(calls) == 2 and len(rows) == 6 and all(Path(r[0]).is_file() for r in rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -427,8 +428,14 @@ def bundled_examples(examples_dir: str | os.PathLike) -> list[list]:
 
 
 def shapes_examples(directory: str | os.PathLike, n: int = 6, seed: int = 0) -> list[list]:
-    """`n` generated Shapes cases (one per category first) rendered into `directory`, as example rows."""
-    table = shapes_table(n, directory, seed=seed)
+    """`n` generated Shapes cases (one per category first) rendered into `directory`, as example rows. The folder is
+    shared by every app on the machine (the system's temp folder): two starting at once write the same files (one
+    seed, the same bytes) through one temporary name each, and one can find the other's gone: it writes them again."""
+    try:
+        table = shapes_table(n, directory, seed=seed)
+    except FileNotFoundError:  # (the other app renamed the temporary file this one was about to)
+        time.sleep(0.2)
+        table = shapes_table(n, directory, seed=seed)
     return [_example(r.image, r.instruction, r.caption_target, r.edit_type, r.object_name, r.keep)
             for r in table.itertuples(index=False)]
 
