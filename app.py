@@ -36,7 +36,7 @@ from npedit import assets
 from npedit.data import object_names
 from npedit.edit_types import EDIT_TYPES, edit_type_name
 from npedit.files import PARTIAL_SUFFIX, WINDOWS_DEVICE_NAMES, write_atomic, remove as remove_file
-from npedit.images import ImageError, bomb_limit, bomb_size, load_image, too_large_message
+from npedit.images import ImageError, bomb_message, load_image
 from npedit.refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR, check_refine_settings
 from npedit.verdicts import Verdict, answer_gradients, edit_questions, judge_candidates, judge_edit
 from workbench import datasets, jobs, judging, models, origins, plots, presets, runs, uploads
@@ -440,7 +440,7 @@ def image_input(**kwargs) -> gr.Image:
         try:
             return preprocess(payload)
         except Image.DecompressionBombError as exc:
-            raise _refusal(too_large_message(payload.orig_name or "the file", bomb_size(exc), bomb_limit())) from None
+            raise _refusal(bomb_message(payload.orig_name or "the file", exc)) from None
         except FileNotFoundError:  # a page left open past the cache's cleanup: its upload (or last result) is gone
             raise _refusal(f"{payload.orig_name or 'this image'} is no longer on the server: the app removes uploads "
                            "and results a while after they arrive (a day in a local app, an hour in a public "

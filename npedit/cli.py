@@ -64,11 +64,11 @@ def _device():
 
 def _dtype(name: str, device: str):
     """The torch dtype a --dtype flag names; "auto": bfloat16 on a GPU, float32 on a CPU (as the app does)."""
-    import torch
+    from .devices import as_torch_dtype
 
     if name == "auto":
         name = "bfloat16" if device.startswith("cuda") else "float32"
-    return getattr(torch, name)
+    return as_torch_dtype(name)
 
 
 def load_cli_judge(args, device: str, dtype, max_pixels: int | None):
@@ -158,11 +158,8 @@ def cmd_edit(args) -> int:
         _check_output_file(args.verdicts, "--verdicts")
     # an output written over an input: the user's own image (or list) replaced by the edit
     zipped = args.trace if (args.trace or "").lower().endswith(".zip") else None
-    # (a trace folder's pictures: an --image or --output named so there would be replaced by the trace's)
-    pictures = [(str(Path(args.trace) / name), "--trace") for name in ("reference.png", "edited.png", "refined.png")
-                if args.trace and not zipped]
     _check_distinct([(args.image, "--image"), (args.batch, "--batch"), (args.output if args.image else None,
-                     "--output"), (args.verdicts, "--verdicts"), (zipped, "--trace"), *pictures])
+                     "--output"), (args.verdicts, "--verdicts"), (zipped, "--trace")])
     if args.trace:
         _check_writable(Path(args.trace).absolute().parent if zipped else Path(args.trace).absolute(),
                         f"--trace {args.trace}")
@@ -653,7 +650,8 @@ def _file_key(path: str | Path):
 def _check_trace_target(args, zipped: str | None) -> None:
     """Stop when --trace would write over what is not a trace: a zip (or other file) of that name holding no
     trace.json, which is replaced whole; or, in a trace folder, --image or --output under one of the trace's own
-    file names (step-N-x0.png...), which the trace would replace or which would replace the trace's file."""
+    file names (edited.png, step-N-x0.png...: `trace.is_trace_file`), which the trace would replace or which would
+    replace the trace's file."""
     if zipped:
         path = Path(zipped)
         if path.is_dir():
@@ -673,8 +671,9 @@ def _check_trace_target(args, zipped: str | None) -> None:
     folder = _file_key(Path(args.trace).absolute())
     for path, flag in ((args.image, "--image"), (args.output if args.image else None, "--output")):
         if path and is_trace_file(Path(path).name) and _file_key(Path(path).absolute().parent) == folder:
-            raise UsageError(f"error: {flag} {path} is one of the files the trace writes in --trace {args.trace}: one "
-                             "would replace the other; give another name or another trace folder")
+            raise UsageError(f"error: {flag} and --trace are the same file ({path}): the trace writes a file of that "
+                             "name in its folder, and one would replace the other; give another name or another "
+                             "trace folder")
 
 
 def _check_distinct(files: list[tuple[str | None, str]]) -> None:

@@ -141,7 +141,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
         raise ImageError(f"{path} is not a regular file")
     if info.st_size == 0:
         raise ImageError(f"{path} is an empty file (0 bytes)")
-    too_large, limit = None, None
+    too_large = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the guard here
@@ -153,29 +153,25 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | torch.Tens
                 img.load()
                 return to_rgb(img)
     except Image.DecompressionBombError as exc:  # over Pillow's own limit, refused as it opens
-        too_large, limit = bomb_size(exc), bomb_limit()
+        raise ImageError(bomb_message(str(path), exc)) from None
     except UNREADABLE as exc:
         raise ImageError(f"cannot read {path} as an image: {exc}{_no_reader_note(path)}") from None
-    raise ImageError(too_large_message(str(path), too_large, limit))
+    raise ImageError(too_large_message(str(path), too_large))
 
 
-def bomb_size(exc: Exception) -> str:
-    """The size Pillow's DecompressionBombError gives (it opens no image over twice its own limit), in words."""
+def bomb_message(name: str, exc: Exception) -> str:
+    """`too_large_message` for an image Pillow refused to open as a decompression bomb (over twice its own limit):
+    the size it gives, and the limit that refused it (ours, or Pillow's where a host lowered it below ours)."""
     found = re.search(r"\((\d+) pixels\)", str(exc))
-    return f"{int(found[1]):,} pixels" if found else "too many pixels"
+    pillows = Image.MAX_IMAGE_PIXELS
+    return too_large_message(name, f"{int(found[1]):,} pixels" if found else "too many pixels",
+                             min(MAX_PIXELS, 2 * pillows) if pillows else MAX_PIXELS)
 
 
 def too_large_message(name: str, size: str, limit: int | None = None) -> str:
     """The one message for an image over the limit (MAX_PIXELS, or `limit`), named `name`, of `size` (in words)."""
     return (f"{name} is too large: {size}, more than the {limit or MAX_PIXELS:,} an image may have here (decoding it "
             "would take gigabytes of memory); scale it down first")
-
-
-def bomb_limit() -> int:
-    """The pixels an image may have where Pillow refused it as a decompression bomb (over twice its own limit): ours,
-    or Pillow's where a host lowered it below ours."""
-    pillows = Image.MAX_IMAGE_PIXELS
-    return min(MAX_PIXELS, 2 * pillows) if pillows else MAX_PIXELS
 
 
 def readable_formats() -> list[str]:

@@ -118,7 +118,7 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     ([*EDIT, "--output", "o.png", "--trace", "t", "--critic", "images"], 1,
      "error: --critic: images is a folder without model files"),
     ([*EDIT, "--output", "images/step-2-dmd.png", "--trace", "images"], 2,
-     "error: --output images/step-2-dmd.png is one of the files the trace writes in --trace images"),
+     "error: --output and --trace are the same file (images/step-2-dmd.png): the trace writes a file of that name"),
     ([*EDIT, "--output", "o.png", "--steps", "0"], 2, "error: --steps must be between 1 and 1000, got 0"),
     ([*EDIT, "--output", "o.png", "--steps", "-1"], 2, "error: --steps must be between 1 and 1000, got -1"),
     # (100000000 steps: 4.8 GB of sampling times built, and days of sampling, instead of one line)
@@ -205,8 +205,8 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
      f"it with editor={Path('runs/re/pipeline')}"),
     # a trained teacher there: a new run replaced it with an untrained one as it started (even one stopped at once)
     (["shapes", "teacher", "preset=quick", "output_dir=runs/t", f"vae={ROOT / 'assets/shapes/teacher/vae'}"], 1,
-     f"error: output_dir runs/t already holds a teacher ({Path('runs/t/base')}), which a new run would replace as "
-     f"it starts: continue it with init={Path('runs/t/base')} and another output_dir"),
+     f"error: output_dir runs/t already holds a teacher ({Path('runs/t/base')}), which a new run would replace: "
+     f"continue it with init={Path('runs/t/base')} and another output_dir"),
 ])
 def test_a_mistaken_command_line_is_one_line_and_its_status(mistakes, capsys, argv, status, says):
     """Each mistake stops with one line naming it, status 2 for a command line that cannot work as typed, 1 for a

@@ -762,12 +762,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     """Train the teacher on (render, caption) pairs; writes <output_dir>/base (a `model.base` folder)."""
     from ..backbones.sd3 import SD3Backbone
 
-    held = Path(cfg.output_dir) / "base"
-    if held.exists():  # (checked before anything is written) a run starts by replacing base/: new, or init's copy
-        raise ValueError(f"output_dir {cfg.output_dir} already holds a teacher ({held}), which a new run would replace "
-                         f"as it starts: continue it with init={held} and another output_dir, or pick another "
-                         "output_dir")
-    out, log, rng = _start(cfg)
+    # (a run starts by replacing base/: new, or init's copy)
+    out, log, rng = _start(cfg, "base", "a teacher")
     if cfg.init:
         base = continue_base(Path(cfg.init), out / "base")
     else:
