@@ -154,8 +154,14 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["shapes", "vae", "lrr=1"], 2, "error: unknown config key(s) lrr (did you mean lr?)"),
     (["shapes", "judge", "steps=ten"], 2, "error: unknown config key(s) steps"),
     # (these were torch's errors, or a ZeroDivisionError after the whole vision stage had trained)
-    (["shapes", "judge", "preset=quick", "eval_every=0"], 2, "error: threads, log_every, eval_every and eval_cases "
-     "must be >= 1, got 1, 2, 0 and 6"),
+    (["shapes", "judge", "preset=quick", "eval_every=0"], 2, "error: threads must be >= 0 (0: leave as is) and "
+     "log_every, eval_every and eval_cases >= 1, got 1, 2, 0 and 6"),
+    # (numpy's "expected non-negative integer" inside the run; eval_seed's after the whole training)
+    (["shapes", "judge", "preset=quick", "eval_seed=-1"], 2, "error: eval_seed must be between 0 and 2**32 - 1"),
+    (["shapes", "judge", "preset=quick", "seed=-1"], 2, "error: seed must be between 0 and 2**32 - 1, got -1"),
+    (["shapes", "judge-eval", "seed=-1"], 2, "error: --seed must be between 0 and 2**32 - 1, got -1"),
+    (["shapes", "teacher-eval", "seed=-1"], 2, "error: --seed must be between 0 and 2**32 - 1, got -1"),
+    (["shapes", "teacher-eval", "cfg=nan"], 2, "error: --cfg must be a number, got nan"),  # NaN went into the JSON
     (["shapes", "judge", "preset=quick", "device=banana"], 2, "error: unknown device 'banana'"),
     (["shapes", "judge", "preset=quick", "init=/no/such/judge", "output_dir=runs/nj"], 1,
      "error: init=/no/such/judge: no such folder"),

@@ -100,7 +100,9 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("judge-run")
     threads = torch.get_num_threads()
     try:
-        judge_dir = jt.run(["preset=quick", "ramp_batch=2", "align_batch=2", f"output_dir={out}"])
+        # threads=0 leaves torch's threads as they are, as every other stage reads it (this stage refused it)
+        judge_dir = jt.run(["preset=quick", "ramp_batch=2", "align_batch=2", "threads=0", f"output_dir={out}"])
+        assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(threads)
     return out, judge_dir

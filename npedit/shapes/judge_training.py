@@ -116,7 +116,7 @@ class JudgeTrainConfig:
     preset: str = "default"
     output_dir: str = ""  # "" = runs/shapes/judge-<preset>-<time>
     seed: int = 0
-    threads: int = 1  # torch CPU threads
+    threads: int = 1  # torch CPU threads (0: leave as is, as the other stages read it)
     device: str = "cpu"  # "auto" = CUDA when available
     arch: ArchConfig = field(default_factory=ArchConfig)
     # start from this judge folder instead of building a new model (skips nothing else)
@@ -188,9 +188,12 @@ class JudgeTrainConfig:
             raise ValueError(f"exclude_held_out lists benchmark seeds (>= 0); got {list(self.exclude_held_out)}")
         if self.probe_layer >= self.arch.num_layers:
             raise ValueError(f"probe_layer must be < arch.num_layers ({self.arch.num_layers})")
-        if min(self.threads, self.log_every, self.eval_every, self.eval_cases) < 1:
-            raise ValueError(f"threads, log_every, eval_every and eval_cases must be >= 1, got {self.threads}, "
-                             f"{self.log_every}, {self.eval_every} and {self.eval_cases}")
+        if self.threads < 0 or min(self.log_every, self.eval_every, self.eval_cases) < 1:
+            raise ValueError(f"threads must be >= 0 (0: leave as is) and log_every, eval_every and eval_cases >= 1, "
+                             f"got {self.threads}, {self.log_every}, {self.eval_every} and {self.eval_cases}")
+        for key in ("seed", "eval_seed"):  # numpy's range: a negative seed failed inside the run (eval_seed at its end)
+            if not 0 <= getattr(self, key) < 2**32:
+                raise ValueError(f"{key} must be between 0 and 2**32 - 1, got {getattr(self, key)}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: the best and the last only), got {self.save_every}")
         if self.device != "auto":
@@ -954,6 +957,8 @@ def eval_main(argv: Sequence[str] | None = None, prog: str = "python -m npedit s
     args = parser.parse_args(argv)
     if args.n < 1 or not 0 <= args.degrade <= 1:  # (n 0 was numpy's "need at least one array" after the judge loaded)
         parser.error(f"--n must be >= 1 and --degrade (a probability) in [0, 1], got {args.n} and {args.degrade}")
+    if not 0 <= args.seed < 2**32:  # numpy's range (else "expected non-negative integer" once the judge loaded)
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():  # before the evaluation, not after
         parser.error(f"--out {args.out} is a file; give a folder")
     path = default_path("judge", args.judge)
@@ -1111,7 +1116,8 @@ def run(overrides: Sequence[str] = ()) -> Path:
     cfg = build_config(overrides)
     if cfg.device == "auto":
         cfg = replace(cfg, device=str(resolve_device()))
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     run_dir = _run_dir(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -740,6 +741,10 @@ def teacher_eval_main(argv=None, prog: str = "python -m npedit shapes teacher-ev
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         ap.error("--n and --steps must be >= 1")
+    if not math.isfinite(args.cfg):  # (NaN sampled black scenes and wrote NaN into the JSON)
+        ap.error(f"--cfg must be a number, got {args.cfg}")
+    if not 0 <= args.seed < 2**32:  # numpy's range (else "expected non-negative integer" once the teacher loaded)
+        ap.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():  # before the evaluation, not after
         ap.error(f"--out {args.out} is a file; give a folder")
     if args.threads:
