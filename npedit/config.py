@@ -519,6 +519,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def pick_preset(overrides, default: str = "default") -> tuple[str, list[str]]:
+    """The preset `preset=NAME` words pick (the last, as for every other key given twice) and the other words."""
+    preset, rest = default, []
+    for item in overrides:
+        key, _, raw = str(item).partition("=")
+        if key.strip() == "preset":
+            preset = str(read_yaml(raw)) if raw.strip() else ""
+        else:
+            rest.append(item)
+    return preset, rest
+
+
 def overrides_as_flags(words) -> list[str]:
     """`key=value` words (the `python -m npedit shapes ...` override style) as `--key value` for argparse."""
     return [w for item in words for w in

@@ -31,6 +31,18 @@ def test_presets_and_overrides():
         make_config("vae", ["preset=huge"])
 
 
+def test_the_last_preset_given_wins_in_every_stage():
+    """`preset=` given twice: the recipe stages took the first, the judge stage the last (and the recipe stages missed
+    ` preset=quick` typed with a space); now every stage takes the last, as for any other key given twice."""
+    from npedit.shapes.judge_training import build_config as judge_config
+
+    default = make_config("teacher", []).steps
+    assert make_config("teacher", ["preset=quick", "preset=default"]).steps == default
+    assert make_config("teacher", ["preset=default", " preset = quick"]).steps == make_config("teacher", ["preset=quick"]).steps
+    assert judge_config(["preset=quick", "preset=default"]).preset == "default"
+    assert judge_config(["preset=default", "preset=quick"]).check_steps == judge_config(["preset=quick"]).check_steps
+
+
 def test_teacher_continues_a_trained_base(base, tmp_path):
     from safetensors.torch import load_file
 

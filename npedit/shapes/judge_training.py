@@ -214,14 +214,10 @@ PRESETS: dict[str, dict] = {
 
 def build_config(overrides: Sequence[str] = ()) -> JudgeTrainConfig:
     """The config of `preset=<name>` (default "default") with the dotted `key=value` overrides applied."""
-    overrides = list(overrides)
-    preset = "default"
-    for item in overrides:
-        if item.split("=", 1)[0].strip() == "preset":
-            preset = str(config_lib.read_yaml(item.split("=", 1)[1]))
+    preset, rest = config_lib.pick_preset(overrides)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    data = config_lib.apply_overrides({"preset": preset, **PRESETS[preset]}, overrides)
+    data = config_lib.apply_overrides({"preset": preset, **PRESETS[preset]}, rest)
     return config_lib.build_config(JudgeTrainConfig, data)
 
 

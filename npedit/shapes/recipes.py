@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import flow
 from ..backbones.base import set_config
 from ..backbones.tiny import add_bos_eos, tiny_clip, tiny_sd3_transformer, tiny_vae
-from ..config import BUNDLE_PATH, apply_overrides, build_config, overrides_as_flags, save_config
+from ..config import BUNDLE_PATH, apply_overrides, build_config, overrides_as_flags, pick_preset, save_config
 from ..devices import resolve_device
 from ..files import write_atomic, write_png
 from ..sampler import sample
@@ -177,10 +177,9 @@ CONFIGS = {"vae": VAEConfig, "teacher": TeacherConfig, "fast-vae": FastVAEConfig
 
 def make_config(stage: str, overrides: list[str]):
     """The stage's config: `preset=NAME` picks a preset, other `key=value` items override it."""
-    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("preset=")), "default")
+    preset, rest = pick_preset(overrides)
     if preset not in PRESETS[stage]:
         raise ValueError(f"unknown preset {preset!r} for {stage}; presets: {', '.join(PRESETS[stage])}")
-    rest = [o for o in overrides if not o.startswith("preset=")]
     return build_config(CONFIGS[stage], apply_overrides(PRESETS[stage][preset], rest))
 
 
