@@ -163,6 +163,8 @@ EDIT = ["edit", "--image", str(EXAMPLE), "--instruction", "add a circle"]
     (["shapes", "teacher-eval", "seed=-1"], 2, "error: --seed must be between 0 and 2**32 - 1, got -1"),
     (["shapes", "teacher-eval", "cfg=nan"], 2, "error: --cfg must be a number, got nan"),  # NaN went into the JSON
     (["shapes", "judge", "preset=quick", "device=banana"], 2, "error: unknown device 'banana'"),
+    # (the other stages wrote their run folder and config.yaml first, then failed with status 1)
+    (["shapes", "vae", "preset=quick", "device=banana", "output_dir=dv"], 2, "error: unknown device 'banana'"),
     (["shapes", "judge", "preset=quick", "init=/no/such/judge", "output_dir=runs/nj"], 1,
      "error: init=/no/such/judge: no such folder"),
     (["shapes", "vae", "steps=-1"], 2, "error: steps and batch_size must be >= 1, got steps=-1"),  # was status 0

@@ -57,6 +57,8 @@ class RunSettings:
                              f"max_minutes={self.max_minutes}")
         if not 0 <= self.seed < 2**32:  # numpy's range
             raise ValueError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.device != "auto":
+            resolve_device(self.device)  # an unknown device is said now, before the run folder and config.yaml
 
 
 @dataclass(frozen=True)
