@@ -1244,7 +1244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _refine_settings_flags(v)
     v.add_argument("--judge", type=_bundled, help="also ask this judge (a folder, or 'bundled') about every edit and "
                                                    "report how often its answers match the exact scorer")
-    v.add_argument("--name", help="report name (default: the model folder's name)")
+    v.add_argument("--name", help="report name (default: the model folder's name, then each setting given that "
+                                  "differs from its default, e.g. editor-refined-20-seed1)")
     v.add_argument("--out", default="runs/eval", help="where <name>.json and <name>.md go")
     v.set_defaults(func=cmd_eval)
 

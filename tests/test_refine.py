@@ -107,7 +107,7 @@ def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combi
     assert calls == []
     main(["eval", "shapes", "--n", "6", "--seed", "2", "--refine", "2", "--out", str(tmp_path)])
     assert calls == [(6, 2)]  # the six cases' edits, refined 2 steps
-    name = assets.DEFAULT_MODEL.name + "-refined-2"
+    name = assets.DEFAULT_MODEL.name + "-refined-2-n6-seed2"  # the settings that differ from the defaults
     report = json.loads((tmp_path / f"{name}.json").read_text())
     assert report["meta"]["refine"] == {"steps": 2, "lr": 0.05, "anchor": 1.0, "keep_checks": True,
                                         "change_checks": True} and report["meta"]["n"] == 6
@@ -118,7 +118,7 @@ def test_eval_shapes_refine_writes_its_settings_and_refuses_what_it_cannot_combi
     main(["eval", "shapes", "--n", "6", "--seed", "2", "--refine", "2", "--baseline", "teacher", "--teacher-steps", "2",
           "--out", str(tmp_path)])
     assert calls == [(6, 2)]
-    report = json.loads((tmp_path / "teacher-sdedit-refined-2.json").read_text())
+    report = json.loads((tmp_path / "teacher-sdedit-k2-refined-2-n6-seed2.json").read_text())
     assert report["meta"]["baseline"] == "teacher" and report["meta"]["refine"]["steps"] == 2
     assert (report["meta"]["steps"], report["meta"]["strength"]) == (2, 0.6)  # the teacher's, not the editor's
     for extra, words in ((["--refine-lr", "-1"], "learning rate"),
@@ -275,7 +275,7 @@ def test_refined_candidates_keep_each_cases_lowest_judge_loss(models, tmp_path):
         evaluate.REFINE_CHUNK = monkeypatch_chunk
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(chunked, got))
     main(["eval", "shapes", "--n", "6", "--refine", "1", "--candidates", "2", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / f"{assets.DEFAULT_MODEL.name}-best-of-2-refined-1.json").read_text())
+    report = json.loads((tmp_path / f"{assets.DEFAULT_MODEL.name}-best-of-2-refined-1-n6.json").read_text())
     assert report["meta"]["candidates"] == 2 and report["meta"]["refine"]["steps"] == 1
 
 

@@ -178,10 +178,10 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
         main(["eval", "shapes", "--model", str(out), "--n", "5", "--train-pool", "0"])
     main(["eval", "shapes", "--baseline", "teacher", "--teacher", str(base), "--teacher-steps", "2", "--n", "6",
           "--out", str(tmp_path / "ev")])
-    assert (tmp_path / "ev/teacher-sdedit.json").is_file()
+    assert (tmp_path / "ev/teacher-sdedit-k2-n6.json").is_file()
     main(["eval", "shapes", "--model", str(out), "--n", "6", "--out", str(tmp_path / "ev"), "--candidates", "2",
           "--judge", tiny_judge])  # best of 2 by the judge; its agreement with the scorer reported as well
-    best = json.loads((tmp_path / "ev/pipeline-best-of-2.json").read_text())
+    best = json.loads((tmp_path / "ev/pipeline-best-of-2-n6.json").read_text())
     assert best["meta"]["candidates"] == 2 and len(best["rows"]) == 6 and "judge_agreement" in best
     assert best["meta"]["judge"] == tiny_judge and fit["meta"]["judge"] is None  # the judge that picked, if any
     with pytest.raises(SystemExit, match="candidates"):
@@ -489,3 +489,22 @@ def test_shapes_stage_help_lists_presets_and_keys(capsys, tmp_path, monkeypatch)
         assert text.startswith(f"usage: python -m npedit shapes {stage}") and "presets: default, quick" in text
         assert f"  {key}" in text and "  seed=0" in text
     assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+@pytest.mark.parametrize("argv, name", [
+    ([], "editor"),
+    (["--seed", "1"], "editor-seed1"),  # the NAME-seed<k> form workbench.benchmarks pools
+    (["--n", "60", "--seed", "3", "--steps", "8"], "editor-steps8-n60-seed3"),
+    (["--candidates", "4", "--change-checks"], "editor-best-of-4-change-checks"),
+    (["--refine", "20", "--refine-lr", "0.1", "--seed", "2"], "editor-refined-20-lr0.1-seed2"),
+    (["--train-pool", "40", "--train-seed", "3"], "editor-train-pool40-train-seed3"),
+    (["--baseline", "teacher", "--strength", "0.8", "--teacher-steps", "4"], "teacher-sdedit-s0.8-k4"),
+])
+def test_a_report_name_says_the_settings_that_differ_from_the_defaults(argv, name):
+    """The default report name was the model folder's name (and best-of / refined) whatever the seed, cases, steps
+    or --n: `eval shapes --seed 1` replaced seed 0's report of the same editor, and a 4-case check a 300-case one."""
+    from npedit.cli import build_parser
+    from npedit.shapes.evaluate import report_name
+
+    args = build_parser().parse_args(["eval", "shapes", *argv])
+    assert report_name(args, "teacher-sdedit" if args.baseline else "editor") == name

@@ -25,6 +25,7 @@ from ..files import write_atomic
 from ..images import tensor_to_pil
 from ..sampler import sample
 from ..judges.questions import training_questions
+from ..refine import DEFAULT_REFINE_ANCHOR, DEFAULT_REFINE_LR
 from .edits import EditCase, held_out_cases
 from .scoring import FORM_GROUPS, METRICS, by_form, by_objects, error_counts, score_edit, summarize
 from .world import CANVAS, parse, render
@@ -296,6 +297,30 @@ def write_report(summary: dict, rows: list[dict], out_dir: Path, name: str, meta
     write_atomic(out_dir / f"{name}.md", md)
 
 
+def report_name(args, stem: str) -> str:
+    """The default report name: `stem` and each setting that differs from the default, in the `NAME-seed<k>` form
+    `workbench.benchmarks` pools by (e.g. `editor-best-of-4-refined-20-seed1`), so that a run with other cases, steps
+    or picks writes its own report instead of replacing one of another setting."""
+    parts = [stem]
+    if args.baseline:
+        parts += [f"s{args.strength:g}"] if args.strength != 0.6 else []
+        parts += [f"k{args.teacher_steps}"] if args.teacher_steps != 16 else []
+    elif args.steps != 4:
+        parts.append(f"steps{args.steps}")
+    parts += [f"best-of-{args.candidates}"] if args.candidates > 1 else []
+    parts += ["change-checks"] if args.change_checks else []
+    if args.refine:
+        parts.append(f"refined-{args.refine}")
+        parts += [f"lr{args.refine_lr:g}"] if args.refine_lr != DEFAULT_REFINE_LR else []
+        parts += [f"anchor{args.refine_anchor:g}"] if args.refine_anchor != DEFAULT_REFINE_ANCHOR else []
+    parts += [f"n{args.n}"] if args.n != 300 else []
+    if args.train_pool is not None:  # (the cases a run trained on: no held-out seed)
+        parts += [f"train-pool{args.train_pool}"] + ([f"train-seed{args.train_seed}"] if args.train_seed else [])
+    elif args.seed:
+        parts.append(f"seed{args.seed}")
+    return "-".join(parts)
+
+
 def eval_main(args) -> int:
     """`python -m npedit eval shapes`: benchmark an editor (or the zero-shot teacher) and print the table."""
     from ..assets import DEFAULT_TEACHER, default_path
@@ -351,7 +376,7 @@ def eval_main(args) -> int:
         backbone = load_backbone(base).to(device)
         teacher = backbone.load_transformer(base).to(device).eval()
         editor = sdedit_editor(backbone, teacher, strength=args.strength, steps=args.teacher_steps, seed=args.seed)
-        name, model = args.name or "teacher-sdedit" + (f"-refined-{args.refine}" if args.refine else ""), base
+        name, model = args.name or report_name(args, "teacher-sdedit"), base
     else:
         from ..pipeline import NPEditPipeline
 
@@ -359,8 +384,7 @@ def eval_main(args) -> int:
         pipe = NPEditPipeline.from_pretrained(model).to(device)
         pipe.set_progress_bar_config(disable=True)
         editor = pipeline_editor(pipe, steps=args.steps, seed=args.seed)
-        name = args.name or Path(model).name + (f"-best-of-{args.candidates}" if args.candidates > 1 else "") + (
-            f"-refined-{args.refine}" if args.refine else "")
+        name = args.name or report_name(args, Path(model).name)
     judge, judge_dir = None, None
     if args.judge or args.candidates > 1 or args.refine:
         from ..judges import load_judge
