@@ -208,8 +208,25 @@ def check_editor_folder(path: str | os.PathLike, dtype=None, sizes: bool = True,
     if missing:
         raise CheckpointError(f"{path} is an incomplete editor folder: {'; '.join(missing)}")
     folder = Path(path).expanduser() if looks_local(path) else cached_snapshot(str(path), revision)
+    if folder is not None:
+        problem = latent_space_problem(folder)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
     if sizes and folder is not None:
         check_pipeline_size(folder, dtype, device)
+
+
+def latent_space_problem(folder: Path) -> str | None:
+    """What says that `folder`'s vae/ makes latents its transformer/ cannot take (another channel count: a VAE of
+    another latent space copied in), or None. The edit failed at its first step with a convolution's shape error."""
+    vae, transformer = folder / "vae" / "config.json", folder / "transformer" / "config.json"
+    if not (vae.is_file() and transformer.is_file()):
+        return None
+    made, taken = _read_json(vae).get("latent_channels"), _read_json(transformer).get("in_channels")
+    if not isinstance(made, int) or not isinstance(taken, int) or made == taken:
+        return None
+    return (f"its VAE (vae/) makes latents of {made} channels and its transformer takes {taken}: the VAE is of another "
+            "latent space; put back the VAE the editor was trained with (`python -m npedit swap-vae` checks a new one)")
 
 
 def check_pipeline_size(folder: Path, dtype=None, device=None) -> int:

@@ -100,6 +100,26 @@ def test_an_editor_without_its_tokenizer_vocabulary_is_refused_not_run_on_empty_
         NPEditPipeline.from_pretrained(editor)
 
 
+def test_an_editor_holding_a_vae_of_another_latent_space_is_refused_before_it_loads(tmp_path):
+    """A VAE of another channel count copied into an editor's vae/ loaded silently; the edit then failed at its first
+    step with a convolution's shape error, said as an unexpected one."""
+    from npedit.assets import DEFAULT_MODEL
+    from npedit.backbones.tiny import tiny_vae
+    from npedit.pipeline import NPEditPipeline
+
+    editor = shutil.copytree(DEFAULT_MODEL, tmp_path / "editor", ignore=shutil.ignore_patterns("critic"))
+    shutil.rmtree(editor / "vae")
+    tiny_vae(8, 4).save_pretrained(editor / "vae")
+    with pytest.raises(CheckpointError, match=re.escape("its VAE (vae/) makes latents of 8 channels and its "
+                                                        "transformer takes 4: the VAE is of another latent space")):
+        NPEditPipeline.from_pretrained(editor)
+    with pytest.raises(CheckpointError, match="makes latents of 8 channels"):  # as a model.base of a training run
+        load_backbone(editor)
+    shutil.rmtree(editor / "vae")
+    tiny_vae(4, 4).save_pretrained(editor / "vae")  # the same latent space's shape (its weights are the user's call)
+    assert NPEditPipeline.from_pretrained(editor).vae.config.latent_channels == 4
+
+
 def test_weights_problem_reads_a_folder_of_shards(tmp_path):
     """Shards that a whole file stands beside, or whose index is there, are fine; shards alone are not."""
     from safetensors.torch import save_file

@@ -82,10 +82,15 @@ def detect_family(path: str | os.PathLike) -> str:
 def load_backbone(path: str | os.PathLike, *, family: str | None = None, **kwargs) -> Backbone:
     """Load the frozen parts (text encoder, tokenizer, VAE) of the checkpoint at `path` (a folder or hub id; offline,
     a hub id's cached snapshot: `folders.locate`)."""
-    from npedit.folders import locate
+    from pathlib import Path
+
+    from npedit.folders import CheckpointError, latent_space_problem, locate
 
     path = locate(path)
     family = family or detect_family(path)
+    problem = latent_space_problem(Path(path)) if Path(path).is_dir() else None
+    if problem:  # (a base model's or an editor's: training and editing failed at the first step)
+        raise CheckpointError(f"{path}: {problem}")
     return backbone_class(family).from_pretrained(path, **kwargs)
 
 
