@@ -612,3 +612,19 @@ def test_help_into_a_closed_pipe_is_quiet(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "BrokenPipeError" not in err and "Traceback" not in err and "error:" not in err, err
+
+
+def test_bench_times_the_bundled_teacher_for_shapes_editors_only(tiny_set, capsys):
+    """`bench --model GENERAL --size 512` timed the bundled 64 px Shapes teacher at 512 px as the editor's zero-shot
+    baseline (a speed-up against a model of another world); without --teacher a general editor has no baseline."""
+    from npedit.cli import main
+
+    assert main(["bench", "--model", tiny_set["model"], "--size", "64", "--repeats", "1", "--batch", "1",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["edit_latency_ms"] > 0 and "speedup_vs_teacher" not in res
+    assert "no teacher baseline: give --teacher BASE" in err
+    assert main(["bench", "--model", tiny_set["model"], "--teacher", tiny_set["teacher"], "--teacher-steps", "1",
+                 "--size", "64", "--repeats", "1", "--batch", "1", "--json"]) == 0
+    assert "speedup_vs_teacher" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
