@@ -1147,8 +1147,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="the judge's weights in this dtype (default auto: bfloat16 on a GPU, where it halves a real "
                         "judge's memory, float32 on a CPU)")
-    j.add_argument("--max-pixels", type=int, help="Qwen2.5-VL judges: at most this many pixels per image "
-                                                   "(e.g. 200704 = 448x448; default: its processor's own cap)")
+    j.add_argument("--max-pixels", "--judge-max-pixels", type=int, dest="max_pixels",  # (edit's and the app's name)
+                   help="Qwen2.5-VL judges: at most this many pixels per image (e.g. 200704 = 448x448; default: its "
+                        "processor's own cap)")
     j.add_argument("--batch", type=_bundled,
                    help="PAIRS.jsonl or PAIRS.csv with reference, edited, instruction[, id (default: the "
                                    "line number), edit_type, object_name (or object), keep, new, gone, extra (Yes/No "

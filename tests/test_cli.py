@@ -628,3 +628,12 @@ def test_bench_times_the_bundled_teacher_for_shapes_editors_only(tiny_set, capsy
     assert main(["bench", "--model", tiny_set["model"], "--teacher", tiny_set["teacher"], "--teacher-steps", "1",
                  "--size", "64", "--repeats", "1", "--batch", "1", "--json"]) == 0
     assert "speedup_vs_teacher" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_judge_takes_the_judge_max_pixels_name_of_edit_and_the_app():
+    """`edit` and the app call the judge's cap --judge-max-pixels; `judge` called it --max-pixels only, and refused
+    the other name as an unrecognized argument."""
+    from npedit.cli import build_parser
+
+    for flag in ("--max-pixels", "--judge-max-pixels"):
+        assert build_parser().parse_args(["judge", flag, "200704"]).max_pixels == 200704
