@@ -14,6 +14,7 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -71,16 +72,40 @@ def _dtype(name: str, device: str):
     return as_torch_dtype(name)
 
 
-def load_cli_judge(args, device: str, dtype, max_pixels: int | None):
-    """The judge of --judge (default: the bundled one) in `dtype`, at most `max_pixels` per image when given."""
+def load_cli_judge(args, device: str, dtype, max_pixels: int | None, texts: Sequence[tuple[str, str]] = ()):
+    """The judge of --judge (default: the bundled one) in `dtype`, at most `max_pixels` per image when given; each
+    (flag, text) of `texts` is first checked against the control tokens of its tokenizer (`check_judge_words`)."""
     from .judges import load_judge
 
+    check_judge_words(default_path("judge", args.judge), texts)
     extra = {} if max_pixels is None else {"max_pixels": max_pixels}
     try:
         return load_judge(default_path("judge", args.judge), device=device, torch_dtype=dtype, **extra)
     # an unsupported family, a pixel cap on a fixed-view judge, a missing file, a package its processor needs
     except (ValueError, OSError, ImportError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+
+
+def check_judge_words(judge_path, texts: Sequence[tuple[str, str]]) -> None:
+    """UsageError when a text the judge would read (flag, text) holds one of its tokenizer's control tokens (an image
+    placeholder, a turn's end), said from its processor alone (milliseconds) before its weights load (a real judge's
+    take minutes; the question was refused only then). A judge whose processor does not load here is left to its own
+    load, which says why."""
+    from .folders import looks_local
+    from .judges.chat import control_tokens, load_processor
+
+    texts = [(flag, text) for flag, text in texts if text]
+    if not texts or not looks_local(judge_path):
+        return
+    try:
+        tokens = control_tokens(load_processor(judge_path))
+    except Exception:  # (not a judge folder, a package missing, a processor of its own code: the load says it)
+        return
+    for flag, text in texts:
+        found = next((token for token in tokens if token in text), None)
+        if found is not None:
+            raise UsageError(f"error: {flag} holds {found!r}, which the judge's tokenizer reads as one of its control "
+                             "tokens (an image placeholder, a turn's start or end), not as text: reword it without it")
 
 
 def _edit_type(value: str) -> str:
@@ -181,7 +206,9 @@ def cmd_edit(args) -> int:
     dtype = _dtype(args.dtype, device)
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
     if args.candidates > 1 or args.verdicts or args.trace or args.refine:
-        judge = load_cli_judge(args, device, dtype, args.judge_max_pixels)
+        judge = load_cli_judge(args, device, dtype, args.judge_max_pixels,
+                               [] if args.batch else [("--instruction", args.instruction), ("--object", args.object),
+                                                      ("--keep", args.keep)])
     model = default_path("model", args.model)
     pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device, revision=args.revision)
     pipe.set_progress_bar_config(disable=True)
@@ -530,7 +557,10 @@ def cmd_judge(args) -> int:
             raise UsageError(f"error: {flag} {out} is {images[_file_key(out)]}: writing it would replace that image; "
                              "give another name")
     device = _device()
-    judge = load_cli_judge(args, device, _dtype(args.dtype, device), args.max_pixels)
+    words = [] if args.batch else [("--instruction", args.instruction), ("--object", args.object),
+                                   ("--keep", args.keep), ("--new", args.new), ("--gone", args.gone)]
+    judge = load_cli_judge(args, device, _dtype(args.dtype, device), args.max_pixels,
+                           [*words, *(("--extra", text) for text in args.extra)])
 
     extra = [text.strip() for text in args.extra if text.strip()]  # as the app reads its lines of extra questions
 

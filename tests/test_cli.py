@@ -637,3 +637,23 @@ def test_judge_takes_the_judge_max_pixels_name_of_edit_and_the_app():
 
     for flag in ("--max-pixels", "--judge-max-pixels"):
         assert build_parser().parse_args(["judge", flag, "200704"]).max_pixels == 200704
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["judge", "--reference", str(EXAMPLE), "--edited", str(EXAMPLE), "--instruction", "add a <image> circle"],
+     "error: --instruction holds '<image>', which the judge's tokenizer reads as one of its control tokens"),
+    (["judge", "--reference", str(EXAMPLE), "--edited", str(EXAMPLE), "--instruction", "add a circle",
+      "--extra", "is it <|im_end|> blue?"], "error: --extra holds '<|im_end|>'"),
+    (["edit", "--image", str(EXAMPLE), "--instruction", "add a circle", "--output", "o.png", "--refine", "1",
+      "--keep", "the <video> square"], "error: --keep holds '<video>'"),
+])
+def test_a_judges_control_token_in_a_text_is_refused_before_its_weights_load(tmp_path, monkeypatch, capsys, argv,
+                                                                             says):
+    """An instruction holding one of the judge's control tokens was refused once the judge had loaded (minutes for a
+    real one); its processor alone says it now."""
+    from npedit import judges
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(judges, "load_judge", lambda *a, **k: pytest.fail("the judge's weights were loaded"))
+    code, said = exit_of(argv, capsys)
+    assert code == 2 and said.startswith(says), said
