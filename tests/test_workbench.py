@@ -2083,3 +2083,21 @@ def test_app_examples_written_by_another_app_at_the_same_moment_are_written_agai
     monkeypatch.setattr(datasets, "shapes_table", raced)
     rows = datasets.shapes_examples(tmp_path / "examples", n=6)
     assert len(calls) == 2 and len(rows) == 6 and all(Path(r[0]).is_file() for r in rows)
+
+
+def test_a_metrics_line_that_is_not_utf8_is_skipped_by_the_tables_and_dropped_by_a_resume(tmp_path):
+    """One damaged line (bytes that are not UTF-8) in one run's metrics.jsonl raised UnicodeDecodeError from the
+    whole Runs table, every run's, and stopped `train --resume` of that run with a line naming no file."""
+    from npedit.training.logging import MetricsLogger
+
+    a = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5, 0.25])
+    _fake_run(tmp_path, "b", 2e-5, [1.0, 0.8])
+    with (a / "metrics.jsonl").open("ab") as f:
+        f.write(b'\n\xff\xfe\x00garbage\n{"step": 3, "time": 1.0, "student_loss": 0.2}\n')
+    table = runs.runs_table(tmp_path)
+    assert set(table["run"]) == {"a", "b"}
+    assert list(runs.read_metrics(a)["step"]) == [1, 2, 3, 3]
+    log = MetricsLogger(a, enabled=True)
+    log.rewind(2)
+    log.close()
+    assert [json.loads(line)["step"] for line in (a / "metrics.jsonl").read_text(encoding="utf-8").splitlines()] == [1, 2]

@@ -391,14 +391,15 @@ def _max_steps(run_dir: Path, job: dict) -> int | None:
 
 
 def read_metrics_rows(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl, skipping a line still being written."""
+    """The rows of metrics.jsonl, skipping a line still being written or damaged (bytes that are not UTF-8: one such
+    line failed the whole Runs table, every run's)."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():
             try:
-                row = json.loads(line)
-            except ValueError:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError:  # (UnicodeDecodeError is one)
                 continue
             if isinstance(row, dict):
                 rows.append(row)

@@ -50,7 +50,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.path.is_file():
-            text = self.path.read_text(encoding="utf-8")
+            # (a damaged line that is not UTF-8 is dropped as a torn one: it stopped the resume, naming no file)
+            text = self.path.read_bytes().decode("utf-8", errors="replace")
             kept = [r for r in text.splitlines() if _step(r) is not None and _step(r) <= step]
             rewound = "".join(r + "\n" for r in kept)  # (a last row cut before its newline: the next row joins it)
             if rewound != text:  # rewritten whole or not at all: a run killed meanwhile keeps every row
