@@ -326,6 +326,32 @@ def test_tiny_models_into_a_file_is_one_line(mistakes):
     out = run_python("-m", "workbench.tiny", "afile", cwd=mistakes, ok=False)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
         "error: afile is a file; give a folder for the models"), out.stderr
+    out = run_python("-m", "workbench.tiny", "afile/sub", cwd=mistakes, ok=False)  # (NotADirectoryError's traceback)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "error: cannot write the tiny models into afile/sub: Not a directory"], out.stderr
+
+
+def test_tiny_models_never_replace_a_folders_models(mistakes, tiny_set):
+    """`python -m workbench.tiny RUN` into a training run replaced its trained critic/ with a random one (and an
+    editor folder's likewise); a folder of other files is refused, and an earlier tiny set's models are kept."""
+    run = mistakes / "run"
+    (run / "critic").mkdir(parents=True)
+    (run / "critic" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("stage: npedit\n")
+    out = run_python("-m", "workbench.tiny", "run", cwd=mistakes, ok=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
+        "error: run holds other files (config.yaml): give a new or empty folder, or an earlier tiny set's"), out.stderr
+    assert (run / "critic" / "config.json").read_text() == "{}" and not (run / "editor").exists()
+    import shutil
+
+    from workbench.tiny import build_tiny_set
+
+    # from Python: an editor there is kept (it was saved again with a new random student whenever critic/ was missing)
+    shutil.copytree(tiny_set["model"], mistakes / "set" / "editor")
+    weights = mistakes / "set" / "editor" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    paths = build_tiny_set(mistakes / "set", base=tiny_set["teacher"], judge=tiny_set["judge"])
+    assert weights.stat().st_mtime_ns == before and Path(paths["critic"], "config.json").is_file()
 
 
 def test_an_eval_report_is_replaced_whole(mistakes, capsys, ctrl_c_at_fsync):

@@ -23,12 +23,26 @@ def build_tiny_set(directory: str | os.PathLike, base: str | None = None, judge:
         build_tiny_zimage(paths["teacher"])
     if not Path(paths["judge"], "config.json").is_file():
         build_tiny_llava_onevision(paths["judge"])
-    if not Path(paths["model"], "model_index.json").is_file() or not Path(paths["critic"], "config.json").is_file():
+    editor_there, critic_there = (Path(paths["model"], "model_index.json").is_file(),
+                                  Path(paths["critic"], "config.json").is_file())
+    if not (editor_there and critic_there):  # each written only where it is missing: a model there is never replaced
         backbone = load_backbone(paths["teacher"])
         teacher = backbone.load_transformer(paths["teacher"])
-        NPEditPipeline.from_parts(backbone.prepare_student(teacher), backbone).save_pretrained(paths["model"])
-        teacher.save_pretrained(paths["critic"], safe_serialization=True)
+        if not editor_there:
+            NPEditPipeline.from_parts(backbone.prepare_student(teacher), backbone).save_pretrained(paths["model"])
+        if not critic_there:
+            teacher.save_pretrained(paths["critic"], safe_serialization=True)
     return paths
+
+
+TINY_SET = ("base", "judge", "editor", "critic")  # what build_tiny_set writes into its folder
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What `folder` holds besides an earlier tiny set (a run's config.yaml and checkpoints, an editor's parts)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in TINY_SET)
 
 
 if __name__ == "__main__":
@@ -40,5 +54,12 @@ if __name__ == "__main__":
     folder = ap.parse_args().dir
     if Path(folder).exists() and not Path(folder).is_dir():  # (else NotADirectoryError's traceback)
         ap.error(f"{folder} is a file; give a folder for the models")
-    out = build_tiny_set(folder)
+    other = foreign_entries(Path(folder))
+    if other:  # (a run's folder: its trained critic/ was replaced by a random one)
+        ap.error(f"{folder} holds other files ({', '.join(other[:4])}{', ...' if len(other) > 4 else ''}): give a new "
+                 f"or empty folder, or an earlier tiny set's")
+    try:
+        out = build_tiny_set(folder)
+    except OSError as exc:  # (a path under a file, a folder that cannot be made: a traceback before)
+        raise SystemExit(f"error: cannot write the tiny models into {folder}: {exc.strerror or exc}") from None
     print(" ".join(f"--{role} {path}" for role, path in out.items()))
