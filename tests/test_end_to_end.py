@@ -98,6 +98,26 @@ def test_pipeline_loads_and_edits(trained):
         pipe(image=img, prompt="   ")
 
 
+def test_export_of_a_checkpoint_or_an_editor_folder_says_what_to_export(trained, capsys, monkeypatch):
+    """`export RUN/checkpoints/step_N` (or the checkpoints folder, or an exported editor) said "no complete checkpoint
+    in .../step_N/checkpoints"; it names the run to export, and the step."""
+    from npedit.cli import main
+
+    work, _ = trained
+    monkeypatch.chdir(work)
+    for target, says in (("runs/npedit/checkpoints/step_000003", f"{Path('runs/npedit/checkpoints/step_000003')} is "
+                          f"one checkpoint of the run {Path('runs/npedit')}: export the run, with --step 3 for this "
+                          "step"),
+                         ("runs/npedit/checkpoints", f"{Path('runs/npedit/checkpoints')} is the checkpoints folder of "
+                          f"the run {Path('runs/npedit')}: export the run"),
+                         ("runs/npedit/pipeline", f"{Path('runs/npedit/pipeline')} is already an editor")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", target])
+        said = str(exit_.value.code) if isinstance(exit_.value.code, str) else capsys.readouterr().err
+        assert says in said, said
+
+
 def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, monkeypatch):
     from safetensors.torch import load_file
 

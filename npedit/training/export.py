@@ -26,6 +26,14 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     found = ckpt.checkpoint_dirs(run_dir / "checkpoints")
+    if not found and run_dir.parent.name == "checkpoints" and ckpt.checkpoint_step(run_dir) is not None:
+        raise FileNotFoundError(f"{run_dir} is one checkpoint of the run {run_dir.parent.parent}: export the run, "
+                                f"with --step {ckpt.checkpoint_step(run_dir)} for this step")
+    if not found and run_dir.name == "checkpoints" and ckpt.checkpoint_dirs(run_dir):
+        raise FileNotFoundError(f"{run_dir} is the checkpoints folder of the run {run_dir.parent}: export the run")
+    if not found and (run_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is already an editor (an NPEditPipeline folder): it loads as it is, e.g. "
+                                f"edit --model {run_dir}; export takes a training run's folder")
     if not found:
         raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'} "
                                 f"(a run writes one every save_every steps and when it stops)")
