@@ -835,17 +835,28 @@ def _train(cfg, run: Path, resume: bool, config: str | None = None) -> int:
         except OSError as exc:  # (a full disk) before the file is written over, not after
             raise SystemExit(f"error: cannot keep a copy of --config {config} before the run writes over it: "
                              f"{exc.strerror or exc}") from None
+    from .training.checkpoint import latest_checkpoint
+
+    def kept(then: str = "") -> str:
+        """What a stopped run keeps (checkpoints are published whole, so the newest one is complete)."""
+        newest = latest_checkpoint(run / "checkpoints")
+        return (f"{newest} is the newest complete checkpoint: {then}continue with the same command and --resume, or "
+                f"export it (python -m npedit export {run})" if newest else "no checkpoint was saved yet")
+
     try:
         out = trainer.train()
     except WriteError as exc:  # a full or read-only disk: what is kept and what to do, in one line
         raise SystemExit(f"error: {exc}") from None
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are published whole, so the newest one is complete
-        from .training.checkpoint import latest_checkpoint
-
-        newest = latest_checkpoint(run / "checkpoints")
-        kept = (f"{newest} is the newest complete checkpoint: continue with the same command and --resume, or "
-                f"export it (python -m npedit export {run})" if newest else "no checkpoint was saved yet")
-        tqdm.write(f"interrupted: {kept}", file=sys.stderr)  # a line of its own, not after the progress bar
+    except ImageError as exc:  # the data's images gone or unreadable midway (was an "unexpected" error)
+        tqdm.write(f"error: {exc}; {kept('fix the data, then ')}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:  # a full disk while logging metrics, a folder gone: said with what is kept
+        where = f" ({exc.filename})" if exc.filename else ""
+        tqdm.write(f"error: the run stopped: {exc.strerror or exc}{where}; {kept('free space (or fix that), then ')}",
+                   file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C
+        tqdm.write(f"interrupted: {kept()}", file=sys.stderr)  # a line of its own, not after the progress bar
         raise SystemExit(INTERRUPTED) from None
     if trainer.acc.is_main_process:
         print(out)

@@ -243,6 +243,45 @@ def test_an_unexpected_failure_is_one_line_unless_debugging(mistakes, capsys, mo
         cli.main(["export", "run"])
 
 
+@pytest.mark.parametrize("error, says", [
+    # the manifest's images deleted midway: ImageError was said as an unexpected error, naming no checkpoint
+    ("images", "error: none of the 12 samples' images can be read; {ckpt} is the newest complete checkpoint: fix the "
+               "data, then continue with the same command and --resume, or export it (python -m npedit export "
+               "{run})"),
+    # a full disk while appending to metrics.jsonl: "OSError: [Errno 28] ... (unexpected; ...)"
+    ("disk", "error: the run stopped: No space left on device ({run}{sep}metrics.jsonl); {ckpt} is the newest complete "
+             "checkpoint: free space (or fix that), then continue with the same command and --resume, or export it "
+             "(python -m npedit export {run})"),
+])
+def test_a_run_stopped_by_its_data_or_its_disk_names_the_checkpoint_to_resume_from(mistakes, capsys, monkeypatch,
+                                                                                   error, says):
+    import errno
+
+    from npedit.images import ImageError
+    from npedit.training import trainer
+
+    class Stopped:
+        def __init__(self, cfg):
+            ckpt = Path(cfg.output_dir) / "checkpoints" / "step_000004"
+            ckpt.mkdir(parents=True)
+            (ckpt / "trainer_state.json").write_text("{}")
+            self.log = Path(cfg.output_dir) / "metrics.jsonl"
+
+        def resume(self):
+            return False
+
+        def train(self):
+            if error == "images":
+                raise ImageError("none of the 12 samples' images can be read")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.log))
+
+    monkeypatch.setattr(trainer, "Trainer", Stopped)
+    code, said = exit_of(["train", "model.base=m", "data.train=shapes", "loss.lambda_vlm=0", "output_dir=runs/s"],
+                         capsys)
+    assert code == 1 and said == says.format(ckpt=Path("runs/s/checkpoints/step_000004"), run=Path("runs/s"),
+                                             sep=os.sep), said
+
+
 def test_ctrl_c_in_training_names_the_checkpoint_to_resume_from(mistakes, capsys, monkeypatch):
     """Ctrl-C during `train` was a KeyboardInterrupt traceback; it is one line naming the newest complete
     checkpoint (published whole, so complete) and how to go on, status 130 as the shell gives an interrupted
