@@ -33,7 +33,7 @@ class Domain:
 SHAPES_DOMAIN = Domain("shapes", 64)
 
 
-def read_domain(path: str | os.PathLike | None) -> Domain:
+def read_domain(path: str | os.PathLike | None, depth: int = 0) -> Domain:
     """The domain file of an editor folder; without one, the bundled editor is Shapes, an editor whose training
     config names Shapes data (or a manifest marked with a domain file) has that domain, and others are general."""
     if not path:
@@ -50,13 +50,28 @@ def read_domain(path: str | os.PathLike | None) -> Domain:
             return Domain()
     if p.resolve() == assets.DEFAULT_MODEL.resolve():
         return SHAPES_DOMAIN
-    cfg = p / "training_config.json"  # an export older than its domain file: the data its config names
+    cfg = p / "training_config.json"  # an export older than its domain file: the data and student its config names
     if cfg.is_file():
         try:
-            return data_domain(str(json.loads(cfg.read_text(encoding="utf-8")).get("data", {}).get("train", "")))
-        except (ValueError, AttributeError):
+            settings = json.loads(cfg.read_text(encoding="utf-8"))
+            data, model = settings.get("data", {}), settings.get("model", {})
+            return run_domain(str(data.get("train", "")), str(model.get("student") or ""), data.get("resolution"),
+                              depth)
+        except (ValueError, AttributeError, TypeError):
             return Domain()
     return Domain()
+
+
+def run_domain(train: str, student: str = "", resolution: int | None = None, depth: int = 0) -> Domain:
+    """The domain of an editor a run trains: its data's (`data_domain`) when the data says one; else its student's
+    when the run kept the student's resolution (the Shapes editor fine-tuned at 64 px on a manifest of its own, as the
+    README's quick start does, is still a Shapes editor: as a general one it edited a 256 px image at 128 px, into
+    noise); else general."""
+    domain = data_domain(train)
+    if domain != Domain() or not student or not Path(student).is_dir() or depth > 8:  # (a hub id: general)
+        return domain
+    inherited = read_domain(student, depth + 1)  # (depth: an export whose config names itself as its student)
+    return inherited if inherited.resolution is not None and inherited.resolution == resolution else domain
 
 
 def data_domain(train: str) -> Domain:

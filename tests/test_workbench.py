@@ -2101,3 +2101,29 @@ def test_a_metrics_line_that_is_not_utf8_is_skipped_by_the_tables_and_dropped_by
     log.rewind(2)
     log.close()
     assert [json.loads(line)["step"] for line in (a / "metrics.jsonl").read_text(encoding="utf-8").splitlines()] == [1, 2]
+
+
+def test_a_run_from_a_shapes_student_at_its_resolution_trains_a_shapes_editor(tmp_path, monkeypatch):
+    """The README's quick start fine-tunes the bundled Shapes editor on assets/examples/examples.jsonl (no domain
+    file there) at 64 px: its export was a general editor, which edited a 256 px image at 128 px into noise. A run
+    keeps its student's domain when its data names none and it kept the student's resolution."""
+    import json
+
+    from npedit.assets import DEFAULT_MODEL
+    from npedit.domain import Domain, SHAPES_DOMAIN, read_domain, run_domain
+
+    monkeypatch.chdir(tmp_path)
+    manifest = str(DEFAULT_MODEL.parents[1] / "examples" / "examples.jsonl")
+    assert run_domain(manifest, str(DEFAULT_MODEL), 64) == SHAPES_DOMAIN
+    assert run_domain(manifest, str(DEFAULT_MODEL), 256) == Domain()  # retrained at another size: general
+    assert run_domain(manifest, "someone/an-editor", 64) == Domain()  # (a hub id: nothing to read here)
+    assert run_domain(manifest, "", 64) == Domain()
+    # an export of older days (no domain file) reads its training config the same way; one naming itself ends
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "training_config.json").write_text(json.dumps({"data": {"train": manifest, "resolution": 64},
+                                                          "model": {"student": str(DEFAULT_MODEL)}}))
+    assert read_domain(old) == SHAPES_DOMAIN
+    (old / "training_config.json").write_text(json.dumps({"data": {"train": manifest, "resolution": 64},
+                                                          "model": {"student": str(old)}}))
+    assert read_domain(old) == Domain()

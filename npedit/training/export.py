@@ -108,7 +108,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     The folder is one to share: its training_config.json and model card name the trainer's local paths as
     `sharing.portable` does (`keep_paths` keeps them as they are); the card takes a Hub `license` id, the eval report
     `metrics` (`npedit eval shapes` JSON) and the `repo_id` it will have, for its loading lines."""
-    from ..domain import data_domain
+    from ..domain import run_domain
     from ..pipeline import NPEditPipeline, training_summary
     from ..sharing import is_hub_id, metrics_section, portable, shareable_config, training_section
 
@@ -129,7 +129,8 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     name = path.name if average == 1 else f"{path.name}-avg{average}"
     out = Path(out) if out else Path(run_dir) / "exports" / name
     pipe = NPEditPipeline.from_parts(net.eval(), backbone, shift=cfg.sampler.shift)
-    pipe.domain = data_domain(cfg.data.train)  # (a relative data.train: from this folder, as the run was started)
+    # (a relative data.train or model.student: from this folder, as the run was started)
+    pipe.domain = run_domain(cfg.data.train, cfg.model.student, cfg.data.resolution)
     shown = (lambda value: value) if keep_paths else portable
     student = shown(cfg.model.student) or None
     summary = training_summary(cfg.stage, student, cfg.loss, cfg.data.train, cfg.model.lora_rank)

@@ -25,7 +25,7 @@ from ..backbones import load_backbone
 from ..config import TrainConfig, cfg_scale_for, changed_settings, read_yaml, save_config, to_dict
 from ..data import JUDGED_FIELDS, apply_do_nothing, collate
 from ..devices import TORCH_DTYPES
-from ..domain import data_domain
+from ..domain import run_domain
 from ..files import write_png
 from ..guidance import teacher_critic_x0
 from ..losses import dmd_loss, do_nothing_loss, flow_matching_loss, target_loss, vlm_loss
@@ -858,7 +858,7 @@ class Trainer:
         pipe = NPEditPipeline.from_parts(student, self.backbone, shift=self.cfg.sampler.shift)
         cfg = self.cfg
         # asked here, where a relative data.train means what it meant for training (not wherever it is loaded)
-        pipe.domain = data_domain(cfg.data.train)
+        pipe.domain = run_domain(cfg.data.train, cfg.model.student, cfg.data.resolution)
         summary = training_summary(cfg.stage, cfg.model.student or None, cfg.loss, cfg.data.train, cfg.model.lora_rank)
         with ckpt.publishing(out) as tmp:
             pipe.save_pretrained(tmp, training=summary)
