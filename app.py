@@ -261,8 +261,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("upload_mb_per_hour", "upload_min_free_mb"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag):g}")
-    if not 0 <= args.port <= 65535:  # (else the socket's OverflowError traceback once the UI is built)
-        p.error(f"--port must be between 0 and 65535, got {args.port}")
+    if not 1 <= args.port <= 65535:  # (else the socket's OverflowError traceback once the UI is built; 0 an httpx one)
+        p.error(f"--port must be between 1 and 65535, got {args.port}")
     if Path(args.runs).exists() and not Path(args.runs).is_dir():  # (else FileExistsError's traceback at launch)
         p.error(f"--runs {args.runs} is a file; give the folder training runs go in")
     if args.device:  # (else a CUDA or torch error from the first model that loads, in the page)
@@ -1426,9 +1426,15 @@ def launch(demo: gr.Blocks, app: App, args: argparse.Namespace, **kwargs):
     elif origins.is_loopback(args.host):  # a local app: no other site's page may call it or read it (DNS rebinding)
         limit = Middleware(origins.LoopbackOnly, allowed_hosts=args.allow_host)
         limits = {"app_kwargs": {"middleware": [limit]}, "num_workers": 0}
-    return demo.queue(max_size=32).launch(
-        server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
-        allowed_paths=served_paths(app), state_session_capacity=SESSIONS_KEPT, **limits, **kwargs)
+    try:
+        return demo.queue(max_size=32).launch(
+            server_name=args.host, server_port=args.port, max_file_size="20mb", css=CSS,
+            allowed_paths=served_paths(app), state_session_capacity=SESSIONS_KEPT, **limits, **kwargs)
+    except OSError as exc:  # (gradio's traceback said "Cannot find empty port ... server_port parameter to launch()")
+        if "port" not in str(exc).lower():
+            raise
+        raise SystemExit(f"error: cannot serve on --host {args.host} --port {args.port}: the port is taken (another "
+                         "app there?) or the host is not an address of this machine; give another --port or --host")
 
 
 def main(argv=None):

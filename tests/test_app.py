@@ -114,7 +114,8 @@ def test_judge_pixel_cap_from_flag_or_space_variable(tiny_set, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--port", "99999"], "error: --port must be between 0 and 65535, got 99999"),  # was bind()'s OverflowError
+    (["--port", "99999"], "error: --port must be between 1 and 65535, got 99999"),  # was bind()'s OverflowError
+    (["--port", "0"], "error: --port must be between 1 and 65535, got 0"),  # was httpx's ConnectError traceback
     (["--runs", "afile"], "error: --runs afile is a file; give the folder training runs go in"),  # FileExistsError
     (["--device", "tpu"], "error: --device: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
 ])
@@ -583,6 +584,20 @@ def test_no_training_starts_on_zerogpu(tmp_path, monkeypatch):
     with pytest.raises(gr.Error, match="ZeroGPU"):
         fns["on_start"](pd.DataFrame(), {}, True, next(iter(presets.PRESETS)), "run", "", "", 0, "")
     assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_a_port_in_use_is_one_line(tiny_set, tmp_path):
+    """A second app on a port another one serves: gradio's OSError traceback ("Cannot find empty port ... passing the
+    server_port parameter to launch()", code the user never calls); one line naming --port and --host now."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = npedit_app.parse_args([*tiny_flags(tiny_set, tmp_path / "runs"), "--port", str(port)])
+        app = npedit_app.make_app(args)
+        with pytest.raises(SystemExit, match=f"error: cannot serve on --host 127.0.0.1 --port {port}: the port is "
+                                             "taken"):
+            npedit_app.launch(npedit_app.build_demo(app), app, args, prevent_thread_lock=True, quiet=True)
 
 
 def test_gradio_client_edit_and_judge(tiny_set, tmp_path, shapes_png):
