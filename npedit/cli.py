@@ -283,6 +283,9 @@ def _edit_jobs_of(args) -> list[dict]:
         judged = args.candidates > 1 or args.verdicts or args.trace or args.refine
         if judged and args.edit_type == "remove" and not (args.object or "").strip():
             raise UsageError(REMOVE_NEEDS_OBJECT)
+        if args.edit_type != "remove" and (args.object or "").strip():  # (as `judge` says: it was silently unused)
+            print(f"note: --object is asked about for --edit-type remove only (is it still there?); for --edit-type "
+                  f"{args.edit_type}, --keep names the objects to leave in place", file=sys.stderr)
         _check_image(args.image, "--image")
         return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
                  "object_name": args.object, "keep": args.keep, "out": out}]

@@ -722,3 +722,14 @@ def test_a_judges_control_token_in_a_text_is_refused_before_its_weights_load(tmp
     monkeypatch.setattr(judges, "load_judge", lambda *a, **k: pytest.fail("the judge's weights were loaded"))
     code, said = exit_of(argv, capsys)
     assert code == 2 and said.startswith(says), said
+
+
+def test_edit_says_that_object_is_asked_for_a_removal_only(tmp_path, capsys):
+    """`edit --edit-type recolor --object X --refine 20` (the README's example once) refined exactly as without
+    --object, saying nothing; `judge` said so already."""
+    from npedit.cli import main
+
+    assert main(["edit", "--image", str(EXAMPLE), "--instruction", "make the circle green", "--edit-type", "recolor",
+                 "--object", "purple triangle", "--output", str(tmp_path / "o.png")]) == 0
+    assert ("note: --object is asked about for --edit-type remove only (is it still there?); for --edit-type recolor, "
+            "--keep names the objects to leave in place") in capsys.readouterr().err
