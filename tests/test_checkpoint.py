@@ -128,6 +128,41 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_readable_one_found(tmp_pat
     assert "trainer_state.json is empty" in ckpt.damage(five) and ckpt.latest_readable(root)[0] is None
 
 
+def test_a_checkpoint_missing_a_file_or_its_state_is_named_and_passed_over(tmp_path):
+    """A checkpoint copied without one of its files (optimizer_student.safetensors, rng_0.safetensors) failed the
+    resume with "No such file or directory" and no fallback, and the workbench called it resumable; one without its
+    trainer_state.json (the last file an interrupted copy writes) was passed over unnamed."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = tmp_path / "checkpoints"
+    five, ten = _published(root, 5), _published(root, 10)
+    for d in (five, ten):  # as the trainer saves them since: trainer_state.json lists the folder's files
+        save_file({"x": torch.zeros(2)}, str(d / "optimizer_student.safetensors"))
+        (d / "optimizer_student.json").write_text("{}")
+        (d / "trainer_state.json").write_text(json.dumps({"step": ckpt.checkpoint_step(d),
+                                                          "files": ckpt.saved_files(d)}))
+    assert ckpt.damage(ten) is None and "student/diffusion_pytorch_model.safetensors" in ckpt.saved_files(ten)
+    (ten / "optimizer_student.safetensors").unlink()
+    assert ckpt.damage(ten) == "optimizer_student.safetensors is missing"
+    assert ckpt.latest_readable(root) == (five, ["step_000010 is damaged (optimizer_student.safetensors is missing)"])
+    # a checkpoint saved before the list: a half-present pair, a network folder without weights
+    (five / "trainer_state.json").write_text(json.dumps({"step": 5}))
+    (five / "rng_0.json").write_text("{}")
+    assert ckpt.damage(five) == "rng_0.safetensors is missing"
+    (five / "rng_0.json").unlink()
+    (five / "student/diffusion_pytorch_model.safetensors").unlink()
+    assert ckpt.damage(five) == "student/ weights (.safetensors) is missing"
+    # the newest folder without its trainer_state.json is named, not silently passed over
+    shutil.rmtree(ten)
+    _published(root, 7)
+    incomplete = _published(root, 12)
+    (incomplete / "trainer_state.json").unlink()
+    good, passed = ckpt.latest_readable(root)
+    assert good.name == "step_000007" and passed[0].startswith("step_000012 is incomplete (no trainer_state.json")
+
+
 def test_pruning_never_removes_the_checkpoint_just_written_nor_reads_stale_saves(tmp_path):
     """A resume that passed over a damaged step_20 saves step 15 next: with keep=1 the new checkpoint stays (only
     older ones are pruned). A save killed halfway left `.tmp_step_*` (a whole checkpoint's size): the next save

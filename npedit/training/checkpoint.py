@@ -134,6 +134,9 @@ def damage(path: Path) -> str | None:
     """What in checkpoint folder `path` does not read back (an empty file, a safetensors file shorter than its header
     says, JSON or YAML that does not parse: a crash before the disk had the files, a copy cut off), or None."""
     path = Path(path)
+    missing = missing_files(path)
+    if missing:
+        return f"{missing[0]} is missing" + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
     for f in sorted(p for p in path.rglob("*") if p.suffix in (".json", ".yaml", ".safetensors") and p.is_file()):
         name = f.relative_to(path).as_posix()
         try:
@@ -151,11 +154,54 @@ def damage(path: Path) -> str | None:
     return None
 
 
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
+
+
+def saved_files(folder: Path) -> list[str]:
+    """The files of a checkpoint folder being written, as trainer_state.json lists them (relative, POSIX)."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+
+
+def missing_files(path: Path) -> list[str]:
+    """What checkpoint `path` lacks of its files (a copy cut off, a file deleted): those its trainer_state.json lists;
+    for a checkpoint saved before it listed them, the twin of a half-present pair (optimizer_X / rng_N .json and
+    .safetensors) and the weights of a network folder."""
+    try:
+        listed = json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None  # (damage says what is wrong with the file itself)
+    if isinstance(listed, list):
+        return [name for name in listed if isinstance(name, str) and not (path / name).is_file()]
+    missing = []
+    for f in sorted([*path.glob("optimizer_*.json"), *path.glob("optimizer_*.safetensors"), *path.glob("rng_*.json"),
+                     *path.glob("rng_*.safetensors")]):
+        twin = f.with_suffix(".safetensors" if f.suffix == ".json" else ".json")
+        if not twin.is_file() and twin.name not in missing:
+            missing.append(twin.name)
+    for net in ("student", "critic"):
+        if (path / net).is_dir() and not list((path / net).glob("*.safetensors")):
+            missing.append(f"{net}/ weights (.safetensors)")
+    return missing
+
+
+def incomplete_dirs(root: Path) -> list[Path]:
+    """`step_N` folders under `root` without trainer_state.json (a copy cut off before it, the last file a save
+    writes), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and checkpoint_step(d) is not None
+                   and not (d / STATE_FILE).is_file()), key=checkpoint_step)
+
+
 def latest_readable(root: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint under `root` whose files all read back, and a line on each newer one that does
-    not (passed over)."""
+    not or is incomplete (passed over)."""
     damaged = []
-    for path in reversed(checkpoint_dirs(root)):
+    newest = checkpoint_dirs(root)
+    for path in reversed(incomplete_dirs(root)):
+        if not newest or checkpoint_step(path) > checkpoint_step(newest[-1]):
+            damaged.append(f"{path.name} is incomplete (no {STATE_FILE}, the file a save writes last: a copy cut off?)")
+    for path in reversed(newest):
         why = damage(path)
         if why is None:
             return path, damaged

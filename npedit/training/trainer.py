@@ -732,6 +732,7 @@ class Trainer:
             scaler = getattr(self.acc, "scaler", None)  # fp16: the loss scale and its growth count
             if scaler is not None:
                 state["grad_scaler"] = scaler.state_dict()
+            state["files"] = ckpt.saved_files(tmp)  # (what a copy cut off, or a file deleted, is found missing by)
             with ckpt.writing(tmp):
                 (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
                 ckpt.finalize(tmp, final, self.cfg.keep_checkpoints)
