@@ -755,6 +755,8 @@ def cmd_train(args) -> int:
     except (ValueError, FileNotFoundError) as exc:  # the settings as typed (a file's or an override's)
         raise UsageError(f"error: {exc}") from None
     run = Path(cfg.output_dir)
+    if args.resume and args.config:
+        _check_resumed_folder(Path(args.config), run, args.overrides)
     # Before any model loads (else the first save fails). Nothing is created, so a run stopped by a mistyped setting
     # leaves no folder, and the processes of a multi-process launch do not race over one.
     _check_writable(run, f"output_dir {run}")
@@ -768,6 +770,19 @@ def cmd_train(args) -> int:
         if os.environ.get("LOCAL_RANK", "0") in ("", "0"):  # once per machine of a launch, for all its devices
             _warn_of_other_trainers()
         return _train(cfg, run, args.resume, args.config)
+
+
+def _check_resumed_folder(config: Path, run: Path, overrides) -> None:
+    """UsageError when `--resume --config RUN/config.yaml` would continue another folder than RUN: the config keeps
+    the output_dir the run was started with (relative to where it was started), so a run moved or renamed since, or
+    resumed from another folder, trained again from step 0 into the old place, its checkpoints unused."""
+    folder = config.parent
+    is_run = config.name == "config.yaml" and any((folder / n).exists() for n in ("checkpoints", "metrics.jsonl"))
+    given = any(str(o).split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    if is_run and not given and folder.resolve() != run.resolve():
+        raise UsageError(f"error: {config} is the config of the run in {folder}, but its output_dir is {run} (where "
+                         f"it was started, from that folder; moved since?): add output_dir={folder} to continue it "
+                         "there")
 
 
 def _warn_of_other_trainers() -> None:

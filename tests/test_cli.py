@@ -733,3 +733,32 @@ def test_edit_says_that_object_is_asked_for_a_removal_only(tmp_path, capsys):
                  "--object", "purple triangle", "--output", str(tmp_path / "o.png")]) == 0
     assert ("note: --object is asked about for --edit-type remove only (is it still there?); for --edit-type recolor, "
             "--keep names the objects to leave in place") in capsys.readouterr().err
+
+
+def test_resume_of_a_moved_run_says_to_name_its_folder(mistakes, capsys, monkeypatch):
+    """`train --config RUN/config.yaml --resume` of a run moved or renamed since (its config keeps the output_dir it
+    started in) said "no checkpoint in OLD/checkpoints; starting from step 0" and trained a new run there."""
+    from npedit.config import load_config, save_config
+    from npedit.training import trainer
+
+    cfg = load_config(None, ["model.base=m", "data.train=shapes", "loss.lambda_vlm=0", "output_dir=runs/orig"])
+    moved = mistakes / "runs" / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    save_config(cfg, moved / "config.yaml")
+    code, said = exit_of(["train", "--config", "runs/moved/config.yaml", "--resume"], capsys)
+    assert (code, said) == (2, f"error: {Path('runs/moved/config.yaml')} is the config of the run in "
+                               f"{Path('runs/moved')}, but its output_dir is {Path('runs/orig')} (where it was started, "
+                               f"from that folder; moved since?): add output_dir={Path('runs/moved')} to continue it "
+                               "there"), said
+    assert not (mistakes / "runs" / "orig").exists()
+
+    class Resumed:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def resume(self):
+            raise ValueError(f"resumed {self.cfg.output_dir}")
+
+    monkeypatch.setattr(trainer, "Trainer", Resumed)
+    code, said = exit_of(["train", "--config", "runs/moved/config.yaml", "--resume", "output_dir=runs/moved"], capsys)
+    assert (code, said) == (1, "error: resumed runs/moved"), said

@@ -2127,3 +2127,19 @@ def test_a_run_from_a_shapes_student_at_its_resolution_trains_a_shapes_editor(tm
     (old / "training_config.json").write_text(json.dumps({"data": {"train": manifest, "resolution": 64},
                                                           "model": {"student": str(old)}}))
     assert read_domain(old) == Domain()
+
+
+def test_resuming_a_shell_run_as_a_job_says_the_command_that_continues_it(tmp_path):
+    """A run typed in a shell (no job.json) and killed: resuming it from the workbench said "not started by the
+    workbench; nothing to resume" though it held checkpoints."""
+    run = tmp_path / "shell-run"
+    (run / "checkpoints" / "step_000005").mkdir(parents=True)
+    (run / "checkpoints" / "step_000005" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError) as said:
+        jobs.start_job(run, ["--config", "c.yaml"], resume=True)
+    assert str(said.value) == (f"{run.resolve()} was not started by the workbench, so it does not know the command; "
+                               f"continue it from step_000005 in a shell: python -m npedit train --config "
+                               f"{run.resolve() / 'config.yaml'} --resume output_dir={run.resolve()}")
+    (run / "checkpoints" / "step_000005" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="holds no checkpoint; nothing to resume"):
+        jobs.start_job(run, ["--config", "c.yaml"], resume=True)

@@ -300,8 +300,14 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
     if previous and _job_alive(run_dir, previous):
         raise JobBusy(f"run '{run_dir.name}' is already running")
     if resume:
-        if previous is None:
-            raise ValueError(f"{run_dir} was not started by the workbench; nothing to resume")
+        if previous is None:  # (a run typed in a shell: the workbench does not know the command it ran)
+            saved = latest_checkpoint(run_dir / "checkpoints")
+            if saved is None:
+                raise ValueError(f"{run_dir} was not started by the workbench and holds no checkpoint; nothing to "
+                                 "resume")
+            raise ValueError(f"{run_dir} was not started by the workbench, so it does not know the command; continue "
+                             f"it from {saved.name} in a shell: python -m npedit train --config {run_dir / 'config.yaml'} "
+                             f"--resume output_dir={run_dir}")
         done = job_status(run_dir)
         saved = checkpoint_step(Path(done.checkpoint)) if done.checkpoint else None  # where --resume would start
         if done.state == "finished" and done.max_steps and saved is not None and saved >= done.max_steps:
