@@ -2143,3 +2143,29 @@ def test_resuming_a_shell_run_as_a_job_says_the_command_that_continues_it(tmp_pa
     (run / "checkpoints" / "step_000005" / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match="holds no checkpoint; nothing to resume"):
         jobs.start_job(run, ["--config", "c.yaml"], resume=True)
+
+
+def test_a_diverged_run_shows_its_skipped_updates_and_not_finite_losses(tmp_path):
+    """A run whose losses went NaN logged no loss at all from then on (only its skip counts): the Runs table showed it
+    like a run that never logged, its curves stopped with no mark, and the Compare bar chart showed its last finite
+    loss, better than a healthy run's. The trainer logs such a loss as inf now; the tables count the skipped updates."""
+    import math
+
+    from npedit.training.trainer import _not_finite
+
+    import torch
+
+    assert _not_finite({"student_loss": torch.tensor(float("nan")), "dmd_loss": 0.5, "vlm_loss": float("-inf")}) == {
+        "student_loss": math.inf, "vlm_loss": math.inf}
+    ok = _fake_run(tmp_path, "ok", 1e-4, [1.0, 0.5])
+    bad = _fake_run(tmp_path, "key", 1e-3, [1.0, 0.9])  # (named as compare's first column was)
+    with (bad / "metrics.jsonl").open("a") as f:  # as the trainer logs a skipped step whose loss was not finite
+        f.write("\n" + json.dumps({"step": 3, "time": 1.0, "student_loss": math.inf, "student_skipped": 1.0,
+                                   "skipped_student": 1, "skipped_critic": 0}) + "\n")
+    table = runs.runs_table(tmp_path).set_index("run")
+    assert table.loc["key", "skipped"] == 1 and pd.isna(table.loc["ok", "skipped"])
+    assert table.loc["key", "student_loss"] == math.inf
+    both = runs.compare([ok, bad], tmp_path)
+    assert list(both.columns) == ["key ", "ok", "key"] and "skipped" in list(both["key "])
+    fig = plots.bar_chart({"ok": 0.5, "key": math.inf, "none": None}, "last student_loss")
+    assert [t.get_text().strip() for t in fig.axes[0].texts] == ["0.5", "not finite", "no value"]

@@ -177,18 +177,21 @@ def loss_curves(runs: Mapping[str, pd.DataFrame], keys: Sequence[str], smooth: i
 
 def bar_chart(values: Mapping[str, float | None], title: str, xlabel: str = "") -> Figure:
     """A horizontal bar per entry (e.g. one metric's last value per run), top to bottom in the order given, in the
-    entry's `run_colors` colour, its value written beside it ("no value" where it is None or NaN)."""
+    entry's `run_colors` colour, its value written beside it ("no value" where it is None or NaN, "not finite" where
+    it is infinite: a loss that diverged)."""
     names = list(values)
     colors = run_colors(names)
     fig = Figure(figsize=(4.8, 1.0 + 0.32 * max(len(names), 2)), dpi=100, layout="constrained")
     ax = fig.subplots()
     widths = [float(values[k]) if values[k] is not None else np.nan for k in names]
-    ax.barh(range(len(names)), widths, color=[colors[k] for k in names])
+    ax.barh(range(len(names)), [w if np.isfinite(w) else np.nan for w in widths],  # (no bar for inf: no value to draw)
+            color=[colors[k] for k in names])
     ax.set_yticks(range(len(names)), names, fontsize=8)  # horizontal names: readable however many runs
     ax.set_ylim(max(len(names), 1) - 0.5, -0.5)  # first on top; a row without a bar is not autoscaled away
     for i, w in enumerate(widths):
         known = np.isfinite(w)
-        ax.text(w if known else 0.0, i, f" {w:.4g} " if known else " no value", va="center",
+        label = f" {w:.4g} " if known else " not finite" if np.isinf(w) else " no value"
+        ax.text(w if known else 0.0, i, label, va="center",
                 ha="right" if known and w < 0 else "left", fontsize=8, color="black" if known else "gray")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)

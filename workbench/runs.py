@@ -80,7 +80,7 @@ def runs_table(root: str | os.PathLike) -> pd.DataFrame:
     for run in find_runs(root):
         cfg = flatten(read_config(run))
         st = job_status(run)
-        row = {"run": run_name(run, root), "status": st.state, "step": st.step}
+        row = {"run": run_name(run, root), "status": st.state, "step": st.step, "skipped": skipped_updates(st)}
         row.update({m: _short(st.last_metrics.get(m)) for m in METRIC_COLUMNS})
         row.update({col: cfg.get(key) for col, key in CONFIG_COLUMNS
                     if col not in STAGE_ONLY or cfg.get("stage") in STAGE_ONLY[col]})
@@ -90,9 +90,18 @@ def runs_table(root: str | os.PathLike) -> pd.DataFrame:
         rows.append(row)
     # the metrics first: they are what runs are compared by, and a table wider than the page shows its left part
     # (no "path" column: a run's folder is the runs folder / its name)
-    columns = ["run", "status", "step", *METRIC_COLUMNS, *[c for c, _ in CONFIG_COLUMNS], "editor"]
+    columns = ["run", "status", "step", "skipped", *METRIC_COLUMNS, *[c for c, _ in CONFIG_COLUMNS], "editor"]
     df = pd.DataFrame(rows, columns=columns)
+    if not df.empty:
+        df["skipped"] = df["skipped"].astype("Int64")
     return df.dropna(axis=1, how="all") if not df.empty else df
+
+
+def skipped_updates(status) -> int | None:
+    """Updates a run skipped so far (student and critic: a loss or gradient that was not finite, or exploded), from
+    its last logged row; None for a run that logs no count (a Shapes stage, or none logged yet)."""
+    counts = [status.last_metrics[k] for k in ("skipped_student", "skipped_critic") if k in status.last_metrics]
+    return int(sum(counts)) if counts else None
 
 
 def compare(runs: list[str | os.PathLike], root: str | os.PathLike = "/") -> pd.DataFrame:
@@ -107,13 +116,18 @@ def compare(runs: list[str | os.PathLike], root: str | os.PathLike = "/") -> pd.
     table = {}
     for r in runs:
         st = job_status(r)
-        table[names[r]] = {"status": st.state, "step": st.step}
+        table[names[r]] = {"status": st.state, "step": st.step, "skipped": skipped_updates(st)}
         table[names[r]].update({m: _short(st.last_metrics[m]) for m in METRIC_COLUMNS if m in st.last_metrics})
         table[names[r]].update({k: configs[names[r]].get(k) for k in differing})
     # progress and metrics first: what runs are compared by, above however many differing keys
     metrics = [m for m in METRIC_COLUMNS if any(m in row for row in table.values())]
-    df = pd.DataFrame(table).reindex(["status", "step", *metrics, *differing])
-    df.index.name = "key"
+    df = pd.DataFrame(table).reindex(["status", "step", "skipped", *metrics, *differing])
+    if df.loc["skipped"].isna().all():  # (runs that log no count)
+        df = df.drop(index="skipped")
+    label = "key"
+    while label in df.columns:  # a run named "key" (reset_index refused the name: "cannot insert key")
+        label = f"{label} "
+    df.index.name = label
     return df.reset_index()
 
 

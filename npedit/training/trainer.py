@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -74,6 +75,17 @@ def broadcast_parameters(params: list[torch.nn.Parameter], accelerator: Accelera
     with torch.no_grad():
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
+
+
+def _not_finite(metrics: dict) -> dict:
+    """The one-number metrics of `metrics` that are not finite, as inf."""
+    out = {}
+    for key, value in metrics.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = float(value.detach())
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = math.inf
+    return out
 
 
 def _infinite(loader: DataLoader, sampler: EpochSampler, epoch: int = 0):
@@ -253,6 +265,10 @@ class Trainer:
         self.drawn = 0  # micro-batches this process has drawn: where a resumed run picks the data up
         self.batches = _infinite(self.loader, self.sampler)
         self.schedule = flow.few_step_times(cfg.sampler.num_steps, cfg.sampler.shift)
+        # what an earlier run left here: train() continues it only after resume() (else its checkpoints, editor and
+        # metrics would be replaced or mixed with this run's, as the CLI refuses too)
+        self._earlier_run = [n for n in ("metrics.jsonl", "checkpoints", "pipeline") if (self.run_dir / n).exists()]
+        self._resume_asked = False
         self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
         self._negative_conds: dict[tuple[str, int], object] = {}  # (negative prompt, batch) -> its encoding
 
@@ -367,6 +383,7 @@ class Trainer:
             loss, m = loss_fn(batch)
             if not torch.isfinite(loss):
                 finite = False
+                lost = m
                 continue
             self.acc.backward(loss / k)
             for key, value in m.items():
@@ -376,7 +393,9 @@ class Trainer:
         if not self._everywhere(finite):
             opt.zero_grad(set_to_none=True)
             self._count_skip(name, float("nan"))
-            return {f"{name}_skipped": 1.0}
+            # the losses that were not finite, logged as inf (NaN in a metrics table means "not logged"): a diverged
+            # run's curves end in red crosses, its table rows say inf, instead of looking like a run that logged nothing
+            return {**_not_finite(lost if not finite else {}), f"{name}_skipped": 1.0}
         metrics = {key: sums[key] / counts[key] for key in sums}
         average_gradients(params, self.acc)  # (scaled alike on every process: an overflow anywhere reaches all)
         if scaler is not None:
@@ -596,6 +615,9 @@ class Trainer:
         """Run to `max_steps` (or until `max_minutes` of wall-clock), logging, sampling and checkpointing at
         intervals; returns the exported pipeline."""
         cfg = self.cfg
+        if self._earlier_run and not self._resume_asked:
+            raise ValueError(f"output_dir {self.run_dir} already holds a run ({', '.join(self._earlier_run)}): call "
+                             "resume() before train() to continue it, or pick another output_dir")
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -741,6 +763,7 @@ class Trainer:
     def resume(self) -> bool:
         """Restore the newest complete checkpoint of this run that reads back (a damaged newer one is named and passed
         over), if any; returns whether one was found."""
+        self._resume_asked = True
         path, damaged = ckpt.latest_readable(self.run_dir / "checkpoints")
         if damaged and path is None:
             raise ValueError(f"no checkpoint in {self.run_dir / 'checkpoints'} reads back ({damaged[0]}): nothing to "
