@@ -247,3 +247,21 @@ def test_a_case_whose_questions_pass_the_judges_positions_stops_the_run_before_i
     with pytest.raises(ValueError, match=r"cases.jsonl: case 2: its instruction \(\d+ tokens\) makes a question of "
                                          r"\d+ tokens with its images, past the 4096 positions the judge reads"):
         Trainer(load_config(None, args))
+
+
+def test_train_refuses_a_folder_holding_a_run_unless_resumed(tmp_path, tiny_zimage, tiny_manifest):
+    """From Python, `Trainer(cfg).train()` into a finished run's folder (a notebook cell run again) trained from step 0
+    over it: its metrics mixed, its checkpoints and editor replaced. The CLI refused that; the Trainer does too now,
+    unless resume() was called."""
+    import pytest
+
+    args = npedit_args(tmp_path / "r", tiny_zimage, tiny_manifest, "max_steps=1", "save_every=1")
+    Trainer(load_config(None, args)).train()
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl, checkpoints, pipeline\): call resume"):
+        Trainer(load_config(None, args)).train()
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    again = Trainer(load_config(None, [*args, "max_steps=2"]))
+    assert again.resume() and again.step == 1
+    again.train()
+    assert again.step == 2
