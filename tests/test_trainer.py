@@ -265,3 +265,6 @@ def test_train_refuses_a_folder_holding_a_run_unless_resumed(tmp_path, tiny_zima
     assert again.resume() and again.step == 1
     again.train()
     assert again.step == 2
+    fewer = Trainer(load_config(None, [*args, "max_steps=1"]))  # (trained nothing and wrote max_steps: 1 over 2)
+    with pytest.raises(ValueError, match="step_000002 is past max_steps=1: give a larger max_steps"):
+        fewer.resume()

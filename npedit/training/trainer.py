@@ -799,6 +799,10 @@ class Trainer:
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and state.get("grad_scaler"):  # else it starts again at 2^16 and overflows anew
             scaler.load_state_dict(state["grad_scaler"])
+        if int(state["step"]) > self.cfg.max_steps:  # (it trained nothing, exported the editor again, and wrote
+            # max_steps=3 over a run of 8 into config.yaml)
+            raise ValueError(f"{path.name} is past max_steps={self.cfg.max_steps}: give a larger max_steps to train "
+                             "on, or export the run as it is")
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
         self._continue_data(int(state.get("batches_drawn", 0)))
