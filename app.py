@@ -109,6 +109,14 @@ VERDICT_WIDTHS = ["8%", "8%", "11%", "10%", "8%", "13%", "42%"]
 COMPARE_FIT = 8  # config differences: runs side by side before the table scrolls sideways (their values wrap)
 
 
+def shown_table(df):
+    """A runs table for the page: an infinite value (a loss that was not finite: a diverged run) as the text "not
+    finite" (the page's JSON has no infinity: it showed an empty cell, like a metric never logged)."""
+    import math
+
+    return df.map(lambda v: "not finite" if isinstance(v, float) and math.isinf(v) else v) if not df.empty else df
+
+
 def compare_widths(n_runs: int) -> list[str]:
     """Column widths of the config differences for `n_runs` runs: the key, then equal shares of the rest of the width
     (at most 26% each, at least what `COMPARE_FIT` runs get), so that up to eight runs fit without scrolling."""
@@ -1294,7 +1302,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
         frames = {n: runs.read_metrics(app.runs_root / n) for n in names}
         metric_names = runs.metric_keys(frames)
         keep = [s for s in (selected_now or []) if s in names] or names[:3]
-        return (shown, df, gr.Dropdown(choices=names, value=keep),
+        return (shown, shown_table(df), gr.Dropdown(choices=names, value=keep),
                 gr.Dropdown(choices=metric_names, value=metric_names[:2]),
                 gr.Dropdown(choices=names, value=names[0] if names else None))
 
@@ -1310,7 +1318,7 @@ def build_runs_tab(app: App, train_run: gr.State, train_timer: gr.Timer, token: 
                     and df[metric_names[0]].notna().any() else None) for n, df in frames.items()}
         return (plots.loss_curves(frames, metric_names),
                 plots.bar_chart(last, f"last {metric_names[0]}" if metric_names else "no metric"),
-                gr.Dataframe(runs.compare([app.runs_root / n for n in names], app.runs_root),
+                gr.Dataframe(shown_table(runs.compare([app.runs_root / n for n in names], app.runs_root)),
                              column_widths=compare_widths(len(names))))
 
     def on_samples(name, token_value=None):

@@ -95,8 +95,8 @@ def check_judge_words(judge_path, texts: Sequence[tuple[str, str]]) -> None:
     from .judges.chat import control_tokens, load_processor
 
     texts = [(flag, text) for flag, text in texts if text]
-    if not texts or not looks_local(judge_path):
-        return
+    if not texts or not looks_local(judge_path) or not Path(judge_path).expanduser().is_dir():
+        return  # (a hub id, or a path that is not there: the judge's own load says so, without asking the hub)
     try:
         tokens = control_tokens(load_processor(judge_path))
     except Exception:  # (not a judge folder, a package missing, a processor of its own code: the load says it)
@@ -207,8 +207,9 @@ def cmd_edit(args) -> int:
     judge = None  # loaded first: a judge the flags do not fit fails before the editor's weights are read
     if args.candidates > 1 or args.verdicts or args.trace or args.refine:
         judge = load_cli_judge(args, device, dtype, args.judge_max_pixels,
-                               [] if args.batch else [("--instruction", args.instruction), ("--object", args.object),
-                                                      ("--keep", args.keep)])
+                               [] if args.batch else [("--instruction", args.instruction), ("--keep", args.keep),
+                                                      *([("--object", args.object)] if args.edit_type == "remove"
+                                                        else [])])
     model = default_path("model", args.model)
     pipe = NPEditPipeline.from_pretrained(model, dtype=dtype, device=device, revision=args.revision)
     pipe.set_progress_bar_config(disable=True)
@@ -560,8 +561,9 @@ def cmd_judge(args) -> int:
             raise UsageError(f"error: {flag} {out} is {images[_file_key(out)]}: writing it would replace that image; "
                              "give another name")
     device = _device()
-    words = [] if args.batch else [("--instruction", args.instruction), ("--object", args.object),
-                                   ("--keep", args.keep), ("--new", args.new), ("--gone", args.gone)]
+    words = [] if args.batch else [("--instruction", args.instruction), ("--keep", args.keep), ("--new", args.new),
+                                   ("--gone", args.gone),  # (--object is asked about a removal only)
+                                   *([("--object", args.object)] if args.edit_type == "remove" else [])]
     judge = load_cli_judge(args, device, _dtype(args.dtype, device), args.max_pixels,
                            [*words, *(("--extra", text) for text in args.extra)])
 
@@ -772,6 +774,16 @@ def cmd_train(args) -> int:
         return _train(cfg, run, args.resume, args.config)
 
 
+def _last_line(exc: BaseException) -> str:
+    """An error's message; for one a DataLoader worker raised (torch puts the worker's whole traceback in it), the
+    message of its last line, without the exception's name."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if re.match(r"[\w.]+(Error|Exception): ", last) else last
+
+
 def _check_resumed_folder(config: Path, run: Path, overrides) -> None:
     """UsageError when `--resume --config RUN/config.yaml` would continue another folder than RUN: the config keeps
     the output_dir the run was started with (relative to where it was started), so a run moved or renamed since, or
@@ -866,9 +878,13 @@ def _train(cfg, run: Path, resume: bool, config: str | None = None) -> int:
     except WriteError as exc:  # a full or read-only disk: what is kept and what to do, in one line
         raise SystemExit(f"error: {exc}") from None
     except ImageError as exc:  # the data's images gone or unreadable midway (was an "unexpected" error)
-        tqdm.write(f"error: {exc}; {kept('fix the data, then ')}", file=sys.stderr)
+        if os.environ.get(DEBUG_ENV):
+            raise
+        tqdm.write(f"error: {_last_line(exc)}; {kept('fix the data, then ')}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as exc:  # a full disk while logging metrics, a folder gone: said with what is kept
+        if os.environ.get(DEBUG_ENV):
+            raise
         where = f" ({exc.filename})" if exc.filename else ""
         tqdm.write(f"error: the run stopped: {exc.strerror or exc}{where}; {kept('free space (or fix that), then ')}",
                    file=sys.stderr)

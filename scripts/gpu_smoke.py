@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -277,6 +278,7 @@ def train_check(models: Models, family: str, lora_rank: int, device: str, dtype:
                  "sample_every=0", "save_every=0", "sampler.two_step_prob=1.0"]
     if lora_rank:
         overrides.append(f"model.lora_rank={lora_rank}")
+    shutil.rmtree(run, ignore_errors=True)  # this check's own run from an earlier call (--workdir): a new one each time
     trainer = Trainer(load_config(None, ["stage=npedit", "max_steps=2", *overrides]))
     require(trainer.acc.device.type == torch.device(device).type,
             f"the trainer runs on {trainer.acc.device}, not {device}")

@@ -2117,3 +2117,16 @@ def test_a_refined_trace_refines_at_the_size_it_was_sampled_at(tiny_set, tmp_pat
     alone = refine_edit(pipe, judge, image, "make it blue", steps=2, refine_steps=2,
                         generator=torch.Generator().manual_seed(5), max_side=32)  # the judge saw the same reference
     assert refined.losses == pytest.approx(alone.losses, abs=1e-5)
+
+
+def test_the_runs_tables_say_not_finite_where_a_loss_diverged():
+    """Gradio sends an infinite value as null: a diverged run's loss (logged as inf) showed as an empty cell in the
+    Runs and Compare tables, like a metric never logged."""
+    import math
+
+    import pandas as pd
+
+    df = pd.DataFrame({"run": ["ok", "bad"], "student_loss": [0.5, math.inf], "step": [3, 3]})
+    shown = npedit_app.shown_table(df)
+    assert list(shown["student_loss"]) == [0.5, "not finite"] and list(shown["step"]) == [3, 3]
+    assert npedit_app.shown_table(pd.DataFrame()).empty

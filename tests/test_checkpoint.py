@@ -147,13 +147,16 @@ def test_a_checkpoint_missing_a_file_or_its_state_is_named_and_passed_over(tmp_p
     (ten / "optimizer_student.safetensors").unlink()
     assert ckpt.damage(ten) == "optimizer_student.safetensors is missing"
     assert ckpt.latest_readable(root) == (five, ["step_000010 is damaged (optimizer_student.safetensors is missing)"])
-    # a checkpoint saved before the list: a half-present pair, a network folder without weights
+    assert ckpt.damage(ten, use="export") is None  # an export reads the weights only (a copy of just those exports)
+    # a checkpoint saved before the list: a half-present optimizer pair (for a resume), a network folder without weights
     (five / "trainer_state.json").write_text(json.dumps({"step": 5}))
-    (five / "rng_0.json").write_text("{}")
-    assert ckpt.damage(five) == "rng_0.safetensors is missing"
-    (five / "rng_0.json").unlink()
+    (five / "optimizer_student.safetensors").unlink()
+    assert ckpt.damage(five) == "optimizer_student.safetensors is missing" and ckpt.damage(five, use="export") is None
+    (five / "optimizer_student.json").unlink()
+    (five / "rng_0.json").write_text("{}")  # (a resume goes on without the RNG state it lacks)
+    assert ckpt.damage(five) is None
     (five / "student/diffusion_pytorch_model.safetensors").unlink()
-    assert ckpt.damage(five) == "student/ weights (.safetensors) is missing"
+    assert ckpt.damage(five) == ckpt.damage(five, use="export") == "student/ weights (.safetensors) is missing"
     # the newest folder without its trainer_state.json is named, not silently passed over
     shutil.rmtree(ten)
     _published(root, 7)

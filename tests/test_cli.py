@@ -280,6 +280,24 @@ def test_a_run_stopped_by_its_data_or_its_disk_names_the_checkpoint_to_resume_fr
                          capsys)
     assert code == 1 and said == says.format(ckpt=Path("runs/s/checkpoints/step_000004"), run=Path("runs/s"),
                                              sep=os.sep), said
+    from npedit import cli
+
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")  # debugging: the error itself, with its traceback
+    with pytest.raises(ImageError if error == "images" else OSError):
+        cli.main(["train", "model.base=m", "data.train=shapes", "loss.lambda_vlm=0", "output_dir=runs/s2"])
+
+
+def test_an_error_from_a_data_worker_is_said_by_its_last_line():
+    """With data.num_workers > 0, torch puts the worker's whole traceback in the error it raises again: the stopped
+    run's line was that traceback, then the checkpoint to resume from."""
+    from npedit.cli import _last_line
+    from npedit.images import ImageError
+
+    worker = ("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              '  File "data.py", line 9, in __getitem__\n    raise ImageError(...)\n'
+              "npedit.images.ImageError: none of the 12 samples' images can be read\n")
+    assert _last_line(ImageError(worker)) == "none of the 12 samples' images can be read"
+    assert _last_line(ImageError("a.png: gone")) == "a.png: gone"
 
 
 def test_ctrl_c_in_training_names_the_checkpoint_to_resume_from(mistakes, capsys, monkeypatch):
@@ -702,6 +720,17 @@ def test_judge_takes_the_judge_max_pixels_name_of_edit_and_the_app():
 
     for flag in ("--max-pixels", "--judge-max-pixels"):
         assert build_parser().parse_args(["judge", flag, "200704"]).max_pixels == 200704
+
+
+def test_an_object_the_judge_is_not_asked_about_is_not_checked_for_its_control_tokens(tmp_path, monkeypatch, capsys):
+    """--object is asked about a removal only: for a recolour it was refused for a control token the judge never
+    reads (the verdict came before)."""
+    from npedit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["judge", "--reference", str(EXAMPLE), "--edited", str(EXAMPLE), "--instruction", "make it red",
+                 "--edit-type", "recolor", "--object", "<image> circle"]) == 0
+    assert "p_edit" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, says", [

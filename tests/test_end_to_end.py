@@ -117,6 +117,10 @@ def test_export_of_a_checkpoint_or_an_editor_folder_says_what_to_export(trained,
             main(["export", target])
         said = str(exit_.value.code) if isinstance(exit_.value.code, str) else capsys.readouterr().err
         assert says in said, said
+    monkeypatch.chdir(work / "runs/npedit/checkpoints")  # typed inside checkpoints/: the run by its full path
+    with pytest.raises(SystemExit, match=re.escape(f"step_000003 is one checkpoint of the run {work / 'runs/npedit'}: "
+                                                   "export the run, with --step 3")):
+        main(["export", "step_000003"])
 
 
 def test_export_turns_a_checkpoint_into_an_editor(trained, tiny_zimage, capsys, monkeypatch):

@@ -498,6 +498,9 @@ def test_shapes_stage_help_lists_presets_and_keys(capsys, tmp_path, monkeypatch)
     (["--candidates", "4", "--change-checks"], "editor-best-of-4-change-checks"),
     (["--refine", "20", "--refine-lr", "0.1", "--seed", "2"], "editor-refined-20-lr0.1-seed2"),
     (["--train-pool", "40", "--train-seed", "3"], "editor-train-pool40-train-seed3"),
+    (["--train-pool", "40", "--seed", "1"], "editor-train-pool40-seed1"),  # (--seed seeds the noise there too)
+    (["--candidates", "4", "--judge", "runs/j2/judge"], "editor-best-of-4-judge-j2"),  # another judge picked
+    (["--candidates", "4", "--judge", "bundled"], "editor-best-of-4"),
     (["--baseline", "teacher", "--strength", "0.8", "--teacher-steps", "4"], "teacher-sdedit-s0.8-k4"),
 ])
 def test_a_report_name_says_the_settings_that_differ_from_the_defaults(argv, name):

@@ -2118,6 +2118,8 @@ def test_a_run_from_a_shapes_student_at_its_resolution_trains_a_shapes_editor(tm
     assert run_domain(manifest, str(DEFAULT_MODEL), 256) == Domain()  # retrained at another size: general
     assert run_domain(manifest, "someone/an-editor", 64) == Domain()  # (a hub id: nothing to read here)
     assert run_domain(manifest, "", 64) == Domain()
+    # a config's repository-relative student read from outside the clone: the bundle's (it was general from elsewhere)
+    assert run_domain(manifest, "assets/shapes/editor", 64) == SHAPES_DOMAIN
     # an export of older days (no domain file) reads its training config the same way; one naming itself ends
     old = tmp_path / "old"
     old.mkdir()

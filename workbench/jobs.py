@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -305,9 +306,10 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
             if saved is None:
                 raise ValueError(f"{run_dir} was not started by the workbench and holds no checkpoint; nothing to "
                                  "resume")
+            config, folder = shlex.quote(str(run_dir / "config.yaml")), shlex.quote(f"output_dir={run_dir}")
             raise ValueError(f"{run_dir} was not started by the workbench, so it does not know the command; continue "
-                             f"it from {saved.name} in a shell: python -m npedit train --config {run_dir / 'config.yaml'} "
-                             f"--resume output_dir={run_dir}")
+                             f"it from {saved.name} in a shell: python -m npedit train --config {config} --resume "
+                             f"{folder}")
         done = job_status(run_dir)
         saved = checkpoint_step(Path(done.checkpoint)) if done.checkpoint else None  # where --resume would start
         if done.state == "finished" and done.max_steps and saved is not None and saved >= done.max_steps:

@@ -39,10 +39,11 @@ TINY_SET = ("base", "judge", "editor", "critic")  # what build_tiny_set writes i
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """What `folder` holds besides an earlier tiny set (a run's config.yaml and checkpoints, an editor's parts)."""
+    """What `folder` holds besides an earlier tiny set (a run's config.yaml and checkpoints, an editor's parts); hidden
+    files (.DS_Store) aside."""
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name not in TINY_SET)
+    return sorted(p.name for p in folder.iterdir() if p.name not in TINY_SET and not p.name.startswith("."))
 
 
 if __name__ == "__main__":

@@ -308,16 +308,18 @@ def report_name(args, stem: str) -> str:
     elif args.steps != 4:
         parts.append(f"steps{args.steps}")
     parts += [f"best-of-{args.candidates}"] if args.candidates > 1 else []
+    if args.judge not in (None, "bundled") and (args.candidates > 1 or args.refine):  # another judge picks or refines
+        judge = Path(args.judge)  # (a judge run's folder is <run>/judge: the run's name says which)
+        parts.append(f"judge-{judge.parent.name if judge.name == 'judge' and judge.parent.name else judge.name}")
     parts += ["change-checks"] if args.change_checks else []
     if args.refine:
         parts.append(f"refined-{args.refine}")
         parts += [f"lr{args.refine_lr:g}"] if args.refine_lr != DEFAULT_REFINE_LR else []
         parts += [f"anchor{args.refine_anchor:g}"] if args.refine_anchor != DEFAULT_REFINE_ANCHOR else []
     parts += [f"n{args.n}"] if args.n != 300 else []
-    if args.train_pool is not None:  # (the cases a run trained on: no held-out seed)
+    if args.train_pool is not None:  # the cases a run trained on (--seed still seeds the sampling noise)
         parts += [f"train-pool{args.train_pool}"] + ([f"train-seed{args.train_seed}"] if args.train_seed else [])
-    elif args.seed:
-        parts.append(f"seed{args.seed}")
+    parts += [f"seed{args.seed}"] if args.seed else []
     return "-".join(parts)
 
 

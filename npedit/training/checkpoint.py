@@ -130,11 +130,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, use: str = "resume") -> str | None:
     """What in checkpoint folder `path` does not read back (an empty file, a safetensors file shorter than its header
-    says, JSON or YAML that does not parse: a crash before the disk had the files, a copy cut off), or None."""
+    says, JSON or YAML that does not parse: a crash before the disk had the files, a copy cut off), or what it lacks
+    of the files `use` needs (`missing_files`), or None."""
     path = Path(path)
-    missing = missing_files(path)
+    missing = missing_files(path, use)
     if missing:
         return f"{missing[0]} is missing" + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
     for f in sorted(p for p in path.rglob("*") if p.suffix in (".json", ".yaml", ".safetensors") and p.is_file()):
@@ -162,19 +163,27 @@ def saved_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
 
 
-def missing_files(path: Path) -> list[str]:
-    """What checkpoint `path` lacks of its files (a copy cut off, a file deleted): those its trainer_state.json lists;
-    for a checkpoint saved before it listed them, the twin of a half-present pair (optimizer_X / rng_N .json and
-    .safetensors) and the weights of a network folder."""
+def _needed(name: str, use: str) -> bool:
+    """Whether a checkpoint file `name` is one that `use` reads: an export, the networks' weights (its config falls
+    back to the run's); a resume, also the optimisers (the RNG state and the config copy are optional to it)."""
+    if use == "export":
+        return name.startswith(("student/", "critic/"))
+    return not (name == "config.yaml" or name.startswith("rng_"))
+
+
+def missing_files(path: Path, use: str = "resume") -> list[str]:
+    """What checkpoint `path` lacks of the files `use` ("resume" or "export") reads (a copy cut off, a file deleted):
+    of those its trainer_state.json lists; for a checkpoint saved before it listed them, the twin of a half-present
+    optimizer pair (for a resume) and the weights of a network folder."""
     try:
         listed = json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
         listed = None  # (damage says what is wrong with the file itself)
     if isinstance(listed, list):
-        return [name for name in listed if isinstance(name, str) and not (path / name).is_file()]
+        return [name for name in listed if isinstance(name, str) and _needed(name, use) and not (path / name).is_file()]
     missing = []
-    for f in sorted([*path.glob("optimizer_*.json"), *path.glob("optimizer_*.safetensors"), *path.glob("rng_*.json"),
-                     *path.glob("rng_*.safetensors")]):
+    pairs = [*path.glob("optimizer_*.json"), *path.glob("optimizer_*.safetensors")] if use == "resume" else []
+    for f in sorted(pairs):
         twin = f.with_suffix(".safetensors" if f.suffix == ".json" else ".json")
         if not twin.is_file() and twin.name not in missing:
             missing.append(twin.name)

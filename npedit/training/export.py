@@ -26,9 +26,11 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     found = ckpt.checkpoint_dirs(run_dir / "checkpoints")
-    if not found and run_dir.parent.name == "checkpoints" and ckpt.checkpoint_step(run_dir) is not None:
-        raise FileNotFoundError(f"{run_dir} is one checkpoint of the run {run_dir.parent.parent}: export the run, "
-                                f"with --step {ckpt.checkpoint_step(run_dir)} for this step")
+    here = run_dir.resolve()  # (`export step_000002` typed inside checkpoints/ has no parent to tell by)
+    if not found and here.parent.name == "checkpoints" and ckpt.checkpoint_step(here) is not None:
+        run = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else here.parent.parent
+        raise FileNotFoundError(f"{run_dir} is one checkpoint of the run {run}: export the run, with --step "
+                                f"{ckpt.checkpoint_step(here)} for this step")
     if not found and run_dir.name == "checkpoints" and ckpt.checkpoint_dirs(run_dir):
         raise FileNotFoundError(f"{run_dir} is the checkpoints folder of the run {run_dir.parent}: export the run")
     if not found and (run_dir / "model_index.json").is_file():
@@ -47,11 +49,11 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
 
 def _check_readable(run_dir: Path, path: Path) -> None:
     """A clear error, naming the steps that do read back, when checkpoint `path` is damaged (`checkpoint.damage`)."""
-    why = ckpt.damage(path)
+    why = ckpt.damage(path, use="export")
     if why is None:
         return
     readable = [ckpt.checkpoint_step(p) for p in ckpt.checkpoint_dirs(Path(run_dir) / "checkpoints")
-                if p != path and ckpt.damage(p) is None]
+                if p != path and ckpt.damage(p, use="export") is None]
     hint = (f"export step {readable[-1]} with --step {readable[-1]} (steps that read back: "
             f"{', '.join(map(str, readable))})" if readable else "no other checkpoint of the run reads back")
     raise ValueError(f"{path.name} is damaged ({why}): {hint}")
@@ -68,7 +70,7 @@ def checkpoints_to_average(run_dir: str | Path, step: int | None, count: int) ->
         steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in found)
         raise ValueError(f"cannot average {count} checkpoints up to step {ckpt.checkpoint_step(last)}: "
                          f"{run_dir} has only step(s) {steps} there")
-    damaged = [f"{p.name} is damaged ({why})" for p in found[-count:-1] if (why := ckpt.damage(p))]  # (last: checked)
+    damaged = [f"{p.name} is damaged ({why})" for p in found[-count:-1] if (why := ckpt.damage(p, use="export"))]  # (last: checked)
     if damaged:
         raise ValueError(f"cannot average {count} checkpoints up to step {ckpt.checkpoint_step(last)}: {damaged[0]}; "
                          "average fewer (--average) or up to an earlier --step")
