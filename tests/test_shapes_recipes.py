@@ -181,7 +181,7 @@ def test_eval_and_bench_commands(base, tmp_path, capsys, tiny_judge):
     assert (tmp_path / "ev/teacher-sdedit-k2-n6.json").is_file()
     main(["eval", "shapes", "--model", str(out), "--n", "6", "--out", str(tmp_path / "ev"), "--candidates", "2",
           "--judge", tiny_judge])  # best of 2 by the judge; its agreement with the scorer reported as well
-    best = json.loads((tmp_path / "ev/pipeline-best-of-2-n6.json").read_text())
+    best = json.loads((tmp_path / f"ev/pipeline-best-of-2-judge-{Path(tiny_judge).name}-n6.json").read_text())
     assert best["meta"]["candidates"] == 2 and len(best["rows"]) == 6 and "judge_agreement" in best
     assert best["meta"]["judge"] == tiny_judge and fit["meta"]["judge"] is None  # the judge that picked, if any
     with pytest.raises(SystemExit, match="candidates"):
