@@ -546,7 +546,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             own = f" (its config: {p / 'config.yaml'})" if (p / "config.yaml").is_file() else ""
             raise FileNotFoundError(f"{p} is a folder, not a config file: --config takes a YAML file{own}")
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
+            copies = sorted(p.parent.glob("checkpoints/step_*/config.yaml")) if p.name == "config.yaml" else []
+            kept = (f" (the run's settings as of its newest checkpoint: {max(copies, key=lambda c: c.parent.name)}, "
+                    "which --config takes)") if copies else ""
+            raise FileNotFoundError(f"config file not found: {p}{kept}")
         try:
             data = read_yaml(p.read_text(encoding="utf-8")) or {}
         except ValueError as exc:

@@ -2171,3 +2171,24 @@ def test_a_diverged_run_shows_its_skipped_updates_and_not_finite_losses(tmp_path
     assert list(both.columns) == ["key ", "ok", "key"] and "skipped" in list(both["key "])
     fig = plots.bar_chart({"ok": 0.5, "key": math.inf, "none": None}, "last student_loss")
     assert [t.get_text().strip() for t in fig.axes[0].texts] == ["0.5", "not finite", "no value"]
+
+
+def test_a_run_whose_config_was_deleted_reads_its_newest_checkpoints_copy(tmp_path):
+    """A run's config.yaml deleted (or damaged): the Runs table showed blank settings with no note, and `train --config
+    RUN/config.yaml --resume` said only "config file not found", though each checkpoint keeps a copy."""
+    from npedit.config import load_config
+
+    run = _fake_run(tmp_path, "a", 1e-4, [1.0, 0.5])
+    for step, lr in ((2, 3e-4), (10, 5e-4)):
+        saved = run / "checkpoints" / f"step_{step:06d}"
+        saved.mkdir(parents=True)
+        (saved / "trainer_state.json").write_text("{}")
+        (saved / "config.yaml").write_text(yaml.safe_dump({"stage": "npedit", "optim": {"lr": lr}}))
+    assert runs.read_config(run)["optim"]["lr"] == 1e-4  # its own, while it is there
+    (run / "config.yaml").write_text("a: [")  # damaged
+    assert runs.read_config(run)["optim"]["lr"] == 5e-4
+    (run / "config.yaml").unlink()
+    assert runs.runs_table(tmp_path).set_index("run").loc["a", "lr"] == 5e-4
+    with pytest.raises(FileNotFoundError, match=re.escape(f"(the run's settings as of its newest checkpoint: "
+                                                          f"{run / 'checkpoints/step_000010/config.yaml'}")):
+        load_config(run / "config.yaml")

@@ -12,7 +12,7 @@ import yaml
 from npedit.adapters import is_adapter_folder
 from npedit.config import flatten, read_yaml
 from npedit.images import ImageError, load_image
-from npedit.training.checkpoint import checkpoint_step
+from npedit.training.checkpoint import checkpoint_step, latest_checkpoint
 
 from .jobs import job_status, read_metrics_rows
 
@@ -53,13 +53,17 @@ def run_name(run: Path, root: str | os.PathLike) -> str:
 
 
 def read_config(run: str | os.PathLike) -> dict:
-    """The run's resolved config (config.yaml), or {} when the trainer has not written it yet."""
-    path = Path(run) / "config.yaml"
-    try:
-        data = read_yaml(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (yaml.YAMLError, ValueError):  # also a YAML bomb (npedit.config.read_yaml)
-        return {}
-    return data if isinstance(data, dict) else {}
+    """The run's resolved config (config.yaml; deleted or damaged: the copy its newest checkpoint keeps), or {} when
+    the trainer has not written one yet."""
+    saved = latest_checkpoint(Path(run) / "checkpoints")
+    for path in (Path(run) / "config.yaml", *([saved / "config.yaml"] if saved else [])):
+        try:
+            data = read_yaml(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, yaml.YAMLError, ValueError):  # also a YAML bomb (npedit.config.read_yaml)
+            data = None
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
 def read_metrics(run: str | os.PathLike) -> pd.DataFrame:
