@@ -789,7 +789,9 @@ def _check_resumed_folder(config: Path, run: Path, overrides) -> None:
     the output_dir the run was started with (relative to where it was started), so a run moved or renamed since, or
     resumed from another folder, trained again from step 0 into the old place, its checkpoints unused."""
     folder = config.parent
-    is_run = config.name == "config.yaml" and any((folder / n).exists() for n in ("checkpoints", "metrics.jsonl"))
+    from .training.checkpoint import earlier_run
+
+    is_run = config.name == "config.yaml" and bool(earlier_run(folder))
     given = any(str(o).split("=", 1)[0].strip() == "output_dir" for o in overrides)
     if is_run and not given and folder.resolve() != run.resolve():
         raise UsageError(f"error: {config} is the config of the run in {folder}, but its output_dir is {run} (where "
@@ -846,10 +848,10 @@ def _keep_given_config(config: str | None, run: Path, cfg) -> None:
 def _train(cfg, run: Path, resume: bool, config: str | None = None) -> int:
     """`cmd_train` once its run folder is held: train the config into `run` (from its checkpoint with `resume`),
     keeping the bytes of a --config `config` that is the run's own config.yaml."""
-    from .training.checkpoint import WriteError
+    from .training.checkpoint import WriteError, earlier_run
     from .training.trainer import Trainer
 
-    used = [name for name in ("metrics.jsonl", "checkpoints", "pipeline") if (run / name).exists()]
+    used = earlier_run(run)
     if used and not resume:  # a second run there would mix its metrics and checkpoints with the first's
         raise SystemExit(f"error: output_dir {run} already holds a run ({', '.join(used)}): add --resume to continue "
                          "it, or pick another output_dir")

@@ -546,9 +546,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             own = f" (its config: {p / 'config.yaml'})" if (p / "config.yaml").is_file() else ""
             raise FileNotFoundError(f"{p} is a folder, not a config file: --config takes a YAML file{own}")
         if not p.is_file():
-            copies = sorted(p.parent.glob("checkpoints/step_*/config.yaml")) if p.name == "config.yaml" else []
-            kept = (f" (the run's settings as of its newest checkpoint: {max(copies, key=lambda c: c.parent.name)}, "
-                    "which --config takes)") if copies else ""
+            from .training.checkpoint import latest_checkpoint
+
+            saved = latest_checkpoint(p.parent / "checkpoints") if p.name == "config.yaml" else None
+            kept = (f" (the run's settings as of its newest checkpoint: {saved / 'config.yaml'}, which --config "
+                    "takes)") if saved and (saved / "config.yaml").is_file() else ""
             raise FileNotFoundError(f"config file not found: {p}{kept}")
         try:
             data = read_yaml(p.read_text(encoding="utf-8")) or {}

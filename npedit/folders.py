@@ -148,6 +148,13 @@ PICKLED_WEIGHTS = re.compile(r"((diffusion_)?pytorch_model|model)[\w.-]*\.bin|(?
                              r"training_args))[\w.-]*\.(pt|pth|ckpt)")
 
 
+def pickled_note(folder: Path) -> str:
+    """" (a pickle .bin is not read)" when `folder` holds weights saved as pickles (`PICKLED_WEIGHTS`), else ""."""
+    folder = Path(folder)
+    found = folder.is_dir() and any(PICKLED_WEIGHTS.fullmatch(f.name) for f in folder.iterdir())
+    return " (a pickle .bin is not read)" if found else ""
+
+
 def what_is(path: str | os.PathLike) -> str:
     """A short description of what a local folder holds, e.g. "does not exist", "a training run folder; its editor
     is RUN/pipeline", EDITOR_KIND (for error messages)."""
@@ -222,8 +229,9 @@ def latent_space_problem(folder: Path) -> str | None:
     vae, transformer = folder / "vae" / "config.json", folder / "transformer" / "config.json"
     if not (vae.is_file() and transformer.is_file()):
         return None
-    made, taken = _read_json(vae).get("latent_channels"), _read_json(transformer).get("in_channels")
-    if "latent_channels" in _read_json(transformer):  # a VAE in transformer/: the class check names that
+    made, config = _read_json(vae).get("latent_channels"), _read_json(transformer)
+    taken = config.get("in_channels")
+    if "latent_channels" in config:  # a VAE in transformer/: the class check names that
         return None
     if not isinstance(made, int) or not isinstance(taken, int) or made == taken:
         return None
@@ -423,8 +431,7 @@ def weights_problem(folder: str | os.PathLike, name: str | None = None) -> str |
     name = name or str(folder)
     files = sorted(f.name for f in folder.glob("*.safetensors"))
     if not files:
-        pickled = " (a pickle .bin is not read)" if any(folder.glob("*.bin")) else ""
-        return f"no safetensors weights in {name}{pickled}"
+        return f"no safetensors weights in {name}{pickled_note(folder)}"
     indexed = set()
     for index in sorted(folder.glob("*.safetensors.index.json")):
         listed = _read_json(index).get("weight_map", {})

@@ -165,10 +165,10 @@ class ChatJudge(Judge):
         path_or_hub_id = locate(path_or_hub_id, "judge folder")  # offline: a cached snapshot, or one error at once
         local = Path(path_or_hub_id)
         if local.is_dir() and not any(local.glob("*.safetensors")):
-            from npedit.folders import CheckpointError
+            from npedit.folders import CheckpointError, pickled_note
 
-            pickled = " (a pickle .bin is not read)" if any(local.glob("*.bin")) else ""
-            raise CheckpointError(f"{local} holds no safetensors weights{pickled}: a judge folder holds model*.safetensors")
+            raise CheckpointError(f"{local} holds no safetensors weights{pickled_note(local)}: a judge folder holds "
+                                  "model*.safetensors")
         if local.is_dir():  # a file missing: one line naming it, not a processor of defaults that fails later
             cls.check_folder(local)
         # a config asking for a far larger model than its weights: one line, before any build (a hub id: its cache)

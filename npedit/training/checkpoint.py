@@ -158,6 +158,11 @@ def damage(path: Path, use: str = "resume") -> str | None:
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 
 
+def earlier_run(run_dir: Path) -> list[str]:
+    """What a run left in `run_dir` (metrics, checkpoints, its editor): a new run there would mix with it or replace it."""
+    return [name for name in ("metrics.jsonl", "checkpoints", "pipeline") if (Path(run_dir) / name).exists()]
+
+
 def saved_files(folder: Path) -> list[str]:
     """The files of a checkpoint folder being written, as trainer_state.json lists them (relative, POSIX)."""
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())

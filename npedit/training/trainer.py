@@ -209,12 +209,12 @@ class Trainer:
         self.skipped_in_a_row = {"student": 0, "critic": 0}
         self._streak_norms: dict[str, list[float]] = {"student": [], "critic": []}  # of the skips in a row
         self.final_phase = False  # in the last optim.final_share of the run (the student's lr stepped down)
-        # the data first: a bad manifest is an error in seconds, not after minutes of loading models
+        check_model_folders(cfg)  # (a stat each)
+        # then the data: a bad manifest is an error in seconds, not after minutes of loading models
         dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.uses_targets)
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
-        check_model_folders(cfg)
         if cfg.check_memory:  # from the models' configs alone: a run that cannot fit stops before minutes of loading
             self.acc.print(check_run_memory(cfg, device))
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
@@ -267,7 +267,7 @@ class Trainer:
         self.schedule = flow.few_step_times(cfg.sampler.num_steps, cfg.sampler.shift)
         # what an earlier run left here: train() continues it only after resume() (else its checkpoints, editor and
         # metrics would be replaced or mixed with this run's, as the CLI refuses too)
-        self._earlier_run = [n for n in ("metrics.jsonl", "checkpoints", "pipeline") if (self.run_dir / n).exists()]
+        self._earlier_run = ckpt.earlier_run(self.run_dir)
         self._resume_asked = False
         self.metrics = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process)
         self._negative_conds: dict[tuple[str, int], object] = {}  # (negative prompt, batch) -> its encoding
@@ -775,9 +775,13 @@ class Trainer:
         if path is None:
             self._rewind(0)
             return False
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((path / ckpt.STATE_FILE).read_text(encoding="utf-8"))
         if state.get("stage") != self.cfg.stage:
             raise ValueError(f"{path} is a '{state.get('stage')}' checkpoint; this run's stage is '{self.cfg.stage}'")
+        if int(state["step"]) > self.cfg.max_steps:  # (it trained nothing, exported the editor again, and wrote
+            # max_steps=3 over a run of 8 into config.yaml)
+            raise ValueError(f"{path.name} is past max_steps={self.cfg.max_steps}: give a larger max_steps to train "
+                             "on, or export the run as it is")
         if self.opt_student is not None:
             self._load_weights(self.student, path, "student")
             ckpt.optimizer_state_from_files(self.opt_student, path / "optimizer_student")
@@ -799,10 +803,6 @@ class Trainer:
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and state.get("grad_scaler"):  # else it starts again at 2^16 and overflows anew
             scaler.load_state_dict(state["grad_scaler"])
-        if int(state["step"]) > self.cfg.max_steps:  # (it trained nothing, exported the editor again, and wrote
-            # max_steps=3 over a run of 8 into config.yaml)
-            raise ValueError(f"{path.name} is past max_steps={self.cfg.max_steps}: give a larger max_steps to train "
-                             "on, or export the run as it is")
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
         self._continue_data(int(state.get("batches_drawn", 0)))
