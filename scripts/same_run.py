@@ -28,9 +28,9 @@ def logged(run: Path) -> dict[int, dict]:
         why = ("not a run folder, or a run that has logged nothing yet" if run.is_dir() else
                "it is a file, not a run folder" if run.exists() else "no such folder")
         raise SystemExit(f"error: {run} holds no metrics.jsonl: {why}")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))  # (bytes that are not UTF-8: a ValueError too)
             step = row["step"]
         except (ValueError, KeyError, TypeError):  # (a line cut short by a full disk, or another program's file)
             raise SystemExit(f"error: {path}:{n}: not a metrics line (a JSON object with a step)") from None

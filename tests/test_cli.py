@@ -391,6 +391,12 @@ def test_tiny_models_into_a_file_is_one_line(mistakes):
 def test_tiny_models_never_replace_a_folders_models(mistakes, tiny_set):
     """`python -m workbench.tiny RUN` into a training run replaced its trained critic/ with a random one (and an
     editor folder's likewise); a folder of other files is refused, and an earlier tiny set's models are kept."""
+    (mistakes / "litter").mkdir()  # a file browser's own files are no models of anyone's
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini"):
+        (mistakes / "litter" / name).write_text("")
+    from workbench.tiny import foreign_entries
+
+    assert foreign_entries(mistakes / "litter") == []
     run = mistakes / "run"
     (run / "critic").mkdir(parents=True)
     (run / "critic" / "config.json").write_text("{}")

@@ -65,3 +65,6 @@ def test_same_run_names_a_folder_that_is_no_run_in_one_line(tmp_path):
     (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "student_lo')
     with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not a metrics line"):
         same_run.main([str(a), str(tmp_path / "empty")])
+    (tmp_path / "empty" / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe garbage\n')  # (UnicodeDecodeError)
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not a metrics line"):
+        same_run.main([str(a), str(tmp_path / "empty")])

@@ -2142,6 +2142,10 @@ def test_resuming_a_shell_run_as_a_job_says_the_command_that_continues_it(tmp_pa
     assert str(said.value) == (f"{run.resolve()} was not started by the workbench, so it does not know the command; "
                                f"continue it from step_000005 in a shell: python -m npedit train --config "
                                f"{run.resolve() / 'config.yaml'} --resume output_dir={run.resolve()}")
+    (run / "checkpoints" / "step_000005" / "config.yaml").write_text("stage: npedit\n")  # its own deleted: the copy
+    with pytest.raises(ValueError, match=re.escape(f"--config {run.resolve() / 'checkpoints/step_000005/config.yaml'} "
+                                                   "--resume")):
+        jobs.start_job(run, ["--config", "c.yaml"], resume=True)
     (run / "checkpoints" / "step_000005" / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match="holds no checkpoint; nothing to resume"):
         jobs.start_job(run, ["--config", "c.yaml"], resume=True)

@@ -302,11 +302,14 @@ def start_job(run_dir: str | os.PathLike, train_args: list[str] = (), *, runs_ro
         raise JobBusy(f"run '{run_dir.name}' is already running")
     if resume:
         if previous is None:  # (a run typed in a shell: the workbench does not know the command it ran)
-            saved = latest_checkpoint(run_dir / "checkpoints")
+            saved = latest_readable(run_dir / "checkpoints")[0]  # (what the resume would load)
             if saved is None:
                 raise ValueError(f"{run_dir} was not started by the workbench and holds no checkpoint; nothing to "
                                  "resume")
-            config, folder = shlex.quote(str(run_dir / "config.yaml")), shlex.quote(f"output_dir={run_dir}")
+            own = run_dir / "config.yaml"  # (deleted: the checkpoint's copy, as the Runs table reads it)
+            config = shlex.quote(str(own if own.is_file() or not (saved / "config.yaml").is_file()
+                                     else saved / "config.yaml"))
+            folder = shlex.quote(f"output_dir={run_dir}")
             raise ValueError(f"{run_dir} was not started by the workbench, so it does not know the command; continue "
                              f"it from {saved.name} in a shell: python -m npedit train --config {config} --resume "
                              f"{folder}")

@@ -55,15 +55,18 @@ def run_name(run: Path, root: str | os.PathLike) -> str:
 def read_config(run: str | os.PathLike) -> dict:
     """The run's resolved config (config.yaml; deleted or damaged: the copy its newest checkpoint keeps), or {} when
     the trainer has not written one yet."""
-    saved = latest_checkpoint(Path(run) / "checkpoints")
-    for path in (Path(run) / "config.yaml", *([saved / "config.yaml"] if saved else [])):
+    def read(path: Path) -> dict | None:
         try:
             data = read_yaml(path.read_text(encoding="utf-8")) if path.is_file() else None
         except (OSError, yaml.YAMLError, ValueError):  # also a YAML bomb (npedit.config.read_yaml)
-            data = None
-        if isinstance(data, dict):
-            return data
-    return {}
+            return None
+        return data if isinstance(data, dict) else None
+
+    own = read(Path(run) / "config.yaml")
+    if own is not None:
+        return own
+    saved = latest_checkpoint(Path(run) / "checkpoints")  # (scanned only when the run's own does not read)
+    return (read(saved / "config.yaml") if saved else None) or {}
 
 
 def read_metrics(run: str | os.PathLike) -> pd.DataFrame:

@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 
 
+TINY_SET = {"teacher": "base", "judge": "judge", "model": "editor", "critic": "critic"}  # role -> folder written
+
+
 def build_tiny_set(directory: str | os.PathLike, base: str | None = None, judge: str | None = None) -> dict[str, str]:
     """Save (or reuse) base/, judge/, editor/ and critic/ under `directory`; returns their paths by role."""
     from npedit.backbones import load_backbone
@@ -17,8 +20,8 @@ def build_tiny_set(directory: str | os.PathLike, base: str | None = None, judge:
     from npedit.pipeline import NPEditPipeline
 
     root = Path(directory)
-    paths = {"teacher": base or str(root / "base"), "judge": judge or str(root / "judge"),
-             "model": str(root / "editor"), "critic": str(root / "critic")}
+    paths = {"teacher": base or str(root / TINY_SET["teacher"]), "judge": judge or str(root / TINY_SET["judge"]),
+             "model": str(root / TINY_SET["model"]), "critic": str(root / TINY_SET["critic"])}
     if not Path(paths["teacher"], "transformer", "config.json").is_file():
         build_tiny_zimage(paths["teacher"])
     if not Path(paths["judge"], "config.json").is_file():
@@ -35,15 +38,12 @@ def build_tiny_set(directory: str | os.PathLike, base: str | None = None, judge:
     return paths
 
 
-TINY_SET = ("base", "judge", "editor", "critic")  # what build_tiny_set writes into its folder
-
-
 def foreign_entries(folder: Path) -> list[str]:
-    """What `folder` holds besides an earlier tiny set (a run's config.yaml and checkpoints, an editor's parts); hidden
-    files (.DS_Store) aside."""
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.name not in TINY_SET and not p.name.startswith("."))
+    """What `folder` holds besides an earlier tiny set (a run's config.yaml and checkpoints, an editor's parts); a file
+    browser's litter aside (`files.own_entries`)."""
+    from npedit.files import own_entries
+
+    return [p.name for p in own_entries(folder) if p.name not in TINY_SET.values()] if folder.is_dir() else []
 
 
 if __name__ == "__main__":
