@@ -52,12 +52,15 @@ def _bundled(path: str) -> tuple[Path, Path] | None:
     return roots[parts[0]], roots[parts[0]].joinpath(*parts[1:])
 
 
-def in_bundle(path: str, name: str = "") -> str:
+def in_bundle(path: str, name: str = "", quiet: bool = False) -> str:
     """`path`, or for a repository-relative `assets/...` or `configs/...` path missing here, the bundle's file (said
-    on the log, under `name` when given: a missing path of the user's own must not become the bundle's unseen)."""
+    on the log, under `name` when given: a missing path of the user's own must not become the bundle's unseen; not
+    with `quiet`, for a path only looked at, as a training config's student is by `domain.run_domain`)."""
     found = _bundled(path)
     if not (found and found[1].exists()):
         return path
+    if quiet:
+        return str(found[1])
     logger.warning("%s%s is not in %s: reading the bundle's %s", f"{name}: " if name else "", path, Path.cwd(),
                    found[1])
     return str(found[1])

@@ -86,13 +86,21 @@ def load_cli_judge(args, device: str, dtype, max_pixels: int | None, texts: Sequ
         raise SystemExit(f"error: {exc}") from exc
 
 
+def _note_unasked_object(args, instead: str) -> None:
+    """A note on stderr when --object is given for an edit type whose questions do not name it (it was silently
+    unused): what to give `instead`."""
+    if args.edit_type != "remove" and (args.object or "").strip():
+        print(f"note: --object is asked about for --edit-type remove only (is it still there?); for --edit-type "
+              f"{args.edit_type}, {instead}", file=sys.stderr)
+
+
 def check_judge_words(judge_path, texts: Sequence[tuple[str, str]]) -> None:
     """UsageError when a text the judge would read (flag, text) holds one of its tokenizer's control tokens (an image
     placeholder, a turn's end), said from its processor alone (milliseconds) before its weights load (a real judge's
     take minutes; the question was refused only then). A judge whose processor does not load here is left to its own
     load, which says why."""
     from .folders import looks_local
-    from .judges.chat import control_tokens, load_processor
+    from .judges.chat import control_tokens, first_control_token, load_processor
 
     texts = [(flag, text) for flag, text in texts if text]
     if not texts or not looks_local(judge_path) or not Path(judge_path).expanduser().is_dir():
@@ -102,7 +110,7 @@ def check_judge_words(judge_path, texts: Sequence[tuple[str, str]]) -> None:
     except Exception:  # (not a judge folder, a package missing, a processor of its own code: the load says it)
         return
     for flag, text in texts:
-        found = next((token for token in tokens if token in text), None)
+        found = first_control_token(text, tokens)
         if found is not None:
             raise UsageError(f"error: {flag} holds {found!r}, which the judge's tokenizer reads as one of its control "
                              "tokens (an image placeholder, a turn's start or end), not as text: reword it without it")
@@ -284,9 +292,7 @@ def _edit_jobs_of(args) -> list[dict]:
         judged = args.candidates > 1 or args.verdicts or args.trace or args.refine
         if judged and args.edit_type == "remove" and not (args.object or "").strip():
             raise UsageError(REMOVE_NEEDS_OBJECT)
-        if args.edit_type != "remove" and (args.object or "").strip():  # (as `judge` says: it was silently unused)
-            print(f"note: --object is asked about for --edit-type remove only (is it still there?); for --edit-type "
-                  f"{args.edit_type}, --keep names the objects to leave in place", file=sys.stderr)
+        _note_unasked_object(args, "--keep names the objects to leave in place")
         _check_image(args.image, "--image")
         return [{"id": out.stem, "image": args.image, "instruction": args.instruction, "edit_type": args.edit_type,
                  "object_name": args.object, "keep": args.keep, "out": out}]
@@ -533,9 +539,8 @@ def cmd_judge(args) -> int:
                            extra=[text.strip() for text in args.extra if text.strip()])
         except ValueError as exc:
             raise UsageError(f"error: {exc}") from None
-    if not args.batch and args.edit_type != "remove" and (args.object or "").strip():  # else silently not asked
-        print(f"note: --object is asked about for --edit-type remove only (is it still there?); for "
-              f"--edit-type {args.edit_type}, --new / --gone / --keep ask about objects", file=sys.stderr)
+    if not args.batch:
+        _note_unasked_object(args, "--new / --gone / --keep ask about objects")
     _check_distinct([(args.batch, "--batch"), (args.output if args.batch else None, "--output"),
                      (args.questions, "--questions")])
     # before the judge's weights are read: a bad list or image fails at once

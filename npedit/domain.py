@@ -68,8 +68,7 @@ def run_domain(train: str, student: str = "", resolution: int | None = None, dep
     README's quick start does, is still a Shapes editor: as a general one it edited a 256 px image at 128 px, into
     noise); else general."""
     domain = data_domain(train)
-    bundled = assets._bundled(student) if student else None  # (assets/shapes/editor, read from outside the clone)
-    student = str(bundled[1]) if bundled and bundled[1].is_dir() else student
+    student = assets.in_bundle(student, quiet=True) if student else student  # (assets/shapes/editor, from elsewhere)
     if domain != Domain() or not student or not Path(student).is_dir() or depth > 8:  # (a hub id: general)
         return domain
     inherited = read_domain(student, depth + 1)  # (depth: an export whose config names itself as its student)

@@ -501,6 +501,7 @@ def test_shapes_stage_help_lists_presets_and_keys(capsys, tmp_path, monkeypatch)
     (["--train-pool", "40", "--seed", "1"], "editor-train-pool40-seed1"),  # (--seed seeds the noise there too)
     (["--candidates", "4", "--judge", "runs/j2/judge"], "editor-best-of-4-judge-j2"),  # another judge picked
     (["--candidates", "4", "--judge", "bundled"], "editor-best-of-4"),
+    (["--candidates", "4", "--judge", "assets/shapes/judge"], "editor-best-of-4"),  # the bundled one, by its path
     (["--baseline", "teacher", "--strength", "0.8", "--teacher-steps", "4"], "teacher-sdedit-s0.8-k4"),
 ])
 def test_a_report_name_says_the_settings_that_differ_from_the_defaults(argv, name):

@@ -101,6 +101,11 @@ def control_tokens(processor) -> tuple[str, ...]:
     return tuple(sorted((t for t in tokens if isinstance(t, str) and t), key=lambda t: (-len(t), t)))
 
 
+def first_control_token(text: str, tokens: Sequence[str]) -> str | None:
+    """The first of `tokens` (`control_tokens`, longest first) that `text` holds, else None."""
+    return next((token for token in tokens if token in text), None)
+
+
 def load_processor(path_or_hub_id: str | os.PathLike, trust_remote_code: bool = False):
     """The judge's processor; ImportError in one line naming the package it lacks (transformers' video processors
     of all three families need torchvision, and say so in a paragraph about a "VideoProcessor")."""
@@ -260,7 +265,7 @@ class ChatJudge(Judge):
     # ---- shared -----------------------------------------------------------------------------
     def control_token_in(self, text: str) -> str | None:
         """The first of the judge's control tokens (`control_tokens`, longest first) that `text` holds, else None."""
-        return next((token for token in self.control_tokens if token in text), None)
+        return first_control_token(text, self.control_tokens)
 
     @property
     def max_positions(self) -> int | None:

@@ -301,14 +301,19 @@ def report_name(args, stem: str) -> str:
     """The default report name: `stem` and each setting that differs from the default, in the `NAME-seed<k>` form
     `workbench.benchmarks` pools by (e.g. `editor-best-of-4-refined-20-seed1`), so that a run with other cases, steps
     or picks writes its own report instead of replacing one of another setting."""
+    from ..assets import DEFAULT_JUDGE
+    from ..cli import build_parser
+
+    default = build_parser().parse_args(["eval", "shapes"])  # (the flags' own defaults, not copies of them)
     parts = [stem]
     if args.baseline:
-        parts += [f"s{args.strength:g}"] if args.strength != 0.6 else []
-        parts += [f"k{args.teacher_steps}"] if args.teacher_steps != 16 else []
-    elif args.steps != 4:
+        parts += [f"s{args.strength:g}"] if args.strength != default.strength else []
+        parts += [f"k{args.teacher_steps}"] if args.teacher_steps != default.teacher_steps else []
+    elif args.steps != default.steps:
         parts.append(f"steps{args.steps}")
     parts += [f"best-of-{args.candidates}"] if args.candidates > 1 else []
-    if args.judge not in (None, "bundled") and (args.candidates > 1 or args.refine):  # another judge picks or refines
+    bundled = args.judge in (None, "bundled") or Path(args.judge).resolve() == DEFAULT_JUDGE.resolve()
+    if not bundled and (args.candidates > 1 or args.refine):  # another judge picks or refines
         judge = Path(args.judge)  # (a judge run's folder is <run>/judge: the run's name says which)
         parts.append(f"judge-{judge.parent.name if judge.name == 'judge' and judge.parent.name else judge.name}")
     parts += ["change-checks"] if args.change_checks else []
@@ -316,7 +321,7 @@ def report_name(args, stem: str) -> str:
         parts.append(f"refined-{args.refine}")
         parts += [f"lr{args.refine_lr:g}"] if args.refine_lr != DEFAULT_REFINE_LR else []
         parts += [f"anchor{args.refine_anchor:g}"] if args.refine_anchor != DEFAULT_REFINE_ANCHOR else []
-    parts += [f"n{args.n}"] if args.n != 300 else []
+    parts += [f"n{args.n}"] if args.n != default.n else []
     if args.train_pool is not None:  # the cases a run trained on (--seed still seeds the sampling noise)
         parts += [f"train-pool{args.train_pool}"] + ([f"train-seed{args.train_seed}"] if args.train_seed else [])
     parts += [f"seed{args.seed}"] if args.seed else []
