@@ -209,12 +209,13 @@ class Trainer:
         self.skipped_in_a_row = {"student": 0, "critic": 0}
         self._streak_norms: dict[str, list[float]] = {"student": [], "critic": []}  # of the skips in a row
         self.final_phase = False  # in the last optim.final_share of the run (the student's lr stepped down)
-        check_model_folders(cfg)  # (a stat each)
-        # then the data: a bad manifest is an error in seconds, not after minutes of loading models
+        # the data first: a bad manifest is an error in seconds, not after minutes of loading models (and it is said
+        # before a missing model folder: tests/test_end_to_end.py's mistyped runs)
         dataset = build_dataset(cfg.data, stage=cfg.stage, seed=cfg.seed, targets=cfg.loss.uses_targets)
         self.sample_batch = collate([dataset[i] for i in range(min(4, len(dataset)))])
         device = self.acc.device
         dtype = DTYPES[cfg.model.dtype]
+        check_model_folders(cfg)
         if cfg.check_memory:  # from the models' configs alone: a run that cannot fit stops before minutes of loading
             self.acc.print(check_run_memory(cfg, device))
         self.backbone = load_backbone(cfg.model.base, torch_dtype=dtype).to(device)
